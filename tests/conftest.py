@@ -1,0 +1,12 @@
+"""Shared pytest set-up.
+
+Triton reads TRITON_INTERPRET when `kernels.sparse_attention` is first imported, so it is set here,
+before any test module imports it: without a GPU the kernel runs in Triton's CPU interpreter
+(numpy), with a GPU the tests exercise the real compiled kernel.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
