@@ -1,0 +1,32 @@
+"""tinyavl: LLaVA-1.5 and A-VL adaptive attention, from scratch in plain PyTorch.
+
+    model, processor = tinyavl.load_pretrained("weights/llava-1.5-7b-hf")
+    inputs = processor(processor.chat_prompt("What is in the picture?"), image="cat.jpg")
+    token_ids, stats = tinyavl.generate(model, **inputs, max_new_tokens=32, policy="avl")
+    print(processor.decode(token_ids))
+"""
+from pathlib import Path
+
+from tinyavl.cache import POLICIES, make_cache
+from tinyavl.errors import UserError
+from tinyavl.generate import GenerationStats, generate
+from tinyavl.model import LlavaConfig, LlavaForConditionalGeneration, load_model
+from tinyavl.processing import Processor
+
+
+def load_pretrained(path, device=None, dtype=None):
+    """(model, processor) from a llava-hf folder: config.json, safetensors, tokenizer.json.
+
+    device: "cpu", "cuda" or None (CUDA when present). dtype: a torch dtype or "float32"/"bfloat16"/
+    "float16"; None keeps the stored dtype (fp16 checkpoints run as bf16 on a CPU).
+    """
+    model = load_model(path, device, dtype)
+    config = model.config
+    processor = Processor.from_pretrained(Path(path), image_token_id=config.image_token_id,
+                                          num_image_tokens=config.num_image_tokens,
+                                          vision_image_size=config.vision.image_size)
+    return model, processor
+
+
+__all__ = ["load_pretrained", "generate", "GenerationStats", "Processor", "LlavaConfig",
+           "LlavaForConditionalGeneration", "make_cache", "POLICIES", "UserError"]

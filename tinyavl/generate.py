@@ -1,0 +1,135 @@
+"""Generation: one prefill over the prompt, then one decode step per new token, through a KV cache.
+
+The cache object is the policy (tinyavl/cache.py): `full` keeps everything; the others keep or compute
+less. This loop is the same for all of them, and it measures what they hold and compute.
+"""
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from tinyavl.cache import KVCache, make_cache
+from tinyavl.errors import UserError
+
+
+@dataclass
+class GenerationStats:
+    policy: str
+    policy_params: dict
+    prompt_tokens: int
+    new_tokens: int
+    prefill_seconds: float
+    decode_seconds: float
+    decode_tokens_per_second: float | None  # None when there was no decode step (max_new_tokens = 1)
+    kv_cache_bytes: int                # peak bytes of K and V held, measured after every forward pass
+    kv_cache_bytes_after_prefill: int
+    kv_cache_bytes_dense: int          # what the dense cache would hold at the end of the same sequence
+    modality_bytes_after_prefill: dict  # {"sys": ..., "image": ..., "text": ...} summed over layers
+    modality_bytes_peak: dict           # the same, at the step of peak total bytes
+    layer_bytes_after_prefill: list     # per layer: {"sys": ..., "image": ..., "text": ...}
+    attended_tokens_per_step: float | None        # mean over decode steps, summed over layers
+    attended_tokens_per_step_dense: float | None  # the same for dense attention
+    attended_per_layer: list = field(default_factory=list)  # per decode step: rows attended per layer
+
+
+def image_segments(input_ids, image_token_id: int) -> tuple[int, int]:
+    """(n_sys, n_img) of a prompt [sys | image | text]; without an image, the first token is sys."""
+    where = (input_ids[0] == image_token_id).nonzero().flatten()
+    if len(where) == 0:
+        # No image: keep BOS, the attention sink, as the protected sys segment.
+        return 1, 0
+    n_sys, n_img = int(where[0]), len(where)
+    if int(where[-1]) - n_sys + 1 != n_img:
+        raise ValueError("the image tokens of the prompt must form one contiguous block")
+    return n_sys, n_img
+
+
+def sample(logits, temperature: float, top_p: float, generator):  # logits (vocab,) fp32
+    """Greedy at temperature 0; otherwise temperature + nucleus (top-p) sampling."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = (logits / temperature).softmax(-1)
+    sorted_probs, order = probs.sort(descending=True)
+    # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+    outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+    sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+    choice = torch.multinomial(sorted_probs, 1, generator=generator)
+    return int(order[choice])
+
+
+def kv_snapshot(cache: KVCache) -> tuple[int, dict, list]:
+    """(total bytes, bytes per modality over all layers, bytes per modality per layer)."""
+    per_layer = [cache.modality_bytes(layer) for layer in range(cache.n_layers)]
+    totals = {m: sum(layer[m] for layer in per_layer) for m in ("sys", "image", "text")}
+    return cache.nbytes(), totals, per_layer
+
+
+@torch.inference_mode()
+def generate(model, input_ids, pixel_values=None, max_new_tokens: int = 64, temperature: float = 0.0,
+             top_p: float = 1.0, seed: int | None = None, eos_token_id: int | None = None, stream=None,
+             policy: KVCache | str = "full", **policy_params) -> tuple[list[int], GenerationStats]:
+    """Generate up to max_new_tokens after the prompt input_ids (1, T) (image tokens already expanded).
+
+    policy: a cache object or a policy name ("full", "avl", "h2o", "streaming", "fastv") whose
+    parameters are the keyword arguments. stream(token_id) is called as each token is produced.
+    Returns the new token ids (EOS included when it stops generation) and the run's statistics.
+    """
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"generate takes one prompt of shape (1, T), got {tuple(input_ids.shape)}")
+    if max_new_tokens < 1:
+        raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if temperature > 0 and not 0 < top_p <= 1:
+        raise UserError(f"top_p must be in (0, 1], got {top_p}")
+    cache = make_cache(policy, **policy_params) if isinstance(policy, str) else policy
+    text = model.config.text
+    prompt_len = input_ids.shape[1]
+    if prompt_len >= text.max_position_embeddings:
+        raise UserError(f"the prompt has {prompt_len} tokens, the model's context is "
+                        f"{text.max_position_embeddings}: shorten the prompt")
+    # Generation also stops at the end of the context.
+    max_new_tokens = min(max_new_tokens, text.max_position_embeddings - prompt_len)
+    device = model.language_model.lm_head.weight.device
+    generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+
+    n_sys, n_img = image_segments(input_ids, model.config.image_token_id)
+    cache.begin(text.num_hidden_layers, n_sys, n_img)
+
+    start = time.perf_counter()
+    logits = model(input_ids.to(device), None if pixel_values is None else pixel_values.to(device),
+                   cache=cache, last_only=True)                         # (1, 1, vocab)
+    token = sample(logits[0, -1].cpu(), temperature, top_p, generator)
+    prefill_seconds = time.perf_counter() - start
+
+    after_prefill = kv_snapshot(cache)
+    peak = after_prefill
+    tokens, attended, attended_dense = [token], [], []
+    if stream:
+        stream(token)
+    start = time.perf_counter()
+    while len(tokens) < max_new_tokens and token != eos_token_id:
+        logits = model(torch.tensor([[token]], device=device), cache=cache, last_only=True)
+        token = sample(logits[0, -1].cpu(), temperature, top_p, generator)
+        tokens.append(token)
+        if stream:
+            stream(token)
+        attended.append(list(cache.attended))
+        attended_dense.append(cache.next_pos * cache.n_layers)  # dense: every token in every layer
+        snapshot = kv_snapshot(cache)
+        if snapshot[0] > peak[0]:
+            peak = snapshot
+    decode_seconds = time.perf_counter() - start
+
+    steps = len(attended)
+    stats = GenerationStats(
+        policy=cache.name, policy_params=cache.params(), prompt_tokens=prompt_len, new_tokens=len(tokens),
+        prefill_seconds=prefill_seconds, decode_seconds=decode_seconds,
+        decode_tokens_per_second=steps / decode_seconds if steps else None,
+        kv_cache_bytes=peak[0], kv_cache_bytes_after_prefill=after_prefill[0],
+        kv_cache_bytes_dense=cache.dense_nbytes(),
+        modality_bytes_after_prefill=after_prefill[1], modality_bytes_peak=peak[1],
+        layer_bytes_after_prefill=after_prefill[2],
+        attended_tokens_per_step=sum(map(sum, attended)) / steps if steps else None,
+        attended_tokens_per_step_dense=sum(attended_dense) / steps if steps else None,
+        attended_per_layer=attended,
+    )
+    return tokens, stats
