@@ -37,25 +37,41 @@ from tinyavl.model import attention
 # Attention scores a policy needs: one query row at a time, so the main path stays on SDPA.
 # ---------------------------------------------------------------------------------------------------
 
-def last_row_probs(q, k):
-    """Attention probabilities of the last query over the keys: (B, H, n) in fp32.
+def row_logits(q, k):
+    """Scaled logits of the last query row against the keys: (B, H, n) in fp32.
 
-    q (B, H, T, hs), k (B, Hkv, n, hs). This one row is all A-VL's vision ranking needs, so it is
-    recomputed here (cheap: one query) instead of asking the whole attention to return its matrix.
+    q (B, H, T, hs), k (B, Hkv, n, hs). One row is all a policy's ranking needs, so it is recomputed
+    here (cheap: one query) instead of asking the attention for its whole matrix.
     """
     B, H, _, hs = q.shape
     Hkv, n = k.shape[1], k.shape[2]
     q_last = q[:, :, -1].reshape(B, Hkv, H // Hkv, hs)              # (B, Hkv, G, hs): a GQA group per KV head
-    logits = (q_last @ k.transpose(-1, -2)).float() * hs ** -0.5    # (B, Hkv, G, n)
-    return logits.softmax(-1).reshape(B, H, n)
+    return ((q_last @ k.transpose(-1, -2)).float() * hs ** -0.5).reshape(B, H, n)
 
 
-def causal_column_sums(q, k, chunk: int = 256):
-    """For a prompt (cache empty before it): the attention each key received, summed over every query
-    row, per KV head (the query heads of a GQA group add up). (B, Hkv, n) in fp32.
+def last_row_probs(q, k):
+    """Attention probabilities of the last query row over the keys: (B, H, n) in fp32."""
+    return row_logits(q, k).softmax(-1)
 
-    H2O's accumulated score after prefill. Computed in chunks of query rows so that a 3000-token
-    prompt never materialises its (H, n, n) attention matrix at once.
+
+def block_probs(q, k_block, lse):
+    """Probabilities of the last query on a block of the keys it attended, from the row's log-sum-exp
+    lse (B, H): exp(q.k / sqrt(d) - lse). (B, H, n_block); no need to gather the other rows."""
+    return (row_logits(q, k_block) - lse[..., None]).exp()
+
+
+def group_sum(probs, n_kv_heads: int):
+    """(B, H, n) per query head -> (B, Hkv, n): the query heads of a GQA group add onto their KV head."""
+    B, H, n = probs.shape
+    return probs.reshape(B, n_kv_heads, H // n_kv_heads, n).sum(2)
+
+
+def causal_column_sums(q, k, first_row: int = 0, chunk: int = 256):
+    """The causal attention each key received from the queries q, summed over query rows and over the
+    query heads of each GQA group: (B, Hkv, n) in fp32. H2O's accumulated score after prefill.
+
+    q (B, H, t, hs) are the prompt rows first_row .. first_row + t - 1 of the keys k (B, Hkv, n, hs).
+    Computed in chunks of query rows, so a 3000-token prompt never materialises its (H, n, n) matrix.
     """
     B, H, T, hs = q.shape
     Hkv, n = k.shape[1], k.shape[2]
@@ -63,7 +79,7 @@ def causal_column_sums(q, k, chunk: int = 256):
     for start in range(0, T, chunk):
         rows = q[:, :, start:start + chunk].reshape(B, Hkv, H // Hkv, -1, hs)       # (B, Hkv, G, t, hs)
         logits = (rows @ k[:, :, None].transpose(-1, -2)).float() * hs ** -0.5    # (B, Hkv, G, t, n)
-        query_pos = torch.arange(start, start + rows.shape[3], device=q.device)
+        query_pos = torch.arange(first_row + start, first_row + start + rows.shape[3], device=q.device)
         future = torch.arange(n, device=q.device)[None, :] > query_pos[:, None]   # (t, n)
         probs = logits.masked_fill(future, float("-inf")).softmax(-1)
         sums += probs.sum(dim=(2, 3))
@@ -145,11 +161,16 @@ class KVCache:
         """Row indices (ascending, shared by all heads) this step computes with; None = every row."""
         return None
 
+    def selected(self, layer: int, rows):
+        """K and V of the selected rows: (B, Hkv, len(rows), hs) copies, or the whole cache (rows None)."""
+        k, v = self.k[layer], self.v[layer]
+        if rows is None:
+            return k, v
+        return k.index_select(2, rows), v.index_select(2, rows)
+
     def compute(self, layer: int, q, rows):
         """Attention over the selected rows: a shorter attention, not a mask over the full length."""
-        k, v = self.k[layer], self.v[layer]
-        if rows is not None:
-            k, v = k.index_select(2, rows), v.index_select(2, rows)        # (B, Hkv, len(rows), hs)
+        k, v = self.selected(layer, rows)
         # At prefill the cache was empty, so the T new rows are exactly the keys: plain causal.
         # During decode T = 1 and the single query sees every selected row.
         return attention(q, k, v, causal=True)
@@ -190,16 +211,24 @@ class KVCache:
         layers = range(self.n_layers) if layer is None else [layer]
         return sum(t.numel() * t.element_size() for i in layers for t in (self.k[i], self.v[i]) if t is not None)
 
-    def modality_bytes(self, layer: int) -> dict:
-        """Bytes one layer holds for sys, image and text rows, read off the rows' logical positions."""
-        k, pos = self.k[layer], self.pos[layer]
-        if k is None:
+    def modality_rows(self, layer: int) -> dict:
+        """Rows one layer holds per head for sys, image and text, read off their logical positions."""
+        pos = self.pos[layer]
+        if pos is None:
             return {"sys": 0, "image": 0, "text": 0}
-        bytes_per_row = 2 * k.shape[-1] * k.element_size()  # one head's key + value row
         image_start, text_start = self.n_sys, self.n_sys + self.n_img
-        return {"sys": int((pos < image_start).sum()) * bytes_per_row,
-                "image": int(((pos >= image_start) & (pos < text_start)).sum()) * bytes_per_row,
-                "text": int((pos >= text_start).sum()) * bytes_per_row}
+        per_head = pos.shape[0] * pos.shape[1]  # rows counted over (B, Hkv), then per head
+        return {"sys": int((pos < image_start).sum()) // per_head,
+                "image": int(((pos >= image_start) & (pos < text_start)).sum()) // per_head,
+                "text": int((pos >= text_start).sum()) // per_head}
+
+    def modality_bytes(self, layer: int) -> dict:
+        """Bytes one layer holds for sys, image and text rows (K and V, all heads)."""
+        if self.k[layer] is None:
+            return {"sys": 0, "image": 0, "text": 0}
+        B, Hkv, _, hs = self.k[layer].shape
+        bytes_per_row = 2 * B * Hkv * hs * self.k[layer].element_size()
+        return {m: rows * bytes_per_row for m, rows in self.modality_rows(layer).items()}
 
     def dense_nbytes(self) -> int:
         """What the dense cache would hold for the same sequence so far."""
@@ -207,11 +236,243 @@ class KVCache:
         return self.n_layers * self.next_pos * 2 * k.shape[0] * k.shape[1] * k.shape[3] * k.element_size()
 
 
+def image_filter(q, k, n_sys: int, n_img: int, n_keep: int):
+    """FastV's token drop, also A-VL's prefill filter: which hidden rows later layers keep.
+
+    At prefill the layer's keys are exactly the hidden rows [sys | n_img image | text]. The image
+    tokens are ranked by the last prompt token's attention, averaged over heads; the top n_keep
+    survive in their original order. Returns the kept row indices (sys and text always kept).
+    """
+    image_scores = last_row_probs(q, k).mean(1)[0, n_sys:n_sys + n_img]     # (n_img,) head-mean
+    kept_image = n_sys + top_rows(image_scores, n_keep)
+    return torch.cat([torch.arange(n_sys, device=k.device), kept_image,
+                      torch.arange(n_sys + n_img, k.shape[2], device=k.device)])
+
+
+class AVLCache(KVCache):
+    """A-VL (../shared/spec/avl.md): modality-split adaptive attention.
+
+    Image tokens: at prefill each layer keeps the top floor(S N_img) of them by the last prompt token's
+    head-mean attention (secondary; the rest, minor, are deleted) and marks the top floor(C N_img) as
+    core. A normal decode step computes only sys + core + text; every K-th step attends to all secondary
+    tokens and re-ranks the core. Text tokens: H2O per KV head on the text region only (budget
+    max(round(T n_text), 20): 70% heavy hitters by accumulated attention, the rest most recent).
+    Optional prefill filter: the last-row attention of layer filter_layer - 1 keeps floor(P N_img) image
+    tokens in the hidden states, so layers >= filter_layer never see the others (P = 1: no filter).
+
+    Each layer's cache is laid out [sys | secondary image (positional order) | text]; the image rows never
+    move after prefill, the core is a list of row indices into them.
+    """
+
+    name = "avl"
+    TEXT_MIN_BUDGET = 20   # the authors' floor on the text budget
+    HEAVY_SHARE = 0.7      # share of the text budget given to heavy hitters
+
+    def __init__(self, S: float = 0.5, C: float = 0.3, K: int = 3, P: float = 0.5, filter_layer: int = 3,
+                 T: float = 0.6, kernel: str = "auto"):
+        self.S, self.C, self.P, self.T = (check_rate(name, value) for name, value in
+                                          (("S", S), ("C", C), ("P", P), ("T", T)))
+        if C > S:
+            raise UserError(f"C ({C}) must not exceed S ({S}): the core is part of the secondary tokens")
+        if S > P:
+            raise UserError(f"S ({S}) must not exceed P ({P}): a layer cannot keep more image tokens than the "
+                            "prefill filter let through")
+        if filter_layer < 1:
+            raise UserError(f"filter_layer must be at least 1, got {filter_layer}")
+        if kernel not in ("auto", "triton", "torch"):
+            raise UserError(f"kernel must be auto, triton or torch, got {kernel!r}")
+        self.K, self.filter_layer, self.kernel = K, filter_layer, kernel
+
+    def params(self) -> dict:
+        return dict(S=self.S, C=self.C, K=self.K, P=self.P, filter_layer=self.filter_layer, T=self.T)
+
+    def begin(self, n_layers, n_sys, n_img):
+        super().begin(n_layers, n_sys, n_img)
+        self.n_secondary = math.floor(self.S * n_img)
+        self.n_core = math.floor(self.C * n_img)
+        self.image_rows = [0] * n_layers    # image rows held per layer (the secondary count after prefill)
+        self.core = [None] * n_layers       # per layer: row indices (ascending) of the core image tokens
+        self.text_scores = [None] * n_layers  # per layer (B, Hkv, text rows): accumulated attention received
+        self.hidden_keep = None             # prefill filter decision, handed to the model once
+
+    def is_update_step(self) -> bool:
+        """Decode steps that attend to every secondary token and re-rank the core (K <= 0: all steps)."""
+        return self.K <= 0 or self.step % self.K == 0
+
+    def text_start(self, layer: int) -> int:
+        return self.n_sys + self.image_rows[layer]
+
+    def rows_to_attend(self, layer):
+        if self.step == 0 or self.is_update_step():
+            return None
+        device = self.k[layer].device
+        return torch.cat([torch.arange(self.n_sys, device=device), self.core[layer],
+                          torch.arange(self.text_start(layer), self.k[layer].shape[2], device=device)])
+
+    def compute(self, layer, q, rows):
+        if self.step == 0:
+            return super().compute(layer, q, rows)
+        # Decode: also keep the attended row's log-sum-exp (B, H) for `decode_update`. With it, the
+        # probabilities of any block of rows (the text for H2O, the image on update steps) are
+        # exp(q.k / sqrt(d) - lse), without gathering the rows again.
+        k, v = self.selected(layer, rows)
+        self.row_lse = row_logits(q, k).logsumexp(-1)
+        return attention(q, k, v, causal=True)
+
+    def update(self, layer, q, rows):
+        if self.step == 0:
+            self.prefill_update(layer, q)
+        else:
+            self.decode_update(layer, q)
+
+    def prefill_update(self, layer, q):
+        k = self.k[layer]
+        # Image tokens that reached this layer: all N_img, or floor(P N_img) after the prefill filter.
+        n_img_here = self.modality_rows(layer)["image"]
+        text_start = self.n_sys + n_img_here
+        # Prefill filter: layer filter_layer - 1 decides which image tokens the later layers see.
+        if layer == self.filter_layer - 1 and self.P < 1 and layer < self.n_layers - 1:
+            self.hidden_keep = image_filter(q, k, self.n_sys, n_img_here, math.floor(self.P * self.n_img))
+        # Vision: rank this layer's image tokens by the last prompt token's head-mean attention.
+        image_scores = last_row_probs(q, k).mean(1)[0, self.n_sys:text_start]         # (n_img_here,)
+        secondary = top_rows(image_scores, self.n_secondary)                           # image indices
+        self.core[layer] = self.n_sys + top_rows(image_scores[secondary], self.n_core)  # rows after eviction
+        self.image_rows[layer] = self.n_secondary
+        # Text: H2O scores from the text queries of the prompt, on the text columns (before any eviction).
+        self.text_scores[layer] = causal_column_sums(q[:, :, text_start:], k, first_row=text_start)[..., text_start:]
+        # Evict the minor image tokens (rows shared by every head), then the text tokens over budget.
+        device = k.device
+        self.keep(layer, torch.cat([torch.arange(self.n_sys, device=device), self.n_sys + secondary,
+                                    torch.arange(text_start, k.shape[2], device=device)]))
+        self.evict_text(layer, n_logical=self.next_pos + q.shape[2])
+
+    def decode_update(self, layer, q):
+        k, text_start = self.k[layer], self.text_start(layer)
+        if self.K > 0 and self.is_update_step():
+            image_probs = block_probs(q, k[:, :, self.n_sys:text_start], self.row_lse).mean(1)[0]  # (n_secondary,)
+            self.core[layer] = self.n_sys + top_rows(image_probs, self.n_core)
+        # Every text row adds the attention this step's query gave it (per KV head); the new token's
+        # score starts with the attention it gave itself.
+        text_probs = block_probs(q, k[:, :, text_start:], self.row_lse)                  # (B, H, text rows)
+        B, Hkv = k.shape[:2]
+        scores = torch.cat([self.text_scores[layer], torch.zeros(B, Hkv, 1, device=k.device)], dim=-1)
+        self.text_scores[layer] = scores + group_sum(text_probs, Hkv)
+        self.evict_text(layer, n_logical=self.next_pos + q.shape[2])
+
+    def evict_text(self, layer: int, n_logical: int):
+        """H2O on the text region, per KV head: once the text rows exceed the budget
+        max(round(T n_text), 20) (n_text counts evicted text too), keep the last r rows and the h best
+        scored older ones, h = floor(0.7 budget), r = budget - h. sys and image rows are untouched."""
+        scores = self.text_scores[layer]                                               # (B, Hkv, text rows)
+        budget = max(round(self.T * (n_logical - self.n_sys - self.n_img)), self.TEXT_MIN_BUDGET)
+        if scores.shape[-1] <= budget:
+            return
+        heavy = math.floor(self.HEAVY_SHARE * budget)
+        kept = heavy_plus_recent(scores, heavy, budget - heavy)                        # (B, Hkv, budget)
+        self.text_scores[layer] = scores.gather(-1, kept)
+        text_start = self.text_start(layer)
+        other_rows = torch.arange(text_start, device=kept.device).expand(*kept.shape[:2], -1)
+        self.keep(layer, torch.cat([other_rows, text_start + kept], dim=-1))
+
+    def rows_to_keep(self, layer):
+        keep, self.hidden_keep = self.hidden_keep, None
+        return keep
+
+
+class H2OCache(KVCache):
+    """H2O: per layer and head, keep the `heavy` tokens with the most accumulated attention plus the
+    `recent` most recent ones, as fractions of the sequence so far. Modality-blind: image tokens compete
+    with text. Defaults: the A-VL authors' baseline, 12.5% heavy + 37.5% recent = 50%."""
+
+    name = "h2o"
+
+    def __init__(self, heavy: float = 0.125, recent: float = 0.375):
+        self.heavy, self.recent = check_rate("heavy", heavy), check_rate("recent", recent)
+
+    def params(self) -> dict:
+        return dict(heavy=self.heavy, recent=self.recent)
+
+    def begin(self, n_layers, n_sys, n_img):
+        super().begin(n_layers, n_sys, n_img)
+        self.scores = [None] * n_layers  # per layer (B, Hkv, rows): attention each cached token received
+
+    def update(self, layer, q, rows):
+        k = self.k[layer]
+        if self.step == 0:
+            self.scores[layer] = causal_column_sums(q, k)
+        else:
+            B, Hkv = k.shape[:2]
+            scores = torch.cat([self.scores[layer], torch.zeros(B, Hkv, 1, device=k.device)], dim=-1)
+            self.scores[layer] = scores + group_sum(last_row_probs(q, k), Hkv)
+        n_logical = self.next_pos + q.shape[2]
+        heavy, recent = math.floor(self.heavy * n_logical), math.floor(self.recent * n_logical)
+        if k.shape[2] > heavy + recent:
+            kept = heavy_plus_recent(self.scores[layer], heavy, recent)        # (B, Hkv, heavy + recent)
+            self.keep(layer, kept)
+            self.scores[layer] = self.scores[layer].gather(-1, kept)
+
+
+class StreamingCache(KVCache):
+    """StreamingLLM: the first `sinks` tokens plus a recent window of `recent` x the sequence so far.
+
+    Keys are cached after RoPE with their logical positions (the original re-applies positions inside
+    the cache); at the lengths tinyavl runs this behaves the same. In an LVLM the evicted middle is
+    the image: the clearest example of a modality-blind policy."""
+
+    name = "streaming"
+
+    def __init__(self, sinks: int = 4, recent: float = 0.5):
+        if sinks < 0:
+            raise UserError(f"sinks must be >= 0, got {sinks}")
+        self.sinks, self.recent = sinks, check_rate("recent", recent)
+
+    def params(self) -> dict:
+        return dict(sinks=self.sinks, recent=self.recent)
+
+    def update(self, layer, q, rows):
+        n = self.k[layer].shape[2]
+        window = math.floor(self.recent * (self.next_pos + q.shape[2]))
+        if n > self.sinks + window:
+            device = self.k[layer].device
+            self.keep(layer, torch.cat([torch.arange(self.sinks, device=device),
+                                        torch.arange(n - window, n, device=device)]))
+
+
+class FastVCache(KVCache):
+    """FastV: after layer K-1 at prefill, drop the R fraction of image tokens with the least attention
+    from the last prompt token; layers >= K never see them, in prefill or decode. Otherwise dense."""
+
+    name = "fastv"
+
+    def __init__(self, K: int = 2, R: float = 0.5):
+        if K < 1:
+            raise UserError(f"K must be at least 1, got {K}")
+        if not 0 <= R < 1:
+            raise UserError(f"R must be in [0, 1), got {R}")
+        self.K, self.R = K, R
+
+    def params(self) -> dict:
+        return dict(K=self.K, R=self.R)
+
+    def begin(self, n_layers, n_sys, n_img):
+        super().begin(n_layers, n_sys, n_img)
+        self.hidden_keep = None
+
+    def update(self, layer, q, rows):
+        if self.step == 0 and layer == self.K - 1 and layer < self.n_layers - 1:
+            n_keep = math.floor((1 - self.R) * self.n_img)
+            self.hidden_keep = image_filter(q, self.k[layer], self.n_sys, self.n_img, n_keep)
+
+    def rows_to_keep(self, layer):
+        keep, self.hidden_keep = self.hidden_keep, None
+        return keep
+
+
 # ---------------------------------------------------------------------------------------------------
 # Choosing a policy by name.
 # ---------------------------------------------------------------------------------------------------
 
-POLICIES = {cls.name: cls for cls in (KVCache,)}
+POLICIES = {cls.name: cls for cls in (KVCache, AVLCache, H2OCache, StreamingCache, FastVCache)}
 
 
 def make_cache(name: str, **params) -> KVCache:

@@ -437,12 +437,11 @@ class LlavaForConditionalGeneration(nn.Module):
     def embed(self, input_ids, pixel_values=None):  # (B, T) -> (B, T, C)
         """Token embeddings, with the image positions overwritten (in order) by the image features."""
         x = self.language_model.model.embed_tokens(input_ids)       # (B, T, C)
+        if pixel_values is None:
+            # Decode steps (and text-only prompts): plain embeddings, even for a generated <image> id.
+            return x
         is_image = input_ids == self.config.image_token_id         # (B, T)
         n_image_positions = int(is_image.sum())
-        if pixel_values is None:
-            if n_image_positions:
-                raise ValueError(f"input_ids hold {n_image_positions} image tokens but no pixel_values were given")
-            return x
         features = self.image_features(pixel_values)                 # (B, N_img, C)
         if n_image_positions != features.shape[0] * features.shape[1]:
             raise ValueError(f"input_ids hold {n_image_positions} image tokens, the images give "

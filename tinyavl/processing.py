@@ -1,0 +1,195 @@
+"""Turn a question and an image into model inputs, and generated ids back into text (LLaVA-1.5).
+
+    image  -> RGB -> resize (short side = shortest_edge, bicubic) -> center crop -> /255 -> normalise
+           -> pixel_values [1, 3, crop, crop]
+    prompt -> "USER: <image>\\n{question} ASSISTANT:" -> ids from tokenizer.json, with the single
+              <image> id widened to num_image_tokens copies: the slots the projected image features fill
+           -> input_ids [1, T]
+
+The numbers equal transformers' CLIPImageProcessor (PIL backend) and LlavaProcessor, which are only
+used as an oracle in tests/test_processing.py. Tokenisation itself is the `tokenizers` library
+running the checkpoint's own tokenizer.json.
+"""
+import json
+import os
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from tokenizers import Tokenizer
+
+from tinyavl.errors import UserError
+
+IMAGE_TOKEN = "<image>"
+# OpenAI CLIP's per-channel statistics (RGB), the defaults of CLIPImageProcessor.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def load_image(path) -> Image.Image:
+    """Read an image file into a fully decoded RGB image; UserError if it cannot be read.
+
+    EXIF orientation is ignored, as in transformers.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"image not found: {path} (check the path)")
+    try:
+        with Image.open(path) as img:
+            img.load()  # decode every pixel now, so a truncated file fails here and not later
+            return to_rgb(img)
+    except UnidentifiedImageError:
+        raise UserError(f"{path} is not an image PIL can read: give a PNG, JPEG, WebP, BMP, ... file") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise UserError(f"cannot decode image {path} ({e}): the file is damaged or truncated") from None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL image -> 8-bit RGB, as transformers' convert_to_rgb does (plus a fix for 16-bit grey).
+
+    Grey (1, L), palette (P), CMYK and float (F, read as 0..255 and clipped) use PIL's own conversion.
+    """
+    if img.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
+        # 16-bit grey (PNG, TIFF): PIL's conversion would clip every value above 255 to white, so keep
+        # the high byte instead (v >> 8): pack as big-endian 16 bit (clipping to 0..65535) and take
+        # every first byte. Mode "I" is taken as 16-bit data too: older Pillows open such PNGs as "I".
+        img = Image.frombytes("L", img.size, img.convert("I").tobytes("raw", "I;16B")[0::2])
+    try:
+        if "A" in img.getbands() or img.info.get("transparency") is not None:
+            # Composite transparent pixels on white, as transformers does; a plain convert("RGB")
+            # would show whatever colour hides under alpha 0 (often black).
+            white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, img.convert("RGBA")).convert("RGB")
+        return img.convert("RGB")
+    except ValueError as e:
+        raise UserError(f"cannot convert a {img.mode} image to RGB ({e}): save it as an RGB PNG or JPEG") from None
+
+
+class Processor:
+    """Prompt text and image -> {"input_ids", "pixel_values"}; generated ids -> text."""
+
+    def __init__(self, tokenizer: Tokenizer, image_token_id: int, num_image_tokens: int, image_size: int,
+                 shortest_edge: int, image_mean=CLIP_MEAN, image_std=CLIP_STD,
+                 resample: int = Image.Resampling.BICUBIC):
+        found = tokenizer.token_to_id(IMAGE_TOKEN)
+        if found is None:
+            raise UserError(f"tokenizer.json has no {IMAGE_TOKEN} token: use the tokenizer of a LLaVA checkpoint")
+        if found != image_token_id:
+            raise UserError(f"tokenizer.json gives {IMAGE_TOKEN} the id {found} but config.json says image_token_index "
+                            f"{image_token_id}: the two files come from different checkpoints")
+        self.tokenizer = tokenizer
+        self.image_token_id = image_token_id
+        self.num_image_tokens = num_image_tokens  # e.g. 576 = (336 / 14)^2 CLIP patches
+        self.bos_token_id = _special_id(tokenizer, "<s>")
+        self.eos_token_id = _special_id(tokenizer, "</s>")
+        self.image_size = image_size  # side of the square crop the vision tower sees
+        self.shortest_edge = shortest_edge
+        self.image_mean = torch.tensor(image_mean, dtype=torch.float32).view(3, 1, 1)  # [3, 1, 1]
+        self.image_std = torch.tensor(image_std, dtype=torch.float32).view(3, 1, 1)  # [3, 1, 1]
+        self.resample = Image.Resampling(resample)
+
+    @classmethod
+    def from_pretrained(cls, folder, image_token_id: int, num_image_tokens: int,
+                        vision_image_size: int) -> "Processor":
+        """Build from a checkpoint folder: tokenizer.json (required), preprocessor_config.json (optional)."""
+        path = Path(folder) / "tokenizer.json"
+        if not path.is_file():
+            raise UserError(f"{path} not found: copy the checkpoint's tokenizer.json into the model folder")
+        try:
+            tokenizer = Tokenizer.from_file(str(path))
+        except Exception as e:  # the tokenizers library raises a bare Exception
+            raise UserError(f"{path} is not a valid tokenizer.json ({e}): download it again") from None
+        pre = _read_preprocessor_config(Path(folder) / "preprocessor_config.json", vision_image_size)
+        return cls(tokenizer, image_token_id, num_image_tokens, **pre)
+
+    def chat_prompt(self, question: str, has_image: bool = True) -> str:
+        """The llava-1.5-hf chat format for one user turn; the model's answer follows "ASSISTANT:"."""
+        if has_image:
+            return f"USER: {IMAGE_TOKEN}\n{question} ASSISTANT:"
+        return f"USER: {question} ASSISTANT:"
+
+    def __call__(self, text: str, image=None) -> dict:
+        """Prompt (with one <image> where the picture goes, or none) and image (path or PIL) -> model inputs."""
+        n = text.count(IMAGE_TOKEN)
+        if n > 1:
+            raise UserError(f"the prompt has {n} {IMAGE_TOKEN} placeholders, but tinyavl takes one image per "
+                            f"prompt (batch size 1): keep a single {IMAGE_TOKEN}")
+        if image is not None and n == 0:
+            raise UserError(f"an image was given but the prompt has no {IMAGE_TOKEN}: put {IMAGE_TOKEN} where the "
+                            f"image goes (chat_prompt does this)")
+        if image is None and n == 1:
+            raise UserError(f"the prompt contains {IMAGE_TOKEN} but no image was given: pass an image or "
+                            f"remove {IMAGE_TOKEN}")
+        # tokenizer.json's post-processor puts <s> (BOS) in front; no </s> is added.
+        ids = self.tokenizer.encode(text).ids
+        pixel_values = None
+        if image is not None:
+            # "<image>" is one special token; widen it to one slot per image feature. transformers repeats
+            # "<image>" num_image_tokens times in the text before tokenising: the ids are the same.
+            at = ids.index(self.image_token_id)
+            ids[at:at + 1] = [self.image_token_id] * self.num_image_tokens
+            pixel_values = self.preprocess(image)[None]  # [1, 3, H, W]
+        return {"input_ids": torch.tensor([ids], dtype=torch.long), "pixel_values": pixel_values}  # ids: [1, T]
+
+    def preprocess(self, image) -> torch.Tensor:
+        """A path or PIL image -> normalised pixels [3, image_size, image_size], as CLIPImageProcessor (PIL)."""
+        img = load_image(image) if isinstance(image, (str, os.PathLike)) else to_rgb(image)
+        # Resize so the short side is shortest_edge; the long side keeps the aspect ratio, truncated with
+        # int() exactly as transformers' get_resize_output_image_size does (500x375 -> 448x336).
+        w, h = img.size
+        new_long = int(self.shortest_edge * max(w, h) / min(w, h))
+        size = (self.shortest_edge, new_long) if w <= h else (new_long, self.shortest_edge)
+        img = img.resize(size, resample=self.resample)  # PIL bicubic on uint8, like transformers
+        # Center crop; floor division leaves an odd extra pixel on the right / bottom. An image smaller
+        # than the crop (shortest_edge < image_size) is padded with black by PIL, as by transformers.
+        c = self.image_size
+        left, top = (img.width - c) // 2, (img.height - c) // 2
+        img = img.crop((left, top, left + c, top + c))
+        x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(c, c, 3)  # [H, W, 3] uint8
+        x = x.permute(2, 0, 1).float() / 255  # [3, H, W] in [0, 1]
+        return (x - self.image_mean) / self.image_std  # [3, H, W]
+
+    def decode(self, ids) -> str:
+        """Token ids (list or tensor) -> text, leaving out special tokens (<s>, </s>, <image>)."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.flatten().tolist()
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _special_id(tokenizer: Tokenizer, token: str) -> int:
+    found = tokenizer.token_to_id(token)
+    if found is None:
+        raise UserError(f"tokenizer.json has no {token} token: tinyavl needs the Llama tokenizer of a LLaVA checkpoint")
+    return found
+
+
+def _read_preprocessor_config(path: Path, vision_image_size: int) -> dict:
+    """Processor settings from preprocessor_config.json; llava-1.5 defaults when the file is absent.
+
+    Read: size.shortest_edge, crop_size (must equal the vision tower's input), image_mean, image_std,
+    resample. rescale_factor is always 1/255.
+    """
+    cfg = {}
+    if path.is_file():
+        try:
+            cfg = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"{path} is not valid JSON ({e}): download it again, or delete it to use the "
+                            f"defaults") from None
+    for step in ("do_resize", "do_center_crop", "do_rescale", "do_normalize"):
+        if cfg.get(step) is False:
+            raise UserError(f"{path} sets {step}: false; tinyavl implements only the LLaVA-1.5 preprocessing "
+                            f"(resize, center crop, rescale, normalise), so it cannot run this checkpoint")
+    # Older files write sizes as plain ints, newer ones as dicts.
+    crop = cfg.get("crop_size", vision_image_size)
+    crop_hw = (crop.get("height"), crop.get("width")) if isinstance(crop, dict) else (crop, crop)
+    if crop_hw != (vision_image_size, vision_image_size):
+        raise UserError(f"{path} crops images to {crop_hw[0]}x{crop_hw[1]} but the vision tower takes "
+                        f"{vision_image_size}x{vision_image_size}: the files come from different checkpoints")
+    size = cfg.get("size", vision_image_size)
+    shortest_edge = size.get("shortest_edge") if isinstance(size, dict) else size
+    if not isinstance(shortest_edge, int):
+        raise UserError(f"{path} has size {size!r}; tinyavl supports only {{\"shortest_edge\": N}}")
+    return dict(image_size=vision_image_size, shortest_edge=shortest_edge,
+                image_mean=cfg.get("image_mean", CLIP_MEAN), image_std=cfg.get("image_std", CLIP_STD),
+                resample=cfg.get("resample", Image.Resampling.BICUBIC))
