@@ -1,0 +1,277 @@
+"""tinyavl.processing against transformers' CLIPImageProcessor (PIL backend) and LlavaProcessor.
+
+Images are generated here (noise + gradients, fixed seeds); the tokenizer is the tiny Llama-style
+tokenizer.json of tests/tiny_tokenizer.py.
+"""
+import functools
+import json
+import os
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFile
+from tokenizers import Tokenizer
+from transformers import AutoTokenizer, LlavaProcessor
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+from tiny_tokenizer import write_tiny_tokenizer
+from tinyavl.errors import UserError
+from tinyavl.processing import Processor, load_image
+
+SIZE, PATCH = 28, 14
+NUM_IMAGE_TOKENS = (SIZE // PATCH) ** 2  # 4: CLIP patches of a 28x28 crop, CLS dropped
+
+
+def make_image(width, height, seed=0):
+    """Noise on top of gradients (red across, green down), so that resize or crop errors show."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randint(0, 256, (height, width, 3), generator=g)
+    ramp_x = torch.linspace(0, 255, width).expand(height, width)
+    ramp_y = torch.linspace(0, 255, height)[:, None].expand(height, width)
+    ramps = torch.stack([ramp_x, ramp_y, (ramp_x + ramp_y) / 2], dim=-1)  # [H, W, 3]
+    pixels = ((noise + ramps) / 2).round().to(torch.uint8)  # [H, W, 3]
+    return Image.fromarray(pixels.numpy())
+
+
+def hf_pixels(image, shortest_edge, crop):
+    hf = CLIPImageProcessorPil(size={"shortest_edge": shortest_edge}, crop_size={"height": crop, "width": crop})
+    return hf(image, return_tensors="pt")["pixel_values"][0]  # [3, crop, crop]
+
+
+@functools.cache
+def tiny_tokenizer() -> Tokenizer:
+    with tempfile.TemporaryDirectory() as d:
+        write_tiny_tokenizer(d)
+        return Tokenizer.from_file(os.path.join(d, "tokenizer.json"))
+
+
+def processor_for(crop=SIZE, shortest_edge=None):
+    return Processor(tiny_tokenizer(), image_id(), NUM_IMAGE_TOKENS, image_size=crop,
+                     shortest_edge=shortest_edge or crop)
+
+
+def image_id():
+    return tiny_tokenizer().token_to_id("<image>")
+
+
+def assert_close(ours, theirs, atol=1e-5):
+    assert ours.shape == theirs.shape and ours.dtype == torch.float32
+    err = (ours - theirs.float()).abs()
+    assert err.max() <= atol, f"max |diff| {err.max():.3g}, mean {err.mean():.3g}"
+
+
+# ---------------------------------------------------------------- preprocessing vs transformers
+
+@pytest.mark.parametrize("crop, shortest_edge", [(336, 336), (30, 30), (28, 28), (30, 20)])
+@pytest.mark.parametrize("width, height", [(500, 375), (375, 500), (337, 1000), (100, 60), (31, 29), (7, 5)])
+def test_preprocess_matches_transformers(crop, shortest_edge, width, height):
+    # (30, 20): the short side is resized below the crop, so both pad the crop with black.
+    image = make_image(width, height, seed=width * height)
+    ours = processor_for(crop=crop, shortest_edge=shortest_edge).preprocess(image)
+    assert ours.shape == (3, crop, crop)
+    assert_close(ours, hf_pixels(image, shortest_edge, crop))
+
+
+def test_resize_truncates_long_side_and_crop_floors():
+    # 337x1000 -> 336x997 (336 * 1000 / 337 = 997.03, truncated); crop top = (997 - 336) // 2 = 330.
+    image = make_image(337, 1000, seed=1)
+    resized = image.resize((336, 997), Image.Resampling.BICUBIC).crop((0, 330, 336, 666))
+    expected = torch.tensor(np.asarray(resized), dtype=torch.float32).permute(2, 0, 1) / 255
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)  # CLIP's, as in llava.md
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
+    expected = (expected - mean) / std
+    assert_close(processor_for(crop=336).preprocess(image), expected, atol=1e-6)
+
+
+# ---------------------------------------------------------------- image files and modes
+
+def _save(image, path, **kw):
+    image.save(path, **kw)
+    return path
+
+
+def test_modes_convert_like_transformers(tmp_path):
+    base = make_image(45, 33, seed=3)
+    rgba = base.convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize(base.size))  # alpha 0..255 across rows
+    palette = base.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    files = {
+        "L": _save(base.convert("L"), tmp_path / "l.png"),
+        "LA": _save(rgba.convert("LA"), tmp_path / "la.png"),
+        "RGBA": _save(rgba, tmp_path / "rgba.png"),
+        "P": _save(palette, tmp_path / "p.png"),
+        "P+transparency": _save(palette, tmp_path / "pt.png", transparency=3),
+        "CMYK": _save(base.convert("CMYK"), tmp_path / "cmyk.tiff"),
+        "1": _save(base.convert("1"), tmp_path / "one.png"),
+    }
+    for name, path in files.items():
+        with Image.open(path) as original:
+            original.load()
+            assert original.mode == name.split("+")[0], name
+            rgb = load_image(path)
+            assert rgb.mode == "RGB" and rgb.size == base.size, name
+            assert_close(processor_for().preprocess(path), hf_pixels(original, SIZE, SIZE))
+
+
+def test_transparency_goes_on_white(tmp_path):
+    image = Image.new("RGBA", (4, 1), (10, 20, 30, 255))
+    image.putpixel((1, 0), (10, 20, 30, 0))  # fully transparent
+    image.putpixel((2, 0), (0, 0, 0, 128))  # half transparent black
+    rgb = load_image(_save(image, tmp_path / "a.png"))
+    assert [rgb.getpixel((x, 0)) for x in range(3)] == [(10, 20, 30), (255, 255, 255), (127, 127, 127)]
+    palette = Image.new("P", (2, 1))
+    palette.putpalette([0, 0, 0, 200, 100, 50])
+    palette.putpixel((1, 0), 1)
+    rgb = load_image(_save(palette, tmp_path / "p.png", transparency=0))
+    assert [rgb.getpixel((x, 0)) for x in range(2)] == [(255, 255, 255), (200, 100, 50)]
+
+
+def test_16_bit_grey_keeps_the_high_byte(tmp_path):
+    values = [0, 255, 256, 511, 1000, 12345, 40000, 65280, 65535]  # 9 pixels
+    expected = [0, 0, 1, 1, 3, 48, 156, 255, 255]  # v >> 8, by hand
+    little = Image.new("I;16", (9, 1))
+    little.putdata(values)
+    big = Image.frombytes("I;16B", (9, 1), b"".join(v.to_bytes(2, "big") for v in values))
+    for image in (load_image(_save(little, tmp_path / "g16.png")), load_image(_save(little, tmp_path / "g16.tiff"))):
+        assert [image.getpixel((x, 0)) for x in range(9)] == [(v, v, v) for v in expected]
+    # (transformers would clip all but the first two values to 255.) In-memory images convert the same way:
+    for image in (big, little.convert("I")):
+        pixels = processor_for().preprocess(image)
+        assert_close(pixels, processor_for().preprocess(Image.frombytes("L", (9, 1), bytes(expected))))
+
+
+def test_float_image_is_read_as_0_to_255():
+    image = Image.new("F", (3, 1))
+    image.putdata([-3.0, 100.2, 300.0])
+    assert_close(processor_for().preprocess(image), hf_pixels(image, SIZE, SIZE))
+
+
+def test_bad_image_files(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_image(tmp_path / "missing.png")
+    (tmp_path / "notes.jpg").write_text("not an image\n")
+    with pytest.raises(UserError, match="not an image"):
+        load_image(tmp_path / "notes.jpg")
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+    for fmt in ("png", "jpg"):
+        path = _save(make_image(64, 48, seed=4), tmp_path / f"full.{fmt}")
+        data = path.read_bytes()
+        (tmp_path / f"cut.{fmt}").write_bytes(data[: len(data) // 2])
+        with pytest.raises(UserError, match="damaged or truncated") as err:
+            load_image(tmp_path / f"cut.{fmt}")
+        assert "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------- prompts and token ids
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_tokenizer")
+    write_tiny_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def processor(folder):
+    return Processor.from_pretrained(folder, image_id(), NUM_IMAGE_TOKENS, vision_image_size=SIZE)
+
+
+@pytest.fixture(scope="module")
+def hf_processor(folder):
+    return LlavaProcessor(image_processor=CLIPImageProcessorPil(size={"shortest_edge": SIZE},
+                                                                crop_size={"height": SIZE, "width": SIZE}),
+                          tokenizer=AutoTokenizer.from_pretrained(folder), patch_size=PATCH,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1)
+
+
+QUESTIONS = ["What is in the image?", "Describe the picture in detail.", "How many shapes?\nAnswer briefly.",
+             "Wie viele Kreise? 😀", "  spaces  around  "]
+
+
+@pytest.mark.parametrize("question", QUESTIONS)
+def test_ids_match_llava_processor(processor, hf_processor, question):
+    image = make_image(50, 40, seed=5)
+    ours = processor(processor.chat_prompt(question), image)
+    theirs = hf_processor(images=image, text=processor.chat_prompt(question), return_tensors="pt")
+    assert ours["input_ids"].dtype == torch.long and ours["input_ids"].shape[0] == 1
+    assert ours["input_ids"].tolist() == theirs["input_ids"].tolist()
+    assert_close(ours["pixel_values"], theirs["pixel_values"])
+    assert ours["pixel_values"].shape == (1, 3, SIZE, SIZE)
+
+    ids = ours["input_ids"][0].tolist()
+    assert ids[0] == processor.bos_token_id and processor.eos_token_id not in ids
+    at = ids.index(processor.image_token_id)
+    assert ids.count(processor.image_token_id) == NUM_IMAGE_TOKENS
+    assert ids[at:at + NUM_IMAGE_TOKENS] == [processor.image_token_id] * NUM_IMAGE_TOKENS
+    # Widening the one <image> id after tokenising = repeating "<image>" in the text before.
+    expanded = processor.chat_prompt(question).replace("<image>", "<image>" * NUM_IMAGE_TOKENS)
+    assert ids == processor.tokenizer.encode(expanded).ids
+
+
+@pytest.mark.parametrize("question", QUESTIONS)
+def test_text_only_prompt(processor, folder, question):
+    prompt = processor.chat_prompt(question, has_image=False)
+    assert prompt == f"USER: {question} ASSISTANT:"
+    out = processor(prompt)
+    assert out["pixel_values"] is None
+    assert out["input_ids"].tolist() == [AutoTokenizer.from_pretrained(folder)(prompt)["input_ids"]]
+
+
+def test_prompt_errors(processor):
+    image = make_image(20, 20)
+    with pytest.raises(UserError, match="no <image>"):
+        processor("USER: What is this? ASSISTANT:", image)
+    with pytest.raises(UserError, match="no image was given"):
+        processor(processor.chat_prompt("What is this?"))
+    with pytest.raises(UserError, match="one image per prompt"):
+        processor("USER: <image>\n<image>\nSame? ASSISTANT:", image)
+    with pytest.raises(UserError, match="not found"):
+        processor(processor.chat_prompt("What?"), "no/such/image.png")
+
+
+def test_tokenizer_and_config_errors(folder, tmp_path):
+    image_token_id = image_id()
+    with pytest.raises(UserError, match="tokenizer.json not found"):
+        Processor.from_pretrained(tmp_path, image_token_id, NUM_IMAGE_TOKENS, SIZE)
+    (tmp_path / "tokenizer.json").write_text("{broken")
+    with pytest.raises(UserError, match="not a valid tokenizer.json"):
+        Processor.from_pretrained(tmp_path, image_token_id, NUM_IMAGE_TOKENS, SIZE)
+
+    data = json.loads((folder / "tokenizer.json").read_text())
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] != "<image>"]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(UserError, match="no <image> token"):
+        Processor.from_pretrained(tmp_path, image_token_id, NUM_IMAGE_TOKENS, SIZE)
+    with pytest.raises(UserError, match="image_token_index"):
+        Processor.from_pretrained(folder, image_token_id + 1, NUM_IMAGE_TOKENS, SIZE)
+
+
+def test_preprocessor_config(folder, tmp_path):
+    (tmp_path / "tokenizer.json").write_bytes((folder / "tokenizer.json").read_bytes())
+    image_token_id = image_id()
+    # Laid out like llava-1.5-7b-hf's file; shortest_edge < crop makes both pad, and mean / std are not CLIP's.
+    config = {"crop_size": {"height": SIZE, "width": SIZE}, "do_center_crop": True, "do_convert_rgb": True,
+              "do_normalize": True, "do_rescale": True, "do_resize": True, "image_mean": [0.5, 0.4, 0.3],
+              "image_std": [0.2, 0.25, 0.3], "resample": 3, "rescale_factor": 1 / 255,
+              "size": {"shortest_edge": 20}}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
+    processor = Processor.from_pretrained(tmp_path, image_token_id, NUM_IMAGE_TOKENS, SIZE)
+    image = make_image(50, 40, seed=6)
+    hf = CLIPImageProcessorPil(**{k: v for k, v in config.items() if k != "do_convert_rgb"})
+    assert_close(processor.preprocess(image), hf(image, return_tensors="pt")["pixel_values"][0])
+
+    config["crop_size"] = 224
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="crops images to 224x224"):
+        Processor.from_pretrained(tmp_path, image_token_id, NUM_IMAGE_TOKENS, SIZE)
+
+
+def test_decode_round_trip(processor):
+    for text in ["The red ball is under the table.", "Zwei grüne Quadrate 😀\nand one blue circle."]:
+        ids = processor(text)["input_ids"]  # [1, T], starts with <s>
+        assert processor.decode(ids) == text
+        assert processor.decode(ids[0].tolist() + [processor.eos_token_id]) == text
+    ids = processor(processor.chat_prompt("What?"), make_image(20, 20))["input_ids"]
+    assert processor.decode(ids) == "USER:  \nWhat? ASSISTANT:"  # the image slots decode to nothing
