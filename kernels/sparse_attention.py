@@ -1,0 +1,563 @@
+"""
+Sparse decode attention: one new query token attends to an index list of cache rows plus a contiguous tail
+==========================================================================================================
+
+A-VL keeps a layer's KV cache as `[sys | secondary image tokens | text]` but, on a normal decode step,
+attends only to sys + the *core* image tokens + text (avl.md §4). The core rows are scattered through the
+image block, so "skip the others" needs either a gathered copy of K and V every step or a kernel that reads
+rows through an index list (avl.md §9). This file is that kernel:
+
+    out[b, h] = softmax(q[b, h] . K_sel^T * scale) @ V_sel          (one softmax over all selected rows)
+    selected rows of sample b = index[b, :]  (any order, all < start)  followed by  rows start .. N-1
+
+The caller passes `index = sys rows + core image rows` and `start = first text row`. Query head h reads
+KV head h // (H // Hkv) (grouped-query attention); every head of a sample uses the same rows.
+
+How it works (flash-decoding):
+1. The selected rows form one logical list of length n_sel = n_idx + (N - start); position j < n_idx
+   is cache row index[b, j], position j >= n_idx is cache row start + (j - n_idx). K and V are read in
+   place through these row numbers: nothing is gathered or copied.
+2. A decode step has a single query row, so one program per (batch, head) would leave most of a GPU idle
+   at batch 1. The list is cut into `num_splits` chunks and each program handles one (sample, KV head,
+   chunk). It runs an online softmax over its chunk and writes a partial output, normalised by its own
+   sum, plus that sum's log (the log-sum-exp of its scores).
+3. A second small kernel merges the chunks of each (sample, head): with L_s the chunk log-sum-exps and
+   L = log(sum_s exp(L_s)), out = sum_s exp(L_s - L) * out_s. This is exactly the single softmax.
+4. A program serves all H // Hkv query heads that share its KV head, so each K/V block is loaded once
+   and used by `tl.dot` for the whole group.
+
+Scores are kept in base 2 inside the kernels (scale * log2(e) is folded into the score, exp2 is the
+GPU's native exponential); the optional log-sum-exp output is converted back to natural log.
+
+Update steps and the re-ranking row. Every K-th step A-VL attends to all secondary image tokens and
+re-ranks them by that step's head-mean attention row. The kernel does not produce that row: inside an
+online softmax a probability is known only once the last chunk has been seen, so writing a per-column row
+would add a second pass and a [B, H, n] output to a kernel whose job is to read as little as possible.
+tinyavl's cache computes the one row it needs in torch (softmax(q K^T * scale) for a single query is
+cheap), which it has to do anyway for the per-head text rows of the H2O policy. An update step calls this
+kernel with an empty index and start=0 (dense). The kernel can also return the per-(b, h) log-sum-exp,
+with which any column's probability is exp(scale * q.k_j - lse) without a second softmax.
+
+Run `python kernels/sparse_attention.py` on a GPU for a correctness check and the benchmark; without
+one, `TRITON_INTERPRET=1 python kernels/sparse_attention.py` runs both at toy sizes in Triton's
+interpreter. The tests are in tests/test_kernel.py.
+"""
+import argparse
+import math
+import statistics
+import time
+import types
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    TRITON_AVAILABLE = True
+except ImportError:
+    # The reference below is plain torch and must keep working without Triton. With these stand-ins the
+    # kernels are defined as ordinary functions that the launcher refuses to call.
+    TRITON_AVAILABLE = False
+    triton = types.SimpleNamespace(jit=lambda fn: fn)
+    tl = types.SimpleNamespace(constexpr=None)
+
+LOG2_E = math.log2(math.e)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reference: gather the selected rows, then ordinary attention (also the semantics of "torch gather + SDPA")
+# ----------------------------------------------------------------------------------------------------------
+
+def selected_rows(index: torch.Tensor, start: int, cache_len: int) -> torch.Tensor:
+    """The cache rows each sample attends to, in the kernel's logical order: index rows, then start..N-1."""
+    batch = index.shape[0]
+    tail = torch.arange(start, cache_len, device=index.device).expand(batch, -1)  # [B, N - start]
+    return torch.cat([index.long(), tail], dim=1)                                 # [B, n_sel]
+
+
+def sparse_decode_attention_reference(q, k, v, index, start, scale=None, *, upcast=True, return_lse=False):
+    """Plain-torch sparse decode attention, same arguments and result as `sparse_decode_attention`.
+
+    upcast=True computes in fp32 (fp64 stays fp64) and returns q.dtype. upcast=False computes in the
+    inputs' own precision, scores and probabilities rounded to that dtype at every step: this is the
+    "plain PyTorch in the kernel's precision" that the flash-attention error rule compares against.
+    """
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads, cache_len = k.shape[1], k.shape[2]
+    scale = head_dim ** -0.5 if scale is None else scale
+    compute_dtype = torch.promote_types(q.dtype, torch.float32) if upcast else q.dtype
+
+    rows = selected_rows(index, start, cache_len)                                  # [B, n_sel]
+    batch_ids = torch.arange(batch, device=q.device)[:, None]                      # [B, 1]
+    # Indexing the [B, N, Hkv, D] view with (batch_ids, rows) picks rows per sample: [B, n_sel, Hkv, D].
+    k_sel = k.transpose(1, 2)[batch_ids, rows].transpose(1, 2).to(compute_dtype)  # [B, Hkv, n_sel, D]
+    v_sel = v.transpose(1, 2)[batch_ids, rows].transpose(1, 2).to(compute_dtype)  # [B, Hkv, n_sel, D]
+    # Grouped-query attention: query head h reads KV head h // group.
+    group = num_heads // num_kv_heads
+    k_sel = k_sel.repeat_interleave(group, dim=1)                                  # [B, H, n_sel, D]
+    v_sel = v_sel.repeat_interleave(group, dim=1)                                  # [B, H, n_sel, D]
+
+    scores = torch.einsum("bhd,bhnd->bhn", q.to(compute_dtype), k_sel) * scale     # [B, H, n_sel]
+    probs = torch.softmax(scores, dim=-1)                                          # [B, H, n_sel]
+    out = torch.einsum("bhn,bhnd->bhd", probs, v_sel).to(q.dtype)                  # [B, H, D]
+    if return_lse:
+        return out, torch.logsumexp(scores, dim=-1)                                # [B, H, D], [B, H]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr):
+    # Triton's interpreter stores bfloat16 as raw uint16 and tl.dot multiplies those bit patterns
+    # (the interpreter does not support bf16 arithmetic). A product of two bf16 values is exact in fp32,
+    # so computing the dot on fp32 copies gives the numbers the GPU's bf16 tensor-core dot gives.
+    if UPCAST_OPERANDS:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _split_attention_kernel(
+    q_ptr,          # [B, H, D] query of the new token, last dim contiguous
+    k_ptr, v_ptr,   # [B, Hkv, N, D] the layer's cache, read in place (last dim contiguous)
+    index_ptr,      # [B, n_idx] int32/int64 cache rows attended besides the tail, all < start
+    part_out_ptr,   # [B, H, S, D] fp32 output: each split's attention output, divided by its own sum
+    part_lse_ptr,   # [B, H, S] fp32 output: each split's log2(sum(exp2(score)))
+    stride_qb, stride_qh,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ib, stride_in,
+    n_idx,            # logical positions 0 .. n_idx-1 come from the index list
+    start,            # logical positions n_idx .. n_sel-1 are cache rows start, start+1, ...
+    n_sel,            # n_idx + (N - start), the length of the logical list
+    rows_per_split,   # logical positions per split, a multiple of BLOCK_N
+    num_heads, num_kv_heads, num_splits,
+    qk_scale,         # softmax scale * log2(e): scores come out in base 2
+    GROUP: tl.constexpr,            # query heads per KV head, H // Hkv
+    BLOCK_H: tl.constexpr,          # GROUP rounded up to a power of two >= 16 (tl.dot's smallest tile)
+    BLOCK_N: tl.constexpr,          # logical positions per loop iteration
+    HEAD_DIM: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,    # "ieee" for fp32 inputs (the default would be TF32), else ignored
+    UPCAST_OPERANDS: tl.constexpr,  # bf16 under the interpreter only, see _dot
+):
+    # Program (sample b, KV head, split): the GROUP query heads of that KV head over one chunk of the list.
+    batch_kv_head = tl.program_id(0)
+    split = tl.program_id(1)
+    b = batch_kv_head // num_kv_heads
+    kv_head = batch_kv_head % num_kv_heads
+
+    group_offs = tl.arange(0, BLOCK_H)
+    dim_offs = tl.arange(0, HEAD_DIM)
+    heads = kv_head * GROUP + group_offs                                  # [BLOCK_H] query heads served
+    head_mask = group_offs < GROUP                                        # rows past GROUP are padding
+
+    # 64-bit batch offsets: a large cache can hold more than 2**31 elements.
+    q_ptrs = q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + dim_offs[None, :]
+    q = tl.load(q_ptrs, mask=head_mask[:, None], other=0.0)               # [BLOCK_H, D]
+    k_head_ptr = k_ptr + b.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    v_head_ptr = v_ptr + b.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    index_row_ptr = index_ptr + b.to(tl.int64) * stride_ib
+
+    # Online softmax state per query head (base 2).
+    running_max = tl.full([BLOCK_H], float("-inf"), tl.float32)          # [BLOCK_H]
+    running_sum = tl.zeros([BLOCK_H], tl.float32)                         # [BLOCK_H] sum of exp2(s - max)
+    acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)                       # [BLOCK_H, D] sum of exp2(s - max) v
+
+    # The launcher sizes the splits so that every split holds at least one position, hence every block
+    # below has a valid column and running_max is finite after the first block.
+    split_lo = split * rows_per_split
+    split_hi = tl.minimum(split_lo + rows_per_split, n_sel)
+    for block_lo in range(split_lo, split_hi, BLOCK_N):
+        pos = block_lo + tl.arange(0, BLOCK_N)                            # [BLOCK_N] logical positions
+        in_split = pos < split_hi
+        from_index = pos < n_idx
+        index_rows = tl.load(index_row_ptr + pos * stride_in, mask=in_split & from_index, other=0)
+        rows = tl.where(from_index, index_rows, start + (pos - n_idx)).to(tl.int64)   # [BLOCK_N] cache rows
+
+        k = tl.load(k_head_ptr + rows[:, None] * stride_kn + dim_offs[None, :],
+                    mask=in_split[:, None], other=0.0)                    # [BLOCK_N, D]
+        scores = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST_OPERANDS) * qk_scale   # [BLOCK_H, BLOCK_N]
+        scores = tl.where(in_split[None, :], scores, float("-inf"))
+
+        new_max = tl.maximum(running_max, tl.max(scores, axis=1))         # [BLOCK_H]
+        correction = tl.exp2(running_max - new_max)                       # rescales the old state
+        probs = tl.exp2(scores - new_max[:, None])                        # [BLOCK_H, BLOCK_N]
+        running_sum = running_sum * correction + tl.sum(probs, axis=1)
+
+        v = tl.load(v_head_ptr + rows[:, None] * stride_vn + dim_offs[None, :],
+                    mask=in_split[:, None], other=0.0)                    # [BLOCK_N, D]
+        # As in flash-attention, probabilities enter the second dot in V's precision.
+        acc = acc * correction[:, None] + _dot(probs.to(v.dtype), v, DOT_PRECISION, UPCAST_OPERANDS)
+        running_max = new_max
+
+    part_rows = (b * num_heads + heads) * num_splits + split             # [BLOCK_H] rows of [B*H*S, ...]
+    tl.store(part_out_ptr + part_rows[:, None] * HEAD_DIM + dim_offs[None, :],
+             acc / running_sum[:, None], mask=head_mask[:, None])
+    tl.store(part_lse_ptr + part_rows, running_max + tl.log2(running_sum), mask=head_mask)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    part_out_ptr,   # [B*H, S, D] fp32 per-split outputs (contiguous, written by _split_attention_kernel)
+    part_lse_ptr,   # [B*H, S] fp32 per-split log2-sum-exp2
+    out_ptr,        # [B*H, D] output in q's dtype (contiguous)
+    lse_ptr,        # [B*H] fp32 output: natural-log log-sum-exp of the scaled scores
+    num_splits,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_S: tl.constexpr,   # num_splits rounded up to a power of two
+):
+    # Program (sample, query head): weight each split by its share of the total sum.
+    batch_head = tl.program_id(0)
+    split_offs = tl.arange(0, BLOCK_S)
+    dim_offs = tl.arange(0, HEAD_DIM)
+    split_mask = split_offs < num_splits
+
+    split_lse = tl.load(part_lse_ptr + batch_head * num_splits + split_offs,
+                        mask=split_mask, other=float("-inf"))            # [BLOCK_S]
+    split_out = tl.load(part_out_ptr + (batch_head * num_splits + split_offs[:, None]) * HEAD_DIM
+                        + dim_offs[None, :], mask=split_mask[:, None], other=0.0)   # [BLOCK_S, D]
+
+    max_lse = tl.max(split_lse, axis=0)
+    weights = tl.exp2(split_lse - max_lse)                                # [BLOCK_S] relative split sums
+    total = tl.sum(weights, axis=0)
+    out = tl.sum(weights[:, None] * split_out, axis=0) / total            # [D]
+    tl.store(out_ptr + batch_head * HEAD_DIM + dim_offs, out.to(out_ptr.dtype.element_ty))
+    tl.store(lse_ptr + batch_head, (max_lse + tl.log2(total)) * 0.6931471805599453)  # x ln(2): back to base e
+
+
+# Triton decides at decoration time (from TRITON_INTERPRET) whether kernels run in its CPU interpreter.
+INTERPRETED = TRITON_AVAILABLE and isinstance(_split_attention_kernel, InterpretedFunction)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launcher
+# ----------------------------------------------------------------------------------------------------------
+
+# Logical positions per loop iteration. 64 rows x 128 dims of fp16 K and V are 32 KiB per iteration,
+# a common decode tile; tune on your GPU.
+BLOCK_N = 64
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _check_inputs(q, k, v, index, start, check_index):
+    """Validate the arguments; returns (B, H, Hkv, N, D, n_idx). Every problem is a ValueError."""
+    if q.dim() != 3:
+        raise ValueError(f"q must be [B, H, D], got shape {tuple(q.shape)}")
+    if k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(f"k and v must both be [B, Hkv, N, D], got {tuple(k.shape)} and {tuple(v.shape)}")
+    batch, num_heads, head_dim = q.shape
+    _, num_kv_heads, cache_len, kv_head_dim = k.shape
+    if k.shape[0] != batch or kv_head_dim != head_dim:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch size or head dim")
+    if num_heads % num_kv_heads != 0:
+        raise ValueError(f"query heads ({num_heads}) must be a multiple of KV heads ({num_kv_heads})")
+    if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share one dtype among {SUPPORTED_DTYPES}, "
+                         f"got {q.dtype}, {k.dtype}, {v.dtype}")
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        raise ValueError(f"head dim must be a power of two >= 16 (tl.dot tile), got {head_dim}")
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError("the last dim of q, k and v must be contiguous (stride 1); other strides are free")
+    if index.dim() != 2 or index.shape[0] != batch:
+        raise ValueError(f"index must be [B={batch}, n_idx], got shape {tuple(index.shape)}")
+    if index.dtype not in INDEX_DTYPES:
+        raise ValueError(f"index must be int32 or int64, got {index.dtype}")
+    if not (q.device == k.device == v.device == index.device):
+        raise ValueError(f"q, k, v, index must be on one device, got {q.device}, {k.device}, "
+                         f"{v.device}, {index.device}")
+    if not 0 <= start <= cache_len:
+        raise ValueError(f"start must lie in [0, N={cache_len}], got {start}")
+    n_idx = index.shape[1]
+    if n_idx + cache_len - start == 0:
+        raise ValueError("nothing to attend: index is empty and start == N")
+    # Rows at or past start would be attended twice (or read out of bounds). The check reads the index
+    # back to the host: one synchronisation, which a caller that builds the index itself can skip.
+    if check_index and n_idx > 0:
+        lowest, highest = index.min().item(), index.max().item()
+        if lowest < 0 or highest >= start:
+            raise ValueError(f"index rows must lie in [0, start={start}), got values in [{lowest}, {highest}]")
+    return batch, num_heads, num_kv_heads, cache_len, head_dim, n_idx
+
+
+def _default_num_splits(num_programs: int, num_blocks: int, device: torch.device) -> int:
+    # Aim for about two programs per streaming multiprocessor: batch 1 with 32 KV heads would otherwise
+    # run 32 programs on a 132-SM H100. At most 64 splits: the merge kernel holds all splits of a head
+    # in one [splits, D] tile. The interpreter runs programs one after another: no split helps there.
+    if device.type != "cuda" or INTERPRETED:
+        return 1
+    num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(num_blocks, 64, triton.cdiv(2 * num_sms, num_programs)))
+
+
+def sparse_decode_attention(q, k, v, index, start, scale=None, *, num_splits=None, return_lse=False,
+                            check_index=True):
+    """Decode attention over rows `index[b]` and `start..N-1` of a KV cache, read in place.
+
+    q: [B, H, D], k and v: [B, Hkv, N, D] (fp16/bf16/fp32, last dim contiguous), index: [B, n_idx]
+    int32/int64 with all rows < start, start: int in [0, N]. scale defaults to D**-0.5.
+    num_splits: chunks of the selected list processed in parallel (default: enough to fill the GPU).
+    check_index: verify 0 <= index < start (costs one host synchronisation).
+    Returns out [B, H, D] in q.dtype, or (out, lse) with lse [B, H] fp32, the natural-log log-sum-exp
+    of the scaled scores, when return_lse=True.
+    """
+    if not TRITON_AVAILABLE:
+        raise RuntimeError("sparse_decode_attention needs Triton (pip install triton); "
+                           "sparse_decode_attention_reference computes the same result in plain torch")
+    start = int(start)
+    batch, num_heads, num_kv_heads, cache_len, head_dim, n_idx = _check_inputs(q, k, v, index, start,
+                                                                               check_index)
+    scale = head_dim ** -0.5 if scale is None else float(scale)
+    group = num_heads // num_kv_heads
+    n_sel = n_idx + cache_len - start
+
+    # Split the list into equal chunks of whole blocks. Recomputing num_splits from the rounded chunk
+    # length guarantees that no split is empty.
+    num_blocks = triton.cdiv(n_sel, BLOCK_N)
+    if num_splits is None:
+        num_splits = _default_num_splits(batch * num_kv_heads, num_blocks, q.device)
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    rows_per_split = triton.cdiv(num_blocks, min(num_splits, num_blocks)) * BLOCK_N
+    num_splits = triton.cdiv(n_sel, rows_per_split)
+
+    part_out = torch.empty(batch, num_heads, num_splits, head_dim, device=q.device, dtype=torch.float32)
+    part_lse = torch.empty(batch, num_heads, num_splits, device=q.device, dtype=torch.float32)
+    out = torch.empty(batch, num_heads, head_dim, device=q.device, dtype=q.dtype)
+    lse = torch.empty(batch, num_heads, device=q.device, dtype=torch.float32)
+
+    _split_attention_kernel[(batch * num_kv_heads, num_splits)](
+        q, k, v, index, part_out, part_lse,
+        q.stride(0), q.stride(1),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        index.stride(0), index.stride(1),
+        n_idx, start, n_sel, rows_per_split,
+        num_heads, num_kv_heads, num_splits,
+        scale * LOG2_E,
+        GROUP=group,
+        BLOCK_H=max(16, triton.next_power_of_2(group)),
+        BLOCK_N=BLOCK_N,
+        HEAD_DIM=head_dim,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        UPCAST_OPERANDS=INTERPRETED and q.dtype == torch.bfloat16,
+    )
+    _merge_splits_kernel[(batch * num_heads,)](
+        part_out, part_lse, out, lse, num_splits,
+        HEAD_DIM=head_dim,
+        BLOCK_S=triton.next_power_of_2(num_splits),
+    )
+    return (out, lse) if return_lse else out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Correctness rule (flash-attention's): the kernel may be at most about twice as wrong as plain torch in the
+# kernel's own precision, both measured against a float64 truth.
+# ----------------------------------------------------------------------------------------------------------
+
+def error_report(q, k, v, index, start, scale=None, **kernel_kwargs) -> dict:
+    """Run kernel and plain torch (in the inputs' dtype) and measure both against a float64 reference.
+
+    Passing means kernel_max <= 2 * torch_max + floor, with floor the sum of
+    - the error of the float64 truth rounded to the output dtype: no implementation that returns that
+      dtype can do better (it matters where plain torch is lucky, e.g. exact on a single row);
+    - 8 fp32 ulps of the output's magnitude: the kernel rounds each probability about four times in
+      fp32 (score, scaling, exp2, rescaling) and a GPU's exp2 is approximate to ~2 ulps. This term is
+      negligible for fp16/bf16 and keeps fp32, where plain torch's error is itself ~1 ulp, from
+      failing on ulp-level noise.
+    """
+    truth = sparse_decode_attention_reference(q.double(), k.double(), v.double(), index, start, scale)
+    plain_torch = sparse_decode_attention_reference(q, k, v, index, start, scale, upcast=False)
+    kernel = sparse_decode_attention(q, k, v, index, start, scale, **kernel_kwargs)
+    kernel_err = (kernel.double() - truth).abs()
+    torch_err = (plain_torch.double() - truth).abs()
+    output_rounding = (truth.to(q.dtype).double() - truth).abs().max().item()
+    floor = output_rounding + 8 * torch.finfo(torch.float32).eps * truth.abs().max().item()
+    report = {
+        "dtype": str(q.dtype).removeprefix("torch."),
+        "kernel_max": kernel_err.max().item(), "kernel_mean": kernel_err.mean().item(),
+        "torch_max": torch_err.max().item(), "torch_mean": torch_err.mean().item(),
+        "floor": floor,
+    }
+    report["passed"] = report["kernel_max"] <= 2 * report["torch_max"] + floor
+    return report
+
+
+def format_report(report: dict) -> str:
+    return (f"{report['dtype']:>8}: kernel max {report['kernel_max']:.2e} mean {report['kernel_mean']:.2e} | "
+            f"torch-in-{report['dtype']} max {report['torch_max']:.2e} mean {report['torch_mean']:.2e} | "
+            f"allowed {2 * report['torch_max'] + report['floor']:.2e} -> "
+            f"{'ok' if report['passed'] else 'FAIL'}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Inputs shaped like an A-VL decode step, and the two torch baselines of the benchmark
+# ----------------------------------------------------------------------------------------------------------
+
+def make_avl_decode_inputs(batch, num_heads, num_kv_heads, head_dim, n_sys, n_image, n_text, core_fraction,
+                           dtype, device, sort_index=True, seed=0):
+    """Random q and cache [sys | image | text]; index = sys rows + a random core subset of the image rows.
+
+    Each sample gets its own core subset (avl.md §11, batch > 1). Returns (q, k, v, index, start).
+    """
+    generator = torch.Generator(device).manual_seed(seed)
+    cache_len = n_sys + n_image + n_text
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, device=device, dtype=dtype)
+
+    q = randn(batch, num_heads, head_dim)                                     # [B, H, D]
+    k = randn(batch, num_kv_heads, cache_len, head_dim)                       # [B, Hkv, N, D]
+    v = randn(batch, num_kv_heads, cache_len, head_dim)                       # [B, Hkv, N, D]
+    n_core = int(core_fraction * n_image)
+    core = torch.stack([torch.randperm(n_image, generator=generator, device=device)[:n_core]
+                        for _ in range(batch)])                               # [B, n_core]
+    if sort_index:
+        core = core.sort(dim=1).values
+    sys_rows = torch.arange(n_sys, device=device).expand(batch, -1)           # [B, n_sys]
+    index = torch.cat([sys_rows, n_sys + core], dim=1)                        # [B, n_idx]
+    return q, k, v, index, n_sys + n_image
+
+
+def gather_then_sdpa(q, k, v, index, start):
+    """Baseline (a): copy the selected rows out of the cache, then PyTorch's fused attention."""
+    rows = selected_rows(index, start, k.shape[2])                                  # [B, n_sel]
+    batch_ids = torch.arange(q.shape[0], device=q.device)[:, None]                  # [B, 1]
+    k_sel = k.transpose(1, 2)[batch_ids, rows].transpose(1, 2)                      # [B, Hkv, n_sel, D]
+    v_sel = v.transpose(1, 2)[batch_ids, rows].transpose(1, 2)                      # [B, Hkv, n_sel, D]
+    out = F.scaled_dot_product_attention(q[:, :, None], k_sel, v_sel,
+                                         enable_gqa=k.shape[1] != q.shape[1])      # [B, H, 1, D]
+    return out[:, :, 0]
+
+
+def dense_sdpa(q, k, v):
+    """Baseline (b): attend to the whole cache, as a decoder without A-VL's core/secondary split would."""
+    out = F.scaled_dot_product_attention(q[:, :, None], k, v,
+                                         enable_gqa=k.shape[1] != q.shape[1])      # [B, H, 1, D]
+    return out[:, :, 0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Benchmark
+# ----------------------------------------------------------------------------------------------------------
+
+# Peak DRAM bandwidth in GB/s by device-name fragment; the first fragment found in the name wins.
+PEAK_BANDWIDTH_GBPS = {
+    "H200": 4800,
+    "H100 NVL": 3900,
+    "H100 PCIe": 2000,
+    "H100": 3350,        # H100 SXM ("NVIDIA H100 80GB HBM3")
+    "A100-SXM4-80GB": 2039,
+    "A100 80GB PCIe": 1935,
+    "A100": 1555,        # the 40 GB A100s
+    "L40S": 864,
+    "L4": 300,
+    "RTX 4090": 1008,
+}
+
+
+def peak_bandwidth_gbps(device_name: str):
+    for fragment, gbps in PEAK_BANDWIDTH_GBPS.items():
+        if fragment in device_name:
+            return gbps
+    return None
+
+
+def kernel_bytes(q, k, index, start) -> int:
+    """Bytes the kernel must move: the selected K and V rows of every KV head, the index, q and out."""
+    batch, num_kv_heads, cache_len, head_dim = k.shape
+    n_sel = index.shape[1] + cache_len - start
+    kv_bytes = 2 * batch * num_kv_heads * n_sel * head_dim * k.element_size()
+    return kv_bytes + index.numel() * index.element_size() + 2 * q.numel() * q.element_size()
+
+
+def cpu_time_ms(fn, repeats=3):
+    """Median wall time of fn on the CPU (interpreter smoke run only)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def benchmark_table(shapes, core_fractions, batches, head_config, dtype, device, time_ms, peak_gbps):
+    """Time kernel, gather + SDPA and dense SDPA for every (batch, image size, core fraction); print a row each."""
+    num_heads, num_kv_heads, head_dim, n_sys, n_text = head_config
+    print(f"{'batch':>5} {'image':>6} {'core':>5} {'rows':>6} | {'kernel us':>9} {'gather us':>9} "
+          f"{'dense us':>9} | {'vs gather':>9} {'vs dense':>8} | {'GB/s':>7} {'% peak':>6}")
+    for batch in batches:
+        for n_image in shapes:
+            for core_fraction in core_fractions:
+                q, k, v, index, start = make_avl_decode_inputs(batch, num_heads, num_kv_heads, head_dim, n_sys,
+                                                               n_image, n_text, core_fraction, dtype, device)
+                t_kernel = time_ms(lambda: sparse_decode_attention(q, k, v, index, start, check_index=False))
+                t_gather = time_ms(lambda: gather_then_sdpa(q, k, v, index, start))
+                t_dense = time_ms(lambda: dense_sdpa(q, k, v))
+                gbps = kernel_bytes(q, k, index, start) / (t_kernel * 1e-3) / 1e9
+                percent = f"{100 * gbps / peak_gbps:6.1f}" if peak_gbps else f"{'n/a':>6}"
+                n_sel = index.shape[1] + k.shape[2] - start
+                print(f"{batch:>5} {n_image:>6} {core_fraction:>5.1f} {n_sel:>6} | {t_kernel * 1e3:>9.1f} "
+                      f"{t_gather * 1e3:>9.1f} {t_dense * 1e3:>9.1f} | {t_gather / t_kernel:>8.2f}x "
+                      f"{t_dense / t_kernel:>7.2f}x | {gbps:>7.1f} {percent}")
+                del q, k, v, index
+
+
+def correctness_check(device, dtype, small):
+    """The flash-attention rule on A-VL-shaped inputs, with and without GQA; raises if any case fails."""
+    n_image, n_text = (40, 9) if small else (576, 64)
+    for num_heads, num_kv_heads, head_dim in [(4, 4, 64), (8, 2, 128)] if small else [(32, 32, 128), (32, 8, 128)]:
+        q, k, v, index, start = make_avl_decode_inputs(2, num_heads, num_kv_heads, head_dim, 5, n_image, n_text,
+                                                       0.3, dtype, device, sort_index=False)
+        report = error_report(q, k, v, index, start, num_splits=2)
+        print(f"H={num_heads:>2} Hkv={num_kv_heads:>2} D={head_dim:>3} " + format_report(report))
+        if not report["passed"]:
+            raise SystemExit("correctness check failed")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--peak-gbps", type=float, help="peak memory bandwidth of the GPU in GB/s "
+                        "(default: looked up from the device name)")
+    args = parser.parse_args()
+    if not TRITON_AVAILABLE:
+        raise SystemExit("Triton is not installed: pip install triton")
+
+    # fp16, LLaVA-7B's attention: 32 query heads of 128 dims, 32 KV heads; 5 sys rows, 64 text rows.
+    head_config = (32, 32, 128, 5, 64)
+    if INTERPRETED:
+        print("TRITON_INTERPRET=1: correctness check and a toy-size timing in Triton's CPU interpreter.\n"
+              "Interpreter times say nothing about GPU speed; they only show the benchmark code runs.")
+        for dtype in SUPPORTED_DTYPES:
+            correctness_check("cpu", dtype, small=True)
+        benchmark_table([48], [0.3, 0.5], [1, 2], (4, 2, 64, 5, 16), torch.float16, "cpu", cpu_time_ms,
+                        args.peak_gbps)
+        return
+    if not torch.cuda.is_available():
+        raise SystemExit("No CUDA device: the benchmark needs a GPU. Run "
+                         "`TRITON_INTERPRET=1 python kernels/sparse_attention.py` to exercise the correctness "
+                         "check and the benchmark code in Triton's CPU interpreter instead.")
+
+    name = torch.cuda.get_device_name()
+    peak = args.peak_gbps or peak_bandwidth_gbps(name)
+    print(f"device: {name}, peak bandwidth: {f'{peak:.0f} GB/s' if peak else 'unknown (pass --peak-gbps)'}")
+    for dtype in SUPPORTED_DTYPES:
+        correctness_check("cuda", dtype, small=False)
+    print("\nfp16, H=32 query heads, Hkv=32 KV heads, D=128; cache = [5 sys | image | 64 text]; "
+          "rows = sys + core image + text rows attended.\n"
+          "kernel = this file, gather = torch gather + SDPA on the selected rows, dense = SDPA on the whole cache;"
+          " times are medians of triton.testing.do_bench (L2 flushed between runs, launch overhead included).")
+    benchmark_table([576, 2928, 4 * 2928], [0.3, 0.5], [1, 8], head_config, torch.float16, "cuda",
+                    lambda fn: triton.testing.do_bench(fn, return_mode="median"), peak)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""Tests of kernels/sparse_attention.py: the torch reference, the Triton kernel and its launcher.
+
+Without a GPU the kernel runs in Triton's CPU interpreter (tests/conftest.py sets TRITON_INTERPRET=1
+before this module imports the kernel), which is slow: the kernel cases below are few and small but
+irregular on purpose (odd cache lengths, empty and full index lists, unsorted rows, GQA, three dtypes).
+
+Acceptance is flash-attention's rule, implemented by `error_report` (the benchmark's correctness check uses
+it too): against a float64 truth, the kernel's max error may be at most twice that of plain torch computing
+in the kernel's own precision, plus a floor: the error of the truth rounded to the output dtype (the best any
+implementation returning that dtype can do) and 8 fp32 ulps (the kernel's own fp32 arithmetic; it only
+matters for fp32 inputs). A failure prints max and mean errors of both.
+"""
+import importlib.util
+import sys
+
+import pytest
+import torch
+
+from kernels import sparse_attention as sa
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def kernel():
+    pytest.importorskip("triton")
+    return sa.sparse_decode_attention
+
+
+def random_case(batch, num_heads, num_kv_heads, head_dim, cache_len, start, n_idx, dtype,
+                sort_index=False, seed=0):
+    """Random q, k, v and, per sample, n_idx distinct index rows drawn from [0, start)."""
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, num_heads, head_dim, generator=generator)                    # [B, H, D]
+    k = torch.randn(batch, num_kv_heads, cache_len, head_dim, generator=generator)      # [B, Hkv, N, D]
+    v = torch.randn(batch, num_kv_heads, cache_len, head_dim, generator=generator)      # [B, Hkv, N, D]
+    index = torch.stack([torch.randperm(start, generator=generator)[:n_idx] for _ in range(batch)])  # [B, n_idx]
+    if sort_index:
+        index = index.sort(dim=1).values
+    return q.to(DEVICE, dtype), k.to(DEVICE, dtype), v.to(DEVICE, dtype), index.to(DEVICE), start
+
+
+def masked_dense_attention(q, k, v, index, start):
+    """Independent formulation: attention over all N rows with -inf on the rows that are not selected."""
+    batch, num_heads, head_dim = q.shape
+    cache_len = k.shape[2]
+    group = num_heads // k.shape[1]
+    selected = torch.zeros(batch, cache_len, dtype=torch.bool, device=q.device)        # [B, N]
+    selected.scatter_(1, index.long(), True)
+    selected[:, start:] = True
+    k_full = k.repeat_interleave(group, dim=1)                                          # [B, H, N, D]
+    v_full = v.repeat_interleave(group, dim=1)                                          # [B, H, N, D]
+    scores = torch.einsum("bhd,bhnd->bhn", q, k_full) * head_dim ** -0.5               # [B, H, N]
+    scores = scores.masked_fill(~selected[:, None, :], float("-inf"))
+    return torch.einsum("bhn,bhnd->bhd", torch.softmax(scores, dim=-1), v_full)         # [B, H, D]
+
+
+# --- the reference -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("num_heads,num_kv_heads,cache_len,start,n_idx,sort_index", [
+    (4, 4, 9, 0, 0, False),      # dense
+    (4, 2, 9, 9, 9, False),      # every row through the index, no tail
+    (8, 2, 33, 20, 7, False),    # GQA 4, unsorted index + tail
+    (2, 1, 130, 100, 40, True),  # sorted index + tail
+])
+def test_reference_equals_masked_dense_attention(num_heads, num_kv_heads, cache_len, start, n_idx, sort_index):
+    q, k, v, index, start = random_case(3, num_heads, num_kv_heads, 32, cache_len, start, n_idx,
+                                        torch.float64, sort_index)
+    gathered = sa.sparse_decode_attention_reference(q, k, v, index, start)
+    torch.testing.assert_close(gathered, masked_dense_attention(q, k, v, index, start), rtol=1e-12, atol=1e-12)
+
+
+def test_benchmark_baselines_compute_the_same_attention():
+    q, k, v, index, start = sa.make_avl_decode_inputs(2, 8, 2, 64, 3, 40, 7, 0.3, torch.float32, DEVICE)
+    reference = sa.sparse_decode_attention_reference(q, k, v, index, start)
+    torch.testing.assert_close(sa.gather_then_sdpa(q, k, v, index, start), reference, rtol=1e-5, atol=1e-5)
+    dense_reference = sa.sparse_decode_attention_reference(q, k, v, index[:, :0], 0)
+    torch.testing.assert_close(sa.dense_sdpa(q, k, v), dense_reference, rtol=1e-5, atol=1e-5)
+
+
+def test_module_imports_and_reference_runs_without_triton(monkeypatch):
+    # A None entry in sys.modules makes `import triton` fail as if it were not installed.
+    for name in ("triton", "triton.language", "triton.runtime.interpreter"):
+        monkeypatch.setitem(sys.modules, name, None)
+    spec = importlib.util.spec_from_file_location("sparse_attention_without_triton", sa.__file__)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    assert not module.TRITON_AVAILABLE
+    q, k, v, index, start = random_case(1, 2, 1, 16, 5, 3, 2, torch.float32)
+    module.sparse_decode_attention_reference(q, k, v, index, start)
+    with pytest.raises(RuntimeError, match="needs Triton"):
+        module.sparse_decode_attention(q, k, v, index, start)
+
+
+# --- the kernel: flash-attention error rule ----------------------------------------------------------------
+
+KERNEL_CASES = {
+    # name: (batch, H, Hkv, D, N, start, n_idx, sorted, num_splits, scale, dtype)
+    "one row, dense": (1, 2, 2, 64, 1, 0, 0, False, None, None, torch.float32),
+    "one row, via index": (1, 2, 1, 64, 1, 1, 1, False, None, None, torch.float16),
+    "full index, no tail": (2, 4, 2, 64, 7, 7, 7, False, None, None, torch.bfloat16),
+    "N=33 GQA4 D=128 unsorted": (2, 8, 2, 128, 33, 20, 9, False, None, None, torch.float16),
+    "N=33 D=16 peaky scores": (2, 2, 2, 16, 33, 30, 12, False, None, 1.0, torch.float32),
+    "N=130 dense 3 splits": (1, 4, 1, 64, 130, 0, 0, False, 3, None, torch.float32),
+    "N=130 sorted 2 splits": (2, 2, 2, 128, 130, 100, 40, True, 2, None, torch.bfloat16),
+    "N=130 unsorted, splits clamped": (2, 4, 2, 64, 130, 70, 50, False, 8, 0.5, torch.float16),
+}
+
+
+@pytest.mark.parametrize("case", KERNEL_CASES.values(), ids=KERNEL_CASES.keys())
+def test_kernel_matches_reference(kernel, case):
+    batch, num_heads, num_kv_heads, head_dim, cache_len, start, n_idx, sort_index, num_splits, scale, dtype = case
+    q, k, v, index, start = random_case(batch, num_heads, num_kv_heads, head_dim, cache_len, start, n_idx,
+                                        dtype, sort_index)
+    report = sa.error_report(q, k, v, index, start, scale, num_splits=num_splits)
+    assert report["passed"], sa.format_report(report)
+
+
+@pytest.mark.parametrize("dtype", sa.SUPPORTED_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_kernel_on_avl_decode_step(kernel, dtype):
+    # A-VL's normal step: sys + unsorted core image rows through the index, text as the tail; 2 splits.
+    q, k, v, index, start = sa.make_avl_decode_inputs(2, 8, 4, 128, 5, 200, 20, 0.3, dtype, DEVICE,
+                                                      sort_index=False)
+    report = sa.error_report(q, k, v, index, start, num_splits=2)
+    assert report["passed"], sa.format_report(report)
+
+
+def test_log_sum_exp_output(kernel):
+    q, k, v, index, start = random_case(2, 4, 2, 64, 130, 90, 30, torch.float16, seed=1)
+    out, lse = kernel(q, k, v, index, start, return_lse=True, num_splits=2)
+    _, lse_truth = sa.sparse_decode_attention_reference(q.double(), k.double(), v.double(), index, start,
+                                                        return_lse=True)
+    assert lse.shape == (2, 4) and lse.dtype == torch.float32
+    # The scores are fp32 dot products of fp16 inputs: a few fp32 ulps of the log-sum-exp (magnitude ~5).
+    torch.testing.assert_close(lse.double(), lse_truth, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out, kernel(q, k, v, index, start, num_splits=2))
+
+
+def test_strided_inputs_are_read_in_place(kernel):
+    # Caches with spare capacity (rows past N unused): K laid out [B, N, Hkv, D] and viewed as
+    # [B, Hkv, N, D], V [B, Hkv, N, D] with a different capacity, so no stride of K equals V's.
+    # q sliced out of a wider buffer; index with stride 2 and int32. Same arithmetic, so identical results.
+    batch, num_heads, num_kv_heads, head_dim, cache_len, start = 2, 4, 2, 64, 37, 25
+    q, k, v, index, start = random_case(batch, num_heads, num_kv_heads, head_dim, cache_len, start, 10,
+                                        torch.float16)
+    k_buffer = torch.zeros(batch, cache_len + 11, num_kv_heads, head_dim, dtype=q.dtype, device=DEVICE)
+    k_buffer[:, :cache_len] = k.transpose(1, 2)
+    k_view = k_buffer[:, :cache_len].transpose(1, 2)                                    # [B, Hkv, N, D]
+    v_buffer = torch.zeros(batch, num_kv_heads, cache_len + 5, head_dim, dtype=q.dtype, device=DEVICE)
+    v_buffer[:, :, :cache_len] = v
+    v_view = v_buffer[:, :, :cache_len]                                                 # [B, Hkv, N, D]
+    q_buffer = torch.zeros(batch, num_heads, 2 * head_dim, dtype=q.dtype, device=DEVICE)
+    q_buffer[:, :, :head_dim] = q
+    index_buffer = torch.zeros(batch, 2 * index.shape[1], dtype=torch.int32, device=DEVICE)
+    index_buffer[:, ::2] = index
+
+    strided = kernel(q_buffer[:, :, :head_dim], k_view, v_view, index_buffer[:, ::2], start)
+    assert torch.equal(strided, kernel(q, k, v, index, start))
+
+
+# --- the launcher rejects bad input ---------------------------------------------------------------------
+
+def _bad_inputs():
+    q, k, v, index, start = random_case(2, 4, 2, 64, 10, 6, 3, torch.float16)
+    k_strided_last_dim = k.transpose(2, 3).contiguous().transpose(2, 3)                 # same shape, stride(-1) = N
+    cases = {
+        "k and v shapes differ": ((q, k, v[:, :, :9], index, start), "k and v"),
+        "head dims differ": ((q[..., :32], k, v, index, start), "disagree"),
+        "batch differs": ((q[:1], k, v, index, start), "disagree"),
+        "H not a multiple of Hkv": ((q[:, :3], k, v, index, start), "multiple of KV heads"),
+        "index row >= start": ((q, k, v, index.clone().fill_(6), start), r"\[0, start=6\)"),
+        "negative index row": ((q, k, v, index.clone().fill_(-1), start), r"\[0, start=6\)"),
+        "index batch differs": ((q, k, v, index[:1], start), "index must be"),
+        "float index": ((q, k, v, index.float(), start), "int32 or int64"),
+        "mixed dtypes": ((q.float(), k, v, index, start), "share one dtype"),
+        "head dim not a power of two": ((q[..., :48], k[..., :48], v[..., :48], index, start), "power of two"),
+        "last dim not contiguous": ((q, k_strided_last_dim, v, index, start), "contiguous"),
+        "start past the cache": ((q, k, v, index, 11), r"\[0, N=10\]"),
+        "nothing selected": ((q, k, v, index[:, :0], 10), "nothing to attend"),
+    }
+    return cases
+
+
+BAD_INPUTS = _bad_inputs()
+
+
+@pytest.mark.parametrize("arguments,message", BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
+def test_launcher_rejects_bad_input(kernel, arguments, message):
+    with pytest.raises(ValueError, match=message):
+        kernel(*arguments)
