@@ -1,0 +1,266 @@
+"""Loading llava-hf folders: every key layout, shards, stored dtypes, sparse configs, and loud errors.
+
+Reference tensors come from the transformers model the folder was written from (tests/tiny_checkpoints.py),
+renamed to the published layout, never from another tinyavl load.
+"""
+import json
+import os
+import pickle
+import re
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import tinyavl
+from tinyavl.errors import UserError
+from tiny_checkpoints import (LAYOUTS, VARIANTS, published_state_dict, sparse_config, tiny_ckpt,  # noqa: F401
+                              tokenizer_info, write_checkpoint)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def unused_by_forward(key: str, config) -> bool:
+    """Checkpoint keys a LLaVA forward never reads, derived from the HF config alone: `post_layernorm`
+    and the CLIP layers after the deepest feature layer (hidden state i is the output of layer i - 1)."""
+    if key.startswith("vision_tower.vision_model.post_layernorm."):
+        return True
+    m = re.match(r"vision_tower\.vision_model\.encoder\.layers\.(\d+)\.", key)
+    if not m:
+        return False
+    n_states = config.vision_config.num_hidden_layers + 1
+    layers = config.vision_feature_layer
+    deepest = max(layer % n_states for layer in (layers if isinstance(layers, list) else [layers]))
+    return int(m.group(1)) >= deepest
+
+
+def assert_weights_equal(model, hf_model, dtype=torch.float32):
+    """tinyavl's state_dict == the HF weights (published names) cast to `dtype`, bit for bit; any HF key
+    tinyavl does not hold must be one the forward never reads."""
+    ours = model.state_dict()
+    ref = published_state_dict(hf_model)
+    assert set(ours) <= set(ref), f"keys not in the checkpoint: {sorted(set(ours) - set(ref))[:5]}"
+    skipped = sorted(set(ref) - set(ours))
+    assert all(unused_by_forward(k, hf_model.config) for k in skipped), [
+        k for k in skipped if not unused_by_forward(k, hf_model.config)]
+    for key, tensor in ours.items():
+        assert tensor.device.type == "cpu"
+        assert tensor.dtype == dtype, (key, tensor.dtype)
+        assert torch.equal(tensor, ref[key].to(dtype)), key
+
+
+# ----------------------------------------------------------------------------------------- layouts, shards
+@pytest.mark.parametrize("shards", [1, 3])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_layout_and_sharding_loads_the_same_tensors(tiny_ckpt, layout, shards):
+    folder = tiny_ckpt.folder("gqa_full", layout=layout, shards=shards)
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+    assert len(files) == shards
+    model, _ = tinyavl.load_pretrained(folder, device="cpu")
+    assert_weights_equal(model, tiny_ckpt.model("gqa_full"))
+
+
+@pytest.mark.parametrize("name", ["mqa_rope", "multilayer"])
+def test_all_vision_layers_load_when_the_last_one_is_a_feature_layer(tiny_ckpt, name):
+    """Feature layer -1 (alone or in a list): every CLIP layer is needed and must be loaded."""
+    model, _ = tinyavl.load_pretrained(tiny_ckpt.folder(name, layout="tf5", shards=2), device="cpu")
+    hf_model = tiny_ckpt.model(name)
+    assert_weights_equal(model, hf_model)
+    n_layers = hf_model.config.vision_config.num_hidden_layers
+    assert f"vision_tower.vision_model.encoder.layers.{n_layers - 1}.mlp.fc2.weight" in model.state_dict()
+
+
+# ----------------------------------------------------------------------------------------- dtypes
+@pytest.mark.parametrize("run", [None, "float32", "bfloat16", torch.float16])
+@pytest.mark.parametrize("stored", ["float32", "float16", "bfloat16"])
+def test_stored_and_run_dtypes(tiny_ckpt, stored, run):
+    """Values are the stored tensors converted to the run dtype (e.g. fp16 storage run in fp32 = fp16 upcast)."""
+    stored_dtype = DTYPES[stored]
+    folder = tiny_ckpt.folder("mha", layout="published", shards=2, dtype=stored_dtype)
+    model, _ = tinyavl.load_pretrained(folder, device="cpu", dtype=run)
+    if run is None:
+        # None keeps the stored dtype. Documented exception in load_pretrained: fp16 runs as bf16 on a CPU.
+        expected = torch.bfloat16 if stored_dtype == torch.float16 else stored_dtype
+    else:
+        expected = DTYPES[run] if isinstance(run, str) else run
+    hf_model = tiny_ckpt.model("mha")
+    ours, ref = model.state_dict(), published_state_dict(hf_model)
+    for key, tensor in ours.items():
+        assert tensor.dtype == expected, (key, tensor.dtype)
+        assert torch.equal(tensor, ref[key].to(stored_dtype).to(expected)), key
+    # and the loaded model runs in that dtype
+    ids = torch.tensor([[1, 300, 301, 302]])
+    with torch.no_grad():
+        assert torch.isfinite(model(ids)).all()
+
+
+# ----------------------------------------------------------------------------------------- sparse configs
+def test_sparse_config_takes_file_values_and_class_defaults(tiny_ckpt):
+    folder = tiny_ckpt.folder("mha")
+    raw = json.load(open(os.path.join(folder, "config.json")))
+    # The file really is sparse: these all have to come from defaults.
+    for absent in ("hidden_act", "rope_theta", "rope_parameters", "num_key_value_heads", "head_dim",
+                   "bos_token_id", "eos_token_id"):
+        assert absent not in raw["text_config"], absent
+    assert "hidden_act" not in raw["vision_config"] and "layer_norm_eps" not in raw["vision_config"]
+
+    model, _ = tinyavl.load_pretrained(folder, device="cpu")
+    text, vision = model.config.text, model.config.vision
+    assert text.rms_norm_eps == 1e-5  # from the file; Llama's class default is 1e-6
+    assert (text.hidden_size, text.intermediate_size, text.num_hidden_layers) == (64, 128, 2)
+    assert text.num_attention_heads == 4 and text.num_key_value_heads == 4  # absent: = heads
+    assert text.head_dim == 16  # absent: hidden / heads
+    assert text.vocab_size == tokenizer_info()["vocab_size"]
+    assert text.hidden_act == "silu" and text.rope_theta == 10000.0
+    assert text.tie_word_embeddings is False and (text.bos_token_id, text.eos_token_id) == (1, 2)
+    assert (vision.hidden_size, vision.image_size, vision.patch_size) == (32, 56, 14)
+    assert vision.hidden_act == "quick_gelu" and vision.layer_norm_eps == 1e-5
+    assert model.config.image_token_id == tokenizer_info()["image_token_id"]
+    assert model.config.num_image_tokens == 16
+    assert model.config.projector_hidden_act == "gelu"
+
+
+def test_full_strategy_and_gqa_from_config(tiny_ckpt):
+    model, _ = tinyavl.load_pretrained(tiny_ckpt.folder("gqa_full"), device="cpu")
+    assert model.config.text.num_key_value_heads == 2
+    assert model.config.num_image_tokens == 37  # 6 x 6 patches + CLS
+
+
+@pytest.mark.parametrize("name", ["mqa_rope", "multilayer"])
+def test_rope_theta_and_rope_parameters_spellings_give_the_same_model(tiny_ckpt, tmp_path, name):
+    variant = VARIANTS[name]
+    hf_model = tiny_ckpt.model(name)
+    configs = {}
+    base = sparse_config(variant)
+    for key in ("rope_parameters", "rope_theta", "rope_scaling"):
+        base["text_config"].pop(key, None)
+    configs["rope_theta"] = json.loads(json.dumps(base))
+    configs["rope_theta"]["text_config"].update(rope_theta=variant.rope_theta, rope_scaling=None)
+    configs["rope_parameters"] = json.loads(json.dumps(base))
+    configs["rope_parameters"]["text_config"]["rope_parameters"] = {"rope_theta": variant.rope_theta,
+                                                                    "rope_type": "default"}
+    ids = torch.tensor([[1] + list(range(300, 340))])  # 41 positions: RoPE differences show
+    logits = {}
+    for spelling, config in configs.items():
+        folder = write_checkpoint(hf_model, str(tmp_path / spelling), config=config)
+        model, _ = tinyavl.load_pretrained(folder, device="cpu")
+        assert model.config.text.rope_theta == variant.rope_theta, spelling
+        with torch.no_grad():
+            logits[spelling] = model(ids)
+    assert torch.equal(logits["rope_theta"], logits["rope_parameters"])
+    with torch.no_grad():
+        ref = hf_model(input_ids=ids).logits
+    assert (logits["rope_theta"] - ref).abs().max() <= 1e-4
+    # and the theta matters: the default 10000 would give other logits
+    configs["rope_theta"]["text_config"]["rope_theta"] = 10000.0
+    folder = write_checkpoint(hf_model, str(tmp_path / "default_theta"), config=configs["rope_theta"])
+    model, _ = tinyavl.load_pretrained(folder, device="cpu")
+    with torch.no_grad():
+        assert (model(ids) - ref).abs().max() > 1e-3
+
+
+# ----------------------------------------------------------------------------------------- errors
+def load_error(folder) -> str:
+    """The UserError message of loading `folder`; it must be one line or a short list."""
+    with pytest.raises(UserError) as info:
+        tinyavl.load_pretrained(folder, device="cpu")
+    message = str(info.value)
+    assert message and len(message.splitlines()) <= 10 and len(message) <= 2000, message
+    return message
+
+
+@pytest.fixture
+def good_folder(tiny_ckpt, tmp_path):
+    """A private copy of a good published single-file checkpoint, free to break."""
+    return shutil.copytree(tiny_ckpt.folder("mha"), tmp_path / "ckpt")
+
+
+def rewrite_weights(folder, edit):
+    path = os.path.join(folder, "model.safetensors")
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path)
+
+
+def test_error_missing_folder(tmp_path):
+    folder = tmp_path / "no-such-model"
+    message = load_error(folder)
+    assert "no-such-model" in message
+
+
+def test_error_no_config_json(good_folder):
+    os.remove(good_folder / "config.json")
+    assert "config.json" in load_error(good_folder)
+
+
+def test_error_config_json_is_not_json(good_folder):
+    (good_folder / "config.json").write_text('{"model_type": "llava", "text_config": {')
+    message = load_error(good_folder)
+    assert "config.json" in message and "JSON" in message
+
+
+def test_error_shard_listed_in_index_is_missing(tiny_ckpt, tmp_path):
+    folder = shutil.copytree(tiny_ckpt.folder("mha", shards=3), tmp_path / "sharded")
+    os.remove(folder / "model-00002-of-00003.safetensors")
+    assert "model-00002-of-00003.safetensors" in load_error(folder)
+
+
+def test_error_missing_key_is_listed(good_folder):
+    key = "language_model.model.layers.1.mlp.up_proj.weight"
+    rewrite_weights(good_folder, lambda t: t.pop(key))
+    message = load_error(good_folder)
+    assert key in message and "missing" in message.lower()
+
+
+def test_error_unexpected_key_is_listed(good_folder):
+    key = "language_model.model.layers.0.mlp.extra_proj.weight"
+    rewrite_weights(good_folder, lambda t: t.__setitem__(key, torch.zeros(4, 4)))
+    message = load_error(good_folder)
+    assert key in message and "unexpected" in message.lower()
+
+
+def test_error_misshaped_tensor_is_listed_with_both_shapes(good_folder):
+    key = "multi_modal_projector.linear_2.weight"  # [64, 64] in the model
+    rewrite_weights(good_folder, lambda t: t.__setitem__(key, torch.zeros(64, 63)))
+    message = load_error(good_folder)
+    assert key in message
+    assert re.search(r"64\D{1,3}63", message) and re.search(r"64\D{1,3}64", message), message
+
+
+def test_error_misshaped_tensor_in_another_layout_is_listed(tiny_ckpt, tmp_path):
+    folder = shutil.copytree(tiny_ckpt.folder("mha", layout="tf4.52"), tmp_path / "tf452")
+    key = "model.language_model.layers.0.self_attn.k_proj.weight"  # [64, 64] in the model
+    rewrite_weights(folder, lambda t: t.__setitem__(key, torch.zeros(32, 64)))
+    message = load_error(folder)
+    assert "layers.0.self_attn.k_proj.weight" in message, message
+    assert re.search(r"32\D{1,3}64", message) and re.search(r"64\D{1,3}64", message), message
+
+
+@pytest.mark.parametrize("where,model_type", [("text_config", "qwen2"), ("top", "llava_next")])
+def test_error_unsupported_model_type(good_folder, where, model_type):
+    config = json.load(open(good_folder / "config.json"))
+    (config["text_config"] if where == "text_config" else config)["model_type"] = model_type
+    (good_folder / "config.json").write_text(json.dumps(config))
+    assert model_type in load_error(good_folder)
+
+
+def test_error_pickle_only_folder_is_never_unpickled(good_folder, monkeypatch):
+    """A folder with only pytorch_model.bin: refused with a message about safetensors, without unpickling."""
+    state = load_file(good_folder / "model.safetensors")
+    os.remove(good_folder / "model.safetensors")
+    torch.save(state, good_folder / "pytorch_model.bin")
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the loader tried to unpickle a .bin file")
+
+    monkeypatch.setattr(torch, "load", forbidden)
+    monkeypatch.setattr(pickle, "load", forbidden)
+    monkeypatch.setattr(pickle, "loads", forbidden)
+    monkeypatch.setattr(pickle, "Unpickler", forbidden)
+    assert "safetensors" in load_error(good_folder)
+
+
+def test_error_folder_with_config_but_no_weights(good_folder):
+    os.remove(good_folder / "model.safetensors")
+    assert "safetensors" in load_error(good_folder)

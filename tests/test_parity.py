@@ -1,0 +1,150 @@
+"""tinyavl against transformers: same tiny random checkpoints, same inputs, same logits and greedy tokens.
+
+The oracle is `transformers.LlavaForConditionalGeneration` in fp32 with eager attention, holding the very
+weights that were written to the folder tinyavl loads (tests/tiny_checkpoints.py). Inputs come from
+tinyavl's own processor (prompt, tokens, pixel_values) and are fed unchanged to both models, so these
+tests check the model and loader; tests/test_processing.py checks the processor against transformers.
+
+Covered: MHA / GQA / MQA, "default" and "full" feature selection, feature layer -2, -1 and a list of two,
+rope_theta 1e4 / 5e5 / 1e6 (both config spellings), image sizes 28 / 42 / 56 with patches 7 / 14, three
+non-square source images, a text-only prompt, and a bf16 run.
+"""
+import copy
+
+import pytest
+import torch
+from PIL import Image
+
+import tinyavl
+from tiny_checkpoints import VARIANTS, tiny_ckpt, tokenizer_info  # noqa: F401  (tiny_ckpt is a fixture)
+
+LOGIT_ATOL = 1e-4  # fp32 vs fp32: only summation order differs (seen: ~1e-6)
+GREEDY_STEPS = 8
+
+# Source images (width, height): landscape, portrait, and one smaller than every crop (upscaled).
+IMAGE_SIZES = {"landscape": (45, 30), "portrait": (31, 77), "small": (20, 13)}
+QUESTION = "What colour is the circle on the left?"
+TEXT_ONLY = "The sky is blue and the sun is"
+
+
+def make_image(width: int, height: int, seed: int) -> Image.Image:
+    """A seeded RGB image with structure (a smooth gradient) and noise, so resizing and cropping matter."""
+    g = torch.Generator().manual_seed(seed)
+    ys = torch.linspace(0, 1, height)[:, None, None]
+    xs = torch.linspace(0, 1, width)[None, :, None]
+    base = torch.cat([xs.expand(height, width, 1), ys.expand(height, width, 1), (xs * ys).expand(height, width, 1)], -1)
+    pixels = (200 * base + 55 * torch.rand(height, width, 3, generator=g)).clamp(0, 255).to(torch.uint8)
+    return Image.frombytes("RGB", (width, height), bytes(pixels.flatten().tolist()))
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_ckpt):
+    """variant name -> (tinyavl model, processor, HF model); loaded once per module."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            model, processor = tinyavl.load_pretrained(tiny_ckpt.folder(name), device="cpu")
+            cache[name] = (model, processor, tiny_ckpt.model(name))
+        return cache[name]
+
+    return get
+
+
+def inputs_for(processor, variant, case: str):
+    """(input_ids [1, T], pixel_values [1, 3, S, S] or None) from tinyavl's processor."""
+    if case == "text_only":
+        out = processor(TEXT_ONLY)
+        assert out["pixel_values"] is None
+    else:
+        w, h = IMAGE_SIZES[case]
+        out = processor(processor.chat_prompt(QUESTION), make_image(w, h, seed=list(IMAGE_SIZES).index(case)))
+        assert out["pixel_values"].shape == (1, 3, variant.image_size, variant.image_size)
+    ids = out["input_ids"]
+    # The image-token count the HF config implies (patches, + CLS for "full"), derived independently here.
+    n_image = int((ids == tokenizer_info()["image_token_id"]).sum())
+    assert n_image == (0 if case == "text_only" else variant.num_image_tokens)
+    return ids, out["pixel_values"]
+
+
+def hf_greedy(hf_model, ids, pixel_values, steps: int):
+    """HF greedy tokens, never stopping early (EOS set to an id that cannot occur), and each step's
+    top-1 minus top-2 logit gap (how decisive each greedy choice is)."""
+    never = tokenizer_info()["vocab_size"] + 1000
+    # (transformers 5.23's generate breaks on an explicit pixel_values=None: pass images only when present)
+    images = {} if pixel_values is None else {"pixel_values": pixel_values}
+    out = hf_model.generate(input_ids=ids, **images, do_sample=False, max_new_tokens=steps,
+                            min_new_tokens=0, eos_token_id=never, pad_token_id=tokenizer_info()["pad_token_id"],
+                            output_scores=True, return_dict_in_generate=True)
+    tokens = out.sequences[0, ids.shape[1]:].tolist()
+    gaps = [float(s[0].topk(2).values[0] - s[0].topk(2).values[1]) for s in out.scores]
+    return tokens, gaps
+
+
+CASES = [(name, case) for name in VARIANTS for case in (*IMAGE_SIZES, "text_only")]
+
+
+@pytest.mark.parametrize("name,case", CASES, ids=[f"{n}-{c}" for n, c in CASES])
+def test_logits_and_greedy_match_transformers(loaded, name, case):
+    variant = VARIANTS[name]
+    model, processor, hf_model = loaded(name)
+    ids, pixel_values = inputs_for(processor, variant, case)
+
+    with torch.no_grad():
+        ours = model(ids, pixel_values)
+        ref = hf_model(input_ids=ids, pixel_values=pixel_values).logits
+    assert ours.shape == ref.shape == (1, ids.shape[1], tokenizer_info()["vocab_size"])
+    diff = (ours.float() - ref).abs()
+    print(f"\n[parity] {name:10s} {case:9s} T={ids.shape[1]:3d} max|dlogit|={diff.max().item():.2e} "
+          f"(logit std {ref.std().item():.2f})")
+    assert diff.max().item() <= LOGIT_ATOL, (
+        f"max |logit diff| {diff.max().item():.3e} at position {int(diff.amax(-1).argmax())} of {ids.shape[1]}")
+
+    ref_tokens, gaps = hf_greedy(hf_model, ids, pixel_values, GREEDY_STEPS)
+    # The comparison is only meaningful if every HF greedy choice is clear-cut at fp32 accuracy.
+    assert len(ref_tokens) == GREEDY_STEPS and min(gaps) > 1e-3, (ref_tokens, gaps)
+    our_tokens, _ = tinyavl.generate(model, ids, pixel_values, max_new_tokens=GREEDY_STEPS, temperature=0.0,
+                                     eos_token_id=None)
+    print(f"[parity] greedy {ref_tokens} min top1-top2 gap {min(gaps):.2f}")
+    assert list(our_tokens) == ref_tokens
+
+
+@pytest.mark.parametrize("name", ["mha", "gqa_full"])
+def test_bfloat16_close_to_fp32_transformers(tiny_ckpt, name):
+    """bf16 tinyavl vs the fp32 oracle. Tolerance, flash-attention style: at most twice the error that
+    transformers itself makes in bf16 (same weights rounded to bf16, same inputs) against its fp32 run.
+    bf16 keeps 8 significant bits (relative rounding 2^-9 ~ 2e-3); over a few layers with logits of std ~4
+    that is errors of order 1e-2..1e-1, which is why a fixed absolute tolerance would be a guess."""
+    variant = VARIANTS[name]
+    model, processor = tinyavl.load_pretrained(tiny_ckpt.folder(name), device="cpu", dtype="bfloat16")
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    hf32 = tiny_ckpt.model(name)
+    hf16 = copy.deepcopy(hf32).to(torch.bfloat16)
+    ids, pixel_values = inputs_for(processor, variant, "landscape")  # fp32 pixel_values, as the processor gives
+
+    with torch.no_grad():
+        ref = hf32(input_ids=ids, pixel_values=pixel_values).logits
+        hf_bf16 = hf16(input_ids=ids, pixel_values=pixel_values.to(torch.bfloat16)).logits.float()
+        ours = model(ids, pixel_values).float()
+    err_ours, err_hf = (ours - ref).abs(), (hf_bf16 - ref).abs()
+    print(f"\n[bf16] {name}: tinyavl max {err_ours.max():.3f} mean {err_ours.mean():.4f}; "
+          f"transformers-bf16 max {err_hf.max():.3f} mean {err_hf.mean():.4f} (logit std {ref.std():.2f})")
+    assert err_ours.max() <= 2 * err_hf.max()
+    assert err_ours.mean() <= 2 * err_hf.mean()
+
+
+def test_batch_of_two_images(loaded):
+    """[B=2, T] with two different images: each row must match transformers (the merge fills rows in order)."""
+    variant = VARIANTS["gqa_full"]
+    model, processor, hf_model = loaded("gqa_full")
+    ids_a, px_a = inputs_for(processor, variant, "landscape")
+    ids_b, px_b = inputs_for(processor, variant, "portrait")
+    assert torch.equal(ids_a, ids_b)  # same prompt, so the rows line up
+    ids, pixel_values = torch.cat([ids_a, ids_b]), torch.cat([px_a, px_b])
+    with torch.no_grad():
+        ours = model(ids, pixel_values)
+        ref = hf_model(input_ids=ids, pixel_values=pixel_values).logits
+    diff = (ours.float() - ref).abs().max().item()
+    print(f"\n[parity] gqa_full batch of 2 max|dlogit|={diff:.2e}")
+    assert diff <= LOGIT_ATOL
+    assert (ref[0] - ref[1]).abs().max() > 1e-2  # the two images really give different logits

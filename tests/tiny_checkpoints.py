@@ -1,0 +1,314 @@
+"""Tiny random LLaVA checkpoints, written the way the hub (and two transformers versions) write them.
+
+The oracle of every parity test is `transformers.LlavaForConditionalGeneration` in fp32 with eager
+attention. This module builds small random ones and writes them to disk *by hand* with safetensors, in
+each key layout of spec/llava.md §2, with a sparse llava-hf style config.json (§3), the tiny tokenizer and
+a CLIP preprocessor_config.json, so the folder looks like a real llava-hf download to `load_pretrained`.
+
+Why re-initialise: HF's default init (std 0.02) gives nearly flat logits, so greedy tokens would be decided
+by rounding noise. `reinit_` draws seeded weights at ~1/sqrt(fan_in) scale (lm_head 4/sqrt(fan_in)) so the
+top-1 / top-2 logit gap is typically ~1 and greedy comparisons mean something.
+
+Used as a library (`build_hf_model`, `write_checkpoint`) and through the session fixture `tiny_ckpt`
+(import it into a test module: `from tiny_checkpoints import tiny_ckpt`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tiny_tokenizer import write_tiny_tokenizer
+
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+LAYOUTS = ("published", "tf4.52", "tf5")
+
+
+# ---------------------------------------------------------------------------------------------- variants
+@dataclass(frozen=True)
+class Variant:
+    """One tiny LLaVA shape. Text: hidden 64, 4 heads x 16, MLP 128. Vision: hidden 32, 4 heads x 8, MLP 64."""
+
+    name: str
+    image_size: int
+    patch_size: int
+    vision_layers: int
+    text_layers: int
+    kv_heads: int  # 4 = MHA, 2 = GQA, 1 = MQA
+    feature_layer: int | tuple[int, ...] = -2
+    strategy: str = "default"  # "default" drops CLS, "full" keeps it
+    rope_theta: float = 10000.0
+    rope_spelling: str = "rope_theta"  # how config.json spells a non-default theta: "rope_theta" | "rope_parameters"
+    rms_norm_eps: float = 1e-5
+    seed: int = 0
+
+    @property
+    def num_image_tokens(self) -> int:
+        patches = (self.image_size // self.patch_size) ** 2
+        return patches + (1 if self.strategy == "full" else 0)
+
+
+VARIANTS = {
+    v.name: v
+    for v in [
+        # the LLaVA-1.5 recipe in miniature: layer -2, CLS dropped, MHA, published eps 1e-5
+        Variant("mha", image_size=56, patch_size=14, vision_layers=2, text_layers=2, kv_heads=4, seed=1),
+        # GQA 4 -> 2, CLS kept ("full"), 3 + 3 layers, 6x6 patch grid; a large RMSNorm eps, so using the
+        # wrong eps moves the logits by ~1e-3, well past the parity tolerance
+        Variant("gqa_full", image_size=42, patch_size=7, vision_layers=3, text_layers=3, kv_heads=2,
+                strategy="full", rms_norm_eps=1e-3, seed=2),
+        # MQA, last vision layer, non-default rope_theta written the transformers 5.x way
+        Variant("mqa_rope", image_size=28, patch_size=7, vision_layers=3, text_layers=2, kv_heads=1,
+                feature_layer=-1, rope_theta=500000.0, rope_spelling="rope_parameters", rms_norm_eps=1e-6, seed=3),
+        # several vision layers concatenated (projector input 2 x 32), old rope_theta spelling
+        Variant("multilayer", image_size=28, patch_size=14, vision_layers=3, text_layers=2, kv_heads=2,
+                feature_layer=(-3, -1), rope_theta=1000000.0, rope_spelling="rope_theta", seed=4),
+    ]
+}
+
+
+@lru_cache(maxsize=1)
+def tokenizer_info() -> dict:
+    """vocab_size / image_token_id / pad_token_id / bos / eos of the tiny tokenizer (written once to a temp dir)."""
+    with tempfile.TemporaryDirectory() as d:
+        return dict(write_tiny_tokenizer(d))
+
+
+# ------------------------------------------------------------------------------------------- HF model
+def hf_config(variant: Variant):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    tok = tokenizer_info()
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=variant.vision_layers, num_attention_heads=4,
+        image_size=variant.image_size, patch_size=variant.patch_size,
+    )
+    text = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=variant.text_layers, num_attention_heads=4,
+        num_key_value_heads=variant.kv_heads, vocab_size=tok["vocab_size"], rms_norm_eps=variant.rms_norm_eps,
+        rope_parameters={"rope_theta": variant.rope_theta, "rope_type": "default"},
+        max_position_embeddings=4096, bos_token_id=tok["bos_token_id"], eos_token_id=tok["eos_token_id"],
+    )
+    fl = variant.feature_layer
+    config = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=tok["image_token_id"],
+        pad_token_id=tok["pad_token_id"], projector_hidden_act="gelu",
+        vision_feature_layer=list(fl) if isinstance(fl, tuple) else fl,
+        vision_feature_select_strategy=variant.strategy, image_seq_length=variant.num_image_tokens,
+    )
+    return config
+
+
+def reinit_(model: torch.nn.Module, seed: int) -> None:
+    """Seeded weights with O(1) activations and well separated logits (see module docstring)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(shape):
+        return torch.randn(shape, generator=g, dtype=torch.float32)
+
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if name.endswith("embed_tokens.weight") or name.endswith("class_embedding"):
+                new = randn(p.shape)
+            elif name.endswith("position_embedding.weight"):
+                new = 0.5 * randn(p.shape)
+            elif "norm" in name:  # layer_norm1/2, pre_layrnorm, post_layernorm, RMSNorms
+                new = 1.0 + 0.1 * randn(p.shape) if name.endswith("weight") else 0.1 * randn(p.shape)
+            elif p.ndim >= 2:  # Linear [out, in] and the patch Conv2d [out, 3, p, p]
+                gain = 4.0 if name.endswith("lm_head.weight") else 1.0
+                new = gain / math.sqrt(p[0].numel()) * randn(p.shape)
+            else:  # Linear biases
+                new = 0.1 * randn(p.shape)
+            p.copy_(new)
+
+
+def build_hf_model(variant: Variant | str):
+    """A seeded fp32 `LlavaForConditionalGeneration` with eager attention, in eval mode."""
+    from transformers import LlavaForConditionalGeneration
+
+    variant = VARIANTS[variant] if isinstance(variant, str) else variant
+    model = LlavaForConditionalGeneration(hf_config(variant))
+    model.set_attn_implementation("eager")
+    reinit_(model, variant.seed)
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------- key layouts
+def layout_key(hf_name: str, layout: str) -> str:
+    """Map an in-memory transformers 5.23 parameter name to the file key of `layout` (llava.md §2)."""
+    assert layout in LAYOUTS, layout
+    rules = {
+        #  in-memory prefix            published                      tf4.52 save_pretrained             tf5 save_pretrained
+        "model.vision_tower.": ("vision_tower.vision_model.", "model.vision_tower.vision_model.", "vision_tower."),
+        "model.multi_modal_projector.": ("multi_modal_projector.", "model.multi_modal_projector.", "multi_modal_projector."),
+        "model.language_model.": ("language_model.model.", "model.language_model.", "language_model.model."),
+        "lm_head.": ("language_model.lm_head.", "lm_head.", "language_model.lm_head."),
+    }
+    for prefix, targets in rules.items():
+        if hf_name.startswith(prefix):
+            return targets[LAYOUTS.index(layout)] + hf_name[len(prefix):]
+    raise KeyError(f"no layout rule for {hf_name}")
+
+
+def published_state_dict(hf_model) -> dict[str, torch.Tensor]:
+    """The HF model's weights under published key names (what `tinyavl`'s state_dict should equal)."""
+    return {layout_key(k, "published"): v for k, v in hf_model.state_dict().items()}
+
+
+# ------------------------------------------------------------------------------------------- config.json
+def sparse_config(variant: Variant, layout: str = "published", dtype: torch.dtype = torch.float32) -> dict:
+    """A llava-hf style config.json: only what differs from the class defaults, plus model_type keys (§3)."""
+    tok = tokenizer_info()
+    dtype_name = str(dtype).removeprefix("torch.")
+    dtype_key = "dtype" if layout == "tf5" else "torch_dtype"  # transformers 5 renamed the field
+    text = {
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "max_position_embeddings": 4096,
+        "model_type": "llama",
+        "num_attention_heads": 4,
+        "num_hidden_layers": variant.text_layers,
+        "rms_norm_eps": variant.rms_norm_eps,
+        dtype_key: dtype_name,
+        "vocab_size": tok["vocab_size"],
+    }
+    if variant.kv_heads != 4:  # absent means num_key_value_heads = num_attention_heads
+        text["num_key_value_heads"] = variant.kv_heads
+    if variant.rope_theta != 10000.0 or variant.rope_spelling == "rope_parameters":
+        if variant.rope_spelling == "rope_parameters":
+            text["rope_parameters"] = {"rope_theta": variant.rope_theta, "rope_type": "default"}
+        else:
+            text["rope_theta"] = variant.rope_theta
+            text["rope_scaling"] = None
+    vision = {
+        "hidden_size": 32,
+        "image_size": variant.image_size,
+        "intermediate_size": 64,
+        "model_type": "clip_vision_model",
+        "num_attention_heads": 4,
+        "num_hidden_layers": variant.vision_layers,
+        "patch_size": variant.patch_size,
+        "projection_dim": 16,
+    }
+    fl = variant.feature_layer
+    return {
+        "architectures": ["LlavaForConditionalGeneration"],
+        "ignore_index": -100,
+        "image_token_index": tok["image_token_id"],
+        "model_type": "llava",
+        "pad_token_id": tok["pad_token_id"],
+        "projector_hidden_act": "gelu",
+        "text_config": text,
+        "tie_word_embeddings": False,
+        dtype_key: dtype_name,
+        "transformers_version": "5.23.0" if layout == "tf5" else "4.36.0.dev0",
+        "vision_config": vision,
+        "vision_feature_layer": list(fl) if isinstance(fl, tuple) else fl,
+        "vision_feature_select_strategy": variant.strategy,
+        "vocab_size": tok["vocab_size"],
+    }
+
+
+def preprocessor_config(image_size: int) -> dict:
+    """CLIPImageProcessor settings of llava-hf, with the tiny image size."""
+    return {
+        "crop_size": {"height": image_size, "width": image_size},
+        "do_center_crop": True,
+        "do_convert_rgb": True,
+        "do_normalize": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "image_mean": CLIP_MEAN,
+        "image_processor_type": "CLIPImageProcessor",
+        "image_std": CLIP_STD,
+        "processor_class": "LlavaProcessor",
+        "resample": 3,
+        "rescale_factor": 1 / 255,
+        "size": {"shortest_edge": image_size},
+    }
+
+
+# ------------------------------------------------------------------------------------------- writing
+def write_weights(tensors: dict[str, torch.Tensor], folder: str, shards: int = 1) -> None:
+    """`model.safetensors`, or `shards` files `model-0000k-of-0000n.safetensors` + the index json."""
+    os.makedirs(folder, exist_ok=True)
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    if shards == 1:
+        save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+        return
+    keys = list(tensors)
+    per = math.ceil(len(keys) / shards)
+    weight_map, total = {}, 0
+    for i in range(shards):
+        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: tensors[k] for k in keys[i * per:(i + 1) * per]}
+        assert part, "more shards than keys"
+        save_file(part, os.path.join(folder, fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in part})
+        total += sum(t.numel() * t.element_size() for t in part.values())
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+def write_checkpoint(hf_model, folder: str, layout: str = "published", shards: int = 1,
+                     dtype: torch.dtype = torch.float32, variant: Variant | str | None = None,
+                     config: dict | None = None) -> str:
+    """Write `hf_model` as a llava-hf folder: weights in `layout` and `dtype`, sparse config, tokenizer, preprocessor.
+
+    `variant` (a Variant or its name: the one the model was built from) drives the sparse config.json;
+    `config` replaces that config.json entirely (tests that change or break the config on purpose).
+    """
+    os.makedirs(folder, exist_ok=True)
+    tensors = {layout_key(k, layout): v.detach().to(dtype) for k, v in hf_model.state_dict().items()}
+    write_weights(tensors, folder, shards)
+    if config is None:
+        variant = VARIANTS[variant] if isinstance(variant, str) else variant
+        assert variant is not None, "pass the Variant the model was built from"
+        config = sparse_config(variant, layout, dtype)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    image_size = config["vision_config"]["image_size"]
+    with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
+        json.dump(preprocessor_config(image_size), f, indent=2)
+    info = write_tiny_tokenizer(folder)
+    assert info["vocab_size"] == tokenizer_info()["vocab_size"]
+    return folder
+
+
+# ------------------------------------------------------------------------------------------- fixtures
+class TinyCheckpoints:
+    """Session cache: one HF model per variant, one folder per (variant, layout, shards, dtype)."""
+
+    def __init__(self, root):
+        self.root = root
+        self._models = {}
+        self._folders = {}
+
+    def model(self, variant: str):
+        if variant not in self._models:
+            self._models[variant] = build_hf_model(VARIANTS[variant])
+        return self._models[variant]
+
+    def folder(self, variant: str, layout: str = "published", shards: int = 1,
+               dtype: torch.dtype = torch.float32) -> str:
+        key = (variant, layout, shards, dtype)
+        if key not in self._folders:
+            name = f"{variant}-{layout}-{shards}-{str(dtype).removeprefix('torch.')}"
+            self._folders[key] = write_checkpoint(self.model(variant), os.path.join(self.root, name),
+                                                  layout=layout, shards=shards, dtype=dtype, variant=variant)
+        return self._folders[key]
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> TinyCheckpoints:
+    return TinyCheckpoints(str(tmp_path_factory.mktemp("tiny_ckpt")))
