@@ -310,14 +310,36 @@ class AVLCache(KVCache):
                           torch.arange(self.text_start(layer), self.k[layer].shape[2], device=device)])
 
     def compute(self, layer, q, rows):
+        """Decode steps also keep the attended row's log-sum-exp (B, H) for `decode_update`: with it the
+        probabilities of any block of rows (the text for H2O, the image on update steps) are
+        exp(q.k / sqrt(d) - lse), without gathering the rows again."""
         if self.step == 0:
             return super().compute(layer, q, rows)
-        # Decode: also keep the attended row's log-sum-exp (B, H) for `decode_update`. With it, the
-        # probabilities of any block of rows (the text for H2O, the image on update steps) are
-        # exp(q.k / sqrt(d) - lse), without gathering the rows again.
+        if self.use_kernel(q):
+            # The Triton kernel reads sys + core rows through an index list and the text rows as a
+            # contiguous tail, in place: no gathered copy (an update step attends to everything).
+            from kernels.sparse_attention import sparse_decode_attention
+            if rows is None:  # update step: every row, as one contiguous range
+                index, text_start = torch.zeros(0, dtype=torch.long, device=q.device), 0
+            else:             # rows = [sys | core | text]: the first two by index, the text as the tail
+                index, text_start = rows[:self.n_sys + len(self.core[layer])], self.text_start(layer)
+            out, self.row_lse = sparse_decode_attention(q[:, :, 0], self.k[layer], self.v[layer], index[None],
+                                                        text_start, return_lse=True, check_index=False)
+            return out[:, :, None]                                                   # (B, H, 1, hs)
         k, v = self.selected(layer, rows)
         self.row_lse = row_logits(q, k).logsumexp(-1)
         return attention(q, k, v, causal=True)
+
+    def use_kernel(self, q) -> bool:
+        """Triton on CUDA tensors ("auto"), or as forced by kernel="triton" / "torch"."""
+        if self.kernel == "torch":
+            return False
+        from kernels.sparse_attention import TRITON_AVAILABLE  # imported on first use: triton is slow to import
+        if self.kernel == "auto":
+            return TRITON_AVAILABLE and q.is_cuda
+        if not TRITON_AVAILABLE:
+            raise UserError("kernel='triton' needs Triton: pip install triton")
+        return True
 
     def update(self, layer, q, rows):
         if self.step == 0:
