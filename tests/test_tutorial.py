@@ -1,0 +1,54 @@
+"""The tutorial chapters cannot drift from the code: their code blocks run, and every symbol they cite
+exists.
+
+Each chapter's ```python blocks run in order in one namespace (the asserts inside them are the
+chapter's claims); every `Name` or `Name.attr` in backticks that names something in tinyavl must
+resolve to it.
+"""
+import re
+from pathlib import Path
+
+import pytest
+
+import tinyavl.cache
+import tinyavl.generate
+import tinyavl.model
+import tinyavl.processing
+
+CHAPTERS = sorted((Path(__file__).parent.parent / "tutorial").glob("*.md"))
+MODULES = [tinyavl.model, tinyavl.cache, tinyavl.generate, tinyavl.processing]
+
+
+def code_blocks(chapter: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", chapter.read_text(), flags=re.S)
+
+
+def test_there_are_chapters():
+    assert CHAPTERS, "tutorial/ has no chapters"
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=lambda p: p.name)
+def test_chapter_code_blocks_run(chapter):
+    blocks = code_blocks(chapter)
+    assert blocks, f"{chapter.name} has no python code block"
+    namespace = {}
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"{chapter.name}[block {i}]", "exec"), namespace)
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=lambda p: p.name)
+def test_chapter_cites_existing_symbols(chapter):
+    cited = set(re.findall(r"`([A-Z]\w*(?:\.\w+)?|[a-z_]\w*)`", chapter.read_text()))
+    checked = 0
+    for symbol in cited:
+        head, _, attr = symbol.partition(".")
+        owners = [m for m in MODULES if hasattr(m, head)]
+        if not owners:
+            # Lower-case words in backticks are often parameters or config fields, not symbols: only
+            # CamelCase names and dotted names must be tinyavl's.
+            assert not (head[0].isupper() or attr), f"{chapter.name} cites `{symbol}`, which tinyavl does not define"
+            continue
+        if attr:
+            assert hasattr(getattr(owners[0], head), attr), f"{chapter.name} cites `{symbol}`: no such attribute"
+        checked += 1
+    assert checked >= 5, f"{chapter.name} cites too few code symbols ({checked})"
