@@ -602,10 +602,11 @@ def load_weights(model: LlavaForConditionalGeneration, files: list[Path], dtype,
         raise UserError("checkpoint does not match config.json; " + "; ".join(problems))
 
     state = {}
-    for path in files:
+    for name, (path, key) in found.items():
+        # One mapping per tensor: pages of a file that stays mapped count towards the process's memory
+        # until it is closed, so holding a whole 5 GB shard open would add 5 GB to the peak.
         with open_safetensors(path) as f:
-            for name, (_, key) in ((n, src) for n, src in found.items() if src[0] == path):
-                state[name] = f.get_tensor(key).to(device=device, dtype=dtype)
+            state[name] = f.get_tensor(key).to(device=device, dtype=dtype)
     if tied:
         state["language_model.lm_head.weight"] = state["language_model.model.embed_tokens.weight"]
     model.load_state_dict(state, assign=True)
