@@ -29,8 +29,15 @@ POLICY_OPTIONS = {
 }
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        # One line like every other user mistake (argparse would print the whole usage first).
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--image", required=True, help="image file (jpg, png, ...)")
     parser.add_argument("--prompt", default="Describe the image.", help="the question about the image")
     parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="llava-hf model folder")

@@ -245,6 +245,15 @@ def test_error_unsupported_model_type(good_folder, where, model_type):
     assert model_type in load_error(good_folder)
 
 
+@pytest.mark.parametrize("layer", [-10, 5, [-1, 7]])
+def test_error_vision_feature_layer_out_of_range(good_folder, layer):
+    """The mha variant's vision tower has 2 layers, so 3 hidden states: indices -3 .. 2."""
+    config = json.load(open(good_folder / "config.json"))
+    config["vision_feature_layer"] = layer
+    (good_folder / "config.json").write_text(json.dumps(config))
+    assert "vision_feature_layer" in load_error(good_folder)
+
+
 def test_error_pickle_only_folder_is_never_unpickled(good_folder, monkeypatch):
     """A folder with only pytorch_model.bin: refused with a message about safetensors, without unpickling."""
     state = load_file(good_folder / "model.safetensors")

@@ -78,6 +78,8 @@ def generate(model, input_ids, pixel_values=None, max_new_tokens: int = 64, temp
         raise ValueError(f"generate takes one prompt of shape (1, T), got {tuple(input_ids.shape)}")
     if max_new_tokens < 1:
         raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if not temperature >= 0:  # also rejects nan
+        raise UserError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if temperature > 0 and not 0 < top_p <= 1:
         raise UserError(f"top_p must be in (0, 1], got {top_p}")
     cache = make_cache(policy, **policy_params) if isinstance(policy, str) else policy

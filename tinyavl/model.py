@@ -129,6 +129,12 @@ class LlavaConfig:
                if key in raw},
         )
         config.image_token_id = raw.get("image_token_index", raw.get("image_token_id", config.image_token_id))
+        layers = config.vision_feature_layer
+        n_states = config.vision.num_hidden_layers + 1  # the embedding output and one per layer
+        for layer in layers if isinstance(layers, list) else [layers]:
+            if not -n_states <= layer < n_states:
+                raise UserError(f"vision_feature_layer {layer} does not exist: the vision tower has "
+                                f"{n_states} hidden states (-{n_states} .. {n_states - 1})")
         if config.vision_feature_select_strategy not in ("default", "full"):
             raise UserError(f"unknown vision_feature_select_strategy {config.vision_feature_select_strategy!r}")
         for act in (config.text.hidden_act, config.vision.hidden_act, config.projector_hidden_act):

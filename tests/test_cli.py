@@ -1,0 +1,406 @@
+"""main.py, the command line: answers on tiny checkpoints, and one clean line for every user mistake.
+
+The contract (main.py's docstring): the answer streams to stdout and a summary goes to stderr, or with
+--json one JSON object is printed; a mistake in the input exits with status 2 and prints one line
+`error: ...` on stderr, no traceback, and nothing on stdout.
+
+A real subprocess costs seconds of torch import, so only a few cases run `python main.py` (exit status,
+tracebacks, what really reaches the terminal); the rest call `main.main(argv)` in-process, where any
+exception other than the handled UserError would fail the test with its traceback.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
+
+import main
+import tinyavl
+from tiny_checkpoints import VARIANTS, sparse_config, tiny_ckpt, tokenizer_info, write_checkpoint  # noqa: F401
+
+REPO = Path(__file__).resolve().parent.parent
+NEW_TOKENS = 8
+JSON_KEYS = {"text", "token_ids", "prefill_seconds", "decode_tokens_per_second", "kv_cache_bytes", "policy",
+             "kv_cache_bytes_dense", "attended_tokens_per_step", "attended_tokens_per_step_dense"}
+
+
+def make_image(width: int, height: int, seed: int, mode: str = "RGB") -> Image.Image:
+    """A seeded image with a gradient and noise (so JPEG/PNG files have real content)."""
+    g = torch.Generator().manual_seed(seed)
+    ys = torch.linspace(0, 1, height)[:, None, None]
+    xs = torch.linspace(0, 1, width)[None, :, None]
+    base = torch.cat([xs.expand(height, width, 1), ys.expand(height, width, 1), (xs * ys).expand(height, width, 1)], -1)
+    pixels = (200 * base + 55 * torch.rand(height, width, 3, generator=g)).clamp(0, 255).to(torch.uint8)
+    img = Image.frombytes("RGB", (width, height), bytes(pixels.flatten().tolist()))
+    return img if mode == "RGB" else img.convert(mode)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Image files: a good PNG, and broken ones."""
+    d = tmp_path_factory.mktemp("cli_images")
+    paths = {"png": d / "photo.png", "jpg": d / "photo.jpg"}
+    make_image(45, 30, seed=0).save(paths["png"])
+    make_image(160, 120, seed=1).save(paths["jpg"], quality=95)
+    paths["text_as_jpg"] = d / "notes.jpg"
+    paths["text_as_jpg"].write_text("this is not an image\n" * 20)
+    big_png = d / "big.png"
+    make_image(160, 120, seed=2).save(big_png)
+    for kind, src in (("truncated_png", big_png), ("truncated_jpg", paths["jpg"])):
+        data = src.read_bytes()
+        paths[kind] = d / f"truncated{src.suffix}"
+        paths[kind].write_bytes(data[:len(data) // 2])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def good(tiny_ckpt):
+    return tiny_ckpt.folder("mha")
+
+
+def run_inprocess(capsys, argv):
+    """main.main(argv) -> (exit status, stdout, stderr)."""
+    capsys.readouterr()
+    rc = main.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def run_subprocess(argv):
+    proc = subprocess.run([sys.executable, "main.py", *map(str, argv)], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONWARNINGS": "default"})
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def assert_user_error(rc, out, err, *mentions):
+    """Status 2, nothing on stdout, exactly one line `error: ...` on stderr that names what is wrong."""
+    assert "Traceback" not in err, err
+    assert rc == 2, (rc, err)
+    assert out == "", f"stdout written before failing: {out!r}"
+    lines = err.splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}: {err!r}"
+    assert lines[0].startswith("error: "), lines[0]
+    for word in mentions:
+        assert word in lines[0], f"{word!r} not in {lines[0]!r}"
+
+
+def hf_greedy(hf_model, folder, image, prompt, steps):
+    """transformers' greedy tokens for the CLI's inputs, built by tinyavl's processor (EOS = </s>, as the CLI)."""
+    _, processor = tinyavl.load_pretrained(folder, device="cpu")
+    inputs = processor(processor.chat_prompt(prompt), image=str(image))
+    tok = tokenizer_info()
+    with torch.no_grad():
+        out = hf_model.generate(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"], do_sample=False,
+                                max_new_tokens=steps, min_new_tokens=0, eos_token_id=tok["eos_token_id"],
+                                pad_token_id=tok["pad_token_id"], output_scores=True, return_dict_in_generate=True)
+    tokens = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+    gaps = [float(s[0].topk(2).values[0] - s[0].topk(2).values[1]) for s in out.scores]
+    return tokens, gaps
+
+
+def decode(folder, ids):
+    """Text of ids by the checkpoint's own tokenizer.json, special tokens left out."""
+    return Tokenizer.from_file(str(Path(folder) / "tokenizer.json")).decode(ids, skip_special_tokens=True)
+
+
+# ------------------------------------------------------------------------------------------ happy paths
+def test_subprocess_json_matches_transformers_greedy(tiny_ckpt, good, files):
+    rc, out, err = run_subprocess(["--image", files["png"], "--weights", good, "--max-new-tokens", NEW_TOKENS,
+                                   "--prompt", "What colour is the square?", "--json"])
+    assert rc == 0, err
+    assert "Traceback" not in err
+    lines = out.splitlines()
+    assert len(lines) == 1, f"--json must print exactly one JSON object, got {out!r}"
+    result = json.loads(lines[0])
+    assert isinstance(result, dict)
+    assert JSON_KEYS <= set(result), JSON_KEYS - set(result)
+    assert result["policy"] == "full"
+    ids = result["token_ids"]
+    assert 1 <= len(ids) <= NEW_TOKENS
+    assert result["text"] == decode(good, ids)
+    assert result["prefill_seconds"] > 0
+    assert result["kv_cache_bytes"] == result["kv_cache_bytes_dense"] > 0
+    if len(ids) >= 2:
+        assert result["decode_tokens_per_second"] > 0
+        assert result["attended_tokens_per_step"] == result["attended_tokens_per_step_dense"] > 0
+
+    ref, gaps = hf_greedy(tiny_ckpt.model("mha"), good, files["png"], "What colour is the square?", NEW_TOKENS)
+    assert min(gaps) > 1e-3, gaps  # greedy choices clear-cut, so the comparison means something
+    assert ids == ref
+
+
+def test_subprocess_streams_text_and_summary(capsys, good, files):
+    rc, out, err = run_subprocess(["--image", files["jpg"], "--weights", good, "--max-new-tokens", NEW_TOKENS])
+    assert rc == 0, err
+    assert "Traceback" not in err
+    # The same run in-process with --json gives the ids (greedy: both runs produce the same tokens).
+    rc, out_json, _ = run_inprocess(capsys, ["--image", files["jpg"], "--weights", good, "--max-new-tokens",
+                                             NEW_TOKENS, "--json"])
+    assert rc == 0
+    assert out == decode(good, json.loads(out_json)["token_ids"]) + "\n"
+    assert "policy full" in err and "KV cache" in err and "prefill" in err
+
+
+def test_streamed_text_equals_json_text(capsys, good, files):
+    rc, out, err = run_inprocess(capsys, ["--image", files["png"], "--weights", good, "--max-new-tokens", 12])
+    assert rc == 0
+    rc, out_json, _ = run_inprocess(capsys, ["--image", files["png"], "--weights", good, "--max-new-tokens", 12,
+                                             "--json"])
+    assert rc == 0
+    result = json.loads(out_json)
+    assert out == result["text"] + "\n"
+    assert result["text"] == decode(good, result["token_ids"])
+
+
+def test_streaming_handles_characters_split_across_tokens(capsys, monkeypatch, good, files):
+    """Byte-fallback tokens: "é" and an emoji arrive one byte per token, and the answer ends mid-character.
+    What is streamed must add up to exactly the decoded answer (no U+FFFD left behind, nothing lost).
+    The tiny random model never produces such a sequence, so `generate` is scripted here."""
+    tok = Tokenizer.from_file(str(Path(good) / "tokenizer.json"))
+
+    def byte_ids(text):
+        return [tok.token_to_id(f"<0x{b:02X}>") for b in text.encode("utf-8")]
+
+    words = tok.encode("The image", add_special_tokens=False).ids
+    scripted = words + byte_ids("é") + words + byte_ids("\U0001F642") + words + byte_ids("€")[:2]
+    assert None not in scripted
+    real_generate = tinyavl.generate
+
+    def scripted_generate(model, input_ids, pixel_values=None, stream=None, **kwargs):
+        _, stats = real_generate(model, input_ids, pixel_values, **kwargs)  # real stats for the summary
+        for t in scripted:
+            if stream:
+                stream(t)
+        return list(scripted), stats
+
+    monkeypatch.setattr(tinyavl, "generate", scripted_generate)
+    rc, out, err = run_inprocess(capsys, ["--image", files["png"], "--weights", good, "--max-new-tokens", 2])
+    assert rc == 0, err
+    expected = decode(good, scripted)
+    assert "é" in expected and "\U0001F642" in expected and expected.endswith("\ufffd")
+    assert out == expected + "\n"
+
+
+POLICY_RUNS = [
+    ["--policy", "avl", "--S", "0.5", "--C", "0.3"],
+    ["--policy", "avl", "--S", "0.25", "--C", "0.125", "--K", "2", "--P", "1"],
+    ["--policy", "h2o"],
+    ["--policy", "h2o", "--heavy", "0.2", "--recent", "0.3"],
+    ["--policy", "streaming"],
+    ["--policy", "streaming", "--sinks", "2", "--recent", "0.25"],
+    ["--policy", "fastv"],
+    ["--policy", "fastv", "--K", "1", "--R", "0.5"],
+]
+
+
+@pytest.mark.parametrize("policy_args", POLICY_RUNS, ids=[" ".join(a[1:]) for a in POLICY_RUNS])
+def test_policies_run(capsys, good, files, policy_args):
+    rc, out, err = run_inprocess(capsys, ["--image", files["png"], "--weights", good, "--max-new-tokens",
+                                          NEW_TOKENS, "--json", *policy_args])
+    assert rc == 0, err
+    result = json.loads(out)
+    assert result["policy"] == policy_args[1]
+    given = {policy_args[i].lstrip("-"): float(policy_args[i + 1]) for i in range(2, len(policy_args), 2)}
+    for name, value in given.items():
+        assert result["policy_params"][name] == value
+    assert len(result["token_ids"]) == NEW_TOKENS  # EOS aside, which the tiny model does not reach here
+    assert result["text"] == decode(good, result["token_ids"])
+    assert 0 < result["kv_cache_bytes"] <= result["kv_cache_bytes_dense"]
+
+
+def test_avl_holds_less_than_dense_with_an_image(capsys, good, files):
+    rc, out, err = run_inprocess(capsys, ["--image", files["png"], "--weights", good, "--max-new-tokens",
+                                          NEW_TOKENS, "--json", "--policy", "avl", "--S", "0.5", "--C", "0.3"])
+    assert rc == 0, err
+    result = json.loads(out)
+    assert result["kv_cache_bytes"] < result["kv_cache_bytes_dense"]
+    assert result["attended_tokens_per_step"] < result["attended_tokens_per_step_dense"]
+    # The image is where A-VL saves: half the image rows of every layer are gone.
+    n_img = VARIANTS["mha"].num_image_tokens
+    v = VARIANTS["mha"]
+    per_row = v.text_layers * 2 * v.kv_heads * (64 // 4) * 4
+    assert result["kv_cache_bytes_by_modality"]["image"] == (n_img // 2) * per_row
+
+
+def test_summary_on_stderr(capsys, good, files):
+    rc, out, err = run_inprocess(capsys, ["--image", files["png"], "--weights", good, "--max-new-tokens", 3,
+                                          "--policy", "avl"])
+    assert rc == 0
+    assert out.endswith("\n") and "policy avl" in err and "KV cache peak" in err and "decode" in err
+    rc, out, err = run_inprocess(capsys, ["--image", files["png"], "--weights", good, "--max-new-tokens", 1])
+    assert rc == 0  # no decode step: the summary must not break on a missing rate
+    assert "KV cache peak" in err
+
+
+# ------------------------------------------------------------------------------------------ image modes
+def write_mode_image(path: Path, mode: str) -> Path:
+    if mode == "I;16":
+        w, h = 40, 30
+        values = [(x * 1600 + y * 100) % 65536 for y in range(h) for x in range(w)]
+        img = Image.frombytes("I;16", (w, h), b"".join(v.to_bytes(2, "little") for v in values))
+        img.save(path.with_suffix(".png"))
+        return path.with_suffix(".png")
+    img = make_image(40, 30, seed=3)
+    if mode == "RGBA":
+        img = img.convert("RGBA")
+        img.putalpha(Image.linear_gradient("L").resize(img.size))
+    elif mode == "P":
+        img = img.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    else:
+        img = img.convert(mode)
+    suffix = ".jpg" if mode == "CMYK" else ".png"
+    img.save(path.with_suffix(suffix))
+    return path.with_suffix(suffix)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK", "I;16"])
+def test_image_modes_are_converted_not_rejected(capsys, good, tmp_path, mode):
+    path = write_mode_image(tmp_path / "img", mode)
+    with Image.open(path) as img:  # the file really is in that mode (16-bit grey may open as "I")
+        assert img.mode == mode or (mode == "I;16" and img.mode in ("I", "I;16", "I;16B"))
+    rc, out, err = run_inprocess(capsys, ["--image", path, "--weights", good, "--max-new-tokens", 2, "--json"])
+    assert rc == 0, err
+    assert len(json.loads(out)["token_ids"]) >= 1
+
+
+# ------------------------------------------------------------------------------------------ user errors
+@pytest.fixture(scope="module")
+def broken(tiny_ckpt, tmp_path_factory):
+    """Broken copies of the good mha checkpoint, by name."""
+    root = tmp_path_factory.mktemp("broken")
+    good = Path(tiny_ckpt.folder("mha"))
+    out = {}
+
+    def copy(name, src=good):
+        dst = root / name
+        shutil.copytree(src, dst)
+        out[name] = dst
+        return dst
+
+    out["missing_folder"] = root / "does-not-exist"
+    d = copy("no_config")
+    (d / "config.json").unlink()
+    d = copy("config_not_json")
+    (d / "config.json").write_text('{"model_type": "llava", "text_config": {')
+
+    d = copy("missing_shard", Path(tiny_ckpt.folder("mha", shards=2)))
+    (d / "model-00002-of-00002.safetensors").unlink()
+
+    d = copy("misshaped")
+    tensors = load_file(d / "model.safetensors")
+    key = "multi_modal_projector.linear_1.weight"
+    tensors[key] = torch.zeros(tensors[key].shape[0] + 1, tensors[key].shape[1])
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+
+    d = copy("missing_key")
+    tensors = load_file(d / "model.safetensors")
+    del tensors["language_model.model.norm.weight"]
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+
+    d = copy("truncated_safetensors")
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[:len(data) // 2])
+
+    d = copy("no_tokenizer")
+    (d / "tokenizer.json").unlink()
+
+    d = copy("bin_only")
+    tensors = load_file(d / "model.safetensors")
+    (d / "model.safetensors").unlink()
+    torch.save(tensors, d / "pytorch_model.bin")
+
+    config = sparse_config(VARIANTS["mha"])
+    config["text_config"]["max_position_embeddings"] = 64
+    out["short_context"] = Path(write_checkpoint(tiny_ckpt.model("mha"), str(root / "short_context"), variant="mha",
+                                                 config=config))
+    return out
+
+
+LONG_PROMPT = "What colour is the circle on the left? " * 12
+
+# (id, argv after --image/--weights, which image, which weights, words the message must name)
+ERROR_CASES = [
+    ("missing image", [], "missing_image", "good", ["nope.png"]),
+    ("text file named .jpg", [], "text_as_jpg", "good", ["notes.jpg"]),
+    ("truncated png", [], "truncated_png", "good", ["truncated.png"]),
+    ("truncated jpeg", [], "truncated_jpg", "good", ["truncated.jpg"]),
+    ("missing weights folder", [], "png", "missing_folder", ["does-not-exist"]),
+    ("no config.json", [], "png", "no_config", ["config.json"]),
+    ("config.json not json", [], "png", "config_not_json", ["config.json"]),
+    ("missing shard", [], "png", "missing_shard", ["model-00002-of-00002.safetensors"]),
+    ("misshaped tensor", [], "png", "misshaped", ["multi_modal_projector.linear_1.weight"]),
+    ("missing key", [], "png", "missing_key", ["language_model.model.norm.weight"]),
+    ("bin only", [], "png", "bin_only", ["safetensors"]),
+    ("truncated safetensors", [], "png", "truncated_safetensors", ["model.safetensors"]),
+    ("no tokenizer.json", [], "png", "no_tokenizer", ["tokenizer.json"]),
+    ("second <image> in the prompt", ["--prompt", "<image> What is this?"], "png", "good", ["<image>"]),
+    ("prompt longer than context", ["--prompt", LONG_PROMPT], "png", "short_context", ["64"]),
+    ("unknown policy", ["--policy", "nope"], "png", "good", ["nope"]),
+    ("avl C > S", ["--policy", "avl", "--C", "0.9", "--S", "0.5"], "png", "good", ["C", "0.9"]),
+    ("avl S > 1", ["--policy", "avl", "--S", "1.5"], "png", "good", ["S", "1.5"]),
+    ("h2o takes no S", ["--policy", "h2o", "--S", "0.5"], "png", "good", ["h2o", "S"]),
+    ("fastv R = 1", ["--policy", "fastv", "--R", "1"], "png", "good", ["R"]),
+    ("streaming negative sinks", ["--policy", "streaming", "--sinks", "-1"], "png", "good", ["sinks"]),
+    ("max-new-tokens 0", ["--max-new-tokens", "0"], "png", "good", ["max_new_tokens"]),
+    ("avl unknown kernel", ["--policy", "avl", "--kernel", "bogus"], "png", "good", ["bogus"]),
+    ("top-p 0 when sampling", ["--temperature", "1", "--top-p", "0"], "png", "good", ["top_p"]),
+    ("temperature nan", ["--temperature", "nan", "--seed", "0"], "png", "good", ["temperature"]),
+    ("negative temperature", ["--temperature", "-1"], "png", "good", ["temperature"]),
+    ("max-new-tokens not a number", ["--max-new-tokens", "abc"], "png", "good", ["--max-new-tokens", "abc"]),
+    ("unknown option", ["--bogus"], "png", "good", ["--bogus"]),
+]
+
+
+def error_argv(files, broken, good, image, weights, extra):
+    image_path = files["png"].parent / "nope.png" if image == "missing_image" else files[image]
+    weights_path = good if weights == "good" else broken[weights]
+    return ["--image", image_path, "--weights", weights_path, "--max-new-tokens", 4, *extra]
+
+
+@pytest.mark.parametrize("extra,image,weights,mentions", [c[1:] for c in ERROR_CASES], ids=[c[0] for c in ERROR_CASES])
+def test_user_errors_inprocess(capsys, files, broken, good, extra, image, weights, mentions):
+    try:
+        rc, out, err = run_inprocess(capsys, error_argv(files, broken, good, image, weights, extra))
+    except SystemExit as exit_:  # argparse's own checks leave through sys.exit
+        rc, (out, err) = exit_.code, capsys.readouterr()
+    assert_user_error(rc, out, err, *mentions)
+
+
+def test_prompt_that_fits_the_short_context_runs(capsys, files, broken):
+    """Control for the context case: the same checkpoint answers a short prompt, stopping at the context."""
+    rc, out, err = run_inprocess(capsys, ["--image", files["png"], "--weights", broken["short_context"],
+                                          "--max-new-tokens", 200, "--json"])
+    assert rc == 0, err
+    result = json.loads(out)
+    tok = tokenizer_info()
+    assert result["prompt_tokens"] + result["new_tokens"] == 64 or result["token_ids"][-1] == tok["eos_token_id"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda_is_a_user_error(capsys, files, good):
+    rc, out, err = run_inprocess(capsys, ["--image", files["png"], "--weights", good, "--device", "cuda"])
+    assert_user_error(rc, out, err, "CUDA")
+
+
+@pytest.mark.skipif(main.DEFAULT_WEIGHTS.exists(), reason="weights/toy exists")
+def test_default_run_without_weights_says_where_to_put_them(capsys, files):
+    rc, out, err = run_inprocess(capsys, ["--image", files["png"]])
+    assert_user_error(rc, out, err, "weights/", "llava-hf")
+
+
+# A few through a real process: the exit status, and what the terminal shows (no traceback, no warnings).
+SUBPROCESS_ERRORS = ["truncated jpeg", "avl C > S"]
+
+
+@pytest.mark.parametrize("case", SUBPROCESS_ERRORS)
+def test_user_errors_subprocess(files, broken, good, case):
+    _, extra, image, weights, mentions = next(c for c in ERROR_CASES if c[0] == case)
+    rc, out, err = run_subprocess(error_argv(files, broken, good, image, weights, extra))
+    assert_user_error(rc, out, err, *mentions)
