@@ -23,23 +23,12 @@ from tokenizers import Tokenizer
 
 import main
 import tinyavl
-from tiny_checkpoints import VARIANTS, sparse_config, tiny_ckpt, tokenizer_info, write_checkpoint  # noqa: F401
+from tiny_checkpoints import VARIANTS, make_image, sparse_config, tiny_ckpt, tokenizer_info, write_checkpoint  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent
 NEW_TOKENS = 8
 JSON_KEYS = {"text", "token_ids", "prefill_seconds", "decode_tokens_per_second", "kv_cache_bytes", "policy",
              "kv_cache_bytes_dense", "attended_tokens_per_step", "attended_tokens_per_step_dense"}
-
-
-def make_image(width: int, height: int, seed: int, mode: str = "RGB") -> Image.Image:
-    """A seeded image with a gradient and noise (so JPEG/PNG files have real content)."""
-    g = torch.Generator().manual_seed(seed)
-    ys = torch.linspace(0, 1, height)[:, None, None]
-    xs = torch.linspace(0, 1, width)[None, :, None]
-    base = torch.cat([xs.expand(height, width, 1), ys.expand(height, width, 1), (xs * ys).expand(height, width, 1)], -1)
-    pixels = (200 * base + 55 * torch.rand(height, width, 3, generator=g)).clamp(0, 255).to(torch.uint8)
-    img = Image.frombytes("RGB", (width, height), bytes(pixels.flatten().tolist()))
-    return img if mode == "RGB" else img.convert(mode)
 
 
 @pytest.fixture(scope="module")

@@ -14,23 +14,13 @@ from PIL import Image
 import tinyavl
 from tinyavl.errors import UserError
 from tinyavl.generate import sample
-from tiny_checkpoints import VARIANTS, sparse_config, tiny_ckpt, tokenizer_info, write_checkpoint  # noqa: F401
+from tiny_checkpoints import VARIANTS, make_image, sparse_config, tiny_ckpt, tokenizer_info, write_checkpoint  # noqa: F401
 
 STEPS = 12
 CACHE_ATOL = 1e-5   # fp32 cached vs uncached: only the summation order differs
 QUESTION = "What colour is the circle on the left?"
 TEXT_ONLY = "The sky is blue and the sun is"
 HEAD_DIM = 64 // 4  # every tiny variant: text hidden 64, 4 query heads
-
-
-def make_image(width: int, height: int, seed: int) -> Image.Image:
-    """A seeded RGB image with a gradient and noise."""
-    g = torch.Generator().manual_seed(seed)
-    ys = torch.linspace(0, 1, height)[:, None, None]
-    xs = torch.linspace(0, 1, width)[None, :, None]
-    base = torch.cat([xs.expand(height, width, 1), ys.expand(height, width, 1), (xs * ys).expand(height, width, 1)], -1)
-    pixels = (200 * base + 55 * torch.rand(height, width, 3, generator=g)).clamp(0, 255).to(torch.uint8)
-    return Image.frombytes("RGB", (width, height), bytes(pixels.flatten().tolist()))
 
 
 @pytest.fixture(scope="module")

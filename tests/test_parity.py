@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 import tinyavl
-from tiny_checkpoints import VARIANTS, tiny_ckpt, tokenizer_info  # noqa: F401  (tiny_ckpt is a fixture)
+from tiny_checkpoints import VARIANTS, make_image, tiny_ckpt, tokenizer_info  # noqa: F401  (tiny_ckpt is a fixture)
 
 LOGIT_ATOL = 1e-4  # fp32 vs fp32: only summation order differs (seen: ~1e-6)
 GREEDY_STEPS = 8
@@ -25,16 +25,6 @@ GREEDY_STEPS = 8
 IMAGE_SIZES = {"landscape": (45, 30), "portrait": (31, 77), "small": (20, 13)}
 QUESTION = "What colour is the circle on the left?"
 TEXT_ONLY = "The sky is blue and the sun is"
-
-
-def make_image(width: int, height: int, seed: int) -> Image.Image:
-    """A seeded RGB image with structure (a smooth gradient) and noise, so resizing and cropping matter."""
-    g = torch.Generator().manual_seed(seed)
-    ys = torch.linspace(0, 1, height)[:, None, None]
-    xs = torch.linspace(0, 1, width)[None, :, None]
-    base = torch.cat([xs.expand(height, width, 1), ys.expand(height, width, 1), (xs * ys).expand(height, width, 1)], -1)
-    pixels = (200 * base + 55 * torch.rand(height, width, 3, generator=g)).clamp(0, 255).to(torch.uint8)
-    return Image.frombytes("RGB", (width, height), bytes(pixels.flatten().tolist()))
 
 
 @pytest.fixture(scope="module")

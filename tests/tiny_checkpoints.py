@@ -23,6 +23,7 @@ from functools import lru_cache
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 from tiny_tokenizer import write_tiny_tokenizer
@@ -74,6 +75,16 @@ VARIANTS = {
                 feature_layer=(-3, -1), rope_theta=1000000.0, rope_spelling="rope_theta", seed=4),
     ]
 }
+
+
+def make_image(width: int, height: int, seed: int) -> Image.Image:
+    """A seeded RGB test image: a smooth gradient (so resizing and cropping matter) plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    ys = torch.linspace(0, 1, height)[:, None, None]
+    xs = torch.linspace(0, 1, width)[None, :, None]
+    base = torch.cat([xs.expand(height, width, 1), ys.expand(height, width, 1), (xs * ys).expand(height, width, 1)], -1)
+    pixels = (200 * base + 55 * torch.rand(height, width, 3, generator=g)).clamp(0, 255).to(torch.uint8)
+    return Image.frombytes("RGB", (width, height), bytes(pixels.flatten().tolist()))
 
 
 @lru_cache(maxsize=1)
