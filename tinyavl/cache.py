@@ -211,24 +211,29 @@ class KVCache:
         layers = range(self.n_layers) if layer is None else [layer]
         return sum(t.numel() * t.element_size() for i in layers for t in (self.k[i], self.v[i]) if t is not None)
 
-    def modality_rows(self, layer: int) -> dict:
-        """Rows one layer holds per head for sys, image and text, read off their logical positions."""
+    def modality_head_rows(self, layer: int) -> dict:
+        """(head, row) pairs one layer holds for sys, image and text, read off the logical positions.
+        Exact also when heads keep different tokens (H2O)."""
         pos = self.pos[layer]
         if pos is None:
             return {"sys": 0, "image": 0, "text": 0}
         image_start, text_start = self.n_sys, self.n_sys + self.n_img
-        per_head = pos.shape[0] * pos.shape[1]  # rows counted over (B, Hkv), then per head
-        return {"sys": int((pos < image_start).sum()) // per_head,
-                "image": int(((pos >= image_start) & (pos < text_start)).sum()) // per_head,
-                "text": int((pos >= text_start).sum()) // per_head}
+        return {"sys": int((pos < image_start).sum()),
+                "image": int(((pos >= image_start) & (pos < text_start)).sum()),
+                "text": int((pos >= text_start).sum())}
+
+    def modality_rows(self, layer: int) -> dict:
+        """Rows one layer holds per head for sys, image and text (the mean over heads when they differ)."""
+        heads = 1 if self.pos[layer] is None else self.pos[layer].shape[0] * self.pos[layer].shape[1]
+        rows = {m: n / heads for m, n in self.modality_head_rows(layer).items()}
+        return {m: int(n) if n == int(n) else n for m, n in rows.items()}
 
     def modality_bytes(self, layer: int) -> dict:
         """Bytes one layer holds for sys, image and text rows (K and V, all heads)."""
         if self.k[layer] is None:
             return {"sys": 0, "image": 0, "text": 0}
-        B, Hkv, _, hs = self.k[layer].shape
-        bytes_per_row = 2 * B * Hkv * hs * self.k[layer].element_size()
-        return {m: rows * bytes_per_row for m, rows in self.modality_rows(layer).items()}
+        bytes_per_head_row = 2 * self.k[layer].shape[-1] * self.k[layer].element_size()  # a key and a value
+        return {m: n * bytes_per_head_row for m, n in self.modality_head_rows(layer).items()}
 
     def dense_nbytes(self) -> int:
         """What the dense cache would hold for the same sequence so far."""
