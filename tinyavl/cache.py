@@ -182,6 +182,11 @@ class KVCache:
         """Hidden rows (prefill only) that layers after `layer` run on; None = all of them."""
         return None
 
+    def logical_length(self, layer: int) -> int:
+        """Tokens in the sequence so far, evicted and filtered ones included: the newest row's position + 1
+        (rows are appended in order, and the newest is never dropped before the policy's update)."""
+        return int(self.pos[layer][0, 0, -1]) + 1
+
     def advance(self, n_tokens: int):
         """Called by the model after each forward pass."""
         self.next_pos += n_tokens
@@ -371,7 +376,7 @@ class AVLCache(KVCache):
         device = k.device
         self.keep(layer, torch.cat([torch.arange(self.n_sys, device=device), self.n_sys + secondary,
                                     torch.arange(text_start, k.shape[2], device=device)]))
-        self.evict_text(layer, n_logical=self.next_pos + q.shape[2])
+        self.evict_text(layer, n_logical=self.logical_length(layer))
 
     def decode_update(self, layer, q):
         k, text_start = self.k[layer], self.text_start(layer)
@@ -384,7 +389,7 @@ class AVLCache(KVCache):
         B, Hkv = k.shape[:2]
         scores = torch.cat([self.text_scores[layer], torch.zeros(B, Hkv, 1, device=k.device)], dim=-1)
         self.text_scores[layer] = scores + group_sum(text_probs, Hkv)
-        self.evict_text(layer, n_logical=self.next_pos + q.shape[2])
+        self.evict_text(layer, n_logical=self.logical_length(layer))
 
     def evict_text(self, layer: int, n_logical: int):
         """H2O on the text region, per KV head: once the text rows exceed the budget
@@ -431,7 +436,7 @@ class H2OCache(KVCache):
             B, Hkv = k.shape[:2]
             scores = torch.cat([self.scores[layer], torch.zeros(B, Hkv, 1, device=k.device)], dim=-1)
             self.scores[layer] = scores + group_sum(last_row_probs(q, k), Hkv)
-        n_logical = self.next_pos + q.shape[2]
+        n_logical = self.logical_length(layer)
         heavy, recent = math.floor(self.heavy * n_logical), math.floor(self.recent * n_logical)
         if k.shape[2] > heavy + recent:
             kept = heavy_plus_recent(self.scores[layer], heavy, recent)        # (B, Hkv, heavy + recent)
@@ -458,7 +463,7 @@ class StreamingCache(KVCache):
 
     def update(self, layer, q, rows):
         n = self.k[layer].shape[2]
-        window = math.floor(self.recent * (self.next_pos + q.shape[2]))
+        window = math.floor(self.recent * self.logical_length(layer))
         if n > self.sinks + window:
             device = self.k[layer].device
             self.keep(layer, torch.cat([torch.arange(self.sinks, device=device),

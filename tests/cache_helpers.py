@@ -1,0 +1,153 @@
+"""Helpers for tests/test_cache.py: tiny random LLaVA models, prompts, a step-by-step decode loop that
+keeps every step's logits, a recording wrapper for any cache, and a naive attention used as reference.
+
+Nothing here calls the policy code it is used to check: the references (masked attention, last-row
+probabilities, H2O score ledgers) are written out again from the spec, by position rather than by row.
+"""
+import math
+
+import torch
+
+from tinyavl.generate import image_segments
+from tinyavl.model import LlavaConfig, LlavaForConditionalGeneration, TextConfig, VisionConfig
+
+VOCAB = 96
+IMAGE_TOKEN = VOCAB - 1
+
+
+# ------------------------------------------------------------------------------------------- models
+def reinit_(model: torch.nn.Module, seed: int) -> None:
+    """Seeded weights at ~1/sqrt(fan_in) scale (lm_head x4, so greedy choices are clear-cut); norms ~1,
+    embeddings N(0, 1). The constructor leaves some tensors uninitialised (CLIP's class embedding)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            noise = torch.randn(p.shape, generator=g)
+            if name.endswith(("embed_tokens.weight", "class_embedding", "position_embedding.weight")):
+                p.copy_(noise)
+            elif "norm" in name:
+                p.copy_(1.0 + 0.1 * noise if name.endswith("weight") else 0.1 * noise)
+            elif p.ndim >= 2:
+                gain = 4.0 if name.endswith("lm_head.weight") else 1.0
+                p.copy_(gain / math.sqrt(p[0].numel()) * noise)
+            else:
+                p.copy_(0.1 * noise)
+
+
+def build_model(n_layers: int, kv_heads: int, image_size: int = 42, patch_size: int = 7,
+                strategy: str = "full", seed: int = 0) -> LlavaForConditionalGeneration:
+    """A seeded fp32 tinyavl LLaVA: text hidden 64, 4 query heads x 16, `kv_heads` KV heads; CLIP hidden 32.
+
+    N_img = (image_size / patch_size)^2 (+1 with strategy "full"). Weights from `reinit_`,
+    so greedy choices are clear-cut and attention is far from uniform.
+    """
+    config = LlavaConfig(
+        text=TextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=n_layers,
+                        num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=512,
+                        rms_norm_eps=1e-5),
+        vision=VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            image_size=image_size, patch_size=patch_size),
+        image_token_id=IMAGE_TOKEN, vision_feature_select_strategy=strategy,
+    )
+    model = LlavaForConditionalGeneration(config)
+    reinit_(model, seed)
+    return model.eval()
+
+
+def make_prompt(model, n_sys: int, n_text: int, seed: int = 0):
+    """(input_ids (1, T), pixel_values (1, 3, S, S)) laid out [sys (n_sys) | image (N_img) | text (n_text)]."""
+    g = torch.Generator().manual_seed(seed)
+    config = model.config
+    n_img = config.num_image_tokens
+    sys_ids = torch.randint(3, IMAGE_TOKEN, (n_sys,), generator=g)
+    text_ids = torch.randint(3, IMAGE_TOKEN, (n_text,), generator=g)
+    ids = torch.cat([sys_ids, torch.full((n_img,), IMAGE_TOKEN), text_ids])[None]
+    size = config.vision.image_size
+    pixel_values = torch.randn(1, 3, size, size, generator=g)
+    return ids, pixel_values
+
+
+@torch.inference_mode()
+def run_steps(model, ids, pixel_values, cache, steps: int, tokens=None):
+    """Prefill + `steps` decode steps through `cache`. Returns (logits (steps + 1, vocab), fed tokens).
+
+    Feeds `tokens` when given (teacher forcing, so two caches see the same sequence), else greedy.
+    """
+    n_sys, n_img = image_segments(ids, model.config.image_token_id)
+    cache.begin(model.config.text.num_hidden_layers, n_sys, n_img)
+    logits = [model(ids, pixel_values, cache=cache, last_only=True)[0, -1]]
+    fed = []
+    for t in range(steps):
+        token = int(logits[-1].argmax()) if tokens is None else tokens[t]
+        fed.append(token)
+        logits.append(model(torch.tensor([[token]]), cache=cache, last_only=True)[0, -1])
+    return torch.stack(logits), fed
+
+
+# ------------------------------------------------------------------------------------------- references
+def expand_kv(k, n_heads: int):
+    """(B, Hkv, n, hs) -> (B, H, n, hs): query head h reads KV head h // (H / Hkv) (Llama's repeat_kv)."""
+    return k.repeat_interleave(n_heads // k.shape[1], dim=1)
+
+
+def naive_logits(q, k):
+    """Scaled logits q k^T / sqrt(hs) in float64: (B, H, Tq, n)."""
+    hs = q.shape[-1]
+    return q.double() @ expand_kv(k, q.shape[1]).double().transpose(-1, -2) / math.sqrt(hs)
+
+
+def last_row_head_mean(q, k):
+    """Head-mean attention probabilities of the last query row over every key: (n,) float64."""
+    return naive_logits(q[:, :, -1:], k).softmax(-1)[0, :, 0].mean(0)
+
+
+def top_positions(scores, positions, count: int) -> set:
+    """The positions (a list/1-d tensor aligned with scores) of the `count` highest scores."""
+    order = torch.as_tensor(scores).argsort(descending=True)[:count]
+    return {int(positions[i]) for i in order}
+
+
+# ------------------------------------------------------------------------------------------- recording
+def recording(cache_cls):
+    """A subclass of `cache_cls` that logs every `attend` call without changing what it does:
+    the query, the new positions, the rows attended, the layer's k / pos before the update (after the
+    append) and after it, the core (as positions) before and after, and the policy's scores after.
+    `log` is a list of dicts, one per (step, layer), in call order."""
+
+    class Recording(cache_cls):
+        def begin(self, n_layers, n_sys, n_img):
+            super().begin(n_layers, n_sys, n_img)
+            self.log = []
+
+        def attend(self, layer, q, k, v, pos):
+            entry = dict(step=self.step, layer=layer, q=q.clone(), new_pos=pos.clone(),
+                         core_before=self._core_positions(layer))
+            self._entry = entry
+            out = super().attend(layer, q, k, v, pos)
+            scores = getattr(self, "text_scores", getattr(self, "scores", None))  # A-VL's / H2O's ledger
+            entry.update(k_after=self.k[layer].clone(), pos_after=self.pos[layer].clone(),
+                         attended=self.attended[layer], core_after=self._core_positions(layer),
+                         scores_after=None if scores is None else scores[layer].clone())
+            self.log.append(entry)
+            return out
+
+        def update(self, layer, q, rows):
+            # After the append and the attention, before any eviction: what the step computed with.
+            self._entry.update(k_before=self.k[layer].clone(), v_before=self.v[layer].clone(),
+                               pos_before=self.pos[layer].clone(),
+                               rows=None if rows is None else rows.clone())
+            super().update(layer, q, rows)
+
+        def _core_positions(self, layer):
+            core = getattr(self, "core", None)
+            if core is None or core[layer] is None:
+                return None
+            return {int(p) for p in self.pos[layer][0, 0, core[layer]]}
+
+    Recording.__name__ = f"Recording{cache_cls.__name__}"
+    return Recording
+
+
+def positions_per_head(pos) -> list[set]:
+    """pos (1, Hkv, n) -> one set of logical positions per KV head."""
+    return [{int(p) for p in pos[0, h]} for h in range(pos.shape[1])]

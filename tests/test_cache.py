@@ -1,0 +1,718 @@
+"""Tests of the KV-cache policies (tinyavl/cache.py) against independent references.
+
+References, never the code under test:
+- `full`: the dense cache, itself checked against the cache-free causal forward of the whole sequence;
+- a *masked* A-VL (A-VL's bookkeeping, but attention over every cached row with -inf on the rows not
+  selected, in its own float64 attention): skipping must give the same numbers (spec/avl.md §4, §9);
+- last-row attention, H2O score ledgers and filter decisions recomputed here from the recorded q and k,
+  by logical position rather than by row index;
+- hand-built one-layer cases (planted keys), whose expected sets are written literally and derived
+  in the comments;
+- the accounting formulas of spec/peers.md.
+
+Models are tiny random LLaVAs built in tests/cache_helpers.py (text hidden 64, 4 query heads x 16).
+Prompts are [sys (3) | image (N_img) | text (30 or 40)], long enough for A-VL's text H2O to evict
+(min budget 20).
+"""
+import math
+from functools import lru_cache
+
+import pytest
+import torch
+
+import tinyavl
+from cache_helpers import (build_model, expand_kv, last_row_head_mean, make_prompt, naive_logits,
+                           positions_per_head, recording, run_steps, top_positions)
+from tinyavl.cache import AVLCache, FastVCache, H2OCache, KVCache, StreamingCache, make_cache
+from tinyavl.errors import UserError
+from tinyavl.generate import image_segments
+
+N_SYS = 3
+LOGIT_ATOL = 1e-5
+STEPS_EQ = 20
+
+# name: (text layers, KV heads, image size, patch size, feature strategy). 4 query heads each.
+MODELS = {
+    "mha": (2, 4, 42, 7, "default"),   # MHA, N_img = 36
+    "gqa": (3, 2, 42, 7, "full"),      # GQA 4 -> 2, N_img = 37
+    "mha4": (4, 4, 35, 7, "default"),  # 4 layers (A-VL's default prefill filter at layer 3 is active), N_img = 25
+    "gqa4": (4, 2, 42, 7, "full"),     # 4 layers, GQA, N_img = 37
+}
+
+
+@lru_cache(maxsize=None)
+def model(name: str):
+    layers, kv_heads, image_size, patch_size, strategy = MODELS[name]
+    return build_model(layers, kv_heads, image_size, patch_size, strategy, seed=list(MODELS).index(name) + 1)
+
+
+def prompt(name: str, n_text: int = 30):
+    return make_prompt(model(name), N_SYS, n_text, seed=7)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: one intra-op thread is many times faster than two fighting over 2 cores
+    (measured: 0.4 s vs 8 s for one test under load). Restored after each test."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@lru_cache(maxsize=None)
+def full_reference(name: str):
+    """The dense cache's run on the model's prompt: (prefill logits at every position, per-step logits of
+    STEPS_EQ greedy decode steps, the tokens fed)."""
+    m = model(name)
+    ids, pixel_values = prompt(name)
+    dense = KVCache()
+    dense.begin(m.config.text.num_hidden_layers, *image_segments(ids, m.config.image_token_id))
+    with torch.inference_mode():
+        prefill = m(ids, pixel_values, cache=dense)
+    logits, tokens = run_steps(m, ids, pixel_values, KVCache(), STEPS_EQ)
+    return prefill, logits, tokens
+
+
+def is_image(p, n_sys, n_img):
+    return n_sys <= p < n_sys + n_img
+
+
+def attends_all(entry) -> bool:
+    """The recorded step computed with every row the layer held (rows None, or all of them listed)."""
+    held = entry["k_before"].shape[2]
+    rows = entry["rows"]
+    return entry["attended"] == held and (rows is None or rows.tolist() == list(range(held)))
+
+
+# =========================================================================================================
+# 1. Policies whose budget covers the whole sequence are the dense cache.
+# =========================================================================================================
+
+
+@pytest.mark.parametrize("name", ["mha", "gqa"])
+def test_full_cache_matches_uncached_forward(name):
+    """The reference itself: prefill + cached decode == the cache-free causal forward of the whole sequence."""
+    m = model(name)
+    ids, pixel_values = prompt(name)
+    prefill, logits, fed = full_reference(name)
+    with torch.inference_mode():
+        whole = m(torch.cat([ids, torch.tensor([fed])], dim=1), pixel_values)[0]
+    torch.testing.assert_close(prefill[0], whole[:ids.shape[1]], atol=LOGIT_ATOL, rtol=0)
+    torch.testing.assert_close(logits, whole[ids.shape[1] - 1:], atol=LOGIT_ATOL, rtol=0)
+    assert len(set(fed)) > 3  # a sequence that goes somewhere, not one token repeated
+
+
+FULL_EQUIVALENT = [
+    ("avl", dict(S=1, C=1, T=1, P=1, K=1)),
+    ("avl", dict(S=1, C=1, T=1, P=1, K=3)),
+    ("avl", dict(S=1, C=1, T=1, P=1, K=0)),
+    # H2O's budget is floor(heavy L) + floor(recent L): >= L for every L when one of the two is 1.
+    ("h2o", dict(heavy=1, recent=1)),
+    ("h2o", dict(heavy=0.125, recent=1)),
+    ("h2o", dict(heavy=1, recent=0.25)),
+    ("streaming", dict(recent=1)),
+    ("streaming", dict(sinks=0, recent=1)),
+    ("fastv", dict(K=1, R=0)),
+    ("fastv", dict(K=2, R=0)),
+]
+
+
+@pytest.mark.parametrize("name", ["mha", "gqa"])
+@pytest.mark.parametrize("policy,params", FULL_EQUIVALENT,
+                         ids=[f"{p}-{'-'.join(f'{k}{v}' for k, v in kw.items())}" for p, kw in FULL_EQUIVALENT])
+def test_full_budget_policy_equals_full(name, policy, params):
+    m = model(name)
+    ids, pixel_values = prompt(name)
+    n_layers = m.config.text.num_hidden_layers
+    ref_prefill, ref_logits, ref_tokens = full_reference(name)
+    # Prefill logits at every prompt position.
+    cache = make_cache(policy, **params)
+    cache.begin(n_layers, *image_segments(ids, m.config.image_token_id))
+    with torch.inference_mode():
+        torch.testing.assert_close(m(ids, pixel_values, cache=cache), ref_prefill, atol=LOGIT_ATOL, rtol=0)
+    # Every decode step's logits, on the same token sequence.
+    cache = make_cache(policy, **params)
+    logits, _ = run_steps(m, ids, pixel_values, cache, STEPS_EQ, tokens=ref_tokens)
+    torch.testing.assert_close(logits, ref_logits, atol=LOGIT_ATOL, rtol=0)
+    for layer in range(n_layers):  # and nothing was evicted
+        assert cache.k[layer].shape[2] == ids.shape[1] + STEPS_EQ
+    # The public API: the same greedy tokens as the dense cache.
+    tokens, _ = tinyavl.generate(m, ids, pixel_values, max_new_tokens=STEPS_EQ + 1, policy=policy, **params)
+    assert tokens == ref_tokens + [int(ref_logits[-1].argmax())]
+
+
+# =========================================================================================================
+# 2. Skipping == masking: A-VL's shorter attention gives the numbers of the masked formulation.
+# =========================================================================================================
+class MaskedAVLCache(AVLCache):
+    """A-VL with the skip replaced by a mask: every row of the layer's cache is in the attention, the rows
+    `rows_to_attend` leaves out get -inf. Own attention (float64 softmax), and the row's log-sum-exp
+    taken from the masked row, so the bookkeeping sees exactly what the spec says it should."""
+
+    def compute(self, layer, q, rows):
+        k, v = self.k[layer], self.v[layer]
+        n, t = k.shape[2], q.shape[2]
+        visible = torch.ones(t, n, dtype=torch.bool).tril(n - t)   # causal, queries aligned with the last keys
+        if rows is not None:
+            selected = torch.zeros(n, dtype=torch.bool)
+            selected[rows] = True
+            visible = visible & selected
+        logits = naive_logits(q, k).masked_fill(~visible, float("-inf"))     # (B, H, T, n) float64
+        if self.step > 0:
+            self.row_lse = logits[:, :, -1].logsumexp(-1).float()
+        return (logits.softmax(-1) @ expand_kv(v, q.shape[1]).double()).to(q.dtype)
+
+
+MASKED_CASES = [
+    ("mha", dict(), 9),                    # defaults S .5, C .3, K 3, T .6 (2 layers: no prefill filter)
+    ("gqa", dict(), 9),                    # defaults, GQA (3 layers: filter_layer 3 is the last, no filter)
+    ("gqa", dict(K=2), 7),
+    ("mha4", dict(), 9),                   # defaults with 4 layers: prefill filter at layer 3 is on
+    ("gqa4", dict(filter_layer=2), 9),     # prefill filter at layer 2, GQA
+    ("gqa", dict(kernel="triton"), 7),     # the Triton index kernel (CPU interpreter), spec/avl.md §9
+]
+
+
+def needs_kernel(params):
+    """The kernel case runs where the kernel can: Triton's CPU interpreter (these models live on the CPU)."""
+    if params.get("kernel") != "triton":
+        return
+    from kernels import sparse_attention
+    if not (sparse_attention.TRITON_AVAILABLE and sparse_attention.INTERPRETED):
+        pytest.skip("needs Triton running in its CPU interpreter (TRITON_INTERPRET=1, no GPU)")
+
+
+@pytest.mark.parametrize("name,params,steps", MASKED_CASES,
+                         ids=[f"{n}-{'-'.join(f'{k}{v}' for k, v in p.items()) or 'defaults'}"
+                              for n, p, _ in MASKED_CASES])
+def test_avl_skipping_equals_masking(name, params, steps):
+    needs_kernel(params)
+    m = model(name)
+    ids, pixel_values = prompt(name)
+    ref_logits, tokens = run_steps(m, ids, pixel_values, MaskedAVLCache(**params), steps)
+    cache = recording(AVLCache)(**params)
+    logits, _ = run_steps(m, ids, pixel_values, cache, steps, tokens=tokens)
+    for t in range(steps + 1):  # prefill (t = 0), normal and update steps
+        torch.testing.assert_close(logits[t], ref_logits[t], atol=LOGIT_ATOL, rtol=0, msg=f"step {t}")
+
+    # The skip is real: a normal step attends sys + core + text rows only, fewer than the layer holds.
+    K, n_layers = cache.K, m.config.text.num_hidden_layers
+    n_core = math.floor(cache.C * cache.n_img)
+    decode = [e for e in cache.log if e["step"] > 0]
+    for e in decode:
+        held = e["k_before"].shape[2]
+        if e["step"] % K == 0:
+            assert attends_all(e), e["step"]
+        else:
+            text_rows = held - N_SYS - cache.n_secondary
+            assert e["attended"] == N_SYS + n_core + text_rows < held, (e["step"], e["layer"])
+    # ... and generate() reports it, on the same greedy sequence.
+    out, stats = tinyavl.generate(m, ids, pixel_values, max_new_tokens=steps + 1, policy="avl", **params)
+    assert out == tokens + [int(ref_logits[-1].argmax())]
+    assert stats.attended_per_layer == [[e["attended"] for e in decode if e["step"] == t]
+                                        for t in range(1, steps + 1)]
+    assert len(stats.attended_per_layer) == steps and all(len(row) == n_layers for row in stats.attended_per_layer)
+
+
+# =========================================================================================================
+# 3. Invariants at every step and layer, checked against recomputed attention.
+# =========================================================================================================
+def group_sums(probs, n_kv):
+    """(H, ...) per query head -> (Hkv, ...): query heads h of KV head h // (H / Hkv) add up."""
+    return probs.reshape(n_kv, probs.shape[0] // n_kv, *probs.shape[1:]).sum(1)
+
+
+def h2o_expected(ledger: dict, heavy: int, recent: int) -> set:
+    """H2O's choice from a {position: score} ledger: the `recent` latest positions + the `heavy` best older."""
+    order = sorted(ledger)
+    older, latest = order[:len(order) - recent], order[len(order) - recent:]
+    return set(latest) | top_positions([ledger[p] for p in older], older, heavy)
+
+
+def prefill_column_sums(q, k, pos, query_ok, column_ok):
+    """Per KV head, {position: attention received} from the causal prefill rows whose position passes
+    `query_ok`, on the columns passing `column_ok` (float64, summed over each GQA group's query heads)."""
+    n = k.shape[2]
+    logits = naive_logits(q, k)[0]                                             # (H, n, n)
+    logits = logits.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
+    probs = logits.softmax(-1)
+    rows = torch.tensor([query_ok(int(p)) for p in pos])
+    sums = group_sums(probs[:, rows].sum(1), k.shape[1])                      # (Hkv, n)
+    return [{int(p): float(sums[h, j]) for j, p in enumerate(pos) if column_ok(int(p))}
+            for h in range(k.shape[1])]
+
+
+def decode_row(q, k_before, rows):
+    """Per KV head, the attention probabilities of the decode query over the rows it attended
+    (rows None: all), zero elsewhere: (Hkv, n) float64, summed over each group's query heads."""
+    logits = naive_logits(q, k_before)[0, :, 0]                               # (H, n)
+    if rows is not None:
+        selected = torch.zeros(logits.shape[-1], dtype=torch.bool)
+        selected[rows] = True
+        logits = logits.masked_fill(~selected, float("-inf"))
+    return group_sums(logits.softmax(-1), k_before.shape[1])
+
+
+AVL_INVARIANT_CASES = [
+    ("mha", 30, dict()),                    # text budget 20 at prefill: 10 text tokens evicted at once
+    ("gqa", 30, dict()),
+    ("gqa", 40, dict(S=0.4, C=0.2, T=0.5)),  # budget round(0.5 * 40) = 20, then grows past the minimum
+    ("mha4", 40, dict(T=0.6)),             # filter at layer 3; budget round(0.6 * 40) = 24 > 20
+    ("gqa4", 40, dict(filter_layer=2, T=0.6)),
+]
+
+
+@pytest.mark.parametrize("name,n_text,params", AVL_INVARIANT_CASES,
+                         ids=[f"{n}-text{t}-{'-'.join(f'{k}{v}' for k, v in p.items()) or 'defaults'}"
+                              for n, t, p in AVL_INVARIANT_CASES])
+def test_avl_invariants(name, n_text, params):
+    m = model(name)
+    ids, pixel_values = prompt(name, n_text)
+    cache = recording(AVLCache)(**params)
+    S, C, K, P, T, filter_layer = (cache.S, cache.C, cache.K, cache.P, cache.T, cache.filter_layer)
+    steps = 2 * K + 3
+    run_steps(m, ids, pixel_values, cache, steps)
+    prompt_len, n_layers = ids.shape[1], m.config.text.num_hidden_layers
+    n_sys, n_img = N_SYS, m.config.num_image_tokens
+    n_secondary, n_core = math.floor(S * n_img), math.floor(C * n_img)
+    filter_on = P < 1 and filter_layer - 1 < n_layers - 1
+    text_of = lambda p: p >= n_sys + n_img  # noqa: E731
+    img_of = lambda p: is_image(p, n_sys, n_img)  # noqa: E731
+
+    filtered = None                       # image positions the prefill filter lets through
+    secondary = [None] * n_layers         # per layer, image positions kept after prefill
+    ledger = [None] * n_layers            # per layer and KV head, {text position: accumulated score}
+    assert [(e["step"], e["layer"]) for e in cache.log] == [(t, l) for t in range(steps + 1) for l in range(n_layers)]
+    for e in cache.log:
+        t, layer, q = e["step"], e["layer"], e["q"]
+        where = f"step {t} layer {layer}"
+        L = prompt_len + t                                  # logical length, this step's token included
+        pos_before, pos_after = e["pos_before"][0], e["pos_after"][0]
+        heads_before, heads_after = positions_per_head(e["pos_before"]), positions_per_head(e["pos_after"])
+        n_kv = len(heads_after)
+        assert all(len(h) == pos_after.shape[1] for h in heads_after), where   # distinct positions per head
+
+        # sys rows are never evicted.
+        for held in heads_after:
+            assert set(range(n_sys)) <= held, where
+        # Image rows: the same set in every head; floor(S N_img) of them from prefill on, never evicted after.
+        images = [{p for p in held if img_of(p)} for held in heads_after]
+        assert all(i == images[0] for i in images), where
+        if t == 0:
+            seen = [int(p) for p in e["new_pos"]]           # the rows this layer ran on
+            seen_images = {p for p in seen if img_of(p)}
+            if filter_on and layer == filter_layer - 1:
+                # Prefill filter: top floor(P N_img) image tokens by this layer's head-mean last-row attention.
+                probs = last_row_head_mean(q, e["k_before"])
+                img_rows = [j for j, p in enumerate(seen) if img_of(p)]
+                filtered = top_positions(probs[img_rows], [seen[j] for j in img_rows], math.floor(P * n_img))
+            if filter_on and layer >= filter_layer:
+                assert seen_images == filtered, where
+            else:
+                assert seen_images == set(range(n_sys, n_sys + n_img)), where
+            assert seen == sorted(seen), where              # kept rows in their original order
+            # Secondary = top floor(S N_img) of the image tokens this layer saw, core = top floor(C N_img).
+            probs = last_row_head_mean(q, e["k_before"])
+            img_rows = [j for j, p in enumerate(seen) if img_of(p)]
+            secondary[layer] = top_positions(probs[img_rows], [seen[j] for j in img_rows], n_secondary)
+            assert images[0] == secondary[layer] and len(secondary[layer]) == n_secondary, where
+            assert e["core_after"] == top_positions(probs[img_rows], [seen[j] for j in img_rows], n_core), where
+        else:
+            assert images[0] == secondary[layer], where
+            # Logical positions: step t's token sits at prompt_len + t - 1, whatever the cache length.
+            assert e["new_pos"].tolist() == [prompt_len + t - 1], where
+            assert all(max(held) == prompt_len + t - 1 for held in heads_after), where
+            held_rows = e["k_before"].shape[2]
+            update = K <= 0 or t % K == 0
+            if update:
+                assert attends_all(e), where
+            else:
+                # A normal step computes with sys + core + every text row, nothing else.
+                rows = e["rows"].tolist()
+                assert rows == sorted(rows), where
+                attended = [{int(pos_before[h, r]) for r in rows} for h in range(n_kv)]
+                for h in range(n_kv):
+                    assert attended[h] == (set(range(n_sys)) | e["core_before"]
+                                           | {p for p in heads_before[h] if text_of(p)}), where
+                assert e["attended"] == len(rows) < held_rows, where
+            if K > 0 and update:
+                # Re-rank: top floor(C N_img) of this step's head-mean row over all secondary tokens.
+                probs = last_row_head_mean(q, e["k_before"])
+                img_rows = [j for j in range(held_rows) if img_of(int(pos_before[0, j]))]
+                expected = top_positions(probs[img_rows], [int(pos_before[0, j]) for j in img_rows], n_core)
+                assert e["core_after"] == expected, where
+            else:
+                assert e["core_after"] == e["core_before"], where
+        assert len(e["core_after"]) == n_core and e["core_after"] <= secondary[layer], where
+
+        # Text: H2O per KV head against an independent ledger of accumulated text x text attention.
+        if t == 0:
+            ledger[layer] = prefill_column_sums(q, e["k_before"], [int(p) for p in e["new_pos"]],
+                                                query_ok=text_of, column_ok=text_of)
+        else:
+            row = decode_row(q, e["k_before"], e["rows"])
+            for h in range(n_kv):
+                ledger[layer][h][prompt_len + t - 1] = 0.0
+                for j in range(row.shape[1]):
+                    p = int(pos_before[h, j])
+                    if text_of(p):
+                        ledger[layer][h][p] += float(row[h, j])
+        budget = max(round(T * (L - n_sys - n_img)), 20)
+        heavy, recent = math.floor(0.7 * budget), budget - math.floor(0.7 * budget)
+        for h in range(n_kv):
+            text_before = {p for p in heads_before[h] if text_of(p)}
+            assert set(ledger[layer][h]) == text_before, where
+            text_after = {p for p in heads_after[h] if text_of(p)}
+            assert len(text_after) == min(len(text_before), budget), (where, len(text_after), budget)
+            assert set(range(L - recent, L)) <= text_after, where          # the r most recent text tokens
+            if len(text_before) > budget:
+                assert text_after == h2o_expected(ledger[layer][h], heavy, recent), (where, h)
+            ledger[layer][h] = {p: s for p, s in ledger[layer][h].items() if p in text_after}
+            # The cache's own scores are the ledger's, row for row (text rows in cache order).
+            text_positions = [int(p) for p in pos_after[h] if text_of(int(p))]
+            want = torch.tensor([ledger[layer][h][p] for p in text_positions], dtype=torch.float32)
+            torch.testing.assert_close(e["scores_after"][0, h], want, atol=1e-4, rtol=1e-4, msg=where)
+
+
+@pytest.mark.parametrize("K", [0, -1])
+def test_avl_nonpositive_K_attends_every_secondary_row(K):
+    m = model("gqa")
+    ids, pixel_values = prompt("gqa")
+    cache = recording(AVLCache)(K=K)
+    run_steps(m, ids, pixel_values, cache, 5)
+    for e in cache.log:
+        if e["step"] > 0:
+            assert attends_all(e), e["step"]
+            assert sum(is_image(int(p), N_SYS, cache.n_img) for p in e["pos_before"][0, 0]) == cache.n_secondary
+
+
+@pytest.mark.parametrize("name,K,R", [("gqa", 2, 0.5), ("mha4", 1, 0.3), ("gqa4", 3, 0.75)])
+def test_fastv_layers(name, K, R):
+    m = model(name)
+    ids, pixel_values = prompt(name)
+    cache = recording(FastVCache)(K=K, R=R)
+    steps = 4
+    run_steps(m, ids, pixel_values, cache, steps)
+    prompt_len, n_img = ids.shape[1], m.config.num_image_tokens
+    n_keep = math.floor((1 - R) * n_img)
+    decider = next(e for e in cache.log if e["step"] == 0 and e["layer"] == K - 1)
+    probs = last_row_head_mean(decider["q"], decider["k_before"])
+    kept = top_positions(probs[N_SYS:N_SYS + n_img], range(N_SYS, N_SYS + n_img), n_keep)
+    for e in cache.log:
+        L = prompt_len + e["step"]
+        everything = set(range(L))
+        for held in positions_per_head(e["pos_after"]):
+            if e["layer"] < K:
+                assert held == everything, (e["step"], e["layer"])
+            else:
+                assert {p for p in held if is_image(p, N_SYS, n_img)} == kept, (e["step"], e["layer"])
+                assert held == everything - (set(range(N_SYS, N_SYS + n_img)) - kept)
+        assert e["attended"] == e["pos_after"].shape[2]
+        if e["layer"] < K and e["step"] > 0:
+            assert e["attended"] == L
+
+
+@pytest.mark.parametrize("name,heavy,recent", [("mha", 0.125, 0.375), ("gqa", 0.2, 0.3)])
+def test_h2o_invariants(name, heavy, recent):
+    m = model(name)
+    ids, pixel_values = prompt(name)
+    cache = recording(H2OCache)(heavy=heavy, recent=recent)
+    steps = 6
+    run_steps(m, ids, pixel_values, cache, steps)
+    prompt_len = ids.shape[1]
+    ledger = {}
+    for e in cache.log:
+        t, layer = e["step"], e["layer"]
+        L = prompt_len + t
+        pos_before = e["pos_before"][0]
+        heads_before, heads_after = positions_per_head(e["pos_before"]), positions_per_head(e["pos_after"])
+        n_kv = len(heads_after)
+        if t == 0:
+            ledger[layer] = prefill_column_sums(e["q"], e["k_before"], [int(p) for p in e["new_pos"]],
+                                                query_ok=lambda p: True, column_ok=lambda p: True)
+        else:
+            assert attends_all(e), (t, layer)
+            row = decode_row(e["q"], e["k_before"], None)
+            for h in range(n_kv):
+                ledger[layer][h][L - 1] = 0.0
+                for j in range(row.shape[1]):
+                    ledger[layer][h][int(pos_before[h, j])] += float(row[h, j])
+        n_heavy, n_recent = math.floor(heavy * L), math.floor(recent * L)
+        for h in range(n_kv):
+            assert set(ledger[layer][h]) == heads_before[h]
+            rows = len(heads_after[h])
+            assert rows == min(len(heads_before[h]), n_heavy + n_recent), (t, layer, h)
+            assert set(range(L - n_recent, L)) <= heads_after[h], (t, layer, h)
+            if len(heads_before[h]) > n_heavy + n_recent:
+                assert heads_after[h] == h2o_expected(ledger[layer][h], n_heavy, n_recent), (t, layer, h)
+            ledger[layer][h] = {p: s for p, s in ledger[layer][h].items() if p in heads_after[h]}
+            want = torch.tensor([ledger[layer][h][int(p)] for p in e["pos_after"][0, h]], dtype=torch.float32)
+            torch.testing.assert_close(e["scores_after"][0, h], want, atol=1e-4, rtol=1e-4)
+    assert any(len(h) < prompt_len + steps for h in positions_per_head(cache.pos[0]))  # it did evict
+
+
+@pytest.mark.parametrize("sinks,recent", [(4, 0.5), (1, 0.25), (0, 0.4)])
+def test_streaming_invariants(sinks, recent):
+    m = model("gqa")
+    ids, pixel_values = prompt("gqa")
+    cache = recording(StreamingCache)(sinks=sinks, recent=recent)
+    steps = 5
+    run_steps(m, ids, pixel_values, cache, steps)
+    for e in cache.log:
+        L = ids.shape[1] + e["step"]
+        window = math.floor(recent * L)
+        expected = set(range(sinks)) | set(range(L - window, L))
+        for before, held in zip(positions_per_head(e["pos_before"]), positions_per_head(e["pos_after"])):
+            if len(before) > sinks + window:
+                assert held == expected, (e["step"], e["layer"])
+            else:
+                assert held == before
+            assert expected <= held
+    assert cache.k[0].shape[2] < ids.shape[1]
+
+
+# =========================================================================================================
+# 4. Invalid parameters are rejected with a UserError that names them.
+# =========================================================================================================
+BAD_RATES = [0, -0.25, 1.5]
+INVALID = (
+    [("avl", {name: value}, name) for name in ("S", "C", "P", "T") for value in BAD_RATES]
+    + [("avl", dict(S=0.3, C=0.5), "C"),            # the core is part of the secondary tokens
+       ("avl", dict(S=0.6, P=0.5), "S"),            # cannot keep more image tokens than the filter passed
+       ("avl", dict(S=0.9, C=0.3, P=0.8), "S")]
+    + [("h2o", {name: value}, name) for name in ("heavy", "recent") for value in BAD_RATES]
+    + [("streaming", dict(recent=value), "recent") for value in BAD_RATES]
+    + [("fastv", dict(R=value), "R") for value in (-0.1, 1, 1.5)]
+    + [("fastv", dict(K=value), "K") for value in (0, -1)]
+)
+
+
+@pytest.mark.parametrize("policy,params,named", INVALID,
+                         ids=[f"{p}-{'-'.join(f'{k}{v}' for k, v in kw.items())}" for p, kw, _ in INVALID])
+def test_invalid_parameters_rejected(policy, params, named):
+    with pytest.raises(UserError, match=rf"\b{named}\b"):
+        make_cache(policy, **params)
+
+
+def test_unknown_policy_and_parameter_rejected():
+    with pytest.raises(UserError, match="nope"):
+        make_cache("nope")
+    with pytest.raises(UserError, match="avl"):
+        make_cache("avl", heavy=0.5)                     # an H2O parameter given to A-VL
+    with pytest.raises(UserError, match="h2o"):
+        make_cache("h2o", S=0.5)
+    m = model("mha")
+    ids, pixel_values = prompt("mha")
+    with pytest.raises(UserError):
+        tinyavl.generate(m, ids, pixel_values, max_new_tokens=2, policy="nope")
+    with pytest.raises(UserError):
+        tinyavl.generate(m, ids, pixel_values, max_new_tokens=2, policy="streaming", window=3)
+
+
+def test_valid_edges_accepted():
+    """The edges of the ranges are legal: rate 1, C == S == P, fastv R = 0, A-VL K <= 0."""
+    make_cache("avl", S=1, C=1, P=1, T=1)
+    make_cache("avl", S=0.5, C=0.5, P=0.5)
+    make_cache("avl", K=0)
+    make_cache("h2o", heavy=1, recent=1)
+    make_cache("fastv", K=1, R=0)
+
+
+# =========================================================================================================
+# 5. Hand-checkable one-layer cases: planted keys, sets derived in the comments.
+# =========================================================================================================
+def test_avl_hand_case():
+    """One layer, one head, hs 4; n_sys 1 (position 0), image i at position 1 + i (i = 0..9), text j at
+    position 11 + j (j = 0..21): prompt length 33. S .5, C .3, K 3, T .6.
+
+    Keys: sys 0; image i = c_i e0 + d_i e2; text j = +20 e1 ("attractive") except j in {3, 9, 16, 17, 18}
+    which get -20 e1 ("repulsive"); decode tokens +20 e1. Queries: prompt rows e0 + e1, decode rows e1 + e2.
+    Logits (scale 1/2): image c_i/2 <= 4.5 at prefill, d_i/2 at decode; attractive text +10; repulsive -10.
+    """
+    c = [3, 9, 0, 6, 1, 8, 2, 7, 5, 4]
+    d = [9, 0, 0, 8, 0, 5, 0, 1, 7, 0]
+    repulsive = {3, 9, 16, 17, 18}
+    keys = [torch.zeros(4)] + [torch.tensor([c[i], 0., d[i], 0.]) for i in range(10)]
+    keys += [torch.tensor([0., -20. if j in repulsive else 20., 0., 0.]) for j in range(22)]
+    g = torch.Generator().manual_seed(0)
+    cache = AVLCache(S=0.5, C=0.3, K=3, T=0.6)
+    cache.begin(1, 1, 10)
+    cache.attend(0, torch.tensor([1., 1., 0., 0.]).expand(1, 1, 33, 4), torch.stack(keys)[None, None],
+                 torch.randn(1, 1, 33, 4, generator=g), torch.arange(33))
+    cache.advance(33)
+    held = lambda: cache.pos[0][0, 0].tolist()  # noqa: E731
+    core = lambda: sorted(cache.pos[0][0, 0, cache.core[0]].tolist())  # noqa: E731
+    # Vision at prefill: the last row ranks images by c. floor(.5 * 10) = 5 secondary: c = 9, 8, 7, 6, 5 at
+    # i = 1, 5, 7, 3, 8 -> positions 2, 6, 8, 4, 9; minor i = 0, 2, 4, 6, 9 (positions 1, 3, 5, 7, 10) deleted.
+    # Core floor(.3 * 10) = 3: c = 9, 8, 7 -> positions 2, 6, 8.
+    # Text at prefill: n_text 22, budget max(round(13.2), 20) = 20, h = 14, r = 6. Recent: j = 16..21.
+    # Older j = 0..15: an attractive token gets ~1/(attractive tokens visible) >= 1/18 of each of the >= 6 later
+    # text rows, a repulsive one ~e^-20 of it: the 14 heavy hitters are the 14 attractive older tokens, and
+    # j = 3, 9 (positions 14, 20) are evicted. j = 16, 17, 18 are repulsive but recent: kept.
+    text = [11 + j for j in range(22) if j not in (3, 9)]
+    assert held() == [0, 2, 4, 6, 8, 9] + text
+    assert core() == [2, 6, 8]
+    assert cache.image_rows[0] == 5 and cache.k[0].shape == (1, 1, 26, 4)
+    # Decode steps 1, 2, 3 (positions 33, 34, 35); budget stays 20 (round(.6 * 23..25) <= 15): each step one
+    # text row goes. Recent = the last 6 text rows, so repulsive j = 16, 17, 18 (positions 27, 28, 29) leave
+    # the window at steps 1, 2, 3 and, with ~0 score, are the ones evicted.
+    # Steps 1, 2 are normal: sys + 3 core + 21 text rows = 25 attended, core unchanged although the decode
+    # query prefers other images. Step 3 = K is an update step: all 1 + 5 + 21 = 27 rows; the query ranks the
+    # secondary by d: d = 0, 8, 5, 1, 7 at positions 2, 4, 6, 8, 9 -> core = positions 4, 9, 6. Minor
+    # position 1 (d = 9, the best of all) is gone since prefill and does not come back.
+    expected = {1: (25, [2, 6, 8]), 2: (25, [2, 6, 8]), 3: (27, [4, 6, 9])}
+    decode_q, decode_k = torch.tensor([0., 1., 1., 0.]).view(1, 1, 1, 4), torch.tensor([0., 20., 0., 0.]).view(1, 1, 1, 4)
+    for t in (1, 2, 3):
+        cache.attend(0, decode_q, decode_k, torch.randn(1, 1, 1, 4, generator=g), torch.tensor([32 + t]))
+        cache.advance(1)
+        text = [p for p in text if p != 26 + t] + [32 + t]
+        assert cache.attended[0] == expected[t][0], t
+        assert held() == [0, 2, 4, 6, 8, 9] + text, t
+        assert core() == expected[t][1], t
+
+
+def test_h2o_hand_case():
+    """One layer, MHA with 2 heads, hs 8; heavy .25, recent .25. Keys s e_j on the planted rows (s = 10,
+    logit s^2 / sqrt(8) = 35: a query s e_j puts ~1 on key j, s (e_a + e_b) puts 1/2 on each), 0 elsewhere.
+    Head 0 keys: rows 1, 3. Head 1 keys: rows 1, 2, 3, 4, 7. Prompt of 8 tokens, then 4 decode steps."""
+    s = 10.0
+    e = torch.eye(8) * s
+    k = torch.zeros(1, 2, 8, 8)
+    k[0, 0, 1], k[0, 0, 3] = e[1], e[3]
+    for r in (1, 2, 3, 4, 7):
+        k[0, 1, r] = e[r]
+    q = torch.zeros(1, 2, 8, 8)
+    # Head 0: row 0 -> key 0 (the only one), rows 1, 2 -> key 1, rows 3..7 -> key 3: scores [1, 2, 0, 5, 0, 0, 0, 0].
+    q[0, 0, 1:3], q[0, 0, 3:] = e[1], e[3]
+    # Head 1: row 0 -> key 0, row 1 -> key 1, row 2 -> key 2, row 3 -> keys 2, 3 (1/2 each), rows 4..7 -> key 4:
+    # scores [1, 1, 1.5, .5, 4, 0, 0, 0].
+    q[0, 1, 1], q[0, 1, 2], q[0, 1, 3], q[0, 1, 4:] = e[1], e[2], e[2] + e[3], e[4]
+    g = torch.Generator().manual_seed(0)
+    cache = H2OCache(heavy=0.25, recent=0.25)
+    cache.begin(1, 1, 0)
+    cache.attend(0, q, k, torch.randn(1, 2, 8, 8, generator=g), torch.arange(8))
+    cache.advance(8)
+    # L = 8: heavy floor(2) = 2, recent 2. Recent rows 6, 7; older 0..5, top 2: head 0 rows 3 (5), 1 (2);
+    # head 1 rows 4 (4), 2 (1.5). The sink (row 0, score 1) goes: H2O does not protect it.
+    assert positions_per_head(cache.pos[0]) == [{1, 3, 6, 7}, {2, 4, 6, 7}]
+    torch.testing.assert_close(cache.scores[0][0], torch.tensor([[2., 5., 0., 0.], [1.5, 4., 0., 0.]]),
+                               atol=1e-5, rtol=0)
+    # Decode queries per step (head 0, head 1); new keys are 0.
+    # 1 (L 9, h 2, r 2): head 0 -> key 3 (6); older {1: 2, 3: 6, 6: 0} -> evict 6.
+    #                    head 1 -> key 7 (1); older {2: 1.5, 4: 4, 6: 0} -> evict 6.
+    # 2 (L 10, h 2, r 2): head 0 -> key 3 (7); older {1: 2, 3: 7, 7: 0} -> evict 7.
+    #                     head 1 -> key 7 (2); older {2: 1.5, 4: 4, 7: 2} -> evict 2: a recent token that kept
+    #                     receiving attention displaces an older heavy hitter.
+    # 3 (L 11, h 2, r 2): head 0 -> key 1 (3); older {1: 3, 3: 7, 8: 0} -> evict 8.
+    #                     head 1 -> key 4 (5); older {4: 5, 7: 2, 8: 0} -> evict 8.
+    # 4 (L 12, h 3, r 3): budget 6 >= 5 rows: nothing evicted. Zero queries: uniform 1/5 to every row.
+    queries = {1: (e[3], e[7]), 2: (e[3], e[7]), 3: (e[1], e[4]), 4: (torch.zeros(8), torch.zeros(8))}
+    expected = {1: [{1, 3, 7, 8}, {2, 4, 7, 8}], 2: [{1, 3, 8, 9}, {4, 7, 8, 9}],
+                3: [{1, 3, 9, 10}, {4, 7, 9, 10}], 4: [{1, 3, 9, 10, 11}, {4, 7, 9, 10, 11}]}
+    for t in (1, 2, 3, 4):
+        cache.attend(0, torch.stack(queries[t])[None, :, None], torch.zeros(1, 2, 1, 8),
+                     torch.randn(1, 2, 1, 8, generator=g), torch.tensor([7 + t]))
+        cache.advance(1)
+        assert positions_per_head(cache.pos[0]) == expected[t], t
+    torch.testing.assert_close(cache.scores[0][0], torch.tensor([[3.2, 7.2, .2, .2, .2], [5.2, 2.2, .2, .2, .2]]),
+                               atol=1e-5, rtol=0)
+
+
+def test_gqa_scores_add_up():
+    """H2O, 4 query heads on 2 KV heads (heads 0, 1 -> KV 0; heads 2, 3 -> KV 1), hs 8, 6 prompt tokens,
+    heavy .2 and recent .2 (L 6: one heavy hitter + the last token). Keys s e_j (j = 0..5) in both KV heads.
+    Query patterns (rows 0..5, "a/b" = half each):
+      A: 0, 0, 2, 2/3, 4, 5  -> column sums [2, 0, 1.5, .5, 1, 1]
+      B: 0, 1, 2, 1, 1/2, 2/5 -> column sums [1, 2.5, 2, 0, 0, .5]
+    Heads 0, 1 = A, B; heads 2, 3 = A, A.
+      KV 0 = A + B = [3, 2.5, 3.5, .5, 1, 1.5] -> keeps row 2 (+ row 5). Head A alone would keep row 0, head B
+      alone row 1, the max of the two row 1: only the sum keeps row 2.
+      KV 1 = 2A = [4, 0, 3, 1, 2, 2] -> keeps row 0. Grouping heads as h % 2 would give KV 0 = A + A (row 0)
+      and KV 1 = B + A (row 2): the opposite."""
+    s = 10.0
+    e = torch.eye(8) * s
+    k = torch.zeros(1, 2, 6, 8)
+    k[0, :, :, :] = e[:6]
+    A = torch.stack([e[0], e[0], e[2], e[2] + e[3], e[4], e[5]])
+    B = torch.stack([e[0], e[1], e[2], e[1], e[1] + e[2], e[2] + e[5]])
+    q = torch.stack([A, B, A, A])[None]                                       # (1, 4, 6, 8)
+    g = torch.Generator().manual_seed(0)
+    cache = H2OCache(heavy=0.2, recent=0.2)
+    cache.begin(1, 1, 0)
+    cache.attend(0, q, k, torch.randn(1, 2, 6, 8, generator=g), torch.arange(6))
+    cache.advance(6)
+    assert positions_per_head(cache.pos[0]) == [{2, 5}, {0, 5}]
+    torch.testing.assert_close(cache.scores[0][0], torch.tensor([[3.5, 1.5], [4., 2.]]), atol=1e-5, rtol=0)
+    # A decode step (position 6, key s e6 in both KV heads; L 7: 1 heavy + 1 recent) adds each query head's
+    # row onto its KV head: head 0 -> key 5, head 1 -> key 6 (the new token: it starts with that score),
+    # head 2 -> key 0, head 3 -> keys 5 and 6 (1/2 each).
+    #   KV 0: 2: 3.5, 5: 1.5 + 1 = 2.5, 6: 0 + 1 = 1 -> keeps {2, 6} with [3.5, 1]
+    #   KV 1: 0: 4 + 1 = 5, 5: 2 + .5 = 2.5, 6: .5 -> keeps {0, 6} with [5, .5]
+    q1 = torch.stack([e[5], e[6], e[0], e[5] + e[6]])[None, :, None]         # (1, 4, 1, 8)
+    cache.attend(0, q1, e[6].expand(1, 2, 1, 8), torch.randn(1, 2, 1, 8, generator=g), torch.tensor([6]))
+    assert positions_per_head(cache.pos[0]) == [{2, 6}, {0, 6}]
+    torch.testing.assert_close(cache.scores[0][0], torch.tensor([[3.5, 1.], [5., .5]]), atol=1e-5, rtol=0)
+
+
+# =========================================================================================================
+# 6. Accounting.
+# =========================================================================================================
+ACCOUNTING_POLICIES = [("full", {}), ("avl", {}), ("avl", dict(filter_layer=2)), ("h2o", {}),
+                       ("streaming", {}), ("fastv", {})]
+
+
+@pytest.mark.parametrize("name", ["mha", "mha4", "gqa4"])
+@pytest.mark.parametrize("policy,params", ACCOUNTING_POLICIES,
+                         ids=[f"{p}-{'-'.join(f'{k}{v}' for k, v in kw.items()) or 'defaults'}"
+                              for p, kw in ACCOUNTING_POLICIES])
+def test_kv_accounting(name, policy, params):
+    m = model(name)
+    ids, pixel_values = prompt(name)
+    new_tokens = 6
+    _, stats = tinyavl.generate(m, ids, pixel_values, max_new_tokens=new_tokens, policy=policy, **params)
+    n_layers, kv_heads = MODELS[name][0], MODELS[name][1]
+    head_dim, fp32 = 16, 4
+    row = 2 * kv_heads * head_dim * fp32                       # K and V of one token in one layer
+    n_img = m.config.num_image_tokens
+    # The dense cache of the same sequence: the last sampled token is never fed, so prompt + new - 1 tokens.
+    assert stats.kv_cache_bytes_dense == n_layers * (ids.shape[1] + new_tokens - 1) * row
+    # Modalities add up, per layer and in total, after prefill and at the peak.
+    assert sum(stats.modality_bytes_after_prefill.values()) == stats.kv_cache_bytes_after_prefill
+    assert sum(stats.modality_bytes_peak.values()) == stats.kv_cache_bytes
+    for modality in ("sys", "image", "text"):
+        assert sum(layer[modality] for layer in stats.layer_bytes_after_prefill) == \
+            stats.modality_bytes_after_prefill[modality]
+    assert stats.kv_cache_bytes <= stats.kv_cache_bytes_dense
+    if policy == "full":
+        assert stats.kv_cache_bytes == stats.kv_cache_bytes_dense
+        assert stats.modality_bytes_after_prefill == dict(sys=n_layers * N_SYS * row, image=n_layers * n_img * row,
+                                                          text=n_layers * (ids.shape[1] - N_SYS - n_img) * row)
+    if policy == "avl":
+        for layer in stats.layer_bytes_after_prefill:
+            assert layer["image"] == math.floor(0.5 * n_img) * row
+            assert layer["sys"] == N_SYS * row
+            assert layer["text"] == 20 * row                   # 30 text tokens, budget max(round(18), 20)
+
+
+def test_modality_bytes_with_heads_keeping_different_tokens():
+    """H2O evicts per head, across modalities: one head may keep an image token where another keeps text.
+    One layer, 2 KV heads x hs 8, prompt [sys 0 | image 1, 2 | text 3, 4, 5]; heavy .2, recent .2 (L 6:
+    1 heavy + 1 recent per head). Head 0: key 1 = s e1 and queries 1..5 = s e1 -> scores k0 1, k1 5 -> keeps
+    {1, 5}. Head 1: key 3 = s e3, queries 0..2 = 0 (uniform: k0 gets 1 + 1/2 + 1/3), 3..5 = s e3 (k3 gets 3)
+    -> keeps {3, 5}. Held: head 0 one image + one text row, head 1 two text rows: 1 image head-row and
+    3 text head-rows, each 2 (K, V) x 8 x 4 bytes = 64 bytes."""
+    s = 10.0
+    e = torch.eye(8) * s
+    k = torch.zeros(1, 2, 6, 8)
+    k[0, 0, 1], k[0, 1, 3] = e[1], e[3]
+    q = torch.zeros(1, 2, 6, 8)
+    q[0, 0, 1:], q[0, 1, 3:] = e[1], e[3]
+    cache = H2OCache(heavy=0.2, recent=0.2)
+    cache.begin(1, 1, 2)
+    cache.attend(0, q, k, torch.randn(1, 2, 6, 8, generator=torch.Generator().manual_seed(0)), torch.arange(6))
+    cache.advance(6)
+    assert positions_per_head(cache.pos[0]) == [{1, 5}, {3, 5}]
+    assert cache.nbytes() == 2 * 2 * 64                               # 2 heads x 2 rows
+    assert cache.modality_bytes(0) == {"sys": 0, "image": 1 * 64, "text": 3 * 64}
+    assert sum(cache.modality_bytes(0).values()) == cache.nbytes(0)
