@@ -132,6 +132,7 @@ class KVCache:
         self.next_pos = 0             # logical position of the next token (prompt length + steps)
         self.step = 0                 # forward passes so far: 0 during prefill, t during decode step t
         self.attended = [0] * n_layers  # rows the newest query computed with, per layer
+        self.hidden_keep = None       # a policy's decision to drop hidden rows, handed to the model once
 
     # -- the four steps -----------------------------------------------------------------------------
 
@@ -179,8 +180,10 @@ class KVCache:
         """Policy hook after the step's attention: score, evict. The dense cache keeps everything."""
 
     def rows_to_keep(self, layer: int):
-        """Hidden rows (prefill only) that layers after `layer` run on; None = all of them."""
-        return None
+        """Hidden rows (prefill only) that layers after `layer` run on; None = all of them. A policy
+        that drops tokens (FastV, A-VL's filter) sets `hidden_keep` in its update; the model takes it once."""
+        keep, self.hidden_keep = self.hidden_keep, None
+        return keep
 
     def logical_length(self, layer: int) -> int:
         """Tokens in the sequence so far, evicted and filtered ones included: the newest row's position + 1
@@ -303,7 +306,6 @@ class AVLCache(KVCache):
         self.image_rows = [0] * n_layers    # image rows held per layer (the secondary count after prefill)
         self.core = [None] * n_layers       # per layer: row indices (ascending) of the core image tokens
         self.text_scores = [None] * n_layers  # per layer (B, Hkv, text rows): accumulated attention received
-        self.hidden_keep = None             # prefill filter decision, handed to the model once
 
     def is_update_step(self) -> bool:
         """Decode steps that attend to every secondary token and re-rank the core (K <= 0: all steps)."""
@@ -376,7 +378,7 @@ class AVLCache(KVCache):
         device = k.device
         self.keep(layer, torch.cat([torch.arange(self.n_sys, device=device), self.n_sys + secondary,
                                     torch.arange(text_start, k.shape[2], device=device)]))
-        self.evict_text(layer, n_logical=self.logical_length(layer))
+        self.evict_text(layer)
 
     def decode_update(self, layer, q):
         k, text_start = self.k[layer], self.text_start(layer)
@@ -389,14 +391,15 @@ class AVLCache(KVCache):
         B, Hkv = k.shape[:2]
         scores = torch.cat([self.text_scores[layer], torch.zeros(B, Hkv, 1, device=k.device)], dim=-1)
         self.text_scores[layer] = scores + group_sum(text_probs, Hkv)
-        self.evict_text(layer, n_logical=self.logical_length(layer))
+        self.evict_text(layer)
 
-    def evict_text(self, layer: int, n_logical: int):
+    def evict_text(self, layer: int):
         """H2O on the text region, per KV head: once the text rows exceed the budget
         max(round(T n_text), 20) (n_text counts evicted text too), keep the last r rows and the h best
         scored older ones, h = floor(0.7 budget), r = budget - h. sys and image rows are untouched."""
         scores = self.text_scores[layer]                                               # (B, Hkv, text rows)
-        budget = max(round(self.T * (n_logical - self.n_sys - self.n_img)), self.TEXT_MIN_BUDGET)
+        n_text = self.logical_length(layer) - self.n_sys - self.n_img
+        budget = max(round(self.T * n_text), self.TEXT_MIN_BUDGET)
         if scores.shape[-1] <= budget:
             return
         heavy = math.floor(self.HEAVY_SHARE * budget)
@@ -405,10 +408,6 @@ class AVLCache(KVCache):
         text_start = self.text_start(layer)
         other_rows = torch.arange(text_start, device=kept.device).expand(*kept.shape[:2], -1)
         self.keep(layer, torch.cat([other_rows, text_start + kept], dim=-1))
-
-    def rows_to_keep(self, layer):
-        keep, self.hidden_keep = self.hidden_keep, None
-        return keep
 
 
 class H2OCache(KVCache):
@@ -486,18 +485,10 @@ class FastVCache(KVCache):
     def params(self) -> dict:
         return dict(K=self.K, R=self.R)
 
-    def begin(self, n_layers, n_sys, n_img):
-        super().begin(n_layers, n_sys, n_img)
-        self.hidden_keep = None
-
     def update(self, layer, q, rows):
         if self.step == 0 and layer == self.K - 1 and layer < self.n_layers - 1:
             n_keep = math.floor((1 - self.R) * self.n_img)
             self.hidden_keep = image_filter(q, self.k[layer], self.n_sys, self.n_img, n_keep)
-
-    def rows_to_keep(self, layer):
-        keep, self.hidden_keep = self.hidden_keep, None
-        return keep
 
 
 # ---------------------------------------------------------------------------------------------------
