@@ -56,8 +56,6 @@ def parse_args(argv):
 
 
 def run(args) -> dict:
-    import torch
-
     import tinyavl
 
     if args.weights == DEFAULT_WEIGHTS and not args.weights.is_dir():
@@ -67,9 +65,6 @@ def run(args) -> dict:
     inputs = processor(processor.chat_prompt(args.prompt), image=args.image)
     policy_params = {name: getattr(args, name) for name in POLICY_OPTIONS if getattr(args, name) is not None}
     cache = tinyavl.make_cache(args.policy, **policy_params)
-    if args.seed is not None:
-        torch.manual_seed(args.seed)
-
     printed = ""
     ids = []
 

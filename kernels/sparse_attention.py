@@ -489,26 +489,31 @@ def cpu_time_ms(fn, repeats=3):
     return statistics.median(times)
 
 
+def benchmark_case(batch, n_image, core_fraction, head_config, dtype, device, time_ms, peak_gbps) -> str:
+    """One table row: kernel vs gather + SDPA vs dense SDPA. The inputs die with the call, so each case
+    starts with the GPU memory of the previous one freed."""
+    num_heads, num_kv_heads, head_dim, n_sys, n_text = head_config
+    q, k, v, index, start = make_avl_decode_inputs(batch, num_heads, num_kv_heads, head_dim, n_sys,
+                                                   n_image, n_text, core_fraction, dtype, device)
+    t_kernel = time_ms(lambda: sparse_decode_attention(q, k, v, index, start, check_index=False))
+    t_gather = time_ms(lambda: gather_then_sdpa(q, k, v, index, start))
+    t_dense = time_ms(lambda: dense_sdpa(q, k, v))
+    gbps = kernel_bytes(q, k, index, start) / (t_kernel * 1e-3) / 1e9
+    percent = f"{100 * gbps / peak_gbps:6.1f}" if peak_gbps else f"{'n/a':>6}"
+    n_sel = index.shape[1] + k.shape[2] - start
+    return (f"{batch:>5} {n_image:>6} {core_fraction:>5.1f} {n_sel:>6} | {t_kernel * 1e3:>9.1f} "
+            f"{t_gather * 1e3:>9.1f} {t_dense * 1e3:>9.1f} | {t_gather / t_kernel:>8.2f}x "
+            f"{t_dense / t_kernel:>7.2f}x | {gbps:>7.1f} {percent}")
+
+
 def benchmark_table(shapes, core_fractions, batches, head_config, dtype, device, time_ms, peak_gbps):
     """Time kernel, gather + SDPA and dense SDPA for every (batch, image size, core fraction); print a row each."""
-    num_heads, num_kv_heads, head_dim, n_sys, n_text = head_config
     print(f"{'batch':>5} {'image':>6} {'core':>5} {'rows':>6} | {'kernel us':>9} {'gather us':>9} "
           f"{'dense us':>9} | {'vs gather':>9} {'vs dense':>8} | {'GB/s':>7} {'% peak':>6}")
     for batch in batches:
         for n_image in shapes:
             for core_fraction in core_fractions:
-                q, k, v, index, start = make_avl_decode_inputs(batch, num_heads, num_kv_heads, head_dim, n_sys,
-                                                               n_image, n_text, core_fraction, dtype, device)
-                t_kernel = time_ms(lambda: sparse_decode_attention(q, k, v, index, start, check_index=False))
-                t_gather = time_ms(lambda: gather_then_sdpa(q, k, v, index, start))
-                t_dense = time_ms(lambda: dense_sdpa(q, k, v))
-                gbps = kernel_bytes(q, k, index, start) / (t_kernel * 1e-3) / 1e9
-                percent = f"{100 * gbps / peak_gbps:6.1f}" if peak_gbps else f"{'n/a':>6}"
-                n_sel = index.shape[1] + k.shape[2] - start
-                print(f"{batch:>5} {n_image:>6} {core_fraction:>5.1f} {n_sel:>6} | {t_kernel * 1e3:>9.1f} "
-                      f"{t_gather * 1e3:>9.1f} {t_dense * 1e3:>9.1f} | {t_gather / t_kernel:>8.2f}x "
-                      f"{t_dense / t_kernel:>7.2f}x | {gbps:>7.1f} {percent}")
-                del q, k, v, index
+                print(benchmark_case(batch, n_image, core_fraction, head_config, dtype, device, time_ms, peak_gbps))
 
 
 def correctness_check(device, dtype, small):

@@ -10,3 +10,6 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The session fixture of tiny random llava-hf checkpoints, for every test module.
+from tiny_checkpoints import tiny_ckpt  # noqa: E402,F401

@@ -553,7 +553,7 @@ def test_avl_hand_case():
     text = [11 + j for j in range(22) if j not in (3, 9)]
     assert held() == [0, 2, 4, 6, 8, 9] + text
     assert core() == [2, 6, 8]
-    assert cache.image_rows[0] == 5 and cache.k[0].shape == (1, 1, 26, 4)
+    assert cache.modality_rows(0)["image"] == 5 and cache.k[0].shape == (1, 1, 26, 4)
     # Decode steps 1, 2, 3 (positions 33, 34, 35); budget stays 20 (round(.6 * 23..25) <= 15): each step one
     # text row goes. Recent = the last 6 text rows, so repulsive j = 16, 17, 18 (positions 27, 28, 29) leave
     # the window at steps 1, 2, 3 and, with ~0 score, are the ones evicted.

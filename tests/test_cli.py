@@ -23,7 +23,7 @@ from tokenizers import Tokenizer
 
 import main
 import tinyavl
-from tiny_checkpoints import VARIANTS, make_image, sparse_config, tiny_ckpt, tokenizer_info, write_checkpoint  # noqa: F401
+from tiny_checkpoints import VARIANTS, make_image, sparse_config, tokenizer_info, write_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 NEW_TOKENS = 8

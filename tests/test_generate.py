@@ -9,12 +9,11 @@ import math
 
 import pytest
 import torch
-from PIL import Image
 
 import tinyavl
 from tinyavl.errors import UserError
 from tinyavl.generate import sample
-from tiny_checkpoints import VARIANTS, make_image, sparse_config, tiny_ckpt, tokenizer_info, write_checkpoint  # noqa: F401
+from tiny_checkpoints import VARIANTS, make_image, sparse_config, tokenizer_info, write_checkpoint
 
 STEPS = 12
 CACHE_ATOL = 1e-5   # fp32 cached vs uncached: only the summation order differs

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from kernels import sparse_attention as sa
-from tiny_checkpoints import tiny_ckpt  # noqa: F401 (pytest fixture)
+
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import tinyavl
 from tinyavl.errors import UserError
-from tiny_checkpoints import (LAYOUTS, VARIANTS, published_state_dict, sparse_config, tiny_ckpt,  # noqa: F401
+from tiny_checkpoints import (LAYOUTS, VARIANTS, published_state_dict, sparse_config,
                               tokenizer_info, write_checkpoint)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

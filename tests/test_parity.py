@@ -13,10 +13,9 @@ import copy
 
 import pytest
 import torch
-from PIL import Image
 
 import tinyavl
-from tiny_checkpoints import VARIANTS, make_image, tiny_ckpt, tokenizer_info  # noqa: F401  (tiny_ckpt is a fixture)
+from tiny_checkpoints import VARIANTS, make_image, tokenizer_info
 
 LOGIT_ATOL = 1e-4  # fp32 vs fp32: only summation order differs (seen: ~1e-6)
 GREEDY_STEPS = 8

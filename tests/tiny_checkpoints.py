@@ -10,7 +10,7 @@ by rounding noise. `reinit_` draws seeded weights at ~1/sqrt(fan_in) scale (lm_h
 top-1 / top-2 logit gap is typically ~1 and greedy comparisons mean something.
 
 Used as a library (`build_hf_model`, `write_checkpoint`) and through the session fixture `tiny_ckpt`
-(import it into a test module: `from tiny_checkpoints import tiny_ckpt`).
+(registered for every test module in tests/conftest.py).
 """
 from __future__ import annotations
 

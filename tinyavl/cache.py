@@ -303,7 +303,6 @@ class AVLCache(KVCache):
         super().begin(n_layers, n_sys, n_img)
         self.n_secondary = math.floor(self.S * n_img)
         self.n_core = math.floor(self.C * n_img)
-        self.image_rows = [0] * n_layers    # image rows held per layer (the secondary count after prefill)
         self.core = [None] * n_layers       # per layer: row indices (ascending) of the core image tokens
         self.text_scores = [None] * n_layers  # per layer (B, Hkv, text rows): accumulated attention received
 
@@ -312,7 +311,8 @@ class AVLCache(KVCache):
         return self.K <= 0 or self.step % self.K == 0
 
     def text_start(self, layer: int) -> int:
-        return self.n_sys + self.image_rows[layer]
+        """First text row of a layer after prefill: [sys | floor(S N_img) secondary image | text]."""
+        return self.n_sys + self.n_secondary
 
     def rows_to_attend(self, layer):
         if self.step == 0 or self.is_update_step():
@@ -371,7 +371,6 @@ class AVLCache(KVCache):
         image_scores = last_row_probs(q, k).mean(1)[0, self.n_sys:text_start]         # (n_img_here,)
         secondary = top_rows(image_scores, self.n_secondary)                           # image indices
         self.core[layer] = self.n_sys + top_rows(image_scores[secondary], self.n_core)  # rows after eviction
-        self.image_rows[layer] = self.n_secondary
         # Text: H2O scores from the text queries of the prompt, on the text columns (before any eviction).
         self.text_scores[layer] = causal_column_sums(q[:, :, text_start:], k, first_row=text_start)[..., text_start:]
         # Evict the minor image tokens (rows shared by every head), then the text tokens over budget.

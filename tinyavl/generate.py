@@ -116,9 +116,8 @@ def generate(model, input_ids, pixel_values=None, max_new_tokens: int = 64, temp
             stream(token)
         attended.append(list(cache.attended))
         attended_dense.append(cache.next_pos * cache.n_layers)  # dense: every token in every layer
-        snapshot = kv_snapshot(cache)
-        if snapshot[0] > peak[0]:
-            peak = snapshot
+        if cache.nbytes() > peak[0]:
+            peak = kv_snapshot(cache)
     decode_seconds = time.perf_counter() - start
 
     steps = len(attended)

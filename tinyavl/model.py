@@ -15,7 +15,6 @@ The decoder's attention goes through an optional `cache` object (tinyavl/cache.p
 KV policy, from the dense reference to A-VL, decides what is kept and what is computed.
 """
 import json
-import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
