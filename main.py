@@ -1,39 +1,20 @@
 """Ask a LLaVA model about an image, with the KV policy of your choice.
 
-    python main.py --image photo.jpg --prompt "What is in the picture?"
+    python main.py --image weights/toy/examples/scene-0.png                      # the toy LLaVA, a caption
+    python main.py --image weights/toy/examples/scene-0.png --prompt "What colour is the square?" --policy avl
     python main.py --image photo.jpg --weights weights/llava-1.5-7b-hf --policy avl --S 0.5 --C 0.3
-    python main.py --image photo.jpg --json
+    python main.py --image photo.jpg --weights weights/llava-1.5-7b-hf --json --attention-map map.png
 
 The answer is streamed to stdout; a short summary (timings, KV memory) goes to stderr. With --json a
 single JSON object is printed instead. A mistake in the input exits with status 2 and a one-line error.
 """
-import argparse
 import json
 import sys
 from pathlib import Path
 
+from tinyavl.cli import ArgumentParser, add_policy_arguments, policy_params, run_reporting_errors
+
 DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "toy"
-# Policy parameters, named as in the papers; each policy takes its own subset (tinyavl/cache.py).
-POLICY_OPTIONS = {
-    "S": (float, "avl: fraction of image tokens stored (secondary)"),
-    "C": (float, "avl: fraction of image tokens computed (core)"),
-    "K": (int, "avl: core update interval in steps; fastv: layer after which image tokens are dropped"),
-    "P": (float, "avl: fraction of image tokens the prefill filter keeps (1 = no filter)"),
-    "filter_layer": (int, "avl: first layer that runs on the filtered sequence"),
-    "T": (float, "avl: fraction of text tokens kept"),
-    "R": (float, "fastv: fraction of image tokens dropped"),
-    "heavy": (float, "h2o: heavy-hitter fraction of the sequence"),
-    "recent": (float, "h2o, streaming: recent-window fraction of the sequence"),
-    "sinks": (int, "streaming: attention-sink tokens kept at the start"),
-    "kernel": (str, "avl: 'auto' (Triton on CUDA), 'triton' or 'torch' for the sparse decode attention"),
-}
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):
-        # One line like every other user mistake (argparse would print the whole usage first).
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
 
 
 def parse_args(argv):
@@ -48,10 +29,11 @@ def parse_args(argv):
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
-    parser.add_argument("--policy", default="full", help="KV policy: full, avl, h2o, streaming, fastv")
-    for name, (kind, help_text) in POLICY_OPTIONS.items():
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None, help=help_text)
+    add_policy_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    parser.add_argument("--attention-map", type=Path, default=None, metavar="OUT.png",
+                        help="draw which image tokens the policy kept, and where the model looked")
+    parser.add_argument("--map-layer", type=int, default=None, help="decoder layer to draw (default: the last)")
     return parser.parse_args(argv)
 
 
@@ -59,12 +41,17 @@ def run(args) -> dict:
     import tinyavl
 
     if args.weights == DEFAULT_WEIGHTS and not args.weights.is_dir():
-        raise tinyavl.UserError(f"no model in {args.weights}: put a llava-hf model folder in weights/ "
-                                "(see weights/README.md) and pass --weights weights/<folder>")
+        raise tinyavl.UserError(f"no model in {args.weights}: restore the committed toy model (git checkout "
+                                "weights/toy), retrain it (python -m tinyavl.train_toy), or pass --weights with a "
+                                "llava-hf folder (see weights/README.md)")
+    if args.attention_map is not None:
+        check_picture_path(args.attention_map)
     model, processor = tinyavl.load_pretrained(args.weights, device=args.device, dtype=args.dtype)
+    if args.attention_map is not None:
+        from tinyavl.attention_map import map_layer, save_attention_map
+        layer = map_layer(model, args.map_layer)
     inputs = processor(processor.chat_prompt(args.prompt), image=args.image)
-    policy_params = {name: getattr(args, name) for name in POLICY_OPTIONS if getattr(args, name) is not None}
-    cache = tinyavl.make_cache(args.policy, **policy_params)
+    cache = tinyavl.make_cache(args.policy, **policy_params(args))
     printed = ""
     ids = []
 
@@ -84,6 +71,8 @@ def run(args) -> dict:
     text = processor.decode(token_ids)
     if not args.json:
         print(text[len(printed):])
+    if args.attention_map is not None:
+        save_attention_map(args.attention_map, model, processor, inputs, cache, layer)
     return {
         "text": text, "token_ids": token_ids, "policy": stats.policy, "policy_params": stats.policy_params,
         "prompt_tokens": stats.prompt_tokens, "new_tokens": stats.new_tokens,
@@ -94,6 +83,18 @@ def run(args) -> dict:
         "attended_tokens_per_step": stats.attended_tokens_per_step,
         "attended_tokens_per_step_dense": stats.attended_tokens_per_step_dense,
     }
+
+
+def check_picture_path(path: Path) -> None:
+    """Fail before any work if the picture cannot be written there."""
+    from PIL import Image
+
+    from tinyavl.errors import UserError
+
+    if not path.parent.is_dir():
+        raise UserError(f"cannot write {path}: folder {path.parent} does not exist")
+    if path.suffix.lower() not in Image.registered_extensions():
+        raise UserError(f"cannot write {path}: give the picture a .png or .jpg name")
 
 
 def summary(result: dict) -> str:
@@ -112,13 +113,9 @@ def summary(result: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from tinyavl.errors import UserError
-
-    try:
-        result = run(args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    code, result = run_reporting_errors(run, args)
+    if code:
+        return code
     if args.json:
         print(json.dumps(result))
     else:

@@ -378,12 +378,6 @@ def test_cuda_without_cuda_is_a_user_error(capsys, files, good):
     assert_user_error(rc, out, err, "CUDA")
 
 
-@pytest.mark.skipif(main.DEFAULT_WEIGHTS.exists(), reason="weights/toy exists")
-def test_default_run_without_weights_says_where_to_put_them(capsys, files):
-    rc, out, err = run_inprocess(capsys, ["--image", files["png"]])
-    assert_user_error(rc, out, err, "weights/", "llava-hf")
-
-
 # A few through a real process: the exit status, and what the terminal shows (no traceback, no warnings).
 SUBPROCESS_ERRORS = ["truncated jpeg", "avl C > S"]
 

@@ -10,13 +10,18 @@ from pathlib import Path
 
 import pytest
 
+import tinyavl.attention_map
 import tinyavl.cache
+import tinyavl.evaluate
 import tinyavl.generate
 import tinyavl.model
 import tinyavl.processing
+import tinyavl.scenes
+import tinyavl.train_toy
 
 CHAPTERS = sorted((Path(__file__).parent.parent / "tutorial").glob("*.md"))
-MODULES = [tinyavl.model, tinyavl.cache, tinyavl.generate, tinyavl.processing]
+MODULES = [tinyavl.model, tinyavl.cache, tinyavl.generate, tinyavl.processing, tinyavl.scenes, tinyavl.train_toy,
+           tinyavl.evaluate, tinyavl.attention_map]
 
 
 def code_blocks(chapter: Path) -> list[str]:

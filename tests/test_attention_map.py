@@ -1,0 +1,84 @@
+"""Attention pictures: the heat map against transformers' attention weights, roles against the policy."""
+import math
+
+import pytest
+import torch
+
+import tinyavl
+from tinyavl.attention_map import (COMPUTED, EVICTED, FRAME, PANEL, STORED, draw_attention_map, image_heat,
+                                   image_roles, seen_image)
+from tinyavl.cache import make_cache
+from tiny_checkpoints import make_image
+
+
+def prompt(processor, seed=0):
+    return processor(processor.chat_prompt("what is this ?"), image=make_image(50, 40, seed))
+
+
+@pytest.mark.parametrize("variant", ["mha", "gqa_full"])
+def test_heat_is_transformers_last_row_attention(tiny_ckpt, variant):
+    model, processor = tinyavl.load_pretrained(tiny_ckpt.folder(variant), device="cpu")
+    hf = tiny_ckpt.model(variant)
+    hf.set_attn_implementation("eager")
+    inputs = prompt(processor)
+    with torch.no_grad():
+        attentions = hf(**inputs, output_attentions=True).attentions  # per layer (1, H, T, T)
+    image = (inputs["input_ids"][0] == model.config.image_token_id).nonzero().flatten()
+    for layer, weights in enumerate(attentions):
+        expected = weights[0, :, -1, image].mean(0)  # head mean of the last row, image columns
+        heat = image_heat(model, inputs["input_ids"], inputs["pixel_values"], layer)
+        assert torch.allclose(heat, expected, atol=1e-5), f"layer {layer}"
+
+
+def run_policy(model, processor, policy, **params):
+    cache = make_cache(policy, **params)
+    inputs = prompt(processor, seed=1)
+    tinyavl.generate(model, **inputs, max_new_tokens=5, policy=cache)
+    return cache
+
+
+def test_avl_roles_are_core_secondary_and_minor(tiny_ckpt):
+    model, processor = tinyavl.load_pretrained(tiny_ckpt.folder("gqa_full"), device="cpu")
+    S, C = 0.5, 0.25
+    cache = run_policy(model, processor, "avl", S=S, C=C, K=2, P=1.0)
+    n = cache.n_img  # 37: 36 patches + CLS ("full" strategy)
+    for layer in range(model.config.text.num_hidden_layers):
+        roles = image_roles(cache, layer)
+        assert int((roles == COMPUTED).sum()) == math.floor(C * n)
+        assert int((roles == STORED).sum()) == math.floor(S * n) - math.floor(C * n)
+        assert int((roles == EVICTED).sum()) == n - math.floor(S * n)
+
+
+@pytest.mark.parametrize("policy, params", [("full", {}), ("h2o", {}), ("fastv", {"K": 1, "R": 0.5})])
+def test_other_policies_compute_what_they_store(tiny_ckpt, policy, params):
+    model, processor = tinyavl.load_pretrained(tiny_ckpt.folder("mha"), device="cpu")
+    cache = run_policy(model, processor, policy, **params)
+    for layer in range(model.config.text.num_hidden_layers):
+        roles = image_roles(cache, layer)
+        held = cache.pos[layer][0].flatten()
+        in_image = held[(held >= cache.n_sys) & (held < cache.n_sys + cache.n_img)]
+        assert int((roles == COMPUTED).sum()) == len(in_image.unique())
+        assert not (roles == STORED).any()
+    if policy == "full":
+        assert (image_roles(cache, 0) == COMPUTED).all()
+
+
+def test_picture_marks_each_cell(tiny_ckpt):
+    _, processor = tinyavl.load_pretrained(tiny_ckpt.folder("mha"), device="cpu")
+    inputs = prompt(processor)
+    image = seen_image(inputs["pixel_values"], processor)
+    assert image.size == (56, 56)
+    roles = torch.tensor([EVICTED, STORED, COMPUTED, COMPUTED] * 4)   # 4 x 4 grid
+    heat = torch.zeros(16)
+    heat[5] = 1.0
+    picture = draw_attention_map(image, roles, heat, "test")
+    assert picture.size == (2 * PANEL + 10, PANEL + 24)
+    cell, top = PANEL // 4, 24
+    base = image.resize((PANEL, PANEL))
+    inside = (cell // 2, cell // 2)  # centre of cell 0 (evicted: darkened)
+    assert sum(picture.getpixel((inside[0], top + inside[1]))) < sum(base.getpixel(inside))
+    assert picture.getpixel((2 * cell, top)) == FRAME[COMPUTED]        # cell 2's top-left corner: green frame
+    assert picture.getpixel((cell, top)) == FRAME[STORED]               # cell 1: yellow frame
+    hot = picture.getpixel((PANEL + 10 + cell + cell // 2, top + cell + cell // 2))  # heat cell 5
+    cold = picture.getpixel((PANEL + 10 + cell // 2, top + cell // 2))              # heat cell 0
+    assert hot[0] > 200 and hot[1] < 100 and cold != hot

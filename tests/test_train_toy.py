@@ -1,0 +1,120 @@
+"""The toy training script: data format, a few steps on a tiny config, and the folder it writes.
+
+The full training (the committed weights/toy) is not run here: README "The toy LLaVA" has its command.
+"""
+import math
+
+import pytest
+import torch
+
+import tinyavl
+from tinyavl.scenes import IMAGE_SIZE, PATCH, scene_stream
+from tinyavl.train_toy import (chat_example, make_batch, patch_targets, save_pretrained, sincos_2d, train,
+                               train_tokenizer)
+
+TINY = dict(vision_width=32, vision_layers=1, text_width=32, text_layers=2)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A tiny model after 40 steps: (model, processor, history)."""
+    torch.manual_seed(0)
+    return train(steps=40, batch_size=8, lr=3e-3, config_overrides=TINY, log=lambda *_: None)
+
+
+def test_initial_loss_is_uniform_guessing_and_training_reduces_it(trained):
+    model, _, history = trained
+    first = sum(h[1] for h in history[:3]) / 3
+    last = sum(h[1] for h in history[-5:]) / 5
+    # Small initial weights give near-uniform logits: cross-entropy ln(vocab).
+    assert abs(first - math.log(model.config.text.vocab_size)) < 0.3
+    assert last < 0.6 * first, f"answer loss went {first:.3f} -> {last:.3f}"
+    aux_first, aux_last = history[0][2], sum(h[2] for h in history[-5:]) / 5
+    assert aux_last < 0.5 * aux_first, f"patch loss went {aux_first:.3f} -> {aux_last:.3f}"
+
+
+def test_written_folder_loads_like_a_llava_hf_checkpoint(trained, tmp_path):
+    model, processor, _ = trained
+    save_pretrained(model, processor, tmp_path)
+    loaded, loaded_processor = tinyavl.load_pretrained(tmp_path, device="cpu")
+    scene, _ = next(scene_stream("eval", 0))
+    inputs = loaded_processor(loaded_processor.chat_prompt("What colour is the circle?"), image=scene.image())
+    expected = model(inputs["input_ids"], inputs["pixel_values"])
+    assert torch.equal(loaded(inputs["input_ids"], inputs["pixel_values"]), expected)
+
+    # transformers reads the same folder as a LlavaForConditionalGeneration: the layout is the published one.
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    with torch.no_grad():
+        hf_logits = hf(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"]).logits
+    assert (hf_logits - expected).abs().max() < 1e-4
+
+
+def test_chat_example_trains_only_the_answers():
+    tokenizer = train_tokenizer()
+    image_id = tokenizer.token_to_id("<image>")
+    processor = tinyavl.Processor(tokenizer, image_id, (IMAGE_SIZE // PATCH) ** 2, IMAGE_SIZE, IMAGE_SIZE)
+    scene, rng = next(scene_stream("eval", 5))
+    ids, labels = chat_example(scene, rng, processor, turns=3)
+    assert len(ids) == len(labels)
+    assert ids[0] == processor.bos_token_id and ids.count(image_id) == (IMAGE_SIZE // PATCH) ** 2
+    # Labels sit on their own tokens (the shift happens in the loss) and only on the three answers + </s>.
+    assert all(label in (-100, token) for token, label in zip(ids, labels))
+    trained_ids = [label for label in labels if label != -100]
+    answers = processor.tokenizer.decode(trained_ids, skip_special_tokens=False).split("</s>")
+    assert len(answers) == 4 and answers[-1] == "", "each answer ends with </s>"
+    valid = ({o.colour for o in scene.objects} | {o.shape for o in scene.objects} | {o.place for o in scene.objects}
+             | {str(o.digit) for o in scene.objects} | {str(n) for n in range(5)} | {scene.caption()})
+    assert all(answer.strip() in valid for answer in answers[:-1]), answers
+    # The prompt tokens before the first answer are exactly what the processor builds at inference.
+    first_answer = next(i for i, label in enumerate(labels) if label != -100)
+    question = processor.tokenizer.decode(ids[:first_answer], skip_special_tokens=True).split(":")[1]
+    question = question.strip().removesuffix("assistant")
+    at_inference = processor(processor.chat_prompt(question), image=scene.image())["input_ids"][0]
+    assert ids[:first_answer] == at_inference.tolist()
+
+
+def test_batch_shapes_and_padding():
+    tokenizer = train_tokenizer()
+    image_id = tokenizer.token_to_id("<image>")
+    processor = tinyavl.Processor(tokenizer, image_id, 64, IMAGE_SIZE, IMAGE_SIZE)
+    pad = tokenizer.token_to_id("<pad>")
+    batch = make_batch(scene_stream("eval", 1), processor, 4, 2, pad)
+    B, T = batch["input_ids"].shape
+    assert B == 4 and batch["labels"].shape == (B, T)
+    assert batch["pixel_values"].shape == (4, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert batch["patch_targets"].shape == (4, 64, 3)
+    assert (batch["labels"][batch["input_ids"] == pad] == -100).all(), "padding is never trained"
+
+
+def test_patch_targets_mark_the_patches_that_hold_the_object():
+    scene, _ = next(scene_stream("eval", 2))
+    targets = patch_targets(scene)  # (64, 3)
+    img = scene.image()
+    side = IMAGE_SIZE // PATCH
+    for patch in range(side * side):
+        row, col = divmod(patch, side)
+        box = (col * PATCH, row * PATCH, (col + 1) * PATCH, (row + 1) * PATCH)
+        drawn = img.crop(box).getbbox() is not None  # any non-black pixel
+        assert drawn == bool(targets[patch, 0] or targets[patch, 2]), f"patch {patch}"
+    assert int((targets[:, 0] > 0).sum()) == len(scene.objects)
+    assert int((targets[:, 2] > 0).sum()) == sum(o.digit is not None for o in scene.objects)
+
+
+def test_sincos_table_by_hand():
+    table = sincos_2d(grid=3, width=8)  # quarter = 2 frequencies: 1 and 1/100
+    assert table.shape == (9, 8)
+    row, col = 2, 1
+    freqs = [1.0, 0.01]
+    expected = ([math.sin(row * f) for f in freqs] + [math.cos(row * f) for f in freqs]
+                + [math.sin(col * f) for f in freqs] + [math.cos(col * f) for f in freqs])
+    assert torch.allclose(table[row * 3 + col], torch.tensor(expected), atol=1e-6)
+
+
+def test_training_is_reproducible_for_a_seed():
+    # The committed weights are the output of the documented seeded command: same seed, same weights.
+    runs = [train(steps=3, batch_size=4, seed=11, config_overrides=TINY, log=lambda *_: None)[0] for _ in range(2)]
+    first, second = (run.state_dict() for run in runs)
+    assert all(torch.equal(first[key], second[key]) for key in first)
+    other = train(steps=3, batch_size=4, seed=12, config_overrides=TINY, log=lambda *_: None)[0].state_dict()
+    assert not all(torch.equal(first[key], other[key]) for key in first)

@@ -1,0 +1,48 @@
+"""What the command lines share: one-line argument errors and the KV policy flags."""
+import argparse
+import sys
+
+# Policy parameters, named as in the papers; each policy takes its own subset (tinyavl/cache.py).
+POLICY_OPTIONS = {
+    "S": (float, "avl: fraction of image tokens stored (secondary)"),
+    "C": (float, "avl: fraction of image tokens computed (core)"),
+    "K": (int, "avl: core update interval in steps; fastv: layer after which image tokens are dropped"),
+    "P": (float, "avl: fraction of image tokens the prefill filter keeps (1 = no filter)"),
+    "filter_layer": (int, "avl: first layer that runs on the filtered sequence"),
+    "T": (float, "avl: fraction of text tokens kept"),
+    "R": (float, "fastv: fraction of image tokens dropped"),
+    "heavy": (float, "h2o: heavy-hitter fraction of the sequence"),
+    "recent": (float, "h2o, streaming: recent-window fraction of the sequence"),
+    "sinks": (int, "streaming: attention-sink tokens kept at the start"),
+    "kernel": (str, "avl: 'auto' (Triton on CUDA), 'triton' or 'torch' for the sparse decode attention"),
+}
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        # One line like every other user mistake (argparse would print the whole usage first).
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
+    """--policy NAME and one flag per policy parameter (unset flags keep the policy's defaults)."""
+    parser.add_argument("--policy", default="full", help="KV policy: full, avl, h2o, streaming, fastv")
+    for name, (kind, help_text) in POLICY_OPTIONS.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None, help=help_text)
+
+
+def policy_params(args: argparse.Namespace) -> dict:
+    """The policy parameters given on the command line."""
+    return {name: getattr(args, name) for name in POLICY_OPTIONS if getattr(args, name) is not None}
+
+
+def run_reporting_errors(run, args) -> tuple[int, object]:
+    """(0, run(args)); or, when the user made a mistake (UserError), the one-line message on stderr and (2, None)."""
+    from tinyavl.errors import UserError
+
+    try:
+        return 0, run(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2, None

@@ -1,0 +1,328 @@
+"""Train the toy LLaVA from scratch on synthetic scenes, on a CPU, and write it as a llava-hf folder.
+
+    python -m tinyavl.train_toy --out weights/toy            # the committed model (seed 0)
+
+The model is tinyavl's own LlavaForConditionalGeneration (tinyavl/model.py), small: a 2-layer CLIP-style
+ViT on 64 px images with 8 px patches (64 image tokens), the two-layer MLP projector, and a 4-layer Llama
+decoder with grouped-query attention. The folder it writes (config.json, model.safetensors,
+tokenizer.json, preprocessor_config.json) loads through `tinyavl.load_pretrained` exactly as a real
+llava-1.5-7b-hf folder does, and through transformers too.
+
+What makes such a small model learn the task in an hour rather than a day:
+- Objects snap to the patch grid (tinyavl/scenes.py): one patch holds a shape, one a digit.
+- The ViT's position embedding starts as a 2-D sine-cosine table, so patches know where they are.
+- An auxiliary loss on the image features (the projector's output, what the decoder reads) asks each
+  patch token which shape, colour and digit it shows. It stands in for CLIP's pre-training and
+  LLaVA's projector alignment stage, which give real LLaVA image tokens the decoder can already read.
+  The auxiliary heads are thrown away; they are not in the checkpoint.
+- Every training image carries several question-answer turns (the llava-1.5 multi-turn chat format),
+  so one image pass teaches several answers. Only answer tokens (and their </s>) are trained.
+- A word-level tokenizer of 48 entries keeps the sequences short.
+"""
+import argparse
+import json
+import math
+import random
+import time
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+
+from tinyavl.evaluate import evaluate, held_out_set
+from tinyavl.model import LlavaConfig, LlavaForConditionalGeneration, TextConfig, VisionConfig
+from tinyavl.processing import CLIP_MEAN, CLIP_STD, IMAGE_TOKEN, Processor
+from tinyavl.scenes import (CAPTION_QUESTION, COLOURS, DIGITS, GRID, IMAGE_SIZE, PATCH, QUESTION_TYPES, SHAPES,
+                            Scene, scene_stream)
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
+TURN_KINDS = QUESTION_TYPES + ("caption",)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tokenizer: one id per word, trained with the `tokenizers` library on the scenes' own text.
+# ---------------------------------------------------------------------------------------------------
+
+def train_tokenizer(n_scenes: int = 500) -> Tokenizer:
+    """A lowercasing word-level tokenizer whose post-processor puts <s> first, as Llama's does."""
+    tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()  # words, and punctuation as its own token
+    corpus, stream = [], scene_stream("vocab", 0)
+    for _ in range(n_scenes):
+        scene, rng = next(stream)
+        turns = [scene.question(kind, rng) for kind in QUESTION_TYPES] + [(CAPTION_QUESTION, scene.caption())]
+        corpus += [f"USER: {question} ASSISTANT: {answer}" for question, answer in turns]
+    # Every word must be in the vocabulary even if the sample above missed it.
+    corpus += [" ".join(COLOURS), " ".join(SHAPES), " ".join(str(d) for d in DIGITS)]
+    tokenizer.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS, min_frequency=1))
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))])
+    return tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------------
+
+def toy_config(vocab_size: int, image_token_id: int, vision_width: int = 96, vision_layers: int = 2,
+               text_width: int = 128, text_layers: int = 4) -> LlavaConfig:
+    """The toy architecture: LLaVA-1.5's, scaled down (64 image tokens, GQA with 2 KV heads)."""
+    vision = VisionConfig(hidden_size=vision_width, intermediate_size=4 * vision_width,
+                          num_hidden_layers=vision_layers, num_attention_heads=4, image_size=IMAGE_SIZE,
+                          patch_size=PATCH)
+    text = TextConfig(vocab_size=vocab_size, hidden_size=text_width, intermediate_size=3 * text_width,
+                      num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=512, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+    # The last ViT layer feeds the projector (real LLaVA reads the second to last of CLIP's 24).
+    return LlavaConfig(text=text, vision=vision, image_token_id=image_token_id, vision_feature_layer=-1)
+
+
+def sincos_2d(grid: int, width: int) -> torch.Tensor:
+    """A (grid * grid, width) table: half the channels encode the row, half the column (MAE's recipe)."""
+    quarter = width // 4
+    freqs = 1.0 / 10000 ** (torch.arange(quarter) / quarter)           # (width/4,)
+    coords = torch.arange(grid, dtype=torch.float32)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")          # (grid, grid) each
+    parts = []
+    for axis in (rows, cols):
+        angles = axis.reshape(-1, 1) * freqs                              # (grid^2, width/4)
+        parts += [angles.sin(), angles.cos()]
+    return torch.cat(parts, dim=1)                                        # (grid^2, width)
+
+
+def init_weights(model: LlavaForConditionalGeneration) -> None:
+    """Small normal weights (std 0.02), zero biases, and the 2-D sin-cos ViT position table."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+    embeddings = model.vision_tower.vision_model.embeddings
+    nn.init.normal_(embeddings.class_embedding, std=0.02)
+    grid = model.config.vision.image_size // model.config.vision.patch_size
+    with torch.no_grad():
+        embeddings.position_embedding.weight[0].zero_()  # the CLS slot
+        embeddings.position_embedding.weight[1:] = sincos_2d(grid, model.config.vision.hidden_size)
+
+
+class PatchProbe(nn.Module):
+    """The auxiliary heads: from each image feature (the projector's output), the shape, colour and digit
+    its patch shows (class 0 = nothing). Training only; not saved."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.heads = nn.ModuleList(nn.Linear(width, n) for n in (len(SHAPES) + 1, len(COLOURS) + 1,
+                                                                  len(DIGITS) + 1))
+
+    def loss(self, features, targets):  # features (B, P, C); targets (B, P, 3), one column per head
+        return sum(F.cross_entropy(head(features).flatten(0, 1), targets[..., i].flatten())
+                   for i, head in enumerate(self.heads)) / len(self.heads)
+
+
+def patch_targets(scene: Scene) -> torch.Tensor:
+    """(P, 3) class ids per patch: shape and colour on the shape's patch, the digit on the patch beside it."""
+    side = IMAGE_SIZE // PATCH
+    targets = torch.zeros(side * side, 3, dtype=torch.long)
+    shape_ids, colour_ids = {s: i + 1 for i, s in enumerate(SHAPES)}, {c: i + 1 for i, c in enumerate(COLOURS)}
+    place = IMAGE_SIZE // GRID // PATCH  # a place is place x place patches (2 x 2)
+    for obj in scene.objects:
+        patch = (obj.row - 1) * place * side + (obj.column - 1) * place  # the place's top-left patch
+        targets[patch, 0] = shape_ids[obj.shape]
+        targets[patch, 1] = colour_ids[obj.colour]
+        if obj.digit is not None:
+            targets[patch + 1, 2] = obj.digit + 1
+    return targets
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data: one image, several chat turns
+# ---------------------------------------------------------------------------------------------------
+
+def chat_example(scene: Scene, rng: random.Random, processor: Processor, turns: int):
+    """(input_ids, labels) for one image and `turns` question-answer turns in llava-1.5's chat format.
+
+    The first turn is built by the processor, exactly as at inference; later turns follow it as
+    "USER: {question} ASSISTANT: {answer}</s>". labels is -100 except on answer tokens and their </s>.
+    """
+    kinds = rng.sample(TURN_KINDS, turns)
+    ids, labels = [], []
+    for i, kind in enumerate(kinds):
+        question, answer = (CAPTION_QUESTION, scene.caption()) if kind == "caption" else scene.question(kind, rng)
+        if i == 0:
+            prompt = processor(processor.chat_prompt(question), image=scene.image())["input_ids"][0].tolist()
+        else:
+            prompt = processor.tokenizer.encode(f"USER: {question} ASSISTANT:", add_special_tokens=False).ids
+        reply = processor.tokenizer.encode(answer, add_special_tokens=False).ids + [processor.eos_token_id]
+        ids += prompt + reply
+        labels += [-100] * len(prompt) + reply
+    return ids, labels
+
+
+def make_batch(stream, processor: Processor, batch_size: int, turns: int, pad_id: int) -> dict:
+    """A right-padded batch: input_ids, labels (B, T); pixel_values (B, 3, H, W); patch targets (B, P, 3)."""
+    examples, pixels, targets = [], [], []
+    for _ in range(batch_size):
+        scene, rng = next(stream)
+        examples.append(chat_example(scene, rng, processor, turns))
+        pixels.append(processor.preprocess(scene.image()))
+        targets.append(patch_targets(scene))
+    T = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((batch_size, T), pad_id)
+    labels = torch.full((batch_size, T), -100)
+    for b, (ids, answer_labels) in enumerate(examples):
+        input_ids[b, :len(ids)] = torch.tensor(ids)
+        labels[b, :len(answer_labels)] = torch.tensor(answer_labels)
+    return {"input_ids": input_ids, "labels": labels, "pixel_values": torch.stack(pixels),
+            "patch_targets": torch.stack(targets)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------
+
+def losses(model, probe, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(next-token loss on the answers, auxiliary patch loss) for one batch."""
+    captured = {}
+    hook = model.multi_modal_projector.register_forward_hook(
+        lambda module, inputs, output: captured.update(features=output))  # image features (B, P, C_text)
+    try:
+        logits = model(batch["input_ids"], batch["pixel_values"])   # (B, T, vocab)
+    finally:
+        hook.remove()
+    lm_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100)
+    return lm_loss, probe.loss(captured["features"], batch["patch_targets"])
+
+
+def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to a tenth of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train(steps: int, batch_size: int = 32, lr: float = 2e-3, seed: int = 0, turns: int = 4, aux_weight: float = 1.0,
+          log_every: int = 100, eval_every: int = 0, config_overrides: dict | None = None, log=None):
+    """Train a toy model from scratch; returns (model, processor, history of (step, lm_loss, aux_loss)).
+
+    Every eval_every steps (0: never) the greedy accuracy on 10 held-out scenes (seed 0) is printed."""
+    log = log or partial(print, flush=True)
+    torch.manual_seed(seed)
+    tokenizer = train_tokenizer()
+    image_token_id = tokenizer.token_to_id(IMAGE_TOKEN)
+    config = toy_config(tokenizer.get_vocab_size(), image_token_id, **(config_overrides or {}))
+    processor = Processor(tokenizer, image_token_id, config.num_image_tokens, IMAGE_SIZE, IMAGE_SIZE)
+    model = LlavaForConditionalGeneration(config)
+    init_weights(model)
+    probe = PatchProbe(config.text.hidden_size)
+    params = list(model.parameters()) + list(probe.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"model: {n_params / 1e6:.2f} M parameters, {config.num_image_tokens} image tokens, "
+        f"vocabulary {config.text.vocab_size}")
+    stream = scene_stream("train", seed)
+    pad_id = tokenizer.token_to_id("<pad>")
+    history, start = [], time.perf_counter()
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, steps, lr, warmup=min(300, steps // 10 + 1))
+        batch = make_batch(stream, processor, batch_size, turns, pad_id)
+        lm_loss, aux_loss = losses(model, probe, batch)
+        optimizer.zero_grad(set_to_none=True)
+        (lm_loss + aux_weight * aux_loss).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        history.append((step, lm_loss.item(), aux_loss.item()))
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            seconds = time.perf_counter() - start
+            recent = history[-log_every:]
+            log(f"step {step + 1}/{steps}  answer loss {sum(h[1] for h in recent) / len(recent):.4f}  "
+                f"patch loss {sum(h[2] for h in recent) / len(recent):.4f}  "
+                f"lr {optimizer.param_groups[0]['lr']:.2e}  {(step + 1) * batch_size / seconds:.0f} samples/s  "
+                f"{seconds / 60:.1f} min")
+        if eval_every and (step + 1) % eval_every == 0:
+            report = evaluate(model, processor, held_out_set(seed=0, n_scenes=10))
+            log(f"  held-out accuracy {report['accuracy']:.3f}: " +
+                ", ".join(f"{kind} {acc:.2f}" for kind, acc in report["accuracy_by_type"].items()))
+    return model.eval().requires_grad_(False), processor, history
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writing the llava-hf folder
+# ---------------------------------------------------------------------------------------------------
+
+def hf_config(config: LlavaConfig) -> dict:
+    """config.json in the layout transformers writes for llava-hf checkpoints."""
+    text = {k: v for k, v in asdict(config.text).items() if k != "head_dim"}
+    vision = asdict(config.vision)
+    return {
+        "architectures": ["LlavaForConditionalGeneration"],
+        "model_type": "llava",
+        "image_token_index": config.image_token_id,
+        "projector_hidden_act": config.projector_hidden_act,
+        "vision_feature_layer": config.vision_feature_layer,
+        "vision_feature_select_strategy": config.vision_feature_select_strategy,
+        "torch_dtype": "float32",
+        "text_config": {"model_type": "llama", "architectures": ["LlamaForCausalLM"], **text},
+        "vision_config": {"model_type": "clip_vision_model", **vision},
+    }
+
+
+def save_pretrained(model: LlavaForConditionalGeneration, processor: Processor, out: Path) -> None:
+    """Write config.json, model.safetensors, tokenizer.json and preprocessor_config.json into `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {key: t.detach().contiguous() for key, t in model.state_dict().items()}
+    # CLIP's post_layernorm is part of the published layout although LLaVA never applies it.
+    width = model.config.vision.hidden_size
+    tensors["vision_tower.vision_model.post_layernorm.weight"] = torch.ones(width)
+    tensors["vision_tower.vision_model.post_layernorm.bias"] = torch.zeros(width)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(hf_config(model.config), indent=2) + "\n")
+    processor.tokenizer.save(str(out / "tokenizer.json"))
+    preprocessor = {"crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE}, "do_center_crop": True,
+                    "do_normalize": True, "do_rescale": True, "do_resize": True,
+                    "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
+                    "image_processor_type": "CLIPImageProcessor", "resample": 3, "rescale_factor": 1 / 255,
+                    "size": {"shortest_edge": IMAGE_SIZE}}
+    (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
+
+
+def write_examples(out: Path, n: int = 4) -> None:
+    """A few scenes (their own seed stream, never trained on) as PNGs, with their truth in examples.json."""
+    folder = out / "examples"
+    folder.mkdir(parents=True, exist_ok=True)
+    truth, stream = {}, scene_stream("example", 0)
+    for i in range(n):
+        scene, rng = next(stream)
+        scene.image().save(folder / f"scene-{i}.png")
+        truth[f"scene-{i}.png"] = dict([scene.question(kind, rng) for kind in QUESTION_TYPES],
+                                       **{CAPTION_QUESTION: scene.caption()})
+    (folder / "examples.json").write_text(json.dumps(truth, indent=2) + "\n")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("weights/toy"), help="folder to write (llava-hf layout)")
+    parser.add_argument("--steps", type=int, default=7000)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--seed", type=int, default=0, help="weights init and the training scene stream")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (results depend on it)")
+    parser.add_argument("--eval-every", type=int, default=500,
+                        help="steps between held-out accuracy reports (0: none; they do not change the weights)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model, processor, _ = train(args.steps, args.batch_size, args.lr, args.seed, eval_every=args.eval_every)
+    save_pretrained(model, processor, args.out)
+    write_examples(args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
