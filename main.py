@@ -8,13 +8,16 @@
 The answer is streamed to stdout; a short summary (timings, KV memory) goes to stderr. With --json a
 single JSON object is printed instead. A mistake in the input exits with status 2 and a one-line error.
 """
-import json
 import sys
 from pathlib import Path
 
-from tinyavl.cli import ArgumentParser, add_policy_arguments, policy_params, run_reporting_errors
+from PIL import Image
 
-DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "toy"
+import tinyavl
+from tinyavl.attention_map import map_layer, save_attention_map
+from tinyavl.cli import TOY_WEIGHTS, ArgumentParser, add_policy_arguments, policy_params, run_command
+
+DEFAULT_WEIGHTS = TOY_WEIGHTS  # --weights when not given
 
 
 def parse_args(argv):
@@ -38,8 +41,6 @@ def parse_args(argv):
 
 
 def run(args) -> dict:
-    import tinyavl
-
     if args.weights == DEFAULT_WEIGHTS and not args.weights.is_dir():
         raise tinyavl.UserError(f"no model in {args.weights}: restore the committed toy model (git checkout "
                                 "weights/toy), retrain it (python -m tinyavl.train_toy), or pass --weights with a "
@@ -48,7 +49,6 @@ def run(args) -> dict:
         check_picture_path(args.attention_map)
     model, processor = tinyavl.load_pretrained(args.weights, device=args.device, dtype=args.dtype)
     if args.attention_map is not None:
-        from tinyavl.attention_map import map_layer, save_attention_map
         layer = map_layer(model, args.map_layer)
     inputs = processor(processor.chat_prompt(args.prompt), image=args.image)
     cache = tinyavl.make_cache(args.policy, **policy_params(args))
@@ -87,14 +87,10 @@ def run(args) -> dict:
 
 def check_picture_path(path: Path) -> None:
     """Fail before any work if the picture cannot be written there."""
-    from PIL import Image
-
-    from tinyavl.errors import UserError
-
     if not path.parent.is_dir():
-        raise UserError(f"cannot write {path}: folder {path.parent} does not exist")
+        raise tinyavl.UserError(f"cannot write {path}: folder {path.parent} does not exist")
     if path.suffix.lower() not in Image.registered_extensions():
-        raise UserError(f"cannot write {path}: give the picture a .png or .jpg name")
+        raise tinyavl.UserError(f"cannot write {path}: give the picture a .png or .jpg name")
 
 
 def summary(result: dict) -> str:
@@ -112,15 +108,7 @@ def summary(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    code, result = run_reporting_errors(run, args)
-    if code:
-        return code
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(summary(result), file=sys.stderr)
-    return 0
+    return run_command(run, parse_args(argv), show=lambda result: print(summary(result), file=sys.stderr))
 
 
 if __name__ == "__main__":

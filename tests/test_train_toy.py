@@ -9,8 +9,15 @@ import torch
 
 import tinyavl
 from tinyavl.scenes import IMAGE_SIZE, PATCH, scene_stream
-from tinyavl.train_toy import (chat_example, make_batch, patch_targets, save_pretrained, sincos_2d, train,
-                               train_tokenizer)
+from tinyavl.train_toy import (
+    chat_example,
+    make_batch,
+    patch_targets,
+    save_pretrained,
+    sincos_2d,
+    train,
+    train_tokenizer,
+)
 
 TINY = dict(vision_width=32, vision_layers=1, text_width=32, text_layers=2)
 
@@ -55,8 +62,9 @@ def test_chat_example_trains_only_the_answers():
     image_id = tokenizer.token_to_id("<image>")
     processor = tinyavl.Processor(tokenizer, image_id, (IMAGE_SIZE // PATCH) ** 2, IMAGE_SIZE, IMAGE_SIZE)
     scene, rng = next(scene_stream("eval", 5))
-    ids, labels = chat_example(scene, rng, processor, turns=3)
+    ids, labels, pixel_values = chat_example(scene, rng, processor, turns=3)
     assert len(ids) == len(labels)
+    assert torch.equal(pixel_values, processor.preprocess(scene.image()))
     assert ids[0] == processor.bos_token_id and ids.count(image_id) == (IMAGE_SIZE // PATCH) ** 2
     # Labels sit on their own tokens (the shift happens in the loss) and only on the three answers + </s>.
     assert all(label in (-100, token) for token, label in zip(ids, labels))

@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw
 
 from tinyavl.cache import AVLCache, KVCache, last_row_probs
 from tinyavl.errors import UserError
+from tinyavl.generate import image_segments
 
 EVICTED, STORED, COMPUTED = 0, 1, 2
 FRAME = {COMPUTED: (40, 220, 70), STORED: (250, 210, 40)}
@@ -36,7 +37,6 @@ class AttentionRecorder(KVCache):
 
 def image_heat(model, input_ids, pixel_values, layer: int) -> torch.Tensor:
     """(n_img,) the last prompt token's dense attention over the image tokens in `layer`."""
-    from tinyavl.generate import image_segments
     recorder = AttentionRecorder()
     n_sys, n_img = image_segments(input_ids, model.config.image_token_id)
     recorder.begin(model.config.text.num_hidden_layers, n_sys, n_img)

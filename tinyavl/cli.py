@@ -1,6 +1,13 @@
-"""What the command lines share: one-line argument errors and the KV policy flags."""
+"""What the command lines share: the toy model's folder, one-line errors, the KV policy flags."""
 import argparse
+import json
 import sys
+from pathlib import Path
+
+from tinyavl.errors import UserError
+
+# The committed toy LLaVA: the default model of main.py and of the evaluation.
+TOY_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "toy"
 
 # Policy parameters, named as in the papers; each policy takes its own subset (tinyavl/cache.py).
 POLICY_OPTIONS = {
@@ -37,12 +44,17 @@ def policy_params(args: argparse.Namespace) -> dict:
     return {name: getattr(args, name) for name in POLICY_OPTIONS if getattr(args, name) is not None}
 
 
-def run_reporting_errors(run, args) -> tuple[int, object]:
-    """(0, run(args)); or, when the user made a mistake (UserError), the one-line message on stderr and (2, None)."""
-    from tinyavl.errors import UserError
 
+def run_command(run, args, show) -> int:
+    """A command's exit status: run(args), then its result printed as one JSON object (--json) or by
+    show(result); a user's mistake (UserError) is one line on stderr and status 2."""
     try:
-        return 0, run(args)
+        result = run(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2, None
+        return 2
+    if args.json:
+        print(json.dumps(result))
+    else:
+        show(result)
+    return 0

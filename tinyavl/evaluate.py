@@ -14,16 +14,31 @@ Memory and compute are measured, not nominal: kv_ratio is the peak K/V bytes the
 what the dense cache holds for the same sequence, summed over all prompts; attended_ratio is the
 rows attended per decode step (summed over layers) over the dense count.
 """
-import json
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tinyavl.cli import ArgumentParser, add_policy_arguments, policy_params, run_reporting_errors
-from tinyavl.scenes import CAPTION_QUESTION, QUESTION_TYPES, Scene, parse_caption, scene_stream
+from tinyavl import load_pretrained
+from tinyavl.attention_map import save_attention_map
+from tinyavl.cache import make_cache
+from tinyavl.cli import (
+    TOY_WEIGHTS,
+    ArgumentParser,
+    add_policy_arguments,
+    policy_params,
+    run_command,
+)
+from tinyavl.errors import UserError
+from tinyavl.generate import generate
+from tinyavl.scenes import (
+    CAPTION_QUESTION,
+    QUESTION_TYPES,
+    Scene,
+    parse_caption,
+    scene_stream,
+)
 
-DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "toy"
 KINDS = QUESTION_TYPES + ("caption",)
 
 # Every policy at about half of the dense KV bytes on the toy model (the measured kv_ratio is printed
@@ -78,8 +93,6 @@ def evaluate(model, processor, questions: list[Question], policy: str = "full", 
     """Run every question under a policy; the report as a dict (see the module docstring).
 
     on_answer(question, prediction, cache, inputs) is called after each answer (for pictures)."""
-    from tinyavl import generate, make_cache
-
     params = params or {}
     right = {kind: 0 for kind in KINDS}
     asked = {kind: 0 for kind in KINDS}
@@ -118,11 +131,6 @@ def evaluate(model, processor, questions: list[Question], policy: str = "full", 
     }
 
 
-def table_rows():
-    """(policy, params) for the comparison table: POLICY_TABLE, then the A-VL sweep."""
-    return POLICY_TABLE + [("avl", params) for params in AVL_SWEEP]
-
-
 def format_table(reports: list[dict]) -> str:
     """A Markdown table: one row per report, accuracy per type and the measured ratios."""
     head = ["policy", "params", "overall"] + list(KINDS) + ["caption objects", "KV bytes", "attended"]
@@ -139,7 +147,7 @@ def format_table(reports: list[dict]) -> str:
 
 def parse_args(argv):
     parser = ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="the toy model folder")
+    parser.add_argument("--weights", type=Path, default=TOY_WEIGHTS, help="the toy model folder")
     parser.add_argument("--seed", type=int, default=1, help="which held-out set (any integer)")
     parser.add_argument("--n", type=int, default=50, help="scenes (each gets 6 prompts)")
     add_policy_arguments(parser)
@@ -151,23 +159,20 @@ def parse_args(argv):
 
 
 def run(args) -> dict:
-    import tinyavl
-    from tinyavl.attention_map import save_attention_map
-
     if args.n < 1:
-        raise tinyavl.UserError(f"--n must be at least 1, got {args.n}")
+        raise UserError(f"--n must be at least 1, got {args.n}")
     if args.table and (args.policy != "full" or policy_params(args) or args.attention_maps):
-        raise tinyavl.UserError("--table runs its own list of policies: leave out --policy, its parameters "
+        raise UserError("--table runs its own list of policies: leave out --policy, its parameters "
                                 "and --attention-maps")
-    tinyavl.make_cache(args.policy, **policy_params(args))  # bad policy parameters fail here, before any work
+    make_cache(args.policy, **policy_params(args))  # bad policy parameters fail here, before any work
     if not args.weights.is_dir():
-        raise tinyavl.UserError(f"no model folder at {args.weights}: train one with python -m tinyavl.train_toy")
-    model, processor = tinyavl.load_pretrained(args.weights, device="cpu", dtype="float32")
+        raise UserError(f"no model folder at {args.weights}: train one with python -m tinyavl.train_toy")
+    model, processor = load_pretrained(args.weights, device="cpu", dtype="float32")
     questions = held_out_set(args.seed, args.n)
 
     if args.table:
         reports = []
-        for policy, params in table_rows():
+        for policy, params in POLICY_TABLE + [("avl", params) for params in AVL_SWEEP]:
             reports.append(evaluate(model, processor, questions, policy, params))
             if not args.json:
                 print(f"{policy} {params}: accuracy {reports[-1]['accuracy']:.3f} "
@@ -177,7 +182,7 @@ def run(args) -> dict:
     on_answer = None
     if args.attention_maps is not None:
         if args.attention_maps.exists() and not args.attention_maps.is_dir():
-            raise tinyavl.UserError(f"--attention-maps {args.attention_maps} is a file: give a folder")
+            raise UserError(f"--attention-maps {args.attention_maps} is a file: give a folder")
         args.attention_maps.mkdir(parents=True, exist_ok=True)
 
         def on_answer(question, prediction, cache, inputs):
@@ -190,16 +195,7 @@ def run(args) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    code, result = run_reporting_errors(run, args)
-    if code:
-        return code
-    if args.json:
-        print(json.dumps(result))
-    elif args.table:
-        print(format_table(result["rows"]))
-    else:
-        print(format_table([result]))
-    return 0
+    return run_command(run, args, show=lambda result: print(format_table(result["rows"] if args.table else [result])))
 
 
 if __name__ == "__main__":

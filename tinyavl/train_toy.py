@@ -19,7 +19,6 @@ What makes such a small model learn the task in an hour rather than a day:
   so one image pass teaches several answers. Only answer tokens (and their </s>) are trained.
 - A word-level tokenizer of 48 entries keeps the sequences short.
 """
-import argparse
 import json
 import math
 import random
@@ -32,13 +31,36 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import (
+    Tokenizer,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 
+from tinyavl.cli import ArgumentParser
 from tinyavl.evaluate import evaluate, held_out_set
-from tinyavl.model import LlavaConfig, LlavaForConditionalGeneration, TextConfig, VisionConfig
+from tinyavl.model import (
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    TextConfig,
+    VisionConfig,
+)
 from tinyavl.processing import CLIP_MEAN, CLIP_STD, IMAGE_TOKEN, Processor
-from tinyavl.scenes import (CAPTION_QUESTION, COLOURS, DIGITS, GRID, IMAGE_SIZE, PATCH, QUESTION_TYPES, SHAPES,
-                            Scene, scene_stream)
+from tinyavl.scenes import (
+    CAPTION_QUESTION,
+    COLOURS,
+    DIGITS,
+    GRID,
+    IMAGE_SIZE,
+    PATCH,
+    QUESTION_TYPES,
+    SHAPES,
+    Scene,
+    scene_stream,
+)
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
 TURN_KINDS = QUESTION_TYPES + ("caption",)
@@ -145,7 +167,8 @@ def patch_targets(scene: Scene) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------
 
 def chat_example(scene: Scene, rng: random.Random, processor: Processor, turns: int):
-    """(input_ids, labels) for one image and `turns` question-answer turns in llava-1.5's chat format.
+    """(input_ids, labels, pixel_values [3, H, W]) for one image and `turns` question-answer turns in
+    llava-1.5's chat format.
 
     The first turn is built by the processor, exactly as at inference; later turns follow it as
     "USER: {question} ASSISTANT: {answer}</s>". labels is -100 except on answer tokens and their </s>.
@@ -155,29 +178,30 @@ def chat_example(scene: Scene, rng: random.Random, processor: Processor, turns: 
     for i, kind in enumerate(kinds):
         question, answer = (CAPTION_QUESTION, scene.caption()) if kind == "caption" else scene.question(kind, rng)
         if i == 0:
-            prompt = processor(processor.chat_prompt(question), image=scene.image())["input_ids"][0].tolist()
+            first_turn = processor(processor.chat_prompt(question), image=scene.image())
+            prompt = first_turn["input_ids"][0].tolist()
         else:
             prompt = processor.tokenizer.encode(f"USER: {question} ASSISTANT:", add_special_tokens=False).ids
         reply = processor.tokenizer.encode(answer, add_special_tokens=False).ids + [processor.eos_token_id]
         ids += prompt + reply
         labels += [-100] * len(prompt) + reply
-    return ids, labels
+    return ids, labels, first_turn["pixel_values"][0]
 
 
 def make_batch(stream, processor: Processor, batch_size: int, turns: int, pad_id: int) -> dict:
     """A right-padded batch: input_ids, labels (B, T); pixel_values (B, 3, H, W); patch targets (B, P, 3)."""
-    examples, pixels, targets = [], [], []
+    examples, targets = [], []
     for _ in range(batch_size):
         scene, rng = next(stream)
         examples.append(chat_example(scene, rng, processor, turns))
-        pixels.append(processor.preprocess(scene.image()))
         targets.append(patch_targets(scene))
-    T = max(len(ids) for ids, _ in examples)
+    T = max(len(ids) for ids, _, _ in examples)
     input_ids = torch.full((batch_size, T), pad_id)
     labels = torch.full((batch_size, T), -100)
-    for b, (ids, answer_labels) in enumerate(examples):
+    for b, (ids, answer_labels, _) in enumerate(examples):
         input_ids[b, :len(ids)] = torch.tensor(ids)
         labels[b, :len(answer_labels)] = torch.tensor(answer_labels)
+    pixels = [pixel_values for _, _, pixel_values in examples]
     return {"input_ids": input_ids, "labels": labels, "pixel_values": torch.stack(pixels),
             "patch_targets": torch.stack(targets)}
 
@@ -307,7 +331,7 @@ def write_examples(out: Path, n: int = 4) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("weights/toy"), help="folder to write (llava-hf layout)")
     parser.add_argument("--steps", type=int, default=7000)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -317,6 +341,11 @@ def main(argv=None) -> None:
     parser.add_argument("--eval-every", type=int, default=500,
                         help="steps between held-out accuracy reports (0: none; they do not change the weights)")
     args = parser.parse_args(argv)
+    for name in ("steps", "batch_size", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} is a file: give a folder")
     torch.set_num_threads(args.threads)
     model, processor, _ = train(args.steps, args.batch_size, args.lr, args.seed, eval_every=args.eval_every)
     save_pretrained(model, processor, args.out)
