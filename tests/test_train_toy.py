@@ -9,15 +9,8 @@ import torch
 
 import tinyavl
 from tinyavl.scenes import IMAGE_SIZE, PATCH, scene_stream
-from tinyavl.train_toy import (
-    chat_example,
-    make_batch,
-    patch_targets,
-    save_pretrained,
-    sincos_2d,
-    train,
-    train_tokenizer,
-)
+from tinyavl.train_toy import (chat_example, make_batch, patch_targets, save_pretrained, sincos_2d, train,
+                               train_tokenizer)
 
 TINY = dict(vision_width=32, vision_layers=1, text_width=32, text_layers=2)
 

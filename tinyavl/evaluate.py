@@ -22,22 +22,10 @@ from pathlib import Path
 from tinyavl import load_pretrained
 from tinyavl.attention_map import save_attention_map
 from tinyavl.cache import make_cache
-from tinyavl.cli import (
-    TOY_WEIGHTS,
-    ArgumentParser,
-    add_policy_arguments,
-    policy_params,
-    run_command,
-)
+from tinyavl.cli import TOY_WEIGHTS, ArgumentParser, add_policy_arguments, policy_params, run_command
 from tinyavl.errors import UserError
 from tinyavl.generate import generate
-from tinyavl.scenes import (
-    CAPTION_QUESTION,
-    QUESTION_TYPES,
-    Scene,
-    parse_caption,
-    scene_stream,
-)
+from tinyavl.scenes import CAPTION_QUESTION, QUESTION_TYPES, Scene, parse_caption, scene_stream
 
 KINDS = QUESTION_TYPES + ("caption",)
 

@@ -31,36 +31,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from tokenizers import (
-    Tokenizer,
-    models,
-    normalizers,
-    pre_tokenizers,
-    processors,
-    trainers,
-)
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 
 from tinyavl.cli import ArgumentParser
 from tinyavl.evaluate import evaluate, held_out_set
-from tinyavl.model import (
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    TextConfig,
-    VisionConfig,
-)
+from tinyavl.model import LlavaConfig, LlavaForConditionalGeneration, TextConfig, VisionConfig
 from tinyavl.processing import CLIP_MEAN, CLIP_STD, IMAGE_TOKEN, Processor
-from tinyavl.scenes import (
-    CAPTION_QUESTION,
-    COLOURS,
-    DIGITS,
-    GRID,
-    IMAGE_SIZE,
-    PATCH,
-    QUESTION_TYPES,
-    SHAPES,
-    Scene,
-    scene_stream,
-)
+from tinyavl.scenes import (CAPTION_QUESTION, COLOURS, DIGITS, GRID, IMAGE_SIZE, PATCH, QUESTION_TYPES, SHAPES,
+                            Scene, scene_stream)
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
 TURN_KINDS = QUESTION_TYPES + ("caption",)
