@@ -8,7 +8,8 @@ import random
 import pytest
 
 from tinyavl.scenes import (CAPTION_QUESTION, COLOURS, DIGIT_COLOUR, DIGIT_OFFSET, DIGITS, GRID, IMAGE_SIZE, PATCH,
-                            QUESTION_TYPES, SHAPE_OFFSET, SHAPES, parse_caption, random_scene, scene_stream)
+                            PROMPT_KINDS, QUESTION_TYPES, SHAPE_OFFSET, SHAPES, parse_caption, random_scene,
+                            scene_stream)
 
 
 def scenes(split="eval", seed=7, n=40):
@@ -119,3 +120,16 @@ def test_captions_are_long_and_questions_well_posed():
         assert any(o.digit is not None for o in scene.objects), "the digit question needs a digit"
         assert list(scene.objects) == sorted(scene.objects, key=lambda o: (o.row, o.column)), "reading order"
     assert CAPTION_QUESTION.endswith(".")
+
+
+def test_ask_is_the_question_or_the_caption_request():
+    scene, rng = next(scene_stream("eval", 3))
+    state = rng.getstate()
+    for kind in PROMPT_KINDS:
+        asked = scene.ask(kind, rng)
+        after_ask = rng.getstate()
+        rng.setstate(state)
+        # The same draw as the question itself (the caption draws nothing), so every stream stays as it was.
+        assert asked == ((CAPTION_QUESTION, scene.caption()) if kind == "caption" else scene.question(kind, rng))
+        assert rng.getstate() == after_ask
+        state = after_ask

@@ -44,7 +44,6 @@ def policy_params(args: argparse.Namespace) -> dict:
     return {name: getattr(args, name) for name in POLICY_OPTIONS if getattr(args, name) is not None}
 
 
-
 def run_command(run, args, show) -> int:
     """A command's exit status: run(args), then its result printed as one JSON object (--json) or by
     show(result); a user's mistake (UserError) is one line on stderr and status 2."""

@@ -25,9 +25,7 @@ from tinyavl.cache import make_cache
 from tinyavl.cli import TOY_WEIGHTS, ArgumentParser, add_policy_arguments, policy_params, run_command
 from tinyavl.errors import UserError
 from tinyavl.generate import generate
-from tinyavl.scenes import CAPTION_QUESTION, QUESTION_TYPES, Scene, parse_caption, scene_stream
-
-KINDS = QUESTION_TYPES + ("caption",)
+from tinyavl.scenes import PROMPT_KINDS as KINDS, Scene, parse_caption, scene_stream
 
 # Every policy at about half of the dense KV bytes on the toy model (the measured kv_ratio is printed
 # beside each row), then A-VL's own knobs one at a time around its defaults.
@@ -58,10 +56,9 @@ def held_out_set(seed: int, n_scenes: int) -> list[Question]:
     questions, stream = [], scene_stream("eval", seed)
     for index in range(n_scenes):
         scene, rng = next(stream)
-        for kind in QUESTION_TYPES:
-            text, answer = scene.question(kind, rng)
+        for kind in KINDS:
+            text, answer = scene.ask(kind, rng)
             questions.append(Question(index, kind, text, answer, scene))
-        questions.append(Question(index, "caption", CAPTION_QUESTION, scene.caption(), scene))
     return questions
 
 

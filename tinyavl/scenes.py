@@ -53,6 +53,7 @@ DIGIT_OFFSET = (2, 1)
 
 QUESTION_TYPES = ("colour", "shape", "count", "digit", "where")
 CAPTION_QUESTION = "Describe the image."
+PROMPT_KINDS = QUESTION_TYPES + ("caption",)  # everything a scene can be asked (`Scene.ask`)
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,10 @@ class Scene:
 
     def caption(self) -> str:
         return " and ".join(obj.describe() for obj in self.objects)
+
+    def ask(self, kind: str, rng: random.Random) -> tuple[str, str]:
+        """A (prompt, answer) pair of any of PROMPT_KINDS: a question, or the caption request and the caption."""
+        return (CAPTION_QUESTION, self.caption()) if kind == "caption" else self.question(kind, rng)
 
     def question(self, kind: str, rng: random.Random) -> tuple[str, str]:
         """A (question, answer) pair of one of QUESTION_TYPES about a randomly chosen object or colour."""

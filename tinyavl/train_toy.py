@@ -37,11 +37,9 @@ from tinyavl.cli import ArgumentParser
 from tinyavl.evaluate import evaluate, held_out_set
 from tinyavl.model import LlavaConfig, LlavaForConditionalGeneration, TextConfig, VisionConfig
 from tinyavl.processing import CLIP_MEAN, CLIP_STD, IMAGE_TOKEN, Processor
-from tinyavl.scenes import (CAPTION_QUESTION, COLOURS, DIGITS, GRID, IMAGE_SIZE, PATCH, QUESTION_TYPES, SHAPES,
-                            Scene, scene_stream)
+from tinyavl.scenes import COLOURS, DIGITS, GRID, IMAGE_SIZE, PATCH, PROMPT_KINDS, SHAPES, Scene, scene_stream
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
-TURN_KINDS = QUESTION_TYPES + ("caption",)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -56,7 +54,7 @@ def train_tokenizer(n_scenes: int = 500) -> Tokenizer:
     corpus, stream = [], scene_stream("vocab", 0)
     for _ in range(n_scenes):
         scene, rng = next(stream)
-        turns = [scene.question(kind, rng) for kind in QUESTION_TYPES] + [(CAPTION_QUESTION, scene.caption())]
+        turns = [scene.ask(kind, rng) for kind in PROMPT_KINDS]
         corpus += [f"USER: {question} ASSISTANT: {answer}" for question, answer in turns]
     # Every word must be in the vocabulary even if the sample above missed it.
     corpus += [" ".join(COLOURS), " ".join(SHAPES), " ".join(str(d) for d in DIGITS)]
@@ -151,10 +149,10 @@ def chat_example(scene: Scene, rng: random.Random, processor: Processor, turns: 
     The first turn is built by the processor, exactly as at inference; later turns follow it as
     "USER: {question} ASSISTANT: {answer}</s>". labels is -100 except on answer tokens and their </s>.
     """
-    kinds = rng.sample(TURN_KINDS, turns)
+    kinds = rng.sample(PROMPT_KINDS, turns)
     ids, labels = [], []
     for i, kind in enumerate(kinds):
-        question, answer = (CAPTION_QUESTION, scene.caption()) if kind == "caption" else scene.question(kind, rng)
+        question, answer = scene.ask(kind, rng)
         if i == 0:
             first_turn = processor(processor.chat_prompt(question), image=scene.image())
             prompt = first_turn["input_ids"][0].tolist()
@@ -303,8 +301,7 @@ def write_examples(out: Path, n: int = 4) -> None:
     for i in range(n):
         scene, rng = next(stream)
         scene.image().save(folder / f"scene-{i}.png")
-        truth[f"scene-{i}.png"] = dict([scene.question(kind, rng) for kind in QUESTION_TYPES],
-                                       **{CAPTION_QUESTION: scene.caption()})
+        truth[f"scene-{i}.png"] = dict(scene.ask(kind, rng) for kind in PROMPT_KINDS)
     (folder / "examples.json").write_text(json.dumps(truth, indent=2) + "\n")
 
 
