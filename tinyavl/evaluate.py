@@ -25,7 +25,7 @@ from tinyavl.cache import make_cache
 from tinyavl.cli import TOY_WEIGHTS, ArgumentParser, add_policy_arguments, policy_params, run_command
 from tinyavl.errors import UserError
 from tinyavl.generate import generate
-from tinyavl.scenes import PROMPT_KINDS as KINDS, Scene, parse_caption, scene_stream
+from tinyavl.scenes import PROMPT_KINDS, Scene, parse_caption, scene_stream
 
 # Every policy at about half of the dense KV bytes on the toy model (the measured kv_ratio is printed
 # beside each row), then A-VL's own knobs one at a time around its defaults.
@@ -45,7 +45,7 @@ AVL_SWEEP = [
 @dataclass(frozen=True)
 class Question:
     scene_index: int
-    kind: str       # one of KINDS
+    kind: str       # one of PROMPT_KINDS
     text: str
     answer: str
     scene: Scene
@@ -56,7 +56,7 @@ def held_out_set(seed: int, n_scenes: int) -> list[Question]:
     questions, stream = [], scene_stream("eval", seed)
     for index in range(n_scenes):
         scene, rng = next(stream)
-        for kind in KINDS:
+        for kind in PROMPT_KINDS:
             text, answer = scene.ask(kind, rng)
             questions.append(Question(index, kind, text, answer, scene))
     return questions
@@ -79,8 +79,8 @@ def evaluate(model, processor, questions: list[Question], policy: str = "full", 
 
     on_answer(question, prediction, cache, inputs) is called after each answer (for pictures)."""
     params = params or {}
-    right = {kind: 0 for kind in KINDS}
-    asked = {kind: 0 for kind in KINDS}
+    right = {kind: 0 for kind in PROMPT_KINDS}
+    asked = {kind: 0 for kind in PROMPT_KINDS}
     objects_right = objects_total = 0
     kv_bytes = kv_dense = attended = attended_dense = 0
     start = time.perf_counter()
@@ -103,7 +103,7 @@ def evaluate(model, processor, questions: list[Question], policy: str = "full", 
             attended_dense += stats.attended_tokens_per_step_dense * steps
         if on_answer:
             on_answer(question, prediction, cache, inputs)
-    by_kind = {kind: right[kind] / asked[kind] for kind in KINDS if asked[kind]}
+    by_kind = {kind: right[kind] / asked[kind] for kind in PROMPT_KINDS if asked[kind]}
     return {
         "policy": policy, "policy_params": cache.params(),
         "n_questions": len(questions),
@@ -118,12 +118,12 @@ def evaluate(model, processor, questions: list[Question], policy: str = "full", 
 
 def format_table(reports: list[dict]) -> str:
     """A Markdown table: one row per report, accuracy per type and the measured ratios."""
-    head = ["policy", "params", "overall"] + list(KINDS) + ["caption objects", "KV bytes", "attended"]
+    head = ["policy", "params", "overall"] + list(PROMPT_KINDS) + ["caption objects", "KV bytes", "attended"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in reports:
         params = " ".join(f"{k}={v}" for k, v in r["policy_params"].items())
         cells = [r["policy"], params or "-", f"{r['accuracy']:.3f}"]
-        cells += [f"{r['accuracy_by_type'][kind]:.2f}" for kind in KINDS]
+        cells += [f"{r['accuracy_by_type'][kind]:.2f}" for kind in PROMPT_KINDS]
         cells += [f"{r['caption_objects']:.3f}", f"{r['kv_ratio']:.2f}",
                   "-" if r["attended_ratio"] is None else f"{r['attended_ratio']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
