@@ -8,8 +8,8 @@ import random
 import pytest
 
 from tinyavl.scenes import (CAPTION_QUESTION, COLOURS, DIGIT_COLOUR, DIGIT_OFFSET, DIGITS, GRID, IMAGE_SIZE, PATCH,
-                            PROMPT_KINDS, QUESTION_TYPES, SHAPE_OFFSET, SHAPES, parse_caption, random_scene,
-                            scene_stream)
+                            PROMPT_KINDS, QUESTION_TYPES, SHAPE_OFFSET, SHAPES, SceneObject, parse_caption,
+                            random_scene, scene_stream)
 
 
 def scenes(split="eval", seed=7, n=40):
@@ -84,6 +84,18 @@ def test_every_glyph_is_distinct():
 def test_pixels_agree_with_the_objects(scene):
     drawn = read_scene(scene.image())
     assert drawn == {(o.row, o.column): (o.colour, o.shape, o.digit) for o in scene.objects}
+
+
+@pytest.mark.parametrize("scene", scenes()[:5], ids=lambda s: s.caption()[:30])
+def test_shape_patch_is_the_image_token_that_shows_the_shape(scene):
+    # By hand: 8 patches per row and 2 x 2 per place, so row 2 column 3 starts at patch row 2, column 4.
+    assert SceneObject("circle", "red", 2, 3, None, (0, 0, 0)).shape_patch == 2 * 8 + 4
+    assert SceneObject("circle", "red", 4, 4, None, (0, 0, 0)).shape_patch == 6 * 8 + 6
+    side = IMAGE_SIZE // PATCH
+    for obj in scene.objects:
+        row, col = divmod(obj.shape_patch, side)
+        patch = scene.image().crop((col * PATCH, row * PATCH, (col + 1) * PATCH, (row + 1) * PATCH))
+        assert obj.rgb in {rgb for _, rgb in patch.getcolors()}, obj
 
 
 @pytest.mark.parametrize("seed", range(5))

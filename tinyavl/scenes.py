@@ -69,6 +69,14 @@ class SceneObject:
     def place(self) -> str:
         return f"row {self.row} column {self.column}"
 
+    @property
+    def shape_patch(self) -> int:
+        """The index of the image token that shows the shape: the top-left patch of its place (patches
+        in reading order, 8 per row)."""
+        per_side, per_place = IMAGE_SIZE // PATCH, PLACE // PATCH
+        patch_row, patch_column = (self.row - 1) * per_place, (self.column - 1) * per_place
+        return patch_row * per_side + patch_column
+
     def describe(self) -> str:
         text = f"{self.colour} {self.shape} at {self.place}"
         return text if self.digit is None else f"{text} with digit {self.digit}"

@@ -37,7 +37,7 @@ from tinyavl.cli import ArgumentParser
 from tinyavl.evaluate import evaluate, held_out_set
 from tinyavl.model import LlavaConfig, LlavaForConditionalGeneration, TextConfig, VisionConfig
 from tinyavl.processing import CLIP_MEAN, CLIP_STD, IMAGE_TOKEN, Processor
-from tinyavl.scenes import COLOURS, DIGITS, GRID, IMAGE_SIZE, PATCH, PROMPT_KINDS, SHAPES, Scene, scene_stream
+from tinyavl.scenes import COLOURS, DIGITS, IMAGE_SIZE, PATCH, PROMPT_KINDS, SHAPES, Scene, scene_stream
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
 
@@ -128,9 +128,8 @@ def patch_targets(scene: Scene) -> torch.Tensor:
     side = IMAGE_SIZE // PATCH
     targets = torch.zeros(side * side, 3, dtype=torch.long)
     shape_ids, colour_ids = {s: i + 1 for i, s in enumerate(SHAPES)}, {c: i + 1 for i, c in enumerate(COLOURS)}
-    place = IMAGE_SIZE // GRID // PATCH  # a place is place x place patches (2 x 2)
     for obj in scene.objects:
-        patch = (obj.row - 1) * place * side + (obj.column - 1) * place  # the place's top-left patch
+        patch = obj.shape_patch
         targets[patch, 0] = shape_ids[obj.shape]
         targets[patch, 1] = colour_ids[obj.colour]
         if obj.digit is not None:
