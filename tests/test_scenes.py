@@ -86,15 +86,18 @@ def test_pixels_agree_with_the_objects(scene):
     assert drawn == {(o.row, o.column): (o.colour, o.shape, o.digit) for o in scene.objects}
 
 
-@pytest.mark.parametrize("scene", scenes()[:5], ids=lambda s: s.caption()[:30])
-def test_shape_patch_is_the_image_token_that_shows_the_shape(scene):
-    # By hand: 8 patches per row and 2 x 2 per place, so row 2 column 3 starts at patch row 2, column 4.
+def test_shape_patch_by_hand():
+    # 8 patches per row and 2 x 2 per place, so row 2 column 3 starts at patch row 2, column 4.
     assert SceneObject("circle", "red", 2, 3, None, (0, 0, 0)).shape_patch == 2 * 8 + 4
     assert SceneObject("circle", "red", 4, 4, None, (0, 0, 0)).shape_patch == 6 * 8 + 6
-    side = IMAGE_SIZE // PATCH
+
+
+@pytest.mark.parametrize("scene", scenes()[:5], ids=lambda s: s.caption()[:30])
+def test_shape_patch_is_the_image_token_that_shows_the_shape(scene):
+    img, side = scene.image(), IMAGE_SIZE // PATCH
     for obj in scene.objects:
         row, col = divmod(obj.shape_patch, side)
-        patch = scene.image().crop((col * PATCH, row * PATCH, (col + 1) * PATCH, (row + 1) * PATCH))
+        patch = img.crop((col * PATCH, row * PATCH, (col + 1) * PATCH, (row + 1) * PATCH))
         assert obj.rgb in {rgb for _, rgb in patch.getcolors()}, obj
 
 
