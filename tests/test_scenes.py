@@ -115,7 +115,7 @@ def test_answers_agree_with_the_pixels(seed):
                 assert answer == by_shape[words[-1]][1]
             elif kind == "where":
                 row, column = by_shape[words[-1]][0]
-                assert answer == f"row {row} column {column}"
+                assert answer == f"{words[-1]} at row {row} column {column}"
             elif kind == "shape":
                 assert answer == drawn[(int(words[-3]), int(words[-1]))][1]
             elif kind == "digit":

@@ -8,18 +8,18 @@ import pytest
 import torch
 
 import tinyavl
-from tinyavl.scenes import IMAGE_SIZE, PATCH, scene_stream
-from tinyavl.train_toy import (chat_example, make_batch, patch_targets, save_pretrained, sincos_2d, train,
-                               train_tokenizer)
+from tinyavl.scenes import IMAGE_SIZE, PATCH, Scene, SceneObject, scene_stream
+from tinyavl.train_toy import (PatchProbe, chat_example, make_batch, patch_targets, save_pretrained, sincos_2d,
+                               train, train_tokenizer)
 
 TINY = dict(vision_width=32, vision_layers=1, text_width=32, text_layers=2)
 
 
 @pytest.fixture(scope="module")
 def trained():
-    """A tiny model after 40 steps: (model, processor, history)."""
+    """A tiny model after 60 steps: (model, processor, history)."""
     torch.manual_seed(0)
-    return train(steps=40, batch_size=8, lr=3e-3, config_overrides=TINY, log=lambda *_: None)
+    return train(steps=60, batch_size=8, lr=3e-3, config_overrides=TINY, log=lambda *_: None)
 
 
 def test_initial_loss_is_uniform_guessing_and_training_reduces_it(trained):
@@ -64,8 +64,9 @@ def test_chat_example_trains_only_the_answers():
     trained_ids = [label for label in labels if label != -100]
     answers = processor.tokenizer.decode(trained_ids, skip_special_tokens=False).split("</s>")
     assert len(answers) == 4 and answers[-1] == "", "each answer ends with </s>"
-    valid = ({o.colour for o in scene.objects} | {o.shape for o in scene.objects} | {o.place for o in scene.objects}
-             | {str(o.digit) for o in scene.objects} | {str(n) for n in range(5)} | {scene.caption()})
+    valid = ({o.colour for o in scene.objects} | {o.shape for o in scene.objects}
+             | {f"{o.shape} at {o.place}" for o in scene.objects} | {str(o.digit) for o in scene.objects}
+             | {str(n) for n in range(5)} | {scene.caption()})
     assert all(answer.strip() in valid for answer in answers[:-1]), answers
     # The prompt tokens before the first answer are exactly what the processor builds at inference.
     first_answer = next(i for i, label in enumerate(labels) if label != -100)
@@ -100,6 +101,31 @@ def test_patch_targets_mark_the_patches_that_hold_the_object():
         assert drawn == bool(targets[patch, 0] or targets[patch, 2]), f"patch {patch}"
     assert int((targets[:, 0] > 0).sum()) == len(scene.objects)
     assert int((targets[:, 2] > 0).sum()) == sum(o.digit is not None for o in scene.objects)
+
+
+def test_patch_probe_names_a_patch_by_the_decoder_word_embeddings():
+    """With one-hot word embeddings, a patch feature that is the sum of the embeddings of "red", "circle"
+    and "7" (and the "nothing" vector elsewhere) is classified exactly: the probe's classes are the words."""
+    tokenizer = train_tokenizer()
+    vocab, width, scale = tokenizer.get_vocab_size(), 64, 30.0
+    words = torch.eye(vocab, width)                                  # (vocab, width): row v = one-hot v
+    probe = PatchProbe(tokenizer, width)
+    with torch.no_grad():
+        probe.nothing.copy_(torch.eye(width)[vocab:vocab + 3])       # three spare one-hot directions
+    scene = Scene((SceneObject("circle", "red", 2, 3, 7, (220, 40, 40)),))
+    targets = patch_targets(scene)[None]                             # (1, 64, 3)
+    word = tokenizer.token_to_id
+    features = (probe.nothing.detach()).sum(0).repeat(1, 64, 1)      # (1, 64, width): nothing, everywhere
+    shape_patch, digit_patch = scene.objects[0].shape_patch, scene.objects[0].shape_patch + 1
+    features[0, shape_patch] = words[word("circle")] + words[word("red")] + probe.nothing[2].detach()
+    features[0, digit_patch] = probe.nothing[0].detach() + probe.nothing[1].detach() + words[word("7")]
+    predicted = torch.stack([scores.argmax(-1) for scores in probe.logits(features, words)], dim=-1)  # (1, 64, 3)
+    assert torch.equal(predicted, targets)
+    assert probe.loss(scale * features, targets, words) < 1e-3
+    # The same features read against shuffled word embeddings name the wrong classes.
+    shuffled = words[torch.randperm(vocab, generator=torch.Generator().manual_seed(0))]
+    predicted = torch.stack([scores.argmax(-1) for scores in probe.logits(features, shuffled)], dim=-1)
+    assert not torch.equal(predicted[0, [shape_patch, digit_patch]], targets[0, [shape_patch, digit_patch]])
 
 
 def test_sincos_table_by_hand():

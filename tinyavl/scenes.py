@@ -117,7 +117,9 @@ class Scene:
             obj = rng.choice([o for o in self.objects if o.digit is not None])
             return f"What digit is at {obj.place}?", str(obj.digit)
         if kind == "where":
-            return f"Where is the {obj.shape}?", obj.place
+            # The answer names the shape before its place, as the caption does ("circle at row 2 column 3"),
+            # so the place is read right after the name it belongs to.
+            return f"Where is the {obj.shape}?", f"{obj.shape} at {obj.place}"
         raise ValueError(f"unknown question type {kind!r} (known: {QUESTION_TYPES})")
 
 

@@ -12,9 +12,9 @@ What makes such a small model learn the task in an hour rather than a day:
 - Objects snap to the patch grid (tinyavl/scenes.py): one patch holds a shape, one a digit.
 - The ViT's position embedding starts as a 2-D sine-cosine table, so patches know where they are.
 - An auxiliary loss on the image features (the projector's output, what the decoder reads) asks each
-  patch token which shape, colour and digit it shows. It stands in for CLIP's pre-training and
-  LLaVA's projector alignment stage, which give real LLaVA image tokens the decoder can already read.
-  The auxiliary heads are thrown away; they are not in the checkpoint.
+  patch token which shape, colour and digit it shows, scored against the decoder's own word embeddings
+  of those names. It stands in for CLIP's pre-training and LLaVA's projector alignment stage, which give
+  real LLaVA image tokens the decoder can already read, near the words that name what they show.
 - Every training image carries several question-answer turns (the llava-1.5 multi-turn chat format),
   so one image pass teaches several answers. Only answer tokens (and their </s>) are trained.
 - A word-level tokenizer of 48 entries keeps the sequences short.
@@ -110,17 +110,26 @@ def init_weights(model: LlavaForConditionalGeneration) -> None:
 
 
 class PatchProbe(nn.Module):
-    """The auxiliary heads: from each image feature (the projector's output), the shape, colour and digit
-    its patch shows (class 0 = nothing). Training only; not saved."""
+    """The auxiliary loss: from each image feature (the projector's output), the shape, colour and digit
+    its patch shows (class 0 = nothing there). A class is scored by the feature's dot product with the
+    decoder's own word embedding of its name ("circle", "red", "5"), so the image token of a red circle
+    is pulled towards the words a question names it by: what LLaVA's projector-alignment stage does with
+    captions. Only the "nothing" vectors belong to the probe; they are not saved."""
 
-    def __init__(self, width: int):
+    def __init__(self, tokenizer: Tokenizer, width: int):
         super().__init__()
-        self.heads = nn.ModuleList(nn.Linear(width, n) for n in (len(SHAPES) + 1, len(COLOURS) + 1,
-                                                                  len(DIGITS) + 1))
+        names = (list(SHAPES), list(COLOURS), [str(d) for d in DIGITS])  # class 1.. of each, as patch_targets
+        self.name_ids = [torch.tensor([tokenizer.token_to_id(name) for name in group]) for group in names]
+        self.nothing = nn.Parameter(torch.zeros(len(names), width))  # class 0 of each attribute
 
-    def loss(self, features, targets):  # features (B, P, C); targets (B, P, 3), one column per head
-        return sum(F.cross_entropy(head(features).flatten(0, 1), targets[..., i].flatten())
-                   for i, head in enumerate(self.heads)) / len(self.heads)
+    def logits(self, features, word_embeddings) -> list[torch.Tensor]:
+        """features (B, P, C), word_embeddings (vocab, C) -> per attribute, (B, P, 1 + names) class scores."""
+        return [features @ torch.cat([self.nothing[i:i + 1], word_embeddings[ids]]).T  # classes (1 + names, C)
+                for i, ids in enumerate(self.name_ids)]
+
+    def loss(self, features, targets, word_embeddings):  # targets (B, P, 3): one column per attribute
+        return sum(F.cross_entropy(scores.flatten(0, 1), targets[..., i].flatten())
+                   for i, scores in enumerate(self.logits(features, word_embeddings))) / len(self.name_ids)
 
 
 def patch_targets(scene: Scene) -> torch.Tensor:
@@ -195,7 +204,8 @@ def losses(model, probe, batch) -> tuple[torch.Tensor, torch.Tensor]:
     finally:
         hook.remove()
     lm_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100)
-    return lm_loss, probe.loss(captured["features"], batch["patch_targets"])
+    word_embeddings = model.language_model.model.embed_tokens.weight  # (vocab, C_text), shared with the decoder
+    return lm_loss, probe.loss(captured["features"], batch["patch_targets"], word_embeddings)
 
 
 def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
@@ -219,7 +229,7 @@ def train(steps: int, batch_size: int = 32, lr: float = 2e-3, seed: int = 0, tur
     processor = Processor(tokenizer, image_token_id, config.num_image_tokens, IMAGE_SIZE, IMAGE_SIZE)
     model = LlavaForConditionalGeneration(config)
     init_weights(model)
-    probe = PatchProbe(config.text.hidden_size)
+    probe = PatchProbe(tokenizer, config.text.hidden_size)
     params = list(model.parameters()) + list(probe.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     n_params = sum(p.numel() for p in model.parameters())
