@@ -114,11 +114,11 @@ def test_patch_probe_names_a_patch_by_the_decoder_word_embeddings():
         probe.nothing.copy_(torch.eye(width)[vocab:vocab + 3])       # three spare one-hot directions
     scene = Scene((SceneObject("circle", "red", 2, 3, 7, (220, 40, 40)),))
     targets = patch_targets(scene)[None]                             # (1, 64, 3)
-    word = tokenizer.token_to_id
-    features = (probe.nothing.detach()).sum(0).repeat(1, 64, 1)      # (1, 64, width): nothing, everywhere
+    word, nothing = tokenizer.token_to_id, probe.nothing.detach()     # nothing (3, width)
+    features = nothing.sum(0).repeat(1, 64, 1)                       # (1, 64, width): nothing, everywhere
     shape_patch, digit_patch = scene.objects[0].shape_patch, scene.objects[0].shape_patch + 1
-    features[0, shape_patch] = words[word("circle")] + words[word("red")] + probe.nothing[2].detach()
-    features[0, digit_patch] = probe.nothing[0].detach() + probe.nothing[1].detach() + words[word("7")]
+    features[0, shape_patch] = words[word("circle")] + words[word("red")] + nothing[2]
+    features[0, digit_patch] = nothing[0] + nothing[1] + words[word("7")]
     predicted = torch.stack([scores.argmax(-1) for scores in probe.logits(features, words)], dim=-1)  # (1, 64, 3)
     assert torch.equal(predicted, targets)
     assert probe.loss(scale * features, targets, words) < 1e-3

@@ -109,6 +109,11 @@ def init_weights(model: LlavaForConditionalGeneration) -> None:
         embeddings.position_embedding.weight[1:] = sincos_2d(grid, model.config.vision.hidden_size)
 
 
+# What the probe names on each patch, one tuple of words per attribute: class i + 1 is the i-th word,
+# class 0 is "nothing there". Both the targets and the probe's class vectors follow this order.
+PATCH_CLASSES = (tuple(SHAPES), tuple(COLOURS), tuple(str(digit) for digit in DIGITS))
+
+
 class PatchProbe(nn.Module):
     """The auxiliary loss: from each image feature (the projector's output), the shape, colour and digit
     its patch shows (class 0 = nothing there). A class is scored by the feature's dot product with the
@@ -118,9 +123,8 @@ class PatchProbe(nn.Module):
 
     def __init__(self, tokenizer: Tokenizer, width: int):
         super().__init__()
-        names = (list(SHAPES), list(COLOURS), [str(d) for d in DIGITS])  # class 1.. of each, as patch_targets
-        self.name_ids = [torch.tensor([tokenizer.token_to_id(name) for name in group]) for group in names]
-        self.nothing = nn.Parameter(torch.zeros(len(names), width))  # class 0 of each attribute
+        self.name_ids = [torch.tensor([tokenizer.token_to_id(word) for word in words]) for words in PATCH_CLASSES]
+        self.nothing = nn.Parameter(torch.zeros(len(PATCH_CLASSES), width))  # class 0 of each attribute
 
     def logits(self, features, word_embeddings) -> list[torch.Tensor]:
         """features (B, P, C), word_embeddings (vocab, C) -> per attribute, (B, P, 1 + names) class scores."""
@@ -136,13 +140,13 @@ def patch_targets(scene: Scene) -> torch.Tensor:
     """(P, 3) class ids per patch: shape and colour on the shape's patch, the digit on the patch beside it."""
     side = IMAGE_SIZE // PATCH
     targets = torch.zeros(side * side, 3, dtype=torch.long)
-    shape_ids, colour_ids = {s: i + 1 for i, s in enumerate(SHAPES)}, {c: i + 1 for i, c in enumerate(COLOURS)}
+    shapes, colours, digits = PATCH_CLASSES
     for obj in scene.objects:
         patch = obj.shape_patch
-        targets[patch, 0] = shape_ids[obj.shape]
-        targets[patch, 1] = colour_ids[obj.colour]
+        targets[patch, 0] = shapes.index(obj.shape) + 1
+        targets[patch, 1] = colours.index(obj.colour) + 1
         if obj.digit is not None:
-            targets[patch + 1, 2] = obj.digit + 1
+            targets[patch + 1, 2] = digits.index(str(obj.digit)) + 1
     return targets
 
 
