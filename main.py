@@ -24,7 +24,8 @@ def parse_args(argv):
     parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--image", required=True, help="image file (jpg, png, ...)")
     parser.add_argument("--prompt", default="Describe the image.", help="the question about the image")
-    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="llava-hf model folder")
+    parser.add_argument("--weights", type=Path, default=None,
+                        help="llava-hf model folder (default: the toy LLaVA in weights/toy)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if present")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
@@ -41,10 +42,14 @@ def parse_args(argv):
 
 
 def run(args) -> dict:
-    if args.weights == DEFAULT_WEIGHTS and not args.weights.is_dir():
-        raise tinyavl.UserError(f"no model in {args.weights}: restore the committed toy model (git checkout "
-                                "weights/toy), retrain it (python -m tinyavl.train_toy), or pass --weights with a "
-                                "llava-hf folder (see weights/README.md)")
+    if args.weights is None:
+        if not DEFAULT_WEIGHTS.is_dir():
+            raise tinyavl.UserError(f"no model in {DEFAULT_WEIGHTS}: restore the committed toy model (git checkout "
+                                    "weights/toy), retrain it (python -m tinyavl.toy.train), or pass --weights with "
+                                    "a llava-hf folder (see weights/README.md)")
+        print(f"no --weights given: running the toy LLaVA in {DEFAULT_WEIGHTS} (synthetic scenes only)",
+              file=sys.stderr)
+        args.weights = DEFAULT_WEIGHTS
     if args.attention_map is not None:
         check_picture_path(args.attention_map)
     model, processor = tinyavl.load_pretrained(args.weights, device=args.device, dtype=args.dtype)

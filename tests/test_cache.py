@@ -23,7 +23,7 @@ import torch
 import tinyavl
 from cache_helpers import (build_model, expand_kv, last_row_head_mean, make_prompt, naive_logits,
                            positions_per_head, recording, run_steps, top_positions)
-from tinyavl.cache import AVLCache, FastVCache, H2OCache, KVCache, StreamingCache, make_cache
+from tinyavl.cache import AVLCache, FastVCache, H2OCache, KVCache, RandomCache, StreamingCache, make_cache
 from tinyavl.errors import UserError
 from tinyavl.generate import image_segments
 
@@ -115,6 +115,8 @@ FULL_EQUIVALENT = [
     ("streaming", dict(sinks=0, recent=1)),
     ("fastv", dict(K=1, R=0)),
     ("fastv", dict(K=2, R=0)),
+    ("random", dict(S=1)),
+    ("random", dict(S=1, random_seed=5)),
 ]
 
 
@@ -413,6 +415,50 @@ def test_fastv_layers(name, K, R):
             assert e["attended"] == L
 
 
+@pytest.mark.parametrize("name,S", [("gqa", 0.5), ("mha4", 0.3), ("gqa4", 0.1)])
+def test_random_invariants(name, S):
+    """`random` keeps exactly floor(S N_img) image tokens, the same in every layer and head, from prefill
+    to the last step; sys and text are never touched, and every held row is attended when decoding."""
+    m = model(name)
+    ids, pixel_values = prompt(name)
+    cache = recording(RandomCache)(S=S, random_seed=3)
+    run_steps(m, ids, pixel_values, cache, 4)
+    prompt_len, n_img = ids.shape[1], m.config.num_image_tokens
+    kept = None
+    for e in cache.log:
+        for held in positions_per_head(e["pos_after"]):
+            image = {p for p in held if is_image(p, N_SYS, n_img)}
+            kept = image if kept is None else kept
+            assert image == kept and len(image) == math.floor(S * n_img), (e["step"], e["layer"])
+            assert held - image == set(range(N_SYS)) | set(range(N_SYS + n_img, prompt_len + e["step"]))
+        if e["step"] > 0:  # prefill computes with every row, then evicts
+            assert e["attended"] == e["pos_after"].shape[2]
+
+
+def test_random_draws_are_seeded_fresh_per_sequence_and_uniform():
+    """The same random_seed draws the same sets in the same order; another seed other sets; each new
+    sequence a new set; and over many sequences every image token is kept with probability
+    floor(S N_img) / N_img (here 3 / 10 over 4000 draws: the count is 1200 +- 29 (one binomial sigma,
+    sqrt(4000 .3 .7)), checked within 5 sigma)."""
+    def draws(seed, n, n_img=10, S=0.3):
+        cache = RandomCache(S=S, random_seed=seed)
+        sets = []
+        for _ in range(n):
+            cache.begin(1, 2, n_img)
+            sets.append(tuple(int(r) - 2 for r in cache.kept_image))   # image indices, rows minus n_sys
+        return sets
+
+    first = draws(4, 50)
+    assert first == draws(4, 50)
+    assert first != draws(5, 50)
+    assert len(set(first)) > 40                                        # C(10, 3) = 120 sets: few repeats
+    counts = torch.zeros(10)
+    for kept in draws(0, 4000):
+        assert len(kept) == 3 and list(kept) == sorted(set(kept))
+        counts[list(kept)] += 1
+    assert ((counts - 1200).abs() < 5 * math.sqrt(4000 * 0.3 * 0.7)).all(), counts
+
+
 @pytest.mark.parametrize("name,heavy,recent", [("mha", 0.125, 0.375), ("gqa", 0.2, 0.3)])
 def test_h2o_invariants(name, heavy, recent):
     m = model(name)
@@ -485,6 +531,8 @@ INVALID = (
     + [("streaming", dict(recent=value), "recent") for value in BAD_RATES]
     + [("fastv", dict(R=value), "R") for value in (-0.1, 1, 1.5)]
     + [("fastv", dict(K=value), "K") for value in (0, -1)]
+    + [("random", dict(S=value), "S") for value in BAD_RATES]
+    + [("random", dict(random_seed=value), "random_seed") for value in (-1, 2 ** 63)]
 )
 
 
@@ -517,6 +565,8 @@ def test_valid_edges_accepted():
     make_cache("avl", K=0)
     make_cache("h2o", heavy=1, recent=1)
     make_cache("fastv", K=1, R=0)
+    make_cache("random", S=1, random_seed=0)
+    make_cache("random", random_seed=2 ** 63 - 1)
 
 
 # =========================================================================================================
@@ -659,7 +709,7 @@ def test_gqa_scores_add_up():
 # 6. Accounting.
 # =========================================================================================================
 ACCOUNTING_POLICIES = [("full", {}), ("avl", {}), ("avl", dict(filter_layer=2)), ("h2o", {}),
-                       ("streaming", {}), ("fastv", {})]
+                       ("streaming", {}), ("fastv", {}), ("random", {}), ("random", dict(S=0.3))]
 
 
 @pytest.mark.parametrize("name", ["mha", "mha4", "gqa4"])
@@ -688,6 +738,10 @@ def test_kv_accounting(name, policy, params):
         assert stats.kv_cache_bytes == stats.kv_cache_bytes_dense
         assert stats.modality_bytes_after_prefill == dict(sys=n_layers * N_SYS * row, image=n_layers * n_img * row,
                                                           text=n_layers * (ids.shape[1] - N_SYS - n_img) * row)
+    if policy == "random":
+        S = params.get("S", 0.5)
+        for layer in stats.layer_bytes_after_prefill:
+            assert layer == dict(sys=N_SYS * row, image=math.floor(S * n_img) * row, text=30 * row)
     if policy == "avl":
         for layer in stats.layer_bytes_after_prefill:
             assert layer["image"] == math.floor(0.5 * n_img) * row

@@ -275,3 +275,26 @@ def test_decode_round_trip(processor):
         assert processor.decode(ids[0].tolist() + [processor.eos_token_id]) == text
     ids = processor(processor.chat_prompt("What?"), make_image(20, 20))["input_ids"]
     assert processor.decode(ids) == "USER:  \nWhat? ASSISTANT:"  # the image slots decode to nothing
+
+
+def test_system_prompt_from_processor_config(folder, tmp_path):
+    """processor_config.json's "system_prompt" goes in front of every chat prompt, as in LLaVA-1.5's
+    training conversation; without the file the prompt is llava-1.5-hf's documented one."""
+    (tmp_path / "tokenizer.json").write_bytes((folder / "tokenizer.json").read_bytes())
+    image_token_id = image_id()
+    plain = Processor.from_pretrained(tmp_path, image_token_id, NUM_IMAGE_TOKENS, SIZE)
+    assert plain.chat_prompt("What?") == "USER: <image>\nWhat? ASSISTANT:"
+    (tmp_path / "processor_config.json").write_text(json.dumps({"system_prompt": "Be brief."}))
+    processor = Processor.from_pretrained(tmp_path, image_token_id, NUM_IMAGE_TOKENS, SIZE)
+    assert processor.chat_prompt("What?") == "Be brief. USER: <image>\nWhat? ASSISTANT:"
+    assert processor.chat_prompt("What?", has_image=False) == "Be brief. USER: What? ASSISTANT:"
+    ids = processor(processor.chat_prompt("What?"), make_image(20, 20))["input_ids"][0].tolist()
+    # The system prompt is part of sys: every token before the image block.
+    assert ids.index(image_token_id) == len(processor.tokenizer.encode("Be brief. USER: ").ids)
+    for bad, message in [({"system_prompt": 3}, "not a string"), ([1, 2], "not an object")]:
+        (tmp_path / "processor_config.json").write_text(json.dumps(bad))
+        with pytest.raises(UserError, match=message):
+            Processor.from_pretrained(tmp_path, image_token_id, NUM_IMAGE_TOKENS, SIZE)
+    (tmp_path / "processor_config.json").write_text("{broken")
+    with pytest.raises(UserError, match="not valid JSON"):
+        Processor.from_pretrained(tmp_path, image_token_id, NUM_IMAGE_TOKENS, SIZE)

@@ -11,17 +11,20 @@ from pathlib import Path
 import pytest
 
 import tinyavl.attention_map
+import tinyavl.attention_stats
 import tinyavl.cache
-import tinyavl.evaluate
 import tinyavl.generate
 import tinyavl.model
 import tinyavl.processing
-import tinyavl.scenes
-import tinyavl.train_toy
+import tinyavl.toy.attention_study
+import tinyavl.toy.evaluate
+import tinyavl.toy.scenes
+import tinyavl.toy.train
 
 CHAPTERS = sorted((Path(__file__).parent.parent / "tutorial").glob("*.md"))
-MODULES = [tinyavl.model, tinyavl.cache, tinyavl.generate, tinyavl.processing, tinyavl.scenes, tinyavl.train_toy,
-           tinyavl.evaluate, tinyavl.attention_map]
+MODULES = [tinyavl.model, tinyavl.cache, tinyavl.generate, tinyavl.processing, tinyavl.attention_map,
+           tinyavl.attention_stats, tinyavl.toy.scenes, tinyavl.toy.train, tinyavl.toy.evaluate,
+           tinyavl.toy.attention_study]
 
 
 def code_blocks(chapter: Path) -> list[str]:

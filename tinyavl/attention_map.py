@@ -14,35 +14,19 @@ import math
 import torch
 from PIL import Image, ImageDraw
 
-from tinyavl.cache import AVLCache, KVCache, last_row_probs
+from tinyavl.attention_stats import record_attention
+from tinyavl.cache import AVLCache, KVCache
 from tinyavl.errors import UserError
-from tinyavl.generate import image_segments
 
 EVICTED, STORED, COMPUTED = 0, 1, 2
 FRAME = {COMPUTED: (40, 220, 70), STORED: (250, 210, 40)}
 PANEL = 384  # px per panel side
 
 
-class AttentionRecorder(KVCache):
-    """The dense cache, also keeping each layer's last-prompt-row attention (head mean) at prefill."""
-
-    def begin(self, n_layers, n_sys, n_img):
-        super().begin(n_layers, n_sys, n_img)
-        self.last_row = [None] * n_layers  # per layer (n_prompt,)
-
-    def update(self, layer, q, rows):
-        if self.step == 0:
-            self.last_row[layer] = last_row_probs(q, self.k[layer]).mean(1)[0]
-
-
 def image_heat(model, input_ids, pixel_values, layer: int) -> torch.Tensor:
-    """(n_img,) the last prompt token's dense attention over the image tokens in `layer`."""
-    recorder = AttentionRecorder()
-    n_sys, n_img = image_segments(input_ids, model.config.image_token_id)
-    recorder.begin(model.config.text.num_hidden_layers, n_sys, n_img)
-    with torch.inference_mode():
-        model(input_ids, pixel_values, cache=recorder, last_only=True)
-    return recorder.last_row[layer][n_sys:n_sys + n_img].float().cpu()
+    """(n_img,) the last prompt token's dense attention over the image tokens in `layer` (head mean)."""
+    recorder, _ = record_attention(model, input_ids, pixel_values, max_new_tokens=1)  # the prefill only
+    return recorder.rows[0][layer][recorder.n_sys:recorder.n_sys + recorder.n_img]
 
 
 def image_roles(cache: KVCache, layer: int) -> torch.Tensor:

@@ -24,6 +24,7 @@ Policies (`make_cache(name, **params)`):
     h2o        H2OCache        heavy hitters + recent window over the whole sequence, per head
     streaming  StreamingCache  4 attention sinks + a recent window
     fastv      FastVCache      drop image tokens inside the decoder after layer K-1, decided at prefill
+    random     RandomCache     the control: a seeded uniformly random floor(S N_img) image tokens, every layer
 """
 import math
 
@@ -490,11 +491,45 @@ class FastVCache(KVCache):
             self.hidden_keep = image_filter(q, self.k[layer], self.n_sys, self.n_img, n_keep)
 
 
+class RandomCache(KVCache):
+    """The control policy: at prefill every layer keeps the same floor(S N_img) image tokens, drawn
+    uniformly at random; sys and text are untouched and nothing else changes. It holds the bytes A-VL
+    holds at the same S, so a policy that does better than `random` chooses its tokens well, and one
+    that does not only saves memory (FastV, arXiv 2403.06764, Table 1, uses the same control).
+
+    The draw comes from the policy's own generator, seeded by random_seed (not by torch's global
+    seed): every sequence the cache begins takes the next set from it, so a run is reproducible and
+    sequences do not share one set."""
+
+    name = "random"
+
+    def __init__(self, S: float = 0.5, random_seed: int = 0):
+        self.S = check_rate("S", S)
+        if not 0 <= random_seed < 2 ** 63:
+            raise UserError(f"random_seed must be in [0, 2^63), got {random_seed}")
+        self.random_seed = random_seed
+        self.generator = torch.Generator().manual_seed(random_seed)
+
+    def params(self) -> dict:
+        return dict(S=self.S, random_seed=self.random_seed)
+
+    def begin(self, n_layers, n_sys, n_img):
+        super().begin(n_layers, n_sys, n_img)
+        drawn = torch.randperm(n_img, generator=self.generator)[:math.floor(self.S * n_img)]  # image indices
+        self.kept_image = n_sys + drawn.sort().values        # rows of the kept image tokens, ascending
+
+    def update(self, layer, q, rows):
+        if self.step == 0:  # prefill: the layer's rows are [sys | image | text], in order
+            n, device = self.k[layer].shape[2], self.k[layer].device
+            self.keep(layer, torch.cat([torch.arange(self.n_sys, device=device), self.kept_image.to(device),
+                                        torch.arange(self.n_sys + self.n_img, n, device=device)]))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Choosing a policy by name.
 # ---------------------------------------------------------------------------------------------------
 
-POLICIES = {cls.name: cls for cls in (KVCache, AVLCache, H2OCache, StreamingCache, FastVCache)}
+POLICIES = {cls.name: cls for cls in (KVCache, AVLCache, H2OCache, StreamingCache, FastVCache, RandomCache)}
 
 
 def make_cache(name: str, **params) -> KVCache:

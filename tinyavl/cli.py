@@ -4,6 +4,7 @@ import json
 import sys
 from pathlib import Path
 
+from tinyavl.cache import POLICIES
 from tinyavl.errors import UserError
 
 # The committed toy LLaVA: the default model of main.py and of the evaluation.
@@ -11,7 +12,7 @@ TOY_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "toy"
 
 # Policy parameters, named as in the papers; each policy takes its own subset (tinyavl/cache.py).
 POLICY_OPTIONS = {
-    "S": (float, "avl: fraction of image tokens stored (secondary)"),
+    "S": (float, "avl: fraction of image tokens stored (secondary); random: fraction of image tokens kept"),
     "C": (float, "avl: fraction of image tokens computed (core)"),
     "K": (int, "avl: core update interval in steps; fastv: layer after which image tokens are dropped"),
     "P": (float, "avl: fraction of image tokens the prefill filter keeps (1 = no filter)"),
@@ -21,6 +22,7 @@ POLICY_OPTIONS = {
     "heavy": (float, "h2o: heavy-hitter fraction of the sequence"),
     "recent": (float, "h2o, streaming: recent-window fraction of the sequence"),
     "sinks": (int, "streaming: attention-sink tokens kept at the start"),
+    "random_seed": (int, "random: seed of the generator that draws the image tokens kept"),
     "kernel": (str, "avl: 'auto' (Triton on CUDA), 'triton' or 'torch' for the sparse decode attention"),
 }
 
@@ -34,7 +36,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
     """--policy NAME and one flag per policy parameter (unset flags keep the policy's defaults)."""
-    parser.add_argument("--policy", default="full", help="KV policy: full, avl, h2o, streaming, fastv")
+    parser.add_argument("--policy", default="full", help="KV policy: " + ", ".join(POLICIES))
     for name, (kind, help_text) in POLICY_OPTIONS.items():
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None, help=help_text)
 

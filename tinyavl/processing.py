@@ -2,7 +2,7 @@
 
     image  -> RGB -> resize (short side = shortest_edge, bicubic) -> center crop -> /255 -> normalise
            -> pixel_values [1, 3, crop, crop]
-    prompt -> "USER: <image>\\n{question} ASSISTANT:" -> ids from tokenizer.json, with the single
+    prompt -> "{system} USER: <image>\\n{question} ASSISTANT:" -> ids from tokenizer.json, with the single
               <image> id widened to num_image_tokens copies: the slots the projected image features fill
            -> input_ids [1, T]
 
@@ -21,6 +21,11 @@ from tokenizers import Tokenizer
 from tinyavl.errors import UserError
 
 IMAGE_TOKEN = "<image>"
+# The system prompt LLaVA-1.5 was trained with (the Vicuna v1 conversation of the LLaVA repository,
+# llava/conversation.py). llava-hf's documented prompt leaves it out; a checkpoint that wants it says so
+# in processor_config.json ("system_prompt"), as the toy LLaVA does.
+LLAVA_SYSTEM_PROMPT = ("A chat between a curious human and an artificial intelligence assistant. "
+                       "The assistant gives helpful, detailed, and polite answers to the human's questions.")
 # OpenAI CLIP's per-channel statistics (RGB), the defaults of CLIPImageProcessor.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -70,7 +75,7 @@ class Processor:
 
     def __init__(self, tokenizer: Tokenizer, image_token_id: int, num_image_tokens: int, image_size: int,
                  shortest_edge: int, image_mean=CLIP_MEAN, image_std=CLIP_STD,
-                 resample: int = Image.Resampling.BICUBIC):
+                 resample: int = Image.Resampling.BICUBIC, system_prompt: str = ""):
         found = tokenizer.token_to_id(IMAGE_TOKEN)
         if found is None:
             raise UserError(f"tokenizer.json has no {IMAGE_TOKEN} token: use the tokenizer of a LLaVA checkpoint")
@@ -87,11 +92,13 @@ class Processor:
         self.image_mean = torch.tensor(image_mean, dtype=torch.float32).view(3, 1, 1)  # [3, 1, 1]
         self.image_std = torch.tensor(image_std, dtype=torch.float32).view(3, 1, 1)  # [3, 1, 1]
         self.resample = Image.Resampling(resample)
+        self.system_prompt = system_prompt  # text in front of "USER:" in every chat prompt ("" = none)
 
     @classmethod
     def from_pretrained(cls, folder, image_token_id: int, num_image_tokens: int,
                         vision_image_size: int) -> "Processor":
-        """Build from a checkpoint folder: tokenizer.json (required), preprocessor_config.json (optional)."""
+        """Build from a checkpoint folder: tokenizer.json (required); preprocessor_config.json and
+        processor_config.json (its "system_prompt") optional."""
         path = Path(folder) / "tokenizer.json"
         if not path.is_file():
             raise UserError(f"{path} not found: copy the checkpoint's tokenizer.json into the model folder")
@@ -100,13 +107,16 @@ class Processor:
         except Exception as e:  # the tokenizers library raises a bare Exception
             raise UserError(f"{path} is not a valid tokenizer.json ({e}): download it again") from None
         pre = _read_preprocessor_config(Path(folder) / "preprocessor_config.json", vision_image_size)
-        return cls(tokenizer, image_token_id, num_image_tokens, **pre)
+        system_prompt = _read_json(Path(folder) / "processor_config.json").get("system_prompt", "")
+        if not isinstance(system_prompt, str):
+            raise UserError(f"{Path(folder) / 'processor_config.json'} has a system_prompt that is not a string")
+        return cls(tokenizer, image_token_id, num_image_tokens, **pre, system_prompt=system_prompt)
 
     def chat_prompt(self, question: str, has_image: bool = True) -> str:
-        """The llava-1.5-hf chat format for one user turn; the model's answer follows "ASSISTANT:"."""
-        if has_image:
-            return f"USER: {IMAGE_TOKEN}\n{question} ASSISTANT:"
-        return f"USER: {question} ASSISTANT:"
+        """The llava-1.5 chat format for one user turn; the model's answer follows "ASSISTANT:".
+        With a system prompt it comes first, as in LLaVA's training: "{system} USER: ..."."""
+        turn = f"USER: {IMAGE_TOKEN}\n{question} ASSISTANT:" if has_image else f"USER: {question} ASSISTANT:"
+        return f"{self.system_prompt} {turn}" if self.system_prompt else turn
 
     def __call__(self, text: str, image=None) -> dict:
         """Prompt (with one <image> where the picture goes, or none) and image (path or PIL) -> model inputs."""
@@ -169,13 +179,7 @@ def _read_preprocessor_config(path: Path, vision_image_size: int) -> dict:
     Read: size.shortest_edge, crop_size (must equal the vision tower's input), image_mean, image_std,
     resample. rescale_factor is always 1/255.
     """
-    cfg = {}
-    if path.is_file():
-        try:
-            cfg = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise UserError(f"{path} is not valid JSON ({e}): download it again, or delete it to use the "
-                            f"defaults") from None
+    cfg = _read_json(path)
     for step in ("do_resize", "do_center_crop", "do_rescale", "do_normalize"):
         if cfg.get(step) is False:
             raise UserError(f"{path} sets {step}: false; tinyavl implements only the LLaVA-1.5 preprocessing "
@@ -193,3 +197,17 @@ def _read_preprocessor_config(path: Path, vision_image_size: int) -> dict:
     return dict(image_size=vision_image_size, shortest_edge=shortest_edge,
                 image_mean=cfg.get("image_mean", CLIP_MEAN), image_std=cfg.get("image_std", CLIP_STD),
                 resample=cfg.get("resample", Image.Resampling.BICUBIC))
+
+
+def _read_json(path: Path) -> dict:
+    """An optional JSON object file: its contents, or {} when it is absent."""
+    if not path.is_file():
+        return {}
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}): download it again, or delete it to use the "
+                        f"defaults") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{path} holds a JSON {type(cfg).__name__}, not an object: download it again")
+    return cfg

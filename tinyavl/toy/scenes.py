@@ -1,38 +1,43 @@
 """Synthetic scenes for the toy LLaVA: images, questions with short answers, and captions.
 
-A scene is 3 or 4 objects on a 4 x 4 grid of places. The 64 x 64 image is cut by the vision tower into
-8 x 8 patches of 8 px, so each place is 2 x 2 patches:
+A scene is 3 or 4 objects on a 4 x 4 grid of places. The 96 x 96 image is cut by the vision tower into
+12 x 12 patches of 8 px (144 image tokens), so each place is 3 x 3 patches:
 
-    place (row r, column c), 16 x 16 px        one object: its shape fills the top-left patch,
-    +--------+--------+                        and its digit (if it has one) sits in the patch to
-    | shape  | digit  |                        its right, drawn from a 3 x 5 pixel font. The two
-    +--------+--------+                        bottom patches stay black.
-    |        |        |
-    +--------+--------+
+    place (row r, column c), 24 x 24 px       one object: its shape, drawn 3x (21 x 21 px) at a
+    +------+------+------+                    seeded offset of 0-3 px inside the place, covers most
+    |   ###|######|##    |                    of the place's 9 patches; its digit (if it has one),
+    |  ####|##  ##|###   |                    a 3 x 5 font drawn 3x (9 x 15 px), sits in the middle
+    +------+------+------+                    of the shape and covers parts of 2-6 patches.
+    | #####|# 5 ##|####  |
+    ...
 
-So every fact an answer needs sits in one or two of the 64 image tokens: visual attention has a reason
-to be sparse, as it is in real LVLMs. Shapes and digits are drawn from bitmaps (not PIL's rasteriser),
-so an image is the same on every Pillow version; colours carry a little seeded jitter.
+So every fact is visible in several image tokens, as in a real photograph, where an object covers
+many patches: losing some of them leaves the others to read it from. That redundancy is what the
+toy of an earlier commit lacked (each fact in one patch: every eviction policy broke its captions;
+tutorial/04 measures both). Shapes and digits are drawn from bitmaps (not PIL's rasteriser), so an
+image is the same on every Pillow version; colours carry a little seeded jitter.
 
 Each scene answers five question types (`QUESTION_TYPES`) and a caption that lists every object with
-its colour, place and digit, 20-40 tokens long. Rows and columns are numbered 1-4 from the top left.
+its colour, place and digit, 20-45 tokens long. Rows and columns are numbered 1-4 from the top left.
 Everything is deterministic for a seed (`scene_stream`).
 """
 import random
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image
 
-IMAGE_SIZE = 64   # px
+IMAGE_SIZE = 96   # px
 PATCH = 8         # px: the vision tower's patch size
 GRID = 4          # places per side
-PLACE = IMAGE_SIZE // GRID  # 16 px = 2 x 2 patches
+PLACE = IMAGE_SIZE // GRID  # 24 px = 3 x 3 patches
+SCALE = 3         # every bitmap cell is drawn as SCALE x SCALE pixels
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 235), "yellow": (235, 215, 40)}
 DIGIT_COLOUR = (235, 235, 235)
 COLOUR_JITTER = 20  # each channel moves by up to +-20, so no two reds are exactly alike
 
-# 7 x 7 bitmaps, drawn at offset (1, 1) inside the shape's 8 x 8 patch.
+# 7 x 7 bitmaps: 21 x 21 px once drawn, which leaves 3 px of a place's 24 for the seeded offset.
 SHAPES = {
     "circle": ("..###..", ".#####.", "#######", "#######", "#######", ".#####.", "..###.."),
     "square": ("#######", "#######", "#######", "#######", "#######", "#######", "#######"),
@@ -40,7 +45,7 @@ SHAPES = {
     "cross": ("..###..", "..###..", "#######", "#######", "#######", "..###..", "..###.."),
     "diamond": ("...#...", "..###..", ".#####.", "#######", ".#####.", "..###..", "...#..."),
 }
-# A 3 x 5 pixel font, drawn at offset (2, 1) inside the digit's patch: the finest detail in a scene.
+# A 3 x 5 pixel font: 9 x 15 px once drawn, in the middle of the shape: the finest detail in a scene.
 DIGITS = {
     0: ("###", "#.#", "#.#", "#.#", "###"), 1: (".#.", "##.", ".#.", ".#.", "###"),
     2: ("###", "..#", "###", "#..", "###"), 3: ("###", "..#", ".##", "..#", "###"),
@@ -48,8 +53,10 @@ DIGITS = {
     6: ("###", "#..", "###", "#.#", "###"), 7: ("###", "..#", ".#.", ".#.", ".#."),
     8: ("###", "#.#", "###", "#.#", "###"), 9: ("###", "#.#", "###", "..#", "###"),
 }
-SHAPE_OFFSET = (1, 1)  # (x, y) of a shape bitmap inside its patch
-DIGIT_OFFSET = (2, 1)
+SHAPE_SIDE = 7 * SCALE                           # 21 px
+MAX_OFFSET = PLACE - SHAPE_SIDE                  # 3 px: how far a shape can sit from its place's corner
+DIGIT_OFFSET = ((SHAPE_SIDE - 3 * SCALE) // 2, (SHAPE_SIDE - 5 * SCALE) // 2)  # (6, 3) px inside the shape
+MIN_PATCH_PIXELS = 8  # a patch shows an object (or its digit) when at least this many of its 64 px do
 
 QUESTION_TYPES = ("colour", "shape", "count", "digit", "where")
 CAPTION_QUESTION = "Describe the image."
@@ -62,20 +69,35 @@ class SceneObject:
     colour: str
     row: int             # 1..GRID, from the top
     column: int          # 1..GRID, from the left
-    digit: int | None    # the digit drawn beside the shape, if any
+    digit: int | None    # the digit drawn on the shape, if any
     rgb: tuple[int, int, int]  # the jittered colour actually drawn
+    offset: tuple[int, int] = (0, 0)  # (x, y) px of the shape inside its place, 0..MAX_OFFSET
 
     @property
     def place(self) -> str:
         return f"row {self.row} column {self.column}"
 
-    @property
-    def shape_patch(self) -> int:
-        """The index of the image token that shows the shape: the top-left patch of its place (patches
-        in reading order, 8 per row)."""
-        per_side, per_place = IMAGE_SIZE // PATCH, PLACE // PATCH
-        patch_row, patch_column = (self.row - 1) * per_place, (self.column - 1) * per_place
-        return patch_row * per_side + patch_column
+    def shape_mask(self) -> np.ndarray:
+        """(IMAGE_SIZE, IMAGE_SIZE) bool: the pixels the shape covers (the digit's included)."""
+        x = (self.column - 1) * PLACE + self.offset[0]
+        y = (self.row - 1) * PLACE + self.offset[1]
+        return _mask(SHAPES[self.shape], x, y)
+
+    def digit_mask(self) -> np.ndarray:
+        """(IMAGE_SIZE, IMAGE_SIZE) bool: the digit's pixels (all False without a digit)."""
+        if self.digit is None:
+            return np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=bool)
+        x = (self.column - 1) * PLACE + self.offset[0] + DIGIT_OFFSET[0]
+        y = (self.row - 1) * PLACE + self.offset[1] + DIGIT_OFFSET[1]
+        return _mask(DIGITS[self.digit], x, y)
+
+    def patches(self) -> list[int]:
+        """Indices of the image tokens that show the shape (patches in reading order, 12 per row)."""
+        return _patches_showing(self.shape_mask())
+
+    def digit_patches(self) -> list[int]:
+        """Indices of the image tokens that show the digit (none without one)."""
+        return _patches_showing(self.digit_mask())
 
     def describe(self) -> str:
         text = f"{self.colour} {self.shape} at {self.place}"
@@ -87,13 +109,11 @@ class Scene:
     objects: tuple[SceneObject, ...]  # in reading order (row, then column)
 
     def image(self) -> Image.Image:
-        img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE))
+        pixels = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)  # (H, W, RGB), black
         for obj in self.objects:
-            x, y = (obj.column - 1) * PLACE, (obj.row - 1) * PLACE  # top-left pixel of the place
-            _draw_bitmap(img, SHAPES[obj.shape], x + SHAPE_OFFSET[0], y + SHAPE_OFFSET[1], obj.rgb)
-            if obj.digit is not None:
-                _draw_bitmap(img, DIGITS[obj.digit], x + PATCH + DIGIT_OFFSET[0], y + DIGIT_OFFSET[1], DIGIT_COLOUR)
-        return img
+            pixels[obj.shape_mask()] = obj.rgb
+            pixels[obj.digit_mask()] = DIGIT_COLOUR
+        return Image.fromarray(pixels, "RGB")
 
     def caption(self) -> str:
         return " and ".join(obj.describe() for obj in self.objects)
@@ -134,8 +154,9 @@ def random_scene(rng: random.Random) -> Scene:
     for shape, place, has_digit in zip(shapes, places, with_digit):
         colour = rng.choice(list(COLOURS))
         rgb = tuple(min(255, max(0, v + rng.randint(-COLOUR_JITTER, COLOUR_JITTER))) for v in COLOURS[colour])
-        objects.append(SceneObject(shape, colour, place // GRID + 1, place % GRID + 1,
-                                   rng.randrange(10) if has_digit else None, rgb))
+        digit = rng.randrange(10) if has_digit else None
+        offset = (rng.randint(0, MAX_OFFSET), rng.randint(0, MAX_OFFSET))
+        objects.append(SceneObject(shape, colour, place // GRID + 1, place % GRID + 1, digit, rgb, offset))
     return Scene(tuple(objects))
 
 
@@ -154,8 +175,17 @@ def parse_caption(text: str) -> set[str]:
     return {part.strip() for part in text.split(" and ") if part.strip()}
 
 
-def _draw_bitmap(img: Image.Image, rows: tuple[str, ...], x: int, y: int, rgb) -> None:
-    for dy, line in enumerate(rows):
-        for dx, mark in enumerate(line):
-            if mark == "#":
-                img.putpixel((x + dx, y + dy), rgb)
+def _mask(rows: tuple[str, ...], x: int, y: int) -> np.ndarray:
+    """A bitmap drawn SCALE x at pixel (x, y) of an empty image: (IMAGE_SIZE, IMAGE_SIZE) bool."""
+    cells = np.array([[mark == "#" for mark in line] for line in rows])             # (rows, columns)
+    big = np.kron(cells, np.ones((SCALE, SCALE), dtype=bool))                        # (SCALE rows, SCALE columns)
+    mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=bool)
+    mask[y:y + big.shape[0], x:x + big.shape[1]] = big
+    return mask
+
+
+def _patches_showing(mask: np.ndarray) -> list[int]:
+    """Patches (reading order) holding at least MIN_PATCH_PIXELS of the mask's pixels."""
+    side = IMAGE_SIZE // PATCH
+    per_patch = mask.reshape(side, PATCH, side, PATCH).sum(axis=(1, 3)).flatten()   # (side * side,)
+    return [int(i) for i in np.flatnonzero(per_patch >= MIN_PATCH_PIXELS)]

@@ -1,18 +1,20 @@
 """Train the toy LLaVA from scratch on synthetic scenes, on a CPU, and write it as a llava-hf folder.
 
-    python -m tinyavl.train_toy --out weights/toy            # the committed model (seed 0)
+    python -m tinyavl.toy.train --out weights/toy            # the committed model (seed 0)
 
 The model is tinyavl's own LlavaForConditionalGeneration (tinyavl/model.py), small: a 2-layer CLIP-style
-ViT on 64 px images with 8 px patches (64 image tokens), the two-layer MLP projector, and a 4-layer Llama
-decoder with grouped-query attention. The folder it writes (config.json, model.safetensors,
+ViT on 96 px images with 8 px patches (144 image tokens), the two-layer MLP projector, and a 4-layer Llama
+decoder with grouped-query attention. Prompts are LLaVA-1.5's own conversation, system prompt first:
+"<s> A chat between ... questions. USER: <image>\n{question} ASSISTANT:", so the image block (144
+tokens) dominates the prompt (~30 system tokens, ~8 of question), as LLaVA's 576 do. The folder it writes (config.json, model.safetensors,
 tokenizer.json, preprocessor_config.json) loads through `tinyavl.load_pretrained` exactly as a real
 llava-1.5-7b-hf folder does, and through transformers too.
 
 What makes such a small model learn the task in an hour rather than a day:
-- Objects snap to the patch grid (tinyavl/scenes.py): one patch holds a shape, one a digit.
+- Objects sit on a grid of places (tinyavl/toy/scenes.py), each place 3 x 3 patches.
 - The ViT's position embedding starts as a 2-D sine-cosine table, so patches know where they are.
 - An auxiliary loss on the image features (the projector's output, what the decoder reads) asks each
-  patch token which shape, colour and digit it shows, scored against the decoder's own word embeddings
+  patch token which shape, colour and digit it shows (every patch that shows part of an object), scored against the decoder's own word embeddings
   of those names. It stands in for CLIP's pre-training and LLaVA's projector alignment stage, which give
   real LLaVA image tokens the decoder can already read, near the words that name what they show.
 - Every training image carries several question-answer turns (the llava-1.5 multi-turn chat format),
@@ -34,10 +36,10 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 
 from tinyavl.cli import ArgumentParser
-from tinyavl.evaluate import evaluate, held_out_set
 from tinyavl.model import LlavaConfig, LlavaForConditionalGeneration, TextConfig, VisionConfig
-from tinyavl.processing import CLIP_MEAN, CLIP_STD, IMAGE_TOKEN, Processor
-from tinyavl.scenes import COLOURS, DIGITS, IMAGE_SIZE, PATCH, PROMPT_KINDS, SHAPES, Scene, scene_stream
+from tinyavl.processing import CLIP_MEAN, CLIP_STD, IMAGE_TOKEN, LLAVA_SYSTEM_PROMPT, Processor
+from tinyavl.toy.evaluate import evaluate, held_out_set
+from tinyavl.toy.scenes import COLOURS, DIGITS, IMAGE_SIZE, PATCH, PROMPT_KINDS, SHAPES, Scene, scene_stream
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
 
@@ -57,7 +59,7 @@ def train_tokenizer(n_scenes: int = 500) -> Tokenizer:
         turns = [scene.ask(kind, rng) for kind in PROMPT_KINDS]
         corpus += [f"USER: {question} ASSISTANT: {answer}" for question, answer in turns]
     # Every word must be in the vocabulary even if the sample above missed it.
-    corpus += [" ".join(COLOURS), " ".join(SHAPES), " ".join(str(d) for d in DIGITS)]
+    corpus += [LLAVA_SYSTEM_PROMPT, " ".join(COLOURS), " ".join(SHAPES), " ".join(str(d) for d in DIGITS)]
     tokenizer.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS, min_frequency=1))
     tokenizer.post_processor = processors.TemplateProcessing(
         single="<s> $A", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))])
@@ -70,13 +72,13 @@ def train_tokenizer(n_scenes: int = 500) -> Tokenizer:
 
 def toy_config(vocab_size: int, image_token_id: int, vision_width: int = 96, vision_layers: int = 2,
                text_width: int = 128, text_layers: int = 4) -> LlavaConfig:
-    """The toy architecture: LLaVA-1.5's, scaled down (64 image tokens, GQA with 2 KV heads)."""
+    """The toy architecture: LLaVA-1.5's, scaled down (144 image tokens, GQA with 2 KV heads)."""
     vision = VisionConfig(hidden_size=vision_width, intermediate_size=4 * vision_width,
                           num_hidden_layers=vision_layers, num_attention_heads=4, image_size=IMAGE_SIZE,
                           patch_size=PATCH)
     text = TextConfig(vocab_size=vocab_size, hidden_size=text_width, intermediate_size=3 * text_width,
                       num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=512, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+                      max_position_embeddings=1024, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
     # The last ViT layer feeds the projector (real LLaVA reads the second to last of CLIP's 24).
     return LlavaConfig(text=text, vision=vision, image_token_id=image_token_id, vision_feature_layer=-1)
 
@@ -137,16 +139,17 @@ class PatchProbe(nn.Module):
 
 
 def patch_targets(scene: Scene) -> torch.Tensor:
-    """(P, 3) class ids per patch: shape and colour on the shape's patch, the digit on the patch beside it."""
+    """(P, 3) class ids per patch: shape and colour on every patch that shows the shape, the digit on
+    every patch that shows the digit."""
     side = IMAGE_SIZE // PATCH
     targets = torch.zeros(side * side, 3, dtype=torch.long)
     shapes, colours, digits = PATCH_CLASSES
     for obj in scene.objects:
-        patch = obj.shape_patch
-        targets[patch, 0] = shapes.index(obj.shape) + 1
-        targets[patch, 1] = colours.index(obj.colour) + 1
+        patches = obj.patches()
+        targets[patches, 0] = shapes.index(obj.shape) + 1
+        targets[patches, 1] = colours.index(obj.colour) + 1
         if obj.digit is not None:
-            targets[patch + 1, 2] = digits.index(str(obj.digit)) + 1
+            targets[obj.digit_patches(), 2] = digits.index(str(obj.digit)) + 1
     return targets
 
 
@@ -230,7 +233,8 @@ def train(steps: int, batch_size: int = 32, lr: float = 2e-3, seed: int = 0, tur
     tokenizer = train_tokenizer()
     image_token_id = tokenizer.token_to_id(IMAGE_TOKEN)
     config = toy_config(tokenizer.get_vocab_size(), image_token_id, **(config_overrides or {}))
-    processor = Processor(tokenizer, image_token_id, config.num_image_tokens, IMAGE_SIZE, IMAGE_SIZE)
+    processor = Processor(tokenizer, image_token_id, config.num_image_tokens, IMAGE_SIZE, IMAGE_SIZE,
+                          system_prompt=LLAVA_SYSTEM_PROMPT)
     model = LlavaForConditionalGeneration(config)
     init_weights(model)
     probe = PatchProbe(tokenizer, config.text.hidden_size)
@@ -304,6 +308,7 @@ def save_pretrained(model: LlavaForConditionalGeneration, processor: Processor, 
                     "image_processor_type": "CLIPImageProcessor", "resample": 3, "rescale_factor": 1 / 255,
                     "size": {"shortest_edge": IMAGE_SIZE}}
     (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
+    (out / "processor_config.json").write_text(json.dumps({"system_prompt": processor.system_prompt}, indent=2) + "\n")
 
 
 def write_examples(out: Path, n: int = 4) -> None:

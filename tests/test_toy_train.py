@@ -2,15 +2,18 @@
 
 The full training (the committed weights/toy) is not run here: README "The toy LLaVA" has its command.
 """
+import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 
 import tinyavl
-from tinyavl.scenes import IMAGE_SIZE, PATCH, Scene, SceneObject, scene_stream
-from tinyavl.train_toy import (PatchProbe, chat_example, make_batch, patch_targets, save_pretrained, sincos_2d,
-                               train, train_tokenizer)
+from tinyavl.processing import LLAVA_SYSTEM_PROMPT
+from tinyavl.toy.scenes import DIGIT_COLOUR, IMAGE_SIZE, MIN_PATCH_PIXELS, PATCH, Scene, SceneObject, scene_stream
+from tinyavl.toy.train import (PATCH_CLASSES, PatchProbe, chat_example, make_batch, patch_targets, save_pretrained,
+                               sincos_2d, train, train_tokenizer)
 
 TINY = dict(vision_width=32, vision_layers=1, text_width=32, text_layers=2)
 
@@ -53,7 +56,8 @@ def test_written_folder_loads_like_a_llava_hf_checkpoint(trained, tmp_path):
 def test_chat_example_trains_only_the_answers():
     tokenizer = train_tokenizer()
     image_id = tokenizer.token_to_id("<image>")
-    processor = tinyavl.Processor(tokenizer, image_id, (IMAGE_SIZE // PATCH) ** 2, IMAGE_SIZE, IMAGE_SIZE)
+    processor = tinyavl.Processor(tokenizer, image_id, (IMAGE_SIZE // PATCH) ** 2, IMAGE_SIZE, IMAGE_SIZE,
+                                  system_prompt=LLAVA_SYSTEM_PROMPT)
     scene, rng = next(scene_stream("eval", 5))
     ids, labels, pixel_values = chat_example(scene, rng, processor, turns=3)
     assert len(ids) == len(labels)
@@ -70,8 +74,10 @@ def test_chat_example_trains_only_the_answers():
     assert all(answer.strip() in valid for answer in answers[:-1]), answers
     # The prompt tokens before the first answer are exactly what the processor builds at inference.
     first_answer = next(i for i, label in enumerate(labels) if label != -100)
-    question = processor.tokenizer.decode(ids[:first_answer], skip_special_tokens=True).split(":")[1]
-    question = question.strip().removesuffix("assistant")
+    prompt = processor.tokenizer.decode(ids[:first_answer], skip_special_tokens=True)
+    system, question = prompt.split(" user : ")  # LLaVA-1.5's system prompt comes first
+    assert system == processor.decode(processor.tokenizer.encode(LLAVA_SYSTEM_PROMPT, add_special_tokens=False).ids)
+    question = question.removesuffix(" assistant :")
     at_inference = processor(processor.chat_prompt(question), image=scene.image())["input_ids"][0]
     assert ids[:first_answer] == at_inference.tolist()
 
@@ -79,53 +85,62 @@ def test_chat_example_trains_only_the_answers():
 def test_batch_shapes_and_padding():
     tokenizer = train_tokenizer()
     image_id = tokenizer.token_to_id("<image>")
-    processor = tinyavl.Processor(tokenizer, image_id, 64, IMAGE_SIZE, IMAGE_SIZE)
+    n_img = (IMAGE_SIZE // PATCH) ** 2
+    processor = tinyavl.Processor(tokenizer, image_id, n_img, IMAGE_SIZE, IMAGE_SIZE)
     pad = tokenizer.token_to_id("<pad>")
     batch = make_batch(scene_stream("eval", 1), processor, 4, 2, pad)
     B, T = batch["input_ids"].shape
     assert B == 4 and batch["labels"].shape == (B, T)
     assert batch["pixel_values"].shape == (4, 3, IMAGE_SIZE, IMAGE_SIZE)
-    assert batch["patch_targets"].shape == (4, 64, 3)
+    assert batch["patch_targets"].shape == (4, n_img, 3)
     assert (batch["labels"][batch["input_ids"] == pad] == -100).all(), "padding is never trained"
 
 
-def test_patch_targets_mark_the_patches_that_hold_the_object():
-    scene, _ = next(scene_stream("eval", 2))
-    targets = patch_targets(scene)  # (64, 3)
-    img = scene.image()
+def test_patch_targets_mark_every_patch_that_shows_the_object():
+    """A patch is labelled with an object's shape and colour when at least MIN_PATCH_PIXELS of its pixels
+    are not black, and with its digit when that many are the digit's colour: counted from the image alone."""
     side = IMAGE_SIZE // PATCH
-    for patch in range(side * side):
-        row, col = divmod(patch, side)
-        box = (col * PATCH, row * PATCH, (col + 1) * PATCH, (row + 1) * PATCH)
-        drawn = img.crop(box).getbbox() is not None  # any non-black pixel
-        assert drawn == bool(targets[patch, 0] or targets[patch, 2]), f"patch {patch}"
-    assert int((targets[:, 0] > 0).sum()) == len(scene.objects)
-    assert int((targets[:, 2] > 0).sum()) == sum(o.digit is not None for o in scene.objects)
+    for scene, _ in itertools.islice(scene_stream("eval", 2), 5):
+        targets = patch_targets(scene)                                   # (P, 3)
+        pixels = np.asarray(scene.image())                               # (H, W, 3)
+        drawn = pixels.any(-1).reshape(side, PATCH, side, PATCH).sum((1, 3)).flatten()
+        digit = (pixels == DIGIT_COLOUR).all(-1).reshape(side, PATCH, side, PATCH).sum((1, 3)).flatten()
+        assert torch.equal(targets[:, 0] > 0, torch.from_numpy(drawn >= MIN_PATCH_PIXELS))
+        assert torch.equal(targets[:, 0] > 0, targets[:, 1] > 0)
+        assert torch.equal(targets[:, 2] > 0, torch.from_numpy(digit >= MIN_PATCH_PIXELS))
+        for obj in scene.objects:  # the class ids name the object's own words
+            shapes, colours, digits = PATCH_CLASSES
+            assert set(targets[obj.patches(), 0].tolist()) == {shapes.index(obj.shape) + 1}
+            assert set(targets[obj.patches(), 1].tolist()) == {colours.index(obj.colour) + 1}
+            if obj.digit is not None:
+                assert set(targets[obj.digit_patches(), 2].tolist()) == {digits.index(str(obj.digit)) + 1}
 
 
 def test_patch_probe_names_a_patch_by_the_decoder_word_embeddings():
     """With one-hot word embeddings, a patch feature that is the sum of the embeddings of "red", "circle"
     and "7" (and the "nothing" vector elsewhere) is classified exactly: the probe's classes are the words."""
     tokenizer = train_tokenizer()
-    vocab, width, scale = tokenizer.get_vocab_size(), 64, 30.0
+    vocab, width, scale = tokenizer.get_vocab_size(), 96, 30.0
     words = torch.eye(vocab, width)                                  # (vocab, width): row v = one-hot v
     probe = PatchProbe(tokenizer, width)
     with torch.no_grad():
         probe.nothing.copy_(torch.eye(width)[vocab:vocab + 3])       # three spare one-hot directions
-    scene = Scene((SceneObject("circle", "red", 2, 3, 7, (220, 40, 40)),))
-    targets = patch_targets(scene)[None]                             # (1, 64, 3)
+    obj = SceneObject("circle", "red", 2, 3, 7, (220, 40, 40), (1, 2))
+    targets = patch_targets(Scene((obj,)))[None]                     # (1, P, 3)
+    n_patches = targets.shape[1]
     word, nothing = tokenizer.token_to_id, probe.nothing.detach()     # nothing (3, width)
-    features = nothing.sum(0).repeat(1, 64, 1)                       # (1, 64, width): nothing, everywhere
-    shape_patch, digit_patch = scene.objects[0].shape_patch, scene.objects[0].shape_patch + 1
-    features[0, shape_patch] = words[word("circle")] + words[word("red")] + nothing[2]
-    features[0, digit_patch] = nothing[0] + nothing[1] + words[word("7")]
-    predicted = torch.stack([scores.argmax(-1) for scores in probe.logits(features, words)], dim=-1)  # (1, 64, 3)
+    features = nothing.sum(0).repeat(1, n_patches, 1)                # (1, P, width): nothing, everywhere
+    shape_only = sorted(set(obj.patches()) - set(obj.digit_patches()))
+    both = obj.digit_patches()
+    features[0, shape_only] = words[word("circle")] + words[word("red")] + nothing[2]
+    features[0, both] = words[word("circle")] + words[word("red")] + words[word("7")]
+    predicted = torch.stack([scores.argmax(-1) for scores in probe.logits(features, words)], dim=-1)  # (1, P, 3)
     assert torch.equal(predicted, targets)
     assert probe.loss(scale * features, targets, words) < 1e-3
     # The same features read against shuffled word embeddings name the wrong classes.
     shuffled = words[torch.randperm(vocab, generator=torch.Generator().manual_seed(0))]
     predicted = torch.stack([scores.argmax(-1) for scores in probe.logits(features, shuffled)], dim=-1)
-    assert not torch.equal(predicted[0, [shape_patch, digit_patch]], targets[0, [shape_patch, digit_patch]])
+    assert not torch.equal(predicted[0, obj.patches()], targets[0, obj.patches()])
 
 
 def test_sincos_table_by_hand():

@@ -1,0 +1,50 @@
+"""The attention study's aggregation on a hand-made recording: every number derived by hand."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tinyavl.toy import attention_study
+from tinyavl.toy.attention_study import report_markdown, study
+
+
+def recording():
+    """One layer; [sys 1 | image 10 | text]: a prompt of 12 tokens, then 3 decode steps (rows of 13, 14, 15).
+
+    Image scores are given as 10 numbers per step; sys gets .2 and each text token .1 of the row's mass
+    before normalising (the measures normalise)."""
+    image = [
+        [9, 8, 7, 6, 5, 1, 1, 1, 1, 1],    # prefill: top 50% {0..4}, top 30% {0, 1, 2}
+        [9, 8, 7, 1, 1, 1, 1, 1, 1, 6],    # step 1: top 30% {0, 1, 2}
+        [1, 1, 1, 9, 8, 7, 1, 1, 1, 6],    # step 2: top 30% {3, 4, 5}
+        [9, 1, 8, 1, 1, 1, 7, 1, 1, 6],    # step 3: top 30% {0, 2, 6}
+    ]
+    rows = []
+    for step, scores in enumerate(image):
+        n_text = 1 + step
+        rows.append([torch.tensor([2.0] + [float(v) for v in scores] + [1.0] * n_text)])
+    return SimpleNamespace(n_layers=1, n_sys=1, n_img=10, rows=rows)
+
+
+def test_study_of_a_hand_made_recording(monkeypatch):
+    monkeypatch.setattr(attention_study, "MAX_DISTANCE", 2)
+    result = study([recording()])
+    layer = result["layers"][0]
+    # Shares over the decode rows (steps 1-3): image mass 36, 36, 36 (each row sums its 10 scores to 36);
+    # sys 2; text 2, 3, 4 -> totals 40, 41, 42.
+    assert layer["shares"]["image"] == pytest.approx((36 / 40 + 36 / 41 + 36 / 42) / 3)
+    assert layer["shares"]["sys"] == pytest.approx((2 / 40 + 2 / 41 + 2 / 42) / 3)
+    assert layer["bos"] == pytest.approx(layer["shares"]["sys"])           # sys is BOS alone here
+    assert layer["sizes"]["image"] == pytest.approx((10 / 13 + 10 / 14 + 10 / 15) / 3)
+    # Concentration of the prefill row's image scores (sum 40): top 1 = 9 / 40, top 5 = 35 / 40.
+    assert layer["concentration"][0.1] == pytest.approx(9 / 40)
+    assert layer["concentration"][0.5] == pytest.approx(35 / 40)
+    # 30%-PPCI between steps: d = 1: (1,2) {0,1,2} vs {3,4,5} -> 0, (2,3) {3,4,5} vs {0,2,6} -> 0: mean 0.
+    # d = 2: (1,3) {0,1,2} vs {0,2,6} -> 2/3.
+    assert layer["ppci_steps"] == {1: 0.0, 2: pytest.approx(2 / 3)}
+    # Capture of the prefill top 50% {0..4}: step 1 (9+8+7+1+1)/36, step 2 (1+1+1+9+8)/36, step 3 (9+1+8+1+1)/36.
+    assert layer["capture"][0.5] == pytest.approx((26 / 36 + 20 / 36 + 20 / 36) / 3)
+    # ... and of the top 30% {0, 1, 2}: 24/36, 3/36, 18/36.
+    assert layer["capture"][0.3] == pytest.approx((24 + 3 + 18) / 36 / 3)
+    assert result["ppci_layers"] == [[1.0]]
+    assert "| 0 |" in report_markdown(result)

@@ -1,0 +1,76 @@
+"""The evaluation's statistics and budget rules, by hand (the runs on the committed model are in test_toy.py)."""
+import pytest
+from PIL import Image
+
+from tinyavl.toy.evaluate import FASTV_MAX_R, budget_params, format_table, plot_sweep, wilson_interval
+from tinyavl.toy.plot import PALETTE
+
+
+def test_wilson_interval_by_hand():
+    # 45 of 50, z = 1.96: p = .9, z^2 = 3.8416; centre = (.9 + 3.8416 / 100) / (1 + 3.8416 / 50) = .93842 / 1.07683
+    # = .87146; half = 1.96 sqrt(.9 .1 / 50 + 3.8416 / 10000) / 1.07683 = 1.96 x .046735 / 1.07683 = .08506.
+    low, high = wilson_interval(45, 50)
+    assert low == pytest.approx(0.7864, abs=2e-4) and high == pytest.approx(0.9565, abs=2e-4)
+    # All right: the interval keeps a width below 1 (n / (n + z^2) = 100 / 103.8416 = .96300).
+    low, high = wilson_interval(100, 100)
+    assert high == 1.0 and low == pytest.approx(100 / (100 + 1.959964 ** 2), abs=1e-9)
+    low, high = wilson_interval(0, 10)
+    assert low == 0.0 and 0 < high < 0.35
+    # Symmetric around 1/2 for right = n / 2, and narrower for larger n.
+    low, high = wilson_interval(50, 100)
+    assert low == pytest.approx(1 - high) and high - low < wilson_interval(5, 10)[1] - wilson_interval(5, 10)[0]
+
+
+def test_budget_params_hold_randoms_bytes():
+    """A 4-layer model whose image is a share s of the dense KV: random at S keeps 1 - (1 - S) s; FastV's
+    R from budget_params drops R s from 3 of 4 layers, which is the same bytes. h2o and streaming get r."""
+    n_layers, s = 4, 0.7
+    for image_keep in (0.5, 0.25, 0.1):
+        r = 1 - (1 - image_keep) * s
+        fastv = budget_params("fastv", image_keep, r, n_layers)
+        assert fastv["K"] == 1
+        expected_r = 1 - fastv["R"] * s * (n_layers - 1) / n_layers
+        if (1 - image_keep) * n_layers / (n_layers - 1) < FASTV_MAX_R:
+            assert expected_r == pytest.approx(r, abs=1e-4)
+        else:                                             # out of FastV's reach: the nearest it allows
+            assert fastv["R"] == FASTV_MAX_R and expected_r > r
+        h2o = budget_params("h2o", image_keep, r, n_layers)
+        assert h2o["heavy"] + h2o["recent"] == pytest.approx(r, abs=1e-4) and h2o["recent"] == pytest.approx(3 * h2o["heavy"], abs=1e-4)
+        assert budget_params("streaming", image_keep, r, n_layers) == {"recent": round(r, 4)}
+        assert budget_params("random", image_keep, r, n_layers) == {"S": image_keep}
+        avl = budget_params("avl", image_keep, r, n_layers)
+        assert avl["S"] == image_keep and avl["C"] == pytest.approx(0.6 * image_keep)
+    assert budget_params("fastv", 0.5, 0.65, 4)["R"] == pytest.approx(2 / 3, abs=1e-4)   # .5 x 4 / 3
+    with pytest.raises(ValueError):
+        budget_params("full", 0.5, 0.65, 4)
+
+
+def report(policy, accuracy, kv, budget, params=None):
+    right = round(accuracy * 60)
+    return {"policy": policy, "policy_params": params or {}, "budget": budget, "accuracy": accuracy,
+            "accuracy_ci": wilson_interval(right, 60),
+            "accuracy_by_type": {k: accuracy for k in ("colour", "shape", "count", "digit", "where", "caption")},
+            "accuracy_by_type_ci": {k: wilson_interval(right // 6, 10)
+                                    for k in ("colour", "shape", "count", "digit", "where", "caption")},
+            "caption_objects": accuracy, "kv_ratio": kv, "attended_ratio": kv}
+
+
+def test_table_shows_intervals_and_the_share_of_full():
+    table = format_table([report("full", 1.0, 1.0, 1.0), report("random", 0.9, 0.6, 0.5, {"S": 0.5})])
+    lines = table.splitlines()
+    assert len(lines) == 4 and lines[0].count("|") == lines[2].count("|") == lines[3].count("|")
+    low, high = wilson_interval(54, 60)
+    assert f"0.900 ({low:.3f}-{high:.3f})" in lines[3] and "| 0.900 |" in lines[3]   # accuracy, then of full
+    assert "S=0.5" in lines[3]
+
+
+def test_sweep_plot_is_a_png_with_every_policy_drawn(tmp_path):
+    reports = [report("full", 1.0, 1.0, 1.0)] + [report(p, a, kv, b) for p, a, kv, b in
+                                                  [("random", 0.9, 0.6, 0.5), ("random", 0.7, 0.4, 0.25),
+                                                   ("avl", 0.95, 0.58, 0.5), ("avl", 0.8, 0.38, 0.25)]]
+    path = tmp_path / "sweep.png"
+    plot_sweep(reports, path, "test")
+    assert [p.name for p in tmp_path.iterdir()] == ["sweep.png"]      # no temporary file left behind
+    with Image.open(path) as picture:
+        colours = {colour for _, colour in picture.convert("RGB").getcolors(maxcolors=1 << 16)}
+    assert set(PALETTE[:3]) <= colours                                 # full, random and avl each drawn

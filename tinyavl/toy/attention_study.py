@@ -1,0 +1,153 @@
+"""Where the toy LLaVA's attention goes, measured as the A-VL paper measured real LVLMs.
+
+    python -m tinyavl.toy.attention_study --out tutorial/figures     # numbers + two figures (chapter 4)
+
+Every measure runs on dense attention (nothing evicted) while the model writes its captions for
+held-out scenes (`Scene.caption`: 20-45 tokens, long enough to watch attention move from step to
+step). Per decoder layer (tinyavl/attention_stats.py has the measures):
+- shares: the attention of the decode steps' queries on sys / image / text, beside each segment's
+  share of the tokens (what attention spread evenly would give it);
+- sink: the share on BOS, the first token;
+- concentration: the share of the last prompt token's image attention on its top 10% and 50% of
+  image tokens (A-VL and FastV rank image tokens by that row);
+- ppci_layers: p%-PPCI of that row's top image sets between every two layers;
+- ppci_steps: p%-PPCI of the image top sets of two decode steps, as a function of their distance;
+- capture: the share of each decode step's image attention that falls on the prefill top-S set (what
+  A-VL stores at S) or top-C set (its core); a random set of that size captures S (or C) on average.
+"""
+import sys
+from pathlib import Path
+
+from tinyavl import load_pretrained
+from tinyavl.attention_stats import capture, ppci, record_attention, segment_shares, segment_sizes, top_set, top_share
+from tinyavl.cli import TOY_WEIGHTS, ArgumentParser, run_command
+from tinyavl.errors import UserError
+from tinyavl.toy.evaluate import held_out_set
+from tinyavl.toy.plot import save_line_plot
+
+SEGMENTS = ("sys", "image", "text")
+STORED, CORE = 0.5, 0.3   # A-VL's default S and C: the top sets whose stability is measured
+MAX_DISTANCE = 16         # decode steps apart, for PPCI across steps
+
+
+def record_captions(model, processor, n_scenes: int, seed: int) -> list:
+    """Dense-attention recordings of the caption of each held-out scene: a list of AttentionRecorder."""
+    recordings = []
+    for question in held_out_set(seed, n_scenes):
+        if question.kind == "caption":
+            inputs = processor(processor.chat_prompt(question.text), image=question.scene.image())
+            recorder, _ = record_attention(model, inputs["input_ids"], inputs["pixel_values"], max_new_tokens=64,
+                                           eos_token_id=processor.eos_token_id)
+            recordings.append(recorder)
+    return recordings
+
+
+def mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def study(recordings: list) -> dict:
+    """Every measure of the module docstring, per layer, averaged over recordings (and their steps)."""
+    n_layers = recordings[0].n_layers
+
+    def image(recorder, step, layer):  # (n_img,) the image part of one attention row
+        return recorder.rows[step][layer][recorder.n_sys:recorder.n_sys + recorder.n_img]
+
+    def decode_rows(layer):  # (recorder, step, row) for every decode step of every recording
+        return [(r, t, r.rows[t][layer]) for r in recordings for t in range(1, len(r.rows))]
+
+    result = {"n_captions": len(recordings), "layers": []}
+    for layer in range(n_layers):
+        rows = decode_rows(layer)
+        shares = [segment_shares(row, r.n_sys, r.n_img) for r, _, row in rows]
+        sizes = [segment_sizes(len(row), r.n_sys, r.n_img) for r, _, row in rows]
+        prefill = [image(r, 0, layer) for r in recordings]                       # per recording (n_img,)
+        result["layers"].append({
+            "shares": {s: mean(x[s] for x in shares) for s in SEGMENTS},
+            "sizes": {s: mean(x[s] for x in sizes) for s in SEGMENTS},
+            "bos": mean(float(row[0] / row.sum()) for _, _, row in rows),
+            "concentration": {p: mean(top_share(scores, p) for scores in prefill) for p in (0.1, 0.5)},
+            "ppci_steps": {d: mean(ppci(image(r, t, layer), image(r, t + d, layer), CORE)
+                                   for r in recordings for t in range(1, len(r.rows) - d))
+                           for d in range(1, MAX_DISTANCE + 1)
+                           if any(len(r.rows) - 1 > d for r in recordings)},  # some answer is d + 1 steps long
+            "capture": {p: mean(capture(image(r, t, layer), top_set(image(r, 0, layer), p)) for r, t, _ in rows)
+                        for p in (STORED, CORE)},
+        })
+    result["ppci_layers"] = [[mean(ppci(image(r, 0, a), image(r, 0, b), STORED) for r in recordings)
+                              for b in range(n_layers)] for a in range(n_layers)]
+    return result
+
+
+def report_markdown(result: dict) -> str:
+    """The numbers as Markdown tables (what the chapter quotes)."""
+    lines = [f"{result['n_captions']} captions, dense attention, mean over decode steps",
+             "", "| layer | sys: attention (tokens) | image: attention (tokens) | text: attention (tokens) | "
+             "BOS | image top 10% | image top 50% | capture, prefill top 50% | capture, top 30% |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for layer, x in enumerate(result["layers"]):
+        cells = [f"{x['shares'][s]:.2f} ({x['sizes'][s]:.2f})" for s in SEGMENTS]
+        cells += [f"{x['bos']:.2f}", f"{x['concentration'][0.1]:.2f}", f"{x['concentration'][0.5]:.2f}",
+                  f"{x['capture'][STORED]:.2f}", f"{x['capture'][CORE]:.2f}"]
+        lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+    n_layers = len(result["layers"])
+    lines += ["", f"{STORED:.0%}-PPCI of the last prompt token's image ranking between layers", "",
+              "| layer | " + " | ".join(str(b) for b in range(n_layers)) + " |", "|---" * (n_layers + 1) + "|"]
+    lines += [f"| {a} | " + " | ".join(f"{v:.2f}" for v in row) + " |" for a, row in enumerate(result["ppci_layers"])]
+    distances = [d for d in (1, 2, 3, 4, 8, 16) if d in result["layers"][0]["ppci_steps"]]
+    lines += ["", f"{CORE:.0%}-PPCI of the image ranking of two decode steps d apart (random sets: {CORE:.2f})", "",
+              "| layer | " + " | ".join(f"d={d}" for d in distances) + " |", "|---" * (len(distances) + 1) + "|"]
+    lines += [f"| {layer} | " + " | ".join(f"{x['ppci_steps'][d]:.2f}" for d in distances) + " |"
+              for layer, x in enumerate(result["layers"])]
+    return "\n".join(lines)
+
+
+def save_figures(result: dict, folder: Path) -> list[Path]:
+    """attention-shares.png (per layer: attention on each segment against its share of the tokens) and
+    ppci-steps.png (the core ranking's PPCI against step distance, per layer)."""
+    layers = result["layers"]
+    shares = {f"{s} attention": [(i, x["shares"][s]) for i, x in enumerate(layers)] for s in SEGMENTS}
+    shares |= {f"{s} tokens": [(i, x["sizes"][s]) for i, x in enumerate(layers)] for s in SEGMENTS}
+    steps = {f"layer {i}": list(x["ppci_steps"].items()) for i, x in enumerate(layers)}
+    steps["random sets"] = [(1, CORE), (MAX_DISTANCE, CORE)]
+    paths = [folder / "attention-shares.png", folder / "ppci-steps.png"]
+    save_line_plot(paths[0], shares, x_label="decoder layer", y_label="share", x_ticks=len(layers) - 1,
+                   title="toy LLaVA: attention of the decode steps per segment (solid), each segment's share of "
+                         "the tokens (dashed)",
+                   x_range=(0, len(layers) - 1), y_range=(0, 1), dashed=tuple(n for n in shares if "tokens" in n),
+                   colour_of={f"{s} tokens": f"{s} attention" for s in SEGMENTS})
+    save_line_plot(paths[1], steps, x_label="distance between decode steps", y_label=f"{CORE:.0%}-PPCI",
+                   title="toy LLaVA: how alike the image top-30% sets of two decode steps are",
+                   x_range=(0, MAX_DISTANCE), y_range=(0, 1), x_ticks=8, dashed=("random sets",))
+    return paths
+
+
+def run(args) -> dict:
+    if args.n < 1:
+        raise UserError(f"--n must be at least 1, got {args.n}")
+    if args.out is not None and not args.out.is_dir():
+        raise UserError(f"--out {args.out} is not a folder")
+    if not args.weights.is_dir():
+        raise UserError(f"no model folder at {args.weights}: train one with python -m tinyavl.toy.train")
+    model, processor = load_pretrained(args.weights, device="cpu", dtype="float32")
+    result = study(record_captions(model, processor, args.n, args.seed))
+    if args.out is not None:
+        for path in save_figures(result, args.out):
+            print(f"wrote {path}", file=sys.stderr)
+    return result
+
+
+def main(argv=None) -> int:
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--weights", type=Path, default=TOY_WEIGHTS, help="the toy model folder")
+    parser.add_argument("--seed", type=int, default=1, help="which held-out set")
+    parser.add_argument("--n", type=int, default=50, help="scenes (one caption each)")
+    parser.add_argument("--out", type=Path, default=None, help="folder for the two figures (default: none)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    return run_command(run, args, show=lambda result: print(report_markdown(result)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,269 @@
+"""Score the toy LLaVA on held-out scenes under a KV policy: accuracy with 95% intervals, KV bytes,
+attended tokens; and every policy side by side at the same measured KV budgets.
+
+    python -m tinyavl.toy.evaluate --policy avl                       # one policy, 100 scenes of seed 1
+    python -m tinyavl.toy.evaluate --policy random --S 0.25 --json    # one JSON object
+    python -m tinyavl.toy.evaluate --table --plot sweep.png           # the budget sweep, every policy
+
+Each held-out scene (tinyavl/toy/scenes.py, split "eval": no seed replays the training stream) is asked
+one question of every type plus "Describe the image.", each as a fresh single-turn prompt, decoded
+greedily. A short answer is right when it equals the truth exactly; a caption is right only when it
+names every object with its colour, place and digit, and nothing else. `accuracy` is the mean over all
+prompts (each type weighs the same, since every scene gets one of each); beside every accuracy is its
+95% Wilson score interval (`wilson_interval`).
+
+Memory and compute are measured, not nominal: kv_ratio is the peak K/V bytes the policy held over
+what the dense cache holds for the same sequence, summed over all prompts; attended_ratio is the
+rows attended per decode step (summed over layers) over the dense count.
+
+The table (`budget_sweep`): for each share of image tokens kept (BUDGETS), `random` runs first and its
+measured kv_ratio is the budget; A-VL keeps the same share of image tokens, and the modality-blind
+peers get the knobs that hold the same bytes (`budget_params`). Rows show each policy's measured ratio,
+so a reader sees how close each came; nothing is tuned on accuracy.
+"""
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tinyavl import load_pretrained
+from tinyavl.attention_map import save_attention_map
+from tinyavl.cache import make_cache
+from tinyavl.cli import TOY_WEIGHTS, ArgumentParser, add_policy_arguments, policy_params, run_command
+from tinyavl.errors import UserError
+from tinyavl.generate import generate
+from tinyavl.toy.plot import save_line_plot
+from tinyavl.toy.scenes import PROMPT_KINDS, Scene, parse_caption, scene_stream
+
+BUDGETS = (0.5, 0.25, 0.1)   # shares of the image tokens kept, A-VL's S; 0.5 is A-VL's default
+Z95 = 1.959964               # the standard normal's 97.5% quantile: a two-sided 95% interval
+FASTV_MAX_R = 0.99           # FastV must keep at least one of the toy's 144 image tokens
+SWEEP_POLICIES = ("avl", "h2o", "streaming", "fastv")  # each at the bytes `random` held (budget_params)
+
+
+@dataclass(frozen=True)
+class Question:
+    scene_index: int
+    kind: str       # one of PROMPT_KINDS
+    text: str
+    answer: str
+    scene: Scene
+
+
+def held_out_set(seed: int, n_scenes: int) -> list[Question]:
+    """n_scenes scenes from the evaluation stream of `seed`, each with one question of every kind."""
+    questions, stream = [], scene_stream("eval", seed)
+    for index in range(n_scenes):
+        scene, rng = next(stream)
+        for kind in PROMPT_KINDS:
+            text, answer = scene.ask(kind, rng)
+            questions.append(Question(index, kind, text, answer, scene))
+    return questions
+
+
+def caption_objects_right(prediction: str, scene: Scene) -> int:
+    """How many of the scene's objects the caption names exactly (colour, shape, place, digit)."""
+    return len(parse_caption(prediction) & {obj.describe() for obj in scene.objects})
+
+
+def is_correct(question: Question, prediction: str) -> bool:
+    if question.kind == "caption":
+        return parse_caption(prediction) == parse_caption(question.answer)
+    return prediction.strip() == question.answer
+
+
+def wilson_interval(right: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """The 95% Wilson score interval of a proportion right / n (Wilson, JASA 1927). Unlike p +- z se it
+    stays inside [0, 1] and keeps a width at 0 or n right, where a policy's accuracy often sits."""
+    p = right / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def evaluate(model, processor, questions: list[Question], policy: str = "full", params: dict | None = None,
+             max_new_tokens: int = 64, on_answer=None) -> dict:
+    """Run every question under a policy; the report as a dict (see the module docstring).
+
+    One cache runs every question in turn (each is a new sequence: `begin` resets it), so a policy with
+    a seeded draw (`random`) draws a fresh set for each. on_answer(question, prediction, cache, inputs)
+    is called after each answer (for pictures)."""
+    cache = make_cache(policy, **(params or {}))
+    right = {kind: 0 for kind in PROMPT_KINDS}
+    asked = {kind: 0 for kind in PROMPT_KINDS}
+    objects_right = objects_total = 0
+    kv_bytes = kv_dense = attended = attended_dense = 0
+    start = time.perf_counter()
+    for question in questions:
+        inputs = processor(processor.chat_prompt(question.text), image=question.scene.image())
+        token_ids, stats = generate(model, inputs["input_ids"], inputs["pixel_values"],
+                                    max_new_tokens=max_new_tokens, eos_token_id=processor.eos_token_id, policy=cache)
+        prediction = processor.decode(token_ids)
+        asked[question.kind] += 1
+        right[question.kind] += is_correct(question, prediction)
+        if question.kind == "caption":
+            objects_right += caption_objects_right(prediction, question.scene)
+            objects_total += len(question.scene.objects)
+        kv_bytes += stats.kv_cache_bytes
+        kv_dense += stats.kv_cache_bytes_dense
+        steps = len(stats.attended_per_layer)
+        if steps:
+            attended += stats.attended_tokens_per_step * steps
+            attended_dense += stats.attended_tokens_per_step_dense * steps
+        if on_answer:
+            on_answer(question, prediction, cache, inputs)
+    kinds = [kind for kind in PROMPT_KINDS if asked[kind]]
+    return {
+        "policy": policy, "policy_params": cache.params(),
+        "n_questions": len(questions),
+        "accuracy": sum(right.values()) / len(questions),
+        "accuracy_ci": wilson_interval(sum(right.values()), len(questions)),
+        "accuracy_by_type": {kind: right[kind] / asked[kind] for kind in kinds},
+        "accuracy_by_type_ci": {kind: wilson_interval(right[kind], asked[kind]) for kind in kinds},
+        "caption_objects": objects_right / objects_total if objects_total else None,
+        "kv_ratio": kv_bytes / kv_dense,
+        "attended_ratio": attended / attended_dense if attended_dense else None,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def budget_params(policy: str, image_keep: float, kv_ratio: float, n_layers: int) -> dict:
+    """A policy's knobs for the budget `random` holds at S = image_keep (kv_ratio r, as it measured).
+
+    - random: S = image_keep. avl: the same S, the core C = 0.6 S (its defaults' ratio, 0.3 / 0.5),
+      other knobs at their defaults.
+    - h2o, streaming: their budgets are shares of the sequence, so they get r itself (h2o split 1 : 3
+      heavy : recent, as in its defaults).
+    - fastv: after layer K - 1 = 0 (the earliest; from FastV's K = 2 a 4-layer model cannot reach
+      these budgets) it drops R of the image tokens from the L - 1 later layers. random holds
+      1 - (1 - image_keep) s of the dense bytes (s: the image's share of them), FastV 1 - R s (L - 1) / L:
+      equal at R = (1 - image_keep) L / (L - 1), capped at FASTV_MAX_R, the nearest its knobs allow.
+    """
+    if policy == "random":
+        return {"S": image_keep}
+    if policy == "avl":
+        return {"S": image_keep, "C": round(0.6 * image_keep, 4)}
+    if policy == "h2o":
+        return {"heavy": round(kv_ratio / 4, 4), "recent": round(3 * kv_ratio / 4, 4)}
+    if policy == "streaming":
+        return {"recent": round(kv_ratio, 4)}
+    if policy == "fastv":
+        return {"K": 1, "R": round(min(FASTV_MAX_R, (1 - image_keep) * n_layers / (n_layers - 1)), 4)}
+    raise ValueError(f"no budget rule for policy {policy!r}")
+
+
+def budget_sweep(model, processor, questions, log=None) -> list[dict]:
+    """`full`, then at every budget of BUDGETS `random` first and each of SWEEP_POLICIES at the bytes
+    it held (budget_params). Each report gains "budget": the share of image tokens kept (1 for full)."""
+    def run(policy, params, budget):
+        report = {"budget": budget, **evaluate(model, processor, questions, policy, params)}
+        if log:
+            log(f"budget {budget}: {policy} {report['policy_params']}: accuracy {report['accuracy']:.3f}, "
+                f"KV {report['kv_ratio']:.3f} ({report['seconds']:.0f} s)")
+        return report
+
+    n_layers = model.config.text.num_hidden_layers
+    reports = [run("full", {}, 1.0)]
+    for image_keep in BUDGETS:
+        control = run("random", budget_params("random", image_keep, 1.0, n_layers), image_keep)
+        reports.append(control)
+        reports += [run(policy, budget_params(policy, image_keep, control["kv_ratio"], n_layers), image_keep)
+                    for policy in SWEEP_POLICIES]
+    return reports
+
+
+def format_interval(value: float, interval: tuple[float, float], digits: int = 2) -> str:
+    return f"{value:.{digits}f} ({interval[0]:.{digits}f}-{interval[1]:.{digits}f})"
+
+
+def format_table(reports: list[dict]) -> str:
+    """A Markdown table: one row per report, accuracy (95% interval) overall and per type, the share of
+    full's accuracy, and the measured ratios."""
+    full = next((r["accuracy"] for r in reports if r["policy"] == "full"), None)
+    head = (["image kept", "policy", "params", "overall", "of full"] + list(PROMPT_KINDS)
+            + ["caption objects", "KV bytes", "attended"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in reports:
+        params = " ".join(f"{k}={v}" for k, v in r["policy_params"].items())
+        cells = ["-" if r.get("budget") is None else f"{r['budget']:g}", r["policy"], params or "-",
+                 format_interval(r["accuracy"], r["accuracy_ci"], 3),
+                 "-" if not full else f"{r['accuracy'] / full:.3f}"]
+        cells += [format_interval(r["accuracy_by_type"][kind], r["accuracy_by_type_ci"][kind]) for kind in PROMPT_KINDS]
+        cells += [f"{r['caption_objects']:.3f}", f"{r['kv_ratio']:.2f}",
+                  "-" if r["attended_ratio"] is None else f"{r['attended_ratio']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_sweep(reports: list[dict], path: Path, title: str) -> None:
+    """Accuracy (with its 95% interval) against the measured KV ratio, one line per policy."""
+    series = {}
+    for r in reports:
+        series.setdefault(r["policy"], []).append((r["kv_ratio"], r["accuracy"], *r["accuracy_ci"]))
+    save_line_plot(path, series, x_label="KV bytes held / dense (measured)", y_label="held-out accuracy",
+                   title=title, x_range=(0, 1), y_range=(0, 1))
+
+
+def parse_args(argv):
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--weights", type=Path, default=TOY_WEIGHTS, help="the toy model folder")
+    parser.add_argument("--seed", type=int, default=1, help="which held-out set (any integer)")
+    parser.add_argument("--n", type=int, default=100, help="scenes (each gets 6 prompts)")
+    add_policy_arguments(parser)
+    parser.add_argument("--table", action="store_true",
+                        help=f"every policy at the budgets of image tokens kept {BUDGETS} (budget_sweep)")
+    parser.add_argument("--plot", type=Path, default=None, metavar="OUT.png",
+                        help="with --table: draw accuracy against measured KV bytes")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--attention-maps", type=Path, default=None,
+                        help="folder: draw the attention picture of the first scene's prompts")
+    return parser.parse_args(argv)
+
+
+def run(args) -> dict:
+    if args.n < 1:
+        raise UserError(f"--n must be at least 1, got {args.n}")
+    if args.table and (args.policy != "full" or policy_params(args) or args.attention_maps):
+        raise UserError("--table runs its own list of policies: leave out --policy, its parameters "
+                        "and --attention-maps")
+    if args.plot is not None and not args.table:
+        raise UserError("--plot draws the budget sweep: give --table too")
+    if args.plot is not None and (args.plot.suffix.lower() != ".png" or not args.plot.parent.is_dir()):
+        raise UserError(f"--plot {args.plot}: give a .png path in an existing folder")
+    make_cache(args.policy, **policy_params(args))  # bad policy parameters fail here, before any work
+    if not args.weights.is_dir():
+        raise UserError(f"no model folder at {args.weights}: train one with python -m tinyavl.toy.train")
+    model, processor = load_pretrained(args.weights, device="cpu", dtype="float32")
+    questions = held_out_set(args.seed, args.n)
+
+    if args.table:
+        log = None if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
+        reports = budget_sweep(model, processor, questions, log)
+        if args.plot is not None:
+            plot_sweep(reports, args.plot, f"toy LLaVA, {args.n} held-out scenes (seed {args.seed}) x 6 prompts")
+            if log:
+                log(f"wrote {args.plot}")
+        return {"seed": args.seed, "n_scenes": args.n, "rows": reports}
+
+    on_answer = None
+    if args.attention_maps is not None:
+        if args.attention_maps.exists() and not args.attention_maps.is_dir():
+            raise UserError(f"--attention-maps {args.attention_maps} is a file: give a folder")
+        args.attention_maps.mkdir(parents=True, exist_ok=True)
+
+        def on_answer(question, prediction, cache, inputs):
+            if question.scene_index == 0:
+                save_attention_map(args.attention_maps / f"{question.kind}.png", model, processor, inputs, cache)
+
+    report = evaluate(model, processor, questions, args.policy, policy_params(args), on_answer=on_answer)
+    return {"seed": args.seed, "n_scenes": args.n, **report}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    return run_command(run, args, show=lambda result: print(format_table(result["rows"] if args.table else [result])))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Line plots with error bars, drawn with Pillow (the one picture library tinyavl already needs).
+
+    save_line_plot("sweep.png", {"avl": [(0.59, 0.99, 0.97, 1.0), ...], "full": [(1.0, 1.0)]},
+                   x_label="KV bytes / dense", y_label="accuracy", title="...")
+
+Each series is a list of points (x, y) or (x, y, low, high); low-high is drawn as an error bar. A
+series named in `dashed` is drawn dashed, in the colour of the series `colour_of` names for it. The
+file is written to a temporary name beside `path` and renamed, so a failure leaves no half picture.
+"""
+import os
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+WIDTH, HEIGHT = 760, 480
+Y_TICKS = 5
+MARGIN = dict(left=70, right=170, top=56, bottom=60)   # px; the legend sits in the right margin
+PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+
+
+def save_line_plot(path, series: dict, x_label: str, y_label: str, title: str,
+                   x_range: tuple[float, float] | None = None, y_range: tuple[float, float] | None = None,
+                   x_ticks: int = 5, dashed: tuple = (), colour_of: dict | None = None) -> None:
+    """Draw every series (points joined in x order, error bars where given) and save a PNG to `path`."""
+    points = [point for line in series.values() for point in line]
+    xs = [p[0] for p in points]
+    ys = [v for p in points for v in p[1:]]
+    x0, x1 = x_range or (min(xs), max(xs))
+    y0, y1 = y_range or (min(ys), max(ys))
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
+    left, top = MARGIN["left"], MARGIN["top"]
+    right, bottom = WIDTH - MARGIN["right"], HEIGHT - MARGIN["bottom"]
+
+    def at(x, y):  # data -> pixel
+        return (left + (x - x0) / (x1 - x0) * (right - left), bottom - (y - y0) / (y1 - y0) * (bottom - top))
+
+    img = Image.new("RGB", (WIDTH, HEIGHT), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    draw.text((left, 8), title, fill=(0, 0, 0))
+    for i in range(x_ticks + 1):  # grid and tick labels
+        x = x0 + (x1 - x0) * i / x_ticks
+        px, _ = at(x, y0)
+        draw.line([(px, top), (px, bottom)], fill=(230, 230, 230))
+        draw.text((px - 12, bottom + 6), f"{x:g}" if float(x).is_integer() else f"{x:.2f}", fill=(0, 0, 0))
+    for i in range(Y_TICKS + 1):
+        y = y0 + (y1 - y0) * i / Y_TICKS
+        _, py = at(x0, y)
+        draw.line([(left, py), (right, py)], fill=(230, 230, 230))
+        draw.text((left - 40, py - 6), f"{y:.2f}", fill=(0, 0, 0))
+    draw.rectangle([left, top, right, bottom], outline=(0, 0, 0))
+    draw.text(((left + right - draw.textlength(x_label)) / 2, bottom + 30), x_label, fill=(0, 0, 0))
+    draw.text((8, top - 22), y_label, fill=(0, 0, 0))
+
+    names = list(series)
+    for index, (name, line) in enumerate(series.items()):
+        colour = PALETTE[names.index((colour_of or {}).get(name, name)) % len(PALETTE)]
+        line = sorted(line)
+        pixels = [at(p[0], p[1]) for p in line]
+        for start, end in zip(pixels, pixels[1:]):
+            if name in dashed:
+                _dashed_line(draw, start, end, colour)
+            else:
+                draw.line([start, end], fill=colour, width=2)
+        for point, (px, py) in zip(line, pixels):
+            if len(point) == 4:  # an error bar from low to high, with caps
+                _, low = at(point[0], point[2])
+                _, high = at(point[0], point[3])
+                draw.line([(px, low), (px, high)], fill=colour, width=1)
+                draw.line([(px - 4, low), (px + 4, low)], fill=colour)
+                draw.line([(px - 4, high), (px + 4, high)], fill=colour)
+            draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
+        legend_y = top + 18 * index
+        if name in dashed:
+            _dashed_line(draw, (right + 14, legend_y + 6), (right + 34, legend_y + 6), colour)
+        else:
+            draw.line([(right + 14, legend_y + 6), (right + 34, legend_y + 6)], fill=colour, width=3)
+        draw.text((right + 40, legend_y), name, fill=(0, 0, 0))
+
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        img.save(partial, format="PNG")
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _dashed_line(draw, start, end, colour, dash: float = 6.0) -> None:
+    """A line from start to end in dashes of `dash` px with gaps as long."""
+    (x0, y0), (x1, y1) = start, end
+    length = max(1.0, ((x1 - x0) ** 2 + (y1 - y0) ** 2) ** 0.5)
+    for i in range(0, int(length / dash) + 1, 2):
+        a, b = i * dash / length, min(1.0, (i + 1) * dash / length)
+        draw.line([(x0 + a * (x1 - x0), y0 + a * (y1 - y0)), (x0 + b * (x1 - x0), y0 + b * (y1 - y0))],
+                  fill=colour, width=2)
