@@ -9,7 +9,7 @@ from tinyavl.toy.attention_study import report_markdown, study
 
 
 def recording():
-    """One layer; [sys 1 | image 10 | text]: a prompt of 12 tokens, then 3 decode steps (rows of 13, 14, 15).
+    """Two layers; [sys 1 | image 10 | text]: a prompt of 12 tokens, then 3 decode steps (rows of 13, 14, 15).
 
     Image scores are given as 10 numbers per step; sys gets .2 and each text token .1 of the row's mass
     before normalising (the measures normalise)."""
@@ -23,7 +23,13 @@ def recording():
     for step, scores in enumerate(image):
         n_text = 1 + step
         rows.append([torch.tensor([2.0] + [float(v) for v in scores] + [1.0] * n_text)])
-    return SimpleNamespace(n_layers=1, n_sys=1, n_img=10, rows=rows)
+    # A second layer whose image scores are the first's reversed: its prefill top 50% is {5..9}.
+    for layer_rows, scores in zip(rows, image):
+        n_text = len(layer_rows[0]) - 11
+        layer_rows.append(torch.tensor([2.0] + [float(v) for v in reversed(scores)] + [1.0] * n_text))
+    recorder = SimpleNamespace(n_layers=2, n_sys=1, n_img=10, rows=rows)
+    recorder.image_row = lambda step, layer: rows[step][layer][1:11]
+    return recorder
 
 
 def test_study_of_a_hand_made_recording(monkeypatch):
@@ -46,5 +52,9 @@ def test_study_of_a_hand_made_recording(monkeypatch):
     assert layer["capture"][0.5] == pytest.approx((26 / 36 + 20 / 36 + 20 / 36) / 3)
     # ... and of the top 30% {0, 1, 2}: 24/36, 3/36, 18/36.
     assert layer["capture"][0.3] == pytest.approx((24 + 3 + 18) / 36 / 3)
-    assert result["ppci_layers"] == [[1.0]]
-    assert "| 0 |" in report_markdown(result)
+    # Layer 0's prefill top 50% {0..4} against layer 1's {5..9} (the reversed scores): nothing shared.
+    assert result["ppci_layers"] == [[1.0, 0.0], [0.0, 1.0]]
+    reversed_layer = result["layers"][1]
+    assert reversed_layer["concentration"] == layer["concentration"]      # the same scores, reordered
+    report = report_markdown(result).splitlines()
+    assert any(line.startswith("| 1 | ") and "0.00" in line for line in report)

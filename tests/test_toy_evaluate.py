@@ -2,8 +2,10 @@
 import pytest
 from PIL import Image
 
-from tinyavl.toy.evaluate import FASTV_MAX_R, budget_params, format_table, plot_sweep, wilson_interval
-from tinyavl.toy.plot import PALETTE
+from tinyavl.toy.evaluate import (FASTV_MAX_R, budget_params, caption_errors, format_table, plot_sweep,
+                                  wilson_interval)
+from tinyavl.toy.scenes import Scene, SceneObject
+from tinyavl.toy.plot import HEIGHT, MARGIN, PALETTE, WIDTH
 
 
 def test_wilson_interval_by_hand():
@@ -35,7 +37,8 @@ def test_budget_params_hold_randoms_bytes():
         else:                                             # out of FastV's reach: the nearest it allows
             assert fastv["R"] == FASTV_MAX_R and expected_r > r
         h2o = budget_params("h2o", image_keep, r, n_layers)
-        assert h2o["heavy"] + h2o["recent"] == pytest.approx(r, abs=1e-4) and h2o["recent"] == pytest.approx(3 * h2o["heavy"], abs=1e-4)
+        assert h2o["heavy"] + h2o["recent"] == pytest.approx(r, abs=1e-4)
+        assert h2o["recent"] == pytest.approx(3 * h2o["heavy"], abs=1e-4)
         assert budget_params("streaming", image_keep, r, n_layers) == {"recent": round(r, 4)}
         assert budget_params("random", image_keep, r, n_layers) == {"S": image_keep}
         avl = budget_params("avl", image_keep, r, n_layers)
@@ -72,5 +75,22 @@ def test_sweep_plot_is_a_png_with_every_policy_drawn(tmp_path):
     plot_sweep(reports, path, "test")
     assert [p.name for p in tmp_path.iterdir()] == ["sweep.png"]      # no temporary file left behind
     with Image.open(path) as picture:
-        colours = {colour for _, colour in picture.convert("RGB").getcolors(maxcolors=1 << 16)}
-    assert set(PALETTE[:3]) <= colours                                 # full, random and avl each drawn
+        pixels = picture.convert("RGB")
+    # Each policy's points: x = KV ratio over (0, 1), y = accuracy over (0, 1), in the plot's frame.
+    left, top = MARGIN["left"], MARGIN["top"]
+    right, bottom = WIDTH - MARGIN["right"], HEIGHT - MARGIN["bottom"]
+    for colour, r in [(PALETTE[0], reports[0]), (PALETTE[1], reports[1]), (PALETTE[2], reports[3])]:
+        x = left + r["kv_ratio"] * (right - left)
+        y = bottom - r["accuracy"] * (bottom - top)
+        assert pixels.getpixel((round(x), round(y))) == colour, r["policy"]
+
+
+def test_caption_errors_name_the_wrong_fields():
+    scene = Scene((SceneObject("circle", "red", 1, 2, 5, (220, 40, 40)),
+                   SceneObject("square", "blue", 3, 4, None, (50, 90, 235))))
+    assert caption_errors(scene.caption(), scene) == dict(colour=0, shape=0, place=0, digit=0, objects=0)
+    said = "red circle at row 1 column 3 with digit 8 and green square at row 3 column 4"
+    assert caption_errors(said, scene) == dict(colour=1, shape=0, place=1, digit=1, objects=0)
+    # The first digit is left out, the second is made up, and a third object is named.
+    said = "red circle at row 1 column 2 and blue square at row 3 column 4 with digit 1 and red cross at row 1 column 1"
+    assert caption_errors(said, scene) == dict(colour=0, shape=0, place=0, digit=2, objects=1)

@@ -31,7 +31,8 @@ def bitmap(rows):
 
 
 def cells(block):
-    """A (SCALE h, SCALE w) block of pixels -> (h, w): one value per bitmap cell, whose SCALE x SCALE pixels must agree."""
+    """A (SCALE h, SCALE w) block of pixels -> (h, w): one value per bitmap cell, whose SCALE x SCALE
+    pixels must agree."""
     h, w = block.shape[0] // SCALE, block.shape[1] // SCALE
     assert block.shape == (h * SCALE, w * SCALE)
     grid = block.reshape(h, SCALE, w, SCALE)
@@ -93,7 +94,8 @@ def read_scene(img):
 
 
 def patches_showing(img, colour=None):
-    """Patches (reading order) with at least MIN_PATCH_PIXELS non-black pixels (or pixels of `colour`), counted patch by patch."""
+    """Patches (reading order) with at least MIN_PATCH_PIXELS non-black pixels (or pixels of `colour`),
+    counted patch by patch."""
     pixels, side = np.asarray(img), IMAGE_SIZE // PATCH
     shown = []
     for index in range(side * side):

@@ -26,7 +26,7 @@ PANEL = 384  # px per panel side
 def image_heat(model, input_ids, pixel_values, layer: int) -> torch.Tensor:
     """(n_img,) the last prompt token's dense attention over the image tokens in `layer` (head mean)."""
     recorder, _ = record_attention(model, input_ids, pixel_values, max_new_tokens=1)  # the prefill only
-    return recorder.rows[0][layer][recorder.n_sys:recorder.n_sys + recorder.n_img]
+    return recorder.image_row(0, layer)
 
 
 def image_roles(cache: KVCache, layer: int) -> torch.Tensor:

@@ -8,8 +8,8 @@ by); step t > 0 is the query of the t-th decode step. Every measure below takes 
 - segment_shares: how a row's attention splits over sys / image / text (beside segment_sizes, the
   share of the tokens each segment has);
 - top_share: concentration, the share of a row's image attention on its top p fraction of image tokens;
-- ppci: A-VL's p%-PPCI, |T1 ∩ T2| / (p N) for the top-p sets T1, T2 of two score rows over the same N
-  tokens (two layers, or two decode steps);
+- ppci: A-VL's p%-PPCI, |T1 ∩ T2| / |T1| for the top-p sets T1, T2 (floor(p N) tokens each, at least
+  one) of two score rows over the same N tokens (two layers, or two decode steps);
 - capture: the share of a row's image attention that falls on a chosen set of image tokens.
 The recording is dense attention (the `full` policy): what the model does when nothing is evicted.
 """
@@ -24,8 +24,6 @@ from tinyavl.generate import generate
 class AttentionRecorder(KVCache):
     """The dense cache, also keeping every forward pass's last-row attention, head mean, per layer."""
 
-    name = "full"
-
     def begin(self, n_layers, n_sys, n_img):
         super().begin(n_layers, n_sys, n_img)
         self.rows = []  # per forward pass, per layer: (n,) fp32 on the CPU
@@ -34,6 +32,10 @@ class AttentionRecorder(KVCache):
         if layer == 0:
             self.rows.append([])
         self.rows[-1].append(last_row_probs(q, self.k[layer]).mean(1)[0].cpu())   # (n,) head mean
+
+    def image_row(self, step: int, layer: int):
+        """(n_img,) the image part of one recorded row."""
+        return self.rows[step][layer][segment_slices(self.n_sys, self.n_img)["image"]]
 
 
 def record_attention(model, input_ids, pixel_values, max_new_tokens: int, eos_token_id: int | None = None):
@@ -62,7 +64,7 @@ def segment_sizes(n: int, n_sys: int, n_img: int) -> dict:
 
 
 def top_count(n: int, p: float) -> int:
-    """Size of a top-p set over n tokens: floor(p n), at least 1 (the policies' floor(S N_img))."""
+    """Size of a top-p set over n tokens: floor(p n) as the policies count (floor(S N_img)), but at least 1."""
     return max(1, math.floor(p * n))
 
 
@@ -77,7 +79,8 @@ def top_share(scores, p: float) -> float:
 
 
 def ppci(scores_a, scores_b, p: float) -> float:
-    """A-VL's p%-PPCI of two score rows over the same N tokens: |T1 ∩ T2| / top_count(N, p)."""
+    """A-VL's p%-PPCI of two score rows over the same N tokens: |T1 ∩ T2| / top_count(N, p), with T1, T2
+    their top_count(N, p) highest entries."""
     if len(scores_a) != len(scores_b):
         raise ValueError(f"PPCI compares rows over the same tokens, got {len(scores_a)} and {len(scores_b)}")
     return len(top_set(scores_a, p) & top_set(scores_b, p)) / top_count(len(scores_a), p)

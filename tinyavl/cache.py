@@ -1,7 +1,8 @@
 """KV caches: the dense reference and the policies that keep or compute less of it.
 
 A LLaVA prompt is laid out as `[ sys | image (N_img tokens) | text ... ]` (see ../shared/spec/avl.md §2):
-- sys: everything before the first image token (BOS, "USER: "). It holds the attention sink.
+- sys: everything before the first image token (BOS, a system prompt if the checkpoint has one,
+  "USER: "). It holds the attention sink.
 - image: the projected image features, N_img of them (576 for LLaVA-1.5).
 - text: the question, "ASSISTANT:", then every generated token.
 
@@ -493,9 +494,11 @@ class FastVCache(KVCache):
 
 class RandomCache(KVCache):
     """The control policy: at prefill every layer keeps the same floor(S N_img) image tokens, drawn
-    uniformly at random; sys and text are untouched and nothing else changes. It holds the bytes A-VL
-    holds at the same S, so a policy that does better than `random` chooses its tokens well, and one
-    that does not only saves memory (FastV, arXiv 2403.06764, Table 1, uses the same control).
+    uniformly at random; sys and text are untouched and nothing else changes. It holds about the bytes
+    A-VL holds at the same S, so a policy that does better than `random` chooses its tokens well, and
+    one that does not only saves memory. (FastV, arXiv 2403.06764, Table 1, has a similar control that
+    drops random image tokens before the LLM, so from the prefill on; this one evicts from the KV cache
+    after a dense prefill, as the policies it is a control for do.)
 
     The draw comes from the policy's own generator, seeded by random_seed (not by torch's global
     seed): every sequence the cache begins takes the next set from it, so a run is reproducible and

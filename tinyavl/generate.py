@@ -70,7 +70,7 @@ def generate(model, input_ids, pixel_values=None, max_new_tokens: int = 64, temp
              policy: KVCache | str = "full", **policy_params) -> tuple[list[int], GenerationStats]:
     """Generate up to max_new_tokens after the prompt input_ids (1, T) (image tokens already expanded).
 
-    policy: a cache object or a policy name ("full", "avl", "h2o", "streaming", "fastv") whose
+    policy: a cache object or a policy name (a key of cache.POLICIES: "full", "avl", ...) whose
     parameters are the keyword arguments. stream(token_id) is called as each token is produced.
     Returns the new token ids (EOS included when it stops generation) and the run's statistics.
     """

@@ -17,6 +17,7 @@ step). Per decoder layer (tinyavl/attention_stats.py has the measures):
 """
 import sys
 from pathlib import Path
+from statistics import fmean
 
 from tinyavl import load_pretrained
 from tinyavl.attention_stats import capture, ppci, record_attention, segment_shares, segment_sizes, top_set, top_share
@@ -42,17 +43,14 @@ def record_captions(model, processor, n_scenes: int, seed: int) -> list:
     return recordings
 
 
-def mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values)
-
-
 def study(recordings: list) -> dict:
     """Every measure of the module docstring, per layer, averaged over recordings (and their steps)."""
+    if not any(len(r.rows) > 1 for r in recordings):
+        raise UserError("no caption had a decode step to measure (every answer ended at its first token)")
     n_layers = recordings[0].n_layers
 
     def image(recorder, step, layer):  # (n_img,) the image part of one attention row
-        return recorder.rows[step][layer][recorder.n_sys:recorder.n_sys + recorder.n_img]
+        return recorder.image_row(step, layer)
 
     def decode_rows(layer):  # (recorder, step, row) for every decode step of every recording
         return [(r, t, r.rows[t][layer]) for r in recordings for t in range(1, len(r.rows))]
@@ -64,18 +62,18 @@ def study(recordings: list) -> dict:
         sizes = [segment_sizes(len(row), r.n_sys, r.n_img) for r, _, row in rows]
         prefill = [image(r, 0, layer) for r in recordings]                       # per recording (n_img,)
         result["layers"].append({
-            "shares": {s: mean(x[s] for x in shares) for s in SEGMENTS},
-            "sizes": {s: mean(x[s] for x in sizes) for s in SEGMENTS},
-            "bos": mean(float(row[0] / row.sum()) for _, _, row in rows),
-            "concentration": {p: mean(top_share(scores, p) for scores in prefill) for p in (0.1, 0.5)},
-            "ppci_steps": {d: mean(ppci(image(r, t, layer), image(r, t + d, layer), CORE)
+            "shares": {s: fmean(x[s] for x in shares) for s in SEGMENTS},
+            "sizes": {s: fmean(x[s] for x in sizes) for s in SEGMENTS},
+            "bos": fmean(float(row[0] / row.sum()) for _, _, row in rows),
+            "concentration": {p: fmean(top_share(scores, p) for scores in prefill) for p in (0.1, 0.5)},
+            "ppci_steps": {d: fmean(ppci(image(r, t, layer), image(r, t + d, layer), CORE)
                                    for r in recordings for t in range(1, len(r.rows) - d))
                            for d in range(1, MAX_DISTANCE + 1)
                            if any(len(r.rows) - 1 > d for r in recordings)},  # some answer is d + 1 steps long
-            "capture": {p: mean(capture(image(r, t, layer), top_set(image(r, 0, layer), p)) for r, t, _ in rows)
+            "capture": {p: fmean(capture(image(r, t, layer), top_set(image(r, 0, layer), p)) for r, t, _ in rows)
                         for p in (STORED, CORE)},
         })
-    result["ppci_layers"] = [[mean(ppci(image(r, 0, a), image(r, 0, b), STORED) for r in recordings)
+    result["ppci_layers"] = [[fmean(ppci(image(r, 0, a), image(r, 0, b), STORED) for r in recordings)
                               for b in range(n_layers)] for a in range(n_layers)]
     return result
 
@@ -112,7 +110,7 @@ def save_figures(result: dict, folder: Path) -> list[Path]:
     steps = {f"layer {i}": list(x["ppci_steps"].items()) for i, x in enumerate(layers)}
     steps["random sets"] = [(1, CORE), (MAX_DISTANCE, CORE)]
     paths = [folder / "attention-shares.png", folder / "ppci-steps.png"]
-    save_line_plot(paths[0], shares, x_label="decoder layer", y_label="share", x_ticks=len(layers) - 1,
+    save_line_plot(paths[0], shares, x_label="decoder layer", y_label="share", x_ticks=max(1, len(layers) - 1),
                    title="toy LLaVA: attention of the decode steps per segment (solid), each segment's share of "
                          "the tokens (dashed)",
                    x_range=(0, len(layers) - 1), y_range=(0, 1), dashed=tuple(n for n in shares if "tokens" in n),

@@ -17,8 +17,9 @@ what the dense cache holds for the same sequence, summed over all prompts; atten
 rows attended per decode step (summed over layers) over the dense count.
 
 The table (`budget_sweep`): for each share of image tokens kept (BUDGETS), `random` runs first and its
-measured kv_ratio is the budget; A-VL keeps the same share of image tokens, and the modality-blind
-peers get the knobs that hold the same bytes (`budget_params`). Rows show each policy's measured ratio,
+measured kv_ratio is the budget; A-VL keeps the same share of image tokens (so about the same bytes),
+and the other peers get the knobs that hold the same bytes as far as their knobs reach
+(`budget_params`). Rows show each policy's measured ratio,
 so a reader sees how close each came; nothing is tuned on accuracy.
 """
 import math
@@ -39,7 +40,12 @@ from tinyavl.toy.scenes import PROMPT_KINDS, Scene, parse_caption, scene_stream
 BUDGETS = (0.5, 0.25, 0.1)   # shares of the image tokens kept, A-VL's S; 0.5 is A-VL's default
 Z95 = 1.959964               # the standard normal's 97.5% quantile: a two-sided 95% interval
 FASTV_MAX_R = 0.99           # FastV must keep at least one of the toy's 144 image tokens
-SWEEP_POLICIES = ("avl", "h2o", "streaming", "fastv")  # each at the bytes `random` held (budget_params)
+SWEEP_POLICIES = ("avl", "h2o", "streaming", "fastv")  # each at the budget `random` set (budget_params)
+# After the sweep, two rows that isolate a cause (budget, policy, params, the line they join in the plot):
+# A-VL's choice of image tokens alone (everything it stores computed at every step, no prefill filter, no
+# text eviction) against `random` at the same S; and `random` evicting only 5% of the image.
+ABLATIONS = [(0.5, "avl", {"S": 0.5, "C": 0.5, "K": 1, "P": 1.0, "T": 1.0}, "avl, its choice only"),
+             (0.95, "random", {"S": 0.95}, "random")]
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,24 @@ def held_out_set(seed: int, n_scenes: int) -> list[Question]:
 def caption_objects_right(prediction: str, scene: Scene) -> int:
     """How many of the scene's objects the caption names exactly (colour, shape, place, digit)."""
     return len(parse_caption(prediction) & {obj.describe() for obj in scene.objects})
+
+
+CAPTION_FIELDS = ("colour", "shape", "place", "digit")
+
+
+def caption_errors(prediction: str, scene: Scene) -> dict:
+    """Which fields a caption gets wrong, object by object in order: {"colour", "shape", "place",
+    "digit": count, "objects": 1 if it names a different number of objects}. An object description is
+    "{colour} {shape} at row R column C[ with digit D]" (SceneObject.describe)."""
+    errors = dict.fromkeys(CAPTION_FIELDS + ("objects",), 0)
+    said = [part.split() for part in prediction.split(" and ")]
+    errors["objects"] = int(len(said) != len(scene.objects))
+    for words, obj in zip(said, scene.objects):
+        truth = obj.describe().split()
+        fields = {"colour": slice(0, 1), "shape": slice(1, 2), "place": slice(2, 7), "digit": slice(7, None)}
+        for field, part in fields.items():
+            errors[field] += words[part] != truth[part]
+    return errors
 
 
 def is_correct(question: Question, prediction: str) -> bool:
@@ -93,6 +117,7 @@ def evaluate(model, processor, questions: list[Question], policy: str = "full", 
     right = {kind: 0 for kind in PROMPT_KINDS}
     asked = {kind: 0 for kind in PROMPT_KINDS}
     objects_right = objects_total = 0
+    wrong_fields = dict.fromkeys(CAPTION_FIELDS + ("objects",), 0)
     kv_bytes = kv_dense = attended = attended_dense = 0
     start = time.perf_counter()
     for question in questions:
@@ -104,6 +129,8 @@ def evaluate(model, processor, questions: list[Question], policy: str = "full", 
         right[question.kind] += is_correct(question, prediction)
         if question.kind == "caption":
             objects_right += caption_objects_right(prediction, question.scene)
+            for field, count in caption_errors(prediction, question.scene).items():
+                wrong_fields[field] += count
             objects_total += len(question.scene.objects)
         kv_bytes += stats.kv_cache_bytes
         kv_dense += stats.kv_cache_bytes_dense
@@ -122,6 +149,7 @@ def evaluate(model, processor, questions: list[Question], policy: str = "full", 
         "accuracy_by_type": {kind: right[kind] / asked[kind] for kind in kinds},
         "accuracy_by_type_ci": {kind: wilson_interval(right[kind], asked[kind]) for kind in kinds},
         "caption_objects": objects_right / objects_total if objects_total else None,
+        "caption_errors": wrong_fields,  # summed over captions (caption_errors)
         "kv_ratio": kv_bytes / kv_dense,
         "attended_ratio": attended / attended_dense if attended_dense else None,
         "seconds": time.perf_counter() - start,
@@ -155,9 +183,10 @@ def budget_params(policy: str, image_keep: float, kv_ratio: float, n_layers: int
 
 def budget_sweep(model, processor, questions, log=None) -> list[dict]:
     """`full`, then at every budget of BUDGETS `random` first and each of SWEEP_POLICIES at the bytes
-    it held (budget_params). Each report gains "budget": the share of image tokens kept (1 for full)."""
-    def run(policy, params, budget):
-        report = {"budget": budget, **evaluate(model, processor, questions, policy, params)}
+    it held (budget_params), then ABLATIONS. Each report gains "budget": the share of image tokens kept
+    (1 for full) and "line": the plot's line it belongs to."""
+    def run(policy, params, budget, line=None):
+        report = {"budget": budget, "line": line or policy, **evaluate(model, processor, questions, policy, params)}
         if log:
             log(f"budget {budget}: {policy} {report['policy_params']}: accuracy {report['accuracy']:.3f}, "
                 f"KV {report['kv_ratio']:.3f} ({report['seconds']:.0f} s)")
@@ -170,7 +199,7 @@ def budget_sweep(model, processor, questions, log=None) -> list[dict]:
         reports.append(control)
         reports += [run(policy, budget_params(policy, image_keep, control["kv_ratio"], n_layers), image_keep)
                     for policy in SWEEP_POLICIES]
-    return reports
+    return reports + [run(policy, params, budget, line) for budget, policy, params, line in ABLATIONS]
 
 
 def format_interval(value: float, interval: tuple[float, float], digits: int = 2) -> str:
@@ -190,17 +219,18 @@ def format_table(reports: list[dict]) -> str:
                  format_interval(r["accuracy"], r["accuracy_ci"], 3),
                  "-" if not full else f"{r['accuracy'] / full:.3f}"]
         cells += [format_interval(r["accuracy_by_type"][kind], r["accuracy_by_type_ci"][kind]) for kind in PROMPT_KINDS]
-        cells += [f"{r['caption_objects']:.3f}", f"{r['kv_ratio']:.2f}",
+        cells += ["-" if r["caption_objects"] is None else f"{r['caption_objects']:.3f}", f"{r['kv_ratio']:.2f}",
                   "-" if r["attended_ratio"] is None else f"{r['attended_ratio']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def plot_sweep(reports: list[dict], path: Path, title: str) -> None:
-    """Accuracy (with its 95% interval) against the measured KV ratio, one line per policy."""
+    """Accuracy (with its 95% interval) against the measured KV ratio, one line per policy (or per
+    report "line", when budget_sweep gave one)."""
     series = {}
     for r in reports:
-        series.setdefault(r["policy"], []).append((r["kv_ratio"], r["accuracy"], *r["accuracy_ci"]))
+        series.setdefault(r.get("line", r["policy"]), []).append((r["kv_ratio"], r["accuracy"], *r["accuracy_ci"]))
     save_line_plot(path, series, x_label="KV bytes held / dense (measured)", y_label="held-out accuracy",
                    title=title, x_range=(0, 1), y_range=(0, 1))
 

@@ -14,7 +14,7 @@ A scene is 3 or 4 objects on a 4 x 4 grid of places. The 96 x 96 image is cut by
 So every fact is visible in several image tokens, as in a real photograph, where an object covers
 many patches: losing some of them leaves the others to read it from. That redundancy is what the
 toy of an earlier commit lacked (each fact in one patch: every eviction policy broke its captions;
-tutorial/04 measures both). Shapes and digits are drawn from bitmaps (not PIL's rasteriser), so an
+tutorial/04 reports both). Shapes and digits are drawn from bitmaps (not PIL's rasteriser), so an
 image is the same on every Pillow version; colours carry a little seeded jitter.
 
 Each scene answers five question types (`QUESTION_TYPES`) and a caption that lists every object with
@@ -178,7 +178,7 @@ def parse_caption(text: str) -> set[str]:
 def _mask(rows: tuple[str, ...], x: int, y: int) -> np.ndarray:
     """A bitmap drawn SCALE x at pixel (x, y) of an empty image: (IMAGE_SIZE, IMAGE_SIZE) bool."""
     cells = np.array([[mark == "#" for mark in line] for line in rows])             # (rows, columns)
-    big = np.kron(cells, np.ones((SCALE, SCALE), dtype=bool))                        # (SCALE rows, SCALE columns)
+    big = np.kron(cells, np.ones((SCALE, SCALE), dtype=bool))                        # (SCALE * rows, SCALE * columns)
     mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=bool)
     mask[y:y + big.shape[0], x:x + big.shape[1]] = big
     return mask

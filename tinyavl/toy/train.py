@@ -6,20 +6,21 @@ The model is tinyavl's own LlavaForConditionalGeneration (tinyavl/model.py), sma
 ViT on 96 px images with 8 px patches (144 image tokens), the two-layer MLP projector, and a 4-layer Llama
 decoder with grouped-query attention. Prompts are LLaVA-1.5's own conversation, system prompt first:
 "<s> A chat between ... questions. USER: <image>\n{question} ASSISTANT:", so the image block (144
-tokens) dominates the prompt (~30 system tokens, ~8 of question), as LLaVA's 576 do. The folder it writes (config.json, model.safetensors,
-tokenizer.json, preprocessor_config.json) loads through `tinyavl.load_pretrained` exactly as a real
+tokens) dominates the prompt (32 sys tokens before it, 6-11 of question after), as LLaVA's 576 do. The
+folder it writes (config.json, model.safetensors, tokenizer.json, preprocessor_config.json,
+processor_config.json with the system prompt) loads through `tinyavl.load_pretrained` exactly as a real
 llava-1.5-7b-hf folder does, and through transformers too.
 
 What makes such a small model learn the task in an hour rather than a day:
 - Objects sit on a grid of places (tinyavl/toy/scenes.py), each place 3 x 3 patches.
 - The ViT's position embedding starts as a 2-D sine-cosine table, so patches know where they are.
-- An auxiliary loss on the image features (the projector's output, what the decoder reads) asks each
-  patch token which shape, colour and digit it shows (every patch that shows part of an object), scored against the decoder's own word embeddings
+- An auxiliary loss on the image features (the projector's output, what the decoder reads) asks every
+  patch token which shape, colour and digit it shows, scored against the decoder's own word embeddings
   of those names. It stands in for CLIP's pre-training and LLaVA's projector alignment stage, which give
   real LLaVA image tokens the decoder can already read, near the words that name what they show.
 - Every training image carries several question-answer turns (the llava-1.5 multi-turn chat format),
   so one image pass teaches several answers. Only answer tokens (and their </s>) are trained.
-- A word-level tokenizer of 48 entries keeps the sequences short.
+- A word-level tokenizer of 66 entries keeps the sequences short.
 """
 import json
 import math
@@ -292,7 +293,8 @@ def hf_config(config: LlavaConfig) -> dict:
 
 
 def save_pretrained(model: LlavaForConditionalGeneration, processor: Processor, out: Path) -> None:
-    """Write config.json, model.safetensors, tokenizer.json and preprocessor_config.json into `out`."""
+    """Write config.json, model.safetensors, tokenizer.json, preprocessor_config.json and
+    processor_config.json (the system prompt) into `out`."""
     out.mkdir(parents=True, exist_ok=True)
     tensors = {key: t.detach().contiguous() for key, t in model.state_dict().items()}
     # CLIP's post_layernorm is part of the published layout although LLaVA never applies it.
