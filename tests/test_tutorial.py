@@ -60,3 +60,12 @@ def test_chapter_cites_existing_symbols(chapter):
             assert hasattr(getattr(owners[0], head), attr), f"{chapter.name} cites `{symbol}`: no such attribute"
         checked += 1
     assert checked >= 5, f"{chapter.name} cites too few code symbols ({checked})"
+
+
+def test_nothing_cites_files_a_reader_does_not_have():
+    """Code, tests and docs cite papers and transformers' source: a clone of tinyavl has no shared spec folder beside it."""
+    root = Path(__file__).parent.parent
+    texts = [p for folder in ("tinyavl", "kernels", "tests", "tutorial", "weights") for p in (root / folder).rglob("*")
+             if p.suffix in (".py", ".md")] + [root / "README.md", root / "main.py"]
+    marker = "../" + "shared"   # split, so this file does not cite it either
+    assert [str(p.relative_to(root)) for p in texts if marker in p.read_text(encoding="utf-8")] == []

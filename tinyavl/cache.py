@@ -1,6 +1,7 @@
 """KV caches: the dense reference and the policies that keep or compute less of it.
 
-A LLaVA prompt is laid out as `[ sys | image (N_img tokens) | text ... ]` (see ../shared/spec/avl.md §2):
+A LLaVA prompt is laid out as `[ sys | image (N_img tokens) | text ... ]` (A-VL's modality split, Zhang et
+al., "Adaptive Attention for Large Vision-Language Models", AAAI 2025):
 - sys: everything before the first image token (BOS, a system prompt if the checkpoint has one,
   "USER: "). It holds the attention sink.
 - image: the projected image features, N_img of them (576 for LLaVA-1.5).
@@ -265,7 +266,7 @@ def image_filter(q, k, n_sys: int, n_img: int, n_keep: int):
 
 
 class AVLCache(KVCache):
-    """A-VL (../shared/spec/avl.md): modality-split adaptive attention.
+    """A-VL (Zhang et al., AAAI 2025): modality-split adaptive attention.
 
     Image tokens: at prefill each layer keeps the top floor(S N_img) of them by the last prompt token's
     head-mean attention (secondary; the rest, minor, are deleted) and marks the top floor(C N_img) as

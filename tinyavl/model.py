@@ -7,7 +7,8 @@ References
 - Liu et al., "Improved Baselines with Visual Instruction Tuning" (LLaVA-1.5), arXiv 2310.03744.
 - Radford et al., "Learning Transferable Visual Models From Natural Language Supervision" (CLIP).
 - Touvron et al., "Llama 2", arXiv 2307.09288.
-- The checkpoint facts we match (key names, config defaults, forward details): ../shared/spec/llava.md.
+- The checkpoint facts we match (key names, config defaults, forward details): transformers' source,
+  src/transformers/models/{llava,clip,llama}/modeling_*.py and configuration_*.py.
 
 Module names mirror the llava-hf checkpoint keys (`language_model.model.layers.0.self_attn.q_proj`,
 `vision_tower.vision_model.encoder.layers.0.mlp.fc1`, ...), so loading is one loop over the file's keys.
