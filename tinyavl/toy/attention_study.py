@@ -49,9 +49,6 @@ def study(recordings: list) -> dict:
         raise UserError("no caption had a decode step to measure (every answer ended at its first token)")
     n_layers = recordings[0].n_layers
 
-    def image(recorder, step, layer):  # (n_img,) the image part of one attention row
-        return recorder.image_row(step, layer)
-
     def decode_rows(layer):  # (recorder, step, row) for every decode step of every recording
         return [(r, t, r.rows[t][layer]) for r in recordings for t in range(1, len(r.rows))]
 
@@ -60,20 +57,20 @@ def study(recordings: list) -> dict:
         rows = decode_rows(layer)
         shares = [segment_shares(row, r.n_sys, r.n_img) for r, _, row in rows]
         sizes = [segment_sizes(len(row), r.n_sys, r.n_img) for r, _, row in rows]
-        prefill = [image(r, 0, layer) for r in recordings]                       # per recording (n_img,)
+        prefill = [r.image_row(0, layer) for r in recordings]                   # per recording (n_img,)
         result["layers"].append({
             "shares": {s: fmean(x[s] for x in shares) for s in SEGMENTS},
             "sizes": {s: fmean(x[s] for x in sizes) for s in SEGMENTS},
             "bos": fmean(float(row[0] / row.sum()) for _, _, row in rows),
             "concentration": {p: fmean(top_share(scores, p) for scores in prefill) for p in (0.1, 0.5)},
-            "ppci_steps": {d: fmean(ppci(image(r, t, layer), image(r, t + d, layer), CORE)
+            "ppci_steps": {d: fmean(ppci(r.image_row(t, layer), r.image_row(t + d, layer), CORE)
                                    for r in recordings for t in range(1, len(r.rows) - d))
                            for d in range(1, MAX_DISTANCE + 1)
                            if any(len(r.rows) - 1 > d for r in recordings)},  # some answer is d + 1 steps long
-            "capture": {p: fmean(capture(image(r, t, layer), top_set(image(r, 0, layer), p)) for r, t, _ in rows)
+            "capture": {p: fmean(capture(r.image_row(t, layer), top_set(r.image_row(0, layer), p)) for r, t, _ in rows)
                         for p in (STORED, CORE)},
         })
-    result["ppci_layers"] = [[fmean(ppci(image(r, 0, a), image(r, 0, b), STORED) for r in recordings)
+    result["ppci_layers"] = [[fmean(ppci(r.image_row(0, a), r.image_row(0, b), STORED) for r in recordings)
                               for b in range(n_layers)] for a in range(n_layers)]
     return result
 

@@ -19,12 +19,13 @@ rows attended per decode step (summed over layers) over the dense count.
 The table (`budget_sweep`): for each share of image tokens kept (BUDGETS), `random` runs first and its
 measured kv_ratio is the budget; A-VL keeps the same share of image tokens (so about the same bytes),
 and the other peers get the knobs that hold the same bytes as far as their knobs reach
-(`budget_params`). Rows show each policy's measured ratio,
-so a reader sees how close each came; nothing is tuned on accuracy.
+(`budget_params`). Rows show each policy's measured ratio, so a reader sees how close each came;
+nothing is tuned on accuracy.
 """
 import math
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,21 +74,19 @@ def caption_objects_right(prediction: str, scene: Scene) -> int:
     return len(parse_caption(prediction) & {obj.describe() for obj in scene.objects})
 
 
-CAPTION_FIELDS = ("colour", "shape", "place", "digit")
+# Where each field sits in an object's description, "{colour} {shape} at row R column C[ with digit D]"
+# (SceneObject.describe), in words.
+CAPTION_FIELDS = {"colour": slice(0, 1), "shape": slice(1, 2), "place": slice(2, 7), "digit": slice(7, None)}
 
 
-def caption_errors(prediction: str, scene: Scene) -> dict:
-    """Which fields a caption gets wrong, object by object in order: {"colour", "shape", "place",
-    "digit": count, "objects": 1 if it names a different number of objects}. An object description is
-    "{colour} {shape} at row R column C[ with digit D]" (SceneObject.describe)."""
-    errors = dict.fromkeys(CAPTION_FIELDS + ("objects",), 0)
+def caption_errors(prediction: str, scene: Scene) -> Counter:
+    """Which fields a caption gets wrong, object by object in order: a count for each of CAPTION_FIELDS,
+    and "objects": 1 if it names a different number of objects than the scene has."""
     said = [part.split() for part in prediction.split(" and ")]
-    errors["objects"] = int(len(said) != len(scene.objects))
+    errors = Counter(objects=int(len(said) != len(scene.objects)))
     for words, obj in zip(said, scene.objects):
         truth = obj.describe().split()
-        fields = {"colour": slice(0, 1), "shape": slice(1, 2), "place": slice(2, 7), "digit": slice(7, None)}
-        for field, part in fields.items():
-            errors[field] += words[part] != truth[part]
+        errors.update({field: int(words[part] != truth[part]) for field, part in CAPTION_FIELDS.items()})
     return errors
 
 
@@ -117,7 +116,7 @@ def evaluate(model, processor, questions: list[Question], policy: str = "full", 
     right = {kind: 0 for kind in PROMPT_KINDS}
     asked = {kind: 0 for kind in PROMPT_KINDS}
     objects_right = objects_total = 0
-    wrong_fields = dict.fromkeys(CAPTION_FIELDS + ("objects",), 0)
+    wrong_fields = Counter(dict.fromkeys([*CAPTION_FIELDS, "objects"], 0))
     kv_bytes = kv_dense = attended = attended_dense = 0
     start = time.perf_counter()
     for question in questions:
@@ -129,8 +128,7 @@ def evaluate(model, processor, questions: list[Question], policy: str = "full", 
         right[question.kind] += is_correct(question, prediction)
         if question.kind == "caption":
             objects_right += caption_objects_right(prediction, question.scene)
-            for field, count in caption_errors(prediction, question.scene).items():
-                wrong_fields[field] += count
+            wrong_fields.update(caption_errors(prediction, question.scene))
             objects_total += len(question.scene.objects)
         kv_bytes += stats.kv_cache_bytes
         kv_dense += stats.kv_cache_bytes_dense
@@ -149,7 +147,7 @@ def evaluate(model, processor, questions: list[Question], policy: str = "full", 
         "accuracy_by_type": {kind: right[kind] / asked[kind] for kind in kinds},
         "accuracy_by_type_ci": {kind: wilson_interval(right[kind], asked[kind]) for kind in kinds},
         "caption_objects": objects_right / objects_total if objects_total else None,
-        "caption_errors": wrong_fields,  # summed over captions (caption_errors)
+        "caption_errors": dict(wrong_fields),  # summed over captions (caption_errors)
         "kv_ratio": kv_bytes / kv_dense,
         "attended_ratio": attended / attended_dense if attended_dense else None,
         "seconds": time.perf_counter() - start,
