@@ -11,37 +11,49 @@ single JSON object is printed instead. A mistake in the input exits with status 
 import sys
 from pathlib import Path
 
-from PIL import Image
-
 import tinyavl
 from tinyavl.attention_map import map_layer, save_attention_map
 from tinyavl.cli import TOY_WEIGHTS, ArgumentParser, add_policy_arguments, policy_params, run_command
+from tinyavl.files import check_output_file
+from tinyavl.generate import check_generation_args
+from tinyavl.processing import check_question, load_image
 
 DEFAULT_WEIGHTS = TOY_WEIGHTS  # --weights when not given
 
 
-def parse_args(argv):
+def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--image", required=True, help="image file (jpg, png, ...)")
     parser.add_argument("--prompt", default="Describe the image.", help="the question about the image")
     parser.add_argument("--weights", type=Path, default=None,
                         help="llava-hf model folder (default: the toy LLaVA in weights/toy)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate (fewer at EOS)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if present")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="default: the checkpoint's (fp16 runs as bf16 on a CPU)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set of tokens "
+                        "whose probability reaches this (with --temperature > 0)")
+    parser.add_argument("--seed", type=int, default=None, help="seed for sampling (default: a fresh draw each run)")
     add_policy_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     parser.add_argument("--attention-map", type=Path, default=None, metavar="OUT.png",
                         help="draw which image tokens the policy kept, and where the model looked")
-    parser.add_argument("--map-layer", type=int, default=None, help="decoder layer to draw (default: the last)")
-    return parser.parse_args(argv)
+    parser.add_argument("--map-layer", type=int, default=None,
+                        help="decoder layer to draw with --attention-map (default: the last)")
+    return parser
+
+
+def parse_args(argv):
+    return build_parser().parse_args(argv)
 
 
 def run(args) -> dict:
+    # Everything the user gave is checked before the model loads (seconds to minutes for a 7B model).
+    image = load_image(args.image)
+    check_question(args.prompt)
+    check_generation_args(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    cache = tinyavl.make_cache(args.policy, **policy_params(args))
     if args.weights is None:
         if not DEFAULT_WEIGHTS.is_dir():
             raise tinyavl.UserError(f"no model in {DEFAULT_WEIGHTS}: restore the committed toy model (git checkout "
@@ -51,12 +63,13 @@ def run(args) -> dict:
               file=sys.stderr)
         args.weights = DEFAULT_WEIGHTS
     if args.attention_map is not None:
-        check_picture_path(args.attention_map)
+        check_output_file(args.attention_map, "--attention-map", inputs=[Path(args.image), args.weights])
+    elif args.map_layer is not None:
+        raise tinyavl.UserError("--map-layer chooses the layer of --attention-map: give --attention-map OUT.png too")
     model, processor = tinyavl.load_pretrained(args.weights, device=args.device, dtype=args.dtype)
     if args.attention_map is not None:
         layer = map_layer(model, args.map_layer)
-    inputs = processor(processor.chat_prompt(args.prompt), image=args.image)
-    cache = tinyavl.make_cache(args.policy, **policy_params(args))
+    inputs = processor(processor.chat_prompt(args.prompt), image=image)
     printed = ""
     ids = []
 
@@ -77,9 +90,11 @@ def run(args) -> dict:
     if not args.json:
         print(text[len(printed):])
     if args.attention_map is not None:
-        save_attention_map(args.attention_map, model, processor, inputs, cache, layer)
+        save_attention_map(args.attention_map, model, processor, inputs, cache, layer, question=args.prompt)
+        print(f"wrote the attention map to {args.attention_map}", file=sys.stderr)
     return {
-        "text": text, "token_ids": token_ids, "policy": stats.policy, "policy_params": stats.policy_params,
+        "text": text, "token_ids": token_ids, "finish_reason": stats.finish_reason,
+        "policy": stats.policy, "policy_params": stats.policy_params,
         "prompt_tokens": stats.prompt_tokens, "new_tokens": stats.new_tokens,
         "prefill_seconds": stats.prefill_seconds, "decode_tokens_per_second": stats.decode_tokens_per_second,
         "kv_cache_bytes": stats.kv_cache_bytes, "kv_cache_bytes_after_prefill": stats.kv_cache_bytes_after_prefill,
@@ -90,17 +105,14 @@ def run(args) -> dict:
     }
 
 
-def check_picture_path(path: Path) -> None:
-    """Fail before any work if the picture cannot be written there."""
-    if not path.parent.is_dir():
-        raise tinyavl.UserError(f"cannot write {path}: folder {path.parent} does not exist")
-    if path.suffix.lower() not in Image.registered_extensions():
-        raise tinyavl.UserError(f"cannot write {path}: give the picture a .png or .jpg name")
+FINISH = {"eos": "the model ended its answer", "length": "stopped at --max-new-tokens: the answer may be cut",
+          "context": "stopped at the end of the model's context: the answer may be cut"}
 
 
 def summary(result: dict) -> str:
     mib = 2 ** 20
-    lines = [f"policy {result['policy']} {result['policy_params'] or ''}".rstrip(),
+    lines = [f"{result['new_tokens']} tokens: {FINISH[result['finish_reason']]}",
+             f"policy {result['policy']} {result['policy_params'] or ''}".rstrip(),
              f"prompt {result['prompt_tokens']} tokens, prefill {result['prefill_seconds']:.2f} s"]
     if result["decode_tokens_per_second"] is not None:
         lines.append(f"decode {result['decode_tokens_per_second']:.1f} tokens/s, attended "

@@ -2,11 +2,12 @@
 import math
 
 import pytest
+import numpy as np
 import torch
 
 import tinyavl
-from tinyavl.attention_map import (COMPUTED, EVICTED, FRAME, PANEL, STORED, draw_attention_map, image_heat,
-                                   image_roles, seen_image)
+from tinyavl.attention_map import (COMPUTED, EVICTED, FRAME, HEADER, HEAT, PANEL, SCALE, STORED,
+                                    draw_attention_map, image_heat, image_roles, seen_image)
 from tinyavl.cache import make_cache
 from tiny_checkpoints import make_image
 
@@ -49,7 +50,7 @@ def test_avl_roles_are_core_secondary_and_minor(tiny_ckpt):
         assert int((roles == EVICTED).sum()) == n - math.floor(S * n)
 
 
-@pytest.mark.parametrize("policy, params", [("full", {}), ("h2o", {}), ("fastv", {"K": 1, "R": 0.5})])
+@pytest.mark.parametrize("policy, params", [("full", {}), ("h2o", {}), ("fastv", {"filter_layer": 1, "R": 0.5})])
 def test_other_policies_compute_what_they_store(tiny_ckpt, policy, params):
     model, processor = tinyavl.load_pretrained(tiny_ckpt.folder("mha"), device="cpu")
     cache = run_policy(model, processor, policy, **params)
@@ -71,9 +72,9 @@ def test_picture_marks_each_cell(tiny_ckpt):
     roles = torch.tensor([EVICTED, STORED, COMPUTED, COMPUTED] * 4)   # 4 x 4 grid
     heat = torch.zeros(16)
     heat[5] = 1.0
-    picture = draw_attention_map(image, roles, heat, "test")
-    assert picture.size == (2 * PANEL + 10, PANEL + 24)
-    cell, top = PANEL // 4, 24
+    picture = draw_attention_map(image, roles, heat, "test", question="What colour is the square?")
+    assert picture.size == (2 * PANEL + 10, HEADER + PANEL + SCALE)
+    cell, top = PANEL // 4, HEADER
     base = image.resize((PANEL, PANEL))
     inside = (cell // 2, cell // 2)  # centre of cell 0 (evicted: darkened)
     assert sum(picture.getpixel((inside[0], top + inside[1]))) < sum(base.getpixel(inside))
@@ -82,3 +83,26 @@ def test_picture_marks_each_cell(tiny_ckpt):
     hot = picture.getpixel((PANEL + 10 + cell + cell // 2, top + cell + cell // 2))  # heat cell 5
     cold = picture.getpixel((PANEL + 10 + cell // 2, top + cell // 2))              # heat cell 0
     assert hot[0] > 200 and hot[1] < 100 and cold != hot
+
+
+def test_picture_shows_the_question_and_a_colour_scale(tiny_ckpt):
+    """The question is written above the panels (its line is blank without one), and under the heat panel
+    a scale runs from the grey of zero attention to the red of the hottest cell."""
+    _, processor = tinyavl.load_pretrained(tiny_ckpt.folder("mha"), device="cpu")
+    image = seen_image(prompt(processor)["pixel_values"], processor)
+    roles, heat = torch.full((16,), COMPUTED), torch.zeros(16)
+    heat[5] = 1.0
+    asked = draw_attention_map(image, roles, heat, "t", question="What colour is the square?")
+    blank = draw_attention_map(image, roles, heat, "t", question="")
+
+    def dark_pixels(picture, box):
+        pixels = np.asarray(picture.crop(box)).reshape(-1, 3)
+        return int((pixels.sum(-1) < 300).sum())
+
+    question_line = (30, 2, 2 * PANEL, 18)  # right of "Q:"
+    assert dark_pixels(asked, question_line) > 20 and dark_pixels(blank, question_line) == 0
+    bar_y = HEADER + PANEL + 8
+    zero, top = asked.getpixel((PANEL + 10, bar_y)), asked.getpixel((2 * PANEL + 9, bar_y))
+    alpha = 220 / 255  # the hottest cell's opacity
+    assert zero == (128, 128, 128)
+    assert all(abs(got - (128 * (1 - alpha) + red * alpha)) <= 1 for got, red in zip(top, HEAT)), top

@@ -21,8 +21,8 @@ import pytest
 import torch
 
 import tinyavl
-from cache_helpers import (build_model, expand_kv, last_row_head_mean, make_prompt, naive_logits,
-                           positions_per_head, recording, run_steps, top_positions)
+from cache_helpers import (build_model, last_row_head_mean, make_prompt, masked, naive_logits,  # noqa: F401
+                           one_thread, positions_per_head, recording, run_steps, top_positions)
 from tinyavl.cache import AVLCache, FastVCache, H2OCache, KVCache, RandomCache, StreamingCache, make_cache
 from tinyavl.errors import UserError
 from tinyavl.generate import image_segments
@@ -48,16 +48,6 @@ def model(name: str):
 
 def prompt(name: str, n_text: int = 30):
     return make_prompt(model(name), N_SYS, n_text, seed=7)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one intra-op thread is many times faster than two fighting over 2 cores
-    (measured: 0.4 s vs 8 s for one test under load). Restored after each test."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @lru_cache(maxsize=None)
@@ -106,15 +96,14 @@ def test_full_cache_matches_uncached_forward(name):
 FULL_EQUIVALENT = [
     ("avl", dict(S=1, C=1, T=1, P=1, K=1)),
     ("avl", dict(S=1, C=1, T=1, P=1, K=3)),
-    ("avl", dict(S=1, C=1, T=1, P=1, K=0)),
     # H2O's budget is floor(heavy L) + floor(recent L): >= L for every L when one of the two is 1.
     ("h2o", dict(heavy=1, recent=1)),
     ("h2o", dict(heavy=0.125, recent=1)),
     ("h2o", dict(heavy=1, recent=0.25)),
     ("streaming", dict(recent=1)),
     ("streaming", dict(sinks=0, recent=1)),
-    ("fastv", dict(K=1, R=0)),
-    ("fastv", dict(K=2, R=0)),
+    ("fastv", dict(filter_layer=1, R=0)),
+    ("fastv", dict(filter_layer=2, R=0)),
     ("random", dict(S=1)),
     ("random", dict(S=1, random_seed=5)),
 ]
@@ -140,32 +129,14 @@ def test_full_budget_policy_equals_full(name, policy, params):
     for layer in range(n_layers):  # and nothing was evicted
         assert cache.k[layer].shape[2] == ids.shape[1] + STEPS_EQ
     # The public API: the same greedy tokens as the dense cache.
-    tokens, _ = tinyavl.generate(m, ids, pixel_values, max_new_tokens=STEPS_EQ + 1, policy=policy, **params)
+    tokens, _ = tinyavl.generate(m, ids, pixel_values, max_new_tokens=STEPS_EQ + 1, policy=policy, eos_token_id=(),
+                                 **params)
     assert tokens == ref_tokens + [int(ref_logits[-1].argmax())]
 
 
 # =========================================================================================================
 # 2. Skipping == masking: A-VL's shorter attention gives the numbers of the masked formulation.
 # =========================================================================================================
-class MaskedAVLCache(AVLCache):
-    """A-VL with the skip replaced by a mask: every row of the layer's cache is in the attention, the rows
-    `rows_to_attend` leaves out get -inf. Own attention (float64 softmax), and the row's log-sum-exp
-    taken from the masked row, so the bookkeeping sees exactly what the spec says it should."""
-
-    def compute(self, layer, q, rows):
-        k, v = self.k[layer], self.v[layer]
-        n, t = k.shape[2], q.shape[2]
-        visible = torch.ones(t, n, dtype=torch.bool).tril(n - t)   # causal, queries aligned with the last keys
-        if rows is not None:
-            selected = torch.zeros(n, dtype=torch.bool)
-            selected[rows] = True
-            visible = visible & selected
-        logits = naive_logits(q, k).masked_fill(~visible, float("-inf"))     # (B, H, T, n) float64
-        if self.step > 0:
-            self.row_lse = logits[:, :, -1].logsumexp(-1).float()
-        return (logits.softmax(-1) @ expand_kv(v, q.shape[1]).double()).to(q.dtype)
-
-
 MASKED_CASES = [
     ("mha", dict(), 9),                    # defaults S .5, C .3, K 3, T .6 (2 layers: no prefill filter)
     ("gqa", dict(), 9),                    # defaults, GQA (3 layers: filter_layer 3 is the last, no filter)
@@ -192,7 +163,7 @@ def test_avl_skipping_equals_masking(name, params, steps):
     needs_kernel(params)
     m = model(name)
     ids, pixel_values = prompt(name)
-    ref_logits, tokens = run_steps(m, ids, pixel_values, MaskedAVLCache(**params), steps)
+    ref_logits, tokens = run_steps(m, ids, pixel_values, masked(AVLCache)(**params), steps)
     cache = recording(AVLCache)(**params)
     logits, _ = run_steps(m, ids, pixel_values, cache, steps, tokens=tokens)
     for t in range(steps + 1):  # prefill (t = 0), normal and update steps
@@ -210,7 +181,8 @@ def test_avl_skipping_equals_masking(name, params, steps):
             text_rows = held - N_SYS - cache.n_secondary
             assert e["attended"] == N_SYS + n_core + text_rows < held, (e["step"], e["layer"])
     # ... and generate() reports it, on the same greedy sequence.
-    out, stats = tinyavl.generate(m, ids, pixel_values, max_new_tokens=steps + 1, policy="avl", **params)
+    out, stats = tinyavl.generate(m, ids, pixel_values, max_new_tokens=steps + 1, policy="avl", eos_token_id=(),
+                                  **params)
     assert out == tokens + [int(ref_logits[-1].argmax())]
     assert stats.attended_per_layer == [[e["attended"] for e in decode if e["step"] == t]
                                         for t in range(1, steps + 1)]
@@ -326,7 +298,7 @@ def test_avl_invariants(name, n_text, params):
             assert e["new_pos"].tolist() == [prompt_len + t - 1], where
             assert all(max(held) == prompt_len + t - 1 for held in heads_after), where
             held_rows = e["k_before"].shape[2]
-            update = K <= 0 or t % K == 0
+            update = t % K == 0
             if update:
                 assert attends_all(e), where
             else:
@@ -377,11 +349,10 @@ def test_avl_invariants(name, n_text, params):
             torch.testing.assert_close(e["scores_after"][0, h], want, atol=1e-4, rtol=1e-4, msg=where)
 
 
-@pytest.mark.parametrize("K", [0, -1])
-def test_avl_nonpositive_K_attends_every_secondary_row(K):
+def test_avl_K_1_attends_every_secondary_row():
     m = model("gqa")
     ids, pixel_values = prompt("gqa")
-    cache = recording(AVLCache)(K=K)
+    cache = recording(AVLCache)(K=1)
     run_steps(m, ids, pixel_values, cache, 5)
     for e in cache.log:
         if e["step"] > 0:
@@ -391,9 +362,10 @@ def test_avl_nonpositive_K_attends_every_secondary_row(K):
 
 @pytest.mark.parametrize("name,K,R", [("gqa", 2, 0.5), ("mha4", 1, 0.3), ("gqa4", 3, 0.75)])
 def test_fastv_layers(name, K, R):
+    """K is FastV's letter for the first layer without the dropped tokens: the policy's filter_layer."""
     m = model(name)
     ids, pixel_values = prompt(name)
-    cache = recording(FastVCache)(K=K, R=R)
+    cache = recording(FastVCache)(filter_layer=K, R=R)
     steps = 4
     run_steps(m, ids, pixel_values, cache, steps)
     prompt_len, n_img = ids.shape[1], m.config.num_image_tokens
@@ -530,7 +502,10 @@ INVALID = (
     + [("h2o", {name: value}, name) for name in ("heavy", "recent") for value in BAD_RATES]
     + [("streaming", dict(recent=value), "recent") for value in BAD_RATES]
     + [("fastv", dict(R=value), "R") for value in (-0.1, 1, 1.5)]
-    + [("fastv", dict(K=value), "K") for value in (0, -1)]
+    + [("fastv", dict(filter_layer=value), "filter_layer") for value in (0, -1)]
+    + [("avl", dict(K=value), "K") for value in (0, -1)]
+    + [("avl", dict(filter_layer=0), "filter_layer")]
+    + [("avl", dict(K=1.5), "K"), ("streaming", dict(sinks="4"), "sinks"), ("avl", dict(S=True), "S")]
     + [("random", dict(S=value), "S") for value in BAD_RATES]
     + [("random", dict(random_seed=value), "random_seed") for value in (-1, 2 ** 63)]
 )
@@ -550,6 +525,9 @@ def test_unknown_policy_and_parameter_rejected():
         make_cache("avl", heavy=0.5)                     # an H2O parameter given to A-VL
     with pytest.raises(UserError, match="h2o"):
         make_cache("h2o", S=0.5)
+    # The default policy takes nothing, and the message says which policies own the parameter.
+    with pytest.raises(UserError, match=r"policy 'full' takes no parameters, not S \(a parameter of avl, random\)"):
+        make_cache("full", S=0.5)
     m = model("mha")
     ids, pixel_values = prompt("mha")
     with pytest.raises(UserError):
@@ -559,12 +537,12 @@ def test_unknown_policy_and_parameter_rejected():
 
 
 def test_valid_edges_accepted():
-    """The edges of the ranges are legal: rate 1, C == S == P, fastv R = 0, A-VL K <= 0."""
+    """The edges of the ranges are legal: rate 1, C == S == P, fastv R = 0, A-VL K = 1 (update every step)."""
     make_cache("avl", S=1, C=1, P=1, T=1)
     make_cache("avl", S=0.5, C=0.5, P=0.5)
-    make_cache("avl", K=0)
+    make_cache("avl", K=1)
     make_cache("h2o", heavy=1, recent=1)
-    make_cache("fastv", K=1, R=0)
+    make_cache("fastv", filter_layer=1, R=0)
     make_cache("random", S=1, random_seed=0)
     make_cache("random", random_seed=2 ** 63 - 1)
 
@@ -720,7 +698,8 @@ def test_kv_accounting(name, policy, params):
     m = model(name)
     ids, pixel_values = prompt(name)
     new_tokens = 6
-    _, stats = tinyavl.generate(m, ids, pixel_values, max_new_tokens=new_tokens, policy=policy, **params)
+    _, stats = tinyavl.generate(m, ids, pixel_values, max_new_tokens=new_tokens, policy=policy, eos_token_id=(),
+                                **params)
     n_layers, kv_heads = MODELS[name][0], MODELS[name][1]
     head_dim, fp32 = 16, 4
     row = 2 * kv_heads * head_dim * fp32                       # K and V of one token in one layer
@@ -770,3 +749,20 @@ def test_modality_bytes_with_heads_keeping_different_tokens():
     assert cache.nbytes() == 2 * 2 * 64                               # 2 heads x 2 rows
     assert cache.modality_bytes(0) == {"sys": 0, "image": 1 * 64, "text": 3 * 64}
     assert sum(cache.modality_bytes(0).values()) == cache.nbytes(0)
+
+
+def test_triton_kernel_without_a_gpu_is_refused_before_any_work(monkeypatch):
+    """kernel='triton' on a machine with neither CUDA nor Triton's interpreter: a UserError when the policy
+    is made (main.py makes it before loading the model), not a driver traceback after the answer."""
+    kernels = pytest.importorskip("kernels.sparse_attention")
+    if not kernels.TRITON_AVAILABLE:
+        with pytest.raises(UserError, match="pip install triton"):
+            make_cache("avl", kernel="triton")
+        return
+    monkeypatch.setattr(kernels, "INTERPRETED", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="CUDA device"):
+        make_cache("avl", kernel="triton")
+    make_cache("avl", kernel="auto")  # auto falls back to the torch path
+    monkeypatch.setattr(kernels, "INTERPRETED", True)
+    make_cache("avl", kernel="triton")  # the interpreter runs it on the CPU

@@ -185,7 +185,7 @@ POLICY_RUNS = [
     ["--policy", "streaming"],
     ["--policy", "streaming", "--sinks", "2", "--recent", "0.25"],
     ["--policy", "fastv"],
-    ["--policy", "fastv", "--K", "1", "--R", "0.5"],
+    ["--policy", "fastv", "--filter-layer", "1", "--R", "0.5"],
 ]
 
 
@@ -196,7 +196,8 @@ def test_policies_run(capsys, good, files, policy_args):
     assert rc == 0, err
     result = json.loads(out)
     assert result["policy"] == policy_args[1]
-    given = {policy_args[i].lstrip("-"): float(policy_args[i + 1]) for i in range(2, len(policy_args), 2)}
+    given = {policy_args[i].lstrip("-").replace("-", "_"): float(policy_args[i + 1])
+             for i in range(2, len(policy_args), 2)}
     for name, value in given.items():
         assert result["policy_params"][name] == value
     assert len(result["token_ids"]) == NEW_TOKENS  # EOS aside, which the tiny model does not reach here
@@ -387,3 +388,108 @@ def test_user_errors_subprocess(files, broken, good, case):
     _, extra, image, weights, mentions = next(c for c in ERROR_CASES if c[0] == case)
     rc, out, err = run_subprocess(error_argv(files, broken, good, image, weights, extra))
     assert_user_error(rc, out, err, *mentions)
+
+
+# ------------------------------------------------------------------------------ what the user gave stays theirs
+def test_attention_map_never_overwrites_the_input_image(capsys, good, files, tmp_path):
+    image = tmp_path / "photo.png"
+    image.write_bytes(files["png"].read_bytes())
+    before = image.read_bytes()
+    rc, out, err = run_inprocess(capsys, ["--image", image, "--weights", good, "--attention-map", image])
+    assert_user_error(rc, out, err, "overwrite", "photo.png")
+    assert image.read_bytes() == before
+    rc, out, err = run_inprocess(capsys, ["--image", image, "--weights", good,
+                                          "--attention-map", Path(good) / "map.png"])
+    assert_user_error(rc, out, err, "overwrite")
+    assert not (Path(good) / "map.png").exists()
+
+
+def test_attention_map_is_written_and_reported(capsys, good, files, tmp_path):
+    out_path = tmp_path / "map.png"
+    rc, _, err = run_inprocess(capsys, ["--image", files["png"], "--weights", good, "--max-new-tokens", 2,
+                                        "--attention-map", out_path])
+    assert rc == 0, err
+    assert f"wrote the attention map to {out_path}" in err
+    assert Image.open(out_path).size[0] > 0 and sorted(p.name for p in tmp_path.iterdir()) == ["map.png"]
+
+
+def test_user_input_is_checked_before_the_model_loads(capsys, monkeypatch, good, files, tmp_path):
+    """A mistake in the image, the prompt, the generation or policy settings or the map path is reported
+    without loading the model (seconds to minutes for a 7B checkpoint)."""
+    monkeypatch.setattr(tinyavl, "load_pretrained", lambda *a, **k: pytest.fail("loaded the model first"))
+    base = ["--weights", good]
+    cases = [
+        (["--image", tmp_path / "nope.png"], "nope.png"),
+        (["--image", files["png"], "--policy", "avl", "--S", "2"], "S"),
+        (["--image", files["png"], "--S", "0.5"], "full"),
+        (["--image", files["png"], "--temperature", "1", "--top-p", "0"], "top_p"),
+        (["--image", files["png"], "--seed", "99999999999999999999"], "seed"),
+        (["--image", files["png"], "--prompt", "<image> what?"], "<image>"),
+        (["--image", files["png"], "--attention-map", tmp_path / "no-such-dir" / "map.png"], "no-such-dir"),
+        (["--image", files["png"], "--map-layer", "1"], "--attention-map"),
+    ]
+    for extra, mention in cases:
+        rc, out, err = run_inprocess(capsys, base + extra)
+        assert_user_error(rc, out, err, mention)
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo", "device", "bomb"])
+def test_images_that_are_not_image_files_get_their_own_message(capsys, good, tmp_path, kind):
+    if kind == "folder":
+        path, mention = tmp_path, "is a folder"
+    elif kind == "fifo":
+        path, mention = tmp_path / "pipe", "not a regular file"
+        os.mkfifo(path)
+    elif kind == "device":
+        path, mention = Path("/dev/null"), "not a regular file"
+    else:  # a valid PNG header claiming 20000 x 20000 pixels: PIL refuses it before decoding
+        path, mention = tmp_path / "bomb.png", "decompression"
+        Image.new("1", (20000, 20000)).save(path)
+    rc, out, err = run_inprocess(capsys, ["--image", path, "--weights", good])
+    assert_user_error(rc, out, err, mention)
+
+
+def test_prompt_bytes_that_are_not_utf8_are_a_user_error(good, files):
+    """Bytes that are not UTF-8 reach Python's argv as lone surrogates; a real process shows the path."""
+    proc = subprocess.run([sys.executable, "main.py", "--image", str(files["png"]), "--weights", str(good),
+                           b"--prompt", b"caf\xe9 ?"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert_user_error(proc.returncode, proc.stdout, proc.stderr, "UTF-8")
+
+
+def test_weights_path_that_is_a_file_says_so(capsys, files):
+    rc, out, err = run_inprocess(capsys, ["--image", files["png"], "--weights", files["png"]])
+    assert_user_error(rc, out, err, "is a file")
+
+
+def test_finish_reason_in_json_and_summary(capsys, good, files):
+    rc, out, err = run_inprocess(capsys, ["--image", files["png"], "--weights", good, "--max-new-tokens", 2,
+                                          "--json"])
+    result = json.loads(out)
+    assert rc == 0 and result["finish_reason"] in ("eos", "length")
+    expected = "eos" if result["token_ids"][-1] == tokenizer_info()["eos_token_id"] else "length"
+    assert result["finish_reason"] == expected
+    rc, _, err = run_inprocess(capsys, ["--image", files["png"], "--weights", good, "--max-new-tokens", 2])
+    assert rc == 0 and ("--max-new-tokens" in err.splitlines()[0]) == (expected == "length")
+
+
+def test_ctrl_c_is_one_line_and_status_130(capsys, monkeypatch, good, files):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(tinyavl, "generate", interrupted)
+    rc, out, err = run_inprocess(capsys, ["--image", files["png"], "--weights", good])
+    assert rc == 130 and err.strip().splitlines()[-1] == "interrupted (Ctrl-C)" and "Traceback" not in err
+
+
+def test_help_lists_every_option_with_its_default(capsys):
+    parser = main.build_parser()
+    for action in parser._actions:  # every option explains itself
+        assert action.help, action.option_strings
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for option, default in [("--max-new-tokens", "64"), ("--top-p", "1.0"), ("--policy", "full"),
+                            ("--temperature", "0.0"), ("--prompt", "Describe the image.")]:
+        assert f"(default: {default})" in text.split(f"{option} ", 2)[-1][:300], option
+    assert "(default: avl 0.5, random 0.5)" in text   # --S: the defaults of the policies that take it
+    assert "(default: avl 3, fastv 2)" in text        # --filter-layer
+    assert "(default: avl 3)" in text                 # --K: A-VL's alone

@@ -65,7 +65,7 @@ class Recorder:
 
 
 def greedy(model, ids, px, steps=STEPS, **kwargs):
-    tokens, stats = tinyavl.generate(model, ids, px, max_new_tokens=steps, temperature=0.0, eos_token_id=None,
+    tokens, stats = tinyavl.generate(model, ids, px, max_new_tokens=steps, temperature=0.0, eos_token_id=(),
                                      **kwargs)
     return tokens, stats
 
@@ -133,7 +133,7 @@ def test_same_seed_same_tokens_different_seed_different_tokens(loaded):
     def sampled(seed, global_seed):
         torch.manual_seed(global_seed)  # the run's own seed must decide, not the global RNG state
         tokens, _ = tinyavl.generate(model, ids, px, max_new_tokens=STEPS, temperature=5.0, top_p=1.0, seed=seed,
-                                     eos_token_id=None)
+                                     eos_token_id=())
         return tokens
 
     a, b = sampled(0, global_seed=123), sampled(0, global_seed=456)
@@ -151,7 +151,7 @@ def test_tiny_top_p_is_greedy(loaded):
     ref, _ = greedy(model, ids, px)
     for seed in (0, 1):
         tokens, _ = tinyavl.generate(model, ids, px, max_new_tokens=STEPS, temperature=1.0, top_p=1e-6, seed=seed,
-                                     eos_token_id=None)
+                                     eos_token_id=())
         assert tokens == ref
 
 
@@ -229,6 +229,55 @@ def test_eos_stops_generation_right_after_it(loaded):
     assert tinyavl.generate(model, ids, px, max_new_tokens=STEPS, eos_token_id=never)[0] == ref
 
 
+def test_generation_stops_at_the_models_eos_by_default(loaded):
+    """Without eos_token_id, the model's own EOS (config.text.eos_token_id) ends the answer, as in transformers;
+    () never stops early. finish_reason says which limit ended it."""
+    model, processor = loaded("mha")
+    ids, px = prompt_inputs(processor, "image")
+    ref, stats = greedy(model, ids, px)
+    assert stats.finish_reason == "length"
+    k = next(i for i in range(2, STEPS) if ref[i] not in ref[:i])
+    model = copy.copy(model)  # a shallow copy: the same weights, a config of its own
+    model.config = copy.deepcopy(model.config)
+    model.config.text.eos_token_id = ref[k]
+    tokens, stats = tinyavl.generate(model, ids, px, max_new_tokens=STEPS)
+    assert tokens == ref[:k + 1] and stats.finish_reason == "eos"
+    tokens, stats = tinyavl.generate(model, ids, px, max_new_tokens=STEPS, eos_token_id=())
+    assert tokens == ref and stats.finish_reason == "length"
+    tokens, stats = tinyavl.generate(model, ids, px, max_new_tokens=STEPS, eos_token_id=[ref[1], ref[k]])
+    assert tokens == ref[:2] and stats.finish_reason == "eos"
+
+
+class NonFinite(Recorder):
+    """Wraps a model whose logits turn NaN (or +inf) from forward pass `at` on."""
+
+    def __init__(self, model, at: int, value: float):
+        super().__init__(model)
+        self.at, self.value = at, value
+
+    def __call__(self, input_ids, pixel_values=None, **kwargs):
+        out = super().__call__(input_ids, pixel_values, **kwargs)
+        return out.fill_(self.value) if len(self.calls) > self.at else out
+
+
+@pytest.mark.parametrize("at,value", [(0, float("nan")), (3, float("inf"))])
+def test_non_finite_logits_stop_generation_with_a_clear_error(loaded, at, value):
+    model, processor = loaded("mha")
+    ids, px = prompt_inputs(processor, "image")
+    with pytest.raises(UserError, match=f"NaN or infinite at step {at}"):
+        greedy(NonFinite(model, at, value), ids, px)
+
+
+def test_sample_nucleus_boundary_keeps_the_prefix_that_exactly_reaches_top_p():
+    """Four equal tokens, top_p 0.5: the first two reach 0.5 exactly, so exactly two tokens are ever drawn
+    (a rule that needs the mass to exceed top_p would keep three)."""
+    logits = torch.zeros(4)
+    g = torch.Generator().manual_seed(0)
+    draws = [sample(logits, 1.0, 0.5, g) for _ in range(2000)]
+    assert len(set(draws)) == 2
+    assert abs(draws.count(draws[0]) / len(draws) - 0.5) < 0.05
+
+
 # ------------------------------------------------------------------------------ context limit
 CONTEXT = 40
 
@@ -256,7 +305,7 @@ def test_generation_stops_at_the_context(short_context_model, loaded):
     T = ids.shape[1]
     assert T < CONTEXT - 2
     tokens, stats = greedy(model, ids, px, steps=CONTEXT)  # asks for more than fits
-    assert T + len(tokens) == CONTEXT and stats.new_tokens == CONTEXT - T
+    assert T + len(tokens) == CONTEXT and stats.new_tokens == CONTEXT - T and stats.finish_reason == "context"
     # The tokens are those of the same weights with the default (4096) context: nothing else changed.
     assert tokens == greedy(loaded("mha")[0], ids, px, steps=CONTEXT - T)[0]
 
@@ -362,7 +411,7 @@ def test_bfloat16_generates_close_to_fp32(tiny_ckpt, loaded, name):
     assert torch.equal(ids, prompt_inputs(processor16, "image")[0])
 
     rec = Recorder(model16)
-    tokens, stats = tinyavl.generate(rec, ids, px, max_new_tokens=6, eos_token_id=None)
+    tokens, stats = tinyavl.generate(rec, ids, px, max_new_tokens=6, eos_token_id=())
     assert len(tokens) == 6 and all(0 <= t < tokenizer_info()["vocab_size"] for t in tokens)
     T = ids.shape[1]
     assert stats.kv_cache_bytes == dense_bytes(name, T + 5, 2)  # bf16 K and V: 2 bytes per element

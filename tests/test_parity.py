@@ -93,7 +93,7 @@ def test_logits_and_greedy_match_transformers(loaded, name, case):
     # The comparison is only meaningful if every HF greedy choice is clear-cut at fp32 accuracy.
     assert len(ref_tokens) == GREEDY_STEPS and min(gaps) > 1e-3, (ref_tokens, gaps)
     our_tokens, _ = tinyavl.generate(model, ids, pixel_values, max_new_tokens=GREEDY_STEPS, temperature=0.0,
-                                     eos_token_id=None)
+                                     eos_token_id=())
     print(f"[parity] greedy {ref_tokens} min top1-top2 gap {min(gaps):.2f}")
     assert list(our_tokens) == ref_tokens
 

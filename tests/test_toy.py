@@ -145,10 +145,15 @@ def test_evaluate_full_holds_exactly_the_dense_cache(capsys):
 @pytest.mark.parametrize("argv", [["--n", "0"], ["--table", "--policy", "avl"], ["--weights", "nowhere"],
                                   ["--policy", "nope"], ["--plot", "x.png"], ["--table", "--plot", "x.txt"],
                                   ["--table", "--plot", "no/such/folder/x.png"],
-                                  ["--policy", "random", "--random-seed", "-1"]])
+                                  ["--policy", "random", "--random-seed", "-1"],
+                                  ["--table", "--plot", str(TOY / "examples" / "scene-0.png")],
+                                  ["--attention-maps", str(TOY / "examples")]])
 def test_evaluate_bad_input_is_one_line(capsys, argv):
+    """Also: no output lands in the model folder (the committed example pictures stay as they are)."""
+    before = {p: p.read_bytes() for p in TOY.rglob("*") if p.is_file()}
     assert evaluate_main(argv) == 2
     assert capsys.readouterr().err.count("\n") == 1
+    assert {p: p.read_bytes() for p in TOY.rglob("*") if p.is_file()} == before
 
 
 def test_evaluate_bad_flag_in_a_subprocess():

@@ -30,7 +30,7 @@ def test_budget_params_hold_randoms_bytes():
     for image_keep in (0.5, 0.25, 0.1):
         r = 1 - (1 - image_keep) * s
         fastv = budget_params("fastv", image_keep, r, n_layers)
-        assert fastv["K"] == 1
+        assert fastv["filter_layer"] == 1
         expected_r = 1 - fastv["R"] * s * (n_layers - 1) / n_layers
         if (1 - image_keep) * n_layers / (n_layers - 1) < FASTV_MAX_R:
             assert expected_r == pytest.approx(r, abs=1e-4)

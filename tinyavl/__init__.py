@@ -25,6 +25,10 @@ def load_pretrained(path, device=None, dtype=None):
     processor = Processor.from_pretrained(Path(path), image_token_id=config.image_token_id,
                                           num_image_tokens=config.num_image_tokens,
                                           vision_image_size=config.vision.image_size)
+    n_tokens = processor.tokenizer.get_vocab_size()
+    if n_tokens > config.text.vocab_size:  # a token id past the embedding table would crash the forward
+        raise UserError(f"tokenizer.json has {n_tokens} tokens but config.json's vocab_size is "
+                        f"{config.text.vocab_size}: the two files come from different checkpoints")
     return model, processor
 
 

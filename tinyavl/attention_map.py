@@ -7,9 +7,12 @@ Two panels over the image the vision tower saw, one cell per image token of a ch
   A-VL the core), stored but not computed (yellow frame; A-VL's secondary tokens) and evicted
   (darkened). Policies other than A-VL compute every image token they store.
 - right, the last prompt token's attention over the image tokens in that layer (mean over heads, dense
-  attention): where the model looks when it starts to answer.
+  attention): where the model looks when it starts to answer. The colour scale under it runs from 0 to
+  the largest share one token receives.
+The question and the counts of each role are written above the panels.
 """
 import math
+from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
@@ -17,10 +20,14 @@ from PIL import Image, ImageDraw
 from tinyavl.attention_stats import record_attention
 from tinyavl.cache import AVLCache, KVCache
 from tinyavl.errors import UserError
+from tinyavl.files import write_file_atomically
 
 EVICTED, STORED, COMPUTED = 0, 1, 2
 FRAME = {COMPUTED: (40, 220, 70), STORED: (250, 210, 40)}
 PANEL = 384  # px per panel side
+HEADER = 40  # px above the panels: the question, then the title
+SCALE = 34   # px below them: the heat map's colour scale
+HEAT = (255, 30, 30)
 
 
 def image_heat(model, input_ids, pixel_values, layer: int) -> torch.Tensor:
@@ -51,9 +58,10 @@ def seen_image(pixel_values, processor) -> Image.Image:
     return Image.fromarray(x.numpy())
 
 
-def draw_attention_map(image: Image.Image, roles: torch.Tensor, heat: torch.Tensor, title: str) -> Image.Image:
+def draw_attention_map(image: Image.Image, roles: torch.Tensor, heat: torch.Tensor, title: str,
+                       question: str = "") -> Image.Image:
     """Two panels (roles | heat) over `image`, one grid cell per image token (a square grid of patches,
-    after CLS if the model keeps it)."""
+    after CLS if the model keeps it), the question and title above, the heat's colour scale below."""
     side = math.isqrt(len(roles))
     if side * side == len(roles) - 1:  # the "full" feature strategy keeps CLS first: it has no cell
         roles, heat = roles[1:], heat[1:]
@@ -61,10 +69,11 @@ def draw_attention_map(image: Image.Image, roles: torch.Tensor, heat: torch.Tens
         raise ValueError(f"{len(roles)} image tokens do not form a square grid of patches")
     cell = PANEL / side
     base = image.resize((PANEL, PANEL), Image.Resampling.NEAREST)
-    canvas = Image.new("RGB", (2 * PANEL + 10, PANEL + 24), (255, 255, 255))
+    canvas = Image.new("RGB", (2 * PANEL + 10, HEADER + PANEL + SCALE), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    draw.text((4, 4), title, fill=(0, 0, 0))
-    top = 24
+    draw.text((4, 4), f"Q: {question}", fill=(0, 0, 0))
+    draw.text((4, 22), title, fill=(0, 0, 0))
+    top = HEADER
 
     # Left: the policy's roles. Evicted cells are darkened, the others framed by role.
     left = base.copy()
@@ -82,8 +91,19 @@ def draw_attention_map(image: Image.Image, roles: torch.Tensor, heat: torch.Tens
     glow = ImageDraw.Draw(right, "RGBA")
     peak = float(heat.max()) or 1.0
     for i, value in enumerate(heat.tolist()):
-        glow.rectangle(_cell_box(i, side, cell), fill=(255, 30, 30, int(220 * value / peak)))
+        glow.rectangle(_cell_box(i, side, cell), fill=(*HEAT, int(220 * value / peak)))
     canvas.paste(right, (PANEL + 10, top))
+
+    # The colour scale: the same red over the same grey, from 0 (left) to the peak share (right).
+    bar = Image.new("RGB", (PANEL, 10), (128, 128, 128))
+    ramp = ImageDraw.Draw(bar, "RGBA")
+    for x in range(PANEL):
+        ramp.line([(x, 0), (x, 9)], fill=(*HEAT, int(220 * x / (PANEL - 1))))
+    bar_top = top + PANEL + 4
+    canvas.paste(bar, (PANEL + 10, bar_top))
+    draw.text((PANEL + 10, bar_top + 12), "0", fill=(0, 0, 0))
+    label = f"{peak:.3f} of the attention"
+    draw.text((2 * PANEL + 10 - 6 * len(label) - 2, bar_top + 12), label, fill=(0, 0, 0))
     return canvas
 
 
@@ -102,10 +122,12 @@ def map_layer(model, layer: int | None) -> int:
     return layer
 
 
-def save_attention_map(path, model, processor, inputs, cache: KVCache, layer: int | None = None) -> None:
-    """Draw the picture for a finished generation (its `inputs` and the `cache` it ran with) to `path`.
+def save_attention_map(path, model, processor, inputs, cache: KVCache, layer: int | None = None,
+                       question: str = "") -> None:
+    """Draw the picture for a finished generation (its `inputs` and the `cache` it ran with) to `path`,
+    written atomically.
 
-    layer: the decoder layer to show; default the last one."""
+    layer: the decoder layer to show; default the last one. question: the text shown above the panels."""
     layer = map_layer(model, layer)
     heat = image_heat(model, inputs["input_ids"], inputs["pixel_values"], layer)
     roles = image_roles(cache, layer)
@@ -113,4 +135,6 @@ def save_attention_map(path, model, processor, inputs, cache: KVCache, layer: in
               (("computed", COMPUTED), ("stored", STORED), ("evicted", EVICTED))}
     title = (f"layer {layer}, policy {cache.name}: computed (green) {counts['computed']}, stored only (yellow) "
              f"{counts['stored']}, evicted (dark) {counts['evicted']}  |  last prompt token's attention")
-    draw_attention_map(seen_image(inputs["pixel_values"], processor), roles, heat, title).save(path)
+    picture = draw_attention_map(seen_image(inputs["pixel_values"], processor), roles, heat, title, question)
+    image_format = Image.registered_extensions().get(Path(path).suffix.lower())  # the partial file has no suffix
+    write_file_atomically(path, lambda partial: picture.save(partial, format=image_format))

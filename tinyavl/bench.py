@@ -5,7 +5,7 @@
 
 The decoder layers have the real shapes (hidden 4096, 32 heads x 128, MLP 11008, vocab 32064); only
 their number is cut so that the model fits a small machine. 4 is the fewest at which every default
-applies (FastV drops after layer K-1 = 1, A-VL's prefill filter after layer L_f - 1 = 2). The image
+applies (both filters drop after layer filter_layer - 1: FastV's 1, A-VL's prefill filter's 2). The image
 block is random features of the given length standing in for CLIP's output: LLaVA-1.5 has 576, a
 LLaVA-1.6 672x672 image 2928. The policies act on the decoder, which is what is measured.
 
@@ -102,7 +102,9 @@ def run_case(model, n_img: int, new_tokens: int, compare_transformers: bool):
     print(f"\nimage block {n_img} tokens, prompt {input_ids.shape[1]} tokens, {new_tokens} new tokens")
     results = {}
     for name, params in POLICIES:
-        tokens, stats = generate(model, input_ids, pixel_values, max_new_tokens=new_tokens, policy=name, **params)
+        # eos_token_id=(): every policy decodes the same number of steps, whatever the tokens
+        tokens, stats = generate(model, input_ids, pixel_values, max_new_tokens=new_tokens, eos_token_id=(),
+                                 policy=name, **params)
         results[name] = (tokens, stats)
     full = results["full"][1]
     full_step = full.decode_seconds / (full.new_tokens - 1)

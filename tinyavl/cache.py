@@ -25,10 +25,16 @@ Policies (`make_cache(name, **params)`):
     avl        AVLCache        A-VL: image tokens stored but only the core computed, text kept local + heavy
     h2o        H2OCache        heavy hitters + recent window over the whole sequence, per head
     streaming  StreamingCache  4 attention sinks + a recent window
-    fastv      FastVCache      drop image tokens inside the decoder after layer K-1, decided at prefill
+    fastv      FastVCache      drop image tokens inside the decoder from layer filter_layer on, decided at prefill
     random     RandomCache     the control: a seeded uniformly random floor(S N_img) image tokens, every layer
+
+Each policy declares its parameters once, in `PARAMS` (name, default, allowed range, one-line help): the
+constructor's checks and defaults, make_cache's, the command lines' flags and --help all come from there.
+A new policy is a KVCache subclass with a `name`, its `PARAMS` and `FULL_BUDGET`, added to POLICIES;
+tests/test_policy_contract.py then checks it like every other.
 """
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -43,7 +49,7 @@ from tinyavl.model import attention
 def row_logits(q, k):
     """Scaled logits of the last query row against the keys: (B, H, n) in fp32.
 
-    q (B, H, T, hs), k (B, Hkv, n, hs). One row is all a policy's ranking needs, so it is recomputed
+    q (B, H, t, hs), k (B, Hkv, n, hs). One row is all a policy's ranking needs, so it is recomputed
     here (cheap: one query) instead of asking the attention for its whole matrix.
     """
     B, H, _, hs = q.shape
@@ -76,10 +82,10 @@ def causal_column_sums(q, k, first_row: int = 0, chunk: int = 256):
     q (B, H, t, hs) are the prompt rows first_row .. first_row + t - 1 of the keys k (B, Hkv, n, hs).
     Computed in chunks of query rows, so a 3000-token prompt never materialises its (H, n, n) matrix.
     """
-    B, H, T, hs = q.shape
+    B, H, t, hs = q.shape
     Hkv, n = k.shape[1], k.shape[2]
     sums = torch.zeros(B, Hkv, n, device=q.device)
-    for start in range(0, T, chunk):
+    for start in range(0, t, chunk):
         rows = q[:, :, start:start + chunk].reshape(B, Hkv, H // Hkv, -1, hs)       # (B, Hkv, G, t, hs)
         logits = (rows @ k[:, :, None].transpose(-1, -2)).float() * hs ** -0.5    # (B, Hkv, G, t, n)
         query_pos = torch.arange(first_row + start, first_row + start + rows.shape[3], device=q.device)
@@ -107,10 +113,60 @@ def heavy_plus_recent(scores, heavy: int, recent: int):
     return torch.cat([heavy_rows, recent_rows], dim=-1)
 
 
-def check_rate(name: str, value: float) -> float:
-    if not 0 < value <= 1:
-        raise UserError(f"{name} must be in (0, 1], got {value}")
-    return value
+# ---------------------------------------------------------------------------------------------------
+# Declaring a policy's parameters.
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Param:
+    """One policy parameter: its name (the flag --name), default (whose type is the parameter's), one-line
+    help, and allowed values: the range [low, high] with `ends` saying which are open, or `choices`."""
+    name: str
+    default: int | float | str
+    help: str
+    low: float | None = None
+    high: float | None = None
+    ends: str = "[]"              # "(]": low excluded, "[)": high excluded, ...
+    choices: tuple = ()
+    reported: bool = True         # in cache.params(), the reports' record of a run (False: how, not what)
+
+    def allowed(self) -> str:
+        """The allowed values, as help and error messages print them: "in (0, 1]", ">= 1", "one of auto, torch"."""
+        if self.choices:
+            return "one of " + ", ".join(self.choices)
+        if self.high is None:
+            return f"{'>' if self.ends[0] == '(' else '>='} {self.low}"
+        return f"in {self.ends[0]}{self.low}, {shown(self.high)}{self.ends[1]}"
+
+    def check(self, value):
+        """The value, if this parameter allows it; else a UserError naming the parameter."""
+        if self.choices:
+            ok = value in self.choices
+        else:
+            kind = type(self.default)
+            if isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)):
+                raise UserError(f"{self.name} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+            above = self.low < value if self.ends[0] == "(" else self.low <= value
+            below = self.high is None or (value < self.high if self.ends[1] == ")" else value <= self.high)
+            ok = above and below
+        if not ok:
+            raise UserError(f"{self.name} must be {self.allowed()}, got {value!r}")
+        return value
+
+
+def shown(x) -> str:
+    """2 ** 63 as 2^63: the bound of a seed reads better so."""
+    return f"2^{x.bit_length() - 1}" if isinstance(x, int) and x >= 2 ** 32 and x & (x - 1) == 0 else f"{x}"
+
+
+def rate(name: str, default: float, help: str) -> Param:
+    """A fraction in (0, 1]: 0 would keep nothing."""
+    return Param(name, default, help, low=0, high=1, ends="(]")
+
+
+def recent_window(default: float) -> Param:
+    """H2O's and StreamingLLM's `recent`: one meaning, so one declaration and one flag."""
+    return rate("recent", default, "recent-window fraction of the sequence so far")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -121,10 +177,24 @@ class KVCache:
     """Dense KV cache: every layer keeps and attends to every token."""
 
     name = "full"
+    PARAMS: tuple[Param, ...] = ()  # the policy's parameters, declared once
+    FULL_BUDGET: dict = {}          # parameters with which the policy keeps and computes every token
+
+    def __init__(self, **params):
+        """Every declared parameter becomes an attribute: the value given, checked, or its default.
+        (No per-class signature: PARAMS is the one source of names and defaults.)"""
+        declared = {p.name: p for p in self.PARAMS}
+        unknown = sorted(set(params) - set(declared))
+        if unknown:
+            takes = ", ".join(declared) or "no parameters"
+            raise UserError(f"policy {self.name!r} takes {takes}, not " + "; ".join(
+                f"{p} (a parameter of {', '.join(param_owners().get(p, {})) or 'no policy'})" for p in unknown))
+        for name, param in declared.items():
+            setattr(self, name, param.check(params.get(name, param.default)))
 
     def params(self) -> dict:
         """The policy's parameters, for reports."""
-        return {}
+        return {p.name: getattr(self, p.name) for p in self.PARAMS if p.reported}
 
     def begin(self, n_layers: int, n_sys: int, n_img: int):
         """Reset for a new sequence whose prompt is [sys (n_sys) | image (n_img) | text]."""
@@ -140,9 +210,9 @@ class KVCache:
     # -- the four steps -----------------------------------------------------------------------------
 
     def attend(self, layer: int, q, k, v, pos):
-        """Store this layer's new rows and return the attention output (B, H, T, hs).
+        """Store this layer's t new rows and return the attention output (B, H, t, hs).
 
-        q (B, H, T, hs), k and v (B, Hkv, T, hs), pos (T,) their logical positions.
+        q (B, H, t, hs), k and v (B, Hkv, t, hs), pos (t,) their logical positions.
         """
         self.append(layer, k, v, pos)
         rows = self.rows_to_attend(layer)
@@ -153,11 +223,11 @@ class KVCache:
 
     def append(self, layer: int, k, v, pos):
         B, Hkv = k.shape[:2]
-        pos = pos.expand(B, Hkv, -1)                                        # (B, Hkv, T)
+        pos = pos.expand(B, Hkv, -1)                                        # (B, Hkv, t)
         if self.k[layer] is None:
             self.k[layer], self.v[layer], self.pos[layer] = k, v, pos
         else:
-            self.k[layer] = torch.cat([self.k[layer], k], dim=2)            # (B, Hkv, n + T, hs)
+            self.k[layer] = torch.cat([self.k[layer], k], dim=2)            # (B, Hkv, n + t, hs)
             self.v[layer] = torch.cat([self.v[layer], v], dim=2)
             self.pos[layer] = torch.cat([self.pos[layer], pos], dim=2)
 
@@ -175,8 +245,8 @@ class KVCache:
     def compute(self, layer: int, q, rows):
         """Attention over the selected rows: a shorter attention, not a mask over the full length."""
         k, v = self.selected(layer, rows)
-        # At prefill the cache was empty, so the T new rows are exactly the keys: plain causal.
-        # During decode T = 1 and the single query sees every selected row.
+        # At prefill the cache was empty, so the t new rows are exactly the keys: plain causal.
+        # During decode t = 1 and the single query sees every selected row.
         return attention(q, k, v, causal=True)
 
     def update(self, layer: int, q, rows):
@@ -284,23 +354,28 @@ class AVLCache(KVCache):
     TEXT_MIN_BUDGET = 20   # the authors' floor on the text budget
     HEAVY_SHARE = 0.7      # share of the text budget given to heavy hitters
 
-    def __init__(self, S: float = 0.5, C: float = 0.3, K: int = 3, P: float = 0.5, filter_layer: int = 3,
-                 T: float = 0.6, kernel: str = "auto"):
-        self.S, self.C, self.P, self.T = (check_rate(name, value) for name, value in
-                                          (("S", S), ("C", C), ("P", P), ("T", T)))
+    PARAMS = (
+        rate("S", 0.5, "fraction of image tokens stored (secondary)"),
+        rate("C", 0.3, "fraction of image tokens computed (core), at most S"),
+        Param("K", 3, "core update interval in decode steps", low=1),
+        rate("P", 0.5, "fraction of image tokens the prefill filter keeps (1 = no filter), at least S"),
+        Param("filter_layer", 3, "first layer that runs without the image tokens the prefill filter drops", low=1),
+        rate("T", 0.6, "fraction of text tokens kept"),
+        Param("kernel", "auto", "the sparse decode attention's code (auto: Triton on CUDA tensors)",
+              choices=("auto", "triton", "torch"), reported=False),
+    )
+    FULL_BUDGET = dict(S=1, C=1, P=1, T=1)
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        S, C, P = self.S, self.C, self.P
         if C > S:
             raise UserError(f"C ({C}) must not exceed S ({S}): the core is part of the secondary tokens")
         if S > P:
             raise UserError(f"S ({S}) must not exceed P ({P}): a layer cannot keep more image tokens than the "
                             "prefill filter let through")
-        if filter_layer < 1:
-            raise UserError(f"filter_layer must be at least 1, got {filter_layer}")
-        if kernel not in ("auto", "triton", "torch"):
-            raise UserError(f"kernel must be auto, triton or torch, got {kernel!r}")
-        self.K, self.filter_layer, self.kernel = K, filter_layer, kernel
-
-    def params(self) -> dict:
-        return dict(S=self.S, C=self.C, K=self.K, P=self.P, filter_layer=self.filter_layer, T=self.T)
+        if self.kernel == "triton":
+            require_triton()
 
     def begin(self, n_layers, n_sys, n_img):
         super().begin(n_layers, n_sys, n_img)
@@ -310,8 +385,8 @@ class AVLCache(KVCache):
         self.text_scores = [None] * n_layers  # per layer (B, Hkv, text rows): accumulated attention received
 
     def is_update_step(self) -> bool:
-        """Decode steps that attend to every secondary token and re-rank the core (K <= 0: all steps)."""
-        return self.K <= 0 or self.step % self.K == 0
+        """Decode steps that attend to every secondary token and re-rank the core (K = 1: all steps)."""
+        return self.step % self.K == 0
 
     def text_start(self, layer: int) -> int:
         """First text row of a layer after prefill: [sys | floor(S N_img) secondary image | text]."""
@@ -352,8 +427,7 @@ class AVLCache(KVCache):
         from kernels.sparse_attention import TRITON_AVAILABLE  # imported on first use: triton is slow to import
         if self.kernel == "auto":
             return TRITON_AVAILABLE and q.is_cuda
-        if not TRITON_AVAILABLE:
-            raise UserError("kernel='triton' needs Triton: pip install triton")
+        require_triton(q.device)
         return True
 
     def update(self, layer, q, rows):
@@ -384,7 +458,7 @@ class AVLCache(KVCache):
 
     def decode_update(self, layer, q):
         k, text_start = self.k[layer], self.text_start(layer)
-        if self.K > 0 and self.is_update_step():
+        if self.is_update_step():
             image_probs = block_probs(q, k[:, :, self.n_sys:text_start], self.row_lse).mean(1)[0]  # (n_secondary,)
             self.core[layer] = self.n_sys + top_rows(image_probs, self.n_core)
         # Every text row adds the attention this step's query gave it (per KV head); the new token's
@@ -419,11 +493,8 @@ class H2OCache(KVCache):
 
     name = "h2o"
 
-    def __init__(self, heavy: float = 0.125, recent: float = 0.375):
-        self.heavy, self.recent = check_rate("heavy", heavy), check_rate("recent", recent)
-
-    def params(self) -> dict:
-        return dict(heavy=self.heavy, recent=self.recent)
+    PARAMS = (rate("heavy", 0.125, "heavy-hitter fraction of the sequence so far"), recent_window(0.375))
+    FULL_BUDGET = dict(recent=1)  # floor(recent L) = L: the window is the whole sequence
 
     def begin(self, n_layers, n_sys, n_img):
         super().begin(n_layers, n_sys, n_img)
@@ -454,13 +525,8 @@ class StreamingCache(KVCache):
 
     name = "streaming"
 
-    def __init__(self, sinks: int = 4, recent: float = 0.5):
-        if sinks < 0:
-            raise UserError(f"sinks must be >= 0, got {sinks}")
-        self.sinks, self.recent = sinks, check_rate("recent", recent)
-
-    def params(self) -> dict:
-        return dict(sinks=self.sinks, recent=self.recent)
+    PARAMS = (Param("sinks", 4, "attention-sink tokens kept at the start", low=0), recent_window(0.5))
+    FULL_BUDGET = dict(recent=1)
 
     def update(self, layer, q, rows):
         n = self.k[layer].shape[2]
@@ -472,23 +538,19 @@ class StreamingCache(KVCache):
 
 
 class FastVCache(KVCache):
-    """FastV: after layer K-1 at prefill, drop the R fraction of image tokens with the least attention
-    from the last prompt token; layers >= K never see them, in prefill or decode. Otherwise dense."""
+    """FastV: after layer filter_layer - 1 at prefill (the paper's K), drop the R fraction of image tokens
+    with the least attention from the last prompt token; layers >= filter_layer never see them, in prefill
+    or decode. Otherwise dense. filter_layer means what it means for A-VL's prefill filter."""
 
     name = "fastv"
-
-    def __init__(self, K: int = 2, R: float = 0.5):
-        if K < 1:
-            raise UserError(f"K must be at least 1, got {K}")
-        if not 0 <= R < 1:
-            raise UserError(f"R must be in [0, 1), got {R}")
-        self.K, self.R = K, R
-
-    def params(self) -> dict:
-        return dict(K=self.K, R=self.R)
+    PARAMS = (
+        Param("filter_layer", 2, "first layer that runs without the dropped image tokens (FastV's K)", low=1),
+        Param("R", 0.5, "fraction of image tokens dropped", low=0, high=1, ends="[)"),
+    )
+    FULL_BUDGET = dict(R=0)
 
     def update(self, layer, q, rows):
-        if self.step == 0 and layer == self.K - 1 and layer < self.n_layers - 1:
+        if self.step == 0 and layer == self.filter_layer - 1 and layer < self.n_layers - 1:
             n_keep = math.floor((1 - self.R) * self.n_img)
             self.hidden_keep = image_filter(q, self.k[layer], self.n_sys, self.n_img, n_keep)
 
@@ -507,15 +569,14 @@ class RandomCache(KVCache):
 
     name = "random"
 
-    def __init__(self, S: float = 0.5, random_seed: int = 0):
-        self.S = check_rate("S", S)
-        if not 0 <= random_seed < 2 ** 63:
-            raise UserError(f"random_seed must be in [0, 2^63), got {random_seed}")
-        self.random_seed = random_seed
-        self.generator = torch.Generator().manual_seed(random_seed)
+    PARAMS = (rate("S", 0.5, "fraction of image tokens kept"),
+              Param("random_seed", 0, "seed of the generator that draws the image tokens kept",
+                    low=0, high=2 ** 63, ends="[)"))
+    FULL_BUDGET = dict(S=1)
 
-    def params(self) -> dict:
-        return dict(S=self.S, random_seed=self.random_seed)
+    def __init__(self, **params):
+        super().__init__(**params)
+        self.generator = torch.Generator().manual_seed(self.random_seed)
 
     def begin(self, n_layers, n_sys, n_img):
         super().begin(n_layers, n_sys, n_img)
@@ -536,11 +597,31 @@ class RandomCache(KVCache):
 POLICIES = {cls.name: cls for cls in (KVCache, AVLCache, H2OCache, StreamingCache, FastVCache, RandomCache)}
 
 
+def param_owners() -> dict[str, dict[str, Param]]:
+    """Every parameter name, with the policies that declare it: {"S": {"avl": Param, "random": Param}, ...}.
+    One flag each on the command lines."""
+    owners = {}
+    for policy, cls in POLICIES.items():
+        for param in cls.PARAMS:
+            owners.setdefault(param.name, {})[policy] = param
+    return owners
+
+
 def make_cache(name: str, **params) -> KVCache:
-    """A fresh cache for the named policy, e.g. make_cache("avl", S=0.5, C=0.3, K=3)."""
+    """A fresh cache for the named policy, e.g. make_cache("avl", S=0.5, C=0.3, K=3); parameters not
+    given take their declared defaults."""
     if name not in POLICIES:
         raise UserError(f"unknown policy {name!r}: choose one of {', '.join(POLICIES)}")
-    try:
-        return POLICIES[name](**params)
-    except TypeError as err:  # a parameter the policy does not have
-        raise UserError(f"bad parameters for policy {name!r}: {err}") from None
+    return POLICIES[name](**params)
+
+
+def require_triton(device: torch.device | None = None) -> None:
+    """kernel="triton" needs Triton, and a CUDA device unless TRITON_INTERPRET=1 runs it on the CPU
+    (device None: whether this machine has one)."""
+    from kernels.sparse_attention import INTERPRETED, TRITON_AVAILABLE  # on first use: triton is slow to import
+    if not TRITON_AVAILABLE:
+        raise UserError("kernel='triton' needs Triton: pip install triton")
+    on_cuda = torch.cuda.is_available() if device is None else device.type == "cuda"
+    if not (on_cuda or INTERPRETED):
+        raise UserError("kernel='triton' runs on a CUDA device (or in Triton's CPU interpreter, with "
+                        "TRITON_INTERPRET=1 set): use kernel 'torch' or 'auto' on this machine")

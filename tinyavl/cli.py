@@ -4,30 +4,29 @@ import json
 import sys
 from pathlib import Path
 
-from tinyavl.cache import POLICIES
+from tinyavl.cache import POLICIES, param_owners
 from tinyavl.errors import UserError
 
 # The committed toy LLaVA: the default model of main.py and of the evaluation.
 TOY_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "toy"
 
-# Policy parameters, named as in the papers; each policy takes its own subset (tinyavl/cache.py).
-POLICY_OPTIONS = {
-    "S": (float, "avl: fraction of image tokens stored (secondary); random: fraction of image tokens kept"),
-    "C": (float, "avl: fraction of image tokens computed (core)"),
-    "K": (int, "avl: core update interval in steps; fastv: layer after which image tokens are dropped"),
-    "P": (float, "avl: fraction of image tokens the prefill filter keeps (1 = no filter)"),
-    "filter_layer": (int, "avl: first layer that runs on the filtered sequence"),
-    "T": (float, "avl: fraction of text tokens kept"),
-    "R": (float, "fastv: fraction of image tokens dropped"),
-    "heavy": (float, "h2o: heavy-hitter fraction of the sequence"),
-    "recent": (float, "h2o, streaming: recent-window fraction of the sequence"),
-    "sinks": (int, "streaming: attention-sink tokens kept at the start"),
-    "random_seed": (int, "random: seed of the generator that draws the image tokens kept"),
-    "kernel": (str, "avl: 'auto' (Triton on CUDA), 'triton' or 'torch' for the sparse decode attention"),
-}
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """--help shows every option's default, except where the default means "not given" (None, False)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        # by identity: a default of 0 or 0.0 is a value to show, though it equals False
+        shown = not any(action.default is hidden for hidden in (None, False, argparse.SUPPRESS))
+        shown = shown and "%(default)" not in text
+        if action.option_strings and shown:
+            text += " (default: %(default)s)"
+        return text
 
 
 class ArgumentParser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, formatter_class=DefaultsHelpFormatter, **kwargs)
+
     def error(self, message):
         # One line like every other user mistake (argparse would print the whole usage first).
         print(f"error: {message} (see --help)", file=sys.stderr)
@@ -35,25 +34,38 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
-    """--policy NAME and one flag per policy parameter (unset flags keep the policy's defaults)."""
+    """--policy NAME and one flag per parameter the policies declare (their PARAMS in tinyavl/cache.py), with
+    its meaning, range and default for each policy that takes it. Unset flags keep the policy's defaults;
+    make_cache checks the values, so the command lines and the Python API reject the same things."""
     parser.add_argument("--policy", default="full", help="KV policy: " + ", ".join(POLICIES))
-    for name, (kind, help_text) in POLICY_OPTIONS.items():
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None, help=help_text)
+    for name, owners in param_owners().items():
+        meanings = {}  # one meaning, one entry: "h2o, streaming: ..."
+        for policy, param in owners.items():
+            meanings.setdefault(f"{param.help}, {param.allowed()}", []).append(policy)
+        defaults = ", ".join(f"{policy} {param.default}" for policy, param in owners.items())
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None,
+                            type=type(next(iter(owners.values())).default),  # one type: test_policy_contract
+                            help="; ".join(f"{', '.join(policies)}: {text}" for text, policies in meanings.items())
+                            + f" (default: {defaults})")
 
 
 def policy_params(args: argparse.Namespace) -> dict:
     """The policy parameters given on the command line."""
-    return {name: getattr(args, name) for name in POLICY_OPTIONS if getattr(args, name) is not None}
+    return {name: getattr(args, name) for name in param_owners() if getattr(args, name) is not None}
 
 
 def run_command(run, args, show) -> int:
     """A command's exit status: run(args), then its result printed as one JSON object (--json) or by
-    show(result); a user's mistake (UserError) is one line on stderr and status 2."""
+    show(result); a user's mistake (UserError) is one line on stderr and status 2, Ctrl-C one line and
+    status 130 (the shell's code for an interrupt)."""
     try:
         result = run(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
     if args.json:
         print(json.dumps(result))
     else:

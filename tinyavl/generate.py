@@ -4,6 +4,7 @@ The cache object is the policy (tinyavl/cache.py): `full` keeps everything; the 
 less. This loop is the same for all of them, and it measures what they hold and compute.
 """
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -18,6 +19,7 @@ class GenerationStats:
     policy_params: dict
     prompt_tokens: int
     new_tokens: int
+    finish_reason: str  # "eos" (the model ended its answer), "length" (max_new_tokens), "context" (context full)
     prefill_seconds: float
     decode_seconds: float
     decode_tokens_per_second: float | None  # None when there was no decode step (max_new_tokens = 1)
@@ -57,6 +59,15 @@ def sample(logits, temperature: float, top_p: float, generator):  # logits (voca
     return int(order[choice])
 
 
+def next_token(logits, temperature: float, top_p: float, generator, step: int) -> int:  # logits (1, 1, vocab)
+    """The token after a forward pass; a clear error instead of garbage when the logits are not finite."""
+    last = logits[0, -1].float().cpu()                                     # (vocab,)
+    if not torch.isfinite(last).all():
+        raise UserError(f"the model's logits are NaN or infinite at step {step}: the checkpoint is broken, or "
+                        "half precision overflowed (try --dtype float32)")
+    return sample(last, temperature, top_p, generator)
+
+
 def kv_snapshot(cache: KVCache) -> tuple[int, dict, list]:
     """(total bytes, bytes per modality over all layers, bytes per modality per layer)."""
     per_layer = [cache.modality_bytes(layer) for layer in range(cache.n_layers)]
@@ -64,32 +75,44 @@ def kv_snapshot(cache: KVCache) -> tuple[int, dict, list]:
     return cache.nbytes(), totals, per_layer
 
 
-@torch.inference_mode()
-def generate(model, input_ids, pixel_values=None, max_new_tokens: int = 64, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int | None = None, eos_token_id: int | None = None, stream=None,
-             policy: KVCache | str = "full", **policy_params) -> tuple[list[int], GenerationStats]:
-    """Generate up to max_new_tokens after the prompt input_ids (1, T) (image tokens already expanded).
-
-    policy: a cache object or a policy name (a key of cache.POLICIES: "full", "avl", ...) whose
-    parameters are the keyword arguments. stream(token_id) is called as each token is produced.
-    Returns the new token ids (EOS included when it stops generation) and the run's statistics.
-    """
-    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
-        raise ValueError(f"generate takes one prompt of shape (1, T), got {tuple(input_ids.shape)}")
+def check_generation_args(max_new_tokens: int, temperature: float, top_p: float, seed: int | None) -> None:
+    """UserError for settings generate cannot honour (main.py checks them before it loads the model)."""
     if max_new_tokens < 1:
         raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if not temperature >= 0:  # also rejects nan
         raise UserError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if temperature > 0 and not 0 < top_p <= 1:
         raise UserError(f"top_p must be in (0, 1], got {top_p}")
+    if seed is not None and not 0 <= seed < 2 ** 64:  # what torch.Generator.manual_seed takes
+        raise UserError(f"seed must be in [0, 2^64), got {seed}")
+
+
+@torch.inference_mode()
+def generate(model, input_ids, pixel_values=None, max_new_tokens: int = 64, temperature: float = 0.0,
+             top_p: float = 1.0, seed: int | None = None, eos_token_id: int | Sequence[int] | None = None,
+             stream=None, policy: KVCache | str = "full", **policy_params) -> tuple[list[int], GenerationStats]:
+    """Generate up to max_new_tokens after the prompt input_ids (1, T) (image tokens already expanded).
+
+    eos_token_id: the id (or ids) that end the answer; None means the model's own
+    (config.text.eos_token_id, as transformers reads it from the checkpoint), () never stops early.
+    policy: a cache object or a policy name (a key of cache.POLICIES: "full", "avl", ...) whose
+    parameters are the keyword arguments. stream(token_id) is called as each token is produced.
+    Returns the new token ids (EOS included when it stops generation) and the run's statistics, whose
+    finish_reason says why it stopped.
+    """
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"generate takes one prompt of shape (1, T), got {tuple(input_ids.shape)}")
+    check_generation_args(max_new_tokens, temperature, top_p, seed)
     cache = make_cache(policy, **policy_params) if isinstance(policy, str) else policy
     text = model.config.text
     prompt_len = input_ids.shape[1]
     if prompt_len >= text.max_position_embeddings:
         raise UserError(f"the prompt has {prompt_len} tokens, the model's context is "
                         f"{text.max_position_embeddings}: shorten the prompt")
+    eos_ids = {text.eos_token_id} if eos_token_id is None else (
+        {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id))
     # Generation also stops at the end of the context.
-    max_new_tokens = min(max_new_tokens, text.max_position_embeddings - prompt_len)
+    limit = min(max_new_tokens, text.max_position_embeddings - prompt_len)
     device = model.language_model.lm_head.weight.device
     generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
 
@@ -99,7 +122,7 @@ def generate(model, input_ids, pixel_values=None, max_new_tokens: int = 64, temp
     start = time.perf_counter()
     logits = model(input_ids.to(device), None if pixel_values is None else pixel_values.to(device),
                    cache=cache, last_only=True)                         # (1, 1, vocab)
-    token = sample(logits[0, -1].cpu(), temperature, top_p, generator)
+    token = next_token(logits, temperature, top_p, generator, step=0)
     prefill_seconds = time.perf_counter() - start
 
     after_prefill = kv_snapshot(cache)
@@ -108,9 +131,9 @@ def generate(model, input_ids, pixel_values=None, max_new_tokens: int = 64, temp
     if stream:
         stream(token)
     start = time.perf_counter()
-    while len(tokens) < max_new_tokens and token != eos_token_id:
+    while len(tokens) < limit and token not in eos_ids:
         logits = model(torch.tensor([[token]], device=device), cache=cache, last_only=True)
-        token = sample(logits[0, -1].cpu(), temperature, top_p, generator)
+        token = next_token(logits, temperature, top_p, generator, step=len(tokens))
         tokens.append(token)
         if stream:
             stream(token)
@@ -121,8 +144,10 @@ def generate(model, input_ids, pixel_values=None, max_new_tokens: int = 64, temp
     decode_seconds = time.perf_counter() - start
 
     steps = len(attended)
+    finish_reason = "eos" if token in eos_ids else "length" if len(tokens) == max_new_tokens else "context"
     stats = GenerationStats(
         policy=cache.name, policy_params=cache.params(), prompt_tokens=prompt_len, new_tokens=len(tokens),
+        finish_reason=finish_reason,
         prefill_seconds=prefill_seconds, decode_seconds=decode_seconds,
         decode_tokens_per_second=steps / decode_seconds if steps else None,
         kv_cache_bytes=peak[0], kv_cache_bytes_after_prefill=after_prefill[0],

@@ -16,6 +16,7 @@ The decoder's attention goes through an optional `cache` object (tinyavl/cache.p
 KV policy, from the dense reference to A-VL, decides what is kept and what is computed.
 """
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -45,6 +46,19 @@ class VisionConfig:
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
 
+    def __post_init__(self):
+        section = "vision_config"
+        _require_positive(self, section, ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                          "num_attention_heads", "image_size", "patch_size"), int)
+        _require_positive(self, section, ("layer_norm_eps",), float)
+        _require(self.num_channels == 3, f"{section}.num_channels is {self.num_channels!r}: the vision tower "
+                                         "takes RGB images, 3 channels")
+        _require(self.hidden_size % self.num_attention_heads == 0, f"{section}.hidden_size {self.hidden_size} "
+                 f"is not divisible by num_attention_heads {self.num_attention_heads}")
+        # Not divisible is fine (the patch convolution drops the border, as in transformers); smaller is 0 patches.
+        _require(self.image_size >= self.patch_size, f"{section}.image_size {self.image_size} is smaller "
+                 f"than patch_size {self.patch_size}")
+
 
 @dataclass
 class TextConfig:
@@ -67,8 +81,37 @@ class TextConfig:
     eos_token_id: int = 2
 
     def __post_init__(self):
+        # Checked before the derived sizes below, which would divide by a zero head count.
+        section = "text_config"
+        _require_positive(self, section, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                          "num_attention_heads", "max_position_embeddings"), int)
+        _require_positive(self, section, ("rms_norm_eps", "rope_theta"), float)
+        _require_positive(self, section, [name for name in ("num_key_value_heads", "head_dim")
+                                          if getattr(self, name) is not None], int)
         self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
-        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        if self.head_dim is None:
+            _require(self.hidden_size % self.num_attention_heads == 0, f"{section}.hidden_size {self.hidden_size} "
+                     f"is not divisible by num_attention_heads {self.num_attention_heads} (and no head_dim is given)")
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        _require(self.head_dim % 2 == 0, f"{section} gives an odd head size {self.head_dim}: RoPE rotates pairs")
+        _require(self.num_attention_heads % self.num_key_value_heads == 0, f"{section}.num_key_value_heads "
+                 f"{self.num_key_value_heads} does not divide num_attention_heads {self.num_attention_heads}")
+
+
+def _require(ok: bool, problem: str) -> None:
+    """Refuse a config value that would build a broken model, or crash while building it."""
+    if not ok:
+        raise UserError(f"config.json: {problem}; fix the value, or download the checkpoint's config.json again")
+
+
+def _require_positive(config, section: str, names, kind: type) -> None:
+    """Each named field is a positive int (kind int) or a positive finite number (kind float)."""
+    for name in names:
+        value = getattr(config, name)
+        # bool is an int in Python, but `"hidden_size": true` is a broken file, not 1.
+        number = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+        _require(number and 0 < value < math.inf, f"{section}.{name} is {value!r}, but it must be a positive "
+                 f"{'integer' if kind is int else 'number'}")
 
 
 # What LlavaConfig uses when config.json has no vision_config at all: CLIP ViT-L/14 at 336 px.
@@ -105,7 +148,13 @@ class LlavaConfig:
         if raw.get("model_type", "llava") != "llava":
             raise UserError(f"config.json has model_type {raw['model_type']!r}: tinyavl runs LLaVA-1.5 "
                             "checkpoints (model_type 'llava', e.g. llava-hf/llava-1.5-7b-hf)")
-        text_raw, vision_raw = dict(raw.get("text_config") or {}), raw.get("vision_config")
+        # Without text_config, transformers would build a Llama-2-7B decoder: never what a llava-hf folder holds.
+        if not isinstance(raw.get("text_config"), dict):
+            raise UserError("config.json has no text_config object: a llava-hf config.json describes the Llama "
+                            "decoder there (hidden_size, num_hidden_layers, vocab_size, ...); download it again")
+        text_raw, vision_raw = dict(raw["text_config"]), raw.get("vision_config")
+        if vision_raw is not None and not isinstance(vision_raw, dict):
+            raise UserError("config.json has a vision_config that is not a JSON object: download it again")
         if text_raw.get("model_type", "llama") != "llama":
             raise UserError(f"text_config.model_type is {text_raw['model_type']!r}: tinyavl implements the "
                             "Llama decoder of LLaVA-1.5 only")
@@ -129,18 +178,29 @@ class LlavaConfig:
                if key in raw},
         )
         config.image_token_id = raw.get("image_token_index", raw.get("image_token_id", config.image_token_id))
-        layers = config.vision_feature_layer
-        n_states = config.vision.num_hidden_layers + 1  # the embedding output and one per layer
-        for layer in layers if isinstance(layers, list) else [layers]:
-            if not -n_states <= layer < n_states:
-                raise UserError(f"vision_feature_layer {layer} does not exist: the vision tower has "
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Checks across the sections (text_config and vision_config check their own fields when built).
+
+        Called by from_dict, not on construction: the bare defaults, like transformers', put image token
+        32000 outside the 32000-word vocabulary."""
+        layers = self.vision_feature_layer
+        layers = layers if isinstance(layers, list) and layers else [layers]  # an empty list is refused below
+        n_states = self.vision.num_hidden_layers + 1  # the embedding output and one per layer
+        for layer in layers:
+            if type(layer) is not int or not -n_states <= layer < n_states:
+                raise UserError(f"vision_feature_layer {layer!r} does not exist: the vision tower has "
                                 f"{n_states} hidden states (-{n_states} .. {n_states - 1})")
-        if config.vision_feature_select_strategy not in ("default", "full"):
-            raise UserError(f"unknown vision_feature_select_strategy {config.vision_feature_select_strategy!r}")
-        for act in (config.text.hidden_act, config.vision.hidden_act, config.projector_hidden_act):
+        if self.vision_feature_select_strategy not in ("default", "full"):
+            raise UserError(f"unknown vision_feature_select_strategy {self.vision_feature_select_strategy!r}")
+        for act in (self.text.hidden_act, self.vision.hidden_act, self.projector_hidden_act):
             if act not in ACTIVATIONS:
                 raise UserError(f"unsupported activation {act!r} in config.json (known: {sorted(ACTIVATIONS)})")
-        return config
+        vocab = self.text.vocab_size
+        _require(type(self.image_token_id) is int and 0 <= self.image_token_id < vocab,
+                 f"image_token_index {self.image_token_id!r} is outside the vocabulary (0 .. {vocab - 1})")
 
 
 def _dataclass_from(cls, raw: dict):
@@ -186,7 +246,8 @@ class CLIPVisionEmbeddings(nn.Module):
         super().__init__()
         self.patch_size = config.patch_size
         self.num_patches = (config.image_size // config.patch_size) ** 2
-        self.class_embedding = nn.Parameter(torch.empty(config.hidden_size))
+        # zeros, not torch.empty: a fresh model must not start from whatever memory held (training re-inits it)
+        self.class_embedding = nn.Parameter(torch.zeros(config.hidden_size))
         self.patch_embedding = nn.Conv2d(config.num_channels, config.hidden_size, config.patch_size,
                                          stride=config.patch_size, bias=False)
         self.position_embedding = nn.Embedding(self.num_patches + 1, config.hidden_size)
@@ -464,14 +525,15 @@ class LlavaForConditionalGeneration(nn.Module):
 
     def ignores_checkpoint_key(self, key: str) -> bool:
         """Keys the forward never reads: post_layernorm, CLIP layers after the feature layer, and the
-        position-id / rotary buffers older transformers versions saved (we derive them)."""
+        position-id / rotary buffers older transformers versions saved (we derive them). A layer past
+        vision_config.num_hidden_layers is not ignored: config.json and the file disagree."""
         if key.startswith("vision_tower.vision_model.post_layernorm."):
             return True
         if key.endswith((".position_ids", ".rotary_emb.inv_freq")):
             return True
         prefix = "vision_tower.vision_model.encoder.layers."
-        return key.startswith(prefix) and int(key[len(prefix):].split(".")[0]) >= len(
-            self.vision_tower.vision_model.encoder.layers)
+        return key.startswith(prefix) and len(self.vision_tower.vision_model.encoder.layers) <= int(
+            key[len(prefix):].split(".")[0]) < self.config.vision.num_hidden_layers
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -501,6 +563,8 @@ def published_key(key: str) -> str:
 
 
 def read_config(folder: Path) -> LlavaConfig:
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"weights {str(folder)!r} is a file: give the llava-hf model folder that holds it")
     if not folder.is_dir():
         raise UserError(f"weights folder {str(folder)!r} does not exist: put a llava-hf model folder there "
                         "(see weights/README.md)")
@@ -541,6 +605,7 @@ def checkpoint_files(folder: Path) -> list[Path]:
 
 
 STORED_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+FLOAT_DTYPES = {"F64", *STORED_DTYPES}
 DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
                "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -575,8 +640,19 @@ def open_safetensors(path: Path):
         raise UserError(f"{path} is not a readable safetensors file ({err})") from None
 
 
+def first_few(items: list[str], shown: int = 3) -> str:
+    """The count and the first few items: a config for another model size mismatches every key."""
+    more = f" ... and {len(items) - shown} more" if len(items) > shown else ""
+    return f"({len(items)}): {', '.join(items[:shown])}{more}"
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    # min and max propagate NaN and show inf; one reduction is ~50x faster than isfinite(t).all() on a CPU.
+    return bool(torch.isfinite(torch.stack(torch.aminmax(t))).all())
+
+
 def load_weights(model: LlavaForConditionalGeneration, files: list[Path], dtype, device) -> None:
-    """Check every key and shape against the model, then stream tensors in one at a time.
+    """Check every key, shape and dtype against the model, then stream tensors in one at a time.
 
     The model was built on the meta device (no memory); each tensor is read from the memory-mapped
     file, converted to the run dtype on the run device, and assigned as the parameter itself, so a
@@ -586,33 +662,50 @@ def load_weights(model: LlavaForConditionalGeneration, files: list[Path], dtype,
     tied = model.config.text.tie_word_embeddings
     if tied:  # the head shares the embedding matrix; checkpoints usually omit it
         expected.pop("language_model.lm_head.weight")
-    found, unexpected, misshaped = {}, [], []
+    found, unexpected, misshaped, not_float = {}, [], {}, []
     for path in files:
         with open_safetensors(path) as f:
             for key in f.keys():
                 name = published_key(key)
                 if name in found or model.ignores_checkpoint_key(name):
                     continue
-                shape = tuple(f.get_slice(key).get_shape())
+                header = f.get_slice(key)
+                if header.get_dtype() not in FLOAT_DTYPES:  # e.g. int8: a cast would give nonsense weights
+                    not_float.append(f"{key} ({header.get_dtype()})")
+                shape = tuple(header.get_shape())
                 if name not in expected:
                     unexpected.append(key)
                 elif shape != expected[name]:
-                    misshaped.append(f"{key} {list(shape)} (model expects {list(expected[name])})")
+                    misshaped[name] = f"{key} {list(shape)} (model expects {list(expected[name])})"
                 else:
                     found[name] = (path, key)
-    missing = sorted(set(expected) - set(found))
-    problems = [f"{label}: {', '.join(items)}" for label, items in
+    if not_float:
+        raise UserError(f"checkpoint has non-float tensors {first_few(not_float)}; tinyavl loads float weights "
+                        "(F32, F16, BF16) only, not quantised checkpoints: use the original llava-hf files")
+    missing = sorted(set(expected) - set(found) - set(misshaped))
+    problems = [f"{label} {first_few(items)}" for label, items in
                 (("missing keys", missing), ("unexpected keys", sorted(unexpected)),
-                 ("mis-shaped tensors", misshaped)) if items]
+                 ("mis-shaped tensors", list(misshaped.values()))) if items]
     if problems:
-        raise UserError("checkpoint does not match config.json; " + "; ".join(problems))
+        hint = (". Sizes config.json leaves out take transformers' defaults: Llama-2-7B in text_config, CLIP "
+                "ViT-L/14-336 without a vision_config" if misshaped else "")
+        raise UserError("checkpoint does not match config.json; " + "; ".join(problems) + hint)
 
     state = {}
     for name, (path, key) in found.items():
         # One mapping per tensor: pages of a file that stays mapped count towards the process's memory
         # until it is closed, so holding a whole 5 GB shard open would add 5 GB to the peak.
         with open_safetensors(path) as f:
-            state[name] = f.get_tensor(key).to(device=device, dtype=dtype)
+            stored = f.get_tensor(key)
+            state[name] = stored.to(device=device, dtype=dtype)
+        # One NaN or inf, even in a norm weight, makes every logit NaN: the answer would be <unk> repeated.
+        # Checked after the conversion, so a value the run dtype cannot hold (fp32 -> fp16) is caught too.
+        if not all_finite(state[name]):
+            if all_finite(stored):
+                raise UserError(f"tensor {key} overflows {str(dtype).removeprefix('torch.')}: load the model "
+                                "in bfloat16 or float32 (--dtype)")
+            raise UserError(f"tensor {key} in {path.name} holds NaN or inf values: the file is damaged, "
+                            "download it again")
     if tied:
         state["language_model.lm_head.weight"] = state["language_model.model.embed_tokens.weight"]
     model.load_state_dict(state, assign=True)

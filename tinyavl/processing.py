@@ -11,6 +11,7 @@ used as an oracle in tests/test_processing.py. Tokenisation itself is the `token
 running the checkpoint's own tokenizer.json.
 """
 import json
+import math
 import os
 from pathlib import Path
 
@@ -37,15 +38,22 @@ def load_image(path) -> Image.Image:
     EXIF orientation is ignored, as in transformers.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"image not found: {path} (check the path)")
+    if path.is_dir():
+        raise UserError(f"{path} is a folder: give an image file")
+    if not path.is_file():  # a FIFO or a device would block or read forever
+        raise UserError(f"{path} is not a regular file (a pipe or a device?): give an image file")
     try:
         with Image.open(path) as img:
             img.load()  # decode every pixel now, so a truncated file fails here and not later
             return to_rgb(img)
     except UnidentifiedImageError:
         raise UserError(f"{path} is not an image PIL can read: give a PNG, JPEG, WebP, BMP, ... file") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError:
+        raise UserError(f"{path} has more than {2 * Image.MAX_IMAGE_PIXELS} pixels, PIL's limit against "
+                        "decompression bombs: resize it first") from None
+    except (OSError, SyntaxError, ValueError) as e:
         raise UserError(f"cannot decode image {path} ({e}): the file is damaged or truncated") from None
 
 
@@ -68,6 +76,17 @@ def to_rgb(img: Image.Image) -> Image.Image:
         return img.convert("RGB")
     except ValueError as e:
         raise UserError(f"cannot convert a {img.mode} image to RGB ({e}): save it as an RGB PNG or JPEG") from None
+
+
+def check_question(question: str) -> None:
+    """A user's question is text that can be tokenized, and chat_prompt places the image itself."""
+    try:
+        question.encode("utf-8")
+    except UnicodeEncodeError:  # command-line bytes that are not UTF-8 arrive as lone surrogates
+        raise UserError("the prompt is not valid UTF-8 text: check the terminal's encoding") from None
+    if IMAGE_TOKEN in question:
+        raise UserError(f"the question contains {IMAGE_TOKEN}: leave it out, the chat prompt puts the image "
+                        "before the question")
 
 
 class Processor:
@@ -115,6 +134,7 @@ class Processor:
     def chat_prompt(self, question: str, has_image: bool = True) -> str:
         """The llava-1.5 chat format for one user turn; the model's answer follows "ASSISTANT:".
         With a system prompt it comes first, as in LLaVA's training: "{system} USER: ..."."""
+        check_question(question)
         turn = f"USER: {IMAGE_TOKEN}\n{question} ASSISTANT:" if has_image else f"USER: {question} ASSISTANT:"
         return f"{self.system_prompt} {turn}" if self.system_prompt else turn
 
@@ -192,11 +212,22 @@ def _read_preprocessor_config(path: Path, vision_image_size: int) -> dict:
                         f"{vision_image_size}x{vision_image_size}: the files come from different checkpoints")
     size = cfg.get("size", vision_image_size)
     shortest_edge = size.get("shortest_edge") if isinstance(size, dict) else size
-    if not isinstance(shortest_edge, int):
-        raise UserError(f"{path} has size {size!r}; tinyavl supports only {{\"shortest_edge\": N}}")
-    return dict(image_size=vision_image_size, shortest_edge=shortest_edge,
-                image_mean=cfg.get("image_mean", CLIP_MEAN), image_std=cfg.get("image_std", CLIP_STD),
-                resample=cfg.get("resample", Image.Resampling.BICUBIC))
+    if type(shortest_edge) is not int or shortest_edge <= 0:
+        raise UserError(f"{path} has size {size!r}; tinyavl supports only {{\"shortest_edge\": N}}, N > 0")
+    mean, std = cfg.get("image_mean", CLIP_MEAN), cfg.get("image_std", CLIP_STD)
+    for name, values in (("image_mean", mean), ("image_std", std)):
+        numbers = isinstance(values, (list, tuple)) and len(values) == 3 and all(
+            type(v) in (int, float) and math.isfinite(v) for v in values)
+        # A std of 0 divides by zero: every pixel would be inf or NaN, and the answer garbage.
+        if not numbers or (name == "image_std" and min(values) <= 0):
+            rule = "3 finite numbers (R, G, B)" + (", all above 0" if name == "image_std" else "")
+            raise UserError(f"{path} has {name} {values!r}: it must be {rule}; fix it, or delete the file to "
+                            "use the defaults")
+    resample = cfg.get("resample", Image.Resampling.BICUBIC)
+    if resample not in {r.value for r in Image.Resampling}:
+        raise UserError(f"{path} has resample {resample!r}; it must be a PIL resampling filter (3 = bicubic)")
+    return dict(image_size=vision_image_size, shortest_edge=shortest_edge, image_mean=mean, image_std=std,
+                resample=resample)
 
 
 def _read_json(path: Path) -> dict:

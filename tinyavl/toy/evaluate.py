@@ -34,6 +34,7 @@ from tinyavl.attention_map import save_attention_map
 from tinyavl.cache import make_cache
 from tinyavl.cli import TOY_WEIGHTS, ArgumentParser, add_policy_arguments, policy_params, run_command
 from tinyavl.errors import UserError
+from tinyavl.files import check_output_file
 from tinyavl.generate import generate
 from tinyavl.toy.plot import save_line_plot
 from tinyavl.toy.scenes import PROMPT_KINDS, Scene, parse_caption, scene_stream
@@ -161,8 +162,8 @@ def budget_params(policy: str, image_keep: float, kv_ratio: float, n_layers: int
       other knobs at their defaults.
     - h2o, streaming: their budgets are shares of the sequence, so they get r itself (h2o split 1 : 3
       heavy : recent, as in its defaults).
-    - fastv: after layer K - 1 = 0 (the earliest; from FastV's K = 2 a 4-layer model cannot reach
-      these budgets) it drops R of the image tokens from the L - 1 later layers. random holds
+    - fastv: after layer filter_layer - 1 = 0 (the earliest; from its default 2 a 4-layer model cannot
+      reach these budgets) it drops R of the image tokens from the L - 1 later layers. random holds
       1 - (1 - image_keep) s of the dense bytes (s: the image's share of them), FastV 1 - R s (L - 1) / L:
       equal at R = (1 - image_keep) L / (L - 1), capped at FASTV_MAX_R, the nearest its knobs allow.
     """
@@ -175,7 +176,7 @@ def budget_params(policy: str, image_keep: float, kv_ratio: float, n_layers: int
     if policy == "streaming":
         return {"recent": round(kv_ratio, 4)}
     if policy == "fastv":
-        return {"K": 1, "R": round(min(FASTV_MAX_R, (1 - image_keep) * n_layers / (n_layers - 1)), 4)}
+        return {"filter_layer": 1, "R": round(min(FASTV_MAX_R, (1 - image_keep) * n_layers / (n_layers - 1)), 4)}
     raise ValueError(f"no budget rule for policy {policy!r}")
 
 
@@ -257,8 +258,10 @@ def run(args) -> dict:
                         "and --attention-maps")
     if args.plot is not None and not args.table:
         raise UserError("--plot draws the budget sweep: give --table too")
-    if args.plot is not None and (args.plot.suffix.lower() != ".png" or not args.plot.parent.is_dir()):
-        raise UserError(f"--plot {args.plot}: give a .png path in an existing folder")
+    if args.plot is not None:
+        check_output_file(args.plot, "--plot", inputs=[args.weights], suffixes=(".png",))
+    if args.attention_maps is not None and args.attention_maps.resolve().is_relative_to(args.weights.resolve()):
+        raise UserError(f"--attention-maps {args.attention_maps} is inside the model folder: choose another folder")
     make_cache(args.policy, **policy_params(args))  # bad policy parameters fail here, before any work
     if not args.weights.is_dir():
         raise UserError(f"no model folder at {args.weights}: train one with python -m tinyavl.toy.train")
@@ -282,9 +285,12 @@ def run(args) -> dict:
 
         def on_answer(question, prediction, cache, inputs):
             if question.scene_index == 0:
-                save_attention_map(args.attention_maps / f"{question.kind}.png", model, processor, inputs, cache)
+                save_attention_map(args.attention_maps / f"{question.kind}.png", model, processor, inputs, cache,
+                                   question=question.text)
 
     report = evaluate(model, processor, questions, args.policy, policy_params(args), on_answer=on_answer)
+    if args.attention_maps is not None:
+        print(f"wrote the first scene's attention maps to {args.attention_maps}", file=sys.stderr)
     return {"seed": args.seed, "n_scenes": args.n, **report}
 
 

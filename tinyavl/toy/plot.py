@@ -5,12 +5,11 @@
 
 Each series is a list of points (x, y) or (x, y, low, high); low-high is drawn as an error bar. A
 series named in `dashed` is drawn dashed, in the colour of the series `colour_of` names for it. The
-file is written to a temporary name beside `path` and renamed, so a failure leaves no half picture.
+file is written atomically (tinyavl/files.py): a failure leaves no half picture.
 """
-import os
-from pathlib import Path
-
 from PIL import Image, ImageDraw
+
+from tinyavl.files import write_file_atomically
 
 WIDTH, HEIGHT = 760, 480
 Y_TICKS = 5
@@ -77,13 +76,7 @@ def save_line_plot(path, series: dict, x_label: str, y_label: str, title: str,
             draw.line([(right + 14, legend_y + 6), (right + 34, legend_y + 6)], fill=colour, width=3)
         draw.text((right + 40, legend_y), name, fill=(0, 0, 0))
 
-    path = Path(path)
-    partial = path.with_name(f".{path.name}.partial")
-    try:
-        img.save(partial, format="PNG")
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+    write_file_atomically(path, lambda partial: img.save(partial, format="PNG"))
 
 
 def _dashed_line(draw, start, end, colour, dash: float = 6.0) -> None:

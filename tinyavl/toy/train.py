@@ -1,6 +1,6 @@
 """Train the toy LLaVA from scratch on synthetic scenes, on a CPU, and write it as a llava-hf folder.
 
-    python -m tinyavl.toy.train --out weights/toy            # the committed model (seed 0)
+    python -m tinyavl.toy.train --out weights/toy --force    # the committed model (seed 0), replaced
 
 The model is tinyavl's own LlavaForConditionalGeneration (tinyavl/model.py), small: a 2-layer CLIP-style
 ViT on 96 px images with 8 px patches (144 image tokens), the two-layer MLP projector, and a 4-layer Llama
@@ -36,7 +36,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 
-from tinyavl.cli import ArgumentParser
+from tinyavl.cli import TOY_WEIGHTS, ArgumentParser
+from tinyavl.errors import UserError
+from tinyavl.files import check_new_folder, write_folder_atomically
 from tinyavl.model import LlavaConfig, LlavaForConditionalGeneration, TextConfig, VisionConfig
 from tinyavl.processing import CLIP_MEAN, CLIP_STD, IMAGE_TOKEN, LLAVA_SYSTEM_PROMPT, Processor
 from tinyavl.toy.evaluate import evaluate, held_out_set
@@ -294,8 +296,7 @@ def hf_config(config: LlavaConfig) -> dict:
 
 def save_pretrained(model: LlavaForConditionalGeneration, processor: Processor, out: Path) -> None:
     """Write config.json, model.safetensors, tokenizer.json, preprocessor_config.json and
-    processor_config.json (the system prompt) into `out`."""
-    out.mkdir(parents=True, exist_ok=True)
+    processor_config.json (the system prompt) into the folder `out`."""
     tensors = {key: t.detach().contiguous() for key, t in model.state_dict().items()}
     # CLIP's post_layernorm is part of the published layout although LLaVA never applies it.
     width = model.config.vision.hidden_size
@@ -327,7 +328,8 @@ def write_examples(out: Path, n: int = 4) -> None:
 
 def main(argv=None) -> None:
     parser = ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("weights/toy"), help="folder to write (llava-hf layout)")
+    parser.add_argument("--out", type=Path, default=TOY_WEIGHTS, help="folder to write (llava-hf layout)")
+    parser.add_argument("--force", action="store_true", help="replace --out if it already holds files")
     parser.add_argument("--steps", type=int, default=7000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -339,12 +341,18 @@ def main(argv=None) -> None:
     for name in ("steps", "batch_size", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.out.exists() and not args.out.is_dir():
-        parser.error(f"--out {args.out} is a file: give a folder")
+    try:
+        check_new_folder(args.out, args.force)  # before the hour of training, not after
+    except UserError as err:
+        parser.error(f"--out: {err}")
     torch.set_num_threads(args.threads)
     model, processor, _ = train(args.steps, args.batch_size, args.lr, args.seed, eval_every=args.eval_every)
-    save_pretrained(model, processor, args.out)
-    write_examples(args.out)
+
+    def write(folder: Path) -> None:
+        save_pretrained(model, processor, folder)
+        write_examples(folder)
+
+    write_folder_atomically(args.out, write, force=args.force)
     print(f"wrote {args.out}")
 
 

@@ -1,0 +1,66 @@
+"""Outputs never half-written, never over a folder of files without --force (tinyavl/files.py), and the
+toy trainer's command line refusing, before any training, to replace a model folder it was not asked to."""
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from tinyavl.cli import TOY_WEIGHTS
+from tinyavl.errors import UserError
+from tinyavl.files import check_new_folder, write_file_atomically, write_folder_atomically
+from tinyavl.toy import train
+
+
+def digest(folder: Path) -> dict:
+    """relative path -> sha256 of every file under folder."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def fail_midway(partial: Path) -> None:
+    (partial / "model.safetensors").write_text("half")
+    raise RuntimeError("disk full")
+
+
+def test_a_failed_file_write_leaves_the_old_file_and_no_partial(tmp_path):
+    path = tmp_path / "map.png"
+    path.write_text("old")
+    with pytest.raises(ZeroDivisionError):
+        write_file_atomically(path, lambda partial: (partial.write_text("half"), 1 / 0))  # fails midway
+    assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["map.png"]
+    write_file_atomically(path, lambda partial: partial.write_text("new"))
+    assert path.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["map.png"]
+
+
+def test_a_folder_of_files_is_replaced_only_with_force_and_never_half(tmp_path):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    before = digest(out)
+    with pytest.raises(UserError, match="--force"):
+        write_folder_atomically(out, lambda partial: (partial / "config.json").write_text("new"))
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_folder_atomically(out, fail_midway, force=True)
+    assert digest(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    write_folder_atomically(out, lambda partial: (partial / "weights.txt").write_text("new"), force=True)
+    assert digest(out).keys() == {"weights.txt"} and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    # A new folder, parents included, and an empty one need no force.
+    write_folder_atomically(tmp_path / "a" / "b", lambda partial: (partial / "x").write_text("1"))
+    (tmp_path / "empty").mkdir()
+    check_new_folder(tmp_path / "empty", force=False)
+    with pytest.raises(UserError, match="is a file"):
+        check_new_folder(out / "weights.txt", force=True)
+
+
+@pytest.mark.parametrize("argv", [["--steps", "1"], ["--steps", "1", "--out", str(TOY_WEIGHTS)]])
+def test_toy_trainer_refuses_to_replace_the_committed_model(argv, capsys, monkeypatch):
+    """The default --out is the committed weights/toy: without --force the command exits 2 at once,
+    before training (train is never called), and the folder is byte for byte what it was."""
+    before = digest(TOY_WEIGHTS)
+    monkeypatch.setattr(train, "train", lambda *a, **k: pytest.fail("trained before checking --out"))
+    with pytest.raises(SystemExit) as exit_:
+        train.main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "--force" in err
+    assert digest(TOY_WEIGHTS) == before

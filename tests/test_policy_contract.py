@@ -1,0 +1,109 @@
+"""The contract every registered KV policy keeps, parametrised over tinyavl.cache.POLICIES: a new policy is
+tested by registering it (its PARAMS and FULL_BUDGET declared).
+
+- with FULL_BUDGET, parameters that keep every token, it is `full` token for token;
+- skipping equals masking: its attention over the rows it selects gives the numbers of a float64 attention
+  over every row it holds with -inf on the others (tests/cache_helpers.py `masked`);
+- at its defaults it never holds more KV bytes than the dense cache, and its per-modality bytes add up
+  to the total;
+- its declarations are one source: flags, their types and ranges, and the README's policy table.
+"""
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+import torch
+
+import tinyavl
+from cache_helpers import build_model, make_prompt, masked, one_thread, run_steps  # noqa: F401
+from tinyavl.cache import POLICIES, make_cache, param_owners
+from tinyavl.cli import ArgumentParser, add_policy_arguments, policy_params
+
+STEPS = 8          # decode steps: A-VL's default K = 3 has update and normal steps among them
+LOGIT_ATOL = 1e-5
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+@lru_cache(maxsize=None)
+def model_and_prompt():
+    """4 layers (A-VL's prefill filter from layer 3 and FastV's from layer 2 both act), GQA 4 -> 2, N_img 37;
+    prompt [sys 3 | image 37 | text 30]: enough text for A-VL's text budget (at least 20) to evict."""
+    model = build_model(4, 2, 42, 7, "full", seed=11)
+    return model, *make_prompt(model, 3, 30, seed=7)
+
+
+@lru_cache(maxsize=None)
+def generate(policy: str, **params):
+    model, ids, pixel_values = model_and_prompt()
+    return tinyavl.generate(model, ids, pixel_values, max_new_tokens=STEPS + 1, policy=policy, eos_token_id=(),
+                            **params)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_full_budget_equals_full(policy):
+    tokens, stats = generate(policy, **POLICIES[policy].FULL_BUDGET)
+    full_tokens, full_stats = generate("full")
+    assert len(set(full_tokens)) > 3  # a sequence that goes somewhere, not one token repeated
+    assert tokens == full_tokens
+    assert stats.kv_cache_bytes == full_stats.kv_cache_bytes_dense  # nothing evicted either
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_skipping_equals_masking(policy):
+    model, ids, pixel_values = model_and_prompt()
+    reference, tokens = run_steps(model, ids, pixel_values, masked(POLICIES[policy])(), STEPS)
+    logits, _ = run_steps(model, ids, pixel_values, make_cache(policy), STEPS, tokens=tokens)
+    torch.testing.assert_close(logits, reference, atol=LOGIT_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_kv_bytes_within_dense_and_modalities_add_up(policy):
+    _, stats = generate(policy)
+    assert 0 < stats.kv_cache_bytes <= stats.kv_cache_bytes_dense
+    assert sum(stats.modality_bytes_after_prefill.values()) == stats.kv_cache_bytes_after_prefill
+    assert sum(stats.modality_bytes_peak.values()) == stats.kv_cache_bytes
+
+
+def test_a_flag_means_one_thing():
+    """A name declared by several policies has one type and one range in all of them (its help may say
+    it in each policy's words), and a policy's FULL_BUDGET names only parameters it declares."""
+    for name, owners in param_owners().items():
+        assert len({(type(p.default), p.allowed()) for p in owners.values()}) == 1, name
+    for policy, cls in POLICIES.items():
+        names = [p.name for p in cls.PARAMS]
+        assert len(set(names)) == len(names) and set(cls.FULL_BUDGET) <= set(names), policy
+
+
+def test_command_line_flags_come_from_the_declarations(capsys):
+    parser = ArgumentParser()
+    add_policy_arguments(parser)
+    for name, owners in param_owners().items():
+        for policy, param in owners.items():  # every default goes through its flag and back
+            args = parser.parse_args(["--policy", policy, f"--{name.replace('_', '-')}", str(param.default)])
+            assert policy_params(args) == {name: param.default}
+            make_cache(policy, **policy_params(args))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name, owners in param_owners().items():
+        entry = text.split(f"--{name.replace('_', '-')} ", 2)[-1]
+        for policy, param in owners.items():
+            assert param.help in entry and param.allowed() in entry and f"{policy} {param.default}" in entry, name
+
+
+def readme_policy_defaults() -> dict:
+    """The README's "## KV policies" table: {policy: {parameter: default as written}}."""
+    section = README.read_text().split("\n## KV policies\n", 1)[1].split("\n## ", 1)[0]
+    table = {}
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if line.startswith("| `"):
+            table[cells[0].strip("`")] = dict(item.split("=") for item in cells[-1].split(", ") if item)
+    return table
+
+
+def test_readme_policy_table_matches_the_registry():
+    table = readme_policy_defaults()
+    assert list(table) == list(POLICIES)
+    for policy, defaults in table.items():
+        assert defaults == {name: str(value) for name, value in make_cache(policy).params().items()}, policy

@@ -1,0 +1,153 @@
+"""A broken llava-hf folder is refused once, at load, with one UserError line that names the problem.
+
+Each test breaks a private copy of the tiny "mha" checkpoint (tests/tiny_checkpoints.py): a weight, a field
+of config.json or of preprocessor_config.json. Before these checks most of these loaded and answered garbage,
+or crashed with a traceback.
+"""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tiny_checkpoints import VARIANTS, sparse_config, tokenizer_info
+
+import tinyavl
+from tinyavl.errors import UserError
+from tinyavl.model import LlavaConfig
+
+NORM = "language_model.model.norm.weight"
+
+
+@pytest.fixture
+def folder(tiny_ckpt, tmp_path):
+    """A private copy of a good published single-file checkpoint, free to break."""
+    return shutil.copytree(tiny_ckpt.folder("mha"), tmp_path / "ckpt")
+
+
+def load_error(folder) -> str:
+    """The UserError message of loading `folder`: a single line of reasonable length."""
+    with pytest.raises(UserError) as info:
+        tinyavl.load_pretrained(folder, device="cpu")
+    message = str(info.value)
+    assert "\n" not in message and len(message) <= 1000, message
+    return message
+
+
+def edit_json(path, edit):
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def edit_weights(folder, edit):
+    tensors = load_file(folder / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, folder / "model.safetensors")
+
+
+def test_a_valid_checkpoint_loads(folder):
+    model, processor = tinyavl.load_pretrained(folder, device="cpu")
+    assert model.config.vision.num_hidden_layers == 2 and processor.image_token_id == model.config.image_token_id
+
+
+# ----------------------------------------------------------------------------------------- weights
+@pytest.mark.parametrize("key,value", [(NORM, float("nan")), ("multi_modal_projector.linear_1.weight", float("inf"))])
+def test_non_finite_weight(folder, key, value):
+    edit_weights(folder, lambda t: t[key].view(-1)[3:5].fill_(value))
+    message = load_error(folder)
+    assert key in message and "NaN or inf" in message
+
+
+def test_weight_that_overflows_the_run_dtype(folder):
+    edit_weights(folder, lambda t: t[NORM].view(-1)[0].fill_(1e6))  # fine in fp32, inf in fp16
+    with pytest.raises(UserError, match=f"{NORM} overflows float16"):
+        tinyavl.load_pretrained(folder, device="cpu", dtype="float16")
+
+
+def test_integer_weight(folder):
+    edit_weights(folder, lambda t: t.__setitem__(NORM, t[NORM].to(torch.int8)))
+    message = load_error(folder)
+    assert NORM in message and "I8" in message
+
+
+# ----------------------------------------------------------------------------------------- preprocessor_config.json
+@pytest.mark.parametrize("field,value", [
+    ("image_std", [0.0, 0.26, 0.27]), ("image_std", [0.26, -0.26, 0.27]), ("image_std", [0.26, 0.27]),
+    ("image_std", ["0.26", 0.26, 0.27]), ("image_std", 0.26), ("image_mean", [0.48, 0.45, 0.40, 0.1]),
+    ("image_mean", [0.48, None, 0.40]),
+])
+def test_bad_normalisation(folder, field, value):
+    edit_json(folder / "preprocessor_config.json", lambda c: c.__setitem__(field, value))
+    message = load_error(folder)
+    assert "preprocessor_config.json" in message and field in message
+
+
+# ----------------------------------------------------------------------------------------- config.json
+@pytest.mark.parametrize("section,field,value", [
+    ("vision_config", "num_hidden_layers", 0),     # the vision tower would silently run no layer
+    ("text_config", "hidden_size", -64),
+    ("text_config", "num_attention_heads", 0),
+    ("text_config", "num_hidden_layers", 0),
+    ("text_config", "intermediate_size", "128"),
+    ("text_config", "vocab_size", 0),
+    ("text_config", "max_position_embeddings", 0),
+    ("text_config", "head_dim", 0),
+    ("vision_config", "patch_size", 0),
+    ("vision_config", "image_size", 7),            # smaller than patch_size 14: no patch at all
+    ("text_config", "hidden_size", 66),            # not divisible by 4 heads
+    ("vision_config", "hidden_size", 30),          # not divisible by 4 heads
+    ("text_config", "num_key_value_heads", 3),     # 4 query heads cannot share 3 KV heads
+    ("text_config", "rms_norm_eps", 0.0),
+    ("text_config", "rope_theta", -10000.0),
+    ("vision_config", "layer_norm_eps", -1e-5),
+])
+def test_config_value_out_of_range(folder, section, field, value):
+    edit_json(folder / "config.json", lambda c: c[section].__setitem__(field, value))
+    message = load_error(folder)
+    assert f"{section}.{field}" in message and str(value) in message, message
+
+
+def test_image_token_outside_the_vocabulary():
+    raw = sparse_config(VARIANTS["mha"])
+    raw["image_token_index"] = raw["text_config"]["vocab_size"]
+    with pytest.raises(UserError, match="image_token_index"):
+        LlavaConfig.from_dict(raw)
+
+
+def test_empty_vision_feature_layer_list(folder):
+    edit_json(folder / "config.json", lambda c: c.__setitem__("vision_feature_layer", []))
+    assert "vision_feature_layer" in load_error(folder)
+
+
+def test_checkpoint_with_more_vision_layers_than_the_config(folder):
+    """The file has 2 CLIP layers; a config of 1 layer read at -1 must not silently drop layer 1."""
+    edit_json(folder / "config.json", lambda c: (c["vision_config"].__setitem__("num_hidden_layers", 1),
+                                                 c.__setitem__("vision_feature_layer", -1)))
+    message = load_error(folder)
+    assert "unexpected keys" in message and "vision_tower.vision_model.encoder.layers.1." in message
+
+
+def test_vocab_smaller_than_the_tokenizer(folder):
+    """config.json and the embedding rows agree on a vocabulary one token short of tokenizer.json's."""
+    vocab = tokenizer_info()["vocab_size"] - 1
+    edit_json(folder / "config.json", lambda c: c["text_config"].__setitem__("vocab_size", vocab))
+    keys = ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight")
+    edit_weights(folder, lambda t: t.update({k: t[k][:vocab].clone() for k in keys}))
+    message = load_error(folder)
+    assert "tokenizer.json" in message and str(vocab) in message and "vocab_size" in message
+
+
+@pytest.mark.parametrize("value", [None, "llama"])
+def test_no_text_config(folder, value):
+    edit_json(folder / "config.json", lambda c: c.pop("text_config") if value is None
+              else c.__setitem__("text_config", value))
+    assert "no text_config" in load_error(folder)
+
+
+def test_key_mismatch_is_summarised(folder):
+    """Without vision_config the tower is LLaVA's CLIP ViT-L/14-336: every vision key mismatches, in one short line."""
+    edit_json(folder / "config.json", lambda c: c.pop("vision_config"))
+    message = load_error(folder)
+    assert "missing keys (" in message and " more" in message and "mis-shaped tensors" in message
+    assert "without a vision_config" in message

@@ -1,0 +1,69 @@
+"""Writing a user's outputs safely: never half a file, never over an input, never over a model folder
+without being asked.
+
+Every command checks its output paths before it works (check_output_file, check_new_folder) and writes
+its outputs through write_file_atomically or write_folder_atomically. A file or folder is first written under a
+temporary name beside its destination and then renamed into place in one step (`os.replace`, atomic on
+one file system), so an error or a Ctrl-C midway leaves the destination as it was.
+"""
+import os
+import shutil
+from pathlib import Path
+
+from PIL import Image
+
+from tinyavl.errors import UserError
+
+
+def check_output_file(path: Path, flag: str, inputs: list[Path], suffixes: tuple = ()) -> None:
+    """UserError unless a picture (any format Pillow writes, or one of `suffixes`) can be written at `path`
+    without touching the inputs: not one of them, nor inside an input folder (a model folder)."""
+    if not path.parent.is_dir():
+        raise UserError(f"{flag} {path}: folder {path.parent} does not exist")
+    if path.suffix.lower() not in (suffixes or Image.registered_extensions()):
+        raise UserError(f"{flag} {path}: give it a {' or '.join(suffixes or ('.png', '.jpg'))} name")
+    if path.is_dir() or not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UserError(f"{flag} {path}: cannot write there (no permission, or it is a folder)")
+    target = path.resolve()
+    for given in map(Path.resolve, inputs):
+        if target == given or given in target.parents:
+            raise UserError(f"{flag} {path} would overwrite the input {given}: choose another path")
+
+
+def write_file_atomically(path, write) -> None:
+    """write(partial_path) writes the file; it then replaces `path` whole."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        write(partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def check_new_folder(folder: Path, force: bool) -> None:
+    """UserError unless `folder` may be written: it does not exist, is empty, or force replaces it.
+    Commands call this before their work, not after an hour of training."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder} is a file: give a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not force:
+        raise UserError(f"{folder} already holds files: give another folder, or --force to replace it")
+
+
+def write_folder_atomically(folder, write, force: bool = False) -> None:
+    """write(partial_folder) fills a new folder; it then takes the place of `folder` (an existing one
+    holding files only with force, as check_new_folder says)."""
+    folder = Path(folder)
+    check_new_folder(folder, force)
+    partial, old = folder.with_name(f".{folder.name}.partial"), folder.with_name(f".{folder.name}.old")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        partial.mkdir(parents=True)
+        write(partial)
+        if folder.exists():  # two renames: the old folder is out of the way for an instant only
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(folder, old)
+        os.replace(partial, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
