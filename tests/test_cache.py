@@ -23,7 +23,8 @@ import torch
 import tinyavl
 from cache_helpers import (build_model, last_row_head_mean, make_prompt, masked, naive_logits,  # noqa: F401
                            one_thread, positions_per_head, recording, run_steps, top_positions)
-from tinyavl.cache import AVLCache, FastVCache, H2OCache, KVCache, RandomCache, StreamingCache, make_cache
+from tinyavl.cache import (AVLCache, FastVCache, H2OCache, KVCache, RandomCache, StreamingCache, causal_column_sums,
+                           make_cache)
 from tinyavl.errors import UserError
 from tinyavl.generate import image_segments
 
@@ -766,3 +767,22 @@ def test_triton_kernel_without_a_gpu_is_refused_before_any_work(monkeypatch):
     make_cache("avl", kernel="auto")  # auto falls back to the torch path
     monkeypatch.setattr(kernels, "INTERPRETED", True)
     make_cache("avl", kernel="triton")  # the interpreter runs it on the CPU
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 16, 256])
+@pytest.mark.parametrize("first_row", [0, 11])
+def test_causal_column_sums_equal_a_float64_masked_softmax_over_several_chunks(chunk, first_row):
+    """H2O's prefill scores: the chunked sums equal one whole float64 causal softmax, also when the prompt
+    spans several chunks (a chunk's query positions must be shifted by its start, and by first_row)."""
+    g = torch.Generator().manual_seed(0)
+    B, H, Hkv, t, hs = 2, 4, 2, 37, 8
+    n = first_row + t
+    q, k = torch.randn(B, H, t, hs, generator=g), torch.randn(B, Hkv, n, hs, generator=g)
+    k_per_head = k.double().repeat_interleave(H // Hkv, dim=1)                           # (B, H, n, hs)
+    logits = q.double() @ k_per_head.transpose(-1, -2) / hs ** 0.5                        # (B, H, t, n)
+    query_pos = torch.arange(first_row, first_row + t)
+    logits[..., torch.arange(n)[None, :] > query_pos[:, None]] = float("-inf")
+    want = logits.softmax(-1).sum(2).reshape(B, Hkv, H // Hkv, n).sum(2)                  # (B, Hkv, n)
+    got = causal_column_sums(q, k, first_row=first_row, chunk=chunk)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(got.sum(-1).double(), torch.full((B, Hkv), float(t * H // Hkv), dtype=torch.float64))
