@@ -24,6 +24,11 @@ def check_output_file(path: Path, flag: str, inputs: list[Path], suffixes: tuple
         raise UserError(f"{flag} {path}: give it a {' or '.join(suffixes or ('.png', '.jpg'))} name")
     if path.is_dir() or not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise UserError(f"{flag} {path}: cannot write there (no permission, or it is a folder)")
+    check_apart_from_inputs(path, flag, inputs)
+
+
+def check_apart_from_inputs(path: Path, flag: str, inputs: list[Path]) -> None:
+    """UserError if an output file or folder `path` is one of the inputs or lies inside an input folder."""
     target = path.resolve()
     for given in map(Path.resolve, inputs):
         if target == given or given in target.parents:

@@ -34,7 +34,7 @@ from tinyavl.attention_map import save_attention_map
 from tinyavl.cache import make_cache
 from tinyavl.cli import TOY_WEIGHTS, ArgumentParser, add_policy_arguments, policy_params, run_command
 from tinyavl.errors import UserError
-from tinyavl.files import check_output_file
+from tinyavl.files import check_apart_from_inputs, check_output_file
 from tinyavl.generate import generate
 from tinyavl.toy.plot import save_line_plot
 from tinyavl.toy.scenes import PROMPT_KINDS, Scene, parse_caption, scene_stream
@@ -260,8 +260,8 @@ def run(args) -> dict:
         raise UserError("--plot draws the budget sweep: give --table too")
     if args.plot is not None:
         check_output_file(args.plot, "--plot", inputs=[args.weights], suffixes=(".png",))
-    if args.attention_maps is not None and args.attention_maps.resolve().is_relative_to(args.weights.resolve()):
-        raise UserError(f"--attention-maps {args.attention_maps} is inside the model folder: choose another folder")
+    if args.attention_maps is not None:
+        check_apart_from_inputs(args.attention_maps, "--attention-maps", inputs=[args.weights])
     make_cache(args.policy, **policy_params(args))  # bad policy parameters fail here, before any work
     if not args.weights.is_dir():
         raise UserError(f"no model folder at {args.weights}: train one with python -m tinyavl.toy.train")
