@@ -2,10 +2,11 @@
 Sparse decode attention: one new query token attends to an index list of cache rows plus a contiguous tail
 ==========================================================================================================
 
-A-VL keeps a layer's KV cache as `[sys | secondary image tokens | text]` but, on a normal decode step,
-attends only to sys + the *core* image tokens + text (avl.md §4). The core rows are scattered through the
-image block, so "skip the others" needs either a gathered copy of K and V every step or a kernel that reads
-rows through an index list (avl.md §9). This file is that kernel:
+A-VL (Zhang et al., "Adaptive Attention for Large Vision-Language Models", AAAI 2025) keeps a layer's KV
+cache as `[sys | secondary image tokens | text]` but, on a normal decode step, attends only to sys + the
+*core* image tokens + text. The core rows can lie anywhere in the image block, so "skip the others" needs
+either a gathered copy of K and V every step or a kernel that reads rows through an index list. This file
+is that kernel:
 
     out[b, h] = softmax(q[b, h] . K_sel^T * scale) @ V_sel          (one softmax over all selected rows)
     selected rows of sample b = index[b, :]  (any order, all < start)  followed by  rows start .. N-1
@@ -13,7 +14,7 @@ rows through an index list (avl.md §9). This file is that kernel:
 The caller passes `index = sys rows + core image rows` and `start = first text row`. Query head h reads
 KV head h // (H // Hkv) (grouped-query attention); every head of a sample uses the same rows.
 
-How it works (flash-decoding):
+How it works (FlashAttention's online softmax, Dao et al. 2022, split as in Flash-Decoding, Dao et al. 2023):
 1. The selected rows form one logical list of length n_sel = n_idx + (N - start); position j < n_idx
    is cache row index[b, j], position j >= n_idx is cache row start + (j - n_idx). K and V are read in
    place through these row numbers: nothing is gathered or copied.
@@ -38,23 +39,21 @@ cheap), which it has to do anyway for the per-head text rows of the H2O policy. 
 kernel with an empty index and start=0 (dense). The kernel can also return the per-(b, h) log-sum-exp,
 with which any column's probability is exp(scale * q.k_j - lse) without a second softmax.
 
-Run `python kernels/sparse_attention.py` on a GPU for a correctness check and the benchmark; without
-one, `TRITON_INTERPRET=1 python kernels/sparse_attention.py` runs both at toy sizes in Triton's
-interpreter. The tests are in tests/test_kernel.py.
+This file holds the kernels, their launcher `sparse_decode_attention`, the plain-torch reference
+`sparse_decode_attention_reference` and the error rule `error_report`. The tests are in
+tests/test_kernel.py; the benchmark is `python -m kernels.bench_sparse_attention` (on a GPU, or with
+TRITON_INTERPRET=1 at toy sizes in Triton's CPU interpreter). tutorial/05-the-sparse-decode-kernel.md
+teaches it step by step.
 """
-import argparse
 import math
-import statistics
-import time
+import os
 import types
 
 import torch
-import torch.nn.functional as F
 
 try:
     import triton
     import triton.language as tl
-    from triton.runtime.interpreter import InterpretedFunction
 
     TRITON_AVAILABLE = True
 except ImportError:
@@ -62,7 +61,7 @@ except ImportError:
     # kernels are defined as ordinary functions that the launcher refuses to call.
     TRITON_AVAILABLE = False
     triton = types.SimpleNamespace(jit=lambda fn: fn)
-    tl = types.SimpleNamespace(constexpr=None)
+    tl = types.SimpleNamespace(constexpr=lambda value=None: value)
 
 LOG2_E = math.log2(math.e)
 
@@ -109,19 +108,55 @@ def sparse_decode_attention_reference(q, k, v, index, start, scale=None, *, upca
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Kernels
+# Where the kernels run: compiled for the GPU, or in Triton's CPU interpreter
+# ----------------------------------------------------------------------------------------------------------
+
+def _interpreter_requested() -> bool:
+    """Whether TRITON_INTERPRET asks for Triton's CPU interpreter, read as Triton reads it."""
+    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")
+
+
+def _runs_in_interpreter(kernel) -> bool:
+    """Whether `kernel` was decorated for Triton's CPU interpreter.
+
+    Triton decides at decoration time, from TRITON_INTERPRET. The exact answer is the kernel's type, but
+    InterpretedFunction lives in a private module (triton.runtime.interpreter) that may move in any
+    release. If it cannot be imported, the environment variable answers instead. A failed private import
+    must never make the kernel unavailable: on a GPU the kernel works without it.
+    """
+    if not TRITON_AVAILABLE:
+        return False
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:
+        return _interpreter_requested()
+    return isinstance(kernel, InterpretedFunction)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The interpreter's bf16 workaround, kept out of the kernels
 # ----------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr):
-    # Triton's interpreter stores bfloat16 as raw uint16 and tl.dot multiplies those bit patterns
-    # (the interpreter does not support bf16 arithmetic). A product of two bf16 values is exact in fp32,
-    # so computing the dot on fp32 copies gives the numbers the GPU's bf16 tensor-core dot gives.
-    if UPCAST_OPERANDS:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, input_precision=DOT_PRECISION)
+def _interpreter_safe_dot(a, b, input_precision: tl.constexpr):
+    """tl.dot(a, b, input_precision=...) that also gives the right numbers in Triton's CPU interpreter.
 
+    Why: the interpreter has no bf16 arithmetic. It stores bfloat16 as raw uint16, and its tl.dot
+    multiplies those bit patterns. A product of two bf16 values is exact in fp32, so a dot of fp32 copies
+    has the same products as the GPU's bf16 tensor-core dot (only the order of the fp32 additions may
+    differ). The upcast happens under the interpreter only: compiled for a GPU, _UPCAST_BF16_DOTS is a
+    False constexpr, the branch is removed at compile time, and this is exactly tl.dot.
+    """
+    if _UPCAST_BF16_DOTS:
+        if a.dtype == tl.bfloat16:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision=input_precision)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------------
 
 @triton.jit
 def _split_attention_kernel(
@@ -145,7 +180,6 @@ def _split_attention_kernel(
     BLOCK_N: tl.constexpr,          # logical positions per loop iteration
     HEAD_DIM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,    # "ieee" for fp32 inputs (the default would be TF32), else ignored
-    UPCAST_OPERANDS: tl.constexpr,  # bf16 under the interpreter only, see _dot
 ):
     # Program (sample b, KV head, split): the GROUP query heads of that KV head over one chunk of the list.
     batch_kv_head = tl.program_id(0)
@@ -183,8 +217,8 @@ def _split_attention_kernel(
 
         k = tl.load(k_head_ptr + rows[:, None] * stride_kn + dim_offs[None, :],
                     mask=in_split[:, None], other=0.0)                    # [BLOCK_N, D]
-        scores = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST_OPERANDS) * qk_scale   # [BLOCK_H, BLOCK_N]
-        scores = tl.where(in_split[None, :], scores, float("-inf"))
+        scores = _interpreter_safe_dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_N]
+        scores = tl.where(in_split[None, :], scores * qk_scale, float("-inf"))
 
         new_max = tl.maximum(running_max, tl.max(scores, axis=1))         # [BLOCK_H]
         correction = tl.exp2(running_max - new_max)                       # rescales the old state
@@ -194,7 +228,8 @@ def _split_attention_kernel(
         v = tl.load(v_head_ptr + rows[:, None] * stride_vn + dim_offs[None, :],
                     mask=in_split[:, None], other=0.0)                    # [BLOCK_N, D]
         # As in flash-attention, probabilities enter the second dot in V's precision.
-        acc = acc * correction[:, None] + _dot(probs.to(v.dtype), v, DOT_PRECISION, UPCAST_OPERANDS)
+        weighted_v = _interpreter_safe_dot(probs.to(v.dtype), v, input_precision=DOT_PRECISION)  # [BLOCK_H, D]
+        acc = acc * correction[:, None] + weighted_v
         running_max = new_max
 
     part_rows = (b * num_heads + heads) * num_splits + split             # [BLOCK_H] rows of [B*H*S, ...]
@@ -232,8 +267,11 @@ def _merge_splits_kernel(
     tl.store(lse_ptr + batch_head, (max_lse + tl.log2(total)) * 0.6931471805599453)  # x ln(2): back to base e
 
 
-# Triton decides at decoration time (from TRITON_INTERPRET) whether kernels run in its CPU interpreter.
-INTERPRETED = TRITON_AVAILABLE and isinstance(_split_attention_kernel, InterpretedFunction)
+# True when the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 set before this module was
+# imported): they then take CPU tensors. False when they are compiled for a CUDA GPU, or without Triton.
+INTERPRETED = _runs_in_interpreter(_split_attention_kernel)
+# Read by _interpreter_safe_dot; a global constexpr, so the compiled kernels do not even test it.
+_UPCAST_BF16_DOTS = tl.constexpr(INTERPRETED)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -347,7 +385,6 @@ def sparse_decode_attention(q, k, v, index, start, scale=None, *, num_splits=Non
         BLOCK_N=BLOCK_N,
         HEAD_DIM=head_dim,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        UPCAST_OPERANDS=INTERPRETED and q.dtype == torch.bfloat16,
     )
     _merge_splits_kernel[(batch * num_heads,)](
         part_out, part_lse, out, lse, num_splits,
@@ -395,174 +432,3 @@ def format_report(report: dict) -> str:
             f"torch-in-{report['dtype']} max {report['torch_max']:.2e} mean {report['torch_mean']:.2e} | "
             f"allowed {2 * report['torch_max'] + report['floor']:.2e} -> "
             f"{'ok' if report['passed'] else 'FAIL'}")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Inputs shaped like an A-VL decode step, and the two torch baselines of the benchmark
-# ----------------------------------------------------------------------------------------------------------
-
-def make_avl_decode_inputs(batch, num_heads, num_kv_heads, head_dim, n_sys, n_image, n_text, core_fraction,
-                           dtype, device, sort_index=True, seed=0):
-    """Random q and cache [sys | image | text]; index = sys rows + a random core subset of the image rows.
-
-    Each sample gets its own core subset (avl.md §11, batch > 1). Returns (q, k, v, index, start).
-    """
-    generator = torch.Generator(device).manual_seed(seed)
-    cache_len = n_sys + n_image + n_text
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=generator, device=device, dtype=dtype)
-
-    q = randn(batch, num_heads, head_dim)                                     # [B, H, D]
-    k = randn(batch, num_kv_heads, cache_len, head_dim)                       # [B, Hkv, N, D]
-    v = randn(batch, num_kv_heads, cache_len, head_dim)                       # [B, Hkv, N, D]
-    n_core = int(core_fraction * n_image)
-    core = torch.stack([torch.randperm(n_image, generator=generator, device=device)[:n_core]
-                        for _ in range(batch)])                               # [B, n_core]
-    if sort_index:
-        core = core.sort(dim=1).values
-    sys_rows = torch.arange(n_sys, device=device).expand(batch, -1)           # [B, n_sys]
-    index = torch.cat([sys_rows, n_sys + core], dim=1)                        # [B, n_idx]
-    return q, k, v, index, n_sys + n_image
-
-
-def gather_then_sdpa(q, k, v, index, start):
-    """Baseline (a): copy the selected rows out of the cache, then PyTorch's fused attention."""
-    rows = selected_rows(index, start, k.shape[2])                                  # [B, n_sel]
-    batch_ids = torch.arange(q.shape[0], device=q.device)[:, None]                  # [B, 1]
-    k_sel = k.transpose(1, 2)[batch_ids, rows].transpose(1, 2)                      # [B, Hkv, n_sel, D]
-    v_sel = v.transpose(1, 2)[batch_ids, rows].transpose(1, 2)                      # [B, Hkv, n_sel, D]
-    out = F.scaled_dot_product_attention(q[:, :, None], k_sel, v_sel,
-                                         enable_gqa=k.shape[1] != q.shape[1])      # [B, H, 1, D]
-    return out[:, :, 0]
-
-
-def dense_sdpa(q, k, v):
-    """Baseline (b): attend to the whole cache, as a decoder without A-VL's core/secondary split would."""
-    out = F.scaled_dot_product_attention(q[:, :, None], k, v,
-                                         enable_gqa=k.shape[1] != q.shape[1])      # [B, H, 1, D]
-    return out[:, :, 0]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Benchmark
-# ----------------------------------------------------------------------------------------------------------
-
-# Peak DRAM bandwidth in GB/s by device-name fragment; the first fragment found in the name wins.
-PEAK_BANDWIDTH_GBPS = {
-    "H200": 4800,
-    "H100 NVL": 3900,
-    "H100 PCIe": 2000,
-    "H100": 3350,        # H100 SXM ("NVIDIA H100 80GB HBM3")
-    "A100-SXM4-80GB": 2039,
-    "A100 80GB PCIe": 1935,
-    "A100": 1555,        # the 40 GB A100s
-    "L40S": 864,
-    "L4": 300,
-    "RTX 4090": 1008,
-}
-
-
-def peak_bandwidth_gbps(device_name: str):
-    for fragment, gbps in PEAK_BANDWIDTH_GBPS.items():
-        if fragment in device_name:
-            return gbps
-    return None
-
-
-def kernel_bytes(q, k, index, start) -> int:
-    """Bytes the kernel must move: the selected K and V rows of every KV head, the index, q and out."""
-    batch, num_kv_heads, cache_len, head_dim = k.shape
-    n_sel = index.shape[1] + cache_len - start
-    kv_bytes = 2 * batch * num_kv_heads * n_sel * head_dim * k.element_size()
-    return kv_bytes + index.numel() * index.element_size() + 2 * q.numel() * q.element_size()
-
-
-def cpu_time_ms(fn, repeats=3):
-    """Median wall time of fn on the CPU (interpreter smoke run only)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def benchmark_case(batch, n_image, core_fraction, head_config, dtype, device, time_ms, peak_gbps) -> str:
-    """One table row: kernel vs gather + SDPA vs dense SDPA. The inputs die with the call, so each case
-    starts with the GPU memory of the previous one freed."""
-    num_heads, num_kv_heads, head_dim, n_sys, n_text = head_config
-    q, k, v, index, start = make_avl_decode_inputs(batch, num_heads, num_kv_heads, head_dim, n_sys,
-                                                   n_image, n_text, core_fraction, dtype, device)
-    t_kernel = time_ms(lambda: sparse_decode_attention(q, k, v, index, start, check_index=False))
-    t_gather = time_ms(lambda: gather_then_sdpa(q, k, v, index, start))
-    t_dense = time_ms(lambda: dense_sdpa(q, k, v))
-    gbps = kernel_bytes(q, k, index, start) / (t_kernel * 1e-3) / 1e9
-    percent = f"{100 * gbps / peak_gbps:6.1f}" if peak_gbps else f"{'n/a':>6}"
-    n_sel = index.shape[1] + k.shape[2] - start
-    return (f"{batch:>5} {n_image:>6} {core_fraction:>5.1f} {n_sel:>6} | {t_kernel * 1e3:>9.1f} "
-            f"{t_gather * 1e3:>9.1f} {t_dense * 1e3:>9.1f} | {t_gather / t_kernel:>8.2f}x "
-            f"{t_dense / t_kernel:>7.2f}x | {gbps:>7.1f} {percent}")
-
-
-def benchmark_table(shapes, core_fractions, batches, head_config, dtype, device, time_ms, peak_gbps):
-    """Time kernel, gather + SDPA and dense SDPA for every (batch, image size, core fraction); print a row each."""
-    print(f"{'batch':>5} {'image':>6} {'core':>5} {'rows':>6} | {'kernel us':>9} {'gather us':>9} "
-          f"{'dense us':>9} | {'vs gather':>9} {'vs dense':>8} | {'GB/s':>7} {'% peak':>6}")
-    for batch in batches:
-        for n_image in shapes:
-            for core_fraction in core_fractions:
-                print(benchmark_case(batch, n_image, core_fraction, head_config, dtype, device, time_ms, peak_gbps))
-
-
-def correctness_check(device, dtype, small):
-    """The flash-attention rule on A-VL-shaped inputs, with and without GQA; raises if any case fails."""
-    n_image, n_text = (40, 9) if small else (576, 64)
-    for num_heads, num_kv_heads, head_dim in [(4, 4, 64), (8, 2, 128)] if small else [(32, 32, 128), (32, 8, 128)]:
-        q, k, v, index, start = make_avl_decode_inputs(2, num_heads, num_kv_heads, head_dim, 5, n_image, n_text,
-                                                       0.3, dtype, device, sort_index=False)
-        report = error_report(q, k, v, index, start, num_splits=2)
-        print(f"H={num_heads:>2} Hkv={num_kv_heads:>2} D={head_dim:>3} " + format_report(report))
-        if not report["passed"]:
-            raise SystemExit("correctness check failed")
-
-
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--peak-gbps", type=float, help="peak memory bandwidth of the GPU in GB/s "
-                        "(default: looked up from the device name)")
-    args = parser.parse_args()
-    if not TRITON_AVAILABLE:
-        raise SystemExit("Triton is not installed: pip install triton")
-
-    # fp16, LLaVA-7B's attention: 32 query heads of 128 dims, 32 KV heads; 5 sys rows, 64 text rows.
-    head_config = (32, 32, 128, 5, 64)
-    if INTERPRETED:
-        print("TRITON_INTERPRET=1: correctness check and a toy-size timing in Triton's CPU interpreter.\n"
-              "Interpreter times say nothing about GPU speed; they only show the benchmark code runs.")
-        for dtype in SUPPORTED_DTYPES:
-            correctness_check("cpu", dtype, small=True)
-        benchmark_table([48], [0.3, 0.5], [1, 2], (4, 2, 64, 5, 16), torch.float16, "cpu", cpu_time_ms,
-                        args.peak_gbps)
-        return
-    if not torch.cuda.is_available():
-        raise SystemExit("No CUDA device: the benchmark needs a GPU. Run "
-                         "`TRITON_INTERPRET=1 python kernels/sparse_attention.py` to exercise the correctness "
-                         "check and the benchmark code in Triton's CPU interpreter instead.")
-
-    name = torch.cuda.get_device_name()
-    peak = args.peak_gbps or peak_bandwidth_gbps(name)
-    print(f"device: {name}, peak bandwidth: {f'{peak:.0f} GB/s' if peak else 'unknown (pass --peak-gbps)'}")
-    for dtype in SUPPORTED_DTYPES:
-        correctness_check("cuda", dtype, small=False)
-    print("\nfp16, H=32 query heads, Hkv=32 KV heads, D=128; cache = [5 sys | image | 64 text]; "
-          "rows = sys + core image + text rows attended.\n"
-          "kernel = this file, gather = torch gather + SDPA on the selected rows, dense = SDPA on the whole cache;"
-          " times are medians of triton.testing.do_bench (L2 flushed between runs, launch overhead included).")
-    benchmark_table([576, 2928, 4 * 2928], [0.3, 0.5], [1, 8], head_config, torch.float16, "cuda",
-                    lambda fn: triton.testing.do_bench(fn, return_mode="median"), peak)
-
-
-if __name__ == "__main__":
-    main()

@@ -123,7 +123,7 @@ def top_positions(scores, positions, count: int) -> set:
 def masked(cache_cls):
     """`cache_cls` with the skip replaced by a mask: every row of the layer's cache is in the attention, the
     rows `rows_to_attend` leaves out get -inf. Own attention (float64 softmax), and at decode the row's
-    log-sum-exp (row_lse, which A-VL scores from) taken from the masked row, so the bookkeeping sees exactly
+    log-sum-exp (the lse compute hands A-VL's update) taken from the masked row, so the bookkeeping sees exactly
     what the spec says it should."""
 
     class Masked(cache_cls):
@@ -136,9 +136,8 @@ def masked(cache_cls):
                 selected[rows] = True
                 visible = visible & selected
             logits = naive_logits(q, k).masked_fill(~visible, float("-inf"))     # (B, H, T, n) float64
-            if self.step > 0:
-                self.row_lse = logits[:, :, -1].logsumexp(-1).float()
-            return (logits.softmax(-1) @ expand_kv(v, q.shape[1]).double()).to(q.dtype)
+            lse = logits[:, :, -1].logsumexp(-1).float() if self.step > 0 else None
+            return (logits.softmax(-1) @ expand_kv(v, q.shape[1]).double()).to(q.dtype), lse
 
     Masked.__name__ = f"Masked{cache_cls.__name__}"
     return Masked
@@ -152,8 +151,8 @@ def recording(cache_cls):
     `log` is a list of dicts, one per (step, layer), in call order."""
 
     class Recording(cache_cls):
-        def begin(self, n_layers, n_sys, n_img):
-            super().begin(n_layers, n_sys, n_img)
+        def begin(self, n_layers, n_sys, n_img, new_tokens=0):
+            super().begin(n_layers, n_sys, n_img, new_tokens)
             self.log = []
 
         def attend(self, layer, q, k, v, pos):
@@ -168,12 +167,12 @@ def recording(cache_cls):
             self.log.append(entry)
             return out
 
-        def update(self, layer, q, rows):
+        def update(self, layer, q, rows, lse):
             # After the append and the attention, before any eviction: what the step computed with.
             self._entry.update(k_before=self.k[layer].clone(), v_before=self.v[layer].clone(),
                                pos_before=self.pos[layer].clone(),
                                rows=None if rows is None else rows.clone())
-            super().update(layer, q, rows)
+            super().update(layer, q, rows, lse)
 
         def _core_positions(self, layer):
             core = getattr(self, "core", None)

@@ -580,7 +580,8 @@ def test_avl_hand_case():
     # text rows, a repulsive one ~e^-20 of it: the 14 heavy hitters are the 14 attractive older tokens, and
     # j = 3, 9 (positions 14, 20) are evicted. j = 16, 17, 18 are repulsive but recent: kept.
     text = [11 + j for j in range(22) if j not in (3, 9)]
-    assert held() == [0, 2, 4, 6, 8, 9] + text
+    # Layout [sys | core | other secondary | text], each image part in positional order.
+    assert held() == [0, 2, 6, 8, 4, 9] + text
     assert core() == [2, 6, 8]
     assert cache.modality_rows(0)["image"] == 5 and cache.k[0].shape == (1, 1, 26, 4)
     # Decode steps 1, 2, 3 (positions 33, 34, 35); budget stays 20 (round(.6 * 23..25) <= 15): each step one
@@ -589,15 +590,18 @@ def test_avl_hand_case():
     # Steps 1, 2 are normal: sys + 3 core + 21 text rows = 25 attended, core unchanged although the decode
     # query prefers other images. Step 3 = K is an update step: all 1 + 5 + 21 = 27 rows; the query ranks the
     # secondary by d: d = 0, 8, 5, 1, 7 at positions 2, 4, 6, 8, 9 -> core = positions 4, 9, 6. Minor
-    # position 1 (d = 9, the best of all) is gone since prefill and does not come back.
-    expected = {1: (25, [2, 6, 8]), 2: (25, [2, 6, 8]), 3: (27, [4, 6, 9])}
+    # position 1 (d = 9, the best of all) is gone since prefill and does not come back. The update step
+    # moves the new core to the front of the image block, each part in the order it had:
+    # block [2, 6, 8, 4, 9] -> core 6, 4, 9, then 2, 8.
+    expected = {1: (25, [2, 6, 8], [2, 6, 8, 4, 9]), 2: (25, [2, 6, 8], [2, 6, 8, 4, 9]),
+                3: (27, [4, 6, 9], [6, 4, 9, 2, 8])}
     decode_q, decode_k = torch.tensor([0., 1., 1., 0.]).view(1, 1, 1, 4), torch.tensor([0., 20., 0., 0.]).view(1, 1, 1, 4)
     for t in (1, 2, 3):
         cache.attend(0, decode_q, decode_k, torch.randn(1, 1, 1, 4, generator=g), torch.tensor([32 + t]))
         cache.advance(1)
         text = [p for p in text if p != 26 + t] + [32 + t]
         assert cache.attended[0] == expected[t][0], t
-        assert held() == [0, 2, 4, 6, 8, 9] + text, t
+        assert held() == [0] + expected[t][2] + text, t
         assert core() == expected[t][1], t
 
 
@@ -786,3 +790,111 @@ def test_causal_column_sums_equal_a_float64_masked_softmax_over_several_chunks(c
     got = causal_column_sums(q, k, first_row=first_row, chunk=chunk)
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
     assert torch.allclose(got.sum(-1).double(), torch.full((B, Hkv), float(t * H // Hkv), dtype=torch.float64))
+
+
+# =========================================================================================================
+# The preallocated buffers: appends in place, eviction and reordering move only their region.
+# =========================================================================================================
+
+
+@pytest.mark.parametrize("name", ["mha", "gqa"])
+def test_buffers_are_sized_once_and_decode_fills_them_to_the_last_row(name):
+    """begin(new_tokens=4): after prefill every layer's buffers hold the prompt plus exactly 4 rows; the 4
+    decode steps write in place (same storage) up to the last row, and a 5th step past the reservation
+    grows the buffers; every step's logits equal the dense reference's (the cache-free forward)."""
+    m = model(name)
+    ids, pixel_values = prompt(name)
+    _, reference, fed = full_reference(name)
+    cache = KVCache()
+    cache.begin(m.config.text.num_hidden_layers, *image_segments(ids, m.config.image_token_id), new_tokens=4)
+    n_prompt, layers = ids.shape[1], range(m.config.text.num_hidden_layers)
+    with torch.inference_mode():
+        m(ids, pixel_values, cache=cache)
+        assert [cache.k_buffer[layer].shape[2] for layer in layers] == [n_prompt + 4] * len(layers)
+        storage = [cache.k_buffer[layer].data_ptr() for layer in layers]
+        for step in range(5):
+            logits = m(torch.tensor([[fed[step]]]), cache=cache)[0, -1]
+            torch.testing.assert_close(logits, reference[step + 1], atol=LOGIT_ATOL, rtol=0)
+            assert all(cache.k[layer].shape[2] == n_prompt + step + 1 for layer in layers)
+            same_storage = [cache.k_buffer[layer].data_ptr() for layer in layers] == storage
+            assert same_storage == (step < 4), step
+    assert cache.reserved_nbytes() > cache.nbytes()  # the grown buffers have room left
+
+
+def test_keep_reorder_and_append_against_a_list_of_rows():
+    """By hand, against rows tracked as a Python list: eviction from a start row (shared and per head),
+    appends after it, and a reorder of one block; rows outside the region never change."""
+    g = torch.Generator().manual_seed(0)
+    cache = KVCache()
+    cache.begin(1, 2, 4, new_tokens=3)
+    k, v = torch.randn(1, 2, 10, 4, generator=g), torch.randn(1, 2, 10, 4, generator=g)
+    cache.append(0, k, v, torch.arange(10))
+    cache.advance(10)
+    assert cache.k_buffer[0].shape[2] == 13
+    rows = [[*range(10)], [*range(10)]]  # per head, the original row each cached row holds
+
+    def check():
+        for head in range(2):
+            torch.testing.assert_close(cache.k[0][0, head], k[0, head, rows[head]], atol=0, rtol=0)
+            torch.testing.assert_close(cache.v[0][0, head], v[0, head, rows[head]], atol=0, rtol=0)
+            assert cache.pos[0][0, head].tolist() == rows[head]
+
+    cache.keep(0, torch.tensor([4, 7, 8, 9]), start=3)            # shared: rows 3, 5, 6 go
+    rows = [[0, 1, 2, 4, 7, 8, 9]] * 2
+    check()
+    cache.keep(0, torch.tensor([[[4, 6], [5, 6]]]), start=4)      # per head, from row 4 on
+    rows = [[0, 1, 2, 4, 7, 9], [0, 1, 2, 4, 8, 9]]
+    check()
+    cache.reorder(0, torch.tensor([3, 1, 2]), start=1)            # block rows 1..3 -> 3, 1, 2
+    rows = [[0, 4, 1, 2, 7, 9], [0, 4, 1, 2, 8, 9]]
+    check()
+    k = torch.cat([k, torch.randn(1, 2, 3, 4, generator=g)], dim=2)  # three decode steps' rows 10, 11, 12
+    v = torch.cat([v, torch.randn(1, 2, 3, 4, generator=g)], dim=2)
+    for position in (10, 11, 12):
+        cache.append(0, k[:, :, position:position + 1], v[:, :, position:position + 1], torch.tensor([position]))
+        rows = [r + [position] for r in rows]
+        check()
+    assert cache.k_buffer[0].shape[2] == 13 and cache.nbytes() == 9 * 2 * 2 * 4 * 4  # room was left, unused
+
+
+def test_avl_reorder_moves_keys_values_and_positions_together():
+    """Over A-VL decode steps with update steps (K = 2), every held row's key and value are still the
+    ones appended at its logical position: the core-first reorder moves all three together."""
+    m = model("gqa")
+    ids, pixel_values = prompt("gqa")
+    record = {}
+
+    class Recorded(AVLCache):
+        def append(self, layer, k, v, pos):
+            for i, p in enumerate(pos.tolist()):
+                record[layer, p] = (k[0, :, i].clone(), v[0, :, i].clone())
+            super().append(layer, k, v, pos)
+
+    cache = Recorded(S=0.5, C=0.25, K=2, P=1, T=1)
+    tinyavl.generate(m, ids, pixel_values, max_new_tokens=7, eos_token_id=(), policy=cache)
+    moved = 0
+    for layer in range(m.config.text.num_hidden_layers):
+        for head in range(cache.k[layer].shape[1]):
+            for row, p in enumerate(cache.pos[layer][0, head].tolist()):
+                key, value = record[layer, p]
+                assert torch.equal(cache.k[layer][0, head, row], key[head])
+                assert torch.equal(cache.v[layer][0, head, row], value[head])
+        image = cache.pos[layer][0, 0, N_SYS:cache.text_start(layer)]
+        moved += int((image.diff() < 0).any())  # the core-first layout is not positional order
+    assert moved > 0
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2)])
+def test_decode_attention_over_blocks_equals_one_softmax_over_their_union(heads, kv_heads):
+    """decode_attention on blocks read in place == float64 softmax attention over the rows joined, and
+    its lse == the float64 log-sum-exp of the joined row's logits."""
+    from tinyavl.cache import decode_attention
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, heads, 1, 16, generator=g)
+    k, v = torch.randn(2, kv_heads, 30, 16, generator=g), torch.randn(2, kv_heads, 30, 16, generator=g)
+    out, lse = decode_attention(q, [(k[:, :, :7], v[:, :, :7]), (k[:, :, 19:], v[:, :, 19:])])
+    joined_k, joined_v = torch.cat([k[:, :, :7], k[:, :, 19:]], 2), torch.cat([v[:, :, :7], v[:, :, 19:]], 2)
+    logits = naive_logits(q, joined_k)                                             # (2, H, 1, 18) float64
+    expected = logits.softmax(-1) @ joined_v.double().repeat_interleave(heads // kv_heads, dim=1)
+    torch.testing.assert_close(out.double(), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(lse.double(), logits[:, :, 0].logsumexp(-1), atol=1e-5, rtol=0)

@@ -1,4 +1,5 @@
-"""Tests of kernels/sparse_attention.py: the torch reference, the Triton kernel and its launcher.
+"""Tests of kernels/sparse_attention.py: the torch reference, the Triton kernel and its launcher (and the
+torch baselines of kernels/bench_sparse_attention.py).
 
 Without a GPU the kernel runs in Triton's CPU interpreter (tests/conftest.py sets TRITON_INTERPRET=1
 before this module imports the kernel), which is slow: the kernel cases below are few and small but
@@ -16,6 +17,7 @@ import sys
 import pytest
 import torch
 
+from kernels import bench_sparse_attention as bench
 from kernels import sparse_attention as sa
 
 
@@ -72,26 +74,69 @@ def test_reference_equals_masked_dense_attention(num_heads, num_kv_heads, cache_
 
 
 def test_benchmark_baselines_compute_the_same_attention():
-    q, k, v, index, start = sa.make_avl_decode_inputs(2, 8, 2, 64, 3, 40, 7, 0.3, torch.float32, DEVICE)
+    q, k, v, index, start = bench.make_avl_decode_inputs(2, 8, 2, 64, 3, 40, 7, 0.3, torch.float32, DEVICE)
     reference = sa.sparse_decode_attention_reference(q, k, v, index, start)
-    torch.testing.assert_close(sa.gather_then_sdpa(q, k, v, index, start), reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bench.gather_then_sdpa(q, k, v, index, start), reference, rtol=1e-5, atol=1e-5)
     dense_reference = sa.sparse_decode_attention_reference(q, k, v, index[:, :0], 0)
-    torch.testing.assert_close(sa.dense_sdpa(q, k, v), dense_reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bench.dense_sdpa(q, k, v), dense_reference, rtol=1e-5, atol=1e-5)
+
+
+def fresh_kernel_module(name):
+    """Execute kernels/sparse_attention.py again as a new module, under whatever the test monkeypatched."""
+    spec = importlib.util.spec_from_file_location(name, sa.__file__)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_module_imports_and_reference_runs_without_triton(monkeypatch):
     # A None entry in sys.modules makes `import triton` fail as if it were not installed.
     for name in ("triton", "triton.language", "triton.runtime.interpreter"):
         monkeypatch.setitem(sys.modules, name, None)
-    spec = importlib.util.spec_from_file_location("sparse_attention_without_triton", sa.__file__)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = fresh_kernel_module("sparse_attention_without_triton")
 
     assert not module.TRITON_AVAILABLE
+    assert not module.INTERPRETED
     q, k, v, index, start = random_case(1, 2, 1, 16, 5, 3, 2, torch.float32)
     module.sparse_decode_attention_reference(q, k, v, index, start)
     with pytest.raises(RuntimeError, match="needs Triton"):
         module.sparse_decode_attention(q, k, v, index, start)
+
+
+# --- which Triton runs the kernel: compiled or interpreted, never silently off --------------------------
+
+def test_interpreted_agrees_with_triton_interpret():
+    """The environment-variable fallback gives the same answer as the kernel's type, here and now."""
+    pytest.importorskip("triton")
+    assert sa.TRITON_AVAILABLE
+    assert sa.INTERPRETED == sa._interpreter_requested()
+
+
+@pytest.mark.parametrize("value,interpreted", [("1", True), ("true", True), ("ON", True), ("0", False), ("", False)])
+def test_private_interpreter_import_failing_falls_back_to_the_environment(monkeypatch, value, interpreted):
+    pytest.importorskip("triton")
+    monkeypatch.setitem(sys.modules, "triton.runtime.interpreter", None)  # `from ... import` now fails
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert sa._runs_in_interpreter(sa._split_attention_kernel) is interpreted
+
+
+def test_kernel_stays_available_on_a_gpu_without_the_private_interpreter_import(monkeypatch):
+    """As on a CUDA machine (TRITON_INTERPRET unset, the kernels compiled for the GPU), with Triton's private
+    InterpretedFunction import broken: the module still offers the kernel, compiled, not interpreted."""
+    triton = pytest.importorskip("triton")
+    monkeypatch.setitem(sys.modules, "triton.runtime.interpreter", None)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    module = fresh_kernel_module("sparse_attention_without_private_import")
+
+    assert module.TRITON_AVAILABLE
+    assert not module.INTERPRETED
+    assert isinstance(module._split_attention_kernel, triton.JITFunction)
+    assert not module._UPCAST_BF16_DOTS
+    # The launcher gets as far as its input checks: it is not switched off ("needs Triton").
+    q, k, v, index, start = random_case(1, 2, 1, 16, 5, 3, 2, torch.float32)
+    with pytest.raises(ValueError, match="start must lie"):
+        module.sparse_decode_attention(q, k, v, index, 6)
 
 
 # --- the kernel: flash-attention error rule ----------------------------------------------------------------
@@ -121,8 +166,8 @@ def test_kernel_matches_reference(kernel, case):
 @pytest.mark.parametrize("dtype", sa.SUPPORTED_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 def test_kernel_on_avl_decode_step(kernel, dtype):
     # A-VL's normal step: sys + unsorted core image rows through the index, text as the tail; 2 splits.
-    q, k, v, index, start = sa.make_avl_decode_inputs(2, 8, 4, 128, 5, 200, 20, 0.3, dtype, DEVICE,
-                                                      sort_index=False)
+    q, k, v, index, start = bench.make_avl_decode_inputs(2, 8, 4, 128, 5, 200, 20, 0.3, dtype, DEVICE,
+                                                         sort_index=False)
     report = sa.error_report(q, k, v, index, start, num_splits=2)
     assert report["passed"], sa.format_report(report)
 

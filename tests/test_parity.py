@@ -137,3 +137,36 @@ def test_batch_of_two_images(loaded):
     print(f"\n[parity] gqa_full batch of 2 max|dlogit|={diff:.2e}")
     assert diff <= LOGIT_ATOL
     assert (ref[0] - ref[1]).abs().max() > 1e-2  # the two images really give different logits
+
+
+@pytest.mark.parametrize("name", ["mha", "gqa_full"])
+def test_attention_mask_matches_transformers(loaded, name):
+    """attention_mask (transformers' meaning: 0 = no query sees this token) hides a random half of row
+    0's image tokens and two question tokens of row 1; every position's logits match transformers', and
+    hiding changes them (the mask is really applied)."""
+    variant = VARIANTS[name]
+    model, processor, hf_model = loaded(name)
+    ids_a, px_a = inputs_for(processor, variant, "landscape")
+    ids_b, px_b = inputs_for(processor, variant, "portrait")
+    ids, pixel_values = torch.cat([ids_a, ids_b]), torch.cat([px_a, px_b])
+    mask = torch.ones_like(ids)
+    image_positions = (ids[0] == tokenizer_info()["image_token_id"]).nonzero().flatten()
+    generator = torch.Generator().manual_seed(0)
+    hidden = image_positions[torch.randperm(len(image_positions), generator=generator)[:len(image_positions) // 2]]
+    mask[0, hidden] = 0
+    mask[1, -4:-2] = 0  # two question tokens
+    with torch.no_grad():
+        ours = model(ids, pixel_values, attention_mask=mask)
+        ref = hf_model(input_ids=ids, pixel_values=pixel_values, attention_mask=mask).logits
+        unmasked = model(ids, pixel_values)
+    diff = (ours - ref).abs().max().item()
+    print(f"\n[parity] {name} attention_mask max|dlogit|={diff:.2e}")
+    assert diff <= LOGIT_ATOL
+    assert (ours[:, -1] - unmasked[:, -1]).abs().amax(-1).min() > 1e-3  # both rows' last logits moved
+
+
+def test_attention_mask_with_a_cache_is_refused(loaded):
+    model, processor, _ = loaded("mha")
+    ids, pixel_values = inputs_for(processor, VARIANTS["mha"], "landscape")
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(ids, pixel_values, cache=tinyavl.make_cache("full"), attention_mask=torch.ones_like(ids))

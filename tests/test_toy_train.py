@@ -12,8 +12,8 @@ import torch
 import tinyavl
 from tinyavl.processing import LLAVA_SYSTEM_PROMPT
 from tinyavl.toy.scenes import DIGIT_COLOUR, IMAGE_SIZE, MIN_PATCH_PIXELS, PATCH, Scene, SceneObject, scene_stream
-from tinyavl.toy.train import (PATCH_CLASSES, PatchProbe, chat_example, make_batch, patch_targets, save_pretrained,
-                               sincos_2d, train, train_tokenizer)
+from tinyavl.toy.train import (PATCH_CLASSES, PatchProbe, chat_example, hide_image_tokens, make_batch, patch_targets,
+                               save_pretrained, sincos_2d, train, train_tokenizer)
 
 TINY = dict(vision_width=32, vision_layers=1, text_width=32, text_layers=2)
 
@@ -160,3 +160,53 @@ def test_training_is_reproducible_for_a_seed():
     assert all(torch.equal(first[key], second[key]) for key in first)
     other = train(steps=3, batch_size=4, seed=12, config_overrides=TINY, log=lambda *_: None)[0].state_dict()
     assert not all(torch.equal(first[key], other[key]) for key in first)
+
+
+def test_image_dropout_hides_only_image_tokens_uniformly_and_is_seeded():
+    """hide_image_tokens: text is never hidden; a row hides floor(f N_img) of its image tokens with f
+    uniform on [0, max): mean fraction max / 2; every image position is hidden equally often; one seed,
+    one mask."""
+    image_id, n_image, max_fraction, rows = 7, 40, 0.75, 4000
+    row = torch.tensor([1, 3] + [image_id] * n_image + [4, 5, 2])
+    input_ids = row.repeat(rows, 1)                                               # (rows, T)
+    visible = hide_image_tokens(input_ids, image_id, max_fraction, torch.Generator().manual_seed(0))
+    is_image = input_ids == image_id
+    assert visible[~is_image].all()
+    hidden = (visible == 0) & is_image
+    fractions = hidden.sum(1).float() / n_image
+    assert fractions.max() <= max_fraction and fractions.min() == 0
+    # floor(f N) has mean N max/2 - 1/2 (the floor loses 1/2 on average): 14.5 of 40.
+    assert abs(hidden.sum(1).float().mean().item() - (n_image * max_fraction / 2 - 0.5)) < 0.4
+    per_position = hidden[:, 2:2 + n_image].float().mean(0)                       # (n_image,)
+    assert (per_position - per_position.mean()).abs().max() < 0.04  # binomial sd ~0.0075
+    again = hide_image_tokens(input_ids[:50], image_id, max_fraction, torch.Generator().manual_seed(0))
+    other = hide_image_tokens(input_ids[:50], image_id, max_fraction, torch.Generator().manual_seed(1))
+    assert torch.equal(again, visible[:50]) and not torch.equal(other, visible[:50])
+    assert hide_image_tokens(input_ids[:5], image_id, 0.0, torch.Generator()).all()
+
+
+def test_training_passes_the_dropout_mask_to_the_model(monkeypatch):
+    """With image_dropout the forward gets an attention_mask that hides some image tokens; with 0, none."""
+    seen = []
+    forward = tinyavl.LlavaForConditionalGeneration.forward
+
+    def spy(self, input_ids, pixel_values=None, **kwargs):
+        mask = kwargs.get("attention_mask")
+        seen.append(None if mask is None else int((mask == 0).sum()))
+        return forward(self, input_ids, pixel_values, **kwargs)
+
+    monkeypatch.setattr(tinyavl.LlavaForConditionalGeneration, "forward", spy)
+    train(steps=2, batch_size=4, image_dropout=0.75, config_overrides=TINY, log=lambda *_: None)
+    assert len(seen) == 2 and all(n is not None and n > 0 for n in seen)
+    seen.clear()
+    train(steps=2, batch_size=4, image_dropout=0.0, config_overrides=TINY, log=lambda *_: None)
+    assert seen == [None, None]
+
+
+@pytest.mark.parametrize("value", ["-0.1", "1", "nan"])
+def test_trainer_refuses_an_image_dropout_outside_0_1(value, tmp_path, capsys, monkeypatch):
+    from tinyavl.toy import train as train_module
+    monkeypatch.setattr(train_module, "train", lambda *a, **k: pytest.fail("trained with a bad --image-dropout"))
+    with pytest.raises(SystemExit) as exit_:
+        train_module.main(["--image-dropout", value, "--out", str(tmp_path / "new")])
+    assert exit_.value.code == 2 and "--image-dropout" in capsys.readouterr().err

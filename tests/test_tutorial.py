@@ -20,11 +20,12 @@ import tinyavl.toy.attention_study
 import tinyavl.toy.evaluate
 import tinyavl.toy.scenes
 import tinyavl.toy.train
+from kernels import sparse_attention  # imports without Triton too (TRITON_AVAILABLE is then False)
 
 CHAPTERS = sorted((Path(__file__).parent.parent / "tutorial").glob("*.md"))
 MODULES = [tinyavl.model, tinyavl.cache, tinyavl.generate, tinyavl.processing, tinyavl.attention_map,
            tinyavl.attention_stats, tinyavl.toy.scenes, tinyavl.toy.train, tinyavl.toy.evaluate,
-           tinyavl.toy.attention_study]
+           tinyavl.toy.attention_study, sparse_attention]
 
 
 def code_blocks(chapter: Path) -> list[str]:

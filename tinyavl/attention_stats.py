@@ -24,11 +24,11 @@ from tinyavl.generate import generate
 class AttentionRecorder(KVCache):
     """The dense cache, also keeping every forward pass's last-row attention, head mean, per layer."""
 
-    def begin(self, n_layers, n_sys, n_img):
-        super().begin(n_layers, n_sys, n_img)
+    def begin(self, n_layers, n_sys, n_img, new_tokens=0):
+        super().begin(n_layers, n_sys, n_img, new_tokens)
         self.rows = []  # per forward pass, per layer: (n,) fp32 on the CPU
 
-    def update(self, layer, q, rows):
+    def update(self, layer, q, rows, lse):
         if layer == 0:
             self.rows.append([])
         self.rows[-1].append(last_row_probs(q, self.k[layer]).mean(1)[0].cpu())   # (n,) head mean

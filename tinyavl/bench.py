@@ -1,7 +1,7 @@
-"""Every KV policy side by side on a random model with LLaVA-1.5-7B layer shapes.
+"""Every KV policy side by side on a random model with LLaVA-1.5-7B layer shapes, against the memory floor.
 
     python -m tinyavl.bench                       # 4 decoder layers, image blocks of 576 and 2928 tokens
-    python -m tinyavl.bench --layers 8 --new-tokens 64 --image-tokens 576
+    python -m tinyavl.bench --image-tokens 576 --dtypes float32 --json
 
 The decoder layers have the real shapes (hidden 4096, 32 heads x 128, MLP 11008, vocab 32064); only
 their number is cut so that the model fits a small machine. 4 is the fewest at which every default
@@ -9,21 +9,35 @@ applies (both filters drop after layer filter_layer - 1: FastV's 1, A-VL's prefi
 block is random features of the given length standing in for CLIP's output: LLaVA-1.5 has 576, a
 LLaVA-1.6 672x672 image 2928. The policies act on the decoder, which is what is measured.
 
+A decode step is memory-bound: it cannot take less than the bytes it must read (every decoder weight,
+plus the K/V rows the policy attends) over the rate they can be read at. The benchmark measures both
+rates in the same run: a large tensor's read (`read_rate`, what the machine allows) and PyTorch's
+matrix-vector product on the layer's own weight shapes (`matvec_rate`, what `nn.Linear` allows). A
+step's floor (`floor_ms`) is its weight bytes at the matrix-vector rate plus its attended K/V bytes
+at the read rate; the hardware floor is all of them at the read rate.
+
 For each policy, in one run on the same prompt: KV bytes held (peak, relative to `full`), rows attended
-per decode step (summed over layers), prefill time, and decode step time relative to `full`. With
+per decode step (summed over layers), prefill time, decode ms per step beside its floor, and the time
+inside the cache's four steps (`attention_ms`, summed over layers). Then `full` and `avl` decode 256
+tokens to show how the step grows with the sequence (ms at the 16th and the 256th token). With
 transformers installed, its LLaVA runs the same weights and prompt (the first image block) with full
-attention, and tinyavl's decode speed is printed relative to it. Absolute times on a shared CPU are noise; ratios are the result.
+attention, and tinyavl's decode speed is printed relative to it. Absolute times on a shared CPU are
+noise; ratios measured in one run are the result.
 """
 import argparse
+import json
 import platform
+import statistics
 import time
 
 import torch
 
+from tinyavl.cache import make_cache
 from tinyavl.generate import generate
 from tinyavl.model import LlavaConfig, LlavaForConditionalGeneration, TextConfig, VisionConfig
 
-POLICIES = [("full", {}), ("avl", {}), ("h2o", {}), ("streaming", {}), ("fastv", {})]
+POLICIES = ("full", "avl", "h2o", "streaming", "fastv", "random")  # each at its defaults
+GROWTH_TOKENS = (16, 256)  # the decode steps whose time shows how a step grows with the sequence
 N_SYS, N_TEXT = 5, 40  # "<s> USER: " and a question plus "ASSISTANT:" of typical length
 
 
@@ -52,8 +66,9 @@ def image_block(model, n_img: int, seed: int = 1):
 
 def prompt_ids(config: LlavaConfig, n_img: int, seed: int = 2):
     generator = torch.Generator().manual_seed(seed)
-    sys_ids = torch.randint(3, 32000, (N_SYS - 1,), generator=generator)
-    text_ids = torch.randint(3, 32000, (N_TEXT,), generator=generator)
+    high = min(config.image_token_id, config.text.vocab_size)  # random words, never the image token
+    sys_ids = torch.randint(3, high, (N_SYS - 1,), generator=generator)
+    text_ids = torch.randint(3, high, (N_TEXT,), generator=generator)
     image_ids = torch.full((n_img,), config.image_token_id)
     return torch.cat([torch.tensor([1]), sys_ids, image_ids, text_ids])[None]  # (1, T)
 
@@ -69,7 +84,9 @@ def transformers_decode_rate(model, input_ids, pixel_values, new_tokens: int, ex
     hf_config = transformers.LlavaConfig(
         text_config=dict(model_type="llama", vocab_size=text.vocab_size, hidden_size=text.hidden_size,
                          intermediate_size=text.intermediate_size, num_hidden_layers=text.num_hidden_layers,
-                         num_attention_heads=text.num_attention_heads, rms_norm_eps=text.rms_norm_eps,
+                         num_attention_heads=text.num_attention_heads,
+                         num_key_value_heads=text.num_key_value_heads, rope_theta=text.rope_theta,
+                         rms_norm_eps=text.rms_norm_eps,
                          max_position_embeddings=text.max_position_embeddings),
         vision_config=dict(hidden_size=vision.hidden_size, intermediate_size=vision.intermediate_size,
                            num_hidden_layers=vision.num_hidden_layers, num_attention_heads=vision.num_attention_heads,
@@ -96,36 +113,170 @@ def transformers_decode_rate(model, input_ids, pixel_values, new_tokens: int, ex
     return (new_tokens - 1) / seconds
 
 
-def run_case(model, n_img: int, new_tokens: int, compare_transformers: bool):
+# ---------------------------------------------------------------------------------------------------
+# The two rates a decode step's floor is made of, measured in the same run as the policies.
+# ---------------------------------------------------------------------------------------------------
+
+def best_seconds(fn, repeats: int) -> float:
+    """The fastest of `repeats` timed calls (after one warm-up): the least disturbed by a shared machine."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def read_rate(dtype, nbytes: int = 2 ** 30, repeats: int = 5) -> float:
+    """Bytes/s at which a sum reads a tensor far larger than any cache: what the memory allows."""
+    x = torch.ones(nbytes // torch.empty((), dtype=dtype).element_size(), dtype=dtype)
+    return nbytes / best_seconds(lambda: x.sum(), repeats)
+
+
+def matvec_rate(model, repeats: int = 3) -> float:
+    """Bytes/s at which the decoder's own Linear layers (one token's matrix-vector products, through
+    `nn.Linear` as the model calls them) read their weights: what PyTorch allows a decode step."""
+    linears = [m for m in model.language_model.modules() if isinstance(m, torch.nn.Linear)]
+    dtype = linears[0].weight.dtype
+    x = {m.in_features: torch.randn(1, 1, m.in_features).to(dtype) for m in linears}   # one token each
+    nbytes = sum(m.weight.numel() * m.weight.element_size() for m in linears)
+    with torch.inference_mode():
+        return nbytes / best_seconds(lambda: [m(x[m.in_features]) for m in linears], repeats)
+
+
+def decode_weight_bytes(model) -> int:
+    """Bytes of weights a decode step reads: every decoder tensor but the embedding table, of which a
+    step reads one row."""
+    skip = model.language_model.model.embed_tokens.weight
+    return sum(t.numel() * t.element_size() for t in model.language_model.parameters() if t is not skip)
+
+
+def kv_row_bytes(model) -> int:
+    """Bytes of one cached token's K and V in one layer."""
+    text, dtype = model.config.text, model.language_model.lm_head.weight.dtype
+    return 2 * text.num_key_value_heads * text.head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+# ---------------------------------------------------------------------------------------------------
+# One policy's run: decode time per step, and the part of it spent in the cache's four steps.
+# ---------------------------------------------------------------------------------------------------
+
+def timed_cache(name: str):
+    """A fresh cache for the policy whose `attend` (append, select, compute, update) adds its decode-step
+    time to `cache.attention_seconds`."""
+    cache = make_cache(name)
+    attend, cache.attention_seconds = cache.attend, 0.0
+
+    def timed_attend(layer, q, k, v, pos):
+        start = time.perf_counter()
+        out = attend(layer, q, k, v, pos)
+        if cache.step > 0:
+            cache.attention_seconds += time.perf_counter() - start
+        return out
+
+    cache.attend = timed_attend
+    return cache
+
+
+def run_policy(model, name: str, input_ids, pixel_values, new_tokens: int):
+    """(tokens, stats, attention seconds per decode step, each token's arrival time)."""
+    cache, arrivals = timed_cache(name), []
+    # eos_token_id=(): every policy decodes the same number of steps, whatever the tokens.
+    tokens, stats = generate(model, input_ids, pixel_values, max_new_tokens=new_tokens, eos_token_id=(),
+                             policy=cache, stream=lambda token: arrivals.append(time.perf_counter()))
+    return tokens, stats, cache.attention_seconds / (stats.new_tokens - 1), arrivals
+
+
+def step_ms_at(arrivals: list[float], token: int, window: int = 8) -> float:
+    """The median step time (ms) over the `window` steps that end at the given generated token."""
+    steps = [b - a for a, b in zip(arrivals[token - window - 1:token - 1], arrivals[token - window:token])]
+    return 1e3 * statistics.median(steps)
+
+
+def run_case(model, n_img: int, new_tokens: int, rates: dict) -> dict:
+    """Every policy on one prompt: a dict of per-policy measurements, `full` first, as --json prints it."""
     pixel_values = image_block(model, n_img)
     input_ids = prompt_ids(model.config, n_img)
-    print(f"\nimage block {n_img} tokens, prompt {input_ids.shape[1]} tokens, {new_tokens} new tokens")
-    results = {}
-    for name, params in POLICIES:
-        # eos_token_id=(): every policy decodes the same number of steps, whatever the tokens
-        tokens, stats = generate(model, input_ids, pixel_values, max_new_tokens=new_tokens, eos_token_id=(),
-                                 policy=name, **params)
-        results[name] = (tokens, stats)
-    full = results["full"][1]
-    full_step = full.decode_seconds / (full.new_tokens - 1)
-    header = (f"{'policy':10s} {'KV peak':>10s} {'vs full':>8s} {'attended/step':>14s} {'vs full':>8s} "
-              f"{'prefill s':>10s} {'decode ms/step':>15s} {'vs full':>8s}  same tokens as full")
-    print(header)
-    print("-" * len(header))
-    for name, (tokens, stats) in results.items():
-        step = stats.decode_seconds / (stats.new_tokens - 1)
-        same = sum(a == b for a, b in zip(tokens, results["full"][0]))
-        print(f"{name:10s} {stats.kv_cache_bytes / 2**20:8.1f}Mi {stats.kv_cache_bytes / full.kv_cache_bytes:8.2f} "
-              f"{stats.attended_tokens_per_step:14.0f} {stats.attended_tokens_per_step / full.attended_tokens_per_step:8.2f} "
-              f"{stats.prefill_seconds:10.2f} {step * 1e3:15.1f} {step / full_step:8.2f}  {same}/{len(tokens)}")
-    if compare_transformers:
-        rate = transformers_decode_rate(model, input_ids, pixel_values, new_tokens, results["full"][0])
-        if rate is None:
-            print("transformers is not installed: no comparison")
+    weight_bytes, row_bytes = decode_weight_bytes(model), kv_row_bytes(model)
+    runs = {name: run_policy(model, name, input_ids, pixel_values, new_tokens) for name in POLICIES}
+    full_tokens, full_stats = runs["full"][:2]
+    policies = {}
+    for name, (tokens, stats, attention_seconds, arrivals) in runs.items():
+        kv_read = stats.attended_tokens_per_step * row_bytes            # summed over layers
+        policies[name] = {
+            "decode_ms": 1e3 * stats.decode_seconds / (stats.new_tokens - 1),
+            "floor_ms": 1e3 * (weight_bytes / rates["matvec"] + kv_read / rates["read"]),
+            "hardware_floor_ms": 1e3 * (weight_bytes + kv_read) / rates["read"],
+            "attention_ms": 1e3 * attention_seconds,
+            "prefill_s": stats.prefill_seconds,
+            "kv_bytes": stats.kv_cache_bytes,
+            "kv_ratio": stats.kv_cache_bytes / full_stats.kv_cache_bytes,
+            "attended_ratio": stats.attended_tokens_per_step / full_stats.attended_tokens_per_step,
+            "same_tokens_as_full": sum(a == b for a, b in zip(tokens, full_tokens)),
+        }
+    return {"image_tokens": n_img, "prompt_tokens": input_ids.shape[1], "new_tokens": new_tokens,
+            "full_tokens": full_tokens, "policies": policies}
+
+
+def growth(model, n_img: int) -> dict:
+    """`full` and `avl` decoding GROWTH_TOKENS[-1] tokens: ms per step at each of GROWTH_TOKENS."""
+    pixel_values, input_ids = image_block(model, n_img), prompt_ids(model.config, n_img)
+    out = {}
+    for name in ("full", "avl"):
+        arrivals = run_policy(model, name, input_ids, pixel_values, GROWTH_TOKENS[-1])[3]
+        out[name] = {f"step_ms_at_{token}": step_ms_at(arrivals, token) for token in GROWTH_TOKENS}
+    return out
+
+
+def print_case(case: dict) -> None:
+    print(f"\nimage block {case['image_tokens']} tokens, prompt {case['prompt_tokens']} tokens, "
+          f"{case['new_tokens']} new tokens")
+    header = (f"{'policy':10s} {'KV peak':>9s} {'vs full':>7s} {'attended':>8s} {'prefill s':>9s} {'decode ms':>9s} "
+              f"{'floor ms':>8s} {'/ floor':>7s} {'/ hw floor':>10s} {'vs full':>7s} {'attn ms':>7s}  same tokens")
+    print(header + "\n" + "-" * len(header))
+    full = case["policies"]["full"]
+    for name, r in case["policies"].items():
+        print(f"{name:10s} {r['kv_bytes'] / 2**20:7.1f}Mi {r['kv_ratio']:7.2f} {r['attended_ratio']:8.2f} "
+              f"{r['prefill_s']:9.2f} {r['decode_ms']:9.1f} {r['floor_ms']:8.1f} {r['decode_ms'] / r['floor_ms']:7.2f} "
+              f"{r['decode_ms'] / r['hardware_floor_ms']:10.2f} {r['decode_ms'] / full['decode_ms']:7.2f} "
+              f"{r['attention_ms']:7.1f}  {r['same_tokens_as_full']}/{case['new_tokens']}")
+
+
+def run_dtype(args, dtype_name: str) -> dict:
+    dtype = getattr(torch, dtype_name)
+    model = random_model(llava_7b_config(args.layers), dtype)
+    rates = {"read": read_rate(dtype), "matvec": matvec_rate(model)}
+    log = print if not args.json else lambda *a, **k: None
+    log(f"\n== {dtype_name}: read rate {rates['read'] / 1e9:.1f} GB/s, nn.Linear matrix-vector rate "
+        f"{rates['matvec'] / 1e9:.1f} GB/s, {decode_weight_bytes(model) / 1e9:.2f} GB of weights per decode step")
+    result = {"dtype": dtype_name, "read_GBps": rates["read"] / 1e9, "matvec_GBps": rates["matvec"] / 1e9,
+              "cases": []}
+    for n_img in args.image_tokens:
+        case = {"dtype": dtype_name, **run_case(model, n_img, args.new_tokens, rates)}
+        result["cases"].append(case)
+        if not args.json:
+            print_case(case)
+    first = args.image_tokens[0]
+    result["growth"] = {"image_tokens": first, **growth(model, first)}
+    for name, g in result["growth"].items():
+        if name != "image_tokens":
+            log(f"{name:5s} at {first} image tokens: " + ", ".join(
+                f"{v:.1f} ms/step at token {k.rsplit('_', 1)[1]}" for k, v in g.items()))
+    full, avl = (result["growth"][n] for n in ("full", "avl"))
+    grows = [g[f"step_ms_at_{GROWTH_TOKENS[-1]}"] - g[f"step_ms_at_{GROWTH_TOKENS[0]}"] for g in (full, avl)]
+    log(f"growth from token {GROWTH_TOKENS[0]} to {GROWTH_TOKENS[-1]}: full {grows[0]:+.1f} ms, avl {grows[1]:+.1f} ms")
+    if not args.no_transformers:
+        case = result["cases"][0]
+        rate = transformers_decode_rate(model, prompt_ids(model.config, first), image_block(model, first),
+                                        args.new_tokens, case.pop("full_tokens"))
+        if rate is not None:
+            ours = 1e3 / case["policies"]["full"]["decode_ms"]
+            result["transformers_decode_ratio"] = ours / rate
+            log(f"tinyavl full decode {ours:.2f} tok/s, transformers (sdpa) {rate:.2f} tok/s: ratio {ours / rate:.2f}")
         else:
-            print(f"tinyavl full decode {full.decode_tokens_per_second:.2f} tok/s, transformers {rate:.2f} tok/s: "
-                  f"ratio {full.decode_tokens_per_second / rate:.2f}")
-    return results
+            log("transformers is not installed: no comparison")
+    return result
 
 
 def main(argv=None):
@@ -133,18 +284,28 @@ def main(argv=None):
     parser.add_argument("--layers", type=int, default=4, help="decoder layers (real 7B shapes each)")
     parser.add_argument("--image-tokens", type=int, nargs="+", default=[576, 2928])
     parser.add_argument("--new-tokens", type=int, default=24)
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"], default=["float32", "bfloat16"])
     parser.add_argument("--no-transformers", action="store_true", help="skip the transformers comparison")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
     args = parser.parse_args(argv)
+    if args.new_tokens < 2 or args.layers < 1 or min(args.image_tokens) < 1:
+        parser.error("--new-tokens must be at least 2, --layers and --image-tokens at least 1")
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or platform.machine()
-    print(f"tinyavl bench: {args.layers} decoder layers of LLaVA-1.5-7B shape, {args.dtype}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device}")
-    print("policies at their defaults: " + ", ".join(name for name, _ in POLICIES))
-    model = random_model(llava_7b_config(args.layers), getattr(torch, args.dtype))
-    for i, n_img in enumerate(args.image_tokens):
-        # transformers runs on the first case only: its prefill of a long block adds minutes, not insight.
-        run_case(model, n_img, args.new_tokens, compare_transformers=i == 0 and not args.no_transformers)
+    machine = (f"{args.layers} decoder layers of LLaVA-1.5-7B shape, torch {torch.__version__}, "
+               f"{torch.get_num_threads()} threads, {device}")
+    if not args.json:
+        print(f"tinyavl bench: {machine}\npolicies at their defaults: " + ", ".join(POLICIES))
+    results = [run_dtype(args, dtype) for dtype in args.dtypes]
+    if args.json:
+        for case in (case for run in results for case in run["cases"]):
+            case.pop("full_tokens", None)
+        # Every dtype's cases in one list; transformers_decode_ratio is the first dtype's (fp32 by default).
+        print(json.dumps({"machine": machine,
+                          "rates_GBps": {r["dtype"]: {"read": r["read_GBps"], "matvec": r["matvec_GBps"]} for r in results},
+                          "cases": [case for r in results for case in r["cases"]],
+                          "growth": {r["dtype"]: r["growth"] for r in results},
+                          "transformers_decode_ratio": results[0].get("transformers_decode_ratio")}, indent=1))
 
 
 if __name__ == "__main__":

@@ -69,6 +69,28 @@ def block_probs(q, k_block, lse):
     return (row_logits(q, k_block) - lse[..., None]).exp()
 
 
+def decode_attention(q, blocks):
+    """One query's attention over several blocks of cached rows, read where they lie (no joined copy):
+    a softmax over all their logits together. q (B, H, 1, hs); blocks [(k, v)], each (B, Hkv, n_i, hs).
+    Returns (out (B, H, 1, hs), lse (B, H)): the output and the row's log-sum-exp."""
+    B, H, _, hs = q.shape
+    Hkv = blocks[0][0].shape[1]
+    q_group = q.reshape(B, Hkv, H // Hkv, hs)                              # (B, Hkv, G, hs): a GQA group per KV head
+    logits = [(q_group @ k.transpose(-1, -2)).float() * hs ** -0.5 for k, _ in blocks]  # each (B, Hkv, G, n_i)
+    lse = torch.cat(logits, dim=-1).logsumexp(-1, keepdim=True)           # (B, Hkv, G, 1)
+    out = sum((block - lse).exp().to(v.dtype) @ v for block, (_, v) in zip(logits, blocks))  # (B, Hkv, G, hs)
+    return out.reshape(B, H, 1, hs), lse.reshape(B, H)
+
+
+def core_first_order(scores, n_core: int):
+    """An order of a block of rows with its top n_core by score first, then the others, each part in the
+    order it had: (n,) indices into the block. A-VL lays its image rows out so."""
+    core = top_rows(scores, n_core)
+    others = torch.ones_like(scores, dtype=torch.bool)
+    others[core] = False
+    return torch.cat([core, others.nonzero().flatten()])
+
+
 def group_sum(probs, n_kv_heads: int):
     """(B, H, n) per query head -> (B, Hkv, n): the query heads of a GQA group add onto their KV head."""
     B, H, n = probs.shape
@@ -86,12 +108,16 @@ def causal_column_sums(q, k, first_row: int = 0, chunk: int = 256):
     Hkv, n = k.shape[1], k.shape[2]
     sums = torch.zeros(B, Hkv, n, device=q.device)
     for start in range(0, t, chunk):
-        rows = q[:, :, start:start + chunk].reshape(B, Hkv, H // Hkv, -1, hs)       # (B, Hkv, G, t, hs)
-        logits = (rows @ k[:, :, None].transpose(-1, -2)).float() * hs ** -0.5    # (B, Hkv, G, t, n)
-        query_pos = torch.arange(first_row + start, first_row + start + rows.shape[3], device=q.device)
-        future = torch.arange(n, device=q.device)[None, :] > query_pos[:, None]   # (t, n)
-        probs = logits.masked_fill(future, float("-inf")).softmax(-1)
-        sums += probs.sum(dim=(2, 3))
+        rows = q[:, :, start:start + chunk].reshape(B, Hkv, H // Hkv, -1, hs)       # (B, Hkv, G, c, hs)
+        c = rows.shape[3]
+        # Causal: the chunk's rows see keys [0, end) only, so the keys after are never multiplied, and
+        # only the chunk's own (c, c) diagonal block holds keys in some row's future.
+        end = first_row + start + c
+        logits = (rows @ k[:, :, None, :end].transpose(-1, -2)).float().mul_(hs ** -0.5)  # (B, Hkv, G, c, end)
+        future = torch.ones(c, c, dtype=torch.bool, device=q.device).triu(1)             # (c, c)
+        logits[..., end - c:].masked_fill_(future, float("-inf"))
+        probs = logits.sub_(logits.logsumexp(-1, keepdim=True)).exp_()                  # in place: one buffer
+        sums[..., :end] += probs.sum(dim=(2, 3))
     return sums
 
 
@@ -196,12 +222,16 @@ class KVCache:
         """The policy's parameters, for reports."""
         return {p.name: getattr(self, p.name) for p in self.PARAMS if p.reported}
 
-    def begin(self, n_layers: int, n_sys: int, n_img: int):
-        """Reset for a new sequence whose prompt is [sys (n_sys) | image (n_img) | text]."""
-        self.n_layers, self.n_sys, self.n_img = n_layers, n_sys, n_img
-        self.k = [None] * n_layers    # per layer (B, Hkv, n, hs), keys after RoPE
+    def begin(self, n_layers: int, n_sys: int, n_img: int, new_tokens: int = 0):
+        """Reset for a new sequence whose prompt is [sys (n_sys) | image (n_img) | text], to be followed
+        by up to new_tokens decode steps (the room the buffers reserve after prefill)."""
+        self.n_layers, self.n_sys, self.n_img, self.new_tokens = n_layers, n_sys, n_img, new_tokens
+        # Per layer: buffers (B, Hkv, capacity, hs) for keys after RoPE and values, (B, Hkv, capacity)
+        # for the logical position of each row; the first n rows are the cache, k/v/pos views of them.
+        self.k_buffer, self.v_buffer, self.pos_buffer = [None] * n_layers, [None] * n_layers, [None] * n_layers
+        self.k = [None] * n_layers    # per layer (B, Hkv, n, hs): the rows held, a view of k_buffer
         self.v = [None] * n_layers    # per layer (B, Hkv, n, hs)
-        self.pos = [None] * n_layers  # per layer (B, Hkv, n) logical position of each cached row
+        self.pos = [None] * n_layers  # per layer (B, Hkv, n)
         self.next_pos = 0             # logical position of the next token (prompt length + steps)
         self.step = 0                 # forward passes so far: 0 during prefill, t during decode step t
         self.attended = [0] * n_layers  # rows the newest query computed with, per layer
@@ -216,20 +246,43 @@ class KVCache:
         """
         self.append(layer, k, v, pos)
         rows = self.rows_to_attend(layer)
-        out = self.compute(layer, q, rows)
+        out, lse = self.compute(layer, q, rows)
         self.attended[layer] = self.k[layer].shape[2] if rows is None else len(rows)
-        self.update(layer, q, rows)
+        self.update(layer, q, rows, lse)
         return out
 
     def append(self, layer: int, k, v, pos):
-        B, Hkv = k.shape[:2]
+        """Write the t new rows after the n held ones, in place (the buffers grow only when full)."""
+        B, Hkv, t, _ = k.shape
         pos = pos.expand(B, Hkv, -1)                                        # (B, Hkv, t)
         if self.k[layer] is None:
-            self.k[layer], self.v[layer], self.pos[layer] = k, v, pos
+            # Prefill: the prompt's own tensors are the first buffers; `advance` re-sizes them once the
+            # policy has evicted what it drops, so a buffer never holds room for evicted rows.
+            self.k_buffer[layer], self.v_buffer[layer], self.pos_buffer[layer] = k, v, pos.contiguous()
         else:
-            self.k[layer] = torch.cat([self.k[layer], k], dim=2)            # (B, Hkv, n + t, hs)
-            self.v[layer] = torch.cat([self.v[layer], v], dim=2)
-            self.pos[layer] = torch.cat([self.pos[layer], pos], dim=2)
+            n = self.k[layer].shape[2]
+            if n + t > self.k_buffer[layer].shape[2]:
+                self.reserve(layer, 2 * (n + t))  # called past the room reserved: grow geometrically
+            self.k_buffer[layer][:, :, n:n + t] = k
+            self.v_buffer[layer][:, :, n:n + t] = v
+            self.pos_buffer[layer][:, :, n:n + t] = pos
+            t += n
+        self.hold(layer, t)
+
+    def hold(self, layer: int, n: int):
+        """The first n buffer rows are the layer's cache: point the k, v, pos views at them."""
+        self.k[layer] = self.k_buffer[layer][:, :, :n]                      # (B, Hkv, n, hs)
+        self.v[layer] = self.v_buffer[layer][:, :, :n]
+        self.pos[layer] = self.pos_buffer[layer][:, :, :n]                  # (B, Hkv, n)
+
+    def reserve(self, layer: int, capacity: int):
+        """New buffers of `capacity` rows holding the layer's n rows (one copy of them)."""
+        n = self.k[layer].shape[2]
+        for buffers, held in ((self.k_buffer, self.k), (self.v_buffer, self.v), (self.pos_buffer, self.pos)):
+            old = held[layer]
+            buffers[layer] = old.new_empty(*old.shape[:2], capacity, *old.shape[3:])
+            buffers[layer][:, :, :n] = old
+        self.hold(layer, n)
 
     def rows_to_attend(self, layer: int):
         """Row indices (ascending, shared by all heads) this step computes with; None = every row."""
@@ -243,14 +296,18 @@ class KVCache:
         return k.index_select(2, rows), v.index_select(2, rows)
 
     def compute(self, layer: int, q, rows):
-        """Attention over the selected rows: a shorter attention, not a mask over the full length."""
+        """Attention over the selected rows: a shorter attention, not a mask over the full length.
+
+        Returns (out (B, H, t, hs), lse): lse (B, H) is the newest query row's log-sum-exp over the rows
+        it attended, for a policy whose update scores from it, or None where the policy needs none."""
         k, v = self.selected(layer, rows)
         # At prefill the cache was empty, so the t new rows are exactly the keys: plain causal.
         # During decode t = 1 and the single query sees every selected row.
-        return attention(q, k, v, causal=True)
+        return attention(q, k, v, causal=True), None
 
-    def update(self, layer: int, q, rows):
-        """Policy hook after the step's attention: score, evict. The dense cache keeps everything."""
+    def update(self, layer: int, q, rows, lse):
+        """Policy hook after the step's attention (lse: what compute handed over): score, evict. The
+        dense cache keeps everything."""
 
     def rows_to_keep(self, layer: int):
         """Hidden rows (prefill only) that layers after `layer` run on; None = all of them. A policy
@@ -264,33 +321,57 @@ class KVCache:
         return int(self.pos[layer][0, 0, -1]) + 1
 
     def advance(self, n_tokens: int):
-        """Called by the model after each forward pass."""
+        """Called by the model after each forward pass. After prefill each layer's buffers are sized
+        once, to the rows the policy kept plus new_tokens: decode steps then append in place."""
+        if self.step == 0:
+            for layer in range(self.n_layers):
+                if self.k[layer] is not None:
+                    self.reserve(layer, self.k[layer].shape[2] + self.new_tokens)
         self.next_pos += n_tokens
         self.step += 1
 
     # -- editing the cache ----------------------------------------------------------------------------
 
-    def keep(self, layer: int, rows):
-        """Keep only the given rows of a layer, evicting the rest (memory is actually freed).
+    def keep(self, layer: int, rows, start: int = 0):
+        """Evict: of the rows from `start` on, keep only `rows`, moved down in order to fill from
+        `start`; the rows before `start` stay where they are, untouched. Only that region is copied.
 
-        rows: (n_keep,) shared by every head, or (B, Hkv, n_keep) chosen per head.
+        rows: absolute row indices >= start, ascending: (n_keep,) shared by every head, or
+        (B, Hkv, n_keep) chosen per head (the rows before `start` are then the same in every head).
         """
+        self.move_rows(layer, rows, start)
+        self.hold(layer, start + rows.shape[-1])
+
+    def reorder(self, layer: int, rows, start: int):
+        """Put the block of rows from `start` in the order `rows` (a permutation of start .. start +
+        len(rows) - 1, shared by every head), in place; no row outside the block moves."""
+        self.move_rows(layer, rows, start)
+
+    def move_rows(self, layer: int, rows, start: int):
+        """Buffer rows start .. start + len(rows) - 1 become copies of the rows `rows` (per head if 3-d);
+        the copies are taken first, so `rows` may overlap the rows they replace."""
+        end = start + rows.shape[-1]
         if rows.dim() == 1:
-            self.k[layer] = self.k[layer].index_select(2, rows)
-            self.v[layer] = self.v[layer].index_select(2, rows)
-            self.pos[layer] = self.pos[layer].index_select(2, rows)
+            for buffer, held in ((self.k_buffer, self.k), (self.v_buffer, self.v), (self.pos_buffer, self.pos)):
+                buffer[layer][:, :, start:end] = held[layer].index_select(2, rows)
         else:
             hs = self.k[layer].shape[-1]
-            self.k[layer] = self.k[layer].gather(2, rows[..., None].expand(-1, -1, -1, hs))
-            self.v[layer] = self.v[layer].gather(2, rows[..., None].expand(-1, -1, -1, hs))
-            self.pos[layer] = self.pos[layer].gather(2, rows)
+            for buffer, held in ((self.k_buffer, self.k), (self.v_buffer, self.v)):
+                buffer[layer][:, :, start:end] = held[layer].gather(2, rows[..., None].expand(-1, -1, -1, hs))
+            self.pos_buffer[layer][:, :, start:end] = self.pos[layer].gather(2, rows)
 
     # -- accounting: measured from the tensors actually held ------------------------------------------
 
     def nbytes(self, layer: int | None = None) -> int:
-        """Bytes of K and V held (by one layer, or all)."""
+        """Bytes of the K and V rows held (by one layer, or all); the buffers' room for the decode steps
+        still to come is `reserved_nbytes`."""
         layers = range(self.n_layers) if layer is None else [layer]
         return sum(t.numel() * t.element_size() for i in layers for t in (self.k[i], self.v[i]) if t is not None)
+
+    def reserved_nbytes(self) -> int:
+        """Bytes of the K and V buffers, the rows held and the room reserved for the steps to come."""
+        return sum(t.numel() * t.element_size() for buffers in (self.k_buffer, self.v_buffer)
+                   for t in buffers if t is not None)
 
     def modality_head_rows(self, layer: int) -> dict:
         """(head, row) pairs one layer holds for sys, image and text, read off the logical positions.
@@ -346,8 +427,11 @@ class AVLCache(KVCache):
     Optional prefill filter: the last-row attention of layer filter_layer - 1 keeps floor(P N_img) image
     tokens in the hidden states, so layers >= filter_layer never see the others (P = 1: no filter).
 
-    Each layer's cache is laid out [sys | secondary image (positional order) | text]; the image rows never
-    move after prefill, the core is a list of row indices into them.
+    Each layer's cache is laid out [sys | core image | other secondary image | text]. Cached keys carry
+    their RoPE rotation, so row order does not matter to attention; putting the core first makes a
+    normal step's rows two contiguous slices, [sys | core] and [text], read in place with no gather.
+    Prefill lays the image rows out so; an update step that re-ranks the core reorders them (only the
+    image block moves, one copy every K steps).
     """
 
     name = "avl"
@@ -377,11 +461,11 @@ class AVLCache(KVCache):
         if self.kernel == "triton":
             require_triton()
 
-    def begin(self, n_layers, n_sys, n_img):
-        super().begin(n_layers, n_sys, n_img)
+    def begin(self, n_layers, n_sys, n_img, new_tokens=0):
+        super().begin(n_layers, n_sys, n_img, new_tokens)
         self.n_secondary = math.floor(self.S * n_img)
         self.n_core = math.floor(self.C * n_img)
-        self.core = [None] * n_layers       # per layer: row indices (ascending) of the core image tokens
+        self.core = [None] * n_layers       # per layer: the core's row indices, n_sys .. n_sys + n_core - 1
         self.text_scores = [None] * n_layers  # per layer (B, Hkv, text rows): accumulated attention received
 
     def is_update_step(self) -> bool:
@@ -400,25 +484,28 @@ class AVLCache(KVCache):
                           torch.arange(self.text_start(layer), self.k[layer].shape[2], device=device)])
 
     def compute(self, layer, q, rows):
-        """Decode steps also keep the attended row's log-sum-exp (B, H) for `decode_update`: with it the
+        """Decode steps also hand `decode_update` the attended row's log-sum-exp (B, H): with it the
         probabilities of any block of rows (the text for H2O, the image on update steps) are
         exp(q.k / sqrt(d) - lse), without gathering the rows again."""
         if self.step == 0:
             return super().compute(layer, q, rows)
+        k, v = self.k[layer], self.v[layer]
+        core_end, text_start = self.n_sys + self.n_core, self.text_start(layer)
         if self.use_kernel(q):
             # The Triton kernel reads sys + core rows through an index list and the text rows as a
-            # contiguous tail, in place: no gathered copy (an update step attends to everything).
+            # contiguous tail, in place (an update step attends to everything, as one range).
             from kernels.sparse_attention import sparse_decode_attention
-            if rows is None:  # update step: every row, as one contiguous range
+            if rows is None:
                 index, text_start = torch.zeros(0, dtype=torch.long, device=q.device), 0
-            else:             # rows = [sys | core | text]: the first two by index, the text as the tail
-                index, text_start = rows[:self.n_sys + len(self.core[layer])], self.text_start(layer)
-            out, self.row_lse = sparse_decode_attention(q[:, :, 0], self.k[layer], self.v[layer], index[None],
-                                                        text_start, return_lse=True, check_index=False)
-            return out[:, :, None]                                                   # (B, H, 1, hs)
-        k, v = self.selected(layer, rows)
-        self.row_lse = row_logits(q, k).logsumexp(-1)
-        return attention(q, k, v, causal=True)
+            else:
+                index = rows[:core_end]
+            out, lse = sparse_decode_attention(q[:, :, 0], k, v, index[None], text_start, return_lse=True,
+                                               check_index=False)
+            return out[:, :, None], lse                                              # (B, H, 1, hs), (B, H)
+        # rows_to_attend's rows are [0, core_end) and [text_start, n): two slices of the buffers.
+        blocks = [(k, v)] if rows is None else [(k[:, :, :core_end], v[:, :, :core_end]),
+                                                (k[:, :, text_start:], v[:, :, text_start:])]
+        return decode_attention(q, blocks)
 
     def use_kernel(self, q) -> bool:
         """Triton on CUDA tensors ("auto"), or as forced by kernel="triton" / "torch"."""
@@ -430,11 +517,11 @@ class AVLCache(KVCache):
         require_triton(q.device)
         return True
 
-    def update(self, layer, q, rows):
+    def update(self, layer, q, rows, lse):
         if self.step == 0:
             self.prefill_update(layer, q)
         else:
-            self.decode_update(layer, q)
+            self.decode_update(layer, q, lse)
 
     def prefill_update(self, layer, q):
         k = self.k[layer]
@@ -447,23 +534,23 @@ class AVLCache(KVCache):
         # Vision: rank this layer's image tokens by the last prompt token's head-mean attention.
         image_scores = last_row_probs(q, k).mean(1)[0, self.n_sys:text_start]         # (n_img_here,)
         secondary = top_rows(image_scores, self.n_secondary)                           # image indices
-        self.core[layer] = self.n_sys + top_rows(image_scores[secondary], self.n_core)  # rows after eviction
+        core_first = secondary[core_first_order(image_scores[secondary], self.n_core)]  # the core, then the rest
+        self.core[layer] = torch.arange(self.n_sys, self.n_sys + self.n_core, device=k.device)
         # Text: H2O scores from the text queries of the prompt, on the text columns (before any eviction).
         self.text_scores[layer] = causal_column_sums(q[:, :, text_start:], k, first_row=text_start)[..., text_start:]
         # Evict the minor image tokens (rows shared by every head), then the text tokens over budget.
-        device = k.device
-        self.keep(layer, torch.cat([torch.arange(self.n_sys, device=device), self.n_sys + secondary,
-                                    torch.arange(text_start, k.shape[2], device=device)]))
+        self.keep(layer, torch.cat([self.n_sys + core_first, torch.arange(text_start, k.shape[2], device=k.device)]),
+                  start=self.n_sys)
         self.evict_text(layer)
 
-    def decode_update(self, layer, q):
+    def decode_update(self, layer, q, lse):
         k, text_start = self.k[layer], self.text_start(layer)
         if self.is_update_step():
-            image_probs = block_probs(q, k[:, :, self.n_sys:text_start], self.row_lse).mean(1)[0]  # (n_secondary,)
-            self.core[layer] = self.n_sys + top_rows(image_probs, self.n_core)
+            image_probs = block_probs(q, k[:, :, self.n_sys:text_start], lse).mean(1)[0]  # (n_secondary,)
+            self.reorder(layer, self.n_sys + core_first_order(image_probs, self.n_core), start=self.n_sys)
         # Every text row adds the attention this step's query gave it (per KV head); the new token's
         # score starts with the attention it gave itself.
-        text_probs = block_probs(q, k[:, :, text_start:], self.row_lse)                  # (B, H, text rows)
+        text_probs = block_probs(q, k[:, :, text_start:], lse)                            # (B, H, text rows)
         B, Hkv = k.shape[:2]
         scores = torch.cat([self.text_scores[layer], torch.zeros(B, Hkv, 1, device=k.device)], dim=-1)
         self.text_scores[layer] = scores + group_sum(text_probs, Hkv)
@@ -482,8 +569,7 @@ class AVLCache(KVCache):
         kept = heavy_plus_recent(scores, heavy, budget - heavy)                        # (B, Hkv, budget)
         self.text_scores[layer] = scores.gather(-1, kept)
         text_start = self.text_start(layer)
-        other_rows = torch.arange(text_start, device=kept.device).expand(*kept.shape[:2], -1)
-        self.keep(layer, torch.cat([other_rows, text_start + kept], dim=-1))
+        self.keep(layer, text_start + kept, start=text_start)  # per head, and only the text rows move
 
 
 class H2OCache(KVCache):
@@ -496,11 +582,11 @@ class H2OCache(KVCache):
     PARAMS = (rate("heavy", 0.125, "heavy-hitter fraction of the sequence so far"), recent_window(0.375))
     FULL_BUDGET = dict(recent=1)  # floor(recent L) = L: the window is the whole sequence
 
-    def begin(self, n_layers, n_sys, n_img):
-        super().begin(n_layers, n_sys, n_img)
+    def begin(self, n_layers, n_sys, n_img, new_tokens=0):
+        super().begin(n_layers, n_sys, n_img, new_tokens)
         self.scores = [None] * n_layers  # per layer (B, Hkv, rows): attention each cached token received
 
-    def update(self, layer, q, rows):
+    def update(self, layer, q, rows, lse):
         k = self.k[layer]
         if self.step == 0:
             self.scores[layer] = causal_column_sums(q, k)
@@ -528,13 +614,11 @@ class StreamingCache(KVCache):
     PARAMS = (Param("sinks", 4, "attention-sink tokens kept at the start", low=0), recent_window(0.5))
     FULL_BUDGET = dict(recent=1)
 
-    def update(self, layer, q, rows):
+    def update(self, layer, q, rows, lse):
         n = self.k[layer].shape[2]
         window = math.floor(self.recent * self.logical_length(layer))
         if n > self.sinks + window:
-            device = self.k[layer].device
-            self.keep(layer, torch.cat([torch.arange(self.sinks, device=device),
-                                        torch.arange(n - window, n, device=device)]))
+            self.keep(layer, torch.arange(n - window, n, device=self.k[layer].device), start=self.sinks)
 
 
 class FastVCache(KVCache):
@@ -549,7 +633,7 @@ class FastVCache(KVCache):
     )
     FULL_BUDGET = dict(R=0)
 
-    def update(self, layer, q, rows):
+    def update(self, layer, q, rows, lse):
         if self.step == 0 and layer == self.filter_layer - 1 and layer < self.n_layers - 1:
             n_keep = math.floor((1 - self.R) * self.n_img)
             self.hidden_keep = image_filter(q, self.k[layer], self.n_sys, self.n_img, n_keep)
@@ -578,16 +662,16 @@ class RandomCache(KVCache):
         super().__init__(**params)
         self.generator = torch.Generator().manual_seed(self.random_seed)
 
-    def begin(self, n_layers, n_sys, n_img):
-        super().begin(n_layers, n_sys, n_img)
+    def begin(self, n_layers, n_sys, n_img, new_tokens=0):
+        super().begin(n_layers, n_sys, n_img, new_tokens)
         drawn = torch.randperm(n_img, generator=self.generator)[:math.floor(self.S * n_img)]  # image indices
         self.kept_image = n_sys + drawn.sort().values        # rows of the kept image tokens, ascending
 
-    def update(self, layer, q, rows):
+    def update(self, layer, q, rows, lse):
         if self.step == 0:  # prefill: the layer's rows are [sys | image | text], in order
             n, device = self.k[layer].shape[2], self.k[layer].device
-            self.keep(layer, torch.cat([torch.arange(self.n_sys, device=device), self.kept_image.to(device),
-                                        torch.arange(self.n_sys + self.n_img, n, device=device)]))
+            self.keep(layer, torch.cat([self.kept_image.to(device), torch.arange(self.n_sys + self.n_img, n, device=device)]),
+                      start=self.n_sys)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -117,7 +117,7 @@ def generate(model, input_ids, pixel_values=None, max_new_tokens: int = 64, temp
     generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
 
     n_sys, n_img = image_segments(input_ids, model.config.image_token_id)
-    cache.begin(text.num_hidden_layers, n_sys, n_img)
+    cache.begin(text.num_hidden_layers, n_sys, n_img, new_tokens=limit)
 
     start = time.perf_counter()
     logits = model(input_ids.to(device), None if pixel_values is None else pixel_values.to(device),

@@ -222,17 +222,21 @@ ACTIVATIONS = {
 }
 
 
-def attention(q, k, v, causal: bool):
+def attention(q, k, v, causal: bool, visible=None):
     """softmax(q k^T / sqrt(d)) v for q (B, H, Tq, d) and k, v (B, Hkv, Tk, d) -> (B, H, Tq, d).
 
     With GQA (H > Hkv) query head h reads KV head h // (H / Hkv). `causal` aligns the queries with
-    the *last* Tq keys (a prompt appended to a cache sees everything before it).
+    the *last* Tq keys (a prompt appended to a cache sees everything before it). `visible` (B, Tk)
+    bool, if given, hides the keys where it is False from every query (transformers' attention_mask).
     """
     Tq, Tk = q.shape[2], k.shape[2]
     mask = None
-    if causal and Tq > 1 and Tq != Tk:
+    if causal and Tq > 1 and (Tq != Tk or visible is not None):
         # (Tq, Tk) True where query i may see key j: j <= i + (Tk - Tq).
         mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
+    if visible is not None:
+        keys = visible[:, None, None, :].to(device=q.device, dtype=torch.bool)  # (B, 1, 1, Tk)
+        mask = keys if mask is None else mask & keys                           # (B, 1, Tq, Tk)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and Tq > 1 and mask is None,
                                           enable_gqa=q.shape[1] != k.shape[1])
 
@@ -394,7 +398,7 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=bias)
 
-    def forward(self, x, cos, sin, positions, cache=None):  # x (B, T, C); positions (T,) logical
+    def forward(self, x, cos, sin, positions, cache=None, visible=None):  # x (B, T, C); positions (T,) logical
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, H, T, hs)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hs)
@@ -402,7 +406,7 @@ class LlamaAttention(nn.Module):
         # Keys are rotated before they are cached, so cached rows can be dropped or reordered freely.
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
-            y = attention(q, k, v, causal=True)
+            y = attention(q, k, v, causal=True, visible=visible)
         else:
             y = cache.attend(self.layer_idx, q, k, v, positions)  # the policy stores k, v, picks what to attend
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
@@ -429,8 +433,8 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
 
-    def forward(self, x, cos, sin, positions, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache)
+    def forward(self, x, cos, sin, positions, cache=None, visible=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, visible)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -442,14 +446,14 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cache=None):  # x (B, T, C): token embeddings with the image features merged in
+    def forward(self, x, cache=None, visible=None):  # x (B, T, C): token embeddings with the image features merged in
         T = x.shape[1]
         start = cache.next_pos if cache is not None else 0
         # Logical positions: with a cache that has dropped rows, the new token is still at prompt + steps.
         positions = torch.arange(start, start + T, device=x.device)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)  # (T, hs)
         for layer in self.layers:
-            x = layer(x, cos, sin, positions, cache)
+            x = layer(x, cos, sin, positions, cache, visible)
             # Token dropping inside the decoder (FastV, A-VL's prefill filter): the policy may ask later
             # layers to run on fewer rows. Kept rows keep their original positions.
             keep = cache.rows_to_keep(layer.self_attn.layer_idx) if cache is not None else None
@@ -470,8 +474,8 @@ class LlamaForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, x, cache=None, last_only=False):
-        x = self.model(x, cache)
+    def forward(self, x, cache=None, last_only=False, visible=None):
+        x = self.model(x, cache, visible)
         if last_only:  # generation needs only the next-token logits: skip a (T, vocab) matrix
             x = x[:, -1:]
         return self.lm_head(x).float()  # (B, T, vocab), fp32 for sampling
@@ -515,13 +519,18 @@ class LlavaForConditionalGeneration(nn.Module):
                              f"{features.shape[0] * features.shape[1]} features")
         return x.masked_scatter(is_image[..., None], features.to(x.dtype))
 
-    def forward(self, input_ids, pixel_values=None, cache=None, last_only=False):
+    def forward(self, input_ids, pixel_values=None, cache=None, last_only=False, attention_mask=None):
         """Logits (B, T, vocab) for input_ids (B, T) that already hold the expanded image tokens.
 
-        Without a cache this is the plain causal forward over the whole sequence. With a cache the
-        tokens continue the cached sequence, and the cache's policy decides what attention sees.
+        Without a cache this is the plain causal forward over the whole sequence; attention_mask (B, T),
+        as in transformers, is 1 where a token may be attended and 0 where no query sees it (padding,
+        or the image tokens the toy's training hides). With a cache the tokens continue the cached
+        sequence, and the cache's policy decides what attention sees.
         """
-        return self.language_model(self.embed(input_ids, pixel_values), cache, last_only)
+        if attention_mask is not None and cache is not None:
+            raise ValueError("attention_mask is for the cache-free forward; with a cache the policy decides")
+        visible = None if attention_mask is None else attention_mask.bool()  # (B, T)
+        return self.language_model(self.embed(input_ids, pixel_values), cache, last_only, visible)
 
     def ignores_checkpoint_key(self, key: str) -> bool:
         """Keys the forward never reads: post_layernorm, CLIP layers after the feature layer, and the

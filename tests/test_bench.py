@@ -1,0 +1,79 @@
+"""The benchmark's arithmetic (python -m tinyavl.bench): the bytes a decode step must read, its floor,
+and the step times it reports, on a tiny random model with made-up rates so every number is derivable
+by hand. Its timings themselves are not tested: they are measurements, printed as ratios."""
+import json
+
+import pytest
+import torch
+
+from tinyavl import bench
+from tinyavl.model import LlavaConfig, TextConfig, VisionConfig
+
+TINY = LlavaConfig(
+    text=TextConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=512),
+    vision=VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        image_size=28, patch_size=14),
+    image_token_id=63)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return bench.random_model(TINY, torch.float32)
+
+
+def test_weight_and_kv_row_bytes_by_hand(model):
+    C, I, V, L, hs, Hkv = 32, 48, 64, 4, 8, 2
+    per_layer = (C * C + 2 * C * Hkv * hs + C * C) + 3 * C * I + 2 * C  # q, k, v, o; gate, up, down; two norms
+    assert bench.decode_weight_bytes(model) == 4 * (L * per_layer + C + V * C)  # + final norm + lm_head; no embedding
+    assert bench.kv_row_bytes(model) == 2 * Hkv * hs * 4
+
+
+def test_floor_is_weight_bytes_at_matvec_rate_plus_attended_kv_at_read_rate(model):
+    rates = {"read": 2e9, "matvec": 1e9}
+    case = bench.run_case(model, n_img=20, new_tokens=6, rates=rates)
+    assert list(case["policies"]) == list(bench.POLICIES)
+    weight = bench.decode_weight_bytes(model)
+    full, avl = case["policies"]["full"], case["policies"]["avl"]
+    # full attends every row in every layer: prompt + 1..5 steps -> mean prompt + 3 rows per layer.
+    kv = 4 * (case["prompt_tokens"] + 3) * bench.kv_row_bytes(model)
+    assert full["floor_ms"] == pytest.approx(1e3 * (weight / 1e9 + kv / 2e9))
+    assert full["hardware_floor_ms"] == pytest.approx(1e3 * (weight + kv) / 2e9)
+    assert full["kv_ratio"] == 1 and full["attended_ratio"] == 1 and full["same_tokens_as_full"] == 6
+    assert avl["attended_ratio"] < 1 and avl["kv_ratio"] < 1 and avl["floor_ms"] < full["floor_ms"]
+    assert 0 < avl["attention_ms"] < avl["decode_ms"]  # the cache's four steps are part of the step
+    json.dumps(case)  # what --json prints
+
+
+def test_step_time_at_a_token_is_the_median_of_the_steps_before_it():
+    arrivals = [0.0, 1.0, 2.0, 4.0, 7.0, 11.0, 16.0]  # steps of 1, 1, 2, 3, 4, 5 s end at tokens 2..7
+    assert bench.step_ms_at(arrivals, 7, window=3) == 4000   # steps ending at tokens 5, 6, 7: 3, 4, 5 s
+    assert bench.step_ms_at(arrivals, 4, window=2) == 1500   # tokens 3, 4: 1, 2 s
+
+
+def test_timed_cache_counts_decode_steps_only(model):
+    cache = bench.timed_cache("full")
+    input_ids = bench.prompt_ids(TINY, 20)
+    bench.generate(model, input_ids, bench.image_block(model, 20), max_new_tokens=1, policy=cache)
+    assert cache.attention_seconds == 0  # a prefill only
+    bench.generate(model, input_ids, bench.image_block(model, 20), max_new_tokens=3, policy=cache)
+    assert cache.attention_seconds > 0
+
+
+def test_json_has_the_documented_layout(monkeypatch, capsys):
+    """--json: one object with every case (per dtype) and, per policy, the columns the tables print."""
+    monkeypatch.setattr(bench, "llava_7b_config", lambda n_layers: TINY)
+    monkeypatch.setattr(bench, "GROWTH_TOKENS", (3, 6))
+    read_rate = bench.read_rate
+    monkeypatch.setattr(bench, "read_rate", lambda dtype: read_rate(dtype, nbytes=2 ** 20))
+    bench.main(["--json", "--image-tokens", "20", "12", "--new-tokens", "4", "--dtypes", "float32", "bfloat16"])
+    out = json.loads(capsys.readouterr().out)
+    assert [(c["dtype"], c["image_tokens"]) for c in out["cases"]] == [
+        ("float32", 20), ("float32", 12), ("bfloat16", 20), ("bfloat16", 12)]
+    for case in out["cases"]:
+        assert list(case["policies"]) == list(bench.POLICIES)
+        for r in case["policies"].values():
+            assert {"decode_ms", "floor_ms", "attention_ms", "prefill_s", "kv_ratio", "attended_ratio"} <= set(r)
+    assert set(out["growth"]["float32"]["avl"]) == {"step_ms_at_3", "step_ms_at_6"}
+    assert out["transformers_decode_ratio"] > 0
+    assert set(out["rates_GBps"]) == {"float32", "bfloat16"}
