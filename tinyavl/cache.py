@@ -336,8 +336,10 @@ class KVCache:
         """Evict: of the rows from `start` on, keep only `rows`, moved down in order to fill from
         `start`; the rows before `start` stay where they are, untouched. Only that region is copied.
 
-        rows: absolute row indices >= start, ascending: (n_keep,) shared by every head, or
-        (B, Hkv, n_keep) chosen per head (the rows before `start` are then the same in every head).
+        rows: absolute row indices >= start, in the order they are to be held (positional order, except
+        where a policy lays rows out otherwise, as A-VL's core-first image block): (n_keep,) shared by
+        every head, or (B, Hkv, n_keep) chosen per head (the rows before `start` are then the same in
+        every head).
         """
         self.move_rows(layer, rows, start)
         self.hold(layer, start + rows.shape[-1])
