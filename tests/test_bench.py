@@ -31,7 +31,8 @@ def test_weight_and_kv_row_bytes_by_hand(model):
 
 def test_floor_is_weight_bytes_at_matvec_rate_plus_attended_kv_at_read_rate(model):
     rates = {"read": 2e9, "matvec": 1e9}
-    case = bench.run_case(model, n_img=20, new_tokens=6, rates=rates)
+    case, full_tokens = bench.run_case(model, n_img=20, new_tokens=6, rates=rates)
+    assert len(full_tokens) == 6
     assert list(case["policies"]) == list(bench.POLICIES)
     weight = bench.decode_weight_bytes(model)
     full, avl = case["policies"]["full"], case["policies"]["avl"]

@@ -130,7 +130,7 @@ def best_seconds(fn, repeats: int) -> float:
 
 def read_rate(dtype, nbytes: int = 2 ** 30, repeats: int = 5) -> float:
     """Bytes/s at which a sum reads a tensor far larger than any cache: what the memory allows."""
-    x = torch.ones(nbytes // torch.empty((), dtype=dtype).element_size(), dtype=dtype)
+    x = torch.ones(nbytes // dtype.itemsize, dtype=dtype)
     return nbytes / best_seconds(lambda: x.sum(), repeats)
 
 
@@ -155,7 +155,7 @@ def decode_weight_bytes(model) -> int:
 def kv_row_bytes(model) -> int:
     """Bytes of one cached token's K and V in one layer."""
     text, dtype = model.config.text, model.language_model.lm_head.weight.dtype
-    return 2 * text.num_key_value_heads * text.head_dim * torch.empty((), dtype=dtype).element_size()
+    return 2 * text.num_key_value_heads * text.head_dim * dtype.itemsize
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -194,8 +194,9 @@ def step_ms_at(arrivals: list[float], token: int, window: int = 8) -> float:
     return 1e3 * statistics.median(steps)
 
 
-def run_case(model, n_img: int, new_tokens: int, rates: dict) -> dict:
-    """Every policy on one prompt: a dict of per-policy measurements, `full` first, as --json prints it."""
+def run_case(model, n_img: int, new_tokens: int, rates: dict) -> tuple[dict, list[int]]:
+    """Every policy on one prompt: (a dict of per-policy measurements, `full` first, as --json prints it;
+    the tokens `full` generated)."""
     pixel_values = image_block(model, n_img)
     input_ids = prompt_ids(model.config, n_img)
     weight_bytes, row_bytes = decode_weight_bytes(model), kv_row_bytes(model)
@@ -216,7 +217,7 @@ def run_case(model, n_img: int, new_tokens: int, rates: dict) -> dict:
             "same_tokens_as_full": sum(a == b for a, b in zip(tokens, full_tokens)),
         }
     return {"image_tokens": n_img, "prompt_tokens": input_ids.shape[1], "new_tokens": new_tokens,
-            "full_tokens": full_tokens, "policies": policies}
+            "policies": policies}, full_tokens
 
 
 def growth(model, n_img: int) -> dict:
@@ -252,9 +253,12 @@ def run_dtype(args, dtype_name: str) -> dict:
         f"{rates['matvec'] / 1e9:.1f} GB/s, {decode_weight_bytes(model) / 1e9:.2f} GB of weights per decode step")
     result = {"dtype": dtype_name, "read_GBps": rates["read"] / 1e9, "matvec_GBps": rates["matvec"] / 1e9,
               "cases": []}
+    full_tokens = []  # per case: the tokens `full` generated, which transformers' must equal
     for n_img in args.image_tokens:
-        case = {"dtype": dtype_name, **run_case(model, n_img, args.new_tokens, rates)}
+        measured, tokens = run_case(model, n_img, args.new_tokens, rates)
+        case = {"dtype": dtype_name, **measured}
         result["cases"].append(case)
+        full_tokens.append(tokens)
         if not args.json:
             print_case(case)
     first = args.image_tokens[0]
@@ -268,8 +272,9 @@ def run_dtype(args, dtype_name: str) -> dict:
     log(f"growth from token {GROWTH_TOKENS[0]} to {GROWTH_TOKENS[-1]}: full {grows[0]:+.1f} ms, avl {grows[1]:+.1f} ms")
     if not args.no_transformers:
         case = result["cases"][0]
+        # image_block again: the image features were last set to the last case's length.
         rate = transformers_decode_rate(model, prompt_ids(model.config, first), image_block(model, first),
-                                        args.new_tokens, case.pop("full_tokens"))
+                                        args.new_tokens, full_tokens[0])
         if rate is not None:
             ours = 1e3 / case["policies"]["full"]["decode_ms"]
             result["transformers_decode_ratio"] = ours / rate
@@ -298,8 +303,6 @@ def main(argv=None):
         print(f"tinyavl bench: {machine}\npolicies at their defaults: " + ", ".join(POLICIES))
     results = [run_dtype(args, dtype) for dtype in args.dtypes]
     if args.json:
-        for case in (case for run in results for case in run["cases"]):
-            case.pop("full_tokens", None)
         # Every dtype's cases in one list; transformers_decode_ratio is the first dtype's (fp32 by default).
         print(json.dumps({"machine": machine,
                           "rates_GBps": {r["dtype"]: {"read": r["read_GBps"], "matvec": r["matvec_GBps"]} for r in results},

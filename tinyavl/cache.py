@@ -75,11 +75,12 @@ def decode_attention(q, blocks):
     Returns (out (B, H, 1, hs), lse (B, H)): the output and the row's log-sum-exp."""
     B, H, _, hs = q.shape
     Hkv = blocks[0][0].shape[1]
-    q_group = q.reshape(B, Hkv, H // Hkv, hs)                              # (B, Hkv, G, hs): a GQA group per KV head
-    logits = [(q_group @ k.transpose(-1, -2)).float() * hs ** -0.5 for k, _ in blocks]  # each (B, Hkv, G, n_i)
-    lse = torch.cat(logits, dim=-1).logsumexp(-1, keepdim=True)           # (B, Hkv, G, 1)
-    out = sum((block - lse).exp().to(v.dtype) @ v for block, (_, v) in zip(logits, blocks))  # (B, Hkv, G, hs)
-    return out.reshape(B, H, 1, hs), lse.reshape(B, H)
+    logits = [row_logits(q, k) for k, _ in blocks]                         # each (B, H, n_i) fp32
+    lse = torch.cat(logits, dim=-1).logsumexp(-1)                          # (B, H)
+    # Query head h reads KV head h // G: the probabilities of a GQA group multiply its KV head's values.
+    out = sum((block - lse[..., None]).exp().reshape(B, Hkv, H // Hkv, -1).to(v.dtype) @ v
+              for block, (_, v) in zip(logits, blocks))                    # (B, Hkv, G, hs)
+    return out.reshape(B, H, 1, hs), lse
 
 
 def core_first_order(scores, n_core: int):
@@ -467,7 +468,6 @@ class AVLCache(KVCache):
         super().begin(n_layers, n_sys, n_img, new_tokens)
         self.n_secondary = math.floor(self.S * n_img)
         self.n_core = math.floor(self.C * n_img)
-        self.core = [None] * n_layers       # per layer: the core's row indices, n_sys .. n_sys + n_core - 1
         self.text_scores = [None] * n_layers  # per layer (B, Hkv, text rows): accumulated attention received
 
     def is_update_step(self) -> bool:
@@ -478,11 +478,18 @@ class AVLCache(KVCache):
         """First text row of a layer after prefill: [sys | floor(S N_img) secondary image | text]."""
         return self.n_sys + self.n_secondary
 
+    @property
+    def core(self) -> list:
+        """Per layer, the core's row indices: the layout puts the core first in the image block, so they
+        are rows n_sys .. n_sys + n_core - 1 of every layer the prefill has reached (None before)."""
+        return [None if scores is None else torch.arange(self.n_sys, self.n_sys + self.n_core, device=scores.device)
+                for scores in self.text_scores]
+
     def rows_to_attend(self, layer):
         if self.step == 0 or self.is_update_step():
             return None
         device = self.k[layer].device
-        return torch.cat([torch.arange(self.n_sys, device=device), self.core[layer],
+        return torch.cat([torch.arange(self.n_sys + self.n_core, device=device),       # sys, then the core
                           torch.arange(self.text_start(layer), self.k[layer].shape[2], device=device)])
 
     def compute(self, layer, q, rows):
@@ -537,7 +544,6 @@ class AVLCache(KVCache):
         image_scores = last_row_probs(q, k).mean(1)[0, self.n_sys:text_start]         # (n_img_here,)
         secondary = top_rows(image_scores, self.n_secondary)                           # image indices
         core_first = secondary[core_first_order(image_scores[secondary], self.n_core)]  # the core, then the rest
-        self.core[layer] = torch.arange(self.n_sys, self.n_sys + self.n_core, device=k.device)
         # Text: H2O scores from the text queries of the prompt, on the text columns (before any eviction).
         self.text_scores[layer] = causal_column_sums(q[:, :, text_start:], k, first_row=text_start)[..., text_start:]
         # Evict the minor image tokens (rows shared by every head), then the text tokens over budget.

@@ -17,7 +17,6 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
         text = action.help or ""
         # by identity: a default of 0 or 0.0 is a value to show, though it equals False
         shown = not any(action.default is hidden for hidden in (None, False, argparse.SUPPRESS))
-        shown = shown and "%(default)" not in text
         if action.option_strings and shown:
             text += " (default: %(default)s)"
         return text
