@@ -82,7 +82,7 @@ def run(args) -> dict:
             print(text[len(printed):], end="", flush=True)
             printed = text
 
-    token_ids, stats = tinyavl.generate(model, inputs["input_ids"], inputs["pixel_values"],
+    token_ids, stats = tinyavl.generate(model, **inputs,
                                         max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                         top_p=args.top_p, seed=args.seed, eos_token_id=processor.eos_token_id,
                                         stream=None if args.json else stream, policy=cache)

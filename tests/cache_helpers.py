@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from tinyavl import anyres
 from tinyavl.generate import image_segments
 from tinyavl.model import LlavaConfig, LlavaForConditionalGeneration, TextConfig, VisionConfig
 
@@ -48,10 +49,11 @@ def reinit_(model: torch.nn.Module, seed: int) -> None:
 
 
 def build_model(n_layers: int, kv_heads: int, image_size: int = 42, patch_size: int = 7,
-                strategy: str = "full", seed: int = 0) -> LlavaForConditionalGeneration:
+                strategy: str = "full", seed: int = 0, image_grid_pinpoints=None) -> LlavaForConditionalGeneration:
     """A seeded fp32 tinyavl LLaVA: text hidden 64, 4 query heads x 16, `kv_heads` KV heads; CLIP hidden 32.
 
-    N_img = (image_size / patch_size)^2 (+1 with strategy "full"). Weights from `reinit_`,
+    N_img = (image_size / patch_size)^2 (+1 with strategy "full"); with image_grid_pinpoints a LLaVA-1.6
+    (strategy "default"), whose N_img depends on the image (make_next_prompt). Weights from `reinit_`,
     so greedy choices are clear-cut and attention is far from uniform.
     """
     config = LlavaConfig(
@@ -61,7 +63,9 @@ def build_model(n_layers: int, kv_heads: int, image_size: int = 42, patch_size: 
         vision=VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                             image_size=image_size, patch_size=patch_size),
         image_token_id=IMAGE_TOKEN, vision_feature_select_strategy=strategy,
+        image_grid_pinpoints=image_grid_pinpoints,
     )
+    config.validate()
     model = LlavaForConditionalGeneration(config)
     reinit_(model, seed)
     return model.eval()
@@ -80,15 +84,29 @@ def make_prompt(model, n_sys: int, n_text: int, seed: int = 0):
     return ids, pixel_values
 
 
+def make_next_prompt(model, n_sys: int, n_text: int, image_hw: tuple[int, int], seed: int = 0):
+    """LLaVA-1.6: (input_ids (1, T), pixel_values (1, n_crops, 3, S, S), image_sizes (1, 2)) for an image of
+    (height, width) image_hw, laid out [sys | image block (base crop, tile map, newlines) | text]."""
+    g = torch.Generator().manual_seed(seed)
+    config = model.config
+    tile = config.vision.image_size
+    n_img = anyres.image_token_count(image_hw, config.image_grid_pinpoints, tile, config.vision.patch_size)
+    rows, columns = anyres.tile_grid(image_hw, config.image_grid_pinpoints, tile)
+    ids = torch.cat([torch.randint(3, IMAGE_TOKEN, (n_sys,), generator=g), torch.full((n_img,), IMAGE_TOKEN),
+                     torch.randint(3, IMAGE_TOKEN, (n_text,), generator=g)])[None]
+    pixel_values = torch.randn(1, 1 + rows * columns, 3, tile, tile, generator=g)
+    return ids, pixel_values, torch.tensor([image_hw])
+
+
 @torch.inference_mode()
-def run_steps(model, ids, pixel_values, cache, steps: int, tokens=None):
+def run_steps(model, ids, pixel_values, cache, steps: int, tokens=None, image_sizes=None):
     """Prefill + `steps` decode steps through `cache`. Returns (logits (steps + 1, vocab), fed tokens).
 
     Feeds `tokens` when given (teacher forcing, so two caches see the same sequence), else greedy.
     """
     n_sys, n_img = image_segments(ids, model.config.image_token_id)
     cache.begin(model.config.text.num_hidden_layers, n_sys, n_img)
-    logits = [model(ids, pixel_values, cache=cache, last_only=True)[0, -1]]
+    logits = [model(ids, pixel_values, cache=cache, last_only=True, image_sizes=image_sizes)[0, -1]]
     fed = []
     for t in range(steps):
         token = int(logits[-1].argmax()) if tokens is None else tokens[t]

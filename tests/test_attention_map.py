@@ -67,7 +67,7 @@ def test_other_policies_compute_what_they_store(tiny_ckpt, policy, params):
 def test_picture_marks_each_cell(tiny_ckpt):
     _, processor = tinyavl.load_pretrained(tiny_ckpt.folder("mha"), device="cpu")
     inputs = prompt(processor)
-    image = seen_image(inputs["pixel_values"], processor)
+    image = seen_image(inputs["pixel_values"][0], processor)
     assert image.size == (56, 56)
     roles = torch.tensor([EVICTED, STORED, COMPUTED, COMPUTED] * 4)   # 4 x 4 grid
     heat = torch.zeros(16)
@@ -89,7 +89,7 @@ def test_picture_shows_the_question_and_a_colour_scale(tiny_ckpt):
     """The question is written above the panels (its line is blank without one), and under the heat panel
     a scale runs from the grey of zero attention to the red of the hottest cell."""
     _, processor = tinyavl.load_pretrained(tiny_ckpt.folder("mha"), device="cpu")
-    image = seen_image(prompt(processor)["pixel_values"], processor)
+    image = seen_image(prompt(processor)["pixel_values"][0], processor)
     roles, heat = torch.full((16,), COMPUTED), torch.zeros(16)
     heat[5] = 1.0
     asked = draw_attention_map(image, roles, heat, "t", question="What colour is the square?")

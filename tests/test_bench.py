@@ -78,3 +78,20 @@ def test_json_has_the_documented_layout(monkeypatch, capsys):
     assert set(out["growth"]["float32"]["avl"]) == {"step_ms_at_3", "step_ms_at_6"}
     assert out["transformers_decode_ratio"] > 0
     assert set(out["rates_GBps"]) == {"float32", "bfloat16"}
+
+
+def test_next_blocks_and_the_papers_memory_arithmetic_by_hand():
+    """--arch next measures the blocks anyres makes of a 672x672 image (2 x 2 tiles: a 48 x 48 map, a newline
+    per row) and a 336x1008 one (1 x 3 tiles: 24 x 72); the memory rows are
+    0.5 MiB per token (32 layers x 32 KV heads x 128 x K and V x 2 bytes) over the dense sequence, and A-VL
+    keeps sys, floor(S N_img) image rows and max(round(T n_text), 20) text rows at its last step."""
+    assert [bench.next_image_tokens(hw) for hw in bench.NEXT_IMAGES] == [576 + 48 * 49, 576 + 24 * 73]
+    rows = bench.paper_memory(images=((336, 1008),))
+    (row,) = rows
+    n_img, new = 2328, bench.PAPER_MEMORY["new_tokens"]
+    dense_tokens = bench.N_SYS + n_img + bench.N_TEXT + new - 1   # the last sampled token is never fed
+    assert row["image_tokens"] == n_img and row["prompt_tokens"] == bench.N_SYS + n_img + bench.N_TEXT
+    assert row["dense_MiB"] == pytest.approx(dense_tokens * 0.5)
+    text = bench.N_TEXT + new - 1
+    kept = bench.N_SYS + n_img // 2 + max(round(bench.PAPER_MEMORY["params"]["T"] * text), 20)
+    assert row["avl_MiB"] == pytest.approx(kept * 0.5)

@@ -237,7 +237,7 @@ def test_error_misshaped_tensor_in_another_layout_is_listed(tiny_ckpt, tmp_path)
     assert re.search(r"32\D{1,3}64", message) and re.search(r"64\D{1,3}64", message), message
 
 
-@pytest.mark.parametrize("where,model_type", [("text_config", "qwen2"), ("top", "llava_next")])
+@pytest.mark.parametrize("where,model_type", [("text_config", "qwen2"), ("top", "llava_onevision")])
 def test_error_unsupported_model_type(good_folder, where, model_type):
     config = json.load(open(good_folder / "config.json"))
     (config["text_config"] if where == "text_config" else config)["model_type"] = model_type

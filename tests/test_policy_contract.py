@@ -7,6 +7,8 @@ tested by registering it (its PARAMS and FULL_BUDGET declared).
 - at its defaults it never holds more KV bytes than the dense cache, and its per-modality bytes add up
   to the total;
 - its declarations are one source: flags, their types and ranges, and the README's policy table.
+The first three run on a LLaVA-1.5 prompt and on a LLaVA-1.6 one, whose image block (base crop, tile map
+and the newline tokens that end its rows) is N_img as a whole.
 """
 from functools import lru_cache
 from pathlib import Path
@@ -15,7 +17,7 @@ import pytest
 import torch
 
 import tinyavl
-from cache_helpers import build_model, make_prompt, masked, one_thread, run_steps  # noqa: F401
+from cache_helpers import build_model, make_next_prompt, make_prompt, masked, one_thread, run_steps  # noqa: F401
 from tinyavl.cache import POLICIES, make_cache, param_owners
 from tinyavl.cli import ArgumentParser, add_policy_arguments, policy_params
 
@@ -24,41 +26,51 @@ LOGIT_ATOL = 1e-5
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
-@lru_cache(maxsize=None)
-def model_and_prompt():
-    """4 layers (A-VL's prefill filter from layer 3 and FastV's from layer 2 both act), GQA 4 -> 2, N_img 37;
-    prompt [sys 3 | image 37 | text 30]: enough text for A-VL's text budget (at least 20) to evict."""
-    model = build_model(4, 2, 42, 7, "full", seed=11)
-    return model, *make_prompt(model, 3, 30, seed=7)
+ARCHS = ("llava", "next")
+CASES = [(arch, policy) for arch in ARCHS for policy in POLICIES]
 
 
 @lru_cache(maxsize=None)
-def generate(policy: str, **params):
-    model, ids, pixel_values = model_and_prompt()
-    return tinyavl.generate(model, ids, pixel_values, max_new_tokens=STEPS + 1, policy=policy, eos_token_id=(),
-                            **params)
+def model_and_prompt(arch: str):
+    """(model, input_ids, pixel_values, image_sizes). 4 layers (A-VL's prefill filter from layer 3 and FastV's
+    from layer 2 both act), GQA 4 -> 2, and 30 text tokens: enough for A-VL's text budget (at least 20) to
+    evict. llava: prompt [sys 3 | image 37 | text 30]. next: 28 px tiles of 4 x 4 patches, an image of
+    40 x 66 px (h x w) on a 2 x 2 tile canvas, whose 8 x 8 map keeps 4 rows once unpadded:
+    [sys 3 | image 16 + 4 x (8 + 1) = 52 | text 30]."""
+    if arch == "llava":
+        model = build_model(4, 2, 42, 7, "full", seed=11)
+        return model, *make_prompt(model, 3, 30, seed=7), None
+    model = build_model(4, 2, 28, 7, "default", seed=11, image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]])
+    return model, *make_next_prompt(model, 3, 30, (40, 66), seed=7)
 
 
-@pytest.mark.parametrize("policy", POLICIES)
-def test_full_budget_equals_full(policy):
-    tokens, stats = generate(policy, **POLICIES[policy].FULL_BUDGET)
-    full_tokens, full_stats = generate("full")
+@lru_cache(maxsize=None)
+def generate(arch: str, policy: str, **params):
+    model, ids, pixel_values, image_sizes = model_and_prompt(arch)
+    return tinyavl.generate(model, ids, pixel_values, image_sizes, max_new_tokens=STEPS + 1, policy=policy,
+                            eos_token_id=(), **params)
+
+
+@pytest.mark.parametrize("arch,policy", CASES)
+def test_full_budget_equals_full(arch, policy):
+    tokens, stats = generate(arch, policy, **POLICIES[policy].FULL_BUDGET)
+    full_tokens, full_stats = generate(arch, "full")
     assert len(set(full_tokens)) > 3  # a sequence that goes somewhere, not one token repeated
     assert tokens == full_tokens
     assert stats.kv_cache_bytes == full_stats.kv_cache_bytes_dense  # nothing evicted either
 
 
-@pytest.mark.parametrize("policy", POLICIES)
-def test_skipping_equals_masking(policy):
-    model, ids, pixel_values = model_and_prompt()
-    reference, tokens = run_steps(model, ids, pixel_values, masked(POLICIES[policy])(), STEPS)
-    logits, _ = run_steps(model, ids, pixel_values, make_cache(policy), STEPS, tokens=tokens)
+@pytest.mark.parametrize("arch,policy", CASES)
+def test_skipping_equals_masking(arch, policy):
+    model, ids, pixel_values, image_sizes = model_and_prompt(arch)
+    reference, tokens = run_steps(model, ids, pixel_values, masked(POLICIES[policy])(), STEPS, image_sizes=image_sizes)
+    logits, _ = run_steps(model, ids, pixel_values, make_cache(policy), STEPS, tokens=tokens, image_sizes=image_sizes)
     torch.testing.assert_close(logits, reference, atol=LOGIT_ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("policy", POLICIES)
-def test_kv_bytes_within_dense_and_modalities_add_up(policy):
-    _, stats = generate(policy)
+@pytest.mark.parametrize("arch,policy", CASES)
+def test_kv_bytes_within_dense_and_modalities_add_up(arch, policy):
+    _, stats = generate(arch, policy)
     assert 0 < stats.kv_cache_bytes <= stats.kv_cache_bytes_dense
     assert sum(stats.modality_bytes_after_prefill.values()) == stats.kv_cache_bytes_after_prefill
     assert sum(stats.modality_bytes_peak.values()) == stats.kv_cache_bytes

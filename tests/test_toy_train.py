@@ -185,6 +185,19 @@ def test_image_dropout_hides_only_image_tokens_uniformly_and_is_seeded():
     assert hide_image_tokens(input_ids[:5], image_id, 0.0, torch.Generator()).all()
 
 
+def test_image_dropout_share_picks_that_share_of_the_sequences():
+    """With share s a sequence is dropped with probability s (and then as without the knob): rows with any
+    image token hidden are s (1 - P(floor(f N) = 0)) = s (1 - 1 / (N max)) of all; share 1 is the default."""
+    image_id, n_image, max_fraction, rows, share = 7, 40, 0.75, 4000, 0.5
+    input_ids = torch.tensor([1, 3] + [image_id] * n_image + [4, 2]).repeat(rows, 1)   # (rows, T)
+    visible = hide_image_tokens(input_ids, image_id, max_fraction, torch.Generator().manual_seed(0), share)
+    dropped_rows = (visible == 0).any(1).float().mean().item()
+    assert abs(dropped_rows - share * (1 - 1 / (n_image * max_fraction))) < 0.03   # binomial sd ~0.008
+    default = hide_image_tokens(input_ids[:50], image_id, max_fraction, torch.Generator().manual_seed(3))
+    everyone = hide_image_tokens(input_ids[:50], image_id, max_fraction, torch.Generator().manual_seed(3), 1.0)
+    assert torch.equal(default, everyone)
+
+
 def test_training_passes_the_dropout_mask_to_the_model(monkeypatch):
     """With image_dropout the forward gets an attention_mask that hides some image tokens; with 0, none."""
     seen = []
@@ -203,10 +216,12 @@ def test_training_passes_the_dropout_mask_to_the_model(monkeypatch):
     assert seen == [None, None]
 
 
-@pytest.mark.parametrize("value", ["-0.1", "1", "nan"])
-def test_trainer_refuses_an_image_dropout_outside_0_1(value, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("flag, value", [("--image-dropout", "-0.1"), ("--image-dropout", "1"),
+                                         ("--image-dropout", "nan"), ("--image-dropout-share", "0"),
+                                         ("--image-dropout-share", "1.5"), ("--image-dropout-share", "nan")])
+def test_trainer_refuses_image_dropout_knobs_out_of_range(flag, value, tmp_path, capsys, monkeypatch):
     from tinyavl.toy import train as train_module
-    monkeypatch.setattr(train_module, "train", lambda *a, **k: pytest.fail("trained with a bad --image-dropout"))
+    monkeypatch.setattr(train_module, "train", lambda *a, **k: pytest.fail(f"trained with a bad {flag}"))
     with pytest.raises(SystemExit) as exit_:
-        train_module.main(["--image-dropout", value, "--out", str(tmp_path / "new")])
-    assert exit_.value.code == 2 and "--image-dropout" in capsys.readouterr().err
+        train_module.main([flag, value, "--out", str(tmp_path / "new")])
+    assert exit_.value.code == 2 and f"{flag} must be" in capsys.readouterr().err

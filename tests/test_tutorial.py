@@ -10,10 +10,13 @@ from pathlib import Path
 
 import pytest
 
+import tinyavl.anyres
 import tinyavl.attention_map
 import tinyavl.attention_stats
+import tinyavl.bench
 import tinyavl.cache
 import tinyavl.generate
+import tinyavl.loading
 import tinyavl.model
 import tinyavl.processing
 import tinyavl.toy.attention_study
@@ -23,8 +26,8 @@ import tinyavl.toy.train
 from kernels import sparse_attention  # imports without Triton too (TRITON_AVAILABLE is then False)
 
 CHAPTERS = sorted((Path(__file__).parent.parent / "tutorial").glob("*.md"))
-MODULES = [tinyavl.model, tinyavl.cache, tinyavl.generate, tinyavl.processing, tinyavl.attention_map,
-           tinyavl.attention_stats, tinyavl.toy.scenes, tinyavl.toy.train, tinyavl.toy.evaluate,
+MODULES = [tinyavl.model, tinyavl.loading, tinyavl.anyres, tinyavl.cache, tinyavl.generate, tinyavl.processing,
+           tinyavl.attention_map, tinyavl.attention_stats, tinyavl.bench, tinyavl.toy.scenes, tinyavl.toy.train, tinyavl.toy.evaluate,
            tinyavl.toy.attention_study, sparse_attention]
 
 

@@ -14,7 +14,7 @@ from tiny_checkpoints import VARIANTS, sparse_config, tokenizer_info
 
 import tinyavl
 from tinyavl.errors import UserError
-from tinyavl.model import LlavaConfig
+from tinyavl.loading import parse_config
 
 NORM = "language_model.model.norm.weight"
 
@@ -112,7 +112,7 @@ def test_image_token_outside_the_vocabulary():
     raw = sparse_config(VARIANTS["mha"])
     raw["image_token_index"] = raw["text_config"]["vocab_size"]
     with pytest.raises(UserError, match="image_token_index"):
-        LlavaConfig.from_dict(raw)
+        parse_config(raw)
 
 
 def test_empty_vision_feature_layer_list(folder):

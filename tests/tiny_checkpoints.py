@@ -2,8 +2,11 @@
 
 The oracle of every parity test is `transformers.LlavaForConditionalGeneration` in fp32 with eager
 attention. This module builds small random ones and writes them to disk *by hand* with safetensors, in
-each key layout of spec/llava.md §2, with a sparse llava-hf style config.json (§3), the tiny tokenizer and
-a CLIP preprocessor_config.json, so the folder looks like a real llava-hf download to `load_pretrained`.
+each key layout the hub and transformers' save_pretrained write, with a sparse llava-hf style config.json
+(only what differs from the class defaults), the tiny tokenizer and a CLIP preprocessor_config.json, so the
+folder looks like a real llava-hf download to `load_pretrained`. LLaVA-1.6 (NeXT) folders come from
+`transformers.LlavaNextForConditionalGeneration` the same way, with their chat template
+(`NEXT_VARIANTS`, `write_next_checkpoint`).
 
 Why re-initialise: HF's default init (std 0.02) gives nearly flat logits, so greedy tokens would be decided
 by rounding noise. `reinit_` draws seeded weights at ~1/sqrt(fan_in) scale (lm_head 4/sqrt(fan_in)) so the
@@ -155,7 +158,7 @@ def build_hf_model(variant: Variant | str):
 
 # ------------------------------------------------------------------------------------------- key layouts
 def layout_key(hf_name: str, layout: str) -> str:
-    """Map an in-memory transformers 5.23 parameter name to the file key of `layout` (llava.md §2)."""
+    """Map an in-memory transformers 5.23 parameter name to the file key of `layout`."""
     assert layout in LAYOUTS, layout
     rules = {
         #  in-memory prefix            published                      tf4.52 save_pretrained             tf5 save_pretrained
@@ -163,6 +166,7 @@ def layout_key(hf_name: str, layout: str) -> str:
         "model.multi_modal_projector.": ("multi_modal_projector.", "model.multi_modal_projector.", "multi_modal_projector."),
         "model.language_model.": ("language_model.model.", "model.language_model.", "language_model.model."),
         "lm_head.": ("language_model.lm_head.", "lm_head.", "language_model.lm_head."),
+        "model.image_newline": ("image_newline", "model.image_newline", "image_newline"),  # LLaVA-1.6
     }
     for prefix, targets in rules.items():
         if hf_name.startswith(prefix):
@@ -296,6 +300,119 @@ def write_checkpoint(hf_model, folder: str, layout: str = "published", shards: i
     return folder
 
 
+# ------------------------------------------------------------------------------------------- LLaVA-1.6 (NeXT)
+TEMPLATES = os.path.join(os.path.dirname(__file__), "chat_templates")
+NEXT_TILE, NEXT_PATCH = 28, 7  # a 4 x 4 patch grid: 16 tokens per crop
+# The published canvases of llava-v1.6 (336 px tiles), scaled to 28 px tiles: 1x2, 2x1, 2x2, 3x1, 1x3.
+NEXT_PINPOINTS = [[28, 56], [56, 28], [56, 56], [84, 28], [28, 84]]
+
+
+@dataclass(frozen=True)
+class NextVariant:
+    """One tiny LLaVA-1.6: the Variant sizes, a Vicuna (llama) or Mistral decoder, and its folder's chat template."""
+
+    name: str
+    text_model: str  # "llama" (llava-v1.6-vicuna) or "mistral" (llava-v1.6-mistral)
+    kv_heads: int    # 4 = MHA, 2 = GQA
+    template: str    # the file under tests/chat_templates: the published template of that llava-hf folder
+    seed: int
+
+
+NEXT_VARIANTS = {
+    v.name: v
+    for v in [
+        NextVariant("next_vicuna_mha", "llama", kv_heads=4, template="llava-v1.6-vicuna-7b-hf.jinja", seed=11),
+        NextVariant("next_vicuna_gqa", "llama", kv_heads=2, template="llava-v1.6-vicuna-7b-hf.jinja", seed=12),
+        NextVariant("next_mistral_gqa", "mistral", kv_heads=2, template="llava-v1.6-mistral-7b-hf.jinja", seed=13),
+        NextVariant("next_mistral_mha", "mistral", kv_heads=4, template="llava-v1.6-mistral-7b-hf.jinja", seed=14),
+    ]
+}
+
+
+def chat_template(variant: NextVariant) -> str:
+    with open(os.path.join(TEMPLATES, variant.template), encoding="utf-8") as f:
+        return f.read()
+
+
+def next_text_config(variant: NextVariant) -> dict:
+    """The sparse text_config of a llava-v1.6 config.json, at the tiny sizes."""
+    tok = tokenizer_info()
+    text = {"architectures": ["MistralForCausalLM" if variant.text_model == "mistral" else "LlamaForCausalLM"],
+            "hidden_size": 64, "intermediate_size": 128, "max_position_embeddings": 4096,
+            "model_type": variant.text_model, "num_attention_heads": 4, "num_hidden_layers": 2,
+            "num_key_value_heads": variant.kv_heads, "rms_norm_eps": 1e-5, "vocab_size": tok["vocab_size"]}
+    if variant.text_model == "mistral":
+        text.update(rope_theta=1000000.0, sliding_window=None)  # as llava-v1.6-mistral-7b-hf's file
+    return text
+
+
+def next_sparse_config(variant: NextVariant) -> dict:
+    tok = tokenizer_info()
+    return {
+        "architectures": ["LlavaNextForConditionalGeneration"],
+        "ignore_index": -100,
+        "image_grid_pinpoints": NEXT_PINPOINTS,
+        "image_token_index": tok["image_token_id"],
+        "model_type": "llava_next",
+        "pad_token_id": tok["pad_token_id"],
+        "projector_hidden_act": "gelu",
+        "text_config": next_text_config(variant),
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+        "transformers_version": "4.39.0.dev0",
+        "use_image_newline_parameter": True,
+        "vision_config": {"hidden_size": 32, "image_size": NEXT_TILE, "intermediate_size": 64,
+                          "model_type": "clip_vision_model", "num_attention_heads": 4, "num_hidden_layers": 2,
+                          "patch_size": NEXT_PATCH, "projection_dim": 16},
+        "vision_feature_layer": -2,
+        "vision_feature_select_strategy": "default",
+        "vocab_size": tok["vocab_size"],
+    }
+
+
+def build_hf_next_model(variant: NextVariant | str):
+    """A seeded fp32 `LlavaNextForConditionalGeneration` with eager attention, in eval mode."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    variant = NEXT_VARIANTS[variant] if isinstance(variant, str) else variant
+    raw = next_sparse_config(variant)
+    config = LlavaNextConfig(**{k: v for k, v in raw.items() if k not in ("architectures", "transformers_version")})
+    model = LlavaNextForConditionalGeneration(config)
+    model.set_attn_implementation("eager")
+    reinit_(model, variant.seed)
+    with torch.no_grad():  # reinit_ draws it as a bias (0.1 randn): give the newline an embedding's scale
+        model.model.image_newline.copy_(torch.randn(64, generator=torch.Generator().manual_seed(variant.seed)))
+    return model.eval()
+
+
+def next_preprocessor_config() -> dict:
+    """LlavaNextImageProcessor settings of llava-hf's v1.6 folders, at the tiny tile size."""
+    return {**preprocessor_config(NEXT_TILE), "aspect_ratio_setting": "anyres", "do_pad": True,
+            "image_grid_pinpoints": NEXT_PINPOINTS, "image_processor_type": "LlavaNextImageProcessor",
+            "processor_class": "LlavaNextProcessor"}
+
+
+def write_next_checkpoint(hf_model, folder: str, variant: NextVariant | str, layout: str = "published",
+                          shards: int = 1, dtype: torch.dtype = torch.float32) -> str:
+    """A llava-v1.6 style folder: weights in `layout` and `dtype`, sparse config.json, tokenizer,
+    preprocessor and processor configs, and the variant's chat_template.json."""
+    variant = NEXT_VARIANTS[variant] if isinstance(variant, str) else variant
+    os.makedirs(folder, exist_ok=True)
+    write_weights({layout_key(k, layout): v.detach().to(dtype) for k, v in hf_model.state_dict().items()}, folder,
+                  shards)
+    files = {"config.json": next_sparse_config(variant),
+             "preprocessor_config.json": next_preprocessor_config(),
+             "processor_config.json": {"num_additional_image_tokens": 1, "patch_size": NEXT_PATCH,
+                                       "processor_class": "LlavaNextProcessor",
+                                       "vision_feature_select_strategy": "default"},
+             "chat_template.json": {"chat_template": chat_template(variant)}}
+    for name, content in files.items():
+        with open(os.path.join(folder, name), "w") as f:
+            json.dump(content, f, indent=2)
+    write_tiny_tokenizer(folder)
+    return folder
+
+
 # ------------------------------------------------------------------------------------------- fixtures
 class TinyCheckpoints:
     """Session cache: one HF model per variant, one folder per (variant, layout, shards, dtype)."""
@@ -307,14 +424,18 @@ class TinyCheckpoints:
 
     def model(self, variant: str):
         if variant not in self._models:
-            self._models[variant] = build_hf_model(VARIANTS[variant])
+            self._models[variant] = (build_hf_next_model(variant) if variant in NEXT_VARIANTS
+                                     else build_hf_model(VARIANTS[variant]))
         return self._models[variant]
 
     def folder(self, variant: str, layout: str = "published", shards: int = 1,
                dtype: torch.dtype = torch.float32) -> str:
         key = (variant, layout, shards, dtype)
+        name = f"{variant}-{layout}-{shards}-{str(dtype).removeprefix('torch.')}"
+        if key not in self._folders and variant in NEXT_VARIANTS:
+            self._folders[key] = write_next_checkpoint(self.model(variant), os.path.join(self.root, name), variant,
+                                                       layout, shards, dtype)
         if key not in self._folders:
-            name = f"{variant}-{layout}-{shards}-{str(dtype).removeprefix('torch.')}"
             self._folders[key] = write_checkpoint(self.model(variant), os.path.join(self.root, name),
                                                   layout=layout, shards=shards, dtype=dtype, variant=variant)
         return self._folders[key]

@@ -1,4 +1,4 @@
-"""tinyavl: LLaVA-1.5 and A-VL adaptive attention, from scratch in plain PyTorch.
+"""tinyavl: LLaVA-1.5 / 1.6 and A-VL adaptive attention, from scratch in plain PyTorch.
 
     model, processor = tinyavl.load_pretrained("weights/llava-1.5-7b-hf")
     inputs = processor(processor.chat_prompt("What is in the picture?"), image="cat.jpg")
@@ -10,12 +10,13 @@ from pathlib import Path
 from tinyavl.cache import POLICIES, make_cache
 from tinyavl.errors import UserError
 from tinyavl.generate import GenerationStats, generate
-from tinyavl.model import LlavaConfig, LlavaForConditionalGeneration, load_model
+from tinyavl.loading import load_model
+from tinyavl.model import LlavaConfig, LlavaForConditionalGeneration
 from tinyavl.processing import Processor
 
 
 def load_pretrained(path, device=None, dtype=None):
-    """(model, processor) from a llava-hf folder: config.json, safetensors, tokenizer.json.
+    """(model, processor) from a llava-hf folder (LLaVA-1.5 or 1.6): config.json, safetensors, tokenizer.json.
 
     device: "cpu", "cuda" or None (CUDA when present). dtype: a torch dtype or "float32"/"bfloat16"/
     "float16"; None keeps the stored dtype (fp16 checkpoints run as bf16 on a CPU).
@@ -24,7 +25,9 @@ def load_pretrained(path, device=None, dtype=None):
     config = model.config
     processor = Processor.from_pretrained(Path(path), image_token_id=config.image_token_id,
                                           num_image_tokens=config.num_image_tokens,
-                                          vision_image_size=config.vision.image_size)
+                                          vision_image_size=config.vision.image_size,
+                                          image_grid_pinpoints=config.image_grid_pinpoints,
+                                          patch_size=config.vision.patch_size)
     n_tokens = processor.tokenizer.get_vocab_size()
     if n_tokens > config.text.vocab_size:  # a token id past the embedding table would crash the forward
         raise UserError(f"tokenizer.json has {n_tokens} tokens but config.json's vocab_size is "

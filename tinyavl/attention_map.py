@@ -2,7 +2,9 @@
 
     python main.py --image weights/toy/examples/scene-0.png --policy avl --attention-map out.png
 
-Two panels over the image the vision tower saw, one cell per image token of a chosen decoder layer:
+Two panels over the image the vision tower saw, one cell per image token of a chosen decoder layer
+(LLaVA-1.6: two such rows, the base crop's tokens over the base crop, and the tile map's over the image
+at high resolution, as the tiles show it once the padding is cut away; its newline tokens have no cell):
 - left, the policy's decision for that layer at the end of generation: computed (green frame; for
   A-VL the core), stored but not computed (yellow frame; A-VL's secondary tokens) and evicted
   (darkened). Policies other than A-VL compute every image token they store.
@@ -12,11 +14,13 @@ Two panels over the image the vision tower saw, one cell per image token of a ch
 The question and the counts of each role are written above the panels.
 """
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
 
+from tinyavl import anyres
 from tinyavl.attention_stats import record_attention
 from tinyavl.cache import AVLCache, KVCache
 from tinyavl.errors import UserError
@@ -30,9 +34,10 @@ SCALE = 34   # px below them: the heat map's colour scale
 HEAT = (255, 30, 30)
 
 
-def image_heat(model, input_ids, pixel_values, layer: int) -> torch.Tensor:
+def image_heat(model, input_ids, pixel_values, layer: int, image_sizes=None) -> torch.Tensor:
     """(n_img,) the last prompt token's dense attention over the image tokens in `layer` (head mean)."""
-    recorder, _ = record_attention(model, input_ids, pixel_values, max_new_tokens=1)  # the prefill only
+    recorder, _ = record_attention(model, input_ids, pixel_values, max_new_tokens=1,  # the prefill only
+                                   image_sizes=image_sizes)
     return recorder.image_row(0, layer)
 
 
@@ -51,25 +56,59 @@ def image_roles(cache: KVCache, layer: int) -> torch.Tensor:
     return roles
 
 
-def seen_image(pixel_values, processor) -> Image.Image:
-    """The vision tower's input (1, 3, H, W), un-normalised back into an RGB picture."""
-    x = pixel_values[0].float().cpu() * processor.image_std + processor.image_mean   # (3, H, W) in [0, 1]
-    x = (x.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).contiguous()             # (H, W, 3)
+def seen_image(pixels, processor) -> Image.Image:
+    """Pixels the vision tower saw (3, H, W), un-normalised back into an RGB picture."""
+    x = pixels.float().cpu() * processor.image_std + processor.image_mean   # (3, H, W) in [0, 1]
+    x = (x.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).contiguous()  # (H, W, 3)
     return Image.fromarray(x.numpy())
 
 
+@dataclass
+class TokenPicture:
+    """A picture that image tokens tile: one cell per token, in reading order."""
+    label: str
+    image: Image.Image
+    tokens: torch.Tensor     # (rows * columns,) their indices in the image block
+    grid: tuple[int, int]    # (rows, columns) of cells
+
+
+def token_pictures(model, processor, inputs) -> list[TokenPicture]:
+    """The pictures of a prompt's image block: LLaVA-1.5's one crop (CLS, if kept, has no cell);
+    LLaVA-1.6's base crop, then its tile map over the unpadded canvas (newline tokens have no cell)."""
+    config = model.config
+    crops = inputs["pixel_values"][0]                       # (3, S, S), or NeXT's (n_crops, 3, S, S)
+    side = config.vision.image_size // config.vision.patch_size
+    if not config.is_next:
+        first = 1 if config.vision_feature_select_strategy == "full" else 0  # CLS comes first
+        return [TokenPicture("image", seen_image(crops, processor), torch.arange(first, first + side * side),
+                             (side, side))]
+    image_hw = tuple(inputs["image_sizes"][0].tolist())
+    rows, columns = anyres.tile_grid(image_hw, config.image_grid_pinpoints, config.vision.image_size)
+    tiles = crops[1:1 + rows * columns]                                                  # (rows * columns, 3, S, S)
+    canvas = torch.cat([torch.cat(list(tiles[r * columns:(r + 1) * columns]), dim=2) for r in range(rows)],
+                       dim=1)                                                           # (3, rows S, columns S)
+    kept_rows, kept_columns = anyres.unpadded_region(image_hw, (rows * side, columns * side))
+    patch = config.vision.patch_size
+    canvas = canvas[:, kept_rows.start * patch:kept_rows.stop * patch,
+                    kept_columns.start * patch:kept_columns.stop * patch]              # the image, unpadded
+    grid = (kept_rows.stop - kept_rows.start, kept_columns.stop - kept_columns.start)
+    # The map follows the base crop's side^2 tokens, each row closed by a newline token (no cell).
+    map_tokens = torch.arange(grid[0] * (grid[1] + 1)).view(grid[0], grid[1] + 1)[:, :-1].flatten() + side * side
+    return [TokenPicture("base crop", seen_image(crops[0], processor), torch.arange(side * side), (side, side)),
+            TokenPicture("high resolution", seen_image(canvas, processor), map_tokens, grid)]
+
+
 def draw_attention_map(image: Image.Image, roles: torch.Tensor, heat: torch.Tensor, title: str,
-                       question: str = "") -> Image.Image:
-    """Two panels (roles | heat) over `image`, one grid cell per image token (a square grid of patches,
-    after CLS if the model keeps it), the question and title above, the heat's colour scale below."""
-    side = math.isqrt(len(roles))
-    if side * side == len(roles) - 1:  # the "full" feature strategy keeps CLS first: it has no cell
-        roles, heat = roles[1:], heat[1:]
-    elif side * side != len(roles):
-        raise ValueError(f"{len(roles)} image tokens do not form a square grid of patches")
-    cell = PANEL / side
-    base = image.resize((PANEL, PANEL), Image.Resampling.NEAREST)
-    canvas = Image.new("RGB", (2 * PANEL + 10, HEADER + PANEL + SCALE), (255, 255, 255))
+                       question: str = "", grid: tuple[int, int] | None = None) -> Image.Image:
+    """Two panels (roles | heat) over `image`, one cell per image token of a (rows, columns) grid (default
+    square), the question and title above, the heat's colour scale below."""
+    rows, columns = grid or (math.isqrt(len(roles)),) * 2
+    if rows * columns != len(roles):
+        raise ValueError(f"{len(roles)} image tokens do not fill a {rows} x {columns} grid of cells")
+    cell = PANEL / max(rows, columns)
+    width, height = round(cell * columns), round(cell * rows)  # a panel: PANEL px on its longer side
+    base = image.resize((width, height), Image.Resampling.NEAREST)
+    canvas = Image.new("RGB", (2 * PANEL + 10, HEADER + height + SCALE), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     draw.text((4, 4), f"Q: {question}", fill=(0, 0, 0))
     draw.text((4, 22), title, fill=(0, 0, 0))
@@ -79,7 +118,7 @@ def draw_attention_map(image: Image.Image, roles: torch.Tensor, heat: torch.Tens
     left = base.copy()
     shade = ImageDraw.Draw(left, "RGBA")
     for i, role in enumerate(roles.tolist()):
-        box = _cell_box(i, side, cell)
+        box = _cell_box(i, columns, cell)
         if role == EVICTED:
             shade.rectangle(box, fill=(0, 0, 0, 170))
         else:
@@ -91,7 +130,7 @@ def draw_attention_map(image: Image.Image, roles: torch.Tensor, heat: torch.Tens
     glow = ImageDraw.Draw(right, "RGBA")
     peak = float(heat.max()) or 1.0
     for i, value in enumerate(heat.tolist()):
-        glow.rectangle(_cell_box(i, side, cell), fill=(*HEAT, int(220 * value / peak)))
+        glow.rectangle(_cell_box(i, columns, cell), fill=(*HEAT, int(220 * value / peak)))
     canvas.paste(right, (PANEL + 10, top))
 
     # The colour scale: the same red over the same grey, from 0 (left) to the peak share (right).
@@ -99,7 +138,7 @@ def draw_attention_map(image: Image.Image, roles: torch.Tensor, heat: torch.Tens
     ramp = ImageDraw.Draw(bar, "RGBA")
     for x in range(PANEL):
         ramp.line([(x, 0), (x, 9)], fill=(*HEAT, int(220 * x / (PANEL - 1))))
-    bar_top = top + PANEL + 4
+    bar_top = top + height + 4
     canvas.paste(bar, (PANEL + 10, bar_top))
     draw.text((PANEL + 10, bar_top + 12), "0", fill=(0, 0, 0))
     label = f"{peak:.3f} of the attention"
@@ -107,8 +146,8 @@ def draw_attention_map(image: Image.Image, roles: torch.Tensor, heat: torch.Tens
     return canvas
 
 
-def _cell_box(index: int, side: int, cell: float):
-    row, col = divmod(index, side)
+def _cell_box(index: int, columns: int, cell: float):
+    row, col = divmod(index, columns)
     return (round(col * cell), round(row * cell), round((col + 1) * cell) - 1, round((row + 1) * cell) - 1)
 
 
@@ -125,16 +164,23 @@ def map_layer(model, layer: int | None) -> int:
 def save_attention_map(path, model, processor, inputs, cache: KVCache, layer: int | None = None,
                        question: str = "") -> None:
     """Draw the picture for a finished generation (its `inputs` and the `cache` it ran with) to `path`,
-    written atomically.
+    written atomically: one strip of two panels per picture the image tokens tile (token_pictures).
 
     layer: the decoder layer to show; default the last one. question: the text shown above the panels."""
     layer = map_layer(model, layer)
-    heat = image_heat(model, inputs["input_ids"], inputs["pixel_values"], layer)
+    heat = image_heat(model, inputs["input_ids"], inputs["pixel_values"], layer, inputs.get("image_sizes"))
     roles = image_roles(cache, layer)
-    counts = {name: int((roles == role).sum()) for name, role in
-              (("computed", COMPUTED), ("stored", STORED), ("evicted", EVICTED))}
-    title = (f"layer {layer}, policy {cache.name}: computed (green) {counts['computed']}, stored only (yellow) "
-             f"{counts['stored']}, evicted (dark) {counts['evicted']}  |  last prompt token's attention")
-    picture = draw_attention_map(seen_image(inputs["pixel_values"], processor), roles, heat, title, question)
+    strips = []
+    for picture in token_pictures(model, processor, inputs):
+        cells = roles[picture.tokens]
+        counts = {name: int((cells == role).sum()) for name, role in
+                  (("computed", COMPUTED), ("stored", STORED), ("evicted", EVICTED))}
+        title = (f"{picture.label}, layer {layer}, policy {cache.name}: computed (green) {counts['computed']}, "
+                 f"stored only (yellow) {counts['stored']}, evicted (dark) {counts['evicted']}  |  last prompt "
+                 "token's attention")
+        strips.append(draw_attention_map(picture.image, cells, heat[picture.tokens], title, question, picture.grid))
+    figure = Image.new("RGB", (strips[0].width, sum(strip.height for strip in strips)), (255, 255, 255))
+    for i, strip in enumerate(strips):
+        figure.paste(strip, (0, sum(s.height for s in strips[:i])))
     image_format = Image.registered_extensions().get(Path(path).suffix.lower())  # the partial file has no suffix
-    write_file_atomically(path, lambda partial: picture.save(partial, format=image_format))
+    write_file_atomically(path, lambda partial: figure.save(partial, format=image_format))

@@ -2,6 +2,7 @@
 
     python -m tinyavl.bench                       # 4 decoder layers, image blocks of 576 and 2928 tokens
     python -m tinyavl.bench --image-tokens 576 --dtypes float32 --json
+    python -m tinyavl.bench --arch next           # LLaVA-1.6: the blocks of a 672x672 and a 336x1008 image
 
 The decoder layers have the real shapes (hidden 4096, 32 heads x 128, MLP 11008, vocab 32064); only
 their number is cut so that the model fits a small machine. 4 is the fewest at which every default
@@ -23,6 +24,14 @@ tokens to show how the step grows with the sequence (ms at the 16th and the 256t
 transformers installed, its LLaVA runs the same weights and prompt (the first image block) with full
 attention, and tinyavl's decode speed is printed relative to it. Absolute times on a shared CPU are
 noise; ratios measured in one run are the result.
+
+`--arch next` measures LLaVA-1.6-7B (llava-v1.6-vicuna-7b: the same decoder) on the image blocks that
+anyres makes of a 672x672 and a 336x1008 (h x w) image (tinyavl/anyres.py), and sets the A-VL paper's
+memory arithmetic beside them (`paper_memory`): the KV cache of the whole 32-layer model in fp16 for the
+benchmark's prompt and 64 new tokens (a caption), dense and under A-VL at the paper's memory-table
+setting (T = 0.7, the rest at the defaults), next to its 1179 MB -> 531 MB. The counts come from the
+policy's own cache, run on a tiny decoder with the same token layout (bytes per row scale with width
+and depth; which rows are kept does not).
 """
 import argparse
 import json
@@ -32,6 +41,7 @@ import time
 
 import torch
 
+from tinyavl import anyres
 from tinyavl.cache import make_cache
 from tinyavl.generate import generate
 from tinyavl.model import LlavaConfig, LlavaForConditionalGeneration, TextConfig, VisionConfig
@@ -39,6 +49,12 @@ from tinyavl.model import LlavaConfig, LlavaForConditionalGeneration, TextConfig
 POLICIES = ("full", "avl", "h2o", "streaming", "fastv", "random")  # each at its defaults
 GROWTH_TOKENS = (16, 256)  # the decode steps whose time shows how a step grows with the sequence
 N_SYS, N_TEXT = 5, 40  # "<s> USER: " and a question plus "ASSISTANT:" of typical length
+# LLaVA-1.6-7B's canvases (config.json's image_grid_pinpoints), its 336 px tiles and 14 px patches.
+LLAVA_V16_PINPOINTS = [(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)]
+NEXT_IMAGES = ((672, 672), (336, 1008))  # (height, width) of the images whose blocks --arch next measures
+# The paper's memory table: 640x480 is a COCO photo's size, the images its captioning benchmarks use.
+PAPER_MEMORY_IMAGES = ((672, 672), (336, 1008), (480, 640))
+PAPER_MEMORY = {"dense_MB": 1179, "avl_MB": 531, "params": {"T": 0.7}, "new_tokens": 64}
 
 
 def llava_7b_config(n_layers: int) -> LlavaConfig:
@@ -60,7 +76,7 @@ def image_block(model, n_img: int, seed: int = 1):
     generator = torch.Generator().manual_seed(seed)
     width, dtype = model.config.text.hidden_size, model.language_model.lm_head.weight.dtype
     features = torch.randn(1, n_img, width, generator=generator).to(dtype)   # (1, N_img, C)
-    model.image_features = lambda pixel_values: features
+    model.image_features = lambda pixel_values, image_sizes=None: [features[0]]  # one image's (N_img, C)
     return torch.zeros(1, 3, 28, 28)  # placeholder pixel_values: the patched method ignores them
 
 
@@ -244,6 +260,47 @@ def print_case(case: dict) -> None:
               f"{r['attention_ms']:7.1f}  {r['same_tokens_as_full']}/{case['new_tokens']}")
 
 
+def next_image_tokens(image_hw: tuple[int, int]) -> int:
+    return anyres.image_token_count(image_hw, LLAVA_V16_PINPOINTS, tile=336, patch=14)
+
+
+def paper_memory(images=PAPER_MEMORY_IMAGES) -> list[dict]:
+    """LLaVA-1.6-7B's KV cache in fp16 (32 layers, 32 KV heads x 128: 0.5 MiB per token), dense and under
+    A-VL at the paper's memory-table setting, for the benchmark's prompt around each image's block and
+    PAPER_MEMORY's new tokens; peak bytes, as `generate` measures them on a tiny decoder, scaled."""
+    tiny = LlavaConfig(text=TextConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                       num_attention_heads=4, max_position_embeddings=4096),
+                       vision=VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                           num_attention_heads=2, image_size=28, patch_size=14),
+                       image_token_id=63)
+    model = random_model(tiny, torch.float32)
+    mib_per_token = 2 * 32 * 32 * 128 * 2 / 2 ** 20  # K and V, every layer, fp16
+    rows = []
+    for image_hw in images:
+        n_img = next_image_tokens(image_hw)
+        pixel_values, input_ids = image_block(model, n_img), prompt_ids(tiny, n_img)
+        _, stats = generate(model, input_ids, pixel_values, max_new_tokens=PAPER_MEMORY["new_tokens"],
+                            eos_token_id=(), policy="avl", **PAPER_MEMORY["params"])
+        dense_tokens = stats.kv_cache_bytes_dense / (tiny.text.num_hidden_layers * kv_row_bytes(model))
+        ratio = stats.kv_cache_bytes / stats.kv_cache_bytes_dense
+        rows.append({"image_hw": list(image_hw), "image_tokens": n_img, "prompt_tokens": input_ids.shape[1],
+                     "dense_MiB": dense_tokens * mib_per_token, "avl_MiB": dense_tokens * mib_per_token * ratio,
+                     "avl_ratio": ratio})
+    return rows
+
+
+def print_paper_memory(rows: list[dict]) -> None:
+    paper = PAPER_MEMORY
+    print(f"\nLLaVA-1.6-7B KV cache, fp16 (0.5 MiB per token): prompt {N_SYS} sys + image block + {N_TEXT} text, "
+          f"{paper['new_tokens']} new tokens; A-VL at the paper's memory setting {paper['params']} (others default)."
+          f"\nThe paper: {paper['dense_MB']} MB -> {paper['avl_MB']} MB ({paper['avl_MB'] / paper['dense_MB']:.0%}).")
+    print(f"{'image (h x w)':>14s} {'tokens':>7s} {'prompt':>7s} {'dense MiB':>10s} {'A-VL MiB':>9s} {'ratio':>6s}")
+    for r in rows:
+        h, w = r["image_hw"]
+        print(f"{f'{h} x {w}':>14s} {r['image_tokens']:7d} {r['prompt_tokens']:7d} {r['dense_MiB']:10.0f} "
+              f"{r['avl_MiB']:9.0f} {r['avl_ratio']:6.2f}")
+
+
 def run_dtype(args, dtype_name: str) -> dict:
     dtype = getattr(torch, dtype_name)
     model = random_model(llava_7b_config(args.layers), dtype)
@@ -286,29 +343,40 @@ def run_dtype(args, dtype_name: str) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Every KV policy side by side at LLaVA-1.5-7B layer shapes.")
+    parser.add_argument("--arch", choices=["llava", "next"], default="llava",
+                        help="llava: LLaVA-1.5-7B; next: LLaVA-1.6-7B, its blocks of a 672x672 and a 336x1008 image "
+                             "and the paper's memory arithmetic")
     parser.add_argument("--layers", type=int, default=4, help="decoder layers (real 7B shapes each)")
-    parser.add_argument("--image-tokens", type=int, nargs="+", default=[576, 2928])
+    parser.add_argument("--image-tokens", type=int, nargs="+",
+                        help="image block lengths (default: 576 and 2928; --arch next: the two images' blocks)")
     parser.add_argument("--new-tokens", type=int, default=24)
     parser.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"], default=["float32", "bfloat16"])
     parser.add_argument("--no-transformers", action="store_true", help="skip the transformers comparison")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
     args = parser.parse_args(argv)
+    if args.image_tokens is None:
+        args.image_tokens = [576, 2928] if args.arch == "llava" else [next_image_tokens(hw) for hw in NEXT_IMAGES]
     if args.new_tokens < 2 or args.layers < 1 or min(args.image_tokens) < 1:
         parser.error("--new-tokens must be at least 2, --layers and --image-tokens at least 1")
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or platform.machine()
-    machine = (f"{args.layers} decoder layers of LLaVA-1.5-7B shape, torch {torch.__version__}, "
+    model_name = "LLaVA-1.5-7B" if args.arch == "llava" else "LLaVA-1.6-7B (Vicuna)"
+    machine = (f"{args.layers} decoder layers of {model_name} shape, torch {torch.__version__}, "
                f"{torch.get_num_threads()} threads, {device}")
     if not args.json:
         print(f"tinyavl bench: {machine}\npolicies at their defaults: " + ", ".join(POLICIES))
+    memory = paper_memory() if args.arch == "next" else None
+    if memory is not None and not args.json:
+        print_paper_memory(memory)
     results = [run_dtype(args, dtype) for dtype in args.dtypes]
     if args.json:
         # Every dtype's cases in one list; transformers_decode_ratio is the first dtype's (fp32 by default).
-        print(json.dumps({"machine": machine,
+        print(json.dumps({"machine": machine, "arch": args.arch,
                           "rates_GBps": {r["dtype"]: {"read": r["read_GBps"], "matvec": r["matvec_GBps"]} for r in results},
                           "cases": [case for r in results for case in r["cases"]],
                           "growth": {r["dtype"]: r["growth"] for r in results},
-                          "transformers_decode_ratio": results[0].get("transformers_decode_ratio")}, indent=1))
+                          "transformers_decode_ratio": results[0].get("transformers_decode_ratio"),
+                          **({"paper_memory": memory} if memory is not None else {})}, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,30 +1,34 @@
-"""LLaVA-1.5 in one file: CLIP vision tower + MLP projector + Llama decoder, in plain PyTorch.
+"""LLaVA-1.5 and LLaVA-1.6 in one file: CLIP vision tower + MLP projector + Llama decoder, in plain PyTorch.
 
-Read top to bottom: configs built from config.json, the CLIP blocks, the projector, the Llama blocks,
-the LLaVA wrapper that puts image features where the image tokens are, and weight loading.
+Read top to bottom: the configs, the CLIP blocks, the projector, the Llama blocks, and the LLaVA wrapper
+that turns an image into features and puts them where the image tokens are. LLaVA-1.5 shows the tower
+one 336 px crop of the image; LLaVA-1.6 (LLaVA-NeXT, "anyres") shows it the whole image as one crop plus
+tiles of a larger canvas, and lays the tiles' features out as a map with a newline token after every
+row (tinyavl/anyres.py has the geometry). LLaVA-1.5 is the special case: one crop, no map, no newline.
+Reading a llava-hf folder into this model is tinyavl/loading.py.
 
 References
 - Liu et al., "Improved Baselines with Visual Instruction Tuning" (LLaVA-1.5), arXiv 2310.03744.
+- Liu et al., "LLaVA-NeXT: Improved reasoning, OCR, and world knowledge" (LLaVA-1.6), 2024.
 - Radford et al., "Learning Transferable Visual Models From Natural Language Supervision" (CLIP).
-- Touvron et al., "Llama 2", arXiv 2307.09288.
+- Touvron et al., "Llama 2", arXiv 2307.09288. Mistral-7B (Jiang et al., arXiv 2310.06825), the decoder
+  of llava-v1.6-mistral, is the same architecture here: its sliding window is off in that checkpoint.
 - The checkpoint facts we match (key names, config defaults, forward details): transformers' source,
-  src/transformers/models/{llava,clip,llama}/modeling_*.py and configuration_*.py.
+  src/transformers/models/{llava,llava_next,clip,llama}/modeling_*.py and configuration_*.py.
 
 Module names mirror the llava-hf checkpoint keys (`language_model.model.layers.0.self_attn.q_proj`,
-`vision_tower.vision_model.encoder.layers.0.mlp.fc1`, ...), so loading is one loop over the file's keys.
-The decoder's attention goes through an optional `cache` object (tinyavl/cache.py): that is where every
-KV policy, from the dense reference to A-VL, decides what is kept and what is computed.
+`vision_tower.vision_model.encoder.layers.0.mlp.fc1`, `image_newline`, ...), so loading is one loop over
+the file's keys. The decoder's attention goes through an optional `cache` object (tinyavl/cache.py): that
+is where every KV policy, from the dense reference to A-VL, decides what is kept and what is computed.
 """
-import json
 import math
-from dataclasses import dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
 
+from tinyavl import anyres
 from tinyavl.errors import UserError
 
 
@@ -128,6 +132,13 @@ class LlavaConfig:
     multimodal_projector_bias: bool = True
     vision_feature_layer: int | list[int] = -2      # a list concatenates several layers' features
     vision_feature_select_strategy: str = "default"  # "default" drops the CLS token, "full" keeps it
+    # LLaVA-1.6 (model_type llava_next): the (height, width) canvases an image may be tiled on, in pixels.
+    # None is LLaVA-1.5: one crop per image.
+    image_grid_pinpoints: list[tuple[int, int]] | None = None
+
+    @property
+    def is_next(self) -> bool:
+        return self.image_grid_pinpoints is not None
 
     @property
     def feature_layers(self) -> list[int]:
@@ -139,53 +150,16 @@ class LlavaConfig:
 
     @property
     def num_image_tokens(self) -> int:
-        """How many positions one image takes in the prompt: one per patch (+ CLS for "full")."""
+        """How many positions one crop takes in the prompt: one per patch (+ CLS for "full"). A LLaVA-1.5
+        image is one crop; a LLaVA-1.6 image takes anyres.image_token_count, which depends on its size."""
         patches = (self.vision.image_size // self.vision.patch_size) ** 2
         return patches + (1 if self.vision_feature_select_strategy == "full" else 0)
-
-    @classmethod
-    def from_dict(cls, raw: dict) -> "LlavaConfig":
-        if raw.get("model_type", "llava") != "llava":
-            raise UserError(f"config.json has model_type {raw['model_type']!r}: tinyavl runs LLaVA-1.5 "
-                            "checkpoints (model_type 'llava', e.g. llava-hf/llava-1.5-7b-hf)")
-        # Without text_config, transformers would build a Llama-2-7B decoder: never what a llava-hf folder holds.
-        if not isinstance(raw.get("text_config"), dict):
-            raise UserError("config.json has no text_config object: a llava-hf config.json describes the Llama "
-                            "decoder there (hidden_size, num_hidden_layers, vocab_size, ...); download it again")
-        text_raw, vision_raw = dict(raw["text_config"]), raw.get("vision_config")
-        if vision_raw is not None and not isinstance(vision_raw, dict):
-            raise UserError("config.json has a vision_config that is not a JSON object: download it again")
-        if text_raw.get("model_type", "llama") != "llama":
-            raise UserError(f"text_config.model_type is {text_raw['model_type']!r}: tinyavl implements the "
-                            "Llama decoder of LLaVA-1.5 only")
-        if vision_raw is not None and vision_raw.get("model_type", "clip_vision_model") != "clip_vision_model":
-            raise UserError(f"vision_config.model_type is {vision_raw['model_type']!r}: tinyavl implements "
-                            "the CLIP vision tower of LLaVA-1.5 only")
-        # RoPE: transformers 5.x writes rope_parameters, older versions rope_theta (+ rope_scaling).
-        rope = text_raw.get("rope_parameters") or text_raw.get("rope_scaling") or {}
-        if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise UserError(f"RoPE scaling {rope!r} is not supported: tinyavl implements plain RoPE")
-        if "rope_theta" in rope:
-            text_raw["rope_theta"] = rope["rope_theta"]
-        # Tying may be declared at the top level (LlavaConfig) or in text_config.
-        text_raw.setdefault("tie_word_embeddings", raw.get("tie_word_embeddings", False))
-        config = cls(
-            text=_dataclass_from(TextConfig, text_raw),
-            vision=_dataclass_from(VisionConfig, vision_raw) if vision_raw is not None
-            else VisionConfig(**LLAVA_DEFAULT_VISION),
-            **{key: raw[key] for key in ("projector_hidden_act", "multimodal_projector_bias",
-                                         "vision_feature_layer", "vision_feature_select_strategy")
-               if key in raw},
-        )
-        config.image_token_id = raw.get("image_token_index", raw.get("image_token_id", config.image_token_id))
-        config.validate()
-        return config
 
     def validate(self) -> None:
         """Checks across the sections (text_config and vision_config check their own fields when built).
 
-        Called by from_dict, not on construction: the bare defaults, like transformers', put image token
-        32000 outside the 32000-word vocabulary."""
+        Called by loading.parse_config, not on construction: the bare defaults, like transformers', put
+        image token 32000 outside the 32000-word vocabulary."""
         layers = self.vision_feature_layer
         layers = layers if isinstance(layers, list) and layers else [layers]  # an empty list is refused below
         n_states = self.vision.num_hidden_layers + 1  # the embedding output and one per layer
@@ -198,15 +172,27 @@ class LlavaConfig:
         for act in (self.text.hidden_act, self.vision.hidden_act, self.projector_hidden_act):
             if act not in ACTIVATIONS:
                 raise UserError(f"unsupported activation {act!r} in config.json (known: {sorted(ACTIVATIONS)})")
+        if self.is_next:
+            self._validate_pinpoints()
         vocab = self.text.vocab_size
         _require(type(self.image_token_id) is int and 0 <= self.image_token_id < vocab,
                  f"image_token_index {self.image_token_id!r} is outside the vocabulary (0 .. {vocab - 1})")
 
-
-def _dataclass_from(cls, raw: dict):
-    """Build a config dataclass from the keys it knows; config.json holds many more (dropout, ids...)."""
-    known = {f.name for f in fields(cls)}
-    return cls(**{key: value for key, value in raw.items() if key in known})
+    def _validate_pinpoints(self) -> None:
+        """LLaVA-1.6's canvases are well formed (then held as (height, width) tuples), and its tiles' grids
+        can be laid out (no CLS)."""
+        tile = self.vision.image_size
+        pinpoints = self.image_grid_pinpoints
+        # Canvases are cut into whole tiles of the tower's size; anything else would drop image rows.
+        well_formed = isinstance(pinpoints, list) and pinpoints and all(
+            isinstance(p, (list, tuple)) and len(p) == 2 and all(type(v) is int and v > 0 and v % tile == 0
+                                                                 for v in p) for p in pinpoints)
+        _require(well_formed, f"image_grid_pinpoints is {pinpoints!r}, but LLaVA-1.6 needs a non-empty list of "
+                 f"[height, width] canvases in pixels, each a positive multiple of the vision tower's {tile} px")
+        self.image_grid_pinpoints = [tuple(p) for p in pinpoints]
+        _require(self.vision_feature_select_strategy == "default", "vision_feature_select_strategy is "
+                 f"{self.vision_feature_select_strategy!r}: LLaVA-1.6 lays each tile's patch features out as a "
+                 "grid, which needs the CLS token dropped (\"default\")")
 
 
 def quick_gelu(x):
@@ -493,19 +479,57 @@ class LlavaForConditionalGeneration(nn.Module):
         self.vision_tower = CLIPVisionModel(config.vision, n_layers=max(config.feature_layers))
         self.multi_modal_projector = LlavaMultiModalProjector(config)
         self.language_model = LlamaForCausalLM(config.text)
+        if config.is_next:
+            # LLaVA-1.6: a learned token that ends every row of the tile map. zeros, as for
+            # class_embedding: the checkpoint always holds it.
+            self.image_newline = nn.Parameter(torch.zeros(config.text.hidden_size))
 
-    def image_features(self, pixel_values):  # (B, 3, H, W) -> (B, N_img, C_text)
+    def crop_features(self, crops):  # (N, 3, S, S) -> (N, P, C_text): every crop through the tower, one batch
         size = self.config.vision.image_size
-        if pixel_values.shape[-2:] != (size, size):
-            raise ValueError(f"pixel_values are {tuple(pixel_values.shape[-2:])}, the vision tower takes {size}x{size}")
+        if crops.shape[-2:] != (size, size):
+            raise ValueError(f"pixel_values are {tuple(crops.shape[-2:])}, the vision tower takes {size}x{size}")
         dtype = self.vision_tower.vision_model.pre_layrnorm.weight.dtype
-        states = self.vision_tower.vision_model(pixel_values.to(dtype))  # list of (B, 1 + P, C_vision)
+        states = self.vision_tower.vision_model(crops.to(dtype))  # list of (N, 1 + P, C_vision)
         features = [states[i] for i in self.config.feature_layers]
         if self.config.vision_feature_select_strategy == "default":
             features = [f[:, 1:] for f in features]  # drop CLS: one token per patch
         return self.multi_modal_projector(torch.cat(features, dim=-1))
 
-    def embed(self, input_ids, pixel_values=None):  # (B, T) -> (B, T, C)
+    def image_features(self, pixel_values, image_sizes=None) -> list[torch.Tensor]:
+        """One (N_img, C_text) tensor per image, in the order its tokens take in the prompt.
+
+        LLaVA-1.5: pixel_values (B, 3, S, S), one crop per image. LLaVA-1.6: (B, n_crops, 3, S, S) with
+        image_sizes (B, 2), each image's original (height, width): crop 0 is the whole image, crops 1..
+        the tiles of its canvas in reading order; crops past an image's own count pad the batch.
+        """
+        if not self.config.is_next:
+            return list(self.crop_features(pixel_values))
+        if image_sizes is None or pixel_values.dim() != 5:
+            raise ValueError("LLaVA-1.6 takes pixel_values (B, n_crops, 3, S, S) with image_sizes (B, 2), "
+                             "as its processor returns them")
+        tile = self.config.vision.image_size
+        grids = [anyres.tile_grid(hw, self.config.image_grid_pinpoints, tile) for hw in image_sizes.tolist()]
+        n_crops = [1 + rows * columns for rows, columns in grids]
+        crops = torch.cat([crops[:n] for crops, n in zip(pixel_values, n_crops)])  # (sum n_crops, 3, S, S)
+        per_image = self.crop_features(crops).split(n_crops)                      # each (n_crops, P, C)
+        return [self.tile_map(features, grid, hw)
+                for features, grid, hw in zip(per_image, grids, image_sizes.tolist())]
+
+    def tile_map(self, features, grid: tuple[int, int], image_hw) -> torch.Tensor:
+        """LLaVA-1.6: (1 + rows * columns, P, C) crop features -> (N_img, C): the base crop's P features,
+        then the tiles' features as one map of the canvas, padding cut away, a newline after every row."""
+        base, tiles = features[0], features[1:]                          # (P, C), (rows * columns, P, C)
+        rows, columns = grid
+        side, C = math.isqrt(base.shape[0]), base.shape[1]                # P = side * side patches per tile
+        tiles = tiles.view(rows, columns, side, side, C)
+        canvas = tiles.permute(0, 2, 1, 3, 4).reshape(rows * side, columns * side, C)  # (H, W, C) map
+        kept_rows, kept_columns = anyres.unpadded_region(image_hw, canvas.shape[:2])
+        canvas = canvas[kept_rows, kept_columns]                          # (H', W', C)
+        newline = self.image_newline.to(canvas.dtype).expand(canvas.shape[0], 1, C)  # (H', 1, C)
+        with_newlines = torch.cat([canvas, newline], dim=1)               # (H', W' + 1, C)
+        return torch.cat([base, with_newlines.flatten(0, 1)])             # (P + H' (W' + 1), C)
+
+    def embed(self, input_ids, pixel_values=None, image_sizes=None):  # (B, T) -> (B, T, C)
         """Token embeddings, with the image positions overwritten (in order) by the image features."""
         x = self.language_model.model.embed_tokens(input_ids)       # (B, T, C)
         if pixel_values is None:
@@ -513,13 +537,14 @@ class LlavaForConditionalGeneration(nn.Module):
             return x
         is_image = input_ids == self.config.image_token_id         # (B, T)
         n_image_positions = int(is_image.sum())
-        features = self.image_features(pixel_values)                 # (B, N_img, C)
-        if n_image_positions != features.shape[0] * features.shape[1]:
+        features = torch.cat(self.image_features(pixel_values, image_sizes))  # (all images' N_img, C)
+        if n_image_positions != features.shape[0]:
             raise ValueError(f"input_ids hold {n_image_positions} image tokens, the images give "
-                             f"{features.shape[0] * features.shape[1]} features")
+                             f"{features.shape[0]} features")
         return x.masked_scatter(is_image[..., None], features.to(x.dtype))
 
-    def forward(self, input_ids, pixel_values=None, cache=None, last_only=False, attention_mask=None):
+    def forward(self, input_ids, pixel_values=None, cache=None, last_only=False, attention_mask=None,
+                image_sizes=None):
         """Logits (B, T, vocab) for input_ids (B, T) that already hold the expanded image tokens.
 
         Without a cache this is the plain causal forward over the whole sequence; attention_mask (B, T),
@@ -530,215 +555,4 @@ class LlavaForConditionalGeneration(nn.Module):
         if attention_mask is not None and cache is not None:
             raise ValueError("attention_mask is for the cache-free forward; with a cache the policy decides")
         visible = None if attention_mask is None else attention_mask.bool()  # (B, T)
-        return self.language_model(self.embed(input_ids, pixel_values), cache, last_only, visible)
-
-    def ignores_checkpoint_key(self, key: str) -> bool:
-        """Keys the forward never reads: post_layernorm, CLIP layers after the feature layer, and the
-        position-id / rotary buffers older transformers versions saved (we derive them). A layer past
-        vision_config.num_hidden_layers is not ignored: config.json and the file disagree."""
-        if key.startswith("vision_tower.vision_model.post_layernorm."):
-            return True
-        if key.endswith((".position_ids", ".rotary_emb.inv_freq")):
-            return True
-        prefix = "vision_tower.vision_model.encoder.layers."
-        return key.startswith(prefix) and len(self.vision_tower.vision_model.encoder.layers) <= int(
-            key[len(prefix):].split(".")[0]) < self.config.vision.num_hidden_layers
-
-
-# ---------------------------------------------------------------------------------------------------
-# Loading a llava-hf folder: config.json + safetensors (one file, or shards with an index).
-# ---------------------------------------------------------------------------------------------------
-
-# transformers' own save layouts, rewritten onto the published hub layout (llava.md §2). Order matters:
-# the 4.52-4.57 prefixes first, then 5.x's vision tower without `vision_model.`.
-KEY_REWRITES = [
-    ("model.language_model.", "language_model.model."),
-    ("lm_head.", "language_model.lm_head."),
-    ("model.vision_tower.", "vision_tower."),
-    ("model.multi_modal_projector.", "multi_modal_projector."),
-    ("model.image_newline", "image_newline"),
-]
-
-
-def published_key(key: str) -> str:
-    """The published-layout name of a checkpoint key written by any supported transformers version."""
-    for old, new in KEY_REWRITES:
-        if key.startswith(old):
-            key = new + key[len(old):]
-            break
-    if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
-        key = "vision_tower.vision_model." + key[len("vision_tower."):]
-    return key
-
-
-def read_config(folder: Path) -> LlavaConfig:
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"weights {str(folder)!r} is a file: give the llava-hf model folder that holds it")
-    if not folder.is_dir():
-        raise UserError(f"weights folder {str(folder)!r} does not exist: put a llava-hf model folder there "
-                        "(see weights/README.md)")
-    path = folder / "config.json"
-    if not path.is_file():
-        raise UserError(f"{path} is missing: a llava-hf model folder holds config.json beside its safetensors")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path} is not valid JSON ({err})") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path} must hold a JSON object")
-    try:
-        return LlavaConfig.from_dict(raw)
-    except TypeError as err:  # a field of the wrong type, e.g. a string where a number belongs
-        raise UserError(f"{path} has an invalid field: {err}") from None
-
-
-def checkpoint_files(folder: Path) -> list[Path]:
-    """The safetensors files of a folder: the shards an index names, or the single model.safetensors."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise UserError(f"{index} is not a valid safetensors index ({err!r})") from None
-        files = [folder / name for name in sorted(set(weight_map.values()))]
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise UserError(f"{index.name} lists shards that are missing from {folder}: {', '.join(missing)}")
-        return files
-    if (folder / "model.safetensors").is_file():
-        return [folder / "model.safetensors"]
-    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
-        raise UserError(f"{folder} holds only pickle weights (.bin/.pt): tinyavl loads safetensors only, "
-                        "because unpickling can run code; download the .safetensors files")
-    raise UserError(f"no model.safetensors or model.safetensors.index.json in {folder}")
-
-
-STORED_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-FLOAT_DTYPES = {"F64", *STORED_DTYPES}
-DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-               "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-def resolve_device(device) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("CUDA was asked for but this machine has no CUDA device: use --device cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"unsupported device {str(device)!r}: use cpu or cuda")
-    return device
-
-
-def resolve_dtype(dtype, stored: torch.dtype, device: torch.device) -> torch.dtype:
-    if isinstance(dtype, str):
-        if dtype not in DTYPE_NAMES:
-            raise UserError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPE_NAMES)}")
-        dtype = DTYPE_NAMES[dtype]
-    if dtype is not None:
-        return dtype
-    # Default: the stored dtype, except fp16 on a CPU, whose matmuls are slow there; bf16 has the same size.
-    return torch.bfloat16 if (stored == torch.float16 and device.type == "cpu") else stored
-
-
-def open_safetensors(path: Path):
-    """safe_open, with a broken file reported as the user's problem rather than a traceback."""
-    try:
-        return safe_open(path, framework="pt")
-    except SafetensorError as err:
-        raise UserError(f"{path} is not a readable safetensors file ({err})") from None
-
-
-def first_few(items: list[str], shown: int = 3) -> str:
-    """The count and the first few items: a config for another model size mismatches every key."""
-    more = f" ... and {len(items) - shown} more" if len(items) > shown else ""
-    return f"({len(items)}): {', '.join(items[:shown])}{more}"
-
-
-def all_finite(t: torch.Tensor) -> bool:
-    # min and max propagate NaN and show inf; one reduction is ~50x faster than isfinite(t).all() on a CPU.
-    return bool(torch.isfinite(torch.stack(torch.aminmax(t))).all())
-
-
-def load_weights(model: LlavaForConditionalGeneration, files: list[Path], dtype, device) -> None:
-    """Check every key, shape and dtype against the model, then stream tensors in one at a time.
-
-    The model was built on the meta device (no memory); each tensor is read from the memory-mapped
-    file, converted to the run dtype on the run device, and assigned as the parameter itself, so a
-    7B model never exists twice in memory.
-    """
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}  # shapes only (meta)
-    tied = model.config.text.tie_word_embeddings
-    if tied:  # the head shares the embedding matrix; checkpoints usually omit it
-        expected.pop("language_model.lm_head.weight")
-    found, unexpected, misshaped, not_float = {}, [], {}, []
-    for path in files:
-        with open_safetensors(path) as f:
-            for key in f.keys():
-                name = published_key(key)
-                if name in found or model.ignores_checkpoint_key(name):
-                    continue
-                header = f.get_slice(key)
-                if header.get_dtype() not in FLOAT_DTYPES:  # e.g. int8: a cast would give nonsense weights
-                    not_float.append(f"{key} ({header.get_dtype()})")
-                shape = tuple(header.get_shape())
-                if name not in expected:
-                    unexpected.append(key)
-                elif shape != expected[name]:
-                    misshaped[name] = f"{key} {list(shape)} (model expects {list(expected[name])})"
-                else:
-                    found[name] = (path, key)
-    if not_float:
-        raise UserError(f"checkpoint has non-float tensors {first_few(not_float)}; tinyavl loads float weights "
-                        "(F32, F16, BF16) only, not quantised checkpoints: use the original llava-hf files")
-    missing = sorted(set(expected) - set(found) - set(misshaped))
-    problems = [f"{label} {first_few(items)}" for label, items in
-                (("missing keys", missing), ("unexpected keys", sorted(unexpected)),
-                 ("mis-shaped tensors", list(misshaped.values()))) if items]
-    if problems:
-        hint = (". Sizes config.json leaves out take transformers' defaults: Llama-2-7B in text_config, CLIP "
-                "ViT-L/14-336 without a vision_config" if misshaped else "")
-        raise UserError("checkpoint does not match config.json; " + "; ".join(problems) + hint)
-
-    state = {}
-    for name, (path, key) in found.items():
-        # One mapping per tensor: pages of a file that stays mapped count towards the process's memory
-        # until it is closed, so holding a whole 5 GB shard open would add 5 GB to the peak.
-        with open_safetensors(path) as f:
-            stored = f.get_tensor(key)
-            state[name] = stored.to(device=device, dtype=dtype)
-        # One NaN or inf, even in a norm weight, makes every logit NaN: the answer would be <unk> repeated.
-        # Checked after the conversion, so a value the run dtype cannot hold (fp32 -> fp16) is caught too.
-        if not all_finite(state[name]):
-            if all_finite(stored):
-                raise UserError(f"tensor {key} overflows {str(dtype).removeprefix('torch.')}: load the model "
-                                "in bfloat16 or float32 (--dtype)")
-            raise UserError(f"tensor {key} in {path.name} holds NaN or inf values: the file is damaged, "
-                            "download it again")
-    if tied:
-        state["language_model.lm_head.weight"] = state["language_model.model.embed_tokens.weight"]
-    model.load_state_dict(state, assign=True)
-    if tied:  # assign=True replaced both parameters: tie them again
-        model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
-
-
-def stored_dtype(files: list[Path]) -> torch.dtype:
-    """The floating dtype the checkpoint was saved in (fp16 for the published llava-hf files)."""
-    with open_safetensors(files[0]) as f:
-        for key in f.keys():
-            dtype = STORED_DTYPES.get(f.get_slice(key).get_dtype())
-            if dtype is not None:
-                return dtype
-    return torch.float32
-
-
-def load_model(path, device=None, dtype=None) -> LlavaForConditionalGeneration:
-    folder = Path(path)
-    config = read_config(folder)
-    files = checkpoint_files(folder)
-    device = resolve_device(device)
-    dtype = resolve_dtype(dtype, stored_dtype(files), device)
-    with torch.device("meta"):
-        model = LlavaForConditionalGeneration(config)
-    load_weights(model, files, dtype, device)
-    return model.eval().requires_grad_(False)
+        return self.language_model(self.embed(input_ids, pixel_values, image_sizes), cache, last_only, visible)

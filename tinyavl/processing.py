@@ -1,24 +1,32 @@
-"""Turn a question and an image into model inputs, and generated ids back into text (LLaVA-1.5).
+"""Turn a question and an image into model inputs, and generated ids back into text (LLaVA-1.5 and 1.6).
 
     image  -> RGB -> resize (short side = shortest_edge, bicubic) -> center crop -> /255 -> normalise
-           -> pixel_values [1, 3, crop, crop]
-    prompt -> "{system} USER: <image>\\n{question} ASSISTANT:" -> ids from tokenizer.json, with the single
-              <image> id widened to num_image_tokens copies: the slots the projected image features fill
+           -> pixel_values [1, 3, crop, crop]                                       (LLaVA-1.5: one crop)
+           -> the whole image squeezed to one crop, then the tiles of its anyres canvas, each as above
+           -> pixel_values [1, n_crops, 3, crop, crop], image_sizes [1, 2]          (LLaVA-1.6)
+    prompt -> the folder's chat template (or "{system} USER: <image>\\n{question} ASSISTANT:") -> ids from
+              tokenizer.json, with the single <image> id widened to one slot per image feature
            -> input_ids [1, T]
 
-The numbers equal transformers' CLIPImageProcessor (PIL backend) and LlavaProcessor, which are only
-used as an oracle in tests/test_processing.py. Tokenisation itself is the `tokenizers` library
-running the checkpoint's own tokenizer.json.
+The numbers equal transformers' CLIPImageProcessor and LlavaNextImageProcessor (PIL backends), and
+LlavaProcessor / LlavaNextProcessor, which are only used as oracles in the tests. Tokenisation itself is
+the `tokenizers` library running the checkpoint's own tokenizer.json; the chat template is rendered by
+jinja2, as transformers renders it.
 """
 import json
 import math
 import os
 from pathlib import Path
 
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+import jinja2.sandbox
 import torch
 from PIL import Image, UnidentifiedImageError
 from tokenizers import Tokenizer
 
+from tinyavl import anyres
 from tinyavl.errors import UserError
 
 IMAGE_TOKEN = "<image>"
@@ -89,12 +97,77 @@ def check_question(question: str) -> None:
                         "before the question")
 
 
+# ---------------------------------------------------------------------------------------------------
+# Chat templates: llava-hf folders ship their prompt format as a Jinja template. It is rendered as
+# transformers' apply_chat_template renders it (src/transformers/utils/chat_template_utils.py): a
+# sandboxed environment with trim_blocks and lstrip_blocks, loop controls, its {% generation %} tag, and
+# the raise_exception and tojson helpers templates call.
+# ---------------------------------------------------------------------------------------------------
+
+class _GenerationTag(jinja2.ext.Extension):
+    """transformers' {% generation %} ... {% endgeneration %}: it marks the assistant's text for training
+    masks; rendered, it is just its body."""
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller):
+        return caller()
+
+
+def _raise_exception(message):
+    raise jinja2.TemplateError(message)
+
+
+def compile_chat_template(source: str) -> jinja2.Template:
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                       extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
+    env.globals["raise_exception"] = _raise_exception
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateError as err:
+        raise UserError(f"the folder's chat template does not parse ({err}): download chat_template.json again, "
+                        "or delete it to use LLaVA-1.5's prompt format") from None
+
+
+def render_chat_template(template: jinja2.Template, messages: list[dict]) -> str:
+    """The prompt for `messages`, ending where the assistant's answer begins (add_generation_prompt)."""
+    try:
+        return template.render(messages=messages, add_generation_prompt=True)
+    except (jinja2.TemplateError, TypeError, ValueError, KeyError) as err:
+        raise UserError(f"the folder's chat template fails to render a user turn ({err}): download "
+                        "chat_template.json again, or delete it to use LLaVA-1.5's prompt format") from None
+
+
+def read_chat_template(folder: Path) -> str | None:
+    """The template of chat_template.jinja, or the "chat_template" of chat_template.json; None if neither."""
+    jinja_file = folder / "chat_template.jinja"
+    if jinja_file.is_file():
+        try:
+            return jinja_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise UserError(f"{jinja_file} is not UTF-8 text ({err}): download it again") from None
+    json_file = folder / "chat_template.json"
+    if not json_file.is_file():
+        return None
+    template = _read_json(json_file).get("chat_template")
+    if not isinstance(template, str):
+        raise UserError(f"{json_file} has no \"chat_template\" string: download it again, or delete it to use "
+                        "LLaVA-1.5's prompt format")
+    return template
+
+
 class Processor:
-    """Prompt text and image -> {"input_ids", "pixel_values"}; generated ids -> text."""
+    """Prompt text and image -> {"input_ids", "pixel_values", "image_sizes"}; generated ids -> text."""
 
     def __init__(self, tokenizer: Tokenizer, image_token_id: int, num_image_tokens: int, image_size: int,
                  shortest_edge: int, image_mean=CLIP_MEAN, image_std=CLIP_STD,
-                 resample: int = Image.Resampling.BICUBIC, system_prompt: str = ""):
+                 resample: int = Image.Resampling.BICUBIC, system_prompt: str = "", chat_template: str | None = None,
+                 image_grid_pinpoints=None, patch_size: int | None = None):
         found = tokenizer.token_to_id(IMAGE_TOKEN)
         if found is None:
             raise UserError(f"tokenizer.json has no {IMAGE_TOKEN} token: use the tokenizer of a LLaVA checkpoint")
@@ -103,7 +176,7 @@ class Processor:
                             f"{image_token_id}: the two files come from different checkpoints")
         self.tokenizer = tokenizer
         self.image_token_id = image_token_id
-        self.num_image_tokens = num_image_tokens  # e.g. 576 = (336 / 14)^2 CLIP patches
+        self.num_image_tokens = num_image_tokens  # of one crop: e.g. 576 = (336 / 14)^2 CLIP patches
         self.bos_token_id = _special_id(tokenizer, "<s>")
         self.eos_token_id = _special_id(tokenizer, "</s>")
         self.image_size = image_size  # side of the square crop the vision tower sees
@@ -111,35 +184,58 @@ class Processor:
         self.image_mean = torch.tensor(image_mean, dtype=torch.float32).view(3, 1, 1)  # [3, 1, 1]
         self.image_std = torch.tensor(image_std, dtype=torch.float32).view(3, 1, 1)  # [3, 1, 1]
         self.resample = Image.Resampling(resample)
-        self.system_prompt = system_prompt  # text in front of "USER:" in every chat prompt ("" = none)
+        self.system_prompt = system_prompt  # text in front of "USER:" without a chat template ("" = none)
+        self.chat_template = None if chat_template is None else compile_chat_template(chat_template)
+        # LLaVA-1.6: the anyres canvases, and the tower's patch size that counts an image's tokens.
+        self.image_grid_pinpoints = image_grid_pinpoints
+        self.patch_size = patch_size
 
     @classmethod
-    def from_pretrained(cls, folder, image_token_id: int, num_image_tokens: int,
-                        vision_image_size: int) -> "Processor":
-        """Build from a checkpoint folder: tokenizer.json (required); preprocessor_config.json and
-        processor_config.json (its "system_prompt") optional."""
-        path = Path(folder) / "tokenizer.json"
+    def from_pretrained(cls, folder, image_token_id: int, num_image_tokens: int, vision_image_size: int,
+                        image_grid_pinpoints=None, patch_size: int | None = None) -> "Processor":
+        """Build from a checkpoint folder: tokenizer.json (required); preprocessor_config.json, the chat
+        template (chat_template.jinja, or chat_template.json's "chat_template") and processor_config.json
+        (its "system_prompt", used when there is no template) optional."""
+        folder = Path(folder)
+        path = folder / "tokenizer.json"
         if not path.is_file():
             raise UserError(f"{path} not found: copy the checkpoint's tokenizer.json into the model folder")
         try:
             tokenizer = Tokenizer.from_file(str(path))
         except Exception as e:  # the tokenizers library raises a bare Exception
             raise UserError(f"{path} is not a valid tokenizer.json ({e}): download it again") from None
-        pre = _read_preprocessor_config(Path(folder) / "preprocessor_config.json", vision_image_size)
-        system_prompt = _read_json(Path(folder) / "processor_config.json").get("system_prompt", "")
+        pre = _read_preprocessor_config(folder / "preprocessor_config.json", vision_image_size)
+        # The processor counts an image's slots from these canvases and the model tiles it on config.json's:
+        # two lists would give a prompt whose slots and features do not match.
+        pre_pinpoints = _read_json(folder / "preprocessor_config.json").get("image_grid_pinpoints")
+        if image_grid_pinpoints is not None and pre_pinpoints is not None and \
+                [tuple(p) for p in pre_pinpoints] != [tuple(p) for p in image_grid_pinpoints]:
+            raise UserError(f"{folder / 'preprocessor_config.json'} tiles images on image_grid_pinpoints "
+                            f"{pre_pinpoints} but config.json on {image_grid_pinpoints}: the files come from "
+                            "different checkpoints")
+        system_prompt = _read_json(folder / "processor_config.json").get("system_prompt", "")
         if not isinstance(system_prompt, str):
-            raise UserError(f"{Path(folder) / 'processor_config.json'} has a system_prompt that is not a string")
-        return cls(tokenizer, image_token_id, num_image_tokens, **pre, system_prompt=system_prompt)
+            raise UserError(f"{folder / 'processor_config.json'} has a system_prompt that is not a string")
+        return cls(tokenizer, image_token_id, num_image_tokens, **pre, system_prompt=system_prompt,
+                   chat_template=read_chat_template(folder), image_grid_pinpoints=image_grid_pinpoints,
+                   patch_size=patch_size)
 
     def chat_prompt(self, question: str, has_image: bool = True) -> str:
-        """The llava-1.5 chat format for one user turn; the model's answer follows "ASSISTANT:".
-        With a system prompt it comes first, as in LLaVA's training: "{system} USER: ..."."""
+        """One user turn, ready for the model's answer: the folder's chat template rendered as transformers'
+        apply_chat_template(add_generation_prompt=True) renders it, or without a template llava-1.5's
+        format, "{system} USER: <image>\\n{question} ASSISTANT:" (the system prompt, if any, first)."""
         check_question(question)
+        if self.chat_template is not None:
+            content = ([{"type": "image"}] if has_image else []) + [{"type": "text", "text": question}]
+            return render_chat_template(self.chat_template, [{"role": "user", "content": content}])
         turn = f"USER: {IMAGE_TOKEN}\n{question} ASSISTANT:" if has_image else f"USER: {question} ASSISTANT:"
         return f"{self.system_prompt} {turn}" if self.system_prompt else turn
 
     def __call__(self, text: str, image=None) -> dict:
-        """Prompt (with one <image> where the picture goes, or none) and image (path or PIL) -> model inputs."""
+        """Prompt (with one <image> where the picture goes, or none) and image (path or PIL) -> model inputs:
+        input_ids [1, T]; pixel_values [1, 3, S, S] (LLaVA-1.5) or [1, n_crops, 3, S, S] (LLaVA-1.6);
+        image_sizes [1, 2], the image's (height, width), which LLaVA-1.6 tiles by (None for LLaVA-1.5, as
+        transformers' LlavaProcessor gives none). Without an image both are None."""
         n = text.count(IMAGE_TOKEN)
         if n > 1:
             raise UserError(f"the prompt has {n} {IMAGE_TOKEN} placeholders, but tinyavl takes one image per "
@@ -152,14 +248,41 @@ class Processor:
                             f"remove {IMAGE_TOKEN}")
         # tokenizer.json's post-processor puts <s> (BOS) in front; no </s> is added.
         ids = self.tokenizer.encode(text).ids
-        pixel_values = None
+        pixel_values = image_sizes = None
         if image is not None:
+            img = load_image(image) if isinstance(image, (str, os.PathLike)) else to_rgb(image)
+            image_hw = (img.height, img.width)
             # "<image>" is one special token; widen it to one slot per image feature. transformers repeats
-            # "<image>" num_image_tokens times in the text before tokenising: the ids are the same.
+            # "<image>" that many times in the text before tokenising: the ids are the same.
             at = ids.index(self.image_token_id)
-            ids[at:at + 1] = [self.image_token_id] * self.num_image_tokens
-            pixel_values = self.preprocess(image)[None]  # [1, 3, H, W]
-        return {"input_ids": torch.tensor([ids], dtype=torch.long), "pixel_values": pixel_values}  # ids: [1, T]
+            ids[at:at + 1] = [self.image_token_id] * self.image_token_count(image_hw)
+            if self.image_grid_pinpoints is None:
+                pixel_values = self.preprocess(img)[None]                                  # [1, 3, S, S]
+            else:
+                pixel_values = torch.stack([self.preprocess(crop) for crop in self.anyres_crops(img)])[None]
+                image_sizes = torch.tensor([image_hw])                                     # [1, 2]
+        return {"input_ids": torch.tensor([ids], dtype=torch.long),   # [1, T]
+                "pixel_values": pixel_values, "image_sizes": image_sizes}
+
+    def image_token_count(self, image_hw: tuple[int, int]) -> int:
+        """The slots an image of this (height, width) takes in the prompt."""
+        if self.image_grid_pinpoints is None:
+            return self.num_image_tokens
+        return anyres.image_token_count(image_hw, self.image_grid_pinpoints, self.image_size, self.patch_size)
+
+    def anyres_crops(self, img: Image.Image) -> list[Image.Image]:
+        """LLaVA-1.6: the whole image squeezed to the crop size (the base crop), then the tiles of its
+        canvas in reading order: resized to fit the canvas with its aspect kept, centred on black."""
+        tile = self.image_size
+        canvas_h, canvas_w = anyres.best_resolution((img.height, img.width), self.image_grid_pinpoints)
+        new_h, new_w = anyres.fitted_size((img.height, img.width), (canvas_h, canvas_w))
+        canvas = Image.new("RGB", (canvas_w, canvas_h))  # black
+        canvas.paste(img.resize((new_w, new_h), resample=self.resample),
+                     ((canvas_w - new_w) // 2, (canvas_h - new_h) // 2))
+        tiles = [canvas.crop((left, top, left + tile, top + tile))
+                 for top in range(0, canvas_h, tile) for left in range(0, canvas_w, tile)]
+        base = img.resize((self.shortest_edge, self.shortest_edge), resample=self.resample)
+        return [base] + tiles
 
     def preprocess(self, image) -> torch.Tensor:
         """A path or PIL image -> normalised pixels [3, image_size, image_size], as CLIPImageProcessor (PIL)."""
@@ -197,7 +320,8 @@ def _read_preprocessor_config(path: Path, vision_image_size: int) -> dict:
     """Processor settings from preprocessor_config.json; llava-1.5 defaults when the file is absent.
 
     Read: size.shortest_edge, crop_size (must equal the vision tower's input), image_mean, image_std,
-    resample. rescale_factor is always 1/255.
+    resample. rescale_factor is always 1/255. (LLaVA-1.6's image_grid_pinpoints, also written there, are
+    read from config.json; from_pretrained checks that the two agree.)
     """
     cfg = _read_json(path)
     for step in ("do_resize", "do_center_crop", "do_rescale", "do_normalize"):

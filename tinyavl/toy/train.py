@@ -54,6 +54,7 @@ from tinyavl.toy.scenes import COLOURS, DIGITS, IMAGE_SIZE, PATCH, PROMPT_KINDS,
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
 IMAGE_DROPOUT = 0.0  # the largest fraction of a training sequence's image tokens hidden (off: see hide_image_tokens)
+IMAGE_DROPOUT_SHARE = 1.0  # the share of training sequences that get image-token dropout at all
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -213,10 +214,12 @@ def make_batch(stream, processor: Processor, batch_size: int, turns: int, pad_id
 # Training
 # ---------------------------------------------------------------------------------------------------
 
-def hide_image_tokens(input_ids, image_token_id: int, max_fraction: float, generator) -> torch.Tensor:
-    """attention_mask (B, T) for image-token dropout: in each sequence a uniformly random fraction
-    (drawn from [0, max_fraction)) of its image tokens, chosen uniformly at random, is hidden from
-    every query; their positions stay. Text tokens are never hidden.
+def hide_image_tokens(input_ids, image_token_id: int, max_fraction: float, generator,
+                      share: float = IMAGE_DROPOUT_SHARE) -> torch.Tensor:
+    """attention_mask (B, T) for image-token dropout: each sequence is picked with probability `share`,
+    and in a picked sequence a uniformly random fraction (drawn from [0, max_fraction)) of its image
+    tokens, chosen uniformly at random, is hidden from every query; their positions stay. Text tokens
+    are never hidden.
 
     Why: a real LVLM's image is redundant (FastV's LLaVA-1.5 keeps 98.9% of its score with a random
     half of the image tokens gone) because CLIP's 24 layers spread each object over many tokens and
@@ -227,6 +230,9 @@ def hide_image_tokens(input_ids, image_token_id: int, max_fraction: float, gener
     sequence, question and answers alike, not evicted from a cache after a prefill."""
     visible = torch.ones_like(input_ids)                                         # (B, T)
     for row in range(input_ids.shape[0]):
+        # No draw when every sequence is picked, so share 1 replays the masks of a run without the knob.
+        if share < 1 and torch.rand((), generator=generator).item() >= share:
+            continue
         image_positions = (input_ids[row] == image_token_id).nonzero().flatten()  # (N_img,)
         fraction = max_fraction * torch.rand((), generator=generator).item()
         n_hidden = int(fraction * len(image_positions))
@@ -259,11 +265,13 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
 
 
 def train(steps: int, batch_size: int = 32, lr: float = 2e-3, seed: int = 0, turns: int = 4, aux_weight: float = 1.0,
-          image_dropout: float = IMAGE_DROPOUT, log_every: int = 100, eval_every: int = 0,
+          image_dropout: float = IMAGE_DROPOUT, image_dropout_share: float = IMAGE_DROPOUT_SHARE,
+          log_every: int = 100, eval_every: int = 0,
           config_overrides: dict | None = None, log=None):
     """Train a toy model from scratch; returns (model, processor, history of (step, lm_loss, aux_loss)).
 
-    image_dropout is the largest fraction of a sequence's image tokens `hide_image_tokens` hides (0: off).
+    image_dropout is the largest fraction of a sequence's image tokens `hide_image_tokens` hides (0: off),
+    in the share image_dropout_share of the sequences.
     Every eval_every steps (0: never) the greedy accuracy on 10 held-out scenes (seed 0) is printed."""
     log = log or partial(print, flush=True)
     torch.manual_seed(seed)
@@ -290,7 +298,7 @@ def train(steps: int, batch_size: int = 32, lr: float = 2e-3, seed: int = 0, tur
         batch = make_batch(stream, processor, batch_size, turns, pad_id)
         if image_dropout:
             batch["attention_mask"] = hide_image_tokens(batch["input_ids"], image_token_id, image_dropout,
-                                                        dropout_generator)
+                                                        dropout_generator, image_dropout_share)
         lm_loss, aux_loss = losses(model, probe, batch)
         optimizer.zero_grad(set_to_none=True)
         (lm_loss + aux_weight * aux_loss).backward()
@@ -374,6 +382,8 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="weights init and the training scene stream")
     parser.add_argument("--image-dropout", type=float, default=IMAGE_DROPOUT,
                         help="largest fraction of a sequence's image tokens hidden in training (0: none)")
+    parser.add_argument("--image-dropout-share", type=float, default=IMAGE_DROPOUT_SHARE,
+                        help="share of training sequences that get image-token dropout (the rest see every token)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (results depend on it)")
     parser.add_argument("--eval-every", type=int, default=500,
                         help="steps between held-out accuracy reports (0: none; they do not change the weights)")
@@ -383,13 +393,15 @@ def main(argv=None) -> None:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if not 0 <= args.image_dropout < 1:
         parser.error(f"--image-dropout must be in [0, 1), got {args.image_dropout}")
+    if not 0 < args.image_dropout_share <= 1:
+        parser.error(f"--image-dropout-share must be in (0, 1], got {args.image_dropout_share}")
     try:
         check_new_folder(args.out, args.force)  # before the hour of training, not after
     except UserError as err:
         parser.error(f"--out: {err}")
     torch.set_num_threads(args.threads)
     model, processor, _ = train(args.steps, args.batch_size, args.lr, args.seed, image_dropout=args.image_dropout,
-                                eval_every=args.eval_every)
+                                image_dropout_share=args.image_dropout_share, eval_every=args.eval_every)
 
     def write(folder: Path) -> None:
         save_pretrained(model, processor, folder)

@@ -1,0 +1,333 @@
+"""LLaVA-1.6 (LLaVA-NeXT) against transformers: anyres geometry, processor, chat template, model, policies.
+
+Oracles: transformers' select_best_resolution and get_patch_output_size; the folder's own processor as
+transformers loads it (AutoProcessor: LlavaNextImageProcessorPil + LlavaNextProcessor, whose
+apply_chat_template renders the folder's chat template); LlavaNextForConditionalGeneration in fp32 with
+eager attention, holding the very weights written to the folder tinyavl loads (tests/tiny_checkpoints.py,
+NEXT_VARIANTS: Vicuna and Mistral decoders, MHA and GQA, 28 px tiles of 4 x 4 patches).
+"""
+import json
+import math
+import random
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import tinyavl
+from test_cli import assert_user_error, run_inprocess
+from tiny_checkpoints import LAYOUTS, NEXT_PINPOINTS, NEXT_VARIANTS, make_image, published_state_dict, tokenizer_info
+from tinyavl import anyres
+from tinyavl.attention_map import HEADER, PANEL, SCALE, image_heat, seen_image, token_pictures
+
+LOGIT_ATOL = 1e-4
+GREEDY_STEPS = 8
+LLAVA_V16_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # the published list
+# Source images (width, height) on the 28 px tiles: every canvas of NEXT_PINPOINTS is chosen by one of them.
+IMAGE_SHAPES = {"square": (60, 60), "wide": (90, 40), "tall": (35, 80), "under_a_tile": (20, 15),
+                "one_to_three": (31, 93)}
+QUESTION = "What colour is the circle on the left?"
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_ckpt):
+    """variant name -> (tinyavl model, tinyavl processor, HF model, HF processor of the same folder)."""
+    from transformers import AutoProcessor
+
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            folder = tiny_ckpt.folder(name)
+            model, processor = tinyavl.load_pretrained(folder, device="cpu")
+            cache[name] = (model, processor, tiny_ckpt.model(name), AutoProcessor.from_pretrained(folder))
+        return cache[name]
+
+    return get
+
+
+def user_turn(question: str, image: bool = True) -> list[dict]:
+    content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": question}]
+    return [{"role": "user", "content": content}]
+
+
+# ------------------------------------------------------------------------------------------- geometry
+def random_sizes(n: int, seed: int, largest: int = 1600) -> list[tuple[int, int]]:
+    rng = random.Random(seed)
+    return [(rng.randint(1, largest), rng.randint(1, largest)) for _ in range(n)]
+
+
+EDGE_SIZES = [(1, 1), (336, 336), (672, 672), (480, 640), (1008, 336), (336, 1008), (337, 1009), (2000, 15)]
+
+
+def test_canvas_choice_and_fit_match_transformers():
+    from transformers.image_processing_utils import get_patch_output_size, select_best_resolution
+    from transformers.image_utils import ChannelDimension
+
+    for pinpoints in (LLAVA_V16_PINPOINTS, NEXT_PINPOINTS):
+        for hw in EDGE_SIZES + random_sizes(300, seed=1):
+            canvas = anyres.best_resolution(hw, pinpoints)
+            assert canvas == tuple(select_best_resolution(hw, pinpoints)), hw
+            image = np.zeros((3, *hw), dtype=np.uint8)
+            assert anyres.fitted_size(hw, canvas) == tuple(get_patch_output_size(image, canvas, ChannelDimension.FIRST))
+
+
+def test_token_counts_match_transformers_processor_at_llava_v16_sizes(tiny_ckpt):
+    """At LLaVA-1.6-7B's sizes (336 px tiles, 14 px patches, the published canvases) the image block has as
+    many tokens as LlavaNextProcessor puts in the prompt, and the familiar ones by hand: a 672 x 672 image
+    is 576 (base) + 48 x 48 (2 x 2 tiles of 24 x 24) + 48 newlines = 2928."""
+    from transformers import AutoTokenizer, LlavaNextProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    hf = LlavaNextProcessor(
+        image_processor=LlavaNextImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+                                                   image_grid_pinpoints=LLAVA_V16_PINPOINTS),
+        tokenizer=AutoTokenizer.from_pretrained(tiny_ckpt.folder("next_vicuna_mha")), patch_size=14,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    sizes = EDGE_SIZES + random_sizes(200, seed=2)
+    expected = hf._get_num_multimodal_tokens(image_sizes=sizes).num_image_tokens
+    assert [anyres.image_token_count(hw, LLAVA_V16_PINPOINTS, 336, 14) for hw in sizes] == expected
+    by_hand = {(672, 672): 576 + 48 * 48 + 48, (336, 336): 576 + 24 * 25, (480, 640): 2340, (1008, 336): 2376,
+               (336, 1008): 2328}
+    assert {hw: anyres.image_token_count(hw, LLAVA_V16_PINPOINTS, 336, 14) for hw in by_hand} == by_hand
+
+
+def test_unpadded_region_is_centred_and_keeps_the_image_aspect():
+    """Hand cases: a 1 x 2 canvas map of 24 x 48 features holding a square image keeps its middle 24
+    columns; a 2 x 2 map of 48 x 48 holding a 480 x 640 (h x w) image keeps rows 6..42 (36 = 48 x 3 / 4)."""
+    assert anyres.unpadded_region((336, 336), (24, 48)) == (slice(0, 24), slice(12, 36))
+    assert anyres.unpadded_region((480, 640), (48, 48)) == (slice(6, 42), slice(0, 48))
+    assert anyres.unpadded_region((672, 672), (48, 48)) == (slice(0, 48), slice(0, 48))
+
+
+# ------------------------------------------------------------------------------------------- loading
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shards,stored", [(1, torch.float32), (2, torch.float16)])
+def test_next_folders_load_in_every_layout(tiny_ckpt, layout, shards, stored):
+    """The hub layout and transformers 4.52-4.57's and 5.x's save_pretrained ones, one file or shards, fp32
+    or fp16 (run as bf16 on a CPU): every tensor, image_newline included, is the stored one."""
+    model, _ = tinyavl.load_pretrained(tiny_ckpt.folder("next_mistral_gqa", layout, shards, stored), device="cpu")
+    expected = torch.bfloat16 if stored == torch.float16 else stored
+    ours, ref = model.state_dict(), published_state_dict(tiny_ckpt.model("next_mistral_gqa"))
+    assert "image_newline" in ours
+    for key, tensor in ours.items():
+        assert tensor.dtype == expected and torch.equal(tensor, ref[key].to(stored).to(expected)), key
+
+
+# ------------------------------------------------------------------------------------------- processor
+@pytest.mark.parametrize("shape", IMAGE_SHAPES)
+def test_processor_matches_transformers(loaded, shape):
+    _, processor, _, hf_processor = loaded("next_vicuna_mha")
+    image = make_image(*IMAGE_SHAPES[shape], seed=list(IMAGE_SHAPES).index(shape))
+    prompt = processor.chat_prompt(QUESTION)
+    ours = processor(prompt, image)
+    theirs = hf_processor(images=image, text=prompt, return_tensors="pt")
+    assert ours["input_ids"].tolist() == theirs["input_ids"].tolist()
+    assert ours["image_sizes"].tolist() == theirs["image_sizes"].tolist() == [[image.height, image.width]]
+    assert ours["pixel_values"].shape == theirs["pixel_values"].shape
+    assert ours["pixel_values"].shape[2:] == (3, 28, 28) and ours["pixel_values"].shape[1] >= 3  # base + >= 2 tiles
+    torch.testing.assert_close(ours["pixel_values"], theirs["pixel_values"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", NEXT_VARIANTS)
+@pytest.mark.parametrize("image", [True, False], ids=["image", "text_only"])
+def test_chat_prompt_equals_apply_chat_template(loaded, name, image):
+    _, processor, _, hf_processor = loaded(name)
+    for question in (QUESTION, "Describe it.\nBe brief.", "  spaces  "):
+        theirs = hf_processor.apply_chat_template(user_turn(question, image), add_generation_prompt=True,
+                                                  tokenize=False)
+        assert processor.chat_prompt(question, has_image=image) == theirs
+    assert processor.chat_prompt("Hi").startswith("[INST]" if "mistral" in name else "USER:")
+
+
+# ------------------------------------------------------------------------------------------- model
+CASES = [(name, case) for name in NEXT_VARIANTS for case in (*IMAGE_SHAPES, "text_only")]
+
+
+@pytest.mark.parametrize("name,case", CASES, ids=[f"{n}-{c}" for n, c in CASES])
+def test_logits_and_greedy_match_transformers(loaded, name, case):
+    model, processor, hf_model, _ = loaded(name)
+    if case == "text_only":
+        inputs = processor(processor.chat_prompt(QUESTION, has_image=False))
+        images = {}
+    else:
+        image = make_image(*IMAGE_SHAPES[case], seed=list(IMAGE_SHAPES).index(case))
+        inputs = processor(processor.chat_prompt(QUESTION), image)
+        images = {"pixel_values": inputs["pixel_values"], "image_sizes": inputs["image_sizes"]}
+    ids = inputs["input_ids"]
+    with torch.no_grad():
+        ours = model(**inputs)
+        ref = hf_model(input_ids=ids, **images).logits
+    assert ours.shape == ref.shape
+    diff = (ours - ref).abs().max().item()
+    print(f"\n[next parity] {name} {case} T={ids.shape[1]} max|dlogit|={diff:.2e}")
+    assert diff <= LOGIT_ATOL
+
+    never = tokenizer_info()["vocab_size"] + 1000
+    out = hf_model.generate(input_ids=ids, **images, do_sample=False, max_new_tokens=GREEDY_STEPS, min_new_tokens=0,
+                            eos_token_id=never, pad_token_id=tokenizer_info()["pad_token_id"], output_scores=True,
+                            return_dict_in_generate=True)
+    ref_tokens = out.sequences[0, ids.shape[1]:].tolist()
+    gaps = [float(s[0].topk(2).values[0] - s[0].topk(2).values[1]) for s in out.scores]
+    assert len(ref_tokens) == GREEDY_STEPS and min(gaps) > 1e-3, (ref_tokens, gaps)  # clear-cut choices only
+    tokens, _ = tinyavl.generate(model, **inputs, max_new_tokens=GREEDY_STEPS, eos_token_id=())
+    assert tokens == ref_tokens
+
+
+def test_newline_ends_every_row_of_the_tile_map(loaded):
+    """The image block is [base crop | map rows, each closed by image_newline]: the feature after every
+    row of the unpadded map is the newline vector itself, and nowhere else."""
+    model, processor, _, _ = loaded("next_vicuna_gqa")
+    image = make_image(*IMAGE_SHAPES["wide"], seed=1)
+    inputs = processor(processor.chat_prompt(QUESTION), image)
+    with torch.no_grad():
+        features = model.image_features(inputs["pixel_values"], inputs["image_sizes"])[0]   # (N_img, C)
+    hw = (image.height, image.width)
+    rows, columns = anyres.tile_grid(hw, NEXT_PINPOINTS, 28)
+    kept_rows, kept_columns = anyres.unpadded_region(hw, (4 * rows, 4 * columns))
+    n_rows, width = kept_rows.stop - kept_rows.start, kept_columns.stop - kept_columns.start + 1
+    assert features.shape[0] == 16 + n_rows * width == int((inputs["input_ids"] == model.config.image_token_id).sum())
+    is_newline = (features == model.image_newline).all(-1)                                   # (N_img,)
+    assert is_newline.nonzero().flatten().tolist() == [16 + r * width + width - 1 for r in range(n_rows)]
+
+
+# ------------------------------------------------------------------------------------------- policies
+@pytest.mark.parametrize("policy,params", [("full", {}), ("random", dict(S=0.5)), ("random", dict(S=0.3)),
+                                           ("avl", {}), ("fastv", dict(filter_layer=1, R=0.5))])
+def test_image_budgets_are_exact_on_the_next_block(loaded, policy, params):
+    """N_img is the whole NeXT block, newlines included: `random` and A-VL keep floor(S N_img) image rows in
+    every layer, FastV floor((1 - R) N_img) from its layer on, `full` all of them."""
+    model, processor, _, _ = loaded("next_mistral_gqa")
+    image = make_image(*IMAGE_SHAPES["tall"], seed=2)
+    inputs = processor(processor.chat_prompt(QUESTION), image)
+    n_img = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    assert n_img == anyres.image_token_count((image.height, image.width), NEXT_PINPOINTS, 28, 7)
+    _, stats = tinyavl.generate(model, **inputs, max_new_tokens=4, eos_token_id=(), policy=policy, **params)
+    row = 2 * 2 * 16 * 4  # K and V, 2 KV heads x 16, fp32
+    kept = {"full": [n_img] * 2, "random": [math.floor(params.get("S", 0.5) * n_img)] * 2,
+            "avl": [math.floor(0.5 * n_img)] * 2,
+            "fastv": [n_img, math.floor((1 - params.get("R", 0.5)) * n_img)]}[policy]
+    assert [layer["image"] for layer in stats.layer_bytes_after_prefill] == [k * row for k in kept]
+
+
+# ------------------------------------------------------------------------------------------- bad input
+@pytest.fixture()
+def next_folder(tiny_ckpt, tmp_path):
+    folder = tmp_path / "next"
+    shutil.copytree(tiny_ckpt.folder("next_vicuna_mha"), folder)
+    return folder
+
+
+def edit_config(folder, change):
+    config = json.loads((folder / "config.json").read_text())
+    change(config)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def run_bad(capsys, folder, tmp_path, *mentions):
+    image = tmp_path / "image.png"
+    make_image(40, 30, seed=0).save(image)
+    rc, out, err = run_inprocess(capsys, ["--image", image, "--weights", folder, "--max-new-tokens", "2"])
+    assert_user_error(rc, out, err, *mentions)
+
+
+@pytest.mark.parametrize("pinpoints", ["absent", [], [[28, 50]], [[28]], "abc", [[28, -28]], [[28.0, 56]]],
+                         ids=["missing", "empty", "not_a_tile_multiple", "one_number", "string", "negative", "float"])
+def test_bad_image_grid_pinpoints(next_folder, tmp_path, capsys, pinpoints):
+    edit_config(next_folder, lambda c: c.pop("image_grid_pinpoints") if pinpoints == "absent"
+                else c.__setitem__("image_grid_pinpoints", pinpoints))
+    run_bad(capsys, next_folder, tmp_path, "image_grid_pinpoints")
+
+
+def test_missing_image_newline(next_folder, tmp_path, capsys):
+    path = next_folder / "model.safetensors"
+    tensors = load_file(path)
+    del tensors["image_newline"]
+    save_file(tensors, path)
+    run_bad(capsys, next_folder, tmp_path, "image_newline")
+
+
+@pytest.mark.parametrize("template,mentions", [
+    ("{{ raise_exception('only system turns') }}", ("chat template", "only system turns")),
+    ("{{ messages[0]['content'][5]['text'] }}", ("chat template",)),
+    ("{% for m in messages %}", ("chat template", "does not parse")),
+])
+def test_template_that_fails(next_folder, tmp_path, capsys, template, mentions):
+    (next_folder / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    run_bad(capsys, next_folder, tmp_path, *mentions)
+
+
+@pytest.mark.parametrize("window", [4096, "absent"])
+def test_mistral_with_a_sliding_window_is_refused(tiny_ckpt, tmp_path, capsys, window):
+    folder = tmp_path / "mistral"
+    shutil.copytree(tiny_ckpt.folder("next_mistral_gqa"), folder)
+    edit_config(folder, lambda c: c["text_config"].pop("sliding_window") if window == "absent"
+                else c["text_config"].__setitem__("sliding_window", window))
+    run_bad(capsys, folder, tmp_path, "sliding_window")
+
+
+def test_preprocessor_and_config_disagreeing_on_the_canvases(next_folder, tmp_path, capsys):
+    path = next_folder / "preprocessor_config.json"
+    pre = json.loads(path.read_text())
+    pre["image_grid_pinpoints"] = [[28, 56]]
+    path.write_text(json.dumps(pre))
+    run_bad(capsys, next_folder, tmp_path, "image_grid_pinpoints", "preprocessor_config.json")
+
+
+# ------------------------------------------------------------------------------------------- attention map
+def test_attention_map_pictures_and_heat_on_the_next_block(loaded):
+    """The heat is transformers' last-row attention over the whole block; the pictures give every token a
+    cell except the newlines: the base crop's 4 x 4 over crop 0, the unpadded map over the stitched tiles."""
+    model, processor, hf_model, _ = loaded("next_vicuna_gqa")
+    image = make_image(*IMAGE_SHAPES["wide"], seed=3)
+    inputs = processor(processor.chat_prompt(QUESTION), image)
+    with torch.no_grad():
+        attentions = hf_model(**inputs, output_attentions=True).attentions          # per layer (1, H, T, T)
+        features = model.image_features(inputs["pixel_values"], inputs["image_sizes"])[0]
+    block = (inputs["input_ids"][0] == model.config.image_token_id).nonzero().flatten()
+    for layer, weights in enumerate(attentions):
+        heat = image_heat(model, inputs["input_ids"], inputs["pixel_values"], layer, inputs["image_sizes"])
+        torch.testing.assert_close(heat, weights[0, :, -1, block].mean(0), atol=1e-5, rtol=0)
+
+    base, high = token_pictures(model, processor, inputs)
+    assert base.tokens.tolist() == list(range(16)) and base.grid == (4, 4)
+    assert base.image.tobytes() == seen_image(inputs["pixel_values"][0, 0], processor).tobytes()
+    newlines = (features == model.image_newline).all(-1).nonzero().flatten().tolist()
+    assert sorted(high.tokens.tolist() + newlines + base.tokens.tolist()) == list(range(len(block)))
+    rows, columns = high.grid
+    assert len(newlines) == rows and high.image.size == (7 * columns, 7 * rows)
+
+
+def test_main_draws_the_next_attention_map(tiny_ckpt, tmp_path, capsys):
+    image, out = tmp_path / "wide.png", tmp_path / "map.png"
+    make_image(*IMAGE_SHAPES["wide"], seed=4).save(image)
+    rc, _, err = run_inprocess(capsys, ["--image", image, "--weights", tiny_ckpt.folder("next_mistral_gqa"),
+                                        "--max-new-tokens", "3", "--policy", "avl", "--attention-map", out])
+    assert rc == 0, err
+    with Image.open(out) as picture:
+        # two strips: the base crop's square panels, then the map's (wider than tall: PANEL wide)
+        assert picture.width == 2 * PANEL + 10 and picture.height > 2 * (HEADER + SCALE) + PANEL
+
+
+@pytest.mark.parametrize("name", ["next_vicuna_mha", "next_mistral_gqa"])
+def test_main_runs_a_next_folder_with_its_options(loaded, tiny_ckpt, tmp_path, capsys, name):
+    """--json, a policy and its flags, sampling: the prompt main.py builds is transformers' (same template,
+    same block length), and the policy's image rows are counted on the whole block."""
+    hf_processor = loaded(name)[3]
+    image = tmp_path / "tall.png"
+    make_image(*IMAGE_SHAPES["tall"], seed=5).save(image)
+    rc, out, err = run_inprocess(capsys, ["--image", image, "--weights", tiny_ckpt.folder(name), "--prompt", QUESTION,
+                                          "--policy", "random", "--S", "0.5", "--max-new-tokens", "4",
+                                          "--temperature", "0.7", "--seed", "3", "--json"])
+    assert rc == 0, err
+    result = json.loads(out)
+    with_image = hf_processor(images=make_image(*IMAGE_SHAPES["tall"], seed=5), return_tensors="pt",
+                              text=hf_processor.apply_chat_template(user_turn(QUESTION), add_generation_prompt=True))
+    ids = with_image["input_ids"]
+    assert result["prompt_tokens"] == ids.shape[1]
+    n_img = int((ids == tokenizer_info()["image_token_id"]).sum())
+    kv_heads = NEXT_VARIANTS[name].kv_heads
+    assert result["kv_cache_bytes_by_modality"]["image"] == 2 * (n_img // 2) * 2 * kv_heads * 16 * 4  # 2 layers

@@ -1,0 +1,309 @@
+"""Reading a llava-hf folder: config.json into a LlavaConfig, safetensors into a model, tensor by tensor.
+
+    config = read_config(folder)            # config.json, with transformers' class defaults filled in
+    model = load_model(folder)              # built on the meta device, then streamed from the files
+
+Three things make this more than `load_state_dict`:
+- A published config.json is sparse: what it leaves out takes the transformers class default, which
+  for the decoder depends on its model_type (Llama's and Mistral's differ). `parse_config` applies them.
+- Three key layouts exist (the hub files; transformers 4.52-4.57's and 5.x's save_pretrained):
+  `published_key` rewrites the others onto the hub's, so one set of module names reads all three.
+- A 7B model in fp16 is 13-14 GiB: it is never built in memory first. The model is built on the meta
+  device (shapes only), every key, shape and dtype is checked against the files, and then each tensor
+  is read from the memory-mapped file, converted, and assigned as the parameter itself.
+
+The same code reads LLaVA-1.5 (model_type "llava") and LLaVA-1.6 (model_type "llava_next", which adds
+image_grid_pinpoints to the config and image_newline to the weights), with a Llama (Vicuna) or a
+Mistral decoder. Weights load from safetensors only: a pickle (.bin) can run code when it is read.
+"""
+import json
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from tinyavl.errors import UserError
+from tinyavl.model import LLAVA_DEFAULT_VISION, LlavaConfig, LlavaForConditionalGeneration, TextConfig, VisionConfig
+
+# ---------------------------------------------------------------------------------------------------
+# config.json
+# ---------------------------------------------------------------------------------------------------
+
+# TextConfig's defaults are LlamaConfig's. MistralConfig's differ in these (transformers'
+# configuration_mistral.py); its sliding_window defaults to 4096 too, handled in parse_config.
+TEXT_MODEL_DEFAULTS = {
+    "llama": {},
+    "mistral": dict(intermediate_size=14336, num_key_value_heads=8, max_position_embeddings=4096 * 32),
+}
+MODEL_TYPES = {"llava": "LLaVA-1.5", "llava_next": "LLaVA-1.6 (LLaVA-NeXT)"}
+
+
+def parse_config(raw: dict) -> LlavaConfig:
+    """A LlavaConfig from the parsed config.json of a llava-hf folder (UserError for what tinyavl cannot run)."""
+    model_type = raw.get("model_type", "llava")
+    if model_type not in MODEL_TYPES:
+        raise UserError(f"config.json has model_type {model_type!r}: tinyavl runs LLaVA-1.5 ('llava', e.g. "
+                        "llava-hf/llava-1.5-7b-hf) and LLaVA-1.6 ('llava_next', e.g. llava-hf/llava-v1.6-vicuna-7b-hf)")
+    # Without text_config, transformers would build a Llama-2-7B decoder: never what a llava-hf folder holds.
+    if not isinstance(raw.get("text_config"), dict):
+        raise UserError("config.json has no text_config object: a llava-hf config.json describes the "
+                        "decoder there (hidden_size, num_hidden_layers, vocab_size, ...); download it again")
+    text_raw, vision_raw = dict(raw["text_config"]), raw.get("vision_config")
+    if vision_raw is not None and not isinstance(vision_raw, dict):
+        raise UserError("config.json has a vision_config that is not a JSON object: download it again")
+    text_type = text_raw.get("model_type", "llama")
+    if text_type not in TEXT_MODEL_DEFAULTS:
+        raise UserError(f"text_config.model_type is {text_type!r}: tinyavl implements the Llama (Vicuna) and "
+                        "Mistral decoders of LLaVA only")
+    if text_type == "mistral" and text_raw.get("sliding_window", 4096) is not None:
+        raise UserError(f"text_config.sliding_window is {text_raw.get('sliding_window', 4096)!r} (absent means "
+                        "Mistral's default, 4096): tinyavl implements full causal attention, as in "
+                        "llava-v1.6-mistral-7b-hf, whose config.json sets it to null")
+    if vision_raw is not None and vision_raw.get("model_type", "clip_vision_model") != "clip_vision_model":
+        raise UserError(f"vision_config.model_type is {vision_raw['model_type']!r}: tinyavl implements "
+                        "the CLIP vision tower of LLaVA only")
+    # RoPE: transformers 5.x writes rope_parameters, older versions rope_theta (+ rope_scaling).
+    rope = text_raw.get("rope_parameters") or text_raw.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise UserError(f"RoPE scaling {rope!r} is not supported: tinyavl implements plain RoPE")
+    if "rope_theta" in rope:
+        text_raw["rope_theta"] = rope["rope_theta"]
+    # Tying may be declared at the top level (LlavaConfig) or in text_config.
+    text_raw.setdefault("tie_word_embeddings", raw.get("tie_word_embeddings", False))
+    text_raw = {**TEXT_MODEL_DEFAULTS[text_type], **text_raw}
+    config = LlavaConfig(
+        text=_dataclass_from(TextConfig, text_raw),
+        vision=_dataclass_from(VisionConfig, vision_raw) if vision_raw is not None
+        else VisionConfig(**LLAVA_DEFAULT_VISION),
+        **{key: raw[key] for key in ("projector_hidden_act", "multimodal_projector_bias",
+                                     "vision_feature_layer", "vision_feature_select_strategy")
+           if key in raw},
+    )
+    config.image_token_id = raw.get("image_token_index", raw.get("image_token_id", config.image_token_id))
+    if model_type == "llava_next":
+        # transformers would fall back to the published list; a llava_next config.json always has its own.
+        if "image_grid_pinpoints" not in raw:
+            raise UserError("config.json has model_type 'llava_next' but no image_grid_pinpoints (the canvases "
+                            "LLaVA-1.6 tiles an image on): download it again")
+        config.image_grid_pinpoints = raw["image_grid_pinpoints"]
+    config.validate()
+    return config
+
+
+def _dataclass_from(cls, raw: dict):
+    """Build a config dataclass from the keys it knows; config.json holds many more (dropout, ids...)."""
+    known = {f.name for f in fields(cls)}
+    return cls(**{key: value for key, value in raw.items() if key in known})
+
+
+def read_config(folder: Path) -> LlavaConfig:
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"weights {str(folder)!r} is a file: give the llava-hf model folder that holds it")
+    if not folder.is_dir():
+        raise UserError(f"weights folder {str(folder)!r} does not exist: put a llava-hf model folder there "
+                        "(see weights/README.md)")
+    path = folder / "config.json"
+    if not path.is_file():
+        raise UserError(f"{path} is missing: a llava-hf model folder holds config.json beside its safetensors")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} must hold a JSON object")
+    try:
+        return parse_config(raw)
+    except TypeError as err:  # a field of the wrong type, e.g. a string where a number belongs
+        raise UserError(f"{path} has an invalid field: {err}") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# safetensors: key layouts, files, dtypes, streaming
+# ---------------------------------------------------------------------------------------------------
+
+# transformers' own save layouts, rewritten onto the published hub layout. Order matters:
+# the 4.52-4.57 prefixes first, then 5.x's vision tower without `vision_model.`.
+KEY_REWRITES = [
+    ("model.language_model.", "language_model.model."),
+    ("lm_head.", "language_model.lm_head."),
+    ("model.vision_tower.", "vision_tower."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("model.image_newline", "image_newline"),
+]
+
+
+def published_key(key: str) -> str:
+    """The published-layout name of a checkpoint key written by any supported transformers version."""
+    for old, new in KEY_REWRITES:
+        if key.startswith(old):
+            key = new + key[len(old):]
+            break
+    if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
+        key = "vision_tower.vision_model." + key[len("vision_tower."):]
+    return key
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The safetensors files of a folder: the shards an index names, or the single model.safetensors."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise UserError(f"{index} is not a valid safetensors index ({err!r})") from None
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise UserError(f"{index.name} lists shards that are missing from {folder}: {', '.join(missing)}")
+        return files
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
+        raise UserError(f"{folder} holds only pickle weights (.bin/.pt): tinyavl loads safetensors only, "
+                        "because unpickling can run code; download the .safetensors files")
+    raise UserError(f"no model.safetensors or model.safetensors.index.json in {folder}")
+
+
+STORED_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+FLOAT_DTYPES = {"F64", *STORED_DTYPES}
+DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+               "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("CUDA was asked for but this machine has no CUDA device: use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"unsupported device {str(device)!r}: use cpu or cuda")
+    return device
+
+
+def resolve_dtype(dtype, stored: torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, str):
+        if dtype not in DTYPE_NAMES:
+            raise UserError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPE_NAMES)}")
+        dtype = DTYPE_NAMES[dtype]
+    if dtype is not None:
+        return dtype
+    # Default: the stored dtype, except fp16 on a CPU, whose matmuls are slow there; bf16 has the same size.
+    return torch.bfloat16 if (stored == torch.float16 and device.type == "cpu") else stored
+
+
+def open_safetensors(path: Path):
+    """safe_open, with a broken file reported as the user's problem rather than a traceback."""
+    try:
+        return safe_open(path, framework="pt")
+    except SafetensorError as err:
+        raise UserError(f"{path} is not a readable safetensors file ({err})") from None
+
+
+def first_few(items: list[str], shown: int = 3) -> str:
+    """The count and the first few items: a config for another model size mismatches every key."""
+    more = f" ... and {len(items) - shown} more" if len(items) > shown else ""
+    return f"({len(items)}): {', '.join(items[:shown])}{more}"
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    # min and max propagate NaN and show inf; one reduction is ~50x faster than isfinite(t).all() on a CPU.
+    return bool(torch.isfinite(torch.stack(torch.aminmax(t))).all())
+
+
+def ignored_key(model: LlavaForConditionalGeneration, key: str) -> bool:
+    """Keys the forward never reads: post_layernorm, CLIP layers after the feature layer, and the
+    position-id / rotary buffers older transformers versions saved (we derive them). A layer past
+    vision_config.num_hidden_layers is not ignored: config.json and the file disagree."""
+    if key.startswith("vision_tower.vision_model.post_layernorm."):
+        return True
+    if key.endswith((".position_ids", ".rotary_emb.inv_freq")):
+        return True
+    prefix = "vision_tower.vision_model.encoder.layers."
+    return key.startswith(prefix) and len(model.vision_tower.vision_model.encoder.layers) <= int(
+        key[len(prefix):].split(".")[0]) < model.config.vision.num_hidden_layers
+
+
+def load_weights(model: LlavaForConditionalGeneration, files: list[Path], dtype, device) -> None:
+    """Check every key, shape and dtype against the model, then stream tensors in one at a time.
+
+    The model was built on the meta device (no memory); each tensor is read from the memory-mapped
+    file, converted to the run dtype on the run device, and assigned as the parameter itself, so a
+    7B model never exists twice in memory.
+    """
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}  # shapes only (meta)
+    tied = model.config.text.tie_word_embeddings
+    if tied:  # the head shares the embedding matrix; checkpoints usually omit it
+        expected.pop("language_model.lm_head.weight")
+    found, unexpected, misshaped, not_float = {}, [], {}, []
+    for path in files:
+        with open_safetensors(path) as f:
+            for key in f.keys():
+                name = published_key(key)
+                if name in found or ignored_key(model, name):
+                    continue
+                header = f.get_slice(key)
+                if header.get_dtype() not in FLOAT_DTYPES:  # e.g. int8: a cast would give nonsense weights
+                    not_float.append(f"{key} ({header.get_dtype()})")
+                shape = tuple(header.get_shape())
+                if name not in expected:
+                    unexpected.append(key)
+                elif shape != expected[name]:
+                    misshaped[name] = f"{key} {list(shape)} (model expects {list(expected[name])})"
+                else:
+                    found[name] = (path, key)
+    if not_float:
+        raise UserError(f"checkpoint has non-float tensors {first_few(not_float)}; tinyavl loads float weights "
+                        "(F32, F16, BF16) only, not quantised checkpoints: use the original llava-hf files")
+    missing = sorted(set(expected) - set(found) - set(misshaped))
+    problems = [f"{label} {first_few(items)}" for label, items in
+                (("missing keys", missing), ("unexpected keys", sorted(unexpected)),
+                 ("mis-shaped tensors", list(misshaped.values()))) if items]
+    if problems:
+        hint = (". Sizes config.json leaves out take transformers' defaults: Llama-2-7B in text_config, CLIP "
+                "ViT-L/14-336 without a vision_config" if misshaped else "")
+        raise UserError("checkpoint does not match config.json; " + "; ".join(problems) + hint)
+
+    state = {}
+    for name, (path, key) in found.items():
+        # One mapping per tensor: pages of a file that stays mapped count towards the process's memory
+        # until it is closed, so holding a whole 5 GB shard open would add 5 GB to the peak.
+        with open_safetensors(path) as f:
+            stored = f.get_tensor(key)
+            state[name] = stored.to(device=device, dtype=dtype)
+        # One NaN or inf, even in a norm weight, makes every logit NaN: the answer would be <unk> repeated.
+        # Checked after the conversion, so a value the run dtype cannot hold (fp32 -> fp16) is caught too.
+        if not all_finite(state[name]):
+            if all_finite(stored):
+                raise UserError(f"tensor {key} overflows {str(dtype).removeprefix('torch.')}: load the model "
+                                "in bfloat16 or float32 (--dtype)")
+            raise UserError(f"tensor {key} in {path.name} holds NaN or inf values: the file is damaged, "
+                            "download it again")
+    if tied:
+        state["language_model.lm_head.weight"] = state["language_model.model.embed_tokens.weight"]
+    model.load_state_dict(state, assign=True)
+    if tied:  # assign=True replaced both parameters: tie them again
+        model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
+
+
+def stored_dtype(files: list[Path]) -> torch.dtype:
+    """The floating dtype the checkpoint was saved in (fp16 for the published llava-hf files)."""
+    with open_safetensors(files[0]) as f:
+        for key in f.keys():
+            dtype = STORED_DTYPES.get(f.get_slice(key).get_dtype())
+            if dtype is not None:
+                return dtype
+    return torch.float32
+
+
+def load_model(path, device=None, dtype=None) -> LlavaForConditionalGeneration:
+    folder = Path(path)
+    config = read_config(folder)
+    files = checkpoint_files(folder)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, stored_dtype(files), device)
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    load_weights(model, files, dtype, device)
+    return model.eval().requires_grad_(False)
