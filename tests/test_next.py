@@ -26,8 +26,9 @@ from tinyavl.attention_map import HEADER, PANEL, SCALE, image_heat, seen_image, 
 LOGIT_ATOL = 1e-4
 GREEDY_STEPS = 8
 LLAVA_V16_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # the published list
-# Source images (width, height) on the 28 px tiles: every canvas of NEXT_PINPOINTS is chosen by one of them.
-IMAGE_SHAPES = {"square": (60, 60), "wide": (90, 40), "tall": (35, 80), "under_a_tile": (20, 15),
+# Source images (width, height) on the 28 px tiles. Each picks another canvas of NEXT_PINPOINTS (h x w):
+# square 56 x 56, wide 28 x 84, tall 56 x 28, under_a_tile 28 x 56 (the least waste), one_to_three 84 x 28.
+IMAGE_SHAPES = {"square": (60, 60), "wide": (90, 40), "tall": (40, 80), "under_a_tile": (20, 15),
                 "one_to_three": (31, 93)}
 QUESTION = "What colour is the circle on the left?"
 
@@ -61,6 +62,11 @@ def random_sizes(n: int, seed: int, largest: int = 1600) -> list[tuple[int, int]
 
 
 EDGE_SIZES = [(1, 1), (336, 336), (672, 672), (480, 640), (1008, 336), (336, 1008), (337, 1009), (2000, 15)]
+
+
+def test_the_test_images_pick_every_canvas():
+    picked = [anyres.best_resolution((h, w), NEXT_PINPOINTS) for w, h in IMAGE_SHAPES.values()]
+    assert sorted(picked) == sorted(tuple(p) for p in NEXT_PINPOINTS)
 
 
 def test_canvas_choice_and_fit_match_transformers():
@@ -234,8 +240,9 @@ def run_bad(capsys, folder, tmp_path, *mentions):
     assert_user_error(rc, out, err, *mentions)
 
 
-@pytest.mark.parametrize("pinpoints", ["absent", [], [[28, 50]], [[28]], "abc", [[28, -28]], [[28.0, 56]]],
-                         ids=["missing", "empty", "not_a_tile_multiple", "one_number", "string", "negative", "float"])
+@pytest.mark.parametrize("pinpoints", ["absent", None, [], [[28, 50]], [[28]], "abc", [[28, -28]], [[28.0, 56]]],
+                         ids=["missing", "null", "empty", "not_a_tile_multiple", "one_number", "string", "negative",
+                              "float"])
 def test_bad_image_grid_pinpoints(next_folder, tmp_path, capsys, pinpoints):
     edit_config(next_folder, lambda c: c.pop("image_grid_pinpoints") if pinpoints == "absent"
                 else c.__setitem__("image_grid_pinpoints", pinpoints))
@@ -269,10 +276,11 @@ def test_mistral_with_a_sliding_window_is_refused(tiny_ckpt, tmp_path, capsys, w
     run_bad(capsys, folder, tmp_path, "sliding_window")
 
 
-def test_preprocessor_and_config_disagreeing_on_the_canvases(next_folder, tmp_path, capsys):
+@pytest.mark.parametrize("pinpoints", [[[28, 56]], [[28, 56], 3], 5], ids=["fewer", "malformed", "a_number"])
+def test_preprocessor_and_config_disagreeing_on_the_canvases(next_folder, tmp_path, capsys, pinpoints):
     path = next_folder / "preprocessor_config.json"
     pre = json.loads(path.read_text())
-    pre["image_grid_pinpoints"] = [[28, 56]]
+    pre["image_grid_pinpoints"] = pinpoints
     path.write_text(json.dumps(pre))
     run_bad(capsys, next_folder, tmp_path, "image_grid_pinpoints", "preprocessor_config.json")
 
@@ -298,7 +306,18 @@ def test_attention_map_pictures_and_heat_on_the_next_block(loaded):
     newlines = (features == model.image_newline).all(-1).nonzero().flatten().tolist()
     assert sorted(high.tokens.tolist() + newlines + base.tokens.tolist()) == list(range(len(block)))
     rows, columns = high.grid
-    assert len(newlines) == rows and high.image.size == (7 * columns, 7 * rows)
+    assert len(newlines) == rows
+    # The high-res picture is the processor's tiles pasted back on their canvas, cut to the kept rows and
+    # columns of the map (7 px each); un-normalising can move a channel by one.
+    tiles = processor.anyres_crops(image)[1:]
+    canvas_h, canvas_w = anyres.best_resolution((image.height, image.width), NEXT_PINPOINTS)
+    canvas = Image.new("RGB", (canvas_w, canvas_h))
+    for i, tile in enumerate(tiles):
+        canvas.paste(tile, (28 * (i % (canvas_w // 28)), 28 * (i // (canvas_w // 28))))
+    kept_rows, kept_columns = anyres.unpadded_region((image.height, image.width), (canvas_h // 7, canvas_w // 7))
+    expected = canvas.crop((7 * kept_columns.start, 7 * kept_rows.start, 7 * kept_columns.stop, 7 * kept_rows.stop))
+    assert high.image.size == expected.size == (7 * columns, 7 * rows)
+    assert np.abs(np.asarray(high.image, dtype=int) - np.asarray(expected, dtype=int)).max() <= 1
 
 
 def test_main_draws_the_next_attention_map(tiny_ckpt, tmp_path, capsys):
@@ -331,3 +350,42 @@ def test_main_runs_a_next_folder_with_its_options(loaded, tiny_ckpt, tmp_path, c
     n_img = int((ids == tokenizer_info()["image_token_id"]).sum())
     kv_heads = NEXT_VARIANTS[name].kv_heads
     assert result["kv_cache_bytes_by_modality"]["image"] == 2 * (n_img // 2) * 2 * kv_heads * 16 * 4  # 2 layers
+
+
+def test_an_image_too_wide_for_any_map_row_draws_the_base_crop_only(tiny_ckpt, tmp_path, capsys):
+    """60 x 2 px on a 1 x 3 canvas: the 4 x 12 map keeps round(2 x 12 / 60) = 0 rows once unpadded (as in
+    transformers), so the block is the base crop alone and the map draws the base crop's strip only."""
+    image, out = tmp_path / "banner.png", tmp_path / "map.png"
+    make_image(60, 2, seed=6).save(image)
+    assert anyres.image_token_count((2, 60), NEXT_PINPOINTS, 28, 7) == 16
+    rc, _, err = run_inprocess(capsys, ["--image", image, "--weights", tiny_ckpt.folder("next_vicuna_mha"),
+                                        "--max-new-tokens", "2", "--attention-map", out])
+    assert rc == 0, err
+    with Image.open(out) as picture:
+        assert picture.height == HEADER + PANEL + SCALE
+
+
+TEMPLATES_USING_MORE = [
+    "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] if c['type'] == 'image' %}"
+    "<image>\n{% endfor %}{{ m['content'] | tojson(sort_keys=True) }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}",
+    "{% if tools is not none %}TOOLS{% endif %}{% if documents is none %}[no documents] {% endif %}"
+    "{% for c in messages[0]['content'] if c['type'] == 'image' %}<image>{% endfor %}"
+    "{{ messages[0]['content'][-1]['text'] }}{{ eos_token }} ok{{ strftime_now('%Y')[:0] }}",
+]
+
+
+@pytest.mark.parametrize("template", TEMPLATES_USING_MORE, ids=["bos_and_tojson", "tools_documents_eos_strftime"])
+def test_templates_get_the_variables_transformers_gives(next_folder, template):
+    """Special tokens, tools and documents (None), strftime_now and tojson's arguments render as in
+    apply_chat_template; a prompt that starts with <s> gets no second BOS, as transformers adds none."""
+    from transformers import AutoProcessor
+
+    (next_folder / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    _, processor = tinyavl.load_pretrained(next_folder, device="cpu")
+    hf = AutoProcessor.from_pretrained(next_folder)
+    for image in (True, False):
+        expected = hf.apply_chat_template(user_turn(QUESTION, image), add_generation_prompt=True, tokenize=False)
+        assert processor.chat_prompt(QUESTION, has_image=image) == expected
+    ids = processor(processor.chat_prompt(QUESTION), make_image(40, 30, seed=0))["input_ids"][0].tolist()
+    assert ids.count(processor.bos_token_id) == 1 and ids[0] == processor.bos_token_id

@@ -47,8 +47,8 @@ def model_and_prompt(arch: str):
 @lru_cache(maxsize=None)
 def generate(arch: str, policy: str, **params):
     model, ids, pixel_values, image_sizes = model_and_prompt(arch)
-    return tinyavl.generate(model, ids, pixel_values, image_sizes, max_new_tokens=STEPS + 1, policy=policy,
-                            eos_token_id=(), **params)
+    return tinyavl.generate(model, ids, pixel_values, image_sizes=image_sizes, max_new_tokens=STEPS + 1,
+                            policy=policy, eos_token_id=(), **params)
 
 
 @pytest.mark.parametrize("arch,policy", CASES)

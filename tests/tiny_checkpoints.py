@@ -405,7 +405,10 @@ def write_next_checkpoint(hf_model, folder: str, variant: NextVariant | str, lay
              "processor_config.json": {"num_additional_image_tokens": 1, "patch_size": NEXT_PATCH,
                                        "processor_class": "LlavaNextProcessor",
                                        "vision_feature_select_strategy": "default"},
-             "chat_template.json": {"chat_template": chat_template(variant)}}
+             "chat_template.json": {"chat_template": chat_template(variant)},
+             # What a llava-hf folder declares: transformers hands these to a chat template as variables.
+             "tokenizer_config.json": {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+                                       "pad_token": "<pad>"}}
     for name, content in files.items():
         with open(os.path.join(folder, name), "w") as f:
             json.dump(content, f, indent=2)

@@ -1,14 +1,15 @@
 """LLaVA-1.6's "anyres" geometry: which canvas an image is tiled on, and how many tokens it becomes.
 
-LLaVA-1.5 squeezes every image into one 336 x 336 crop: 576 tokens, whatever its size or shape.
+LLaVA-1.5 shows the tower one 336 x 336 crop of every image (the short side resized to 336, the long
+one cut to it): 576 tokens, whatever the image's size or shape.
 LLaVA-1.6 (LLaVA-NeXT) keeps more of a large image. Its config lists canvases (`image_grid_pinpoints`,
 (height, width) in pixels, multiples of the tower's 336), and for each image:
 
     1. pick the canvas that shows the most of the image's own pixels (`best_resolution`);
     2. resize the image to fit it, keeping its aspect (`fitted_size`), pad it black and centred, and cut
        the canvas into tiles of the tower's size, row by row (`tile_grid`: rows x columns);
-    3. every tile, and the whole image squeezed to one tile (the base crop), goes through the vision
-       tower: 576 features each;
+    3. every tile, and the whole image squeezed to one tile (the base crop: all of the image, its
+       aspect lost), goes through the vision tower: 576 features each;
     4. the tiles' features are put back together into one map of the canvas, the rows and columns that
        show only padding are cut away again (`unpadded_region`), and a learned `image_newline` vector
        ends every row, so that the flattened sequence still says where a row ends.

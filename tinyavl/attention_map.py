@@ -92,10 +92,12 @@ def token_pictures(model, processor, inputs) -> list[TokenPicture]:
     canvas = canvas[:, kept_rows.start * patch:kept_rows.stop * patch,
                     kept_columns.start * patch:kept_columns.stop * patch]              # the image, unpadded
     grid = (kept_rows.stop - kept_rows.start, kept_columns.stop - kept_columns.start)
+    base = TokenPicture("base crop", seen_image(crops[0], processor), torch.arange(side * side), (side, side))
+    if 0 in grid:  # an image over 72:1 keeps no row of the map (as in transformers): nothing to draw
+        return [base]
     # The map follows the base crop's side^2 tokens, each row closed by a newline token (no cell).
     map_tokens = torch.arange(grid[0] * (grid[1] + 1)).view(grid[0], grid[1] + 1)[:, :-1].flatten() + side * side
-    return [TokenPicture("base crop", seen_image(crops[0], processor), torch.arange(side * side), (side, side)),
-            TokenPicture("high resolution", seen_image(canvas, processor), map_tokens, grid)]
+    return [base, TokenPicture("high resolution", seen_image(canvas, processor), map_tokens, grid)]
 
 
 def draw_attention_map(image: Image.Image, roles: torch.Tensor, heat: torch.Tensor, title: str,

@@ -43,7 +43,7 @@ def record_attention(model, input_ids, pixel_values, max_new_tokens: int, eos_to
     """Greedy generation under dense attention, recording every step's attention rows:
     (AttentionRecorder, the new token ids). max_new_tokens=1 records the prefill only."""
     recorder = AttentionRecorder()
-    tokens, _ = generate(model, input_ids, pixel_values, image_sizes, max_new_tokens=max_new_tokens,
+    tokens, _ = generate(model, input_ids, pixel_values, image_sizes=image_sizes, max_new_tokens=max_new_tokens,
                          eos_token_id=eos_token_id, policy=recorder)
     return recorder, tokens
 

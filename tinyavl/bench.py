@@ -342,7 +342,7 @@ def run_dtype(args, dtype_name: str) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Every KV policy side by side at LLaVA-1.5-7B layer shapes.")
+    parser = argparse.ArgumentParser(description="Every KV policy side by side at LLaVA-7B layer shapes.")
     parser.add_argument("--arch", choices=["llava", "next"], default="llava",
                         help="llava: LLaVA-1.5-7B; next: LLaVA-1.6-7B, its blocks of a 672x672 and a 336x1008 image "
                              "and the paper's memory arithmetic")

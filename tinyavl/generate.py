@@ -88,7 +88,7 @@ def check_generation_args(max_new_tokens: int, temperature: float, top_p: float,
 
 
 @torch.inference_mode()
-def generate(model, input_ids, pixel_values=None, image_sizes=None, max_new_tokens: int = 64, temperature: float = 0.0,
+def generate(model, input_ids, pixel_values=None, *, image_sizes=None, max_new_tokens: int = 64, temperature: float = 0.0,
              top_p: float = 1.0, seed: int | None = None, eos_token_id: int | Sequence[int] | None = None,
              stream=None, policy: KVCache | str = "full", **policy_params) -> tuple[list[int], GenerationStats]:
     """Generate up to max_new_tokens after the prompt input_ids (1, T) (image tokens already expanded);

@@ -83,7 +83,7 @@ def parse_config(raw: dict) -> LlavaConfig:
     config.image_token_id = raw.get("image_token_index", raw.get("image_token_id", config.image_token_id))
     if model_type == "llava_next":
         # transformers would fall back to the published list; a llava_next config.json always has its own.
-        if "image_grid_pinpoints" not in raw:
+        if raw.get("image_grid_pinpoints") is None:
             raise UserError("config.json has model_type 'llava_next' but no image_grid_pinpoints (the canvases "
                             "LLaVA-1.6 tiles an image on): download it again")
         config.image_grid_pinpoints = raw["image_grid_pinpoints"]

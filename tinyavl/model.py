@@ -193,6 +193,9 @@ class LlavaConfig:
         _require(self.vision_feature_select_strategy == "default", "vision_feature_select_strategy is "
                  f"{self.vision_feature_select_strategy!r}: LLaVA-1.6 lays each tile's patch features out as a "
                  "grid, which needs the CLS token dropped (\"default\")")
+        # A feature row of the tile map is then exactly patch_size pixel rows of the canvas.
+        _require(tile % self.vision.patch_size == 0, f"vision_config.image_size {tile} is not a multiple of "
+                 f"patch_size {self.vision.patch_size}: LLaVA-1.6's tiles must be whole patches")
 
 
 def quick_gelu(x):
@@ -508,12 +511,12 @@ class LlavaForConditionalGeneration(nn.Module):
             raise ValueError("LLaVA-1.6 takes pixel_values (B, n_crops, 3, S, S) with image_sizes (B, 2), "
                              "as its processor returns them")
         tile = self.config.vision.image_size
-        grids = [anyres.tile_grid(hw, self.config.image_grid_pinpoints, tile) for hw in image_sizes.tolist()]
+        sizes = image_sizes.tolist()                                           # [(h, w)] per image
+        grids = [anyres.tile_grid(hw, self.config.image_grid_pinpoints, tile) for hw in sizes]
         n_crops = [1 + rows * columns for rows, columns in grids]
-        crops = torch.cat([crops[:n] for crops, n in zip(pixel_values, n_crops)])  # (sum n_crops, 3, S, S)
-        per_image = self.crop_features(crops).split(n_crops)                      # each (n_crops, P, C)
-        return [self.tile_map(features, grid, hw)
-                for features, grid, hw in zip(per_image, grids, image_sizes.tolist())]
+        crops = torch.cat([image_crops[:n] for image_crops, n in zip(pixel_values, n_crops)])  # (sum n_crops, 3, S, S)
+        per_image = self.crop_features(crops).split(n_crops)                  # each (n_crops, P, C)
+        return [self.tile_map(features, grid, hw) for features, grid, hw in zip(per_image, grids, sizes)]
 
     def tile_map(self, features, grid: tuple[int, int], image_hw) -> torch.Tensor:
         """LLaVA-1.6: (1 + rows * columns, P, C) crop features -> (N_img, C): the base crop's P features,

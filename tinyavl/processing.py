@@ -16,6 +16,7 @@ jinja2, as transformers renders it.
 import json
 import math
 import os
+from datetime import datetime
 from pathlib import Path
 
 import jinja2
@@ -30,6 +31,7 @@ from tinyavl import anyres
 from tinyavl.errors import UserError
 
 IMAGE_TOKEN = "<image>"
+BOS_TOKEN = "<s>"
 # The system prompt LLaVA-1.5 was trained with (the Vicuna v1 conversation of the LLaVA repository,
 # llava/conversation.py). llava-hf's documented prompt leaves it out; a checkpoint that wants it says so
 # in processor_config.json ("system_prompt"), as the toy LLaVA does.
@@ -100,8 +102,9 @@ def check_question(question: str) -> None:
 # ---------------------------------------------------------------------------------------------------
 # Chat templates: llava-hf folders ship their prompt format as a Jinja template. It is rendered as
 # transformers' apply_chat_template renders it (src/transformers/utils/chat_template_utils.py): a
-# sandboxed environment with trim_blocks and lstrip_blocks, loop controls, its {% generation %} tag, and
-# the raise_exception and tojson helpers templates call.
+# sandboxed environment with trim_blocks and lstrip_blocks, loop controls, its {% generation %} tag, the
+# raise_exception, strftime_now and tojson helpers templates call, and the tokenizer's special tokens
+# (bos_token, ...) as variables.
 # ---------------------------------------------------------------------------------------------------
 
 class _GenerationTag(jinja2.ext.Extension):
@@ -122,11 +125,17 @@ def _raise_exception(message):
     raise jinja2.TemplateError(message)
 
 
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    # transformers' own filter: Jinja's would escape HTML characters.
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
 def compile_chat_template(source: str) -> jinja2.Template:
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                                        extensions=[_GenerationTag, jinja2.ext.loopcontrols])
-    env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
+    env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda format: datetime.now().strftime(format)
     try:
         return env.from_string(source)
     except jinja2.TemplateError as err:
@@ -134,13 +143,15 @@ def compile_chat_template(source: str) -> jinja2.Template:
                         "or delete it to use LLaVA-1.5's prompt format") from None
 
 
-def render_chat_template(template: jinja2.Template, messages: list[dict]) -> str:
-    """The prompt for `messages`, ending where the assistant's answer begins (add_generation_prompt)."""
+def render_chat_template(template: jinja2.Template, messages: list[dict], special_tokens: dict) -> str:
+    """The prompt for `messages`, ending where the assistant's answer begins (add_generation_prompt), with
+    the variables transformers passes: no tools or documents, and the tokenizer's special tokens."""
     try:
-        return template.render(messages=messages, add_generation_prompt=True)
-    except (jinja2.TemplateError, TypeError, ValueError, KeyError) as err:
-        raise UserError(f"the folder's chat template fails to render a user turn ({err}): download "
-                        "chat_template.json again, or delete it to use LLaVA-1.5's prompt format") from None
+        return template.render(messages=messages, tools=None, documents=None, add_generation_prompt=True,
+                               **special_tokens)
+    except Exception as err:  # a template is a program from the folder: whatever it raises is its failure
+        raise UserError(f"the folder's chat template fails to render a user turn ({type(err).__name__}: {err}): "
+                        "download chat_template.json again, or delete it to use LLaVA-1.5's prompt format") from None
 
 
 def read_chat_template(folder: Path) -> str | None:
@@ -177,8 +188,12 @@ class Processor:
         self.tokenizer = tokenizer
         self.image_token_id = image_token_id
         self.num_image_tokens = num_image_tokens  # of one crop: e.g. 576 = (336 / 14)^2 CLIP patches
-        self.bos_token_id = _special_id(tokenizer, "<s>")
+        self.bos_token_id = _special_id(tokenizer, BOS_TOKEN)
         self.eos_token_id = _special_id(tokenizer, "</s>")
+        # What a chat template may write ({{ bos_token }}, ...): the Llama tokenizer's special tokens it has.
+        self.special_tokens = {name: token for name, token in (("bos_token", BOS_TOKEN), ("eos_token", "</s>"),
+                                                               ("unk_token", "<unk>"), ("pad_token", "<pad>"))
+                               if tokenizer.token_to_id(token) is not None}
         self.image_size = image_size  # side of the square crop the vision tower sees
         self.shortest_edge = shortest_edge
         self.image_mean = torch.tensor(image_mean, dtype=torch.float32).view(3, 1, 1)  # [3, 1, 1]
@@ -209,7 +224,7 @@ class Processor:
         # two lists would give a prompt whose slots and features do not match.
         pre_pinpoints = _read_json(folder / "preprocessor_config.json").get("image_grid_pinpoints")
         if image_grid_pinpoints is not None and pre_pinpoints is not None and \
-                [tuple(p) for p in pre_pinpoints] != [tuple(p) for p in image_grid_pinpoints]:
+                pre_pinpoints != [list(p) for p in image_grid_pinpoints]:  # as JSON: a malformed list differs too
             raise UserError(f"{folder / 'preprocessor_config.json'} tiles images on image_grid_pinpoints "
                             f"{pre_pinpoints} but config.json on {image_grid_pinpoints}: the files come from "
                             "different checkpoints")
@@ -227,7 +242,8 @@ class Processor:
         check_question(question)
         if self.chat_template is not None:
             content = ([{"type": "image"}] if has_image else []) + [{"type": "text", "text": question}]
-            return render_chat_template(self.chat_template, [{"role": "user", "content": content}])
+            return render_chat_template(self.chat_template, [{"role": "user", "content": content}],
+                                        self.special_tokens)
         turn = f"USER: {IMAGE_TOKEN}\n{question} ASSISTANT:" if has_image else f"USER: {question} ASSISTANT:"
         return f"{self.system_prompt} {turn}" if self.system_prompt else turn
 
@@ -246,8 +262,9 @@ class Processor:
         if image is None and n == 1:
             raise UserError(f"the prompt contains {IMAGE_TOKEN} but no image was given: pass an image or "
                             f"remove {IMAGE_TOKEN}")
-        # tokenizer.json's post-processor puts <s> (BOS) in front; no </s> is added.
-        ids = self.tokenizer.encode(text).ids
+        # tokenizer.json's post-processor puts <s> (BOS) in front, unless the prompt has it already (a chat
+        # template may write it, and transformers then adds none); no </s> is added.
+        ids = self.tokenizer.encode(text, add_special_tokens=not text.startswith(BOS_TOKEN)).ids
         pixel_values = image_sizes = None
         if image is not None:
             img = load_image(image) if isinstance(image, (str, os.PathLike)) else to_rgb(image)
@@ -271,8 +288,9 @@ class Processor:
         return anyres.image_token_count(image_hw, self.image_grid_pinpoints, self.image_size, self.patch_size)
 
     def anyres_crops(self, img: Image.Image) -> list[Image.Image]:
-        """LLaVA-1.6: the whole image squeezed to the crop size (the base crop), then the tiles of its
-        canvas in reading order: resized to fit the canvas with its aspect kept, centred on black."""
+        """LLaVA-1.6: the whole image squeezed to a square (the base crop: all of it, its aspect lost), then
+        the tiles of its canvas in reading order: resized to fit the canvas with its aspect kept, centred on
+        black."""
         tile = self.image_size
         canvas_h, canvas_w = anyres.best_resolution((img.height, img.width), self.image_grid_pinpoints)
         new_h, new_w = anyres.fitted_size((img.height, img.width), (canvas_h, canvas_w))
