@@ -58,3 +58,17 @@ def test_study_of_a_hand_made_recording(monkeypatch):
     assert reversed_layer["concentration"] == layer["concentration"]      # the same scores, reordered
     report = report_markdown(result).splitlines()
     assert any(line.startswith("| 1 | ") and "0.00" in line for line in report)
+
+
+def test_object_coverage_by_hand():
+    """The hand-made recording's prefill top 50%: layer 0 {0..4}, layer 1 {5..9}. Two objects in caption
+    order, on patches {0, 1, 5, 6} and {3, 9}: layer 0 keeps 2/4 and 1/2, layer 1 keeps 2/4 and 1/2; a
+    second scene with one object on {4, 5, 6, 7, 8} keeps 1/5 and 4/5 and has no second object."""
+    first = SimpleNamespace(objects=[SimpleNamespace(patches=lambda: [0, 1, 5, 6]),
+                                     SimpleNamespace(patches=lambda: [3, 9])])
+    second = SimpleNamespace(objects=[SimpleNamespace(patches=lambda: [4, 5, 6, 7, 8])])
+    coverage = attention_study.object_coverage([recording(), recording()], [first, second], keep=0.5)
+    assert coverage == [[pytest.approx((2 / 4 + 1 / 5) / 2), pytest.approx(1 / 2)],
+                        [pytest.approx((2 / 4 + 4 / 5) / 2), pytest.approx(1 / 2)]]
+    lines = report_markdown({**study([recording()]), "object_coverage": coverage}).splitlines()
+    assert "| 0 | 0.35 | 0.50 |" in lines and "| 1 | 0.65 | 0.50 |" in lines

@@ -13,7 +13,10 @@ step). Per decoder layer (tinyavl/attention_stats.py has the measures):
 - ppci_layers: p%-PPCI of that row's top image sets between every two layers;
 - ppci_steps: p%-PPCI of the image top sets of two decode steps, as a function of their distance;
 - capture: the share of each decode step's image attention that falls on the prefill top-S set (what
-  A-VL stores at S) or top-C set (its core); a random set of that size captures S (or C) on average.
+  A-VL stores at S) or top-C set (its core); a random set of that size captures S (or C) on average;
+- object_coverage: which objects that prefill top-S set keeps: the share of each object's patches in it,
+  by the object's place in the caption (the first object named, the second, ...); a random set keeps
+  S of every object.
 """
 import sys
 from pathlib import Path
@@ -31,16 +34,33 @@ STORED, CORE = 0.5, 0.3   # A-VL's default S and C: the top sets whose stability
 MAX_DISTANCE = 16         # decode steps apart, for PPCI across steps
 
 
+def caption_questions(n_scenes: int, seed: int) -> list:
+    """The caption request of each held-out scene (tinyavl.toy.evaluate.held_out_set)."""
+    return [question for question in held_out_set(seed, n_scenes) if question.kind == "caption"]
+
+
 def record_captions(model, processor, n_scenes: int, seed: int) -> list:
     """Dense-attention recordings of the caption of each held-out scene: a list of AttentionRecorder."""
     recordings = []
-    for question in held_out_set(seed, n_scenes):
-        if question.kind == "caption":
-            inputs = processor(processor.chat_prompt(question.text), image=question.scene.image())
-            recorder, _ = record_attention(model, inputs["input_ids"], inputs["pixel_values"], max_new_tokens=64,
-                                           eos_token_id=processor.eos_token_id)
-            recordings.append(recorder)
+    for question in caption_questions(n_scenes, seed):
+        inputs = processor(processor.chat_prompt(question.text), image=question.scene.image())
+        recorder, _ = record_attention(model, inputs["input_ids"], inputs["pixel_values"], max_new_tokens=64,
+                                       eos_token_id=processor.eos_token_id)
+        recordings.append(recorder)
     return recordings
+
+
+def object_coverage(recordings: list, scenes: list, keep: float = STORED) -> list[list[float]]:
+    """Per layer, per place in the caption (the objects in the order it names them, scene.objects' order):
+    the mean share of the object's patches in the last prompt token's top-`keep` image set."""
+    n_layers, most = recordings[0].n_layers, max(len(scene.objects) for scene in scenes)
+    coverage = []
+    for layer in range(n_layers):
+        kept = [top_set(r.image_row(0, layer), keep) for r in recordings]     # image token = patch index
+        coverage.append([fmean(len(kept_set & set(scene.objects[rank].patches())) / len(scene.objects[rank].patches())
+                               for kept_set, scene in zip(kept, scenes) if rank < len(scene.objects))
+                         for rank in range(most)])
+    return coverage
 
 
 def study(recordings: list) -> dict:
@@ -95,6 +115,13 @@ def report_markdown(result: dict) -> str:
               "| layer | " + " | ".join(f"d={d}" for d in distances) + " |", "|---" * (len(distances) + 1) + "|"]
     lines += [f"| {layer} | " + " | ".join(f"{x['ppci_steps'][d]:.2f}" for d in distances) + " |"
               for layer, x in enumerate(result["layers"])]
+    if "object_coverage" in result:
+        coverage = result["object_coverage"]
+        lines += ["", f"Share of each object's patches in the prefill top {STORED:.0%} (random sets: {STORED:.2f}), "
+                  "by the order the caption names the objects", "",
+                  "| layer | " + " | ".join(f"object {i + 1}" for i in range(len(coverage[0]))) + " |",
+                  "|---" * (len(coverage[0]) + 1) + "|"]
+        lines += [f"| {layer} | " + " | ".join(f"{v:.2f}" for v in row) + " |" for layer, row in enumerate(coverage)]
     return "\n".join(lines)
 
 
@@ -126,7 +153,9 @@ def run(args) -> dict:
     if not args.weights.is_dir():
         raise UserError(f"no model folder at {args.weights}: train one with python -m tinyavl.toy.train")
     model, processor = load_pretrained(args.weights, device="cpu", dtype="float32")
-    result = study(record_captions(model, processor, args.n, args.seed))
+    recordings = record_captions(model, processor, args.n, args.seed)
+    result = study(recordings)
+    result["object_coverage"] = object_coverage(recordings, [q.scene for q in caption_questions(args.n, args.seed)])
     if args.out is not None:
         for path in save_figures(result, args.out):
             print(f"wrote {path}", file=sys.stderr)
