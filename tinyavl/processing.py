@@ -219,10 +219,12 @@ class Processor:
             tokenizer = Tokenizer.from_file(str(path))
         except Exception as e:  # the tokenizers library raises a bare Exception
             raise UserError(f"{path} is not a valid tokenizer.json ({e}): download it again") from None
-        pre = _read_preprocessor_config(folder / "preprocessor_config.json", vision_image_size)
+        pre_path = folder / "preprocessor_config.json"
+        pre_cfg = _read_json(pre_path)
+        pre = _read_preprocessor_config(pre_cfg, pre_path, vision_image_size)
         # The processor counts an image's slots from these canvases and the model tiles it on config.json's:
         # two lists would give a prompt whose slots and features do not match.
-        pre_pinpoints = _read_json(folder / "preprocessor_config.json").get("image_grid_pinpoints")
+        pre_pinpoints = pre_cfg.get("image_grid_pinpoints")
         if image_grid_pinpoints is not None and pre_pinpoints is not None and \
                 pre_pinpoints != [list(p) for p in image_grid_pinpoints]:  # as JSON: a malformed list differs too
             raise UserError(f"{folder / 'preprocessor_config.json'} tiles images on image_grid_pinpoints "
@@ -334,14 +336,14 @@ def _special_id(tokenizer: Tokenizer, token: str) -> int:
     return found
 
 
-def _read_preprocessor_config(path: Path, vision_image_size: int) -> dict:
-    """Processor settings from preprocessor_config.json; llava-1.5 defaults when the file is absent.
+def _read_preprocessor_config(cfg: dict, path: Path, vision_image_size: int) -> dict:
+    """Processor settings from preprocessor_config.json (cfg, its parsed contents; {} when the file is
+    absent, giving the llava-1.5 defaults; path names it in errors).
 
     Read: size.shortest_edge, crop_size (must equal the vision tower's input), image_mean, image_std,
     resample. rescale_factor is always 1/255. (LLaVA-1.6's image_grid_pinpoints, also written there, are
     read from config.json; from_pretrained checks that the two agree.)
     """
-    cfg = _read_json(path)
     for step in ("do_resize", "do_center_crop", "do_rescale", "do_normalize"):
         if cfg.get(step) is False:
             raise UserError(f"{path} sets {step}: false; tinyavl implements only the LLaVA-1.5 preprocessing "
