@@ -591,10 +591,11 @@ def test_avl_hand_case():
     # query prefers other images. Step 3 = K is an update step: all 1 + 5 + 21 = 27 rows; the query ranks the
     # secondary by d: d = 0, 8, 5, 1, 7 at positions 2, 4, 6, 8, 9 -> core = positions 4, 9, 6. Minor
     # position 1 (d = 9, the best of all) is gone since prefill and does not come back. The update step
-    # moves the new core to the front of the image block, each part in the order it had:
-    # block [2, 6, 8, 4, 9] -> core 6, 4, 9, then 2, 8.
+    # swaps each row entering the core with one leaving it, both in block order: in the block
+    # [2, 6, 8, 4, 9], 2 (slot 0) and 8 (slot 2) leave, 4 (slot 3) and 9 (slot 4) enter; 6 stays put:
+    # -> [4, 6, 9, 2, 8].
     expected = {1: (25, [2, 6, 8], [2, 6, 8, 4, 9]), 2: (25, [2, 6, 8], [2, 6, 8, 4, 9]),
-                3: (27, [4, 6, 9], [6, 4, 9, 2, 8])}
+                3: (27, [4, 6, 9], [4, 6, 9, 2, 8])}
     decode_q, decode_k = torch.tensor([0., 1., 1., 0.]).view(1, 1, 1, 4), torch.tensor([0., 20., 0., 0.]).view(1, 1, 1, 4)
     for t in (1, 2, 3):
         cache.attend(0, decode_q, decode_k, torch.randn(1, 1, 1, 4, generator=g), torch.tensor([32 + t]))
@@ -823,7 +824,7 @@ def test_buffers_are_sized_once_and_decode_fills_them_to_the_last_row(name):
 
 def test_keep_reorder_and_append_against_a_list_of_rows():
     """By hand, against rows tracked as a Python list: eviction from a start row (shared and per head),
-    appends after it, and a reorder of one block; rows outside the region never change."""
+    appends after it, and swaps of row pairs; rows outside the region never change."""
     g = torch.Generator().manual_seed(0)
     cache = KVCache()
     cache.begin(1, 2, 4, new_tokens=3)
@@ -845,8 +846,8 @@ def test_keep_reorder_and_append_against_a_list_of_rows():
     cache.keep(0, torch.tensor([[[4, 6], [5, 6]]]), start=4)      # per head, from row 4 on
     rows = [[0, 1, 2, 4, 7, 9], [0, 1, 2, 4, 8, 9]]
     check()
-    cache.reorder(0, torch.tensor([3, 1, 2]), start=1)            # block rows 1..3 -> 3, 1, 2
-    rows = [[0, 4, 1, 2, 7, 9], [0, 4, 1, 2, 8, 9]]
+    cache.swap_rows(0, torch.tensor([1, 5]), torch.tensor([3, 2]))  # rows 1 <-> 3 and 5 <-> 2
+    rows = [[0, 4, 9, 1, 7, 2], [0, 4, 9, 1, 8, 2]]
     check()
     k = torch.cat([k, torch.randn(1, 2, 3, 4, generator=g)], dim=2)  # three decode steps' rows 10, 11, 12
     v = torch.cat([v, torch.randn(1, 2, 3, 4, generator=g)], dim=2)
@@ -857,9 +858,9 @@ def test_keep_reorder_and_append_against_a_list_of_rows():
     assert cache.k_buffer[0].shape[2] == 13 and cache.nbytes() == 9 * 2 * 2 * 4 * 4  # room was left, unused
 
 
-def test_avl_reorder_moves_keys_values_and_positions_together():
+def test_avl_core_swaps_move_keys_values_and_positions_together():
     """Over A-VL decode steps with update steps (K = 2), every held row's key and value are still the
-    ones appended at its logical position: the core-first reorder moves all three together."""
+    ones appended at its logical position: the core re-ranking's swaps move all three together."""
     m = model("gqa")
     ids, pixel_values = prompt("gqa")
     record = {}
@@ -898,3 +899,21 @@ def test_decode_attention_over_blocks_equals_one_softmax_over_their_union(heads,
     expected = logits.softmax(-1) @ joined_v.double().repeat_interleave(heads // kv_heads, dim=1)
     torch.testing.assert_close(out.double(), expected, atol=1e-6, rtol=0)
     torch.testing.assert_close(lse.double(), logits[:, :, 0].logsumexp(-1), atol=1e-5, rtol=0)
+
+
+def test_rerank_core_moves_only_the_rows_that_change_role():
+    """rerank_core against a hand-made block: the new core is the top n_core by score, a row that stays
+    in the core (or out of it) keeps its slot, and a re-rank that keeps the core moves nothing."""
+    cache = AVLCache(S=0.6, C=0.3, P=1)
+    cache.begin(1, 1, 10)               # 1 sys row, 6 secondary image rows, 3 of them core
+    k = torch.arange(12.).view(1, 1, 12, 1).expand(1, 2, 12, 3).contiguous()  # row i's key holds i
+    cache.append(0, k, k.clone(), torch.arange(12))
+    block = lambda: cache.pos[0][0, 0, 1:7].tolist()  # noqa: E731
+    assert block() == [1, 2, 3, 4, 5, 6]
+    cache.rerank_core(0, torch.tensor([0.3, 0.2, 0.1, 0.0, 0.0, 0.0]))   # the core's own rows win
+    assert block() == [1, 2, 3, 4, 5, 6]
+    # Slots 0 and 2 (rows 1, 3) leave, slots 4 and 5 (rows 5, 6) enter: 1 <-> 5, 3 <-> 6; 2 and 4 stay.
+    cache.rerank_core(0, torch.tensor([0.0, 0.5, 0.0, 0.1, 0.4, 0.3]))
+    assert block() == [5, 2, 6, 4, 1, 3]
+    for buffer in (cache.k[0], cache.v[0]):  # keys and values moved with their positions, in every head
+        assert torch.equal(buffer[0, :, :, 0], cache.pos[0][0].float())

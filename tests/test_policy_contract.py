@@ -23,6 +23,9 @@ from tinyavl.cli import ArgumentParser, add_policy_arguments, policy_params
 
 STEPS = 8          # decode steps: A-VL's default K = 3 has update and normal steps among them
 LOGIT_ATOL = 1e-5
+# Plus a relative part of a few float32 ulps: the two formulations sum in different orders, and on some
+# CPUs logits near 8 then differ by 1.0e-5 (seen on main, in the `full` case that evicts nothing).
+LOGIT_RTOL = 1e-6
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
@@ -65,7 +68,7 @@ def test_skipping_equals_masking(arch, policy):
     model, ids, pixel_values, image_sizes = model_and_prompt(arch)
     reference, tokens = run_steps(model, ids, pixel_values, masked(POLICIES[policy])(), STEPS, image_sizes=image_sizes)
     logits, _ = run_steps(model, ids, pixel_values, make_cache(policy), STEPS, tokens=tokens, image_sizes=image_sizes)
-    torch.testing.assert_close(logits, reference, atol=LOGIT_ATOL, rtol=0)
+    torch.testing.assert_close(logits, reference, atol=LOGIT_ATOL, rtol=LOGIT_RTOL)
 
 
 @pytest.mark.parametrize("arch,policy", CASES)

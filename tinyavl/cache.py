@@ -345,10 +345,13 @@ class KVCache:
         self.move_rows(layer, rows, start)
         self.hold(layer, start + rows.shape[-1])
 
-    def reorder(self, layer: int, rows, start: int):
-        """Put the block of rows from `start` in the order `rows` (a permutation of start .. start +
-        len(rows) - 1, shared by every head), in place; no row outside the block moves."""
-        self.move_rows(layer, rows, start)
+    def swap_rows(self, layer: int, rows, other_rows):
+        """Rows `rows` and `other_rows` (disjoint (n,) indices of equal length, shared by every head)
+        trade places, in place: 2n rows are copied and no other row moves."""
+        both, swapped = torch.cat([rows, other_rows]), torch.cat([other_rows, rows])
+        for buffer in (self.k_buffer, self.v_buffer, self.pos_buffer):
+            # index_select copies the rows out first; index_copy_ is twice as fast as `b[:, :, i] = ...` here.
+            buffer[layer].index_copy_(2, both, buffer[layer].index_select(2, swapped))
 
     def move_rows(self, layer: int, rows, start: int):
         """Buffer rows start .. start + len(rows) - 1 become copies of the rows `rows` (per head if 3-d);
@@ -433,8 +436,8 @@ class AVLCache(KVCache):
     Each layer's cache is laid out [sys | core image | other secondary image | text]. Cached keys carry
     their RoPE rotation, so row order does not matter to attention; putting the core first makes a
     normal step's rows two contiguous slices, [sys | core] and [text], read in place with no gather.
-    Prefill lays the image rows out so; an update step that re-ranks the core reorders them (only the
-    image block moves, one copy every K steps).
+    Prefill lays the image rows out so; an update step that re-ranks the core swaps the rows that enter
+    it with those that leave it (`rerank_core`), so only rows that change role move.
     """
 
     name = "avl"
@@ -555,7 +558,7 @@ class AVLCache(KVCache):
         k, text_start = self.k[layer], self.text_start(layer)
         if self.is_update_step():
             image_probs = block_probs(q, k[:, :, self.n_sys:text_start], lse).mean(1)[0]  # (n_secondary,)
-            self.reorder(layer, self.n_sys + core_first_order(image_probs, self.n_core), start=self.n_sys)
+            self.rerank_core(layer, image_probs)
         # Every text row adds the attention this step's query gave it (per KV head); the new token's
         # score starts with the attention it gave itself.
         text_probs = block_probs(q, k[:, :, text_start:], lse)                            # (B, H, text rows)
@@ -563,6 +566,16 @@ class AVLCache(KVCache):
         scores = torch.cat([self.text_scores[layer], torch.zeros(B, Hkv, 1, device=k.device)], dim=-1)
         self.text_scores[layer] = scores + group_sum(text_probs, Hkv)
         self.evict_text(layer)
+
+    def rerank_core(self, layer: int, image_probs):
+        """The top n_core secondary rows by image_probs (n_secondary,) become the core, rows n_sys ..
+        n_sys + n_core - 1. Only rows that change role move: each row entering the core trades places
+        with one leaving it (both taken in block order), so a step that keeps the core copies nothing."""
+        in_core = torch.zeros_like(image_probs, dtype=torch.bool)                      # (n_secondary,)
+        in_core[top_rows(image_probs, self.n_core)] = True
+        leaving = (~in_core[:self.n_core]).nonzero().flatten()               # core slots whose row drops out
+        entering = self.n_core + in_core[self.n_core:].nonzero().flatten()   # the rows that take them
+        self.swap_rows(layer, self.n_sys + leaving, self.n_sys + entering)
 
     def evict_text(self, layer: int):
         """H2O on the text region, per KV head: once the text rows exceed the budget
