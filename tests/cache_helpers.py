@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tinyavl import anyres
+from tinyavl.cache import LastRow
 from tinyavl.generate import image_segments
 from tinyavl.model import LlavaConfig, LlavaForConditionalGeneration, TextConfig, VisionConfig
 
@@ -141,7 +142,7 @@ def top_positions(scores, positions, count: int) -> set:
 def masked(cache_cls):
     """`cache_cls` with the skip replaced by a mask: every row of the layer's cache is in the attention, the
     rows `rows_to_attend` leaves out get -inf. Own attention (float64 softmax), and at decode the row's
-    log-sum-exp (the lse compute hands A-VL's update) taken from the masked row, so the bookkeeping sees exactly
+    log-sum-exp (the `LastRow` compute hands the update) taken from the masked row, so the bookkeeping sees exactly
     what the spec says it should."""
 
     class Masked(cache_cls):
@@ -154,8 +155,9 @@ def masked(cache_cls):
                 selected[rows] = True
                 visible = visible & selected
             logits = naive_logits(q, k).masked_fill(~visible, float("-inf"))     # (B, H, T, n) float64
-            lse = logits[:, :, -1].logsumexp(-1).float() if self.step > 0 else None
-            return (logits.softmax(-1) @ expand_kv(v, q.shape[1]).double()).to(q.dtype), lse
+            # No logits handed over: update recomputes q.k on the rows it scores, from this lse.
+            last_row = LastRow(logits[:, :, -1].logsumexp(-1).float()) if self.step > 0 else None
+            return (logits.softmax(-1) @ expand_kv(v, q.shape[1]).double()).to(q.dtype), last_row
 
     Masked.__name__ = f"Masked{cache_cls.__name__}"
     return Masked
@@ -185,12 +187,12 @@ def recording(cache_cls):
             self.log.append(entry)
             return out
 
-        def update(self, layer, q, rows, lse):
+        def update(self, layer, q, rows, last_row):
             # After the append and the attention, before any eviction: what the step computed with.
             self._entry.update(k_before=self.k[layer].clone(), v_before=self.v[layer].clone(),
                                pos_before=self.pos[layer].clone(),
                                rows=None if rows is None else rows.clone())
-            super().update(layer, q, rows, lse)
+            super().update(layer, q, rows, last_row)
 
         def _core_positions(self, layer):
             core = getattr(self, "core", None)
@@ -205,3 +207,9 @@ def recording(cache_cls):
 def positions_per_head(pos) -> list[set]:
     """pos (1, Hkv, n) -> one set of logical positions per KV head."""
     return [{int(p) for p in pos[0, h]} for h in range(pos.shape[1])]
+
+
+def scores_per_head(pos, scores) -> list[dict]:
+    """pos, scores (1, Hkv, n) -> per KV head, {logical position: score}: a ledger read by token, in any
+    row order."""
+    return [dict(zip(pos[0, h].tolist(), scores[0, h].tolist())) for h in range(pos.shape[1])]

@@ -18,11 +18,12 @@ import math
 from functools import lru_cache
 
 import pytest
+from pytest import approx
 import torch
 
 import tinyavl
 from cache_helpers import (build_model, last_row_head_mean, make_prompt, masked, naive_logits,  # noqa: F401
-                           one_thread, positions_per_head, recording, run_steps, top_positions)
+                           one_thread, positions_per_head, recording, run_steps, scores_per_head, top_positions)
 from tinyavl.cache import (AVLCache, FastVCache, H2OCache, KVCache, RandomCache, StreamingCache, causal_column_sums,
                            make_cache)
 from tinyavl.errors import UserError
@@ -579,14 +580,17 @@ def test_avl_hand_case():
     # Older j = 0..15: an attractive token gets ~1/(attractive tokens visible) >= 1/18 of each of the >= 6 later
     # text rows, a repulsive one ~e^-20 of it: the 14 heavy hitters are the 14 attractive older tokens, and
     # j = 3, 9 (positions 14, 20) are evicted. j = 16, 17, 18 are repulsive but recent: kept.
-    text = [11 + j for j in range(22) if j not in (3, 9)]
+    # Eviction compacts: the two text rows past the new end (positions 31, 32) fill the slots of 14 and 20.
+    text = [11 + j for j in range(20)]
+    text[3], text[9] = 31, 32
     # Layout [sys | core | other secondary | text], each image part in positional order.
     assert held() == [0, 2, 6, 8, 4, 9] + text
     assert core() == [2, 6, 8]
     assert cache.modality_rows(0)["image"] == 5 and cache.k[0].shape == (1, 1, 26, 4)
     # Decode steps 1, 2, 3 (positions 33, 34, 35); budget stays 20 (round(.6 * 23..25) <= 15): each step one
     # text row goes. Recent = the last 6 text rows, so repulsive j = 16, 17, 18 (positions 27, 28, 29) leave
-    # the window at steps 1, 2, 3 and, with ~0 score, are the ones evicted.
+    # the window at steps 1, 2, 3 and, with ~0 score, are the ones evicted; the step's new row, the only one
+    # past the new end, takes the evicted row's slot.
     # Steps 1, 2 are normal: sys + 3 core + 21 text rows = 25 attended, core unchanged although the decode
     # query prefers other images. Step 3 = K is an update step: all 1 + 5 + 21 = 27 rows; the query ranks the
     # secondary by d: d = 0, 8, 5, 1, 7 at positions 2, 4, 6, 8, 9 -> core = positions 4, 9, 6. Minor
@@ -600,7 +604,7 @@ def test_avl_hand_case():
     for t in (1, 2, 3):
         cache.attend(0, decode_q, decode_k, torch.randn(1, 1, 1, 4, generator=g), torch.tensor([32 + t]))
         cache.advance(1)
-        text = [p for p in text if p != 26 + t] + [32 + t]
+        text = [32 + t if p == 26 + t else p for p in text]
         assert cache.attended[0] == expected[t][0], t
         assert held() == [0] + expected[t][2] + text, t
         assert core() == expected[t][1], t
@@ -630,8 +634,8 @@ def test_h2o_hand_case():
     # L = 8: heavy floor(2) = 2, recent 2. Recent rows 6, 7; older 0..5, top 2: head 0 rows 3 (5), 1 (2);
     # head 1 rows 4 (4), 2 (1.5). The sink (row 0, score 1) goes: H2O does not protect it.
     assert positions_per_head(cache.pos[0]) == [{1, 3, 6, 7}, {2, 4, 6, 7}]
-    torch.testing.assert_close(cache.scores[0][0], torch.tensor([[2., 5., 0., 0.], [1.5, 4., 0., 0.]]),
-                               atol=1e-5, rtol=0)
+    assert scores_per_head(cache.pos[0], cache.scores[0]) == [approx({1: 2, 3: 5, 6: 0, 7: 0}, abs=1e-5),
+                                                              approx({2: 1.5, 4: 4, 6: 0, 7: 0}, abs=1e-5)]
     # Decode queries per step (head 0, head 1); new keys are 0.
     # 1 (L 9, h 2, r 2): head 0 -> key 3 (6); older {1: 2, 3: 6, 6: 0} -> evict 6.
     #                    head 1 -> key 7 (1); older {2: 1.5, 4: 4, 6: 0} -> evict 6.
@@ -649,8 +653,8 @@ def test_h2o_hand_case():
                      torch.randn(1, 2, 1, 8, generator=g), torch.tensor([7 + t]))
         cache.advance(1)
         assert positions_per_head(cache.pos[0]) == expected[t], t
-    torch.testing.assert_close(cache.scores[0][0], torch.tensor([[3.2, 7.2, .2, .2, .2], [5.2, 2.2, .2, .2, .2]]),
-                               atol=1e-5, rtol=0)
+    assert scores_per_head(cache.pos[0], cache.scores[0]) == [
+        approx({1: 3.2, 3: 7.2, 9: .2, 10: .2, 11: .2}, abs=1e-5), approx({4: 5.2, 7: 2.2, 9: .2, 10: .2, 11: .2}, abs=1e-5)]
 
 
 def test_gqa_scores_add_up():
@@ -677,7 +681,8 @@ def test_gqa_scores_add_up():
     cache.attend(0, q, k, torch.randn(1, 2, 6, 8, generator=g), torch.arange(6))
     cache.advance(6)
     assert positions_per_head(cache.pos[0]) == [{2, 5}, {0, 5}]
-    torch.testing.assert_close(cache.scores[0][0], torch.tensor([[3.5, 1.5], [4., 2.]]), atol=1e-5, rtol=0)
+    assert scores_per_head(cache.pos[0], cache.scores[0]) == [approx({2: 3.5, 5: 1.5}, abs=1e-5),
+                                                              approx({0: 4, 5: 2}, abs=1e-5)]
     # A decode step (position 6, key s e6 in both KV heads; L 7: 1 heavy + 1 recent) adds each query head's
     # row onto its KV head: head 0 -> key 5, head 1 -> key 6 (the new token: it starts with that score),
     # head 2 -> key 0, head 3 -> keys 5 and 6 (1/2 each).
@@ -686,7 +691,8 @@ def test_gqa_scores_add_up():
     q1 = torch.stack([e[5], e[6], e[0], e[5] + e[6]])[None, :, None]         # (1, 4, 1, 8)
     cache.attend(0, q1, e[6].expand(1, 2, 1, 8), torch.randn(1, 2, 1, 8, generator=g), torch.tensor([6]))
     assert positions_per_head(cache.pos[0]) == [{2, 6}, {0, 6}]
-    torch.testing.assert_close(cache.scores[0][0], torch.tensor([[3.5, 1.], [5., .5]]), atol=1e-5, rtol=0)
+    assert scores_per_head(cache.pos[0], cache.scores[0]) == [approx({2: 3.5, 6: 1}, abs=1e-5),
+                                                              approx({0: 5, 6: .5}, abs=1e-5)]
 
 
 # =========================================================================================================
@@ -823,8 +829,8 @@ def test_buffers_are_sized_once_and_decode_fills_them_to_the_last_row(name):
 
 
 def test_keep_reorder_and_append_against_a_list_of_rows():
-    """By hand, against rows tracked as a Python list: eviction from a start row (shared and per head),
-    appends after it, and swaps of row pairs; rows outside the region never change."""
+    """By hand, against rows tracked as a Python list: eviction from a start row (shared, `keep`; per head,
+    `compact`), appends after it, and swaps of row pairs; rows outside the region never change."""
     g = torch.Generator().manual_seed(0)
     cache = KVCache()
     cache.begin(1, 2, 4, new_tokens=3)
@@ -843,11 +849,15 @@ def test_keep_reorder_and_append_against_a_list_of_rows():
     cache.keep(0, torch.tensor([4, 7, 8, 9]), start=3)            # shared: rows 3, 5, 6 go
     rows = [[0, 1, 2, 4, 7, 8, 9]] * 2
     check()
-    cache.keep(0, torch.tensor([[[4, 6], [5, 6]]]), start=4)      # per head, from row 4 on
-    rows = [[0, 1, 2, 4, 7, 9], [0, 1, 2, 4, 8, 9]]
+    # Per head, from row 4 on (rows holding 7, 8, 9): head 0 drops 8, head 1 drops 7. The kept row past the
+    # new end (9) fills the dropped slot; a ledger of the region's rows moves alike.
+    keep = torch.tensor([[[True, False, True], [False, True, True]]])
+    scores = cache.compact(0, keep, start=4, scores=torch.tensor([[[.7, .8, .9], [1.7, 1.8, 1.9]]]))
+    rows = [[0, 1, 2, 4, 7, 9], [0, 1, 2, 4, 9, 8]]
     check()
+    assert torch.equal(scores, torch.tensor([[[.7, .9], [1.9, 1.8]]]))
     cache.swap_rows(0, torch.tensor([1, 5]), torch.tensor([3, 2]))  # rows 1 <-> 3 and 5 <-> 2
-    rows = [[0, 4, 9, 1, 7, 2], [0, 4, 9, 1, 8, 2]]
+    rows = [[0, 4, 9, 1, 7, 2], [0, 4, 8, 1, 9, 2]]
     check()
     k = torch.cat([k, torch.randn(1, 2, 3, 4, generator=g)], dim=2)  # three decode steps' rows 10, 11, 12
     v = torch.cat([v, torch.randn(1, 2, 3, 4, generator=g)], dim=2)
@@ -856,6 +866,26 @@ def test_keep_reorder_and_append_against_a_list_of_rows():
         rows = [r + [position] for r in rows]
         check()
     assert cache.k_buffer[0].shape[2] == 13 and cache.nbytes() == 9 * 2 * 2 * 4 * 4  # room was left, unused
+
+
+@pytest.mark.parametrize("cache_cls,params", [(H2OCache, dict(heavy=0.2, recent=0.3)),
+                                              (StreamingCache, dict(sinks=2, recent=0.4))])
+def test_decode_eviction_moves_only_the_rows_that_fill_evicted_slots(cache_cls, params):
+    """After a decode step's eviction, every slot of every head holds the row it held before, except the
+    evicted rows' slots, each now holding a row from past the new end: evicting e rows moves e rows."""
+    cache = recording(cache_cls)(**params)
+    run_steps(model("gqa"), *prompt("gqa"), cache, 8)
+    evicting_steps = 0
+    for e in (e for e in cache.log if e["step"] > 0):
+        before, after = e["pos_before"][0], e["pos_after"][0]                  # (Hkv, n + e), (Hkv, n)
+        n = after.shape[1]
+        for h in range(before.shape[0]):
+            changed = (before[h, :n] != after[h]).nonzero().flatten().tolist()
+            evicted = set(before[h].tolist()) - set(after[h].tolist())
+            assert {int(before[h, i]) for i in changed} <= evicted, (e["step"], h)
+            assert {int(after[h, i]) for i in changed} <= set(before[h, n:].tolist()), (e["step"], h)
+        evicting_steps += n < before.shape[1]
+    assert evicting_steps >= 3
 
 
 def test_avl_core_swaps_move_keys_values_and_positions_together():
@@ -887,18 +917,23 @@ def test_avl_core_swaps_move_keys_values_and_positions_together():
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2)])
 def test_decode_attention_over_blocks_equals_one_softmax_over_their_union(heads, kv_heads):
-    """decode_attention on blocks read in place == float64 softmax attention over the rows joined, and
-    its lse == the float64 log-sum-exp of the joined row's logits."""
-    from tinyavl.cache import decode_attention
+    """decode_attention on spans read in place == float64 softmax attention over the rows joined; the
+    LastRow it hands over carries that row's log-sum-exp, and its probabilities on any attended rows,
+    sliced from its logits or recomputed from the lse alone, are the float64 softmax's."""
+    from tinyavl.cache import LastRow, decode_attention
     g = torch.Generator().manual_seed(3)
     q = torch.randn(2, heads, 1, 16, generator=g)
     k, v = torch.randn(2, kv_heads, 30, 16, generator=g), torch.randn(2, kv_heads, 30, 16, generator=g)
-    out, lse = decode_attention(q, [(k[:, :, :7], v[:, :, :7]), (k[:, :, 19:], v[:, :, 19:])])
+    out, last_row = decode_attention(q, k, v, [(0, 7), (19, 30)])
     joined_k, joined_v = torch.cat([k[:, :, :7], k[:, :, 19:]], 2), torch.cat([v[:, :, :7], v[:, :, 19:]], 2)
     logits = naive_logits(q, joined_k)                                             # (2, H, 1, 18) float64
     expected = logits.softmax(-1) @ joined_v.double().repeat_interleave(heads // kv_heads, dim=1)
     torch.testing.assert_close(out.double(), expected, atol=1e-6, rtol=0)
-    torch.testing.assert_close(lse.double(), logits[:, :, 0].logsumexp(-1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(last_row.lse.double(), logits[:, :, 0].logsumexp(-1), atol=1e-5, rtol=0)
+    probs = logits.softmax(-1)[:, :, 0]                                            # (2, H, 18): joined columns
+    for start, end, columns in ((19, 30, slice(7, 18)), (2, 5, slice(2, 5)), (21, 24, slice(9, 12))):
+        for row in (last_row, LastRow(last_row.lse)):  # logits handed over; none (q.k recomputed)
+            torch.testing.assert_close(row.probs(q, k, start, end).double(), probs[..., columns], atol=1e-6, rtol=0)
 
 
 def test_rerank_core_moves_only_the_rows_that_change_role():
