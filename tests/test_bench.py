@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tinyavl import bench
+from tinyavl.cache import AVLCache
 from tinyavl.model import LlavaConfig, TextConfig, VisionConfig
 
 TINY = LlavaConfig(
@@ -61,6 +62,25 @@ def test_timed_cache_counts_decode_steps_only(model):
     assert cache.attention_seconds > 0
 
 
+def test_avl_core_replaced_is_the_share_of_the_core_each_rerank_changed(model, monkeypatch):
+    """core_replaced, counted from the swaps, equals the share of the core's tokens (read by position, before
+    and after) that each re-rank changed."""
+    changed, rerank_core = [], AVLCache.rerank_core
+
+    def watched(self, layer, image_probs):
+        def core():
+            return set(self.pos[layer][0, 0, self.n_sys:self.n_sys + self.n_core].tolist())
+        before = core()
+        rerank_core(self, layer, image_probs)
+        changed.append(len(core() - before) / self.n_core)
+
+    monkeypatch.setattr(AVLCache, "rerank_core", watched)
+    cache = bench.timed_cache("avl")
+    bench.generate(model, bench.prompt_ids(TINY, 40), bench.image_block(model, 40), max_new_tokens=8, policy=cache)
+    assert len(changed) == 2 * TINY.text.num_hidden_layers and any(changed)  # update steps 3 and 6, every layer
+    assert cache.core_replaced == pytest.approx(changed)
+
+
 def test_json_has_the_documented_layout(monkeypatch, capsys):
     """--json: one object with every case (per dtype) and, per policy, the columns the tables print."""
     monkeypatch.setattr(bench, "llava_7b_config", lambda n_layers: TINY)
@@ -75,6 +95,7 @@ def test_json_has_the_documented_layout(monkeypatch, capsys):
         assert list(case["policies"]) == list(bench.POLICIES)
         for r in case["policies"].values():
             assert {"decode_ms", "floor_ms", "attention_ms", "prefill_s", "kv_ratio", "attended_ratio"} <= set(r)
+        assert 0 <= case["policies"]["avl"]["core_replaced"] <= 1
     assert set(out["growth"]["float32"]["avl"]) == {"step_ms_at_3", "step_ms_at_6"}
     assert out["transformers_decode_ratio"] > 0
     assert set(out["rates_GBps"]) == {"float32", "bfloat16"}

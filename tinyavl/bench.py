@@ -18,12 +18,13 @@ step's floor (`floor_ms`) is its weight bytes at the matrix-vector rate plus its
 at the read rate; the hardware floor is all of them at the read rate.
 
 For each policy, in one run on the same prompt: KV bytes held (peak, relative to `full`), rows attended
-per decode step (summed over layers), prefill time, decode ms per step beside its floor, and the time
-inside the cache's four steps (`attention_ms`, summed over layers). Then `full` and `avl` decode 256
-tokens to show how the step grows with the sequence (ms at the 16th and the 256th token). With
-transformers installed, its LLaVA runs the same weights and prompt (the first image block) with full
-attention, and tinyavl's decode speed is printed relative to it. Absolute times on a shared CPU are
-noise; ratios measured in one run are the result.
+per decode step (summed over layers), prefill time, decode ms per step beside its floor, the time inside
+the cache's four steps (`attention_ms`, summed over layers), and for A-VL the share of its core that each
+re-rank replaced (`core_replaced`: its update steps' swaps move twice that many rows). Then `full` and
+`avl` decode 256 tokens to show how the step grows with the sequence (ms at the 16th and the 256th
+token). With transformers installed, its LLaVA runs the same weights and prompt (the first image block)
+with full attention, and tinyavl's decode speed is printed relative to it. Absolute times on a shared
+CPU are noise; ratios measured in one run are the result.
 
 `--arch next` measures LLaVA-1.6-7B (llava-v1.6-vicuna-7b: the same decoder) on the image blocks that
 anyres makes of a 672x672 and a 336x1008 (h x w) image (tinyavl/anyres.py), and sets the A-VL paper's
@@ -42,7 +43,7 @@ import time
 import torch
 
 from tinyavl import anyres
-from tinyavl.cache import make_cache
+from tinyavl.cache import AVLCache, make_cache
 from tinyavl.generate import generate
 from tinyavl.model import LlavaConfig, LlavaForConditionalGeneration, TextConfig, VisionConfig
 
@@ -180,9 +181,19 @@ def kv_row_bytes(model) -> int:
 
 def timed_cache(name: str):
     """A fresh cache for the policy whose `attend` (append, select, compute, update) adds its decode-step
-    time to `cache.attention_seconds`."""
+    time to `cache.attention_seconds`. An A-VL cache also lists, in `cache.core_replaced`, the share of the
+    core that each re-rank replaced (one entry per layer and update step): an update step's swaps move
+    twice that share of the core's rows, so the cost of A-VL's steps depends on it."""
     cache = make_cache(name)
     attend, cache.attention_seconds = cache.attend, 0.0
+    if isinstance(cache, AVLCache):
+        swap_rows, cache.core_replaced = cache.swap_rows, []
+
+        def counted_swap_rows(layer, rows, other_rows):
+            cache.core_replaced.append(len(rows) / cache.n_core)
+            swap_rows(layer, rows, other_rows)
+
+        cache.swap_rows = counted_swap_rows
 
     def timed_attend(layer, q, k, v, pos):
         start = time.perf_counter()
@@ -196,12 +207,12 @@ def timed_cache(name: str):
 
 
 def run_policy(model, name: str, input_ids, pixel_values, new_tokens: int):
-    """(tokens, stats, attention seconds per decode step, each token's arrival time)."""
+    """(tokens, stats, the timed cache, each token's arrival time)."""
     cache, arrivals = timed_cache(name), []
     # eos_token_id=(): every policy decodes the same number of steps, whatever the tokens.
     tokens, stats = generate(model, input_ids, pixel_values, max_new_tokens=new_tokens, eos_token_id=(),
                              policy=cache, stream=lambda token: arrivals.append(time.perf_counter()))
-    return tokens, stats, cache.attention_seconds / (stats.new_tokens - 1), arrivals
+    return tokens, stats, cache, arrivals
 
 
 def step_ms_at(arrivals: list[float], token: int, window: int = 8) -> float:
@@ -219,8 +230,9 @@ def run_case(model, n_img: int, new_tokens: int, rates: dict) -> tuple[dict, lis
     runs = {name: run_policy(model, name, input_ids, pixel_values, new_tokens) for name in POLICIES}
     full_tokens, full_stats = runs["full"][:2]
     policies = {}
-    for name, (tokens, stats, attention_seconds, arrivals) in runs.items():
+    for name, (tokens, stats, cache, arrivals) in runs.items():
         kv_read = stats.attended_tokens_per_step * row_bytes            # summed over layers
+        attention_seconds = cache.attention_seconds / (stats.new_tokens - 1)
         policies[name] = {
             "decode_ms": 1e3 * stats.decode_seconds / (stats.new_tokens - 1),
             "floor_ms": 1e3 * (weight_bytes / rates["matvec"] + kv_read / rates["read"]),
@@ -232,6 +244,8 @@ def run_case(model, n_img: int, new_tokens: int, rates: dict) -> tuple[dict, lis
             "attended_ratio": stats.attended_tokens_per_step / full_stats.attended_tokens_per_step,
             "same_tokens_as_full": sum(a == b for a, b in zip(tokens, full_tokens)),
         }
+        if getattr(cache, "core_replaced", None):
+            policies[name]["core_replaced"] = statistics.mean(cache.core_replaced)
     return {"image_tokens": n_img, "prompt_tokens": input_ids.shape[1], "new_tokens": new_tokens,
             "policies": policies}, full_tokens
 
@@ -258,6 +272,8 @@ def print_case(case: dict) -> None:
               f"{r['prefill_s']:9.2f} {r['decode_ms']:9.1f} {r['floor_ms']:8.1f} {r['decode_ms'] / r['floor_ms']:7.2f} "
               f"{r['decode_ms'] / r['hardware_floor_ms']:10.2f} {r['decode_ms'] / full['decode_ms']:7.2f} "
               f"{r['attention_ms']:7.1f}  {r['same_tokens_as_full']}/{case['new_tokens']}")
+    if "core_replaced" in case["policies"].get("avl", {}):
+        print(f"avl: each core re-rank replaced {case['policies']['avl']['core_replaced']:.2f} of the core on average")
 
 
 def next_image_tokens(image_hw: tuple[int, int]) -> int:
