@@ -916,7 +916,7 @@ def test_avl_core_swaps_move_keys_values_and_positions_together():
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2)])
-def test_decode_attention_over_blocks_equals_one_softmax_over_their_union(heads, kv_heads):
+def test_decode_attention_over_spans_equals_one_softmax_over_their_union(heads, kv_heads):
     """decode_attention on spans read in place == float64 softmax attention over the rows joined; the
     LastRow it hands over carries that row's log-sum-exp, and its probabilities on any attended rows,
     sliced from its logits or recomputed from the lse alone, are the float64 softmax's."""

@@ -379,18 +379,18 @@ class KVCache:
         n_keep = int(keep[0, 0].sum())
         kept = keep.reshape(B * Hkv, m)
         # Per (sample, head) plane: the dropped slots before the new end and the kept rows after it, as
-        # many of each in every plane; nonzero lists both plane by plane, so they pair up in order.
-        hole_plane, hole = (~kept[:, :n_keep]).nonzero(as_tuple=True)
-        fill_plane, fill = kept[:, n_keep:].nonzero(as_tuple=True)
-        fill = fill + n_keep
-        sample, head = hole_plane // Hkv, hole_plane % Hkv  # fill_plane is the same list
+        # many of each in every plane; nonzero lists both plane by plane, so they pair up in order and
+        # share one list of planes.
+        plane, hole = (~kept[:, :n_keep]).nonzero(as_tuple=True)
+        fill = n_keep + kept[:, n_keep:].nonzero(as_tuple=True)[1]
+        sample, head = plane // Hkv, plane % Hkv
         for buffer in (self.k_buffer, self.v_buffer, self.pos_buffer):
             buffer[layer][sample, head, start + hole] = buffer[layer][sample, head, start + fill]
         self.hold(layer, start + n_keep)
         if scores is None:
             return None
         scores = scores.reshape(B * Hkv, m).clone()
-        scores[hole_plane, hole] = scores[fill_plane, fill]
+        scores[plane, hole] = scores[plane, fill]
         return scores[:, :n_keep].reshape(B, Hkv, n_keep)
 
     def swap_rows(self, layer: int, rows, other_rows):
@@ -616,8 +616,8 @@ class AVLCache(KVCache):
 
     def evict_text(self, layer: int):
         """H2O on the text region, per KV head: once the text rows exceed the budget
-        max(round(T n_text), 20) (n_text counts evicted text too), keep the last r rows and the h best
-        scored older ones, h = floor(0.7 budget), r = budget - h. sys and image rows are untouched."""
+        max(round(T n_text), 20) (n_text counts evicted text too), keep the r latest text tokens and the
+        h best scored older ones, h = floor(0.7 budget), r = budget - h. sys and image rows are untouched."""
         scores = self.text_scores[layer]                                               # (B, Hkv, text rows)
         n_text = self.logical_length(layer) - self.n_sys - self.n_img
         budget = max(round(self.T * n_text), self.TEXT_MIN_BUDGET)
