@@ -13,7 +13,7 @@ import tinyavl
 from tinyavl.processing import LLAVA_SYSTEM_PROMPT
 from tinyavl.toy.scenes import DIGIT_COLOUR, IMAGE_SIZE, MIN_PATCH_PIXELS, PATCH, Scene, SceneObject, scene_stream
 from tinyavl.toy.train import (PATCH_CLASSES, PatchProbe, chat_example, hide_image_tokens, make_batch, patch_targets,
-                               save_pretrained, sincos_2d, train, train_tokenizer)
+                               save_pretrained, sincos_2d, train, train_tokenizer, tune)
 
 TINY = dict(vision_width=32, vision_layers=1, text_width=32, text_layers=2)
 
@@ -162,6 +162,39 @@ def test_training_is_reproducible_for_a_seed():
     assert not all(torch.equal(first[key], other[key]) for key in first)
 
 
+def test_tuning_a_saved_model_equals_tuning_it_in_memory(tmp_path):
+    """The committed weights are stage 1 then stage 2 in one process; stage 2 run on the stage-1 folder
+    loaded from disk (how the recipe's stage 2 was chosen, on the previous commit's weights) must give
+    the same weights."""
+    model, processor, _ = train(steps=3, batch_size=4, seed=5, config_overrides=TINY, log=lambda *_: None)
+    save_pretrained(model, processor, tmp_path)
+    loaded, loaded_processor = tinyavl.load_pretrained(tmp_path, device="cpu")
+    tune(model, processor, steps=2, batch_size=4, log=lambda *_: None)
+    tune(loaded, loaded_processor, steps=2, batch_size=4, log=lambda *_: None)
+    tuned, reloaded = model.state_dict(), loaded.state_dict()
+    assert all(torch.equal(tuned[key], reloaded[key]) for key in tuned)
+    before = tinyavl.load_pretrained(tmp_path, device="cpu")[0].state_dict()
+    assert not all(torch.equal(tuned[key], before[key]) for key in tuned)  # stage 2 changed the weights
+
+
+def test_tuning_hides_image_tokens_in_every_sequence(monkeypatch):
+    """Stage 2 passes every forward a mask that hides image tokens (and only image tokens)."""
+    model, processor, _ = train(steps=1, batch_size=4, config_overrides=TINY, log=lambda *_: None)
+    masks = []
+    forward = tinyavl.LlavaForConditionalGeneration.forward
+
+    def spy(self, input_ids, pixel_values=None, **kwargs):
+        masks.append((input_ids, kwargs.get("attention_mask")))
+        return forward(self, input_ids, pixel_values, **kwargs)
+
+    monkeypatch.setattr(tinyavl.LlavaForConditionalGeneration, "forward", spy)
+    tune(model, processor, steps=3, batch_size=4, image_dropout=0.75, log=lambda *_: None)
+    assert len(masks) == 3
+    for input_ids, mask in masks:
+        hidden = mask == 0
+        assert hidden.any() and (input_ids[hidden] == model.config.image_token_id).all()
+
+
 def test_image_dropout_hides_only_image_tokens_uniformly_and_is_seeded():
     """hide_image_tokens: text is never hidden; a row hides floor(f N_img) of its image tokens with f
     uniform on [0, max): mean fraction max / 2; every image position is hidden equally often; one seed,
@@ -218,7 +251,8 @@ def test_training_passes_the_dropout_mask_to_the_model(monkeypatch):
 
 @pytest.mark.parametrize("flag, value", [("--image-dropout", "-0.1"), ("--image-dropout", "1"),
                                          ("--image-dropout", "nan"), ("--image-dropout-share", "0"),
-                                         ("--image-dropout-share", "1.5"), ("--image-dropout-share", "nan")])
+                                         ("--image-dropout-share", "1.5"), ("--image-dropout-share", "nan"),
+                                         ("--tune-dropout", "1"), ("--tune-dropout", "nan"), ("--tune-steps", "-1")])
 def test_trainer_refuses_image_dropout_knobs_out_of_range(flag, value, tmp_path, capsys, monkeypatch):
     from tinyavl.toy import train as train_module
     monkeypatch.setattr(train_module, "train", lambda *a, **k: pytest.fail(f"trained with a bad {flag}"))

@@ -22,13 +22,18 @@ What makes such a small model learn the task in an hour rather than a day:
   so one image pass teaches several answers. Only answer tokens (and their </s>) are trained.
 - A word-level tokenizer of 66 entries keeps the sequences short.
 
-One augmentation is available and off by default: image-token dropout (`--image-dropout F`,
-`hide_image_tokens`). In each training sequence a random fraction, uniform on [0, F), of the image tokens
-is hidden from the whole sequence (attention_mask 0, positions kept). The draw is uniform and knows
-nothing of attention or of any KV policy. Measured with F = 0.75 (the README's toy section): a random
-half of the image then keeps 0.98 of full attention's accuracy, as in a real LLaVA, but the model no
-longer finds an object by its shape's name under full attention, so the committed model is trained
-without it.
+Training has two stages, both run by the one command:
+1. `train`: the model from scratch on the task (7000 steps), every image token visible.
+2. `tune`: 2000 more steps (a fresh optimiser, a scene stream of its own) with image-token dropout in
+   every sequence (`hide_image_tokens`): a uniformly random fraction, uniform on [0, 0.75), of the image
+   tokens is hidden from the whole sequence (attention_mask 0, positions kept). The draw is uniform and
+   knows nothing of attention or of any KV policy.
+Why: after stage 1 each fact is read from the few patches the decoder learnt to look at, so a random
+half of the image breaks a caption; stage 2 makes the decoder read a fact from any token that shows it,
+the redundancy a real LLaVA has (FastV: a random half of LLaVA-1.5's image tokens keeps 98.9% of its
+score). Dropout from the first step (`--image-dropout F`, in the share `--image-dropout-share` of the
+sequences) gives that redundancy too, but the model then no longer finds an object by its shape's name;
+stage 2 keeps what stage 1 learnt. The README's toy section has the measurements of all three.
 """
 import json
 import math
@@ -55,6 +60,8 @@ from tinyavl.toy.scenes import COLOURS, DIGITS, IMAGE_SIZE, PATCH, PROMPT_KINDS,
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
 IMAGE_DROPOUT = 0.0  # the largest fraction of a training sequence's image tokens hidden (off: see hide_image_tokens)
 IMAGE_DROPOUT_SHARE = 1.0  # the share of training sequences that get image-token dropout at all
+TUNE_STEPS = 2000    # stage 2 (`tune`): steps with image-token dropout in every sequence
+TUNE_DROPOUT = 0.75  # stage 2: the largest fraction of a sequence's image tokens hidden
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -264,6 +271,48 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def optimise(model, probe, processor, stream, steps: int, lr: float, warmup: int, batch_size: int, turns: int,
+             aux_weight: float, image_dropout: float, image_dropout_share: float, dropout_generator,
+             log_every: int, eval_every: int, log) -> list[tuple[int, float, float]]:
+    """The training loop both stages share: `steps` AdamW steps (a fresh optimiser) on batches from
+    `stream`, learning rate `learning_rate(step, steps, lr, warmup)`; returns the history of
+    (step, lm_loss, aux_loss). Every eval_every steps (0: never) the greedy accuracy on 10 held-out
+    scenes (seed 0) is logged."""
+    model.train().requires_grad_(True)
+    params = list(model.parameters()) + list(probe.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    image_token_id, pad_id = model.config.image_token_id, processor.tokenizer.token_to_id("<pad>")
+    history, start = [], time.perf_counter()
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, steps, lr, warmup)
+        batch = make_batch(stream, processor, batch_size, turns, pad_id)
+        if image_dropout:
+            batch["attention_mask"] = hide_image_tokens(batch["input_ids"], image_token_id, image_dropout,
+                                                        dropout_generator, image_dropout_share)
+        lm_loss, aux_loss = losses(model, probe, batch)
+        optimizer.zero_grad(set_to_none=True)
+        (lm_loss + aux_weight * aux_loss).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        history.append((step, lm_loss.item(), aux_loss.item()))
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            seconds = time.perf_counter() - start
+            recent = history[-log_every:]
+            log(f"step {step + 1}/{steps}  answer loss {sum(h[1] for h in recent) / len(recent):.4f}  "
+                f"patch loss {sum(h[2] for h in recent) / len(recent):.4f}  "
+                f"lr {optimizer.param_groups[0]['lr']:.2e}  {(step + 1) * batch_size / seconds:.0f} samples/s  "
+                f"{seconds / 60:.1f} min")
+        if eval_every and (step + 1) % eval_every == 0:
+            model.eval()
+            report = evaluate(model, processor, held_out_set(seed=0, n_scenes=10))
+            model.train()
+            log(f"  held-out accuracy {report['accuracy']:.3f}: " +
+                ", ".join(f"{kind} {acc:.2f}" for kind, acc in report["accuracy_by_type"].items()))
+    model.eval().requires_grad_(False)
+    return history
+
+
 def train(steps: int, batch_size: int = 32, lr: float = 2e-3, seed: int = 0, turns: int = 4, aux_weight: float = 1.0,
           image_dropout: float = IMAGE_DROPOUT, image_dropout_share: float = IMAGE_DROPOUT_SHARE,
           log_every: int = 100, eval_every: int = 0,
@@ -283,40 +332,28 @@ def train(steps: int, batch_size: int = 32, lr: float = 2e-3, seed: int = 0, tur
     model = LlavaForConditionalGeneration(config)
     init_weights(model)
     probe = PatchProbe(tokenizer, config.text.hidden_size)
-    params = list(model.parameters()) + list(probe.parameters())
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {n_params / 1e6:.2f} M parameters, {config.num_image_tokens} image tokens, "
         f"vocabulary {config.text.vocab_size}")
-    stream = scene_stream("train", seed)
-    dropout_generator = torch.Generator().manual_seed(seed)
-    pad_id = tokenizer.token_to_id("<pad>")
-    history, start = [], time.perf_counter()
-    for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, steps, lr, warmup=min(300, steps // 10 + 1))
-        batch = make_batch(stream, processor, batch_size, turns, pad_id)
-        if image_dropout:
-            batch["attention_mask"] = hide_image_tokens(batch["input_ids"], image_token_id, image_dropout,
-                                                        dropout_generator, image_dropout_share)
-        lm_loss, aux_loss = losses(model, probe, batch)
-        optimizer.zero_grad(set_to_none=True)
-        (lm_loss + aux_weight * aux_loss).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        history.append((step, lm_loss.item(), aux_loss.item()))
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            seconds = time.perf_counter() - start
-            recent = history[-log_every:]
-            log(f"step {step + 1}/{steps}  answer loss {sum(h[1] for h in recent) / len(recent):.4f}  "
-                f"patch loss {sum(h[2] for h in recent) / len(recent):.4f}  "
-                f"lr {optimizer.param_groups[0]['lr']:.2e}  {(step + 1) * batch_size / seconds:.0f} samples/s  "
-                f"{seconds / 60:.1f} min")
-        if eval_every and (step + 1) % eval_every == 0:
-            report = evaluate(model, processor, held_out_set(seed=0, n_scenes=10))
-            log(f"  held-out accuracy {report['accuracy']:.3f}: " +
-                ", ".join(f"{kind} {acc:.2f}" for kind, acc in report["accuracy_by_type"].items()))
-    return model.eval().requires_grad_(False), processor, history
+    history = optimise(model, probe, processor, scene_stream("train", seed), steps, lr, min(300, steps // 10 + 1),
+                       batch_size, turns, aux_weight, image_dropout, image_dropout_share,
+                       torch.Generator().manual_seed(seed), log_every, eval_every, log)
+    return model, processor, history
+
+
+def tune(model, processor, steps: int, batch_size: int = 32, lr: float = 4e-4, seed: int = 0, turns: int = 4,
+         aux_weight: float = 1.0, image_dropout: float = TUNE_DROPOUT, log_every: int = 100, eval_every: int = 0, log=None):
+    """Stage 2: go on training a trained model with image-token dropout in every sequence; returns the history.
+
+    It starts from nothing but the weights (a fresh optimiser, a fresh probe, whose "nothing" vectors are
+    not saved, and a scene stream of its own, "tune"), so it gives the same weights in the process that
+    ran stage 1 and on the stage-1 folder loaded from disk."""
+    log = log or partial(print, flush=True)
+    torch.manual_seed(seed)
+    probe = PatchProbe(processor.tokenizer, model.config.text.hidden_size)
+    return optimise(model, probe, processor, scene_stream("tune", seed), steps, lr, min(100, steps // 10 + 1),
+                    batch_size, turns, aux_weight, image_dropout, 1.0, torch.Generator().manual_seed(seed),
+                    log_every, eval_every, log)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -384,6 +421,10 @@ def main(argv=None) -> None:
                         help="largest fraction of a sequence's image tokens hidden in training (0: none)")
     parser.add_argument("--image-dropout-share", type=float, default=IMAGE_DROPOUT_SHARE,
                         help="share of training sequences that get image-token dropout (the rest see every token)")
+    parser.add_argument("--tune-steps", type=int, default=TUNE_STEPS,
+                        help="stage 2: steps of training with image-token dropout in every sequence (0: none)")
+    parser.add_argument("--tune-dropout", type=float, default=TUNE_DROPOUT,
+                        help="stage 2: largest fraction of a sequence's image tokens hidden")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (results depend on it)")
     parser.add_argument("--eval-every", type=int, default=500,
                         help="steps between held-out accuracy reports (0: none; they do not change the weights)")
@@ -391,8 +432,11 @@ def main(argv=None) -> None:
     for name in ("steps", "batch_size", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if not 0 <= args.image_dropout < 1:
-        parser.error(f"--image-dropout must be in [0, 1), got {args.image_dropout}")
+    if args.tune_steps < 0:
+        parser.error(f"--tune-steps must be at least 0, got {args.tune_steps}")
+    for name in ("image_dropout", "tune_dropout"):
+        if not 0 <= getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
     if not 0 < args.image_dropout_share <= 1:
         parser.error(f"--image-dropout-share must be in (0, 1], got {args.image_dropout_share}")
     try:
@@ -402,6 +446,9 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     model, processor, _ = train(args.steps, args.batch_size, args.lr, args.seed, image_dropout=args.image_dropout,
                                 image_dropout_share=args.image_dropout_share, eval_every=args.eval_every)
+    if args.tune_steps:
+        tune(model, processor, args.tune_steps, args.batch_size, seed=args.seed, image_dropout=args.tune_dropout,
+             eval_every=args.eval_every)
 
     def write(folder: Path) -> None:
         save_pretrained(model, processor, folder)
