@@ -349,6 +349,7 @@ def tune(model, processor, steps: int, batch_size: int = 32, lr: float = 4e-4, s
     not saved, and a scene stream of its own, "tune"), so it gives the same weights in the process that
     ran stage 1 and on the stage-1 folder loaded from disk."""
     log = log or partial(print, flush=True)
+    log(f"stage 2: {steps} steps with up to {image_dropout:.0%} of each sequence's image tokens hidden")
     torch.manual_seed(seed)
     probe = PatchProbe(processor.tokenizer, model.config.text.hidden_size)
     return optimise(model, probe, processor, scene_stream("tune", seed), steps, lr, min(100, steps // 10 + 1),
