@@ -81,6 +81,21 @@ def test_avl_core_replaced_is_the_share_of_the_core_each_rerank_changed(model, m
     assert cache.core_replaced == pytest.approx(changed)
 
 
+def test_avl_attention_time_splits_into_normal_and_update_steps(model):
+    """8 new tokens are decode steps 1..7 (the first token comes from the prefill); with K = 3 steps 3 and
+    6 are update steps. The two kinds add up to the whole attention time, and the swaps are part of the
+    update steps."""
+    cache = bench.timed_cache("avl")
+    bench.generate(model, bench.prompt_ids(TINY, 40), bench.image_block(model, 40), max_new_tokens=8, policy=cache)
+    assert cache.steps_by_kind == {"normal": 5, "update": 2}
+    split = cache.seconds_by_step
+    assert split["normal"] + split["update"] == pytest.approx(cache.attention_seconds)
+    assert 0 < split["swap"] < split["update"]
+    row = bench.avl_step_split(cache, full_attention_ms=2.0)
+    assert row["attention_ms_update_step"] == pytest.approx(1e3 * split["update"] / 2)
+    assert row["normal_step_vs_full"] == pytest.approx(1e3 * split["normal"] / 5 / 2.0)
+
+
 def test_json_has_the_documented_layout(monkeypatch, capsys):
     """--json: one object with every case (per dtype) and, per policy, the columns the tables print."""
     monkeypatch.setattr(bench, "llava_7b_config", lambda n_layers: TINY)
@@ -96,6 +111,8 @@ def test_json_has_the_documented_layout(monkeypatch, capsys):
         for r in case["policies"].values():
             assert {"decode_ms", "floor_ms", "attention_ms", "prefill_s", "kv_ratio", "attended_ratio"} <= set(r)
         assert 0 <= case["policies"]["avl"]["core_replaced"] <= 1
+        assert {"attention_ms_normal_step", "attention_ms_update_step", "swap_ms_update_step"} <= set(
+            case["policies"]["avl"])
     assert set(out["growth"]["float32"]["avl"]) == {"step_ms_at_3", "step_ms_at_6"}
     assert out["transformers_decode_ratio"] > 0
     assert set(out["rates_GBps"]) == {"float32", "bfloat16"}

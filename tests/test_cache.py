@@ -15,6 +15,7 @@ Prompts are [sys (3) | image (N_img) | text (30 or 40)], long enough for A-VL's 
 (min budget 20).
 """
 import math
+import sys
 from functools import lru_cache
 
 import pytest
@@ -778,6 +779,18 @@ def test_triton_kernel_without_a_gpu_is_refused_before_any_work(monkeypatch):
     make_cache("avl", kernel="auto")  # auto falls back to the torch path
     monkeypatch.setattr(kernels, "INTERPRETED", True)
     make_cache("avl", kernel="triton")  # the interpreter runs it on the CPU
+
+
+def test_avl_on_cpu_tensors_decodes_without_importing_the_kernel(monkeypatch):
+    """kernel='auto' on CPU tensors takes the torch path without importing kernels/ (nor Triton, whose
+    0.2 s import would otherwise land in every CPU run's first decode step): with the module made
+    unimportable, A-VL decodes the tokens it decodes with kernel='torch'."""
+    m = model("gqa4")
+    ids, pixel_values = prompt("gqa4")
+    want, _ = tinyavl.generate(m, ids, pixel_values, max_new_tokens=6, policy="avl", kernel="torch", eos_token_id=())
+    monkeypatch.setitem(sys.modules, "kernels.sparse_attention", None)  # `from kernels.sparse_attention import` fails
+    got, _ = tinyavl.generate(m, ids, pixel_values, max_new_tokens=6, policy="avl", eos_token_id=())
+    assert got == want
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 16, 256])

@@ -20,7 +20,9 @@ at the read rate; the hardware floor is all of them at the read rate.
 For each policy, in one run on the same prompt: KV bytes held (peak, relative to `full`), rows attended
 per decode step (summed over layers), prefill time, decode ms per step beside its floor, the time inside
 the cache's four steps (`attention_ms`, summed over layers), and for A-VL the share of its core that each
-re-rank replaced (`core_replaced`: its update steps' swaps move twice that many rows). Then `full` and
+re-rank replaced (`core_replaced`: its update steps' swaps move twice that many rows) and its attention
+ms split by kind of step: normal steps (sys + core + text) and update steps (every stored row, the
+re-rank and its swaps, with the swaps' part beside). Then `full` and
 `avl` decode 256 tokens to show how the step grows with the sequence (ms at the 16th and the 256th
 token). With transformers installed, its LLaVA runs the same weights and prompt (the first image block)
 with full attention, and tinyavl's decode speed is printed relative to it. Absolute times on a shared
@@ -183,15 +185,22 @@ def timed_cache(name: str):
     """A fresh cache for the policy whose `attend` (append, select, compute, update) adds its decode-step
     time to `cache.attention_seconds`. An A-VL cache also lists, in `cache.core_replaced`, the share of the
     core that each re-rank replaced (one entry per layer and update step): an update step's swaps move
-    twice that share of the core's rows, so the cost of A-VL's steps depends on it."""
+    twice that share of the core's rows, so the cost of A-VL's steps depends on it. It splits its time by
+    kind of step, in `cache.seconds_by_step` {"normal": s, "update": s, "swap": s} with the steps of each
+    kind in `cache.steps_by_kind` (swap: the part of the update steps spent in `swap_rows`)."""
     cache = make_cache(name)
     attend, cache.attention_seconds = cache.attend, 0.0
-    if isinstance(cache, AVLCache):
+    is_avl = isinstance(cache, AVLCache)
+    if is_avl:
         swap_rows, cache.core_replaced = cache.swap_rows, []
+        cache.seconds_by_step = {"normal": 0.0, "update": 0.0, "swap": 0.0}
+        cache.steps_by_kind = {"normal": 0, "update": 0}
 
         def counted_swap_rows(layer, rows, other_rows):
             cache.core_replaced.append(len(rows) / cache.n_core)
+            start = time.perf_counter()
             swap_rows(layer, rows, other_rows)
+            cache.seconds_by_step["swap"] += time.perf_counter() - start
 
         cache.swap_rows = counted_swap_rows
 
@@ -199,11 +208,28 @@ def timed_cache(name: str):
         start = time.perf_counter()
         out = attend(layer, q, k, v, pos)
         if cache.step > 0:
-            cache.attention_seconds += time.perf_counter() - start
+            seconds = time.perf_counter() - start
+            cache.attention_seconds += seconds
+            if is_avl:
+                kind = "update" if cache.is_update_step() else "normal"
+                cache.seconds_by_step[kind] += seconds
+                cache.steps_by_kind[kind] += layer == 0  # a step is one call per layer
         return out
 
     cache.attend = timed_attend
     return cache
+
+
+def avl_step_split(cache, full_attention_ms: float) -> dict:
+    """A-VL's attention ms per normal step and per update step (and the swaps' part of an update step),
+    the two also as multiples of `full`'s attention ms per step."""
+    def per_step(part: str, kind: str) -> float:
+        return 1e3 * cache.seconds_by_step[part] / max(cache.steps_by_kind[kind], 1)
+
+    normal, update = per_step("normal", "normal"), per_step("update", "update")
+    return {"attention_ms_normal_step": normal, "attention_ms_update_step": update,
+            "swap_ms_update_step": per_step("swap", "update"),
+            "normal_step_vs_full": normal / full_attention_ms, "update_step_vs_full": update / full_attention_ms}
 
 
 def run_policy(model, name: str, input_ids, pixel_values, new_tokens: int):
@@ -246,6 +272,8 @@ def run_case(model, n_img: int, new_tokens: int, rates: dict) -> tuple[dict, lis
         }
         if getattr(cache, "core_replaced", None):
             policies[name]["core_replaced"] = statistics.mean(cache.core_replaced)
+        if hasattr(cache, "seconds_by_step"):
+            policies[name].update(avl_step_split(cache, policies["full"]["attention_ms"]))
     return {"image_tokens": n_img, "prompt_tokens": input_ids.shape[1], "new_tokens": new_tokens,
             "policies": policies}, full_tokens
 
@@ -274,6 +302,11 @@ def print_case(case: dict) -> None:
               f"{r['attention_ms']:7.1f}  {r['same_tokens_as_full']}/{case['new_tokens']}")
     if "core_replaced" in case["policies"].get("avl", {}):
         print(f"avl: each core re-rank replaced {case['policies']['avl']['core_replaced']:.2f} of the core on average")
+    if "attention_ms_normal_step" in case["policies"].get("avl", {}):
+        a = case["policies"]["avl"]
+        print(f"avl attn ms: {a['attention_ms_normal_step']:.1f} per normal step ({a['normal_step_vs_full']:.2f}x full's), "
+              f"{a['attention_ms_update_step']:.1f} per update step ({a['update_step_vs_full']:.2f}x), "
+              f"{a['swap_ms_update_step']:.1f} of it swapping core rows")
 
 
 def next_image_tokens(image_hw: tuple[int, int]) -> int:

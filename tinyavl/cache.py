@@ -558,11 +558,13 @@ class AVLCache(KVCache):
 
     def use_kernel(self, q) -> bool:
         """Triton on CUDA tensors ("auto"), or as forced by kernel="triton" / "torch"."""
-        if self.kernel == "torch":
+        # Decided without importing Triton where it cannot run: the import takes about 0.2 s, which
+        # would land in the first decode step of every CPU run (and in the benchmark's step times).
+        if self.kernel == "torch" or (self.kernel == "auto" and not q.is_cuda):
             return False
         from kernels.sparse_attention import TRITON_AVAILABLE  # imported on first use: triton is slow to import
         if self.kernel == "auto":
-            return TRITON_AVAILABLE and q.is_cuda
+            return TRITON_AVAILABLE
         require_triton(q.device)
         return True
 
