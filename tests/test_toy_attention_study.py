@@ -72,3 +72,37 @@ def test_object_coverage_by_hand():
                         [pytest.approx((2 / 4 + 4 / 5) / 2), pytest.approx(1 / 2)]]
     lines = report_markdown({**study([recording()]), "object_coverage": coverage}).splitlines()
     assert "| 0 | 0.35 | 0.50 |" in lines and "| 1 | 0.65 | 0.50 |" in lines
+
+
+def test_band_coverage_by_hand():
+    """A 4 x 4 image (16 tokens) in two bands of two patch rows. Layer 0 scores fall with the token's
+    index, so its top 50% is the first 8 tokens: the top band whole, none of the bottom one. Layer 1
+    scores the two left columns high, so its top 50% is half of every row: 0.5 of each band. A second
+    recording with layer 0 reversed (top 50% = the bottom band) averages layer 0 to 0.5 and 0.5."""
+    def recorder(layer0):
+        left = [2.0 if column < 2 else 1.0 for _ in range(4) for column in range(4)]   # (16,) row by row
+        rows = [[torch.tensor(layer0), torch.tensor(left)]]
+        return SimpleNamespace(n_layers=2, rows=rows, image_row=lambda step, layer: rows[step][layer])
+
+    falling = [float(16 - i) for i in range(16)]
+    assert attention_study.band_coverage([recorder(falling)], side=4, n_bands=2) == [[1.0, 0.0], [0.5, 0.5]]
+    both = attention_study.band_coverage([recorder(falling), recorder(falling[::-1])], side=4, n_bands=2)
+    assert both == [[0.5, 0.5], [0.5, 0.5]]
+    with pytest.raises(ValueError, match="equal bands"):
+        attention_study.band_coverage([recorder(falling)], side=4, n_bands=3)
+    lines = report_markdown({**study([recording()]), "band_coverage": [[1.0, 0.0], [0.5, 0.5]]}).splitlines()
+    assert "| 0 | 1.00 | 0.00 |" in lines and "| 1 | 0.50 | 0.50 |" in lines and any("band 2" in l for l in lines)
+
+
+def test_ppci_across_scenes_by_hand():
+    """Two recordings: the hand-made one, and one whose two layers are swapped. Layer 0's prefill top
+    50% is {0..4} in the first and {5..9} in the second: they share nothing (0.0); the same holds in
+    layer 1. The first recording with itself shares everything (1.0); one recording has no pair (None)."""
+    first, swapped = recording(), recording()
+    swapped.rows = [[layer1, layer0] for layer0, layer1 in swapped.rows]
+    swapped.image_row = lambda step, layer: swapped.rows[step][layer][1:11]
+    assert [x["ppci_scenes"] for x in study([first, swapped])["layers"]] == [0.0, 0.0]
+    same = study([first, recording()])
+    assert [x["ppci_scenes"] for x in same["layers"]] == [1.0, 1.0]
+    assert "| two scenes | 1.00 | 1.00 |" in report_markdown(same).splitlines()
+    assert study([first])["layers"][0]["ppci_scenes"] is None

@@ -11,14 +11,19 @@ step). Per decoder layer (tinyavl/attention_stats.py has the measures):
 - concentration: the share of the last prompt token's image attention on its top 10% and 50% of
   image tokens (A-VL and FastV rank image tokens by that row);
 - ppci_layers: p%-PPCI of that row's top image sets between every two layers;
+- ppci_scenes: p%-PPCI of that row's top image sets of two different scenes, in the same layer: near
+  1 when a layer picks the same places whatever the picture shows (a ranking by position, not content);
 - ppci_steps: p%-PPCI of the image top sets of two decode steps, as a function of their distance;
 - capture: the share of each decode step's image attention that falls on the prefill top-S set (what
   A-VL stores at S) or top-C set (its core); a random set of that size captures S (or C) on average;
 - object_coverage: which objects that prefill top-S set keeps: the share of each object's patches in it,
   by the object's place in the caption (the first object named, the second, ...); a random set keeps
-  S of every object.
+  S of every object;
+- band_coverage: where in the picture that set lies: the share of each horizontal band of the image
+  (the scene's rows of places, top to bottom) in it; a random set keeps S of every band.
 """
 import sys
+from itertools import combinations
 from pathlib import Path
 from statistics import fmean
 
@@ -28,6 +33,7 @@ from tinyavl.cli import TOY_WEIGHTS, ArgumentParser, run_command
 from tinyavl.errors import UserError
 from tinyavl.toy.evaluate import held_out_set
 from tinyavl.toy.plot import save_line_plot
+from tinyavl.toy.scenes import GRID
 
 SEGMENTS = ("sys", "image", "text")
 STORED, CORE = 0.5, 0.3   # A-VL's default S and C: the top sets whose stability is measured
@@ -63,6 +69,21 @@ def object_coverage(recordings: list, scenes: list, keep: float = STORED) -> lis
     return coverage
 
 
+def band_coverage(recordings: list, side: int, n_bands: int, keep: float = STORED) -> list[list[float]]:
+    """Per layer, per horizontal band of the image (top to bottom; image tokens are patches in reading
+    order, `side` per row, and the rows split into n_bands bands of equal height): the mean share of the
+    band's image tokens in the last prompt token's top-`keep` image set."""
+    if side % n_bands:
+        raise ValueError(f"{side} rows of patches do not split into {n_bands} equal bands")
+    per_band = side * side // n_bands                                      # image tokens in one band
+    coverage = []
+    for layer in range(recordings[0].n_layers):
+        kept = [top_set(r.image_row(0, layer), keep) for r in recordings]
+        coverage.append([fmean(len(kept_set & set(range(band * per_band, (band + 1) * per_band))) / per_band
+                               for kept_set in kept) for band in range(n_bands)])
+    return coverage
+
+
 def study(recordings: list) -> dict:
     """Every measure of the module docstring, per layer, averaged over recordings (and their steps)."""
     if not any(len(r.rows) > 1 for r in recordings):
@@ -87,12 +108,21 @@ def study(recordings: list) -> dict:
                                    for r in recordings for t in range(1, len(r.rows) - d))
                            for d in range(1, MAX_DISTANCE + 1)
                            if any(len(r.rows) - 1 > d for r in recordings)},  # some answer is d + 1 steps long
+            "ppci_scenes": fmean(ppci(a, b, STORED) for a, b in combinations(prefill, 2)) if len(prefill) > 1 else None,
             "capture": {p: fmean(capture(r.image_row(t, layer), top_set(r.image_row(0, layer), p)) for r, t, _ in rows)
                         for p in (STORED, CORE)},
         })
     result["ppci_layers"] = [[fmean(ppci(r.image_row(0, a), r.image_row(0, b), STORED) for r in recordings)
                               for b in range(n_layers)] for a in range(n_layers)]
     return result
+
+
+def coverage_table(coverage: list[list[float]], column: str, title: str) -> list[str]:
+    """Markdown lines of a per-layer coverage (object_coverage, band_coverage): a row per layer, a column
+    per object or band, numbered from 1."""
+    return (["", title, "", "| layer | " + " | ".join(f"{column} {i + 1}" for i in range(len(coverage[0]))) + " |",
+             "|---" * (len(coverage[0]) + 1) + "|"]
+            + [f"| {layer} | " + " | ".join(f"{v:.2f}" for v in row) + " |" for layer, row in enumerate(coverage)])
 
 
 def report_markdown(result: dict) -> str:
@@ -110,18 +140,24 @@ def report_markdown(result: dict) -> str:
     lines += ["", f"{STORED:.0%}-PPCI of the last prompt token's image ranking between layers", "",
               "| layer | " + " | ".join(str(b) for b in range(n_layers)) + " |", "|---" * (n_layers + 1) + "|"]
     lines += [f"| {a} | " + " | ".join(f"{v:.2f}" for v in row) + " |" for a, row in enumerate(result["ppci_layers"])]
+    if result["layers"][0]["ppci_scenes"] is not None:
+        lines += ["", f"{STORED:.0%}-PPCI of two different scenes' last-prompt-token image rankings, same layer "
+                  f"(unrelated sets: {STORED:.2f})", "",
+                  "| layer | " + " | ".join(str(b) for b in range(n_layers)) + " |", "|---" * (n_layers + 1) + "|",
+                  "| two scenes | " + " | ".join(f"{x['ppci_scenes']:.2f}" for x in result["layers"]) + " |"]
     distances = [d for d in (1, 2, 3, 4, 8, 16) if d in result["layers"][0]["ppci_steps"]]
     lines += ["", f"{CORE:.0%}-PPCI of the image ranking of two decode steps d apart (random sets: {CORE:.2f})", "",
               "| layer | " + " | ".join(f"d={d}" for d in distances) + " |", "|---" * (len(distances) + 1) + "|"]
     lines += [f"| {layer} | " + " | ".join(f"{x['ppci_steps'][d]:.2f}" for d in distances) + " |"
               for layer, x in enumerate(result["layers"])]
     if "object_coverage" in result:
-        coverage = result["object_coverage"]
-        lines += ["", f"Share of each object's patches in the prefill top {STORED:.0%} (random sets: {STORED:.2f}), "
-                  "by the order the caption names the objects", "",
-                  "| layer | " + " | ".join(f"object {i + 1}" for i in range(len(coverage[0]))) + " |",
-                  "|---" * (len(coverage[0]) + 1) + "|"]
-        lines += [f"| {layer} | " + " | ".join(f"{v:.2f}" for v in row) + " |" for layer, row in enumerate(coverage)]
+        lines += coverage_table(result["object_coverage"], "object",
+                                f"Share of each object's patches in the prefill top {STORED:.0%} (random sets: "
+                                f"{STORED:.2f}), by the order the caption names the objects")
+    if "band_coverage" in result:
+        lines += coverage_table(result["band_coverage"], "band",
+                                f"Share of each horizontal band of the image in the prefill top {STORED:.0%} "
+                                f"(random sets: {STORED:.2f}), top to bottom")
     return "\n".join(lines)
 
 
@@ -156,6 +192,8 @@ def run(args) -> dict:
     recordings = record_captions(model, processor, args.n, args.seed)
     result = study(recordings)
     result["object_coverage"] = object_coverage(recordings, [q.scene for q in caption_questions(args.n, args.seed)])
+    vision = model.config.vision
+    result["band_coverage"] = band_coverage(recordings, vision.image_size // vision.patch_size, GRID)
     if args.out is not None:
         for path in save_figures(result, args.out):
             print(f"wrote {path}", file=sys.stderr)
