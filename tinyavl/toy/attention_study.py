@@ -76,11 +76,11 @@ def band_coverage(recordings: list, side: int, n_bands: int, keep: float = STORE
     if side % n_bands:
         raise ValueError(f"{side} rows of patches do not split into {n_bands} equal bands")
     per_band = side * side // n_bands                                      # image tokens in one band
+    bands = [set(range(band * per_band, (band + 1) * per_band)) for band in range(n_bands)]
     coverage = []
     for layer in range(recordings[0].n_layers):
         kept = [top_set(r.image_row(0, layer), keep) for r in recordings]
-        coverage.append([fmean(len(kept_set & set(range(band * per_band, (band + 1) * per_band))) / per_band
-                               for kept_set in kept) for band in range(n_bands)])
+        coverage.append([fmean(len(kept_set & band) / per_band for kept_set in kept) for band in bands])
     return coverage
 
 
@@ -137,13 +137,12 @@ def report_markdown(result: dict) -> str:
                   f"{x['capture'][STORED]:.2f}", f"{x['capture'][CORE]:.2f}"]
         lines.append(f"| {layer} | " + " | ".join(cells) + " |")
     n_layers = len(result["layers"])
-    lines += ["", f"{STORED:.0%}-PPCI of the last prompt token's image ranking between layers", "",
-              "| layer | " + " | ".join(str(b) for b in range(n_layers)) + " |", "|---" * (n_layers + 1) + "|"]
+    layer_columns = ["| layer | " + " | ".join(str(b) for b in range(n_layers)) + " |", "|---" * (n_layers + 1) + "|"]
+    lines += ["", f"{STORED:.0%}-PPCI of the last prompt token's image ranking between layers", "", *layer_columns]
     lines += [f"| {a} | " + " | ".join(f"{v:.2f}" for v in row) + " |" for a, row in enumerate(result["ppci_layers"])]
     if result["layers"][0]["ppci_scenes"] is not None:
         lines += ["", f"{STORED:.0%}-PPCI of two different scenes' last-prompt-token image rankings, same layer "
-                  f"(unrelated sets: {STORED:.2f})", "",
-                  "| layer | " + " | ".join(str(b) for b in range(n_layers)) + " |", "|---" * (n_layers + 1) + "|",
+                  f"(unrelated sets: {STORED:.2f})", "", *layer_columns,
                   "| two scenes | " + " | ".join(f"{x['ppci_scenes']:.2f}" for x in result["layers"]) + " |"]
     distances = [d for d in (1, 2, 3, 4, 8, 16) if d in result["layers"][0]["ppci_steps"]]
     lines += ["", f"{CORE:.0%}-PPCI of the image ranking of two decode steps d apart (random sets: {CORE:.2f})", "",
