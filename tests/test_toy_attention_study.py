@@ -1,11 +1,15 @@
 """The attention study's aggregation on a hand-made recording: every number derived by hand."""
+import math
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from cache_helpers import build_model, make_prompt, one_thread, positions_per_head, run_steps  # noqa: F401
+from cache_helpers import recording as logging_cache
+from tinyavl.cache import AVLCache
 from tinyavl.toy import attention_study
-from tinyavl.toy.attention_study import report_markdown, study
+from tinyavl.toy.attention_study import LayerChoiceAVL, report_markdown, study
 
 
 def recording():
@@ -106,3 +110,49 @@ def test_ppci_across_scenes_by_hand():
     assert [x["ppci_scenes"] for x in same["layers"]] == [1.0, 1.0]
     assert "| two scenes | 1.00 | 1.00 |" in report_markdown(same).splitlines()
     assert study([first])["layers"][0]["ppci_scenes"] is None
+
+
+def test_layer_sets_by_hand():
+    assert attention_study.layer_sets(4) == [(), (0,), (1,), (2,), (3,), (0, 1), (2, 3), (0, 1, 2, 3)]
+    assert attention_study.layer_sets(3) == [(), (0,), (1,), (2,), (1, 2), (0, 1, 2)]  # the first half, (0,), is there
+    assert attention_study.layer_sets(1) == [(), (0,)]
+
+
+def kept_image_positions(cache, layer: int, n_sys: int, n_img: int) -> set:
+    """The image positions a recorded prefill left in a layer (every head keeps the same ones)."""
+    held = positions_per_head(cache.log[layer]["pos_after"])
+    assert all(h == held[0] for h in held)
+    return {p for p in held[0] if n_sys <= p < n_sys + n_img}
+
+
+def test_layer_choice_avl_draws_in_its_layers_and_ranks_by_attention_in_the_others():
+    """In a chosen layer the prefill keeps the top floor(S N_img) image tokens of a uniform draw from the
+    generator seeded by `seed` (the first draw when that layer is the only one chosen); every other layer
+    keeps what A-VL keeps, and with no layer chosen the two decode the same tokens, logit for logit."""
+    model = build_model(n_layers=3, kv_heads=2)
+    n_sys, n_img = 3, model.config.num_image_tokens
+    ids, pixel_values = make_prompt(model, n_sys, n_text=8, seed=1)
+    params = dict(S=0.5, C=0.5, K=1, P=1.0, T=1.0)
+    avl, mixed = logging_cache(AVLCache)(**params), logging_cache(LayerChoiceAVL)([1], seed=5, **params)
+    run_steps(model, ids, pixel_values, avl, 0)
+    run_steps(model, ids, pixel_values, mixed, 0)
+    draw = torch.rand(n_img, generator=torch.Generator().manual_seed(5))
+    by_draw = {n_sys + int(i) for i in draw.argsort(descending=True)[:math.floor(0.5 * n_img)]}
+    assert kept_image_positions(mixed, 1, n_sys, n_img) == by_draw
+    assert kept_image_positions(avl, 1, n_sys, n_img) != by_draw       # attention picks another set here
+    for layer in (0, 2):
+        assert kept_image_positions(mixed, layer, n_sys, n_img) == kept_image_positions(avl, layer, n_sys, n_img)
+
+    plain_logits, tokens = run_steps(model, ids, pixel_values, AVLCache(**params), 6)
+    none_logits, _ = run_steps(model, ids, pixel_values, LayerChoiceAVL([], **params), 6, tokens=tokens)
+    assert torch.equal(plain_logits, none_logits)
+
+
+def test_choice_table_rows_and_intervals():
+    report = {"n_questions": 4, "accuracy_by_type": {"where": 0.5, "caption": 1.0},
+              "accuracy_by_type_ci": {"where": (0.15, 0.85), "caption": (0.34, 1.0)}, "caption_objects": 0.75}
+    lines = attention_study.choice_table([{"random_layers": (), "report": report},
+                                          {"random_layers": (0, 1), "report": report}])
+    assert lines[3] == "| layers choosing at random | where | caption | caption objects |"
+    assert lines[-2] == "| none (A-VL) | 0.50 (0.15-0.85) | 1.00 (0.34-1.00) | 0.750 |"
+    assert lines[-1].startswith("| 0, 1 | ")

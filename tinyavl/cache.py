@@ -582,8 +582,8 @@ class AVLCache(KVCache):
         # Prefill filter: layer filter_layer - 1 decides which image tokens the later layers see.
         if layer == self.filter_layer - 1 and self.P < 1 and layer < self.n_layers - 1:
             self.hidden_keep = image_filter(q, k, self.n_sys, n_img_here, math.floor(self.P * self.n_img))
-        # Vision: rank this layer's image tokens by the last prompt token's head-mean attention.
-        image_scores = last_row_probs(q, k).mean(1)[0, self.n_sys:text_start]         # (n_img_here,)
+        # Vision: rank this layer's image tokens by their importance (the last prompt token's attention).
+        image_scores = self.image_importance(layer, q, k, text_start)                  # (n_img_here,)
         secondary = top_rows(image_scores, self.n_secondary)                           # image indices
         core_first = secondary[core_first_order(image_scores[secondary], self.n_core)]  # the core, then the rest
         # Text: H2O scores from the text queries of the prompt, on the text columns (before any eviction).
@@ -592,6 +592,12 @@ class AVLCache(KVCache):
         self.keep(layer, torch.cat([self.n_sys + core_first, torch.arange(text_start, k.shape[2], device=k.device)]),
                   start=self.n_sys)
         self.evict_text(layer)
+
+    def image_importance(self, layer: int, q, k, text_start: int):
+        """(n_img_here,) the prefill score that ranks a layer's image tokens (rows n_sys .. text_start - 1 of
+        k): the last prompt token's attention, averaged over the query heads. One method, so that a study can
+        rank otherwise in some layers (tinyavl/toy/attention_study.py, `LayerChoiceAVL`)."""
+        return last_row_probs(q, k).mean(1)[0, self.n_sys:text_start]
 
     def decode_update(self, layer, q, last_row):
         k, n, text_start = self.k[layer], self.k[layer].shape[2], self.text_start(layer)

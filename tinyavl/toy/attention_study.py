@@ -21,21 +21,31 @@ step). Per decoder layer (tinyavl/attention_stats.py has the measures):
   S of every object;
 - band_coverage: where in the picture that set lies: the share of each horizontal band of the image
   (the scene's rows of places, top to bottom) in it; a random set keeps S of every band.
+
+And one measure of accuracy rather than attention, `choice_by_layer`: A-VL's choice of image tokens alone
+(the evaluation's AVL_CHOICE_ONLY: half of them stored, all of those computed, nothing else evicted),
+with the choice made at random in some layers (`LayerChoiceAVL`), on the questions whose answers are
+longer than one token. The layers whose random choice scores better than their own choice are the
+layers whose last-prompt-token ranking costs the accuracy.
 """
 import sys
 from itertools import combinations
 from pathlib import Path
 from statistics import fmean
 
+import torch
+
 from tinyavl import load_pretrained
 from tinyavl.attention_stats import capture, ppci, record_attention, segment_shares, segment_sizes, top_set, top_share
+from tinyavl.cache import AVLCache
 from tinyavl.cli import TOY_WEIGHTS, ArgumentParser, run_command
 from tinyavl.errors import UserError
-from tinyavl.toy.evaluate import held_out_set
+from tinyavl.toy.evaluate import AVL_CHOICE_ONLY, evaluate, format_interval, held_out_set
 from tinyavl.toy.plot import save_line_plot
 from tinyavl.toy.scenes import GRID
 
 SEGMENTS = ("sys", "image", "text")
+LONG_ANSWER_KINDS = ("where", "caption")  # the others are one word, computed by the prefill before any eviction
 STORED, CORE = 0.5, 0.3   # A-VL's default S and C: the top sets whose stability is measured
 MAX_DISTANCE = 16         # decode steps apart, for PPCI across steps
 
@@ -82,6 +92,57 @@ def band_coverage(recordings: list, side: int, n_bands: int, keep: float = STORE
         kept = [top_set(r.image_row(0, layer), keep) for r in recordings]
         coverage.append([fmean(len(kept_set & band) / per_band for kept_set in kept) for band in bands])
     return coverage
+
+
+class LayerChoiceAVL(AVLCache):
+    """A-VL, except that in `random_layers` the prefill keeps a uniformly random set of image tokens (as
+    many as A-VL keeps), drawn per layer and per sequence from its own generator (seeded by `seed`): the
+    other layers rank by the last prompt token's attention, as A-VL does."""
+
+    def __init__(self, random_layers, seed: int = 0, **params):
+        super().__init__(**params)
+        self.random_layers = frozenset(random_layers)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def image_importance(self, layer, q, k, text_start):
+        if layer not in self.random_layers:
+            return super().image_importance(layer, q, k, text_start)
+        return torch.rand(text_start - self.n_sys, generator=self.generator).to(k.device)  # (n_img_here,)
+
+
+def layer_sets(n_layers: int) -> list[tuple[int, ...]]:
+    """Which layers choose at random, one run each: none, each layer alone, the first and the second half
+    of the layers, and all of them."""
+    half = n_layers // 2
+    sets = [(), *((layer,) for layer in range(n_layers)), tuple(range(half)), tuple(range(half, n_layers)),
+            tuple(range(n_layers))]
+    return list(dict.fromkeys(sets))  # without repeats (a model of 1 or 2 layers)
+
+
+def choice_by_layer(model, processor, questions: list) -> list[dict]:
+    """For each of `layer_sets`: the accuracy of A-VL's choice alone (AVL_CHOICE_ONLY) with the choice made
+    at random in those layers, on the questions of LONG_ANSWER_KINDS; a list of
+    {"random_layers": tuple, "report": the evaluation's report}."""
+    asked = [question for question in questions if question.kind in LONG_ANSWER_KINDS]
+    return [{"random_layers": layers,
+             "report": evaluate(model, processor, asked, LayerChoiceAVL(layers, **AVL_CHOICE_ONLY))}
+            for layers in layer_sets(model.config.text.num_hidden_layers)]
+
+
+def choice_table(rows: list[dict]) -> list[str]:
+    """Markdown lines of choice_by_layer: a row per set of layers that choose at random."""
+    kinds = list(rows[0]["report"]["accuracy_by_type"])
+    lines = ["", f"A-VL's choice alone ({AVL_CHOICE_ONLY['S']:.0%} of the image stored), made at random in some "
+                 f"layers: accuracy on {rows[0]['report']['n_questions']} prompts", "",
+             "| layers choosing at random | " + " | ".join(kinds) + " | caption objects |",
+             "|---" * (len(kinds) + 2) + "|"]
+    for row in rows:
+        report, layers = row["report"], row["random_layers"]
+        cells = [format_interval(report["accuracy_by_type"][kind], report["accuracy_by_type_ci"][kind])
+                 for kind in kinds]
+        objects = "-" if report["caption_objects"] is None else f"{report['caption_objects']:.3f}"
+        lines.append(f"| {', '.join(map(str, layers)) or 'none (A-VL)'} | " + " | ".join(cells) + f" | {objects} |")
+    return lines
 
 
 def study(recordings: list) -> dict:
@@ -157,6 +218,8 @@ def report_markdown(result: dict) -> str:
         lines += coverage_table(result["band_coverage"], "band",
                                 f"Share of each horizontal band of the image in the prefill top {STORED:.0%} "
                                 f"(random sets: {STORED:.2f}), top to bottom")
+    if "choice_by_layer" in result:
+        lines += choice_table(result["choice_by_layer"])
     return "\n".join(lines)
 
 
@@ -193,6 +256,7 @@ def run(args) -> dict:
     result["object_coverage"] = object_coverage(recordings, [q.scene for q in caption_questions(args.n, args.seed)])
     vision = model.config.vision
     result["band_coverage"] = band_coverage(recordings, vision.image_size // vision.patch_size, GRID)
+    result["choice_by_layer"] = choice_by_layer(model, processor, held_out_set(args.seed, args.n))
     if args.out is not None:
         for path in save_figures(result, args.out):
             print(f"wrote {path}", file=sys.stderr)
@@ -203,7 +267,8 @@ def main(argv=None) -> int:
     parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--weights", type=Path, default=TOY_WEIGHTS, help="the toy model folder")
     parser.add_argument("--seed", type=int, default=1, help="which held-out set")
-    parser.add_argument("--n", type=int, default=50, help="scenes (one caption each)")
+    parser.add_argument("--n", type=int, default=50,
+                        help="held-out scenes: their captions recorded, their \"where\" and caption prompts scored")
     parser.add_argument("--out", type=Path, default=None, help="folder for the two figures (default: none)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)

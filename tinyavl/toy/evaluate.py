@@ -31,7 +31,7 @@ from pathlib import Path
 
 from tinyavl import load_pretrained
 from tinyavl.attention_map import save_attention_map
-from tinyavl.cache import make_cache
+from tinyavl.cache import KVCache, make_cache
 from tinyavl.cli import TOY_WEIGHTS, ArgumentParser, add_policy_arguments, policy_params, run_command
 from tinyavl.errors import UserError
 from tinyavl.files import check_apart_from_inputs, check_output_file
@@ -46,7 +46,8 @@ SWEEP_POLICIES = ("avl", "h2o", "streaming", "fastv")  # each at the budget `ran
 # After the sweep, two rows that isolate a cause (budget, policy, params, the line they join in the plot):
 # A-VL's choice of image tokens alone (everything it stores computed at every step, no prefill filter, no
 # text eviction) against `random` at the same S; and `random` evicting only 5% of the image.
-ABLATIONS = [(0.5, "avl", {"S": 0.5, "C": 0.5, "K": 1, "P": 1.0, "T": 1.0}, "avl, its choice only"),
+AVL_CHOICE_ONLY = {"S": 0.5, "C": 0.5, "K": 1, "P": 1.0, "T": 1.0}
+ABLATIONS = [(0.5, "avl", AVL_CHOICE_ONLY, "avl, its choice only"),
              (0.95, "random", {"S": 0.95}, "random")]
 
 
@@ -106,14 +107,15 @@ def wilson_interval(right: int, n: int, z: float = Z95) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def evaluate(model, processor, questions: list[Question], policy: str = "full", params: dict | None = None,
+def evaluate(model, processor, questions: list[Question], policy: str | KVCache = "full", params: dict | None = None,
              max_new_tokens: int = 64, on_answer=None) -> dict:
-    """Run every question under a policy; the report as a dict (see the module docstring).
+    """Run every question under a policy (a registered name and its params, or a cache built elsewhere);
+    the report as a dict (see the module docstring).
 
     One cache runs every question in turn (each is a new sequence: `begin` resets it), so a policy with
     a seeded draw (`random`) draws a fresh set for each. on_answer(question, prediction, cache, inputs)
     is called after each answer (for pictures)."""
-    cache = make_cache(policy, **(params or {}))
+    cache = policy if isinstance(policy, KVCache) else make_cache(policy, **(params or {}))
     right = {kind: 0 for kind in PROMPT_KINDS}
     asked = {kind: 0 for kind in PROMPT_KINDS}
     objects_right = objects_total = 0
@@ -141,7 +143,7 @@ def evaluate(model, processor, questions: list[Question], policy: str = "full", 
             on_answer(question, prediction, cache, inputs)
     kinds = [kind for kind in PROMPT_KINDS if asked[kind]]
     return {
-        "policy": policy, "policy_params": cache.params(),
+        "policy": cache.name, "policy_params": cache.params(),
         "n_questions": len(questions),
         "accuracy": sum(right.values()) / len(questions),
         "accuracy_ci": wilson_interval(sum(right.values()), len(questions)),
