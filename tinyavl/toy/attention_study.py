@@ -40,7 +40,7 @@ from tinyavl.attention_stats import capture, ppci, record_attention, segment_sha
 from tinyavl.cache import AVLCache
 from tinyavl.cli import TOY_WEIGHTS, ArgumentParser, run_command
 from tinyavl.errors import UserError
-from tinyavl.toy.evaluate import AVL_CHOICE_ONLY, evaluate, format_interval, held_out_set
+from tinyavl.toy.evaluate import AVL_CHOICE_ONLY, evaluate, format_interval, held_out_set, markdown_table
 from tinyavl.toy.plot import save_line_plot
 from tinyavl.toy.scenes import GRID
 
@@ -132,17 +132,16 @@ def choice_by_layer(model, processor, questions: list) -> list[dict]:
 def choice_table(rows: list[dict]) -> list[str]:
     """Markdown lines of choice_by_layer: a row per set of layers that choose at random."""
     kinds = list(rows[0]["report"]["accuracy_by_type"])
-    lines = ["", f"A-VL's choice alone ({AVL_CHOICE_ONLY['S']:.0%} of the image stored), made at random in some "
-                 f"layers: accuracy on {rows[0]['report']['n_questions']} prompts", "",
-             "| layers choosing at random | " + " | ".join(kinds) + " | caption objects |",
-             "|---" * (len(kinds) + 2) + "|"]
+    cells = []
     for row in rows:
         report, layers = row["report"], row["random_layers"]
-        cells = [format_interval(report["accuracy_by_type"][kind], report["accuracy_by_type_ci"][kind])
-                 for kind in kinds]
-        objects = "-" if report["caption_objects"] is None else f"{report['caption_objects']:.3f}"
-        lines.append(f"| {', '.join(map(str, layers)) or 'none (A-VL)'} | " + " | ".join(cells) + f" | {objects} |")
-    return lines
+        cells.append([", ".join(map(str, layers)) or "none (A-VL)"]
+                     + [format_interval(report["accuracy_by_type"][kind], report["accuracy_by_type_ci"][kind])
+                        for kind in kinds]
+                     + ["-" if report["caption_objects"] is None else f"{report['caption_objects']:.3f}"])
+    title = (f"A-VL's choice alone ({AVL_CHOICE_ONLY['S']:.0%} of the image stored), made at random in some layers: "
+             f"accuracy on {rows[0]['report']['n_questions']} prompts")
+    return ["", title, "", *markdown_table(["layers choosing at random", *kinds, "caption objects"], cells)]
 
 
 def study(recordings: list) -> dict:
@@ -181,35 +180,34 @@ def study(recordings: list) -> dict:
 def coverage_table(coverage: list[list[float]], column: str, title: str) -> list[str]:
     """Markdown lines of a per-layer coverage (object_coverage, band_coverage): a row per layer, a column
     per object or band, numbered from 1."""
-    return (["", title, "", "| layer | " + " | ".join(f"{column} {i + 1}" for i in range(len(coverage[0]))) + " |",
-             "|---" * (len(coverage[0]) + 1) + "|"]
-            + [f"| {layer} | " + " | ".join(f"{v:.2f}" for v in row) + " |" for layer, row in enumerate(coverage)])
+    head = ["layer"] + [f"{column} {i + 1}" for i in range(len(coverage[0]))]
+    return ["", title, "", *markdown_table(head, [[str(layer)] + [f"{v:.2f}" for v in row]
+                                                  for layer, row in enumerate(coverage)])]
 
 
 def report_markdown(result: dict) -> str:
     """The numbers as Markdown tables (what the chapter quotes)."""
-    lines = [f"{result['n_captions']} captions, dense attention, mean over decode steps",
-             "", "| layer | sys: attention (tokens) | image: attention (tokens) | text: attention (tokens) | "
-             "BOS | image top 10% | image top 50% | capture, prefill top 50% | capture, top 30% |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for layer, x in enumerate(result["layers"]):
-        cells = [f"{x['shares'][s]:.2f} ({x['sizes'][s]:.2f})" for s in SEGMENTS]
-        cells += [f"{x['bos']:.2f}", f"{x['concentration'][0.1]:.2f}", f"{x['concentration'][0.5]:.2f}",
-                  f"{x['capture'][STORED]:.2f}", f"{x['capture'][CORE]:.2f}"]
-        lines.append(f"| {layer} | " + " | ".join(cells) + " |")
-    n_layers = len(result["layers"])
-    layer_columns = ["| layer | " + " | ".join(str(b) for b in range(n_layers)) + " |", "|---" * (n_layers + 1) + "|"]
-    lines += ["", f"{STORED:.0%}-PPCI of the last prompt token's image ranking between layers", "", *layer_columns]
-    lines += [f"| {a} | " + " | ".join(f"{v:.2f}" for v in row) + " |" for a, row in enumerate(result["ppci_layers"])]
-    if result["layers"][0]["ppci_scenes"] is not None:
+    layers = result["layers"]
+    head = ["layer", *(f"{s}: attention (tokens)" for s in SEGMENTS), "BOS", "image top 10%", "image top 50%",
+            "capture, prefill top 50%", "capture, top 30%"]
+    rows = [[str(layer), *(f"{x['shares'][s]:.2f} ({x['sizes'][s]:.2f})" for s in SEGMENTS), f"{x['bos']:.2f}",
+             f"{x['concentration'][0.1]:.2f}", f"{x['concentration'][0.5]:.2f}", f"{x['capture'][STORED]:.2f}",
+             f"{x['capture'][CORE]:.2f}"] for layer, x in enumerate(layers)]
+    lines = [f"{result['n_captions']} captions, dense attention, mean over decode steps", "",
+             *markdown_table(head, rows)]
+    layer_head = ["layer", *(str(b) for b in range(len(layers)))]
+    lines += ["", f"{STORED:.0%}-PPCI of the last prompt token's image ranking between layers", "",
+              *markdown_table(layer_head, [[str(a), *(f"{v:.2f}" for v in row)]
+                                           for a, row in enumerate(result["ppci_layers"])])]
+    if layers[0]["ppci_scenes"] is not None:
         lines += ["", f"{STORED:.0%}-PPCI of two different scenes' last-prompt-token image rankings, same layer "
-                  f"(unrelated sets: {STORED:.2f})", "", *layer_columns,
-                  "| two scenes | " + " | ".join(f"{x['ppci_scenes']:.2f}" for x in result["layers"]) + " |"]
-    distances = [d for d in (1, 2, 3, 4, 8, 16) if d in result["layers"][0]["ppci_steps"]]
+                  f"(unrelated sets: {STORED:.2f})", "",
+                  *markdown_table(layer_head, [["two scenes", *(f"{x['ppci_scenes']:.2f}" for x in layers)]])]
+    distances = [d for d in (1, 2, 3, 4, 8, 16) if d in layers[0]["ppci_steps"]]
     lines += ["", f"{CORE:.0%}-PPCI of the image ranking of two decode steps d apart (random sets: {CORE:.2f})", "",
-              "| layer | " + " | ".join(f"d={d}" for d in distances) + " |", "|---" * (len(distances) + 1) + "|"]
-    lines += [f"| {layer} | " + " | ".join(f"{x['ppci_steps'][d]:.2f}" for d in distances) + " |"
-              for layer, x in enumerate(result["layers"])]
+              *markdown_table(["layer", *(f"d={d}" for d in distances)],
+                              [[str(layer), *(f"{x['ppci_steps'][d]:.2f}" for d in distances)]
+                               for layer, x in enumerate(layers)])]
     if "object_coverage" in result:
         lines += coverage_table(result["object_coverage"], "object",
                                 f"Share of each object's patches in the prefill top {STORED:.0%} (random sets: "

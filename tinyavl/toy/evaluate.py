@@ -207,13 +207,19 @@ def format_interval(value: float, interval: tuple[float, float], digits: int = 2
     return f"{value:.{digits}f} ({interval[0]:.{digits}f}-{interval[1]:.{digits}f})"
 
 
+def markdown_table(head: list[str], rows: list[list[str]]) -> list[str]:
+    """The lines of a Markdown table: the header row, its rule, then one line per row of cells."""
+    lines = ["| " + " | ".join(cells) + " |" for cells in [head, *rows]]
+    return [lines[0], "|" + "---|" * len(head), *lines[1:]]
+
+
 def format_table(reports: list[dict]) -> str:
     """A Markdown table: one row per report, accuracy (95% interval) overall and per type, the share of
     full's accuracy, and the measured ratios."""
     full = next((r["accuracy"] for r in reports if r["policy"] == "full"), None)
     head = (["image kept", "policy", "params", "overall", "of full"] + list(PROMPT_KINDS)
             + ["caption objects", "KV bytes", "attended"])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for r in reports:
         params = " ".join(f"{k}={v}" for k, v in r["policy_params"].items())
         cells = ["-" if r.get("budget") is None else f"{r['budget']:g}", r["policy"], params or "-",
@@ -222,8 +228,8 @@ def format_table(reports: list[dict]) -> str:
         cells += [format_interval(r["accuracy_by_type"][kind], r["accuracy_by_type_ci"][kind]) for kind in PROMPT_KINDS]
         cells += ["-" if r["caption_objects"] is None else f"{r['caption_objects']:.3f}", f"{r['kv_ratio']:.2f}",
                   "-" if r["attended_ratio"] is None else f"{r['attended_ratio']:.2f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    return "\n".join(markdown_table(head, rows))
 
 
 def plot_sweep(reports: list[dict], path: Path, title: str) -> None:
