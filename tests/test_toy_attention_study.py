@@ -9,7 +9,9 @@ from cache_helpers import build_model, make_prompt, one_thread, positions_per_he
 from cache_helpers import recording as logging_cache
 from tinyavl.cache import AVLCache
 from tinyavl.toy import attention_study
-from tinyavl.toy.attention_study import LayerChoiceAVL, report_markdown, study
+from tinyavl.cache import KVCache
+from tinyavl.toy.attention_study import HiddenImageTokens, LayerChoiceAVL, report_markdown, study
+from tinyavl.toy.evaluate import wilson_interval
 
 
 def recording():
@@ -156,3 +158,49 @@ def test_choice_table_rows_and_intervals():
     assert lines[3] == "| layers choosing at random | where | caption | caption objects |"
     assert lines[-2] == "| none (A-VL) | 0.50 (0.15-0.85) | 1.00 (0.34-1.00) | 0.750 |"
     assert lines[-1].startswith("| 0, 1 | ")
+
+
+def test_hidden_image_tokens_equal_the_masked_forward_without_a_cache():
+    """HiddenImageTokens decodes what the cache-free forward gives with attention_mask 0 on those image
+    tokens (the hiding training uses), logit for logit, and holds none of them in any layer; hiding
+    them changes the answer (against the dense cache)."""
+    model = build_model(n_layers=3, kv_heads=2)
+    n_sys, n_img = 3, model.config.num_image_tokens
+    ids, pixel_values = make_prompt(model, n_sys, n_text=6, seed=2)
+    hidden = [0, 1, 5, 9, n_img - 1]
+    cache = HiddenImageTokens(hidden)
+    logits, tokens = run_steps(model, ids, pixel_values, cache, 5)
+    for layer in range(3):
+        held = set(cache.pos[layer][0, 0].tolist())
+        assert held == set(range(ids.shape[1] + 5)) - {n_sys + i for i in hidden}  # prompt + 5 steps
+    visible = torch.ones(1, ids.shape[1] + 5, dtype=torch.long)                  # (1, T)
+    visible[0, [n_sys + i for i in hidden]] = 0
+    sequence = torch.cat([ids, torch.tensor([tokens])], dim=1)                   # (1, T)
+    for t in range(6):
+        length = ids.shape[1] + t
+        reference = model(sequence[:, :length], pixel_values, attention_mask=visible[:, :length])[0, -1]
+        torch.testing.assert_close(logits[t], reference, atol=1e-5, rtol=1e-5)
+    dense, _ = run_steps(model, ids, pixel_values, KVCache(), 5, tokens=tokens)
+    assert not torch.allclose(dense, logits, atol=1e-3)
+
+
+def test_hidden_object_recall_counts_each_hiding(monkeypatch):
+    """With a stand-in decoder that names every object whose place is wholly visible: nothing hidden names
+    all, its place hidden names none of the hidden ones, and a random draw of 9 of 144 tokens names the
+    object exactly when the draw missed its place, as the seeded draw says."""
+    objects = [SimpleNamespace(place_patches=lambda k=k: list(range(9 * k, 9 * k + 9)), describe=lambda k=k: f"object {k}")
+               for k in range(3)]
+    question = SimpleNamespace(kind="caption", scene=SimpleNamespace(objects=objects))
+    other = SimpleNamespace(kind="colour", scene=None)                          # not a caption: skipped
+    monkeypatch.setattr(attention_study, "caption_with_hidden", lambda model, processor, q, hidden: {
+        obj.describe() for obj in q.scene.objects if not set(obj.place_patches()) & set(hidden)})
+    model = SimpleNamespace(config=SimpleNamespace(num_image_tokens=144))
+    recall = attention_study.hidden_object_recall(model, None, [question, other, question], seed=4)
+    generator = torch.Generator().manual_seed(4)
+    missed = sum(not set(torch.randperm(144, generator=generator)[:9].tolist()) & set(objects[k % 3].place_patches())
+                 for k in range(6))
+    assert recall == {"nothing": (6, 6), "its place": (0, 6), "as many random tokens": (missed, 6)}
+    lines = attention_study.hidden_object_table(recall)
+    low, high = wilson_interval(missed, 6)
+    assert lines[-1] == f"| as many random tokens hidden | {missed / 6:.2f} ({low:.2f}-{high:.2f}) |"
+    assert lines[-2].startswith("| its place hidden | 0.00 (0.00-")

@@ -208,6 +208,22 @@ def test_patches_by_hand():
     assert diamond.digit_patches() == [1, 13, 25]
 
 
+def test_place_patches_by_hand_hold_every_pixel_of_the_object_and_no_other():
+    side = IMAGE_SIZE // PATCH  # 12 patches per row; a place is 3 x 3 of them
+    # Row 2 column 3: patch rows 3-5, patch columns 6-8.
+    obj = SceneObject("cross", "blue", 2, 3, 7, COLOURS["blue"], (MAX_OFFSET, MAX_OFFSET))
+    assert obj.place_patches() == [r * side + c for r in (3, 4, 5) for c in (6, 7, 8)]
+    for scene, _ in itertools.islice(scene_stream("eval", 3), 20):
+        for obj in scene.objects:
+            in_place = np.zeros((side, side), dtype=bool)
+            in_place.flat[obj.place_patches()] = True
+            pixels_in_place = np.kron(in_place, np.ones((PATCH, PATCH), dtype=bool))   # (IMAGE_SIZE, IMAGE_SIZE)
+            assert (obj.shape_mask() <= pixels_in_place).all()
+            for other in scene.objects:
+                if other is not obj:
+                    assert not (other.shape_mask() & pixels_in_place).any()
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_answers_agree_with_the_pixels(seed):
     rng = random.Random(seed)

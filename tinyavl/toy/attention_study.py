@@ -26,7 +26,10 @@ And one measure of accuracy rather than attention, `choice_by_layer`: A-VL's cho
 (the evaluation's AVL_CHOICE_ONLY: half of them stored, all of those computed, nothing else evicted),
 with the choice made at random in some layers (`LayerChoiceAVL`), on the questions whose answers are
 longer than one token. The layers whose random choice scores better than their own choice are the
-layers whose last-prompt-token ranking costs the accuracy.
+layers whose last-prompt-token ranking costs the accuracy. And `hidden_object_recall`: whether the
+caption still names an object when the image tokens of its place are hidden from the decoder
+(`HiddenImageTokens`), against as many random image tokens hidden: whether the vision tower spreads
+what an object is beyond its own patches, as a deep ViT spreads information across an image.
 """
 import sys
 from itertools import combinations
@@ -37,12 +40,15 @@ import torch
 
 from tinyavl import load_pretrained
 from tinyavl.attention_stats import capture, ppci, record_attention, segment_shares, segment_sizes, top_set, top_share
-from tinyavl.cache import AVLCache
+from tinyavl.cache import AVLCache, KVCache
 from tinyavl.cli import TOY_WEIGHTS, ArgumentParser, run_command
 from tinyavl.errors import UserError
-from tinyavl.toy.evaluate import AVL_CHOICE_ONLY, evaluate, format_interval, held_out_set, markdown_table
+from tinyavl.generate import generate
+from tinyavl.model import attention
+from tinyavl.toy.evaluate import (AVL_CHOICE_ONLY, evaluate, format_interval, held_out_set, markdown_table,
+                                  wilson_interval)
 from tinyavl.toy.plot import save_line_plot
-from tinyavl.toy.scenes import GRID
+from tinyavl.toy.scenes import GRID, parse_caption
 
 SEGMENTS = ("sys", "image", "text")
 LONG_ANSWER_KINDS = ("where", "caption")  # the others are one word, computed by the prefill before any eviction
@@ -144,6 +150,77 @@ def choice_table(rows: list[dict]) -> list[str]:
     return ["", title, "", *markdown_table(["layers choosing at random", *kinds, "caption objects"], cells)]
 
 
+class HiddenImageTokens(KVCache):
+    """The dense cache, except that the image tokens `hidden` (indices into the image block: patches in
+    reading order) are hidden from the whole sequence, as training's image-token dropout hides them: the
+    prompt's queries do not see them (a mask at prefill), and every layer evicts them right after, so no
+    decode step reads them either. Not a KV policy, a probe: which tokens go is given, not chosen."""
+
+    def __init__(self, hidden: list[int]):
+        super().__init__()
+        self.hidden = torch.tensor(hidden, dtype=torch.long)
+
+    def compute(self, layer, q, rows):
+        if q.shape[2] == 1:
+            return super().compute(layer, q, rows)
+        k, v = self.selected(layer, rows)
+        visible = torch.ones(1, k.shape[2], dtype=torch.bool, device=k.device)      # (1, T)
+        visible[0, self.n_sys + self.hidden] = False
+        return attention(q, k, v, causal=True, visible=visible), None
+
+    def update(self, layer, q, rows, last_row):
+        if self.step == 0:
+            shown = torch.ones(self.k[layer].shape[2], dtype=torch.bool)            # (T,)
+            shown[self.n_sys + self.hidden] = False
+            self.keep(layer, shown.nonzero().flatten().to(self.k[layer].device))
+
+
+def caption_with_hidden(model, processor, question, hidden: list[int]) -> set[str]:
+    """The objects (as SceneObject.describe writes them) that the greedy caption names when the image
+    tokens `hidden` are hidden from the decoder (`HiddenImageTokens`)."""
+    inputs = processor(processor.chat_prompt(question.text), image=question.scene.image())
+    token_ids, _ = generate(model, inputs["input_ids"], inputs["pixel_values"], max_new_tokens=64,
+                            eos_token_id=processor.eos_token_id, policy=HiddenImageTokens(hidden))
+    return parse_caption(processor.decode(token_ids))
+
+
+HIDING = ("nothing", "its place", "as many random tokens")  # what hidden_object_recall hides, per object
+
+
+def hidden_object_recall(model, processor, questions: list, seed: int = 0) -> dict:
+    """Does the vision tower spread what an object is beyond the object's own patches? For each object of
+    each caption prompt among `questions`: is it still named exactly (colour, shape, place, digit) when
+    nothing is hidden, when every image token of its place is hidden (`SceneObject.place_patches`: all
+    of its pixels, nothing of another object), and when as many image tokens drawn at random are hidden
+    (a seeded draw). {hiding: (objects named, objects)} for each of HIDING."""
+    generator = torch.Generator().manual_seed(seed)
+    n_img = model.config.num_image_tokens
+    named = dict.fromkeys(HIDING, 0)
+    n_objects = 0
+    for question in questions:
+        if question.kind != "caption":
+            continue
+        scene = question.scene
+        plain = caption_with_hidden(model, processor, question, [])
+        for obj in scene.objects:
+            place = obj.place_patches()
+            drawn = torch.randperm(n_img, generator=generator)[:len(place)].tolist()
+            n_objects += 1
+            named["nothing"] += obj.describe() in plain
+            for hiding, hidden in (("its place", place), ("as many random tokens", drawn)):
+                named[hiding] += obj.describe() in caption_with_hidden(model, processor, question, hidden)
+    return {hiding: (named[hiding], n_objects) for hiding in HIDING}
+
+
+def hidden_object_table(recall: dict) -> list[str]:
+    """Markdown lines of hidden_object_recall: the share of objects named, with its 95% interval."""
+    cells = [[f"{hiding} hidden", format_interval(right / n, wilson_interval(right, n))]
+             for hiding, (right, n) in recall.items()]
+    n = recall[HIDING[0]][1]
+    return ["", f"Objects the caption still names exactly, of {n}, by what is hidden from the decoder", "",
+            *markdown_table(["hidden", "objects named"], cells)]
+
+
 def study(recordings: list) -> dict:
     """Every measure of the module docstring, per layer, averaged over recordings (and their steps)."""
     if not any(len(r.rows) > 1 for r in recordings):
@@ -218,6 +295,8 @@ def report_markdown(result: dict) -> str:
                                 f"(random sets: {STORED:.2f}), top to bottom")
     if "choice_by_layer" in result:
         lines += choice_table(result["choice_by_layer"])
+    if "hidden_object_recall" in result:
+        lines += hidden_object_table(result["hidden_object_recall"])
     return "\n".join(lines)
 
 
@@ -255,6 +334,7 @@ def run(args) -> dict:
     vision = model.config.vision
     result["band_coverage"] = band_coverage(recordings, vision.image_size // vision.patch_size, GRID)
     result["choice_by_layer"] = choice_by_layer(model, processor, held_out_set(args.seed, args.n))
+    result["hidden_object_recall"] = hidden_object_recall(model, processor, held_out_set(args.seed, args.n))
     if args.out is not None:
         for path in save_figures(result, args.out):
             print(f"wrote {path}", file=sys.stderr)
@@ -266,7 +346,8 @@ def main(argv=None) -> int:
     parser.add_argument("--weights", type=Path, default=TOY_WEIGHTS, help="the toy model folder")
     parser.add_argument("--seed", type=int, default=1, help="which held-out set")
     parser.add_argument("--n", type=int, default=50,
-                        help="held-out scenes: their captions recorded, their \"where\" and caption prompts scored")
+                        help="held-out scenes: their captions recorded, their \"where\" and caption prompts scored, "
+                             "their objects hidden one at a time")
     parser.add_argument("--out", type=Path, default=None, help="folder for the two figures (default: none)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)

@@ -99,6 +99,13 @@ class SceneObject:
         """Indices of the image tokens that show the digit (none without one)."""
         return _patches_showing(self.digit_mask())
 
+    def place_patches(self) -> list[int]:
+        """Indices of every image token of the object's place (3 x 3 patches): every pixel of the object
+        and its digit, and nothing of any other object."""
+        side, per_place = IMAGE_SIZE // PATCH, PLACE // PATCH
+        top, left = (self.row - 1) * per_place, (self.column - 1) * per_place
+        return [(top + r) * side + left + c for r in range(per_place) for c in range(per_place)]
+
     def describe(self) -> str:
         text = f"{self.colour} {self.shape} at {self.place}"
         return text if self.digit is None else f"{text} with digit {self.digit}"
