@@ -160,19 +160,21 @@ class HiddenImageTokens(KVCache):
         super().__init__()
         self.hidden = torch.tensor(hidden, dtype=torch.long)
 
+    def shown(self, n_rows: int, device) -> torch.Tensor:
+        """(n_rows,) bool: False on the hidden image tokens' rows of the prompt."""
+        shown = torch.ones(n_rows, dtype=torch.bool, device=device)
+        shown[self.n_sys + self.hidden.to(device)] = False
+        return shown
+
     def compute(self, layer, q, rows):
         if q.shape[2] == 1:
             return super().compute(layer, q, rows)
         k, v = self.selected(layer, rows)
-        visible = torch.ones(1, k.shape[2], dtype=torch.bool, device=k.device)      # (1, T)
-        visible[0, self.n_sys + self.hidden] = False
-        return attention(q, k, v, causal=True, visible=visible), None
+        return attention(q, k, v, causal=True, visible=self.shown(k.shape[2], k.device)[None]), None  # visible (1, T)
 
     def update(self, layer, q, rows, last_row):
         if self.step == 0:
-            shown = torch.ones(self.k[layer].shape[2], dtype=torch.bool)            # (T,)
-            shown[self.n_sys + self.hidden] = False
-            self.keep(layer, shown.nonzero().flatten().to(self.k[layer].device))
+            self.keep(layer, self.shown(self.k[layer].shape[2], self.k[layer].device).nonzero().flatten())
 
 
 def caption_with_hidden(model, processor, question, hidden: list[int]) -> set[str]:
@@ -207,7 +209,7 @@ def hidden_object_recall(model, processor, questions: list, seed: int = 0) -> di
             drawn = torch.randperm(n_img, generator=generator)[:len(place)].tolist()
             n_objects += 1
             named["nothing"] += obj.describe() in plain
-            for hiding, hidden in (("its place", place), ("as many random tokens", drawn)):
+            for hiding, hidden in zip(HIDING[1:], (place, drawn)):
                 named[hiding] += obj.describe() in caption_with_hidden(model, processor, question, hidden)
     return {hiding: (named[hiding], n_objects) for hiding in HIDING}
 
