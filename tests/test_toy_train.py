@@ -12,8 +12,10 @@ import torch
 import tinyavl
 from tinyavl.processing import LLAVA_SYSTEM_PROMPT
 from tinyavl.toy.scenes import DIGIT_COLOUR, IMAGE_SIZE, MIN_PATCH_PIXELS, PATCH, Scene, SceneObject, scene_stream
-from tinyavl.toy.train import (PATCH_CLASSES, PatchProbe, chat_example, hide_image_tokens, make_batch, patch_targets,
-                               save_pretrained, sincos_2d, train, train_tokenizer, tune)
+from tinyavl.toy import train as train_module
+from tinyavl.toy.train import (PATCH_CLASSES, PLACES, PatchProbe, SceneReadout, chat_example, hide_image_tokens,
+                               hide_rectangles, make_batch, patch_targets, place_targets, pretrain_vision,
+                               readout_recall, save_pretrained, sincos_2d, train, train_tokenizer, tune)
 
 TINY = dict(vision_width=32, vision_layers=1, text_width=32, text_layers=2)
 
@@ -252,10 +254,149 @@ def test_training_passes_the_dropout_mask_to_the_model(monkeypatch):
 @pytest.mark.parametrize("flag, value", [("--image-dropout", "-0.1"), ("--image-dropout", "1"),
                                          ("--image-dropout", "nan"), ("--image-dropout-share", "0"),
                                          ("--image-dropout-share", "1.5"), ("--image-dropout-share", "nan"),
-                                         ("--tune-dropout", "1"), ("--tune-dropout", "nan"), ("--tune-steps", "-1")])
-def test_trainer_refuses_image_dropout_knobs_out_of_range(flag, value, tmp_path, capsys, monkeypatch):
-    from tinyavl.toy import train as train_module
+                                         ("--tune-dropout", "1"), ("--tune-dropout", "nan"), ("--tune-steps", "-1"),
+                                         ("--vision-steps", "-1"), ("--vision-layers", "0")])
+def test_trainer_refuses_knobs_out_of_range(flag, value, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(train_module, "train", lambda *a, **k: pytest.fail(f"trained with a bad {flag}"))
     with pytest.raises(SystemExit) as exit_:
         train_module.main([flag, value, "--out", str(tmp_path / "new")])
     assert exit_.value.code == 2 and f"{flag} must be" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stage 0: the vision tower alone
+# ---------------------------------------------------------------------------------------------------
+
+def test_place_targets_by_hand():
+    scene = Scene((SceneObject("circle", "red", 1, 1, 5, (220, 40, 40)),
+                   SceneObject("square", "blue", 3, 4, None, (50, 90, 235))))
+    expected = torch.zeros(PLACES, 3, dtype=torch.long)
+    expected[0] = torch.tensor([1, 1, 6])    # circle is shape 1, red colour 1, "5" digit class 6
+    expected[11] = torch.tensor([2, 3, 0])   # row 3 column 4: the 12th place; square 2, blue 3, no digit
+    assert torch.equal(place_targets(scene), expected)
+
+
+def test_hide_rectangles_hides_up_to_its_fraction_in_rectangles_and_is_seeded():
+    side, max_fraction, images = 12, 0.75, 400
+    visible = hide_rectangles(images, side, max_fraction, torch.Generator().manual_seed(0))   # (images, P)
+    hidden = 1 - visible
+    fractions = hidden.mean(1)
+    assert set(visible.unique().tolist()) <= {0.0, 1.0}
+    assert fractions.max() < max_fraction and fractions.min() == 0
+    # The drawn fraction is uniform on [0, 0.75): mean 0.375 (sd of a mean of 400: 0.011); a run of
+    # misses may stop a little short of it, never past it.
+    assert 0.3 < fractions.mean().item() < 0.375 + 0.035
+    # Rectangles, not scattered patches: a hidden patch's neighbours are mostly hidden too, far more
+    # often than the hidden share itself (what independent patches would give).
+    grid = hidden.view(images, side, side)
+    both = (grid[:, :, 1:] * grid[:, :, :-1]).sum() + (grid[:, 1:] * grid[:, :-1]).sum()
+    pairs_from_hidden = grid[:, :, 1:].sum() + grid[:, 1:].sum()
+    assert both / pairs_from_hidden > fractions.mean() + 0.3
+    again = hide_rectangles(50, side, max_fraction, torch.Generator().manual_seed(0))
+    other = hide_rectangles(50, side, max_fraction, torch.Generator().manual_seed(1))
+    assert torch.equal(again, visible[:50]) and not torch.equal(other, visible[:50])
+    assert hide_rectangles(5, side, 0.0, torch.Generator()).all()
+
+
+def test_scene_readout_reads_the_mean_of_the_visible_tokens_and_each_token_alone():
+    torch.manual_seed(0)
+    readout = SceneReadout(width=8)
+    features = torch.randn(2, 6, 8)                                   # (B, P, C)
+    visible = torch.tensor([[1, 1, 0, 1, 0, 0], [0, 1, 1, 1, 1, 1]], dtype=torch.float32)
+    scores = readout.logits(features, visible)
+    assert [s.shape for s in scores] == [(2, PLACES, 1 + len(words)) for words in PATCH_CLASSES]
+    by_hand = readout.scene(features[0, [0, 1, 3]].mean(0)).view(PLACES, -1)   # (PLACES, all classes)
+    assert torch.allclose(torch.cat([s[0] for s in scores], dim=-1), by_hand, atol=1e-6)
+    changed = features.clone()
+    changed[0, [2, 4, 5]] += 100                                       # hidden tokens changed: same scores
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(scores, readout.logits(changed, visible)))
+    # The patch head reads each token alone: changing one token changes its own scores only.
+    own = torch.cat(readout.patch_logits(features), dim=-1)            # (B, P, all classes)
+    assert torch.allclose(own[1, 4], readout.patch(features[1, 4]), atol=1e-6)
+    changed_own = torch.cat(readout.patch_logits(changed), dim=-1)
+    assert torch.equal(changed_own[:, [0, 1, 3]], own[:, [0, 1, 3]]) and not torch.equal(changed_own[0, 2], own[0, 2])
+
+
+def test_readout_recall_hides_each_objects_place_and_scores_by_attribute():
+    """A stand-in readout that names every shape right, every colour wrong and every digit (or "none")
+    right from outside a place scores (1, 0, 1) there; each call sees every token but the 9 of the queried
+    object's place. Its patch head names every patch "nothing" in shape, the truth in colour and digit,
+    so on the patches that show an object it scores (0, 1, 1)."""
+    model, processor, _ = train(steps=1, batch_size=2, config_overrides=TINY, log=lambda *_: None)
+    n_scenes, calls = 3, []
+    scenes = [scene for scene, _ in itertools.islice(scene_stream("eval", 4), n_scenes)]
+    objects = [obj for scene in scenes for obj in scene.objects]
+    truths = iter([place_targets(scene) for scene in scenes for _ in scene.objects])  # one per call, in order
+    patch_truths = iter([patch_targets(scene) for scene in scenes])
+
+    class StandIn:
+        def logits(self, features, visible):
+            calls.append(visible)
+            truth = next(truths)                                    # (PLACES, 3)
+            scores = [torch.zeros(1, PLACES, 1 + len(words)) for words in PATCH_CLASSES]
+            scores[0][0, torch.arange(PLACES), truth[:, 0]] = 1    # the right shape
+            scores[1][0, :, 0] = 1                                 # colour "none": wrong for every object
+            scores[2][0, torch.arange(PLACES), truth[:, 2]] = 1    # the right digit (or "none")
+            return scores
+
+        def patch_logits(self, features):
+            truth, n = next(patch_truths), features.shape[1]       # (P, 3)
+            scores = [torch.zeros(1, n, 1 + len(words)) for words in PATCH_CLASSES]
+            scores[0][0, :, 0] = 1                                 # shape "nothing": wrong on every object patch
+            scores[1][0, torch.arange(n), truth[:, 1]] = 1
+            scores[2][0, torch.arange(n), truth[:, 2]] = 1
+            return scores
+
+    recall = readout_recall(model, StandIn(), processor, n_scenes=n_scenes, seed=4)
+    assert recall == {"outside its place": [1.0, 0.0, 1.0], "own patch": [0.0, 1.0, 1.0]}
+    assert len(calls) == len(objects)
+    for visible, obj in zip(calls, objects):
+        assert (visible[0] == 0).nonzero().flatten().tolist() == obj.place_patches()
+
+
+def test_vision_pretraining_lowers_the_readout_loss_and_trains_the_tower_alone():
+    torch.manual_seed(0)
+    model, processor, _ = train(steps=1, batch_size=2, config_overrides=TINY, log=lambda *_: None)
+    before = {key: t.clone() for key, t in model.state_dict().items()}
+    losses = pretrain_vision(model, processor, steps=40, batch_size=8, lr=3e-3, log_every=40, log=lambda *_: None)
+    assert sum(losses[-5:]) / 5 < 0.6 * losses[0], f"readout loss went {losses[0]:.3f} -> {losses[-1]:.3f}"
+    after = model.state_dict()
+    changed = {key for key in before if not torch.equal(before[key], after[key])}
+    assert changed and all(key.startswith("vision_tower.") for key in changed)
+
+
+def test_with_vision_steps_the_tower_is_frozen_after_stage_0(monkeypatch):
+    """train(vision_steps=...) runs stage 0 once, then trains the rest with the tower as stage 0 left it;
+    tune(tower_frozen=True) leaves it too, while the decoder moves."""
+    towers = []
+    pretrain = train_module.pretrain_vision
+
+    def spy(model, *args, **kwargs):
+        losses = pretrain(model, *args, **kwargs)
+        towers.append({key: t.clone() for key, t in model.vision_tower.state_dict().items()})
+        return losses
+
+    monkeypatch.setattr(train_module, "pretrain_vision", spy)
+    model, processor, _ = train(steps=3, batch_size=4, vision_steps=2, config_overrides=TINY, log=lambda *_: None)
+    assert len(towers) == 1
+    assert all(torch.equal(t, towers[0][key]) for key, t in model.vision_tower.state_dict().items())
+    decoder = {key: t.clone() for key, t in model.language_model.state_dict().items()}
+    tune(model, processor, steps=2, batch_size=4, tower_frozen=True, log=lambda *_: None)
+    assert all(torch.equal(t, towers[0][key]) for key, t in model.vision_tower.state_dict().items())
+    assert not all(torch.equal(t, decoder[key]) for key, t in model.language_model.state_dict().items())
+    tune(model, processor, steps=2, batch_size=4, log=lambda *_: None)   # unfrozen: the tower trains
+    assert not all(torch.equal(t, towers[0][key]) for key, t in model.vision_tower.state_dict().items())
+
+
+def test_trainer_command_runs_stage_0_and_keeps_the_tower_frozen_in_stage_2(monkeypatch, tmp_path):
+    """`--vision-steps N` reaches `train` as vision_steps=N, and stage 2 then trains with the tower frozen;
+    without it there is no stage 0 and stage 2 trains the tower (the committed recipe). `--vision-layers`
+    sets the tower's depth (2 by default, the committed toy's)."""
+    for argv, vision_steps, frozen in ([], 0, False), (["--vision-steps", "7", "--vision-layers", "4"], 7, True):
+        calls = {}
+        monkeypatch.setattr(train_module, "train", lambda *a, **k: calls.update(train=k) or (None, None, []))
+        monkeypatch.setattr(train_module, "tune", lambda *a, **k: calls.update(tune=k))
+        monkeypatch.setattr(train_module, "write_folder_atomically", lambda *a, **k: None)
+        train_module.main(argv + ["--out", str(tmp_path / "new")])
+        assert calls["train"]["vision_steps"] == vision_steps and calls["tune"]["tower_frozen"] is frozen
+        assert calls["train"]["config_overrides"] == {"vision_layers": 4 if frozen else 2}
