@@ -204,3 +204,18 @@ def test_hidden_object_recall_counts_each_hiding(monkeypatch):
     low, high = wilson_interval(missed, 6)
     assert lines[-1] == f"| as many random tokens hidden | {missed / 6:.2f} ({low:.2f}-{high:.2f}) |"
     assert lines[-2].startswith("| its place hidden | 0.00 (0.00-")
+
+
+def test_object_attention_by_hand():
+    """The hand-made recording's prefill image rows: layer 0 [9, 8, 7, 6, 5, 1, 1, 1, 1, 1] and layer 1 the
+    same reversed, each summing to 40. A scene whose objects show on patches {0, 1, 5, 6} and {3, 9}:
+    layer 0 gives them 9+8+6+1+1+1 = 26 of 40, layer 1 1+1+1+5+6+9 = 23; they are 6 of the 10 tokens. A
+    second scene, one object on {4, 5, 6, 7, 8}: 5+1+1+1+1 = 9 and 1+5+6+7+8 = 27, 5 of 10 tokens."""
+    first = SimpleNamespace(objects=[SimpleNamespace(patches=lambda: [0, 1, 5, 6]),
+                                     SimpleNamespace(patches=lambda: [3, 9, 0])])   # a patch two objects show counts once
+    second = SimpleNamespace(objects=[SimpleNamespace(patches=lambda: [4, 5, 6, 7, 8])])
+    shares = attention_study.object_attention([recording(), recording()], [first, second])
+    assert shares == [{"attention": pytest.approx((26 + 9) / 80), "tokens": pytest.approx((0.6 + 0.5) / 2)},
+                      {"attention": pytest.approx((23 + 27) / 80), "tokens": pytest.approx((0.6 + 0.5) / 2)}]
+    lines = report_markdown({**study([recording()]), "object_attention": shares}).splitlines()
+    assert "| 0 | 0.44 (0.55) |" in lines and "| 1 | 0.62 (0.55) |" in lines

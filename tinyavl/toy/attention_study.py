@@ -20,7 +20,9 @@ step). Per decoder layer (tinyavl/attention_stats.py has the measures):
   by the object's place in the caption (the first object named, the second, ...); a random set keeps
   S of every object;
 - band_coverage: where in the picture that set lies: the share of each horizontal band of the image
-  (the scene's rows of places, top to bottom) in it; a random set keeps S of every band.
+  (the scene's rows of places, top to bottom) in it; a random set keeps S of every band;
+- object_attention: how much of that row's image attention lands on the patches that show an object,
+  beside their share of the image tokens (what attention blind to the picture's content gives them).
 
 And one measure of accuracy rather than attention, `choice_by_layer`: A-VL's choice of image tokens alone
 (the evaluation's AVL_CHOICE_ONLY: half of them stored, all of those computed, nothing else evicted),
@@ -98,6 +100,23 @@ def band_coverage(recordings: list, side: int, n_bands: int, keep: float = STORE
         kept = [top_set(r.image_row(0, layer), keep) for r in recordings]
         coverage.append([fmean(len(kept_set & band) / per_band for kept_set in kept) for band in bands])
     return coverage
+
+
+def object_attention(recordings: list, scenes: list) -> list[dict]:
+    """Per layer: "attention", the mean share of the last prompt token's image attention on the patches
+    that show an object (`SceneObject.patches`), and "tokens", those patches' mean share of the image
+    tokens. The two are equal when a layer attends to the image whatever it shows: its ranking is then
+    made by something else (position), and its top set keeps objects only by chance."""
+    result = []
+    for layer in range(recordings[0].n_layers):
+        attention, tokens = [], []
+        for recording, scene in zip(recordings, scenes):
+            row = recording.image_row(0, layer)                                      # (n_img,)
+            shown = sorted({patch for obj in scene.objects for patch in obj.patches()})
+            attention.append(float(row[shown].sum() / row.sum()))
+            tokens.append(len(shown) / len(row))
+        result.append({"attention": fmean(attention), "tokens": fmean(tokens)})
+    return result
 
 
 class LayerChoiceAVL(AVLCache):
@@ -295,6 +314,12 @@ def report_markdown(result: dict) -> str:
         lines += coverage_table(result["band_coverage"], "band",
                                 f"Share of each horizontal band of the image in the prefill top {STORED:.0%} "
                                 f"(random sets: {STORED:.2f}), top to bottom")
+    if "object_attention" in result:
+        lines += ["", "Share of the last prompt token's image attention on the patches that show an object "
+                  "(their share of the image tokens)", "",
+                  *markdown_table(["layer", "on objects (tokens)"],
+                                  [[str(layer), f"{x['attention']:.2f} ({x['tokens']:.2f})"]
+                                   for layer, x in enumerate(result["object_attention"])])]
     if "choice_by_layer" in result:
         lines += choice_table(result["choice_by_layer"])
     if "hidden_object_recall" in result:
@@ -332,9 +357,11 @@ def run(args) -> dict:
     model, processor = load_pretrained(args.weights, device="cpu", dtype="float32")
     recordings = record_captions(model, processor, args.n, args.seed)
     result = study(recordings)
-    result["object_coverage"] = object_coverage(recordings, [q.scene for q in caption_questions(args.n, args.seed)])
+    scenes = [question.scene for question in caption_questions(args.n, args.seed)]
+    result["object_coverage"] = object_coverage(recordings, scenes)
     vision = model.config.vision
     result["band_coverage"] = band_coverage(recordings, vision.image_size // vision.patch_size, GRID)
+    result["object_attention"] = object_attention(recordings, scenes)
     result["choice_by_layer"] = choice_by_layer(model, processor, held_out_set(args.seed, args.n))
     result["hidden_object_recall"] = hidden_object_recall(model, processor, held_out_set(args.seed, args.n))
     if args.out is not None:
