@@ -112,8 +112,8 @@ def object_attention(recordings: list, scenes: list) -> list[dict]:
         attention, tokens = [], []
         for recording, scene in zip(recordings, scenes):
             row = recording.image_row(0, layer)                                      # (n_img,)
-            shown = sorted({patch for obj in scene.objects for patch in obj.patches()})
-            attention.append(float(row[shown].sum() / row.sum()))
+            shown = {patch for obj in scene.objects for patch in obj.patches()}
+            attention.append(capture(row, shown))
             tokens.append(len(shown) / len(row))
         result.append({"attention": fmean(attention), "tokens": fmean(tokens)})
     return result
