@@ -3,6 +3,7 @@
 The full training (the committed weights/toy) is not run here: README "The toy LLaVA" has its command.
 """
 import itertools
+import json
 import math
 
 import numpy as np
@@ -255,7 +256,8 @@ def test_training_passes_the_dropout_mask_to_the_model(monkeypatch):
                                          ("--image-dropout", "nan"), ("--image-dropout-share", "0"),
                                          ("--image-dropout-share", "1.5"), ("--image-dropout-share", "nan"),
                                          ("--tune-dropout", "1"), ("--tune-dropout", "nan"), ("--tune-steps", "-1"),
-                                         ("--vision-steps", "-1"), ("--vision-layers", "0")])
+                                         ("--vision-steps", "-1"), ("--vision-layers", "0"),
+                                         ("--text-layers", "0"), ("--text-width", "0"), ("--text-width", "100")])
 def test_trainer_refuses_knobs_out_of_range(flag, value, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(train_module, "train", lambda *a, **k: pytest.fail(f"trained with a bad {flag}"))
     with pytest.raises(SystemExit) as exit_:
@@ -391,12 +393,19 @@ def test_with_vision_steps_the_tower_is_frozen_after_stage_0(monkeypatch):
 def test_trainer_command_runs_stage_0_and_keeps_the_tower_frozen_in_stage_2(monkeypatch, tmp_path):
     """`--vision-steps N` reaches `train` as vision_steps=N, and stage 2 then trains with the tower frozen;
     without it there is no stage 0 and stage 2 trains the tower (the committed recipe). `--vision-layers`
-    sets the tower's depth (2 by default, the committed toy's)."""
-    for argv, vision_steps, frozen in ([], 0, False), (["--vision-steps", "7", "--vision-layers", "4"], 7, True):
+    sets the tower's depth, `--text-layers` and `--text-width` the decoder's (by default the committed toy's)."""
+    committed = json.loads((train_module.TOY_WEIGHTS / "config.json").read_text())
+    default = dict(vision_layers=committed["vision_config"]["num_hidden_layers"],
+                   text_layers=committed["text_config"]["num_hidden_layers"],
+                   text_width=committed["text_config"]["hidden_size"])
+    for argv, vision_steps, frozen, architecture in (
+            ([], 0, False, default),
+            (["--vision-steps", "7", "--vision-layers", "4", "--text-layers", "8", "--text-width", "96"], 7, True,
+             dict(vision_layers=4, text_layers=8, text_width=96))):
         calls = {}
         monkeypatch.setattr(train_module, "train", lambda *a, **k: calls.update(train=k) or (None, None, []))
         monkeypatch.setattr(train_module, "tune", lambda *a, **k: calls.update(tune=k))
         monkeypatch.setattr(train_module, "write_folder_atomically", lambda *a, **k: None)
         train_module.main(argv + ["--out", str(tmp_path / "new")])
         assert calls["train"]["vision_steps"] == vision_steps and calls["tune"]["tower_frozen"] is frozen
-        assert calls["train"]["config_overrides"] == {"vision_layers": 4 if frozen else 2}
+        assert calls["train"]["config_overrides"] == architecture

@@ -601,6 +601,9 @@ def main(argv=None) -> None:
     parser.add_argument("--image-dropout-share", type=float, default=IMAGE_DROPOUT_SHARE,
                         help="share of training sequences that get image-token dropout (the rest see every token)")
     parser.add_argument("--vision-layers", type=int, default=2, help="the vision tower's depth")
+    parser.add_argument("--text-layers", type=int, default=4, help="the decoder's depth")
+    parser.add_argument("--text-width", type=int, default=128,
+                        help="the decoder's hidden size, a multiple of 8 (4 heads of an even size, for RoPE)")
     parser.add_argument("--vision-steps", type=int, default=0,
                         help="stage 0: steps of the vision tower alone, frozen after (0: none)")
     parser.add_argument("--tune-steps", type=int, default=TUNE_STEPS,
@@ -611,7 +614,7 @@ def main(argv=None) -> None:
     parser.add_argument("--eval-every", type=int, default=500,
                         help="steps between held-out accuracy reports (0: none; they do not change the weights)")
     args = parser.parse_args(argv)
-    for name in ("steps", "batch_size", "threads", "vision_layers"):
+    for name in ("steps", "batch_size", "threads", "vision_layers", "text_layers", "text_width"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     for name in ("tune_steps", "vision_steps"):
@@ -620,6 +623,8 @@ def main(argv=None) -> None:
     for name in ("image_dropout", "tune_dropout"):
         if not 0 <= getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
+    if args.text_width % 8:
+        parser.error(f"--text-width must be a multiple of 8, got {args.text_width}")
     if not 0 < args.image_dropout_share <= 1:
         parser.error(f"--image-dropout-share must be in (0, 1], got {args.image_dropout_share}")
     try:
@@ -627,9 +632,10 @@ def main(argv=None) -> None:
     except UserError as err:
         parser.error(f"--out: {err}")
     torch.set_num_threads(args.threads)
+    architecture = dict(vision_layers=args.vision_layers, text_layers=args.text_layers, text_width=args.text_width)
     model, processor, _ = train(args.steps, args.batch_size, args.lr, args.seed, image_dropout=args.image_dropout,
                                 image_dropout_share=args.image_dropout_share, vision_steps=args.vision_steps,
-                                eval_every=args.eval_every, config_overrides={"vision_layers": args.vision_layers})
+                                eval_every=args.eval_every, config_overrides=architecture)
     if args.tune_steps:
         tune(model, processor, args.tune_steps, args.batch_size, seed=args.seed, image_dropout=args.tune_dropout,
              tower_frozen=args.vision_steps > 0, eval_every=args.eval_every)
