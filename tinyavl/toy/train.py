@@ -41,6 +41,7 @@ LLaVA-1.5 freezes CLIP. Why: a tower trained end to end with the decoder keeps e
 place (hide the 9 tokens of an object's place and the caption never names it: tutorial/04), where a
 real CLIP spreads an image over its tokens. The README has what it measured.
 """
+import inspect
 import json
 import math
 import random
@@ -600,9 +601,12 @@ def main(argv=None) -> None:
                         help="largest fraction of a sequence's image tokens hidden in training (0: none)")
     parser.add_argument("--image-dropout-share", type=float, default=IMAGE_DROPOUT_SHARE,
                         help="share of training sequences that get image-token dropout (the rest see every token)")
-    parser.add_argument("--vision-layers", type=int, default=2, help="the vision tower's depth")
-    parser.add_argument("--text-layers", type=int, default=4, help="the decoder's depth")
-    parser.add_argument("--text-width", type=int, default=128,
+    # The architecture flags default to toy_config's own defaults: the committed toy's, stated once.
+    toy_defaults = {name: param.default for name, param in inspect.signature(toy_config).parameters.items()}
+    parser.add_argument("--vision-layers", type=int, default=toy_defaults["vision_layers"],
+                        help="the vision tower's depth")
+    parser.add_argument("--text-layers", type=int, default=toy_defaults["text_layers"], help="the decoder's depth")
+    parser.add_argument("--text-width", type=int, default=toy_defaults["text_width"],
                         help="the decoder's hidden size, a multiple of 8 (4 heads of an even size, for RoPE)")
     parser.add_argument("--vision-steps", type=int, default=0,
                         help="stage 0: steps of the vision tower alone, frozen after (0: none)")
@@ -632,7 +636,7 @@ def main(argv=None) -> None:
     except UserError as err:
         parser.error(f"--out: {err}")
     torch.set_num_threads(args.threads)
-    architecture = dict(vision_layers=args.vision_layers, text_layers=args.text_layers, text_width=args.text_width)
+    architecture = {name: getattr(args, name) for name in ("vision_layers", "text_layers", "text_width")}
     model, processor, _ = train(args.steps, args.batch_size, args.lr, args.seed, image_dropout=args.image_dropout,
                                 image_dropout_share=args.image_dropout_share, vision_steps=args.vision_steps,
                                 eval_every=args.eval_every, config_overrides=architecture)
