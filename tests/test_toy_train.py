@@ -180,20 +180,22 @@ def test_tuning_a_saved_model_equals_tuning_it_in_memory(tmp_path):
     assert not all(torch.equal(tuned[key], before[key]) for key in tuned)  # stage 2 changed the weights
 
 
-def test_tuning_hides_image_tokens_in_every_sequence(monkeypatch):
-    """Stage 2 passes every forward a mask that hides image tokens (and only image tokens)."""
+@pytest.mark.parametrize("masks", ["tokens", "rectangles"])
+def test_tuning_hides_image_tokens_in_every_sequence(masks, monkeypatch):
+    """Stage 2 passes every forward a mask that hides image tokens (and only image tokens), scattered or
+    as rectangles."""
     model, processor, _ = train(steps=1, batch_size=4, config_overrides=TINY, log=lambda *_: None)
-    masks = []
+    seen = []
     forward = tinyavl.LlavaForConditionalGeneration.forward
 
     def spy(self, input_ids, pixel_values=None, **kwargs):
-        masks.append((input_ids, kwargs.get("attention_mask")))
+        seen.append((input_ids, kwargs.get("attention_mask")))
         return forward(self, input_ids, pixel_values, **kwargs)
 
     monkeypatch.setattr(tinyavl.LlavaForConditionalGeneration, "forward", spy)
-    tune(model, processor, steps=3, batch_size=4, image_dropout=0.75, log=lambda *_: None)
-    assert len(masks) == 3
-    for input_ids, mask in masks:
+    tune(model, processor, steps=3, batch_size=4, image_dropout=0.75, masks=masks, log=lambda *_: None)
+    assert len(seen) == 3
+    for input_ids, mask in seen:
         hidden = mask == 0
         assert hidden.any() and (input_ids[hidden] == model.config.image_token_id).all()
 
@@ -298,6 +300,22 @@ def test_hide_rectangles_hides_up_to_its_fraction_in_rectangles_and_is_seeded():
     other = hide_rectangles(50, side, max_fraction, torch.Generator().manual_seed(1))
     assert torch.equal(again, visible[:50]) and not torch.equal(other, visible[:50])
     assert hide_rectangles(5, side, 0.0, torch.Generator()).all()
+    small = hide_rectangles(20, 3, max_fraction, torch.Generator().manual_seed(0))  # a side under max_edge
+    assert (small == 0).any() and ((1 - small).mean(1) < max_fraction).all()
+
+
+def test_hide_image_rectangles_lays_each_rectangle_mask_over_its_image_block_only():
+    """Stage 2's rectangles: row r's image tokens, in order, get hide_rectangles' mask r (the same
+    generator draws), wherever the block sits in the sequence; no text token is ever hidden."""
+    image_id, side, batch = 7, 4, 3
+    input_ids = torch.ones(batch, 24, dtype=torch.long)                    # text everywhere ...
+    for row, start in enumerate((2, 5, 8)):                                # ... and a 4 x 4 block at 3 offsets
+        input_ids[row, start:start + side * side] = image_id
+    visible = train_module.hide_image_rectangles(input_ids, image_id, 0.75, torch.Generator().manual_seed(3))
+    expected = hide_rectangles(batch, side, 0.75, torch.Generator().manual_seed(3))    # (B, 16)
+    for row in range(batch):
+        assert torch.equal(visible[row][input_ids[row] == image_id].float(), expected[row])
+    assert (visible[input_ids != image_id] == 1).all() and (visible == 0).any()
 
 
 def test_scene_readout_reads_the_mean_of_the_visible_tokens_and_each_token_alone():
@@ -409,3 +427,11 @@ def test_trainer_command_runs_stage_0_and_keeps_the_tower_frozen_in_stage_2(monk
         train_module.main(argv + ["--out", str(tmp_path / "new")])
         assert calls["train"]["vision_steps"] == vision_steps and calls["tune"]["tower_frozen"] is frozen
         assert calls["train"]["config_overrides"] == architecture
+        assert calls["tune"]["masks"] == "tokens"                      # the committed recipe's stage 2
+    train_module.main(["--tune-masks", "rectangles", "--out", str(tmp_path / "new")])
+    assert calls["tune"]["masks"] == "rectangles"
+    with pytest.raises(SystemExit) as exit_:
+        train_module.main(["--tune-masks", "squares", "--out", str(tmp_path / "new")])
+    assert exit_.value.code == 2
+    with pytest.raises(ValueError, match="masks must be one of tokens, rectangles"):
+        tune(None, None, steps=1, masks="squares", log=lambda *_: None)

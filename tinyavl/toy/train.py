@@ -33,13 +33,16 @@ half of the image breaks a caption; stage 2 makes the decoder read a fact from a
 the redundancy a real LLaVA has (FastV: a random half of LLaVA-1.5's image tokens keeps 98.9% of its
 score). Dropout from the first step (`--image-dropout F`, in the share `--image-dropout-share` of the
 sequences) gives that redundancy too, but the model then no longer finds an object by its shape's name;
-stage 2 keeps what stage 1 learnt. The README's toy section has the measurements of all three.
+stage 2 keeps what stage 1 learnt. `--tune-masks rectangles` hides rectangles of image tokens in stage 2
+instead (`hide_image_rectangles`; not part of the committed recipe), which often hides a whole object
+and so asks the tower to copy objects beyond their place. The README's toy section and the last section
+of tutorial/04 have the measurements of these recipes.
 
 `--vision-steps N` adds a stage 0 in front (`pretrain_vision`, not part of the committed recipe): the
 vision tower alone for N steps, as CLIP is trained apart from LLaVA, then frozen in stages 1 and 2, as
 LLaVA-1.5 freezes CLIP. Why: a tower trained end to end with the decoder keeps each object in its own
 place (hide the 9 tokens of an object's place and the caption never names it: tutorial/04), where a
-real CLIP spreads an image over its tokens. The README has what it measured.
+real CLIP spreads an image over its tokens. The last section of tutorial/04 has what it measured.
 """
 import inspect
 import json
@@ -70,6 +73,7 @@ IMAGE_DROPOUT = 0.0  # the largest fraction of a training sequence's image token
 IMAGE_DROPOUT_SHARE = 1.0  # the share of training sequences that get image-token dropout at all
 TUNE_STEPS = 2000    # stage 2 (`tune`): steps with image-token dropout in every sequence
 TUNE_DROPOUT = 0.75  # stage 2: the largest fraction of a sequence's image tokens hidden
+TUNE_MASKS = ("tokens", "rectangles")  # stage 2 hides scattered tokens (`hide_image_tokens`) or rectangles
 VISION_HIDDEN = 0.75  # stage 0: the largest fraction of an image hidden from the readout
 
 
@@ -261,6 +265,23 @@ def hide_image_tokens(input_ids, image_token_id: int, max_fraction: float, gener
     return visible
 
 
+def hide_image_rectangles(input_ids, image_token_id: int, max_fraction: float, generator) -> torch.Tensor:
+    """attention_mask (B, T) that hides, in every sequence, random rectangles of image tokens covering a
+    uniformly random fraction (from [0, max_fraction)) of the image (`hide_rectangles`, on the square grid
+    of patches in reading order, as the image block lists them). Text tokens are never hidden.
+
+    Why: scattered tokens (`hide_image_tokens`) nearly always leave a few of every object's patches, so
+    the decoder can keep reading each object only where it lies. A rectangle often hides a whole object;
+    naming it then asks the tower to copy it into the tokens that stay, as large ViTs spread what they
+    see. Blind to attention and to every KV policy, like `hide_image_tokens`."""
+    n_img = int((input_ids[0] == image_token_id).sum())
+    side = math.isqrt(n_img)
+    masks = hide_rectangles(input_ids.shape[0], side, max_fraction, generator)     # (B, N_img)
+    visible = torch.ones_like(input_ids)                                         # (B, T)
+    visible[input_ids == image_token_id] = masks.flatten().to(visible.dtype)     # every row has N_img
+    return visible
+
+
 def losses(model, probe, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """(next-token loss on the answers, auxiliary patch loss) for one batch."""
     captured = {}
@@ -286,12 +307,13 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
 
 def optimise(model, probe, processor, stream, steps: int, lr: float, warmup: int, batch_size: int, turns: int,
              aux_weight: float, image_dropout: float, image_dropout_share: float, dropout_generator,
-             log_every: int, eval_every: int, log, tower_frozen: bool = False) -> list[tuple[int, float, float]]:
+             log_every: int, eval_every: int, log, tower_frozen: bool = False,
+             masks: str = "tokens") -> list[tuple[int, float, float]]:
     """The training loop both stages share: `steps` AdamW steps (a fresh optimiser) on batches from
     `stream`, learning rate `learning_rate(step, steps, lr, warmup)`; returns the history of
     (step, lm_loss, aux_loss). Every eval_every steps (0: never) the greedy accuracy on 10 held-out
     scenes (seed 0) is logged. With tower_frozen the vision tower is not trained (LLaVA's recipe once
-    its CLIP tower is trained)."""
+    its CLIP tower is trained). `masks`, one of TUNE_MASKS, says how image_dropout hides image tokens."""
     model.train().requires_grad_(True)
     if tower_frozen:
         model.vision_tower.requires_grad_(False)
@@ -303,7 +325,10 @@ def optimise(model, probe, processor, stream, steps: int, lr: float, warmup: int
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, steps, lr, warmup)
         batch = make_batch(stream, processor, batch_size, turns, pad_id)
-        if image_dropout:
+        if image_dropout and masks == "rectangles":
+            batch["attention_mask"] = hide_image_rectangles(batch["input_ids"], image_token_id, image_dropout,
+                                                            dropout_generator)
+        elif image_dropout:
             batch["attention_mask"] = hide_image_tokens(batch["input_ids"], image_token_id, image_dropout,
                                                         dropout_generator, image_dropout_share)
         lm_loss, aux_loss = losses(model, probe, batch)
@@ -364,19 +389,22 @@ def train(steps: int, batch_size: int = 32, lr: float = 2e-3, seed: int = 0, tur
 
 def tune(model, processor, steps: int, batch_size: int = 32, lr: float = 4e-4, seed: int = 0, turns: int = 4,
          aux_weight: float = 1.0, image_dropout: float = TUNE_DROPOUT, tower_frozen: bool = False,
-         log_every: int = 100, eval_every: int = 0, log=None):
+         masks: str = "tokens", log_every: int = 100, eval_every: int = 0, log=None):
     """Stage 2: go on training a trained model with image-token dropout in every sequence; returns the history.
 
     It starts from nothing but the weights (a fresh optimiser, a fresh probe, whose "nothing" vectors are
     not saved, and a scene stream of its own, "tune"), so it gives the same weights in the process that
-    ran stage 1 and on the stage-1 folder loaded from disk."""
+    ran stage 1 and on the stage-1 folder loaded from disk. `masks` (TUNE_MASKS) hides scattered image
+    tokens (`hide_image_tokens`, the committed recipe) or rectangles of them (`hide_image_rectangles`)."""
+    if masks not in TUNE_MASKS:
+        raise ValueError(f"masks must be one of {', '.join(TUNE_MASKS)}, got {masks!r}")
     log = log or partial(print, flush=True)
-    log(f"stage 2: {steps} steps with up to {image_dropout:.0%} of each sequence's image tokens hidden")
+    log(f"stage 2: {steps} steps with up to {image_dropout:.0%} of each sequence's image tokens hidden, as {masks}")
     torch.manual_seed(seed)
     probe = PatchProbe(processor.tokenizer, model.config.text.hidden_size)
     return optimise(model, probe, processor, scene_stream("tune", seed), steps, lr, min(100, steps // 10 + 1),
                     batch_size, turns, aux_weight, image_dropout, 1.0, torch.Generator().manual_seed(seed),
-                    log_every, eval_every, log, tower_frozen)
+                    log_every, eval_every, log, tower_frozen, masks)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -440,6 +468,7 @@ def hide_rectangles(batch_size: int, side: int, max_fraction: float, generator, 
     the tokens that stay."""
     visible = torch.ones(batch_size, side, side)
     draw = partial(torch.randint, generator=generator)
+    max_edge = min(max_edge, side)  # a rectangle fits in the image
     for image in visible:
         target = int(max_fraction * torch.rand((), generator=generator).item() * side * side)
         hidden, misses = 0, 0
@@ -612,6 +641,8 @@ def main(argv=None) -> None:
                         help="stage 0: steps of the vision tower alone, frozen after (0: none)")
     parser.add_argument("--tune-steps", type=int, default=TUNE_STEPS,
                         help="stage 2: steps of training with image-token dropout in every sequence (0: none)")
+    parser.add_argument("--tune-masks", choices=TUNE_MASKS, default=TUNE_MASKS[0],
+                        help="stage 2: hide scattered image tokens or rectangles of them")
     parser.add_argument("--tune-dropout", type=float, default=TUNE_DROPOUT,
                         help="stage 2: largest fraction of a sequence's image tokens hidden")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (results depend on it)")
@@ -642,7 +673,7 @@ def main(argv=None) -> None:
                                 eval_every=args.eval_every, config_overrides=architecture)
     if args.tune_steps:
         tune(model, processor, args.tune_steps, args.batch_size, seed=args.seed, image_dropout=args.tune_dropout,
-             tower_frozen=args.vision_steps > 0, eval_every=args.eval_every)
+             tower_frozen=args.vision_steps > 0, masks=args.tune_masks, eval_every=args.eval_every)
 
     def write(folder: Path) -> None:
         save_pretrained(model, processor, folder)
