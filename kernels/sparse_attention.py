@@ -60,7 +60,12 @@ except ImportError:
     # The reference below is plain torch and must keep working without Triton. With these stand-ins the
     # kernels are defined as ordinary functions that the launcher refuses to call.
     TRITON_AVAILABLE = False
-    triton = types.SimpleNamespace(jit=lambda fn: fn)
+
+    def _plain_function(fn=None, **options):
+        """Stands in for both `@triton.jit` and `@triton.jit(**options)`: leaves the function as it is."""
+        return fn if fn is not None else _plain_function
+
+    triton = types.SimpleNamespace(jit=_plain_function)
     tl = types.SimpleNamespace(constexpr=lambda value=None: value)
 
 LOG2_E = math.log2(math.e)
@@ -158,7 +163,10 @@ def _interpreter_safe_dot(a, b, input_precision: tl.constexpr):
 # Kernels
 # ----------------------------------------------------------------------------------------------------------
 
-@triton.jit
+# Triton compiles a kernel for each pattern of its integer arguments it sees (equal to 1, divisible by
+# 16). The list's lengths change at every decode step: specialised on them, the kernel would be compiled
+# again and again during the first steps of a generation. They are only compared, never strides.
+@triton.jit(do_not_specialize=["n_idx", "start", "n_sel", "rows_per_split", "num_splits"])
 def _split_attention_kernel(
     q_ptr,          # [B, H, D] query of the new token, last dim contiguous
     k_ptr, v_ptr,   # [B, Hkv, N, D] the layer's cache, read in place (last dim contiguous)
@@ -238,7 +246,7 @@ def _split_attention_kernel(
     tl.store(part_lse_ptr + part_rows, running_max + tl.log2(running_sum), mask=head_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _merge_splits_kernel(
     part_out_ptr,   # [B*H, S, D] fp32 per-split outputs (contiguous, written by _split_attention_kernel)
     part_lse_ptr,   # [B*H, S] fp32 per-split log2-sum-exp2
@@ -285,6 +293,12 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
+def supports(dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether the kernel handles attention of this dtype and head dim: a head is one tl.dot tile
+    dimension, which must be a power of two of at least 16."""
+    return dtype in SUPPORTED_DTYPES and head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
 def _check_inputs(q, k, v, index, start, check_index):
     """Validate the arguments; returns (B, H, Hkv, N, D, n_idx). Every problem is a ValueError."""
     if q.dim() != 3:
@@ -300,7 +314,7 @@ def _check_inputs(q, k, v, index, start, check_index):
     if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k, v must share one dtype among {SUPPORTED_DTYPES}, "
                          f"got {q.dtype}, {k.dtype}, {v.dtype}")
-    if head_dim < 16 or head_dim & (head_dim - 1):
+    if not supports(q.dtype, head_dim):
         raise ValueError(f"head dim must be a power of two >= 16 (tl.dot tile), got {head_dim}")
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError("the last dim of q, k and v must be contiguous (stride 1); other strides are free")

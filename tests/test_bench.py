@@ -2,6 +2,7 @@
 and the step times it reports, on a tiny random model with made-up rates so every number is derivable
 by hand. Its timings themselves are not tested: they are measurements, printed as ratios."""
 import json
+import time
 
 import pytest
 import torch
@@ -57,9 +58,9 @@ def test_timed_cache_counts_decode_steps_only(model):
     cache = bench.timed_cache("full")
     input_ids = bench.prompt_ids(TINY, 20)
     bench.generate(model, input_ids, bench.image_block(model, 20), max_new_tokens=1, policy=cache)
-    assert cache.attention_seconds == 0  # a prefill only
+    assert cache.spans.seconds("attention") == 0  # a prefill only
     bench.generate(model, input_ids, bench.image_block(model, 20), max_new_tokens=3, policy=cache)
-    assert cache.attention_seconds > 0
+    assert cache.spans.seconds("attention") > 0
 
 
 def test_avl_core_replaced_is_the_share_of_the_core_each_rerank_changed(model, monkeypatch):
@@ -88,8 +89,8 @@ def test_avl_attention_time_splits_into_normal_and_update_steps(model):
     cache = bench.timed_cache("avl")
     bench.generate(model, bench.prompt_ids(TINY, 40), bench.image_block(model, 40), max_new_tokens=8, policy=cache)
     assert cache.steps_by_kind == {"normal": 5, "update": 2}
-    split = cache.seconds_by_step
-    assert split["normal"] + split["update"] == pytest.approx(cache.attention_seconds)
+    split = {name: cache.spans.seconds(name) for name in ("normal", "update", "swap", "attention")}
+    assert split["normal"] + split["update"] == pytest.approx(split["attention"])
     assert 0 < split["swap"] < split["update"]
     row = bench.avl_step_split(cache, full_attention_ms=2.0)
     assert row["attention_ms_update_step"] == pytest.approx(1e3 * split["update"] / 2)
@@ -101,7 +102,7 @@ def test_json_has_the_documented_layout(monkeypatch, capsys):
     monkeypatch.setattr(bench, "llava_7b_config", lambda n_layers: TINY)
     monkeypatch.setattr(bench, "GROWTH_TOKENS", (3, 6))
     read_rate = bench.read_rate
-    monkeypatch.setattr(bench, "read_rate", lambda dtype: read_rate(dtype, nbytes=2 ** 20))
+    monkeypatch.setattr(bench, "read_rate", lambda dtype, device: read_rate(dtype, device, nbytes=2 ** 20))
     bench.main(["--json", "--image-tokens", "20", "12", "--new-tokens", "4", "--dtypes", "float32", "bfloat16"])
     out = json.loads(capsys.readouterr().out)
     assert [(c["dtype"], c["image_tokens"]) for c in out["cases"]] == [
@@ -133,3 +134,22 @@ def test_next_blocks_and_the_papers_memory_arithmetic_by_hand():
     text = bench.N_TEXT + new - 1
     kept = bench.N_SYS + n_img // 2 + max(round(bench.PAPER_MEMORY["params"]["T"] * text), 20)
     assert row["avl_MiB"] == pytest.approx(kept * 0.5)
+
+
+def test_spans_add_up_each_named_block():
+    """Spans.time times a block once under each of its names; a name's seconds are the sum of its blocks."""
+    spans = bench.Spans()
+    with spans.time("a", "b"):
+        time.sleep(0.02)
+    with spans.time("a"):
+        time.sleep(0.01)
+    assert spans.seconds("b") >= 0.02 and spans.seconds("a") >= spans.seconds("b") + 0.01
+    assert spans.seconds("never") == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--device", "cuda"])
+    assert exit_info.value.code == 2
+    assert "--device cuda: no CUDA device is available" in capsys.readouterr().err

@@ -16,6 +16,7 @@ Prompts are [sys (3) | image (N_img) | text (30 or 40)], long enough for A-VL's 
 """
 import math
 import sys
+import types
 from functools import lru_cache
 
 import pytest
@@ -779,6 +780,26 @@ def test_triton_kernel_without_a_gpu_is_refused_before_any_work(monkeypatch):
     make_cache("avl", kernel="auto")  # auto falls back to the torch path
     monkeypatch.setattr(kernels, "INTERPRETED", True)
     make_cache("avl", kernel="triton")  # the interpreter runs it on the CPU
+
+
+def test_kernel_auto_falls_back_to_torch_for_heads_the_kernel_has_no_tile_for(monkeypatch):
+    """On CUDA tensors kernel='auto' takes the Triton kernel only where it runs: a head dim that is a power
+    of two >= 16. A smaller head (a tiny test model on a GPU) goes through torch; kernel='triton' forced on
+    one is a UserError, not the kernel's ValueError in the middle of a generation."""
+    kernels = pytest.importorskip("kernels.sparse_attention")
+    if not kernels.TRITON_AVAILABLE:
+        pytest.skip("Triton is not installed")
+    monkeypatch.setattr(kernels, "INTERPRETED", True)  # kernel='triton' allowed on this CPU
+
+    def cuda_query(head_dim, dtype=torch.float32):  # what use_kernel reads of a CUDA query
+        return types.SimpleNamespace(is_cuda=True, dtype=dtype, shape=(1, 4, 1, head_dim), device=torch.device("cpu"))
+
+    auto, forced = make_cache("avl"), make_cache("avl", kernel="triton")
+    assert [auto.use_kernel(cuda_query(d)) for d in (8, 16, 24, 64, 128)] == [False, True, False, True, True]
+    assert not auto.use_kernel(cuda_query(64, torch.float64))
+    assert forced.use_kernel(cuda_query(64))
+    with pytest.raises(UserError, match="head dim 8"):
+        forced.use_kernel(cuda_query(8))
 
 
 def test_avl_on_cpu_tensors_decodes_without_importing_the_kernel(monkeypatch):

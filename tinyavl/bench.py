@@ -3,6 +3,7 @@
     python -m tinyavl.bench                       # 4 decoder layers, image blocks of 576 and 2928 tokens
     python -m tinyavl.bench --image-tokens 576 --dtypes float32 --json
     python -m tinyavl.bench --arch next           # LLaVA-1.6: the blocks of a 672x672 and a 336x1008 image
+    python -m tinyavl.bench --device cuda --layers 32 --dtypes bfloat16   # the whole 7B decoder on a GPU
 
 The decoder layers have the real shapes (hidden 4096, 32 heads x 128, MLP 11008, vocab 32064); only
 their number is cut so that the model fits a small machine. 4 is the fewest at which every default
@@ -28,6 +29,11 @@ token). With transformers installed, its LLaVA runs the same weights and prompt 
 with full attention, and tinyavl's decode speed is printed relative to it. Absolute times on a shared
 CPU are noise; ratios measured in one run are the result.
 
+`--device cuda` runs all of it on a GPU (the default where CUDA is present, as in main.py), where A-VL's
+decode steps go through the Triton kernel (kernels/sparse_attention.py). GPU work is asynchronous, so
+every timer waits for the GPU first (`synchronize`); that wait is part of what the cache's four steps are
+timed at, and it makes `attention_ms` an upper bound there.
+
 `--arch next` measures LLaVA-1.6-7B (llava-v1.6-vicuna-7b: the same decoder) on the image blocks that
 anyres makes of a 672x672 and a 336x1008 (h x w) image (tinyavl/anyres.py), and sets the A-VL paper's
 memory arithmetic beside them (`paper_memory`): the KV cache of the whole 32-layer model in fp16 for the
@@ -41,6 +47,7 @@ import json
 import platform
 import statistics
 import time
+from contextlib import contextmanager
 
 import torch
 
@@ -68,17 +75,18 @@ def llava_7b_config(n_layers: int) -> LlavaConfig:
     return LlavaConfig(text=text, vision=vision)
 
 
-def random_model(config: LlavaConfig, dtype, seed: int = 0) -> LlavaForConditionalGeneration:
+def random_model(config: LlavaConfig, dtype, seed: int = 0, device="cpu") -> LlavaForConditionalGeneration:
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)  # PyTorch's default init: random but well scaled
+    with torch.device(device):  # initialised where it runs: a 7B-shaped init is slow on a CPU
+        model = LlavaForConditionalGeneration(config)  # PyTorch's default init: random but well scaled
     return model.to(dtype).eval().requires_grad_(False)
 
 
 def image_block(model, n_img: int, seed: int = 1):
     """Make the model's image features a fixed random block of n_img rows (any length, unlike a ViT)."""
     generator = torch.Generator().manual_seed(seed)
-    width, dtype = model.config.text.hidden_size, model.language_model.lm_head.weight.dtype
-    features = torch.randn(1, n_img, width, generator=generator).to(dtype)   # (1, N_img, C)
+    width, weight = model.config.text.hidden_size, model.language_model.lm_head.weight
+    features = torch.randn(1, n_img, width, generator=generator).to(weight.device, weight.dtype)  # (1, N_img, C)
     model.image_features = lambda pixel_values, image_sizes=None: [features[0]]  # one image's (N_img, C)
     return torch.zeros(1, 3, 28, 28)  # placeholder pixel_values: the patched method ignores them
 
@@ -111,7 +119,9 @@ def transformers_decode_rate(model, input_ids, pixel_values, new_tokens: int, ex
                            num_hidden_layers=vision.num_hidden_layers, num_attention_heads=vision.num_attention_heads,
                            image_size=vision.image_size, patch_size=vision.patch_size),
         image_token_index=model.config.image_token_id)
-    hf = transformers.LlavaForConditionalGeneration(hf_config).to(model.language_model.lm_head.weight.dtype)
+    weight = model.language_model.lm_head.weight
+    with torch.device(weight.device):
+        hf = transformers.LlavaForConditionalGeneration(hf_config).to(weight.dtype)
     # Published key names -> transformers' in-memory names (the decoder is all that runs here).
     state = {key.replace("language_model.model.", "model.language_model.").replace("language_model.lm_head.", "lm_head."): t
              for key, t in model.language_model.state_dict(prefix="language_model.").items()}
@@ -119,12 +129,13 @@ def transformers_decode_rate(model, input_ids, pixel_values, new_tokens: int, ex
     hf.config._attn_implementation = "sdpa"
     hf.eval()
     with torch.inference_mode():
-        embeds = model.embed(input_ids, pixel_values)                      # (1, T, C), image block merged
+        embeds = model.embed(input_ids.to(weight.device), pixel_values)   # (1, T, C), image block merged
         out = hf(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
         tokens = [int(out.logits[0, -1].argmax())]
         start = time.perf_counter()
         for _ in range(new_tokens - 1):
-            out = hf(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+            out = hf(input_ids=torch.tensor([[tokens[-1]]], device=weight.device),
+                     past_key_values=out.past_key_values, use_cache=True)
             tokens.append(int(out.logits[0, -1].argmax()))
         seconds = time.perf_counter() - start
     if tokens != expected_tokens:
@@ -136,20 +147,29 @@ def transformers_decode_rate(model, input_ids, pixel_values, new_tokens: int, ex
 # The two rates a decode step's floor is made of, measured in the same run as the policies.
 # ---------------------------------------------------------------------------------------------------
 
+def synchronize() -> None:
+    """Wait for the GPU's queued work, so that a timer stops when the work is done, not when it was
+    queued. A no-op in a CPU run (CUDA never initialised)."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def best_seconds(fn, repeats: int) -> float:
     """The fastest of `repeats` timed calls (after one warm-up): the least disturbed by a shared machine."""
     fn()
     times = []
     for _ in range(repeats):
+        synchronize()
         start = time.perf_counter()
         fn()
+        synchronize()
         times.append(time.perf_counter() - start)
     return min(times)
 
 
-def read_rate(dtype, nbytes: int = 2 ** 30, repeats: int = 5) -> float:
+def read_rate(dtype, device="cpu", nbytes: int = 2 ** 30, repeats: int = 5) -> float:
     """Bytes/s at which a sum reads a tensor far larger than any cache: what the memory allows."""
-    x = torch.ones(nbytes // dtype.itemsize, dtype=dtype)
+    x = torch.ones(nbytes // dtype.itemsize, dtype=dtype, device=device)
     return nbytes / best_seconds(lambda: x.sum(), repeats)
 
 
@@ -157,8 +177,9 @@ def matvec_rate(model, repeats: int = 3) -> float:
     """Bytes/s at which the decoder's own Linear layers (one token's matrix-vector products, through
     `nn.Linear` as the model calls them) read their weights: what PyTorch allows a decode step."""
     linears = [m for m in model.language_model.modules() if isinstance(m, torch.nn.Linear)]
-    dtype = linears[0].weight.dtype
-    x = {m.in_features: torch.randn(1, 1, m.in_features).to(dtype) for m in linears}   # one token each
+    weight = linears[0].weight
+    x = {m.in_features: torch.randn(1, 1, m.in_features).to(weight.device, weight.dtype)  # one token each
+         for m in linears}
     nbytes = sum(m.weight.numel() * m.weight.element_size() for m in linears)
     with torch.inference_mode():
         return nbytes / best_seconds(lambda: [m(x[m.in_features]) for m in linears], repeats)
@@ -181,40 +202,66 @@ def kv_row_bytes(model) -> int:
 # One policy's run: decode time per step, and the part of it spent in the cache's four steps.
 # ---------------------------------------------------------------------------------------------------
 
+class Spans:
+    """Adds up the time of code spans by name. On a CPU a span is wall-clock time. On a GPU the work is
+    queued, so the wall clock would time the queueing: a span is two CUDA events recorded around it, the
+    GPU's own time for the work queued in it, read when `seconds` asks (no wait stalls the queue)."""
+
+    def __init__(self):
+        self.spans = {}   # name -> [seconds or (start event, end event), ...]
+
+    def _now(self):
+        if not torch.cuda.is_initialized():
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    @contextmanager
+    def time(self, *names):
+        """Time the block once under each of `names`."""
+        start = self._now()
+        yield
+        end = self._now()
+        for name in names:
+            self.spans.setdefault(name, []).append(end - start if isinstance(end, float) else (start, end))
+
+    def seconds(self, name: str) -> float:
+        synchronize()
+        return sum(s if isinstance(s, float) else s[0].elapsed_time(s[1]) / 1e3 for s in self.spans.get(name, []))
+
+
 def timed_cache(name: str):
-    """A fresh cache for the policy whose `attend` (append, select, compute, update) adds its decode-step
-    time to `cache.attention_seconds`. An A-VL cache also lists, in `cache.core_replaced`, the share of the
-    core that each re-rank replaced (one entry per layer and update step): an update step's swaps move
-    twice that share of the core's rows, so the cost of A-VL's steps depends on it. It splits its time by
-    kind of step, in `cache.seconds_by_step` {"normal": s, "update": s, "swap": s} with the steps of each
-    kind in `cache.steps_by_kind` (swap: the part of the update steps spent in `swap_rows`)."""
+    """A fresh cache for the policy that times its `attend` (append, select, compute, update) at decode
+    steps: `cache.spans.seconds("attention")`. An A-VL cache also lists, in `cache.core_replaced`, the share
+    of the core that each re-rank replaced (one entry per layer and update step): an update step's swaps
+    move twice that share of the core's rows, so the cost of A-VL's steps depends on it. It splits its time
+    by kind of step, in spans "normal" and "update", with the steps of each kind in `cache.steps_by_kind`,
+    and times the swaps (`swap_rows`, part of the update steps) as "swap"."""
     cache = make_cache(name)
-    attend, cache.attention_seconds = cache.attend, 0.0
+    attend, cache.spans = cache.attend, Spans()
     is_avl = isinstance(cache, AVLCache)
     if is_avl:
         swap_rows, cache.core_replaced = cache.swap_rows, []
-        cache.seconds_by_step = {"normal": 0.0, "update": 0.0, "swap": 0.0}
         cache.steps_by_kind = {"normal": 0, "update": 0}
 
         def counted_swap_rows(layer, rows, other_rows):
             cache.core_replaced.append(len(rows) / cache.n_core)
-            start = time.perf_counter()
-            swap_rows(layer, rows, other_rows)
-            cache.seconds_by_step["swap"] += time.perf_counter() - start
+            with cache.spans.time("swap"):
+                swap_rows(layer, rows, other_rows)
 
         cache.swap_rows = counted_swap_rows
 
     def timed_attend(layer, q, k, v, pos):
-        start = time.perf_counter()
-        out = attend(layer, q, k, v, pos)
-        if cache.step > 0:
-            seconds = time.perf_counter() - start
-            cache.attention_seconds += seconds
-            if is_avl:
-                kind = "update" if cache.is_update_step() else "normal"
-                cache.seconds_by_step[kind] += seconds
-                cache.steps_by_kind[kind] += layer == 0  # a step is one call per layer
-        return out
+        if cache.step == 0:  # the prefill is not a decode step
+            return attend(layer, q, k, v, pos)
+        names = ["attention"]
+        if is_avl:
+            kind = "update" if cache.is_update_step() else "normal"
+            names.append(kind)
+            cache.steps_by_kind[kind] += layer == 0  # a step is one call per layer
+        with cache.spans.time(*names):
+            return attend(layer, q, k, v, pos)
 
     cache.attend = timed_attend
     return cache
@@ -224,7 +271,7 @@ def avl_step_split(cache, full_attention_ms: float) -> dict:
     """A-VL's attention ms per normal step and per update step (and the swaps' part of an update step),
     the two also as multiples of `full`'s attention ms per step."""
     def per_step(part: str, kind: str) -> float:
-        return 1e3 * cache.seconds_by_step[part] / max(cache.steps_by_kind[kind], 1)
+        return 1e3 * cache.spans.seconds(part) / max(cache.steps_by_kind[kind], 1)
 
     normal, update = per_step("normal", "normal"), per_step("update", "update")
     return {"attention_ms_normal_step": normal, "attention_ms_update_step": update,
@@ -234,6 +281,10 @@ def avl_step_split(cache, full_attention_ms: float) -> dict:
 
 def run_policy(model, name: str, input_ids, pixel_values, new_tokens: int):
     """(tokens, stats, the timed cache, each token's arrival time)."""
+    if torch.cuda.is_initialized():
+        # On a GPU the first calls compile kernels (Triton's, cuBLAS's choices): a short untimed run first,
+        # through an update step, so that no policy's step times include compilation.
+        generate(model, input_ids, pixel_values, max_new_tokens=8, eos_token_id=(), policy=name)
     cache, arrivals = timed_cache(name), []
     # eos_token_id=(): every policy decodes the same number of steps, whatever the tokens.
     tokens, stats = generate(model, input_ids, pixel_values, max_new_tokens=new_tokens, eos_token_id=(),
@@ -258,7 +309,7 @@ def run_case(model, n_img: int, new_tokens: int, rates: dict) -> tuple[dict, lis
     policies = {}
     for name, (tokens, stats, cache, arrivals) in runs.items():
         kv_read = stats.attended_tokens_per_step * row_bytes            # summed over layers
-        attention_seconds = cache.attention_seconds / (stats.new_tokens - 1)
+        attention_seconds = cache.spans.seconds("attention") / (stats.new_tokens - 1)
         policies[name] = {
             "decode_ms": 1e3 * stats.decode_seconds / (stats.new_tokens - 1),
             "floor_ms": 1e3 * (weight_bytes / rates["matvec"] + kv_read / rates["read"]),
@@ -272,7 +323,7 @@ def run_case(model, n_img: int, new_tokens: int, rates: dict) -> tuple[dict, lis
         }
         if getattr(cache, "core_replaced", None):
             policies[name]["core_replaced"] = statistics.mean(cache.core_replaced)
-        if hasattr(cache, "seconds_by_step"):
+        if hasattr(cache, "steps_by_kind"):
             policies[name].update(avl_step_split(cache, policies["full"]["attention_ms"]))
     return {"image_tokens": n_img, "prompt_tokens": input_ids.shape[1], "new_tokens": new_tokens,
             "policies": policies}, full_tokens
@@ -352,8 +403,8 @@ def print_paper_memory(rows: list[dict]) -> None:
 
 def run_dtype(args, dtype_name: str) -> dict:
     dtype = getattr(torch, dtype_name)
-    model = random_model(llava_7b_config(args.layers), dtype)
-    rates = {"read": read_rate(dtype), "matvec": matvec_rate(model)}
+    model = random_model(llava_7b_config(args.layers), dtype, device=args.device)
+    rates = {"read": read_rate(dtype, args.device), "matvec": matvec_rate(model)}
     log = print if not args.json else lambda *a, **k: None
     log(f"\n== {dtype_name}: read rate {rates['read'] / 1e9:.1f} GB/s, nn.Linear matrix-vector rate "
         f"{rates['matvec'] / 1e9:.1f} GB/s, {decode_weight_bytes(model) / 1e9:.2f} GB of weights per decode step")
@@ -401,14 +452,18 @@ def main(argv=None):
     parser.add_argument("--new-tokens", type=int, default=24)
     parser.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"], default=["float32", "bfloat16"])
     parser.add_argument("--no-transformers", action="store_true", help="skip the transformers comparison")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if present")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
     args = parser.parse_args(argv)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
     if args.image_tokens is None:
         args.image_tokens = [576, 2928] if args.arch == "llava" else [next_image_tokens(hw) for hw in NEXT_IMAGES]
     if args.new_tokens < 2 or args.layers < 1 or min(args.image_tokens) < 1:
         parser.error("--new-tokens must be at least 2, --layers and --image-tokens at least 1")
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or platform.machine()
+    device = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
     model_name = "LLaVA-1.5-7B" if args.arch == "llava" else "LLaVA-1.6-7B (Vicuna)"
     machine = (f"{args.layers} decoder layers of {model_name} shape, torch {torch.__version__}, "
                f"{torch.get_num_threads()} threads, {device}")

@@ -562,10 +562,13 @@ class AVLCache(KVCache):
         # would land in the first decode step of every CPU run (and in the benchmark's step times).
         if self.kernel == "torch" or (self.kernel == "auto" and not q.is_cuda):
             return False
-        from kernels.sparse_attention import TRITON_AVAILABLE  # imported on first use: triton is slow to import
-        if self.kernel == "auto":
-            return TRITON_AVAILABLE
+        from kernels.sparse_attention import TRITON_AVAILABLE, supports  # on first use: triton is slow to import
+        if self.kernel == "auto":  # where the kernel cannot run (no Triton, a head it has no tile for): torch
+            return TRITON_AVAILABLE and supports(q.dtype, q.shape[-1])
         require_triton(q.device)
+        if not supports(q.dtype, q.shape[-1]):
+            raise UserError(f"kernel='triton' has no tile for this model's attention ({q.dtype}, head dim "
+                            f"{q.shape[-1]}; it needs a power of two >= 16): use kernel 'torch' or 'auto'")
         return True
 
     def update(self, layer, q, rows, last_row):
