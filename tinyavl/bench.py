@@ -30,9 +30,10 @@ with full attention, and tinyavl's decode speed is printed relative to it. Absol
 CPU are noise; ratios measured in one run are the result.
 
 `--device cuda` runs all of it on a GPU (the default where CUDA is present, as in main.py), where A-VL's
-decode steps go through the Triton kernel (kernels/sparse_attention.py). GPU work is asynchronous, so
-every timer waits for the GPU first (`synchronize`); that wait is part of what the cache's four steps are
-timed at, and it makes `attention_ms` an upper bound there.
+decode steps go through the Triton kernel (kernels/sparse_attention.py). GPU work is queued, not done,
+when a Python call returns: the rates wait for the GPU (`synchronize`), the cache's steps are timed with
+CUDA events (`Spans`), and each policy first runs a few untimed tokens so that no step time includes
+compiling a kernel. Decode steps time themselves: each picks its token on the host, which waits for the GPU.
 
 `--arch next` measures LLaVA-1.6-7B (llava-v1.6-vicuna-7b: the same decoder) on the image blocks that
 anyres makes of a 672x672 and a 336x1008 (h x w) image (tinyavl/anyres.py), and sets the A-VL paper's
