@@ -54,7 +54,9 @@ import torch
 
 from tinyavl import anyres
 from tinyavl.cache import AVLCache, make_cache
+from tinyavl.errors import UserError
 from tinyavl.generate import generate
+from tinyavl.loading import resolve_device
 from tinyavl.model import LlavaConfig, LlavaForConditionalGeneration, TextConfig, VisionConfig
 
 POLICIES = ("full", "avl", "h2o", "streaming", "fastv", "random")  # each at its defaults
@@ -209,14 +211,19 @@ class Spans:
     GPU's own time for the work queued in it, read when `seconds` asks (no wait stalls the queue)."""
 
     def __init__(self):
-        self.spans = {}   # name -> [seconds or (start event, end event), ...]
+        self.spans = {}   # name -> [(start, end), ...]: perf_counter seconds, or CUDA events
 
-    def _now(self):
+    @staticmethod
+    def _now():
         if not torch.cuda.is_initialized():
             return time.perf_counter()
         event = torch.cuda.Event(enable_timing=True)
         event.record()
         return event
+
+    @staticmethod
+    def _seconds_between(start, end) -> float:
+        return end - start if isinstance(end, float) else start.elapsed_time(end) / 1e3  # events count ms
 
     @contextmanager
     def time(self, *names):
@@ -225,11 +232,11 @@ class Spans:
         yield
         end = self._now()
         for name in names:
-            self.spans.setdefault(name, []).append(end - start if isinstance(end, float) else (start, end))
+            self.spans.setdefault(name, []).append((start, end))
 
     def seconds(self, name: str) -> float:
-        synchronize()
-        return sum(s if isinstance(s, float) else s[0].elapsed_time(s[1]) / 1e3 for s in self.spans.get(name, []))
+        synchronize()  # an event's time can be read once the GPU has passed it
+        return sum(self._seconds_between(start, end) for start, end in self.spans.get(name, []))
 
 
 def timed_cache(name: str):
@@ -456,15 +463,16 @@ def main(argv=None):
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if present")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
     args = parser.parse_args(argv)
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
+    try:
+        args.device = resolve_device(args.device)
+    except UserError as err:
+        parser.error(str(err))
     if args.image_tokens is None:
         args.image_tokens = [576, 2928] if args.arch == "llava" else [next_image_tokens(hw) for hw in NEXT_IMAGES]
     if args.new_tokens < 2 or args.layers < 1 or min(args.image_tokens) < 1:
         parser.error("--new-tokens must be at least 2, --layers and --image-tokens at least 1")
 
-    device = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
+    device = torch.cuda.get_device_name() if args.device.type == "cuda" else platform.processor() or platform.machine()
     model_name = "LLaVA-1.5-7B" if args.arch == "llava" else "LLaVA-1.6-7B (Vicuna)"
     machine = (f"{args.layers} decoder layers of {model_name} shape, torch {torch.__version__}, "
                f"{torch.get_num_threads()} threads, {device}")
