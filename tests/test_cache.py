@@ -862,14 +862,16 @@ def test_buffers_are_sized_once_and_decode_fills_them_to_the_last_row(name):
     assert cache.reserved_nbytes() > cache.nbytes()  # the grown buffers have room left
 
 
-def test_keep_reorder_and_append_against_a_list_of_rows():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device (swap_rows has a GPU path)"))])
+def test_keep_reorder_and_append_against_a_list_of_rows(device):
     """By hand, against rows tracked as a Python list: eviction from a start row (shared, `keep`; per head,
     `compact`), appends after it, and swaps of row pairs; rows outside the region never change."""
     g = torch.Generator().manual_seed(0)
     cache = KVCache()
     cache.begin(1, 2, 4, new_tokens=3)
-    k, v = torch.randn(1, 2, 10, 4, generator=g), torch.randn(1, 2, 10, 4, generator=g)
-    cache.append(0, k, v, torch.arange(10))
+    k, v = torch.randn(1, 2, 10, 4, generator=g).to(device), torch.randn(1, 2, 10, 4, generator=g).to(device)
+    cache.append(0, k, v, torch.arange(10, device=device))
     cache.advance(10)
     assert cache.k_buffer[0].shape[2] == 13
     rows = [[*range(10)], [*range(10)]]  # per head, the original row each cached row holds
@@ -880,23 +882,24 @@ def test_keep_reorder_and_append_against_a_list_of_rows():
             torch.testing.assert_close(cache.v[0][0, head], v[0, head, rows[head]], atol=0, rtol=0)
             assert cache.pos[0][0, head].tolist() == rows[head]
 
-    cache.keep(0, torch.tensor([4, 7, 8, 9]), start=3)            # shared: rows 3, 5, 6 go
+    cache.keep(0, torch.tensor([4, 7, 8, 9], device=device), start=3)  # shared: rows 3, 5, 6 go
     rows = [[0, 1, 2, 4, 7, 8, 9]] * 2
     check()
     # Per head, from row 4 on (rows holding 7, 8, 9): head 0 drops 8, head 1 drops 7. The kept row past the
     # new end (9) fills the dropped slot; a ledger of the region's rows moves alike.
-    keep = torch.tensor([[[True, False, True], [False, True, True]]])
-    scores = cache.compact(0, keep, start=4, scores=torch.tensor([[[.7, .8, .9], [1.7, 1.8, 1.9]]]))
+    keep = torch.tensor([[[True, False, True], [False, True, True]]], device=device)
+    scores = cache.compact(0, keep, start=4, scores=torch.tensor([[[.7, .8, .9], [1.7, 1.8, 1.9]]], device=device))
     rows = [[0, 1, 2, 4, 7, 9], [0, 1, 2, 4, 9, 8]]
     check()
-    assert torch.equal(scores, torch.tensor([[[.7, .9], [1.9, 1.8]]]))
-    cache.swap_rows(0, torch.tensor([1, 5]), torch.tensor([3, 2]))  # rows 1 <-> 3 and 5 <-> 2
+    assert torch.equal(scores.cpu(), torch.tensor([[[.7, .9], [1.9, 1.8]]]))
+    cache.swap_rows(0, torch.tensor([1, 5], device=device), torch.tensor([3, 2], device=device))  # 1 <-> 3, 5 <-> 2
     rows = [[0, 4, 9, 1, 7, 2], [0, 4, 8, 1, 9, 2]]
     check()
-    k = torch.cat([k, torch.randn(1, 2, 3, 4, generator=g)], dim=2)  # three decode steps' rows 10, 11, 12
-    v = torch.cat([v, torch.randn(1, 2, 3, 4, generator=g)], dim=2)
+    k = torch.cat([k, torch.randn(1, 2, 3, 4, generator=g).to(device)], dim=2)  # three decode steps' rows 10-12
+    v = torch.cat([v, torch.randn(1, 2, 3, 4, generator=g).to(device)], dim=2)
     for position in (10, 11, 12):
-        cache.append(0, k[:, :, position:position + 1], v[:, :, position:position + 1], torch.tensor([position]))
+        cache.append(0, k[:, :, position:position + 1], v[:, :, position:position + 1],
+                     torch.tensor([position], device=device))
         rows = [r + [position] for r in rows]
         check()
     assert cache.k_buffer[0].shape[2] == 13 and cache.nbytes() == 9 * 2 * 2 * 4 * 4  # room was left, unused
