@@ -1,7 +1,7 @@
 """LLaVA-1.6 (LLaVA-NeXT) against transformers: anyres geometry, processor, chat template, model, policies.
 
 Oracles: transformers' select_best_resolution and get_patch_output_size; the folder's own processor as
-transformers loads it (AutoProcessor: LlavaNextImageProcessorPil + LlavaNextProcessor, whose
+transformers loads it (AutoProcessor with the PIL backend: LlavaNextImageProcessorPil + LlavaNextProcessor, whose
 apply_chat_template renders the folder's chat template); LlavaNextForConditionalGeneration in fp32 with
 eager attention, holding the very weights written to the folder tinyavl loads (tests/tiny_checkpoints.py,
 NEXT_VARIANTS: Vicuna and Mistral decoders, MHA and GQA, 28 px tiles of 4 x 4 patches).
@@ -44,7 +44,10 @@ def loaded(tiny_ckpt):
         if name not in cache:
             folder = tiny_ckpt.folder(name)
             model, processor = tinyavl.load_pretrained(folder, device="cpu")
-            cache[name] = (model, processor, tiny_ckpt.model(name), AutoProcessor.from_pretrained(folder))
+            # The PIL backend by name: with torchvision installed AutoProcessor picks its torchvision
+            # backend, whose resampling differs from PIL's (seen: up to 0.015 in a pixel value).
+            hf_processor = AutoProcessor.from_pretrained(folder, backend="pil")
+            cache[name] = (model, processor, tiny_ckpt.model(name), hf_processor)
         return cache[name]
 
     return get
