@@ -404,12 +404,12 @@ class KVCache:
                 # On a GPU one copy for every head: a copy per plane is two kernel launches per
                 # (sample, head), 128 per layer for LLaVA-7B, which cost more than the rows they move.
                 buffer[layer].index_copy_(2, both, buffer[layer].index_select(2, swapped))
-                continue
-            # On a CPU one (sample, head) plane (capacity, hs) at a time: a row of a plane is contiguous,
-            # so selecting and copying rows along its first dim are row copies (memcpy), twice as fast as
-            # the same along dim 2 of the 4-d buffer.
-            for plane in buffer[layer].view(-1, *buffer[layer].shape[2:]):  # (capacity, hs) views
-                plane.index_copy_(0, both, plane.index_select(0, swapped))
+            else:
+                # On a CPU one (sample, head) plane (capacity, hs) at a time: a row of a plane is
+                # contiguous, so selecting and copying rows along its first dim are row copies (memcpy),
+                # twice as fast as the same along dim 2 of the 4-d buffer.
+                for plane in buffer[layer].view(-1, *buffer[layer].shape[2:]):  # (capacity, hs) views
+                    plane.index_copy_(0, both, plane.index_select(0, swapped))
 
     # -- accounting: measured from the tensors actually held ------------------------------------------
 
