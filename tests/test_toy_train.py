@@ -254,6 +254,25 @@ def test_training_passes_the_dropout_mask_to_the_model(monkeypatch):
     assert seen == [None, None]
 
 
+def test_the_trainer_trains_with_deterministic_algorithms_and_restores_the_setting(tmp_path, monkeypatch):
+    """Both stages of the command run with PyTorch's deterministic kernels (without them two runs of the
+    same seed drift apart: `deterministic_algorithms`), and the process's setting is restored after."""
+    seen = []
+
+    def fake_train(*args, **kwargs):
+        seen.append(("train", torch.are_deterministic_algorithms_enabled()))
+        return train(steps=1, batch_size=2, seed=0, config_overrides=TINY, log=lambda *_: None)
+
+    monkeypatch.setattr(train_module, "train", fake_train)
+    monkeypatch.setattr(train_module, "tune", lambda *a, **k: seen.append(("tune", torch.are_deterministic_algorithms_enabled())))
+    monkeypatch.setattr(train_module, "write_examples", lambda folder: None)
+    assert not torch.are_deterministic_algorithms_enabled()
+    train_module.main(["--steps", "1", "--out", str(tmp_path / "new")])
+    assert seen == [("train", True), ("tune", True)]
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert (tmp_path / "new" / "model.safetensors").exists()
+
+
 @pytest.mark.parametrize("flag, value", [("--image-dropout", "-0.1"), ("--image-dropout", "1"),
                                          ("--image-dropout", "nan"), ("--image-dropout-share", "0"),
                                          ("--image-dropout-share", "1.5"), ("--image-dropout-share", "nan"),

@@ -49,6 +49,7 @@ import json
 import math
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -618,6 +619,21 @@ def write_examples(out: Path, n: int = 4) -> None:
     (folder / "examples.json").write_text(json.dumps(truth, indent=2) + "\n")
 
 
+@contextmanager
+def deterministic_algorithms():
+    """Inside, PyTorch picks its deterministic kernels. Why: some of its CPU kernels otherwise accumulate
+    across threads in an order that changes from run to run. Seen on this project's 2-core machine: two
+    20-step runs of the committed recipe with 2 threads ended with different weights, and a whole run of
+    the command drifted from the committed model (full attention 0.79 against 0.988: README). With it,
+    the same seed, thread count and machine give the same weights, at the same speed."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
 def main(argv=None) -> None:
     parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=TOY_WEIGHTS, help="folder to write (llava-hf layout)")
@@ -668,12 +684,13 @@ def main(argv=None) -> None:
         parser.error(f"--out: {err}")
     torch.set_num_threads(args.threads)
     architecture = {name: getattr(args, name) for name in ("vision_layers", "text_layers", "text_width")}
-    model, processor, _ = train(args.steps, args.batch_size, args.lr, args.seed, image_dropout=args.image_dropout,
-                                image_dropout_share=args.image_dropout_share, vision_steps=args.vision_steps,
-                                eval_every=args.eval_every, config_overrides=architecture)
-    if args.tune_steps:
-        tune(model, processor, args.tune_steps, args.batch_size, seed=args.seed, image_dropout=args.tune_dropout,
-             tower_frozen=args.vision_steps > 0, masks=args.tune_masks, eval_every=args.eval_every)
+    with deterministic_algorithms():
+        model, processor, _ = train(args.steps, args.batch_size, args.lr, args.seed, image_dropout=args.image_dropout,
+                                    image_dropout_share=args.image_dropout_share, vision_steps=args.vision_steps,
+                                    eval_every=args.eval_every, config_overrides=architecture)
+        if args.tune_steps:
+            tune(model, processor, args.tune_steps, args.batch_size, seed=args.seed, image_dropout=args.tune_dropout,
+                 tower_frozen=args.vision_steps > 0, masks=args.tune_masks, eval_every=args.eval_every)
 
     def write(folder: Path) -> None:
         save_pretrained(model, processor, folder)
