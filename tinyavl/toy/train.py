@@ -621,11 +621,11 @@ def write_examples(out: Path, n: int = 4) -> None:
 
 @contextmanager
 def deterministic_algorithms():
-    """Inside, PyTorch picks its deterministic kernels. Why: some of its CPU kernels otherwise accumulate
-    across threads in an order that changes from run to run. Seen on this project's 2-core machine: two
-    20-step runs of the committed recipe with 2 threads ended with different weights, and a whole run of
-    the command drifted from the committed model (full attention 0.79 against 0.988: README). With it,
-    the same seed, thread count and machine give the same weights, at the same speed."""
+    """Inside, PyTorch picks its deterministic kernels. Why: without them training was not deterministic
+    on this project's 2-core machine (which kernel varies was not pinned down): two 20-step runs of the
+    committed recipe with 2 threads ended with different weights, and a whole run of the command drifted
+    from the committed model (full attention 0.79 against 0.988: README). With them, the same seed, thread
+    count and machine give the same weights, at the same speed."""
     before = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
