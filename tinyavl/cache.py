@@ -397,19 +397,22 @@ class KVCache:
         """Rows `rows` and `other_rows` (disjoint (n,) indices of equal length, shared by every head)
         trade places, in place: 2n rows are copied and no other row moves."""
         both, swapped = torch.cat([rows, other_rows]), torch.cat([other_rows, rows])
-        self.pos_buffer[layer].index_copy_(2, both, self.pos_buffer[layer].index_select(2, swapped))
-        for buffer in (self.k_buffer, self.v_buffer):
-            # index_select copies the rows out first, so the two lists may trade places.
-            if buffer[layer].is_cuda:
+
+        def trade(tensor, dim):  # index_select copies the rows out first, so the two lists may trade places
+            tensor.index_copy_(dim, both, tensor.index_select(dim, swapped))
+
+        trade(self.pos_buffer[layer], 2)
+        for buffer in (self.k_buffer[layer], self.v_buffer[layer]):
+            if buffer.is_cuda:
                 # On a GPU one copy for every head: a copy per plane is two kernel launches per
                 # (sample, head), 128 per layer for LLaVA-7B, which cost more than the rows they move.
-                buffer[layer].index_copy_(2, both, buffer[layer].index_select(2, swapped))
+                trade(buffer, 2)
             else:
                 # On a CPU one (sample, head) plane (capacity, hs) at a time: a row of a plane is
                 # contiguous, so selecting and copying rows along its first dim are row copies (memcpy),
                 # twice as fast as the same along dim 2 of the 4-d buffer.
-                for plane in buffer[layer].view(-1, *buffer[layer].shape[2:]):  # (capacity, hs) views
-                    plane.index_copy_(0, both, plane.index_select(0, swapped))
+                for plane in buffer.view(-1, *buffer.shape[2:]):  # (capacity, hs) views
+                    trade(plane, 0)
 
     # -- accounting: measured from the tensors actually held ------------------------------------------
 
