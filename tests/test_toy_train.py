@@ -264,8 +264,11 @@ def test_the_trainer_trains_with_deterministic_algorithms_and_restores_the_setti
         seen.append(("train", torch.are_deterministic_algorithms_enabled()))
         return train(steps=1, batch_size=2, seed=0, config_overrides=TINY, log=lambda *_: None)
 
+    def fake_tune(*args, **kwargs):
+        seen.append(("tune", torch.are_deterministic_algorithms_enabled()))
+
     monkeypatch.setattr(train_module, "train", fake_train)
-    monkeypatch.setattr(train_module, "tune", lambda *a, **k: seen.append(("tune", torch.are_deterministic_algorithms_enabled())))
+    monkeypatch.setattr(train_module, "tune", fake_tune)
     monkeypatch.setattr(train_module, "write_examples", lambda folder: None)
     assert not torch.are_deterministic_algorithms_enabled()
     train_module.main(["--steps", "1", "--out", str(tmp_path / "new")])

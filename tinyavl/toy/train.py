@@ -624,8 +624,8 @@ def deterministic_algorithms():
     """Inside, PyTorch picks its deterministic kernels. Why: without them training was not deterministic
     on this project's 2-core machine (which kernel varies was not pinned down): two 20-step runs of the
     committed recipe with 2 threads ended with different weights, and a whole run of the command drifted
-    from the toy committed then (full attention 0.79 against its 0.988: README). With them, the same seed, thread
-    count and machine give the same weights, at the same speed."""
+    from the toy committed then (full attention 0.79 against its 0.988: README). With them, the same seed,
+    thread count and machine give the same weights, at the same speed."""
     before = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
