@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import tinyavl
+from tinyavl import hires
 from tinyavl.attention_map import map_layer, save_attention_map
 from tinyavl.cli import TOY_WEIGHTS, ArgumentParser, add_policy_arguments, policy_params, run_command
 from tinyavl.files import check_output_file
@@ -41,6 +42,10 @@ def build_parser() -> ArgumentParser:
                         help="draw which image tokens the policy kept, and where the model looked")
     parser.add_argument("--map-layer", type=int, default=None,
                         help="decoder layer to draw with --attention-map (default: the last)")
+    parser.add_argument("--hires-threshold", type=float, default=None, metavar="T",
+                        help="with --attention-map, also frame the blocks FlexAttention's selection takes from that "
+                        f"layer's attention: normalised attention x 255 above T, 0 <= T < 255 (its paper's code: "
+                        f"{hires.THRESHOLD}); up to {hires.BLOCKS} x {hires.BLOCKS} blocks")
     return parser
 
 
@@ -64,8 +69,12 @@ def run(args) -> dict:
         args.weights = DEFAULT_WEIGHTS
     if args.attention_map is not None:
         check_output_file(args.attention_map, "--attention-map", inputs=[Path(args.image), args.weights])
-    elif args.map_layer is not None:
-        raise tinyavl.UserError("--map-layer chooses the layer of --attention-map: give --attention-map OUT.png too")
+    else:
+        for flag, value in (("--map-layer", args.map_layer), ("--hires-threshold", args.hires_threshold)):
+            if value is not None:
+                raise tinyavl.UserError(f"{flag} is an option of --attention-map: give --attention-map OUT.png too")
+    if args.hires_threshold is not None:
+        hires.check_threshold(args.hires_threshold)
     model, processor = tinyavl.load_pretrained(args.weights, device=args.device, dtype=args.dtype)
     if args.attention_map is not None:
         layer = map_layer(model, args.map_layer)
@@ -90,7 +99,8 @@ def run(args) -> dict:
     if not args.json:
         print(text[len(printed):])
     if args.attention_map is not None:
-        save_attention_map(args.attention_map, model, processor, inputs, cache, layer, question=args.prompt)
+        save_attention_map(args.attention_map, model, processor, inputs, cache, layer, question=args.prompt,
+                           hires_threshold=args.hires_threshold)
         print(f"wrote the attention map to {args.attention_map}", file=sys.stderr)
     return {
         "text": text, "token_ids": token_ids, "finish_reason": stats.finish_reason,

@@ -427,6 +427,8 @@ def test_user_input_is_checked_before_the_model_loads(capsys, monkeypatch, good,
         (["--image", files["png"], "--prompt", "<image> what?"], "<image>"),
         (["--image", files["png"], "--attention-map", tmp_path / "no-such-dir" / "map.png"], "no-such-dir"),
         (["--image", files["png"], "--map-layer", "1"], "--attention-map"),
+        (["--image", files["png"], "--hires-threshold", "48"], "--attention-map"),
+        (["--image", files["png"], "--attention-map", tmp_path / "map.png", "--hires-threshold", "255"], "0 <= T < 255"),
     ]
     for extra, mention in cases:
         rc, out, err = run_inprocess(capsys, base + extra)

@@ -21,7 +21,7 @@ import tinyavl
 from test_cli import assert_user_error, run_inprocess
 from tiny_checkpoints import LAYOUTS, NEXT_PINPOINTS, NEXT_VARIANTS, make_image, published_state_dict, tokenizer_info
 from tinyavl import anyres
-from tinyavl.attention_map import HEADER, PANEL, SCALE, image_heat, seen_image, token_pictures
+from tinyavl.attention_map import BLOCK, HEADER, PANEL, SCALE, image_heat, seen_image, token_pictures
 
 LOGIT_ATOL = 1e-4
 GREEDY_STEPS = 8
@@ -327,11 +327,17 @@ def test_main_draws_the_next_attention_map(tiny_ckpt, tmp_path, capsys):
     image, out = tmp_path / "wide.png", tmp_path / "map.png"
     make_image(*IMAGE_SHAPES["wide"], seed=4).save(image)
     rc, _, err = run_inprocess(capsys, ["--image", image, "--weights", tiny_ckpt.folder("next_mistral_gqa"),
-                                        "--max-new-tokens", "3", "--policy", "avl", "--attention-map", out])
+                                        "--max-new-tokens", "3", "--policy", "avl", "--attention-map", out,
+                                        "--hires-threshold", "0"])
     assert rc == 0, err
     with Image.open(out) as picture:
         # two strips: the base crop's square panels, then the map's (wider than tall: PANEL wide)
         assert picture.width == 2 * PANEL + 10 and picture.height > 2 * (HEADER + SCALE) + PANEL
+        # FlexAttention's blocks are framed on the base crop's heat panel (the low-resolution view) only
+        heat_panels = [picture.crop((PANEL + 10, top, 2 * PANEL + 10, top + PANEL)) for top in
+                       (HEADER, HEADER + PANEL + SCALE + HEADER)]
+        framed = [BLOCK in {rgb for _, rgb in panel.getcolors(1 << 20)} for panel in heat_panels]
+        assert framed == [True, False]
 
 
 @pytest.mark.parametrize("name", ["next_vicuna_mha", "next_mistral_gqa"])

@@ -172,3 +172,27 @@ def test_attention_map_picture(tmp_path, capsys):
         assert picture.width > picture.height > 300
     assert main.main(["--image", str(image), "--attention-map", str(tmp_path / "nope" / "map.png")]) == 2
     assert main.main(["--image", str(image), "--attention-map", str(out), "--map-layer", "99"]) == 2
+
+
+def test_attention_map_frames_flexattention_blocks(tmp_path):
+    """--hires-threshold frames, on the heat panel, exactly the blocks hires.threshold_blocks takes from the
+    last prompt token's attention in the drawn layer (image_heat, checked against transformers elsewhere)."""
+    from PIL import Image
+    from tinyavl import hires
+    from tinyavl.attention_map import BLOCK, HEADER, PANEL, image_heat
+
+    image, out, layer = EXAMPLES / GOLDEN[0][0], tmp_path / "map.png", 2
+    assert main.main(["--image", str(image), "--max-new-tokens", "1", "--attention-map", str(out),
+                      "--map-layer", str(layer), "--hires-threshold", "48", "--json"]) == 0
+    model, processor = tinyavl.load_pretrained(TOY)
+    inputs = processor(processor.chat_prompt("Describe the image."), image=Image.open(image))
+    side = model.config.vision.image_size // model.config.vision.patch_size
+    heat = image_heat(model, inputs["input_ids"], inputs["pixel_values"], layer)
+    blocks = hires.threshold_blocks(hires.block_scores(heat[None], (side, side)), 48)[0]   # (9, 9)
+    assert 0 < int(blocks.sum()) < blocks.numel()
+    step = PANEL / blocks.shape[0]
+    with Image.open(out) as picture:
+        for i in range(blocks.shape[0]):
+            for j in range(blocks.shape[1]):
+                top_edge = (PANEL + 10 + round((j + 0.5) * step), HEADER + round(i * step))
+                assert (picture.getpixel(top_edge) == BLOCK) == bool(blocks[i, j]), (i, j)

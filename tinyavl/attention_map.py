@@ -10,7 +10,10 @@ at high resolution, as the tiles show it once the padding is cut away; its newli
   (darkened). Policies other than A-VL compute every image token they store.
 - right, the last prompt token's attention over the image tokens in that layer (mean over heads, dense
   attention): where the model looks when it starts to answer. The colour scale under it runs from 0 to
-  the largest share one token receives.
+  the largest share one token receives. With a threshold (`--hires-threshold`), the blocks that
+  FlexAttention's selection takes from that attention are framed in blue (tinyavl/hires.py): the
+  squares of the image a FlexAttention model would read again at high resolution in the next layer
+  (LLaVA-1.6: on the base crop, the low-resolution view).
 The question and the counts of each role are written above the panels.
 """
 import math
@@ -20,7 +23,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from tinyavl import anyres
+from tinyavl import anyres, hires
 from tinyavl.attention_stats import record_attention
 from tinyavl.cache import AVLCache, KVCache
 from tinyavl.errors import UserError
@@ -32,6 +35,7 @@ PANEL = 384  # px per panel side
 HEADER = 40  # px above the panels: the question, then the title
 SCALE = 34   # px below them: the heat map's colour scale
 HEAT = (255, 30, 30)
+BLOCK = (40, 90, 255)  # frame of a block FlexAttention's selection takes
 
 
 def image_heat(model, input_ids, pixel_values, layer: int, image_sizes=None) -> torch.Tensor:
@@ -101,9 +105,12 @@ def token_pictures(model, processor, inputs) -> list[TokenPicture]:
 
 
 def draw_attention_map(image: Image.Image, roles: torch.Tensor, heat: torch.Tensor, title: str,
-                       question: str = "", grid: tuple[int, int] | None = None) -> Image.Image:
+                       question: str = "", grid: tuple[int, int] | None = None, blocks=None,
+                       footnote: str = "") -> Image.Image:
     """Two panels (roles | heat) over `image`, one cell per image token of a (rows, columns) grid (default
-    square), the question and title above, the heat's colour scale below."""
+    square), the question and title above, the heat's colour scale below, the footnote under the left
+    panel. blocks (n, n) bool, if given: frame block (i, j), the i-th n-th of the image down and the j-th
+    across, on the heat panel."""
     rows, columns = grid or (math.isqrt(len(roles)),) * 2
     if rows * columns != len(roles):
         raise ValueError(f"{len(roles)} image tokens do not fill a {rows} x {columns} grid of cells")
@@ -133,6 +140,11 @@ def draw_attention_map(image: Image.Image, roles: torch.Tensor, heat: torch.Tens
     peak = float(heat.max()) or 1.0
     for i, value in enumerate(heat.tolist()):
         glow.rectangle(_cell_box(i, columns, cell), fill=(*HEAT, int(220 * value / peak)))
+    if blocks is not None:
+        n = blocks.shape[0]
+        for i, j in blocks.nonzero().tolist():
+            glow.rectangle((round(j * width / n), round(i * height / n), round((j + 1) * width / n) - 1,
+                            round((i + 1) * height / n) - 1), outline=BLOCK, width=2)
     canvas.paste(right, (PANEL + 10, top))
 
     # The colour scale: the same red over the same grey, from 0 (left) to the peak share (right).
@@ -142,6 +154,7 @@ def draw_attention_map(image: Image.Image, roles: torch.Tensor, heat: torch.Tens
         ramp.line([(x, 0), (x, 9)], fill=(*HEAT, int(220 * x / (PANEL - 1))))
     bar_top = top + height + 4
     canvas.paste(bar, (PANEL + 10, bar_top))
+    draw.text((4, bar_top), footnote, fill=(0, 0, 0))
     draw.text((PANEL + 10, bar_top + 12), "0", fill=(0, 0, 0))
     label = f"{peak:.3f} of the attention"
     draw.text((2 * PANEL + 10 - 6 * len(label) - 2, bar_top + 12), label, fill=(0, 0, 0))
@@ -164,23 +177,32 @@ def map_layer(model, layer: int | None) -> int:
 
 
 def save_attention_map(path, model, processor, inputs, cache: KVCache, layer: int | None = None,
-                       question: str = "") -> None:
+                       question: str = "", hires_threshold: float | None = None) -> None:
     """Draw the picture for a finished generation (its `inputs` and the `cache` it ran with) to `path`,
     written atomically: one strip of two panels per picture the image tokens tile (token_pictures).
 
-    layer: the decoder layer to show; default the last one. question: the text shown above the panels."""
+    layer: the decoder layer to show; default the last one. question: the text shown above the panels.
+    hires_threshold: also frame the blocks FlexAttention's selection takes from the heat of the first
+    picture (hires.BLOCKS per side, fewer where the grid has fewer tokens); None: no selection."""
     layer = map_layer(model, layer)
     heat = image_heat(model, inputs["input_ids"], inputs["pixel_values"], layer, inputs.get("image_sizes"))
     roles = image_roles(cache, layer)
     strips = []
-    for picture in token_pictures(model, processor, inputs):
+    for i, picture in enumerate(token_pictures(model, processor, inputs)):
         cells = roles[picture.tokens]
         counts = {name: int((cells == role).sum()) for name, role in
                   (("computed", COMPUTED), ("stored", STORED), ("evicted", EVICTED))}
         title = (f"{picture.label}, layer {layer}, policy {cache.name}: computed (green) {counts['computed']}, "
                  f"stored only (yellow) {counts['stored']}, evicted (dark) {counts['evicted']}  |  last prompt "
                  "token's attention")
-        strips.append(draw_attention_map(picture.image, cells, heat[picture.tokens], title, question, picture.grid))
+        blocks, footnote = None, ""
+        if hires_threshold is not None and i == 0:  # the low-resolution view, which FlexAttention selects from
+            scores = hires.block_scores(heat[picture.tokens][None], picture.grid, min(hires.BLOCKS, *picture.grid))
+            blocks = hires.threshold_blocks(scores, hires_threshold)[0]              # (n, n)
+            footnote = (f"FlexAttention's selection (blue, threshold {hires_threshold:g}): "
+                        f"{int(blocks.sum())} of {blocks.numel()} blocks")
+        strips.append(draw_attention_map(picture.image, cells, heat[picture.tokens], title, question, picture.grid,
+                                         blocks, footnote))
     figure = Image.new("RGB", (strips[0].width, sum(strip.height for strip in strips)), (255, 255, 255))
     for i, strip in enumerate(strips):
         figure.paste(strip, (0, sum(s.height for s in strips[:i])))

@@ -1,0 +1,111 @@
+"""FlexAttention's block selection (tinyavl/hires.py) against hand-computed maps, and its frames in the picture."""
+import math
+
+import pytest
+import torch
+
+from tinyavl import hires
+from tinyavl.attention_map import BLOCK, HEADER, PANEL, draw_attention_map
+from tinyavl.errors import UserError
+
+from PIL import Image
+
+
+def windows(n_tokens: int, n_blocks: int) -> list[range]:
+    """Adaptive pooling's windows, from its formula: block i covers floor(n i / b) .. ceil(n (i + 1) / b) - 1."""
+    return [range(n_tokens * i // n_blocks, -(-n_tokens * (i + 1) // n_blocks)) for i in range(n_blocks)]
+
+
+def test_scores_are_the_normalised_maximum_of_each_window():
+    # 4 x 4 tokens, 2 x 2 blocks (windows of 2 x 2): min 1, max 9, so a token scores (a - 1) / 8.
+    attention = torch.tensor([[1., 2., 3., 3.],
+                              [1., 1., 9., 1.],
+                              [5., 1., 1., 1.],
+                              [1., 1., 1., 2.]]).flatten()[None]
+    scores = hires.block_scores(attention, (4, 4), blocks=2)
+    expected = torch.tensor([[[(2 - 1) / 8, (9 - 1) / 8],
+                              [(5 - 1) / 8, (2 - 1) / 8]]])
+    torch.testing.assert_close(scores, expected, atol=1e-7, rtol=0)
+    # x 255 against the threshold: 1/8 -> 31.9, 4/8 -> 127.5, 1 -> 255
+    assert hires.threshold_blocks(scores, 48).tolist() == [[[False, True], [True, False]]]
+    assert hires.threshold_blocks(scores, 31).tolist() == [[[True, True], [True, True]]]
+
+
+@pytest.mark.parametrize("row, column", [(2, 2), (23, 0), (12, 17), (0, 23)])
+def test_a_single_hot_token_selects_every_window_that_holds_it(row, column):
+    """LLaVA-1.5's 24 x 24 tokens into 9 x 9 blocks: windows overlap, so a token can light up to 2 x 2 blocks."""
+    attention = torch.zeros(1, 24, 24)
+    attention[0, row, column] = 1.0
+    blocks = hires.threshold_blocks(hires.block_scores(attention.flatten(1), (24, 24)), hires.THRESHOLD)[0]
+    cells = windows(24, 9)
+    expected = [[row in cells[i] and column in cells[j] for j in range(9)] for i in range(9)]
+    assert blocks.tolist() == expected
+    if (row, column) == (2, 2):  # rows 0-2 and 2-5: the token sits in two windows each way
+        assert blocks.nonzero().tolist() == [[0, 0], [0, 1], [1, 0], [1, 1]]
+
+
+def test_a_sum_over_heads_and_a_mean_select_the_same_blocks():
+    g = torch.Generator().manual_seed(0)
+    per_head = torch.rand(2, 8, 144, generator=g).softmax(-1)                  # (B, H, 12 x 12)
+    by_sum = hires.block_scores(per_head.sum(1), (12, 12), blocks=6)
+    by_mean = hires.block_scores(per_head.mean(1), (12, 12), blocks=6)
+    torch.testing.assert_close(by_sum, by_mean, atol=1e-6, rtol=0)
+
+
+def test_fewer_blocks_pass_a_higher_threshold():
+    g = torch.Generator().manual_seed(1)
+    scores = hires.block_scores(torch.rand(3, 24 * 24, generator=g) ** 4, (24, 24))
+    counts, previous = [], None
+    for threshold in (254.9, 200, 120, 48, 10, 0):
+        chosen = hires.threshold_blocks(scores, threshold)
+        assert previous is None or (chosen | ~previous).all()   # a lower threshold keeps every block chosen before
+        counts.append(int(chosen.sum()))
+        previous = chosen
+    assert counts == sorted(counts) and counts[0] < counts[2] < counts[-1], counts
+    # 254.9: only the blocks whose window holds the row's strongest token (normalised to 1)
+    assert torch.equal(hires.threshold_blocks(scores, 254.9), scores == 1)
+
+
+def test_a_flat_row_points_nowhere():
+    scores = hires.block_scores(torch.full((1, 36), 1 / 36), (6, 6), blocks=3)
+    assert not scores.any() and not hires.threshold_blocks(scores, 0).any()
+
+
+def test_top_blocks_take_the_best_scores_and_agree_with_a_threshold_between_them():
+    g = torch.Generator().manual_seed(2)
+    scores = hires.block_scores(torch.rand(2, 24 * 24, generator=g), (24, 24))    # (2, 9, 9)
+    for count in (0, 1, 5, 81):
+        chosen = hires.top_blocks(scores, count)
+        assert chosen.flatten(1).sum(1).tolist() == [count, count]
+        ranked = scores.flatten(1).sort(dim=1, descending=True).values
+        if 0 < count < 81:
+            for b in range(2):  # every chosen block scores at least as high as every other
+                assert scores[b][chosen[b]].min() >= scores[b][~chosen[b]].max()
+                cut = float(ranked[b, count - 1] + ranked[b, count]) / 2 * 255     # between the count-th and the next
+                if ranked[b, count - 1] > ranked[b, count]:
+                    assert torch.equal(hires.threshold_blocks(scores[b:b + 1], cut)[0], chosen[b])
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="do not fit"):
+        hires.block_scores(torch.rand(1, 16), (4, 4), blocks=5)
+    for threshold in (-1, 255, math.nan):
+        with pytest.raises(UserError, match="0 <= T < 255"):
+            hires.threshold_blocks(torch.rand(1, 3, 3), threshold)
+    with pytest.raises(ValueError, match="cannot choose"):
+        hires.top_blocks(torch.rand(1, 3, 3), 10)
+
+
+def test_the_picture_frames_the_selected_blocks():
+    """Block (i, j) of n is the i-th n-th of the heat panel down and the j-th across, framed in blue."""
+    image = Image.new("RGB", (48, 48), (255, 255, 255))
+    roles, heat = torch.full((16,), 2), torch.rand(16)
+    blocks = torch.zeros(3, 3, dtype=torch.bool)
+    blocks[1, 2] = True
+    picture = draw_attention_map(image, roles, heat, "t", grid=(4, 4), blocks=blocks, footnote="1 of 9 blocks")
+    left, top, block = PANEL + 10, HEADER, PANEL / 3
+    assert picture.getpixel((left + round(2 * block), top + round(1 * block))) == BLOCK     # its top-left corner
+    assert picture.getpixel((left + round(2.5 * block), top + round(2 * block) - 1)) == BLOCK  # its bottom edge
+    assert picture.getpixel((left + round(0.5 * block), top + 1)) != BLOCK                  # block (0, 0): not chosen
+    plain = draw_attention_map(image, roles, heat, "t", grid=(4, 4))
+    assert not any(plain.getpixel((x, y)) == BLOCK for x in range(left, left + PANEL, 7) for y in range(top, top + PANEL, 7))

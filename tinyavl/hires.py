@@ -1,0 +1,76 @@
+"""FlexAttention's high-resolution token selection: which blocks of the image a model's attention points at.
+
+FlexAttention (Li et al., "FlexAttention for Efficient High-Resolution Vision-Language Models", ECCV 2024,
+arXiv 2407.20228; not PyTorch's `flex_attention` API) shows the decoder the usual low-resolution image
+tokens and keeps a high-resolution map of the same image beside the sequence (3x3 crops of LLaVA-1.5's
+336 px, 72 x 72 tokens). From one layer on, the current token also attends to a few high-resolution
+tokens: those in the blocks that its attention over the low-resolution tokens, in the layer before,
+points at. The selection needs no training, so on any LLaVA it is a picture of where the model would
+look closer (`main.py --attention-map --hires-threshold`); attending to the selected tokens needs
+projections only a FlexAttention-trained model has.
+
+The selection, as the authors' code makes it from the current token's attention over the image tokens
+of a (rows, columns) grid (24 x 24 for LLaVA-1.5), summed over heads:
+1. min-max normalise the row, so that its weakest token is 0 and its strongest 1 (a sum over heads and a
+   mean over heads then give the same map);
+2. keep the tokens whose normalised attention x 255 exceeds a threshold (48 in their training script);
+3. max-pool that binary map to a coarse grid of blocks (9 x 9 for 24 x 24): a block is chosen when any
+   token of its window was kept;
+4. each chosen block is a (72 / 9)^2 = 8 x 8 square of high-resolution tokens.
+A binary map max-pooled is the max-pooled normalised attention thresholded (both are monotone), so
+`block_scores` pools the normalised attention once and `threshold_blocks` compares it; `top_blocks`
+takes a fixed number of blocks instead, a budget a test or a benchmark can hold fixed.
+
+**Choice:** 24 rows do not split evenly into 9 windows; the pooling is PyTorch's adaptive max pooling,
+whose window i covers rows floor(24 i / 9) .. ceil(24 (i + 1) / 9) - 1, so neighbouring windows share a
+row. Block i of the high-resolution map is still exactly the i-th ninth of the image.
+"""
+import torch
+import torch.nn.functional as F
+
+from tinyavl.errors import UserError
+
+THRESHOLD = 48  # of 255: the selection threshold of the authors' training script
+BLOCKS = 9      # blocks per side: LLaVA-1.5's 24 x 24 tokens pooled to 9 x 9 (8 x 8 high-resolution tokens each)
+
+
+def block_scores(image_attention, grid: tuple[int, int], blocks: int = BLOCKS):
+    """(B, blocks, blocks) fp32 in [0, 1]: per block, the largest min-max normalised attention in its window.
+
+    image_attention (B, rows * columns): the current token's attention over the low-resolution image tokens
+    in reading order, summed or averaged over heads. A row whose tokens all get the same attention points
+    nowhere: every block scores 0.
+    """
+    rows, columns = grid
+    if not 1 <= blocks <= min(rows, columns):
+        raise ValueError(f"{blocks} blocks per side do not fit a {rows} x {columns} grid of image tokens")
+    attention = image_attention.float().view(-1, 1, rows, columns)                # (B, 1, rows, columns)
+    low = attention.amin(dim=(2, 3), keepdim=True)                                 # (B, 1, 1, 1)
+    spread = attention.amax(dim=(2, 3), keepdim=True) - low                        # (B, 1, 1, 1)
+    # A flat row has no spread to normalise by: 0 / 1 leaves it all zero, so no block passes a threshold.
+    normalised = (attention - low) / torch.where(spread > 0, spread, 1.0)          # (B, 1, rows, columns)
+    return F.adaptive_max_pool2d(normalised, blocks)[:, 0]                         # (B, blocks, blocks)
+
+
+def threshold_blocks(scores, threshold: float = THRESHOLD):
+    """(B, blocks, blocks) bool: the blocks whose best token's normalised attention x 255 exceeds the
+    threshold (0 <= threshold < 255; the lower, the more blocks). The count varies with the row."""
+    check_threshold(threshold)
+    return scores * 255 > threshold
+
+
+def check_threshold(threshold: float) -> None:
+    """A threshold selects some blocks only on the normalised attention's 0-255 scale: 0 <= threshold < 255."""
+    if not 0 <= threshold < 255:
+        raise UserError(f"the selection threshold must be in 0 <= T < 255 (the 0-255 scale of the normalised "
+                        f"attention), got {threshold:g}")
+
+
+def top_blocks(scores, count: int):
+    """(B, blocks, blocks) bool: the `count` best-scored blocks of each row, a fixed budget (ties: topk's)."""
+    B, side, _ = scores.shape
+    if not 0 <= count <= side * side:
+        raise ValueError(f"cannot choose {count} of {side * side} blocks")
+    chosen = torch.zeros(B, side * side, dtype=torch.bool, device=scores.device)
+    chosen.scatter_(1, scores.flatten(1).topk(count, dim=1).indices, True)         # (B, blocks^2)
+    return chosen.view(B, side, side)
