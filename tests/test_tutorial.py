@@ -16,6 +16,7 @@ import tinyavl.attention_stats
 import tinyavl.bench
 import tinyavl.cache
 import tinyavl.generate
+import tinyavl.hires
 import tinyavl.loading
 import tinyavl.model
 import tinyavl.processing
@@ -26,7 +27,7 @@ import tinyavl.toy.train
 from kernels import sparse_attention  # imports without Triton too (TRITON_AVAILABLE is then False)
 
 CHAPTERS = sorted((Path(__file__).parent.parent / "tutorial").glob("*.md"))
-MODULES = [tinyavl.model, tinyavl.loading, tinyavl.anyres, tinyavl.cache, tinyavl.generate, tinyavl.processing,
+MODULES = [tinyavl.model, tinyavl.loading, tinyavl.anyres, tinyavl.cache, tinyavl.generate, tinyavl.hires, tinyavl.processing,
            tinyavl.attention_map, tinyavl.attention_stats, tinyavl.bench, tinyavl.toy.scenes, tinyavl.toy.train, tinyavl.toy.evaluate,
            tinyavl.toy.attention_study, sparse_attention]
 
