@@ -16,7 +16,7 @@ of a (rows, columns) grid (24 x 24 for LLaVA-1.5), summed over heads:
 2. keep the tokens whose normalised attention x 255 exceeds a threshold (48 in their training script);
 3. max-pool that binary map to a coarse grid of blocks (9 x 9 for 24 x 24): a block is chosen when any
    token of its window was kept;
-4. each chosen block is a (72 / 9)^2 = 8 x 8 square of high-resolution tokens.
+4. each chosen block is a square of 72 / 9 = 8 x 8 high-resolution tokens.
 A binary map max-pooled is the max-pooled normalised attention thresholded (both are monotone), so
 `block_scores` pools the normalised attention once and `threshold_blocks` compares it; `top_blocks`
 takes a fixed number of blocks instead, a budget a test or a benchmark can hold fixed.
