@@ -219,3 +219,31 @@ def test_object_attention_by_hand():
                       {"attention": pytest.approx((23 + 27) / 80), "tokens": pytest.approx((0.6 + 0.5) / 2)}]
     lines = report_markdown({**study([recording()]), "object_attention": shares}).splitlines()
     assert "| 0 | 0.44 (0.55) |" in lines and "| 1 | 0.62 (0.55) |" in lines
+
+
+def test_area_in_blocks_by_hand():
+    """12 x 12 patches against 9 x 9 blocks, block (0, 0) chosen: it spans [0, 1/9) of the image each way.
+    Patch 0 spans [0, 1/12): inside. Patch 12 (row 1, column 0) spans rows [1/12, 2/12), of which
+    [1/12, 1/9) is inside: 1/3 of it. Patch 13 (row 1, column 1): 1/3 x 1/3."""
+    blocks = torch.zeros(9, 9, dtype=torch.bool)
+    blocks[0, 0] = True
+    assert attention_study.area_in_blocks(blocks, [0], 12) == 1.0
+    assert attention_study.area_in_blocks(blocks, [12], 12) == pytest.approx(1 / 3)
+    assert attention_study.area_in_blocks(blocks, [13], 12) == pytest.approx(1 / 9)
+    assert attention_study.area_in_blocks(blocks, [0, 12, 13], 12) == pytest.approx((1 + 1 / 3 + 1 / 9) / 3)
+    assert attention_study.area_in_blocks(blocks, [100], 12) == 0.0
+
+
+def test_hires_coverage_by_hand():
+    """4 x 4 image tokens, 2 x 2 blocks. Layer 0's last prompt row is hot on token 0 alone (block (0, 0)),
+    layer 1's on token 15 alone (block (1, 1)): a quarter of the image each. Object 1 on patches {0, 1, 4, 5}
+    (block (0, 0)), object 2 on {10, 15} (block (1, 1))."""
+    hot = {0: torch.ones(16), 1: torch.ones(16)}
+    hot[0][0], hot[1][15] = 5.0, 5.0
+    recorder = SimpleNamespace(n_layers=2, image_row=lambda step, layer: hot[layer])
+    scene = SimpleNamespace(objects=[SimpleNamespace(patches=lambda: [0, 1, 4, 5]),
+                                     SimpleNamespace(patches=lambda: [10, 15])])
+    coverage = attention_study.hires_coverage([recorder], [scene], side=4, blocks=2)
+    assert coverage == [{"blocks": 0.25, "objects": [1.0, 0.0]}, {"blocks": 0.25, "objects": [0.0, 1.0]}]
+    lines = report_markdown({**study([recording()]), "hires_coverage": coverage}).splitlines()
+    assert "| 0 | 0.25 | 1.00 | 0.00 |" in lines and "| 1 | 0.25 | 0.00 | 1.00 |" in lines

@@ -23,6 +23,9 @@ step). Per decoder layer (tinyavl/attention_stats.py has the measures):
   (the scene's rows of places, top to bottom) in it; a random set keeps S of every band;
 - object_attention: how much of that row's image attention lands on the patches that show an object,
   beside their share of the image tokens (what attention blind to the picture's content gives them).
+- hires_coverage: what FlexAttention's selection (tinyavl/hires.py, threshold 48) takes from that row:
+  the share of the image's area in the chosen blocks (what a high-resolution view would be read of), and
+  the share of each object's patches' area inside them, by the object's place in the caption.
 
 And one measure of accuracy rather than attention, `choice_by_layer`: A-VL's choice of image tokens alone
 (the evaluation's AVL_CHOICE_ONLY: half of them stored, all of those computed, nothing else evicted),
@@ -40,7 +43,7 @@ from statistics import fmean
 
 import torch
 
-from tinyavl import load_pretrained
+from tinyavl import hires, load_pretrained
 from tinyavl.attention_stats import capture, ppci, record_attention, segment_shares, segment_sizes, top_set, top_share
 from tinyavl.cache import AVLCache, KVCache
 from tinyavl.cli import TOY_WEIGHTS, ArgumentParser, run_command
@@ -117,6 +120,35 @@ def object_attention(recordings: list, scenes: list) -> list[dict]:
             tokens.append(len(shown) / len(row))
         result.append({"attention": fmean(attention), "tokens": fmean(tokens)})
     return result
+
+
+def area_in_blocks(blocks, patches: list[int], side: int) -> float:
+    """The share of the area of `patches` (image tokens of a side x side grid) inside the chosen blocks
+    (n, n) bool. The two grids split the image differently, so both are drawn on their common
+    refinement, (side n) x (side n) cells: a block is side x side of them, a patch n x n."""
+    n = blocks.shape[0]
+    in_patches = torch.zeros(side * side, dtype=torch.bool)
+    in_patches[patches] = True
+    in_patches = in_patches.view(side, side).repeat_interleave(n, 0).repeat_interleave(n, 1)   # (side n, side n)
+    in_blocks = blocks.repeat_interleave(side, 0).repeat_interleave(side, 1)                    # (side n, side n)
+    return float((in_patches & in_blocks).sum() / in_patches.sum())
+
+
+def hires_coverage(recordings: list, scenes: list, side: int, threshold: float = hires.THRESHOLD,
+                   blocks: int = hires.BLOCKS) -> list[dict]:
+    """Per layer: "blocks", the mean share of the image's area in the blocks (`blocks` a side) FlexAttention's
+    selection takes from the last prompt token's image attention, and "objects", per place in the caption,
+    the mean share of the area of the object's patches (`SceneObject.patches`) inside them."""
+    most = max(len(scene.objects) for scene in scenes)
+    coverage = []
+    for layer in range(recordings[0].n_layers):
+        scores = [hires.block_scores(r.image_row(0, layer)[None], (side, side), blocks) for r in recordings]
+        chosen = [hires.threshold_blocks(s, threshold)[0] for s in scores]           # each (blocks, blocks)
+        coverage.append({"blocks": fmean(float(c.float().mean()) for c in chosen),
+                         "objects": [fmean(area_in_blocks(c, scene.objects[rank].patches(), side)
+                                           for c, scene in zip(chosen, scenes) if rank < len(scene.objects))
+                                     for rank in range(most)]})
+    return coverage
 
 
 class LayerChoiceAVL(AVLCache):
@@ -320,6 +352,14 @@ def report_markdown(result: dict) -> str:
                   *markdown_table(["layer", "on objects (tokens)"],
                                   [[str(layer), f"{x['attention']:.2f} ({x['tokens']:.2f})"]
                                    for layer, x in enumerate(result["object_attention"])])]
+    if "hires_coverage" in result:
+        cover = result["hires_coverage"]
+        lines += ["", f"FlexAttention's selection from the last prompt token's image attention (threshold "
+                  f"{hires.THRESHOLD}): share of the image's area in the chosen blocks, and of each object's "
+                  "patches, by the order the caption names the objects", "",
+                  *markdown_table(["layer", "image area", *(f"object {i + 1}" for i in range(len(cover[0]["objects"])))],
+                                  [[str(layer), f"{x['blocks']:.2f}", *(f"{v:.2f}" for v in x["objects"])]
+                                   for layer, x in enumerate(cover)])]
     if "choice_by_layer" in result:
         lines += choice_table(result["choice_by_layer"])
     if "hidden_object_recall" in result:
@@ -362,6 +402,7 @@ def run(args) -> dict:
     vision = model.config.vision
     result["band_coverage"] = band_coverage(recordings, vision.image_size // vision.patch_size, GRID)
     result["object_attention"] = object_attention(recordings, scenes)
+    result["hires_coverage"] = hires_coverage(recordings, scenes, vision.image_size // vision.patch_size)
     result["choice_by_layer"] = choice_by_layer(model, processor, held_out_set(args.seed, args.n))
     result["hidden_object_recall"] = hidden_object_recall(model, processor, held_out_set(args.seed, args.n))
     if args.out is not None:
