@@ -109,3 +109,42 @@ def test_the_picture_frames_the_selected_blocks():
     assert picture.getpixel((left + round(0.5 * block), top + 1)) != BLOCK                  # block (0, 0): not chosen
     plain = draw_attention_map(image, roles, heat, "t", grid=(4, 4))
     assert not any(plain.getpixel((x, y)) == BLOCK for x in range(left, left + PANEL, 7) for y in range(top, top + PANEL, 7))
+
+
+def test_blocks_upsample_to_squares_of_high_resolution_tokens():
+    blocks = torch.tensor([[[True, False, False], [False, False, True], [False, False, False]]])   # (1, 3, 3)
+    tokens = hires.block_tokens(blocks, 6).view(6, 6)          # 2 x 2 tokens a block
+    expected = torch.zeros(6, 6, dtype=torch.bool)
+    expected[0:2, 0:2] = True                                  # block (0, 0)
+    expected[2:4, 4:6] = True                                  # block (1, 2)
+    assert torch.equal(tokens, expected)
+    with pytest.raises(ValueError, match="do not tile"):
+        hires.block_tokens(blocks, 7)
+
+
+def test_high_resolution_positions_by_hand():
+    """A 2 x 2 grid at positions 10, 11, 12, 13, seen at 2x: token (R, C) sits at low-res point
+    ((R + 0.5) / 2 - 0.5, (C + 0.5) / 2 - 0.5), i.e. -0.25, 0.25, 0.75, 1.25 each way."""
+    positions = hires.hires_positions(10, side=2, scale=2).view(4, 4)
+    point = [-0.25, 0.25, 0.75, 1.25]
+    expected = torch.tensor([[10 + 2 * r + c for c in point] for r in point])
+    torch.testing.assert_close(positions, expected, atol=0, rtol=0)
+    # scale 1 gives the low-resolution positions back exactly
+    assert hires.hires_positions(10, side=2, scale=1).tolist() == [10, 11, 12, 13]
+
+
+def test_merged_attention_is_one_softmax_over_both_key_sets():
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, 8, generator=g, dtype=torch.float64)                       # (B, H, hs)
+    keys, values = torch.randn(2, 4, 13, 8, generator=g, dtype=torch.float64), torch.randn(2, 4, 13, 8, generator=g,
+                                                                                           dtype=torch.float64)
+
+    def attend(k, v):
+        logits = torch.einsum("bhd,bhnd->bhn", q, k)
+        return torch.einsum("bhn,bhnd->bhd", logits.softmax(-1), v), logits.logsumexp(-1)
+
+    whole, whole_lse = attend(keys, values)
+    first, rest = attend(keys[:, :, :9], values[:, :, :9]), attend(keys[:, :, 9:], values[:, :, 9:])
+    out, lse = hires.merge_attention(*first, *rest)
+    torch.testing.assert_close(out, whole, atol=1e-12, rtol=0)
+    torch.testing.assert_close(lse, whole_lse, atol=1e-12, rtol=0)

@@ -27,7 +27,8 @@ def load_pretrained(path, device=None, dtype=None):
                                           num_image_tokens=config.num_image_tokens,
                                           vision_image_size=config.vision.image_size,
                                           image_grid_pinpoints=config.image_grid_pinpoints,
-                                          patch_size=config.vision.patch_size)
+                                          patch_size=config.vision.patch_size,
+                                          hires_scale=None if config.hires is None else config.hires.scale)
     n_tokens = processor.tokenizer.get_vocab_size()
     if n_tokens > config.text.vocab_size:  # a token id past the embedding table would crash the forward
         raise UserError(f"tokenizer.json has {n_tokens} tokens but config.json's vocab_size is "

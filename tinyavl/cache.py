@@ -256,6 +256,7 @@ class KVCache:
         self.step = 0                 # forward passes so far: 0 during prefill, t during decode step t
         self.attended = [0] * n_layers  # rows the newest query computed with, per layer
         self.hidden_keep = None       # a policy's decision to drop hidden rows, handed to the model once
+        self.hires = None             # FlexAttention's view of the image (model.HiresView), set at the prefill
 
     # -- the four steps -----------------------------------------------------------------------------
 

@@ -88,11 +88,13 @@ def check_generation_args(max_new_tokens: int, temperature: float, top_p: float,
 
 
 @torch.inference_mode()
-def generate(model, input_ids, pixel_values=None, *, image_sizes=None, max_new_tokens: int = 64, temperature: float = 0.0,
+def generate(model, input_ids, pixel_values=None, *, image_sizes=None, hires_pixel_values=None,
+             max_new_tokens: int = 64, temperature: float = 0.0,
              top_p: float = 1.0, seed: int | None = None, eos_token_id: int | Sequence[int] | None = None,
              stream=None, policy: KVCache | str = "full", **policy_params) -> tuple[list[int], GenerationStats]:
     """Generate up to max_new_tokens after the prompt input_ids (1, T) (image tokens already expanded);
-    pixel_values and image_sizes as the processor returns them (image_sizes: LLaVA-1.6 only needs it).
+    pixel_values and image_sizes as the processor returns them (image_sizes: LLaVA-1.6 only needs it;
+    hires_pixel_values: a FlexAttention model's high-resolution view, whose blocks every step reads).
 
     eos_token_id: the id (or ids) that end the answer; None means the model's own
     (config.text.eos_token_id, as transformers reads it from the checkpoint), () never stops early.
@@ -120,9 +122,12 @@ def generate(model, input_ids, pixel_values=None, *, image_sizes=None, max_new_t
     n_sys, n_img = image_segments(input_ids, model.config.image_token_id)
     cache.begin(text.num_hidden_layers, n_sys, n_img, new_tokens=limit)
 
+    def on_device(pixels):  # the image's tensors, if any, where the model is
+        return None if pixels is None else pixels.to(device)
+
     start = time.perf_counter()
-    logits = model(input_ids.to(device), None if pixel_values is None else pixel_values.to(device),
-                   cache=cache, last_only=True, image_sizes=image_sizes)  # (1, 1, vocab)
+    logits = model(input_ids.to(device), on_device(pixel_values), cache=cache, last_only=True,
+                   image_sizes=image_sizes, hires_pixel_values=on_device(hires_pixel_values))  # (1, 1, vocab)
     token = next_token(logits, temperature, top_p, generator, step=0)
     prefill_seconds = time.perf_counter() - start
 

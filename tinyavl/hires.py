@@ -6,8 +6,10 @@ tokens and keeps a high-resolution map of the same image beside the sequence (3x
 336 px, 72 x 72 tokens). From one layer on, the current token also attends to a few high-resolution
 tokens: those in the blocks that its attention over the low-resolution tokens, in the layer before,
 points at. The selection needs no training, so on any LLaVA it is a picture of where the model would
-look closer (`main.py --attention-map --hires-threshold`); attending to the selected tokens needs
-projections only a FlexAttention-trained model has.
+look closer (`main.py --attention-map --hires-threshold`). Attending to the selected tokens needs key and
+value projections only a FlexAttention-trained model has: `HiresView` in tinyavl/model.py does it, with
+`block_tokens`, `hires_positions` and `merge_attention` below, for a model whose config.json has a
+hires_config.
 
 The selection, as the authors' code makes it from the current token's attention over the image tokens
 of a (rows, columns) grid (24 x 24 for LLaVA-1.5), summed over heads:
@@ -74,3 +76,35 @@ def top_blocks(scores, count: int):
     chosen = torch.zeros(B, side * side, dtype=torch.bool, device=scores.device)
     chosen.scatter_(1, scores.flatten(1).topk(count, dim=1).indices, True)         # (B, blocks^2)
     return chosen.view(B, side, side)
+
+
+def block_tokens(blocks, side: int):
+    """(B, side * side) bool, the high-resolution tokens (a side x side map in reading order) inside the
+    chosen blocks (B, n, n): each block is an (side / n) x (side / n) square of them."""
+    B, n, _ = blocks.shape
+    if side % n:
+        raise ValueError(f"{n} blocks per side do not tile a {side} x {side} map of high-resolution tokens")
+    per_block = side // n
+    return blocks.repeat_interleave(per_block, 1).repeat_interleave(per_block, 2).view(B, side * side)
+
+
+def hires_positions(first_position: int, side: int, scale: int):
+    """(side * scale)^2 fp32 RoPE positions of the high-resolution tokens, in reading order.
+
+    The low-resolution tokens of a side x side grid sit at first_position + side r + c. A high-resolution
+    token (R, C) covers the low-resolution point r = (R + 0.5) / scale - 0.5 (its centre, in units of
+    low-resolution tokens), so it takes first_position + side r + c with the same linear map: what
+    interpolating the grid of positions gives inside the image (FlexAttention interpolates it bicubically;
+    on a linear map that differs only by clamping at the border)."""
+    centre = (torch.arange(side * scale, dtype=torch.float32) + 0.5) / scale - 0.5   # (side scale,)
+    return (first_position + side * centre[:, None] + centre[None, :]).flatten()      # ((side scale)^2,)
+
+
+def merge_attention(out_a, lse_a, out_b, lse_b):
+    """One softmax over two sets of keys, from each set's own attention output (B, H, hs) and log-sum-exp
+    (B, H): each output weighs by its share of the total, exp(lse - logaddexp(lse_a, lse_b)), as split-K
+    decoding merges its splits (chapter 5). Returns (out (B, H, hs), lse (B, H))."""
+    lse = torch.logaddexp(lse_a, lse_b)                                               # (B, H)
+    dtype = torch.promote_types(out_a.dtype, torch.float32)                           # bf16 outputs add in fp32
+    out = (lse_a - lse).exp()[..., None] * out_a.to(dtype) + (lse_b - lse).exp()[..., None] * out_b.to(dtype)
+    return out.to(out_a.dtype), lse

@@ -24,7 +24,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from tinyavl.errors import UserError
-from tinyavl.model import LLAVA_DEFAULT_VISION, LlavaConfig, LlavaForConditionalGeneration, TextConfig, VisionConfig
+from tinyavl.model import (LLAVA_DEFAULT_VISION, HiresConfig, LlavaConfig, LlavaForConditionalGeneration, TextConfig,
+                           VisionConfig)
 
 # ---------------------------------------------------------------------------------------------------
 # config.json
@@ -87,6 +88,11 @@ def parse_config(raw: dict) -> LlavaConfig:
             raise UserError("config.json has model_type 'llava_next' but no image_grid_pinpoints (the canvases "
                             "LLaVA-1.6 tiles an image on): download it again")
         config.image_grid_pinpoints = raw["image_grid_pinpoints"]
+    hires_raw = raw.get("hires_config")
+    if hires_raw is not None:  # not a llava-hf key: FlexAttention's view and projections (tinyavl/hires.py)
+        if not isinstance(hires_raw, dict):
+            raise UserError("config.json has a hires_config that is not a JSON object")
+        config.hires = _dataclass_from(HiresConfig, hires_raw)
     config.validate()
     return config
 

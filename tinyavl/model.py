@@ -5,12 +5,15 @@ that turns an image into features and puts them where the image tokens are. LLaV
 one 336 px crop of the image; LLaVA-1.6 (LLaVA-NeXT, "anyres") shows it the whole image as one crop plus
 tiles of a larger canvas, and lays the tiles' features out as a map with a newline token after every
 row (tinyavl/anyres.py has the geometry). LLaVA-1.5 is the special case: one crop, no map, no newline.
+FlexAttention's hierarchical attention (`HiresView`, off unless config.json has a hires_config) lets the
+current token also read a few tokens of a high-resolution view of the image, chosen by tinyavl/hires.py.
 Reading a llava-hf folder into this model is tinyavl/loading.py.
 
 References
 - Liu et al., "Improved Baselines with Visual Instruction Tuning" (LLaVA-1.5), arXiv 2310.03744.
 - Liu et al., "LLaVA-NeXT: Improved reasoning, OCR, and world knowledge" (LLaVA-1.6), 2024.
 - Radford et al., "Learning Transferable Visual Models From Natural Language Supervision" (CLIP).
+- Li et al., "FlexAttention for Efficient High-Resolution Vision-Language Models", ECCV 2024, arXiv 2407.20228.
 - Touvron et al., "Llama 2", arXiv 2307.09288. Mistral-7B (Jiang et al., arXiv 2310.06825), the decoder
   of llava-v1.6-mistral, is the same architecture here: its sliding window is off in that checkpoint.
 - The checkpoint facts we match (key names, config defaults, forward details): transformers' source,
@@ -28,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tinyavl import anyres
+from tinyavl import anyres, hires
 from tinyavl.errors import UserError
 
 
@@ -118,6 +121,18 @@ def _require_positive(config, section: str, names, kind: type) -> None:
                  f"{'integer' if kind is int else 'number'}")
 
 
+@dataclass
+class HiresConfig:
+    """FlexAttention (Li et al., ECCV 2024; tinyavl/hires.py): the image also seen at scale x its size, as
+    scale x scale crops through the same tower and projector, kept beside the sequence; from first_layer
+    on, the current token also attends to the high-resolution tokens in the blocks that the layer before
+    selects for it (threshold, blocks a side). Not in any llava-hf config: a "hires_config" object."""
+    scale: int = 3            # 1008 px for LLaVA-1.5's 336: a 72 x 72 map
+    first_layer: int = 9      # its paper's LLaVA-1.5-7B setting; layer first_layer - 1 makes the first selection
+    threshold: float = 48.0   # of 255 (hires.THRESHOLD)
+    blocks: int = 9           # blocks a side (hires.BLOCKS)
+
+
 # What LlavaConfig uses when config.json has no vision_config at all: CLIP ViT-L/14 at 336 px.
 LLAVA_DEFAULT_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                             num_attention_heads=16, image_size=336, patch_size=14)
@@ -135,6 +150,7 @@ class LlavaConfig:
     # LLaVA-1.6 (model_type llava_next): the (height, width) canvases an image may be tiled on, in pixels.
     # None is LLaVA-1.5: one crop per image.
     image_grid_pinpoints: list[tuple[int, int]] | None = None
+    hires: HiresConfig | None = None  # FlexAttention's high-resolution view and its projections; None: off
 
     @property
     def is_next(self) -> bool:
@@ -174,9 +190,25 @@ class LlavaConfig:
                 raise UserError(f"unsupported activation {act!r} in config.json (known: {sorted(ACTIVATIONS)})")
         if self.is_next:
             self._validate_pinpoints()
+        if self.hires is not None:
+            self._validate_hires()
         vocab = self.text.vocab_size
         _require(type(self.image_token_id) is int and 0 <= self.image_token_id < vocab,
                  f"image_token_index {self.image_token_id!r} is outside the vocabulary (0 .. {vocab - 1})")
+
+    def _validate_hires(self) -> None:
+        """FlexAttention's view fits the model: a LLaVA-1.5 grid of patches, blocks that tile both maps."""
+        h, section = self.hires, "hires_config"
+        _require_positive(h, section, ("scale", "first_layer", "blocks"), int)
+        side = self.vision.image_size // self.vision.patch_size
+        _require(not self.is_next and self.vision_feature_select_strategy == "default", f"{section}: "
+                 "FlexAttention's view is built for LLaVA-1.5's one crop of patch tokens (no anyres, no CLS)")
+        _require(h.first_layer < self.text.num_hidden_layers, f"{section}.first_layer {h.first_layer} is not a "
+                 f"layer after the first of the decoder's {self.text.num_hidden_layers}")
+        _require(h.blocks <= side and (side * h.scale) % h.blocks == 0, f"{section}.blocks {h.blocks} must be at "
+                 f"most the {side} tokens a side and divide the {side * h.scale} high-resolution tokens a side")
+        _require(isinstance(h.threshold, (int, float)) and 0 <= h.threshold < 255,
+                 f"{section}.threshold {h.threshold!r} is not on the 0-255 scale (0 <= T < 255)")
 
     def _validate_pinpoints(self) -> None:
         """LLaVA-1.6's canvases are well formed (then held as (height, width) tuples), and its tiles' grids
@@ -376,7 +408,7 @@ def apply_rope(x, cos, sin):  # x (B, nh, T, hs); cos, sin (T, hs)
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: TextConfig, layer_idx: int):
+    def __init__(self, config: TextConfig, layer_idx: int, hires_projections: bool = False):
         super().__init__()
         self.layer_idx = layer_idx  # the cache keeps one entry per layer
         self.n_heads, self.n_kv_heads, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
@@ -386,8 +418,11 @@ class LlamaAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=bias)
+        if hires_projections:  # FlexAttention: keys and values of the high-resolution tokens (tinyavl/hires.py)
+            self.k_proj_hd = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
+            self.v_proj_hd = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
 
-    def forward(self, x, cos, sin, positions, cache=None, visible=None):  # x (B, T, C); positions (T,) logical
+    def forward(self, x, cos, sin, positions, cache=None, visible=None, hires=None):  # x (B, T, C); positions (T,)
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, H, T, hs)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hs)
@@ -398,6 +433,11 @@ class LlamaAttention(nn.Module):
             y = attention(q, k, v, causal=True, visible=visible)
         else:
             y = cache.attend(self.layer_idx, q, k, v, positions)  # the policy stores k, v, picks what to attend
+        if hires is not None:  # FlexAttention: the current token also reads chosen high-resolution tokens
+            if cache is None:
+                y = hires.layer(self, q, k, y, positions, positions)
+            else:  # the dense cache: every row it holds, at its position
+                y = hires.layer(self, q, cache.k[self.layer_idx], y, positions, cache.pos[self.layer_idx][0, 0])
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -415,34 +455,36 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: TextConfig, layer_idx: int):
+    def __init__(self, config: TextConfig, layer_idx: int, hires_projections: bool = False):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, layer_idx)
+        self.self_attn = LlamaAttention(config, layer_idx, hires_projections)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
 
-    def forward(self, x, cos, sin, positions, cache=None, visible=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, visible)
+    def forward(self, x, cos, sin, positions, cache=None, visible=None, hires=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, visible, hires)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: TextConfig):
+    def __init__(self, config: TextConfig, hires_first_layer: int | None = None):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        # FlexAttention's projections (k_proj_hd, v_proj_hd) in the layers from hires_first_layer on.
+        reads_hires = [hires_first_layer is not None and i >= hires_first_layer for i in range(config.num_hidden_layers)]
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, reads) for i, reads in enumerate(reads_hires))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cache=None, visible=None):  # x (B, T, C): token embeddings with the image features merged in
+    def forward(self, x, cache=None, visible=None, hires=None):  # x (B, T, C): embeddings, image features merged in
         T = x.shape[1]
         start = cache.next_pos if cache is not None else 0
         # Logical positions: with a cache that has dropped rows, the new token is still at prompt + steps.
         positions = torch.arange(start, start + T, device=x.device)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)  # (T, hs)
         for layer in self.layers:
-            x = layer(x, cos, sin, positions, cache, visible)
+            x = layer(x, cos, sin, positions, cache, visible, hires)
             # Token dropping inside the decoder (FastV, A-VL's prefill filter): the policy may ask later
             # layers to run on fewer rows. Kept rows keep their original positions.
             keep = cache.rows_to_keep(layer.self_attn.layer_idx) if cache is not None else None
@@ -456,23 +498,117 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """`language_model`: the decoder (`.model`) and the output projection (`.lm_head`)."""
 
-    def __init__(self, config: TextConfig):
+    def __init__(self, config: TextConfig, hires_first_layer: int | None = None):
         super().__init__()
-        self.model = LlamaModel(config)
+        self.model = LlamaModel(config, hires_first_layer)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, x, cache=None, last_only=False, visible=None):
-        x = self.model(x, cache, visible)
+    def forward(self, x, cache=None, last_only=False, visible=None, hires=None):
+        x = self.model(x, cache, visible, hires)
         if last_only:  # generation needs only the next-token logits: skip a (T, vocab) matrix
             x = x[:, -1:]
         return self.lm_head(x).float()  # (B, T, vocab), fp32 for sampling
 
 
 # ---------------------------------------------------------------------------------------------------
+# FlexAttention's hierarchical attention: the last query row also reads chosen high-resolution tokens.
+# ---------------------------------------------------------------------------------------------------
+
+def rows_logits(q, k):
+    """Scaled logits of query rows q (B, H, R, hs) over keys k (B, Hkv, n, hs): (B, H, R, n) fp32; query head
+    h reads KV head h // (H / Hkv)."""
+    B, H, R, hs = q.shape
+    Hkv = k.shape[1]
+    grouped = q.reshape(B, Hkv, H // Hkv, R, hs)                                      # (B, Hkv, G, R, hs)
+    return ((grouped @ k[:, :, None].transpose(-1, -2)).float() * hs ** -0.5).reshape(B, H, R, -1)
+
+
+@dataclass
+class HiresView:
+    """One sequence's high-resolution view (FlexAttention; tinyavl/hires.py), for the rows it serves.
+
+    features (B, N_hd, C): the projector's features of the side x side high-resolution map, in reading
+    order; cos, sin (N_hd, hs): their RoPE tables at hires.hires_positions; image_start: the position of
+    the first low-resolution image token; grid: the low-resolution side; first_row: the position of the
+    first row served, the prompt's last token (the current token of the first step; every later token
+    is the current token of its own step). In each layer, a served row attends to its keys and to the
+    high-resolution tokens the layer before chose for it, in one softmax; then, from layer
+    config.first_layer - 1 on, its attention over the low-resolution image keys chooses for the next.
+    The features enter a layer's k_proj_hd and v_proj_hd as the projector gives them (a choice: the paper
+    does not say whether a norm comes first); they are recomputed each step, never cached."""
+    config: HiresConfig
+    features: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    image_start: int
+    grid: int
+    first_row: int
+    alpha: float = 1.0                  # the blend of the hierarchical output: 0 = the plain model
+    chosen: torch.Tensor | None = None  # (B, R, N_hd) bool for the served rows of this pass, set layer by layer
+
+    def layer(self, attn: "LlamaAttention", q, keys, y, q_positions, key_positions):
+        """y (B, H, T, hs), a layer's attention output, with its served rows merged with their chosen
+        high-resolution tokens and blended by alpha; and the next layer's choice made. q (B, H, T, hs) and
+        keys (B, Hkv, n, hs) at logical positions q_positions (T,) and key_positions (n,)."""
+        rows = (q_positions >= self.first_row).nonzero().flatten()                     # (R,) served rows of q
+        if len(rows) == 0:
+            return y
+        logits = rows_logits(q[:, :, rows], keys)                                       # (B, H, R, n)
+        logits = logits.masked_fill(key_positions[None, :] > q_positions[rows, None], float("-inf"))  # causal
+        if self.chosen is not None and hasattr(attn, "k_proj_hd"):
+            y = self.merge(attn, q[:, :, rows], y, rows, logits.logsumexp(-1))
+        if attn.layer_idx >= self.config.first_layer - 1:
+            self.choose(logits.softmax(-1), key_positions)
+        else:
+            self.chosen = None
+        return y
+
+    def choose(self, probs, key_positions):
+        """The served rows' choice (B, R, N_hd) from their attention probs (B, H, R, n), summed over heads."""
+        B, _, R, _ = probs.shape
+        is_image = (key_positions >= self.image_start) & (key_positions < self.image_start + self.grid ** 2)
+        image = probs[..., is_image].sum(1)                                             # (B, R, n_img)
+        scores = hires.block_scores(image.reshape(B * R, -1), (self.grid, self.grid), self.config.blocks)
+        tokens = hires.block_tokens(hires.threshold_blocks(scores, self.config.threshold),
+                                    math.isqrt(self.features.shape[1]))                # (B R, N_hd)
+        self.chosen = tokens.view(B, R, -1)
+
+    def merge(self, attn: "LlamaAttention", q_rows, y, rows, lse):
+        """One softmax over each served row's keys (its output in y, its log-sum-exp lse (B, H, R)) and its
+        chosen high-resolution tokens. Only tokens some row chose are projected."""
+        index = self.chosen.any(1).any(0).nonzero().flatten()                          # (m,) in any row's choice
+        if len(index) == 0:
+            return y
+        B, m = q_rows.shape[0], len(index)
+        feats = self.features[:, index]                                                 # (B, m, C)
+        k_hd = attn.k_proj_hd(feats).view(B, m, attn.n_kv_heads, attn.head_dim).transpose(1, 2)  # (B, Hkv, m, hs)
+        v_hd = attn.v_proj_hd(feats).view(B, m, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
+        k_hd = apply_rope(k_hd, self.cos[index], self.sin[index])
+        chosen = self.chosen[:, None, :, index]                                         # (B, 1, R, m)
+        logits_hd = rows_logits(q_rows, k_hd).masked_fill(~chosen, float("-inf"))       # (B, H, R, m)
+        lse_hd = logits_hd.logsumexp(-1)                                                # (B, H, R); -inf: none chosen
+        probs = torch.where(chosen, (logits_hd - lse_hd[..., None]).exp(), 0.0)        # (B, H, R, m)
+        H, R = q_rows.shape[1], q_rows.shape[2]
+        out_hd = (probs.to(v_hd.dtype).view(B, attn.n_kv_heads, H // attn.n_kv_heads, R, m)
+                  @ v_hd[:, :, None]).reshape(B, H, R, -1)                              # (B, H, R, hs)
+        merged, _ = hires.merge_attention(y[:, :, rows], lse, out_hd, lse_hd)          # (B, H, R, hs)
+        y = y.clone()
+        y[:, :, rows] = (1 - self.alpha) * y[:, :, rows] + self.alpha * merged
+        return y
+
+
+# ---------------------------------------------------------------------------------------------------
 # LLaVA: image features replace the image-token embeddings, then the decoder runs as usual.
 # ---------------------------------------------------------------------------------------------------
+
+def stitch_tiles(tiles, rows: int, columns: int):
+    """(rows * columns, side * side, C) features of tiles in reading order -> (rows side, columns side, C):
+    one map of the picture they cut."""
+    side, C = math.isqrt(tiles.shape[1]), tiles.shape[2]
+    return tiles.view(rows, columns, side, side, C).permute(0, 2, 1, 3, 4).reshape(rows * side, columns * side, C)
+
 
 class LlavaForConditionalGeneration(nn.Module):
     def __init__(self, config: LlavaConfig):
@@ -481,7 +617,7 @@ class LlavaForConditionalGeneration(nn.Module):
         # The feature layer is usually -2: the last CLIP layer never runs, so it is not even built.
         self.vision_tower = CLIPVisionModel(config.vision, n_layers=max(config.feature_layers))
         self.multi_modal_projector = LlavaMultiModalProjector(config)
-        self.language_model = LlamaForCausalLM(config.text)
+        self.language_model = LlamaForCausalLM(config.text, None if config.hires is None else config.hires.first_layer)
         if config.is_next:
             # LLaVA-1.6: a learned token that ends every row of the tile map. zeros, as for
             # class_embedding: the checkpoint always holds it.
@@ -522,10 +658,8 @@ class LlavaForConditionalGeneration(nn.Module):
         """LLaVA-1.6: (1 + rows * columns, P, C) crop features -> (N_img, C): the base crop's P features,
         then the tiles' features as one map of the canvas, padding cut away, a newline after every row."""
         base, tiles = features[0], features[1:]                          # (P, C), (rows * columns, P, C)
-        rows, columns = grid
-        side, C = math.isqrt(base.shape[0]), base.shape[1]                # P = side * side patches per tile
-        tiles = tiles.view(rows, columns, side, side, C)
-        canvas = tiles.permute(0, 2, 1, 3, 4).reshape(rows * side, columns * side, C)  # (H, W, C) map
+        canvas = stitch_tiles(tiles, *grid)                               # (H, W, C) map
+        C = base.shape[1]
         kept_rows, kept_columns = anyres.unpadded_region(image_hw, canvas.shape[:2])
         canvas = canvas[kept_rows, kept_columns]                          # (H', W', C)
         newline = self.image_newline.to(canvas.dtype).expand(canvas.shape[0], 1, C)  # (H', 1, C)
@@ -546,16 +680,55 @@ class LlavaForConditionalGeneration(nn.Module):
                              f"{features.shape[0]} features")
         return x.masked_scatter(is_image[..., None], features.to(x.dtype))
 
+    def hires_view(self, input_ids, hires_pixel_values, alpha: float = 1.0, first_row: int | None = None) -> HiresView:
+        """FlexAttention's view of a prompt's image: hires_pixel_values (B, 3, scale S, scale S), cut into
+        scale x scale crops of the tower's size S, each through the tower and projector, stitched into one
+        map of (scale side)^2 features, with RoPE at positions interpolated from the low-resolution grid.
+        first_row: the first position it serves (default the last of input_ids: the current token)."""
+        h, S = self.config.hires, self.config.vision.image_size
+        B = hires_pixel_values.shape[0]
+        if hires_pixel_values.shape[1:] != (3, h.scale * S, h.scale * S):
+            raise ValueError(f"hires_pixel_values are {tuple(hires_pixel_values.shape)}, the high-resolution view "
+                             f"takes (B, 3, {h.scale * S}, {h.scale * S})")
+        crops = hires_pixel_values.view(B, 3, h.scale, S, h.scale, S).permute(0, 2, 4, 1, 3, 5)
+        features = self.crop_features(crops.reshape(B * h.scale ** 2, 3, S, S))          # (B scale^2, P, C)
+        maps = [stitch_tiles(tiles, h.scale, h.scale).flatten(0, 1) for tiles in features.split(h.scale ** 2)]
+        image_start = int((input_ids[0] == self.config.image_token_id).nonzero()[0])
+        grid = S // self.config.vision.patch_size
+        text = self.config.text
+        positions = hires.hires_positions(image_start, grid, h.scale).to(hires_pixel_values.device)
+        cos, sin = rope_cos_sin(positions, text.head_dim, text.rope_theta, features.dtype)   # (N_hd, hs)
+        first_row = input_ids.shape[1] - 1 if first_row is None else first_row
+        return HiresView(h, torch.stack(maps), cos, sin, image_start, grid, first_row, alpha)  # features (B, N_hd, C)
+
     def forward(self, input_ids, pixel_values=None, cache=None, last_only=False, attention_mask=None,
-                image_sizes=None):
+                image_sizes=None, hires_pixel_values=None, hires_alpha: float = 1.0, hires_from: int | None = None):
         """Logits (B, T, vocab) for input_ids (B, T) that already hold the expanded image tokens.
 
         Without a cache this is the plain causal forward over the whole sequence; attention_mask (B, T),
         as in transformers, is 1 where a token may be attended and 0 where no query sees it (padding,
         or the image tokens the toy's training hides). With a cache the tokens continue the cached
         sequence, and the cache's policy decides what attention sees.
+
+        FlexAttention (config.hires): hires_pixel_values (B, 3, scale S, scale S), the processor's
+        high-resolution view, given with the prompt; the rows from position hires_from on (default the
+        prompt's last: the current token) also attend to the blocks chosen for them, blended in by
+        hires_alpha (0: the plain model). With a cache the view stays for the decode steps.
         """
         if attention_mask is not None and cache is not None:
             raise ValueError("attention_mask is for the cache-free forward; with a cache the policy decides")
         visible = None if attention_mask is None else attention_mask.bool()  # (B, T)
-        return self.language_model(self.embed(input_ids, pixel_values, image_sizes), cache, last_only, visible)
+        # FlexAttention: the view is made at the prefill and kept by the cache for the decode steps.
+        view = None if cache is None else cache.hires
+        if hires_pixel_values is not None:
+            if self.config.hires is None:
+                raise UserError("this model has no FlexAttention projections (no hires_config in config.json): "
+                                "its hierarchical attention stays off; --hires-threshold draws the selection only")
+            if visible is not None:
+                raise ValueError("hires_pixel_values with an attention_mask are not supported yet")
+            view = self.hires_view(input_ids, hires_pixel_values, hires_alpha, hires_from)
+            if cache is not None:
+                if cache.name != "full":
+                    raise UserError(f"FlexAttention runs with the dense cache only for now, not {cache.name!r}")
+                cache.hires = view
+        return self.language_model(self.embed(input_ids, pixel_values, image_sizes), cache, last_only, visible, view)

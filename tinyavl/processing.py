@@ -178,7 +178,7 @@ class Processor:
     def __init__(self, tokenizer: Tokenizer, image_token_id: int, num_image_tokens: int, image_size: int,
                  shortest_edge: int, image_mean=CLIP_MEAN, image_std=CLIP_STD,
                  resample: int = Image.Resampling.BICUBIC, system_prompt: str = "", chat_template: str | None = None,
-                 image_grid_pinpoints=None, patch_size: int | None = None):
+                 image_grid_pinpoints=None, patch_size: int | None = None, hires_scale: int | None = None):
         found = tokenizer.token_to_id(IMAGE_TOKEN)
         if found is None:
             raise UserError(f"tokenizer.json has no {IMAGE_TOKEN} token: use the tokenizer of a LLaVA checkpoint")
@@ -204,10 +204,13 @@ class Processor:
         # LLaVA-1.6: the anyres canvases, and the tower's patch size that counts an image's tokens.
         self.image_grid_pinpoints = image_grid_pinpoints
         self.patch_size = patch_size
+        # FlexAttention (config.json's hires_config): the image also at hires_scale x the crop's size.
+        self.hires_scale = hires_scale
 
     @classmethod
     def from_pretrained(cls, folder, image_token_id: int, num_image_tokens: int, vision_image_size: int,
-                        image_grid_pinpoints=None, patch_size: int | None = None) -> "Processor":
+                        image_grid_pinpoints=None, patch_size: int | None = None,
+                        hires_scale: int | None = None) -> "Processor":
         """Build from a checkpoint folder: tokenizer.json (required); preprocessor_config.json, the chat
         template (chat_template.jinja, or chat_template.json's "chat_template") and processor_config.json
         (its "system_prompt", used when there is no template) optional."""
@@ -235,7 +238,7 @@ class Processor:
             raise UserError(f"{folder / 'processor_config.json'} has a system_prompt that is not a string")
         return cls(tokenizer, image_token_id, num_image_tokens, **pre, system_prompt=system_prompt,
                    chat_template=read_chat_template(folder), image_grid_pinpoints=image_grid_pinpoints,
-                   patch_size=patch_size)
+                   patch_size=patch_size, hires_scale=hires_scale)
 
     def chat_prompt(self, question: str, has_image: bool = True) -> str:
         """One user turn, ready for the model's answer: the folder's chat template rendered as transformers'
@@ -253,7 +256,9 @@ class Processor:
         """Prompt (with one <image> where the picture goes, or none) and image (path or PIL) -> model inputs:
         input_ids [1, T]; pixel_values [1, 3, S, S] (LLaVA-1.5) or [1, n_crops, 3, S, S] (LLaVA-1.6);
         image_sizes [1, 2], the image's (height, width), which LLaVA-1.6 tiles by (None for LLaVA-1.5, as
-        transformers' LlavaProcessor gives none). Without an image both are None."""
+        transformers' LlavaProcessor gives none). Without an image both are None. A FlexAttention model's
+        processor (hires_scale) adds hires_pixel_values [1, 3, scale S, scale S]: the same image, preprocessed
+        at scale x the sizes."""
         n = text.count(IMAGE_TOKEN)
         if n > 1:
             raise UserError(f"the prompt has {n} {IMAGE_TOKEN} placeholders, but tinyavl takes one image per "
@@ -267,7 +272,7 @@ class Processor:
         # tokenizer.json's post-processor puts <s> (BOS) in front, unless the prompt has it already (a chat
         # template may write it, and transformers then adds none); no </s> is added.
         ids = self.tokenizer.encode(text, add_special_tokens=not text.startswith(BOS_TOKEN)).ids
-        pixel_values = image_sizes = None
+        pixel_values = image_sizes = hires_pixel_values = None
         if image is not None:
             img = load_image(image) if isinstance(image, (str, os.PathLike)) else to_rgb(image)
             image_hw = (img.height, img.width)
@@ -277,11 +282,14 @@ class Processor:
             ids[at:at + 1] = [self.image_token_id] * self.image_token_count(image_hw)
             if self.image_grid_pinpoints is None:
                 pixel_values = self.preprocess(img)[None]                                  # [1, 3, S, S]
+                if self.hires_scale is not None:
+                    hires_pixel_values = self.preprocess(img, self.hires_scale)[None]      # [1, 3, scale S, scale S]
             else:
                 pixel_values = torch.stack([self.preprocess(crop) for crop in self.anyres_crops(img)])[None]
                 image_sizes = torch.tensor([image_hw])                                     # [1, 2]
-        return {"input_ids": torch.tensor([ids], dtype=torch.long),   # [1, T]
-                "pixel_values": pixel_values, "image_sizes": image_sizes}
+        inputs = {"input_ids": torch.tensor([ids], dtype=torch.long),   # [1, T]
+                  "pixel_values": pixel_values, "image_sizes": image_sizes}
+        return inputs if self.hires_scale is None else {**inputs, "hires_pixel_values": hires_pixel_values}
 
     def image_token_count(self, image_hw: tuple[int, int]) -> int:
         """The slots an image of this (height, width) takes in the prompt."""
@@ -304,18 +312,20 @@ class Processor:
         base = img.resize((self.shortest_edge, self.shortest_edge), resample=self.resample)
         return [base] + tiles
 
-    def preprocess(self, image) -> torch.Tensor:
-        """A path or PIL image -> normalised pixels [3, image_size, image_size], as CLIPImageProcessor (PIL)."""
+    def preprocess(self, image, scale: int = 1) -> torch.Tensor:
+        """A path or PIL image -> normalised pixels [3, image_size, image_size], as CLIPImageProcessor (PIL);
+        scale > 1 makes every size that many times larger (FlexAttention's high-resolution view)."""
         img = load_image(image) if isinstance(image, (str, os.PathLike)) else to_rgb(image)
         # Resize so the short side is shortest_edge; the long side keeps the aspect ratio, truncated with
         # int() exactly as transformers' get_resize_output_image_size does (500x375 -> 448x336).
         w, h = img.size
-        new_long = int(self.shortest_edge * max(w, h) / min(w, h))
-        size = (self.shortest_edge, new_long) if w <= h else (new_long, self.shortest_edge)
+        edge = scale * self.shortest_edge
+        new_long = int(edge * max(w, h) / min(w, h))
+        size = (edge, new_long) if w <= h else (new_long, edge)
         img = img.resize(size, resample=self.resample)  # PIL bicubic on uint8, like transformers
         # Center crop; floor division leaves an odd extra pixel on the right / bottom. An image smaller
         # than the crop (shortest_edge < image_size) is padded with black by PIL, as by transformers.
-        c = self.image_size
+        c = scale * self.image_size
         left, top = (img.width - c) // 2, (img.height - c) // 2
         img = img.crop((left, top, left + c, top + c))
         x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(c, c, 3)  # [H, W, 3] uint8

@@ -574,6 +574,7 @@ def hf_config(config: LlavaConfig) -> dict:
     """config.json in the layout transformers writes for llava-hf checkpoints."""
     text = {k: v for k, v in asdict(config.text).items() if k != "head_dim"}
     vision = asdict(config.vision)
+    hires = {} if config.hires is None else {"hires_config": asdict(config.hires)}  # tinyavl's own key
     return {
         "architectures": ["LlavaForConditionalGeneration"],
         "model_type": "llava",
@@ -584,6 +585,7 @@ def hf_config(config: LlavaConfig) -> dict:
         "torch_dtype": "float32",
         "text_config": {"model_type": "llama", "architectures": ["LlamaForCausalLM"], **text},
         "vision_config": {"model_type": "clip_vision_model", **vision},
+        **hires,
     }
 
 

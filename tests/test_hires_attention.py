@@ -1,0 +1,159 @@
+"""FlexAttention's hierarchical attention in the model (model.HiresView) against plain references."""
+import numpy as np
+import pytest
+import torch
+
+from tinyavl.cache import make_cache
+from tinyavl.errors import UserError
+from tinyavl.model import HiresConfig, LlavaConfig, LlavaForConditionalGeneration, TextConfig, VisionConfig
+
+
+def tiny_model(first_layer=1, scale=2, blocks=2, seed=0):
+    torch.manual_seed(seed)
+    vision = VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                          image_size=16, patch_size=4)                                   # 4 x 4 image tokens
+    text = TextConfig(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    config = LlavaConfig(text=text, vision=vision, image_token_id=39, vision_feature_layer=-1,
+                         hires=HiresConfig(scale=scale, first_layer=first_layer, threshold=48, blocks=blocks))
+    config.validate()
+    model = LlavaForConditionalGeneration(config).eval()
+    for p in model.parameters():  # a random model with weights of a trained one's scale
+        torch.nn.init.normal_(p, std=0.3)
+    return model
+
+
+def inputs(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.tensor([[1, 5, 6] + [39] * 16 + [7, 8, 9, 10]])                          # sys 3 | image 16 | text 4
+    return ids, torch.randn(1, 3, 16, 16, generator=g), torch.randn(1, 3, 32, 32, generator=g)
+
+
+def test_blend_zero_is_the_plain_model_and_only_the_last_row_changes():
+    model = tiny_model()
+    ids, pixels, hires_pixels = inputs()
+    with torch.no_grad():
+        plain = model(ids, pixels)
+        off = model(ids, pixels, hires_pixel_values=hires_pixels, hires_alpha=0.0)
+        on = model(ids, pixels, hires_pixel_values=hires_pixels)
+    assert torch.equal(off, plain)
+    assert torch.equal(on[:, :-1], plain[:, :-1])             # rows other than the current token see no high-res key
+    assert (on[:, -1] - plain[:, -1]).abs().max() > 1e-3
+
+
+def test_a_served_row_is_one_softmax_over_its_keys_and_its_chosen_tokens():
+    """HiresView.merge, against float64 attention of each served query over [its causal keys; the high-res
+    keys of the tokens chosen for it]: rows 3 and 4 of 5 served, each with its own choice."""
+    model = tiny_model()
+    ids, pixels, hires_pixels = inputs()
+    view = model.hires_view(ids, hires_pixels)
+    attn = model.language_model.model.layers[1].self_attn
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, n, 5, 8, generator=g) for n in (4, 2, 2))
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()
+    y = torch.stack([(q[0, h] @ k[0, h // 2].T / 8 ** 0.5).masked_fill(~causal, float("-inf")).softmax(-1)
+                     @ v[0, h // 2] for h in range(4)])[None]                              # (1, 4, 5, 8)
+    rows = torch.tensor([3, 4])
+    view.chosen = torch.zeros(1, 2, view.features.shape[1], dtype=torch.bool)
+    view.chosen[0, 0, [0, 3, 17]] = True
+    view.chosen[0, 1, [3, 40, 63]] = True
+    lse = torch.stack([(q[0, h, rows] @ k[0, h // 2].T / 8 ** 0.5).masked_fill(~causal[rows], float("-inf"))
+                       .logsumexp(-1) for h in range(4)])[None]                            # (1, 4, 2)
+    out = view.merge(attn, q[:, :, rows], y, rows, lse)
+    assert torch.equal(out[:, :, :3], y[:, :, :3])                                      # rows not served: unchanged
+    for r, row in enumerate(rows.tolist()):
+        index = view.chosen[0, r].nonzero().flatten()
+        feats = view.features[0, index]
+        k_hd = attn.k_proj_hd(feats).view(-1, 2, 8).transpose(0, 1)                     # (2, m, 8)
+        k_hd = k_hd * view.cos[index] + torch.cat([-k_hd[..., 4:], k_hd[..., :4]], -1) * view.sin[index]
+        v_hd = attn.v_proj_hd(feats).view(-1, 2, 8).transpose(0, 1)
+        for h in range(4):
+            keys = torch.cat([k[0, h // 2, :row + 1], k_hd[h // 2]]).double()
+            values = torch.cat([v[0, h // 2, :row + 1], v_hd[h // 2]]).double()
+            expected = (q[0, h, row].double() @ keys.T / 8 ** 0.5).softmax(-1) @ values
+            torch.testing.assert_close(out[0, h, row].double(), expected, atol=1e-5, rtol=0)
+
+
+def test_cached_generation_equals_the_forward_over_the_whole_sequence():
+    """With the dense cache, each decode step's logits equal the cache-free forward over the prompt and
+    the tokens so far, served from the prompt's last row on: each of those rows was the current token of
+    one step, and the cache holds the keys and values it computed then."""
+    model = tiny_model()
+    ids, pixels, hires_pixels = inputs()
+    cache = make_cache("full")
+    cache.begin(3, 3, 16, new_tokens=4)
+    with torch.no_grad():
+        logits = model(ids, pixels, cache=cache, hires_pixel_values=hires_pixels)[:, -1]
+        sequence = ids
+        for step in range(4):
+            whole = model(sequence, pixels, hires_pixel_values=hires_pixels, hires_from=ids.shape[1] - 1)[:, -1]
+            torch.testing.assert_close(logits, whole, atol=1e-5, rtol=0)
+            token = logits.argmax(-1, keepdim=True)                                          # (1, 1)
+            sequence = torch.cat([sequence, token], 1)
+            logits = model(token, cache=cache)[:, -1]
+
+
+def test_models_without_projections_and_other_policies_are_refused():
+    model = tiny_model()
+    ids, pixels, hires_pixels = inputs()
+    cache = make_cache("avl")
+    cache.begin(3, 3, 16, new_tokens=2)
+    with pytest.raises(UserError, match="dense cache"):
+        model(ids, pixels, cache=cache, hires_pixel_values=hires_pixels)
+    model.config.hires = None
+    with pytest.raises(UserError, match="no FlexAttention projections"):
+        model(ids, pixels, hires_pixel_values=hires_pixels)
+
+
+@pytest.mark.parametrize("field, value, message", [("first_layer", 3, "first_layer"), ("blocks", 3, "blocks"),
+                                                    ("threshold", 255, "threshold"), ("scale", 0, "scale")])
+def test_bad_hires_configs_are_refused(field, value, message):
+    model = tiny_model()
+    setattr(model.config.hires, field, value)
+    with pytest.raises(UserError, match=message):
+        model.config.validate()
+
+
+def test_a_hires_folder_saves_loads_and_generates(tmp_path):
+    """The toy with FlexAttention switched on (its projections copied from k_proj / v_proj, as FlexAttention
+    initialises them): saved as a llava-hf folder with hires_config and the *_hd keys, loaded back, it gives
+    the same logits; its processor adds the 3x view; generate reads it on every step."""
+    from pathlib import Path
+    from PIL import Image
+
+    import tinyavl
+    from tinyavl.toy.train import save_pretrained
+    toy = Path(__file__).resolve().parent.parent / "weights" / "toy"
+    plain, processor = tinyavl.load_pretrained(toy)
+    config = plain.config
+    config.hires = HiresConfig(scale=3, first_layer=2)
+    config.validate()
+    model = LlavaForConditionalGeneration(config).eval()
+    missing = model.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == sorted(f"language_model.model.layers.{i}.self_attn.{p}_proj_hd.{w}"
+                                     for i in (2, 3) for p in "kv" for w in ("weight",))
+    with torch.no_grad():
+        for layer in model.language_model.model.layers[2:]:
+            layer.self_attn.k_proj_hd.weight.copy_(layer.self_attn.k_proj.weight)
+            layer.self_attn.v_proj_hd.weight.copy_(layer.self_attn.v_proj.weight)
+    save_pretrained(model, processor, tmp_path)
+    loaded, loaded_processor = tinyavl.load_pretrained(tmp_path)
+    assert loaded.config.hires == config.hires and loaded_processor.hires_scale == 3
+    image = Image.open(toy / "examples" / "scene-0.png")
+    inputs = loaded_processor(loaded_processor.chat_prompt("Describe the image."), image=image)
+    assert inputs["hires_pixel_values"].shape == (1, 3, 288, 288)
+    # a square 96 px image at 3x: PIL's bicubic resize to 288 px (no crop left to make), then normalised
+    big = torch.from_numpy(np.asarray(image.convert("RGB").resize((288, 288), Image.Resampling.BICUBIC)).copy())
+    expected = (big.permute(2, 0, 1).float() / 255 - processor.image_mean) / processor.image_std
+    torch.testing.assert_close(inputs["hires_pixel_values"][0], expected, atol=0, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs), model(**inputs), atol=0, rtol=0)
+    # generate (the dense cache) gives the tokens of a cache-free loop served from the prompt's last row
+    tokens, _ = tinyavl.generate(loaded, **inputs, max_new_tokens=6, eos_token_id=())
+    sequence, prompt = inputs["input_ids"], inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        for token in tokens:
+            logits = loaded(sequence, inputs["pixel_values"], hires_pixel_values=inputs["hires_pixel_values"],
+                            hires_from=prompt - 1)[0, -1]
+            assert int(logits.argmax()) == token
+            sequence = torch.cat([sequence, torch.tensor([[token]])], 1)
