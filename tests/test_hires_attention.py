@@ -157,3 +157,20 @@ def test_a_hires_folder_saves_loads_and_generates(tmp_path):
                             hires_from=prompt - 1)[0, -1]
             assert int(logits.argmax()) == token
             sequence = torch.cat([sequence, torch.tensor([[token]])], 1)
+
+
+def test_config_json_reads_hires_config():
+    """config.json's hires_config (tinyavl's own key) becomes config.hires, checked; without it FlexAttention
+    is off; a value that is not an object is refused."""
+    import json
+    from pathlib import Path
+
+    from tinyavl.loading import parse_config
+    raw = json.loads((Path(__file__).resolve().parent.parent / "weights" / "toy" / "config.json").read_text())
+    assert parse_config(raw).hires is None
+    config = parse_config({**raw, "hires_config": {"scale": 3, "first_layer": 2, "threshold": 30}})
+    assert config.hires == HiresConfig(scale=3, first_layer=2, threshold=30, blocks=9)
+    with pytest.raises(UserError, match="not a JSON object"):
+        parse_config({**raw, "hires_config": 3})
+    with pytest.raises(UserError, match="first_layer"):
+        parse_config({**raw, "hires_config": {"first_layer": 4}})           # the toy has layers 0-3
