@@ -78,6 +78,9 @@ def run(args) -> dict:
     model, processor = tinyavl.load_pretrained(args.weights, device=args.device, dtype=args.dtype)
     if args.attention_map is not None:
         layer = map_layer(model, args.map_layer)
+    if args.hires_threshold is not None and model.config.hires is None:
+        print("this model has no FlexAttention projections (no hires_config): it does not read the blocks; "
+              "the map shows where it would", file=sys.stderr)
     inputs = processor(processor.chat_prompt(args.prompt), image=image)
     printed = ""
     ids = []

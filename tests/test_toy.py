@@ -174,7 +174,7 @@ def test_attention_map_picture(tmp_path, capsys):
     assert main.main(["--image", str(image), "--attention-map", str(out), "--map-layer", "99"]) == 2
 
 
-def test_attention_map_frames_flexattention_blocks(tmp_path):
+def test_attention_map_frames_flexattention_blocks(tmp_path, capsys):
     """--hires-threshold frames, on the heat panel, exactly the blocks hires.threshold_blocks takes from the
     last prompt token's attention in the drawn layer (image_heat, checked against transformers elsewhere)."""
     from PIL import Image
@@ -184,6 +184,7 @@ def test_attention_map_frames_flexattention_blocks(tmp_path):
     image, out, layer = EXAMPLES / GOLDEN[0][0], tmp_path / "map.png", 2
     assert main.main(["--image", str(image), "--max-new-tokens", "1", "--attention-map", str(out),
                       "--map-layer", str(layer), "--hires-threshold", "48", "--json"]) == 0
+    assert "no FlexAttention projections" in capsys.readouterr().err   # the toy has none: it only draws them
     model, processor = tinyavl.load_pretrained(TOY)
     inputs = processor(processor.chat_prompt("Describe the image."), image=Image.open(image))
     side = model.config.vision.image_size // model.config.vision.patch_size
