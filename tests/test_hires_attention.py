@@ -59,6 +59,11 @@ def test_a_served_row_is_one_softmax_over_its_keys_and_its_chosen_tokens():
     view.chosen[0, 1, [3, 40, 63]] = True
     lse = torch.stack([(q[0, h, rows] @ k[0, h // 2].T / 8 ** 0.5).masked_fill(~causal[rows], float("-inf"))
                        .logsumexp(-1) for h in range(4)])[None]                            # (1, 4, 2)
+    nothing = view.chosen.clone()
+    nothing[0, 0] = False                                                               # row 3: no token chosen
+    view.chosen, chosen = nothing, view.chosen
+    assert torch.equal(view.merge(attn, q[:, :, rows], y, rows, lse)[:, :, 3], y[:, :, 3])  # its output unchanged
+    view.chosen = chosen
     out = view.merge(attn, q[:, :, rows], y, rows, lse)
     assert torch.equal(out[:, :, :3], y[:, :, :3])                                      # rows not served: unchanged
     for r, row in enumerate(rows.tolist()):
