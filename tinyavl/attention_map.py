@@ -197,8 +197,8 @@ def save_attention_map(path, model, processor, inputs, cache: KVCache, layer: in
                  "token's attention")
         blocks, footnote = None, ""
         if hires_threshold is not None and i == 0:  # the low-resolution view, which FlexAttention selects from
-            scores = hires.block_scores(heat[picture.tokens][None], picture.grid, min(hires.BLOCKS, *picture.grid))
-            blocks = hires.threshold_blocks(scores, hires_threshold)[0]              # (n, n)
+            blocks = hires.select_blocks(heat[picture.tokens][None], picture.grid, hires_threshold,
+                                         min(hires.BLOCKS, *picture.grid))[0]          # (n, n)
             footnote = (f"FlexAttention's selection (blue, threshold {hires_threshold:g}): "
                         f"{int(blocks.sum())} of {blocks.numel()} blocks")
         strips.append(draw_attention_map(picture.image, cells, heat[picture.tokens], title, question, picture.grid,

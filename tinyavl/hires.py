@@ -20,8 +20,9 @@ of a (rows, columns) grid (24 x 24 for LLaVA-1.5), summed over heads:
    token of its window was kept;
 4. each chosen block is a square of 72 / 9 = 8 x 8 high-resolution tokens.
 A binary map max-pooled is the max-pooled normalised attention thresholded (both are monotone), so
-`block_scores` pools the normalised attention once and `threshold_blocks` compares it; `top_blocks`
-takes a fixed number of blocks instead, a budget a test or a benchmark can hold fixed.
+`block_scores` pools the normalised attention once and `threshold_blocks` compares it (`select_blocks`
+does both); `top_blocks` takes a fixed number of blocks instead, a budget a test or a benchmark can hold
+fixed.
 
 **Choice:** 24 rows do not split evenly into 9 windows; the pooling is PyTorch's adaptive max pooling,
 whose window i covers rows floor(24 i / 9) .. ceil(24 (i + 1) / 9) - 1, so neighbouring windows share a
@@ -59,6 +60,12 @@ def threshold_blocks(scores, threshold: float = THRESHOLD):
     threshold (0 <= threshold < 255; the lower, the more blocks). The count varies with the row."""
     check_threshold(threshold)
     return scores * 255 > threshold
+
+
+def select_blocks(image_attention, grid: tuple[int, int], threshold: float = THRESHOLD, blocks: int = BLOCKS):
+    """FlexAttention's selection: (B, blocks, blocks) bool from image_attention (B, rows * columns), the
+    scores of `block_scores` compared with the threshold of `threshold_blocks`."""
+    return threshold_blocks(block_scores(image_attention, grid, blocks), threshold)
 
 
 def check_threshold(threshold: float) -> None:

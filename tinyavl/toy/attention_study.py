@@ -142,8 +142,8 @@ def hires_coverage(recordings: list, scenes: list, side: int, threshold: float =
     most = max(len(scene.objects) for scene in scenes)
     coverage = []
     for layer in range(recordings[0].n_layers):
-        scores = [hires.block_scores(r.image_row(0, layer)[None], (side, side), blocks) for r in recordings]
-        chosen = [hires.threshold_blocks(s, threshold)[0] for s in scores]           # each (blocks, blocks)
+        chosen = [hires.select_blocks(r.image_row(0, layer)[None], (side, side), threshold, blocks)[0]
+                  for r in recordings]                                                  # each (blocks, blocks)
         coverage.append({"blocks": fmean(float(c.float().mean()) for c in chosen),
                          "objects": [fmean(area_in_blocks(c, scene.objects[rank].patches(), side)
                                            for c, scene in zip(chosen, scenes) if rank < len(scene.objects))
@@ -399,10 +399,10 @@ def run(args) -> dict:
     result = study(recordings)
     scenes = [question.scene for question in caption_questions(args.n, args.seed)]
     result["object_coverage"] = object_coverage(recordings, scenes)
-    vision = model.config.vision
-    result["band_coverage"] = band_coverage(recordings, vision.image_size // vision.patch_size, GRID)
+    side = model.config.vision.image_size // model.config.vision.patch_size   # image tokens a side
+    result["band_coverage"] = band_coverage(recordings, side, GRID)
     result["object_attention"] = object_attention(recordings, scenes)
-    result["hires_coverage"] = hires_coverage(recordings, scenes, vision.image_size // vision.patch_size)
+    result["hires_coverage"] = hires_coverage(recordings, scenes, side)
     result["choice_by_layer"] = choice_by_layer(model, processor, held_out_set(args.seed, args.n))
     result["hidden_object_recall"] = hidden_object_recall(model, processor, held_out_set(args.seed, args.n))
     if args.out is not None:
