@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from tinyavl.cache import make_cache
+from tinyavl.cache import AVLCache, make_cache
 from tinyavl.errors import UserError
 from tinyavl.model import HiresConfig, LlavaConfig, LlavaForConditionalGeneration, TextConfig, VisionConfig
 
@@ -34,8 +34,8 @@ def test_blend_zero_is_the_plain_model_and_only_the_last_row_changes():
     ids, pixels, hires_pixels = inputs()
     with torch.no_grad():
         plain = model(ids, pixels)
-        off = model(ids, pixels, hires_pixel_values=hires_pixels, hires_alpha=0.0)
-        on = model(ids, pixels, hires_pixel_values=hires_pixels)
+        off = model(ids, pixels, hires=model.hires_view(ids, hires_pixels, alpha=0.0))
+        on = model(ids, pixels, hires=model.hires_view(ids, hires_pixels))
     assert torch.equal(off, plain)
     assert torch.equal(on[:, :-1], plain[:, :-1])             # rows other than the current token see no high-res key
     assert (on[:, -1] - plain[:, -1]).abs().max() > 1e-3
@@ -47,7 +47,7 @@ def test_a_served_row_is_one_softmax_over_its_keys_and_its_chosen_tokens():
     model = tiny_model()
     ids, pixels, hires_pixels = inputs()
     view = model.hires_view(ids, hires_pixels)
-    attn = model.language_model.model.layers[1].self_attn
+    attn, norm = model.language_model.model.layers[1].self_attn, model.language_model.model.layers[1].input_layernorm
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(1, n, 5, 8, generator=g) for n in (4, 2, 2))
     causal = torch.ones(5, 5, dtype=torch.bool).tril()
@@ -62,13 +62,13 @@ def test_a_served_row_is_one_softmax_over_its_keys_and_its_chosen_tokens():
     nothing = view.chosen.clone()
     nothing[0, 0] = False                                                               # row 3: no token chosen
     view.chosen, chosen = nothing, view.chosen
-    assert torch.equal(view.merge(attn, q[:, :, rows], y, rows, lse)[:, :, 3], y[:, :, 3])  # its output unchanged
+    assert torch.equal(view.merge(attn, norm, q[:, :, rows], y, rows, lse)[:, :, 3], y[:, :, 3])  # its output unchanged
     view.chosen = chosen
-    out = view.merge(attn, q[:, :, rows], y, rows, lse)
+    out = view.merge(attn, norm, q[:, :, rows], y, rows, lse)
     assert torch.equal(out[:, :, :3], y[:, :, :3])                                      # rows not served: unchanged
     for r, row in enumerate(rows.tolist()):
         index = view.chosen[0, r].nonzero().flatten()
-        feats = view.features[0, index]
+        feats = norm(view.features[0, index])                                           # the layer's input norm first
         k_hd = attn.k_proj_hd(feats).view(-1, 2, 8).transpose(0, 1)                     # (2, m, 8)
         k_hd = k_hd * view.cos[index] + torch.cat([-k_hd[..., 4:], k_hd[..., :4]], -1) * view.sin[index]
         v_hd = attn.v_proj_hd(feats).view(-1, 2, 8).transpose(0, 1)
@@ -88,26 +88,71 @@ def test_cached_generation_equals_the_forward_over_the_whole_sequence():
     cache = make_cache("full")
     cache.begin(3, 3, 16, new_tokens=4)
     with torch.no_grad():
-        logits = model(ids, pixels, cache=cache, hires_pixel_values=hires_pixels)[:, -1]
+        logits = model(ids, pixels, cache=cache, hires=model.hires_view(ids, hires_pixels))[:, -1]
         sequence = ids
         for step in range(4):
-            whole = model(sequence, pixels, hires_pixel_values=hires_pixels, hires_from=ids.shape[1] - 1)[:, -1]
+            whole = model(sequence, pixels, hires=model.hires_view(sequence, hires_pixels, first_row=ids.shape[1] - 1))[:, -1]
             torch.testing.assert_close(logits, whole, atol=1e-5, rtol=0)
             token = logits.argmax(-1, keepdim=True)                                          # (1, 1)
             sequence = torch.cat([sequence, token], 1)
             logits = model(token, cache=cache)[:, -1]
 
 
-def test_models_without_projections_and_other_policies_are_refused():
+def test_models_without_projections_are_refused():
     model = tiny_model()
-    ids, pixels, hires_pixels = inputs()
-    cache = make_cache("avl")
-    cache.begin(3, 3, 16, new_tokens=2)
-    with pytest.raises(UserError, match="dense cache"):
-        model(ids, pixels, cache=cache, hires_pixel_values=hires_pixels)
+    ids, _, hires_pixels = inputs()
     model.config.hires = None
     with pytest.raises(UserError, match="no FlexAttention projections"):
-        model(ids, pixels, hires_pixel_values=hires_pixels)
+        model.hires_view(ids, hires_pixels)
+
+
+def cached_logits(model, policy, params, steps=4):
+    """(steps + 1, vocab): the prefill's and each greedy decode step's logits under a policy, with the view."""
+    ids, pixels, hires_pixels = inputs()
+    cache = make_cache(policy, **params)
+    cache.begin(3, 3, 16, new_tokens=steps)
+    with torch.no_grad():
+        logits = [model(ids, pixels, cache=cache, hires=model.hires_view(ids, hires_pixels))[0, -1]]
+        for _ in range(steps):
+            logits.append(model(logits[-1].argmax().view(1, 1), cache=cache)[0, -1])
+    return torch.stack(logits), cache
+
+
+@pytest.mark.parametrize("K", [1, 3])
+def test_a_policy_at_full_budget_reads_the_blocks_as_the_dense_cache_does(K):
+    """A-VL keeping and computing everything attends to every row at every step, though it reorders its
+    rows in place (the core first, at the prefill and on update steps): with the view, its logits and its
+    choices equal the dense cache's. One block per image token, so a token put on the wrong place of the
+    grid changes the choice."""
+    model = tiny_model(blocks=4)
+    dense, dense_cache = cached_logits(model, "full", {})
+    avl, avl_cache = cached_logits(model, "avl", {**AVLCache.FULL_BUDGET, "K": K})
+    torch.testing.assert_close(avl, dense, atol=1e-5, rtol=0)
+    assert torch.equal(avl_cache.hires.chosen, dense_cache.hires.chosen)
+
+
+def test_a_policy_that_evicts_at_the_prefill_reads_the_blocks_the_prefill_attended():
+    """A-VL's prefill attends to every prompt row and then evicts and reorders rows in place, in the
+    prompt's own key tensors: the current token's view must read the keys as attended. Without the prefill
+    filter (P = 1) its logits and choice equal the dense cache's."""
+    model = tiny_model(blocks=4)
+    dense, dense_cache = cached_logits(model, "full", {}, steps=0)
+    avl, avl_cache = cached_logits(model, "avl", dict(S=0.5, C=0.25, P=1.0), steps=0)
+    torch.testing.assert_close(avl, dense, atol=1e-5, rtol=0)
+    assert torch.equal(avl_cache.hires.chosen, dense_cache.hires.chosen)
+
+
+def test_under_avl_a_decode_step_chooses_among_the_image_tokens_it_computed():
+    """A normal A-VL step computes only the core image tokens: the others have attention 0 on the grid, so
+    with one block per image token every chosen block is a core token of the choosing layer."""
+    model = tiny_model(blocks=4)                                                 # a block is one image token
+    _, cache = cached_logits(model, "avl", dict(S=0.5, C=0.25, K=3), steps=1)   # step 1: not an update step
+    last = 2                                                                     # the layer that chose last
+    core = (cache.pos[last][0, 0, cache.core[last]] - 3).tolist()               # image tokens 0..15 (3 sys first)
+    side = 4 * 2                                                                 # the 8 x 8 high-resolution map
+    chosen = cache.hires.chosen[0, 0].view(side, side)[::2, ::2].flatten()      # one token of each block
+    assert chosen.any() and set(chosen.nonzero().flatten().tolist()) <= set(core)
+    assert len(core) == 4 and cache.attended[last] < 3 + 16                      # it did skip image tokens
 
 
 @pytest.mark.parametrize("field, value, message", [("first_layer", 3, "first_layer"), ("blocks", 3, "blocks"),
@@ -152,14 +197,16 @@ def test_a_hires_folder_saves_loads_and_generates(tmp_path):
     expected = (big.permute(2, 0, 1).float() / 255 - processor.image_mean) / processor.image_std
     torch.testing.assert_close(inputs["hires_pixel_values"][0], expected, atol=0, rtol=0)
     with torch.no_grad():
-        torch.testing.assert_close(loaded(**inputs), model(**inputs), atol=0, rtol=0)
+        ids, pixels, hires_pixels = inputs["input_ids"], inputs["pixel_values"], inputs["hires_pixel_values"]
+        torch.testing.assert_close(loaded(ids, pixels, hires=loaded.hires_view(ids, hires_pixels)),
+                                   model(ids, pixels, hires=model.hires_view(ids, hires_pixels)), atol=0, rtol=0)
     # generate (the dense cache) gives the tokens of a cache-free loop served from the prompt's last row
     tokens, _ = tinyavl.generate(loaded, **inputs, max_new_tokens=6, eos_token_id=())
     sequence, prompt = inputs["input_ids"], inputs["input_ids"].shape[1]
     with torch.no_grad():
         for token in tokens:
-            logits = loaded(sequence, inputs["pixel_values"], hires_pixel_values=inputs["hires_pixel_values"],
-                            hires_from=prompt - 1)[0, -1]
+            logits = loaded(sequence, inputs["pixel_values"],
+                            hires=loaded.hires_view(sequence, inputs["hires_pixel_values"], first_row=prompt - 1))[0, -1]
             assert int(logits.argmax()) == token
             sequence = torch.cat([sequence, torch.tensor([[token]])], 1)
 

@@ -22,14 +22,16 @@ import tinyavl.model
 import tinyavl.processing
 import tinyavl.toy.attention_study
 import tinyavl.toy.evaluate
+import tinyavl.toy.evaluate_hires
 import tinyavl.toy.scenes
 import tinyavl.toy.train
+import tinyavl.toy.train_hires
 from kernels import sparse_attention  # imports without Triton too (TRITON_AVAILABLE is then False)
 
 CHAPTERS = sorted((Path(__file__).parent.parent / "tutorial").glob("*.md"))
 MODULES = [tinyavl.model, tinyavl.loading, tinyavl.anyres, tinyavl.cache, tinyavl.generate, tinyavl.hires, tinyavl.processing,
            tinyavl.attention_map, tinyavl.attention_stats, tinyavl.bench, tinyavl.toy.scenes, tinyavl.toy.train, tinyavl.toy.evaluate,
-           tinyavl.toy.attention_study, sparse_attention]
+           tinyavl.toy.attention_study, tinyavl.toy.train_hires, tinyavl.toy.evaluate_hires, sparse_attention]
 
 
 def code_blocks(chapter: Path) -> list[str]:

@@ -251,6 +251,7 @@ class KVCache:
         self.attended = [0] * n_layers  # rows the newest query computed with, per layer
         self.hidden_keep = None       # a policy's decision to drop hidden rows, handed to the model once
         self.hires = None             # FlexAttention's view of the image (model.HiresView), set at the prefill
+        self.hires_keys = None        # with it: the keys the newest query attended and their positions
 
     # -- the four steps -----------------------------------------------------------------------------
 
@@ -263,6 +264,13 @@ class KVCache:
         rows = self.rows_to_attend(layer)
         out, last_row = self.compute(layer, q, rows)
         self.attended[layer] = self.k[layer].shape[2] if rows is None else len(rows)
+        if self.hires is not None:
+            # FlexAttention's current token merges its row with the high-resolution keys and chooses from
+            # its attention over the image: it needs the keys this step attended, as they were. Copies:
+            # the policy's update evicts and moves rows in place (at the prefill, in the prompt's own
+            # tensors). Sys and image rows are the same rows in every head; head 0's positions say which.
+            keys, pos = self.selected(layer, rows)[0], self.pos[layer][0, 0]             # (B, Hkv, n', hs), (n,)
+            self.hires_keys = (keys.clone(), pos.clone()) if rows is None else (keys, pos[rows])
         self.update(layer, q, rows, last_row)
         return out
 

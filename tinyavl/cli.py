@@ -9,6 +9,8 @@ from tinyavl.errors import UserError
 
 # The committed toy LLaVA: the default model of main.py and of the evaluation.
 TOY_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "toy"
+# The committed FlexAttention toy (tinyavl/toy/train_hires.py): the default of its evaluation.
+HIRES_TOY_WEIGHTS = TOY_WEIGHTS.parent / "toy-hires"
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
     """--help shows every option's default, except where the default means "not given" (None, False)."""

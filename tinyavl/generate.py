@@ -32,6 +32,8 @@ class GenerationStats:
     attended_tokens_per_step: float | None        # mean over decode steps, summed over layers
     attended_tokens_per_step_dense: float | None  # the same for dense attention
     attended_per_layer: list = field(default_factory=list)  # per decode step: rows attended per layer
+    prefill_attended_per_layer: list = field(default_factory=list)  # per layer: the rows the prefill ran on
+    hires_tokens_read: int = 0  # FlexAttention: high-resolution keys read by the current tokens, all layers
 
 
 def image_segments(input_ids, image_token_id: int) -> tuple[int, int]:
@@ -89,12 +91,13 @@ def check_generation_args(max_new_tokens: int, temperature: float, top_p: float,
 
 @torch.inference_mode()
 def generate(model, input_ids, pixel_values=None, *, image_sizes=None, hires_pixel_values=None,
-             max_new_tokens: int = 64, temperature: float = 0.0,
+             hires_top: int | None = None, max_new_tokens: int = 64, temperature: float = 0.0,
              top_p: float = 1.0, seed: int | None = None, eos_token_id: int | Sequence[int] | None = None,
              stream=None, policy: KVCache | str = "full", **policy_params) -> tuple[list[int], GenerationStats]:
     """Generate up to max_new_tokens after the prompt input_ids (1, T) (image tokens already expanded);
     pixel_values and image_sizes as the processor returns them (image_sizes: LLaVA-1.6 only needs it;
-    hires_pixel_values: a FlexAttention model's high-resolution view, whose blocks every step reads).
+    hires_pixel_values: a FlexAttention model's high-resolution view, whose blocks every step reads;
+    hires_top: read that many best blocks instead of the threshold's, `HiresView.top`).
 
     eos_token_id: the id (or ids) that end the answer; None means the model's own
     (config.text.eos_token_id, as transformers reads it from the checkpoint), () never stops early.
@@ -126,10 +129,14 @@ def generate(model, input_ids, pixel_values=None, *, image_sizes=None, hires_pix
         return None if pixels is None else pixels.to(device)
 
     start = time.perf_counter()
+    # FlexAttention: the view of the image at high resolution, served from the prompt's last row on.
+    hires = None if hires_pixel_values is None else model.hires_view(input_ids.to(device), on_device(hires_pixel_values),
+                                                                     top=hires_top)
     logits = model(input_ids.to(device), on_device(pixel_values), cache=cache, last_only=True,
-                   image_sizes=image_sizes, hires_pixel_values=on_device(hires_pixel_values))  # (1, 1, vocab)
+                   image_sizes=image_sizes, hires=hires)  # (1, 1, vocab)
     token = next_token(logits, temperature, top_p, generator, step=0)
     prefill_seconds = time.perf_counter() - start
+    prefill_attended = list(cache.attended)
 
     after_prefill = kv_snapshot(cache)
     peak = after_prefill
@@ -162,6 +169,7 @@ def generate(model, input_ids, pixel_values=None, *, image_sizes=None, hires_pix
         layer_bytes_after_prefill=after_prefill[2],
         attended_tokens_per_step=sum(map(sum, attended)) / steps if steps else None,
         attended_tokens_per_step_dense=sum(attended_dense) / steps if steps else None,
-        attended_per_layer=attended,
+        attended_per_layer=attended, prefill_attended_per_layer=prefill_attended,
+        hires_tokens_read=0 if hires is None else hires.tokens_read,
     )
     return tokens, stats

@@ -435,7 +435,8 @@ class LlamaAttention(nn.Module):
             self.k_proj_hd = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
             self.v_proj_hd = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
 
-    def forward(self, x, cos, sin, positions, cache=None, visible=None, hires=None):  # x (B, T, C); positions (T,)
+    def forward(self, x, cos, sin, positions, cache=None, visible=None, hires=None, norm=None):  # x (B, T, C); positions (T,)
+        """norm: the layer's input norm, which FlexAttention's high-resolution features also go through."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, H, T, hs)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hs)
@@ -448,9 +449,10 @@ class LlamaAttention(nn.Module):
             y = cache.attend(self.layer_idx, q, k, v, positions)  # the policy stores k, v, picks what to attend
         if hires is not None:  # FlexAttention: the current token also reads chosen high-resolution tokens
             if cache is None:
-                y = hires.layer(self, q, k, y, positions, positions)
-            else:  # the dense cache: every row it holds, at its position
-                y = hires.layer(self, q, cache.k[self.layer_idx], y, positions, cache.pos[self.layer_idx][0, 0])
+                y = hires.layer(self, norm, q, k, y, positions, positions, visible)
+            else:  # the keys the policy let this step attend, set aside by cache.attend before it evicted
+                keys, key_positions = cache.hires_keys
+                y = hires.layer(self, norm, q, keys, y, positions, key_positions)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -476,7 +478,7 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config)
 
     def forward(self, x, cos, sin, positions, cache=None, visible=None, hires=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, visible, hires)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, visible, hires, self.input_layernorm)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -540,8 +542,10 @@ class HiresView:
     is the current token of its own step). In each layer, a served row attends to its keys and to the
     high-resolution tokens the layer before chose for it, in one softmax; then, from layer
     config.first_layer - 1 on, its attention over the low-resolution image keys chooses for the next.
-    The features enter a layer's k_proj_hd and v_proj_hd as the projector gives them (a choice: the paper
-    does not say whether a norm comes first); they are recomputed each step, never cached."""
+    The features enter a layer's k_proj_hd and v_proj_hd through the layer's input norm, as every token of
+    the sequence enters k_proj and v_proj (a choice: the paper does not say; on the toy, fed the projector's
+    features as they are, the new keys and values upset the answers for the first hundreds of training
+    steps, answer loss 0.40 against 0.18 after 150); they are recomputed each step, never cached."""
     config: HiresConfig
     features: torch.Tensor
     cos: torch.Tensor
@@ -550,19 +554,24 @@ class HiresView:
     grid: int
     first_row: int
     alpha: float = 1.0                  # the blend of the hierarchical output: 0 = the plain model
+    top: int | None = None              # choose this many best-scored blocks, not the threshold's (blocks^2: all)
+    tokens_read: int = 0                # high-resolution keys read, summed over served rows and layers (accounting)
     chosen: torch.Tensor | None = None  # (B, R, N_hd) bool for the served rows of this pass, set layer by layer
 
-    def layer(self, attn: "LlamaAttention", q, keys, y, q_positions, key_positions):
+    def layer(self, attn: "LlamaAttention", norm, q, keys, y, q_positions, key_positions, visible=None):
         """y (B, H, T, hs), a layer's attention output, with its served rows merged with their chosen
         high-resolution tokens and blended by alpha; and the next layer's choice made. q (B, H, T, hs) and
-        keys (B, Hkv, n, hs) at logical positions q_positions (T,) and key_positions (n,)."""
+        keys (B, Hkv, n, hs) at logical positions q_positions (T,) and key_positions (n,); visible (B, n)
+        bool, the cache-free forward's attention_mask (None: every key)."""
         rows = (q_positions >= self.first_row).nonzero().flatten()                     # (R,) served rows of q
         if len(rows) == 0:
             return y
         logits = rows_logits(q[:, :, rows], keys)                                       # (B, H, R, n)
         logits = logits.masked_fill(key_positions[None, :] > q_positions[rows, None], float("-inf"))  # causal
+        if visible is not None:  # keys hidden from every query (the toy's image-token dropout) choose nothing
+            logits = logits.masked_fill(~visible[:, None, None, :], float("-inf"))
         if self.chosen is not None and hasattr(attn, "k_proj_hd"):
-            y = self.merge(attn, q[:, :, rows], y, rows, logits.logsumexp(-1))
+            y = self.merge(attn, norm, q[:, :, rows], y, rows, logits.logsumexp(-1))
         if attn.layer_idx >= self.config.first_layer - 1:
             self.choose(logits.softmax(-1), key_positions)
         else:
@@ -570,23 +579,29 @@ class HiresView:
         return y
 
     def choose(self, probs, key_positions):
-        """The served rows' choice (B, R, N_hd) from their attention probs (B, H, R, n), summed over heads."""
+        """The served rows' choice (B, R, N_hd) from their attention probs (B, H, R, n) over keys at
+        key_positions (n,), summed over heads. An image token the row did not attend (a KV policy evicted
+        it, or did not compute it this step) has attention 0 on the grid."""
         B, _, R, _ = probs.shape
         is_image = (key_positions >= self.image_start) & (key_positions < self.image_start + self.grid ** 2)
-        image = probs[..., is_image].sum(1)                                             # (B, R, n_img)
-        chosen_blocks = hires.select_blocks(image.reshape(B * R, -1), (self.grid, self.grid), self.config.threshold,
-                                            self.config.blocks)                         # (B R, blocks, blocks)
+        image = probs.new_zeros(B, R, self.grid ** 2)                                   # (B, R, grid^2)
+        image[..., key_positions[is_image] - self.image_start] = probs[..., is_image].sum(1)
+        scores = hires.block_scores(image.view(B * R, -1), (self.grid, self.grid), self.config.blocks)
+        chosen_blocks = (hires.threshold_blocks(scores, self.config.threshold) if self.top is None
+                         else hires.top_blocks(scores, self.top))                       # (B R, blocks, blocks)
         tokens = hires.block_tokens(chosen_blocks, math.isqrt(self.features.shape[1]))  # (B R, N_hd)
         self.chosen = tokens.view(B, R, -1)
 
-    def merge(self, attn: "LlamaAttention", q_rows, y, rows, lse):
+    def merge(self, attn: "LlamaAttention", norm, q_rows, y, rows, lse):
         """One softmax over each served row's keys (its output in y, its log-sum-exp lse (B, H, R)) and its
-        chosen high-resolution tokens. Only tokens some row chose are projected."""
+        chosen high-resolution tokens. Only tokens some row chose are projected, after the layer's input
+        norm (`norm`), as every token of the sequence is before k_proj and v_proj."""
         index = self.chosen.any(1).any(0).nonzero().flatten()                          # (m,) in any row's choice
         if len(index) == 0:
             return y
         B, m = q_rows.shape[0], len(index)
-        feats = self.features[:, index]                                                 # (B, m, C)
+        self.tokens_read += int(self.chosen.sum())
+        feats = norm(self.features[:, index])                                           # (B, m, C)
         k_hd = attn.k_proj_hd(feats).view(B, m, attn.n_kv_heads, attn.head_dim).transpose(1, 2)  # (B, Hkv, m, hs)
         v_hd = attn.v_proj_hd(feats).view(B, m, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
         k_hd = apply_rope(k_hd, self.cos[index], self.sin[index])
@@ -684,11 +699,17 @@ class LlavaForConditionalGeneration(nn.Module):
                              f"{features.shape[0]} features")
         return x.masked_scatter(is_image[..., None], features.to(x.dtype))
 
-    def hires_view(self, input_ids, hires_pixel_values, alpha: float = 1.0, first_row: int | None = None) -> HiresView:
+    def hires_view(self, input_ids, hires_pixel_values, alpha: float = 1.0, first_row: int | None = None,
+                   top: int | None = None) -> HiresView:
         """FlexAttention's view of a prompt's image: hires_pixel_values (B, 3, scale S, scale S), cut into
         scale x scale crops of the tower's size S, each through the tower and projector, stitched into one
         map of (scale side)^2 features, with RoPE at positions interpolated from the low-resolution grid.
-        first_row: the first position it serves (default the last of input_ids: the current token)."""
+        first_row: the first position it serves (default the last of input_ids: the current token); alpha:
+        the blend of the hierarchical output (0: the plain model; FlexAttention's training ramps it up); top:
+        a fixed number of blocks instead of the threshold's (blocks^2: the whole high-resolution map)."""
+        if self.config.hires is None:
+            raise UserError("this model has no FlexAttention projections (no hires_config in config.json): "
+                            "its hierarchical attention stays off; --hires-threshold draws the selection only")
         h, S = self.config.hires, self.config.vision.image_size
         B = hires_pixel_values.shape[0]
         if hires_pixel_values.shape[1:] != (3, h.scale * S, h.scale * S):
@@ -703,10 +724,10 @@ class LlavaForConditionalGeneration(nn.Module):
         positions = hires.hires_positions(image_start, grid, h.scale).to(hires_pixel_values.device)
         cos, sin = rope_cos_sin(positions, text.head_dim, text.rope_theta, features.dtype)   # (N_hd, hs)
         first_row = input_ids.shape[1] - 1 if first_row is None else first_row
-        return HiresView(h, torch.stack(maps), cos, sin, image_start, grid, first_row, alpha)  # features (B, N_hd, C)
+        return HiresView(h, torch.stack(maps), cos, sin, image_start, grid, first_row, alpha, top)  # features (B, N_hd, C)
 
     def forward(self, input_ids, pixel_values=None, cache=None, last_only=False, attention_mask=None,
-                image_sizes=None, hires_pixel_values=None, hires_alpha: float = 1.0, hires_from: int | None = None):
+                image_sizes=None, hires: HiresView | None = None):
         """Logits (B, T, vocab) for input_ids (B, T) that already hold the expanded image tokens.
 
         Without a cache this is the plain causal forward over the whole sequence; attention_mask (B, T),
@@ -714,25 +735,15 @@ class LlavaForConditionalGeneration(nn.Module):
         or the image tokens the toy's training hides). With a cache the tokens continue the cached
         sequence, and the cache's policy decides what attention sees.
 
-        FlexAttention (config.hires): hires_pixel_values (B, 3, scale S, scale S), the processor's
-        high-resolution view, given with the prompt; the rows from position hires_from on (default the
-        prompt's last: the current token) also attend to the blocks chosen for them, blended in by
-        hires_alpha (0: the plain model). With a cache the view stays for the decode steps.
+        FlexAttention (config.hires): hires, the view of the prompt's image that `hires_view` makes from
+        the processor's hires_pixel_values, given with the prompt: the rows it serves also attend to the
+        blocks chosen for them. With a cache the view stays for the decode steps.
         """
         if attention_mask is not None and cache is not None:
             raise ValueError("attention_mask is for the cache-free forward; with a cache the policy decides")
         visible = None if attention_mask is None else attention_mask.bool()  # (B, T)
         # FlexAttention: the view is made at the prefill and kept by the cache for the decode steps.
-        view = None if cache is None else cache.hires
-        if hires_pixel_values is not None:
-            if self.config.hires is None:
-                raise UserError("this model has no FlexAttention projections (no hires_config in config.json): "
-                                "its hierarchical attention stays off; --hires-threshold draws the selection only")
-            if visible is not None:
-                raise ValueError("hires_pixel_values with an attention_mask are not supported yet")
-            view = self.hires_view(input_ids, hires_pixel_values, hires_alpha, hires_from)
-            if cache is not None:
-                if cache.name != "full":
-                    raise UserError(f"FlexAttention runs with the dense cache only for now, not {cache.name!r}")
-                cache.hires = view
+        if hires is not None and cache is not None:
+            cache.hires = hires
+        view = hires if cache is None else cache.hires
         return self.language_model(self.embed(input_ids, pixel_values, image_sizes), cache, last_only, visible, view)

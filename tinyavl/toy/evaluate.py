@@ -51,6 +51,11 @@ ABLATIONS = [(0.5, "avl", AVL_CHOICE_ONLY, "avl, its choice only"),
              (0.95, "random", {"S": 0.95}, "random")]
 
 
+# What a FlexAttention model reads of the high-resolution view (`evaluate`'s hires_mode): nothing (the
+# 96 px view alone), the blocks its selection chooses, or every block (the whole map, `HiresView.top`).
+HIRES_MODES = ("low-res", "selection", "every block")
+
+
 @dataclass(frozen=True)
 class Question:
     scene_index: int
@@ -60,9 +65,10 @@ class Question:
     scene: Scene
 
 
-def held_out_set(seed: int, n_scenes: int) -> list[Question]:
-    """n_scenes scenes from the evaluation stream of `seed`, each with one question of every kind."""
-    questions, stream = [], scene_stream("eval", seed)
+def held_out_set(seed: int, n_scenes: int, fine: bool = False) -> list[Question]:
+    """n_scenes scenes from the evaluation stream of `seed`, each with one question of every kind (with
+    fine, the same scenes and questions drawn as fine scenes: small digits, tinyavl/toy/scenes.py)."""
+    questions, stream = [], scene_stream("eval", seed, fine)
     for index in range(n_scenes):
         scene, rng = next(stream)
         for kind in PROMPT_KINDS:
@@ -107,24 +113,39 @@ def wilson_interval(right: int, n: int, z: float = Z95) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def attention_pairs(stats) -> int:
+    """The (query, key) pairs an answer's attention computed, the unit of the accounting formula (each
+    costs 4 x n_heads x head_dim FLOPs): the prefill's causal rows, n (n + 1) / 2 in a layer that runs on
+    n rows; the rows each decode step attended in each layer; and FlexAttention's high-resolution keys."""
+    return (sum(n * (n + 1) // 2 for n in stats.prefill_attended_per_layer) + sum(map(sum, stats.attended_per_layer))
+            + stats.hires_tokens_read)
+
+
 def evaluate(model, processor, questions: list[Question], policy: str | KVCache = "full", params: dict | None = None,
-             max_new_tokens: int = 64, on_answer=None) -> dict:
+             max_new_tokens: int = 64, on_answer=None, hires_mode: str = "selection") -> dict:
     """Run every question under a policy (a registered name and its params, or a cache built elsewhere);
     the report as a dict (see the module docstring).
 
     One cache runs every question in turn (each is a new sequence: `begin` resets it), so a policy with
     a seeded draw (`random`) draws a fresh set for each. on_answer(question, prediction, cache, inputs)
-    is called after each answer (for pictures)."""
+    is called after each answer (for pictures). hires_mode (HIRES_MODES) says what a FlexAttention model
+    reads of the high-resolution view: nothing, the selection's blocks, or every block."""
+    if hires_mode not in HIRES_MODES:
+        raise ValueError(f"hires_mode must be one of {HIRES_MODES}, got {hires_mode!r}")
     cache = policy if isinstance(policy, KVCache) else make_cache(policy, **(params or {}))
     right = {kind: 0 for kind in PROMPT_KINDS}
     asked = {kind: 0 for kind in PROMPT_KINDS}
     objects_right = objects_total = 0
     wrong_fields = Counter(dict.fromkeys([*CAPTION_FIELDS, "objects"], 0))
-    kv_bytes = kv_dense = attended = attended_dense = 0
+    kv_bytes = kv_dense = attended = attended_dense = pairs = hires_read = 0
+    hires = model.config.hires
+    every_block = None if hires is None or hires_mode != "every block" else hires.blocks ** 2
     start = time.perf_counter()
     for question in questions:
         inputs = processor(processor.chat_prompt(question.text), image=question.scene.image())
+        hires_pixels = None if hires_mode == "low-res" else inputs.get("hires_pixel_values")
         token_ids, stats = generate(model, inputs["input_ids"], inputs["pixel_values"],
+                                    hires_pixel_values=hires_pixels, hires_top=every_block,
                                     max_new_tokens=max_new_tokens, eos_token_id=processor.eos_token_id, policy=cache)
         prediction = processor.decode(token_ids)
         asked[question.kind] += 1
@@ -134,6 +155,8 @@ def evaluate(model, processor, questions: list[Question], policy: str | KVCache 
             wrong_fields.update(caption_errors(prediction, question.scene))
             objects_total += len(question.scene.objects)
         kv_bytes += stats.kv_cache_bytes
+        pairs += attention_pairs(stats)
+        hires_read += stats.hires_tokens_read
         kv_dense += stats.kv_cache_bytes_dense
         steps = len(stats.attended_per_layer)
         if steps:
@@ -153,6 +176,8 @@ def evaluate(model, processor, questions: list[Question], policy: str | KVCache 
         "caption_errors": dict(wrong_fields),  # summed over captions (caption_errors)
         "kv_ratio": kv_bytes / kv_dense,
         "attended_ratio": attended / attended_dense if attended_dense else None,
+        "attention_pairs": pairs / len(questions),       # per answer (attention_pairs)
+        "hires_tokens_read": hires_read / len(questions),  # per answer, summed over layers
         "seconds": time.perf_counter() - start,
     }
 
@@ -182,12 +207,13 @@ def budget_params(policy: str, image_keep: float, kv_ratio: float, n_layers: int
     raise ValueError(f"no budget rule for policy {policy!r}")
 
 
-def budget_sweep(model, processor, questions, log=None) -> list[dict]:
+def budget_sweep(model, processor, questions, log=None, hires_mode: str = "selection") -> list[dict]:
     """`full`, then at every budget of BUDGETS `random` first and each of SWEEP_POLICIES at the bytes
     it held (budget_params), then ABLATIONS. Each report gains "budget": the share of image tokens kept
-    (1 for full) and "line": the plot's line it belongs to."""
+    (1 for full) and "line": the plot's line it belongs to. hires_mode: as `evaluate`'s."""
     def run(policy, params, budget, line=None):
-        report = {"budget": budget, "line": line or policy, **evaluate(model, processor, questions, policy, params)}
+        report = {"budget": budget, "line": line or policy,
+                  **evaluate(model, processor, questions, policy, params, hires_mode=hires_mode)}
         if log:
             log(f"budget {budget}: {policy} {report['policy_params']}: accuracy {report['accuracy']:.3f}, "
                 f"KV {report['kv_ratio']:.3f} ({report['seconds']:.0f} s)")
@@ -252,6 +278,8 @@ def parse_args(argv):
                         help=f"every policy at the budgets of image tokens kept {BUDGETS} (budget_sweep)")
     parser.add_argument("--plot", type=Path, default=None, metavar="OUT.png",
                         help="with --table: draw accuracy against measured KV bytes")
+    parser.add_argument("--hires-mode", choices=HIRES_MODES, default="selection",
+                        help="what a FlexAttention toy (weights/toy-hires) reads of its high-resolution view")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--attention-maps", type=Path, default=None,
                         help="folder: draw the attention picture of the first scene's prompts")
@@ -274,11 +302,12 @@ def run(args) -> dict:
     if not args.weights.is_dir():
         raise UserError(f"no model folder at {args.weights}: train one with python -m tinyavl.toy.train")
     model, processor = load_pretrained(args.weights, device="cpu", dtype="float32")
-    questions = held_out_set(args.seed, args.n)
+    # A FlexAttention toy is trained and measured on fine scenes (small digits), the first toy on its own.
+    questions = held_out_set(args.seed, args.n, fine=model.config.hires is not None)
 
     if args.table:
         log = None if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
-        reports = budget_sweep(model, processor, questions, log)
+        reports = budget_sweep(model, processor, questions, log, args.hires_mode)
         if args.plot is not None:
             plot_sweep(reports, args.plot, f"toy LLaVA, {args.n} held-out scenes (seed {args.seed}) x 6 prompts")
             if log:
@@ -296,7 +325,8 @@ def run(args) -> dict:
                 save_attention_map(args.attention_maps / f"{question.kind}.png", model, processor, inputs, cache,
                                    question=question.text)
 
-    report = evaluate(model, processor, questions, args.policy, policy_params(args), on_answer=on_answer)
+    report = evaluate(model, processor, questions, args.policy, policy_params(args), on_answer=on_answer,
+                      hires_mode=args.hires_mode)
     if args.attention_maps is not None:
         print(f"wrote the first scene's attention maps to {args.attention_maps}", file=sys.stderr)
     return {"seed": args.seed, "n_scenes": args.n, **report}

@@ -17,6 +17,13 @@ toy of an earlier commit lacked (each fact in one patch: every eviction policy b
 tutorial/04 reports both). Shapes and digits are drawn from bitmaps (not PIL's rasteriser), so an
 image is the same on every Pillow version; colours carry a little seeded jitter.
 
+A fine scene (`random_scene(rng, fine=True)`, the FlexAttention toy's: tutorial/07) is the same scene
+drawn FINE_SCALE x larger (384 x 384 px: a place is 96 px, one crop of the tower's size), its digit drawn
+relatively small: 3 px a font cell, 9 x 15 px, the size a plain scene draws it at 96 px. Brought down to
+the 96 px the sequence sees, the digit is 2.25 x 3.75 px, three quarters of a pixel a stroke: a blur in
+one or two patches. Only a high-resolution view of the image (4 x 4 crops of 96 px, tinyavl/hires.py)
+reads it.
+
 Each scene answers five question types (`QUESTION_TYPES`) and a caption that lists every object with
 its colour, place and digit, 20-45 tokens long. Rows and columns are numbered 1-4 from the top left.
 Everything is deterministic for a seed (`scene_stream`).
@@ -57,6 +64,10 @@ SHAPE_SIDE = 7 * SCALE                           # 21 px
 MAX_OFFSET = PLACE - SHAPE_SIDE                  # 3 px: how far a shape can sit from its place's corner
 DIGIT_OFFSET = ((SHAPE_SIDE - 3 * SCALE) // 2, (SHAPE_SIDE - 5 * SCALE) // 2)  # (6, 3) px inside the shape
 MIN_PATCH_PIXELS = 8  # a patch shows an object (or its digit) when at least this many of its 64 px do
+FINE_SCALE = 4        # a fine scene is drawn this many times larger: 384 px, 4 x 4 crops of the tower's 96
+FINE_DIGIT_CELL = 3   # px per font cell of a fine scene's digit: 9 x 15 px at 384 px (3/4 px a cell at 96)
+FINE_DIGIT_OFFSET = ((SHAPE_SIDE * FINE_SCALE - 3 * FINE_DIGIT_CELL) // 2,
+                     (SHAPE_SIDE * FINE_SCALE - 5 * FINE_DIGIT_CELL) // 2)  # (37, 34) px inside the 84 px shape
 
 QUESTION_TYPES = ("colour", "shape", "count", "digit", "where")
 CAPTION_QUESTION = "Describe the image."
@@ -77,27 +88,32 @@ class SceneObject:
     def place(self) -> str:
         return f"row {self.row} column {self.column}"
 
-    def shape_mask(self) -> np.ndarray:
-        """(IMAGE_SIZE, IMAGE_SIZE) bool: the pixels the shape covers (the digit's included)."""
-        x = (self.column - 1) * PLACE + self.offset[0]
-        y = (self.row - 1) * PLACE + self.offset[1]
-        return _mask(SHAPES[self.shape], x, y)
+    def shape_mask(self, scale: int = 1) -> np.ndarray:
+        """(scale IMAGE_SIZE, scale IMAGE_SIZE) bool: the pixels the shape covers (the digit's included) in
+        the image drawn scale x larger."""
+        x = ((self.column - 1) * PLACE + self.offset[0]) * scale
+        y = ((self.row - 1) * PLACE + self.offset[1]) * scale
+        return _mask(SHAPES[self.shape], x, y, SCALE * scale, IMAGE_SIZE * scale)
 
-    def digit_mask(self) -> np.ndarray:
-        """(IMAGE_SIZE, IMAGE_SIZE) bool: the digit's pixels (all False without a digit)."""
+    def digit_mask(self, fine: bool = False) -> np.ndarray:
+        """The digit's pixels (all False without a digit): (IMAGE_SIZE, IMAGE_SIZE) bool, or with fine the
+        small digit of a fine scene, (FINE_SCALE IMAGE_SIZE, ...) bool, in the middle of the shape."""
+        scale, cell, inside = (FINE_SCALE, FINE_DIGIT_CELL, FINE_DIGIT_OFFSET) if fine else (1, SCALE, DIGIT_OFFSET)
         if self.digit is None:
-            return np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=bool)
-        x = (self.column - 1) * PLACE + self.offset[0] + DIGIT_OFFSET[0]
-        y = (self.row - 1) * PLACE + self.offset[1] + DIGIT_OFFSET[1]
-        return _mask(DIGITS[self.digit], x, y)
+            return np.zeros((IMAGE_SIZE * scale, IMAGE_SIZE * scale), dtype=bool)
+        x = ((self.column - 1) * PLACE + self.offset[0]) * scale + inside[0]
+        y = ((self.row - 1) * PLACE + self.offset[1]) * scale + inside[1]
+        return _mask(DIGITS[self.digit], x, y, cell, IMAGE_SIZE * scale)
 
-    def patches(self) -> list[int]:
-        """Indices of the image tokens that show the shape (patches in reading order, 12 per row)."""
-        return _patches_showing(self.shape_mask())
+    def patches(self, scale: int = 1) -> list[int]:
+        """Indices of the image tokens that show the shape (patches in reading order, 12 per row), or with
+        scale those of the image drawn scale x larger (12 scale per row: a high-resolution map)."""
+        return _patches_showing(self.shape_mask(scale))
 
-    def digit_patches(self) -> list[int]:
-        """Indices of the image tokens that show the digit (none without one)."""
-        return _patches_showing(self.digit_mask())
+    def digit_patches(self, fine: bool = False) -> list[int]:
+        """Indices of the image tokens that show the digit (none without one); with fine, the tokens of the
+        fine scene's high-resolution map (FINE_SCALE x 12 per row) that show its small digit."""
+        return _patches_showing(self.digit_mask(fine))
 
     def place_patches(self) -> list[int]:
         """Indices of every image token of the object's place (3 x 3 patches): every pixel of the object
@@ -114,12 +130,15 @@ class SceneObject:
 @dataclass(frozen=True)
 class Scene:
     objects: tuple[SceneObject, ...]  # in reading order (row, then column)
+    fine: bool = False  # drawn FINE_SCALE x larger, with small digits (the module docstring)
 
     def image(self) -> Image.Image:
-        pixels = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)  # (H, W, RGB), black
+        """The picture: IMAGE_SIZE px a side, or FINE_SCALE x that for a fine scene."""
+        scale = FINE_SCALE if self.fine else 1
+        pixels = np.zeros((IMAGE_SIZE * scale, IMAGE_SIZE * scale, 3), dtype=np.uint8)  # (H, W, RGB), black
         for obj in self.objects:
-            pixels[obj.shape_mask()] = obj.rgb
-            pixels[obj.digit_mask()] = DIGIT_COLOUR
+            pixels[obj.shape_mask(scale)] = obj.rgb
+            pixels[obj.digit_mask(self.fine)] = DIGIT_COLOUR
         return Image.fromarray(pixels, "RGB")
 
     def caption(self) -> str:
@@ -150,8 +169,9 @@ class Scene:
         raise ValueError(f"unknown question type {kind!r} (known: {QUESTION_TYPES})")
 
 
-def random_scene(rng: random.Random) -> Scene:
-    """3 or 4 objects of different shapes on different places; at least one carries a digit."""
+def random_scene(rng: random.Random, fine: bool = False) -> Scene:
+    """3 or 4 objects of different shapes on different places; at least one carries a digit. fine: a fine
+    scene, drawn larger with small digits (the same objects for the same draws)."""
     n = rng.choice((3, 4))
     shapes = rng.sample(list(SHAPES), n)  # distinct, so "the circle" names one object
     places = sorted(rng.sample(range(GRID * GRID), n))
@@ -164,17 +184,18 @@ def random_scene(rng: random.Random) -> Scene:
         digit = rng.randrange(10) if has_digit else None
         offset = (rng.randint(0, MAX_OFFSET), rng.randint(0, MAX_OFFSET))
         objects.append(SceneObject(shape, colour, place // GRID + 1, place % GRID + 1, digit, rgb, offset))
-    return Scene(tuple(objects))
+    return Scene(tuple(objects), fine)
 
 
-def scene_stream(split: str, seed: int):
+def scene_stream(split: str, seed: int, fine: bool = False):
     """An endless, deterministic stream of (scene, rng) for a split ("train" or "eval") and a seed.
 
-    The split is part of the seed, so no evaluation seed ever replays a training stream.
+    The split is part of the seed, so no evaluation seed ever replays a training stream. With fine, the
+    stream's scenes are fine scenes: the same objects and questions as without, drawn small-digited.
     """
     rng = random.Random(f"{split}-{seed}")
     while True:
-        yield random_scene(rng), rng
+        yield random_scene(rng, fine), rng
 
 
 def parse_caption(text: str) -> set[str]:
@@ -182,17 +203,17 @@ def parse_caption(text: str) -> set[str]:
     return {part.strip() for part in text.split(" and ") if part.strip()}
 
 
-def _mask(rows: tuple[str, ...], x: int, y: int) -> np.ndarray:
-    """A bitmap drawn SCALE x at pixel (x, y) of an empty image: (IMAGE_SIZE, IMAGE_SIZE) bool."""
+def _mask(rows: tuple[str, ...], x: int, y: int, cell: int, size: int) -> np.ndarray:
+    """A bitmap drawn `cell` px a cell at pixel (x, y) of an empty size x size image: (size, size) bool."""
     cells = np.array([[mark == "#" for mark in line] for line in rows])             # (rows, columns)
-    big = np.kron(cells, np.ones((SCALE, SCALE), dtype=bool))                        # (SCALE * rows, SCALE * columns)
-    mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=bool)
+    big = np.kron(cells, np.ones((cell, cell), dtype=bool))                          # (cell * rows, cell * columns)
+    mask = np.zeros((size, size), dtype=bool)
     mask[y:y + big.shape[0], x:x + big.shape[1]] = big
     return mask
 
 
 def _patches_showing(mask: np.ndarray) -> list[int]:
-    """Patches (reading order) holding at least MIN_PATCH_PIXELS of the mask's pixels."""
-    side = IMAGE_SIZE // PATCH
+    """Patches of PATCH px (reading order) holding at least MIN_PATCH_PIXELS of the mask's pixels."""
+    side = mask.shape[0] // PATCH
     per_patch = mask.reshape(side, PATCH, side, PATCH).sum(axis=(1, 3)).flatten()   # (side * side,)
     return [int(i) for i in np.flatnonzero(per_patch >= MIN_PATCH_PIXELS)]

@@ -66,7 +66,7 @@ from tinyavl.files import check_new_folder, write_folder_atomically
 from tinyavl.model import LlavaConfig, LlavaForConditionalGeneration, TextConfig, VisionConfig
 from tinyavl.processing import CLIP_MEAN, CLIP_STD, IMAGE_TOKEN, LLAVA_SYSTEM_PROMPT, Processor
 from tinyavl.toy.evaluate import evaluate, held_out_set
-from tinyavl.toy.scenes import (COLOURS, DIGITS, GRID, IMAGE_SIZE, PATCH, PROMPT_KINDS, SHAPES, Scene, SceneObject,
+from tinyavl.toy.scenes import (COLOURS, DIGITS, FINE_SCALE, GRID, IMAGE_SIZE, PATCH, PROMPT_KINDS, SHAPES, Scene, SceneObject,
                                 scene_stream)
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
@@ -76,6 +76,7 @@ TUNE_STEPS = 2000    # stage 2 (`tune`): steps with image-token dropout in every
 TUNE_DROPOUT = 0.75  # stage 2: the largest fraction of a sequence's image tokens hidden
 TUNE_MASKS = ("tokens", "rectangles")  # stage 2 hides scattered tokens (`hide_image_tokens`) or rectangles
 VISION_HIDDEN = 0.75  # stage 0: the largest fraction of an image hidden from the readout
+HIRES_RAMP = 0.1     # FlexAttention: its blend alpha rises linearly from 0 to 1 over this share of the steps
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -172,22 +173,29 @@ class PatchProbe(nn.Module):
 
 
 def attribute_loss(scores, targets) -> torch.Tensor:
-    """The mean over attributes of the cross-entropy of scores[i] (..., classes) against targets[..., i]."""
-    return sum(F.cross_entropy(s.flatten(0, -2), targets[..., i].flatten()) for i, s in enumerate(scores)) / len(scores)
+    """The mean over attributes of the cross-entropy of scores[i] (..., classes) against targets[..., i];
+    an attribute whose targets are all -100 (ignored: a fine scene's low-resolution digits) is left out."""
+    named = [i for i in range(len(scores)) if (targets[..., i] != -100).any()]
+    return sum(F.cross_entropy(scores[i].flatten(0, -2), targets[..., i].flatten()) for i in named) / len(named)
 
 
-def patch_targets(scene: Scene) -> torch.Tensor:
+def patch_targets(scene: Scene, hires: bool = False) -> torch.Tensor:
     """(P, 3) class ids per patch: shape and colour on every patch that shows the shape, the digit on
-    every patch that shows the digit."""
-    side = IMAGE_SIZE // PATCH
+    every patch that shows the digit. A fine scene's low-resolution image shows no legible digit: its
+    digit column is -100 (no target, cross_entropy's ignore_index). hires: the patches of a fine scene's
+    high-resolution map (FINE_SCALE x as many a side), where its small digits are legible."""
+    scale = FINE_SCALE if hires else 1
+    side = IMAGE_SIZE * scale // PATCH
     targets = torch.zeros(side * side, 3, dtype=torch.long)
     shapes, colours, digits = PATCH_CLASSES
     for obj in scene.objects:
-        patches = obj.patches()
+        patches = obj.patches(scale)
         targets[patches, 0] = shapes.index(obj.shape) + 1
         targets[patches, 1] = colours.index(obj.colour) + 1
         if obj.digit is not None:
-            targets[obj.digit_patches(), 2] = digits.index(str(obj.digit)) + 1
+            targets[obj.digit_patches(hires), 2] = digits.index(str(obj.digit)) + 1
+    if scene.fine and not hires:
+        targets[:, 2] = -100
     return targets
 
 
@@ -196,8 +204,9 @@ def patch_targets(scene: Scene) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------
 
 def chat_example(scene: Scene, rng: random.Random, processor: Processor, turns: int):
-    """(input_ids, labels, pixel_values [3, H, W]) for one image and `turns` question-answer turns in
-    llava-1.5's chat format.
+    """(input_ids, labels, image) for one image and `turns` question-answer turns in llava-1.5's chat
+    format; image: the processor's pixel_values [1, 3, H, W] (and hires_pixel_values for a FlexAttention
+    processor), as it returns them for the first turn.
 
     The first turn is built by the processor, exactly as at inference; later turns follow it as
     "USER: {question} ASSISTANT: {answer}</s>". labels is -100 except on answer tokens and their </s>.
@@ -214,25 +223,31 @@ def chat_example(scene: Scene, rng: random.Random, processor: Processor, turns: 
         reply = processor.tokenizer.encode(answer, add_special_tokens=False).ids + [processor.eos_token_id]
         ids += prompt + reply
         labels += [-100] * len(prompt) + reply
-    return ids, labels, first_turn["pixel_values"][0]
+    image = {key: value for key, value in first_turn.items() if key.endswith("pixel_values")}
+    return ids, labels, image
 
 
 def make_batch(stream, processor: Processor, batch_size: int, turns: int, pad_id: int) -> dict:
-    """A right-padded batch: input_ids, labels (B, T); pixel_values (B, 3, H, W); patch targets (B, P, 3)."""
-    examples, targets = [], []
+    """A right-padded batch: input_ids, labels (B, T); pixel_values (B, 3, H, W); patch targets (B, P, 3).
+    A FlexAttention processor's batch also has hires_pixel_values (B, 3, scale H, scale W) and
+    hires_patch_targets (B, scale^2 P, 3)."""
+    examples, targets, hires_targets = [], [], []
     for _ in range(batch_size):
         scene, rng = next(stream)
         examples.append(chat_example(scene, rng, processor, turns))
         targets.append(patch_targets(scene))
+        hires_targets.append(patch_targets(scene, hires=True) if processor.hires_scale else None)
     T = max(len(ids) for ids, _, _ in examples)
     input_ids = torch.full((batch_size, T), pad_id)
     labels = torch.full((batch_size, T), -100)
     for b, (ids, answer_labels, _) in enumerate(examples):
         input_ids[b, :len(ids)] = torch.tensor(ids)
         labels[b, :len(answer_labels)] = torch.tensor(answer_labels)
-    pixels = [pixel_values for _, _, pixel_values in examples]
-    return {"input_ids": input_ids, "labels": labels, "pixel_values": torch.stack(pixels),
-            "patch_targets": torch.stack(targets)}
+    images = {key: torch.cat([image[key] for _, _, image in examples]) for key in examples[0][2]}
+    batch = {"input_ids": input_ids, "labels": labels, **images, "patch_targets": torch.stack(targets)}
+    if processor.hires_scale:
+        batch["hires_patch_targets"] = torch.stack(hires_targets)
+    return batch
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -283,19 +298,30 @@ def hide_image_rectangles(input_ids, image_token_id: int, max_fraction: float, g
     return visible
 
 
-def losses(model, probe, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(next-token loss on the answers, auxiliary patch loss) for one batch."""
+def losses(model, probe, batch, hires_alpha: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(next-token loss on the answers, auxiliary patch loss) for one batch.
+
+    A batch with hires_pixel_values trains FlexAttention: every row after the image (each answer token's
+    row is the current token of its own decoding step) reads the blocks chosen for it, blended in by
+    hires_alpha, and the patch loss is the mean of the low- and the high-resolution features'."""
+    ids = batch["input_ids"]
+    hires = None
+    if "hires_pixel_values" in batch:  # made before the hook below, which catches the low-resolution features
+        image_end = int((ids[0] == model.config.image_token_id).nonzero()[-1]) + 1  # every sequence's image is there
+        hires = model.hires_view(ids, batch["hires_pixel_values"], hires_alpha, first_row=image_end)
     captured = {}
     hook = model.multi_modal_projector.register_forward_hook(
         lambda module, inputs, output: captured.update(features=output))  # image features (B, P, C_text)
     try:
-        logits = model(batch["input_ids"], batch["pixel_values"],
-                       attention_mask=batch.get("attention_mask"))   # (B, T, vocab)
+        logits = model(ids, batch["pixel_values"], attention_mask=batch.get("attention_mask"), hires=hires)  # (B, T, vocab)
     finally:
         hook.remove()
     lm_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100)
     word_embeddings = model.language_model.model.embed_tokens.weight  # (vocab, C_text), shared with the decoder
-    return lm_loss, probe.loss(captured["features"], batch["patch_targets"], word_embeddings)
+    patch_loss = probe.loss(captured["features"], batch["patch_targets"], word_embeddings)
+    if hires is not None:
+        patch_loss = (patch_loss + probe.loss(hires.features, batch["hires_patch_targets"], word_embeddings)) / 2
+    return lm_loss, patch_loss
 
 
 def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
@@ -332,7 +358,7 @@ def optimise(model, probe, processor, stream, steps: int, lr: float, warmup: int
         elif image_dropout:
             batch["attention_mask"] = hide_image_tokens(batch["input_ids"], image_token_id, image_dropout,
                                                         dropout_generator, image_dropout_share)
-        lm_loss, aux_loss = losses(model, probe, batch)
+        lm_loss, aux_loss = losses(model, probe, batch, hires_alpha=min(1.0, step / (HIRES_RAMP * steps)))
         optimizer.zero_grad(set_to_none=True)
         (lm_loss + aux_weight * aux_loss).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -347,7 +373,7 @@ def optimise(model, probe, processor, stream, steps: int, lr: float, warmup: int
                 f"{seconds / 60:.1f} min")
         if eval_every and (step + 1) % eval_every == 0:
             model.eval()
-            report = evaluate(model, processor, held_out_set(seed=0, n_scenes=10))
+            report = evaluate(model, processor, held_out_set(seed=0, n_scenes=10, fine=processor.hires_scale is not None))
             model.train()
             log(f"  held-out accuracy {report['accuracy']:.3f}: " +
                 ", ".join(f"{kind} {acc:.2f}" for kind, acc in report["accuracy_by_type"].items()))
@@ -609,11 +635,12 @@ def save_pretrained(model: LlavaForConditionalGeneration, processor: Processor, 
     (out / "processor_config.json").write_text(json.dumps({"system_prompt": processor.system_prompt}, indent=2) + "\n")
 
 
-def write_examples(out: Path, n: int = 4) -> None:
-    """A few scenes (their own seed stream, never trained on) as PNGs, with their truth in examples.json."""
+def write_examples(out: Path, n: int = 4, fine: bool = False) -> None:
+    """A few scenes (their own seed stream, never trained on; fine scenes with fine) as PNGs, with their
+    truth in examples.json."""
     folder = out / "examples"
     folder.mkdir(parents=True, exist_ok=True)
-    truth, stream = {}, scene_stream("example", 0)
+    truth, stream = {}, scene_stream("example", 0, fine)
     for i in range(n):
         scene, rng = next(stream)
         scene.image().save(folder / f"scene-{i}.png")

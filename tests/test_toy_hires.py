@@ -1,0 +1,298 @@
+"""The FlexAttention toy's world: fine scenes, their training (tinyavl/toy/train_hires.py) and evaluation
+(tinyavl/toy/evaluate_hires.py), against hand-derived values and the plain model.
+
+The full training (the committed weights/toy-hires) is not run here: README "FlexAttention on the toy"
+has its command.
+"""
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import tinyavl
+from tinyavl.model import HiresConfig
+from tinyavl.processing import LLAVA_SYSTEM_PROMPT, Processor
+from tinyavl.toy import train_hires as train_hires_module
+from tinyavl.toy.evaluate import attention_pairs, evaluate, held_out_set
+from tinyavl.toy.evaluate_hires import format_table, in_sequence_pairs, plot
+from tinyavl.toy.evaluate_hires import main as evaluate_hires_main
+from tinyavl.toy.scenes import (COLOURS, DIGIT_COLOUR, FINE_SCALE, IMAGE_SIZE, PATCH, Scene, SceneObject,
+                                scene_stream)
+from tinyavl.toy.train import (PATCH_CLASSES, PatchProbe, attribute_loss, losses, make_batch, patch_targets,
+                               save_pretrained, toy_config, train, train_tokenizer)
+from tinyavl.toy.train_hires import with_hires_projections
+
+TOY = Path(__file__).resolve().parent.parent / "weights" / "toy"
+TINY = dict(vision_width=32, vision_layers=1, text_width=32, text_layers=2)
+N_HD = (IMAGE_SIZE * FINE_SCALE // PATCH) ** 2   # high-resolution tokens: 48 x 48
+TINY_HIRES = HiresConfig(scale=FINE_SCALE, first_layer=1, threshold=48, blocks=4)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fine scenes
+# ---------------------------------------------------------------------------------------------------
+
+def test_a_fine_scene_is_the_scene_drawn_three_times_larger_with_a_small_digit():
+    """Box-averaged back to 96 px, a fine scene's picture is the plain scene's wherever neither digit is;
+    the same draws give the same objects."""
+    fine, _ = next(scene_stream("eval", 3, fine=True))
+    plain, _ = next(scene_stream("eval", 3))
+    assert fine.objects == plain.objects and fine.fine and not plain.fine
+    big = np.asarray(fine.image())                                                      # (288, 288, 3)
+    assert big.shape == (IMAGE_SIZE * FINE_SCALE, IMAGE_SIZE * FINE_SCALE, 3)
+    small = big.reshape(IMAGE_SIZE, FINE_SCALE, IMAGE_SIZE, FINE_SCALE, 3).mean(axis=(1, 3))  # (96, 96, 3)
+    fine_digits = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=bool)
+    plain_digits = np.zeros_like(fine_digits)
+    for obj in fine.objects:
+        fine_digits |= obj.digit_mask(fine=True).reshape(IMAGE_SIZE, FINE_SCALE, IMAGE_SIZE, FINE_SCALE).any(axis=(1, 3))
+        plain_digits |= obj.digit_mask()
+    elsewhere = ~fine_digits & ~plain_digits
+    assert np.array_equal(small[elsewhere], np.asarray(plain.image())[elsewhere])
+    assert fine_digits.any()
+
+
+def test_fine_digit_pixels_and_patches_by_hand():
+    # A square at row 1 column 1, offset (0, 0), digit 1 (.#. ##. .#. .#. ###): at 384 px the square is
+    # 84 px, and the digit's 3 px cells start at (37, 34): cell (i, j) spans x 37+3j.., y 34+3i...
+    square = SceneObject("square", "red", 1, 1, 1, COLOURS["red"], (0, 0))
+    mask = square.digit_mask(fine=True)
+    assert mask.shape == (384, 384) and mask.sum() == 8 * 9              # 8 cells of 3 x 3 px
+    assert mask[34:37, 40:43].all() and not mask[34:37, 37:40].any()      # row 0: only the middle cell
+    assert mask[46:49, 37:46].all()                                       # row 4: the bar
+    # 8 px patches, 48 a row. Patch (row 4, col 4) = y 32-39, x 32-39 holds cell (1,0): 9 px. Patch (4, 5)
+    # holds (0,1) and (1,1): 18 px. Patch (5, 5) holds (2,1), (3,1) and the bar's y 46-47 at x 40-45:
+    # 9 + 9 + 12 = 30 px. Patch (5, 4) holds only the bar's x 37-39, y 46-47: 6 px < 8; row 6 (y 48-55)
+    # the bar's last line: 3 and 6 px.
+    assert square.digit_patches(fine=True) == [4 * 48 + 4, 4 * 48 + 5, 5 * 48 + 5]
+    image = np.asarray(Scene((square,), fine=True).image())
+    assert (image[mask] == DIGIT_COLOUR).all() and (image[square.shape_mask(FINE_SCALE) & ~mask] == COLOURS["red"]).all()
+
+
+def test_fine_patch_targets_name_the_digit_only_at_high_resolution():
+    scene = Scene((SceneObject("square", "red", 1, 1, 1, COLOURS["red"], (0, 0)),), fine=True)
+    low, high = patch_targets(scene), patch_targets(scene, hires=True)
+    plain = patch_targets(replace(scene, fine=False))
+    assert torch.equal(low[:, :2], plain[:, :2]) and (low[:, 2] == -100).all()   # no legible digit at 96 px
+    assert high.shape == ((IMAGE_SIZE * FINE_SCALE // PATCH) ** 2, 3)
+    one = PATCH_CLASSES[2].index("1") + 1
+    assert (high[:, 2] == one).nonzero().flatten().tolist() == [196, 197, 245]
+    shape = PATCH_CLASSES[0].index("square") + 1
+    assert set((high[:, 0] == shape).nonzero().flatten().tolist()) == set(scene.objects[0].patches(FINE_SCALE))
+
+
+def test_attribute_loss_leaves_out_an_attribute_with_no_target():
+    g = torch.Generator().manual_seed(0)
+    scores = [torch.randn(2, 5, n, generator=g) for n in (6, 5, 11)]
+    targets = torch.stack([torch.randint(0, 6, (2, 5), generator=g), torch.randint(0, 5, (2, 5), generator=g),
+                           torch.full((2, 5), -100)], dim=-1)
+    expected = (F.cross_entropy(scores[0].flatten(0, 1), targets[..., 0].flatten())
+                + F.cross_entropy(scores[1].flatten(0, 1), targets[..., 1].flatten())) / 2
+    torch.testing.assert_close(attribute_loss(scores, targets), expected)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_flex():
+    """A tiny toy (untrained) given FlexAttention's projections, its processor and a fine-scene batch."""
+    torch.manual_seed(0)
+    tokenizer = train_tokenizer()
+    image_token_id = tokenizer.token_to_id("<image>")
+    config = toy_config(tokenizer.get_vocab_size(), image_token_id, **TINY)
+    model = tinyavl.LlavaForConditionalGeneration(config).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    flex = with_hires_projections(model, TINY_HIRES)
+    processor = Processor(tokenizer, image_token_id, config.num_image_tokens, IMAGE_SIZE, IMAGE_SIZE,
+                          system_prompt=LLAVA_SYSTEM_PROMPT, hires_scale=FINE_SCALE)
+    batch = make_batch(scene_stream("test", 0, fine=True), processor, 2, 2, tokenizer.token_to_id("<pad>"))
+    return model, flex, processor, batch
+
+
+def test_the_projections_start_as_copies_and_blended_out_the_model_is_the_plain_one(tiny_flex):
+    model, flex, _, batch = tiny_flex
+    for i, layer in enumerate(flex.language_model.model.layers):
+        attn = layer.self_attn
+        assert hasattr(attn, "k_proj_hd") == (i >= TINY_HIRES.first_layer)
+        if i >= TINY_HIRES.first_layer:
+            assert torch.equal(attn.k_proj_hd.weight, attn.k_proj.weight)
+            assert torch.equal(attn.v_proj_hd.weight, attn.v_proj.weight)
+    ids, pixels = batch["input_ids"], batch["pixel_values"]
+    with torch.no_grad():
+        off = flex(ids, pixels, hires=flex.hires_view(ids, batch["hires_pixel_values"], alpha=0.0, first_row=0))
+        assert torch.equal(off, model(ids, pixels))
+
+
+def test_a_fine_batch_carries_both_views_and_their_targets(tiny_flex):
+    _, _, _, batch = tiny_flex
+    assert batch["pixel_values"].shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert batch["hires_pixel_values"].shape == (2, 3, 384, 384)
+    assert batch["patch_targets"].shape == (2, 144, 3) and batch["hires_patch_targets"].shape == (2, N_HD, 3)
+
+
+def test_training_losses_with_the_view(tiny_flex):
+    """Blend 0: the answer loss is the plain model's, and the patch loss is the mean of the two views'.
+    Blend 1: the answer loss moves, and its gradient reaches the new projections."""
+    model, flex, processor, batch = tiny_flex
+    probe = PatchProbe(processor.tokenizer, flex.config.text.hidden_size)
+    plain_batch = {key: value for key, value in batch.items() if not key.startswith("hires")}
+    with torch.no_grad():
+        plain_lm, plain_patch = losses(model, probe, plain_batch)
+        lm, patch = losses(flex, probe, batch, hires_alpha=0.0)
+        view = flex.hires_view(batch["input_ids"], batch["hires_pixel_values"])
+        words = flex.language_model.model.embed_tokens.weight
+        high = probe.loss(view.features, batch["hires_patch_targets"], words)
+    assert torch.equal(lm, plain_lm)
+    torch.testing.assert_close(patch, (plain_patch + high) / 2)
+    flex.requires_grad_(True)
+    try:
+        lm, _ = losses(flex, probe, batch, hires_alpha=1.0)
+        lm.backward()
+        grad = flex.language_model.model.layers[1].self_attn.k_proj_hd.weight.grad
+        assert not torch.equal(lm.detach(), plain_lm) and grad is not None and grad.abs().sum() > 0
+    finally:
+        flex.zero_grad(set_to_none=True)
+        flex.requires_grad_(False)
+
+
+def test_the_hires_trainer_writes_a_flexattention_toy(tmp_path):
+    torch.manual_seed(0)
+    base_model, base_processor, _ = train(steps=1, batch_size=2, config_overrides=TINY | {"text_layers": 4},
+                                          log=lambda *_: None)
+    base = tmp_path / "base"
+    base.mkdir()
+    save_pretrained(base_model, base_processor, base)
+    out = tmp_path / "flex"
+    train_hires_module.main(["--base", str(base), "--out", str(out), "--steps", "2", "--batch-size", "2",
+                             "--eval-every", "0"])
+    model, processor = tinyavl.load_pretrained(out)
+    assert model.config.hires == train_hires_module.HIRES and processor.hires_scale == FINE_SCALE
+    assert Image.open(out / "examples" / "scene-0.png").size == (384, 384)
+    inputs = processor(processor.chat_prompt("What digit is at row 1 column 1?"),
+                       image=out / "examples" / "scene-0.png")
+    tokens, stats = tinyavl.generate(model, **inputs, max_new_tokens=2, eos_token_id=())
+    assert len(tokens) == 2 and stats.hires_tokens_read > 0
+
+
+def test_the_hires_trainer_refuses_to_overwrite_its_base(tmp_path, capsys):
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    with pytest.raises(SystemExit) as exit_:
+        train_hires_module.main(["--base", str(base), "--out", str(base), "--force"])
+    assert exit_.value.code == 2 and "--base" in capsys.readouterr().err
+
+
+def test_the_hires_trainer_refuses_a_base_too_shallow_for_its_layers(tmp_path, capsys):
+    torch.manual_seed(0)
+    base_model, base_processor, _ = train(steps=1, batch_size=2, config_overrides=TINY, log=lambda *_: None)
+    save_pretrained(base_model, base_processor, tmp_path)                          # 2 decoder layers
+    with pytest.raises(SystemExit) as exit_:
+        train_hires_module.main(["--base", str(tmp_path), "--out", str(tmp_path / "flex")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "--base" in err and "first_layer 3" in err
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------------
+
+def test_in_sequence_pairs_by_hand():
+    # A 10-token prompt whose 4 image tokens become 16: 22 tokens, 22 * 23 / 2 = 253 causal pairs a layer,
+    # then 2 decode steps over 23 and 24 keys: 3 layers x 300.
+    assert in_sequence_pairs(10, 4, 16, 2, 3) == 900
+
+
+def test_attention_pairs_count_the_prefill_the_steps_and_the_high_resolution_keys(tiny_flex):
+    """Dense attention without the view: the prefill's causal pairs and each step's keys, in every layer,
+    which is in_sequence_pairs with as many tokens in the sequence. Reading every block adds each served
+    row's N_HD keys in every layer from first_layer on."""
+    _, flex, processor, _ = tiny_flex
+    scene, _ = next(scene_stream("eval", 0, fine=True))
+    inputs = processor(processor.chat_prompt("What digit is at row 1 column 1?"), image=scene.image())
+    prompt, layers = inputs["input_ids"].shape[1], flex.config.text.num_hidden_layers
+    _, plain = tinyavl.generate(flex, inputs["input_ids"], inputs["pixel_values"], max_new_tokens=3, eos_token_id=())
+    assert attention_pairs(plain) == in_sequence_pairs(prompt, 144, 144, 2, layers)
+    _, every = tinyavl.generate(flex, **inputs, hires_top=16, max_new_tokens=3, eos_token_id=())
+    served_rows, hires_layers = 3, layers - TINY_HIRES.first_layer
+    assert every.hires_tokens_read == served_rows * hires_layers * N_HD
+    assert attention_pairs(every) == attention_pairs(plain) + every.hires_tokens_read
+
+
+def test_evaluate_reads_what_its_hires_mode_says(tiny_flex):
+    _, flex, processor, _ = tiny_flex
+    questions = [q for q in held_out_set(0, 1, fine=True) if q.kind == "digit"]
+    reads = {mode: evaluate(flex, processor, questions, max_new_tokens=2, hires_mode=mode)["hires_tokens_read"]
+             for mode in ("low-res", "selection", "every block")}
+    # One layer reads: every block is N_HD keys for each of the (1 or 2) served rows.
+    assert reads["low-res"] == 0 and reads["selection"] > 0 and reads["every block"] in (N_HD, 2 * N_HD)
+
+
+def fake_report(policy, mode, digit, mflops):
+    return {"policy": policy, "mode": mode, "accuracy_by_type": dict.fromkeys(
+                ("colour", "shape", "count", "digit", "where", "caption"), 0.5) | {"digit": digit},
+            "accuracy_by_type_ci": {"digit": (digit - 0.1, digit + 0.1)}, "kv_ratio": 1.0,
+            "hires_tokens_read": 0, "attention_mflops": mflops, "in_sequence_mflops": 100.0}
+
+
+def test_the_table_compares_each_mode_with_every_block_and_the_sequence(tmp_path):
+    reports = [fake_report("full", "low-res", 0.2, 10.0), fake_report("full", "selection", 0.9, 12.0),
+               fake_report("full", "every block", 0.95, 20.0)]
+    lines = format_table(reports).splitlines()
+    assert len(lines) == 2 + 3 + 1
+    assert lines[3].startswith("| full | selection | 0.90 (0.80-1.00) |") and "| 12.0 | 0.60 | 0.120 |" in lines[3]
+    assert "not trained" in lines[-1] and "| 100.0 |" in lines[-1]
+    path = tmp_path / "hires.png"
+    plot(reports, path, "title")
+    assert Image.open(path).size[0] > 0
+
+
+@pytest.mark.parametrize("argv, message", [(["--n", "0"], "--n must be at least 1"),
+                                           (["--weights", "nowhere"], "no model folder"),
+                                           (["--weights", str(TOY)], "has no hires_config")])
+def test_evaluate_hires_bad_input_is_one_line(argv, message, capsys):
+    assert evaluate_hires_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# The committed FlexAttention toy (weights/toy-hires)
+# ---------------------------------------------------------------------------------------------------
+
+HIRES_TOY = TOY.parent / "toy-hires"
+EXAMPLE_IMAGES = ("scene-0.png", "scene-1.png", "scene-2.png", "scene-3.png")
+
+
+@pytest.fixture(scope="module")
+def hires_toy():
+    return tinyavl.load_pretrained(HIRES_TOY, device="cpu")
+
+
+def test_the_committed_hires_toy_is_the_toy_with_flexattention(hires_toy):
+    model, processor = hires_toy
+    assert model.config.hires == train_hires_module.HIRES and processor.hires_scale == FINE_SCALE
+    # Its examples are the first toy's scenes (the same truth), drawn fine.
+    truth = json.loads((HIRES_TOY / "examples" / "examples.json").read_text())
+    assert truth == json.loads((TOY / "examples" / "examples.json").read_text())
+    assert all(Image.open(HIRES_TOY / "examples" / image).size == (384, 384) for image in EXAMPLE_IMAGES)
+    size = sum(f.stat().st_size for f in HIRES_TOY.rglob("*") if f.is_file())
+    assert size < 25 * 2 ** 20
+
+
+@pytest.mark.parametrize("image", EXAMPLE_IMAGES)
+def test_golden_fine_digit(hires_toy, image):
+    """Every example's digit question, answered with the selection: the truth of examples.json."""
+    model, processor = hires_toy
+    truth = json.loads((HIRES_TOY / "examples" / "examples.json").read_text())[image]
+    question = next(q for q in truth if q.startswith("What digit"))
+    inputs = processor(processor.chat_prompt(question), image=HIRES_TOY / "examples" / image)
+    tokens, stats = tinyavl.generate(model, **inputs, max_new_tokens=4)
+    assert processor.decode(tokens).strip() == truth[question] and stats.hires_tokens_read > 0

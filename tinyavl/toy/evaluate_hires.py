@@ -1,0 +1,147 @@
+"""FlexAttention on the toy: what the high-resolution view is worth on fine details, and what it costs.
+
+    python -m tinyavl.toy.evaluate_hires --plot tutorial/figures/hires.png    # the table of tutorial/07
+
+The FlexAttention toy (weights/toy-hires, trained by tinyavl/toy/train_hires.py) answers every prompt of
+the held-out fine scenes of a seed (tinyavl/toy/scenes.py: the digits are 9 x 15 px in a 384 px image, a
+blur at the 96 px the sequence sees), reading of the high-resolution view (`HIRES_MODES`):
+- nothing ("low-res": the 96 px view alone, the model without its view),
+- the blocks its selection chooses ("selection": FlexAttention as trained),
+- every block ("every block": the current token reads all 2304 high-resolution tokens),
+each with the dense cache and with A-VL's modality-split cache on the low-resolution sequence (where a
+decode step's selection reads the attention A-VL computed: its core image tokens).
+
+Cost is counted by the accounting formula: an answer's attention computes some (query, key) pairs
+(`evaluate.attention_pairs`: the prefill's causal rows, every decode step's rows, the high-resolution
+keys), each 4 x n_heads x head_dim FLOPs. Beside them, the cost of "all high-resolution tokens in the
+sequence", a LLaVA whose image tokens are the 2304 of the high-resolution map (as LLaVA-1.5-HD and
+LLaVA-1.6 put theirs), for the same prompts and answer lengths: `in_sequence_pairs`. No such toy is
+trained (its 2350-token sequences would train over 10x slower than these), so that row has a cost and no
+accuracy.
+"""
+import sys
+from pathlib import Path
+
+from tinyavl import load_pretrained
+from tinyavl.cli import HIRES_TOY_WEIGHTS, ArgumentParser, run_command
+from tinyavl.errors import UserError
+from tinyavl.files import check_output_file
+from tinyavl.toy.evaluate import HIRES_MODES, evaluate, format_interval, held_out_set, markdown_table
+from tinyavl.toy.plot import save_line_plot
+from tinyavl.toy.scenes import PROMPT_KINDS
+
+POLICIES = ("full", "avl")   # the dense cache, and A-VL at its defaults
+FINE_KIND = "digit"          # the question type that asks for a fine detail
+
+
+def in_sequence_pairs(prompt_tokens: int, n_img: int, n_hd: int, decode_steps: int, n_layers: int) -> int:
+    """The attention pairs of the same answer by a model whose prompt holds the n_hd high-resolution tokens
+    in place of the n_img low-resolution ones: a causal prefill over the longer prompt in every layer, then
+    each decode step's query over everything before it."""
+    n = prompt_tokens - n_img + n_hd
+    return n_layers * (n * (n + 1) // 2 + sum(n + step + 1 for step in range(decode_steps)))
+
+
+def attention_mflops(pairs: float, model) -> float:
+    """The accounting formula: 4 x n_heads x head_dim FLOPs per (query, key) pair, in MFLOPs."""
+    text = model.config.text
+    return pairs * 4 * text.num_attention_heads * text.head_dim / 1e6
+
+
+def compare(model, processor, questions, log=None) -> list[dict]:
+    """One report (tinyavl.toy.evaluate's) per policy and mode, each with "mode", "attention_mflops" (an
+    answer's, from its attention_pairs) and "in_sequence_mflops" (the same for `in_sequence_pairs`, the
+    mean over the same prompts and answer lengths)."""
+    text, hires = model.config.text, model.config.hires
+    n_hd = (model.config.vision.image_size // model.config.vision.patch_size * hires.scale) ** 2
+    reports = []
+    for policy in POLICIES:
+        for mode in HIRES_MODES:
+            in_sequence = []
+
+            def on_answer(question, prediction, cache, inputs):
+                prompt = inputs["input_ids"].shape[1]
+                in_sequence.append(in_sequence_pairs(prompt, cache.n_img, n_hd, cache.next_pos - prompt,
+                                                     text.num_hidden_layers))
+
+            report = evaluate(model, processor, questions, policy, on_answer=on_answer, hires_mode=mode)
+            report.update(mode=mode, attention_mflops=attention_mflops(report["attention_pairs"], model),
+                          in_sequence_mflops=attention_mflops(sum(in_sequence) / len(in_sequence), model))
+            reports.append(report)
+            if log:
+                log(f"{policy} {mode}: {FINE_KIND} {report['accuracy_by_type'][FINE_KIND]:.3f}, all "
+                    f"{report['accuracy']:.3f}, {report['attention_mflops']:.1f} attention MFLOPs an answer "
+                    f"({report['seconds']:.0f} s)")
+    return reports
+
+
+def format_table(reports: list[dict]) -> str:
+    """Markdown: per policy and mode, the fine-detail accuracy (95% interval), the other types', the
+    high-resolution keys read and the attention MFLOPs an answer, as a share of "every block" (same
+    policy) and of all high-resolution tokens in the sequence."""
+    every = {r["policy"]: r["attention_mflops"] for r in reports if r["mode"] == "every block"}
+    head = (["policy", "reads", FINE_KIND] + [kind for kind in PROMPT_KINDS if kind != FINE_KIND]
+            + ["KV bytes", "high-res keys", "attention MFLOPs", "of every block", "of in-sequence"])
+    rows = []
+    for r in reports:
+        cells = [r["policy"], r["mode"]]
+        cells += [format_interval(r["accuracy_by_type"][FINE_KIND], r["accuracy_by_type_ci"][FINE_KIND])]
+        cells += [f"{r['accuracy_by_type'][kind]:.2f}" for kind in PROMPT_KINDS if kind != FINE_KIND]
+        cells += [f"{r['kv_ratio']:.2f}", f"{r['hires_tokens_read']:.0f}",
+                  f"{r['attention_mflops']:.1f}", f"{r['attention_mflops'] / every[r['policy']]:.2f}",
+                  f"{r['attention_mflops'] / r['in_sequence_mflops']:.3f}"]
+        rows.append(cells)
+    rows.append(["full", "all high-res tokens in the sequence (not trained: cost only)"] + ["-"] * 8 +
+                [f"{reports[0]['in_sequence_mflops']:.1f}", "-", "1.000"])
+    return "\n".join(markdown_table(head, rows))
+
+
+def plot(reports: list[dict], path: Path, title: str) -> None:
+    """Fine-detail accuracy (95% interval) against the attention MFLOPs an answer, a line per policy."""
+    series = {}
+    for r in reports:
+        interval = r["accuracy_by_type_ci"][FINE_KIND]
+        series.setdefault(r["policy"], []).append(
+            (r["attention_mflops"], r["accuracy_by_type"][FINE_KIND], *interval))
+    save_line_plot(path, series, x_label="attention MFLOPs an answer (accounting formula)",
+                   y_label=f"{FINE_KIND} accuracy", title=title, y_range=(0, 1))
+
+
+def parse_args(argv):
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--weights", type=Path, default=HIRES_TOY_WEIGHTS, help="a FlexAttention toy folder")
+    parser.add_argument("--seed", type=int, default=1, help="which held-out set (any integer)")
+    parser.add_argument("--n", type=int, default=100, help="scenes (each gets 6 prompts)")
+    parser.add_argument("--plot", type=Path, default=None, metavar="OUT.png",
+                        help="draw the fine-detail accuracy against attention MFLOPs")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser.parse_args(argv)
+
+
+def run(args) -> dict:
+    if args.n < 1:
+        raise UserError(f"--n must be at least 1, got {args.n}")
+    if args.plot is not None:
+        check_output_file(args.plot, "--plot", inputs=[args.weights], suffixes=(".png",))
+    if not args.weights.is_dir():
+        raise UserError(f"no model folder at {args.weights}: train one with python -m tinyavl.toy.train_hires")
+    model, processor = load_pretrained(args.weights, device="cpu", dtype="float32")
+    if model.config.hires is None:
+        raise UserError(f"{args.weights} has no hires_config: train a FlexAttention toy with "
+                        "python -m tinyavl.toy.train_hires")
+    log = None if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
+    reports = compare(model, processor, held_out_set(args.seed, args.n, fine=True), log)
+    if args.plot is not None:
+        plot(reports, args.plot, f"FlexAttention toy, {args.n} fine scenes (seed {args.seed}) x 6 prompts")
+        if log:
+            log(f"wrote {args.plot}")
+    return {"seed": args.seed, "n_scenes": args.n, "rows": reports}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    return run_command(run, args, show=lambda result: print(format_table(result["rows"])))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

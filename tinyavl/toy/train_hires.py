@@ -1,0 +1,129 @@
+"""Train the FlexAttention toy: the committed toy LLaVA, given FlexAttention's projections and fine-tuned
+on fine scenes, whose digits only a high-resolution view of the image can read (tutorial/07).
+
+    python -m tinyavl.toy.train_hires --out weights/toy-hires --force    # the committed one (seed 0), replaced
+
+FlexAttention (Li et al., ECCV 2024) is not trained from scratch: it fine-tunes a trained LLaVA-1.5 with
+two new projections per layer (`k_proj_hd`, `v_proj_hd`, initialised as copies of `k_proj`, `v_proj`) for
+one epoch, the hierarchical output blended in with alpha = min(1, 10 x progress). This does the same
+to the toy of tinyavl/toy/train.py (`--base`, default weights/toy), with `HIRES`:
+- the image is drawn at 384 px (a fine scene, tinyavl/toy/scenes.py): the sequence gets its 96 px view
+  (144 tokens, 12 x 12) as always, and the high-resolution view is its 4 x 4 crops of 96 px through the
+  same tower and projector, a 48 x 48 map of 2304 features that never enters the sequence. Scale 4, not
+  FlexAttention's 3: a crop is then one place of the scene's grid, and the digit is drawn in it at the
+  size the toy's tower learnt digits at, 9 x 15 px (at 3x, digits small enough to blur at 96 px were
+  6 x 10 px, which the tower did not learn to read: its patch probe named 0.17 of them after 300 steps
+  of the tower alone, chance being 0.10);
+- blocks: the 12 x 12 attention map pooled to 4 x 4 blocks, each one place (3 x 3 low-resolution
+  tokens, 12 x 12 high-resolution ones);
+- first_layer 3: layer 2 chooses, layer 3 (the last) reads. The committed toy's last prompt token, asked
+  for a digit, points at the object's place in layer 2 (the chosen blocks hold it for every question,
+  1.4 blocks of 16 on average) but not yet in layers 0 and 1 (the place in 85-92% of questions, with
+  7-10 blocks): the measurement is in tutorial/07;
+- every row after the image is served in training (each answer token's row is the current token of its
+  own decoding step, so teacher forcing trains what generation runs), with the toy's image-token dropout
+  in half of the sequences, so that what the first toy learnt of redundancy stays;
+- the patch probe of tinyavl/toy/train.py also names what each high-resolution feature shows, as it
+  names what each low-resolution one shows (a fine scene's small digit has no target there: it is not
+  legible at 96 px); everything is trained, the tower included, because the toy's tower has never seen
+  a digit this small (FlexAttention keeps CLIP frozen, which reads 336 px crops well already).
+"""
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from tinyavl import load_pretrained
+from tinyavl.cli import TOY_WEIGHTS, ArgumentParser
+from tinyavl.errors import UserError
+from tinyavl.files import check_new_folder, write_folder_atomically
+from tinyavl.model import HiresConfig, LlavaForConditionalGeneration
+from tinyavl.toy.scenes import FINE_SCALE, scene_stream
+from tinyavl.toy.train import PatchProbe, deterministic_algorithms, optimise, save_pretrained, write_examples
+
+HIRES = HiresConfig(scale=FINE_SCALE, first_layer=3, threshold=48.0, blocks=4)
+STEPS = 1100
+BATCH_SIZE = 16             # half the first toy's: a step also runs the tower on 16 crops of every image
+IMAGE_DROPOUT = 0.75        # the largest fraction of a sequence's image tokens hidden, as in the first toy's stage 2
+IMAGE_DROPOUT_SHARE = 0.5   # in this share of the sequences
+
+
+def with_hires_projections(model: LlavaForConditionalGeneration, hires: HiresConfig) -> LlavaForConditionalGeneration:
+    """A copy of the model with FlexAttention's view (config.hires) and, in every layer from
+    hires.first_layer on, k_proj_hd and v_proj_hd initialised as copies of k_proj and v_proj."""
+    config = replace(model.config, hires=hires)
+    config.validate()
+    flex = LlavaForConditionalGeneration(config)
+    missing, unexpected = flex.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and all("_proj_hd." in key for key in missing), (missing, unexpected)
+    with torch.no_grad():
+        for layer in flex.language_model.model.layers[hires.first_layer:]:
+            attn = layer.self_attn
+            attn.k_proj_hd.load_state_dict(attn.k_proj.state_dict())
+            attn.v_proj_hd.load_state_dict(attn.v_proj.state_dict())
+    return flex.eval()
+
+
+def from_base(base: Path):
+    """(model, processor): the trained toy in the folder `base` with FlexAttention's view and projections
+    (`HIRES`, `with_hires_projections`), and its processor returning the high-resolution view too."""
+    model, processor = load_pretrained(base)
+    processor.hires_scale = HIRES.scale
+    return with_hires_projections(model, HIRES), processor
+
+
+def train_hires(model, processor, steps: int = STEPS, batch_size: int = BATCH_SIZE, lr: float = 8e-4, seed: int = 0,
+                turns: int = 4, image_dropout: float = IMAGE_DROPOUT, image_dropout_share: float = IMAGE_DROPOUT_SHARE,
+                log_every: int = 100, eval_every: int = 0, log=None) -> list[tuple[int, float, float]]:
+    """Fine-tune a model `from_base` on fine scenes (seed: their stream, the dropout draws); returns the
+    history of (step, lm_loss, aux_loss)."""
+    log = log or partial(print, flush=True)
+    torch.manual_seed(seed)
+    probe = PatchProbe(processor.tokenizer, model.config.text.hidden_size)
+    log(f"FlexAttention toy: {steps} steps on fine scenes, {model.config.hires}")
+    return optimise(model, probe, processor, scene_stream("hires", seed, fine=True), steps, lr,
+                    min(100, steps // 10 + 1), batch_size, turns, 1.0, image_dropout, image_dropout_share,
+                    torch.Generator().manual_seed(seed), log_every, eval_every, log)
+
+
+def main(argv=None) -> None:
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--base", type=Path, default=TOY_WEIGHTS, help="the trained toy to start from")
+    parser.add_argument("--out", type=Path, required=True, help="folder to write (llava-hf layout)")
+    parser.add_argument("--force", action="store_true", help="replace --out if it already holds files")
+    parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    parser.add_argument("--lr", type=float, default=8e-4)
+    parser.add_argument("--seed", type=int, default=0, help="the training scene stream and the dropout draws")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (results depend on it)")
+    parser.add_argument("--eval-every", type=int, default=550,
+                        help="steps between held-out accuracy reports (0: none; they do not change the weights)")
+    args = parser.parse_args(argv)
+    for name in ("steps", "batch_size", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    try:
+        check_new_folder(args.out, args.force)  # before the training, not after
+        if args.out.resolve() == args.base.resolve():
+            raise UserError("is the --base it starts from; write the FlexAttention toy elsewhere")
+    except UserError as err:
+        parser.error(f"--out: {err}")
+    try:
+        model, processor = from_base(args.base)
+    except UserError as err:
+        parser.error(f"--base: {err}")
+    torch.set_num_threads(args.threads)
+    with deterministic_algorithms():
+        train_hires(model, processor, args.steps, args.batch_size, args.lr, args.seed, eval_every=args.eval_every)
+
+    def write(folder: Path) -> None:
+        save_pretrained(model, processor, folder)
+        write_examples(folder, fine=True)
+
+    write_folder_atomically(args.out, write, force=args.force)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
