@@ -62,9 +62,9 @@ def test_chat_example_trains_only_the_answers():
     processor = tinyavl.Processor(tokenizer, image_id, (IMAGE_SIZE // PATCH) ** 2, IMAGE_SIZE, IMAGE_SIZE,
                                   system_prompt=LLAVA_SYSTEM_PROMPT)
     scene, rng = next(scene_stream("eval", 5))
-    ids, labels, pixel_values = chat_example(scene, rng, processor, turns=3)
+    ids, labels, image = chat_example(scene, rng, processor, turns=3)
     assert len(ids) == len(labels)
-    assert torch.equal(pixel_values, processor.preprocess(scene.image()))
+    assert list(image) == ["pixel_values"] and torch.equal(image["pixel_values"][0], processor.preprocess(scene.image()))
     assert ids[0] == processor.bos_token_id and ids.count(image_id) == (IMAGE_SIZE // PATCH) ** 2
     # Labels sit on their own tokens (the shift happens in the loss) and only on the three answers + </s>.
     assert all(label in (-100, token) for token, label in zip(ids, labels))
