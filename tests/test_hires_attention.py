@@ -3,8 +3,10 @@ import numpy as np
 import pytest
 import torch
 
+from tinyavl import hires
 from tinyavl.cache import AVLCache, make_cache
 from tinyavl.errors import UserError
+from tinyavl.generate import generate
 from tinyavl.model import HiresConfig, LlavaConfig, LlavaForConditionalGeneration, TextConfig, VisionConfig
 
 
@@ -106,6 +108,13 @@ def test_models_without_projections_are_refused():
         model.hires_view(ids, hires_pixels)
 
 
+def test_hires_top_without_the_view_is_refused():
+    model = tiny_model()
+    ids, pixels, _ = inputs()
+    with pytest.raises(UserError, match="pass hires_pixel_values"):
+        generate(model, ids, pixels, hires_top=2, max_new_tokens=1)
+
+
 def cached_logits(model, policy, params, steps=4):
     """(steps + 1, vocab): the prefill's and each greedy decode step's logits under a policy, with the view."""
     ids, pixels, hires_pixels = inputs()
@@ -153,6 +162,40 @@ def test_under_avl_a_decode_step_chooses_among_the_image_tokens_it_computed():
     chosen = cache.hires.chosen[0, 0].view(side, side)[::2, ::2].flatten()      # one token of each block
     assert chosen.any() and set(chosen.nonzero().flatten().tolist()) <= set(core)
     assert len(core) == 4 and cache.attended[last] < 3 + 16                      # it did skip image tokens
+
+
+@pytest.mark.parametrize("seed, heavy, recent", [(0, 0.2, 0.3), (2, 0.4, 0.2)])
+def test_under_h2o_each_head_places_its_attention_by_its_own_rows(seed, heavy, recent):
+    """H2O evicts per head, so after the prefill one row holds a different image token in each KV head.
+    A decode step's choice, against a float64 reference: each query head's attention over the keys the
+    step attended, put on the grid by that head's own positions, summed over heads, then the blocks. One
+    block per image token, so a token put on another head's place changes the choice. The two cases are
+    ones where the last layer's heads hold different rows (most budgets evict the same ones)."""
+    model = tiny_model(blocks=4, seed=seed)
+    ids, pixels, hires_pixels = inputs(seed + 1)
+    cache = make_cache("h2o", heavy=heavy, recent=recent)
+    cache.begin(3, 3, 16, new_tokens=2)
+    queries, attend = {}, cache.attend
+
+    def recording_attend(layer, q, k, v, pos):
+        queries[layer] = q
+        return attend(layer, q, k, v, pos)
+
+    cache.attend = recording_attend
+    with torch.no_grad():
+        logits = model(ids, pixels, cache=cache, hires=model.hires_view(ids, hires_pixels))[0, -1]
+        model(logits.argmax().view(1, 1), cache=cache)
+    last = model.config.text.num_hidden_layers - 1                 # the choice left is the last layer's
+    q, (keys, positions) = queries[last].double(), cache.hires_keys  # (1, 4, 1, 8), (1, 2, n, 8), (1, 2, n)
+    assert not torch.equal(positions[0, 0], positions[0, 1])       # the case this test is about
+    grid = torch.zeros(16, dtype=torch.float64)
+    for head in range(4):
+        probs = (q[0, head, -1] @ keys[0, head // 2].double().T / 8 ** 0.5).softmax(-1)
+        for p, position in zip(probs, positions[0, head // 2].tolist()):
+            if 3 <= position < 3 + 16:                             # 3 sys tokens, then the 16 image tokens
+                grid[position - 3] += p
+    blocks = hires.threshold_blocks(hires.block_scores(grid[None].float(), (4, 4), 4), 48)
+    assert torch.equal(cache.hires.chosen[0, -1], hires.block_tokens(blocks, 8)[0])
 
 
 @pytest.mark.parametrize("field, value, message", [("first_layer", 3, "first_layer"), ("blocks", 3, "blocks"),

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import tinyavl
-from tinyavl.model import HiresConfig
+from tinyavl.model import HiresConfig, stitch_tiles
 from tinyavl.processing import LLAVA_SYSTEM_PROMPT, Processor
 from tinyavl.toy import train_hires as train_hires_module
 from tinyavl.toy.evaluate import attention_pairs, evaluate, held_out_set
@@ -24,12 +24,13 @@ from tinyavl.toy.evaluate_hires import main as evaluate_hires_main
 from tinyavl.toy.scenes import (COLOURS, DIGIT_COLOUR, FINE_SCALE, IMAGE_SIZE, PATCH, Scene, SceneObject,
                                 scene_stream)
 from tinyavl.toy.train import (PATCH_CLASSES, PatchProbe, attribute_loss, losses, make_batch, patch_targets,
-                               save_pretrained, toy_config, train, train_tokenizer)
-from tinyavl.toy.train_hires import with_hires_projections
+                               save_pretrained, tile_patch_targets, toy_config, train, train_tokenizer)
+from tinyavl.toy.train_hires import FINE_CANVAS, with_hires_projections
 
 TOY = Path(__file__).resolve().parent.parent / "weights" / "toy"
 TINY = dict(vision_width=32, vision_layers=1, text_width=32, text_layers=2)
 N_HD = (IMAGE_SIZE * FINE_SCALE // PATCH) ** 2   # high-resolution tokens: 48 x 48
+N_TILED = 144 + 48 * (48 + 1)                    # LLaVA-1.6's image block: the base crop, the map, a newline a row
 TINY_HIRES = HiresConfig(scale=FINE_SCALE, first_layer=1, threshold=48, blocks=4)
 
 
@@ -83,6 +84,17 @@ def test_fine_patch_targets_name_the_digit_only_at_high_resolution():
     assert (high[:, 2] == one).nonzero().flatten().tolist() == [196, 197, 245]
     shape = PATCH_CLASSES[0].index("square") + 1
     assert set((high[:, 0] == shape).nonzero().flatten().tolist()) == set(scene.objects[0].patches(FINE_SCALE))
+
+
+def test_tile_targets_follow_the_crops_as_the_model_stitches_them():
+    """The base crop's targets (the low-resolution image's), then each tile's: stitched as the model
+    stitches tile features into its map, the tiles' targets are the high-resolution map's."""
+    scene, _ = next(scene_stream("test", 1, fine=True))
+    targets = tile_patch_targets(scene)                                   # (144 + 16 x 144, 3)
+    assert targets.shape == (144 + N_HD, 3) and torch.equal(targets[:144], patch_targets(scene))
+    tiles = targets[144:].view(FINE_SCALE ** 2, 144, 3)
+    assert torch.equal(stitch_tiles(tiles, FINE_SCALE, FINE_SCALE).flatten(0, 1), patch_targets(scene, hires=True))
+    assert (targets[144:, 2] > 0).any() and (targets[:144, 2] == -100).all()   # digits legible in the tiles only
 
 
 def test_attribute_loss_leaves_out_an_attribute_with_no_target():
@@ -179,6 +191,30 @@ def test_the_hires_trainer_writes_a_flexattention_toy(tmp_path):
                        image=out / "examples" / "scene-0.png")
     tokens, stats = tinyavl.generate(model, **inputs, max_new_tokens=2, eos_token_id=())
     assert len(tokens) == 2 and stats.hires_tokens_read > 0
+
+
+def test_the_in_sequence_trainer_writes_a_tiled_toy_that_costs_what_the_table_counts(tmp_path):
+    """--in-sequence: a LLaVA-1.6 toy whose one canvas is the fine scene (2496 image tokens); its
+    generation computes exactly the attention pairs in_sequence_pairs counts for the low-resolution
+    prompt of the same question."""
+    torch.manual_seed(0)
+    base_model, base_processor, _ = train(steps=1, batch_size=2, config_overrides=TINY, log=lambda *_: None)
+    base = tmp_path / "base"
+    base.mkdir()
+    save_pretrained(base_model, base_processor, base)
+    out = tmp_path / "tiles"
+    train_hires_module.main(["--in-sequence", "--base", str(base), "--out", str(out), "--steps", "1",
+                             "--batch-size", "2", "--eval-every", "0"])
+    model, processor = tinyavl.load_pretrained(out)
+    assert model.config.image_grid_pinpoints == [FINE_CANVAS] == processor.image_grid_pinpoints
+    assert model.config.hires is None and model.image_newline.abs().sum() > 0
+    prompt, image = base_processor.chat_prompt("What digit is at row 1 column 1?"), out / "examples" / "scene-0.png"
+    inputs = processor(prompt, image=image)
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == N_TILED
+    _, stats = tinyavl.generate(model, **inputs, max_new_tokens=3, eos_token_id=())
+    low_res_prompt = base_processor(prompt, image=image)["input_ids"].shape[1]
+    assert attention_pairs(stats) == in_sequence_pairs(low_res_prompt, 144, N_TILED, 2,
+                                                       model.config.text.num_hidden_layers)
 
 
 def test_the_hires_trainer_refuses_to_overwrite_its_base(tmp_path, capsys):

@@ -266,11 +266,12 @@ class KVCache:
         self.attended[layer] = self.k[layer].shape[2] if rows is None else len(rows)
         if self.hires is not None:
             # FlexAttention's current token merges its row with the high-resolution keys and chooses from
-            # its attention over the image: it needs the keys this step attended, as they were. Copies:
-            # the policy's update evicts and moves rows in place (at the prefill, in the prompt's own
-            # tensors). Sys and image rows are the same rows in every head; head 0's positions say which.
-            keys, pos = self.selected(layer, rows)[0], self.pos[layer][0, 0]             # (B, Hkv, n', hs), (n,)
-            self.hires_keys = (keys.clone(), pos.clone()) if rows is None else (keys, pos[rows])
+            # its attention over the image: it needs the keys this step attended, as they were, with each
+            # head's positions (H2O keeps different rows in each head). Copies: the policy's update evicts
+            # and moves rows in place (at the prefill, in the prompt's own tensors).
+            keys, pos = self.k[layer], self.pos[layer]                                    # (B, Hkv, n, hs), (B, Hkv, n)
+            self.hires_keys = ((keys.clone(), pos.clone()) if rows is None
+                               else (keys.index_select(2, rows), pos[..., rows]))
         self.update(layer, q, rows, last_row)
         return out
 

@@ -109,6 +109,8 @@ def generate(model, input_ids, pixel_values=None, *, image_sizes=None, hires_pix
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"generate takes one prompt of shape (1, T), got {tuple(input_ids.shape)}")
     check_generation_args(max_new_tokens, temperature, top_p, seed)
+    if hires_top is not None and hires_pixel_values is None:
+        raise UserError("hires_top picks blocks of the high-resolution view: pass hires_pixel_values too")
     cache = make_cache(policy, **policy_params) if isinstance(policy, str) else policy
     text = model.config.text
     prompt_len = input_ids.shape[1]

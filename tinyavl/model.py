@@ -449,7 +449,7 @@ class LlamaAttention(nn.Module):
             y = cache.attend(self.layer_idx, q, k, v, positions)  # the policy stores k, v, picks what to attend
         if hires is not None:  # FlexAttention: the current token also reads chosen high-resolution tokens
             if cache is None:
-                y = hires.layer(self, norm, q, k, y, positions, positions, visible)
+                y = hires.layer(self, norm, q, k, y, positions, positions.expand(B, self.n_kv_heads, T), visible)
             else:  # the keys the policy let this step attend, set aside by cache.attend before it evicted
                 keys, key_positions = cache.hires_keys
                 y = hires.layer(self, norm, q, keys, y, positions, key_positions)
@@ -528,18 +528,18 @@ class LlamaForCausalLM(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------
-# FlexAttention's hierarchical attention: the last query row also reads chosen high-resolution tokens.
+# FlexAttention's hierarchical attention: the served rows also read chosen high-resolution tokens.
 # ---------------------------------------------------------------------------------------------------
 
 @dataclass
 class HiresView:
-    """One sequence's high-resolution view (FlexAttention; tinyavl/hires.py), for the rows it serves.
+    """A batch's high-resolution view (FlexAttention; tinyavl/hires.py), for the rows it serves.
 
     features (B, N_hd, C): the projector's features of the side x side high-resolution map, in reading
     order; cos, sin (N_hd, hs): their RoPE tables at hires.hires_positions; image_start: the position of
     the first low-resolution image token; grid: the low-resolution side; first_row: the position of the
-    first row served, the prompt's last token (the current token of the first step; every later token
-    is the current token of its own step). In each layer, a served row attends to its keys and to the
+    first row served, in generation the prompt's last token (the current token of the first step; every
+    later token is the current token of its own step), in training the first after the image. In each layer, a served row attends to its keys and to the
     high-resolution tokens the layer before chose for it, in one softmax; then, from layer
     config.first_layer - 1 on, its attention over the low-resolution image keys chooses for the next.
     The features enter a layer's k_proj_hd and v_proj_hd through the layer's input norm, as every token of
@@ -560,14 +560,17 @@ class HiresView:
 
     def layer(self, attn: "LlamaAttention", norm, q, keys, y, q_positions, key_positions, visible=None):
         """y (B, H, T, hs), a layer's attention output, with its served rows merged with their chosen
-        high-resolution tokens and blended by alpha; and the next layer's choice made. q (B, H, T, hs) and
-        keys (B, Hkv, n, hs) at logical positions q_positions (T,) and key_positions (n,); visible (B, n)
-        bool, the cache-free forward's attention_mask (None: every key)."""
+        high-resolution tokens and blended by alpha; and the next layer's choice made. q (B, H, T, hs) at
+        logical positions q_positions (T,); keys (B, Hkv, n, hs) at key_positions (B, Hkv, n), each head's
+        own (a KV policy may keep different rows in each head); visible (B, n) bool, the cache-free
+        forward's attention_mask (None: every key)."""
         rows = (q_positions >= self.first_row).nonzero().flatten()                     # (R,) served rows of q
         if len(rows) == 0:
             return y
+        H = q.shape[1]
+        key_positions = key_positions.repeat_interleave(H // key_positions.shape[1], dim=1)  # (B, H, n) per query head
         logits = rows_logits(q[:, :, rows], keys)                                       # (B, H, R, n)
-        logits = logits.masked_fill(key_positions[None, :] > q_positions[rows, None], float("-inf"))  # causal
+        logits = logits.masked_fill(key_positions[:, :, None, :] > q_positions[rows, None], float("-inf"))  # causal
         if visible is not None:  # keys hidden from every query (the toy's image-token dropout) choose nothing
             logits = logits.masked_fill(~visible[:, None, None, :], float("-inf"))
         if self.chosen is not None and hasattr(attn, "k_proj_hd"):
@@ -580,12 +583,16 @@ class HiresView:
 
     def choose(self, probs, key_positions):
         """The served rows' choice (B, R, N_hd) from their attention probs (B, H, R, n) over keys at
-        key_positions (n,), summed over heads. An image token the row did not attend (a KV policy evicted
-        it, or did not compute it this step) has attention 0 on the grid."""
-        B, _, R, _ = probs.shape
-        is_image = (key_positions >= self.image_start) & (key_positions < self.image_start + self.grid ** 2)
-        image = probs.new_zeros(B, R, self.grid ** 2)                                   # (B, R, grid^2)
-        image[..., key_positions[is_image] - self.image_start] = probs[..., is_image].sum(1)
+        key_positions (B, H, n), summed over heads. An image token the row did not attend (a KV policy
+        evicted it, or did not compute it this step) has attention 0 on the grid."""
+        B, H, R, n = probs.shape
+        slot = key_positions - self.image_start                                         # (B, H, n): place on the grid
+        is_image = (slot >= 0) & (slot < self.grid ** 2)
+        # Each head's probabilities go to the places of its own keys: H2O, for one, keeps different rows per head.
+        per_head = probs.new_zeros(B, H, R, self.grid ** 2)                             # (B, H, R, grid^2)
+        per_head.scatter_add_(-1, slot.clamp(0, self.grid ** 2 - 1)[:, :, None, :].expand(B, H, R, n),
+                              probs.masked_fill(~is_image[:, :, None, :], 0.0))
+        image = per_head.sum(1)                                                         # (B, R, grid^2)
         scores = hires.block_scores(image.view(B * R, -1), (self.grid, self.grid), self.config.blocks)
         chosen_blocks = (hires.threshold_blocks(scores, self.config.threshold) if self.top is None
                          else hires.top_blocks(scores, self.top))                       # (B R, blocks, blocks)

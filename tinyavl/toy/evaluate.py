@@ -14,7 +14,9 @@ prompts (each type weighs the same, since every scene gets one of each); beside 
 
 Memory and compute are measured, not nominal: kv_ratio is the peak K/V bytes the policy held over
 what the dense cache holds for the same sequence, summed over all prompts; attended_ratio is the
-rows attended per decode step (summed over layers) over the dense count.
+rows attended per decode step (summed over layers) over the dense count. attention_pairs counts the
+(query, key) pairs an answer's attention computed (`attention_pairs`), hires_tokens_read the
+high-resolution keys a FlexAttention toy's view read (tinyavl/toy/evaluate_hires.py), both per answer.
 
 The table (`budget_sweep`): for each share of image tokens kept (BUDGETS), `random` runs first and its
 measured kv_ratio is the budget; A-VL keeps the same share of image tokens (so about the same bytes),
@@ -63,6 +65,13 @@ class Question:
     text: str
     answer: str
     scene: Scene
+
+
+def reads_fine_scenes(config) -> bool:
+    """Whether a toy is trained and measured on fine scenes (small digits): a FlexAttention toy (its
+    high-resolution view) or one with every high-resolution token in the sequence (LLaVA-1.6's tiles,
+    tinyavl/toy/train_hires.py); the first toy reads plain scenes."""
+    return config.hires is not None or config.is_next
 
 
 def held_out_set(seed: int, n_scenes: int, fine: bool = False) -> list[Question]:
@@ -302,8 +311,7 @@ def run(args) -> dict:
     if not args.weights.is_dir():
         raise UserError(f"no model folder at {args.weights}: train one with python -m tinyavl.toy.train")
     model, processor = load_pretrained(args.weights, device="cpu", dtype="float32")
-    # A FlexAttention toy is trained and measured on fine scenes (small digits), the first toy on its own.
-    questions = held_out_set(args.seed, args.n, fine=model.config.hires is not None)
+    questions = held_out_set(args.seed, args.n, fine=reads_fine_scenes(model.config))
 
     if args.table:
         log = None if args.json else (lambda line: print(line, file=sys.stderr, flush=True))

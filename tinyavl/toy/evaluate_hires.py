@@ -14,31 +14,33 @@ decode step's selection reads the attention A-VL computed: its core image tokens
 Cost is counted by the accounting formula: an answer's attention computes some (query, key) pairs
 (`evaluate.attention_pairs`: the prefill's causal rows, every decode step's rows, the high-resolution
 keys), each 4 x n_heads x head_dim FLOPs. Beside them, the cost of "all high-resolution tokens in the
-sequence", a LLaVA whose image tokens are the 2304 of the high-resolution map (as LLaVA-1.5-HD and
-LLaVA-1.6 put theirs), for the same prompts and answer lengths: `in_sequence_pairs`. No such toy is
-trained (over its 2409-token training chats the decoder's forward and backward pass takes 15x as long as
-over these 249), so that row has a cost and no accuracy.
+sequence" for the same prompts and answer lengths (`in_sequence_pairs`): the toy as LLaVA-1.6 tiles the
+384 px image, whose 2496 image tokens are the base crop's 144, the 48 x 48 map and a newline closing each
+of its rows (`train_hires.with_tiles_in_sequence`, trained by `train_hires --in-sequence`). No such toy is
+committed (it trains about 9 times slower than the FlexAttention toy: tinyavl/toy/train_hires.py), so
+that row has a cost and no accuracy.
 """
 import sys
 from pathlib import Path
 
-from tinyavl import load_pretrained
+from tinyavl import anyres, load_pretrained
 from tinyavl.cli import HIRES_TOY_WEIGHTS, ArgumentParser, run_command
 from tinyavl.errors import UserError
 from tinyavl.files import check_output_file
 from tinyavl.toy.evaluate import HIRES_MODES, evaluate, format_interval, held_out_set, markdown_table
 from tinyavl.toy.plot import save_line_plot
 from tinyavl.toy.scenes import PROMPT_KINDS
+from tinyavl.toy.train_hires import FINE_CANVAS
 
 POLICIES = ("full", "avl")   # the dense cache, and A-VL at its defaults
 FINE_KIND = "digit"          # the question type that asks for a fine detail
 
 
-def in_sequence_pairs(prompt_tokens: int, n_img: int, n_hd: int, decode_steps: int, n_layers: int) -> int:
-    """The attention pairs of the same answer by a model whose prompt holds the n_hd high-resolution tokens
-    in place of the n_img low-resolution ones: a causal prefill over the longer prompt in every layer, then
-    each decode step's query over everything before it."""
-    n = prompt_tokens - n_img + n_hd
+def in_sequence_pairs(prompt_tokens: int, n_img: int, n_tiled: int, decode_steps: int, n_layers: int) -> int:
+    """The attention pairs of the same answer by a model whose prompt holds the n_tiled image tokens of
+    the image tiled in the sequence in place of the n_img low-resolution ones: a causal prefill over the
+    longer prompt in every layer, then each decode step's query over everything before it."""
+    n = prompt_tokens - n_img + n_tiled
     return n_layers * (n * (n + 1) // 2 + sum(n + step + 1 for step in range(decode_steps)))
 
 
@@ -52,8 +54,8 @@ def compare(model, processor, questions, log=None) -> list[dict]:
     """One report (tinyavl.toy.evaluate's) per policy and mode, each with "mode", "attention_mflops" (an
     answer's, from its attention_pairs) and "in_sequence_mflops" (the same for `in_sequence_pairs`, the
     mean over the same prompts and answer lengths)."""
-    text, hires = model.config.text, model.config.hires
-    n_hd = (model.config.vision.image_size // model.config.vision.patch_size * hires.scale) ** 2
+    text, vision = model.config.text, model.config.vision
+    n_tiled = anyres.image_token_count(FINE_CANVAS, [FINE_CANVAS], vision.image_size, vision.patch_size)
     reports = []
     for policy in POLICIES:
         for mode in HIRES_MODES:
@@ -61,7 +63,7 @@ def compare(model, processor, questions, log=None) -> list[dict]:
 
             def on_answer(question, prediction, cache, inputs):
                 prompt = inputs["input_ids"].shape[1]
-                in_sequence.append(in_sequence_pairs(prompt, cache.n_img, n_hd, cache.next_pos - prompt,
+                in_sequence.append(in_sequence_pairs(prompt, cache.n_img, n_tiled, cache.next_pos - prompt,
                                                      text.num_hidden_layers))
 
             report = evaluate(model, processor, questions, policy, on_answer=on_answer, hires_mode=mode)

@@ -65,7 +65,7 @@ from tinyavl.errors import UserError
 from tinyavl.files import check_new_folder, write_folder_atomically
 from tinyavl.model import LlavaConfig, LlavaForConditionalGeneration, TextConfig, VisionConfig
 from tinyavl.processing import CLIP_MEAN, CLIP_STD, IMAGE_TOKEN, LLAVA_SYSTEM_PROMPT, Processor
-from tinyavl.toy.evaluate import evaluate, held_out_set
+from tinyavl.toy.evaluate import evaluate, held_out_set, reads_fine_scenes
 from tinyavl.toy.scenes import (COLOURS, DIGITS, FINE_SCALE, GRID, IMAGE_SIZE, PATCH, PROMPT_KINDS, SHAPES, Scene, SceneObject,
                                 scene_stream)
 
@@ -199,6 +199,16 @@ def patch_targets(scene: Scene, hires: bool = False) -> torch.Tensor:
     return targets
 
 
+def tile_patch_targets(scene: Scene) -> torch.Tensor:
+    """((1 + FINE_SCALE^2) P, 3): a fine scene's patch targets in the order a LLaVA-1.6 toy's crops reach
+    its projector (tinyavl/anyres.py): the base crop (the whole image at 96 px), then the FINE_SCALE x
+    FINE_SCALE tiles of the 384 px canvas in reading order, each tile's patches in reading order."""
+    side = IMAGE_SIZE // PATCH
+    hires = patch_targets(scene, hires=True).view(FINE_SCALE, side, FINE_SCALE, side, 3)  # (tile row, y, tile col, x)
+    tiles = hires.transpose(1, 2).reshape(FINE_SCALE ** 2 * side * side, 3)             # tile by tile
+    return torch.cat([patch_targets(scene), tiles])
+
+
 # ---------------------------------------------------------------------------------------------------
 # Data: one image, several chat turns
 # ---------------------------------------------------------------------------------------------------
@@ -206,7 +216,7 @@ def patch_targets(scene: Scene, hires: bool = False) -> torch.Tensor:
 def chat_example(scene: Scene, rng: random.Random, processor: Processor, turns: int):
     """(input_ids, labels, image) for one image and `turns` question-answer turns in llava-1.5's chat
     format; image: the processor's pixel_values [1, 3, H, W] (and hires_pixel_values for a FlexAttention
-    processor), as it returns them for the first turn.
+    processor; LLaVA-1.6's [1, n_crops, 3, H, W] with image_sizes), as it returns them for the first turn.
 
     The first turn is built by the processor, exactly as at inference; later turns follow it as
     "USER: {question} ASSISTANT: {answer}</s>". labels is -100 except on answer tokens and their </s>.
@@ -223,19 +233,20 @@ def chat_example(scene: Scene, rng: random.Random, processor: Processor, turns: 
         reply = processor.tokenizer.encode(answer, add_special_tokens=False).ids + [processor.eos_token_id]
         ids += prompt + reply
         labels += [-100] * len(prompt) + reply
-    image = {key: value for key, value in first_turn.items() if key.endswith("pixel_values")}
+    image = {key: value for key, value in first_turn.items() if key != "input_ids" and value is not None}
     return ids, labels, image
 
 
 def make_batch(stream, processor: Processor, batch_size: int, turns: int, pad_id: int) -> dict:
     """A right-padded batch: input_ids, labels (B, T); pixel_values (B, 3, H, W); patch targets (B, P, 3).
     A FlexAttention processor's batch also has hires_pixel_values (B, 3, scale H, scale W) and
-    hires_patch_targets (B, scale^2 P, 3)."""
+    hires_patch_targets (B, scale^2 P, 3); a LLaVA-1.6 processor's has pixel_values (B, n_crops, 3, H, W),
+    image_sizes (B, 2) and the patch targets of every crop (`tile_patch_targets`)."""
     examples, targets, hires_targets = [], [], []
     for _ in range(batch_size):
         scene, rng = next(stream)
         examples.append(chat_example(scene, rng, processor, turns))
-        targets.append(patch_targets(scene))
+        targets.append(tile_patch_targets(scene) if processor.image_grid_pinpoints else patch_targets(scene))
         hires_targets.append(patch_targets(scene, hires=True) if processor.hires_scale else None)
     T = max(len(ids) for ids, _, _ in examples)
     input_ids = torch.full((batch_size, T), pad_id)
@@ -313,7 +324,8 @@ def losses(model, probe, batch, hires_alpha: float = 1.0) -> tuple[torch.Tensor,
     hook = model.multi_modal_projector.register_forward_hook(
         lambda module, inputs, output: captured.update(features=output))  # image features (B, P, C_text)
     try:
-        logits = model(ids, batch["pixel_values"], attention_mask=batch.get("attention_mask"), hires=hires)  # (B, T, vocab)
+        logits = model(ids, batch["pixel_values"], attention_mask=batch.get("attention_mask"),
+                       image_sizes=batch.get("image_sizes"), hires=hires)  # (B, T, vocab)
     finally:
         hook.remove()
     lm_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100)
@@ -373,7 +385,7 @@ def optimise(model, probe, processor, stream, steps: int, lr: float, warmup: int
                 f"{seconds / 60:.1f} min")
         if eval_every and (step + 1) % eval_every == 0:
             model.eval()
-            report = evaluate(model, processor, held_out_set(seed=0, n_scenes=10, fine=processor.hires_scale is not None))
+            report = evaluate(model, processor, held_out_set(seed=0, n_scenes=10, fine=reads_fine_scenes(model.config)))
             model.train()
             log(f"  held-out accuracy {report['accuracy']:.3f}: " +
                 ", ".join(f"{kind} {acc:.2f}" for kind, acc in report["accuracy_by_type"].items()))
@@ -601,9 +613,10 @@ def hf_config(config: LlavaConfig) -> dict:
     text = {k: v for k, v in asdict(config.text).items() if k != "head_dim"}
     vision = asdict(config.vision)
     hires = {} if config.hires is None else {"hires_config": asdict(config.hires)}  # tinyavl's own key
+    tiles = {} if not config.is_next else {"image_grid_pinpoints": [list(p) for p in config.image_grid_pinpoints]}
     return {
-        "architectures": ["LlavaForConditionalGeneration"],
-        "model_type": "llava",
+        "architectures": ["LlavaNextForConditionalGeneration" if config.is_next else "LlavaForConditionalGeneration"],
+        "model_type": "llava_next" if config.is_next else "llava",
         "image_token_index": config.image_token_id,
         "projector_hidden_act": config.projector_hidden_act,
         "vision_feature_layer": config.vision_feature_layer,
@@ -612,6 +625,7 @@ def hf_config(config: LlavaConfig) -> dict:
         "text_config": {"model_type": "llama", "architectures": ["LlamaForCausalLM"], **text},
         "vision_config": {"model_type": "clip_vision_model", **vision},
         **hires,
+        **tiles,
     }
 
 
@@ -631,6 +645,9 @@ def save_pretrained(model: LlavaForConditionalGeneration, processor: Processor, 
                     "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
                     "image_processor_type": "CLIPImageProcessor", "resample": 3, "rescale_factor": 1 / 255,
                     "size": {"shortest_edge": IMAGE_SIZE}}
+    if model.config.is_next:  # LLaVA-1.6's processor tiles on the same canvases as config.json
+        preprocessor.update(image_grid_pinpoints=hf_config(model.config)["image_grid_pinpoints"],
+                            image_processor_type="LlavaNextImageProcessor", aspect_ratio_setting="anyres")
     (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
     (out / "processor_config.json").write_text(json.dumps({"system_prompt": processor.system_prompt}, indent=2) + "\n")
 

@@ -2,6 +2,7 @@
 on fine scenes, whose digits only a high-resolution view of the image can read (tutorial/07).
 
     python -m tinyavl.toy.train_hires --out weights/toy-hires --force    # the committed one (seed 0), replaced
+    python -m tinyavl.toy.train_hires --in-sequence --out weights/toy-tiles   # the baseline below
 
 FlexAttention (Li et al., ECCV 2024) is not trained from scratch: it fine-tunes a trained LLaVA-1.5 with
 two new projections per layer (`k_proj_hd`, `v_proj_hd`, initialised as copies of `k_proj`, `v_proj`) for
@@ -21,12 +22,22 @@ to the toy of tinyavl/toy/train.py (`--base`, default weights/toy), with `HIRES`
   1.4 blocks of 16 on average) but not yet in layers 0 and 1 (the place in 85-92% of questions, with
   7-10 blocks): the measurement is in tutorial/07;
 - every row after the image is served in training (each answer token's row is the current token of its
-  own decoding step, so teacher forcing trains what generation runs), with the toy's image-token dropout
-  in half of the sequences, so that what the first toy learnt of redundancy stays;
+  own decoding step, so teacher forcing trains what generation runs; the question's rows are served too,
+  which generation does not do, but with the last layer the only one that reads, their outputs reach no
+  answer), with the toy's image-token dropout in half of the sequences, so that what the first toy learnt
+  of redundancy stays;
 - the patch probe of tinyavl/toy/train.py also names what each high-resolution feature shows, as it
   names what each low-resolution one shows (a fine scene's small digit has no target there: it is not
   legible at 96 px); everything is trained, the tower included, because the toy's tower has never seen
   a digit this small (FlexAttention keeps CLIP frozen, which reads 336 px crops well already).
+
+`--in-sequence` trains what FlexAttention is measured against, with the same recipe, steps and data: the
+toy made into a LLaVA-1.6 (`with_tiles_in_sequence`) whose one canvas is the 384 px fine scene, so that
+every high-resolution token enters the sequence: the base crop's 144, then the 4 x 4 tiles' 48 x 48 map,
+each of its rows closed by `image_newline` (tinyavl/anyres.py): 2496 image tokens. No view, no new
+projections; the patch probe names what every crop's features show (`train.tile_patch_targets`). Its
+chats are about 2600 tokens long where the FlexAttention toy's are 249: it trains at about 1 sample/s on the
+2-core CPU the committed toys were trained on, against 9-10 (a 20-step run), about 5 hours for STEPS.
 """
 from dataclasses import replace
 from functools import partial
@@ -39,10 +50,11 @@ from tinyavl.cli import TOY_WEIGHTS, ArgumentParser
 from tinyavl.errors import UserError
 from tinyavl.files import check_new_folder, write_folder_atomically
 from tinyavl.model import HiresConfig, LlavaForConditionalGeneration
-from tinyavl.toy.scenes import FINE_SCALE, scene_stream
+from tinyavl.toy.scenes import FINE_SCALE, IMAGE_SIZE, scene_stream
 from tinyavl.toy.train import PatchProbe, deterministic_algorithms, optimise, save_pretrained, write_examples
 
 HIRES = HiresConfig(scale=FINE_SCALE, first_layer=3, threshold=48.0, blocks=4)
+FINE_CANVAS = (FINE_SCALE * IMAGE_SIZE, FINE_SCALE * IMAGE_SIZE)  # (height, width) px: a fine scene
 STEPS = 1100
 BATCH_SIZE = 16             # half the first toy's: a step also runs the tower on 16 crops of every image
 IMAGE_DROPOUT = 0.75        # the largest fraction of a sequence's image tokens hidden, as in the first toy's stage 2
@@ -65,10 +77,32 @@ def with_hires_projections(model: LlavaForConditionalGeneration, hires: HiresCon
     return flex.eval()
 
 
-def from_base(base: Path):
+def with_tiles_in_sequence(model: LlavaForConditionalGeneration, seed: int = 0) -> LlavaForConditionalGeneration:
+    """A copy of the model as a LLaVA-1.6 whose only canvas is FINE_CANVAS: its weights, and a new
+    image_newline drawn as LLaVA-NeXT draws it (normal / sqrt(hidden size)); room for positions up to
+    4096, the 2496 image tokens and the chat after them."""
+    text = replace(model.config.text, max_position_embeddings=max(4096, model.config.text.max_position_embeddings))
+    config = replace(model.config, text=text, image_grid_pinpoints=[FINE_CANVAS])
+    config.validate()
+    tiled = LlavaForConditionalGeneration(config)
+    missing, unexpected = tiled.load_state_dict(model.state_dict(), strict=False)
+    assert missing == ["image_newline"] and not unexpected, (missing, unexpected)
+    with torch.no_grad():
+        hidden = text.hidden_size
+        tiled.image_newline.copy_(torch.randn(hidden, generator=torch.Generator().manual_seed(seed)) / hidden ** 0.5)
+    return tiled.eval()
+
+
+def from_base(base: Path, in_sequence: bool = False):
     """(model, processor): the trained toy in the folder `base` with FlexAttention's view and projections
-    (`HIRES`, `with_hires_projections`), and its processor returning the high-resolution view too."""
+    (`HIRES`, `with_hires_projections`), and its processor returning the high-resolution view too; with
+    in_sequence, the toy as a LLaVA-1.6 (`with_tiles_in_sequence`) and its processor tiling the image."""
     model, processor = load_pretrained(base)
+    if in_sequence:
+        model = with_tiles_in_sequence(model)
+        processor.image_grid_pinpoints = model.config.image_grid_pinpoints
+        processor.patch_size = model.config.vision.patch_size
+        return model, processor
     processor.hires_scale = HIRES.scale
     return with_hires_projections(model, HIRES), processor
 
@@ -76,12 +110,13 @@ def from_base(base: Path):
 def train_hires(model, processor, steps: int = STEPS, batch_size: int = BATCH_SIZE, lr: float = 8e-4, seed: int = 0,
                 turns: int = 4, image_dropout: float = IMAGE_DROPOUT, image_dropout_share: float = IMAGE_DROPOUT_SHARE,
                 log_every: int = 100, eval_every: int = 0, log=None) -> list[tuple[int, float, float]]:
-    """Fine-tune a model `from_base` on fine scenes (seed: their stream, the dropout draws); returns the
-    history of (step, lm_loss, aux_loss)."""
+    """Fine-tune a model `from_base` (either kind) on fine scenes (seed: their stream, the dropout draws);
+    returns the history of (step, lm_loss, aux_loss)."""
     log = log or partial(print, flush=True)
     torch.manual_seed(seed)
     probe = PatchProbe(processor.tokenizer, model.config.text.hidden_size)
-    log(f"FlexAttention toy: {steps} steps on fine scenes, {model.config.hires}")
+    looks = model.config.hires or f"every high-resolution token in the sequence, {model.config.image_grid_pinpoints}"
+    log(f"{steps} steps on fine scenes, {looks}")
     return optimise(model, probe, processor, scene_stream("hires", seed, fine=True), steps, lr,
                     min(100, steps // 10 + 1), batch_size, turns, 1.0, image_dropout, image_dropout_share,
                     torch.Generator().manual_seed(seed), log_every, eval_every, log)
@@ -92,6 +127,8 @@ def main(argv=None) -> None:
     parser.add_argument("--base", type=Path, default=TOY_WEIGHTS, help="the trained toy to start from")
     parser.add_argument("--out", type=Path, required=True, help="folder to write (llava-hf layout)")
     parser.add_argument("--force", action="store_true", help="replace --out if it already holds files")
+    parser.add_argument("--in-sequence", action="store_true",
+                        help="train the baseline instead: every high-resolution token in the sequence (LLaVA-1.6)")
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     parser.add_argument("--lr", type=float, default=8e-4)
@@ -110,7 +147,7 @@ def main(argv=None) -> None:
     except UserError as err:
         parser.error(f"--out: {err}")
     try:
-        model, processor = from_base(args.base)
+        model, processor = from_base(args.base, args.in_sequence)
     except UserError as err:
         parser.error(f"--base: {err}")
     torch.set_num_threads(args.threads)
