@@ -19,7 +19,7 @@ from tinyavl.model import HiresConfig, stitch_tiles
 from tinyavl.processing import LLAVA_SYSTEM_PROMPT, Processor
 from tinyavl.toy import train_hires as train_hires_module
 from tinyavl.toy.evaluate import attention_pairs, evaluate, held_out_set
-from tinyavl.toy.evaluate_hires import format_table, in_sequence_pairs, plot
+from tinyavl.toy.evaluate_hires import IN_SEQUENCE, format_table, in_sequence_pairs, plot
 from tinyavl.toy.evaluate_hires import main as evaluate_hires_main
 from tinyavl.toy.scenes import (COLOURS, DIGIT_COLOUR, FINE_SCALE, IMAGE_SIZE, PATCH, Scene, SceneObject,
                                 scene_stream)
@@ -193,10 +193,10 @@ def test_the_hires_trainer_writes_a_flexattention_toy(tmp_path):
     assert len(tokens) == 2 and stats.hires_tokens_read > 0
 
 
-def test_the_in_sequence_trainer_writes_a_tiled_toy_that_costs_what_the_table_counts(tmp_path):
-    """--in-sequence: a LLaVA-1.6 toy whose one canvas is the fine scene (2496 image tokens); its
-    generation computes exactly the attention pairs in_sequence_pairs counts for the low-resolution
-    prompt of the same question."""
+@pytest.fixture(scope="module")
+def tiles_toy(tmp_path_factory):
+    """(folder, its base toy's processor): `train_hires --in-sequence` for one step from a tiny toy."""
+    tmp_path = tmp_path_factory.mktemp("tiles")
     torch.manual_seed(0)
     base_model, base_processor, _ = train(steps=1, batch_size=2, config_overrides=TINY, log=lambda *_: None)
     base = tmp_path / "base"
@@ -205,6 +205,14 @@ def test_the_in_sequence_trainer_writes_a_tiled_toy_that_costs_what_the_table_co
     out = tmp_path / "tiles"
     train_hires_module.main(["--in-sequence", "--base", str(base), "--out", str(out), "--steps", "1",
                              "--batch-size", "2", "--eval-every", "0"])
+    return out, base_processor
+
+
+def test_the_in_sequence_trainer_writes_a_tiled_toy_that_costs_what_the_table_counts(tiles_toy):
+    """--in-sequence: a LLaVA-1.6 toy whose one canvas is the fine scene (2496 image tokens); its
+    generation computes exactly the attention pairs in_sequence_pairs counts for the low-resolution
+    prompt of the same question."""
+    out, base_processor = tiles_toy
     model, processor = tinyavl.load_pretrained(out)
     assert model.config.image_grid_pinpoints == [FINE_CANVAS] == processor.image_grid_pinpoints
     assert model.config.hires is None and model.image_newline.abs().sum() > 0
@@ -278,6 +286,17 @@ def fake_report(policy, mode, digit, mflops):
             "hires_tokens_read": 0, "attention_mflops": mflops, "in_sequence_mflops": 100.0}
 
 
+def test_evaluate_hires_measures_the_in_sequence_toy_on_the_same_questions(tiles_toy, capsys):
+    out, _ = tiles_toy
+    assert evaluate_hires_main(["--n", "1", "--in-sequence", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    flex, tiled = result["rows"], result["in_sequence_rows"]
+    assert [r["policy"] for r in tiled] == ["full", "avl"] and {r["mode"] for r in tiled} == {IN_SEQUENCE}
+    assert [r["n_questions"] for r in tiled] == [6, 6] == [r["n_questions"] for r in flex[:1] + flex[-1:]]
+    # 2496 image tokens in every prompt: its dense attention costs more than any FlexAttention answer's.
+    assert tiled[0]["attention_mflops"] > max(r["attention_mflops"] for r in flex)
+
+
 def test_the_table_compares_each_mode_with_every_block_and_the_sequence(tmp_path):
     reports = [fake_report("full", "low-res", 0.2, 10.0), fake_report("full", "selection", 0.9, 12.0),
                fake_report("full", "every block", 0.95, 20.0)]
@@ -285,6 +304,11 @@ def test_the_table_compares_each_mode_with_every_block_and_the_sequence(tmp_path
     assert len(lines) == 2 + 3 + 1
     assert lines[3].startswith("| full | selection | 0.90 (0.80-1.00) |") and "| 12.0 | 0.60 | 0.120 |" in lines[3]
     assert "not trained" in lines[-1] and "| 100.0 |" in lines[-1]
+    tiled = [fake_report("full", IN_SEQUENCE, 0.97, 400.0), fake_report("avl", IN_SEQUENCE, 0.95, 300.0)]
+    lines = format_table(reports, tiled).splitlines()
+    assert len(lines) == 2 + 3 + 2 and not any("not trained" in line for line in lines)
+    assert lines[-1].startswith("| avl | all high-res tokens in the sequence | 0.95 (0.85-1.05) |")
+    assert lines[-1].endswith("| - | 300.0 | - | 0.750 |") and lines[-2].endswith("| 400.0 | - | 1.000 |")
     path = tmp_path / "hires.png"
     plot(reports, path, "title")
     assert Image.open(path).size[0] > 0
@@ -292,7 +316,8 @@ def test_the_table_compares_each_mode_with_every_block_and_the_sequence(tmp_path
 
 @pytest.mark.parametrize("argv, message", [(["--n", "0"], "--n must be at least 1"),
                                            (["--weights", "nowhere"], "no model folder"),
-                                           (["--weights", str(TOY)], "has no hires_config")])
+                                           (["--weights", str(TOY)], "has no hires_config"),
+                                           (["--in-sequence", str(TOY)], "keeps its image at low resolution")])
 def test_evaluate_hires_bad_input_is_one_line(argv, message, capsys):
     assert evaluate_hires_main(argv) == 2
     err = capsys.readouterr().err

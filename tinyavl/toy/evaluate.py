@@ -154,8 +154,9 @@ def evaluate(model, processor, questions: list[Question], policy: str | KVCache 
         inputs = processor(processor.chat_prompt(question.text), image=question.scene.image())
         hires_pixels = None if hires_mode == "low-res" else inputs.get("hires_pixel_values")
         token_ids, stats = generate(model, inputs["input_ids"], inputs["pixel_values"],
-                                    hires_pixel_values=hires_pixels, hires_top=every_block,
-                                    max_new_tokens=max_new_tokens, eos_token_id=processor.eos_token_id, policy=cache)
+                                    image_sizes=inputs["image_sizes"], hires_pixel_values=hires_pixels,
+                                    hires_top=every_block, max_new_tokens=max_new_tokens,
+                                    eos_token_id=processor.eos_token_id, policy=cache)
         prediction = processor.decode(token_ids)
         asked[question.kind] += 1
         right[question.kind] += is_correct(question, prediction)

@@ -18,7 +18,10 @@ sequence" for the same prompts and answer lengths (`in_sequence_pairs`): the toy
 384 px image, whose 2496 image tokens are the base crop's 144, the 48 x 48 map and a newline closing each
 of its rows (`train_hires.with_tiles_in_sequence`, trained by `train_hires --in-sequence`). No such toy is
 committed (it trains about 9 times slower than the FlexAttention toy: tinyavl/toy/train_hires.py), so
-that row has a cost and no accuracy.
+that row has a cost and no accuracy; given one (`--in-sequence FOLDER`), its answers are measured like the
+others' and replace that row:
+
+    python -m tinyavl.toy.evaluate_hires --in-sequence weights/toy-tiles
 """
 import sys
 from pathlib import Path
@@ -34,6 +37,7 @@ from tinyavl.toy.train_hires import FINE_CANVAS
 
 POLICIES = ("full", "avl")   # the dense cache, and A-VL at its defaults
 FINE_KIND = "digit"          # the question type that asks for a fine detail
+IN_SEQUENCE = "all high-res tokens in the sequence"  # the mode of a toy trained by train_hires --in-sequence
 
 
 def in_sequence_pairs(prompt_tokens: int, n_img: int, n_tiled: int, decode_steps: int, n_layers: int) -> int:
@@ -77,24 +81,45 @@ def compare(model, processor, questions, log=None) -> list[dict]:
     return reports
 
 
-def format_table(reports: list[dict]) -> str:
+def compare_in_sequence(model, processor, questions, log=None) -> list[dict]:
+    """One report per policy for a toy with every high-resolution token in the sequence (train_hires
+    --in-sequence), its "mode" IN_SEQUENCE and its "attention_mflops" counted as the others' are."""
+    reports = []
+    for policy in POLICIES:
+        report = evaluate(model, processor, questions, policy)
+        report.update(mode=IN_SEQUENCE, attention_mflops=attention_mflops(report["attention_pairs"], model))
+        reports.append(report)
+        if log:
+            log(f"{policy} {IN_SEQUENCE}: {FINE_KIND} {report['accuracy_by_type'][FINE_KIND]:.3f}, all "
+                f"{report['accuracy']:.3f}, {report['attention_mflops']:.1f} attention MFLOPs an answer "
+                f"({report['seconds']:.0f} s)")
+    return reports
+
+
+def format_table(reports: list[dict], in_sequence: list[dict] | None = None) -> str:
     """Markdown: per policy and mode, the fine-detail accuracy (95% interval), the other types', the
     high-resolution keys read and the attention MFLOPs an answer, as a share of "every block" (same
-    policy) and of all high-resolution tokens in the sequence."""
+    policy) and of all high-resolution tokens in the sequence for the same answers (`in_sequence_pairs`).
+    Then the in-sequence toy's rows (`compare_in_sequence`; their share is of its own dense cache's), or
+    without one a row with that cost alone."""
     every = {r["policy"]: r["attention_mflops"] for r in reports if r["mode"] == "every block"}
     head = (["policy", "reads", FINE_KIND] + [kind for kind in PROMPT_KINDS if kind != FINE_KIND]
             + ["KV bytes", "high-res keys", "attention MFLOPs", "of every block", "of in-sequence"])
-    rows = []
-    for r in reports:
-        cells = [r["policy"], r["mode"]]
-        cells += [format_interval(r["accuracy_by_type"][FINE_KIND], r["accuracy_by_type_ci"][FINE_KIND])]
-        cells += [f"{r['accuracy_by_type'][kind]:.2f}" for kind in PROMPT_KINDS if kind != FINE_KIND]
-        cells += [f"{r['kv_ratio']:.2f}", f"{r['hires_tokens_read']:.0f}",
-                  f"{r['attention_mflops']:.1f}", f"{r['attention_mflops'] / every[r['policy']]:.2f}",
-                  f"{r['attention_mflops'] / r['in_sequence_mflops']:.3f}"]
-        rows.append(cells)
-    rows.append(["full", "all high-res tokens in the sequence (not trained: cost only)"] + ["-"] * 8 +
-                [f"{reports[0]['in_sequence_mflops']:.1f}", "-", "1.000"])
+
+    def cells(r, keys, of_every, of_in_sequence):
+        return ([r["policy"], r["mode"],
+                 format_interval(r["accuracy_by_type"][FINE_KIND], r["accuracy_by_type_ci"][FINE_KIND])]
+                + [f"{r['accuracy_by_type'][kind]:.2f}" for kind in PROMPT_KINDS if kind != FINE_KIND]
+                + [f"{r['kv_ratio']:.2f}", keys, f"{r['attention_mflops']:.1f}", of_every, of_in_sequence])
+
+    rows = [cells(r, f"{r['hires_tokens_read']:.0f}", f"{r['attention_mflops'] / every[r['policy']]:.2f}",
+                  f"{r['attention_mflops'] / r['in_sequence_mflops']:.3f}") for r in reports]
+    if in_sequence:
+        dense = next(r["attention_mflops"] for r in in_sequence if r["policy"] == "full")
+        rows += [cells(r, "-", "-", f"{r['attention_mflops'] / dense:.3f}") for r in in_sequence]
+    else:
+        rows.append(["full", f"{IN_SEQUENCE} (not trained: cost only)"] + ["-"] * 8 +
+                    [f"{reports[0]['in_sequence_mflops']:.1f}", "-", "1.000"])
     return "\n".join(markdown_table(head, rows))
 
 
@@ -116,6 +141,8 @@ def parse_args(argv):
     parser.add_argument("--n", type=int, default=100, help="scenes (each gets 6 prompts)")
     parser.add_argument("--plot", type=Path, default=None, metavar="OUT.png",
                         help="draw the fine-detail accuracy against attention MFLOPs")
+    parser.add_argument("--in-sequence", type=Path, default=None, metavar="FOLDER",
+                        help="also measure a toy with every high-res token in the sequence (train_hires --in-sequence)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     return parser.parse_args(argv)
 
@@ -124,25 +151,36 @@ def run(args) -> dict:
     if args.n < 1:
         raise UserError(f"--n must be at least 1, got {args.n}")
     if args.plot is not None:
-        check_output_file(args.plot, "--plot", inputs=[args.weights], suffixes=(".png",))
+        inputs = [folder for folder in (args.weights, args.in_sequence) if folder is not None]
+        check_output_file(args.plot, "--plot", inputs=inputs, suffixes=(".png",))
     if not args.weights.is_dir():
         raise UserError(f"no model folder at {args.weights}: train one with python -m tinyavl.toy.train_hires")
     model, processor = load_pretrained(args.weights, device="cpu", dtype="float32")
     if model.config.hires is None:
         raise UserError(f"{args.weights} has no hires_config: train a FlexAttention toy with "
                         "python -m tinyavl.toy.train_hires")
+    tiled = None
+    if args.in_sequence is not None:
+        if not args.in_sequence.is_dir():
+            raise UserError(f"--in-sequence: no model folder at {args.in_sequence}")
+        tiled = load_pretrained(args.in_sequence, device="cpu", dtype="float32")
+        if not tiled[0].config.is_next:
+            raise UserError(f"--in-sequence: {args.in_sequence} keeps its image at low resolution: train one with "
+                            "python -m tinyavl.toy.train_hires --in-sequence")
     log = None if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
-    reports = compare(model, processor, held_out_set(args.seed, args.n, fine=True), log)
+    questions = held_out_set(args.seed, args.n, fine=True)
+    reports = compare(model, processor, questions, log)
+    in_sequence = None if tiled is None else compare_in_sequence(*tiled, questions, log)
     if args.plot is not None:
         plot(reports, args.plot, f"FlexAttention toy, {args.n} fine scenes (seed {args.seed}) x 6 prompts")
         if log:
             log(f"wrote {args.plot}")
-    return {"seed": args.seed, "n_scenes": args.n, "rows": reports}
+    return {"seed": args.seed, "n_scenes": args.n, "rows": reports, "in_sequence_rows": in_sequence}
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    return run_command(run, args, show=lambda result: print(format_table(result["rows"])))
+    return run_command(run, args, show=lambda result: print(format_table(result["rows"], result["in_sequence_rows"])))
 
 
 if __name__ == "__main__":
