@@ -17,7 +17,7 @@ keys), each 4 x n_heads x head_dim FLOPs. Beside them, the cost of "all high-res
 sequence" for the same prompts and answer lengths (`in_sequence_pairs`): the toy as LLaVA-1.6 tiles the
 384 px image, whose 2496 image tokens are the base crop's 144, the 48 x 48 map and a newline closing each
 of its rows (`train_hires.with_tiles_in_sequence`, trained by `train_hires --in-sequence`). No such toy is
-committed (it trains about 9 times slower than the FlexAttention toy: tinyavl/toy/train_hires.py), so
+committed (it trains about 6 times slower than the FlexAttention toy: tinyavl/toy/train_hires.py), so
 that row has a cost and no accuracy; given one (`--in-sequence FOLDER`), its answers are measured like the
 others' and replace that row:
 

@@ -36,8 +36,8 @@ toy made into a LLaVA-1.6 (`with_tiles_in_sequence`) whose one canvas is the 384
 every high-resolution token enters the sequence: the base crop's 144, then the 4 x 4 tiles' 48 x 48 map,
 each of its rows closed by `image_newline` (tinyavl/anyres.py): 2496 image tokens. No view, no new
 projections; the patch probe names what every crop's features show (`train.tile_patch_targets`). Its
-chats are about 2600 tokens long where the FlexAttention toy's are 249: it trains at about 1 sample/s on the
-2-core CPU the committed toys were trained on, against 9-10 (a 20-step run), about 5 hours for STEPS.
+chats are about 2600 tokens long where the FlexAttention toy's are 249: it trains at 1.5 samples/s on the
+2-core CPU the committed toys were trained on, against 9-10 (a 200-step run), about 3.2 hours for STEPS.
 """
 from dataclasses import replace
 from functools import partial
