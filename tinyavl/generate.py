@@ -132,8 +132,8 @@ def generate(model, input_ids, pixel_values=None, *, image_sizes=None, hires_pix
 
     start = time.perf_counter()
     # FlexAttention: the view of the image at high resolution, served from the prompt's last row on.
-    hires = None if hires_pixel_values is None else model.hires_view(input_ids.to(device), on_device(hires_pixel_values),
-                                                                     top=hires_top)
+    hires = (None if hires_pixel_values is None
+             else model.hires_view(input_ids.to(device), on_device(hires_pixel_values), top=hires_top))
     logits = model(input_ids.to(device), on_device(pixel_values), cache=cache, last_only=True,
                    image_sizes=image_sizes, hires=hires)  # (1, 1, vocab)
     token = next_token(logits, temperature, top_p, generator, step=0)

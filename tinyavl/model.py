@@ -435,8 +435,9 @@ class LlamaAttention(nn.Module):
             self.k_proj_hd = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
             self.v_proj_hd = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
 
-    def forward(self, x, cos, sin, positions, cache=None, visible=None, hires=None, norm=None):  # x (B, T, C); positions (T,)
-        """norm: the layer's input norm, which FlexAttention's high-resolution features also go through."""
+    def forward(self, x, cos, sin, positions, cache=None, visible=None, hires=None, norm=None):
+        """x (B, T, C) at positions (T,); norm: the layer's input norm, which FlexAttention's high-resolution
+        features also go through."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, H, T, hs)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hs)
@@ -478,7 +479,8 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config)
 
     def forward(self, x, cos, sin, positions, cache=None, visible=None, hires=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, visible, hires, self.input_layernorm)
+        norm = self.input_layernorm
+        x = x + self.self_attn(norm(x), cos, sin, positions, cache, visible, hires, norm)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -539,9 +541,10 @@ class HiresView:
     order; cos, sin (N_hd, hs): their RoPE tables at hires.hires_positions; image_start: the position of
     the first low-resolution image token; grid: the low-resolution side; first_row: the position of the
     first row served, in generation the prompt's last token (the current token of the first step; every
-    later token is the current token of its own step), in training the first after the image. In each layer, a served row attends to its keys and to the
-    high-resolution tokens the layer before chose for it, in one softmax; then, from layer
-    config.first_layer - 1 on, its attention over the low-resolution image keys chooses for the next.
+    later token is the current token of its own step), in training the first after the image. In each
+    layer, a served row attends to its keys and to the high-resolution tokens the layer before chose for
+    it, in one softmax; then, from layer config.first_layer - 1 on, its attention over the low-resolution
+    image keys chooses for the next.
     The features enter a layer's k_proj_hd and v_proj_hd through the layer's input norm, as every token of
     the sequence enters k_proj and v_proj (a choice: the paper does not say; on the toy, fed the projector's
     features as they are, the new keys and values upset the answers for the first hundreds of training
@@ -724,14 +727,15 @@ class LlavaForConditionalGeneration(nn.Module):
                              f"takes (B, 3, {h.scale * S}, {h.scale * S})")
         crops = hires_pixel_values.view(B, 3, h.scale, S, h.scale, S).permute(0, 2, 4, 1, 3, 5)
         features = self.crop_features(crops.reshape(B * h.scale ** 2, 3, S, S))          # (B scale^2, P, C)
-        maps = [stitch_tiles(tiles, h.scale, h.scale).flatten(0, 1) for tiles in features.split(h.scale ** 2)]
+        hires_map = torch.stack([stitch_tiles(tiles, h.scale, h.scale).flatten(0, 1)
+                                 for tiles in features.split(h.scale ** 2)])              # (B, N_hd, C)
         image_start = int((input_ids[0] == self.config.image_token_id).nonzero()[0])
         grid = S // self.config.vision.patch_size
         text = self.config.text
         positions = hires.hires_positions(image_start, grid, h.scale).to(hires_pixel_values.device)
         cos, sin = rope_cos_sin(positions, text.head_dim, text.rope_theta, features.dtype)   # (N_hd, hs)
         first_row = input_ids.shape[1] - 1 if first_row is None else first_row
-        return HiresView(h, torch.stack(maps), cos, sin, image_start, grid, first_row, alpha, top)  # features (B, N_hd, C)
+        return HiresView(h, hires_map, cos, sin, image_start, grid, first_row, alpha, top)
 
     def forward(self, input_ids, pixel_values=None, cache=None, last_only=False, attention_mask=None,
                 image_sizes=None, hires: HiresView | None = None):

@@ -74,11 +74,16 @@ def compare(model, processor, questions, log=None) -> list[dict]:
             report.update(mode=mode, attention_mflops=attention_mflops(report["attention_pairs"], model),
                           in_sequence_mflops=attention_mflops(sum(in_sequence) / len(in_sequence), model))
             reports.append(report)
-            if log:
-                log(f"{policy} {mode}: {FINE_KIND} {report['accuracy_by_type'][FINE_KIND]:.3f}, all "
-                    f"{report['accuracy']:.3f}, {report['attention_mflops']:.1f} attention MFLOPs an answer "
-                    f"({report['seconds']:.0f} s)")
+            log_report(log, report)
     return reports
+
+
+def log_report(log, report: dict) -> None:
+    """One line of progress for a report of `compare` or `compare_in_sequence` (nothing without log)."""
+    if log:
+        log(f"{report['policy']} {report['mode']}: {FINE_KIND} {report['accuracy_by_type'][FINE_KIND]:.3f}, all "
+            f"{report['accuracy']:.3f}, {report['attention_mflops']:.1f} attention MFLOPs an answer "
+            f"({report['seconds']:.0f} s)")
 
 
 def compare_in_sequence(model, processor, questions, log=None) -> list[dict]:
@@ -89,10 +94,7 @@ def compare_in_sequence(model, processor, questions, log=None) -> list[dict]:
         report = evaluate(model, processor, questions, policy)
         report.update(mode=IN_SEQUENCE, attention_mflops=attention_mflops(report["attention_pairs"], model))
         reports.append(report)
-        if log:
-            log(f"{policy} {IN_SEQUENCE}: {FINE_KIND} {report['accuracy_by_type'][FINE_KIND]:.3f}, all "
-                f"{report['accuracy']:.3f}, {report['attention_mflops']:.1f} attention MFLOPs an answer "
-                f"({report['seconds']:.0f} s)")
+        log_report(log, report)
     return reports
 
 

@@ -66,8 +66,8 @@ from tinyavl.files import check_new_folder, write_folder_atomically
 from tinyavl.model import LlavaConfig, LlavaForConditionalGeneration, TextConfig, VisionConfig
 from tinyavl.processing import CLIP_MEAN, CLIP_STD, IMAGE_TOKEN, LLAVA_SYSTEM_PROMPT, Processor
 from tinyavl.toy.evaluate import evaluate, held_out_set, reads_fine_scenes
-from tinyavl.toy.scenes import (COLOURS, DIGITS, FINE_SCALE, GRID, IMAGE_SIZE, PATCH, PROMPT_KINDS, SHAPES, Scene, SceneObject,
-                                scene_stream)
+from tinyavl.toy.scenes import (COLOURS, DIGITS, FINE_SCALE, GRID, IMAGE_SIZE, PATCH, PROMPT_KINDS, SHAPES, Scene,
+                                SceneObject, scene_stream)
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
 IMAGE_DROPOUT = 0.0  # the largest fraction of a training sequence's image tokens hidden (off: see hide_image_tokens)
@@ -187,15 +187,16 @@ def patch_targets(scene: Scene, hires: bool = False) -> torch.Tensor:
     scale = FINE_SCALE if hires else 1
     side = IMAGE_SIZE * scale // PATCH
     targets = torch.zeros(side * side, 3, dtype=torch.long)
+    legible = hires or not scene.fine
+    if not legible:
+        targets[:, 2] = -100
     shapes, colours, digits = PATCH_CLASSES
     for obj in scene.objects:
         patches = obj.patches(scale)
         targets[patches, 0] = shapes.index(obj.shape) + 1
         targets[patches, 1] = colours.index(obj.colour) + 1
-        if obj.digit is not None:
+        if obj.digit is not None and legible:
             targets[obj.digit_patches(hires), 2] = digits.index(str(obj.digit)) + 1
-    if scene.fine and not hires:
-        targets[:, 2] = -100
     return targets
 
 
@@ -385,7 +386,8 @@ def optimise(model, probe, processor, stream, steps: int, lr: float, warmup: int
                 f"{seconds / 60:.1f} min")
         if eval_every and (step + 1) % eval_every == 0:
             model.eval()
-            report = evaluate(model, processor, held_out_set(seed=0, n_scenes=10, fine=reads_fine_scenes(model.config)))
+            questions = held_out_set(seed=0, n_scenes=10, fine=reads_fine_scenes(model.config))
+            report = evaluate(model, processor, questions)
             model.train()
             log(f"  held-out accuracy {report['accuracy']:.3f}: " +
                 ", ".join(f"{kind} {acc:.2f}" for kind, acc in report["accuracy_by_type"].items()))
@@ -615,7 +617,7 @@ def hf_config(config: LlavaConfig) -> dict:
     hires = {} if config.hires is None else {"hires_config": asdict(config.hires)}  # tinyavl's own key
     tiles = {} if not config.is_next else {"image_grid_pinpoints": [list(p) for p in config.image_grid_pinpoints]}
     return {
-        "architectures": ["LlavaNextForConditionalGeneration" if config.is_next else "LlavaForConditionalGeneration"],
+        "architectures": [f"Llava{'Next' if config.is_next else ''}ForConditionalGeneration"],
         "model_type": "llava_next" if config.is_next else "llava",
         "image_token_index": config.image_token_id,
         "projector_hidden_act": config.projector_hidden_act,
@@ -638,7 +640,8 @@ def save_pretrained(model: LlavaForConditionalGeneration, processor: Processor, 
     tensors["vision_tower.vision_model.post_layernorm.weight"] = torch.ones(width)
     tensors["vision_tower.vision_model.post_layernorm.bias"] = torch.zeros(width)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(hf_config(model.config), indent=2) + "\n")
+    config = hf_config(model.config)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     processor.tokenizer.save(str(out / "tokenizer.json"))
     preprocessor = {"crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE}, "do_center_crop": True,
                     "do_normalize": True, "do_rescale": True, "do_resize": True,
@@ -646,7 +649,7 @@ def save_pretrained(model: LlavaForConditionalGeneration, processor: Processor, 
                     "image_processor_type": "CLIPImageProcessor", "resample": 3, "rescale_factor": 1 / 255,
                     "size": {"shortest_edge": IMAGE_SIZE}}
     if model.config.is_next:  # LLaVA-1.6's processor tiles on the same canvases as config.json
-        preprocessor.update(image_grid_pinpoints=hf_config(model.config)["image_grid_pinpoints"],
+        preprocessor.update(image_grid_pinpoints=config["image_grid_pinpoints"],
                             image_processor_type="LlavaNextImageProcessor", aspect_ratio_setting="anyres")
     (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
     (out / "processor_config.json").write_text(json.dumps({"system_prompt": processor.system_prompt}, indent=2) + "\n")
