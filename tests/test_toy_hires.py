@@ -4,6 +4,7 @@
 The full training (the committed weights/toy-hires) is not run here: README "FlexAttention on the toy"
 has its command.
 """
+import copy
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -23,9 +24,12 @@ from tinyavl.toy.evaluate_hires import IN_SEQUENCE, format_table, in_sequence_pa
 from tinyavl.toy.evaluate_hires import main as evaluate_hires_main
 from tinyavl.toy.scenes import (COLOURS, DIGIT_COLOUR, FINE_SCALE, IMAGE_SIZE, PATCH, Scene, SceneObject,
                                 scene_stream)
-from tinyavl.toy.train import (PATCH_CLASSES, PatchProbe, attribute_loss, losses, make_batch, patch_targets,
-                               save_pretrained, tile_patch_targets, toy_config, train, train_tokenizer)
-from tinyavl.toy.train_hires import FINE_CANVAS, with_hires_projections
+from safetensors.torch import save_file
+
+from tinyavl.toy.train import (PATCH_CLASSES, Checkpoint, PatchProbe, attribute_loss, deterministic_algorithms, losses,
+                               make_batch, patch_targets, save_pretrained, tile_patch_targets, toy_config, train,
+                               train_tokenizer)
+from tinyavl.toy.train_hires import FINE_CANVAS, train_hires, with_hires_projections
 
 TOY = Path(__file__).resolve().parent.parent / "weights" / "toy"
 TINY = dict(vision_width=32, vision_layers=1, text_width=32, text_layers=2)
@@ -242,6 +246,62 @@ def test_the_hires_trainer_refuses_a_base_too_shallow_for_its_layers(tmp_path, c
         train_hires_module.main(["--base", str(tmp_path), "--out", str(tmp_path / "flex")])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "--base" in err and "first_layer 3" in err
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_a_run_interrupted_and_resumed_from_its_checkpoint_ends_with_the_uninterrupted_runs_weights(tiny_flex,
+                                                                                                    tmp_path):
+    """A 4-step run stopped during its 3rd step (its checkpoint holds step 2), then run again from a fresh
+    copy of the starting model with the same checkpoint, ends bit for bit where the uninterrupted run ends,
+    with the same loss history; image-token dropout is on, so the draws must resume where they were."""
+    _, flex, processor, _ = tiny_flex
+    settings = dict(steps=4, batch_size=2, log_every=1)
+
+    def stop_in_step_3(line):
+        if line.startswith("step 3/"):
+            raise Interrupted
+
+    checkpoint = Checkpoint(tmp_path / "state.safetensors", run={"seed": 0}, every=2)
+    whole, resumed, lines = copy.deepcopy(flex), copy.deepcopy(flex), []
+    with deterministic_algorithms():
+        whole_history = train_hires(whole, processor, **settings, log=lambda *_: None)
+        with pytest.raises(Interrupted):
+            train_hires(copy.deepcopy(flex), processor, **settings, log=stop_in_step_3, checkpoint=checkpoint)
+        assert checkpoint.saved_run() == {"seed": 0}
+        history = train_hires(resumed, processor, **settings, log=lines.append, checkpoint=checkpoint)
+    assert f"resuming after step 2 from {checkpoint.path}" in lines
+    assert history == whole_history and len(history) == 4
+    for (name, expected), (_, got) in zip(whole.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert torch.equal(got, expected), name
+
+
+def write_checkpoint_of_another_run(path):
+    """A checkpoint of the command's defaults from an empty base, but for 7 steps."""
+    run = {"base_sha256": None, "in_sequence": False, "steps": 7, "batch_size": 16, "lr": 8e-4, "seed": 0, "threads": 2}
+    save_file({"model.x": torch.zeros(1)}, str(path), metadata={"step": "5", "history": "[]", "run": json.dumps(run)})
+
+
+@pytest.mark.parametrize("name, make, message", [
+    ("state.pt", None, "give a .safetensors file"),
+    ("state.safetensors", lambda path: path.write_bytes(b"not safetensors"), "is not a training checkpoint"),
+    ("state.safetensors", write_checkpoint_of_another_run, "saved by another run (steps 7 there, 1100 here)"),
+    ("base/state.safetensors", None, "would overwrite the input"),
+])
+def test_the_hires_trainer_refuses_a_checkpoint_it_cannot_resume_from(tmp_path, capsys, name, make, message):
+    (tmp_path / "base").mkdir()
+    path = tmp_path / name
+    if make:
+        make(path)
+    before = path.read_bytes() if path.exists() else None
+    with pytest.raises(SystemExit) as exit_:
+        train_hires_module.main(["--base", str(tmp_path / "base"), "--out", str(tmp_path / "flex"),
+                                 "--checkpoint", str(path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and "--checkpoint" in err[-1] and message in err[-1]
+    assert (path.read_bytes() if path.exists() else None) == before
 
 
 # ---------------------------------------------------------------------------------------------------

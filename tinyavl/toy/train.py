@@ -50,19 +50,20 @@ import math
 import random
 import time
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 
 from tinyavl.cli import TOY_WEIGHTS, ArgumentParser
 from tinyavl.errors import UserError
-from tinyavl.files import check_new_folder, write_folder_atomically
+from tinyavl.files import check_new_folder, write_file_atomically, write_folder_atomically
 from tinyavl.model import LlavaConfig, LlavaForConditionalGeneration, TextConfig, VisionConfig
 from tinyavl.processing import CLIP_MEAN, CLIP_STD, IMAGE_TOKEN, LLAVA_SYSTEM_PROMPT, Processor
 from tinyavl.toy.evaluate import evaluate, held_out_set, reads_fine_scenes
@@ -345,25 +346,79 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+@dataclass
+class Checkpoint:
+    """Where `optimise` keeps its training state so that a run longer than a sitting can be interrupted
+    and resumed: one safetensors file with the model's and the probe's tensors and AdamW's moments, and
+    in its metadata the steps done, the loss history and `run`, the settings that made the run (its
+    command checks them before resuming, so a resume never mixes two runs)."""
+    path: Path
+    run: dict
+    every: int = 50
+
+    def save(self, step: int, model, probe, optimizer, history) -> None:
+        tensors = {f"model.{key}": t for key, t in model.state_dict().items()}
+        tensors |= {f"probe.{key}": t for key, t in probe.state_dict().items()}
+        for index, state in optimizer.state_dict()["state"].items():  # exp_avg, exp_avg_sq, step per parameter
+            tensors |= {f"optimizer.{index}.{name}": t for name, t in state.items()}
+        tensors = {key: t.detach().contiguous() for key, t in tensors.items()}
+        metadata = {"step": str(step), "history": json.dumps(history), "run": json.dumps(self.run)}
+        write_file_atomically(self.path, lambda partial: save_file(tensors, str(partial), metadata=metadata))
+
+    def load(self, model, probe, optimizer) -> tuple[int, list[tuple[int, float, float]]]:
+        """Put the saved state into model, probe and optimizer; returns (steps done, history)."""
+        with safe_open(str(self.path), framework="pt") as file:
+            metadata, tensors = file.metadata(), {key: file.get_tensor(key) for key in file.keys()}
+        model.load_state_dict(parts(tensors, "model."))
+        probe.load_state_dict(parts(tensors, "probe."))
+        moments = {}
+        for key, t in parts(tensors, "optimizer.").items():
+            index, name = key.split(".")
+            moments.setdefault(int(index), {})[name] = t
+        optimizer.load_state_dict({"state": moments, "param_groups": optimizer.state_dict()["param_groups"]})
+        return int(metadata["step"]), [tuple(entry) for entry in json.loads(metadata["history"])]
+
+    def saved_run(self) -> dict | None:
+        """The settings of the run saved at path (None: nothing saved there); UserError if the file is not
+        a checkpoint."""
+        if not self.path.exists():
+            return None
+        try:
+            with safe_open(str(self.path), framework="pt") as file:
+                return json.loads(file.metadata()["run"])
+        except (SafetensorError, OSError, KeyError, TypeError, ValueError) as err:
+            raise UserError(f"{self.path} is not a training checkpoint ({err})") from None
+
+
+def parts(tensors: dict, prefix: str) -> dict:
+    """The entries of `tensors` whose key starts with prefix, the prefix taken off."""
+    return {key[len(prefix):]: t for key, t in tensors.items() if key.startswith(prefix)}
+
+
 def optimise(model, probe, processor, stream, steps: int, lr: float, warmup: int, batch_size: int, turns: int,
              aux_weight: float, image_dropout: float, image_dropout_share: float, dropout_generator,
              log_every: int, eval_every: int, log, tower_frozen: bool = False,
-             masks: str = "tokens") -> list[tuple[int, float, float]]:
+             masks: str = "tokens", checkpoint: "Checkpoint | None" = None) -> list[tuple[int, float, float]]:
     """The training loop both stages share: `steps` AdamW steps (a fresh optimiser) on batches from
     `stream`, learning rate `learning_rate(step, steps, lr, warmup)`; returns the history of
     (step, lm_loss, aux_loss). Every eval_every steps (0: never) the greedy accuracy on 10 held-out
     scenes (seed 0) is logged. With tower_frozen the vision tower is not trained (LLaVA's recipe once
-    its CLIP tower is trained). `masks`, one of TUNE_MASKS, says how image_dropout hides image tokens."""
+    its CLIP tower is trained). `masks`, one of TUNE_MASKS, says how image_dropout hides image tokens.
+    With a `checkpoint`, the training state is saved there every checkpoint.every steps, and a run that
+    finds one goes on from it: it ends with the weights the uninterrupted run ends with, bit for bit
+    (same machine and thread count)."""
     model.train().requires_grad_(True)
     if tower_frozen:
         model.vision_tower.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad] + list(probe.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     image_token_id, pad_id = model.config.image_token_id, processor.tokenizer.token_to_id("<pad>")
-    history, start = [], time.perf_counter()
+    history, done = [], 0
+    if checkpoint and checkpoint.path.exists():
+        done, history = checkpoint.load(model, probe, optimizer)
+        log(f"resuming after step {done} from {checkpoint.path}")
+    start = time.perf_counter()
     for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, steps, lr, warmup)
         batch = make_batch(stream, processor, batch_size, turns, pad_id)
         if image_dropout and masks == "rectangles":
             batch["attention_mask"] = hide_image_rectangles(batch["input_ids"], image_token_id, image_dropout,
@@ -371,6 +426,12 @@ def optimise(model, probe, processor, stream, steps: int, lr: float, warmup: int
         elif image_dropout:
             batch["attention_mask"] = hide_image_tokens(batch["input_ids"], image_token_id, image_dropout,
                                                         dropout_generator, image_dropout_share)
+        # A resumed run draws the batches of the steps it has done too (0.2 s a step), so that the scene
+        # stream and the dropout draws go on where the interrupted run's were.
+        if step < done:
+            continue
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, steps, lr, warmup)
         lm_loss, aux_loss = losses(model, probe, batch, hires_alpha=min(1.0, step / (HIRES_RAMP * steps)))
         optimizer.zero_grad(set_to_none=True)
         (lm_loss + aux_weight * aux_loss).backward()
@@ -382,7 +443,7 @@ def optimise(model, probe, processor, stream, steps: int, lr: float, warmup: int
             recent = history[-log_every:]
             log(f"step {step + 1}/{steps}  answer loss {sum(h[1] for h in recent) / len(recent):.4f}  "
                 f"patch loss {sum(h[2] for h in recent) / len(recent):.4f}  "
-                f"lr {optimizer.param_groups[0]['lr']:.2e}  {(step + 1) * batch_size / seconds:.0f} samples/s  "
+                f"lr {optimizer.param_groups[0]['lr']:.2e}  {(step + 1 - done) * batch_size / seconds:.1f} samples/s  "
                 f"{seconds / 60:.1f} min")
         if eval_every and (step + 1) % eval_every == 0:
             model.eval()
@@ -391,6 +452,8 @@ def optimise(model, probe, processor, stream, steps: int, lr: float, warmup: int
             model.train()
             log(f"  held-out accuracy {report['accuracy']:.3f}: " +
                 ", ".join(f"{kind} {acc:.2f}" for kind, acc in report["accuracy_by_type"].items()))
+        if checkpoint and (step + 1) % checkpoint.every == 0 and step + 1 < steps:
+            checkpoint.save(step + 1, model, probe, optimizer, history)
     model.eval().requires_grad_(False)
     return history
 

@@ -39,6 +39,7 @@ projections; the patch probe names what every crop's features show (`train.tile_
 chats are about 2600 tokens long where the FlexAttention toy's are 249: it trains at 1.5 samples/s on the
 2-core CPU the committed toys were trained on, against 9-10 (a 200-step run), about 3.2 hours for STEPS.
 """
+import hashlib
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -48,10 +49,11 @@ import torch
 from tinyavl import load_pretrained
 from tinyavl.cli import TOY_WEIGHTS, ArgumentParser
 from tinyavl.errors import UserError
-from tinyavl.files import check_new_folder, write_folder_atomically
+from tinyavl.files import check_apart_from_inputs, check_new_folder, write_folder_atomically
 from tinyavl.model import HiresConfig, LlavaForConditionalGeneration
 from tinyavl.toy.scenes import FINE_SCALE, IMAGE_SIZE, scene_stream
-from tinyavl.toy.train import PatchProbe, deterministic_algorithms, optimise, save_pretrained, write_examples
+from tinyavl.toy.train import (Checkpoint, PatchProbe, deterministic_algorithms, optimise, save_pretrained,
+                               write_examples)
 
 HIRES = HiresConfig(scale=FINE_SCALE, first_layer=3, threshold=48.0, blocks=4)
 FINE_CANVAS = (FINE_SCALE * IMAGE_SIZE, FINE_SCALE * IMAGE_SIZE)  # (height, width) px: a fine scene
@@ -109,9 +111,10 @@ def from_base(base: Path, in_sequence: bool = False):
 
 def train_hires(model, processor, steps: int = STEPS, batch_size: int = BATCH_SIZE, lr: float = 8e-4, seed: int = 0,
                 turns: int = 4, image_dropout: float = IMAGE_DROPOUT, image_dropout_share: float = IMAGE_DROPOUT_SHARE,
-                log_every: int = 100, eval_every: int = 0, log=None) -> list[tuple[int, float, float]]:
+                log_every: int = 100, eval_every: int = 0, log=None,
+                checkpoint: Checkpoint | None = None) -> list[tuple[int, float, float]]:
     """Fine-tune a model `from_base` (either kind) on fine scenes (seed: their stream, the dropout draws);
-    returns the history of (step, lm_loss, aux_loss)."""
+    returns the history of (step, lm_loss, aux_loss). With a checkpoint, it resumes (`optimise`)."""
     log = log or partial(print, flush=True)
     torch.manual_seed(seed)
     probe = PatchProbe(processor.tokenizer, model.config.text.hidden_size)
@@ -119,7 +122,34 @@ def train_hires(model, processor, steps: int = STEPS, batch_size: int = BATCH_SI
     log(f"{steps} steps on fine scenes, {looks}")
     return optimise(model, probe, processor, scene_stream("hires", seed, fine=True), steps, lr,
                     min(100, steps // 10 + 1), batch_size, turns, 1.0, image_dropout, image_dropout_share,
-                    torch.Generator().manual_seed(seed), log_every, eval_every, log)
+                    torch.Generator().manual_seed(seed), log_every, eval_every, log, checkpoint=checkpoint)
+
+
+def run_settings(args) -> dict:
+    """What makes a run of this command what it is, saved with its checkpoint: the arguments that change
+    the weights (not --out, --force or --eval-every) and the base's weights by their sha256."""
+    base_weights = args.base / "model.safetensors"
+    digest = hashlib.sha256(base_weights.read_bytes()).hexdigest() if base_weights.is_file() else None
+    return {"base_sha256": digest, "in_sequence": args.in_sequence, "steps": args.steps,
+            "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "threads": args.threads}
+
+
+def check_checkpoint(checkpoint: Checkpoint, inputs: list[Path]) -> None:
+    """UserError unless the checkpoint file can be written, apart from the inputs (and the folder to be
+    written), and anything already there was saved by a run with the same settings."""
+    path = checkpoint.path
+    if path.suffix != ".safetensors" or path.is_dir() or not path.parent.is_dir():
+        raise UserError(f"--checkpoint {path}: give a .safetensors file in an existing folder")
+    check_apart_from_inputs(path, "--checkpoint", inputs)
+    try:
+        saved = checkpoint.saved_run()
+    except UserError as err:
+        raise UserError(f"--checkpoint {err}") from None
+    if saved is not None and saved != checkpoint.run:
+        differ = ", ".join(f"{key} {saved.get(key)} there, {value} here" for key, value in checkpoint.run.items()
+                           if saved.get(key) != value)
+        raise UserError(f"--checkpoint {path} was saved by another run ({differ}): give the same settings or "
+                        "another file")
 
 
 def main(argv=None) -> None:
@@ -136,6 +166,9 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (results depend on it)")
     parser.add_argument("--eval-every", type=int, default=550,
                         help="steps between held-out accuracy reports (0: none; they do not change the weights)")
+    parser.add_argument("--checkpoint", type=Path,
+                        help="a .safetensors file to keep the training state in every 50 steps and to resume from "
+                             "if it is there (same settings only); removed once --out is written")
     args = parser.parse_args(argv)
     for name in ("steps", "batch_size", "threads"):
         if getattr(args, name) < 1:
@@ -146,19 +179,28 @@ def main(argv=None) -> None:
             raise UserError("is the --base it starts from; write the FlexAttention toy elsewhere")
     except UserError as err:
         parser.error(f"--out: {err}")
+    checkpoint = args.checkpoint and Checkpoint(args.checkpoint, run_settings(args))
+    if checkpoint:
+        try:
+            check_checkpoint(checkpoint, [args.base, args.out])
+        except UserError as err:
+            parser.error(str(err))
     try:
         model, processor = from_base(args.base, args.in_sequence)
     except UserError as err:
         parser.error(f"--base: {err}")
     torch.set_num_threads(args.threads)
     with deterministic_algorithms():
-        train_hires(model, processor, args.steps, args.batch_size, args.lr, args.seed, eval_every=args.eval_every)
+        train_hires(model, processor, args.steps, args.batch_size, args.lr, args.seed, eval_every=args.eval_every,
+                    checkpoint=checkpoint)
 
     def write(folder: Path) -> None:
         save_pretrained(model, processor, folder)
         write_examples(folder, fine=True)
 
     write_folder_atomically(args.out, write, force=args.force)
+    if checkpoint:
+        checkpoint.path.unlink(missing_ok=True)
     print(f"wrote {args.out}")
 
 
