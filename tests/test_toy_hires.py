@@ -6,6 +6,7 @@ has its command.
 """
 import copy
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from tinyavl.toy import train_hires as train_hires_module
 from tinyavl.toy.evaluate import attention_pairs, evaluate, held_out_set
 from tinyavl.toy.evaluate_hires import IN_SEQUENCE, format_table, in_sequence_pairs, plot
 from tinyavl.toy.evaluate_hires import main as evaluate_hires_main
+from tinyavl.toy.plot import HEIGHT, MARGIN, PALETTE, WIDTH
 from tinyavl.toy.scenes import (COLOURS, DIGIT_COLOUR, FINE_SCALE, IMAGE_SIZE, PATCH, Scene, SceneObject,
                                 scene_stream)
 from safetensors.torch import save_file
@@ -369,9 +371,29 @@ def test_the_table_compares_each_mode_with_every_block_and_the_sequence(tmp_path
     assert len(lines) == 2 + 3 + 2 and not any("not trained" in line for line in lines)
     assert lines[-1].startswith("| avl | all high-res tokens in the sequence | 0.95 (0.85-1.05) |")
     assert lines[-1].endswith("| - | 300.0 | - | 0.750 |") and lines[-2].endswith("| 400.0 | - | 1.000 |")
+
+
+@pytest.mark.parametrize("with_tiles", [False, True])
+def test_the_plot_puts_each_point_where_its_cost_and_accuracy_say(tmp_path, with_tiles):
+    """Each point where its MFLOPs and its digit accuracy put it, in its policy's colour: on a linear axis
+    from the least to the most, or with the in-sequence toy's points on a log10 one."""
+    reports = [fake_report("full", "low-res", 0.2, 10.0), fake_report("full", "selection", 0.9, 20.0),
+               fake_report("avl", "selection", 0.5, 40.0)]
+    tiled = [fake_report("full", IN_SEQUENCE, 0.8, 1000.0), fake_report("avl", IN_SEQUENCE, 0.3, 500.0)]
     path = tmp_path / "hires.png"
-    plot(reports, path, "title")
-    assert Image.open(path).size[0] > 0
+    plot(reports, path, "title", tiled if with_tiles else None)
+    with Image.open(path) as picture:
+        pixels = picture.convert("RGB")
+    left, top = MARGIN["left"], MARGIN["top"]
+    right, bottom = WIDTH - MARGIN["right"], HEIGHT - MARGIN["bottom"]
+    points = [(PALETTE[0], reports[0]), (PALETTE[0], reports[1]), (PALETTE[1], reports[2])]
+    if with_tiles:
+        points += [(PALETTE[0], tiled[0]), (PALETTE[1], tiled[1])]
+    for colour, r in points:
+        mflops = r["attention_mflops"]
+        share = math.log10(mflops / 10.0) / 2 if with_tiles else (mflops - 10.0) / 30.0  # 10 .. 1000 or 10 .. 40
+        x, y = left + share * (right - left), bottom - r["accuracy_by_type"]["digit"] * (bottom - top)
+        assert pixels.getpixel((round(x), round(y))) == colour, (r["policy"], r["mode"])
 
 
 @pytest.mark.parametrize("argv, message", [(["--n", "0"], "--n must be at least 1"),

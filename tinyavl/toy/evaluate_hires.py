@@ -125,15 +125,22 @@ def format_table(reports: list[dict], in_sequence: list[dict] | None = None) -> 
     return "\n".join(markdown_table(head, rows))
 
 
-def plot(reports: list[dict], path: Path, title: str) -> None:
-    """Fine-detail accuracy (95% interval) against the attention MFLOPs an answer, a line per policy."""
-    series = {}
-    for r in reports:
+def plot(reports: list[dict], path: Path, title: str, in_sequence: list[dict] | None = None) -> None:
+    """Fine-detail accuracy (95% interval) against the attention MFLOPs an answer, a line per policy
+    through its modes; with the in-sequence toy's reports, a point per policy beside them, in the
+    policy's colour, and the MFLOPs on a log axis (the sequence costs about a hundred times more)."""
+    series, colour_of, dashed = {}, {}, []
+    for r in reports + (in_sequence or []):
+        name = r["policy"]
+        if r["mode"] == IN_SEQUENCE:
+            name = f"{r['policy']}, in sequence"
+            dashed.append(name)
+        colour_of[name] = r["policy"]
         interval = r["accuracy_by_type_ci"][FINE_KIND]
-        series.setdefault(r["policy"], []).append(
-            (r["attention_mflops"], r["accuracy_by_type"][FINE_KIND], *interval))
+        series.setdefault(name, []).append((r["attention_mflops"], r["accuracy_by_type"][FINE_KIND], *interval))
     save_line_plot(path, series, x_label="attention MFLOPs an answer (accounting formula)",
-                   y_label=f"{FINE_KIND} accuracy", title=title, y_range=(0, 1))
+                   y_label=f"{FINE_KIND} accuracy", title=title, y_range=(0, 1), colour_of=colour_of,
+                   dashed=tuple(dashed), log_x=bool(in_sequence))
 
 
 def parse_args(argv):
@@ -174,7 +181,8 @@ def run(args) -> dict:
     reports = compare(model, processor, questions, log)
     in_sequence = None if tiled is None else compare_in_sequence(*tiled, questions, log)
     if args.plot is not None:
-        plot(reports, args.plot, f"FlexAttention toy, {args.n} fine scenes (seed {args.seed}) x 6 prompts")
+        plot(reports, args.plot, f"FlexAttention toy, {args.n} fine scenes (seed {args.seed}) x 6 prompts",
+             in_sequence)
         if log:
             log(f"wrote {args.plot}")
     return {"seed": args.seed, "n_scenes": args.n, "rows": reports, "in_sequence_rows": in_sequence}

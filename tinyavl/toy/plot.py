@@ -4,9 +4,12 @@
                    x_label="KV bytes / dense", y_label="accuracy", title="...")
 
 Each series is a list of points (x, y) or (x, y, low, high); low-high is drawn as an error bar. A
-series named in `dashed` is drawn dashed, in the colour of the series `colour_of` names for it. The
-file is written atomically (tinyavl/files.py): a failure leaves no half picture.
+series named in `dashed` is drawn dashed, in the colour of the series `colour_of` names for it. With
+log_x the x axis is logarithmic, for points whose x spans orders of magnitude. The file is written
+atomically (tinyavl/files.py): a failure leaves no half picture.
 """
+import math
+
 from PIL import Image, ImageDraw
 
 from tinyavl.files import write_file_atomically
@@ -20,31 +23,34 @@ PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 1
 
 def save_line_plot(path, series: dict, x_label: str, y_label: str, title: str,
                    x_range: tuple[float, float] | None = None, y_range: tuple[float, float] | None = None,
-                   x_ticks: int = 5, dashed: tuple = (), colour_of: dict | None = None) -> None:
+                   x_ticks: int = 5, dashed: tuple = (), colour_of: dict | None = None,
+                   log_x: bool = False) -> None:
     """Draw every series (points joined in x order, error bars where given) and save a PNG to `path`."""
+    scale, unscale = (math.log10, lambda u: 10 ** u) if log_x else (lambda x: x, lambda u: u)
     points = [point for line in series.values() for point in line]
-    xs = [p[0] for p in points]
+    xs = [scale(p[0]) for p in points]
     ys = [v for p in points for v in p[1:]]
-    x0, x1 = x_range or (min(xs), max(xs))
+    x0, x1 = map(scale, x_range) if x_range else (min(xs), max(xs))
     y0, y1 = y_range or (min(ys), max(ys))
     x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
     left, top = MARGIN["left"], MARGIN["top"]
     right, bottom = WIDTH - MARGIN["right"], HEIGHT - MARGIN["bottom"]
 
     def at(x, y):  # data -> pixel
-        return (left + (x - x0) / (x1 - x0) * (right - left), bottom - (y - y0) / (y1 - y0) * (bottom - top))
+        return (left + (scale(x) - x0) / (x1 - x0) * (right - left), bottom - (y - y0) / (y1 - y0) * (bottom - top))
 
     img = Image.new("RGB", (WIDTH, HEIGHT), (255, 255, 255))
     draw = ImageDraw.Draw(img)
     draw.text((left, 8), title, fill=(0, 0, 0))
-    for i in range(x_ticks + 1):  # grid and tick labels
-        x = x0 + (x1 - x0) * i / x_ticks
+    for i in range(x_ticks + 1):  # grid and tick labels, evenly spaced on the drawn axis
+        x = unscale(x0 + (x1 - x0) * i / x_ticks)
         px, _ = at(x, y0)
         draw.line([(px, top), (px, bottom)], fill=(230, 230, 230))
-        draw.text((px - 12, bottom + 6), f"{x:g}" if float(x).is_integer() else f"{x:.2f}", fill=(0, 0, 0))
+        label = f"{x:.3g}" if log_x else f"{x:g}" if float(x).is_integer() else f"{x:.2f}"
+        draw.text((px - 12, bottom + 6), label, fill=(0, 0, 0))
     for i in range(Y_TICKS + 1):
         y = y0 + (y1 - y0) * i / Y_TICKS
-        _, py = at(x0, y)
+        _, py = at(unscale(x0), y)
         draw.line([(left, py), (right, py)], fill=(230, 230, 230))
         draw.text((left - 40, py - 6), f"{y:.2f}", fill=(0, 0, 0))
     draw.rectangle([left, top, right, bottom], outline=(0, 0, 0))

@@ -398,7 +398,7 @@ def parts(tensors: dict, prefix: str) -> dict:
 def optimise(model, probe, processor, stream, steps: int, lr: float, warmup: int, batch_size: int, turns: int,
              aux_weight: float, image_dropout: float, image_dropout_share: float, dropout_generator,
              log_every: int, eval_every: int, log, tower_frozen: bool = False,
-             masks: str = "tokens", checkpoint: "Checkpoint | None" = None) -> list[tuple[int, float, float]]:
+             masks: str = "tokens", checkpoint: Checkpoint | None = None) -> list[tuple[int, float, float]]:
     """The training loop both stages share: `steps` AdamW steps (a fresh optimiser) on batches from
     `stream`, learning rate `learning_rate(step, steps, lr, warmup)`; returns the history of
     (step, lm_loss, aux_loss). Every eval_every steps (0: never) the greedy accuracy on 10 held-out

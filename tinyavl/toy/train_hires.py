@@ -2,7 +2,8 @@
 on fine scenes, whose digits only a high-resolution view of the image can read (tutorial/07).
 
     python -m tinyavl.toy.train_hires --out weights/toy-hires --force    # the committed one (seed 0), replaced
-    python -m tinyavl.toy.train_hires --in-sequence --out weights/toy-tiles   # the baseline below
+    python -m tinyavl.toy.train_hires --in-sequence --out weights/toy-tiles \
+        --checkpoint weights/toy-tiles-checkpoint.safetensors                # the baseline below, over sittings
 
 FlexAttention (Li et al., ECCV 2024) is not trained from scratch: it fine-tunes a trained LLaVA-1.5 with
 two new projections per layer (`k_proj_hd`, `v_proj_hd`, initialised as copies of `k_proj`, `v_proj`) for
@@ -37,7 +38,11 @@ every high-resolution token enters the sequence: the base crop's 144, then the 4
 each of its rows closed by `image_newline` (tinyavl/anyres.py): 2496 image tokens. No view, no new
 projections; the patch probe names what every crop's features show (`train.tile_patch_targets`). Its
 chats are about 2600 tokens long where the FlexAttention toy's are 249: it trains at 1.5 samples/s on the
-2-core CPU the committed toys were trained on, against 9-10 (a 200-step run), about 3.2 hours for STEPS.
+2-core CPU the committed toys were trained on, against 9-10 (a 200-step run), about 3.2 hours for STEPS:
+longer than a sitting. `--checkpoint FILE` keeps the training state in FILE every 50 steps (`Checkpoint`:
+the weights, the probe, AdamW's moments, the loss history); the same command run again after an
+interruption goes on from there, and ends with the weights one uninterrupted run would have written, bit
+for bit on the same machine and thread count.
 """
 import hashlib
 from dataclasses import replace
