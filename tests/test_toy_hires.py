@@ -4,6 +4,7 @@
 The full training (the committed weights/toy-hires) is not run here: README "FlexAttention on the toy"
 has its command.
 """
+import argparse
 import copy
 import json
 import math
@@ -15,8 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors.torch import save_file
 
 import tinyavl
+from tinyavl.errors import UserError
 from tinyavl.model import HiresConfig, stitch_tiles
 from tinyavl.processing import LLAVA_SYSTEM_PROMPT, Processor
 from tinyavl.toy import train_hires as train_hires_module
@@ -26,8 +29,6 @@ from tinyavl.toy.evaluate_hires import main as evaluate_hires_main
 from tinyavl.toy.plot import HEIGHT, MARGIN, PALETTE, WIDTH
 from tinyavl.toy.scenes import (COLOURS, DIGIT_COLOUR, FINE_SCALE, IMAGE_SIZE, PATCH, Scene, SceneObject,
                                 scene_stream)
-from safetensors.torch import save_file
-
 from tinyavl.toy.train import (PATCH_CLASSES, Checkpoint, PatchProbe, attribute_loss, deterministic_algorithms, losses,
                                make_batch, patch_targets, save_pretrained, tile_patch_targets, toy_config, train,
                                train_tokenizer)
@@ -180,15 +181,20 @@ def test_training_losses_with_the_view(tiny_flex):
         flex.requires_grad_(False)
 
 
-def test_the_hires_trainer_writes_a_flexattention_toy(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    """A folder holding a tiny toy deep enough for HIRES (4 decoder layers), trained one step."""
+    base = tmp_path_factory.mktemp("base")
     torch.manual_seed(0)
     base_model, base_processor, _ = train(steps=1, batch_size=2, config_overrides=TINY | {"text_layers": 4},
                                           log=lambda *_: None)
-    base = tmp_path / "base"
-    base.mkdir()
     save_pretrained(base_model, base_processor, base)
+    return base
+
+
+def test_the_hires_trainer_writes_a_flexattention_toy(tiny_base, tmp_path):
     out = tmp_path / "flex"
-    train_hires_module.main(["--base", str(base), "--out", str(out), "--steps", "2", "--batch-size", "2",
+    train_hires_module.main(["--base", str(tiny_base), "--out", str(out), "--steps", "2", "--batch-size", "2",
                              "--eval-every", "0"])
     model, processor = tinyavl.load_pretrained(out)
     assert model.config.hires == train_hires_module.HIRES and processor.hires_scale == FINE_SCALE
@@ -272,7 +278,9 @@ def test_a_run_interrupted_and_resumed_from_its_checkpoint_ends_with_the_uninter
         whole_history = train_hires(whole, processor, **settings, log=lambda *_: None)
         with pytest.raises(Interrupted):
             train_hires(copy.deepcopy(flex), processor, **settings, log=stop_in_step_3, checkpoint=checkpoint)
-        assert checkpoint.saved_run() == {"seed": 0}
+        checkpoint.check()                                          # saved by these settings: resumable
+        with pytest.raises(UserError, match=r"another run \(seed 0 there, 1 here\)"):
+            Checkpoint(checkpoint.path, run={"seed": 1}).check()
         history = train_hires(resumed, processor, **settings, log=lines.append, checkpoint=checkpoint)
     assert f"resuming after step 2 from {checkpoint.path}" in lines
     assert history == whole_history and len(history) == 4
@@ -280,30 +288,64 @@ def test_a_run_interrupted_and_resumed_from_its_checkpoint_ends_with_the_uninter
         assert torch.equal(got, expected), name
 
 
-def write_checkpoint_of_another_run(path):
-    """A checkpoint of the command's defaults from an empty base, but for 7 steps."""
-    run = {"base_sha256": None, "in_sequence": False, "steps": 7, "batch_size": 16, "lr": 8e-4, "seed": 0, "threads": 2}
-    save_file({"model.x": torch.zeros(1)}, str(path), metadata={"step": "5", "history": "[]", "run": json.dumps(run)})
+def test_the_command_resumes_from_its_checkpoint_and_removes_it_once_the_toy_is_written(tiny_base, tmp_path,
+                                                                                         monkeypatch, capsys):
+    """`train_hires --checkpoint`, its folder never written (interrupted after the last step), then run
+    again: it resumes, writes the weights of a run without a checkpoint byte for byte, and deletes the file."""
+    monkeypatch.setattr(train_hires_module, "CHECKPOINT_EVERY", 1)
+    path = tmp_path / "state.safetensors"
+    argv = ["--base", str(tiny_base), "--steps", "2", "--batch-size", "2", "--eval-every", "0"]
+    train_hires_module.main(argv + ["--out", str(tmp_path / "plain")])
+
+    def interrupted(*_, **__):
+        raise Interrupted
+
+    with monkeypatch.context() as patched:
+        patched.setattr(train_hires_module, "write_folder_atomically", interrupted)
+        with pytest.raises(Interrupted):
+            train_hires_module.main(argv + ["--out", str(tmp_path / "resumed"), "--checkpoint", str(path)])
+    assert path.exists() and not (tmp_path / "resumed").exists()
+    capsys.readouterr()
+    train_hires_module.main(argv + ["--out", str(tmp_path / "resumed"), "--checkpoint", str(path)])
+    assert f"resuming after step 1 from {path}" in capsys.readouterr().out
+    weights = [(tmp_path / run / "model.safetensors").read_bytes() for run in ("plain", "resumed")]
+    assert weights[0] == weights[1] and not path.exists()
+
+
+def write_checkpoint_of_another_run(path, base):
+    """A checkpoint of the command's defaults from `base`, but for 7 steps."""
+    args = argparse.Namespace(base=base, in_sequence=False, steps=7, batch_size=16, lr=8e-4, seed=0, threads=2)
+    run = json.dumps(train_hires_module.run_settings(args))
+    save_file({"model.x": torch.zeros(1)}, str(path), metadata={"step": "5", "history": "[]", "run": run})
 
 
 @pytest.mark.parametrize("name, make, message", [
     ("state.pt", None, "give a .safetensors file"),
-    ("state.safetensors", lambda path: path.write_bytes(b"not safetensors"), "is not a training checkpoint"),
+    ("state.safetensors", lambda path, _: path.write_bytes(b"not safetensors"), "is not a training checkpoint"),
     ("state.safetensors", write_checkpoint_of_another_run, "saved by another run (steps 7 there, 1100 here)"),
-    ("base/state.safetensors", None, "would overwrite the input"),
+    ("flex/state.safetensors", None, "is inside --out"),
+    ("base", None, "give a .safetensors file"),
 ])
-def test_the_hires_trainer_refuses_a_checkpoint_it_cannot_resume_from(tmp_path, capsys, name, make, message):
-    (tmp_path / "base").mkdir()
-    path = tmp_path / name
+def test_the_hires_trainer_refuses_a_checkpoint_it_cannot_resume_from(tiny_base, tmp_path, capsys, name, make,
+                                                                       message):
+    (tmp_path / "flex").mkdir()
+    path = tiny_base if name == "base" else tmp_path / name
     if make:
-        make(path)
-    before = path.read_bytes() if path.exists() else None
+        make(path, tiny_base)
+    before = path.read_bytes() if path.is_file() else None
     with pytest.raises(SystemExit) as exit_:
-        train_hires_module.main(["--base", str(tmp_path / "base"), "--out", str(tmp_path / "flex"),
-                                 "--checkpoint", str(path)])
+        train_hires_module.main(["--base", str(tiny_base), "--out", str(tmp_path / "flex"), "--checkpoint", str(path)])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 2 and "--checkpoint" in err[-1] and message in err[-1]
-    assert (path.read_bytes() if path.exists() else None) == before
+    assert (path.read_bytes() if path.is_file() else None) == before
+
+
+def test_the_hires_trainer_refuses_a_checkpoint_inside_its_base(tiny_base, tmp_path, capsys):
+    path = tiny_base / "state.safetensors"
+    with pytest.raises(SystemExit) as exit_:
+        train_hires_module.main(["--base", str(tiny_base), "--out", str(tmp_path / "flex"), "--checkpoint", str(path)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "would overwrite the input" in err and not path.exists()
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -42,12 +42,15 @@ def save_line_plot(path, series: dict, x_label: str, y_label: str, title: str,
     img = Image.new("RGB", (WIDTH, HEIGHT), (255, 255, 255))
     draw = ImageDraw.Draw(img)
     draw.text((left, 8), title, fill=(0, 0, 0))
-    for i in range(x_ticks + 1):  # grid and tick labels, evenly spaced on the drawn axis
-        x = unscale(x0 + (x1 - x0) * i / x_ticks)
+    if log_x:  # 1, 2 and 5 times the powers of ten inside the range: round numbers, as log paper has them
+        tick_xs = [m * 10.0 ** e for e in range(math.floor(x0), math.ceil(x1) + 1) for m in (1, 2, 5)
+                   if x0 <= math.log10(m) + e <= x1]
+    else:        # x_ticks + 1 evenly spaced
+        tick_xs = [x0 + (x1 - x0) * i / x_ticks for i in range(x_ticks + 1)]
+    for x in tick_xs:  # grid and tick labels
         px, _ = at(x, y0)
         draw.line([(px, top), (px, bottom)], fill=(230, 230, 230))
-        label = f"{x:.3g}" if log_x else f"{x:g}" if float(x).is_integer() else f"{x:.2f}"
-        draw.text((px - 12, bottom + 6), label, fill=(0, 0, 0))
+        draw.text((px - 12, bottom + 6), f"{x:g}" if float(x).is_integer() else f"{x:.2f}", fill=(0, 0, 0))
     for i in range(Y_TICKS + 1):
         y = y0 + (y1 - y0) * i / Y_TICKS
         _, py = at(unscale(x0), y)

@@ -348,10 +348,11 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
 
 @dataclass
 class Checkpoint:
-    """Where `optimise` keeps its training state so that a run longer than a sitting can be interrupted
+    """Where `optimise` keeps its training state, so that a run longer than a sitting can be interrupted
     and resumed: one safetensors file with the model's and the probe's tensors and AdamW's moments, and
-    in its metadata the steps done, the loss history and `run`, the settings that made the run (its
-    command checks them before resuming, so a resume never mixes two runs)."""
+    in its metadata the steps done, the loss history and `run`, the settings that made the run. A file
+    saved by other settings is refused (`check`), so a resume never mixes two runs; the code is not among
+    the settings: resume with the code that started the run."""
     path: Path
     run: dict
     every: int = 50
@@ -363,34 +364,47 @@ class Checkpoint:
             tensors |= {f"optimizer.{index}.{name}": t for name, t in state.items()}
         tensors = {key: t.detach().contiguous() for key, t in tensors.items()}
         metadata = {"step": str(step), "history": json.dumps(history), "run": json.dumps(self.run)}
-        write_file_atomically(self.path, lambda partial: save_file(tensors, str(partial), metadata=metadata))
+        write_file_atomically(self.path, lambda temporary: save_file(tensors, str(temporary), metadata=metadata))
+
+    def check(self) -> None:
+        """UserError if the file at path is not a checkpoint, or was saved by a run with other settings
+        (nothing there is fine: the run starts from its first step)."""
+        if not self.path.exists():
+            return
+        try:
+            with safe_open(str(self.path), framework="pt") as file:
+                metadata = file.metadata()
+            saved = json.loads(metadata["run"])
+            int(metadata["step"]), json.loads(metadata["history"])
+        except (SafetensorError, OSError, KeyError, TypeError, ValueError) as err:
+            raise UserError(f"{self.path} is not a training checkpoint ({err})") from None
+        if saved != self.run:
+            differ = ", ".join(f"{key} {saved.get(key)} there, {value} here" for key, value in self.run.items()
+                               if saved.get(key) != value)
+            raise UserError(f"{self.path} was saved by another run ({differ}): give the same settings or "
+                            "another file")
 
     def load(self, model, probe, optimizer) -> tuple[int, list[tuple[int, float, float]]]:
         """Put the saved state into model, probe and optimizer; returns (steps done, history)."""
+        self.check()
         with safe_open(str(self.path), framework="pt") as file:
             metadata, tensors = file.metadata(), {key: file.get_tensor(key) for key in file.keys()}
-        model.load_state_dict(parts(tensors, "model."))
-        probe.load_state_dict(parts(tensors, "probe."))
+        try:
+            model.load_state_dict(without_prefix(tensors, "model."))
+            probe.load_state_dict(without_prefix(tensors, "probe."))
+        except RuntimeError as err:  # missing or unexpected keys, other shapes
+            raise UserError(f"{self.path} holds another model's weights ({str(err).splitlines()[0]})") from None
         moments = {}
-        for key, t in parts(tensors, "optimizer.").items():
+        for key, t in without_prefix(tensors, "optimizer.").items():
             index, name = key.split(".")
             moments.setdefault(int(index), {})[name] = t
+        # The optimiser's own param_groups: only their lr differs from the saved run's, and optimise sets
+        # it every step.
         optimizer.load_state_dict({"state": moments, "param_groups": optimizer.state_dict()["param_groups"]})
         return int(metadata["step"]), [tuple(entry) for entry in json.loads(metadata["history"])]
 
-    def saved_run(self) -> dict | None:
-        """The settings of the run saved at path (None: nothing saved there); UserError if the file is not
-        a checkpoint."""
-        if not self.path.exists():
-            return None
-        try:
-            with safe_open(str(self.path), framework="pt") as file:
-                return json.loads(file.metadata()["run"])
-        except (SafetensorError, OSError, KeyError, TypeError, ValueError) as err:
-            raise UserError(f"{self.path} is not a training checkpoint ({err})") from None
 
-
-def parts(tensors: dict, prefix: str) -> dict:
+def without_prefix(tensors: dict, prefix: str) -> dict:
     """The entries of `tensors` whose key starts with prefix, the prefix taken off."""
     return {key[len(prefix):]: t for key, t in tensors.items() if key.startswith(prefix)}
 
@@ -404,9 +418,10 @@ def optimise(model, probe, processor, stream, steps: int, lr: float, warmup: int
     (step, lm_loss, aux_loss). Every eval_every steps (0: never) the greedy accuracy on 10 held-out
     scenes (seed 0) is logged. With tower_frozen the vision tower is not trained (LLaVA's recipe once
     its CLIP tower is trained). `masks`, one of TUNE_MASKS, says how image_dropout hides image tokens.
-    With a `checkpoint`, the training state is saved there every checkpoint.every steps, and a run that
-    finds one goes on from it: it ends with the weights the uninterrupted run ends with, bit for bit
-    (same machine and thread count)."""
+    With a `checkpoint`, the training state is saved there every checkpoint.every steps (not after the
+    last: the caller writes the weights then), and a run that finds one goes on from it: it ends with the
+    weights the uninterrupted run ends with, bit for bit (same machine and thread count). The global torch
+    RNG is not saved: no step draws from it (every draw here has its own generator or stream)."""
     model.train().requires_grad_(True)
     if tower_frozen:
         model.vision_tower.requires_grad_(False)
@@ -417,7 +432,6 @@ def optimise(model, probe, processor, stream, steps: int, lr: float, warmup: int
     if checkpoint and checkpoint.path.exists():
         done, history = checkpoint.load(model, probe, optimizer)
         log(f"resuming after step {done} from {checkpoint.path}")
-    start = time.perf_counter()
     for step in range(steps):
         batch = make_batch(stream, processor, batch_size, turns, pad_id)
         if image_dropout and masks == "rectangles":
@@ -430,6 +444,8 @@ def optimise(model, probe, processor, stream, steps: int, lr: float, warmup: int
         # stream and the dropout draws go on where the interrupted run's were.
         if step < done:
             continue
+        if step == done:  # this sitting's speed: the replayed batches are not its steps
+            start = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, steps, lr, warmup)
         lm_loss, aux_loss = losses(model, probe, batch, hires_alpha=min(1.0, step / (HIRES_RAMP * steps)))

@@ -2,7 +2,7 @@
 on fine scenes, whose digits only a high-resolution view of the image can read (tutorial/07).
 
     python -m tinyavl.toy.train_hires --out weights/toy-hires --force    # the committed one (seed 0), replaced
-    python -m tinyavl.toy.train_hires --in-sequence --out weights/toy-tiles \
+    python -m tinyavl.toy.train_hires --in-sequence --out weights/toy-tiles \\
         --checkpoint weights/toy-tiles-checkpoint.safetensors                # the baseline below, over sittings
 
 FlexAttention (Li et al., ECCV 2024) is not trained from scratch: it fine-tunes a trained LLaVA-1.5 with
@@ -38,13 +38,14 @@ every high-resolution token enters the sequence: the base crop's 144, then the 4
 each of its rows closed by `image_newline` (tinyavl/anyres.py): 2496 image tokens. No view, no new
 projections; the patch probe names what every crop's features show (`train.tile_patch_targets`). Its
 chats are about 2600 tokens long where the FlexAttention toy's are 249: it trains at 1.5 samples/s on the
-2-core CPU the committed toys were trained on, against 9-10 (a 200-step run), about 3.2 hours for STEPS:
+2-core CPU the committed toys were trained on, against 9-10, about 3.1-3.2 hours for STEPS:
 longer than a sitting. `--checkpoint FILE` keeps the training state in FILE every 50 steps (`Checkpoint`:
 the weights, the probe, AdamW's moments, the loss history); the same command run again after an
 interruption goes on from there, and ends with the weights one uninterrupted run would have written, bit
 for bit on the same machine and thread count.
 """
 import hashlib
+import os
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -57,8 +58,8 @@ from tinyavl.errors import UserError
 from tinyavl.files import check_apart_from_inputs, check_new_folder, write_folder_atomically
 from tinyavl.model import HiresConfig, LlavaForConditionalGeneration
 from tinyavl.toy.scenes import FINE_SCALE, IMAGE_SIZE, scene_stream
-from tinyavl.toy.train import (Checkpoint, PatchProbe, deterministic_algorithms, optimise, save_pretrained,
-                               write_examples)
+from tinyavl.toy.train import (HIRES_RAMP, Checkpoint, PatchProbe, deterministic_algorithms, optimise,
+                               save_pretrained, write_examples)
 
 HIRES = HiresConfig(scale=FINE_SCALE, first_layer=3, threshold=48.0, blocks=4)
 FINE_CANVAS = (FINE_SCALE * IMAGE_SIZE, FINE_SCALE * IMAGE_SIZE)  # (height, width) px: a fine scene
@@ -66,6 +67,7 @@ STEPS = 1100
 BATCH_SIZE = 16             # half the first toy's: a step also runs the tower on 16 crops of every image
 IMAGE_DROPOUT = 0.75        # the largest fraction of a sequence's image tokens hidden, as in the first toy's stage 2
 IMAGE_DROPOUT_SHARE = 0.5   # in this share of the sequences
+CHECKPOINT_EVERY = 50       # steps between two saves of the training state (--checkpoint): 9 min for --in-sequence
 
 
 def with_hires_projections(model: LlavaForConditionalGeneration, hires: HiresConfig) -> LlavaForConditionalGeneration:
@@ -132,29 +134,33 @@ def train_hires(model, processor, steps: int = STEPS, batch_size: int = BATCH_SI
 
 def run_settings(args) -> dict:
     """What makes a run of this command what it is, saved with its checkpoint: the arguments that change
-    the weights (not --out, --force or --eval-every) and the base's weights by their sha256."""
-    base_weights = args.base / "model.safetensors"
-    digest = hashlib.sha256(base_weights.read_bytes()).hexdigest() if base_weights.is_file() else None
-    return {"base_sha256": digest, "in_sequence": args.in_sequence, "steps": args.steps,
-            "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "threads": args.threads}
+    the weights (not --out, --force or --eval-every), the base's weights by their sha256, the recipe's
+    constants and the torch version."""
+    base_weights = hashlib.sha256()
+    for path in sorted(args.base.glob("*.safetensors")):  # one file, or a sharded checkpoint's shards
+        base_weights.update(path.read_bytes())
+    return {"base_sha256": base_weights.hexdigest(), "in_sequence": args.in_sequence,
+            "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+            "threads": args.threads, "image_dropout": IMAGE_DROPOUT, "image_dropout_share": IMAGE_DROPOUT_SHARE,
+            "hires_ramp": HIRES_RAMP, "torch": torch.__version__}
 
 
-def check_checkpoint(checkpoint: Checkpoint, inputs: list[Path]) -> None:
-    """UserError unless the checkpoint file can be written, apart from the inputs (and the folder to be
-    written), and anything already there was saved by a run with the same settings."""
+def check_checkpoint(checkpoint: Checkpoint, base: Path, out: Path) -> None:
+    """UserError unless the checkpoint file can be written, apart from the base and the folder to be
+    written, and anything already there was saved by a run with the same settings (`Checkpoint.check`)."""
     path = checkpoint.path
     if path.suffix != ".safetensors" or path.is_dir() or not path.parent.is_dir():
         raise UserError(f"--checkpoint {path}: give a .safetensors file in an existing folder")
-    check_apart_from_inputs(path, "--checkpoint", inputs)
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UserError(f"--checkpoint {path}: cannot write there")
+    if out.resolve() in path.resolve().parents:
+        raise UserError(f"--checkpoint {path} is inside --out, which is replaced when it is written: choose "
+                        "another path")
+    check_apart_from_inputs(path, "--checkpoint", [base])
     try:
-        saved = checkpoint.saved_run()
+        checkpoint.check()
     except UserError as err:
         raise UserError(f"--checkpoint {err}") from None
-    if saved is not None and saved != checkpoint.run:
-        differ = ", ".join(f"{key} {saved.get(key)} there, {value} here" for key, value in checkpoint.run.items()
-                           if saved.get(key) != value)
-        raise UserError(f"--checkpoint {path} was saved by another run ({differ}): give the same settings or "
-                        "another file")
 
 
 def main(argv=None) -> None:
@@ -172,8 +178,8 @@ def main(argv=None) -> None:
     parser.add_argument("--eval-every", type=int, default=550,
                         help="steps between held-out accuracy reports (0: none; they do not change the weights)")
     parser.add_argument("--checkpoint", type=Path,
-                        help="a .safetensors file to keep the training state in every 50 steps and to resume from "
-                             "if it is there (same settings only); removed once --out is written")
+                        help=f"a .safetensors file to keep the training state in every {CHECKPOINT_EVERY} steps and "
+                             "to resume from if it is there (same settings only); removed once --out is written")
     args = parser.parse_args(argv)
     for name in ("steps", "batch_size", "threads"):
         if getattr(args, name) < 1:
@@ -184,16 +190,16 @@ def main(argv=None) -> None:
             raise UserError("is the --base it starts from; write the FlexAttention toy elsewhere")
     except UserError as err:
         parser.error(f"--out: {err}")
-    checkpoint = args.checkpoint and Checkpoint(args.checkpoint, run_settings(args))
-    if checkpoint:
-        try:
-            check_checkpoint(checkpoint, [args.base, args.out])
-        except UserError as err:
-            parser.error(str(err))
     try:
         model, processor = from_base(args.base, args.in_sequence)
     except UserError as err:
         parser.error(f"--base: {err}")
+    checkpoint = args.checkpoint and Checkpoint(args.checkpoint, run_settings(args), CHECKPOINT_EVERY)
+    if checkpoint:
+        try:
+            check_checkpoint(checkpoint, args.base, args.out)
+        except UserError as err:
+            parser.error(str(err))
     torch.set_num_threads(args.threads)
     with deterministic_algorithms():
         train_hires(model, processor, args.steps, args.batch_size, args.lr, args.seed, eval_every=args.eval_every,
