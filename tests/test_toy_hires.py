@@ -320,11 +320,11 @@ def write_checkpoint_of_another_run(path, base):
 
 
 @pytest.mark.parametrize("name, make, message", [
-    ("state.pt", None, "give a .safetensors file"),
+    ("state.pt", None, "give it a .safetensors name"),
     ("state.safetensors", lambda path, _: path.write_bytes(b"not safetensors"), "is not a training checkpoint"),
     ("state.safetensors", write_checkpoint_of_another_run, "saved by another run (steps 7 there, 1100 here)"),
     ("flex/state.safetensors", None, "is inside --out"),
-    ("base", None, "give a .safetensors file"),
+    ("base", None, "give it a .safetensors name"),
 ])
 def test_the_hires_trainer_refuses_a_checkpoint_it_cannot_resume_from(tiny_base, tmp_path, capsys, name, make,
                                                                        message):

@@ -45,7 +45,6 @@ interruption goes on from there, and ends with the weights one uninterrupted run
 for bit on the same machine and thread count.
 """
 import hashlib
-import os
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -55,7 +54,7 @@ import torch
 from tinyavl import load_pretrained
 from tinyavl.cli import TOY_WEIGHTS, ArgumentParser
 from tinyavl.errors import UserError
-from tinyavl.files import check_apart_from_inputs, check_new_folder, write_folder_atomically
+from tinyavl.files import check_new_folder, check_output_file, write_folder_atomically
 from tinyavl.model import HiresConfig, LlavaForConditionalGeneration
 from tinyavl.toy.scenes import FINE_SCALE, IMAGE_SIZE, scene_stream
 from tinyavl.toy.train import (HIRES_RAMP, Checkpoint, PatchProbe, deterministic_algorithms, optimise,
@@ -149,14 +148,10 @@ def check_checkpoint(checkpoint: Checkpoint, base: Path, out: Path) -> None:
     """UserError unless the checkpoint file can be written, apart from the base and the folder to be
     written, and anything already there was saved by a run with the same settings (`Checkpoint.check`)."""
     path = checkpoint.path
-    if path.suffix != ".safetensors" or path.is_dir() or not path.parent.is_dir():
-        raise UserError(f"--checkpoint {path}: give a .safetensors file in an existing folder")
-    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise UserError(f"--checkpoint {path}: cannot write there")
+    check_output_file(path, "--checkpoint", inputs=[base], suffixes=(".safetensors",))
     if out.resolve() in path.resolve().parents:
         raise UserError(f"--checkpoint {path} is inside --out, which is replaced when it is written: choose "
                         "another path")
-    check_apart_from_inputs(path, "--checkpoint", [base])
     try:
         checkpoint.check()
     except UserError as err:
