@@ -481,3 +481,55 @@ def test_golden_fine_digit(hires_toy, image):
     inputs = processor(processor.chat_prompt(question), image=HIRES_TOY / "examples" / image)
     tokens, stats = tinyavl.generate(model, **inputs, max_new_tokens=4)
     assert processor.decode(tokens).strip() == truth[question] and stats.hires_tokens_read > 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# The committed in-sequence toy (weights/toy-tiles): what FlexAttention is measured against
+# ---------------------------------------------------------------------------------------------------
+
+TILES_TOY = TOY.parent / "toy-tiles"
+COARSE_KINDS = ("What colour", "What shape", "How many", "Where")  # read from the low-resolution view as well
+
+
+@pytest.fixture(scope="module")
+def tiled_toy():
+    return tinyavl.load_pretrained(TILES_TOY, device="cpu")
+
+
+def test_the_committed_tiles_toy_is_the_toy_with_every_high_res_token_in_its_sequence(tiled_toy):
+    model, processor = tiled_toy
+    assert model.config.image_grid_pinpoints == [FINE_CANVAS] and model.config.hires is None
+    assert sorted(model.state_dict()) == sorted([*tinyavl.load_pretrained(TOY)[0].state_dict(), "image_newline"])
+    truth = json.loads((TILES_TOY / "examples" / "examples.json").read_text())
+    assert truth == json.loads((TOY / "examples" / "examples.json").read_text())
+    inputs = processor(processor.chat_prompt("What digit is at row 1 column 3?"),
+                       image=TILES_TOY / "examples" / "scene-0.png")
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == N_TILED
+    size = sum(f.stat().st_size for f in TILES_TOY.rglob("*") if f.is_file())
+    assert size < 25 * 2 ** 20
+
+
+def test_the_committed_tiles_toy_runs_as_transformers_llava_next_runs_it(tiled_toy):
+    """The folder is a llava-hf LLaVA-NeXT checkpoint: transformers' model, from the same files, gives the
+    same logits over the whole 2600-token chat."""
+    transformers = pytest.importorskip("transformers")
+    model, processor = tiled_toy
+    hf = transformers.LlavaNextForConditionalGeneration.from_pretrained(TILES_TOY, attn_implementation="eager").eval()
+    inputs = processor(processor.chat_prompt("Describe the image."), image=TILES_TOY / "examples" / "scene-3.png")
+    with torch.no_grad():
+        ours = model(**inputs)
+        ref = hf(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"],
+                 image_sizes=inputs["image_sizes"]).logits
+    assert (ours - ref).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("image", EXAMPLE_IMAGES)
+def test_golden_coarse_answers_from_the_tiled_sequence(tiled_toy, image):
+    """Every example's colour, shape, count and "where" question, read from its 2496 image tokens: the
+    truth of examples.json. (Its digits are the table's business: it reads 0.48 of them, README.)"""
+    model, processor = tiled_toy
+    truth = json.loads((TILES_TOY / "examples" / "examples.json").read_text())[image]
+    for question in (q for q in truth if q.startswith(COARSE_KINDS)):
+        inputs = processor(processor.chat_prompt(question), image=TILES_TOY / "examples" / image)
+        tokens, _ = tinyavl.generate(model, **inputs, max_new_tokens=8, eos_token_id=processor.eos_token_id)
+        assert processor.decode(tokens) == truth[question], question

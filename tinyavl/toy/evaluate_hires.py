@@ -1,6 +1,6 @@
 """FlexAttention on the toy: what the high-resolution view is worth on fine details, and what it costs.
 
-    python -m tinyavl.toy.evaluate_hires --plot tutorial/figures/hires.png    # the table of tutorial/07
+    python -m tinyavl.toy.evaluate_hires --in-sequence weights/toy-tiles --plot tutorial/figures/hires.png
 
 The FlexAttention toy (weights/toy-hires, trained by tinyavl/toy/train_hires.py) answers every prompt of
 the held-out fine scenes of a seed (tinyavl/toy/scenes.py: the digits are 9 x 15 px in a 384 px image, a
@@ -16,12 +16,10 @@ Cost is counted by the accounting formula: an answer's attention computes some (
 keys), each 4 x n_heads x head_dim FLOPs. Beside them, the cost of "all high-resolution tokens in the
 sequence" for the same prompts and answer lengths (`in_sequence_pairs`): the toy as LLaVA-1.6 tiles the
 384 px image, whose 2496 image tokens are the base crop's 144, the 48 x 48 map and a newline closing each
-of its rows (`train_hires.with_tiles_in_sequence`, trained by `train_hires --in-sequence`). No such toy is
-committed (it trains about 6 times slower than the FlexAttention toy: tinyavl/toy/train_hires.py), so
-that row has a cost and no accuracy; given one (`--in-sequence FOLDER`), its answers are measured like the
-others' and replace that row:
-
-    python -m tinyavl.toy.evaluate_hires --in-sequence weights/toy-tiles
+of its rows (`train_hires.with_tiles_in_sequence`, trained by `train_hires --in-sequence`: the committed
+weights/toy-tiles). Given that toy (`--in-sequence FOLDER`, as in the command above, which draws the
+table and figure of tutorial/07), its answers are measured like the others' and its rows join the table;
+without it, that row has the cost alone.
 """
 import sys
 from pathlib import Path

@@ -3,7 +3,7 @@ on fine scenes, whose digits only a high-resolution view of the image can read (
 
     python -m tinyavl.toy.train_hires --out weights/toy-hires --force    # the committed one (seed 0), replaced
     python -m tinyavl.toy.train_hires --in-sequence --out weights/toy-tiles \\
-        --checkpoint weights/toy-tiles-checkpoint.safetensors                # the baseline below, over sittings
+        --checkpoint weights/toy-tiles-checkpoint.safetensors                # the committed baseline below
 
 FlexAttention (Li et al., ECCV 2024) is not trained from scratch: it fine-tunes a trained LLaVA-1.5 with
 two new projections per layer (`k_proj_hd`, `v_proj_hd`, initialised as copies of `k_proj`, `v_proj`) for
@@ -37,9 +37,9 @@ toy made into a LLaVA-1.6 (`with_tiles_in_sequence`) whose one canvas is the 384
 every high-resolution token enters the sequence: the base crop's 144, then the 4 x 4 tiles' 48 x 48 map,
 each of its rows closed by `image_newline` (tinyavl/anyres.py): 2496 image tokens. No view, no new
 projections; the patch probe names what every crop's features show (`train.tile_patch_targets`). Its
-chats are about 2600 tokens long where the FlexAttention toy's are 249: it trains at 1.5 samples/s on the
-2-core CPU the committed toys were trained on, against 9-10, about 3.1-3.2 hours for STEPS:
-longer than a sitting. `--checkpoint FILE` keeps the training state in FILE every 50 steps (`Checkpoint`:
+chats are about 2600 tokens long where the FlexAttention toy's are 249: it trained at 1.1-1.6 samples/s on
+the 2-core CPU the committed toys were trained on, against 9-10, 3.6 hours for STEPS over three
+sittings. `--checkpoint FILE` keeps the training state in FILE every 50 steps (`Checkpoint`:
 the weights, the probe, AdamW's moments, the loss history); the same command run again after an
 interruption goes on from there, and ends with the weights one uninterrupted run would have written, bit
 for bit on the same machine and thread count.
