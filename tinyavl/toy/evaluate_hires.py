@@ -118,7 +118,7 @@ def format_table(reports: list[dict], in_sequence: list[dict] | None = None) -> 
         dense = next(r["attention_mflops"] for r in in_sequence if r["policy"] == "full")
         rows += [cells(r, "-", "-", f"{r['attention_mflops'] / dense:.3f}") for r in in_sequence]
     else:
-        rows.append(["full", f"{IN_SEQUENCE} (not trained: cost only)"] + ["-"] * 8 +
+        rows.append(["full", f"{IN_SEQUENCE} (no --in-sequence toy given: cost only)"] + ["-"] * 8 +
                     [f"{reports[0]['in_sequence_mflops']:.1f}", "-", "1.000"])
     return "\n".join(markdown_table(head, rows))
 

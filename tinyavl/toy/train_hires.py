@@ -2,8 +2,8 @@
 on fine scenes, whose digits only a high-resolution view of the image can read (tutorial/07).
 
     python -m tinyavl.toy.train_hires --out weights/toy-hires --force    # the committed one (seed 0), replaced
-    python -m tinyavl.toy.train_hires --in-sequence --out weights/toy-tiles \\
-        --checkpoint weights/toy-tiles-checkpoint.safetensors                # the committed baseline below
+    python -m tinyavl.toy.train_hires --in-sequence --out weights/toy-tiles --force \\
+        --checkpoint weights/toy-tiles-checkpoint.safetensors                # the committed baseline below, replaced
 
 FlexAttention (Li et al., ECCV 2024) is not trained from scratch: it fine-tunes a trained LLaVA-1.5 with
 two new projections per layer (`k_proj_hd`, `v_proj_hd`, initialised as copies of `k_proj`, `v_proj`) for
@@ -66,7 +66,7 @@ STEPS = 1100
 BATCH_SIZE = 16             # half the first toy's: a step also runs the tower on 16 crops of every image
 IMAGE_DROPOUT = 0.75        # the largest fraction of a sequence's image tokens hidden, as in the first toy's stage 2
 IMAGE_DROPOUT_SHARE = 0.5   # in this share of the sequences
-CHECKPOINT_EVERY = 50       # steps between two saves of the training state (--checkpoint): 9 min for --in-sequence
+CHECKPOINT_EVERY = 50       # steps between two saves of the training state (--checkpoint): 8-12 min for --in-sequence
 
 
 def with_hires_projections(model: LlavaForConditionalGeneration, hires: HiresConfig) -> LlavaForConditionalGeneration:
