@@ -499,10 +499,9 @@ def tiled_toy():
 def test_the_committed_tiles_toy_is_the_toy_with_every_high_res_token_in_its_sequence(tiled_toy):
     model, processor = tiled_toy
     assert model.config.image_grid_pinpoints == [FINE_CANVAS] and model.config.hires is None
-    base = tinyavl.load_pretrained(TOY)[0].state_dict()
-    assert sorted(model.state_dict()) == sorted([*base, "image_newline"])
+    weights, base = model.state_dict(), tinyavl.load_pretrained(TOY)[0].state_dict()
+    assert sorted(weights) == sorted([*base, "image_newline"])
     # Trained from the toy, not only converted: every layer of the decoder moved.
-    weights = model.state_dict()
     assert all(not torch.equal(weights[key], base[key]) for key in base if key.endswith("self_attn.q_proj.weight"))
     truth = json.loads((TILES_TOY / "examples" / "examples.json").read_text())
     assert truth == json.loads((TOY / "examples" / "examples.json").read_text())

@@ -16,8 +16,9 @@ from tinyavl.errors import UserError
 
 
 def check_output_file(path: Path, flag: str, inputs: list[Path], suffixes: tuple = ()) -> None:
-    """UserError unless a picture (any format Pillow writes, or one of `suffixes`) can be written at `path`
-    without touching the inputs: not one of them, nor inside an input folder (a model folder)."""
+    """UserError unless an output file can be written at `path` without touching the inputs: not one of
+    them, nor inside an input folder (a model folder). Its name ends in one of `suffixes`, or by default in
+    any picture format Pillow writes."""
     if not path.parent.is_dir():
         raise UserError(f"{flag} {path}: folder {path.parent} does not exist")
     if path.suffix.lower() not in (suffixes or Image.registered_extensions()):

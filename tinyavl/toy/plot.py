@@ -26,7 +26,7 @@ def save_line_plot(path, series: dict, x_label: str, y_label: str, title: str,
                    x_ticks: int = 5, dashed: tuple = (), colour_of: dict | None = None,
                    log_x: bool = False) -> None:
     """Draw every series (points joined in x order, error bars where given) and save a PNG to `path`."""
-    scale, unscale = (math.log10, lambda u: 10 ** u) if log_x else (lambda x: x, lambda u: u)
+    scale = math.log10 if log_x else (lambda x: x)
     points = [point for line in series.values() for point in line]
     xs = [scale(p[0]) for p in points]
     ys = [v for p in points for v in p[1:]]
@@ -36,8 +36,11 @@ def save_line_plot(path, series: dict, x_label: str, y_label: str, title: str,
     left, top = MARGIN["left"], MARGIN["top"]
     right, bottom = WIDTH - MARGIN["right"], HEIGHT - MARGIN["bottom"]
 
-    def at(x, y):  # data -> pixel
-        return (left + (scale(x) - x0) / (x1 - x0) * (right - left), bottom - (y - y0) / (y1 - y0) * (bottom - top))
+    def x_pixel(x):  # data -> pixel column
+        return left + (scale(x) - x0) / (x1 - x0) * (right - left)
+
+    def y_pixel(y):  # data -> pixel row
+        return bottom - (y - y0) / (y1 - y0) * (bottom - top)
 
     img = Image.new("RGB", (WIDTH, HEIGHT), (255, 255, 255))
     draw = ImageDraw.Draw(img)
@@ -48,12 +51,12 @@ def save_line_plot(path, series: dict, x_label: str, y_label: str, title: str,
     else:        # x_ticks + 1 evenly spaced
         tick_xs = [x0 + (x1 - x0) * i / x_ticks for i in range(x_ticks + 1)]
     for x in tick_xs:  # grid and tick labels
-        px, _ = at(x, y0)
+        px = x_pixel(x)
         draw.line([(px, top), (px, bottom)], fill=(230, 230, 230))
         draw.text((px - 12, bottom + 6), f"{x:g}" if float(x).is_integer() else f"{x:.2f}", fill=(0, 0, 0))
     for i in range(Y_TICKS + 1):
         y = y0 + (y1 - y0) * i / Y_TICKS
-        _, py = at(unscale(x0), y)
+        py = y_pixel(y)
         draw.line([(left, py), (right, py)], fill=(230, 230, 230))
         draw.text((left - 40, py - 6), f"{y:.2f}", fill=(0, 0, 0))
     draw.rectangle([left, top, right, bottom], outline=(0, 0, 0))
@@ -64,7 +67,7 @@ def save_line_plot(path, series: dict, x_label: str, y_label: str, title: str,
     for index, (name, line) in enumerate(series.items()):
         colour = PALETTE[names.index((colour_of or {}).get(name, name)) % len(PALETTE)]
         line = sorted(line)
-        pixels = [at(p[0], p[1]) for p in line]
+        pixels = [(x_pixel(p[0]), y_pixel(p[1])) for p in line]
         for start, end in zip(pixels, pixels[1:]):
             if name in dashed:
                 _dashed_line(draw, start, end, colour)
@@ -72,8 +75,7 @@ def save_line_plot(path, series: dict, x_label: str, y_label: str, title: str,
                 draw.line([start, end], fill=colour, width=2)
         for point, (px, py) in zip(line, pixels):
             if len(point) == 4:  # an error bar from low to high, with caps
-                _, low = at(point[0], point[2])
-                _, high = at(point[0], point[3])
+                low, high = y_pixel(point[2]), y_pixel(point[3])
                 draw.line([(px, low), (px, high)], fill=colour, width=1)
                 draw.line([(px - 4, low), (px + 4, low)], fill=colour)
                 draw.line([(px - 4, high), (px + 4, high)], fill=colour)
