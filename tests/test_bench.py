@@ -9,7 +9,7 @@ import torch
 
 from tinyavl import bench
 from tinyavl.cache import AVLCache
-from tinyavl.model import LlavaConfig, TextConfig, VisionConfig
+from tinyavl.model import LlavaConfig, TextConfig, VisionConfig, keys_first
 
 TINY = LlavaConfig(
     text=TextConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
@@ -117,6 +117,8 @@ def test_json_has_the_documented_layout(monkeypatch, capsys):
     assert set(out["growth"]["float32"]["avl"]) == {"step_ms_at_3", "step_ms_at_6"}
     assert out["transformers_decode_ratio"] > 0
     assert set(out["rates_GBps"]) == {"float32", "bfloat16"}
+    assert out["decode_logits"] == {name: "k q^T" if keys_first("cpu", getattr(torch, name)) else "q k^T"
+                                    for name in ("float32", "bfloat16")}
 
 
 def test_next_blocks_and_the_papers_memory_arithmetic_by_hand():

@@ -973,6 +973,34 @@ def test_decode_attention_over_spans_equals_one_softmax_over_their_union(heads, 
             torch.testing.assert_close(row.probs(q, k, start, end).double(), probs[..., columns], atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("keys_first", [True, False])
+@pytest.mark.parametrize("heads,kv_heads,rows", [(4, 4, 1), (8, 2, 1), (8, 2, 3)])
+def test_rows_logits_equal_float64_in_either_form(monkeypatch, keys_first, heads, kv_heads, rows):
+    """rows_logits gives the float64 scaled logits whichever product the machine's timing chose (k q^T or
+    q k^T), for one decode row or several scored rows, with GQA, on keys that are a view of a longer
+    buffer as the cache holds them."""
+    import tinyavl.model as model
+    monkeypatch.setattr(model, "keys_first", lambda device_type, dtype: keys_first)
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, heads, rows, 16, generator=g)
+    k = torch.randn(2, kv_heads, 40, 16, generator=g)[:, :, :29]                  # the first 29 rows of 40
+    logits = model.rows_logits(q, k)
+    assert logits.dtype == torch.float32 and logits.shape == (2, heads, rows, 29)
+    torch.testing.assert_close(logits.double(), naive_logits(q, k), atol=1e-5, rtol=0)
+
+
+def test_keys_first_is_timed_once_per_dtype_and_leaves_the_random_seed_alone():
+    """The choice of product is made once per (device, dtype), on a CPU by timing, without drawing from
+    the global random generator (a sampled answer must not depend on it); CUDA always takes q k^T."""
+    from tinyavl.model import keys_first
+    keys_first.cache_clear()
+    state = torch.get_rng_state()
+    choice = keys_first("cpu", torch.float32)
+    assert isinstance(choice, bool) and torch.equal(torch.get_rng_state(), state)
+    assert keys_first("cpu", torch.float32) is choice and keys_first.cache_info().misses == 1
+    assert keys_first("cuda", torch.float32) is False
+
+
 def test_rerank_core_moves_only_the_rows_that_change_role():
     """rerank_core against a hand-made block: the new core is the top n_core by score, a row that stays
     in the core (or out of it) keeps its slot, and a re-rank that keeps the core moves nothing."""

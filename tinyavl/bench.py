@@ -57,7 +57,8 @@ from tinyavl.cache import AVLCache, make_cache
 from tinyavl.errors import UserError
 from tinyavl.generate import generate
 from tinyavl.loading import resolve_device
-from tinyavl.model import LlavaConfig, LlavaForConditionalGeneration, TextConfig, VisionConfig
+from tinyavl.model import LlavaConfig, LlavaForConditionalGeneration, TextConfig, VisionConfig, keys_first
+from tinyavl.timing import best_seconds, synchronize
 
 POLICIES = ("full", "avl", "h2o", "streaming", "fastv", "random")  # each at its defaults
 GROWTH_TOKENS = (16, 256)  # the decode steps whose time shows how a step grows with the sequence
@@ -149,26 +150,6 @@ def transformers_decode_rate(model, input_ids, pixel_values, new_tokens: int, ex
 # ---------------------------------------------------------------------------------------------------
 # The two rates a decode step's floor is made of, measured in the same run as the policies.
 # ---------------------------------------------------------------------------------------------------
-
-def synchronize() -> None:
-    """Wait for the GPU's queued work, so that a timer stops when the work is done, not when it was
-    queued. A no-op in a CPU run (CUDA never initialised)."""
-    if torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-
-
-def best_seconds(fn, repeats: int) -> float:
-    """The fastest of `repeats` timed calls (after one warm-up): the least disturbed by a shared machine."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        synchronize()
-        start = time.perf_counter()
-        fn()
-        synchronize()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
 
 def read_rate(dtype, device="cpu", nbytes: int = 2 ** 30, repeats: int = 5) -> float:
     """Bytes/s at which a sum reads a tensor far larger than any cache: what the memory allows."""
@@ -413,11 +394,13 @@ def run_dtype(args, dtype_name: str) -> dict:
     dtype = getattr(torch, dtype_name)
     model = random_model(llava_7b_config(args.layers), dtype, device=args.device)
     rates = {"read": read_rate(dtype, args.device), "matvec": matvec_rate(model)}
+    logits_form = "k q^T" if keys_first(args.device.type, dtype) else "q k^T"
     log = print if not args.json else lambda *a, **k: None
     log(f"\n== {dtype_name}: read rate {rates['read'] / 1e9:.1f} GB/s, nn.Linear matrix-vector rate "
-        f"{rates['matvec'] / 1e9:.1f} GB/s, {decode_weight_bytes(model) / 1e9:.2f} GB of weights per decode step")
+        f"{rates['matvec'] / 1e9:.1f} GB/s, {decode_weight_bytes(model) / 1e9:.2f} GB of weights per decode step; "
+        f"a decode query's logits as {logits_form} (rows_logits)")
     result = {"dtype": dtype_name, "read_GBps": rates["read"] / 1e9, "matvec_GBps": rates["matvec"] / 1e9,
-              "cases": []}
+              "decode_logits": logits_form, "cases": []}
     full_tokens = []  # per case: the tokens `full` generated, which transformers' must equal
     for n_img in args.image_tokens:
         measured, tokens = run_case(model, n_img, args.new_tokens, rates)
@@ -486,6 +469,7 @@ def main(argv=None):
         # Every dtype's cases in one list; transformers_decode_ratio is the first dtype's (fp32 by default).
         print(json.dumps({"machine": machine, "arch": args.arch,
                           "rates_GBps": {r["dtype"]: {"read": r["read_GBps"], "matvec": r["matvec_GBps"]} for r in results},
+                          "decode_logits": {r["dtype"]: r["decode_logits"] for r in results},
                           "cases": [case for r in results for case in r["cases"]],
                           "growth": {r["dtype"]: r["growth"] for r in results},
                           "transformers_decode_ratio": results[0].get("transformers_decode_ratio"),

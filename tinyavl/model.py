@@ -24,6 +24,7 @@ Module names mirror the llava-hf checkpoint keys (`language_model.model.layers.0
 the file's keys. The decoder's attention goes through an optional `cache` object (tinyavl/cache.py): that
 is where every KV policy, from the dense reference to A-VL, decides what is kept and what is computed.
 """
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 
 from tinyavl import anyres, hires
 from tinyavl.errors import UserError
+from tinyavl.timing import best_seconds
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -264,15 +266,33 @@ def attention(q, k, v, causal: bool, visible=None):
 
 def rows_logits(q, k):
     """Scaled logits of query rows q (B, H, R, hs) over keys k (B, Hkv, n, hs): (B, H, R, n) fp32. Query head
-    h reads KV head h // (H / Hkv). For the few rows a policy or FlexAttention scores, so the main path
-    stays on SDPA."""
+    h reads KV head h // (H / Hkv). For the few rows a policy or FlexAttention scores, and for every
+    decode step's query (tinyavl/cache.py, `decode_attention`), so the prompt's path stays on SDPA."""
     B, H, R, hs = q.shape
     Hkv, n = k.shape[1], k.shape[2]
     grouped = q.reshape(B, Hkv, H // Hkv * R, hs)                  # (B, Hkv, G R, hs): a GQA group per KV head
-    # k q^T, not q k^T: the same products, but the matrix-vector products then walk K's rows in memory
-    # order, which runs at the memory's read rate on a CPU (2.5x faster than q k^T at 3000 rows).
-    logits = (k @ grouped.transpose(-1, -2)).float() * hs ** -0.5    # (B, Hkv, n, G R)
-    return logits.transpose(-1, -2).reshape(B, H, R, n)
+    if keys_first(k.device.type, k.dtype):
+        logits = (k @ grouped.transpose(-1, -2)).transpose(-1, -2)   # (B, Hkv, G R, n)
+    else:
+        logits = grouped @ k.transpose(-1, -2)                       # (B, Hkv, G R, n)
+    return (logits.float() * hs ** -0.5).reshape(B, H, R, n)
+
+
+@functools.cache
+def keys_first(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether `rows_logits` multiplies k q^T (True) or q k^T on this kind of device and dtype.
+
+    The two are the same products, but a CPU's BLAS runs a different matrix-vector kernel for each, and
+    which one reads K at the memory's rate depends on the processor and the dtype: on the machines this
+    project was measured on, either form was 1.5-5x faster than the other, and on one of them fp32 and
+    bf16 disagreed. A decode step's attention is mostly this read, so on a CPU the first call times both
+    forms once, on a decode step's size, and keeps the faster. Elsewhere (CUDA) q k^T.
+    """
+    if device_type != "cpu":
+        return False
+    k = torch.ones(1, 32, 2048, 128, dtype=dtype)   # (B, Hkv, n, hs): 32 heads of 2048 rows (the values do not
+    q = torch.ones(1, 32, 1, 128, dtype=dtype)      # matter to the time, and ones leave the random seed alone)
+    return best_seconds(lambda: k @ q.transpose(-1, -2), 3) < best_seconds(lambda: q @ k.transpose(-1, -2), 3)
 
 
 # ---------------------------------------------------------------------------------------------------
