@@ -974,19 +974,36 @@ def test_decode_attention_over_spans_equals_one_softmax_over_their_union(heads, 
 
 
 @pytest.mark.parametrize("keys_first", [True, False])
-@pytest.mark.parametrize("heads,kv_heads,rows", [(4, 4, 1), (8, 2, 1), (8, 2, 3)])
-def test_rows_logits_equal_float64_in_either_form(monkeypatch, keys_first, heads, kv_heads, rows):
-    """rows_logits gives the float64 scaled logits whichever product the machine's timing chose (k q^T or
-    q k^T), for one decode row or several scored rows, with GQA, on keys that are a view of a longer
-    buffer as the cache holds them."""
+@pytest.mark.parametrize("heads,kv_heads,rows", [(4, 4, 1), (8, 2, 1), (4, 4, 3), (8, 2, 3)])
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_rows_logits_equal_float64_in_either_form(monkeypatch, keys_first, heads, kv_heads, rows, dtype, tolerance):
+    """rows_logits gives the float64 scaled logits, contiguous and in fp32, whichever product the machine's
+    timing chose (k q^T or q k^T), for one decode row or several scored rows, with and without GQA, on
+    keys that are a view of a longer buffer as the cache holds them."""
     import tinyavl.model as model
     monkeypatch.setattr(model, "keys_first", lambda device_type, dtype: keys_first)
     g = torch.Generator().manual_seed(5)
-    q = torch.randn(2, heads, rows, 16, generator=g)
-    k = torch.randn(2, kv_heads, 40, 16, generator=g)[:, :, :29]                  # the first 29 rows of 40
+    q = torch.randn(2, heads, rows, 16, generator=g).to(dtype)
+    k = torch.randn(2, kv_heads, 40, 16, generator=g).to(dtype)[:, :, :29]         # the first 29 rows of 40
     logits = model.rows_logits(q, k)
-    assert logits.dtype == torch.float32 and logits.shape == (2, heads, rows, 29)
-    torch.testing.assert_close(logits.double(), naive_logits(q, k), atol=1e-5, rtol=0)
+    assert logits.dtype == torch.float32 and logits.shape == (2, heads, rows, 29) and logits.is_contiguous()
+    torch.testing.assert_close(logits.double(), naive_logits(q, k), atol=tolerance, rtol=0)
+
+
+@pytest.mark.parametrize("faster", ["k q^T", "q k^T"])
+def test_keys_first_keeps_the_faster_product(monkeypatch, faster):
+    """keys_first keeps the product its timing found faster: here the timer says so (k q^T's result is a
+    column per head, q k^T's a row)."""
+    import tinyavl.model as model
+    def timed(product, repeats):
+        form = "k q^T" if product().shape[-1] == 1 else "q k^T"
+        return 1.0 if form == faster else 2.0
+    monkeypatch.setattr(model, "best_seconds", timed)
+    model.keys_first.cache_clear()
+    try:
+        assert model.keys_first("cpu", torch.float32) is (faster == "k q^T")
+    finally:
+        model.keys_first.cache_clear()  # the next caller times the real products again
 
 
 def test_keys_first_is_timed_once_per_dtype_and_leaves_the_random_seed_alone():

@@ -272,7 +272,7 @@ def rows_logits(q, k):
     Hkv, n = k.shape[1], k.shape[2]
     grouped = q.reshape(B, Hkv, H // Hkv * R, hs)                  # (B, Hkv, G R, hs): a GQA group per KV head
     if keys_first(k.device.type, k.dtype):
-        logits = (k @ grouped.transpose(-1, -2)).transpose(-1, -2)   # (B, Hkv, G R, n)
+        logits = (k @ grouped.transpose(-1, -2)).transpose(-1, -2).contiguous()  # (B, Hkv, G R, n)
     else:
         logits = grouped @ k.transpose(-1, -2)                       # (B, Hkv, G R, n)
     return (logits.float() * hs ** -0.5).reshape(B, H, R, n)
@@ -282,11 +282,11 @@ def rows_logits(q, k):
 def keys_first(device_type: str, dtype: torch.dtype) -> bool:
     """Whether `rows_logits` multiplies k q^T (True) or q k^T on this kind of device and dtype.
 
-    The two are the same products, but a CPU's BLAS runs a different matrix-vector kernel for each, and
-    which one reads K at the memory's rate depends on the processor and the dtype: on the machines this
-    project was measured on, either form was 1.5-5x faster than the other, and on one of them fp32 and
-    bf16 disagreed. A decode step's attention is mostly this read, so on a CPU the first call times both
-    forms once, on a decode step's size, and keeps the faster. Elsewhere (CUDA) q k^T.
+    The two are the same products (up to rounding), but a CPU's BLAS runs a different matrix-vector kernel
+    for each, and which one reads K at the memory's rate depends on the processor and the dtype: on the
+    machines this project was measured on, either form was 1.7-5x faster than the other, and on one of
+    them fp32 and bf16 disagreed. A decode step's attention is mostly this read, so on a CPU the first
+    call times both forms once, on a decode step's size, and keeps the faster. Elsewhere (CUDA) q k^T.
     """
     if device_type != "cpu":
         return False
