@@ -6,6 +6,9 @@ variant's shape (tests/tiny_checkpoints.py) and a hand formula, and transformers
 """
 import copy
 import math
+import sys
+import time
+import types
 
 import pytest
 import torch
@@ -370,6 +373,20 @@ def test_stats_full_policy(loaded, name):
     assert stats.attended_tokens_per_step == pytest.approx(expected_attended)
     assert stats.attended_tokens_per_step_dense == pytest.approx(expected_attended)
     assert len(stats.attended_per_layer) == steps
+
+
+def test_the_logits_product_is_chosen_before_the_clock_starts(loaded, monkeypatch):
+    """The one-time timing that picks a decode query's product (model.keys_first, tens of ms) happens before
+    generate starts timing the prefill, for the model's device and dtype, so no step's time includes it."""
+    generate_module = sys.modules["tinyavl.generate"]  # (tinyavl.generate is also the function's name)
+    model, processor = loaded("mha")
+    ids, px = prompt_inputs(processor, "image")
+    events = []
+    monkeypatch.setattr(generate_module, "keys_first", lambda device_type, dtype: events.append((device_type, dtype)))
+    clock = types.SimpleNamespace(perf_counter=lambda: events.append("clock") or time.perf_counter())
+    monkeypatch.setattr(generate_module, "time", clock)
+    greedy(model, ids, px, steps=2)
+    assert events[:2] == [("cpu", torch.float32), "clock"]
 
 
 def test_stats_single_token_has_no_decode_rate(loaded):

@@ -11,6 +11,7 @@ import torch
 
 from tinyavl.cache import KVCache, make_cache
 from tinyavl.errors import UserError
+from tinyavl.model import keys_first
 
 
 @dataclass
@@ -130,6 +131,9 @@ def generate(model, input_ids, pixel_values=None, *, image_sizes=None, hires_pix
     def on_device(pixels):  # the image's tensors, if any, where the model is
         return None if pixels is None else pixels.to(device)
 
+    # The one-time timing that chooses how a query's logits are multiplied on this machine, made before
+    # the clock starts: the first step to need it would otherwise count its 10-20 ms.
+    keys_first(device.type, model.language_model.lm_head.weight.dtype)
     start = time.perf_counter()
     # FlexAttention: the view of the image at high resolution, served from the prompt's last row on.
     hires = (None if hires_pixel_values is None
