@@ -124,8 +124,8 @@ def causal_column_sums(q, k, first_row: int = 0, chunk: int = 64):
     B, H, t, hs = q.shape
     Hkv, n = k.shape[1], k.shape[2]
     sums = torch.zeros(B, Hkv, n, device=q.device)
-    c = min(chunk, t)
-    future = torch.ones(c, c, dtype=torch.bool, device=q.device).triu(1)               # (c, c): a row's later keys
+    size = min(chunk, t)  # rows of the largest chunk
+    future = torch.ones(size, size, dtype=torch.bool, device=q.device).triu(1)         # a row's later keys
     for start in range(0, t, chunk):
         rows = q[:, :, start:start + chunk].reshape(B, Hkv, H // Hkv, -1, hs)       # (B, Hkv, G, c, hs)
         c = rows.shape[3]
