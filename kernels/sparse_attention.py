@@ -4,9 +4,10 @@ Sparse decode attention: one new query token attends to an index list of cache r
 
 A-VL (Zhang et al., "Adaptive Attention for Large Vision-Language Models", AAAI 2025) keeps a layer's KV
 cache as `[sys | secondary image tokens | text]` but, on a normal decode step, attends only to sys + the
-*core* image tokens + text. The core rows can lie anywhere in the image block, so "skip the others" needs
+*core* image tokens + text. Where the core rows lie anywhere in the image block, "skip the others" needs
 either a gathered copy of K and V every step or a kernel that reads rows through an index list. This file
-is that kernel:
+is that kernel. (tinyavl's cache moves the core to the front of its image block on update steps, so the
+index it passes is a contiguous run of rows; the kernel does not rely on that.)
 
     out[b, h] = softmax(q[b, h] . K_sel^T * scale) @ V_sel          (one softmax over all selected rows)
     selected rows of sample b = index[b, :]  (any order, all < start)  followed by  rows start .. N-1
@@ -34,10 +35,10 @@ Update steps and the re-ranking row. Every K-th step A-VL attends to all seconda
 re-ranks them by that step's head-mean attention row. The kernel does not produce that row: inside an
 online softmax a probability is known only once the last chunk has been seen, so writing a per-column row
 would add a second pass and a [B, H, n] output to a kernel whose job is to read as little as possible.
-tinyavl's cache computes the one row it needs in torch (softmax(q K^T * scale) for a single query is
-cheap), which it has to do anyway for the per-head text rows of the H2O policy. An update step calls this
-kernel with an empty index and start=0 (dense). The kernel can also return the per-(b, h) log-sum-exp,
-with which any column's probability is exp(scale * q.k_j - lse) without a second softmax.
+Instead the kernel returns, on request, the per-(b, h) log-sum-exp, with which any column's probability
+is exp(scale * q.k_j - lse) without a second softmax: tinyavl's cache recomputes q.k in torch on the rows
+it scores (the image block on update steps, the text rows of its per-head H2O every step) and takes
+exp(logit - lse). An update step calls this kernel with an empty index and start=0 (dense).
 
 This file holds the kernels, their launcher `sparse_decode_attention`, the plain-torch reference
 `sparse_decode_attention_reference` and the error rule `error_report`. The tests are in

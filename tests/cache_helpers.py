@@ -187,12 +187,16 @@ def recording(cache_cls):
             self.log.append(entry)
             return out
 
-        def update(self, layer, q, rows, last_row):
+        def update(self, layer, q, last_row):
             # After the append and the attention, before any eviction: what the step computed with.
             self._entry.update(k_before=self.k[layer].clone(), v_before=self.v[layer].clone(),
-                               pos_before=self.pos[layer].clone(),
-                               rows=None if rows is None else rows.clone())
-            super().update(layer, q, rows, last_row)
+                               pos_before=self.pos[layer].clone())
+            super().update(layer, q, last_row)
+
+        def rows_to_attend(self, layer):
+            rows = super().rows_to_attend(layer)
+            self._entry["rows"] = None if rows is None else rows.clone()
+            return rows
 
         def _core_positions(self, layer):
             core = getattr(self, "core", None)

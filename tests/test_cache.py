@@ -947,7 +947,7 @@ def test_avl_core_swaps_move_keys_values_and_positions_together():
                 key, value = record[layer, p]
                 assert torch.equal(cache.k[layer][0, head, row], key[head])
                 assert torch.equal(cache.v[layer][0, head, row], value[head])
-        image = cache.pos[layer][0, 0, N_SYS:cache.text_start(layer)]
+        image = cache.pos[layer][0, 0, N_SYS:cache.text_start]
         moved += int((image.diff() < 0).any())  # the core-first layout is not positional order
     assert moved > 0
 

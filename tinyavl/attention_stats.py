@@ -28,7 +28,7 @@ class AttentionRecorder(KVCache):
         super().begin(n_layers, n_sys, n_img, new_tokens)
         self.rows = []  # per forward pass, per layer: (n,) fp32 on the CPU
 
-    def update(self, layer, q, rows, last_row):
+    def update(self, layer, q, last_row):
         if layer == 0:
             self.rows.append([])
         self.rows[-1].append(last_row_probs(q, self.k[layer]).mean(1)[0].cpu())   # (n,) head mean

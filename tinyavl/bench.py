@@ -403,7 +403,7 @@ def run_dtype(args, dtype_name: str) -> dict:
         f"a decode query's logits as {logits_form} (rows_logits)")
     result = {"dtype": dtype_name, "read_GBps": rates["read"] / 1e9, "matvec_GBps": rates["matvec"] / 1e9,
               "decode_logits": logits_form, "cases": []}
-    full_tokens = []  # per case: the tokens `full` generated, which transformers' must equal
+    full_tokens = []  # per case: the tokens `full` generated, which transformers' should equal (else a note)
     for n_img in args.image_tokens:
         measured, tokens = run_case(model, n_img, args.new_tokens, rates)
         case = {"dtype": dtype_name, **measured}

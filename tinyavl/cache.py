@@ -14,7 +14,8 @@ Every cache here runs the same four steps for each layer, in `KVCache.attend`:
     update   the policy's bookkeeping after the step: score what it needs, evict what it drops
 with one hand-over between the last two: compute returns, beside the output, what it knows about the
 newest query row (`LastRow`: its log-sum-exp, and the logits it computed), so that update scores this
-step's attention without multiplying q by K a second time;
+step's attention without multiplying q by K a second time (on the torch path; the Triton kernel hands
+over the log-sum-exp alone, and the rows a policy scores are multiplied again);
 and one between layers, at prefill: `rows_to_keep`, by which FastV and A-VL's prefill filter let
 later layers run on fewer tokens.
 
@@ -46,21 +47,22 @@ from tinyavl.model import attention, rows_logits
 
 
 # ---------------------------------------------------------------------------------------------------
-# Attention scores a policy needs: one query row at a time, so the main path stays on SDPA.
+# One query row's attention: every decode step's, and at prefill the last prompt row a policy ranks by.
 # ---------------------------------------------------------------------------------------------------
 
-def row_logits(q, k):
+def last_row_logits(q, k):
     """Scaled logits of the last query row against the keys: (B, H, n) in fp32.
 
-    q (B, H, t, hs), k (B, Hkv, n, hs). One row is all a policy's ranking needs, so it is recomputed
-    here (cheap: one query) instead of asking the attention for its whole matrix.
+    q (B, H, t, hs), k (B, Hkv, n, hs). At a decode step q is the step's one row; at prefill, where the
+    prompt's attention runs on SDPA without handing out its matrix, a policy that ranks by the last
+    prompt row recomputes that one row here.
     """
     return rows_logits(q[:, :, -1:], k)[:, :, 0]
 
 
 def last_row_probs(q, k):
     """Attention probabilities of the last query row over the keys: (B, H, n) in fp32."""
-    return row_logits(q, k).softmax(-1)
+    return last_row_logits(q, k).softmax(-1)
 
 
 @dataclass
@@ -79,7 +81,7 @@ class LastRow:
         for first, logits in self.spans:
             if first <= start and end <= first + logits.shape[-1]:
                 return (logits[..., start - first:end - first] - self.lse[..., None]).exp()
-        return (row_logits(q, k[:, :, start:end]) - self.lse[..., None]).exp()
+        return (last_row_logits(q, k[:, :, start:end]) - self.lse[..., None]).exp()
 
 
 def decode_attention(q, k, v, spans):
@@ -88,8 +90,8 @@ def decode_attention(q, k, v, spans):
     Returns (out (B, H, 1, hs), LastRow): the output, and the row's log-sum-exp and logits per span."""
     B, H, _, hs = q.shape
     Hkv = k.shape[1]
-    logits = [row_logits(q, k[:, :, start:end]) for start, end in spans]   # each (B, H, n_span) fp32
-    lse = torch.cat(logits, dim=-1).logsumexp(-1)                          # (B, H)
+    logits = [last_row_logits(q, k[:, :, start:end]) for start, end in spans]  # each (B, H, n_span) fp32
+    lse = torch.cat(logits, dim=-1).logsumexp(-1)                               # (B, H)
     # Query head h reads KV head h // G: the probabilities of a GQA group multiply its KV head's values.
     out = sum((span_logits - lse[..., None]).exp().reshape(B, Hkv, H // Hkv, -1).to(v.dtype) @ v[:, :, start:end]
               for span_logits, (start, end) in zip(logits, spans))         # (B, Hkv, G, hs)
@@ -275,7 +277,7 @@ class KVCache:
             keys, pos = self.k[layer], self.pos[layer]                                    # (B, Hkv, n, hs), (B, Hkv, n)
             self.hires_keys = ((keys.clone(), pos.clone()) if rows is None
                                else (keys.index_select(2, rows), pos[..., rows]))
-        self.update(layer, q, rows, last_row)
+        self.update(layer, q, last_row)
         return out
 
     def append(self, layer: int, k, v, pos):
@@ -325,20 +327,22 @@ class KVCache:
     def compute(self, layer: int, q, rows):
         """Attention over the selected rows: a shorter attention, not a mask over the full length.
 
-        Returns (out (B, H, t, hs), last_row): a `LastRow` (the newest query row's log-sum-exp and
-        logits) for a policy whose update scores this step's attention, or None where it needs none."""
+        Returns (out (B, H, t, hs), last_row): at a decode step a `LastRow` (the query row's log-sum-exp and
+        logits), from which update scores this step's attention; None at prefill, where a policy that
+        ranks by the last prompt row computes it from q and K itself."""
         k, v = self.selected(layer, rows)
         if q.shape[2] > 1:
             # At prefill the cache was empty, so the t new rows are exactly the keys: plain causal.
             return attention(q, k, v, causal=True), None
         # A decode step's one query sees every selected row. Every policy decodes through the same
-        # decode_attention, so policies differ in the rows they read, not in the code that reads them
-        # (on a CPU it is also faster than SDPA for one query: 0.64x its time at 3000 rows).
+        # decode_attention (A-VL on CUDA through the Triton kernel), so policies differ in the rows they
+        # read, not in the code that reads them. It is here for the logits it hands over, not for speed:
+        # SDPA, which returns no logits, was as fast in fp32 and faster in bf16 (README, benchmark notes).
         return decode_attention(q, k, v, [(0, k.shape[2])])
 
-    def update(self, layer: int, q, rows, last_row):
-        """Policy hook after the step's attention (last_row: what compute handed over): score, evict.
-        The dense cache keeps everything."""
+    def update(self, layer: int, q, last_row):
+        """Policy hook after the step's attention (q: the step's query rows; last_row: what compute
+        handed over): score, evict. The dense cache keeps everything."""
 
     def rows_to_keep(self, layer: int):
         """Hidden rows (prefill only) that layers after `layer` run on; None = all of them. A policy
@@ -347,8 +351,9 @@ class KVCache:
         return keep
 
     def logical_length(self, layer: int) -> int:
-        """Tokens in the sequence so far, evicted and filtered ones included: the newest row's position + 1
-        (rows are appended in order, and the newest is never dropped before the policy's update)."""
+        """Tokens in the sequence so far, evicted and filtered ones included: the newest row's position + 1.
+        Valid while the newest row is last, as `append` puts it: from the append until `compact` moves rows
+        (it may move the newest into a freed slot). Every policy's update asks before it compacts."""
         return int(self.pos[layer][0, 0, -1]) + 1
 
     def advance(self, n_tokens: int):
@@ -416,8 +421,10 @@ class KVCache:
                 trade(buffer, 2)
             else:
                 # On a CPU one (sample, head) plane (capacity, hs) at a time: a row of a plane is
-                # contiguous, so selecting and copying rows along its first dim are row copies (memcpy),
-                # twice as fast as the same along dim 2 of the 4-d buffer.
+                # contiguous, so selecting and copying rows along its first dim are row copies (memcpy).
+                # In the benchmark's fp32 A-VL run at 2928 image tokens (2 cores, 2026-12-05) an update
+                # step's swaps took 17.5-18.7 ms plane by plane, 20.4 ms as one copy of every head's rows seen
+                # as one list, and 22.6-24.8 ms along dim 2 of the 4-d buffer.
                 for plane in buffer.view(-1, *buffer.shape[2:]):  # (capacity, hs) views
                     trade(plane, 0)
 
@@ -464,17 +471,29 @@ class KVCache:
         return self.n_layers * self.next_pos * 2 * k.shape[0] * k.shape[1] * k.shape[3] * k.element_size()
 
 
-def image_filter(q, k, n_sys: int, n_img: int, n_keep: int):
+def image_attention(q, k, n_sys: int, n_img: int):
+    """(n_img,) the last query row's attention on the image rows n_sys .. n_sys + n_img - 1 of the keys
+    k, averaged over the query heads: how FastV and A-VL rank the image tokens at prefill."""
+    return last_row_probs(q, k).mean(1)[0, n_sys:n_sys + n_img]
+
+
+def decides_filter(layer: int, filter_layer: int, n_layers: int) -> bool:
+    """Whether this layer's prefill decides which hidden rows the later layers run on (FastV, A-VL's
+    prefill filter): layer filter_layer - 1, unless no layer comes after it."""
+    return layer == filter_layer - 1 and layer < n_layers - 1
+
+
+def image_filter(image_scores, n_sys: int, n_rows: int, n_keep: int):
     """FastV's token drop, also A-VL's prefill filter: which hidden rows later layers keep.
 
-    At prefill the layer's keys are exactly the hidden rows [sys | n_img image | text]. The image
-    tokens are ranked by the last prompt token's attention, averaged over heads; the top n_keep
-    survive in their original order. Returns the kept row indices (sys and text always kept).
+    At prefill the layer's n_rows keys are exactly the hidden rows [sys | n_img image | text], and
+    image_scores (n_img,) ranks the image tokens; the top n_keep survive in their original order.
+    Returns the kept row indices (sys and text always kept).
     """
-    image_scores = last_row_probs(q, k).mean(1)[0, n_sys:n_sys + n_img]     # (n_img,) head-mean
+    n_img = image_scores.shape[0]
     kept_image = n_sys + top_rows(image_scores, n_keep)
-    return torch.cat([torch.arange(n_sys, device=k.device), kept_image,
-                      torch.arange(n_sys + n_img, k.shape[2], device=k.device)])
+    return torch.cat([torch.arange(n_sys, device=image_scores.device), kept_image,
+                      torch.arange(n_sys + n_img, n_rows, device=image_scores.device)])
 
 
 class AVLCache(KVCache):
@@ -527,15 +546,12 @@ class AVLCache(KVCache):
         super().begin(n_layers, n_sys, n_img, new_tokens)
         self.n_secondary = math.floor(self.S * n_img)
         self.n_core = math.floor(self.C * n_img)
+        self.text_start = self.n_sys + self.n_secondary  # every layer's first text row after prefill
         self.text_scores = [None] * n_layers  # per layer (B, Hkv, text rows): accumulated attention received
 
     def is_update_step(self) -> bool:
         """Decode steps that attend to every secondary token and re-rank the core (K = 1: all steps)."""
         return self.step % self.K == 0
-
-    def text_start(self, layer: int) -> int:
-        """First text row of a layer after prefill: [sys | floor(S N_img) secondary image | text]."""
-        return self.n_sys + self.n_secondary
 
     @property
     def core(self) -> list:
@@ -549,7 +565,7 @@ class AVLCache(KVCache):
             return None
         device = self.k[layer].device
         return torch.cat([torch.arange(self.n_sys + self.n_core, device=device),       # sys, then the core
-                          torch.arange(self.text_start(layer), self.k[layer].shape[2], device=device)])
+                          torch.arange(self.text_start, self.k[layer].shape[2], device=device)])
 
     def compute(self, layer, q, rows):
         """Decode steps also hand `decode_update` the attended row's `LastRow`: the probabilities it
@@ -557,25 +573,26 @@ class AVLCache(KVCache):
         if self.step == 0:
             return super().compute(layer, q, rows)
         k, v = self.k[layer], self.v[layer]
-        n, core_end, text_start = k.shape[2], self.n_sys + self.n_core, self.text_start(layer)
+        n, core_end = k.shape[2], self.n_sys + self.n_core
         if self.use_kernel(q):
             # The Triton kernel reads sys + core rows through an index list and the text rows as a
-            # contiguous tail, in place (an update step attends to everything, as one range).
+            # contiguous tail from tail_start on, in place (an update step attends to everything, as one tail).
             from kernels.sparse_attention import sparse_decode_attention
             if rows is None:
-                index, text_start = torch.zeros(0, dtype=torch.long, device=q.device), 0
+                index, tail_start = torch.zeros(0, dtype=torch.long, device=q.device), 0
             else:
-                index = rows[:core_end]
-            out, lse = sparse_decode_attention(q[:, :, 0], k, v, index[None], text_start, return_lse=True,
+                index, tail_start = rows[:core_end], self.text_start
+            out, lse = sparse_decode_attention(q[:, :, 0], k, v, index[None], tail_start, return_lse=True,
                                                check_index=False)
             return out[:, :, None], LastRow(lse)                        # (B, H, 1, hs); lse (B, H), no logits
         # rows_to_attend's rows are [0, core_end) and [text_start, n): two slices of the buffers.
-        return decode_attention(q, k, v, [(0, n)] if rows is None else [(0, core_end), (text_start, n)])
+        spans = [(0, n)] if rows is None else [(0, core_end), (self.text_start, n)]
+        return decode_attention(q, k, v, spans)
 
     def use_kernel(self, q) -> bool:
         """Triton on CUDA tensors ("auto"), or as forced by kernel="triton" / "torch"."""
-        # Decided without importing Triton where it cannot run: the import takes about 0.2 s, which
-        # would land in the first decode step of every CPU run (and in the benchmark's step times).
+        # Decided without importing Triton where it cannot run: the import (about 0.2 s on this project's
+        # CPU) would land in the first decode step of every CPU run (and in the benchmark's step times).
         if self.kernel == "torch" or (self.kernel == "auto" and not q.is_cuda):
             return False
         from kernels.sparse_attention import TRITON_AVAILABLE, supports  # on first use: triton is slow to import
@@ -587,7 +604,7 @@ class AVLCache(KVCache):
                             f"{q.shape[-1]}; it needs a power of two >= 16): use kernel 'torch' or 'auto'")
         return True
 
-    def update(self, layer, q, rows, last_row):
+    def update(self, layer, q, last_row):
         if self.step == 0:
             self.prefill_update(layer, q)
         else:
@@ -595,31 +612,34 @@ class AVLCache(KVCache):
 
     def prefill_update(self, layer, q):
         k = self.k[layer]
-        # Image tokens that reached this layer: all N_img, or floor(P N_img) after the prefill filter.
+        # Image tokens that reached this layer: all N_img, or floor(P N_img) after the prefill filter. The
+        # prompt's text rows follow them until the eviction below moves the text down to self.text_start.
         n_img_here = self.modality_rows(layer)["image"]
-        text_start = self.n_sys + n_img_here
-        # Prefill filter: layer filter_layer - 1 decides which image tokens the later layers see.
-        if layer == self.filter_layer - 1 and self.P < 1 and layer < self.n_layers - 1:
-            self.hidden_keep = image_filter(q, k, self.n_sys, n_img_here, math.floor(self.P * self.n_img))
+        prompt_text_start = self.n_sys + n_img_here
         # Vision: rank this layer's image tokens by their importance (the last prompt token's attention).
-        image_scores = self.image_importance(layer, q, k, text_start)                  # (n_img_here,)
+        image_scores = self.image_importance(layer, q, k, prompt_text_start)           # (n_img_here,)
+        # Prefill filter: layer filter_layer - 1 decides, by the same ranking, which image tokens the
+        # later layers see.
+        if self.P < 1 and decides_filter(layer, self.filter_layer, self.n_layers):
+            self.hidden_keep = image_filter(image_scores, self.n_sys, k.shape[2], math.floor(self.P * self.n_img))
         secondary = top_rows(image_scores, self.n_secondary)                           # image indices
         core_first = secondary[core_first_order(image_scores[secondary], self.n_core)]  # the core, then the rest
         # Text: H2O scores from the text queries of the prompt, on the text columns (before any eviction).
-        self.text_scores[layer] = causal_column_sums(q[:, :, text_start:], k, first_row=text_start)[..., text_start:]
+        self.text_scores[layer] = causal_column_sums(q[:, :, prompt_text_start:], k,
+                                                     first_row=prompt_text_start)[..., prompt_text_start:]
         # Evict the minor image tokens (rows shared by every head), then the text tokens over budget.
-        self.keep(layer, torch.cat([self.n_sys + core_first, torch.arange(text_start, k.shape[2], device=k.device)]),
-                  start=self.n_sys)
+        text_rows = torch.arange(prompt_text_start, k.shape[2], device=k.device)
+        self.keep(layer, torch.cat([self.n_sys + core_first, text_rows]), start=self.n_sys)
         self.evict_text(layer)
 
     def image_importance(self, layer: int, q, k, text_start: int):
         """(n_img_here,) the prefill score that ranks a layer's image tokens (rows n_sys .. text_start - 1 of
-        k): the last prompt token's attention, averaged over the query heads. One method, so that a study can
-        rank otherwise in some layers (tinyavl/toy/attention_study.py, `LayerChoiceAVL`)."""
-        return last_row_probs(q, k).mean(1)[0, self.n_sys:text_start]
+        k): `image_attention`. One method, so that a study can rank otherwise in some layers
+        (tinyavl/toy/attention_study.py, `LayerChoiceAVL`)."""
+        return image_attention(q, k, self.n_sys, text_start - self.n_sys)
 
     def decode_update(self, layer, q, last_row):
-        k, n, text_start = self.k[layer], self.k[layer].shape[2], self.text_start(layer)
+        k, n, text_start = self.k[layer], self.k[layer].shape[2], self.text_start
         if self.is_update_step():
             image_probs = last_row.probs(q, k, self.n_sys, text_start).mean(1)[0]        # (n_secondary,)
             self.rerank_core(layer, image_probs)
@@ -650,7 +670,7 @@ class AVLCache(KVCache):
         budget = max(round(self.T * n_text), self.TEXT_MIN_BUDGET)
         if scores.shape[-1] <= budget:
             return
-        heavy, text_start = math.floor(self.HEAVY_SHARE * budget), self.text_start(layer)
+        heavy, text_start = math.floor(self.HEAVY_SHARE * budget), self.text_start
         keep = heavy_plus_recent(scores, self.pos[layer][..., text_start:], heavy, budget - heavy,
                                  self.logical_length(layer))                          # (B, Hkv, text rows)
         self.text_scores[layer] = self.compact(layer, keep, start=text_start, scores=scores)  # only text rows move
@@ -673,7 +693,7 @@ class H2OCache(KVCache):
         super().begin(n_layers, n_sys, n_img, new_tokens)
         self.scores = [None] * n_layers  # per layer (B, Hkv, rows): attention each cached token received
 
-    def update(self, layer, q, rows, last_row):
+    def update(self, layer, q, last_row):
         k = self.k[layer]
         if self.step == 0:
             self.scores[layer] = causal_column_sums(q, k)
@@ -701,7 +721,7 @@ class StreamingCache(KVCache):
     PARAMS = (Param("sinks", 4, "attention-sink tokens kept at the start", low=0), recent_window(0.5))
     FULL_BUDGET = dict(recent=1)
 
-    def update(self, layer, q, rows, last_row):
+    def update(self, layer, q, last_row):
         n, length = self.k[layer].shape[2], self.logical_length(layer)
         window = math.floor(self.recent * length)
         if n > self.sinks + window:
@@ -721,10 +741,11 @@ class FastVCache(KVCache):
     )
     FULL_BUDGET = dict(R=0)
 
-    def update(self, layer, q, rows, last_row):
-        if self.step == 0 and layer == self.filter_layer - 1 and layer < self.n_layers - 1:
+    def update(self, layer, q, last_row):
+        if self.step == 0 and decides_filter(layer, self.filter_layer, self.n_layers):
             n_keep = math.floor((1 - self.R) * self.n_img)
-            self.hidden_keep = image_filter(q, self.k[layer], self.n_sys, self.n_img, n_keep)
+            image_scores = image_attention(q, self.k[layer], self.n_sys, self.n_img)       # (n_img,)
+            self.hidden_keep = image_filter(image_scores, self.n_sys, self.k[layer].shape[2], n_keep)
 
 
 class RandomCache(KVCache):
@@ -755,7 +776,7 @@ class RandomCache(KVCache):
         drawn = torch.randperm(n_img, generator=self.generator)[:math.floor(self.S * n_img)]  # image indices
         self.kept_image = n_sys + drawn.sort().values        # rows of the kept image tokens, ascending
 
-    def update(self, layer, q, rows, last_row):
+    def update(self, layer, q, last_row):
         if self.step == 0:  # prefill: the layer's rows are [sys | image | text], in order
             n, device = self.k[layer].shape[2], self.k[layer].device
             self.keep(layer, torch.cat([self.kept_image.to(device), torch.arange(self.n_sys + self.n_img, n, device=device)]),

@@ -248,20 +248,19 @@ ACTIVATIONS = {
 def attention(q, k, v, causal: bool, visible=None):
     """softmax(q k^T / sqrt(d)) v for q (B, H, Tq, d) and k, v (B, Hkv, Tk, d) -> (B, H, Tq, d).
 
-    With GQA (H > Hkv) query head h reads KV head h // (H / Hkv). `causal` aligns the queries with
-    the *last* Tq keys (a prompt appended to a cache sees everything before it). `visible` (B, Tk)
-    bool, if given, hides the keys where it is False from every query (transformers' attention_mask).
+    With GQA (H > Hkv) query head h reads KV head h // (H / Hkv). `causal`: the queries are the keys'
+    own tokens (Tq = Tk), and query i sees keys 0 .. i. `visible` (B, Tk) bool, if given, hides the keys
+    where it is False from every query (transformers' attention_mask).
     """
     Tq, Tk = q.shape[2], k.shape[2]
-    mask = None
-    if causal and Tq > 1 and (Tq != Tk or visible is not None):
-        # (Tq, Tk) True where query i may see key j: j <= i + (Tk - Tq).
-        mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
-    if visible is not None:
-        keys = visible[:, None, None, :].to(device=q.device, dtype=torch.bool)  # (B, 1, 1, Tk)
-        mask = keys if mask is None else mask & keys                           # (B, 1, Tq, Tk)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and Tq > 1 and mask is None,
-                                          enable_gqa=q.shape[1] != k.shape[1])
+    causal = causal and Tq > 1  # one query row has no later key to hide
+    gqa = q.shape[1] != k.shape[1]
+    if visible is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+    mask = visible[:, None, None, :].to(device=q.device, dtype=torch.bool)           # (B, 1, 1, Tk)
+    if causal:
+        mask = mask & torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril()  # (B, 1, Tq, Tk)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
 def rows_logits(q, k):
@@ -284,9 +283,10 @@ def keys_first(device_type: str, dtype: torch.dtype) -> bool:
 
     The two are the same products (up to rounding), but a CPU's BLAS runs a different matrix-vector kernel
     for each, and which one reads K at the memory's rate depends on the processor and the dtype: on the
-    machines this project was measured on, either form was 1.7-5x faster than the other, and on one of
-    them fp32 and bf16 disagreed. A decode step's attention is mostly this read, so on a CPU the first
-    call times both forms once, on a decode step's size, and keeps the faster. Elsewhere (CUDA) q k^T.
+    2-core CPUs this project was measured on (2026-12-02 and -05), either form was 1.7-5x faster than the
+    other, and on one of them fp32 and bf16 disagreed. A decode step's attention is mostly this read, so on
+    a CPU the first call times both forms once, on LLaVA-7B's shape (32 heads of 2048 rows of 128), and
+    keeps the faster. Elsewhere (CUDA) q k^T.
     """
     if device_type != "cpu":
         return False

@@ -223,7 +223,7 @@ class HiddenImageTokens(KVCache):
         k, v = self.selected(layer, rows)
         return attention(q, k, v, causal=True, visible=self.shown(k.shape[2], k.device)[None]), None  # visible (1, T)
 
-    def update(self, layer, q, rows, last_row):
+    def update(self, layer, q, last_row):
         if self.step == 0:
             self.keep(layer, self.shown(self.k[layer].shape[2], self.k[layer].device).nonzero().flatten())
 
