@@ -26,8 +26,8 @@ import torch
 import tinyavl
 from cache_helpers import (build_model, last_row_head_mean, make_prompt, masked, naive_logits,  # noqa: F401
                            one_thread, positions_per_head, recording, run_steps, scores_per_head, top_positions)
-from tinyavl.cache import (AVLCache, FastVCache, H2OCache, KVCache, RandomCache, StreamingCache, causal_column_sums,
-                           make_cache)
+from tinyavl.cache import (POLICIES, AVLCache, FastVCache, H2OCache, KVCache, RandomCache, StreamingCache,
+                           causal_column_sums, image_filter, make_cache)
 from tinyavl.errors import UserError
 from tinyavl.generate import image_segments
 
@@ -391,6 +391,65 @@ def test_fastv_layers(name, K, R):
             assert e["attended"] == L
 
 
+def test_image_filter_by_hand():
+    scores = torch.tensor([0.5, 0.1, 0.9, 0.3])                    # 4 image tokens after 2 sys rows
+    # Text after the image: the top n_keep image rows, in order, between sys and every text row.
+    assert image_filter(scores, 2, 8, 2).tolist() == [0, 1, 2, 4, 6, 7]
+    # The prompt ends with the image: its last row gives the next token, so it stays among the n_keep,
+    # and stays alone where the share kept rounds to none.
+    assert image_filter(scores, 2, 6, 2).tolist() == [0, 1, 4, 5]
+    assert image_filter(scores, 2, 6, 0).tolist() == [0, 1, 5]
+    assert image_filter(scores, 0, 4, 1).tolist() == [3]
+
+
+@pytest.mark.parametrize("policy,params", [("fastv", dict(filter_layer=1, R=0.9)),
+                                           ("avl", dict(S=0.1, C=0.1, P=0.1, filter_layer=1))])
+@pytest.mark.parametrize("n_sys", [2, 0])
+def test_prefill_filter_keeps_a_last_image_token(policy, params, n_sys):
+    """A prompt that ends inside the image block still reads its next token from its own last row."""
+    m = model("gqa4")
+    ids = make_prompt(m, n_sys, 0, seed=7)[0]                      # [sys | image], no text after it
+    pixel_values = prompt("gqa4")[1]
+    kept_hidden = []
+
+    class Spy(POLICIES[policy]):
+        def rows_to_keep(self, layer):
+            keep = super().rows_to_keep(layer)
+            if keep is not None:
+                kept_hidden.append(keep.tolist())
+            return keep
+
+    tokens, _ = tinyavl.generate(m, ids, pixel_values, max_new_tokens=3, eos_token_id=(), policy=Spy(**params))
+    assert len(tokens) == 3
+    assert len(kept_hidden) == 1 and kept_hidden[0][-1] == ids.shape[1] - 1
+
+
+def test_image_rankers_refuse_a_batch():
+    """FastV and A-VL rank the image tokens of one prompt: a batch is a clear error, not sample 0's ranking."""
+    m = model("gqa4")
+    ids, pixel_values = prompt("gqa4")
+    for policy in ("fastv", "avl"):
+        cache = make_cache(policy)
+        cache.begin(m.config.text.num_hidden_layers, *image_segments(ids, m.config.image_token_id))
+        with torch.inference_mode(), pytest.raises(UserError, match="one prompt"):
+            m(ids.expand(2, -1), pixel_values.expand(2, -1, -1, -1), cache=cache)
+
+
+def test_avl_decodes_with_autograd_on():
+    """A direct model call without no_grad: A-VL's update steps move rows in place, which autograd allows
+    only outside views it tracks; the logits are those of the inference-mode run."""
+    m = model("gqa")
+    ids, pixel_values = prompt("gqa")
+    reference, tokens = run_steps(m, ids, pixel_values, AVLCache(K=2), 4)
+    cache = AVLCache(K=2)
+    cache.begin(m.config.text.num_hidden_layers, *image_segments(ids, m.config.image_token_id))
+    logits = [m(ids, pixel_values, cache=cache, last_only=True)[0, -1]]
+    for token in tokens:
+        logits.append(m(torch.tensor([[token]]), cache=cache, last_only=True)[0, -1])
+    assert torch.is_grad_enabled() and logits[-1].requires_grad
+    torch.testing.assert_close(torch.stack(logits).detach(), reference, atol=LOGIT_ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("name,S", [("gqa", 0.5), ("mha4", 0.3), ("gqa4", 0.1)])
 def test_random_invariants(name, S):
     """`random` keeps exactly floor(S N_img) image tokens, the same in every layer and head, from prefill
@@ -435,7 +494,8 @@ def test_random_draws_are_seeded_fresh_per_sequence_and_uniform():
     assert ((counts - 1200).abs() < 5 * math.sqrt(4000 * 0.3 * 0.7)).all(), counts
 
 
-@pytest.mark.parametrize("name,heavy,recent", [("mha", 0.125, 0.375), ("gqa", 0.2, 0.3)])
+# The last case's fractions floor to no token at these lengths: the window still keeps the newest.
+@pytest.mark.parametrize("name,heavy,recent", [("mha", 0.125, 0.375), ("gqa", 0.2, 0.3), ("gqa", 0.01, 0.01)])
 def test_h2o_invariants(name, heavy, recent):
     m = model(name)
     ids, pixel_values = prompt(name)
@@ -460,7 +520,7 @@ def test_h2o_invariants(name, heavy, recent):
                 ledger[layer][h][L - 1] = 0.0
                 for j in range(row.shape[1]):
                     ledger[layer][h][int(pos_before[h, j])] += float(row[h, j])
-        n_heavy, n_recent = math.floor(heavy * L), math.floor(recent * L)
+        n_heavy, n_recent = math.floor(heavy * L), max(1, math.floor(recent * L))
         for h in range(n_kv):
             assert set(ledger[layer][h]) == heads_before[h]
             rows = len(heads_after[h])
@@ -474,7 +534,7 @@ def test_h2o_invariants(name, heavy, recent):
     assert any(len(h) < prompt_len + steps for h in positions_per_head(cache.pos[0]))  # it did evict
 
 
-@pytest.mark.parametrize("sinks,recent", [(4, 0.5), (1, 0.25), (0, 0.4)])
+@pytest.mark.parametrize("sinks,recent", [(4, 0.5), (1, 0.25), (0, 0.4), (1, 0.01)])
 def test_streaming_invariants(sinks, recent):
     m = model("gqa")
     ids, pixel_values = prompt("gqa")
@@ -483,7 +543,7 @@ def test_streaming_invariants(sinks, recent):
     run_steps(m, ids, pixel_values, cache, steps)
     for e in cache.log:
         L = ids.shape[1] + e["step"]
-        window = math.floor(recent * L)
+        window = max(1, math.floor(recent * L))  # the newest token at least
         expected = set(range(sinks)) | set(range(L - window, L))
         for before, held in zip(positions_per_head(e["pos_before"]), positions_per_head(e["pos_after"])):
             if len(before) > sinks + window:

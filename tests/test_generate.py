@@ -337,6 +337,17 @@ def test_bad_generation_arguments_are_user_errors(loaded):
             tinyavl.generate(model, ids, px, max_new_tokens=2, temperature=1.0, top_p=bad, seed=0)
 
 
+def test_policy_is_a_name_with_parameters_or_a_cache_without(loaded):
+    """Parameters beside a cache object would be silently ignored (it has its own): a UserError instead."""
+    model, processor = loaded("mha")
+    ids, px = prompt_inputs(processor, "image")
+    with pytest.raises(UserError, match="S"):
+        tinyavl.generate(model, ids, px, max_new_tokens=2, policy=tinyavl.make_cache("avl"), S=0.1)
+    for bad in (None, tinyavl.cache.AVLCache):
+        with pytest.raises(UserError, match="policy"):
+            tinyavl.generate(model, ids, px, max_new_tokens=2, policy=bad)
+
+
 # ------------------------------------------------------------------------------ statistics
 def dense_bytes(name: str, rows: int, element_bytes: int) -> int:
     """layers x rows x (K and V) x Hkv x head_dim x bytes per element, from the variant's shape."""

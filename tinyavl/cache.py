@@ -214,6 +214,12 @@ def recent_window(default: float) -> Param:
     return rate("recent", default, "recent-window fraction of the sequence so far")
 
 
+def window_length(recent: float, length: int) -> int:
+    """The recent window's tokens: floor(recent x length), and at least the newest token, which a window
+    of none would evict as soon as it is written (a short sequence at a small fraction)."""
+    return max(1, math.floor(recent * length))
+
+
 # ---------------------------------------------------------------------------------------------------
 # The dense cache: the `full` policy and the base of every other one.
 # ---------------------------------------------------------------------------------------------------
@@ -286,8 +292,11 @@ class KVCache:
         pos = pos.expand(B, Hkv, -1)                                        # (B, Hkv, t)
         if self.k[layer] is None:
             # Prefill: the prompt's own tensors are the first buffers; `advance` re-sizes them once the
-            # policy has evicted what it drops, so a buffer never holds room for evicted rows.
-            self.k_buffer[layer], self.v_buffer[layer], self.pos_buffer[layer] = k, v, pos.contiguous()
+            # policy has evicted what it drops, so a buffer never holds room for evicted rows. The positions
+            # are copied: with one sample and one KV head the expanded view would be the model's own
+            # `positions`, which every later layer is given, and eviction edits the buffer in place.
+            self.k_buffer[layer], self.v_buffer[layer] = k, v
+            self.pos_buffer[layer] = pos.clone(memory_format=torch.contiguous_format)
         else:
             n = self.k[layer].shape[2]
             if n + t > self.k_buffer[layer].shape[2]:
@@ -425,8 +434,9 @@ class KVCache:
                 # In the benchmark's fp32 A-VL run at 2928 image tokens (2 cores, 2026-12-05) an update
                 # step's swaps took 17.5-18.7 ms plane by plane, 20.4 ms as one copy of every head's rows seen
                 # as one list, and 22.6-24.8 ms along dim 2 of the 4-d buffer.
-                for plane in buffer.view(-1, *buffer.shape[2:]):  # (capacity, hs) views
-                    trade(plane, 0)
+                planes = buffer.view(-1, *buffer.shape[2:])          # (B Hkv, capacity, hs)
+                for i in range(planes.shape[0]):  # indexed, not iterated: autograd forbids writing into unbind's views
+                    trade(planes[i], 0)
 
     # -- accounting: measured from the tensors actually held ------------------------------------------
 
@@ -474,6 +484,9 @@ class KVCache:
 def image_attention(q, k, n_sys: int, n_img: int):
     """(n_img,) the last query row's attention on the image rows n_sys .. n_sys + n_img - 1 of the keys
     k, averaged over the query heads: how FastV and A-VL rank the image tokens at prefill."""
+    if q.shape[0] != 1:
+        raise UserError(f"FastV and A-VL rank the image tokens of one prompt, got a batch of {q.shape[0]}: "
+                        "run the prompts one at a time")
     return last_row_probs(q, k).mean(1)[0, n_sys:n_sys + n_img]
 
 
@@ -491,6 +504,12 @@ def image_filter(image_scores, n_sys: int, n_rows: int, n_keep: int):
     Returns the kept row indices (sys and text always kept).
     """
     n_img = image_scores.shape[0]
+    if n_img > 0 and n_sys + n_img == n_rows:
+        # The prompt ends with an image token, whose row gives the next token: it stays, as one of the
+        # n_keep (or as the one image token kept).
+        image_scores = image_scores.clone()
+        image_scores[-1] = float("inf")
+        n_keep = max(n_keep, 1)
     kept_image = n_sys + top_rows(image_scores, n_keep)
     return torch.cat([torch.arange(n_sys, device=image_scores.device), kept_image,
                       torch.arange(n_sys + n_img, n_rows, device=image_scores.device)])
@@ -585,8 +604,11 @@ class AVLCache(KVCache):
             out, lse = sparse_decode_attention(q[:, :, 0], k, v, index[None], tail_start, return_lse=True,
                                                check_index=False)
             return out[:, :, None], LastRow(lse)                        # (B, H, 1, hs); lse (B, H), no logits
-        # rows_to_attend's rows are [0, core_end) and [text_start, n): two slices of the buffers.
-        spans = [(0, n)] if rows is None else [(0, core_end), (self.text_start, n)]
+        # rows_to_attend's rows are [0, core_end) and [text_start, n): two slices of the buffers, or one
+        # where they meet (the core is every stored image row), for then A-VL computes just what `full`
+        # does, and in bf16 a sum of two products would round differently from the one.
+        meet = core_end == self.text_start
+        spans = [(0, n)] if rows is None or meet else [(0, core_end), (self.text_start, n)]
         return decode_attention(q, k, v, spans)
 
     def use_kernel(self, q) -> bool:
@@ -702,7 +724,7 @@ class H2OCache(KVCache):
             scores = torch.cat([self.scores[layer], torch.zeros(B, Hkv, 1, device=k.device)], dim=-1)
             self.scores[layer] = scores + group_sum(last_row.probs(q, k, 0, n), Hkv)
         n_logical = self.logical_length(layer)
-        heavy, recent = math.floor(self.heavy * n_logical), math.floor(self.recent * n_logical)
+        heavy, recent = math.floor(self.heavy * n_logical), window_length(self.recent, n_logical)
         if k.shape[2] > heavy + recent:
             keep = heavy_plus_recent(self.scores[layer], self.pos[layer], heavy, recent, n_logical)  # (B, Hkv, n)
             self.scores[layer] = self.compact(layer, keep, scores=self.scores[layer])
@@ -723,7 +745,7 @@ class StreamingCache(KVCache):
 
     def update(self, layer, q, last_row):
         n, length = self.k[layer].shape[2], self.logical_length(layer)
-        window = math.floor(self.recent * length)
+        window = window_length(self.recent, length)
         if n > self.sinks + window:
             pos = self.pos[layer]
             self.compact(layer, (pos < self.sinks) | (pos >= length - window))

@@ -112,7 +112,15 @@ def generate(model, input_ids, pixel_values=None, *, image_sizes=None, hires_pix
     check_generation_args(max_new_tokens, temperature, top_p, seed)
     if hires_top is not None and hires_pixel_values is None:
         raise UserError("hires_top picks blocks of the high-resolution view: pass hires_pixel_values too")
-    cache = make_cache(policy, **policy_params) if isinstance(policy, str) else policy
+    if isinstance(policy, str):
+        cache = make_cache(policy, **policy_params)
+    elif not isinstance(policy, KVCache):
+        raise UserError(f"policy is a policy name or a KVCache, got {type(policy).__name__}")
+    elif policy_params:
+        raise UserError(f"policy parameters ({', '.join(policy_params)}) go with a policy name: a cache "
+                        "object has its own, set when it was made (make_cache(name, **params))")
+    else:
+        cache = policy
     text = model.config.text
     prompt_len = input_ids.shape[1]
     if prompt_len >= text.max_position_embeddings:
