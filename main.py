@@ -11,13 +11,16 @@ single JSON object is printed instead. A mistake in the input exits with status 
 import sys
 from pathlib import Path
 
-import tinyavl
-from tinyavl import hires
-from tinyavl.attention_map import map_layer, save_attention_map
-from tinyavl.cli import TOY_WEIGHTS, ArgumentParser, add_policy_arguments, policy_params, run_command
-from tinyavl.files import check_output_file
-from tinyavl.generate import check_generation_args
-from tinyavl.processing import check_question, load_image
+try:  # torch takes a second or more to import: a Ctrl-C meanwhile ends as quietly as one during the run
+    import tinyavl
+    from tinyavl import hires
+    from tinyavl.attention_map import map_layer, save_attention_map
+    from tinyavl.cli import TOY_WEIGHTS, ArgumentParser, add_policy_arguments, policy_params, run_command
+    from tinyavl.files import check_output_file
+    from tinyavl.generate import check_generation_args
+    from tinyavl.processing import check_question, load_image
+except KeyboardInterrupt:
+    sys.exit(130)
 
 DEFAULT_WEIGHTS = TOY_WEIGHTS  # --weights when not given
 
@@ -40,6 +43,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     parser.add_argument("--attention-map", type=Path, default=None, metavar="OUT.png",
                         help="draw which image tokens the policy kept, and where the model looked")
+    parser.add_argument("--force", action="store_true", help="replace the --attention-map file if it exists")
     parser.add_argument("--map-layer", type=int, default=None,
                         help="decoder layer to draw with --attention-map (default: the last)")
     parser.add_argument("--hires-threshold", type=float, default=None, metavar="T",
@@ -68,14 +72,20 @@ def run(args) -> dict:
               file=sys.stderr)
         args.weights = DEFAULT_WEIGHTS
     if args.attention_map is not None:
-        check_output_file(args.attention_map, "--attention-map", inputs=[Path(args.image), args.weights])
+        check_output_file(args.attention_map, "--attention-map", inputs=[Path(args.image), args.weights],
+                          replace=args.force)
     else:
-        for flag, value in (("--map-layer", args.map_layer), ("--hires-threshold", args.hires_threshold)):
-            if value is not None:
+        for flag, given in (("--map-layer", args.map_layer is not None),
+                            ("--hires-threshold", args.hires_threshold is not None), ("--force", args.force)):
+            if given:
                 raise tinyavl.UserError(f"{flag} is an option of --attention-map: give --attention-map OUT.png too")
     if args.hires_threshold is not None:
         hires.check_threshold(args.hires_threshold)
     model, processor = tinyavl.load_pretrained(args.weights, device=args.device, dtype=args.dtype)
+    n_layers = model.config.text.num_hidden_layers
+    if args.filter_layer is not None and args.filter_layer >= n_layers:  # else the filter would never act
+        raise tinyavl.UserError(f"--filter-layer {args.filter_layer}: this model has {n_layers} decoder layers, "
+                                f"and the filter drops tokens before one of them: give at most {n_layers - 1}")
     if args.attention_map is not None:
         layer = map_layer(model, args.map_layer)
     if args.hires_threshold is not None and model.config.hires is None:

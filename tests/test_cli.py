@@ -8,6 +8,7 @@ A real subprocess costs seconds of torch import, so only a few cases run `python
 tracebacks, what really reaches the terminal); the rest call `main.main(argv)` in-process, where any
 exception other than the handled UserError would fail the test with its traceback.
 """
+import argparse
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ from tokenizers import Tokenizer
 
 import main
 import tinyavl
+from tinyavl.cli import run_command
 from tiny_checkpoints import VARIANTS, make_image, sparse_config, tokenizer_info, write_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -301,6 +303,16 @@ def broken(tiny_ckpt, tmp_path_factory):
     d = copy("no_tokenizer")
     (d / "tokenizer.json").unlink()
 
+    for name, weight_map in (("index_map_not_object", ["a"]), ("index_map_empty", {}),
+                             ("index_map_not_names", {"lm_head.weight": 5})):
+        d = copy(name, Path(tiny_ckpt.folder("mha", shards=2)))
+        (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+    d = copy("rope_not_object")
+    config = json.loads((d / "config.json").read_text())
+    config["text_config"]["rope_scaling"] = "linear"
+    (d / "config.json").write_text(json.dumps(config))
+
     d = copy("bin_only")
     tensors = load_file(d / "model.safetensors")
     (d / "model.safetensors").unlink()
@@ -330,6 +342,9 @@ ERROR_CASES = [
     ("bin only", [], "png", "bin_only", ["safetensors"]),
     ("truncated safetensors", [], "png", "truncated_safetensors", ["model.safetensors"]),
     ("no tokenizer.json", [], "png", "no_tokenizer", ["tokenizer.json"]),
+    *((f"shard index: {name}", [], "png", name, ["weight_map"])
+      for name in ("index_map_not_object", "index_map_empty", "index_map_not_names")),
+    ("RoPE settings a string", [], "png", "rope_not_object", ["RoPE", "linear"]),
     ("second <image> in the prompt", ["--prompt", "<image> What is this?"], "png", "good", ["<image>"]),
     ("prompt longer than context", ["--prompt", LONG_PROMPT], "png", "short_context", ["64"]),
     ("unknown policy", ["--policy", "nope"], "png", "good", ["nope"]),
@@ -343,6 +358,10 @@ ERROR_CASES = [
     ("top-p 0 when sampling", ["--temperature", "1", "--top-p", "0"], "png", "good", ["top_p"]),
     ("temperature nan", ["--temperature", "nan", "--seed", "0"], "png", "good", ["temperature"]),
     ("negative temperature", ["--temperature", "-1"], "png", "good", ["temperature"]),
+    ("infinite temperature", ["--temperature", "inf"], "png", "good", ["temperature", "finite"]),
+    ("an abbreviated flag", ["--k", "3"], "png", "good", ["--k"]),  # not --kernel
+    ("filter after the last layer", ["--policy", "fastv", "--filter-layer", "9"], "png", "good",
+     ["--filter-layer", "at most"]),
     ("max-new-tokens not a number", ["--max-new-tokens", "abc"], "png", "good", ["--max-new-tokens", "abc"]),
     ("unknown option", ["--bogus"], "png", "good", ["--bogus"]),
 ]
@@ -390,18 +409,51 @@ def test_user_errors_subprocess(files, broken, good, case):
     assert_user_error(rc, out, err, *mentions)
 
 
+def test_what_the_system_refuses_is_one_line(capsys):
+    """An OSError (a disk full, a name too long) ends the command with one line and status 1."""
+    def run(args):
+        raise OSError(28, "No space left on device")
+    rc = run_command(run, argparse.Namespace(json=True), show=print)
+    out, err = capsys.readouterr()
+    assert rc == 1 and out == "" and err == "error: [Errno 28] No space left on device\n"
+
+
+def test_a_reader_that_stops_early_ends_the_run_quietly(files, good):
+    """`python main.py ... | head -c 1`: the pipe closes under the streamed answer; no traceback follows."""
+    proc = subprocess.Popen([sys.executable, "main.py", "--image", files["png"], "--weights", good],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.read(1)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 1
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
 # ------------------------------------------------------------------------------ what the user gave stays theirs
 def test_attention_map_never_overwrites_the_input_image(capsys, good, files, tmp_path):
     image = tmp_path / "photo.png"
     image.write_bytes(files["png"].read_bytes())
     before = image.read_bytes()
-    rc, out, err = run_inprocess(capsys, ["--image", image, "--weights", good, "--attention-map", image])
-    assert_user_error(rc, out, err, "overwrite", "photo.png")
-    assert image.read_bytes() == before
+    for force in ([], ["--force"]):
+        rc, out, err = run_inprocess(capsys, ["--image", image, "--weights", good, "--attention-map", image, *force])
+        assert_user_error(rc, out, err, "overwrite", "photo.png")
+        assert image.read_bytes() == before
     rc, out, err = run_inprocess(capsys, ["--image", image, "--weights", good,
                                           "--attention-map", Path(good) / "map.png"])
     assert_user_error(rc, out, err, "overwrite")
     assert not (Path(good) / "map.png").exists()
+
+
+def test_attention_map_replaces_an_existing_file_only_with_force(capsys, good, files, tmp_path):
+    out_path = tmp_path / "map.png"
+    out_path.write_text("the user's")
+    argv = ["--image", files["png"], "--weights", good, "--max-new-tokens", 2, "--attention-map", out_path]
+    rc, out, err = run_inprocess(capsys, argv)
+    assert_user_error(rc, out, err, "already exists", "--force")
+    assert out_path.read_text() == "the user's"
+    rc, _, err = run_inprocess(capsys, argv + ["--force"])
+    assert rc == 0, err
+    assert Image.open(out_path).size[0] > 0 and sorted(p.name for p in tmp_path.iterdir()) == ["map.png"]
 
 
 def test_attention_map_is_written_and_reported(capsys, good, files, tmp_path):
@@ -429,6 +481,9 @@ def test_user_input_is_checked_before_the_model_loads(capsys, monkeypatch, good,
         (["--image", files["png"], "--map-layer", "1"], "--attention-map"),
         (["--image", files["png"], "--hires-threshold", "48"], "--attention-map"),
         (["--image", files["png"], "--attention-map", tmp_path / "map.png", "--hires-threshold", "255"], "0 <= T < 255"),
+        (["--image", files["png"], "--attention-map", tmp_path / "map.psd"], ".png"),  # Pillow cannot write it as RGB
+        (["--image", files["png"], "--attention-map", tmp_path / ("m" * 300 + ".png")], "too long"),
+        (["--image", files["png"], "--force"], "--attention-map"),
     ]
     for extra, mention in cases:
         rc, out, err = run_inprocess(capsys, base + extra)

@@ -32,6 +32,20 @@ def test_a_failed_file_write_leaves_the_old_file_and_no_partial(tmp_path):
     assert path.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["map.png"]
 
 
+def test_a_file_write_the_system_refuses_is_a_user_error(tmp_path):
+    """A name as long as names go (its temporary name must not be longer), and a full disk."""
+    path = tmp_path / ("m" * 251 + ".png")
+    write_file_atomically(path, lambda partial: partial.write_text("new"))
+    assert path.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+    def disk_full(partial):
+        partial.write_text("half")
+        raise OSError(28, "No space left on device")
+    with pytest.raises(UserError, match="No space left"):
+        write_file_atomically(path, disk_full)
+    assert path.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
 def test_a_folder_of_files_is_replaced_only_with_force_and_never_half(tmp_path):
     out = tmp_path / "model"
     out.mkdir()

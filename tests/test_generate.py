@@ -198,6 +198,14 @@ def test_sample_nucleus_rule(probs, temperature, top_p):
         assert abs(counts[i] / n - p) <= 5 * math.sqrt(p * (1 - p) / n) + 1e-9, (i, counts[i] / n, p)
 
 
+@pytest.mark.parametrize("temperature,top_p", [(1e-45, 1.0), (5e-324, 1.0), (1.0, 1e-300)])
+def test_sample_at_extreme_settings_takes_the_top_token(temperature, top_p):
+    """A temperature near 0 is greedy in the limit, and a top_p near 0 keeps the first token alone."""
+    logits = torch.tensor([0.1, 2.0, -1.0, 1.9])
+    g = torch.Generator().manual_seed(0)
+    assert {sample(logits, temperature, top_p, g) for _ in range(50)} == {1}
+
+
 def test_sample_greedy_at_temperature_zero_and_seeded_reproducibility():
     logits = torch.tensor([0.1, 2.0, -1.0, 1.9])
     assert sample(logits, 0.0, 1.0, None) == 1

@@ -1,6 +1,7 @@
 """What the command lines share: the toy model's folder, one-line errors, the KV policy flags."""
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -26,7 +27,8 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
 
 class ArgumentParser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, formatter_class=DefaultsHelpFormatter, **kwargs)
+        # No abbreviations: with flags as short as A-VL's, "--k 3" would silently mean --kernel.
+        super().__init__(*args, formatter_class=DefaultsHelpFormatter, allow_abbrev=False, **kwargs)
 
     def error(self, message):
         # One line like every other user mistake (argparse would print the whole usage first).
@@ -57,18 +59,26 @@ def policy_params(args: argparse.Namespace) -> dict:
 
 def run_command(run, args, show) -> int:
     """A command's exit status: run(args), then its result printed as one JSON object (--json) or by
-    show(result); a user's mistake (UserError) is one line on stderr and status 2, Ctrl-C one line and
-    status 130 (the shell's code for an interrupt)."""
+    show(result). One line on stderr instead of a traceback for: a user's mistake (UserError, status 2),
+    Ctrl-C (status 130, the shell's code for an interrupt), and what the system refused (OSError: a disk
+    full, a name too long; status 1). A reader that closed stdout early (`| head`) ends the run quietly."""
     try:
         result = run(args)
+        if args.json:
+            print(json.dumps(result), flush=True)
+        else:
+            show(result)
+        return 0
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted (Ctrl-C)", file=sys.stderr)
         return 130
-    if args.json:
-        print(json.dumps(result))
-    else:
-        show(result)
-    return 0
+    except BrokenPipeError:
+        # Python's own advice: point stdout at nothing, so that its flush at exit cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except OSError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1

@@ -1,5 +1,5 @@
-"""Writing a user's outputs safely: never half a file, never over an input, never over a model folder
-without being asked.
+"""Writing a user's outputs safely: never half a file, never over an input, never over an existing file
+or a folder of files without being asked (--force).
 
 Every command checks its output paths before it works (check_output_file, check_new_folder) and writes
 its outputs through write_file_atomically or write_folder_atomically. A file or folder is first written under a
@@ -14,18 +14,29 @@ from PIL import Image
 
 from tinyavl.errors import UserError
 
+# The picture formats an output may be: those of these that this Pillow writes. Pillow registers more
+# suffixes, but some formats it only reads, and others it writes in modes an RGB picture is not.
+PICTURE_SUFFIXES = tuple(suffix for suffix in (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+                         if Image.registered_extensions().get(suffix) in Image.SAVE)
 
-def check_output_file(path: Path, flag: str, inputs: list[Path], suffixes: tuple = ()) -> None:
+
+def check_output_file(path: Path, flag: str, inputs: list[Path], suffixes: tuple = PICTURE_SUFFIXES,
+                      replace: bool = False) -> None:
     """UserError unless an output file can be written at `path` without touching the inputs: not one of
-    them, nor inside an input folder (a model folder). Its name ends in one of `suffixes`, or by default in
-    any picture format Pillow writes."""
-    if not path.parent.is_dir():
-        raise UserError(f"{flag} {path}: folder {path.parent} does not exist")
-    if path.suffix.lower() not in (suffixes or Image.registered_extensions()):
-        raise UserError(f"{flag} {path}: give it a {' or '.join(suffixes or ('.png', '.jpg'))} name")
-    if path.is_dir() or not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise UserError(f"{flag} {path}: cannot write there (no permission, or it is a folder)")
-    check_apart_from_inputs(path, flag, inputs)
+    them, nor inside an input folder (a model folder), nor an existing file unless `replace` (a command's
+    --force, or a file the command itself resumes from). Its name ends in one of `suffixes`."""
+    try:
+        if not path.parent.is_dir():
+            raise UserError(f"{flag} {path}: folder {path.parent} does not exist")
+        if path.suffix.lower() not in suffixes:
+            raise UserError(f"{flag} {path}: give it a {', '.join(suffixes)} name")
+        if path.is_dir() or not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            raise UserError(f"{flag} {path}: cannot write there (no permission, or it is a folder)")
+        check_apart_from_inputs(path, flag, inputs)  # first: no --force replaces an input
+        if path.exists() and not replace:
+            raise UserError(f"{flag} {path} already exists: give another name, or --force to replace it")
+    except (OSError, RuntimeError) as err:  # a name too long for the file system, a loop of links
+        raise UserError(f"{flag} {path}: {getattr(err, 'strerror', None) or err}") from None
 
 
 def check_apart_from_inputs(path: Path, flag: str, inputs: list[Path]) -> None:
@@ -37,12 +48,16 @@ def check_apart_from_inputs(path: Path, flag: str, inputs: list[Path]) -> None:
 
 
 def write_file_atomically(path, write) -> None:
-    """write(partial_path) writes the file; it then replaces `path` whole."""
+    """write(partial_path) writes the file; it then replaces `path` whole. A write the file system refuses
+    (full, read-only) is a UserError, and leaves `path` as it was."""
     path = Path(path)
-    partial = path.with_name(f".{path.name}.partial")
+    # A short temporary name, unique to this write: `path`'s own name may be as long as a name can be.
+    partial = path.with_name(f".{path.stem[:32]}.{os.urandom(4).hex()}.partial")
     try:
         write(partial)
         os.replace(partial, path)
+    except OSError as err:
+        raise UserError(f"could not write {path}: {err.strerror or err}") from None
     finally:
         partial.unlink(missing_ok=True)
 

@@ -3,6 +3,7 @@
 The cache object is the policy (tinyavl/cache.py): `full` keeps everything; the others keep or compute
 less. This loop is the same for all of them, and it measures what they hold and compute.
 """
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -53,7 +54,9 @@ def sample(logits, temperature: float, top_p: float, generator):  # logits (voca
     """Greedy at temperature 0; otherwise temperature + nucleus (top-p) sampling."""
     if temperature <= 0:
         return int(logits.argmax())
-    probs = (logits / temperature).softmax(-1)
+    # In float64 and from the top logit down: a tiny temperature then sends the others to -inf (probability 0)
+    # rather than overflowing fp32 to inf - inf = nan, and a tiny top_p still keeps the first token.
+    probs = ((logits.double() - logits.max()) / temperature).softmax(-1)
     sorted_probs, order = probs.sort(descending=True)
     # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
     outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
@@ -82,8 +85,8 @@ def check_generation_args(max_new_tokens: int, temperature: float, top_p: float,
     """UserError for settings generate cannot honour (main.py checks them before it loads the model)."""
     if max_new_tokens < 1:
         raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if not temperature >= 0:  # also rejects nan
-        raise UserError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 <= temperature < math.inf:  # also rejects nan
+        raise UserError(f"temperature must be finite and >= 0 (0 = greedy), got {temperature}")
     if temperature > 0 and not 0 < top_p <= 1:
         raise UserError(f"top_p must be in (0, 1], got {top_p}")
     if seed is not None and not 0 <= seed < 2 ** 64:  # what torch.Generator.manual_seed takes

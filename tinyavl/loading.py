@@ -66,6 +66,8 @@ def parse_config(raw: dict) -> LlavaConfig:
                         "the CLIP vision tower of LLaVA only")
     # RoPE: transformers 5.x writes rope_parameters, older versions rope_theta (+ rope_scaling).
     rope = text_raw.get("rope_parameters") or text_raw.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise UserError(f"text_config's RoPE settings are {rope!r}, not a JSON object: download config.json again")
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         raise UserError(f"RoPE scaling {rope!r} is not supported: tinyavl implements plain RoPE")
     if "rope_theta" in rope:
@@ -158,6 +160,8 @@ def checkpoint_files(folder: Path) -> list[Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise UserError(f"{index} is not a valid safetensors index ({err!r})") from None
+        if not (isinstance(weight_map, dict) and weight_map and all(isinstance(f, str) for f in weight_map.values())):
+            raise UserError(f"{index}: its weight_map is not a JSON object from tensor names to shard files")
         files = [folder / name for name in sorted(set(weight_map.values()))]
         missing = [f.name for f in files if not f.is_file()]
         if missing:

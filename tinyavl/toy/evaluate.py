@@ -288,6 +288,7 @@ def parse_args(argv):
                         help=f"every policy at the budgets of image tokens kept {BUDGETS} (budget_sweep)")
     parser.add_argument("--plot", type=Path, default=None, metavar="OUT.png",
                         help="with --table: draw accuracy against measured KV bytes")
+    parser.add_argument("--force", action="store_true", help="replace the --plot file if it exists")
     parser.add_argument("--hires-mode", choices=HIRES_MODES, default="selection",
                         help="what a FlexAttention toy (weights/toy-hires) reads of its high-resolution view")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -305,7 +306,7 @@ def run(args) -> dict:
     if args.plot is not None and not args.table:
         raise UserError("--plot draws the budget sweep: give --table too")
     if args.plot is not None:
-        check_output_file(args.plot, "--plot", inputs=[args.weights], suffixes=(".png",))
+        check_output_file(args.plot, "--plot", inputs=[args.weights], suffixes=(".png",), replace=args.force)
     if args.attention_maps is not None:
         check_apart_from_inputs(args.attention_maps, "--attention-maps", inputs=[args.weights])
     make_cache(args.policy, **policy_params(args))  # bad policy parameters fail here, before any work

@@ -1,6 +1,6 @@
 """FlexAttention on the toy: what the high-resolution view is worth on fine details, and what it costs.
 
-    python -m tinyavl.toy.evaluate_hires --in-sequence weights/toy-tiles --plot tutorial/figures/hires.png
+    python -m tinyavl.toy.evaluate_hires --in-sequence weights/toy-tiles --plot tutorial/figures/hires.png --force
 
 The FlexAttention toy (weights/toy-hires, trained by tinyavl/toy/train_hires.py) answers every prompt of
 the held-out fine scenes of a seed (tinyavl/toy/scenes.py: the digits are 9 x 15 px in a 384 px image, a
@@ -148,6 +148,7 @@ def parse_args(argv):
     parser.add_argument("--n", type=int, default=100, help="scenes (each gets 6 prompts)")
     parser.add_argument("--plot", type=Path, default=None, metavar="OUT.png",
                         help="draw the fine-detail accuracy against attention MFLOPs")
+    parser.add_argument("--force", action="store_true", help="replace the --plot file if it exists")
     parser.add_argument("--in-sequence", type=Path, default=None, metavar="FOLDER",
                         help="also measure a toy with every high-res token in the sequence (train_hires --in-sequence)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -159,7 +160,7 @@ def run(args) -> dict:
         raise UserError(f"--n must be at least 1, got {args.n}")
     if args.plot is not None:
         inputs = [folder for folder in (args.weights, args.in_sequence) if folder is not None]
-        check_output_file(args.plot, "--plot", inputs=inputs, suffixes=(".png",))
+        check_output_file(args.plot, "--plot", inputs=inputs, suffixes=(".png",), replace=args.force)
     if not args.weights.is_dir():
         raise UserError(f"no model folder at {args.weights}: train one with python -m tinyavl.toy.train_hires")
     model, processor = load_pretrained(args.weights, device="cpu", dtype="float32")

@@ -148,7 +148,7 @@ def check_checkpoint(checkpoint: Checkpoint, base: Path, out: Path) -> None:
     """UserError unless the checkpoint file can be written, apart from the base and the folder to be
     written, and anything already there was saved by a run with the same settings (`Checkpoint.check`)."""
     path = checkpoint.path
-    check_output_file(path, "--checkpoint", inputs=[base], suffixes=(".safetensors",))
+    check_output_file(path, "--checkpoint", inputs=[base], suffixes=(".safetensors",), replace=True)  # resumed from
     if out.resolve() in path.resolve().parents:
         raise UserError(f"--checkpoint {path} is inside --out, which is replaced when it is written: choose "
                         "another path")
