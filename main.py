@@ -11,7 +11,7 @@ single JSON object is printed instead. A mistake in the input exits with status 
 import sys
 from pathlib import Path
 
-try:  # torch takes a second or more to import: a Ctrl-C meanwhile ends as quietly as one during the run
+try:  # torch takes a second or more to import: a Ctrl-C meanwhile ends in one line, as one during the run
     import tinyavl
     from tinyavl import hires
     from tinyavl.attention_map import map_layer, save_attention_map
@@ -20,6 +20,7 @@ try:  # torch takes a second or more to import: a Ctrl-C meanwhile ends as quiet
     from tinyavl.generate import check_generation_args
     from tinyavl.processing import check_question, load_image
 except KeyboardInterrupt:
+    print("interrupted (Ctrl-C)", file=sys.stderr)
     sys.exit(130)
 
 DEFAULT_WEIGHTS = TOY_WEIGHTS  # --weights when not given

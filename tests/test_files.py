@@ -32,7 +32,7 @@ def test_a_failed_file_write_leaves_the_old_file_and_no_partial(tmp_path):
     assert path.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["map.png"]
 
 
-def test_a_file_write_the_system_refuses_is_a_user_error(tmp_path):
+def test_a_file_write_the_system_refuses_leaves_nothing(tmp_path):
     """A name as long as names go (its temporary name must not be longer), and a full disk."""
     path = tmp_path / ("m" * 251 + ".png")
     write_file_atomically(path, lambda partial: partial.write_text("new"))
@@ -41,7 +41,7 @@ def test_a_file_write_the_system_refuses_is_a_user_error(tmp_path):
     def disk_full(partial):
         partial.write_text("half")
         raise OSError(28, "No space left on device")
-    with pytest.raises(UserError, match="No space left"):
+    with pytest.raises(OSError, match="No space left"):
         write_file_atomically(path, disk_full)
     assert path.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
 

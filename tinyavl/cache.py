@@ -361,8 +361,10 @@ class KVCache:
 
     def logical_length(self, layer: int) -> int:
         """Tokens in the sequence so far, evicted and filtered ones included: the newest row's position + 1.
-        Valid while the newest row is last, as `append` puts it: from the append until `compact` moves rows
-        (it may move the newest into a freed slot). Every policy's update asks before it compacts."""
+        Valid while the newest row is last, as `append` puts it: from the append until rows move (`compact`
+        may move the newest into a freed slot, and so may `keep` when the prompt ends with an image token).
+        Every policy's update asks before it compacts, and at prefill only about text rows after a `keep`
+        that left them in order."""
         return int(self.pos[layer][0, 0, -1]) + 1
 
     def advance(self, n_tokens: int):
@@ -634,7 +636,8 @@ class AVLCache(KVCache):
 
     def prefill_update(self, layer, q):
         k = self.k[layer]
-        # Image tokens that reached this layer: all N_img, or floor(P N_img) after the prefill filter. The
+        # Image tokens that reached this layer: all N_img, or floor(P N_img) after the prefill filter (at
+        # least 1 where the prompt ends with an image token: `image_filter`). The
         # prompt's text rows follow them until the eviction below moves the text down to self.text_start.
         n_img_here = self.modality_rows(layer)["image"]
         prompt_text_start = self.n_sys + n_img_here

@@ -1,5 +1,6 @@
 """What the command lines share: the toy model's folder, one-line errors, the KV policy flags."""
 import argparse
+import errno
 import json
 import os
 import sys
@@ -57,17 +58,24 @@ def policy_params(args: argparse.Namespace) -> dict:
     return {name: getattr(args, name) for name in param_owners() if getattr(args, name) is not None}
 
 
+# What the system, not tinyavl, refuses: one line, status 1. Other OSErrors are bugs and keep their traceback.
+SYSTEM_REFUSALS = {errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG, errno.ELOOP, errno.EROFS, errno.EACCES,
+                   errno.EPERM, errno.EIO}
+
+
 def run_command(run, args, show) -> int:
     """A command's exit status: run(args), then its result printed as one JSON object (--json) or by
     show(result). One line on stderr instead of a traceback for: a user's mistake (UserError, status 2),
-    Ctrl-C (status 130, the shell's code for an interrupt), and what the system refused (OSError: a disk
-    full, a name too long; status 1). A reader that closed stdout early (`| head`) ends the run quietly."""
+    Ctrl-C (status 130, the shell's code for an interrupt), and what the system refused (SYSTEM_REFUSALS:
+    a disk full, a name too long; status 1). A reader that closed stdout early (`| head`) ends the run
+    quietly."""
     try:
         result = run(args)
         if args.json:
-            print(json.dumps(result), flush=True)
+            print(json.dumps(result))
         else:
             show(result)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
         return 0
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -80,5 +88,7 @@ def run_command(run, args, show) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except OSError as err:
+        if err.errno not in SYSTEM_REFUSALS:
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -1,5 +1,5 @@
-"""Writing a user's outputs safely: never half a file, never over an input, never over an existing file
-or a folder of files without being asked (--force).
+"""Writing a user's outputs safely: never half a file, never over an input, never over a file the user
+named (check_output_file) or a folder of files without being asked (--force).
 
 Every command checks its output paths before it works (check_output_file, check_new_folder) and writes
 its outputs through write_file_atomically or write_folder_atomically. A file or folder is first written under a
@@ -48,16 +48,14 @@ def check_apart_from_inputs(path: Path, flag: str, inputs: list[Path]) -> None:
 
 
 def write_file_atomically(path, write) -> None:
-    """write(partial_path) writes the file; it then replaces `path` whole. A write the file system refuses
-    (full, read-only) is a UserError, and leaves `path` as it was."""
+    """write(partial_path) writes the file; it then replaces `path` whole. Whatever stops the write (an
+    error, a full disk, Ctrl-C) leaves `path` as it was and no temporary file."""
     path = Path(path)
     # A short temporary name, unique to this write: `path`'s own name may be as long as a name can be.
     partial = path.with_name(f".{path.stem[:32]}.{os.urandom(4).hex()}.partial")
     try:
         write(partial)
         os.replace(partial, path)
-    except OSError as err:
-        raise UserError(f"could not write {path}: {err.strerror or err}") from None
     finally:
         partial.unlink(missing_ok=True)
 

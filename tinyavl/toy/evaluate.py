@@ -303,6 +303,8 @@ def run(args) -> dict:
     if args.table and (args.policy != "full" or policy_params(args) or args.attention_maps):
         raise UserError("--table runs its own list of policies: leave out --policy, its parameters "
                         "and --attention-maps")
+    if args.force and args.plot is None:
+        raise UserError("--force replaces the --plot file: give --plot too")
     if args.plot is not None and not args.table:
         raise UserError("--plot draws the budget sweep: give --table too")
     if args.plot is not None:

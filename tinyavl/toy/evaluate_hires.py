@@ -158,6 +158,8 @@ def parse_args(argv):
 def run(args) -> dict:
     if args.n < 1:
         raise UserError(f"--n must be at least 1, got {args.n}")
+    if args.force and args.plot is None:
+        raise UserError("--force replaces the --plot file: give --plot too")
     if args.plot is not None:
         inputs = [folder for folder in (args.weights, args.in_sequence) if folder is not None]
         check_output_file(args.plot, "--plot", inputs=inputs, suffixes=(".png",), replace=args.force)
