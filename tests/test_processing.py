@@ -128,6 +128,22 @@ def test_transparency_goes_on_white(tmp_path):
     assert [rgb.getpixel((x, 0)) for x in range(2)] == [(255, 255, 255), (200, 100, 50)]
 
 
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+def test_exif_orientation_is_applied(tmp_path, suffix):
+    """A file whose EXIF says "rotate 90 clockwise to view" (orientation 6) is read upright: its stored
+    top-left pixel ends at the top right, and width and height trade places."""
+    stored = Image.new("RGB", (40, 20), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 10, 10))                      # a red block at the stored top left
+    exif = Image.Exif()
+    exif[0x0112] = 6                                                # Orientation
+    path = tmp_path / f"sideways{suffix}"
+    stored.save(path, exif=exif, **({"quality": 100} if suffix == ".jpg" else {}))
+    upright = load_image(path)
+    assert upright.size == (20, 40)
+    red, blue = upright.getpixel((15, 4)), upright.getpixel((4, 4))
+    assert red[0] > 200 and red[2] < 60 and blue[2] > 200 and blue[0] < 60, (red, blue)
+
+
 def test_16_bit_grey_keeps_the_high_byte(tmp_path):
     values = [0, 255, 256, 511, 1000, 12345, 40000, 65280, 65535]  # 9 pixels
     expected = [0, 0, 1, 1, 3, 48, 156, 255, 255]  # v >> 8, by hand
@@ -262,10 +278,13 @@ def test_preprocessor_config(folder, tmp_path):
     hf = CLIPImageProcessorPil(**{k: v for k, v in config.items() if k != "do_convert_rgb"})
     assert_close(processor.preprocess(image), hf(image, return_tensors="pt")["pixel_values"][0])
 
-    config["crop_size"] = 224
-    (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
-    with pytest.raises(UserError, match="crops images to 224x224"):
-        Processor.from_pretrained(tmp_path, image_token_id, NUM_IMAGE_TOKENS, SIZE)
+    # What tinyavl does not implement is refused, not ignored.
+    for key, value, named in (("crop_size", 224, "crop_size 224"),
+                              ("size", {"shortest_edge": 20, "longest_edge": 30}, "longest_edge"),
+                              ("rescale_factor", 1 / 128, "rescale_factor"), ("rescale_factor", "1/255", "1/255")):
+        (tmp_path / "preprocessor_config.json").write_text(json.dumps({**config, key: value}))
+        with pytest.raises(UserError, match=named):
+            Processor.from_pretrained(tmp_path, image_token_id, NUM_IMAGE_TOKENS, SIZE)
 
 
 def test_decode_round_trip(processor):

@@ -24,7 +24,7 @@ import jinja2.ext
 import jinja2.nodes
 import jinja2.sandbox
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from tokenizers import Tokenizer
 
 from tinyavl import anyres
@@ -43,9 +43,11 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def load_image(path) -> Image.Image:
-    """Read an image file into a fully decoded RGB image; UserError if it cannot be read.
+    """Read an image file into a fully decoded RGB image, upright; UserError if it cannot be read.
 
-    EXIF orientation is ignored, as in transformers.
+    The file's EXIF orientation is applied (a phone photo stored sideways is turned upright), as
+    transformers' load_image does for an image given by path or URL; an image given as a PIL object is
+    taken as it is, by both. Transparent pixels go on white (`to_rgb`).
     """
     path = Path(path)
     if not path.exists():
@@ -57,7 +59,7 @@ def load_image(path) -> Image.Image:
     try:
         with Image.open(path) as img:
             img.load()  # decode every pixel now, so a truncated file fails here and not later
-            return to_rgb(img)
+            return to_rgb(ImageOps.exif_transpose(img))
     except UnidentifiedImageError:
         raise UserError(f"{path} is not an image PIL can read: give a PNG, JPEG, WebP, BMP, ... file") from None
     except Image.DecompressionBombError:
@@ -351,8 +353,8 @@ def _read_preprocessor_config(cfg: dict, path: Path, vision_image_size: int) -> 
     absent, giving the llava-1.5 defaults; path names it in errors).
 
     Read: size.shortest_edge, crop_size (must equal the vision tower's input), image_mean, image_std,
-    resample. rescale_factor is always 1/255. (LLaVA-1.6's image_grid_pinpoints, also written there, are
-    read from config.json; from_pretrained checks that the two agree.)
+    resample. rescale_factor must be 1/255, CLIP's. (LLaVA-1.6's image_grid_pinpoints, also written there,
+    are read from config.json; from_pretrained checks that the two agree.)
     """
     for step in ("do_resize", "do_center_crop", "do_rescale", "do_normalize"):
         if cfg.get(step) is False:
@@ -362,12 +364,15 @@ def _read_preprocessor_config(cfg: dict, path: Path, vision_image_size: int) -> 
     crop = cfg.get("crop_size", vision_image_size)
     crop_hw = (crop.get("height"), crop.get("width")) if isinstance(crop, dict) else (crop, crop)
     if crop_hw != (vision_image_size, vision_image_size):
-        raise UserError(f"{path} crops images to {crop_hw[0]}x{crop_hw[1]} but the vision tower takes "
-                        f"{vision_image_size}x{vision_image_size}: the files come from different checkpoints")
+        raise UserError(f"{path} has crop_size {crop!r} but the vision tower takes {vision_image_size}x"
+                        f"{vision_image_size} crops: the files come from different checkpoints")
     size = cfg.get("size", vision_image_size)
-    shortest_edge = size.get("shortest_edge") if isinstance(size, dict) else size
+    shortest_edge = size.get("shortest_edge") if isinstance(size, dict) and set(size) == {"shortest_edge"} else size
     if type(shortest_edge) is not int or shortest_edge <= 0:
         raise UserError(f"{path} has size {size!r}; tinyavl supports only {{\"shortest_edge\": N}}, N > 0")
+    rescale = cfg.get("rescale_factor", 1 / 255)
+    if type(rescale) not in (int, float) or not math.isclose(rescale, 1 / 255):
+        raise UserError(f"{path} has rescale_factor {rescale!r}; tinyavl rescales pixels by 1/255, as CLIP does")
     mean, std = cfg.get("image_mean", CLIP_MEAN), cfg.get("image_std", CLIP_STD)
     for name, values in (("image_mean", mean), ("image_std", std)):
         numbers = isinstance(values, (list, tuple)) and len(values) == 3 and all(
