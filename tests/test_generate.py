@@ -345,6 +345,17 @@ def test_bad_generation_arguments_are_user_errors(loaded):
             tinyavl.generate(model, ids, px, max_new_tokens=2, temperature=1.0, top_p=bad, seed=0)
 
 
+def test_a_prompt_with_two_image_blocks_is_a_user_error(loaded):
+    """The policies split a prompt into [sys | image | text]: an image block cut in two is refused."""
+    model, processor = loaded("mha")
+    ids, px = prompt_inputs(processor, "image")
+    image = (ids[0] == model.config.image_token_id).nonzero().flatten()
+    cut = ids.clone()
+    cut[0, image[len(image) // 2]] = processor.bos_token_id         # one text token inside the block
+    with pytest.raises(UserError, match="one block"):
+        tinyavl.generate(model, cut, px, max_new_tokens=2)
+
+
 def test_policy_is_a_name_with_parameters_or_a_cache_without(loaded):
     """Parameters beside a cache object would be silently ignored (it has its own): a UserError instead."""
     model, processor = loaded("mha")

@@ -121,6 +121,51 @@ def test_sparse_config_takes_file_values_and_class_defaults(tiny_ckpt):
     assert model.config.projector_hidden_act == "gelu"
 
 
+# Settings a config.json can give twice or in two places, each read as transformers' LlavaConfig reads it.
+TWICE = {
+    "rope_scaling beside rope_parameters": {"text_config": {
+        "rope_scaling": {"rope_type": "default", "rope_theta": 1e6},
+        "rope_parameters": {"rope_type": "default", "rope_theta": 100.0}}},
+    "tie at the top only": {"tie_word_embeddings": True},
+    "tie at the top, not in text_config": {"tie_word_embeddings": True, "text_config": {"tie_word_embeddings": False}},
+    "tie in text_config only": {"text_config": {"tie_word_embeddings": True}},
+    "both image token spellings": {"image_token_index": 70, "image_token_id": 71},
+    "mistral with bias flags": {"text_config": {"model_type": "mistral", "sliding_window": None,
+                                                "num_key_value_heads": 4, "attention_bias": True, "mlp_bias": True}},
+}
+
+
+@pytest.mark.parametrize("case", TWICE)
+def test_settings_given_twice_are_read_as_transformers_reads_them(tiny_ckpt, case):
+    from transformers import AutoModelForCausalLM, LlavaConfig as HFLlavaConfig
+    raw = json.load(open(os.path.join(tiny_ckpt.folder("mha"), "config.json")))
+    edit = TWICE[case]
+    raw = {**raw, **{k: v for k, v in edit.items() if k != "text_config"},
+           "text_config": {**raw["text_config"], **edit.get("text_config", {})}}
+    ours, theirs = tinyavl.loading.parse_config(json.loads(json.dumps(raw))), HFLlavaConfig.from_dict(raw)
+    hf_text = theirs.text_config
+    assert ours.text.rope_theta == hf_text.rope_parameters["rope_theta"]
+    assert ours.text.tie_word_embeddings == theirs.tie_word_embeddings
+    assert ours.image_token_id == theirs.image_token_id
+    # Biases: what transformers' decoder layer builds (Mistral's config keeps the flags, its layers ignore them).
+    hf_layer = AutoModelForCausalLM.from_config(hf_text).model.layers[0]
+    assert ours.text.attention_bias == (hf_layer.self_attn.q_proj.bias is not None)
+    assert ours.text.mlp_bias == (hf_layer.mlp.gate_proj.bias is not None)
+
+
+def test_a_tied_checkpoint_may_keep_its_head_if_it_is_the_embedding(good_folder):
+    config_path = os.path.join(good_folder, "config.json")
+    config = json.load(open(config_path))
+    config["tie_word_embeddings"] = True
+    json.dump(config, open(config_path, "w"))
+    head, embedding = "language_model.lm_head.weight", "language_model.model.embed_tokens.weight"
+    rewrite_weights(good_folder, lambda t: t.update({head: t[embedding].clone()}))
+    model, _ = tinyavl.load_pretrained(good_folder, device="cpu")
+    assert model.language_model.lm_head.weight is model.language_model.model.embed_tokens.weight
+    rewrite_weights(good_folder, lambda t: t.update({head: t[embedding] + 1}))
+    assert "tie_word_embeddings" in load_error(good_folder)
+
+
 def test_full_strategy_and_gqa_from_config(tiny_ckpt):
     model, _ = tinyavl.load_pretrained(tiny_ckpt.folder("gqa_full"), device="cpu")
     assert model.config.text.num_key_value_heads == 2

@@ -46,7 +46,8 @@ def image_segments(input_ids, image_token_id: int) -> tuple[int, int]:
         return 1, 0
     n_sys, n_img = int(where[0]), len(where)
     if int(where[-1]) - n_sys + 1 != n_img:
-        raise ValueError("the image tokens of the prompt must form one contiguous block")
+        raise UserError("the prompt's image tokens are not one block: tinyavl's KV policies split a prompt into "
+                        "[sys | image | text], so generate takes one image")
     return n_sys, n_img
 
 

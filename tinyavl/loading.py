@@ -64,16 +64,19 @@ def parse_config(raw: dict) -> LlavaConfig:
     if vision_raw is not None and vision_raw.get("model_type", "clip_vision_model") != "clip_vision_model":
         raise UserError(f"vision_config.model_type is {vision_raw['model_type']!r}: tinyavl implements "
                         "the CLIP vision tower of LLaVA only")
-    # RoPE: transformers 5.x writes rope_parameters, older versions rope_theta (+ rope_scaling).
-    rope = text_raw.get("rope_parameters") or text_raw.get("rope_scaling") or {}
+    # RoPE: transformers 5.x writes rope_parameters, older versions rope_theta (+ rope_scaling); where a file
+    # has both, rope_scaling wins, as in transformers (modeling_rope_utils.py, convert_rope_params_to_dict).
+    rope = text_raw.get("rope_scaling") or text_raw.get("rope_parameters") or {}
     if not isinstance(rope, dict):
         raise UserError(f"text_config's RoPE settings are {rope!r}, not a JSON object: download config.json again")
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         raise UserError(f"RoPE scaling {rope!r} is not supported: tinyavl implements plain RoPE")
     if "rope_theta" in rope:
         text_raw["rope_theta"] = rope["rope_theta"]
-    # Tying may be declared at the top level (LlavaConfig) or in text_config.
-    text_raw.setdefault("tie_word_embeddings", raw.get("tie_word_embeddings", False))
+    # Tying may be declared at the top level (LlavaConfig) or in text_config: either ties, as in transformers.
+    text_raw["tie_word_embeddings"] = bool(raw.get("tie_word_embeddings")) or bool(text_raw.get("tie_word_embeddings"))
+    if text_type == "mistral":  # transformers' Mistral layers have no biases, whatever the file says
+        text_raw.update(attention_bias=False, mlp_bias=False)
     text_raw = {**TEXT_MODEL_DEFAULTS[text_type], **text_raw}
     config = LlavaConfig(
         text=_dataclass_from(TextConfig, text_raw),
@@ -83,7 +86,8 @@ def parse_config(raw: dict) -> LlavaConfig:
                                      "vision_feature_layer", "vision_feature_select_strategy")
            if key in raw},
     )
-    config.image_token_id = raw.get("image_token_index", raw.get("image_token_id", config.image_token_id))
+    # transformers 5 names it image_token_id (image_token_index is the older spelling): the newer wins.
+    config.image_token_id = raw.get("image_token_id", raw.get("image_token_index", config.image_token_id))
     if model_type == "llava_next":
         # transformers would fall back to the published list; a llava_next config.json always has its own.
         if raw.get("image_grid_pinpoints") is None:
@@ -235,6 +239,9 @@ def ignored_key(model: LlavaForConditionalGeneration, key: str) -> bool:
         key[len(prefix):].split(".")[0]) < model.config.vision.num_hidden_layers
 
 
+LM_HEAD = "language_model.lm_head.weight"
+
+
 def load_weights(model: LlavaForConditionalGeneration, files: list[Path], dtype, device) -> None:
     """Check every key, shape and dtype against the model, then stream tensors in one at a time.
 
@@ -245,8 +252,9 @@ def load_weights(model: LlavaForConditionalGeneration, files: list[Path], dtype,
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}  # shapes only (meta)
     tied = model.config.text.tie_word_embeddings
     if tied:  # the head shares the embedding matrix; checkpoints usually omit it
-        expected.pop("language_model.lm_head.weight")
+        expected.pop(LM_HEAD)
     found, unexpected, misshaped, not_float = {}, [], {}, []
+    stored_head = None  # a tied checkpoint's copy of the head, if it keeps one: (file, key)
     for path in files:
         with open_safetensors(path) as f:
             for key in f.keys():
@@ -257,7 +265,9 @@ def load_weights(model: LlavaForConditionalGeneration, files: list[Path], dtype,
                 if header.get_dtype() not in FLOAT_DTYPES:  # e.g. int8: a cast would give nonsense weights
                     not_float.append(f"{key} ({header.get_dtype()})")
                 shape = tuple(header.get_shape())
-                if name not in expected:
+                if tied and name == LM_HEAD:
+                    stored_head = (path, key)
+                elif name not in expected:
                     unexpected.append(key)
                 elif shape != expected[name]:
                     misshaped[name] = f"{key} {list(shape)} (model expects {list(expected[name])})"
@@ -291,7 +301,13 @@ def load_weights(model: LlavaForConditionalGeneration, files: list[Path], dtype,
             raise UserError(f"tensor {key} in {path.name} holds NaN or inf values: the file is damaged, "
                             "download it again")
     if tied:
-        state["language_model.lm_head.weight"] = state["language_model.model.embed_tokens.weight"]
+        embedding = state["language_model.model.embed_tokens.weight"]
+        if stored_head is not None:  # kept beside the embedding: tying must not change what it holds
+            with open_safetensors(stored_head[0]) as f:
+                if not torch.equal(f.get_tensor(stored_head[1]).to(device=device, dtype=dtype), embedding):
+                    raise UserError(f"config.json ties the output head to the input embedding, but the checkpoint's "
+                                    f"{stored_head[1]} differs from it: set tie_word_embeddings to false")
+        state[LM_HEAD] = embedding
     model.load_state_dict(state, assign=True)
     if tied:  # assign=True replaced both parameters: tie them again
         model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
