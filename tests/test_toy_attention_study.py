@@ -247,3 +247,14 @@ def test_hires_coverage_by_hand():
     assert coverage == [{"blocks": 0.25, "objects": [1.0, 0.0]}, {"blocks": 0.25, "objects": [0.0, 1.0]}]
     lines = report_markdown({**study([recording()]), "hires_coverage": coverage}).splitlines()
     assert "| 0 | 0.25 | 1.00 | 0.00 |" in lines and "| 1 | 0.25 | 0.00 | 1.00 |" in lines
+
+
+def test_figures_in_out_are_replaced_only_with_force(tmp_path, monkeypatch, capsys):
+    """The command refuses, before loading the model, to write over figures already in --out."""
+    monkeypatch.setattr(attention_study, "load_pretrained", lambda *a, **k: pytest.fail("worked before checking"))
+    (tmp_path / attention_study.FIGURES[1]).write_text("the user's")
+    assert attention_study.main(["--out", str(tmp_path)]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert (tmp_path / attention_study.FIGURES[1]).read_text() == "the user's"
+    assert attention_study.main(["--force"]) == 2                 # --force without --out
+    assert "--out" in capsys.readouterr().err

@@ -1,6 +1,6 @@
 """Where the toy LLaVA's attention goes, measured as the A-VL paper measured real LVLMs.
 
-    python -m tinyavl.toy.attention_study --out tutorial/figures     # numbers + two figures (chapter 4)
+    python -m tinyavl.toy.attention_study --out tutorial/figures --force   # numbers + two figures (chapter 4)
 
 Every measure runs on dense attention (nothing evicted) while the model writes its captions for
 held-out scenes (`Scene.caption`: 20-45 tokens, long enough to watch attention move from step to
@@ -48,6 +48,7 @@ from tinyavl.attention_stats import capture, ppci, record_attention, segment_sha
 from tinyavl.cache import AVLCache, KVCache
 from tinyavl.cli import TOY_WEIGHTS, ArgumentParser, run_command
 from tinyavl.errors import UserError
+from tinyavl.files import check_output_file
 from tinyavl.generate import generate
 from tinyavl.model import attention
 from tinyavl.toy.evaluate import (AVL_CHOICE_ONLY, evaluate, format_interval, held_out_set, markdown_table,
@@ -367,15 +368,18 @@ def report_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+FIGURES = ("attention-shares.png", "ppci-steps.png")  # what --out receives
+
+
 def save_figures(result: dict, folder: Path) -> list[Path]:
-    """attention-shares.png (per layer: attention on each segment against its share of the tokens) and
-    ppci-steps.png (the core ranking's PPCI against step distance, per layer)."""
+    """FIGURES: attention-shares.png (per layer: attention on each segment against its share of the tokens)
+    and ppci-steps.png (the core ranking's PPCI against step distance, per layer)."""
     layers = result["layers"]
     shares = {f"{s} attention": [(i, x["shares"][s]) for i, x in enumerate(layers)] for s in SEGMENTS}
     shares |= {f"{s} tokens": [(i, x["sizes"][s]) for i, x in enumerate(layers)] for s in SEGMENTS}
     steps = {f"layer {i}": list(x["ppci_steps"].items()) for i, x in enumerate(layers)}
     steps["random sets"] = [(1, CORE), (MAX_DISTANCE, CORE)]
-    paths = [folder / "attention-shares.png", folder / "ppci-steps.png"]
+    paths = [folder / name for name in FIGURES]
     save_line_plot(paths[0], shares, x_label="decoder layer", y_label="share", x_ticks=max(1, len(layers) - 1),
                    title="toy LLaVA: attention of the decode steps per segment (solid), each segment's share of "
                          "the tokens (dashed)",
@@ -392,6 +396,10 @@ def run(args) -> dict:
         raise UserError(f"--n must be at least 1, got {args.n}")
     if args.out is not None and not args.out.is_dir():
         raise UserError(f"--out {args.out} is not a folder")
+    if args.force and args.out is None:
+        raise UserError("--force replaces the figures in --out: give --out too")
+    for name in FIGURES if args.out is not None else ():  # checked before the minutes of work
+        check_output_file(args.out / name, "--out", inputs=[args.weights], suffixes=(".png",), replace=args.force)
     if not args.weights.is_dir():
         raise UserError(f"no model folder at {args.weights}: train one with python -m tinyavl.toy.train")
     model, processor = load_pretrained(args.weights, device="cpu", dtype="float32")
@@ -419,6 +427,7 @@ def main(argv=None) -> int:
                         help="held-out scenes: their captions recorded, their \"where\" and caption prompts scored, "
                              "their objects hidden one at a time")
     parser.add_argument("--out", type=Path, default=None, help="folder for the two figures (default: none)")
+    parser.add_argument("--force", action="store_true", help="replace the figures if --out holds them")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     return run_command(run, args, show=lambda result: print(report_markdown(result)))

@@ -20,8 +20,8 @@ to the toy of tinyavl/toy/train.py (`--base`, default weights/toy), with `HIRES`
   tokens, 12 x 12 high-resolution ones);
 - first_layer 3: layer 2 chooses, layer 3 (the last) reads. The committed toy's last prompt token, asked
   for a digit, points at the object's place in layer 2 (the chosen blocks hold it for every question,
-  1.4 blocks of 16 on average) but not yet in layers 0 and 1 (the place in 85-92% of questions, with
-  7-10 blocks): the measurement is in tutorial/07;
+  1.4 blocks of 16 on average) but not yet in layers 0 and 1 (the place in 87-93% of questions, with
+  6.6-9.5 blocks): the measurement is in tutorial/07;
 - every row after the image is served in training (each answer token's row is the current token of its
   own decoding step, so teacher forcing trains what generation runs; the question's rows are served too,
   which generation does not do, but with the last layer the only one that reads, their outputs reach no
