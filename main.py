@@ -15,7 +15,8 @@ try:  # torch takes a second or more to import: a Ctrl-C meanwhile ends in one l
     import tinyavl
     from tinyavl import hires
     from tinyavl.attention_map import map_layer, save_attention_map
-    from tinyavl.cli import TOY_WEIGHTS, ArgumentParser, add_policy_arguments, policy_params, run_command
+    from tinyavl.cli import (TOY_WEIGHTS, ArgumentParser, add_policy_arguments, check_filter_layer, policy_params,
+                             run_command)
     from tinyavl.files import check_output_file
     from tinyavl.generate import check_generation_args
     from tinyavl.processing import check_question, load_image
@@ -83,10 +84,7 @@ def run(args) -> dict:
     if args.hires_threshold is not None:
         hires.check_threshold(args.hires_threshold)
     model, processor = tinyavl.load_pretrained(args.weights, device=args.device, dtype=args.dtype)
-    n_layers = model.config.text.num_hidden_layers
-    if args.filter_layer is not None and args.filter_layer >= n_layers:  # else the filter would never act
-        raise tinyavl.UserError(f"--filter-layer {args.filter_layer}: this model has {n_layers} decoder layers, "
-                                f"and the filter drops tokens before one of them: give at most {n_layers - 1}")
+    check_filter_layer(args, model)
     if args.attention_map is not None:
         layer = map_layer(model, args.map_layer)
     if args.hires_threshold is not None and model.config.hires is None:

@@ -154,10 +154,12 @@ def correctness_check(device, dtype, small):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], allow_abbrev=False)
     parser.add_argument("--peak-gbps", type=float, help="peak memory bandwidth of the GPU in GB/s "
                         "(default: looked up from the device name)")
     args = parser.parse_args()
+    if args.peak_gbps is not None and not 0 < args.peak_gbps < float("inf"):
+        parser.error(f"--peak-gbps must be a finite number above 0, got {args.peak_gbps}")
     if not TRITON_AVAILABLE:
         raise SystemExit("Triton is not installed: pip install triton")
 

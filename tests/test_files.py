@@ -78,3 +78,29 @@ def test_toy_trainer_refuses_to_replace_the_committed_model(argv, capsys, monkey
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "--force" in err
     assert digest(TOY_WEIGHTS) == before
+
+
+def test_a_folder_write_touches_no_other_folder_and_checks_its_parent_first(tmp_path):
+    """Folders that happen to be called like a write's temporary names stay; a parent that is a file, or
+    an --out that holds an input, is refused before any work."""
+    for name in (".model.partial", ".model.old"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "keep.txt").write_text("the user's")
+    write_folder_atomically(tmp_path / "model", lambda partial: (partial / "x").write_text("1"))
+    write_folder_atomically(tmp_path / "model", lambda partial: (partial / "x").write_text("2"), force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".model.old", ".model.partial", "model"]
+    assert all((tmp_path / name / "keep.txt").read_text() == "the user's" for name in (".model.partial", ".model.old"))
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(UserError, match="is a file, or cannot be written"):
+        check_new_folder(tmp_path / "a-file" / "model", force=False)
+    with pytest.raises(UserError, match="overwrite the input"):
+        check_new_folder(tmp_path, force=True, inputs=[tmp_path / "model"])
+
+
+@pytest.mark.parametrize("argv,named", [(["--lr", "inf"], "--lr"), (["--lr", "nan"], "--lr"), (["--lr", "0"], "--lr"),
+                                        (["--eval-every", "-1"], "--eval-every")])
+def test_toy_trainer_refuses_a_bad_schedule_before_training(argv, named, capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(train, "train", lambda *a, **k: pytest.fail("trained before checking"))
+    with pytest.raises(SystemExit) as exit_:
+        train.main(["--out", str(tmp_path / "toy"), *argv])
+    assert exit_.value.code == 2 and named in capsys.readouterr().err

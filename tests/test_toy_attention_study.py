@@ -258,3 +258,9 @@ def test_figures_in_out_are_replaced_only_with_force(tmp_path, monkeypatch, caps
     assert (tmp_path / attention_study.FIGURES[1]).read_text() == "the user's"
     assert attention_study.main(["--force"]) == 2                 # --force without --out
     assert "--out" in capsys.readouterr().err
+
+
+def test_a_llava_next_toy_is_refused(capsys):
+    from tinyavl.cli import TOY_WEIGHTS
+    assert attention_study.main(["--weights", str(TOY_WEIGHTS.parent / "toy-tiles"), "--n", "1"]) == 2
+    assert "LLaVA-1.6" in capsys.readouterr().err

@@ -94,3 +94,14 @@ def test_caption_errors_name_the_wrong_fields():
     # The first digit is left out, the second is made up, and a third object is named.
     said = "red circle at row 1 column 2 and blue square at row 3 column 4 with digit 1 and red cross at row 1 column 1"
     assert caption_errors(said, scene) == dict(colour=0, shape=0, place=0, digit=2, objects=1)
+
+
+def test_attention_maps_and_filter_layer_are_checked(tmp_path, capsys):
+    """Pictures already in --attention-maps are replaced only with --force, checked before the work; a
+    --filter-layer the toy has no layer for is refused once its layers are known."""
+    from tinyavl.toy.evaluate import main
+    (tmp_path / "caption.png").write_text("the user's")
+    assert main(["--n", "1", "--policy", "avl", "--attention-maps", str(tmp_path)]) == 2
+    assert "--force" in capsys.readouterr().err and (tmp_path / "caption.png").read_text() == "the user's"
+    assert main(["--n", "1", "--policy", "fastv", "--filter-layer", "99"]) == 2
+    assert "at most" in capsys.readouterr().err

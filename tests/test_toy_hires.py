@@ -19,6 +19,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import tinyavl
+from tinyavl.cli import TOY_WEIGHTS
 from tinyavl.errors import UserError
 from tinyavl.model import HiresConfig, stitch_tiles
 from tinyavl.processing import LLAVA_SYSTEM_PROMPT, Processor
@@ -237,21 +238,31 @@ def test_the_in_sequence_trainer_writes_a_tiled_toy_that_costs_what_the_table_co
                                                        model.config.text.num_hidden_layers)
 
 
-def test_the_hires_trainer_refuses_to_overwrite_its_base(tmp_path, capsys):
+@pytest.mark.parametrize("out", ["base", ".", "base/sub"])  # the base itself, a folder holding it, one inside it
+def test_the_hires_trainer_refuses_to_overwrite_its_base(tmp_path, capsys, out):
     base = tmp_path / "base"
     base.mkdir()
     (base / "config.json").write_text("{}")
     with pytest.raises(SystemExit) as exit_:
-        train_hires_module.main(["--base", str(base), "--out", str(base), "--force"])
-    assert exit_.value.code == 2 and "--base" in capsys.readouterr().err
+        train_hires_module.main(["--base", str(base), "--out", str(tmp_path / out), "--force"])
+    assert exit_.value.code == 2 and "overwrite the input" in capsys.readouterr().err
+    assert (base / "config.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("base", ["toy-hires", "toy-tiles"])
+def test_the_hires_trainer_starts_only_from_a_plain_toy(capsys, base):
+    with pytest.raises(SystemExit) as exit_:
+        train_hires_module.main(["--base", str(TOY_WEIGHTS.parent / base), "--out", "/nonexistent/flex"])
+    assert exit_.value.code == 2 and "plain toy" in capsys.readouterr().err
 
 
 def test_the_hires_trainer_refuses_a_base_too_shallow_for_its_layers(tmp_path, capsys):
     torch.manual_seed(0)
     base_model, base_processor, _ = train(steps=1, batch_size=2, config_overrides=TINY, log=lambda *_: None)
-    save_pretrained(base_model, base_processor, tmp_path)                          # 2 decoder layers
+    (tmp_path / "base").mkdir()
+    save_pretrained(base_model, base_processor, tmp_path / "base")                 # 2 decoder layers
     with pytest.raises(SystemExit) as exit_:
-        train_hires_module.main(["--base", str(tmp_path), "--out", str(tmp_path / "flex")])
+        train_hires_module.main(["--base", str(tmp_path / "base"), "--out", str(tmp_path / "flex")])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "--base" in err and "first_layer 3" in err
 

@@ -45,7 +45,6 @@ setting (T = 0.7, the rest at the defaults), next to its 1179 MB -> 531 MB. The 
 policy's own cache, run on a tiny decoder with the same token layout (bytes per row scale with width
 and depth; which rows are kept does not).
 """
-import argparse
 import json
 import platform
 import statistics
@@ -56,6 +55,7 @@ import torch
 
 from tinyavl import anyres
 from tinyavl.cache import AVLCache, make_cache
+from tinyavl.cli import ArgumentParser
 from tinyavl.errors import UserError
 from tinyavl.generate import generate
 from tinyavl.loading import resolve_device
@@ -435,7 +435,7 @@ def run_dtype(args, dtype_name: str) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Every KV policy side by side at LLaVA-7B layer shapes.")
+    parser = ArgumentParser(description="Every KV policy side by side at LLaVA-7B layer shapes.")
     parser.add_argument("--arch", choices=["llava", "next"], default="llava",
                         help="llava: LLaVA-1.5-7B; next: LLaVA-1.6-7B, its blocks of a 672x672 and a 336x1008 image "
                              "and the paper's memory arithmetic")
@@ -454,8 +454,14 @@ def main(argv=None):
         parser.error(str(err))
     if args.image_tokens is None:
         args.image_tokens = [576, 2928] if args.arch == "llava" else [next_image_tokens(hw) for hw in NEXT_IMAGES]
-    if args.new_tokens < 2 or args.layers < 1 or min(args.image_tokens) < 1:
-        parser.error("--new-tokens must be at least 2, --layers and --image-tokens at least 1")
+    if args.new_tokens < 2 or args.layers < 1:
+        parser.error("--new-tokens must be at least 2, --layers at least 1")
+    # Every policy must have something to choose from (A-VL's core is floor(0.3 N_img) rows), and every
+    # run, the growth run's 256 tokens included, must fit the 4096-token context.
+    longest = llava_7b_config(1).text.max_position_embeddings - N_SYS - N_TEXT - max(args.new_tokens, GROWTH_TOKENS[-1])
+    if not 4 <= min(args.image_tokens) <= max(args.image_tokens) <= longest:
+        parser.error(f"--image-tokens must be in [4, {longest}] (with --new-tokens {args.new_tokens}), "
+                     f"got {args.image_tokens}")
 
     device = torch.cuda.get_device_name() if args.device.type == "cuda" else platform.processor() or platform.machine()
     model_name = "LLaVA-1.5-7B" if args.arch == "llava" else "LLaVA-1.6-7B (Vicuna)"

@@ -53,9 +53,35 @@ def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
                             + f" (default: {defaults})")
 
 
+def check_filter_layer(args: argparse.Namespace, model) -> None:
+    """UserError for a --filter-layer the loaded model has no layer for: the filter would never act."""
+    n_layers = model.config.text.num_hidden_layers
+    if args.filter_layer is not None and args.filter_layer >= n_layers:
+        raise UserError(f"--filter-layer {args.filter_layer}: this model has {n_layers} decoder layers, and the "
+                        f"filter drops tokens before one of them: give at most {n_layers - 1}")
+
+
 def policy_params(args: argparse.Namespace) -> dict:
     """The policy parameters given on the command line."""
     return {name: getattr(args, name) for name in param_owners() if getattr(args, name) is not None}
+
+
+def check_training_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The trainers' shared flags: a finite positive --lr (inf or nan would train NaN weights for an hour),
+    and --eval-every at least 0."""
+    if not 0 < args.lr < float("inf"):
+        parser.error(f"--lr must be a finite number above 0, got {args.lr}")
+    if args.eval_every < 0:
+        parser.error(f"--eval-every must be at least 0 (0: none), got {args.eval_every}")
+
+
+def main_until_interrupted(main) -> None:
+    """Run a command's main(); Ctrl-C ends it with one line and status 130, as run_command does."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)
 
 
 # What the system, not tinyavl, refuses: one line, status 1. Other OSErrors are bugs and keep their traceback.

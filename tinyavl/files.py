@@ -40,11 +40,12 @@ def check_output_file(path: Path, flag: str, inputs: list[Path], suffixes: tuple
 
 
 def check_apart_from_inputs(path: Path, flag: str, inputs: list[Path]) -> None:
-    """UserError if an output file or folder `path` is one of the inputs or lies inside an input folder."""
+    """UserError if an output file or folder `path` is one of the inputs, lies inside an input folder, or
+    holds an input (a folder that replacing would delete it with), whatever --force says."""
     target = path.resolve()
     for given in map(Path.resolve, inputs):
-        if target == given or given in target.parents:
-            raise UserError(f"{flag} {path} would overwrite the input {given}: choose another path")
+        if target == given or given in target.parents or target in given.parents:
+            raise UserError(f"{flag} {path}".strip() + f" would overwrite the input {given}: choose another path")
 
 
 def write_file_atomically(path, write) -> None:
@@ -60,13 +61,23 @@ def write_file_atomically(path, write) -> None:
         partial.unlink(missing_ok=True)
 
 
-def check_new_folder(folder: Path, force: bool) -> None:
-    """UserError unless `folder` may be written: it does not exist, is empty, or force replaces it.
-    Commands call this before their work, not after an hour of training."""
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"{folder} is a file: give a folder")
-    if folder.is_dir() and any(folder.iterdir()) and not force:
-        raise UserError(f"{folder} already holds files: give another folder, or --force to replace it")
+def check_new_folder(folder: Path, force: bool, inputs: list[Path] = ()) -> None:
+    """UserError unless `folder` may be written: it does not exist (its nearest existing parent is a folder
+    that can be written to), is empty, or force replaces it; and it is apart from the inputs
+    (check_apart_from_inputs). Commands call this before their work, not after an hour of training."""
+    try:
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"{folder} is a file: give a folder")
+        if folder.is_dir() and any(folder.iterdir()) and not force:
+            raise UserError(f"{folder} already holds files: give another folder, or --force to replace it")
+        parent = folder.absolute().parent
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK):
+            raise UserError(f"{folder} cannot be made: {parent} is a file, or cannot be written to")
+        check_apart_from_inputs(folder, "", inputs)
+    except OSError as err:  # a name too long for the file system, a loop of links
+        raise UserError(f"{folder}: {err.strerror or err}") from None
 
 
 def write_folder_atomically(folder, write, force: bool = False) -> None:
@@ -74,13 +85,13 @@ def write_folder_atomically(folder, write, force: bool = False) -> None:
     holding files only with force, as check_new_folder says)."""
     folder = Path(folder)
     check_new_folder(folder, force)
-    partial, old = folder.with_name(f".{folder.name}.partial"), folder.with_name(f".{folder.name}.old")
-    shutil.rmtree(partial, ignore_errors=True)
+    # Names unique to this write, so that no folder of the user's that happens to be called so is removed.
+    unique = os.urandom(4).hex()
+    partial, old = (folder.with_name(f".{folder.name[:32]}.{unique}.{part}") for part in ("partial", "old"))
     try:
         partial.mkdir(parents=True)
         write(partial)
         if folder.exists():  # two renames: the old folder is out of the way for an instant only
-            shutil.rmtree(old, ignore_errors=True)
             os.replace(folder, old)
         os.replace(partial, folder)
         shutil.rmtree(old, ignore_errors=True)

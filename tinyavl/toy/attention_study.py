@@ -403,6 +403,9 @@ def run(args) -> dict:
     if not args.weights.is_dir():
         raise UserError(f"no model folder at {args.weights}: train one with python -m tinyavl.toy.train")
     model, processor = load_pretrained(args.weights, device="cpu", dtype="float32")
+    if model.config.is_next:
+        raise UserError(f"{args.weights} is a LLaVA-1.6: the study maps attention onto one square grid of image "
+                        "tokens, a LLaVA-1.5's (weights/toy or weights/toy-hires)")
     recordings = record_captions(model, processor, args.n, args.seed)
     result = study(recordings)
     scenes = [question.scene for question in caption_questions(args.n, args.seed)]

@@ -34,7 +34,8 @@ from pathlib import Path
 from tinyavl import load_pretrained
 from tinyavl.attention_map import save_attention_map
 from tinyavl.cache import KVCache, make_cache
-from tinyavl.cli import TOY_WEIGHTS, ArgumentParser, add_policy_arguments, policy_params, run_command
+from tinyavl.cli import (TOY_WEIGHTS, ArgumentParser, add_policy_arguments, check_filter_layer, policy_params,
+                         run_command)
 from tinyavl.errors import UserError
 from tinyavl.files import check_apart_from_inputs, check_output_file
 from tinyavl.generate import generate
@@ -288,7 +289,8 @@ def parse_args(argv):
                         help=f"every policy at the budgets of image tokens kept {BUDGETS} (budget_sweep)")
     parser.add_argument("--plot", type=Path, default=None, metavar="OUT.png",
                         help="with --table: draw accuracy against measured KV bytes")
-    parser.add_argument("--force", action="store_true", help="replace the --plot file if it exists")
+    parser.add_argument("--force", action="store_true",
+                        help="replace the --plot file, or the pictures in --attention-maps, if they exist")
     parser.add_argument("--hires-mode", choices=HIRES_MODES, default="selection",
                         help="what a FlexAttention toy (weights/toy-hires) reads of its high-resolution view")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -303,18 +305,24 @@ def run(args) -> dict:
     if args.table and (args.policy != "full" or policy_params(args) or args.attention_maps):
         raise UserError("--table runs its own list of policies: leave out --policy, its parameters "
                         "and --attention-maps")
-    if args.force and args.plot is None:
-        raise UserError("--force replaces the --plot file: give --plot too")
+    if args.force and args.plot is None and args.attention_maps is None:
+        raise UserError("--force replaces the --plot file or the pictures in --attention-maps: give one of them")
     if args.plot is not None and not args.table:
         raise UserError("--plot draws the budget sweep: give --table too")
     if args.plot is not None:
         check_output_file(args.plot, "--plot", inputs=[args.weights], suffixes=(".png",), replace=args.force)
     if args.attention_maps is not None:
         check_apart_from_inputs(args.attention_maps, "--attention-maps", inputs=[args.weights])
+        if args.attention_maps.exists() and not args.attention_maps.is_dir():
+            raise UserError(f"--attention-maps {args.attention_maps} is a file: give a folder")
+        for kind in PROMPT_KINDS if args.attention_maps.is_dir() else ():  # one picture per kind of prompt
+            check_output_file(args.attention_maps / f"{kind}.png", "--attention-maps", inputs=[args.weights],
+                              suffixes=(".png",), replace=args.force)
     make_cache(args.policy, **policy_params(args))  # bad policy parameters fail here, before any work
     if not args.weights.is_dir():
         raise UserError(f"no model folder at {args.weights}: train one with python -m tinyavl.toy.train")
     model, processor = load_pretrained(args.weights, device="cpu", dtype="float32")
+    check_filter_layer(args, model)
     questions = held_out_set(args.seed, args.n, fine=reads_fine_scenes(model.config))
 
     if args.table:
@@ -328,8 +336,6 @@ def run(args) -> dict:
 
     on_answer = None
     if args.attention_maps is not None:
-        if args.attention_maps.exists() and not args.attention_maps.is_dir():
-            raise UserError(f"--attention-maps {args.attention_maps} is a file: give a folder")
         args.attention_maps.mkdir(parents=True, exist_ok=True)
 
         def on_answer(question, prediction, cache, inputs):

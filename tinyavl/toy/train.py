@@ -61,7 +61,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 
-from tinyavl.cli import TOY_WEIGHTS, ArgumentParser
+from tinyavl.cli import TOY_WEIGHTS, ArgumentParser, check_training_args, main_until_interrupted
 from tinyavl.errors import UserError
 from tinyavl.files import check_new_folder, write_file_atomically, write_folder_atomically
 from tinyavl.model import LlavaConfig, LlavaForConditionalGeneration, TextConfig, VisionConfig
@@ -806,6 +806,7 @@ def main(argv=None) -> None:
         parser.error(f"--text-width must be a multiple of 8, got {args.text_width}")
     if not 0 < args.image_dropout_share <= 1:
         parser.error(f"--image-dropout-share must be in (0, 1], got {args.image_dropout_share}")
+    check_training_args(parser, args)
     try:
         check_new_folder(args.out, args.force)  # before the hour of training, not after
     except UserError as err:
@@ -829,4 +830,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main_until_interrupted(main)

@@ -52,7 +52,7 @@ from pathlib import Path
 import torch
 
 from tinyavl import load_pretrained
-from tinyavl.cli import TOY_WEIGHTS, ArgumentParser
+from tinyavl.cli import TOY_WEIGHTS, ArgumentParser, check_training_args, main_until_interrupted
 from tinyavl.errors import UserError
 from tinyavl.files import check_new_folder, check_output_file, write_folder_atomically
 from tinyavl.model import HiresConfig, LlavaForConditionalGeneration
@@ -106,6 +106,9 @@ def from_base(base: Path, in_sequence: bool = False):
     (`HIRES`, `with_hires_projections`), and its processor returning the high-resolution view too; with
     in_sequence, the toy as a LLaVA-1.6 (`with_tiles_in_sequence`) and its processor tiling the image."""
     model, processor = load_pretrained(base)
+    if model.config.hires is not None or model.config.is_next:  # its view or tiles would be built over again
+        raise UserError(f"{base} is already a FlexAttention or LLaVA-1.6 toy: start from the plain toy "
+                        f"({TOY_WEIGHTS})")
     if in_sequence:
         model = with_tiles_in_sequence(model)
         processor.image_grid_pinpoints = model.config.image_grid_pinpoints
@@ -179,10 +182,9 @@ def main(argv=None) -> None:
     for name in ("steps", "batch_size", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    check_training_args(parser, args)
     try:
-        check_new_folder(args.out, args.force)  # before the training, not after
-        if args.out.resolve() == args.base.resolve():
-            raise UserError("is the --base it starts from; write the FlexAttention toy elsewhere")
+        check_new_folder(args.out, args.force, inputs=[args.base])  # before the training, not after
     except UserError as err:
         parser.error(f"--out: {err}")
     try:
@@ -211,4 +213,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main_until_interrupted(main)
