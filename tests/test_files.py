@@ -104,3 +104,12 @@ def test_toy_trainer_refuses_a_bad_schedule_before_training(argv, named, capsys,
     with pytest.raises(SystemExit) as exit_:
         train.main(["--out", str(tmp_path / "toy"), *argv])
     assert exit_.value.code == 2 and named in capsys.readouterr().err
+
+
+def test_an_output_folder_that_only_receives_files_may_hold_an_input(tmp_path):
+    from tinyavl.files import check_apart_from_inputs
+    model = tmp_path / "weights" / "toy"
+    model.mkdir(parents=True)
+    check_apart_from_inputs(tmp_path, "--attention-maps", inputs=[model])   # pictures beside weights/: fine
+    with pytest.raises(UserError, match="overwrite the input"):
+        check_apart_from_inputs(tmp_path, "--out", inputs=[model], replaced_whole=True)

@@ -39,12 +39,13 @@ def check_output_file(path: Path, flag: str, inputs: list[Path], suffixes: tuple
         raise UserError(f"{flag} {path}: {getattr(err, 'strerror', None) or err}") from None
 
 
-def check_apart_from_inputs(path: Path, flag: str, inputs: list[Path]) -> None:
-    """UserError if an output file or folder `path` is one of the inputs, lies inside an input folder, or
-    holds an input (a folder that replacing would delete it with), whatever --force says."""
+def check_apart_from_inputs(path: Path, flag: str, inputs: list[Path], replaced_whole: bool = False) -> None:
+    """UserError, whatever --force says, if an output file or folder `path` is one of the inputs or lies
+    inside an input folder; and if `replaced_whole`, a folder that a write replaces as a whole, if it
+    holds an input (a folder that only receives files may)."""
     target = path.resolve()
     for given in map(Path.resolve, inputs):
-        if target == given or given in target.parents or target in given.parents:
+        if target == given or given in target.parents or (replaced_whole and target in given.parents):
             raise UserError(f"{flag} {path}".strip() + f" would overwrite the input {given}: choose another path")
 
 
@@ -75,7 +76,7 @@ def check_new_folder(folder: Path, force: bool, inputs: list[Path] = ()) -> None
             parent = parent.parent
         if not parent.is_dir() or not os.access(parent, os.W_OK):
             raise UserError(f"{folder} cannot be made: {parent} is a file, or cannot be written to")
-        check_apart_from_inputs(folder, "", inputs)
+        check_apart_from_inputs(folder, "", inputs, replaced_whole=True)
     except OSError as err:  # a name too long for the file system, a loop of links
         raise UserError(f"{folder}: {err.strerror or err}") from None
 
