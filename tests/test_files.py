@@ -1,6 +1,7 @@
 """Outputs never half-written, never over a folder of files without --force (tinyavl/files.py), and the
 toy trainer's command line refusing, before any training, to replace a model folder it was not asked to."""
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -91,7 +92,7 @@ def test_a_folder_write_touches_no_other_folder_and_checks_its_parent_first(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == [".model.old", ".model.partial", "model"]
     assert all((tmp_path / name / "keep.txt").read_text() == "the user's" for name in (".model.partial", ".model.old"))
     (tmp_path / "a-file").write_text("")
-    with pytest.raises(UserError, match="is a file, or cannot be written"):
+    with pytest.raises(UserError, match="a-file is a file"):
         check_new_folder(tmp_path / "a-file" / "model", force=False)
     with pytest.raises(UserError, match="overwrite the input"):
         check_new_folder(tmp_path, force=True, inputs=[tmp_path / "model"])
@@ -113,3 +114,34 @@ def test_an_output_folder_that_only_receives_files_may_hold_an_input(tmp_path):
     check_apart_from_inputs(tmp_path, "--attention-maps", inputs=[model])   # pictures beside weights/: fine
     with pytest.raises(UserError, match="overwrite the input"):
         check_apart_from_inputs(tmp_path, "--out", inputs=[model], replaced_whole=True)
+
+
+def test_a_folder_write_that_fails_at_its_last_rename_keeps_the_old_folder(tmp_path, monkeypatch):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "config.json").write_text("old")
+    real_replace = os.replace
+
+    def replace(src, dst):  # the rename of the new folder into place fails, as on a full disk
+        if Path(src).name.endswith(".partial"):
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError):
+        write_folder_atomically(out, lambda partial: (partial / "config.json").write_text("new"), force=True)
+    assert (out / "config.json").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_the_current_folder_or_one_above_it_is_no_output_folder(tmp_path, monkeypatch):
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    for folder in (Path("."), Path(".."), tmp_path):
+        with pytest.raises(UserError, match="current folder"):
+            check_new_folder(folder, force=True)
+
+
+def test_a_linked_output_folder_is_replaced_without_leaving_the_link_behind(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    write_folder_atomically(tmp_path / "link", lambda partial: (partial / "x").write_text("1"), force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"] and (tmp_path / "link" / "x").exists()

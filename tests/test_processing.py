@@ -11,7 +11,7 @@ import tempfile
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer, LlavaProcessor
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -142,6 +142,30 @@ def test_exif_orientation_is_applied(tmp_path, suffix):
     assert upright.size == (20, 40)
     red, blue = upright.getpixel((15, 4)), upright.getpixel((4, 4))
     assert red[0] > 200 and red[2] < 60 and blue[2] > 200 and blue[0] < 60, (red, blue)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_turns_as_pillow_turns_it(tmp_path, orientation):
+    """Against Pillow's own ImageOps.exif_transpose, on a picture whose every pixel differs."""
+    stored = Image.frombytes("RGB", (6, 4), bytes(range(72)))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = _save(stored, tmp_path / "o.png", exif=exif)
+    with Image.open(path) as img:
+        img.load()
+        reference = ImageOps.exif_transpose(img)
+    got = load_image(path)
+    assert got.size == reference.size and got.tobytes() == reference.convert("RGB").tobytes()
+
+
+def test_a_damaged_exif_block_still_turns_the_image(tmp_path):
+    """An EXIF block with orientation 6 beside a malformed entry (tag 0x0124, an ASCII value 4 bytes long
+    whose bytes are no text): Pillow's exif_transpose fails rewriting it; the picture is still read, upright."""
+    exif = bytes.fromhex("4578696600004d4d002a000000080002012400020000000443ce6d99"
+                         "01120003000000010006000000000000")
+    path = tmp_path / "damaged.jpg"
+    make_image(8, 6, seed=3).save(path, exif=exif, quality=95)
+    assert load_image(path).size == (6, 8)
 
 
 def test_16_bit_grey_keeps_the_high_byte(tmp_path):

@@ -250,9 +250,9 @@ def test_the_hires_trainer_refuses_to_overwrite_its_base(tmp_path, capsys, out):
 
 
 @pytest.mark.parametrize("base", ["toy-hires", "toy-tiles"])
-def test_the_hires_trainer_starts_only_from_a_plain_toy(capsys, base):
+def test_the_hires_trainer_starts_only_from_a_plain_toy(tmp_path, capsys, base):
     with pytest.raises(SystemExit) as exit_:
-        train_hires_module.main(["--base", str(TOY_WEIGHTS.parent / base), "--out", "/nonexistent/flex"])
+        train_hires_module.main(["--base", str(TOY_WEIGHTS.parent / base), "--out", str(tmp_path / "flex")])
     assert exit_.value.code == 2 and "plain toy" in capsys.readouterr().err
 
 

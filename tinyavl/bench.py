@@ -55,7 +55,7 @@ import torch
 
 from tinyavl import anyres
 from tinyavl.cache import AVLCache, make_cache
-from tinyavl.cli import ArgumentParser
+from tinyavl.cli import ArgumentParser, main_until_interrupted
 from tinyavl.errors import UserError
 from tinyavl.generate import generate
 from tinyavl.loading import resolve_device
@@ -485,4 +485,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    main_until_interrupted(main)

@@ -63,22 +63,28 @@ def write_file_atomically(path, write) -> None:
 
 
 def check_new_folder(folder: Path, force: bool, inputs: list[Path] = ()) -> None:
-    """UserError unless `folder` may be written: it does not exist (its nearest existing parent is a folder
-    that can be written to), is empty, or force replaces it; and it is apart from the inputs
-    (check_apart_from_inputs). Commands call this before their work, not after an hour of training."""
+    """UserError unless `folder` may be written: it is apart from the inputs (check_apart_from_inputs), is
+    not the current folder or one above it, and does not exist (its nearest existing parent a folder that
+    can be written to), is empty, or force replaces it. Commands call this before their work, not after an
+    hour of training."""
     try:
+        check_apart_from_inputs(folder, "", inputs, replaced_whole=True)  # first: no --force replaces an input
+        target, here = folder.resolve(), Path.cwd().resolve()
+        if target == here or target in here.parents:
+            raise UserError(f"{folder} is the current folder or holds it: give a folder below it")
         if folder.exists() and not folder.is_dir():
             raise UserError(f"{folder} is a file: give a folder")
         if folder.is_dir() and any(folder.iterdir()) and not force:
             raise UserError(f"{folder} already holds files: give another folder, or --force to replace it")
-        parent = folder.absolute().parent
+        parent = target.parent
         while not parent.exists():
             parent = parent.parent
-        if not parent.is_dir() or not os.access(parent, os.W_OK):
-            raise UserError(f"{folder} cannot be made: {parent} is a file, or cannot be written to")
-        check_apart_from_inputs(folder, "", inputs, replaced_whole=True)
-    except OSError as err:  # a name too long for the file system, a loop of links
-        raise UserError(f"{folder}: {err.strerror or err}") from None
+        if not parent.is_dir():
+            raise UserError(f"{folder} cannot be made: {parent} is a file")
+        if not os.access(parent, os.W_OK):
+            raise UserError(f"{folder} cannot be made: {parent} cannot be written to")
+    except (OSError, RuntimeError) as err:  # a name too long for the file system, a loop of links
+        raise UserError(f"{folder}: {getattr(err, 'strerror', None) or err}") from None
 
 
 def write_folder_atomically(folder, write, force: bool = False) -> None:
@@ -92,9 +98,17 @@ def write_folder_atomically(folder, write, force: bool = False) -> None:
     try:
         partial.mkdir(parents=True)
         write(partial)
-        if folder.exists():  # two renames: the old folder is out of the way for an instant only
+        if folder.exists() or folder.is_symlink():  # two renames: the old one is out of the way for an instant
             os.replace(folder, old)
-        os.replace(partial, folder)
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.replace(partial, folder)
+        except BaseException:  # the second rename failed (or Ctrl-C came between them): the old one returns
+            if not folder.exists() and (old.exists() or old.is_symlink()):
+                os.replace(old, folder)
+            raise
+        if old.is_symlink():
+            old.unlink()
+        else:
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(partial, ignore_errors=True)

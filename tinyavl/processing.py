@@ -16,6 +16,7 @@ jinja2, as transformers renders it.
 import json
 import math
 import os
+import warnings
 from datetime import datetime
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import jinja2.ext
 import jinja2.nodes
 import jinja2.sandbox
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 from tokenizers import Tokenizer
 
 from tinyavl import anyres
@@ -59,7 +60,7 @@ def load_image(path) -> Image.Image:
     try:
         with Image.open(path) as img:
             img.load()  # decode every pixel now, so a truncated file fails here and not later
-            return to_rgb(ImageOps.exif_transpose(img))
+            return to_rgb(upright(img))
     except UnidentifiedImageError:
         raise UserError(f"{path} is not an image PIL can read: give a PNG, JPEG, WebP, BMP, ... file") from None
     except Image.DecompressionBombError:
@@ -67,6 +68,29 @@ def load_image(path) -> Image.Image:
                         "decompression bombs: resize it first") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise UserError(f"cannot decode image {path} ({e}): the file is damaged or truncated") from None
+
+
+# EXIF orientation (2-8) -> the transpose that shows the stored pixels upright (1: already upright).
+EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+                  5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                  8: Image.Transpose.ROTATE_90}
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation says (what ImageOps.exif_transpose does, without rewriting
+    the EXIF block, which fails on a damaged one). An orientation that cannot be read counts as upright."""
+    try:
+        with warnings.catch_warnings():  # a damaged block's warnings are no concern of the user's
+            warnings.simplefilter("ignore")
+            orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception:  # Pillow parses EXIF lazily; a damaged block raises whatever its parser hits
+        return img
+    method = EXIF_TRANSPOSE.get(orientation)
+    if method is None:
+        return img
+    turned = img.transpose(method)
+    turned.info = img.info  # transparency (a palette or grey image's transparent colour) goes with the pixels
+    return turned
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -367,7 +391,8 @@ def _read_preprocessor_config(cfg: dict, path: Path, vision_image_size: int) -> 
         raise UserError(f"{path} has crop_size {crop!r} but the vision tower takes {vision_image_size}x"
                         f"{vision_image_size} crops: the files come from different checkpoints")
     size = cfg.get("size", vision_image_size)
-    shortest_edge = size.get("shortest_edge") if isinstance(size, dict) and set(size) == {"shortest_edge"} else size
+    other_edges = isinstance(size, dict) and any(size[key] is not None for key in set(size) - {"shortest_edge"})
+    shortest_edge = size.get("shortest_edge") if isinstance(size, dict) and not other_edges else size
     if type(shortest_edge) is not int or shortest_edge <= 0:
         raise UserError(f"{path} has size {size!r}; tinyavl supports only {{\"shortest_edge\": N}}, N > 0")
     rescale = cfg.get("rescale_factor", 1 / 255)
