@@ -15,8 +15,8 @@ try:  # torch takes a second or more to import: a Ctrl-C meanwhile ends in one l
     import tinyavl
     from tinyavl import hires
     from tinyavl.attention_map import map_layer, save_attention_map
-    from tinyavl.cli import (TOY_WEIGHTS, ArgumentParser, add_policy_arguments, check_filter_layer, policy_params,
-                             run_command)
+    from tinyavl.cli import (TOY_WEIGHTS, ArgumentParser, add_policy_arguments, check_filter_layer,
+                             first_paragraph, policy_params, run_command)
     from tinyavl.files import check_output_file
     from tinyavl.generate import check_generation_args
     from tinyavl.processing import check_question, load_image
@@ -28,7 +28,7 @@ DEFAULT_WEIGHTS = TOY_WEIGHTS  # --weights when not given
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=first_paragraph(__doc__))
     parser.add_argument("--image", required=True, help="image file (jpg, png, ...)")
     parser.add_argument("--prompt", default="Describe the image.", help="the question about the image")
     parser.add_argument("--weights", type=Path, default=None,

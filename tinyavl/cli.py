@@ -26,6 +26,11 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
         return text
 
 
+def first_paragraph(doc: str) -> str:
+    """A module docstring's first paragraph on one line: the description a command's --help shows."""
+    return " ".join(doc.split("\n\n")[0].split())
+
+
 class ArgumentParser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         # No abbreviations: with flags as short as A-VL's, "--k 3" would silently mean --kernel.

@@ -46,7 +46,7 @@ import torch
 from tinyavl import hires, load_pretrained
 from tinyavl.attention_stats import capture, ppci, record_attention, segment_shares, segment_sizes, top_set, top_share
 from tinyavl.cache import AVLCache, KVCache
-from tinyavl.cli import TOY_WEIGHTS, ArgumentParser, run_command
+from tinyavl.cli import TOY_WEIGHTS, ArgumentParser, first_paragraph, run_command
 from tinyavl.errors import UserError
 from tinyavl.files import check_output_file
 from tinyavl.generate import generate
@@ -423,7 +423,7 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=first_paragraph(__doc__))
     parser.add_argument("--weights", type=Path, default=TOY_WEIGHTS, help="the toy model folder")
     parser.add_argument("--seed", type=int, default=1, help="which held-out set")
     parser.add_argument("--n", type=int, default=50,

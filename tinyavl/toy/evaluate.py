@@ -34,8 +34,8 @@ from pathlib import Path
 from tinyavl import load_pretrained
 from tinyavl.attention_map import save_attention_map
 from tinyavl.cache import KVCache, make_cache
-from tinyavl.cli import (TOY_WEIGHTS, ArgumentParser, add_policy_arguments, check_filter_layer, policy_params,
-                         run_command)
+from tinyavl.cli import (TOY_WEIGHTS, ArgumentParser, add_policy_arguments, check_filter_layer, first_paragraph,
+                         policy_params, run_command)
 from tinyavl.errors import UserError
 from tinyavl.files import check_apart_from_inputs, check_output_file
 from tinyavl.generate import generate
@@ -280,7 +280,7 @@ def plot_sweep(reports: list[dict], path: Path, title: str) -> None:
 
 
 def parse_args(argv):
-    parser = ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=first_paragraph(__doc__))
     parser.add_argument("--weights", type=Path, default=TOY_WEIGHTS, help="the toy model folder")
     parser.add_argument("--seed", type=int, default=1, help="which held-out set (any integer)")
     parser.add_argument("--n", type=int, default=100, help="scenes (each gets 6 prompts)")

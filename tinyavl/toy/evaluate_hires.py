@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from tinyavl import anyres, load_pretrained
-from tinyavl.cli import HIRES_TOY_WEIGHTS, ArgumentParser, run_command
+from tinyavl.cli import HIRES_TOY_WEIGHTS, ArgumentParser, first_paragraph, run_command
 from tinyavl.errors import UserError
 from tinyavl.files import check_output_file
 from tinyavl.toy.evaluate import HIRES_MODES, evaluate, format_interval, held_out_set, markdown_table
@@ -142,7 +142,7 @@ def plot(reports: list[dict], path: Path, title: str, in_sequence: list[dict] | 
 
 
 def parse_args(argv):
-    parser = ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=first_paragraph(__doc__))
     parser.add_argument("--weights", type=Path, default=HIRES_TOY_WEIGHTS, help="a FlexAttention toy folder")
     parser.add_argument("--seed", type=int, default=1, help="which held-out set (any integer)")
     parser.add_argument("--n", type=int, default=100, help="scenes (each gets 6 prompts)")

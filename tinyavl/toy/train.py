@@ -61,7 +61,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 
-from tinyavl.cli import TOY_WEIGHTS, ArgumentParser, check_training_args, main_until_interrupted
+from tinyavl.cli import (TOY_WEIGHTS, ArgumentParser, check_training_args, first_paragraph,
+                         main_until_interrupted)
 from tinyavl.errors import UserError
 from tinyavl.files import check_new_folder, write_file_atomically, write_folder_atomically
 from tinyavl.model import LlavaConfig, LlavaForConditionalGeneration, TextConfig, VisionConfig
@@ -763,12 +764,12 @@ def deterministic_algorithms():
 
 
 def main(argv=None) -> None:
-    parser = ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=first_paragraph(__doc__))
     parser.add_argument("--out", type=Path, default=TOY_WEIGHTS, help="folder to write (llava-hf layout)")
     parser.add_argument("--force", action="store_true", help="replace --out if it already holds files")
-    parser.add_argument("--steps", type=int, default=7000)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--steps", type=int, default=7000, help="stage 1: training steps")
+    parser.add_argument("--batch-size", type=int, default=32, help="scenes per step")
+    parser.add_argument("--lr", type=float, default=2e-3, help="AdamW's peak learning rate")
     parser.add_argument("--seed", type=int, default=0, help="weights init and the training scene stream")
     parser.add_argument("--image-dropout", type=float, default=IMAGE_DROPOUT,
                         help="largest fraction of a sequence's image tokens hidden in training (0: none)")

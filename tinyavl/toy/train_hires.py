@@ -52,7 +52,8 @@ from pathlib import Path
 import torch
 
 from tinyavl import load_pretrained
-from tinyavl.cli import TOY_WEIGHTS, ArgumentParser, check_training_args, main_until_interrupted
+from tinyavl.cli import (TOY_WEIGHTS, ArgumentParser, check_training_args, first_paragraph,
+                         main_until_interrupted)
 from tinyavl.errors import UserError
 from tinyavl.files import check_new_folder, check_output_file, write_folder_atomically
 from tinyavl.model import HiresConfig, LlavaForConditionalGeneration
@@ -162,15 +163,15 @@ def check_checkpoint(checkpoint: Checkpoint, base: Path, out: Path) -> None:
 
 
 def main(argv=None) -> None:
-    parser = ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=first_paragraph(__doc__))
     parser.add_argument("--base", type=Path, default=TOY_WEIGHTS, help="the trained toy to start from")
     parser.add_argument("--out", type=Path, required=True, help="folder to write (llava-hf layout)")
     parser.add_argument("--force", action="store_true", help="replace --out if it already holds files")
     parser.add_argument("--in-sequence", action="store_true",
                         help="train the baseline instead: every high-resolution token in the sequence (LLaVA-1.6)")
-    parser.add_argument("--steps", type=int, default=STEPS)
-    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
-    parser.add_argument("--lr", type=float, default=8e-4)
+    parser.add_argument("--steps", type=int, default=STEPS, help="fine-tuning steps")
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="scenes per step")
+    parser.add_argument("--lr", type=float, default=8e-4, help="AdamW's peak learning rate")
     parser.add_argument("--seed", type=int, default=0, help="the training scene stream and the dropout draws")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (results depend on it)")
     parser.add_argument("--eval-every", type=int, default=550,
