@@ -155,3 +155,15 @@ def test_cuda_without_cuda_is_a_usage_error(capsys):
         bench.main(["--device", "cuda"])
     assert exit_info.value.code == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--image-tokens", "3"], ["--image-tokens", "576", "3796"],
+                                  ["--image-tokens", "3700", "--new-tokens", "400"], ["--lay", "1"]])
+def test_blocks_that_do_not_fit_and_abbreviations_are_usage_errors(argv, monkeypatch, capsys):
+    """Before any model is built: A-VL needs a core of at least one row (floor(0.3 x 4)), and the prompt
+    (N_SYS + N_img + N_TEXT) plus the longest run (256 tokens, or --new-tokens) must fit 4096 positions."""
+    monkeypatch.setattr(bench, "random_model", lambda *a, **k: pytest.fail("built a model first"))
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ")
