@@ -90,6 +90,15 @@ def decode_attention(q, k, v, spans):
     Returns (out (B, H, 1, hs), LastRow): the output, and the row's log-sum-exp and logits per span."""
     B, H, _, hs = q.shape
     Hkv = k.shape[1]
+    # Spans that meet are read as one: the same rows then give the same products as for a caller that
+    # passed one span (in bf16 a sum of two products rounds differently from the one).
+    merged = [spans[0]]
+    for start, end in spans[1:]:
+        if start == merged[-1][1]:
+            merged[-1] = (merged[-1][0], end)
+        else:
+            merged.append((start, end))
+    spans = merged
     logits = [last_row_logits(q, k[:, :, start:end]) for start, end in spans]  # each (B, H, n_span) fp32
     lse = torch.cat(logits, dim=-1).logsumexp(-1)                               # (B, H)
     # Query head h reads KV head h // G: the probabilities of a GQA group multiply its KV head's values.
@@ -606,12 +615,9 @@ class AVLCache(KVCache):
             out, lse = sparse_decode_attention(q[:, :, 0], k, v, index[None], tail_start, return_lse=True,
                                                check_index=False)
             return out[:, :, None], LastRow(lse)                        # (B, H, 1, hs); lse (B, H), no logits
-        # rows_to_attend's rows are [0, core_end) and [text_start, n): two slices of the buffers, or one
-        # where they meet (the core is every stored image row), for then A-VL computes just what `full`
-        # does, and in bf16 a sum of two products would round differently from the one.
-        meet = core_end == self.text_start
-        spans = [(0, n)] if rows is None or meet else [(0, core_end), (self.text_start, n)]
-        return decode_attention(q, k, v, spans)
+        # rows_to_attend's rows are [0, core_end) and [text_start, n): two slices of the buffers (one where
+        # they meet, as when the core is every stored image row: decode_attention joins them).
+        return decode_attention(q, k, v, [(0, n)] if rows is None else [(0, core_end), (self.text_start, n)])
 
     def use_kernel(self, q) -> bool:
         """Triton on CUDA tensors ("auto"), or as forced by kernel="triton" / "torch"."""
@@ -637,8 +643,8 @@ class AVLCache(KVCache):
     def prefill_update(self, layer, q):
         k = self.k[layer]
         # Image tokens that reached this layer: all N_img, or floor(P N_img) after the prefill filter (at
-        # least 1 where the prompt ends with an image token: `image_filter`). The
-        # prompt's text rows follow them until the eviction below moves the text down to self.text_start.
+        # least 1 where the prompt ends with an image token: `image_filter`). The prompt's text rows follow
+        # them until the eviction below moves the text down to self.text_start.
         n_img_here = self.modality_rows(layer)["image"]
         prompt_text_start = self.n_sys + n_img_here
         # Vision: rank this layer's image tokens by their importance (the last prompt token's attention).

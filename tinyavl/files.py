@@ -49,12 +49,18 @@ def check_apart_from_inputs(path: Path, flag: str, inputs: list[Path], replaced_
             raise UserError(f"{flag} {path}".strip() + f" would overwrite the input {given}: choose another path")
 
 
+def temporary_beside(path: Path, kind: str) -> Path:
+    """A hidden name beside `path` for a write's temporary file or folder (kind: "partial", "old"): short, as
+    `path`'s own name may be as long as a name can be, and unique to the write, so that no file or folder of
+    the user's that happens to be called so is touched."""
+    return path.with_name(f".{path.name[:32]}.{os.urandom(4).hex()}.{kind}")
+
+
 def write_file_atomically(path, write) -> None:
     """write(partial_path) writes the file; it then replaces `path` whole. Whatever stops the write (an
     error, a full disk, Ctrl-C) leaves `path` as it was and no temporary file."""
     path = Path(path)
-    # A short temporary name, unique to this write: `path`'s own name may be as long as a name can be.
-    partial = path.with_name(f".{path.stem[:32]}.{os.urandom(4).hex()}.partial")
+    partial = temporary_beside(path, "partial")
     try:
         write(partial)
         os.replace(partial, path)
@@ -92,9 +98,7 @@ def write_folder_atomically(folder, write, force: bool = False) -> None:
     holding files only with force, as check_new_folder says)."""
     folder = Path(folder)
     check_new_folder(folder, force)
-    # Names unique to this write, so that no folder of the user's that happens to be called so is removed.
-    unique = os.urandom(4).hex()
-    partial, old = (folder.with_name(f".{folder.name[:32]}.{unique}.{part}") for part in ("partial", "old"))
+    partial, old = temporary_beside(folder, "partial"), temporary_beside(folder, "old")
     try:
         partial.mkdir(parents=True)
         write(partial)
