@@ -5,6 +5,8 @@ The full training (the committed weights/toy) is not run here: README "The toy L
 import itertools
 import json
 import math
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -39,9 +41,17 @@ def test_initial_loss_is_uniform_guessing_and_training_reduces_it(trained):
     assert aux_last < 0.5 * aux_first, f"patch loss went {aux_first:.3f} -> {aux_last:.3f}"
 
 
+def current_umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it: set it back at once
+    os.umask(mask)
+    return mask
+
+
 def test_written_folder_loads_like_a_llava_hf_checkpoint(trained, tmp_path):
     model, processor, _ = trained
     save_pretrained(model, processor, tmp_path)
+    # Every file gets the permissions the umask gives (safetensors' own save_file would make the weights 0600).
+    assert {stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir() if p.is_file()} == {0o666 & ~current_umask()}
     loaded, loaded_processor = tinyavl.load_pretrained(tmp_path, device="cpu")
     scene, _ = next(scene_stream("eval", 0))
     inputs = loaded_processor(loaded_processor.chat_prompt("What colour is the circle?"), image=scene.image())
@@ -172,6 +182,8 @@ def test_tuning_a_saved_model_equals_tuning_it_in_memory(tmp_path):
     the same weights."""
     model, processor, _ = train(steps=3, batch_size=4, seed=5, config_overrides=TINY, log=lambda *_: None)
     save_pretrained(model, processor, tmp_path)
+    # Every file gets the permissions the umask gives (safetensors' own save_file would make the weights 0600).
+    assert {stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir() if p.is_file()} == {0o666 & ~current_umask()}
     loaded, loaded_processor = tinyavl.load_pretrained(tmp_path, device="cpu")
     tune(model, processor, steps=2, batch_size=4, log=lambda *_: None)
     tune(loaded, loaded_processor, steps=2, batch_size=4, log=lambda *_: None)

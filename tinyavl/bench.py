@@ -333,14 +333,14 @@ def growth(model, n_img: int) -> dict:
 def print_case(case: dict) -> None:
     print(f"\nimage block {case['image_tokens']} tokens, prompt {case['prompt_tokens']} tokens, "
           f"{case['new_tokens']} new tokens")
-    header = (f"{'policy':10s} {'KV peak':>9s} {'vs full':>7s} {'attended':>8s} {'prefill s':>9s} {'decode ms':>9s} "
-              f"{'floor ms':>8s} {'/ floor':>7s} {'/ hw floor':>10s} {'vs full':>7s} {'attn ms':>7s}  same tokens")
+    header = (f"{'policy':10s} {'KV peak':>9s} {'KV vs full':>10s} {'attended':>8s} {'prefill s':>9s} {'decode ms':>9s} "
+              f"{'floor ms':>8s} {'/ floor':>7s} {'/ hw floor':>10s} {'step vs full':>12s} {'attn ms':>7s}  same tokens")
     print(header + "\n" + "-" * len(header))
     full = case["policies"]["full"]
     for name, r in case["policies"].items():
-        print(f"{name:10s} {r['kv_bytes'] / 2**20:7.1f}Mi {r['kv_ratio']:7.2f} {r['attended_ratio']:8.2f} "
+        print(f"{name:10s} {r['kv_bytes'] / 2**20:7.1f}Mi {r['kv_ratio']:10.2f} {r['attended_ratio']:8.2f} "
               f"{r['prefill_s']:9.2f} {r['decode_ms']:9.1f} {r['floor_ms']:8.1f} {r['decode_ms'] / r['floor_ms']:7.2f} "
-              f"{r['decode_ms'] / r['hardware_floor_ms']:10.2f} {r['decode_ms'] / full['decode_ms']:7.2f} "
+              f"{r['decode_ms'] / r['hardware_floor_ms']:10.2f} {r['decode_ms'] / full['decode_ms']:12.2f} "
               f"{r['attention_ms']:7.1f}  {r['same_tokens_as_full']}/{case['new_tokens']}")
     if "core_replaced" in case["policies"].get("avl", {}):
         print(f"avl: each core re-rank replaced {case['policies']['avl']['core_replaced']:.2f} of the core on average")

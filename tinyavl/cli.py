@@ -71,9 +71,17 @@ def policy_params(args: argparse.Namespace) -> dict:
     return {name: getattr(args, name) for name in param_owners() if getattr(args, name) is not None}
 
 
+# Threads beyond the cores only slow training down, but a run reproduces its weights only with the thread count
+# that made them (2 for the committed toy), on any machine: so more threads than cores are allowed, up to a
+# number no machine's training needs (torch would start a million, and hang).
+MAX_THREADS = 256
+
+
 def check_training_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """The trainers' shared flags: a finite positive --lr (inf or nan would train NaN weights for an hour),
-    and --eval-every at least 0."""
+    --eval-every at least 0, and --threads from 1 to MAX_THREADS."""
+    if not 1 <= args.threads <= MAX_THREADS:
+        parser.error(f"--threads must be from 1 to {MAX_THREADS}, got {args.threads}")
     if not 0 < args.lr < float("inf"):
         parser.error(f"--lr must be a finite number above 0, got {args.lr}")
     if args.eval_every < 0:

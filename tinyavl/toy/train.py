@@ -58,7 +58,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+import safetensors.torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 
 from tinyavl.cli import (TOY_WEIGHTS, ArgumentParser, check_training_args, first_paragraph,
@@ -347,6 +347,12 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def write_safetensors(tensors: dict, path: Path, metadata: dict) -> None:
+    """`tensors` as a safetensors file at `path`. Written with open(), not by safetensors' save_file, which
+    makes a file only its owner can read (0600): this one gets what the umask gives any new file."""
+    Path(path).write_bytes(safetensors.torch.save(tensors, metadata=metadata))
+
+
 @dataclass
 class Checkpoint:
     """Where `optimise` keeps its training state, so that a run longer than a sitting can be interrupted
@@ -365,7 +371,7 @@ class Checkpoint:
             tensors |= {f"optimizer.{index}.{name}": t for name, t in state.items()}
         tensors = {key: t.detach().contiguous() for key, t in tensors.items()}
         metadata = {"step": str(step), "history": json.dumps(history), "run": json.dumps(self.run)}
-        write_file_atomically(self.path, lambda temporary: save_file(tensors, str(temporary), metadata=metadata))
+        write_file_atomically(self.path, lambda temporary: write_safetensors(tensors, temporary, metadata))
 
     def check(self) -> None:
         """UserError if the file at path is not a checkpoint, or was saved by a run with other settings
@@ -719,7 +725,7 @@ def save_pretrained(model: LlavaForConditionalGeneration, processor: Processor, 
     width = model.config.vision.hidden_size
     tensors["vision_tower.vision_model.post_layernorm.weight"] = torch.ones(width)
     tensors["vision_tower.vision_model.post_layernorm.bias"] = torch.zeros(width)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    write_safetensors(tensors, out / "model.safetensors", {"format": "pt"})
     config = hf_config(model.config)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     processor.tokenizer.save(str(out / "tokenizer.json"))
@@ -794,7 +800,7 @@ def main(argv=None) -> None:
     parser.add_argument("--eval-every", type=int, default=500,
                         help="steps between held-out accuracy reports (0: none; they do not change the weights)")
     args = parser.parse_args(argv)
-    for name in ("steps", "batch_size", "threads", "vision_layers", "text_layers", "text_width"):
+    for name in ("steps", "batch_size", "vision_layers", "text_layers", "text_width"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     for name in ("tune_steps", "vision_steps"):
