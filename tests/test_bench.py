@@ -50,8 +50,10 @@ def test_floor_is_weight_bytes_at_matvec_rate_plus_attended_kv_at_read_rate(mode
 
 def test_step_time_at_a_token_is_the_median_of_the_steps_before_it():
     arrivals = [0.0, 1.0, 2.0, 4.0, 7.0, 11.0, 16.0]  # steps of 1, 1, 2, 3, 4, 5 s end at tokens 2..7
-    assert bench.step_ms_at(arrivals, 7, window=3) == 4000   # steps ending at tokens 5, 6, 7: 3, 4, 5 s
-    assert bench.step_ms_at(arrivals, 4, window=2) == 1500   # tokens 3, 4: 1, 2 s
+    steps = bench.step_seconds(arrivals)
+    assert steps == [1.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    assert bench.ms_at(steps, 7, window=3) == 4000   # steps ending at tokens 5, 6, 7: 3, 4, 5 s
+    assert bench.ms_at(steps, 4, window=2) == 1500   # tokens 3, 4: 1, 2 s
 
 
 def test_timed_cache_counts_decode_steps_only(model):
@@ -61,6 +63,14 @@ def test_timed_cache_counts_decode_steps_only(model):
     assert cache.spans.seconds("attention") == 0  # a prefill only
     bench.generate(model, input_ids, bench.image_block(model, 20), max_new_tokens=3, policy=cache)
     assert cache.spans.seconds("attention") > 0
+
+
+def test_attention_time_per_step_sums_each_steps_layers():
+    """attention_step_seconds groups the per-layer calls by decode step, in order: 2 layers, 3 steps."""
+    cache = bench.timed_cache("full")
+    cache.n_layers = 2
+    cache.spans.spans["attention"] = [(0.0, t) for t in (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)]  # (start, end) pairs
+    assert bench.attention_step_seconds(cache) == [3.0, 12.0, 48.0]
 
 
 def test_avl_core_replaced_is_the_share_of_the_core_each_rerank_changed(model, monkeypatch):
@@ -114,7 +124,8 @@ def test_json_has_the_documented_layout(monkeypatch, capsys):
         assert 0 <= case["policies"]["avl"]["core_replaced"] <= 1
         assert {"attention_ms_normal_step", "attention_ms_update_step", "swap_ms_update_step"} <= set(
             case["policies"]["avl"])
-    assert set(out["growth"]["float32"]["avl"]) == {"step_ms_at_3", "step_ms_at_6"}
+    assert set(out["growth"]["float32"]["avl"]) == {"step_ms_at_3", "step_ms_at_6", "attention_ms_at_3",
+                                                     "attention_ms_at_6"}
     assert out["transformers_decode_ratio"] > 0
     assert set(out["rates_GBps"]) == {"float32", "bfloat16"}
     assert out["decode_logits"] == {name: "k q^T" if keys_first("cpu", getattr(torch, name)) else "q k^T"

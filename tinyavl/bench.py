@@ -217,9 +217,13 @@ class Spans:
         for name in names:
             self.spans.setdefault(name, []).append((start, end))
 
-    def seconds(self, name: str) -> float:
+    def each(self, name: str) -> list[float]:
+        """The seconds of every timed block of that name, in the order they ran."""
         synchronize()  # an event's time can be read once the GPU has passed it
-        return sum(self._seconds_between(start, end) for start, end in self.spans.get(name, []))
+        return [self._seconds_between(start, end) for start, end in self.spans.get(name, [])]
+
+    def seconds(self, name: str) -> float:
+        return sum(self.each(name))
 
 
 def timed_cache(name: str):
@@ -283,10 +287,22 @@ def run_policy(model, name: str, input_ids, pixel_values, new_tokens: int):
     return tokens, stats, cache, arrivals
 
 
-def step_ms_at(arrivals: list[float], token: int, window: int = 8) -> float:
-    """The median step time (ms) over the `window` steps that end at the given generated token."""
-    steps = [b - a for a, b in zip(arrivals[token - window - 1:token - 1], arrivals[token - window:token])]
-    return 1e3 * statistics.median(steps)
+def step_seconds(arrivals: list[float]) -> list[float]:
+    """Each decode step's time: step t (t = 1, 2, ...) makes generated token t + 1, the prefill token 1."""
+    return [b - a for a, b in zip(arrivals, arrivals[1:])]
+
+
+def attention_step_seconds(cache) -> list[float]:
+    """Each decode step's time inside the timed cache's four steps, summed over the layers (a step is one
+    `attend` per layer)."""
+    calls = cache.spans.each("attention")
+    return [sum(calls[i:i + cache.n_layers]) for i in range(0, len(calls), cache.n_layers)]
+
+
+def ms_at(per_step: list[float], token: int, window: int = 8) -> float:
+    """The median (ms) of a per-decode-step time over the `window` steps that end at the given generated
+    token (the steps that make tokens token - window + 1 .. token)."""
+    return 1e3 * statistics.median(per_step[token - window - 1:token - 1])
 
 
 def run_case(model, n_img: int, new_tokens: int, rates: dict) -> tuple[dict, list[int]]:
@@ -321,12 +337,16 @@ def run_case(model, n_img: int, new_tokens: int, rates: dict) -> tuple[dict, lis
 
 
 def growth(model, n_img: int) -> dict:
-    """`full` and `avl` decoding GROWTH_TOKENS[-1] tokens: ms per step at each of GROWTH_TOKENS."""
+    """`full` and `avl` decoding GROWTH_TOKENS[-1] tokens: at each of GROWTH_TOKENS the ms per step, and
+    the ms of it inside the cache's four steps, the part that reads the K/V rows (the weights a step
+    reads do not grow; the whole step's time moves by more than the rows add, between runs and steps)."""
     pixel_values, input_ids = image_block(model, n_img), prompt_ids(model.config, n_img)
     out = {}
     for name in ("full", "avl"):
-        arrivals = run_policy(model, name, input_ids, pixel_values, GROWTH_TOKENS[-1])[3]
-        out[name] = {f"step_ms_at_{token}": step_ms_at(arrivals, token) for token in GROWTH_TOKENS}
+        _, _, cache, arrivals = run_policy(model, name, input_ids, pixel_values, GROWTH_TOKENS[-1])
+        steps, attention = step_seconds(arrivals), attention_step_seconds(cache)
+        out[name] = {f"{kind}_ms_at_{token}": ms_at(per_step, token)
+                     for kind, per_step in (("step", steps), ("attention", attention)) for token in GROWTH_TOKENS}
     return out
 
 
@@ -413,13 +433,15 @@ def run_dtype(args, dtype_name: str) -> dict:
             print_case(case)
     first = args.image_tokens[0]
     result["growth"] = {"image_tokens": first, **growth(model, first)}
-    for name, g in result["growth"].items():
-        if name != "image_tokens":
-            log(f"{name:5s} at {first} image tokens: " + ", ".join(
-                f"{v:.1f} ms/step at token {k.rsplit('_', 1)[1]}" for k, v in g.items()))
-    full, avl = (result["growth"][n] for n in ("full", "avl"))
-    grows = [g[f"step_ms_at_{GROWTH_TOKENS[-1]}"] - g[f"step_ms_at_{GROWTH_TOKENS[0]}"] for g in (full, avl)]
-    log(f"growth from token {GROWTH_TOKENS[0]} to {GROWTH_TOKENS[-1]}: full {grows[0]:+.1f} ms, avl {grows[1]:+.1f} ms")
+    grows = {}  # {(policy, kind): ms from the first of GROWTH_TOKENS to the last}
+    for name in ("full", "avl"):
+        g = result["growth"][name]
+        log(f"{name:5s} at {first} image tokens: " + ", ".join(
+            f"{g[f'step_ms_at_{t}']:.1f} ms/step ({g[f'attention_ms_at_{t}']:.2f} attn) at token {t}" for t in GROWTH_TOKENS))
+        for kind in ("step", "attention"):
+            grows[name, kind] = g[f"{kind}_ms_at_{GROWTH_TOKENS[-1]}"] - g[f"{kind}_ms_at_{GROWTH_TOKENS[0]}"]
+    log(f"growth from token {GROWTH_TOKENS[0]} to {GROWTH_TOKENS[-1]}: full {grows['full', 'step']:+.1f} ms "
+        f"({grows['full', 'attention']:+.2f} attn), avl {grows['avl', 'step']:+.1f} ms ({grows['avl', 'attention']:+.2f} attn)")
     if not args.no_transformers:
         case = result["cases"][0]
         # image_block again: the image features were last set to the last case's length.
