@@ -20,16 +20,16 @@ at the read rate; the hardware floor is all of them at the read rate. The run al
 equal products gives a decode query's logits on this machine (`decode_logits`: k q^T or q k^T, as
 `model.keys_first` timed them).
 
-For each policy, in one run on the same prompt: KV bytes held (peak, relative to `full`), rows attended
-per decode step (summed over layers), prefill time, decode ms per step beside its floor, the time inside
-the cache's four steps (`attention_ms`, summed over layers), and for A-VL the share of its core that each
-re-rank replaced (`core_replaced`: its update steps' swaps move twice that many rows) and its attention
-ms split by kind of step: normal steps (sys + core + text) and update steps (every stored row, the
-re-rank and its swaps, with the swaps' part beside). Then `full` and
-`avl` decode 256 tokens to show how the step grows with the sequence (ms at the 16th and the 256th
-token). With transformers installed, its LLaVA runs the same weights and prompt (the first image block)
-with full attention, and tinyavl's decode speed is printed relative to it. Absolute times on a shared
-CPU are noise; ratios measured in one run are the result.
+For each policy, in one run on the same prompt: KV bytes held (peak, relative to `full`), rows attended per
+decode step (summed over layers), prefill time, decode ms per step beside its floor, the time inside the
+cache's four steps (`attention_ms`, summed over layers), and for A-VL the share of its core that each
+re-rank replaced (`core_replaced`: its update steps' swaps move twice that many rows) and its attention ms
+split by kind of step: normal steps (sys + core + text) and update steps (every stored row, the re-rank and
+its swaps, with the swaps' part beside). Then `full` and `avl` decode 256 tokens to show how the step grows
+with the sequence (at the 16th and the 256th token: the ms per step, and the part of it inside the cache's
+four steps, which reads the K/V rows). With transformers installed, its LLaVA runs the same weights and
+prompt (the first image block) with full attention, and tinyavl's decode speed is printed relative to it.
+Absolute times on a shared CPU are noise; ratios measured in one run are the result.
 
 `--device cuda` runs all of it on a GPU (the default where CUDA is present, as in main.py), where A-VL's
 decode steps go through the Triton kernel (kernels/sparse_attention.py). GPU work is queued, not done,
