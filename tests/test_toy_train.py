@@ -182,8 +182,6 @@ def test_tuning_a_saved_model_equals_tuning_it_in_memory(tmp_path):
     the same weights."""
     model, processor, _ = train(steps=3, batch_size=4, seed=5, config_overrides=TINY, log=lambda *_: None)
     save_pretrained(model, processor, tmp_path)
-    # Every file gets the permissions the umask gives (safetensors' own save_file would make the weights 0600).
-    assert {stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir() if p.is_file()} == {0o666 & ~current_umask()}
     loaded, loaded_processor = tinyavl.load_pretrained(tmp_path, device="cpu")
     tune(model, processor, steps=2, batch_size=4, log=lambda *_: None)
     tune(loaded, loaded_processor, steps=2, batch_size=4, log=lambda *_: None)

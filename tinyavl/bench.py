@@ -437,11 +437,12 @@ def run_dtype(args, dtype_name: str) -> dict:
     for name in ("full", "avl"):
         g = result["growth"][name]
         log(f"{name:5s} at {first} image tokens: " + ", ".join(
-            f"{g[f'step_ms_at_{t}']:.1f} ms/step ({g[f'attention_ms_at_{t}']:.2f} attn) at token {t}" for t in GROWTH_TOKENS))
+            f"{g[f'step_ms_at_{t}']:.1f} ms/step ({g[f'attention_ms_at_{t}']:.2f} attn) at token {t}"
+            for t in GROWTH_TOKENS))
         for kind in ("step", "attention"):
             grows[name, kind] = g[f"{kind}_ms_at_{GROWTH_TOKENS[-1]}"] - g[f"{kind}_ms_at_{GROWTH_TOKENS[0]}"]
-    log(f"growth from token {GROWTH_TOKENS[0]} to {GROWTH_TOKENS[-1]}: full {grows['full', 'step']:+.1f} ms "
-        f"({grows['full', 'attention']:+.2f} attn), avl {grows['avl', 'step']:+.1f} ms ({grows['avl', 'attention']:+.2f} attn)")
+    log(f"growth from token {GROWTH_TOKENS[0]} to {GROWTH_TOKENS[-1]}: " + ", ".join(
+        f"{name} {grows[name, 'step']:+.1f} ms ({grows[name, 'attention']:+.2f} attn)" for name in ("full", "avl")))
     if not args.no_transformers:
         case = result["cases"][0]
         # image_block again: the image features were last set to the last case's length.
