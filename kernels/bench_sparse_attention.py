@@ -11,6 +11,7 @@ kernel's achieved bandwidth. Under the interpreter the sizes are toys and the ti
 only shows that the benchmark code works.
 """
 import argparse
+import re
 import statistics
 import time
 
@@ -73,7 +74,8 @@ def dense_sdpa(q, k, v):
 # Benchmark
 # ----------------------------------------------------------------------------------------------------------
 
-# Peak DRAM bandwidth in GB/s by device-name fragment; the first fragment found in the name wins.
+# Peak DRAM bandwidth in GB/s by device-name fragment; the first fragment found in the name as whole words
+# wins ("L4" is not in "NVIDIA L40S", nor "H200" in "NVIDIA GH200").
 PEAK_BANDWIDTH_GBPS = {
     "H200": 4800,
     "H100 NVL": 3900,
@@ -83,14 +85,16 @@ PEAK_BANDWIDTH_GBPS = {
     "A100 80GB PCIe": 1935,
     "A100": 1555,        # the 40 GB A100s
     "L40S": 864,
+    "L40": 864,
     "L4": 300,
     "RTX 4090": 1008,
 }
 
 
 def peak_bandwidth_gbps(device_name: str):
+    """The device's peak bandwidth from PEAK_BANDWIDTH_GBPS, or None for a device not listed."""
     for fragment, gbps in PEAK_BANDWIDTH_GBPS.items():
-        if fragment in device_name:
+        if re.search(rf"(?<!\w){re.escape(fragment)}(?!\w)", device_name):
             return gbps
     return None
 

@@ -119,7 +119,7 @@ def sparse_decode_attention_reference(q, k, v, index, start, scale=None, *, upca
 
 def _interpreter_requested() -> bool:
     """Whether TRITON_INTERPRET asks for Triton's CPU interpreter, read as Triton reads it."""
-    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")
+    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes", "y")
 
 
 def _runs_in_interpreter(kernel) -> bool:
@@ -150,14 +150,31 @@ def _interpreter_safe_dot(a, b, input_precision: tl.constexpr):
     Why: the interpreter has no bf16 arithmetic. It stores bfloat16 as raw uint16, and its tl.dot
     multiplies those bit patterns. A product of two bf16 values is exact in fp32, so a dot of fp32 copies
     has the same products as the GPU's bf16 tensor-core dot (only the order of the fp32 additions may
-    differ). The upcast happens under the interpreter only: compiled for a GPU, _UPCAST_BF16_DOTS is a
+    differ). The upcast happens under the interpreter only: compiled for a GPU, _BF16_BY_HAND is a
     False constexpr, the branch is removed at compile time, and this is exactly tl.dot.
     """
-    if _UPCAST_BF16_DOTS:
+    if _BF16_BY_HAND:
         if a.dtype == tl.bfloat16:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
     return tl.dot(a, b, input_precision=input_precision)
+
+
+@triton.jit
+def _interpreter_safe_cast(x, dtype: tl.constexpr):
+    """x.to(dtype) for fp32 x, rounded to nearest even in Triton's CPU interpreter too.
+
+    Why: the interpreter casts fp32 to bf16 by dropping the low 16 bits, which rounds every value toward
+    zero; a GPU rounds to nearest even. Under the interpreter a bf16 cast is done by hand on the bits: add
+    half of the dropped part (0x7FFF, plus 1 to break a tie toward the even result), then drop it.
+    Compiled for a GPU the branch is removed and this is exactly x.to(dtype).
+    """
+    if _BF16_BY_HAND:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+            return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return x.to(dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -237,7 +254,8 @@ def _split_attention_kernel(
         v = tl.load(v_head_ptr + rows[:, None] * stride_vn + dim_offs[None, :],
                     mask=in_split[:, None], other=0.0)                    # [BLOCK_N, D]
         # As in flash-attention, probabilities enter the second dot in V's precision.
-        weighted_v = _interpreter_safe_dot(probs.to(v.dtype), v, input_precision=DOT_PRECISION)  # [BLOCK_H, D]
+        weighted_v = _interpreter_safe_dot(_interpreter_safe_cast(probs, v.dtype), v,
+                                           input_precision=DOT_PRECISION)                 # [BLOCK_H, D]
         acc = acc * correction[:, None] + weighted_v
         running_max = new_max
 
@@ -272,15 +290,16 @@ def _merge_splits_kernel(
     weights = tl.exp2(split_lse - max_lse)                                # [BLOCK_S] relative split sums
     total = tl.sum(weights, axis=0)
     out = tl.sum(weights[:, None] * split_out, axis=0) / total            # [D]
-    tl.store(out_ptr + batch_head * HEAD_DIM + dim_offs, out.to(out_ptr.dtype.element_ty))
+    tl.store(out_ptr + batch_head * HEAD_DIM + dim_offs, _interpreter_safe_cast(out, out_ptr.dtype.element_ty))
     tl.store(lse_ptr + batch_head, (max_lse + tl.log2(total)) * 0.6931471805599453)  # x ln(2): back to base e
 
 
 # True when the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 set before this module was
 # imported): they then take CPU tensors. False when they are compiled for a CUDA GPU, or without Triton.
 INTERPRETED = _runs_in_interpreter(_split_attention_kernel)
-# Read by _interpreter_safe_dot; a global constexpr, so the compiled kernels do not even test it.
-_UPCAST_BF16_DOTS = tl.constexpr(INTERPRETED)
+# Read by _interpreter_safe_dot and _interpreter_safe_cast; a global constexpr, so the compiled kernels do
+# not even test it.
+_BF16_BY_HAND = tl.constexpr(INTERPRETED)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -290,6 +309,8 @@ _UPCAST_BF16_DOTS = tl.constexpr(INTERPRETED)
 # Logical positions per loop iteration. 64 rows x 128 dims of fp16 K and V are 32 KiB per iteration,
 # a common decode tile; tune on your GPU.
 BLOCK_N = 64
+# The merge kernel holds all splits of a head in one [splits, D] tile: at most this many.
+MAX_SPLITS = 64
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -308,6 +329,8 @@ def _check_inputs(q, k, v, index, start, check_index):
         raise ValueError(f"k and v must both be [B, Hkv, N, D], got {tuple(k.shape)} and {tuple(v.shape)}")
     batch, num_heads, head_dim = q.shape
     _, num_kv_heads, cache_len, kv_head_dim = k.shape
+    if 0 in (batch, num_heads, num_kv_heads):
+        raise ValueError(f"q and k need a sample and a head, got q {tuple(q.shape)} and k {tuple(k.shape)}")
     if k.shape[0] != batch or kv_head_dim != head_dim:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch size or head dim")
     if num_heads % num_kv_heads != 0:
@@ -326,28 +349,35 @@ def _check_inputs(q, k, v, index, start, check_index):
     if not (q.device == k.device == v.device == index.device):
         raise ValueError(f"q, k, v, index must be on one device, got {q.device}, {k.device}, "
                          f"{v.device}, {index.device}")
+    if q.device.type != "cuda" and not INTERPRETED:
+        raise ValueError(f"the kernel runs on CUDA tensors (got {q.device}), or on CPU tensors in Triton's "
+                         "interpreter: set TRITON_INTERPRET=1 before kernels.sparse_attention is imported")
+    if isinstance(start, bool) or not isinstance(start, int):
+        raise ValueError(f"start must be an integer, got {start!r}")
     if not 0 <= start <= cache_len:
         raise ValueError(f"start must lie in [0, N={cache_len}], got {start}")
     n_idx = index.shape[1]
     if n_idx + cache_len - start == 0:
         raise ValueError("nothing to attend: index is empty and start == N")
-    # Rows at or past start would be attended twice (or read out of bounds). The check reads the index
-    # back to the host: one synchronisation, which a caller that builds the index itself can skip.
+    # Rows at or past start would be attended twice (or read out of bounds), and so would a row listed twice.
+    # The check reads the index back to the host: one synchronisation, which a caller that builds the
+    # index itself can skip.
     if check_index and n_idx > 0:
         lowest, highest = index.min().item(), index.max().item()
         if lowest < 0 or highest >= start:
             raise ValueError(f"index rows must lie in [0, start={start}), got values in [{lowest}, {highest}]")
+        if (index.sort(dim=1).values.diff(dim=1) == 0).any():
+            raise ValueError("index lists a row twice in one sample: it would be attended twice")
     return batch, num_heads, num_kv_heads, cache_len, head_dim, n_idx
 
 
 def _default_num_splits(num_programs: int, num_blocks: int, device: torch.device) -> int:
     # Aim for about two programs per streaming multiprocessor: batch 1 with 32 KV heads would otherwise
-    # run 32 programs on a 132-SM H100. At most 64 splits: the merge kernel holds all splits of a head
-    # in one [splits, D] tile. The interpreter runs programs one after another: no split helps there.
+    # run 32 programs on a 132-SM H100. The interpreter runs programs one after another: no split helps there.
     if device.type != "cuda" or INTERPRETED:
         return 1
     num_sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(num_blocks, 64, triton.cdiv(2 * num_sms, num_programs)))
+    return max(1, min(num_blocks, triton.cdiv(2 * num_sms, num_programs)))
 
 
 def sparse_decode_attention(q, k, v, index, start, scale=None, *, num_splits=None, return_lse=False,
@@ -356,7 +386,8 @@ def sparse_decode_attention(q, k, v, index, start, scale=None, *, num_splits=Non
 
     q: [B, H, D], k and v: [B, Hkv, N, D] (fp16/bf16/fp32, last dim contiguous), index: [B, n_idx]
     int32/int64 with all rows < start, start: int in [0, N]. scale defaults to D**-0.5.
-    num_splits: chunks of the selected list processed in parallel (default: enough to fill the GPU).
+    num_splits: chunks of the selected list processed in parallel (default: enough to fill the GPU; at most
+    MAX_SPLITS, and at most one per BLOCK_N rows, so that no chunk is empty).
     check_index: verify 0 <= index < start (costs one host synchronisation).
     Returns out [B, H, D] in q.dtype, or (out, lse) with lse [B, H] fp32, the natural-log log-sum-exp
     of the scaled scores, when return_lse=True.
@@ -364,7 +395,6 @@ def sparse_decode_attention(q, k, v, index, start, scale=None, *, num_splits=Non
     if not TRITON_AVAILABLE:
         raise RuntimeError("sparse_decode_attention needs Triton (pip install triton); "
                            "sparse_decode_attention_reference computes the same result in plain torch")
-    start = int(start)
     batch, num_heads, num_kv_heads, cache_len, head_dim, n_idx = _check_inputs(q, k, v, index, start,
                                                                                check_index)
     scale = head_dim ** -0.5 if scale is None else float(scale)
@@ -376,9 +406,9 @@ def sparse_decode_attention(q, k, v, index, start, scale=None, *, num_splits=Non
     num_blocks = triton.cdiv(n_sel, BLOCK_N)
     if num_splits is None:
         num_splits = _default_num_splits(batch * num_kv_heads, num_blocks, q.device)
-    if num_splits < 1:
-        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-    rows_per_split = triton.cdiv(num_blocks, min(num_splits, num_blocks)) * BLOCK_N
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
+        raise ValueError(f"num_splits must be an integer >= 1, got {num_splits!r}")
+    rows_per_split = triton.cdiv(num_blocks, min(num_splits, num_blocks, MAX_SPLITS)) * BLOCK_N
     num_splits = triton.cdiv(n_sel, rows_per_split)
 
     part_out = torch.empty(batch, num_heads, num_splits, head_dim, device=q.device, dtype=torch.float32)

@@ -19,6 +19,7 @@ import torch
 
 from kernels import bench_sparse_attention as bench
 from kernels import sparse_attention as sa
+from kernels.sparse_attention import _interpreter_safe_cast, tl, triton
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -89,6 +90,13 @@ def fresh_kernel_module(name):
     return module
 
 
+def test_peak_bandwidth_is_looked_up_by_whole_words():
+    names = {"NVIDIA H100 80GB HBM3": 3350, "NVIDIA H100 NVL": 3900, "NVIDIA A100-SXM4-80GB": 2039,
+             "NVIDIA A100-SXM4-40GB": 1555, "NVIDIA L4": 300, "NVIDIA L40": 864, "NVIDIA L40S": 864,
+             "NVIDIA GH200 480GB": None, "NVIDIA GeForce RTX 4090": 1008, "NVIDIA GeForce RTX 4090 D": 1008}
+    assert {name: bench.peak_bandwidth_gbps(name) for name in names} == names
+
+
 def test_module_imports_and_reference_runs_without_triton(monkeypatch):
     # A None entry in sys.modules makes `import triton` fail as if it were not installed.
     for name in ("triton", "triton.language", "triton.runtime.interpreter"):
@@ -112,7 +120,8 @@ def test_interpreted_agrees_with_triton_interpret():
     assert sa.INTERPRETED == sa._interpreter_requested()
 
 
-@pytest.mark.parametrize("value,interpreted", [("1", True), ("true", True), ("ON", True), ("0", False), ("", False)])
+@pytest.mark.parametrize("value,interpreted", [("1", True), ("true", True), ("ON", True), ("yes", True), ("Y", True),
+                                               ("0", False), ("no", False), ("", False)])
 def test_private_interpreter_import_failing_falls_back_to_the_environment(monkeypatch, value, interpreted):
     pytest.importorskip("triton")
     monkeypatch.setitem(sys.modules, "triton.runtime.interpreter", None)  # `from ... import` now fails
@@ -132,11 +141,11 @@ def test_kernel_stays_available_on_a_gpu_without_the_private_interpreter_import(
     assert module.TRITON_AVAILABLE
     assert not module.INTERPRETED
     assert isinstance(module._split_attention_kernel, triton.JITFunction)
-    assert not module._UPCAST_BF16_DOTS
-    # The launcher gets as far as its input checks: it is not switched off ("needs Triton").
+    assert not module._BF16_BY_HAND
+    # The launcher gets as far as its input checks (not "needs Triton"), which send CPU tensors to the interpreter.
     q, k, v, index, start = random_case(1, 2, 1, 16, 5, 3, 2, torch.float32)
-    with pytest.raises(ValueError, match="start must lie"):
-        module.sparse_decode_attention(q, k, v, index, 6)
+    with pytest.raises(ValueError, match="runs on CUDA tensors"):
+        module.sparse_decode_attention(q.cpu(), k.cpu(), v.cpu(), index.cpu(), start)
 
 
 # --- the kernel: flash-attention error rule ----------------------------------------------------------------
@@ -172,6 +181,35 @@ def test_kernel_on_avl_decode_step(kernel, dtype):
     assert report["passed"], sa.format_report(report)
 
 
+@triton.jit
+def _bf16_cast_kernel(x_ptr, y_ptr, N: tl.constexpr):
+    offsets = tl.arange(0, N)
+    tl.store(y_ptr + offsets, _interpreter_safe_cast(tl.load(x_ptr + offsets), tl.bfloat16))
+
+
+def test_bf16_casts_round_to_nearest_even(kernel):
+    """The kernels' fp32 -> bf16 casts round as torch (and a GPU) do, in the interpreter too, which on its
+    own drops the low bits: ties to the even neighbour, values past a tie up, infinities kept."""
+    ulp = 2.0 ** -7                                                      # bf16's spacing at 1.0
+    special = [1 + ulp / 2, 1 + 3 * ulp / 2, 1 + ulp / 2 + 2 ** -12, -(1 + ulp / 2 + 2 ** -12), 1 + ulp / 2 - 2 ** -12,
+               3.14159265, -2.71828183, 65504.0, 1e30, -1e-30, 0.0, float("inf"), float("-inf")]
+    x = torch.cat([torch.tensor(special), torch.randn(64 - len(special), generator=torch.Generator().manual_seed(0))])
+    x = x.to(DEVICE)
+    y = torch.empty(64, dtype=torch.bfloat16, device=DEVICE)
+    _bf16_cast_kernel[(1,)](x, y, 64)
+    assert torch.equal(y, x.bfloat16())
+
+
+def test_bf16_output_is_not_biased_toward_zero(kernel):
+    """Rounded, not truncated: the kernel's bf16 outputs miss the float64 truth about as often above it as
+    below it (a cast that drops bits makes nearly every miss shrink the value: 0.9 of them, measured)."""
+    q, k, v, index, start = random_case(2, 8, 2, 128, 200, 120, 60, torch.bfloat16, seed=3)
+    out = kernel(q, k, v, index, start).double()                        # [B, H, D]
+    truth = sa.sparse_decode_attention_reference(q.double(), k.double(), v.double(), index, start)
+    shrinks, grows = (out.abs() < truth.abs()).sum().item(), (out.abs() > truth.abs()).sum().item()
+    assert shrinks / (shrinks + grows) < 0.6
+
+
 def test_log_sum_exp_output(kernel):
     q, k, v, index, start = random_case(2, 4, 2, 64, 130, 90, 30, torch.float16, seed=1)
     out, lse = kernel(q, k, v, index, start, return_lse=True, num_splits=2)
@@ -181,6 +219,19 @@ def test_log_sum_exp_output(kernel):
     # The scores are fp32 dot products of fp16 inputs: a few fp32 ulps of the log-sum-exp (magnitude ~5).
     torch.testing.assert_close(lse.double(), lse_truth, rtol=1e-5, atol=1e-5)
     assert torch.equal(out, kernel(q, k, v, index, start, num_splits=2))
+
+
+def test_kernel_lse_normalises_the_rows_a_policy_rescores(kernel):
+    """The kernel hands a policy only the log-sum-exp (`LastRow` without logits); the probabilities the
+    policy then recomputes from q and K must sum to 1 over the row, in bf16 too, with logits above 10
+    (where bf16 rounds a logit by up to 1/32, and its exp by up to 3%)."""
+    from tinyavl.cache import LastRow
+    q, k, v, index, _ = random_case(1, 8, 2, 128, 90, 90, 0, torch.bfloat16, seed=2)
+    q = q * 6                                                            # logits of magnitude ~10-40
+    _, lse = kernel(q, k, v, index, 0, return_lse=True)                  # dense: every row attended
+    probs = LastRow(lse).probs(q[:, :, None], k, 0, k.shape[2])          # (B, H, N) fp32
+    assert float(lse.abs().max()) > 10
+    torch.testing.assert_close(probs.sum(-1), torch.ones(1, 8, device=DEVICE), atol=1e-4, rtol=0)
 
 
 def test_strided_inputs_are_read_in_place(kernel):
@@ -224,6 +275,9 @@ def _bad_inputs():
         "last dim not contiguous": ((q, k_strided_last_dim, v, index, start), "contiguous"),
         "start past the cache": ((q, k, v, index, 11), r"\[0, N=10\]"),
         "nothing selected": ((q, k, v, index[:, :0], 10), "nothing to attend"),
+        "row listed twice": ((q, k, v, torch.cat([index[:, :2], index[:, :1]], dim=1), start), "twice"),
+        "start not an integer": ((q, k, v, index, 4.5), "start must be an integer"),
+        "no sample": ((q[:0], k[:0], v[:0], index[:0], start), "a sample and a head"),
     }
     return cases
 
@@ -235,6 +289,13 @@ BAD_INPUTS = _bad_inputs()
 def test_launcher_rejects_bad_input(kernel, arguments, message):
     with pytest.raises(ValueError, match=message):
         kernel(*arguments)
+
+
+@pytest.mark.parametrize("num_splits", [0, 2.5, True])
+def test_launcher_rejects_a_bad_split_count(kernel, num_splits):
+    q, k, v, index, start = random_case(1, 2, 1, 16, 5, 3, 2, torch.float32)
+    with pytest.raises(ValueError, match="num_splits must be an integer"):
+        kernel(q, k, v, index, start, num_splits=num_splits)
 
 
 # --- the kernel inside tinyavl: A-VL generation through the kernel path equals the torch path -----------

@@ -81,7 +81,10 @@ class LastRow:
         for first, logits in self.spans:
             if first <= start and end <= first + logits.shape[-1]:
                 return (logits[..., start - first:end - first] - self.lse[..., None]).exp()
-        return (last_row_logits(q, k[:, :, start:end]) - self.lse[..., None]).exp()
+        # In fp32: an lse handed over without logits is the Triton kernel's, whose logits are fp32 products
+        # of the cached values. Logits recomputed in bf16 would each be rounded (by up to 1/8 near 50), and
+        # exp(logit - lse) would then no longer sum to 1 over the row.
+        return (last_row_logits(q.float(), k[:, :, start:end].float()) - self.lse[..., None]).exp()
 
 
 def decode_attention(q, k, v, spans):
