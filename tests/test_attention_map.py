@@ -85,6 +85,22 @@ def test_picture_marks_each_cell(tiny_ckpt):
     assert hot[0] > 200 and hot[1] < 100 and cold != hot
 
 
+def test_a_map_with_more_cells_than_pixels_gets_a_wider_panel(tiny_ckpt):
+    """A thin LLaVA-1.6 canvas can make a map of more than PANEL cells on one side: the panel widens to a
+    pixel a cell, and the hottest cell is still the one painted red, on the right panel."""
+    _, processor = tinyavl.load_pretrained(tiny_ckpt.folder("mha"), device="cpu")
+    image = seen_image(prompt(processor)["pixel_values"][0], processor)
+    rows, columns = 2, 1000
+    roles, heat = torch.full((rows * columns,), COMPUTED), torch.zeros(rows * columns)
+    heat[columns + 700] = 1.0                                          # row 1, column 700
+    picture = draw_attention_map(image, roles, heat, "t", grid=(rows, columns))
+    assert picture.size == (2 * columns + 10, HEADER + rows + SCALE)
+    hot, cold = picture.getpixel((columns + 10 + 700, HEADER + 1)), picture.getpixel((columns + 10 + 699, HEADER + 1))
+    assert hot[0] > 200 and hot[1] < 100 and cold != hot
+    tall = draw_attention_map(image, roles, heat, "t", grid=(columns, rows))
+    assert tall.size == (2 * PANEL + 10, HEADER + columns + SCALE)
+
+
 def test_picture_shows_the_question_and_a_colour_scale(tiny_ckpt):
     """The question is written above the panels (its line is blank without one), and under the heat panel
     a scale runs from the grey of zero attention to the red of the hottest cell."""

@@ -115,6 +115,14 @@ def test_hires_top_without_the_view_is_refused():
         generate(model, ids, pixels, hires_top=2, max_new_tokens=1)
 
 
+@pytest.mark.parametrize("top", [-1, 5, 2.5, True])
+def test_a_block_count_the_view_cannot_read_is_refused(top):
+    model = tiny_model()                                                # 2 x 2 blocks
+    ids, pixels, hires_pixels = inputs()
+    with pytest.raises(UserError, match="from 0 to 4"):
+        generate(model, ids, pixels, hires_pixel_values=hires_pixels, hires_top=top, max_new_tokens=1)
+
+
 def cached_logits(model, policy, params, steps=4):
     """(steps + 1, vocab): the prefill's and each greedy decode step's logits under a policy, with the view."""
     ids, pixels, hires_pixels = inputs()

@@ -182,6 +182,14 @@ def test_16_bit_grey_keeps_the_high_byte(tmp_path):
         assert_close(pixels, processor_for().preprocess(Image.frombytes("L", (9, 1), bytes(expected))))
 
 
+def test_32_bit_grey_within_8_bits_is_read_as_transformers_reads_it():
+    """A mode "I" image whose values lie in 0..255 (a 32-bit integer TIFF, `convert("I")` of an 8-bit grey
+    image) is 8-bit data: kept as it is, not taken for 16-bit data (which would make it black)."""
+    image = Image.new("I", (9, 1))
+    image.putdata([0, 1, 17, 64, 128, 200, 254, 255, 90])
+    assert_close(processor_for().preprocess(image), hf_pixels(image, SIZE, SIZE))
+
+
 def test_float_image_is_read_as_0_to_255():
     image = Image.new("F", (3, 1))
     image.putdata([-3.0, 100.2, 300.0])

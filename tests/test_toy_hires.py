@@ -494,6 +494,27 @@ def test_golden_fine_digit(hires_toy, image):
     assert processor.decode(tokens).strip() == truth[question] and stats.hires_tokens_read > 0
 
 
+def test_the_map_frames_the_blocks_the_model_reads(hires_toy, tmp_path, monkeypatch):
+    """--hires-threshold on a FlexAttention model frames its own blocks (hires_config.blocks a side, 4 here),
+    those hires.select_blocks takes from the drawn layer's heat, not hires.BLOCKS' 9 of LLaVA-1.5."""
+    from tinyavl import attention_map, hires
+    model, processor = hires_toy
+    inputs = processor(processor.chat_prompt("What digit is at row 1 column 3?"),
+                       image=HIRES_TOY / "examples" / "scene-0.png")
+    cache = tinyavl.make_cache("full")
+    tinyavl.generate(model, **inputs, max_new_tokens=1, policy=cache)
+    drawn = []
+    draw = attention_map.draw_attention_map
+    monkeypatch.setattr(attention_map, "draw_attention_map", lambda *a, **k: drawn.append(a[6]) or draw(*a, **k))
+    layer = model.config.hires.first_layer - 1                          # the layer that selects
+    attention_map.save_attention_map(tmp_path / "map.png", model, processor, inputs, cache, layer, hires_threshold=48)
+    side = model.config.vision.image_size // model.config.vision.patch_size
+    heat = attention_map.image_heat(model, inputs["input_ids"], inputs["pixel_values"], layer)
+    expected = hires.select_blocks(heat[None], (side, side), 48, model.config.hires.blocks)[0]
+    assert model.config.hires.blocks == 4 != hires.BLOCKS
+    assert torch.equal(drawn[0], expected)
+
+
 # ---------------------------------------------------------------------------------------------------
 # The committed in-sequence toy (weights/toy-tiles): what FlexAttention is measured against
 # ---------------------------------------------------------------------------------------------------

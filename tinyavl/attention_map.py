@@ -114,10 +114,13 @@ def draw_attention_map(image: Image.Image, roles: torch.Tensor, heat: torch.Tens
     rows, columns = grid or (math.isqrt(len(roles)),) * 2
     if rows * columns != len(roles):
         raise ValueError(f"{len(roles)} image tokens do not fill a {rows} x {columns} grid of cells")
-    cell = PANEL / max(rows, columns)
-    width, height = round(cell * columns), round(cell * rows)  # a panel: PANEL px on its longer side
+    # A panel is PANEL px on its longer side, or wider where a side has more than PANEL cells (a thin
+    # LLaVA-1.6 canvas): every cell gets a pixel at least.
+    cell = max(PANEL / max(rows, columns), 1.0)
+    width, height = round(cell * columns), round(cell * rows)
+    panel = max(PANEL, width)                                  # the x where the right panel starts, less 10
     base = image.resize((width, height), Image.Resampling.NEAREST)
-    canvas = Image.new("RGB", (2 * PANEL + 10, HEADER + height + SCALE), (255, 255, 255))
+    canvas = Image.new("RGB", (2 * panel + 10, HEADER + height + SCALE), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     draw.text((4, 4), f"Q: {question}", fill=(0, 0, 0))
     draw.text((4, 22), title, fill=(0, 0, 0))
@@ -145,7 +148,7 @@ def draw_attention_map(image: Image.Image, roles: torch.Tensor, heat: torch.Tens
         for i, j in blocks.nonzero().tolist():
             glow.rectangle((round(j * width / n), round(i * height / n), round((j + 1) * width / n) - 1,
                             round((i + 1) * height / n) - 1), outline=BLOCK, width=2)
-    canvas.paste(right, (PANEL + 10, top))
+    canvas.paste(right, (panel + 10, top))
 
     # The colour scale: the same red over the same grey, from 0 (left) to the peak share (right).
     bar = Image.new("RGB", (PANEL, 10), (128, 128, 128))
@@ -153,11 +156,11 @@ def draw_attention_map(image: Image.Image, roles: torch.Tensor, heat: torch.Tens
     for x in range(PANEL):
         ramp.line([(x, 0), (x, 9)], fill=(*HEAT, int(220 * x / (PANEL - 1))))
     bar_top = top + height + 4
-    canvas.paste(bar, (PANEL + 10, bar_top))
+    canvas.paste(bar, (panel + 10, bar_top))
     draw.text((4, bar_top), footnote, fill=(0, 0, 0))
-    draw.text((PANEL + 10, bar_top + 12), "0", fill=(0, 0, 0))
+    draw.text((panel + 10, bar_top + 12), "0", fill=(0, 0, 0))
     label = f"{peak:.3f} of the attention"
-    draw.text((2 * PANEL + 10 - 6 * len(label) - 2, bar_top + 12), label, fill=(0, 0, 0))
+    draw.text((panel + PANEL + 10 - 6 * len(label) - 2, bar_top + 12), label, fill=(0, 0, 0))
     return canvas
 
 
@@ -183,10 +186,12 @@ def save_attention_map(path, model, processor, inputs, cache: KVCache, layer: in
 
     layer: the decoder layer to show; default the last one. question: the text shown above the panels.
     hires_threshold: also frame the blocks FlexAttention's selection takes from the heat of the first
-    picture (hires.BLOCKS per side, fewer where the grid has fewer tokens); None: no selection."""
+    picture (as many per side as the model's hires_config reads, or hires.BLOCKS for a model without one;
+    fewer where the grid has fewer tokens); None: no selection."""
     layer = map_layer(model, layer)
     heat = image_heat(model, inputs["input_ids"], inputs["pixel_values"], layer, inputs.get("image_sizes"))
     roles = image_roles(cache, layer)
+    blocks_per_side = hires.BLOCKS if model.config.hires is None else model.config.hires.blocks
     strips = []
     for i, picture in enumerate(token_pictures(model, processor, inputs)):
         cells = roles[picture.tokens]
@@ -198,7 +203,7 @@ def save_attention_map(path, model, processor, inputs, cache: KVCache, layer: in
         blocks, footnote = None, ""
         if hires_threshold is not None and i == 0:  # the low-resolution view, which FlexAttention selects from
             blocks = hires.select_blocks(heat[picture.tokens][None], picture.grid, hires_threshold,
-                                         min(hires.BLOCKS, *picture.grid))[0]          # (n, n)
+                                         min(blocks_per_side, *picture.grid))[0]       # (n, n)
             footnote = (f"FlexAttention's selection (blue, threshold {hires_threshold:g}): "
                         f"{int(blocks.sum())} of {blocks.numel()} blocks")
         strips.append(draw_attention_map(picture.image, cells, heat[picture.tokens], title, question, picture.grid,

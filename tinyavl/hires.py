@@ -59,7 +59,9 @@ def threshold_blocks(scores, threshold: float = THRESHOLD):
     """(B, blocks, blocks) bool: the blocks whose best token's normalised attention x 255 exceeds the
     threshold (0 <= threshold < 255; the lower, the more blocks). The count varies with the row."""
     check_threshold(threshold)
-    return scores * 255 > threshold
+    # In float64: a threshold just under 255 would round to 255.0 in fp32, and then not even the row's best
+    # block (score 1) would pass it.
+    return scores.double() * 255 > threshold
 
 
 def select_blocks(image_attention, grid: tuple[int, int], threshold: float = THRESHOLD, blocks: int = BLOCKS):

@@ -98,10 +98,13 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
     Grey (1, L), palette (P), CMYK and float (F, read as 0..255 and clipped) use PIL's own conversion.
     """
-    if img.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
+    # 32-bit integer grey ("I") holding values above 255 is 16-bit data (older Pillows open 16-bit PNGs so);
+    # within 0..255 it is 8-bit data in a wider type, which PIL converts as it is, as transformers does.
+    wide_integers = img.mode == "I" and img.getextrema()[1] > 255
+    if wide_integers or img.mode in ("I;16", "I;16L", "I;16B", "I;16N"):
         # 16-bit grey (PNG, TIFF): PIL's conversion would clip every value above 255 to white, so keep
         # the high byte instead (v >> 8): pack as big-endian 16 bit (clipping to 0..65535) and take
-        # every first byte. Mode "I" is taken as 16-bit data too: older Pillows open such PNGs as "I".
+        # every first byte.
         img = Image.frombytes("L", img.size, img.convert("I").tobytes("raw", "I;16B")[0::2])
     try:
         if "A" in img.getbands() or img.info.get("transparency") is not None:
