@@ -47,6 +47,7 @@ TRITON_INTERPRET=1 at toy sizes in Triton's CPU interpreter). tutorial/05-the-sp
 teaches it step by step.
 """
 import math
+import operator
 import os
 import types
 
@@ -140,7 +141,7 @@ def _runs_in_interpreter(kernel) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The interpreter's bf16 workaround, kept out of the kernels
+# The interpreter's bf16 workarounds, kept out of the kernels
 # ----------------------------------------------------------------------------------------------------------
 
 @triton.jit
@@ -166,14 +167,16 @@ def _interpreter_safe_cast(x, dtype: tl.constexpr):
 
     Why: the interpreter casts fp32 to bf16 by dropping the low 16 bits, which rounds every value toward
     zero; a GPU rounds to nearest even. Under the interpreter a bf16 cast is done by hand on the bits: add
-    half of the dropped part (0x7FFF, plus 1 to break a tie toward the even result), then drop it.
-    Compiled for a GPU the branch is removed and this is exactly x.to(dtype).
+    0x7FFF plus the lowest kept bit (so that a tie goes to the even neighbour), then drop the low 16 bits.
+    A NaN is kept a NaN (the carry could turn some into 0). Compiled for a GPU the branch is removed and
+    this is exactly x.to(dtype).
     """
     if _BF16_BY_HAND:
         if dtype == tl.bfloat16:
             bits = x.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-            return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+            rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+            rounded = tl.where(x != x, 0x7FC0, rounded)                   # a quiet NaN for a NaN
+            return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     return x.to(dtype)
 
 
@@ -322,7 +325,7 @@ def supports(dtype: torch.dtype, head_dim: int) -> bool:
 
 
 def _check_inputs(q, k, v, index, start, check_index):
-    """Validate the arguments; returns (B, H, Hkv, N, D, n_idx). Every problem is a ValueError."""
+    """Validate the arguments; returns (B, H, Hkv, N, D, n_idx, start as an int). Every problem is a ValueError."""
     if q.dim() != 3:
         raise ValueError(f"q must be [B, H, D], got shape {tuple(q.shape)}")
     if k.dim() != 4 or v.shape != k.shape:
@@ -352,8 +355,7 @@ def _check_inputs(q, k, v, index, start, check_index):
     if q.device.type != "cuda" and not INTERPRETED:
         raise ValueError(f"the kernel runs on CUDA tensors (got {q.device}), or on CPU tensors in Triton's "
                          "interpreter: set TRITON_INTERPRET=1 before kernels.sparse_attention is imported")
-    if isinstance(start, bool) or not isinstance(start, int):
-        raise ValueError(f"start must be an integer, got {start!r}")
+    start = integer("start", start)
     if not 0 <= start <= cache_len:
         raise ValueError(f"start must lie in [0, N={cache_len}], got {start}")
     n_idx = index.shape[1]
@@ -363,12 +365,24 @@ def _check_inputs(q, k, v, index, start, check_index):
     # The check reads the index back to the host: one synchronisation, which a caller that builds the
     # index itself can skip.
     if check_index and n_idx > 0:
-        lowest, highest = index.min().item(), index.max().item()
+        repeated = (index.sort(dim=1).values.diff(dim=1) == 0).any()
+        lowest, highest, twice = torch.stack([index.min(), index.max(), repeated.to(index.dtype)]).tolist()
         if lowest < 0 or highest >= start:
             raise ValueError(f"index rows must lie in [0, start={start}), got values in [{lowest}, {highest}]")
-        if (index.sort(dim=1).values.diff(dim=1) == 0).any():
+        if twice:
             raise ValueError("index lists a row twice in one sample: it would be attended twice")
-    return batch, num_heads, num_kv_heads, cache_len, head_dim, n_idx
+    return batch, num_heads, num_kv_heads, cache_len, head_dim, n_idx, start
+
+
+def integer(name: str, value) -> int:
+    """value as an int if it is an integer (a Python, numpy or 0-d tensor one; not a bool, nor 4.5):
+    else a ValueError naming it."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
 
 
 def _default_num_splits(num_programs: int, num_blocks: int, device: torch.device) -> int:
@@ -388,15 +402,16 @@ def sparse_decode_attention(q, k, v, index, start, scale=None, *, num_splits=Non
     int32/int64 with all rows < start, start: int in [0, N]. scale defaults to D**-0.5.
     num_splits: chunks of the selected list processed in parallel (default: enough to fill the GPU; at most
     MAX_SPLITS, and at most one per BLOCK_N rows, so that no chunk is empty).
-    check_index: verify 0 <= index < start (costs one host synchronisation).
+    check_index: verify 0 <= index < start and that no row is listed twice in a sample (costs one host
+    synchronisation).
     Returns out [B, H, D] in q.dtype, or (out, lse) with lse [B, H] fp32, the natural-log log-sum-exp
     of the scaled scores, when return_lse=True.
     """
     if not TRITON_AVAILABLE:
         raise RuntimeError("sparse_decode_attention needs Triton (pip install triton); "
                            "sparse_decode_attention_reference computes the same result in plain torch")
-    batch, num_heads, num_kv_heads, cache_len, head_dim, n_idx = _check_inputs(q, k, v, index, start,
-                                                                               check_index)
+    batch, num_heads, num_kv_heads, cache_len, head_dim, n_idx, start = _check_inputs(q, k, v, index, start,
+                                                                                      check_index)
     scale = head_dim ** -0.5 if scale is None else float(scale)
     group = num_heads // num_kv_heads
     n_sel = n_idx + cache_len - start
@@ -406,7 +421,8 @@ def sparse_decode_attention(q, k, v, index, start, scale=None, *, num_splits=Non
     num_blocks = triton.cdiv(n_sel, BLOCK_N)
     if num_splits is None:
         num_splits = _default_num_splits(batch * num_kv_heads, num_blocks, q.device)
-    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
+    num_splits = integer("num_splits", num_splits)
+    if num_splits < 1:
         raise ValueError(f"num_splits must be an integer >= 1, got {num_splits!r}")
     rows_per_split = triton.cdiv(num_blocks, min(num_splits, num_blocks, MAX_SPLITS)) * BLOCK_N
     num_splits = triton.cdiv(n_sel, rows_per_split)

@@ -86,8 +86,8 @@ def test_picture_marks_each_cell(tiny_ckpt):
 
 
 def test_a_map_with_more_cells_than_pixels_gets_a_wider_panel(tiny_ckpt):
-    """A thin LLaVA-1.6 canvas can make a map of more than PANEL cells on one side: the panel widens to a
-    pixel a cell, and the hottest cell is still the one painted red, on the right panel."""
+    """A LLaVA-1.6 config whose canvases are many tiles long can make a map of more than PANEL cells on one
+    side: the panel widens to a pixel a cell, and the hottest cell is still the one painted red, on the right panel."""
     _, processor = tinyavl.load_pretrained(tiny_ckpt.folder("mha"), device="cpu")
     image = seen_image(prompt(processor)["pixel_values"][0], processor)
     rows, columns = 2, 1000

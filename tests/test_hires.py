@@ -1,6 +1,7 @@
 """FlexAttention's block selection (tinyavl/hires.py) against hand-computed maps, and its frames in the picture."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -94,8 +95,10 @@ def test_bad_settings_are_refused():
     for threshold in (-1, 255, math.nan):
         with pytest.raises(UserError, match="0 <= T < 255"):
             hires.threshold_blocks(torch.rand(1, 3, 3), threshold)
-    with pytest.raises(ValueError, match="cannot choose"):
-        hires.top_blocks(torch.rand(1, 3, 3), 10)
+    for count in (10, -1, 2.5, True):
+        with pytest.raises(UserError, match="from 0 to 9"):
+            hires.top_blocks(torch.rand(1, 3, 3), count)
+    assert int(hires.top_blocks(torch.rand(1, 3, 3), np.int64(4)).sum()) == 4   # numpy's integers are integers
 
 
 def test_the_picture_frames_the_selected_blocks():

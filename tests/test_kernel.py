@@ -14,6 +14,7 @@ matters for fp32 inputs). A failure prints max and mean errors of both.
 import importlib.util
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -189,15 +190,19 @@ def _bf16_cast_kernel(x_ptr, y_ptr, N: tl.constexpr):
 
 def test_bf16_casts_round_to_nearest_even(kernel):
     """The kernels' fp32 -> bf16 casts round as torch (and a GPU) do, in the interpreter too, which on its
-    own drops the low bits: ties to the even neighbour, values past a tie up, infinities kept."""
+    own drops the low bits: ties to the even neighbour, values past a tie up, infinities and NaNs kept
+    (also a NaN whose every bit is set, which rounding by hand would carry over to 0)."""
     ulp = 2.0 ** -7                                                      # bf16's spacing at 1.0
-    special = [1 + ulp / 2, 1 + 3 * ulp / 2, 1 + ulp / 2 + 2 ** -12, -(1 + ulp / 2 + 2 ** -12), 1 + ulp / 2 - 2 ** -12,
-               3.14159265, -2.71828183, 65504.0, 1e30, -1e-30, 0.0, float("inf"), float("-inf")]
-    x = torch.cat([torch.tensor(special), torch.randn(64 - len(special), generator=torch.Generator().manual_seed(0))])
+    special = torch.tensor([1 + ulp / 2, 1 + 3 * ulp / 2, 1 + ulp / 2 + 2 ** -12, -(1 + ulp / 2 + 2 ** -12),
+                            1 + ulp / 2 - 2 ** -12, 3.14159265, -2.71828183, 65504.0, 1e30, -1e-30, 0.0,
+                            float("inf"), float("-inf"), float("nan")])
+    all_ones_nan = torch.tensor([-1], dtype=torch.int32).view(torch.float32)
+    x = torch.cat([special, all_ones_nan, torch.randn(64 - len(special) - 1, generator=torch.Generator().manual_seed(0))])
     x = x.to(DEVICE)
     y = torch.empty(64, dtype=torch.bfloat16, device=DEVICE)
     _bf16_cast_kernel[(1,)](x, y, 64)
-    assert torch.equal(y, x.bfloat16())
+    nan = x.isnan()
+    assert torch.equal(y.isnan(), nan) and torch.equal(y[~nan], x[~nan].bfloat16())
 
 
 def test_bf16_output_is_not_biased_toward_zero(kernel):
@@ -289,6 +294,30 @@ BAD_INPUTS = _bad_inputs()
 def test_launcher_rejects_bad_input(kernel, arguments, message):
     with pytest.raises(ValueError, match=message):
         kernel(*arguments)
+
+
+def test_splits_are_capped_at_max_splits(kernel, monkeypatch):
+    """Asked for more splits than MAX_SPLITS (here set to 2), the launcher runs MAX_SPLITS, and the
+    result is still the attention: 200 rows, 4 blocks of 64."""
+    launched, merge = [], sa._merge_splits_kernel
+
+    class CountedMerge:  # the merge kernel's launch, which is handed the number of splits
+        def __getitem__(self, grid):
+            return lambda *args, **options: launched.append(args[4]) or merge[grid](*args, **options)
+
+    monkeypatch.setattr(sa, "MAX_SPLITS", 2)
+    monkeypatch.setattr(sa, "_merge_splits_kernel", CountedMerge())
+    q, k, v, index, start = random_case(1, 2, 1, 64, 200, 0, 0, torch.float32)
+    out = kernel(q, k, v, index, start, num_splits=8)
+    assert launched == [2]
+    torch.testing.assert_close(out, sa.sparse_decode_attention_reference(q, k, v, index, start), atol=1e-5, rtol=1e-5)
+
+
+def test_integer_arguments_may_be_numpy_or_tensor_integers(kernel):
+    q, k, v, index, start = random_case(1, 2, 1, 16, 9, 6, 3, torch.float32)
+    expected = kernel(q, k, v, index, start, num_splits=1)
+    for as_given in (np.int64(start), torch.tensor(start)):
+        assert torch.equal(kernel(q, k, v, index, as_given, num_splits=np.int32(1)), expected)
 
 
 @pytest.mark.parametrize("num_splits", [0, 2.5, True])

@@ -114,8 +114,8 @@ def draw_attention_map(image: Image.Image, roles: torch.Tensor, heat: torch.Tens
     rows, columns = grid or (math.isqrt(len(roles)),) * 2
     if rows * columns != len(roles):
         raise ValueError(f"{len(roles)} image tokens do not fill a {rows} x {columns} grid of cells")
-    # A panel is PANEL px on its longer side, or wider where a side has more than PANEL cells (a thin
-    # LLaVA-1.6 canvas): every cell gets a pixel at least.
+    # A panel is PANEL px on its longer side, or wider where a side has more than PANEL cells (a LLaVA-1.6
+    # config whose canvases are many tiles long; the published ones make at most 72): a pixel a cell at least.
     cell = max(PANEL / max(rows, columns), 1.0)
     width, height = round(cell * columns), round(cell * rows)
     panel = max(PANEL, width)                                  # the x where the right panel starts, less 10

@@ -301,8 +301,8 @@ def attention_step_seconds(cache) -> list[float]:
 
 def ms_at(per_step: list[float], token: int, window: int = 8) -> float:
     """The median (ms) of a per-decode-step time over the `window` steps that end at the given generated
-    token (the steps that make tokens token - window + 1 .. token)."""
-    return 1e3 * statistics.median(per_step[token - window - 1:token - 1])
+    token (the steps that make tokens token - window + 1 .. token; fewer near the start)."""
+    return 1e3 * statistics.median(per_step[max(0, token - window - 1):token - 1])
 
 
 def run_case(model, n_img: int, new_tokens: int, rates: dict) -> tuple[dict, list[int]]:
@@ -353,8 +353,9 @@ def growth(model, n_img: int) -> dict:
 def print_case(case: dict) -> None:
     print(f"\nimage block {case['image_tokens']} tokens, prompt {case['prompt_tokens']} tokens, "
           f"{case['new_tokens']} new tokens")
-    header = (f"{'policy':10s} {'KV peak':>9s} {'KV vs full':>10s} {'attended':>8s} {'prefill s':>9s} {'decode ms':>9s} "
-              f"{'floor ms':>8s} {'/ floor':>7s} {'/ hw floor':>10s} {'step vs full':>12s} {'attn ms':>7s}  same tokens")
+    header = (f"{'policy':10s} {'KV peak':>9s} {'KV vs full':>10s} {'attended':>8s} {'prefill s':>9s} "
+              f"{'decode ms':>9s} {'floor ms':>8s} {'/ floor':>7s} {'/ hw floor':>10s} {'step vs full':>12s} "
+              f"{'attn ms':>7s}  same tokens")
     print(header + "\n" + "-" * len(header))
     full = case["policies"]["full"]
     for name, r in case["policies"].items():

@@ -28,6 +28,8 @@ fixed.
 whose window i covers rows floor(24 i / 9) .. ceil(24 (i + 1) / 9) - 1, so neighbouring windows share a
 row. Block i of the high-resolution map is still exactly the i-th ninth of the image.
 """
+import operator
+
 import torch
 import torch.nn.functional as F
 
@@ -77,11 +79,21 @@ def check_threshold(threshold: float) -> None:
                         f"attention), got {threshold:g}")
 
 
+def check_block_count(count, side: int) -> None:
+    """A fixed number of blocks to read (`top_blocks`) is an integer (Python's or numpy's) from 0 to side^2."""
+    try:
+        within = not isinstance(count, bool) and 0 <= operator.index(count) <= side * side
+    except TypeError:  # 2.5, "3": not an integer
+        within = False
+    if not within:
+        raise UserError(f"the number of high-resolution blocks to read must be an integer from 0 to {side * side} "
+                        f"({side} x {side} blocks), got {count!r}")
+
+
 def top_blocks(scores, count: int):
     """(B, blocks, blocks) bool: the `count` best-scored blocks of each row, a fixed budget (ties: topk's)."""
     B, side, _ = scores.shape
-    if not 0 <= count <= side * side:
-        raise ValueError(f"cannot choose {count} of {side * side} blocks")
+    check_block_count(count, side)
     chosen = torch.zeros(B, side * side, dtype=torch.bool, device=scores.device)
     chosen.scatter_(1, scores.flatten(1).topk(count, dim=1).indices, True)         # (B, blocks^2)
     return chosen.view(B, side, side)

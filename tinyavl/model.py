@@ -741,9 +741,8 @@ class LlavaForConditionalGeneration(nn.Module):
             raise UserError("this model has no FlexAttention projections (no hires_config in config.json): "
                             "its hierarchical attention stays off; --hires-threshold draws the selection only")
         h, S = self.config.hires, self.config.vision.image_size
-        if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= h.blocks ** 2):
-            raise UserError(f"the number of high-resolution blocks to read must be an integer from 0 to "
-                            f"{h.blocks ** 2} (this model's {h.blocks} x {h.blocks}), got {top!r}")
+        if top is not None:
+            hires.check_block_count(top, h.blocks)  # before the view is built, not in the forward pass
         B = hires_pixel_values.shape[0]
         if hires_pixel_values.shape[1:] != (3, h.scale * S, h.scale * S):
             raise ValueError(f"hires_pixel_values are {tuple(hires_pixel_values.shape)}, the high-resolution view "

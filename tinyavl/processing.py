@@ -99,7 +99,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
     Grey (1, L), palette (P), CMYK and float (F, read as 0..255 and clipped) use PIL's own conversion.
     """
     # 32-bit integer grey ("I") holding values above 255 is 16-bit data (older Pillows open 16-bit PNGs so);
-    # within 0..255 it is 8-bit data in a wider type, which PIL converts as it is, as transformers does.
+    # within 0..255 it is 8-bit data in a wider type, which PIL converts as it is, as transformers does. (So a
+    # 16-bit PNG whose every value is under 256 reads dark as "I;16", as Pillow 13 opens it, bright as "I".)
     wide_integers = img.mode == "I" and img.getextrema()[1] > 255
     if wide_integers or img.mode in ("I;16", "I;16L", "I;16B", "I;16N"):
         # 16-bit grey (PNG, TIFF): PIL's conversion would clip every value above 255 to white, so keep

@@ -58,7 +58,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
-import safetensors.torch
+from safetensors.torch import save as safetensors_bytes
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 
 from tinyavl.cli import (TOY_WEIGHTS, ArgumentParser, check_training_args, first_paragraph,
@@ -350,7 +350,7 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
 def write_safetensors(tensors: dict, path: Path, metadata: dict) -> None:
     """`tensors` as a safetensors file at `path`. Written with open(), not by safetensors' save_file, which
     makes a file only its owner can read (0600): this one gets what the umask gives any new file."""
-    Path(path).write_bytes(safetensors.torch.save(tensors, metadata=metadata))
+    Path(path).write_bytes(safetensors_bytes(tensors, metadata=metadata))
 
 
 @dataclass
