@@ -83,6 +83,14 @@ def test_benchmark_baselines_compute_the_same_attention():
     torch.testing.assert_close(bench.dense_sdpa(q, k, v), dense_reference, rtol=1e-5, atol=1e-5)
 
 
+def test_benchmark_correctness_check_runs_two_splits(kernel, launched_splits):
+    """The benchmark's check (the small one, as the interpreter runs it) passes in every dtype and covers
+    the merge of two splits: its lists are longer than one block."""
+    for dtype in sa.SUPPORTED_DTYPES:
+        bench.correctness_check(DEVICE, dtype, small=True)
+    assert set(launched_splits) == {2}
+
+
 def fresh_kernel_module(name):
     """Execute kernels/sparse_attention.py again as a new module, under whatever the test monkeypatched."""
     spec = importlib.util.spec_from_file_location(name, sa.__file__)
@@ -296,20 +304,26 @@ def test_launcher_rejects_bad_input(kernel, arguments, message):
         kernel(*arguments)
 
 
-def test_splits_are_capped_at_max_splits(kernel, monkeypatch):
-    """Asked for more splits than MAX_SPLITS (here set to 2), the launcher runs MAX_SPLITS, and the
-    result is still the attention: 200 rows, 4 blocks of 64."""
+@pytest.fixture
+def launched_splits(monkeypatch):
+    """The number of splits of every launch from here on, read where the merge kernel is launched."""
     launched, merge = [], sa._merge_splits_kernel
 
-    class CountedMerge:  # the merge kernel's launch, which is handed the number of splits
+    class CountedMerge:  # kernel[grid](*args): args[4] is num_splits
         def __getitem__(self, grid):
             return lambda *args, **options: launched.append(args[4]) or merge[grid](*args, **options)
 
-    monkeypatch.setattr(sa, "MAX_SPLITS", 2)
     monkeypatch.setattr(sa, "_merge_splits_kernel", CountedMerge())
+    return launched
+
+
+def test_splits_are_capped_at_max_splits(kernel, monkeypatch, launched_splits):
+    """Asked for more splits than MAX_SPLITS (here set to 2), the launcher runs MAX_SPLITS, and the
+    result is still the attention: 200 rows, 4 blocks of 64."""
+    monkeypatch.setattr(sa, "MAX_SPLITS", 2)
     q, k, v, index, start = random_case(1, 2, 1, 64, 200, 0, 0, torch.float32)
     out = kernel(q, k, v, index, start, num_splits=8)
-    assert launched == [2]
+    assert launched_splits == [2]
     torch.testing.assert_close(out, sa.sparse_decode_attention_reference(q, k, v, index, start), atol=1e-5, rtol=1e-5)
 
 
