@@ -13,8 +13,8 @@ import pytest
 
 import main
 import tinyavl
-from tinyavl.toy.scenes import IMAGE_SIZE, PATCH
-from tinyavl.toy.evaluate import ABLATIONS, BUDGETS, SWEEP_POLICIES, held_out_set, is_correct
+from tinyavl.toy.scenes import IMAGE_SIZE, PATCH, PROMPT_KINDS
+from tinyavl.toy.evaluate import ABLATIONS, BUDGETS, SWEEP_POLICIES, evaluate, held_out_set, is_correct
 from tinyavl.toy.evaluate import main as evaluate_main
 
 TOY = Path(__file__).resolve().parent.parent / "weights" / "toy"
@@ -131,10 +131,26 @@ def test_evaluate_table_runs_every_policy_at_every_budget(tmp_path, capsys):
     sweep = rows[1:1 + (1 + len(SWEEP_POLICIES)) * len(BUDGETS)]                   # without the ablations
     by_budget = {b: {r["policy"]: r["kv_ratio"] for r in sweep if r["budget"] == b} for b in BUDGETS}
     assert by_budget[0.5]["random"] > by_budget[0.25]["random"] > by_budget[0.1]["random"]
-    # At half the image every peer holds about random's bytes (measured, not nominal).
+    # At half the image every peer holds about random's bytes (measured, not nominal); those whose knobs are
+    # shares of the sequence hold them on each kind of prompt, captions (long answers) included.
     for policy in SWEEP_POLICIES:
         assert by_budget[0.5][policy] == pytest.approx(by_budget[0.5]["random"], abs=0.04), policy
+    control, *peers = (r for r in sweep if r["budget"] == 0.5 and r["policy"] in ("random", "h2o", "streaming"))
+    for peer in peers:
+        for kind, ratio in control["kv_ratio_by_type"].items():
+            assert peer["kv_ratio_by_type"][kind] == pytest.approx(ratio, abs=0.025), (peer["policy"], kind)
     assert plot.is_file()
+
+
+def test_each_kind_of_prompt_runs_with_its_own_parameters(toy):
+    """params_by_type: the caption runs with a window of 0.3 of the sequence, the short answers with 0.9,
+    and each kind's measured bytes follow its own (StreamingLLM holds 4 sinks + floor(recent x length))."""
+    model, processor = toy
+    by_type = {kind: {"recent": 0.3 if kind == "caption" else 0.9} for kind in PROMPT_KINDS}
+    report = evaluate(model, processor, held_out_set(seed=5, n_scenes=1), "streaming", params_by_type=by_type)
+    assert report["policy_params_by_type"] == {kind: {"sinks": 4, **params} for kind, params in by_type.items()}
+    for kind, ratio in report["kv_ratio_by_type"].items():
+        assert ratio == pytest.approx(by_type[kind]["recent"], abs=0.03), kind
 
 
 def test_evaluate_full_holds_exactly_the_dense_cache(capsys):

@@ -2,8 +2,8 @@
 import pytest
 from PIL import Image
 
-from tinyavl.toy.evaluate import (FASTV_MAX_R, budget_params, caption_errors, format_table, plot_sweep,
-                                  wilson_interval)
+from tinyavl.toy.evaluate import (FASTV_MAX_R, Question, budget_params, caption_errors, format_table, is_correct,
+                                  plot_sweep, shown_params, wilson_interval)
 from tinyavl.toy.scenes import Scene, SceneObject
 from tinyavl.toy.plot import HEIGHT, MARGIN, PALETTE, WIDTH
 
@@ -55,7 +55,8 @@ def report(policy, accuracy, kv, budget, params=None):
             "accuracy_by_type": {k: accuracy for k in ("colour", "shape", "count", "digit", "where", "caption")},
             "accuracy_by_type_ci": {k: wilson_interval(right // 6, 10)
                                     for k in ("colour", "shape", "count", "digit", "where", "caption")},
-            "caption_objects": accuracy, "kv_ratio": kv, "attended_ratio": kv}
+            "caption_objects": accuracy, "kv_ratio": kv, "kv_ratio_by_type": {"caption": kv + 0.05},
+            "attended_ratio": kv}
 
 
 def test_table_shows_intervals_and_the_share_of_full():
@@ -64,7 +65,11 @@ def test_table_shows_intervals_and_the_share_of_full():
     assert len(lines) == 4 and lines[0].count("|") == lines[2].count("|") == lines[3].count("|")
     low, high = wilson_interval(54, 60)
     assert f"0.900 ({low:.3f}-{high:.3f})" in lines[3] and "| 0.900 |" in lines[3]   # accuracy, then of full
-    assert "S=0.5" in lines[3]
+    assert "S=0.5" in lines[3] and "| 0.65 |" in lines[3]                             # KV bytes on captions
+    by_type = report("h2o", 0.9, 0.6, 0.5)
+    by_type["policy_params_by_type"] = {kind: {"heavy": 0.15, "recent": 0.45 + 0.01 * (kind == "caption")}
+                                        for kind in ("colour", "where", "caption")}
+    assert shown_params(by_type) == "heavy=0.15 recent=0.45-0.46 (caption 0.46)"
 
 
 def test_sweep_plot_is_a_png_with_every_policy_drawn(tmp_path):
@@ -83,6 +88,16 @@ def test_sweep_plot_is_a_png_with_every_policy_drawn(tmp_path):
         x = left + r["kv_ratio"] * (right - left)
         y = bottom - r["accuracy"] * (bottom - top)
         assert pixels.getpixel((round(x), round(y))) == colour, r["policy"]
+
+
+def test_a_caption_is_right_in_any_order_with_each_object_once():
+    scene = Scene((SceneObject("circle", "red", 1, 2, 5, (220, 40, 40)),
+                   SceneObject("square", "blue", 3, 4, None, (50, 90, 235))))
+    question = Question(0, "caption", "Describe the image.", scene.caption(), scene)
+    red, blue = (obj.describe() for obj in scene.objects)
+    assert is_correct(question, f"{red} and {blue}") and is_correct(question, f"{blue} and {red}")
+    assert not is_correct(question, f"{red} and {blue} and {red}")       # a repeat: three objects named
+    assert not is_correct(question, red)
 
 
 def test_caption_errors_name_the_wrong_fields():

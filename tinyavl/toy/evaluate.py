@@ -19,9 +19,9 @@ rows attended per decode step (summed over layers) over the dense count. attenti
 high-resolution keys a FlexAttention toy's view read (tinyavl/toy/evaluate_hires.py), both per answer.
 
 The table (`budget_sweep`): for each share of image tokens kept (BUDGETS), `random` runs first and its
-measured kv_ratio is the budget; A-VL keeps the same share of image tokens (so about the same bytes),
-and the other peers get the knobs that hold the same bytes as far as their knobs reach
-(`budget_params`). Rows show each policy's measured ratio, so a reader sees how close each came;
+measured kv_ratio is the budget, kind of prompt by kind of prompt (kv_ratio_by_type); A-VL keeps the
+same share of image tokens (so about the same bytes), and the other peers get the knobs that hold the
+same bytes on each kind as far as their knobs reach (`budget_params`). Rows show each policy's measured ratio, so a reader sees how close each came;
 nothing is tuned on accuracy.
 """
 import math
@@ -40,7 +40,7 @@ from tinyavl.errors import UserError
 from tinyavl.files import check_apart_from_inputs, check_output_file
 from tinyavl.generate import generate
 from tinyavl.toy.plot import save_line_plot
-from tinyavl.toy.scenes import PROMPT_KINDS, Scene, parse_caption, scene_stream
+from tinyavl.toy.scenes import PROMPT_KINDS, Scene, caption_parts, parse_caption, scene_stream
 
 BUDGETS = (0.5, 0.25, 0.1)   # shares of the image tokens kept, A-VL's S; 0.5 is A-VL's default
 Z95 = 1.959964               # the standard normal's 97.5% quantile: a two-sided 95% interval
@@ -110,7 +110,8 @@ def caption_errors(prediction: str, scene: Scene) -> Counter:
 
 def is_correct(question: Question, prediction: str) -> bool:
     if question.kind == "caption":
-        return parse_caption(prediction) == parse_caption(question.answer)
+        # In any order, but each object once: a caption that names one twice says something else too.
+        return sorted(caption_parts(prediction)) == sorted(caption_parts(question.answer))
     return prediction.strip() == question.answer
 
 
@@ -132,26 +133,37 @@ def attention_pairs(stats) -> int:
 
 
 def evaluate(model, processor, questions: list[Question], policy: str | KVCache = "full", params: dict | None = None,
-             max_new_tokens: int = 64, on_answer=None, hires_mode: str = "selection") -> dict:
+             max_new_tokens: int = 64, on_answer=None, hires_mode: str = "selection",
+             params_by_type: dict | None = None) -> dict:
     """Run every question under a policy (a registered name and its params, or a cache built elsewhere);
     the report as a dict (see the module docstring).
 
     One cache runs every question in turn (each is a new sequence: `begin` resets it), so a policy with
-    a seeded draw (`random`) draws a fresh set for each. on_answer(question, prediction, cache, inputs)
-    is called after each answer (for pictures). hires_mode (HIRES_MODES) says what a FlexAttention model
-    reads of the high-resolution view: nothing, the selection's blocks, or every block."""
+    a seeded draw (`random`) draws a fresh set for each. params_by_type {prompt kind: params}, instead of
+    params: the questions of each kind run with their own (the report then has "policy_params_by_type").
+    on_answer(question, prediction, cache, inputs) is called after each answer (for pictures). hires_mode
+    (HIRES_MODES) says what a FlexAttention model reads of the high-resolution view: nothing, the
+    selection's blocks, or every block."""
     if hires_mode not in HIRES_MODES:
         raise ValueError(f"hires_mode must be one of {HIRES_MODES}, got {hires_mode!r}")
-    cache = policy if isinstance(policy, KVCache) else make_cache(policy, **(params or {}))
+    if params_by_type is not None and (params is not None or isinstance(policy, KVCache)):
+        raise ValueError("params_by_type replaces params, for a policy given by name")
+    if params_by_type is not None:
+        cache_of = {kind: make_cache(policy, **kind_params) for kind, kind_params in params_by_type.items()}
+    else:
+        cache = policy if isinstance(policy, KVCache) else make_cache(policy, **(params or {}))
+        cache_of = dict.fromkeys(PROMPT_KINDS, cache)
     right = {kind: 0 for kind in PROMPT_KINDS}
     asked = {kind: 0 for kind in PROMPT_KINDS}
     objects_right = objects_total = 0
     wrong_fields = Counter(dict.fromkeys([*CAPTION_FIELDS, "objects"], 0))
-    kv_bytes = kv_dense = attended = attended_dense = pairs = hires_read = 0
+    attended = attended_dense = pairs = hires_read = 0
+    kv_bytes, kv_dense = Counter(dict.fromkeys(PROMPT_KINDS, 0)), Counter(dict.fromkeys(PROMPT_KINDS, 0))
     hires = model.config.hires
     every_block = None if hires is None or hires_mode != "every block" else hires.blocks ** 2
     start = time.perf_counter()
     for question in questions:
+        cache = cache_of[question.kind]
         inputs = processor(processor.chat_prompt(question.text), image=question.scene.image())
         hires_pixels = None if hires_mode == "low-res" else inputs.get("hires_pixel_values")
         token_ids, stats = generate(model, inputs["input_ids"], inputs["pixel_values"],
@@ -165,10 +177,10 @@ def evaluate(model, processor, questions: list[Question], policy: str | KVCache 
             objects_right += caption_objects_right(prediction, question.scene)
             wrong_fields.update(caption_errors(prediction, question.scene))
             objects_total += len(question.scene.objects)
-        kv_bytes += stats.kv_cache_bytes
+        kv_bytes[question.kind] += stats.kv_cache_bytes
+        kv_dense[question.kind] += stats.kv_cache_bytes_dense
         pairs += attention_pairs(stats)
         hires_read += stats.hires_tokens_read
-        kv_dense += stats.kv_cache_bytes_dense
         steps = len(stats.attended_per_layer)
         if steps:
             attended += stats.attended_tokens_per_step * steps
@@ -176,8 +188,11 @@ def evaluate(model, processor, questions: list[Question], policy: str | KVCache 
         if on_answer:
             on_answer(question, prediction, cache, inputs)
     kinds = [kind for kind in PROMPT_KINDS if asked[kind]]
+    any_cache = next(iter(cache_of.values()))
+    by_type = {} if params_by_type is None else {
+        "policy_params_by_type": {kind: kind_cache.params() for kind, kind_cache in cache_of.items()}}
     return {
-        "policy": cache.name, "policy_params": cache.params(),
+        "policy": any_cache.name, "policy_params": {} if by_type else any_cache.params(), **by_type,
         "n_questions": len(questions),
         "accuracy": sum(right.values()) / len(questions),
         "accuracy_ci": wilson_interval(sum(right.values()), len(questions)),
@@ -185,7 +200,8 @@ def evaluate(model, processor, questions: list[Question], policy: str | KVCache 
         "accuracy_by_type_ci": {kind: wilson_interval(right[kind], asked[kind]) for kind in kinds},
         "caption_objects": objects_right / objects_total if objects_total else None,
         "caption_errors": dict(wrong_fields),  # summed over captions (caption_errors)
-        "kv_ratio": kv_bytes / kv_dense,
+        "kv_ratio": sum(kv_bytes.values()) / sum(kv_dense.values()),
+        "kv_ratio_by_type": {kind: kv_bytes[kind] / kv_dense[kind] for kind in kinds},
         "attended_ratio": attended / attended_dense if attended_dense else None,
         "attention_pairs": pairs / len(questions),       # per answer (attention_pairs)
         "hires_tokens_read": hires_read / len(questions),  # per answer, summed over layers
@@ -199,7 +215,8 @@ def budget_params(policy: str, image_keep: float, kv_ratio: float, n_layers: int
     - random: S = image_keep. avl: the same S, the core C = 0.6 S (its defaults' ratio, 0.3 / 0.5),
       other knobs at their defaults.
     - h2o, streaming: their budgets are shares of the sequence, so they get r itself (h2o split 1 : 3
-      heavy : recent, as in its defaults).
+      heavy : recent, as in its defaults). budget_sweep gives them r per prompt kind: `random` holds a
+      larger share of a long answer (a caption) than of a short one, where their share is the same.
     - fastv: after layer filter_layer - 1 = 0 (the earliest; from its default 2 a 4-layer model cannot
       reach these budgets) it drops R of the image tokens from the L - 1 later layers. random holds
       1 - (1 - image_keep) s of the dense bytes (s: the image's share of them), FastV 1 - R s (L - 1) / L:
@@ -222,11 +239,12 @@ def budget_sweep(model, processor, questions, log=None, hires_mode: str = "selec
     """`full`, then at every budget of BUDGETS `random` first and each of SWEEP_POLICIES at the bytes
     it held (budget_params), then ABLATIONS. Each report gains "budget": the share of image tokens kept
     (1 for full) and "line": the plot's line it belongs to. hires_mode: as `evaluate`'s."""
-    def run(policy, params, budget, line=None):
+    def run(policy, params, budget, line=None, by_type=None):
         report = {"budget": budget, "line": line or policy,
-                  **evaluate(model, processor, questions, policy, params, hires_mode=hires_mode)}
+                  **evaluate(model, processor, questions, policy, params, hires_mode=hires_mode,
+                             params_by_type=by_type)}
         if log:
-            log(f"budget {budget}: {policy} {report['policy_params']}: accuracy {report['accuracy']:.3f}, "
+            log(f"budget {budget}: {policy} {shown_params(report)}: accuracy {report['accuracy']:.3f}, "
                 f"KV {report['kv_ratio']:.3f} ({report['seconds']:.0f} s)")
         return report
 
@@ -235,8 +253,16 @@ def budget_sweep(model, processor, questions, log=None, hires_mode: str = "selec
     for image_keep in BUDGETS:
         control = run("random", budget_params("random", image_keep, 1.0, n_layers), image_keep)
         reports.append(control)
-        reports += [run(policy, budget_params(policy, image_keep, control["kv_ratio"], n_layers), image_keep)
-                    for policy in SWEEP_POLICIES]
+        for policy in SWEEP_POLICIES:
+            # The bytes `random` held on each kind of prompt: a policy whose knobs are shares of the
+            # sequence (h2o, streaming) gets them kind by kind; the others' knobs do not depend on them.
+            by_type = {kind: budget_params(policy, image_keep, ratio, n_layers)
+                       for kind, ratio in control["kv_ratio_by_type"].items()}
+            params = next(iter(by_type.values()))
+            if all(kind_params == params for kind_params in by_type.values()):
+                reports.append(run(policy, params, image_keep))
+            else:
+                reports.append(run(policy, None, image_keep, by_type=by_type))
     return reports + [run(policy, params, budget, line) for budget, policy, params, line in ABLATIONS]
 
 
@@ -250,20 +276,33 @@ def markdown_table(head: list[str], rows: list[list[str]]) -> list[str]:
     return [lines[0], "|" + "---|" * len(head), *lines[1:]]
 
 
+def shown_params(report: dict) -> str:
+    """A report's policy parameters in a line: "S=0.5 C=0.3", or for parameters set per kind of prompt
+    their range and the caption's value ("recent=0.46-0.50 (caption 0.50)")."""
+    shown = [f"{k}={v}" for k, v in report["policy_params"].items()]
+    by_type = report.get("policy_params_by_type") or {}
+    for name in next(iter(by_type.values()), {}):
+        values = [kind_params[name] for kind_params in by_type.values()]
+        caption = f" (caption {by_type['caption'][name]})" if "caption" in by_type else ""
+        shown.append(f"{name}={values[0]}" if len(set(values)) == 1 else f"{name}={min(values)}-{max(values)}{caption}")
+    return " ".join(shown)
+
+
 def format_table(reports: list[dict]) -> str:
     """A Markdown table: one row per report, accuracy (95% interval) overall and per type, the share of
     full's accuracy, and the measured ratios."""
     full = next((r["accuracy"] for r in reports if r["policy"] == "full"), None)
     head = (["image kept", "policy", "params", "overall", "of full"] + list(PROMPT_KINDS)
-            + ["caption objects", "KV bytes", "attended"])
+            + ["caption objects", "KV bytes", "KV bytes, captions", "attended"])
     rows = []
     for r in reports:
-        params = " ".join(f"{k}={v}" for k, v in r["policy_params"].items())
-        cells = ["-" if r.get("budget") is None else f"{r['budget']:g}", r["policy"], params or "-",
+        cells = ["-" if r.get("budget") is None else f"{r['budget']:g}", r["policy"], shown_params(r) or "-",
                  format_interval(r["accuracy"], r["accuracy_ci"], 3),
                  "-" if not full else f"{r['accuracy'] / full:.3f}"]
         cells += [format_interval(r["accuracy_by_type"][kind], r["accuracy_by_type_ci"][kind]) for kind in PROMPT_KINDS]
+        caption_kv = r["kv_ratio_by_type"].get("caption")
         cells += ["-" if r["caption_objects"] is None else f"{r['caption_objects']:.3f}", f"{r['kv_ratio']:.2f}",
+                  "-" if caption_kv is None else f"{caption_kv:.2f}",
                   "-" if r["attended_ratio"] is None else f"{r['attended_ratio']:.2f}"]
         rows.append(cells)
     return "\n".join(markdown_table(head, rows))

@@ -198,9 +198,14 @@ def scene_stream(split: str, seed: int, fine: bool = False):
         yield random_scene(rng, fine), rng
 
 
+def caption_parts(text: str) -> list[str]:
+    """A caption -> the object descriptions it names, in its order, a repeated one as often as it is named."""
+    return [part.strip() for part in text.split(" and ") if part.strip()]
+
+
 def parse_caption(text: str) -> set[str]:
     """A caption -> the set of object descriptions it names (for scoring against Scene.objects)."""
-    return {part.strip() for part in text.split(" and ") if part.strip()}
+    return set(caption_parts(text))
 
 
 def _mask(rows: tuple[str, ...], x: int, y: int, cell: int, size: int) -> np.ndarray:
