@@ -147,7 +147,11 @@ def test_each_kind_of_prompt_runs_with_its_own_parameters(toy):
     and each kind's measured bytes follow its own (StreamingLLM holds 4 sinks + floor(recent x length))."""
     model, processor = toy
     by_type = {kind: {"recent": 0.3 if kind == "caption" else 0.9} for kind in PROMPT_KINDS}
-    report = evaluate(model, processor, held_out_set(seed=5, n_scenes=1), "streaming", params_by_type=by_type)
+    questions = held_out_set(seed=5, n_scenes=1)
+    with pytest.raises(ValueError, match="no parameters for caption"):                 # checked before any work
+        evaluate(model, processor, questions, "streaming", params_by_type={"colour": {"recent": 0.5}})
+    report = evaluate(model, processor, questions, "streaming", params_by_type=by_type)
+    assert report["policy_params"] is None                                            # no one set of parameters
     assert report["policy_params_by_type"] == {kind: {"sinks": 4, **params} for kind, params in by_type.items()}
     for kind, ratio in report["kv_ratio_by_type"].items():
         assert ratio == pytest.approx(by_type[kind]["recent"], abs=0.03), kind

@@ -8,7 +8,7 @@ attended tokens; and every policy side by side at the same measured KV budgets.
 Each held-out scene (tinyavl/toy/scenes.py, split "eval": no seed replays the training stream) is asked
 one question of every type plus "Describe the image.", each as a fresh single-turn prompt, decoded
 greedily. A short answer is right when it equals the truth exactly; a caption is right only when it
-names every object with its colour, place and digit, and nothing else. `accuracy` is the mean over all
+names every object once with its colour, place and digit, and nothing else. `accuracy` is the mean over all
 prompts (each type weighs the same, since every scene gets one of each); beside every accuracy is its
 95% Wilson score interval (`wilson_interval`).
 
@@ -19,10 +19,10 @@ rows attended per decode step (summed over layers) over the dense count. attenti
 high-resolution keys a FlexAttention toy's view read (tinyavl/toy/evaluate_hires.py), both per answer.
 
 The table (`budget_sweep`): for each share of image tokens kept (BUDGETS), `random` runs first and its
-measured kv_ratio is the budget, kind of prompt by kind of prompt (kv_ratio_by_type); A-VL keeps the
-same share of image tokens (so about the same bytes), and the other peers get the knobs that hold the
-same bytes on each kind as far as their knobs reach (`budget_params`). Rows show each policy's measured ratio, so a reader sees how close each came;
-nothing is tuned on accuracy.
+measured kv_ratio is the budget, kind of prompt by kind of prompt (kv_ratio_by_type); A-VL keeps the same
+share of image tokens (so about the same bytes), and the other peers get the knobs that hold the same bytes
+on each kind as far as their knobs reach (`budget_params`). Rows show each policy's measured ratio, so a
+reader sees how close each came; nothing is tuned on accuracy.
 """
 import math
 import sys
@@ -140,7 +140,8 @@ def evaluate(model, processor, questions: list[Question], policy: str | KVCache 
 
     One cache runs every question in turn (each is a new sequence: `begin` resets it), so a policy with
     a seeded draw (`random`) draws a fresh set for each. params_by_type {prompt kind: params}, instead of
-    params: the questions of each kind run with their own (the report then has "policy_params_by_type").
+    params: one cache per kind, each with its own (the report then has "policy_params_by_type", and
+    "policy_params" None).
     on_answer(question, prediction, cache, inputs) is called after each answer (for pictures). hires_mode
     (HIRES_MODES) says what a FlexAttention model reads of the high-resolution view: nothing, the
     selection's blocks, or every block."""
@@ -149,6 +150,9 @@ def evaluate(model, processor, questions: list[Question], policy: str | KVCache 
     if params_by_type is not None and (params is not None or isinstance(policy, KVCache)):
         raise ValueError("params_by_type replaces params, for a policy given by name")
     if params_by_type is not None:
+        missing = sorted({question.kind for question in questions} - params_by_type.keys())
+        if missing:
+            raise ValueError(f"params_by_type has no parameters for {', '.join(missing)}")
         cache_of = {kind: make_cache(policy, **kind_params) for kind, kind_params in params_by_type.items()}
     else:
         cache = policy if isinstance(policy, KVCache) else make_cache(policy, **(params or {}))
@@ -192,7 +196,7 @@ def evaluate(model, processor, questions: list[Question], policy: str | KVCache 
     by_type = {} if params_by_type is None else {
         "policy_params_by_type": {kind: kind_cache.params() for kind, kind_cache in cache_of.items()}}
     return {
-        "policy": any_cache.name, "policy_params": {} if by_type else any_cache.params(), **by_type,
+        "policy": any_cache.name, "policy_params": None if by_type else any_cache.params(), **by_type,
         "n_questions": len(questions),
         "accuracy": sum(right.values()) / len(questions),
         "accuracy_ci": wilson_interval(sum(right.values()), len(questions)),
@@ -279,7 +283,7 @@ def markdown_table(head: list[str], rows: list[list[str]]) -> list[str]:
 def shown_params(report: dict) -> str:
     """A report's policy parameters in a line: "S=0.5 C=0.3", or for parameters set per kind of prompt
     their range and the caption's value ("recent=0.46-0.50 (caption 0.50)")."""
-    shown = [f"{k}={v}" for k, v in report["policy_params"].items()]
+    shown = [f"{k}={v}" for k, v in (report["policy_params"] or {}).items()]
     by_type = report.get("policy_params_by_type") or {}
     for name in next(iter(by_type.values()), {}):
         values = [kind_params[name] for kind_params in by_type.values()]
@@ -300,7 +304,7 @@ def format_table(reports: list[dict]) -> str:
                  format_interval(r["accuracy"], r["accuracy_ci"], 3),
                  "-" if not full else f"{r['accuracy'] / full:.3f}"]
         cells += [format_interval(r["accuracy_by_type"][kind], r["accuracy_by_type_ci"][kind]) for kind in PROMPT_KINDS]
-        caption_kv = r["kv_ratio_by_type"].get("caption")
+        caption_kv = r.get("kv_ratio_by_type", {}).get("caption")
         cells += ["-" if r["caption_objects"] is None else f"{r['caption_objects']:.3f}", f"{r['kv_ratio']:.2f}",
                   "-" if caption_kv is None else f"{caption_kv:.2f}",
                   "-" if r["attended_ratio"] is None else f"{r['attended_ratio']:.2f}"]
