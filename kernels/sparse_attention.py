@@ -365,8 +365,9 @@ def _check_inputs(q, k, v, index, start, check_index):
     # The check reads the index back to the host: one synchronisation, which a caller that builds the
     # index itself can skip.
     if check_index and n_idx > 0:
-        repeated = (index.sort(dim=1).values.diff(dim=1) == 0).any()
-        lowest, highest, twice = torch.stack([index.min(), index.max(), repeated.to(index.dtype)]).tolist()
+        rows = index.sort(dim=1).values                                  # [B, n_idx], ascending per sample
+        repeated = (rows.diff(dim=1) == 0).any()
+        lowest, highest, twice = torch.stack([rows[:, 0].min(), rows[:, -1].max(), repeated.to(index.dtype)]).tolist()
         if lowest < 0 or highest >= start:
             raise ValueError(f"index rows must lie in [0, start={start}), got values in [{lowest}, {highest}]")
         if twice:

@@ -78,8 +78,11 @@ MAX_THREADS = 256
 
 
 def check_training_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """The trainers' shared flags: a finite positive --lr (inf or nan would train NaN weights for an hour),
-    --eval-every at least 0, and --threads from 1 to MAX_THREADS."""
+    """The trainers' shared flags: --steps and --batch-size at least 1, a finite positive --lr (inf or nan
+    would train NaN weights for an hour), --eval-every at least 0, and --threads from 1 to MAX_THREADS."""
+    for name in ("steps", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if not 1 <= args.threads <= MAX_THREADS:
         parser.error(f"--threads must be from 1 to {MAX_THREADS}, got {args.threads}")
     if not 0 < args.lr < float("inf"):

@@ -8,6 +8,7 @@ one file system), so an error or a Ctrl-C midway leaves the destination as it wa
 """
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 from PIL import Image
@@ -20,12 +21,22 @@ PICTURE_SUFFIXES = tuple(suffix for suffix in (".png", ".jpg", ".jpeg", ".webp",
                          if Image.registered_extensions().get(suffix) in Image.SAVE)
 
 
+@contextmanager
+def as_user_error(label: str):
+    """What the file system refuses while a path is checked (a name too long for it, a loop of links: an
+    OSError or RuntimeError) as a UserError naming `label`."""
+    try:
+        yield
+    except (OSError, RuntimeError) as err:
+        raise UserError(f"{label}: {getattr(err, 'strerror', None) or err}") from None
+
+
 def check_output_file(path: Path, flag: str, inputs: list[Path], suffixes: tuple = PICTURE_SUFFIXES,
                       replace: bool = False) -> None:
     """UserError unless an output file can be written at `path` without touching the inputs: not one of
     them, nor inside an input folder (a model folder), nor an existing file unless `replace` (a command's
     --force, or a file the command itself resumes from). Its name ends in one of `suffixes`."""
-    try:
+    with as_user_error(f"{flag} {path}"):
         if not path.parent.is_dir():
             raise UserError(f"{flag} {path}: folder {path.parent} does not exist")
         if path.suffix.lower() not in suffixes:
@@ -35,8 +46,6 @@ def check_output_file(path: Path, flag: str, inputs: list[Path], suffixes: tuple
         check_apart_from_inputs(path, flag, inputs)  # first: no --force replaces an input
         if path.exists() and not replace:
             raise UserError(f"{flag} {path} already exists: give another name, or --force to replace it")
-    except (OSError, RuntimeError) as err:  # a name too long for the file system, a loop of links
-        raise UserError(f"{flag} {path}: {getattr(err, 'strerror', None) or err}") from None
 
 
 def check_apart_from_inputs(path: Path, flag: str, inputs: list[Path], replaced_whole: bool = False) -> None:
@@ -73,7 +82,7 @@ def check_new_folder(folder: Path, force: bool, inputs: list[Path] = ()) -> None
     not the current folder or one above it, and does not exist (its nearest existing parent a folder that
     can be written to), is empty, or force replaces it. Commands call this before their work, not after an
     hour of training."""
-    try:
+    with as_user_error(str(folder)):
         check_apart_from_inputs(folder, "", inputs, replaced_whole=True)  # first: no --force replaces an input
         target, here = folder.resolve(), Path.cwd().resolve()
         if target == here or target in here.parents:
@@ -89,8 +98,6 @@ def check_new_folder(folder: Path, force: bool, inputs: list[Path] = ()) -> None
             raise UserError(f"{folder} cannot be made: {parent} is a file")
         if not os.access(parent, os.W_OK):
             raise UserError(f"{folder} cannot be made: {parent} cannot be written to")
-    except (OSError, RuntimeError) as err:  # a name too long for the file system, a loop of links
-        raise UserError(f"{folder}: {getattr(err, 'strerror', None) or err}") from None
 
 
 def write_folder_atomically(folder, write, force: bool = False) -> None:
@@ -102,12 +109,12 @@ def write_folder_atomically(folder, write, force: bool = False) -> None:
     try:
         partial.mkdir(parents=True)
         write(partial)
-        if folder.exists() or folder.is_symlink():  # two renames: the old one is out of the way for an instant
+        if os.path.lexists(folder):  # two renames: the old one is out of the way for an instant
             os.replace(folder, old)
         try:
             os.replace(partial, folder)
         except BaseException:  # the second rename failed (or Ctrl-C came between them): the old one returns
-            if not folder.exists() and (old.exists() or old.is_symlink()):
+            if not folder.exists() and os.path.lexists(old):
                 os.replace(old, folder)
             raise
         if old.is_symlink():

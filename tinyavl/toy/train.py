@@ -800,7 +800,7 @@ def main(argv=None) -> None:
     parser.add_argument("--eval-every", type=int, default=500,
                         help="steps between held-out accuracy reports (0: none; they do not change the weights)")
     args = parser.parse_args(argv)
-    for name in ("steps", "batch_size", "vision_layers", "text_layers", "text_width"):
+    for name in ("vision_layers", "text_layers", "text_width"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     for name in ("tune_steps", "vision_steps"):

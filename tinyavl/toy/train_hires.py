@@ -180,9 +180,6 @@ def main(argv=None) -> None:
                         help=f"a .safetensors file to keep the training state in every {CHECKPOINT_EVERY} steps and "
                              "to resume from if it is there (same settings only); removed once --out is written")
     args = parser.parse_args(argv)
-    for name in ("steps", "batch_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
     check_training_args(parser, args)
     try:
         check_new_folder(args.out, args.force, inputs=[args.base])  # before the training, not after
