@@ -1033,6 +1033,80 @@ def test_decode_attention_over_spans_equals_one_softmax_over_their_union(heads, 
             torch.testing.assert_close(row.probs(q, k, start, end).double(), probs[..., columns], atol=1e-6, rtol=0)
 
 
+def test_read_end_rounds_up_to_a_bucket_in_16_bit_floats_on_a_cpu_within_the_buffer():
+    """Where each new shape costs (bf16 and fp16 products on a CPU), a decode step reads up to the next
+    multiple of ROW_BUCKET rows, but never past the rows the buffer has; elsewhere exactly the span."""
+    from tinyavl.cache import ROW_BUCKET, read_end
+
+    def buffer(rows, dtype):
+        return torch.zeros(1, 2, rows, 8, dtype=dtype)
+
+    end = ROW_BUCKET + 6  # in the second bucket, which ends at 2 ROW_BUCKET
+    for dtype in (torch.bfloat16, torch.float16):
+        assert read_end(end, buffer(3 * ROW_BUCKET, dtype)) == 2 * ROW_BUCKET
+        assert read_end(end, buffer(end + 3, dtype)) == end + 3      # the buffer ends first
+        assert read_end(ROW_BUCKET, buffer(3 * ROW_BUCKET, dtype)) == ROW_BUCKET  # on a bucket's edge already
+    for dtype in (torch.float32, torch.float64):
+        assert read_end(end, buffer(3 * ROW_BUCKET, dtype)) == end
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2)])
+def test_decode_attention_read_past_the_last_span_counts_only_the_spans(heads, kv_heads):
+    """In bf16 on a CPU decode_attention reads rows past its last span (`read_end`): rows the cache no
+    longer holds, here planted to take all the attention and to carry huge values, must change nothing:
+    the output and log-sum-exp are the float64 softmax's over the spans' rows, and the logits handed over
+    cover the spans' rows only."""
+    from tinyavl.cache import decode_attention, read_end
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(2, heads, 1, 16, generator=g)
+    k, v = torch.randn(2, kv_heads, 200, 16, generator=g), torch.randn(2, kv_heads, 200, 16, generator=g)
+    k[:, :, 70:], v[:, :, 70:] = 4 * q[:, ::heads // kv_heads].sign(), 1e4  # logits ~ 10 above the others
+    q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    assert read_end(70, k) > 70                                                    # rows past the span are read
+    out, last_row = decode_attention(q, k, v, [(0, 7), (19, 70)])
+    joined_k, joined_v = torch.cat([k[:, :, :7], k[:, :, 19:70]], 2), torch.cat([v[:, :, :7], v[:, :, 19:70]], 2)
+    logits = naive_logits(q, joined_k)                                             # (2, H, 1, 58) float64
+    expected = logits.softmax(-1) @ joined_v.double().repeat_interleave(heads // kv_heads, dim=1)
+    torch.testing.assert_close(out.double(), expected, atol=3e-2, rtol=0)
+    torch.testing.assert_close(last_row.lse.double(), logits[:, :, 0].logsumexp(-1), atol=3e-2, rtol=0)
+    assert [(start, span.shape[-1]) for start, span in last_row.spans] == [(0, 7), (19, 51)]
+
+
+@pytest.mark.parametrize("policy", ["full", "avl", "h2o"])
+def test_bf16_decode_on_a_cpu_meets_a_new_shape_once_a_bucket_and_reads_no_uninitialised_room(monkeypatch, policy):
+    """The point of `read_end`: over 100 bf16 decode steps, whose held rows grow (or, evicting, move) by
+    a row a step, the products meet a handful of row counts, not one per step. The rows past the held
+    ones that it reads must be zeros or rows once held, never memory as allocated: with every new buffer
+    allocated full of NaN, as uninitialised memory may be, the tokens are the same."""
+    import tinyavl.cache as cache_module
+    torch.manual_seed(0)
+    model = build_model(2, 4, 42, 7, "full", seed=11).to(torch.bfloat16)
+    ids, pixel_values = make_prompt(model, 3, 30, seed=0)
+    row_counts = []
+    last_row_logits = cache_module.last_row_logits
+
+    def counting(q, k):
+        row_counts.append(k.shape[2])
+        return last_row_logits(q, k)
+
+    monkeypatch.setattr(cache_module, "last_row_logits", counting)
+    tokens, _ = tinyavl.generate(model, ids, pixel_values.bfloat16(), max_new_tokens=100, eos_token_id=(),
+                                 policy=policy)
+    # Prefill and decode: 2-6 row counts here; 45-99 when every step reads its rows exactly.
+    assert len(set(row_counts)) <= 6, sorted(set(row_counts))
+    monkeypatch.setattr(cache_module, "last_row_logits", last_row_logits)
+
+    new_empty = torch.Tensor.new_empty
+
+    def nan_filled(self, *size, **kwargs):
+        t = new_empty(self, *size, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch.Tensor, "new_empty", nan_filled)
+    assert tinyavl.generate(model, ids, pixel_values.bfloat16(), max_new_tokens=100, eos_token_id=(),
+                            policy=policy)[0] == tokens
+
+
 @pytest.mark.parametrize("keys_first", [True, False])
 @pytest.mark.parametrize("heads,kv_heads,rows", [(4, 4, 1), (8, 2, 1), (4, 4, 3), (8, 2, 3)])
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])

@@ -109,6 +109,18 @@ def test_caption_errors_name_the_wrong_fields():
     # The first digit is left out, the second is made up, and a third object is named.
     said = "red circle at row 1 column 2 and blue square at row 3 column 4 with digit 1 and red cross at row 1 column 1"
     assert caption_errors(said, scene) == dict(colour=0, shape=0, place=0, digit=2, objects=1)
+    # Objects are paired by what they say, not by where the caption puts them: named in the other order,
+    # nothing is wrong; the first left out, the second is still right; a third made up first, the two
+    # that follow are still the scene's.
+    said = "blue square at row 3 column 4 and red circle at row 1 column 2 with digit 5"
+    assert caption_errors(said, scene) == dict(colour=0, shape=0, place=0, digit=0, objects=0)
+    assert caption_errors("blue square at row 3 column 4", scene) == dict(colour=0, shape=0, place=0, digit=0, objects=1)
+    said = "green cross at row 2 column 2 and " + scene.caption()
+    assert caption_errors(said, scene) == dict(colour=0, shape=0, place=0, digit=0, objects=1)
+    # Colour, shape and place wrong against either object; no digit, as the square has none: 3 wrong
+    # fields paired with the square, 4 with the circle.
+    said = "green cross at row 4 column 1"
+    assert caption_errors(said, scene) == dict(colour=1, shape=1, place=1, digit=0, objects=1)
 
 
 def test_attention_maps_and_filter_layer_are_checked(tmp_path, capsys):

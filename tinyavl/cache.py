@@ -87,10 +87,30 @@ class LastRow:
         return (last_row_logits(q.float(), k[:, :, start:end].float()) - self.lse[..., None]).exp()
 
 
+# Rows per shape of a decode step's products where a new shape is costly: on a CPU, PyTorch runs bf16 and
+# fp16 matrix products through oneDNN, which builds (and caches) a kernel for every shape it meets. A decode
+# step's last span is a row longer at every step, so every step met a new shape: in a scratch timing here
+# (one layer of 32 heads, 256 steps from 660 rows, bf16) a call took 22 ms on average where 1.8 ms
+# sufficed, and the cost grew with the rows. Read in buckets of 64 rows, a shape is new every 64 steps.
+ROW_BUCKET = 64
+
+
+def read_end(end: int, k) -> int:
+    """Where `decode_attention` stops reading a span that ends at row `end` of the buffer k (B, Hkv, m, hs):
+    `end` itself, or on a CPU in a 16-bit float the next multiple of ROW_BUCKET, as far as k holds rows."""
+    if k.device.type != "cpu" or k.dtype not in (torch.bfloat16, torch.float16):
+        return end
+    return min(-(-end // ROW_BUCKET) * ROW_BUCKET, k.shape[2])
+
+
 def decode_attention(q, k, v, spans):
     """One query's attention over spans of the cached rows, read where they lie (no joined copy): a
-    softmax over all their logits together. q (B, H, 1, hs); k, v (B, Hkv, n, hs); spans [(start, end)].
-    Returns (out (B, H, 1, hs), LastRow): the output, and the row's log-sum-exp and logits per span."""
+    softmax over all their logits together. q (B, H, 1, hs); k, v (B, Hkv, m, hs): the layer's buffers,
+    or any tensors that hold the spans' rows; spans [(start, end)], ascending, end <= m.
+    Returns (out (B, H, 1, hs), LastRow): the output, and the row's log-sum-exp and logits per span.
+
+    The last span may be read past its end, up to `read_end`: the rows there (zeros, or rows the cache
+    no longer holds) get logit -inf, so probability 0, and a value row times 0 adds nothing."""
     B, H, _, hs = q.shape
     Hkv = k.shape[1]
     # Spans that meet are read as one: the same rows then give the same products as for a caller that
@@ -102,11 +122,15 @@ def decode_attention(q, k, v, spans):
         else:
             merged.append((start, end))
     spans = merged
-    logits = [last_row_logits(q, k[:, :, start:end]) for start, end in spans]  # each (B, H, n_span) fp32
+    reads = spans[:-1] + [(spans[-1][0], read_end(spans[-1][1], k))]
+    logits = [last_row_logits(q, k[:, :, start:end]) for start, end in reads]  # each (B, H, rows read) fp32
+    last_rows = spans[-1][1] - spans[-1][0]
+    logits[-1][..., last_rows:] = float("-inf")                              # rows read past the last span
     lse = torch.cat(logits, dim=-1).logsumexp(-1)                               # (B, H)
     # Query head h reads KV head h // G: the probabilities of a GQA group multiply its KV head's values.
     out = sum((span_logits - lse[..., None]).exp().reshape(B, Hkv, H // Hkv, -1).to(v.dtype) @ v[:, :, start:end]
-              for span_logits, (start, end) in zip(logits, spans))         # (B, Hkv, G, hs)
+              for span_logits, (start, end) in zip(logits, reads))         # (B, Hkv, G, hs)
+    logits[-1] = logits[-1][..., :last_rows]
     return out.reshape(B, H, 1, hs), LastRow(lse, [(start, span) for (start, _), span in zip(spans, logits)])
 
 
@@ -332,6 +356,9 @@ class KVCache:
             old = held[layer]
             buffers[layer] = old.new_empty(*old.shape[:2], capacity, *old.shape[3:])
             buffers[layer][:, :, :n] = old
+            # The room is zeros, never whatever memory held: decode_attention may read it (`read_end`)
+            # and multiplies its values by 0, which a NaN there would survive.
+            buffers[layer][:, :, n:] = 0
         self.hold(layer, n)
 
     def rows_to_attend(self, layer: int):
@@ -359,7 +386,10 @@ class KVCache:
         # decode_attention (A-VL on CUDA through the Triton kernel), so policies differ in the rows they
         # read, not in the code that reads them. It is here for the logits it hands over, not for speed:
         # SDPA, which returns no logits, was as fast in fp32 and faster in bf16 (README, benchmark notes).
-        return decode_attention(q, k, v, [(0, k.shape[2])])
+        n = k.shape[2]
+        if rows is None:  # every row: in place in the buffers, whose room past them it may read (`read_end`)
+            k, v = self.k_buffer[layer], self.v_buffer[layer]
+        return decode_attention(q, k, v, [(0, n)])
 
     def update(self, layer: int, q, last_row):
         """Policy hook after the step's attention (q: the step's query rows; last_row: what compute
@@ -619,8 +649,10 @@ class AVLCache(KVCache):
                                                check_index=False)
             return out[:, :, None], LastRow(lse)                        # (B, H, 1, hs); lse (B, H), no logits
         # rows_to_attend's rows are [0, core_end) and [text_start, n): two slices of the buffers (one where
-        # they meet, as when the core is every stored image row: decode_attention joins them).
-        return decode_attention(q, k, v, [(0, n)] if rows is None else [(0, core_end), (self.text_start, n)])
+        # they meet, as when the core is every stored image row: decode_attention joins them), read in the
+        # buffers, whose room past the held rows it may read (`read_end`).
+        spans = [(0, n)] if rows is None else [(0, core_end), (self.text_start, n)]
+        return decode_attention(q, self.k_buffer[layer], self.v_buffer[layer], spans)
 
     def use_kernel(self, q) -> bool:
         """Triton on CUDA tensors ("auto"), or as forced by kernel="triton" / "torch"."""

@@ -91,13 +91,18 @@ def check_training_args(parser: argparse.ArgumentParser, args: argparse.Namespac
         parser.error(f"--eval-every must be at least 0 (0: none), got {args.eval_every}")
 
 
+def interrupted() -> int:
+    """Ctrl-C's one line on stderr, and the status to exit with: 130, the shell's code for an interrupt."""
+    print("interrupted (Ctrl-C)", file=sys.stderr)
+    return 130
+
+
 def main_until_interrupted(main) -> None:
     """Run a command's main(); Ctrl-C ends it with one line and status 130, as run_command does."""
     try:
         main()
     except KeyboardInterrupt:
-        print("interrupted (Ctrl-C)", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(interrupted())
 
 
 # What the system, not tinyavl, refuses: one line, status 1. Other OSErrors are bugs and keep their traceback.
@@ -108,9 +113,8 @@ SYSTEM_REFUSALS = {errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG, errno.ELOOP, 
 def run_command(run, args, show) -> int:
     """A command's exit status: run(args), then its result printed as one JSON object (--json) or by
     show(result). One line on stderr instead of a traceback for: a user's mistake (UserError, status 2),
-    Ctrl-C (status 130, the shell's code for an interrupt), and what the system refused (SYSTEM_REFUSALS:
-    a disk full, a name too long; status 1). A reader that closed stdout early (`| head`) ends the run
-    quietly."""
+    Ctrl-C (status 130), and what the system refused (SYSTEM_REFUSALS: a disk full, a name too long;
+    status 1). A reader that closed stdout early (`| head`) ends the run quietly."""
     try:
         result = run(args)
         if args.json:
@@ -123,8 +127,7 @@ def run_command(run, args, show) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted (Ctrl-C)", file=sys.stderr)
-        return 130
+        return interrupted()
     except BrokenPipeError:
         # Python's own advice: point stdout at nothing, so that its flush at exit cannot fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -29,6 +29,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 from tinyavl import load_pretrained
@@ -98,13 +99,26 @@ CAPTION_FIELDS = {"colour": slice(0, 1), "shape": slice(1, 2), "place": slice(2,
 
 
 def caption_errors(prediction: str, scene: Scene) -> Counter:
-    """Which fields a caption gets wrong, object by object in order: a count for each of CAPTION_FIELDS,
-    and "objects": 1 if it names a different number of objects than the scene has."""
+    """Which fields a caption gets wrong: a count for each of CAPTION_FIELDS over the objects it names,
+    each paired with a scene object (the pairing with the fewest wrong fields in all, so that an object
+    left out or named out of order does not make the ones after it wrong), and "objects": 1 if it names
+    a different number of objects than the scene has."""
     said = [part.split() for part in prediction.split(" and ")]
-    errors = Counter(objects=int(len(said) != len(scene.objects)))
-    for words, obj in zip(said, scene.objects):
-        truth = obj.describe().split()
-        errors.update({field: int(words[part] != truth[part]) for field, part in CAPTION_FIELDS.items()})
+    truths = [obj.describe().split() for obj in scene.objects]
+
+    @cache
+    def fewest(i: int, free: frozenset) -> Counter:
+        """The wrong fields of the best pairing of said[i:] with the scene objects `free`."""
+        if i == len(said) or not free:
+            return Counter()
+        options = [Counter({field: int(said[i][part] != truths[j][part]) for field, part in CAPTION_FIELDS.items()})
+                   + fewest(i + 1, free - {j}) for j in sorted(free)]
+        if len(said) - i > len(free):  # more objects said than left to pair: this one may stay unpaired
+            options.append(fewest(i + 1, free))
+        return min(options, key=lambda errors: sum(errors.values()))
+
+    errors = Counter(dict.fromkeys(CAPTION_FIELDS, 0), objects=int(len(said) != len(truths)))
+    errors.update(fewest(0, frozenset(range(len(truths)))))
     return errors
 
 
@@ -342,6 +356,11 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
+def map_file(folder: Path, kind: str) -> Path:
+    """Where --attention-maps draws the picture of one kind of prompt."""
+    return folder / f"{kind}.png"
+
+
 def run(args) -> dict:
     if args.n < 1:
         raise UserError(f"--n must be at least 1, got {args.n}")
@@ -359,7 +378,7 @@ def run(args) -> dict:
         if args.attention_maps.exists() and not args.attention_maps.is_dir():
             raise UserError(f"--attention-maps {args.attention_maps} is a file: give a folder")
         for kind in PROMPT_KINDS if args.attention_maps.is_dir() else ():  # one picture per kind of prompt
-            check_output_file(args.attention_maps / f"{kind}.png", "--attention-maps", inputs=[args.weights],
+            check_output_file(map_file(args.attention_maps, kind), "--attention-maps", inputs=[args.weights],
                               suffixes=(".png",), replace=args.force)
     make_cache(args.policy, **policy_params(args))  # bad policy parameters fail here, before any work
     if not args.weights.is_dir():
@@ -383,7 +402,7 @@ def run(args) -> dict:
 
         def on_answer(question, prediction, cache, inputs):
             if question.scene_index == 0:
-                save_attention_map(args.attention_maps / f"{question.kind}.png", model, processor, inputs, cache,
+                save_attention_map(map_file(args.attention_maps, question.kind), model, processor, inputs, cache,
                                    question=question.text)
 
     report = evaluate(model, processor, questions, args.policy, policy_params(args), on_answer=on_answer,
