@@ -1055,7 +1055,7 @@ def test_decode_attention_read_past_the_last_span_counts_only_the_spans(heads, k
     """In bf16 on a CPU decode_attention reads rows past its last span (`read_end`): rows the cache no
     longer holds, here planted to take all the attention and to carry huge values, must change nothing:
     the output and log-sum-exp are the float64 softmax's over the spans' rows, and the logits handed over
-    cover the spans' rows only."""
+    cover the spans' rows only, each where it belongs: the probabilities read from them are the softmax's."""
     from tinyavl.cache import decode_attention, read_end
     g = torch.Generator().manual_seed(4)
     q = torch.randn(2, heads, 1, 16, generator=g)
@@ -1070,14 +1070,18 @@ def test_decode_attention_read_past_the_last_span_counts_only_the_spans(heads, k
     torch.testing.assert_close(out.double(), expected, atol=3e-2, rtol=0)
     torch.testing.assert_close(last_row.lse.double(), logits[:, :, 0].logsumexp(-1), atol=3e-2, rtol=0)
     assert [(start, span.shape[-1]) for start, span in last_row.spans] == [(0, 7), (19, 51)]
+    probs = logits.softmax(-1)[:, :, 0]                                            # (2, H, 58): joined columns
+    for start, end, columns in ((19, 70, slice(7, 58)), (60, 70, slice(48, 58)), (0, 7, slice(0, 7))):
+        torch.testing.assert_close(last_row.probs(q, k, start, end).double(), probs[..., columns], atol=1e-2, rtol=0)
 
 
 @pytest.mark.parametrize("policy", ["full", "avl", "h2o"])
 def test_bf16_decode_on_a_cpu_meets_a_new_shape_once_a_bucket_and_reads_no_uninitialised_room(monkeypatch, policy):
     """The point of `read_end`: over 100 bf16 decode steps, whose held rows grow (or, evicting, move) by
-    a row a step, the products meet a handful of row counts, not one per step. The rows past the held
-    ones that it reads must be zeros or rows once held, never memory as allocated: with every new buffer
-    allocated full of NaN, as uninitialised memory may be, the tokens are the same."""
+    a row a step, the products meet a handful of row counts, not one per step; and the tokens are those
+    of exact reads (`read_end` replaced by the span's end). The rows past the held ones that it reads must
+    be zeros or rows once held, never memory as allocated: with every new buffer allocated full of NaN,
+    as uninitialised memory may be, the tokens are the same again."""
     import tinyavl.cache as cache_module
     torch.manual_seed(0)
     model = build_model(2, 4, 42, 7, "full", seed=11).to(torch.bfloat16)
@@ -1095,6 +1099,11 @@ def test_bf16_decode_on_a_cpu_meets_a_new_shape_once_a_bucket_and_reads_no_unini
     # Prefill and decode: 2-6 row counts here; 45-99 when every step reads its rows exactly.
     assert len(set(row_counts)) <= 6, sorted(set(row_counts))
     monkeypatch.setattr(cache_module, "last_row_logits", last_row_logits)
+    monkeypatch.setattr(cache_module, "read_end", lambda end, k: end)
+    exact, _ = tinyavl.generate(model, ids, pixel_values.bfloat16(), max_new_tokens=100, eos_token_id=(),
+                                policy=policy)
+    assert len(set(exact)) > 3 and tokens == exact
+    monkeypatch.undo()
 
     new_empty = torch.Tensor.new_empty
 

@@ -121,6 +121,9 @@ def test_caption_errors_name_the_wrong_fields():
     # fields paired with the square, 4 with the circle.
     said = "green cross at row 4 column 1"
     assert caption_errors(said, scene) == dict(colour=1, shape=1, place=1, digit=0, objects=1)
+    # Objects are the caption's parts as is_correct reads them: no empty ones.
+    assert caption_errors(scene.caption() + " and ", scene) == caption_errors(scene.caption(), scene)
+    assert caption_errors("", scene) == dict(colour=0, shape=0, place=0, digit=0, objects=1)
 
 
 def test_attention_maps_and_filter_layer_are_checked(tmp_path, capsys):

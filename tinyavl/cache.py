@@ -109,8 +109,9 @@ def decode_attention(q, k, v, spans):
     or any tensors that hold the spans' rows; spans [(start, end)], ascending, end <= m.
     Returns (out (B, H, 1, hs), LastRow): the output, and the row's log-sum-exp and logits per span.
 
-    The last span may be read past its end, up to `read_end`: the rows there (zeros, or rows the cache
-    no longer holds) get logit -inf, so probability 0, and a value row times 0 adds nothing."""
+    The last span may be read past its end, up to `read_end`: the rows there get logit -inf, so
+    probability 0, and a value row times 0 adds nothing, if it is a number (0 x NaN is NaN): v's rows up
+    to m must be finite (a cache's are: zeros, or rows it once held)."""
     B, H, _, hs = q.shape
     Hkv = k.shape[1]
     # Spans that meet are read as one: the same rows then give the same products as for a caller that
@@ -130,7 +131,7 @@ def decode_attention(q, k, v, spans):
     # Query head h reads KV head h // G: the probabilities of a GQA group multiply its KV head's values.
     out = sum((span_logits - lse[..., None]).exp().reshape(B, Hkv, H // Hkv, -1).to(v.dtype) @ v[:, :, start:end]
               for span_logits, (start, end) in zip(logits, reads))         # (B, Hkv, G, hs)
-    logits[-1] = logits[-1][..., :last_rows]
+    logits[-1] = logits[-1][..., :last_rows]  # LastRow's logits cover the spans' rows, not those read past
     return out.reshape(B, H, 1, hs), LastRow(lse, [(start, span) for (start, _), span in zip(spans, logits)])
 
 

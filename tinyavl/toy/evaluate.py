@@ -101,9 +101,10 @@ CAPTION_FIELDS = {"colour": slice(0, 1), "shape": slice(1, 2), "place": slice(2,
 def caption_errors(prediction: str, scene: Scene) -> Counter:
     """Which fields a caption gets wrong: a count for each of CAPTION_FIELDS over the objects it names,
     each paired with a scene object (the pairing with the fewest wrong fields in all, so that an object
-    left out or named out of order does not make the ones after it wrong), and "objects": 1 if it names
-    a different number of objects than the scene has."""
-    said = [part.split() for part in prediction.split(" and ")]
+    left out or named out of order does not make the ones after it wrong; among pairings as good, the
+    first in the scene's order), and "objects": 1 if it names a different number of objects than the
+    scene has."""
+    said = [part.split() for part in caption_parts(prediction)]
     truths = [obj.describe().split() for obj in scene.objects]
 
     @cache
