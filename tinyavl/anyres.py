@@ -10,9 +10,10 @@ LLaVA-1.6 (LLaVA-NeXT) keeps more of a large image. Its config lists canvases (`
        the canvas into tiles of the tower's size, row by row (`tile_grid`: rows x columns);
     3. every tile, and the whole image squeezed to one tile (the base crop: all of the image, its
        aspect lost), goes through the vision tower: 576 features each;
-    4. the tiles' features are put back together into one map of the canvas, the rows and columns that
-       show only padding are cut away again (`unpadded_region`), and a learned `image_newline` vector
-       ends every row, so that the flattened sequence still says where a row ends.
+    4. the tiles' features are put back together into one map of the canvas, the padding is cut away
+       again (`unpadded_region`: the middle rows, or columns, as many as the image's side scaled to the
+       map), and a learned `image_newline` vector ends every row, so that the flattened sequence still
+       says where a row ends.
 
 The image block is then the base crop's 576 features followed by the unpadded map, row by row, each row
 closed by its newline (`image_token_count`): 2928 tokens for a 672 x 672 image. The processor
@@ -60,8 +61,9 @@ def tile_grid(image_hw: tuple[int, int], pinpoints, tile: int) -> tuple[int, int
 def unpadded_region(image_hw: tuple[int, int], map_hw: tuple[int, int]) -> tuple[slice, slice]:
     """(rows, columns) of a (height, width) feature map of the padded canvas that show the image.
 
-    The image was fitted to the canvas and centred, so the padding is on two opposite sides, as many
-    feature rows (or columns) on each."""
+    The image was fitted to the canvas and centred, so the padding is on two opposite sides: of the
+    rows (or columns) the image's side does not fill, scaled to the map and rounded down, each side
+    loses half, rounded down. A border row that is part image may go, as in transformers."""
     (h, w), (map_h, map_w) = image_hw, map_hw
     if w / h > map_w / map_h:  # the image is wider than the canvas: padding above and below
         # round(..., 7) before int(): 47.99999999 must count as 48 rows, as transformers counts it
