@@ -125,14 +125,20 @@ def decode_attention(q, k, v, spans):
     spans = merged
     reads = spans[:-1] + [(spans[-1][0], read_end(spans[-1][1], k))]
     logits = [last_row_logits(q, k[:, :, start:end]) for start, end in reads]  # each (B, H, rows read) fp32
-    last_rows = spans[-1][1] - spans[-1][0]
-    logits[-1][..., last_rows:] = float("-inf")                              # rows read past the last span
+    last_span_rows = spans[-1][1] - spans[-1][0]
+    logits[-1][..., last_span_rows:] = float("-inf")                         # rows read past the last span
     lse = torch.cat(logits, dim=-1).logsumexp(-1)                               # (B, H)
     # Query head h reads KV head h // G: the probabilities of a GQA group multiply its KV head's values.
     out = sum((span_logits - lse[..., None]).exp().reshape(B, Hkv, H // Hkv, -1).to(v.dtype) @ v[:, :, start:end]
               for span_logits, (start, end) in zip(logits, reads))         # (B, Hkv, G, hs)
-    logits[-1] = logits[-1][..., :last_rows]  # LastRow's logits cover the spans' rows, not those read past
-    return out.reshape(B, H, 1, hs), LastRow(lse, [(start, span) for (start, _), span in zip(spans, logits)])
+    logits[-1] = logits[-1][..., :last_span_rows]  # LastRow's logits cover the spans' rows, not those read past
+    return out.reshape(B, H, 1, hs), LastRow(lse, [(start, span_logits)
+                                                   for (start, _), span_logits in zip(spans, logits)])
+
+
+def top_rows(scores, count: int):
+    """Indices of the `count` highest scores along the last dim, in ascending (positional) order."""
+    return scores.topk(count, dim=-1).indices.sort(dim=-1).values
 
 
 def core_first_order(scores, n_core: int):
@@ -148,6 +154,14 @@ def group_sum(probs, n_kv_heads: int):
     """(B, H, n) per query head -> (B, Hkv, n): the query heads of a GQA group add onto their KV head."""
     B, H, n = probs.shape
     return probs.reshape(B, n_kv_heads, H // n_kv_heads, n).sum(2)
+
+
+def add_step_attention(scores, probs):
+    """An H2O ledger after a decode step: scores (B, Hkv, n - 1) of the rows held before it, plus the
+    attention this step's query gave every row, probs (B, H, n) summed per KV head. The newest row, the
+    step's own, starts with the attention it gave itself."""
+    B, Hkv, _ = scores.shape
+    return torch.cat([scores, scores.new_zeros(B, Hkv, 1)], dim=-1) + group_sum(probs, Hkv)   # (B, Hkv, n)
 
 
 def causal_column_sums(q, k, first_row: int = 0, chunk: int = 64):
@@ -175,11 +189,6 @@ def causal_column_sums(q, k, first_row: int = 0, chunk: int = 64):
         logits[..., end - c:].masked_fill_(future[:c, :c], float("-inf"))
         sums[..., :end] += logits.softmax(-1).sum(dim=(2, 3))
     return sums
-
-
-def top_rows(scores, count: int):
-    """Indices of the `count` highest scores along the last dim, in ascending (positional) order."""
-    return scores.topk(count, dim=-1).indices.sort(dim=-1).values
 
 
 def heavy_plus_recent(scores, pos, heavy: int, recent: int, length: int):
@@ -317,9 +326,9 @@ class KVCache:
             # its attention over the image: it needs the keys this step attended, as they were, with each
             # head's positions (H2O keeps different rows in each head). Copies: the policy's update evicts
             # and moves rows in place (at the prefill, in the prompt's own tensors).
-            keys, pos = self.k[layer], self.pos[layer]                                    # (B, Hkv, n, hs), (B, Hkv, n)
-            self.hires_keys = ((keys.clone(), pos.clone()) if rows is None
-                               else (keys.index_select(2, rows), pos[..., rows]))
+            keys, key_positions = self.k[layer], self.pos[layer]                     # (B, Hkv, n, hs), (B, Hkv, n)
+            self.hires_keys = ((keys.clone(), key_positions.clone()) if rows is None
+                               else (keys.index_select(2, rows), key_positions[..., rows]))
         self.update(layer, q, last_row)
         return out
 
@@ -334,6 +343,7 @@ class KVCache:
             # `positions`, which every later layer is given, and eviction edits the buffer in place.
             self.k_buffer[layer], self.v_buffer[layer] = k, v
             self.pos_buffer[layer] = pos.clone(memory_format=torch.contiguous_format)
+            self.hold(layer, t)
         else:
             n = self.k[layer].shape[2]
             if n + t > self.k_buffer[layer].shape[2]:
@@ -341,8 +351,7 @@ class KVCache:
             self.k_buffer[layer][:, :, n:n + t] = k
             self.v_buffer[layer][:, :, n:n + t] = v
             self.pos_buffer[layer][:, :, n:n + t] = pos
-            t += n
-        self.hold(layer, t)
+            self.hold(layer, n + t)
 
     def hold(self, layer: int, n: int):
         """The first n buffer rows are the layer's cache: point the k, v, pos views at them."""
@@ -406,8 +415,9 @@ class KVCache:
         """Tokens in the sequence so far, evicted and filtered ones included: the newest row's position + 1.
         Valid while the newest row is last, as `append` puts it: from the append until rows move (`compact`
         may move the newest into a freed slot, and so may `keep` when the prompt ends with an image token).
-        Every policy's update asks before it compacts, and at prefill only about text rows after a `keep`
-        that left them in order."""
+        Every policy's update asks before it compacts, and at prefill after a `keep` only where it left
+        the text rows in order (where the prompt ends with an image token there are none, and A-VL's
+        `evict_text` returns before it uses the answer)."""
         return int(self.pos[layer][0, 0, -1]) + 1
 
     def advance(self, n_tokens: int):
@@ -523,7 +533,8 @@ class KVCache:
     def dense_nbytes(self) -> int:
         """What the dense cache would hold for the same sequence so far."""
         k = next(t for t in self.k if t is not None)
-        return self.n_layers * self.next_pos * 2 * k.shape[0] * k.shape[1] * k.shape[3] * k.element_size()
+        values_per_token = 2 * k.shape[0] * k.shape[1] * k.shape[3]  # K and V: B x Hkv x hs each
+        return self.n_layers * self.next_pos * values_per_token * k.element_size()
 
 
 def image_attention(q, k, n_sys: int, n_img: int):
@@ -620,7 +631,8 @@ class AVLCache(KVCache):
     @property
     def core(self) -> list:
         """Per layer, the core's row indices: the layout puts the core first in the image block, so they
-        are rows n_sys .. n_sys + n_core - 1 of every layer the prefill has reached (None before)."""
+        are rows n_sys .. n_sys + n_core - 1 of every layer the prefill has reached (None before; the
+        layer's `prefill_update` sets its text_scores)."""
         return [None if scores is None else torch.arange(self.n_sys, self.n_sys + self.n_core, device=scores.device)
                 for scores in self.text_scores]
 
@@ -646,6 +658,7 @@ class AVLCache(KVCache):
                 index, tail_start = torch.zeros(0, dtype=torch.long, device=q.device), 0
             else:
                 index, tail_start = rows[:core_end], self.text_start
+            # q (B, H, hs); one index list (1, n_idx) for the batch: A-VL ranks one prompt (image_attention).
             out, lse = sparse_decode_attention(q[:, :, 0], k, v, index[None], tail_start, return_lse=True,
                                                check_index=False)
             return out[:, :, None], LastRow(lse)                        # (B, H, 1, hs); lse (B, H), no logits
@@ -661,7 +674,7 @@ class AVLCache(KVCache):
         # CPU) would land in the first decode step of every CPU run (and in the benchmark's step times).
         if self.kernel == "torch" or (self.kernel == "auto" and not q.is_cuda):
             return False
-        from kernels.sparse_attention import TRITON_AVAILABLE, supports  # on first use: triton is slow to import
+        from kernels.sparse_attention import TRITON_AVAILABLE, supports
         if self.kernel == "auto":  # where the kernel cannot run (no Triton, a head it has no tile for): torch
             return TRITON_AVAILABLE and supports(q.dtype, q.shape[-1])
         require_triton(q.device)
@@ -710,12 +723,9 @@ class AVLCache(KVCache):
         if self.is_update_step():
             image_probs = last_row.probs(q, k, self.n_sys, text_start).mean(1)[0]        # (n_secondary,)
             self.rerank_core(layer, image_probs)
-        # Every text row adds the attention this step's query gave it (per KV head); the new token's
-        # score starts with the attention it gave itself.
+        # Every text row adds the attention this step's query gave it (per KV head).
         text_probs = last_row.probs(q, k, text_start, n)                                 # (B, H, text rows)
-        B, Hkv = k.shape[:2]
-        scores = torch.cat([self.text_scores[layer], torch.zeros(B, Hkv, 1, device=k.device)], dim=-1)
-        self.text_scores[layer] = scores + group_sum(text_probs, Hkv)
+        self.text_scores[layer] = add_step_attention(self.text_scores[layer], text_probs)
         self.evict_text(layer)
 
     def rerank_core(self, layer: int, image_probs):
@@ -765,13 +775,11 @@ class H2OCache(KVCache):
         if self.step == 0:
             self.scores[layer] = causal_column_sums(q, k)
         else:
-            B, Hkv, n = k.shape[:3]
-            scores = torch.cat([self.scores[layer], torch.zeros(B, Hkv, 1, device=k.device)], dim=-1)
-            self.scores[layer] = scores + group_sum(last_row.probs(q, k, 0, n), Hkv)
+            self.scores[layer] = add_step_attention(self.scores[layer], last_row.probs(q, k, 0, k.shape[2]))
         n_logical = self.logical_length(layer)
-        heavy, recent = math.floor(self.heavy * n_logical), window_length(self.recent, n_logical)
-        if k.shape[2] > heavy + recent:
-            keep = heavy_plus_recent(self.scores[layer], self.pos[layer], heavy, recent, n_logical)  # (B, Hkv, n)
+        n_heavy, n_recent = math.floor(self.heavy * n_logical), window_length(self.recent, n_logical)
+        if k.shape[2] > n_heavy + n_recent:
+            keep = heavy_plus_recent(self.scores[layer], self.pos[layer], n_heavy, n_recent, n_logical)  # (B, Hkv, n)
             self.scores[layer] = self.compact(layer, keep, scores=self.scores[layer])
 
 

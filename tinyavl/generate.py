@@ -125,20 +125,20 @@ def generate(model, input_ids, pixel_values=None, *, image_sizes=None, hires_pix
                         "object has its own, set when it was made (make_cache(name, **params))")
     else:
         cache = policy
-    text = model.config.text
+    text_config = model.config.text
     prompt_len = input_ids.shape[1]
-    if prompt_len >= text.max_position_embeddings:
+    if prompt_len >= text_config.max_position_embeddings:
         raise UserError(f"the prompt has {prompt_len} tokens, the model's context is "
-                        f"{text.max_position_embeddings}: shorten the prompt")
-    eos_ids = {text.eos_token_id} if eos_token_id is None else (
+                        f"{text_config.max_position_embeddings}: shorten the prompt")
+    eos_ids = {text_config.eos_token_id} if eos_token_id is None else (
         {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id))
     # Generation also stops at the end of the context.
-    limit = min(max_new_tokens, text.max_position_embeddings - prompt_len)
+    limit = min(max_new_tokens, text_config.max_position_embeddings - prompt_len)
     device = model.language_model.lm_head.weight.device
     generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
 
     n_sys, n_img = image_segments(input_ids, model.config.image_token_id)
-    cache.begin(text.num_hidden_layers, n_sys, n_img, new_tokens=limit)
+    cache.begin(text_config.num_hidden_layers, n_sys, n_img, new_tokens=limit)
 
     def on_device(pixels):  # the image's tensors, if any, where the model is
         return None if pixels is None else pixels.to(device)
@@ -157,8 +157,8 @@ def generate(model, input_ids, pixel_values=None, *, image_sizes=None, hires_pix
     prefill_seconds = time.perf_counter() - start
     prefill_attended = list(cache.attended)
 
-    after_prefill = kv_snapshot(cache)
-    peak = after_prefill
+    prefill_bytes, prefill_modality_bytes, prefill_layer_bytes = kv_snapshot(cache)
+    peak_bytes, peak_modality_bytes = prefill_bytes, prefill_modality_bytes
     tokens, attended, attended_dense = [token], [], []
     if stream:
         stream(token)
@@ -171,8 +171,8 @@ def generate(model, input_ids, pixel_values=None, *, image_sizes=None, hires_pix
             stream(token)
         attended.append(list(cache.attended))
         attended_dense.append(cache.next_pos * cache.n_layers)  # dense: every token in every layer
-        if cache.nbytes() > peak[0]:
-            peak = kv_snapshot(cache)
+        if cache.nbytes() > peak_bytes:
+            peak_bytes, peak_modality_bytes, _ = kv_snapshot(cache)
     decode_seconds = time.perf_counter() - start
 
     steps = len(attended)
@@ -182,10 +182,10 @@ def generate(model, input_ids, pixel_values=None, *, image_sizes=None, hires_pix
         finish_reason=finish_reason,
         prefill_seconds=prefill_seconds, decode_seconds=decode_seconds,
         decode_tokens_per_second=steps / decode_seconds if steps else None,
-        kv_cache_bytes=peak[0], kv_cache_bytes_after_prefill=after_prefill[0],
+        kv_cache_bytes=peak_bytes, kv_cache_bytes_after_prefill=prefill_bytes,
         kv_cache_bytes_dense=cache.dense_nbytes(),
-        modality_bytes_after_prefill=after_prefill[1], modality_bytes_peak=peak[1],
-        layer_bytes_after_prefill=after_prefill[2],
+        modality_bytes_after_prefill=prefill_modality_bytes, modality_bytes_peak=peak_modality_bytes,
+        layer_bytes_after_prefill=prefill_layer_bytes,
         attended_tokens_per_step=sum(map(sum, attended)) / steps if steps else None,
         attended_tokens_per_step_dense=sum(attended_dense) / steps if steps else None,
         attended_per_layer=attended, prefill_attended_per_layer=prefill_attended,

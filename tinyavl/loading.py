@@ -32,7 +32,7 @@ from tinyavl.model import (LLAVA_DEFAULT_VISION, HiresConfig, LlavaConfig, Llava
 # ---------------------------------------------------------------------------------------------------
 
 # TextConfig's defaults are LlamaConfig's. MistralConfig's differ in these (transformers'
-# configuration_mistral.py); its sliding_window defaults to 4096 too, handled in parse_config.
+# configuration_mistral.py); its sliding_window defaults to 4096, handled in parse_config.
 TEXT_MODEL_DEFAULTS = {
     "llama": {},
     "mistral": dict(intermediate_size=14336, num_key_value_heads=8, max_position_embeddings=4096 * 32),
@@ -57,8 +57,9 @@ def parse_config(raw: dict) -> LlavaConfig:
     if text_type not in TEXT_MODEL_DEFAULTS:
         raise UserError(f"text_config.model_type is {text_type!r}: tinyavl implements the Llama (Vicuna) and "
                         "Mistral decoders of LLaVA only")
-    if text_type == "mistral" and text_raw.get("sliding_window", 4096) is not None:
-        raise UserError(f"text_config.sliding_window is {text_raw.get('sliding_window', 4096)!r} (absent means "
+    window = text_raw.get("sliding_window", 4096)  # absent: MistralConfig's default
+    if text_type == "mistral" and window is not None:
+        raise UserError(f"text_config.sliding_window is {window!r} (absent means "
                         "Mistral's default, 4096): tinyavl implements full causal attention, as in "
                         "llava-v1.6-mistral-7b-hf, whose config.json sets it to null")
     if vision_raw is not None and vision_raw.get("model_type", "clip_vision_model") != "clip_vision_model":
@@ -134,8 +135,7 @@ def read_config(folder: Path) -> LlavaConfig:
 # safetensors: key layouts, files, dtypes, streaming
 # ---------------------------------------------------------------------------------------------------
 
-# transformers' own save layouts, rewritten onto the published hub layout. Order matters:
-# the 4.52-4.57 prefixes first, then 5.x's vision tower without `vision_model.`.
+# Prefixes of transformers' own save layouts (4.52-4.57 and 5.x), mapped back to the published hub layout.
 KEY_REWRITES = [
     ("model.language_model.", "language_model.model."),
     ("lm_head.", "language_model.lm_head."),
@@ -151,6 +151,7 @@ def published_key(key: str) -> str:
         if key.startswith(old):
             key = new + key[len(old):]
             break
+    # After the prefix: transformers 5.x also drops `vision_model.` from the vision tower's keys.
     if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
         key = "vision_tower.vision_model." + key[len("vision_tower."):]
     return key
@@ -235,8 +236,11 @@ def ignored_key(model: LlavaForConditionalGeneration, key: str) -> bool:
     if key.endswith((".position_ids", ".rotary_emb.inv_freq")):
         return True
     prefix = "vision_tower.vision_model.encoder.layers."
-    return key.startswith(prefix) and len(model.vision_tower.vision_model.encoder.layers) <= int(
-        key[len(prefix):].split(".")[0]) < model.config.vision.num_hidden_layers
+    if not key.startswith(prefix):
+        return False
+    layer = int(key[len(prefix):].split(".")[0])
+    built = len(model.vision_tower.vision_model.encoder.layers)
+    return built <= layer < model.config.vision.num_hidden_layers  # in the file, never run
 
 
 LM_HEAD = "language_model.lm_head.weight"

@@ -302,13 +302,12 @@ def keys_first(device_type: str, dtype: torch.dtype) -> bool:
 class CLIPVisionEmbeddings(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
-        self.patch_size = config.patch_size
-        self.num_patches = (config.image_size // config.patch_size) ** 2
+        num_patches = (config.image_size // config.patch_size) ** 2
         # zeros, not torch.empty: a fresh model must not start from whatever memory held (training re-inits it)
         self.class_embedding = nn.Parameter(torch.zeros(config.hidden_size))
         self.patch_embedding = nn.Conv2d(config.num_channels, config.hidden_size, config.patch_size,
                                          stride=config.patch_size, bias=False)
-        self.position_embedding = nn.Embedding(self.num_patches + 1, config.hidden_size)
+        self.position_embedding = nn.Embedding(num_patches + 1, config.hidden_size)  # CLS + one per patch
 
     def forward(self, pixel_values):  # (B, 3, H, W)
         patches = self.patch_embedding(pixel_values)                  # (B, C, H/p, W/p)
@@ -360,6 +359,8 @@ class CLIPEncoderLayer(nn.Module):
 
 
 class CLIPEncoder(nn.Module):
+    """Only a level of the checkpoint's keys (vision_model.encoder.layers.N): CLIPVisionTransformer runs the layers."""
+
     def __init__(self, config: VisionConfig, n_layers: int):
         super().__init__()
         self.layers = nn.ModuleList(CLIPEncoderLayer(config) for _ in range(n_layers))
@@ -385,6 +386,8 @@ class CLIPVisionTransformer(nn.Module):
 
 
 class CLIPVisionModel(nn.Module):
+    """Only a level of the checkpoint's keys (vision_tower.vision_model)."""
+
     def __init__(self, config: VisionConfig, n_layers: int):
         super().__init__()
         self.vision_model = CLIPVisionTransformer(config, n_layers)
@@ -470,6 +473,7 @@ class LlamaAttention(nn.Module):
             y = cache.attend(self.layer_idx, q, k, v, positions)  # the policy stores k, v, picks what to attend
         if hires is not None:  # FlexAttention: the current token also reads chosen high-resolution tokens
             if cache is None:
+                # No cache: the keys are this pass's own tokens, at the queries' positions in every head.
                 y = hires.layer(self, norm, q, k, y, positions, positions.expand(B, self.n_kv_heads, T), visible)
             else:  # the keys the policy let this step attend, set aside by cache.attend before it evicted
                 keys, key_positions = cache.hires_keys
@@ -546,7 +550,7 @@ class LlamaForCausalLM(nn.Module):
         x = self.model(x, cache, visible, hires)
         if last_only:  # generation needs only the next-token logits: skip a (T, vocab) matrix
             x = x[:, -1:]
-        return self.lm_head(x).float()  # (B, T, vocab), fp32 for sampling
+        return self.lm_head(x).float()  # (B, T, vocab), or (B, 1, vocab) with last_only; fp32 for sampling
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -596,6 +600,7 @@ class HiresView:
         logits = logits.masked_fill(key_positions[:, :, None, :] > q_positions[rows, None], float("-inf"))  # causal
         if visible is not None:  # keys hidden from every query (the toy's image-token dropout) choose nothing
             logits = logits.masked_fill(~visible[:, None, None, :], float("-inf"))
+        # Layers before first_layer have no _hd projections; a choice still set there is the previous pass's.
         if self.chosen is not None and hasattr(attn, "k_proj_hd"):
             y = self.merge(attn, norm, q[:, :, rows], y, rows, logits.logsumexp(-1))
         if attn.layer_idx >= self.config.first_layer - 1:
@@ -613,6 +618,7 @@ class HiresView:
         is_image = (slot >= 0) & (slot < self.grid ** 2)
         # Each head's probabilities go to the places of its own keys: H2O, for one, keeps different rows per head.
         per_head = probs.new_zeros(B, H, R, self.grid ** 2)                             # (B, H, R, grid^2)
+        # Keys outside the image land on a valid slot (clamp) with their probabilities zeroed.
         per_head.scatter_add_(-1, slot.clamp(0, self.grid ** 2 - 1)[:, :, None, :].expand(B, H, R, n),
                               probs.masked_fill(~is_image[:, :, None, :], 0.0))
         image = per_head.sum(1)                                                         # (B, R, grid^2)
@@ -642,9 +648,10 @@ class HiresView:
         H, R = q_rows.shape[1], q_rows.shape[2]
         out_hd = (probs.to(v_hd.dtype).view(B, attn.n_kv_heads, H // attn.n_kv_heads, R, m)
                   @ v_hd[:, :, None]).reshape(B, H, R, -1)                              # (B, H, R, hs)
-        merged, _ = hires.merge_attention(y[:, :, rows], lse, out_hd, lse_hd)          # (B, H, R, hs)
-        y = y.clone()
-        y[:, :, rows] = (1 - self.alpha) * y[:, :, rows] + self.alpha * merged
+        served = y[:, :, rows]                                                          # (B, H, R, hs)
+        merged, _ = hires.merge_attention(served, lse, out_hd, lse_hd)                  # (B, H, R, hs)
+        y = y.clone()  # not in place: SDPA saved y for its backward (the toy's training)
+        y[:, :, rows] = (1 - self.alpha) * served + self.alpha * merged
         return y
 
 
@@ -663,7 +670,8 @@ class LlavaForConditionalGeneration(nn.Module):
     def __init__(self, config: LlavaConfig):
         super().__init__()
         self.config = config
-        # The feature layer is usually -2: the last CLIP layer never runs, so it is not even built.
+        # Hidden state k is layer k's output (0: the embeddings), so the deepest feature layer is how many
+        # layers to build: with the usual -2 the last CLIP layer never runs, so it is not even built.
         self.vision_tower = CLIPVisionModel(config.vision, n_layers=max(config.feature_layers))
         self.multi_modal_projector = LlavaMultiModalProjector(config)
         self.language_model = LlamaForCausalLM(config.text, None if config.hires is None else config.hires.first_layer)
@@ -747,10 +755,11 @@ class LlavaForConditionalGeneration(nn.Module):
         if hires_pixel_values.shape[1:] != (3, h.scale * S, h.scale * S):
             raise ValueError(f"hires_pixel_values are {tuple(hires_pixel_values.shape)}, the high-resolution view "
                              f"takes (B, 3, {h.scale * S}, {h.scale * S})")
-        crops = hires_pixel_values.view(B, 3, h.scale, S, h.scale, S).permute(0, 2, 4, 1, 3, 5)
+        crops = hires_pixel_values.view(B, 3, h.scale, S, h.scale, S).permute(0, 2, 4, 1, 3, 5)  # (B, scale, scale, 3, S, S)
         features = self.crop_features(crops.reshape(B * h.scale ** 2, 3, S, S))          # (B scale^2, P, C)
         hires_map = torch.stack([stitch_tiles(tiles, h.scale, h.scale).flatten(0, 1)
                                  for tiles in features.split(h.scale ** 2)])              # (B, N_hd, C)
+        # Read off the first prompt: a batch's prompts hold their image at the same position.
         image_start = int((input_ids[0] == self.config.image_token_id).nonzero()[0])
         grid = S // self.config.vision.patch_size
         text = self.config.text
