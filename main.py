@@ -85,7 +85,7 @@ def run(args) -> dict:
         hires.check_threshold(args.hires_threshold)
     model, processor = tinyavl.load_pretrained(args.weights, device=args.device, dtype=args.dtype)
     check_filter_layer(args, model)
-    if args.attention_map is not None:
+    if args.attention_map is not None:  # checked now, so that a wrong --map-layer fails before generating
         layer = map_layer(model, args.map_layer)
     if args.hires_threshold is not None and model.config.hires is None:
         print("this model has no FlexAttention projections (no hires_config): it does not read the blocks; "

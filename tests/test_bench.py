@@ -132,6 +132,16 @@ def test_json_has_the_documented_layout(monkeypatch, capsys):
                                     for name in ("float32", "bfloat16")}
 
 
+def test_a_transformers_mismatch_is_noted_on_stderr_not_in_the_json(model, capsys):
+    """--json promises one object on stdout: the note that transformers' greedy tokens differ from
+    tinyavl's (here made to, by expecting tokens no model gives) goes to stderr."""
+    pytest.importorskip("transformers")
+    rate = bench.transformers_decode_rate(model, bench.prompt_ids(model.config, 12), bench.image_block(model, 12),
+                                          new_tokens=3, expected_tokens=[-1, -1, -1])
+    captured = capsys.readouterr()
+    assert rate > 0 and captured.out == "" and "tokens differ" in captured.err
+
+
 def test_next_blocks_and_the_papers_memory_arithmetic_by_hand():
     """--arch next measures the blocks anyres makes of a 672x672 image (2 x 2 tiles: a 48 x 48 map, a newline
     per row) and a 336x1008 one (1 x 3 tiles: 24 x 72); the memory rows are

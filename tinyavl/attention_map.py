@@ -53,6 +53,7 @@ def image_roles(cache: KVCache, layer: int) -> torch.Tensor:
     held = cache.pos[layer][0].flatten().cpu()                                          # (Hkv * n,)
     roles = torch.isin(image_positions, held).long() * STORED
     if isinstance(cache, AVLCache):  # only A-VL computes fewer image rows than it stores
+        # KV head 0 stands for all: A-VL's image rows are the same in every head (only its text differs).
         core_positions = cache.pos[layer][0, 0, cache.core[layer]].cpu()
         roles[torch.isin(image_positions, core_positions)] = COMPUTED
     else:
@@ -81,7 +82,7 @@ def token_pictures(model, processor, inputs) -> list[TokenPicture]:
     LLaVA-1.6's base crop, then its tile map over the unpadded canvas (newline tokens have no cell)."""
     config = model.config
     crops = inputs["pixel_values"][0]                       # (3, S, S), or NeXT's (n_crops, 3, S, S)
-    side = config.vision.image_size // config.vision.patch_size
+    side = config.vision.image_size // config.vision.patch_size  # patches per crop side (336 / 14 = 24)
     if not config.is_next:
         first = 1 if config.vision_feature_select_strategy == "full" else 0  # CLS comes first
         return [TokenPicture("image", seen_image(crops, processor), torch.arange(first, first + side * side),
@@ -160,6 +161,7 @@ def draw_attention_map(image: Image.Image, roles: torch.Tensor, heat: torch.Tens
     draw.text((4, bar_top), footnote, fill=(0, 0, 0))
     draw.text((panel + 10, bar_top + 12), "0", fill=(0, 0, 0))
     label = f"{peak:.3f} of the attention"
+    # Right-aligned under the bar: PIL's default font is about 6 px a character.
     draw.text((panel + PANEL + 10 - 6 * len(label) - 2, bar_top + 12), label, fill=(0, 0, 0))
     return canvas
 
@@ -175,7 +177,7 @@ def map_layer(model, layer: int | None) -> int:
     if layer is None:
         return n_layers - 1
     if not 0 <= layer < n_layers:
-        raise UserError(f"the map layer must be in 0..{n_layers - 1} (the decoder's layers), got {layer}")
+        raise UserError(f"--map-layer must be in 0..{n_layers - 1} (the decoder's layers), got {layer}")
     return layer
 
 

@@ -48,6 +48,7 @@ and depth; which rows are kept does not).
 import json
 import platform
 import statistics
+import sys
 import time
 from contextlib import contextmanager
 
@@ -100,10 +101,10 @@ def image_block(model, n_img: int, seed: int = 1):
 def prompt_ids(config: LlavaConfig, n_img: int, seed: int = 2):
     generator = torch.Generator().manual_seed(seed)
     high = min(config.image_token_id, config.text.vocab_size)  # random words, never the image token
-    sys_ids = torch.randint(3, high, (N_SYS - 1,), generator=generator)
+    sys_ids = torch.randint(3, high, (N_SYS - 1,), generator=generator)  # 3: past <unk>, <s>, </s>
     text_ids = torch.randint(3, high, (N_TEXT,), generator=generator)
     image_ids = torch.full((n_img,), config.image_token_id)
-    return torch.cat([torch.tensor([1]), sys_ids, image_ids, text_ids])[None]  # (1, T)
+    return torch.cat([torch.tensor([config.text.bos_token_id]), sys_ids, image_ids, text_ids])[None]  # (1, T)
 
 
 def transformers_decode_rate(model, input_ids, pixel_values, new_tokens: int, expected_tokens: list[int]):
@@ -145,7 +146,9 @@ def transformers_decode_rate(model, input_ids, pixel_values, new_tokens: int, ex
             tokens.append(int(out.logits[0, -1].argmax()))
         seconds = time.perf_counter() - start
     if tokens != expected_tokens:
-        print(f"  note: transformers' greedy tokens differ from tinyavl's full attention ({tokens[:8]}...)")
+        # On stderr: with --json, stdout holds one JSON object and nothing else.
+        print(f"  note: transformers' greedy tokens differ from tinyavl's full attention ({tokens[:8]}...)",
+              file=sys.stderr)
     return (new_tokens - 1) / seconds
 
 
@@ -432,12 +435,12 @@ def run_dtype(args, dtype_name: str) -> dict:
         full_tokens.append(tokens)
         if not args.json:
             print_case(case)
-    first = args.image_tokens[0]
-    result["growth"] = {"image_tokens": first, **growth(model, first)}
+    first_n_img = args.image_tokens[0]  # growth and the transformers comparison run on the first block
+    result["growth"] = {"image_tokens": first_n_img, **growth(model, first_n_img)}
     grows = {}  # {(policy, kind): ms from the first of GROWTH_TOKENS to the last}
     for name in ("full", "avl"):
         g = result["growth"][name]
-        log(f"{name:5s} at {first} image tokens: " + ", ".join(
+        log(f"{name:5s} at {first_n_img} image tokens: " + ", ".join(
             f"{g[f'step_ms_at_{t}']:.1f} ms/step ({g[f'attention_ms_at_{t}']:.2f} attn) at token {t}"
             for t in GROWTH_TOKENS))
         for kind in ("step", "attention"):
@@ -445,12 +448,12 @@ def run_dtype(args, dtype_name: str) -> dict:
     log(f"growth from token {GROWTH_TOKENS[0]} to {GROWTH_TOKENS[-1]}: " + ", ".join(
         f"{name} {grows[name, 'step']:+.1f} ms ({grows[name, 'attention']:+.2f} attn)" for name in ("full", "avl")))
     if not args.no_transformers:
-        case = result["cases"][0]
+        first_case = result["cases"][0]
         # image_block again: the image features were last set to the last case's length.
-        rate = transformers_decode_rate(model, prompt_ids(model.config, first), image_block(model, first),
-                                        args.new_tokens, full_tokens[0])
+        rate = transformers_decode_rate(model, prompt_ids(model.config, first_n_img),
+                                        image_block(model, first_n_img), args.new_tokens, full_tokens[0])
         if rate is not None:
-            ours = 1e3 / case["policies"]["full"]["decode_ms"]
+            ours = 1e3 / first_case["policies"]["full"]["decode_ms"]
             result["transformers_decode_ratio"] = ours / rate
             log(f"tinyavl full decode {ours:.2f} tok/s, transformers (sdpa) {rate:.2f} tok/s: ratio {ours / rate:.2f}")
         else:

@@ -53,7 +53,8 @@ def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
             meanings.setdefault(f"{param.help}, {param.allowed()}", []).append(policy)
         defaults = ", ".join(f"{policy} {param.default}" for policy, param in owners.items())
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None,
-                            type=type(next(iter(owners.values())).default),  # one type: test_policy_contract
+                            # every policy declaring the flag gives it this type (test_policy_contract)
+                            type=type(next(iter(owners.values())).default),
                             help="; ".join(f"{', '.join(policies)}: {text}" for text, policies in meanings.items())
                             + f" (default: {defaults})")
 

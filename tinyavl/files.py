@@ -117,7 +117,7 @@ def write_folder_atomically(folder, write, force: bool = False) -> None:
             if not folder.exists() and os.path.lexists(old):
                 os.replace(old, folder)
             raise
-        if old.is_symlink():
+        if old.is_symlink():  # the old folder was a link: remove the link, not what it points to
             old.unlink()
         else:
             shutil.rmtree(old, ignore_errors=True)

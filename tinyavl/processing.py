@@ -66,7 +66,7 @@ def load_image(path) -> Image.Image:
     except Image.DecompressionBombError:
         raise UserError(f"{path} has more than {2 * Image.MAX_IMAGE_PIXELS} pixels, PIL's limit against "
                         "decompression bombs: resize it first") from None
-    except (OSError, SyntaxError, ValueError) as e:
+    except (OSError, SyntaxError, ValueError) as e:  # PIL raises SyntaxError for some broken files (a bad PNG chunk)
         raise UserError(f"cannot decode image {path} ({e}): the file is damaged or truncated") from None
 
 
@@ -169,8 +169,8 @@ def compile_chat_template(source: str) -> jinja2.Template:
     try:
         return env.from_string(source)
     except jinja2.TemplateError as err:
-        raise UserError(f"the folder's chat template does not parse ({err}): download chat_template.json again, "
-                        "or delete it to use LLaVA-1.5's prompt format") from None
+        raise UserError(f"the folder's chat template does not parse ({err}): download it (chat_template.jinja or "
+                        "chat_template.json) again, or delete it to use LLaVA-1.5's prompt format") from None
 
 
 def render_chat_template(template: jinja2.Template, messages: list[dict], special_tokens: dict) -> str:
@@ -181,7 +181,8 @@ def render_chat_template(template: jinja2.Template, messages: list[dict], specia
                                **special_tokens)
     except Exception as err:  # a template is a program from the folder: whatever it raises is its failure
         raise UserError(f"the folder's chat template fails to render a user turn ({type(err).__name__}: {err}): "
-                        "download chat_template.json again, or delete it to use LLaVA-1.5's prompt format") from None
+                        "download it (chat_template.jinja or chat_template.json) again, or delete it to use "
+                        "LLaVA-1.5's prompt format") from None
 
 
 def read_chat_template(folder: Path) -> str | None:
@@ -203,7 +204,8 @@ def read_chat_template(folder: Path) -> str | None:
 
 
 class Processor:
-    """Prompt text and image -> {"input_ids", "pixel_values", "image_sizes"}; generated ids -> text."""
+    """Prompt text and image -> {"input_ids", "pixel_values", "image_sizes"} (and "hires_pixel_values" for a
+    FlexAttention model, one with hires_scale); generated ids -> text."""
 
     def __init__(self, tokenizer: Tokenizer, image_token_id: int, num_image_tokens: int, image_size: int,
                  shortest_edge: int, image_mean=CLIP_MEAN, image_std=CLIP_STD,
@@ -260,12 +262,13 @@ class Processor:
         pre_pinpoints = pre_cfg.get("image_grid_pinpoints")
         if image_grid_pinpoints is not None and pre_pinpoints is not None and \
                 pre_pinpoints != [list(p) for p in image_grid_pinpoints]:  # as JSON: a malformed list differs too
-            raise UserError(f"{folder / 'preprocessor_config.json'} tiles images on image_grid_pinpoints "
+            raise UserError(f"{pre_path} tiles images on image_grid_pinpoints "
                             f"{pre_pinpoints} but config.json on {image_grid_pinpoints}: the files come from "
                             "different checkpoints")
-        system_prompt = _read_json(folder / "processor_config.json").get("system_prompt", "")
+        processor_path = folder / "processor_config.json"
+        system_prompt = _read_json(processor_path).get("system_prompt", "")
         if not isinstance(system_prompt, str):
-            raise UserError(f"{folder / 'processor_config.json'} has a system_prompt that is not a string")
+            raise UserError(f"{processor_path} has a system_prompt that is not a string")
         return cls(tokenizer, image_token_id, num_image_tokens, **pre, system_prompt=system_prompt,
                    chat_template=read_chat_template(folder), image_grid_pinpoints=image_grid_pinpoints,
                    patch_size=patch_size, hires_scale=hires_scale)
@@ -315,7 +318,7 @@ class Processor:
                 if self.hires_scale is not None:
                     hires_pixel_values = self.preprocess(img, self.hires_scale)[None]      # [1, 3, scale S, scale S]
             else:
-                pixel_values = torch.stack([self.preprocess(crop) for crop in self.anyres_crops(img)])[None]
+                pixel_values = torch.stack([self.preprocess(crop) for crop in self.anyres_crops(img)])[None]  # [1, n_crops, 3, S, S]
                 image_sizes = torch.tensor([image_hw])                                     # [1, 2]
         inputs = {"input_ids": torch.tensor([ids], dtype=torch.long),   # [1, T]
                   "pixel_values": pixel_values, "image_sizes": image_sizes}
@@ -358,6 +361,7 @@ class Processor:
         c = scale * self.image_size
         left, top = (img.width - c) // 2, (img.height - c) // 2
         img = img.crop((left, top, left + c, top + c))
+        # bytearray: torch.frombuffer warns on read-only bytes.
         x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(c, c, 3)  # [H, W, 3] uint8
         x = x.permute(2, 0, 1).float() / 255  # [3, H, W] in [0, 1]
         return (x - self.image_mean) / self.image_std  # [3, H, W]

@@ -24,12 +24,12 @@ share of image tokens (so about the same bytes), and the other peers get the kno
 on each kind as far as their knobs reach (`budget_params`). Rows show each policy's measured ratio, so a
 reader sees how close each came; nothing is tuned on accuracy.
 """
+import functools
 import math
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 
 from tinyavl import load_pretrained
@@ -107,7 +107,7 @@ def caption_errors(prediction: str, scene: Scene) -> Counter:
     said = [part.split() for part in caption_parts(prediction)]
     truths = [obj.describe().split() for obj in scene.objects]
 
-    @cache
+    @functools.cache
     def fewest(i: int, free: frozenset) -> Counter:
         """The wrong fields of the best pairing of said[i:] with the scene objects `free`."""
         if i == len(said) or not free:
@@ -258,7 +258,7 @@ def budget_sweep(model, processor, questions, log=None, hires_mode: str = "selec
     """`full`, then at every budget of BUDGETS `random` first and each of SWEEP_POLICIES at the bytes
     it held (budget_params), then ABLATIONS. Each report gains "budget": the share of image tokens kept
     (1 for full) and "line": the plot's line it belongs to. hires_mode: as `evaluate`'s."""
-    def run(policy, params, budget, line=None, by_type=None):
+    def measure(policy, params, budget, line=None, by_type=None):
         report = {"budget": budget, "line": line or policy,
                   **evaluate(model, processor, questions, policy, params, hires_mode=hires_mode,
                              params_by_type=by_type)}
@@ -268,9 +268,10 @@ def budget_sweep(model, processor, questions, log=None, hires_mode: str = "selec
         return report
 
     n_layers = model.config.text.num_hidden_layers
-    reports = [run("full", {}, 1.0)]
+    reports = [measure("full", {}, 1.0)]
     for image_keep in BUDGETS:
-        control = run("random", budget_params("random", image_keep, 1.0, n_layers), image_keep)
+        # 1.0: random takes no byte budget; its measured bytes are the budget the others match.
+        control = measure("random", budget_params("random", image_keep, 1.0, n_layers), image_keep)
         reports.append(control)
         for policy in SWEEP_POLICIES:
             # The bytes `random` held on each kind of prompt: a policy whose knobs are shares of the
@@ -279,10 +280,10 @@ def budget_sweep(model, processor, questions, log=None, hires_mode: str = "selec
                        for kind, ratio in control["kv_ratio_by_type"].items()}
             params = next(iter(by_type.values()))
             if all(kind_params == params for kind_params in by_type.values()):
-                reports.append(run(policy, params, image_keep))
+                reports.append(measure(policy, params, image_keep))
             else:
-                reports.append(run(policy, None, image_keep, by_type=by_type))
-    return reports + [run(policy, params, budget, line) for budget, policy, params, line in ABLATIONS]
+                reports.append(measure(policy, None, image_keep, by_type=by_type))
+    return reports + [measure(policy, params, budget, line) for budget, policy, params, line in ABLATIONS]
 
 
 def format_interval(value: float, interval: tuple[float, float], digits: int = 2) -> str:
@@ -310,14 +311,14 @@ def shown_params(report: dict) -> str:
 def format_table(reports: list[dict]) -> str:
     """A Markdown table: one row per report, accuracy (95% interval) overall and per type, the share of
     full's accuracy, and the measured ratios."""
-    full = next((r["accuracy"] for r in reports if r["policy"] == "full"), None)
+    full_accuracy = next((r["accuracy"] for r in reports if r["policy"] == "full"), None)
     head = (["image kept", "policy", "params", "overall", "of full"] + list(PROMPT_KINDS)
             + ["caption objects", "KV bytes", "KV bytes, captions", "attended"])
     rows = []
     for r in reports:
         cells = ["-" if r.get("budget") is None else f"{r['budget']:g}", r["policy"], shown_params(r) or "-",
                  format_interval(r["accuracy"], r["accuracy_ci"], 3),
-                 "-" if not full else f"{r['accuracy'] / full:.3f}"]
+                 "-" if not full_accuracy else f"{r['accuracy'] / full_accuracy:.3f}"]
         cells += [format_interval(r["accuracy_by_type"][kind], r["accuracy_by_type_ci"][kind]) for kind in PROMPT_KINDS]
         caption_kv = r.get("kv_ratio_by_type", {}).get("caption")
         cells += ["-" if r["caption_objects"] is None else f"{r['caption_objects']:.3f}", f"{r['kv_ratio']:.2f}",

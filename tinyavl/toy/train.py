@@ -115,7 +115,8 @@ def toy_config(vocab_size: int, image_token_id: int, vision_width: int = 96, vis
                           patch_size=PATCH)
     text = TextConfig(vocab_size=vocab_size, hidden_size=text_width, intermediate_size=3 * text_width,
                       num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=1024, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+                      max_position_embeddings=1024, rms_norm_eps=1e-5,
+                      bos_token_id=1, eos_token_id=2)  # SPECIAL_TOKENS' order gives <s> id 1, </s> id 2
     # The last ViT layer feeds the projector (real LLaVA reads the second to last of CLIP's 24).
     return LlavaConfig(text=text, vision=vision, image_token_id=image_token_id, vision_feature_layer=-1)
 
@@ -207,8 +208,8 @@ def tile_patch_targets(scene: Scene) -> torch.Tensor:
     its projector (tinyavl/anyres.py): the base crop (the whole image at 96 px), then the FINE_SCALE x
     FINE_SCALE tiles of the 384 px canvas in reading order, each tile's patches in reading order."""
     side = IMAGE_SIZE // PATCH
-    hires = patch_targets(scene, hires=True).view(FINE_SCALE, side, FINE_SCALE, side, 3)  # (tile row, y, tile col, x)
-    tiles = hires.transpose(1, 2).reshape(FINE_SCALE ** 2 * side * side, 3)             # tile by tile
+    hires = patch_targets(scene, hires=True).view(FINE_SCALE, side, FINE_SCALE, side, 3)  # (tile row, y, tile col, x, 3)
+    tiles = hires.transpose(1, 2).reshape(FINE_SCALE ** 2 * side * side, 3)  # (tile row, tile col, y, x, 3): tile by tile
     return torch.cat([patch_targets(scene), tiles])
 
 
@@ -339,6 +340,11 @@ def losses(model, probe, batch, hires_alpha: float = 1.0) -> tuple[torch.Tensor,
     return lm_loss, patch_loss
 
 
+def warmup_steps(steps: int, cap: int) -> int:
+    """The learning rate's warm-up: a tenth of the steps, at most cap."""
+    return min(cap, steps // 10 + 1)
+
+
 def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
     """Linear warm-up, then cosine decay to a tenth of the peak."""
     if step < warmup:
@@ -382,7 +388,7 @@ class Checkpoint:
             with safe_open(str(self.path), framework="pt") as file:
                 metadata = file.metadata()
             saved = json.loads(metadata["run"])
-            int(metadata["step"]), json.loads(metadata["history"])
+            int(metadata["step"]), json.loads(metadata["history"])  # parsed only to refuse what load() cannot read
         except (SafetensorError, OSError, KeyError, TypeError, ValueError) as err:
             raise UserError(f"{self.path} is not a training checkpoint ({err})") from None
         if saved != self.run:
@@ -507,10 +513,10 @@ def train(steps: int, batch_size: int = 32, lr: float = 2e-3, seed: int = 0, tur
     if vision_steps:
         pretrain_vision(model, processor, vision_steps, batch_size, seed=seed, log=log)
         log(f"stage 1: {steps} steps, the vision tower frozen")
-    history = optimise(model, probe, processor, scene_stream("train", seed), steps, lr, min(300, steps // 10 + 1),
+    history = optimise(model, probe, processor, scene_stream("train", seed), steps, lr, warmup_steps(steps, 300),
                        batch_size, turns, aux_weight, image_dropout, image_dropout_share,
-                       torch.Generator().manual_seed(seed), log_every, eval_every, log,
-                       tower_frozen=vision_steps > 0)
+                       dropout_generator=torch.Generator().manual_seed(seed), log_every=log_every,
+                       eval_every=eval_every, log=log, tower_frozen=vision_steps > 0)
     return model, processor, history
 
 
@@ -529,9 +535,10 @@ def tune(model, processor, steps: int, batch_size: int = 32, lr: float = 4e-4, s
     log(f"stage 2: {steps} steps with up to {image_dropout:.0%} of each sequence's image tokens hidden, as {masks}")
     torch.manual_seed(seed)
     probe = PatchProbe(processor.tokenizer, model.config.text.hidden_size)
-    return optimise(model, probe, processor, scene_stream("tune", seed), steps, lr, min(100, steps // 10 + 1),
-                    batch_size, turns, aux_weight, image_dropout, 1.0, torch.Generator().manual_seed(seed),
-                    log_every, eval_every, log, tower_frozen, masks)
+    return optimise(model, probe, processor, scene_stream("tune", seed), steps, lr, warmup_steps(steps, 100),
+                    batch_size, turns, aux_weight, image_dropout, image_dropout_share=1.0,
+                    dropout_generator=torch.Generator().manual_seed(seed), log_every=log_every,
+                    eval_every=eval_every, log=log, tower_frozen=tower_frozen, masks=masks)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -596,15 +603,15 @@ def hide_rectangles(batch_size: int, side: int, max_fraction: float, generator, 
     visible = torch.ones(batch_size, side, side)
     draw = partial(torch.randint, generator=generator)
     max_edge = min(max_edge, side)  # a rectangle fits in the image
-    for image in visible:
+    for mask in visible:  # (side, side): one image's tokens, 1 visible
         target = int(max_fraction * torch.rand((), generator=generator).item() * side * side)
         hidden, misses = 0, 0
         while hidden < target and misses < 10:  # a rectangle that overshoots the target is a miss
             height, width = int(draw(1, max_edge + 1, ())), int(draw(1, max_edge + 1, ()))
             top, left = int(draw(0, side - height + 1, ())), int(draw(0, side - width + 1, ()))
-            newly_hidden = int(image[top:top + height, left:left + width].sum())
+            newly_hidden = int(mask[top:top + height, left:left + width].sum())
             if 0 < newly_hidden <= target - hidden:
-                image[top:top + height, left:left + width] = 0
+                mask[top:top + height, left:left + width] = 0
                 hidden, misses = hidden + newly_hidden, 0
             else:
                 misses += 1
@@ -627,17 +634,17 @@ def readout_recall(model, readout, processor, n_scenes: int = 100, seed: int = 0
         for _ in range(n_scenes):
             scene, _ = next(stream)
             features = tower_features(model, processor.preprocess(scene.image())[None])  # (1, P, C)
-            targets, patches = place_targets(scene), patch_targets(scene)                 # (PLACES, 3), (P, 3)
+            place_truth, patch_truth = place_targets(scene), patch_targets(scene)         # (PLACES, 3), (P, 3)
             for obj in scene.objects:
                 visible = torch.ones(1, features.shape[1])
                 visible[0, obj.place_patches()] = 0
                 place = place_index(obj)
                 scores = readout.logits(features, visible)
-                outside += torch.tensor([float(s[0, place].argmax() == targets[place, i])
+                outside += torch.tensor([float(s[0, place].argmax() == place_truth[place, i])
                                          for i, s in enumerate(scores)])
                 n_objects += 1
-            shown = patches[:, 0] > 0                                                       # (P,)
-            own += torch.stack([(s[0].argmax(-1) == patches[:, i])[shown].float().sum()
+            shown = patch_truth[:, 0] > 0                                                   # (P,)
+            own += torch.stack([(s[0].argmax(-1) == patch_truth[:, i])[shown].float().sum()
                                 for i, s in enumerate(readout.patch_logits(features))])
             n_shown += int(shown.sum())
     return {"outside its place": (outside / n_objects).tolist(), "own patch": (own / n_shown).tolist()}
@@ -669,7 +676,7 @@ def pretrain_vision(model, processor, steps: int, batch_size: int = 32, lr: floa
     tower.train().requires_grad_(True)
     for step in range(steps):
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, steps, lr, min(300, steps // 10 + 1))
+            group["lr"] = learning_rate(step, steps, lr, warmup_steps(steps, 300))
         scenes = [next(stream)[0] for _ in range(batch_size)]
         pixels = torch.stack([processor.preprocess(scene.image()) for scene in scenes])  # (B, 3, H, W)
         visible = hide_rectangles(batch_size, side, max_hidden, generator)             # (B, P)

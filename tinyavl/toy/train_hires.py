@@ -59,7 +59,7 @@ from tinyavl.files import check_new_folder, check_output_file, write_folder_atom
 from tinyavl.model import HiresConfig, LlavaForConditionalGeneration
 from tinyavl.toy.scenes import FINE_SCALE, IMAGE_SIZE, scene_stream
 from tinyavl.toy.train import (HIRES_RAMP, Checkpoint, PatchProbe, deterministic_algorithms, optimise,
-                               save_pretrained, write_examples)
+                               save_pretrained, warmup_steps, write_examples)
 
 HIRES = HiresConfig(scale=FINE_SCALE, first_layer=3, threshold=48.0, blocks=4)
 FINE_CANVAS = (FINE_SCALE * IMAGE_SIZE, FINE_SCALE * IMAGE_SIZE)  # (height, width) px: a fine scene
@@ -131,8 +131,9 @@ def train_hires(model, processor, steps: int = STEPS, batch_size: int = BATCH_SI
     looks = model.config.hires or f"every high-resolution token in the sequence, {model.config.image_grid_pinpoints}"
     log(f"{steps} steps on fine scenes, {looks}")
     return optimise(model, probe, processor, scene_stream("hires", seed, fine=True), steps, lr,
-                    min(100, steps // 10 + 1), batch_size, turns, 1.0, image_dropout, image_dropout_share,
-                    torch.Generator().manual_seed(seed), log_every, eval_every, log, checkpoint=checkpoint)
+                    warmup_steps(steps, 100), batch_size, turns, aux_weight=1.0, image_dropout=image_dropout,
+                    image_dropout_share=image_dropout_share, dropout_generator=torch.Generator().manual_seed(seed),
+                    log_every=log_every, eval_every=eval_every, log=log, checkpoint=checkpoint)
 
 
 def run_settings(args) -> dict:
