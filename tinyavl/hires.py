@@ -114,7 +114,7 @@ def hires_positions(first_position: int, side: int, scale: int):
 
     The low-resolution tokens of a side x side grid sit at first_position + side r + c. A high-resolution
     token (R, C) covers the low-resolution point r = (R + 0.5) / scale - 0.5 (its centre, in units of
-    low-resolution tokens), so it takes first_position + side r + c with the same linear map: what
+    low-resolution tokens), and c from C likewise, so it takes first_position + side r + c, the same linear map: what
     interpolating the grid of positions gives inside the image (FlexAttention interpolates it bicubically;
     on a linear map that differs only by clamping at the border)."""
     centre = (torch.arange(side * scale, dtype=torch.float32) + 0.5) / scale - 0.5   # (side scale,)
@@ -122,10 +122,11 @@ def hires_positions(first_position: int, side: int, scale: int):
 
 
 def merge_attention(out_a, lse_a, out_b, lse_b):
-    """One softmax over two sets of keys, from each set's own attention output (B, H, hs) and log-sum-exp
-    (B, H): each output weighs by its share of the total, exp(lse - logaddexp(lse_a, lse_b)), as split-K
-    decoding merges its splits (chapter 5). Returns (out (B, H, hs), lse (B, H))."""
-    lse = torch.logaddexp(lse_a, lse_b)                                               # (B, H)
+    """One softmax over two sets of keys, from each set's own attention output (..., hs) and log-sum-exp
+    (...), any leading shape ((B, H, R, hs) in `HiresView.merge`): each output weighs by its share of the
+    total, exp(lse - logaddexp(lse_a, lse_b)), as split-K decoding merges its splits (chapter 5); an lse of
+    -inf (nothing chosen) weighs 0. Returns (out (..., hs), lse (...))."""
+    lse = torch.logaddexp(lse_a, lse_b)                                               # (...)
     dtype = torch.promote_types(out_a.dtype, torch.float32)                           # bf16 outputs add in fp32
     out = (lse_a - lse).exp()[..., None] * out_a.to(dtype) + (lse_b - lse).exp()[..., None] * out_b.to(dtype)
     return out.to(out_a.dtype), lse

@@ -7,7 +7,7 @@ held-out scenes (`Scene.caption`: 20-45 tokens, long enough to watch attention m
 step). Per decoder layer (tinyavl/attention_stats.py has the measures):
 - shares: the attention of the decode steps' queries on sys / image / text, beside each segment's
   share of the tokens (what attention spread evenly would give it);
-- sink: the share on BOS, the first token;
+- bos (the attention sink, if there is one): the share on BOS, the first token;
 - concentration: the share of the last prompt token's image attention on its top 10% and 50% of
   image tokens (A-VL and FastV rank image tokens by that row);
 - ppci_layers: p%-PPCI of that row's top image sets between every two layers;
@@ -281,26 +281,26 @@ def study(recordings: list) -> dict:
         raise UserError("no caption had a decode step to measure (every answer ended at its first token)")
     n_layers = recordings[0].n_layers
 
-    def decode_rows(layer):  # (recorder, step, row) for every decode step of every recording
+    def decode_steps(layer):  # (recorder, step, its attention row) for every decode step of every recording
         return [(r, t, r.rows[t][layer]) for r in recordings for t in range(1, len(r.rows))]
 
     result = {"n_captions": len(recordings), "layers": []}
     for layer in range(n_layers):
-        rows = decode_rows(layer)
-        shares = [segment_shares(row, r.n_sys, r.n_img) for r, _, row in rows]
-        sizes = [segment_sizes(len(row), r.n_sys, r.n_img) for r, _, row in rows]
+        steps = decode_steps(layer)
+        shares = [segment_shares(row, r.n_sys, r.n_img) for r, _, row in steps]
+        sizes = [segment_sizes(len(row), r.n_sys, r.n_img) for r, _, row in steps]
         prefill = [r.image_row(0, layer) for r in recordings]                   # per recording (n_img,)
         result["layers"].append({
             "shares": {s: fmean(x[s] for x in shares) for s in SEGMENTS},
             "sizes": {s: fmean(x[s] for x in sizes) for s in SEGMENTS},
-            "bos": fmean(float(row[0] / row.sum()) for _, _, row in rows),
+            "bos": fmean(float(row[0] / row.sum()) for _, _, row in steps),
             "concentration": {p: fmean(top_share(scores, p) for scores in prefill) for p in (0.1, 0.5)},
             "ppci_steps": {d: fmean(ppci(r.image_row(t, layer), r.image_row(t + d, layer), CORE)
                                    for r in recordings for t in range(1, len(r.rows) - d))
                            for d in range(1, MAX_DISTANCE + 1)
                            if any(len(r.rows) - 1 > d for r in recordings)},  # some answer is d + 1 steps long
             "ppci_scenes": fmean(ppci(a, b, STORED) for a, b in combinations(prefill, 2)) if len(prefill) > 1 else None,
-            "capture": {p: fmean(capture(r.image_row(t, layer), top_set(r.image_row(0, layer), p)) for r, t, _ in rows)
+            "capture": {p: fmean(capture(r.image_row(t, layer), top_set(r.image_row(0, layer), p)) for r, t, _ in steps)
                         for p in (STORED, CORE)},
         })
     result["ppci_layers"] = [[fmean(ppci(r.image_row(0, a), r.image_row(0, b), STORED) for r in recordings)
@@ -320,7 +320,7 @@ def report_markdown(result: dict) -> str:
     """The numbers as Markdown tables (what the chapter quotes)."""
     layers = result["layers"]
     head = ["layer", *(f"{s}: attention (tokens)" for s in SEGMENTS), "BOS", "image top 10%", "image top 50%",
-            "capture, prefill top 50%", "capture, top 30%"]
+            f"capture, prefill top {STORED:.0%}", f"capture, top {CORE:.0%}"]
     rows = [[str(layer), *(f"{x['shares'][s]:.2f} ({x['sizes'][s]:.2f})" for s in SEGMENTS), f"{x['bos']:.2f}",
              f"{x['concentration'][0.1]:.2f}", f"{x['concentration'][0.5]:.2f}", f"{x['capture'][STORED]:.2f}",
              f"{x['capture'][CORE]:.2f}"] for layer, x in enumerate(layers)]
@@ -386,7 +386,7 @@ def save_figures(result: dict, folder: Path) -> list[Path]:
                    x_range=(0, len(layers) - 1), y_range=(0, 1), dashed=tuple(n for n in shares if "tokens" in n),
                    colour_of={f"{s} tokens": f"{s} attention" for s in SEGMENTS})
     save_line_plot(paths[1], steps, x_label="distance between decode steps", y_label=f"{CORE:.0%}-PPCI",
-                   title="toy LLaVA: how alike the image top-30% sets of two decode steps are",
+                   title=f"toy LLaVA: how alike the image top-{CORE:.0%} sets of two decode steps are",
                    x_range=(0, MAX_DISTANCE), y_range=(0, 1), x_ticks=8, dashed=("random sets",))
     return paths
 

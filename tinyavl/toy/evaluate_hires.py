@@ -61,16 +61,17 @@ def compare(model, processor, questions, log=None) -> list[dict]:
     reports = []
     for policy in POLICIES:
         for mode in HIRES_MODES:
-            in_sequence = []
+            tiled_pairs = []  # per answer: the pairs the in-sequence toy would compute for it
 
             def on_answer(question, prediction, cache, inputs):
-                prompt = inputs["input_ids"].shape[1]
-                in_sequence.append(in_sequence_pairs(prompt, cache.n_img, n_tiled, cache.next_pos - prompt,
+                prompt_tokens = inputs["input_ids"].shape[1]
+                decode_steps = cache.next_pos - prompt_tokens  # next_pos: prompt + decode steps
+                tiled_pairs.append(in_sequence_pairs(prompt_tokens, cache.n_img, n_tiled, decode_steps,
                                                      text.num_hidden_layers))
 
             report = evaluate(model, processor, questions, policy, on_answer=on_answer, hires_mode=mode)
             report.update(mode=mode, attention_mflops=attention_mflops(report["attention_pairs"], model),
-                          in_sequence_mflops=attention_mflops(sum(in_sequence) / len(in_sequence), model))
+                          in_sequence_mflops=attention_mflops(sum(tiled_pairs) / len(tiled_pairs), model))
             reports.append(report)
             log_report(log, report)
     return reports
@@ -118,7 +119,8 @@ def format_table(reports: list[dict], in_sequence: list[dict] | None = None) -> 
         dense = next(r["attention_mflops"] for r in in_sequence if r["policy"] == "full")
         rows += [cells(r, "-", "-", f"{r['attention_mflops'] / dense:.3f}") for r in in_sequence]
     else:
-        rows.append(["full", f"{IN_SEQUENCE} (no --in-sequence toy given: cost only)"] + ["-"] * 8 +
+        # reports[0] is full reading nothing: its answers' lengths price the in-sequence row.
+        rows.append(["full", f"{IN_SEQUENCE} (no --in-sequence toy given: cost only)"] + ["-"] * (len(head) - 5) +
                     [f"{reports[0]['in_sequence_mflops']:.1f}", "-", "1.000"])
     return "\n".join(markdown_table(head, rows))
 
@@ -173,7 +175,7 @@ def run(args) -> dict:
     if args.in_sequence is not None:
         if not args.in_sequence.is_dir():
             raise UserError(f"--in-sequence: no model folder at {args.in_sequence}")
-        tiled = load_pretrained(args.in_sequence, device="cpu", dtype="float32")
+        tiled = load_pretrained(args.in_sequence, device="cpu", dtype="float32")  # (model, processor)
         if not tiled[0].config.is_next:
             raise UserError(f"--in-sequence: {args.in_sequence} keeps its image at low resolution: train one with "
                             "python -m tinyavl.toy.train_hires --in-sequence")
@@ -182,7 +184,8 @@ def run(args) -> dict:
     reports = compare(model, processor, questions, log)
     in_sequence = None if tiled is None else compare_in_sequence(*tiled, questions, log)
     if args.plot is not None:
-        plot(reports, args.plot, f"FlexAttention toy, {args.n} fine scenes (seed {args.seed}) x 6 prompts",
+        plot(reports, args.plot, f"FlexAttention toy, {args.n} fine scenes (seed {args.seed}) x "
+                                 f"{len(PROMPT_KINDS)} prompts",
              in_sequence)
         if log:
             log(f"wrote {args.plot}")
