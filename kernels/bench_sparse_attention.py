@@ -7,8 +7,9 @@
 It first runs the flash-attention correctness check (`error_report`) in fp16, bf16 and fp32 on inputs shaped
 like an A-VL decode step. Then it times, in fp16 at LLaVA-7B's attention shapes, the kernel, (a) a torch
 gather of the selected rows followed by SDPA and (b) dense SDPA over the whole cache, once with each call
-launched from Python and once replayed from a CUDA graph, and prints the kernel's achieved bandwidth. Under the interpreter the sizes are toys and the times mean nothing: the run
-only shows that the benchmark code works.
+launched from Python and once replayed from a CUDA graph, and prints the kernel's achieved bandwidth. Under
+the interpreter the sizes are toys and the times mean nothing: the run only shows that the benchmark code
+works.
 """
 import argparse
 import re

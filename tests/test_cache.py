@@ -1050,9 +1050,10 @@ def test_read_end_rounds_up_to_a_bucket_in_16_bit_floats_on_a_cpu_within_the_buf
         assert read_end(end, buffer(3 * ROW_BUCKET, dtype)) == end
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2)])
-def test_decode_attention_read_past_the_last_span_counts_only_the_spans(heads, kv_heads):
-    """In bf16 on a CPU decode_attention reads rows past its last span (`read_end`): rows the cache no
+def test_decode_attention_read_past_the_last_span_counts_only_the_spans(heads, kv_heads, dtype):
+    """In bf16 and fp16 on a CPU decode_attention reads rows past its last span (`read_end`): rows the cache no
     longer holds, here planted to take all the attention and to carry huge values, must change nothing:
     the output and log-sum-exp are the float64 softmax's over the spans' rows, and the logits handed over
     cover the spans' rows only, each where it belongs: the probabilities read from them are the softmax's."""
@@ -1061,7 +1062,7 @@ def test_decode_attention_read_past_the_last_span_counts_only_the_spans(heads, k
     q = torch.randn(2, heads, 1, 16, generator=g)
     k, v = torch.randn(2, kv_heads, 200, 16, generator=g), torch.randn(2, kv_heads, 200, 16, generator=g)
     k[:, :, 70:], v[:, :, 70:] = 4 * q[:, ::heads // kv_heads].sign(), 1e4  # logits ~ 10 above the others
-    q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     assert read_end(70, k) > 70                                                    # rows past the span are read
     out, last_row = decode_attention(q, k, v, [(0, 7), (19, 70)])
     joined_k, joined_v = torch.cat([k[:, :, :7], k[:, :, 19:70]], 2), torch.cat([v[:, :, :7], v[:, :, 19:70]], 2)
@@ -1114,6 +1115,9 @@ def test_bf16_decode_on_a_cpu_meets_a_new_shape_once_a_bucket_and_reads_no_unini
     monkeypatch.setattr(torch.Tensor, "new_empty", nan_filled)
     assert tinyavl.generate(model, ids, pixel_values.bfloat16(), max_new_tokens=100, eos_token_id=(),
                             policy=policy)[0] == tokens
+    # A cache begun without room for the answer grows its buffers as it goes (`append`): zeroed room too.
+    _, fed = run_steps(model, ids, pixel_values.bfloat16(), make_cache(policy), 99)
+    assert fed == tokens[:99]
 
 
 @pytest.mark.parametrize("keys_first", [True, False])

@@ -114,13 +114,20 @@ def test_caption_errors_name_the_wrong_fields():
     # that follow are still the scene's.
     said = "blue square at row 3 column 4 and red circle at row 1 column 2 with digit 5"
     assert caption_errors(said, scene) == dict(colour=0, shape=0, place=0, digit=0, objects=0)
-    assert caption_errors("blue square at row 3 column 4", scene) == dict(colour=0, shape=0, place=0, digit=0, objects=1)
+    alone = caption_errors("blue square at row 3 column 4", scene)
+    assert alone == dict(colour=0, shape=0, place=0, digit=0, objects=1)
     said = "green cross at row 2 column 2 and " + scene.caption()
     assert caption_errors(said, scene) == dict(colour=0, shape=0, place=0, digit=0, objects=1)
     # Colour, shape and place wrong against either object; no digit, as the square has none: 3 wrong
     # fields paired with the square, 4 with the circle.
     said = "green cross at row 4 column 1"
     assert caption_errors(said, scene) == dict(colour=1, shape=1, place=1, digit=0, objects=1)
+    # A tie goes to the first scene object in the scene's order: "red square at row 3 column 4 with digit
+    # 5" is 2 fields from the circle (shape, place) and 2 from the square (colour, digit).
+    said = "red square at row 3 column 4 with digit 5"
+    assert caption_errors(said, scene) == dict(colour=0, shape=1, place=1, digit=0, objects=1)
+    swapped = Scene(tuple(reversed(scene.objects)))
+    assert caption_errors(said, swapped) == dict(colour=1, shape=0, place=0, digit=1, objects=1)
     # Objects are the caption's parts as is_correct reads them: no empty ones.
     assert caption_errors(scene.caption() + " and ", scene) == caption_errors(scene.caption(), scene)
     assert caption_errors("", scene) == dict(colour=0, shape=0, place=0, digit=0, objects=1)

@@ -177,7 +177,8 @@ def map_layer(model, layer: int | None) -> int:
     if layer is None:
         return n_layers - 1
     if not 0 <= layer < n_layers:
-        raise UserError(f"--map-layer must be in 0..{n_layers - 1} (the decoder's layers), got {layer}")
+        raise UserError(f"the map layer (--map-layer) must be in 0..{n_layers - 1} (the decoder's layers), "
+                        f"got {layer}")
     return layer
 
 

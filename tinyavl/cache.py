@@ -416,8 +416,8 @@ class KVCache:
         Valid while the newest row is last, as `append` puts it: from the append until rows move (`compact`
         may move the newest into a freed slot, and so may `keep` when the prompt ends with an image token).
         Every policy's update asks before it compacts, and at prefill after a `keep` only where it left
-        the text rows in order (where the prompt ends with an image token there are none, and A-VL's
-        `evict_text` returns before it uses the answer)."""
+        the text rows in order (where the prompt ends with an image token there are none: A-VL's
+        `evict_text` reads a length that may be off, and returns, its budget of at least 20 unmet)."""
         return int(self.pos[layer][0, 0, -1]) + 1
 
     def advance(self, n_tokens: int):

@@ -755,7 +755,8 @@ class LlavaForConditionalGeneration(nn.Module):
         if hires_pixel_values.shape[1:] != (3, h.scale * S, h.scale * S):
             raise ValueError(f"hires_pixel_values are {tuple(hires_pixel_values.shape)}, the high-resolution view "
                              f"takes (B, 3, {h.scale * S}, {h.scale * S})")
-        crops = hires_pixel_values.view(B, 3, h.scale, S, h.scale, S).permute(0, 2, 4, 1, 3, 5)  # (B, scale, scale, 3, S, S)
+        # (B, scale, scale, 3, S, S): the crops in reading order
+        crops = hires_pixel_values.view(B, 3, h.scale, S, h.scale, S).permute(0, 2, 4, 1, 3, 5)
         features = self.crop_features(crops.reshape(B * h.scale ** 2, 3, S, S))          # (B scale^2, P, C)
         hires_map = torch.stack([stitch_tiles(tiles, h.scale, h.scale).flatten(0, 1)
                                  for tiles in features.split(h.scale ** 2)])              # (B, N_hd, C)

@@ -318,7 +318,8 @@ class Processor:
                 if self.hires_scale is not None:
                     hires_pixel_values = self.preprocess(img, self.hires_scale)[None]      # [1, 3, scale S, scale S]
             else:
-                pixel_values = torch.stack([self.preprocess(crop) for crop in self.anyres_crops(img)])[None]  # [1, n_crops, 3, S, S]
+                crops = [self.preprocess(crop) for crop in self.anyres_crops(img)]          # each [3, S, S]
+                pixel_values = torch.stack(crops)[None]                                    # [1, n_crops, 3, S, S]
                 image_sizes = torch.tensor([image_hw])                                     # [1, 2]
         inputs = {"input_ids": torch.tensor([ids], dtype=torch.long),   # [1, T]
                   "pixel_values": pixel_values, "image_sizes": image_sizes}

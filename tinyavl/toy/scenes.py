@@ -7,7 +7,7 @@ A scene is 3 or 4 objects on a 4 x 4 grid of places. The 96 x 96 image is cut by
     +------+------+------+                    seeded offset of 0-3 px inside the place, covers most
     |   ###|######|##    |                    of the place's 9 patches; its digit (if it has one),
     |  ####|##  ##|###   |                    a 3 x 5 font drawn 3x (9 x 15 px), sits in the middle
-    +------+------+------+                    of the shape and covers parts of 2-5 patches.
+    +------+------+------+                    of the shape and shows in 2-5 patches (digit_patches).
     | #####|# 5 ##|####  |
     ...
 

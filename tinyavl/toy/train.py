@@ -208,8 +208,10 @@ def tile_patch_targets(scene: Scene) -> torch.Tensor:
     its projector (tinyavl/anyres.py): the base crop (the whole image at 96 px), then the FINE_SCALE x
     FINE_SCALE tiles of the 384 px canvas in reading order, each tile's patches in reading order."""
     side = IMAGE_SIZE // PATCH
-    hires = patch_targets(scene, hires=True).view(FINE_SCALE, side, FINE_SCALE, side, 3)  # (tile row, y, tile col, x, 3)
-    tiles = hires.transpose(1, 2).reshape(FINE_SCALE ** 2 * side * side, 3)  # (tile row, tile col, y, x, 3): tile by tile
+    # (tile row, y, tile col, x, 3)
+    hires = patch_targets(scene, hires=True).view(FINE_SCALE, side, FINE_SCALE, side, 3)
+    # (tile row, tile col, y, x, 3), flattened: tile by tile
+    tiles = hires.transpose(1, 2).reshape(FINE_SCALE ** 2 * side * side, 3)
     return torch.cat([patch_targets(scene), tiles])
 
 
@@ -341,7 +343,7 @@ def losses(model, probe, batch, hires_alpha: float = 1.0) -> tuple[torch.Tensor,
 
 
 def warmup_steps(steps: int, cap: int) -> int:
-    """The learning rate's warm-up: a tenth of the steps, at most cap."""
+    """The learning rate's warm-up: a tenth of the steps, plus one, at most cap."""
     return min(cap, steps // 10 + 1)
 
 
