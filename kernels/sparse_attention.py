@@ -367,12 +367,14 @@ def _check_inputs(q, k, v, index, start, check_index):
     # The check reads the index back to the host: one synchronisation, which a caller that builds the
     # index itself can skip.
     if check_index and n_idx > 0:
-        rows = index.sort(dim=1).values                                  # [B, n_idx], ascending per sample
-        repeated = (rows.diff(dim=1) == 0).any()
-        lowest, highest, twice = torch.stack([rows[:, 0].min(), rows[:, -1].max(), repeated.to(index.dtype)]).tolist()
+        sorted_index = index.sort(dim=1).values                          # [B, n_idx], ascending per sample
+        repeated = (sorted_index.diff(dim=1) == 0).any()
+        # One .tolist(): the check's single host synchronisation.
+        lowest, highest, repeated = torch.stack([sorted_index[:, 0].min(), sorted_index[:, -1].max(),
+                                                 repeated.to(index.dtype)]).tolist()
         if lowest < 0 or highest >= start:
             raise ValueError(f"index rows must lie in [0, start={start}), got values in [{lowest}, {highest}]")
-        if twice:
+        if repeated:
             raise ValueError("index lists a row twice in one sample: it would be attended twice")
     return batch, num_heads, num_kv_heads, cache_len, head_dim, n_idx, start
 

@@ -123,17 +123,18 @@ def decode_attention(q, k, v, spans):
         else:
             merged.append((start, end))
     spans = merged
-    reads = spans[:-1] + [(spans[-1][0], read_end(spans[-1][1], k))]
+    (last_start, last_end), last_read_end = spans[-1], read_end(spans[-1][1], k)
+    reads = spans[:-1] + [(last_start, last_read_end)]
     logits = [last_row_logits(q, k[:, :, start:end]) for start, end in reads]  # each (B, H, rows read) fp32
-    last_span_rows = spans[-1][1] - spans[-1][0]
-    logits[-1][..., last_span_rows:] = float("-inf")                         # rows read past the last span
+    if last_read_end > last_end:
+        logits[-1][..., last_end - last_start:] = float("-inf")             # rows read past the last span
     lse = torch.cat(logits, dim=-1).logsumexp(-1)                               # (B, H)
     # Query head h reads KV head h // G: the probabilities of a GQA group multiply its KV head's values.
     out = sum((span_logits - lse[..., None]).exp().reshape(B, Hkv, H // Hkv, -1).to(v.dtype) @ v[:, :, start:end]
               for span_logits, (start, end) in zip(logits, reads))         # (B, Hkv, G, hs)
-    logits[-1] = logits[-1][..., :last_span_rows]  # LastRow's logits cover the spans' rows, not those read past
-    return out.reshape(B, H, 1, hs), LastRow(lse, [(start, span_logits)
-                                                   for (start, _), span_logits in zip(spans, logits)])
+    # LastRow's logits cover the spans' rows, not those read past.
+    return out.reshape(B, H, 1, hs), LastRow(lse, [(start, span_logits[..., :end - start])
+                                                   for (start, end), span_logits in zip(spans, logits)])
 
 
 def top_rows(scores, count: int):
