@@ -15,10 +15,11 @@ A decode step is memory-bound: it cannot take less than the bytes it must read (
 plus the K/V rows the policy attends) over the rate they can be read at. The benchmark measures both
 rates in the same run: a large tensor's read (`read_rate`, what the machine allows) and PyTorch's
 matrix-vector product on the layer's own weight shapes (`matvec_rate`, what `nn.Linear` allows). A
-step's floor (`floor_ms`) is its weight bytes at the matrix-vector rate plus its attended K/V bytes
-at the read rate; the hardware floor is all of them at the read rate. The run also says which of two
-equal products gives a decode query's logits on this machine (`decode_logits`: k q^T or q k^T, as
-`model.keys_first` timed them).
+step's floor (`floor_ms`) is its weight bytes at the matrix-vector rate plus its attended K/V bytes at
+the read rate; the hardware floor is all of them at the read rate (tutorial chapter 8 works through
+both, and what a policy can save against them). The run also says which of two equal products gives a
+decode query's logits on this machine (`decode_logits`: k q^T or q k^T, as `model.keys_first` timed
+them).
 
 For each policy, in one run on the same prompt: KV bytes held (peak, relative to `full`), rows attended per
 decode step (summed over layers), prefill time, decode ms per step beside its floor, the time inside the
