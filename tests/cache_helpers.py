@@ -171,8 +171,8 @@ def recording(cache_cls):
     `log` is a list of dicts, one per (step, layer), in call order."""
 
     class Recording(cache_cls):
-        def begin(self, n_layers, n_sys, n_img, new_tokens=0):
-            super().begin(n_layers, n_sys, n_img, new_tokens)
+        def begin(self, n_layers, n_sys, n_img, decode_steps=0):
+            super().begin(n_layers, n_sys, n_img, decode_steps)
             self.log = []
 
         def attend(self, layer, q, k, v, pos):

@@ -900,14 +900,14 @@ def test_causal_column_sums_equal_a_float64_masked_softmax_over_several_chunks(c
 
 @pytest.mark.parametrize("name", ["mha", "gqa"])
 def test_buffers_are_sized_once_and_decode_fills_them_to_the_last_row(name):
-    """begin(new_tokens=4): after prefill every layer's buffers hold the prompt plus exactly 4 rows; the 4
+    """begin(decode_steps=4): after prefill every layer's buffers hold the prompt plus exactly 4 rows; the 4
     decode steps write in place (same storage) up to the last row, and a 5th step past the reservation
     grows the buffers; every step's logits equal the dense reference's (the cache-free forward)."""
     m = model(name)
     ids, pixel_values = prompt(name)
     _, reference, fed = full_reference(name)
     cache = KVCache()
-    cache.begin(m.config.text.num_hidden_layers, *image_segments(ids, m.config.image_token_id), new_tokens=4)
+    cache.begin(m.config.text.num_hidden_layers, *image_segments(ids, m.config.image_token_id), decode_steps=4)
     n_prompt, layers = ids.shape[1], range(m.config.text.num_hidden_layers)
     with torch.inference_mode():
         m(ids, pixel_values, cache=cache)
@@ -929,7 +929,7 @@ def test_keep_reorder_and_append_against_a_list_of_rows(device):
     `compact`), appends after it, and swaps of row pairs; rows outside the region never change."""
     g = torch.Generator().manual_seed(0)
     cache = KVCache()
-    cache.begin(1, 2, 4, new_tokens=3)
+    cache.begin(1, 2, 4, decode_steps=3)
     k, v = torch.randn(1, 2, 10, 4, generator=g).to(device), torch.randn(1, 2, 10, 4, generator=g).to(device)
     cache.append(0, k, v, torch.arange(10, device=device))
     cache.advance(10)
@@ -1070,7 +1070,7 @@ def test_decode_attention_read_past_the_last_span_counts_only_the_spans(heads, k
     expected = logits.softmax(-1) @ joined_v.double().repeat_interleave(heads // kv_heads, dim=1)
     torch.testing.assert_close(out.double(), expected, atol=3e-2, rtol=0)
     torch.testing.assert_close(last_row.lse.double(), logits[:, :, 0].logsumexp(-1), atol=3e-2, rtol=0)
-    assert [(start, span.shape[-1]) for start, span in last_row.spans] == [(0, 7), (19, 51)]
+    assert [(start, span.shape[-1]) for start, span in last_row.span_logits] == [(0, 7), (19, 51)]
     probs = logits.softmax(-1)[:, :, 0]                                            # (2, H, 58): joined columns
     for start, end, columns in ((19, 70, slice(7, 58)), (60, 70, slice(48, 58)), (0, 7, slice(0, 7))):
         torch.testing.assert_close(last_row.probs(q, k, start, end).double(), probs[..., columns], atol=1e-2, rtol=0)
@@ -1181,3 +1181,88 @@ def test_rerank_core_moves_only_the_rows_that_change_role():
     assert block() == [5, 2, 6, 4, 1, 3]
     for buffer in (cache.k[0], cache.v[0]):  # keys and values moved with their positions, in every head
         assert torch.equal(buffer[0, :, :, 0], cache.pos[0][0].float())
+
+
+def test_contiguous_runs_by_hand():
+    from tinyavl.cache import contiguous_runs
+    assert contiguous_runs(torch.tensor([0, 1, 2, 7, 8])) == [(0, 3), (7, 9)]
+    assert contiguous_runs(torch.tensor([4])) == [(4, 5)]
+    assert contiguous_runs(torch.tensor([1, 3, 5])) == [(1, 2), (3, 4), (5, 6)]
+    assert contiguous_runs(torch.arange(2, 12)) == [(2, 12)]
+
+
+class SkipsABlock(KVCache):
+    """A policy written as chapter 2 invites: it overrides rows_to_attend only, and keeps the base compute.
+    Decode steps skip rows 4-9 of every layer; each update records what the step's LastRow says about
+    some of the rows it attended, with the query and the keys it was computed from."""
+
+    name = "skips_a_block"
+
+    def begin(self, n_layers, n_sys, n_img, decode_steps=0):
+        super().begin(n_layers, n_sys, n_img, decode_steps)
+        self.seen = []
+
+    def rows_to_attend(self, layer):
+        if self.step == 0:
+            return None
+        n = self.k[layer].shape[2]
+        return torch.cat([torch.arange(4), torch.arange(10, n)])
+
+    def update(self, layer, q, last_row):
+        if self.step > 0:
+            k = self.k[layer]
+            self.seen.append((q.clone(), k.clone(), {(start, end): last_row.probs(q, k, start, end)
+                                                     for start, end in ((0, 4), (10, 14), (10, k.shape[2]))}))
+
+
+@pytest.mark.parametrize("name", ["mha", "gqa"])
+def test_a_policy_that_only_selects_rows_gets_its_last_row_numbered_as_the_cache(name):
+    """The base compute reads the selected rows where they lie: LastRow.probs(start, end) are the
+    probabilities of the cache's rows start .. end - 1 (a float64 softmax over the selected rows), not of
+    a gathered copy's, and the output is the masked reference's."""
+    m = model(name)
+    ids, pixel_values = prompt(name)
+    tokens, _ = tinyavl.generate(m, ids, pixel_values, max_new_tokens=4, eos_token_id=(), policy=SkipsABlock())
+    masked_tokens, _ = tinyavl.generate(m, ids, pixel_values, max_new_tokens=4, eos_token_id=(),
+                                        policy=masked(SkipsABlock)())
+    assert tokens == masked_tokens
+    cache = SkipsABlock()
+    tinyavl.generate(m, ids, pixel_values, max_new_tokens=4, eos_token_id=(), policy=cache)
+    assert len(cache.seen) == 3 * m.config.text.num_hidden_layers
+    for q, k, probs in cache.seen:
+        logits = naive_logits(q, k)[:, :, 0]                                       # (1, H, n) float64
+        logits[..., 4:10] = float("-inf")                                          # the rows skipped
+        for (start, end), row_probs in probs.items():
+            torch.testing.assert_close(row_probs.double(), logits.softmax(-1)[..., start:end], atol=1e-6, rtol=0)
+
+
+def test_rows_at_the_prefill_and_several_tokens_after_it_are_refused():
+    """The prefill attends causally to the whole prompt (a policy's rows there would be attended wrongly),
+    and a decode step takes one token: two at once would need a causal mask against the cache."""
+    m = model("mha")
+    ids, pixel_values = prompt("mha")
+
+    class RowsAtPrefill(KVCache):
+        def rows_to_attend(self, layer):
+            return torch.arange(self.k[layer].shape[2] - 1)
+
+    with pytest.raises(ValueError, match="must return None at the prefill"):
+        tinyavl.generate(m, ids, pixel_values, max_new_tokens=2, policy=RowsAtPrefill())
+    cache = KVCache()
+    cache.begin(m.config.text.num_hidden_layers, *image_segments(ids, m.config.image_token_id))
+    with torch.inference_mode():
+        m(ids, pixel_values, cache=cache)
+        with pytest.raises(ValueError, match="a decode step takes one token, got 2"):
+            m(torch.tensor([[5, 6]]), cache=cache)
+
+
+def test_a_parameter_without_bounds_takes_any_number_of_its_type():
+    from tinyavl.cache import Param
+    free = Param("width", 8, "any width")
+    assert free.check(-3) == -3 and free.allowed() == "any integer"
+    with pytest.raises(UserError, match="width must be an integer"):
+        free.check(2.5)
+    below = Param("gain", 0.5, "a gain", high=1, ends="[)")
+    assert below.check(-7.0) == -7.0 and below.allowed() == "< 1"
+    with pytest.raises(UserError, match="gain must be < 1, got 1"):
+        below.check(1)

@@ -257,6 +257,13 @@ def test_generation_stops_at_the_models_eos_by_default(loaded):
     assert tokens == ref and stats.finish_reason == "length"
     tokens, stats = tinyavl.generate(model, ids, px, max_new_tokens=STEPS, eos_token_id=[ref[1], ref[k]])
     assert tokens == ref[:2] and stats.finish_reason == "eos"
+    # config.json may list several EOS ids (transformers takes an int or a list), or none (null).
+    model.config.text.eos_token_id = [ref[1], ref[k]]
+    tokens, stats = tinyavl.generate(model, ids, px, max_new_tokens=STEPS)
+    assert tokens == ref[:2] and stats.finish_reason == "eos"
+    model.config.text.eos_token_id = None
+    tokens, stats = tinyavl.generate(model, ids, px, max_new_tokens=STEPS)
+    assert tokens == ref and stats.finish_reason == "length"
 
 
 class NonFinite(Recorder):
@@ -417,6 +424,28 @@ def test_the_logits_product_is_chosen_before_the_clock_starts(loaded, monkeypatc
     monkeypatch.setattr(generate_module, "time", clock)
     greedy(model, ids, px, steps=2)
     assert events[:2] == [("cpu", torch.float32), "clock"]
+
+
+def test_the_decode_clock_times_the_steps_not_the_stream(loaded):
+    """decode_seconds adds up each decode step's forward pass and token choice (decode_step_seconds, one per
+    step): a slow stream callback, or the statistics kept between steps, are not in it."""
+    model, processor = loaded("mha")
+    ids, px = prompt_inputs(processor, "image")
+    tokens, stats = greedy(model, ids, px, steps=4, stream=lambda token: time.sleep(0.5))
+    assert len(tokens) == 4 and len(stats.decode_step_seconds) == 3
+    assert stats.decode_seconds == pytest.approx(sum(stats.decode_step_seconds))
+    assert stats.decode_seconds < 0.5  # three steps of a tiny model; the stream slept 0.5 s after each token
+
+
+def test_the_cache_reserves_a_row_per_decode_step(loaded):
+    """max_new_tokens tokens take max_new_tokens - 1 decode steps (the last token is chosen, never fed back):
+    after the prefill the buffers reserve that many rows, and the last step fills them."""
+    model, processor = loaded("mha")
+    ids, px = prompt_inputs(processor, "image")
+    cache = tinyavl.make_cache("full")
+    tinyavl.generate(model, ids, px, max_new_tokens=5, eos_token_id=(), policy=cache)
+    assert [cache.k_buffer[layer].shape[2] for layer in range(cache.n_layers)] == [ids.shape[1] + 4] * cache.n_layers
+    assert cache.reserved_nbytes() == cache.nbytes()
 
 
 def test_stats_single_token_has_no_decode_rate(loaded):

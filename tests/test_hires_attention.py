@@ -88,7 +88,7 @@ def test_cached_generation_equals_the_forward_over_the_whole_sequence():
     model = tiny_model()
     ids, pixels, hires_pixels = inputs()
     cache = make_cache("full")
-    cache.begin(3, 3, 16, new_tokens=4)
+    cache.begin(3, 3, 16, decode_steps=4)
     with torch.no_grad():
         logits = model(ids, pixels, cache=cache, hires=model.hires_view(ids, hires_pixels))[:, -1]
         sequence = ids
@@ -127,7 +127,7 @@ def cached_logits(model, policy, params, steps=4):
     """(steps + 1, vocab): the prefill's and each greedy decode step's logits under a policy, with the view."""
     ids, pixels, hires_pixels = inputs()
     cache = make_cache(policy, **params)
-    cache.begin(3, 3, 16, new_tokens=steps)
+    cache.begin(3, 3, 16, decode_steps=steps)
     with torch.no_grad():
         logits = [model(ids, pixels, cache=cache, hires=model.hires_view(ids, hires_pixels))[0, -1]]
         for _ in range(steps):
@@ -182,7 +182,7 @@ def test_under_h2o_each_head_places_its_attention_by_its_own_rows(seed, heavy, r
     model = tiny_model(blocks=4, seed=seed)
     ids, pixels, hires_pixels = inputs(seed + 1)
     cache = make_cache("h2o", heavy=heavy, recent=recent)
-    cache.begin(3, 3, 16, new_tokens=2)
+    cache.begin(3, 3, 16, decode_steps=2)
     queries, attend = {}, cache.attend
 
     def recording_attend(layer, q, k, v, pos):
@@ -277,3 +277,27 @@ def test_config_json_reads_hires_config():
         parse_config({**raw, "hires_config": 3})
     with pytest.raises(UserError, match="first_layer"):
         parse_config({**raw, "hires_config": {"first_layer": 4}})           # the toy has layers 0-3
+
+
+def test_hires_view_refuses_a_batch_whose_images_start_apart_or_a_prompt_without_one():
+    """The view's RoPE positions come from where the image starts, one place for the batch."""
+    model = tiny_model()
+    ids, _, hires_pixels = inputs()
+    shifted = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)                                  # the image a row earlier
+    batch_pixels = hires_pixels.expand(2, -1, -1, -1)
+    with torch.no_grad():
+        assert model.hires_view(torch.cat([ids, ids]), batch_pixels).image_start == 3
+        with pytest.raises(ValueError, match=r"start at \[3, 2\]"):
+            model.hires_view(torch.cat([ids, shifted]), batch_pixels)
+        with pytest.raises(ValueError, match="needs its image tokens"):
+            model.hires_view(torch.tensor([[1, 5, 6, 7]]), hires_pixels)
+
+
+def test_a_feature_layer_the_tower_lacks_is_refused_when_the_model_is_built():
+    """vision_feature_layer counts from the last with a negative index, as in transformers, but an index
+    past either end is refused rather than wrapped around (the tower has 1 layer: hidden states -2 .. 1)."""
+    sizes = tiny_model().config   # a tiny decoder: a model built past the check must not be a 7B one
+    assert LlavaConfig(vision=sizes.vision, vision_feature_layer=-2).feature_layers == [0]
+    for layer in (-3, 2, [1, 5]):
+        with pytest.raises(UserError, match="vision_feature_layer"):
+            LlavaForConditionalGeneration(LlavaConfig(text=sizes.text, vision=sizes.vision, vision_feature_layer=layer))

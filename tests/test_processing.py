@@ -74,6 +74,24 @@ def test_preprocess_matches_transformers(crop, shortest_edge, width, height):
     assert_close(ours, hf_pixels(image, shortest_edge, crop))
 
 
+@pytest.mark.parametrize("width, height", [(50, 31), (31, 50), (40, 40), (7, 30), (301, 40)])
+def test_do_pad_centres_the_image_on_a_square_of_the_mean_colour_like_transformers(width, height):
+    """LLaVA-1.5 with do_pad: pad to a square of the mean colour first, then resize and crop, as transformers'
+    LlavaImageProcessor (PIL backend) does; a square image is unchanged, and the hires view pads alike."""
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    ours = Processor(tiny_tokenizer(), image_id(), NUM_IMAGE_TOKENS, image_size=SIZE, shortest_edge=SIZE,
+                     image_mean=mean, image_std=std, pad_to_square=True, hires_scale=2)
+    image = make_image(width, height, seed=width + height)
+    inputs = ours(ours.chat_prompt("What is it?"), image)
+    hf = LlavaImageProcessorPil(do_pad=True, size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE},
+                                image_mean=mean, image_std=std)
+    assert_close(inputs["pixel_values"][0], hf(image, return_tensors="pt")["pixel_values"][0])
+    hf_hires = LlavaImageProcessorPil(do_pad=True, size={"shortest_edge": 2 * SIZE},
+                                      crop_size={"height": 2 * SIZE, "width": 2 * SIZE}, image_mean=mean, image_std=std)
+    assert_close(inputs["hires_pixel_values"][0], hf_hires(image, return_tensors="pt")["pixel_values"][0])
+
+
 def test_resize_truncates_long_side_and_crop_floors():
     # 337x1000 -> 336x997 (336 * 1000 / 337 = 997.03, truncated); crop top = (997 - 336) // 2 = 330.
     image = make_image(337, 1000, seed=1)
@@ -310,10 +328,18 @@ def test_preprocessor_config(folder, tmp_path):
     hf = CLIPImageProcessorPil(**{k: v for k, v in config.items() if k != "do_convert_rgb"})
     assert_close(processor.preprocess(image), hf(image, return_tensors="pt")["pixel_values"][0])
 
+    assert not processor.pad_to_square
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({**config, "do_pad": True}))
+    assert Processor.from_pretrained(tmp_path, image_token_id, NUM_IMAGE_TOKENS, SIZE).pad_to_square
+    # LLaVA-1.6's do_pad pads a batch's lists of crops, not an image.
+    assert not Processor.from_pretrained(tmp_path, image_token_id, NUM_IMAGE_TOKENS, SIZE,
+                                         image_grid_pinpoints=[[SIZE, 2 * SIZE]], patch_size=PATCH).pad_to_square
+
     # What tinyavl does not implement is refused, not ignored.
     for key, value, named in (("crop_size", 224, "crop_size 224"),
                               ("size", {"shortest_edge": 20, "longest_edge": 30}, "longest_edge"),
-                              ("rescale_factor", 1 / 128, "rescale_factor"), ("rescale_factor", "1/255", "1/255")):
+                              ("rescale_factor", 1 / 128, "rescale_factor"), ("rescale_factor", "1/255", "1/255"),
+                              ("do_pad", "yes", "do_pad")):
         (tmp_path / "preprocessor_config.json").write_text(json.dumps({**config, key: value}))
         with pytest.raises(UserError, match=named):
             Processor.from_pretrained(tmp_path, image_token_id, NUM_IMAGE_TOKENS, SIZE)
@@ -349,3 +375,11 @@ def test_system_prompt_from_processor_config(folder, tmp_path):
     (tmp_path / "processor_config.json").write_text("{broken")
     with pytest.raises(UserError, match="not valid JSON"):
         Processor.from_pretrained(tmp_path, image_token_id, NUM_IMAGE_TOKENS, SIZE)
+
+
+def test_a_llava_next_processor_needs_the_patch_size():
+    """LLaVA-1.6 counts an image's tokens from its tiles' patches: without patch_size the processor is refused
+    when built, not at its first image."""
+    with pytest.raises(ValueError, match="patch_size"):
+        Processor(tiny_tokenizer(), image_id(), NUM_IMAGE_TOKENS, image_size=SIZE, shortest_edge=SIZE,
+                  image_grid_pinpoints=[[SIZE, 2 * SIZE]])

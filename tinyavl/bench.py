@@ -279,21 +279,16 @@ def avl_step_split(cache, full_attention_ms: float) -> dict:
 
 
 def run_policy(model, name: str, input_ids, pixel_values, new_tokens: int):
-    """(tokens, stats, the timed cache, each token's arrival time)."""
+    """(tokens, stats, the timed cache)."""
     if torch.cuda.is_initialized():
         # On a GPU the first calls compile kernels (Triton's, cuBLAS's choices): a short untimed run first,
         # through an update step, so that no policy's step times include compilation.
         generate(model, input_ids, pixel_values, max_new_tokens=8, eos_token_id=(), policy=name)
-    cache, arrivals = timed_cache(name), []
+    cache = timed_cache(name)
     # eos_token_id=(): every policy decodes the same number of steps, whatever the tokens.
     tokens, stats = generate(model, input_ids, pixel_values, max_new_tokens=new_tokens, eos_token_id=(),
-                             policy=cache, stream=lambda token: arrivals.append(time.perf_counter()))
-    return tokens, stats, cache, arrivals
-
-
-def step_seconds(arrivals: list[float]) -> list[float]:
-    """Each decode step's time: step t (t = 1, 2, ...) makes generated token t + 1, the prefill token 1."""
-    return [b - a for a, b in zip(arrivals, arrivals[1:])]
+                             policy=cache)
+    return tokens, stats, cache
 
 
 def attention_step_seconds(cache) -> list[float]:
@@ -318,7 +313,7 @@ def run_case(model, n_img: int, new_tokens: int, rates: dict) -> tuple[dict, lis
     runs = {name: run_policy(model, name, input_ids, pixel_values, new_tokens) for name in POLICIES}
     full_tokens, full_stats = runs["full"][:2]
     policies = {}
-    for name, (tokens, stats, cache, arrivals) in runs.items():
+    for name, (tokens, stats, cache) in runs.items():
         kv_read = stats.attended_tokens_per_step * row_bytes            # summed over layers
         attention_seconds = cache.spans.seconds("attention") / (stats.new_tokens - 1)
         policies[name] = {
@@ -347,8 +342,9 @@ def growth(model, n_img: int) -> dict:
     pixel_values, input_ids = image_block(model, n_img), prompt_ids(model.config, n_img)
     out = {}
     for name in ("full", "avl"):
-        _, _, cache, arrivals = run_policy(model, name, input_ids, pixel_values, GROWTH_TOKENS[-1])
-        steps, attention = step_seconds(arrivals), attention_step_seconds(cache)
+        _, stats, cache = run_policy(model, name, input_ids, pixel_values, GROWTH_TOKENS[-1])
+        # Step t (t = 1, 2, ...) makes generated token t + 1; the prefill makes token 1.
+        steps, attention = stats.decode_step_seconds, attention_step_seconds(cache)
         out[name] = {f"{kind}_ms_at_{token}": ms_at(per_step, token)
                      for kind, per_step in (("step", steps), ("attention", attention)) for token in GROWTH_TOKENS}
     return out

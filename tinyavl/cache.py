@@ -45,13 +45,16 @@ import torch
 from tinyavl.errors import UserError
 from tinyavl.model import attention, rows_logits
 
+MODALITIES = ("sys", "image", "text")  # a prompt's segments, in order
+
 
 # ---------------------------------------------------------------------------------------------------
 # One query row's attention: every decode step's, and at prefill the last prompt row a policy ranks by.
 # ---------------------------------------------------------------------------------------------------
 
 def last_row_logits(q, k):
-    """Scaled logits of the last query row against the keys: (B, H, n) in fp32.
+    """Scaled logits of the last query row against the keys: (B, H, n), fp32 (the products in q and k's
+    dtype: pass them as fp32 for fp32 products).
 
     q (B, H, t, hs), k (B, Hkv, n, hs). At a decode step q is the step's one row; at prefill, where the
     prompt's attention runs on SDPA without handing out its matrix, a policy that ranks by the last
@@ -61,7 +64,7 @@ def last_row_logits(q, k):
 
 
 def last_row_probs(q, k):
-    """Attention probabilities of the last query row over the keys: (B, H, n) in fp32."""
+    """Attention probabilities of the last query row over the keys: (B, H, n), fp32."""
     return last_row_logits(q, k).softmax(-1)
 
 
@@ -72,13 +75,13 @@ class LastRow:
     rows: [(first row, logits (B, H, n_span) fp32)] (none where the computation keeps only lse, as the
     Triton kernel does). A row's probability is exp(logit - lse)."""
     lse: torch.Tensor
-    spans: list = field(default_factory=list)
+    span_logits: list = field(default_factory=list)
 
     def probs(self, q, k, start: int, end: int):
         """This step's attention probabilities (B, H, end - start) on rows start .. end - 1 of the
         layer's cache k: the logits sliced from a span handed over that holds those rows, or, where none
         does, q.k recomputed on those rows alone (the others need not be read)."""
-        for first, logits in self.spans:
+        for first, logits in self.span_logits:
             if first <= start and end <= first + logits.shape[-1]:
                 return (logits[..., start - first:end - first] - self.lse[..., None]).exp()
         # In fp32: an lse handed over without logits is the Triton kernel's, whose logits are fp32 products
@@ -103,10 +106,21 @@ def read_end(end: int, k) -> int:
     return min(-(-end // ROW_BUCKET) * ROW_BUCKET, k.shape[2])
 
 
+def contiguous_runs(rows) -> list[tuple[int, int]]:
+    """Ascending row indices (n,) as the runs of consecutive rows they make, [(start, end)]:
+    [0, 1, 2, 7, 8] -> [(0, 3), (7, 9)]. Each run is then one slice of the cache, read in place."""
+    starts = torch.ones_like(rows, dtype=torch.bool)              # (n,) True where a run starts: the first
+    starts[1:] = rows[1:] != rows[:-1] + 1                        # row, and any not right after the one before
+    ends = torch.cat([starts[1:], starts.new_ones(1)])            # (n,) True where a run ends
+    return list(zip(rows[starts].tolist(), (rows[ends] + 1).tolist()))
+
+
 def decode_attention(q, k, v, spans):
     """One query's attention over spans of the cached rows, read where they lie (no joined copy): a
     softmax over all their logits together. q (B, H, 1, hs); k, v (B, Hkv, m, hs): the layer's buffers,
-    or any tensors that hold the spans' rows; spans [(start, end)], ascending, end <= m.
+    or any tensors that hold the spans' rows; spans [(start, end)], ascending, end <= m, none starting
+    where the one before ends (`contiguous_runs` makes them so: in bf16 two spans that meet would round
+    differently from the one span they make).
     Returns (out (B, H, 1, hs), LastRow): the output, and the row's log-sum-exp and logits per span.
 
     The last span may be read past its end, up to `read_end`: the rows there get logit -inf, so
@@ -114,15 +128,6 @@ def decode_attention(q, k, v, spans):
     to m must be finite (a cache's are: zeros, or rows it once held)."""
     B, H, _, hs = q.shape
     Hkv = k.shape[1]
-    # Spans that meet are read as one: the same rows then give the same products as for a caller that
-    # passed one span (in bf16 a sum of two products rounds differently from the one).
-    merged = [spans[0]]
-    for start, end in spans[1:]:
-        if start == merged[-1][1]:
-            merged[-1] = (merged[-1][0], end)
-        else:
-            merged.append((start, end))
-    spans = merged
     (last_start, last_end), last_read_end = spans[-1], read_end(spans[-1][1], k)
     reads = spans[:-1] + [(last_start, last_read_end)]
     logits = [last_row_logits(q, k[:, :, start:end]) for start, end in reads]  # each (B, H, rows read) fp32
@@ -212,7 +217,8 @@ def heavy_plus_recent(scores, pos, heavy: int, recent: int, length: int):
 @dataclass(frozen=True)
 class Param:
     """One policy parameter: its name (the flag --name), default (whose type is the parameter's), one-line
-    help, and allowed values: the range [low, high] with `ends` saying which are open, or `choices`."""
+    help, and allowed values: the range [low, high] with `ends` saying which are open (None: unbounded on
+    that side), or `choices`."""
     name: str
     default: int | float | str
     help: str
@@ -226,8 +232,12 @@ class Param:
         """The allowed values, as help and error messages print them: "in (0, 1]", ">= 1", "one of auto, torch"."""
         if self.choices:
             return "one of " + ", ".join(self.choices)
+        if self.low is None and self.high is None:
+            return "any integer" if type(self.default) is int else "any number"
         if self.high is None:
             return f"{'>' if self.ends[0] == '(' else '>='} {self.low}"
+        if self.low is None:
+            return f"{'<' if self.ends[1] == ')' else '<='} {shown(self.high)}"
         return f"in {self.ends[0]}{self.low}, {shown(self.high)}{self.ends[1]}"
 
     def check(self, value):
@@ -238,7 +248,7 @@ class Param:
             kind = type(self.default)
             if isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)):
                 raise UserError(f"{self.name} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
-            above = self.low < value if self.ends[0] == "(" else self.low <= value
+            above = self.low is None or (self.low < value if self.ends[0] == "(" else self.low <= value)
             below = self.high is None or (value < self.high if self.ends[1] == ")" else value <= self.high)
             ok = above and below
         if not ok:
@@ -294,10 +304,10 @@ class KVCache:
         """The policy's parameters, for reports."""
         return {p.name: getattr(self, p.name) for p in self.PARAMS if p.reported}
 
-    def begin(self, n_layers: int, n_sys: int, n_img: int, new_tokens: int = 0):
+    def begin(self, n_layers: int, n_sys: int, n_img: int, decode_steps: int = 0):
         """Reset for a new sequence whose prompt is [sys (n_sys) | image (n_img) | text], to be followed
-        by up to new_tokens decode steps (the room the buffers reserve after prefill)."""
-        self.n_layers, self.n_sys, self.n_img, self.new_tokens = n_layers, n_sys, n_img, new_tokens
+        by up to decode_steps decode steps, a row each (the room the buffers reserve after prefill)."""
+        self.n_layers, self.n_sys, self.n_img, self.decode_steps = n_layers, n_sys, n_img, decode_steps
         # Per layer: buffers (B, Hkv, capacity, hs) for keys after RoPE and values, (B, Hkv, capacity)
         # for the logical position of each row; the first n rows are the cache, k/v/pos views of them.
         self.k_buffer, self.v_buffer, self.pos_buffer = [None] * n_layers, [None] * n_layers, [None] * n_layers
@@ -316,8 +326,14 @@ class KVCache:
     def attend(self, layer: int, q, k, v, pos):
         """Store this layer's t new rows and return the attention output (B, H, t, hs).
 
-        q (B, H, t, hs), k and v (B, Hkv, t, hs), pos (t,) their logical positions.
+        q (B, H, t, hs), k and v (B, Hkv, t, hs), pos (t,) their logical positions: the whole prompt at the
+        prefill, then one token per decode step.
         """
+        if self.step > 0 and q.shape[2] != 1:
+            # Rows that arrive together after the prefill would need a causal mask against the cache that
+            # no policy's compute has (a chunked prefill): refused, rather than attended wrongly.
+            raise ValueError(f"a decode step takes one token, got {q.shape[2]}: after the prefill the cache "
+                             "decodes one token at a time")
         self.append(layer, k, v, pos)
         rows = self.rows_to_attend(layer)
         out, last_row = self.compute(layer, q, rows)
@@ -340,8 +356,9 @@ class KVCache:
         if self.k[layer] is None:
             # Prefill: the prompt's own tensors are the first buffers; `advance` re-sizes them once the
             # policy has evicted what it drops, so a buffer never holds room for evicted rows. The positions
-            # are copied: with one sample and one KV head the expanded view would be the model's own
-            # `positions`, which every later layer is given, and eviction edits the buffer in place.
+            # are copied: the expanded view is the model's own `positions` (which every later layer is
+            # given) seen through a stride of 0, so an eviction that edits one head's positions in place
+            # would edit every head's, and the model's.
             self.k_buffer[layer], self.v_buffer[layer] = k, v
             self.pos_buffer[layer] = pos.clone(memory_format=torch.contiguous_format)
             self.hold(layer, t)
@@ -376,31 +393,26 @@ class KVCache:
         """Row indices (ascending, shared by all heads) this step computes with; None = every row."""
         return None
 
-    def selected(self, layer: int, rows):
-        """K and V of the selected rows: (B, Hkv, len(rows), hs) copies, or the whole cache (rows None)."""
-        k, v = self.k[layer], self.v[layer]
-        if rows is None:
-            return k, v
-        return k.index_select(2, rows), v.index_select(2, rows)
-
     def compute(self, layer: int, q, rows):
         """Attention over the selected rows: a shorter attention, not a mask over the full length.
 
         Returns (out (B, H, t, hs), last_row): at a decode step a `LastRow` (the query row's log-sum-exp and
-        logits), from which update scores this step's attention; None at prefill, where a policy that
-        ranks by the last prompt row computes it from q and K itself."""
-        k, v = self.selected(layer, rows)
-        if q.shape[2] > 1:
-            # At prefill the cache was empty, so the t new rows are exactly the keys: plain causal.
-            return attention(q, k, v, causal=True), None
-        # A decode step's one query sees every selected row. Every policy decodes through the same
-        # decode_attention (A-VL on CUDA through the Triton kernel), so policies differ in the rows they
-        # read, not in the code that reads them. It is here for the logits it hands over, not for speed:
-        # SDPA, which returns no logits, was as fast in fp32 and faster in bf16 (README, benchmark notes).
-        n = k.shape[2]
-        if rows is None:  # every row: in place in the buffers, whose room past them it may read (`read_end`)
-            k, v = self.k_buffer[layer], self.v_buffer[layer]
-        return decode_attention(q, k, v, [(0, n)])
+        logits, its rows numbered as in the cache), from which update scores this step's attention; None
+        at the prefill, where a policy that ranks by the last prompt row computes it from q and K itself."""
+        if self.step == 0:
+            # The cache was empty, so the prompt's rows are exactly the keys: plain causal attention.
+            if rows is not None:
+                raise ValueError(f"{type(self).__name__}.rows_to_attend must return None at the prefill: the "
+                                 "prompt attends causally to all of itself")
+            return attention(q, self.k[layer], self.v[layer], causal=True), None
+        # A decode step's one query sees every selected row, read where it lies: each run of consecutive
+        # rows is one slice of the buffers (whose room past the held rows it may read, `read_end`), so
+        # nothing is gathered. Every policy decodes through the same decode_attention (A-VL on CUDA
+        # through the Triton kernel), so policies differ in the rows they read, not in the code that
+        # reads them. It is here for the logits it hands over, not for speed: SDPA, which returns no
+        # logits, was as fast in fp32 and faster in bf16 (README, benchmark notes).
+        spans = [(0, self.k[layer].shape[2])] if rows is None else contiguous_runs(rows)
+        return decode_attention(q, self.k_buffer[layer], self.v_buffer[layer], spans)
 
     def update(self, layer: int, q, last_row):
         """Policy hook after the step's attention (q: the step's query rows; last_row: what compute
@@ -423,11 +435,11 @@ class KVCache:
 
     def advance(self, n_tokens: int):
         """Called by the model after each forward pass. After prefill each layer's buffers are sized
-        once, to the rows the policy kept plus new_tokens: decode steps then append in place."""
+        once, to the rows the policy kept plus decode_steps: decode steps then append in place."""
         if self.step == 0:
             for layer in range(self.n_layers):
                 if self.k[layer] is not None:
-                    self.reserve(layer, self.k[layer].shape[2] + self.new_tokens)
+                    self.reserve(layer, self.k[layer].shape[2] + self.decode_steps)
         self.next_pos += n_tokens
         self.step += 1
 
@@ -458,9 +470,9 @@ class KVCache:
         # Per (sample, head) plane: the dropped slots before the new end and the kept rows after it, as
         # many of each in every plane; nonzero lists both plane by plane, so they pair up in order and
         # share one list of planes.
-        plane, hole = (~kept[:, :n_keep]).nonzero(as_tuple=True)
-        fill = n_keep + kept[:, n_keep:].nonzero(as_tuple=True)[1]
-        sample, head = plane // Hkv, plane % Hkv
+        plane, hole = (~kept[:, :n_keep]).nonzero(as_tuple=True)             # each (n_moves,)
+        fill = n_keep + kept[:, n_keep:].nonzero(as_tuple=True)[1]            # (n_moves,)
+        sample, head = plane // Hkv, plane % Hkv                              # each (n_moves,)
         for buffer in (self.k_buffer, self.v_buffer, self.pos_buffer):
             buffer[layer][sample, head, start + hole] = buffer[layer][sample, head, start + fill]
         self.hold(layer, start + n_keep)
@@ -512,14 +524,15 @@ class KVCache:
         Exact also when heads keep different tokens (H2O)."""
         pos = self.pos[layer]
         if pos is None:
-            return {"sys": 0, "image": 0, "text": 0}
+            return dict.fromkeys(MODALITIES, 0)
         image_start, text_start = self.n_sys, self.n_sys + self.n_img
         return {"sys": int((pos < image_start).sum()),
                 "image": int(((pos >= image_start) & (pos < text_start)).sum()),
                 "text": int((pos >= text_start).sum())}
 
     def modality_rows(self, layer: int) -> dict:
-        """Rows one layer holds per head for sys, image and text (the mean over heads when they differ)."""
+        """Rows one layer holds per head for sys, image and text (the mean over samples and KV heads when
+        they differ)."""
         heads = 1 if self.pos[layer] is None else self.pos[layer].shape[0] * self.pos[layer].shape[1]
         rows = {m: n / heads for m, n in self.modality_head_rows(layer).items()}
         return {m: int(n) if n == int(n) else n for m, n in rows.items()}
@@ -527,7 +540,7 @@ class KVCache:
     def modality_bytes(self, layer: int) -> dict:
         """Bytes one layer holds for sys, image and text rows (K and V, all heads)."""
         if self.k[layer] is None:
-            return {"sys": 0, "image": 0, "text": 0}
+            return dict.fromkeys(MODALITIES, 0)
         bytes_per_head_row = 2 * self.k[layer].shape[-1] * self.k[layer].element_size()  # a key and a value
         return {m: n * bytes_per_head_row for m, n in self.modality_head_rows(layer).items()}
 
@@ -618,8 +631,8 @@ class AVLCache(KVCache):
         if self.kernel == "triton":
             require_triton()
 
-    def begin(self, n_layers, n_sys, n_img, new_tokens=0):
-        super().begin(n_layers, n_sys, n_img, new_tokens)
+    def begin(self, n_layers, n_sys, n_img, decode_steps=0):
+        super().begin(n_layers, n_sys, n_img, decode_steps)
         self.n_secondary = math.floor(self.S * n_img)
         self.n_core = math.floor(self.C * n_img)
         self.text_start = self.n_sys + self.n_secondary  # every layer's first text row after prefill
@@ -646,28 +659,22 @@ class AVLCache(KVCache):
 
     def compute(self, layer, q, rows):
         """Decode steps also hand `decode_update` the attended row's `LastRow`: the probabilities it
-        scores (the text for H2O, the image block on update steps) come from its logits and lse."""
-        if self.step == 0:
+        scores (the text for H2O, the image block on update steps) come from its logits and lse. On the
+        torch path (`KVCache.compute`) a normal step's rows, [sys | core] and [text], are two slices of the
+        buffers, read in place (one where they meet, as when the core is every stored image row)."""
+        if self.step == 0 or not self.use_kernel(q):
             return super().compute(layer, q, rows)
-        k, v = self.k[layer], self.v[layer]
-        n, core_end = k.shape[2], self.n_sys + self.n_core
-        if self.use_kernel(q):
-            # The Triton kernel reads sys + core rows through an index list and the text rows as a
-            # contiguous tail from tail_start on, in place (an update step attends to everything, as one tail).
-            from kernels.sparse_attention import sparse_decode_attention
-            if rows is None:
-                index, tail_start = torch.zeros(0, dtype=torch.long, device=q.device), 0
-            else:
-                index, tail_start = rows[:core_end], self.text_start
-            # q (B, H, hs); one index list (1, n_idx) for the batch: A-VL ranks one prompt (image_attention).
-            out, lse = sparse_decode_attention(q[:, :, 0], k, v, index[None], tail_start, return_lse=True,
-                                               check_index=False)
-            return out[:, :, None], LastRow(lse)                        # (B, H, 1, hs); lse (B, H), no logits
-        # rows_to_attend's rows are [0, core_end) and [text_start, n): two slices of the buffers (one where
-        # they meet, as when the core is every stored image row: decode_attention joins them), read in the
-        # buffers, whose room past the held rows it may read (`read_end`).
-        spans = [(0, n)] if rows is None else [(0, core_end), (self.text_start, n)]
-        return decode_attention(q, self.k_buffer[layer], self.v_buffer[layer], spans)
+        # The Triton kernel reads sys + core rows through an index list and the text rows as a contiguous
+        # tail from tail_start on, in place (an update step attends to everything, as one tail).
+        from kernels.sparse_attention import sparse_decode_attention
+        if rows is None:
+            index, tail_start = torch.zeros(0, dtype=torch.long, device=q.device), 0
+        else:
+            index, tail_start = rows[:self.n_sys + self.n_core], self.text_start
+        # q (B, H, hs); one index list (1, n_idx) for the batch: A-VL ranks one prompt (image_attention).
+        out, lse = sparse_decode_attention(q[:, :, 0], self.k[layer], self.v[layer], index[None], tail_start,
+                                           return_lse=True, check_index=False)
+        return out[:, :, None], LastRow(lse)                            # (B, H, 1, hs); lse (B, H), no logits
 
     def use_kernel(self, q) -> bool:
         """Triton on CUDA tensors ("auto"), or as forced by kernel="triton" / "torch"."""
@@ -767,8 +774,8 @@ class H2OCache(KVCache):
     PARAMS = (rate("heavy", 0.125, "heavy-hitter fraction of the sequence so far"), recent_window(0.375))
     FULL_BUDGET = dict(recent=1)  # floor(recent L) = L: the window is the whole sequence
 
-    def begin(self, n_layers, n_sys, n_img, new_tokens=0):
-        super().begin(n_layers, n_sys, n_img, new_tokens)
+    def begin(self, n_layers, n_sys, n_img, decode_steps=0):
+        super().begin(n_layers, n_sys, n_img, decode_steps)
         self.scores = [None] * n_layers  # per layer (B, Hkv, rows): attention each cached token received
 
     def update(self, layer, q, last_row):
@@ -847,8 +854,8 @@ class RandomCache(KVCache):
         super().__init__(**params)
         self.generator = torch.Generator().manual_seed(self.random_seed)
 
-    def begin(self, n_layers, n_sys, n_img, new_tokens=0):
-        super().begin(n_layers, n_sys, n_img, new_tokens)
+    def begin(self, n_layers, n_sys, n_img, decode_steps=0):
+        super().begin(n_layers, n_sys, n_img, decode_steps)
         drawn = torch.randperm(n_img, generator=self.generator)[:math.floor(self.S * n_img)]  # image indices
         self.kept_image = n_sys + drawn.sort().values        # rows of the kept image tokens, ascending
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tinyavl.cache import KVCache, make_cache
+from tinyavl.cache import MODALITIES, KVCache, make_cache
 from tinyavl.errors import UserError
 from tinyavl.model import keys_first
 
@@ -23,8 +23,8 @@ class GenerationStats:
     new_tokens: int
     finish_reason: str  # "eos" (the model ended its answer), "length" (max_new_tokens), "context" (context full)
     prefill_seconds: float
-    decode_seconds: float
-    decode_tokens_per_second: float | None  # None when there was no decode step (max_new_tokens = 1)
+    decode_seconds: float              # the decode steps' forward passes and token choices, summed
+    decode_tokens_per_second: float | None  # None when there was no decode step (one token generated)
     kv_cache_bytes: int                # peak bytes of K and V held, measured after every forward pass
     kv_cache_bytes_after_prefill: int
     kv_cache_bytes_dense: int          # what the dense cache would hold at the end of the same sequence
@@ -36,6 +36,7 @@ class GenerationStats:
     attended_per_layer: list = field(default_factory=list)  # per decode step: rows attended per layer
     prefill_attended_per_layer: list = field(default_factory=list)  # per layer: the rows the prefill ran on
     hires_tokens_read: int = 0  # FlexAttention: high-resolution keys read by the current tokens, all layers
+    decode_step_seconds: list = field(default_factory=list)  # per decode step: its forward pass and token choice
 
 
 def image_segments(input_ids, image_token_id: int) -> tuple[int, int]:
@@ -78,8 +79,15 @@ def next_token(logits, temperature: float, top_p: float, generator, step: int) -
 def kv_snapshot(cache: KVCache) -> tuple[int, dict, list]:
     """(total bytes, bytes per modality over all layers, bytes per modality per layer)."""
     per_layer = [cache.modality_bytes(layer) for layer in range(cache.n_layers)]
-    totals = {m: sum(layer[m] for layer in per_layer) for m in ("sys", "image", "text")}
+    totals = {m: sum(layer[m] for layer in per_layer) for m in MODALITIES}
     return cache.nbytes(), totals, per_layer
+
+
+def id_set(ids) -> set[int]:
+    """An id or a list of ids (config.json's eos_token_id may be either, or null) as a set."""
+    if ids is None:
+        return set()
+    return {ids} if isinstance(ids, int) else set(ids)
 
 
 def check_generation_args(max_new_tokens: int, temperature: float, top_p: float, seed: int | None) -> None:
@@ -130,15 +138,15 @@ def generate(model, input_ids, pixel_values=None, *, image_sizes=None, hires_pix
     if prompt_len >= text_config.max_position_embeddings:
         raise UserError(f"the prompt has {prompt_len} tokens, the model's context is "
                         f"{text_config.max_position_embeddings}: shorten the prompt")
-    eos_ids = {text_config.eos_token_id} if eos_token_id is None else (
-        {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id))
+    eos_ids = id_set(text_config.eos_token_id if eos_token_id is None else eos_token_id)
     # Generation also stops at the end of the context.
     limit = min(max_new_tokens, text_config.max_position_embeddings - prompt_len)
     device = model.language_model.lm_head.weight.device
     generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
 
     n_sys, n_img = image_segments(input_ids, model.config.image_token_id)
-    cache.begin(text_config.num_hidden_layers, n_sys, n_img, new_tokens=limit)
+    # The last token is chosen, never fed back: limit - 1 decode steps, a row each.
+    cache.begin(text_config.num_hidden_layers, n_sys, n_img, decode_steps=limit - 1)
 
     def on_device(pixels):  # the image's tensors, if any, where the model is
         return None if pixels is None else pixels.to(device)
@@ -159,13 +167,17 @@ def generate(model, input_ids, pixel_values=None, *, image_sizes=None, hires_pix
 
     prefill_bytes, prefill_modality_bytes, prefill_layer_bytes = kv_snapshot(cache)
     peak_bytes, peak_modality_bytes = prefill_bytes, prefill_modality_bytes
-    tokens, attended, attended_dense = [token], [], []
+    tokens, attended, attended_dense, step_seconds = [token], [], [], []
     if stream:
         stream(token)
-    start = time.perf_counter()
     while len(tokens) < limit and token not in eos_ids:
+        # Timed: the step's forward pass and its token (which waits for a GPU's work); not the stream or
+        # the statistics below, which every policy would otherwise pay unequally (the snapshot runs each
+        # time the cache grew: every step for `full`).
+        start = time.perf_counter()
         logits = model(torch.tensor([[token]], device=device), cache=cache, last_only=True)
         token = next_token(logits, temperature, top_p, generator, step=len(tokens))
+        step_seconds.append(time.perf_counter() - start)
         tokens.append(token)
         if stream:
             stream(token)
@@ -173,7 +185,7 @@ def generate(model, input_ids, pixel_values=None, *, image_sizes=None, hires_pix
         attended_dense.append(cache.next_pos * cache.n_layers)  # dense: every token in every layer
         if cache.nbytes() > peak_bytes:
             peak_bytes, peak_modality_bytes, _ = kv_snapshot(cache)
-    decode_seconds = time.perf_counter() - start
+    decode_seconds = sum(step_seconds)
 
     steps = len(attended)
     finish_reason = "eos" if token in eos_ids else "length" if len(tokens) == max_new_tokens else "context"
@@ -189,6 +201,6 @@ def generate(model, input_ids, pixel_values=None, *, image_sizes=None, hires_pix
         attended_tokens_per_step=sum(map(sum, attended)) / steps if steps else None,
         attended_tokens_per_step_dense=sum(attended_dense) / steps if steps else None,
         attended_per_layer=attended, prefill_attended_per_layer=prefill_attended,
-        hires_tokens_read=0 if hires is None else hires.tokens_read,
+        hires_tokens_read=0 if hires is None else hires.tokens_read, decode_step_seconds=step_seconds,
     )
     return tokens, stats

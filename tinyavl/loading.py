@@ -37,15 +37,16 @@ TEXT_MODEL_DEFAULTS = {
     "llama": {},
     "mistral": dict(intermediate_size=14336, num_key_value_heads=8, max_position_embeddings=4096 * 32),
 }
-MODEL_TYPES = {"llava": "LLaVA-1.5", "llava_next": "LLaVA-1.6 (LLaVA-NeXT)"}
+MODEL_TYPES = {"llava": "LLaVA-1.5, e.g. llava-hf/llava-1.5-7b-hf",
+               "llava_next": "LLaVA-1.6, e.g. llava-hf/llava-v1.6-vicuna-7b-hf"}
 
 
 def parse_config(raw: dict) -> LlavaConfig:
     """A LlavaConfig from the parsed config.json of a llava-hf folder (UserError for what tinyavl cannot run)."""
     model_type = raw.get("model_type", "llava")
     if model_type not in MODEL_TYPES:
-        raise UserError(f"config.json has model_type {model_type!r}: tinyavl runs LLaVA-1.5 ('llava', e.g. "
-                        "llava-hf/llava-1.5-7b-hf) and LLaVA-1.6 ('llava_next', e.g. llava-hf/llava-v1.6-vicuna-7b-hf)")
+        raise UserError(f"config.json has model_type {model_type!r}: tinyavl runs " + " and ".join(
+            f"{name!r} ({what})" for name, what in MODEL_TYPES.items()))
     # Without text_config, transformers would build a Llama-2-7B decoder: never what a llava-hf folder holds.
     if not isinstance(raw.get("text_config"), dict):
         raise UserError("config.json has no text_config object: a llava-hf config.json describes the "
@@ -87,7 +88,8 @@ def parse_config(raw: dict) -> LlavaConfig:
                                      "vision_feature_layer", "vision_feature_select_strategy")
            if key in raw},
     )
-    # transformers 5 names it image_token_id (image_token_index is the older spelling): the newer wins.
+    # transformers' LlavaConfig stores image_token_index and reads image_token_id as an alias of it; a file
+    # with both is read here as transformers reads it: the alias wins.
     config.image_token_id = raw.get("image_token_id", raw.get("image_token_index", config.image_token_id))
     if model_type == "llava_next":
         # transformers would fall back to the published list; a llava_next config.json always has its own.

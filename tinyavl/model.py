@@ -87,7 +87,7 @@ class TextConfig:
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     bos_token_id: int = 1
-    eos_token_id: int = 2
+    eos_token_id: int | list[int] = 2  # config.json may list several
 
     def __post_init__(self):
         # Checked before the derived sizes below, which would divide by a zero head count.
@@ -131,8 +131,8 @@ class HiresConfig:
     selects for it (threshold, blocks a side). Not in any llava-hf config: a "hires_config" object."""
     scale: int = 3            # 1008 px for LLaVA-1.5's 336: a 72 x 72 map
     first_layer: int = 9      # its paper's LLaVA-1.5-7B setting; layer first_layer - 1 makes the first selection
-    threshold: float = 48.0   # of 255 (hires.THRESHOLD)
-    blocks: int = 9           # blocks a side (hires.BLOCKS)
+    threshold: float = hires.THRESHOLD  # of 255
+    blocks: int = hires.BLOCKS          # blocks a side
 
 
 # What LlavaConfig uses when config.json has no vision_config at all: CLIP ViT-L/14 at 336 px.
@@ -160,10 +160,16 @@ class LlavaConfig:
 
     @property
     def feature_layers(self) -> list[int]:
-        """The vision hidden-state indices the projector reads (0 = pre_layrnorm output)."""
+        """The vision hidden-state indices the projector reads, from 0 (0 = the pre_layrnorm output, k =
+        layer k's output); a negative vision_feature_layer counts from the last, as in transformers, and one
+        out of range is refused rather than wrapped around."""
         layers = self.vision_feature_layer
-        layers = layers if isinstance(layers, list) else [layers]
-        n_states = self.vision.num_hidden_layers + 1
+        layers = layers if isinstance(layers, list) and layers else [layers]  # an empty list is refused below
+        n_states = self.vision.num_hidden_layers + 1  # the pre_layrnorm output and one per layer
+        for layer in layers:
+            if type(layer) is not int or not -n_states <= layer < n_states:
+                raise UserError(f"vision_feature_layer {layer!r} does not exist: the vision tower has "
+                                f"{n_states} hidden states (-{n_states} .. {n_states - 1})")
         return [layer % n_states for layer in layers]
 
     @property
@@ -178,13 +184,7 @@ class LlavaConfig:
 
         Called by loading.parse_config, not on construction: the bare defaults, like transformers', put
         image token 32000 outside the 32000-word vocabulary."""
-        layers = self.vision_feature_layer
-        layers = layers if isinstance(layers, list) and layers else [layers]  # an empty list is refused below
-        n_states = self.vision.num_hidden_layers + 1  # the embedding output and one per layer
-        for layer in layers:
-            if type(layer) is not int or not -n_states <= layer < n_states:
-                raise UserError(f"vision_feature_layer {layer!r} does not exist: the vision tower has "
-                                f"{n_states} hidden states (-{n_states} .. {n_states - 1})")
+        self.feature_layers  # refuses a layer the tower does not have
         if self.vision_feature_select_strategy not in ("default", "full"):
             raise UserError(f"unknown vision_feature_select_strategy {self.vision_feature_select_strategy!r}")
         for act in (self.text.hidden_act, self.vision.hidden_act, self.projector_hidden_act):
@@ -286,7 +286,8 @@ def keys_first(device_type: str, dtype: torch.dtype) -> bool:
     2-core CPUs this project was measured on (2026-12-02 and -05), either form was 1.7-5x faster than the
     other, and on one of them fp32 and bf16 disagreed. A decode step's attention is mostly this read, so on
     a CPU the first call times both forms once, on LLaVA-7B's shape (32 heads of 2048 rows of 128), and
-    keeps the faster. Elsewhere (CUDA) q k^T.
+    keeps the faster. Elsewhere (CUDA) q k^T. The two round differently in bf16, so two CPU runs that chose
+    differently may differ in the last bits of a bf16 decode.
     """
     if device_type != "cpu":
         return False
@@ -314,6 +315,8 @@ class CLIPVisionEmbeddings(nn.Module):
         patches = patches.flatten(2).transpose(1, 2)                  # (B, P, C), row-major patch grid
         cls = self.class_embedding.expand(patches.shape[0], 1, -1)    # (B, 1, C)
         x = torch.cat([cls, patches], dim=1)                          # (B, 1 + P, C)
+        # transformers adds position_embedding(arange(1 + P)): every row of the table, in order (the image
+        # size is fixed, so the table is never interpolated).
         return x + self.position_embedding.weight                     # (B, 1 + P, C)
 
 
@@ -670,7 +673,7 @@ class LlavaForConditionalGeneration(nn.Module):
     def __init__(self, config: LlavaConfig):
         super().__init__()
         self.config = config
-        # Hidden state k is layer k's output (0: the embeddings), so the deepest feature layer is how many
+        # Hidden state k is layer k's output (0: the pre_layrnorm output), so the deepest feature layer is how many
         # layers to build: with the usual -2 the last CLIP layer never runs, so it is not even built.
         self.vision_tower = CLIPVisionModel(config.vision, n_layers=max(config.feature_layers))
         self.multi_modal_projector = LlavaMultiModalProjector(config)
@@ -680,7 +683,7 @@ class LlavaForConditionalGeneration(nn.Module):
             # class_embedding: the checkpoint always holds it.
             self.image_newline = nn.Parameter(torch.zeros(config.text.hidden_size))
 
-    def crop_features(self, crops):  # (N, 3, S, S) -> (N, P, C_text): every crop through the tower, one batch
+    def crop_features(self, crops):  # (N, 3, S, S) -> (N, P, C_text), 1 + P with "full": every crop, one batch
         size = self.config.vision.image_size
         if crops.shape[-2:] != (size, size):
             raise ValueError(f"pixel_values are {tuple(crops.shape[-2:])}, the vision tower takes {size}x{size}")
@@ -760,8 +763,15 @@ class LlavaForConditionalGeneration(nn.Module):
         features = self.crop_features(crops.reshape(B * h.scale ** 2, 3, S, S))          # (B scale^2, P, C)
         hires_map = torch.stack([stitch_tiles(tiles, h.scale, h.scale).flatten(0, 1)
                                  for tiles in features.split(h.scale ** 2)])              # (B, N_hd, C)
-        # Read off the first prompt: a batch's prompts hold their image at the same position.
-        image_start = int((input_ids[0] == self.config.image_token_id).nonzero()[0])
+        # One position for the batch: its prompts must hold their image at the same place.
+        is_image = input_ids == self.config.image_token_id                              # (B, T)
+        if not is_image.any(1).all():
+            raise ValueError("hires_view serves a prompt's image: every prompt needs its image tokens")
+        starts = is_image.int().argmax(1)                                               # (B,) first image token
+        if (starts != starts[0]).any():
+            raise ValueError("hires_view serves a batch whose prompts hold their image at one position; "
+                             f"these start at {starts.tolist()}")
+        image_start = int(starts[0])
         grid = S // self.config.vision.patch_size
         text = self.config.text
         positions = hires.hires_positions(image_start, grid, h.scale).to(hires_pixel_values.device)
@@ -771,7 +781,8 @@ class LlavaForConditionalGeneration(nn.Module):
 
     def forward(self, input_ids, pixel_values=None, cache=None, last_only=False, attention_mask=None,
                 image_sizes=None, hires: HiresView | None = None):
-        """Logits (B, T, vocab) for input_ids (B, T) that already hold the expanded image tokens.
+        """Logits (B, T, vocab) for input_ids (B, T) that already hold the expanded image tokens ((B, 1,
+        vocab) with last_only; fewer than T rows where a policy drops hidden rows, `KVCache.rows_to_keep`).
 
         Without a cache this is the plain causal forward over the whole sequence; attention_mask (B, T),
         as in transformers, is 1 where a token may be attended and 0 where no query sees it (padding,

@@ -210,7 +210,8 @@ class Processor:
     def __init__(self, tokenizer: Tokenizer, image_token_id: int, num_image_tokens: int, image_size: int,
                  shortest_edge: int, image_mean=CLIP_MEAN, image_std=CLIP_STD,
                  resample: int = Image.Resampling.BICUBIC, system_prompt: str = "", chat_template: str | None = None,
-                 image_grid_pinpoints=None, patch_size: int | None = None, hires_scale: int | None = None):
+                 image_grid_pinpoints=None, patch_size: int | None = None, hires_scale: int | None = None,
+                 pad_to_square: bool = False):
         found = tokenizer.token_to_id(IMAGE_TOKEN)
         if found is None:
             raise UserError(f"tokenizer.json has no {IMAGE_TOKEN} token: use the tokenizer of a LLaVA checkpoint")
@@ -229,11 +230,18 @@ class Processor:
         self.image_size = image_size  # side of the square crop the vision tower sees
         self.shortest_edge = shortest_edge
         self.image_mean = torch.tensor(image_mean, dtype=torch.float32).view(3, 1, 1)  # [3, 1, 1]
+        # LLaVA-1.5 with do_pad (the original LLaVA's "pad" aspect ratio): the image is first centred on a
+        # square of the mean colour, as transformers' LlavaImageProcessor pads it, so no side is cropped away.
+        self.pad_to_square = pad_to_square
+        self.pad_colour = tuple(int(m * 255) for m in image_mean)
         self.image_std = torch.tensor(image_std, dtype=torch.float32).view(3, 1, 1)  # [3, 1, 1]
         self.resample = Image.Resampling(resample)
         self.system_prompt = system_prompt  # text in front of "USER:" without a chat template ("" = none)
         self.chat_template = None if chat_template is None else compile_chat_template(chat_template)
         # LLaVA-1.6: the anyres canvases, and the tower's patch size that counts an image's tokens.
+        if image_grid_pinpoints is not None and patch_size is None:
+            raise ValueError("a LLaVA-1.6 processor (image_grid_pinpoints) needs the tower's patch_size to count "
+                             "an image's tokens")
         self.image_grid_pinpoints = image_grid_pinpoints
         self.patch_size = patch_size
         # FlexAttention (config.json's hires_config): the image also at hires_scale x the crop's size.
@@ -256,7 +264,7 @@ class Processor:
             raise UserError(f"{path} is not a valid tokenizer.json ({e}): download it again") from None
         pre_path = folder / "preprocessor_config.json"
         pre_cfg = _read_json(pre_path)
-        pre = _read_preprocessor_config(pre_cfg, pre_path, vision_image_size)
+        pre = _read_preprocessor_config(pre_cfg, pre_path, vision_image_size, anyres=image_grid_pinpoints is not None)
         # The processor counts an image's slots from these canvases and the model tiles it on config.json's:
         # two lists would give a prompt whose slots and features do not match.
         pre_pinpoints = pre_cfg.get("image_grid_pinpoints")
@@ -303,7 +311,8 @@ class Processor:
             raise UserError(f"the prompt contains {IMAGE_TOKEN} but no image was given: pass an image or "
                             f"remove {IMAGE_TOKEN}")
         # tokenizer.json's post-processor puts <s> (BOS) in front, unless the prompt has it already (a chat
-        # template may write it, and transformers then adds none); no </s> is added.
+        # template may write it, and transformers' apply_chat_template(tokenize=True) then adds none); no
+        # </s> is added.
         ids = self.tokenizer.encode(text, add_special_tokens=not text.startswith(BOS_TOKEN)).ids
         pixel_values = image_sizes = hires_pixel_values = None
         if image is not None:
@@ -314,6 +323,8 @@ class Processor:
             at = ids.index(self.image_token_id)
             ids[at:at + 1] = [self.image_token_id] * self.image_token_count(image_hw)
             if self.image_grid_pinpoints is None:
+                if self.pad_to_square:
+                    img = self.padded_to_square(img)
                 pixel_values = self.preprocess(img)[None]                                  # [1, 3, S, S]
                 if self.hires_scale is not None:
                     hires_pixel_values = self.preprocess(img, self.hires_scale)[None]      # [1, 3, scale S, scale S]
@@ -330,6 +341,14 @@ class Processor:
         if self.image_grid_pinpoints is None:
             return self.num_image_tokens
         return anyres.image_token_count(image_hw, self.image_grid_pinpoints, self.image_size, self.patch_size)
+
+    def padded_to_square(self, img: Image.Image) -> Image.Image:
+        """The image centred on a square of the mean colour, its long side's length (the short side's odd
+        pixel of padding goes after it, as in transformers' pad_to_square)."""
+        side = max(img.width, img.height)
+        square = Image.new("RGB", (side, side), self.pad_colour)
+        square.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
+        return square
 
     def anyres_crops(self, img: Image.Image) -> list[Image.Image]:
         """LLaVA-1.6: the whole image squeezed to a square (the base crop: all of it, its aspect lost), then
@@ -381,13 +400,15 @@ def _special_id(tokenizer: Tokenizer, token: str) -> int:
     return found
 
 
-def _read_preprocessor_config(cfg: dict, path: Path, vision_image_size: int) -> dict:
+def _read_preprocessor_config(cfg: dict, path: Path, vision_image_size: int, anyres: bool = False) -> dict:
     """Processor settings from preprocessor_config.json (cfg, its parsed contents; {} when the file is
     absent, giving the llava-1.5 defaults; path names it in errors).
 
     Read: size.shortest_edge, crop_size (must equal the vision tower's input), image_mean, image_std,
-    resample. rescale_factor must be 1/255, CLIP's. (LLaVA-1.6's image_grid_pinpoints, also written there,
-    are read from config.json; from_pretrained checks that the two agree.)
+    resample, and for LLaVA-1.5 do_pad (pad the image to a square first; for LLaVA-1.6, anyres, it pads a
+    batch's crop lists, which one image never needs). rescale_factor must be 1/255, CLIP's. (LLaVA-1.6's
+    image_grid_pinpoints, also written there, are read from config.json; from_pretrained checks that the two
+    agree.)
     """
     for step in ("do_resize", "do_center_crop", "do_rescale", "do_normalize"):
         if cfg.get(step) is False:
@@ -419,8 +440,11 @@ def _read_preprocessor_config(cfg: dict, path: Path, vision_image_size: int) -> 
     resample = cfg.get("resample", Image.Resampling.BICUBIC)
     if resample not in {r.value for r in Image.Resampling}:
         raise UserError(f"{path} has resample {resample!r}; it must be a PIL resampling filter (3 = bicubic)")
+    do_pad = cfg.get("do_pad", False)
+    if type(do_pad) is not bool:
+        raise UserError(f"{path} has do_pad {do_pad!r}; it must be true or false")
     return dict(image_size=vision_image_size, shortest_edge=shortest_edge, image_mean=mean, image_std=std,
-                resample=resample)
+                resample=resample, pad_to_square=do_pad and not anyres)
 
 
 def _read_json(path: Path) -> dict:

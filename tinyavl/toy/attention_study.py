@@ -219,9 +219,9 @@ class HiddenImageTokens(KVCache):
         return shown
 
     def compute(self, layer, q, rows):
-        if q.shape[2] == 1:
+        if self.step > 0:
             return super().compute(layer, q, rows)
-        k, v = self.selected(layer, rows)
+        k, v = self.k[layer], self.v[layer]                                   # the prompt's rows
         return attention(q, k, v, causal=True, visible=self.shown(k.shape[2], k.device)[None]), None  # visible (1, T)
 
     def update(self, layer, q, last_row):
