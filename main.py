@@ -16,7 +16,7 @@ try:  # torch takes a second or more to import: a Ctrl-C meanwhile ends in one l
     from tinyavl import hires
     from tinyavl.attention_map import map_layer, save_attention_map
     from tinyavl.cli import (TOY_WEIGHTS, ArgumentParser, add_policy_arguments, check_filter_layer,
-                             first_paragraph, policy_params, run_command)
+                             first_paragraph, output_file, policy_params, run_command)
     from tinyavl.files import check_output_file
     from tinyavl.generate import check_generation_args
     from tinyavl.processing import check_question, load_image
@@ -43,7 +43,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling (default: a fresh draw each run)")
     add_policy_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
-    parser.add_argument("--attention-map", type=Path, default=None, metavar="OUT.png",
+    parser.add_argument("--attention-map", type=output_file, default=None, metavar="OUT.png",
                         help="draw which image tokens the policy kept, and where the model looked")
     parser.add_argument("--force", action="store_true", help="replace the --attention-map file if it exists")
     parser.add_argument("--map-layer", type=int, default=None,
@@ -51,7 +51,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--hires-threshold", type=float, default=None, metavar="T",
                         help="with --attention-map, also frame the blocks FlexAttention's selection takes from that "
                         f"layer's attention: normalised attention x 255 above T, 0 <= T < 255 (its paper's code: "
-                        f"{hires.THRESHOLD}); up to {hires.BLOCKS} x {hires.BLOCKS} blocks")
+                        f"{hires.THRESHOLD}); the model's hires_config blocks a side ({hires.BLOCKS} without one)")
     return parser
 
 
@@ -60,7 +60,8 @@ def parse_args(argv):
 
 
 def run(args) -> dict:
-    # Everything the user gave is checked before the model loads (seconds to minutes for a 7B model).
+    # Everything the user gave is checked before the model loads (seconds to minutes for a 7B model), but
+    # --filter-layer's and --map-layer's upper bounds, which need the model's layer count: those before it runs.
     image = load_image(args.image)
     check_question(args.prompt)
     check_generation_args(args.max_new_tokens, args.temperature, args.top_p, args.seed)
@@ -93,6 +94,16 @@ def run(args) -> dict:
     inputs = processor(processor.chat_prompt(args.prompt), image=image)
     printed = ""
     ids = []
+    reader_gone = False  # stdout's reader closed it (`| head`)
+
+    def say(text, end=""):
+        # A reader that stops reading ends the printing, not the run: an --attention-map is still written.
+        nonlocal reader_gone
+        if not reader_gone:
+            try:
+                print(text, end=end, flush=True)
+            except BrokenPipeError:
+                reader_gone = True
 
     def stream(token_id):
         # Decode everything so far and print what is new: a token can complete a multi-byte character.
@@ -100,7 +111,7 @@ def run(args) -> dict:
         ids.append(token_id)
         text = processor.decode(ids)
         if not text.endswith("\ufffd"):
-            print(text[len(printed):], end="", flush=True)
+            say(text[len(printed):])
             printed = text
 
     token_ids, stats = tinyavl.generate(model, **inputs,
@@ -109,10 +120,10 @@ def run(args) -> dict:
                                         stream=None if args.json else stream, policy=cache)
     text = processor.decode(token_ids)
     if not args.json:
-        print(text[len(printed):])
+        say(text[len(printed):], end="\n")
     if args.attention_map is not None:
         save_attention_map(args.attention_map, model, processor, inputs, cache, layer, question=args.prompt,
-                           hires_threshold=args.hires_threshold)
+                           hires_threshold=args.hires_threshold, replace=args.force)
         print(f"wrote the attention map to {args.attention_map}", file=sys.stderr)
     return {
         "text": text, "token_ids": token_ids, "finish_reason": stats.finish_reason,

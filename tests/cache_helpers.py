@@ -3,7 +3,8 @@ keeps every step's logits, a recording wrapper for any cache, and a naive (and a
 reference.
 
 Nothing here calls the policy code it is used to check: the references (masked attention, last-row
-probabilities, H2O score ledgers) are written out again from the spec, by position rather than by row.
+probabilities, H2O score ledgers) are written out again from the method (the papers, and the README's "KV
+policies"), by position rather than by row.
 """
 import math
 
@@ -143,7 +144,7 @@ def masked(cache_cls):
     """`cache_cls` with the skip replaced by a mask: every row of the layer's cache is in the attention, the
     rows `rows_to_attend` leaves out get -inf. Own attention (float64 softmax), and at decode the row's
     log-sum-exp (the `LastRow` compute hands the update) taken from the masked row, so the bookkeeping sees exactly
-    what the spec says it should."""
+    what the method says it should."""
 
     class Masked(cache_cls):
         def compute(self, layer, q, rows):

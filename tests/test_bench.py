@@ -31,6 +31,24 @@ def test_weight_and_kv_row_bytes_by_hand(model):
     assert bench.kv_row_bytes(model) == 2 * Hkv * hs * 4
 
 
+def test_a_tied_output_layer_is_read_whole():
+    """With tie_word_embeddings the embedding table is the output layer, which a step reads whole."""
+    C, I, V, L, hs, Hkv = 32, 48, 64, 4, 8, 2
+    text = TextConfig(vocab_size=V, hidden_size=C, intermediate_size=I, num_hidden_layers=L, num_attention_heads=4,
+                      num_key_value_heads=Hkv, max_position_embeddings=512, tie_word_embeddings=True)
+    tied = bench.random_model(LlavaConfig(text=text, vision=TINY.vision, image_token_id=63), torch.float32)
+    per_layer = (C * C + 2 * C * Hkv * hs + C * C) + 3 * C * I + 2 * C
+    assert bench.decode_weight_bytes(tied) == 4 * (L * per_layer + C + V * C)
+
+
+def test_a_run_without_update_steps_reports_no_update_step_time(model):
+    """3 new tokens are 2 decode steps, both normal (K = 3): there is no update step to time, not one of 0 ms."""
+    case, _ = bench.run_case(model, n_img=20, new_tokens=3, rates={"read": 2e9, "matvec": 1e9})
+    assert not any(key.startswith(("attention_ms_", "update_step", "normal_step", "swap_"))
+                   for key in case["policies"]["avl"])
+    bench.print_case(case)  # prints without the split
+
+
 def test_floor_is_weight_bytes_at_matvec_rate_plus_attended_kv_at_read_rate(model):
     rates = {"read": 2e9, "matvec": 1e9}
     case, full_tokens = bench.run_case(model, n_img=20, new_tokens=6, rates=rates)

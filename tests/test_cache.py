@@ -3,12 +3,13 @@
 References, never the code under test:
 - `full`: the dense cache, itself checked against the cache-free causal forward of the whole sequence;
 - a *masked* A-VL (A-VL's bookkeeping, but attention over every cached row with -inf on the rows not
-  selected, in its own float64 attention): skipping must give the same numbers (spec/avl.md §4, §9);
+  selected, in its own float64 attention): skipping must give the same numbers (the A-VL paper's claim: a
+  normal step computes only its rows);
 - last-row attention, H2O score ledgers and filter decisions recomputed here from the recorded q and k,
   by logical position rather than by row index;
 - hand-built one-layer cases (planted keys), whose expected sets are written literally and derived
   in the comments;
-- the accounting formulas of spec/peers.md.
+- the accounting formulas (README, "KV policies").
 
 Models are tiny random LLaVAs built in tests/cache_helpers.py (text hidden 64, 4 query heads x 16).
 Prompts are [sys (3) | image (N_img) | text (30 or 40)], long enough for A-VL's text H2O to evict
@@ -147,7 +148,7 @@ MASKED_CASES = [
     ("gqa", dict(K=2), 7),
     ("mha4", dict(), 9),                   # defaults with 4 layers: prefill filter at layer 3 is on
     ("gqa4", dict(filter_layer=2), 9),     # prefill filter at layer 2, GQA
-    ("gqa", dict(kernel="triton"), 7),     # the Triton index kernel (CPU interpreter), spec/avl.md §9
+    ("gqa", dict(kernel="triton"), 7),     # the Triton index kernel (CPU interpreter)
 ]
 
 
@@ -1146,23 +1147,39 @@ def test_keys_first_keeps_the_faster_product(monkeypatch, faster):
         form = "k q^T" if product().shape[-1] == 1 else "q k^T"
         return 1.0 if form == faster else 2.0
     monkeypatch.setattr(model, "best_seconds", timed)
-    model.keys_first.cache_clear()
+    model.faster_keys_first.cache_clear()
     try:
         assert model.keys_first("cpu", torch.float32) is (faster == "k q^T")
     finally:
-        model.keys_first.cache_clear()  # the next caller times the real products again
+        model.faster_keys_first.cache_clear()  # the next caller times the real products again
 
 
 def test_keys_first_is_timed_once_per_dtype_and_leaves_the_random_seed_alone():
     """The choice of product is made once per (device, dtype), on a CPU by timing, without drawing from
     the global random generator (a sampled answer must not depend on it); CUDA always takes q k^T."""
-    from tinyavl.model import keys_first
-    keys_first.cache_clear()
+    from tinyavl.model import faster_keys_first, keys_first
+    faster_keys_first.cache_clear()
     state = torch.get_rng_state()
     choice = keys_first("cpu", torch.float32)
     assert isinstance(choice, bool) and torch.equal(torch.get_rng_state(), state)
-    assert keys_first("cpu", torch.float32) is choice and keys_first.cache_info().misses == 1
+    assert keys_first("cpu", torch.float32) is choice and faster_keys_first.cache_info().misses == 1
     assert keys_first("cuda", torch.float32) is False
+
+
+@pytest.mark.parametrize("faster", ["k q^T", "q k^T"])
+def test_under_deterministic_algorithms_a_cpu_takes_k_q_t_whatever_the_timing(monkeypatch, faster):
+    """A training (the toys', in deterministic_algorithms) must give the same weights on every machine:
+    no timing chooses its products. CUDA keeps q k^T."""
+    import tinyavl.model as model
+    monkeypatch.setattr(model, "faster_keys_first", lambda dtype: faster == "k q^T")
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert model.keys_first("cpu", torch.float32) is True and model.keys_first("cpu", torch.bfloat16) is True
+        assert model.keys_first("cuda", torch.float32) is False
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert model.keys_first("cpu", torch.float32) is (faster == "k q^T")
 
 
 def test_rerank_core_moves_only_the_rows_that_change_role():

@@ -480,6 +480,56 @@ def test_attention_map_replaces_an_existing_file_only_with_force(capsys, good, f
     assert Image.open(out_path).size[0] > 0 and sorted(p.name for p in tmp_path.iterdir()) == ["map.png"]
 
 
+def test_attention_map_refuses_a_link_to_nowhere_a_hard_link_to_the_image_and_a_folder_name(capsys, good, files,
+                                                                                            tmp_path):
+    """A link that points nowhere is a name the user made (only --force replaces it); a hard link to the input
+    image is the image, whatever --force says; "x.png/" names a folder, which a Path would silently drop."""
+    dangling = tmp_path / "dangling.png"
+    dangling.symlink_to(tmp_path / "nowhere.png")
+    argv = ["--image", files["png"], "--weights", good, "--max-new-tokens", 2, "--attention-map"]
+    rc, out, err = run_inprocess(capsys, argv + [dangling])
+    assert_user_error(rc, out, err, "already exists")
+    assert dangling.is_symlink() and os.readlink(dangling) == str(tmp_path / "nowhere.png")
+    image = tmp_path / "photo.png"
+    image.write_bytes(files["png"].read_bytes())
+    os.link(image, tmp_path / "same.png")
+    rc, out, err = run_inprocess(capsys, ["--image", image, "--weights", good, "--attention-map", tmp_path / "same.png",
+                                          "--force"])
+    assert_user_error(rc, out, err, "overwrite")
+    with pytest.raises(SystemExit) as exit_status:  # argparse's own error: one line, status 2
+        run_inprocess(capsys, argv + [f"{tmp_path / 'x.png'}/"])
+    assert exit_status.value.code == 2 and "give a file name, not a folder" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_a_reader_that_stops_reading_does_not_cost_the_attention_map(good, files, tmp_path):
+    """`python main.py ... --attention-map m.png | head -c 1`: the answer stops printing when the reader
+    leaves, the run goes on, and the map is written (and said so on stderr)."""
+    out_path = tmp_path / "m.png"
+    proc = subprocess.Popen([sys.executable, "main.py", "--image", str(files["png"]), "--weights", str(good),
+                             "--max-new-tokens", "40", "--attention-map", str(out_path)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.read(1)
+    proc.stdout.close()  # the reader leaves after one byte
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=300)
+    assert "Traceback" not in err, err
+    assert out_path.is_file() and f"wrote the attention map to {out_path}" in err
+
+
+def test_a_question_the_bitmap_font_lacks_is_drawn_not_raised():
+    """Pillow's bitmap font (its default before 10.1, or without FreeType) takes Latin-1 only; a newline
+    would draw over the title below it."""
+    from PIL import ImageDraw, ImageFont
+    from tinyavl.attention_map import drawable
+    bitmap = ImageFont.load_default_imagefont()
+    text = drawable("Q: Wie viele Kreise?\n正方形 😀", bitmap)
+    assert text == "Q: Wie viele Kreise? ??? ?"
+    ImageDraw.Draw(Image.new("RGB", (400, 20))).text((0, 0), text, font=bitmap)  # raises on what it lacks
+    default = ImageFont.load_default()  # FreeType's where Pillow has it, which draws any character it has
+    assert drawable("a\nb 正", default) == ("a b 正" if isinstance(default, ImageFont.FreeTypeFont) else "a b ?")
+
+
 def test_attention_map_is_written_and_reported(capsys, good, files, tmp_path):
     out_path = tmp_path / "map.png"
     rc, _, err = run_inprocess(capsys, ["--image", files["png"], "--weights", good, "--max-new-tokens", 2,

@@ -2,6 +2,7 @@
 toy trainer's command line refusing, before any training, to replace a model folder it was not asked to."""
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -29,8 +30,47 @@ def test_a_failed_file_write_leaves_the_old_file_and_no_partial(tmp_path):
     with pytest.raises(ZeroDivisionError):
         write_file_atomically(path, lambda partial: (partial.write_text("half"), 1 / 0))  # fails midway
     assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["map.png"]
-    write_file_atomically(path, lambda partial: partial.write_text("new"))
+    write_file_atomically(path, lambda partial: partial.write_text("new"), replace=True)
     assert path.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["map.png"]
+
+
+def test_a_file_made_during_the_work_is_kept_unless_replace(tmp_path):
+    """The command checked that the name was free before its minutes of work; a file (or a link to nowhere)
+    the user made there meanwhile stays as it is, and nothing else is left behind. With replace (--force)
+    the output takes its place."""
+    path = tmp_path / "map.png"
+
+    def user_makes(make):
+        def write(partial):
+            partial.write_text("new")
+            make()
+        return write
+
+    for make in (lambda: path.write_text("the user's"), lambda: path.symlink_to(tmp_path / "nowhere.png")):
+        with pytest.raises(UserError, match="appeared while this command ran"):
+            write_file_atomically(path, user_makes(make))
+        assert os.path.lexists(path) and sorted(p.name for p in tmp_path.iterdir()) == ["map.png"]
+        if path.is_symlink():
+            assert os.readlink(path) == str(tmp_path / "nowhere.png")
+        else:
+            assert path.read_text() == "the user's"
+        path.unlink()
+    write_file_atomically(path, lambda partial: partial.write_text("new"))
+    assert path.read_text() == "new"
+    write_file_atomically(path, lambda partial: partial.write_text("newer"), replace=True)
+    assert path.read_text() == "newer" and sorted(p.name for p in tmp_path.iterdir()) == ["map.png"]
+
+
+def test_a_folder_removed_during_the_work_is_one_line(tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+
+    def write(partial):
+        partial.write_text("new")
+        shutil.rmtree(folder)
+
+    with pytest.raises(UserError, match="was removed while this command ran"):
+        write_file_atomically(folder / "map.png", write)
 
 
 def test_a_file_write_the_system_refuses_leaves_nothing(tmp_path):

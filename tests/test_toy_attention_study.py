@@ -264,3 +264,11 @@ def test_a_llava_next_toy_is_refused(capsys):
     from tinyavl.cli import TOY_WEIGHTS
     assert attention_study.main(["--weights", str(TOY_WEIGHTS.parent / "toy-tiles"), "--n", "1"]) == 2
     assert "LLaVA-1.6" in capsys.readouterr().err
+
+
+def test_a_flexattention_toy_is_refused(capsys):
+    """The study asks plain scenes at the low resolution; the FlexAttention toy reads fine ones through its
+    high-resolution view, which the study's measures would not use."""
+    from tinyavl.cli import HIRES_TOY_WEIGHTS
+    assert attention_study.main(["--weights", str(HIRES_TOY_WEIGHTS), "--n", "1"]) == 2
+    assert "FlexAttention" in capsys.readouterr().err

@@ -14,7 +14,8 @@ import torch
 
 import tinyavl
 from tinyavl.processing import LLAVA_SYSTEM_PROMPT
-from tinyavl.toy.scenes import DIGIT_COLOUR, IMAGE_SIZE, MIN_PATCH_PIXELS, PATCH, Scene, SceneObject, scene_stream
+from tinyavl.toy.scenes import (DIGIT_COLOUR, FINE_SCALE, IMAGE_SIZE, MIN_PATCH_PIXELS, PATCH, Scene, SceneObject,
+                                 scene_stream)
 from tinyavl.toy import train as train_module
 from tinyavl.toy.train import (PATCH_CLASSES, PLACES, PatchProbe, SceneReadout, chat_example, hide_image_tokens,
                                hide_rectangles, make_batch, patch_targets, place_targets, pretrain_vision,
@@ -127,6 +128,15 @@ def test_patch_targets_mark_every_patch_that_shows_the_object():
             assert set(targets[obj.patches(), 1].tolist()) == {colours.index(obj.colour) + 1}
             if obj.digit is not None:
                 assert set(targets[obj.digit_patches(), 2].tolist()) == {digits.index(str(obj.digit)) + 1}
+
+
+def test_high_resolution_targets_are_only_a_fine_scenes():
+    """A plain scene draws its digits large: the fine map's digit patches would name the wrong patches."""
+    scene, _ = next(scene_stream("eval", 2))
+    with pytest.raises(ValueError, match="fine scene"):
+        patch_targets(scene, hires=True)
+    fine, _ = next(scene_stream("eval", 2, fine=True))
+    assert patch_targets(fine, hires=True).shape[0] == (FINE_SCALE * IMAGE_SIZE // PATCH) ** 2
 
 
 def test_patch_probe_names_a_patch_by_the_decoder_word_embeddings():

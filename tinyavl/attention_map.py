@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from tinyavl import anyres, hires
 from tinyavl.attention_stats import record_attention
@@ -105,6 +105,16 @@ def token_pictures(model, processor, inputs) -> list[TokenPicture]:
     return [base, TokenPicture("high resolution", seen_image(canvas, processor), map_tokens, grid)]
 
 
+def drawable(text: str, font) -> str:
+    """The text on one line (a newline would draw over the title below it), in characters the font has:
+    Pillow's bitmap font, its default before 10.1 or without FreeType, takes Latin-1 only and raises on the
+    rest, which it then draws as "?"."""
+    text = " ".join(text.split())
+    if isinstance(font, ImageFont.FreeTypeFont):
+        return text
+    return text.encode("latin-1", "replace").decode("latin-1")
+
+
 def draw_attention_map(image: Image.Image, roles: torch.Tensor, heat: torch.Tensor, title: str,
                        question: str = "", grid: tuple[int, int] | None = None, blocks=None,
                        footnote: str = "") -> Image.Image:
@@ -123,7 +133,7 @@ def draw_attention_map(image: Image.Image, roles: torch.Tensor, heat: torch.Tens
     base = image.resize((width, height), Image.Resampling.NEAREST)
     canvas = Image.new("RGB", (2 * panel + 10, HEADER + height + SCALE), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    draw.text((4, 4), f"Q: {question}", fill=(0, 0, 0))
+    draw.text((4, 4), drawable(f"Q: {question}", draw.getfont()), fill=(0, 0, 0))
     draw.text((4, 22), title, fill=(0, 0, 0))
     top = HEADER
 
@@ -183,11 +193,12 @@ def map_layer(model, layer: int | None) -> int:
 
 
 def save_attention_map(path, model, processor, inputs, cache: KVCache, layer: int | None = None,
-                       question: str = "", hires_threshold: float | None = None) -> None:
+                       question: str = "", hires_threshold: float | None = None, replace: bool = False) -> None:
     """Draw the picture for a finished generation (its `inputs` and the `cache` it ran with) to `path`,
     written atomically: one strip of two panels per picture the image tokens tile (token_pictures).
 
     layer: the decoder layer to show; default the last one. question: the text shown above the panels.
+    replace: whether a file at `path` may be replaced (a command's --force; `write_file_atomically`).
     hires_threshold: also frame the blocks FlexAttention's selection takes from the heat of the first
     picture (as many per side as the model's hires_config reads, or hires.BLOCKS for a model without one;
     fewer where the grid has fewer tokens); None: no selection."""
@@ -214,5 +225,6 @@ def save_attention_map(path, model, processor, inputs, cache: KVCache, layer: in
     figure = Image.new("RGB", (strips[0].width, sum(strip.height for strip in strips)), (255, 255, 255))
     for i, strip in enumerate(strips):
         figure.paste(strip, (0, sum(s.height for s in strips[:i])))
-    image_format = Image.registered_extensions().get(Path(path).suffix.lower())  # the partial file has no suffix
-    write_file_atomically(path, lambda partial: figure.save(partial, format=image_format))
+    # The format from path's suffix: the partial file's suffix is ".partial".
+    image_format = Image.registered_extensions().get(Path(path).suffix.lower())
+    write_file_atomically(path, lambda partial: figure.save(partial, format=image_format), replace=replace)

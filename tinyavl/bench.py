@@ -22,15 +22,16 @@ decode query's logits on this machine (`decode_logits`: k q^T or q k^T, as `mode
 them).
 
 For each policy, in one run on the same prompt: KV bytes held (peak, relative to `full`), rows attended per
-decode step (summed over layers), prefill time, decode ms per step beside its floor, the time inside the
-cache's four steps (`attention_ms`, summed over layers), and for A-VL the share of its core that each
-re-rank replaced (`core_replaced`: its update steps' swaps move twice that many rows) and its attention ms
-split by kind of step: normal steps (sys + core + text) and update steps (every stored row, the re-rank and
-its swaps, with the swaps' part beside). Then `full` and `avl` decode 256 tokens to show how the step grows
-with the sequence (at the 16th and the 256th token: the ms per step, and the part of it inside the cache's
-four steps, which reads the K/V rows). With transformers installed, its LLaVA runs the same weights and
-prompt (the first image block) with full attention, and tinyavl's decode speed is printed relative to it.
-Absolute times on a shared CPU are noise; ratios measured in one run are the result.
+decode step (summed over layers, relative to `full`), prefill time, decode ms per step beside its floor,
+the time inside the cache's four steps (`attention_ms`, summed over layers), and for A-VL the share of its
+core that each re-rank replaced (`core_replaced`: its update steps' swaps move twice that many rows) and
+its attention ms split by kind of step: normal steps (sys + core + text) and update steps (every stored
+row, the re-rank and its swaps, with the swaps' part beside). Then `full` and `avl` decode 256 tokens to
+show how the step grows with the sequence (at the 16th and the 256th token: the ms per step, and the part
+of it inside the cache's four steps, which reads the K/V rows). With transformers installed, its LLaVA runs
+the same weights and prompt (the first image block) with full attention, and tinyavl's decode speed is
+printed relative to it. Absolute times on a shared CPU are noise; ratios measured in one run are the
+result.
 
 `--device cuda` runs all of it on a GPU (the default where CUDA is present, as in main.py), where A-VL's
 decode steps go through the Triton kernel (kernels/sparse_attention.py). GPU work is queued, not done,
@@ -138,14 +139,21 @@ def transformers_decode_rate(model, input_ids, pixel_values, new_tokens: int, ex
     hf.eval()
     with torch.inference_mode():
         embeds = model.embed(input_ids.to(weight.device), pixel_values)   # (1, T, C), image block merged
+
+    @torch.inference_mode()
+    def greedy(n_tokens: int):  # (the tokens, the seconds of their decode steps)
         out = hf(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
         tokens = [int(out.logits[0, -1].argmax())]
         start = time.perf_counter()
-        for _ in range(new_tokens - 1):
+        for _ in range(n_tokens - 1):
             out = hf(input_ids=torch.tensor([[tokens[-1]]], device=weight.device),
                      past_key_values=out.past_key_values, use_cache=True)
-            tokens.append(int(out.logits[0, -1].argmax()))
-        seconds = time.perf_counter() - start
+            tokens.append(int(out.logits[0, -1].argmax()))  # int(): waits for a GPU's work
+        return tokens, time.perf_counter() - start
+
+    if weight.is_cuda:  # first calls compile and choose kernels: untimed, as tinyavl's runs get (run_policy)
+        greedy(8)
+    tokens, seconds = greedy(new_tokens)
     if tokens != expected_tokens:
         # On stderr: with --json, stdout holds one JSON object and nothing else.
         print(f"  note: transformers' greedy tokens differ from tinyavl's full attention ({tokens[:8]}...)",
@@ -177,9 +185,10 @@ def matvec_rate(model, repeats: int = 3) -> float:
 
 def decode_weight_bytes(model) -> int:
     """Bytes of weights a decode step reads: every decoder tensor but the embedding table, of which a
-    step reads one row."""
-    skip = model.language_model.model.embed_tokens.weight
-    return sum(t.numel() * t.element_size() for t in model.language_model.parameters() if t is not skip)
+    step reads one row (unless it is also the output layer, tie_word_embeddings: then all of it)."""
+    embedding, output = model.language_model.model.embed_tokens.weight, model.language_model.lm_head.weight
+    return sum(t.numel() * t.element_size() for t in model.language_model.parameters()
+               if t is not embedding or t is output)
 
 
 def kv_row_bytes(model) -> int:
@@ -195,14 +204,15 @@ def kv_row_bytes(model) -> int:
 class Spans:
     """Adds up the time of code spans by name. On a CPU a span is wall-clock time. On a GPU the work is
     queued, so the wall clock would time the queueing: a span is two CUDA events recorded around it, the
-    GPU's own time for the work queued in it, read when `seconds` asks (no wait stalls the queue)."""
+    time on the GPU's clock from the span's first queued work to its last (idle time between them
+    included, as when the host launches or waits), read when `seconds` asks (no wait stalls the queue)."""
 
-    def __init__(self):
+    def __init__(self, cuda: bool = False):
+        self.cuda = cuda  # the timed work runs on a GPU (not: CUDA is merely initialised in this process)
         self.spans = {}   # name -> [(start, end), ...]: perf_counter seconds, or CUDA events
 
-    @staticmethod
-    def _now():
-        if not torch.cuda.is_initialized():
+    def _now(self):
+        if not self.cuda:
             return time.perf_counter()
         event = torch.cuda.Event(enable_timing=True)
         event.record()
@@ -230,15 +240,15 @@ class Spans:
         return sum(self.each(name))
 
 
-def timed_cache(name: str):
+def timed_cache(name: str, cuda: bool = False):
     """A fresh cache for the policy that times its `attend` (append, select, compute, update) at decode
     steps: `cache.spans.seconds("attention")`. An A-VL cache also lists, in `cache.core_replaced`, the share
     of the core that each re-rank replaced (one entry per layer and update step): an update step's swaps
     move twice that share of the core's rows, so the cost of A-VL's steps depends on it. It splits its time
     by kind of step, in spans "normal" and "update", with the steps of each kind in `cache.steps_by_kind`,
-    and times the swaps (`swap_rows`, part of the update steps) as "swap"."""
+    and times the swaps (`swap_rows`, part of the update steps) as "swap". cuda: the model runs on a GPU."""
     cache = make_cache(name)
-    attend, cache.spans = cache.attend, Spans()
+    attend, cache.spans = cache.attend, Spans(cuda)
     is_avl = isinstance(cache, AVLCache)
     if is_avl:
         swap_rows, cache.core_replaced = cache.swap_rows, []
@@ -268,9 +278,13 @@ def timed_cache(name: str):
 
 def avl_step_split(cache, full_attention_ms: float) -> dict:
     """A-VL's attention ms per normal step and per update step (and the swaps' part of an update step),
-    the two also as multiples of `full`'s attention ms per step."""
+    the two also as multiples of `full`'s attention ms per step; empty unless the run had steps of both
+    kinds (a run of 3 new tokens has no update step: its time is not 0)."""
+    if not all(cache.steps_by_kind.values()):
+        return {}
+
     def per_step(part: str, kind: str) -> float:
-        return 1e3 * cache.spans.seconds(part) / max(cache.steps_by_kind[kind], 1)
+        return 1e3 * cache.spans.seconds(part) / cache.steps_by_kind[kind]
 
     normal, update = per_step("normal", "normal"), per_step("update", "update")
     return {"attention_ms_normal_step": normal, "attention_ms_update_step": update,
@@ -280,11 +294,12 @@ def avl_step_split(cache, full_attention_ms: float) -> dict:
 
 def run_policy(model, name: str, input_ids, pixel_values, new_tokens: int):
     """(tokens, stats, the timed cache)."""
-    if torch.cuda.is_initialized():
+    cuda = model.language_model.lm_head.weight.is_cuda
+    if cuda:
         # On a GPU the first calls compile kernels (Triton's, cuBLAS's choices): a short untimed run first,
         # through an update step, so that no policy's step times include compilation.
         generate(model, input_ids, pixel_values, max_new_tokens=8, eos_token_id=(), policy=name)
-    cache = timed_cache(name)
+    cache = timed_cache(name, cuda)
     # eos_token_id=(): every policy decodes the same number of steps, whatever the tokens.
     tokens, stats = generate(model, input_ids, pixel_values, max_new_tokens=new_tokens, eos_token_id=(),
                              policy=cache)
@@ -405,7 +420,8 @@ def print_paper_memory(rows: list[dict]) -> None:
     paper = PAPER_MEMORY
     print(f"\nLLaVA-1.6-7B KV cache, fp16 (0.5 MiB per token): prompt {N_SYS} sys + image block + {N_TEXT} text, "
           f"{paper['new_tokens']} new tokens; A-VL at the paper's memory setting {paper['params']} (others default)."
-          f"\nThe paper: {paper['dense_MB']} MB -> {paper['avl_MB']} MB ({paper['avl_MB'] / paper['dense_MB']:.0%}).")
+          f"\nThe paper: {paper['dense_MB']} MB -> {paper['avl_MB']} MB ({paper['avl_MB'] / paper['dense_MB']:.0%}; "
+          "its MB, which it does not say are 10^6 or 2^20 bytes).")
     print(f"{'image (h x w)':>14s} {'tokens':>7s} {'prompt':>7s} {'dense MiB':>10s} {'A-VL MiB':>9s} {'ratio':>6s}")
     for r in rows:
         h, w = r["image_hw"]
@@ -424,12 +440,12 @@ def run_dtype(args, dtype_name: str) -> dict:
         f"a decode query's logits as {logits_form} (rows_logits)")
     result = {"dtype": dtype_name, "read_GBps": rates["read"] / 1e9, "matvec_GBps": rates["matvec"] / 1e9,
               "decode_logits": logits_form, "cases": []}
-    full_tokens = []  # per case: the tokens `full` generated, which transformers' should equal (else a note)
+    first_full_tokens = None  # `full`'s tokens on the first block, which transformers' should equal (else a note)
     for n_img in args.image_tokens:
         measured, tokens = run_case(model, n_img, args.new_tokens, rates)
         case = {"dtype": dtype_name, **measured}
         result["cases"].append(case)
-        full_tokens.append(tokens)
+        first_full_tokens = tokens if first_full_tokens is None else first_full_tokens
         if not args.json:
             print_case(case)
     first_n_img = args.image_tokens[0]  # growth and the transformers comparison run on the first block
@@ -446,9 +462,9 @@ def run_dtype(args, dtype_name: str) -> dict:
         f"{name} {grows[name, 'step']:+.1f} ms ({grows[name, 'attention']:+.2f} attn)" for name in ("full", "avl")))
     if not args.no_transformers:
         first_case = result["cases"][0]
-        # image_block again: the image features were last set to the last case's length.
+        # image_block again: this comparison does not rely on which block the runs before it left set.
         rate = transformers_decode_rate(model, prompt_ids(model.config, first_n_img),
-                                        image_block(model, first_n_img), args.new_tokens, full_tokens[0])
+                                        image_block(model, first_n_img), args.new_tokens, first_full_tokens)
         if rate is not None:
             ours = 1e3 / first_case["policies"]["full"]["decode_ms"]
             result["transformers_decode_ratio"] = ours / rate

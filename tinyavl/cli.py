@@ -26,6 +26,14 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
         return text
 
 
+def output_file(text: str) -> Path:
+    """An output file's path as a command line gives it (an argparse type). A trailing separator names a
+    folder, which Path would drop: "x.png/" would become the file x.png."""
+    if text.endswith(("/", os.sep)):
+        raise argparse.ArgumentTypeError(f"{text} ends in {os.sep}: give a file name, not a folder")
+    return Path(text)
+
+
 def first_paragraph(doc: str) -> str:
     """A module docstring's first paragraph on one line: the description a command's --help shows."""
     return " ".join(doc.split("\n\n")[0].split())

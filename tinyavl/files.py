@@ -4,8 +4,11 @@ named (check_output_file) or a folder of files without being asked (--force).
 Every command checks its output paths before it works (check_output_file, check_new_folder) and writes
 its outputs through write_file_atomically or write_folder_atomically. A file or folder is first written under a
 temporary name beside its destination and then renamed into place in one step (`os.replace`, atomic on
-one file system), so an error or a Ctrl-C midway leaves the destination as it was.
+one file system), so an error or a Ctrl-C midway leaves the destination as it was. A file that may not
+replace one is linked into place instead (`os.link` refuses a name that exists), so that a file made at that
+name during the minutes of work, after the check, is not replaced either.
 """
+import errno
 import os
 import shutil
 from contextlib import contextmanager
@@ -37,14 +40,18 @@ def check_output_file(path: Path, flag: str, inputs: list[Path], suffixes: tuple
     them, nor inside an input folder (a model folder), nor an existing file unless `replace` (a command's
     --force, or a file the command itself resumes from). Its name ends in one of `suffixes`."""
     with as_user_error(f"{flag} {path}"):
+        if path.parent.exists() and not path.parent.is_dir():
+            raise UserError(f"{flag} {path}: {path.parent} is a file, not a folder")
         if not path.parent.is_dir():
             raise UserError(f"{flag} {path}: folder {path.parent} does not exist")
         if path.suffix.lower() not in suffixes:
             raise UserError(f"{flag} {path}: give it a {', '.join(suffixes)} name")
+        # lexists: a link that points nowhere is still a name the user made, not a free one.
+        exists = os.path.lexists(path)
         if path.is_dir() or not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
             raise UserError(f"{flag} {path}: cannot write there (no permission, or it is a folder)")
         check_apart_from_inputs(path, flag, inputs)  # first: no --force replaces an input
-        if path.exists() and not replace:
+        if exists and not replace:
             raise UserError(f"{flag} {path} already exists: give another name, or --force to replace it")
 
 
@@ -54,7 +61,10 @@ def check_apart_from_inputs(path: Path, flag: str, inputs: list[Path], replaced_
     holds an input (a folder that only receives files may)."""
     target = path.resolve()
     for given in map(Path.resolve, inputs):
-        if target == given or given in target.parents or (replaced_whole and target in given.parents):
+        # samefile too: on a file system that ignores case, or through a hard link, two different paths can
+        # name one file.
+        same = target == given or (target.exists() and given.exists() and os.path.samefile(target, given))
+        if same or given in target.parents or (replaced_whole and target in given.parents):
             raise UserError(f"{flag} {path}".strip() + f" would overwrite the input {given}: choose another path")
 
 
@@ -65,16 +75,43 @@ def temporary_beside(path: Path, kind: str) -> Path:
     return path.with_name(f".{path.name[:32]}.{os.urandom(4).hex()}.{kind}")
 
 
-def write_file_atomically(path, write) -> None:
-    """write(partial_path) writes the file; it then replaces `path` whole. Whatever stops the write (an
-    error, a full disk, Ctrl-C) leaves `path` as it was and no temporary file."""
+def write_file_atomically(path, write, replace: bool = False) -> None:
+    """write(partial_path) writes the file; it then takes the name `path`, replacing a file there only if
+    `replace` (a command's --force, or a file the command owns). Whatever stops the write (an error, a full
+    disk, Ctrl-C) leaves `path` as it was and no temporary file; without `replace`, a file that appeared at
+    `path` while the work ran stays, and the write ends in a UserError."""
     path = Path(path)
     partial = temporary_beside(path, "partial")
     try:
         write(partial)
-        os.replace(partial, path)
+        if replace:
+            os.replace(partial, path)
+        else:
+            link_without_replacing(partial, path)
+    except (FileNotFoundError, NotADirectoryError):
+        if path.parent.is_dir():
+            raise  # not the user's doing: a bug's traceback
+        raise UserError(f"{path.parent} was removed while this command ran: {path} was not written") from None
     finally:
         partial.unlink(missing_ok=True)
+
+
+def link_without_replacing(partial: Path, path: Path) -> None:
+    """Give the finished file `partial` the name `path` too, unless a file (or a link) has that name: a
+    link, unlike a rename, refuses an existing name, in the same step as it takes a free one."""
+    try:
+        os.link(partial, path)
+    except FileExistsError:
+        raise UserError(f"{path} appeared while this command ran: it was kept, and the new output was not "
+                        "written; give another name, or --force to replace it") from None
+    except OSError as err:
+        if err.errno not in (errno.EPERM, errno.EOPNOTSUPP):
+            raise
+        # A file system without hard links: check, then rename (a file made in between would be replaced).
+        if os.path.lexists(path):
+            raise UserError(f"{path} appeared while this command ran: it was kept, and the new output was not "
+                            "written; give another name, or --force to replace it") from None
+        os.replace(partial, path)
 
 
 def check_new_folder(folder: Path, force: bool, inputs: list[Path] = ()) -> None:
@@ -91,7 +128,8 @@ def check_new_folder(folder: Path, force: bool, inputs: list[Path] = ()) -> None
             raise UserError(f"{folder} is a file: give a folder")
         if folder.is_dir() and any(folder.iterdir()) and not force:
             raise UserError(f"{folder} already holds files: give another folder, or --force to replace it")
-        parent = target.parent
+        # The write's temporary folders go beside the folder as named (not where a link resolves to).
+        parent = Path(os.path.abspath(folder)).parent
         while not parent.exists():
             parent = parent.parent
         if not parent.is_dir():
@@ -109,9 +147,9 @@ def write_folder_atomically(folder, write, force: bool = False) -> None:
     try:
         partial.mkdir(parents=True)
         write(partial)
-        if os.path.lexists(folder):  # two renames: the old one is out of the way for an instant
-            os.replace(folder, old)
         try:
+            if os.path.lexists(folder):  # two renames: the old one is out of the way for an instant
+                os.replace(folder, old)
             os.replace(partial, folder)
         except BaseException:  # the second rename failed (or Ctrl-C came between them): the old one returns
             if not folder.exists() and os.path.lexists(old):

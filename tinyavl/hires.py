@@ -125,7 +125,8 @@ def merge_attention(out_a, lse_a, out_b, lse_b):
     """One softmax over two sets of keys, from each set's own attention output (..., hs) and log-sum-exp
     (...), any leading shape ((B, H, R, hs) in `HiresView.merge`): each output weighs by its share of the
     total, exp(lse - logaddexp(lse_a, lse_b)), as split-K decoding merges its splits (chapter 5); an lse of
-    -inf (nothing chosen) weighs 0. Returns (out (..., hs), lse (...))."""
+    -inf (nothing chosen) weighs 0, while the other is finite (both -inf would give NaN: `HiresView.merge`
+    always has the row's own keys on one side). Returns (out (..., hs), lse (...))."""
     lse = torch.logaddexp(lse_a, lse_b)                                               # (...)
     dtype = torch.promote_types(out_a.dtype, torch.float32)                           # bf16 outputs add in fp32
     out = (lse_a - lse).exp()[..., None] * out_a.to(dtype) + (lse_b - lse).exp()[..., None] * out_b.to(dtype)

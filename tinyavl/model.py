@@ -277,7 +277,6 @@ def rows_logits(q, k):
     return (logits.float() * hs ** -0.5).reshape(B, H, R, n)
 
 
-@functools.cache
 def keys_first(device_type: str, dtype: torch.dtype) -> bool:
     """Whether `rows_logits` multiplies k q^T (True) or q k^T on this kind of device and dtype.
 
@@ -285,12 +284,23 @@ def keys_first(device_type: str, dtype: torch.dtype) -> bool:
     for each, and which one reads K at the memory's rate depends on the processor and the dtype: on the
     2-core CPUs this project was measured on (2026-12-02 and -05), either form was 1.7-5x faster than the
     other, and on one of them fp32 and bf16 disagreed. A decode step's attention is mostly this read, so on
-    a CPU the first call times both forms once, on LLaVA-7B's shape (32 heads of 2048 rows of 128), and
-    keeps the faster. Elsewhere (CUDA) q k^T. The two round differently in bf16, so two CPU runs that chose
-    differently may differ in the last bits of a bf16 decode.
+    a CPU the faster is taken (`faster_keys_first`). Elsewhere (CUDA) q k^T. The two round differently, so
+    two CPU runs that chose differently may differ in the last bits of their logits: under deterministic
+    algorithms (the toys' training, `tinyavl.toy.train.deterministic_algorithms`) a CPU takes k q^T whatever a
+    timing finds, the form the committed toys were trained with, so that a training gives the same weights
+    on every machine.
     """
     if device_type != "cpu":
         return False
+    if torch.are_deterministic_algorithms_enabled():
+        return True
+    return faster_keys_first(dtype)
+
+
+@functools.cache
+def faster_keys_first(dtype: torch.dtype) -> bool:
+    """Whether k q^T runs faster than q k^T on this CPU in this dtype: both timed once, on LLaVA-7B's shape
+    (32 heads of 2048 rows of 128)."""
     k = torch.ones(1, 32, 2048, 128, dtype=dtype)   # (B, Hkv, n, hs): 32 heads of 2048 rows (the values do not
     q = torch.ones(1, 32, 1, 128, dtype=dtype)      # matter to the time, and ones leave the random seed alone)
     return best_seconds(lambda: k @ q.transpose(-1, -2), 3) < best_seconds(lambda: q @ k.transpose(-1, -2), 3)

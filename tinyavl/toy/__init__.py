@@ -4,7 +4,9 @@
     train.py            trains the toy LLaVA from scratch: python -m tinyavl.toy.train --out weights/toy --force
     evaluate.py         accuracy under each KV policy, budget sweep: python -m tinyavl.toy.evaluate --table
     attention_study.py  where its attention goes (tutorial chapter 4): python -m tinyavl.toy.attention_study
-    plot.py             the line plots both draw
+    train_hires.py      the FlexAttention toy, and the in-sequence one it is measured against (chapter 7)
+    evaluate_hires.py   the FlexAttention toy reading nothing, its choice, or every block: accuracy and FLOPs
+    plot.py             the line plots that evaluate, evaluate_hires and attention_study draw
 
 The library (tinyavl/) never imports from here.
 """

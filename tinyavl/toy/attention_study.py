@@ -79,8 +79,9 @@ def record_captions(model, processor, n_scenes: int, seed: int) -> list:
 
 
 def object_coverage(recordings: list, scenes: list, keep: float = STORED) -> list[list[float]]:
-    """Per layer, per place in the caption (the objects in the order it names them, scene.objects' order):
-    the mean share of the object's patches in the last prompt token's top-`keep` image set."""
+    """Per layer, per place in the scene's caption (scene.objects' order, in which the true caption names them,
+    whatever order the generated one took): the mean share of the object's patches in the last prompt token's
+    top-`keep` image set."""
     n_layers, most = recordings[0].n_layers, max(len(scene.objects) for scene in scenes)
     coverage = []
     for layer in range(n_layers):
@@ -371,7 +372,7 @@ def report_markdown(result: dict) -> str:
 FIGURES = ("attention-shares.png", "ppci-steps.png")  # what --out receives
 
 
-def save_figures(result: dict, folder: Path) -> list[Path]:
+def save_figures(result: dict, folder: Path, replace: bool = False) -> list[Path]:
     """FIGURES: attention-shares.png (per layer: attention on each segment against its share of the tokens)
     and ppci-steps.png (the core ranking's PPCI against step distance, per layer)."""
     layers = result["layers"]
@@ -384,10 +385,10 @@ def save_figures(result: dict, folder: Path) -> list[Path]:
                    title="toy LLaVA: attention of the decode steps per segment (solid), each segment's share of "
                          "the tokens (dashed)",
                    x_range=(0, len(layers) - 1), y_range=(0, 1), dashed=tuple(n for n in shares if "tokens" in n),
-                   colour_of={f"{s} tokens": f"{s} attention" for s in SEGMENTS})
+                   colour_of={f"{s} tokens": f"{s} attention" for s in SEGMENTS}, replace=replace)
     save_line_plot(paths[1], steps, x_label="distance between decode steps", y_label=f"{CORE:.0%}-PPCI",
                    title=f"toy LLaVA: how alike the image top-{CORE:.0%} sets of two decode steps are",
-                   x_range=(0, MAX_DISTANCE), y_range=(0, 1), x_ticks=8, dashed=("random sets",))
+                   x_range=(0, MAX_DISTANCE), y_range=(0, 1), x_ticks=8, dashed=("random sets",), replace=replace)
     return paths
 
 
@@ -405,7 +406,11 @@ def run(args) -> dict:
     model, processor = load_pretrained(args.weights, device="cpu", dtype="float32")
     if model.config.is_next:
         raise UserError(f"{args.weights} is a LLaVA-1.6: the study maps attention onto one square grid of image "
-                        "tokens, a LLaVA-1.5's (weights/toy or weights/toy-hires)")
+                        "tokens, a LLaVA-1.5's (weights/toy)")
+    if model.config.hires is not None:
+        # Its scenes would have to be fine ones, read through its high-resolution view at every step.
+        raise UserError(f"{args.weights} is a FlexAttention toy: the study asks plain scenes at the low "
+                        "resolution, the first toy's (weights/toy)")
     recordings = record_captions(model, processor, args.n, args.seed)
     result = study(recordings)
     scenes = [question.scene for question in caption_questions(args.n, args.seed)]
@@ -417,7 +422,7 @@ def run(args) -> dict:
     result["choice_by_layer"] = choice_by_layer(model, processor, held_out_set(args.seed, args.n))
     result["hidden_object_recall"] = hidden_object_recall(model, processor, held_out_set(args.seed, args.n))
     if args.out is not None:
-        for path in save_figures(result, args.out):
+        for path in save_figures(result, args.out, replace=args.force):
             print(f"wrote {path}", file=sys.stderr)
     return result
 

@@ -36,7 +36,7 @@ from tinyavl import load_pretrained
 from tinyavl.attention_map import save_attention_map
 from tinyavl.cache import KVCache, make_cache
 from tinyavl.cli import (TOY_WEIGHTS, ArgumentParser, add_policy_arguments, check_filter_layer, first_paragraph,
-                         policy_params, run_command)
+                         output_file, policy_params, run_command)
 from tinyavl.errors import UserError
 from tinyavl.files import check_apart_from_inputs, check_output_file
 from tinyavl.generate import generate
@@ -328,14 +328,14 @@ def format_table(reports: list[dict]) -> str:
     return "\n".join(markdown_table(head, rows))
 
 
-def plot_sweep(reports: list[dict], path: Path, title: str) -> None:
+def plot_sweep(reports: list[dict], path: Path, title: str, replace: bool = False) -> None:
     """Accuracy (with its 95% interval) against the measured KV ratio, one line per policy (or per
     report "line", when budget_sweep gave one)."""
     series = {}
     for r in reports:
         series.setdefault(r.get("line", r["policy"]), []).append((r["kv_ratio"], r["accuracy"], *r["accuracy_ci"]))
     save_line_plot(path, series, x_label="KV bytes held / dense (measured)", y_label="held-out accuracy",
-                   title=title, x_range=(0, 1), y_range=(0, 1))
+                   title=title, x_range=(0, 1), y_range=(0, 1), replace=replace)
 
 
 def parse_args(argv):
@@ -346,7 +346,7 @@ def parse_args(argv):
     add_policy_arguments(parser)
     parser.add_argument("--table", action="store_true",
                         help=f"every policy at the budgets of image tokens kept {BUDGETS} (budget_sweep)")
-    parser.add_argument("--plot", type=Path, default=None, metavar="OUT.png",
+    parser.add_argument("--plot", type=output_file, default=None, metavar="OUT.png",
                         help="with --table: draw accuracy against measured KV bytes")
     parser.add_argument("--force", action="store_true",
                         help="replace the --plot file, or the pictures in --attention-maps, if they exist")
@@ -393,7 +393,8 @@ def run(args) -> dict:
         log = None if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
         reports = budget_sweep(model, processor, questions, log, args.hires_mode)
         if args.plot is not None:
-            plot_sweep(reports, args.plot, f"toy LLaVA, {args.n} held-out scenes (seed {args.seed}) x 6 prompts")
+            plot_sweep(reports, args.plot, f"toy LLaVA, {args.n} held-out scenes (seed {args.seed}) x 6 prompts",
+                       replace=args.force)
             if log:
                 log(f"wrote {args.plot}")
         return {"seed": args.seed, "n_scenes": args.n, "rows": reports}
@@ -405,7 +406,7 @@ def run(args) -> dict:
         def on_answer(question, prediction, cache, inputs):
             if question.scene_index == 0:
                 save_attention_map(map_file(args.attention_maps, question.kind), model, processor, inputs, cache,
-                                   question=question.text)
+                                   question=question.text, replace=args.force)
 
     report = evaluate(model, processor, questions, args.policy, policy_params(args), on_answer=on_answer,
                       hires_mode=args.hires_mode)

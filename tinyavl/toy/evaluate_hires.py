@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from tinyavl import anyres, load_pretrained
-from tinyavl.cli import HIRES_TOY_WEIGHTS, ArgumentParser, first_paragraph, run_command
+from tinyavl.cli import HIRES_TOY_WEIGHTS, ArgumentParser, first_paragraph, output_file, run_command
 from tinyavl.errors import UserError
 from tinyavl.files import check_output_file
 from tinyavl.toy.evaluate import HIRES_MODES, evaluate, format_interval, held_out_set, markdown_table
@@ -125,7 +125,8 @@ def format_table(reports: list[dict], in_sequence: list[dict] | None = None) -> 
     return "\n".join(markdown_table(head, rows))
 
 
-def plot(reports: list[dict], path: Path, title: str, in_sequence: list[dict] | None = None) -> None:
+def plot(reports: list[dict], path: Path, title: str, in_sequence: list[dict] | None = None,
+         replace: bool = False) -> None:
     """Fine-detail accuracy (95% interval) against the attention MFLOPs an answer, a line per policy
     through its modes; with the in-sequence toy's reports, a point per policy beside them, in the
     policy's colour, and the MFLOPs on a log axis (the sequence costs about a hundred times more)."""
@@ -140,7 +141,7 @@ def plot(reports: list[dict], path: Path, title: str, in_sequence: list[dict] | 
         series.setdefault(name, []).append((r["attention_mflops"], r["accuracy_by_type"][FINE_KIND], *interval))
     save_line_plot(path, series, x_label="attention MFLOPs an answer (accounting formula)",
                    y_label=f"{FINE_KIND} accuracy", title=title, y_range=(0, 1), colour_of=colour_of,
-                   dashed=tuple(dashed), log_x=bool(in_sequence))
+                   dashed=tuple(dashed), log_x=bool(in_sequence), replace=replace)
 
 
 def parse_args(argv):
@@ -148,7 +149,7 @@ def parse_args(argv):
     parser.add_argument("--weights", type=Path, default=HIRES_TOY_WEIGHTS, help="a FlexAttention toy folder")
     parser.add_argument("--seed", type=int, default=1, help="which held-out set (any integer)")
     parser.add_argument("--n", type=int, default=100, help="scenes (each gets 6 prompts)")
-    parser.add_argument("--plot", type=Path, default=None, metavar="OUT.png",
+    parser.add_argument("--plot", type=output_file, default=None, metavar="OUT.png",
                         help="draw the fine-detail accuracy against attention MFLOPs")
     parser.add_argument("--force", action="store_true", help="replace the --plot file if it exists")
     parser.add_argument("--in-sequence", type=Path, default=None, metavar="FOLDER",
@@ -186,7 +187,7 @@ def run(args) -> dict:
     if args.plot is not None:
         plot(reports, args.plot, f"FlexAttention toy, {args.n} fine scenes (seed {args.seed}) x "
                                  f"{len(PROMPT_KINDS)} prompts",
-             in_sequence)
+             in_sequence, replace=args.force)
         if log:
             log(f"wrote {args.plot}")
     return {"seed": args.seed, "n_scenes": args.n, "rows": reports, "in_sequence_rows": in_sequence}

@@ -24,8 +24,9 @@ PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 1
 def save_line_plot(path, series: dict, x_label: str, y_label: str, title: str,
                    x_range: tuple[float, float] | None = None, y_range: tuple[float, float] | None = None,
                    x_ticks: int = 5, dashed: tuple = (), colour_of: dict | None = None,
-                   log_x: bool = False) -> None:
-    """Draw every series (points joined in x order, error bars where given) and save a PNG to `path`."""
+                   log_x: bool = False, replace: bool = False) -> None:
+    """Draw every series (points joined in x order, error bars where given) and save a PNG to `path` (over a
+    file there only if `replace`: a command's --force)."""
     scale = math.log10 if log_x else (lambda x: x)
     points = [point for line in series.values() for point in line]
     xs = [scale(p[0]) for p in points]
@@ -87,7 +88,7 @@ def save_line_plot(path, series: dict, x_label: str, y_label: str, title: str,
             draw.line([(right + 14, legend_y + 6), (right + 34, legend_y + 6)], fill=colour, width=3)
         draw.text((right + 40, legend_y), name, fill=(0, 0, 0))
 
-    write_file_atomically(path, lambda partial: img.save(partial, format="PNG"))
+    write_file_atomically(path, lambda partial: img.save(partial, format="PNG"), replace=replace)
 
 
 def _dashed_line(draw, start, end, colour, dash: float = 6.0) -> None:

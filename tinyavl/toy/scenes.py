@@ -150,6 +150,8 @@ class Scene:
 
     def question(self, kind: str, rng: random.Random) -> tuple[str, str]:
         """A (question, answer) pair of one of QUESTION_TYPES about a randomly chosen object or colour."""
+        # Drawn for every kind, also those that choose otherwise ("count", "digit"): removing the draw would
+        # shift every seeded stream after it, and so every committed toy's data.
         obj = rng.choice(self.objects)
         if kind == "colour":
             return f"What colour is the {obj.shape}?", obj.colour
@@ -188,9 +190,12 @@ def random_scene(rng: random.Random, fine: bool = False) -> Scene:
 
 
 def scene_stream(split: str, seed: int, fine: bool = False):
-    """An endless, deterministic stream of (scene, rng) for a split ("train" or "eval") and a seed.
+    """An endless, deterministic stream of (scene, rng) for a split and a seed. The splits in use: "vocab"
+    (the words the tokenizer holds), "train" and "tune" (the toy's two stages), "vision" (the tower trained
+    apart), "hires" (the FlexAttention toy), "example" (the committed example images) and "eval" (held out).
 
-    The split is part of the seed, so no evaluation seed ever replays a training stream. With fine, the
+    The split is part of the seed, so streams of different splits never meet: no evaluation seed ever
+    replays a training stream. With fine, the
     stream's scenes are fine scenes: the same objects and questions as without, drawn small-digited.
     """
     rng = random.Random(f"{split}-{seed}")

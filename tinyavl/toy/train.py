@@ -187,6 +187,8 @@ def patch_targets(scene: Scene, hires: bool = False) -> torch.Tensor:
     every patch that shows the digit. A fine scene's low-resolution image shows no legible digit: its
     digit column is -100 (no target, cross_entropy's ignore_index). hires: the patches of a fine scene's
     high-resolution map (FINE_SCALE x as many a side), where its small digits are legible."""
+    if hires and not scene.fine:  # a plain scene's digits are large: the fine map's patches would be wrong
+        raise ValueError("high-resolution patch targets are a fine scene's")
     scale = FINE_SCALE if hires else 1
     side = IMAGE_SIZE * scale // PATCH
     targets = torch.zeros(side * side, 3, dtype=torch.long)
@@ -379,7 +381,9 @@ class Checkpoint:
             tensors |= {f"optimizer.{index}.{name}": t for name, t in state.items()}
         tensors = {key: t.detach().contiguous() for key, t in tensors.items()}
         metadata = {"step": str(step), "history": json.dumps(history), "run": json.dumps(self.run)}
-        write_file_atomically(self.path, lambda temporary: write_safetensors(tensors, temporary, metadata))
+        # replace: the checkpoint is the training's own file, rewritten every CHECKPOINT_EVERY steps.
+        write_file_atomically(self.path, lambda temporary: write_safetensors(tensors, temporary, metadata),
+                              replace=True)
 
     def check(self) -> None:
         """UserError if the file at path is not a checkpoint, or was saved by a run with other settings

@@ -45,7 +45,7 @@ interruption goes on from there, and ends with the weights one uninterrupted run
 for bit on the same machine and thread count.
 """
 import hashlib
-from dataclasses import replace
+from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
 
@@ -146,7 +146,7 @@ def run_settings(args) -> dict:
     return {"base_sha256": base_weights.hexdigest(), "in_sequence": args.in_sequence,
             "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
             "threads": args.threads, "image_dropout": IMAGE_DROPOUT, "image_dropout_share": IMAGE_DROPOUT_SHARE,
-            "hires_ramp": HIRES_RAMP, "torch": torch.__version__}
+            "hires_ramp": HIRES_RAMP, "hires": asdict(HIRES), "torch": torch.__version__}
 
 
 def check_checkpoint(checkpoint: Checkpoint, base: Path, out: Path) -> None:
