@@ -186,3 +186,33 @@ def test_a_linked_output_folder_is_replaced_without_leaving_the_link_behind(tmp_
     (tmp_path / "link").symlink_to(tmp_path / "real")
     write_folder_atomically(tmp_path / "link", lambda partial: (partial / "x").write_text("1"), force=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"] and (tmp_path / "link" / "x").exists()
+
+
+def test_a_new_folder_is_checked_where_its_temporary_folders_go(tmp_path, monkeypatch):
+    """The write makes its temporary folders beside the folder as named, so that folder's parent must be
+    writable, not the parent of where a link leads: ro/out -> rw/target with ro read-only is refused
+    (permissions as a user without root would see them, here by os.access)."""
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "rw").mkdir()
+    (tmp_path / "ro" / "out").symlink_to(tmp_path / "rw" / "target")
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path / "ro" and real_access(path, mode))
+    with pytest.raises(UserError, match="cannot be written to"):
+        check_new_folder(tmp_path / "ro" / "out", force=False)
+    check_new_folder(tmp_path / "rw" / "target", force=False)
+
+
+def test_ctrl_c_between_the_two_renames_brings_the_old_folder_back(tmp_path, monkeypatch):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "config.json").write_text("old")
+    real_replace = os.replace
+
+    def replace(src, dst):  # Ctrl-C right after the old folder was moved out of the way
+        real_replace(src, dst)
+        if Path(dst).name.endswith(".old"):
+            raise KeyboardInterrupt
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        write_folder_atomically(out, lambda partial: (partial / "config.json").write_text("new"), force=True)
+    assert (out / "config.json").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]

@@ -94,7 +94,8 @@ def caption_objects_right(prediction: str, scene: Scene) -> int:
 
 
 # Where each field sits in an object's description, "{colour} {shape} at row R column C[ with digit D]"
-# (SceneObject.describe), in words.
+# (SceneObject.describe), in words. Compared by position: a caption that breaks the template (a word added
+# or left out inside an object) has the fields after that word counted wrong, even one it names right.
 CAPTION_FIELDS = {"colour": slice(0, 1), "shape": slice(1, 2), "place": slice(2, 7), "digit": slice(7, None)}
 
 
