@@ -50,6 +50,20 @@ def test_avl_roles_are_core_secondary_and_minor(tiny_ckpt):
         assert int((roles == EVICTED).sum()) == n - math.floor(S * n)
 
 
+def test_avl_roles_fall_on_the_tokens_the_cache_holds(tiny_ckpt):
+    """Token by token, not only counted: image token i is computed when position n_sys + i sits in the core's
+    rows (the layout's rows n_sys .. n_sys + n_core - 1), stored when some other row holds it, else evicted."""
+    model, processor = tinyavl.load_pretrained(tiny_ckpt.folder("gqa_full"), device="cpu")
+    cache = run_policy(model, processor, "avl", S=0.5, C=0.25, K=2, P=1.0)
+    for layer in range(model.config.text.num_hidden_layers):
+        rows = cache.pos[layer][0]                                                     # (Hkv, n) positions
+        core = {int(p) for p in rows[0, cache.n_sys:cache.n_sys + cache.n_core]}
+        held = {int(p) for p in rows.flatten()}
+        expected = [COMPUTED if cache.n_sys + i in core else STORED if cache.n_sys + i in held else EVICTED
+                    for i in range(cache.n_img)]
+        assert image_roles(cache, layer).tolist() == expected, f"layer {layer}"
+
+
 @pytest.mark.parametrize("policy, params", [("full", {}), ("h2o", {}), ("fastv", {"filter_layer": 1, "R": 0.5})])
 def test_other_policies_compute_what_they_store(tiny_ckpt, policy, params):
     model, processor = tinyavl.load_pretrained(tiny_ckpt.folder("mha"), device="cpu")

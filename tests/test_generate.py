@@ -253,6 +253,9 @@ def test_generation_stops_at_the_models_eos_by_default(loaded):
     model.config.text.eos_token_id = ref[k]
     tokens, stats = tinyavl.generate(model, ids, px, max_new_tokens=STEPS)
     assert tokens == ref[:k + 1] and stats.finish_reason == "eos"
+    # EOS as the last token allowed: the answer ended, it was not cut.
+    tokens, stats = tinyavl.generate(model, ids, px, max_new_tokens=k + 1)
+    assert tokens == ref[:k + 1] and stats.finish_reason == "eos"
     tokens, stats = tinyavl.generate(model, ids, px, max_new_tokens=STEPS, eos_token_id=())
     assert tokens == ref and stats.finish_reason == "length"
     tokens, stats = tinyavl.generate(model, ids, px, max_new_tokens=STEPS, eos_token_id=[ref[1], ref[k]])

@@ -361,3 +361,44 @@ def test_avl_generation_kernel_path_equals_torch_path(tiny_ckpt, variant):
     assert kernel_stats.attended_per_layer == torch_stats.attended_per_layer
     # The comparison means something only if normal steps really skipped rows.
     assert kernel_stats.attended_tokens_per_step < kernel_stats.attended_tokens_per_step_dense
+
+
+def test_kernel_bytes_by_hand():
+    """The numerator of the bandwidth the kernel's benchmark reports: 2 samples x 2 KV heads, 5 indexed rows
+    plus a tail of 40 - 30 = 10, 16 wide in fp16, for K and V; the int64 index of 2 x 5; q and out, each
+    2 x 4 query heads x 16 fp16 values."""
+    q = torch.zeros(2, 4, 16, dtype=torch.float16)
+    k = torch.zeros(2, 2, 40, 16, dtype=torch.float16)
+    index = torch.zeros(2, 5, dtype=torch.long)
+    assert bench.kernel_bytes(q, k, index, start=30) == 2 * (2 * 2 * 15 * 16 * 2) + 2 * 5 * 8 + 2 * (2 * 4 * 16 * 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_error_report_passes_the_exact_answer_and_fails_wrong_ones(monkeypatch, dtype):
+    """The acceptance rule, with the kernel replaced: the float64 truth rounded to the dtype passes; the
+    truth scaled by 1.01 (1.05 in bf16, whose own rounding is about 0.4%), or computed without one of its
+    indexed rows, fails; and the bound is the documented one, 2 x plain torch's largest error + the truth's
+    own rounding + 8 fp32 ulps of its size."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 16, generator=g).to(dtype)                                 # [B, H, D]
+    k, v = (torch.randn(2, 2, 40, 16, generator=g).to(dtype) for _ in range(2))       # [B, Hkv, N, D]
+    index, start = torch.tensor([[1, 5, 7], [0, 2, 9]]), 30
+
+    def truth(q, k, v, index, start, scale=None):
+        return sa.sparse_decode_attention_reference(q.double(), k.double(), v.double(), index, start, scale)
+
+    off = 1.01 if dtype == torch.float32 else 1.05
+    kernels = {  # each takes the kernel's arguments: q, k, v, index, start, scale, keywords
+        "exact": lambda q, k, v, index, start, *_, **__: truth(q, k, v, index, start).to(q.dtype),
+        "scaled": lambda q, k, v, index, start, *_, **__: (off * truth(q, k, v, index, start)).to(q.dtype),
+        "a row dropped": lambda q, k, v, index, start, *_, **__: truth(q, k, v, index[:, 1:], start).to(q.dtype)}
+    expected = truth(q, k, v, index, start)
+    plain = sa.sparse_decode_attention_reference(q, k, v, index, start, upcast=False)      # in the dtype
+    torch_max = (plain.double() - expected).abs().max()
+    floor = ((expected.to(dtype).double() - expected).abs().max()
+             + 8 * torch.finfo(torch.float32).eps * expected.abs().max())
+    for name, kernel in kernels.items():
+        monkeypatch.setattr(sa, "sparse_decode_attention", kernel)
+        report = sa.error_report(q, k, v, index, start)
+        assert report["allowed"] == pytest.approx(float(2 * torch_max + floor), rel=1e-9)
+        assert report["passed"] is (name == "exact"), (name, report)

@@ -55,6 +55,12 @@ GOLDEN = [  # (example image, question, the exact greedy answer)
 ]
 
 
+def test_the_golden_answers_are_the_examples_truth():
+    """GOLDEN is written out here to be read; the truth is examples.json's, which is generated from the scenes."""
+    truth = json.loads((EXAMPLES / "examples.json").read_text())
+    assert [truth[image][question] for image, question, _ in GOLDEN] == [expected for _, _, expected in GOLDEN]
+
+
 @pytest.mark.parametrize("image, question, expected", GOLDEN)
 def test_golden_answers(toy, image, question, expected):
     assert answer(toy, EXAMPLES / image, question) == expected
