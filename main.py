@@ -60,8 +60,9 @@ def parse_args(argv):
 
 
 def run(args) -> dict:
-    # Everything the user gave is checked before the model loads (seconds to minutes for a 7B model), but
-    # --filter-layer's and --map-layer's upper bounds, which need the model's layer count: those before it runs.
+    # Everything the user gave is checked before the model loads (seconds to minutes for a 7B model), except
+    # --filter-layer's and --map-layer's upper bounds, which need its layer count: checked once it has loaded,
+    # before it generates.
     image = load_image(args.image)
     check_question(args.prompt)
     check_generation_args(args.max_new_tokens, args.temperature, args.top_p, args.seed)

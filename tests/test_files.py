@@ -1,5 +1,6 @@
 """Outputs never half-written, never over a folder of files without --force (tinyavl/files.py), and the
 toy trainer's command line refusing, before any training, to replace a model folder it was not asked to."""
+import errno
 import hashlib
 import os
 import shutil
@@ -216,3 +217,16 @@ def test_ctrl_c_between_the_two_renames_brings_the_old_folder_back(tmp_path, mon
     with pytest.raises(KeyboardInterrupt):
         write_folder_atomically(out, lambda partial: (partial / "config.json").write_text("new"), force=True)
     assert (out / "config.json").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_without_hard_links_a_new_file_is_still_written_and_an_existing_one_kept(tmp_path, monkeypatch):
+    """Some file systems refuse hard links (EPERM): the write then checks the name and renames."""
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+    monkeypatch.setattr(os, "link", no_links)
+    path = tmp_path / "map.png"
+    write_file_atomically(path, lambda partial: partial.write_text("new"))
+    assert path.read_text() == "new"
+    with pytest.raises(UserError, match="appeared while this command ran"):
+        write_file_atomically(path, lambda partial: partial.write_text("newer"))
+    assert path.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["map.png"]

@@ -99,18 +99,18 @@ def write_file_atomically(path, write, replace: bool = False) -> None:
 def link_without_replacing(partial: Path, path: Path) -> None:
     """Give the finished file `partial` the name `path` too, unless a file (or a link) has that name: a
     link, unlike a rename, refuses an existing name, in the same step as it takes a free one."""
+    appeared = UserError(f"{path} appeared while this command ran: it was kept, and the new output was not "
+                         "written; give another name, or --force to replace it")
     try:
         os.link(partial, path)
     except FileExistsError:
-        raise UserError(f"{path} appeared while this command ran: it was kept, and the new output was not "
-                        "written; give another name, or --force to replace it") from None
+        raise appeared from None
     except OSError as err:
         if err.errno not in (errno.EPERM, errno.EOPNOTSUPP):
             raise
         # A file system without hard links: check, then rename (a file made in between would be replaced).
         if os.path.lexists(path):
-            raise UserError(f"{path} appeared while this command ran: it was kept, and the new output was not "
-                            "written; give another name, or --force to replace it") from None
+            raise appeared from None
         os.replace(partial, path)
 
 
