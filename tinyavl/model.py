@@ -471,9 +471,9 @@ class LlamaAttention(nn.Module):
             self.k_proj_hd = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
             self.v_proj_hd = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
 
-    def forward(self, x, cos, sin, positions, cache=None, visible=None, hires=None, norm=None):
-        """x (B, T, C) at positions (T,); norm: the layer's input norm, which FlexAttention's high-resolution
-        features also go through."""
+    def forward(self, x, cos, sin, positions, cache=None, visible=None, view=None, norm=None):
+        """x (B, T, C) at positions (T,); view: FlexAttention's `HiresView`, if any; norm: the layer's input
+        norm, which FlexAttention's high-resolution features also go through."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, H, T, hs)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hs)
@@ -484,13 +484,13 @@ class LlamaAttention(nn.Module):
             y = attention(q, k, v, causal=True, visible=visible)
         else:
             y = cache.attend(self.layer_idx, q, k, v, positions)  # the policy stores k, v, picks what to attend
-        if hires is not None:  # FlexAttention: the current token also reads chosen high-resolution tokens
+        if view is not None:  # FlexAttention: the current token also reads chosen high-resolution tokens
             if cache is None:
                 # No cache: the keys are this pass's own tokens, at the queries' positions in every head.
-                y = hires.layer(self, norm, q, k, y, positions, positions.expand(B, self.n_kv_heads, T), visible)
+                y = view.layer(self, norm, q, k, y, positions, positions.expand(B, self.n_kv_heads, T), visible)
             else:  # the keys the policy let this step attend, set aside by cache.attend before it evicted
                 keys, key_positions = cache.hires_keys
-                y = hires.layer(self, norm, q, keys, y, positions, key_positions)
+                y = view.layer(self, norm, q, keys, y, positions, key_positions)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -515,9 +515,9 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
 
-    def forward(self, x, cos, sin, positions, cache=None, visible=None, hires=None):
+    def forward(self, x, cos, sin, positions, cache=None, visible=None, view=None):
         norm = self.input_layernorm
-        x = x + self.self_attn(norm(x), cos, sin, positions, cache, visible, hires, norm)
+        x = x + self.self_attn(norm(x), cos, sin, positions, cache, visible, view, norm)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -531,14 +531,14 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, reads) for i, reads in enumerate(reads_hires))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cache=None, visible=None, hires=None):  # x (B, T, C): embeddings, image features merged in
+    def forward(self, x, cache=None, visible=None, view=None):  # x (B, T, C): embeddings, image features merged in
         T = x.shape[1]
         start = cache.next_pos if cache is not None else 0
         # Logical positions: with a cache that has dropped rows, the new token is still at prompt + steps.
         positions = torch.arange(start, start + T, device=x.device)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)  # (T, hs)
         for layer in self.layers:
-            x = layer(x, cos, sin, positions, cache, visible, hires)
+            x = layer(x, cos, sin, positions, cache, visible, view)
             # Token dropping inside the decoder (FastV, A-VL's prefill filter): the policy may ask later
             # layers to run on fewer rows. Kept rows keep their original positions.
             keep = cache.rows_to_keep(layer.self_attn.layer_idx) if cache is not None else None
@@ -559,8 +559,8 @@ class LlamaForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, x, cache=None, last_only=False, visible=None, hires=None):
-        x = self.model(x, cache, visible, hires)
+    def forward(self, x, cache=None, last_only=False, visible=None, view=None):
+        x = self.model(x, cache, visible, view)
         if last_only:  # generation needs only the next-token logits: skip a (T, vocab) matrix
             x = x[:, -1:]
         return self.lm_head(x).float()  # (B, T, vocab), or (B, 1, vocab) with last_only; fp32 for sampling
