@@ -1188,9 +1188,12 @@ def test_under_deterministic_algorithms_a_cpu_takes_k_q_t_whatever_the_timing(mo
     assert model.keys_first("cpu", torch.float32) is (faster == "k q^T")
 
 
-def test_rerank_core_moves_only_the_rows_that_change_role():
+@pytest.mark.parametrize("every_head_at_once", [False, True])  # a CPU's way and a GPU's, both run here
+def test_rerank_core_moves_only_the_rows_that_change_role(monkeypatch, every_head_at_once):
     """rerank_core against a hand-made block: the new core is the top n_core by score, a row that stays
     in the core (or out of it) keeps its slot, and a re-rank that keeps the core moves nothing."""
+    import tinyavl.cache
+    monkeypatch.setattr(tinyavl.cache, "swaps_every_head_at_once", lambda buffer: every_head_at_once)
     cache = AVLCache(S=0.6, C=0.3, P=1)
     cache.begin(1, 1, 10)               # 1 sys row, 6 secondary image rows, 3 of them core
     k = torch.arange(12.).view(1, 1, 12, 1).expand(1, 2, 12, 3).contiguous()  # row i's key holds i

@@ -492,16 +492,9 @@ class KVCache:
 
         trade(self.pos_buffer[layer], 2)
         for buffer in (self.k_buffer[layer], self.v_buffer[layer]):
-            if buffer.is_cuda:
-                # On a GPU one copy for every head: a copy per plane is two kernel launches per
-                # (sample, head), 128 per layer for LLaVA-7B, which cost more than the rows they move.
+            if swaps_every_head_at_once(buffer):
                 trade(buffer, 2)
             else:
-                # On a CPU one (sample, head) plane (capacity, hs) at a time: a row of a plane is
-                # contiguous, so selecting and copying rows along its first dim are row copies (memcpy).
-                # In the benchmark's fp32 A-VL run at 2928 image tokens (2 cores, 2026-12-05) an update
-                # step's swaps took 17.5-18.7 ms plane by plane, 20.4 ms as one copy of every head's rows seen
-                # as one list, and 22.6-24.8 ms along dim 2 of the 4-d buffer.
                 planes = buffer.view(-1, *buffer.shape[2:])          # (B Hkv, capacity, hs)
                 for i in range(planes.shape[0]):  # indexed, not iterated: autograd forbids writing into unbind's views
                     trade(planes[i], 0)
@@ -549,6 +542,18 @@ class KVCache:
         k = next(t for t in self.k if t is not None)
         values_per_token = 2 * k.shape[0] * k.shape[1] * k.shape[3]  # K and V: B x Hkv x hs each
         return self.n_layers * self.next_pos * values_per_token * k.element_size()
+
+
+def swaps_every_head_at_once(buffer) -> bool:
+    """How `KVCache.swap_rows` moves a K or V buffer's rows: in one copy for every head (True, on a GPU), or
+    one (sample, head) plane (capacity, hs) at a time (on a CPU).
+
+    On a GPU a copy per plane is two kernel launches per (sample, head), 128 per layer for LLaVA-7B, which
+    cost more than the rows they move. On a CPU a row of a plane is contiguous, so selecting and copying rows
+    along its first dim are row copies (memcpy): in the benchmark's fp32 A-VL run at 2928 image tokens (2
+    cores, 2026-12-05) an update step's swaps took 17.5-18.7 ms plane by plane, 20.4 ms as one copy of every
+    head's rows seen as one list, and 22.6-24.8 ms along dim 2 of the 4-d buffer."""
+    return buffer.is_cuda
 
 
 def image_attention(q, k, n_sys: int, n_img: int):
