@@ -5,6 +5,8 @@ Each chapter's ```python blocks run in order in one namespace (the asserts insid
 chapter's claims); every `Name` or `Name.attr` in backticks that names something in tinyavl must
 resolve to it.
 """
+import ast
+import functools
 import re
 import sys
 from pathlib import Path
@@ -62,14 +64,49 @@ def test_chapter_cites_existing_symbols(chapter):
         head, _, attr = symbol.partition(".")
         owners = [m for m in MODULES if hasattr(m, head)]
         if not owners:
-            # Lower-case words in backticks are often parameters or config fields, not symbols: only
-            # CamelCase names and dotted names must be tinyavl's.
+            # Lower-case words in backticks are often parameters or config fields, not module symbols: here
+            # only CamelCase names and dotted names must be tinyavl's (lower-case ones: the test below).
             assert not (head[0].isupper() or attr), f"{chapter.name} cites `{symbol}`, which tinyavl does not define"
             continue
         if attr:
             assert hasattr(getattr(owners[0], head), attr), f"{chapter.name} cites `{symbol}`: no such attribute"
         checked += 1
     assert checked >= 5, f"{chapter.name} cites too few code symbols ({checked})"
+
+
+# Lower-case names the chapters cite from outside tinyavl: a library, and other libraries' functions.
+EXTERNAL_NAMES = {"tokenizers", "flex_attention", "embedding_bag"}
+
+
+def identifiers(source: str) -> set[str]:
+    """Every name a Python source uses or defines: variables, attributes, arguments, keywords, and strings
+    that are one name (a dict key, a policy's parameter)."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Name):
+            found.add(node.id)
+        elif isinstance(node, (ast.Attribute, ast.arg, ast.keyword, ast.FunctionDef, ast.ClassDef)):
+            found.add(getattr(node, "attr", None) or getattr(node, "arg", None) or getattr(node, "name", None))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and re.fullmatch(r"[a-z_]\w*", node.value):
+            found.add(node.value)
+    return found
+
+
+@functools.cache
+def project_identifiers() -> frozenset:
+    root = Path(__file__).parent.parent
+    files = [*(root / "tinyavl").rglob("*.py"), *(root / "kernels").rglob("*.py"), root / "main.py"]
+    return frozenset(set().union(*(identifiers(path.read_text()) for path in files)))
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=lambda p: p.name)
+def test_every_lower_case_name_a_chapter_cites_is_in_the_code(chapter):
+    """A `name` in backticks is a function, argument, field or key of the code (or of the chapter's own code
+    blocks), or one of EXTERNAL_NAMES: a renamed function leaves no chapter citing its old name."""
+    text = chapter.read_text()
+    own = set().union(*(identifiers(block) for block in code_blocks(chapter)))
+    cited = set(re.findall(r"`([a-z_]\w*)`", text))
+    assert sorted(cited - project_identifiers() - own - EXTERNAL_NAMES) == []
 
 
 def test_nothing_cites_files_a_reader_does_not_have():
