@@ -440,12 +440,12 @@ def run_dtype(args, dtype_name: str) -> dict:
         f"a decode query's logits as {logits_form} (rows_logits)")
     result = {"dtype": dtype_name, "read_GBps": rates["read"] / 1e9, "matvec_GBps": rates["matvec"] / 1e9,
               "decode_logits": logits_form, "cases": []}
-    first_full_tokens = None  # `full`'s tokens on the first block, which transformers' should equal (else a note)
+    full_tokens = {}  # per block length: the tokens `full` generated, which transformers' should equal (else a note)
     for n_img in args.image_tokens:
         measured, tokens = run_case(model, n_img, args.new_tokens, rates)
         case = {"dtype": dtype_name, **measured}
         result["cases"].append(case)
-        first_full_tokens = tokens if first_full_tokens is None else first_full_tokens
+        full_tokens[n_img] = tokens
         if not args.json:
             print_case(case)
     first_n_img = args.image_tokens[0]  # growth and the transformers comparison run on the first block
@@ -464,7 +464,7 @@ def run_dtype(args, dtype_name: str) -> dict:
         first_case = result["cases"][0]
         # image_block again: this comparison does not rely on which block the runs before it left set.
         rate = transformers_decode_rate(model, prompt_ids(model.config, first_n_img),
-                                        image_block(model, first_n_img), args.new_tokens, first_full_tokens)
+                                        image_block(model, first_n_img), args.new_tokens, full_tokens[first_n_img])
         if rate is not None:
             ours = 1e3 / first_case["policies"]["full"]["decode_ms"]
             result["transformers_decode_ratio"] = ours / rate

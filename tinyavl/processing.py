@@ -346,9 +346,7 @@ class Processor:
         """The image centred on a square of the mean colour, its long side's length (the short side's odd
         pixel of padding goes after it, as in transformers' pad_to_square)."""
         side = max(img.width, img.height)
-        square = Image.new("RGB", (side, side), self.pad_colour)
-        square.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
-        return square
+        return centred(img, side, side, self.pad_colour)
 
     def anyres_crops(self, img: Image.Image) -> list[Image.Image]:
         """LLaVA-1.6: the whole image squeezed to a square (the base crop: all of it, its aspect lost), then
@@ -357,9 +355,7 @@ class Processor:
         tile = self.image_size
         canvas_h, canvas_w = anyres.best_resolution((img.height, img.width), self.image_grid_pinpoints)
         new_h, new_w = anyres.fitted_size((img.height, img.width), (canvas_h, canvas_w))
-        canvas = Image.new("RGB", (canvas_w, canvas_h))  # black
-        canvas.paste(img.resize((new_w, new_h), resample=self.resample),
-                     ((canvas_w - new_w) // 2, (canvas_h - new_h) // 2))
+        canvas = centred(img.resize((new_w, new_h), resample=self.resample), canvas_w, canvas_h)
         tiles = [canvas.crop((left, top, left + tile, top + tile))
                  for top in range(0, canvas_h, tile) for left in range(0, canvas_w, tile)]
         base = img.resize((self.shortest_edge, self.shortest_edge), resample=self.resample)
@@ -391,6 +387,14 @@ class Processor:
         if isinstance(ids, torch.Tensor):
             ids = ids.flatten().tolist()
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def centred(img: Image.Image, width: int, height: int, colour=(0, 0, 0)) -> Image.Image:
+    """img pasted in the middle of a width x height canvas of `colour` (black by default); where the margin
+    is odd, its extra pixel goes after the image (right, bottom), as transformers pads."""
+    canvas = Image.new("RGB", (width, height), colour)
+    canvas.paste(img, ((width - img.width) // 2, (height - img.height) // 2))
+    return canvas
 
 
 def _special_id(tokenizer: Tokenizer, token: str) -> int:
