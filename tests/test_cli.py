@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -450,6 +451,52 @@ def test_a_reader_that_stops_early_ends_the_run_quietly(lines):
         proc.stdin.close()
     assert proc.wait(timeout=60) == 1
     assert proc.stderr.read() == b""
+
+
+# A command that, halfway through writing its output, is sent a signal (as `kill` and `timeout` send SIGTERM),
+# entered as main.py and the evaluations enter (run_command) or as the trainers and the benchmark do.
+SIGNALLED_MIDWAY = """
+import argparse, os, signal, sys
+from pathlib import Path
+from tinyavl.cli import main_until_interrupted, run_command
+from tinyavl.files import write_file_atomically
+out, signum, entry = Path(sys.argv[1]), getattr(signal, sys.argv[2]), sys.argv[3]
+def write(partial):
+    partial.write_bytes(b"half")
+    os.kill(os.getpid(), signum)
+    partial.write_bytes(b"half and the rest")
+def run(args):
+    write_file_atomically(out, write)
+    return {}
+if entry == "run_command":
+    sys.exit(run_command(run, argparse.Namespace(json=True), show=print))
+main_until_interrupted(lambda: run(None))
+"""
+
+
+@pytest.mark.parametrize("entry", ["run_command", "main_until_interrupted"])
+@pytest.mark.parametrize("name, status", [("SIGTERM", 143), ("SIGHUP", 129)])
+def test_a_signal_to_end_is_one_line_and_leaves_no_partial_file(tmp_path, entry, name, status):
+    """Python's default for SIGTERM and SIGHUP ends the process where no `finally` runs: the output's
+    temporary file would stay behind. A command ends as Ctrl-C ends it, with the shell's status for the signal."""
+    folder = tmp_path / "outputs"
+    folder.mkdir()
+    proc = subprocess.run([sys.executable, "-c", SIGNALLED_MIDWAY, str(folder / "map.png"), name, entry], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (status, "", f"terminated ({name})\n")
+    assert list(folder.iterdir()) == []
+
+
+def test_a_command_leaves_the_signal_handlers_as_it_found_them(capsys):
+    """main() is also called in-process (tests, notebooks): the caller's SIGTERM handler is theirs again after."""
+    def handler(signum, frame):
+        pass
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        assert run_command(lambda args: {}, argparse.Namespace(json=True), show=print) == 0
+        assert signal.getsignal(signal.SIGTERM) is handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # ------------------------------------------------------------------------------ what the user gave stays theirs

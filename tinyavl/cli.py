@@ -3,7 +3,10 @@ import argparse
 import errno
 import json
 import os
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 from tinyavl.cache import POLICIES, param_owners
@@ -106,12 +109,51 @@ def interrupted() -> int:
     return 130
 
 
-def main_until_interrupted(main) -> None:
-    """Run a command's main(); Ctrl-C ends it with one line and status 130, as run_command does."""
+class Terminated(BaseException):
+    """A signal that asks a command to end (SIGTERM: `kill`, `timeout`, a job scheduler; SIGHUP: its terminal
+    closed), raised where the command is, as Ctrl-C's KeyboardInterrupt is. A BaseException, like that one,
+    so that no `except Exception` takes it for an error to handle."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextmanager
+def signals_end_like_ctrl_c():
+    """While a command runs, SIGTERM and SIGHUP raise Terminated. Python's default for them ends the process
+    on the spot, where no `finally` runs: a file being written would stay behind under its temporary name
+    (tinyavl/files.py). Signal handlers can only be set from the main thread; elsewhere nothing changes."""
+    def terminate(signum, frame):
+        raise Terminated(signum)
+
+    signals = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]  # no SIGHUP on Windows
+    if threading.current_thread() is not threading.main_thread():
+        signals = []
+    previous = {sig: signal.signal(sig, terminate) for sig in signals}
     try:
-        main()
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def terminated(stop: Terminated) -> int:
+    """The one line for a Terminated, and the status to exit with: 128 + the signal's number, as the shell
+    reports a process the signal ended (143 for SIGTERM)."""
+    print(f"terminated ({stop})", file=sys.stderr)
+    return 128 + stop.signum
+
+
+def main_until_interrupted(main) -> None:
+    """Run a command's main(); Ctrl-C, SIGTERM and SIGHUP end it with one line, as run_command does."""
+    try:
+        with signals_end_like_ctrl_c():
+            main()
     except KeyboardInterrupt:
         sys.exit(interrupted())
+    except Terminated as stop:
+        sys.exit(terminated(stop))
 
 
 # What the system, not tinyavl, refuses: one line, status 1. Other OSErrors are bugs and keep their traceback.
@@ -123,20 +165,24 @@ def run_command(run, args, show) -> int:
     """A command's exit status: run(args), then its result printed as one JSON object (--json) or by
     show(result). One line on stderr instead of a traceback for: a user's mistake (UserError, status 2),
     Ctrl-C (status 130), and what the system refused (SYSTEM_REFUSALS: a disk full, a name too long;
-    status 1). A reader that closed stdout early (`| head`) ends the run quietly."""
+    status 1). SIGTERM and SIGHUP end it as Ctrl-C does, with no temporary file left (status 128 + the
+    signal). A reader that closed stdout early (`| head`) ends the run quietly."""
     try:
-        result = run(args)
-        if args.json:
-            print(json.dumps(result))
-        else:
-            show(result)
-        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+        with signals_end_like_ctrl_c():
+            result = run(args)
+            if args.json:
+                print(json.dumps(result))
+            else:
+                show(result)
+            sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
         return 0
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return interrupted()
+    except Terminated as stop:
+        return terminated(stop)
     except BrokenPipeError:
         # Python's own advice: point stdout at nothing, so that its flush at exit cannot fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

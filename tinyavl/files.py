@@ -1,12 +1,13 @@
-"""Writing a user's outputs safely: never half a file, never over an input, never over a file the user
-named (check_output_file) or a folder of files without being asked (--force).
+"""Writing a user's outputs safely: never half a file, never over an input, never over a file the user named
+(check_output_file) or a folder of files without being asked (--force).
 
 Every command checks its output paths before it works (check_output_file, check_new_folder) and writes
 its outputs through write_file_atomically or write_folder_atomically. A file or folder is first written under a
 temporary name beside its destination and then renamed into place in one step (`os.replace`, atomic on
-one file system), so an error or a Ctrl-C midway leaves the destination as it was. A file that may not
-replace one is linked into place instead (`os.link` refuses a name that exists), so that a file made at that
-name during the minutes of work, after the check, is not replaced either.
+one file system), so an error, a Ctrl-C or a SIGTERM (which the commands raise as an exception:
+`cli.signals_end_like_ctrl_c`) midway leaves the destination as it was. A file that may not replace one is
+linked into place instead (`os.link` refuses a name that exists), so that a file made at that name during
+the minutes of work, after the check, is not replaced either.
 """
 import errno
 import os
@@ -78,7 +79,7 @@ def temporary_beside(path: Path, kind: str) -> Path:
 def write_file_atomically(path, write, replace: bool = False) -> None:
     """write(partial_path) writes the file; it then takes the name `path`, replacing a file there only if
     `replace` (a command's --force, or a file the command owns). Whatever stops the write (an error, a full
-    disk, Ctrl-C) leaves `path` as it was and no temporary file; without `replace`, a file that appeared at
+    disk, Ctrl-C, a SIGTERM raised as `cli.Terminated`) leaves `path` as it was and no temporary file; without `replace`, a file that appeared at
     `path` while the work ran stays, and the write ends in a UserError."""
     path = Path(path)
     partial = temporary_beside(path, "partial")
