@@ -19,7 +19,8 @@ import pytest
 import torch
 
 import tinyavl
-from cache_helpers import build_model, make_next_prompt, make_prompt, masked, one_thread, run_steps  # noqa: F401
+from cache_helpers import (IMAGE_TOKEN, build_model, make_next_prompt, make_prompt, masked, one_thread,  # noqa: F401
+                           run_steps)
 from tinyavl.cache import POLICIES, make_cache, param_owners
 from tinyavl.cli import ArgumentParser, add_policy_arguments, policy_params
 
@@ -101,6 +102,21 @@ def test_skipping_equals_masking(arch, policy):
     model, ids, pixel_values, image_sizes = model_and_prompt(arch)
     reference, tokens = run_steps(model, ids, pixel_values, masked(POLICIES[policy])(), STEPS, image_sizes=image_sizes)
     logits, _ = run_steps(model, ids, pixel_values, make_cache(policy), STEPS, tokens=tokens, image_sizes=image_sizes)
+    torch.testing.assert_close(logits, reference, atol=LOGIT_ATOL, rtol=LOGIT_RTOL)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("side", [1, 2])
+def test_a_prompt_of_image_tokens_alone(policy, side):
+    """Ids made by hand (the processor puts BOS first): side x side image tokens and nothing else, no sys, no
+    text. Every policy decodes them, skipping equals masking. A-VL at S = 0.5 keeps floor(0.5 N_img) = 0 or 2
+    image rows, so its layers hold no row, or only image rows, after the prefill (it once read the newest
+    row of a layer it had emptied: IndexError)."""
+    model = build_model(4, 2, 7 * side, 7, "default", seed=3)                  # a 7 px patch: side^2 tokens
+    ids = torch.full((1, side * side), IMAGE_TOKEN)
+    pixel_values = torch.randn(1, 3, 7 * side, 7 * side, generator=torch.Generator().manual_seed(1))
+    reference, tokens = run_steps(model, ids, pixel_values, masked(POLICIES[policy])(), STEPS)
+    logits, _ = run_steps(model, ids, pixel_values, make_cache(policy), STEPS, tokens=tokens)
     torch.testing.assert_close(logits, reference, atol=LOGIT_ATOL, rtol=LOGIT_RTOL)
 
 

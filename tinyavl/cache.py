@@ -315,6 +315,7 @@ class KVCache:
         self.v = [None] * n_layers    # per layer (B, Hkv, n, hs)
         self.pos = [None] * n_layers  # per layer (B, Hkv, n)
         self.next_pos = 0             # logical position of the next token (prompt length + steps)
+        self.logical_length = 0       # tokens in the sequence, this forward pass's included (set by attend)
         self.step = 0                 # forward passes so far: 0 during prefill, t during decode step t
         self.attended = [0] * n_layers  # rows the newest query computed with, per layer
         self.hidden_keep = None       # a policy's decision to drop hidden rows, handed to the model once
@@ -334,6 +335,10 @@ class KVCache:
             # no policy's compute has (a chunked prefill): refused, rather than attended wrongly.
             raise ValueError(f"a decode step takes one token, got {q.shape[2]}: after the prefill the cache "
                              "decodes one token at a time")
+        if layer == 0:
+            # Tokens in the sequence so far, evicted and filtered ones included: layer 0 sees every token of
+            # this forward pass (a policy drops hidden rows only after a layer), the prompt or a step's one.
+            self.logical_length = self.next_pos + q.shape[2]
         self.append(layer, k, v, pos)
         rows = self.rows_to_attend(layer)
         out, last_row = self.compute(layer, q, rows)
@@ -423,15 +428,6 @@ class KVCache:
         that drops tokens (FastV, A-VL's filter) sets `hidden_keep` in its update; the model takes it once."""
         keep, self.hidden_keep = self.hidden_keep, None
         return keep
-
-    def logical_length(self, layer: int) -> int:
-        """Tokens in the sequence so far, evicted and filtered ones included: the newest row's position + 1.
-        Valid while the newest row is last, as `append` puts it: from the append until rows move (`compact`
-        may move the newest into a freed slot, and so may `keep` when the prompt ends with an image token).
-        Every policy's update asks before it compacts, and at prefill after a `keep` only where it left
-        the text rows in order (where the prompt ends with an image token there are none: A-VL's
-        `evict_text` reads a length that may be off, and returns, its budget of at least 20 unmet)."""
-        return int(self.pos[layer][0, 0, -1]) + 1
 
     def advance(self, n_tokens: int):
         """Called by the model after each forward pass. After prefill each layer's buffers are sized
@@ -756,13 +752,13 @@ class AVLCache(KVCache):
         max(round(T n_text), 20) (n_text counts evicted text too), keep the r latest text tokens and the
         h best scored older ones, h = floor(0.7 budget), r = budget - h. sys and image rows are untouched."""
         scores = self.text_scores[layer]                                               # (B, Hkv, text rows)
-        n_text = self.logical_length(layer) - self.n_sys - self.n_img
+        n_text = self.logical_length - self.n_sys - self.n_img
         budget = max(round(self.T * n_text), self.TEXT_MIN_BUDGET)
         if scores.shape[-1] <= budget:
             return
         heavy, text_start = math.floor(self.HEAVY_SHARE * budget), self.text_start
         keep = heavy_plus_recent(scores, self.pos[layer][..., text_start:], heavy, budget - heavy,
-                                 self.logical_length(layer))                          # (B, Hkv, text rows)
+                                 self.logical_length)                                 # (B, Hkv, text rows)
         self.text_scores[layer] = self.compact(layer, keep, start=text_start, scores=scores)  # only text rows move
 
 
@@ -789,7 +785,7 @@ class H2OCache(KVCache):
             self.scores[layer] = causal_column_sums(q, k)
         else:
             self.scores[layer] = add_step_attention(self.scores[layer], last_row.probs(q, k, 0, k.shape[2]))
-        n_logical = self.logical_length(layer)
+        n_logical = self.logical_length
         n_heavy, n_recent = math.floor(self.heavy * n_logical), window_length(self.recent, n_logical)
         if k.shape[2] > n_heavy + n_recent:
             keep = heavy_plus_recent(self.scores[layer], self.pos[layer], n_heavy, n_recent, n_logical)  # (B, Hkv, n)
@@ -810,7 +806,7 @@ class StreamingCache(KVCache):
     FULL_BUDGET = dict(recent=1)
 
     def update(self, layer, q, last_row):
-        n, length = self.k[layer].shape[2], self.logical_length(layer)
+        n, length = self.k[layer].shape[2], self.logical_length
         window = window_length(self.recent, length)
         if n > self.sinks + window:
             pos = self.pos[layer]
