@@ -429,15 +429,27 @@ def test_the_logits_product_is_chosen_before_the_clock_starts(loaded, monkeypatc
     assert events[:2] == [("cpu", torch.float32), "clock"]
 
 
-def test_the_decode_clock_times_the_steps_not_the_stream(loaded):
+def test_the_decode_clock_times_the_steps_not_the_stream(loaded, monkeypatch):
     """decode_seconds adds up each decode step's forward pass and token choice (decode_step_seconds, one per
-    step): a slow stream callback, or the statistics kept between steps, are not in it."""
+    step): a slow stream callback, or the statistics kept between steps, are not in it. On a clock that
+    moves a millisecond a reading, and an hour each time they run, whatever the machine's load."""
+    generate_module = sys.modules["tinyavl.generate"]  # (tinyavl.generate is also the function's name)
     model, processor = loaded("mha")
     ids, px = prompt_inputs(processor, "image")
-    tokens, stats = greedy(model, ids, px, steps=4, stream=lambda token: time.sleep(0.5))
-    assert len(tokens) == 4 and len(stats.decode_step_seconds) == 3
-    assert stats.decode_seconds == pytest.approx(sum(stats.decode_step_seconds))
-    assert stats.decode_seconds < 0.5  # three steps of a tiny model; the stream slept 0.5 s after each token
+    def read():
+        clock.now += 0.001
+        return clock.now
+    clock = types.SimpleNamespace(now=0.0, perf_counter=read)
+
+    def an_hour_passes(result=None):
+        clock.now += 3600.0
+        return result
+    kv_snapshot = generate_module.kv_snapshot
+    monkeypatch.setattr(generate_module, "time", clock)
+    monkeypatch.setattr(generate_module, "kv_snapshot", lambda cache: an_hour_passes(kv_snapshot(cache)))
+    tokens, stats = greedy(model, ids, px, steps=4, stream=lambda token: an_hour_passes())
+    assert len(tokens) == 4 and stats.decode_step_seconds == pytest.approx([0.001] * 3)
+    assert clock.now >= 4 * 3600  # the stream and the statistics ran, on the clock
 
 
 def test_the_cache_reserves_a_row_per_decode_step(loaded):
