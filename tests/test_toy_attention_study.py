@@ -11,7 +11,7 @@ from tinyavl.cache import AVLCache
 from tinyavl.toy import attention_study
 from tinyavl.cache import KVCache
 from tinyavl.toy.attention_study import HiddenImageTokens, LayerChoiceAVL, report_markdown, study
-from tinyavl.toy.evaluate import wilson_interval
+from tinyavl.toy.evaluate import clustered_wilson_interval
 
 
 def recording():
@@ -197,12 +197,13 @@ def test_hidden_object_recall_counts_each_hiding(monkeypatch):
     model = SimpleNamespace(config=SimpleNamespace(num_image_tokens=144))
     recall = attention_study.hidden_object_recall(model, None, [question, other, question], seed=4)
     generator = torch.Generator().manual_seed(4)
-    missed = sum(not set(torch.randperm(144, generator=generator)[:9].tolist()) & set(objects[k % 3].place_patches())
-                 for k in range(6))
-    assert recall == {"nothing": (6, 6), "its place": (0, 6), "as many random tokens": (missed, 6)}
+    missed = [sum(not set(torch.randperm(144, generator=generator)[:9].tolist()) & set(objects[k].place_patches())
+                  for k in range(3)) for _ in range(2)]                         # per caption: its own objects
+    assert recall == {"nothing": ([3, 3], [3, 3]), "its place": ([0, 0], [3, 3]),
+                      "as many random tokens": (missed, [3, 3])}
     lines = attention_study.hidden_object_table(recall)
-    low, high = wilson_interval(missed, 6)
-    assert lines[-1] == f"| as many random tokens hidden | {missed / 6:.2f} ({low:.2f}-{high:.2f}) |"
+    low, high = clustered_wilson_interval(missed, [3, 3])
+    assert lines[-1] == f"| as many random tokens hidden | {sum(missed) / 6:.2f} ({low:.2f}-{high:.2f}) |"
     assert lines[-2].startswith("| its place hidden | 0.00 (0.00-")
 
 

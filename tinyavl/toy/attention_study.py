@@ -51,8 +51,8 @@ from tinyavl.errors import UserError
 from tinyavl.files import check_output_file
 from tinyavl.generate import generate
 from tinyavl.model import attention
-from tinyavl.toy.evaluate import (AVL_CHOICE_ONLY, evaluate, format_interval, held_out_set, markdown_table,
-                                  wilson_interval)
+from tinyavl.toy.evaluate import (AVL_CHOICE_ONLY, clustered_wilson_interval, evaluate, format_interval,
+                                  held_out_set, markdown_table)
 from tinyavl.toy.plot import save_line_plot
 from tinyavl.toy.scenes import GRID, parse_caption
 
@@ -247,31 +247,35 @@ def hidden_object_recall(model, processor, questions: list, seed: int = 0) -> di
     each caption prompt among `questions`: is it still named exactly (colour, shape, place, digit) when
     nothing is hidden, when every image token of its place is hidden (`SceneObject.place_patches`: all
     of its pixels, nothing of another object), and when as many image tokens drawn at random are hidden
-    (a seeded draw). {hiding: (objects named, objects)} for each of HIDING."""
+    (a seeded draw). {hiding: (objects named, objects)} for each of HIDING, each a list with one count per
+    caption prompt: a caption's objects share an image, so their interval takes them as one cluster."""
     generator = torch.Generator().manual_seed(seed)
     n_img = model.config.num_image_tokens
-    named = dict.fromkeys(HIDING, 0)
-    n_objects = 0
+    named = {hiding: [] for hiding in HIDING}
+    n_objects = []
     for question in questions:
         if question.kind != "caption":
             continue
         scene = question.scene
         plain = caption_with_hidden(model, processor, question, [])
+        n_objects.append(len(scene.objects))
+        for hiding in HIDING:
+            named[hiding].append(0)
         for obj in scene.objects:
             place = obj.place_patches()
             drawn = torch.randperm(n_img, generator=generator)[:len(place)].tolist()
-            n_objects += 1
-            named["nothing"] += obj.describe() in plain
+            named["nothing"][-1] += obj.describe() in plain
             for hiding, hidden in zip(HIDING[1:], (place, drawn)):
-                named[hiding] += obj.describe() in caption_with_hidden(model, processor, question, hidden)
+                named[hiding][-1] += obj.describe() in caption_with_hidden(model, processor, question, hidden)
     return {hiding: (named[hiding], n_objects) for hiding in HIDING}
 
 
 def hidden_object_table(recall: dict) -> list[str]:
-    """Markdown lines of hidden_object_recall: the share of objects named, with its 95% interval."""
-    cells = [[f"{hiding} hidden", format_interval(right / n, wilson_interval(right, n))]
+    """Markdown lines of hidden_object_recall: the share of objects named, with its 95% interval (a
+    caption's objects one cluster: `clustered_wilson_interval`)."""
+    cells = [[f"{hiding} hidden", format_interval(sum(right) / sum(n), clustered_wilson_interval(right, n))]
              for hiding, (right, n) in recall.items()]
-    n = recall[HIDING[0]][1]
+    n = sum(recall[HIDING[0]][1])
     return ["", f"Objects the caption still names exactly, of {n}, by what is hidden from the decoder", "",
             *markdown_table(["hidden", "objects named"], cells)]
 

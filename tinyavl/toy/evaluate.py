@@ -10,7 +10,9 @@ one question of every type plus "Describe the image.", each as a fresh single-tu
 greedily. A short answer is right when it equals the truth exactly; a caption is right only when it
 names every object once with its colour, place and digit, and nothing else. `accuracy` is the mean over all
 prompts (each type weighs the same, since every scene gets one of each); beside every accuracy is its
-95% Wilson score interval (`wilson_interval`).
+95% Wilson score interval (`wilson_interval`). A type's prompts are about different scenes, one each; the
+overall accuracy's interval takes a scene's prompts as one cluster, since they are about one image
+(`clustered_wilson_interval`).
 
 Memory and compute are measured, not nominal: kv_ratio is the peak K/V bytes the policy held over
 what the dense cache holds for the same sequence, summed over all prompts; attended_ratio is the
@@ -131,13 +133,32 @@ def is_correct(question: Question, prediction: str) -> bool:
     return prediction.strip() == question.answer
 
 
-def wilson_interval(right: int, n: int, z: float = Z95) -> tuple[float, float]:
+def wilson_interval(right: float, n: float, z: float = Z95) -> tuple[float, float]:
     """The 95% Wilson score interval of a proportion right / n (Wilson, JASA 1927). Unlike p +- z se it
-    stays inside [0, 1] and keeps a width at 0 or n right, where a policy's accuracy often sits."""
+    stays inside [0, 1] and keeps a width at 0 or n right, where a policy's accuracy often sits. n may be
+    an effective sample size, not a whole number (`clustered_wilson_interval`)."""
     p = right / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def clustered_wilson_interval(right: list[int], asked: list[int], z: float = Z95) -> tuple[float, float]:
+    """The 95% interval of sum(right) / sum(asked) when the answers come in clusters that can go right or
+    wrong together: right[i] of asked[i] prompts about scene i (a scene the model misreads can fail several of
+    its prompts at once). Wilson's interval at the effective sample size
+    N / deff (Kish, Survey Sampling, 1965), where the design effect deff is the variance of the accuracy
+    estimated from the spread between clusters, over the variance N independent prompts would give.
+    deff is at least 1: the interval is never narrower than independent prompts' (`wilson_interval`)."""
+    n_clusters, n = len(asked), sum(asked)
+    p = sum(right) / n
+    if n_clusters < 2 or p in (0, 1):  # no spread to measure
+        return wilson_interval(sum(right), n, z)
+    # The ratio estimator's variance between clusters, with the small-sample factor n / (n - 1) (Kish 6.3).
+    mean_size = n / n_clusters
+    between = sum(((r - p * a) / mean_size) ** 2 for r, a in zip(right, asked)) / (n_clusters * (n_clusters - 1))
+    deff = max(1.0, between / (p * (1 - p) / n))
+    return wilson_interval(p * n / deff, n / deff, z)
 
 
 def attention_pairs(stats) -> int:
@@ -175,6 +196,7 @@ def evaluate(model, processor, questions: list[Question], policy: str | KVCache 
         cache_of = dict.fromkeys(PROMPT_KINDS, cache)
     right = {kind: 0 for kind in PROMPT_KINDS}
     asked = {kind: 0 for kind in PROMPT_KINDS}
+    right_by_scene, asked_by_scene = Counter(), Counter()  # the overall interval's clusters
     objects_right = objects_total = 0
     wrong_fields = Counter(dict.fromkeys([*CAPTION_FIELDS, "objects"], 0))
     attended = attended_dense = pairs = hires_read = 0
@@ -191,8 +213,11 @@ def evaluate(model, processor, questions: list[Question], policy: str | KVCache 
                                     hires_top=every_block, max_new_tokens=max_new_tokens,
                                     eos_token_id=processor.eos_token_id, policy=cache)
         prediction = processor.decode(token_ids)
+        correct = is_correct(question, prediction)
         asked[question.kind] += 1
-        right[question.kind] += is_correct(question, prediction)
+        right[question.kind] += correct
+        asked_by_scene[question.scene_index] += 1
+        right_by_scene[question.scene_index] += correct
         if question.kind == "caption":
             objects_right += caption_objects_right(prediction, question.scene)
             wrong_fields.update(caption_errors(prediction, question.scene))
@@ -215,7 +240,8 @@ def evaluate(model, processor, questions: list[Question], policy: str | KVCache 
         "policy": any_cache.name, "policy_params": None if by_type else any_cache.params(), **by_type,
         "n_questions": len(questions),
         "accuracy": sum(right.values()) / len(questions),
-        "accuracy_ci": wilson_interval(sum(right.values()), len(questions)),
+        "accuracy_ci": clustered_wilson_interval([right_by_scene[i] for i in asked_by_scene],
+                                                 list(asked_by_scene.values())),
         "accuracy_by_type": {kind: right[kind] / asked[kind] for kind in kinds},
         "accuracy_by_type_ci": {kind: wilson_interval(right[kind], asked[kind]) for kind in kinds},
         "caption_objects": objects_right / objects_total if objects_total else None,
