@@ -8,21 +8,31 @@
 The answer is streamed to stdout; a short summary (timings, KV memory) goes to stderr. With --json a
 single JSON object is printed instead. A mistake in the input exits with status 2 and a one-line error.
 """
+import os
+import signal
 import sys
 from pathlib import Path
 
-try:  # torch takes a second or more to import: a Ctrl-C meanwhile ends in one line, as one during the run
-    import tinyavl
-    from tinyavl import hires
-    from tinyavl.attention_map import map_layer, save_attention_map
-    from tinyavl.cli import (TOY_WEIGHTS, ArgumentParser, add_policy_arguments, check_filter_layer,
-                             first_paragraph, output_file, policy_params, run_command)
-    from tinyavl.files import check_output_file
-    from tinyavl.generate import check_generation_args
-    from tinyavl.processing import check_question, load_image
-except KeyboardInterrupt:
-    print("interrupted (Ctrl-C)", file=sys.stderr)
-    sys.exit(130)
+
+def interrupted_while_importing(signum, frame):
+    # torch takes a second or more to import, and code it runs meanwhile catches exceptions: a Ctrl-C raised
+    # as KeyboardInterrupt there was lost (the run went on) or became another error's traceback. So until
+    # the imports are done, Ctrl-C ends the process at once, with one line: nothing has been written yet.
+    os.write(sys.stderr.fileno(), b"interrupted (Ctrl-C)\n")
+    os._exit(130)
+
+
+previous_handler = signal.signal(signal.SIGINT, interrupted_while_importing)  # before the imports, on purpose
+import tinyavl
+from tinyavl import hires
+from tinyavl.attention_map import map_layer, save_attention_map
+from tinyavl.cli import (TOY_WEIGHTS, ArgumentParser, add_policy_arguments, check_filter_layer,
+                         first_paragraph, output_file, policy_params, run_command)
+from tinyavl.files import check_output_file
+from tinyavl.generate import check_generation_args
+from tinyavl.processing import check_question, load_image
+
+signal.signal(signal.SIGINT, previous_handler)  # Ctrl-C is KeyboardInterrupt again, which run_command ends in
 
 DEFAULT_WEIGHTS = TOY_WEIGHTS  # --weights when not given
 

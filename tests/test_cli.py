@@ -657,6 +657,51 @@ def test_ctrl_c_is_one_line_and_status_130(capsys, monkeypatch, good, files):
     assert rc == 130 and err.strip().splitlines()[-1] == "interrupted (Ctrl-C)" and "Traceback" not in err
 
 
+# main.py run as a script, with Ctrl-C arriving while `tinyavl` is imported, inside a library's code that
+# catches every exception (as code torch runs while it imports does).
+CTRL_C_WHILE_IMPORTING = """
+import importlib.abc, os, runpy, signal, sys
+class CtrlCWhileImporting(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "tinyavl":
+            sys.meta_path.remove(self)
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+            except BaseException:
+                pass
+        return None
+sys.meta_path.insert(0, CtrlCWhileImporting())
+sys.argv = ["main.py", *sys.argv[1:]]
+runpy.run_path("main.py", run_name="__main__")
+"""
+
+
+def test_ctrl_c_while_importing_is_one_line_and_status_130(files):
+    proc = subprocess.run([sys.executable, "-c", CTRL_C_WHILE_IMPORTING, "--image", str(files["png"]),
+                           "--max-new-tokens", "1"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (130, "", "interrupted (Ctrl-C)\n")
+
+
+# As root every file is readable: drop the capabilities that let it read past a file's permissions.
+AS_A_USER = ([] if os.geteuid() != 0 else ["setpriv", "--bounding-set", "-dac_override,-dac_read_search",
+                                           "--inh-caps", "-dac_override,-dac_read_search", "--"])
+
+
+@pytest.mark.skipif(bool(AS_A_USER) and not shutil.which("setpriv"), reason="root, and no setpriv to drop its rights")
+@pytest.mark.parametrize("unreadable", ["image", "model.safetensors", "tokenizer.json"])
+def test_a_file_the_user_may_not_read_is_one_line_saying_so(good, files, tmp_path, unreadable):
+    """What the system refuses is one line and status 1, naming the file: not "damaged" (the image, the
+    tokenizer), not "no such file" (safetensors), not a traceback."""
+    folder = shutil.copytree(good, tmp_path / "model")
+    image = shutil.copy(files["png"], tmp_path / "photo.png")
+    path = Path(image) if unreadable == "image" else folder / unreadable
+    path.chmod(0)
+    proc = subprocess.run([*AS_A_USER, sys.executable, "main.py", "--image", str(image), "--weights", str(folder)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stdout) == (1, "")
+    assert proc.stderr == f"error: [Errno 13] Permission denied: '{path}'\n"
+
+
 def test_help_lists_every_option_with_its_default(capsys):
     parser = main.build_parser()
     for action in parser._actions:  # every option explains itself

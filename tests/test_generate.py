@@ -344,6 +344,25 @@ def test_prompt_at_or_over_the_context_is_a_user_error(short_context_model, leng
         greedy(model, text_ids(length), None, steps=4)
 
 
+def test_a_prompt_over_the_context_because_of_its_image_says_so(short_context_model):
+    model, processor = short_context_model
+    ids, px = prompt_inputs(processor, "image")
+    n_img = int((ids == model.config.image_token_id).sum())
+    longer = torch.cat([ids, text_ids(CONTEXT)[:, 1:]], dim=1)                    # text past the context
+    with pytest.raises(UserError, match=rf"has {longer.shape[1]} tokens \({n_img} of them the image's\), "
+                                        rf"the model's context is {CONTEXT}"):
+        greedy(model, longer, px, steps=4)
+
+
+def test_image_tokens_without_an_image_are_a_user_error(loaded):
+    """The model would embed the image's slots as words and answer about no image at all."""
+    model, processor = loaded("mha")
+    ids, _ = prompt_inputs(processor, "image")
+    n_img = int((ids == model.config.image_token_id).sum())
+    with pytest.raises(UserError, match=f"the prompt has {n_img} image tokens but no image"):
+        greedy(model, ids, None, steps=2)
+
+
 def test_bad_generation_arguments_are_user_errors(loaded):
     model, processor = loaded("mha")
     ids, px = prompt_inputs(processor, "image")

@@ -264,6 +264,9 @@ def test_missing_image_newline(next_folder, tmp_path, capsys):
     ("{{ raise_exception('only system turns') }}", ("chat template", "only system turns")),
     ("{{ messages[0]['content'][5]['text'] }}", ("chat template",)),
     ("{% for m in messages %}", ("chat template", "does not parse")),
+    # The user's question cannot hold <image> (check_question): the template must place it, once.
+    ("USER: {{ messages[0]['content'][-1]['text'] }} ASSISTANT:", ("chat template wrote 0 <image> for 1 image",)),
+    ("<image><image>{{ messages[0]['content'][-1]['text'] }}", ("chat template wrote 2 <image> for 1 image",)),
 ])
 def test_template_that_fails(next_folder, tmp_path, capsys, template, mentions):
     (next_folder / "chat_template.json").write_text(json.dumps({"chat_template": template}))

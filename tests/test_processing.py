@@ -368,7 +368,8 @@ def test_system_prompt_from_processor_config(folder, tmp_path):
     ids = processor(processor.chat_prompt("What?"), make_image(20, 20))["input_ids"][0].tolist()
     # The system prompt is part of sys: every token before the image block.
     assert ids.index(image_token_id) == len(processor.tokenizer.encode("Be brief. USER: ").ids)
-    for bad, message in [({"system_prompt": 3}, "not a string"), ([1, 2], "not an object")]:
+    for bad, message in [({"system_prompt": 3}, "not a string"), ({"system_prompt": "See <image>."}, "without <image>"),
+                         ([1, 2], "not an object")]:
         (tmp_path / "processor_config.json").write_text(json.dumps(bad))
         with pytest.raises(UserError, match=message):
             Processor.from_pretrained(tmp_path, image_token_id, NUM_IMAGE_TOKENS, SIZE)
@@ -383,3 +384,16 @@ def test_a_llava_next_processor_needs_the_patch_size():
     with pytest.raises(ValueError, match="patch_size"):
         Processor(tiny_tokenizer(), image_id(), NUM_IMAGE_TOKENS, image_size=SIZE, shortest_edge=SIZE,
                   image_grid_pinpoints=[[SIZE, 2 * SIZE]])
+
+
+def test_an_image_too_elongated_to_resize_is_refused(processor, monkeypatch):
+    """A 4 KB PNG of 1 x 1000000 pixels is under PIL's limit against decompression bombs, but its short side
+    resized to the crop's would make a picture of billions of pixels: the same limit refuses it, before
+    any memory is spent. Here the limit is lowered to 10000 pixels, so that the case is small."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
+    inputs = processor(processor.chat_prompt("What?"), make_image(40, 60))  # 28 x 42 once resized: fine
+    assert inputs["pixel_values"].shape == (1, 3, SIZE, SIZE)
+    for width, height in ((1, 400), (400, 1)):                              # 28 x 11200: over the limit
+        with pytest.raises(UserError, match=f"a {width}x{height} image is too elongated"):
+            processor(processor.chat_prompt("What?"), make_image(width, height))
+

@@ -173,3 +173,8 @@ def test_attention_maps_and_filter_layer_are_checked(tmp_path, capsys):
     assert "--force" in capsys.readouterr().err and (tmp_path / "caption.png").read_text() == "the user's"
     assert main(["--n", "1", "--policy", "fastv", "--filter-layer", "99"]) == 2
     assert "at most" in capsys.readouterr().err
+    # A folder still to be made, under a file: refused before the work, not a traceback after it.
+    (tmp_path / "notes.txt").write_text("the user's")
+    for folder in (tmp_path / "notes.txt" / "maps", tmp_path / "notes.txt" / "a" / "b"):
+        assert main(["--n", "1", "--attention-maps", str(folder)]) == 2
+        assert capsys.readouterr().err == f"error: {folder} cannot be made: {tmp_path / 'notes.txt'} is a file\n"

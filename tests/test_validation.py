@@ -151,3 +151,78 @@ def test_key_mismatch_is_summarised(folder):
     message = load_error(folder)
     assert "missing keys (" in message and " more" in message and "mis-shaped tensors" in message
     assert "without a vision_config" in message
+
+
+# ----------------------------------------------------------------------------------------- types and ids
+@pytest.mark.parametrize("section,field,value", [
+    ("vision_config", "num_channels", 3.0),        # a count, not a number: nn.Conv2d would refuse it later
+    ("text_config", "attention_bias", "false"),     # a string: true to Python
+    ("text_config", "hidden_act", ["silu"]),
+    ("vision_config", "hidden_act", None),
+    ("text_config", "eos_token_id", 2.0),
+    ("text_config", "eos_token_id", "2"),
+    ("text_config", "eos_token_id", -1),
+    ("text_config", "eos_token_id", 5000),          # past the vocabulary: generation would never stop at it
+    ("text_config", "eos_token_id", []),
+    ("text_config", "bos_token_id", 5000),
+])
+def test_config_value_of_the_wrong_kind(folder, section, field, value):
+    edit_json(folder / "config.json", lambda c: c[section].__setitem__(field, value))
+    message = load_error(folder)
+    assert f"{section}.{field} is {value!r}" in message, message
+
+
+@pytest.mark.parametrize("field,value", [("multimodal_projector_bias", "false"), ("projector_hidden_act", ["gelu"]),
+                                         ("tie_word_embeddings", "false"), ("model_type", ["llava"])])
+def test_top_level_field_of_the_wrong_kind(folder, field, value):
+    edit_json(folder / "config.json", lambda c: c.__setitem__(field, value))
+    assert f"{field} {value!r}" in load_error(folder).replace(" is ", " ")
+
+
+def test_token_ids_in_the_vocabulary_and_none_declared(folder):
+    """A list of EOS ids, and null for none, are what config.json may say (transformers reads both)."""
+    for value in ([2, 3], None):
+        edit_json(folder / "config.json", lambda c: c["text_config"].__setitem__("eos_token_id", value))
+        model, _ = tinyavl.load_pretrained(folder, device="cpu")
+        assert model.config.text.eos_token_id == value
+
+
+def edit_tokenizer(folder, edit):
+    edit_json(folder / "tokenizer.json", edit)
+
+
+def test_token_ids_past_the_vocabulary_are_refused_at_load(folder):
+    """config.json's vocab_size is the embedding table's rows: a token the tokenizer gives an id past it would
+    crash the forward, whether the vocabulary holds it or the post-processor adds it (BOS)."""
+    vocab = json.loads((folder / "config.json").read_text())["text_config"]["vocab_size"]
+
+    def eos_far(t):
+        for token in t["added_tokens"]:
+            if token["content"] == "</s>":
+                token["id"] = vocab + 5
+        t["model"]["vocab"]["</s>"] = vocab + 5
+    edit_tokenizer(folder, eos_far)
+    assert f"gives '</s>' the id {vocab + 5}, but config.json's vocab_size is {vocab}" in load_error(folder)
+
+
+def test_a_bos_id_past_the_vocabulary_is_refused_at_load(folder):
+    vocab = json.loads((folder / "config.json").read_text())["text_config"]["vocab_size"]
+    edit_tokenizer(folder, lambda t: t["post_processor"]["special_tokens"]["<s>"].__setitem__("ids", [vocab]))
+    assert f"adds the id {vocab} (its post-processor)" in load_error(folder)
+
+
+def test_an_odd_key_among_the_vision_layers_is_an_unexpected_key(folder):
+    edit_weights(folder, lambda t: t.__setitem__("vision_tower.vision_model.encoder.layers.extra.weight",
+                                                 torch.zeros(2)))
+    message = load_error(folder)
+    assert "unexpected keys (1): vision_tower.vision_model.encoder.layers.extra.weight" in message
+
+
+@pytest.mark.parametrize("field,value", [("image_mean", [1e308, 1e308, 1e308]), ("image_mean", [0.5, 1.2, 0.5]),
+                                         ("image_mean", [-0.1, 0.5, 0.5]), ("resample", True)])
+def test_preprocessing_values_out_of_their_range(folder, field, value):
+    """The mean is a colour of pixels in 0 .. 1 (do_pad pads with it: 1e308 x 255 has no integer); true
+    is not a resampling filter, though Python counts it as 1."""
+    edit_json(folder / "preprocessor_config.json", lambda c: c.__setitem__(field, value))
+    message = load_error(folder)
+    assert "preprocessor_config.json" in message and f"{field} {value!r}" in message

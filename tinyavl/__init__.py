@@ -29,11 +29,19 @@ def load_pretrained(path, device=None, dtype=None):
                                           image_grid_pinpoints=config.image_grid_pinpoints,
                                           patch_size=config.vision.patch_size,
                                           hires_scale=None if config.hires is None else config.hires.scale)
-    n_tokens = processor.tokenizer.get_vocab_size()
-    if n_tokens > config.text.vocab_size:  # a token id past the embedding table would crash the forward
-        raise UserError(f"tokenizer.json has {n_tokens} tokens but config.json's vocab_size is "
-                        f"{config.text.vocab_size}: the two files come from different checkpoints")
+    check_token_ids(processor.tokenizer, config.text.vocab_size)
     return model, processor
+
+
+def check_token_ids(tokenizer, vocab_size: int) -> None:
+    """UserError for a token the tokenizer can produce whose id has no row in the embedding table (the
+    forward would crash on it): any token of its vocabulary, or one its post-processor adds (BOS)."""
+    ids = {f"gives {token!r} the id {i}": i for token, i in tokenizer.get_vocab(with_added_tokens=True).items()}
+    ids.update({f"adds the id {i} (its post-processor)": i for i in tokenizer.encode("", add_special_tokens=True).ids})
+    what, largest = max(ids.items(), key=lambda item: item[1])
+    if largest >= vocab_size:
+        raise UserError(f"tokenizer.json {what}, but config.json's vocab_size is {vocab_size} (ids 0 .. "
+                        f"{vocab_size - 1}): the two files come from different checkpoints")
 
 
 __all__ = ["load_pretrained", "generate", "GenerationStats", "Processor", "LlavaConfig",

@@ -35,6 +35,14 @@ def as_user_error(label: str):
         raise UserError(f"{label}: {getattr(err, 'strerror', None) or err}") from None
 
 
+def check_readable(path: Path) -> None:
+    """Open and close `path`: a file the system will not let this process read (no permission) fails here,
+    as the OSError that says so (one line, status 1: `cli.run_command`). The libraries that read model files
+    report it otherwise: safetensors as a missing file, tokenizers inside a message about a damaged one."""
+    with open(path, "rb"):
+        pass
+
+
 def check_output_file(path: Path, flag: str, inputs: list[Path], suffixes: tuple = PICTURE_SUFFIXES,
                       replace: bool = False) -> None:
     """UserError unless an output file can be written at `path` without touching the inputs: not one of
@@ -130,6 +138,13 @@ def check_new_folder(folder: Path, force: bool, inputs: list[Path] = ()) -> None
         if folder.is_dir() and any(folder.iterdir()) and not force:
             raise UserError(f"{folder} already holds files: give another folder, or --force to replace it")
         # The write's temporary folders go beside the folder as named (not where a link resolves to).
+        check_can_make(folder)
+
+
+def check_can_make(folder: Path) -> None:
+    """UserError unless `folder` (and any missing folders above it) can be made where it is named: its
+    nearest existing parent is a folder that can be written to."""
+    with as_user_error(str(folder)):
         parent = Path(os.path.abspath(folder)).parent
         while not parent.exists():
             parent = parent.parent

@@ -135,8 +135,13 @@ def generate(model, input_ids, pixel_values=None, *, image_sizes=None, hires_pix
         cache = policy
     text_config = model.config.text
     prompt_len = input_ids.shape[1]
+    n_sys, n_img = image_segments(input_ids, model.config.image_token_id)
+    if n_img and pixel_values is None:  # the model would embed them as words: an answer about no image
+        raise UserError(f"the prompt has {n_img} image tokens but no image was given: pass pixel_values (the "
+                        "processor's), or a prompt without the image")
     if prompt_len >= text_config.max_position_embeddings:
-        raise UserError(f"the prompt has {prompt_len} tokens, the model's context is "
+        image_part = f" ({n_img} of them the image's)" if n_img else ""
+        raise UserError(f"the prompt has {prompt_len} tokens{image_part}, the model's context is "
                         f"{text_config.max_position_embeddings}: shorten the prompt")
     eos_ids = id_set(text_config.eos_token_id if eos_token_id is None else eos_token_id)
     # Generation also stops at the end of the context.
@@ -144,7 +149,6 @@ def generate(model, input_ids, pixel_values=None, *, image_sizes=None, hires_pix
     device = model.language_model.lm_head.weight.device
     generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
 
-    n_sys, n_img = image_segments(input_ids, model.config.image_token_id)
     # The last token is chosen, never fed back: limit - 1 decode steps, a row each.
     cache.begin(text_config.num_hidden_layers, n_sys, n_img, decode_steps=limit - 1)
 

@@ -24,6 +24,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from tinyavl.errors import UserError
+from tinyavl.files import check_readable
 from tinyavl.model import (LLAVA_DEFAULT_VISION, HiresConfig, LlavaConfig, LlavaForConditionalGeneration, TextConfig,
                            VisionConfig)
 
@@ -44,7 +45,7 @@ MODEL_TYPES = {"llava": "LLaVA-1.5, e.g. llava-hf/llava-1.5-7b-hf",
 def parse_config(raw: dict) -> LlavaConfig:
     """A LlavaConfig from the parsed config.json of a llava-hf folder (UserError for what tinyavl cannot run)."""
     model_type = raw.get("model_type", "llava")
-    if model_type not in MODEL_TYPES:
+    if not isinstance(model_type, str) or model_type not in MODEL_TYPES:
         raise UserError(f"config.json has model_type {model_type!r}: tinyavl runs " + " and ".join(
             f"{name!r} ({what})" for name, what in MODEL_TYPES.items()))
     # Without text_config, transformers would build a Llama-2-7B decoder: never what a llava-hf folder holds.
@@ -55,7 +56,7 @@ def parse_config(raw: dict) -> LlavaConfig:
     if vision_raw is not None and not isinstance(vision_raw, dict):
         raise UserError("config.json has a vision_config that is not a JSON object: download it again")
     text_type = text_raw.get("model_type", "llama")
-    if text_type not in TEXT_MODEL_DEFAULTS:
+    if not isinstance(text_type, str) or text_type not in TEXT_MODEL_DEFAULTS:
         raise UserError(f"text_config.model_type is {text_type!r}: tinyavl implements the Llama (Vicuna) and "
                         "Mistral decoders of LLaVA only")
     window = text_raw.get("sliding_window", 4096)  # absent: MistralConfig's default
@@ -76,7 +77,12 @@ def parse_config(raw: dict) -> LlavaConfig:
     if "rope_theta" in rope:
         text_raw["rope_theta"] = rope["rope_theta"]
     # Tying may be declared at the top level (LlavaConfig) or in text_config: either ties, as in transformers.
-    text_raw["tie_word_embeddings"] = bool(raw.get("tie_word_embeddings")) or bool(text_raw.get("tie_word_embeddings"))
+    ties = {"tie_word_embeddings": raw.get("tie_word_embeddings"),
+            "text_config.tie_word_embeddings": text_raw.get("tie_word_embeddings")}
+    for name, value in ties.items():
+        if value is not None and type(value) is not bool:  # the string "false" would tie
+            raise UserError(f"config.json has {name} {value!r}: it must be true or false")
+    text_raw["tie_word_embeddings"] = any(ties.values())
     if text_type == "mistral":  # transformers' Mistral layers have no biases, whatever the file says
         text_raw.update(attention_bias=False, mlp_bias=False)
     text_raw = {**TEXT_MODEL_DEFAULTS[text_type], **text_raw}
@@ -212,6 +218,7 @@ def resolve_dtype(dtype, stored: torch.dtype, device: torch.device) -> torch.dty
 
 def open_safetensors(path: Path):
     """safe_open, with a broken file reported as the user's problem rather than a traceback."""
+    check_readable(path)
     try:
         return safe_open(path, framework="pt")
     except SafetensorError as err:
@@ -238,9 +245,10 @@ def ignored_key(model: LlavaForConditionalGeneration, key: str) -> bool:
     if key.endswith((".position_ids", ".rotary_emb.inv_freq")):
         return True
     prefix = "vision_tower.vision_model.encoder.layers."
-    if not key.startswith(prefix):
+    index = key[len(prefix):].split(".")[0]
+    if not key.startswith(prefix) or not index.isdigit():  # not a layer's: unexpected, if the model lacks it
         return False
-    layer = int(key[len(prefix):].split(".")[0])
+    layer = int(index)
     built = len(model.vision_tower.vision_model.encoder.layers)
     return built <= layer < model.config.vision.num_hidden_layers  # in the file, never run
 

@@ -60,8 +60,9 @@ class VisionConfig:
         _require_positive(self, section, ("hidden_size", "intermediate_size", "num_hidden_layers",
                                           "num_attention_heads", "image_size", "patch_size"), int)
         _require_positive(self, section, ("layer_norm_eps",), float)
-        _require(self.num_channels == 3, f"{section}.num_channels is {self.num_channels!r}: the vision tower "
-                                         "takes RGB images, 3 channels")
+        _require(type(self.num_channels) is int and self.num_channels == 3, f"{section}.num_channels is "
+                 f"{self.num_channels!r}: the vision tower takes RGB images, the integer 3 (channels)")
+        _require_kind(self, section, ("hidden_act",), str)
         _require(self.hidden_size % self.num_attention_heads == 0, f"{section}.hidden_size {self.hidden_size} "
                  f"is not divisible by num_attention_heads {self.num_attention_heads}")
         # Not divisible is fine (the patch convolution drops the border, as in transformers); smaller is 0 patches.
@@ -105,12 +106,30 @@ class TextConfig:
         _require(self.head_dim % 2 == 0, f"{section} gives an odd head size {self.head_dim}: RoPE rotates pairs")
         _require(self.num_attention_heads % self.num_key_value_heads == 0, f"{section}.num_key_value_heads "
                  f"{self.num_key_value_heads} does not divide num_attention_heads {self.num_attention_heads}")
+        _require_kind(self, section, ("attention_bias", "mlp_bias", "tie_word_embeddings"), bool)
+        _require_kind(self, section, ("hidden_act",), str)
+        # Ids the embedding table has a row for (null: none declared; generation then stops at its length).
+        for name in ("bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            ids = value if isinstance(value, list) and value else [value]
+            _require(value is None or all(type(i) is int and 0 <= i < self.vocab_size for i in ids),
+                     f"{section}.{name} is {value!r}, but it must be a token id (0 .. {self.vocab_size - 1})"
+                     + (", a non-empty list of them" if name == "eos_token_id" else "") + ", or null")
 
 
 def _require(ok: bool, problem: str) -> None:
     """Refuse a config value that would build a broken model, or crash while building it."""
     if not ok:
         raise UserError(f"config.json: {problem}; fix the value, or download the checkpoint's config.json again")
+
+
+def _require_kind(config, section: str, names, kind: type) -> None:
+    """Each named field is a JSON string (kind str) or true / false (kind bool): the string "false" would be
+    true to Python, and a list where a name belongs would fail later, far from the field."""
+    for name in names:
+        value = getattr(config, name)
+        _require(type(value) is kind, f"{f'{section}.' if section else ''}{name} is {value!r}, but it must be "
+                 + ("a string" if kind is str else "true or false"))
 
 
 def _require_positive(config, section: str, names, kind: type) -> None:
@@ -185,6 +204,8 @@ class LlavaConfig:
         Called by loading.parse_config, not on construction: the bare defaults, like transformers', put
         image token 32000 outside the 32000-word vocabulary."""
         self.feature_layers  # refuses a layer the tower does not have
+        _require_kind(self, "", ("projector_hidden_act", "vision_feature_select_strategy"), str)  # top-level fields
+        _require_kind(self, "", ("multimodal_projector_bias",), bool)
         if self.vision_feature_select_strategy not in ("default", "full"):
             raise UserError(f"unknown vision_feature_select_strategy {self.vision_feature_select_strategy!r}")
         for act in (self.text.hidden_act, self.vision.hidden_act, self.projector_hidden_act):

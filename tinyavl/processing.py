@@ -30,6 +30,7 @@ from tokenizers import Tokenizer
 
 from tinyavl import anyres
 from tinyavl.errors import UserError
+from tinyavl.files import check_readable
 
 IMAGE_TOKEN = "<image>"
 BOS_TOKEN = "<s>"
@@ -57,6 +58,7 @@ def load_image(path) -> Image.Image:
         raise UserError(f"{path} is a folder: give an image file")
     if not path.is_file():  # a FIFO or a device would block or read forever
         raise UserError(f"{path} is not a regular file (a pipe or a device?): give an image file")
+    check_readable(path)  # not "damaged" below: a file the user may not read is the system's refusal
     try:
         with Image.open(path) as img:
             img.load()  # decode every pixel now, so a truncated file fails here and not later
@@ -258,6 +260,7 @@ class Processor:
         path = folder / "tokenizer.json"
         if not path.is_file():
             raise UserError(f"{path} not found: copy the checkpoint's tokenizer.json into the model folder")
+        check_readable(path)
         try:
             tokenizer = Tokenizer.from_file(str(path))
         except Exception as e:  # the tokenizers library raises a bare Exception
@@ -275,8 +278,8 @@ class Processor:
                             "different checkpoints")
         processor_path = folder / "processor_config.json"
         system_prompt = _read_json(processor_path).get("system_prompt", "")
-        if not isinstance(system_prompt, str):
-            raise UserError(f"{processor_path} has a system_prompt that is not a string")
+        if not isinstance(system_prompt, str) or IMAGE_TOKEN in system_prompt:
+            raise UserError(f"{processor_path} has a system_prompt that is not a string without {IMAGE_TOKEN}")
         return cls(tokenizer, image_token_id, num_image_tokens, **pre, system_prompt=system_prompt,
                    chat_template=read_chat_template(folder), image_grid_pinpoints=image_grid_pinpoints,
                    patch_size=patch_size, hires_scale=hires_scale)
@@ -288,8 +291,12 @@ class Processor:
         check_question(question)
         if self.chat_template is not None:
             content = ([{"type": "image"}] if has_image else []) + [{"type": "text", "text": question}]
-            return render_chat_template(self.chat_template, [{"role": "user", "content": content}],
-                                        self.special_tokens)
+            prompt = render_chat_template(self.chat_template, [{"role": "user", "content": content}],
+                                          self.special_tokens)
+            if prompt.count(IMAGE_TOKEN) != has_image:  # the question has none (check_question): the template's
+                raise UserError(f"the model folder's chat template wrote {prompt.count(IMAGE_TOKEN)} {IMAGE_TOKEN} "
+                                f"for {int(has_image)} image: fix or delete the folder's chat template")
+            return prompt
         turn = f"USER: {IMAGE_TOKEN}\n{question} ASSISTANT:" if has_image else f"USER: {question} ASSISTANT:"
         return f"{self.system_prompt} {turn}" if self.system_prompt else turn
 
@@ -371,6 +378,11 @@ class Processor:
         edge = scale * self.shortest_edge
         new_long = int(edge * max(w, h) / min(w, h))
         size = (edge, new_long) if w <= h else (new_long, edge)
+        # A 4 KB PNG of 1 x 1000000 pixels is no decompression bomb, but resized so would be one.
+        if Image.MAX_IMAGE_PIXELS and edge * new_long > Image.MAX_IMAGE_PIXELS:
+            raise UserError(f"a {w}x{h} image is too elongated for this model: its short side resized to {edge} px "
+                            f"would make it {size[0]}x{size[1]}, more than PIL's limit against decompression bombs "
+                            f"({Image.MAX_IMAGE_PIXELS} pixels); crop it nearer to a square first")
         img = img.resize(size, resample=self.resample)  # PIL bicubic on uint8, like transformers
         # Center crop; floor division leaves an odd extra pixel on the right / bottom. An image smaller
         # than the crop (shortest_edge < image_size) is padded with black by PIL, as by transformers.
@@ -436,13 +448,14 @@ def _read_preprocessor_config(cfg: dict, path: Path, vision_image_size: int, any
     for name, values in (("image_mean", mean), ("image_std", std)):
         numbers = isinstance(values, (list, tuple)) and len(values) == 3 and all(
             type(v) in (int, float) and math.isfinite(v) for v in values)
-        # A std of 0 divides by zero: every pixel would be inf or NaN, and the answer garbage.
-        if not numbers or (name == "image_std" and min(values) <= 0):
-            rule = "3 finite numbers (R, G, B)" + (", all above 0" if name == "image_std" else "")
+        # A std of 0 divides by zero: every pixel would be inf or NaN, and the answer garbage. The mean is a
+        # colour of pixels scaled to 0 .. 1 (do_pad pads with it).
+        if not numbers or not (min(values) > 0 if name == "image_std" else 0 <= min(values) <= max(values) <= 1):
+            rule = "3 finite numbers (R, G, B)" + (", all above 0" if name == "image_std" else ", from 0 to 1")
             raise UserError(f"{path} has {name} {values!r}: it must be {rule}; fix it, or delete the file to "
                             "use the defaults")
     resample = cfg.get("resample", Image.Resampling.BICUBIC)
-    if resample not in {r.value for r in Image.Resampling}:
+    if isinstance(resample, bool) or resample not in {r.value for r in Image.Resampling}:  # true is not 1 here
         raise UserError(f"{path} has resample {resample!r}; it must be a PIL resampling filter (3 = bicubic)")
     do_pad = cfg.get("do_pad", False)
     if type(do_pad) is not bool:

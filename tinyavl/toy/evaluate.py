@@ -40,7 +40,7 @@ from tinyavl.cache import KVCache, make_cache
 from tinyavl.cli import (TOY_WEIGHTS, ArgumentParser, add_policy_arguments, check_filter_layer, first_paragraph,
                          output_file, policy_params, run_command)
 from tinyavl.errors import UserError
-from tinyavl.files import check_apart_from_inputs, check_output_file
+from tinyavl.files import check_apart_from_inputs, check_can_make, check_output_file
 from tinyavl.generate import generate
 from tinyavl.toy.plot import save_line_plot
 from tinyavl.toy.scenes import PROMPT_KINDS, Scene, caption_parts, parse_caption, scene_stream
@@ -406,6 +406,8 @@ def run(args) -> dict:
         check_apart_from_inputs(args.attention_maps, "--attention-maps", inputs=[args.weights])
         if args.attention_maps.exists() and not args.attention_maps.is_dir():
             raise UserError(f"--attention-maps {args.attention_maps} is a file: give a folder")
+        if not args.attention_maps.exists():
+            check_can_make(args.attention_maps)
         for kind in PROMPT_KINDS if args.attention_maps.is_dir() else ():  # one picture per kind of prompt
             check_output_file(map_file(args.attention_maps, kind), "--attention-maps", inputs=[args.weights],
                               suffixes=(".png",), replace=args.force)
