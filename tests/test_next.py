@@ -22,6 +22,7 @@ from test_cli import assert_user_error, run_inprocess
 from tiny_checkpoints import LAYOUTS, NEXT_PINPOINTS, NEXT_VARIANTS, make_image, published_state_dict, tokenizer_info
 from tinyavl import anyres
 from tinyavl.attention_map import BLOCK, HEADER, PANEL, SCALE, image_heat, seen_image, token_pictures
+from tinyavl.errors import UserError
 
 LOGIT_ATOL = 1e-4
 GREEDY_STEPS = 8
@@ -375,6 +376,34 @@ def test_an_image_too_wide_for_any_map_row_draws_the_base_crop_only(tiny_ckpt, t
     assert rc == 0, err
     with Image.open(out) as picture:
         assert picture.height == HEADER + PANEL + SCALE
+
+
+SPECIAL_TOKENS_TEMPLATE = ("[{{ bos_token }}|{{ eos_token }}|{{ pad_token }}|{{ unk_token }}]<image>\n"
+                           "{{ messages[0]['content'][-1]['text'] }}")
+
+
+@pytest.mark.parametrize("declared", [
+    {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>"},   # llava-1.6-mistral's pad
+    {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},                        # no pad token
+    {"bos_token": {"content": "<s>", "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+                   "__type": "AddedToken"}, "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None},
+], ids=["pad_is_unk", "no_pad", "added_token_objects"])
+def test_a_template_gets_the_special_tokens_tokenizer_config_declares(next_folder, declared):
+    """As transformers hands them to the template: what tokenizer_config.json says, not fixed names."""
+    from transformers import AutoProcessor
+
+    (next_folder / "chat_template.json").write_text(json.dumps({"chat_template": SPECIAL_TOKENS_TEMPLATE}))
+    (next_folder / "tokenizer_config.json").write_text(json.dumps(declared))
+    _, processor = tinyavl.load_pretrained(next_folder, device="cpu")
+    expected = AutoProcessor.from_pretrained(next_folder).apply_chat_template(
+        user_turn(QUESTION, True), add_generation_prompt=True, tokenize=False)
+    assert processor.chat_prompt(QUESTION) == expected
+
+
+def test_a_special_token_that_is_not_a_token_is_refused(next_folder):
+    (next_folder / "tokenizer_config.json").write_text(json.dumps({"pad_token": 5}))
+    with pytest.raises(UserError, match="tokenizer_config.json has pad_token 5: it must be a token"):
+        tinyavl.load_pretrained(next_folder, device="cpu")
 
 
 TEMPLATES_USING_MORE = [

@@ -213,7 +213,7 @@ class Processor:
                  shortest_edge: int, image_mean=CLIP_MEAN, image_std=CLIP_STD,
                  resample: int = Image.Resampling.BICUBIC, system_prompt: str = "", chat_template: str | None = None,
                  image_grid_pinpoints=None, patch_size: int | None = None, hires_scale: int | None = None,
-                 pad_to_square: bool = False):
+                 pad_to_square: bool = False, special_tokens: dict | None = None):
         found = tokenizer.token_to_id(IMAGE_TOKEN)
         if found is None:
             raise UserError(f"tokenizer.json has no {IMAGE_TOKEN} token: use the tokenizer of a LLaVA checkpoint")
@@ -225,10 +225,9 @@ class Processor:
         self.num_image_tokens = num_image_tokens  # of one crop: e.g. 576 = (336 / 14)^2 CLIP patches
         self.bos_token_id = _special_id(tokenizer, BOS_TOKEN)
         self.eos_token_id = _special_id(tokenizer, "</s>")
-        # What a chat template may write ({{ bos_token }}, ...): the Llama tokenizer's special tokens it has.
-        self.special_tokens = {name: token for name, token in (("bos_token", BOS_TOKEN), ("eos_token", "</s>"),
-                                                               ("unk_token", "<unk>"), ("pad_token", "<pad>"))
-                               if tokenizer.token_to_id(token) is not None}
+        # What a chat template may write ({{ bos_token }}, ...): those declared, as transformers hands them over.
+        self.special_tokens = {name: token for name, token in (special_tokens or LLAMA_SPECIAL_TOKENS).items()
+                               if token is not None}
         self.image_size = image_size  # side of the square crop the vision tower sees
         self.shortest_edge = shortest_edge
         self.image_mean = torch.tensor(image_mean, dtype=torch.float32).view(3, 1, 1)  # [3, 1, 1]
@@ -282,7 +281,8 @@ class Processor:
             raise UserError(f"{processor_path} has a system_prompt that is not a string without {IMAGE_TOKEN}")
         return cls(tokenizer, image_token_id, num_image_tokens, **pre, system_prompt=system_prompt,
                    chat_template=read_chat_template(folder), image_grid_pinpoints=image_grid_pinpoints,
-                   patch_size=patch_size, hires_scale=hires_scale)
+                   patch_size=patch_size, hires_scale=hires_scale,
+                   special_tokens=read_special_tokens(folder / "tokenizer_config.json"))
 
     def chat_prompt(self, question: str, has_image: bool = True) -> str:
         """One user turn, ready for the model's answer: the folder's chat template rendered as transformers'
@@ -407,6 +407,25 @@ def centred(img: Image.Image, width: int, height: int, colour=(0, 0, 0)) -> Imag
     canvas = Image.new("RGB", (width, height), colour)
     canvas.paste(img, ((width - img.width) // 2, (height - img.height) // 2))
     return canvas
+
+
+# The special tokens a Llama tokenizer declares when tokenizer_config.json says nothing of them (transformers'
+# LlamaTokenizerFast): no pad token.
+LLAMA_SPECIAL_TOKENS = {"bos_token": BOS_TOKEN, "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None}
+
+
+def read_special_tokens(path: Path) -> dict:
+    """{name: token or None} for LLAMA_SPECIAL_TOKENS' names, as tokenizer_config.json declares them (a string,
+    or an AddedToken object with its "content"; null: none) or as the Llama tokenizer's defaults."""
+    declared = _read_json(path)
+    tokens = {}
+    for name, default in LLAMA_SPECIAL_TOKENS.items():
+        token = declared.get(name, default)
+        token = token.get("content") if isinstance(token, dict) else token
+        if token is not None and not isinstance(token, str):
+            raise UserError(f"{path} has {name} {declared[name]!r}: it must be a token (a string), or null")
+        tokens[name] = token
+    return tokens
 
 
 def _special_id(tokenizer: Tokenizer, token: str) -> int:
