@@ -10,6 +10,7 @@ import sys
 import time
 import types
 
+import numpy as np
 import pytest
 import torch
 
@@ -372,6 +373,14 @@ def test_bad_generation_arguments_are_user_errors(loaded):
     for bad in (0.0, 1.5, -0.1):
         with pytest.raises(UserError):
             tinyavl.generate(model, ids, px, max_new_tokens=2, temperature=1.0, top_p=bad, seed=0)
+    # Arguments of the wrong kind: one line that names the argument, not a TypeError from deep inside.
+    for name, bad in [("max_new_tokens", 2.5), ("max_new_tokens", True), ("seed", 1.5), ("temperature", None),
+                      ("top_p", float("nan")), ("top_p", "1"), ("eos_token_id", 2.0), ("eos_token_id", [2, None])]:
+        with pytest.raises(UserError, match=f"{name} must be"):
+            tinyavl.generate(model, ids, px, **{"max_new_tokens": 2, name: bad})
+    # What a caller may pass that is not a Python int: numpy's integers.
+    tokens, _ = tinyavl.generate(model, ids, px, max_new_tokens=np.int64(2), seed=np.uint32(1), eos_token_id=np.int64(2))
+    assert len(tokens) <= 2
 
 
 def test_a_prompt_with_two_image_blocks_is_a_user_error(loaded):

@@ -4,6 +4,7 @@ The cache object is the policy (tinyavl/cache.py): `full` keeps everything; the 
 less. This loop is the same for all of them, and it measures what they hold and compute.
 """
 import math
+import numbers
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -83,23 +84,35 @@ def kv_snapshot(cache: KVCache) -> tuple[int, dict, list]:
     return cache.nbytes(), totals, per_layer
 
 
+def is_whole(x) -> bool:
+    """An integer (a Python or numpy one), not a bool: True is not the count 1 here."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
 def id_set(ids) -> set[int]:
     """An id or a list of ids (config.json's eos_token_id may be either, or null) as a set."""
     if ids is None:
         return set()
-    return {ids} if isinstance(ids, int) else set(ids)
+    ids = [ids] if is_whole(ids) else ids
+    if not isinstance(ids, (list, tuple, set)) or not all(is_whole(i) for i in ids):
+        raise UserError(f"eos_token_id must be a token id, a list of them, () or None, got {ids!r}")
+    return {int(i) for i in ids}
 
 
 def check_generation_args(max_new_tokens: int, temperature: float, top_p: float, seed: int | None) -> None:
     """UserError for settings generate cannot honour (main.py checks them before it loads the model)."""
-    if max_new_tokens < 1:
-        raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if not 0 <= temperature < math.inf:  # also rejects nan
-        raise UserError(f"temperature must be finite and >= 0 (0 = greedy), got {temperature}")
-    if temperature > 0 and not 0 < top_p <= 1:
-        raise UserError(f"top_p must be in (0, 1], got {top_p}")
-    if seed is not None and not 0 <= seed < 2 ** 64:  # what torch.Generator.manual_seed takes
-        raise UserError(f"seed must be in [0, 2^64), got {seed}")
+    if not is_whole(max_new_tokens) or max_new_tokens < 1:
+        raise UserError(f"max_new_tokens must be a whole number, at least 1, got {max_new_tokens!r}")
+    if not is_real(temperature) or not 0 <= temperature < math.inf:  # also rejects nan
+        raise UserError(f"temperature must be finite and >= 0 (0 = greedy), got {temperature!r}")
+    if not is_real(top_p) or not 0 < top_p <= 1:  # checked when greedy too: a nan or -1 is a mistake anyway
+        raise UserError(f"top_p must be in (0, 1], got {top_p!r}")
+    if seed is not None and (not is_whole(seed) or not 0 <= seed < 2 ** 64):  # what torch.Generator.manual_seed takes
+        raise UserError(f"seed must be a whole number in [0, 2^64), got {seed!r}")
 
 
 @torch.inference_mode()
@@ -122,6 +135,7 @@ def generate(model, input_ids, pixel_values=None, *, image_sizes=None, hires_pix
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"generate takes one prompt of shape (1, T), got {tuple(input_ids.shape)}")
     check_generation_args(max_new_tokens, temperature, top_p, seed)
+    max_new_tokens, seed = int(max_new_tokens), None if seed is None else int(seed)  # numpy's integers too
     if hires_top is not None and hires_pixel_values is None:
         raise UserError("hires_top picks blocks of the high-resolution view: pass hires_pixel_values too")
     if isinstance(policy, str):
