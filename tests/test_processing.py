@@ -368,7 +368,7 @@ def test_system_prompt_from_processor_config(folder, tmp_path):
     ids = processor(processor.chat_prompt("What?"), make_image(20, 20))["input_ids"][0].tolist()
     # The system prompt is part of sys: every token before the image block.
     assert ids.index(image_token_id) == len(processor.tokenizer.encode("Be brief. USER: ").ids)
-    for bad, message in [({"system_prompt": 3}, "not a string"), ({"system_prompt": "See <image>."}, "without <image>"),
+    for bad, message in [({"system_prompt": 3}, "not a string"), ({"system_prompt": "See <image>."}, "with <image> in it"),
                          ([1, 2], "not an object")]:
         (tmp_path / "processor_config.json").write_text(json.dumps(bad))
         with pytest.raises(UserError, match=message):

@@ -87,8 +87,9 @@ def temporary_beside(path: Path, kind: str) -> Path:
 def write_file_atomically(path, write, replace: bool = False) -> None:
     """write(partial_path) writes the file; it then takes the name `path`, replacing a file there only if
     `replace` (a command's --force, or a file the command owns). Whatever stops the write (an error, a full
-    disk, Ctrl-C, a SIGTERM raised as `cli.Terminated`) leaves `path` as it was and no temporary file; without `replace`, a file that appeared at
-    `path` while the work ran stays, and the write ends in a UserError."""
+    disk, Ctrl-C, a SIGTERM raised as `cli.Terminated`) leaves `path` as it was and no temporary file;
+    without `replace`, a file that appeared at `path` while the work ran stays, and the write ends in a
+    UserError."""
     path = Path(path)
     partial = temporary_beside(path, "partial")
     try:

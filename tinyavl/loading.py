@@ -245,8 +245,10 @@ def ignored_key(model: LlavaForConditionalGeneration, key: str) -> bool:
     if key.endswith((".position_ids", ".rotary_emb.inv_freq")):
         return True
     prefix = "vision_tower.vision_model.encoder.layers."
+    if not key.startswith(prefix):
+        return False
     index = key[len(prefix):].split(".")[0]
-    if not key.startswith(prefix) or not index.isdigit():  # not a layer's: unexpected, if the model lacks it
+    if not index.isdigit():  # not a layer's: an unexpected key, unless the model has it
         return False
     layer = int(index)
     built = len(model.vision_tower.vision_model.encoder.layers)

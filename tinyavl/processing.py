@@ -277,8 +277,10 @@ class Processor:
                             "different checkpoints")
         processor_path = folder / "processor_config.json"
         system_prompt = _read_json(processor_path).get("system_prompt", "")
-        if not isinstance(system_prompt, str) or IMAGE_TOKEN in system_prompt:
-            raise UserError(f"{processor_path} has a system_prompt that is not a string without {IMAGE_TOKEN}")
+        if not isinstance(system_prompt, str):
+            raise UserError(f"{processor_path} has a system_prompt that is not a string")
+        if IMAGE_TOKEN in system_prompt:  # the prompt would hold two images' slots (chat_prompt places one)
+            raise UserError(f"{processor_path} has a system_prompt with {IMAGE_TOKEN} in it: take it out")
         return cls(tokenizer, image_token_id, num_image_tokens, **pre, system_prompt=system_prompt,
                    chat_template=read_chat_template(folder), image_grid_pinpoints=image_grid_pinpoints,
                    patch_size=patch_size, hires_scale=hires_scale,
