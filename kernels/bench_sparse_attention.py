@@ -11,7 +11,6 @@ launched from Python and once replayed from a CUDA graph, and prints the kernel'
 the interpreter the sizes are toys and the times mean nothing: the run only shows that the benchmark code
 works.
 """
-import argparse
 import re
 import statistics
 import time
@@ -21,6 +20,8 @@ import torch.nn.functional as F
 
 from kernels.sparse_attention import (INTERPRETED, SUPPORTED_DTYPES, TRITON_AVAILABLE, error_report,
                                       format_report, selected_rows, sparse_decode_attention)
+from tinyavl.cli import ArgumentParser, first_paragraph, run_main
+from tinyavl.errors import UserError
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -159,15 +160,15 @@ def correctness_check(device, dtype, small):
             raise SystemExit("correctness check failed")
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], allow_abbrev=False)
+def main(argv=None):
+    parser = ArgumentParser(description=first_paragraph(__doc__))
     parser.add_argument("--peak-gbps", type=float, help="peak memory bandwidth of the GPU in GB/s "
                         "(default: looked up from the device name)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.peak_gbps is not None and not 0 < args.peak_gbps < float("inf"):
         parser.error(f"--peak-gbps must be a finite number above 0, got {args.peak_gbps}")
     if not TRITON_AVAILABLE:
-        raise SystemExit("Triton is not installed: pip install triton")
+        raise UserError("Triton is not installed: pip install triton")
 
     # fp16, LLaVA-7B's attention: 32 query heads of 128 dims, 32 KV heads; 5 sys rows, 64 text rows.
     head_config = (32, 32, 128, 5, 64)
@@ -180,9 +181,9 @@ def main():
                         args.peak_gbps)
         return
     if not torch.cuda.is_available():
-        raise SystemExit("No CUDA device: the benchmark needs a GPU. Run "
-                         "`TRITON_INTERPRET=1 python -m kernels.bench_sparse_attention` to exercise the "
-                         "correctness check and the benchmark code in Triton's CPU interpreter instead.")
+        raise UserError("no CUDA device: the benchmark needs a GPU. Run "
+                        "`TRITON_INTERPRET=1 python -m kernels.bench_sparse_attention` to exercise the "
+                        "correctness check and the benchmark code in Triton's CPU interpreter instead")
     import triton.testing  # only here: the interpreter path above does not need it
 
     name = torch.cuda.get_device_name()
@@ -207,4 +208,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

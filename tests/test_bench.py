@@ -204,3 +204,23 @@ def test_blocks_that_do_not_fit_and_abbreviations_are_usage_errors(argv, monkeyp
         bench.main(argv)
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ")
+
+
+class Checked(Exception):
+    """Raised where the benchmark starts its work: every check has passed."""
+
+
+def started(*args):
+    raise Checked
+
+
+def test_too_many_new_tokens_for_any_block_names_new_tokens(capsys, monkeypatch):
+    """4096 positions less 5 sys, 40 text and the smallest block, 4: at most 4047 new tokens. With more no
+    block fits, and the fault is --new-tokens (the message used to give --image-tokens an empty range)."""
+    monkeypatch.setattr(bench, "run_dtype", started)
+    with pytest.raises(Checked):
+        bench.main(["--image-tokens", "4", "--new-tokens", "4047", "--json"])
+    with pytest.raises(SystemExit):
+        bench.main(["--image-tokens", "4", "--new-tokens", "4048", "--json"])
+    assert capsys.readouterr().err == ("error: --new-tokens must be at most 4047: the prompt and the new tokens share "
+                                       "a context of 4096, got 4048 (see --help)\n")

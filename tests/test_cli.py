@@ -10,6 +10,7 @@ exception other than the handled UserError would fail the test with its tracebac
 """
 import argparse
 import contextlib
+import importlib
 import json
 import os
 import shutil
@@ -26,7 +27,7 @@ from tokenizers import Tokenizer
 
 import main
 import tinyavl
-from tinyavl.cli import run_command
+from tinyavl.cli import ArgumentParser, run_command, run_main
 from tiny_checkpoints import VARIANTS, make_image, sparse_config, tokenizer_info, write_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -410,18 +411,34 @@ def test_user_errors_subprocess(files, broken, good, case):
     assert_user_error(rc, out, err, *mentions)
 
 
-def test_what_the_system_refuses_is_one_line(capsys):
+def exit_status(entry, raised: BaseException) -> int:
+    """The status a command entered through `entry` (run_command, or run_main as the trainers and the
+    benchmark are) ends with when its work raises `raised`."""
+    def work(*args):
+        raise raised
+    if entry == "run_command":
+        return run_command(work, argparse.Namespace(json=True), show=print)
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(work)
+    return exit_info.value.code
+
+
+@pytest.mark.parametrize("entry", ["run_command", "run_main"])
+def test_what_the_system_refuses_is_one_line(capsys, entry):
     """An OSError (a disk full, a name too long) ends the command with one line and status 1."""
-    def run(args):
-        raise OSError(28, "No space left on device")
-    rc = run_command(run, argparse.Namespace(json=True), show=print)
+    rc = exit_status(entry, OSError(28, "No space left on device"))
     out, err = capsys.readouterr()
     assert rc == 1 and out == "" and err == "error: [Errno 28] No space left on device\n"
-
-    def bug(args):  # a file tinyavl itself should have found: its traceback is wanted
-        raise FileNotFoundError(2, "No such file or directory", "tinyavl/missing.json")
+    # a file tinyavl itself should have found: its traceback is wanted
     with pytest.raises(FileNotFoundError):
-        run_command(bug, argparse.Namespace(json=True), show=print)
+        exit_status(entry, FileNotFoundError(2, "No such file or directory", "tinyavl/missing.json"))
+
+
+@pytest.mark.parametrize("entry", ["run_command", "run_main"])
+def test_a_user_error_in_the_work_is_one_line(capsys, entry):
+    """A training's output folder taken by the user while it trained (write_folder_atomically) is such an error."""
+    rc = exit_status(entry, tinyavl.UserError("out/ already holds files"))
+    assert (rc, *capsys.readouterr()) == (2, "", "error: out/ already holds files\n")
 
 
 # A command that prints its answer, then, after a line on stdin, its summary: the reader closes stdout either
@@ -454,11 +471,11 @@ def test_a_reader_that_stops_early_ends_the_run_quietly(lines):
 
 
 # A command that, halfway through writing its output, is sent a signal (as `kill` and `timeout` send SIGTERM),
-# entered as main.py and the evaluations enter (run_command) or as the trainers and the benchmark do.
+# entered as main.py and the evaluations enter (run_command) or as the trainers and the benchmark do (run_main).
 SIGNALLED_MIDWAY = """
 import argparse, os, signal, sys
 from pathlib import Path
-from tinyavl.cli import main_until_interrupted, run_command
+from tinyavl.cli import run_command, run_main
 from tinyavl.files import write_file_atomically
 out, signum, entry = Path(sys.argv[1]), getattr(signal, sys.argv[2]), sys.argv[3]
 def write(partial):
@@ -470,11 +487,11 @@ def run(args):
     return {}
 if entry == "run_command":
     sys.exit(run_command(run, argparse.Namespace(json=True), show=print))
-main_until_interrupted(lambda: run(None))
+run_main(lambda: run(None))
 """
 
 
-@pytest.mark.parametrize("entry", ["run_command", "main_until_interrupted"])
+@pytest.mark.parametrize("entry", ["run_command", "run_main"])
 @pytest.mark.parametrize("name, status", [("SIGTERM", 143), ("SIGHUP", 129)])
 def test_a_signal_to_end_is_one_line_and_leaves_no_partial_file(tmp_path, entry, name, status):
     """Python's default for SIGTERM and SIGHUP ends the process where no `finally` runs: the output's
@@ -700,6 +717,33 @@ def test_a_file_the_user_may_not_read_is_one_line_saying_so(good, files, tmp_pat
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert (proc.returncode, proc.stdout) == (1, "")
     assert proc.stderr == f"error: [Errno 13] Permission denied: '{path}'\n"
+
+
+COMMANDS = ["main", "tinyavl.bench", "tinyavl.toy.train", "tinyavl.toy.train_hires", "tinyavl.toy.evaluate",
+            "tinyavl.toy.evaluate_hires", "tinyavl.toy.attention_study", "kernels.bench_sparse_attention"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_explains_its_options_and_refuses_a_mistake_in_one_line(command, capsys):
+    """Every command's parser is tinyavl.cli's ArgumentParser: an option without a help text cannot be added
+    (argparse would show neither it nor its default), and a mistake is one line, status 2."""
+    main_of = importlib.import_module(command).main
+    with pytest.raises(SystemExit) as exit_info:
+        main_of(["--help"])
+    assert exit_info.value.code == 0 and "(default: " in " ".join(capsys.readouterr().out.split())
+    with pytest.raises(SystemExit) as exit_info:
+        main_of(["--no-such-flag"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ")  # the flag, or one required
+
+
+def test_an_option_without_help_cannot_be_added(capsys):
+    with pytest.raises(TypeError, match="--quiet has no help text"):
+        ArgumentParser().add_argument("--quiet", action="store_true")
+    with pytest.raises(SystemExit):  # the benchmark's two options that had none
+        importlib.import_module("tinyavl.bench").main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 24)" in text and "(default: ['float32', 'bfloat16'])" in text
 
 
 def test_help_lists_every_option_with_its_default(capsys):

@@ -141,7 +141,8 @@ def test_a_folder_write_touches_no_other_folder_and_checks_its_parent_first(tmp_
 
 @pytest.mark.parametrize("argv,named", [(["--lr", "inf"], "--lr"), (["--lr", "nan"], "--lr"), (["--lr", "0"], "--lr"),
                                         (["--eval-every", "-1"], "--eval-every"), (["--threads", "0"], "--threads"),
-                                        (["--threads", "1000000"], "--threads")])
+                                        (["--threads", "1000000"], "--threads"),
+                                        (["--seed", str(2 ** 64)], "--seed"), (["--seed", str(-2 ** 63 - 1)], "--seed")])
 def test_toy_trainer_refuses_a_bad_schedule_before_training(argv, named, capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(train, "train", lambda *a, **k: pytest.fail("trained before checking"))
     with pytest.raises(SystemExit) as exit_:

@@ -351,6 +351,18 @@ def test_the_hires_trainer_refuses_a_checkpoint_it_cannot_resume_from(tiny_base,
     assert (path.read_bytes() if path.is_file() else None) == before
 
 
+@pytest.mark.parametrize("out", ["state.safetensors", "state.safetensors/flex"])
+def test_the_hires_trainer_refuses_a_checkpoint_in_the_way_of_its_out(tiny_base, tmp_path, capsys, out):
+    """Before the training: a checkpoint at --out's own path, or at a folder it would be made in, would
+    stop the toy being written after the training (with the training lost)."""
+    path = tmp_path / "state.safetensors"
+    with pytest.raises(SystemExit) as exit_:
+        train_hires_module.main(["--base", str(tiny_base), "--out", str(tmp_path / out), "--checkpoint", str(path),
+                                 "--steps", "1", "--batch-size", "1", "--eval-every", "0"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "is where --out" in err and not path.exists()
+
+
 def test_the_hires_trainer_refuses_a_checkpoint_inside_its_base(tiny_base, tmp_path, capsys):
     path = tiny_base / "state.safetensors"
     with pytest.raises(SystemExit) as exit_:

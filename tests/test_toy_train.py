@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import tinyavl
+from tinyavl.errors import UserError
 from tinyavl.processing import LLAVA_SYSTEM_PROMPT
 from tinyavl.toy.scenes import (DIGIT_COLOUR, FINE_SCALE, IMAGE_SIZE, MIN_PATCH_PIXELS, PATCH, Scene, SceneObject,
                                  scene_stream)
@@ -199,6 +200,16 @@ def test_tuning_a_saved_model_equals_tuning_it_in_memory(tmp_path):
     assert all(torch.equal(tuned[key], reloaded[key]) for key in tuned)
     before = tinyavl.load_pretrained(tmp_path, device="cpu")[0].state_dict()
     assert not all(torch.equal(tuned[key], before[key]) for key in tuned)  # stage 2 changed the weights
+
+
+def test_training_stops_at_a_loss_that_is_not_finite():
+    """A model with a NaN weight (as a damaged checkpoint would resume it) stops the training at its first
+    step, rather than training NaN weights to the end and writing them."""
+    model, processor, _ = train(steps=1, batch_size=2, seed=5, config_overrides=TINY, log=lambda *_: None)
+    with torch.no_grad():
+        model.language_model.lm_head.weight[0, 0] = float("nan")
+    with pytest.raises(UserError, match="the loss is nan at step 1"):
+        tune(model, processor, steps=3, batch_size=2, log=lambda *_: None)
 
 
 @pytest.mark.parametrize("masks", ["tokens", "rectangles"])

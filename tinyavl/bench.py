@@ -58,7 +58,7 @@ import torch
 
 from tinyavl import anyres
 from tinyavl.cache import AVLCache, make_cache
-from tinyavl.cli import ArgumentParser, main_until_interrupted
+from tinyavl.cli import ArgumentParser, run_main
 from tinyavl.errors import UserError
 from tinyavl.generate import generate
 from tinyavl.loading import resolve_device
@@ -482,8 +482,9 @@ def main(argv=None):
     parser.add_argument("--layers", type=int, default=4, help="decoder layers (real 7B shapes each)")
     parser.add_argument("--image-tokens", type=int, nargs="+",
                         help="image block lengths (default: 576 and 2928; --arch next: the two images' blocks)")
-    parser.add_argument("--new-tokens", type=int, default=24)
-    parser.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"], default=["float32", "bfloat16"])
+    parser.add_argument("--new-tokens", type=int, default=24, help="greedy tokens each policy generates")
+    parser.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"], default=["float32", "bfloat16"],
+                        help="the dtypes to run, each a table per image block")
     parser.add_argument("--no-transformers", action="store_true", help="skip the transformers comparison")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if present")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
@@ -498,7 +499,11 @@ def main(argv=None):
         parser.error("--new-tokens must be at least 2, --layers at least 1")
     # Every policy must have something to choose from (A-VL's core is floor(0.3 N_img) rows), and every
     # run, the growth run's 256 tokens included, must fit the 4096-token context.
-    longest = llava_7b_config(1).text.max_position_embeddings - N_SYS - N_TEXT - max(args.new_tokens, GROWTH_TOKENS[-1])
+    context = llava_7b_config(1).text.max_position_embeddings
+    longest = context - N_SYS - N_TEXT - max(args.new_tokens, GROWTH_TOKENS[-1])
+    if longest < 4:  # no image block fits beside these tokens
+        parser.error(f"--new-tokens must be at most {context - N_SYS - N_TEXT - 4}: the prompt and the new tokens "
+                     f"share a context of {context}, got {args.new_tokens}")
     if not 4 <= min(args.image_tokens) <= max(args.image_tokens) <= longest:
         parser.error(f"--image-tokens must be in [4, {longest}] (with --new-tokens {args.new_tokens}), "
                      f"got {args.image_tokens}")
@@ -525,4 +530,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main_until_interrupted(main)
+    run_main(main)

@@ -47,6 +47,13 @@ class ArgumentParser(argparse.ArgumentParser):
         # No abbreviations: with flags as short as A-VL's, "--k 3" would silently mean --kernel.
         super().__init__(*args, formatter_class=DefaultsHelpFormatter, allow_abbrev=False, **kwargs)
 
+    def add_argument(self, *names, **kwargs):
+        # Every option explains itself, with its default (DefaultsHelpFormatter): argparse shows neither for an
+        # option without a help text.
+        if names and names[0].startswith("-") and not kwargs.get("help"):
+            raise TypeError(f"option {names[0]} has no help text")
+        return super().add_argument(*names, **kwargs)
+
     def error(self, message):
         # One line like every other user mistake (argparse would print the whole usage first).
         print(f"error: {message} (see --help)", file=sys.stderr)
@@ -91,7 +98,8 @@ MAX_THREADS = 256
 
 def check_training_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """The trainers' shared flags: --steps and --batch-size at least 1, a finite positive --lr (inf or nan
-    would train NaN weights for an hour), --eval-every at least 0, and --threads from 1 to MAX_THREADS."""
+    would train NaN weights for an hour), --eval-every at least 0, --threads from 1 to MAX_THREADS, and a
+    --seed torch can take."""
     for name in ("steps", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -101,6 +109,8 @@ def check_training_args(parser: argparse.ArgumentParser, args: argparse.Namespac
         parser.error(f"--lr must be a finite number above 0, got {args.lr}")
     if args.eval_every < 0:
         parser.error(f"--eval-every must be at least 0 (0: none), got {args.eval_every}")
+    if not -2 ** 63 <= args.seed < 2 ** 64:  # what torch.manual_seed takes
+        parser.error(f"--seed must be from -2^63 to 2^64 - 1, got {args.seed}")
 
 
 def interrupted() -> int:
@@ -145,17 +155,6 @@ def terminated(stop: Terminated) -> int:
     return 128 + stop.signum
 
 
-def main_until_interrupted(main) -> None:
-    """Run a command's main(); Ctrl-C, SIGTERM and SIGHUP end it with one line, as run_command does."""
-    try:
-        with signals_end_like_ctrl_c():
-            main()
-    except KeyboardInterrupt:
-        sys.exit(interrupted())
-    except Terminated as stop:
-        sys.exit(terminated(stop))
-
-
 # What the system, not tinyavl, refuses: one line, status 1. Other OSErrors are bugs and keep their traceback.
 SYSTEM_REFUSALS = {errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG, errno.ELOOP, errno.EROFS, errno.EACCES,
                    errno.EPERM, errno.EIO}
@@ -163,17 +162,30 @@ SYSTEM_REFUSALS = {errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG, errno.ELOOP, 
 
 def run_command(run, args, show) -> int:
     """A command's exit status: run(args), then its result printed as one JSON object (--json) or by
-    show(result). One line on stderr instead of a traceback for: a user's mistake (UserError, status 2),
-    Ctrl-C (status 130), and what the system refused (SYSTEM_REFUSALS: a disk full, a name too long;
-    status 1). SIGTERM and SIGHUP end it as Ctrl-C does, with no temporary file left (status 128 + the
-    signal). A reader that closed stdout early (`| head`) ends the run quietly."""
+    show(result), ended as `ended_in_one_line` says."""
+    def work():
+        result = run(args)
+        if args.json:
+            print(json.dumps(result))
+        else:
+            show(result)
+    return ended_in_one_line(work)
+
+
+def run_main(main) -> None:
+    """Run a command's main() (one that prints as it goes: a training, the benchmark) and exit with the
+    status `ended_in_one_line` gives it."""
+    sys.exit(ended_in_one_line(main))
+
+
+def ended_in_one_line(work) -> int:
+    """work()'s exit status: 0, or one line on stderr instead of a traceback for a user's mistake (UserError,
+    status 2), Ctrl-C (status 130), SIGTERM and SIGHUP (128 + the signal; no temporary file left), and what
+    the system refused (SYSTEM_REFUSALS: a disk full, a name too long; status 1). A reader that closed stdout
+    early (`| head`) ends the run quietly."""
     try:
         with signals_end_like_ctrl_c():
-            result = run(args)
-            if args.json:
-                print(json.dumps(result))
-            else:
-                show(result)
+            work()
             sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
         return 0
     except UserError as err:

@@ -61,8 +61,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 
-from tinyavl.cli import (TOY_WEIGHTS, ArgumentParser, check_training_args, first_paragraph,
-                         main_until_interrupted)
+from tinyavl.cli import TOY_WEIGHTS, ArgumentParser, check_training_args, first_paragraph, run_main
 from tinyavl.errors import UserError
 from tinyavl.files import check_new_folder, write_file_atomically, write_folder_atomically
 from tinyavl.model import LlavaConfig, LlavaForConditionalGeneration, TextConfig, VisionConfig
@@ -428,6 +427,14 @@ def without_prefix(tensors: dict, prefix: str) -> dict:
     return {key[len(prefix):]: t for key, t in tensors.items() if key.startswith(prefix)}
 
 
+def check_finite(loss: float, step: int) -> None:
+    """UserError once a loss is NaN or infinite: every step after it would train NaN weights, and the run would
+    write them as a model (as from a damaged --checkpoint, whose NaN weights the first step shows)."""
+    if not math.isfinite(loss):
+        raise UserError(f"the loss is {loss} at step {step + 1}: the weights went NaN or infinite (from a damaged "
+                        "checkpoint, or a learning rate too high to train at); nothing was written")
+
+
 def optimise(model, probe, processor, stream, steps: int, lr: float, warmup: int, batch_size: int, turns: int,
              aux_weight: float, image_dropout: float, image_dropout_share: float, dropout_generator,
              log_every: int, eval_every: int, log, tower_frozen: bool = False,
@@ -473,6 +480,7 @@ def optimise(model, probe, processor, stream, steps: int, lr: float, warmup: int
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         history.append((step, lm_loss.item(), aux_loss.item()))
+        check_finite(lm_loss.item() + aux_loss.item(), step)
         if (step + 1) % log_every == 0 or step + 1 == steps:
             seconds = time.perf_counter() - start
             recent = history[-log_every:]
@@ -694,6 +702,7 @@ def pretrain_vision(model, processor, steps: int, batch_size: int = 32, lr: floa
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         losses_seen.append(loss.item())
+        check_finite(loss.item(), step)
         if (step + 1) % log_every == 0 or step + 1 == steps:
             seconds = time.perf_counter() - start
             recent = losses_seen[-log_every:]
@@ -850,4 +859,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main_until_interrupted(main)
+    run_main(main)

@@ -52,8 +52,7 @@ from pathlib import Path
 import torch
 
 from tinyavl import load_pretrained
-from tinyavl.cli import (TOY_WEIGHTS, ArgumentParser, check_training_args, first_paragraph,
-                         main_until_interrupted)
+from tinyavl.cli import TOY_WEIGHTS, ArgumentParser, check_training_args, first_paragraph, run_main
 from tinyavl.errors import UserError
 from tinyavl.files import check_new_folder, check_output_file, write_folder_atomically
 from tinyavl.model import HiresConfig, LlavaForConditionalGeneration
@@ -157,6 +156,9 @@ def check_checkpoint(checkpoint: Checkpoint, base: Path, out: Path) -> None:
     if out.resolve() in path.resolve().parents:
         raise UserError(f"--checkpoint {path} is inside --out, which is replaced when it is written: choose "
                         "another path")
+    if path.resolve() == out.resolve() or path.resolve() in out.resolve().parents:
+        raise UserError(f"--checkpoint {path} is where --out {out} goes, or a folder above it: the file would "
+                        "stand in its way; choose another path")
     try:
         checkpoint.check()
     except UserError as err:
@@ -212,4 +214,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main_until_interrupted(main)
+    run_main(main)
