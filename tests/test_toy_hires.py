@@ -330,8 +330,23 @@ def write_checkpoint_of_another_run(path, base):
     save_file({"model.x": torch.zeros(1)}, str(path), metadata={"step": "5", "history": "[]", "run": run})
 
 
+def write_checkpoint_with(**metadata):
+    """A checkpoint of the command's defaults whose metadata has `metadata` in place of what a run saves
+    (None: left out), as a hand edit or another program might write it."""
+    def write(path, base):
+        write_checkpoint_of_another_run(path, base)
+        args = argparse.Namespace(base=base, in_sequence=False, steps=1100, batch_size=16, lr=8e-4, seed=0,
+                                  threads=2)
+        saved = {"step": "5", "history": "[]", "run": json.dumps(train_hires_module.run_settings(args)), **metadata}
+        save_file({"model.x": torch.zeros(1)}, str(path), metadata={k: v for k, v in saved.items() if v is not None})
+    return write
+
+
 @pytest.mark.parametrize("name, make, message", [
     ("state.pt", None, "give it a .safetensors name"),
+    ("state.safetensors", write_checkpoint_with(history="5"), "is not a training checkpoint (its step '5' or its"),
+    ("state.safetensors", write_checkpoint_with(step="-3"), "is not a training checkpoint (its step '-3' or its"),
+    ("state.safetensors", write_checkpoint_with(run=None), "is not a training checkpoint (its metadata has no 'run')"),
     ("state.safetensors", lambda path, _: path.write_bytes(b"not safetensors"), "is not a training checkpoint"),
     ("state.safetensors", write_checkpoint_of_another_run, "saved by another run (steps 7 there, 1100 here)"),
     ("flex/state.safetensors", None, "is inside --out"),

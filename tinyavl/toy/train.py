@@ -393,8 +393,13 @@ class Checkpoint:
             with safe_open(str(self.path), framework="pt") as file:
                 metadata = file.metadata()
             saved = json.loads(metadata["run"])
-            int(metadata["step"]), json.loads(metadata["history"])  # parsed only to refuse what load() cannot read
-        except (SafetensorError, OSError, KeyError, TypeError, ValueError) as err:
+            # Read only to refuse what load() cannot use: steps done, and a (step, loss, loss) per step.
+            step, history = int(metadata["step"]), json.loads(metadata["history"])
+            if step < 0 or not (isinstance(history, list) and all(isinstance(h, list) and len(h) == 3 for h in history)):
+                raise ValueError(f"its step {metadata['step']!r} or its history is not what a training saves")
+        except KeyError as err:
+            raise UserError(f"{self.path} is not a training checkpoint (its metadata has no {err})") from None
+        except (SafetensorError, OSError, TypeError, ValueError) as err:
             raise UserError(f"{self.path} is not a training checkpoint ({err})") from None
         if saved != self.run:
             differ = ", ".join(f"{key} {saved.get(key)} there, {value} here" for key, value in self.run.items()
