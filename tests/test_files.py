@@ -83,9 +83,13 @@ def test_a_file_write_the_system_refuses_leaves_nothing(tmp_path):
     def disk_full(partial):
         partial.write_text("half")
         raise OSError(28, "No space left on device")
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match="No space left") as error:
         write_file_atomically(path, disk_full)
     assert path.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+    assert error.value.filename == str(path)  # the one line a command prints names the output
+    with pytest.raises(OSError) as error:
+        write_folder_atomically(tmp_path / "model", lambda partial: disk_full(partial / "config.json"))
+    assert error.value.filename == str(tmp_path / "model") and error.value.errno == 28
 
 
 def test_a_folder_of_files_is_replaced_only_with_force_and_never_half(tmp_path):

@@ -259,6 +259,10 @@ def test_figures_in_out_are_replaced_only_with_force(tmp_path, monkeypatch, caps
     assert (tmp_path / attention_study.FIGURES[1]).read_text() == "the user's"
     assert attention_study.main(["--force"]) == 2                 # --force without --out
     assert "--out" in capsys.readouterr().err
+    for out, problem in ((tmp_path / "missing", "does not exist"),
+                         (tmp_path / attention_study.FIGURES[1], "is not a folder")):
+        assert attention_study.main(["--out", str(out)]) == 2
+        assert capsys.readouterr().err.startswith(f"error: --out {out} {problem}")
 
 
 def test_a_llava_next_toy_is_refused(capsys):

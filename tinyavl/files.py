@@ -93,7 +93,8 @@ def write_file_atomically(path, write, replace: bool = False) -> None:
     path = Path(path)
     partial = temporary_beside(path, "partial")
     try:
-        write(partial)
+        with naming(path):
+            write(partial)
         if replace:
             os.replace(partial, path)
         else:
@@ -104,6 +105,18 @@ def write_file_atomically(path, write, replace: bool = False) -> None:
         raise UserError(f"{path.parent} was removed while this command ran: {path} was not written") from None
     finally:
         partial.unlink(missing_ok=True)
+
+
+@contextmanager
+def naming(path: Path):
+    """An OSError that names no file (a full disk, met by a library writing a file) names `path`: the output
+    the user asked for, not its temporary name, in the one line the commands print."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is None and err.errno is not None:
+            raise OSError(err.errno, err.strerror, str(path)) from None
+        raise
 
 
 def link_without_replacing(partial: Path, path: Path) -> None:
@@ -163,7 +176,8 @@ def write_folder_atomically(folder, write, force: bool = False) -> None:
     partial, old = temporary_beside(folder, "partial"), temporary_beside(folder, "old")
     try:
         partial.mkdir(parents=True)
-        write(partial)
+        with naming(folder):
+            write(partial)
         try:
             if os.path.lexists(folder):  # two renames: the old one is out of the way for an instant
                 os.replace(folder, old)

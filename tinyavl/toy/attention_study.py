@@ -400,7 +400,8 @@ def run(args) -> dict:
     if args.n < 1:
         raise UserError(f"--n must be at least 1, got {args.n}")
     if args.out is not None and not args.out.is_dir():
-        raise UserError(f"--out {args.out} is not a folder")
+        problem = "is not a folder" if args.out.exists() else "does not exist: make the folder first"
+        raise UserError(f"--out {args.out} {problem}")
     if args.force and args.out is None:
         raise UserError("--force replaces the figures in --out: give --out too")
     for name in FIGURES if args.out is not None else ():  # checked before the minutes of work
