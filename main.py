@@ -22,7 +22,9 @@ def interrupted_while_importing(signum, frame):
     os._exit(130)
 
 
-previous_handler = signal.signal(signal.SIGINT, interrupted_while_importing)  # before the imports, on purpose
+previous_handler = signal.getsignal(signal.SIGINT)
+if previous_handler is not signal.SIG_IGN:  # a background job's Ctrl-C is ignored, and stays so
+    signal.signal(signal.SIGINT, interrupted_while_importing)  # before the imports, on purpose
 import tinyavl
 from tinyavl import hires
 from tinyavl.attention_map import map_layer, save_attention_map

@@ -504,6 +504,21 @@ def test_a_signal_to_end_is_one_line_and_leaves_no_partial_file(tmp_path, entry,
     assert list(folder.iterdir()) == []
 
 
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP"])
+def test_a_signal_the_command_was_started_to_ignore_stays_ignored(tmp_path, name):
+    """`nohup` starts a command with SIGHUP ignored, so that a training outlives its terminal: the command
+    must not take the signal back."""
+    folder = tmp_path / "outputs"
+    folder.mkdir()
+    ignore = getattr(signal, name)
+    proc = subprocess.run([sys.executable, "-c", SIGNALLED_MIDWAY, str(folder / "map.png"), name, "run_main"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60,
+                          preexec_fn=lambda: signal.signal(ignore, signal.SIG_IGN))
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert [path.name for path in folder.iterdir()] == ["map.png"]
+    assert (folder / "map.png").read_bytes() == b"half and the rest"
+
+
 def test_a_command_leaves_the_signal_handlers_as_it_found_them(capsys):
     """main() is also called in-process (tests, notebooks): the caller's SIGTERM handler is theirs again after."""
     def handler(signum, frame):
@@ -697,6 +712,11 @@ def test_ctrl_c_while_importing_is_one_line_and_status_130(files):
     proc = subprocess.run([sys.executable, "-c", CTRL_C_WHILE_IMPORTING, "--image", str(files["png"]),
                            "--max-new-tokens", "1"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert (proc.returncode, proc.stdout, proc.stderr) == (130, "", "interrupted (Ctrl-C)\n")
+    # A shell starts a background job (`python main.py ... &`) with Ctrl-C ignored: it stays ignored.
+    proc = subprocess.run([sys.executable, "-c", CTRL_C_WHILE_IMPORTING, "--image", str(files["png"]),
+                           "--max-new-tokens", "1"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert proc.returncode == 0 and "interrupted" not in proc.stderr
 
 
 # As root every file is readable: drop the capabilities that let it read past a file's permissions.

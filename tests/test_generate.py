@@ -381,6 +381,22 @@ def test_bad_generation_arguments_are_user_errors(loaded):
     # What a caller may pass that is not a Python int: numpy's integers.
     tokens, _ = tinyavl.generate(model, ids, px, max_new_tokens=np.int64(2), seed=np.uint32(1), eos_token_id=np.int64(2))
     assert len(tokens) <= 2
+    with pytest.raises(UserError, match="eos_token_id must be"):
+        tinyavl.generate(model, ids, px, max_new_tokens=2, eos_token_id=b"\x02")   # bytes are ints to Python
+
+
+def test_eos_ids_come_in_any_collection(loaded):
+    """A list, a range, a set, a numpy array or a tensor of ids (or one of them) stops generation at its ids:
+    the greedy run stops where its own third token is."""
+    model, processor = loaded("mha")
+    ids, px = prompt_inputs(processor, "image")
+    free, _ = greedy(model, ids, px, steps=6)
+    third = free[2]
+    assert third not in free[:2]
+    for eos in ([third], range(third, third + 1), frozenset({third}), np.array([third]), torch.tensor([third]),
+                torch.tensor(third), np.int64(third)):
+        tokens, stats = tinyavl.generate(model, ids, px, max_new_tokens=6, eos_token_id=eos)
+        assert tokens == free[:3] and stats.finish_reason == "eos", eos
 
 
 def test_a_prompt_with_two_image_blocks_is_a_user_error(loaded):

@@ -376,6 +376,11 @@ def test_system_prompt_from_processor_config(folder, tmp_path):
     (tmp_path / "processor_config.json").write_text("{broken")
     with pytest.raises(UserError, match="not valid JSON"):
         Processor.from_pretrained(tmp_path, image_token_id, NUM_IMAGE_TOKENS, SIZE)
+    # With a chat template the system_prompt is not used, whatever it holds.
+    (tmp_path / "processor_config.json").write_text(json.dumps({"system_prompt": "See <image>."}))
+    (tmp_path / "chat_template.jinja").write_text("<image>\n{{ messages[0]['content'][-1]['text'] }}")
+    templated = Processor.from_pretrained(tmp_path, image_token_id, NUM_IMAGE_TOKENS, SIZE)
+    assert templated.chat_prompt("What?") == "<image>\nWhat?"
 
 
 def test_a_llava_next_processor_needs_the_patch_size():
@@ -396,4 +401,10 @@ def test_an_image_too_elongated_to_resize_is_refused(processor, monkeypatch):
     for width, height in ((1, 400), (400, 1)):                              # 28 x 11200: over the limit
         with pytest.raises(UserError, match=f"a {width}x{height} image is too elongated"):
             processor(processor.chat_prompt("What?"), make_image(width, height))
+    # do_pad (LLaVA-1.5's square padding) pads first: 150 x 150 is over the limit before any resize.
+    padding = Processor(tiny_tokenizer(), image_id(), NUM_IMAGE_TOKENS, image_size=SIZE, shortest_edge=SIZE,
+                        pad_to_square=True)
+    assert padding(padding.chat_prompt("What?"), make_image(40, 60))["pixel_values"].shape == (1, 3, SIZE, SIZE)
+    with pytest.raises(UserError, match="a 1x150 image is too elongated for this model: padded to a square"):
+        padding(padding.chat_prompt("What?"), make_image(1, 150))
 

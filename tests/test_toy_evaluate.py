@@ -24,7 +24,6 @@ def test_wilson_interval_by_hand():
     assert low == pytest.approx(1 - high) and high - low < wilson_interval(5, 10)[1] - wilson_interval(5, 10)[0]
 
 
-
 def test_clustered_interval_by_hand():
     # Scenes that go all right or all wrong: 7 of 10 scenes, 6 prompts each. The spread between scenes gives
     # the variance p (1 - p) / (n - 1) (sum of (z - p)^2 over scenes = n p (1 - p), over n (n - 1)), so the
@@ -53,6 +52,7 @@ def test_clustered_interval_covers_the_truth_95_percent_of_the_time_where_wilson
             covered[name] += low <= 0.8 <= high
     assert 0.93 <= covered["clustered"] / runs <= 0.97
     assert covered["wilson"] / runs < 0.85
+
 
 def test_budget_params_hold_randoms_bytes():
     """A 4-layer model whose image is a share s of the dense KV: random at S keeps 1 - (1 - S) s; FastV's

@@ -347,6 +347,8 @@ def write_checkpoint_with(**metadata):
     ("state.safetensors", write_checkpoint_with(history="5"), "is not a training checkpoint (its step '5' or its"),
     ("state.safetensors", write_checkpoint_with(step="-3"), "is not a training checkpoint (its step '-3' or its"),
     ("state.safetensors", write_checkpoint_with(run=None), "is not a training checkpoint (its metadata has no 'run')"),
+    ("state.safetensors", write_checkpoint_with(history='[["a", "b", "c"]]'), "its history is not what a training"),
+    ("state.safetensors", lambda path, _: save_file({"x": torch.zeros(1)}, str(path)), "its metadata has no 'run'"),
     ("state.safetensors", lambda path, _: path.write_bytes(b"not safetensors"), "is not a training checkpoint"),
     ("state.safetensors", write_checkpoint_of_another_run, "saved by another run (steps 7 there, 1100 here)"),
     ("flex/state.safetensors", None, "is inside --out"),

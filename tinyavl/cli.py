@@ -131,13 +131,16 @@ class Terminated(BaseException):
 
 @contextmanager
 def signals_end_like_ctrl_c():
-    """While a command runs, SIGTERM and SIGHUP raise Terminated. Python's default for them ends the process
-    on the spot, where no `finally` runs: a file being written would stay behind under its temporary name
-    (tinyavl/files.py). Signal handlers can only be set from the main thread; elsewhere nothing changes."""
+    """While a command runs, SIGTERM and SIGHUP raise Terminated, unless they are ignored (`nohup`). Python's
+    default for them ends the process on the spot, where no `finally` runs: a file being written would stay
+    behind under its temporary name (tinyavl/files.py). Signal handlers can only be set from the main thread;
+    elsewhere nothing changes."""
     def terminate(signum, frame):
         raise Terminated(signum)
 
     signals = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]  # no SIGHUP on Windows
+    # A signal the command was started to ignore stays ignored: `nohup` keeps a training through a closed terminal.
+    signals = [sig for sig in signals if signal.getsignal(sig) is not signal.SIG_IGN]
     if threading.current_thread() is not threading.main_thread():
         signals = []
     previous = {sig: signal.signal(sig, terminate) for sig in signals}

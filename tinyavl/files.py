@@ -114,8 +114,8 @@ def naming(path: Path):
     try:
         yield
     except OSError as err:
-        if err.filename is None and err.errno is not None:
-            raise OSError(err.errno, err.strerror, str(path)) from None
+        if err.filename is None:
+            err.filename = str(path)
         raise
 
 

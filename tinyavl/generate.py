@@ -94,12 +94,17 @@ def is_real(x) -> bool:
 
 
 def id_set(ids) -> set[int]:
-    """An id or a list of ids (config.json's eos_token_id may be either, or null) as a set."""
+    """An id or a collection of ids (a list, a range, a numpy array, a tensor; config.json's eos_token_id may
+    be an id, a list, or null) as a set."""
     if ids is None:
         return set()
-    ids = [ids] if is_whole(ids) else ids
-    if not isinstance(ids, (list, tuple, set)) or not all(is_whole(i) for i in ids):
-        raise UserError(f"eos_token_id must be a token id, a list of them, () or None, got {ids!r}")
+    given = ids
+    ids = ids.tolist() if hasattr(ids, "tolist") else ids  # numpy's and torch's ids as Python ints
+    if is_whole(ids):
+        return {int(ids)}
+    ids = list(ids) if hasattr(ids, "__iter__") and not isinstance(ids, (str, bytes)) else [given]  # refused below
+    if not all(is_whole(i) for i in ids):
+        raise UserError(f"eos_token_id must be a token id, a collection of them, () or None, got {given!r}")
     return {int(i) for i in ids}
 
 

@@ -279,10 +279,11 @@ class Processor:
         system_prompt = _read_json(processor_path).get("system_prompt", "")
         if not isinstance(system_prompt, str):
             raise UserError(f"{processor_path} has a system_prompt that is not a string")
-        if IMAGE_TOKEN in system_prompt:  # the prompt would hold two images' slots (chat_prompt places one)
+        chat_template = read_chat_template(folder)
+        if IMAGE_TOKEN in system_prompt and chat_template is None:  # chat_prompt would place a second image
             raise UserError(f"{processor_path} has a system_prompt with {IMAGE_TOKEN} in it: take it out")
         return cls(tokenizer, image_token_id, num_image_tokens, **pre, system_prompt=system_prompt,
-                   chat_template=read_chat_template(folder), image_grid_pinpoints=image_grid_pinpoints,
+                   chat_template=chat_template, image_grid_pinpoints=image_grid_pinpoints,
                    patch_size=patch_size, hires_scale=hires_scale,
                    special_tokens=read_special_tokens(folder / "tokenizer_config.json"))
 
@@ -355,6 +356,7 @@ class Processor:
         """The image centred on a square of the mean colour, its long side's length (the short side's odd
         pixel of padding goes after it, as in transformers' pad_to_square)."""
         side = max(img.width, img.height)
+        check_made_size(img.size, (side, side), "padded to a square")
         return centred(img, side, side, self.pad_colour)
 
     def anyres_crops(self, img: Image.Image) -> list[Image.Image]:
@@ -380,11 +382,7 @@ class Processor:
         edge = scale * self.shortest_edge
         new_long = int(edge * max(w, h) / min(w, h))
         size = (edge, new_long) if w <= h else (new_long, edge)
-        # A 4 KB PNG of 1 x 1000000 pixels is no decompression bomb, but resized so would be one.
-        if Image.MAX_IMAGE_PIXELS and edge * new_long > Image.MAX_IMAGE_PIXELS:
-            raise UserError(f"a {w}x{h} image is too elongated for this model: its short side resized to {edge} px "
-                            f"would make it {size[0]}x{size[1]}, more than PIL's limit against decompression bombs "
-                            f"({Image.MAX_IMAGE_PIXELS} pixels); crop it nearer to a square first")
+        check_made_size((w, h), size, f"its short side resized to {edge} px")
         img = img.resize(size, resample=self.resample)  # PIL bicubic on uint8, like transformers
         # Center crop; floor division leaves an odd extra pixel on the right / bottom. An image smaller
         # than the crop (shortest_edge < image_size) is padded with black by PIL, as by transformers.
@@ -401,6 +399,16 @@ class Processor:
         if isinstance(ids, torch.Tensor):
             ids = ids.flatten().tolist()
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def check_made_size(size: tuple[int, int], made: tuple[int, int], how: str) -> None:
+    """UserError if preprocessing would make an image of `size` (width, height) into one of `made`, larger
+    than PIL's limit against decompression bombs: a 4 KB PNG of 1 x 1000000 pixels is none, but resized to
+    a short side of 336, or padded to a square, it would take gigabytes."""
+    if Image.MAX_IMAGE_PIXELS and made[0] * made[1] > Image.MAX_IMAGE_PIXELS:
+        raise UserError(f"a {size[0]}x{size[1]} image is too elongated for this model: {how} it would be "
+                        f"{made[0]}x{made[1]}, more than PIL's limit against decompression bombs "
+                        f"({Image.MAX_IMAGE_PIXELS} pixels); crop it nearer to a square first")
 
 
 def centred(img: Image.Image, width: int, height: int, colour=(0, 0, 0)) -> Image.Image:

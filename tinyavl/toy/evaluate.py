@@ -154,7 +154,9 @@ def clustered_wilson_interval(right: list[int], asked: list[int], z: float = Z95
     p = sum(right) / n
     if n_clusters < 2 or p in (0, 1):  # no spread to measure
         return wilson_interval(sum(right), n, z)
-    # The ratio estimator's variance between clusters, with the small-sample factor n / (n - 1) (Kish 6.3).
+    # The ratio estimator's variance between clusters, with the small-sample factor m / (m - 1) over the m
+    # clusters (Kish 6.3), against p (1 - p) / n for n independent prompts: so one-prompt clusters give an
+    # effective n of n - 1, a hair wider than Wilson's, never narrower.
     mean_size = n / n_clusters
     between = sum(((r - p * a) / mean_size) ** 2 for r, a in zip(right, asked)) / (n_clusters * (n_clusters - 1))
     deff = max(1.0, between / (p * (1 - p) / n))

@@ -391,11 +391,13 @@ class Checkpoint:
             return
         try:
             with safe_open(str(self.path), framework="pt") as file:
-                metadata = file.metadata()
+                metadata = file.metadata() or {}  # None: a safetensors file written without any
             saved = json.loads(metadata["run"])
             # Read only to refuse what load() cannot use: steps done, and a (step, loss, loss) per step.
             step, history = int(metadata["step"]), json.loads(metadata["history"])
-            if step < 0 or not (isinstance(history, list) and all(isinstance(h, list) and len(h) == 3 for h in history)):
+            entries = isinstance(history, list) and all(
+                isinstance(h, list) and len(h) == 3 and all(isinstance(x, (int, float)) for x in h) for h in history)
+            if step < 0 or not entries:
                 raise ValueError(f"its step {metadata['step']!r} or its history is not what a training saves")
         except KeyError as err:
             raise UserError(f"{self.path} is not a training checkpoint (its metadata has no {err})") from None
@@ -432,12 +434,15 @@ def without_prefix(tensors: dict, prefix: str) -> dict:
     return {key[len(prefix):]: t for key, t in tensors.items() if key.startswith(prefix)}
 
 
-def check_finite(loss: float, step: int) -> None:
-    """UserError once a loss is NaN or infinite: every step after it would train NaN weights, and the run would
-    write them as a model (as from a damaged --checkpoint, whose NaN weights the first step shows)."""
-    if not math.isfinite(loss):
-        raise UserError(f"the loss is {loss} at step {step + 1}: the weights went NaN or infinite (from a damaged "
-                        "checkpoint, or a learning rate too high to train at); nothing was written")
+def check_finite(grad_norm: torch.Tensor, step: int) -> None:
+    """UserError, before the optimiser steps, once the gradients' norm (`clip_grad_norm_`'s) is NaN or infinite,
+    as it is when the loss is: the step would make every weight NaN, and the run would train on and write
+    them as a model, or save them over a good checkpoint (NaN weights resumed from a damaged one show here
+    at the first step)."""
+    if not torch.isfinite(grad_norm):
+        raise UserError(f"the gradients are {grad_norm.item()} at step {step + 1}: the weights or the loss went NaN "
+                        "or infinite (a damaged checkpoint, or a learning rate too high to train at); nothing was "
+                        "written")
 
 
 def optimise(model, probe, processor, stream, steps: int, lr: float, warmup: int, batch_size: int, turns: int,
@@ -482,10 +487,9 @@ def optimise(model, probe, processor, stream, steps: int, lr: float, warmup: int
         lm_loss, aux_loss = losses(model, probe, batch, hires_alpha=min(1.0, step / (HIRES_RAMP * steps)))
         optimizer.zero_grad(set_to_none=True)
         (lm_loss + aux_weight * aux_loss).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        check_finite(torch.nn.utils.clip_grad_norm_(params, 1.0), step)
         optimizer.step()
         history.append((step, lm_loss.item(), aux_loss.item()))
-        check_finite(lm_loss.item() + aux_loss.item(), step)
         if (step + 1) % log_every == 0 or step + 1 == steps:
             seconds = time.perf_counter() - start
             recent = history[-log_every:]
@@ -704,10 +708,9 @@ def pretrain_vision(model, processor, steps: int, batch_size: int = 32, lr: floa
                             torch.stack([patch_targets(scene) for scene in scenes]))   # (B, P, 3)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        check_finite(torch.nn.utils.clip_grad_norm_(params, 1.0), step)
         optimizer.step()
         losses_seen.append(loss.item())
-        check_finite(loss.item(), step)
         if (step + 1) % log_every == 0 or step + 1 == steps:
             seconds = time.perf_counter() - start
             recent = losses_seen[-log_every:]
