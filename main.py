@@ -98,7 +98,7 @@ def run(args) -> dict:
     if args.hires_threshold is not None:
         hires.check_threshold(args.hires_threshold)
     model, processor = tinyavl.load_pretrained(args.weights, device=args.device, dtype=args.dtype)
-    check_filter_layer(args, model)
+    check_filter_layer(args, model, cache)
     if args.attention_map is not None:  # checked now, so that a wrong --map-layer fails before generating
         layer = map_layer(model, args.map_layer)
     if args.hires_threshold is not None and model.config.hires is None:

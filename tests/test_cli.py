@@ -194,6 +194,21 @@ POLICY_RUNS = [
 ]
 
 
+@pytest.mark.parametrize("policy_args, noted", [
+    (["--policy", "fastv"], True),                                    # its filter_layer 2: the model has 2 layers
+    (["--policy", "avl"], True),                                      # 3
+    (["--policy", "fastv", "--filter-layer", "1"], False),            # given, and acting
+    (["--policy", "fastv", "--R", "0"], False),                       # a filter that drops nothing anyway
+    (["--policy", "avl", "--P", "1"], False),
+])
+def test_a_default_filter_layer_past_the_model_is_noted(capsys, good, files, policy_args, noted):
+    """The 2-layer test model: a policy's own filter_layer past its layers would run without the filter,
+    silently; the run goes on (the user asked for nothing out of range), with a note on stderr."""
+    rc, out, err = run_inprocess(capsys, ["--image", files["png"], "--weights", good, "--max-new-tokens", 2,
+                                          *policy_args])
+    assert rc == 0 and ("its prefill filter drops nothing here (--filter-layer 1 makes it act)" in err) == noted
+
+
 @pytest.mark.parametrize("policy_args", POLICY_RUNS, ids=[" ".join(a[1:]) for a in POLICY_RUNS])
 def test_policies_run(capsys, good, files, policy_args):
     rc, out, err = run_inprocess(capsys, ["--image", files["png"], "--weights", good, "--max-new-tokens",

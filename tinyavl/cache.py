@@ -423,6 +423,12 @@ class KVCache:
         """Policy hook after the step's attention (q: the step's query rows; last_row: what compute
         handed over): score, evict. The dense cache keeps everything."""
 
+    @property
+    def filters_prefill(self) -> bool:
+        """Whether the policy drops image tokens from the hidden states at the prefill, from its filter_layer
+        on (FastV; A-VL with P < 1): `rows_to_keep`."""
+        return False
+
     def rows_to_keep(self, layer: int):
         """Hidden rows (prefill only) that layers after `layer` run on; None = all of them. A policy
         that drops tokens (FastV, A-VL's filter) sets `hidden_keep` in its update; the model takes it once."""
@@ -620,6 +626,10 @@ class AVLCache(KVCache):
               choices=("auto", "triton", "torch"), reported=False),
     )
     FULL_BUDGET = dict(S=1, C=1, P=1, T=1)
+
+    @property
+    def filters_prefill(self) -> bool:
+        return self.P < 1
 
     def __init__(self, **params):
         super().__init__(**params)
@@ -824,6 +834,10 @@ class FastVCache(KVCache):
         Param("R", 0.5, "fraction of image tokens dropped", low=0, high=1, ends="[)"),
     )
     FULL_BUDGET = dict(R=0)
+
+    @property
+    def filters_prefill(self) -> bool:
+        return self.R > 0
 
     def update(self, layer, q, last_row):
         if self.step == 0 and decides_filter(layer, self.filter_layer, self.n_layers):

@@ -413,11 +413,11 @@ def run(args) -> dict:
         for kind in PROMPT_KINDS if args.attention_maps.is_dir() else ():  # one picture per kind of prompt
             check_output_file(map_file(args.attention_maps, kind), "--attention-maps", inputs=[args.weights],
                               suffixes=(".png",), replace=args.force)
-    make_cache(args.policy, **policy_params(args))  # bad policy parameters fail here, before any work
+    cache = make_cache(args.policy, **policy_params(args))  # bad policy parameters fail here, before any work
     if not args.weights.is_dir():
         raise UserError(f"no model folder at {args.weights}: train one with python -m tinyavl.toy.train")
     model, processor = load_pretrained(args.weights, device="cpu", dtype="float32")
-    check_filter_layer(args, model)
+    check_filter_layer(args, model, cache)
     questions = held_out_set(args.seed, args.n, fine=reads_fine_scenes(model.config))
 
     if args.table:
