@@ -449,6 +449,32 @@ def test_what_the_system_refuses_is_one_line(capsys, entry):
         exit_status(entry, FileNotFoundError(2, "No such file or directory", "tinyavl/missing.json"))
 
 
+CPU_ALLOCATOR = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+                 "tried to allocate 10000000000000 bytes. Error code 12 (Cannot allocate memory)")
+
+
+@pytest.mark.parametrize("entry", ["run_command", "run_main"])
+@pytest.mark.parametrize("raised", [MemoryError(), torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GB"),
+                                    RuntimeError(CPU_ALLOCATOR)], ids=["python", "cuda", "cpu_allocator"])
+def test_memory_that_runs_out_is_one_line(capsys, entry, raised):
+    """A 7B model on a small GPU, or a trainer's --text-width 8000000: the system's refusal, one line, status 1."""
+    rc = exit_status(entry, raised)
+    out, err = capsys.readouterr()
+    assert (rc, out, err.count("\n")) == (1, "", 1) and err.startswith("error: out of memory (")
+    assert str(raised).split(".")[0] in err
+
+
+def test_memory_really_running_out_is_one_line(capsys):
+    """torch's own message for an allocation the machine cannot give (4 EiB), as this torch words it."""
+    rc = run_command(lambda args: torch.empty(1 << 62, dtype=torch.uint8), argparse.Namespace(json=True), show=print)
+    assert rc == 1 and capsys.readouterr().err.startswith("error: out of memory (")
+
+
+def test_other_runtime_errors_keep_their_traceback():
+    with pytest.raises(RuntimeError, match="a bug"):
+        exit_status("run_command", RuntimeError("a bug"))
+
+
 @pytest.mark.parametrize("entry", ["run_command", "run_main"])
 def test_a_user_error_in_the_work_is_one_line(capsys, entry):
     """A training's output folder taken by the user while it trained (write_folder_atomically) is such an error."""

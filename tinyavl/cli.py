@@ -9,6 +9,8 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
+
 from tinyavl.cache import POLICIES, param_owners
 from tinyavl.errors import UserError
 
@@ -190,8 +192,8 @@ def run_main(main) -> None:
 def ended_in_one_line(work) -> int:
     """work()'s exit status: 0, or one line on stderr instead of a traceback for a user's mistake (UserError,
     status 2), Ctrl-C (status 130), SIGTERM and SIGHUP (128 + the signal; no temporary file left), and what
-    the system refused (SYSTEM_REFUSALS: a disk full, a name too long; status 1). A reader that closed stdout
-    early (`| head`) ends the run quietly."""
+    the system refused (SYSTEM_REFUSALS: a disk full, a name too long; memory that ran out, `out_of_memory`;
+    status 1). A reader that closed stdout early (`| head`) ends the run quietly."""
     try:
         with signals_end_like_ctrl_c():
             work()
@@ -213,3 +215,17 @@ def ended_in_one_line(work) -> int:
             raise
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except (MemoryError, RuntimeError) as err:
+        if not out_of_memory(err):
+            raise
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"error: out of memory ({detail}): a smaller model, image or setting, or another --dtype or "
+              "--device, may fit", file=sys.stderr)
+        return 1
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """Whether the memory ran out, which the system refuses as it refuses a full disk: Python's MemoryError,
+    torch's OutOfMemoryError (a GPU's), or the RuntimeError torch's CPU allocator raises (errno 12, ENOMEM)."""
+    return (isinstance(err, (MemoryError, torch.OutOfMemoryError))
+            or (isinstance(err, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(err)))
