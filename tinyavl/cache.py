@@ -627,10 +627,6 @@ class AVLCache(KVCache):
     )
     FULL_BUDGET = dict(S=1, C=1, P=1, T=1)
 
-    @property
-    def filters_prefill(self) -> bool:
-        return self.P < 1
-
     def __init__(self, **params):
         super().__init__(**params)
         S, C, P = self.S, self.C, self.P
@@ -641,6 +637,10 @@ class AVLCache(KVCache):
                             "prefill filter let through")
         if self.kernel == "triton":
             require_triton()
+
+    @property
+    def filters_prefill(self) -> bool:
+        return self.P < 1
 
     def begin(self, n_layers, n_sys, n_img, decode_steps=0):
         super().begin(n_layers, n_sys, n_img, decode_steps)

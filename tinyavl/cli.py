@@ -146,12 +146,10 @@ def signals_end_like_ctrl_c():
     def terminate(signum, frame):
         raise Terminated(signum)
 
-    signals = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]  # no SIGHUP on Windows
+    names = ("SIGTERM", "SIGHUP") if threading.current_thread() is threading.main_thread() else ()
+    signals = [getattr(signal, name) for name in names if hasattr(signal, name)]  # no SIGHUP on Windows
     # A signal the command was started to ignore stays ignored: `nohup` keeps a training through a closed terminal.
-    signals = [sig for sig in signals if signal.getsignal(sig) is not signal.SIG_IGN]
-    if threading.current_thread() is not threading.main_thread():
-        signals = []
-    previous = {sig: signal.signal(sig, terminate) for sig in signals}
+    previous = {sig: signal.signal(sig, terminate) for sig in signals if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
         yield
     finally:
@@ -218,7 +216,7 @@ def ended_in_one_line(work) -> int:
     except (MemoryError, RuntimeError) as err:
         if not out_of_memory(err):
             raise
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        detail = (str(err).strip() or type(err).__name__).splitlines()[0]
         print(f"error: out of memory ({detail}): a smaller model, image or setting, or another --dtype or "
               "--device, may fit", file=sys.stderr)
         return 1

@@ -98,14 +98,13 @@ def id_set(ids) -> set[int]:
     be an id, a list, or null) as a set."""
     if ids is None:
         return set()
-    given = ids
-    ids = ids.tolist() if hasattr(ids, "tolist") else ids  # numpy's and torch's ids as Python ints
-    if is_whole(ids):
-        return {int(ids)}
-    ids = list(ids) if hasattr(ids, "__iter__") and not isinstance(ids, (str, bytes)) else [given]  # refused below
-    if not all(is_whole(i) for i in ids):
-        raise UserError(f"eos_token_id must be a token id, a collection of them, () or None, got {given!r}")
-    return {int(i) for i in ids}
+    values = ids.tolist() if hasattr(ids, "tolist") else ids  # numpy's and torch's ids as Python ints
+    if is_whole(values) or isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        values = [values]  # one value: an id, or something refused below
+    values = list(values)
+    if not all(is_whole(i) for i in values):
+        raise UserError(f"eos_token_id must be a token id, a collection of them, () or None, got {ids!r}")
+    return {int(i) for i in values}
 
 
 def check_generation_args(max_new_tokens: int, temperature: float, top_p: float, seed: int | None) -> None:

@@ -218,7 +218,6 @@ def resolve_dtype(dtype, stored: torch.dtype, device: torch.device) -> torch.dty
 
 def open_safetensors(path: Path):
     """safe_open, with a broken file reported as the user's problem rather than a traceback."""
-    check_readable(path)
     try:
         return safe_open(path, framework="pt")
     except SafetensorError as err:
@@ -343,6 +342,8 @@ def load_model(path, device=None, dtype=None) -> LlavaForConditionalGeneration:
     folder = Path(path)
     config = read_config(folder)
     files = checkpoint_files(folder)
+    for path in files:  # once each, before the tensors are read one by one
+        check_readable(path)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, stored_dtype(files), device)
     with torch.device("meta"):

@@ -58,13 +58,14 @@ def load_image(path) -> Image.Image:
         raise UserError(f"{path} is a folder: give an image file")
     if not path.is_file():  # a FIFO or a device would block or read forever
         raise UserError(f"{path} is not a regular file (a pipe or a device?): give an image file")
-    check_readable(path)  # not "damaged" below: a file the user may not read is the system's refusal
     try:
         with Image.open(path) as img:
             img.load()  # decode every pixel now, so a truncated file fails here and not later
             return to_rgb(upright(img))
     except UnidentifiedImageError:
         raise UserError(f"{path} is not an image PIL can read: give a PNG, JPEG, WebP, BMP, ... file") from None
+    except PermissionError:
+        raise  # not "damaged" below: a file the user may not read is the system's refusal (one line, status 1)
     except Image.DecompressionBombError:
         raise UserError(f"{path} has more than {2 * Image.MAX_IMAGE_PIXELS} pixels, PIL's limit against "
                         "decompression bombs: resize it first") from None
