@@ -6,8 +6,9 @@ tinyavl's own processor (prompt, tokens, pixel_values) and are fed unchanged to 
 tests check the model and loader; tests/test_processing.py checks the processor against transformers.
 
 Covered: MHA / GQA / MQA, "default" and "full" feature selection, feature layer -2, -1 and a list of two,
-rope_theta 1e4 / 5e5 / 1e6 (both config spellings), image sizes 28 / 42 / 56 with patches 7 / 14, three
-non-square source images, a text-only prompt, and a bf16 run.
+rope_theta 1e4 / 5e5 / 1e6 (both config spellings), linear RoPE scaling, the activations gelu_new (text) and
+relu (vision), image sizes 28 / 42 / 56 with patches 7 / 14, three non-square source images, a text-only
+prompt, and a bf16 run.
 """
 import copy
 
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 import tinyavl
+from tinyavl.model import ACTIVATIONS
 from tiny_checkpoints import VARIANTS, make_image, tokenizer_info
 
 LOGIT_ATOL = 1e-4  # fp32 vs fp32: only summation order differs (seen: ~1e-6)
@@ -68,6 +70,15 @@ def hf_greedy(hf_model, ids, pixel_values, steps: int):
     tokens = out.sequences[0, ids.shape[1]:].tolist()
     gaps = [float(s[0].topk(2).values[0] - s[0].topk(2).values[1]) for s in out.scores]
     return tokens, gaps
+
+
+def test_every_activation_name_computes_what_transformers_does():
+    """config.json names an activation; tinyavl must compute the function transformers' ACT2FN gives it."""
+    from transformers.activations import ACT2FN
+
+    x = torch.linspace(-8, 8, 4001)
+    for name, act in ACTIVATIONS.items():
+        torch.testing.assert_close(act(x), ACT2FN[name](x), rtol=0, atol=1e-6, msg=lambda message: f"{name}: {message}")
 
 
 CASES = [(name, case) for name in VARIANTS for case in (*IMAGE_SIZES, "text_only")]

@@ -75,7 +75,7 @@ def test_integer_weight(folder):
 @pytest.mark.parametrize("field,value", [
     ("image_std", [0.0, 0.26, 0.27]), ("image_std", [0.26, -0.26, 0.27]), ("image_std", [0.26, 0.27]),
     ("image_std", ["0.26", 0.26, 0.27]), ("image_std", 0.26), ("image_mean", [0.48, 0.45, 0.40, 0.1]),
-    ("image_mean", [0.48, None, 0.40]),
+    ("image_mean", [0.48, None, 0.40]), ("image_std", [1e-320, 1, 1]),  # 0 in float32: pixels would be inf
 ])
 def test_bad_normalisation(folder, field, value):
     edit_json(folder / "preprocessor_config.json", lambda c: c.__setitem__(field, value))
@@ -106,6 +106,19 @@ def test_config_value_out_of_range(folder, section, field, value):
     edit_json(folder / "config.json", lambda c: c[section].__setitem__(field, value))
     message = load_error(folder)
     assert f"{section}.{field}" in message and str(value) in message, message
+
+
+@pytest.mark.parametrize("rope,says", [
+    ({"rope_type": "dynamic", "factor": 2.0}, "not supported"), ({"type": "yarn", "factor": 4.0}, "not supported"),
+    ({"type": "linear"}, "positive number as its factor"), ({"rope_type": "linear", "factor": 0}, "factor"),
+    ({"rope_type": "linear", "factor": "4"}, "factor"),
+])
+def test_rope_scaling_other_than_linear_or_without_a_factor(folder, rope, says):
+    """tinyavl implements plain and linear RoPE; another kind, or a linear one without a positive factor,
+    would rotate keys by other angles than the checkpoint was trained with."""
+    edit_json(folder / "config.json", lambda c: c["text_config"].__setitem__("rope_scaling", rope))
+    message = load_error(folder)
+    assert "RoPE scaling" in message and says in message and repr(rope) in message, message
 
 
 def test_image_token_outside_the_vocabulary():

@@ -52,6 +52,9 @@ class Variant:
     strategy: str = "default"  # "default" drops CLS, "full" keeps it
     rope_theta: float = 10000.0
     rope_spelling: str = "rope_theta"  # how config.json spells a non-default theta: "rope_theta" | "rope_parameters"
+    rope_linear_factor: float | None = None  # linear RoPE scaling, written as transformers 4.x did (rope_scaling)
+    text_act: str = "silu"
+    vision_act: str = "quick_gelu"
     rms_norm_eps: float = 1e-5
     seed: int = 0
 
@@ -76,6 +79,10 @@ VARIANTS = {
         # several vision layers concatenated (projector input 2 x 32), old rope_theta spelling
         Variant("multilayer", image_size=28, patch_size=14, vision_layers=3, text_layers=2, kv_heads=2,
                 feature_layer=(-3, -1), rope_theta=1000000.0, rope_spelling="rope_theta", seed=4),
+        # linear RoPE scaling (as long-context Vicuna fine-tunes have), and activations other than the
+        # published ones, by names transformers' ACT2FN knows
+        Variant("linear_rope", image_size=28, patch_size=14, vision_layers=2, text_layers=2, kv_heads=2,
+                rope_linear_factor=4.0, text_act="gelu_new", vision_act="relu", seed=5),
     ]
 }
 
@@ -104,13 +111,15 @@ def hf_config(variant: Variant):
     tok = tokenizer_info()
     vision = CLIPVisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=variant.vision_layers, num_attention_heads=4,
-        image_size=variant.image_size, patch_size=variant.patch_size,
+        image_size=variant.image_size, patch_size=variant.patch_size, hidden_act=variant.vision_act,
     )
+    rope = {"rope_theta": variant.rope_theta, "rope_type": "default"}
+    if variant.rope_linear_factor is not None:
+        rope.update(rope_type="linear", factor=variant.rope_linear_factor)
     text = LlamaConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=variant.text_layers, num_attention_heads=4,
         num_key_value_heads=variant.kv_heads, vocab_size=tok["vocab_size"], rms_norm_eps=variant.rms_norm_eps,
-        rope_parameters={"rope_theta": variant.rope_theta, "rope_type": "default"},
-        max_position_embeddings=4096, bos_token_id=tok["bos_token_id"], eos_token_id=tok["eos_token_id"],
+        rope_parameters=rope, hidden_act=variant.text_act, max_position_embeddings=4096, bos_token_id=tok["bos_token_id"], eos_token_id=tok["eos_token_id"],
     )
     fl = variant.feature_layer
     config = LlavaConfig(
@@ -205,6 +214,10 @@ def sparse_config(variant: Variant, layout: str = "published", dtype: torch.dtyp
         else:
             text["rope_theta"] = variant.rope_theta
             text["rope_scaling"] = None
+    if variant.rope_linear_factor is not None:
+        text["rope_scaling"] = {"type": "linear", "factor": variant.rope_linear_factor}
+    if variant.text_act != "silu":  # absent means the class defaults: SiLU in Llama, quick GELU in CLIP
+        text["hidden_act"] = variant.text_act
     vision = {
         "hidden_size": 32,
         "image_size": variant.image_size,
@@ -215,6 +228,8 @@ def sparse_config(variant: Variant, layout: str = "published", dtype: torch.dtyp
         "patch_size": variant.patch_size,
         "projection_dim": 16,
     }
+    if variant.vision_act != "quick_gelu":
+        vision["hidden_act"] = variant.vision_act
     fl = variant.feature_layer
     return {
         "architectures": ["LlavaForConditionalGeneration"],

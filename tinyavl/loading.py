@@ -17,6 +17,7 @@ image_grid_pinpoints to the config and image_newline to the weights), with a Lla
 Mistral decoder. Weights load from safetensors only: a pickle (.bin) can run code when it is read.
 """
 import json
+import math
 from dataclasses import fields
 from pathlib import Path
 
@@ -72,8 +73,15 @@ def parse_config(raw: dict) -> LlavaConfig:
     rope = text_raw.get("rope_scaling") or text_raw.get("rope_parameters") or {}
     if not isinstance(rope, dict):
         raise UserError(f"text_config's RoPE settings are {rope!r}, not a JSON object: download config.json again")
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise UserError(f"RoPE scaling {rope!r} is not supported: tinyavl implements plain RoPE")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "linear"):
+        raise UserError(f"RoPE scaling {rope!r} is not supported: tinyavl implements plain RoPE and linear scaling")
+    if rope_type == "linear":
+        factor = rope.get("factor")
+        if type(factor) not in (int, float) or not 0 < factor < math.inf:
+            raise UserError(f"text_config's linear RoPE scaling {rope!r} needs a positive number as its factor: "
+                            "download config.json again")
+        text_raw["rope_linear_factor"] = factor
     if "rope_theta" in rope:
         text_raw["rope_theta"] = rope["rope_theta"]
     # Tying may be declared at the top level (LlavaConfig) or in text_config: either ties, as in transformers.

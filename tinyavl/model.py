@@ -84,6 +84,9 @@ class TextConfig:
     max_position_embeddings: int = 2048
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
+    # Linear RoPE scaling (rope_scaling {"rope_type": "linear", "factor": f}, as in long-context Vicuna
+    # fine-tunes): positions are divided by f before rotating. 1: plain RoPE.
+    rope_linear_factor: float = 1.0
     attention_bias: bool = False
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
@@ -95,7 +98,7 @@ class TextConfig:
         section = "text_config"
         _require_positive(self, section, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                           "num_attention_heads", "max_position_embeddings"), int)
-        _require_positive(self, section, ("rms_norm_eps", "rope_theta"), float)
+        _require_positive(self, section, ("rms_norm_eps", "rope_theta", "rope_linear_factor"), float)
         _require_positive(self, section, [name for name in ("num_key_value_heads", "head_dim")
                                           if getattr(self, name) is not None], int)
         self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
@@ -263,6 +266,9 @@ ACTIVATIONS = {
     "quick_gelu": quick_gelu,
     "silu": F.silu,  # Llama's MLP gate
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),  # the same tanh approximation, an older name
+    "relu": F.relu,
+    "swish": F.silu,  # another name of SiLU
 }
 
 
@@ -459,9 +465,12 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-def rope_cos_sin(positions, head_dim: int, theta: float, dtype):
+def rope_cos_sin(positions, config: TextConfig, dtype):
     """cos and sin tables (T, head_dim) for the given (logical) positions (T,)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    head_dim = config.head_dim
+    exponents = torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim
+    # Linear scaling divides the frequencies, as transformers does (the same angles as dividing the positions).
+    inv_freq = 1.0 / config.rope_theta ** exponents / config.rope_linear_factor          # (head_dim / 2,)
     angles = positions.float()[:, None] * inv_freq[None, :]     # (T, head_dim / 2), in fp32
     emb = torch.cat([angles, angles], dim=-1)                    # (T, head_dim): half-split layout
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -557,7 +566,7 @@ class LlamaModel(nn.Module):
         start = cache.next_pos if cache is not None else 0
         # Logical positions: with a cache that has dropped rows, the new token is still at prompt + steps.
         positions = torch.arange(start, start + T, device=x.device)
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)  # (T, hs)
+        cos, sin = rope_cos_sin(positions, self.config, x.dtype)  # (T, hs)
         for layer in self.layers:
             x = layer(x, cos, sin, positions, cache, visible, view)
             # Token dropping inside the decoder (FastV, A-VL's prefill filter): the policy may ask later
@@ -804,9 +813,8 @@ class LlavaForConditionalGeneration(nn.Module):
                              f"these start at {starts.tolist()}")
         image_start = int(starts[0])
         grid = S // self.config.vision.patch_size
-        text = self.config.text
         positions = hires.hires_positions(image_start, grid, h.scale).to(hires_pixel_values.device)
-        cos, sin = rope_cos_sin(positions, text.head_dim, text.rope_theta, features.dtype)   # (N_hd, hs)
+        cos, sin = rope_cos_sin(positions, self.config.text, features.dtype)   # (N_hd, hs)
         first_row = input_ids.shape[1] - 1 if first_row is None else first_row
         return HiresView(h, hires_map, cos, sin, image_start, grid, first_row, alpha, top)
 

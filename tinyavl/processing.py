@@ -42,6 +42,8 @@ LLAVA_SYSTEM_PROMPT = ("A chat between a curious human and an artificial intelli
 # OpenAI CLIP's per-channel statistics (RGB), the defaults of CLIPImageProcessor.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# The smallest image_std accepted: float32's smallest normal number, whose inverse is still finite.
+STD_MIN = torch.finfo(torch.float32).tiny
 
 
 def load_image(path) -> Image.Image:
@@ -478,10 +480,12 @@ def _read_preprocessor_config(cfg: dict, path: Path, vision_image_size: int, any
     for name, values in (("image_mean", mean), ("image_std", std)):
         numbers = isinstance(values, (list, tuple)) and len(values) == 3 and all(
             type(v) in (int, float) and math.isfinite(v) for v in values)
-        # A std of 0 divides by zero: every pixel would be inf or NaN, and the answer garbage. The mean is a
-        # colour of pixels scaled to 0 .. 1 (do_pad pads with it).
-        if not numbers or not (min(values) > 0 if name == "image_std" else 0 <= min(values) <= max(values) <= 1):
-            rule = "3 finite numbers (R, G, B)" + (", all above 0" if name == "image_std" else ", from 0 to 1")
+        # The processor divides by the std in float32: one that is 0 there (1e-320 is) or whose inverse
+        # overflows would make pixels inf or NaN, and the answer garbage. The mean is a colour of pixels
+        # scaled to 0 .. 1 (do_pad pads with it).
+        if not numbers or not (min(values) >= STD_MIN if name == "image_std" else 0 <= min(values) <= max(values) <= 1):
+            rule = "3 finite numbers (R, G, B)" + (f", all at least {STD_MIN:.3g}" if name == "image_std"
+                                                   else ", from 0 to 1")
             raise UserError(f"{path} has {name} {values!r}: it must be {rule}; fix it, or delete the file to "
                             "use the defaults")
     resample = cfg.get("resample", Image.Resampling.BICUBIC)
