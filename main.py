@@ -29,7 +29,7 @@ import tinyavl
 from tinyavl import hires
 from tinyavl.attention_map import map_layer, save_attention_map
 from tinyavl.cli import (TOY_WEIGHTS, ArgumentParser, add_policy_arguments, check_filter_layer,
-                         first_paragraph, output_file, policy_params, run_command)
+                         first_paragraph, given_policy_params, output_file, run_command)
 from tinyavl.files import check_output_file
 from tinyavl.generate import check_generation_args
 from tinyavl.processing import check_question, load_image
@@ -77,8 +77,9 @@ def run(args) -> dict:
     # before it generates.
     image = load_image(args.image)
     check_question(args.prompt)
-    check_generation_args(args.max_new_tokens, args.temperature, args.top_p, args.seed)
-    cache = tinyavl.make_cache(args.policy, **policy_params(args))
+    check_generation_args(args.max_new_tokens, args.temperature, args.top_p, args.seed,
+                          named=lambda name: "--" + name.replace("_", "-"))
+    cache = tinyavl.make_cache(args.policy, **given_policy_params(args))
     if args.weights is None:
         if not DEFAULT_WEIGHTS.is_dir():
             raise tinyavl.UserError(f"no model in {DEFAULT_WEIGHTS}: restore the committed toy model (git checkout "
@@ -129,7 +130,7 @@ def run(args) -> dict:
 
     token_ids, stats = tinyavl.generate(model, **inputs,
                                         max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                        top_p=args.top_p, seed=args.seed, eos_token_id=processor.eos_token_id,
+                                        top_p=args.top_p, seed=args.seed,
                                         stream=None if args.json else stream, policy=cache)
     text = processor.decode(token_ids)
     if not args.json:

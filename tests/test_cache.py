@@ -572,7 +572,7 @@ INVALID = (
     + [("avl", dict(filter_layer=0), "filter_layer")]
     + [("avl", dict(K=1.5), "K"), ("streaming", dict(sinks="4"), "sinks"), ("avl", dict(S=True), "S")]
     + [("random", dict(S=value), "S") for value in BAD_RATES]
-    + [("random", dict(random_seed=value), "random_seed") for value in (-1, 2 ** 63)]
+    + [("random", dict(random_seed=value), "random_seed") for value in (-2 ** 63 - 1, 2 ** 64, 1.0)]
 )
 
 
@@ -609,7 +609,8 @@ def test_valid_edges_accepted():
     make_cache("h2o", heavy=1, recent=1)
     make_cache("fastv", filter_layer=1, R=0)
     make_cache("random", S=1, random_seed=0)
-    make_cache("random", random_seed=2 ** 63 - 1)
+    make_cache("random", random_seed=2 ** 64 - 1)   # every seed torch takes
+    make_cache("random", random_seed=-2 ** 63)
 
 
 # =========================================================================================================

@@ -130,6 +130,24 @@ def test_subprocess_json_matches_transformers_greedy(tiny_ckpt, good, files):
     assert ids == ref
 
 
+def test_the_answer_ends_where_config_json_says(capsys, good, files, tmp_path):
+    """main.py stops at the ids config.json's eos_token_id lists (as transformers and `generate` read it), not
+    only at the tokenizer's </s>: with the answer's second token listed too, the answer is two tokens."""
+    argv = ["--image", files["png"], "--max-new-tokens", NEW_TOKENS, "--json", "--weights"]
+    rc, out, err = run_inprocess(capsys, argv + [good])
+    assert rc == 0, err
+    ids = json.loads(out)["token_ids"]
+    assert len(ids) >= 2 and ids[1] not in ids[:1] + [tokenizer_info()["eos_token_id"]]
+    folder = shutil.copytree(good, tmp_path / "second_id_ends")
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"]["eos_token_id"] = [tokenizer_info()["eos_token_id"], ids[1]]
+    (folder / "config.json").write_text(json.dumps(config))
+    rc, out, err = run_inprocess(capsys, argv + [folder])
+    assert rc == 0, err
+    result = json.loads(out)
+    assert result["token_ids"] == ids[:2] and result["finish_reason"] == "eos"
+
+
 def test_subprocess_streams_text_and_summary(capsys, good, files):
     rc, out, err = run_subprocess(["--image", files["jpg"], "--weights", good, "--max-new-tokens", NEW_TOKENS])
     assert rc == 0, err
@@ -325,6 +343,11 @@ def broken(tiny_ckpt, tmp_path_factory):
                              ("index_map_not_names", {"lm_head.weight": 5})):
         d = copy(name, Path(tiny_ckpt.folder("mha", shards=2)))
         (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    d = copy("index_not_utf8", Path(tiny_ckpt.folder("mha", shards=2)))
+    index = d / "model.safetensors.index.json"
+    index.write_bytes(index.read_bytes().replace(b'"weight_map"', b'"weight\xffmap"'))
+    d = copy("index_a_list", Path(tiny_ckpt.folder("mha", shards=2)))
+    (d / "model.safetensors.index.json").write_text("[]")
 
     d = copy("rope_not_object")
     config = json.loads((d / "config.json").read_text())
@@ -362,6 +385,8 @@ ERROR_CASES = [
     ("no tokenizer.json", [], "png", "no_tokenizer", ["tokenizer.json"]),
     *((f"shard index: {name}", [], "png", name, ["weight_map"])
       for name in ("index_map_not_object", "index_map_empty", "index_map_not_names")),
+    ("shard index not UTF-8", [], "png", "index_not_utf8", ["model.safetensors.index.json", "JSON"]),
+    ("shard index a list", [], "png", "index_a_list", ["model.safetensors.index.json", "not an object"]),
     ("RoPE settings a string", [], "png", "rope_not_object", ["RoPE", "linear"]),
     ("second <image> in the prompt", ["--prompt", "<image> What is this?"], "png", "good", ["<image>"]),
     ("prompt longer than context", ["--prompt", LONG_PROMPT], "png", "short_context", ["64"]),
@@ -371,12 +396,12 @@ ERROR_CASES = [
     ("h2o takes no S", ["--policy", "h2o", "--S", "0.5"], "png", "good", ["h2o", "S"]),
     ("fastv R = 1", ["--policy", "fastv", "--R", "1"], "png", "good", ["R"]),
     ("streaming negative sinks", ["--policy", "streaming", "--sinks", "-1"], "png", "good", ["sinks"]),
-    ("max-new-tokens 0", ["--max-new-tokens", "0"], "png", "good", ["max_new_tokens"]),
+    ("max-new-tokens 0", ["--max-new-tokens", "0"], "png", "good", ["--max-new-tokens"]),
     ("avl unknown kernel", ["--policy", "avl", "--kernel", "bogus"], "png", "good", ["bogus"]),
-    ("top-p 0 when sampling", ["--temperature", "1", "--top-p", "0"], "png", "good", ["top_p"]),
-    ("temperature nan", ["--temperature", "nan", "--seed", "0"], "png", "good", ["temperature"]),
-    ("negative temperature", ["--temperature", "-1"], "png", "good", ["temperature"]),
-    ("infinite temperature", ["--temperature", "inf"], "png", "good", ["temperature", "finite"]),
+    ("top-p 0 when sampling", ["--temperature", "1", "--top-p", "0"], "png", "good", ["--top-p"]),
+    ("temperature nan", ["--temperature", "nan", "--seed", "0"], "png", "good", ["--temperature"]),
+    ("negative temperature", ["--temperature", "-1"], "png", "good", ["--temperature"]),
+    ("infinite temperature", ["--temperature", "inf"], "png", "good", ["--temperature", "finite"]),
     ("an abbreviated flag", ["--k", "3"], "png", "good", ["--k"]),  # not --kernel
     ("filter after the last layer", ["--policy", "fastv", "--filter-layer", "9"], "png", "good",
      ["--filter-layer", "at most"]),
@@ -667,8 +692,8 @@ def test_user_input_is_checked_before_the_model_loads(capsys, monkeypatch, good,
         (["--image", tmp_path / "nope.png"], "nope.png"),
         (["--image", files["png"], "--policy", "avl", "--S", "2"], "S"),
         (["--image", files["png"], "--S", "0.5"], "full"),
-        (["--image", files["png"], "--temperature", "1", "--top-p", "0"], "top_p"),
-        (["--image", files["png"], "--seed", "99999999999999999999"], "seed"),
+        (["--image", files["png"], "--temperature", "1", "--top-p", "0"], "--top-p"),
+        (["--image", files["png"], "--seed", "99999999999999999999"], "--seed"),
         (["--image", files["png"], "--prompt", "<image> what?"], "<image>"),
         (["--image", files["png"], "--attention-map", tmp_path / "no-such-dir" / "map.png"], "no-such-dir"),
         (["--image", files["png"], "--map-layer", "1"], "--attention-map"),

@@ -378,6 +378,18 @@ def test_bad_generation_arguments_are_user_errors(loaded):
                       ("top_p", float("nan")), ("top_p", "1"), ("eos_token_id", 2.0), ("eos_token_id", [2, None])]:
         with pytest.raises(UserError, match=f"{name} must be"):
             tinyavl.generate(model, ids, px, **{"max_new_tokens": 2, name: bad})
+    for bad in (ids[0], ids.expand(2, -1), ids[0].tolist()):     # no batch dim, a batch of two, a list
+        with pytest.raises(UserError, match=r"input_ids must be one prompt, a tensor of shape \(1, T\)"):
+            tinyavl.generate(model, bad, px, max_new_tokens=2)
+    # Seeds: exactly those torch's generators take, -2^63 .. 2^64 - 1 (torch is the reference here).
+    for seed in (-2 ** 63, 2 ** 64 - 1):
+        torch.Generator().manual_seed(seed)
+        tinyavl.generate(model, ids, px, max_new_tokens=1, temperature=1.0, seed=seed)
+    for seed in (-2 ** 63 - 1, 2 ** 64):
+        with pytest.raises((RuntimeError, ValueError)):   # the version's overflow or range error
+            torch.Generator().manual_seed(seed)
+        with pytest.raises(UserError, match=r"seed must be a whole number in \[-2\^63, 2\^64\)"):
+            tinyavl.generate(model, ids, px, max_new_tokens=1, temperature=1.0, seed=seed)
     # What a caller may pass that is not a Python int: numpy's integers.
     tokens, _ = tinyavl.generate(model, ids, px, max_new_tokens=np.int64(2), seed=np.uint32(1), eos_token_id=np.int64(2))
     assert len(tokens) <= 2

@@ -95,6 +95,19 @@ def test_stored_and_run_dtypes(tiny_ckpt, stored, run):
         assert torch.isfinite(model(ids)).all()
 
 
+@pytest.mark.parametrize("dtype", ["int8", "float64", torch.int8, torch.float64, 16])
+def test_a_dtype_tinyavl_does_not_run_in_is_refused(tiny_ckpt, dtype):
+    """fp32, fp16 and bf16, by name or as torch dtypes; anything else is one line, not load_state_dict's error."""
+    with pytest.raises(UserError, match="is not one tinyavl runs in"):
+        tinyavl.load_pretrained(tiny_ckpt.folder("mha"), device="cpu", dtype=dtype)
+
+
+@pytest.mark.parametrize("device", ["bogus", "meta", 3.5])
+def test_a_device_tinyavl_does_not_run_on_is_refused(tiny_ckpt, device):
+    with pytest.raises(UserError, match="device"):
+        tinyavl.load_pretrained(tiny_ckpt.folder("mha"), device=device)
+
+
 # ----------------------------------------------------------------------------------------- sparse configs
 def test_sparse_config_takes_file_values_and_class_defaults(tiny_ckpt):
     folder = tiny_ckpt.folder("mha")

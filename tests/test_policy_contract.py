@@ -22,7 +22,7 @@ import tinyavl
 from cache_helpers import (IMAGE_TOKEN, build_model, make_next_prompt, make_prompt, masked, one_thread,  # noqa: F401
                            run_steps)
 from tinyavl.cache import POLICIES, make_cache, param_owners
-from tinyavl.cli import ArgumentParser, add_policy_arguments, policy_params
+from tinyavl.cli import ArgumentParser, add_policy_arguments, given_policy_params
 
 STEPS = 8          # decode steps: A-VL's default K = 3 has update and normal steps among them
 LOGIT_ATOL = 1e-5
@@ -155,8 +155,8 @@ def test_command_line_flags_come_from_the_declarations(capsys):
     for name, owners in param_owners().items():
         for policy, param in owners.items():  # every default goes through its flag and back
             args = parser.parse_args(["--policy", policy, f"--{name.replace('_', '-')}", str(param.default)])
-            assert policy_params(args) == {name: param.default}
-            make_cache(policy, **policy_params(args))
+            assert given_policy_params(args) == {name: param.default}
+            make_cache(policy, **given_policy_params(args))
     with pytest.raises(SystemExit):
         parser.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())

@@ -172,7 +172,7 @@ def test_evaluate_full_holds_exactly_the_dense_cache(capsys):
 @pytest.mark.parametrize("argv", [["--n", "0"], ["--table", "--policy", "avl"], ["--weights", "nowhere"],
                                   ["--policy", "nope"], ["--plot", "x.png"], ["--table", "--plot", "x.txt"],
                                   ["--table", "--plot", "no/such/folder/x.png"],
-                                  ["--policy", "random", "--random-seed", "-1"],
+                                  ["--policy", "random", "--random-seed", str(2 ** 64)],
                                   ["--table", "--plot", str(TOY / "examples" / "scene-0.png")],
                                   ["--attention-maps", str(TOY / "examples")]])
 def test_evaluate_bad_input_is_one_line(capsys, argv):

@@ -178,6 +178,7 @@ def test_key_mismatch_is_summarised(folder):
     ("text_config", "eos_token_id", 5000),          # past the vocabulary: generation would never stop at it
     ("text_config", "eos_token_id", []),
     ("text_config", "bos_token_id", 5000),
+    ("text_config", "bos_token_id", [1, 2]),        # one token begins a prompt
 ])
 def test_config_value_of_the_wrong_kind(folder, section, field, value):
     edit_json(folder / "config.json", lambda c: c[section].__setitem__(field, value))

@@ -38,7 +38,7 @@ A new policy is a KVCache subclass with a `name`, its `PARAMS` and `FULL_BUDGET`
 tests/test_policy_contract.py then checks it like every other (tutorial chapter 2 writes one).
 """
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -238,7 +238,7 @@ class Param:
             return f"{'>' if self.ends[0] == '(' else '>='} {self.low}"
         if self.low is None:
             return f"{'<' if self.ends[1] == ')' else '<='} {shown(self.high)}"
-        return f"in {self.ends[0]}{self.low}, {shown(self.high)}{self.ends[1]}"
+        return f"in {self.ends[0]}{shown(self.low)}, {shown(self.high)}{self.ends[1]}"
 
     def check(self, value):
         """The value, if this parameter allows it; else a UserError naming the parameter."""
@@ -257,8 +257,16 @@ class Param:
 
 
 def shown(x) -> str:
-    """2 ** 63 as 2^63: the bound of a seed reads better so."""
-    return f"2^{x.bit_length() - 1}" if isinstance(x, int) and x >= 2 ** 32 and x & (x - 1) == 0 else f"{x}"
+    """2 ** 64 as 2^64 and -2 ** 63 as -2^63: the bounds of a seed read better so."""
+    size = abs(x) if isinstance(x, int) else 0
+    if size >= 2 ** 32 and size & (size - 1) == 0:  # a large power of two
+        return f"{'-' if x < 0 else ''}2^{size.bit_length() - 1}"
+    return f"{x}"
+
+
+# Every seed torch's generators take (torch.manual_seed, torch.Generator.manual_seed): the seeds of a
+# generation (generate's seed), of a training run and of the random policy.
+SEED_PARAM = Param("seed", 0, "the seed of a random number generator", low=-2 ** 63, high=2 ** 64, ends="[)")
 
 
 def rate(name: str, default: float, help: str) -> Param:
@@ -861,8 +869,7 @@ class RandomCache(KVCache):
     name = "random"
 
     PARAMS = (rate("S", 0.5, "fraction of image tokens kept"),
-              Param("random_seed", 0, "seed of the generator that draws the image tokens kept",
-                    low=0, high=2 ** 63, ends="[)"))
+              replace(SEED_PARAM, name="random_seed", help="seed of the generator that draws the image tokens kept"))
     FULL_BUDGET = dict(S=1)
 
     def __init__(self, **params):

@@ -1,4 +1,6 @@
-"""What the command lines share: the toy model's folder, one-line errors, the KV policy flags."""
+"""What the command lines share: the toy models' folders, a parser whose every option has a help and shows
+its default, the KV policy flags, the trainers' checks, and how every command ends (`ended_in_one_line`:
+one line for a user's mistake, Ctrl-C, SIGTERM or what the system refuses, never a traceback)."""
 import argparse
 import errno
 import json
@@ -11,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from tinyavl.cache import POLICIES, param_owners
+from tinyavl.cache import POLICIES, SEED_PARAM, param_owners
 from tinyavl.errors import UserError
 
 # The committed toy LLaVA: the default model of main.py and of the evaluation.
@@ -93,8 +95,8 @@ def check_filter_layer(args: argparse.Namespace, model, cache) -> None:
               file=sys.stderr)
 
 
-def policy_params(args: argparse.Namespace) -> dict:
-    """The policy parameters given on the command line."""
+def given_policy_params(args: argparse.Namespace) -> dict:
+    """The policy parameters given on the command line (the cache's `params()` holds all, defaults too)."""
     return {name: getattr(args, name) for name in param_owners() if getattr(args, name) is not None}
 
 
@@ -117,8 +119,8 @@ def check_training_args(parser: argparse.ArgumentParser, args: argparse.Namespac
         parser.error(f"--lr must be a finite number above 0, got {args.lr}")
     if args.eval_every < 0:
         parser.error(f"--eval-every must be at least 0 (0: none), got {args.eval_every}")
-    if not -2 ** 63 <= args.seed < 2 ** 64:  # what torch.manual_seed takes
-        parser.error(f"--seed must be from -2^63 to 2^64 - 1, got {args.seed}")
+    if not SEED_PARAM.low <= args.seed < SEED_PARAM.high:
+        parser.error(f"--seed must be {SEED_PARAM.allowed()}, got {args.seed}")
 
 
 def interrupted() -> int:

@@ -1,8 +1,9 @@
 """The one exception type for mistakes a user can fix (a wrong path, a broken file, a bad option).
 
-`main.py` prints such an error as a single line and exits with status 2. Beside it only Ctrl-C and what
-the system refuses (a full disk, a name too long: `tinyavl.cli.run_command`) end in one line; anything
-else is a bug in tinyavl and keeps its traceback.
+Every command (main.py, the trainers, the evaluations, the benchmarks) prints such an error as a single line
+and exits with status 2: `tinyavl.cli.ended_in_one_line`, which also says what else ends in one line (Ctrl-C,
+SIGTERM, what the system refuses: a full disk, memory that ran out). Anything else is a bug in tinyavl and
+keeps its traceback.
 """
 
 

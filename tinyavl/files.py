@@ -1,5 +1,6 @@
-"""Writing a user's outputs safely: never half a file, never over an input, never over a file the user named
-(check_output_file) or a folder of files without being asked (--force).
+"""The user's files: reading a model folder's files (check_readable, read_json_object), and writing a user's
+outputs safely: never half a file, never over an input, never over a file the user named (check_output_file)
+or a folder of files without being asked (--force).
 
 Every command checks its output paths before it works (check_output_file, check_new_folder) and writes
 its outputs through write_file_atomically or write_folder_atomically. A file or folder is first written under a
@@ -10,6 +11,7 @@ linked into place instead (`os.link` refuses a name that exists), so that a file
 the minutes of work, after the check, is not replaced either.
 """
 import errno
+import json
 import os
 import shutil
 from contextlib import contextmanager
@@ -37,10 +39,25 @@ def as_user_error(label: str):
 
 def check_readable(path: Path) -> None:
     """Open and close `path`: a file the system will not let this process read (no permission) fails here,
-    as the OSError that says so (one line, status 1: `cli.run_command`). The libraries that read model files
+    as the OSError that says so (one line, status 1: `cli.ended_in_one_line`). The libraries that read model files
     report it otherwise: safetensors as a missing file, tokenizers inside a message about a damaged one."""
     with open(path, "rb"):
         pass
+
+
+def read_json_object(path: Path, optional: bool = False) -> dict:
+    """The JSON object a model folder's file holds (config.json, a shard index, the processor's files); with
+    `optional`, {} where the file is absent. UserError if it is not a JSON object in UTF-8."""
+    if optional and not path.is_file():
+        return {}
+    remedy = "download it again" + (", or delete it to use the defaults" if optional else "")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{path} is not valid JSON ({err}): {remedy}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} holds a JSON {type(data).__name__}, not an object: {remedy}")
+    return data
 
 
 def check_output_file(path: Path, flag: str, inputs: list[Path], suffixes: tuple = PICTURE_SUFFIXES,

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tinyavl.cache import MODALITIES, KVCache, make_cache
+from tinyavl.cache import MODALITIES, SEED_PARAM, KVCache, make_cache
 from tinyavl.errors import UserError
 from tinyavl.model import keys_first
 
@@ -107,16 +107,18 @@ def id_set(ids) -> set[int]:
     return {int(i) for i in values}
 
 
-def check_generation_args(max_new_tokens: int, temperature: float, top_p: float, seed: int | None) -> None:
-    """UserError for settings generate cannot honour (main.py checks them before it loads the model)."""
+def check_generation_args(max_new_tokens: int, temperature: float, top_p: float, seed: int | None,
+                          named=str) -> None:
+    """UserError for settings generate cannot honour (main.py checks them before it loads the model, its
+    messages naming the flags: named("top_p") == "--top-p")."""
     if not is_whole(max_new_tokens) or max_new_tokens < 1:
-        raise UserError(f"max_new_tokens must be a whole number, at least 1, got {max_new_tokens!r}")
+        raise UserError(f"{named('max_new_tokens')} must be a whole number, at least 1, got {max_new_tokens!r}")
     if not is_real(temperature) or not 0 <= temperature < math.inf:  # also rejects nan
-        raise UserError(f"temperature must be finite and >= 0 (0 = greedy), got {temperature!r}")
+        raise UserError(f"{named('temperature')} must be finite and >= 0 (0 = greedy), got {temperature!r}")
     if not is_real(top_p) or not 0 < top_p <= 1:  # checked when greedy too: a nan or -1 is a mistake anyway
-        raise UserError(f"top_p must be in (0, 1], got {top_p!r}")
-    if seed is not None and (not is_whole(seed) or not 0 <= seed < 2 ** 64):  # what torch.Generator.manual_seed takes
-        raise UserError(f"seed must be a whole number in [0, 2^64), got {seed!r}")
+        raise UserError(f"{named('top_p')} must be in (0, 1], got {top_p!r}")
+    if seed is not None and not (is_whole(seed) and SEED_PARAM.low <= seed < SEED_PARAM.high):
+        raise UserError(f"{named('seed')} must be a whole number {SEED_PARAM.allowed()}, got {seed!r}")
 
 
 @torch.inference_mode()
@@ -136,8 +138,9 @@ def generate(model, input_ids, pixel_values=None, *, image_sizes=None, hires_pix
     Returns the new token ids (EOS included when it stops generation) and the run's statistics, whose
     finish_reason says why it stopped.
     """
-    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
-        raise ValueError(f"generate takes one prompt of shape (1, T), got {tuple(input_ids.shape)}")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise UserError(f"input_ids must be one prompt, a tensor of shape (1, T), got {shape}")
     check_generation_args(max_new_tokens, temperature, top_p, seed)
     max_new_tokens, seed = int(max_new_tokens), None if seed is None else int(seed)  # numpy's integers too
     if hires_top is not None and hires_pixel_values is None:

@@ -72,11 +72,16 @@ def select_blocks(image_attention, grid: tuple[int, int], threshold: float = THR
     return threshold_blocks(block_scores(image_attention, grid, blocks), threshold)
 
 
+def is_threshold(threshold) -> bool:
+    """A threshold selects some blocks only on the normalised attention's 0-255 scale: 0 <= threshold < 255
+    (a number; true is not 1 here)."""
+    return isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and 0 <= threshold < 255
+
+
 def check_threshold(threshold: float) -> None:
-    """A threshold selects some blocks only on the normalised attention's 0-255 scale: 0 <= threshold < 255."""
-    if not 0 <= threshold < 255:
+    if not is_threshold(threshold):
         raise UserError(f"the selection threshold must be in 0 <= T < 255 (the 0-255 scale of the normalised "
-                        f"attention), got {threshold:g}")
+                        f"attention), got {threshold!r}")
 
 
 def check_block_count(count, side: int) -> None:

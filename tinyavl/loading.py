@@ -16,7 +16,6 @@ The same code reads LLaVA-1.5 (model_type "llava") and LLaVA-1.6 (model_type "ll
 image_grid_pinpoints to the config and image_newline to the weights), with a Llama (Vicuna) or a
 Mistral decoder. Weights load from safetensors only: a pickle (.bin) can run code when it is read.
 """
-import json
 import math
 from dataclasses import fields
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from tinyavl.errors import UserError
-from tinyavl.files import check_readable
+from tinyavl.files import check_readable, read_json_object
 from tinyavl.model import (LLAVA_DEFAULT_VISION, HiresConfig, LlavaConfig, LlavaForConditionalGeneration, TextConfig,
                            VisionConfig)
 
@@ -135,16 +134,7 @@ def read_config(folder: Path) -> LlavaConfig:
     path = folder / "config.json"
     if not path.is_file():
         raise UserError(f"{path} is missing: a llava-hf model folder holds config.json beside its safetensors")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path} is not valid JSON ({err})") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path} must hold a JSON object")
-    try:
-        return parse_config(raw)
-    except TypeError as err:  # a field of the wrong type, e.g. a string where a number belongs
-        raise UserError(f"{path} has an invalid field: {err}") from None
+    return parse_config(read_json_object(path))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -177,10 +167,7 @@ def checkpoint_files(folder: Path) -> list[Path]:
     """The safetensors files of a folder: the shards an index names, or the single model.safetensors."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise UserError(f"{index} is not a valid safetensors index ({err!r})") from None
+        weight_map = read_json_object(index).get("weight_map")
         if not (isinstance(weight_map, dict) and weight_map and all(isinstance(f, str) for f in weight_map.values())):
             raise UserError(f"{index}: its weight_map is not a JSON object from tensor names to shard files")
         files = [folder / name for name in sorted(set(weight_map.values()))]
@@ -205,7 +192,10 @@ DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch
 def resolve_device(device) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):  # torch's own refusal of a name it does not know
+        raise UserError(f"unknown device {device!r}: use cpu or cuda") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("CUDA was asked for but this machine has no CUDA device: use --device cpu")
     if device.type not in ("cpu", "cuda"):
@@ -214,10 +204,11 @@ def resolve_device(device) -> torch.device:
 
 
 def resolve_dtype(dtype, stored: torch.dtype, device: torch.device) -> torch.dtype:
-    if isinstance(dtype, str):
-        if dtype not in DTYPE_NAMES:
-            raise UserError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPE_NAMES)}")
+    """The dtype to run in: one of DTYPE_NAMES' (by name or as a torch dtype), or None for the default."""
+    if isinstance(dtype, str) and dtype in DTYPE_NAMES:
         dtype = DTYPE_NAMES[dtype]
+    if dtype is not None and dtype not in DTYPE_NAMES.values():  # e.g. "int8", torch.int8 or float64
+        raise UserError(f"dtype {dtype!r} is not one tinyavl runs in: use one of {', '.join(DTYPE_NAMES)}")
     if dtype is not None:
         return dtype
     # Default: the stored dtype, except fp16 on a CPU, whose matmuls are slow there; bf16 has the same size.
@@ -337,7 +328,8 @@ def load_weights(model: LlavaForConditionalGeneration, files: list[Path], dtype,
 
 
 def stored_dtype(files: list[Path]) -> torch.dtype:
-    """The floating dtype the checkpoint was saved in (fp16 for the published llava-hf files)."""
+    """The floating dtype the checkpoint was saved in (fp16 for the published llava-hf files); float32 for
+    an F64 checkpoint, which tinyavl does not run in."""
     with open_safetensors(files[0]) as f:
         for key in f.keys():
             dtype = STORED_DTYPES.get(f.get_slice(key).get_dtype())
@@ -347,11 +339,13 @@ def stored_dtype(files: list[Path]) -> torch.dtype:
 
 
 def load_model(path, device=None, dtype=None) -> LlavaForConditionalGeneration:
+    """The model of a llava-hf folder, on `device` (default: cuda if available), in `dtype` (default: the
+    stored one, fp16 as bf16 on a CPU)."""
     folder = Path(path)
     config = read_config(folder)
     files = checkpoint_files(folder)
-    for path in files:  # once each, before the tensors are read one by one
-        check_readable(path)
+    for file in files:  # once each, before the tensors are read one by one
+        check_readable(file)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, stored_dtype(files), device)
     with torch.device("meta"):

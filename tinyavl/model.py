@@ -112,12 +112,15 @@ class TextConfig:
         _require_kind(self, section, ("attention_bias", "mlp_bias", "tie_word_embeddings"), bool)
         _require_kind(self, section, ("hidden_act",), str)
         # Ids the embedding table has a row for (null: none declared; generation then stops at its length).
-        for name in ("bos_token_id", "eos_token_id"):
-            value = getattr(self, name)
-            ids = value if isinstance(value, list) and value else [value]
-            _require(value is None or all(type(i) is int and 0 <= i < self.vocab_size for i in ids),
-                     f"{section}.{name} is {value!r}, but it must be a token id (0 .. {self.vocab_size - 1})"
-                     + (", a non-empty list of them" if name == "eos_token_id" else "") + ", or null")
+        # config.json may list several ids that end an answer, but only one that begins it.
+        def is_token(i):
+            return type(i) is int and 0 <= i < self.vocab_size
+
+        a_token = f"a token id (0 .. {self.vocab_size - 1})"
+        bos, eos = self.bos_token_id, self.eos_token_id
+        _require(bos is None or is_token(bos), f"{section}.bos_token_id is {bos!r}, but it must be {a_token} or null")
+        _require(eos is None or is_token(eos) or (isinstance(eos, list) and eos and all(map(is_token, eos))),
+                 f"{section}.eos_token_id is {eos!r}, but it must be {a_token}, a non-empty list of them, or null")
 
 
 def _require(ok: bool, problem: str) -> None:
@@ -155,6 +158,12 @@ class HiresConfig:
     first_layer: int = 9      # its paper's LLaVA-1.5-7B setting; layer first_layer - 1 makes the first selection
     threshold: float = hires.THRESHOLD  # of 255
     blocks: int = hires.BLOCKS          # blocks a side
+
+    def __post_init__(self):
+        section = "hires_config"
+        _require_positive(self, section, ("scale", "first_layer", "blocks"), int)
+        _require(hires.is_threshold(self.threshold),
+                 f"{section}.threshold {self.threshold!r} is not on the 0-255 scale (0 <= T < 255)")
 
 
 # What LlavaConfig uses when config.json has no vision_config at all: CLIP ViT-L/14 at 336 px.
@@ -223,9 +232,9 @@ class LlavaConfig:
                  f"image_token_index {self.image_token_id!r} is outside the vocabulary (0 .. {vocab - 1})")
 
     def _validate_hires(self) -> None:
-        """FlexAttention's view fits the model: a LLaVA-1.5 grid of patches, blocks that tile both maps."""
+        """FlexAttention's view fits the model: a LLaVA-1.5 grid of patches, blocks that tile both maps (the
+        section's own fields check themselves: HiresConfig)."""
         h, section = self.hires, "hires_config"
-        _require_positive(h, section, ("scale", "first_layer", "blocks"), int)
         side = self.vision.image_size // self.vision.patch_size
         _require(not self.is_next and self.vision_feature_select_strategy == "default", f"{section}: "
                  "FlexAttention's view is built for LLaVA-1.5's one crop of patch tokens (no anyres, no CLS)")
@@ -233,8 +242,6 @@ class LlavaConfig:
                  f"layer after the first of the decoder's {self.text.num_hidden_layers}")
         _require(h.blocks <= side and (side * h.scale) % h.blocks == 0, f"{section}.blocks {h.blocks} must be at "
                  f"most the {side} tokens a side and divide the {side * h.scale} high-resolution tokens a side")
-        _require(isinstance(h.threshold, (int, float)) and 0 <= h.threshold < 255,
-                 f"{section}.threshold {h.threshold!r} is not on the 0-255 scale (0 <= T < 255)")
 
     def _validate_pinpoints(self) -> None:
         """LLaVA-1.6's canvases are well formed (then held as (height, width) tuples), and its tiles' grids

@@ -30,7 +30,7 @@ from tokenizers import Tokenizer
 
 from tinyavl import anyres
 from tinyavl.errors import UserError
-from tinyavl.files import check_readable
+from tinyavl.files import check_readable, read_json_object
 
 IMAGE_TOKEN = "<image>"
 BOS_TOKEN = "<s>"
@@ -98,6 +98,11 @@ def upright(img: Image.Image) -> Image.Image:
     return turned
 
 
+def rgb_image(image) -> Image.Image:
+    """An image file's path (read by load_image) or a PIL image, as 8-bit RGB."""
+    return load_image(image) if isinstance(image, (str, os.PathLike)) else to_rgb(image)
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL image -> 8-bit RGB, as transformers' convert_to_rgb does (plus a fix for 16-bit grey).
 
@@ -112,6 +117,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
         # the high byte instead (v >> 8): pack as big-endian 16 bit (clipping to 0..65535) and take
         # every first byte.
         img = Image.frombytes("L", img.size, img.convert("I").tobytes("raw", "I;16B")[0::2])
+    if img.mode == "RGB" and img.info.get("transparency") is None:
+        return img  # nothing to convert (preprocess calls this again on every crop)
     try:
         if "A" in img.getbands() or img.info.get("transparency") is not None:
             # Composite transparent pixels on white, as transformers does; a plain convert("RGB")
@@ -201,7 +208,7 @@ def read_chat_template(folder: Path) -> str | None:
     json_file = folder / "chat_template.json"
     if not json_file.is_file():
         return None
-    template = _read_json(json_file).get("chat_template")
+    template = read_json_object(json_file).get("chat_template")
     if not isinstance(template, str):
         raise UserError(f"{json_file} has no \"chat_template\" string: download it again, or delete it to use "
                         "LLaVA-1.5's prompt format")
@@ -268,8 +275,8 @@ class Processor:
         except Exception as e:  # the tokenizers library raises a bare Exception
             raise UserError(f"{path} is not a valid tokenizer.json ({e}): download it again") from None
         pre_path = folder / "preprocessor_config.json"
-        pre_cfg = _read_json(pre_path)
-        pre = _read_preprocessor_config(pre_cfg, pre_path, vision_image_size, anyres=image_grid_pinpoints is not None)
+        pre_cfg = read_json_object(pre_path, optional=True)
+        pre = preprocessor_settings(pre_cfg, pre_path, vision_image_size, tiled=image_grid_pinpoints is not None)
         # The processor counts an image's slots from these canvases and the model tiles it on config.json's:
         # two lists would give a prompt whose slots and features do not match.
         pre_pinpoints = pre_cfg.get("image_grid_pinpoints")
@@ -279,7 +286,7 @@ class Processor:
                             f"{pre_pinpoints} but config.json on {image_grid_pinpoints}: the files come from "
                             "different checkpoints")
         processor_path = folder / "processor_config.json"
-        system_prompt = _read_json(processor_path).get("system_prompt", "")
+        system_prompt = read_json_object(processor_path, optional=True).get("system_prompt", "")
         if not isinstance(system_prompt, str):
             raise UserError(f"{processor_path} has a system_prompt that is not a string")
         chat_template = read_chat_template(folder)
@@ -329,7 +336,7 @@ class Processor:
         ids = self.tokenizer.encode(text, add_special_tokens=not text.startswith(BOS_TOKEN)).ids
         pixel_values = image_sizes = hires_pixel_values = None
         if image is not None:
-            img = load_image(image) if isinstance(image, (str, os.PathLike)) else to_rgb(image)
+            img = rgb_image(image)
             image_hw = (img.height, img.width)
             # "<image>" is one special token; widen it to one slot per image feature. transformers repeats
             # "<image>" that many times in the text before tokenising: the ids are the same.
@@ -378,7 +385,7 @@ class Processor:
     def preprocess(self, image, scale: int = 1) -> torch.Tensor:
         """A path or PIL image -> normalised pixels [3, image_size, image_size], as CLIPImageProcessor (PIL);
         scale > 1 makes every size that many times larger (FlexAttention's high-resolution view)."""
-        img = load_image(image) if isinstance(image, (str, os.PathLike)) else to_rgb(image)
+        img = rgb_image(image)
         # Resize so the short side is shortest_edge; the long side keeps the aspect ratio, truncated with
         # int() exactly as transformers' get_resize_output_image_size does (500x375 -> 448x336).
         w, h = img.size
@@ -430,7 +437,7 @@ LLAMA_SPECIAL_TOKENS = {"bos_token": BOS_TOKEN, "eos_token": "</s>", "unk_token"
 def read_special_tokens(path: Path) -> dict:
     """{name: token or None} for LLAMA_SPECIAL_TOKENS' names, as tokenizer_config.json declares them (a string,
     or an AddedToken object with its "content"; null: none) or as the Llama tokenizer's defaults."""
-    declared = _read_json(path)
+    declared = read_json_object(path, optional=True)
     tokens = {}
     for name, default in LLAMA_SPECIAL_TOKENS.items():
         token = declared.get(name, default)
@@ -441,6 +448,17 @@ def read_special_tokens(path: Path) -> dict:
     return tokens
 
 
+def _rgb_numbers(cfg: dict, name: str, default, path: Path, in_range, rule: str):
+    """cfg[name] (or the default): 3 finite numbers, one per colour (R, G, B), that `in_range` accepts."""
+    values = cfg.get(name, default)
+    three_finite = isinstance(values, (list, tuple)) and len(values) == 3 and all(
+        type(v) in (int, float) and math.isfinite(v) for v in values)
+    if not (three_finite and in_range(values)):
+        raise UserError(f"{path} has {name} {values!r}: it must be 3 finite numbers (R, G, B), {rule}; fix it, or "
+                        "delete the file to use the defaults")
+    return values
+
+
 def _special_id(tokenizer: Tokenizer, token: str) -> int:
     found = tokenizer.token_to_id(token)
     if found is None:
@@ -448,9 +466,9 @@ def _special_id(tokenizer: Tokenizer, token: str) -> int:
     return found
 
 
-def _read_preprocessor_config(cfg: dict, path: Path, vision_image_size: int, anyres: bool = False) -> dict:
+def preprocessor_settings(cfg: dict, path: Path, vision_image_size: int, tiled: bool = False) -> dict:
     """Processor settings from preprocessor_config.json (cfg, its parsed contents; {} when the file is
-    absent, giving the llava-1.5 defaults; path names it in errors).
+    absent, giving the llava-1.5 defaults; path names it in errors; tiled: LLaVA-1.6's anyres).
 
     Read: size.shortest_edge, crop_size (must equal the vision tower's input), image_mean, image_std,
     resample, and for LLaVA-1.5 do_pad (pad the image to a square first; for LLaVA-1.6, anyres, it pads a
@@ -476,18 +494,10 @@ def _read_preprocessor_config(cfg: dict, path: Path, vision_image_size: int, any
     rescale = cfg.get("rescale_factor", 1 / 255)
     if type(rescale) not in (int, float) or not math.isclose(rescale, 1 / 255):
         raise UserError(f"{path} has rescale_factor {rescale!r}; tinyavl rescales pixels by 1/255, as CLIP does")
-    mean, std = cfg.get("image_mean", CLIP_MEAN), cfg.get("image_std", CLIP_STD)
-    for name, values in (("image_mean", mean), ("image_std", std)):
-        numbers = isinstance(values, (list, tuple)) and len(values) == 3 and all(
-            type(v) in (int, float) and math.isfinite(v) for v in values)
-        # The processor divides by the std in float32: one that is 0 there (1e-320 is) or whose inverse
-        # overflows would make pixels inf or NaN, and the answer garbage. The mean is a colour of pixels
-        # scaled to 0 .. 1 (do_pad pads with it).
-        if not numbers or not (min(values) >= STD_MIN if name == "image_std" else 0 <= min(values) <= max(values) <= 1):
-            rule = "3 finite numbers (R, G, B)" + (f", all at least {STD_MIN:.3g}" if name == "image_std"
-                                                   else ", from 0 to 1")
-            raise UserError(f"{path} has {name} {values!r}: it must be {rule}; fix it, or delete the file to "
-                            "use the defaults")
+    # The mean is a colour of pixels scaled to 0 .. 1 (do_pad pads with it). The processor divides by the std
+    # in float32: one that is 0 there (1e-320 is) or whose inverse overflows would make pixels inf or NaN.
+    mean = _rgb_numbers(cfg, "image_mean", CLIP_MEAN, path, lambda v: 0 <= min(v) <= max(v) <= 1, "from 0 to 1")
+    std = _rgb_numbers(cfg, "image_std", CLIP_STD, path, lambda v: min(v) >= STD_MIN, f"all at least {STD_MIN:.3g}")
     resample = cfg.get("resample", Image.Resampling.BICUBIC)
     if isinstance(resample, bool) or resample not in {r.value for r in Image.Resampling}:  # true is not 1 here
         raise UserError(f"{path} has resample {resample!r}; it must be a PIL resampling filter (3 = bicubic)")
@@ -495,18 +505,4 @@ def _read_preprocessor_config(cfg: dict, path: Path, vision_image_size: int, any
     if type(do_pad) is not bool:
         raise UserError(f"{path} has do_pad {do_pad!r}; it must be true or false")
     return dict(image_size=vision_image_size, shortest_edge=shortest_edge, image_mean=mean, image_std=std,
-                resample=resample, pad_to_square=do_pad and not anyres)
-
-
-def _read_json(path: Path) -> dict:
-    """An optional JSON object file: its contents, or {} when it is absent."""
-    if not path.is_file():
-        return {}
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e}): download it again, or delete it to use the "
-                        f"defaults") from None
-    if not isinstance(cfg, dict):
-        raise UserError(f"{path} holds a JSON {type(cfg).__name__}, not an object: download it again")
-    return cfg
+                resample=resample, pad_to_square=do_pad and not tiled)

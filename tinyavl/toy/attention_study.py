@@ -72,8 +72,7 @@ def record_captions(model, processor, n_scenes: int, seed: int) -> list:
     recordings = []
     for question in caption_questions(n_scenes, seed):
         inputs = processor(processor.chat_prompt(question.text), image=question.scene.image())
-        recorder, _ = record_attention(model, inputs["input_ids"], inputs["pixel_values"], max_new_tokens=64,
-                                       eos_token_id=processor.eos_token_id)
+        recorder, _ = record_attention(model, inputs["input_ids"], inputs["pixel_values"], max_new_tokens=64)
         recordings.append(recorder)
     return recordings
 
@@ -235,7 +234,7 @@ def caption_with_hidden(model, processor, question, hidden: list[int]) -> set[st
     tokens `hidden` are hidden from the decoder (`HiddenImageTokens`)."""
     inputs = processor(processor.chat_prompt(question.text), image=question.scene.image())
     token_ids, _ = generate(model, inputs["input_ids"], inputs["pixel_values"], max_new_tokens=64,
-                            eos_token_id=processor.eos_token_id, policy=HiddenImageTokens(hidden))
+                            policy=HiddenImageTokens(hidden))
     return parse_caption(processor.decode(token_ids))
 
 

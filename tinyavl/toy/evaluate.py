@@ -38,7 +38,7 @@ from tinyavl import load_pretrained
 from tinyavl.attention_map import save_attention_map
 from tinyavl.cache import KVCache, make_cache
 from tinyavl.cli import (TOY_WEIGHTS, ArgumentParser, add_policy_arguments, check_filter_layer, first_paragraph,
-                         output_file, policy_params, run_command)
+                         given_policy_params, output_file, run_command)
 from tinyavl.errors import UserError
 from tinyavl.files import check_apart_from_inputs, check_can_make, check_output_file
 from tinyavl.generate import generate
@@ -213,7 +213,7 @@ def evaluate(model, processor, questions: list[Question], policy: str | KVCache 
         token_ids, stats = generate(model, inputs["input_ids"], inputs["pixel_values"],
                                     image_sizes=inputs["image_sizes"], hires_pixel_values=hires_pixels,
                                     hires_top=every_block, max_new_tokens=max_new_tokens,
-                                    eos_token_id=processor.eos_token_id, policy=cache)
+                                    policy=cache)
         prediction = processor.decode(token_ids)
         correct = is_correct(question, prediction)
         asked[question.kind] += 1
@@ -395,7 +395,7 @@ def map_file(folder: Path, kind: str) -> Path:
 def run(args) -> dict:
     if args.n < 1:
         raise UserError(f"--n must be at least 1, got {args.n}")
-    if args.table and (args.policy != "full" or policy_params(args) or args.attention_maps):
+    if args.table and (args.policy != "full" or given_policy_params(args) or args.attention_maps):
         raise UserError("--table runs its own list of policies: leave out --policy, its parameters "
                         "and --attention-maps")
     if args.force and args.plot is None and args.attention_maps is None:
@@ -413,7 +413,7 @@ def run(args) -> dict:
         for kind in PROMPT_KINDS if args.attention_maps.is_dir() else ():  # one picture per kind of prompt
             check_output_file(map_file(args.attention_maps, kind), "--attention-maps", inputs=[args.weights],
                               suffixes=(".png",), replace=args.force)
-    cache = make_cache(args.policy, **policy_params(args))  # bad policy parameters fail here, before any work
+    cache = make_cache(args.policy, **given_policy_params(args))  # bad policy parameters fail here, before any work
     if not args.weights.is_dir():
         raise UserError(f"no model folder at {args.weights}: train one with python -m tinyavl.toy.train")
     model, processor = load_pretrained(args.weights, device="cpu", dtype="float32")
@@ -439,7 +439,7 @@ def run(args) -> dict:
                 save_attention_map(map_file(args.attention_maps, question.kind), model, processor, inputs, cache,
                                    question=question.text, replace=args.force)
 
-    report = evaluate(model, processor, questions, args.policy, policy_params(args), on_answer=on_answer,
+    report = evaluate(model, processor, questions, args.policy, given_policy_params(args), on_answer=on_answer,
                       hires_mode=args.hires_mode)
     if args.attention_maps is not None:
         print(f"wrote the first scene's attention maps to {args.attention_maps}", file=sys.stderr)
