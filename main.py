@@ -67,14 +67,10 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def parse_args(argv):
-    return build_parser().parse_args(argv)
-
-
-def run(args) -> dict:
-    # Everything the user gave is checked before the model loads (seconds to minutes for a 7B model), except
-    # --filter-layer's and --map-layer's upper bounds, which need its layer count: checked once it has loaded,
-    # before it generates.
+def check_args(args):
+    """(image, cache): everything the user gave, checked before the model loads (seconds to minutes for a 7B
+    model), except --filter-layer's and --map-layer's upper bounds, which need its layer count (checked once
+    it has loaded, before it generates). Fills in --weights' default."""
     image = load_image(args.image)
     check_question(args.prompt)
     check_generation_args(args.max_new_tokens, args.temperature, args.top_p, args.seed,
@@ -98,6 +94,39 @@ def run(args) -> dict:
                 raise tinyavl.UserError(f"{flag} is an option of --attention-map: give --attention-map OUT.png too")
     if args.hires_threshold is not None:
         hires.check_threshold(args.hires_threshold)
+    return image, cache
+
+
+class AnswerPrinter:
+    """Prints the answer on stdout as it is generated. A reader that closes stdout early (`| head`) ends the
+    printing, not the run: an --attention-map is still written."""
+
+    def __init__(self, processor):
+        self.processor = processor
+        self.ids, self.printed, self.reader_gone = [], "", False
+
+    def say(self, text: str, end: str = "") -> None:
+        if not self.reader_gone:
+            try:
+                print(text, end=end, flush=True)
+            except BrokenPipeError:
+                self.reader_gone = True
+
+    def stream(self, token_id: int) -> None:
+        # Decode everything so far and print what is new: a token can complete a multi-byte character.
+        self.ids.append(token_id)
+        text = self.processor.decode(self.ids)
+        if not text.endswith("\ufffd"):
+            self.say(text[len(self.printed):])
+            self.printed = text
+
+    def finish(self, text: str) -> None:
+        """The rest of the whole answer's text, and the end of the line."""
+        self.say(text[len(self.printed):], end="\n")
+
+
+def run(args) -> dict:
+    image, cache = check_args(args)
     model, processor = tinyavl.load_pretrained(args.weights, device=args.device, dtype=args.dtype)
     check_filter_layer(args, model, cache)
     if args.attention_map is not None:  # checked now, so that a wrong --map-layer fails before generating
@@ -106,35 +135,14 @@ def run(args) -> dict:
         print("this model has no FlexAttention projections (no hires_config): it does not read the blocks; "
               "the map shows where it would", file=sys.stderr)
     inputs = processor(processor.chat_prompt(args.prompt), image=image)
-    printed = ""
-    ids = []
-    reader_gone = False  # stdout's reader closed it (`| head`)
-
-    def say(text, end=""):
-        # A reader that stops reading ends the printing, not the run: an --attention-map is still written.
-        nonlocal reader_gone
-        if not reader_gone:
-            try:
-                print(text, end=end, flush=True)
-            except BrokenPipeError:
-                reader_gone = True
-
-    def stream(token_id):
-        # Decode everything so far and print what is new: a token can complete a multi-byte character.
-        nonlocal printed
-        ids.append(token_id)
-        text = processor.decode(ids)
-        if not text.endswith("\ufffd"):
-            say(text[len(printed):])
-            printed = text
-
+    printer = None if args.json else AnswerPrinter(processor)
     token_ids, stats = tinyavl.generate(model, **inputs,
                                         max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                         top_p=args.top_p, seed=args.seed,
-                                        stream=None if args.json else stream, policy=cache)
+                                        stream=None if printer is None else printer.stream, policy=cache)
     text = processor.decode(token_ids)
-    if not args.json:
-        say(text[len(printed):], end="\n")
+    if printer is not None:
+        printer.finish(text)
     if args.attention_map is not None:
         save_attention_map(args.attention_map, model, processor, inputs, cache, layer, question=args.prompt,
                            hires_threshold=args.hires_threshold, replace=args.force)
@@ -172,7 +180,8 @@ def summary(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    return run_command(run, parse_args(argv), show=lambda result: print(summary(result), file=sys.stderr))
+    return run_command(run, build_parser().parse_args(argv),
+                       show=lambda result: print(summary(result), file=sys.stderr))
 
 
 if __name__ == "__main__":

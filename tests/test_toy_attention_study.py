@@ -1,4 +1,5 @@
 """The attention study's aggregation on a hand-made recording: every number derived by hand."""
+import json
 import math
 from types import SimpleNamespace
 
@@ -259,10 +260,18 @@ def test_figures_in_out_are_replaced_only_with_force(tmp_path, monkeypatch, caps
     assert (tmp_path / attention_study.FIGURES[1]).read_text() == "the user's"
     assert attention_study.main(["--force"]) == 2                 # --force without --out
     assert "--out" in capsys.readouterr().err
-    for out, problem in ((tmp_path / "missing", "does not exist"),
-                         (tmp_path / attention_study.FIGURES[1], "is not a folder")):
+    for out, problem in ((tmp_path / attention_study.FIGURES[1], "is a file"),
+                         (tmp_path / attention_study.FIGURES[1] / "sub", "cannot be made")):
         assert attention_study.main(["--out", str(out)]) == 2
         assert capsys.readouterr().err.startswith(f"error: --out {out} {problem}")
+
+
+def test_figures_go_to_a_folder_made_for_them(tmp_path, capsys):
+    """--out may name a folder still to be made; the figures are written there, and nothing else."""
+    out = tmp_path / "new" / "figures"
+    assert attention_study.main(["--n", "1", "--out", str(out), "--json"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(attention_study.FIGURES)
+    assert json.loads(capsys.readouterr().out)["layers"]
 
 
 def test_a_llava_next_toy_is_refused(capsys):

@@ -177,4 +177,5 @@ def test_attention_maps_and_filter_layer_are_checked(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("the user's")
     for folder in (tmp_path / "notes.txt" / "maps", tmp_path / "notes.txt" / "a" / "b"):
         assert main(["--n", "1", "--attention-maps", str(folder)]) == 2
-        assert capsys.readouterr().err == f"error: {folder} cannot be made: {tmp_path / 'notes.txt'} is a file\n"
+        assert capsys.readouterr().err == (f"error: --attention-maps {folder} cannot be made: "
+                                           f"{tmp_path / 'notes.txt'} is a file\n")

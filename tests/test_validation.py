@@ -193,6 +193,17 @@ def test_top_level_field_of_the_wrong_kind(folder, field, value):
     assert f"{field} {value!r}" in load_error(folder).replace(" is ", " ")
 
 
+@pytest.mark.parametrize("section,field,value", [("text_config", "hidden_act", "mish"),
+                                                 ("vision_config", "hidden_act", "tanh"),
+                                                 (None, "projector_hidden_act", "gelu_10"),
+                                                 (None, "vision_feature_select_strategy", "cls")])
+def test_a_setting_tinyavl_does_not_implement(folder, section, field, value):
+    """Activations transformers knows but tinyavl does not, and a feature selection transformers does not know."""
+    edit_json(folder / "config.json", lambda c: (c[section] if section else c).__setitem__(field, value))
+    message = load_error(folder)
+    assert repr(value) in message and ("activation" in message or field in message), message
+
+
 def test_token_ids_in_the_vocabulary_and_none_declared(folder):
     """A list of EOS ids, and null for none, are what config.json may say (transformers reads both)."""
     for value in ([2, 3], None):

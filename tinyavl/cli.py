@@ -123,12 +123,6 @@ def check_training_args(parser: argparse.ArgumentParser, args: argparse.Namespac
         parser.error(f"--seed must be {SEED_PARAM.allowed()}, got {args.seed}")
 
 
-def interrupted() -> int:
-    """Ctrl-C's one line on stderr, and the status to exit with: 130, the shell's code for an interrupt."""
-    print("interrupted (Ctrl-C)", file=sys.stderr)
-    return 130
-
-
 class Terminated(BaseException):
     """A signal that asks a command to end (SIGTERM: `kill`, `timeout`, a job scheduler; SIGHUP: its terminal
     closed), raised where the command is, as Ctrl-C's KeyboardInterrupt is. A BaseException, like that one,
@@ -157,13 +151,6 @@ def signals_end_like_ctrl_c():
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def terminated(stop: Terminated) -> int:
-    """The one line for a Terminated, and the status to exit with: 128 + the signal's number, as the shell
-    reports a process the signal ended (143 for SIGTERM)."""
-    print(f"terminated ({stop})", file=sys.stderr)
-    return 128 + stop.signum
 
 
 # What the system, not tinyavl, refuses: one line, status 1. Other OSErrors are bugs and keep their traceback.
@@ -203,9 +190,11 @@ def ended_in_one_line(work) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        return interrupted()
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        return 130  # the shell's status for an interrupt
     except Terminated as stop:
-        return terminated(stop)
+        print(f"terminated ({stop})", file=sys.stderr)
+        return 128 + stop.signum  # as the shell reports a process the signal ended (143 for SIGTERM)
     except BrokenPipeError:
         # Python's own advice: point stdout at nothing, so that its flush at exit cannot fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

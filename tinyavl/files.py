@@ -81,6 +81,20 @@ def check_output_file(path: Path, flag: str, inputs: list[Path], suffixes: tuple
             raise UserError(f"{flag} {path} already exists: give another name, or --force to replace it")
 
 
+def check_picture_folder(folder: Path, flag: str, names, inputs: list[Path], replace: bool = False) -> None:
+    """UserError unless the pictures `names` can be written into `folder`: an existing folder where each name
+    is free (or `replace`), or one that can be made (the command makes it when it writes), apart from the
+    inputs. Unlike a model folder (check_new_folder), it may hold other files: only the named ones change."""
+    with as_user_error(f"{flag} {folder}"):
+        check_apart_from_inputs(folder, flag, inputs)
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"{flag} {folder} is a file: give a folder")
+        if not folder.exists():
+            check_can_make(folder, named=f"{flag} {folder}")
+        for name in names if folder.is_dir() else ():
+            check_output_file(folder / name, flag, inputs, suffixes=(".png",), replace=replace)
+
+
 def check_apart_from_inputs(path: Path, flag: str, inputs: list[Path], replaced_whole: bool = False) -> None:
     """UserError, whatever --force says, if an output file or folder `path` is one of the inputs or lies
     inside an input folder; and if `replaced_whole`, a folder that a write replaces as a whole, if it
@@ -172,23 +186,27 @@ def check_new_folder(folder: Path, force: bool, inputs: list[Path] = ()) -> None
         check_can_make(folder)
 
 
-def check_can_make(folder: Path) -> None:
+def check_can_make(folder: Path, named: str = "") -> None:
     """UserError unless `folder` (and any missing folders above it) can be made where it is named: its
-    nearest existing parent is a folder that can be written to."""
-    with as_user_error(str(folder)):
+    nearest existing parent is a folder that can be written to. The message names it as `named` says (the
+    flag that gave it and the folder), or by its path."""
+    named = named or str(folder)
+    with as_user_error(named):
         parent = Path(os.path.abspath(folder)).parent
         while not parent.exists():
             parent = parent.parent
         if not parent.is_dir():
-            raise UserError(f"{folder} cannot be made: {parent} is a file")
+            raise UserError(f"{named} cannot be made: {parent} is a file")
         if not os.access(parent, os.W_OK):
-            raise UserError(f"{folder} cannot be made: {parent} cannot be written to")
+            raise UserError(f"{named} cannot be made: {parent} cannot be written to")
 
 
 def write_folder_atomically(folder, write, force: bool = False) -> None:
     """write(partial_folder) fills a new folder; it then takes the place of `folder` (an existing one
     holding files only with force, as check_new_folder says)."""
     folder = Path(folder)
+    # Again, though the command checked before its work: during an hour of training the folder may have
+    # appeared or filled. (The inputs were checked then; they have not moved into it since.)
     check_new_folder(folder, force)
     partial, old = temporary_beside(folder, "partial"), temporary_beside(folder, "old")
     try:

@@ -121,6 +121,36 @@ def check_generation_args(max_new_tokens: int, temperature: float, top_p: float,
         raise UserError(f"{named('seed')} must be a whole number {SEED_PARAM.allowed()}, got {seed!r}")
 
 
+def cache_for(policy, policy_params: dict) -> KVCache:
+    """The cache generate runs: a new one for a policy name and its parameters, or the KVCache given."""
+    if isinstance(policy, str):
+        return make_cache(policy, **policy_params)
+    if not isinstance(policy, KVCache):
+        raise UserError(f"policy is a policy name or a KVCache, got {type(policy).__name__}")
+    if policy_params:
+        raise UserError(f"policy parameters ({', '.join(policy_params)}) go with a policy name: a cache "
+                        "object has its own, set when it was made (make_cache(name, **params))")
+    return policy
+
+
+def prompt_layout(input_ids, pixel_values, config) -> tuple[int, int]:
+    """(n_sys, n_img), the prompt's tokens before its image and its image tokens (`image_segments`), for a
+    prompt generate can run: one (1, T) prompt, an image for its image tokens, room in the context."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise UserError(f"input_ids must be one prompt, a tensor of shape (1, T), got {shape}")
+    n_sys, n_img = image_segments(input_ids, config.image_token_id)
+    if n_img and pixel_values is None:  # the model would embed them as words: an answer about no image
+        raise UserError(f"the prompt has {n_img} image tokens but no image was given: pass pixel_values (the "
+                        "processor's), or a prompt without the image")
+    prompt_len, context = input_ids.shape[1], config.text.max_position_embeddings
+    if prompt_len >= context:
+        image_part = f" ({n_img} of them the image's)" if n_img else ""
+        raise UserError(f"the prompt has {prompt_len} tokens{image_part}, the model's context is {context}: "
+                        "shorten the prompt")
+    return n_sys, n_img
+
+
 @torch.inference_mode()
 def generate(model, input_ids, pixel_values=None, *, image_sizes=None, hires_pixel_values=None,
              hires_top: int | None = None, max_new_tokens: int = 64, temperature: float = 0.0,
@@ -138,32 +168,14 @@ def generate(model, input_ids, pixel_values=None, *, image_sizes=None, hires_pix
     Returns the new token ids (EOS included when it stops generation) and the run's statistics, whose
     finish_reason says why it stopped.
     """
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
-        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-        raise UserError(f"input_ids must be one prompt, a tensor of shape (1, T), got {shape}")
     check_generation_args(max_new_tokens, temperature, top_p, seed)
     max_new_tokens, seed = int(max_new_tokens), None if seed is None else int(seed)  # numpy's integers too
     if hires_top is not None and hires_pixel_values is None:
         raise UserError("hires_top picks blocks of the high-resolution view: pass hires_pixel_values too")
-    if isinstance(policy, str):
-        cache = make_cache(policy, **policy_params)
-    elif not isinstance(policy, KVCache):
-        raise UserError(f"policy is a policy name or a KVCache, got {type(policy).__name__}")
-    elif policy_params:
-        raise UserError(f"policy parameters ({', '.join(policy_params)}) go with a policy name: a cache "
-                        "object has its own, set when it was made (make_cache(name, **params))")
-    else:
-        cache = policy
+    cache = cache_for(policy, policy_params)
+    n_sys, n_img = prompt_layout(input_ids, pixel_values, model.config)
     text_config = model.config.text
     prompt_len = input_ids.shape[1]
-    n_sys, n_img = image_segments(input_ids, model.config.image_token_id)
-    if n_img and pixel_values is None:  # the model would embed them as words: an answer about no image
-        raise UserError(f"the prompt has {n_img} image tokens but no image was given: pass pixel_values (the "
-                        "processor's), or a prompt without the image")
-    if prompt_len >= text_config.max_position_embeddings:
-        image_part = f" ({n_img} of them the image's)" if n_img else ""
-        raise UserError(f"the prompt has {prompt_len} tokens{image_part}, the model's context is "
-                        f"{text_config.max_position_embeddings}: shorten the prompt")
     eos_ids = id_set(text_config.eos_token_id if eos_token_id is None else eos_token_id)
     # Generation also stops at the end of the context.
     limit = min(max_new_tokens, text_config.max_position_embeddings - prompt_len)

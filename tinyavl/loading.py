@@ -44,52 +44,9 @@ MODEL_TYPES = {"llava": "LLaVA-1.5, e.g. llava-hf/llava-1.5-7b-hf",
 
 def parse_config(raw: dict) -> LlavaConfig:
     """A LlavaConfig from the parsed config.json of a llava-hf folder (UserError for what tinyavl cannot run)."""
-    model_type = raw.get("model_type", "llava")
-    if not isinstance(model_type, str) or model_type not in MODEL_TYPES:
-        raise UserError(f"config.json has model_type {model_type!r}: tinyavl runs " + " and ".join(
-            f"{name!r} ({what})" for name, what in MODEL_TYPES.items()))
-    # Without text_config, transformers would build a Llama-2-7B decoder: never what a llava-hf folder holds.
-    if not isinstance(raw.get("text_config"), dict):
-        raise UserError("config.json has no text_config object: a llava-hf config.json describes the "
-                        "decoder there (hidden_size, num_hidden_layers, vocab_size, ...); download it again")
+    model_type, text_type = supported_types(raw)
     text_raw, vision_raw = dict(raw["text_config"]), raw.get("vision_config")
-    if vision_raw is not None and not isinstance(vision_raw, dict):
-        raise UserError("config.json has a vision_config that is not a JSON object: download it again")
-    text_type = text_raw.get("model_type", "llama")
-    if not isinstance(text_type, str) or text_type not in TEXT_MODEL_DEFAULTS:
-        raise UserError(f"text_config.model_type is {text_type!r}: tinyavl implements the Llama (Vicuna) and "
-                        "Mistral decoders of LLaVA only")
-    window = text_raw.get("sliding_window", 4096)  # absent: MistralConfig's default
-    if text_type == "mistral" and window is not None:
-        raise UserError(f"text_config.sliding_window is {window!r} (absent means "
-                        "Mistral's default, 4096): tinyavl implements full causal attention, as in "
-                        "llava-v1.6-mistral-7b-hf, whose config.json sets it to null")
-    if vision_raw is not None and vision_raw.get("model_type", "clip_vision_model") != "clip_vision_model":
-        raise UserError(f"vision_config.model_type is {vision_raw['model_type']!r}: tinyavl implements "
-                        "the CLIP vision tower of LLaVA only")
-    # RoPE: transformers 5.x writes rope_parameters, older versions rope_theta (+ rope_scaling); where a file
-    # has both, rope_scaling wins, as in transformers (modeling_rope_utils.py, convert_rope_params_to_dict).
-    rope = text_raw.get("rope_scaling") or text_raw.get("rope_parameters") or {}
-    if not isinstance(rope, dict):
-        raise UserError(f"text_config's RoPE settings are {rope!r}, not a JSON object: download config.json again")
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "linear"):
-        raise UserError(f"RoPE scaling {rope!r} is not supported: tinyavl implements plain RoPE and linear scaling")
-    if rope_type == "linear":
-        factor = rope.get("factor")
-        if type(factor) not in (int, float) or not 0 < factor < math.inf:
-            raise UserError(f"text_config's linear RoPE scaling {rope!r} needs a positive number as its factor: "
-                            "download config.json again")
-        text_raw["rope_linear_factor"] = factor
-    if "rope_theta" in rope:
-        text_raw["rope_theta"] = rope["rope_theta"]
-    # Tying may be declared at the top level (LlavaConfig) or in text_config: either ties, as in transformers.
-    ties = {"tie_word_embeddings": raw.get("tie_word_embeddings"),
-            "text_config.tie_word_embeddings": text_raw.get("tie_word_embeddings")}
-    for name, value in ties.items():
-        if value is not None and type(value) is not bool:  # the string "false" would tie
-            raise UserError(f"config.json has {name} {value!r}: it must be true or false")
-    text_raw["tie_word_embeddings"] = any(ties.values())
+    text_raw.update(rope_fields(text_raw), tie_word_embeddings=ties_embeddings(raw, text_raw))
     if text_type == "mistral":  # transformers' Mistral layers have no biases, whatever the file says
         text_raw.update(attention_bias=False, mlp_bias=False)
     text_raw = {**TEXT_MODEL_DEFAULTS[text_type], **text_raw}
@@ -117,6 +74,67 @@ def parse_config(raw: dict) -> LlavaConfig:
         config.hires = _dataclass_from(HiresConfig, hires_raw)
     config.validate()
     return config
+
+
+def supported_types(raw: dict) -> tuple[str, str]:
+    """config.json's model_type and text_config.model_type, where tinyavl can run them: LLaVA-1.5 or 1.6, a
+    Llama or Mistral decoder without a sliding window, the CLIP vision tower. UserError otherwise."""
+    model_type = raw.get("model_type", "llava")
+    if not isinstance(model_type, str) or model_type not in MODEL_TYPES:
+        raise UserError(f"config.json has model_type {model_type!r}: tinyavl runs " + " and ".join(
+            f"{name!r} ({what})" for name, what in MODEL_TYPES.items()))
+    # Without text_config, transformers would build a Llama-2-7B decoder: never what a llava-hf folder holds.
+    text_raw, vision_raw = raw.get("text_config"), raw.get("vision_config")
+    if not isinstance(text_raw, dict):
+        raise UserError("config.json has no text_config object: a llava-hf config.json describes the "
+                        "decoder there (hidden_size, num_hidden_layers, vocab_size, ...); download it again")
+    if vision_raw is not None and not isinstance(vision_raw, dict):
+        raise UserError("config.json has a vision_config that is not a JSON object: download it again")
+    text_type = text_raw.get("model_type", "llama")
+    if not isinstance(text_type, str) or text_type not in TEXT_MODEL_DEFAULTS:
+        raise UserError(f"text_config.model_type is {text_type!r}: tinyavl implements the Llama (Vicuna) and "
+                        "Mistral decoders of LLaVA only")
+    window = text_raw.get("sliding_window", 4096)  # absent: MistralConfig's default
+    if text_type == "mistral" and window is not None:
+        raise UserError(f"text_config.sliding_window is {window!r} (absent means "
+                        "Mistral's default, 4096): tinyavl implements full causal attention, as in "
+                        "llava-v1.6-mistral-7b-hf, whose config.json sets it to null")
+    if vision_raw is not None and vision_raw.get("model_type", "clip_vision_model") != "clip_vision_model":
+        raise UserError(f"vision_config.model_type is {vision_raw['model_type']!r}: tinyavl implements "
+                        "the CLIP vision tower of LLaVA only")
+    return model_type, text_type
+
+
+def rope_fields(text_raw: dict) -> dict:
+    """TextConfig's RoPE fields (rope_theta, rope_linear_factor) from text_config, where it sets them.
+
+    transformers 5.x writes rope_parameters, older versions rope_theta (+ rope_scaling); where a file has
+    both, rope_scaling wins, as in transformers (modeling_rope_utils.py, convert_rope_params_to_dict)."""
+    rope = text_raw.get("rope_scaling") or text_raw.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        raise UserError(f"text_config's RoPE settings are {rope!r}, not a JSON object: download config.json again")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "linear"):
+        raise UserError(f"RoPE scaling {rope!r} is not supported: tinyavl implements plain RoPE and linear scaling")
+    settings = {"rope_theta": rope["rope_theta"]} if "rope_theta" in rope else {}
+    if rope_type == "linear":
+        factor = rope.get("factor")
+        if type(factor) not in (int, float) or not 0 < factor < math.inf:
+            raise UserError(f"text_config's linear RoPE scaling {rope!r} needs a positive number as its factor: "
+                            "download config.json again")
+        settings["rope_linear_factor"] = factor
+    return settings
+
+
+def ties_embeddings(raw: dict, text_raw: dict) -> bool:
+    """Whether the output layer is the input embedding: tying may be declared at the top level (LlavaConfig)
+    or in text_config, and either ties, as in transformers."""
+    ties = {"tie_word_embeddings": raw.get("tie_word_embeddings"),
+            "text_config.tie_word_embeddings": text_raw.get("tie_word_embeddings")}
+    for name, value in ties.items():
+        if value is not None and type(value) is not bool:  # the string "false" would tie
+            raise UserError(f"config.json has {name} {value!r}: it must be true or false")
+    return any(ties.values())
 
 
 def _dataclass_from(cls, raw: dict):
@@ -256,13 +274,10 @@ def ignored_key(model: LlavaForConditionalGeneration, key: str) -> bool:
 LM_HEAD = "language_model.lm_head.weight"
 
 
-def load_weights(model: LlavaForConditionalGeneration, files: list[Path], dtype, device) -> None:
-    """Check every key, shape and dtype against the model, then stream tensors in one at a time.
-
-    The model was built on the meta device (no memory); each tensor is read from the memory-mapped
-    file, converted to the run dtype on the run device, and assigned as the parameter itself, so a
-    7B model never exists twice in memory.
-    """
+def match_keys(model: LlavaForConditionalGeneration, files: list[Path]) -> tuple[dict, tuple | None]:
+    """Where each of the model's tensors is in the files, {published name: (file, key)}, and a tied
+    checkpoint's stored copy of the head ((file, key) or None); UserError, naming them, for keys missing or
+    unexpected, shapes that differ from the model's, and tensors that are not floating point."""
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}  # shapes only (meta)
     tied = model.config.text.tie_word_embeddings
     if tied:  # the head shares the embedding matrix; checkpoints usually omit it
@@ -298,7 +313,18 @@ def load_weights(model: LlavaForConditionalGeneration, files: list[Path], dtype,
         hint = (". Sizes config.json leaves out take transformers' defaults: Llama-2-7B in text_config, CLIP "
                 "ViT-L/14-336 without a vision_config" if misshaped else "")
         raise UserError("checkpoint does not match config.json; " + "; ".join(problems) + hint)
+    return found, stored_head
 
+
+def load_weights(model: LlavaForConditionalGeneration, files: list[Path], dtype, device) -> None:
+    """Check every key, shape and dtype against the model (`match_keys`), then stream the tensors in one by one.
+
+    The model was built on the meta device (no memory); each tensor is read from the memory-mapped
+    file, converted to the run dtype on the run device, and assigned as the parameter itself, so a
+    7B model never exists twice in memory.
+    """
+    found, stored_head = match_keys(model, files)
+    tied = model.config.text.tie_word_embeddings
     state = {}
     for name, (path, key) in found.items():
         # One mapping per tensor: pages of a file that stays mapped count towards the process's memory

@@ -215,14 +215,15 @@ class LlavaConfig:
 
         Called by loading.parse_config, not on construction: the bare defaults, like transformers', put
         image token 32000 outside the 32000-word vocabulary."""
-        self.feature_layers  # refuses a layer the tower does not have
+        _ = self.feature_layers  # the property refuses a layer the tower does not have
         _require_kind(self, "", ("projector_hidden_act", "vision_feature_select_strategy"), str)  # top-level fields
         _require_kind(self, "", ("multimodal_projector_bias",), bool)
-        if self.vision_feature_select_strategy not in ("default", "full"):
-            raise UserError(f"unknown vision_feature_select_strategy {self.vision_feature_select_strategy!r}")
+        strategy = self.vision_feature_select_strategy
+        _require(strategy in ("default", "full"),
+                 f"vision_feature_select_strategy is {strategy!r}, but it must be \"default\" or \"full\"")
         for act in (self.text.hidden_act, self.vision.hidden_act, self.projector_hidden_act):
-            if act not in ACTIVATIONS:
-                raise UserError(f"unsupported activation {act!r} in config.json (known: {sorted(ACTIVATIONS)})")
+            _require(act in ACTIVATIONS, f"the activation {act!r} is not one tinyavl implements "
+                     f"({', '.join(sorted(ACTIVATIONS))})")
         if self.is_next:
             self._validate_pinpoints()
         if self.hires is not None:

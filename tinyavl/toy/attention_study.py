@@ -48,7 +48,7 @@ from tinyavl.attention_stats import capture, ppci, record_attention, segment_sha
 from tinyavl.cache import AVLCache, KVCache
 from tinyavl.cli import TOY_WEIGHTS, ArgumentParser, first_paragraph, run_command
 from tinyavl.errors import UserError
-from tinyavl.files import check_output_file
+from tinyavl.files import check_picture_folder
 from tinyavl.generate import generate
 from tinyavl.model import attention
 from tinyavl.toy.evaluate import (AVL_CHOICE_ONLY, clustered_wilson_interval, evaluate, format_interval,
@@ -398,13 +398,10 @@ def save_figures(result: dict, folder: Path, replace: bool = False) -> list[Path
 def run(args) -> dict:
     if args.n < 1:
         raise UserError(f"--n must be at least 1, got {args.n}")
-    if args.out is not None and not args.out.is_dir():
-        problem = "is not a folder" if args.out.exists() else "does not exist: make the folder first"
-        raise UserError(f"--out {args.out} {problem}")
     if args.force and args.out is None:
         raise UserError("--force replaces the figures in --out: give --out too")
-    for name in FIGURES if args.out is not None else ():  # checked before the minutes of work
-        check_output_file(args.out / name, "--out", inputs=[args.weights], suffixes=(".png",), replace=args.force)
+    if args.out is not None:  # checked before the minutes of work
+        check_picture_folder(args.out, "--out", FIGURES, [args.weights], args.force)
     if not args.weights.is_dir():
         raise UserError(f"no model folder at {args.weights}: train one with python -m tinyavl.toy.train")
     model, processor = load_pretrained(args.weights, device="cpu", dtype="float32")
@@ -426,6 +423,7 @@ def run(args) -> dict:
     result["choice_by_layer"] = choice_by_layer(model, processor, held_out_set(args.seed, args.n))
     result["hidden_object_recall"] = hidden_object_recall(model, processor, held_out_set(args.seed, args.n))
     if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
         for path in save_figures(result, args.out, replace=args.force):
             print(f"wrote {path}", file=sys.stderr)
     return result

@@ -40,7 +40,7 @@ from tinyavl.cache import KVCache, make_cache
 from tinyavl.cli import (TOY_WEIGHTS, ArgumentParser, add_policy_arguments, check_filter_layer, first_paragraph,
                          given_policy_params, output_file, run_command)
 from tinyavl.errors import UserError
-from tinyavl.files import check_apart_from_inputs, check_can_make, check_output_file
+from tinyavl.files import check_output_file, check_picture_folder
 from tinyavl.generate import generate
 from tinyavl.toy.plot import save_line_plot
 from tinyavl.toy.scenes import PROMPT_KINDS, Scene, caption_parts, parse_caption, scene_stream
@@ -405,14 +405,8 @@ def run(args) -> dict:
     if args.plot is not None:
         check_output_file(args.plot, "--plot", inputs=[args.weights], suffixes=(".png",), replace=args.force)
     if args.attention_maps is not None:
-        check_apart_from_inputs(args.attention_maps, "--attention-maps", inputs=[args.weights])
-        if args.attention_maps.exists() and not args.attention_maps.is_dir():
-            raise UserError(f"--attention-maps {args.attention_maps} is a file: give a folder")
-        if not args.attention_maps.exists():
-            check_can_make(args.attention_maps)
-        for kind in PROMPT_KINDS if args.attention_maps.is_dir() else ():  # one picture per kind of prompt
-            check_output_file(map_file(args.attention_maps, kind), "--attention-maps", inputs=[args.weights],
-                              suffixes=(".png",), replace=args.force)
+        pictures = [map_file(args.attention_maps, kind).name for kind in PROMPT_KINDS]  # one per kind of prompt
+        check_picture_folder(args.attention_maps, "--attention-maps", pictures, [args.weights], args.force)
     cache = make_cache(args.policy, **given_policy_params(args))  # bad policy parameters fail here, before any work
     if not args.weights.is_dir():
         raise UserError(f"no model folder at {args.weights}: train one with python -m tinyavl.toy.train")
