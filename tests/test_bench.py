@@ -28,7 +28,7 @@ def test_weight_and_kv_row_bytes_by_hand(model):
     C, I, V, L, hs, Hkv = 32, 48, 64, 4, 8, 2
     per_layer = (C * C + 2 * C * Hkv * hs + C * C) + 3 * C * I + 2 * C  # q, k, v, o; gate, up, down; two norms
     assert bench.decode_weight_bytes(model) == 4 * (L * per_layer + C + V * C)  # + final norm + lm_head; no embedding
-    assert bench.kv_row_bytes(model) == 2 * Hkv * hs * 4
+    assert bench.kv_row_bytes(model.config.text, torch.float32) == 2 * Hkv * hs * 4
 
 
 def test_a_tied_output_layer_is_read_whole():
@@ -57,10 +57,10 @@ def test_floor_is_weight_bytes_at_matvec_rate_plus_attended_kv_at_read_rate(mode
     weight = bench.decode_weight_bytes(model)
     full, avl = case["policies"]["full"], case["policies"]["avl"]
     # full attends every row in every layer: prompt + 1..5 steps -> mean prompt + 3 rows per layer.
-    kv = 4 * (case["prompt_tokens"] + 3) * bench.kv_row_bytes(model)
+    kv = 4 * (case["prompt_tokens"] + 3) * bench.kv_row_bytes(model.config.text, torch.float32)
     assert full["floor_ms"] == pytest.approx(1e3 * (weight / 1e9 + kv / 2e9))
     assert full["hardware_floor_ms"] == pytest.approx(1e3 * (weight + kv) / 2e9)
-    assert full["kv_ratio"] == 1 and full["attended_ratio"] == 1 and full["same_tokens_as_full"] == 6
+    assert full["kv_ratio"] == 1 and full["attended_ratio"] == 1 and full["same_start_as_full"] == 6
     assert avl["attended_ratio"] < 1 and avl["kv_ratio"] < 1 and avl["floor_ms"] < full["floor_ms"]
     assert 0 < avl["attention_ms"] < avl["decode_ms"]  # the cache's four steps are part of the step
     json.dumps(case)  # what --json prints
@@ -90,16 +90,17 @@ def test_attention_time_per_step_sums_each_steps_layers():
 
 
 def test_avl_core_replaced_is_the_share_of_the_core_each_rerank_changed(model, monkeypatch):
-    """core_replaced, counted from the swaps, equals the share of the core's tokens (read by position, before
-    and after) that each re-rank changed."""
+    """core_replaced, counted from what each re-rank says entered the core, equals the share of the core's
+    tokens (read by position, before and after) that each re-rank changed."""
     changed, rerank_core = [], AVLCache.rerank_core
 
     def watched(self, layer, image_probs):
         def core():
             return set(self.pos[layer][0, 0, self.n_sys:self.n_sys + self.n_core].tolist())
         before = core()
-        rerank_core(self, layer, image_probs)
+        entered = rerank_core(self, layer, image_probs)
         changed.append(len(core() - before) / self.n_core)
+        return entered
 
     monkeypatch.setattr(AVLCache, "rerank_core", watched)
     cache = bench.timed_cache("avl")
@@ -224,3 +225,11 @@ def test_too_many_new_tokens_for_any_block_names_new_tokens(capsys, monkeypatch)
         bench.main(["--image-tokens", "4", "--new-tokens", "4048", "--json"])
     assert capsys.readouterr().err == ("error: --new-tokens must be at most 4047: the prompt and the new tokens share "
                                        "a context of 4096, got 4048 (see --help)\n")
+
+
+def test_agreeing_start_counts_tokens_up_to_where_the_answers_part():
+    """Tokens equal by chance after the answers part do not count."""
+    assert bench.agreeing_start([1, 2, 3, 4], [1, 9, 3, 4]) == 1
+    assert bench.agreeing_start([5, 2, 3], [1, 2, 3]) == 0
+    assert bench.agreeing_start([1, 2, 3], [1, 2, 3]) == 3
+    assert bench.agreeing_start([1, 2], [1, 2, 3]) == 2                   # one answer ended early (EOS)

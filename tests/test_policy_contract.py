@@ -5,8 +5,8 @@ tested by registering it (its PARAMS and FULL_BUDGET declared).
   (where computing the same rows in other pieces would round differently);
 - skipping equals masking: its attention over the rows it selects gives the numbers of a float64 attention
   over every row it holds with -inf on the others (tests/cache_helpers.py `masked`);
-- at its defaults it never holds more KV bytes than the dense cache, and its per-modality bytes add up
-  to the total; no head of any layer holds a token twice, and every layer's positions are the sequence's;
+- at its defaults it never holds more KV bytes than the dense cache, and its bytes per modality are those
+  of the positions it holds, placed by the prompt's ids; no head of any layer holds a token twice, and every layer's positions are the sequence's;
 - its declarations are one source: flags, their types and ranges, and the README's policy table.
 The first three run on a LLaVA-1.5 prompt, on a LLaVA-1.6 one, whose image block (base crop, tile map and
 the newline tokens that end its rows) is N_img as a whole, and on a LLaVA-1.5 with one KV head (MQA), where
@@ -121,11 +121,21 @@ def test_a_prompt_of_image_tokens_alone(policy, side):
 
 
 @pytest.mark.parametrize("arch,policy", CASES)
-def test_kv_bytes_within_dense_and_modalities_add_up(arch, policy):
-    _, stats, _ = generate(arch, policy)
+def test_kv_bytes_within_dense_and_by_modality_as_the_prompt_says(arch, policy):
+    """Each layer's bytes per modality equal a count made here of the positions it holds, each placed by the
+    prompt's own ids: before the first image token sys, an image token image, the rest text."""
+    _, ids, _, _ = model_and_prompt(arch)
+    _, stats, cache = generate(arch, policy)
     assert 0 < stats.kv_cache_bytes <= stats.kv_cache_bytes_dense
-    assert sum(stats.modality_bytes_after_prefill.values()) == stats.kv_cache_bytes_after_prefill
-    assert sum(stats.modality_bytes_peak.values()) == stats.kv_cache_bytes
+    is_image = (ids[0] == IMAGE_TOKEN).tolist()
+    first_image = is_image.index(True)
+    for layer in range(cache.n_layers):
+        k = cache.k[layer]
+        head_row_bytes = 2 * k.shape[-1] * k.element_size()               # one head's K and V of one token
+        counts = dict.fromkeys(("sys", "image", "text"), 0)
+        for p in cache.pos[layer].flatten().tolist():
+            counts["image" if p < len(is_image) and is_image[p] else "sys" if p < first_image else "text"] += 1
+        assert cache.modality_bytes(layer) == {m: n * head_row_bytes for m, n in counts.items()}, (layer, policy)
 
 
 @pytest.mark.parametrize("arch,policy", CASES)

@@ -13,11 +13,10 @@ by); step t > 0 is the query of the t-th decode step. Every measure below takes 
 - capture: the share of a row's image attention that falls on a chosen set of image tokens.
 The recording is dense attention (the `full` policy): what the model does when nothing is evicted.
 """
-import math
 
 import torch
 
-from tinyavl.cache import KVCache, last_row_probs
+from tinyavl.cache import KVCache, last_row_probs, share
 from tinyavl.generate import generate
 
 
@@ -67,7 +66,7 @@ def segment_sizes(n: int, n_sys: int, n_img: int) -> dict:
 
 def top_count(n: int, p: float) -> int:
     """Size of a top-p set over n tokens: floor(p n) as the policies count (floor(S N_img)), but at least 1."""
-    return max(1, math.floor(p * n))
+    return max(1, share(p, n))
 
 
 def top_set(scores, p: float) -> set:

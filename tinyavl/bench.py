@@ -18,8 +18,8 @@ matrix-vector product on the layer's own weight shapes (`matvec_rate`, what `nn.
 step's floor (`floor_ms`) is its weight bytes at the matrix-vector rate plus its attended K/V bytes at
 the read rate; the hardware floor is all of them at the read rate (tutorial chapter 8 works through
 both, and what a policy can save against them). The run also says which of two equal products gives a
-decode query's logits on this machine (`decode_logits`: k q^T or q k^T, as `model.keys_first` timed
-them).
+decode query's logits on this machine (`decode_logits`: k q^T or q k^T, as `model.keys_first` chose
+them: on a CPU by timing both, `faster_keys_first`).
 
 For each policy, in one run on the same prompt: KV bytes held (peak, relative to `full`), rows attended per
 decode step (summed over layers, relative to `full`), prefill time, decode ms per step beside its floor,
@@ -191,9 +191,8 @@ def decode_weight_bytes(model) -> int:
                if t is not embedding or t is output)
 
 
-def kv_row_bytes(model) -> int:
-    """Bytes of one cached token's K and V in one layer."""
-    text, dtype = model.config.text, model.language_model.lm_head.weight.dtype
+def kv_row_bytes(text: TextConfig, dtype: torch.dtype) -> int:
+    """Bytes of one cached token's K and V in one layer of a decoder (`model.config.text`) run in `dtype`."""
     return 2 * text.num_key_value_heads * text.head_dim * dtype.itemsize
 
 
@@ -251,15 +250,19 @@ def timed_cache(name: str, cuda: bool = False):
     attend, cache.spans = cache.attend, Spans(cuda)
     is_avl = isinstance(cache, AVLCache)
     if is_avl:
-        swap_rows, cache.core_replaced = cache.swap_rows, []
+        rerank_core, swap_rows, cache.core_replaced = cache.rerank_core, cache.swap_rows, []
         cache.steps_by_kind = {"normal": 0, "update": 0}
 
-        def counted_swap_rows(layer, rows, other_rows):
-            cache.core_replaced.append(len(rows) / cache.n_core)
+        def counted_rerank_core(layer, image_probs):
+            entered = rerank_core(layer, image_probs)
+            cache.core_replaced.append(entered / cache.n_core if cache.n_core else 0.0)
+            return entered
+
+        def timed_swap_rows(layer, rows, other_rows):
             with cache.spans.time("swap"):
                 swap_rows(layer, rows, other_rows)
 
-        cache.swap_rows = counted_swap_rows
+        cache.rerank_core, cache.swap_rows = counted_rerank_core, timed_swap_rows
 
     def timed_attend(layer, q, k, v, pos):
         if cache.step == 0:  # the prefill is not a decode step
@@ -324,7 +327,8 @@ def run_case(model, n_img: int, new_tokens: int, rates: dict) -> tuple[dict, lis
     the tokens `full` generated)."""
     pixel_values = image_block(model, n_img)
     input_ids = prompt_ids(model.config, n_img)
-    weight_bytes, row_bytes = decode_weight_bytes(model), kv_row_bytes(model)
+    weight_bytes = decode_weight_bytes(model)
+    row_bytes = kv_row_bytes(model.config.text, model.language_model.lm_head.weight.dtype)
     runs = {name: run_policy(model, name, input_ids, pixel_values, new_tokens) for name in POLICIES}
     full_tokens, full_stats = runs["full"][:2]
     policies = {}
@@ -340,14 +344,21 @@ def run_case(model, n_img: int, new_tokens: int, rates: dict) -> tuple[dict, lis
             "kv_bytes": stats.kv_cache_bytes,
             "kv_ratio": stats.kv_cache_bytes / full_stats.kv_cache_bytes,
             "attended_ratio": stats.attended_tokens_per_step / full_stats.attended_tokens_per_step,
-            "same_tokens_as_full": sum(a == b for a, b in zip(tokens, full_tokens)),
+            "same_start_as_full": agreeing_start(tokens, full_tokens),
         }
-        if getattr(cache, "core_replaced", None):
-            policies[name]["core_replaced"] = statistics.mean(cache.core_replaced)
-        if hasattr(cache, "steps_by_kind"):
+        if isinstance(cache, AVLCache):
+            if cache.core_replaced:  # a run with an update step
+                policies[name]["core_replaced"] = statistics.mean(cache.core_replaced)
             policies[name].update(avl_step_split(cache, policies["full"]["attention_ms"]))
     return {"image_tokens": n_img, "prompt_tokens": input_ids.shape[1], "new_tokens": new_tokens,
             "policies": policies}, full_tokens
+
+
+def agreeing_start(tokens: list[int], reference: list[int]) -> int:
+    """How many first tokens equal the reference's: the answers agree up to where they part (after that, a
+    token equal to the reference's at the same place is chance)."""
+    parted = (i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b)
+    return next(parted, min(len(tokens), len(reference)))
 
 
 def growth(model, n_img: int) -> dict:
@@ -370,14 +381,14 @@ def print_case(case: dict) -> None:
           f"{case['new_tokens']} new tokens")
     header = (f"{'policy':10s} {'KV peak':>9s} {'KV vs full':>10s} {'attended':>8s} {'prefill s':>9s} "
               f"{'decode ms':>9s} {'floor ms':>8s} {'/ floor':>7s} {'/ hw floor':>10s} {'step vs full':>12s} "
-              f"{'attn ms':>7s}  same tokens")
+              f"{'attn ms':>7s}  tokens as full's")
     print(header + "\n" + "-" * len(header))
     full = case["policies"]["full"]
     for name, r in case["policies"].items():
         print(f"{name:10s} {r['kv_bytes'] / 2**20:7.1f}Mi {r['kv_ratio']:10.2f} {r['attended_ratio']:8.2f} "
               f"{r['prefill_s']:9.2f} {r['decode_ms']:9.1f} {r['floor_ms']:8.1f} {r['decode_ms'] / r['floor_ms']:7.2f} "
               f"{r['decode_ms'] / r['hardware_floor_ms']:10.2f} {r['decode_ms'] / full['decode_ms']:12.2f} "
-              f"{r['attention_ms']:7.1f}  {r['same_tokens_as_full']}/{case['new_tokens']}")
+              f"{r['attention_ms']:7.1f}  {r['same_start_as_full']}/{case['new_tokens']}")
     if "core_replaced" in case["policies"].get("avl", {}):
         print(f"avl: each core re-rank replaced {case['policies']['avl']['core_replaced']:.2f} of the core on average")
     if "attention_ms_normal_step" in case["policies"].get("avl", {}):
@@ -401,14 +412,16 @@ def paper_memory(images=PAPER_MEMORY_IMAGES) -> list[dict]:
                                            num_attention_heads=2, image_size=28, patch_size=14),
                        image_token_id=63)
     model = random_model(tiny, torch.float32)
-    mib_per_token = 2 * 32 * 32 * 128 * 2 / 2 ** 20  # K and V, every layer, fp16
+    llava_next_7b = llava_7b_config(32).text  # LLaVA-1.6-7B's decoder is LLaVA-1.5-7B's
+    mib_per_token = llava_next_7b.num_hidden_layers * kv_row_bytes(llava_next_7b, torch.float16) / 2 ** 20
     rows = []
     for image_hw in images:
         n_img = next_image_tokens(image_hw)
         pixel_values, input_ids = image_block(model, n_img), prompt_ids(tiny, n_img)
         _, stats = generate(model, input_ids, pixel_values, max_new_tokens=PAPER_MEMORY["new_tokens"],
                             eos_token_id=(), policy="avl", **PAPER_MEMORY["params"])
-        dense_tokens = stats.kv_cache_bytes_dense / (tiny.text.num_hidden_layers * kv_row_bytes(model))
+        tiny_token_bytes = tiny.text.num_hidden_layers * kv_row_bytes(tiny.text, torch.float32)
+        dense_tokens = stats.kv_cache_bytes_dense / tiny_token_bytes
         ratio = stats.kv_cache_bytes / stats.kv_cache_bytes_dense
         rows.append({"image_hw": list(image_hw), "image_tokens": n_img, "prompt_tokens": input_ids.shape[1],
                      "dense_MiB": dense_tokens * mib_per_token, "avl_MiB": dense_tokens * mib_per_token * ratio,

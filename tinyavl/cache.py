@@ -16,7 +16,7 @@ with one hand-over between the last two: compute returns, beside the output, wha
 newest query row (`LastRow`: its log-sum-exp, and the logits it computed), so that update scores this
 step's attention without multiplying q by K a second time (on the torch path; the Triton kernel hands
 over the log-sum-exp alone, and the rows a policy scores are multiplied again);
-and one between layers, at prefill: `rows_to_keep`, by which FastV and A-VL's prefill filter let
+and one between layers, at prefill: `hidden_rows_to_keep`, by which FastV and A-VL's prefill filter let
 later layers run on fewer tokens.
 
 Each layer's cache holds k, v (B, Hkv, n, hs) and pos (B, Hkv, n): the logical position of every row.
@@ -39,6 +39,7 @@ tests/test_policy_contract.py then checks it like every other (tutorial chapter 
 """
 import math
 from dataclasses import dataclass, field, replace
+from fractions import Fraction
 
 import torch
 
@@ -80,7 +81,8 @@ class LastRow:
     def probs(self, q, k, start: int, end: int):
         """This step's attention probabilities (B, H, end - start) on rows start .. end - 1 of the
         layer's cache k: the logits sliced from a span handed over that holds those rows, or, where none
-        does, q.k recomputed on those rows alone (the others need not be read)."""
+        does, q.k recomputed on those rows alone (the others need not be read). The rows must be ones the
+        step attended: on others, exp(logit - lse) is no probability, as lse left them out."""
         for first, logits in self.span_logits:
             if first <= start and end <= first + logits.shape[-1]:
                 return (logits[..., start - first:end - first] - self.lse[..., None]).exp()
@@ -128,18 +130,21 @@ def decode_attention(q, k, v, spans):
     to m must be finite (a cache's are: zeros, or rows it once held)."""
     B, H, _, hs = q.shape
     Hkv = k.shape[1]
-    (last_start, last_end), last_read_end = spans[-1], read_end(spans[-1][1], k)
-    reads = spans[:-1] + [(last_start, last_read_end)]
+    last_start, last_end = spans[-1]
+    reads = spans[:-1] + [(last_start, read_end(last_end, k))]
     logits = [last_row_logits(q, k[:, :, start:end]) for start, end in reads]  # each (B, H, rows read) fp32
-    if last_read_end > last_end:
-        logits[-1][..., last_end - last_start:] = float("-inf")             # rows read past the last span
+    logits[-1][..., last_end - last_start:] = float("-inf")                 # rows read past the last span
     lse = torch.cat(logits, dim=-1).logsumexp(-1)                               # (B, H)
-    # Query head h reads KV head h // G: the probabilities of a GQA group multiply its KV head's values.
-    out = sum((span_logits - lse[..., None]).exp().reshape(B, Hkv, H // Hkv, -1).to(v.dtype) @ v[:, :, start:end]
-              for span_logits, (start, end) in zip(logits, reads))         # (B, Hkv, G, hs)
+    # Each span's share of the output, summed in fp32 and rounded once: in bf16, a sum of many spans would
+    # round at every one. Query head h reads KV head h // G: a GQA group's probabilities multiply its KV
+    # head's values.
+    out = torch.zeros(B, Hkv, H // Hkv, hs, device=q.device)                    # (B, Hkv, G, hs) fp32
+    for span_logits, (start, end) in zip(logits, reads):
+        probs = (span_logits - lse[..., None]).exp().reshape(B, Hkv, H // Hkv, -1)   # (B, Hkv, G, rows read)
+        out += (probs.to(v.dtype) @ v[:, :, start:end]).float()
     # LastRow's logits cover the spans' rows, not those read past.
-    return out.reshape(B, H, 1, hs), LastRow(lse, [(start, span_logits[..., :end - start])
-                                                   for (start, end), span_logits in zip(spans, logits)])
+    held_logits = [(start, span_logits[..., :end - start]) for (start, end), span_logits in zip(spans, logits)]
+    return out.to(v.dtype).reshape(B, H, 1, hs), LastRow(lse, held_logits)
 
 
 def top_rows(scores, count: int):
@@ -235,10 +240,16 @@ class Param:
         if self.low is None and self.high is None:
             return "any integer" if type(self.default) is int else "any number"
         if self.high is None:
-            return f"{'>' if self.ends[0] == '(' else '>='} {self.low}"
+            return f"{'>' if self.ends[0] == '(' else '>='} {shown(self.low)}"
         if self.low is None:
             return f"{'<' if self.ends[1] == ')' else '<='} {shown(self.high)}"
         return f"in {self.ends[0]}{shown(self.low)}, {shown(self.high)}{self.ends[1]}"
+
+    def in_range(self, value) -> bool:
+        """Whether a number lies in [low, high], with `ends` saying which ends are open."""
+        above = self.low is None or (self.low < value if self.ends[0] == "(" else self.low <= value)
+        below = self.high is None or (value < self.high if self.ends[1] == ")" else value <= self.high)
+        return above and below
 
     def check(self, value):
         """The value, if this parameter allows it; else a UserError naming the parameter."""
@@ -248,9 +259,7 @@ class Param:
             kind = type(self.default)
             if isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)):
                 raise UserError(f"{self.name} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
-            above = self.low is None or (self.low < value if self.ends[0] == "(" else self.low <= value)
-            below = self.high is None or (value < self.high if self.ends[1] == ")" else value <= self.high)
-            ok = above and below
+            ok = self.in_range(value)
         if not ok:
             raise UserError(f"{self.name} must be {self.allowed()}, got {value!r}")
         return value
@@ -279,10 +288,17 @@ def recent_window(default: float) -> Param:
     return rate("recent", default, "recent-window fraction of the sequence so far")
 
 
+def share(fraction, n: int) -> int:
+    """floor(fraction x n): a policy's count of tokens. The fraction is taken as the decimal it was written
+    as: in binary floats 0.7 x 90 is 62.99999999999999, which floor would make 62 of the 63 a reader counts."""
+    exact = fraction if isinstance(fraction, Fraction) else Fraction(repr(fraction))
+    return math.floor(exact * n)
+
+
 def window_length(recent: float, length: int) -> int:
     """The recent window's tokens: floor(recent x length), and at least the newest token, which a window
     of none would evict as soon as it is written (a short sequence at a small fraction)."""
-    return max(1, math.floor(recent * length))
+    return max(1, share(recent, length))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -326,7 +342,7 @@ class KVCache:
         self.logical_length = 0       # tokens in the sequence, this forward pass's included (set by attend)
         self.step = 0                 # forward passes so far: 0 during prefill, t during decode step t
         self.attended = [0] * n_layers  # rows the newest query computed with, per layer
-        self.hidden_keep = None       # a policy's decision to drop hidden rows, handed to the model once
+        self.pending_hidden_rows = None       # a policy's decision to drop hidden rows, handed to the model once
         self.hires = None             # FlexAttention's view of the image (model.HiresView), set at the prefill
         self.hires_keys = None        # with it: the keys the newest query attended and their positions
 
@@ -352,15 +368,20 @@ class KVCache:
         out, last_row = self.compute(layer, q, rows)
         self.attended[layer] = self.k[layer].shape[2] if rows is None else len(rows)
         if self.hires is not None:
-            # FlexAttention's current token merges its row with the high-resolution keys and chooses from
-            # its attention over the image: it needs the keys this step attended, as they were, with each
-            # head's positions (H2O keeps different rows in each head). Copies: the policy's update evicts
-            # and moves rows in place (at the prefill, in the prompt's own tensors).
-            keys, key_positions = self.k[layer], self.pos[layer]                     # (B, Hkv, n, hs), (B, Hkv, n)
-            self.hires_keys = ((keys.clone(), key_positions.clone()) if rows is None
-                               else (keys.index_select(2, rows), key_positions[..., rows]))
+            self.hires_keys = self.attended_keys(layer, rows)
         self.update(layer, q, last_row)
         return out
+
+    def attended_keys(self, layer: int, rows):
+        """Copies of the keys this step attended, (B, Hkv, n, hs), and their positions (B, Hkv, n): what
+        FlexAttention's current token needs to merge its row with the high-resolution keys and to choose
+        from its attention over the image, as they were before the update, with each head's positions (H2O
+        keeps different rows in each head). Copies: the update evicts and moves rows in place (at the
+        prefill, in the prompt's own tensors)."""
+        keys, key_positions = self.k[layer], self.pos[layer]                     # (B, Hkv, n, hs), (B, Hkv, n)
+        if rows is None:
+            return keys.clone(), key_positions.clone()
+        return keys.index_select(2, rows), key_positions[..., rows]
 
     def append(self, layer: int, k, v, pos):
         """Write the t new rows after the n held ones, in place (the buffers grow only when full)."""
@@ -434,14 +455,15 @@ class KVCache:
     @property
     def filters_prefill(self) -> bool:
         """Whether the policy drops image tokens from the hidden states at the prefill, from its filter_layer
-        on (FastV; A-VL with P < 1): `rows_to_keep`."""
+        on (FastV; A-VL with P < 1): `hidden_rows_to_keep`."""
         return False
 
-    def rows_to_keep(self, layer: int):
+    def hidden_rows_to_keep(self, layer: int):
         """Hidden rows (prefill only) that layers after `layer` run on; None = all of them. A policy
-        that drops tokens (FastV, A-VL's filter) sets `hidden_keep` in its update; the model takes it once."""
-        keep, self.hidden_keep = self.hidden_keep, None
-        return keep
+        that drops tokens (FastV, A-VL's filter) sets `pending_hidden_rows` in its update; the model takes
+        it once."""
+        rows, self.pending_hidden_rows = self.pending_hidden_rows, None
+        return rows
 
     def advance(self, n_tokens: int):
         """Called by the model after each forward pass. After prefill each layer's buffers are sized
@@ -455,7 +477,7 @@ class KVCache:
 
     # -- editing the cache ----------------------------------------------------------------------------
 
-    def keep(self, layer: int, rows, start: int = 0):
+    def keep_shared_rows(self, layer: int, rows, start: int = 0):
         """Evict at prefill: of the rows from `start` on, keep only `rows` (n_keep,), shared by every
         head, moved down in that order to fill from `start` (positional order, or a layout of the
         policy's, as A-VL's core-first image block); rows before `start` stay untouched."""
@@ -652,10 +674,11 @@ class AVLCache(KVCache):
 
     def begin(self, n_layers, n_sys, n_img, decode_steps=0):
         super().begin(n_layers, n_sys, n_img, decode_steps)
-        self.n_secondary = math.floor(self.S * n_img)
-        self.n_core = math.floor(self.C * n_img)
+        self.n_secondary = share(self.S, n_img)
+        self.n_core = share(self.C, n_img)
         self.text_start = self.n_sys + self.n_secondary  # every layer's first text row after prefill
         self.text_scores = [None] * n_layers  # per layer (B, Hkv, text rows): accumulated attention received
+        self.laid_out = [False] * n_layers    # per layer: the prefill has laid its image block out core first
 
     def is_update_step(self) -> bool:
         """Decode steps that attend to every secondary token and re-rank the core (K = 1: all steps)."""
@@ -664,10 +687,9 @@ class AVLCache(KVCache):
     @property
     def core(self) -> list:
         """Per layer, the core's row indices: the layout puts the core first in the image block, so they
-        are rows n_sys .. n_sys + n_core - 1 of every layer the prefill has reached (None before; the
-        layer's `prefill_update` sets its text_scores)."""
-        return [None if scores is None else torch.arange(self.n_sys, self.n_sys + self.n_core, device=scores.device)
-                for scores in self.text_scores]
+        are rows n_sys .. n_sys + n_core - 1 of every layer the prefill has laid out (None before)."""
+        return [torch.arange(self.n_sys, self.n_sys + self.n_core, device=k.device) if done else None
+                for done, k in zip(self.laid_out, self.k)]
 
     def rows_to_attend(self, layer):
         if self.step == 0 or self.is_update_step():
@@ -724,11 +746,11 @@ class AVLCache(KVCache):
         n_img_here = self.modality_rows(layer)["image"]
         prompt_text_start = self.n_sys + n_img_here
         # Vision: rank this layer's image tokens by their importance (the last prompt token's attention).
-        image_scores = self.image_importance(layer, q, k, prompt_text_start)           # (n_img_here,)
+        image_scores = self.image_importance(layer, q, k, n_img_here)                  # (n_img_here,)
         # Prefill filter: layer filter_layer - 1 decides, by the same ranking, which image tokens the
         # later layers see.
         if self.P < 1 and decides_filter(layer, self.filter_layer, self.n_layers):
-            self.hidden_keep = image_filter(image_scores, self.n_sys, k.shape[2], math.floor(self.P * self.n_img))
+            self.pending_hidden_rows = image_filter(image_scores, self.n_sys, k.shape[2], share(self.P, self.n_img))
         secondary = top_rows(image_scores, self.n_secondary)                           # image indices
         core_first = secondary[core_first_order(image_scores[secondary], self.n_core)]  # the core, then the rest
         # Text: H2O scores from the text queries of the prompt, on the text columns (before any eviction).
@@ -736,14 +758,15 @@ class AVLCache(KVCache):
                                                      first_row=prompt_text_start)[..., prompt_text_start:]
         # Evict the minor image tokens (rows shared by every head), then the text tokens over budget.
         text_rows = torch.arange(prompt_text_start, k.shape[2], device=k.device)
-        self.keep(layer, torch.cat([self.n_sys + core_first, text_rows]), start=self.n_sys)
+        self.keep_shared_rows(layer, torch.cat([self.n_sys + core_first, text_rows]), start=self.n_sys)
+        self.laid_out[layer] = True
         self.evict_text(layer)
 
-    def image_importance(self, layer: int, q, k, text_start: int):
-        """(n_img_here,) the prefill score that ranks a layer's image tokens (rows n_sys .. text_start - 1 of
-        k): `image_attention`. One method, so that a study can rank otherwise in some layers
+    def image_importance(self, layer: int, q, k, n_img_here: int):
+        """(n_img_here,) the prefill score that ranks a layer's image tokens (rows n_sys .. n_sys + n_img_here
+        - 1 of k): `image_attention`. One method, so that a study can rank otherwise in some layers
         (tinyavl/toy/attention_study.py, `LayerChoiceAVL`)."""
-        return image_attention(q, k, self.n_sys, text_start - self.n_sys)
+        return image_attention(q, k, self.n_sys, n_img_here)
 
     def decode_update(self, layer, q, last_row):
         k, n, text_start = self.k[layer], self.k[layer].shape[2], self.text_start
@@ -755,15 +778,18 @@ class AVLCache(KVCache):
         self.text_scores[layer] = add_step_attention(self.text_scores[layer], text_probs)
         self.evict_text(layer)
 
-    def rerank_core(self, layer: int, image_probs):
+    def rerank_core(self, layer: int, image_probs) -> int:
         """The top n_core secondary rows by image_probs (n_secondary,) become the core, rows n_sys ..
         n_sys + n_core - 1. Only rows that change role move: each row entering the core trades places
-        with one leaving it (both taken in block order), so a step that keeps the core copies nothing."""
+        with one leaving it (both taken in block order), so a step that keeps the core copies nothing.
+        Returns how many rows entered the core."""
         in_core = torch.zeros_like(image_probs, dtype=torch.bool)                      # (n_secondary,)
         in_core[top_rows(image_probs, self.n_core)] = True
         leaving = (~in_core[:self.n_core]).nonzero().flatten()               # core slots whose row drops out
         entering = self.n_core + in_core[self.n_core:].nonzero().flatten()   # the rows that take them
-        self.swap_rows(layer, self.n_sys + leaving, self.n_sys + entering)
+        if len(entering):
+            self.swap_rows(layer, self.n_sys + leaving, self.n_sys + entering)
+        return len(entering)
 
     def evict_text(self, layer: int):
         """H2O on the text region, per KV head: once the text rows exceed the budget
@@ -774,7 +800,7 @@ class AVLCache(KVCache):
         budget = max(round(self.T * n_text), self.TEXT_MIN_BUDGET)
         if scores.shape[-1] <= budget:
             return
-        heavy, text_start = math.floor(self.HEAVY_SHARE * budget), self.text_start
+        heavy, text_start = share(self.HEAVY_SHARE, budget), self.text_start
         keep = heavy_plus_recent(scores, self.pos[layer][..., text_start:], heavy, budget - heavy,
                                  self.logical_length)                                 # (B, Hkv, text rows)
         self.text_scores[layer] = self.compact(layer, keep, start=text_start, scores=scores)  # only text rows move
@@ -804,7 +830,7 @@ class H2OCache(KVCache):
         else:
             self.scores[layer] = add_step_attention(self.scores[layer], last_row.probs(q, k, 0, k.shape[2]))
         n_logical = self.logical_length
-        n_heavy, n_recent = math.floor(self.heavy * n_logical), window_length(self.recent, n_logical)
+        n_heavy, n_recent = share(self.heavy, n_logical), window_length(self.recent, n_logical)
         if k.shape[2] > n_heavy + n_recent:
             keep = heavy_plus_recent(self.scores[layer], self.pos[layer], n_heavy, n_recent, n_logical)  # (B, Hkv, n)
             self.scores[layer] = self.compact(layer, keep, scores=self.scores[layer])
@@ -849,9 +875,9 @@ class FastVCache(KVCache):
 
     def update(self, layer, q, last_row):
         if self.step == 0 and decides_filter(layer, self.filter_layer, self.n_layers):
-            n_keep = math.floor((1 - self.R) * self.n_img)
+            n_keep = share(1 - Fraction(repr(self.R)), self.n_img)
             image_scores = image_attention(q, self.k[layer], self.n_sys, self.n_img)       # (n_img,)
-            self.hidden_keep = image_filter(image_scores, self.n_sys, self.k[layer].shape[2], n_keep)
+            self.pending_hidden_rows = image_filter(image_scores, self.n_sys, self.k[layer].shape[2], n_keep)
 
 
 class RandomCache(KVCache):
@@ -878,14 +904,14 @@ class RandomCache(KVCache):
 
     def begin(self, n_layers, n_sys, n_img, decode_steps=0):
         super().begin(n_layers, n_sys, n_img, decode_steps)
-        drawn = torch.randperm(n_img, generator=self.generator)[:math.floor(self.S * n_img)]  # image indices
+        drawn = torch.randperm(n_img, generator=self.generator)[:share(self.S, n_img)]  # image indices
         self.kept_image = n_sys + drawn.sort().values        # rows of the kept image tokens, ascending
 
     def update(self, layer, q, last_row):
         if self.step == 0:  # prefill: the layer's rows are [sys | image | text], in order
             n, device = self.k[layer].shape[2], self.k[layer].device
-            self.keep(layer, torch.cat([self.kept_image.to(device), torch.arange(self.n_sys + self.n_img, n, device=device)]),
-                      start=self.n_sys)
+            text_rows = torch.arange(self.n_sys + self.n_img, n, device=device)
+            self.keep_shared_rows(layer, torch.cat([self.kept_image.to(device), text_rows]), start=self.n_sys)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -119,7 +119,7 @@ def check_training_args(parser: argparse.ArgumentParser, args: argparse.Namespac
         parser.error(f"--lr must be a finite number above 0, got {args.lr}")
     if args.eval_every < 0:
         parser.error(f"--eval-every must be at least 0 (0: none), got {args.eval_every}")
-    if not SEED_PARAM.low <= args.seed < SEED_PARAM.high:
+    if not SEED_PARAM.in_range(args.seed):
         parser.error(f"--seed must be {SEED_PARAM.allowed()}, got {args.seed}")
 
 

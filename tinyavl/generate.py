@@ -117,7 +117,7 @@ def check_generation_args(max_new_tokens: int, temperature: float, top_p: float,
         raise UserError(f"{named('temperature')} must be finite and >= 0 (0 = greedy), got {temperature!r}")
     if not is_real(top_p) or not 0 < top_p <= 1:  # checked when greedy too: a nan or -1 is a mistake anyway
         raise UserError(f"{named('top_p')} must be in (0, 1], got {top_p!r}")
-    if seed is not None and not (is_whole(seed) and SEED_PARAM.low <= seed < SEED_PARAM.high):
+    if seed is not None and not (is_whole(seed) and SEED_PARAM.in_range(seed)):
         raise UserError(f"{named('seed')} must be a whole number {SEED_PARAM.allowed()}, got {seed!r}")
 
 

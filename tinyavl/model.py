@@ -579,7 +579,7 @@ class LlamaModel(nn.Module):
             x = layer(x, cos, sin, positions, cache, visible, view)
             # Token dropping inside the decoder (FastV, A-VL's prefill filter): the policy may ask later
             # layers to run on fewer rows. Kept rows keep their original positions.
-            keep = cache.rows_to_keep(layer.self_attn.layer_idx) if cache is not None else None
+            keep = cache.hidden_rows_to_keep(layer.self_attn.layer_idx) if cache is not None else None
             if keep is not None:
                 x, positions, cos, sin = x[:, keep], positions[keep], cos[keep], sin[keep]
         if cache is not None:
@@ -829,7 +829,7 @@ class LlavaForConditionalGeneration(nn.Module):
     def forward(self, input_ids, pixel_values=None, cache=None, last_only=False, attention_mask=None,
                 image_sizes=None, hires: HiresView | None = None):
         """Logits (B, T, vocab) for input_ids (B, T) that already hold the expanded image tokens ((B, 1,
-        vocab) with last_only; fewer than T rows where a policy drops hidden rows, `KVCache.rows_to_keep`).
+        vocab) with last_only; fewer than T rows where a policy drops hidden rows, `KVCache.hidden_rows_to_keep`).
 
         Without a cache this is the plain causal forward over the whole sequence; attention_mask (B, T),
         as in transformers, is 1 where a token may be attended and 0 where no query sees it (padding,

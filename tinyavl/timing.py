@@ -1,6 +1,6 @@
 """Timing a call on a shared machine: the fastest of a few repeats, with the GPU's queued work waited for.
-Used by the benchmark (tinyavl/bench.py) for its rates, and by `model.keys_first` to choose between two
-equal products by their speed."""
+Used by the benchmark (tinyavl/bench.py) for its rates, and by `model.faster_keys_first` to choose between
+two equal products by their speed on a CPU."""
 import time
 
 import torch

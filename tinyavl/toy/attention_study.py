@@ -162,10 +162,10 @@ class LayerChoiceAVL(AVLCache):
         self.random_layers = frozenset(random_layers)
         self.generator = torch.Generator().manual_seed(seed)
 
-    def image_importance(self, layer, q, k, text_start):
+    def image_importance(self, layer, q, k, n_img_here):
         if layer not in self.random_layers:
-            return super().image_importance(layer, q, k, text_start)
-        return torch.rand(text_start - self.n_sys, generator=self.generator).to(k.device)  # (n_img_here,)
+            return super().image_importance(layer, q, k, n_img_here)
+        return torch.rand(n_img_here, generator=self.generator).to(k.device)  # (n_img_here,)
 
 
 def layer_sets(n_layers: int) -> list[tuple[int, ...]]:
@@ -226,7 +226,7 @@ class HiddenImageTokens(KVCache):
 
     def update(self, layer, q, last_row):
         if self.step == 0:
-            self.keep(layer, self.shown(self.k[layer].shape[2], self.k[layer].device).nonzero().flatten())
+            self.keep_shared_rows(layer, self.shown(self.k[layer].shape[2], self.k[layer].device).nonzero().flatten())
 
 
 def caption_with_hidden(model, processor, question, hidden: list[int]) -> set[str]:
