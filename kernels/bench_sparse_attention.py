@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.sparse_attention import (INTERPRETED, SUPPORTED_DTYPES, TRITON_AVAILABLE, error_report,
-                                      format_report, selected_rows, sparse_decode_attention)
+                                      format_report, gather_selected_rows, sparse_decode_attention)
 from tinyavl.cli import ArgumentParser, first_paragraph, run_main
 from tinyavl.errors import UserError
 
@@ -56,10 +56,7 @@ def make_avl_decode_inputs(batch, num_heads, num_kv_heads, head_dim, n_sys, n_im
 
 def gather_then_sdpa(q, k, v, index, start):
     """Baseline (a): copy the selected rows out of the cache, then PyTorch's fused attention."""
-    rows = selected_rows(index, start, k.shape[2])                                  # [B, n_sel]
-    batch_ids = torch.arange(q.shape[0], device=q.device)[:, None]                  # [B, 1]
-    k_sel = k.transpose(1, 2)[batch_ids, rows].transpose(1, 2)                      # [B, Hkv, n_sel, D]
-    v_sel = v.transpose(1, 2)[batch_ids, rows].transpose(1, 2)                      # [B, Hkv, n_sel, D]
+    k_sel, v_sel = gather_selected_rows(k, v, index, start)                         # [B, Hkv, n_sel, D]
     out = F.scaled_dot_product_attention(q[:, :, None], k_sel, v_sel,
                                          enable_gqa=k.shape[1] != q.shape[1])      # [B, H, 1, D]
     return out[:, :, 0]

@@ -46,6 +46,7 @@ tests/test_kernel.py; the benchmark is `python -m kernels.bench_sparse_attention
 TRITON_INTERPRET=1 at toy sizes in Triton's CPU interpreter). tutorial/05-the-sparse-decode-kernel.md
 teaches it step by step.
 """
+import contextlib
 import math
 import operator
 import os
@@ -84,6 +85,14 @@ def selected_rows(index: torch.Tensor, start: int, cache_len: int) -> torch.Tens
     return torch.cat([index.long(), tail], dim=1)                                 # [B, n_sel]
 
 
+def gather_selected_rows(k, v, index, start: int):
+    """The selected rows of k and v [B, Hkv, N, D] (`selected_rows`), copied out: two [B, Hkv, n_sel, D]."""
+    rows = selected_rows(index, start, k.shape[2])                                  # [B, n_sel]
+    batch_ids = torch.arange(k.shape[0], device=k.device)[:, None]                  # [B, 1]
+    # Indexing the [B, N, Hkv, D] view with (batch_ids, rows) picks rows per sample: [B, n_sel, Hkv, D].
+    return tuple(t.transpose(1, 2)[batch_ids, rows].transpose(1, 2) for t in (k, v))
+
+
 def sparse_decode_attention_reference(q, k, v, index, start, scale=None, *, upcast=True, return_lse=False):
     """Plain-torch sparse decode attention: what `sparse_decode_attention` returns for the same q, k, v,
     index, start, scale and return_lse (no argument checks; its lse in the compute dtype).
@@ -93,15 +102,11 @@ def sparse_decode_attention_reference(q, k, v, index, start, scale=None, *, upca
     "plain PyTorch in the kernel's precision" that the flash-attention error rule compares against.
     """
     batch, num_heads, head_dim = q.shape
-    num_kv_heads, cache_len = k.shape[1], k.shape[2]
+    num_kv_heads = k.shape[1]
     scale = head_dim ** -0.5 if scale is None else scale
     compute_dtype = torch.promote_types(q.dtype, torch.float32) if upcast else q.dtype
 
-    rows = selected_rows(index, start, cache_len)                                  # [B, n_sel]
-    batch_ids = torch.arange(batch, device=q.device)[:, None]                      # [B, 1]
-    # Indexing the [B, N, Hkv, D] view with (batch_ids, rows) picks rows per sample: [B, n_sel, Hkv, D].
-    k_sel = k.transpose(1, 2)[batch_ids, rows].transpose(1, 2).to(compute_dtype)  # [B, Hkv, n_sel, D]
-    v_sel = v.transpose(1, 2)[batch_ids, rows].transpose(1, 2).to(compute_dtype)  # [B, Hkv, n_sel, D]
+    k_sel, v_sel = (t.to(compute_dtype) for t in gather_selected_rows(k, v, index, start))  # [B, Hkv, n_sel, D]
     # Grouped-query attention: query head h reads KV head h // group.
     group = num_heads // num_kv_heads
     k_sel = k_sel.repeat_interleave(group, dim=1)                                  # [B, H, n_sel, D]
@@ -437,26 +442,28 @@ def sparse_decode_attention(q, k, v, index, start, scale=None, *, num_splits=Non
     out = torch.empty(batch, num_heads, head_dim, device=q.device, dtype=q.dtype)
     lse = torch.empty(batch, num_heads, device=q.device, dtype=torch.float32)
 
-    _split_attention_kernel[(batch * num_kv_heads, num_splits)](
-        q, k, v, index, part_out, part_lse,
-        q.stride(0), q.stride(1),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        index.stride(0), index.stride(1),
-        n_idx, start, n_sel, rows_per_split,
-        num_heads, num_kv_heads, num_splits,
-        scale * LOG2_E,
-        GROUP=group,
-        BLOCK_H=max(16, triton.next_power_of_2(group)),
-        BLOCK_N=BLOCK_N,
-        HEAD_DIM=head_dim,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-    )
-    _merge_splits_kernel[(batch * num_heads,)](
-        part_out, part_lse, out, lse, num_splits,
-        HEAD_DIM=head_dim,
-        BLOCK_S=triton.next_power_of_2(num_splits),
-    )
+    # Triton launches on the current CUDA device, not on the tensors': make theirs current (cuda:1, ...).
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        _split_attention_kernel[(batch * num_kv_heads, num_splits)](
+            q, k, v, index, part_out, part_lse,
+            q.stride(0), q.stride(1),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            index.stride(0), index.stride(1),
+            n_idx, start, n_sel, rows_per_split,
+            num_heads, num_kv_heads, num_splits,
+            scale * LOG2_E,
+            GROUP=group,
+            BLOCK_H=max(16, triton.next_power_of_2(group)),
+            BLOCK_N=BLOCK_N,
+            HEAD_DIM=head_dim,
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        )
+        _merge_splits_kernel[(batch * num_heads,)](
+            part_out, part_lse, out, lse, num_splits,
+            HEAD_DIM=head_dim,
+            BLOCK_S=triton.next_power_of_2(num_splits),
+        )
     return (out, lse) if return_lse else out
 
 

@@ -3,8 +3,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tinyavl.toy.evaluate import (FASTV_MAX_R, Question, budget_params, caption_errors, clustered_wilson_interval,
-                                  format_table, is_correct, plot_sweep, shown_params, wilson_interval)
+from types import SimpleNamespace
+
+from tinyavl.toy.evaluate import (FASTV_MAX_R, PROMPT_KINDS, Question, Tally, budget_params, caption_errors,
+                                  clustered_wilson_interval, format_table, held_out_set, is_correct, of_full_interval,
+                                  plot_sweep, shown_params, wilson_interval)
 from tinyavl.toy.scenes import Scene, SceneObject
 from tinyavl.toy.plot import HEIGHT, MARGIN, PALETTE, WIDTH
 
@@ -81,8 +84,10 @@ def test_budget_params_hold_randoms_bytes():
 
 def report(policy, accuracy, kv, budget, params=None):
     right = round(accuracy * 60)
+    right_by_scene = [6] * (right - 5 * 10) + [5] * (60 - right) if right >= 50 else [right // 10] * 10
     return {"policy": policy, "policy_params": params or {}, "budget": budget, "accuracy": accuracy,
-            "accuracy_ci": wilson_interval(right, 60),
+            "accuracy_ci": wilson_interval(right, 60), "right_by_scene": right_by_scene,
+            "caption_objects_ci": wilson_interval(right, 60),
             "accuracy_by_type": {k: accuracy for k in ("colour", "shape", "count", "digit", "where", "caption")},
             "accuracy_by_type_ci": {k: wilson_interval(right // 6, 10)
                                     for k in ("colour", "shape", "count", "digit", "where", "caption")},
@@ -95,12 +100,61 @@ def test_table_shows_intervals_and_the_share_of_full():
     lines = table.splitlines()
     assert len(lines) == 4 and lines[0].count("|") == lines[2].count("|") == lines[3].count("|")
     low, high = wilson_interval(54, 60)
-    assert f"0.900 ({low:.3f}-{high:.3f})" in lines[3] and "| 0.900 |" in lines[3]   # accuracy, then of full
+    of_low, of_high = of_full_interval([6] * 4 + [5] * 6, [6] * 10)
+    # accuracy, then of full: 54 of full's 60, 6 of the 10 scenes one answer short
+    assert f"| 0.900 ({low:.3f}-{high:.3f}) | 0.900 ({of_low:.3f}-{of_high:.3f}) |" in lines[3]
     assert "S=0.5" in lines[3] and "| 0.65 |" in lines[3]                             # KV bytes on captions
     by_type = report("h2o", 0.9, 0.6, 0.5)
     by_type["policy_params_by_type"] = {kind: {"heavy": 0.15, "recent": 0.45 + 0.01 * (kind == "caption")}
                                         for kind in ("colour", "where", "caption")}
     assert shown_params(by_type) == "heavy=0.15 recent=0.45-0.46 (caption 0.46)"
+
+
+def test_of_full_interval_by_hand():
+    """The same answers as full's: 1 on every draw. Full right on 6 prompts of every scene, the policy on all
+    6 of half of them and none of the others: the ratio is the share of scenes the policy got, a mean of
+    100 coin tosses, whose 95% interval is about 0.5 +- 1.96 x sqrt(0.25 / 100) = 0.40-0.60."""
+    assert of_full_interval([6, 5, 6, 4], [6, 5, 6, 4]) == (1.0, 1.0)
+    low, high = of_full_interval([6] * 50 + [0] * 50, [6] * 100)
+    assert low == pytest.approx(0.402, abs=0.02) and high == pytest.approx(0.598, abs=0.02)
+
+
+def fake_stats(kv, dense, attended_per_layer, prefill_per_layer):
+    """What Tally reads of a GenerationStats."""
+    steps = len(attended_per_layer)
+    return SimpleNamespace(kv_cache_bytes=kv, kv_cache_bytes_dense=dense, hires_tokens_read=0,
+                           attended_per_layer=attended_per_layer, prefill_attended_per_layer=prefill_per_layer,
+                           attended_tokens_per_step=sum(map(sum, attended_per_layer)) / steps if steps else None,
+                           attended_tokens_per_step_dense=2 * sum(map(sum, attended_per_layer)) / steps if steps else None)
+
+
+def test_tally_counts_by_hand():
+    """Two scenes, six prompts each: scene 0 all right; scene 1 wrong on "where" and on its caption, which
+    names its first object only. Every field of the report derived here."""
+    questions = held_out_set(seed=3, n_scenes=2)
+    tally = Tally()
+    for q in questions:
+        prediction = q.answer
+        if q.scene_index == 1 and q.kind == "where":
+            prediction = "nowhere"
+        if q.scene_index == 1 and q.kind == "caption":
+            prediction = q.scene.objects[0].describe()
+        kv = 10 if q.kind == "caption" else 4
+        tally.add(q, prediction, fake_stats(kv, 20, [[3, 3], [5, 5]], [7, 7]))
+    r = tally.report()
+    assert r["n_questions"] == 12 and r["accuracy"] == 10 / 12
+    assert r["right_by_scene"] == [6, 4] and r["accuracy_ci"] == clustered_wilson_interval([6, 4], [6, 6])
+    assert r["accuracy_by_type"] == {kind: 0.5 if kind in ("where", "caption") else 1.0 for kind in PROMPT_KINDS}
+    assert r["accuracy_by_type_ci"]["where"] == wilson_interval(1, 2)
+    objects = [len(q.scene.objects) for q in questions if q.kind == "caption"]       # per caption
+    assert r["caption_objects"] == (objects[0] + 1) / sum(objects)
+    assert r["caption_objects_ci"] == clustered_wilson_interval([objects[0], 1], objects)
+    assert r["caption_errors"]["objects"] == 1                       # the short caption names too few
+    assert r["kv_ratio_by_type"] == {kind: (10 if kind == "caption" else 4) / 20 for kind in PROMPT_KINDS}
+    assert r["kv_ratio"] == (2 * 10 + 10 * 4) / (12 * 20)
+    assert r["attended_ratio"] == 0.5                                 # the fake's dense count is twice
+    # prefill: 7 (7 + 1) / 2 pairs in each of 2 layers; decode: 16 rows in all
+    assert r["attention_pairs"] == 2 * 28 + 16
 
 
 def test_sweep_plot_is_a_png_with_every_policy_drawn(tmp_path):

@@ -46,13 +46,13 @@ TINY_HIRES = HiresConfig(scale=FINE_SCALE, first_layer=1, threshold=48, blocks=4
 # Fine scenes
 # ---------------------------------------------------------------------------------------------------
 
-def test_a_fine_scene_is_the_scene_drawn_three_times_larger_with_a_small_digit():
+def test_a_fine_scene_is_the_scene_drawn_larger_with_a_small_digit():
     """Box-averaged back to 96 px, a fine scene's picture is the plain scene's wherever neither digit is;
     the same draws give the same objects."""
     fine, _ = next(scene_stream("eval", 3, fine=True))
     plain, _ = next(scene_stream("eval", 3))
     assert fine.objects == plain.objects and fine.fine and not plain.fine
-    big = np.asarray(fine.image())                                                      # (288, 288, 3)
+    big = np.asarray(fine.image())                                     # (96 FINE_SCALE, 96 FINE_SCALE, 3)
     assert big.shape == (IMAGE_SIZE * FINE_SCALE, IMAGE_SIZE * FINE_SCALE, 3)
     small = big.reshape(IMAGE_SIZE, FINE_SCALE, IMAGE_SIZE, FINE_SCALE, 3).mean(axis=(1, 3))  # (96, 96, 3)
     fine_digits = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=bool)
@@ -323,23 +323,33 @@ def test_the_command_resumes_from_its_checkpoint_and_removes_it_once_the_toy_is_
     assert weights[0] == weights[1] and not path.exists()
 
 
+FIVE_STEPS = json.dumps([[step, 0.5, 0.5] for step in range(5)])  # the history a run saves after 5 steps
+
+
 def write_checkpoint_of_another_run(path, base):
     """A checkpoint of the command's defaults from `base`, but for 7 steps."""
     args = argparse.Namespace(base=base, in_sequence=False, steps=7, batch_size=16, lr=8e-4, seed=0, threads=2)
     run = json.dumps(train_hires_module.run_settings(args))
-    save_file({"model.x": torch.zeros(1)}, str(path), metadata={"step": "5", "history": "[]", "run": run})
+    save_file({"model.x": torch.zeros(1)}, str(path), metadata={"step": "5", "history": FIVE_STEPS, "run": run})
 
 
 def write_checkpoint_with(**metadata):
     """A checkpoint of the command's defaults whose metadata has `metadata` in place of what a run saves
     (None: left out), as a hand edit or another program might write it."""
     def write(path, base):
-        write_checkpoint_of_another_run(path, base)
         args = argparse.Namespace(base=base, in_sequence=False, steps=1100, batch_size=16, lr=8e-4, seed=0,
                                   threads=2)
-        saved = {"step": "5", "history": "[]", "run": json.dumps(train_hires_module.run_settings(args)), **metadata}
+        saved = {"step": "5", "history": FIVE_STEPS, "run": json.dumps(train_hires_module.run_settings(args)),
+                 **metadata}
         save_file({"model.x": torch.zeros(1)}, str(path), metadata={k: v for k, v in saved.items() if v is not None})
     return write
+
+
+def write_checkpoint_of_an_older_version(path, base):
+    """A checkpoint of the command's defaults saved by a version with one setting more."""
+    args = argparse.Namespace(base=base, in_sequence=False, steps=1100, batch_size=16, lr=8e-4, seed=0, threads=2)
+    run = json.dumps({**train_hires_module.run_settings(args), "old_knob": 1})
+    save_file({"model.x": torch.zeros(1)}, str(path), metadata={"step": "5", "history": FIVE_STEPS, "run": run})
 
 
 @pytest.mark.parametrize("name, make, message", [
@@ -348,9 +358,11 @@ def write_checkpoint_with(**metadata):
     ("state.safetensors", write_checkpoint_with(step="-3"), "is not a training checkpoint (its step '-3' or its"),
     ("state.safetensors", write_checkpoint_with(run=None), "is not a training checkpoint (its metadata has no 'run')"),
     ("state.safetensors", write_checkpoint_with(history='[["a", "b", "c"]]'), "its history is not what a training"),
+    ("state.safetensors", write_checkpoint_with(history="[]"), "its history is not what a training"),  # 5 steps
     ("state.safetensors", lambda path, _: save_file({"x": torch.zeros(1)}, str(path)), "its metadata has no 'run'"),
     ("state.safetensors", lambda path, _: path.write_bytes(b"not safetensors"), "is not a training checkpoint"),
     ("state.safetensors", write_checkpoint_of_another_run, "saved by another run (steps 7 there, 1100 here)"),
+    ("state.safetensors", write_checkpoint_of_an_older_version, "saved by another run (old_knob 1 there, None here)"),
     ("flex/state.safetensors", None, "is inside --out"),
     ("base", None, "give it a .safetensors name"),
 ])
@@ -426,7 +438,8 @@ def test_evaluate_reads_what_its_hires_mode_says(tiny_flex):
 def fake_report(policy, mode, digit, mflops):
     return {"policy": policy, "mode": mode, "accuracy_by_type": dict.fromkeys(
                 ("colour", "shape", "count", "digit", "where", "caption"), 0.5) | {"digit": digit},
-            "accuracy_by_type_ci": {"digit": (digit - 0.1, digit + 0.1)}, "kv_ratio": 1.0,
+            "accuracy_by_type_ci": dict.fromkeys(("colour", "shape", "count", "where", "caption"), (0.4, 0.6))
+            | {"digit": (digit - 0.1, digit + 0.1)}, "kv_ratio": 1.0,
             "hires_tokens_read": 0, "attention_mflops": mflops, "in_sequence_mflops": 100.0}
 
 
@@ -446,7 +459,8 @@ def test_the_table_compares_each_mode_with_every_block_and_the_sequence(tmp_path
                fake_report("full", "every block", 0.95, 20.0)]
     lines = format_table(reports).splitlines()
     assert len(lines) == 2 + 3 + 1
-    assert lines[3].startswith("| full | selection | 0.90 (0.80-1.00) |") and "| 12.0 | 0.60 | 0.120 |" in lines[3]
+    assert lines[3].startswith("| full | selection | 0.90 (0.80-1.00) | 0.50 (0.40-0.60) |")   # digit, colour
+    assert "| 12.0 | 0.60 | 0.120 |" in lines[3]
     assert "cost only" in lines[-1] and "| 100.0 |" in lines[-1]
     tiled = [fake_report("full", IN_SEQUENCE, 0.97, 400.0), fake_report("avl", IN_SEQUENCE, 0.95, 300.0)]
     lines = format_table(reports, tiled).splitlines()

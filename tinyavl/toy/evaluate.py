@@ -22,8 +22,9 @@ high-resolution keys a FlexAttention toy's view read (tinyavl/toy/evaluate_hires
 
 The table (`budget_sweep`): for each share of image tokens kept (BUDGETS), `random` runs first and its
 measured kv_ratio is the budget, kind of prompt by kind of prompt (kv_ratio_by_type); A-VL keeps the same
-share of image tokens (so about the same bytes), and the other peers get the knobs that hold the same bytes
-on each kind as far as their knobs reach (`budget_params`). Rows show each policy's measured ratio, so a
+share of image tokens (and, as it also evicts text, fewer bytes on captions), and the other peers get the
+knobs that hold the same bytes on each kind as far as their knobs reach (`budget_params`; a policy whose
+knobs reach no lower gets no row at the smaller budgets). Rows show each policy's measured ratio, so a
 reader sees how close each came; nothing is tuned on accuracy.
 """
 import functools
@@ -34,9 +35,11 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from tinyavl import load_pretrained
 from tinyavl.attention_map import save_attention_map
-from tinyavl.cache import KVCache, make_cache
+from tinyavl.cache import AVLCache, KVCache, make_cache
 from tinyavl.cli import (TOY_WEIGHTS, ArgumentParser, add_policy_arguments, check_filter_layer, first_paragraph,
                          given_policy_params, output_file, run_command)
 from tinyavl.errors import UserError
@@ -171,6 +174,72 @@ def attention_pairs(stats) -> int:
             + stats.hires_tokens_read)
 
 
+def of_full_interval(right: list[int], full_right: list[int], draws: int = 4000, seed: int = 0) -> tuple[float, float]:
+    """The 95% interval of sum(right) / sum(full_right), a policy's accuracy over full attention's on the
+    same prompts, right[i] and full_right[i] the prompts about scene i each got right: a paired bootstrap
+    (Efron and Tibshirani, An Introduction to the Bootstrap, 1993) that draws scenes with replacement, both
+    counts of a scene together, and takes the 2.5 and 97.5 percentiles of the ratio. Seeded: one answer."""
+    right, full_right = torch.tensor(right, dtype=torch.float64), torch.tensor(full_right, dtype=torch.float64)
+    scenes = torch.randint(len(right), (draws, len(right)), generator=torch.Generator().manual_seed(seed))
+    ratios = right[scenes].sum(1) / full_right[scenes].sum(1).clamp(min=1)      # (draws,)
+    return float(ratios.quantile(0.025)), float(ratios.quantile(0.975))
+
+
+class Tally:
+    """What `evaluate` counts, answer by answer (`add`), and the report it makes of them (`report`)."""
+
+    def __init__(self):
+        self.right, self.asked = Counter(), Counter()                    # per kind of prompt
+        self.right_by_scene, self.asked_by_scene = Counter(), Counter()  # the overall interval's clusters
+        self.objects_right, self.objects_by_caption = [], []             # per caption
+        self.wrong_fields = Counter(dict.fromkeys([*CAPTION_FIELDS, "objects"], 0))
+        self.kv_bytes, self.kv_dense = Counter(), Counter()             # per kind of prompt
+        self.attended = self.attended_dense = self.pairs = self.hires_read = 0
+
+    def add(self, question: Question, prediction: str, stats) -> None:
+        correct = is_correct(question, prediction)
+        self.asked[question.kind] += 1
+        self.right[question.kind] += correct
+        self.asked_by_scene[question.scene_index] += 1
+        self.right_by_scene[question.scene_index] += correct
+        if question.kind == "caption":
+            self.objects_right.append(caption_objects_right(prediction, question.scene))
+            self.objects_by_caption.append(len(question.scene.objects))
+            self.wrong_fields.update(caption_errors(prediction, question.scene))
+        self.kv_bytes[question.kind] += stats.kv_cache_bytes
+        self.kv_dense[question.kind] += stats.kv_cache_bytes_dense
+        self.pairs += attention_pairs(stats)
+        self.hires_read += stats.hires_tokens_read
+        steps = len(stats.attended_per_layer)
+        if steps:
+            self.attended += stats.attended_tokens_per_step * steps
+            self.attended_dense += stats.attended_tokens_per_step_dense * steps
+
+    def report(self) -> dict:
+        kinds = [kind for kind in PROMPT_KINDS if self.asked[kind]]
+        n, scenes = sum(self.asked.values()), sorted(self.asked_by_scene)
+        right_by_scene = [self.right_by_scene[i] for i in scenes]
+        objects = sum(self.objects_by_caption)
+        return {
+            "n_questions": n,
+            "accuracy": sum(self.right.values()) / n,
+            "accuracy_ci": clustered_wilson_interval(right_by_scene, [self.asked_by_scene[i] for i in scenes]),
+            "right_by_scene": right_by_scene,  # in scene order: `of_full_interval` pairs them with full's
+            "accuracy_by_type": {kind: self.right[kind] / self.asked[kind] for kind in kinds},
+            "accuracy_by_type_ci": {kind: wilson_interval(self.right[kind], self.asked[kind]) for kind in kinds},
+            # A caption's objects go right or wrong together: each caption is a cluster.
+            "caption_objects": sum(self.objects_right) / objects if objects else None,
+            "caption_objects_ci": (clustered_wilson_interval(self.objects_right, self.objects_by_caption)
+                                   if objects else None),
+            "caption_errors": dict(self.wrong_fields),  # summed over captions (caption_errors)
+            "kv_ratio": sum(self.kv_bytes.values()) / sum(self.kv_dense.values()),
+            "kv_ratio_by_type": {kind: self.kv_bytes[kind] / self.kv_dense[kind] for kind in kinds},
+            "attended_ratio": self.attended / self.attended_dense if self.attended_dense else None,
+            "attention_pairs": self.pairs / n,       # per answer (attention_pairs)
+            "hires_tokens_read": self.hires_read / n,  # per answer, summed over layers
+        }
+
+
 def evaluate(model, processor, questions: list[Question], policy: str | KVCache = "full", params: dict | None = None,
              max_new_tokens: int = 64, on_answer=None, hires_mode: str = "selection",
              params_by_type: dict | None = None) -> dict:
@@ -196,13 +265,7 @@ def evaluate(model, processor, questions: list[Question], policy: str | KVCache 
     else:
         cache = policy if isinstance(policy, KVCache) else make_cache(policy, **(params or {}))
         cache_of = dict.fromkeys(PROMPT_KINDS, cache)
-    right = {kind: 0 for kind in PROMPT_KINDS}
-    asked = {kind: 0 for kind in PROMPT_KINDS}
-    right_by_scene, asked_by_scene = Counter(), Counter()  # the overall interval's clusters
-    objects_right = objects_total = 0
-    wrong_fields = Counter(dict.fromkeys([*CAPTION_FIELDS, "objects"], 0))
-    attended = attended_dense = pairs = hires_read = 0
-    kv_bytes, kv_dense = Counter(dict.fromkeys(PROMPT_KINDS, 0)), Counter(dict.fromkeys(PROMPT_KINDS, 0))
+    tally = Tally()
     hires = model.config.hires
     every_block = None if hires is None or hires_mode != "every block" else hires.blocks ** 2
     start = time.perf_counter()
@@ -215,53 +278,22 @@ def evaluate(model, processor, questions: list[Question], policy: str | KVCache 
                                     hires_top=every_block, max_new_tokens=max_new_tokens,
                                     policy=cache)
         prediction = processor.decode(token_ids)
-        correct = is_correct(question, prediction)
-        asked[question.kind] += 1
-        right[question.kind] += correct
-        asked_by_scene[question.scene_index] += 1
-        right_by_scene[question.scene_index] += correct
-        if question.kind == "caption":
-            objects_right += caption_objects_right(prediction, question.scene)
-            wrong_fields.update(caption_errors(prediction, question.scene))
-            objects_total += len(question.scene.objects)
-        kv_bytes[question.kind] += stats.kv_cache_bytes
-        kv_dense[question.kind] += stats.kv_cache_bytes_dense
-        pairs += attention_pairs(stats)
-        hires_read += stats.hires_tokens_read
-        steps = len(stats.attended_per_layer)
-        if steps:
-            attended += stats.attended_tokens_per_step * steps
-            attended_dense += stats.attended_tokens_per_step_dense * steps
+        tally.add(question, prediction, stats)
         if on_answer:
             on_answer(question, prediction, cache, inputs)
-    kinds = [kind for kind in PROMPT_KINDS if asked[kind]]
     any_cache = next(iter(cache_of.values()))
     by_type = {} if params_by_type is None else {
         "policy_params_by_type": {kind: kind_cache.params() for kind, kind_cache in cache_of.items()}}
-    return {
-        "policy": any_cache.name, "policy_params": None if by_type else any_cache.params(), **by_type,
-        "n_questions": len(questions),
-        "accuracy": sum(right.values()) / len(questions),
-        "accuracy_ci": clustered_wilson_interval([right_by_scene[i] for i in asked_by_scene],
-                                                 list(asked_by_scene.values())),
-        "accuracy_by_type": {kind: right[kind] / asked[kind] for kind in kinds},
-        "accuracy_by_type_ci": {kind: wilson_interval(right[kind], asked[kind]) for kind in kinds},
-        "caption_objects": objects_right / objects_total if objects_total else None,
-        "caption_errors": dict(wrong_fields),  # summed over captions (caption_errors)
-        "kv_ratio": sum(kv_bytes.values()) / sum(kv_dense.values()),
-        "kv_ratio_by_type": {kind: kv_bytes[kind] / kv_dense[kind] for kind in kinds},
-        "attended_ratio": attended / attended_dense if attended_dense else None,
-        "attention_pairs": pairs / len(questions),       # per answer (attention_pairs)
-        "hires_tokens_read": hires_read / len(questions),  # per answer, summed over layers
-        "seconds": time.perf_counter() - start,
-    }
+    return {"policy": any_cache.name, "policy_params": None if by_type else any_cache.params(), **by_type,
+            **tally.report(), "seconds": time.perf_counter() - start}
 
 
 def budget_params(policy: str, image_keep: float, kv_ratio: float, n_layers: int) -> dict:
     """A policy's knobs for the budget `random` holds at S = image_keep (kv_ratio r, as it measured).
 
-    - random: S = image_keep. avl: the same S, the core C = 0.6 S (its defaults' ratio, 0.3 / 0.5),
-      other knobs at their defaults.
+    - random: S = image_keep. avl: the same S, the core C in its defaults' ratio to S (0.3 / 0.5), other
+      knobs at their defaults: the same share of the image, which holds fewer bytes than `random` does
+      where A-VL also evicts text (captions).
     - h2o, streaming: their budgets are shares of the sequence, so they get r itself (h2o split 1 : 3
       heavy : recent, as in its defaults). budget_sweep gives them r per prompt kind: `random` holds a
       larger share of a long answer (a caption) than of a short one, where their share is the same.
@@ -273,7 +305,8 @@ def budget_params(policy: str, image_keep: float, kv_ratio: float, n_layers: int
     if policy == "random":
         return {"S": image_keep}
     if policy == "avl":
-        return {"S": image_keep, "C": round(0.6 * image_keep, 4)}
+        defaults = AVLCache()
+        return {"S": image_keep, "C": round(image_keep * defaults.C / defaults.S, 4)}
     if policy == "h2o":
         return {"heavy": round(kv_ratio / 4, 4), "recent": round(3 * kv_ratio / 4, 4)}
     if policy == "streaming":
@@ -298,6 +331,7 @@ def budget_sweep(model, processor, questions, log=None, hires_mode: str = "selec
 
     n_layers = model.config.text.num_hidden_layers
     reports = [measure("full", {}, 1.0)]
+    knobs_run = {}  # per policy, the knobs of its last row
     for image_keep in BUDGETS:
         # 1.0: random takes no byte budget; its measured bytes are the budget the others match.
         control = measure("random", budget_params("random", image_keep, 1.0, n_layers), image_keep)
@@ -307,6 +341,13 @@ def budget_sweep(model, processor, questions, log=None, hires_mode: str = "selec
             # sequence (h2o, streaming) gets them kind by kind; the others' knobs do not depend on them.
             by_type = {kind: budget_params(policy, image_keep, ratio, n_layers)
                        for kind, ratio in control["kv_ratio_by_type"].items()}
+            if by_type == knobs_run.get(policy):
+                # Its knobs reach no lower (FastV's R at FASTV_MAX_R): the row would be the last one again,
+                # at more bytes than this budget's. Left out, and said.
+                if log:
+                    log(f"{policy}: its knobs reach no lower than its last row's; no row at image kept {image_keep:g}")
+                continue
+            knobs_run[policy] = by_type
             params = next(iter(by_type.values()))
             if all(kind_params == params for kind_params in by_type.values()):
                 reports.append(measure(policy, params, image_keep))
@@ -339,18 +380,21 @@ def shown_params(report: dict) -> str:
 
 def format_table(reports: list[dict]) -> str:
     """A Markdown table: one row per report, accuracy (95% interval) overall and per type, the share of
-    full's accuracy, and the measured ratios."""
-    full_accuracy = next((r["accuracy"] for r in reports if r["policy"] == "full"), None)
+    full's accuracy (its paired interval, `of_full_interval`), the caption objects named exactly (95%
+    interval, each caption a cluster), and the measured ratios."""
+    full = next((r for r in reports if r["policy"] == "full"), None)
     head = (["image kept", "policy", "params", "overall", "of full"] + list(PROMPT_KINDS)
             + ["caption objects", "KV bytes", "KV bytes, captions", "attended"])
     rows = []
     for r in reports:
+        of_full = "-" if not full or not full["accuracy"] else format_interval(
+            r["accuracy"] / full["accuracy"], of_full_interval(r["right_by_scene"], full["right_by_scene"]), 3)
         cells = ["-" if r.get("budget") is None else f"{r['budget']:g}", r["policy"], shown_params(r) or "-",
-                 format_interval(r["accuracy"], r["accuracy_ci"], 3),
-                 "-" if not full_accuracy else f"{r['accuracy'] / full_accuracy:.3f}"]
+                 format_interval(r["accuracy"], r["accuracy_ci"], 3), of_full]
         cells += [format_interval(r["accuracy_by_type"][kind], r["accuracy_by_type_ci"][kind]) for kind in PROMPT_KINDS]
         caption_kv = r.get("kv_ratio_by_type", {}).get("caption")
-        cells += ["-" if r["caption_objects"] is None else f"{r['caption_objects']:.3f}", f"{r['kv_ratio']:.2f}",
+        objects = "-" if r["caption_objects"] is None else format_interval(r["caption_objects"], r["caption_objects_ci"], 3)
+        cells += [objects, f"{r['kv_ratio']:.2f}",
                   "-" if caption_kv is None else f"{caption_kv:.2f}",
                   "-" if r["attended_ratio"] is None else f"{r['attended_ratio']:.2f}"]
         rows.append(cells)
@@ -412,6 +456,9 @@ def run(args) -> dict:
         raise UserError(f"no model folder at {args.weights}: train one with python -m tinyavl.toy.train")
     model, processor = load_pretrained(args.weights, device="cpu", dtype="float32")
     check_filter_layer(args, model, cache)
+    if args.table and model.config.text.num_hidden_layers < 2:  # FastV drops tokens for the layers after one
+        raise UserError(f"{args.weights} has a 1-layer decoder: the budget sweep's FastV needs a layer after its "
+                        "filter; --table needs 2 layers or more")
     questions = held_out_set(args.seed, args.n, fine=reads_fine_scenes(model.config))
 
     if args.table:

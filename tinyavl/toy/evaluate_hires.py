@@ -98,7 +98,7 @@ def compare_in_sequence(model, processor, questions, log=None) -> list[dict]:
 
 
 def format_table(reports: list[dict], in_sequence: list[dict] | None = None) -> str:
-    """Markdown: per policy and mode, the fine-detail accuracy (95% interval), the other types', the
+    """Markdown: per policy and mode, the fine-detail accuracy and the other types' (95% intervals), the
     high-resolution keys read and the attention MFLOPs an answer, as a share of "every block" (same
     policy) and of all high-resolution tokens in the sequence for the same answers (`in_sequence_pairs`).
     Then the in-sequence toy's rows (`compare_in_sequence`; their share is of its own dense cache's), or
@@ -110,7 +110,8 @@ def format_table(reports: list[dict], in_sequence: list[dict] | None = None) -> 
     def cells(r, keys, of_every, of_in_sequence):
         return ([r["policy"], r["mode"],
                  format_interval(r["accuracy_by_type"][FINE_KIND], r["accuracy_by_type_ci"][FINE_KIND])]
-                + [f"{r['accuracy_by_type'][kind]:.2f}" for kind in PROMPT_KINDS if kind != FINE_KIND]
+                + [format_interval(r["accuracy_by_type"][kind], r["accuracy_by_type_ci"][kind])
+                   for kind in PROMPT_KINDS if kind != FINE_KIND]
                 + [f"{r['kv_ratio']:.2f}", keys, f"{r['attention_mflops']:.1f}", of_every, of_in_sequence])
 
     rows = [cells(r, f"{r['hires_tokens_read']:.0f}", f"{r['attention_mflops'] / every[r['policy']]:.2f}",

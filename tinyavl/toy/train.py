@@ -310,6 +310,8 @@ def hide_image_rectangles(input_ids, image_token_id: int, max_fraction: float, g
     see. Blind to attention and to every KV policy, like `hide_image_tokens`."""
     n_img = int((input_ids[0] == image_token_id).sum())
     side = math.isqrt(n_img)
+    if side * side != n_img:  # a LLaVA-1.6 block (tiles, newlines) is no square of patches
+        raise ValueError(f"hide_image_rectangles needs a square image block, got {n_img} image tokens")
     masks = hide_rectangles(input_ids.shape[0], side, max_fraction, generator)     # (B, N_img)
     visible = torch.ones_like(input_ids)                                         # (B, T)
     visible[input_ids == image_token_id] = masks.flatten().to(visible.dtype)     # every row has N_img
@@ -380,7 +382,7 @@ class Checkpoint:
             tensors |= {f"optimizer.{index}.{name}": t for name, t in state.items()}
         tensors = {key: t.detach().contiguous() for key, t in tensors.items()}
         metadata = {"step": str(step), "history": json.dumps(history), "run": json.dumps(self.run)}
-        # replace: the checkpoint is the training's own file, rewritten every CHECKPOINT_EVERY steps.
+        # replace: the checkpoint is the training's own file, rewritten every `every` steps.
         write_file_atomically(self.path, lambda temporary: write_safetensors(tensors, temporary, metadata),
                               replace=True)
 
@@ -393,19 +395,20 @@ class Checkpoint:
             with safe_open(str(self.path), framework="pt") as file:
                 metadata = file.metadata() or {}  # None: a safetensors file written without any
             saved = json.loads(metadata["run"])
-            # Read only to refuse what load() cannot use: steps done, and a (step, loss, loss) per step.
+            # Read only to refuse what load() cannot use: steps done, and a (step, loss, loss) for each of
+            # steps 0 .. step - 1.
             step, history = int(metadata["step"]), json.loads(metadata["history"])
             entries = isinstance(history, list) and all(
                 isinstance(h, list) and len(h) == 3 and all(isinstance(x, (int, float)) for x in h) for h in history)
-            if step < 0 or not entries:
+            if step < 0 or not entries or [h[0] for h in history] != list(range(step)):
                 raise ValueError(f"its step {metadata['step']!r} or its history is not what a training saves")
         except KeyError as err:
             raise UserError(f"{self.path} is not a training checkpoint (its metadata has no {err})") from None
         except (SafetensorError, OSError, TypeError, ValueError) as err:
             raise UserError(f"{self.path} is not a training checkpoint ({err})") from None
         if saved != self.run:
-            differ = ", ".join(f"{key} {saved.get(key)} there, {value} here" for key, value in self.run.items()
-                               if saved.get(key) != value)
+            differ = ", ".join(f"{key} {saved.get(key)} there, {self.run.get(key)} here"
+                               for key in sorted(saved.keys() | self.run.keys()) if saved.get(key) != self.run.get(key))
             raise UserError(f"{self.path} was saved by another run ({differ}): give the same settings or "
                             "another file")
 
@@ -519,7 +522,7 @@ def train(steps: int, batch_size: int = 32, lr: float = 2e-3, seed: int = 0, tur
     image_dropout is the largest fraction of a sequence's image tokens `hide_image_tokens` hides (0: off),
     in the share image_dropout_share of the sequences. With vision_steps, stage 0 (`pretrain_vision`)
     trains the tower first, which then stays frozen.
-    Every eval_every steps (0: never) the greedy accuracy on 10 held-out scenes (seed 0) is printed."""
+    Every eval_every steps (0: never) the greedy accuracy on 10 held-out scenes (seed 0) is logged."""
     log = log or partial(print, flush=True)
     torch.manual_seed(seed)
     tokenizer = train_tokenizer()
@@ -556,7 +559,6 @@ def tune(model, processor, steps: int, batch_size: int = 32, lr: float = 4e-4, s
         raise ValueError(f"masks must be one of {', '.join(TUNE_MASKS)}, got {masks!r}")
     log = log or partial(print, flush=True)
     log(f"stage 2: {steps} steps with up to {image_dropout:.0%} of each sequence's image tokens hidden, as {masks}")
-    torch.manual_seed(seed)
     probe = PatchProbe(processor.tokenizer, model.config.text.hidden_size)
     return optimise(model, probe, processor, scene_stream("tune", seed), steps, lr, warmup_steps(steps, 100),
                     batch_size, turns, aux_weight, image_dropout, image_dropout_share=1.0,

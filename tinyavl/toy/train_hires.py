@@ -125,7 +125,6 @@ def train_hires(model, processor, steps: int = STEPS, batch_size: int = BATCH_SI
     """Fine-tune a model `from_base` (either kind) on fine scenes (seed: their stream, the dropout draws);
     returns the history of (step, lm_loss, aux_loss). With a checkpoint, it resumes (`optimise`)."""
     log = log or partial(print, flush=True)
-    torch.manual_seed(seed)
     probe = PatchProbe(processor.tokenizer, model.config.text.hidden_size)
     looks = model.config.hires or f"every high-resolution token in the sequence, {model.config.image_grid_pinpoints}"
     log(f"{steps} steps on fine scenes, {looks}")
