@@ -27,7 +27,9 @@ Training has two stages, both run by the one command:
 2. `tune`: 2000 more steps (a fresh optimiser, a scene stream of its own) with image-token dropout in
    every sequence (`hide_image_tokens`): a uniformly random fraction, uniform on [0, 0.75), of the image
    tokens is hidden from the whole sequence (attention_mask 0, positions kept). The draw is uniform and
-   knows nothing of attention or of any KV policy.
+   blind to attention and to every KV policy; its loss, though, is of the kind the `random` control
+   inflicts (a uniform share of the image gone), so the model is trained to survive that control in
+   particular (the README reads the comparisons with `random` so).
 Why: after stage 1 each fact is read from the few patches the decoder learnt to look at, so a random
 half of the image breaks a caption; stage 2 makes the decoder read a fact from any token that shows it,
 the redundancy a real LLaVA has (FastV: a random half of LLaVA-1.5's image tokens keeps 98.9% of its
@@ -283,9 +285,11 @@ def hide_image_tokens(input_ids, image_token_id: int, max_fraction: float, gener
     half of the image tokens gone) because CLIP's 24 layers spread each object over many tokens and
     the decoder reads it from many of them. A 2-layer tower trained in an hour learns to put each
     fact where one patch shows it; hiding random image tokens makes it read a fact from any of the
-    object's tokens, as dropout does for units (Srivastava et al., 2014). Nothing here knows a KV
-    policy: the draw is uniform and blind to attention, and hidden tokens are hidden from the whole
-    sequence, question and answers alike, not evicted from a cache after a prefill."""
+    object's tokens, as dropout does for units (Srivastava et al., 2014). Nothing here reads a KV policy:
+    the draw is uniform and blind to attention, and hidden tokens are hidden from the whole sequence,
+    question and answers alike, not evicted from a cache after a prefill. Its distribution is, though,
+    the `random` control's (a uniform share of the image gone): the control the model is trained to
+    survive."""
     visible = torch.ones_like(input_ids)                                         # (B, T)
     for row in range(input_ids.shape[0]):
         # No draw when every sequence is picked, so share 1 replays the masks of a run without the knob.
