@@ -732,6 +732,10 @@ class LlavaForConditionalGeneration(nn.Module):
             self.image_newline = nn.Parameter(torch.zeros(config.text.hidden_size))
 
     def crop_features(self, crops):  # (N, 3, S, S) -> (N, P, C_text), 1 + P with "full": every crop, one batch
+        return self.multi_modal_projector(self.vision_features(crops))
+
+    def vision_features(self, crops):  # (N, 3, S, S) -> (N, P, k C_vision): what the projector reads
+        """The tower's tokens at the feature layers (k of them, concatenated), CLS dropped with "default"."""
         size = self.config.vision.image_size
         if crops.shape[-2:] != (size, size):
             raise ValueError(f"pixel_values are {tuple(crops.shape[-2:])}, the vision tower takes {size}x{size}")
@@ -740,7 +744,7 @@ class LlavaForConditionalGeneration(nn.Module):
         features = [states[i] for i in self.config.feature_layers]
         if self.config.vision_feature_select_strategy == "default":
             features = [f[:, 1:] for f in features]  # drop CLS: one token per patch
-        return self.multi_modal_projector(torch.cat(features, dim=-1))
+        return torch.cat(features, dim=-1)
 
     def image_features(self, pixel_values, image_sizes=None) -> list[torch.Tensor]:
         """One (N_img, C_text) tensor per image, in the order its tokens take in the prompt.

@@ -414,14 +414,15 @@ def run(args) -> dict:
                         "resolution, the first toy's (weights/toy)")
     recordings = record_captions(model, processor, args.n, args.seed)
     result = study(recordings)
-    scenes = [question.scene for question in caption_questions(args.n, args.seed)]
+    questions = held_out_set(args.seed, args.n)
+    scenes = [question.scene for question in questions if question.kind == "caption"]  # the recordings' scenes
     result["object_coverage"] = object_coverage(recordings, scenes)
     side = model.config.vision.image_size // model.config.vision.patch_size   # image tokens a side
     result["band_coverage"] = band_coverage(recordings, side, GRID)
     result["object_attention"] = object_attention(recordings, scenes)
     result["hires_coverage"] = hires_coverage(recordings, scenes, side)
-    result["choice_by_layer"] = choice_by_layer(model, processor, held_out_set(args.seed, args.n))
-    result["hidden_object_recall"] = hidden_object_recall(model, processor, held_out_set(args.seed, args.n))
+    result["choice_by_layer"] = choice_by_layer(model, processor, questions)
+    result["hidden_object_recall"] = hidden_object_recall(model, processor, questions)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         for path in save_figures(result, args.out, replace=args.force):

@@ -647,11 +647,6 @@ def hide_rectangles(batch_size: int, side: int, max_fraction: float, generator, 
     return visible.flatten(1)
 
 
-def tower_features(model, pixel_values) -> torch.Tensor:  # (B, 3, H, W) -> (B, P, C_vision)
-    """The vision tower's patch tokens at the layer the projector reads."""
-    return model.vision_tower.vision_model(pixel_values)[model.config.vision_feature_layer][:, 1:]
-
-
 def readout_recall(model, readout, processor, n_scenes: int = 100, seed: int = 0) -> dict:
     """On held-out scenes, per attribute (shape, colour, digit, where "no digit" is a class too), the share
     named right by the readout: "outside its place", each object from the mean of every image token
@@ -662,7 +657,7 @@ def readout_recall(model, readout, processor, n_scenes: int = 100, seed: int = 0
     with torch.no_grad():
         for _ in range(n_scenes):
             scene, _ = next(stream)
-            features = tower_features(model, processor.preprocess(scene.image())[None])  # (1, P, C)
+            features = model.vision_features(processor.preprocess(scene.image())[None])  # (1, P, C)
             place_truth, patch_truth = place_targets(scene), patch_targets(scene)         # (PLACES, 3), (P, 3)
             for obj in scene.objects:
                 visible = torch.ones(1, features.shape[1])
@@ -709,7 +704,7 @@ def pretrain_vision(model, processor, steps: int, batch_size: int = 32, lr: floa
         scenes = [next(stream)[0] for _ in range(batch_size)]
         pixels = torch.stack([processor.preprocess(scene.image()) for scene in scenes])  # (B, 3, H, W)
         visible = hide_rectangles(batch_size, side, max_hidden, generator)             # (B, P)
-        loss = readout.loss(tower_features(model, pixels), visible,
+        loss = readout.loss(model.vision_features(pixels), visible,
                             torch.stack([place_targets(scene) for scene in scenes]),   # (B, PLACES, 3)
                             torch.stack([patch_targets(scene) for scene in scenes]))   # (B, P, 3)
         optimizer.zero_grad(set_to_none=True)
