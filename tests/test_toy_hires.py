@@ -84,7 +84,7 @@ def test_fine_digit_pixels_and_patches_by_hand():
 
 def test_fine_patch_targets_name_the_digit_only_at_high_resolution():
     scene = Scene((SceneObject("square", "red", 1, 1, 1, COLOURS["red"], (0, 0)),), fine=True)
-    low, high = patch_targets(scene), patch_targets(scene, hires=True)
+    low, high = patch_targets(scene), patch_targets(scene, fine_map=True)
     plain = patch_targets(replace(scene, fine=False))
     assert torch.equal(low[:, :2], plain[:, :2]) and (low[:, 2] == -100).all()   # no legible digit at 96 px
     assert high.shape == ((IMAGE_SIZE * FINE_SCALE // PATCH) ** 2, 3)
@@ -101,7 +101,7 @@ def test_tile_targets_follow_the_crops_as_the_model_stitches_them():
     targets = tile_patch_targets(scene)                                   # (144 + 16 x 144, 3)
     assert targets.shape == (144 + N_HD, 3) and torch.equal(targets[:144], patch_targets(scene))
     tiles = targets[144:].view(FINE_SCALE ** 2, 144, 3)
-    assert torch.equal(stitch_tiles(tiles, FINE_SCALE, FINE_SCALE).flatten(0, 1), patch_targets(scene, hires=True))
+    assert torch.equal(stitch_tiles(tiles, FINE_SCALE, FINE_SCALE).flatten(0, 1), patch_targets(scene, fine_map=True))
     assert (targets[144:, 2] > 0).any() and (targets[:144, 2] == -100).all()   # digits legible in the tiles only
 
 

@@ -135,9 +135,9 @@ def test_high_resolution_targets_are_only_a_fine_scenes():
     """A plain scene draws its digits large: the fine map's digit patches would name the wrong patches."""
     scene, _ = next(scene_stream("eval", 2))
     with pytest.raises(ValueError, match="fine scene"):
-        patch_targets(scene, hires=True)
+        patch_targets(scene, fine_map=True)
     fine, _ = next(scene_stream("eval", 2, fine=True))
-    assert patch_targets(fine, hires=True).shape[0] == (FINE_SCALE * IMAGE_SIZE // PATCH) ** 2
+    assert patch_targets(fine, fine_map=True).shape[0] == (FINE_SCALE * IMAGE_SIZE // PATCH) ** 2
 
 
 def test_patch_probe_names_a_patch_by_the_decoder_word_embeddings():

@@ -266,8 +266,8 @@ def evaluate(model, processor, questions: list[Question], policy: str | KVCache 
         cache = policy if isinstance(policy, KVCache) else make_cache(policy, **(params or {}))
         cache_of = dict.fromkeys(PROMPT_KINDS, cache)
     tally = Tally()
-    hires = model.config.hires
-    every_block = None if hires is None or hires_mode != "every block" else hires.blocks ** 2
+    hires_config = model.config.hires
+    every_block = None if hires_config is None or hires_mode != "every block" else hires_config.blocks ** 2
     start = time.perf_counter()
     for question in questions:
         cache = cache_of[question.kind]

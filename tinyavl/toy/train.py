@@ -183,17 +183,17 @@ def attribute_loss(scores, targets) -> torch.Tensor:
     return sum(F.cross_entropy(scores[i].flatten(0, -2), targets[..., i].flatten()) for i in named) / len(named)
 
 
-def patch_targets(scene: Scene, hires: bool = False) -> torch.Tensor:
+def patch_targets(scene: Scene, fine_map: bool = False) -> torch.Tensor:
     """(P, 3) class ids per patch: shape and colour on every patch that shows the shape, the digit on
     every patch that shows the digit. A fine scene's low-resolution image shows no legible digit: its
-    digit column is -100 (no target, cross_entropy's ignore_index). hires: the patches of a fine scene's
+    digit column is -100 (no target, cross_entropy's ignore_index). fine_map: the patches of a fine scene's
     high-resolution map (FINE_SCALE x as many a side), where its small digits are legible."""
-    if hires and not scene.fine:  # a plain scene's digits are large: the fine map's patches would be wrong
+    if fine_map and not scene.fine:  # a plain scene's digits are large: the fine map's patches would be wrong
         raise ValueError("high-resolution patch targets are a fine scene's")
-    scale = FINE_SCALE if hires else 1
+    scale = FINE_SCALE if fine_map else 1
     side = IMAGE_SIZE * scale // PATCH
     targets = torch.zeros(side * side, 3, dtype=torch.long)
-    legible = hires or not scene.fine
+    legible = fine_map or not scene.fine
     if not legible:
         targets[:, 2] = -100
     shapes, colours, digits = PATCH_CLASSES
@@ -202,7 +202,7 @@ def patch_targets(scene: Scene, hires: bool = False) -> torch.Tensor:
         targets[patches, 0] = shapes.index(obj.shape) + 1
         targets[patches, 1] = colours.index(obj.colour) + 1
         if obj.digit is not None and legible:
-            targets[obj.digit_patches(hires), 2] = digits.index(str(obj.digit)) + 1
+            targets[obj.digit_patches(fine_map), 2] = digits.index(str(obj.digit)) + 1
     return targets
 
 
@@ -212,9 +212,9 @@ def tile_patch_targets(scene: Scene) -> torch.Tensor:
     FINE_SCALE tiles of the 384 px canvas in reading order, each tile's patches in reading order."""
     side = IMAGE_SIZE // PATCH
     # (tile row, y, tile col, x, 3)
-    hires = patch_targets(scene, hires=True).view(FINE_SCALE, side, FINE_SCALE, side, 3)
+    fine_targets = patch_targets(scene, fine_map=True).view(FINE_SCALE, side, FINE_SCALE, side, 3)
     # (tile row, tile col, y, x, 3), flattened: tile by tile
-    tiles = hires.transpose(1, 2).reshape(FINE_SCALE ** 2 * side * side, 3)
+    tiles = fine_targets.transpose(1, 2).reshape(FINE_SCALE ** 2 * side * side, 3)
     return torch.cat([patch_targets(scene), tiles])
 
 
@@ -256,7 +256,7 @@ def make_batch(stream, processor: Processor, batch_size: int, turns: int, pad_id
         scene, rng = next(stream)
         examples.append(chat_example(scene, rng, processor, turns))
         targets.append(tile_patch_targets(scene) if processor.image_grid_pinpoints else patch_targets(scene))
-        hires_targets.append(patch_targets(scene, hires=True) if processor.hires_scale else None)
+        hires_targets.append(patch_targets(scene, fine_map=True) if processor.hires_scale else None)
     T = max(len(ids) for ids, _, _ in examples)
     input_ids = torch.full((batch_size, T), pad_id)
     labels = torch.full((batch_size, T), -100)
@@ -329,23 +329,23 @@ def losses(model, probe, batch, hires_alpha: float = 1.0) -> tuple[torch.Tensor,
     row is the current token of its own decoding step) reads the blocks chosen for it, blended in by
     hires_alpha, and the patch loss is the mean of the low- and the high-resolution features'."""
     ids = batch["input_ids"]
-    hires = None
+    view = None
     if "hires_pixel_values" in batch:  # made before the hook below, which catches the low-resolution features
         image_end = int((ids[0] == model.config.image_token_id).nonzero()[-1]) + 1  # every sequence's image is there
-        hires = model.hires_view(ids, batch["hires_pixel_values"], hires_alpha, first_row=image_end)
+        view = model.hires_view(ids, batch["hires_pixel_values"], hires_alpha, first_row=image_end)
     captured = {}
     hook = model.multi_modal_projector.register_forward_hook(
         lambda module, inputs, output: captured.update(features=output))  # image features (B, P, C_text)
     try:
         logits = model(ids, batch["pixel_values"], attention_mask=batch.get("attention_mask"),
-                       image_sizes=batch.get("image_sizes"), hires=hires)  # (B, T, vocab)
+                       image_sizes=batch.get("image_sizes"), hires=view)  # (B, T, vocab)
     finally:
         hook.remove()
     lm_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100)
     word_embeddings = model.language_model.model.embed_tokens.weight  # (vocab, C_text), shared with the decoder
     patch_loss = probe.loss(captured["features"], batch["patch_targets"], word_embeddings)
-    if hires is not None:
-        patch_loss = (patch_loss + probe.loss(hires.features, batch["hires_patch_targets"], word_embeddings)) / 2
+    if view is not None:
+        patch_loss = (patch_loss + probe.loss(view.features, batch["hires_patch_targets"], word_embeddings)) / 2
     return lm_loss, patch_loss
 
 
@@ -731,7 +731,7 @@ def hf_config(config: LlavaConfig) -> dict:
     """config.json in the layout transformers writes for llava-hf checkpoints."""
     text = {k: v for k, v in asdict(config.text).items() if k != "head_dim"}
     vision = asdict(config.vision)
-    hires = {} if config.hires is None else {"hires_config": asdict(config.hires)}  # tinyavl's own key
+    hires_key = {} if config.hires is None else {"hires_config": asdict(config.hires)}  # tinyavl's own key
     tiles = {} if not config.is_next else {"image_grid_pinpoints": [list(p) for p in config.image_grid_pinpoints]}
     return {
         "architectures": [f"Llava{'Next' if config.is_next else ''}ForConditionalGeneration"],
@@ -743,7 +743,7 @@ def hf_config(config: LlavaConfig) -> dict:
         "torch_dtype": "float32",
         "text_config": {"model_type": "llama", "architectures": ["LlamaForCausalLM"], **text},
         "vision_config": {"model_type": "clip_vision_model", **vision},
-        **hires,
+        **hires_key,
         **tiles,
     }
 

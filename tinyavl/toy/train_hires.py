@@ -57,15 +57,15 @@ from tinyavl.errors import UserError
 from tinyavl.files import check_new_folder, check_output_file, write_folder_atomically
 from tinyavl.model import HiresConfig, LlavaForConditionalGeneration
 from tinyavl.toy.scenes import FINE_SCALE, IMAGE_SIZE, scene_stream
-from tinyavl.toy.train import (HIRES_RAMP, Checkpoint, PatchProbe, deterministic_algorithms, optimise,
-                               save_pretrained, warmup_steps, write_examples)
+from tinyavl.toy.train import (HIRES_RAMP, TUNE_DROPOUT, Checkpoint, PatchProbe, deterministic_algorithms,
+                               optimise, save_pretrained, warmup_steps, write_examples)
 
 HIRES = HiresConfig(scale=FINE_SCALE, first_layer=3, threshold=48.0, blocks=4)
 FINE_CANVAS = (FINE_SCALE * IMAGE_SIZE, FINE_SCALE * IMAGE_SIZE)  # (height, width) px: a fine scene
 STEPS = 1100
 BATCH_SIZE = 16             # half the first toy's: a step also runs the tower on 16 crops of every image
-IMAGE_DROPOUT = 0.75        # the largest fraction of a sequence's image tokens hidden, as in the first toy's stage 2
-IMAGE_DROPOUT_SHARE = 0.5   # in this share of the sequences
+FINETUNE_DROPOUT = TUNE_DROPOUT  # the largest fraction of a sequence's image tokens hidden: the first toy's stage 2
+FINETUNE_DROPOUT_SHARE = 0.5    # in this share of the sequences
 CHECKPOINT_EVERY = 50       # steps between two saves of the training state (--checkpoint): 8-12 min for --in-sequence
 
 
@@ -119,7 +119,8 @@ def from_base(base: Path, in_sequence: bool = False):
 
 
 def train_hires(model, processor, steps: int = STEPS, batch_size: int = BATCH_SIZE, lr: float = 8e-4, seed: int = 0,
-                turns: int = 4, image_dropout: float = IMAGE_DROPOUT, image_dropout_share: float = IMAGE_DROPOUT_SHARE,
+                turns: int = 4, image_dropout: float = FINETUNE_DROPOUT,
+                image_dropout_share: float = FINETUNE_DROPOUT_SHARE,
                 log_every: int = 100, eval_every: int = 0, log=None,
                 checkpoint: Checkpoint | None = None) -> list[tuple[int, float, float]]:
     """Fine-tune a model `from_base` (either kind) on fine scenes (seed: their stream, the dropout draws);
@@ -143,7 +144,7 @@ def run_settings(args) -> dict:
         base_weights.update(path.read_bytes())
     return {"base_sha256": base_weights.hexdigest(), "in_sequence": args.in_sequence,
             "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-            "threads": args.threads, "image_dropout": IMAGE_DROPOUT, "image_dropout_share": IMAGE_DROPOUT_SHARE,
+            "threads": args.threads, "image_dropout": FINETUNE_DROPOUT, "image_dropout_share": FINETUNE_DROPOUT_SHARE,
             "hires_ramp": HIRES_RAMP, "hires": asdict(HIRES), "torch": torch.__version__}
 
 
