@@ -342,7 +342,7 @@ class KVCache:
         self.logical_length = 0       # tokens in the sequence, this forward pass's included (set by attend)
         self.step = 0                 # forward passes so far: 0 during prefill, t during decode step t
         self.attended = [0] * n_layers  # rows the newest query computed with, per layer
-        self.pending_hidden_rows = None       # a policy's decision to drop hidden rows, handed to the model once
+        self.pending_hidden_rows = None  # a policy's decision to drop hidden rows, handed to the model once
         self.hires = None             # FlexAttention's view of the image (model.HiresView), set at the prefill
         self.hires_keys = None        # with it: the keys the newest query attended and their positions
 

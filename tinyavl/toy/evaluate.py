@@ -393,7 +393,8 @@ def format_table(reports: list[dict]) -> str:
                  format_interval(r["accuracy"], r["accuracy_ci"], 3), of_full]
         cells += [format_interval(r["accuracy_by_type"][kind], r["accuracy_by_type_ci"][kind]) for kind in PROMPT_KINDS]
         caption_kv = r.get("kv_ratio_by_type", {}).get("caption")
-        objects = "-" if r["caption_objects"] is None else format_interval(r["caption_objects"], r["caption_objects_ci"], 3)
+        objects = ("-" if r["caption_objects"] is None
+                   else format_interval(r["caption_objects"], r["caption_objects_ci"], 3))
         cells += [objects, f"{r['kv_ratio']:.2f}",
                   "-" if caption_kv is None else f"{caption_kv:.2f}",
                   "-" if r["attended_ratio"] is None else f"{r['attended_ratio']:.2f}"]
