@@ -21,6 +21,7 @@ import types
 from fractions import Fraction
 from functools import lru_cache
 
+import numpy as np
 import pytest
 from pytest import approx
 import torch
@@ -81,6 +82,7 @@ def test_a_share_of_tokens_is_counted_in_decimals():
     for fraction, n, count in [(0.7, 90, 63), (0.29, 100, 29), (0.5, 2928, 1464), (0.3, 2928, 878), (0.1, 9, 0)]:
         assert share(fraction, n) == exact_floor(fraction, n) == count
     assert share(1 - Fraction("0.8"), 25) == 5
+    assert share(np.float64(0.7), 90) == 63                 # numpy's float64, a float a caller may pass
 
 
 def is_image(p, n_sys, n_img):

@@ -288,11 +288,15 @@ def recent_window(default: float) -> Param:
     return rate("recent", default, "recent-window fraction of the sequence so far")
 
 
+def as_decimal(x) -> Fraction:
+    """A rate as the decimal it is written as (0.7), not the binary float just below it."""
+    return x if isinstance(x, Fraction) else Fraction(repr(float(x)))  # float(): numpy's floats too
+
+
 def share(fraction, n: int) -> int:
-    """floor(fraction x n): a policy's count of tokens. The fraction is taken as the decimal it was written
-    as: in binary floats 0.7 x 90 is 62.99999999999999, which floor would make 62 of the 63 a reader counts."""
-    exact = fraction if isinstance(fraction, Fraction) else Fraction(repr(fraction))
-    return math.floor(exact * n)
+    """floor(fraction x n): a policy's count of tokens, the fraction taken as a decimal: in binary floats
+    0.7 x 90 is 62.99999999999999, which floor would make 62 of the 63 a reader counts."""
+    return math.floor(as_decimal(fraction) * n)
 
 
 def window_length(recent: float, length: int) -> int:
@@ -875,7 +879,7 @@ class FastVCache(KVCache):
 
     def update(self, layer, q, last_row):
         if self.step == 0 and decides_filter(layer, self.filter_layer, self.n_layers):
-            n_keep = share(1 - Fraction(repr(self.R)), self.n_img)
+            n_keep = share(1 - as_decimal(self.R), self.n_img)
             image_scores = image_attention(q, self.k[layer], self.n_sys, self.n_img)       # (n_img,)
             self.pending_hidden_rows = image_filter(image_scores, self.n_sys, self.k[layer].shape[2], n_keep)
 
