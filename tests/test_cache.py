@@ -630,6 +630,9 @@ def test_valid_edges_accepted():
     make_cache("fastv", filter_layer=1, R=0)
     make_cache("random", S=1, random_seed=0)
     make_cache("random", random_seed=2 ** 64 - 1)   # every seed torch takes
+    # numpy's numbers, as a caller may pass them, held as Python's
+    cache = make_cache("avl", S=np.float32(0.5), C=np.float64(0.25), K=np.int64(2))
+    assert (cache.S, cache.C, cache.K) == (0.5, 0.25, 2) and type(cache.S) is float and type(cache.K) is int
     make_cache("random", random_seed=-2 ** 63)
 
 

@@ -386,7 +386,7 @@ ERROR_CASES = [
     *((f"shard index: {name}", [], "png", name, ["weight_map"])
       for name in ("index_map_not_object", "index_map_empty", "index_map_not_names")),
     ("shard index not UTF-8", [], "png", "index_not_utf8", ["model.safetensors.index.json", "JSON"]),
-    ("shard index a list", [], "png", "index_a_list", ["model.safetensors.index.json", "not an object"]),
+    ("shard index a list", [], "png", "index_a_list", ["model.safetensors.index.json", "not a JSON object"]),
     ("RoPE settings a string", [], "png", "rope_not_object", ["RoPE", "linear"]),
     ("second <image> in the prompt", ["--prompt", "<image> What is this?"], "png", "good", ["<image>"]),
     ("prompt longer than context", ["--prompt", LONG_PROMPT], "png", "short_context", ["64"]),

@@ -369,7 +369,7 @@ def test_system_prompt_from_processor_config(folder, tmp_path):
     # The system prompt is part of sys: every token before the image block.
     assert ids.index(image_token_id) == len(processor.tokenizer.encode("Be brief. USER: ").ids)
     for bad, message in [({"system_prompt": 3}, "not a string"), ({"system_prompt": "See <image>."}, "with <image> in it"),
-                         ([1, 2], "not an object")]:
+                         ([1, 2], "not a JSON object")]:
         (tmp_path / "processor_config.json").write_text(json.dumps(bad))
         with pytest.raises(UserError, match=message):
             Processor.from_pretrained(tmp_path, image_token_id, NUM_IMAGE_TOKENS, SIZE)

@@ -117,6 +117,10 @@ def test_of_full_interval_by_hand():
     assert of_full_interval([6, 5, 6, 4], [6, 5, 6, 4]) == (1.0, 1.0)
     low, high = of_full_interval([6] * 50 + [0] * 50, [6] * 100)
     assert low == pytest.approx(0.402, abs=0.02) and high == pytest.approx(0.598, abs=0.02)
+    # Two scenes, full right only on the second: a draw of the first twice has no ratio, and the others give
+    # 5 / 6 (both scenes) or 0 (the second twice); never 5 / 0.
+    low, high = of_full_interval([5, 0], [0, 6])
+    assert low == 0 and high == pytest.approx(5 / 6)
 
 
 def fake_stats(kv, dense, attended_per_layer, prefill_per_layer):

@@ -108,9 +108,26 @@ def test_config_value_out_of_range(folder, section, field, value):
     assert f"{section}.{field}" in message and str(value) in message, message
 
 
+@pytest.mark.parametrize("step,value", [("do_resize", None), ("do_center_crop", 0), ("do_normalize", False)])
+def test_a_preprocessing_step_switched_off_is_refused(folder, step, value):
+    """transformers' processor skips a step whose flag is anything but true (null and 0 too); tinyavl runs
+    every step, so it refuses the file rather than preprocess otherwise."""
+    edit_json(folder / "preprocessor_config.json", lambda c: c.__setitem__(step, value))
+    assert f"sets {step}: {json.dumps(value)}" in load_error(folder)
+
+
+@pytest.mark.parametrize("text", ['{"x": 1' + "0" * 5000 + "}", "[" * 100000, "null", "[]"])
+def test_a_config_json_that_is_no_json_object_is_one_line(folder, text):
+    """A number longer than Python reads, arrays nested past its recursion limit, null, an array."""
+    (folder / "config.json").write_text(text)
+    message = load_error(folder)
+    assert "config.json" in message and ("not valid JSON" in message or "not a JSON object" in message), message
+
+
 @pytest.mark.parametrize("rope,says", [
     ({"rope_type": "dynamic", "factor": 2.0}, "not supported"), ({"type": "yarn", "factor": 4.0}, "not supported"),
-    ({"type": "linear"}, "positive number as its factor"), ({"rope_type": "linear", "factor": 0}, "factor"),
+    ({"type": "linear"}, "factor of at least 1"), ({"rope_type": "linear", "factor": 0}, "factor"),
+    ({"rope_type": "linear", "factor": 5e-324}, "factor of at least 1"),   # angles of inf: NaN logits
     ({"rope_type": "linear", "factor": "4"}, "factor"),
 ])
 def test_rope_scaling_other_than_linear_or_without_a_factor(folder, rope, says):
@@ -244,10 +261,11 @@ def test_an_odd_key_among_the_vision_layers_is_an_unexpected_key(folder):
 
 
 @pytest.mark.parametrize("field,value", [("image_mean", [1e308, 1e308, 1e308]), ("image_mean", [0.5, 1.2, 0.5]),
-                                         ("image_mean", [-0.1, 0.5, 0.5]), ("resample", True)])
+                                         ("image_mean", [-0.1, 0.5, 0.5]), ("resample", True),
+                                         ("resample", [3]), ("resample", 3.0)])
 def test_preprocessing_values_out_of_their_range(folder, field, value):
-    """The mean is a colour of pixels in 0 .. 1 (do_pad pads with it: 1e308 x 255 has no integer); true
-    is not a resampling filter, though Python counts it as 1."""
+    """The mean is a colour of pixels in 0 .. 1 (do_pad pads with it: 1e308 x 255 has no integer); a
+    resampling filter is one of PIL's integers (true and 3.0 are not, though Python counts them equal)."""
     edit_json(folder / "preprocessor_config.json", lambda c: c.__setitem__(field, value))
     message = load_error(folder)
     assert "preprocessor_config.json" in message and f"{field} {value!r}" in message

@@ -38,6 +38,7 @@ A new policy is a KVCache subclass with a `name`, its `PARAMS` and `FULL_BUDGET`
 tests/test_policy_contract.py then checks it like every other (tutorial chapter 2 writes one).
 """
 import math
+import numbers
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 
@@ -257,8 +258,10 @@ class Param:
             ok = value in self.choices
         else:
             kind = type(self.default)
-            if isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)):
+            # numpy's numbers too, held as Python's; bool is an int to Python, but True is no count here.
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral if kind is int else numbers.Real):
                 raise UserError(f"{self.name} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+            value = kind(value)
             ok = self.in_range(value)
         if not ok:
             raise UserError(f"{self.name} must be {self.allowed()}, got {value!r}")

@@ -53,10 +53,12 @@ def read_json_object(path: Path, optional: bool = False) -> dict:
     remedy = "download it again" + (", or delete it to use the defaults" if optional else "")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    # ValueError: JSONDecodeError, and a number too long for Python's int; RecursionError: arrays nested deep.
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
         raise UserError(f"{path} is not valid JSON ({err}): {remedy}") from None
     if not isinstance(data, dict):
-        raise UserError(f"{path} holds a JSON {type(data).__name__}, not an object: {remedy}")
+        kind = {list: "an array", str: "a string", bool: "true or false", type(None): "null"}.get(type(data), "a number")
+        raise UserError(f"{path} holds {kind}, not a JSON object: {remedy}")
     return data
 
 

@@ -110,7 +110,9 @@ def rope_fields(text_raw: dict) -> dict:
 
     transformers 5.x writes rope_parameters, older versions rope_theta (+ rope_scaling); where a file has
     both, rope_scaling wins, as in transformers (modeling_rope_utils.py, convert_rope_params_to_dict)."""
-    rope = text_raw.get("rope_scaling") or text_raw.get("rope_parameters") or {}
+    rope = text_raw.get("rope_scaling")
+    rope = text_raw.get("rope_parameters") if rope is None else rope
+    rope = {} if rope is None else rope
     if not isinstance(rope, dict):
         raise UserError(f"text_config's RoPE settings are {rope!r}, not a JSON object: download config.json again")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -119,9 +121,9 @@ def rope_fields(text_raw: dict) -> dict:
     settings = {"rope_theta": rope["rope_theta"]} if "rope_theta" in rope else {}
     if rope_type == "linear":
         factor = rope.get("factor")
-        if type(factor) not in (int, float) or not 0 < factor < math.inf:
-            raise UserError(f"text_config's linear RoPE scaling {rope!r} needs a positive number as its factor: "
-                            "download config.json again")
+        if type(factor) not in (int, float) or not 1 <= factor < math.inf:
+            raise UserError(f"text_config's linear RoPE scaling {rope!r} needs a factor of at least 1 (a number), "
+                            "as transformers expects: download config.json again")
         settings["rope_linear_factor"] = factor
     return settings
 
@@ -150,6 +152,8 @@ def read_config(folder: Path) -> LlavaConfig:
         raise UserError(f"weights folder {str(folder)!r} does not exist: put a llava-hf model folder there "
                         "(see weights/README.md)")
     path = folder / "config.json"
+    if path.exists() and not path.is_file():
+        raise UserError(f"{path} is not a file: a llava-hf model folder holds config.json beside its safetensors")
     if not path.is_file():
         raise UserError(f"{path} is missing: a llava-hf model folder holds config.json beside its safetensors")
     return parse_config(read_json_object(path))

@@ -477,9 +477,10 @@ def preprocessor_settings(cfg: dict, path: Path, vision_image_size: int, tiled: 
     agree.)
     """
     for step in ("do_resize", "do_center_crop", "do_rescale", "do_normalize"):
-        if cfg.get(step) is False:
-            raise UserError(f"{path} sets {step}: false; tinyavl implements only the LLaVA-1.5 preprocessing "
-                            f"(resize, center crop, rescale, normalise), so it cannot run this checkpoint")
+        # Anything but true (false, 0, null) skips the step in transformers' processor.
+        if step in cfg and cfg[step] is not True:
+            raise UserError(f"{path} sets {step}: {json.dumps(cfg[step])}; tinyavl implements only the LLaVA-1.5 "
+                            "preprocessing (resize, center crop, rescale, normalise), so it cannot run this checkpoint")
     # Older files write sizes as plain ints, newer ones as dicts.
     crop = cfg.get("crop_size", vision_image_size)
     crop_hw = (crop.get("height"), crop.get("width")) if isinstance(crop, dict) else (crop, crop)
@@ -499,7 +500,9 @@ def preprocessor_settings(cfg: dict, path: Path, vision_image_size: int, tiled: 
     mean = _rgb_numbers(cfg, "image_mean", CLIP_MEAN, path, lambda v: 0 <= min(v) <= max(v) <= 1, "from 0 to 1")
     std = _rgb_numbers(cfg, "image_std", CLIP_STD, path, lambda v: min(v) >= STD_MIN, f"all at least {STD_MIN:.3g}")
     resample = cfg.get("resample", Image.Resampling.BICUBIC)
-    if isinstance(resample, bool) or resample not in {r.value for r in Image.Resampling}:  # true is not 1 here
+    # An integer (or the default, PIL's IntEnum), not true, which Python counts as 1, nor 3.0 or [3].
+    filters = {r.value for r in Image.Resampling}
+    if isinstance(resample, bool) or not isinstance(resample, int) or resample not in filters:
         raise UserError(f"{path} has resample {resample!r}; it must be a PIL resampling filter (3 = bicubic)")
     do_pad = cfg.get("do_pad", False)
     if type(do_pad) is not bool:

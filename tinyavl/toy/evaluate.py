@@ -181,8 +181,10 @@ def of_full_interval(right: list[int], full_right: list[int], draws: int = 4000,
     counts of a scene together, and takes the 2.5 and 97.5 percentiles of the ratio. Seeded: one answer."""
     right, full_right = torch.tensor(right, dtype=torch.float64), torch.tensor(full_right, dtype=torch.float64)
     scenes = torch.randint(len(right), (draws, len(right)), generator=torch.Generator().manual_seed(seed))
-    ratios = right[scenes].sum(1) / full_right[scenes].sum(1).clamp(min=1)      # (draws,)
-    return float(ratios.quantile(0.025)), float(ratios.quantile(0.975))
+    full_sums = full_right[scenes].sum(1)                                        # (draws,)
+    # A draw in which full attention got nothing right has no ratio (a few scenes at most): left out.
+    ratios = (right[scenes].sum(1) / full_sums).masked_fill(full_sums == 0, float("nan"))   # (draws,)
+    return float(ratios.nanquantile(0.025)), float(ratios.nanquantile(0.975))
 
 
 class Tally:
