@@ -29,7 +29,7 @@ import tinyavl
 from tinyavl import hires
 from tinyavl.attention_map import map_layer, save_attention_map
 from tinyavl.cli import (TOY_WEIGHTS, ArgumentParser, add_policy_arguments, check_filter_layer,
-                         first_paragraph, given_policy_params, output_file, run_command)
+                         first_paragraph, flag, given_policy_params, output_file, run_command)
 from tinyavl.files import check_output_file
 from tinyavl.generate import check_generation_args
 from tinyavl.processing import check_question, load_image
@@ -73,8 +73,7 @@ def check_args(args):
     it has loaded, before it generates). Fills in --weights' default."""
     image = load_image(args.image)
     check_question(args.prompt)
-    check_generation_args(args.max_new_tokens, args.temperature, args.top_p, args.seed,
-                          named=lambda name: "--" + name.replace("_", "-"))
+    check_generation_args(args.max_new_tokens, args.temperature, args.top_p, args.seed, named=flag)
     cache = tinyavl.make_cache(args.policy, **given_policy_params(args))
     if args.weights is None:
         if not DEFAULT_WEIGHTS.is_dir():
@@ -88,10 +87,10 @@ def check_args(args):
         check_output_file(args.attention_map, "--attention-map", inputs=[Path(args.image), args.weights],
                           replace=args.force)
     else:
-        for flag, given in (("--map-layer", args.map_layer is not None),
-                            ("--hires-threshold", args.hires_threshold is not None), ("--force", args.force)):
+        for option, given in (("--map-layer", args.map_layer is not None),
+                              ("--hires-threshold", args.hires_threshold is not None), ("--force", args.force)):
             if given:
-                raise tinyavl.UserError(f"{flag} is an option of --attention-map: give --attention-map OUT.png too")
+                raise tinyavl.UserError(f"{option} is an option of --attention-map: give --attention-map OUT.png too")
     if args.hires_threshold is not None:
         hires.check_threshold(args.hires_threshold)
     return image, cache

@@ -220,6 +220,16 @@ def heavy_plus_recent(scores, pos, heavy: int, recent: int, length: int):
 # Declaring a policy's parameters.
 # ---------------------------------------------------------------------------------------------------
 
+def is_whole(x) -> bool:
+    """An integer (a Python or numpy one), not a bool: True is not the count 1 here."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def is_real(x) -> bool:
+    """A real number (a Python or numpy one), not a bool."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
 @dataclass(frozen=True)
 class Param:
     """One policy parameter: its name (the flag --name), default (whose type is the parameter's), one-line
@@ -258,8 +268,8 @@ class Param:
             ok = value in self.choices
         else:
             kind = type(self.default)
-            # numpy's numbers too, held as Python's; bool is an int to Python, but True is no count here.
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral if kind is int else numbers.Real):
+            # numpy's numbers too, held as Python's.
+            if not (is_whole(value) if kind is int else is_real(value)):
                 raise UserError(f"{self.name} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
             value = kind(value)
             ok = self.in_range(value)

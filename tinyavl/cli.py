@@ -33,6 +33,11 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
         return text
 
 
+def flag(name: str) -> str:
+    """The command-line flag of a keyword: max_new_tokens -> --max-new-tokens."""
+    return "--" + name.replace("_", "-")
+
+
 def output_file(text: str) -> Path:
     """An output file's path as a command line gives it (an argparse type). A trailing separator names a
     folder, which Path would drop: "x.png/" would become the file x.png."""
@@ -74,7 +79,7 @@ def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
         for policy, param in owners.items():
             meanings.setdefault(f"{param.help}, {param.allowed()}", []).append(policy)
         defaults = ", ".join(f"{policy} {param.default}" for policy, param in owners.items())
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None,
+        parser.add_argument(flag(name), dest=name, default=None,
                             # every policy declaring the flag gives it this type (test_policy_contract)
                             type=type(next(iter(owners.values())).default),
                             help="; ".join(f"{', '.join(policies)}: {text}" for text, policies in meanings.items())
@@ -112,7 +117,7 @@ def check_training_args(parser: argparse.ArgumentParser, args: argparse.Namespac
     --seed torch can take."""
     for name in ("steps", "batch_size"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+            parser.error(f"{flag(name)} must be at least 1")
     if not 1 <= args.threads <= MAX_THREADS:
         parser.error(f"--threads must be from 1 to {MAX_THREADS}, got {args.threads}")
     if not 0 < args.lr < float("inf"):

@@ -4,14 +4,13 @@ The cache object is the policy (tinyavl/cache.py): `full` keeps everything; the 
 less. This loop is the same for all of them, and it measures what they hold and compute.
 """
 import math
-import numbers
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from tinyavl.cache import MODALITIES, SEED_PARAM, KVCache, make_cache
+from tinyavl.cache import MODALITIES, SEED_PARAM, KVCache, is_real, is_whole, make_cache
 from tinyavl.errors import UserError
 from tinyavl.model import keys_first
 
@@ -82,15 +81,6 @@ def kv_snapshot(cache: KVCache) -> tuple[int, dict, list]:
     per_layer = [cache.modality_bytes(layer) for layer in range(cache.n_layers)]
     totals = {m: sum(layer[m] for layer in per_layer) for m in MODALITIES}
     return cache.nbytes(), totals, per_layer
-
-
-def is_whole(x) -> bool:
-    """An integer (a Python or numpy one), not a bool: True is not the count 1 here."""
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
-def is_real(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 def id_set(ids) -> set[int]:

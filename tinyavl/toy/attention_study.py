@@ -58,7 +58,8 @@ from tinyavl.toy.scenes import GRID, parse_caption
 
 SEGMENTS = ("sys", "image", "text")
 LONG_ANSWER_KINDS = ("where", "caption")  # the others are one word, computed by the prefill before any eviction
-STORED, CORE = AVLCache().S, AVLCache().C  # A-VL's default S and C: the top sets whose stability is measured
+AVL_DEFAULTS = AVLCache()
+STORED, CORE = AVL_DEFAULTS.S, AVL_DEFAULTS.C  # A-VL's default S and C: the top sets whose stability is measured
 MAX_DISTANCE = 16         # decode steps apart, for PPCI across steps
 
 

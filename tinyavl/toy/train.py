@@ -63,7 +63,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 
-from tinyavl.cli import TOY_WEIGHTS, ArgumentParser, check_training_args, first_paragraph, run_main
+from tinyavl.cli import TOY_WEIGHTS, ArgumentParser, check_training_args, first_paragraph, flag, run_main
 from tinyavl.errors import UserError
 from tinyavl.files import check_new_folder, write_file_atomically, write_folder_atomically
 from tinyavl.model import LlavaConfig, LlavaForConditionalGeneration, TextConfig, VisionConfig
@@ -833,13 +833,13 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     for name in ("vision_layers", "text_layers", "text_width"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+            parser.error(f"{flag(name)} must be at least 1")
     for name in ("tune_steps", "vision_steps"):
         if getattr(args, name) < 0:
-            parser.error(f"--{name.replace('_', '-')} must be at least 0, got {getattr(args, name)}")
+            parser.error(f"{flag(name)} must be at least 0, got {getattr(args, name)}")
     for name in ("image_dropout", "tune_dropout"):
         if not 0 <= getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
+            parser.error(f"{flag(name)} must be in [0, 1), got {getattr(args, name)}")
     if args.text_width % 8:
         parser.error(f"--text-width must be a multiple of 8, got {args.text_width}")
     if not 0 < args.image_dropout_share <= 1:
