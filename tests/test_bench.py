@@ -72,6 +72,28 @@ def test_step_time_at_a_token_is_the_median_of_the_steps_before_it():
     assert bench.ms_at(steps, 4, window=2) == 1500   # tokens 3, 4: 1, 2 s
 
 
+def test_growth_slope_is_the_median_pairwise_slope_and_ignores_a_few_slow_steps():
+    # Decode steps 1..9 make tokens 2..10; a step's time grows by 2 ms a token (0.2 s per 100 tokens).
+    steps = [0.010 + 0.002 * (token - 2) for token in range(2, 11)]
+    assert bench.slope_ms_per_100_tokens(steps, 3, 10) == pytest.approx(200)
+    # Only the steps that make tokens first..last count: flat up to token 6, then 2 ms a token.
+    bent = [0.010 + 0.002 * max(0, token - 6) for token in range(2, 11)]
+    assert bench.slope_ms_per_100_tokens(bent, 5, 6) == 0
+    assert bench.slope_ms_per_100_tokens(bent, 6, 7) == pytest.approx(200)
+    # One step near the end 50 ms slow (another process on a shared CPU): a least-squares line through the
+    # steps would more than double its slope; the median of the pairwise slopes stays put.
+    slow = steps.copy()
+    slow[-1] += 0.050
+    assert bench.slope_ms_per_100_tokens(slow, 2, 10) == pytest.approx(200)
+    tokens = torch.arange(2, 11, dtype=torch.float64)
+    least_squares = torch.linalg.lstsq(torch.stack([tokens, torch.ones_like(tokens)], 1),
+                                       torch.tensor(slow, dtype=torch.float64)[:, None]).solution[0, 0]
+    assert 1e5 * least_squares > 2 * 200
+    # Steps that alternate (A-VL's update steps cost more, every third) grow at the rate of their trend.
+    periodic = [0.010 + 0.001 * token + (0.020 if token % 3 == 0 else 0) for token in range(2, 62)]
+    assert bench.slope_ms_per_100_tokens(periodic, 2, 61) == pytest.approx(100, rel=0.1)
+
+
 def test_timed_cache_counts_decode_steps_only(model):
     cache = bench.timed_cache("full")
     input_ids = bench.prompt_ids(TINY, 20)
@@ -142,7 +164,8 @@ def test_json_has_the_documented_layout(monkeypatch, capsys):
         assert {"attention_ms_normal_step", "attention_ms_update_step", "swap_ms_update_step"} <= set(
             case["policies"]["avl"])
     assert set(out["growth"]["float32"]["avl"]) == {"step_ms_at_3", "step_ms_at_6", "attention_ms_at_3",
-                                                     "attention_ms_at_6"}
+                                                     "attention_ms_at_6", "step_ms_per_100_tokens",
+                                                     "attention_ms_per_100_tokens"}
     assert out["transformers_decode_ratio"] > 0
     assert set(out["rates_GBps"]) == {"float32", "bfloat16"}
     assert out["decode_logits"] == {name: "k q^T" if keys_first("cpu", getattr(torch, name)) else "q k^T"

@@ -28,9 +28,9 @@ core that each re-rank replaced (`core_replaced`: its update steps' swaps move t
 its attention ms split by kind of step: normal steps (sys + core + text) and update steps (every stored
 row, the re-rank and its swaps, with the swaps' part beside). Then `full` and `avl` decode 256 tokens to
 show how the step grows with the sequence (at the 16th and the 256th token: the ms per step, and the part
-of it inside the cache's four steps, which reads the K/V rows). With transformers installed, its LLaVA runs
-the same weights and prompt (the first image block) with full attention, and tinyavl's decode speed is
-printed relative to it. Absolute times on a shared CPU are noise; ratios measured in one run are the
+of it inside the cache's four steps, which reads the K/V rows; and the slope of each, fitted over every
+step between). With transformers installed, its LLaVA runs the same weights and prompt (the first image
+block) with full attention, and tinyavl's decode speed is printed relative to it. Absolute times on a shared CPU are noise; ratios measured in one run are the
 result.
 
 `--device cuda` runs all of it on a GPU (the default where CUDA is present, as in main.py), where A-VL's
@@ -361,18 +361,33 @@ def agreeing_start(tokens: list[int], reference: list[int]) -> int:
     return next(parted, min(len(tokens), len(reference)))
 
 
+def slope_ms_per_100_tokens(per_step: list[float], first: int, last: int) -> float:
+    """How fast a per-decode-step time (seconds) grows from generated token `first` to `last`, in ms per
+    100 tokens: the Theil-Sen slope, the median of the slopes between every two of those steps. A median,
+    not a least-squares line: on a shared CPU a few steps take far longer than the rest, and a line fitted
+    through them would follow those near either end."""
+    # Step t (t = 1, 2, ...) makes generated token t + 1, so token j comes from per_step[j - 2].
+    times = torch.tensor(per_step[first - 2:last - 1], dtype=torch.float64)             # (n,)
+    tokens = torch.arange(first, first + len(times), dtype=torch.float64)               # (n,)
+    i, j = torch.triu_indices(len(times), len(times), offset=1)                          # every pair, i < j
+    return 1e5 * ((times[j] - times[i]) / (tokens[j] - tokens[i])).median().item()
+
+
 def growth(model, n_img: int) -> dict:
     """`full` and `avl` decoding GROWTH_TOKENS[-1] tokens: at each of GROWTH_TOKENS the ms per step, and
     the ms of it inside the cache's four steps, the part that reads the K/V rows (the weights a step
-    reads do not grow; the whole step's time moves by more than the rows add, between runs and steps)."""
+    reads do not grow; the whole step's time moves by more than the rows add, between runs and steps);
+    and for both, how fast they grow between those tokens, fitted over every step between
+    (`slope_ms_per_100_tokens`), which two medians of 8 steps each settle less well."""
     pixel_values, input_ids = image_block(model, n_img), prompt_ids(model.config, n_img)
+    first, last = GROWTH_TOKENS[0], GROWTH_TOKENS[-1]
     out = {}
     for name in ("full", "avl"):
-        _, stats, cache = run_policy(model, name, input_ids, pixel_values, GROWTH_TOKENS[-1])
-        # Step t (t = 1, 2, ...) makes generated token t + 1; the prefill makes token 1.
-        steps, attention = stats.decode_step_seconds, attention_step_seconds(cache)
-        out[name] = {f"{kind}_ms_at_{token}": ms_at(per_step, token)
-                     for kind, per_step in (("step", steps), ("attention", attention)) for token in GROWTH_TOKENS}
+        _, stats, cache = run_policy(model, name, input_ids, pixel_values, last)
+        out[name] = {}
+        for kind, per_step in (("step", stats.decode_step_seconds), ("attention", attention_step_seconds(cache))):
+            out[name].update({f"{kind}_ms_at_{token}": ms_at(per_step, token) for token in GROWTH_TOKENS})
+            out[name][f"{kind}_ms_per_100_tokens"] = slope_ms_per_100_tokens(per_step, first, last)
     return out
 
 
@@ -396,6 +411,25 @@ def print_case(case: dict) -> None:
         print(f"avl attn ms: {a['attention_ms_normal_step']:.1f} per normal step ({a['normal_step_vs_full']:.2f}x full's), "
               f"{a['attention_ms_update_step']:.1f} per update step ({a['update_step_vs_full']:.2f}x), "
               f"{a['swap_ms_update_step']:.1f} of it swapping core rows")
+
+
+def print_growth(growth_result: dict) -> None:
+    first, last = GROWTH_TOKENS[0], GROWTH_TOKENS[-1]
+    n_img, full, avl = growth_result["image_tokens"], growth_result["full"], growth_result["avl"]
+    for name, g in (("full", full), ("avl", avl)):
+        print(f"{name:5s} at {n_img} image tokens: " + ", ".join(
+            f"{g[f'step_ms_at_{t}']:.1f} ms/step ({g[f'attention_ms_at_{t}']:.2f} attn) at token {t}"
+            for t in GROWTH_TOKENS))
+    print(f"growth from token {first} to {last}: " + ", ".join(
+        f"{name} {g[f'step_ms_at_{last}'] - g[f'step_ms_at_{first}']:+.1f} ms "
+        f"({g[f'attention_ms_at_{last}'] - g[f'attention_ms_at_{first}']:+.2f} attn)"
+        for name, g in (("full", full), ("avl", avl))))
+    print("fitted over every step between (Theil-Sen), ms per 100 tokens: " + ", ".join(
+        f"{name} {g['step_ms_per_100_tokens']:+.2f} ({g['attention_ms_per_100_tokens']:+.3f} attn)"
+        for name, g in (("full", full), ("avl", avl))))
+    if full["attention_ms_per_100_tokens"] > 0:  # a ratio to no growth (noise can make it so) says nothing
+        print(f"avl's attention grows {avl['attention_ms_per_100_tokens'] / full['attention_ms_per_100_tokens']:.2f}x "
+              "as fast as full's")
 
 
 def next_image_tokens(image_hw: tuple[int, int]) -> int:
@@ -463,16 +497,8 @@ def run_dtype(args, dtype_name: str) -> dict:
             print_case(case)
     first_n_img = args.image_tokens[0]  # growth and the transformers comparison run on the first block
     result["growth"] = {"image_tokens": first_n_img, **growth(model, first_n_img)}
-    grows = {}  # {(policy, kind): ms from the first of GROWTH_TOKENS to the last}
-    for name in ("full", "avl"):
-        g = result["growth"][name]
-        log(f"{name:5s} at {first_n_img} image tokens: " + ", ".join(
-            f"{g[f'step_ms_at_{t}']:.1f} ms/step ({g[f'attention_ms_at_{t}']:.2f} attn) at token {t}"
-            for t in GROWTH_TOKENS))
-        for kind in ("step", "attention"):
-            grows[name, kind] = g[f"{kind}_ms_at_{GROWTH_TOKENS[-1]}"] - g[f"{kind}_ms_at_{GROWTH_TOKENS[0]}"]
-    log(f"growth from token {GROWTH_TOKENS[0]} to {GROWTH_TOKENS[-1]}: " + ", ".join(
-        f"{name} {grows[name, 'step']:+.1f} ms ({grows[name, 'attention']:+.2f} attn)" for name in ("full", "avl")))
+    if not args.json:
+        print_growth(result["growth"])
     if not args.no_transformers:
         first_case = result["cases"][0]
         # image_block again: this comparison does not rely on which block the runs before it left set.
