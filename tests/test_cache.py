@@ -445,6 +445,70 @@ def test_prefill_filter_keeps_a_last_image_token(policy, params, n_sys):
     assert len(kept_hidden) == 1 and kept_hidden[0][-1] == ids.shape[1] - 1
 
 
+@pytest.mark.parametrize("n_sys", [2, 0])
+def test_avl_stores_its_own_top_image_tokens_where_its_filter_keeps_a_last_image_token(n_sys):
+    """The filter's keeping of a prompt's last image token (`image_filter`) is the filter's rule alone: at
+    the layer that decides the filter, A-VL still stores the top floor(S N_img) image tokens by its own
+    ranking (float64 head-mean attention of the last row), without the last image token that ranks far
+    below them."""
+    m = model("gqa4")
+    ids = make_prompt(m, n_sys, 0, seed=7)[0]                      # [sys | image], no text after it
+    n_img = m.config.num_image_tokens
+    cache = recording(AVLCache)(S=0.1, C=0.1, P=0.1, filter_layer=1)
+    cache.begin(m.config.text.num_hidden_layers, *image_segments(ids, m.config.image_token_id))
+    with torch.inference_mode():
+        m(ids, prompt("gqa4")[1], cache=cache, last_only=True)
+    deciding = next(e for e in cache.log if e["layer"] == 0)
+    ranking = last_row_head_mean(deciding["q"], deciding["k_before"])[n_sys:n_sys + n_img]   # (n_img,)
+    n_secondary = math.floor(0.1 * n_img)
+    assert (ranking > ranking[-1]).sum() >= n_secondary           # the last image token is not among the top
+    stored = sorted(p for p in deciding["pos_after"][0, 0].tolist() if n_sys <= p < n_sys + n_img)
+    assert stored == sorted((n_sys + ranking.topk(n_secondary).indices).tolist())
+
+
+@pytest.mark.parametrize("policy,params", [("avl", dict(P=0.5)), ("fastv", dict(filter_layer=3, R=0.5))])
+def test_a_filter_after_the_last_layer_drops_nothing(policy, params):
+    """A filter from layer filter_layer = the number of layers on (A-VL's default 3 on a 3-layer model)
+    has no layer to act on: the prefill's logits at every position are the dense cache's."""
+    m = model("gqa")
+    ids, pixel_values = prompt("gqa")
+    cache = make_cache(policy, **params)
+    cache.begin(m.config.text.num_hidden_layers, *image_segments(ids, m.config.image_token_id))
+    with torch.inference_mode():
+        logits = m(ids, pixel_values, cache=cache)                                 # (1, T, vocab)
+    torch.testing.assert_close(logits, full_reference("gqa")[0], atol=LOGIT_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("new_tokens", [1, 2, 6])
+def test_generate_counts_the_rows_each_layer_s_prefill_ran_on(new_tokens):
+    """`prefill_attended_per_layer` (the toy's compute accounting reads it): FastV dropping R = 0.5 of 37
+    image tokens after layer 1 of 4 keeps floor(0.5 x 37) = 18; layers 0 and 1 run on the whole prompt, 2
+    and 3 on 19 rows fewer, however many tokens the decode adds after."""
+    m = model("gqa4")
+    ids, pixel_values = prompt("gqa4")
+    T, n_img = ids.shape[1], m.config.num_image_tokens
+    _, stats = tinyavl.generate(m, ids, pixel_values, max_new_tokens=new_tokens, eos_token_id=(),
+                                policy="fastv", filter_layer=2, R=0.5)
+    dropped = n_img - math.floor(0.5 * n_img)
+    assert stats.prefill_attended_per_layer == [T, T, T - dropped, T - dropped]
+
+
+def test_a_prompt_without_an_image_keeps_its_first_token_as_sys():
+    """Without an image, BOS (the attention sink) is the prompt's sys segment, which A-VL's text eviction
+    never touches: held in every layer and head after 8 steps at a text budget of 20 rows (of 40 + 8), and
+    counted as sys, one row per layer."""
+    m = model("gqa")
+    ids = torch.randint(3, m.config.image_token_id, (1, 40), generator=torch.Generator().manual_seed(3))  # text only
+    assert image_segments(ids, m.config.image_token_id) == (1, 0)
+    cache = make_cache("avl", T=0.3)
+    _, stats = tinyavl.generate(m, ids, None, max_new_tokens=8, eos_token_id=(), policy=cache)
+    layers = m.config.text.num_hidden_layers
+    assert all((cache.pos[layer] == 0).any(-1).all() for layer in range(layers))
+    assert all(len(cache.pos[layer][0, 0]) < ids.shape[1] for layer in range(layers))   # the text was evicted
+    row = 2 * m.config.text.num_key_value_heads * m.config.text.head_dim * 4   # a token's K and V, fp32
+    assert [b["sys"] for b in stats.layer_bytes_after_prefill] == [row] * layers
+
+
 def test_image_rankers_refuse_a_batch():
     """FastV and A-VL rank the image tokens of one prompt: a batch is a clear error, not sample 0's ranking."""
     m = model("gqa4")
@@ -697,6 +761,21 @@ def test_avl_hand_case():
         assert core() == expected[t][1], t
 
 
+def test_heavy_plus_recent_holds_its_count_where_older_tokens_got_no_attention():
+    """Attention a token gets can be exactly 0 (fp32 underflows past a logit gap of about 104): older
+    tokens scored 0 still compete for the heavy places against each other, never against the recent
+    window's tokens, so every head holds heavy + recent tokens (K and V stay rectangular)."""
+    from tinyavl.cache import heavy_plus_recent
+    scores = torch.tensor([[[1., 7., 0., 0., 0., 0., 0., 0.],          # head 0: older rows 2..5 got nothing
+                            [1., 7., 3., 2., .5, .25, 0., 0.]]])       # head 1: every older row got some
+    pos = torch.arange(8).expand(1, 2, 8)
+    keep = heavy_plus_recent(scores, pos, heavy=3, recent=2, length=8)
+    assert keep.sum(-1).tolist() == [[5, 5]]
+    held = [set(pos[0, h][keep[0, h]].tolist()) for h in range(2)]
+    assert {0, 1, 6, 7} <= held[0] and len(held[0] & {2, 3, 4, 5}) == 1    # one zero-scored row fills the third
+    assert held[1] == {1, 2, 3, 6, 7}
+
+
 def test_h2o_hand_case():
     """One layer, MHA with 2 heads, hs 8; heavy .25, recent .25. Keys s e_j on the planted rows (s = 10,
     logit s^2 / sqrt(8) = 35: a query s e_j puts ~1 on key j, s (e_a + e_b) puts 1/2 on each), 0 elsewhere.
@@ -826,6 +905,30 @@ def test_kv_accounting(name, policy, params):
             assert layer["text"] == 20 * row                   # 30 text tokens, budget max(round(18), 20)
 
 
+def test_peak_bytes_by_modality_are_those_of_the_first_step_at_the_peak():
+    """`modality_bytes_peak` is the bytes per modality when the cache first held its peak. StreamingLLM's
+    window (half the sequence) grows by a row every other step and otherwise slides: on a 69-token prompt
+    steps 1 and 2 hold the same bytes, step 2 one image row fewer and one text row more (the reference:
+    a snapshot the cache takes after every forward pass)."""
+    class Snapshots(StreamingCache):
+        def begin(self, *args, **kwargs):
+            super().begin(*args, **kwargs)
+            self.snapshots = []                                     # (total bytes, bytes per modality)
+
+        def advance(self, n_tokens):
+            super().advance(n_tokens)
+            per_layer = [self.modality_bytes(layer) for layer in range(self.n_layers)]
+            self.snapshots.append((self.nbytes(), {m: sum(b[m] for b in per_layer) for m in per_layer[0]}))
+
+    m = model("mha")
+    cache = Snapshots(sinks=4, recent=0.5)
+    _, stats = tinyavl.generate(m, *prompt("mha"), max_new_tokens=3, eos_token_id=(), policy=cache)
+    peak = max(total for total, _ in cache.snapshots)
+    at_peak = [by_modality for total, by_modality in cache.snapshots if total == peak]
+    assert len(at_peak) > 1 and at_peak[0] != at_peak[1]            # a tie the choice matters to
+    assert stats.kv_cache_bytes == peak and stats.modality_bytes_peak == at_peak[0]
+
+
 def test_modality_bytes_with_heads_keeping_different_tokens():
     """H2O evicts per head, across modalities: one head may keep an image token where another keeps text.
     One layer, 2 KV heads x hs 8, prompt [sys 0 | image 1, 2 | text 3, 4, 5]; heavy .2, recent .2 (L 6:
@@ -847,6 +950,7 @@ def test_modality_bytes_with_heads_keeping_different_tokens():
     assert cache.nbytes() == 2 * 2 * 64                               # 2 heads x 2 rows
     assert cache.modality_bytes(0) == {"sys": 0, "image": 1 * 64, "text": 3 * 64}
     assert sum(cache.modality_bytes(0).values()) == cache.nbytes(0)
+    assert cache.modality_rows(0) == {"sys": 0, "image": 0.5, "text": 1.5}  # per head: the mean of the two
 
 
 def test_triton_kernel_without_a_gpu_is_refused_before_any_work(monkeypatch):
@@ -989,6 +1093,51 @@ def test_keep_reorder_and_append_against_a_list_of_rows(device):
     assert cache.k_buffer[0].shape[2] == 13 and cache.nbytes() == 9 * 2 * 2 * 4 * 4  # room was left, unused
 
 
+def test_compact_evicts_each_sample_and_head_on_its_own_rows():
+    """A batch of 2 samples x 2 KV heads: each (sample, head) plane keeps exactly its own rows (a list per
+    plane is the reference), none taken from another sample's or head's."""
+    B, Hkv, n = 2, 2, 5
+    cache = KVCache()
+    cache.begin(1, 1, 0)
+    k = torch.arange(B * Hkv * n, dtype=torch.float32).view(B, Hkv, n, 1)      # every row its own value
+    cache.append(0, k, -k, torch.arange(n))
+    cache.advance(n)
+    keep = torch.tensor([[[1, 0, 1, 1, 1], [1, 1, 0, 1, 1]],
+                         [[0, 1, 1, 1, 1], [1, 1, 1, 1, 0]]], dtype=torch.bool)
+    cache.compact(0, keep)
+    for b in range(B):
+        for h in range(Hkv):
+            kept = [p for p in range(n) if keep[b, h, p]]
+            assert sorted(cache.pos[0][b, h].tolist()) == kept, (b, h)
+            assert sorted(cache.k[0][b, h, :, 0].tolist()) == k[b, h, kept, 0].tolist(), (b, h)
+            assert torch.equal(cache.v[0][b, h], -cache.k[0][b, h])
+
+
+@pytest.mark.parametrize("policy,params", [("h2o", dict(heavy=0.2, recent=0.3)),
+                                           ("streaming", dict(sinks=2, recent=0.4))])
+def test_a_batch_of_prompts_evicts_as_each_prompt_alone(policy, params):
+    """H2O and StreamingLLM take batches: two different prompts decoded together (the same tokens fed to
+    both) give each the logits and the kept tokens of that prompt run alone."""
+    m = model("gqa")
+    (a, pixels_a), (b, pixels_b) = make_prompt(m, N_SYS, 30, seed=1), make_prompt(m, N_SYS, 30, seed=2)
+
+    def run(ids, pixel_values):
+        cache = make_cache(policy, **params)
+        cache.begin(m.config.text.num_hidden_layers, *image_segments(ids[:1], m.config.image_token_id))
+        with torch.inference_mode():
+            logits = [m(ids, pixel_values, cache=cache, last_only=True)[:, -1]]
+            for token in range(5, 11):                             # teacher-forced, the same for every sample
+                logits.append(m(torch.full((ids.shape[0], 1), token), cache=cache, last_only=True)[:, -1])
+        return torch.stack(logits, 1), cache                        # (B, steps + 1, vocab)
+
+    together, cache = run(torch.cat([a, b]), torch.cat([pixels_a, pixels_b]))
+    for i, (ids, pixel_values) in enumerate([(a, pixels_a), (b, pixels_b)]):
+        alone, alone_cache = run(ids, pixel_values)
+        torch.testing.assert_close(together[i], alone[0], atol=LOGIT_ATOL, rtol=0)
+        for layer in range(m.config.text.num_hidden_layers):
+            assert torch.equal(cache.pos[layer][i].sort(-1).values, alone_cache.pos[layer][0].sort(-1).values)
+
+
 @pytest.mark.parametrize("cache_cls,params", [(H2OCache, dict(heavy=0.2, recent=0.3)),
                                               (StreamingCache, dict(sinks=2, recent=0.4))])
 def test_decode_eviction_moves_only_the_rows_that_fill_evicted_slots(cache_cls, params):
@@ -1055,6 +1204,22 @@ def test_decode_attention_over_spans_equals_one_softmax_over_their_union(heads, 
     for start, end, columns in ((19, 30, slice(7, 18)), (2, 5, slice(2, 5)), (21, 24, slice(9, 12))):
         for row in (last_row, LastRow(last_row.lse)):  # logits handed over; none (q.k recomputed)
             torch.testing.assert_close(row.probs(q, k, start, end).double(), probs[..., columns], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_probabilities_from_an_lse_alone_are_the_softmax_in_16_bit(dtype):
+    """The Triton kernel hands `update` an lse without logits (A-VL's decode on a GPU): the probabilities
+    LastRow recomputes for 16-bit q and k are then the float64 softmax's and sum to 1 over the row, as
+    the kernel's lse comes from fp32 products of those values (logits rounded to bf16 put them off by
+    up to 5%)."""
+    from tinyavl.cache import LastRow
+    g = torch.Generator().manual_seed(0)
+    q = (3 * torch.randn(1, 8, 1, 64, generator=g)).to(dtype)
+    k = (3 * torch.randn(1, 2, 300, 64, generator=g)).to(dtype)
+    logits = naive_logits(q, k)[:, :, 0]                                          # (1, 8, 300) float64
+    probs = LastRow(logits.logsumexp(-1).float()).probs(q, k, 0, 300).double()    # the kernel's lse: fp32
+    torch.testing.assert_close(probs, logits.softmax(-1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(1, 8, dtype=torch.float64), atol=1e-5, rtol=0)
 
 
 def test_a_rerank_moves_only_the_rows_that_change_role():

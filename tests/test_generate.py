@@ -468,7 +468,8 @@ def test_stats_full_policy(loaded, name):
     expected_attended = sum(layers * (T + t) for t in range(1, steps + 1)) / steps
     assert stats.attended_tokens_per_step == pytest.approx(expected_attended)
     assert stats.attended_tokens_per_step_dense == pytest.approx(expected_attended)
-    assert len(stats.attended_per_layer) == steps
+    assert stats.attended_per_layer == [[T + t] * layers for t in range(1, steps + 1)]
+    assert stats.prefill_attended_per_layer == [T] * layers
 
 
 def test_the_logits_product_is_chosen_before_the_clock_starts(loaded, monkeypatch):

@@ -29,7 +29,7 @@ class GenerationStats:
     kv_cache_bytes_after_prefill: int
     kv_cache_bytes_dense: int          # what the dense cache would hold at the end of the same sequence
     modality_bytes_after_prefill: dict  # {"sys": ..., "image": ..., "text": ...} summed over layers
-    modality_bytes_peak: dict           # the same, at the step of peak total bytes
+    modality_bytes_peak: dict           # the same, at the first step of peak total bytes
     layer_bytes_after_prefill: list     # per layer: {"sys": ..., "image": ..., "text": ...}
     attended_tokens_per_step: float | None        # mean over decode steps, summed over layers
     attended_tokens_per_step_dense: float | None  # the same for dense attention
