@@ -7,7 +7,8 @@ from tinyavl import hires
 from tinyavl.cache import AVLCache, make_cache
 from tinyavl.errors import UserError
 from tinyavl.generate import generate
-from tinyavl.model import HiresConfig, LlavaConfig, LlavaForConditionalGeneration, TextConfig, VisionConfig
+from tinyavl.model import (HiresConfig, HiresView, LlavaConfig, LlavaForConditionalGeneration, TextConfig, VisionConfig,
+                           attention)
 
 
 def tiny_model(first_layer=1, scale=2, blocks=2, seed=0):
@@ -308,3 +309,53 @@ def test_a_feature_layer_the_tower_lacks_is_refused_when_the_model_is_built():
     for layer in (-3, 2, [1, 5]):
         with pytest.raises(UserError, match="vision_feature_layer"):
             LlavaForConditionalGeneration(LlavaConfig(text=sizes.text, vision=sizes.vision, vision_feature_layer=layer))
+
+
+@pytest.mark.parametrize("first_layer", [1, 2])
+def test_each_layer_from_first_layer_on_merges_through_its_own_input_norm(first_layer, monkeypatch):
+    """The high-resolution keys enter layers first_layer.. and no other, each made from the image's
+    features through that layer's own input norm (the one its K and V projections read after)."""
+    model = tiny_model(first_layer=first_layer)
+    ids, pixels, hires_pixels = inputs()
+    merges, merge = [], HiresView.merge
+    layers = model.language_model.model.layers
+
+    def recorded_merge(self, attn, norm, *args):
+        merges.append((attn.layer_idx, norm is layers[attn.layer_idx].input_layernorm))
+        return merge(self, attn, norm, *args)
+
+    monkeypatch.setattr(HiresView, "merge", recorded_merge)
+    with torch.no_grad():
+        model(ids, pixels, hires=model.hires_view(ids, hires_pixels))
+    assert merges == [(layer, True) for layer in range(first_layer, len(layers))]
+
+
+def test_a_layer_serves_its_row_one_softmax_over_its_causal_keys_and_its_chosen_tokens():
+    """HiresView.layer (the choice and the merge together): the served row, the last, is one float64 softmax
+    over its causal keys, its own key included, and the high-resolution keys of the tokens chosen for it."""
+    model = tiny_model()
+    ids, _, hires_pixels = inputs()
+    T = ids.shape[1]
+    view = model.hires_view(ids, hires_pixels)                                  # serves row T - 1
+    layer = model.language_model.model.layers[1]
+    attn, norm = layer.self_attn, layer.input_layernorm
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, n, T, 8, generator=g) for n in (4, 2, 2))       # 4 query heads, 2 KV heads, hs 8
+    y = attention(q, k, v, causal=True)
+    chosen = torch.zeros(1, 1, view.features.shape[1], dtype=torch.bool)
+    chosen[0, 0, [0, 9, 27, 63]] = True
+    view.chosen = chosen.clone()
+    positions = torch.arange(T)
+    with torch.no_grad():
+        out = view.layer(attn, norm, q, k, y, positions, positions.expand(1, 2, T))
+        index = chosen[0, 0].nonzero().flatten()
+        features = norm(view.features[0, index])                               # (4, 32)
+        k_hires = attn.k_proj_hd(features).view(-1, 2, 8).transpose(0, 1)      # (2, 4, 8)
+        rotated = torch.cat([-k_hires[..., 4:], k_hires[..., :4]], -1)         # RoPE's rotate-half, by hand
+        k_hires = k_hires * view.cos[index] + rotated * view.sin[index]
+        v_hires = attn.v_proj_hd(features).view(-1, 2, 8).transpose(0, 1)
+    for h in range(4):
+        keys = torch.cat([k[0, h // 2], k_hires[h // 2]]).double()
+        values = torch.cat([v[0, h // 2], v_hires[h // 2]]).double()
+        expected = (q[0, h, -1].double() @ keys.T / 8 ** 0.5).softmax(-1) @ values
+        torch.testing.assert_close(out[0, h, -1].double(), expected, atol=1e-5, rtol=0)

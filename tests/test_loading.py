@@ -3,6 +3,7 @@
 Reference tensors come from the transformers model the folder was written from (tests/tiny_checkpoints.py),
 renamed to the published layout, never from another tinyavl load.
 """
+import copy
 import json
 import os
 import pickle
@@ -331,3 +332,40 @@ def test_error_pickle_only_folder_is_never_unpickled(good_folder, monkeypatch):
 def test_error_folder_with_config_but_no_weights(good_folder):
     os.remove(good_folder / "model.safetensors")
     assert "safetensors" in load_error(good_folder)
+
+
+@pytest.mark.parametrize("text_type", ["llama", "mistral"])
+def test_a_field_config_json_leaves_out_takes_transformers_class_default(text_type):
+    """A config.json may leave out any field its class has a default for: each such text field, and a
+    whole missing vision_config, reads as transformers' LlavaConfig reads it."""
+    from transformers import LlavaConfig as HFLlavaConfig
+    from tinyavl.loading import parse_config
+    base = sparse_config(VARIANTS["mha"])
+    base["text_config"].update(model_type=text_type, num_attention_heads=8)  # 8: divides Mistral's 8 KV heads
+    if text_type == "mistral":
+        base["text_config"]["sliding_window"] = None
+    for field in ("rms_norm_eps", "intermediate_size", "max_position_embeddings", "hidden_act", "rope_theta",
+                  "num_key_value_heads", "bos_token_id", "eos_token_id"):
+        raw = copy.deepcopy(base)
+        raw["text_config"].pop(field, None)
+        ours, theirs = parse_config(copy.deepcopy(raw)).text, HFLlavaConfig.from_dict(raw).text_config
+        expected = theirs.rope_parameters["rope_theta"] if field == "rope_theta" else getattr(theirs, field)
+        assert getattr(ours, field) == expected, field
+    raw = copy.deepcopy(base)
+    raw.pop("vision_config")
+    ours, theirs = parse_config(copy.deepcopy(raw)).vision, HFLlavaConfig.from_dict(raw).vision_config
+    for field in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
+                  "patch_size", "hidden_act", "layer_norm_eps"):
+        assert getattr(ours, field) == getattr(theirs, field), field
+
+
+def test_buffers_older_transformers_saved_are_ignored(tiny_ckpt, good_folder):
+    """Checkpoints saved by older transformers hold RoPE's inv_freq and CLIP's position_ids as tensors: they
+    are buffers the model computes, not weights, and loading passes over them (the same model as without)."""
+    rewrite_weights(good_folder, lambda tensors: tensors.update({
+        "language_model.model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8),
+        "vision_tower.vision_model.embeddings.position_ids": torch.arange(17)[None].float()}))
+    model, _ = tinyavl.load_pretrained(good_folder, device="cpu")
+    reference, _ = tinyavl.load_pretrained(tiny_ckpt.folder("mha"), device="cpu")
+    ours, theirs = model.state_dict(), reference.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in ours)

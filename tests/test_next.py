@@ -65,7 +65,10 @@ def random_sizes(n: int, seed: int, largest: int = 1600) -> list[tuple[int, int]
     return [(rng.randint(1, largest), rng.randint(1, largest)) for _ in range(n)]
 
 
-EDGE_SIZES = [(1, 1), (336, 336), (672, 672), (480, 640), (1008, 336), (336, 1008), (337, 1009), (2000, 15)]
+EDGE_SIZES = [(1, 1), (336, 336), (672, 672), (480, 640), (1008, 336), (336, 1008), (337, 1009), (2000, 15),
+              # at LLaVA-1.6-7B's sizes the kept side of these scales to a float a hair under a whole number
+              # (47.99999999): rounded to 7 decimals first, as transformers' unpad_image does
+              (47, 1128), (55, 176), (205, 656), (88, 55), (88, 99), (176, 198)]
 
 
 def test_the_test_images_pick_every_canvas():
@@ -430,3 +433,39 @@ def test_templates_get_the_variables_transformers_gives(next_folder, template):
         assert processor.chat_prompt(QUESTION, has_image=image) == expected
     ids = processor(processor.chat_prompt(QUESTION), make_image(40, 30, seed=0))["input_ids"][0].tolist()
     assert ids.count(processor.bos_token_id) == 1 and ids[0] == processor.bos_token_id
+
+
+def test_a_batch_of_images_with_different_crop_counts_matches_transformers(tiny_ckpt):
+    """LlavaNextImageProcessor pads a batch's pixel_values with zero crops at the end of the images with
+    fewer: each image's features (its own crops, from the front) equal transformers' get_image_features."""
+    from transformers import AutoProcessor
+    folder = tiny_ckpt.folder("next_vicuna_mha")
+    hf_model = tiny_ckpt.model("next_vicuna_mha")
+    model, _ = tinyavl.load_pretrained(folder, device="cpu")
+    images = [make_image(90, 40, seed=1), make_image(60, 60, seed=2)]          # 4 and 5 crops
+    batch = AutoProcessor.from_pretrained(folder, backend="pil").image_processor(images, return_tensors="pt")
+    assert batch["pixel_values"][0, -1].abs().sum() == 0                        # image 0's padding crop
+    with torch.no_grad():
+        ours = model.image_features(batch["pixel_values"], batch["image_sizes"])
+        theirs = hf_model.model.get_image_features(
+            pixel_values=batch["pixel_values"], image_sizes=batch["image_sizes"], vision_feature_layer=-2,
+            vision_feature_select_strategy="default").pooler_output
+    assert len(ours) == len(theirs) == 2
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_the_base_crop_matches_transformers_when_shortest_edge_is_not_the_crop_size(tiny_ckpt, tmp_path):
+    """The base image is resized to shortest_edge and centre-cropped to crop_size (no published LLaVA-1.6
+    sets them apart): pixel_values equal transformers' processor's."""
+    from transformers import AutoProcessor
+    folder = tmp_path / "next"
+    shutil.copytree(tiny_ckpt.folder("next_vicuna_mha"), folder)
+    settings = json.loads((folder / "preprocessor_config.json").read_text())
+    settings["size"] = {"shortest_edge": 32}
+    (folder / "preprocessor_config.json").write_text(json.dumps(settings))
+    _, processor = tinyavl.load_pretrained(str(folder), device="cpu")
+    theirs = AutoProcessor.from_pretrained(str(folder), backend="pil")
+    image, prompt = make_image(90, 40, seed=1), processor.chat_prompt("Hi")
+    torch.testing.assert_close(processor(prompt, image)["pixel_values"],
+                               theirs(images=image, text=prompt, return_tensors="pt")["pixel_values"], atol=1e-5, rtol=0)

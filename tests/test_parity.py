@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import tinyavl
-from tinyavl.model import ACTIVATIONS
-from tiny_checkpoints import VARIANTS, make_image, tokenizer_info
+from tinyavl.model import ACTIVATIONS, RMSNorm, TextConfig, rope_cos_sin
+from tiny_checkpoints import VARIANTS, hf_config, make_image, reinit_, sparse_config, tokenizer_info, write_checkpoint
 
 LOGIT_ATOL = 1e-4  # fp32 vs fp32: only summation order differs (seen: ~1e-6)
 GREEDY_STEPS = 8
@@ -181,3 +181,71 @@ def test_attention_mask_with_a_cache_is_refused(loaded):
     ids, pixel_values = inputs_for(processor, VARIANTS["mha"], "landscape")
     with pytest.raises(ValueError, match="attention_mask"):
         model(ids, pixel_values, cache=tinyavl.make_cache("full"), attention_mask=torch.ones_like(ids))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("theta,factor", [(1e4, 1.0), (1e6, 1.0), (1e4, 4.0)])
+def test_rope_tables_equal_transformers_at_long_positions(dtype, theta, factor):
+    """cos and sin at positions 0..8191 (a LLaVA-1.6 prompt passes 2000) are transformers' bit for bit in
+    every dtype a model runs in: the angles in fp32, rounded only as cos and sin. (Angles rounded to bf16
+    put cos and sin off by up to 2 at position 4095; the tests' prompts of 40 tokens do not show it.)"""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    rope = {"rope_type": "default", "rope_theta": theta}
+    if factor != 1.0:
+        rope.update(rope_type="linear", factor=factor)
+    theirs = LlamaRotaryEmbedding(LlamaConfig(hidden_size=4096, num_attention_heads=32, rope_parameters=rope,
+                                              max_position_embeddings=8192))
+    positions = torch.arange(8192)
+    cos_hf, sin_hf = theirs(torch.zeros(1, 1, dtype=dtype), positions[None])                 # (1, 8192, 128)
+    config = TextConfig(hidden_size=4096, num_attention_heads=32, rope_theta=theta, rope_linear_factor=factor)
+    cos, sin = rope_cos_sin(positions, config, dtype)                                         # (8192, 128)
+    assert torch.equal(cos, cos_hf[0]) and torch.equal(sin, sin_hf[0])
+
+
+def test_rmsnorm_is_transformers_bit_for_bit_in_bfloat16():
+    """RMSNorm in bf16 normalises in fp32, rounds to bf16, then scales by the bf16 weight, as transformers'
+    LlamaRMSNorm does (scaling before rounding differs by one bf16 step in a quarter of the values)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    g = torch.Generator().manual_seed(0)
+    ours, theirs = RMSNorm(512, 1e-5), LlamaRMSNorm(512, eps=1e-5)
+    weight = 1 + 0.3 * torch.randn(512, generator=g)
+    x = (3 * torch.randn(64, 512, generator=g)).to(torch.bfloat16)
+    with torch.no_grad():
+        ours.weight.copy_(weight)
+        theirs.weight.copy_(weight)
+        assert torch.equal(ours.to(torch.bfloat16)(x), theirs.to(torch.bfloat16)(x))
+
+
+# Options a config.json may set that no published llava-hf checkpoint does: (text_config, vision_config, top
+# level) entries, each read as transformers reads it.
+CONFIG_OPTIONS = {"vision layer_norm_eps 0.1": ({}, {"layer_norm_eps": 0.1}, {}),
+                  "head_dim 8": ({"head_dim": 8}, {}, {}),
+                  "attention_bias": ({"attention_bias": True}, {}, {}),
+                  "mlp_bias": ({"mlp_bias": True}, {}, {}),
+                  "no projector bias": ({}, {}, {"multimodal_projector_bias": False})}
+
+
+@pytest.mark.parametrize("option", CONFIG_OPTIONS)
+def test_config_options_no_published_checkpoint_sets_match_transformers(option, tmp_path):
+    from transformers import LlavaForConditionalGeneration
+    text, vision, top = CONFIG_OPTIONS[option]
+    variant = VARIANTS["mha"]
+    config = hf_config(variant)
+    for section, values in ((config.text_config, text), (config.vision_config, vision), (config, top)):
+        for key, value in values.items():
+            setattr(section, key, value)
+    hf_model = LlavaForConditionalGeneration(config)
+    hf_model.set_attn_implementation("eager")
+    reinit_(hf_model, variant.seed)
+    hf_model.eval()
+    raw = sparse_config(variant)
+    raw["text_config"].update(text)
+    raw["vision_config"].update(vision)
+    raw.update(top)
+    model, processor = tinyavl.load_pretrained(write_checkpoint(hf_model, str(tmp_path), config=raw), device="cpu")
+    inputs = processor(processor.chat_prompt("What is it?"), make_image(45, 30, seed=0))
+    with torch.no_grad():
+        ours = model(inputs["input_ids"], inputs["pixel_values"])
+        theirs = hf_model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"]).logits
+    assert (ours - theirs).abs().max() <= LOGIT_ATOL
