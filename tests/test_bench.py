@@ -94,6 +94,22 @@ def test_growth_slope_is_the_median_pairwise_slope_and_ignores_a_few_slow_steps(
     assert bench.slope_ms_per_100_tokens(periodic, 2, 61) == pytest.approx(100, rel=0.1)
 
 
+def test_growth_is_printed_as_differences_slopes_and_their_ratio(monkeypatch, capsys):
+    monkeypatch.setattr(bench, "GROWTH_TOKENS", (3, 6))
+    at = {"step_ms_at_3": 10.0, "step_ms_at_6": 12.5, "attention_ms_at_3": 1.0, "attention_ms_at_6": 1.5}
+    growth = {"image_tokens": 20,
+              "full": {**at, "step_ms_per_100_tokens": 80.0, "attention_ms_per_100_tokens": 16.0},
+              "avl": {**at, "step_ms_per_100_tokens": 40.0, "attention_ms_per_100_tokens": 4.0}}
+    bench.print_growth(growth)
+    out = capsys.readouterr().out
+    assert "full +2.5 ms (+0.50 attn)" in out                       # 12.5 - 10.0 and 1.5 - 1.0
+    assert "full +80.00 (+16.000 attn), avl +40.00 (+4.000 attn)" in out
+    assert "avl's attention grows 0.25x as fast as full's" in out   # 4 / 16
+    growth["full"]["attention_ms_per_100_tokens"] = -1.0              # noise: no ratio to a shrinking step
+    bench.print_growth(growth)
+    assert "as fast as" not in capsys.readouterr().out
+
+
 def test_timed_cache_counts_decode_steps_only(model):
     cache = bench.timed_cache("full")
     input_ids = bench.prompt_ids(TINY, 20)

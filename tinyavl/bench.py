@@ -30,8 +30,8 @@ row, the re-rank and its swaps, with the swaps' part beside). Then `full` and `a
 show how the step grows with the sequence (at the 16th and the 256th token: the ms per step, and the part
 of it inside the cache's four steps, which reads the K/V rows; and the slope of each, fitted over every
 step between). With transformers installed, its LLaVA runs the same weights and prompt (the first image
-block) with full attention, and tinyavl's decode speed is printed relative to it. Absolute times on a shared CPU are noise; ratios measured in one run are the
-result.
+block) with full attention, and tinyavl's decode speed is printed relative to it. Absolute times on a
+shared CPU are noise; ratios measured in one run are the result.
 
 `--device cuda` runs all of it on a GPU (the default where CUDA is present, as in main.py), where A-VL's
 decode steps go through the Triton kernel (kernels/sparse_attention.py). GPU work is queued, not done,
