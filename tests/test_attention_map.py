@@ -1,14 +1,17 @@
 """Attention pictures: the heat map against transformers' attention weights, roles against the policy."""
 import math
+from types import SimpleNamespace
 
 import pytest
 import numpy as np
 import torch
+from PIL import Image
 
 import tinyavl
 from tinyavl.attention_map import (COMPUTED, EVICTED, FRAME, HEADER, HEAT, PANEL, SCALE, STORED,
-                                    draw_attention_map, image_heat, image_roles, seen_image)
+                                    draw_attention_map, image_heat, image_roles, map_layer, seen_image, token_pictures)
 from tinyavl.cache import make_cache
+from tinyavl.errors import UserError
 from tiny_checkpoints import make_image
 
 
@@ -136,3 +139,37 @@ def test_picture_shows_the_question_and_a_colour_scale(tiny_ckpt):
     alpha = 220 / 255  # the hottest cell's opacity
     assert zero == (128, 128, 128)
     assert all(abs(got - (128 * (1 - alpha) + red * alpha)) <= 1 for got, red in zip(top, HEAT)), top
+
+
+def test_map_layer_by_hand():
+    model = SimpleNamespace(config=SimpleNamespace(text=SimpleNamespace(num_hidden_layers=4)))
+    assert [map_layer(model, layer) for layer in (None, 0, 3)] == [3, 0, 3]     # default: the last layer
+    for layer in (-1, 4):
+        with pytest.raises(UserError, match=r"0\.\.3"):
+            map_layer(model, layer)
+
+
+def test_the_hottest_cell_is_the_red_at_the_end_of_the_scale():
+    """Over a grey image the heat panel is grey 128; the hottest cell (0.5 of the attention) gets HEAT at
+    opacity 220 / 255, as the scale's right end; a cell of half the peak, opacity int(110) / 255."""
+    image = Image.new("RGB", (56, 56), (128, 128, 128))
+    roles, heat = torch.full((16,), COMPUTED), torch.zeros(16)
+    heat[5], heat[6], heat[0] = 0.5, 0.25, 0.25
+    picture = draw_attention_map(image, roles, heat, "t")
+    cell = PANEL // 4
+
+    def at(index):
+        row, column = divmod(index, 4)
+        return picture.getpixel((PANEL + 10 + column * cell + cell // 2, HEADER + row * cell + cell // 2))
+
+    for index, alpha in ((5, 220), (6, 110)):
+        expected = [128 * (1 - alpha / 255) + red * alpha / 255 for red in HEAT]
+        assert all(abs(got - want) <= 1 for got, want in zip(at(index), expected)), index
+
+
+def test_the_cls_token_has_no_cell(tiny_ckpt):
+    """gqa_full keeps CLS: 37 image tokens, CLS first, then the 6 x 6 patches."""
+    model, processor = tinyavl.load_pretrained(tiny_ckpt.folder("gqa_full"), device="cpu")
+    inputs = processor(processor.chat_prompt("what is this ?"), image=make_image(50, 40, 0))
+    (picture,) = token_pictures(model, processor, inputs)
+    assert picture.tokens.tolist() == list(range(1, 37)) and picture.grid == (6, 6)

@@ -10,6 +10,7 @@ exception other than the handled UserError would fail the test with its tracebac
 """
 import argparse
 import contextlib
+import errno
 import importlib
 import json
 import os
@@ -845,3 +846,97 @@ def test_help_lists_every_option_with_its_default(capsys):
     assert "(default: avl 0.5, random 0.5)" in text   # --S: the defaults of the policies that take it
     assert "(default: avl 3, fastv 2)" in text        # --filter-layer
     assert "(default: avl 3)" in text                 # --K: A-VL's alone
+
+
+IMAGE = REPO / "weights" / "toy" / "examples" / "scene-0.png"
+
+
+def test_a_map_file_made_while_the_model_generates_is_kept(tmp_path, monkeypatch, capsys):
+    """--attention-map's name was free when checked; a file the user makes there during the generation stays,
+    without --force (write_file_atomically's link), and the run says so in one line."""
+    out, real = tmp_path / "map.png", tinyavl.generate
+
+    def generate(*args, **kwargs):
+        out.write_text("the user's")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(tinyavl, "generate", generate)
+    rc = main.main(["--image", str(IMAGE), "--max-new-tokens", "2", "--attention-map", str(out), "--json"])
+    assert rc == 2 and "appeared while this command ran" in capsys.readouterr().err
+    assert out.read_text() == "the user's" and [p.name for p in tmp_path.iterdir()] == ["map.png"]
+
+
+def test_a_map_layer_past_the_model_fails_before_generating(tmp_path, monkeypatch, capsys):
+    """The toy has 4 decoder layers: --map-layer 4 is refused once it has loaded, before any token."""
+    monkeypatch.setattr(tinyavl, "generate", lambda *a, **k: pytest.fail("generated before checking --map-layer"))
+    rc = main.main(["--image", str(IMAGE), "--attention-map", str(tmp_path / "m.png"), "--map-layer", "4"])
+    assert rc == 2 and "must be in 0..3" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
+def test_summary_gives_the_peak_as_a_share_of_dense():
+    result = {"new_tokens": 3, "finish_reason": "length", "policy": "avl", "policy_params": None,
+              "prompt_tokens": 10, "prefill_seconds": 0.5, "decode_tokens_per_second": None,
+              "kv_cache_bytes": 3 * 2 ** 20, "kv_cache_bytes_dense": 4 * 2 ** 20}
+    assert "KV cache peak 3.00 MiB (75% of dense 4.00 MiB)" in main.summary(result)
+
+
+def test_json_kv_bytes_after_prefill_and_at_the_peak(capsys):
+    """The toy in fp32: 4 layers x (K and V) x 2 KV heads x 32 dims x 4 bytes = 2048 bytes a token. Under full
+    attention the prefill holds the prompt; the peak also holds every answer token fed back (all but the last)."""
+    rc = main.main(["--image", str(IMAGE), "--max-new-tokens", "3", "--json"])
+    result = __import__("json").loads(capsys.readouterr().out)
+    per_token = 4 * 2 * 2 * 32 * 4
+    assert rc == 0 and result["new_tokens"] >= 2
+    assert result["kv_cache_bytes_after_prefill"] == result["prompt_tokens"] * per_token
+    assert result["kv_cache_bytes"] == (result["prompt_tokens"] + result["new_tokens"] - 1) * per_token
+
+
+def test_an_upper_case_picture_suffix_is_written_in_its_format(tmp_path):
+    for name, kind in (("MAP.PNG", "PNG"), ("map.JPG", "JPEG")):
+        out = tmp_path / name
+        assert main.main(["--image", str(IMAGE), "--max-new-tokens", "1", "--attention-map", str(out), "--json"]) == 0
+        with Image.open(out) as picture:
+            assert picture.format == kind
+
+
+def test_a_filter_layer_equal_to_the_layer_count_is_refused(capsys):
+    """4 layers: a filter "before layer 4" never acts; the largest that does is 3."""
+    rc = main.main(["--image", str(IMAGE), "--policy", "fastv", "--filter-layer", "4", "--max-new-tokens", "1"])
+    assert rc == 2 and "give at most 3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--steps", "--batch-size"])
+def test_the_trainer_refuses_zero_steps_or_scenes(flag, tmp_path, capsys, monkeypatch):
+    from tinyavl.toy import train
+    monkeypatch.setattr(train, "train", lambda *a, **k: pytest.fail(f"trained with {flag} 0"))
+    with pytest.raises(SystemExit) as exit_:
+        train.main(["--out", str(tmp_path / "toy"), flag, "0"])
+    assert exit_.value.code == 2 and f"{flag} must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG, errno.ELOOP, errno.EROFS,
+                                  errno.EACCES, errno.EPERM, errno.EIO])
+def test_every_refusal_of_the_system_is_one_line(code, capsys):
+    """cli.SYSTEM_REFUSALS as its comment lists them: a disk full, a quota, a name too long, a loop of links,
+    a read-only disk, no permission, an I/O error."""
+    def work(args):
+        raise OSError(code, os.strerror(code))
+    assert run_command(work, argparse.Namespace(json=True), show=print) == 1
+    assert capsys.readouterr().err == f"error: [Errno {code}] {os.strerror(code)}\n"
+
+
+def test_help_shows_no_default_for_an_option_not_given(capsys):
+    with pytest.raises(SystemExit):
+        main.main(["--help"])
+    assert "(default: None)" not in capsys.readouterr().out
+
+
+def test_an_out_of_memory_error_with_a_cpp_stack_is_still_one_line(capsys):
+    """TORCH_SHOW_CPP_STACKTRACES=1 appends the C++ frames to the allocator's message."""
+    message = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried "
+               "to allocate 10000000000000 bytes. Error code 12 (Cannot allocate memory)\n"
+               "Exception raised from alloc_cpu at alloc_cpu.cpp:127 (most recent call first):\nframe #0: c10::...")
+
+    def work(args):
+        raise RuntimeError(message)
+    assert run_command(work, argparse.Namespace(json=True), show=print) == 1
+    assert capsys.readouterr().err.count("\n") == 1

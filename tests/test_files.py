@@ -10,7 +10,8 @@ import pytest
 
 from tinyavl.cli import TOY_WEIGHTS
 from tinyavl.errors import UserError
-from tinyavl.files import check_new_folder, write_file_atomically, write_folder_atomically
+from tinyavl.files import (check_new_folder, check_output_file, read_json_object, write_file_atomically,
+                           write_folder_atomically)
 from tinyavl.toy import train
 
 
@@ -235,3 +236,55 @@ def test_without_hard_links_a_new_file_is_still_written_and_an_existing_one_kept
     with pytest.raises(UserError, match="appeared while this command ran"):
         write_file_atomically(path, lambda partial: partial.write_text("newer"))
     assert path.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["map.png"]
+
+
+IMAGE = Path(__file__).resolve().parent.parent / "weights" / "toy" / "examples" / "scene-0.png"
+
+
+def test_an_output_under_a_file_says_the_parent_is_a_file(tmp_path):
+    (tmp_path / "notes.txt").write_text("the user's")
+    with pytest.raises(UserError, match="notes.txt is a file, not a folder"):
+        check_output_file(tmp_path / "notes.txt" / "map.png", "--attention-map", inputs=[])
+
+
+def test_a_missing_file_inside_the_write_is_a_bug_with_its_traceback(tmp_path):
+    """Only a destination folder removed during the work is the user's doing; any other missing file is not."""
+    with pytest.raises(FileNotFoundError):
+        write_file_atomically(tmp_path / "map.png", lambda partial: open(tmp_path / "fonts" / "sans.ttf"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_error_that_names_its_own_file_keeps_that_name(tmp_path):
+    def write(partial):
+        raise OSError(errno.EIO, "Input/output error", "/data/fonts/sans.ttf")
+    with pytest.raises(OSError) as error:
+        write_file_atomically(tmp_path / "map.png", write)
+    assert error.value.filename == "/data/fonts/sans.ttf"
+
+
+def test_json_nested_too_deep_is_one_line(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(UserError, match="is not valid JSON"):
+        read_json_object(path)
+
+
+def test_an_output_where_this_user_cannot_write_is_refused_before_the_work(tmp_path, monkeypatch):
+    """As root every folder is writable: os.access is made to answer as for a user without the right."""
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "rw").mkdir()
+    (tmp_path / "rw" / "map.png").write_text("read-only file")
+    real_access = os.access
+    denied = {tmp_path / "ro", tmp_path / "rw" / "map.png"}
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) not in denied and real_access(path, mode))
+    for out in (tmp_path / "ro" / "map.png", tmp_path / "rw" / "map.png"):
+        with pytest.raises(UserError, match="cannot write there"):
+            check_output_file(out, "--attention-map", inputs=[], replace=True)
+
+
+def test_a_loop_of_links_is_one_line(tmp_path):
+    """Python 3.11's Path.resolve raises RuntimeError on a loop (3.13: OSError ELOOP)."""
+    loop = tmp_path / "loop.png"
+    loop.symlink_to(loop)
+    with pytest.raises(UserError):
+        check_output_file(loop, "--attention-map", inputs=[IMAGE], replace=True)

@@ -5,9 +5,11 @@ from PIL import Image
 
 from types import SimpleNamespace
 
+from tinyavl.toy import evaluate as evaluate_module
 from tinyavl.toy.evaluate import (FASTV_MAX_R, PROMPT_KINDS, Question, Tally, budget_params, caption_errors,
-                                  clustered_wilson_interval, format_table, held_out_set, is_correct, of_full_interval,
-                                  plot_sweep, shown_params, wilson_interval)
+                                  caption_objects_right, clustered_wilson_interval, format_table, held_out_set,
+                                  is_correct, markdown_table, of_full_interval, plot_sweep, shown_params,
+                                  wilson_interval)
 from tinyavl.toy.scenes import Scene, SceneObject
 from tinyavl.toy.plot import HEIGHT, MARGIN, PALETTE, WIDTH
 
@@ -237,3 +239,103 @@ def test_attention_maps_and_filter_layer_are_checked(tmp_path, capsys):
         assert main(["--n", "1", "--attention-maps", str(folder)]) == 2
         assert capsys.readouterr().err == (f"error: --attention-maps {folder} cannot be made: "
                                            f"{tmp_path / 'notes.txt'} is a file\n")
+
+
+SCENE = Scene((SceneObject("circle", "red", 1, 2, 5, (220, 40, 40)),
+               SceneObject("square", "blue", 3, 4, None, (50, 90, 235))))
+
+
+def no_model(*args, **kwargs):
+    pytest.fail("loaded the model before checking the command line")
+
+def test_pictures_in_attention_maps_are_checked_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    (tmp_path / "caption.png").write_text("the user's")
+    monkeypatch.setattr(evaluate_module, "load_pretrained", no_model)
+    assert evaluate_module.main(["--n", "1", "--attention-maps", str(tmp_path)]) == 2
+    assert "already exists" in capsys.readouterr().err and (tmp_path / "caption.png").read_text() == "the user's"
+
+
+def test_a_new_attention_maps_folder_inside_the_model_folder_is_refused(tmp_path, capsys, monkeypatch):
+    model = tmp_path / "toy"
+    model.mkdir()
+    monkeypatch.setattr(evaluate_module, "load_pretrained", no_model)
+    assert evaluate_module.main(["--n", "1", "--weights", str(model), "--attention-maps", str(model / "maps")]) == 2
+    assert "would overwrite the input" in capsys.readouterr().err and not (model / "maps").exists()
+
+
+def test_force_without_an_output_is_refused(capsys, monkeypatch):
+    monkeypatch.setattr(evaluate_module, "load_pretrained", no_model)
+    assert evaluate_module.main(["--n", "1", "--force"]) == 2
+    assert "--force replaces the --plot file" in capsys.readouterr().err
+
+
+def test_an_existing_plot_is_refused_before_the_sweep(tmp_path, capsys, monkeypatch):
+    plot = tmp_path / "sweep.png"
+    plot.write_text("the user's")
+    monkeypatch.setattr(evaluate_module, "load_pretrained", no_model)
+    assert evaluate_module.main(["--table", "--plot", str(plot)]) == 2
+    assert "already exists" in capsys.readouterr().err and plot.read_text() == "the user's"
+
+
+def test_attention_maps_draw_the_first_scenes_prompts(tmp_path, monkeypatch):
+    drawn = []
+    monkeypatch.setattr(evaluate_module, "save_attention_map",
+                        lambda path, *args, **kwargs: drawn.append((path.name, kwargs["question"])))
+    assert evaluate_module.main(["--n", "2", "--attention-maps", str(tmp_path), "--json"]) == 0
+    first = [q for q in held_out_set(seed=1, n_scenes=2) if q.scene_index == 0]
+    assert drawn == [(f"{q.kind}.png", q.text) for q in first]
+
+
+def test_a_short_answer_is_compared_without_surrounding_space():
+    question = Question(0, "colour", "What colour is the circle?", "red", SCENE)
+    assert is_correct(question, " red\n") and not is_correct(question, "reddish")
+
+
+def test_an_object_named_twice_counts_once():
+    red, blue = (obj.describe() for obj in SCENE.objects)
+    assert caption_objects_right(f"{red} and {red}", SCENE) == 1
+    assert caption_objects_right(f"{blue} and {red}", SCENE) == 2 and caption_objects_right("", SCENE) == 0
+
+
+def test_of_full_interval_is_a_95_percent_one():
+    """Full right on all 6 prompts of 100 scenes, the policy on all of the first 50: a draw's ratio is the share
+    of its 100 scenes from the first half, Binomial(100, 1/2) / 100, whose 2.5% and 97.5% quantiles are 0.40 and
+    0.60 (P(X <= 39) = 0.018, P(X <= 40) = 0.028); a 90% interval would be 0.42-0.58."""
+    low, high = of_full_interval([6] * 50 + [0] * 50, [6] * 100)
+    assert low == pytest.approx(0.40, abs=0.011) and high == pytest.approx(0.60, abs=0.011)
+
+
+def test_kv_ratio_is_bytes_held_over_dense_bytes():
+    """A caption's dense cache is five times a short answer's: held 50 of 100 bytes on it, all 20 of 20 on each of
+    the five short answers, the ratio is 150 / 200 (a mean of the kinds' ratios would be 0.917)."""
+    tally = Tally()
+    for question in held_out_set(seed=3, n_scenes=1):
+        caption = question.kind == "caption"
+        tally.add(question, question.answer, SimpleNamespace(
+            kv_cache_bytes=50 if caption else 20, kv_cache_bytes_dense=100 if caption else 20, hires_tokens_read=0,
+            attended_per_layer=[], prefill_attended_per_layer=[], attended_tokens_per_step=None,
+            attended_tokens_per_step_dense=None))
+    assert tally.report()["kv_ratio"] == 0.75
+
+
+def report_row(policy, kv, kv_caption, attended):
+    return {"policy": policy, "policy_params": {}, "budget": 0.5, "accuracy": 0.5, "accuracy_ci": (0.4, 0.6),
+            "right_by_scene": [3, 3], "accuracy_by_type": dict.fromkeys(PROMPT_KINDS, 0.5),
+            "accuracy_by_type_ci": dict.fromkeys(PROMPT_KINDS, (0.4, 0.6)), "caption_objects": None,
+            "caption_objects_ci": None, "kv_ratio": kv, "kv_ratio_by_type": {"caption": kv_caption},
+            "attended_ratio": attended}
+
+
+def test_the_table_is_markdown_with_each_cell_under_its_header():
+    lines = format_table([report_row("random", 0.61, 0.72, 0.33)]).splitlines()
+    head, rule, row = ([cell.strip() for cell in line.strip("|").split("|")] for line in lines)
+    assert rule == ["---"] * len(head)                  # GitHub renders a table only with one rule cell a column
+    cells = dict(zip(head, row))
+    assert (cells["KV bytes"], cells["KV bytes, captions"], cells["attended"]) == ("0.61", "0.72", "0.33")
+    assert markdown_table(["a", "b"], [["1", "2"]]) == ["| a | b |", "|---|---|", "| 1 | 2 |"]
+
+
+def test_parameters_set_per_kind_show_their_range():
+    report = {"policy_params": None, "policy_params_by_type": {"colour": {"recent": 0.46}, "where": {"recent": 0.45},
+                                                               "caption": {"recent": 0.47}}}
+    assert shown_params(report) == "recent=0.45-0.47 (caption 0.47)"

@@ -8,6 +8,7 @@ import argparse
 import copy
 import json
 import math
+from types import SimpleNamespace
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,8 +24,9 @@ from tinyavl.cli import TOY_WEIGHTS
 from tinyavl.errors import UserError
 from tinyavl.model import HiresConfig, stitch_tiles
 from tinyavl.processing import LLAVA_SYSTEM_PROMPT, Processor
+from tinyavl.toy import evaluate_hires
 from tinyavl.toy import train_hires as train_hires_module
-from tinyavl.toy.evaluate import attention_pairs, evaluate, held_out_set
+from tinyavl.toy.evaluate import PROMPT_KINDS, attention_pairs, evaluate, held_out_set
 from tinyavl.toy.evaluate_hires import IN_SEQUENCE, format_table, in_sequence_pairs, plot
 from tinyavl.toy.evaluate_hires import main as evaluate_hires_main
 from tinyavl.toy.plot import HEIGHT, MARGIN, PALETTE, WIDTH
@@ -614,3 +616,68 @@ def test_golden_coarse_answers_from_the_tiled_sequence(tiled_toy, image):
         inputs = processor(processor.chat_prompt(question), image=TILES_TOY / "examples" / image)
         tokens, _ = tinyavl.generate(model, **inputs, max_new_tokens=8, eos_token_id=processor.eos_token_id)
         assert processor.decode(tokens) == truth[question], question
+
+
+def no_model(*args, **kwargs):
+    pytest.fail("loaded the model before checking the command line")
+
+def test_attention_mflops_is_4_heads_head_dim_flops_a_pair():
+    model = SimpleNamespace(config=SimpleNamespace(text=SimpleNamespace(num_attention_heads=4, head_dim=32)))
+    assert evaluate_hires.attention_mflops(1_000_000, model) == 4 * 4 * 32
+
+
+def test_compare_prices_the_in_sequence_toy_answer_by_answer(monkeypatch):
+    """Two answers, of 3 and 1 decode steps after prompts of 10 and 12 tokens (4 of them image tokens); the
+    tiled image is 144 + 48 x (48 + 1) = 2496 tokens. Per answer, in every layer, a causal prefill over
+    n = prompt - 4 + 2496 tokens, then step s's query over n + s + 1 keys; in_sequence_mflops is their mean."""
+    layers = 2
+    model = SimpleNamespace(config=SimpleNamespace(
+        text=SimpleNamespace(num_hidden_layers=layers, num_attention_heads=1, head_dim=1),
+        vision=SimpleNamespace(image_size=96, patch_size=8)))
+    answers = [(10, 3), (12, 1)]
+
+    def fake_evaluate(model, processor, questions, policy, on_answer=None, hires_mode=None):
+        for prompt, steps in answers:
+            on_answer(None, "", SimpleNamespace(next_pos=prompt + steps, n_img=4), {"input_ids": torch.zeros(1, prompt)})
+        return {"policy": policy, "attention_pairs": 0.0}
+    monkeypatch.setattr(evaluate_hires, "evaluate", fake_evaluate)
+
+    def by_hand(prompt, steps):
+        n = prompt - 4 + 2496
+        return layers * (n * (n + 1) // 2 + sum(n + s + 1 for s in range(steps)))
+    expected = (by_hand(10, 3) + by_hand(12, 1)) / 2 * 4 / 1e6
+    reports = evaluate_hires.compare(model, None, [])
+    assert len(reports) == 6 and all(r["in_sequence_mflops"] == pytest.approx(expected, rel=1e-12) for r in reports)
+
+
+def hires_report(policy, mode, mflops, in_sequence):
+    return {"policy": policy, "mode": mode, "accuracy_by_type": dict.fromkeys(PROMPT_KINDS, 0.5),
+            "accuracy_by_type_ci": dict.fromkeys(PROMPT_KINDS, (0.4, 0.6)), "kv_ratio": 1.0,
+            "hires_tokens_read": 0, "attention_mflops": mflops, "in_sequence_mflops": in_sequence}
+
+
+def test_the_cost_only_row_is_priced_by_full_reading_nothing():
+    reports = [hires_report("full", "low-res", 10.0, 100.0), hires_report("full", "every block", 20.0, 101.0),
+               hires_report("avl", "every block", 15.0, 97.0)]
+    assert evaluate_hires.format_table(reports).splitlines()[-1].endswith("| 100.0 | - | 1.000 |")
+
+
+def test_hires_evaluation_flags_are_checked_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(evaluate_hires, "load_pretrained", no_model)
+    plot, tiles = tmp_path / "hires.png", tmp_path / "tiles"
+    plot.write_text("the user's")
+    tiles.mkdir()
+    for argv, says in ((["--force"], "--force replaces the --plot file"),
+                       (["--plot", str(plot)], "already exists"),
+                       (["--plot", str(tiles / "x.png"), "--in-sequence", str(tiles)], "would overwrite the input")):
+        assert evaluate_hires.main(argv) == 2 and says in capsys.readouterr().err
+    assert plot.read_text() == "the user's" and not list(tiles.iterdir())
+
+
+def test_the_hires_evaluation_asks_fine_scenes(monkeypatch):
+    flex = SimpleNamespace(config=SimpleNamespace(hires=object(), is_next=False))
+    monkeypatch.setattr(evaluate_hires, "load_pretrained", lambda *a, **k: (flex, None))
+    asked = []
+    monkeypatch.setattr(evaluate_hires, "compare", lambda model, processor, questions, log=None: asked.extend(questions) or [])
+    assert evaluate_hires.main(["--n", "2", "--json"]) == 0
+    assert len(asked) == 12 and all(q.scene.fine and q.scene.image().size == (384, 384) for q in asked)
