@@ -32,6 +32,7 @@ from tinyavl.cli import ArgumentParser, run_command, run_main
 from tiny_checkpoints import VARIANTS, make_image, sparse_config, tokenizer_info, write_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
+IMAGE = REPO / "weights" / "toy" / "examples" / "scene-0.png"  # the toy's first example
 NEW_TOKENS = 8
 JSON_KEYS = {"text", "token_ids", "prefill_seconds", "decode_tokens_per_second", "kv_cache_bytes", "policy",
              "kv_cache_bytes_dense", "attended_tokens_per_step", "attended_tokens_per_step_dense"}
@@ -847,8 +848,6 @@ def test_help_lists_every_option_with_its_default(capsys):
     assert "(default: avl 3, fastv 2)" in text        # --filter-layer
     assert "(default: avl 3)" in text                 # --K: A-VL's alone
 
-
-IMAGE = REPO / "weights" / "toy" / "examples" / "scene-0.png"
 
 
 def test_a_map_file_made_while_the_model_generates_is_kept(tmp_path, monkeypatch, capsys):

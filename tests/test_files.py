@@ -14,6 +14,8 @@ from tinyavl.files import (check_new_folder, check_output_file, read_json_object
                            write_folder_atomically)
 from tinyavl.toy import train
 
+IMAGE = TOY_WEIGHTS / "examples" / "scene-0.png"
+
 
 def digest(folder: Path) -> dict:
     """relative path -> sha256 of every file under folder."""
@@ -237,8 +239,6 @@ def test_without_hard_links_a_new_file_is_still_written_and_an_existing_one_kept
         write_file_atomically(path, lambda partial: partial.write_text("newer"))
     assert path.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["map.png"]
 
-
-IMAGE = Path(__file__).resolve().parent.parent / "weights" / "toy" / "examples" / "scene-0.png"
 
 
 def test_an_output_under_a_file_says_the_parent_is_a_file(tmp_path):

@@ -13,6 +13,13 @@ from tinyavl.toy.evaluate import (FASTV_MAX_R, PROMPT_KINDS, Question, Tally, bu
 from tinyavl.toy.scenes import Scene, SceneObject
 from tinyavl.toy.plot import HEIGHT, MARGIN, PALETTE, WIDTH
 
+SCENE = Scene((SceneObject("circle", "red", 1, 2, 5, (220, 40, 40)),
+               SceneObject("square", "blue", 3, 4, None, (50, 90, 235))))
+
+
+def no_model(*args, **kwargs):
+    pytest.fail("loaded the model before checking the command line")
+
 
 def test_wilson_interval_by_hand():
     # 45 of 50, z = 1.96: p = .9, z^2 = 3.8416; centre = (.9 + 3.8416 / 100) / (1 + 3.8416 / 50) = .93842 / 1.07683
@@ -240,13 +247,6 @@ def test_attention_maps_and_filter_layer_are_checked(tmp_path, capsys):
         assert capsys.readouterr().err == (f"error: --attention-maps {folder} cannot be made: "
                                            f"{tmp_path / 'notes.txt'} is a file\n")
 
-
-SCENE = Scene((SceneObject("circle", "red", 1, 2, 5, (220, 40, 40)),
-               SceneObject("square", "blue", 3, 4, None, (50, 90, 235))))
-
-
-def no_model(*args, **kwargs):
-    pytest.fail("loaded the model before checking the command line")
 
 def test_pictures_in_attention_maps_are_checked_before_the_model_loads(tmp_path, capsys, monkeypatch):
     (tmp_path / "caption.png").write_text("the user's")

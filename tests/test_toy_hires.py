@@ -27,6 +27,7 @@ from tinyavl.processing import LLAVA_SYSTEM_PROMPT, Processor
 from tinyavl.toy import evaluate_hires
 from tinyavl.toy import train_hires as train_hires_module
 from tinyavl.toy.evaluate import PROMPT_KINDS, attention_pairs, evaluate, held_out_set
+from test_toy_evaluate import no_model
 from tinyavl.toy.evaluate_hires import IN_SEQUENCE, format_table, in_sequence_pairs, plot
 from tinyavl.toy.evaluate_hires import main as evaluate_hires_main
 from tinyavl.toy.plot import HEIGHT, MARGIN, PALETTE, WIDTH
@@ -617,9 +618,6 @@ def test_golden_coarse_answers_from_the_tiled_sequence(tiled_toy, image):
         tokens, _ = tinyavl.generate(model, **inputs, max_new_tokens=8, eos_token_id=processor.eos_token_id)
         assert processor.decode(tokens) == truth[question], question
 
-
-def no_model(*args, **kwargs):
-    pytest.fail("loaded the model before checking the command line")
 
 def test_attention_mflops_is_4_heads_head_dim_flops_a_pair():
     model = SimpleNamespace(config=SimpleNamespace(text=SimpleNamespace(num_attention_heads=4, head_dim=32)))
