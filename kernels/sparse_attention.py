@@ -246,8 +246,9 @@ def _split_attention_kernel(
     split_hi = tl.minimum(split_lo + rows_per_split, n_sel)
     for block_lo in range(split_lo, split_hi, BLOCK_N):
         pos = block_lo + tl.arange(0, BLOCK_N)                            # [BLOCK_N] logical positions
-        in_split = pos < split_hi
-        from_index = pos < n_idx
+        in_split = pos < split_hi                                         # [BLOCK_N]
+        from_index = pos < n_idx                                          # [BLOCK_N]
+        # [BLOCK_N] the index list's rows, 0 where masked
         index_rows = tl.load(index_row_ptr + pos * stride_in, mask=in_split & from_index, other=0)
         rows = tl.where(from_index, index_rows, start + (pos - n_idx)).to(tl.int64)   # [BLOCK_N] cache rows
 
@@ -257,7 +258,7 @@ def _split_attention_kernel(
         scores = tl.where(in_split[None, :], scores * qk_scale, float("-inf"))
 
         new_max = tl.maximum(running_max, tl.max(scores, axis=1))         # [BLOCK_H]
-        correction = tl.exp2(running_max - new_max)                       # rescales the old state
+        correction = tl.exp2(running_max - new_max)                       # [BLOCK_H] rescales the old state
         probs = tl.exp2(scores - new_max[:, None])                        # [BLOCK_H, BLOCK_N]
         running_sum = running_sum * correction + tl.sum(probs, axis=1)
 
@@ -296,9 +297,9 @@ def _merge_splits_kernel(
     split_out = tl.load(part_out_ptr + (batch_head * num_splits + split_offs[:, None]) * HEAD_DIM
                         + dim_offs[None, :], mask=split_mask[:, None], other=0.0)   # [BLOCK_S, D]
 
-    max_lse = tl.max(split_lse, axis=0)
+    max_lse = tl.max(split_lse, axis=0)                                   # scalar
     weights = tl.exp2(split_lse - max_lse)                                # [BLOCK_S] relative split sums
-    total = tl.sum(weights, axis=0)
+    total = tl.sum(weights, axis=0)                                       # scalar
     out = tl.sum(weights[:, None] * split_out, axis=0) / total            # [D]
     tl.store(out_ptr + batch_head * HEAD_DIM + dim_offs, _interpreter_safe_cast(out, out_ptr.dtype.element_ty))
     tl.store(lse_ptr + batch_head, (max_lse + tl.log2(total)) * 0.6931471805599453)  # x ln(2): back to base e

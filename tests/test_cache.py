@@ -257,6 +257,9 @@ AVL_INVARIANT_CASES = [
     ("gqa4", 40, dict(filter_layer=2, T=0.6)),
     ("gqa", 30, dict(K=1)),                 # every step attends to every stored row and re-ranks the core
     ("gqa", 30, dict(K=2, C=0.2)),
+    # budget round(0.7 * 45) = round(31.5) = 32 (a half, to even) at prefill: in binary floats 0.7 x 45 is
+    # 31.499999999999996, which would keep 31
+    ("gqa", 45, dict(T=0.7)),
 ]
 
 
@@ -355,7 +358,7 @@ def test_avl_invariants(name, n_text, params):
                     p = int(pos_before[h, j])
                     if text_of(p):
                         ledger[layer][h][p] += float(row[h, j])
-        budget = max(round(T * (L - n_sys - n_img)), 20)
+        budget = max(round(Fraction(str(T)) * (L - n_sys - n_img)), 20)                 # T as written, in decimals
         heavy = budget * 7 // 10                                                        # floor(0.7 budget)
         recent = budget - heavy
         for h in range(n_kv):
@@ -382,6 +385,24 @@ def test_avl_K_1_attends_every_secondary_row():
         if e["step"] > 0:
             assert attends_all(e), e["step"]
             assert sum(is_image(int(p), N_SYS, cache.n_img) for p in e["pos_before"][0, 0]) == cache.n_secondary
+
+
+@pytest.mark.parametrize("K", [1, 3])
+def test_avl_update_steps_are_every_Kth_decode_step(K):
+    """is_update_step, as the benchmark asks it of each step: the prefill (step 0) is none, then every K-th."""
+    m = model("gqa")
+    ids, pixel_values = prompt("gqa")
+    cache = recording(AVLCache)(K=K)
+    asked = []                                  # is_update_step() at each layer of each forward pass
+
+    def rows_to_attend(layer, select=cache.rows_to_attend):
+        asked.append(cache.is_update_step())
+        return select(layer)
+
+    cache.rows_to_attend = rows_to_attend
+    run_steps(m, ids, pixel_values, cache, 7)
+    n_layers = m.config.text.num_hidden_layers
+    assert asked == [step > 0 and step % K == 0 for step in range(8) for _ in range(n_layers)]
 
 
 # mha4 has 25 image tokens: R = 0.8 keeps 5, where binary floats make (1 - 0.8) x 25 = 4.999999999999999.
@@ -565,7 +586,7 @@ def test_random_draws_are_seeded_fresh_per_sequence_and_uniform():
         sets = []
         for _ in range(n):
             cache.begin(1, 2, n_img)
-            sets.append(tuple(int(r) - 2 for r in cache.kept_image))   # image indices, rows minus n_sys
+            sets.append(tuple(int(i) for i in cache.kept_image))       # image indices
         return sets
 
     first = draws(4, 50)

@@ -144,7 +144,6 @@ def test_kernel_stays_available_on_a_gpu_without_the_private_interpreter_import(
     triton = pytest.importorskip("triton")
     monkeypatch.setitem(sys.modules, "triton.runtime.interpreter", None)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     module = fresh_kernel_module("sparse_attention_without_private_import")
 
     assert module.TRITON_AVAILABLE
@@ -169,6 +168,9 @@ KERNEL_CASES = {
     "N=130 dense 3 splits": (1, 4, 1, 64, 130, 0, 0, False, 3, None, torch.float32),
     "N=130 sorted 2 splits": (2, 2, 2, 128, 130, 100, 40, True, 2, None, torch.bfloat16),
     "N=130 unsorted, splits clamped": (2, 4, 2, 64, 130, 70, 50, False, 8, 0.5, torch.float16),
+    # An index list of several blocks read by one program; a GQA group of 24 heads (not a power of two).
+    "N=200 index of 150 rows, 1 split": (1, 2, 1, 64, 200, 180, 150, False, 1, None, torch.float32),
+    "N=70 GQA24 2 splits": (1, 48, 2, 32, 70, 40, 20, False, 2, None, torch.float32),
 }
 
 

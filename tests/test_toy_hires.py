@@ -499,7 +499,9 @@ def test_the_plot_puts_each_point_where_its_cost_and_accuracy_say(tmp_path, with
                                            (["--weights", "nowhere"], "no model folder"),
                                            (["--weights", str(TOY)], "has no hires_config"),
                                            (["--in-sequence", str(TOY)], "keeps its image at low resolution")])
-def test_evaluate_hires_bad_input_is_one_line(argv, message, capsys):
+def test_evaluate_hires_bad_input_is_one_line(argv, message, capsys, monkeypatch):
+    # A refusal comes before any question: without it the run would evaluate for minutes, then fail here.
+    monkeypatch.setattr(evaluate_hires, "compare", lambda *args, **kwargs: pytest.fail("evaluated bad input"))
     assert evaluate_hires_main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1

@@ -140,11 +140,11 @@ def decode_attention(q, k, v, spans):
     # round at every one. Query head h reads KV head h // G: a GQA group's probabilities multiply its KV
     # head's values.
     out = torch.zeros(B, Hkv, H // Hkv, hs, device=q.device)                    # (B, Hkv, G, hs) fp32
-    for span_logits, (start, end) in zip(logits, reads):
-        probs = (span_logits - lse[..., None]).exp().reshape(B, Hkv, H // Hkv, -1)   # (B, Hkv, G, rows read)
+    for read_logits, (start, end) in zip(logits, reads):
+        probs = (read_logits - lse[..., None]).exp().reshape(B, Hkv, H // Hkv, -1)   # (B, Hkv, G, rows read)
         out += (probs.to(v.dtype) @ v[:, :, start:end]).float()
     # LastRow's logits cover the spans' rows, not those read past.
-    held_logits = [(start, span_logits[..., :end - start]) for (start, end), span_logits in zip(spans, logits)]
+    held_logits = [(start, read_logits[..., :end - start]) for (start, end), read_logits in zip(spans, logits)]
     return out.to(v.dtype).reshape(B, H, 1, hs), LastRow(lse, held_logits)
 
 
@@ -192,12 +192,12 @@ def causal_column_sums(q, k, first_row: int = 0, chunk: int = 64):
     size = min(chunk, t)  # rows of the largest chunk
     future = torch.ones(size, size, dtype=torch.bool, device=q.device).triu(1)         # a row's later keys
     for start in range(0, t, chunk):
-        rows = q[:, :, start:start + chunk].reshape(B, Hkv, H // Hkv, -1, hs)       # (B, Hkv, G, c, hs)
-        c = rows.shape[3]
+        q_chunk = q[:, :, start:start + chunk].reshape(B, Hkv, H // Hkv, -1, hs)    # (B, Hkv, G, c, hs)
+        c = q_chunk.shape[3]
         # Causal: the chunk's rows see keys [0, end) only, so the keys after are never multiplied, and
         # only the chunk's own (c, c) diagonal block holds keys in some row's future.
         end = first_row + start + c
-        logits = (rows @ k[:, :, None, :end].transpose(-1, -2)).float().mul_(hs ** -0.5)  # (B, Hkv, G, c, end)
+        logits = (q_chunk @ k[:, :, None, :end].transpose(-1, -2)).float().mul_(hs ** -0.5)  # (B, Hkv, G, c, end)
         logits[..., end - c:].masked_fill_(future[:c, :c], float("-inf"))
         sums[..., :end] += logits.softmax(-1).sum(dim=(2, 3))
     return sums
@@ -458,10 +458,10 @@ class KVCache:
             return attention(q, self.k[layer], self.v[layer], causal=True), None
         # A decode step's one query sees every selected row, read where it lies: each run of consecutive
         # rows is one slice of the buffers (whose room past the held rows it may read, `read_end`), so
-        # nothing is gathered. Every policy decodes through the same decode_attention (A-VL on CUDA
-        # through the Triton kernel), so policies differ in the rows they read, not in the code that
-        # reads them. It is here for the logits it hands over, not for speed: SDPA, which returns no
-        # logits, was as fast in fp32 and faster in bf16 (README, benchmark notes).
+        # nothing is gathered. On the torch path every policy decodes through this one decode_attention,
+        # so policies differ only in the rows they read (A-VL on CUDA reads its rows with the Triton
+        # kernel: `AVLCache.compute`). It is here for the logits it hands over, not for speed: SDPA, which
+        # returns no logits, was as fast in fp32 and faster in bf16 (README, benchmark notes).
         spans = [(0, self.k[layer].shape[2])] if rows is None else contiguous_runs(rows)
         return decode_attention(q, self.k_buffer[layer], self.v_buffer[layer], spans)
 
@@ -476,9 +476,10 @@ class KVCache:
         return False
 
     def hidden_rows_to_keep(self, layer: int):
-        """Hidden rows (prefill only) that layers after `layer` run on; None = all of them. A policy
-        that drops tokens (FastV, A-VL's filter) sets `pending_hidden_rows` in its update; the model takes
-        it once."""
+        """Hidden rows (prefill only) that the layers after `layer` run on; None = all of them. The model asks
+        after every layer; a policy that drops tokens (FastV, A-VL's filter) sets `pending_hidden_rows` in the
+        update of the layer that decides (`decides_filter`), and this hands them over once. `layer` is for
+        subclasses that decide here instead."""
         rows, self.pending_hidden_rows = self.pending_hidden_rows, None
         return rows
 
@@ -503,6 +504,16 @@ class KVCache:
             # index_select copies the rows out first, so `rows` may overlap the rows they replace.
             buffer[layer][:, :, start:end] = held[layer].index_select(2, rows)
         self.hold(layer, end)
+
+    def keep_image_rows(self, layer: int, image_rows):
+        """Evict image tokens at the prefill: of the layer's image block (the image tokens that reached this
+        layer: N_img, or fewer after a prefill filter), keep only `image_rows` (n_keep,), indices into the
+        block shared by every head, laid out in the order given; sys rows stay, and the text rows move down
+        after the kept image rows."""
+        k = self.k[layer]
+        first_text_row = self.n_sys + self.modality_rows(layer)["image"]
+        text_rows = torch.arange(first_text_row, k.shape[2], device=k.device)                # (n_text,)
+        self.keep_shared_rows(layer, torch.cat([self.n_sys + image_rows.to(k.device), text_rows]), start=self.n_sys)
 
     def compact(self, layer: int, keep, start: int = 0, scores=None):
         """Evict per head: of the rows from `start` on, drop those where keep is False, moving only the
@@ -567,10 +578,10 @@ class KVCache:
         pos = self.pos[layer]
         if pos is None:
             return dict.fromkeys(MODALITIES, 0)
-        image_start, text_start = self.n_sys, self.n_sys + self.n_img
-        return {"sys": int((pos < image_start).sum()),
-                "image": int(((pos >= image_start) & (pos < text_start)).sum()),
-                "text": int((pos >= text_start).sum())}
+        first_image_pos, first_text_pos = self.n_sys, self.n_sys + self.n_img      # logical positions, not rows
+        return {"sys": int((pos < first_image_pos).sum()),
+                "image": int(((pos >= first_image_pos) & (pos < first_text_pos)).sum()),
+                "text": int((pos >= first_text_pos).sum())}
 
     def modality_rows(self, layer: int) -> dict:
         """Rows one layer holds per head for sys, image and text (the mean over samples and KV heads when
@@ -597,11 +608,12 @@ def swaps_every_head_at_once(buffer) -> bool:
     """How `KVCache.swap_rows` moves a K or V buffer's rows: in one copy for every head (True, on a GPU), or
     one (sample, head) plane (capacity, hs) at a time (on a CPU).
 
-    On a GPU a copy per plane is two kernel launches per (sample, head), 128 per layer for LLaVA-7B, which
-    cost more than the rows they move. On a CPU a row of a plane is contiguous, so selecting and copying rows
-    along its first dim are row copies (memcpy): in the benchmark's fp32 A-VL run at 2928 image tokens (2
-    cores, 2026-12-05) an update step's swaps took 17.5-18.7 ms plane by plane, 20.4 ms as one copy of every
-    head's rows seen as one list, and 22.6-24.8 ms along dim 2 of the 4-d buffer."""
+    On a GPU a copy per plane is two kernel launches (a select and a copy) per (sample, head) for K and two
+    for V, 128 per layer for LLaVA-7B's 32 heads, which cost more than the rows they move. On a CPU a row of
+    a plane is contiguous, so selecting and copying rows along its first dim are row copies (memcpy): in the
+    benchmark's fp32 A-VL run at 2928 image tokens (2 cores, 2026-12-05) an update step's swaps took
+    17.5-18.7 ms plane by plane, 20.4 ms as one copy of every head's rows seen as one list, and 22.6-24.8 ms
+    along dim 2 of the 4-d buffer."""
     return buffer.is_cuda
 
 
@@ -693,43 +705,47 @@ class AVLCache(KVCache):
         super().begin(n_layers, n_sys, n_img, decode_steps)
         self.n_secondary = share(self.S, n_img)
         self.n_core = share(self.C, n_img)
+        self.core_end = self.n_sys + self.n_core         # every layer's first row past the core after prefill
         self.text_start = self.n_sys + self.n_secondary  # every layer's first text row after prefill
         self.text_scores = [None] * n_layers  # per layer (B, Hkv, text rows): accumulated attention received
         self.laid_out = [False] * n_layers    # per layer: the prefill has laid its image block out core first
 
     def is_update_step(self) -> bool:
-        """Decode steps that attend to every secondary token and re-rank the core (K = 1: all steps)."""
-        return self.step % self.K == 0
+        """Whether this decode step attends to every secondary token and re-ranks the core: every K-th (K = 1:
+        all of them; the prefill is none)."""
+        return self.step > 0 and self.step % self.K == 0
 
     @property
     def core(self) -> list:
         """Per layer, the core's row indices: the layout puts the core first in the image block, so they
         are rows n_sys .. n_sys + n_core - 1 of every layer the prefill has laid out (None before)."""
-        return [torch.arange(self.n_sys, self.n_sys + self.n_core, device=k.device) if done else None
+        return [torch.arange(self.n_sys, self.core_end, device=k.device) if done else None
                 for done, k in zip(self.laid_out, self.k)]
 
     def rows_to_attend(self, layer):
         if self.step == 0 or self.is_update_step():
             return None
         device = self.k[layer].device
-        return torch.cat([torch.arange(self.n_sys + self.n_core, device=device),       # sys, then the core
+        return torch.cat([torch.arange(self.core_end, device=device),                  # sys, then the core
                           torch.arange(self.text_start, self.k[layer].shape[2], device=device)])
 
     def compute(self, layer, q, rows):
-        """Decode steps also hand `decode_update` the attended row's `LastRow`: the probabilities it
-        scores (the text for H2O, the image block on update steps) come from its logits and lse. On the
-        torch path (`KVCache.compute`) a normal step's rows, [sys | core] and [text], are two slices of the
-        buffers, read in place (one where they meet, as when the core is every stored image row)."""
+        """Decode steps also hand `decode_update` the attended row's `LastRow`, from which it scores this
+        step's attention (the text for H2O, the image block on update steps). On the torch path
+        (`KVCache.compute`) a normal step's rows, [sys | core] and [text], are two slices of the buffers,
+        read in place (one where they meet, as when the core is every stored image row), and the `LastRow`
+        carries their logits. The Triton kernel hands over the log-sum-exp alone: `LastRow.probs` then
+        multiplies the query by the rows it is asked for a second time."""
         if self.step == 0 or not self.use_kernel(q):
             return super().compute(layer, q, rows)
         # The Triton kernel reads sys + core rows through an index list and the text rows as a contiguous
         # tail from tail_start on, in place (an update step attends to everything, as one tail).
         from kernels.sparse_attention import sparse_decode_attention
-        if rows is None:
-            index, tail_start = torch.zeros(0, dtype=torch.long, device=q.device), 0
-        else:
-            index, tail_start = rows[:self.n_sys + self.n_core], self.text_start
-        # q (B, H, hs); one index list (1, n_idx) for the batch: A-VL ranks one prompt (image_attention).
+        if rows is None:                                                     # an update step: no index list
+            index, tail_start = torch.zeros(0, dtype=torch.long, device=q.device), 0           # (0,)
+        else:  # rows_to_attend lists [sys | core] first, then the text
+            index, tail_start = rows[:self.core_end], self.text_start                        # (n_sys + n_core,)
+        # q[:, :, 0] (B, H, hs); one index list (1, n_idx) for the batch: A-VL ranks one prompt (image_attention).
         out, lse = sparse_decode_attention(q[:, :, 0], self.k[layer], self.v[layer], index[None], tail_start,
                                            return_lse=True, check_index=False)
         return out[:, :, None], LastRow(lse)                            # (B, H, 1, hs); lse (B, H), no logits
@@ -768,14 +784,15 @@ class AVLCache(KVCache):
         # later layers see.
         if self.P < 1 and decides_filter(layer, self.filter_layer, self.n_layers):
             self.pending_hidden_rows = image_filter(image_scores, self.n_sys, k.shape[2], share(self.P, self.n_img))
-        secondary = top_rows(image_scores, self.n_secondary)                           # image indices
-        core_first = secondary[core_first_order(image_scores[secondary], self.n_core)]  # the core, then the rest
+        secondary = top_rows(image_scores, self.n_secondary)                        # (n_secondary,) image indices
+        core_first = secondary[core_first_order(image_scores[secondary], self.n_core)]  # the same, core first
         # Text: H2O scores from the text queries of the prompt, on the text columns (before any eviction).
-        self.text_scores[layer] = causal_column_sums(q[:, :, prompt_text_start:], k,
-                                                     first_row=prompt_text_start)[..., prompt_text_start:]
+        # Each query row's softmax runs over all its keys, sys and image too, so the sums cover every key and
+        # only then keep the text columns.
+        sums = causal_column_sums(q[:, :, prompt_text_start:], k, first_row=prompt_text_start)   # (B, Hkv, n)
+        self.text_scores[layer] = sums[..., prompt_text_start:]                      # (B, Hkv, prompt text rows)
         # Evict the minor image tokens (rows shared by every head), then the text tokens over budget.
-        text_rows = torch.arange(prompt_text_start, k.shape[2], device=k.device)
-        self.keep_shared_rows(layer, torch.cat([self.n_sys + core_first, text_rows]), start=self.n_sys)
+        self.keep_image_rows(layer, core_first)
         self.laid_out[layer] = True
         self.evict_text(layer)
 
@@ -802,6 +819,8 @@ class AVLCache(KVCache):
         Returns how many rows entered the core."""
         in_core = torch.zeros_like(image_probs, dtype=torch.bool)                      # (n_secondary,)
         in_core[top_rows(image_probs, self.n_core)] = True
+        # n_core rows are True in all, so the core slots left False are as many as the True rows after the
+        # core: the two lists pair up one to one.
         leaving = (~in_core[:self.n_core]).nonzero().flatten()               # core slots whose row drops out
         entering = self.n_core + in_core[self.n_core:].nonzero().flatten()   # the rows that take them
         if len(entering):
@@ -810,11 +829,13 @@ class AVLCache(KVCache):
 
     def evict_text(self, layer: int):
         """H2O on the text region, per KV head: once the text rows exceed the budget
-        max(round(T n_text), 20) (n_text counts evicted text too), keep the r latest text tokens and the
-        h best scored older ones, h = floor(0.7 budget), r = budget - h. sys and image rows are untouched."""
+        max(round(T n_text), 20) (n_text counts evicted text too; T taken as a decimal, as `share` takes a
+        fraction, and a half rounded to even, as Python's round does), keep the r latest text tokens and
+        the h best scored older ones, h = floor(0.7 budget), r = budget - h. sys and image rows are
+        untouched."""
         scores = self.text_scores[layer]                                               # (B, Hkv, text rows)
         n_text = self.logical_length - self.n_sys - self.n_img
-        budget = max(round(self.T * n_text), self.TEXT_MIN_BUDGET)
+        budget = max(round(as_decimal(self.T) * n_text), self.TEXT_MIN_BUDGET)
         if scores.shape[-1] <= budget:
             return
         heavy, text_start = share(self.HEAVY_SHARE, budget), self.text_start
@@ -922,13 +943,11 @@ class RandomCache(KVCache):
     def begin(self, n_layers, n_sys, n_img, decode_steps=0):
         super().begin(n_layers, n_sys, n_img, decode_steps)
         drawn = torch.randperm(n_img, generator=self.generator)[:share(self.S, n_img)]  # image indices
-        self.kept_image = n_sys + drawn.sort().values        # rows of the kept image tokens, ascending
+        self.kept_image = drawn.sort().values                # the kept image tokens (indices), ascending
 
     def update(self, layer, q, last_row):
         if self.step == 0:  # prefill: the layer's rows are [sys | image | text], in order
-            n, device = self.k[layer].shape[2], self.k[layer].device
-            text_rows = torch.arange(self.n_sys + self.n_img, n, device=device)
-            self.keep_shared_rows(layer, torch.cat([self.kept_image.to(device), text_rows]), start=self.n_sys)
+            self.keep_image_rows(layer, self.kept_image)
 
 
 # ---------------------------------------------------------------------------------------------------
