@@ -37,8 +37,8 @@ def test_blend_zero_is_the_plain_model_and_only_the_last_row_changes():
     ids, pixels, hires_pixels = inputs()
     with torch.no_grad():
         plain = model(ids, pixels)
-        off = model(ids, pixels, hires=model.hires_view(ids, hires_pixels, alpha=0.0))
-        on = model(ids, pixels, hires=model.hires_view(ids, hires_pixels))
+        off = model(ids, pixels, hires_view=model.hires_view(ids, hires_pixels, alpha=0.0))
+        on = model(ids, pixels, hires_view=model.hires_view(ids, hires_pixels))
     assert torch.equal(off, plain)
     assert torch.equal(on[:, :-1], plain[:, :-1])             # rows other than the current token see no high-res key
     assert (on[:, -1] - plain[:, -1]).abs().max() > 1e-3
@@ -91,10 +91,10 @@ def test_cached_generation_equals_the_forward_over_the_whole_sequence():
     cache = make_cache("full")
     cache.begin(3, 3, 16, decode_steps=4)
     with torch.no_grad():
-        logits = model(ids, pixels, cache=cache, hires=model.hires_view(ids, hires_pixels))[:, -1]
+        logits = model(ids, pixels, cache=cache, hires_view=model.hires_view(ids, hires_pixels))[:, -1]
         sequence = ids
         for step in range(4):
-            whole = model(sequence, pixels, hires=model.hires_view(sequence, hires_pixels, first_row=ids.shape[1] - 1))[:, -1]
+            whole = model(sequence, pixels, hires_view=model.hires_view(sequence, hires_pixels, first_row=ids.shape[1] - 1))[:, -1]
             torch.testing.assert_close(logits, whole, atol=1e-5, rtol=0)
             token = logits.argmax(-1, keepdim=True)                                          # (1, 1)
             sequence = torch.cat([sequence, token], 1)
@@ -130,7 +130,7 @@ def cached_logits(model, policy, params, steps=4):
     cache = make_cache(policy, **params)
     cache.begin(3, 3, 16, decode_steps=steps)
     with torch.no_grad():
-        logits = [model(ids, pixels, cache=cache, hires=model.hires_view(ids, hires_pixels))[0, -1]]
+        logits = [model(ids, pixels, cache=cache, hires_view=model.hires_view(ids, hires_pixels))[0, -1]]
         for _ in range(steps):
             logits.append(model(logits[-1].argmax().view(1, 1), cache=cache)[0, -1])
     return torch.stack(logits), cache
@@ -146,7 +146,7 @@ def test_a_policy_at_full_budget_reads_the_blocks_as_the_dense_cache_does(K):
     dense, dense_cache = cached_logits(model, "full", {})
     avl, avl_cache = cached_logits(model, "avl", {**AVLCache.FULL_BUDGET, "K": K})
     torch.testing.assert_close(avl, dense, atol=1e-5, rtol=0)
-    assert torch.equal(avl_cache.hires.chosen, dense_cache.hires.chosen)
+    assert torch.equal(avl_cache.hires_view.chosen, dense_cache.hires_view.chosen)
 
 
 def test_a_policy_that_evicts_at_the_prefill_reads_the_blocks_the_prefill_attended():
@@ -157,7 +157,7 @@ def test_a_policy_that_evicts_at_the_prefill_reads_the_blocks_the_prefill_attend
     dense, dense_cache = cached_logits(model, "full", {}, steps=0)
     avl, avl_cache = cached_logits(model, "avl", dict(S=0.5, C=0.25, P=1.0), steps=0)
     torch.testing.assert_close(avl, dense, atol=1e-5, rtol=0)
-    assert torch.equal(avl_cache.hires.chosen, dense_cache.hires.chosen)
+    assert torch.equal(avl_cache.hires_view.chosen, dense_cache.hires_view.chosen)
 
 
 def test_under_avl_a_decode_step_chooses_among_the_image_tokens_it_computed():
@@ -168,7 +168,7 @@ def test_under_avl_a_decode_step_chooses_among_the_image_tokens_it_computed():
     last = 2                                                                     # the layer that chose last
     core = (cache.pos[last][0, 0, cache.core[last]] - 3).tolist()               # image tokens 0..15 (3 sys first)
     side = 4 * 2                                                                 # the 8 x 8 high-resolution map
-    chosen = cache.hires.chosen[0, 0].view(side, side)[::2, ::2].flatten()      # one token of each block
+    chosen = cache.hires_view.chosen[0, 0].view(side, side)[::2, ::2].flatten()      # one token of each block
     assert chosen.any() and set(chosen.nonzero().flatten().tolist()) <= set(core)
     assert len(core) == 4 and cache.attended[last] < 3 + 16                      # it did skip image tokens
 
@@ -192,7 +192,7 @@ def test_under_h2o_each_head_places_its_attention_by_its_own_rows(seed, heavy, r
 
     cache.attend = recording_attend
     with torch.no_grad():
-        logits = model(ids, pixels, cache=cache, hires=model.hires_view(ids, hires_pixels))[0, -1]
+        logits = model(ids, pixels, cache=cache, hires_view=model.hires_view(ids, hires_pixels))[0, -1]
         model(logits.argmax().view(1, 1), cache=cache)
     last = model.config.text.num_hidden_layers - 1                 # the choice left is the last layer's
     q, (keys, positions) = queries[last].double(), cache.hires_keys  # (1, 4, 1, 8), (1, 2, n, 8), (1, 2, n)
@@ -204,7 +204,7 @@ def test_under_h2o_each_head_places_its_attention_by_its_own_rows(seed, heavy, r
             if 3 <= position < 3 + 16:                             # 3 sys tokens, then the 16 image tokens
                 grid[position - 3] += p
     blocks = hires.threshold_blocks(hires.block_scores(grid[None].float(), (4, 4), 4), 48)
-    assert torch.equal(cache.hires.chosen[0, -1], hires.block_tokens(blocks, 8)[0])
+    assert torch.equal(cache.hires_view.chosen[0, -1], hires.block_tokens(blocks, 8)[0])
 
 
 @pytest.mark.parametrize("field, value", [("first_layer", 3), ("blocks", 3)])
@@ -257,15 +257,15 @@ def test_a_hires_folder_saves_loads_and_generates(tmp_path):
     torch.testing.assert_close(inputs["hires_pixel_values"][0], expected, atol=0, rtol=0)
     with torch.no_grad():
         ids, pixels, hires_pixels = inputs["input_ids"], inputs["pixel_values"], inputs["hires_pixel_values"]
-        torch.testing.assert_close(loaded(ids, pixels, hires=loaded.hires_view(ids, hires_pixels)),
-                                   model(ids, pixels, hires=model.hires_view(ids, hires_pixels)), atol=0, rtol=0)
+        torch.testing.assert_close(loaded(ids, pixels, hires_view=loaded.hires_view(ids, hires_pixels)),
+                                   model(ids, pixels, hires_view=model.hires_view(ids, hires_pixels)), atol=0, rtol=0)
     # generate (the dense cache) gives the tokens of a cache-free loop served from the prompt's last row
     tokens, _ = tinyavl.generate(loaded, **inputs, max_new_tokens=6, eos_token_id=())
     sequence, prompt = inputs["input_ids"], inputs["input_ids"].shape[1]
     with torch.no_grad():
         for token in tokens:
             logits = loaded(sequence, inputs["pixel_values"],
-                            hires=loaded.hires_view(sequence, inputs["hires_pixel_values"], first_row=prompt - 1))[0, -1]
+                            hires_view=loaded.hires_view(sequence, inputs["hires_pixel_values"], first_row=prompt - 1))[0, -1]
             assert int(logits.argmax()) == token
             sequence = torch.cat([sequence, torch.tensor([[token]])], 1)
 
@@ -326,7 +326,7 @@ def test_each_layer_from_first_layer_on_merges_through_its_own_input_norm(first_
 
     monkeypatch.setattr(HiresView, "merge", recorded_merge)
     with torch.no_grad():
-        model(ids, pixels, hires=model.hires_view(ids, hires_pixels))
+        model(ids, pixels, hires_view=model.hires_view(ids, hires_pixels))
     assert merges == [(layer, True) for layer in range(first_layer, len(layers))]
 
 

@@ -15,7 +15,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import tinyavl
+from tinyavl.cli import TOY_WEIGHTS
 from tinyavl.errors import UserError
+from tinyavl.loading import read_config
 from tiny_checkpoints import (LAYOUTS, VARIANTS, published_state_dict, sparse_config,
                               tokenizer_info, write_checkpoint)
 
@@ -369,3 +371,9 @@ def test_buffers_older_transformers_saved_are_ignored(tiny_ckpt, good_folder):
     reference, _ = tinyavl.load_pretrained(tiny_ckpt.folder("mha"), device="cpu")
     ours, theirs = model.state_dict(), reference.state_dict()
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in ours)
+
+
+def test_read_config_takes_a_folder_as_a_path_or_a_string():
+    """The module's usage line, read_config(folder), with the folder as a command line or a caller gives it."""
+    model, _ = tinyavl.load_pretrained(TOY_WEIGHTS)
+    assert read_config(str(TOY_WEIGHTS)) == read_config(TOY_WEIGHTS) == model.config

@@ -360,7 +360,7 @@ class KVCache:
         self.step = 0                 # forward passes so far: 0 during prefill, t during decode step t
         self.attended = [0] * n_layers  # rows the newest query computed with, per layer
         self.pending_hidden_rows = None  # a policy's decision to drop hidden rows, handed to the model once
-        self.hires = None             # FlexAttention's view of the image (model.HiresView), set at the prefill
+        self.hires_view = None        # FlexAttention's view of the image (model.HiresView), set at the prefill
         self.hires_keys = None        # with it: the keys the newest query attended and their positions
 
     # -- the four steps -----------------------------------------------------------------------------
@@ -384,7 +384,7 @@ class KVCache:
         rows = self.rows_to_attend(layer)
         out, last_row = self.compute(layer, q, rows)
         self.attended[layer] = self.k[layer].shape[2] if rows is None else len(rows)
-        if self.hires is not None:
+        if self.hires_view is not None:
             self.hires_keys = self.attended_keys(layer, rows)
         self.update(layer, q, last_row)
         return out

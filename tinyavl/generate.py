@@ -1,4 +1,5 @@
-"""Generation: one prefill over the prompt, then one decode step per new token, through a KV cache.
+"""Generation: one prefill over the prompt, which gives the first token, then one decode step per further
+token, through a KV cache.
 
 The cache object is the policy (tinyavl/cache.py): `full` keeps everything; the others keep or compute
 less. This loop is the same for all of them, and it measures what they hold and compute.
@@ -184,10 +185,10 @@ def generate(model, input_ids, pixel_values=None, *, image_sizes=None, hires_pix
     keys_first(device.type, model.language_model.lm_head.weight.dtype)
     start = time.perf_counter()
     # FlexAttention: the view of the image at high resolution, served from the prompt's last row on.
-    hires = (None if hires_pixel_values is None
-             else model.hires_view(input_ids.to(device), on_device(hires_pixel_values), top=hires_top))
+    hires_view = (None if hires_pixel_values is None
+                  else model.hires_view(input_ids.to(device), on_device(hires_pixel_values), top=hires_top))
     logits = model(input_ids.to(device), on_device(pixel_values), cache=cache, last_only=True,
-                   image_sizes=image_sizes, hires=hires)  # (1, 1, vocab)
+                   image_sizes=image_sizes, hires_view=hires_view)  # (1, 1, vocab)
     token = next_token(logits, temperature, top_p, generator, step=0)
     prefill_seconds = time.perf_counter() - start
     prefill_attended = list(cache.attended)
@@ -228,6 +229,6 @@ def generate(model, input_ids, pixel_values=None, *, image_sizes=None, hires_pix
         attended_tokens_per_step=sum(map(sum, attended)) / steps if steps else None,
         attended_tokens_per_step_dense=sum(attended_dense) / steps if steps else None,
         attended_per_layer=attended, prefill_attended_per_layer=prefill_attended,
-        hires_tokens_read=0 if hires is None else hires.tokens_read, decode_step_seconds=step_seconds,
+        hires_tokens_read=0 if hires_view is None else hires_view.tokens_read, decode_step_seconds=step_seconds,
     )
     return tokens, stats

@@ -25,15 +25,14 @@ from safetensors import SafetensorError, safe_open
 
 from tinyavl.errors import UserError
 from tinyavl.files import check_readable, read_json_object
-from tinyavl.model import (LLAVA_DEFAULT_VISION, HiresConfig, LlavaConfig, LlavaForConditionalGeneration, TextConfig,
-                           VisionConfig)
+from tinyavl.model import HiresConfig, LlavaConfig, LlavaForConditionalGeneration, TextConfig, VisionConfig
 
 # ---------------------------------------------------------------------------------------------------
 # config.json
 # ---------------------------------------------------------------------------------------------------
 
 # TextConfig's defaults are LlamaConfig's. MistralConfig's differ in these (transformers'
-# configuration_mistral.py); its sliding_window defaults to 4096, handled in parse_config.
+# configuration_mistral.py); its sliding_window defaults to 4096, refused in supported_types.
 TEXT_MODEL_DEFAULTS = {
     "llama": {},
     "mistral": dict(intermediate_size=14336, num_key_value_heads=8, max_position_embeddings=4096 * 32),
@@ -52,8 +51,7 @@ def parse_config(raw: dict) -> LlavaConfig:
     text_raw = {**TEXT_MODEL_DEFAULTS[text_type], **text_raw}
     config = LlavaConfig(
         text=_dataclass_from(TextConfig, text_raw),
-        vision=_dataclass_from(VisionConfig, vision_raw) if vision_raw is not None
-        else VisionConfig(**LLAVA_DEFAULT_VISION),
+        **({} if vision_raw is None else {"vision": _dataclass_from(VisionConfig, vision_raw)}),  # else LlavaConfig's
         **{key: raw[key] for key in ("projector_hidden_act", "multimodal_projector_bias",
                                      "vision_feature_layer", "vision_feature_select_strategy")
            if key in raw},
@@ -145,7 +143,8 @@ def _dataclass_from(cls, raw: dict):
     return cls(**{key: value for key, value in raw.items() if key in known})
 
 
-def read_config(folder: Path) -> LlavaConfig:
+def read_config(folder: Path | str) -> LlavaConfig:
+    folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise UserError(f"weights {str(folder)!r} is a file: give the llava-hf model folder that holds it")
     if not folder.is_dir():
@@ -245,8 +244,9 @@ def open_safetensors(path: Path):
         raise UserError(f"{path} is not a readable safetensors file ({err})") from None
 
 
-def first_few(items: list[str], shown: int = 3) -> str:
+def first_few(items: list[str]) -> str:
     """The count and the first few items: a config for another model size mismatches every key."""
+    shown = 3
     more = f" ... and {len(items) - shown} more" if len(items) > shown else ""
     return f"({len(items)}): {', '.join(items[:shown])}{more}"
 

@@ -39,7 +39,9 @@ from tinyavl.timing import best_seconds
 
 # ---------------------------------------------------------------------------------------------------
 # Configs. A published config.json is sparse: what it leaves out takes the transformers class default,
-# so each dataclass default below is that class default (not the LLaVA-1.5-7B value).
+# so the defaults of TextConfig, VisionConfig and LlavaConfig below are those classes' (not the
+# LLaVA-1.5-7B values, but for LlavaConfig's vision tower, CLIP ViT-L/14-336 in transformers too);
+# HiresConfig's are its paper's settings.
 # ---------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -155,7 +157,8 @@ class HiresConfig:
     on, the current token also attends to the high-resolution tokens in the blocks that the layer before
     selects for it (threshold, blocks a side). Not in any llava-hf config: a "hires_config" object."""
     scale: int = 3            # 1008 px for LLaVA-1.5's 336: a 72 x 72 map
-    first_layer: int = 9      # its paper's LLaVA-1.5-7B setting; layer first_layer - 1 makes the first selection
+    first_layer: int = 9      # its paper's LLaVA-1.5-7B setting, a 0-based layer_idx; layer first_layer - 1
+                              # makes the first selection
     threshold: float = hires.THRESHOLD  # of 255
     blocks: int = hires.BLOCKS          # blocks a side
 
@@ -187,13 +190,14 @@ class LlavaConfig:
 
     @property
     def is_next(self) -> bool:
+        """LLaVA-1.6 (LLaVA-NeXT, model_type llava_next): an image is tiled on one of the canvases."""
         return self.image_grid_pinpoints is not None
 
     @property
     def feature_layers(self) -> list[int]:
         """The vision hidden-state indices the projector reads, from 0 (0 = the pre_layrnorm output, k =
-        layer k's output); a negative vision_feature_layer counts from the last, as in transformers, and one
-        out of range is refused rather than wrapped around."""
+        the output of the k-th layer, encoder.layers[k - 1]); a negative vision_feature_layer counts from the
+        last, as in transformers, and one out of range is refused rather than wrapped around."""
         layers = self.vision_feature_layer
         layers = layers if isinstance(layers, list) and layers else [layers]  # an empty list is refused below
         n_states = self.vision.num_hidden_layers + 1  # the pre_layrnorm output and one per layer
@@ -424,7 +428,7 @@ class CLIPVisionTransformer(nn.Module):
         self.encoder = CLIPEncoder(config, n_layers)
 
     def forward(self, pixel_values) -> list[torch.Tensor]:
-        """Every hidden state: [pre_layrnorm output, after layer 1, ..., after the last built layer]."""
+        """Every hidden state: [pre_layrnorm output, after layers[0], ..., after the last built layer]."""
         x = self.pre_layrnorm(self.embeddings(pixel_values))  # (B, 1 + P, C)
         states = [x]
         for layer in self.encoder.layers:
@@ -580,10 +584,10 @@ class LlamaModel(nn.Module):
             # Token dropping inside the decoder (FastV, A-VL's prefill filter): the policy may ask later
             # layers to run on fewer rows. Kept rows keep their original positions.
             keep = cache.hidden_rows_to_keep(layer.self_attn.layer_idx) if cache is not None else None
-            if keep is not None:
+            if keep is not None:  # (T',) ascending row indices, one list for the whole batch
                 x, positions, cos, sin = x[:, keep], positions[keep], cos[keep], sin[keep]
         if cache is not None:
-            cache.advance(T)
+            cache.advance(T)  # T, not the rows kept: logical positions count the tokens fed
         return self.norm(x)
 
 
@@ -721,8 +725,8 @@ class LlavaForConditionalGeneration(nn.Module):
     def __init__(self, config: LlavaConfig):
         super().__init__()
         self.config = config
-        # Hidden state k is layer k's output (0: the pre_layrnorm output), so the deepest feature layer is how many
-        # layers to build: with the usual -2 the last CLIP layer never runs, so it is not even built.
+        # Hidden state k is the k-th layer's output (0: the pre_layrnorm output), so the deepest feature layer is
+        # how many layers to build: with the usual -2 the last CLIP layer never runs, so it is not even built.
         self.vision_tower = CLIPVisionModel(config.vision, n_layers=max(config.feature_layers))
         self.multi_modal_projector = LlavaMultiModalProjector(config)
         self.language_model = LlamaForCausalLM(config.text, None if config.hires is None else config.hires.first_layer)
@@ -760,23 +764,25 @@ class LlavaForConditionalGeneration(nn.Module):
                              "as its processor returns them")
         tile = self.config.vision.image_size
         sizes = image_sizes.tolist()                                           # [(h, w)] per image
-        grids = [anyres.tile_grid(hw, self.config.image_grid_pinpoints, tile) for hw in sizes]
-        n_crops = [1 + rows * columns for rows, columns in grids]
+        # each image's canvas as (rows, columns) of tiles
+        tile_grids = [anyres.tile_grid(hw, self.config.image_grid_pinpoints, tile) for hw in sizes]
+        n_crops = [1 + rows * columns for rows, columns in tile_grids]
         crops = torch.cat([image_crops[:n] for image_crops, n in zip(pixel_values, n_crops)])  # (sum n_crops, 3, S, S)
         per_image = self.crop_features(crops).split(n_crops)                  # each (n_crops, P, C)
-        return [self.tile_map(features, grid, hw) for features, grid, hw in zip(per_image, grids, sizes)]
+        return [self.tile_map(features, tile_grid, hw) for features, tile_grid, hw in zip(per_image, tile_grids, sizes)]
 
-    def tile_map(self, features, grid: tuple[int, int], image_hw) -> torch.Tensor:
+    def tile_map(self, features, tile_grid: tuple[int, int], image_hw) -> torch.Tensor:
         """LLaVA-1.6: (1 + rows * columns, P, C) crop features -> (N_img, C): the base crop's P features,
-        then the tiles' features as one map of the canvas, padding cut away, a newline after every row."""
+        then the tiles' features as one map of the canvas, padding cut away, a newline after every row.
+        tile_grid: the canvas's (rows, columns) of tiles."""
         base, tiles = features[0], features[1:]                          # (P, C), (rows * columns, P, C)
-        canvas = stitch_tiles(tiles, *grid)                               # (H, W, C) map
+        canvas = stitch_tiles(tiles, *tile_grid)                          # (map rows, map columns, C)
         C = base.shape[1]
         kept_rows, kept_columns = anyres.unpadded_region(image_hw, canvas.shape[:2])
-        canvas = canvas[kept_rows, kept_columns]                          # (H', W', C)
-        newline = self.image_newline.to(canvas.dtype).expand(canvas.shape[0], 1, C)  # (H', 1, C)
-        with_newlines = torch.cat([canvas, newline], dim=1)               # (H', W' + 1, C)
-        return torch.cat([base, with_newlines.flatten(0, 1)])             # (P + H' (W' + 1), C)
+        canvas = canvas[kept_rows, kept_columns]                          # (r, c, C): the image's part
+        newline = self.image_newline.to(canvas.dtype).expand(canvas.shape[0], 1, C)  # (r, 1, C)
+        with_newlines = torch.cat([canvas, newline], dim=1)               # (r, c + 1, C)
+        return torch.cat([base, with_newlines.flatten(0, 1)])             # (P + r (c + 1), C)
 
     def embed(self, input_ids, pixel_values=None, image_sizes=None):  # (B, T) -> (B, T, C)
         """Token embeddings, with the image positions overwritten (in order) by the image features."""
@@ -790,6 +796,7 @@ class LlavaForConditionalGeneration(nn.Module):
         if n_image_positions != features.shape[0]:
             raise ValueError(f"input_ids hold {n_image_positions} image tokens, the images give "
                              f"{features.shape[0]} features")
+        # masked_scatter fills the image positions in row-major order, sample 0's first: the order of `features`.
         return x.masked_scatter(is_image[..., None], features.to(x.dtype))
 
     def hires_view(self, input_ids, hires_pixel_values, alpha: float = 1.0, first_row: int | None = None,
@@ -831,7 +838,7 @@ class LlavaForConditionalGeneration(nn.Module):
         return HiresView(h, hires_map, cos, sin, image_start, grid, first_row, alpha, top)
 
     def forward(self, input_ids, pixel_values=None, cache=None, last_only=False, attention_mask=None,
-                image_sizes=None, hires: HiresView | None = None):
+                image_sizes=None, hires_view: HiresView | None = None):
         """Logits (B, T, vocab) for input_ids (B, T) that already hold the expanded image tokens ((B, 1,
         vocab) with last_only; fewer than T rows where a policy drops hidden rows, `KVCache.hidden_rows_to_keep`).
 
@@ -840,15 +847,15 @@ class LlavaForConditionalGeneration(nn.Module):
         or the image tokens the toy's training hides). With a cache the tokens continue the cached
         sequence, and the cache's policy decides what attention sees.
 
-        FlexAttention (config.hires): hires, the view of the prompt's image that `hires_view` makes from
-        the processor's hires_pixel_values, given with the prompt: the rows it serves also attend to the
-        blocks chosen for them. With a cache the view stays for the decode steps.
+        FlexAttention (config.hires): hires_view, the view of the prompt's image that the method
+        `hires_view` makes from the processor's hires_pixel_values, given with the prompt: the rows it
+        serves also attend to the blocks chosen for them. With a cache the view stays for the decode steps.
         """
         if attention_mask is not None and cache is not None:
             raise ValueError("attention_mask is for the cache-free forward; with a cache the policy decides")
         visible = None if attention_mask is None else attention_mask.bool()  # (B, T)
         # FlexAttention: the view is made at the prefill and kept by the cache for the decode steps.
-        if hires is not None and cache is not None:
-            cache.hires = hires
-        view = hires if cache is None else cache.hires
+        if hires_view is not None and cache is not None:
+            cache.hires_view = hires_view
+        view = hires_view if cache is None else cache.hires_view
         return self.language_model(self.embed(input_ids, pixel_values, image_sizes), cache, last_only, visible, view)

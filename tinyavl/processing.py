@@ -1,6 +1,7 @@
 """Turn a question and an image into model inputs, and generated ids back into text (LLaVA-1.5 and 1.6).
 
-    image  -> RGB -> resize (short side = shortest_edge, bicubic) -> center crop -> /255 -> normalise
+    image  -> RGB -> (with do_pad: centred on a square of the mean colour) -> resize (short side =
+              shortest_edge; resample from the file, bicubic by default) -> center crop -> /255 -> normalise
            -> pixel_values [1, 3, crop, crop]                                       (LLaVA-1.5: one crop)
            -> the whole image squeezed to one crop, then the tiles of its anyres canvas, each as above
            -> pixel_values [1, n_crops, 3, crop, crop], image_sizes [1, 2]          (LLaVA-1.6)
@@ -8,7 +9,8 @@
               tokenizer.json, with the single <image> id widened to one slot per image feature
            -> input_ids [1, T]
 
-The numbers equal transformers' CLIPImageProcessor and LlavaNextImageProcessor (PIL backends), and
+The numbers equal transformers' CLIPImageProcessor (LlavaImageProcessor with do_pad) and
+LlavaNextImageProcessor (PIL backends), and
 LlavaProcessor / LlavaNextProcessor, which are only used as oracles in the tests. Tokenisation itself is
 the `tokenizers` library running the checkpoint's own tokenizer.json; the chat template is rendered by
 jinja2, as transformers renders it.
@@ -306,7 +308,8 @@ class Processor:
             content = ([{"type": "image"}] if has_image else []) + [{"type": "text", "text": question}]
             prompt = render_chat_template(self.chat_template, [{"role": "user", "content": content}],
                                           self.special_tokens)
-            if prompt.count(IMAGE_TOKEN) != has_image:  # the question has none (check_question): the template's
+            # The question holds no <image> (check_question): every one in the prompt is the template's.
+            if prompt.count(IMAGE_TOKEN) != has_image:
                 raise UserError(f"the model folder's chat template wrote {prompt.count(IMAGE_TOKEN)} {IMAGE_TOKEN} "
                                 f"for {int(has_image)} image: fix or delete the folder's chat template")
             return prompt
@@ -479,7 +482,7 @@ def preprocessor_settings(cfg: dict, path: Path, vision_image_size: int, tiled: 
     for step in ("do_resize", "do_center_crop", "do_rescale", "do_normalize"):
         # Anything but true (false, 0, null) skips the step in transformers' processor.
         if step in cfg and cfg[step] is not True:
-            raise UserError(f"{path} sets {step}: {json.dumps(cfg[step])}; tinyavl implements only the LLaVA-1.5 "
+            raise UserError(f"{path} sets {step}: {json.dumps(cfg[step])}; tinyavl implements only LLaVA's "
                             "preprocessing (resize, center crop, rescale, normalise), so it cannot run this checkpoint")
     # Older files write sizes as plain ints, newer ones as dicts.
     crop = cfg.get("crop_size", vision_image_size)

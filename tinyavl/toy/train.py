@@ -338,7 +338,7 @@ def losses(model, probe, batch, hires_alpha: float = 1.0) -> tuple[torch.Tensor,
         lambda module, inputs, output: captured.update(features=output))  # image features (B, P, C_text)
     try:
         logits = model(ids, batch["pixel_values"], attention_mask=batch.get("attention_mask"),
-                       image_sizes=batch.get("image_sizes"), hires=view)  # (B, T, vocab)
+                       image_sizes=batch.get("image_sizes"), hires_view=view)  # (B, T, vocab)
     finally:
         hook.remove()
     lm_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100)
