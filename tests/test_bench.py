@@ -63,7 +63,24 @@ def test_floor_is_weight_bytes_at_matvec_rate_plus_attended_kv_at_read_rate(mode
     assert full["kv_ratio"] == 1 and full["attended_ratio"] == 1 and full["same_start_as_full"] == 6
     assert avl["attended_ratio"] < 1 and avl["kv_ratio"] < 1 and avl["floor_ms"] < full["floor_ms"]
     assert 0 < avl["attention_ms"] < avl["decode_ms"]  # the cache's four steps are part of the step
+    assert case["rates_GBps"] == {"read": 2.0, "matvec": 1.0}
+    assert case["full_again_vs_first"] > 0      # full's second run, after the others, over its first
     json.dumps(case)  # what --json prints
+
+
+def test_full_runs_again_after_the_others_and_its_ratio_is_its_second_run_over_its_first(model, monkeypatch):
+    """The drift check: `full` twice, first and last, and full_again_vs_first the ratio of their decode times."""
+    runs, run_policy = [], bench.run_policy
+
+    def recorded(model, name, *args):
+        out = run_policy(model, name, *args)
+        runs.append((name, out[1].decode_seconds))
+        return out
+
+    monkeypatch.setattr(bench, "run_policy", recorded)
+    case, _ = bench.run_case(model, n_img=20, new_tokens=4, rates={"read": 2e9, "matvec": 1e9})
+    assert [name for name, _ in runs] == ["full", *bench.POLICIES[1:], "full"]
+    assert case["full_again_vs_first"] == pytest.approx(runs[-1][1] / runs[0][1])
 
 
 def test_step_time_at_a_token_is_the_median_of_the_steps_before_it():
@@ -160,6 +177,10 @@ def test_avl_attention_time_splits_into_normal_and_update_steps(model):
     row = bench.avl_step_split(cache, full_attention_ms=2.0)
     assert row["attention_ms_update_step"] == pytest.approx(1e3 * split["update"] / 2)
     assert row["normal_step_vs_full"] == pytest.approx(1e3 * split["normal"] / 5 / 2.0)
+    # A long answer's mix, K = 3: two normal steps to one update step.
+    steady = 1e3 * (2 * split["normal"] / 5 + split["update"] / 2) / 3
+    assert row["attention_ms_steady"] == pytest.approx(steady)
+    assert row["steady_vs_full"] == pytest.approx(steady / 2.0)
 
 
 def test_json_has_the_documented_layout(monkeypatch, capsys):
@@ -167,7 +188,7 @@ def test_json_has_the_documented_layout(monkeypatch, capsys):
     monkeypatch.setattr(bench, "llava_7b_config", lambda n_layers: TINY)
     monkeypatch.setattr(bench, "GROWTH_TOKENS", (3, 6))
     read_rate = bench.read_rate
-    monkeypatch.setattr(bench, "read_rate", lambda dtype, device: read_rate(dtype, device, nbytes=2 ** 20))
+    monkeypatch.setattr(bench, "read_rate", lambda device: read_rate(device, nbytes=2 ** 20))
     bench.main(["--json", "--image-tokens", "20", "12", "--new-tokens", "4", "--dtypes", "float32", "bfloat16"])
     out = json.loads(capsys.readouterr().out)
     assert [(c["dtype"], c["image_tokens"]) for c in out["cases"]] == [
@@ -177,13 +198,13 @@ def test_json_has_the_documented_layout(monkeypatch, capsys):
         for r in case["policies"].values():
             assert {"decode_ms", "floor_ms", "attention_ms", "prefill_s", "kv_ratio", "attended_ratio"} <= set(r)
         assert 0 <= case["policies"]["avl"]["core_replaced"] <= 1
-        assert {"attention_ms_normal_step", "attention_ms_update_step", "swap_ms_update_step"} <= set(
-            case["policies"]["avl"])
+        assert {"attention_ms_normal_step", "attention_ms_update_step", "swap_ms_update_step",
+                "attention_ms_steady"} <= set(case["policies"]["avl"])
+        assert set(case["rates_GBps"]) == {"read", "matvec"} and case["full_again_vs_first"] > 0
     assert set(out["growth"]["float32"]["avl"]) == {"step_ms_at_3", "step_ms_at_6", "attention_ms_at_3",
                                                      "attention_ms_at_6", "step_ms_per_100_tokens",
                                                      "attention_ms_per_100_tokens"}
     assert out["transformers_decode_ratio"] > 0
-    assert set(out["rates_GBps"]) == {"float32", "bfloat16"}
     assert out["decode_logits"] == {name: "k q^T" if keys_first("cpu", getattr(torch, name)) else "q k^T"
                                     for name in ("float32", "bfloat16")}
 

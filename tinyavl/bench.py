@@ -13,8 +13,9 @@ LLaVA-1.6 672x672 image 2928. The policies act on the decoder, which is what is 
 
 A decode step is memory-bound: it cannot take less than the bytes it must read (every decoder weight,
 plus the K/V rows the policy attends) over the rate they can be read at. The benchmark measures both
-rates in the same run: a large tensor's read (`read_rate`, what the machine allows) and PyTorch's
-matrix-vector product on the layer's own weight shapes (`matvec_rate`, what `nn.Linear` allows). A
+rates in the same run, before each image block's policies: a large fp32 tensor's read (`read_rate`, what
+the machine allows) and PyTorch's matrix-vector product on the layer's own weight shapes in the run's
+dtype (`matvec_rate`, what `nn.Linear` allows). A
 step's floor (`floor_ms`) is its weight bytes at the matrix-vector rate plus its attended K/V bytes at
 the read rate; the hardware floor is all of them at the read rate (tutorial chapter 8 works through
 both, and what a policy can save against them). The run also says which of two equal products gives a
@@ -24,14 +25,17 @@ them: on a CPU by timing both, `faster_keys_first`).
 For each policy, in one run on the same prompt: KV bytes held (peak, relative to `full`), rows attended per
 decode step (summed over layers, relative to `full`), prefill time, decode ms per step beside its floor,
 the time inside the cache's four steps (`attention_ms`, summed over layers), and for A-VL the share of its
-core that each re-rank replaced (`core_replaced`: its update steps' swaps move twice that many rows) and
-its attention ms split by kind of step: normal steps (sys + core + text) and update steps (every stored
-row, the re-rank and its swaps, with the swaps' part beside). Then `full` and `avl` decode 256 tokens to
-show how the step grows with the sequence (at the 16th and the 256th token: the ms per step, and the part
-of it inside the cache's four steps, which reads the K/V rows; and the slope of each, fitted over every
-step between). With transformers installed, its LLaVA runs the same weights and prompt (the first image
-block) with full attention, and tinyavl's decode speed is printed relative to it. Absolute times on a
-shared CPU are noise; ratios measured in one run are the result.
+core that each re-rank replaced (`core_replaced`: an update step's swaps move each row entering the core
+and the one it replaces) and its attention ms split by kind of step: normal steps (sys + core + text) and
+update steps (every stored row, the re-rank and its swaps, with the swaps' part beside), and the two
+mixed as in a long answer, one update step in K (`attention_ms_steady`). The policies run one after
+another, `full` first; `full` runs once more after the others, and the ratio of its two step times says
+how much the machine's speed moved while they ran (`full_again_vs_first`). Then `full` and `avl` decode
+256 tokens to show how the step grows with the sequence (at the 16th and the 256th token: the ms per
+step, and the part of it inside the cache's four steps, which reads the K/V rows; and the slope of each,
+fitted over every step between). With transformers installed, its LLaVA runs the same weights and
+prompt (the first image block) with full attention, and tinyavl's decode speed is printed relative to it.
+Absolute times on a shared CPU are noise; ratios measured in one run are the result.
 
 `--device cuda` runs all of it on a GPU (the default where CUDA is present, as in main.py), where A-VL's
 decode steps go through the Triton kernel (kernels/sparse_attention.py). GPU work is queued, not done,
@@ -165,10 +169,17 @@ def transformers_decode_rate(model, input_ids, pixel_values, new_tokens: int, ex
 # The two rates a decode step's floor is made of, measured in the same run as the policies.
 # ---------------------------------------------------------------------------------------------------
 
-def read_rate(dtype, device="cpu", nbytes: int = 2 ** 30, repeats: int = 5) -> float:
-    """Bytes/s at which a sum reads a tensor far larger than any cache: what the memory allows."""
-    x = torch.ones(nbytes // dtype.itemsize, dtype=dtype, device=device)
+def read_rate(device="cpu", nbytes: int = 2 ** 30, repeats: int = 5) -> float:
+    """Bytes/s at which a sum reads a tensor far larger than any cache: what the memory allows. In fp32
+    whatever the model's dtype: a bf16 sum on a CPU is bound by its reduction, not by the memory (on this
+    project's CPU it read 13.4 GB/s, where an fp32 sum read 19.3 and a bf16 copy 20.2)."""
+    x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     return nbytes / best_seconds(lambda: x.sum(), repeats)
+
+
+def measure_rates(model) -> dict:
+    """The two rates of a decode step's floor, in bytes/s: {"read": `read_rate`, "matvec": `matvec_rate`}."""
+    return {"read": read_rate(model.language_model.lm_head.weight.device), "matvec": matvec_rate(model)}
 
 
 def matvec_rate(model, repeats: int = 3) -> float:
@@ -243,9 +254,10 @@ def timed_cache(name: str, cuda: bool = False):
     """A fresh cache for the policy that times its `attend` (append, select, compute, update) at decode
     steps: `cache.spans.seconds("attention")`. An A-VL cache also lists, in `cache.core_replaced`, the share
     of the core that each re-rank replaced (one entry per layer and update step): an update step's swaps
-    move twice that share of the core's rows, so the cost of A-VL's steps depends on it. It splits its time
-    by kind of step, in spans "normal" and "update", with the steps of each kind in `cache.steps_by_kind`,
-    and times the swaps (`swap_rows`, part of the update steps) as "swap". cuda: the model runs on a GPU."""
+    move each row entering the core and the one it replaces, so the cost of A-VL's steps depends on it. It
+    splits its time by kind of step, in spans "normal" and "update", with the steps of each kind in
+    `cache.steps_by_kind`, and times the swaps (`swap_rows`, part of the update steps) as "swap". cuda: the
+    model runs on a GPU."""
     cache = make_cache(name)
     attend, cache.spans = cache.attend, Spans(cuda)
     is_avl = isinstance(cache, AVLCache)
@@ -290,9 +302,13 @@ def avl_step_split(cache, full_attention_ms: float) -> dict:
         return 1e3 * cache.spans.seconds(part) / cache.steps_by_kind[kind]
 
     normal, update = per_step("normal", "normal"), per_step("update", "update")
+    # A run of n decode steps holds floor(n / K) update steps, fewer than one in K (7 of 23 for 24 new
+    # tokens): a long answer's mix is K - 1 normal steps to one update step.
+    steady = ((cache.K - 1) * normal + update) / cache.K
     return {"attention_ms_normal_step": normal, "attention_ms_update_step": update,
-            "swap_ms_update_step": per_step("swap", "update"),
-            "normal_step_vs_full": normal / full_attention_ms, "update_step_vs_full": update / full_attention_ms}
+            "swap_ms_update_step": per_step("swap", "update"), "attention_ms_steady": steady,
+            "normal_step_vs_full": normal / full_attention_ms, "update_step_vs_full": update / full_attention_ms,
+            "steady_vs_full": steady / full_attention_ms}
 
 
 def run_policy(model, name: str, input_ids, pixel_values, new_tokens: int):
@@ -319,21 +335,25 @@ def attention_step_seconds(cache) -> list[float]:
 def ms_at(per_step: list[float], token: int, window: int = 8) -> float:
     """The median (ms) of a per-decode-step time over the `window` steps that end at the given generated
     token (the steps that make tokens token - window + 1 .. token; fewer near the start)."""
+    # per_step[i] is decode step i + 1, which makes generated token i + 2 (the prefill makes the first).
     return 1e3 * statistics.median(per_step[max(0, token - window - 1):token - 1])
 
 
 def run_case(model, n_img: int, new_tokens: int, rates: dict) -> tuple[dict, list[int]]:
-    """Every policy on one prompt: (a dict of per-policy measurements, `full` first, as --json prints it;
-    the tokens `full` generated)."""
+    """Every policy on one prompt, `full` first and once more last: (a dict of per-policy measurements, as
+    --json prints it, with `full_again_vs_first`, its second run's decode ms over its first's; the tokens
+    `full` generated). rates: `measure_rates`'s, in bytes/s."""
     pixel_values = image_block(model, n_img)
     input_ids = prompt_ids(model.config, n_img)
     weight_bytes = decode_weight_bytes(model)
     row_bytes = kv_row_bytes(model.config.text, model.language_model.lm_head.weight.dtype)
-    runs = {name: run_policy(model, name, input_ids, pixel_values, new_tokens) for name in POLICIES}
-    full_tokens, full_stats = runs["full"][:2]
     policies = {}
-    for name, (tokens, stats, cache) in runs.items():
+    for name in POLICIES:  # `full` first: the others' ratios are to it. One cache alive at a time.
+        tokens, stats, cache = run_policy(model, name, input_ids, pixel_values, new_tokens)
+        if name == "full":
+            full_tokens, full_stats = tokens, stats
         kv_read = stats.attended_tokens_per_step * row_bytes            # summed over layers
+        # The prefill makes the first token: new_tokens - 1 decode steps.
         attention_seconds = cache.spans.seconds("attention") / (stats.new_tokens - 1)
         policies[name] = {
             "decode_ms": 1e3 * stats.decode_seconds / (stats.new_tokens - 1),
@@ -350,8 +370,11 @@ def run_case(model, n_img: int, new_tokens: int, rates: dict) -> tuple[dict, lis
             if cache.core_replaced:  # a run with an update step
                 policies[name]["core_replaced"] = statistics.mean(cache.core_replaced)
             policies[name].update(avl_step_split(cache, policies["full"]["attention_ms"]))
+    _, again, _ = run_policy(model, "full", input_ids, pixel_values, new_tokens)
+    full_again_vs_first = again.decode_seconds / full_stats.decode_seconds
     return {"image_tokens": n_img, "prompt_tokens": input_ids.shape[1], "new_tokens": new_tokens,
-            "policies": policies}, full_tokens
+            "rates_GBps": {name: rate / 1e9 for name, rate in rates.items()}, "policies": policies,
+            "full_again_vs_first": full_again_vs_first}, full_tokens
 
 
 def agreeing_start(tokens: list[int], reference: list[int]) -> int:
@@ -392,8 +415,10 @@ def growth(model, n_img: int) -> dict:
 
 
 def print_case(case: dict) -> None:
+    rates = case["rates_GBps"]
     print(f"\nimage block {case['image_tokens']} tokens, prompt {case['prompt_tokens']} tokens, "
-          f"{case['new_tokens']} new tokens")
+          f"{case['new_tokens']} new tokens; read rate {rates['read']:.1f} GB/s (fp32 sum), nn.Linear "
+          f"matrix-vector rate {rates['matvec']:.1f} GB/s")
     header = (f"{'policy':10s} {'KV peak':>9s} {'KV vs full':>10s} {'attended':>8s} {'prefill s':>9s} "
               f"{'decode ms':>9s} {'floor ms':>8s} {'/ floor':>7s} {'/ hw floor':>10s} {'step vs full':>12s} "
               f"{'attn ms':>7s}  tokens as full's")
@@ -410,7 +435,10 @@ def print_case(case: dict) -> None:
         a = case["policies"]["avl"]
         print(f"avl attn ms: {a['attention_ms_normal_step']:.1f} per normal step ({a['normal_step_vs_full']:.2f}x full's), "
               f"{a['attention_ms_update_step']:.1f} per update step ({a['update_step_vs_full']:.2f}x), "
-              f"{a['swap_ms_update_step']:.1f} of it swapping core rows")
+              f"{a['swap_ms_update_step']:.1f} of it swapping core rows; one update step in K: "
+              f"{a['attention_ms_steady']:.1f} ({a['steady_vs_full']:.2f}x)")
+    print(f"full again after the others: {case['full_again_vs_first']:.2f}x its first run's decode ms "
+          "(how far the machine's speed moved during the table)")
 
 
 def print_growth(growth_result: dict) -> None:
@@ -479,17 +507,15 @@ def print_paper_memory(rows: list[dict]) -> None:
 def run_dtype(args, dtype_name: str) -> dict:
     dtype = getattr(torch, dtype_name)
     model = random_model(llava_7b_config(args.layers), dtype, device=args.device)
-    rates = {"read": read_rate(dtype, args.device), "matvec": matvec_rate(model)}
     logits_form = "k q^T" if keys_first(args.device.type, dtype) else "q k^T"
     log = print if not args.json else lambda *a, **k: None
-    log(f"\n== {dtype_name}: read rate {rates['read'] / 1e9:.1f} GB/s, nn.Linear matrix-vector rate "
-        f"{rates['matvec'] / 1e9:.1f} GB/s, {decode_weight_bytes(model) / 1e9:.2f} GB of weights per decode step; "
+    log(f"\n== {dtype_name}: {decode_weight_bytes(model) / 1e9:.2f} GB of weights per decode step; "
         f"a decode query's logits as {logits_form} (rows_logits)")
-    result = {"dtype": dtype_name, "read_GBps": rates["read"] / 1e9, "matvec_GBps": rates["matvec"] / 1e9,
-              "decode_logits": logits_form, "cases": []}
+    result = {"dtype": dtype_name, "decode_logits": logits_form, "cases": []}
     full_tokens = {}  # per block length: the tokens `full` generated, which transformers' should equal (else a note)
     for n_img in args.image_tokens:
-        measured, tokens = run_case(model, n_img, args.new_tokens, rates)
+        # The rates just before the policies they are floors for: a shared machine's speed moves.
+        measured, tokens = run_case(model, n_img, args.new_tokens, measure_rates(model))
         case = {"dtype": dtype_name, **measured}
         result["cases"].append(case)
         full_tokens[n_img] = tokens
@@ -560,7 +586,6 @@ def main(argv=None):
     if args.json:
         # Every dtype's cases in one list; transformers_decode_ratio is the first dtype's (fp32 by default).
         print(json.dumps({"machine": machine, "arch": args.arch,
-                          "rates_GBps": {r["dtype"]: {"read": r["read_GBps"], "matvec": r["matvec_GBps"]} for r in results},
                           "decode_logits": {r["dtype"]: r["decode_logits"] for r in results},
                           "cases": [case for r in results for case in r["cases"]],
                           "growth": {r["dtype"]: r["growth"] for r in results},

@@ -544,7 +544,8 @@ class KVCache:
 
     def swap_rows(self, layer: int, rows, other_rows):
         """Rows `rows` and `other_rows` (disjoint (n,) indices of equal length, shared by every head)
-        trade places, in place: 2n rows are copied and no other row moves."""
+        trade places, in place: each of the 2n rows is copied twice, out to a temporary and back, and no
+        other row moves."""
         both, swapped = torch.cat([rows, other_rows]), torch.cat([other_rows, rows])
 
         def trade(tensor, dim):  # index_select copies the rows out first, so the two lists may trade places
