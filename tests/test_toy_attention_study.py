@@ -157,7 +157,7 @@ def test_choice_table_rows_and_intervals():
     lines = attention_study.choice_table([{"random_layers": (), "report": report},
                                           {"random_layers": (0, 1), "report": report}])
     assert lines[3] == "| layers choosing at random | where | caption | caption objects |"
-    assert lines[-2] == "| none (A-VL) | 0.50 (0.15-0.85) | 1.00 (0.34-1.00) | 0.750 |"
+    assert lines[-2] == "| none (A-VL's choice) | 0.50 (0.15-0.85) | 1.00 (0.34-1.00) | 0.750 |"
     assert lines[-1].startswith("| 0, 1 | ")
 
 

@@ -384,7 +384,7 @@ class KVCache:
         rows = self.rows_to_attend(layer)
         out, last_row = self.compute(layer, q, rows)
         self.attended[layer] = self.k[layer].shape[2] if rows is None else len(rows)
-        if self.hires_view is not None:
+        if self.hires_view is not None and self.hires_view.acts_in(layer):
             self.hires_keys = self.attended_keys(layer, rows)
         self.update(layer, q, last_row)
         return out

@@ -526,7 +526,8 @@ class LlamaAttention(nn.Module):
             y = attention(q, k, v, causal=True, visible=visible)
         else:
             y = cache.attend(self.layer_idx, q, k, v, positions)  # the policy stores k, v, picks what to attend
-        if view is not None:  # FlexAttention: the current token also reads chosen high-resolution tokens
+        if view is not None and view.acts_in(self.layer_idx):  # FlexAttention: the current token also reads
+            # high-resolution tokens the layer before chose for it
             if cache is None:
                 # No cache: the keys are this pass's own tokens, at the queries' positions in every head.
                 y = view.layer(self, norm, q, k, y, positions, positions.expand(B, self.n_kv_heads, T), visible)
@@ -620,10 +621,10 @@ class HiresView:
     order; cos, sin (N_hd, hs): their RoPE tables at hires.hires_positions; image_start: the position of
     the first low-resolution image token; grid: the low-resolution side; first_row: the position of the
     first row served, in generation the prompt's last token (the current token of the first step; every
-    later token is the current token of its own step), in training the first after the image. In each
-    layer, a served row attends to its keys and to the high-resolution tokens the layer before chose for
-    it, in one softmax; then, from layer config.first_layer - 1 on, its attention over the low-resolution
-    image keys chooses for the next.
+    later token is the current token of its own step), in training the first after the image. In layer
+    config.first_layer - 1, a served row's attention over the low-resolution image keys chooses blocks for
+    the next layer; in each layer after it, the row attends to its keys and to the high-resolution tokens
+    the layer before chose for it, in one softmax, and chooses for the next (`acts_in`).
     The features enter a layer's k_proj_hd and v_proj_hd through the layer's input norm, as every token of
     the sequence enters k_proj and v_proj (a choice: the paper does not say; on the toy, fed the projector's
     features as they are, the new keys and values upset the answers for the first hundreds of training
@@ -640,6 +641,11 @@ class HiresView:
     tokens_read: int = 0                # high-resolution keys read, summed over served rows and layers (accounting)
     chosen: torch.Tensor | None = None  # (B, R, N_hd) bool for the served rows of this pass, set layer by layer
 
+    def acts_in(self, layer_idx: int) -> bool:
+        """Whether a layer takes part: layer first_layer - 1 chooses for the next, and every layer after it
+        reads what the one before chose and chooses in turn. The layers before do neither."""
+        return layer_idx >= self.config.first_layer - 1
+
     def layer(self, attn: "LlamaAttention", norm, q, keys, y, q_positions, key_positions, visible=None):
         """y (B, H, T, hs), a layer's attention output, with its served rows merged with their chosen
         high-resolution tokens and blended by alpha; and the next layer's choice made. q (B, H, T, hs) at
@@ -655,13 +661,11 @@ class HiresView:
         logits = logits.masked_fill(key_positions[:, :, None, :] > q_positions[rows, None], float("-inf"))  # causal
         if visible is not None:  # keys hidden from every query (the toy's image-token dropout) choose nothing
             logits = logits.masked_fill(~visible[:, None, None, :], float("-inf"))
-        # Layers before first_layer have no _hd projections; a choice still set there is the previous pass's.
-        if self.chosen is not None and hasattr(attn, "k_proj_hd"):
+        # Layer first_layer - 1 only chooses (it has no _hd projections): a choice set when it runs is the
+        # previous pass's.
+        if attn.layer_idx >= self.config.first_layer and self.chosen is not None:
             y = self.merge(attn, norm, q[:, :, rows], y, rows, logits.logsumexp(-1))
-        if attn.layer_idx >= self.config.first_layer - 1:
-            self.choose(logits.softmax(-1), key_positions)
-        else:
-            self.chosen = None
+        self.choose(logits.softmax(-1), key_positions)
         return y
 
     def choose(self, probs, key_positions):

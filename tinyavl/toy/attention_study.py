@@ -194,7 +194,7 @@ def choice_table(rows: list[dict]) -> list[str]:
     cells = []
     for row in rows:
         report, layers = row["report"], row["random_layers"]
-        cells.append([", ".join(map(str, layers)) or "none (A-VL)"]
+        cells.append([", ".join(map(str, layers)) or "none (A-VL's choice)"]
                      + [format_interval(report["accuracy_by_type"][kind], report["accuracy_by_type_ci"][kind])
                         for kind in kinds]
                      + ["-" if report["caption_objects"] is None else f"{report['caption_objects']:.3f}"])
@@ -281,7 +281,8 @@ def hidden_object_table(recall: dict) -> list[str]:
 
 
 def study(recordings: list) -> dict:
-    """Every measure of the module docstring, per layer, averaged over recordings (and their steps)."""
+    """The per-layer attention measures of the module docstring, from shares to capture, averaged over
+    recordings (and their steps); `run` adds the coverage, object, choice and hiding measures."""
     if not any(len(r.rows) > 1 for r in recordings):
         raise UserError("no caption had a decode step to measure (every answer ended at its first token)")
     n_layers = recordings[0].n_layers
@@ -416,7 +417,7 @@ def run(args) -> dict:
     recordings = record_captions(model, processor, args.n, args.seed)
     result = study(recordings)
     questions = held_out_set(args.seed, args.n)
-    scenes = [question.scene for question in questions if question.kind == "caption"]  # the recordings' scenes
+    scenes = [question.scene for question in caption_questions(args.n, args.seed)]  # the recordings' scenes
     result["object_coverage"] = object_coverage(recordings, scenes)
     side = model.config.vision.image_size // model.config.vision.patch_size   # image tokens a side
     result["band_coverage"] = band_coverage(recordings, side, GRID)
@@ -435,7 +436,7 @@ def main(argv=None) -> int:
     parser = ArgumentParser(description=first_paragraph(__doc__))
     parser.add_argument("--weights", type=Path, default=TOY_WEIGHTS, help="the toy model folder")
     parser.add_argument("--seed", type=int, default=1, help="which held-out set")
-    parser.add_argument("--n", type=int, default=50,
+    parser.add_argument("--n", type=int, default=100,
                         help="held-out scenes: their captions recorded, their \"where\" and caption prompts scored, "
                              "their objects hidden one at a time")
     parser.add_argument("--out", type=Path, default=None, help="folder for the two figures (default: none)")

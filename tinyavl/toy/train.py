@@ -283,9 +283,9 @@ def hide_image_tokens(input_ids, image_token_id: int, max_fraction: float, gener
 
     Why: a real LVLM's image is redundant (FastV's LLaVA-1.5 keeps 98.9% of its score with a random
     half of the image tokens gone) because CLIP's 24 layers spread each object over many tokens and
-    the decoder reads it from many of them. A 2-layer tower trained in an hour learns to put each
-    fact where one patch shows it; hiding random image tokens makes it read a fact from any of the
-    object's tokens, as dropout does for units (Srivastava et al., 2014). Nothing here reads a KV policy:
+    the decoder reads it from many of them. A toy trained in an hour reads each fact from the few
+    patches that show it most (its 2-layer tower spreads little); hiding random image tokens makes the
+    decoder read a fact from any of the object's tokens, as dropout does for units (Srivastava et al., 2014). Nothing here reads a KV policy:
     the draw is uniform and blind to attention, and hidden tokens are hidden from the whole sequence,
     question and answers alike, not evicted from a cache after a prefill. Its distribution is, though,
     the `random` control's (a uniform share of the image gone): the control the model is trained to
