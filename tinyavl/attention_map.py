@@ -82,7 +82,7 @@ def token_pictures(model, processor, inputs) -> list[TokenPicture]:
     LLaVA-1.6's base crop, then its tile map over the unpadded canvas (newline tokens have no cell)."""
     config = model.config
     crops = inputs["pixel_values"][0]                       # (3, S, S), or NeXT's (n_crops, 3, S, S)
-    side = config.vision.image_size // config.vision.patch_size  # patches per crop side (336 / 14 = 24)
+    side = config.vision.patches_per_side
     if not config.is_next:
         first = 1 if config.vision_feature_select_strategy == "full" else 0  # CLS comes first
         return [TokenPicture("image", seen_image(crops, processor), torch.arange(first, first + side * side),

@@ -71,6 +71,11 @@ class VisionConfig:
         _require(self.image_size >= self.patch_size, f"{section}.image_size {self.image_size} is smaller "
                  f"than patch_size {self.patch_size}")
 
+    @property
+    def patches_per_side(self) -> int:
+        """Patches along each side of a crop, and so image tokens a side: 336 // 14 = 24 for CLIP ViT-L/14."""
+        return self.image_size // self.patch_size
+
 
 @dataclass
 class TextConfig:
@@ -211,7 +216,7 @@ class LlavaConfig:
     def num_image_tokens(self) -> int:
         """How many positions one crop takes in the prompt: one per patch (+ CLS for "full"). A LLaVA-1.5
         image is one crop; a LLaVA-1.6 image takes anyres.image_token_count, which depends on its size."""
-        patches = (self.vision.image_size // self.vision.patch_size) ** 2
+        patches = self.vision.patches_per_side ** 2
         return patches + (1 if self.vision_feature_select_strategy == "full" else 0)
 
     def validate(self) -> None:
@@ -240,7 +245,7 @@ class LlavaConfig:
         """FlexAttention's view fits the model: a LLaVA-1.5 grid of patches, blocks that tile both maps (the
         section's own fields check themselves: HiresConfig)."""
         h, section = self.hires, "hires_config"
-        side = self.vision.image_size // self.vision.patch_size
+        side = self.vision.patches_per_side
         _require(not self.is_next and self.vision_feature_select_strategy == "default", f"{section}: "
                  "FlexAttention's view is built for LLaVA-1.5's one crop of patch tokens (no anyres, no CLS)")
         _require(h.first_layer < self.text.num_hidden_layers, f"{section}.first_layer {h.first_layer} is not a "
@@ -352,7 +357,7 @@ def faster_keys_first(dtype: torch.dtype) -> bool:
 class CLIPVisionEmbeddings(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
-        num_patches = (config.image_size // config.patch_size) ** 2
+        num_patches = config.patches_per_side ** 2
         # zeros, not torch.empty: a fresh model must not start from whatever memory held (training re-inits it)
         self.class_embedding = nn.Parameter(torch.zeros(config.hidden_size))
         self.patch_embedding = nn.Conv2d(config.num_channels, config.hidden_size, config.patch_size,
@@ -835,7 +840,7 @@ class LlavaForConditionalGeneration(nn.Module):
             raise ValueError("hires_view serves a batch whose prompts hold their image at one position; "
                              f"these start at {starts.tolist()}")
         image_start = int(starts[0])
-        grid = S // self.config.vision.patch_size
+        grid = self.config.vision.patches_per_side
         positions = hires.hires_positions(image_start, grid, h.scale).to(hires_pixel_values.device)
         cos, sin = rope_cos_sin(positions, self.config.text, features.dtype)   # (N_hd, hs)
         first_row = input_ids.shape[1] - 1 if first_row is None else first_row

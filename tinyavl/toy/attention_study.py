@@ -419,7 +419,7 @@ def run(args) -> dict:
     questions = held_out_set(args.seed, args.n)
     scenes = [question.scene for question in caption_questions(args.n, args.seed)]  # the recordings' scenes
     result["object_coverage"] = object_coverage(recordings, scenes)
-    side = model.config.vision.image_size // model.config.vision.patch_size   # image tokens a side
+    side = model.config.vision.patches_per_side
     result["band_coverage"] = band_coverage(recordings, side, GRID)
     result["object_attention"] = object_attention(recordings, scenes)
     result["hires_coverage"] = hires_coverage(recordings, scenes, side)

@@ -144,7 +144,7 @@ def init_weights(model: LlavaForConditionalGeneration) -> None:
                 nn.init.zeros_(module.bias)
     embeddings = model.vision_tower.vision_model.embeddings
     nn.init.normal_(embeddings.class_embedding, std=0.02)
-    grid = model.config.vision.image_size // model.config.vision.patch_size
+    grid = model.config.vision.patches_per_side
     with torch.no_grad():
         embeddings.position_embedding.weight[0].zero_()  # the CLS slot
         embeddings.position_embedding.weight[1:] = sincos_2d(grid, model.config.vision.hidden_size)
@@ -695,7 +695,7 @@ def pretrain_vision(model, processor, steps: int, batch_size: int = 32, lr: floa
     readout = SceneReadout(model.config.vision.hidden_size)
     params = list(tower.parameters()) + list(readout.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
-    side = model.config.vision.image_size // model.config.vision.patch_size
+    side = model.config.vision.patches_per_side
     stream, losses_seen, start = scene_stream("vision", seed), [], time.perf_counter()
     tower.train().requires_grad_(True)
     for step in range(steps):
