@@ -59,7 +59,8 @@ from tinyavl.toy.scenes import GRID, parse_caption
 SEGMENTS = ("sys", "image", "text")
 LONG_ANSWER_KINDS = ("where", "caption")  # the others are one word, computed by the prefill before any eviction
 AVL_DEFAULTS = AVLCache()
-STORED, CORE = AVL_DEFAULTS.S, AVL_DEFAULTS.C  # A-VL's default S and C: the top sets whose stability is measured
+# A-VL's default S and C: the shares of the image whose top sets (stored, core) the study measures.
+STORED_SHARE, CORE_SHARE = AVL_DEFAULTS.S, AVL_DEFAULTS.C
 MAX_DISTANCE = 16         # decode steps apart, for PPCI across steps
 
 
@@ -78,7 +79,7 @@ def record_captions(model, processor, n_scenes: int, seed: int) -> list:
     return recordings
 
 
-def object_coverage(recordings: list, scenes: list, keep: float = STORED) -> list[list[float]]:
+def object_coverage(recordings: list, scenes: list, keep: float = STORED_SHARE) -> list[list[float]]:
     """Per layer, per place in the scene's caption (scene.objects' order, in which the true caption names them,
     whatever order the generated one took): the mean share of the object's patches in the last prompt token's
     top-`keep` image set."""
@@ -92,7 +93,7 @@ def object_coverage(recordings: list, scenes: list, keep: float = STORED) -> lis
     return coverage
 
 
-def band_coverage(recordings: list, side: int, n_bands: int, keep: float = STORED) -> list[list[float]]:
+def band_coverage(recordings: list, side: int, n_bands: int, keep: float = STORED_SHARE) -> list[list[float]]:
     """Per layer, per horizontal band of the image (top to bottom; image tokens are patches in reading
     order, `side` per row, and the rows split into n_bands bands of equal height): the mean share of the
     band's image tokens in the last prompt token's top-`keep` image set."""
@@ -301,15 +302,16 @@ def study(recordings: list) -> dict:
             "sizes": {s: fmean(x[s] for x in sizes) for s in SEGMENTS},
             "bos": fmean(float(row[0] / row.sum()) for _, _, row in steps),
             "concentration": {p: fmean(top_share(scores, p) for scores in prefill) for p in (0.1, 0.5)},
-            "ppci_steps": {d: fmean(ppci(r.image_row(t, layer), r.image_row(t + d, layer), CORE)
+            "ppci_steps": {d: fmean(ppci(r.image_row(t, layer), r.image_row(t + d, layer), CORE_SHARE)
                                    for r in recordings for t in range(1, len(r.rows) - d))
                            for d in range(1, MAX_DISTANCE + 1)
                            if any(len(r.rows) - 1 > d for r in recordings)},  # some answer is d + 1 steps long
-            "ppci_scenes": fmean(ppci(a, b, STORED) for a, b in combinations(prefill, 2)) if len(prefill) > 1 else None,
+            "ppci_scenes": (fmean(ppci(a, b, STORED_SHARE) for a, b in combinations(prefill, 2))
+                            if len(prefill) > 1 else None),
             "capture": {p: fmean(capture(r.image_row(t, layer), top_set(r.image_row(0, layer), p)) for r, t, _ in steps)
-                        for p in (STORED, CORE)},
+                        for p in (STORED_SHARE, CORE_SHARE)},
         })
-    result["ppci_layers"] = [[fmean(ppci(r.image_row(0, a), r.image_row(0, b), STORED) for r in recordings)
+    result["ppci_layers"] = [[fmean(ppci(r.image_row(0, a), r.image_row(0, b), STORED_SHARE) for r in recordings)
                               for b in range(n_layers)] for a in range(n_layers)]
     return result
 
@@ -326,33 +328,34 @@ def report_markdown(result: dict) -> str:
     """The numbers as Markdown tables (what the chapter quotes)."""
     layers = result["layers"]
     head = ["layer", *(f"{s}: attention (tokens)" for s in SEGMENTS), "BOS", "image top 10%", "image top 50%",
-            f"capture, prefill top {STORED:.0%}", f"capture, top {CORE:.0%}"]
+            f"capture, prefill top {STORED_SHARE:.0%}", f"capture, top {CORE_SHARE:.0%}"]
     rows = [[str(layer), *(f"{x['shares'][s]:.2f} ({x['sizes'][s]:.2f})" for s in SEGMENTS), f"{x['bos']:.2f}",
-             f"{x['concentration'][0.1]:.2f}", f"{x['concentration'][0.5]:.2f}", f"{x['capture'][STORED]:.2f}",
-             f"{x['capture'][CORE]:.2f}"] for layer, x in enumerate(layers)]
+             f"{x['concentration'][0.1]:.2f}", f"{x['concentration'][0.5]:.2f}", f"{x['capture'][STORED_SHARE]:.2f}",
+             f"{x['capture'][CORE_SHARE]:.2f}"] for layer, x in enumerate(layers)]
     lines = [f"{result['n_captions']} captions, dense attention, mean over decode steps", "",
              *markdown_table(head, rows)]
     layer_head = ["layer", *(str(b) for b in range(len(layers)))]
-    lines += ["", f"{STORED:.0%}-PPCI of the last prompt token's image ranking between layers", "",
+    lines += ["", f"{STORED_SHARE:.0%}-PPCI of the last prompt token's image ranking between layers", "",
               *markdown_table(layer_head, [[str(a), *(f"{v:.2f}" for v in row)]
                                            for a, row in enumerate(result["ppci_layers"])])]
     if layers[0]["ppci_scenes"] is not None:
-        lines += ["", f"{STORED:.0%}-PPCI of two different scenes' last-prompt-token image rankings, same layer "
-                  f"(unrelated sets: {STORED:.2f})", "",
+        lines += ["", f"{STORED_SHARE:.0%}-PPCI of two different scenes' last-prompt-token image rankings, same layer "
+                  f"(unrelated sets: {STORED_SHARE:.2f})", "",
                   *markdown_table(layer_head, [["two scenes", *(f"{x['ppci_scenes']:.2f}" for x in layers)]])]
     distances = [d for d in (1, 2, 3, 4, 8, 16) if d in layers[0]["ppci_steps"]]
-    lines += ["", f"{CORE:.0%}-PPCI of the image ranking of two decode steps d apart (random sets: {CORE:.2f})", "",
+    lines += ["", f"{CORE_SHARE:.0%}-PPCI of the image ranking of two decode steps d apart "
+                  f"(random sets: {CORE_SHARE:.2f})", "",
               *markdown_table(["layer", *(f"d={d}" for d in distances)],
                               [[str(layer), *(f"{x['ppci_steps'][d]:.2f}" for d in distances)]
                                for layer, x in enumerate(layers)])]
     if "object_coverage" in result:
         lines += coverage_table(result["object_coverage"], "object",
-                                f"Share of each object's patches in the prefill top {STORED:.0%} (random sets: "
-                                f"{STORED:.2f}), by the order the caption names the objects")
+                                f"Share of each object's patches in the prefill top {STORED_SHARE:.0%} (random sets: "
+                                f"{STORED_SHARE:.2f}), by the order the caption names the objects")
     if "band_coverage" in result:
         lines += coverage_table(result["band_coverage"], "band",
-                                f"Share of each horizontal band of the image in the prefill top {STORED:.0%} "
-                                f"(random sets: {STORED:.2f}), top to bottom")
+                                f"Share of each horizontal band of the image in the prefill top {STORED_SHARE:.0%} "
+                                f"(random sets: {STORED_SHARE:.2f}), top to bottom")
     if "object_attention" in result:
         lines += ["", "Share of the last prompt token's image attention on the patches that show an object "
                   "(their share of the image tokens)", "",
@@ -384,15 +387,15 @@ def save_figures(result: dict, folder: Path, replace: bool = False) -> list[Path
     shares = {f"{s} attention": [(i, x["shares"][s]) for i, x in enumerate(layers)] for s in SEGMENTS}
     shares |= {f"{s} tokens": [(i, x["sizes"][s]) for i, x in enumerate(layers)] for s in SEGMENTS}
     steps = {f"layer {i}": list(x["ppci_steps"].items()) for i, x in enumerate(layers)}
-    steps["random sets"] = [(1, CORE), (MAX_DISTANCE, CORE)]
+    steps["random sets"] = [(1, CORE_SHARE), (MAX_DISTANCE, CORE_SHARE)]
     paths = [folder / name for name in FIGURES]
     save_line_plot(paths[0], shares, x_label="decoder layer", y_label="share", x_ticks=max(1, len(layers) - 1),
                    title="toy LLaVA: attention of the decode steps per segment (solid), each segment's share of "
                          "the tokens (dashed)",
                    x_range=(0, len(layers) - 1), y_range=(0, 1), dashed=tuple(n for n in shares if "tokens" in n),
                    colour_of={f"{s} tokens": f"{s} attention" for s in SEGMENTS}, replace=replace)
-    save_line_plot(paths[1], steps, x_label="distance between decode steps", y_label=f"{CORE:.0%}-PPCI",
-                   title=f"toy LLaVA: how alike the image top-{CORE:.0%} sets of two decode steps are",
+    save_line_plot(paths[1], steps, x_label="distance between decode steps", y_label=f"{CORE_SHARE:.0%}-PPCI",
+                   title=f"toy LLaVA: how alike the image top-{CORE_SHARE:.0%} sets of two decode steps are",
                    x_range=(0, MAX_DISTANCE), y_range=(0, 1), x_ticks=8, dashed=("random sets",), replace=replace)
     return paths
 
