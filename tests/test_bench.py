@@ -9,14 +9,9 @@ import torch
 
 from tinyavl import bench
 from tinyavl.cache import AVLCache
-from tinyavl.model import LlavaConfig, TextConfig, VisionConfig, keys_first
+from tinyavl.model import LlavaConfig, TextConfig, keys_first
 
-TINY = LlavaConfig(
-    text=TextConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
-                    num_key_value_heads=2, max_position_embeddings=512),
-    vision=VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                        image_size=28, patch_size=14),
-    image_token_id=63)
+TINY = bench.tiny_config(4, num_key_value_heads=2, max_position_embeddings=512)
 
 
 @pytest.fixture(scope="module")

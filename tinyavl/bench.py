@@ -88,6 +88,18 @@ def llava_7b_config(n_layers: int) -> LlavaConfig:
     return LlavaConfig(text=text, vision=vision)
 
 
+def tiny_config(n_layers: int, **text) -> LlavaConfig:
+    """A tiny decoder (width 32) that takes the benchmark's prompts: which rows a policy keeps depends on
+    the token layout and the number of layers, not on the width, so it counts a 7B's rows in a second.
+    text: TextConfig fields to change (its heads, its context)."""
+    text = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=n_layers,
+                num_attention_heads=4, max_position_embeddings=4096) | text
+    return LlavaConfig(text=TextConfig(**text),
+                       vision=VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                           num_attention_heads=2, image_size=28, patch_size=14),
+                       image_token_id=63)
+
+
 def random_model(config: LlavaConfig, dtype, seed: int = 0, device="cpu") -> LlavaForConditionalGeneration:
     torch.manual_seed(seed)
     with torch.device(device):  # initialised where it runs: a 7B-shaped init is slow on a CPU
@@ -468,11 +480,7 @@ def paper_memory(images=PAPER_MEMORY_IMAGES) -> list[dict]:
     """LLaVA-1.6-7B's KV cache in fp16 (32 layers, 32 KV heads x 128: 0.5 MiB per token), dense and under
     A-VL at the paper's memory-table setting, for the benchmark's prompt around each image's block and
     PAPER_MEMORY's new tokens; peak bytes, as `generate` measures them on a tiny decoder, scaled."""
-    tiny = LlavaConfig(text=TextConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                       num_attention_heads=4, max_position_embeddings=4096),
-                       vision=VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                           num_attention_heads=2, image_size=28, patch_size=14),
-                       image_token_id=63)
+    tiny = tiny_config(2)
     model = random_model(tiny, torch.float32)
     llava_next_7b = llava_7b_config(32).text  # LLaVA-1.6-7B's decoder is LLaVA-1.5-7B's
     mib_per_token = llava_next_7b.num_hidden_layers * kv_row_bytes(llava_next_7b, torch.float16) / 2 ** 20
