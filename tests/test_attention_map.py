@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 import tinyavl
-from tinyavl.attention_map import (COMPUTED, EVICTED, FRAME, HEADER, HEAT, PANEL, SCALE, STORED,
+from tinyavl.attention_map import (COMPUTED, EVICTED, FRAME, HEADER, HEAT, PANEL, SCALE_BAR, STORED,
                                     draw_attention_map, image_heat, image_roles, map_layer, seen_image, token_pictures)
 from tinyavl.cache import make_cache
 from tinyavl.errors import UserError
@@ -90,7 +90,7 @@ def test_picture_marks_each_cell(tiny_ckpt):
     heat = torch.zeros(16)
     heat[5] = 1.0
     picture = draw_attention_map(image, roles, heat, "test", question="What colour is the square?")
-    assert picture.size == (2 * PANEL + 10, HEADER + PANEL + SCALE)
+    assert picture.size == (2 * PANEL + 10, HEADER + PANEL + SCALE_BAR)
     cell, top = PANEL // 4, HEADER
     base = image.resize((PANEL, PANEL))
     inside = (cell // 2, cell // 2)  # centre of cell 0 (evicted: darkened)
@@ -111,11 +111,11 @@ def test_a_map_with_more_cells_than_pixels_gets_a_wider_panel(tiny_ckpt):
     roles, heat = torch.full((rows * columns,), COMPUTED), torch.zeros(rows * columns)
     heat[columns + 700] = 1.0                                          # row 1, column 700
     picture = draw_attention_map(image, roles, heat, "t", grid=(rows, columns))
-    assert picture.size == (2 * columns + 10, HEADER + rows + SCALE)
+    assert picture.size == (2 * columns + 10, HEADER + rows + SCALE_BAR)
     hot, cold = picture.getpixel((columns + 10 + 700, HEADER + 1)), picture.getpixel((columns + 10 + 699, HEADER + 1))
     assert hot[0] > 200 and hot[1] < 100 and cold != hot
     tall = draw_attention_map(image, roles, heat, "t", grid=(columns, rows))
-    assert tall.size == (2 * PANEL + 10, HEADER + columns + SCALE)
+    assert tall.size == (2 * PANEL + 10, HEADER + columns + SCALE_BAR)
 
 
 def test_picture_shows_the_question_and_a_colour_scale(tiny_ckpt):

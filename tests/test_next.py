@@ -21,7 +21,7 @@ import tinyavl
 from test_cli import assert_user_error, run_inprocess
 from tiny_checkpoints import LAYOUTS, NEXT_PINPOINTS, NEXT_VARIANTS, make_image, published_state_dict, tokenizer_info
 from tinyavl import anyres
-from tinyavl.attention_map import BLOCK, HEADER, PANEL, SCALE, image_heat, seen_image, token_pictures
+from tinyavl.attention_map import BLOCK, HEADER, PANEL, SCALE_BAR, image_heat, seen_image, token_pictures
 from tinyavl.errors import UserError
 
 LOGIT_ATOL = 1e-4
@@ -339,10 +339,10 @@ def test_main_draws_the_next_attention_map(tiny_ckpt, tmp_path, capsys):
     assert rc == 0, err
     with Image.open(out) as picture:
         # two strips: the base crop's square panels, then the map's (wider than tall: PANEL wide)
-        assert picture.width == 2 * PANEL + 10 and picture.height > 2 * (HEADER + SCALE) + PANEL
+        assert picture.width == 2 * PANEL + 10 and picture.height > 2 * (HEADER + SCALE_BAR) + PANEL
         # FlexAttention's blocks are framed on the base crop's heat panel (the low-resolution view) only
         heat_panels = [picture.crop((PANEL + 10, top, 2 * PANEL + 10, top + PANEL)) for top in
-                       (HEADER, HEADER + PANEL + SCALE + HEADER)]
+                       (HEADER, HEADER + PANEL + SCALE_BAR + HEADER)]
         framed = [BLOCK in {rgb for _, rgb in panel.getcolors(1 << 20)} for panel in heat_panels]
         assert framed == [True, False]
 
@@ -378,7 +378,7 @@ def test_an_image_too_wide_for_any_map_row_draws_the_base_crop_only(tiny_ckpt, t
                                         "--max-new-tokens", "2", "--attention-map", out])
     assert rc == 0, err
     with Image.open(out) as picture:
-        assert picture.height == HEADER + PANEL + SCALE
+        assert picture.height == HEADER + PANEL + SCALE_BAR
 
 
 SPECIAL_TOKENS_TEMPLATE = ("[{{ bos_token }}|{{ eos_token }}|{{ pad_token }}|{{ unk_token }}]<image>\n"

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 from tinyavl.toy.scenes import (CAPTION_QUESTION, COLOUR_JITTER, COLOURS, DIGIT_COLOUR, DIGIT_OFFSET, DIGITS, GRID,
-                                IMAGE_SIZE, MAX_OFFSET, MIN_PATCH_PIXELS, PATCH, PROMPT_KINDS, QUESTION_TYPES, SCALE,
+                                IMAGE_SIZE, MAX_OFFSET, MIN_PATCH_PIXELS, PATCH, PROMPT_KINDS, QUESTION_TYPES, CELL_PX,
                                 SHAPES, Scene, SceneObject, parse_caption, random_scene, scene_stream)
 
 PLACE = IMAGE_SIZE // GRID   # 24 px
-SHAPE_SIDE = 7 * SCALE       # 21 px: a 7 x 7 bitmap drawn SCALE x
-DIGIT_SIZE = (3 * SCALE, 5 * SCALE)  # (width, height) px: a 3 x 5 bitmap drawn SCALE x
+SHAPE_SIDE = 7 * CELL_PX     # 21 px: a 7 x 7 bitmap drawn CELL_PX x
+DIGIT_SIZE = (3 * CELL_PX, 5 * CELL_PX)  # (width, height) px: a 3 x 5 bitmap drawn CELL_PX x
 OFFSETS = list(itertools.product(range(MAX_OFFSET + 1), repeat=2))  # every (x, y) a shape can sit at
 
 
@@ -31,12 +31,12 @@ def bitmap(rows):
 
 
 def cells(block):
-    """A (SCALE h, SCALE w) block of pixels -> (h, w): one value per bitmap cell, whose SCALE x SCALE
+    """A (CELL_PX h, CELL_PX w) block of pixels -> (h, w): one value per bitmap cell, whose CELL_PX x CELL_PX
     pixels must agree."""
-    h, w = block.shape[0] // SCALE, block.shape[1] // SCALE
-    assert block.shape == (h * SCALE, w * SCALE)
-    grid = block.reshape(h, SCALE, w, SCALE)
-    assert (grid == grid[:, :1, :, :1]).all(), "a bitmap cell is drawn as SCALE x SCALE equal pixels"
+    h, w = block.shape[0] // CELL_PX, block.shape[1] // CELL_PX
+    assert block.shape == (h * CELL_PX, w * CELL_PX)
+    grid = block.reshape(h, CELL_PX, w, CELL_PX)
+    assert (grid == grid[:, :1, :, :1]).all(), "a bitmap cell is drawn as CELL_PX x CELL_PX equal pixels"
     return grid[:, 0, :, 0]
 
 
@@ -72,7 +72,7 @@ def read_places(img):
             assert max(abs(a - b) for a, b in zip(rgb, COLOURS[colour])) <= COLOUR_JITTER
 
             silhouette = cells(lit)
-            hidden = in_digit.reshape(7, SCALE, 7, SCALE).any(axis=(1, 3))  # cells a digit pixel covers: either
+            hidden = in_digit.reshape(7, CELL_PX, 7, CELL_PX).any(axis=(1, 3))  # cells a digit pixel covers: either
             shapes = [name for name, rows in SHAPES.items() if (bitmap(rows) == silhouette)[~hidden].all()]
             assert len(shapes) == 1, f"row {row} column {column} matches shapes {shapes}"
 
@@ -135,7 +135,7 @@ def test_every_glyph_is_distinct():
     # A digit hides the cells under it, so two shapes must differ outside the cells it can cover.
     (dx, dy), (w, h) = DIGIT_OFFSET, DIGIT_SIZE
     free = np.ones((7, 7), dtype=bool)
-    free[dy // SCALE:(dy + h - 1) // SCALE + 1, dx // SCALE:(dx + w - 1) // SCALE + 1] = False
+    free[dy // CELL_PX:(dy + h - 1) // CELL_PX + 1, dx // CELL_PX:(dx + w - 1) // CELL_PX + 1] = False
     for a, b in itertools.combinations(SHAPES, 2):
         assert (bitmap(SHAPES[a]) != bitmap(SHAPES[b]))[free].any(), (a, b)
     # Every shape touches all four sides of its box, so its bounding box in the image gives its offset.

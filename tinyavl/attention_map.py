@@ -33,7 +33,7 @@ EVICTED, STORED, COMPUTED = 0, 1, 2
 FRAME = {COMPUTED: (40, 220, 70), STORED: (250, 210, 40)}
 PANEL = 384  # px per panel side
 HEADER = 40  # px above the panels: the question, then the title
-SCALE = 34   # px below them: the heat map's colour scale
+SCALE_BAR = 34  # px below them: the heat map's colour scale
 HEAT = (255, 30, 30)
 BLOCK = (40, 90, 255)  # frame of a block FlexAttention's selection takes
 
@@ -131,7 +131,7 @@ def draw_attention_map(image: Image.Image, roles: torch.Tensor, heat: torch.Tens
     width, height = round(cell * columns), round(cell * rows)
     panel = max(PANEL, width)                                  # the x where the right panel starts, less 10
     base = image.resize((width, height), Image.Resampling.NEAREST)
-    canvas = Image.new("RGB", (2 * panel + 10, HEADER + height + SCALE), (255, 255, 255))
+    canvas = Image.new("RGB", (2 * panel + 10, HEADER + height + SCALE_BAR), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     draw.text((4, 4), drawable(f"Q: {question}", draw.getfont()), fill=(0, 0, 0))
     draw.text((4, 22), title, fill=(0, 0, 0))

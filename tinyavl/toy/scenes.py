@@ -38,7 +38,7 @@ IMAGE_SIZE = 96   # px
 PATCH = 8         # px: the vision tower's patch size
 GRID = 4          # places per side
 PLACE = IMAGE_SIZE // GRID  # 24 px = 3 x 3 patches
-SCALE = 3         # every bitmap cell is drawn as SCALE x SCALE pixels
+CELL_PX = 3       # every bitmap cell is drawn as CELL_PX x CELL_PX pixels
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 235), "yellow": (235, 215, 40)}
 DIGIT_COLOUR = (235, 235, 235)
@@ -60,9 +60,9 @@ DIGITS = {
     6: ("###", "#..", "###", "#.#", "###"), 7: ("###", "..#", ".#.", ".#.", ".#."),
     8: ("###", "#.#", "###", "#.#", "###"), 9: ("###", "#.#", "###", "..#", "###"),
 }
-SHAPE_SIDE = 7 * SCALE                           # 21 px
+SHAPE_SIDE = 7 * CELL_PX                         # 21 px
 MAX_OFFSET = PLACE - SHAPE_SIDE                  # 3 px: how far a shape can sit from its place's corner
-DIGIT_OFFSET = ((SHAPE_SIDE - 3 * SCALE) // 2, (SHAPE_SIDE - 5 * SCALE) // 2)  # (6, 3) px inside the shape
+DIGIT_OFFSET = ((SHAPE_SIDE - 3 * CELL_PX) // 2, (SHAPE_SIDE - 5 * CELL_PX) // 2)  # (6, 3) px inside the shape
 MIN_PATCH_PIXELS = 8  # a patch shows an object (or its digit) when at least this many of its 64 px do
 FINE_SCALE = 4        # a fine scene is drawn this many times larger: 384 px, 4 x 4 crops of the tower's 96
 FINE_DIGIT_CELL = 3   # px per font cell of a fine scene's digit: 9 x 15 px at 384 px (3/4 px a cell at 96)
@@ -93,12 +93,12 @@ class SceneObject:
         the image drawn scale x larger."""
         x = ((self.column - 1) * PLACE + self.offset[0]) * scale
         y = ((self.row - 1) * PLACE + self.offset[1]) * scale
-        return _mask(SHAPES[self.shape], x, y, SCALE * scale, IMAGE_SIZE * scale)
+        return _mask(SHAPES[self.shape], x, y, CELL_PX * scale, IMAGE_SIZE * scale)
 
     def digit_mask(self, fine: bool = False) -> np.ndarray:
         """The digit's pixels (all False without a digit): (IMAGE_SIZE, IMAGE_SIZE) bool, or with fine the
         small digit of a fine scene, (FINE_SCALE IMAGE_SIZE, ...) bool, in the middle of the shape."""
-        scale, cell, inside = (FINE_SCALE, FINE_DIGIT_CELL, FINE_DIGIT_OFFSET) if fine else (1, SCALE, DIGIT_OFFSET)
+        scale, cell, inside = (FINE_SCALE, FINE_DIGIT_CELL, FINE_DIGIT_OFFSET) if fine else (1, CELL_PX, DIGIT_OFFSET)
         if self.digit is None:
             return np.zeros((IMAGE_SIZE * scale, IMAGE_SIZE * scale), dtype=bool)
         x = ((self.column - 1) * PLACE + self.offset[0]) * scale + inside[0]
