@@ -28,12 +28,11 @@ the time inside the cache's four steps (`attention_ms`, summed over layers), and
 core that each re-rank replaced (`core_replaced`: an update step's swaps move each row entering the core
 and the one it replaces) and its attention ms split by kind of step: normal steps (sys + core + text) and
 update steps (every stored row, the re-rank and its swaps, with the swaps' part beside), and the two
-mixed as in a long answer, one update step in K (`attention_ms_steady`). The policies run one after
-another, `full` first; `full` runs once more after the others, and the ratio of its two step times says
-how much the machine's speed moved while they ran (`full_again_vs_first`). Then `full` and `avl` decode
-256 tokens to show how the step grows with the sequence (at the 16th and the 256th token: the ms per
-step, and the part of it inside the cache's four steps, which reads the K/V rows; and the slope of each,
-fitted over every step between). With transformers installed, its LLaVA runs the same weights and
+mixed as in a long answer, one update step in K (`attention_ms_steady`). The policies' decode steps are
+taken in turn (`run_policies`), so that the machine's drift weighs on every policy alike. Then `full` and
+`avl` decode 256 tokens, in turn too, to show how the step grows with the sequence (at the 16th and the
+256th token: the ms per step, and the part of it inside the cache's four steps, which reads the K/V rows;
+and the slope of each, fitted over every step between). With transformers installed, its LLaVA runs the same weights and
 prompt (the first image block) with full attention, and tinyavl's decode speed is printed relative to it.
 Absolute times on a shared CPU are noise; ratios measured in one run are the result.
 
@@ -55,6 +54,7 @@ import json
 import platform
 import statistics
 import sys
+import threading
 import time
 from contextlib import contextmanager
 
@@ -167,7 +167,7 @@ def transformers_decode_rate(model, input_ids, pixel_values, new_tokens: int, ex
             tokens.append(int(out.logits[0, -1].argmax()))  # int(): waits for a GPU's work
         return tokens, time.perf_counter() - start
 
-    if weight.is_cuda:  # first calls compile and choose kernels: untimed, as tinyavl's runs get (run_policy)
+    if weight.is_cuda:  # first calls compile and choose kernels: untimed, as tinyavl's runs get (run_policies)
         greedy(8)
     tokens, seconds = greedy(new_tokens)
     if tokens != expected_tokens:
@@ -323,18 +323,74 @@ def avl_step_split(cache, full_attention_ms: float) -> dict:
             "steady_vs_full": steady / full_attention_ms}
 
 
-def run_policy(model, name: str, input_ids, pixel_values, new_tokens: int):
-    """(tokens, stats, the timed cache)."""
+class Turns:
+    """Whose turn it is, among n runs that take turns: a run waits for its turn (`wait`), works, and hands
+    the turn to the next run still going (`pass_on`), or leaves the rotation when it ends (`leave`)."""
+
+    def __init__(self, n: int):
+        self.going, self.turn = list(range(n)), 0
+        self.changed = threading.Condition()
+
+    def wait(self, i: int):
+        with self.changed:
+            self.changed.wait_for(lambda: self.turn == i)
+
+    def pass_on(self, i: int):
+        with self.changed:
+            self.turn = self.going[(self.going.index(i) + 1) % len(self.going)]
+            self.changed.notify_all()
+
+    def leave(self, i: int):
+        with self.changed:
+            place = self.going.index(i)
+            self.going.remove(i)
+            if self.going:
+                self.turn = self.going[place % len(self.going)]
+            self.changed.notify_all()
+
+
+def run_policies(model, names, input_ids, pixel_values, new_tokens: int) -> dict:
+    """Each policy's generation on one prompt, {name: (tokens, stats, the timed cache)}, their decode steps
+    taken in turn: the prefills one after another, then step 1 of every policy, step 2 of every policy, ...
+    A shared machine's speed moves from minute to minute; run one after another, a policy would be timed
+    in its own minute, and the ratios between them would carry the machine's drift. Taken in turn, every
+    policy's steps spread over the same minutes. Each generation runs in a thread of its own, and only
+    while it holds the turn (one step at a time: the threads never run together); its `stream`, called
+    after each token, outside the step's clock, hands the turn on."""
     cuda = model.language_model.lm_head.weight.is_cuda
     if cuda:
-        # On a GPU the first calls compile kernels (Triton's, cuBLAS's choices): a short untimed run first,
-        # through an update step, so that no policy's step times include compilation.
-        generate(model, input_ids, pixel_values, max_new_tokens=8, eos_token_id=(), policy=name)
-    cache = timed_cache(name, cuda)
-    # eos_token_id=(): every policy decodes the same number of steps, whatever the tokens.
-    tokens, stats = generate(model, input_ids, pixel_values, max_new_tokens=new_tokens, eos_token_id=(),
-                             policy=cache)
-    return tokens, stats, cache
+        # On a GPU the first calls compile kernels (Triton's, cuBLAS's choices): a short untimed run of each
+        # first, through an update step, so that no policy's step times include compilation.
+        for name in names:
+            generate(model, input_ids, pixel_values, max_new_tokens=8, eos_token_id=(), policy=name)
+    turns, runs, failures = Turns(len(names)), {}, []
+
+    def run(i: int, name: str):
+        turns.wait(i)
+        try:
+            cache = timed_cache(name, cuda)
+
+            def next_turn(token):
+                turns.pass_on(i)
+                turns.wait(i)
+
+            # eos_token_id=(): every policy decodes the same number of steps, whatever the tokens.
+            tokens, stats = generate(model, input_ids, pixel_values, max_new_tokens=new_tokens, eos_token_id=(),
+                                     stream=next_turn, policy=cache)
+            runs[name] = tokens, stats, cache
+        except BaseException as err:  # raised again below, in the caller's thread
+            failures.append(err)
+        finally:
+            turns.leave(i)
+
+    threads = [threading.Thread(target=run, args=(i, name), daemon=True) for i, name in enumerate(names)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        raise failures[0]
+    return {name: runs[name] for name in names}
 
 
 def attention_step_seconds(cache) -> list[float]:
@@ -352,18 +408,17 @@ def ms_at(per_step: list[float], token: int, window: int = 8) -> float:
 
 
 def run_case(model, n_img: int, new_tokens: int, rates: dict) -> tuple[dict, list[int]]:
-    """Every policy on one prompt, `full` first and once more last: (a dict of per-policy measurements, as
-    --json prints it, with `full_again_vs_first`, its second run's decode ms over its first's; the tokens
-    `full` generated). rates: `measure_rates`'s, in bytes/s."""
+    """Every policy on one prompt, their decode steps in turn (`run_policies`): (a dict of per-policy
+    measurements, `full` first, as --json prints it; the tokens `full` generated). rates: `measure_rates`'s,
+    in bytes/s."""
     pixel_values = image_block(model, n_img)
     input_ids = prompt_ids(model.config, n_img)
     weight_bytes = decode_weight_bytes(model)
     row_bytes = kv_row_bytes(model.config.text, model.language_model.lm_head.weight.dtype)
+    runs = run_policies(model, POLICIES, input_ids, pixel_values, new_tokens)
+    full_tokens, full_stats = runs["full"][:2]
     policies = {}
-    for name in POLICIES:  # `full` first: the others' ratios are to it. One cache alive at a time.
-        tokens, stats, cache = run_policy(model, name, input_ids, pixel_values, new_tokens)
-        if name == "full":
-            full_tokens, full_stats = tokens, stats
+    for name, (tokens, stats, cache) in runs.items():  # `full` first: the others' ratios are to it
         kv_read = stats.attended_tokens_per_step * row_bytes            # summed over layers
         # The prefill makes the first token: new_tokens - 1 decode steps.
         attention_seconds = cache.spans.seconds("attention") / (stats.new_tokens - 1)
@@ -382,11 +437,8 @@ def run_case(model, n_img: int, new_tokens: int, rates: dict) -> tuple[dict, lis
             if cache.core_replaced:  # a run with an update step
                 policies[name]["core_replaced"] = statistics.mean(cache.core_replaced)
             policies[name].update(avl_step_split(cache, policies["full"]["attention_ms"]))
-    _, again, _ = run_policy(model, "full", input_ids, pixel_values, new_tokens)
-    full_again_vs_first = again.decode_seconds / full_stats.decode_seconds
     return {"image_tokens": n_img, "prompt_tokens": input_ids.shape[1], "new_tokens": new_tokens,
-            "rates_GBps": {name: rate / 1e9 for name, rate in rates.items()}, "policies": policies,
-            "full_again_vs_first": full_again_vs_first}, full_tokens
+            "rates_GBps": {name: rate / 1e9 for name, rate in rates.items()}, "policies": policies}, full_tokens
 
 
 def agreeing_start(tokens: list[int], reference: list[int]) -> int:
@@ -417,8 +469,7 @@ def growth(model, n_img: int) -> dict:
     pixel_values, input_ids = image_block(model, n_img), prompt_ids(model.config, n_img)
     first, last = GROWTH_TOKENS[0], GROWTH_TOKENS[-1]
     out = {}
-    for name in ("full", "avl"):
-        _, stats, cache = run_policy(model, name, input_ids, pixel_values, last)
+    for name, (_, stats, cache) in run_policies(model, ("full", "avl"), input_ids, pixel_values, last).items():
         out[name] = {}
         for kind, per_step in (("step", stats.decode_step_seconds), ("attention", attention_step_seconds(cache))):
             out[name].update({f"{kind}_ms_at_{token}": ms_at(per_step, token) for token in GROWTH_TOKENS})
@@ -449,8 +500,6 @@ def print_case(case: dict) -> None:
               f"{a['attention_ms_update_step']:.1f} per update step ({a['update_step_vs_full']:.2f}x), "
               f"{a['swap_ms_update_step']:.1f} of it swapping core rows; one update step in K: "
               f"{a['attention_ms_steady']:.1f} ({a['steady_vs_full']:.2f}x)")
-    print(f"full again after the others: {case['full_again_vs_first']:.2f}x its first run's decode ms "
-          "(how far the machine's speed moved during the table)")
 
 
 def print_growth(growth_result: dict) -> None:
