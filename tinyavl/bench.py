@@ -54,7 +54,6 @@ import json
 import platform
 import statistics
 import sys
-import threading
 import time
 from contextlib import contextmanager
 
@@ -64,7 +63,7 @@ from tinyavl import anyres
 from tinyavl.cache import AVLCache, make_cache
 from tinyavl.cli import ArgumentParser, run_main
 from tinyavl.errors import UserError
-from tinyavl.generate import generate
+from tinyavl.generate import generate, generation
 from tinyavl.loading import resolve_device
 from tinyavl.model import LlavaConfig, LlavaForConditionalGeneration, TextConfig, VisionConfig, keys_first
 from tinyavl.timing import best_seconds, synchronize
@@ -323,73 +322,32 @@ def avl_step_split(cache, full_attention_ms: float) -> dict:
             "steady_vs_full": steady / full_attention_ms}
 
 
-class Turns:
-    """Whose turn it is, among n runs that take turns: a run waits for its turn (`wait`), works, and hands
-    the turn to the next run still going (`pass_on`), or leaves the rotation when it ends (`leave`)."""
-
-    def __init__(self, n: int):
-        self.going, self.turn = list(range(n)), 0
-        self.changed = threading.Condition()
-
-    def wait(self, i: int):
-        with self.changed:
-            self.changed.wait_for(lambda: self.turn == i)
-
-    def pass_on(self, i: int):
-        with self.changed:
-            self.turn = self.going[(self.going.index(i) + 1) % len(self.going)]
-            self.changed.notify_all()
-
-    def leave(self, i: int):
-        with self.changed:
-            place = self.going.index(i)
-            self.going.remove(i)
-            if self.going:
-                self.turn = self.going[place % len(self.going)]
-            self.changed.notify_all()
-
-
 def run_policies(model, names, input_ids, pixel_values, new_tokens: int) -> dict:
     """Each policy's generation on one prompt, {name: (tokens, stats, the timed cache)}, their decode steps
     taken in turn: the prefills one after another, then step 1 of every policy, step 2 of every policy, ...
     A shared machine's speed moves from minute to minute; run one after another, a policy would be timed
-    in its own minute, and the ratios between them would carry the machine's drift. Taken in turn, every
-    policy's steps spread over the same minutes. Each generation runs in a thread of its own, and only
-    while it holds the turn (one step at a time: the threads never run together); its `stream`, called
-    after each token, outside the step's clock, hands the turn on."""
+    in its own minutes, and the ratios between them would carry the machine's drift. Taken in turn, every
+    policy's steps spread over the same minutes. Each `generation` yields after each token, outside its
+    step's clock, and the next policy's step runs."""
     cuda = model.language_model.lm_head.weight.is_cuda
     if cuda:
         # On a GPU the first calls compile kernels (Triton's, cuBLAS's choices): a short untimed run of each
         # first, through an update step, so that no policy's step times include compilation.
         for name in names:
             generate(model, input_ids, pixel_values, max_new_tokens=8, eos_token_id=(), policy=name)
-    turns, runs, failures = Turns(len(names)), {}, []
-
-    def run(i: int, name: str):
-        turns.wait(i)
-        try:
-            cache = timed_cache(name, cuda)
-
-            def next_turn(token):
-                turns.pass_on(i)
-                turns.wait(i)
-
-            # eos_token_id=(): every policy decodes the same number of steps, whatever the tokens.
-            tokens, stats = generate(model, input_ids, pixel_values, max_new_tokens=new_tokens, eos_token_id=(),
-                                     stream=next_turn, policy=cache)
-            runs[name] = tokens, stats, cache
-        except BaseException as err:  # raised again below, in the caller's thread
-            failures.append(err)
-        finally:
-            turns.leave(i)
-
-    threads = [threading.Thread(target=run, args=(i, name), daemon=True) for i, name in enumerate(names)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if failures:
-        raise failures[0]
+    caches = {name: timed_cache(name, cuda) for name in names}
+    # eos_token_id=(): every policy decodes the same number of steps, whatever the tokens.
+    going = {name: generation(model, input_ids, pixel_values, max_new_tokens=new_tokens, eos_token_id=(),
+                              policy=cache) for name, cache in caches.items()}
+    runs = {}
+    while going:
+        for name, steps in list(going.items()):   # one step of each policy still going, in turn
+            try:
+                next(steps)
+            except StopIteration as end:
+                tokens, stats = end.value
+                runs[name] = tokens, stats, caches[name]
+                del going[name]
     return {name: runs[name] for name in names}
 
 

@@ -142,11 +142,25 @@ def prompt_layout(input_ids, pixel_values, config) -> tuple[int, int]:
     return n_sys, n_img
 
 
+def generate(model, input_ids, pixel_values=None, *, stream=None, **options) -> tuple[list[int], GenerationStats]:
+    """A whole `generation` (whose arguments these are), run to its end: stream(token_id) is called as each
+    token is produced. Returns the new token ids (EOS included when it stops generation) and the run's
+    statistics, whose finish_reason says why it stopped."""
+    steps = generation(model, input_ids, pixel_values, **options)
+    while True:
+        try:
+            token = next(steps)
+        except StopIteration as end:
+            return end.value
+        if stream:
+            stream(token)
+
+
 @torch.inference_mode()
-def generate(model, input_ids, pixel_values=None, *, image_sizes=None, hires_pixel_values=None,
-             hires_top: int | None = None, max_new_tokens: int = 64, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int | None = None, eos_token_id: int | Sequence[int] | None = None,
-             stream=None, policy: KVCache | str = "full", **policy_params) -> tuple[list[int], GenerationStats]:
+def generation(model, input_ids, pixel_values=None, *, image_sizes=None, hires_pixel_values=None,
+               hires_top: int | None = None, max_new_tokens: int = 64, temperature: float = 0.0,
+               top_p: float = 1.0, seed: int | None = None, eos_token_id: int | Sequence[int] | None = None,
+               policy: KVCache | str = "full", **policy_params):
     """Generate up to max_new_tokens after the prompt input_ids (1, T) (image tokens already expanded);
     pixel_values and image_sizes as the processor returns them (image_sizes: LLaVA-1.6 only needs it;
     hires_pixel_values: a FlexAttention model's high-resolution view, whose blocks every step reads;
@@ -155,9 +169,10 @@ def generate(model, input_ids, pixel_values=None, *, image_sizes=None, hires_pix
     eos_token_id: the id (or ids) that end the answer; None means the model's own
     (config.text.eos_token_id, as transformers reads it from the checkpoint), () never stops early.
     policy: a cache object or a policy name (a key of cache.POLICIES: "full", "avl", ...) whose
-    parameters are the keyword arguments. stream(token_id) is called as each token is produced.
-    Returns the new token ids (EOS included when it stops generation) and the run's statistics, whose
-    finish_reason says why it stopped.
+    parameters are the keyword arguments.
+    A generator, one step at a time: it yields each new token as it is chosen, and returns (its return
+    value, in StopIteration) the new token ids and the run's statistics. `generate` runs one to its end;
+    the benchmark runs several in turn (tinyavl/bench.py, `run_policies`).
     """
     check_generation_args(max_new_tokens, temperature, top_p, seed)
     max_new_tokens, seed = int(max_new_tokens), None if seed is None else int(seed)  # numpy's integers too
@@ -196,19 +211,17 @@ def generate(model, input_ids, pixel_values=None, *, image_sizes=None, hires_pix
     prefill_bytes, prefill_modality_bytes, prefill_layer_bytes = kv_snapshot(cache)
     peak_bytes, peak_modality_bytes = prefill_bytes, prefill_modality_bytes
     tokens, attended, attended_dense, step_seconds = [token], [], [], []
-    if stream:
-        stream(token)
+    yield token
     while len(tokens) < limit and token not in eos_ids:
-        # Timed: the step's forward pass and its token (which waits for a GPU's work); not the stream or
-        # the statistics below, which every policy would otherwise pay unequally (the snapshot runs each
-        # time the cache grew: every step for `full`).
+        # Timed: the step's forward pass and its token (which waits for a GPU's work); not what the caller
+        # does with the token, nor the statistics below, which every policy would otherwise pay unequally
+        # (the snapshot runs each time the cache grew: every step for `full`).
         start = time.perf_counter()
         logits = model(torch.tensor([[token]], device=device), cache=cache, last_only=True)
         token = next_token(logits, temperature, top_p, generator, step=len(tokens))
         step_seconds.append(time.perf_counter() - start)
         tokens.append(token)
-        if stream:
-            stream(token)
+        yield token
         attended.append(list(cache.attended))
         attended_dense.append(cache.next_pos * cache.n_layers)  # dense: every token in every layer
         if cache.nbytes() > peak_bytes:
