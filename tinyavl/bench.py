@@ -15,12 +15,11 @@ A decode step is memory-bound: it cannot take less than the bytes it must read (
 plus the K/V rows the policy attends) over the rate they can be read at. The benchmark measures both
 rates in the same run, before each image block's policies: a large fp32 tensor's read (`read_rate`, what
 the machine allows) and PyTorch's matrix-vector product on the layer's own weight shapes in the run's
-dtype (`matvec_rate`, what `nn.Linear` allows). A
-step's floor (`floor_ms`) is its weight bytes at the matrix-vector rate plus its attended K/V bytes at
-the read rate; the hardware floor is all of them at the read rate (tutorial chapter 8 works through
-both, and what a policy can save against them). The run also says which of two equal products gives a
-decode query's logits on this machine (`decode_logits`: k q^T or q k^T, as `model.keys_first` chose
-them: on a CPU by timing both, `faster_keys_first`).
+dtype (`matvec_rate`, what `nn.Linear` allows). A step's floor (`floor_ms`) is its weight bytes at the
+matrix-vector rate plus its attended K/V bytes at the read rate; the hardware floor is all of them at the
+read rate (tutorial chapter 8 works through both, and what a policy can save against them). The run also
+says which of two equal products gives a decode query's logits on this machine (`decode_logits`: k q^T or
+q k^T, as `model.keys_first` chose them: on a CPU by timing both, `faster_keys_first`).
 
 For each policy, in one run on the same prompt: KV bytes held (peak, relative to `full`), rows attended per
 decode step (summed over layers, relative to `full`), prefill time, decode ms per step beside its floor,
@@ -32,9 +31,10 @@ mixed as in a long answer, one update step in K (`attention_ms_steady`). The pol
 taken in turn (`run_policies`), so that the machine's drift weighs on every policy alike. Then `full` and
 `avl` decode 256 tokens, in turn too, to show how the step grows with the sequence (at the 16th and the
 256th token: the ms per step, and the part of it inside the cache's four steps, which reads the K/V rows;
-and the slope of each, fitted over every step between). With transformers installed, its LLaVA runs the same weights and
-prompt (the first image block) with full attention, and tinyavl's decode speed is printed relative to it.
-Absolute times on a shared CPU are noise; ratios measured in one run are the result.
+and the slope of each, fitted over every step between). With transformers installed, its LLaVA runs the
+same weights and prompt (the first image block) with full attention, and tinyavl's decode speed is
+printed relative to it. Absolute times on a shared CPU are noise; ratios measured in one run are the
+result.
 
 `--device cuda` runs all of it on a GPU (the default where CUDA is present, as in main.py), where A-VL's
 decode steps go through the Triton kernel (kernels/sparse_attention.py). GPU work is queued, not done,
