@@ -29,7 +29,7 @@ import tinyavl
 from tinyavl import hires
 from tinyavl.attention_map import map_layer, save_attention_map
 from tinyavl.cli import (TOY_WEIGHTS, ArgumentParser, add_policy_arguments, check_filter_layer,
-                         first_paragraph, flag, given_policy_params, output_file, run_command)
+                         first_paragraph, flag, output_file, policy_cache, run_command)
 from tinyavl.files import check_output_file
 from tinyavl.generate import check_generation_args
 from tinyavl.processing import check_question, load_image
@@ -74,7 +74,7 @@ def check_args(args):
     image = load_image(args.image)
     check_question(args.prompt)
     check_generation_args(args.max_new_tokens, args.temperature, args.top_p, args.seed, named=flag)
-    cache = tinyavl.make_cache(args.policy, **given_policy_params(args))
+    cache = policy_cache(args)
     if args.weights is None:
         if not DEFAULT_WEIGHTS.is_dir():
             raise tinyavl.UserError(f"no model in {DEFAULT_WEIGHTS}: restore the committed toy model (git checkout "

@@ -262,19 +262,21 @@ class Param:
         below = self.high is None or (value < self.high if self.ends[1] == ")" else value <= self.high)
         return above and below
 
-    def check(self, value):
-        """The value, if this parameter allows it; else a UserError naming the parameter."""
+    def check(self, value, named=str):
+        """The value, if this parameter allows it; else a UserError naming the parameter as named(name)
+        does (the command lines: its flag)."""
         if self.choices:
             ok = value in self.choices
         else:
             kind = type(self.default)
             # numpy's numbers too, held as Python's.
             if not (is_whole(value) if kind is int else is_real(value)):
-                raise UserError(f"{self.name} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+                raise UserError(f"{named(self.name)} must be {'an integer' if kind is int else 'a number'}, "
+                                f"got {value!r}")
             value = kind(value)
             ok = self.in_range(value)
         if not ok:
-            raise UserError(f"{self.name} must be {self.allowed()}, got {value!r}")
+            raise UserError(f"{named(self.name)} must be {self.allowed()}, got {value!r}")
         return value
 
 
@@ -332,14 +334,20 @@ class KVCache:
     def __init__(self, **params):
         """Every declared parameter becomes an attribute: the value given, checked, or its default.
         (No per-class signature: PARAMS is the one source of names and defaults.)"""
-        declared = {p.name: p for p in self.PARAMS}
+        for name, value in self.check_params(params).items():
+            setattr(self, name, value)
+
+    @classmethod
+    def check_params(cls, params: dict, named=str) -> dict:
+        """Every declared parameter's value, {name: value}: the one given, checked, or its default. A
+        UserError names the parameters as named(name) does (the command lines: their flags)."""
+        declared = {p.name: p for p in cls.PARAMS}
         unknown = sorted(set(params) - set(declared))
         if unknown:
-            takes = ", ".join(declared) or "no parameters"
-            raise UserError(f"policy {self.name!r} takes {takes}, not " + "; ".join(
-                f"{p} (a parameter of {', '.join(param_owners().get(p, {})) or 'no policy'})" for p in unknown))
-        for name, param in declared.items():
-            setattr(self, name, param.check(params.get(name, param.default)))
+            takes = ", ".join(map(named, declared)) or "no parameters"
+            raise UserError(f"policy {cls.name!r} takes {takes}, not " + "; ".join(
+                f"{named(p)} (a parameter of {', '.join(param_owners().get(p, {})) or 'no policy'})" for p in unknown))
+        return {name: param.check(params.get(name, param.default), named) for name, param in declared.items()}
 
     def params(self) -> dict:
         """The policy's parameters, for reports."""
@@ -689,14 +697,21 @@ class AVLCache(KVCache):
 
     def __init__(self, **params):
         super().__init__(**params)
-        S, C, P = self.S, self.C, self.P
-        if C > S:
-            raise UserError(f"C ({C}) must not exceed S ({S}): the core is part of the secondary tokens")
-        if S > P:
-            raise UserError(f"S ({S}) must not exceed P ({P}): a layer cannot keep more image tokens than the "
-                            "prefill filter let through")
         if self.kernel == "triton":
             require_triton()
+
+    @classmethod
+    def check_params(cls, params: dict, named=str) -> dict:
+        """KVCache's, and the nesting C <= S <= P."""
+        values = super().check_params(params, named)
+        S, C, P = values["S"], values["C"], values["P"]
+        if C > S:
+            raise UserError(f"{named('C')} ({C}) must not exceed {named('S')} ({S}): the core is part of the "
+                            "secondary tokens")
+        if S > P:
+            raise UserError(f"{named('S')} ({S}) must not exceed {named('P')} ({P}): a layer cannot keep more "
+                            "image tokens than the prefill filter let through")
+        return values
 
     @property
     def filters_prefill(self) -> bool:

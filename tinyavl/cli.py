@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from tinyavl.cache import POLICIES, SEED_PARAM, param_owners
+from tinyavl.cache import POLICIES, SEED_PARAM, KVCache, make_cache, param_owners
 from tinyavl.errors import UserError
 
 # The committed toy LLaVA: the default model of main.py and of the evaluation.
@@ -103,6 +103,15 @@ def check_filter_layer(args: argparse.Namespace, model, cache) -> None:
 def given_policy_params(args: argparse.Namespace) -> dict:
     """The policy parameters given on the command line (the cache's `params()` holds all, defaults too)."""
     return {name: getattr(args, name) for name in param_owners() if getattr(args, name) is not None}
+
+
+def policy_cache(args: argparse.Namespace) -> KVCache:
+    """The cache --policy and its flags ask for (`make_cache`); a mistake's message names the flags
+    (--filter-layer), as the policy's own check names the parameters (filter_layer)."""
+    params = given_policy_params(args)
+    if args.policy in POLICIES:  # else make_cache says the policy is unknown
+        POLICIES[args.policy].check_params(params, named=flag)
+    return make_cache(args.policy, **params)
 
 
 # Threads beyond the cores only slow training down, but a run reproduces its weights only with the thread count

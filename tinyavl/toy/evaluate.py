@@ -41,7 +41,7 @@ from tinyavl import load_pretrained
 from tinyavl.attention_map import save_attention_map
 from tinyavl.cache import AVLCache, KVCache, make_cache
 from tinyavl.cli import (TOY_WEIGHTS, ArgumentParser, add_policy_arguments, check_filter_layer, first_paragraph,
-                         given_policy_params, output_file, run_command)
+                         given_policy_params, output_file, policy_cache, run_command)
 from tinyavl.errors import UserError
 from tinyavl.files import check_output_file, check_picture_folder
 from tinyavl.generate import generate
@@ -454,7 +454,7 @@ def run(args) -> dict:
     if args.attention_maps is not None:
         pictures = [map_file(args.attention_maps, kind).name for kind in PROMPT_KINDS]  # one per kind of prompt
         check_picture_folder(args.attention_maps, "--attention-maps", pictures, [args.weights], args.force)
-    cache = make_cache(args.policy, **given_policy_params(args))  # bad policy parameters fail here, before any work
+    cache = policy_cache(args)  # bad policy parameters fail here, before any work
     if not args.weights.is_dir():
         raise UserError(f"no model folder at {args.weights}: train one with python -m tinyavl.toy.train")
     model, processor = load_pretrained(args.weights, device="cpu", dtype="float32")
