@@ -29,10 +29,12 @@ import torch
 import tinyavl
 from cache_helpers import (build_model, last_row_head_mean, make_prompt, masked, naive_logits,  # noqa: F401
                            one_thread, positions_per_head, recording, run_steps, scores_per_head, top_positions)
-from tinyavl.cache import (POLICIES, AVLCache, FastVCache, H2OCache, KVCache, RandomCache, StreamingCache,
-                           causal_column_sums, image_filter, make_cache, share)
+from tinyavl.cache import (POLICIES, ROW_BUCKET, AVLCache, FastVCache, H2OCache, KVCache, LastRow, Param, RandomCache,
+                           StreamingCache, causal_column_sums, contiguous_runs, decode_attention, heavy_plus_recent,
+                           image_filter, make_cache, read_end, share)
 from tinyavl.errors import UserError
 from tinyavl.generate import image_segments
+from tinyavl.model import faster_keys_first, keys_first
 
 N_SYS = 3
 LOGIT_ATOL = 1e-5
@@ -786,7 +788,6 @@ def test_heavy_plus_recent_holds_its_count_where_older_tokens_got_no_attention()
     """Attention a token gets can be exactly 0 (fp32 underflows past a logit gap of about 104): older
     tokens scored 0 still compete for the heavy places against each other, never against the recent
     window's tokens, so every head holds heavy + recent tokens (K and V stay rectangular)."""
-    from tinyavl.cache import heavy_plus_recent
     scores = torch.tensor([[[1., 7., 0., 0., 0., 0., 0., 0.],          # head 0: older rows 2..5 got nothing
                             [1., 7., 3., 2., .5, .25, 0., 0.]]])       # head 1: every older row got some
     pos = torch.arange(8).expand(1, 2, 8)
@@ -1211,7 +1212,6 @@ def test_decode_attention_over_spans_equals_one_softmax_over_their_union(heads, 
     """decode_attention on spans read in place == float64 softmax attention over the rows joined; the
     LastRow it hands over carries that row's log-sum-exp, and its probabilities on any attended rows,
     sliced from its logits or recomputed from the lse alone, are the float64 softmax's."""
-    from tinyavl.cache import LastRow, decode_attention
     g = torch.Generator().manual_seed(3)
     q = torch.randn(2, heads, 1, 16, generator=g)
     k, v = torch.randn(2, kv_heads, 30, 16, generator=g), torch.randn(2, kv_heads, 30, 16, generator=g)
@@ -1233,7 +1233,6 @@ def test_probabilities_from_an_lse_alone_are_the_softmax_in_16_bit(dtype):
     LastRow recomputes for 16-bit q and k are then the float64 softmax's and sum to 1 over the row, as
     the kernel's lse comes from fp32 products of those values (logits rounded to bf16 put them off by
     up to 5%)."""
-    from tinyavl.cache import LastRow
     g = torch.Generator().manual_seed(0)
     q = (3 * torch.randn(1, 8, 1, 64, generator=g)).to(dtype)
     k = (3 * torch.randn(1, 2, 300, 64, generator=g)).to(dtype)
@@ -1261,7 +1260,6 @@ def test_a_rerank_moves_only_the_rows_that_change_role():
 def test_decode_attention_over_many_spans_rounds_once_in_bf16():
     """A policy may attend to scattered rows (chapter 2's writes one): in bf16, decode_attention over every
     other row, 512 spans, is as close to the float64 softmax as the same rows read as one span."""
-    from tinyavl.cache import decode_attention
     g = torch.Generator().manual_seed(5)
     q = torch.randn(1, 8, 1, 64, generator=g).bfloat16()
     k, v = (torch.randn(1, 2, 1024, 64, generator=g).bfloat16() for _ in range(2))
@@ -1278,7 +1276,6 @@ def test_decode_attention_over_many_spans_rounds_once_in_bf16():
 def test_read_end_rounds_up_to_a_bucket_in_16_bit_floats_on_a_cpu_within_the_buffer():
     """Where each new shape costs (bf16 and fp16 products on a CPU), a decode step reads up to the next
     multiple of ROW_BUCKET rows, but never past the rows the buffer has; elsewhere exactly the span."""
-    from tinyavl.cache import ROW_BUCKET, read_end
 
     def buffer(rows, dtype):
         return torch.zeros(1, 2, rows, 8, dtype=dtype)
@@ -1299,7 +1296,6 @@ def test_decode_attention_read_past_the_last_span_counts_only_the_spans(heads, k
     longer holds, here planted to take all the attention and to carry huge values, must change nothing:
     the output and log-sum-exp are the float64 softmax's over the spans' rows, and the logits handed over
     cover the spans' rows only, each where it belongs: the probabilities read from them are the softmax's."""
-    from tinyavl.cache import decode_attention, read_end
     g = torch.Generator().manual_seed(4)
     q = torch.randn(2, heads, 1, 16, generator=g)
     k, v = torch.randn(2, kv_heads, 200, 16, generator=g), torch.randn(2, kv_heads, 200, 16, generator=g)
@@ -1404,7 +1400,6 @@ def test_keys_first_keeps_the_faster_product(monkeypatch, faster):
 def test_keys_first_is_timed_once_per_dtype_and_leaves_the_random_seed_alone():
     """The choice of product is made once per (device, dtype), on a CPU by timing, without drawing from
     the global random generator (a sampled answer must not depend on it); CUDA always takes q k^T."""
-    from tinyavl.model import faster_keys_first, keys_first
     faster_keys_first.cache_clear()
     state = torch.get_rng_state()
     choice = keys_first("cpu", torch.float32)
@@ -1451,7 +1446,6 @@ def test_rerank_core_moves_only_the_rows_that_change_role(monkeypatch, every_hea
 
 
 def test_contiguous_runs_by_hand():
-    from tinyavl.cache import contiguous_runs
     assert contiguous_runs(torch.tensor([0, 1, 2, 7, 8])) == [(0, 3), (7, 9)]
     assert contiguous_runs(torch.tensor([4])) == [(4, 5)]
     assert contiguous_runs(torch.tensor([1, 3, 5])) == [(1, 2), (3, 4), (5, 6)]
@@ -1524,7 +1518,6 @@ def test_rows_at_the_prefill_and_several_tokens_after_it_are_refused():
 
 
 def test_a_parameter_without_bounds_takes_any_number_of_its_type():
-    from tinyavl.cache import Param
     free = Param("width", 8, "any width")
     assert free.check(-3) == -3 and free.allowed() == "any integer"
     with pytest.raises(UserError, match="width must be an integer"):

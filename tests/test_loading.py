@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 import tinyavl
 from tinyavl.cli import TOY_WEIGHTS
 from tinyavl.errors import UserError
-from tinyavl.loading import read_config
+from tinyavl.loading import parse_config, read_config
 from tiny_checkpoints import (LAYOUTS, VARIANTS, published_state_dict, sparse_config,
                               tokenizer_info, write_checkpoint)
 
@@ -341,7 +341,6 @@ def test_a_field_config_json_leaves_out_takes_transformers_class_default(text_ty
     """A config.json may leave out any field its class has a default for: each such text field, and a
     whole missing vision_config, reads as transformers' LlavaConfig reads it."""
     from transformers import LlavaConfig as HFLlavaConfig
-    from tinyavl.loading import parse_config
     base = sparse_config(VARIANTS["mha"])
     base["text_config"].update(model_type=text_type, num_attention_heads=8)  # 8: divides Mistral's 8 KV heads
     if text_type == "mistral":

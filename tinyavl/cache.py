@@ -331,10 +331,11 @@ class KVCache:
     PARAMS: tuple[Param, ...] = ()  # the policy's parameters, declared once
     FULL_BUDGET: dict = {}          # parameters with which the policy keeps and computes every token
 
-    def __init__(self, **params):
+    def __init__(self, named=str, **params):
         """Every declared parameter becomes an attribute: the value given, checked, or its default.
-        (No per-class signature: PARAMS is the one source of names and defaults.)"""
-        for name, value in self.check_params(params).items():
+        (No per-class signature: PARAMS is the one source of names and defaults.) named: how a mistake's
+        message names a parameter (`check_params`)."""
+        for name, value in self.check_params(params, named).items():
             setattr(self, name, value)
 
     @classmethod
@@ -983,12 +984,13 @@ def param_owners() -> dict[str, dict[str, Param]]:
     return owners
 
 
-def make_cache(name: str, **params) -> KVCache:
+def make_cache(name: str, named=str, **params) -> KVCache:
     """A fresh cache for the named policy, e.g. make_cache("avl", S=0.5, C=0.3, K=3); parameters not
-    given take their declared defaults."""
+    given take their declared defaults. named: how a mistake's message names a parameter (the command
+    lines: its flag, `cli.flag`)."""
     if name not in POLICIES:
         raise UserError(f"unknown policy {name!r}: choose one of {', '.join(POLICIES)}")
-    return POLICIES[name](**params)
+    return POLICIES[name](named=named, **params)
 
 
 def require_triton(device: torch.device | None = None) -> None:

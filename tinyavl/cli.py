@@ -107,11 +107,8 @@ def given_policy_params(args: argparse.Namespace) -> dict:
 
 def policy_cache(args: argparse.Namespace) -> KVCache:
     """The cache --policy and its flags ask for (`make_cache`); a mistake's message names the flags
-    (--filter-layer), as the policy's own check names the parameters (filter_layer)."""
-    params = given_policy_params(args)
-    if args.policy in POLICIES:  # else make_cache says the policy is unknown
-        POLICIES[args.policy].check_params(params, named=flag)
-    return make_cache(args.policy, **params)
+    (--filter-layer), where the Python API's names the parameters (filter_layer)."""
+    return make_cache(args.policy, named=flag, **given_policy_params(args))
 
 
 # Threads beyond the cores only slow training down, but a run reproduces its weights only with the thread count

@@ -285,11 +285,11 @@ def hide_image_tokens(input_ids, image_token_id: int, max_fraction: float, gener
     half of the image tokens gone) because CLIP's 24 layers spread each object over many tokens and
     the decoder reads it from many of them. A toy trained in an hour reads each fact from the few
     patches that show it most (its 2-layer tower spreads little); hiding random image tokens makes the
-    decoder read a fact from any of the object's tokens, as dropout does for units (Srivastava et al., 2014). Nothing here reads a KV policy:
-    the draw is uniform and blind to attention, and hidden tokens are hidden from the whole sequence,
-    question and answers alike, not evicted from a cache after a prefill. Its distribution is, though,
-    the `random` control's (a uniform share of the image gone): the control the model is trained to
-    survive."""
+    decoder read a fact from any of the object's tokens, as dropout does for units (Srivastava et al.,
+    2014). Nothing here reads a KV policy: the draw is uniform and blind to attention, and hidden tokens
+    are hidden from the whole sequence, question and answers alike, not evicted from a cache after a
+    prefill. Its distribution is, though, the `random` control's (a uniform share of the image gone):
+    the control the model is trained to survive."""
     visible = torch.ones_like(input_ids)                                         # (B, T)
     for row in range(input_ids.shape[0]):
         # No draw when every sequence is picked, so share 1 replays the masks of a run without the knob.
