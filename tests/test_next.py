@@ -315,6 +315,7 @@ def test_attention_map_pictures_and_heat_on_the_next_block(loaded):
     assert base.image.tobytes() == seen_image(inputs["pixel_values"][0, 0], processor).tobytes()
     newlines = (features == model.image_newline).all(-1).nonzero().flatten().tolist()
     assert sorted(high.tokens.tolist() + newlines + base.tokens.tolist()) == list(range(len(block)))
+    assert high.tokens.tolist() == [i for i in range(16, len(block)) if i not in newlines]  # in reading order
     rows, columns = high.grid
     assert len(newlines) == rows
     # The high-res picture is the processor's tiles pasted back on their canvas, cut to the kept rows and

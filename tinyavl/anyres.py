@@ -75,6 +75,13 @@ def unpadded_region(image_hw: tuple[int, int], map_hw: tuple[int, int]) -> tuple
     return slice(0, map_h), slice(pad, map_w - pad)
 
 
+def map_token(row, column, n_columns: int, side: int):
+    """Where the unpadded map's cell (row, column) sits in the image block (ints, or tensors of them):
+    after the base crop's side^2 features, each of the map's rows holds its n_columns cells and then
+    one newline token. The one place that lays the block out; `tile_map` builds it so (the tests check)."""
+    return side * side + row * (n_columns + 1) + column
+
+
 def image_token_count(image_hw: tuple[int, int], pinpoints, tile: int, patch: int) -> int:
     """Tokens of one image: the base crop's (tile / patch)^2 features, then the unpadded feature map of
     the tiles, each of its rows followed by one newline token."""
@@ -83,4 +90,4 @@ def image_token_count(image_hw: tuple[int, int], pinpoints, tile: int, patch: in
     kept_rows, kept_columns = unpadded_region(image_hw, (rows * side, columns * side))
     n_rows = kept_rows.stop - kept_rows.start
     n_columns = kept_columns.stop - kept_columns.start
-    return side * side + n_rows * (n_columns + 1)
+    return map_token(n_rows, 0, n_columns, side)  # where a row after the last would start: the block's length

@@ -28,6 +28,7 @@ from tinyavl.attention_stats import record_attention
 from tinyavl.cache import AVLCache, KVCache
 from tinyavl.errors import UserError
 from tinyavl.files import write_file_atomically
+from tinyavl.model import stitch_tiles
 
 EVICTED, STORED, COMPUTED = 0, 1, 2
 FRAME = {COMPUTED: (40, 220, 70), STORED: (250, 210, 40)}
@@ -89,9 +90,8 @@ def token_pictures(model, processor, inputs) -> list[TokenPicture]:
                              (side, side))]
     image_hw = tuple(inputs["image_sizes"][0].tolist())
     rows, columns = anyres.tile_grid(image_hw, config.image_grid_pinpoints, config.vision.image_size)
-    tiles = crops[1:1 + rows * columns]                                                  # (rows * columns, 3, S, S)
-    canvas = torch.cat([torch.cat(list(tiles[r * columns:(r + 1) * columns]), dim=2) for r in range(rows)],
-                       dim=1)                                                           # (3, rows S, columns S)
+    tiles = crops[1:1 + rows * columns].permute(0, 2, 3, 1).flatten(1, 2)                # (rows * columns, S S, 3)
+    canvas = stitch_tiles(tiles, rows, columns).permute(2, 0, 1)                          # (3, rows S, columns S)
     kept_rows, kept_columns = anyres.unpadded_region(image_hw, (rows * side, columns * side))
     patch = config.vision.patch_size
     canvas = canvas[:, kept_rows.start * patch:kept_rows.stop * patch,
@@ -100,8 +100,8 @@ def token_pictures(model, processor, inputs) -> list[TokenPicture]:
     base = TokenPicture("base crop", seen_image(crops[0], processor), torch.arange(side * side), (side, side))
     if 0 in grid:  # an image over 72:1 keeps no row of the map (as in transformers): nothing to draw
         return [base]
-    # The map follows the base crop's side^2 tokens, each row closed by a newline token (no cell).
-    map_tokens = torch.arange(grid[0] * (grid[1] + 1)).view(grid[0], grid[1] + 1)[:, :-1].flatten() + side * side
+    cell_rows, cell_columns = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
+    map_tokens = anyres.map_token(cell_rows, cell_columns, grid[1], side).flatten()     # newlines have no cell
     return [base, TokenPicture("high resolution", seen_image(canvas, processor), map_tokens, grid)]
 
 
