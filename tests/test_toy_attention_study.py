@@ -8,9 +8,8 @@ import torch
 
 from cache_helpers import build_model, make_prompt, one_thread, positions_per_head, run_steps  # noqa: F401
 from cache_helpers import recording as logging_cache
-from tinyavl.cache import AVLCache
+from tinyavl.cache import AVLCache, KVCache
 from tinyavl.toy import attention_study
-from tinyavl.cache import KVCache
 from tinyavl.toy.attention_study import HiddenImageTokens, LayerChoiceAVL, report_markdown, study
 from tinyavl.toy.evaluate import clustered_wilson_interval
 

@@ -17,7 +17,7 @@ step). Per decoder layer (tinyavl/attention_stats.py has the measures):
 - capture: the share of each decode step's image attention that falls on the prefill top-S set (what
   A-VL stores at S) or top-C set (its core); a random set of that size captures S (or C) on average;
 - object_coverage: which objects that prefill top-S set keeps: the share of each object's patches in it,
-  by the object's place in the caption (the first object named, the second, ...); a random set keeps
+  by the object's rank in the caption (the first object named, the second, ...); a random set keeps
   S of every object;
 - band_coverage: where in the picture that set lies: the share of each horizontal band of the image
   (the scene's rows of places, top to bottom) in it; a random set keeps S of every band;
@@ -25,7 +25,7 @@ step). Per decoder layer (tinyavl/attention_stats.py has the measures):
   beside their share of the image tokens (what attention blind to the picture's content gives them).
 - hires_coverage: what FlexAttention's selection (tinyavl/hires.py, threshold 48) takes from that row:
   the share of the image's area in the chosen blocks (what a high-resolution view would be read of), and
-  the share of each object's patches' area inside them, by the object's place in the caption.
+  the share of each object's patches' area inside them, by the object's rank in the caption.
 
 And one measure of accuracy rather than attention, `choice_by_layer`: A-VL's choice of image tokens alone
 (the evaluation's AVL_CHOICE_ONLY: half of them stored, all of those computed, nothing else evicted),
@@ -64,32 +64,37 @@ STORED_SHARE, CORE_SHARE = AVL_DEFAULTS.S, AVL_DEFAULTS.C
 MAX_DISTANCE = 16         # decode steps apart, for PPCI across steps
 
 
-def caption_questions(n_scenes: int, seed: int) -> list:
-    """The caption request of each held-out scene (tinyavl.toy.evaluate.held_out_set)."""
-    return [question for question in held_out_set(seed, n_scenes) if question.kind == "caption"]
+def caption_questions(questions: list) -> list:
+    """The caption requests among `questions` (of tinyavl.toy.evaluate.held_out_set: one per scene)."""
+    return [question for question in questions if question.kind == "caption"]
 
 
-def record_captions(model, processor, n_scenes: int, seed: int) -> list:
-    """Dense-attention recordings of the caption of each held-out scene: a list of AttentionRecorder."""
+def record_captions(model, processor, captions: list) -> list:
+    """Dense-attention recordings of the answers to `captions` (caption_questions): a list of
+    AttentionRecorder, in their order, so that recording i is about captions[i].scene."""
     recordings = []
-    for question in caption_questions(n_scenes, seed):
+    for question in captions:
         inputs = processor(processor.chat_prompt(question.text), image=question.scene.image())
         recorder, _ = record_attention(model, inputs["input_ids"], inputs["pixel_values"], max_new_tokens=64)
         recordings.append(recorder)
     return recordings
 
 
+def mean_by_rank(scenes: list, share) -> list[float]:
+    """Per rank in the caption (scene.objects' order, in which the true caption names them, whatever order
+    a generated one took): the mean of share(i, obj) over the scenes i that have an object of that rank."""
+    most = max(len(scene.objects) for scene in scenes)
+    return [fmean(share(i, scene.objects[rank]) for i, scene in enumerate(scenes) if rank < len(scene.objects))
+            for rank in range(most)]
+
+
 def object_coverage(recordings: list, scenes: list, keep: float = STORED_SHARE) -> list[list[float]]:
-    """Per layer, per place in the scene's caption (scene.objects' order, in which the true caption names them,
-    whatever order the generated one took): the mean share of the object's patches in the last prompt token's
-    top-`keep` image set."""
-    n_layers, most = recordings[0].n_layers, max(len(scene.objects) for scene in scenes)
+    """Per layer, per rank in the caption (`mean_by_rank`): the mean share of the object's patches in the last
+    prompt token's top-`keep` image set."""
     coverage = []
-    for layer in range(n_layers):
+    for layer in range(recordings[0].n_layers):
         kept = [top_set(r.image_row(0, layer), keep) for r in recordings]     # image token = patch index
-        coverage.append([fmean(len(kept_set & set(scene.objects[rank].patches())) / len(scene.objects[rank].patches())
-                               for kept_set, scene in zip(kept, scenes) if rank < len(scene.objects))
-                         for rank in range(most)])
+        coverage.append(mean_by_rank(scenes, lambda i, obj: len(kept[i] & set(obj.patches())) / len(obj.patches())))
     return coverage
 
 
@@ -140,17 +145,14 @@ def area_in_blocks(blocks, patches: list[int], side: int) -> float:
 def hires_coverage(recordings: list, scenes: list, side: int, threshold: float = hires.THRESHOLD,
                    blocks: int = hires.BLOCKS) -> list[dict]:
     """Per layer: "blocks", the mean share of the image's area in the blocks (`blocks` a side) FlexAttention's
-    selection takes from the last prompt token's image attention, and "objects", per place in the caption,
-    the mean share of the area of the object's patches (`SceneObject.patches`) inside them."""
-    most = max(len(scene.objects) for scene in scenes)
+    selection takes from the last prompt token's image attention, and "objects", per rank in the caption
+    (`mean_by_rank`), the mean share of the area of the object's patches (`SceneObject.patches`) inside them."""
     coverage = []
     for layer in range(recordings[0].n_layers):
         chosen = [hires.select_blocks(r.image_row(0, layer)[None], (side, side), threshold, blocks)[0]
                   for r in recordings]                                                  # each (blocks, blocks)
         coverage.append({"blocks": fmean(float(c.float().mean()) for c in chosen),
-                         "objects": [fmean(area_in_blocks(c, scene.objects[rank].patches(), side)
-                                           for c, scene in zip(chosen, scenes) if rank < len(scene.objects))
-                                     for rank in range(most)]})
+                         "objects": mean_by_rank(scenes, lambda i, obj: area_in_blocks(chosen[i], obj.patches(), side))})
     return coverage
 
 
@@ -263,10 +265,10 @@ def hidden_object_recall(model, processor, questions: list, seed: int = 0) -> di
         for hiding in HIDING:
             named[hiding].append(0)
         for obj in scene.objects:
-            place = obj.place_patches()
-            drawn = torch.randperm(n_img, generator=generator)[:len(place)].tolist()
+            place_tokens = obj.place_patches()
+            drawn = torch.randperm(n_img, generator=generator)[:len(place_tokens)].tolist()
             named["nothing"][-1] += obj.describe() in plain
-            for hiding, hidden in zip(HIDING[1:], (place, drawn)):
+            for hiding, hidden in zip(HIDING[1:], (place_tokens, drawn)):
                 named[hiding][-1] += obj.describe() in caption_with_hidden(model, processor, question, hidden)
     return {hiding: (named[hiding], n_objects) for hiding in HIDING}
 
@@ -417,10 +419,11 @@ def run(args) -> dict:
         # Its scenes would have to be fine ones, read through its high-resolution view at every step.
         raise UserError(f"{args.weights} is a FlexAttention toy: the study asks plain scenes at the low "
                         "resolution, the first toy's (weights/toy)")
-    recordings = record_captions(model, processor, args.n, args.seed)
-    result = study(recordings)
     questions = held_out_set(args.seed, args.n)
-    scenes = [question.scene for question in caption_questions(args.n, args.seed)]  # the recordings' scenes
+    captions = caption_questions(questions)
+    recordings = record_captions(model, processor, captions)
+    result = study(recordings)
+    scenes = [question.scene for question in captions]                               # the recordings' scenes
     result["object_coverage"] = object_coverage(recordings, scenes)
     side = model.config.vision.patches_per_side
     result["band_coverage"] = band_coverage(recordings, side, GRID)
