@@ -214,8 +214,8 @@ def test_training_stops_at_a_loss_that_is_not_finite():
     assert torch.equal(model.state_dict()["language_model.model.norm.weight"], before)  # no step was taken
 
 
-@pytest.mark.parametrize("masks", ["tokens", "rectangles"])
-def test_tuning_hides_image_tokens_in_every_sequence(masks, monkeypatch):
+@pytest.mark.parametrize("mask_kind", ["tokens", "rectangles"])
+def test_tuning_hides_image_tokens_in_every_sequence(mask_kind, monkeypatch):
     """Stage 2 passes every forward a mask that hides image tokens (and only image tokens), scattered or
     as rectangles."""
     model, processor, _ = train(steps=1, batch_size=4, config_overrides=TINY, log=lambda *_: None)
@@ -227,7 +227,7 @@ def test_tuning_hides_image_tokens_in_every_sequence(masks, monkeypatch):
         return forward(self, input_ids, pixel_values, **kwargs)
 
     monkeypatch.setattr(tinyavl.LlavaForConditionalGeneration, "forward", spy)
-    tune(model, processor, steps=3, batch_size=4, image_dropout=0.75, masks=masks, log=lambda *_: None)
+    tune(model, processor, steps=3, batch_size=4, image_dropout=0.75, mask_kind=mask_kind, log=lambda *_: None)
     assert len(seen) == 3
     for input_ids, mask in seen:
         hidden = mask == 0
@@ -483,11 +483,11 @@ def test_trainer_command_runs_stage_0_and_keeps_the_tower_frozen_in_stage_2(monk
         train_module.main(argv + ["--out", str(tmp_path / "new")])
         assert calls["train"]["vision_steps"] == vision_steps and calls["tune"]["tower_frozen"] is frozen
         assert calls["train"]["config_overrides"] == architecture
-        assert calls["tune"]["masks"] == "tokens"                      # the committed recipe's stage 2
+        assert calls["tune"]["mask_kind"] == "tokens"                      # the committed recipe's stage 2
     train_module.main(["--tune-masks", "rectangles", "--out", str(tmp_path / "new")])
-    assert calls["tune"]["masks"] == "rectangles"
+    assert calls["tune"]["mask_kind"] == "rectangles"
     with pytest.raises(SystemExit) as exit_:
         train_module.main(["--tune-masks", "squares", "--out", str(tmp_path / "new")])
     assert exit_.value.code == 2
-    with pytest.raises(ValueError, match="masks must be one of tokens, rectangles"):
-        tune(None, None, steps=1, masks="squares", log=lambda *_: None)
+    with pytest.raises(ValueError, match="mask_kind must be one of tokens, rectangles"):
+        tune(None, None, steps=1, mask_kind="squares", log=lambda *_: None)

@@ -155,6 +155,13 @@ def init_weights(model: LlavaForConditionalGeneration) -> None:
 PATCH_CLASSES = (tuple(SHAPES), tuple(COLOURS), tuple(str(digit) for digit in DIGITS))
 
 
+def class_ids(obj: SceneObject) -> tuple[int, int, int]:
+    """The object's (shape, colour, digit) classes in PATCH_CLASSES' numbering (digit 0: it has none)."""
+    shapes, colours, digits = PATCH_CLASSES
+    digit = 0 if obj.digit is None else digits.index(str(obj.digit)) + 1
+    return shapes.index(obj.shape) + 1, colours.index(obj.colour) + 1, digit
+
+
 class PatchProbe(nn.Module):
     """The auxiliary loss: from each image feature (the projector's output), the shape, colour and digit
     its patch shows (class 0 = nothing there). A class is scored by the feature's dot product with the
@@ -196,13 +203,13 @@ def patch_targets(scene: Scene, fine_map: bool = False) -> torch.Tensor:
     legible = fine_map or not scene.fine
     if not legible:
         targets[:, 2] = -100
-    shapes, colours, digits = PATCH_CLASSES
     for obj in scene.objects:
+        shape, colour, digit = class_ids(obj)
         patches = obj.patches(scale)
-        targets[patches, 0] = shapes.index(obj.shape) + 1
-        targets[patches, 1] = colours.index(obj.colour) + 1
-        if obj.digit is not None and legible:
-            targets[obj.digit_patches(fine_map), 2] = digits.index(str(obj.digit)) + 1
+        targets[patches, 0] = shape
+        targets[patches, 1] = colour
+        if digit and legible:
+            targets[obj.digit_patches(fine_map), 2] = digit
     return targets
 
 
@@ -316,9 +323,9 @@ def hide_image_rectangles(input_ids, image_token_id: int, max_fraction: float, g
     side = math.isqrt(n_img)
     if side * side != n_img:  # a LLaVA-1.6 block (tiles, newlines) is no square of patches
         raise ValueError(f"hide_image_rectangles needs a square image block, got {n_img} image tokens")
-    masks = hide_rectangles(input_ids.shape[0], side, max_fraction, generator)     # (B, N_img)
-    visible = torch.ones_like(input_ids)                                         # (B, T)
-    visible[input_ids == image_token_id] = masks.flatten().to(visible.dtype)     # every row has N_img
+    image_visible = hide_rectangles(input_ids.shape[0], side, max_fraction, generator)  # (B, N_img)
+    visible = torch.ones_like(input_ids)                                                 # (B, T)
+    visible[input_ids == image_token_id] = image_visible.flatten().to(visible.dtype)    # every row has N_img
     return visible
 
 
@@ -452,15 +459,26 @@ def check_finite(grad_norm: torch.Tensor, step: int) -> None:
                         "written")
 
 
+def take_step(optimizer, params: list, loss: torch.Tensor, step: int, lr: float) -> None:
+    """One AdamW step of both stages' loops at learning rate lr, on the gradients of `loss`, their norm
+    clipped to 1 (refused when it is not finite: `check_finite`)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    check_finite(torch.nn.utils.clip_grad_norm_(params, 1.0), step)
+    optimizer.step()
+
+
 def optimise(model, probe, processor, stream, steps: int, lr: float, warmup: int, batch_size: int, turns: int,
              aux_weight: float, image_dropout: float, image_dropout_share: float, dropout_generator,
              log_every: int, eval_every: int, log, tower_frozen: bool = False,
-             masks: str = "tokens", checkpoint: Checkpoint | None = None) -> list[tuple[int, float, float]]:
+             mask_kind: str = "tokens", checkpoint: Checkpoint | None = None) -> list[tuple[int, float, float]]:
     """The training loop both stages share: `steps` AdamW steps (a fresh optimiser) on batches from
     `stream`, learning rate `learning_rate(step, steps, lr, warmup)`; returns the history of
     (step, lm_loss, aux_loss). Every eval_every steps (0: never) the greedy accuracy on 10 held-out
     scenes (seed 0) is logged. With tower_frozen the vision tower is not trained (LLaVA's recipe once
-    its CLIP tower is trained). `masks`, one of TUNE_MASKS, says how image_dropout hides image tokens.
+    its CLIP tower is trained). `mask_kind`, one of TUNE_MASKS, says how image_dropout hides image tokens.
     With a `checkpoint`, the training state is saved there every checkpoint.every steps (not after the
     last: the caller writes the weights then), and a run that finds one goes on from it: it ends with the
     weights the uninterrupted run ends with, bit for bit (same machine and thread count). The global torch
@@ -477,7 +495,7 @@ def optimise(model, probe, processor, stream, steps: int, lr: float, warmup: int
         log(f"resuming after step {done} from {checkpoint.path}")
     for step in range(steps):
         batch = make_batch(stream, processor, batch_size, turns, pad_id)
-        if image_dropout and masks == "rectangles":
+        if image_dropout and mask_kind == "rectangles":
             batch["attention_mask"] = hide_image_rectangles(batch["input_ids"], image_token_id, image_dropout,
                                                             dropout_generator)
         elif image_dropout:
@@ -489,13 +507,8 @@ def optimise(model, probe, processor, stream, steps: int, lr: float, warmup: int
             continue
         if step == done:  # this sitting's speed: the replayed batches are not its steps
             start = time.perf_counter()
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, steps, lr, warmup)
         lm_loss, aux_loss = losses(model, probe, batch, hires_alpha=min(1.0, step / (HIRES_RAMP * steps)))
-        optimizer.zero_grad(set_to_none=True)
-        (lm_loss + aux_weight * aux_loss).backward()
-        check_finite(torch.nn.utils.clip_grad_norm_(params, 1.0), step)
-        optimizer.step()
+        take_step(optimizer, params, lm_loss + aux_weight * aux_loss, step, learning_rate(step, steps, lr, warmup))
         history.append((step, lm_loss.item(), aux_loss.item()))
         if (step + 1) % log_every == 0 or step + 1 == steps:
             seconds = time.perf_counter() - start
@@ -552,22 +565,22 @@ def train(steps: int, batch_size: int = 32, lr: float = 2e-3, seed: int = 0, tur
 
 def tune(model, processor, steps: int, batch_size: int = 32, lr: float = 4e-4, seed: int = 0, turns: int = 4,
          aux_weight: float = 1.0, image_dropout: float = TUNE_DROPOUT, tower_frozen: bool = False,
-         masks: str = "tokens", log_every: int = 100, eval_every: int = 0, log=None):
+         mask_kind: str = "tokens", log_every: int = 100, eval_every: int = 0, log=None):
     """Stage 2: go on training a trained model with image-token dropout in every sequence; returns the history.
 
     It starts from nothing but the weights (a fresh optimiser, a fresh probe, whose "nothing" vectors are
     not saved, and a scene stream of its own, "tune"), so it gives the same weights in the process that
-    ran stage 1 and on the stage-1 folder loaded from disk. `masks` (TUNE_MASKS) hides scattered image
+    ran stage 1 and on the stage-1 folder loaded from disk. `mask_kind` (TUNE_MASKS) hides scattered image
     tokens (`hide_image_tokens`, the committed recipe) or rectangles of them (`hide_image_rectangles`)."""
-    if masks not in TUNE_MASKS:
-        raise ValueError(f"masks must be one of {', '.join(TUNE_MASKS)}, got {masks!r}")
+    if mask_kind not in TUNE_MASKS:
+        raise ValueError(f"mask_kind must be one of {', '.join(TUNE_MASKS)}, got {mask_kind!r}")
     log = log or partial(print, flush=True)
-    log(f"stage 2: {steps} steps with up to {image_dropout:.0%} of each sequence's image tokens hidden, as {masks}")
+    log(f"stage 2: {steps} steps with up to {image_dropout:.0%} of each sequence's image tokens hidden, as {mask_kind}")
     probe = PatchProbe(processor.tokenizer, model.config.text.hidden_size)
     return optimise(model, probe, processor, scene_stream("tune", seed), steps, lr, warmup_steps(steps, 100),
                     batch_size, turns, aux_weight, image_dropout, image_dropout_share=1.0,
                     dropout_generator=torch.Generator().manual_seed(seed), log_every=log_every,
-                    eval_every=eval_every, log=log, tower_frozen=tower_frozen, masks=masks)
+                    eval_every=eval_every, log=log, tower_frozen=tower_frozen, mask_kind=mask_kind)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -586,13 +599,8 @@ def place_targets(scene: Scene) -> torch.Tensor:
     """(PLACES, 3) class ids per place (reading order): the shape, colour and digit of the object there
     (class 0: no object, or no digit)."""
     targets = torch.zeros(PLACES, 3, dtype=torch.long)
-    shapes, colours, digits = PATCH_CLASSES
     for obj in scene.objects:
-        place = place_index(obj)
-        targets[place, 0] = shapes.index(obj.shape) + 1
-        targets[place, 1] = colours.index(obj.colour) + 1
-        if obj.digit is not None:
-            targets[place, 2] = digits.index(str(obj.digit)) + 1
+        targets[place_index(obj)] = torch.tensor(class_ids(obj))
     return targets
 
 
@@ -699,24 +707,19 @@ def pretrain_vision(model, processor, steps: int, batch_size: int = 32, lr: floa
     stream, losses_seen, start = scene_stream("vision", seed), [], time.perf_counter()
     tower.train().requires_grad_(True)
     for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, steps, lr, warmup_steps(steps, 300))
         scenes = [next(stream)[0] for _ in range(batch_size)]
         pixels = torch.stack([processor.preprocess(scene.image()) for scene in scenes])  # (B, 3, H, W)
         visible = hide_rectangles(batch_size, side, max_hidden, generator)             # (B, P)
         loss = readout.loss(model.vision_features(pixels), visible,
                             torch.stack([place_targets(scene) for scene in scenes]),   # (B, PLACES, 3)
                             torch.stack([patch_targets(scene) for scene in scenes]))   # (B, P, 3)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        check_finite(torch.nn.utils.clip_grad_norm_(params, 1.0), step)
-        optimizer.step()
+        take_step(optimizer, params, loss, step, learning_rate(step, steps, lr, warmup_steps(steps, 300)))
         losses_seen.append(loss.item())
         if (step + 1) % log_every == 0 or step + 1 == steps:
             seconds = time.perf_counter() - start
             recent = losses_seen[-log_every:]
             log(f"step {step + 1}/{steps}  readout loss {sum(recent) / len(recent):.4f}  "
-                f"{(step + 1) * batch_size / seconds:.0f} samples/s  {seconds / 60:.1f} min")
+                f"{(step + 1) * batch_size / seconds:.1f} samples/s  {seconds / 60:.1f} min")
     tower.eval()
     for what, (shape, colour, digit) in readout_recall(model, readout, processor).items():
         log(f"  named from {what}: shape {shape:.2f}, colour {colour:.2f}, digit {digit:.2f}")
@@ -857,7 +860,7 @@ def main(argv=None) -> None:
                                     eval_every=args.eval_every, config_overrides=architecture)
         if args.tune_steps:
             tune(model, processor, args.tune_steps, args.batch_size, seed=args.seed, image_dropout=args.tune_dropout,
-                 tower_frozen=args.vision_steps > 0, masks=args.tune_masks, eval_every=args.eval_every)
+                 tower_frozen=args.vision_steps > 0, mask_kind=args.tune_masks, eval_every=args.eval_every)
 
     def write(folder: Path) -> None:
         save_pretrained(model, processor, folder)
