@@ -224,6 +224,22 @@ def tiles_toy(tmp_path_factory):
     return out, base_processor
 
 
+def test_the_in_sequence_toys_newline_is_drawn_from_the_seed(tmp_path):
+    """--seed draws the in-sequence toy's new image_newline too, as LLaVA-NeXT draws it: normal / sqrt(hidden
+    size); every other weight is the base's."""
+    torch.manual_seed(0)
+    base, base_processor, _ = train(steps=1, batch_size=2, config_overrides=TINY, log=lambda *_: None)
+    save_pretrained(base, base_processor, tmp_path)
+    hidden = base.config.text.hidden_size
+    tiled = {seed: train_hires_module.from_base(tmp_path, in_sequence=True, seed=seed)[0] for seed in (0, 1)}
+    for seed, model in tiled.items():
+        expected = torch.randn(hidden, generator=torch.Generator().manual_seed(seed)) / hidden ** 0.5
+        torch.testing.assert_close(model.image_newline.detach(), expected, rtol=0, atol=0)
+        weights = model.state_dict()
+        assert all(torch.equal(weights[name], t) for name, t in base.state_dict().items())
+    assert not torch.equal(tiled[0].image_newline, tiled[1].image_newline)
+
+
 def test_the_in_sequence_trainer_writes_a_tiled_toy_that_costs_what_the_table_counts(tiles_toy):
     """--in-sequence: a LLaVA-1.6 toy whose one canvas is the fine scene (2496 image tokens); its
     generation computes exactly the attention pairs in_sequence_pairs counts for the low-resolution

@@ -85,10 +85,10 @@ def with_hires_projections(model: LlavaForConditionalGeneration, hires: HiresCon
     return flex.eval()
 
 
-def with_tiles_in_sequence(model: LlavaForConditionalGeneration, seed: int = 0) -> LlavaForConditionalGeneration:
+def with_tiles_in_sequence(model: LlavaForConditionalGeneration, seed: int) -> LlavaForConditionalGeneration:
     """A copy of the model as a LLaVA-1.6 whose only canvas is FINE_CANVAS: its weights, and a new
-    image_newline drawn as LLaVA-NeXT draws it (normal / sqrt(hidden size)); room for positions up to
-    4096, the 2496 image tokens and the chat after them."""
+    image_newline drawn (from `seed`) as LLaVA-NeXT draws it, normal / sqrt(hidden size); room for
+    positions up to 4096, the 2496 image tokens and the chat after them."""
     text = replace(model.config.text, max_position_embeddings=max(4096, model.config.text.max_position_embeddings))
     config = replace(model.config, text=text, image_grid_pinpoints=[FINE_CANVAS])
     config.validate()
@@ -101,16 +101,17 @@ def with_tiles_in_sequence(model: LlavaForConditionalGeneration, seed: int = 0) 
     return tiled.eval()
 
 
-def from_base(base: Path, in_sequence: bool = False):
+def from_base(base: Path, in_sequence: bool = False, seed: int = 0):
     """(model, processor): the trained toy in the folder `base` with FlexAttention's view and projections
     (`HIRES`, `with_hires_projections`), and its processor returning the high-resolution view too; with
-    in_sequence, the toy as a LLaVA-1.6 (`with_tiles_in_sequence`) and its processor tiling the image."""
+    in_sequence, the toy as a LLaVA-1.6 (`with_tiles_in_sequence`, its newline drawn from seed) and its
+    processor tiling the image."""
     model, processor = load_pretrained(base)
     if model.config.hires is not None or model.config.is_next:  # its view or tiles would be built over again
         raise UserError(f"{base} is already a FlexAttention or LLaVA-1.6 toy: start from the plain toy "
                         f"({TOY_WEIGHTS})")
     if in_sequence:
-        model = with_tiles_in_sequence(model)
+        model = with_tiles_in_sequence(model, seed)
         processor.image_grid_pinpoints = model.config.image_grid_pinpoints
         processor.patch_size = model.config.vision.patch_size
         return model, processor
@@ -119,19 +120,18 @@ def from_base(base: Path, in_sequence: bool = False):
 
 
 def train_hires(model, processor, steps: int = STEPS, batch_size: int = BATCH_SIZE, lr: float = 8e-4, seed: int = 0,
-                turns: int = 4, image_dropout: float = FINETUNE_DROPOUT,
-                image_dropout_share: float = FINETUNE_DROPOUT_SHARE,
                 log_every: int = 100, eval_every: int = 0, log=None,
                 checkpoint: Checkpoint | None = None) -> list[tuple[int, float, float]]:
-    """Fine-tune a model `from_base` (either kind) on fine scenes (seed: their stream, the dropout draws);
-    returns the history of (step, lm_loss, aux_loss). With a checkpoint, it resumes (`optimise`)."""
+    """Fine-tune a model `from_base` (either kind) on fine scenes, four turns a sequence, the image tokens
+    hidden as FINETUNE_DROPOUT and FINETUNE_DROPOUT_SHARE say (seed: the scenes' stream, the dropout
+    draws); returns the history of (step, lm_loss, aux_loss). With a checkpoint, it resumes (`optimise`)."""
     log = log or partial(print, flush=True)
     probe = PatchProbe(processor.tokenizer, model.config.text.hidden_size)
     looks = model.config.hires or f"every high-resolution token in the sequence, {model.config.image_grid_pinpoints}"
     log(f"{steps} steps on fine scenes, {looks}")
     return optimise(model, probe, processor, scene_stream("hires", seed, fine=True), steps, lr,
-                    warmup_steps(steps, 100), batch_size, turns, aux_weight=1.0, image_dropout=image_dropout,
-                    image_dropout_share=image_dropout_share, dropout_generator=torch.Generator().manual_seed(seed),
+                    warmup_steps(steps, 100), batch_size, turns=4, aux_weight=1.0, image_dropout=FINETUNE_DROPOUT,
+                    image_dropout_share=FINETUNE_DROPOUT_SHARE, dropout_generator=torch.Generator().manual_seed(seed),
                     log_every=log_every, eval_every=eval_every, log=log, checkpoint=checkpoint)
 
 
@@ -175,7 +175,8 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=STEPS, help="fine-tuning steps")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="scenes per step")
     parser.add_argument("--lr", type=float, default=8e-4, help="AdamW's peak learning rate")
-    parser.add_argument("--seed", type=int, default=0, help="the training scene stream and the dropout draws")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="the training scene stream, the dropout draws and --in-sequence's new image_newline")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (results depend on it)")
     parser.add_argument("--eval-every", type=int, default=550,
                         help="steps between held-out accuracy reports (0: none; they do not change the weights)")
@@ -189,7 +190,7 @@ def main(argv=None) -> None:
     except UserError as err:
         parser.error(f"--out: {err}")
     try:
-        model, processor = from_base(args.base, args.in_sequence)
+        model, processor = from_base(args.base, args.in_sequence, args.seed)
     except UserError as err:
         parser.error(f"--base: {err}")
     checkpoint = args.checkpoint and Checkpoint(args.checkpoint, run_settings(args), CHECKPOINT_EVERY)
