@@ -130,12 +130,12 @@ def test_blocks_upsample_to_squares_of_high_resolution_tokens():
 def test_high_resolution_positions_by_hand():
     """A 2 x 2 grid at positions 10, 11, 12, 13, seen at 2x: token (R, C) sits at low-res point
     ((R + 0.5) / 2 - 0.5, (C + 0.5) / 2 - 0.5), i.e. -0.25, 0.25, 0.75, 1.25 each way."""
-    positions = hires.hires_positions(10, side=2, scale=2).view(4, 4)
+    positions = hires.hires_positions(10, lowres_side=2, scale=2).view(4, 4)
     point = [-0.25, 0.25, 0.75, 1.25]
     expected = torch.tensor([[10 + 2 * r + c for c in point] for r in point])
     torch.testing.assert_close(positions, expected, atol=0, rtol=0)
     # scale 1 gives the low-resolution positions back exactly
-    assert hires.hires_positions(10, side=2, scale=1).tolist() == [10, 11, 12, 13]
+    assert hires.hires_positions(10, lowres_side=2, scale=1).tolist() == [10, 11, 12, 13]
 
 
 def test_merged_attention_is_one_softmax_over_both_key_sets():

@@ -26,7 +26,7 @@ from tinyavl.model import HiresConfig, stitch_tiles
 from tinyavl.processing import LLAVA_SYSTEM_PROMPT, Processor
 from tinyavl.toy import evaluate_hires
 from tinyavl.toy import train_hires as train_hires_module
-from tinyavl.toy.evaluate import PROMPT_KINDS, attention_pairs, evaluate, held_out_set
+from tinyavl.toy.evaluate import HIRES_MODES, PROMPT_KINDS, attention_pairs, evaluate, held_out_set
 from test_toy_evaluate import no_model
 from tinyavl.toy.evaluate_hires import IN_SEQUENCE, format_table, in_sequence_pairs, plot
 from tinyavl.toy.evaluate_hires import main as evaluate_hires_main
@@ -464,7 +464,7 @@ def fake_report(policy, mode, digit, mflops):
 
 def test_evaluate_hires_measures_the_in_sequence_toy_on_the_same_questions(tiles_toy, capsys):
     out, _ = tiles_toy
-    assert evaluate_hires_main(["--n", "1", "--in-sequence", str(out), "--json"]) == 0
+    assert evaluate_hires_main(["--n", "1", "--in-sequence-toy", str(out), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     flex, tiled = result["rows"], result["in_sequence_rows"]
     assert [r["policy"] for r in tiled] == ["full", "avl"] and {r["mode"] for r in tiled} == {IN_SEQUENCE}
@@ -486,6 +486,18 @@ def test_the_table_compares_each_mode_with_every_block_and_the_sequence(tmp_path
     assert len(lines) == 2 + 3 + 2 and not any("cost only" in line for line in lines)
     assert lines[-1].startswith("| avl | all high-res tokens in the sequence | 0.95 (0.85-1.05) |")
     assert lines[-1].endswith("| - | 300.0 | - | 0.750 |") and lines[-2].endswith("| 400.0 | - | 1.000 |")
+
+
+@pytest.mark.parametrize("document", ["README.md", "tutorial/07-flexattention.md"])
+def test_the_documents_tables_have_the_commands_columns_and_rows(document):
+    """The FlexAttention table of the README and of chapter 7 is what evaluate_hires prints: its header, and
+    each row's cache and what it reads."""
+    reports = [fake_report(policy, mode, 0.5, 10.0) for policy in ("full", "avl") for mode in HIRES_MODES]
+    printed = format_table(reports, [fake_report(policy, IN_SEQUENCE, 0.5, 100.0) for policy in ("full", "avl")])
+    text = (Path(__file__).resolve().parent.parent / document).read_text().splitlines()
+    start = text.index(printed.splitlines()[0])                                  # the header, or ValueError
+    table = text[start:start + len(printed.splitlines())]
+    assert [line.split(" | ")[:2] for line in table] == [line.split(" | ")[:2] for line in printed.splitlines()]
 
 
 @pytest.mark.parametrize("with_tiles", [False, True])
@@ -514,7 +526,7 @@ def test_the_plot_puts_each_point_where_its_cost_and_accuracy_say(tmp_path, with
 @pytest.mark.parametrize("argv, message", [(["--n", "0"], "--n must be at least 1"),
                                            (["--weights", "nowhere"], "no model folder"),
                                            (["--weights", str(TOY)], "has no hires_config"),
-                                           (["--in-sequence", str(TOY)], "keeps its image at low resolution")])
+                                           (["--in-sequence-toy", str(TOY)], "keeps its image at low resolution")])
 def test_evaluate_hires_bad_input_is_one_line(argv, message, capsys, monkeypatch):
     # A refusal comes before any question: without it the run would evaluate for minutes, then fail here.
     monkeypatch.setattr(evaluate_hires, "compare", lambda *args, **kwargs: pytest.fail("evaluated bad input"))
@@ -685,7 +697,7 @@ def test_hires_evaluation_flags_are_checked_before_the_model_loads(tmp_path, cap
     tiles.mkdir()
     for argv, says in ((["--force"], "--force replaces the --plot file"),
                        (["--plot", str(plot)], "already exists"),
-                       (["--plot", str(tiles / "x.png"), "--in-sequence", str(tiles)], "would overwrite the input")):
+                       (["--plot", str(tiles / "x.png"), "--in-sequence-toy", str(tiles)], "would overwrite the input")):
         assert evaluate_hires.main(argv) == 2 and says in capsys.readouterr().err
     assert plot.read_text() == "the user's" and not list(tiles.iterdir())
 

@@ -84,46 +84,48 @@ def check_threshold(threshold: float) -> None:
                         f"attention), got {threshold!r}")
 
 
-def check_block_count(count, side: int) -> None:
-    """A fixed number of blocks to read (`top_blocks`) is an integer (Python's or numpy's) from 0 to side^2."""
+def check_block_count(count, blocks: int) -> None:
+    """A fixed number of blocks to read (`top_blocks`), of blocks x blocks, is an integer (Python's or
+    numpy's) from 0 to blocks^2."""
     try:
-        within = not isinstance(count, bool) and 0 <= operator.index(count) <= side * side
+        within = not isinstance(count, bool) and 0 <= operator.index(count) <= blocks * blocks
     except TypeError:  # 2.5, "3": not an integer
         within = False
     if not within:
-        raise UserError(f"the number of high-resolution blocks to read must be an integer from 0 to {side * side} "
-                        f"({side} x {side} blocks), got {count!r}")
+        raise UserError(f"the number of high-resolution blocks to read must be an integer from 0 to "
+                        f"{blocks * blocks} ({blocks} x {blocks} blocks), got {count!r}")
 
 
 def top_blocks(scores, count: int):
     """(B, blocks, blocks) bool: the `count` best-scored blocks of each row, a fixed budget (ties: topk's)."""
-    B, side, _ = scores.shape
-    check_block_count(count, side)
-    chosen = torch.zeros(B, side * side, dtype=torch.bool, device=scores.device)
+    B, blocks, _ = scores.shape
+    check_block_count(count, blocks)
+    chosen = torch.zeros(B, blocks * blocks, dtype=torch.bool, device=scores.device)
     chosen.scatter_(1, scores.flatten(1).topk(count, dim=1).indices, True)         # (B, blocks^2)
-    return chosen.view(B, side, side)
+    return chosen.view(B, blocks, blocks)
 
 
-def block_tokens(blocks, side: int):
-    """(B, side * side) bool, the high-resolution tokens (a side x side map in reading order) inside the
-    chosen blocks (B, n, n): each block is an (side / n) x (side / n) square of them."""
+def block_tokens(blocks, hires_side: int):
+    """(B, hires_side^2) bool, the high-resolution tokens (a hires_side x hires_side map in reading order)
+    inside the chosen blocks (B, n, n): each block is a (hires_side / n) x (hires_side / n) square of them."""
     B, n, _ = blocks.shape
-    if side % n:
-        raise ValueError(f"{n} blocks per side do not tile a {side} x {side} map of high-resolution tokens")
-    per_block = side // n
-    return blocks.repeat_interleave(per_block, 1).repeat_interleave(per_block, 2).view(B, side * side)
+    if hires_side % n:
+        raise ValueError(f"{n} blocks per side do not tile a {hires_side} x {hires_side} map of high-resolution "
+                         "tokens")
+    per_block = hires_side // n
+    return blocks.repeat_interleave(per_block, 1).repeat_interleave(per_block, 2).view(B, hires_side ** 2)
 
 
-def hires_positions(first_position: int, side: int, scale: int):
-    """(side * scale)^2 fp32 RoPE positions of the high-resolution tokens, in reading order.
+def hires_positions(first_position: int, lowres_side: int, scale: int):
+    """(lowres_side * scale)^2 fp32 RoPE positions of the high-resolution tokens, in reading order.
 
-    The low-resolution tokens of a side x side grid sit at first_position + side r + c. A high-resolution
-    token (R, C) covers the low-resolution point r = (R + 0.5) / scale - 0.5 (its centre, in units of
-    low-resolution tokens), and c from C likewise, so it takes first_position + side r + c, the same linear map: what
-    interpolating the grid of positions gives inside the image (FlexAttention interpolates it bicubically;
-    on a linear map that differs only by clamping at the border)."""
-    centre = (torch.arange(side * scale, dtype=torch.float32) + 0.5) / scale - 0.5   # (side scale,)
-    return (first_position + side * centre[:, None] + centre[None, :]).flatten()      # ((side scale)^2,)
+    The low-resolution tokens of a lowres_side x lowres_side grid sit at first_position + lowres_side r + c.
+    A high-resolution token (R, C) covers the low-resolution point r = (R + 0.5) / scale - 0.5 (its centre,
+    in units of low-resolution tokens), and c from C likewise, so it takes first_position + lowres_side r + c,
+    the same linear map: what interpolating the grid of positions gives inside the image (FlexAttention
+    interpolates it bicubically; on a linear map that differs only by clamping at the border)."""
+    centre = (torch.arange(lowres_side * scale, dtype=torch.float32) + 0.5) / scale - 0.5  # (lowres_side scale,)
+    return (first_position + lowres_side * centre[:, None] + centre[None, :]).flatten()   # ((lowres_side scale)^2,)
 
 
 def merge_attention(out_a, lse_a, out_b, lse_b):

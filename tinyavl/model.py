@@ -622,14 +622,15 @@ class LlamaForCausalLM(nn.Module):
 class HiresView:
     """A batch's high-resolution view (FlexAttention; tinyavl/hires.py), for the rows it serves.
 
-    features (B, N_hd, C): the projector's features of the side x side high-resolution map, in reading
-    order; cos, sin (N_hd, hs): their RoPE tables at hires.hires_positions; image_start: the position of
-    the first low-resolution image token; grid: the low-resolution side; first_row: the position of the
-    first row served, in generation the prompt's last token (the current token of the first step; every
-    later token is the current token of its own step), in training the first after the image. In layer
-    config.first_layer - 1, a served row's attention over the low-resolution image keys chooses blocks for
-    the next layer; in each layer after it, the row attends to its keys and to the high-resolution tokens
-    the layer before chose for it, in one softmax, and chooses for the next (`acts_in`).
+    features (B, N_hd, C): the projector's features of the square high-resolution map, in reading order;
+    cos, sin (N_hd, hs): their RoPE tables at hires.hires_positions; image_start: the position of the
+    first low-resolution image token; lowres_side: the low-resolution image tokens a side; first_row: the
+    position of the first row served, in generation the prompt's last token (the current token of the
+    first step; every later token is the current token of its own step), in training the first after the
+    image. In layer config.first_layer - 1, a served row's attention over the low-resolution image keys
+    chooses blocks for the next layer; in each layer after it, the row attends to its keys and to the
+    high-resolution tokens the layer before chose for it, in one softmax, and chooses for the next
+    (`acts_in`).
     The features enter a layer's k_proj_hd and v_proj_hd through the layer's input norm, as every token of
     the sequence enters k_proj and v_proj (a choice: the paper does not say; on the toy, fed the projector's
     features as they are, the new keys and values upset the answers for the first hundreds of training
@@ -639,7 +640,7 @@ class HiresView:
     cos: torch.Tensor
     sin: torch.Tensor
     image_start: int
-    grid: int
+    lowres_side: int
     first_row: int
     alpha: float = 1.0                  # the blend of the hierarchical output: 0 = the plain model
     top: int | None = None              # choose this many best-scored blocks, not the threshold's (blocks^2: all)
@@ -679,14 +680,14 @@ class HiresView:
         evicted it, or did not compute it this step) has attention 0 on the grid."""
         B, H, R, n = probs.shape
         slot = key_positions - self.image_start                                         # (B, H, n): place on the grid
-        is_image = (slot >= 0) & (slot < self.grid ** 2)
+        is_image = (slot >= 0) & (slot < self.lowres_side ** 2)
         # Each head's probabilities go to the places of its own keys: H2O, for one, keeps different rows per head.
-        per_head = probs.new_zeros(B, H, R, self.grid ** 2)                             # (B, H, R, grid^2)
+        per_head = probs.new_zeros(B, H, R, self.lowres_side ** 2)                      # (B, H, R, lowres_side^2)
         # Keys outside the image land on a valid slot (clamp) with their probabilities zeroed.
-        per_head.scatter_add_(-1, slot.clamp(0, self.grid ** 2 - 1)[:, :, None, :].expand(B, H, R, n),
+        per_head.scatter_add_(-1, slot.clamp(0, self.lowres_side ** 2 - 1)[:, :, None, :].expand(B, H, R, n),
                               probs.masked_fill(~is_image[:, :, None, :], 0.0))
-        image = per_head.sum(1)                                                         # (B, R, grid^2)
-        scores = hires.block_scores(image.view(B * R, -1), (self.grid, self.grid), self.config.blocks)
+        image = per_head.sum(1)                                                         # (B, R, lowres_side^2)
+        scores = hires.block_scores(image.view(B * R, -1), (self.lowres_side,) * 2, self.config.blocks)
         chosen_blocks = (hires.threshold_blocks(scores, self.config.threshold) if self.top is None
                          else hires.top_blocks(scores, self.top))                       # (B R, blocks, blocks)
         tokens = hires.block_tokens(chosen_blocks, math.isqrt(self.features.shape[1]))  # (B R, N_hd)
@@ -819,16 +820,16 @@ class LlavaForConditionalGeneration(nn.Module):
         if self.config.hires is None:
             raise UserError("this model has no FlexAttention projections (no hires_config in config.json): "
                             "its hierarchical attention stays off; --hires-threshold draws the selection only")
-        h, S = self.config.hires, self.config.vision.image_size
+        h, size = self.config.hires, self.config.vision.image_size
         if top is not None:
             hires.check_block_count(top, h.blocks)  # before the view is built, not in the forward pass
         B = hires_pixel_values.shape[0]
-        if hires_pixel_values.shape[1:] != (3, h.scale * S, h.scale * S):
+        if hires_pixel_values.shape[1:] != (3, h.scale * size, h.scale * size):
             raise ValueError(f"hires_pixel_values are {tuple(hires_pixel_values.shape)}, the high-resolution view "
-                             f"takes (B, 3, {h.scale * S}, {h.scale * S})")
+                             f"takes (B, 3, {h.scale * size}, {h.scale * size})")
         # (B, scale, scale, 3, S, S): the crops in reading order
-        crops = hires_pixel_values.view(B, 3, h.scale, S, h.scale, S).permute(0, 2, 4, 1, 3, 5)
-        features = self.crop_features(crops.reshape(B * h.scale ** 2, 3, S, S))          # (B scale^2, P, C)
+        crops = hires_pixel_values.view(B, 3, h.scale, size, h.scale, size).permute(0, 2, 4, 1, 3, 5)
+        features = self.crop_features(crops.reshape(B * h.scale ** 2, 3, size, size))    # (B scale^2, P, C)
         hires_map = torch.stack([stitch_tiles(tiles, h.scale, h.scale).flatten(0, 1)
                                  for tiles in features.split(h.scale ** 2)])              # (B, N_hd, C)
         # One position for the batch: its prompts must hold their image at the same place.
@@ -840,11 +841,11 @@ class LlavaForConditionalGeneration(nn.Module):
             raise ValueError("hires_view serves a batch whose prompts hold their image at one position; "
                              f"these start at {starts.tolist()}")
         image_start = int(starts[0])
-        grid = self.config.vision.patches_per_side
-        positions = hires.hires_positions(image_start, grid, h.scale).to(hires_pixel_values.device)
+        lowres_side = self.config.vision.patches_per_side
+        positions = hires.hires_positions(image_start, lowres_side, h.scale).to(hires_pixel_values.device)
         cos, sin = rope_cos_sin(positions, self.config.text, features.dtype)   # (N_hd, hs)
         first_row = input_ids.shape[1] - 1 if first_row is None else first_row
-        return HiresView(h, hires_map, cos, sin, image_start, grid, first_row, alpha, top)
+        return HiresView(h, hires_map, cos, sin, image_start, lowres_side, first_row, alpha, top)
 
     def forward(self, input_ids, pixel_values=None, cache=None, last_only=False, attention_mask=None,
                 image_sizes=None, hires_view: HiresView | None = None):

@@ -152,7 +152,8 @@ def hires_coverage(recordings: list, scenes: list, side: int, threshold: float =
         chosen = [hires.select_blocks(r.image_row(0, layer)[None], (side, side), threshold, blocks)[0]
                   for r in recordings]                                                  # each (blocks, blocks)
         coverage.append({"blocks": fmean(float(c.float().mean()) for c in chosen),
-                         "objects": mean_by_rank(scenes, lambda i, obj: area_in_blocks(chosen[i], obj.patches(), side))})
+                         "objects": mean_by_rank(scenes,
+                                                 lambda i, obj: area_in_blocks(chosen[i], obj.patches(), side))})
     return coverage
 
 

@@ -1,6 +1,6 @@
 """FlexAttention on the toy: what the high-resolution view is worth on fine details, and what it costs.
 
-    python -m tinyavl.toy.evaluate_hires --in-sequence weights/toy-tiles --plot tutorial/figures/hires.png --force
+    python -m tinyavl.toy.evaluate_hires --in-sequence-toy weights/toy-tiles --plot tutorial/figures/hires.png --force
 
 The FlexAttention toy (weights/toy-hires, trained by tinyavl/toy/train_hires.py) answers every prompt of
 the held-out fine scenes of a seed (tinyavl/toy/scenes.py: the digits are 9 x 15 px in a 384 px image, a
@@ -17,7 +17,7 @@ keys), each 4 x n_heads x head_dim FLOPs. Beside them, the cost of "all high-res
 sequence" for the same prompts and answer lengths (`in_sequence_pairs`): the toy as LLaVA-1.6 tiles the
 384 px image, whose 2496 image tokens are the base crop's 144, the 48 x 48 map and a newline closing each
 of its rows (`train_hires.with_tiles_in_sequence`, trained by `train_hires --in-sequence`: the committed
-weights/toy-tiles). Given that toy (`--in-sequence FOLDER`, as in the command above, which draws the
+weights/toy-tiles). Given that toy (`--in-sequence-toy FOLDER`, as in the command above, which draws the
 table and figure of tutorial/07), its answers are measured like the others' and its rows join the table;
 without it, that row has the cost alone.
 """
@@ -97,15 +97,15 @@ def compare_in_sequence(model, processor, questions, log=None) -> list[dict]:
     return reports
 
 
-def format_table(reports: list[dict], in_sequence: list[dict] | None = None) -> str:
+def format_table(reports: list[dict], in_sequence_reports: list[dict] | None = None) -> str:
     """Markdown: per policy and mode, the fine-detail accuracy and the other types' (95% intervals), the
     high-resolution keys read and the attention MFLOPs an answer, as a share of "every block" (same
     policy) and of all high-resolution tokens in the sequence for the same answers (`in_sequence_pairs`).
     Then the in-sequence toy's rows (`compare_in_sequence`; their share is of its own dense cache's), or
     without one a row with that cost alone."""
     every = {r["policy"]: r["attention_mflops"] for r in reports if r["mode"] == "every block"}
-    head = (["policy", "reads", FINE_KIND] + [kind for kind in PROMPT_KINDS if kind != FINE_KIND]
-            + ["KV bytes", "high-res keys", "attention MFLOPs", "of every block", "of in-sequence"])
+    head = (["cache", "reads", FINE_KIND] + [kind for kind in PROMPT_KINDS if kind != FINE_KIND]
+            + ["KV bytes", "high-res keys an answer", "attention MFLOPs", "of every block", "of in-sequence"])
 
     def cells(r, keys, of_every, of_in_sequence):
         return ([r["policy"], r["mode"],
@@ -116,23 +116,23 @@ def format_table(reports: list[dict], in_sequence: list[dict] | None = None) -> 
 
     rows = [cells(r, f"{r['hires_tokens_read']:.0f}", f"{r['attention_mflops'] / every[r['policy']]:.2f}",
                   f"{r['attention_mflops'] / r['in_sequence_mflops']:.3f}") for r in reports]
-    if in_sequence:
-        dense = next(r["attention_mflops"] for r in in_sequence if r["policy"] == "full")
-        rows += [cells(r, "-", "-", f"{r['attention_mflops'] / dense:.3f}") for r in in_sequence]
+    if in_sequence_reports:
+        dense = next(r["attention_mflops"] for r in in_sequence_reports if r["policy"] == "full")
+        rows += [cells(r, "-", "-", f"{r['attention_mflops'] / dense:.3f}") for r in in_sequence_reports]
     else:
         # reports[0] is full reading nothing: its answers' lengths price the in-sequence row.
-        rows.append(["full", f"{IN_SEQUENCE} (no --in-sequence toy given: cost only)"] + ["-"] * (len(head) - 5) +
+        rows.append(["full", f"{IN_SEQUENCE} (no --in-sequence-toy given: cost only)"] + ["-"] * (len(head) - 5) +
                     [f"{reports[0]['in_sequence_mflops']:.1f}", "-", "1.000"])
     return "\n".join(markdown_table(head, rows))
 
 
-def plot(reports: list[dict], path: Path, title: str, in_sequence: list[dict] | None = None,
+def plot(reports: list[dict], path: Path, title: str, in_sequence_reports: list[dict] | None = None,
          replace: bool = False) -> None:
     """Fine-detail accuracy (95% interval) against the attention MFLOPs an answer, a line per policy
     through its modes; with the in-sequence toy's reports, a point per policy beside them, in the
     policy's colour, and the MFLOPs on a log axis (the sequence costs about a hundred times more)."""
     series, colour_of, dashed = {}, {}, []
-    for r in reports + (in_sequence or []):
+    for r in reports + (in_sequence_reports or []):
         name = r["policy"]
         if r["mode"] == IN_SEQUENCE:
             name = f"{r['policy']}, in sequence"
@@ -142,7 +142,7 @@ def plot(reports: list[dict], path: Path, title: str, in_sequence: list[dict] | 
         series.setdefault(name, []).append((r["attention_mflops"], r["accuracy_by_type"][FINE_KIND], *interval))
     save_line_plot(path, series, x_label="attention MFLOPs an answer (accounting formula)",
                    y_label=f"{FINE_KIND} accuracy", title=title, y_range=(0, 1), colour_of=colour_of,
-                   dashed=tuple(dashed), log_x=bool(in_sequence), replace=replace)
+                   dashed=tuple(dashed), log_x=bool(in_sequence_reports), replace=replace)
 
 
 def parse_args(argv):
@@ -153,7 +153,7 @@ def parse_args(argv):
     parser.add_argument("--plot", type=output_file, default=None, metavar="OUT.png",
                         help="draw the fine-detail accuracy against attention MFLOPs")
     parser.add_argument("--force", action="store_true", help="replace the --plot file if it exists")
-    parser.add_argument("--in-sequence", type=Path, default=None, metavar="FOLDER",
+    parser.add_argument("--in-sequence-toy", type=Path, default=None, metavar="FOLDER",
                         help="also measure a toy with every high-res token in the sequence (train_hires --in-sequence)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     return parser.parse_args(argv)
@@ -165,7 +165,7 @@ def run(args) -> dict:
     if args.force and args.plot is None:
         raise UserError("--force replaces the --plot file: give --plot too")
     if args.plot is not None:
-        inputs = [folder for folder in (args.weights, args.in_sequence) if folder is not None]
+        inputs = [folder for folder in (args.weights, args.in_sequence_toy) if folder is not None]
         check_output_file(args.plot, "--plot", inputs=inputs, suffixes=(".png",), replace=args.force)
     if not args.weights.is_dir():
         raise UserError(f"no model folder at {args.weights}: train one with python -m tinyavl.toy.train_hires")
@@ -173,25 +173,26 @@ def run(args) -> dict:
     if model.config.hires is None:
         raise UserError(f"{args.weights} has no hires_config: train a FlexAttention toy with "
                         "python -m tinyavl.toy.train_hires")
-    tiled = None
-    if args.in_sequence is not None:
-        if not args.in_sequence.is_dir():
-            raise UserError(f"--in-sequence: no model folder at {args.in_sequence}")
-        tiled = load_pretrained(args.in_sequence, device="cpu", dtype="float32")  # (model, processor)
-        if not tiled[0].config.is_next:
-            raise UserError(f"--in-sequence: {args.in_sequence} keeps its image at low resolution: train one with "
-                            "python -m tinyavl.toy.train_hires --in-sequence")
+    tiled_model = tiled_processor = None
+    if args.in_sequence_toy is not None:
+        if not args.in_sequence_toy.is_dir():
+            raise UserError(f"--in-sequence-toy: no model folder at {args.in_sequence_toy}")
+        tiled_model, tiled_processor = load_pretrained(args.in_sequence_toy, device="cpu", dtype="float32")
+        if not tiled_model.config.is_next:
+            raise UserError(f"--in-sequence-toy: {args.in_sequence_toy} keeps its image at low resolution: train "
+                            "one with python -m tinyavl.toy.train_hires --in-sequence")
     log = None if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
     questions = held_out_set(args.seed, args.n, fine=True)
     reports = compare(model, processor, questions, log)
-    in_sequence = None if tiled is None else compare_in_sequence(*tiled, questions, log)
+    in_sequence_reports = (None if tiled_model is None
+                           else compare_in_sequence(tiled_model, tiled_processor, questions, log))
     if args.plot is not None:
         plot(reports, args.plot, f"FlexAttention toy, {args.n} fine scenes (seed {args.seed}) x "
                                  f"{len(PROMPT_KINDS)} prompts",
-             in_sequence, replace=args.force)
+             in_sequence_reports, replace=args.force)
         if log:
             log(f"wrote {args.plot}")
-    return {"seed": args.seed, "n_scenes": args.n, "rows": reports, "in_sequence_rows": in_sequence}
+    return {"seed": args.seed, "n_scenes": args.n, "rows": reports, "in_sequence_rows": in_sequence_reports}
 
 
 def main(argv=None) -> int:
