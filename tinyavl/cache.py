@@ -217,7 +217,8 @@ def heavy_plus_recent(scores, pos, heavy: int, recent: int, length: int):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Declaring a policy's parameters.
+# Declaring a policy's parameters. (generate's and the command lines' checks of a seed, a count or a
+# number use the same is_whole, is_real and SEED_PARAM.)
 # ---------------------------------------------------------------------------------------------------
 
 def is_whole(x) -> bool:
