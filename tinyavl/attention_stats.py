@@ -30,7 +30,8 @@ class AttentionRecorder(KVCache):
     def update(self, layer, q, last_row):
         if layer == 0:
             self.rows.append([])
-        # From q and K, at every step alike: at the prefill compute hands over no last_row. Sample 0: generate's one.
+        # From q and K, at every step alike: at the prefill compute hands over no last_row. [0]: the batch's
+        # one sequence (generate runs one).
         self.rows[-1].append(last_row_probs(q, self.k[layer]).mean(1)[0].cpu())   # (n,) head mean
 
     def image_row(self, step: int, layer: int):

@@ -3,7 +3,7 @@
     python -m tinyavl.toy.attention_study --out tutorial/figures --force   # numbers + two figures (chapter 4)
 
 Every measure runs on dense attention (nothing evicted) while the model writes its captions for
-held-out scenes (`Scene.caption`: 20-45 tokens, long enough to watch attention move from step to
+held-out scenes (`Scene.caption`: 26-43 tokens, long enough to watch attention move from step to
 step). Per decoder layer (tinyavl/attention_stats.py has the measures):
 - shares: the attention of the decode steps' queries on sys / image / text, beside each segment's
   share of the tokens (what attention spread evenly would give it);

@@ -25,7 +25,8 @@ one or two patches. Only a high-resolution view of the image (4 x 4 crops of 96 
 reads it.
 
 Each scene answers five question types (`QUESTION_TYPES`) and a caption that lists every object with
-its colour, place and digit, 20-45 tokens long. Rows and columns are numbered 1-4 from the top left.
+its colour, place and digit, 26-43 tokens long (of the toy's tokenizer, before `</s>`). Rows and columns
+are numbered 1-4 from the top left.
 Everything is deterministic for a seed (`scene_stream`).
 """
 import random

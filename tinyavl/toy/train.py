@@ -348,6 +348,7 @@ def losses(model, probe, batch, hires_alpha: float = 1.0) -> tuple[torch.Tensor,
                        image_sizes=batch.get("image_sizes"), hires_view=view)  # (B, T, vocab)
     finally:
         hook.remove()
+    # Row t predicts token t + 1: logits (B (T-1), vocab) against labels (B (T-1),), -100 where no answer.
     lm_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100)
     word_embeddings = model.language_model.model.embed_tokens.weight  # (vocab, C_text), shared with the decoder
     patch_loss = probe.loss(captured["features"], batch["patch_targets"], word_embeddings)
@@ -671,12 +672,12 @@ def readout_recall(model, readout, processor, n_scenes: int = 100, seed: int = 0
                 visible = torch.ones(1, features.shape[1])
                 visible[0, obj.place_patches()] = 0
                 place = place_index(obj)
-                scores = readout.logits(features, visible)
+                scores = readout.logits(features, visible)  # per attribute i: (1, PLACES, classes of i)
                 outside += torch.tensor([float(s[0, place].argmax() == place_truth[place, i])
                                          for i, s in enumerate(scores)])
                 n_objects += 1
             shown = patch_truth[:, 0] > 0                                                   # (P,)
-            own += torch.stack([(s[0].argmax(-1) == patch_truth[:, i])[shown].float().sum()
+            own += torch.stack([(s[0].argmax(-1) == patch_truth[:, i])[shown].float().sum()   # s (1, P, classes)
                                 for i, s in enumerate(readout.patch_logits(features))])
             n_shown += int(shown.sum())
     return {"outside its place": (outside / n_objects).tolist(), "own patch": (own / n_shown).tolist()}
