@@ -33,7 +33,27 @@ def test_a_tied_output_layer_is_read_whole():
                       num_key_value_heads=Hkv, max_position_embeddings=512, tie_word_embeddings=True)
     tied = bench.random_model(LlavaConfig(text=text, vision=TINY.vision, image_token_id=63), torch.float32)
     per_layer = (C * C + 2 * C * Hkv * hs + C * C) + 3 * C * I + 2 * C
+    assert tied.language_model.lm_head.weight is tied.language_model.model.embed_tokens.weight
     assert bench.decode_weight_bytes(tied) == 4 * (L * per_layer + C + V * C)
+
+
+def test_the_two_rates_divide_the_bytes_read_by_the_best_time(model, monkeypatch):
+    """read_rate sums a tensor of nbytes; matvec_rate runs every Linear of the decoder once, one token each,
+    and counts their weights' bytes: both divide by best_seconds' time (here made up: 0.5 s)."""
+    summed = []
+
+    def best_seconds(fn, repeats):
+        result = fn()
+        summed.append(result)
+        return 0.5
+
+    monkeypatch.setattr(bench, "best_seconds", best_seconds)
+    assert bench.read_rate(nbytes=2 ** 20) == 2 ** 21
+    assert summed[-1].item() == 2 ** 20 / 4                  # a sum of ones: the fp32 elements read
+    C, I, V, L, hs, Hkv = 32, 48, 64, 4, 8, 2
+    linear_weights = L * (C * C + 2 * C * Hkv * hs + C * C + 3 * C * I) + V * C   # q, k, v, o, gate, up, down; lm_head
+    assert bench.matvec_rate(model) == 4 * linear_weights / 0.5
+    assert len(summed[-1]) == 7 * L + 1 and all(y.shape[:2] == (1, 1) for y in summed[-1])   # one token each
 
 
 def test_a_run_without_update_steps_reports_no_update_step_time(model):
@@ -60,6 +80,29 @@ def test_floor_is_weight_bytes_at_matvec_rate_plus_attended_kv_at_read_rate(mode
     assert 0 < avl["attention_ms"] < avl["decode_ms"]  # the cache's four steps are part of the step
     assert case["rates_GBps"] == {"read": 2.0, "matvec": 1.0}
     json.dumps(case)  # what --json prints
+
+
+def test_each_policys_times_and_bytes_are_its_own_runs(model, monkeypatch):
+    """decode_ms and attention_ms are a policy's run's times over its decode steps (6 new tokens: 5, the
+    prefill makes the first), prefill_s its prefill's; kv_bytes its peak, for `full` every row of the
+    prompt and the 5 tokens fed after it, in every layer."""
+    runs = {}
+
+    def recorded_run_policies(*args):
+        runs.update(run_policies(*args))
+        return runs
+
+    run_policies = bench.run_policies
+    monkeypatch.setattr(bench, "run_policies", recorded_run_policies)
+    case, _ = bench.run_case(model, n_img=20, new_tokens=6, rates={"read": 2e9, "matvec": 1e9})
+    for name, (_, stats, cache) in runs.items():
+        row = case["policies"][name]
+        assert row["decode_ms"] == pytest.approx(1e3 * stats.decode_seconds / 5)
+        assert row["attention_ms"] == pytest.approx(1e3 * cache.spans.seconds("attention") / 5)
+        assert row["prefill_s"] == stats.prefill_seconds
+        assert row["kv_bytes"] == stats.kv_cache_bytes
+    row_bytes = bench.kv_row_bytes(model.config.text, torch.float32)
+    assert case["policies"]["full"]["kv_bytes"] == 4 * (case["prompt_tokens"] + 5) * row_bytes
 
 
 def recording_steps(monkeypatch, fail_at: tuple[str, int] | None = None) -> list:
@@ -199,7 +242,9 @@ def test_avl_attention_time_splits_into_normal_and_update_steps(model):
     assert 0 < split["swap"] < split["update"]
     row = bench.avl_step_split(cache, full_attention_ms=2.0)
     assert row["attention_ms_update_step"] == pytest.approx(1e3 * split["update"] / 2)
+    assert row["swap_ms_update_step"] == pytest.approx(1e3 * split["swap"] / 2)
     assert row["normal_step_vs_full"] == pytest.approx(1e3 * split["normal"] / 5 / 2.0)
+    assert row["update_step_vs_full"] == pytest.approx(1e3 * split["update"] / 2 / 2.0)
     # A long answer's mix, K = 3: two normal steps to one update step.
     steady = 1e3 * (2 * split["normal"] / 5 + split["update"] / 2) / 3
     assert row["attention_ms_steady"] == pytest.approx(steady)
@@ -242,6 +287,17 @@ def test_a_transformers_mismatch_is_noted_on_stderr_not_in_the_json(model, capsy
     assert rate > 0 and captured.out == "" and "tokens differ" in captured.err
 
 
+def test_transformers_rate_counts_the_decode_steps_it_timed(model, monkeypatch):
+    """The clock runs over the decode steps alone (the prefill makes the first token): 5 new tokens are 4
+    steps, here in 8 made-up seconds."""
+    pytest.importorskip("transformers")
+    clock = iter([100.0, 108.0])
+    monkeypatch.setattr(bench, "time", type("FakeTime", (), {"perf_counter": staticmethod(lambda: next(clock))}))
+    rate = bench.transformers_decode_rate(model, bench.prompt_ids(model.config, 12), bench.image_block(model, 12),
+                                          new_tokens=5, expected_tokens=None)
+    assert rate == 4 / 8
+
+
 def test_next_blocks_and_the_papers_memory_arithmetic_by_hand():
     """--arch next measures the blocks anyres makes of a 672x672 image (2 x 2 tiles: a 48 x 48 map, a newline
     per row) and a 336x1008 one (1 x 3 tiles: 24 x 72); the memory rows are
@@ -279,7 +335,8 @@ def test_cuda_without_cuda_is_a_usage_error(capsys):
 
 
 @pytest.mark.parametrize("argv", [["--image-tokens", "3"], ["--image-tokens", "576", "3796"],
-                                  ["--image-tokens", "3700", "--new-tokens", "400"], ["--lay", "1"]])
+                                  ["--image-tokens", "3700", "--new-tokens", "400"], ["--lay", "1"],
+                                  ["--new-tokens", "1"], ["--layers", "0"]])
 def test_blocks_that_do_not_fit_and_abbreviations_are_usage_errors(argv, monkeypatch, capsys):
     """Before any model is built: A-VL needs a core of at least one row (floor(0.3 x 4)), and the prompt
     (N_SYS + N_img + N_TEXT) plus the longest run (256 tokens, or --new-tokens) must fit 4096 positions."""
