@@ -31,7 +31,7 @@ from cache_helpers import (build_model, last_row_head_mean, make_prompt, masked,
                            one_thread, positions_per_head, recording, run_steps, scores_per_head, top_positions)
 from tinyavl.cache import (POLICIES, ROW_BUCKET, AVLCache, FastVCache, H2OCache, KVCache, LastRow, Param, RandomCache,
                            StreamingCache, causal_column_sums, contiguous_runs, decode_attention, heavy_plus_recent,
-                           image_filter, make_cache, read_end, share)
+                           image_filter, make_cache, read_end, require_triton, share)
 from tinyavl.errors import UserError
 from tinyavl.generate import image_segments
 from tinyavl.model import faster_keys_first, keys_first
@@ -988,6 +988,10 @@ def test_triton_kernel_without_a_gpu_is_refused_before_any_work(monkeypatch):
     with pytest.raises(UserError, match="CUDA device"):
         make_cache("avl", kernel="triton")
     make_cache("avl", kernel="auto")  # auto falls back to the torch path
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(UserError, match="CUDA device"):   # a model on the CPU of a machine that has a GPU
+        require_triton(torch.device("cpu"))
+    require_triton(torch.device("cuda"))
     monkeypatch.setattr(kernels, "INTERPRETED", True)
     make_cache("avl", kernel="triton")  # the interpreter runs it on the CPU
 
@@ -1136,10 +1140,11 @@ def test_compact_evicts_each_sample_and_head_on_its_own_rows():
 
 
 @pytest.mark.parametrize("policy,params", [("h2o", dict(heavy=0.2, recent=0.3)),
-                                           ("streaming", dict(sinks=2, recent=0.4))])
+                                           ("streaming", dict(sinks=2, recent=0.4)), ("random", dict(S=0.3))])
 def test_a_batch_of_prompts_evicts_as_each_prompt_alone(policy, params):
-    """H2O and StreamingLLM take batches: two different prompts decoded together (the same tokens fed to
-    both) give each the logits and the kept tokens of that prompt run alone."""
+    """H2O, StreamingLLM and random take batches: two different prompts decoded together (the same tokens
+    fed to both) give each the logits and the kept tokens of that prompt run alone (random's fresh cache
+    draws the same image tokens for the batch as for each prompt alone)."""
     m = model("gqa")
     (a, pixels_a), (b, pixels_b) = make_prompt(m, N_SYS, 30, seed=1), make_prompt(m, N_SYS, 30, seed=2)
 
