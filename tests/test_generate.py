@@ -364,6 +364,18 @@ def test_image_tokens_without_an_image_are_a_user_error(loaded):
         greedy(model, ids, None, steps=2)
 
 
+def test_an_image_without_image_tokens_and_an_empty_prompt_are_user_errors(loaded):
+    """An image whose features would have no place in the prompt, and a prompt of no tokens, are the
+    caller's mistakes: one UserError each, before the model runs."""
+    model, processor = loaded("mha")
+    ids, px = prompt_inputs(processor, "image")
+    text_only = ids[:, ids[0] != model.config.image_token_id]
+    with pytest.raises(UserError, match="an image was given but the prompt has no image tokens"):
+        greedy(model, text_only, px, steps=2)
+    with pytest.raises(UserError, match="input_ids holds no token"):
+        greedy(model, ids[:, :0], None, steps=2)
+
+
 def test_bad_generation_arguments_are_user_errors(loaded):
     model, processor = loaded("mha")
     ids, px = prompt_inputs(processor, "image")

@@ -190,6 +190,14 @@ def test_logits_and_greedy_match_transformers(loaded, name, case):
     assert tokens == ref_tokens
 
 
+def test_a_next_image_without_its_size_is_a_user_error(loaded):
+    """LLaVA-1.6 cuts its map by the image's size: generate needs image_sizes with pixel_values."""
+    model, processor, _, _ = loaded("next_vicuna_mha")
+    inputs = processor(processor.chat_prompt(QUESTION), make_image(*IMAGE_SHAPES["wide"], seed=1))
+    with pytest.raises(UserError, match="needs its image_sizes"):
+        tinyavl.generate(model, inputs["input_ids"], inputs["pixel_values"], max_new_tokens=2)
+
+
 def test_newline_ends_every_row_of_the_tile_map(loaded):
     """The image block is [base crop | map rows, each closed by image_newline]: the feature after every
     row of the unpadded map is the newline vector itself, and nowhere else."""
