@@ -412,6 +412,35 @@ def test_a_template_gets_the_special_tokens_tokenizer_config_declares(next_folde
     assert processor.chat_prompt(QUESTION) == expected
 
 
+def test_of_several_templates_the_one_transformers_takes_is_rendered(next_folder):
+    """A folder may hold its template in chat_template.jinja, chat_template.json and processor_config.json:
+    each added here in turn, it renders as transformers' processor renders the folder."""
+    from transformers import AutoProcessor
+
+    processor_config = json.loads((next_folder / "processor_config.json").read_text())
+    (next_folder / "chat_template.json").unlink()
+    for where, word in [("chat_template.jinja", "jinja"), ("chat_template.json", "json"),
+                        ("processor_config.json", "config")]:
+        template = word + " {{ messages[0]['content'][-1]['text'] }}"
+        if where == "chat_template.jinja":
+            (next_folder / where).write_text(template)
+        else:
+            config = {**processor_config, "chat_template": template} if where == "processor_config.json" else {
+                "chat_template": template}
+            (next_folder / where).write_text(json.dumps(config))
+        _, processor = tinyavl.load_pretrained(next_folder, device="cpu")
+        expected = AutoProcessor.from_pretrained(next_folder).apply_chat_template(
+            user_turn(QUESTION, False), add_generation_prompt=True, tokenize=False)
+        assert processor.chat_prompt(QUESTION, has_image=False) == expected == f"{word} {QUESTION}"
+
+
+@pytest.mark.parametrize("template", [["{{ messages }}"], {"default": "{{ messages }}"}], ids=["list", "named"])
+def test_a_template_that_is_not_one_string_is_refused(next_folder, template):
+    (next_folder / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    with pytest.raises(UserError, match="chat_template.json has no \"chat_template\" string"):
+        tinyavl.load_pretrained(next_folder, device="cpu")
+
+
 def test_a_special_token_that_is_not_a_token_is_refused(next_folder):
     (next_folder / "tokenizer_config.json").write_text(json.dumps({"pad_token": 5}))
     with pytest.raises(UserError, match="tokenizer_config.json has pad_token 5: it must be a token"):

@@ -199,20 +199,26 @@ def render_chat_template(template: jinja2.Template, messages: list[dict], specia
                         "LLaVA-1.5's prompt format") from None
 
 
-def read_chat_template(folder: Path) -> str | None:
-    """The template of chat_template.jinja, or the "chat_template" of chat_template.json; None if neither."""
-    jinja_file = folder / "chat_template.jinja"
-    if jinja_file.is_file():
+def read_chat_template(folder: Path, processor_config: dict) -> str | None:
+    """The folder's chat template, from where transformers' processors take it when a folder has more than
+    one (`ProcessorMixin.get_processor_dict`): the "chat_template" of processor_config.json (whose contents
+    are processor_config), else that of chat_template.json (the older file), else chat_template.jinja;
+    None if none of them has one."""
+    json_file = folder / "chat_template.json"
+    if processor_config.get("chat_template") is not None:
+        template, source = processor_config["chat_template"], folder / "processor_config.json"
+    elif json_file.is_file():
+        template, source = read_json_object(json_file).get("chat_template"), json_file
+    else:
+        jinja_file = folder / "chat_template.jinja"
+        if not jinja_file.is_file():
+            return None
         try:
             return jinja_file.read_text(encoding="utf-8")
         except UnicodeDecodeError as err:
             raise UserError(f"{jinja_file} is not UTF-8 text ({err}): download it again") from None
-    json_file = folder / "chat_template.json"
-    if not json_file.is_file():
-        return None
-    template = read_json_object(json_file).get("chat_template")
-    if not isinstance(template, str):
-        raise UserError(f"{json_file} has no \"chat_template\" string: download it again, or delete it to use "
+    if not isinstance(template, str):  # missing, or a dict of named templates, which tinyavl does not choose from
+        raise UserError(f"{source} has no \"chat_template\" string: download it again, or delete it to use "
                         "LLaVA-1.5's prompt format")
     return template
 
@@ -265,8 +271,8 @@ class Processor:
                         image_grid_pinpoints=None, patch_size: int | None = None,
                         hires_scale: int | None = None) -> "Processor":
         """Build from a checkpoint folder: tokenizer.json (required); preprocessor_config.json, the chat
-        template (chat_template.jinja, or chat_template.json's "chat_template") and processor_config.json
-        (its "system_prompt", used when there is no template) optional."""
+        template (`read_chat_template`) and processor_config.json (its "system_prompt", used when there is
+        no template) optional."""
         folder = Path(folder)
         path = folder / "tokenizer.json"
         if not path.is_file():
@@ -288,10 +294,11 @@ class Processor:
                             f"{pre_pinpoints} but config.json on {image_grid_pinpoints}: the files come from "
                             "different checkpoints")
         processor_path = folder / "processor_config.json"
-        system_prompt = read_json_object(processor_path, optional=True).get("system_prompt", "")
+        processor_config = read_json_object(processor_path, optional=True)
+        system_prompt = processor_config.get("system_prompt", "")
         if not isinstance(system_prompt, str):
             raise UserError(f"{processor_path} has a system_prompt that is not a string")
-        chat_template = read_chat_template(folder)
+        chat_template = read_chat_template(folder, processor_config)
         if IMAGE_TOKEN in system_prompt and chat_template is None:  # chat_prompt would place a second image
             raise UserError(f"{processor_path} has a system_prompt with {IMAGE_TOKEN} in it: take it out")
         return cls(tokenizer, image_token_id, num_image_tokens, **pre, system_prompt=system_prompt,
