@@ -142,6 +142,8 @@ TWICE = {
     "rope_scaling beside rope_parameters": {"text_config": {
         "rope_scaling": {"rope_type": "default", "rope_theta": 1e6},
         "rope_parameters": {"rope_type": "default", "rope_theta": 100.0}}},
+    "empty rope_scaling beside rope_parameters": {"text_config": {
+        "rope_scaling": {}, "rope_parameters": {"rope_type": "default", "rope_theta": 100.0}}},
     "tie at the top only": {"tie_word_embeddings": True},
     "tie at the top, not in text_config": {"tie_word_embeddings": True, "text_config": {"tie_word_embeddings": False}},
     "tie in text_config only": {"text_config": {"tie_word_embeddings": True}},

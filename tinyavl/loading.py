@@ -107,10 +107,9 @@ def rope_fields(text_raw: dict) -> dict:
     """TextConfig's RoPE fields (rope_theta, rope_linear_factor) from text_config, where it sets them.
 
     transformers 5.x writes rope_parameters, older versions rope_theta (+ rope_scaling); where a file has
-    both, rope_scaling wins, as in transformers (modeling_rope_utils.py, convert_rope_params_to_dict)."""
-    rope = text_raw.get("rope_scaling")
-    rope = text_raw.get("rope_parameters") if rope is None else rope
-    rope = {} if rope is None else rope
+    both, rope_scaling wins unless it is empty or null, as in transformers (modeling_rope_utils.py,
+    convert_rope_params_to_dict: rope_scaling or rope_parameters)."""
+    rope = text_raw.get("rope_scaling") or text_raw.get("rope_parameters") or {}
     if not isinstance(rope, dict):
         raise UserError(f"text_config's RoPE settings are {rope!r}, not a JSON object: download config.json again")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
