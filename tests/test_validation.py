@@ -168,6 +168,14 @@ def test_vocab_smaller_than_the_tokenizer(folder):
     assert "tokenizer.json" in message and str(vocab) in message and "vocab_size" in message
 
 
+def test_the_tokenizer_is_checked_before_any_weight_is_read(folder, monkeypatch):
+    """The small files first: a 7B checkpoint's weights take minutes to stream, a broken tokenizer.json
+    is said at once."""
+    (folder / "tokenizer.json").unlink()
+    monkeypatch.setattr(tinyavl, "load_model", lambda *args: pytest.fail("read the weights first"))
+    assert "tokenizer.json" in load_error(folder)
+
+
 @pytest.mark.parametrize("value", [None, "llama"])
 def test_no_text_config(folder, value):
     edit_json(folder / "config.json", lambda c: c.pop("text_config") if value is None
@@ -176,8 +184,10 @@ def test_no_text_config(folder, value):
 
 
 def test_key_mismatch_is_summarised(folder):
-    """Without vision_config the tower is LLaVA's CLIP ViT-L/14-336: every vision key mismatches, in one short line."""
+    """Without vision_config the tower is LLaVA's CLIP ViT-L/14-336: every vision key mismatches, in one short line.
+    (preprocessor_config.json's 56 px crops, which disagree with 336 and are read first, are taken away.)"""
     edit_json(folder / "config.json", lambda c: c.pop("vision_config"))
+    (folder / "preprocessor_config.json").unlink()
     message = load_error(folder)
     assert "missing keys (" in message and " more" in message and "mis-shaped tensors" in message
     assert "without a vision_config" in message

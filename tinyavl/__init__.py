@@ -10,7 +10,7 @@ from pathlib import Path
 from tinyavl.cache import POLICIES, make_cache
 from tinyavl.errors import UserError
 from tinyavl.generate import GenerationStats, generate
-from tinyavl.loading import load_model
+from tinyavl.loading import load_model, read_config
 from tinyavl.model import LlavaConfig, LlavaForConditionalGeneration
 from tinyavl.processing import Processor
 
@@ -21,8 +21,8 @@ def load_pretrained(path, device=None, dtype=None):
     device: "cpu", "cuda" or None (CUDA when present). dtype: a torch dtype or "float32"/"bfloat16"/
     "float16"; None keeps the stored dtype (fp16 checkpoints run as bf16 on a CPU).
     """
-    model = load_model(path, device, dtype)
-    config = model.config
+    # The small files first: a broken tokenizer.json is said at once, not after minutes of streaming weights.
+    config = read_config(path)
     processor = Processor.from_pretrained(Path(path), image_token_id=config.image_token_id,
                                           num_image_tokens=config.num_image_tokens,
                                           vision_image_size=config.vision.image_size,
@@ -30,7 +30,7 @@ def load_pretrained(path, device=None, dtype=None):
                                           patch_size=config.vision.patch_size,
                                           hires_scale=None if config.hires is None else config.hires.scale)
     check_token_ids(processor.tokenizer, config.text.vocab_size)
-    return model, processor
+    return load_model(path, device, dtype), processor
 
 
 def check_token_ids(tokenizer, vocab_size: int) -> None:
