@@ -31,7 +31,7 @@ from tinyavl.attention_map import map_layer, save_attention_map
 from tinyavl.cli import (TOY_WEIGHTS, ArgumentParser, add_policy_arguments, check_filter_layer,
                          first_paragraph, flag, output_file, policy_cache, run_command)
 from tinyavl.files import check_output_file
-from tinyavl.generate import check_generation_args
+from tinyavl.generate import GENERATION_PARAMS, check_generation_args
 from tinyavl.processing import check_question, load_image
 
 signal.signal(signal.SIGINT, previous_handler)  # Ctrl-C is KeyboardInterrupt again, which run_command ends in
@@ -45,13 +45,12 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--prompt", default="Describe the image.", help="the question about the image")
     parser.add_argument("--weights", type=Path, default=None,
                         help="llava-hf model folder (default: the toy LLaVA in weights/toy)")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate (fewer at EOS)")
+    for param in GENERATION_PARAMS:  # --max-new-tokens, --temperature, --top-p
+        parser.add_argument(flag(param.name), type=type(param.default), default=param.default,
+                            help=f"{param.help}; {param.allowed()}")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if present")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="default: the checkpoint's (fp16 runs as bf16 on a CPU)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set of tokens "
-                        "whose probability reaches this (with --temperature > 0)")
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling (default: a fresh draw each run)")
     add_policy_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")

@@ -5,6 +5,7 @@ References are independent of the code under test: the uncached causal forward o
 variant's shape (tests/tiny_checkpoints.py) and a hand formula, and transformers' own bf16 error.
 """
 import copy
+import inspect
 import math
 import sys
 import time
@@ -16,7 +17,7 @@ import torch
 
 import tinyavl
 from tinyavl.errors import UserError
-from tinyavl.generate import sample
+from tinyavl.generate import GENERATION_PARAMS, generation, sample
 from tiny_checkpoints import VARIANTS, make_image, sparse_config, tokenizer_info, write_checkpoint
 
 STEPS = 12
@@ -364,6 +365,12 @@ def test_image_tokens_without_an_image_are_a_user_error(loaded):
         greedy(model, ids, None, steps=2)
 
 
+def test_generation_defaults_are_the_declared_ones():
+    """GENERATION_PARAMS declares main.py's flags; generate's own defaults must be the same."""
+    defaults = inspect.signature(generation).parameters
+    assert {p.name: defaults[p.name].default for p in GENERATION_PARAMS} == {p.name: p.default for p in GENERATION_PARAMS}
+
+
 def test_an_image_without_image_tokens_and_an_empty_prompt_are_user_errors(loaded):
     """An image whose features would have no place in the prompt, and a prompt of no tokens, are the
     caller's mistakes: one UserError each, before the model runs."""
@@ -400,7 +407,7 @@ def test_bad_generation_arguments_are_user_errors(loaded):
     for seed in (-2 ** 63 - 1, 2 ** 64):
         with pytest.raises((RuntimeError, ValueError)):   # the version's overflow or range error
             torch.Generator().manual_seed(seed)
-        with pytest.raises(UserError, match=r"seed must be a whole number in \[-2\^63, 2\^64\)"):
+        with pytest.raises(UserError, match=r"seed must be in \[-2\^63, 2\^64\)"):
             tinyavl.generate(model, ids, px, max_new_tokens=1, temperature=1.0, seed=seed)
     # What a caller may pass that is not a Python int: numpy's integers.
     tokens, _ = tinyavl.generate(model, ids, px, max_new_tokens=np.int64(2), seed=np.uint32(1), eos_token_id=np.int64(2))

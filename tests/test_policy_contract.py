@@ -12,6 +12,7 @@ The first three run on a LLaVA-1.5 prompt, on a LLaVA-1.6 one, whose image block
 the newline tokens that end its rows) is N_img as a whole, and on a LLaVA-1.5 with one KV head (MQA), where
 one sample's positions expanded over the KV heads are a view of the model's own.
 """
+import math
 from functools import lru_cache
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import torch
 import tinyavl
 from cache_helpers import (IMAGE_TOKEN, build_model, make_next_prompt, make_prompt, masked, one_thread,  # noqa: F401
                            run_steps)
-from tinyavl.cache import POLICIES, make_cache, param_owners
+from tinyavl.cache import POLICIES, Param, make_cache, param_owners
 from tinyavl.cli import ArgumentParser, add_policy_arguments, given_policy_params
 
 STEPS = 8          # decode steps: A-VL's default K = 3 has update and normal steps among them
@@ -157,6 +158,19 @@ def test_a_flag_means_one_thing():
     for policy, cls in POLICIES.items():
         names = [p.name for p in cls.PARAMS]
         assert len(set(names)) == len(names) and set(cls.FULL_BUDGET) <= set(names), policy
+
+
+def test_allowed_values_read_as_written_by_hand():
+    """What help texts and error messages print of each kind of range."""
+    cases = [(Param("a", 0.5, "h", low=0, high=1, ends="(]"), "in (0, 1]"),
+             (Param("a", 0.5, "h", low=0, high=1, ends="[)"), "in [0, 1)"),
+             (Param("a", 3, "h", low=1), ">= 1"), (Param("a", 3, "h", low=0, ends="(]"), "> 0"),
+             (Param("a", 3, "h", high=9, ends="[)"), "< 9"),
+             (Param("a", 0.0, "h", low=0, high=math.inf, ends="[)"), "finite and >= 0"),
+             (Param("a", 0.0, "h"), "any number"), (Param("a", 0, "h"), "any integer"),
+             (Param("a", "x", "h", choices=("x", "y")), "one of x, y"),
+             (Param("a", 0, "h", low=-2 ** 63, high=2 ** 64, ends="[)"), "in [-2^63, 2^64)")]
+    assert [param.allowed() for param, _ in cases] == [expected for _, expected in cases]
 
 
 def test_command_line_flags_come_from_the_declarations(capsys):

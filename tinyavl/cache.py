@@ -253,6 +253,8 @@ class Param:
             return "any integer" if type(self.default) is int else "any number"
         if self.high is None:
             return f"{'>' if self.ends[0] == '(' else '>='} {shown(self.low)}"
+        if self.high == math.inf and self.ends[1] == ")":  # [0, inf) reads better in words
+            return f"finite and {'>' if self.ends[0] == '(' else '>='} {shown(self.low)}"
         if self.low is None:
             return f"{'<' if self.ends[1] == ')' else '<='} {shown(self.high)}"
         return f"in {self.ends[0]}{shown(self.low)}, {shown(self.high)}{self.ends[1]}"

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tinyavl.cache import MODALITIES, SEED_PARAM, KVCache, is_real, is_whole, make_cache
+from tinyavl.cache import MODALITIES, SEED_PARAM, KVCache, Param, is_whole, make_cache, rate
 from tinyavl.errors import UserError
 from tinyavl.model import keys_first
 
@@ -98,18 +98,26 @@ def id_set(ids) -> set[int]:
     return {int(i) for i in values}
 
 
+# generate's settings, declared as the policies' parameters are (tinyavl/cache.py, `Param`): main.py's flags,
+# their help and their checks come from here. Their defaults are `generation`'s (a test holds them equal).
+GENERATION_PARAMS = (
+    Param("max_new_tokens", 64, "most tokens to generate (fewer at EOS)", low=1),
+    Param("temperature", 0.0, "0 = greedy", low=0, high=math.inf, ends="[)"),
+    # checked when greedy too: a nan or -1 is a mistake anyway
+    rate("top_p", 1.0, "nucleus sampling: the smallest set of tokens whose probability reaches this (with "
+                       "temperature > 0)"),
+)
+
+
 def check_generation_args(max_new_tokens: int, temperature: float, top_p: float, seed: int | None,
                           named=str) -> None:
-    """UserError for settings generate cannot honour (main.py checks them before it loads the model, its
-    messages naming the flags: named("top_p") == "--top-p")."""
-    if not is_whole(max_new_tokens) or max_new_tokens < 1:
-        raise UserError(f"{named('max_new_tokens')} must be a whole number, at least 1, got {max_new_tokens!r}")
-    if not is_real(temperature) or not 0 <= temperature < math.inf:  # also rejects nan
-        raise UserError(f"{named('temperature')} must be finite and >= 0 (0 = greedy), got {temperature!r}")
-    if not is_real(top_p) or not 0 < top_p <= 1:  # checked when greedy too: a nan or -1 is a mistake anyway
-        raise UserError(f"{named('top_p')} must be in (0, 1], got {top_p!r}")
-    if seed is not None and not (is_whole(seed) and SEED_PARAM.in_range(seed)):
-        raise UserError(f"{named('seed')} must be a whole number {SEED_PARAM.allowed()}, got {seed!r}")
+    """UserError for settings generate cannot honour (`GENERATION_PARAMS`, and a seed torch takes, or None:
+    a fresh draw). main.py checks them before it loads the model, its messages naming the flags:
+    named("top_p") == "--top-p"."""
+    for param, value in zip(GENERATION_PARAMS, (max_new_tokens, temperature, top_p)):
+        param.check(value, named)
+    if seed is not None:
+        SEED_PARAM.check(seed, named)
 
 
 def cache_for(policy, policy_params: dict) -> KVCache:
