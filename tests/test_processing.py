@@ -392,7 +392,7 @@ def test_a_llava_next_processor_needs_the_patch_size():
 
 
 def test_an_image_too_elongated_to_resize_is_refused(processor, monkeypatch):
-    """A 4 KB PNG of 1 x 1000000 pixels is under PIL's limit against decompression bombs, but its short side
+    """A 4 KB PNG of 1 x 1000000 pixels is under PIL's decompression-bomb limit, but its short side
     resized to the crop's would make a picture of billions of pixels: the same limit refuses it, before
     any memory is spent. Here the limit is lowered to 10000 pixels, so that the case is small."""
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)

@@ -42,7 +42,7 @@ class GenerationStats:
 
 def image_segments(input_ids, image_token_id: int) -> tuple[int, int]:
     """(n_sys, n_img) of a prompt [sys | image | text]; without an image, the first token is sys."""
-    where = (input_ids[0] == image_token_id).nonzero().flatten()
+    where = (input_ids[0] == image_token_id).nonzero().flatten()   # (n_img,) positions of the image tokens
     if len(where) == 0:
         # No image: keep BOS, the attention sink, as the protected sys segment.
         return 1, 0
@@ -59,12 +59,12 @@ def sample(logits, temperature: float, top_p: float, generator):  # logits (voca
         return int(logits.argmax())
     # In float64 and from the top logit down: a tiny temperature then sends the others to -inf (probability 0)
     # rather than overflowing fp32 to inf - inf = nan, and a tiny top_p still keeps the first token.
-    probs = ((logits.double() - logits.max()) / temperature).softmax(-1)
-    sorted_probs, order = probs.sort(descending=True)
+    probs = ((logits.double() - logits.max()) / temperature).softmax(-1)     # (vocab,) fp64
+    sorted_probs, order = probs.sort(descending=True)                         # each (vocab,)
     # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-    outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+    outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p                 # (vocab,) bool
     sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-    choice = torch.multinomial(sorted_probs, 1, generator=generator)
+    choice = torch.multinomial(sorted_probs, 1, generator=generator)          # (1,): a rank in sorted order
     return int(order[choice])
 
 
@@ -183,8 +183,8 @@ def generation(model, input_ids, pixel_values=None, *, image_sizes=None, hires_p
     hires_pixel_values: a FlexAttention model's high-resolution view, whose blocks every step reads;
     hires_top: read that many best blocks instead of the threshold's, `HiresView.top`).
 
-    eos_token_id: the id (or ids) that end the answer; None means the model's own
-    (config.text.eos_token_id, as transformers reads it from the checkpoint), () never stops early.
+    eos_token_id: the id (or ids) that end the answer; None means config.json's (config.text.eos_token_id;
+    transformers' generate would take generation_config.json's, where a folder has one), () never stops early.
     policy: a cache object or a policy name (a key of cache.POLICIES: "full", "avl", ...) whose
     parameters are the keyword arguments.
     A generator, one step at a time: it yields each new token as it is chosen, and returns (its return

@@ -53,7 +53,7 @@ def load_image(path) -> Image.Image:
 
     The file's EXIF orientation is applied (a phone photo stored sideways is turned upright), as
     transformers' load_image does for an image given by path or URL; an image given as a PIL object is
-    taken as it is, by both. Transparent pixels go on white (`to_rgb`).
+    taken as it is, by tinyavl and by transformers' processors. Transparent pixels go on white (`to_rgb`).
     """
     path = Path(path)
     if not path.exists():
@@ -71,8 +71,8 @@ def load_image(path) -> Image.Image:
     except PermissionError:
         raise  # not "damaged" below: a file the user may not read is the system's refusal (one line, status 1)
     except Image.DecompressionBombError:
-        raise UserError(f"{path} has more than {2 * Image.MAX_IMAGE_PIXELS} pixels, PIL's limit against "
-                        "decompression bombs: resize it first") from None
+        raise UserError(f"{path} has more than {2 * Image.MAX_IMAGE_PIXELS} pixels, the size at which PIL refuses "
+                        "to decode an image (against decompression bombs): resize it first") from None
     except (OSError, SyntaxError, ValueError) as e:  # PIL raises SyntaxError for some broken files (a bad PNG chunk)
         raise UserError(f"cannot decode image {path} ({e}): the file is damaged or truncated") from None
 
@@ -403,7 +403,7 @@ class Processor:
         new_long = int(edge * max(w, h) / min(w, h))
         size = (edge, new_long) if w <= h else (new_long, edge)
         check_made_size((w, h), size, f"its short side resized to {edge} px")
-        img = img.resize(size, resample=self.resample)  # PIL bicubic on uint8, like transformers
+        img = img.resize(size, resample=self.resample)  # the file's PIL filter (bicubic) on uint8, as transformers
         # Center crop; floor division leaves an odd extra pixel on the right / bottom. An image smaller
         # than the crop (shortest_edge < image_size) is padded with black by PIL, as by transformers.
         c = scale * self.image_size
@@ -423,12 +423,13 @@ class Processor:
 
 def check_made_size(size: tuple[int, int], made: tuple[int, int], how: str) -> None:
     """UserError if preprocessing would make an image of `size` (width, height) into one of `made`, larger
-    than PIL's limit against decompression bombs: a 4 KB PNG of 1 x 1000000 pixels is none, but resized to
-    a short side of 336, or padded to a square, it would take gigabytes."""
+    than Image.MAX_IMAGE_PIXELS, the size at which PIL warns of a decompression bomb (half the size at
+    which it refuses to decode one, load_image's limit): a 4 KB PNG of 1 x 1000000 pixels is none, but
+    resized to a short side of 336, or padded to a square, it would take gigabytes."""
     if Image.MAX_IMAGE_PIXELS and made[0] * made[1] > Image.MAX_IMAGE_PIXELS:
         raise UserError(f"a {size[0]}x{size[1]} image is too elongated for this model: {how} it would be "
-                        f"{made[0]}x{made[1]}, more than PIL's limit against decompression bombs "
-                        f"({Image.MAX_IMAGE_PIXELS} pixels); crop it nearer to a square first")
+                        f"{made[0]}x{made[1]}, more than the {Image.MAX_IMAGE_PIXELS} pixels at which PIL warns of a "
+                        "decompression bomb; crop it nearer to a square first")
 
 
 def centred(img: Image.Image, width: int, height: int, colour=(0, 0, 0)) -> Image.Image:
@@ -487,7 +488,7 @@ def preprocessor_settings(cfg: dict, path: Path, vision_image_size: int, tiled: 
     agree.)
     """
     for step in ("do_resize", "do_center_crop", "do_rescale", "do_normalize"):
-        # Anything but true (false, 0, null) skips the step in transformers' processor.
+        # false, 0 or null skips the step in transformers' processor; tinyavl takes only true.
         if step in cfg and cfg[step] is not True:
             raise UserError(f"{path} sets {step}: {json.dumps(cfg[step])}; tinyavl implements only LLaVA's "
                             "preprocessing (resize, center crop, rescale, normalise), so it cannot run this checkpoint")
