@@ -103,16 +103,16 @@ def test_a_folder_of_files_is_replaced_only_with_force_and_never_half(tmp_path):
     with pytest.raises(UserError, match="--force"):
         write_folder_atomically(out, lambda partial: (partial / "config.json").write_text("new"))
     with pytest.raises(RuntimeError, match="disk full"):
-        write_folder_atomically(out, fail_midway, force=True)
+        write_folder_atomically(out, fail_midway, replace=True)
     assert digest(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
-    write_folder_atomically(out, lambda partial: (partial / "weights.txt").write_text("new"), force=True)
+    write_folder_atomically(out, lambda partial: (partial / "weights.txt").write_text("new"), replace=True)
     assert digest(out).keys() == {"weights.txt"} and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
     # A new folder, parents included, and an empty one need no force.
     write_folder_atomically(tmp_path / "a" / "b", lambda partial: (partial / "x").write_text("1"))
     (tmp_path / "empty").mkdir()
-    check_new_folder(tmp_path / "empty", force=False)
+    check_new_folder(tmp_path / "empty", replace=False)
     with pytest.raises(UserError, match="is a file"):
-        check_new_folder(out / "weights.txt", force=True)
+        check_new_folder(out / "weights.txt", replace=True)
 
 
 @pytest.mark.parametrize("argv", [["--steps", "1"], ["--steps", "1", "--out", str(TOY_WEIGHTS)]])
@@ -136,14 +136,14 @@ def test_a_folder_write_touches_no_other_folder_and_checks_its_parent_first(tmp_
         (tmp_path / name).mkdir()
         (tmp_path / name / "keep.txt").write_text("the user's")
     write_folder_atomically(tmp_path / "model", lambda partial: (partial / "x").write_text("1"))
-    write_folder_atomically(tmp_path / "model", lambda partial: (partial / "x").write_text("2"), force=True)
+    write_folder_atomically(tmp_path / "model", lambda partial: (partial / "x").write_text("2"), replace=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".model.old", ".model.partial", "model"]
     assert all((tmp_path / name / "keep.txt").read_text() == "the user's" for name in (".model.partial", ".model.old"))
     (tmp_path / "a-file").write_text("")
     with pytest.raises(UserError, match="a-file is a file"):
-        check_new_folder(tmp_path / "a-file" / "model", force=False)
+        check_new_folder(tmp_path / "a-file" / "model", replace=False)
     with pytest.raises(UserError, match="overwrite the input"):
-        check_new_folder(tmp_path, force=True, inputs=[tmp_path / "model"])
+        check_new_folder(tmp_path, replace=True, inputs=[tmp_path / "model"])
 
 
 @pytest.mark.parametrize("argv,named", [(["--lr", "inf"], "--lr"), (["--lr", "nan"], "--lr"), (["--lr", "0"], "--lr"),
@@ -178,7 +178,7 @@ def test_a_folder_write_that_fails_at_its_last_rename_keeps_the_old_folder(tmp_p
         real_replace(src, dst)
     monkeypatch.setattr(os, "replace", replace)
     with pytest.raises(OSError):
-        write_folder_atomically(out, lambda partial: (partial / "config.json").write_text("new"), force=True)
+        write_folder_atomically(out, lambda partial: (partial / "config.json").write_text("new"), replace=True)
     assert (out / "config.json").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
@@ -187,13 +187,13 @@ def test_the_current_folder_or_one_above_it_is_no_output_folder(tmp_path, monkey
     monkeypatch.chdir(tmp_path / "work")
     for folder in (Path("."), Path(".."), tmp_path):
         with pytest.raises(UserError, match="current folder"):
-            check_new_folder(folder, force=True)
+            check_new_folder(folder, replace=True)
 
 
 def test_a_linked_output_folder_is_replaced_without_leaving_the_link_behind(tmp_path):
     (tmp_path / "real").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "real")
-    write_folder_atomically(tmp_path / "link", lambda partial: (partial / "x").write_text("1"), force=True)
+    write_folder_atomically(tmp_path / "link", lambda partial: (partial / "x").write_text("1"), replace=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"] and (tmp_path / "link" / "x").exists()
 
 
@@ -207,8 +207,8 @@ def test_a_new_folder_is_checked_where_its_temporary_folders_go(tmp_path, monkey
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path / "ro" and real_access(path, mode))
     with pytest.raises(UserError, match="cannot be written to"):
-        check_new_folder(tmp_path / "ro" / "out", force=False)
-    check_new_folder(tmp_path / "rw" / "target", force=False)
+        check_new_folder(tmp_path / "ro" / "out", replace=False)
+    check_new_folder(tmp_path / "rw" / "target", replace=False)
 
 
 def test_ctrl_c_between_the_two_renames_brings_the_old_folder_back(tmp_path, monkeypatch):
@@ -223,7 +223,7 @@ def test_ctrl_c_between_the_two_renames_brings_the_old_folder_back(tmp_path, mon
             raise KeyboardInterrupt
     monkeypatch.setattr(os, "replace", replace)
     with pytest.raises(KeyboardInterrupt):
-        write_folder_atomically(out, lambda partial: (partial / "config.json").write_text("new"), force=True)
+        write_folder_atomically(out, lambda partial: (partial / "config.json").write_text("new"), replace=True)
     assert (out / "config.json").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 

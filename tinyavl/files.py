@@ -92,7 +92,7 @@ def check_picture_folder(folder: Path, flag: str, names, inputs: list[Path], rep
         if folder.exists() and not folder.is_dir():
             raise UserError(f"{flag} {folder} is a file: give a folder")
         if not folder.exists():
-            check_can_make(folder, named=f"{flag} {folder}")
+            check_can_make(folder, label=f"{flag} {folder}")
         for name in names if folder.is_dir() else ():
             check_output_file(folder / name, flag, inputs, suffixes=(".png",), replace=replace)
 
@@ -170,11 +170,11 @@ def link_without_replacing(partial: Path, path: Path) -> None:
         os.replace(partial, path)
 
 
-def check_new_folder(folder: Path, force: bool, inputs: list[Path] = ()) -> None:
+def check_new_folder(folder: Path, replace: bool, inputs: list[Path] = ()) -> None:
     """UserError unless `folder` may be written: it is apart from the inputs (check_apart_from_inputs), is
     not the current folder or one above it, and does not exist (its nearest existing parent a folder that
-    can be written to), is empty, or force replaces it. Commands call this before their work, not after an
-    hour of training."""
+    can be written to), is empty, or `replace` (a command's --force) lets it go. Commands call this before
+    their work, not after an hour of training."""
     with as_user_error(str(folder)):
         check_apart_from_inputs(folder, "", inputs, replaced_whole=True)  # first: no --force replaces an input
         target, here = folder.resolve(), Path.cwd().resolve()
@@ -182,34 +182,34 @@ def check_new_folder(folder: Path, force: bool, inputs: list[Path] = ()) -> None
             raise UserError(f"{folder} is the current folder or holds it: give a folder below it")
         if folder.exists() and not folder.is_dir():
             raise UserError(f"{folder} is a file: give a folder")
-        if folder.is_dir() and any(folder.iterdir()) and not force:
+        if folder.is_dir() and any(folder.iterdir()) and not replace:
             raise UserError(f"{folder} already holds files: give another folder, or --force to replace it")
         # The write's temporary folders go beside the folder as named (not where a link resolves to).
         check_can_make(folder)
 
 
-def check_can_make(folder: Path, named: str = "") -> None:
+def check_can_make(folder: Path, label: str = "") -> None:
     """UserError unless `folder` (and any missing folders above it) can be made where it is named: its
-    nearest existing parent is a folder that can be written to. The message names it as `named` says (the
+    nearest existing parent is a folder that can be written to. The message names it by `label` (the
     flag that gave it and the folder), or by its path."""
-    named = named or str(folder)
-    with as_user_error(named):
+    label = label or str(folder)
+    with as_user_error(label):
         parent = Path(os.path.abspath(folder)).parent
         while not parent.exists():
             parent = parent.parent
         if not parent.is_dir():
-            raise UserError(f"{named} cannot be made: {parent} is a file")
+            raise UserError(f"{label} cannot be made: {parent} is a file")
         if not os.access(parent, os.W_OK):
-            raise UserError(f"{named} cannot be made: {parent} cannot be written to")
+            raise UserError(f"{label} cannot be made: {parent} cannot be written to")
 
 
-def write_folder_atomically(folder, write, force: bool = False) -> None:
+def write_folder_atomically(folder, write, replace: bool = False) -> None:
     """write(partial_folder) fills a new folder; it then takes the place of `folder` (an existing one
-    holding files only with force, as check_new_folder says)."""
+    holding files only with replace, as check_new_folder says)."""
     folder = Path(folder)
     # Again, though the command checked before its work: during an hour of training the folder may have
     # appeared or filled. (The inputs were checked then; they have not moved into it since.)
-    check_new_folder(folder, force)
+    check_new_folder(folder, replace)
     partial, old = temporary_beside(folder, "partial"), temporary_beside(folder, "old")
     try:
         partial.mkdir(parents=True)

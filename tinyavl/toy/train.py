@@ -867,7 +867,7 @@ def main(argv=None) -> None:
         save_pretrained(model, processor, folder)
         write_examples(folder)
 
-    write_folder_atomically(args.out, write, force=args.force)
+    write_folder_atomically(args.out, write, replace=args.force)
     print(f"wrote {args.out}")
 
 

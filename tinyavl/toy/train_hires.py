@@ -208,7 +208,7 @@ def main(argv=None) -> None:
         save_pretrained(model, processor, folder)
         write_examples(folder, fine=True)
 
-    write_folder_atomically(args.out, write, force=args.force)
+    write_folder_atomically(args.out, write, replace=args.force)
     if checkpoint:
         checkpoint.path.unlink(missing_ok=True)
     print(f"wrote {args.out}")
