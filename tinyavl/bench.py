@@ -64,7 +64,7 @@ from tinyavl.cache import AVLCache, make_cache
 from tinyavl.cli import ArgumentParser, run_main
 from tinyavl.errors import UserError
 from tinyavl.generate import generate, generation
-from tinyavl.loading import resolve_device
+from tinyavl.loading import resolve_device, transformers_key
 from tinyavl.model import LlavaConfig, LlavaForConditionalGeneration, TextConfig, VisionConfig, keys_first
 from tinyavl.timing import best_seconds, synchronize
 
@@ -147,9 +147,11 @@ def transformers_decode_rate(model, input_ids, pixel_values, new_tokens: int, ex
     with torch.device(weight.device):
         hf = transformers.LlavaForConditionalGeneration(hf_config).to(weight.dtype)
     # Published key names -> transformers' in-memory names (the decoder is all that runs here).
-    state = {key.replace("language_model.model.", "model.language_model.").replace("language_model.lm_head.", "lm_head."): t
-             for key, t in model.language_model.state_dict(prefix="language_model.").items()}
-    hf.load_state_dict(state, strict=False)
+    state = {transformers_key(key): t for key, t in model.language_model.state_dict(prefix="language_model.").items()}
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    # Only the vision tower and the projector may stay unloaded (the image block comes from tinyavl's embed).
+    decoder_missing = [key for key in missing if key.startswith(("model.language_model.", "lm_head."))]
+    assert not unexpected and not decoder_missing, (unexpected, decoder_missing)
     hf.config._attn_implementation = "sdpa"
     hf.eval()
     with torch.inference_mode():

@@ -171,6 +171,14 @@ KEY_REWRITES = [
 ]
 
 
+def transformers_key(key: str) -> str:
+    """The name transformers >= 4.52 gives a published-layout key in memory (`KEY_REWRITES` the other way)."""
+    for in_memory, published in KEY_REWRITES:
+        if key.startswith(published):
+            return in_memory + key[len(published):]
+    return key
+
+
 def published_key(key: str) -> str:
     """The published-layout name of a checkpoint key written by any supported transformers version."""
     for old, new in KEY_REWRITES:
