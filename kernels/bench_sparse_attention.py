@@ -12,8 +12,6 @@ the interpreter the sizes are toys and the times mean nothing: the run only show
 works.
 """
 import re
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +20,7 @@ from kernels.sparse_attention import (INTERPRETED, SUPPORTED_DTYPES, TRITON_AVAI
                                       format_report, gather_selected_rows, sparse_decode_attention)
 from tinyavl.cli import ArgumentParser, first_paragraph, run_main
 from tinyavl.errors import UserError
+from tinyavl.timing import best_seconds
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -107,14 +106,8 @@ def kernel_bytes(q, k, index, start) -> int:
 
 
 def cpu_time_ms(fn, repeats=3):
-    """Median wall time of fn on the CPU (interpreter smoke run only)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    """Wall time of fn on the CPU in ms, the best of a few (interpreter smoke run only)."""
+    return 1e3 * best_seconds(fn, repeats)
 
 
 def benchmark_case(batch, n_image, core_fraction, head_config, dtype, device, time_ms, peak_gbps) -> str:
