@@ -272,10 +272,12 @@ def test_an_odd_key_among_the_vision_layers_is_an_unexpected_key(folder):
 
 @pytest.mark.parametrize("field,value", [("image_mean", [1e308, 1e308, 1e308]), ("image_mean", [0.5, 1.2, 0.5]),
                                          ("image_mean", [-0.1, 0.5, 0.5]), ("resample", True),
-                                         ("resample", [3]), ("resample", 3.0)])
+                                         ("resample", [3]), ("resample", 3.0), ("resample", 99),
+                                         ("size", {"shortest_edge": 0}), ("size", {"shortest_edge": "20"})])
 def test_preprocessing_values_out_of_their_range(folder, field, value):
     """The mean is a colour of pixels in 0 .. 1 (do_pad pads with it: 1e308 x 255 has no integer); a
-    resampling filter is one of PIL's integers (true and 3.0 are not, though Python counts them equal)."""
+    resampling filter is one of PIL's integers (true and 3.0 are not, though Python counts them equal;
+    99 is none of PIL's filters); the short side is resized to a positive integer."""
     edit_json(folder / "preprocessor_config.json", lambda c: c.__setitem__(field, value))
     message = load_error(folder)
     assert "preprocessor_config.json" in message and f"{field} {value!r}" in message

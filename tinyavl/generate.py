@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tinyavl import anyres
 from tinyavl.cache import MODALITIES, SEED_PARAM, KVCache, Param, is_whole, make_cache, rate
 from tinyavl.errors import UserError
 from tinyavl.model import keys_first
@@ -151,6 +152,13 @@ def prompt_layout(input_ids, pixel_values, image_sizes, config) -> tuple[int, in
     if pixel_values is not None and config.is_next and image_sizes is None:
         raise UserError("a LLaVA-1.6 image needs its image_sizes (the processor returns them with pixel_values): "
                         "pass image_sizes too")
+    if pixel_values is not None:  # one feature per image token, or the model's embed refuses the pair
+        image_hw = tuple(int(x) for x in torch.as_tensor(image_sizes)[0]) if config.is_next else None
+        features = (anyres.image_token_count(image_hw, config.image_grid_pinpoints, config.vision.image_size,
+                                             config.vision.patch_size) if config.is_next else config.num_image_tokens)
+        if n_img != features:
+            raise UserError(f"the prompt has {n_img} image tokens, but its image makes {features} features: make "
+                            "the prompt and the pixels with one processor call")
     prompt_len, context = input_ids.shape[1], config.text.max_position_embeddings
     if prompt_len >= context:
         image_part = f" ({n_img} of them the image's)" if n_img else ""
