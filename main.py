@@ -59,10 +59,11 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--force", action="store_true", help="replace the --attention-map file if it exists")
     parser.add_argument("--map-layer", type=int, default=None,
                         help="decoder layer to draw with --attention-map (default: the last)")
-    parser.add_argument("--hires-threshold", type=float, default=None, metavar="T",
+    parser.add_argument("--hires-threshold", type=float, default=None, metavar="THRESHOLD",
                         help="with --attention-map, also frame the blocks FlexAttention's selection takes from that "
-                        f"layer's attention: normalised attention x 255 above T, 0 <= T < 255 (its paper's code: "
-                        f"{hires.THRESHOLD}); the model's hires_config blocks a side ({hires.BLOCKS} without one)")
+                        "layer's attention: normalised attention x 255 above THRESHOLD, from 0 to below 255 (its "
+                        f"paper's code: {hires.THRESHOLD}); the model's hires_config blocks a side ({hires.BLOCKS} "
+                        "without one)")
     return parser
 
 
@@ -70,6 +71,9 @@ def check_args(args):
     """(image, cache): everything the user gave, checked before the model loads (seconds to minutes for a 7B
     model), except --filter-layer's and --map-layer's upper bounds, which need its layer count (checked once
     it has loaded, before it generates). Fills in --weights' default."""
+    if sys.stdout is None and args.attention_map is None:  # started with stdout closed (>&-)
+        raise tinyavl.UserError("standard output is closed: the answer would go nowhere (redirect it to a file, "
+                                "or give --attention-map)")
     image = load_image(args.image)
     check_question(args.prompt)
     check_generation_args(args.max_new_tokens, args.temperature, args.top_p, args.seed, named=flag)
@@ -91,7 +95,9 @@ def check_args(args):
             if given:
                 raise tinyavl.UserError(f"{option} is an option of --attention-map: give --attention-map OUT.png too")
     if args.hires_threshold is not None:
-        hires.check_threshold(args.hires_threshold)
+        hires.check_threshold(args.hires_threshold, "--hires-threshold")
+    if args.map_layer is not None and args.map_layer < 0:  # its upper bound waits for the model's layer count
+        raise tinyavl.UserError(f"--map-layer must be a decoder layer, 0 or more, got {args.map_layer}")
     return image, cache
 
 

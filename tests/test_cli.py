@@ -455,6 +455,26 @@ def test_user_errors_subprocess(files, broken, good, case):
     assert_user_error(rc, out, err, *mentions)
 
 
+def test_closed_standard_streams(files):
+    """Started with stdout closed (>&-), the answer would go nowhere: one line says so. With stderr closed
+    (2>&-), the notes go nowhere too, and stdout holds the JSON object alone."""
+    def run(close_fd, argv):
+        return subprocess.run([sys.executable, "main.py", *map(str, argv)], cwd=REPO, capture_output=True,
+                              text=True, timeout=300, preexec_fn=lambda: os.close(close_fd))
+
+    closed_out = run(1, ["--image", IMAGE, "--max-new-tokens", 2])
+    assert closed_out.returncode == 2 and closed_out.stderr.splitlines() == [
+        "error: standard output is closed: the answer would go nowhere (redirect it to a file, or give "
+        "--attention-map)"]
+    closed_err = run(2, ["--image", IMAGE, "--max-new-tokens", 2, "--json"])   # the toy, with its note
+    assert closed_err.returncode == 0 and json.loads(closed_err.stdout)["new_tokens"] == 2
+
+
+def test_a_line_break_in_a_path_stays_on_the_error_line(capsys, tmp_path):
+    rc, out, err = run_inprocess(capsys, ["--image", tmp_path / "two\nlines.png"])
+    assert_user_error(rc, out, err, "two\\nlines.png")
+
+
 def exit_status(entry, raised: BaseException) -> int:
     """The status a command entered through `entry` (run_command, or run_main as the trainers and the
     benchmark are) ends with when its work raises `raised`."""
@@ -702,7 +722,10 @@ def test_user_input_is_checked_before_the_model_loads(capsys, monkeypatch, good,
         (["--image", files["png"], "--attention-map", tmp_path / "no-such-dir" / "map.png"], "no-such-dir"),
         (["--image", files["png"], "--map-layer", "1"], "--attention-map"),
         (["--image", files["png"], "--hires-threshold", "48"], "--attention-map"),
-        (["--image", files["png"], "--attention-map", tmp_path / "map.png", "--hires-threshold", "255"], "0 <= T < 255"),
+        (["--image", files["png"], "--attention-map", tmp_path / "map.png", "--hires-threshold", "255"],
+         "--hires-threshold must be from 0 to below 255"),
+        (["--image", files["png"], "--attention-map", tmp_path / "map.png", "--map-layer", "-1"],
+         "--map-layer must be"),
         (["--image", files["png"], "--attention-map", tmp_path / "map.psd"], ".png"),  # Pillow cannot write it as RGB
         (["--image", files["png"], "--attention-map", tmp_path / ("m" * 300 + ".png")], "too long"),
         (["--image", files["png"], "--force"], "--attention-map"),

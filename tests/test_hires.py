@@ -93,7 +93,7 @@ def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="do not fit"):
         hires.block_scores(torch.rand(1, 16), (4, 4), blocks=5)
     for threshold in (-1, 255, math.nan):
-        with pytest.raises(UserError, match="0 <= T < 255"):
+        with pytest.raises(UserError, match="the selection threshold must be from 0 to below 255"):
             hires.threshold_blocks(torch.rand(1, 3, 3), threshold)
     for count in (10, -1, 2.5, True):
         with pytest.raises(UserError, match="from 0 to 9"):

@@ -65,7 +65,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         # One line like every other user mistake (argparse would print the whole usage first).
-        print(f"error: {message} (see --help)", file=sys.stderr)
+        print(f"error: {one_line(message)} (see --help)", file=sys.stderr)
         sys.exit(2)
 
 
@@ -192,13 +192,16 @@ def ended_in_one_line(work) -> int:
     status 2), Ctrl-C (status 130), SIGTERM and SIGHUP (128 + the signal; no temporary file left), and what
     the system refused (SYSTEM_REFUSALS: a disk full, a name too long; memory that ran out, `out_of_memory`;
     status 1). A reader that closed stdout early (`| head`) ends the run quietly."""
+    if sys.stderr is None:  # started with stderr closed (2>&-): print(file=None) would write notes to stdout
+        sys.stderr = open(os.devnull, "w")
     try:
         with signals_end_like_ctrl_c():
             work()
-            sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+            if sys.stdout is not None:  # None: started with stdout closed (>&-), where print prints nothing
+                sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
         return 0
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted (Ctrl-C)", file=sys.stderr)
@@ -213,7 +216,7 @@ def ended_in_one_line(work) -> int:
     except OSError as err:
         if err.errno not in SYSTEM_REFUSALS:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 1
     except (MemoryError, RuntimeError) as err:
         if not out_of_memory(err):
@@ -222,6 +225,11 @@ def ended_in_one_line(work) -> int:
         print(f"error: out of memory ({detail}): a smaller model, image or setting, or another --dtype or "
               "--device, may fit", file=sys.stderr)
         return 1
+
+
+def one_line(message) -> str:
+    """An error (or its message) on one line, whatever it quotes: a path may hold a line break."""
+    return str(message).replace("\r", "\\r").replace("\n", "\\n")
 
 
 def out_of_memory(err: BaseException) -> bool:

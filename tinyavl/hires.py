@@ -78,10 +78,11 @@ def is_threshold(threshold) -> bool:
     return isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and 0 <= threshold < 255
 
 
-def check_threshold(threshold: float) -> None:
+def check_threshold(threshold: float, name: str = "the selection threshold") -> None:
+    """UserError unless `is_threshold`; the message names it as `name` says (main.py: its flag)."""
     if not is_threshold(threshold):
-        raise UserError(f"the selection threshold must be in 0 <= T < 255 (the 0-255 scale of the normalised "
-                        f"attention), got {threshold!r}")
+        raise UserError(f"{name} must be from 0 to below 255 (the 0-255 scale of the normalised attention), "
+                        f"got {threshold!r}")
 
 
 def check_block_count(count, blocks: int) -> None:
