@@ -632,7 +632,7 @@ def test_attention_map_never_overwrites_the_input_image(capsys, good, files, tmp
         assert image.read_bytes() == before
     rc, out, err = run_inprocess(capsys, ["--image", image, "--weights", good,
                                           "--attention-map", Path(good) / "map.png"])
-    assert_user_error(rc, out, err, "overwrite")
+    assert_user_error(rc, out, err, "lies inside the input folder")
     assert not (Path(good) / "map.png").exists()
 
 

@@ -142,7 +142,7 @@ def test_a_folder_write_touches_no_other_folder_and_checks_its_parent_first(tmp_
     (tmp_path / "a-file").write_text("")
     with pytest.raises(UserError, match="a-file is a file"):
         check_new_folder(tmp_path / "a-file" / "model", replace=False)
-    with pytest.raises(UserError, match="overwrite the input"):
+    with pytest.raises(UserError, match="would replace a folder that holds the input"):
         check_new_folder(tmp_path, replace=True, inputs=[tmp_path / "model"])
 
 
@@ -162,8 +162,12 @@ def test_an_output_folder_that_only_receives_files_may_hold_an_input(tmp_path):
     model = tmp_path / "weights" / "toy"
     model.mkdir(parents=True)
     check_apart_from_inputs(tmp_path, "--attention-maps", inputs=[model])   # pictures beside weights/: fine
-    with pytest.raises(UserError, match="overwrite the input"):
+    with pytest.raises(UserError, match="would replace a folder that holds the input"):
         check_apart_from_inputs(tmp_path, "--out", inputs=[model], replaced_whole=True)
+    with pytest.raises(UserError, match="would overwrite the input"):
+        check_apart_from_inputs(model, "--out", inputs=[model])
+    with pytest.raises(UserError, match="lies inside the input folder"):
+        check_apart_from_inputs(model / "maps", "--attention-maps", inputs=[model])
 
 
 def test_a_folder_write_that_fails_at_its_last_rename_keeps_the_old_folder(tmp_path, monkeypatch):

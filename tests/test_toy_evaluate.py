@@ -260,7 +260,7 @@ def test_a_new_attention_maps_folder_inside_the_model_folder_is_refused(tmp_path
     model.mkdir()
     monkeypatch.setattr(evaluate_module, "load_pretrained", no_model)
     assert evaluate_module.main(["--n", "1", "--weights", str(model), "--attention-maps", str(model / "maps")]) == 2
-    assert "would overwrite the input" in capsys.readouterr().err and not (model / "maps").exists()
+    assert "lies inside the input folder" in capsys.readouterr().err and not (model / "maps").exists()
 
 
 def test_force_without_an_output_is_refused(capsys, monkeypatch):

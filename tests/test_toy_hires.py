@@ -257,14 +257,16 @@ def test_the_in_sequence_trainer_writes_a_tiled_toy_that_costs_what_the_table_co
                                                        model.config.text.num_hidden_layers)
 
 
-@pytest.mark.parametrize("out", ["base", ".", "base/sub"])  # the base itself, a folder holding it, one inside it
-def test_the_hires_trainer_refuses_to_overwrite_its_base(tmp_path, capsys, out):
+@pytest.mark.parametrize("out,says", [("base", "would overwrite the input"),       # the base itself
+                                      (".", "would replace a folder that holds the input"),
+                                      ("base/sub", "lies inside the input folder")])
+def test_the_hires_trainer_refuses_to_overwrite_its_base(tmp_path, capsys, out, says):
     base = tmp_path / "base"
     base.mkdir()
     (base / "config.json").write_text("{}")
     with pytest.raises(SystemExit) as exit_:
         train_hires_module.main(["--base", str(base), "--out", str(tmp_path / out), "--force"])
-    assert exit_.value.code == 2 and "overwrite the input" in capsys.readouterr().err
+    assert exit_.value.code == 2 and says in capsys.readouterr().err
     assert (base / "config.json").read_text() == "{}"
 
 
@@ -411,12 +413,19 @@ def test_the_hires_trainer_refuses_a_checkpoint_in_the_way_of_its_out(tiny_base,
     assert exit_.value.code == 2 and "is where --out" in err and not path.exists()
 
 
+def test_the_hires_trainer_refuses_a_checkpoint_named_as_a_folder(tiny_base, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        train_hires_module.main(["--base", str(tiny_base), "--out", str(tmp_path / "flex"), "--checkpoint",
+                                 str(tmp_path / "state.safetensors") + "/"])
+    assert exit_.value.code == 2 and "give a file name, not a folder" in capsys.readouterr().err
+
+
 def test_the_hires_trainer_refuses_a_checkpoint_inside_its_base(tiny_base, tmp_path, capsys):
     path = tiny_base / "state.safetensors"
     with pytest.raises(SystemExit) as exit_:
         train_hires_module.main(["--base", str(tiny_base), "--out", str(tmp_path / "flex"), "--checkpoint", str(path)])
     err = capsys.readouterr().err
-    assert exit_.value.code == 2 and "would overwrite the input" in err and not path.exists()
+    assert exit_.value.code == 2 and "lies inside the input folder" in err and not path.exists()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -697,7 +706,7 @@ def test_hires_evaluation_flags_are_checked_before_the_model_loads(tmp_path, cap
     tiles.mkdir()
     for argv, says in ((["--force"], "--force replaces the --plot file"),
                        (["--plot", str(plot)], "already exists"),
-                       (["--plot", str(tiles / "x.png"), "--in-sequence-toy", str(tiles)], "would overwrite the input")):
+                       (["--plot", str(tiles / "x.png"), "--in-sequence-toy", str(tiles)], "lies inside the input folder")):
         assert evaluate_hires.main(argv) == 2 and says in capsys.readouterr().err
     assert plot.read_text() == "the user's" and not list(tiles.iterdir())
 

@@ -106,8 +106,15 @@ def check_apart_from_inputs(path: Path, flag: str, inputs: list[Path], replaced_
         # samefile too: on a file system that ignores case, or through a hard link, two different paths can
         # name one file.
         same = target == given or (target.exists() and given.exists() and os.path.samefile(target, given))
-        if same or given in target.parents or (replaced_whole and target in given.parents):
-            raise UserError(f"{flag} {path}".strip() + f" would overwrite the input {given}: choose another path")
+        if same:
+            why = f"would overwrite the input {given}"
+        elif given in target.parents:
+            why = f"lies inside the input folder {given}"
+        elif replaced_whole and target in given.parents:
+            why = f"would replace a folder that holds the input {given}"
+        else:
+            continue
+        raise UserError(f"{flag} {path}".strip() + f" {why}: choose another path")
 
 
 def temporary_beside(path: Path, kind: str) -> Path:

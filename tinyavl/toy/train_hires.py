@@ -52,7 +52,7 @@ from pathlib import Path
 import torch
 
 from tinyavl import load_pretrained
-from tinyavl.cli import TOY_WEIGHTS, ArgumentParser, check_training_args, first_paragraph, run_main
+from tinyavl.cli import TOY_WEIGHTS, ArgumentParser, check_training_args, first_paragraph, output_file, run_main
 from tinyavl.errors import UserError
 from tinyavl.files import check_new_folder, check_output_file, write_folder_atomically
 from tinyavl.model import HiresConfig, LlavaForConditionalGeneration
@@ -180,7 +180,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (results depend on it)")
     parser.add_argument("--eval-every", type=int, default=550,
                         help="steps between held-out accuracy reports (0: none; they do not change the weights)")
-    parser.add_argument("--checkpoint", type=Path,
+    parser.add_argument("--checkpoint", type=output_file,
                         help=f"a .safetensors file to keep the training state in every {CHECKPOINT_EVERY} steps and "
                              "to resume from if it is there (same settings only); removed once --out is written")
     args = parser.parse_args(argv)
