@@ -32,6 +32,7 @@ from cache_helpers import (build_model, last_row_head_mean, make_prompt, masked,
 from tinyavl.cache import (POLICIES, ROW_BUCKET, AVLCache, FastVCache, H2OCache, KVCache, LastRow, Param, RandomCache,
                            StreamingCache, causal_column_sums, contiguous_runs, decode_attention, heavy_plus_recent,
                            image_filter, make_cache, read_end, require_triton, share)
+from tinyavl.cli import flag
 from tinyavl.errors import UserError
 from tinyavl.generate import image_segments
 from tinyavl.model import faster_keys_first, keys_first
@@ -987,6 +988,8 @@ def test_triton_kernel_without_a_gpu_is_refused_before_any_work(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserError, match="CUDA device"):
         make_cache("avl", kernel="triton")
+    with pytest.raises(UserError, match="--kernel triton runs on a CUDA device .* use --kernel torch or auto"):
+        make_cache("avl", named=flag, kernel="triton")           # the command lines' wording: their flag
     make_cache("avl", kernel="auto")  # auto falls back to the torch path
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(UserError, match="CUDA device"):   # a model on the CPU of a machine that has a GPU

@@ -699,10 +699,10 @@ class AVLCache(KVCache):
     )
     FULL_BUDGET = dict(S=1, C=1, P=1, T=1)
 
-    def __init__(self, **params):
-        super().__init__(**params)
+    def __init__(self, named=str, **params):
+        super().__init__(named, **params)
         if self.kernel == "triton":
-            require_triton()
+            require_triton(named=named)
 
     @classmethod
     def check_params(cls, params: dict, named=str) -> dict:
@@ -781,8 +781,8 @@ class AVLCache(KVCache):
             return TRITON_AVAILABLE and supports(q.dtype, q.shape[-1])
         require_triton(q.device)
         if not supports(q.dtype, q.shape[-1]):
-            raise UserError(f"kernel='triton' has no tile for this model's attention ({q.dtype}, head dim "
-                            f"{q.shape[-1]}; it needs a power of two >= 16): use kernel 'torch' or 'auto'")
+            raise UserError(f"kernel triton has no tile for this model's attention ({q.dtype}, head dim "
+                            f"{q.shape[-1]}; it needs a power of two >= 16): use kernel torch or auto")
         return True
 
     def update(self, layer, q, last_row):
@@ -996,13 +996,15 @@ def make_cache(name: str, named=str, **params) -> KVCache:
     return POLICIES[name](named=named, **params)
 
 
-def require_triton(device: torch.device | None = None) -> None:
+def require_triton(device: torch.device | None = None, named=str) -> None:
     """kernel="triton" needs Triton, and a CUDA device unless TRITON_INTERPRET=1 runs it on the CPU
-    (device None: whether this machine has one)."""
+    (device None: whether this machine has one). A UserError names the parameter as named does (the
+    command lines: --kernel)."""
     from kernels.sparse_attention import INTERPRETED, TRITON_AVAILABLE  # on first use: triton is slow to import
+    kernel = named("kernel")
     if not TRITON_AVAILABLE:
-        raise UserError("kernel='triton' needs Triton: pip install triton")
+        raise UserError(f"{kernel} triton needs Triton: pip install triton")
     on_cuda = torch.cuda.is_available() if device is None else device.type == "cuda"
     if not (on_cuda or INTERPRETED):
-        raise UserError("kernel='triton' runs on a CUDA device (or in Triton's CPU interpreter, with "
-                        "TRITON_INTERPRET=1 set): use kernel 'torch' or 'auto' on this machine")
+        raise UserError(f"{kernel} triton runs on a CUDA device (or in Triton's CPU interpreter, with "
+                        f"TRITON_INTERPRET=1 set): use {kernel} torch or auto on this machine")
