@@ -269,6 +269,25 @@ def test_error_shard_listed_in_index_is_missing(tiny_ckpt, tmp_path):
     assert "model-00002-of-00003.safetensors" in load_error(folder)
 
 
+@pytest.mark.parametrize("where", ["absolute", "parent", "subfolder"])
+def test_error_shard_outside_the_folder(tiny_ckpt, tmp_path, where):
+    """An index that names a shard outside the model's folder (an absolute path, or one through "..", here
+    to the very file) is refused; one in a folder of its own loads."""
+    folder = shutil.copytree(tiny_ckpt.folder("mha", shards=2), tmp_path / "sharded")
+    shard = "model-00002-of-00002.safetensors"
+    elsewhere = {"absolute": str(folder / shard), "parent": f"../sharded/{shard}", "subfolder": f"sub/{shard}"}[where]
+    (folder / "sub").mkdir()
+    shutil.copy(folder / shard, folder / "sub" / shard)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {key: elsewhere if name == shard else name for key, name in index["weight_map"].items()}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    if where == "subfolder":
+        tinyavl.load_pretrained(folder, device="cpu")
+        return
+    message = load_error(folder)
+    assert "names shards outside its folder" in message and elsewhere in message
+
+
 def test_error_missing_key_is_listed(good_folder):
     key = "language_model.model.layers.1.mlp.up_proj.weight"
     rewrite_weights(good_folder, lambda t: t.pop(key))

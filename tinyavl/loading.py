@@ -198,7 +198,14 @@ def checkpoint_files(folder: Path) -> list[Path]:
         weight_map = read_json_object(index).get("weight_map")
         if not (isinstance(weight_map, dict) and weight_map and all(isinstance(f, str) for f in weight_map.values())):
             raise UserError(f"{index}: its weight_map is not a JSON object from tensor names to shard files")
-        files = [folder / name for name in sorted(set(weight_map.values()))]
+        names = sorted(set(weight_map.values()))
+        # A shard is a file of the model's folder: an absolute path or one through ".." would load the weights
+        # of wherever it points, with no sign of it in the folder the user gave.
+        elsewhere = [name for name in names if Path(name).is_absolute() or ".." in Path(name).parts]
+        if elsewhere:
+            raise UserError(f"{index} names shards outside its folder ({', '.join(elsewhere[:3])}): a shard is a "
+                            "file in the model's folder; download the index again")
+        files = [folder / name for name in names]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise UserError(f"{index.name} lists shards that are missing from {folder}: {', '.join(missing)}")
