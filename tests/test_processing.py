@@ -7,6 +7,7 @@ import functools
 import json
 import os
 import tempfile
+import warnings
 
 import numpy as np
 import pytest
@@ -389,6 +390,19 @@ def test_a_llava_next_processor_needs_the_patch_size():
     with pytest.raises(ValueError, match="patch_size"):
         Processor(tiny_tokenizer(), image_id(), NUM_IMAGE_TOKENS, image_size=SIZE, shortest_edge=SIZE,
                   image_grid_pinpoints=[[SIZE, 2 * SIZE]])
+
+
+def test_a_large_image_under_the_refusal_size_loads_without_pil_warning(tmp_path, monkeypatch):
+    """PIL warns between MAX_IMAGE_PIXELS and twice it and refuses beyond: a user's large photo in between
+    loads, with no warning printed (here the limit is lowered to 1000 pixels)."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    make_image(40, 40).save(tmp_path / "large.png")            # 1600 pixels: past the warning, under the refusal
+    make_image(50, 50).save(tmp_path / "bomb.png")             # 2500: refused
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_image(tmp_path / "large.png").size == (40, 40)
+    with pytest.raises(UserError, match="the size at which PIL refuses to decode"):
+        load_image(tmp_path / "bomb.png")
 
 
 def test_an_image_too_elongated_to_resize_is_refused(processor, monkeypatch):

@@ -63,9 +63,13 @@ def load_image(path) -> Image.Image:
     if not path.is_file():  # a FIFO or a device would block or read forever
         raise UserError(f"{path} is not a regular file (a pipe or a device?): give an image file")
     try:
-        with Image.open(path) as img:
-            img.load()  # decode every pixel now, so a truncated file fails here and not later
-            return to_rgb(upright(img))
+        # An image between PIL's two decompression-bomb sizes is read (it is one the user chose), without
+        # the two-line warning PIL prints for it; one past the larger is refused below.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()  # decode every pixel now, so a truncated file fails here and not later
+                return to_rgb(upright(img))
     except UnidentifiedImageError:
         raise UserError(f"{path} is not an image PIL can read: give a PNG, JPEG, WebP, BMP, ... file") from None
     except PermissionError:
