@@ -286,6 +286,15 @@ def test_attention_maps_draw_the_first_scenes_prompts(tmp_path, monkeypatch):
     assert drawn == [(f"{q.kind}.png", q.text) for q in first]
 
 
+def test_a_run_stopped_before_its_first_picture_leaves_no_folder(tmp_path, monkeypatch):
+    """Ctrl-C before the first attention map: the new folders --attention-maps names are not there."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(evaluate_module, "evaluate", interrupted)
+    assert evaluate_module.main(["--n", "1", "--attention-maps", str(tmp_path / "new" / "maps")]) == 130
+    assert not (tmp_path / "new").exists()
+
+
 def test_a_short_answer_is_compared_without_surrounding_space():
     question = Question(0, "colour", "What colour is the circle?", "red", SCENE)
     assert is_correct(question, " red\n") and not is_correct(question, "reddish")

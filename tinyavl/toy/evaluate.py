@@ -474,17 +474,15 @@ def run(args) -> dict:
                 log(f"wrote {args.plot}")
         return {"seed": args.seed, "n_scenes": args.n, "rows": reports}
 
-    on_answer = None
-    if args.attention_maps is not None:
-        args.attention_maps.mkdir(parents=True, exist_ok=True)
+    def save_map(question, prediction, cache, inputs):
+        if question.scene_index == 0:
+            # The folder is made with the first picture: a run stopped before it leaves no empty folders.
+            args.attention_maps.mkdir(parents=True, exist_ok=True)
+            save_attention_map(map_file(args.attention_maps, question.kind), model, processor, inputs, cache,
+                               question=question.text, replace=args.force)
 
-        def on_answer(question, prediction, cache, inputs):
-            if question.scene_index == 0:
-                save_attention_map(map_file(args.attention_maps, question.kind), model, processor, inputs, cache,
-                                   question=question.text, replace=args.force)
-
-    report = evaluate(model, processor, questions, args.policy, given_policy_params(args), on_answer=on_answer,
-                      hires_mode=args.hires_mode)
+    report = evaluate(model, processor, questions, args.policy, given_policy_params(args), hires_mode=args.hires_mode,
+                      on_answer=None if args.attention_maps is None else save_map)
     if args.attention_maps is not None:
         print(f"wrote the first scene's attention maps to {args.attention_maps}", file=sys.stderr)
     return {"seed": args.seed, "n_scenes": args.n, **report}
