@@ -295,6 +295,12 @@ def test_a_run_stopped_before_its_first_picture_leaves_no_folder(tmp_path, monke
     assert not (tmp_path / "new").exists()
 
 
+def test_hires_mode_on_a_model_without_the_view_is_refused(capsys):
+    """--hires-mode would change nothing on the plain toy: refused, not silently ignored."""
+    assert evaluate_module.main(["--n", "1", "--hires-mode", "low-res"]) == 2
+    assert "--hires-mode" in capsys.readouterr().err
+
+
 def test_a_short_answer_is_compared_without_surrounding_space():
     question = Question(0, "colour", "What colour is the circle?", "red", SCENE)
     assert is_correct(question, " red\n") and not is_correct(question, "reddish")

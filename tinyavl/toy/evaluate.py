@@ -426,8 +426,9 @@ def parse_args(argv):
                         help="with --table: draw accuracy against measured KV bytes")
     parser.add_argument("--force", action="store_true",
                         help="replace the --plot file, or the pictures in --attention-maps, if they exist")
-    parser.add_argument("--hires-mode", choices=HIRES_MODES, default="selection",
-                        help="what a FlexAttention toy (weights/toy-hires) reads of its high-resolution view")
+    parser.add_argument("--hires-mode", choices=HIRES_MODES, default=None,
+                        help="what a FlexAttention toy (weights/toy-hires) reads of its high-resolution view "
+                             "(default: selection)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--attention-maps", type=Path, default=None,
                         help="folder: draw the attention picture of the first scene's prompts")
@@ -459,6 +460,10 @@ def run(args) -> dict:
         raise UserError(f"no model folder at {args.weights}: train one with python -m tinyavl.toy.train")
     model, processor = load_pretrained(args.weights, device="cpu", dtype="float32")
     check_filter_layer(args, model, cache)
+    if args.hires_mode is not None and model.config.hires is None:  # it would change nothing
+        raise UserError(f"--hires-mode: {args.weights} has no high-resolution view (no hires_config); it is for a "
+                        "FlexAttention toy (weights/toy-hires)")
+    args.hires_mode = args.hires_mode or "selection"
     if args.table and model.config.text.num_hidden_layers < 2:  # FastV drops tokens for the layers after one
         raise UserError(f"{args.weights} has a 1-layer decoder: the budget sweep's FastV needs a layer after its "
                         "filter; --table needs 2 layers or more")
