@@ -138,10 +138,13 @@ def test_rope_scaling_other_than_linear_or_without_a_factor(folder, rope, says):
     assert "RoPE scaling" in message and says in message and repr(rope) in message, message
 
 
-def test_image_token_outside_the_vocabulary():
+def test_image_token_outside_the_vocabulary_or_not_an_integer():
     raw = sparse_config(VARIANTS["mha"])
     raw["image_token_index"] = raw["text_config"]["vocab_size"]
-    with pytest.raises(UserError, match="image_token_index"):
+    with pytest.raises(UserError, match="image_token_index .* is outside the vocabulary"):
+        parse_config(raw)
+    raw["image_token_index"] = "4"
+    with pytest.raises(UserError, match="image_token_index '4' is not an integer"):
         parse_config(raw)
 
 
@@ -273,7 +276,8 @@ def test_an_odd_key_among_the_vision_layers_is_an_unexpected_key(folder):
 @pytest.mark.parametrize("field,value", [("image_mean", [1e308, 1e308, 1e308]), ("image_mean", [0.5, 1.2, 0.5]),
                                          ("image_mean", [-0.1, 0.5, 0.5]), ("resample", True),
                                          ("resample", [3]), ("resample", 3.0), ("resample", 99),
-                                         ("size", {"shortest_edge": 0}), ("size", {"shortest_edge": "20"})])
+                                         ("size", {"shortest_edge": 0}), ("size", {"shortest_edge": "20"}),
+                                         ("size", {"shortest_edge": 10 ** 9})])
 def test_preprocessing_values_out_of_their_range(folder, field, value):
     """The mean is a colour of pixels in 0 .. 1 (do_pad pads with it: 1e308 x 255 has no integer); a
     resampling filter is one of PIL's integers (true and 3.0 are not, though Python counts them equal;

@@ -238,7 +238,8 @@ class LlavaConfig:
         if self.hires is not None:
             self._validate_hires()
         vocab = self.text.vocab_size
-        _require(type(self.image_token_id) is int and 0 <= self.image_token_id < vocab,
+        _require(type(self.image_token_id) is int, f"image_token_index {self.image_token_id!r} is not an integer")
+        _require(0 <= self.image_token_id < vocab,
                  f"image_token_index {self.image_token_id!r} is outside the vocabulary (0 .. {vocab - 1})")
 
     def _validate_hires(self) -> None:

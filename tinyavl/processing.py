@@ -507,6 +507,10 @@ def preprocessor_settings(cfg: dict, path: Path, vision_image_size: int, tiled: 
     shortest_edge = size.get("shortest_edge") if isinstance(size, dict) and not other_edges else size
     if type(shortest_edge) is not int or shortest_edge <= 0:
         raise UserError(f"{path} has size {size!r}; tinyavl supports only {{\"shortest_edge\": N}}, N > 0")
+    if Image.MAX_IMAGE_PIXELS and shortest_edge ** 2 > Image.MAX_IMAGE_PIXELS:  # not the image's fault
+        raise UserError(f"{path} has size {size!r}: resized to that short side, even a square image would have "
+                        f"more than {Image.MAX_IMAGE_PIXELS} pixels (PIL's decompression-bomb limit); download the "
+                        "file again")
     rescale = cfg.get("rescale_factor", 1 / 255)
     if type(rescale) not in (int, float) or not math.isclose(rescale, 1 / 255):
         raise UserError(f"{path} has rescale_factor {rescale!r}; tinyavl rescales pixels by 1/255, as CLIP does")
