@@ -148,6 +148,16 @@ def test_image_token_outside_the_vocabulary_or_not_an_integer():
         parse_config(raw)
 
 
+@pytest.mark.parametrize("layers", [3, 10 ** 9])
+def test_more_decoder_layers_than_stored_are_refused_before_the_model_is_built(folder, monkeypatch, layers):
+    """The tiny checkpoint stores 2 decoder layers: a config asking for more (a damaged count of a billion
+    would build layers until the memory ran out) is refused before any layer is built."""
+    edit_json(folder / "config.json", lambda c: c["text_config"].__setitem__("num_hidden_layers", layers))
+    monkeypatch.setattr(tinyavl.loading, "LlavaForConditionalGeneration", lambda config: pytest.fail("built"))
+    assert f"config.json has {layers} decoder layers (text_config.num_hidden_layers) but the checkpoint stores " \
+           "2" in load_error(folder)
+
+
 def test_empty_vision_feature_layer_list(folder):
     edit_json(folder / "config.json", lambda c: c.__setitem__("vision_feature_layer", []))
     assert "vision_feature_layer" in load_error(folder)

@@ -382,6 +382,21 @@ def stored_dtype(files: list[Path]) -> torch.dtype:
     return torch.float32
 
 
+def check_decoder_layers(config: LlavaConfig, files: list[Path]) -> None:
+    """UserError if config.json asks for more decoder layers than the checkpoint stores, before the model is
+    built: a damaged num_hidden_layers (a billion) would build layers until the memory ran out. (Fewer
+    layers than stored are unexpected keys, `match_keys`.)"""
+    stored = set()
+    for path in files:
+        with open_safetensors(path) as f:
+            stored.update(int(name.split(".")[3]) for name in map(published_key, f.keys())
+                          if name.startswith("language_model.model.layers."))
+    wanted = config.text.num_hidden_layers
+    if wanted > len(stored):
+        raise UserError(f"config.json has {wanted} decoder layers (text_config.num_hidden_layers) but the "
+                        f"checkpoint stores {len(stored)}: the files come from different checkpoints")
+
+
 def load_model(path, device=None, dtype=None) -> LlavaForConditionalGeneration:
     """The model of a llava-hf folder, on `device` (default: cuda if available), in `dtype` (default: the
     stored one, fp16 as bf16 on a CPU)."""
@@ -390,6 +405,7 @@ def load_model(path, device=None, dtype=None) -> LlavaForConditionalGeneration:
     files = checkpoint_files(folder)
     for file in files:  # once each, before the tensors are read one by one
         check_readable(file)
+    check_decoder_layers(config, files)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, stored_dtype(files), device)
     with torch.device("meta"):
