@@ -77,6 +77,23 @@ def test_a_folder_removed_during_the_work_is_one_line(tmp_path):
         write_file_atomically(folder / "map.png", write)
 
 
+@pytest.mark.parametrize("refusal", [FileNotFoundError(errno.ENOENT, "No such file or directory"),
+                                     PermissionError(errno.EACCES, "Permission denied")])
+def test_a_folder_that_refuses_the_temporary_file_names_the_output(tmp_path, refusal):
+    """A folder that looks writable but refuses new files (/proc, /sys as root): the error names the file
+    the user asked for, not the write's hidden temporary name."""
+    path = tmp_path / "map.png"
+
+    def refused(partial):
+        refusal.filename = str(partial)
+        raise refusal
+
+    with pytest.raises((UserError, PermissionError)) as info:
+        write_file_atomically(path, refused)
+    assert str(path) in str(info.value) and ".partial" not in str(info.value)
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_file_write_the_system_refuses_leaves_nothing(tmp_path):
     """A name as long as names go (its temporary name must not be longer), and a full disk."""
     path = tmp_path / ("m" * 251 + ".png")

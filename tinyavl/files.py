@@ -133,28 +133,30 @@ def write_file_atomically(path, write, replace: bool = False) -> None:
     path = Path(path)
     partial = temporary_beside(path, "partial")
     try:
-        with naming(path):
+        with naming(path, partial):
             write(partial)
         if replace:
             os.replace(partial, path)
         else:
             link_without_replacing(partial, path)
-    except (FileNotFoundError, NotADirectoryError):
-        if path.parent.is_dir():
-            raise  # not the user's doing: a bug's traceback
-        raise UserError(f"{path.parent} was removed while this command ran: {path} was not written") from None
+    except (FileNotFoundError, NotADirectoryError) as err:
+        if not path.parent.is_dir():
+            raise UserError(f"{path.parent} was removed while this command ran: {path} was not written") from None
+        if err.filename == str(path):  # a folder that refuses new files though it looks writable (/proc)
+            raise UserError(f"{path} cannot be written there ({err.strerror}): choose another folder") from None
+        raise  # not the user's doing: a bug's traceback
     finally:
         partial.unlink(missing_ok=True)
 
 
 @contextmanager
-def naming(path: Path):
-    """An OSError that names no file (a full disk, met by a library writing a file) names `path`: the output
-    the user asked for, not its temporary name, in the one line the commands print."""
+def naming(path: Path, partial: Path | None = None):
+    """An OSError that names no file (a full disk, met by a library writing a file), or names the write's
+    temporary `partial`, names `path`: the output the user asked for, in the one line the commands print."""
     try:
         yield
     except OSError as err:
-        if err.filename is None:
+        if err.filename is None or (partial is not None and err.filename == str(partial)):
             err.filename = str(path)
         raise
 
