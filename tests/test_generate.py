@@ -384,7 +384,7 @@ def test_an_image_without_image_tokens_and_an_empty_prompt_are_user_errors(loade
     n_img = int((ids == model.config.image_token_id).sum())
     last_image = int((ids[0] == model.config.image_token_id).nonzero()[-1])
     one_short = torch.cat([ids[:, :last_image], ids[:, last_image + 1:]], dim=1)     # the block one token shorter
-    with pytest.raises(UserError, match=f"the prompt has {n_img - 1} image tokens, but its image makes {n_img}"):
+    with pytest.raises(UserError, match=f"the prompt has {n_img - 1} image tokens, but its images make {n_img}"):
         greedy(model, one_short, px, steps=2)
 
 

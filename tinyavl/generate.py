@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tinyavl import anyres
 from tinyavl.cache import MODALITIES, SEED_PARAM, KVCache, Param, is_whole, make_cache, rate
 from tinyavl.errors import UserError
 from tinyavl.model import keys_first
@@ -136,7 +135,8 @@ def cache_for(policy, policy_params: dict) -> KVCache:
 def prompt_layout(input_ids, pixel_values, image_sizes, config) -> tuple[int, int]:
     """(n_sys, n_img), the prompt's tokens before its image and its image tokens (`image_segments`), for a
     prompt generate can run: one (1, T) prompt, an image for its image tokens and image tokens for its
-    image (with its image_sizes on a LLaVA-1.6), room in the context."""
+    image (with its image_sizes on a LLaVA-1.6), room in the context. (That the image makes one feature
+    per image token, the model's embed checks: it makes the features.)"""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
         shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise UserError(f"input_ids must be one prompt, a tensor of shape (1, T), got {shape}")
@@ -152,13 +152,6 @@ def prompt_layout(input_ids, pixel_values, image_sizes, config) -> tuple[int, in
     if pixel_values is not None and config.is_next and image_sizes is None:
         raise UserError("a LLaVA-1.6 image needs its image_sizes (the processor returns them with pixel_values): "
                         "pass image_sizes too")
-    if pixel_values is not None:  # one feature per image token, or the model's embed refuses the pair
-        image_hw = tuple(int(x) for x in torch.as_tensor(image_sizes)[0]) if config.is_next else None
-        features = (anyres.image_token_count(image_hw, config.image_grid_pinpoints, config.vision.image_size,
-                                             config.vision.patch_size) if config.is_next else config.num_image_tokens)
-        if n_img != features:
-            raise UserError(f"the prompt has {n_img} image tokens, but its image makes {features} features: make "
-                            "the prompt and the pixels with one processor call")
     prompt_len, context = input_ids.shape[1], config.text.max_position_embeddings
     if prompt_len >= context:
         image_part = f" ({n_img} of them the image's)" if n_img else ""

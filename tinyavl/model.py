@@ -804,9 +804,9 @@ class LlavaForConditionalGeneration(nn.Module):
         is_image = input_ids == self.config.image_token_id         # (B, T)
         n_image_positions = int(is_image.sum())
         features = torch.cat(self.image_features(pixel_values, image_sizes))  # (all images' N_img, C)
-        if n_image_positions != features.shape[0]:
-            raise ValueError(f"input_ids hold {n_image_positions} image tokens, the images give "
-                             f"{features.shape[0]} features")
+        if n_image_positions != features.shape[0]:  # a prompt and pixels that were not processed together
+            raise UserError(f"the prompt has {n_image_positions} image tokens, but its images make "
+                            f"{features.shape[0]} features: make the prompt and the pixels with one processor call")
         # masked_scatter fills the image positions in row-major order, sample 0's first: the order of `features`.
         return x.masked_scatter(is_image[..., None], features.to(x.dtype))
 
