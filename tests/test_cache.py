@@ -1317,15 +1317,17 @@ def test_decode_attention_read_past_the_last_span_counts_only_the_spans(heads, k
     # Rounding's bounds in each dtype (this code measured: bf16 mean 0.9e-3, largest 5.7e-3, lse 2.4e-3; fp16
     # 7e-5, 3e-4, 1.7e-4): an error that is not rounding, as the output scaled by 1.02 (mean error 3e-3) or
     # an lse rounded to bf16 (1.3e-2), does not fit them.
-    bound = {torch.bfloat16: dict(mean=2e-3, most=1.2e-2, lse=5e-3),
-             torch.float16: dict(mean=2e-4, most=1.5e-3, lse=5e-4)}
+    # The probabilities read from the logits: largest relative error measured 9.4e-3 in bf16, 1.6e-3 in fp16.
+    bound = {torch.bfloat16: dict(mean=2e-3, most=1.2e-2, lse=5e-3, probs=1.5e-2),
+             torch.float16: dict(mean=2e-4, most=1.5e-3, lse=5e-4, probs=3e-3)}
     error = (out.double() - expected).abs()
     assert error.mean() <= bound[dtype]["mean"] and error.max() <= bound[dtype]["most"], (error.mean(), error.max())
     torch.testing.assert_close(last_row.lse.double(), logits[:, :, 0].logsumexp(-1), atol=bound[dtype]["lse"], rtol=0)
     assert [(start, span.shape[-1]) for start, span in last_row.span_logits] == [(0, 7), (19, 51)]
     probs = logits.softmax(-1)[:, :, 0]                                            # (2, H, 58): joined columns
     for start, end, columns in ((19, 70, slice(7, 58)), (60, 70, slice(48, 58)), (0, 7, slice(0, 7))):
-        torch.testing.assert_close(last_row.probs(q, k, start, end).double(), probs[..., columns], atol=1e-2, rtol=0)
+        torch.testing.assert_close(last_row.probs(q, k, start, end).double(), probs[..., columns], atol=1e-6,
+                                   rtol=bound[dtype]["probs"])
 
 
 @pytest.mark.parametrize("policy", ["full", "avl", "h2o"])
