@@ -18,7 +18,8 @@ def interrupted_while_importing(signum, frame):
     # torch takes a second or more to import, and code it runs meanwhile catches exceptions: a Ctrl-C raised
     # as KeyboardInterrupt there was lost (the run went on) or became another error's traceback. So until
     # the imports are done, Ctrl-C ends the process at once, with one line: nothing has been written yet.
-    os.write(sys.stderr.fileno(), b"interrupted (Ctrl-C)\n")
+    if sys.stderr is not None:  # None: started with stderr closed (2>&-)
+        os.write(sys.stderr.fileno(), b"interrupted (Ctrl-C)\n")
     os._exit(130)
 
 

@@ -86,13 +86,12 @@ def test_each_policys_times_and_bytes_are_its_own_runs(model, monkeypatch):
     """decode_ms and attention_ms are a policy's run's times over its decode steps (6 new tokens: 5, the
     prefill makes the first), prefill_s its prefill's; kv_bytes its peak, for `full` every row of the
     prompt and the 5 tokens fed after it, in every layer."""
-    runs = {}
+    runs, run_policies = {}, bench.run_policies
 
     def recorded_run_policies(*args):
         runs.update(run_policies(*args))
         return runs
 
-    run_policies = bench.run_policies
     monkeypatch.setattr(bench, "run_policies", recorded_run_policies)
     case, _ = bench.run_case(model, n_img=20, new_tokens=6, rates={"read": 2e9, "matvec": 1e9})
     for name, (_, stats, cache) in runs.items():
@@ -338,8 +337,9 @@ def test_cuda_without_cuda_is_a_usage_error(capsys):
                                   ["--image-tokens", "3700", "--new-tokens", "400"], ["--lay", "1"],
                                   ["--new-tokens", "1"], ["--layers", "0"]])
 def test_blocks_that_do_not_fit_and_abbreviations_are_usage_errors(argv, monkeypatch, capsys):
-    """Before any model is built: A-VL needs a core of at least one row (floor(0.3 x 4)), and the prompt
-    (N_SYS + N_img + N_TEXT) plus the longest run (256 tokens, or --new-tokens) must fit 4096 positions."""
+    """Before any model is built: A-VL needs a core of at least one row (floor(0.3 x 4)), the prompt
+    (N_SYS + N_img + N_TEXT) plus the longest run (256 tokens, or --new-tokens) must fit 4096 positions, a
+    run needs a decode step to time (--new-tokens 2 or more) and a layer to run (--layers 1 or more)."""
     monkeypatch.setattr(bench, "random_model", lambda *a, **k: pytest.fail("built a model first"))
     with pytest.raises(SystemExit) as exit_:
         bench.main(argv)

@@ -990,6 +990,11 @@ def test_triton_kernel_without_a_gpu_is_refused_before_any_work(monkeypatch):
         make_cache("avl", kernel="triton")
     with pytest.raises(UserError, match="--kernel triton runs on a CUDA device .* use --kernel torch or auto"):
         make_cache("avl", named=flag, kernel="triton")           # the command lines' wording: their flag
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    on_cpu = make_cache("avl", named=flag, kernel="triton")  # allowed: this machine has a GPU, the model may not
+    with pytest.raises(UserError, match="--kernel triton runs on a CUDA device"):
+        on_cpu.use_kernel(torch.zeros(1, 4, 1, 64))          # the model's query is on the CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     make_cache("avl", kernel="auto")  # auto falls back to the torch path
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(UserError, match="CUDA device"):   # a model on the CPU of a machine that has a GPU
@@ -1017,6 +1022,8 @@ def test_kernel_auto_falls_back_to_torch_for_heads_the_kernel_has_no_tile_for(mo
     assert forced.use_kernel(cuda_query(64))
     with pytest.raises(UserError, match="head dim 8"):
         forced.use_kernel(cuda_query(8))
+    with pytest.raises(UserError, match="--kernel triton has no tile .* use --kernel torch or auto"):
+        make_cache("avl", named=flag, kernel="triton").use_kernel(cuda_query(8))
 
 
 def test_avl_on_cpu_tensors_decodes_without_importing_the_kernel(monkeypatch):

@@ -94,6 +94,24 @@ def test_a_folder_that_refuses_the_temporary_file_names_the_output(tmp_path, ref
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("refusal", [FileNotFoundError(errno.ENOENT, "No such file or directory"),
+                                     PermissionError(errno.EACCES, "Permission denied")])
+def test_a_place_that_refuses_the_temporary_folder_names_the_output(tmp_path, monkeypatch, refusal):
+    mkdir = Path.mkdir
+
+    def refusing(self, *args, **kwargs):
+        if self.name.endswith(".partial"):
+            refusal.filename = str(self)
+            raise refusal
+        return mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refusing)
+    with pytest.raises((UserError, PermissionError)) as info:
+        write_folder_atomically(tmp_path / "model", lambda partial: (partial / "x").write_text("1"))
+    assert str(tmp_path / "model") in str(info.value) and ".partial" not in str(info.value)
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_file_write_the_system_refuses_leaves_nothing(tmp_path):
     """A name as long as names go (its temporary name must not be longer), and a full disk."""
     path = tmp_path / ("m" * 251 + ".png")

@@ -368,12 +368,14 @@ def test_image_tokens_without_an_image_are_a_user_error(loaded):
 def test_generation_defaults_are_the_declared_ones():
     """GENERATION_PARAMS declares main.py's flags; generate's own defaults must be the same."""
     defaults = inspect.signature(generation).parameters
-    assert {p.name: defaults[p.name].default for p in GENERATION_PARAMS} == {p.name: p.default for p in GENERATION_PARAMS}
+    declared = {param.name: param.default for param in GENERATION_PARAMS}
+    assert {name: defaults[name].default for name in declared} == declared
 
 
-def test_an_image_without_image_tokens_and_an_empty_prompt_are_user_errors(loaded):
-    """An image whose features would have no place in the prompt, and a prompt of no tokens, are the
-    caller's mistakes: one UserError each, before the model runs."""
+def test_an_image_and_prompt_that_do_not_fit_and_an_empty_prompt_are_user_errors(loaded):
+    """An image whose features would have no place in the prompt and a prompt of no tokens (refused before
+    the model runs), and an image block one token shorter than the image's features (refused by the
+    model's embed, which makes them): the caller's mistakes, one UserError each."""
     model, processor = loaded("mha")
     ids, px = prompt_inputs(processor, "image")
     text_only = ids[:, ids[0] != model.config.image_token_id]

@@ -406,9 +406,9 @@ def test_a_large_image_under_the_refusal_size_loads_without_pil_warning(tmp_path
 
 
 def test_an_image_too_elongated_to_resize_is_refused(processor, monkeypatch):
-    """A 4 KB PNG of 1 x 1000000 pixels is under PIL's decompression-bomb limit, but its short side
-    resized to the crop's would make a picture of billions of pixels: the same limit refuses it, before
-    any memory is spent. Here the limit is lowered to 10000 pixels, so that the case is small."""
+    """A 4 KB PNG of 1 x 1000000 pixels is under the size at which PIL warns of a decompression bomb, but
+    its short side resized to the crop's would make a picture of billions of pixels: the same size refuses
+    it, before any memory is spent. Here the size is lowered to 10000 pixels, so that the case is small."""
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
     inputs = processor(processor.chat_prompt("What?"), make_image(40, 60))  # 28 x 42 once resized: fine
     assert inputs["pixel_values"].shape == (1, 3, SIZE, SIZE)

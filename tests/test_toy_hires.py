@@ -706,7 +706,8 @@ def test_hires_evaluation_flags_are_checked_before_the_model_loads(tmp_path, cap
     tiles.mkdir()
     for argv, says in ((["--force"], "--force replaces the --plot file"),
                        (["--plot", str(plot)], "already exists"),
-                       (["--plot", str(tiles / "x.png"), "--in-sequence-toy", str(tiles)], "lies inside the input folder")):
+                       (["--plot", str(tiles / "x.png"), "--in-sequence-toy", str(tiles)],
+                        "lies inside the input folder")):
         assert evaluate_hires.main(argv) == 2 and says in capsys.readouterr().err
     assert plot.read_text() == "the user's" and not list(tiles.iterdir())
 

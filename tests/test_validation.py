@@ -276,11 +276,12 @@ def test_a_bos_id_past_the_vocabulary_is_refused_at_load(folder):
     assert f"adds the id {vocab} (its post-processor)" in load_error(folder)
 
 
-def test_an_odd_key_among_the_vision_layers_is_an_unexpected_key(folder):
-    edit_weights(folder, lambda t: t.__setitem__("vision_tower.vision_model.encoder.layers.extra.weight",
-                                                 torch.zeros(2)))
+@pytest.mark.parametrize("key", ["vision_tower.vision_model.encoder.layers.extra.weight",
+                                 "language_model.model.layers.extra.weight"])
+def test_an_odd_key_among_the_layers_is_an_unexpected_key(folder, key):
+    edit_weights(folder, lambda t: t.__setitem__(key, torch.zeros(2)))
     message = load_error(folder)
-    assert "unexpected keys (1): vision_tower.vision_model.encoder.layers.extra.weight" in message
+    assert f"unexpected keys (1): {key}" in message
 
 
 @pytest.mark.parametrize("field,value", [("image_mean", [1e308, 1e308, 1e308]), ("image_mean", [0.5, 1.2, 0.5]),
@@ -291,7 +292,10 @@ def test_an_odd_key_among_the_vision_layers_is_an_unexpected_key(folder):
 def test_preprocessing_values_out_of_their_range(folder, field, value):
     """The mean is a colour of pixels in 0 .. 1 (do_pad pads with it: 1e308 x 255 has no integer); a
     resampling filter is one of PIL's integers (true and 3.0 are not, though Python counts them equal;
-    99 is none of PIL's filters); the short side is resized to a positive integer."""
+    99 is none of PIL's filters); the short side is resized to a positive integer, not so large that every
+    image resized to it passes PIL's decompression-bomb warning size."""
     edit_json(folder / "preprocessor_config.json", lambda c: c.__setitem__(field, value))
     message = load_error(folder)
     assert "preprocessor_config.json" in message and f"{field} {value!r}" in message
+    if value == {"shortest_edge": 10 ** 9}:
+        assert "even a square image would have more than" in message

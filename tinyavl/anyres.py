@@ -78,7 +78,8 @@ def unpadded_region(image_hw: tuple[int, int], map_hw: tuple[int, int]) -> tuple
 def map_token(row, column, n_columns: int, side: int):
     """Where the unpadded map's cell (row, column) sits in the image block (ints, or tensors of them):
     after the base crop's side^2 features, each of the map's rows holds its n_columns cells and then
-    one newline token. The one place that lays the block out; `tile_map` builds it so (the tests check)."""
+    one newline token. The arithmetic of the layout the model's `tile_map` builds (tests/test_next.py
+    holds the two together)."""
     return side * side + row * (n_columns + 1) + column
 
 

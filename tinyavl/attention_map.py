@@ -90,8 +90,8 @@ def token_pictures(model, processor, inputs) -> list[TokenPicture]:
                              (side, side))]
     image_hw = tuple(inputs["image_sizes"][0].tolist())
     rows, columns = anyres.tile_grid(image_hw, config.image_grid_pinpoints, config.vision.image_size)
-    tiles = crops[1:1 + rows * columns].permute(0, 2, 3, 1).flatten(1, 2)                # (rows * columns, S S, 3)
-    canvas = stitch_tiles(tiles, rows, columns).permute(2, 0, 1)                          # (3, rows S, columns S)
+    tiles = crops[1:1 + rows * columns].permute(0, 2, 3, 1).flatten(1, 2)  # (rows * columns, S S, 3)
+    canvas = stitch_tiles(tiles, rows, columns).permute(2, 0, 1)            # (3, rows S, columns S)
     kept_rows, kept_columns = anyres.unpadded_region(image_hw, (rows * side, columns * side))
     patch = config.vision.patch_size
     canvas = canvas[:, kept_rows.start * patch:kept_rows.stop * patch,

@@ -217,8 +217,8 @@ def heavy_plus_recent(scores, pos, heavy: int, recent: int, length: int):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Declaring a policy's parameters. (generate's and the command lines' checks of a seed, a count or a
-# number use the same is_whole, is_real and SEED_PARAM.)
+# Declaring a policy's parameters. (generate's settings, GENERATION_PARAMS, and every seed are Params
+# too, checked by the same Param.check.)
 # ---------------------------------------------------------------------------------------------------
 
 def is_whole(x) -> bool:
@@ -701,6 +701,7 @@ class AVLCache(KVCache):
 
     def __init__(self, named=str, **params):
         super().__init__(named, **params)
+        self.named = named  # how the kernel's refusals at the first step name its parameter (--kernel)
         if self.kernel == "triton":
             require_triton(named=named)
 
@@ -779,10 +780,11 @@ class AVLCache(KVCache):
         from kernels.sparse_attention import TRITON_AVAILABLE, supports
         if self.kernel == "auto":  # where the kernel cannot run (no Triton, a head it has no tile for): torch
             return TRITON_AVAILABLE and supports(q.dtype, q.shape[-1])
-        require_triton(q.device)
+        require_triton(q.device, self.named)
         if not supports(q.dtype, q.shape[-1]):
-            raise UserError(f"kernel triton has no tile for this model's attention ({q.dtype}, head dim "
-                            f"{q.shape[-1]}; it needs a power of two >= 16): use kernel torch or auto")
+            kernel = self.named("kernel")
+            raise UserError(f"{kernel} triton has no tile for this model's attention ({q.dtype}, head dim "
+                            f"{q.shape[-1]}; it needs a power of two >= 16): use {kernel} torch or auto")
         return True
 
     def update(self, layer, q, last_row):

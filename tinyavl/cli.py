@@ -191,7 +191,8 @@ def ended_in_one_line(work) -> int:
     """work()'s exit status: 0, or one line on stderr instead of a traceback for a user's mistake (UserError,
     status 2), Ctrl-C (status 130), SIGTERM and SIGHUP (128 + the signal; no temporary file left), and what
     the system refused (SYSTEM_REFUSALS: a disk full, a name too long; memory that ran out, `out_of_memory`;
-    status 1). A reader that closed stdout early (`| head`) ends the run quietly."""
+    status 1). A reader that closed stdout early (`| head`) ends the run quietly; a run started with stdout or
+    stderr closed (>&-, 2>&-) prints nothing there, and its notes never land on stdout."""
     if sys.stderr is None:  # started with stderr closed (2>&-): print(file=None) would write notes to stdout
         sys.stderr = open(os.devnull, "w")
     try:

@@ -221,8 +221,11 @@ def write_folder_atomically(folder, write, replace: bool = False) -> None:
     check_new_folder(folder, replace)
     partial, old = temporary_beside(folder, "partial"), temporary_beside(folder, "old")
     try:
-        partial.mkdir(parents=True)
-        with naming(folder):
+        with naming(folder, partial):
+            try:
+                partial.mkdir(parents=True)
+            except FileNotFoundError as err:  # a folder that refuses new entries though it looks writable (/proc)
+                raise UserError(f"{folder} cannot be made there ({err.strerror}): choose another folder") from None
             write(partial)
         try:
             if os.path.lexists(folder):  # two renames: the old one is out of the way for an instant

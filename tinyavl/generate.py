@@ -59,12 +59,12 @@ def sample(logits, temperature: float, top_p: float, generator):  # logits (voca
         return int(logits.argmax())
     # In float64 and from the top logit down: a tiny temperature then sends the others to -inf (probability 0)
     # rather than overflowing fp32 to inf - inf = nan, and a tiny top_p still keeps the first token.
-    probs = ((logits.double() - logits.max()) / temperature).softmax(-1)     # (vocab,) fp64
-    sorted_probs, order = probs.sort(descending=True)                         # each (vocab,)
+    probs = ((logits.double() - logits.max()) / temperature).softmax(-1)  # (vocab,) fp64
+    sorted_probs, order = probs.sort(descending=True)                      # each (vocab,)
     # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-    outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p                 # (vocab,) bool
+    outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p              # (vocab,) bool
     sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-    choice = torch.multinomial(sorted_probs, 1, generator=generator)          # (1,): a rank in sorted order
+    choice = torch.multinomial(sorted_probs, 1, generator=generator)       # (1,): a rank in sorted order
     return int(order[choice])
 
 
@@ -114,8 +114,9 @@ def check_generation_args(max_new_tokens: int, temperature: float, top_p: float,
     """UserError for settings generate cannot honour (`GENERATION_PARAMS`, and a seed torch takes, or None:
     a fresh draw). main.py checks them before it loads the model, its messages naming the flags:
     named("top_p") == "--top-p"."""
-    for param, value in zip(GENERATION_PARAMS, (max_new_tokens, temperature, top_p)):
-        param.check(value, named)
+    given = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    for param in GENERATION_PARAMS:
+        param.check(given[param.name], named)
     if seed is not None:
         SEED_PARAM.check(seed, named)
 

@@ -78,10 +78,10 @@ def is_threshold(threshold) -> bool:
     return isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and 0 <= threshold < 255
 
 
-def check_threshold(threshold: float, name: str = "the selection threshold") -> None:
-    """UserError unless `is_threshold`; the message names it as `name` says (main.py: its flag)."""
+def check_threshold(threshold: float, label: str = "the selection threshold") -> None:
+    """UserError unless `is_threshold`; the message names it by `label` (main.py: its flag)."""
     if not is_threshold(threshold):
-        raise UserError(f"{name} must be from 0 to below 255 (the 0-255 scale of the normalised attention), "
+        raise UserError(f"{label} must be from 0 to below 255 (the 0-255 scale of the normalised attention), "
                         f"got {threshold!r}")
 
 
@@ -106,15 +106,16 @@ def top_blocks(scores, count: int):
     return chosen.view(B, blocks, blocks)
 
 
-def block_tokens(blocks, hires_side: int):
+def block_tokens(chosen, hires_side: int):
     """(B, hires_side^2) bool, the high-resolution tokens (a hires_side x hires_side map in reading order)
-    inside the chosen blocks (B, n, n): each block is a (hires_side / n) x (hires_side / n) square of them."""
-    B, n, _ = blocks.shape
-    if hires_side % n:
-        raise ValueError(f"{n} blocks per side do not tile a {hires_side} x {hires_side} map of high-resolution "
-                         "tokens")
-    per_block = hires_side // n
-    return blocks.repeat_interleave(per_block, 1).repeat_interleave(per_block, 2).view(B, hires_side ** 2)
+    inside the chosen blocks, chosen (B, blocks, blocks) bool: each block is a (hires_side / blocks) x
+    (hires_side / blocks) square of them."""
+    B, blocks, _ = chosen.shape
+    if hires_side % blocks:
+        raise ValueError(f"{blocks} blocks per side do not tile a {hires_side} x {hires_side} map of "
+                         "high-resolution tokens")
+    per_block = hires_side // blocks
+    return chosen.repeat_interleave(per_block, 1).repeat_interleave(per_block, 2).view(B, hires_side ** 2)
 
 
 def hires_positions(first_position: int, lowres_side: int, scale: int):
@@ -126,7 +127,7 @@ def hires_positions(first_position: int, lowres_side: int, scale: int):
     the same linear map: what interpolating the grid of positions gives inside the image (FlexAttention
     interpolates it bicubically; on a linear map that differs only by clamping at the border)."""
     centre = (torch.arange(lowres_side * scale, dtype=torch.float32) + 0.5) / scale - 0.5  # (lowres_side scale,)
-    return (first_position + lowres_side * centre[:, None] + centre[None, :]).flatten()   # ((lowres_side scale)^2,)
+    return (first_position + lowres_side * centre[:, None] + centre[None, :]).flatten()    # ((lowres_side scale)^2,)
 
 
 def merge_attention(out_a, lse_a, out_b, lse_b):

@@ -172,7 +172,8 @@ KEY_REWRITES = [
 
 
 def transformers_key(key: str) -> str:
-    """The name transformers >= 4.52 gives a published-layout key in memory (`KEY_REWRITES` the other way)."""
+    """The name transformers >= 4.52 gives a published-layout key of the decoder, the projector or the
+    newline in memory (`KEY_REWRITES` the other way; its 5.x vision tower also drops `vision_model.`)."""
     for in_memory, published in KEY_REWRITES:
         if key.startswith(published):
             return in_memory + key[len(published):]
@@ -389,8 +390,9 @@ def check_decoder_layers(config: LlavaConfig, files: list[Path]) -> None:
     stored = set()
     for path in files:
         with open_safetensors(path) as f:
-            stored.update(int(name.split(".")[3]) for name in map(published_key, f.keys())
-                          if name.startswith("language_model.model.layers."))
+            # language_model.model.layers.<i>.<...>: another part there is an odd key, for match_keys to name
+            parts = [name.split(".") for name in map(published_key, f.keys())]
+            stored.update(int(p[3]) for p in parts if p[:3] == ["language_model", "model", "layers"] and p[3].isdigit())
     wanted = config.text.num_hidden_layers
     if wanted > len(stored):
         raise UserError(f"config.json has {wanted} decoder layers (text_config.num_hidden_layers) but the "

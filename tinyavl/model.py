@@ -171,7 +171,8 @@ class HiresConfig:
         section = "hires_config"
         _require_positive(self, section, ("scale", "first_layer", "blocks"), int)
         _require(hires.is_threshold(self.threshold),
-                 f"{section}.threshold {self.threshold!r} is not on the 0-255 scale (0 <= T < 255)")
+                 f"{section}.threshold {self.threshold!r} must be from 0 to below 255 (the 0-255 scale of the "
+                 "normalised attention)")
 
 
 # What LlavaConfig uses when config.json has no vision_config at all: CLIP ViT-L/14 at 336 px.
@@ -812,9 +813,10 @@ class LlavaForConditionalGeneration(nn.Module):
 
     def hires_view(self, input_ids, hires_pixel_values, alpha: float = 1.0, first_row: int | None = None,
                    top: int | None = None) -> HiresView:
-        """FlexAttention's view of a prompt's image: hires_pixel_values (B, 3, scale S, scale S), cut into
-        scale x scale crops of the tower's size S, each through the tower and projector, stitched into one
-        map of (scale side)^2 features, with RoPE at positions interpolated from the low-resolution grid.
+        """FlexAttention's view of a prompt's image: hires_pixel_values (B, 3, scale size, scale size), cut
+        into scale x scale crops of the tower's size (size: vision.image_size), each through the tower and
+        projector, stitched into one map of (scale side)^2 features, with RoPE at positions interpolated
+        from the low-resolution grid.
         first_row: the first position it serves (default the last of input_ids: the current token); alpha:
         the blend of the hierarchical output (0: the plain model; FlexAttention's training ramps it up); top:
         a fixed number of blocks instead of the threshold's (blocks^2: the whole high-resolution map)."""
@@ -828,11 +830,11 @@ class LlavaForConditionalGeneration(nn.Module):
         if hires_pixel_values.shape[1:] != (3, h.scale * size, h.scale * size):
             raise ValueError(f"hires_pixel_values are {tuple(hires_pixel_values.shape)}, the high-resolution view "
                              f"takes (B, 3, {h.scale * size}, {h.scale * size})")
-        # (B, scale, scale, 3, S, S): the crops in reading order
+        # (B, scale, scale, 3, size, size): the crops in reading order
         crops = hires_pixel_values.view(B, 3, h.scale, size, h.scale, size).permute(0, 2, 4, 1, 3, 5)
-        features = self.crop_features(crops.reshape(B * h.scale ** 2, 3, size, size))    # (B scale^2, P, C)
+        features = self.crop_features(crops.reshape(B * h.scale ** 2, 3, size, size))   # (B scale^2, P, C)
         hires_map = torch.stack([stitch_tiles(tiles, h.scale, h.scale).flatten(0, 1)
-                                 for tiles in features.split(h.scale ** 2)])              # (B, N_hd, C)
+                                 for tiles in features.split(h.scale ** 2)])             # (B, N_hd, C)
         # One position for the batch: its prompts must hold their image at the same place.
         is_image = input_ids == self.config.image_token_id                              # (B, T)
         if not is_image.any(1).all():

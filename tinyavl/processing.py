@@ -509,8 +509,8 @@ def preprocessor_settings(cfg: dict, path: Path, vision_image_size: int, tiled: 
         raise UserError(f"{path} has size {size!r}; tinyavl supports only {{\"shortest_edge\": N}}, N > 0")
     if Image.MAX_IMAGE_PIXELS and shortest_edge ** 2 > Image.MAX_IMAGE_PIXELS:  # not the image's fault
         raise UserError(f"{path} has size {size!r}: resized to that short side, even a square image would have "
-                        f"more than {Image.MAX_IMAGE_PIXELS} pixels (PIL's decompression-bomb limit); download the "
-                        "file again")
+                        f"more than the {Image.MAX_IMAGE_PIXELS} pixels at which PIL warns of a decompression bomb; "
+                        "download the file again")
     rescale = cfg.get("rescale_factor", 1 / 255)
     if type(rescale) not in (int, float) or not math.isclose(rescale, 1 / 255):
         raise UserError(f"{path} has rescale_factor {rescale!r}; tinyavl rescales pixels by 1/255, as CLIP does")

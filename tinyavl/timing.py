@@ -1,6 +1,7 @@
 """Timing a call on a shared machine: the fastest of a few repeats, with the GPU's queued work waited for.
-Used by the benchmark (tinyavl/bench.py) for its rates, and by `model.faster_keys_first` to choose between
-two equal products by their speed on a CPU."""
+Used by the benchmark (tinyavl/bench.py) for its rates, by the kernel's CPU smoke run
+(kernels/bench_sparse_attention.py), and by `model.faster_keys_first` to choose between two equal
+products by their speed on a CPU."""
 import time
 
 import torch

@@ -63,6 +63,7 @@ ABLATIONS = [(0.5, "avl", AVL_CHOICE_ONLY, "avl, its choice only"),
 # What a FlexAttention model reads of the high-resolution view (`evaluate`'s hires_mode): nothing (the
 # 96 px view alone), the blocks its selection chooses, or every block (the whole map, `HiresView.top`).
 HIRES_MODES = ("low-res", "selection", "every block")
+DEFAULT_HIRES_MODE = "selection"  # FlexAttention as trained
 
 
 @dataclass(frozen=True)
@@ -243,7 +244,7 @@ class Tally:
 
 
 def evaluate(model, processor, questions: list[Question], policy: str | KVCache = "full", params: dict | None = None,
-             max_new_tokens: int = 64, on_answer=None, hires_mode: str = "selection",
+             max_new_tokens: int = 64, on_answer=None, hires_mode: str = DEFAULT_HIRES_MODE,
              params_by_type: dict | None = None) -> dict:
     """Run every question under a policy (a registered name and its params, or a cache built elsewhere);
     the report as a dict (see the module docstring).
@@ -318,7 +319,7 @@ def budget_params(policy: str, image_keep: float, kv_ratio: float, n_layers: int
     raise ValueError(f"no budget rule for policy {policy!r}")
 
 
-def budget_sweep(model, processor, questions, log=None, hires_mode: str = "selection") -> list[dict]:
+def budget_sweep(model, processor, questions, log=None, hires_mode: str = DEFAULT_HIRES_MODE) -> list[dict]:
     """`full`, then at every budget of BUDGETS `random` first and each of SWEEP_POLICIES at the bytes
     it held (budget_params), then ABLATIONS. Each report gains "budget": the share of image tokens kept
     (1 for full) and "line": the plot's line it belongs to. hires_mode: as `evaluate`'s."""
@@ -428,7 +429,7 @@ def parse_args(argv):
                         help="replace the --plot file, or the pictures in --attention-maps, if they exist")
     parser.add_argument("--hires-mode", choices=HIRES_MODES, default=None,
                         help="what a FlexAttention toy (weights/toy-hires) reads of its high-resolution view "
-                             "(default: selection)")
+                             f"(default: {DEFAULT_HIRES_MODE})")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--attention-maps", type=Path, default=None,
                         help="folder: draw the attention picture of the first scene's prompts")
@@ -463,7 +464,7 @@ def run(args) -> dict:
     if args.hires_mode is not None and model.config.hires is None:  # it would change nothing
         raise UserError(f"--hires-mode: {args.weights} has no high-resolution view (no hires_config); it is for a "
                         "FlexAttention toy (weights/toy-hires)")
-    args.hires_mode = args.hires_mode or "selection"
+    args.hires_mode = args.hires_mode or DEFAULT_HIRES_MODE
     if args.table and model.config.text.num_hidden_layers < 2:  # FastV drops tokens for the layers after one
         raise UserError(f"{args.weights} has a 1-layer decoder: the budget sweep's FastV needs a layer after its "
                         "filter; --table needs 2 layers or more")

@@ -324,7 +324,7 @@ def hide_image_rectangles(input_ids, image_token_id: int, max_fraction: float, g
     if side * side != n_img:  # a LLaVA-1.6 block (tiles, newlines) is no square of patches
         raise ValueError(f"hide_image_rectangles needs a square image block, got {n_img} image tokens")
     image_visible = hide_rectangles(input_ids.shape[0], side, max_fraction, generator)  # (B, N_img)
-    visible = torch.ones_like(input_ids)                                                 # (B, T)
+    visible = torch.ones_like(input_ids)                                                # (B, T)
     visible[input_ids == image_token_id] = image_visible.flatten().to(visible.dtype)    # every row has N_img
     return visible
 
@@ -460,9 +460,14 @@ def check_finite(grad_norm: torch.Tensor, step: int) -> None:
                         "written")
 
 
+def adamw(params: list, lr: float) -> torch.optim.AdamW:
+    """The optimiser of every training loop here (`optimise`, `pretrain_vision`)."""
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+
+
 def take_step(optimizer, params: list, loss: torch.Tensor, step: int, lr: float) -> None:
-    """One AdamW step of both stages' loops at learning rate lr, on the gradients of `loss`, their norm
-    clipped to 1 (refused when it is not finite: `check_finite`)."""
+    """One step of every training loop here (`optimise`, `pretrain_vision`) at learning rate lr, on the
+    gradients of `loss`, their norm clipped to 1 (refused when it is not finite: `check_finite`)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
@@ -488,7 +493,7 @@ def optimise(model, probe, processor, stream, steps: int, lr: float, warmup: int
     if tower_frozen:
         model.vision_tower.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad] + list(probe.parameters())
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    optimizer = adamw(params, lr)
     image_token_id, pad_id = model.config.image_token_id, processor.tokenizer.token_to_id("<pad>")
     history, done = [], 0
     if checkpoint and checkpoint.path.exists():
@@ -703,7 +708,7 @@ def pretrain_vision(model, processor, steps: int, batch_size: int = 32, lr: floa
     tower = model.vision_tower
     readout = SceneReadout(model.config.vision.hidden_size)
     params = list(tower.parameters()) + list(readout.parameters())
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    optimizer = adamw(params, lr)
     side = model.config.vision.patches_per_side
     stream, losses_seen, start = scene_stream("vision", seed), [], time.perf_counter()
     tower.train().requires_grad_(True)

@@ -66,6 +66,7 @@ STEPS = 1100
 BATCH_SIZE = 16             # half the first toy's: a step also runs the tower on 16 crops of every image
 FINETUNE_DROPOUT = TUNE_DROPOUT  # the largest fraction of a sequence's image tokens hidden: the first toy's stage 2
 FINETUNE_DROPOUT_SHARE = 0.5    # in this share of the sequences
+FINETUNE_TURNS = 4              # question-answer turns a training sequence holds, as the first toy's
 CHECKPOINT_EVERY = 50       # steps between two saves of the training state (--checkpoint): 8-12 min for --in-sequence
 
 
@@ -122,17 +123,19 @@ def from_base(base: Path, in_sequence: bool = False, seed: int = 0):
 def train_hires(model, processor, steps: int = STEPS, batch_size: int = BATCH_SIZE, lr: float = 8e-4, seed: int = 0,
                 log_every: int = 100, eval_every: int = 0, log=None,
                 checkpoint: Checkpoint | None = None) -> list[tuple[int, float, float]]:
-    """Fine-tune a model `from_base` (either kind) on fine scenes, four turns a sequence, the image tokens
-    hidden as FINETUNE_DROPOUT and FINETUNE_DROPOUT_SHARE say (seed: the scenes' stream, the dropout
-    draws); returns the history of (step, lm_loss, aux_loss). With a checkpoint, it resumes (`optimise`)."""
+    """Fine-tune a model `from_base` (either kind) on fine scenes, FINETUNE_TURNS turns a sequence, the
+    image tokens hidden as FINETUNE_DROPOUT and FINETUNE_DROPOUT_SHARE say (seed: the scenes' stream, the
+    dropout draws); returns the history of (step, lm_loss, aux_loss). With a checkpoint, it resumes
+    (`optimise`)."""
     log = log or partial(print, flush=True)
     probe = PatchProbe(processor.tokenizer, model.config.text.hidden_size)
     looks = model.config.hires or f"every high-resolution token in the sequence, {model.config.image_grid_pinpoints}"
     log(f"{steps} steps on fine scenes, {looks}")
     return optimise(model, probe, processor, scene_stream("hires", seed, fine=True), steps, lr,
-                    warmup_steps(steps, 100), batch_size, turns=4, aux_weight=1.0, image_dropout=FINETUNE_DROPOUT,
-                    image_dropout_share=FINETUNE_DROPOUT_SHARE, dropout_generator=torch.Generator().manual_seed(seed),
-                    log_every=log_every, eval_every=eval_every, log=log, checkpoint=checkpoint)
+                    warmup_steps(steps, 100), batch_size, FINETUNE_TURNS, aux_weight=1.0,
+                    image_dropout=FINETUNE_DROPOUT, image_dropout_share=FINETUNE_DROPOUT_SHARE,
+                    dropout_generator=torch.Generator().manual_seed(seed), log_every=log_every,
+                    eval_every=eval_every, log=log, checkpoint=checkpoint)
 
 
 def run_settings(args) -> dict:
@@ -145,7 +148,7 @@ def run_settings(args) -> dict:
     return {"base_sha256": base_weights.hexdigest(), "in_sequence": args.in_sequence,
             "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
             "threads": args.threads, "image_dropout": FINETUNE_DROPOUT, "image_dropout_share": FINETUNE_DROPOUT_SHARE,
-            "hires_ramp": HIRES_RAMP, "hires": asdict(HIRES), "torch": torch.__version__}
+            "turns": FINETUNE_TURNS, "hires_ramp": HIRES_RAMP, "hires": asdict(HIRES), "torch": torch.__version__}
 
 
 def check_checkpoint(checkpoint: Checkpoint, base: Path, out: Path) -> None:
