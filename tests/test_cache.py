@@ -926,6 +926,19 @@ def test_kv_accounting(name, policy, params):
             assert layer["image"] == math.floor(0.5 * n_img) * row
             assert layer["sys"] == N_SYS * row
             assert layer["text"] == 20 * row                   # 30 text tokens, budget max(round(18), 20)
+    # The modality-blind policies' rows per layer at a sequence length L, from their papers' budgets (the
+    # defaults: H2O 12.5% heavy + 37.5% recent, StreamingLLM 4 sinks + 50% recent; FastV drops R = 0.5 of
+    # the image from layer 2 on, where the model has a layer 2). After prefill L is the prompt's length;
+    # the peak comes after the last fed token, 5 more.
+    rows_at = {"h2o": lambda L: [min(L, math.floor(0.125 * L) + max(1, math.floor(0.375 * L)))] * n_layers,
+               "streaming": lambda L: [min(L, 4 + max(1, math.floor(0.5 * L)))] * n_layers,
+               "fastv": lambda L: [L if layer < 2 else L - (n_img - math.floor(0.5 * n_img))
+                                   for layer in range(n_layers)]}.get(policy)
+    if rows_at is not None:
+        prompt_length = ids.shape[1]
+        assert [sum(layer.values()) for layer in stats.layer_bytes_after_prefill] == \
+            [rows * row for rows in rows_at(prompt_length)]
+        assert stats.kv_cache_bytes == sum(rows_at(prompt_length + new_tokens - 1)) * row
 
 
 def test_peak_bytes_by_modality_are_those_of_the_first_step_at_the_peak():
