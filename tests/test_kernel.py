@@ -75,6 +75,20 @@ def test_reference_equals_masked_dense_attention(num_heads, num_kv_heads, cache_
     torch.testing.assert_close(gathered, masked_dense_attention(q, k, v, index, start), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_reference_in_the_kernels_precision_rounds_in_that_dtype(dtype):
+    """upcast=False, the error rule's "plain PyTorch in the kernel's precision", computes in the inputs'
+    dtype (its lse comes out in it) and so errs more than the fp32 computation (upcast=True) against the
+    float64 masked softmax of the same rows; both stay within the dtype's rounding."""
+    q, k, v, index, start = random_case(3, 8, 2, 32, 90, 60, 20, dtype, True)
+    exact = masked_dense_attention(q.double(), k.double(), v.double(), index, start)
+    plain, plain_lse = sa.sparse_decode_attention_reference(q, k, v, index, start, upcast=False, return_lse=True)
+    fp32, fp32_lse = sa.sparse_decode_attention_reference(q, k, v, index, start, return_lse=True)
+    assert plain_lse.dtype == dtype and fp32_lse.dtype == torch.float32
+    plain_error, fp32_error = ((out.double() - exact).abs().max() for out in (plain, fp32))
+    assert fp32_error < plain_error < 8 * torch.finfo(dtype).eps * exact.abs().max()
+
+
 def test_benchmark_baselines_compute_the_same_attention():
     q, k, v, index, start = bench.make_avl_decode_inputs(2, 8, 2, 64, 3, 40, 7, 0.3, torch.float32, DEVICE)
     reference = sa.sparse_decode_attention_reference(q, k, v, index, start)
