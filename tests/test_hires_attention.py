@@ -109,6 +109,20 @@ def test_models_without_projections_are_refused():
         model.hires_view(ids, hires_pixels)
 
 
+def test_a_view_of_the_wrong_size_or_place_is_refused():
+    """The view is scale x scale crops of the tower's size, and one image position serves the whole batch."""
+    model = tiny_model()
+    ids, _, hires_pixels = inputs()
+    with pytest.raises(ValueError, match="hires_pixel_values are .* the high-resolution view takes"):
+        model.hires_view(ids, hires_pixels[..., :-1, :-1])
+    with pytest.raises(ValueError, match="every prompt needs its image tokens"):
+        model.hires_view(ids[:, ids[0] != model.config.image_token_id], hires_pixels)
+    # Two prompts of one length, the second's image one position later (its first token twice).
+    batch = torch.cat([torch.cat([ids, ids[:, -1:]], 1), torch.cat([ids[:, :1], ids], 1)])   # (2, T + 1)
+    with pytest.raises(ValueError, match="hold their image at one position"):
+        model.hires_view(batch, hires_pixels.expand(2, -1, -1, -1))
+
+
 def test_hires_top_without_the_view_is_refused():
     model = tiny_model()
     ids, pixels, _ = inputs()

@@ -5,6 +5,7 @@ of config.json or of preprocessor_config.json. Before these checks most of these
 or crashed with a traceback.
 """
 import json
+import math
 import shutil
 
 import pytest
@@ -15,6 +16,7 @@ from tiny_checkpoints import VARIANTS, sparse_config, tokenizer_info
 import tinyavl
 from tinyavl.errors import UserError
 from tinyavl.loading import parse_config
+from tinyavl.model import TextConfig
 
 NORM = "language_model.model.norm.weight"
 
@@ -84,6 +86,22 @@ def test_bad_normalisation(folder, field, value):
 
 
 # ----------------------------------------------------------------------------------------- config.json
+def test_a_text_config_that_cannot_run_is_refused_as_it_is_built():
+    """A norm's epsilon must be a positive finite number (inf would make every hidden state 0), and RoPE
+    rotates pairs of a head's dimensions: an odd head size has a dimension left over."""
+    with pytest.raises(UserError, match="rms_norm_eps is inf, but it must be a positive number"):
+        TextConfig(rms_norm_eps=math.inf)
+    with pytest.raises(UserError, match="odd head size 15"):
+        TextConfig(hidden_size=60, num_attention_heads=4, num_key_value_heads=4, head_dim=15)
+
+
+def test_pixels_of_another_size_than_the_towers_are_refused(folder):
+    model, _ = tinyavl.load_pretrained(folder, device="cpu")
+    size = model.config.vision.image_size
+    with pytest.raises(ValueError, match=f"pixel_values are \\({size + 1}, {size + 1}\\), the vision tower takes"):
+        model.vision_features(torch.zeros(1, 3, size + 1, size + 1))
+
+
 @pytest.mark.parametrize("section,field,value", [
     ("vision_config", "num_hidden_layers", 0),     # the vision tower would silently run no layer
     ("text_config", "hidden_size", -64),
