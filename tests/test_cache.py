@@ -699,6 +699,8 @@ def test_unknown_policy_and_parameter_rejected():
     with pytest.raises(UserError, match="h2o"):
         make_cache("h2o", S=0.5)
     # The default policy takes nothing, and the message says which policies own the parameter.
+    with pytest.raises(UserError, match=r"policy 'h2o' takes heavy, recent, not Z \(a parameter of no policy\)"):
+        make_cache("h2o", Z=1)
     with pytest.raises(UserError, match=r"policy 'full' takes no parameters, not S \(a parameter of avl, random\)"):
         make_cache("full", S=0.5)
     m = model("mha")
