@@ -1,5 +1,8 @@
 """The contract every registered KV policy keeps, parametrised over tinyavl.cache.POLICIES: a new policy is
-tested by registering it (its PARAMS and FULL_BUDGET declared).
+tested by registering it (its PARAMS and FULL_BUDGET declared). Which rows it chooses is its own: the
+contract checks what it computes over them, and each policy's choice is checked against a ledger
+worked out independently in tests/test_cache.py (test_avl_invariants, test_h2o_invariants, ...), which
+a new policy needs too.
 
 - with FULL_BUDGET, parameters that keep every token, it is `full` token for token, in fp32 and in bf16
   (where computing the same rows in other pieces would round differently);
