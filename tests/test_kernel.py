@@ -349,6 +349,25 @@ def test_splits_are_capped_at_max_splits(kernel, monkeypatch, launched_splits):
     torch.testing.assert_close(out, sa.sparse_decode_attention_reference(q, k, v, index, start), atol=1e-5, rtol=1e-5)
 
 
+def test_fp32_inputs_are_multiplied_in_fp32_not_tf32(kernel, monkeypatch):
+    """tl.dot would take fp32 inputs as TF32 (about 1e-3 relative error) on a GPU; the interpreter multiplies
+    in numpy's fp32 whatever it is asked, so the launch's request is read here: IEEE fp32 for fp32 inputs."""
+    asked, split_kernel = [], sa._split_attention_kernel
+
+    class Recorded:  # kernel[grid](*args, **options), the options holding DOT_PRECISION
+        def __getitem__(self, grid):
+            def launch(*args, **options):
+                asked.append(options["DOT_PRECISION"])
+                return split_kernel[grid](*args, **options)
+            return launch
+
+    monkeypatch.setattr(sa, "_split_attention_kernel", Recorded())
+    for dtype in (torch.float32, torch.bfloat16):
+        kernel(*random_case(1, 2, 1, 16, 9, 6, 3, dtype))
+    assert asked == ["ieee", "tf32"]           # 16-bit inputs: the option is ignored, their products are exact
+    assert sa._default_num_splits(64, 100, torch.device("cpu")) == 1   # off a GPU, splits gain nothing
+
+
 def test_integer_arguments_may_be_numpy_or_tensor_integers(kernel):
     q, k, v, index, start = random_case(1, 2, 1, 16, 9, 6, 3, torch.float32)
     expected = kernel(q, k, v, index, start, num_splits=1)
