@@ -373,13 +373,13 @@ def test_generation_defaults_are_the_declared_ones():
 
 
 def test_an_image_and_prompt_that_do_not_fit_and_an_empty_prompt_are_user_errors(loaded):
-    """An image whose features would have no place in the prompt and a prompt of no tokens (refused before
-    the model runs), and an image block one token shorter than the image's features (refused by the
-    model's embed, which makes them): the caller's mistakes, one UserError each."""
+    """A prompt of no tokens (refused before the model runs), an image whose features would have no place
+    in the prompt and an image block one token shorter than the image's features (refused by the model's
+    embed, which makes them): the caller's mistakes, one UserError each."""
     model, processor = loaded("mha")
     ids, px = prompt_inputs(processor, "image")
     text_only = ids[:, ids[0] != model.config.image_token_id]
-    with pytest.raises(UserError, match="an image was given but the prompt has no image tokens"):
+    with pytest.raises(UserError, match="the prompt has 0 image tokens, but its images make"):
         greedy(model, text_only, px, steps=2)
     with pytest.raises(UserError, match="input_ids holds no token"):
         greedy(model, ids[:, :0], None, steps=2)

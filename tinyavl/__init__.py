@@ -30,7 +30,7 @@ def load_pretrained(path, device=None, dtype=None):
                                           patch_size=config.vision.patch_size,
                                           hires_scale=None if config.hires is None else config.hires.scale)
     check_token_ids(processor.tokenizer, config.text.vocab_size)
-    return load_model(path, device, dtype), processor
+    return load_model(path, device, dtype, config), processor
 
 
 def check_token_ids(tokenizer, vocab_size: int) -> None:

@@ -133,11 +133,11 @@ def cache_for(policy, policy_params: dict) -> KVCache:
     return policy
 
 
-def prompt_layout(input_ids, pixel_values, image_sizes, config) -> tuple[int, int]:
+def prompt_layout(input_ids, pixel_values, config) -> tuple[int, int]:
     """(n_sys, n_img), the prompt's tokens before its image and its image tokens (`image_segments`), for a
-    prompt generate can run: one (1, T) prompt, an image for its image tokens and image tokens for its
-    image (with its image_sizes on a LLaVA-1.6), room in the context. (That the image makes one feature
-    per image token, the model's embed checks: it makes the features.)"""
+    prompt generate can run: one (1, T) prompt, an image for its image tokens, room in the context. (That
+    an image makes one feature per image token, and a LLaVA-1.6 one comes with its image_sizes, the
+    model checks where it makes the features: `image_features`, `embed`.)"""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
         shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise UserError(f"input_ids must be one prompt, a tensor of shape (1, T), got {shape}")
@@ -147,12 +147,6 @@ def prompt_layout(input_ids, pixel_values, image_sizes, config) -> tuple[int, in
     if n_img and pixel_values is None:  # the model would embed them as words: an answer about no image
         raise UserError(f"the prompt has {n_img} image tokens but no image was given: pass pixel_values (the "
                         "processor's), or a prompt without the image")
-    if pixel_values is not None and not n_img:  # the features would have no place in the prompt
-        raise UserError("an image was given but the prompt has no image tokens: make the prompt with the "
-                        "processor, which puts them where the chat template says <image>")
-    if pixel_values is not None and config.is_next and image_sizes is None:
-        raise UserError("a LLaVA-1.6 image needs its image_sizes (the processor returns them with pixel_values): "
-                        "pass image_sizes too")
     prompt_len, context = input_ids.shape[1], config.text.max_position_embeddings
     if prompt_len >= context:
         image_part = f" ({n_img} of them the image's)" if n_img else ""
@@ -198,7 +192,7 @@ def generation(model, input_ids, pixel_values=None, *, image_sizes=None, hires_p
     if hires_top is not None and hires_pixel_values is None:
         raise UserError("hires_top picks blocks of the high-resolution view: pass hires_pixel_values too")
     cache = cache_for(policy, policy_params)
-    n_sys, n_img = prompt_layout(input_ids, pixel_values, image_sizes, model.config)
+    n_sys, n_img = prompt_layout(input_ids, pixel_values, model.config)
     text_config = model.config.text
     prompt_len = input_ids.shape[1]
     eos_ids = id_set(text_config.eos_token_id if eos_token_id is None else eos_token_id)

@@ -399,11 +399,11 @@ def check_decoder_layers(config: LlavaConfig, files: list[Path]) -> None:
                         f"checkpoint stores {len(stored)}: the files come from different checkpoints")
 
 
-def load_model(path, device=None, dtype=None) -> LlavaForConditionalGeneration:
+def load_model(path, device=None, dtype=None, config: LlavaConfig | None = None) -> LlavaForConditionalGeneration:
     """The model of a llava-hf folder, on `device` (default: cuda if available), in `dtype` (default: the
-    stored one, fp16 as bf16 on a CPU)."""
+    stored one, fp16 as bf16 on a CPU). config: the folder's, where the caller has read it (`read_config`)."""
     folder = Path(path)
-    config = read_config(folder)
+    config = read_config(folder) if config is None else config
     files = checkpoint_files(folder)
     for file in files:  # once each, before the tensors are read one by one
         check_readable(file)
