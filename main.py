@@ -157,9 +157,10 @@ def run(args) -> dict:
         "policy": stats.policy, "policy_params": stats.policy_params,
         "prompt_tokens": stats.prompt_tokens, "new_tokens": stats.new_tokens,
         "prefill_seconds": stats.prefill_seconds, "decode_tokens_per_second": stats.decode_tokens_per_second,
-        "kv_cache_bytes": stats.kv_cache_bytes, "kv_cache_bytes_after_prefill": stats.kv_cache_bytes_after_prefill,
+        "kv_cache_bytes_peak": stats.kv_cache_bytes_peak,
+        "kv_cache_bytes_after_prefill": stats.kv_cache_bytes_after_prefill,
         "kv_cache_bytes_dense": stats.kv_cache_bytes_dense,
-        "kv_cache_bytes_by_modality": stats.modality_bytes_peak,
+        "kv_cache_bytes_peak_by_modality": stats.modality_bytes_peak,
         "attended_tokens_per_step": stats.attended_tokens_per_step,
         "attended_tokens_per_step_dense": stats.attended_tokens_per_step_dense,
     }
@@ -178,8 +179,8 @@ def summary(result: dict) -> str:
         lines.append(f"decode {result['decode_tokens_per_second']:.1f} tokens/s, attended "
                      f"{result['attended_tokens_per_step']:.0f} of {result['attended_tokens_per_step_dense']:.0f} "
                      "token-layers per step")
-    lines.append(f"KV cache peak {result['kv_cache_bytes'] / mib:.2f} MiB "
-                 f"({result['kv_cache_bytes'] / result['kv_cache_bytes_dense']:.0%} of dense "
+    lines.append(f"KV cache peak {result['kv_cache_bytes_peak'] / mib:.2f} MiB "
+                 f"({result['kv_cache_bytes_peak'] / result['kv_cache_bytes_dense']:.0%} of dense "
                  f"{result['kv_cache_bytes_dense'] / mib:.2f} MiB)")
     return "\n".join(lines)
 

@@ -99,7 +99,7 @@ def test_each_policys_times_and_bytes_are_its_own_runs(model, monkeypatch):
         assert row["decode_ms"] == pytest.approx(1e3 * stats.decode_seconds / 5)
         assert row["attention_ms"] == pytest.approx(1e3 * cache.spans.seconds("attention") / 5)
         assert row["prefill_s"] == stats.prefill_seconds
-        assert row["kv_bytes"] == stats.kv_cache_bytes
+        assert row["kv_bytes"] == stats.kv_cache_bytes_peak
     row_bytes = bench.kv_row_bytes(model.config.text, torch.float32)
     assert case["policies"]["full"]["kv_bytes"] == 4 * (case["prompt_tokens"] + 5) * row_bytes
 

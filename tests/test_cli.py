@@ -34,7 +34,7 @@ from tiny_checkpoints import VARIANTS, make_image, sparse_config, tokenizer_info
 REPO = Path(__file__).resolve().parent.parent
 IMAGE = REPO / "weights" / "toy" / "examples" / "scene-0.png"  # the toy's first example
 NEW_TOKENS = 8
-JSON_KEYS = {"text", "token_ids", "prefill_seconds", "decode_tokens_per_second", "kv_cache_bytes", "policy",
+JSON_KEYS = {"text", "token_ids", "prefill_seconds", "decode_tokens_per_second", "kv_cache_bytes_peak", "policy",
              "kv_cache_bytes_dense", "attended_tokens_per_step", "attended_tokens_per_step_dense"}
 
 
@@ -122,7 +122,7 @@ def test_subprocess_json_matches_transformers_greedy(tiny_ckpt, good, files):
     assert 1 <= len(ids) <= NEW_TOKENS
     assert result["text"] == decode(good, ids)
     assert result["prefill_seconds"] > 0
-    assert result["kv_cache_bytes"] == result["kv_cache_bytes_dense"] > 0
+    assert result["kv_cache_bytes_peak"] == result["kv_cache_bytes_dense"] > 0
     if len(ids) >= 2:
         assert result["decode_tokens_per_second"] > 0
         assert result["attended_tokens_per_step"] == result["attended_tokens_per_step_dense"] > 0
@@ -242,7 +242,7 @@ def test_policies_run(capsys, good, files, policy_args):
         assert result["policy_params"][name] == value
     assert len(result["token_ids"]) == NEW_TOKENS  # EOS aside, which the tiny model does not reach here
     assert result["text"] == decode(good, result["token_ids"])
-    assert 0 < result["kv_cache_bytes"] <= result["kv_cache_bytes_dense"]
+    assert 0 < result["kv_cache_bytes_peak"] <= result["kv_cache_bytes_dense"]
 
 
 def test_avl_holds_less_than_dense_with_an_image(capsys, good, files):
@@ -250,13 +250,13 @@ def test_avl_holds_less_than_dense_with_an_image(capsys, good, files):
                                           NEW_TOKENS, "--json", "--policy", "avl", "--S", "0.5", "--C", "0.3"])
     assert rc == 0, err
     result = json.loads(out)
-    assert result["kv_cache_bytes"] < result["kv_cache_bytes_dense"]
+    assert result["kv_cache_bytes_peak"] < result["kv_cache_bytes_dense"]
     assert result["attended_tokens_per_step"] < result["attended_tokens_per_step_dense"]
     # The image is where A-VL saves: half the image rows of every layer are gone.
     n_img = VARIANTS["mha"].num_image_tokens
     v = VARIANTS["mha"]
     per_row = v.text_layers * 2 * v.kv_heads * (64 // 4) * 4
-    assert result["kv_cache_bytes_by_modality"]["image"] == (n_img // 2) * per_row
+    assert result["kv_cache_bytes_peak_by_modality"]["image"] == (n_img // 2) * per_row
 
 
 def test_summary_on_stderr(capsys, good, files):
@@ -899,7 +899,7 @@ def test_a_map_layer_past_the_model_fails_before_generating(tmp_path, monkeypatc
 def test_summary_gives_the_peak_as_a_share_of_dense():
     result = {"new_tokens": 3, "finish_reason": "length", "policy": "avl", "policy_params": None,
               "prompt_tokens": 10, "prefill_seconds": 0.5, "decode_tokens_per_second": None,
-              "kv_cache_bytes": 3 * 2 ** 20, "kv_cache_bytes_dense": 4 * 2 ** 20}
+              "kv_cache_bytes_peak": 3 * 2 ** 20, "kv_cache_bytes_dense": 4 * 2 ** 20}
     assert "KV cache peak 3.00 MiB (75% of dense 4.00 MiB)" in main.summary(result)
 
 
@@ -911,7 +911,7 @@ def test_json_kv_bytes_after_prefill_and_at_the_peak(capsys):
     per_token = 4 * 2 * 2 * 32 * 4
     assert rc == 0 and result["new_tokens"] >= 2
     assert result["kv_cache_bytes_after_prefill"] == result["prompt_tokens"] * per_token
-    assert result["kv_cache_bytes"] == (result["prompt_tokens"] + result["new_tokens"] - 1) * per_token
+    assert result["kv_cache_bytes_peak"] == (result["prompt_tokens"] + result["new_tokens"] - 1) * per_token
 
 
 def test_an_upper_case_picture_suffix_is_written_in_its_format(tmp_path):

@@ -479,14 +479,14 @@ def test_stats_full_policy(loaded, name):
     assert stats.prefill_seconds > 0 and stats.decode_seconds > 0
     assert stats.decode_tokens_per_second > 0
     assert stats.decode_tokens_per_second == pytest.approx(steps / stats.decode_seconds)
-    assert stats.kv_cache_bytes == dense_bytes(name, T + steps, 4)
+    assert stats.kv_cache_bytes_peak == dense_bytes(name, T + steps, 4)
     assert stats.kv_cache_bytes_dense == dense_bytes(name, T + steps, 4)
     assert stats.kv_cache_bytes_after_prefill == dense_bytes(name, T, 4)
     # Modalities: sys + image + text rows add up; the image holds exactly its n_img rows in every layer.
     per_row = dense_bytes(name, 1, 4)
     assert stats.modality_bytes_after_prefill["image"] == n_img * per_row
     assert sum(stats.modality_bytes_after_prefill.values()) == stats.kv_cache_bytes_after_prefill
-    assert sum(stats.modality_bytes_peak.values()) == stats.kv_cache_bytes
+    assert sum(stats.modality_bytes_peak.values()) == stats.kv_cache_bytes_peak
     assert stats.modality_bytes_peak["text"] == (T + steps - n_img - stats.modality_bytes_peak["sys"] // per_row) * per_row
     assert len(stats.layer_bytes_after_prefill) == VARIANTS[name].text_layers
     # Dense attention: step t (1-based) attends T + t rows in every layer.
@@ -554,7 +554,7 @@ def test_stats_single_token_has_no_decode_rate(loaded):
     assert stats.prefill_seconds > 0
     assert stats.decode_tokens_per_second is None
     assert stats.attended_tokens_per_step is None and stats.attended_tokens_per_step_dense is None
-    assert stats.kv_cache_bytes == stats.kv_cache_bytes_after_prefill == dense_bytes("mha", ids.shape[1], 4)
+    assert stats.kv_cache_bytes_peak == stats.kv_cache_bytes_after_prefill == dense_bytes("mha", ids.shape[1], 4)
 
 
 def test_stats_two_tokens_has_a_decode_rate(loaded):
@@ -563,7 +563,7 @@ def test_stats_two_tokens_has_a_decode_rate(loaded):
     tokens, stats = greedy(model, ids, px, steps=2)
     assert len(tokens) == 2
     assert stats.decode_tokens_per_second is not None and stats.decode_tokens_per_second > 0
-    assert stats.kv_cache_bytes == dense_bytes("mha", ids.shape[1] + 1, 4)
+    assert stats.kv_cache_bytes_peak == dense_bytes("mha", ids.shape[1] + 1, 4)
 
 
 # ------------------------------------------------------------------------------ bf16
@@ -588,7 +588,7 @@ def test_bfloat16_generates_close_to_fp32(tiny_ckpt, loaded, name):
     tokens, stats = tinyavl.generate(rec, ids, px, max_new_tokens=6, eos_token_id=())
     assert len(tokens) == 6 and all(0 <= t < tokenizer_info()["vocab_size"] for t in tokens)
     T = ids.shape[1]
-    assert stats.kv_cache_bytes == dense_bytes(name, T + 5, 2)  # bf16 K and V: 2 bytes per element
+    assert stats.kv_cache_bytes_peak == dense_bytes(name, T + 5, 2)  # bf16 K and V: 2 bytes per element
 
     with torch.no_grad():
         ref32 = model32(ids, px)[0, -1].float()

@@ -374,7 +374,7 @@ def test_main_runs_a_next_folder_with_its_options(loaded, tiny_ckpt, tmp_path, c
     assert result["prompt_tokens"] == ids.shape[1]
     n_img = int((ids == tokenizer_info()["image_token_id"]).sum())
     kv_heads = NEXT_VARIANTS[name].kv_heads
-    assert result["kv_cache_bytes_by_modality"]["image"] == 2 * (n_img // 2) * 2 * kv_heads * 16 * 4  # 2 layers
+    assert result["kv_cache_bytes_peak_by_modality"]["image"] == 2 * (n_img // 2) * 2 * kv_heads * 16 * 4  # 2 layers
 
 
 def test_an_image_too_wide_for_any_map_row_draws_the_base_crop_only(tiny_ckpt, tmp_path, capsys):

@@ -135,7 +135,7 @@ def test_of_full_interval_by_hand():
 def fake_stats(kv, dense, attended_per_layer, prefill_per_layer):
     """What Tally reads of a GenerationStats."""
     steps = len(attended_per_layer)
-    return SimpleNamespace(kv_cache_bytes=kv, kv_cache_bytes_dense=dense, hires_tokens_read=0,
+    return SimpleNamespace(kv_cache_bytes_peak=kv, kv_cache_bytes_dense=dense, hires_tokens_read=0,
                            attended_per_layer=attended_per_layer, prefill_attended_per_layer=prefill_per_layer,
                            attended_tokens_per_step=sum(map(sum, attended_per_layer)) / steps if steps else None,
                            attended_tokens_per_step_dense=2 * sum(map(sum, attended_per_layer)) / steps if steps else None)
@@ -327,7 +327,7 @@ def test_kv_ratio_is_bytes_held_over_dense_bytes():
     for question in held_out_set(seed=3, n_scenes=1):
         caption = question.kind == "caption"
         tally.add(question, question.answer, SimpleNamespace(
-            kv_cache_bytes=50 if caption else 20, kv_cache_bytes_dense=100 if caption else 20, hires_tokens_read=0,
+            kv_cache_bytes_peak=50 if caption else 20, kv_cache_bytes_dense=100 if caption else 20, hires_tokens_read=0,
             attended_per_layer=[], prefill_attended_per_layer=[], attended_tokens_per_step=None,
             attended_tokens_per_step_dense=None))
     assert tally.report()["kv_ratio"] == 0.75

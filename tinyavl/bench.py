@@ -388,8 +388,8 @@ def run_case(model, n_img: int, new_tokens: int, rates: dict) -> tuple[dict, lis
             "hardware_floor_ms": 1e3 * (weight_bytes + kv_read) / rates["read"],
             "attention_ms": 1e3 * attention_seconds,
             "prefill_s": stats.prefill_seconds,
-            "kv_bytes": stats.kv_cache_bytes,
-            "kv_ratio": stats.kv_cache_bytes / full_stats.kv_cache_bytes,
+            "kv_bytes": stats.kv_cache_bytes_peak,
+            "kv_ratio": stats.kv_cache_bytes_peak / full_stats.kv_cache_bytes_peak,
             "attended_ratio": stats.attended_tokens_per_step / full_stats.attended_tokens_per_step,
             "same_start_as_full": agreeing_start(tokens, full_tokens),
         }
@@ -501,7 +501,7 @@ def paper_memory(images=PAPER_MEMORY_IMAGES) -> list[dict]:
                             eos_token_id=(), policy="avl", **PAPER_MEMORY["params"])
         tiny_token_bytes = tiny.text.num_hidden_layers * kv_row_bytes(tiny.text, torch.float32)
         dense_tokens = stats.kv_cache_bytes_dense / tiny_token_bytes
-        ratio = stats.kv_cache_bytes / stats.kv_cache_bytes_dense
+        ratio = stats.kv_cache_bytes_peak / stats.kv_cache_bytes_dense
         rows.append({"image_hw": list(image_hw), "image_tokens": n_img, "prompt_tokens": input_ids.shape[1],
                      "dense_MiB": dense_tokens * mib_per_token, "avl_MiB": dense_tokens * mib_per_token * ratio,
                      "avl_ratio": ratio})

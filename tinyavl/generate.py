@@ -26,7 +26,7 @@ class GenerationStats:
     prefill_seconds: float
     decode_seconds: float              # the decode steps' forward passes and token choices, summed
     decode_tokens_per_second: float | None  # None when there was no decode step (one token generated)
-    kv_cache_bytes: int                # peak bytes of K and V held, measured after every forward pass
+    kv_cache_bytes_peak: int           # peak bytes of K and V held, measured after every forward pass
     kv_cache_bytes_after_prefill: int
     kv_cache_bytes_dense: int          # what the dense cache would hold at the end of the same sequence
     modality_bytes_after_prefill: dict  # {"sys": ..., "image": ..., "text": ...} summed over layers
@@ -248,7 +248,7 @@ def generation(model, input_ids, pixel_values=None, *, image_sizes=None, hires_p
         finish_reason=finish_reason,
         prefill_seconds=prefill_seconds, decode_seconds=decode_seconds,
         decode_tokens_per_second=steps / decode_seconds if steps else None,
-        kv_cache_bytes=peak_bytes, kv_cache_bytes_after_prefill=prefill_bytes,
+        kv_cache_bytes_peak=peak_bytes, kv_cache_bytes_after_prefill=prefill_bytes,
         kv_cache_bytes_dense=cache.dense_nbytes(),
         modality_bytes_after_prefill=prefill_modality_bytes, modality_bytes_peak=peak_modality_bytes,
         layer_bytes_after_prefill=prefill_layer_bytes,

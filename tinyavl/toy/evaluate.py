@@ -209,7 +209,7 @@ class Tally:
             self.objects_right.append(caption_objects_right(prediction, question.scene))
             self.objects_by_caption.append(len(question.scene.objects))
             self.wrong_fields.update(caption_errors(prediction, question.scene))
-        self.kv_bytes[question.kind] += stats.kv_cache_bytes
+        self.kv_bytes[question.kind] += stats.kv_cache_bytes_peak
         self.kv_dense[question.kind] += stats.kv_cache_bytes_dense
         self.pairs += attention_pairs(stats)
         self.hires_read += stats.hires_tokens_read
