@@ -458,8 +458,8 @@ def test_prefill_filter_keeps_a_last_image_token(policy, params, n_sys):
     kept_hidden = []
 
     class Spy(POLICIES[policy]):
-        def hidden_rows_to_keep(self, layer):
-            keep = super().hidden_rows_to_keep(layer)
+        def hidden_rows_to_keep(self):
+            keep = super().hidden_rows_to_keep()
             if keep is not None:
                 kept_hidden.append(keep.tolist())
             return keep
@@ -1165,11 +1165,13 @@ def test_compact_evicts_each_sample_and_head_on_its_own_rows():
 
 
 @pytest.mark.parametrize("policy,params", [("h2o", dict(heavy=0.2, recent=0.3)),
-                                           ("streaming", dict(sinks=2, recent=0.4)), ("random", dict(S=0.3))])
+                                           ("streaming", dict(sinks=2, recent=0.4)), ("random", dict(S=0.3)),
+                                           ("fastv", dict(R=0))])
 def test_a_batch_of_prompts_evicts_as_each_prompt_alone(policy, params):
     """H2O, StreamingLLM and random take batches: two different prompts decoded together (the same tokens
     fed to both) give each the logits and the kept tokens of that prompt run alone (random's fresh cache
-    draws the same image tokens for the batch as for each prompt alone)."""
+    draws the same image tokens for the batch as for each prompt alone). So does FastV dropping nothing
+    (R = 0): it ranks no image (a ranking refuses a batch, `test_image_rankers_refuse_a_batch`)."""
     m = model("gqa")
     (a, pixels_a), (b, pixels_b) = make_prompt(m, N_SYS, 30, seed=1), make_prompt(m, N_SYS, 30, seed=2)
 

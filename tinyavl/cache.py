@@ -6,11 +6,14 @@ al., "Adaptive Attention for Large Vision-Language Models", AAAI 2025):
   "USER: "). It holds the attention sink.
 - image: the projected image features, N_img of them (576 for LLaVA-1.5).
 - text: the question, "ASSISTANT:", then every generated token.
+A prompt without an image has an empty image block and one sys token, its first (BOS, the attention sink);
+the rest is text (`generate.image_segments`).
 
 Every cache here runs the same four steps for each layer, in `KVCache.attend`:
     append   the new keys/values (after RoPE) and their logical positions
     select   the cached rows this query computes with (`rows_to_attend`; None = all of them)
-    compute  attention over those rows only: skipped rows are not in the computation at all
+    compute  attention over those rows only: a shorter attention, not a mask (on a CPU in 16-bit floats
+             the last run of rows is read on to `read_end`, rows past it at probability 0)
     update   the policy's bookkeeping after the step: score what it needs, evict what it drops
 with one hand-over between the last two: compute returns, beside the output, what it knows about the
 newest query row (`LastRow`: its log-sum-exp, and the logits it computed), so that update scores this
@@ -156,8 +159,8 @@ def top_rows(scores, count: int):
 def core_first_order(scores, n_core: int):
     """An order of a block of rows with its top n_core by score first, then the others, each part in the
     order it had: (n,) indices into the block. A-VL lays its image rows out so."""
-    core = top_rows(scores, n_core)
-    others = torch.ones_like(scores, dtype=torch.bool)
+    core = top_rows(scores, n_core)  # (n_core,) indices into the block
+    others = torch.ones_like(scores, dtype=torch.bool)  # (n,) bool: False for the core, below
     others[core] = False
     return torch.cat([core, others.nonzero().flatten()])
 
@@ -445,7 +448,7 @@ class KVCache:
         n = self.k[layer].shape[2]
         for buffers, held in ((self.k_buffer, self.k), (self.v_buffer, self.v), (self.pos_buffer, self.pos)):
             old = held[layer]
-            buffers[layer] = old.new_empty(*old.shape[:2], capacity, *old.shape[3:])
+            buffers[layer] = old.new_empty(*old.shape[:2], capacity, *old.shape[3:])    # (B, Hkv, capacity[, hs])
             buffers[layer][:, :, :n] = old
             # The room is zeros, never whatever memory held: decode_attention may read it (`read_end`)
             # and multiplies its values by 0, which a NaN there would survive.
@@ -453,7 +456,8 @@ class KVCache:
         self.hold(layer, n)
 
     def rows_to_attend(self, layer: int):
-        """Row indices (ascending, shared by all heads) this step computes with; None = every row."""
+        """Row indices (ascending, shared by all heads, never empty: the step's own row is among them) this
+        step computes with; None = every row."""
         return None
 
     def compute(self, layer: int, q, rows):
@@ -469,11 +473,12 @@ class KVCache:
                                  "prompt attends causally to all of itself")
             return attention(q, self.k[layer], self.v[layer], causal=True), None
         # A decode step's one query sees every selected row, read where it lies: each run of consecutive
-        # rows is one slice of the buffers (whose room past the held rows it may read, `read_end`), so
-        # nothing is gathered. On the torch path every policy decodes through this one decode_attention,
-        # so policies differ only in the rows they read (A-VL on CUDA reads its rows with the Triton
-        # kernel: `AVLCache.compute`). It is here for the logits it hands over, not for speed: SDPA, which
-        # returns no logits, was as fast in fp32 and faster in bf16 (README, benchmark notes).
+        # rows is one slice of the buffers (the last read on to `read_end`, whatever the buffer holds
+        # there, held rows or room, at probability 0), so nothing is gathered. On the torch path every
+        # policy decodes through this one decode_attention, so policies differ only in the rows they read
+        # (A-VL on CUDA reads its rows with the Triton kernel: `AVLCache.compute`). It is here for the
+        # logits it hands over, not for speed: SDPA, which returns no logits, was as fast in fp32 and
+        # faster in bf16 (README, benchmark notes).
         spans = [(0, self.k[layer].shape[2])] if rows is None else contiguous_runs(rows)
         return decode_attention(q, self.k_buffer[layer], self.v_buffer[layer], spans)
 
@@ -484,14 +489,19 @@ class KVCache:
     @property
     def filters_prefill(self) -> bool:
         """Whether the policy drops image tokens from the hidden states at the prefill, from its filter_layer
-        on (FastV; A-VL with P < 1): `hidden_rows_to_keep`."""
+        on (FastV with R > 0; A-VL with P < 1): `hidden_rows_to_keep`."""
         return False
 
-    def hidden_rows_to_keep(self, layer: int):
-        """Hidden rows (prefill only) that the layers after `layer` run on; None = all of them. The model asks
-        after every layer; a policy that drops tokens (FastV, A-VL's filter) sets `pending_hidden_rows` in the
-        update of the layer that decides (`decides_filter`), and this hands them over once. `layer` is for
-        subclasses that decide here instead."""
+    def decides_filter(self, layer: int) -> bool:
+        """Whether this layer's prefill decides which hidden rows the later layers run on: for a policy that
+        filters, layer filter_layer - 1, unless no layer comes after it."""
+        return (self.step == 0 and self.filters_prefill and layer == self.filter_layer - 1
+                and layer < self.n_layers - 1)
+
+    def hidden_rows_to_keep(self):
+        """Hidden rows (prefill only) that the next layers run on; None = all of them. The model asks after
+        every layer; a policy that drops tokens (FastV, A-VL's filter) sets `pending_hidden_rows` in the
+        update of the layer that decides (`decides_filter`), and this hands them over once."""
         rows, self.pending_hidden_rows = self.pending_hidden_rows, None
         return rows
 
@@ -558,7 +568,7 @@ class KVCache:
         """Rows `rows` and `other_rows` (disjoint (n,) indices of equal length, shared by every head)
         trade places, in place: each of the 2n rows is copied twice, out to a temporary and back, and no
         other row moves."""
-        both, swapped = torch.cat([rows, other_rows]), torch.cat([other_rows, rows])
+        both, swapped = torch.cat([rows, other_rows]), torch.cat([other_rows, rows])    # each (2n,)
 
         def trade(tensor, dim):  # index_select copies the rows out first, so the two lists may trade places
             tensor.index_copy_(dim, both, tensor.index_select(dim, swapped))
@@ -639,12 +649,6 @@ def image_attention(q, k, n_sys: int, n_img: int):
     return last_row_probs(q, k).mean(1)[0, n_sys:n_sys + n_img]
 
 
-def decides_filter(layer: int, filter_layer: int, n_layers: int) -> bool:
-    """Whether this layer's prefill decides which hidden rows the later layers run on (FastV, A-VL's
-    prefill filter): layer filter_layer - 1, unless no layer comes after it."""
-    return layer == filter_layer - 1 and layer < n_layers - 1
-
-
 def image_filter(image_scores, n_sys: int, n_rows: int, n_keep: int):
     """FastV's token drop, also A-VL's prefill filter: which hidden rows later layers keep.
 
@@ -659,7 +663,7 @@ def image_filter(image_scores, n_sys: int, n_rows: int, n_keep: int):
         image_scores = image_scores.clone()
         image_scores[-1] = float("inf")
         n_keep = max(n_keep, 1)
-    kept_image = n_sys + top_rows(image_scores, n_keep)
+    kept_image = n_sys + top_rows(image_scores, n_keep)                                 # (n_keep,) rows, in order
     return torch.cat([torch.arange(n_sys, device=image_scores.device), kept_image,
                       torch.arange(n_sys + n_img, n_rows, device=image_scores.device)])
 
@@ -685,7 +689,7 @@ class AVLCache(KVCache):
 
     name = "avl"
     TEXT_MIN_BUDGET = 20   # the authors' floor on the text budget
-    HEAVY_SHARE = 0.7      # share of the text budget given to heavy hitters
+    HEAVY_FRACTION = 0.7   # fraction of the text budget given to heavy hitters
 
     PARAMS = (
         rate("S", 0.5, "fraction of image tokens stored (secondary)"),
@@ -804,7 +808,7 @@ class AVLCache(KVCache):
         image_scores = self.image_importance(layer, q, k, n_img_here)                  # (n_img_here,)
         # Prefill filter: layer filter_layer - 1 decides, by the same ranking, which image tokens the
         # later layers see.
-        if self.P < 1 and decides_filter(layer, self.filter_layer, self.n_layers):
+        if self.decides_filter(layer):
             self.pending_hidden_rows = image_filter(image_scores, self.n_sys, k.shape[2], share(self.P, self.n_img))
         secondary = top_rows(image_scores, self.n_secondary)                        # (n_secondary,) image indices
         core_first = secondary[core_first_order(image_scores[secondary], self.n_core)]  # the same, core first
@@ -827,6 +831,7 @@ class AVLCache(KVCache):
     def decode_update(self, layer, q, last_row):
         k, n, text_start = self.k[layer], self.k[layer].shape[2], self.text_start
         if self.is_update_step():
+            # The head mean of sample 0, the one prompt (`image_attention` refused a batch at the prefill).
             image_probs = last_row.probs(q, k, self.n_sys, text_start).mean(1)[0]        # (n_secondary,)
             self.rerank_core(layer, image_probs)
         # Every text row adds the attention this step's query gave it (per KV head).
@@ -860,7 +865,7 @@ class AVLCache(KVCache):
         budget = max(round(as_decimal(self.T) * n_text), self.TEXT_MIN_BUDGET)
         if scores.shape[-1] <= budget:
             return
-        heavy, text_start = share(self.HEAVY_SHARE, budget), self.text_start
+        heavy, text_start = share(self.HEAVY_FRACTION, budget), self.text_start
         keep = heavy_plus_recent(scores, self.pos[layer][..., text_start:], heavy, budget - heavy,
                                  self.logical_length)                                 # (B, Hkv, text rows)
         self.text_scores[layer] = self.compact(layer, keep, start=text_start, scores=scores)  # only text rows move
@@ -886,13 +891,13 @@ class H2OCache(KVCache):
     def update(self, layer, q, last_row):
         k = self.k[layer]
         if self.step == 0:
-            self.scores[layer] = causal_column_sums(q, k)
+            self.scores[layer] = causal_column_sums(q, k)                               # (B, Hkv, n)
         else:
             self.scores[layer] = add_step_attention(self.scores[layer], last_row.probs(q, k, 0, k.shape[2]))
-        n_logical = self.logical_length
-        n_heavy, n_recent = share(self.heavy, n_logical), window_length(self.recent, n_logical)
+        length = self.logical_length
+        n_heavy, n_recent = share(self.heavy, length), window_length(self.recent, length)
         if k.shape[2] > n_heavy + n_recent:
-            keep = heavy_plus_recent(self.scores[layer], self.pos[layer], n_heavy, n_recent, n_logical)  # (B, Hkv, n)
+            keep = heavy_plus_recent(self.scores[layer], self.pos[layer], n_heavy, n_recent, length)  # (B, Hkv, n)
             self.scores[layer] = self.compact(layer, keep, scores=self.scores[layer])
 
 
@@ -914,13 +919,14 @@ class StreamingCache(KVCache):
         window = window_length(self.recent, length)
         if n > self.sinks + window:
             pos = self.pos[layer]
-            self.compact(layer, (pos < self.sinks) | (pos >= length - window))
+            self.compact(layer, (pos < self.sinks) | (pos >= length - window))              # keep (B, Hkv, n)
 
 
 class FastVCache(KVCache):
-    """FastV: after layer filter_layer - 1 at prefill (the paper's K), drop the R fraction of image tokens
-    with the least attention from the last prompt token; layers >= filter_layer never see them, in prefill
-    or decode. Otherwise dense. filter_layer means what it means for A-VL's prefill filter."""
+    """FastV: at prefill, layer filter_layer - 1 drops the R fraction of image tokens with the least
+    attention from the last prompt token; layers >= filter_layer never see them, in prefill or decode.
+    Otherwise dense. filter_layer is the FastV paper's K (it counts layers from 1: "after layer K") and
+    means what it means for A-VL's prefill filter."""
 
     name = "fastv"
     PARAMS = (
@@ -934,7 +940,8 @@ class FastVCache(KVCache):
         return self.R > 0
 
     def update(self, layer, q, last_row):
-        if self.step == 0 and decides_filter(layer, self.filter_layer, self.n_layers):
+        if self.decides_filter(layer):
+            # 1 - R in decimals: in binary floats 1 - 0.9 is 0.0999..., and floor(0.0999... x 10) keeps none.
             n_keep = share(1 - as_decimal(self.R), self.n_img)
             image_scores = image_attention(q, self.k[layer], self.n_sys, self.n_img)       # (n_img,)
             self.pending_hidden_rows = image_filter(image_scores, self.n_sys, self.k[layer].shape[2], n_keep)
@@ -942,11 +949,11 @@ class FastVCache(KVCache):
 
 class RandomCache(KVCache):
     """The control policy: at prefill every layer keeps the same floor(S N_img) image tokens, drawn
-    uniformly at random; sys and text are untouched and nothing else changes. It holds about the bytes
-    A-VL holds at the same S, so a policy that does better than `random` chooses its tokens well, and
-    one that does not only saves memory. (FastV, arXiv 2403.06764, Table 1, has a similar control that
-    drops random image tokens before the LLM, so from the prefill on; this one evicts from the KV cache
-    after a dense prefill, as the policies it is a control for do.)
+    uniformly at random; sys and text are untouched and nothing else changes. It holds the image bytes
+    A-VL holds at the same S (A-VL also evicts text), so a policy that does better than `random` chooses
+    its tokens well, and one that does not only saves memory. (FastV, arXiv 2403.06764, Table 1, has a
+    similar control that drops random image tokens before the LLM, so from the prefill on; this one
+    evicts from the KV cache after a dense prefill, as the policies it is a control for do.)
 
     The draw comes from the policy's own generator, seeded by random_seed (not by torch's global
     seed): every sequence the cache begins takes the next set from it, so a run is reproducible and

@@ -23,7 +23,7 @@ class GenerationStats:
     prompt_tokens: int
     new_tokens: int
     finish_reason: str  # "eos" (the model ended its answer), "length" (max_new_tokens), "context" (context full)
-    prefill_seconds: float
+    prefill_seconds: float             # the image's features (and views), the prompt's pass, the first token
     decode_seconds: float              # the decode steps' forward passes and token choices, summed
     decode_tokens_per_second: float | None  # None when there was no decode step (one token generated)
     kv_cache_bytes_peak: int           # peak bytes of K and V held, measured after every forward pass
@@ -110,15 +110,15 @@ GENERATION_PARAMS = (
 
 
 def check_generation_args(max_new_tokens: int, temperature: float, top_p: float, seed: int | None,
-                          named=str) -> None:
-    """UserError for settings generate cannot honour (`GENERATION_PARAMS`, and a seed torch takes, or None:
-    a fresh draw). main.py checks them before it loads the model, its messages naming the flags:
+                          named=str) -> tuple:
+    """(max_new_tokens, temperature, top_p, seed) as Python's int and float (numpy's numbers too), or a
+    UserError for settings generate cannot honour (`GENERATION_PARAMS`, and a seed torch takes, or None: a
+    fresh draw). main.py checks them before it loads the model, its messages naming the flags:
     named("top_p") == "--top-p"."""
     given = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
-    for param in GENERATION_PARAMS:
-        param.check(given[param.name], named)
-    if seed is not None:
-        SEED_PARAM.check(seed, named)
+    checked = {param.name: param.check(given[param.name], named) for param in GENERATION_PARAMS}
+    return (checked["max_new_tokens"], checked["temperature"], checked["top_p"],
+            None if seed is None else SEED_PARAM.check(seed, named))
 
 
 def cache_for(policy, policy_params: dict) -> KVCache:
@@ -159,10 +159,10 @@ def generate(model, input_ids, pixel_values=None, *, stream=None, **options) -> 
     """A whole `generation` (whose arguments these are), run to its end: stream(token_id) is called as each
     token is produced. Returns the new token ids (EOS included when it stops generation) and the run's
     statistics, whose finish_reason says why it stopped."""
-    steps = generation(model, input_ids, pixel_values, **options)
+    run = generation(model, input_ids, pixel_values, **options)
     while True:
         try:
-            token = next(steps)
+            token = next(run)
         except StopIteration as end:
             return end.value
         if stream:
@@ -187,8 +187,7 @@ def generation(model, input_ids, pixel_values=None, *, image_sizes=None, hires_p
     value, in StopIteration) the new token ids and the run's statistics. `generate` runs one to its end;
     the benchmark runs several in turn (tinyavl/bench.py, `run_policies`).
     """
-    check_generation_args(max_new_tokens, temperature, top_p, seed)
-    max_new_tokens, seed = int(max_new_tokens), None if seed is None else int(seed)  # numpy's integers too
+    max_new_tokens, temperature, top_p, seed = check_generation_args(max_new_tokens, temperature, top_p, seed)
     if hires_top is not None and hires_pixel_values is None:
         raise UserError("hires_top picks blocks of the high-resolution view: pass hires_pixel_values too")
     cache = cache_for(policy, policy_params)
@@ -228,9 +227,9 @@ def generation(model, input_ids, pixel_values=None, *, image_sizes=None, hires_p
     while len(tokens) < limit and token not in eos_ids:
         # Timed: the step's forward pass and its token (which waits for a GPU's work); not what the caller
         # does with the token, nor the statistics below, which every policy would otherwise pay unequally
-        # (the snapshot runs each time the cache grew: every step for `full`).
+        # (the snapshot runs each time the cache passes its peak: every step for `full`).
         start = time.perf_counter()
-        logits = model(torch.tensor([[token]], device=device), cache=cache, last_only=True)
+        logits = model(torch.tensor([[token]], device=device), cache=cache, last_only=True)    # (1, 1, vocab)
         token = next_token(logits, temperature, top_p, generator, step=len(tokens))
         step_seconds.append(time.perf_counter() - start)
         tokens.append(token)
@@ -241,19 +240,19 @@ def generation(model, input_ids, pixel_values=None, *, image_sizes=None, hires_p
             peak_bytes, peak_modality_bytes, _ = kv_snapshot(cache)
     decode_seconds = sum(step_seconds)
 
-    steps = len(attended)
+    decode_steps = len(attended)
     finish_reason = "eos" if token in eos_ids else "length" if len(tokens) == max_new_tokens else "context"
     stats = GenerationStats(
         policy=cache.name, policy_params=cache.params(), prompt_tokens=prompt_len, new_tokens=len(tokens),
         finish_reason=finish_reason,
         prefill_seconds=prefill_seconds, decode_seconds=decode_seconds,
-        decode_tokens_per_second=steps / decode_seconds if steps else None,
+        decode_tokens_per_second=decode_steps / decode_seconds if decode_steps else None,
         kv_cache_bytes_peak=peak_bytes, kv_cache_bytes_after_prefill=prefill_bytes,
         kv_cache_bytes_dense=cache.dense_nbytes(),
         modality_bytes_after_prefill=prefill_modality_bytes, modality_bytes_peak=peak_modality_bytes,
         layer_bytes_after_prefill=prefill_layer_bytes,
-        attended_tokens_per_step=sum(map(sum, attended)) / steps if steps else None,
-        attended_tokens_per_step_dense=sum(attended_dense) / steps if steps else None,
+        attended_tokens_per_step=sum(map(sum, attended)) / decode_steps if decode_steps else None,
+        attended_tokens_per_step_dense=sum(attended_dense) / decode_steps if decode_steps else None,
         attended_per_layer=attended, prefill_attended_per_layer=prefill_attended,
         hires_tokens_read=0 if hires_view is None else hires_view.tokens_read, decode_step_seconds=step_seconds,
     )

@@ -591,7 +591,7 @@ class LlamaModel(nn.Module):
             x = layer(x, cos, sin, positions, cache, visible, view)
             # Token dropping inside the decoder (FastV, A-VL's prefill filter): the policy may ask later
             # layers to run on fewer rows. Kept rows keep their original positions.
-            keep = cache.hidden_rows_to_keep(layer.self_attn.layer_idx) if cache is not None else None
+            keep = cache.hidden_rows_to_keep() if cache is not None else None
             if keep is not None:  # (T',) ascending row indices, one list for the whole batch
                 x, positions, cos, sin = x[:, keep], positions[keep], cos[keep], sin[keep]
         if cache is not None:
