@@ -584,11 +584,10 @@ class KVCache:
 
     # -- accounting: measured from the tensors actually held ------------------------------------------
 
-    def nbytes(self, layer: int | None = None) -> int:
-        """Bytes of the K and V rows held (by one layer, or all); the buffers' room for the decode steps
-        still to come is `reserved_nbytes`."""
-        layers = range(self.n_layers) if layer is None else [layer]
-        return sum(t.numel() * t.element_size() for i in layers for t in (self.k[i], self.v[i]) if t is not None)
+    def nbytes(self) -> int:
+        """Bytes of the K and V rows held, all layers (one layer's: `modality_bytes`); the buffers' room for
+        the decode steps still to come is `reserved_nbytes`."""
+        return sum(t.numel() * t.element_size() for held in (self.k, self.v) for t in held if t is not None)
 
     def reserved_nbytes(self) -> int:
         """Bytes of the K and V buffers, the rows held and the room reserved for the steps to come."""
