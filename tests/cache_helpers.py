@@ -117,6 +117,17 @@ def run_steps(model, ids, pixel_values, cache, steps: int, tokens=None, image_si
     return torch.stack(logits), fed
 
 
+def run_batch(model, ids, pixel_values, cache, tokens) -> torch.Tensor:
+    """Prefill a batch of prompts of one layout (B, T), then feed `tokens` to every sample (teacher forcing,
+    so that the batch and each prompt alone see the same sequences). Returns (B, len(tokens) + 1, vocab)."""
+    cache.begin(model.config.text.num_hidden_layers, *image_segments(ids[:1], model.config.image_token_id))
+    with torch.inference_mode():
+        logits = [model(ids, pixel_values, cache=cache, last_only=True)[:, -1]]
+        for token in tokens:
+            logits.append(model(torch.full((ids.shape[0], 1), token), cache=cache, last_only=True)[:, -1])
+    return torch.stack(logits, 1)
+
+
 # ------------------------------------------------------------------------------------------- references
 def expand_kv(k, n_heads: int):
     """(B, Hkv, n, hs) -> (B, H, n, hs): query head h reads KV head h // (H / Hkv) (Llama's repeat_kv)."""

@@ -7,13 +7,19 @@ a new policy needs too.
 - with FULL_BUDGET, parameters that keep every token, it is `full` token for token, in fp32 and in bf16
   (where computing the same rows in other pieces would round differently);
 - skipping equals masking: its attention over the rows it selects gives the numbers of a float64 attention
-  over every row it holds with -inf on the others (tests/cache_helpers.py `masked`);
+  over every row it holds with -inf on the others (tests/cache_helpers.py `masked`); and what it selects
+  is rows it holds, ascending, each once, the step's own among them (which the masked reference, built
+  from the same selection, cannot see);
+- a batch of two prompts decodes each as it decodes alone, or is refused (a policy that ranks one prompt's
+  image: ONE_PROMPT_POLICIES);
 - at its defaults it never holds more KV bytes than the dense cache, and its bytes per modality are those
-  of the positions it holds, placed by the prompt's ids; no head of any layer holds a token twice, and every layer's positions are the sequence's;
+  of the positions it holds, placed by the prompt's ids; no head of any layer holds a token twice, and
+  every layer's positions are the sequence's;
 - its declarations are one source: flags, their types and ranges, and the README's policy table.
-The first three run on a LLaVA-1.5 prompt, on a LLaVA-1.6 one, whose image block (base crop, tile map and
-the newline tokens that end its rows) is N_img as a whole, and on a LLaVA-1.5 with one KV head (MQA), where
-one sample's positions expanded over the KV heads are a view of the model's own.
+All but bf16 and the batch (LLaVA-1.5 only) and the declarations run on a LLaVA-1.5 prompt, on a LLaVA-1.6 one,
+whose image block (base crop, tile map and the newline tokens that end its rows) is N_img as a whole, and
+on a LLaVA-1.5 with one KV head (MQA), where one sample's positions expanded over the KV heads are a view
+of the model's own.
 """
 import math
 from functools import lru_cache
@@ -24,9 +30,10 @@ import torch
 
 import tinyavl
 from cache_helpers import (IMAGE_TOKEN, build_model, make_next_prompt, make_prompt, masked, one_thread,  # noqa: F401
-                           run_steps)
+                           recording, run_batch, run_steps)
 from tinyavl.cache import POLICIES, Param, make_cache, param_owners
 from tinyavl.cli import ArgumentParser, add_policy_arguments, given_policy_params
+from tinyavl.errors import UserError
 
 STEPS = 8          # decode steps: A-VL's default K = 3 has update and normal steps among them
 LOGIT_ATOL = 1e-5
@@ -34,6 +41,8 @@ LOGIT_ATOL = 1e-5
 # CPUs logits near 8 then differ by 1.0e-5 (seen on main, in the `full` case that evicts nothing).
 LOGIT_RTOL = 1e-6
 README = Path(__file__).resolve().parent.parent / "README.md"
+# The policies that rank one prompt's image and so refuse a batch (the README's Scope says so).
+ONE_PROMPT_POLICIES = ("avl", "fastv")
 
 
 ARCHS = ("llava", "next", "mqa")
@@ -140,6 +149,51 @@ def test_kv_bytes_within_dense_and_by_modality_as_the_prompt_says(arch, policy):
         for p in cache.pos[layer].flatten().tolist():
             counts["image" if p < len(is_image) and is_image[p] else "sys" if p < first_image else "text"] += 1
         assert cache.modality_bytes(layer) == {m: n * head_row_bytes for m, n in counts.items()}, (layer, policy)
+
+
+@pytest.mark.parametrize("arch,policy", CASES)
+def test_every_decode_step_selects_held_rows_once_with_its_own(arch, policy):
+    """What select hands compute: None, or ascending rows the layer holds, none twice, and among them every
+    head's row of the step's own token (a query always attends to its own key). The masked reference
+    builds its mask from the same selection, so it cannot see a selection that breaks these."""
+    model, ids, pixel_values, image_sizes = model_and_prompt(arch)
+    cache = recording(POLICIES[policy])()
+    run_steps(model, ids, pixel_values, cache, STEPS, image_sizes=image_sizes)
+    for entry in cache.log:
+        if entry["step"] == 0 or entry["rows"] is None:
+            continue
+        where = (entry["step"], entry["layer"])
+        rows, held = entry["rows"].tolist(), entry["pos_before"].shape[2]    # held: rows after the append
+        assert rows == sorted(set(rows)) and 0 <= rows[0] and rows[-1] < held, where
+        own = int(entry["new_pos"][-1])
+        for head_positions in entry["pos_before"][0].tolist():
+            assert head_positions.index(own) in rows, where
+
+
+@pytest.mark.parametrize("budget", ["defaults", "full budget"])
+@pytest.mark.parametrize("policy", POLICIES)
+def test_a_batch_decodes_each_prompt_as_alone_or_is_refused(policy, budget):
+    """Two different prompts decoded together (the same tokens fed to both) give each the logits and the
+    kept tokens of that prompt run alone, never sample 0's choices applied to both; or, for a policy that
+    ranks one prompt's image (ONE_PROMPT_POLICIES), the batch is refused in one line. (random's fresh cache
+    draws the same image tokens for a batch as for each prompt alone.)"""
+    model = model_and_prompt("llava")[0]
+    params = {} if budget == "defaults" else POLICIES[policy].FULL_BUDGET
+    prompts = [make_prompt(model, 3, 30, seed=seed) for seed in (1, 2)]
+    ids, pixel_values = (torch.cat(parts) for parts in zip(*prompts))
+    tokens = list(range(5, 5 + STEPS))
+    together = make_cache(policy, **params)
+    try:
+        logits = run_batch(model, ids, pixel_values, together, tokens)           # (2, STEPS + 1, vocab)
+    except UserError as refusal:
+        assert policy in ONE_PROMPT_POLICIES and "one prompt" in str(refusal)
+        return
+    for i, (prompt_ids, prompt_pixels) in enumerate(prompts):
+        alone = make_cache(policy, **params)
+        torch.testing.assert_close(logits[i], run_batch(model, prompt_ids, prompt_pixels, alone, tokens)[0],
+                                   atol=LOGIT_ATOL, rtol=LOGIT_RTOL)
+        for layer in range(alone.n_layers):
+            assert torch.equal(together.pos[layer][i].sort(-1).values, alone.pos[layer][0].sort(-1).values)
 
 
 @pytest.mark.parametrize("arch,policy", CASES)

@@ -60,7 +60,7 @@ from contextlib import contextmanager
 import torch
 
 from tinyavl import anyres
-from tinyavl.cache import AVLCache, make_cache
+from tinyavl.cache import POLICIES, AVLCache, make_cache
 from tinyavl.cli import ArgumentParser, run_main
 from tinyavl.errors import UserError
 from tinyavl.generate import generate, generation
@@ -68,7 +68,6 @@ from tinyavl.loading import resolve_device, transformers_key
 from tinyavl.model import LlavaConfig, LlavaForConditionalGeneration, TextConfig, VisionConfig, keys_first
 from tinyavl.timing import best_seconds, synchronize
 
-POLICIES = ("full", "avl", "h2o", "streaming", "fastv", "random")  # each at its defaults
 GROWTH_TOKENS = (16, 256)  # the decode steps whose time shows how a step grows with the sequence
 N_SYS, N_TEXT = 5, 40  # "<s> USER: " and a question plus "ASSISTANT:" of typical length
 # LLaVA-1.6-7B's canvases (config.json's image_grid_pinpoints), its 336 px tiles and 14 px patches.
@@ -375,7 +374,7 @@ def run_case(model, n_img: int, new_tokens: int, rates: dict) -> tuple[dict, lis
     input_ids = prompt_ids(model.config, n_img)
     weight_bytes = decode_weight_bytes(model)
     row_bytes = kv_row_bytes(model.config.text, model.language_model.lm_head.weight.dtype)
-    runs = run_policies(model, POLICIES, input_ids, pixel_values, new_tokens)
+    runs = run_policies(model, POLICIES, input_ids, pixel_values, new_tokens)  # all registered, at defaults
     full_tokens, full_stats = runs["full"][:2]
     policies = {}
     for name, (tokens, stats, cache) in runs.items():  # `full` first: the others' ratios are to it
