@@ -46,8 +46,11 @@ def test_clustered_interval_by_hand():
     # Every scene 3 of 6: no spread between scenes, less than independent prompts would show; the interval
     # is then independent prompts' (the design effect is held at 1), never narrower.
     assert clustered_wilson_interval([3] * 10, [6] * 10) == pytest.approx(wilson_interval(30, 60))
-    # All right: nothing to measure a spread from; Wilson's at n.
-    assert clustered_wilson_interval([6] * 10, [6] * 10) == pytest.approx(wilson_interval(60, 60))
+    # All right, or all wrong: nothing to measure a spread from, and scenes whose prompts always agree are
+    # worth one answer each: Wilson's at the 10 scenes, not at the 60 prompts.
+    assert clustered_wilson_interval([6] * 10, [6] * 10) == pytest.approx(wilson_interval(10, 10))
+    assert clustered_wilson_interval([0] * 10, [6] * 10) == pytest.approx(wilson_interval(0, 10))
+    assert wilson_interval(10, 10)[0] < wilson_interval(60, 60)[0] - 0.2
 
 
 def test_clustered_interval_covers_the_truth_95_percent_of_the_time_where_wilsons_does_not():

@@ -153,11 +153,18 @@ def clustered_wilson_interval(right: list[int], asked: list[int], z: float = Z95
     its prompts at once). Wilson's interval at the effective sample size
     N / deff (Kish, Survey Sampling, 1965), where the design effect deff is the variance of the accuracy
     estimated from the spread between clusters, over the variance N independent prompts would give.
-    deff is at least 1: the interval is never narrower than independent prompts' (`wilson_interval`)."""
+    deff is at least 1: the interval is never narrower than independent prompts' (`wilson_interval`).
+    Where every prompt went right (or every one wrong) no spread can be measured; the clusters may then be
+    all-or-nothing, each worth one answer, so the interval is Wilson's at the number of clusters, the
+    effective size of clusters whose prompts always agree."""
     n_clusters, n = len(asked), sum(asked)
     p = sum(right) / n
-    if n_clusters < 2 or p in (0, 1):  # no spread to measure
+    if n_clusters < 2:  # no spread to measure
         return wilson_interval(sum(right), n, z)
+    if p in (0, 1):
+        # Wilson's at n here took the clusters' answers as independent: in simulated all-or-nothing captions
+        # at a true share of 0.015 it held the truth in 73% of runs, not 95%.
+        return wilson_interval(p * n_clusters, n_clusters, z)
     # The ratio estimator's variance between clusters, with the small-sample factor m / (m - 1) over the m
     # clusters (Kish 6.3), against p (1 - p) / n for n independent prompts: so one-prompt clusters give an
     # effective n of n - 1, a hair wider than Wilson's, never narrower.
