@@ -1,16 +1,18 @@
 """The evaluation's statistics and budget rules, by hand (the runs on the committed model are in test_toy.py)."""
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from types import SimpleNamespace
 
 from tinyavl.toy import evaluate as evaluate_module
-from tinyavl.toy.evaluate import (FASTV_MAX_R, PROMPT_KINDS, Question, Tally, budget_params, caption_errors,
+from tinyavl.toy.evaluate import (ABLATIONS, BUDGETS, FASTV_MAX_R, PROMPT_KINDS, SWEEP_POLICIES, Question, Tally,
+                                  budget_params, budget_sweep, caption_errors,
                                   caption_objects_right, clustered_wilson_interval, format_table, held_out_set,
                                   is_correct, markdown_table, of_full_interval, plot_sweep, shown_params,
                                   wilson_interval)
-from tinyavl.toy.scenes import Scene, SceneObject
+from tinyavl.toy.scenes import Scene, SceneObject, scene_stream
 from tinyavl.toy.plot import HEIGHT, MARGIN, PALETTE, WIDTH
 
 SCENE = Scene((SceneObject("circle", "red", 1, 2, 5, (220, 40, 40)),
@@ -90,6 +92,7 @@ def test_budget_params_hold_randoms_bytes():
         avl = budget_params("avl", image_keep, r, n_layers)
         assert avl["S"] == image_keep and avl["C"] == pytest.approx(0.6 * image_keep)
     assert budget_params("fastv", 0.5, 0.65, 4)["R"] == pytest.approx(2 / 3, abs=1e-4)   # .5 x 4 / 3
+    assert int((1 - FASTV_MAX_R) * 144 + 1e-9) >= 1     # FastV at its cap keeps one of the toy's 144 image tokens
     with pytest.raises(ValueError):
         budget_params("full", 0.5, 0.65, 4)
 
@@ -133,6 +136,104 @@ def test_of_full_interval_by_hand():
     # 5 / 6 (both scenes) or 0 (the second twice); never 5 / 0.
     low, high = of_full_interval([5, 0], [0, 6])
     assert low == 0 and high == pytest.approx(5 / 6)
+
+
+def test_clustered_interval_never_narrower_than_independent_prompts():
+    """Scenes with some spread, but less than independent prompts would show (every scene 4 or 5 of 6, where
+    independent prompts at 0.75 would spread 0-6): the design effect is held at 1, Wilson's at the 60."""
+    right = [4, 5] * 5
+    assert clustered_wilson_interval(right, [6] * 10) == pytest.approx(wilson_interval(45, 60))
+
+
+def test_of_full_interval_is_seeded_and_pairs_scene_by_scene():
+    right, full_right = [6, 5, 3, 6, 2, 6, 4, 5], [6, 6, 5, 6, 4, 6, 6, 5]
+    torch.manual_seed(1)
+    first = of_full_interval(right * 5, full_right * 5)
+    torch.manual_seed(2)                                   # torch's global generator plays no part
+    assert of_full_interval(right * 5, full_right * 5) == first
+    # Paired: the same counts with full's scenes in another order make another interval.
+    assert of_full_interval(right, full_right) != of_full_interval(right, full_right[::-1])
+    with pytest.raises(ValueError, match="pairs scenes"):
+        of_full_interval(right, full_right[:-1])
+
+
+def test_table_pairs_each_scene_with_fulls():
+    """The "of full" cell is of_full_interval over the two rows' scene counts, scene by scene."""
+    full, policy = report("full", 1.0, 1.0, 1.0), report("random", 0.9, 0.6, 0.5)
+    full["right_by_scene"] = [6, 6, 5, 6, 6, 4, 6, 6, 6, 5]
+    policy["right_by_scene"] = [6, 4, 5, 6, 3, 4, 6, 5, 6, 5]
+    cell = format_table([full, policy]).splitlines()[3].split(" | ")[4]
+    low, high = of_full_interval(policy["right_by_scene"], full["right_by_scene"])
+    assert cell == f"{0.9:.3f} ({low:.3f}-{high:.3f})"
+
+
+def test_held_out_questions_come_from_the_evaluation_stream():
+    """held_out_set(seed, n) draws n different scenes from the "eval" stream of that seed (its first scene is
+    the stream's first), each asked once of every kind; the training streams of the seed begin elsewhere."""
+    questions = held_out_set(seed=5, n_scenes=3)
+    assert [(q.scene_index, q.kind) for q in questions] == [(i, kind) for i in range(3) for kind in PROMPT_KINDS]
+    scenes = [questions[i * len(PROMPT_KINDS)].scene for i in range(3)]
+    assert scenes[0] != scenes[1] != scenes[2] != scenes[0]
+    first = {split: next(scene_stream(split, 5))[0] for split in ("eval", "train", "tune")}
+    assert scenes[0] == first["eval"] and scenes[0] != first["train"] and scenes[0] != first["tune"]
+
+
+def test_budget_sweep_gives_every_peer_the_bytes_random_held_kind_by_kind(monkeypatch):
+    """With evaluate replaced by a fake whose `random` rows hold other bytes on every kind and budget: each
+    peer runs at budget_params of the ratio `random` measured on that kind at that budget, and a row is
+    left out only where its knobs are its last row's again (FastV's R at FASTV_MAX_R)."""
+    n_layers, runs = 4, []
+
+    def fake_evaluate(model, processor, questions, policy, params=None, hires_mode=None, params_by_type=None):
+        runs.append((policy, params, params_by_type))
+        keep = params["S"] if policy == "random" else 1.0
+        return {"policy": policy, "policy_params": params, "accuracy": 0.5, "kv_ratio": 0.5, "seconds": 0.0,
+                "kv_ratio_by_type": {kind: round(0.3 + 0.5 * keep + 0.01 * i, 4) for i, kind in enumerate(PROMPT_KINDS)}}
+
+    monkeypatch.setattr(evaluate_module, "evaluate", fake_evaluate)
+    model = SimpleNamespace(config=SimpleNamespace(text=SimpleNamespace(num_hidden_layers=n_layers)))
+    reports = budget_sweep(model, None, [])
+    expected = [("full", {}, None, 1.0)]                    # (policy, params, params_by_type, budget)
+    last_knobs = {}
+    for image_keep in BUDGETS:
+        expected.append(("random", {"S": image_keep}, None, image_keep))
+        measured = {kind: round(0.3 + 0.5 * image_keep + 0.01 * i, 4) for i, kind in enumerate(PROMPT_KINDS)}
+        for policy in SWEEP_POLICIES:
+            by_type = {kind: budget_params(policy, image_keep, measured[kind], n_layers) for kind in PROMPT_KINDS}
+            if by_type == last_knobs.get(policy):
+                assert policy == "fastv" and by_type["caption"]["R"] == FASTV_MAX_R
+                continue
+            last_knobs[policy] = by_type
+            if all(knobs == by_type["caption"] for knobs in by_type.values()):
+                expected.append((policy, by_type["caption"], None, image_keep))
+            else:
+                expected.append((policy, None, by_type, image_keep))
+    expected += [(policy, params, None, budget) for budget, policy, params, _ in ABLATIONS]
+    assert runs == [run[:3] for run in expected]
+    assert [r["budget"] for r in reports] == [run[3] for run in expected]
+    assert ("fastv", 0.1) not in {(r["policy"], r["budget"]) for r in reports}   # out of its reach
+
+
+def test_tally_weights_each_answer_by_its_steps_and_bytes():
+    """Answers of different lengths and sizes: the attended ratio is every step's rows over every step's dense
+    rows (not a mean of answers' ratios); a kind's KV ratio is its peak bytes over its dense bytes (not what
+    the cache held after the prefill); the scene counts stay in scene order (scene 0 answered wrong here)."""
+    tally = Tally()
+    questions = held_out_set(seed=3, n_scenes=2)
+    colour = [q for q in questions if q.kind == "colour"]
+    caption = next(q for q in questions if q.kind == "caption" and q.scene_index == 1)
+    answers = ((colour[0], "nothing", 10, 20, 6, 8, 1), (colour[1], colour[1].answer, 10, 60, 10, 40, 3),
+               (caption, caption.answer, 30, 40, 10, 10, 2))
+    for question, prediction, kv, dense, per_step, per_step_dense, steps in answers:
+        tally.add(question, prediction, SimpleNamespace(
+            kv_cache_bytes_peak=kv, kv_cache_bytes_after_prefill=kv // 2, kv_cache_bytes_dense=dense,
+            hires_tokens_read=0, attended_per_layer=[[per_step]] * steps, prefill_attended_per_layer=[1],
+            attended_tokens_per_step=per_step, attended_tokens_per_step_dense=per_step_dense))
+    r = tally.report()
+    assert r["attended_ratio"] == (6 * 1 + 10 * 3 + 10 * 2) / (8 * 1 + 40 * 3 + 10 * 2)
+    assert r["kv_ratio_by_type"] == {"colour": (10 + 10) / (20 + 60), "caption": 30 / 40}
+    assert r["kv_ratio"] == (10 + 10 + 30) / (20 + 60 + 40)
+    assert r["right_by_scene"] == [0, 2]
 
 
 def fake_stats(kv, dense, attended_per_layer, prefill_per_layer):

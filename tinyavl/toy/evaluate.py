@@ -187,6 +187,8 @@ def of_full_interval(right: list[int], full_right: list[int], draws: int = 4000,
     same prompts, right[i] and full_right[i] the prompts about scene i each got right: a paired bootstrap
     (Efron and Tibshirani, An Introduction to the Bootstrap, 1993) that draws scenes with replacement, both
     counts of a scene together, and takes the 2.5 and 97.5 percentiles of the ratio. Seeded: one answer."""
+    if len(right) != len(full_right):
+        raise ValueError(f"of_full_interval pairs scenes: {len(right)} counts against full's {len(full_right)}")
     right, full_right = torch.tensor(right, dtype=torch.float64), torch.tensor(full_right, dtype=torch.float64)
     scenes = torch.randint(len(right), (draws, len(right)), generator=torch.Generator().manual_seed(seed))
     full_sums = full_right[scenes].sum(1)                                        # (draws,)
