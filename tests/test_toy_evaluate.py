@@ -87,7 +87,10 @@ def test_budget_params_hold_randoms_bytes():
         h2o = budget_params("h2o", image_keep, r, n_layers)
         assert h2o["heavy"] + h2o["recent"] == pytest.approx(r, abs=1e-4)
         assert h2o["recent"] == pytest.approx(3 * h2o["heavy"], abs=1e-4)
-        assert budget_params("streaming", image_keep, r, n_layers) == {"recent": round(r, 4)}
+        # StreamingLLM holds its 4 sinks beside a window of recent x length: on sequences of 200 tokens the
+        # window is what is left of r once the sinks are held.
+        streaming = budget_params("streaming", image_keep, r, n_layers, cached_tokens=200)
+        assert (4 + streaming["recent"] * 200) / 200 == pytest.approx(r, abs=1e-4)
         assert budget_params("random", image_keep, r, n_layers) == {"S": image_keep}
         avl = budget_params("avl", image_keep, r, n_layers)
         assert avl["S"] == image_keep and avl["C"] == pytest.approx(0.6 * image_keep)
@@ -95,6 +98,8 @@ def test_budget_params_hold_randoms_bytes():
     assert int((1 - FASTV_MAX_R) * 144 + 1e-9) >= 1     # FastV at its cap keeps one of the toy's 144 image tokens
     with pytest.raises(ValueError):
         budget_params("full", 0.5, 0.65, 4)
+    with pytest.raises(ValueError, match="sinks"):
+        budget_params("streaming", 0.5, 0.65, 4)
 
 
 def report(policy, accuracy, kv, budget, params=None):
@@ -188,7 +193,9 @@ def test_budget_sweep_gives_every_peer_the_bytes_random_held_kind_by_kind(monkey
         runs.append((policy, params, params_by_type))
         keep = params["S"] if policy == "random" else 1.0
         return {"policy": policy, "policy_params": params, "accuracy": 0.5, "kv_ratio": 0.5, "seconds": 0.0,
-                "kv_ratio_by_type": {kind: round(0.3 + 0.5 * keep + 0.01 * i, 4) for i, kind in enumerate(PROMPT_KINDS)}}
+                "kv_ratio_by_type": {kind: round(0.3 + 0.5 * keep + 0.01 * i, 4)
+                                     for i, kind in enumerate(PROMPT_KINDS)},
+                "cached_tokens_by_type": {kind: 180 + 10 * i + keep for i, kind in enumerate(PROMPT_KINDS)}}
 
     monkeypatch.setattr(evaluate_module, "evaluate", fake_evaluate)
     model = SimpleNamespace(config=SimpleNamespace(text=SimpleNamespace(num_hidden_layers=n_layers)))
@@ -198,8 +205,10 @@ def test_budget_sweep_gives_every_peer_the_bytes_random_held_kind_by_kind(monkey
     for image_keep in BUDGETS:
         expected.append(("random", {"S": image_keep}, None, image_keep))
         measured = {kind: round(0.3 + 0.5 * image_keep + 0.01 * i, 4) for i, kind in enumerate(PROMPT_KINDS)}
+        lengths = {kind: 180 + 10 * i + image_keep for i, kind in enumerate(PROMPT_KINDS)}
         for policy in SWEEP_POLICIES:
-            by_type = {kind: budget_params(policy, image_keep, measured[kind], n_layers) for kind in PROMPT_KINDS}
+            by_type = {kind: budget_params(policy, image_keep, measured[kind], n_layers, lengths[kind])
+                       for kind in PROMPT_KINDS}
             if by_type == last_knobs.get(policy):
                 assert policy == "fastv" and by_type["caption"]["R"] == FASTV_MAX_R
                 continue
@@ -227,19 +236,28 @@ def test_tally_weights_each_answer_by_its_steps_and_bytes():
     for question, prediction, kv, dense, per_step, per_step_dense, steps in answers:
         tally.add(question, prediction, SimpleNamespace(
             kv_cache_bytes_peak=kv, kv_cache_bytes_after_prefill=kv // 2, kv_cache_bytes_dense=dense,
-            hires_tokens_read=0, attended_per_layer=[[per_step]] * steps, prefill_attended_per_layer=[1],
+            hires_tokens_read=0, prompt_tokens=dense // 4, new_tokens=steps + 1,
+            attended_per_layer=[[per_step]] * steps, prefill_attended_per_layer=[1],
             attended_tokens_per_step=per_step, attended_tokens_per_step_dense=per_step_dense))
     r = tally.report()
     assert r["attended_ratio"] == (6 * 1 + 10 * 3 + 10 * 2) / (8 * 1 + 40 * 3 + 10 * 2)
     assert r["kv_ratio_by_type"] == {"colour": (10 + 10) / (20 + 60), "caption": 30 / 40}
     assert r["kv_ratio"] == (10 + 10 + 30) / (20 + 60 + 40)
     assert r["right_by_scene"] == [0, 2]
+    # Cached by the end: the prompt and every new token but the last, (5 + 1) and (15 + 3) for colour.
+    assert r["cached_tokens_by_type"] == {"colour": (6 + 18) / 2, "caption": 10 + 2}
+    # After the prefill each held half its peak, of a dense cache of its prompt alone: 20 bytes of 6 tokens
+    # at the end is 20 x 5 / 6 for the 5 of the prompt, 60 x 15 / 18 and 40 x 10 / 12.
+    assert r["kv_ratio_after_prefill"] == pytest.approx((5 + 5 + 15) / (20 * 5 / 6 + 60 * 15 / 18 + 40 * 10 / 12))
+    assert r["kv_ratio_after_prefill_by_type"] == pytest.approx({"colour": (5 + 5) / (20 * 5 / 6 + 60 * 15 / 18),
+                                                                 "caption": 15 / (40 * 10 / 12)})
 
 
-def fake_stats(kv, dense, attended_per_layer, prefill_per_layer):
+def fake_stats(kv, dense, attended_per_layer, prefill_per_layer, prompt_tokens=20):
     """What Tally reads of a GenerationStats."""
     steps = len(attended_per_layer)
     return SimpleNamespace(kv_cache_bytes_peak=kv, kv_cache_bytes_dense=dense, hires_tokens_read=0,
+                           kv_cache_bytes_after_prefill=kv, prompt_tokens=prompt_tokens, new_tokens=steps + 1,
                            attended_per_layer=attended_per_layer, prefill_attended_per_layer=prefill_per_layer,
                            attended_tokens_per_step=sum(map(sum, attended_per_layer)) / steps if steps else None,
                            attended_tokens_per_step_dense=2 * sum(map(sum, attended_per_layer)) / steps if steps else None)
@@ -432,6 +450,7 @@ def test_kv_ratio_is_bytes_held_over_dense_bytes():
         caption = question.kind == "caption"
         tally.add(question, question.answer, SimpleNamespace(
             kv_cache_bytes_peak=50 if caption else 20, kv_cache_bytes_dense=100 if caption else 20, hires_tokens_read=0,
+            kv_cache_bytes_after_prefill=50 if caption else 20, prompt_tokens=20, new_tokens=1,
             attended_per_layer=[], prefill_attended_per_layer=[], attended_tokens_per_step=None,
             attended_tokens_per_step_dense=None))
     assert tally.report()["kv_ratio"] == 0.75

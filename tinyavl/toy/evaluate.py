@@ -39,7 +39,7 @@ import torch
 
 from tinyavl import load_pretrained
 from tinyavl.attention_map import save_attention_map
-from tinyavl.cache import AVLCache, KVCache, make_cache
+from tinyavl.cache import AVLCache, KVCache, StreamingCache, make_cache
 from tinyavl.cli import (TOY_WEIGHTS, ArgumentParser, add_policy_arguments, check_filter_layer, first_paragraph,
                          given_policy_params, output_file, policy_cache, run_command)
 from tinyavl.errors import UserError
@@ -206,6 +206,8 @@ class Tally:
         self.objects_right, self.objects_by_caption = [], []             # per caption
         self.wrong_fields = Counter(dict.fromkeys([*CAPTION_FIELDS, "objects"], 0))
         self.kv_bytes, self.kv_dense = Counter(), Counter()             # per kind of prompt
+        self.cached_tokens = Counter()                                   # per kind: the sequences' lengths
+        self.kv_after_prefill, self.kv_dense_after_prefill = Counter(), Counter()  # per kind, the prompt cached
         self.attended = self.attended_dense = self.pairs = self.hires_read = 0
 
     def add(self, question: Question, prediction: str, stats) -> None:
@@ -220,6 +222,10 @@ class Tally:
             self.wrong_fields.update(caption_errors(prediction, question.scene))
         self.kv_bytes[question.kind] += stats.kv_cache_bytes_peak
         self.kv_dense[question.kind] += stats.kv_cache_bytes_dense
+        cached_tokens = stats.prompt_tokens + stats.new_tokens - 1   # by the end: the last token is never fed
+        self.cached_tokens[question.kind] += cached_tokens
+        self.kv_after_prefill[question.kind] += stats.kv_cache_bytes_after_prefill
+        self.kv_dense_after_prefill[question.kind] += stats.kv_cache_bytes_dense * stats.prompt_tokens / cached_tokens
         self.pairs += attention_pairs(stats)
         self.hires_read += stats.hires_tokens_read
         steps = len(stats.attended_per_layer)
@@ -246,6 +252,13 @@ class Tally:
             "caption_errors": dict(self.wrong_fields),  # summed over captions (caption_errors)
             "kv_ratio": sum(self.kv_bytes.values()) / sum(self.kv_dense.values()),
             "kv_ratio_by_type": {kind: self.kv_bytes[kind] / self.kv_dense[kind] for kind in kinds},
+            # Budgets are matched at the peak; a policy whose budget is a share of the sequence so far (H2O,
+            # StreamingLLM) holds more than `random` before it, when the prefill has just chosen.
+            "kv_ratio_after_prefill": sum(self.kv_after_prefill.values()) / sum(self.kv_dense_after_prefill.values()),
+            "kv_ratio_after_prefill_by_type": {kind: self.kv_after_prefill[kind] / self.kv_dense_after_prefill[kind]
+                                               for kind in kinds},
+            # The tokens a sequence caches by its end, the dense cache's length, averaged per kind.
+            "cached_tokens_by_type": {kind: self.cached_tokens[kind] / self.asked[kind] for kind in kinds},
             "attended_ratio": self.attended / self.attended_dense if self.attended_dense else None,
             "attention_pairs": self.pairs / n,       # per answer (attention_pairs)
             "hires_tokens_read": self.hires_read / n,  # per answer, summed over layers
@@ -300,14 +313,17 @@ def evaluate(model, processor, questions: list[Question], policy: str | KVCache 
             **tally.report(), "seconds": time.perf_counter() - start}
 
 
-def budget_params(policy: str, image_keep: float, kv_ratio: float, n_layers: int) -> dict:
-    """A policy's knobs for the budget `random` holds at S = image_keep (kv_ratio r, as it measured).
+def budget_params(policy: str, image_keep: float, kv_ratio: float, n_layers: int,
+                  cached_tokens: float | None = None) -> dict:
+    """A policy's knobs for the budget `random` holds at S = image_keep (kv_ratio r, as it measured on
+    sequences that cache `cached_tokens` tokens by their end, on average).
 
     - random: S = image_keep. avl: the same S, the core C in its defaults' ratio to S (0.3 / 0.5), other
       knobs at their defaults: the same share of the image, which holds fewer bytes than `random` does
       where A-VL also evicts text (captions).
     - h2o, streaming: their budgets are shares of the sequence, so they get r itself (h2o split 1 : 3
-      heavy : recent, as in its defaults). budget_sweep gives them r per prompt kind: `random` holds a
+      heavy : recent, as in its defaults); streaming's sinks, kept beside its window, are taken off it:
+      recent = r - sinks / cached_tokens. budget_sweep gives them r per prompt kind: `random` holds a
       larger share of a long answer (a caption) than of a short one, where their share is the same.
     - fastv: after layer filter_layer - 1 = 0 (the earliest; from its default 2 a 4-layer model cannot
       reach these budgets) it drops R of the image tokens from the L - 1 later layers. random holds
@@ -322,7 +338,9 @@ def budget_params(policy: str, image_keep: float, kv_ratio: float, n_layers: int
     if policy == "h2o":
         return {"heavy": round(kv_ratio / 4, 4), "recent": round(3 * kv_ratio / 4, 4)}
     if policy == "streaming":
-        return {"recent": round(kv_ratio, 4)}
+        if cached_tokens is None:
+            raise ValueError("streaming's budget takes off its sinks: pass the sequences' cached_tokens")
+        return {"recent": round(kv_ratio - StreamingCache().sinks / cached_tokens, 4)}
     if policy == "fastv":
         return {"filter_layer": 1, "R": round(min(FASTV_MAX_R, (1 - image_keep) * n_layers / (n_layers - 1)), 4)}
     raise ValueError(f"no budget rule for policy {policy!r}")
@@ -338,7 +356,9 @@ def budget_sweep(model, processor, questions, log=None, hires_mode: str = DEFAUL
                              params_by_type=by_type)}
         if log:
             log(f"budget {budget}: {policy} {shown_params(report)}: accuracy {report['accuracy']:.3f}, "
-                f"KV {report['kv_ratio']:.3f} ({report['seconds']:.0f} s)")
+                f"KV {report['kv_ratio']:.3f}, after the prefill {report['kv_ratio_after_prefill']:.3f} "
+                f"(captions {report['kv_ratio_after_prefill_by_type'].get('caption', math.nan):.3f}) "
+                f"({report['seconds']:.0f} s)")
         return report
 
     n_layers = model.config.text.num_hidden_layers
@@ -351,7 +371,7 @@ def budget_sweep(model, processor, questions, log=None, hires_mode: str = DEFAUL
         for policy in SWEEP_POLICIES:
             # The bytes `random` held on each kind of prompt: a policy whose knobs are shares of the
             # sequence (h2o, streaming) gets them kind by kind; the others' knobs do not depend on them.
-            by_type = {kind: budget_params(policy, image_keep, ratio, n_layers)
+            by_type = {kind: budget_params(policy, image_keep, ratio, n_layers, control["cached_tokens_by_type"][kind])
                        for kind, ratio in control["kv_ratio_by_type"].items()}
             if by_type == knobs_run.get(policy):
                 # Its knobs reach no lower (FastV's R at FASTV_MAX_R): the row would be the last one again,
