@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tinyavl import bench
-from tinyavl.cache import AVLCache
+from tinyavl.cache import POLICIES, AVLCache
 from tinyavl.model import LlavaConfig, TextConfig, keys_first
 
 TINY = bench.tiny_config(4, num_key_value_heads=2, max_position_embeddings=512)
@@ -68,7 +68,7 @@ def test_floor_is_weight_bytes_at_matvec_rate_plus_attended_kv_at_read_rate(mode
     rates = {"read": 2e9, "matvec": 1e9}
     case, full_tokens = bench.run_case(model, n_img=20, new_tokens=6, rates=rates)
     assert len(full_tokens) == 6
-    assert list(case["policies"]) == list(bench.POLICIES)
+    assert list(case["policies"]) == list(POLICIES)
     weight = bench.decode_weight_bytes(model)
     full, avl = case["policies"]["full"], case["policies"]["avl"]
     # full attends every row in every layer: prompt + 1..5 steps -> mean prompt + 3 rows per layer.
@@ -261,7 +261,7 @@ def test_json_has_the_documented_layout(monkeypatch, capsys):
     assert [(c["dtype"], c["image_tokens"]) for c in out["cases"]] == [
         ("float32", 20), ("float32", 12), ("bfloat16", 20), ("bfloat16", 12)]
     for case in out["cases"]:
-        assert list(case["policies"]) == list(bench.POLICIES)
+        assert list(case["policies"]) == list(POLICIES)
         for r in case["policies"].values():
             assert {"decode_ms", "floor_ms", "attention_ms", "prefill_s", "kv_ratio", "attended_ratio"} <= set(r)
         assert 0 <= case["policies"]["avl"]["core_replaced"] <= 1
