@@ -481,7 +481,8 @@ def test_stats_full_policy(loaded, name):
     assert stats.decode_tokens_per_second == pytest.approx(steps / stats.decode_seconds)
     assert stats.kv_cache_bytes_peak == dense_bytes(name, T + steps, 4)
     assert stats.kv_cache_bytes_dense == dense_bytes(name, T + steps, 4)
-    assert stats.kv_cache_bytes_after_prefill == dense_bytes(name, T, 4)
+    assert stats.kv_cache_bytes_after_prefill == stats.kv_cache_bytes_dense_after_prefill == dense_bytes(name, T, 4)
+    assert stats.cached_tokens == T + steps
     # Modalities: sys + image + text rows add up; the image holds exactly its n_img rows in every layer.
     per_row = dense_bytes(name, 1, 4)
     assert stats.modality_bytes_after_prefill["image"] == n_img * per_row

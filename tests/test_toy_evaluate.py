@@ -6,6 +6,7 @@ from PIL import Image
 
 from types import SimpleNamespace
 
+from tinyavl.cache import as_decimal, share
 from tinyavl.toy import evaluate as evaluate_module
 from tinyavl.toy.evaluate import (ABLATIONS, BUDGETS, FASTV_MAX_R, PROMPT_KINDS, SWEEP_POLICIES, Question, Tally,
                                   budget_params, budget_sweep, caption_errors,
@@ -73,7 +74,8 @@ def test_clustered_interval_covers_the_truth_95_percent_of_the_time_where_wilson
 
 def test_budget_params_hold_randoms_bytes():
     """A 4-layer model whose image is a share s of the dense KV: random at S keeps 1 - (1 - S) s; FastV's
-    R from budget_params drops R s from 3 of 4 layers, which is the same bytes. h2o and streaming get r."""
+    R from budget_params drops R s from 3 of 4 layers, which is the same bytes. h2o gets r, streaming r less
+    its 4 sinks."""
     n_layers, s = 4, 0.7
     for image_keep in (0.5, 0.25, 0.1):
         r = 1 - (1 - image_keep) * s
@@ -95,7 +97,7 @@ def test_budget_params_hold_randoms_bytes():
         avl = budget_params("avl", image_keep, r, n_layers)
         assert avl["S"] == image_keep and avl["C"] == pytest.approx(0.6 * image_keep)
     assert budget_params("fastv", 0.5, 0.65, 4)["R"] == pytest.approx(2 / 3, abs=1e-4)   # .5 x 4 / 3
-    assert int((1 - FASTV_MAX_R) * 144 + 1e-9) >= 1     # FastV at its cap keeps one of the toy's 144 image tokens
+    assert share(1 - as_decimal(FASTV_MAX_R), 144) >= 1  # FastV at its cap keeps one of the toy's 144 image tokens
     with pytest.raises(ValueError):
         budget_params("full", 0.5, 0.65, 4)
     with pytest.raises(ValueError, match="sinks"):
@@ -236,7 +238,7 @@ def test_tally_weights_each_answer_by_its_steps_and_bytes():
     for question, prediction, kv, dense, per_step, per_step_dense, steps in answers:
         tally.add(question, prediction, SimpleNamespace(
             kv_cache_bytes_peak=kv, kv_cache_bytes_after_prefill=kv // 2, kv_cache_bytes_dense=dense,
-            hires_tokens_read=0, prompt_tokens=dense // 4, new_tokens=steps + 1,
+            kv_cache_bytes_dense_after_prefill=dense // 2, cached_tokens=dense // 4 + steps, hires_tokens_read=0,
             attended_per_layer=[[per_step]] * steps, prefill_attended_per_layer=[1],
             attended_tokens_per_step=per_step, attended_tokens_per_step_dense=per_step_dense))
     r = tally.report()
@@ -244,20 +246,18 @@ def test_tally_weights_each_answer_by_its_steps_and_bytes():
     assert r["kv_ratio_by_type"] == {"colour": (10 + 10) / (20 + 60), "caption": 30 / 40}
     assert r["kv_ratio"] == (10 + 10 + 30) / (20 + 60 + 40)
     assert r["right_by_scene"] == [0, 2]
-    # Cached by the end: the prompt and every new token but the last, (5 + 1) and (15 + 3) for colour.
-    assert r["cached_tokens_by_type"] == {"colour": (6 + 18) / 2, "caption": 10 + 2}
-    # After the prefill each held half its peak, of a dense cache of its prompt alone: 20 bytes of 6 tokens
-    # at the end is 20 x 5 / 6 for the 5 of the prompt, 60 x 15 / 18 and 40 x 10 / 12.
-    assert r["kv_ratio_after_prefill"] == pytest.approx((5 + 5 + 15) / (20 * 5 / 6 + 60 * 15 / 18 + 40 * 10 / 12))
-    assert r["kv_ratio_after_prefill_by_type"] == pytest.approx({"colour": (5 + 5) / (20 * 5 / 6 + 60 * 15 / 18),
-                                                                 "caption": 15 / (40 * 10 / 12)})
+    assert r["cached_tokens_by_type"] == {"colour": (6 + 18) / 2, "caption": 12}
+    # After the prefill each held half its peak, of a dense cache half its final one.
+    assert r["kv_ratio_after_prefill"] == (5 + 5 + 15) / (10 + 30 + 20)
+    assert r["kv_ratio_after_prefill_by_type"] == {"colour": (5 + 5) / (10 + 30), "caption": 15 / 20}
 
 
 def fake_stats(kv, dense, attended_per_layer, prefill_per_layer, prompt_tokens=20):
     """What Tally reads of a GenerationStats."""
     steps = len(attended_per_layer)
     return SimpleNamespace(kv_cache_bytes_peak=kv, kv_cache_bytes_dense=dense, hires_tokens_read=0,
-                           kv_cache_bytes_after_prefill=kv, prompt_tokens=prompt_tokens, new_tokens=steps + 1,
+                           kv_cache_bytes_after_prefill=kv, kv_cache_bytes_dense_after_prefill=dense,
+                           cached_tokens=prompt_tokens + steps,
                            attended_per_layer=attended_per_layer, prefill_attended_per_layer=prefill_per_layer,
                            attended_tokens_per_step=sum(map(sum, attended_per_layer)) / steps if steps else None,
                            attended_tokens_per_step_dense=2 * sum(map(sum, attended_per_layer)) / steps if steps else None)
@@ -450,7 +450,8 @@ def test_kv_ratio_is_bytes_held_over_dense_bytes():
         caption = question.kind == "caption"
         tally.add(question, question.answer, SimpleNamespace(
             kv_cache_bytes_peak=50 if caption else 20, kv_cache_bytes_dense=100 if caption else 20, hires_tokens_read=0,
-            kv_cache_bytes_after_prefill=50 if caption else 20, prompt_tokens=20, new_tokens=1,
+            kv_cache_bytes_after_prefill=50 if caption else 20, kv_cache_bytes_dense_after_prefill=100 if caption else 20,
+            cached_tokens=20,
             attended_per_layer=[], prefill_attended_per_layer=[], attended_tokens_per_step=None,
             attended_tokens_per_step_dense=None))
     assert tally.report()["kv_ratio"] == 0.75

@@ -25,7 +25,9 @@ measured kv_ratio is the budget, kind of prompt by kind of prompt (kv_ratio_by_t
 share of image tokens (and, as it also evicts text, fewer bytes on captions), and the other peers get the
 knobs that hold the same bytes on each kind as far as their knobs reach (`budget_params`; a policy whose
 knobs reach no lower gets no row at the smaller budgets). Rows show each policy's measured ratio, so a
-reader sees how close each came; nothing is tuned on accuracy.
+reader sees how close each came; nothing is tuned on accuracy. The budgets are matched at the peak, the end
+of an answer; kv_ratio_after_prefill(_by_type) is the same ratio when the prompt has just been cached, where
+a policy whose budget is a share of the sequence so far (H2O, StreamingLLM) holds more than `random`.
 """
 import functools
 import math
@@ -156,7 +158,8 @@ def clustered_wilson_interval(right: list[int], asked: list[int], z: float = Z95
     deff is at least 1: the interval is never narrower than independent prompts' (`wilson_interval`).
     Where every prompt went right (or every one wrong) no spread can be measured; the clusters may then be
     all-or-nothing, each worth one answer, so the interval is Wilson's at the number of clusters, the
-    effective size of clusters whose prompts always agree."""
+    effective size of clusters whose prompts always agree. (So one miss can narrow the interval: it
+    measures a spread, which may be small.)"""
     n_clusters, n = len(asked), sum(asked)
     p = sum(right) / n
     if n_clusters < 2:  # no spread to measure
@@ -222,10 +225,9 @@ class Tally:
             self.wrong_fields.update(caption_errors(prediction, question.scene))
         self.kv_bytes[question.kind] += stats.kv_cache_bytes_peak
         self.kv_dense[question.kind] += stats.kv_cache_bytes_dense
-        cached_tokens = stats.prompt_tokens + stats.new_tokens - 1   # by the end: the last token is never fed
-        self.cached_tokens[question.kind] += cached_tokens
+        self.cached_tokens[question.kind] += stats.cached_tokens
         self.kv_after_prefill[question.kind] += stats.kv_cache_bytes_after_prefill
-        self.kv_dense_after_prefill[question.kind] += stats.kv_cache_bytes_dense * stats.prompt_tokens / cached_tokens
+        self.kv_dense_after_prefill[question.kind] += stats.kv_cache_bytes_dense_after_prefill
         self.pairs += attention_pairs(stats)
         self.hires_read += stats.hires_tokens_read
         steps = len(stats.attended_per_layer)
@@ -321,8 +323,8 @@ def budget_params(policy: str, image_keep: float, kv_ratio: float, n_layers: int
     - random: S = image_keep. avl: the same S, the core C in its defaults' ratio to S (0.3 / 0.5), other
       knobs at their defaults: the same share of the image, which holds fewer bytes than `random` does
       where A-VL also evicts text (captions).
-    - h2o, streaming: their budgets are shares of the sequence, so they get r itself (h2o split 1 : 3
-      heavy : recent, as in its defaults); streaming's sinks, kept beside its window, are taken off it:
+    - h2o, streaming: their budgets are shares of the sequence: h2o gets r, split 1 : 3 heavy : recent as
+      in its defaults; streaming a window of r less its sinks, which it keeps beside the window:
       recent = r - sinks / cached_tokens. budget_sweep gives them r per prompt kind: `random` holds a
       larger share of a long answer (a caption) than of a short one, where their share is the same.
     - fastv: after layer filter_layer - 1 = 0 (the earliest; from its default 2 a 4-layer model cannot
