@@ -188,7 +188,8 @@ def test_held_out_questions_come_from_the_evaluation_stream():
 def test_budget_sweep_gives_every_peer_the_bytes_random_held_kind_by_kind(monkeypatch):
     """With evaluate replaced by a fake whose `random` rows hold other bytes on every kind and budget: each
     peer runs at budget_params of the ratio `random` measured on that kind at that budget, and a row is
-    left out only where its knobs are its last row's again (FastV's R at FASTV_MAX_R)."""
+    left out only where its knobs are its last row's again (FastV's R at FASTV_MAX_R). budget_params itself is
+    checked by hand above; this checks which measurement reaches it."""
     n_layers, runs = 4, []
 
     def fake_evaluate(model, processor, questions, policy, params=None, hires_mode=None, params_by_type=None):
