@@ -11,7 +11,7 @@ from tinyavl.toy import evaluate as evaluate_module
 from tinyavl.toy.evaluate import (ABLATIONS, BUDGETS, FASTV_MAX_R, PROMPT_KINDS, SWEEP_POLICIES, Question, Tally,
                                   budget_params, budget_sweep, caption_errors,
                                   caption_objects_right, clustered_wilson_interval, format_table, held_out_set,
-                                  is_correct, markdown_table, of_full_interval, plot_sweep, shown_params,
+                                  is_correct, markdown_table, paired_ratio_interval, plot_sweep, shown_params,
                                   wilson_interval)
 from tinyavl.toy.scenes import Scene, SceneObject, scene_stream
 from tinyavl.toy.plot import HEIGHT, MARGIN, PALETTE, WIDTH
@@ -122,7 +122,7 @@ def test_table_shows_intervals_and_the_share_of_full():
     lines = table.splitlines()
     assert len(lines) == 4 and lines[0].count("|") == lines[2].count("|") == lines[3].count("|")
     low, high = wilson_interval(54, 60)
-    of_low, of_high = of_full_interval([6] * 4 + [5] * 6, [6] * 10)
+    of_low, of_high = paired_ratio_interval([6] * 4 + [5] * 6, [6] * 10)
     # accuracy, then of full: 54 of full's 60, 6 of the 10 scenes one answer short
     assert f"| 0.900 ({low:.3f}-{high:.3f}) | 0.900 ({of_low:.3f}-{of_high:.3f}) |" in lines[3]
     assert "S=0.5" in lines[3] and "| 0.65 |" in lines[3]                             # KV bytes on captions
@@ -132,16 +132,16 @@ def test_table_shows_intervals_and_the_share_of_full():
     assert shown_params(by_type) == "heavy=0.15 recent=0.45-0.46 (caption 0.46)"
 
 
-def test_of_full_interval_by_hand():
+def test_paired_ratio_interval_by_hand():
     """The same answers as full's: 1 on every draw. Full right on 6 prompts of every scene, the policy on all
     6 of half of them and none of the others: the ratio is the share of scenes the policy got, a mean of
     100 coin tosses, whose 95% interval is about 0.5 +- 1.96 x sqrt(0.25 / 100) = 0.40-0.60."""
-    assert of_full_interval([6, 5, 6, 4], [6, 5, 6, 4]) == (1.0, 1.0)
-    low, high = of_full_interval([6] * 50 + [0] * 50, [6] * 100)
+    assert paired_ratio_interval([6, 5, 6, 4], [6, 5, 6, 4]) == (1.0, 1.0)
+    low, high = paired_ratio_interval([6] * 50 + [0] * 50, [6] * 100)
     assert low == pytest.approx(0.402, abs=0.02) and high == pytest.approx(0.598, abs=0.02)
     # Two scenes, full right only on the second: a draw of the first twice has no ratio, and the others give
     # 5 / 6 (both scenes) or 0 (the second twice); never 5 / 0.
-    low, high = of_full_interval([5, 0], [0, 6])
+    low, high = paired_ratio_interval([5, 0], [0, 6])
     assert low == 0 and high == pytest.approx(5 / 6)
 
 
@@ -152,25 +152,25 @@ def test_clustered_interval_never_narrower_than_independent_prompts():
     assert clustered_wilson_interval(right, [6] * 10) == pytest.approx(wilson_interval(45, 60))
 
 
-def test_of_full_interval_is_seeded_and_pairs_scene_by_scene():
+def test_paired_ratio_interval_is_seeded_and_pairs_scene_by_scene():
     right, full_right = [6, 5, 3, 6, 2, 6, 4, 5], [6, 6, 5, 6, 4, 6, 6, 5]
     torch.manual_seed(1)
-    first = of_full_interval(right * 5, full_right * 5)
+    first = paired_ratio_interval(right * 5, full_right * 5)
     torch.manual_seed(2)                                   # torch's global generator plays no part
-    assert of_full_interval(right * 5, full_right * 5) == first
+    assert paired_ratio_interval(right * 5, full_right * 5) == first
     # Paired: the same counts with full's scenes in another order make another interval.
-    assert of_full_interval(right, full_right) != of_full_interval(right, full_right[::-1])
+    assert paired_ratio_interval(right, full_right) != paired_ratio_interval(right, full_right[::-1])
     with pytest.raises(ValueError, match="pairs scenes"):
-        of_full_interval(right, full_right[:-1])
+        paired_ratio_interval(right, full_right[:-1])
 
 
 def test_table_pairs_each_scene_with_fulls():
-    """The "of full" cell is of_full_interval over the two rows' scene counts, scene by scene."""
+    """The "of full" cell is paired_ratio_interval over the two rows' scene counts, scene by scene."""
     full, policy = report("full", 1.0, 1.0, 1.0), report("random", 0.9, 0.6, 0.5)
     full["right_by_scene"] = [6, 6, 5, 6, 6, 4, 6, 6, 6, 5]
     policy["right_by_scene"] = [6, 4, 5, 6, 3, 4, 6, 5, 6, 5]
     cell = format_table([full, policy]).splitlines()[3].split(" | ")[4]
-    low, high = of_full_interval(policy["right_by_scene"], full["right_by_scene"])
+    low, high = paired_ratio_interval(policy["right_by_scene"], full["right_by_scene"])
     assert cell == f"{0.9:.3f} ({low:.3f}-{high:.3f})"
 
 
@@ -195,7 +195,9 @@ def test_budget_sweep_gives_every_peer_the_bytes_random_held_kind_by_kind(monkey
     def fake_evaluate(model, processor, questions, policy, params=None, hires_mode=None, params_by_type=None):
         runs.append((policy, params, params_by_type))
         keep = params["S"] if policy == "random" else 1.0
-        return {"policy": policy, "policy_params": params, "accuracy": 0.5, "kv_ratio": 0.5, "seconds": 0.0,
+        right_by_scene = [6, 5, 4] if policy == "random" else [5, 4, 3]
+        return {"policy": policy, "policy_params": params, "accuracy": sum(right_by_scene) / 18,
+                "right_by_scene": right_by_scene, "kv_ratio": 0.5, "seconds": 0.0,
                 "kv_ratio_by_type": {kind: round(0.3 + 0.5 * keep + 0.01 * i, 4)
                                      for i, kind in enumerate(PROMPT_KINDS)},
                 "cached_tokens_by_type": {kind: 180 + 10 * i + keep for i, kind in enumerate(PROMPT_KINDS)}}
@@ -224,6 +226,11 @@ def test_budget_sweep_gives_every_peer_the_bytes_random_held_kind_by_kind(monkey
     assert runs == [run[:3] for run in expected]
     assert [r["budget"] for r in reports] == [run[3] for run in expected]
     assert ("fastv", 0.1) not in {(r["policy"], r["budget"]) for r in reports}   # out of its reach
+    # Each peer against `random` at its budget, scene by scene: 12 of random's 15.
+    peers = [r for r in reports[1:-len(ABLATIONS)] if r["policy"] != "random"]
+    assert all(r["of_random"] == pytest.approx(12 / 15) for r in peers)
+    assert all(r["of_random_ci"] == paired_ratio_interval([5, 4, 3], [6, 5, 4]) for r in peers)
+    assert not any("of_random" in r for r in reports if r not in peers)
 
 
 def test_tally_weights_each_answer_by_its_steps_and_bytes():
@@ -435,11 +442,11 @@ def test_an_object_named_twice_counts_once():
     assert caption_objects_right(f"{blue} and {red}", SCENE) == 2 and caption_objects_right("", SCENE) == 0
 
 
-def test_of_full_interval_is_a_95_percent_one():
+def test_paired_ratio_interval_is_a_95_percent_one():
     """Full right on all 6 prompts of 100 scenes, the policy on all of the first 50: a draw's ratio is the share
     of its 100 scenes from the first half, Binomial(100, 1/2) / 100, whose 2.5% and 97.5% quantiles are 0.40 and
     0.60 (P(X <= 39) = 0.018, P(X <= 40) = 0.028); a 90% interval would be 0.42-0.58."""
-    low, high = of_full_interval([6] * 50 + [0] * 50, [6] * 100)
+    low, high = paired_ratio_interval([6] * 50 + [0] * 50, [6] * 100)
     assert low == pytest.approx(0.40, abs=0.011) and high == pytest.approx(0.60, abs=0.011)
 
 

@@ -185,18 +185,22 @@ def attention_pairs(stats) -> int:
             + stats.hires_tokens_read)
 
 
-def of_full_interval(right: list[int], full_right: list[int], draws: int = 4000, seed: int = 0) -> tuple[float, float]:
-    """The 95% interval of sum(right) / sum(full_right), a policy's accuracy over full attention's on the
-    same prompts, right[i] and full_right[i] the prompts about scene i each got right: a paired bootstrap
-    (Efron and Tibshirani, An Introduction to the Bootstrap, 1993) that draws scenes with replacement, both
-    counts of a scene together, and takes the 2.5 and 97.5 percentiles of the ratio. Seeded: one answer."""
-    if len(right) != len(full_right):
-        raise ValueError(f"of_full_interval pairs scenes: {len(right)} counts against full's {len(full_right)}")
-    right, full_right = torch.tensor(right, dtype=torch.float64), torch.tensor(full_right, dtype=torch.float64)
+def paired_ratio_interval(right: list[int], reference_right: list[int], draws: int = 4000,
+                          seed: int = 0) -> tuple[float, float]:
+    """The 95% interval of sum(right) / sum(reference_right), a policy's accuracy over another row's on the
+    same prompts (full attention's: the table's "of full"; `random`'s at the same budget: budget_sweep's
+    "of_random"), right[i] and reference_right[i] the prompts about scene i each got right: a paired
+    bootstrap (Efron and Tibshirani, An Introduction to the Bootstrap, 1993) that draws scenes with
+    replacement, both counts of a scene together, and takes the 2.5 and 97.5 percentiles of the ratio.
+    Seeded: one answer."""
+    if len(right) != len(reference_right):
+        raise ValueError(f"paired_ratio_interval pairs scenes: {len(right)} counts against {len(reference_right)}")
+    right = torch.tensor(right, dtype=torch.float64)                                # (scenes,)
+    reference_right = torch.tensor(reference_right, dtype=torch.float64)            # (scenes,)
     scenes = torch.randint(len(right), (draws, len(right)), generator=torch.Generator().manual_seed(seed))
-    full_sums = full_right[scenes].sum(1)                                        # (draws,)
-    # A draw in which full attention got nothing right has no ratio (a few scenes at most): left out.
-    ratios = (right[scenes].sum(1) / full_sums).masked_fill(full_sums == 0, float("nan"))   # (draws,)
+    reference_sums = reference_right[scenes].sum(1)                                 # (draws,)
+    # A draw in which the reference got nothing right has no ratio (a few scenes at most): left out.
+    ratios = (right[scenes].sum(1) / reference_sums).masked_fill(reference_sums == 0, float("nan"))  # (draws,)
     return float(ratios.nanquantile(0.025)), float(ratios.nanquantile(0.975))
 
 
@@ -244,7 +248,7 @@ class Tally:
             "n_questions": n,
             "accuracy": sum(self.right.values()) / n,
             "accuracy_ci": clustered_wilson_interval(right_by_scene, [self.asked_by_scene[i] for i in scenes]),
-            "right_by_scene": right_by_scene,  # in scene order: `of_full_interval` pairs them with full's
+            "right_by_scene": right_by_scene,  # in scene order: `paired_ratio_interval` pairs them with full's
             "accuracy_by_type": {kind: self.right[kind] / self.asked[kind] for kind in kinds},
             "accuracy_by_type_ci": {kind: wilson_interval(self.right[kind], self.asked[kind]) for kind in kinds},
             # A caption's objects go right or wrong together: each caption is a cluster.
@@ -351,13 +355,20 @@ def budget_params(policy: str, image_keep: float, kv_ratio: float, n_layers: int
 def budget_sweep(model, processor, questions, log=None, hires_mode: str = DEFAULT_HIRES_MODE) -> list[dict]:
     """`full`, then at every budget of BUDGETS `random` first and each of SWEEP_POLICIES at the bytes
     it held (budget_params), then ABLATIONS. Each report gains "budget": the share of image tokens kept
-    (1 for full) and "line": the plot's line it belongs to. hires_mode: as `evaluate`'s."""
-    def measure(policy, params, budget, line=None, by_type=None):
+    (1 for full) and "line": the plot's line it belongs to; a peer's, "of_random" and "of_random_ci": its
+    accuracy over `random`'s at that budget, paired scene by scene (`paired_ratio_interval`). hires_mode:
+    as `evaluate`'s."""
+    def measure(policy, params, budget, line=None, by_type=None, control=None):
         report = {"budget": budget, "line": line or policy,
                   **evaluate(model, processor, questions, policy, params, hires_mode=hires_mode,
                              params_by_type=by_type)}
+        against = ""
+        if control is not None:
+            report["of_random"] = report["accuracy"] / control["accuracy"]
+            report["of_random_ci"] = paired_ratio_interval(report["right_by_scene"], control["right_by_scene"])
+            against = f" ({format_interval(report['of_random'], report['of_random_ci'], 3)} of random's)"
         if log:
-            log(f"budget {budget}: {policy} {shown_params(report)}: accuracy {report['accuracy']:.3f}, "
+            log(f"budget {budget}: {policy} {shown_params(report)}: accuracy {report['accuracy']:.3f}{against}, "
                 f"KV {report['kv_ratio']:.3f}, after the prefill {report['kv_ratio_after_prefill']:.3f} "
                 f"(captions {report['kv_ratio_after_prefill_by_type'].get('caption', math.nan):.3f}) "
                 f"({report['seconds']:.0f} s)")
@@ -384,9 +395,9 @@ def budget_sweep(model, processor, questions, log=None, hires_mode: str = DEFAUL
             knobs_run[policy] = by_type
             params = next(iter(by_type.values()))
             if all(kind_params == params for kind_params in by_type.values()):
-                reports.append(measure(policy, params, image_keep))
+                reports.append(measure(policy, params, image_keep, control=control))
             else:
-                reports.append(measure(policy, None, image_keep, by_type=by_type))
+                reports.append(measure(policy, None, image_keep, by_type=by_type, control=control))
     return reports + [measure(policy, params, budget, line) for budget, policy, params, line in ABLATIONS]
 
 
@@ -414,7 +425,7 @@ def shown_params(report: dict) -> str:
 
 def format_table(reports: list[dict]) -> str:
     """A Markdown table: one row per report, accuracy (95% interval) overall and per type, the share of
-    full's accuracy (its paired interval, `of_full_interval`), the caption objects named exactly (95%
+    full's accuracy (its paired interval, `paired_ratio_interval`), the caption objects named exactly (95%
     interval, each caption a cluster), and the measured ratios."""
     full = next((r for r in reports if r["policy"] == "full"), None)
     head = (["image kept", "policy", "params", "overall", "of full"] + list(PROMPT_KINDS)
@@ -422,7 +433,7 @@ def format_table(reports: list[dict]) -> str:
     rows = []
     for r in reports:
         of_full = "-" if not full or not full["accuracy"] else format_interval(
-            r["accuracy"] / full["accuracy"], of_full_interval(r["right_by_scene"], full["right_by_scene"]), 3)
+            r["accuracy"] / full["accuracy"], paired_ratio_interval(r["right_by_scene"], full["right_by_scene"]), 3)
         cells = ["-" if r.get("budget") is None else f"{r['budget']:g}", r["policy"], shown_params(r) or "-",
                  format_interval(r["accuracy"], r["accuracy_ci"], 3), of_full]
         cells += [format_interval(r["accuracy_by_type"][kind], r["accuracy_by_type_ci"][kind]) for kind in PROMPT_KINDS]
