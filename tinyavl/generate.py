@@ -29,8 +29,6 @@ class GenerationStats:
     kv_cache_bytes_peak: int           # peak bytes of K and V held, measured after every forward pass
     kv_cache_bytes_after_prefill: int
     kv_cache_bytes_dense: int          # what the dense cache would hold at the end of the same sequence
-    kv_cache_bytes_dense_after_prefill: int  # ... and for the prompt alone
-    cached_tokens: int                 # the sequence's tokens fed through the cache: all but the last chosen
     modality_bytes_after_prefill: dict  # {"sys": ..., "image": ..., "text": ...} summed over layers
     modality_bytes_peak: dict           # the same, at the first step of peak total bytes
     layer_bytes_after_prefill: list     # per layer: {"sys": ..., "image": ..., "text": ...}
@@ -40,6 +38,16 @@ class GenerationStats:
     prefill_attended_per_layer: list = field(default_factory=list)  # per layer: the rows the prefill ran on
     hires_tokens_read: int = 0  # FlexAttention: high-resolution keys read by the current tokens, all layers
     decode_step_seconds: list = field(default_factory=list)  # per decode step: its forward pass and token choice
+
+    @property
+    def cached_tokens(self) -> int:
+        """The tokens fed through the cache: the prompt and every new token but the last, chosen, never fed."""
+        return self.prompt_tokens + self.new_tokens - 1
+
+    @property
+    def kv_cache_bytes_dense_after_prefill(self) -> int:
+        """What the dense cache holds for the prompt alone (its bytes grow by the same amount a token)."""
+        return self.kv_cache_bytes_dense * self.prompt_tokens // self.cached_tokens
 
 
 def image_segments(input_ids, image_token_id: int) -> tuple[int, int]:
@@ -223,7 +231,6 @@ def generation(model, input_ids, pixel_values=None, *, image_sizes=None, hires_p
     prefill_attended = list(cache.attended)
 
     prefill_bytes, prefill_modality_bytes, prefill_layer_bytes = kv_snapshot(cache)
-    prefill_dense_bytes = cache.dense_nbytes()
     peak_bytes, peak_modality_bytes = prefill_bytes, prefill_modality_bytes
     tokens, attended, attended_dense, step_seconds = [token], [], [], []
     yield token
@@ -251,8 +258,7 @@ def generation(model, input_ids, pixel_values=None, *, image_sizes=None, hires_p
         prefill_seconds=prefill_seconds, decode_seconds=decode_seconds,
         decode_tokens_per_second=decode_steps / decode_seconds if decode_steps else None,
         kv_cache_bytes_peak=peak_bytes, kv_cache_bytes_after_prefill=prefill_bytes,
-        kv_cache_bytes_dense=cache.dense_nbytes(), kv_cache_bytes_dense_after_prefill=prefill_dense_bytes,
-        cached_tokens=cache.next_pos,
+        kv_cache_bytes_dense=cache.dense_nbytes(),
         modality_bytes_after_prefill=prefill_modality_bytes, modality_bytes_peak=peak_modality_bytes,
         layer_bytes_after_prefill=prefill_layer_bytes,
         attended_tokens_per_step=sum(map(sum, attended)) / decode_steps if decode_steps else None,

@@ -248,7 +248,8 @@ class Tally:
             "n_questions": n,
             "accuracy": sum(self.right.values()) / n,
             "accuracy_ci": clustered_wilson_interval(right_by_scene, [self.asked_by_scene[i] for i in scenes]),
-            "right_by_scene": right_by_scene,  # in scene order: `paired_ratio_interval` pairs them with full's
+            # In scene order: `paired_ratio_interval` pairs them with another row's (full's, random's).
+            "right_by_scene": right_by_scene,
             "accuracy_by_type": {kind: self.right[kind] / self.asked[kind] for kind in kinds},
             "accuracy_by_type_ci": {kind: wilson_interval(self.right[kind], self.asked[kind]) for kind in kinds},
             # A caption's objects go right or wrong together: each caption is a cluster.
