@@ -58,7 +58,7 @@ def test_the_two_rates_divide_the_bytes_read_by_the_best_time(model, monkeypatch
 
 def test_a_run_without_update_steps_reports_no_update_step_time(model):
     """3 new tokens are 2 decode steps, both normal (K = 3): there is no update step to time, not one of 0 ms."""
-    case, _ = bench.run_case(model, n_img=20, new_tokens=3, rates={"read": 2e9, "matvec": 1e9})
+    case = bench.run_case(model, n_img=20, new_tokens=3, rates={"read": 2e9, "matvec": 1e9})
     assert not any(key.startswith(("attention_ms_", "update_step", "normal_step", "swap_"))
                    for key in case["policies"]["avl"])
     bench.print_case(case)  # prints without the split
@@ -66,8 +66,7 @@ def test_a_run_without_update_steps_reports_no_update_step_time(model):
 
 def test_floor_is_weight_bytes_at_matvec_rate_plus_attended_kv_at_read_rate(model):
     rates = {"read": 2e9, "matvec": 1e9}
-    case, full_tokens = bench.run_case(model, n_img=20, new_tokens=6, rates=rates)
-    assert len(full_tokens) == 6
+    case = bench.run_case(model, n_img=20, new_tokens=6, rates=rates)
     assert list(case["policies"]) == list(POLICIES)
     weight = bench.decode_weight_bytes(model)
     full, avl = case["policies"]["full"], case["policies"]["avl"]
@@ -93,7 +92,7 @@ def test_each_policys_times_and_bytes_are_its_own_runs(model, monkeypatch):
         return runs
 
     monkeypatch.setattr(bench, "run_policies", recorded_run_policies)
-    case, _ = bench.run_case(model, n_img=20, new_tokens=6, rates={"read": 2e9, "matvec": 1e9})
+    case = bench.run_case(model, n_img=20, new_tokens=6, rates={"read": 2e9, "matvec": 1e9})
     for name, (_, stats, cache) in runs.items():
         row = case["policies"][name]
         assert row["decode_ms"] == pytest.approx(1e3 * stats.decode_seconds / 5)
@@ -276,25 +275,70 @@ def test_json_has_the_documented_layout(monkeypatch, capsys):
                                     for name in ("float32", "bfloat16")}
 
 
-def test_a_transformers_mismatch_is_noted_on_stderr_not_in_the_json(model, capsys):
+def test_a_transformers_mismatch_is_noted_on_stderr_not_in_the_json(model, monkeypatch, capsys):
     """--json promises one object on stdout: the note that transformers' greedy tokens differ from
-    tinyavl's (here made to, by expecting tokens no model gives) goes to stderr."""
+    tinyavl's (here made to, by shifting tinyavl's) goes to stderr."""
     pytest.importorskip("transformers")
-    rate = bench.transformers_decode_rate(model, bench.prompt_ids(model.config, 12), bench.image_block(model, 12),
-                                          new_tokens=3, expected_tokens=[-1, -1, -1])
+    generation = bench.generation
+
+    def shifted_generation(*args, **kwargs):
+        tokens, stats = yield from generation(*args, **kwargs)
+        return [token + 1 for token in tokens], stats
+
+    monkeypatch.setattr(bench, "generation", shifted_generation)
+    ratio = bench.transformers_decode_ratio(model, bench.prompt_ids(model.config, 12), bench.image_block(model, 12),
+                                            new_tokens=3)
     captured = capsys.readouterr()
-    assert rate > 0 and captured.out == "" and "tokens differ" in captured.err
+    assert ratio > 0 and captured.out == "" and "tokens differ" in captured.err
 
 
-def test_transformers_rate_counts_the_decode_steps_it_timed(model, monkeypatch):
-    """The clock runs over the decode steps alone (the prefill makes the first token): 5 new tokens are 4
-    steps, here in 8 made-up seconds."""
+def test_transformers_greedy_times_each_decode_step_and_decodes_as_tinyavl(model, monkeypatch):
+    """transformers' greedy run times its decode steps alone (the prefill makes the first token, untimed):
+    5 new tokens are 4 steps, here 2, 3, 1 and 4 made-up seconds; and on the same weights it chooses the
+    tokens tinyavl's full attention does."""
     pytest.importorskip("transformers")
-    clock = iter([100.0, 108.0])
+    ids, pixels = bench.prompt_ids(model.config, 12), bench.image_block(model, 12)
+    clock = iter([100.0, 102.0, 110.0, 113.0, 120.0, 121.0, 130.0, 134.0])
     monkeypatch.setattr(bench, "time", type("FakeTime", (), {"perf_counter": staticmethod(lambda: next(clock))}))
-    rate = bench.transformers_decode_rate(model, bench.prompt_ids(model.config, 12), bench.image_block(model, 12),
-                                          new_tokens=5, expected_tokens=None)
-    assert rate == 4 / 8
+    hf = bench.transformers_llava(model)
+    with torch.inference_mode():
+        embeds = model.embed(ids, pixels)                                   # (1, T, C)
+    steps = bench.transformers_greedy(hf, embeds, 5)
+    yielded = [next(steps) for _ in range(5)]
+    with pytest.raises(StopIteration) as end:
+        next(steps)
+    tokens, step_seconds = end.value.value
+    assert tokens == yielded and step_seconds == [2.0, 3.0, 1.0, 4.0]
+    assert tokens == bench.generate(model, ids, pixels, max_new_tokens=5, eos_token_id=(), policy="full")[0]
+
+
+def test_transformers_and_tinyavl_decode_in_turn_and_the_ratio_is_of_their_step_times(model, monkeypatch):
+    """The comparison takes one decode step of tinyavl's full attention, then one of transformers', ...
+    (their prefills first), and its ratio of tokens/s is transformers' step seconds over tinyavl's."""
+    pytest.importorskip("transformers")
+    order, ends, take_turns = [], {}, bench.take_turns
+
+    def recorded(name, steps):  # steps, each token's turn noted
+        while True:
+            try:
+                token = next(steps)
+            except StopIteration as end:
+                return end.value
+            order.append(name)
+            yield token
+
+    def recording_take_turns(generations):
+        # Record each token as it is yielded, and what each run returned.
+        result = take_turns({name: recorded(name, steps) for name, steps in generations.items()})
+        ends.update(result)
+        return result
+
+    monkeypatch.setattr(bench, "take_turns", recording_take_turns)
+    ratio = bench.transformers_decode_ratio(model, bench.prompt_ids(model.config, 12), bench.image_block(model, 12),
+                                            new_tokens=4)
+    assert order == ["tinyavl", "transformers"] * 4                  # the first tokens (prefills), then 3 steps each
+    (_, stats), (_, hf_step_seconds) = ends["tinyavl"], ends["transformers"]
+    assert len(hf_step_seconds) == 3 and ratio == sum(hf_step_seconds) / stats.decode_seconds
 
 
 def test_next_blocks_and_the_papers_memory_arithmetic_by_hand():

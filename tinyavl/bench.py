@@ -31,10 +31,10 @@ mixed as in a long answer, one update step in K (`attention_ms_steady`). The pol
 taken in turn (`run_policies`), so that the machine's drift weighs on every policy alike. Then `full` and
 `avl` decode 256 tokens, in turn too, to show how the step grows with the sequence (at the 16th and the
 256th token: the ms per step, and the part of it inside the cache's four steps, which reads the K/V rows;
-and the slope of each, fitted over every step between). With transformers installed, its LLaVA runs the
-same weights and prompt (the first image block) with full attention, and tinyavl's decode speed is
-printed relative to it. Absolute times on a shared CPU are noise; ratios measured in one run are the
-result.
+and the slope of each, fitted over every step between). With transformers installed, its LLaVA decodes
+the same weights and prompt (the first image block) with full attention, its steps taken in turn with
+those of tinyavl's `full` (`transformers_decode_ratio`), and tinyavl's decode speed is printed relative to
+it. Absolute times on a shared CPU are noise; ratios measured in one run are the result.
 
 `--device cuda` runs all of it on a GPU (the default where CUDA is present, as in main.py), where A-VL's
 decode steps go through the Triton kernel (kernels/sparse_attention.py). GPU work is queued, not done,
@@ -123,9 +123,10 @@ def prompt_ids(config: LlavaConfig, n_img: int, seed: int = 2):
     return torch.cat([torch.tensor([config.text.bos_token_id]), sys_ids, image_ids, text_ids])[None]  # (1, T)
 
 
-def transformers_decode_rate(model, input_ids, pixel_values, new_tokens: int, expected_tokens: list[int]):
-    """Decode tokens/s of transformers' LLaVA (sdpa attention, DynamicCache) on the same weights and
-    the same merged embeddings; None when transformers is not installed."""
+def transformers_llava(model):
+    """transformers' LLaVA (sdpa attention) holding the decoder weights of `model`, or None when transformers
+    is not installed. Its vision tower and projector stay unloaded: `transformers_greedy` feeds it tinyavl's
+    merged embeddings."""
     try:
         import transformers
     except ImportError:
@@ -152,29 +153,51 @@ def transformers_decode_rate(model, input_ids, pixel_values, new_tokens: int, ex
     decoder_missing = [key for key in missing if key.startswith(("model.language_model.", "lm_head."))]
     assert not unexpected and not decoder_missing, (unexpected, decoder_missing)
     hf.config._attn_implementation = "sdpa"
-    hf.eval()
-    with torch.inference_mode():
-        embeds = model.embed(input_ids.to(weight.device), pixel_values)   # (1, T, C), image block merged
+    return hf.eval()
 
-    @torch.inference_mode()
-    def greedy(n_tokens: int):  # (the tokens, the seconds of their decode steps)
-        out = hf(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
-        tokens = [int(out.logits[0, -1].argmax())]
+
+@torch.inference_mode()
+def transformers_greedy(hf, embeds, new_tokens: int):
+    """transformers' greedy decoding (DynamicCache) from the prompt's embeddings embeds (1, T, C), one token
+    at a time, as `generate.generation` decodes: a generator that yields each token and returns (the tokens,
+    the seconds of each decode step: its forward pass and its token choice; the prefill's is not timed)."""
+    out = hf(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
+    tokens, step_seconds = [int(out.logits[0, -1].argmax())], []
+    yield tokens[-1]
+    for _ in range(new_tokens - 1):
         start = time.perf_counter()
-        for _ in range(n_tokens - 1):
-            out = hf(input_ids=torch.tensor([[tokens[-1]]], device=weight.device),
-                     past_key_values=out.past_key_values, use_cache=True)
-            tokens.append(int(out.logits[0, -1].argmax()))  # int(): waits for a GPU's work
-        return tokens, time.perf_counter() - start
+        out = hf(input_ids=torch.tensor([[tokens[-1]]], device=embeds.device),
+                 past_key_values=out.past_key_values, use_cache=True)
+        tokens.append(int(out.logits[0, -1].argmax()))  # int(): waits for a GPU's work
+        step_seconds.append(time.perf_counter() - start)
+        yield tokens[-1]
+    return tokens, step_seconds
 
-    if weight.is_cuda:  # first calls compile and choose kernels: untimed, as tinyavl's runs get (run_policies)
-        greedy(8)
-    tokens, seconds = greedy(new_tokens)
-    if tokens != expected_tokens:
+
+def transformers_decode_ratio(model, input_ids, pixel_values, new_tokens: int):
+    """tinyavl's decode tokens/s with full attention over transformers' on the same weights and the same
+    merged embeddings (None when transformers is not installed). The two decode their steps in turn
+    (`take_turns`), so that both are timed over the same minutes of a shared machine."""
+    hf = transformers_llava(model)
+    if hf is None:
+        return None
+    with torch.inference_mode():
+        embeds = model.embed(input_ids.to(hf.device), pixel_values)   # (1, T, C), image block merged
+
+    def runs(n_tokens: int) -> dict:
+        return take_turns({"tinyavl": generation(model, input_ids, pixel_values, max_new_tokens=n_tokens,
+                                                 eos_token_id=(), policy="full"),
+                           "transformers": transformers_greedy(hf, embeds, n_tokens)})
+
+    if hf.device.type == "cuda":  # first calls compile and choose kernels: untimed, as in run_policies
+        runs(8)
+    ends = runs(new_tokens)
+    (tokens, stats), (hf_tokens, hf_step_seconds) = ends["tinyavl"], ends["transformers"]
+    if hf_tokens != tokens:
         # On stderr: with --json, stdout holds one JSON object and nothing else.
-        print(f"  note: transformers' greedy tokens differ from tinyavl's full attention ({tokens[:8]}...)",
+        print(f"  note: transformers' greedy tokens differ from tinyavl's full attention ({hf_tokens[:8]}...)",
               file=sys.stderr)
-    return (new_tokens - 1) / seconds
+    return sum(hf_step_seconds) / stats.decode_seconds  # the same number of steps: a ratio of rates
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -338,18 +361,23 @@ def run_policies(model, names, input_ids, pixel_values, new_tokens: int) -> dict
             generate(model, input_ids, pixel_values, max_new_tokens=8, eos_token_id=(), policy=name)
     caches = {name: timed_cache(name, cuda) for name in names}
     # eos_token_id=(): every policy decodes the same number of steps, whatever the tokens.
-    going = {name: generation(model, input_ids, pixel_values, max_new_tokens=new_tokens, eos_token_id=(),
-                              policy=cache) for name, cache in caches.items()}
-    runs = {}
+    ends = take_turns({name: generation(model, input_ids, pixel_values, max_new_tokens=new_tokens, eos_token_id=(),
+                                        policy=cache) for name, cache in caches.items()})
+    return {name: (*ends[name], caches[name]) for name in names}
+
+
+def take_turns(generations: dict) -> dict:
+    """Runs generators that yield after each token (`generate.generation`) in turn, one token of each still
+    going, then the next of each, until all have returned: {name: what each returned}, in the given order."""
+    going, ends = dict(generations), {}
     while going:
-        for name, steps in list(going.items()):   # one step of each policy still going, in turn
+        for name, steps in list(going.items()):
             try:
                 next(steps)
             except StopIteration as end:
-                tokens, stats = end.value
-                runs[name] = tokens, stats, caches[name]
+                ends[name] = end.value
                 del going[name]
-    return {name: runs[name] for name in names}
+    return {name: ends[name] for name in generations}
 
 
 def attention_step_seconds(cache) -> list[float]:
@@ -366,10 +394,9 @@ def ms_at(per_step: list[float], token: int, window: int = 8) -> float:
     return 1e3 * statistics.median(per_step[max(0, token - window - 1):token - 1])
 
 
-def run_case(model, n_img: int, new_tokens: int, rates: dict) -> tuple[dict, list[int]]:
-    """Every policy on one prompt, their decode steps in turn (`run_policies`): (a dict of per-policy
-    measurements, `full` first, as --json prints it; the tokens `full` generated). rates: `measure_rates`'s,
-    in bytes/s."""
+def run_case(model, n_img: int, new_tokens: int, rates: dict) -> dict:
+    """Every policy on one prompt, their decode steps in turn (`run_policies`): per-policy measurements,
+    `full` first, as --json prints them. rates: `measure_rates`'s, in bytes/s."""
     pixel_values = image_block(model, n_img)
     input_ids = prompt_ids(model.config, n_img)
     weight_bytes = decode_weight_bytes(model)
@@ -397,7 +424,7 @@ def run_case(model, n_img: int, new_tokens: int, rates: dict) -> tuple[dict, lis
                 policies[name]["core_replaced"] = statistics.mean(cache.core_replaced)
             policies[name].update(avl_step_split(cache, policies["full"]["attention_ms"]))
     return {"image_tokens": n_img, "prompt_tokens": input_ids.shape[1], "new_tokens": new_tokens,
-            "rates_GBps": {name: rate / 1e9 for name, rate in rates.items()}, "policies": policies}, full_tokens
+            "rates_GBps": {name: rate / 1e9 for name, rate in rates.items()}, "policies": policies}
 
 
 def agreeing_start(tokens: list[int], reference: list[int]) -> int:
@@ -528,13 +555,10 @@ def run_dtype(args, dtype_name: str) -> dict:
     log(f"\n== {dtype_name}: {decode_weight_bytes(model) / 1e9:.2f} GB of weights per decode step; "
         f"a decode query's logits as {logits_form} (rows_logits)")
     result = {"dtype": dtype_name, "decode_logits": logits_form, "cases": []}
-    full_tokens = {}  # per block length: the tokens `full` generated, which transformers' should equal (else a note)
     for n_img in args.image_tokens:
         # The rates just before the policies they are floors for: a shared machine's speed moves.
-        measured, tokens = run_case(model, n_img, args.new_tokens, measure_rates(model))
-        case = {"dtype": dtype_name, **measured}
+        case = {"dtype": dtype_name, **run_case(model, n_img, args.new_tokens, measure_rates(model))}
         result["cases"].append(case)
-        full_tokens[n_img] = tokens
         if not args.json:
             print_case(case)
     first_n_img = args.image_tokens[0]  # growth and the transformers comparison run on the first block
@@ -542,14 +566,12 @@ def run_dtype(args, dtype_name: str) -> dict:
     if not args.json:
         print_growth(result["growth"])
     if not args.no_transformers:
-        first_case = result["cases"][0]
         # image_block again: this comparison does not rely on which block the runs before it left set.
-        rate = transformers_decode_rate(model, prompt_ids(model.config, first_n_img),
-                                        image_block(model, first_n_img), args.new_tokens, full_tokens[first_n_img])
-        if rate is not None:
-            ours = 1e3 / first_case["policies"]["full"]["decode_ms"]
-            result["transformers_decode_ratio"] = ours / rate
-            log(f"tinyavl full decode {ours:.2f} tok/s, transformers (sdpa) {rate:.2f} tok/s: ratio {ours / rate:.2f}")
+        ratio = transformers_decode_ratio(model, prompt_ids(model.config, first_n_img),
+                                          image_block(model, first_n_img), args.new_tokens)
+        if ratio is not None:
+            result["transformers_decode_ratio"] = ratio
+            log(f"tinyavl full decode over transformers (sdpa), their steps taken in turn: {ratio:.2f}x the tokens/s")
         else:
             log("transformers is not installed: no comparison")
     return result
