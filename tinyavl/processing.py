@@ -35,7 +35,7 @@ from tinyavl.errors import UserError
 from tinyavl.files import check_readable, read_json_object
 
 IMAGE_TOKEN = "<image>"
-BOS_TOKEN = "<s>"
+BOS_TOKEN, EOS_TOKEN = "<s>", "</s>"  # a Llama tokenizer's
 # The system prompt LLaVA-1.5 was trained with (the Vicuna v1 conversation of the LLaVA repository,
 # llava/conversation.py). llava-hf's documented prompt leaves it out; a checkpoint that wants it says so
 # in processor_config.json ("system_prompt"), as the toy LLaVA does.
@@ -246,7 +246,7 @@ class Processor:
         self.image_token_id = image_token_id
         self.num_image_tokens = num_image_tokens  # of one crop: e.g. 576 = (336 / 14)^2 CLIP patches
         self.bos_token_id = _special_id(tokenizer, BOS_TOKEN)
-        self.eos_token_id = _special_id(tokenizer, "</s>")
+        self.eos_token_id = _special_id(tokenizer, EOS_TOKEN)
         # What a chat template may write ({{ bos_token }}, ...): those declared, as transformers hands them over.
         self.special_tokens = {name: token for name, token in (special_tokens or LLAMA_SPECIAL_TOKENS).items()
                                if token is not None}
@@ -446,7 +446,7 @@ def centred(img: Image.Image, width: int, height: int, colour=(0, 0, 0)) -> Imag
 
 # The special tokens a Llama tokenizer declares when tokenizer_config.json says nothing of them (transformers'
 # LlamaTokenizerFast): no pad token.
-LLAMA_SPECIAL_TOKENS = {"bos_token": BOS_TOKEN, "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None}
+LLAMA_SPECIAL_TOKENS = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": "<unk>", "pad_token": None}
 
 
 def read_special_tokens(path: Path) -> dict:

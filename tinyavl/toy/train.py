@@ -67,12 +67,12 @@ from tinyavl.cli import TOY_WEIGHTS, ArgumentParser, check_training_args, first_
 from tinyavl.errors import UserError
 from tinyavl.files import check_new_folder, write_file_atomically, write_folder_atomically
 from tinyavl.model import LlavaConfig, LlavaForConditionalGeneration, TextConfig, VisionConfig
-from tinyavl.processing import CLIP_MEAN, CLIP_STD, IMAGE_TOKEN, LLAVA_SYSTEM_PROMPT, Processor
+from tinyavl.processing import BOS_TOKEN, CLIP_MEAN, CLIP_STD, EOS_TOKEN, IMAGE_TOKEN, LLAVA_SYSTEM_PROMPT, Processor
 from tinyavl.toy.evaluate import evaluate, held_out_set, reads_fine_scenes
 from tinyavl.toy.scenes import (COLOURS, DIGITS, FINE_SCALE, GRID, IMAGE_SIZE, PATCH, PROMPT_KINDS, SHAPES, Scene,
                                 SceneObject, scene_stream)
 
-SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
+SPECIAL_TOKENS = ["<unk>", BOS_TOKEN, EOS_TOKEN, "<pad>", IMAGE_TOKEN]
 IMAGE_DROPOUT = 0.0  # the largest fraction of a training sequence's image tokens hidden (off: see hide_image_tokens)
 IMAGE_DROPOUT_SHARE = 1.0  # the share of training sequences that get image-token dropout at all
 TUNE_STEPS = 2000    # stage 2 (`tune`): steps with image-token dropout in every sequence
