@@ -20,7 +20,7 @@ from kernels.sparse_attention import (INTERPRETED, SUPPORTED_DTYPES, TRITON_AVAI
                                       format_report, gather_selected_rows, sparse_decode_attention)
 from tinyavl.cli import ArgumentParser, first_paragraph, run_main
 from tinyavl.errors import UserError
-from tinyavl.timing import best_seconds
+from tinyavl.timing import best_seconds, synchronize
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -116,6 +116,10 @@ def benchmark_case(batch, n_image, core_fraction, head_config, dtype, device, ti
     num_heads, num_kv_heads, head_dim, n_sys, n_text = head_config
     q, k, v, index, start = make_avl_decode_inputs(batch, num_heads, num_kv_heads, head_dim, n_sys,
                                                    n_image, n_text, core_fraction, dtype, device)
+    # The inputs are queued on the default stream, and triton.testing.do_bench_cudagraph runs the calls on
+    # a stream of its own, which does not wait for it: without this, its first calls could read an index
+    # not yet written, whose rows may lie outside the cache.
+    synchronize()
     t_kernel = time_ms(lambda: sparse_decode_attention(q, k, v, index, start, check_index=False))
     t_gather = time_ms(lambda: gather_then_sdpa(q, k, v, index, start))
     t_dense = time_ms(lambda: dense_sdpa(q, k, v))

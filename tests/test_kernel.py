@@ -414,6 +414,22 @@ def test_kernel_bytes_by_hand():
     assert bench.kernel_bytes(q, k, index, start=30) == 2 * (2 * 2 * 15 * 16 * 2) + 2 * 5 * 8 + 2 * (2 * 4 * 16 * 2)
 
 
+def test_a_benchmark_case_waits_for_its_inputs_before_timing(monkeypatch):
+    """The inputs are queued on the default stream; triton.testing.do_bench_cudagraph times on a stream of
+    its own that does not wait for it, so benchmark_case must wait for the inputs before its first timing."""
+    events, make_inputs = [], bench.make_avl_decode_inputs
+
+    def recorded_inputs(*args):
+        events.append("inputs")
+        return make_inputs(*args)
+
+    monkeypatch.setattr(bench, "make_avl_decode_inputs", recorded_inputs)
+    monkeypatch.setattr(bench, "synchronize", lambda: events.append("synchronize"))
+    time_ms = lambda fn: events.append("time") or 1.0  # noqa: E731  (the calls themselves are not run)
+    bench.benchmark_case(1, 40, 0.3, (4, 2, 16, 3, 5), torch.float32, DEVICE, time_ms, peak_gbps=None)
+    assert events == ["inputs", "synchronize", "time", "time", "time"]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_error_report_passes_the_exact_answer_and_fails_wrong_ones(monkeypatch, dtype):
     """The acceptance rule, with the kernel replaced: the float64 truth rounded to the dtype passes; the

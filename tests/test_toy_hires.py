@@ -196,6 +196,14 @@ def tiny_base(tmp_path_factory):
     return base
 
 
+def test_the_hires_trainer_loads_its_base_on_the_cpu_where_cuda_is_present(tiny_base, monkeypatch):
+    """The toys train on the CPU, where their batches are built: on a machine with CUDA the base must not
+    load onto the GPU (load_pretrained's default there), or the first forward pass would mix devices."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    model, _ = train_hires_module.from_base(tiny_base)
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+
+
 def test_the_hires_trainer_writes_a_flexattention_toy(tiny_base, tmp_path):
     out = tmp_path / "flex"
     train_hires_module.main(["--base", str(tiny_base), "--out", str(out), "--steps", "2", "--batch-size", "2",

@@ -107,7 +107,7 @@ def from_base(base: Path, in_sequence: bool = False, seed: int = 0):
     (`HIRES`, `with_hires_projections`), and its processor returning the high-resolution view too; with
     in_sequence, the toy as a LLaVA-1.6 (`with_tiles_in_sequence`, its newline drawn from seed) and its
     processor tiling the image."""
-    model, processor = load_pretrained(base)
+    model, processor = load_pretrained(base, device="cpu", dtype="float32")  # the CPU, where train.py trains
     if model.config.hires is not None or model.config.is_next:  # its view or tiles would be built over again
         raise UserError(f"{base} is already a FlexAttention or LLaVA-1.6 toy: start from the plain toy "
                         f"({TOY_WEIGHTS})")
