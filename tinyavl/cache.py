@@ -697,7 +697,7 @@ class AVLCache(KVCache):
         rate("P", 0.5, "fraction of image tokens the prefill filter keeps (1 = no filter), at least S"),
         Param("filter_layer", 3, "first layer that runs without the image tokens the prefill filter drops", low=1),
         rate("T", 0.6, "fraction of text tokens kept"),
-        Param("kernel", "auto", "the sparse decode attention's code (auto: Triton on CUDA tensors)",
+        Param("kernel", "auto", "the sparse decode attention's code (auto: Triton compiled for CUDA tensors)",
               choices=("auto", "triton", "torch"), reported=False),
     )
     FULL_BUDGET = dict(S=1, C=1, P=1, T=1)
@@ -780,9 +780,12 @@ class AVLCache(KVCache):
         # CPU) would land in the first decode step of every CPU run (and in the benchmark's step times).
         if self.kernel == "torch" or (self.kernel == "auto" and not q.is_cuda):
             return False
-        from kernels.sparse_attention import TRITON_AVAILABLE, supports
-        if self.kernel == "auto":  # where the kernel cannot run (no Triton, a head it has no tile for): torch
-            return TRITON_AVAILABLE and supports(q.dtype, q.shape[-1])
+        from kernels.sparse_attention import INTERPRETED, TRITON_AVAILABLE, supports
+        if self.kernel == "auto":
+            # torch where the kernel cannot run (no Triton, a head it has no tile for), and where it would run
+            # in Triton's interpreter (TRITON_INTERPRET=1 left set on a GPU machine): a CPU loop over CUDA
+            # tensors, many times slower than torch, which a user who asked for no kernel would not expect.
+            return TRITON_AVAILABLE and not INTERPRETED and supports(q.dtype, q.shape[-1])
         require_triton(q.device, self.named)
         if not supports(q.dtype, q.shape[-1]):
             kernel = self.named("kernel")
