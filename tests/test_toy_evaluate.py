@@ -174,6 +174,16 @@ def test_table_pairs_each_scene_with_fulls():
     assert cell == f"{0.9:.3f} ({low:.3f}-{high:.3f})"
 
 
+def test_table_shows_a_peers_share_of_randoms_accuracy_where_the_sweep_paired_them():
+    """The "of random" cell is the report's of_random and its interval (budget_sweep pairs a peer with
+    `random` at its budget); a row the sweep did not pair (full, random itself, an ablation) shows "-"."""
+    full, control, peer = report("full", 1.0, 1.0, 1.0), report("random", 0.9, 0.6, 0.5), report("h2o", 0.8, 0.6, 0.5)
+    peer["of_random"], peer["of_random_ci"] = 0.8 / 0.9, (0.8123, 0.9567)
+    head, _, *rows = ([cell.strip() for cell in line.strip("|").split("|")]
+                      for line in format_table([full, control, peer]).splitlines())
+    assert [dict(zip(head, row))["of random"] for row in rows] == ["-", "-", "0.889 (0.812-0.957)"]
+
+
 def test_held_out_questions_come_from_the_evaluation_stream():
     """held_out_set(seed, n) draws n different scenes from the "eval" stream of that seed (its first scene is
     the stream's first), each asked once of every kind; the training streams of the seed begin elsewhere."""

@@ -356,7 +356,10 @@ def run_policies(model, names, input_ids, pixel_values, new_tokens: int) -> dict
     cuda = model.language_model.lm_head.weight.is_cuda
     if cuda:
         # On a GPU the first calls compile kernels (Triton's, cuBLAS's choices): a short untimed run of each
-        # first, through an update step, so that no policy's step times include compilation.
+        # first, through an update step, so that no policy's step times include compilation. One exception:
+        # the kernel compiles its merge once per power of two of its split count, and an A-VL update step
+        # over a 2928-token block passes a new one near the 73rd token of a long run (on an H100), so one
+        # step of the growth run includes a compile (its medians and slope do not follow one step).
         for name in names:
             generate(model, input_ids, pixel_values, max_new_tokens=8, eos_token_id=(), policy=name)
     caches = {name: timed_cache(name, cuda) for name in names}

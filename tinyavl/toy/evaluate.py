@@ -426,17 +426,19 @@ def shown_params(report: dict) -> str:
 
 def format_table(reports: list[dict]) -> str:
     """A Markdown table: one row per report, accuracy (95% interval) overall and per type, the share of
-    full's accuracy (its paired interval, `paired_ratio_interval`), the caption objects named exactly (95%
-    interval, each caption a cluster), and the measured ratios."""
+    full's accuracy (its paired interval, `paired_ratio_interval`) and, for a peer in a budget sweep, of
+    `random`'s at its budget (`budget_sweep`'s "of_random"), the caption objects named exactly (95% interval,
+    each caption a cluster), and the measured ratios."""
     full = next((r for r in reports if r["policy"] == "full"), None)
-    head = (["image kept", "policy", "params", "overall", "of full"] + list(PROMPT_KINDS)
+    head = (["image kept", "policy", "params", "overall", "of full", "of random"] + list(PROMPT_KINDS)
             + ["caption objects", "KV bytes", "KV bytes, captions", "attended"])
     rows = []
     for r in reports:
         of_full = "-" if not full or not full["accuracy"] else format_interval(
             r["accuracy"] / full["accuracy"], paired_ratio_interval(r["right_by_scene"], full["right_by_scene"]), 3)
+        of_random = format_interval(r["of_random"], r["of_random_ci"], 3) if "of_random" in r else "-"
         cells = ["-" if r.get("budget") is None else f"{r['budget']:g}", r["policy"], shown_params(r) or "-",
-                 format_interval(r["accuracy"], r["accuracy_ci"], 3), of_full]
+                 format_interval(r["accuracy"], r["accuracy_ci"], 3), of_full, of_random]
         cells += [format_interval(r["accuracy_by_type"][kind], r["accuracy_by_type_ci"][kind]) for kind in PROMPT_KINDS]
         caption_kv = r.get("kv_ratio_by_type", {}).get("caption")
         objects = ("-" if r["caption_objects"] is None
