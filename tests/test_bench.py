@@ -293,22 +293,31 @@ def test_a_transformers_mismatch_is_noted_on_stderr_not_in_the_json(model, monke
 
 
 def test_transformers_greedy_times_each_decode_step_and_decodes_as_tinyavl(model, monkeypatch):
-    """transformers' greedy run times its decode steps alone (the prefill makes the first token, untimed):
-    5 new tokens are 4 steps, here 2, 3, 1 and 4 made-up seconds; and on the same weights it chooses the
-    tokens tinyavl's full attention does."""
+    """transformers' greedy run times its decode steps alone: not the prefill (which makes the first token),
+    nor the time its caller spends between two tokens (another run's step, in take_turns). With a made-up
+    clock that each reading moves on by a second, and 50 seconds passing outside the generator after every
+    token, 5 new tokens are 4 steps of 1 second each. On the same weights it chooses the tokens tinyavl's
+    full attention does."""
     pytest.importorskip("transformers")
     ids, pixels = bench.prompt_ids(model.config, 12), bench.image_block(model, 12)
-    clock = iter([100.0, 102.0, 110.0, 113.0, 120.0, 121.0, 130.0, 134.0])
-    monkeypatch.setattr(bench, "time", type("FakeTime", (), {"perf_counter": staticmethod(lambda: next(clock))}))
+    now = [100.0]
+
+    def perf_counter():  # a step's own work: one second between its two readings
+        now[0] += 1.0
+        return now[0]
+
+    monkeypatch.setattr(bench, "time", type("FakeTime", (), {"perf_counter": staticmethod(perf_counter)}))
     hf = bench.transformers_llava(model)
     with torch.inference_mode():
         embeds = model.embed(ids, pixels)                                   # (1, T, C)
-    steps = bench.transformers_greedy(hf, embeds, 5)
-    yielded = [next(steps) for _ in range(5)]
+    steps, yielded = bench.transformers_greedy(hf, embeds, 5), []
+    for _ in range(5):
+        yielded.append(next(steps))
+        now[0] += 50.0                                                      # the caller's time, between tokens
     with pytest.raises(StopIteration) as end:
         next(steps)
     tokens, step_seconds = end.value.value
-    assert tokens == yielded and step_seconds == [2.0, 3.0, 1.0, 4.0]
+    assert tokens == yielded and step_seconds == [1.0] * 4
     assert tokens == bench.generate(model, ids, pixels, max_new_tokens=5, eos_token_id=(), policy="full")[0]
 
 
@@ -338,7 +347,8 @@ def test_transformers_and_tinyavl_decode_in_turn_and_the_ratio_is_of_their_step_
                                             new_tokens=4)
     assert order == ["tinyavl", "transformers"] * 4                  # the first tokens (prefills), then 3 steps each
     (_, stats), (_, hf_step_seconds) = ends["tinyavl"], ends["transformers"]
-    assert len(hf_step_seconds) == 3 and ratio == sum(hf_step_seconds) / stats.decode_seconds
+    assert stats.policy == "full" and len(hf_step_seconds) == 3
+    assert ratio == sum(hf_step_seconds) / stats.decode_seconds
 
 
 def test_next_blocks_and_the_papers_memory_arithmetic_by_hand():

@@ -1022,24 +1022,34 @@ def test_triton_kernel_without_a_gpu_is_refused_before_any_work(monkeypatch):
     make_cache("avl", kernel="triton")  # the interpreter runs it on the CPU
 
 
-def test_kernel_auto_falls_back_to_torch_for_heads_the_kernel_has_no_tile_for(monkeypatch):
-    """On CUDA tensors kernel='auto' takes the Triton kernel only where it runs compiled: a head dim that is a
-    power of two >= 16, and not in Triton's interpreter (TRITON_INTERPRET=1 left set on a GPU machine). A
-    smaller head (a tiny test model on a GPU) goes through torch; kernel='triton' forced on one is a
-    UserError, not the kernel's ValueError in the middle of a generation."""
+def cuda_query(head_dim, dtype=torch.float32):
+    """What AVLCache.use_kernel reads of a CUDA query (B, H, 1, head_dim), on a machine without CUDA."""
+    return types.SimpleNamespace(is_cuda=True, dtype=dtype, shape=(1, 4, 1, head_dim), device=torch.device("cpu"))
+
+
+def test_kernel_auto_keeps_to_torch_where_the_kernel_would_run_in_the_interpreter(monkeypatch):
+    """TRITON_INTERPRET=1 left set on a GPU machine: the kernel would run in Triton's interpreter, a CPU loop
+    over the CUDA tensors; kernel='auto' takes torch there, and kernel='triton' still takes the kernel."""
     kernels = pytest.importorskip("kernels.sparse_attention")
     if not kernels.TRITON_AVAILABLE:
         pytest.skip("Triton is not installed")
+    monkeypatch.setattr(kernels, "INTERPRETED", True)
+    assert not make_cache("avl").use_kernel(cuda_query(64))
+    assert make_cache("avl", kernel="triton").use_kernel(cuda_query(64))
 
-    def cuda_query(head_dim, dtype=torch.float32):  # what use_kernel reads of a CUDA query
-        return types.SimpleNamespace(is_cuda=True, dtype=dtype, shape=(1, 4, 1, head_dim), device=torch.device("cpu"))
 
+def test_kernel_auto_falls_back_to_torch_for_heads_the_kernel_has_no_tile_for(monkeypatch):
+    """On CUDA tensors kernel='auto' takes the (compiled) Triton kernel only where it runs: a head dim that
+    is a power of two >= 16. A smaller head (a tiny test model on a GPU) goes through torch; kernel='triton'
+    forced on one is a UserError, not the kernel's ValueError in the middle of a generation."""
+    kernels = pytest.importorskip("kernels.sparse_attention")
+    if not kernels.TRITON_AVAILABLE:
+        pytest.skip("Triton is not installed")
     auto, forced = make_cache("avl"), make_cache("avl", kernel="triton")
     monkeypatch.setattr(kernels, "INTERPRETED", False)  # compiled, as on a GPU machine
     assert [auto.use_kernel(cuda_query(d)) for d in (8, 16, 24, 64, 128)] == [False, True, False, True, True]
     assert not auto.use_kernel(cuda_query(64, torch.float64))
-    monkeypatch.setattr(kernels, "INTERPRETED", True)  # and interpreted: auto keeps to torch; triton is allowed
-    assert not auto.use_kernel(cuda_query(64))
+    monkeypatch.setattr(kernels, "INTERPRETED", True)  # kernel='triton' allowed on this CPU
     assert forced.use_kernel(cuda_query(64))
     with pytest.raises(UserError, match="head dim 8"):
         forced.use_kernel(cuda_query(8))

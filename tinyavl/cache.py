@@ -775,7 +775,8 @@ class AVLCache(KVCache):
         return out[:, :, None], LastRow(lse)                            # (B, H, 1, hs); lse (B, H), no logits
 
     def use_kernel(self, q) -> bool:
-        """Triton on CUDA tensors ("auto"), or as forced by kernel="triton" / "torch"."""
+        """Triton compiled for CUDA tensors ("auto": not in Triton's interpreter, nor for a head the kernel has
+        no tile for), or as forced by kernel="triton" / "torch"."""
         # Decided without importing Triton where it cannot run: the import (about 0.2 s on this project's
         # CPU) would land in the first decode step of every CPU run (and in the benchmark's step times).
         if self.kernel == "torch" or (self.kernel == "auto" and not q.is_cuda):

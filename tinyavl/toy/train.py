@@ -100,7 +100,7 @@ def train_tokenizer(n_scenes: int = 500) -> Tokenizer:
     corpus += [LLAVA_SYSTEM_PROMPT, " ".join(COLOURS), " ".join(SHAPES), " ".join(str(d) for d in DIGITS)]
     tokenizer.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS, min_frequency=1))
     tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))])
+        single=f"{BOS_TOKEN} $A", special_tokens=[(BOS_TOKEN, tokenizer.token_to_id(BOS_TOKEN))])
     return tokenizer
 
 
