@@ -40,7 +40,8 @@ it. Absolute times on a shared CPU are noise; ratios measured in one run are the
 decode steps go through the Triton kernel (kernels/sparse_attention.py). GPU work is queued, not done,
 when a Python call returns: the rates wait for the GPU (`synchronize`), the cache's steps are timed with
 CUDA events (`Spans`), and each policy first runs a few untimed tokens so that no step time includes
-compiling a kernel (but for one step of a long growth run over a 2928-token block: `run_policies`). Decode steps time themselves: each picks its token on the host, which waits for the GPU.
+compiling a kernel (but for one step of a long growth run over a 2928-token block: `run_policies`).
+Decode steps time themselves: each picks its token on the host, which waits for the GPU.
 
 `--arch next` measures LLaVA-1.6-7B (llava-v1.6-vicuna-7b: the same decoder) on the image blocks that
 anyres makes of a 672x672 and a 336x1008 (h x w) image (tinyavl/anyres.py), and sets the A-VL paper's

@@ -204,6 +204,13 @@ def paired_ratio_interval(right: list[int], reference_right: list[int], draws: i
     return float(ratios.nanquantile(0.025)), float(ratios.nanquantile(0.975))
 
 
+def paired_ratio(report: dict, reference: dict) -> tuple[float, tuple[float, float]]:
+    """One evaluation's accuracy over another's on the same prompts (`evaluate`'s reports), and its 95%
+    interval, scene by scene (`paired_ratio_interval`): the table's "of full", budget_sweep's "of_random"."""
+    return (report["accuracy"] / reference["accuracy"],
+            paired_ratio_interval(report["right_by_scene"], reference["right_by_scene"]))
+
+
 class Tally:
     """What `evaluate` counts, answer by answer (`add`), and the report it makes of them (`report`)."""
 
@@ -357,7 +364,7 @@ def budget_sweep(model, processor, questions, log=None, hires_mode: str = DEFAUL
     """`full`, then at every budget of BUDGETS `random` first and each of SWEEP_POLICIES at the bytes
     it held (budget_params), then ABLATIONS. Each report gains "budget": the share of image tokens kept
     (1 for full) and "line": the plot's line it belongs to; a peer's, "of_random" and "of_random_ci": its
-    accuracy over `random`'s at that budget, paired scene by scene (`paired_ratio_interval`). hires_mode:
+    accuracy over `random`'s at that budget, paired scene by scene (`paired_ratio`). hires_mode:
     as `evaluate`'s."""
     def measure(policy, params, budget, line=None, by_type=None, control=None):
         report = {"budget": budget, "line": line or policy,
@@ -365,8 +372,7 @@ def budget_sweep(model, processor, questions, log=None, hires_mode: str = DEFAUL
                              params_by_type=by_type)}
         against = ""
         if control is not None:
-            report["of_random"] = report["accuracy"] / control["accuracy"]
-            report["of_random_ci"] = paired_ratio_interval(report["right_by_scene"], control["right_by_scene"])
+            report["of_random"], report["of_random_ci"] = paired_ratio(report, control)
             against = f" ({format_interval(report['of_random'], report['of_random_ci'], 3)} of random's)"
         if log:
             log(f"budget {budget}: {policy} {shown_params(report)}: accuracy {report['accuracy']:.3f}{against}, "
@@ -434,8 +440,7 @@ def format_table(reports: list[dict]) -> str:
             + ["caption objects", "KV bytes", "KV bytes, captions", "attended"])
     rows = []
     for r in reports:
-        of_full = "-" if not full or not full["accuracy"] else format_interval(
-            r["accuracy"] / full["accuracy"], paired_ratio_interval(r["right_by_scene"], full["right_by_scene"]), 3)
+        of_full = "-" if not full or not full["accuracy"] else format_interval(*paired_ratio(r, full), 3)
         of_random = format_interval(r["of_random"], r["of_random_ci"], 3) if "of_random" in r else "-"
         cells = ["-" if r.get("budget") is None else f"{r['budget']:g}", r["policy"], shown_params(r) or "-",
                  format_interval(r["accuracy"], r["accuracy_ci"], 3), of_full, of_random]
