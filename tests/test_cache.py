@@ -1057,6 +1057,45 @@ def test_kernel_auto_falls_back_to_torch_for_heads_the_kernel_has_no_tile_for(mo
         make_cache("avl", named=flag, kernel="triton").use_kernel(cuda_query(8))
 
 
+def test_a_gpu_that_refuses_the_compiled_kernel(monkeypatch, capsys):
+    """Triton compiles the kernel at its first launch, for the GPU it runs on, and a GPU with less shared
+    memory than the kernel's tiles need refuses it there (Triton's OutOfResources). kernel='triton': a
+    UserError naming both sizes. kernel='auto': that layer and every later step go through torch (the logits
+    of kernel='torch'), the kernel is not tried again, and stderr says so once."""
+    kernels = pytest.importorskip("kernels.sparse_attention")
+    if not kernels.TRITON_AVAILABLE:
+        pytest.skip("Triton is not installed")
+    from triton.runtime.errors import OutOfResources
+    launches = []
+
+    def refused(*args, **kwargs):  # a compiled launch on a GPU with 64 KB of shared memory per block
+        launches.append(args)
+        raise OutOfResources(81920, 65536, "shared memory")
+
+    monkeypatch.setattr(kernels, "sparse_decode_attention", refused)
+    m = model("gqa")
+    ids, pixel_values = prompt("gqa")
+    want, tokens = run_steps(m, ids, pixel_values, make_cache("avl", kernel="torch"), 7)
+    monkeypatch.setattr(kernels, "INTERPRETED", True)  # kernel='triton' allowed on these CPU tensors
+    with pytest.raises(UserError, match=r"^--kernel triton: this GPU cannot run the Triton kernel \(shared memory: "
+                                        r"it needs 81920, the GPU has 65536\): use --kernel torch or auto$"):
+        run_steps(m, ids, pixel_values, make_cache("avl", named=flag, kernel="triton"), 7, tokens=tokens)
+    capsys.readouterr()
+    launches.clear()
+    auto = make_cache("avl")
+    monkeypatch.setattr(kernels, "INTERPRETED", False)  # compiled, as on a GPU machine
+    assert auto.use_kernel(cuda_query(64))
+    # These tensors live on the CPU: the cache is told it is on a GPU (the check use_kernel makes itself,
+    # asserted above and below), so that the launch is tried.
+    monkeypatch.setattr(auto, "use_kernel", lambda q: auto.kernel_fits)
+    got, _ = run_steps(m, ids, pixel_values, auto, 7, tokens=tokens)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert len(launches) == 1
+    assert capsys.readouterr().err == ("note: this GPU cannot run the Triton kernel (shared memory: it needs 81920, "
+                                       "the GPU has 65536); A-VL's decode attention runs in torch\n")
+    assert not AVLCache.use_kernel(auto, cuda_query(64))
+
+
 def test_avl_on_cpu_tensors_decodes_without_importing_the_kernel(monkeypatch):
     """kernel='auto' on CPU tensors takes the torch path without importing kernels/ (nor Triton, whose
     0.2 s import would otherwise land in every CPU run's first decode step): with the module made

@@ -42,6 +42,7 @@ tests/test_policy_contract.py then checks it like every other (tutorial chapter 
 """
 import math
 import numbers
+import sys
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 
@@ -705,6 +706,7 @@ class AVLCache(KVCache):
     def __init__(self, named=str, **params):
         super().__init__(named, **params)
         self.named = named  # how the kernel's refusals at the first step name its parameter (--kernel)
+        self.kernel_fits = True  # False once this GPU has refused the compiled kernel (kernel_does_not_fit)
         if self.kernel == "triton":
             require_triton(named=named)
 
@@ -765,14 +767,31 @@ class AVLCache(KVCache):
         # The Triton kernel reads sys + core rows through an index list and the text rows as a contiguous
         # tail from tail_start on, in place (an update step attends to everything, as one tail).
         from kernels.sparse_attention import sparse_decode_attention
+        from triton.runtime.errors import OutOfResources
         if rows is None:                                                     # an update step: no index list
             index, tail_start = torch.zeros(0, dtype=torch.long, device=q.device), 0           # (0,)
         else:  # rows_to_attend lists [sys | core] first, then the text
             index, tail_start = rows[:self.core_end], self.text_start                        # (n_sys + n_core,)
         # q[:, :, 0] (B, H, hs); one index list (1, n_idx) for the batch: A-VL ranks one prompt (image_attention).
-        out, lse = sparse_decode_attention(q[:, :, 0], self.k[layer], self.v[layer], index[None], tail_start,
-                                           return_lse=True, check_index=False)
+        try:
+            out, lse = sparse_decode_attention(q[:, :, 0], self.k[layer], self.v[layer], index[None], tail_start,
+                                               return_lse=True, check_index=False)
+        except OutOfResources as err:  # Triton compiles at the first launch, for this GPU's limits
+            self.kernel_does_not_fit(err)
+            return super().compute(layer, q, rows)
         return out[:, :, None], LastRow(lse)                            # (B, H, 1, hs); lse (B, H), no logits
+
+    def kernel_does_not_fit(self, err):
+        """The GPU refused the compiled kernel (Triton's OutOfResources): its tiles need more shared memory
+        than the GPU has (fp32 at head dim 128 needs 78-91 KB, a T4 has 64 KB). kernel="triton": a
+        UserError; "auto": torch from here on, said once on stderr."""
+        kernel = self.named("kernel")
+        refusal = (f"this GPU cannot run the Triton kernel ({err.name}: it needs {err.required}, the GPU has "
+                   f"{err.limit})")
+        if self.kernel == "triton":
+            raise UserError(f"{kernel} triton: {refusal}: use {kernel} torch or auto") from None
+        self.kernel_fits = False
+        print(f"note: {refusal}; A-VL's decode attention runs in torch", file=sys.stderr)
 
     def use_kernel(self, q) -> bool:
         """Triton compiled for CUDA tensors ("auto": not in Triton's interpreter, nor for a head the kernel has
@@ -783,10 +802,11 @@ class AVLCache(KVCache):
             return False
         from kernels.sparse_attention import INTERPRETED, TRITON_AVAILABLE, supports
         if self.kernel == "auto":
-            # torch where the kernel cannot run (no Triton, a head it has no tile for), and where it would run
-            # in Triton's interpreter (TRITON_INTERPRET=1 left set on a GPU machine): a CPU loop over CUDA
-            # tensors, many times slower than torch, which a user who asked for no kernel would not expect.
-            return TRITON_AVAILABLE and not INTERPRETED and supports(q.dtype, q.shape[-1])
+            # torch where the kernel cannot run (no Triton, a head it has no tile for, a GPU that refused it:
+            # kernel_does_not_fit), and where it would run in Triton's interpreter (TRITON_INTERPRET=1 left set
+            # on a GPU machine): a CPU loop over CUDA tensors, many times slower than torch, which a user who
+            # asked for no kernel would not expect.
+            return self.kernel_fits and TRITON_AVAILABLE and not INTERPRETED and supports(q.dtype, q.shape[-1])
         require_triton(q.device, self.named)
         if not supports(q.dtype, q.shape[-1]):
             kernel = self.named("kernel")
