@@ -330,8 +330,9 @@ def test_a_run_interrupted_and_resumed_from_its_checkpoint_ends_with_the_uninter
 
 def test_the_command_resumes_from_its_checkpoint_and_removes_it_once_the_toy_is_written(tiny_base, tmp_path,
                                                                                          monkeypatch, capsys):
-    """`train_hires --checkpoint`, its folder never written (interrupted after the last step), then run
-    again: it resumes, writes the weights of a run without a checkpoint byte for byte, and deletes the file."""
+    """`train_hires --checkpoint`, its folder never written (interrupted after the last step, which the
+    checkpoint holds), then run again: it resumes with no step left to take, writes the weights of a run
+    without a checkpoint byte for byte, and deletes the file."""
     monkeypatch.setattr(train_hires_module, "CHECKPOINT_EVERY", 1)
     path = tmp_path / "state.safetensors"
     argv = ["--base", str(tiny_base), "--steps", "2", "--batch-size", "2", "--eval-every", "0"]
@@ -347,7 +348,7 @@ def test_the_command_resumes_from_its_checkpoint_and_removes_it_once_the_toy_is_
     assert path.exists() and not (tmp_path / "resumed").exists()
     capsys.readouterr()
     train_hires_module.main(argv + ["--out", str(tmp_path / "resumed"), "--checkpoint", str(path)])
-    assert f"resuming after step 1 from {path}" in capsys.readouterr().out
+    assert f"resuming after step 2 from {path}" in capsys.readouterr().out
     weights = [(tmp_path / run / "model.safetensors").read_bytes() for run in ("plain", "resumed")]
     assert weights[0] == weights[1] and not path.exists()
 

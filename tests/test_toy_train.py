@@ -7,6 +7,7 @@ import json
 import math
 import os
 import stat
+from functools import partial
 
 import numpy as np
 import pytest
@@ -308,6 +309,82 @@ def test_the_trainer_trains_with_deterministic_algorithms_and_restores_the_setti
     assert seen == [("train", True), ("tune", True)]
     assert not torch.are_deterministic_algorithms_enabled()
     assert (tmp_path / "new" / "model.safetensors").exists()
+
+
+class Interrupted(Exception):
+    pass
+
+
+TINY_RUN = ["--steps", "4", "--tune-steps", "4", "--batch-size", "2", "--eval-every", "0", "--vision-layers", "1",
+            "--text-layers", "1", "--text-width", "16"]
+
+
+@pytest.mark.parametrize("stop_at, saved, steps_left, batches", [
+    (4, "stage 1 after step 2", 6, 8),               # in stage 1's 4th step
+    (5, "stage 1 finished", 4, 4),                   # in stage 2's first step: stage 1 is in the file, whole
+    (8, "stage 2 after step 2", 2, 4),               # in stage 2's 4th step: stage 1 is not run again
+    (None, "stage 2 finished", 0, 0)])               # writing the folder
+def test_the_trainer_resumes_either_stage_from_its_checkpoint(stop_at, saved, steps_left, batches, tmp_path,
+                                                              monkeypatch, capsys):
+    """`train --checkpoint` (saved every 2 steps here), interrupted in stage 1, between the stages, in stage 2 or
+    while it writes the folder, then run again: it takes only the steps the file does not hold, draws again
+    only the batches of the stage it goes on with (a finished stage draws none), writes the weights of a run
+    without a checkpoint byte for byte, and deletes the file."""
+    monkeypatch.setattr(train_module, "CHECKPOINT_EVERY", 2)
+    monkeypatch.setattr(train_module, "write_examples", lambda folder: None)
+    train_module.main(TINY_RUN + ["--out", str(tmp_path / "plain")])
+    path, steps_taken, take_step = tmp_path / "state.safetensors", [], train_module.take_step
+
+    def counted(*args, stop_at=None):
+        steps_taken.append(args[3])
+        if len(steps_taken) == stop_at:
+            raise Interrupted
+        take_step(*args)
+
+    def interrupted(*_, **__):
+        raise Interrupted
+
+    resumed = TINY_RUN + ["--out", str(tmp_path / "resumed"), "--checkpoint", str(path)]
+    with monkeypatch.context() as patched:
+        patched.setattr(train_module, "take_step", partial(counted, stop_at=stop_at))
+        patched.setattr(train_module, "write_folder_atomically", interrupted)
+        with pytest.raises(Interrupted):
+            train_module.main(resumed)
+    assert path.exists() and not (tmp_path / "resumed").exists()
+    steps_taken.clear()
+    drawn, make_batch = [], train_module.make_batch
+    monkeypatch.setattr(train_module, "take_step", counted)
+    monkeypatch.setattr(train_module, "make_batch", lambda *args: drawn.append(1) or make_batch(*args))
+    train_module.main(resumed)
+    assert len(steps_taken) == steps_left and len(drawn) == batches
+    if saved.endswith("after step 2"):
+        assert f"resuming after step 2 from {path}" in capsys.readouterr().out
+    weights = [(tmp_path / run / "model.safetensors").read_bytes() for run in ("plain", "resumed")]
+    assert weights[0] == weights[1] and not path.exists()
+
+
+def test_the_trainer_refuses_a_checkpoint_of_another_run_and_one_for_stage_0(tmp_path, monkeypatch, capsys):
+    """Before any training: a checkpoint saved by other settings (another --lr), and --checkpoint with
+    --vision-steps, whose stage 0 it does not keep, are one-line errors (exit 2); the file is left as it was."""
+    monkeypatch.setattr(train_module, "CHECKPOINT_EVERY", 2)
+    path = tmp_path / "state.safetensors"
+
+    def interrupted(*_, **__):
+        raise Interrupted
+
+    with monkeypatch.context() as patched:
+        patched.setattr(train_module, "write_folder_atomically", interrupted)
+        with pytest.raises(Interrupted):
+            train_module.main(TINY_RUN + ["--out", str(tmp_path / "new"), "--checkpoint", str(path)])
+    saved = path.read_bytes()
+    monkeypatch.setattr(train_module, "train", lambda *a, **k: pytest.fail("trained"))
+    for extra, message in ((["--lr", "0.001"], "was saved by another run (lr 0.002 there, 0.001 here)"),
+                           (["--vision-steps", "2"], "--checkpoint keeps stages 1 and 2, not --vision-steps' stage 0")):
+        with pytest.raises(SystemExit) as exit_:
+            train_module.main(TINY_RUN + extra + ["--out", str(tmp_path / "new"), "--checkpoint", str(path)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_.value.code == 2 and message in err[-1]
+    assert path.read_bytes() == saved
 
 
 @pytest.mark.parametrize("flag, value", [("--image-dropout", "-0.1"), ("--image-dropout", "1"),

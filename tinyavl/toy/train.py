@@ -40,6 +40,12 @@ instead (`hide_image_rectangles`; not part of the committed recipe), which often
 and so asks the tower to copy objects beyond their place. The README's toy section and the last section
 of tutorial/04 have the measurements of these recipes.
 
+`--checkpoint FILE` keeps the training state in FILE every CHECKPOINT_EVERY steps and after each stage's
+last (`Checkpoint`: the weights, the patch probe, AdamW's moments, the loss history, and the run's
+settings with its stage); the same command run again after an interruption goes on from there (in stage 2,
+without running stage 1 again), ends with the weights one uninterrupted run writes, bit for bit on the same
+machine and thread count, and deletes the file once --out is written. It does not keep stage 0 (below).
+
 `--vision-steps N` adds a stage 0 in front (`pretrain_vision`, not part of the committed recipe): the
 vision tower alone for N steps, as CLIP is trained apart from LLaVA, then frozen in stages 1 and 2, as
 LLaVA-1.5 freezes CLIP. Why: a tower trained end to end with the decoder keeps each object in its own
@@ -63,9 +69,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 
-from tinyavl.cli import TOY_WEIGHTS, ArgumentParser, check_training_args, first_paragraph, flag, run_main
+from tinyavl.cli import (TOY_WEIGHTS, ArgumentParser, check_training_args, first_paragraph, flag, output_file,
+                         run_main)
 from tinyavl.errors import UserError
-from tinyavl.files import check_new_folder, write_file_atomically, write_folder_atomically
+from tinyavl.files import check_new_folder, check_output_file, write_file_atomically, write_folder_atomically
 from tinyavl.model import LlavaConfig, LlavaForConditionalGeneration, TextConfig, VisionConfig
 from tinyavl.processing import BOS_TOKEN, CLIP_MEAN, CLIP_STD, EOS_TOKEN, IMAGE_TOKEN, LLAVA_SYSTEM_PROMPT, Processor
 from tinyavl.toy.evaluate import evaluate, held_out_set, reads_fine_scenes
@@ -79,6 +86,7 @@ TUNE_STEPS = 2000    # stage 2 (`tune`): steps with image-token dropout in every
 TUNE_DROPOUT = 0.75  # stage 2: the largest fraction of a sequence's image tokens hidden
 TUNE_MASKS = ("tokens", "rectangles")  # stage 2 hides scattered tokens (`hide_image_tokens`) or rectangles
 VISION_HIDDEN = 0.75  # stage 0: the largest fraction of an image hidden from the readout
+CHECKPOINT_EVERY = 100  # steps between two saves of the training state (--checkpoint): 1-2 min here
 HIRES_RAMP = 0.1     # FlexAttention: its blend alpha rises linearly from 0 to 1 over this share of the steps
 
 
@@ -382,10 +390,13 @@ class Checkpoint:
     and resumed: one safetensors file with the model's and the probe's tensors and AdamW's moments, and
     in its metadata the steps done, the loss history and `run`, the settings that made the run. A file
     saved by other settings is refused (`check`), so a resume never mixes two runs; the code is not among
-    the settings: resume with the code that started the run."""
+    the settings: resume with the code that started the run. A later stage of a run (`main`'s stage 2) keeps
+    its state in the same file: `after`, the stage before's settings, marks a file that holds that stage
+    finished, which this stage does not resume from and replaces at its first save."""
     path: Path
     run: dict
     every: int = 50
+    after: dict | None = None
 
     def save(self, step: int, model, probe, optimizer, history) -> None:
         tensors = {f"model.{key}": t for key, t in model.state_dict().items()}
@@ -398,11 +409,17 @@ class Checkpoint:
         write_file_atomically(self.path, lambda temporary: write_safetensors(tensors, temporary, metadata),
                               replace=True)
 
-    def check(self) -> None:
-        """UserError if the file at path is not a checkpoint, or was saved by a run with other settings
-        (nothing there is fine: the run starts from its first step)."""
+    def resumes(self) -> bool:
+        """Whether the file at path holds this run's state to go on from (`check` first: a UserError where it
+        is not a checkpoint, or is another run's)."""
+        return self.check() == self.run
+
+    def check(self) -> dict | None:
+        """The settings the file at path was saved by: None where nothing is there (the run starts from its
+        first step), else self.run or self.after. UserError if the file is not a checkpoint, or was saved by
+        a run with other settings."""
         if not self.path.exists():
-            return
+            return None
         try:
             with safe_open(str(self.path), framework="pt") as file:
                 metadata = file.metadata() or {}  # None: a safetensors file written without any
@@ -418,15 +435,17 @@ class Checkpoint:
             raise UserError(f"{self.path} is not a training checkpoint (its metadata has no {err})") from None
         except (SafetensorError, OSError, TypeError, ValueError) as err:
             raise UserError(f"{self.path} is not a training checkpoint ({err})") from None
-        if saved != self.run:
+        if saved not in (self.run, self.after):
             differ = ", ".join(f"{key} {saved.get(key)} there, {self.run.get(key)} here"
                                for key in sorted(saved.keys() | self.run.keys()) if saved.get(key) != self.run.get(key))
             raise UserError(f"{self.path} was saved by another run ({differ}): give the same settings or "
                             "another file")
+        return saved
 
     def load(self, model, probe, optimizer) -> tuple[int, list[tuple[int, float, float]]]:
         """Put the saved state into model, probe and optimizer; returns (steps done, history)."""
-        self.check()
+        if not self.resumes():
+            raise UserError(f"{self.path} holds no state of this run to resume from")
         with safe_open(str(self.path), framework="pt") as file:
             metadata, tensors = file.metadata(), {key: file.get_tensor(key) for key in file.keys()}
         try:
@@ -442,6 +461,23 @@ class Checkpoint:
         # it every step.
         optimizer.load_state_dict({"state": moments, "param_groups": optimizer.state_dict()["param_groups"]})
         return int(metadata["step"]), [tuple(entry) for entry in json.loads(metadata["history"])]
+
+
+def check_checkpoint(checkpoint: Checkpoint, out: Path, inputs=()) -> None:
+    """UserError unless the checkpoint file can be written, apart from the command's `inputs` and the folder
+    --out it writes, and anything already there was saved by a run with the same settings (`check`)."""
+    path = checkpoint.path
+    check_output_file(path, "--checkpoint", inputs=inputs, suffixes=(".safetensors",), replace=True)  # resumed from
+    if out.resolve() in path.resolve().parents:
+        raise UserError(f"--checkpoint {path} is inside --out, which is replaced when it is written: choose "
+                        "another path")
+    if path.resolve() == out.resolve() or path.resolve() in out.resolve().parents:
+        raise UserError(f"--checkpoint {path} is where --out {out} goes, or a folder above it: the file would "
+                        "stand in its way; choose another path")
+    try:
+        checkpoint.check()
+    except UserError as err:
+        raise UserError(f"--checkpoint {err}") from None
 
 
 def without_prefix(tensors: dict, prefix: str) -> dict:
@@ -485,8 +521,8 @@ def optimise(model, probe, processor, stream, steps: int, lr: float, warmup: int
     (step, lm_loss, aux_loss). Every eval_every steps (0: never) the greedy accuracy on 10 held-out
     scenes (seed 0) is logged. With tower_frozen the vision tower is not trained (LLaVA's recipe once
     its CLIP tower is trained). `mask_kind`, one of TUNE_MASKS, says how image_dropout hides image tokens.
-    With a `checkpoint`, the training state is saved there every checkpoint.every steps (not after the
-    last: the caller writes the weights then), and a run that finds one goes on from it: it ends with the
+    With a `checkpoint`, the training state is saved there every checkpoint.every steps and after the last
+    (from which a later stage goes on), and a run that finds its own goes on from it: it ends with the
     weights the uninterrupted run ends with, bit for bit (same machine and thread count). The global torch
     RNG is not saved: no step draws from it (every draw here has its own generator or stream)."""
     model.train().requires_grad_(True)
@@ -496,10 +532,10 @@ def optimise(model, probe, processor, stream, steps: int, lr: float, warmup: int
     optimizer = adamw(params, lr)
     image_token_id, pad_id = model.config.image_token_id, processor.tokenizer.token_to_id("<pad>")
     history, done = [], 0
-    if checkpoint and checkpoint.path.exists():
+    if checkpoint and checkpoint.resumes():
         done, history = checkpoint.load(model, probe, optimizer)
         log(f"resuming after step {done} from {checkpoint.path}")
-    for step in range(steps):
+    for step in range(steps if done == steps else 0, steps):  # a finished run has no batch left to draw
         batch = make_batch(stream, processor, batch_size, turns, pad_id)
         if image_dropout and mask_kind == "rectangles":
             batch["attention_mask"] = hide_image_rectangles(batch["input_ids"], image_token_id, image_dropout,
@@ -530,7 +566,7 @@ def optimise(model, probe, processor, stream, steps: int, lr: float, warmup: int
             model.train()
             log(f"  held-out accuracy {report['accuracy']:.3f}: " +
                 ", ".join(f"{kind} {acc:.2f}" for kind, acc in report["accuracy_by_type"].items()))
-        if checkpoint and (step + 1) % checkpoint.every == 0 and step + 1 < steps:
+        if checkpoint and ((step + 1) % checkpoint.every == 0 or step + 1 == steps):
             checkpoint.save(step + 1, model, probe, optimizer, history)
     model.eval().requires_grad_(False)
     return history
@@ -539,23 +575,18 @@ def optimise(model, probe, processor, stream, steps: int, lr: float, warmup: int
 def train(steps: int, batch_size: int = 32, lr: float = 2e-3, seed: int = 0, turns: int = 4, aux_weight: float = 1.0,
           image_dropout: float = IMAGE_DROPOUT, image_dropout_share: float = IMAGE_DROPOUT_SHARE,
           vision_steps: int = 0, log_every: int = 100, eval_every: int = 0,
-          config_overrides: dict | None = None, log=None):
+          config_overrides: dict | None = None, log=None, checkpoint: Checkpoint | None = None):
     """Train a toy model from scratch; returns (model, processor, history of (step, lm_loss, aux_loss)).
 
     image_dropout is the largest fraction of a sequence's image tokens `hide_image_tokens` hides (0: off),
     in the share image_dropout_share of the sequences. With vision_steps, stage 0 (`pretrain_vision`)
     trains the tower first, which then stays frozen.
-    Every eval_every steps (0: never) the greedy accuracy on 10 held-out scenes (seed 0) is logged."""
+    Every eval_every steps (0: never) the greedy accuracy on 10 held-out scenes (seed 0) is logged.
+    With a checkpoint, stage 1 resumes (`optimise`); stage 0 does not save its state."""
     log = log or partial(print, flush=True)
-    torch.manual_seed(seed)
-    tokenizer = train_tokenizer()
-    image_token_id = tokenizer.token_to_id(IMAGE_TOKEN)
-    config = toy_config(tokenizer.get_vocab_size(), image_token_id, **(config_overrides or {}))
-    processor = Processor(tokenizer, image_token_id, config.num_image_tokens, IMAGE_SIZE, IMAGE_SIZE,
-                          system_prompt=LLAVA_SYSTEM_PROMPT)
-    model = LlavaForConditionalGeneration(config)
-    init_weights(model)
-    probe = PatchProbe(tokenizer, config.text.hidden_size)
+    model, processor = new_model(seed, config_overrides)
+    config = model.config
+    probe = PatchProbe(processor.tokenizer, config.text.hidden_size)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {n_params / 1e6:.2f} M parameters, {config.num_image_tokens} image tokens, "
         f"vocabulary {config.text.vocab_size}")
@@ -565,19 +596,34 @@ def train(steps: int, batch_size: int = 32, lr: float = 2e-3, seed: int = 0, tur
     history = optimise(model, probe, processor, scene_stream("train", seed), steps, lr, warmup_steps(steps, 300),
                        batch_size, turns, aux_weight, image_dropout, image_dropout_share,
                        dropout_generator=torch.Generator().manual_seed(seed), log_every=log_every,
-                       eval_every=eval_every, log=log, tower_frozen=vision_steps > 0)
+                       eval_every=eval_every, log=log, tower_frozen=vision_steps > 0, checkpoint=checkpoint)
     return model, processor, history
+
+
+def new_model(seed: int = 0, config_overrides: dict | None = None):
+    """(model, processor): a toy model with its initial weights, drawn from `seed`, as `train` starts it."""
+    torch.manual_seed(seed)
+    tokenizer = train_tokenizer()
+    image_token_id = tokenizer.token_to_id(IMAGE_TOKEN)
+    config = toy_config(tokenizer.get_vocab_size(), image_token_id, **(config_overrides or {}))
+    processor = Processor(tokenizer, image_token_id, config.num_image_tokens, IMAGE_SIZE, IMAGE_SIZE,
+                          system_prompt=LLAVA_SYSTEM_PROMPT)
+    model = LlavaForConditionalGeneration(config)
+    init_weights(model)
+    return model, processor
 
 
 def tune(model, processor, steps: int, batch_size: int = 32, lr: float = 4e-4, seed: int = 0, turns: int = 4,
          aux_weight: float = 1.0, image_dropout: float = TUNE_DROPOUT, tower_frozen: bool = False,
-         mask_kind: str = "tokens", log_every: int = 100, eval_every: int = 0, log=None):
+         mask_kind: str = "tokens", log_every: int = 100, eval_every: int = 0, log=None,
+         checkpoint: Checkpoint | None = None):
     """Stage 2: go on training a trained model with image-token dropout in every sequence; returns the history.
 
     It starts from nothing but the weights (a fresh optimiser, a fresh probe, whose "nothing" vectors are
     not saved, and a scene stream of its own, "tune"), so it gives the same weights in the process that
     ran stage 1 and on the stage-1 folder loaded from disk. `mask_kind` (TUNE_MASKS) hides scattered image
-    tokens (`hide_image_tokens`, the committed recipe) or rectangles of them (`hide_image_rectangles`)."""
+    tokens (`hide_image_tokens`, the committed recipe) or rectangles of them (`hide_image_rectangles`).
+    With a checkpoint, it resumes (`optimise`)."""
     if mask_kind not in TUNE_MASKS:
         raise ValueError(f"mask_kind must be one of {', '.join(TUNE_MASKS)}, got {mask_kind!r}")
     log = log or partial(print, flush=True)
@@ -586,7 +632,8 @@ def tune(model, processor, steps: int, batch_size: int = 32, lr: float = 4e-4, s
     return optimise(model, probe, processor, scene_stream("tune", seed), steps, lr, warmup_steps(steps, 100),
                     batch_size, turns, aux_weight, image_dropout, image_dropout_share=1.0,
                     dropout_generator=torch.Generator().manual_seed(seed), log_every=log_every,
-                    eval_every=eval_every, log=log, tower_frozen=tower_frozen, mask_kind=mask_kind)
+                    eval_every=eval_every, log=log, tower_frozen=tower_frozen, mask_kind=mask_kind,
+                    checkpoint=checkpoint)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -839,6 +886,9 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (results depend on it)")
     parser.add_argument("--eval-every", type=int, default=500,
                         help="steps between held-out accuracy reports (0: none; they do not change the weights)")
+    parser.add_argument("--checkpoint", type=output_file,
+                        help=f"a .safetensors file to keep the training state in every {CHECKPOINT_EVERY} steps and "
+                             "to resume from if it is there (same settings only); removed once --out is written")
     args = parser.parse_args(argv)
     for name in ("vision_layers", "text_layers", "text_width"):
         if getattr(args, name) < 1:
@@ -854,26 +904,51 @@ def main(argv=None) -> None:
     if not 0 < args.image_dropout_share <= 1:
         parser.error(f"--image-dropout-share must be in (0, 1], got {args.image_dropout_share}")
     check_training_args(parser, args)
+    if args.checkpoint and args.vision_steps:
+        parser.error("--checkpoint keeps stages 1 and 2, not --vision-steps' stage 0: give one of the two")
     try:
         check_new_folder(args.out, args.force)  # before the hour of training, not after
     except UserError as err:
         parser.error(f"--out: {err}")
+    stage_1, stage_2 = stage_checkpoints(args) if args.checkpoint else (None, None)
+    if stage_2:
+        try:
+            check_checkpoint(stage_2, args.out)  # the file may hold either stage of this run
+        except UserError as err:
+            parser.error(str(err))
     torch.set_num_threads(args.threads)
     architecture = {name: getattr(args, name) for name in ("vision_layers", "text_layers", "text_width")}
     with deterministic_algorithms():
-        model, processor, _ = train(args.steps, args.batch_size, args.lr, args.seed, image_dropout=args.image_dropout,
-                                    image_dropout_share=args.image_dropout_share, vision_steps=args.vision_steps,
-                                    eval_every=args.eval_every, config_overrides=architecture)
+        if stage_2 and stage_2.resumes():  # stage 1 is done: its weights are in stage 2's state
+            model, processor = new_model(args.seed, architecture)
+        else:
+            model, processor, _ = train(args.steps, args.batch_size, args.lr, args.seed,
+                                        image_dropout=args.image_dropout, image_dropout_share=args.image_dropout_share,
+                                        vision_steps=args.vision_steps, eval_every=args.eval_every,
+                                        config_overrides=architecture, checkpoint=stage_1)
         if args.tune_steps:
             tune(model, processor, args.tune_steps, args.batch_size, seed=args.seed, image_dropout=args.tune_dropout,
-                 tower_frozen=args.vision_steps > 0, mask_kind=args.tune_masks, eval_every=args.eval_every)
+                 tower_frozen=args.vision_steps > 0, mask_kind=args.tune_masks, eval_every=args.eval_every,
+                 checkpoint=stage_2)
 
     def write(folder: Path) -> None:
         save_pretrained(model, processor, folder)
         write_examples(folder)
 
     write_folder_atomically(args.out, write, replace=args.force)
+    if args.checkpoint:
+        args.checkpoint.unlink(missing_ok=True)
     print(f"wrote {args.out}")
+
+
+def stage_checkpoints(args) -> tuple[Checkpoint, Checkpoint]:
+    """The checkpoints of the command's two stages, in the one file --checkpoint names: each saved with the
+    arguments that change the weights (not --out, --force, --eval-every or --checkpoint), the torch version
+    and its stage; stage 2 goes on from stage 1's finished state (`Checkpoint.after`)."""
+    run = {name: value for name, value in sorted(vars(args).items())
+           if name not in ("out", "force", "eval_every", "checkpoint")} | {"torch": torch.__version__}
+    stage_1 = Checkpoint(args.checkpoint, run | {"stage": 1}, CHECKPOINT_EVERY)
+    return stage_1, Checkpoint(args.checkpoint, run | {"stage": 2}, CHECKPOINT_EVERY, after=stage_1.run)
 
 
 if __name__ == "__main__":

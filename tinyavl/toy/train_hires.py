@@ -54,11 +54,11 @@ import torch
 from tinyavl import load_pretrained
 from tinyavl.cli import TOY_WEIGHTS, ArgumentParser, check_training_args, first_paragraph, output_file, run_main
 from tinyavl.errors import UserError
-from tinyavl.files import check_new_folder, check_output_file, write_folder_atomically
+from tinyavl.files import check_new_folder, write_folder_atomically
 from tinyavl.model import HiresConfig, LlavaForConditionalGeneration
 from tinyavl.toy.scenes import FINE_SCALE, IMAGE_SIZE, scene_stream
-from tinyavl.toy.train import (HIRES_RAMP, TUNE_DROPOUT, Checkpoint, PatchProbe, deterministic_algorithms,
-                               optimise, save_pretrained, warmup_steps, write_examples)
+from tinyavl.toy.train import (HIRES_RAMP, TUNE_DROPOUT, Checkpoint, PatchProbe, check_checkpoint,
+                               deterministic_algorithms, optimise, save_pretrained, warmup_steps, write_examples)
 
 HIRES = HiresConfig(scale=FINE_SCALE, first_layer=3, threshold=48.0, blocks=4)
 FINE_CANVAS = (FINE_SCALE * IMAGE_SIZE, FINE_SCALE * IMAGE_SIZE)  # (height, width) px: a fine scene
@@ -151,23 +151,6 @@ def run_settings(args) -> dict:
             "turns": FINETUNE_TURNS, "hires_ramp": HIRES_RAMP, "hires": asdict(HIRES), "torch": torch.__version__}
 
 
-def check_checkpoint(checkpoint: Checkpoint, base: Path, out: Path) -> None:
-    """UserError unless the checkpoint file can be written, apart from the base and the folder to be
-    written, and anything already there was saved by a run with the same settings (`Checkpoint.check`)."""
-    path = checkpoint.path
-    check_output_file(path, "--checkpoint", inputs=[base], suffixes=(".safetensors",), replace=True)  # resumed from
-    if out.resolve() in path.resolve().parents:
-        raise UserError(f"--checkpoint {path} is inside --out, which is replaced when it is written: choose "
-                        "another path")
-    if path.resolve() == out.resolve() or path.resolve() in out.resolve().parents:
-        raise UserError(f"--checkpoint {path} is where --out {out} goes, or a folder above it: the file would "
-                        "stand in its way; choose another path")
-    try:
-        checkpoint.check()
-    except UserError as err:
-        raise UserError(f"--checkpoint {err}") from None
-
-
 def main(argv=None) -> None:
     parser = ArgumentParser(description=first_paragraph(__doc__))
     parser.add_argument("--base", type=Path, default=TOY_WEIGHTS, help="the trained toy to start from")
@@ -199,7 +182,7 @@ def main(argv=None) -> None:
     checkpoint = args.checkpoint and Checkpoint(args.checkpoint, run_settings(args), CHECKPOINT_EVERY)
     if checkpoint:
         try:
-            check_checkpoint(checkpoint, args.base, args.out)
+            check_checkpoint(checkpoint, args.out, inputs=[args.base])
         except UserError as err:
             parser.error(str(err))
     torch.set_num_threads(args.threads)
