@@ -363,17 +363,23 @@ def test_the_trainer_resumes_either_stage_from_its_checkpoint(stop_at, saved, st
     assert weights[0] == weights[1] and not path.exists()
 
 
-def test_the_trainer_refuses_a_checkpoint_of_another_run_and_one_for_stage_0(tmp_path, monkeypatch, capsys):
-    """Before any training: a checkpoint saved by other settings (another --lr), and --checkpoint with
-    --vision-steps, whose stage 0 it does not keep, are one-line errors (exit 2); the file is left as it was."""
+@pytest.mark.parametrize("stopped_in", ["take_step", "write_folder_atomically"])  # stage 1; stage 2 finished
+def test_the_trainer_refuses_a_checkpoint_of_another_run_and_one_for_stage_0(stopped_in, tmp_path, monkeypatch,
+                                                                             capsys):
+    """Before any training: a checkpoint saved by other settings (another --lr), in either stage, is a
+    one-line error that names the setting (not the stage), and so is --checkpoint with --vision-steps,
+    whose stage 0 it does not keep (exit 2); the file is left as it was."""
     monkeypatch.setattr(train_module, "CHECKPOINT_EVERY", 2)
-    path = tmp_path / "state.safetensors"
+    path, take_step, steps = tmp_path / "state.safetensors", train_module.take_step, []
 
-    def interrupted(*_, **__):
-        raise Interrupted
+    def interrupted(*args, **__):
+        steps.append(1)
+        if stopped_in == "write_folder_atomically" or len(steps) == 3:
+            raise Interrupted
+        take_step(*args)
 
     with monkeypatch.context() as patched:
-        patched.setattr(train_module, "write_folder_atomically", interrupted)
+        patched.setattr(train_module, stopped_in, interrupted)
         with pytest.raises(Interrupted):
             train_module.main(TINY_RUN + ["--out", str(tmp_path / "new"), "--checkpoint", str(path)])
     saved = path.read_bytes()

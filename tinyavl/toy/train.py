@@ -436,8 +436,12 @@ class Checkpoint:
         except (SafetensorError, OSError, TypeError, ValueError) as err:
             raise UserError(f"{self.path} is not a training checkpoint ({err})") from None
         if saved not in (self.run, self.after):
-            differ = ", ".join(f"{key} {saved.get(key)} there, {self.run.get(key)} here"
-                               for key in sorted(saved.keys() | self.run.keys()) if saved.get(key) != self.run.get(key))
+            # Named against the stage of this run the file is nearest to: a file of another run's stage 1 is
+            # told by its settings, not also by its stage.
+            ours = min(filter(None, (self.run, self.after)),
+                       key=lambda run: sum(saved.get(key) != run.get(key) for key in saved.keys() | run.keys()))
+            differ = ", ".join(f"{key} {saved.get(key)} there, {ours.get(key)} here"
+                               for key in sorted(saved.keys() | ours.keys()) if saved.get(key) != ours.get(key))
             raise UserError(f"{self.path} was saved by another run ({differ}): give the same settings or "
                             "another file")
         return saved
