@@ -1061,7 +1061,8 @@ def test_a_gpu_that_refuses_the_compiled_kernel(monkeypatch, capsys):
     """Triton compiles the kernel at its first launch, for the GPU it runs on, and a GPU with less shared
     memory than the kernel's tiles need refuses it there (Triton's OutOfResources). kernel='triton': a
     UserError naming both sizes. kernel='auto': that layer and every later step go through torch (the logits
-    of kernel='torch'), the kernel is not tried again, and stderr says so once."""
+    of kernel='torch'), the kernel is not tried again, in this cache or a later one (a generation makes one
+    per call), and stderr says so once."""
     kernels = pytest.importorskip("kernels.sparse_attention")
     if not kernels.TRITON_AVAILABLE:
         pytest.skip("Triton is not installed")
@@ -1078,22 +1079,26 @@ def test_a_gpu_that_refuses_the_compiled_kernel(monkeypatch, capsys):
     want, tokens = run_steps(m, ids, pixel_values, make_cache("avl", kernel="torch"), 7)
     monkeypatch.setattr(kernels, "INTERPRETED", True)  # kernel='triton' allowed on these CPU tensors
     with pytest.raises(UserError, match=r"^--kernel triton: this GPU cannot run the Triton kernel \(shared memory: "
-                                        r"it needs 81920, the GPU has 65536\): use --kernel torch or auto$"):
+                                        r"it needs 81920 bytes, the GPU has 65536 bytes\): use --kernel torch or auto$"):
         run_steps(m, ids, pixel_values, make_cache("avl", named=flag, kernel="triton"), 7, tokens=tokens)
     capsys.readouterr()
     launches.clear()
-    auto = make_cache("avl")
+    monkeypatch.setattr(tinyavl.cache, "REFUSED_KERNELS", set())  # what earlier tests' GPUs refused: nothing
     monkeypatch.setattr(kernels, "INTERPRETED", False)  # compiled, as on a GPU machine
-    assert auto.use_kernel(cuda_query(64))
-    # These tensors live on the CPU: the cache is told it is on a GPU (the check use_kernel makes itself,
-    # asserted above and below), so that the launch is tried.
-    monkeypatch.setattr(auto, "use_kernel", lambda q: auto.kernel_fits)
-    got, _ = run_steps(m, ids, pixel_values, auto, 7, tokens=tokens)
-    torch.testing.assert_close(got, want, atol=0, rtol=0)
-    assert len(launches) == 1
-    assert capsys.readouterr().err == ("note: this GPU cannot run the Triton kernel (shared memory: it needs 81920, "
-                                       "the GPU has 65536); A-VL's decode attention runs in torch\n")
-    assert not AVLCache.use_kernel(auto, cuda_query(64))
+    for run in range(2):
+        auto = make_cache("avl")
+        # These tensors live on the CPU: use_kernel is asked about a CUDA query of the same dtype and head dim.
+        def as_if_on_a_gpu(q, cache=auto):
+            return AVLCache.use_kernel(cache, cuda_query(q.shape[-1], q.dtype))
+
+        monkeypatch.setattr(auto, "use_kernel", as_if_on_a_gpu)
+        got, _ = run_steps(m, ids, pixel_values, auto, 7, tokens=tokens)
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+        assert len(launches) == 1
+        assert capsys.readouterr().err == ("" if run else "note: this GPU cannot run the Triton kernel (shared memory: "
+                                           "it needs 81920 bytes, the GPU has 65536 bytes); A-VL's decode attention "
+                                           "runs in torch\n")
+    assert make_cache("avl").use_kernel(cuda_query(32))  # another head dim: other tiles, tried anew
 
 
 def test_avl_on_cpu_tensors_decodes_without_importing_the_kernel(monkeypatch):

@@ -387,6 +387,8 @@ def write_checkpoint_of_an_older_version(path, base):
     ("state.safetensors", write_checkpoint_with(history="5"), "is not a training checkpoint (its step '5' or its"),
     ("state.safetensors", write_checkpoint_with(step="-3"), "is not a training checkpoint (its step '-3' or its"),
     ("state.safetensors", write_checkpoint_with(run=None), "is not a training checkpoint (its metadata has no 'run')"),
+    ("state.safetensors", write_checkpoint_with(run="null"), "is not a training checkpoint (its settings are 'null'"),
+    ("state.safetensors", write_checkpoint_with(run="[1]"), "is not a training checkpoint (its settings are '[1]'"),
     ("state.safetensors", write_checkpoint_with(history='[["a", "b", "c"]]'), "its history is not what a training"),
     ("state.safetensors", write_checkpoint_with(history="[]"), "its history is not what a training"),  # 5 steps
     ("state.safetensors", lambda path, _: save_file({"x": torch.zeros(1)}, str(path)), "its metadata has no 'run'"),

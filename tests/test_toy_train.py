@@ -12,6 +12,7 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 
 import tinyavl
 from tinyavl.errors import UserError
@@ -321,13 +322,14 @@ TINY_RUN = ["--steps", "4", "--tune-steps", "4", "--batch-size", "2", "--eval-ev
 
 @pytest.mark.parametrize("stop_at, saved, steps_left, batches", [
     (4, "stage 1 after step 2", 6, 8),               # in stage 1's 4th step
-    (5, "stage 1 finished", 4, 4),                   # in stage 2's first step: stage 1 is in the file, whole
+    (5, "stage 1 after step 4", 4, 4),               # in stage 2's first step: stage 1 is in the file, finished
     (8, "stage 2 after step 2", 2, 4),               # in stage 2's 4th step: stage 1 is not run again
-    (None, "stage 2 finished", 0, 0)])               # writing the folder
+    (None, "stage 2 after step 4", 0, 0)])           # writing the folder: stage 2 is in the file, finished
 def test_the_trainer_resumes_either_stage_from_its_checkpoint(stop_at, saved, steps_left, batches, tmp_path,
                                                               monkeypatch, capsys):
     """`train --checkpoint` (saved every 2 steps here), interrupted in stage 1, between the stages, in stage 2 or
-    while it writes the folder, then run again: it takes only the steps the file does not hold, draws again
+    while it writes the folder (the file then holds the stage and step given), then run again: it resumes
+    from that step, takes only the steps the file does not hold, draws again
     only the batches of the stage it goes on with (a finished stage draws none), writes the weights of a run
     without a checkpoint byte for byte, and deletes the file."""
     monkeypatch.setattr(train_module, "CHECKPOINT_EVERY", 2)
@@ -350,15 +352,17 @@ def test_the_trainer_resumes_either_stage_from_its_checkpoint(stop_at, saved, st
         patched.setattr(train_module, "write_folder_atomically", interrupted)
         with pytest.raises(Interrupted):
             train_module.main(resumed)
-    assert path.exists() and not (tmp_path / "resumed").exists()
+    assert not (tmp_path / "resumed").exists()
+    with safe_open(str(path), framework="pt") as file:
+        metadata = file.metadata()
+    assert f"stage {json.loads(metadata['run'])['stage']} after step {metadata['step']}" == saved
     steps_taken.clear()
     drawn, make_batch = [], train_module.make_batch
     monkeypatch.setattr(train_module, "take_step", counted)
     monkeypatch.setattr(train_module, "make_batch", lambda *args: drawn.append(1) or make_batch(*args))
     train_module.main(resumed)
     assert len(steps_taken) == steps_left and len(drawn) == batches
-    if saved.endswith("after step 2"):
-        assert f"resuming after step 2 from {path}" in capsys.readouterr().out
+    assert f"resuming after step {saved[-1]} from {path}" in capsys.readouterr().out
     weights = [(tmp_path / run / "model.safetensors").read_bytes() for run in ("plain", "resumed")]
     assert weights[0] == weights[1] and not path.exists()
 

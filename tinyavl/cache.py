@@ -706,7 +706,6 @@ class AVLCache(KVCache):
     def __init__(self, named=str, **params):
         super().__init__(named, **params)
         self.named = named  # how the kernel's refusals at the first step name its parameter (--kernel)
-        self.kernel_fits = True  # False once this GPU has refused the compiled kernel (kernel_does_not_fit)
         if self.kernel == "triton":
             require_triton(named=named)
 
@@ -777,25 +776,28 @@ class AVLCache(KVCache):
             out, lse = sparse_decode_attention(q[:, :, 0], self.k[layer], self.v[layer], index[None], tail_start,
                                                return_lse=True, check_index=False)
         except OutOfResources as err:  # Triton compiles at the first launch, for this GPU's limits
-            self.kernel_does_not_fit(err)
+            self.kernel_does_not_fit(err, q)
             return super().compute(layer, q, rows)
         return out[:, :, None], LastRow(lse)                            # (B, H, 1, hs); lse (B, H), no logits
 
-    def kernel_does_not_fit(self, err):
-        """The GPU refused the compiled kernel (Triton's OutOfResources): its tiles need more shared memory
-        than the GPU has (fp32 at head dim 128 needs 78-91 KB, a T4 has 64 KB). kernel="triton": a
-        UserError; "auto": torch from here on, said once on stderr."""
+    def kernel_does_not_fit(self, err, q):
+        """The GPU refused the kernel compiled for queries like q (Triton's OutOfResources): it needs more of a
+        resource than the GPU has, shared memory above all (fp32 at head dim 128 needs 78-91 KB, a T4 has 64
+        KB). kernel="triton": a UserError; "auto": torch for such queries from here on, in this cache and every
+        later one (REFUSED_KERNELS), said once on stderr."""
         kernel = self.named("kernel")
-        refusal = (f"this GPU cannot run the Triton kernel ({err.name}: it needs {err.required}, the GPU has "
-                   f"{err.limit})")
+        unit = " bytes" if err.name.endswith("memory") else ""  # Triton also counts threads
+        refusal = (f"this GPU cannot run the Triton kernel ({err.name}: it needs {err.required}{unit}, the GPU "
+                   f"has {err.limit}{unit})")
         if self.kernel == "triton":
             raise UserError(f"{kernel} triton: {refusal}: use {kernel} torch or auto") from None
-        self.kernel_fits = False
+        REFUSED_KERNELS.add(kernel_key(q))
         print(f"note: {refusal}; A-VL's decode attention runs in torch", file=sys.stderr)
 
     def use_kernel(self, q) -> bool:
         """Triton compiled for CUDA tensors ("auto": not in Triton's interpreter, nor for a head the kernel has
-        no tile for), or as forced by kernel="triton" / "torch"."""
+        no tile for, nor where the GPU has refused it: `kernel_does_not_fit`), or as forced by kernel="triton"
+        / "torch"."""
         # Decided without importing Triton where it cannot run: the import (about 0.2 s on this project's
         # CPU) would land in the first decode step of every CPU run (and in the benchmark's step times).
         if self.kernel == "torch" or (self.kernel == "auto" and not q.is_cuda):
@@ -806,7 +808,8 @@ class AVLCache(KVCache):
             # kernel_does_not_fit), and where it would run in Triton's interpreter (TRITON_INTERPRET=1 left set
             # on a GPU machine): a CPU loop over CUDA tensors, many times slower than torch, which a user who
             # asked for no kernel would not expect.
-            return self.kernel_fits and TRITON_AVAILABLE and not INTERPRETED and supports(q.dtype, q.shape[-1])
+            return (TRITON_AVAILABLE and not INTERPRETED and supports(q.dtype, q.shape[-1])
+                    and kernel_key(q) not in REFUSED_KERNELS)
         require_triton(q.device, self.named)
         if not supports(q.dtype, q.shape[-1]):
             kernel = self.named("kernel")
@@ -1026,6 +1029,17 @@ def make_cache(name: str, named=str, **params) -> KVCache:
     if name not in POLICIES:
         raise UserError(f"unknown policy {name!r}: choose one of {', '.join(POLICIES)}")
     return POLICIES[name](named=named, **params)
+
+
+# The queries (`kernel_key`) whose compiled kernel a GPU has refused (`AVLCache.kernel_does_not_fit`). A GPU's
+# limits hold for the whole process, and a generation makes a cache per call: the next ones take torch at once.
+REFUSED_KERNELS = set()
+
+
+def kernel_key(q) -> tuple:
+    """A query's (B, H, 1, head_dim) device, dtype and head dim: what sizes the kernel's tiles, and so whether
+    a GPU has room for them."""
+    return q.device, q.dtype, q.shape[-1]
 
 
 def require_triton(device: torch.device | None = None, named=str) -> None:

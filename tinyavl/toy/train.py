@@ -44,7 +44,9 @@ of tutorial/04 have the measurements of these recipes.
 last (`Checkpoint`: the weights, the patch probe, AdamW's moments, the loss history, and the run's
 settings with its stage); the same command run again after an interruption goes on from there (in stage 2,
 without running stage 1 again), ends with the weights one uninterrupted run writes, bit for bit on the same
-machine and thread count, and deletes the file once --out is written. It does not keep stage 0 (below).
+machine and thread count, and deletes the file once --out is written. A resumed stage draws the batches of
+its steps done again (about 0.1 s a step here), so that its scene stream and dropout draws go on where they
+were. `--checkpoint` cannot be combined with `--vision-steps`: stage 0 (below) keeps no state.
 
 `--vision-steps N` adds a stage 0 in front (`pretrain_vision`, not part of the committed recipe): the
 vision tower alone for N steps, as CLIP is trained apart from LLaVA, then frozen in stages 1 and 2, as
@@ -86,7 +88,7 @@ TUNE_STEPS = 2000    # stage 2 (`tune`): steps with image-token dropout in every
 TUNE_DROPOUT = 0.75  # stage 2: the largest fraction of a sequence's image tokens hidden
 TUNE_MASKS = ("tokens", "rectangles")  # stage 2 hides scattered tokens (`hide_image_tokens`) or rectangles
 VISION_HIDDEN = 0.75  # stage 0: the largest fraction of an image hidden from the readout
-CHECKPOINT_EVERY = 100  # steps between two saves of the training state (--checkpoint): 1-2 min here
+CHECKPOINT_EVERY = 100  # steps between two saves of the training state (--checkpoint): 1-1.5 min here
 HIRES_RAMP = 0.1     # FlexAttention: its blend alpha rises linearly from 0 to 1 over this share of the steps
 
 
@@ -391,8 +393,8 @@ class Checkpoint:
     in its metadata the steps done, the loss history and `run`, the settings that made the run. A file
     saved by other settings is refused (`check`), so a resume never mixes two runs; the code is not among
     the settings: resume with the code that started the run. A later stage of a run (`main`'s stage 2) keeps
-    its state in the same file: `after`, the stage before's settings, marks a file that holds that stage
-    finished, which this stage does not resume from and replaces at its first save."""
+    its state in the same file: `after` holds the settings of the stage before, whose file this stage does
+    not resume from but replaces at its first save (`main` runs this stage once that one is finished)."""
     path: Path
     run: dict
     every: int = 50
@@ -424,6 +426,8 @@ class Checkpoint:
             with safe_open(str(self.path), framework="pt") as file:
                 metadata = file.metadata() or {}  # None: a safetensors file written without any
             saved = json.loads(metadata["run"])
+            if not isinstance(saved, dict):
+                raise ValueError(f"its settings are {metadata['run']!r}, not what a training saves")
             # Read only to refuse what load() cannot use: steps done, and a (step, loss, loss) for each of
             # steps 0 .. step - 1.
             step, history = int(metadata["step"]), json.loads(metadata["history"])
@@ -438,7 +442,7 @@ class Checkpoint:
         if saved not in (self.run, self.after):
             # Named against the stage of this run the file is nearest to: a file of another run's stage 1 is
             # told by its settings, not also by its stage.
-            ours = min(filter(None, (self.run, self.after)),
+            ours = min([run for run in (self.run, self.after) if run is not None],
                        key=lambda run: sum(saved.get(key) != run.get(key) for key in saved.keys() | run.keys()))
             differ = ", ".join(f"{key} {saved.get(key)} there, {ours.get(key)} here"
                                for key in sorted(saved.keys() | ours.keys()) if saved.get(key) != ours.get(key))
@@ -447,9 +451,8 @@ class Checkpoint:
         return saved
 
     def load(self, model, probe, optimizer) -> tuple[int, list[tuple[int, float, float]]]:
-        """Put the saved state into model, probe and optimizer; returns (steps done, history)."""
-        if not self.resumes():
-            raise UserError(f"{self.path} holds no state of this run to resume from")
+        """Put the state this run saved (`resumes`) into model, probe and optimizer; returns (steps done,
+        history)."""
         with safe_open(str(self.path), framework="pt") as file:
             metadata, tensors = file.metadata(), {key: file.get_tensor(key) for key in file.keys()}
         try:
@@ -539,7 +542,8 @@ def optimise(model, probe, processor, stream, steps: int, lr: float, warmup: int
     if checkpoint and checkpoint.resumes():
         done, history = checkpoint.load(model, probe, optimizer)
         log(f"resuming after step {done} from {checkpoint.path}")
-    for step in range(steps if done == steps else 0, steps):  # a finished run has no batch left to draw
+    first = steps if done == steps else 0  # a finished run has nothing left to do, no batch to draw again
+    for step in range(first, steps):
         batch = make_batch(stream, processor, batch_size, turns, pad_id)
         if image_dropout and mask_kind == "rectangles":
             batch["attention_mask"] = hide_image_rectangles(batch["input_ids"], image_token_id, image_dropout,
@@ -948,7 +952,8 @@ def main(argv=None) -> None:
 def stage_checkpoints(args) -> tuple[Checkpoint, Checkpoint]:
     """The checkpoints of the command's two stages, in the one file --checkpoint names: each saved with the
     arguments that change the weights (not --out, --force, --eval-every or --checkpoint), the torch version
-    and its stage; stage 2 goes on from stage 1's finished state (`Checkpoint.after`)."""
+    and its stage; stage 2 goes on from stage 1's finished state (`Checkpoint.after`). Stage 1's settings hold
+    stage 2's flags too: a file is only ever resumed by the command that wrote it."""
     run = {name: value for name, value in sorted(vars(args).items())
            if name not in ("out", "force", "eval_every", "checkpoint")} | {"torch": torch.__version__}
     stage_1 = Checkpoint(args.checkpoint, run | {"stage": 1}, CHECKPOINT_EVERY)
