@@ -13,7 +13,7 @@ from tinyavl.toy.evaluate import (ABLATIONS, BUDGETS, FASTV_MAX_R, PROMPT_KINDS,
                                   caption_objects_right, clustered_wilson_interval, format_table, held_out_set,
                                   is_correct, markdown_table, paired_ratio_interval, plot_sweep, shown_params,
                                   wilson_interval)
-from tinyavl.toy.scenes import Scene, SceneObject, scene_stream
+from tinyavl.toy.scenes import Scene, SceneObject, SceneStream
 from tinyavl.toy.plot import HEIGHT, MARGIN, PALETTE, WIDTH
 
 SCENE = Scene((SceneObject("circle", "red", 1, 2, 5, (220, 40, 40)),
@@ -191,7 +191,7 @@ def test_held_out_questions_come_from_the_evaluation_stream():
     assert [(q.scene_index, q.kind) for q in questions] == [(i, kind) for i in range(3) for kind in PROMPT_KINDS]
     scenes = [questions[i * len(PROMPT_KINDS)].scene for i in range(3)]
     assert scenes[0] != scenes[1] != scenes[2] != scenes[0]
-    first = {split: next(scene_stream(split, 5))[0] for split in ("eval", "train", "tune")}
+    first = {split: next(SceneStream(split, 5))[0] for split in ("eval", "train", "tune")}
     assert scenes[0] == first["eval"] and scenes[0] != first["train"] and scenes[0] != first["tune"]
 
 
@@ -205,7 +205,8 @@ def test_budget_sweep_gives_every_peer_the_bytes_random_held_kind_by_kind(monkey
     def fake_evaluate(model, processor, questions, policy, params=None, hires_mode=None, params_by_type=None):
         runs.append((policy, params, params_by_type))
         keep = params["S"] if policy == "random" else 1.0
-        right_by_scene = [6, 5, 4] if policy == "random" else [5, 4, 3]
+        # `random` gets a different count at each budget, so that which one a row is paired with shows.
+        right_by_scene = [6, 5, round(8 * keep)] if policy == "random" else [5, 4, 3]
         return {"policy": policy, "policy_params": params, "accuracy": sum(right_by_scene) / 18,
                 "right_by_scene": right_by_scene, "kv_ratio": 0.5, "seconds": 0.0,
                 "kv_ratio_by_type": {kind: round(0.3 + 0.5 * keep + 0.01 * i, 4)
@@ -236,11 +237,16 @@ def test_budget_sweep_gives_every_peer_the_bytes_random_held_kind_by_kind(monkey
     assert runs == [run[:3] for run in expected]
     assert [r["budget"] for r in reports] == [run[3] for run in expected]
     assert ("fastv", 0.1) not in {(r["policy"], r["budget"]) for r in reports}   # out of its reach
-    # Each peer against `random` at its budget, scene by scene: 12 of random's 15.
-    peers = [r for r in reports[1:-len(ABLATIONS)] if r["policy"] != "random"]
-    assert all(r["of_random"] == pytest.approx(12 / 15) for r in peers)
-    assert all(r["of_random_ci"] == paired_ratio_interval([5, 4, 3], [6, 5, 4]) for r in peers)
-    assert not any("of_random" in r for r in reports if r not in peers)
+    # Each peer, and an ablation where `random` ran at its budget (A-VL's choice alone at 0.5), against
+    # `random` at that budget, scene by scene: 12 of random's 6 + 5 + round(8 * budget); `random` evicting
+    # 5% (0.95) has no `random` row at its budget to be paired with.
+    paired = [r for r in reports[1:] if r["policy"] != "random"]
+    assert paired[-1]["line"] == "avl, its choice only" and paired[-1]["budget"] == 0.5
+    for r in paired:
+        random_right = [6, 5, round(8 * r["budget"])]
+        assert r["of_random"] == pytest.approx(12 / sum(random_right))
+        assert r["of_random_ci"] == paired_ratio_interval([5, 4, 3], random_right)
+    assert not any("of_random" in r for r in reports if r not in paired)
 
 
 def test_tally_weights_each_answer_by_its_steps_and_bytes():

@@ -8,6 +8,7 @@ import argparse
 import copy
 import json
 import math
+import random
 from types import SimpleNamespace
 from dataclasses import replace
 from pathlib import Path
@@ -32,10 +33,10 @@ from tinyavl.toy.evaluate_hires import IN_SEQUENCE, format_table, in_sequence_pa
 from tinyavl.toy.evaluate_hires import main as evaluate_hires_main
 from tinyavl.toy.plot import HEIGHT, MARGIN, PALETTE, WIDTH
 from tinyavl.toy.scenes import (COLOURS, DIGIT_COLOUR, FINE_SCALE, IMAGE_SIZE, PATCH, Scene, SceneObject,
-                                scene_stream)
-from tinyavl.toy.train import (PATCH_CLASSES, Checkpoint, PatchProbe, attribute_loss, deterministic_algorithms, losses,
-                               make_batch, patch_targets, save_pretrained, tile_patch_targets, toy_config, train,
-                               train_tokenizer)
+                                SceneStream)
+from tinyavl.toy.train import (DROPOUT_STATE, PATCH_CLASSES, Checkpoint, PatchProbe, attribute_loss,
+                               deterministic_algorithms, losses, make_batch, patch_targets, save_pretrained,
+                               tile_patch_targets, toy_config, train, train_tokenizer)
 from tinyavl.toy.train_hires import FINE_CANVAS, train_hires, with_hires_projections
 
 TOY = Path(__file__).resolve().parent.parent / "weights" / "toy"
@@ -52,8 +53,8 @@ TINY_HIRES = HiresConfig(scale=FINE_SCALE, first_layer=1, threshold=48, blocks=4
 def test_a_fine_scene_is_the_scene_drawn_larger_with_a_small_digit():
     """Box-averaged back to 96 px, a fine scene's picture is the plain scene's wherever neither digit is;
     the same draws give the same objects."""
-    fine, _ = next(scene_stream("eval", 3, fine=True))
-    plain, _ = next(scene_stream("eval", 3))
+    fine, _ = next(SceneStream("eval", 3, fine=True))
+    plain, _ = next(SceneStream("eval", 3))
     assert fine.objects == plain.objects and fine.fine and not plain.fine
     big = np.asarray(fine.image())                                     # (96 FINE_SCALE, 96 FINE_SCALE, 3)
     assert big.shape == (IMAGE_SIZE * FINE_SCALE, IMAGE_SIZE * FINE_SCALE, 3)
@@ -100,7 +101,7 @@ def test_fine_patch_targets_name_the_digit_only_at_high_resolution():
 def test_tile_targets_follow_the_crops_as_the_model_stitches_them():
     """The base crop's targets (the low-resolution image's), then each tile's: stitched as the model
     stitches tile features into its map, the tiles' targets are the high-resolution map's."""
-    scene, _ = next(scene_stream("test", 1, fine=True))
+    scene, _ = next(SceneStream("test", 1, fine=True))
     targets = tile_patch_targets(scene)                                   # (144 + 16 x 144, 3)
     assert targets.shape == (144 + N_HD, 3) and torch.equal(targets[:144], patch_targets(scene))
     tiles = targets[144:].view(FINE_SCALE ** 2, 144, 3)
@@ -135,7 +136,7 @@ def tiny_flex():
     flex = with_hires_projections(model, TINY_HIRES)
     processor = Processor(tokenizer, image_token_id, config.num_image_tokens, IMAGE_SIZE, IMAGE_SIZE,
                           system_prompt=LLAVA_SYSTEM_PROMPT, hires_scale=FINE_SCALE)
-    batch = make_batch(scene_stream("test", 0, fine=True), processor, 2, 2, tokenizer.token_to_id("<pad>"))
+    batch = make_batch(SceneStream("test", 0, fine=True), processor, 2, 2, tokenizer.token_to_id("<pad>"))
     return model, flex, processor, batch
 
 
@@ -354,24 +355,32 @@ def test_the_command_resumes_from_its_checkpoint_and_removes_it_once_the_toy_is_
 
 
 FIVE_STEPS = json.dumps([[step, 0.5, 0.5] for step in range(5)])  # the history a run saves after 5 steps
+SCENES = json.dumps(random.Random(0).getstate())                    # a scene stream's state, as a run saves it
+
+
+def save_checkpoint_file(path, metadata: dict, dropout_state=torch.Generator().get_state()):
+    """A file with a checkpoint's metadata and the dropout generator's state (None: left out)."""
+    tensors = {"model.x": torch.zeros(1)} | ({} if dropout_state is None else {DROPOUT_STATE: dropout_state})
+    save_file(tensors, str(path), metadata=metadata)
 
 
 def write_checkpoint_of_another_run(path, base):
     """A checkpoint of the command's defaults from `base`, but for 7 steps."""
     args = argparse.Namespace(base=base, in_sequence=False, steps=7, batch_size=16, lr=8e-4, seed=0, threads=2)
     run = json.dumps(train_hires_module.run_settings(args))
-    save_file({"model.x": torch.zeros(1)}, str(path), metadata={"step": "5", "history": FIVE_STEPS, "run": run})
+    save_checkpoint_file(path, {"step": "5", "history": FIVE_STEPS, "run": run, "scenes": SCENES})
 
 
-def write_checkpoint_with(**metadata):
+def write_checkpoint_with(dropout_state=torch.Generator().get_state(), **metadata):
     """A checkpoint of the command's defaults whose metadata has `metadata` in place of what a run saves
-    (None: left out), as a hand edit or another program might write it."""
+    (None: left out), and dropout_state for the dropout generator's state, as a hand edit or another program
+    might write it."""
     def write(path, base):
         args = argparse.Namespace(base=base, in_sequence=False, steps=1100, batch_size=16, lr=8e-4, seed=0,
                                   threads=2)
         saved = {"step": "5", "history": FIVE_STEPS, "run": json.dumps(train_hires_module.run_settings(args)),
-                 **metadata}
-        save_file({"model.x": torch.zeros(1)}, str(path), metadata={k: v for k, v in saved.items() if v is not None})
+                 "scenes": SCENES, **metadata}
+        save_checkpoint_file(path, {k: v for k, v in saved.items() if v is not None}, dropout_state)
     return write
 
 
@@ -379,7 +388,7 @@ def write_checkpoint_of_an_older_version(path, base):
     """A checkpoint of the command's defaults saved by a version with one setting more."""
     args = argparse.Namespace(base=base, in_sequence=False, steps=1100, batch_size=16, lr=8e-4, seed=0, threads=2)
     run = json.dumps({**train_hires_module.run_settings(args), "old_knob": 1})
-    save_file({"model.x": torch.zeros(1)}, str(path), metadata={"step": "5", "history": FIVE_STEPS, "run": run})
+    save_checkpoint_file(path, {"step": "5", "history": FIVE_STEPS, "run": run, "scenes": SCENES})
 
 
 @pytest.mark.parametrize("name, make, message", [
@@ -391,6 +400,12 @@ def write_checkpoint_of_an_older_version(path, base):
     ("state.safetensors", write_checkpoint_with(run="[1]"), "is not a training checkpoint (its settings are '[1]'"),
     ("state.safetensors", write_checkpoint_with(history='[["a", "b", "c"]]'), "its history is not what a training"),
     ("state.safetensors", write_checkpoint_with(history="[]"), "its history is not what a training"),  # 5 steps
+    ("state.safetensors", write_checkpoint_with(scenes=None), "(its metadata has no 'scenes')"),
+    ("state.safetensors", write_checkpoint_with(scenes="[3, [1, 2], null]"), "not a training checkpoint (state vector"),
+    ("state.safetensors", write_checkpoint_with(scenes="null"), "is not a training checkpoint ("),
+    ("state.safetensors", write_checkpoint_with(dropout_state=None), "it holds no dropout generator's state"),
+    ("state.safetensors", write_checkpoint_with(dropout_state=torch.zeros(3, dtype=torch.uint8)),
+     "is not a training checkpoint ("),
     ("state.safetensors", lambda path, _: save_file({"x": torch.zeros(1)}, str(path)), "its metadata has no 'run'"),
     ("state.safetensors", lambda path, _: path.write_bytes(b"not safetensors"), "is not a training checkpoint"),
     ("state.safetensors", write_checkpoint_of_another_run, "saved by another run (steps 7 there, 1100 here)"),
@@ -454,7 +469,7 @@ def test_attention_pairs_count_the_prefill_the_steps_and_the_high_resolution_key
     which is in_sequence_pairs with as many tokens in the sequence. Reading every block adds each served
     row's N_HD keys in every layer from first_layer on."""
     _, flex, processor, _ = tiny_flex
-    scene, _ = next(scene_stream("eval", 0, fine=True))
+    scene, _ = next(SceneStream("eval", 0, fine=True))
     inputs = processor(processor.chat_prompt("What digit is at row 1 column 1?"), image=scene.image())
     prompt, layers = inputs["input_ids"].shape[1], flex.config.text.num_hidden_layers
     _, plain = tinyavl.generate(flex, inputs["input_ids"], inputs["pixel_values"], max_new_tokens=3, eos_token_id=())

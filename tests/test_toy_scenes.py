@@ -12,7 +12,7 @@ import pytest
 
 from tinyavl.toy.scenes import (CAPTION_QUESTION, COLOUR_JITTER, COLOURS, DIGIT_COLOUR, DIGIT_OFFSET, DIGITS, GRID,
                                 IMAGE_SIZE, MAX_OFFSET, MIN_PATCH_PIXELS, PATCH, PROMPT_KINDS, QUESTION_TYPES, CELL_PX,
-                                SHAPES, Scene, SceneObject, parse_caption, random_scene, scene_stream)
+                                SHAPES, Scene, SceneObject, SceneStream, parse_caption, random_scene)
 
 PLACE = IMAGE_SIZE // GRID   # 24 px
 SHAPE_SIDE = 7 * CELL_PX     # 21 px: a 7 x 7 bitmap drawn CELL_PX x
@@ -21,7 +21,7 @@ OFFSETS = list(itertools.product(range(MAX_OFFSET + 1), repeat=2))  # every (x, 
 
 
 def scenes(split="eval", seed=7, n=40):
-    stream = scene_stream(split, seed)
+    stream = SceneStream(split, seed)
     return [next(stream)[0] for _ in range(n)]
 
 
@@ -114,7 +114,7 @@ def alone(shape, row, column, offset, digit=None, colour="red"):
 
 
 def test_same_seed_same_scenes_and_questions():
-    a, b = scene_stream("eval", 3), scene_stream("eval", 3)
+    a, b = SceneStream("eval", 3), SceneStream("eval", 3)
     for _ in range(20):
         (scene_a, rng_a), (scene_b, rng_b) = next(a), next(b)
         assert scene_a == scene_b
@@ -213,7 +213,7 @@ def test_place_patches_by_hand_hold_every_pixel_of_the_object_and_no_other():
     # Row 2 column 3: patch rows 3-5, patch columns 6-8.
     obj = SceneObject("cross", "blue", 2, 3, 7, COLOURS["blue"], (MAX_OFFSET, MAX_OFFSET))
     assert obj.place_patches() == [r * side + c for r in (3, 4, 5) for c in (6, 7, 8)]
-    for scene, _ in itertools.islice(scene_stream("eval", 3), 20):
+    for scene, _ in itertools.islice(SceneStream("eval", 3), 20):
         for obj in scene.objects:
             in_place = np.zeros((side, side), dtype=bool)
             in_place.flat[obj.place_patches()] = True
@@ -261,7 +261,7 @@ def test_captions_are_long_and_questions_well_posed():
 
 
 def test_ask_is_the_question_or_the_caption_request():
-    scene, rng = next(scene_stream("eval", 3))
+    scene, rng = next(SceneStream("eval", 3))
     state = rng.getstate()
     for kind in PROMPT_KINDS:
         asked = scene.ask(kind, rng)

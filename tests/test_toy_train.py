@@ -7,6 +7,7 @@ import json
 import math
 import os
 import stat
+from dataclasses import replace
 from functools import partial
 
 import numpy as np
@@ -15,14 +16,16 @@ import torch
 from safetensors import safe_open
 
 import tinyavl
+from tinyavl.cli import TOY_WEIGHTS
 from tinyavl.errors import UserError
+from tinyavl.loading import parse_config
 from tinyavl.processing import LLAVA_SYSTEM_PROMPT
 from tinyavl.toy.scenes import (DIGIT_COLOUR, FINE_SCALE, IMAGE_SIZE, MIN_PATCH_PIXELS, PATCH, Scene, SceneObject,
-                                 scene_stream)
+                                 SceneStream)
 from tinyavl.toy import train as train_module
-from tinyavl.toy.train import (PATCH_CLASSES, PLACES, PatchProbe, SceneReadout, chat_example, hide_image_tokens,
-                               hide_rectangles, make_batch, patch_targets, place_targets, pretrain_vision,
-                               readout_recall, save_pretrained, sincos_2d, train, train_tokenizer, tune)
+from tinyavl.toy.train import (PATCH_CLASSES, PLACES, PatchProbe, SceneReadout, chat_example, hf_config,
+                               hide_image_tokens, hide_rectangles, make_batch, patch_targets, place_targets,
+                               pretrain_vision, readout_recall, save_pretrained, sincos_2d, train, train_tokenizer, tune)
 
 TINY = dict(vision_width=32, vision_layers=1, text_width=32, text_layers=2)
 
@@ -57,7 +60,7 @@ def test_written_folder_loads_like_a_llava_hf_checkpoint(trained, tmp_path):
     # Every file gets the permissions the umask gives (safetensors' own save_file would make the weights 0600).
     assert {stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir() if p.is_file()} == {0o666 & ~current_umask()}
     loaded, loaded_processor = tinyavl.load_pretrained(tmp_path, device="cpu")
-    scene, _ = next(scene_stream("eval", 0))
+    scene, _ = next(SceneStream("eval", 0))
     inputs = loaded_processor(loaded_processor.chat_prompt("What colour is the circle?"), image=scene.image())
     expected = model(inputs["input_ids"], inputs["pixel_values"])
     assert torch.equal(loaded(inputs["input_ids"], inputs["pixel_values"]), expected)
@@ -70,12 +73,26 @@ def test_written_folder_loads_like_a_llava_hf_checkpoint(trained, tmp_path):
     assert (hf_logits - expected).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("folder", ["toy", "toy-nodrop", "toy-hires", "toy-tiles"])
+def test_hf_config_writes_each_committed_toys_config_again(folder):
+    """hf_config of what a committed toy's config.json loads as is that file, key for key: the trainer writes
+    transformers' layout, with tinyavl's own keys only where the file has them (hires_config). A linear RoPE
+    factor, which no toy has, goes in transformers' rope_scaling and loads back."""
+    raw = json.loads((TOY_WEIGHTS.parent / folder / "config.json").read_text())
+    config = parse_config(raw)
+    assert hf_config(config) == raw
+    scaled = replace(config, text=replace(config.text, rope_linear_factor=2.0))
+    written = json.loads(json.dumps(hf_config(scaled)))
+    assert written["text_config"]["rope_scaling"] == {"type": "linear", "factor": 2.0}
+    assert parse_config(written) == scaled
+
+
 def test_chat_example_trains_only_the_answers():
     tokenizer = train_tokenizer()
     image_id = tokenizer.token_to_id("<image>")
     processor = tinyavl.Processor(tokenizer, image_id, (IMAGE_SIZE // PATCH) ** 2, IMAGE_SIZE, IMAGE_SIZE,
                                   system_prompt=LLAVA_SYSTEM_PROMPT)
-    scene, rng = next(scene_stream("eval", 5))
+    scene, rng = next(SceneStream("eval", 5))
     ids, labels, image = chat_example(scene, rng, processor, turns=3)
     assert len(ids) == len(labels)
     assert list(image) == ["pixel_values"] and torch.equal(image["pixel_values"][0], processor.preprocess(scene.image()))
@@ -105,7 +122,7 @@ def test_batch_shapes_and_padding():
     n_img = (IMAGE_SIZE // PATCH) ** 2
     processor = tinyavl.Processor(tokenizer, image_id, n_img, IMAGE_SIZE, IMAGE_SIZE)
     pad = tokenizer.token_to_id("<pad>")
-    batch = make_batch(scene_stream("eval", 1), processor, 4, 2, pad)
+    batch = make_batch(SceneStream("eval", 1), processor, 4, 2, pad)
     B, T = batch["input_ids"].shape
     assert B == 4 and batch["labels"].shape == (B, T)
     assert batch["pixel_values"].shape == (4, 3, IMAGE_SIZE, IMAGE_SIZE)
@@ -117,7 +134,7 @@ def test_patch_targets_mark_every_patch_that_shows_the_object():
     """A patch is labelled with an object's shape and colour when at least MIN_PATCH_PIXELS of its pixels
     are not black, and with its digit when that many are the digit's colour: counted from the image alone."""
     side = IMAGE_SIZE // PATCH
-    for scene, _ in itertools.islice(scene_stream("eval", 2), 5):
+    for scene, _ in itertools.islice(SceneStream("eval", 2), 5):
         targets = patch_targets(scene)                                   # (P, 3)
         pixels = np.asarray(scene.image())                               # (H, W, 3)
         drawn = pixels.any(-1).reshape(side, PATCH, side, PATCH).sum((1, 3)).flatten()
@@ -135,10 +152,10 @@ def test_patch_targets_mark_every_patch_that_shows_the_object():
 
 def test_high_resolution_targets_are_only_a_fine_scenes():
     """A plain scene draws its digits large: the fine map's digit patches would name the wrong patches."""
-    scene, _ = next(scene_stream("eval", 2))
+    scene, _ = next(SceneStream("eval", 2))
     with pytest.raises(ValueError, match="fine scene"):
         patch_targets(scene, fine_map=True)
-    fine, _ = next(scene_stream("eval", 2, fine=True))
+    fine, _ = next(SceneStream("eval", 2, fine=True))
     assert patch_targets(fine, fine_map=True).shape[0] == (FINE_SCALE * IMAGE_SIZE // PATCH) ** 2
 
 
@@ -320,18 +337,19 @@ TINY_RUN = ["--steps", "4", "--tune-steps", "4", "--batch-size", "2", "--eval-ev
             "--text-layers", "1", "--text-width", "16"]
 
 
-@pytest.mark.parametrize("stop_at, saved, steps_left, batches", [
-    (4, "stage 1 after step 2", 6, 8),               # in stage 1's 4th step
-    (5, "stage 1 after step 4", 4, 4),               # in stage 2's first step: stage 1 is in the file, finished
-    (8, "stage 2 after step 2", 2, 4),               # in stage 2's 4th step: stage 1 is not run again
-    (None, "stage 2 after step 4", 0, 0)])           # writing the folder: stage 2 is in the file, finished
-def test_the_trainer_resumes_either_stage_from_its_checkpoint(stop_at, saved, steps_left, batches, tmp_path,
-                                                              monkeypatch, capsys):
+@pytest.mark.parametrize("stop_at, saved, steps_left", [
+    (4, "stage 1 after step 2", 6),               # in stage 1's 4th step
+    (5, "stage 1 after step 4", 4),               # in stage 2's first step: stage 1 is in the file, finished
+    (8, "stage 2 after step 2", 2),               # in stage 2's 4th step: stage 1 is not run again
+    (None, "stage 2 after step 4", 0)])           # writing the folder: stage 2 is in the file, finished
+def test_the_trainer_resumes_either_stage_from_its_checkpoint(stop_at, saved, steps_left, tmp_path, monkeypatch,
+                                                              capsys):
     """`train --checkpoint` (saved every 2 steps here), interrupted in stage 1, between the stages, in stage 2 or
     while it writes the folder (the file then holds the stage and step given), then run again: it resumes
-    from that step, takes only the steps the file does not hold, draws again
-    only the batches of the stage it goes on with (a finished stage draws none), writes the weights of a run
-    without a checkpoint byte for byte, and deletes the file."""
+    from that step, takes only the steps the file does not hold and draws only their batches (the scene
+    stream and the dropout draws go on from the states the file holds), writes the weights of a run without
+    a checkpoint byte for byte, and deletes the file. Stage 2's dropout is on (the default), so its draws
+    must resume where they were."""
     monkeypatch.setattr(train_module, "CHECKPOINT_EVERY", 2)
     monkeypatch.setattr(train_module, "write_examples", lambda folder: None)
     train_module.main(TINY_RUN + ["--out", str(tmp_path / "plain")])
@@ -361,7 +379,7 @@ def test_the_trainer_resumes_either_stage_from_its_checkpoint(stop_at, saved, st
     monkeypatch.setattr(train_module, "take_step", counted)
     monkeypatch.setattr(train_module, "make_batch", lambda *args: drawn.append(1) or make_batch(*args))
     train_module.main(resumed)
-    assert len(steps_taken) == steps_left and len(drawn) == batches
+    assert len(steps_taken) == steps_left and len(drawn) == steps_left
     assert f"resuming after step {saved[-1]} from {path}" in capsys.readouterr().out
     weights = [(tmp_path / run / "model.safetensors").read_bytes() for run in ("plain", "resumed")]
     assert weights[0] == weights[1] and not path.exists()
@@ -487,7 +505,7 @@ def test_readout_recall_hides_each_objects_place_and_scores_by_attribute():
     so on the patches that show an object it scores (0, 1, 1)."""
     model, processor, _ = train(steps=1, batch_size=2, config_overrides=TINY, log=lambda *_: None)
     n_scenes, calls = 3, []
-    scenes = [scene for scene, _ in itertools.islice(scene_stream("eval", 4), n_scenes)]
+    scenes = [scene for scene, _ in itertools.islice(SceneStream("eval", 4), n_scenes)]
     objects = [obj for scene in scenes for obj in scene.objects]
     truths = iter([place_targets(scene) for scene in scenes for _ in scene.objects])  # one per call, in order
     patch_truths = iter([patch_targets(scene) for scene in scenes])

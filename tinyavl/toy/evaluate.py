@@ -48,7 +48,7 @@ from tinyavl.errors import UserError
 from tinyavl.files import check_output_file, check_picture_folder
 from tinyavl.generate import generate
 from tinyavl.toy.plot import save_line_plot
-from tinyavl.toy.scenes import PROMPT_KINDS, Scene, caption_parts, parse_caption, scene_stream
+from tinyavl.toy.scenes import PROMPT_KINDS, Scene, SceneStream, caption_parts, parse_caption
 
 BUDGETS = (0.5, 0.25, 0.1)   # shares of the image tokens kept, A-VL's S; 0.5 is A-VL's default
 Z95 = 1.959964               # the standard normal's 97.5% quantile: a two-sided 95% interval
@@ -87,7 +87,7 @@ def reads_fine_scenes(config) -> bool:
 def held_out_set(seed: int, n_scenes: int, fine: bool = False) -> list[Question]:
     """n_scenes scenes from the evaluation stream of `seed`, each with one question of every kind (with
     fine, the same scenes and questions drawn as fine scenes: small digits, tinyavl/toy/scenes.py)."""
-    questions, stream = [], scene_stream("eval", seed, fine)
+    questions, stream = [], SceneStream("eval", seed, fine)
     for index in range(n_scenes):
         scene, rng = next(stream)
         for kind in PROMPT_KINDS:
@@ -363,9 +363,9 @@ def budget_params(policy: str, image_keep: float, kv_ratio: float, n_layers: int
 def budget_sweep(model, processor, questions, log=None, hires_mode: str = DEFAULT_HIRES_MODE) -> list[dict]:
     """`full`, then at every budget of BUDGETS `random` first and each of SWEEP_POLICIES at the bytes
     it held (budget_params), then ABLATIONS. Each report gains "budget": the share of image tokens kept
-    (1 for full) and "line": the plot's line it belongs to; a peer's, "of_random" and "of_random_ci": its
-    accuracy over `random`'s at that budget, paired scene by scene (`paired_ratio`). hires_mode:
-    as `evaluate`'s."""
+    (1 for full) and "line": the plot's line it belongs to; a peer's, and an ablation's where `random` ran
+    at its budget, "of_random" and "of_random_ci": its accuracy over `random`'s at that budget, paired
+    scene by scene (`paired_ratio`). hires_mode: as `evaluate`'s."""
     def measure(policy, params, budget, line=None, by_type=None, control=None):
         report = {"budget": budget, "line": line or policy,
                   **evaluate(model, processor, questions, policy, params, hires_mode=hires_mode,
@@ -384,9 +384,11 @@ def budget_sweep(model, processor, questions, log=None, hires_mode: str = DEFAUL
     n_layers = model.config.text.num_hidden_layers
     reports = [measure("full", {}, 1.0)]
     knobs_run = {}  # per policy, the knobs of its last row
+    controls = {}   # per budget, `random`'s report there
     for image_keep in BUDGETS:
         # 1.0: random takes no byte budget; its measured bytes are the budget the others match.
-        control = measure("random", budget_params("random", image_keep, 1.0, n_layers), image_keep)
+        control = controls[image_keep] = measure("random", budget_params("random", image_keep, 1.0, n_layers),
+                                                 image_keep)
         reports.append(control)
         for policy in SWEEP_POLICIES:
             # The bytes `random` held on each kind of prompt: a policy whose knobs are shares of the
@@ -405,7 +407,10 @@ def budget_sweep(model, processor, questions, log=None, hires_mode: str = DEFAUL
                 reports.append(measure(policy, params, image_keep, control=control))
             else:
                 reports.append(measure(policy, None, image_keep, by_type=by_type, control=control))
-    return reports + [measure(policy, params, budget, line) for budget, policy, params, line in ABLATIONS]
+    # An ablation is paired with `random` where that ran at its budget (A-VL's choice alone at half of the
+    # image: the choice against a random one).
+    return reports + [measure(policy, params, budget, line, control=controls.get(budget))
+                      for budget, policy, params, line in ABLATIONS]
 
 
 def format_interval(value: float, interval: tuple[float, float], digits: int = 2) -> str:
@@ -432,9 +437,9 @@ def shown_params(report: dict) -> str:
 
 def format_table(reports: list[dict]) -> str:
     """A Markdown table: one row per report, accuracy (95% interval) overall and per type, the share of
-    full's accuracy (its paired interval, `paired_ratio_interval`) and, for a peer in a budget sweep, of
-    `random`'s at its budget (`budget_sweep`'s "of_random"), the caption objects named exactly (95% interval,
-    each caption a cluster), and the measured ratios."""
+    full's accuracy (its paired interval, `paired_ratio_interval`) and, for a peer or an ablation in a budget
+    sweep, of `random`'s at its budget (`budget_sweep`'s "of_random"), the caption objects named exactly
+    (95% interval, each caption a cluster), and the measured ratios."""
     full = next((r for r in reports if r["policy"] == "full"), None)
     head = (["image kept", "policy", "params", "overall", "of full", "of random"] + list(PROMPT_KINDS)
             + ["caption objects", "KV bytes", "KV bytes, captions", "attended"])

@@ -27,7 +27,7 @@ reads it.
 Each scene answers five question types (`QUESTION_TYPES`) and a caption that lists every object with
 its colour, place and digit, 26-43 tokens long (of the toy's tokenizer, before `</s>`). Rows and columns
 are numbered 1-4 from the top left.
-Everything is deterministic for a seed (`scene_stream`).
+Everything is deterministic for a seed (`SceneStream`).
 """
 import random
 from dataclasses import dataclass
@@ -190,18 +190,26 @@ def random_scene(rng: random.Random, fine: bool = False) -> Scene:
     return Scene(tuple(objects), fine)
 
 
-def scene_stream(split: str, seed: int, fine: bool = False):
+class SceneStream:
     """An endless, deterministic stream of (scene, rng) for a split and a seed. The splits in use: "vocab"
     (the words the tokenizer holds), "train" and "tune" (the toy's two stages), "vision" (the tower trained
     apart), "hires" (the FlexAttention toy), "example" (the committed example images) and "eval" (held out).
 
     The split is part of the seed, so streams of different splits never meet: no evaluation seed ever
-    replays a training stream. With fine, the
-    stream's scenes are fine scenes: the same objects and questions as without, drawn small-digited.
-    """
-    rng = random.Random(f"{split}-{seed}")
-    while True:
-        yield random_scene(rng, fine), rng
+    replays a training stream. With fine, the stream's scenes are fine scenes: the same objects and
+    questions as without, drawn small-digited. `rng` draws every scene, and the questions a training asks
+    about it (the rng handed out with it): its state (`rng.getstate()`) is where the stream is, which a
+    resumed training sets back (`Checkpoint`)."""
+
+    def __init__(self, split: str, seed: int, fine: bool = False):
+        self.rng = random.Random(f"{split}-{seed}")
+        self.fine = fine
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[Scene, random.Random]:
+        return random_scene(self.rng, self.fine), self.rng
 
 
 def caption_parts(text: str) -> list[str]:

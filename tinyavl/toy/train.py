@@ -41,12 +41,12 @@ and so asks the tower to copy objects beyond their place. The README's toy secti
 of tutorial/04 have the measurements of these recipes.
 
 `--checkpoint FILE` keeps the training state in FILE every CHECKPOINT_EVERY steps and after each stage's
-last (`Checkpoint`: the weights, the patch probe, AdamW's moments, the loss history, and the run's
-settings with its stage); the same command run again after an interruption goes on from there (in stage 2,
-without running stage 1 again), ends with the weights one uninterrupted run writes, bit for bit on the same
-machine and thread count, and deletes the file once --out is written. A resumed stage draws the batches of
-its steps done again (about 0.1 s a step here), so that its scene stream and dropout draws go on where they
-were. `--checkpoint` cannot be combined with `--vision-steps`: stage 0 (below) keeps no state.
+last (`Checkpoint`: the weights, the patch probe, AdamW's moments, the loss history, where the scene stream
+and the dropout draws are, and the run's settings with its stage); the same command run again after an
+interruption goes on from there (in stage 2, without running stage 1 again; no batch of a step done is
+drawn again), ends with the weights one uninterrupted run writes, bit for bit on the same machine and
+thread count, and deletes the file once --out is written. `--checkpoint` cannot be combined with
+`--vision-steps`: stage 0 (below) keeps no state.
 
 `--vision-steps N` adds a stage 0 in front (`pretrain_vision`, not part of the committed recipe): the
 vision tower alone for N steps, as CLIP is trained apart from LLaVA, then frozen in stages 1 and 2, as
@@ -79,7 +79,7 @@ from tinyavl.model import LlavaConfig, LlavaForConditionalGeneration, TextConfig
 from tinyavl.processing import BOS_TOKEN, CLIP_MEAN, CLIP_STD, EOS_TOKEN, IMAGE_TOKEN, LLAVA_SYSTEM_PROMPT, Processor
 from tinyavl.toy.evaluate import evaluate, held_out_set, reads_fine_scenes
 from tinyavl.toy.scenes import (COLOURS, DIGITS, FINE_SCALE, GRID, IMAGE_SIZE, PATCH, PROMPT_KINDS, SHAPES, Scene,
-                                SceneObject, scene_stream)
+                                SceneObject, SceneStream)
 
 SPECIAL_TOKENS = ["<unk>", BOS_TOKEN, EOS_TOKEN, "<pad>", IMAGE_TOKEN]
 IMAGE_DROPOUT = 0.0  # the largest fraction of a training sequence's image tokens hidden (off: see hide_image_tokens)
@@ -89,6 +89,7 @@ TUNE_DROPOUT = 0.75  # stage 2: the largest fraction of a sequence's image token
 TUNE_MASKS = ("tokens", "rectangles")  # stage 2 hides scattered tokens (`hide_image_tokens`) or rectangles
 VISION_HIDDEN = 0.75  # stage 0: the largest fraction of an image hidden from the readout
 CHECKPOINT_EVERY = 100  # steps between two saves of the training state (--checkpoint): 1-1.5 min here
+DROPOUT_STATE = "dropout_generator"  # the checkpoint's tensor that holds the dropout generator's state
 HIRES_RAMP = 0.1     # FlexAttention: its blend alpha rises linearly from 0 to 1 over this share of the steps
 
 
@@ -101,7 +102,7 @@ def train_tokenizer(n_scenes: int = 500) -> Tokenizer:
     tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tokenizer.normalizer = normalizers.Lowercase()
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()  # words, and punctuation as its own token
-    corpus, stream = [], scene_stream("vocab", 0)
+    corpus, stream = [], SceneStream("vocab", 0)
     for _ in range(n_scenes):
         scene, rng = next(stream)
         turns = [scene.ask(kind, rng) for kind in PROMPT_KINDS]
@@ -389,8 +390,9 @@ def write_safetensors(tensors: dict, path: Path, metadata: dict) -> None:
 @dataclass
 class Checkpoint:
     """Where `optimise` keeps its training state, so that a run longer than a sitting can be interrupted
-    and resumed: one safetensors file with the model's and the probe's tensors and AdamW's moments, and
-    in its metadata the steps done, the loss history and `run`, the settings that made the run. A file
+    and resumed: one safetensors file with the model's and the probe's tensors, AdamW's moments and the
+    dropout generator's state, and in its metadata the steps done, the loss history, where the scene
+    stream is (its rng's state) and `run`, the settings that made the run. A file
     saved by other settings is refused (`check`), so a resume never mixes two runs; the code is not among
     the settings: resume with the code that started the run. A later stage of a run (`main`'s stage 2) keeps
     its state in the same file: `after` holds the settings of the stage before, whose file this stage does
@@ -400,13 +402,15 @@ class Checkpoint:
     every: int = 50
     after: dict | None = None
 
-    def save(self, step: int, model, probe, optimizer, history) -> None:
+    def save(self, step: int, model, probe, optimizer, history, stream: SceneStream, dropout_generator) -> None:
         tensors = {f"model.{key}": t for key, t in model.state_dict().items()}
         tensors |= {f"probe.{key}": t for key, t in probe.state_dict().items()}
         for index, state in optimizer.state_dict()["state"].items():  # exp_avg, exp_avg_sq, step per parameter
             tensors |= {f"optimizer.{index}.{name}": t for name, t in state.items()}
+        tensors[DROPOUT_STATE] = dropout_generator.get_state()                     # (5056,) uint8
         tensors = {key: t.detach().contiguous() for key, t in tensors.items()}
-        metadata = {"step": str(step), "history": json.dumps(history), "run": json.dumps(self.run)}
+        metadata = {"step": str(step), "history": json.dumps(history), "run": json.dumps(self.run),
+                    "scenes": json.dumps(stream.rng.getstate())}
         # replace: the checkpoint is the training's own file, rewritten every `every` steps.
         write_file_atomically(self.path, lambda temporary: write_safetensors(tensors, temporary, metadata),
                               replace=True)
@@ -425,19 +429,24 @@ class Checkpoint:
         try:
             with safe_open(str(self.path), framework="pt") as file:
                 metadata = file.metadata() or {}  # None: a safetensors file written without any
+                dropout_state = file.get_tensor(DROPOUT_STATE) if DROPOUT_STATE in file.keys() else None
             saved = json.loads(metadata["run"])
             if not isinstance(saved, dict):
                 raise ValueError(f"its settings are {metadata['run']!r}, not what a training saves")
-            # Read only to refuse what load() cannot use: steps done, and a (step, loss, loss) for each of
-            # steps 0 .. step - 1.
+            # Read only to refuse what load() cannot use: steps done, a (step, loss, loss) for each of steps
+            # 0 .. step - 1, and the two draws' states.
             step, history = int(metadata["step"]), json.loads(metadata["history"])
             entries = isinstance(history, list) and all(
                 isinstance(h, list) and len(h) == 3 and all(isinstance(x, (int, float)) for x in h) for h in history)
             if step < 0 or not entries or [h[0] for h in history] != list(range(step)):
                 raise ValueError(f"its step {metadata['step']!r} or its history is not what a training saves")
+            random.Random().setstate(rng_state(json.loads(metadata["scenes"])))  # raises if it is not a state
+            if dropout_state is None:
+                raise ValueError("it holds no dropout generator's state")
+            torch.Generator().set_state(dropout_state)                              # RuntimeError if not one
         except KeyError as err:
             raise UserError(f"{self.path} is not a training checkpoint (its metadata has no {err})") from None
-        except (SafetensorError, OSError, TypeError, ValueError) as err:
+        except (SafetensorError, OSError, TypeError, ValueError, OverflowError, RuntimeError) as err:
             raise UserError(f"{self.path} is not a training checkpoint ({err})") from None
         if saved not in (self.run, self.after):
             # Named against the stage of this run the file is nearest to: a file of another run's stage 1 is
@@ -450,11 +459,14 @@ class Checkpoint:
                             "another file")
         return saved
 
-    def load(self, model, probe, optimizer) -> tuple[int, list[tuple[int, float, float]]]:
-        """Put the state this run saved (`resumes`) into model, probe and optimizer; returns (steps done,
-        history)."""
+    def load(self, model, probe, optimizer, stream: SceneStream, dropout_generator) -> tuple[int, list]:
+        """Put the state this run saved (`resumes`) into model, probe, optimizer, the scene stream and the
+        dropout generator, so that the next batch and its draws are those the saved run would have taken next;
+        returns (steps done, history of (step, lm_loss, aux_loss))."""
         with safe_open(str(self.path), framework="pt") as file:
             metadata, tensors = file.metadata(), {key: file.get_tensor(key) for key in file.keys()}
+        stream.rng.setstate(rng_state(json.loads(metadata["scenes"])))
+        dropout_generator.set_state(tensors.pop(DROPOUT_STATE))
         try:
             model.load_state_dict(without_prefix(tensors, "model."))
             probe.load_state_dict(without_prefix(tensors, "probe."))
@@ -485,6 +497,12 @@ def check_checkpoint(checkpoint: Checkpoint, out: Path, inputs=()) -> None:
         checkpoint.check()
     except UserError as err:
         raise UserError(f"--checkpoint {err}") from None
+
+
+def rng_state(saved) -> tuple:
+    """A `random.Random` state (`getstate()`) from its JSON form, which has lists where the state has tuples."""
+    version, internal, gauss_next = saved
+    return version, tuple(internal), gauss_next
 
 
 def without_prefix(tensors: dict, prefix: str) -> dict:
@@ -519,8 +537,8 @@ def take_step(optimizer, params: list, loss: torch.Tensor, step: int, lr: float)
     optimizer.step()
 
 
-def optimise(model, probe, processor, stream, steps: int, lr: float, warmup: int, batch_size: int, turns: int,
-             aux_weight: float, image_dropout: float, image_dropout_share: float, dropout_generator,
+def optimise(model, probe, processor, stream: SceneStream, steps: int, lr: float, warmup: int, batch_size: int,
+             turns: int, aux_weight: float, image_dropout: float, image_dropout_share: float, dropout_generator,
              log_every: int, eval_every: int, log, tower_frozen: bool = False,
              mask_kind: str = "tokens", checkpoint: Checkpoint | None = None) -> list[tuple[int, float, float]]:
     """The training loop both stages share: `steps` AdamW steps (a fresh optimiser) on batches from
@@ -531,7 +549,8 @@ def optimise(model, probe, processor, stream, steps: int, lr: float, warmup: int
     With a `checkpoint`, the training state is saved there every checkpoint.every steps and after the last
     (from which a later stage goes on), and a run that finds its own goes on from it: it ends with the
     weights the uninterrupted run ends with, bit for bit (same machine and thread count). The global torch
-    RNG is not saved: no step draws from it (every draw here has its own generator or stream)."""
+    RNG is not saved: no step draws from it (every draw here has its own generator or stream, and those
+    are saved)."""
     model.train().requires_grad_(True)
     if tower_frozen:
         model.vision_tower.requires_grad_(False)
@@ -540,10 +559,10 @@ def optimise(model, probe, processor, stream, steps: int, lr: float, warmup: int
     image_token_id, pad_id = model.config.image_token_id, processor.tokenizer.token_to_id("<pad>")
     history, done = [], 0
     if checkpoint and checkpoint.resumes():
-        done, history = checkpoint.load(model, probe, optimizer)
+        done, history = checkpoint.load(model, probe, optimizer, stream, dropout_generator)
         log(f"resuming after step {done} from {checkpoint.path}")
-    first = steps if done == steps else 0  # a finished run has nothing left to do, no batch to draw again
-    for step in range(first, steps):
+    start = time.perf_counter()
+    for step in range(done, steps):
         batch = make_batch(stream, processor, batch_size, turns, pad_id)
         if image_dropout and mask_kind == "rectangles":
             batch["attention_mask"] = hide_image_rectangles(batch["input_ids"], image_token_id, image_dropout,
@@ -551,12 +570,6 @@ def optimise(model, probe, processor, stream, steps: int, lr: float, warmup: int
         elif image_dropout:
             batch["attention_mask"] = hide_image_tokens(batch["input_ids"], image_token_id, image_dropout,
                                                         dropout_generator, image_dropout_share)
-        # A resumed run draws the batches of the steps it has done too (0.2 s a step), so that the scene
-        # stream and the dropout draws go on where the interrupted run's were.
-        if step < done:
-            continue
-        if step == done:  # this sitting's speed: the replayed batches are not its steps
-            start = time.perf_counter()
         lm_loss, aux_loss = losses(model, probe, batch, hires_alpha=min(1.0, step / (HIRES_RAMP * steps)))
         take_step(optimizer, params, lm_loss + aux_weight * aux_loss, step, learning_rate(step, steps, lr, warmup))
         history.append((step, lm_loss.item(), aux_loss.item()))
@@ -575,7 +588,7 @@ def optimise(model, probe, processor, stream, steps: int, lr: float, warmup: int
             log(f"  held-out accuracy {report['accuracy']:.3f}: " +
                 ", ".join(f"{kind} {acc:.2f}" for kind, acc in report["accuracy_by_type"].items()))
         if checkpoint and ((step + 1) % checkpoint.every == 0 or step + 1 == steps):
-            checkpoint.save(step + 1, model, probe, optimizer, history)
+            checkpoint.save(step + 1, model, probe, optimizer, history, stream, dropout_generator)
     model.eval().requires_grad_(False)
     return history
 
@@ -601,7 +614,7 @@ def train(steps: int, batch_size: int = 32, lr: float = 2e-3, seed: int = 0, tur
     if vision_steps:
         pretrain_vision(model, processor, vision_steps, batch_size, seed=seed, log=log)
         log(f"stage 1: {steps} steps, the vision tower frozen")
-    history = optimise(model, probe, processor, scene_stream("train", seed), steps, lr, warmup_steps(steps, 300),
+    history = optimise(model, probe, processor, SceneStream("train", seed), steps, lr, warmup_steps(steps, 300),
                        batch_size, turns, aux_weight, image_dropout, image_dropout_share,
                        dropout_generator=torch.Generator().manual_seed(seed), log_every=log_every,
                        eval_every=eval_every, log=log, tower_frozen=vision_steps > 0, checkpoint=checkpoint)
@@ -637,7 +650,7 @@ def tune(model, processor, steps: int, batch_size: int = 32, lr: float = 4e-4, s
     log = log or partial(print, flush=True)
     log(f"stage 2: {steps} steps with up to {image_dropout:.0%} of each sequence's image tokens hidden, as {mask_kind}")
     probe = PatchProbe(processor.tokenizer, model.config.text.hidden_size)
-    return optimise(model, probe, processor, scene_stream("tune", seed), steps, lr, warmup_steps(steps, 100),
+    return optimise(model, probe, processor, SceneStream("tune", seed), steps, lr, warmup_steps(steps, 100),
                     batch_size, turns, aux_weight, image_dropout, image_dropout_share=1.0,
                     dropout_generator=torch.Generator().manual_seed(seed), log_every=log_every,
                     eval_every=eval_every, log=log, tower_frozen=tower_frozen, mask_kind=mask_kind,
@@ -722,7 +735,7 @@ def readout_recall(model, readout, processor, n_scenes: int = 100, seed: int = 0
     outside the object's place (how far the tower spreads an object); "own patch", each token that shows
     an object, from that token alone (what the decoder can read from it)."""
     outside, own, n_objects, n_shown = torch.zeros(3), torch.zeros(3), 0, 0
-    stream = scene_stream("eval", seed)
+    stream = SceneStream("eval", seed)
     with torch.no_grad():
         for _ in range(n_scenes):
             scene, _ = next(stream)
@@ -765,7 +778,7 @@ def pretrain_vision(model, processor, steps: int, batch_size: int = 32, lr: floa
     params = list(tower.parameters()) + list(readout.parameters())
     optimizer = adamw(params, lr)
     side = model.config.vision.patches_per_side
-    stream, losses_seen, start = scene_stream("vision", seed), [], time.perf_counter()
+    stream, losses_seen, start = SceneStream("vision", seed), [], time.perf_counter()
     tower.train().requires_grad_(True)
     for step in range(steps):
         scenes = [next(stream)[0] for _ in range(batch_size)]
@@ -793,7 +806,9 @@ def pretrain_vision(model, processor, steps: int, batch_size: int = 32, lr: floa
 
 def hf_config(config: LlavaConfig) -> dict:
     """config.json in the layout transformers writes for llava-hf checkpoints."""
-    text = {k: v for k, v in asdict(config.text).items() if k != "head_dim"}
+    text = {k: v for k, v in asdict(config.text).items() if k not in ("head_dim", "rope_linear_factor")}
+    if config.text.rope_linear_factor != 1:  # in transformers' form, which the loader reads; plain RoPE has none
+        text["rope_scaling"] = {"type": "linear", "factor": config.text.rope_linear_factor}
     vision = asdict(config.vision)
     hires_key = {} if config.hires is None else {"hires_config": asdict(config.hires)}  # tinyavl's own key
     tiles = {} if not config.is_next else {"image_grid_pinpoints": [list(p) for p in config.image_grid_pinpoints]}
@@ -841,7 +856,7 @@ def write_examples(out: Path, n: int = 4, fine: bool = False) -> None:
     truth in examples.json."""
     folder = out / "examples"
     folder.mkdir(parents=True, exist_ok=True)
-    truth, stream = {}, scene_stream("example", 0, fine)
+    truth, stream = {}, SceneStream("example", 0, fine)
     for i in range(n):
         scene, rng = next(stream)
         scene.image().save(folder / f"scene-{i}.png")

@@ -56,7 +56,7 @@ from tinyavl.cli import TOY_WEIGHTS, ArgumentParser, check_training_args, first_
 from tinyavl.errors import UserError
 from tinyavl.files import check_new_folder, write_folder_atomically
 from tinyavl.model import HiresConfig, LlavaForConditionalGeneration
-from tinyavl.toy.scenes import FINE_SCALE, IMAGE_SIZE, scene_stream
+from tinyavl.toy.scenes import FINE_SCALE, IMAGE_SIZE, SceneStream
 from tinyavl.toy.train import (HIRES_RAMP, TUNE_DROPOUT, Checkpoint, PatchProbe, check_checkpoint,
                                deterministic_algorithms, optimise, save_pretrained, warmup_steps, write_examples)
 
@@ -131,7 +131,7 @@ def train_hires(model, processor, steps: int = STEPS, batch_size: int = BATCH_SI
     probe = PatchProbe(processor.tokenizer, model.config.text.hidden_size)
     looks = model.config.hires or f"every high-resolution token in the sequence, {model.config.image_grid_pinpoints}"
     log(f"{steps} steps on fine scenes, {looks}")
-    return optimise(model, probe, processor, scene_stream("hires", seed, fine=True), steps, lr,
+    return optimise(model, probe, processor, SceneStream("hires", seed, fine=True), steps, lr,
                     warmup_steps(steps, 100), batch_size, FINETUNE_TURNS, aux_weight=1.0,
                     image_dropout=FINETUNE_DROPOUT, image_dropout_share=FINETUNE_DROPOUT_SHARE,
                     dropout_generator=torch.Generator().manual_seed(seed), log_every=log_every,
