@@ -284,7 +284,7 @@ def _merge_splits_kernel(
     lse_ptr,        # [B*H] fp32 output: natural-log log-sum-exp of the scaled scores
     num_splits,
     HEAD_DIM: tl.constexpr,
-    BLOCK_S: tl.constexpr,   # num_splits rounded up to a power of two
+    BLOCK_S: tl.constexpr,   # MAX_SPLITS, whatever num_splits is: one compiled variant for every count
 ):
     # Program (sample, query head): weight each split by its share of the total sum.
     batch_head = tl.program_id(0)
@@ -320,7 +320,8 @@ _BF16_BY_HAND = tl.constexpr(INTERPRETED)
 # Logical positions per loop iteration. 64 rows x 128 dims of fp16 K and V are 32 KiB per iteration,
 # a common decode tile; tune on your GPU.
 BLOCK_N = 64
-# The merge kernel holds all splits of a head in one [splits, D] tile: at most this many.
+# The merge kernel holds all splits of a head in one [MAX_SPLITS, D] tile, masked past the launch's count:
+# at most this many splits, a power of two (a tile's length).
 MAX_SPLITS = 64
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -463,7 +464,9 @@ def sparse_decode_attention(q, k, v, index, start, scale=None, *, num_splits=Non
         _merge_splits_kernel[(batch * num_heads,)](
             part_out, part_lse, out, lse, num_splits,
             HEAD_DIM=head_dim,
-            BLOCK_S=triton.next_power_of_2(num_splits),
+            # One tile for every split count: a tile as long as the count (rounded up to a power of two)
+            # would be a new compiled variant each time a growing cache doubles its splits.
+            BLOCK_S=MAX_SPLITS,
         )
     return (out, lse) if return_lse else out
 

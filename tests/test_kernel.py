@@ -349,6 +349,24 @@ def test_splits_are_capped_at_max_splits(kernel, monkeypatch, launched_splits):
     torch.testing.assert_close(out, sa.sparse_decode_attention_reference(q, k, v, index, start), atol=1e-5, rtol=1e-5)
 
 
+def test_the_merge_is_one_variant_for_every_split_count(kernel, monkeypatch):
+    """The merge kernel's tile is MAX_SPLITS splits long whatever the launch's count (masked past it), so a
+    GPU compiles it once, not again each time a growing cache doubles its splits; and each count still gives
+    the attention. 400 rows, 7 blocks of 64: 1, 2, 3 and 7 splits."""
+    tiles, merge = [], sa._merge_splits_kernel
+
+    class Recorded:  # kernel[grid](*args, **options): args[4] is num_splits, options hold BLOCK_S
+        def __getitem__(self, grid):
+            return lambda *args, **options: tiles.append((args[4], options["BLOCK_S"])) or merge[grid](*args, **options)
+
+    monkeypatch.setattr(sa, "_merge_splits_kernel", Recorded())
+    q, k, v, index, start = random_case(1, 2, 1, 64, 400, 0, 0, torch.float32)
+    expected = sa.sparse_decode_attention_reference(q, k, v, index, start)
+    for num_splits in (1, 2, 3, 7):
+        torch.testing.assert_close(kernel(q, k, v, index, start, num_splits=num_splits), expected, atol=1e-5, rtol=1e-5)
+    assert tiles == [(num_splits, sa.MAX_SPLITS) for num_splits in (1, 2, 3, 7)]
+
+
 def test_fp32_inputs_are_multiplied_in_fp32_not_tf32(kernel, monkeypatch):
     """tl.dot would take fp32 inputs as TF32 (about 1e-3 relative error) on a GPU; the interpreter multiplies
     in numpy's fp32 whatever it is asked, so the launch's request is read here: IEEE fp32 for fp32 inputs."""
