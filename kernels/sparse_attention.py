@@ -327,10 +327,22 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
-def supports(dtype: torch.dtype, head_dim: int) -> bool:
-    """Whether the kernel handles attention of this dtype and head dim: a head is one tl.dot tile
-    dimension, which must be a power of two of at least 16."""
-    return dtype in SUPPORTED_DTYPES and head_dim >= 16 and head_dim & (head_dim - 1) == 0
+def why_unsupported(dtype: torch.dtype, head_dim: int, device: torch.device | None = None) -> str | None:
+    """Why the kernel cannot run attention of this dtype and head dim on `device`, or None where it can. A
+    head is one tl.dot tile dimension, a power of two of at least 16. NVIDIA GPUs have bf16 instructions
+    from compute capability 8.0 on (the A100): compiled for an older one (a V100, a T4) the kernel's bf16
+    code does not assemble ("Feature '.bf16' requires .target sm_80 or higher"). Shared memory is not
+    weighed here: a GPU with too little refuses the launch itself (Triton's OutOfResources)."""
+    if dtype not in SUPPORTED_DTYPES:
+        return f"{dtype} is not one of {SUPPORTED_DTYPES}"
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        return f"head dim {head_dim} is not a power of two >= 16 (a tl.dot tile)"
+    if dtype == torch.bfloat16 and device is not None and device.type == "cuda" and not INTERPRETED:
+        capability = torch.cuda.get_device_capability(device)
+        # AMD's GPUs (torch.version.hip) number their architectures otherwise.
+        if torch.version.hip is None and capability < (8, 0):
+            return f"this GPU (compute capability {capability[0]}.{capability[1]}) has no bf16 instructions (8.0 on)"
+    return None
 
 
 def _check_inputs(q, k, v, index, start, check_index):
@@ -350,8 +362,9 @@ def _check_inputs(q, k, v, index, start, check_index):
     if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k, v must share one dtype among {SUPPORTED_DTYPES}, "
                          f"got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not supports(q.dtype, head_dim):
-        raise ValueError(f"head dim must be a power of two >= 16 (tl.dot tile), got {head_dim}")
+    reason = why_unsupported(q.dtype, head_dim, q.device)
+    if reason:
+        raise ValueError(reason)
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError("the last dim of q, k and v must be contiguous (stride 1); other strides are free")
     if index.dim() != 2 or index.shape[0] != batch:

@@ -1053,8 +1053,38 @@ def test_kernel_auto_falls_back_to_torch_for_heads_the_kernel_has_no_tile_for(mo
     assert forced.use_kernel(cuda_query(64))
     with pytest.raises(UserError, match="head dim 8"):
         forced.use_kernel(cuda_query(8))
-    with pytest.raises(UserError, match="--kernel triton has no tile .* use --kernel torch or auto"):
+    with pytest.raises(UserError, match=r"^--kernel triton cannot run this model's attention: head dim 8 is not a "
+                                        r"power of two >= 16 \(a tl.dot tile\); use --kernel torch or auto$"):
         make_cache("avl", named=flag, kernel="triton").use_kernel(cuda_query(8))
+
+
+def test_kernel_auto_keeps_bf16_off_gpus_without_bf16_instructions(monkeypatch):
+    """NVIDIA GPUs have bf16 instructions from compute capability 8.0 on; compiled for an older one (a T4:
+    7.5) the kernel's bf16 code does not assemble. There kernel='auto' takes torch for bf16 and the kernel for
+    fp16 and fp32, and kernel='triton' on bf16 is a one-line error naming the capability; an 8.0 GPU (an A100)
+    takes the kernel for bf16 too."""
+    kernels = pytest.importorskip("kernels.sparse_attention")
+    if not kernels.TRITON_AVAILABLE:
+        pytest.skip("Triton is not installed")
+    auto, forced = make_cache("avl"), make_cache("avl", named=flag, kernel="triton")  # made where Triton runs
+    monkeypatch.setattr(kernels, "INTERPRETED", False)  # compiled, as on a GPU machine
+    monkeypatch.setattr(torch.version, "hip", None)     # an NVIDIA build
+    capability = {"cuda:0": (7, 5)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability[str(device)])
+
+    def on_gpu(dtype):
+        query = cuda_query(128, dtype)
+        query.device = torch.device("cuda:0")
+        return query
+
+    assert [auto.use_kernel(on_gpu(dtype)) for dtype in (torch.bfloat16, torch.float16, torch.float32)] == [
+        False, True, True]
+    with pytest.raises(UserError, match=r"^--kernel triton cannot run this model's attention: this GPU \(compute "
+                                        r"capability 7.5\) has no bf16 instructions \(8.0 on\); use --kernel torch or "
+                                        r"auto$"):
+        forced.use_kernel(on_gpu(torch.bfloat16))
+    capability["cuda:0"] = (8, 0)
+    assert auto.use_kernel(on_gpu(torch.bfloat16))
 
 
 def test_a_gpu_that_refuses_the_compiled_kernel(monkeypatch, capsys):

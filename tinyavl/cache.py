@@ -796,25 +796,25 @@ class AVLCache(KVCache):
 
     def use_kernel(self, q) -> bool:
         """Triton compiled for CUDA tensors ("auto": not in Triton's interpreter, nor for a head the kernel has
-        no tile for, nor where the GPU has refused it: `kernel_does_not_fit`), or as forced by kernel="triton"
-        / "torch"."""
+        no tile for or bf16 on a GPU without bf16 instructions, `why_unsupported`, nor where the GPU has refused
+        it: `kernel_does_not_fit`), or as forced by kernel="triton" / "torch"."""
         # Decided without importing Triton where it cannot run: the import (about 0.2 s on this project's
         # CPU) would land in the first decode step of every CPU run (and in the benchmark's step times).
         if self.kernel == "torch" or (self.kernel == "auto" and not q.is_cuda):
             return False
-        from kernels.sparse_attention import INTERPRETED, TRITON_AVAILABLE, supports
+        from kernels.sparse_attention import INTERPRETED, TRITON_AVAILABLE, why_unsupported
         if self.kernel == "auto":
-            # torch where the kernel cannot run (no Triton, a head it has no tile for, a GPU that refused it:
-            # kernel_does_not_fit), and where it would run in Triton's interpreter (TRITON_INTERPRET=1 left set
-            # on a GPU machine): a CPU loop over CUDA tensors, many times slower than torch, which a user who
-            # asked for no kernel would not expect.
-            return (TRITON_AVAILABLE and not INTERPRETED and supports(q.dtype, q.shape[-1])
+            # torch where the kernel cannot run (no Triton, a head it has no tile for, bf16 on an older GPU, a
+            # GPU that refused it: kernel_does_not_fit), and where it would run in Triton's interpreter
+            # (TRITON_INTERPRET=1 left set on a GPU machine): a CPU loop over CUDA tensors, many times slower
+            # than torch, which a user who asked for no kernel would not expect.
+            return (TRITON_AVAILABLE and not INTERPRETED and why_unsupported(q.dtype, q.shape[-1], q.device) is None
                     and kernel_key(q) not in REFUSED_KERNELS)
         require_triton(q.device, self.named)
-        if not supports(q.dtype, q.shape[-1]):
+        reason = why_unsupported(q.dtype, q.shape[-1], q.device)
+        if reason:
             kernel = self.named("kernel")
-            raise UserError(f"{kernel} triton has no tile for this model's attention ({q.dtype}, head dim "
-                            f"{q.shape[-1]}; it needs a power of two >= 16): use {kernel} torch or auto")
+            raise UserError(f"{kernel} triton cannot run this model's attention: {reason}; use {kernel} torch or auto")
         return True
 
     def update(self, layer, q, last_row):
