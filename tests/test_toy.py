@@ -282,10 +282,11 @@ def test_the_control_answers_every_example(control):
 
 def test_only_the_toy_trained_with_dropout_survives_a_random_half_in_its_captions(toy, control):
     """What the dropout is for (README, "The toy LLaVA"): with a random half of the image tokens the toy
-    still names most scenes whole, the control few (README's 100 scenes: 0.80 against 0.11)."""
-    captions = [q for q in held_out_set(seed=1, n_scenes=10) if q.kind == "caption"]
+    still names most scenes whole, the control few (README's 100 scenes: 0.80 against 0.11; these 20: 15
+    against 1; the bounds leave room for another draw of the same odds)."""
+    captions = [q for q in held_out_set(seed=1, n_scenes=20) if q.kind == "caption"]
     right = {}
     for name, model in (("toy", toy), ("control", control)):
         cache = tinyavl.make_cache("random")   # one cache, a fresh draw per prompt, as the evaluation runs
         right[name] = sum(is_correct(q, answer(model, q.scene.image(), q.text, cache)) for q in captions)
-    assert right["toy"] >= 6 and right["control"] <= 3, right
+    assert right["toy"] >= 10 and right["control"] <= 6, right
