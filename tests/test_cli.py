@@ -585,11 +585,15 @@ run_main(lambda: run(None))
 @pytest.mark.parametrize("name, status", [("SIGTERM", 143), ("SIGHUP", 129)])
 def test_a_signal_to_end_is_one_line_and_leaves_no_partial_file(tmp_path, entry, name, status):
     """Python's default for SIGTERM and SIGHUP ends the process where no `finally` runs: the output's
-    temporary file would stay behind. A command ends as Ctrl-C ends it, with the shell's status for the signal."""
+    temporary file would stay behind. A command ends as Ctrl-C ends it, with the shell's status for the signal.
+    The command starts with the signal's default action, whatever pytest was started with (under `nohup`,
+    SIGHUP ignored, which the command keeps: the next test)."""
     folder = tmp_path / "outputs"
     folder.mkdir()
+    default = getattr(signal, name)
     proc = subprocess.run([sys.executable, "-c", SIGNALLED_MIDWAY, str(folder / "map.png"), name, entry], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60,
+                          preexec_fn=lambda: signal.signal(default, signal.SIG_DFL))
     assert (proc.returncode, proc.stdout, proc.stderr) == (status, "", f"terminated ({name})\n")
     assert list(folder.iterdir()) == []
 
