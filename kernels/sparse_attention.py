@@ -47,6 +47,7 @@ TRITON_INTERPRET=1 at toy sizes in Triton's CPU interpreter). tutorial/05-the-sp
 teaches it step by step.
 """
 import contextlib
+import functools
 import math
 import operator
 import os
@@ -338,11 +339,18 @@ def why_unsupported(dtype: torch.dtype, head_dim: int, device: torch.device | No
     if head_dim < 16 or head_dim & (head_dim - 1):
         return f"head dim {head_dim} is not a power of two >= 16 (a tl.dot tile)"
     if dtype == torch.bfloat16 and device is not None and device.type == "cuda" and not INTERPRETED:
-        capability = torch.cuda.get_device_capability(device)
+        gpu = gpu_properties(device)
         # AMD's GPUs (torch.version.hip) number their architectures otherwise.
-        if torch.version.hip is None and capability < (8, 0):
-            return f"this GPU (compute capability {capability[0]}.{capability[1]}) has no bf16 instructions (8.0 on)"
+        if torch.version.hip is None and (gpu.major, gpu.minor) < (8, 0):
+            return f"this GPU (compute capability {gpu.major}.{gpu.minor}) has no bf16 instructions (8.0 on)"
     return None
+
+
+@functools.cache
+def gpu_properties(device: torch.device):
+    """torch.cuda.get_device_properties(device), asked once per device: the launcher and A-VL's cache read it
+    at every layer of every decode step (multiprocessors, compute capability), and it does not change."""
+    return torch.cuda.get_device_properties(device)
 
 
 def _check_inputs(q, k, v, index, start, check_index):
@@ -415,7 +423,7 @@ def _default_num_splits(num_programs: int, num_blocks: int, device: torch.device
     # run 32 programs on a 132-SM H100. The interpreter runs programs one after another: no split helps there.
     if device.type != "cuda" or INTERPRETED:
         return 1
-    num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+    num_sms = gpu_properties(device).multi_processor_count
     return max(1, min(num_blocks, triton.cdiv(2 * num_sms, num_programs)))
 
 

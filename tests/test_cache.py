@@ -1070,7 +1070,9 @@ def test_kernel_auto_keeps_bf16_off_gpus_without_bf16_instructions(monkeypatch):
     monkeypatch.setattr(kernels, "INTERPRETED", False)  # compiled, as on a GPU machine
     monkeypatch.setattr(torch.version, "hip", None)     # an NVIDIA build
     capability = {"cuda:0": (7, 5)}
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability[str(device)])
+    monkeypatch.setattr(kernels, "gpu_properties",
+                        lambda device: types.SimpleNamespace(major=capability[str(device)][0],
+                                                             minor=capability[str(device)][1]))
 
     def on_gpu(dtype):
         query = cuda_query(128, dtype)
