@@ -547,6 +547,33 @@ def test_the_cache_reserves_a_row_per_decode_step(loaded):
     assert cache.reserved_nbytes() == cache.nbytes()
 
 
+@pytest.mark.parametrize("name, params", [("avl", {}), ("h2o", {}), ("streaming", {}), ("random", {}),
+                                          ("fastv", {"filter_layer": 1})])   # the tiny model's 2 layers
+def test_each_layer_frees_what_it_evicts_before_the_next_layer_runs(loaded, name, params):
+    """A layer's buffers are the prompt's own K and V until its policy has evicted: sized to the rows kept
+    (plus the decode steps' room) right after that layer, the buffers of the layers done hold only their kept
+    rows, so no more than one layer's whole prompt is ever held, where every layer's at once would be the
+    dense cache's bytes."""
+    model, processor = loaded("mha")
+    ids, px = prompt_inputs(processor, "image")
+    cache = tinyavl.make_cache(name, **params)
+    attend, held_after_layer = cache.attend, []   # per prefill layer: (K/V buffer bytes, rows it kept)
+
+    def recorded(layer, q, k, v, pos):
+        out = attend(layer, q, k, v, pos)
+        if cache.step == 0:
+            held_after_layer.append((cache.reserved_nbytes(), cache.k[layer].shape[2]))
+        return out
+
+    cache.attend = recorded
+    tinyavl.generate(model, ids, px, max_new_tokens=3, eos_token_id=(), policy=cache)
+    k = cache.k[0]
+    row_bytes = 2 * k.shape[0] * k.shape[1] * k.shape[3] * k.element_size()   # a K and a V row, every head
+    kept = [rows for _, rows in held_after_layer]
+    assert len(kept) == cache.n_layers and min(kept) < ids.shape[1]           # the policy evicted at the prefill
+    for layer, (buffer_bytes, _) in enumerate(held_after_layer):
+        assert buffer_bytes == sum(rows + cache.decode_steps for rows in kept[:layer + 1]) * row_bytes
+
 def test_stats_single_token_has_no_decode_rate(loaded):
     model, processor = loaded("mha")
     ids, px = prompt_inputs(processor, "image")

@@ -40,7 +40,7 @@ it. Absolute times on a shared CPU are noise; ratios measured in one run are the
 decode steps go through the Triton kernel (kernels/sparse_attention.py). GPU work is queued, not done,
 when a Python call returns: the rates wait for the GPU (`synchronize`), the cache's steps are timed with
 CUDA events (`Spans`), and each policy first runs a few untimed tokens so that no step time includes
-compiling a kernel (but for one step of a long growth run over a 2928-token block: `run_policies`).
+compiling a kernel (`run_policies`).
 Decode steps time themselves: each picks its token on the host, which waits for the GPU.
 
 `--arch next` measures LLaVA-1.6-7B (llava-v1.6-vicuna-7b: the same decoder) on the image blocks that
@@ -357,10 +357,9 @@ def run_policies(model, names, input_ids, pixel_values, new_tokens: int) -> dict
     cuda = model.language_model.lm_head.weight.is_cuda
     if cuda:
         # On a GPU the first calls compile kernels (Triton's, cuBLAS's choices): a short untimed run of each
-        # first, through an update step, so that no policy's step times include compilation. One exception:
-        # the kernel compiles its merge once per power of two of its split count, and an A-VL update step
-        # over a 2928-token block passes a new one near the 73rd token of a long run (on an H100), so one
-        # step of the growth run includes a compile (its medians and slope do not follow one step).
+        # first, through an update step, so that no policy's step times include compilation. (The Triton
+        # kernels take the lengths that grow with the answer, split counts included, as plain arguments, not
+        # as compile-time ones: a longer cache compiles nothing new. kernels/sparse_attention.py)
         for name in names:
             generate(model, input_ids, pixel_values, max_new_tokens=8, eos_token_id=(), policy=name)
     caches = {name: timed_cache(name, cuda) for name in names}

@@ -280,7 +280,9 @@ class Param:
             if not (is_whole(value) if kind is int else is_real(value)):
                 raise UserError(f"{named(self.name)} must be {'an integer' if kind is int else 'a number'}, "
                                 f"got {value!r}")
-            value = kind(value)
+            # A float as the decimal it prints as: numpy's float32 0.7 is 0.699999988 as a Python float, whose
+            # shares (`share`) would count a token less than 0.7's. (A Fraction prints as 7/10: taken as is.)
+            value = kind(value) if kind is int or isinstance(value, numbers.Rational) else float(str(value))
             ok = self.in_range(value)
         if not ok:
             raise UserError(f"{named(self.name)} must be {self.allowed()}, got {value!r}")
@@ -403,6 +405,11 @@ class KVCache:
         if self.hires_view is not None and self.hires_view.acts_in(layer):
             self.hires_keys = self.attended_keys(layer, rows)
         self.update(layer, q, last_row)
+        if self.step == 0:
+            # Sized now, not once every layer is done: the prompt's own tensors, this layer's buffers until
+            # here, hold the rows the policy just evicted, and all the layers' together would hold as much as
+            # the dense cache at the end of the prefill. So at most one layer holds its whole prompt at once.
+            self.reserve(layer, self.k[layer].shape[2] + self.decode_steps)
         return out
 
     def attended_keys(self, layer: int, rows):
@@ -421,11 +428,11 @@ class KVCache:
         B, Hkv, t, _ = k.shape
         pos = pos.expand(B, Hkv, -1)                                        # (B, Hkv, t)
         if self.k[layer] is None:
-            # Prefill: the prompt's own tensors are the first buffers; `advance` re-sizes them once the
-            # policy has evicted what it drops, so a buffer never holds room for evicted rows. The positions
-            # are copied: the expanded view is the model's own `positions` (which every later layer is
-            # given) seen through a stride of 0, so an eviction that edits one head's positions in place
-            # would edit every head's, and the model's.
+            # Prefill: the prompt's own tensors are the first buffers; `attend` re-sizes them once the
+            # policy has evicted what it drops, so past its prefill a layer holds no room for evicted rows.
+            # The positions are copied: the expanded view is the model's own `positions` (which every later
+            # layer is given) seen through a stride of 0, so an eviction that edits one head's positions in
+            # place would edit every head's, and the model's.
             self.k_buffer[layer], self.v_buffer[layer] = k, v
             self.pos_buffer[layer] = pos.clone(memory_format=torch.contiguous_format)
             self.hold(layer, t)
@@ -507,12 +514,7 @@ class KVCache:
         return rows
 
     def advance(self, n_tokens: int):
-        """Called by the model after each forward pass. After prefill each layer's buffers are sized
-        once, to the rows the policy kept plus decode_steps: decode steps then append in place."""
-        if self.step == 0:
-            for layer in range(self.n_layers):
-                if self.k[layer] is not None:
-                    self.reserve(layer, self.k[layer].shape[2] + self.decode_steps)
+        """Called by the model after each forward pass (the prefill's, then each decode step's)."""
         self.next_pos += n_tokens
         self.step += 1
 
