@@ -30,9 +30,9 @@ import tinyavl
 from tinyavl import hires
 from tinyavl.attention_map import map_layer, save_attention_map
 from tinyavl.cli import (TOY_WEIGHTS, ArgumentParser, add_policy_arguments, check_filter_layer,
-                         first_paragraph, flag, output_file, policy_cache, run_command)
+                         first_paragraph, flag, given_path, output_file, policy_cache, run_command)
 from tinyavl.files import check_output_file
-from tinyavl.generate import GENERATION_PARAMS, check_generation_args
+from tinyavl.generate import GENERATION_PARAMS, check_generation_args, prompt_layout
 from tinyavl.processing import check_question, load_image
 
 signal.signal(signal.SIGINT, previous_handler)  # Ctrl-C is KeyboardInterrupt again, which run_command ends in
@@ -42,9 +42,9 @@ DEFAULT_WEIGHTS = TOY_WEIGHTS  # --weights when not given
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description=first_paragraph(__doc__))
-    parser.add_argument("--image", required=True, help="image file (jpg, png, ...)")
+    parser.add_argument("--image", type=given_path, required=True, help="image file (jpg, png, ...)")
     parser.add_argument("--prompt", default="Describe the image.", help="the question about the image")
-    parser.add_argument("--weights", type=Path, default=None,
+    parser.add_argument("--weights", type=given_path, default=None,
                         help="llava-hf model folder (default: the toy LLaVA in weights/toy)")
     for param in GENERATION_PARAMS:  # --max-new-tokens, --temperature, --top-p
         parser.add_argument(flag(param.name), type=type(param.default), default=param.default,
@@ -70,8 +70,8 @@ def build_parser() -> ArgumentParser:
 
 def check_args(args):
     """(image, cache): everything the user gave, checked before the model loads (seconds to minutes for a 7B
-    model), except --filter-layer's and --map-layer's upper bounds, which need its layer count (checked once
-    it has loaded, before it generates). Fills in --weights' default."""
+    model), except --filter-layer's and --map-layer's upper bounds and the prompt's length, which need the
+    model's config (checked once it has loaded, before it generates). Fills in --weights' default."""
     if sys.stdout is None and args.attention_map is None:  # started with stdout closed (>&-)
         raise tinyavl.UserError("standard output is closed: the answer would go nowhere (redirect it to a file, "
                                 "or give --attention-map)")
@@ -84,8 +84,6 @@ def check_args(args):
             raise tinyavl.UserError(f"no model in {DEFAULT_WEIGHTS}: restore the committed toy model (git checkout "
                                     "weights/toy), retrain it (python -m tinyavl.toy.train), or pass --weights with "
                                     "a llava-hf folder (see weights/README.md)")
-        print(f"no --weights given: running the toy LLaVA in {DEFAULT_WEIGHTS} (synthetic scenes only)",
-              file=sys.stderr)
         args.weights = DEFAULT_WEIGHTS
     if args.attention_map is not None:
         check_output_file(args.attention_map, "--attention-map", inputs=[Path(args.image), args.weights],
@@ -131,15 +129,21 @@ class AnswerPrinter:
 
 
 def run(args) -> dict:
+    toy_by_default = args.weights is None
     image, cache = check_args(args)
     model, processor = tinyavl.load_pretrained(args.weights, device=args.device, dtype=args.dtype)
-    check_filter_layer(args, model, cache)
     if args.attention_map is not None:  # checked now, so that a wrong --map-layer fails before generating
         layer = map_layer(model, args.map_layer)
+    inputs = processor(processor.chat_prompt(args.prompt), image=image)
+    prompt_layout(inputs["input_ids"], inputs["pixel_values"], model.config)  # a prompt past the context
+    # The last check, and the notes after it: a mistake is one line, the error, with no note before it.
+    check_filter_layer(args, model, cache)
+    if toy_by_default:
+        print(f"no --weights given: running the toy LLaVA in {DEFAULT_WEIGHTS} (synthetic scenes only)",
+              file=sys.stderr)
     if args.hires_threshold is not None and model.config.hires is None:
         print("this model has no FlexAttention projections (no hires_config): it does not read the blocks; "
               "the map shows where it would", file=sys.stderr)
-    inputs = processor(processor.chat_prompt(args.prompt), image=image)
     printer = None if args.json else AnswerPrinter(processor)
     token_ids, stats = tinyavl.generate(model, **inputs,
                                         max_new_tokens=args.max_new_tokens, temperature=args.temperature,

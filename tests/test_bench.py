@@ -399,6 +399,7 @@ def test_blocks_that_do_not_fit_and_abbreviations_are_usage_errors(argv, monkeyp
         bench.main(argv)
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ")
+    assert argv[-1] in err  # the value given, named
 
 
 class Checked(Exception):

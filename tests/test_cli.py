@@ -511,6 +511,7 @@ def test_memory_that_runs_out_is_one_line(capsys, entry, raised):
     out, err = capsys.readouterr()
     assert (rc, out, err.count("\n")) == (1, "", 1) and err.startswith("error: out of memory (")
     assert str(raised).split(".")[0] in err
+    assert "--dtype" not in err and "--device" not in err  # the trainers have neither
 
 
 def test_memory_really_running_out_is_one_line(capsys):
@@ -852,6 +853,38 @@ def test_every_command_explains_its_options_and_refuses_a_mistake_in_one_line(co
         main_of(["--no-such-flag"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ")  # the flag, or one required
+
+
+# Every path a command takes, given empty: Path("") is the current folder, where a command would read or
+# write without a word (an unset shell variable: --out "$DIR").
+EMPTY_PATHS = [("main", "--image"), ("main", "--weights"), ("main", "--attention-map"),
+               ("tinyavl.toy.train", "--out"), ("tinyavl.toy.train", "--checkpoint"),
+               ("tinyavl.toy.train_hires", "--out"), ("tinyavl.toy.train_hires", "--base"),
+               ("tinyavl.toy.evaluate", "--weights"), ("tinyavl.toy.evaluate", "--attention-maps"),
+               ("tinyavl.toy.evaluate", "--plot"), ("tinyavl.toy.evaluate_hires", "--in-sequence-toy"),
+               ("tinyavl.toy.attention_study", "--out")]
+
+
+@pytest.mark.parametrize("command, option", EMPTY_PATHS)
+def test_an_empty_path_is_refused_in_one_line(command, option, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # were it taken as the current folder, nothing of the repository's is touched
+    argv = [option, ""] + (["--image", "x.png"] if command == "main" and option != "--image" else []) + (
+        ["--out", "new"] if command == "tinyavl.toy.train_hires" and option != "--out" else [])
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(command).main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and f"argument {option}: the path is empty" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command, option", [("tinyavl.toy.evaluate", "--weights"), ("tinyavl.toy.attention_study",
+                                             "--weights"), ("tinyavl.toy.evaluate_hires", "--weights"),
+                                            ("tinyavl.toy.evaluate_hires", "--in-sequence-toy")])
+def test_a_toy_command_given_a_file_for_a_model_folder_says_so(command, option, capsys):
+    """Not "train one": the folder is what is wrong, not a missing model."""
+    assert importlib.import_module(command).main([option, str(REPO / "README.md")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {option} {REPO / 'README.md'} is a file: give the model folder that holds it\n"
 
 
 def test_an_option_without_help_cannot_be_added(capsys):

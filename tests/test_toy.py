@@ -79,6 +79,19 @@ def test_main_uses_the_toy_by_default_and_says_so(capsys):
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.parametrize("mistake, named", [
+    (["--map-layer", "2"], "--map-layer"),                                     # found before the model loads
+    (["--policy", "fastv", "--filter-layer", "9"], "--filter-layer"),           # found once it has (4 layers)
+    (["--attention-map", "MAP", "--map-layer", "9"], "--map-layer"),
+    (["--prompt", "What colour is the square? " * 200], "context")])          # found once the prompt is made
+def test_a_mistake_with_the_default_model_is_one_line_with_no_note_before_it(capsys, tmp_path, mistake, named):
+    """The toy's note comes once everything is checked: a mistake is the error alone, wherever it is found."""
+    argv = ["--image", str(EXAMPLES / GOLDEN[0][0]), *mistake]
+    assert main.main([str(tmp_path / "map.png") if a == "MAP" else a for a in argv]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and err.startswith("error: ") and named in err
+
+
 def test_main_explains_missing_default_weights(capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(main, "DEFAULT_WEIGHTS", tmp_path / "toy")
     image = EXAMPLES / GOLDEN[0][0]

@@ -601,8 +601,10 @@ def main(argv=None):
         parser.error(str(err))
     if args.image_tokens is None:
         args.image_tokens = [576, 2928] if args.arch == "llava" else [next_image_tokens(hw) for hw in NEXT_IMAGES]
-    if args.new_tokens < 2 or args.layers < 1:
-        parser.error("--new-tokens must be at least 2, --layers at least 1")
+    if args.new_tokens < 2:
+        parser.error(f"--new-tokens must be at least 2 (a decode step to time), got {args.new_tokens}")
+    if args.layers < 1:
+        parser.error(f"--layers must be at least 1, got {args.layers}")
     # Every policy must have something to choose from (A-VL's core is floor(0.3 N_img) rows), and every
     # run, the growth run's 256 tokens included, must fit the 4096-token context.
     context = llava_7b_config(1).text.max_position_embeddings

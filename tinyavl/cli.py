@@ -38,12 +38,30 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def given_path(text: str) -> Path:
+    """A path as a command line gives it (an argparse type), never empty: Path("") is the current folder, so
+    an unset shell variable ("$DIR") would read or write there without a word."""
+    if not text:
+        raise argparse.ArgumentTypeError("the path is empty: give a file or folder name")
+    return Path(text)
+
+
 def output_file(text: str) -> Path:
-    """An output file's path as a command line gives it (an argparse type). A trailing separator names a
-    folder, which Path would drop: "x.png/" would become the file x.png."""
+    """An output file's path as a command line gives it (an argparse type, not empty: `given_path`). A
+    trailing separator names a folder, which Path would drop: "x.png/" would become the file x.png."""
+    given_path(text)
     if text.endswith(("/", os.sep)):
         raise argparse.ArgumentTypeError(f"{text} ends in {os.sep}: give a file name, not a folder")
     return Path(text)
+
+
+def check_model_folder(folder: Path, option: str, trainer: str) -> None:
+    """A UserError unless the toy command's `option` names a model folder: a file there is told to give the
+    folder; a folder that is not there, the trainer that makes one (python -m trainer)."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{option} {folder} is a file: give the model folder that holds it")
+    if not folder.is_dir():
+        raise UserError(f"{option}: no model folder at {folder}: train one with python -m {trainer}")
 
 
 def first_paragraph(doc: str) -> str:
@@ -223,8 +241,8 @@ def ended_in_one_line(work) -> int:
         if not out_of_memory(err):
             raise
         detail = (str(err).strip() or type(err).__name__).splitlines()[0]
-        print(f"error: out of memory ({detail}): a smaller model, image or setting, or another --dtype or "
-              "--device, may fit", file=sys.stderr)
+        print(f"error: out of memory ({detail}): a smaller model, image or setting (see --help) may fit",
+              file=sys.stderr)
         return 1
 
 

@@ -46,7 +46,7 @@ import torch
 from tinyavl import hires, load_pretrained
 from tinyavl.attention_stats import capture, ppci, record_attention, segment_shares, segment_sizes, top_set, top_share
 from tinyavl.cache import AVLCache, KVCache
-from tinyavl.cli import TOY_WEIGHTS, ArgumentParser, first_paragraph, run_command
+from tinyavl.cli import TOY_WEIGHTS, ArgumentParser, check_model_folder, first_paragraph, given_path, run_command
 from tinyavl.errors import UserError
 from tinyavl.files import check_picture_folder
 from tinyavl.generate import generate
@@ -410,8 +410,7 @@ def run(args) -> dict:
         raise UserError("--force replaces the figures in --out: give --out too")
     if args.out is not None:  # checked before the minutes of work
         check_picture_folder(args.out, "--out", FIGURES, [args.weights], args.force)
-    if not args.weights.is_dir():
-        raise UserError(f"no model folder at {args.weights}: train one with python -m tinyavl.toy.train")
+    check_model_folder(args.weights, "--weights", "tinyavl.toy.train")
     model, processor = load_pretrained(args.weights, device="cpu", dtype="float32")
     if model.config.is_next:
         raise UserError(f"{args.weights} is a LLaVA-1.6: the study maps attention onto one square grid of image "
@@ -441,12 +440,12 @@ def run(args) -> dict:
 
 def main(argv=None) -> int:
     parser = ArgumentParser(description=first_paragraph(__doc__))
-    parser.add_argument("--weights", type=Path, default=TOY_WEIGHTS, help="the toy model folder")
+    parser.add_argument("--weights", type=given_path, default=TOY_WEIGHTS, help="the toy model folder")
     parser.add_argument("--seed", type=int, default=1, help="which held-out set")
     parser.add_argument("--n", type=int, default=100,
                         help="held-out scenes: their captions recorded, their \"where\" and caption prompts scored, "
                              "their objects hidden one at a time")
-    parser.add_argument("--out", type=Path, default=None, help="folder for the two figures (default: none)")
+    parser.add_argument("--out", type=given_path, default=None, help="folder for the two figures (default: none)")
     parser.add_argument("--force", action="store_true", help="replace the figures if --out holds them")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)

@@ -42,8 +42,8 @@ import torch
 from tinyavl import load_pretrained
 from tinyavl.attention_map import save_attention_map
 from tinyavl.cache import AVLCache, KVCache, StreamingCache, make_cache
-from tinyavl.cli import (TOY_WEIGHTS, ArgumentParser, add_policy_arguments, check_filter_layer, first_paragraph,
-                         given_policy_params, output_file, policy_cache, run_command)
+from tinyavl.cli import (TOY_WEIGHTS, ArgumentParser, add_policy_arguments, check_filter_layer, check_model_folder,
+                         first_paragraph, given_path, given_policy_params, output_file, policy_cache, run_command)
 from tinyavl.errors import UserError
 from tinyavl.files import check_output_file, check_picture_folder
 from tinyavl.generate import generate
@@ -472,7 +472,7 @@ def plot_sweep(reports: list[dict], path: Path, title: str, replace: bool = Fals
 
 def parse_args(argv):
     parser = ArgumentParser(description=first_paragraph(__doc__))
-    parser.add_argument("--weights", type=Path, default=TOY_WEIGHTS, help="the toy model folder")
+    parser.add_argument("--weights", type=given_path, default=TOY_WEIGHTS, help="the toy model folder")
     parser.add_argument("--seed", type=int, default=1, help="which held-out set (any integer)")
     parser.add_argument("--n", type=int, default=100, help="scenes (each gets 6 prompts)")
     add_policy_arguments(parser)
@@ -486,7 +486,7 @@ def parse_args(argv):
                         help="what a FlexAttention toy (weights/toy-hires) reads of its high-resolution view "
                              f"(default: {DEFAULT_HIRES_MODE})")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--attention-maps", type=Path, default=None,
+    parser.add_argument("--attention-maps", type=given_path, default=None,
                         help="folder: draw the attention picture of the first scene's prompts")
     return parser.parse_args(argv)
 
@@ -512,8 +512,7 @@ def run(args) -> dict:
         pictures = [map_file(args.attention_maps, kind).name for kind in PROMPT_KINDS]  # one per kind of prompt
         check_picture_folder(args.attention_maps, "--attention-maps", pictures, [args.weights], args.force)
     cache = policy_cache(args)  # bad policy parameters fail here, before any work
-    if not args.weights.is_dir():
-        raise UserError(f"no model folder at {args.weights}: train one with python -m tinyavl.toy.train")
+    check_model_folder(args.weights, "--weights", "tinyavl.toy.train")
     model, processor = load_pretrained(args.weights, device="cpu", dtype="float32")
     check_filter_layer(args, model, cache)
     if args.hires_mode is not None and model.config.hires is None:  # it would change nothing

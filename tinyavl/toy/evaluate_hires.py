@@ -25,7 +25,8 @@ import sys
 from pathlib import Path
 
 from tinyavl import anyres, load_pretrained
-from tinyavl.cli import HIRES_TOY_WEIGHTS, ArgumentParser, first_paragraph, output_file, run_command
+from tinyavl.cli import (HIRES_TOY_WEIGHTS, ArgumentParser, check_model_folder, first_paragraph, given_path, output_file,
+                         run_command)
 from tinyavl.errors import UserError
 from tinyavl.files import check_output_file
 from tinyavl.toy.evaluate import HIRES_MODES, evaluate, format_interval, held_out_set, markdown_table
@@ -147,13 +148,13 @@ def plot(reports: list[dict], path: Path, title: str, in_sequence_reports: list[
 
 def parse_args(argv):
     parser = ArgumentParser(description=first_paragraph(__doc__))
-    parser.add_argument("--weights", type=Path, default=HIRES_TOY_WEIGHTS, help="a FlexAttention toy folder")
+    parser.add_argument("--weights", type=given_path, default=HIRES_TOY_WEIGHTS, help="a FlexAttention toy folder")
     parser.add_argument("--seed", type=int, default=1, help="which held-out set (any integer)")
     parser.add_argument("--n", type=int, default=100, help="scenes (each gets 6 prompts)")
     parser.add_argument("--plot", type=output_file, default=None, metavar="OUT.png",
                         help="draw the fine-detail accuracy against attention MFLOPs")
     parser.add_argument("--force", action="store_true", help="replace the --plot file if it exists")
-    parser.add_argument("--in-sequence-toy", type=Path, default=None, metavar="FOLDER",
+    parser.add_argument("--in-sequence-toy", type=given_path, default=None, metavar="FOLDER",
                         help="also measure a toy with every high-res token in the sequence (train_hires --in-sequence)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     return parser.parse_args(argv)
@@ -167,16 +168,14 @@ def run(args) -> dict:
     if args.plot is not None:
         inputs = [folder for folder in (args.weights, args.in_sequence_toy) if folder is not None]
         check_output_file(args.plot, "--plot", inputs=inputs, suffixes=(".png",), replace=args.force)
-    if not args.weights.is_dir():
-        raise UserError(f"no model folder at {args.weights}: train one with python -m tinyavl.toy.train_hires")
+    check_model_folder(args.weights, "--weights", "tinyavl.toy.train_hires")
     model, processor = load_pretrained(args.weights, device="cpu", dtype="float32")
     if model.config.hires is None:
         raise UserError(f"{args.weights} has no hires_config: train a FlexAttention toy with "
                         "python -m tinyavl.toy.train_hires")
     tiled_model = tiled_processor = None
     if args.in_sequence_toy is not None:
-        if not args.in_sequence_toy.is_dir():
-            raise UserError(f"--in-sequence-toy: no model folder at {args.in_sequence_toy}")
+        check_model_folder(args.in_sequence_toy, "--in-sequence-toy", "tinyavl.toy.train_hires --in-sequence")
         tiled_model, tiled_processor = load_pretrained(args.in_sequence_toy, device="cpu", dtype="float32")
         if not tiled_model.config.is_next:
             raise UserError(f"--in-sequence-toy: {args.in_sequence_toy} keeps its image at low resolution: train "

@@ -71,8 +71,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 
-from tinyavl.cli import (TOY_WEIGHTS, ArgumentParser, check_training_args, first_paragraph, flag, output_file,
-                         run_main)
+from tinyavl.cli import (TOY_WEIGHTS, ArgumentParser, check_training_args, first_paragraph, flag, given_path,
+                         output_file, run_main)
 from tinyavl.errors import UserError
 from tinyavl.files import check_new_folder, check_output_file, write_file_atomically, write_folder_atomically
 from tinyavl.model import LlavaConfig, LlavaForConditionalGeneration, TextConfig, VisionConfig
@@ -881,7 +881,7 @@ def deterministic_algorithms():
 
 def main(argv=None) -> None:
     parser = ArgumentParser(description=first_paragraph(__doc__))
-    parser.add_argument("--out", type=Path, default=TOY_WEIGHTS, help="folder to write (llava-hf layout)")
+    parser.add_argument("--out", type=given_path, default=TOY_WEIGHTS, help="folder to write (llava-hf layout)")
     parser.add_argument("--force", action="store_true", help="replace --out if it already holds files")
     parser.add_argument("--steps", type=int, default=7000, help="stage 1: training steps")
     parser.add_argument("--batch-size", type=int, default=32, help="scenes per step")

@@ -52,7 +52,8 @@ from pathlib import Path
 import torch
 
 from tinyavl import load_pretrained
-from tinyavl.cli import TOY_WEIGHTS, ArgumentParser, check_training_args, first_paragraph, output_file, run_main
+from tinyavl.cli import (TOY_WEIGHTS, ArgumentParser, check_training_args, first_paragraph, given_path, output_file,
+                         run_main)
 from tinyavl.errors import UserError
 from tinyavl.files import check_new_folder, write_folder_atomically
 from tinyavl.model import HiresConfig, LlavaForConditionalGeneration
@@ -153,8 +154,8 @@ def run_settings(args) -> dict:
 
 def main(argv=None) -> None:
     parser = ArgumentParser(description=first_paragraph(__doc__))
-    parser.add_argument("--base", type=Path, default=TOY_WEIGHTS, help="the trained toy to start from")
-    parser.add_argument("--out", type=Path, required=True, help="folder to write (llava-hf layout)")
+    parser.add_argument("--base", type=given_path, default=TOY_WEIGHTS, help="the trained toy to start from")
+    parser.add_argument("--out", type=given_path, required=True, help="folder to write (llava-hf layout)")
     parser.add_argument("--force", action="store_true", help="replace --out if it already holds files")
     parser.add_argument("--in-sequence", action="store_true",
                         help="train the baseline instead: every high-resolution token in the sequence (LLaVA-1.6)")
