@@ -200,21 +200,21 @@ def _split_attention_kernel(
     q_ptr,          # [B, H, D] query of the new token, last dim contiguous
     k_ptr, v_ptr,   # [B, Hkv, N, D] the layer's cache, read in place (last dim contiguous)
     index_ptr,      # [B, n_idx] int32/int64 cache rows attended besides the tail, all < start
-    part_out_ptr,   # [B, H, S, D] fp32 output: each split's attention output, divided by its own sum
-    part_lse_ptr,   # [B, H, S] fp32 output: each split's log2(sum(exp2(score)))
+    part_out_ptr,   # [B, H, num_splits, D] fp32 output: each split's attention output, divided by its own sum
+    part_lse_ptr,   # [B, H, num_splits] fp32 output: each split's log2(sum(exp2(score)))
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ib, stride_in,
-    n_idx,            # logical positions 0 .. n_idx-1 come from the index list
-    start,            # logical positions n_idx .. n_sel-1 are cache rows start, start+1, ...
+    n_idx,            # list positions 0 .. n_idx-1 (the selected rows, in order) come from the index list
+    start,            # list positions n_idx .. n_sel-1 are cache rows start, start+1, ...
     n_sel,            # n_idx + (N - start), the length of the logical list
-    rows_per_split,   # logical positions per split, a multiple of BLOCK_N
+    rows_per_split,   # list positions per split, a multiple of BLOCK_N
     num_heads, num_kv_heads, num_splits,
     qk_scale,         # softmax scale * log2(e): scores come out in base 2
     GROUP: tl.constexpr,            # query heads per KV head, H // Hkv
     BLOCK_H: tl.constexpr,          # GROUP rounded up to a power of two >= 16 (tl.dot's smallest tile)
-    BLOCK_N: tl.constexpr,          # logical positions per loop iteration
+    BLOCK_N: tl.constexpr,          # list positions per loop iteration
     HEAD_DIM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,    # "ieee" for fp32 inputs (the default would be TF32), else ignored
 ):
@@ -246,7 +246,7 @@ def _split_attention_kernel(
     split_lo = split * rows_per_split
     split_hi = tl.minimum(split_lo + rows_per_split, n_sel)
     for block_lo in range(split_lo, split_hi, BLOCK_N):
-        pos = block_lo + tl.arange(0, BLOCK_N)                            # [BLOCK_N] logical positions
+        pos = block_lo + tl.arange(0, BLOCK_N)                            # [BLOCK_N] list positions
         in_split = pos < split_hi                                         # [BLOCK_N]
         from_index = pos < n_idx                                          # [BLOCK_N]
         # [BLOCK_N] the index list's rows, 0 where masked
@@ -279,8 +279,8 @@ def _split_attention_kernel(
 
 @triton.jit(do_not_specialize=["num_splits"])
 def _merge_splits_kernel(
-    part_out_ptr,   # [B*H, S, D] fp32 per-split outputs (contiguous, written by _split_attention_kernel)
-    part_lse_ptr,   # [B*H, S] fp32 per-split log2-sum-exp2
+    part_out_ptr,   # [B*H, num_splits, D] fp32 per-split outputs (contiguous, written by _split_attention_kernel)
+    part_lse_ptr,   # [B*H, num_splits] fp32 per-split log2-sum-exp2
     out_ptr,        # [B*H, D] output in q's dtype (contiguous)
     lse_ptr,        # [B*H] fp32 output: natural-log log-sum-exp of the scaled scores
     num_splits,

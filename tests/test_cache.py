@@ -800,7 +800,7 @@ def test_heavy_plus_recent_holds_its_count_where_older_tokens_got_no_attention()
     scores = torch.tensor([[[1., 7., 0., 0., 0., 0., 0., 0.],          # head 0: older rows 2..5 got nothing
                             [1., 7., 3., 2., .5, .25, 0., 0.]]])       # head 1: every older row got some
     pos = torch.arange(8).expand(1, 2, 8)
-    keep = heavy_plus_recent(scores, pos, heavy=3, recent=2, length=8)
+    keep = heavy_plus_recent(scores, pos, n_heavy=3, n_recent=2, length=8)
     assert keep.sum(-1).tolist() == [[5, 5]]
     held = [set(pos[0, h][keep[0, h]].tolist()) for h in range(2)]
     assert {0, 1, 6, 7} <= held[0] and len(held[0] & {2, 3, 4, 5}) == 1    # one zero-scored row fills the third

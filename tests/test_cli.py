@@ -29,6 +29,7 @@ from tokenizers import Tokenizer
 import main
 import tinyavl
 from tinyavl.cli import ArgumentParser, run_command, run_main
+from tinyavl.processing import load_image
 from tiny_checkpoints import VARIANTS, make_image, sparse_config, tokenizer_info, write_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -229,18 +230,64 @@ def test_a_default_filter_layer_past_the_model_is_noted(capsys, good, files, pol
     assert rc == 0 and ("its prefill filter drops nothing here (--filter-layer 1 makes it act)" in err) == noted
 
 
+@pytest.fixture(scope="module")
+def api_tokens(good, files):
+    """The tokens the Python API generates for main.py's default prompt on files["png"]: what a main.py run
+    with the same settings must print."""
+    model, processor = tinyavl.load_pretrained(good)
+    inputs = processor(processor.chat_prompt(main.build_parser().get_default("prompt")), image=load_image(files["png"]))
+
+    def tokens(**settings):
+        return tinyavl.generate(model, **inputs, max_new_tokens=NEW_TOKENS, **settings)[0]
+    return tokens
+
+
+def test_the_sampling_settings_reach_the_generation(capsys, good, files, api_tokens):
+    """--temperature, --top-p and --seed each change the draw (the controls below), and main.py draws what the
+    API draws with all three."""
+    settings = dict(temperature=2.0, top_p=0.5, seed=3)
+    rc, out, err = run_inprocess(capsys, ["--image", files["png"], "--weights", good, "--max-new-tokens", NEW_TOKENS,
+                                          "--json", "--temperature", 2, "--top-p", 0.5, "--seed", 3])
+    assert rc == 0, err
+    tokens = json.loads(out)["token_ids"]
+    assert tokens == api_tokens(**settings)
+    for other in (dict(temperature=0.0), dict(top_p=1.0), dict(seed=4)):  # any one of them lost shows
+        assert api_tokens(**{**settings, **other}) != tokens
+
+
+def test_unseeded_sampling_is_a_fresh_draw_each_run(good, files):
+    """No --seed: two runs of the command draw differently (at temperature 5 the tiny model's next-token
+    distribution is nearly flat: the same 8 tokens twice by chance are out of the question)."""
+    argv = ["--image", files["png"], "--weights", good, "--max-new-tokens", NEW_TOKENS, "--json", "--temperature", 5]
+    runs = [run_subprocess(argv) for _ in range(2)]
+    assert all(rc == 0 for rc, _, _ in runs), runs
+    assert json.loads(runs[0][1])["token_ids"] != json.loads(runs[1][1])["token_ids"]
+
+
+def test_dtype_reaches_the_model(capsys, good, files):
+    """--dtype bfloat16: the cache holds 2-byte rows (the tiny checkpoint is fp32)."""
+    rc, out, err = run_inprocess(capsys, ["--image", files["png"], "--weights", good, "--max-new-tokens", NEW_TOKENS,
+                                          "--json", "--dtype", "bfloat16"])
+    assert rc == 0, err
+    result = json.loads(out)
+    v = VARIANTS["mha"]
+    per_token = v.text_layers * 2 * v.kv_heads * (64 // 4) * 2     # layers x (K, V) x heads x head size x 2 bytes
+    assert result["kv_cache_bytes_dense"] == (result["prompt_tokens"] + result["new_tokens"] - 1) * per_token
+
+
 @pytest.mark.parametrize("policy_args", POLICY_RUNS, ids=[" ".join(a[1:]) for a in POLICY_RUNS])
-def test_policies_run(capsys, good, files, policy_args):
+def test_policies_run(capsys, good, files, api_tokens, policy_args):
     rc, out, err = run_inprocess(capsys, ["--image", files["png"], "--weights", good, "--max-new-tokens",
                                           NEW_TOKENS, "--json", *policy_args])
     assert rc == 0, err
     result = json.loads(out)
     assert result["policy"] == policy_args[1]
-    given = {policy_args[i].lstrip("-").replace("-", "_"): float(policy_args[i + 1])
-             for i in range(2, len(policy_args), 2)}
+    given = {policy_args[i].lstrip("-").replace("-", "_"): int(value) if value.isdigit() else float(value)
+             for i, value in ((i, policy_args[i + 1]) for i in range(2, len(policy_args), 2))}
     for name, value in given.items():
         assert result["policy_params"][name] == value
     assert len(result["token_ids"]) == NEW_TOKENS  # EOS aside, which the tiny model does not reach here
+    assert result["token_ids"] == api_tokens(temperature=0.0, policy=policy_args[1], **given)
     assert result["text"] == decode(good, result["token_ids"])
     assert 0 < result["kv_cache_bytes_peak"] <= result["kv_cache_bytes_dense"]
 

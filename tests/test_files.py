@@ -266,10 +266,12 @@ def test_ctrl_c_between_the_two_renames_brings_the_old_folder_back(tmp_path, mon
     assert (out / "config.json").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
-def test_without_hard_links_a_new_file_is_still_written_and_an_existing_one_kept(tmp_path, monkeypatch):
-    """Some file systems refuse hard links (EPERM): the write then checks the name and renames."""
+@pytest.mark.parametrize("refusal", [errno.EPERM, errno.EOPNOTSUPP], ids=["EPERM", "EOPNOTSUPP"])
+def test_without_hard_links_a_new_file_is_still_written_and_an_existing_one_kept(tmp_path, monkeypatch, refusal):
+    """Some file systems refuse hard links (FAT: EPERM; others EOPNOTSUPP): the write then checks the name and
+    renames."""
     def no_links(src, dst):
-        raise OSError(errno.EPERM, "Operation not permitted")
+        raise OSError(refusal, os.strerror(refusal))
     monkeypatch.setattr(os, "link", no_links)
     path = tmp_path / "map.png"
     write_file_atomically(path, lambda partial: partial.write_text("new"))

@@ -69,11 +69,18 @@ def test_a_served_row_is_one_softmax_over_its_keys_and_its_chosen_tokens():
     view.chosen = chosen
     out = view.merge(attn, norm, q[:, :, rows], y, rows, lse)
     assert torch.equal(out[:, :, :3], y[:, :, :3])                                      # rows not served: unchanged
+    # The high-resolution keys' rotation, by hand: the image starts at position 3, a 4 x 4 grid seen at 2x,
+    # so token (R, C) sits at 3 + 4 r + c, with r = (R + 0.5) / 2 - 0.5 and c likewise (test_hires.py), and
+    # turns by Llama's frequencies 10000^(-2i / 8), i < 4, in the half-split layout.
+    point = (torch.arange(8, dtype=torch.float64) + 0.5) / 2 - 0.5                     # (8,) a side's centres
+    positions = (3 + 4 * point[:, None] + point[None, :]).flatten()                     # (64,) reading order
+    angles = positions[:, None] * 10000.0 ** (-torch.arange(0, 8, 2, dtype=torch.float64) / 8)   # (64, 4)
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()      # each (64, 8)
     for r, row in enumerate(rows.tolist()):
         index = view.chosen[0, r].nonzero().flatten()
         feats = norm(view.features[0, index])                                           # the layer's input norm first
         k_hd = attn.k_proj_hd(feats).view(-1, 2, 8).transpose(0, 1)                     # (2, m, 8)
-        k_hd = k_hd * view.cos[index] + torch.cat([-k_hd[..., 4:], k_hd[..., :4]], -1) * view.sin[index]
+        k_hd = k_hd * cos[index] + torch.cat([-k_hd[..., 4:], k_hd[..., :4]], -1) * sin[index]
         v_hd = attn.v_proj_hd(feats).view(-1, 2, 8).transpose(0, 1)
         for h in range(4):
             keys = torch.cat([k[0, h // 2, :row + 1], k_hd[h // 2]]).double()

@@ -13,6 +13,7 @@ matters for fp32 inputs). A failure prints max and mean errors of both.
 """
 import importlib.util
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -347,6 +348,33 @@ def test_splits_are_capped_at_max_splits(kernel, monkeypatch, launched_splits):
     out = kernel(q, k, v, index, start, num_splits=8)
     assert launched_splits == [2]
     torch.testing.assert_close(out, sa.sparse_decode_attention_reference(q, k, v, index, start), atol=1e-5, rtol=1e-5)
+
+
+def test_a_gpu_gets_about_two_programs_per_multiprocessor(monkeypatch):
+    """Compiled on a GPU (faked: an H100's 132 multiprocessors), the default split count brings a step's
+    programs to about 2 x 132: batch 1 with 32 KV heads takes ceil(264 / 32) = 9 splits; never more splits than
+    blocks of the list, never fewer than 1; in the interpreter, or on a CPU, one."""
+    monkeypatch.setattr(sa, "gpu_properties", lambda device: types.SimpleNamespace(multi_processor_count=132))
+    monkeypatch.setattr(sa, "INTERPRETED", False)
+    gpu = torch.device("cuda", 0)
+    assert [sa._default_num_splits(programs, blocks, gpu) for programs, blocks in ((32, 100), (32, 4), (1024, 100))] \
+        == [9, 4, 1]
+    assert sa._default_num_splits(32, 100, torch.device("cpu")) == 1
+    monkeypatch.setattr(sa, "INTERPRETED", True)
+    assert sa._default_num_splits(32, 100, gpu) == 1
+
+
+def test_a_gpus_properties_are_asked_once_per_device(monkeypatch):
+    """gpu_properties is read at every layer of every decode step: torch is asked once per device."""
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: asked.append(device) or str(device))
+    sa.gpu_properties.cache_clear()
+    try:
+        for _ in range(3):
+            assert [sa.gpu_properties(torch.device("cuda", i)) for i in (0, 1)] == ["cuda:0", "cuda:1"]
+    finally:
+        sa.gpu_properties.cache_clear()  # no fake left for a later test
+    assert asked == [torch.device("cuda", 0), torch.device("cuda", 1)]
 
 
 def test_the_merge_is_one_variant_for_every_split_count(kernel, monkeypatch):

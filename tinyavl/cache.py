@@ -207,17 +207,18 @@ def causal_column_sums(q, k, first_row: int = 0, chunk: int = 64):
     return sums
 
 
-def heavy_plus_recent(scores, pos, heavy: int, recent: int, length: int):
-    """H2O's choice, per head: the `recent` latest tokens plus the `heavy` best-scored older ones.
+def heavy_plus_recent(scores, pos, n_heavy: int, n_recent: int, length: int):
+    """H2O's choice, per head: the n_recent latest tokens plus the n_heavy best-scored older ones (counts;
+    the policies' `heavy` and `recent` are fractions).
 
     scores, pos (B, Hkv, n): each row's score and logical position, in any row order; length: tokens
-    in the sequence so far. The latest `recent` positions (length - recent ..) are all held, since a
-    token in the window was never evicted. Returns keep (B, Hkv, n) bool, heavy + recent True in every
+    in the sequence so far. The latest n_recent positions (length - n_recent ..) are all held, since a
+    token in the window was never evicted. Returns keep (B, Hkv, n) bool, n_heavy + n_recent True in every
     head, so K and V stay rectangular; which tokens differ from head to head.
     """
-    keep = pos >= length - recent                                                       # (B, Hkv, n)
+    keep = pos >= length - n_recent                                                     # (B, Hkv, n)
     older_scores = scores.masked_fill(keep, float("-inf"))
-    return keep.scatter_(-1, older_scores.topk(heavy, dim=-1).indices, True)
+    return keep.scatter_(-1, older_scores.topk(n_heavy, dim=-1).indices, True)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -893,8 +894,8 @@ class AVLCache(KVCache):
         budget = max(round(as_decimal(self.T) * n_text), self.TEXT_MIN_BUDGET)
         if scores.shape[-1] <= budget:
             return
-        heavy, text_start = share(self.HEAVY_FRACTION, budget), self.text_start
-        keep = heavy_plus_recent(scores, self.pos[layer][..., text_start:], heavy, budget - heavy,
+        n_heavy, text_start = share(self.HEAVY_FRACTION, budget), self.text_start
+        keep = heavy_plus_recent(scores, self.pos[layer][..., text_start:], n_heavy, budget - n_heavy,
                                  self.logical_length)                                 # (B, Hkv, text rows)
         self.text_scores[layer] = self.compact(layer, keep, start=text_start, scores=scores)  # only text rows move
 
