@@ -879,6 +879,17 @@ def deterministic_algorithms():
         torch.use_deterministic_algorithms(before)
 
 
+def add_run_arguments(parser: ArgumentParser, eval_every: int, checkpoint_every: int) -> None:
+    """How a training runs, the same flags in both trainers (checked by cli.check_training_args): its threads,
+    its held-out reports, and a checkpoint to resume from."""
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (results depend on it)")
+    parser.add_argument("--eval-every", type=int, default=eval_every,
+                        help="steps between held-out accuracy reports (0: none; they do not change the weights)")
+    parser.add_argument("--checkpoint", type=output_file,
+                        help=f"a .safetensors file to keep the training state in every {checkpoint_every} steps and "
+                             "to resume from if it is there (same settings only); removed once --out is written")
+
+
 def main(argv=None) -> None:
     parser = ArgumentParser(description=first_paragraph(__doc__))
     parser.add_argument("--out", type=given_path, default=TOY_WEIGHTS, help="folder to write (llava-hf layout)")
@@ -906,12 +917,7 @@ def main(argv=None) -> None:
                         help="stage 2: hide scattered image tokens or rectangles of them")
     parser.add_argument("--tune-dropout", type=float, default=TUNE_DROPOUT,
                         help="stage 2: largest fraction of a sequence's image tokens hidden")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (results depend on it)")
-    parser.add_argument("--eval-every", type=int, default=500,
-                        help="steps between held-out accuracy reports (0: none; they do not change the weights)")
-    parser.add_argument("--checkpoint", type=output_file,
-                        help=f"a .safetensors file to keep the training state in every {CHECKPOINT_EVERY} steps and "
-                             "to resume from if it is there (same settings only); removed once --out is written")
+    add_run_arguments(parser, eval_every=500, checkpoint_every=CHECKPOINT_EVERY)
     args = parser.parse_args(argv)
     for name in ("vision_layers", "text_layers", "text_width"):
         if getattr(args, name) < 1:

@@ -52,13 +52,12 @@ from pathlib import Path
 import torch
 
 from tinyavl import load_pretrained
-from tinyavl.cli import (TOY_WEIGHTS, ArgumentParser, check_training_args, first_paragraph, given_path, output_file,
-                         run_main)
+from tinyavl.cli import TOY_WEIGHTS, ArgumentParser, check_training_args, first_paragraph, given_path, run_main
 from tinyavl.errors import UserError
 from tinyavl.files import check_new_folder, write_folder_atomically
 from tinyavl.model import HiresConfig, LlavaForConditionalGeneration
 from tinyavl.toy.scenes import FINE_SCALE, IMAGE_SIZE, SceneStream
-from tinyavl.toy.train import (HIRES_RAMP, TUNE_DROPOUT, Checkpoint, PatchProbe, check_checkpoint,
+from tinyavl.toy.train import (HIRES_RAMP, TUNE_DROPOUT, Checkpoint, PatchProbe, add_run_arguments, check_checkpoint,
                                deterministic_algorithms, optimise, save_pretrained, warmup_steps, write_examples)
 
 HIRES = HiresConfig(scale=FINE_SCALE, first_layer=3, threshold=48.0, blocks=4)
@@ -164,12 +163,7 @@ def main(argv=None) -> None:
     parser.add_argument("--lr", type=float, default=8e-4, help="AdamW's peak learning rate")
     parser.add_argument("--seed", type=int, default=0,
                         help="the training scene stream, the dropout draws and --in-sequence's new image_newline")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (results depend on it)")
-    parser.add_argument("--eval-every", type=int, default=550,
-                        help="steps between held-out accuracy reports (0: none; they do not change the weights)")
-    parser.add_argument("--checkpoint", type=output_file,
-                        help=f"a .safetensors file to keep the training state in every {CHECKPOINT_EVERY} steps and "
-                             "to resume from if it is there (same settings only); removed once --out is written")
+    add_run_arguments(parser, eval_every=550, checkpoint_every=CHECKPOINT_EVERY)
     args = parser.parse_args(argv)
     check_training_args(parser, args)
     try:
