@@ -11,7 +11,6 @@ single JSON object is printed instead. A mistake in the input exits with status 
 import os
 import signal
 import sys
-from pathlib import Path
 
 
 def interrupted_while_importing(signum, frame):
@@ -86,7 +85,7 @@ def check_args(args):
                                     "a llava-hf folder (see weights/README.md)")
         args.weights = DEFAULT_WEIGHTS
     if args.attention_map is not None:
-        check_output_file(args.attention_map, "--attention-map", inputs=[Path(args.image), args.weights],
+        check_output_file(args.attention_map, "--attention-map", inputs=[args.image, args.weights],
                           replace=args.force)
     else:
         for option, given in (("--map-layer", args.map_layer is not None),

@@ -678,8 +678,9 @@ class AVLCache(KVCache):
     head-mean attention (secondary; the rest, minor, are deleted) and marks the top floor(C N_img) as
     core. A normal decode step computes only sys + core + text; every K-th step attends to all secondary
     tokens and re-ranks the core. (The authors' code turns the split off with K <= 0; here C = S does: every
-    stored image token is computed at every step, and a re-rank moves no row.) Text tokens: H2O per KV head on the text region only (budget
-    max(round(T n_text), 20): 70% heavy hitters by accumulated attention, the rest most recent).
+    stored image token is computed at every step, and a re-rank moves no row.) Text tokens: H2O per KV head
+    on the text region only (budget max(round(T n_text), 20): 70% heavy hitters by accumulated attention, the
+    rest most recent).
     Optional prefill filter: the last-row attention of layer filter_layer - 1 keeps floor(P N_img) image
     tokens in the hidden states, so layers >= filter_layer never see the others (P = 1: no filter).
 

@@ -49,10 +49,10 @@ def given_path(text: str) -> Path:
 def output_file(text: str) -> Path:
     """An output file's path as a command line gives it (an argparse type, not empty: `given_path`). A
     trailing separator names a folder, which Path would drop: "x.png/" would become the file x.png."""
-    given_path(text)
+    path = given_path(text)
     if text.endswith(("/", os.sep)):
         raise argparse.ArgumentTypeError(f"{text} ends in {os.sep}: give a file name, not a folder")
-    return Path(text)
+    return path
 
 
 def check_model_folder(folder: Path, option: str, trainer: str) -> None:

@@ -25,8 +25,8 @@ import sys
 from pathlib import Path
 
 from tinyavl import anyres, load_pretrained
-from tinyavl.cli import (HIRES_TOY_WEIGHTS, ArgumentParser, check_model_folder, first_paragraph, given_path, output_file,
-                         run_command)
+from tinyavl.cli import (HIRES_TOY_WEIGHTS, ArgumentParser, check_model_folder, first_paragraph, given_path,
+                         output_file, run_command)
 from tinyavl.errors import UserError
 from tinyavl.files import check_output_file
 from tinyavl.toy.evaluate import HIRES_MODES, evaluate, format_interval, held_out_set, markdown_table
