@@ -160,7 +160,7 @@ def test_evaluate_random_holds_its_share_of_the_image(toy, capsys):
 
 def test_evaluate_table_runs_every_policy_at_every_budget(tmp_path, capsys):
     plot = tmp_path / "sweep.png"
-    assert evaluate_main(["--table", "--n", "1", "--seed", "2", "--plot", str(plot), "--json"]) == 0
+    assert evaluate_main(["--table", "--n", "2", "--seed", "2", "--plot", str(plot), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["rows"]
     # FastV's R reaches FASTV_MAX_R at 0.25 ((1 - 0.25) 4 / 3 = 1): at 0.1 it would run the same knobs again.
     assert [(r["budget"], r["policy"]) for r in rows] == [(1.0, "full")] + [
@@ -195,7 +195,7 @@ def test_a_one_layer_decoder_gets_no_table(monkeypatch, capsys):
 
     monkeypatch.setattr(evaluate_module, "load_pretrained", one_layer)
     monkeypatch.setattr(evaluate_module, "evaluate", lambda *a, **k: pytest.fail("asked a prompt first"))
-    assert evaluate_main(["--table", "--n", "1"]) == 2
+    assert evaluate_main(["--table", "--n", "2"]) == 2
     assert "1-layer decoder" in capsys.readouterr().err
 
 
@@ -220,8 +220,8 @@ def test_evaluate_full_holds_exactly_the_dense_cache(capsys):
     assert report["kv_ratio"] == 1.0 and report["attended_ratio"] == 1.0
 
 
-@pytest.mark.parametrize("argv", [["--n", "0"], ["--table", "--policy", "avl"], ["--weights", "nowhere"],
-                                  ["--policy", "nope"], ["--plot", "x.png"], ["--table", "--plot", "x.txt"],
+@pytest.mark.parametrize("argv", [["--n", "0"], ["--table", "--n", "1"], ["--table", "--policy", "avl"],
+                                  ["--weights", "nowhere"], ["--policy", "nope"], ["--plot", "x.png"], ["--table", "--plot", "x.txt"],
                                   ["--table", "--plot", "no/such/folder/x.png"],
                                   ["--policy", "random", "--random-seed", str(2 ** 64)],
                                   ["--table", "--plot", str(TOY / "examples" / "scene-0.png")],

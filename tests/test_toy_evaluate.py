@@ -11,8 +11,8 @@ from tinyavl.toy import evaluate as evaluate_module
 from tinyavl.toy.evaluate import (ABLATIONS, BUDGETS, FASTV_MAX_R, PROMPT_KINDS, SWEEP_POLICIES, Question, Tally,
                                   budget_params, budget_sweep, caption_errors,
                                   caption_objects_right, clustered_wilson_interval, format_table, held_out_set,
-                                  is_correct, markdown_table, paired_ratio_interval, plot_sweep, shown_params,
-                                  wilson_interval)
+                                  is_correct, markdown_table, paired_ratio, paired_ratio_interval, plot_sweep,
+                                  shown_params, wilson_interval)
 from tinyavl.toy.scenes import Scene, SceneObject, SceneStream
 from tinyavl.toy.plot import HEIGHT, MARGIN, PALETTE, WIDTH
 
@@ -54,6 +54,10 @@ def test_clustered_interval_by_hand():
     assert clustered_wilson_interval([6] * 10, [6] * 10) == pytest.approx(wilson_interval(10, 10))
     assert clustered_wilson_interval([0] * 10, [6] * 10) == pytest.approx(wilson_interval(0, 10))
     assert wilson_interval(10, 10)[0] < wilson_interval(60, 60)[0] - 0.2
+    # One scene: no spread either, whatever it got right; Wilson's at that one scene. So a second scene like
+    # it narrows the interval, never the other way round.
+    assert clustered_wilson_interval([4], [6]) == pytest.approx(wilson_interval(4 / 6, 1))
+    assert clustered_wilson_interval([6], [6])[0] < clustered_wilson_interval([6, 6], [6, 6])[0]
 
 
 def test_clustered_interval_covers_the_truth_95_percent_of_the_time_where_wilsons_does_not():
@@ -162,6 +166,15 @@ def test_paired_ratio_interval_is_seeded_and_pairs_scene_by_scene():
     assert paired_ratio_interval(right, full_right) != paired_ratio_interval(right, full_right[::-1])
     with pytest.raises(ValueError, match="pairs scenes"):
         paired_ratio_interval(right, full_right[:-1])
+    with pytest.raises(ValueError, match="needs two or more"):  # one scene has nothing to resample
+        paired_ratio_interval([3], [6])
+
+
+def test_no_ratio_to_a_reference_that_got_nothing_right():
+    """A `random` that got nothing right leaves a peer's "of random" undefined: no ratio, "-" in the table."""
+    peer = {"accuracy": 1 / 12, "right_by_scene": [1, 0]}
+    assert paired_ratio(peer, {"accuracy": 0.0, "right_by_scene": [0, 0]}) == (None, None)
+    assert paired_ratio(peer, {"accuracy": 1 / 6, "right_by_scene": [1, 1]})[0] == pytest.approx(0.5)
 
 
 def test_table_pairs_each_scene_with_fulls():

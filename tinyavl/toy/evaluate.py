@@ -1,5 +1,5 @@
 """Score the toy LLaVA on held-out scenes under a KV policy: accuracy with 95% intervals, KV bytes,
-attended tokens; and every policy side by side at the same measured KV budgets.
+attended tokens; and every policy side by side at the KV budgets `random` measured.
 
     python -m tinyavl.toy.evaluate --policy avl                       # one policy, 100 scenes of seed 1
     python -m tinyavl.toy.evaluate --policy random --S 0.25 --json    # one JSON object
@@ -156,15 +156,13 @@ def clustered_wilson_interval(right: list[int], asked: list[int], z: float = Z95
     N / deff (Kish, Survey Sampling, 1965), where the design effect deff is the variance of the accuracy
     estimated from the spread between clusters, over the variance N independent prompts would give.
     deff is at least 1: the interval is never narrower than independent prompts' (`wilson_interval`).
-    Where every prompt went right (or every one wrong) no spread can be measured; the clusters may then be
-    all-or-nothing, each worth one answer, so the interval is Wilson's at the number of clusters, the
-    effective size of clusters whose prompts always agree. (So one miss can narrow the interval: it
-    measures a spread, which may be small.)"""
+    Where every prompt went right (or every one wrong), or there is one cluster, no spread can be measured; the
+    clusters may then be all-or-nothing, each worth one answer, so the interval is Wilson's at the number of
+    clusters, the effective size of clusters whose prompts always agree. (So one miss can narrow the
+    interval: it measures a spread, which may be small.)"""
     n_clusters, n = len(asked), sum(asked)
     p = sum(right) / n
-    if n_clusters < 2:  # no spread to measure
-        return wilson_interval(sum(right), n, z)
-    if p in (0, 1):
+    if n_clusters < 2 or p in (0, 1):
         # Wilson's at n here took the clusters' answers as independent: in simulated all-or-nothing captions
         # at a true share of 0.015 it held the truth in 73% of runs, not 95%.
         return wilson_interval(p * n_clusters, n_clusters, z)
@@ -192,9 +190,11 @@ def paired_ratio_interval(right: list[int], reference_right: list[int], draws: i
     "of_random"), right[i] and reference_right[i] the prompts about scene i each got right: a paired
     bootstrap (Efron and Tibshirani, An Introduction to the Bootstrap, 1993) that draws scenes with
     replacement, both counts of a scene together, and takes the 2.5 and 97.5 percentiles of the ratio.
-    Seeded: one answer."""
+    Seeded: one answer. At least two scenes: one has nothing to resample (an interval of no width)."""
     if len(right) != len(reference_right):
         raise ValueError(f"paired_ratio_interval pairs scenes: {len(right)} counts against {len(reference_right)}")
+    if len(right) < 2:
+        raise ValueError(f"paired_ratio_interval resamples scenes: it needs two or more, got {len(right)}")
     right = torch.tensor(right, dtype=torch.float64)                                # (scenes,)
     reference_right = torch.tensor(reference_right, dtype=torch.float64)            # (scenes,)
     scenes = torch.randint(len(right), (draws, len(right)), generator=torch.Generator().manual_seed(seed))
@@ -204,9 +204,12 @@ def paired_ratio_interval(right: list[int], reference_right: list[int], draws: i
     return float(ratios.nanquantile(0.025)), float(ratios.nanquantile(0.975))
 
 
-def paired_ratio(report: dict, reference: dict) -> tuple[float, tuple[float, float]]:
+def paired_ratio(report: dict, reference: dict) -> tuple[float, tuple[float, float]] | tuple[None, None]:
     """One evaluation's accuracy over another's on the same prompts (`evaluate`'s reports), and its 95%
-    interval, scene by scene (`paired_ratio_interval`): the table's "of full", budget_sweep's "of_random"."""
+    interval, scene by scene (`paired_ratio_interval`): the table's "of full", budget_sweep's "of_random".
+    (None, None) where the reference got nothing right: there is no ratio."""
+    if not reference["accuracy"]:
+        return None, None
     return (report["accuracy"] / reference["accuracy"],
             paired_ratio_interval(report["right_by_scene"], reference["right_by_scene"]))
 
@@ -361,11 +364,12 @@ def budget_params(policy: str, image_keep: float, kv_ratio: float, n_layers: int
 
 
 def budget_sweep(model, processor, questions, log=None, hires_mode: str = DEFAULT_HIRES_MODE) -> list[dict]:
-    """`full`, then at every budget of BUDGETS `random` first and each of SWEEP_POLICIES at the bytes
-    it held (budget_params), then ABLATIONS. Each report gains "budget": the share of image tokens kept
-    (1 for full) and "line": the plot's line it belongs to; a peer's, and an ablation's where `random` ran
-    at its budget, "of_random" and "of_random_ci": its accuracy over `random`'s at that budget, paired
-    scene by scene (`paired_ratio`). hires_mode: as `evaluate`'s."""
+    """`full`, then at every budget of BUDGETS `random` first and each of SWEEP_POLICIES at that budget
+    (budget_params: the bytes `random` held, as far as a policy's knobs reach; A-VL at its share of the
+    image), then ABLATIONS. Each report gains "budget": the share of image tokens kept (1 for full) and
+    "line": the plot's line it belongs to; a peer's, and an ablation's where `random` ran at its budget,
+    "of_random" and "of_random_ci": its accuracy over `random`'s at that budget, paired scene by scene
+    (`paired_ratio`; None where `random` got nothing right). hires_mode: as `evaluate`'s."""
     def measure(policy, params, budget, line=None, by_type=None, control=None):
         report = {"budget": budget, "line": line or policy,
                   **evaluate(model, processor, questions, policy, params, hires_mode=hires_mode,
@@ -373,7 +377,8 @@ def budget_sweep(model, processor, questions, log=None, hires_mode: str = DEFAUL
         against = ""
         if control is not None:
             report["of_random"], report["of_random_ci"] = paired_ratio(report, control)
-            against = f" ({format_interval(report['of_random'], report['of_random_ci'], 3)} of random's)"
+            against = (" (random got nothing right: no ratio)" if report["of_random"] is None else
+                       f" ({format_interval(report['of_random'], report['of_random_ci'], 3)} of random's)")
         if log:
             log(f"budget {budget}: {policy} {shown_params(report)}: accuracy {report['accuracy']:.3f}{against}, "
                 f"KV {report['kv_ratio']:.3f}, after the prefill {report['kv_ratio_after_prefill']:.3f} "
@@ -446,7 +451,7 @@ def format_table(reports: list[dict]) -> str:
     rows = []
     for r in reports:
         of_full = "-" if not full or not full["accuracy"] else format_interval(*paired_ratio(r, full), 3)
-        of_random = format_interval(r["of_random"], r["of_random_ci"], 3) if "of_random" in r else "-"
+        of_random = "-" if r.get("of_random") is None else format_interval(r["of_random"], r["of_random_ci"], 3)
         cells = ["-" if r.get("budget") is None else f"{r['budget']:g}", r["policy"], shown_params(r) or "-",
                  format_interval(r["accuracy"], r["accuracy_ci"], 3), of_full, of_random]
         cells += [format_interval(r["accuracy_by_type"][kind], r["accuracy_by_type_ci"][kind]) for kind in PROMPT_KINDS]
@@ -499,6 +504,8 @@ def map_file(folder: Path, kind: str) -> Path:
 def run(args) -> dict:
     if args.n < 1:
         raise UserError(f"--n must be at least 1, got {args.n}")
+    if args.table and args.n < 2:  # paired_ratio_interval resamples scenes: one gives an interval of no width
+        raise UserError(f"--table compares rows scene by scene: give --n 2 or more, got {args.n}")
     if args.table and (args.policy != "full" or given_policy_params(args) or args.attention_maps):
         raise UserError("--table runs its own list of policies: leave out --policy, its parameters "
                         "and --attention-maps")
