@@ -40,9 +40,9 @@ projections; the patch probe names what every crop's features show (`train.tile_
 chats are about 2600 tokens long where the FlexAttention toy's are 249: it trained at 1.1-1.6 samples/s on
 the 2-core CPU the committed toys were trained on, against 9-10, 3.6 hours for STEPS over three
 sittings. `--checkpoint FILE` keeps the training state in FILE every 50 steps (`Checkpoint`:
-the weights, the probe, AdamW's moments, the loss history); the same command run again after an
-interruption goes on from there, and ends with the weights one uninterrupted run would have written, bit
-for bit on the same machine and thread count.
+the weights, the probe, AdamW's moments, the loss history, and where the scene stream and the dropout draws
+are); the same command run again after an interruption goes on from there, and ends with the weights one
+uninterrupted run would have written, bit for bit on the same machine and thread count.
 """
 import hashlib
 from dataclasses import asdict, replace
