@@ -171,6 +171,37 @@ def test_settings_given_twice_are_read_as_transformers_reads_them(tiny_ckpt, cas
     assert ours.text.mlp_bias == (hf_layer.mlp.gate_proj.bias is not None)
 
 
+@pytest.mark.parametrize("top", [True, False, None], ids=["top true", "top false", "top absent"])
+@pytest.mark.parametrize("inner", [True, False, None], ids=["text true", "text false", "text absent"])
+def test_a_next_config_ties_as_transformers_reads_it(tiny_ckpt, top, inner):
+    """LLaVA-1.6: LlavaNextConfig reads tie_word_embeddings at the top level only (LlavaConfig also takes
+    text_config's, above): the 9 ways a file can say it or not."""
+    from transformers import LlavaNextConfig
+    raw = json.load(open(os.path.join(tiny_ckpt.folder("next_vicuna_mha"), "config.json")))
+    raw.pop("tie_word_embeddings", None)
+    raw["text_config"].pop("tie_word_embeddings", None)
+    if top is not None:
+        raw["tie_word_embeddings"] = top
+    if inner is not None:
+        raw["text_config"]["tie_word_embeddings"] = inner
+    ours = tinyavl.loading.parse_config(json.loads(json.dumps(raw)))
+    assert ours.text.tie_word_embeddings == LlavaNextConfig.from_dict(raw).tie_word_embeddings == bool(top)
+
+
+def test_a_folder_with_one_file_and_an_index_loads_the_one_file(tiny_ckpt, tmp_path):
+    """transformers looks for model.safetensors first: a stale index beside it (its shards still there) is
+    not read."""
+    folder = shutil.copytree(tiny_ckpt.folder("gqa_full", shards=2), tmp_path / "both")
+    single = tiny_ckpt.folder("gqa_full", shards=1)
+    shutil.copy(os.path.join(single, "model.safetensors"), folder / "model.safetensors")
+    rewrite_weights(str(folder), lambda t: t.update({"multi_modal_projector.linear_2.bias":
+                                                     t["multi_modal_projector.linear_2.bias"] + 1}))
+    model, _ = tinyavl.load_pretrained(folder, device="cpu")
+    key = "multi_modal_projector.linear_2.bias"
+    reference = published_state_dict(tiny_ckpt.model("gqa_full"))[key]
+    torch.testing.assert_close(model.state_dict()[key], reference + 1, atol=0, rtol=0)
+
+
 def test_a_tied_checkpoint_may_keep_its_head_if_it_is_the_embedding(good_folder):
     config_path = os.path.join(good_folder, "config.json")
     config = json.load(open(config_path))

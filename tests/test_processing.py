@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageFile, ImageOps
-from tokenizers import Tokenizer
-from transformers import AutoTokenizer, LlavaProcessor
+from tokenizers import AddedToken, Tokenizer
+from transformers import AutoImageProcessor, AutoTokenizer, LlavaProcessor
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from tiny_tokenizer import write_tiny_tokenizer
+from tiny_tokenizer import build_tiny_tokenizer, write_tiny_tokenizer
 from tinyavl.errors import UserError
 from tinyavl.processing import Processor, load_image
 
@@ -253,6 +253,19 @@ def hf_processor(folder):
                           vision_feature_select_strategy="default", num_additional_image_tokens=1)
 
 
+def test_a_prompt_whose_image_token_the_tokenizer_splits_is_one_line():
+    """<image> as a single-word added token is matched only between word boundaries: glued to its
+    neighbours ("USER:<image>hi") it is encoded as pieces, and the prompt holds no image token to widen.
+    One line says so (the widening's list.index raised a bare ValueError)."""
+    tok = build_tiny_tokenizer()
+    tok.add_special_tokens([AddedToken("<image>", normalized=False, special=True, single_word=True)])
+    glued = Processor(tok, tok.token_to_id("<image>"), NUM_IMAGE_TOKENS, SIZE, shortest_edge=SIZE)
+    image = make_image(50, 40, seed=5)
+    assert (glued("USER: <image>\nhi ASSISTANT:", image=image)["input_ids"] == image_id()).sum() == NUM_IMAGE_TOKENS
+    with pytest.raises(UserError, match=f"does not encode <image> in this prompt as its token \\(id {image_id()}\\)"):
+        glued("USER:<image>hi ASSISTANT:", image=image)
+
+
 QUESTIONS = ["What is in the image?", "Describe the picture in detail.", "How many shapes?\nAnswer briefly.",
              "Wie viele Kreise? 😀", "  spaces  around  "]
 
@@ -332,6 +345,16 @@ def test_preprocessor_config(folder, tmp_path):
     assert not processor.pad_to_square
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({**config, "do_pad": True}))
     assert Processor.from_pretrained(tmp_path, image_token_id, NUM_IMAGE_TOKENS, SIZE).pad_to_square
+    # do_pad is LlavaImageProcessor's: a file that names CLIP's processor, which has none, is not padded by
+    # transformers, nor here.
+    for kind, pads in (("LlavaImageProcessor", True), ("CLIPImageProcessor", False)):
+        (tmp_path / "preprocessor_config.json").write_text(json.dumps(
+            {**config, "do_pad": True, "image_processor_type": kind}))
+        ours = Processor.from_pretrained(tmp_path, image_token_id, NUM_IMAGE_TOKENS, SIZE)
+        theirs = AutoImageProcessor.from_pretrained(tmp_path, backend="pil")
+        assert ours.pad_to_square == pads
+        padded = ours.padded_to_square(image) if pads else image                  # as the processor's call pads
+        assert_close(ours.preprocess(padded), theirs(image, return_tensors="pt")["pixel_values"][0])
     # LLaVA-1.6's do_pad pads a batch's lists of crops, not an image.
     assert not Processor.from_pretrained(tmp_path, image_token_id, NUM_IMAGE_TOKENS, SIZE,
                                          image_grid_pinpoints=[[SIZE, 2 * SIZE]], patch_size=PATCH).pad_to_square

@@ -45,7 +45,7 @@ def parse_config(raw: dict) -> LlavaConfig:
     """A LlavaConfig from the parsed config.json of a llava-hf folder (UserError for what tinyavl cannot run)."""
     model_type, text_type = supported_types(raw)
     text_raw, vision_raw = dict(raw["text_config"]), raw.get("vision_config")
-    text_raw.update(rope_fields(text_raw), tie_word_embeddings=ties_embeddings(raw, text_raw))
+    text_raw.update(rope_fields(text_raw), tie_word_embeddings=ties_embeddings(raw, text_raw, model_type))
     if text_type == "mistral":  # transformers' Mistral layers have no biases, whatever the file says
         text_raw.update(attention_bias=False, mlp_bias=False)
     text_raw = {**TEXT_MODEL_DEFAULTS[text_type], **text_raw}
@@ -125,15 +125,16 @@ def rope_fields(text_raw: dict) -> dict:
     return settings
 
 
-def ties_embeddings(raw: dict, text_raw: dict) -> bool:
-    """Whether the output layer is the input embedding: tying may be declared at the top level (LlavaConfig)
-    or in text_config, and either ties, as in transformers."""
+def ties_embeddings(raw: dict, text_raw: dict, model_type: str) -> bool:
+    """Whether the output layer is the input embedding, as transformers reads config.json: at the top level,
+    and for LLaVA-1.5 also in text_config, where older llava-hf files wrote it (LlavaConfig lifts it from
+    there; LlavaNextConfig does not, so a LLaVA-1.6 file tied only there loads its own output layer)."""
     ties = {"tie_word_embeddings": raw.get("tie_word_embeddings"),
             "text_config.tie_word_embeddings": text_raw.get("tie_word_embeddings")}
     for name, value in ties.items():
         if value is not None and type(value) is not bool:  # the string "false" would tie
             raise UserError(f"config.json has {name} {value!r}: it must be true or false")
-    return any(ties.values())
+    return bool(ties["tie_word_embeddings"] or (model_type == "llava" and ties["text_config.tie_word_embeddings"]))
 
 
 def _dataclass_from(cls, raw: dict):
@@ -193,8 +194,11 @@ def published_key(key: str) -> str:
 
 
 def checkpoint_files(folder: Path) -> list[Path]:
-    """The safetensors files of a folder: the shards an index names, or the single model.safetensors."""
+    """The safetensors files of a folder: the single model.safetensors, or else the shards an index names
+    (transformers' order: a folder holding both loads the single file)."""
     index = folder / "model.safetensors.index.json"
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
     if index.is_file():
         weight_map = read_json_object(index).get("weight_map")
         if not (isinstance(weight_map, dict) and weight_map and all(isinstance(f, str) for f in weight_map.values())):
@@ -211,8 +215,6 @@ def checkpoint_files(folder: Path) -> list[Path]:
         if missing:
             raise UserError(f"{index.name} lists shards that are missing from {folder}: {', '.join(missing)}")
         return files
-    if (folder / "model.safetensors").is_file():
-        return [folder / "model.safetensors"]
     if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
         raise UserError(f"{folder} holds only pickle weights (.bin/.pt): tinyavl loads safetensors only, "
                         "because unpickling can run code; download the .safetensors files")

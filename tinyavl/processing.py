@@ -53,7 +53,9 @@ def load_image(path) -> Image.Image:
 
     The file's EXIF orientation is applied (a phone photo stored sideways is turned upright), as
     transformers' load_image does for an image given by path or URL; an image given as a PIL object is
-    taken as it is, by tinyavl and by transformers' processors. Transparent pixels go on white (`to_rgb`).
+    taken as it is, by tinyavl and by transformers' processors. Transparent pixels go on white (`to_rgb`), as
+    transformers' processors put a PIL image's (its load_image drops the alpha of a file it reads, and the
+    colours hidden under it show).
     """
     path = Path(path)
     if not path.exists():
@@ -354,6 +356,10 @@ class Processor:
             image_hw = (img.height, img.width)
             # "<image>" is one special token; widen it to one slot per image feature. transformers repeats
             # "<image>" that many times in the text before tokenising: the ids are the same.
+            if self.image_token_id not in ids:  # "<image>" split into pieces, or merged with its neighbours
+                raise UserError(f"the tokenizer does not encode {IMAGE_TOKEN} in this prompt as its token (id "
+                                f"{self.image_token_id}): tokenizer.json should list {IMAGE_TOKEN} as a special "
+                                "added token")
             at = ids.index(self.image_token_id)
             ids[at:at + 1] = [self.image_token_id] * self.image_token_count(image_hw)
             if self.image_grid_pinpoints is None:
@@ -526,5 +532,7 @@ def preprocessor_settings(cfg: dict, path: Path, vision_image_size: int, tiled: 
     do_pad = cfg.get("do_pad", False)
     if type(do_pad) is not bool:
         raise UserError(f"{path} has do_pad {do_pad!r}; it must be true or false")
+    # CLIP's image processor has no padding: transformers ignores do_pad where the file names that class.
+    do_pad = do_pad and not str(cfg.get("image_processor_type", "")).startswith("CLIPImageProcessor")
     return dict(image_size=vision_image_size, shortest_edge=shortest_edge, image_mean=mean, image_std=std,
                 resample=resample, pad_to_square=do_pad and not tiled)
