@@ -218,6 +218,13 @@ def test_float_image_is_read_as_0_to_255():
 def test_bad_image_files(tmp_path):
     with pytest.raises(UserError, match="not found"):
         load_image(tmp_path / "missing.png")
+    # A link to a missing file, and two links to each other: the link is what is wrong, not the path typed.
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "missing.png")
+    (tmp_path / "loop-a.png").symlink_to(tmp_path / "loop-b.png")
+    (tmp_path / "loop-b.png").symlink_to(tmp_path / "loop-a.png")
+    for link in ("dangling.png", "loop-a.png"):
+        with pytest.raises(UserError, match=f"{link} is a link to nothing that exists"):
+            load_image(tmp_path / link)
     (tmp_path / "notes.jpg").write_text("not an image\n")
     with pytest.raises(UserError, match="not an image"):
         load_image(tmp_path / "notes.jpg")

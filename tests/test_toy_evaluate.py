@@ -14,7 +14,7 @@ from tinyavl.toy.evaluate import (ABLATIONS, BUDGETS, FASTV_MAX_R, PROMPT_KINDS,
                                   is_correct, markdown_table, paired_ratio, paired_ratio_interval, plot_sweep,
                                   shown_params, wilson_interval)
 from tinyavl.toy.scenes import Scene, SceneObject, SceneStream
-from tinyavl.toy.plot import HEIGHT, MARGIN, PALETTE, WIDTH
+from tinyavl.toy.plot import HEIGHT, MARGIN, PALETTE, WIDTH, tick_label
 
 SCENE = Scene((SceneObject("circle", "red", 1, 2, 5, (220, 40, 40)),
                SceneObject("square", "blue", 3, 4, None, (50, 90, 235))))
@@ -515,3 +515,9 @@ def test_parameters_set_per_kind_show_their_range():
     report = {"policy_params": None, "policy_params_by_type": {"colour": {"recent": 0.46}, "where": {"recent": 0.45},
                                                                "caption": {"recent": 0.47}}}
     assert shown_params(report) == "recent=0.45-0.47 (caption 0.47)"
+
+
+def test_tick_labels_keep_the_digits_a_tick_needs():
+    """A log axis's ticks 1, 2 and 5 times powers of ten, below 0.01 too (two decimals printed 0.005 as 0.01)."""
+    assert [tick_label(x) for x in (2.0, 0.25, 0.5, 0.005, 0.002, 1e-4, 5000.0)] == [
+        "2", "0.25", "0.5", "0.005", "0.002", "0.0001", "5000"]

@@ -59,6 +59,9 @@ def load_image(path) -> Image.Image:
     """
     path = Path(path)
     if not path.exists():
+        if path.is_symlink():  # exists() follows the link
+            raise UserError(f"{path} is a link to nothing that exists (a missing file, or links in a loop): give "
+                            "an image file")
         raise UserError(f"image not found: {path} (check the path)")
     if path.is_dir():
         raise UserError(f"{path} is a folder: give an image file")

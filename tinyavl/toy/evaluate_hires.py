@@ -121,9 +121,10 @@ def format_table(reports: list[dict], in_sequence_reports: list[dict] | None = N
         dense = next(r["attention_mflops"] for r in in_sequence_reports if r["policy"] == "full")
         rows += [cells(r, "-", "-", f"{r['attention_mflops'] / dense:.3f}") for r in in_sequence_reports]
     else:
-        # reports[0] is full reading nothing: its answers' lengths price the in-sequence row.
+        # full reading nothing: its answers' lengths price the in-sequence row.
+        full_low_res = next(r for r in reports if r["policy"] == "full" and r["mode"] == "low-res")
         rows.append(["full", f"{IN_SEQUENCE} (no --in-sequence-toy given: cost only)"] + ["-"] * (len(head) - 5) +
-                    [f"{reports[0]['in_sequence_mflops']:.1f}", "-", "1.000"])
+                    [f"{full_low_res['in_sequence_mflops']:.1f}", "-", "1.000"])
     return "\n".join(markdown_table(head, rows))
 
 
