@@ -68,9 +68,10 @@ def build_parser() -> ArgumentParser:
 
 
 def check_args(args):
-    """(image, cache): everything the user gave, checked before the model loads (seconds to minutes for a 7B
-    model), except --filter-layer's and --map-layer's upper bounds and the prompt's length, which need the
-    model's config (checked once it has loaded, before it generates). Fills in --weights' default."""
+    """(image, cache): everything the user gave that can be checked without the model's files; `run` checks
+    the rest (--filter-layer's and --map-layer's upper bounds, the prompt's length, the image's size for the
+    model's crops) with its small files, before the weights load (seconds to minutes for a 7B model). Fills in
+    --weights' default."""
     if sys.stdout is None and args.attention_map is None:  # started with stdout closed (>&-)
         raise tinyavl.UserError("standard output is closed: the answer would go nowhere (redirect it to a file, "
                                 "or give --attention-map)")
@@ -130,17 +131,18 @@ class AnswerPrinter:
 def run(args) -> dict:
     toy_by_default = args.weights is None
     image, cache = check_args(args)
-    model, processor = tinyavl.load_pretrained(args.weights, device=args.device, dtype=args.dtype)
-    if args.attention_map is not None:  # checked now, so that a wrong --map-layer fails before generating
-        layer = map_layer(model, args.map_layer)
+    config, processor = tinyavl.load_processor(args.weights)
+    if args.attention_map is not None:
+        layer = map_layer(config, args.map_layer)
     inputs = processor(processor.chat_prompt(args.prompt), image=image)
-    prompt_layout(inputs["input_ids"], inputs["pixel_values"], model.config)  # a prompt past the context
-    # The last check, and the notes after it: a mistake is one line, the error, with no note before it.
-    check_filter_layer(args, model, cache)
+    prompt_layout(inputs["input_ids"], inputs["pixel_values"], config)  # a prompt past the context
+    check_filter_layer(args, config, cache)
+    model = tinyavl.load_model(args.weights, device=args.device, dtype=args.dtype, config=config)
+    # The notes once the model has loaded: a mistake is one line, the error, with no note before it.
     if toy_by_default:
         print(f"no --weights given: running the toy LLaVA in {DEFAULT_WEIGHTS} (synthetic scenes only)",
               file=sys.stderr)
-    if args.hires_threshold is not None and model.config.hires is None:
+    if args.hires_threshold is not None and config.hires is None:
         print("this model has no FlexAttention projections (no hires_config): it does not read the blocks; "
               "the map shows where it would", file=sys.stderr)
     printer = None if args.json else AnswerPrinter(processor)

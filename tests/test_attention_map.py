@@ -142,11 +142,11 @@ def test_picture_shows_the_question_and_a_colour_scale(tiny_ckpt):
 
 
 def test_map_layer_by_hand():
-    model = SimpleNamespace(config=SimpleNamespace(text=SimpleNamespace(num_hidden_layers=4)))
-    assert [map_layer(model, layer) for layer in (None, 0, 3)] == [3, 0, 3]     # default: the last layer
+    config = SimpleNamespace(text=SimpleNamespace(num_hidden_layers=4))
+    assert [map_layer(config, layer) for layer in (None, 0, 3)] == [3, 0, 3]     # default: the last layer
     for layer in (-1, 4):
         with pytest.raises(UserError, match=r"0\.\.3"):
-            map_layer(model, layer)
+            map_layer(config, layer)
 
 
 def test_the_hottest_cell_is_the_red_at_the_end_of_the_scale():

@@ -759,10 +759,12 @@ def test_attention_map_is_written_and_reported(capsys, good, files, tmp_path):
     assert Image.open(out_path).size[0] > 0 and sorted(p.name for p in tmp_path.iterdir()) == ["map.png"]
 
 
-def test_user_input_is_checked_before_the_model_loads(capsys, monkeypatch, good, files, tmp_path):
+def test_user_input_is_checked_before_the_model_loads(capsys, monkeypatch, good, broken, files, tmp_path):
     """A mistake in the image, the prompt, the generation or policy settings or the map path is reported
-    without loading the model (seconds to minutes for a 7B checkpoint)."""
-    monkeypatch.setattr(tinyavl, "load_pretrained", lambda *a, **k: pytest.fail("loaded the model first"))
+    without loading the model's weights (seconds to minutes for a 7B checkpoint), those that need its config
+    (a layer past its last, a prompt past its context) from its small files."""
+    for loader in ("load_pretrained", "load_model"):
+        monkeypatch.setattr(tinyavl, loader, lambda *a, **k: pytest.fail("loaded the model first"))
     base = ["--weights", good]
     cases = [
         (["--image", tmp_path / "nope.png"], "nope.png"),
@@ -781,6 +783,9 @@ def test_user_input_is_checked_before_the_model_loads(capsys, monkeypatch, good,
         (["--image", files["png"], "--attention-map", tmp_path / "map.psd"], ".png"),  # Pillow cannot write it as RGB
         (["--image", files["png"], "--attention-map", tmp_path / ("m" * 300 + ".png")], "too long"),
         (["--image", files["png"], "--force"], "--attention-map"),
+        (["--image", files["png"], "--policy", "fastv", "--filter-layer", "9"], "--filter-layer 9"),
+        (["--image", files["png"], "--attention-map", tmp_path / "map.png", "--map-layer", "9"], "got 9"),
+        (["--image", files["png"], "--prompt", LONG_PROMPT, "--weights", broken["short_context"]], "context is 64"),
     ]
     for extra, mention in cases:
         rc, out, err = run_inprocess(capsys, base + extra)

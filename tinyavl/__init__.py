@@ -21,7 +21,14 @@ def load_pretrained(path, device=None, dtype=None):
     device: "cpu", "cuda" or None (CUDA when present). dtype: a torch dtype or "float32"/"bfloat16"/
     "float16"; None keeps the stored dtype (fp16 checkpoints run as bf16 on a CPU).
     """
-    # The small files first: a broken tokenizer.json is said at once, not after minutes of streaming weights.
+    config, processor = load_processor(path)
+    return load_model(path, device, dtype, config), processor
+
+
+def load_processor(path):
+    """(config, processor) from a llava-hf folder's small files, config.json and the tokenizer's and
+    preprocessor's, checked: what a command needs to check a prompt and an image before it streams the
+    weights (`load_model`), which take seconds to minutes, and a broken tokenizer.json is said at once."""
     config = read_config(path)
     processor = Processor.from_pretrained(Path(path), image_token_id=config.image_token_id,
                                           num_image_tokens=config.num_image_tokens,
@@ -30,7 +37,7 @@ def load_pretrained(path, device=None, dtype=None):
                                           patch_size=config.vision.patch_size,
                                           hires_scale=None if config.hires is None else config.hires.scale)
     check_token_ids(processor.tokenizer, config.text.vocab_size)
-    return load_model(path, device, dtype, config), processor
+    return config, processor
 
 
 def check_token_ids(tokenizer, vocab_size: int) -> None:
@@ -44,5 +51,5 @@ def check_token_ids(tokenizer, vocab_size: int) -> None:
                         f"{vocab_size - 1}): the two files come from different checkpoints")
 
 
-__all__ = ["load_pretrained", "generate", "GenerationStats", "Processor", "LlavaConfig",
+__all__ = ["load_pretrained", "load_processor", "load_model", "generate", "GenerationStats", "Processor", "LlavaConfig",
            "LlavaForConditionalGeneration", "make_cache", "POLICIES", "UserError"]

@@ -181,9 +181,9 @@ def _cell_box(index: int, columns: int, cell: float):
     return (round(col * cell), round(row * cell), round((col + 1) * cell) - 1, round((row + 1) * cell) - 1)
 
 
-def map_layer(model, layer: int | None) -> int:
-    """The decoder layer to draw: `layer` checked, or the last one."""
-    n_layers = model.config.text.num_hidden_layers
+def map_layer(config, layer: int | None) -> int:
+    """The decoder layer to draw: `layer` checked against the model's config, or the last one."""
+    n_layers = config.text.num_hidden_layers
     if layer is None:
         return n_layers - 1
     if not 0 <= layer < n_layers:
@@ -202,7 +202,7 @@ def save_attention_map(path, model, processor, inputs, cache: KVCache, layer: in
     hires_threshold: also frame the blocks FlexAttention's selection takes from the heat of the first
     picture (as many per side as the model's hires_config reads, or hires.BLOCKS for a model without one;
     fewer where the grid has fewer tokens); None: no selection."""
-    layer = map_layer(model, layer)
+    layer = map_layer(model.config, layer)
     heat = image_heat(model, inputs["input_ids"], inputs["pixel_values"], layer, inputs.get("image_sizes"))
     roles = image_roles(cache, layer)
     blocks_per_side = hires.BLOCKS if model.config.hires is None else model.config.hires.blocks

@@ -104,11 +104,11 @@ def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
                             + f" (default: {defaults})")
 
 
-def check_filter_layer(args: argparse.Namespace, model, cache) -> None:
-    """UserError for a --filter-layer the loaded model has no layer for: the filter would never act. Where the
-    policy's own filter_layer, not given, is past the model's layers (only small test models have so few),
+def check_filter_layer(args: argparse.Namespace, config, cache) -> None:
+    """UserError for a --filter-layer the model (its config) has no layer for: the filter would never act. Where
+    the policy's own filter_layer, not given, is past the model's layers (only small test models have so few),
     a note on stderr says so."""
-    n_layers = model.config.text.num_hidden_layers
+    n_layers = config.text.num_hidden_layers
     if args.filter_layer is not None and args.filter_layer >= n_layers:
         raise UserError(f"--filter-layer {args.filter_layer}: this model has {n_layers} decoder layers, and the "
                         f"filter drops tokens before one of them: give at most {n_layers - 1}")

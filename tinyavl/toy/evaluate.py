@@ -521,7 +521,7 @@ def run(args) -> dict:
     cache = policy_cache(args)  # bad policy parameters fail here, before any work
     check_model_folder(args.weights, "--weights", "tinyavl.toy.train")
     model, processor = load_pretrained(args.weights, device="cpu", dtype="float32")
-    check_filter_layer(args, model, cache)
+    check_filter_layer(args, model.config, cache)
     if args.hires_mode is not None and model.config.hires is None:  # it would change nothing
         raise UserError(f"--hires-mode: {args.weights} has no high-resolution view (no hires_config); it is for a "
                         "FlexAttention toy (weights/toy-hires)")
