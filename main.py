@@ -136,9 +136,11 @@ def run(args) -> dict:
         layer = map_layer(config, args.map_layer)
     inputs = processor(processor.chat_prompt(args.prompt), image=image)
     prompt_layout(inputs["input_ids"], inputs["pixel_values"], config)  # a prompt past the context
-    check_filter_layer(args, config, cache)
+    filter_note = check_filter_layer(args, config, cache)
     model = tinyavl.load_model(args.weights, device=args.device, dtype=args.dtype, config=config)
     # The notes once the model has loaded: a mistake is one line, the error, with no note before it.
+    if filter_note:
+        print(filter_note, file=sys.stderr)
     if toy_by_default:
         print(f"no --weights given: running the toy LLaVA in {DEFAULT_WEIGHTS} (synthetic scenes only)",
               file=sys.stderr)

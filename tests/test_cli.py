@@ -230,6 +230,15 @@ def test_a_default_filter_layer_past_the_model_is_noted(capsys, good, files, pol
     assert rc == 0 and ("its prefill filter drops nothing here (--filter-layer 1 makes it act)" in err) == noted
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_the_note_waits_for_every_check(capsys, good, files):
+    """The note above comes once the model has loaded: a mistake found as it loads (CUDA asked for, none
+    here) is the error's one line, with no note before it."""
+    rc, out, err = run_inprocess(capsys, ["--image", files["png"], "--weights", good, "--policy", "fastv",
+                                          "--device", "cuda"])
+    assert_user_error(rc, out, err, "CUDA")
+
+
 @pytest.fixture(scope="module")
 def api_tokens(good, files):
     """The tokens the Python API generates for main.py's default prompt on files["png"]: what a main.py run
@@ -912,9 +921,11 @@ def test_every_command_explains_its_options_and_refuses_a_mistake_in_one_line(co
 EMPTY_PATHS = [("main", "--image"), ("main", "--weights"), ("main", "--attention-map"),
                ("tinyavl.toy.train", "--out"), ("tinyavl.toy.train", "--checkpoint"),
                ("tinyavl.toy.train_hires", "--out"), ("tinyavl.toy.train_hires", "--base"),
+               ("tinyavl.toy.train_hires", "--checkpoint"),
                ("tinyavl.toy.evaluate", "--weights"), ("tinyavl.toy.evaluate", "--attention-maps"),
-               ("tinyavl.toy.evaluate", "--plot"), ("tinyavl.toy.evaluate_hires", "--in-sequence-toy"),
-               ("tinyavl.toy.attention_study", "--out")]
+               ("tinyavl.toy.evaluate", "--plot"), ("tinyavl.toy.evaluate_hires", "--weights"),
+               ("tinyavl.toy.evaluate_hires", "--plot"), ("tinyavl.toy.evaluate_hires", "--in-sequence-toy"),
+               ("tinyavl.toy.attention_study", "--weights"), ("tinyavl.toy.attention_study", "--out")]
 
 
 @pytest.mark.parametrize("command, option", EMPTY_PATHS)

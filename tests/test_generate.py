@@ -596,6 +596,7 @@ def test_each_layer_frees_what_it_evicts_before_the_next_layer_runs(loaded, name
     for layer, (buffer_bytes, _) in enumerate(held_after_layer):
         assert buffer_bytes == sum(rows + cache.decode_steps for rows in kept[:layer + 1]) * row_bytes
 
+
 def test_stats_single_token_has_no_decode_rate(loaded):
     model, processor = loaded("mha")
     ids, px = prompt_inputs(processor, "image")

@@ -82,10 +82,10 @@ def test_main_uses_the_toy_by_default_and_says_so(capsys):
 
 
 @pytest.mark.parametrize("mistake, named", [
-    (["--map-layer", "2"], "--map-layer"),                                     # found before the model loads
-    (["--policy", "fastv", "--filter-layer", "9"], "--filter-layer"),           # found once it has (4 layers)
+    (["--map-layer", "2"], "--map-layer"),                                     # found from the arguments alone
+    (["--policy", "fastv", "--filter-layer", "9"], "--filter-layer"),           # from config.json (4 layers)
     (["--attention-map", "MAP", "--map-layer", "9"], "--map-layer"),
-    (["--prompt", "What colour is the square? " * 200], "context")])          # found once the prompt is made
+    (["--prompt", "What colour is the square? " * 200], "context")])          # once the prompt is tokenized
 def test_a_mistake_with_the_default_model_is_one_line_with_no_note_before_it(capsys, tmp_path, mistake, named):
     """The toy's note comes once everything is checked: a mistake is the error alone, wherever it is found."""
     argv = ["--image", str(EXAMPLES / GOLDEN[0][0]), *mistake]
@@ -112,6 +112,13 @@ def test_held_out_answers_under_policy(toy, policy, at_least):
     cache = tinyavl.make_cache(policy)  # one cache for every prompt, as the evaluation runs (random draws anew)
     right = sum(is_correct(q, answer(toy, q.scene.image(), q.text, cache)) for q in questions)
     assert right / len(questions) >= at_least
+
+
+def test_evaluate_one_scene_prints_its_table(capsys):
+    """One scene (--n 1): its row, with no share of full's accuracy ("-"): one scene has nothing to resample."""
+    assert evaluate_main(["--n", "1", "--seed", "5"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| - | full |"))
+    assert row.split(" | ")[4] == "-"  # image kept, policy, params, overall, of full
 
 
 def test_evaluate_command_json(toy, capsys):
@@ -221,7 +228,8 @@ def test_evaluate_full_holds_exactly_the_dense_cache(capsys):
 
 
 @pytest.mark.parametrize("argv", [["--n", "0"], ["--table", "--n", "1"], ["--table", "--policy", "avl"],
-                                  ["--weights", "nowhere"], ["--policy", "nope"], ["--plot", "x.png"], ["--table", "--plot", "x.txt"],
+                                  ["--weights", "nowhere"], ["--policy", "nope"], ["--plot", "x.png"],
+                                  ["--table", "--plot", "x.txt"],
                                   ["--table", "--plot", "no/such/folder/x.png"],
                                   ["--policy", "random", "--random-seed", str(2 ** 64)],
                                   ["--table", "--plot", str(TOY / "examples" / "scene-0.png")],

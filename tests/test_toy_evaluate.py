@@ -175,6 +175,9 @@ def test_no_ratio_to_a_reference_that_got_nothing_right():
     peer = {"accuracy": 1 / 12, "right_by_scene": [1, 0]}
     assert paired_ratio(peer, {"accuracy": 0.0, "right_by_scene": [0, 0]}) == (None, None)
     assert paired_ratio(peer, {"accuracy": 1 / 6, "right_by_scene": [1, 1]})[0] == pytest.approx(0.5)
+    # One scene: nothing to resample, no interval, so no ratio either.
+    assert paired_ratio({"accuracy": 1 / 6, "right_by_scene": [1]}, {"accuracy": 1 / 3, "right_by_scene": [2]}) \
+        == (None, None)
 
 
 def test_table_pairs_each_scene_with_fulls():
@@ -518,6 +521,8 @@ def test_parameters_set_per_kind_show_their_range():
 
 
 def test_tick_labels_keep_the_digits_a_tick_needs():
-    """A log axis's ticks 1, 2 and 5 times powers of ten, below 0.01 too (two decimals printed 0.005 as 0.01)."""
-    assert [tick_label(x) for x in (2.0, 0.25, 0.5, 0.005, 0.002, 1e-4, 5000.0)] == [
+    """A log axis's ticks 1, 2 and 5 times powers of ten, below 0.01 too (two decimals printed 0.005 as 0.01);
+    a linear axis's, the range split evenly, in two decimals."""
+    assert [tick_label(x, log_axis=True) for x in (2.0, 0.25, 0.5, 0.005, 0.002, 1e-4, 5000.0)] == [
         "2", "0.25", "0.5", "0.005", "0.002", "0.0001", "5000"]
+    assert [tick_label(x, log_axis=False) for x in (38.907512, 40.0, 0.1 + 0.2)] == ["38.91", "40", "0.30"]

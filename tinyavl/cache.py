@@ -282,7 +282,8 @@ class Param:
                 raise UserError(f"{named(self.name)} must be {'an integer' if kind is int else 'a number'}, "
                                 f"got {value!r}")
             # A float as the decimal it prints as: numpy's float32 0.7 is 0.699999988 as a Python float, whose
-            # shares (`share`) would count a token less than 0.7's. (A Fraction prints as 7/10: taken as is.)
+            # shares (`share`) would count a token less than 0.7's. (A Fraction, which prints as 7/10, is
+            # converted by float() as it is.)
             value = kind(value) if kind is int or isinstance(value, numbers.Rational) else float(str(value))
             ok = self.in_range(value)
         if not ok:
@@ -366,7 +367,7 @@ class KVCache:
 
     def begin(self, n_layers: int, n_sys: int, n_img: int, decode_steps: int = 0):
         """Reset for a new sequence whose prompt is [sys (n_sys) | image (n_img) | text], to be followed
-        by up to decode_steps decode steps, a row each (the room the buffers reserve after prefill)."""
+        by up to decode_steps decode steps, a row each (the room a layer's buffers reserve after its prefill)."""
         self.n_layers, self.n_sys, self.n_img, self.decode_steps = n_layers, n_sys, n_img, decode_steps
         # Per layer: buffers (B, Hkv, capacity, hs) for keys after RoPE and values, (B, Hkv, capacity)
         # for the logical position of each row; the first n rows are the cache, k/v/pos views of them.

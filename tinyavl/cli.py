@@ -104,18 +104,19 @@ def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
                             + f" (default: {defaults})")
 
 
-def check_filter_layer(args: argparse.Namespace, config, cache) -> None:
+def check_filter_layer(args: argparse.Namespace, config, cache) -> str | None:
     """UserError for a --filter-layer the model (its config) has no layer for: the filter would never act. Where
     the policy's own filter_layer, not given, is past the model's layers (only small test models have so few),
-    a note on stderr says so."""
+    a note to print once every check has passed (a mistake is one line, with no note before it); else None."""
     n_layers = config.text.num_hidden_layers
     if args.filter_layer is not None and args.filter_layer >= n_layers:
         raise UserError(f"--filter-layer {args.filter_layer}: this model has {n_layers} decoder layers, and the "
                         f"filter drops tokens before one of them: give at most {n_layers - 1}")
     if args.filter_layer is None and cache.filters_prefill and cache.filter_layer >= n_layers:
-        print(f"note: {cache.name}'s filter_layer is {cache.filter_layer} by default, and this model has {n_layers} "
-              f"decoder layers: its prefill filter drops nothing here (--filter-layer {n_layers - 1} makes it act)",
-              file=sys.stderr)
+        return (f"note: {cache.name}'s filter_layer is {cache.filter_layer} by default, and this model has "
+                f"{n_layers} decoder layers: its prefill filter drops nothing here (--filter-layer {n_layers - 1} "
+                "makes it act)")
+    return None
 
 
 def given_policy_params(args: argparse.Namespace) -> dict:

@@ -207,8 +207,8 @@ def paired_ratio_interval(right: list[int], reference_right: list[int], draws: i
 def paired_ratio(report: dict, reference: dict) -> tuple[float, tuple[float, float]] | tuple[None, None]:
     """One evaluation's accuracy over another's on the same prompts (`evaluate`'s reports), and its 95%
     interval, scene by scene (`paired_ratio_interval`): the table's "of full", budget_sweep's "of_random".
-    (None, None) where the reference got nothing right: there is no ratio."""
-    if not reference["accuracy"]:
+    (None, None) where there is none: the reference got nothing right, or one scene has nothing to resample."""
+    if not reference["accuracy"] or len(reference["right_by_scene"]) < 2:
         return None, None
     return (report["accuracy"] / reference["accuracy"],
             paired_ratio_interval(report["right_by_scene"], reference["right_by_scene"]))
@@ -450,7 +450,8 @@ def format_table(reports: list[dict]) -> str:
             + ["caption objects", "KV bytes", "KV bytes, captions", "attended"])
     rows = []
     for r in reports:
-        of_full = "-" if not full or not full["accuracy"] else format_interval(*paired_ratio(r, full), 3)
+        ratio, interval = paired_ratio(r, full) if full else (None, None)
+        of_full = "-" if ratio is None else format_interval(ratio, interval, 3)
         of_random = "-" if r.get("of_random") is None else format_interval(r["of_random"], r["of_random_ci"], 3)
         cells = ["-" if r.get("budget") is None else f"{r['budget']:g}", r["policy"], shown_params(r) or "-",
                  format_interval(r["accuracy"], r["accuracy_ci"], 3), of_full, of_random]
@@ -521,7 +522,7 @@ def run(args) -> dict:
     cache = policy_cache(args)  # bad policy parameters fail here, before any work
     check_model_folder(args.weights, "--weights", "tinyavl.toy.train")
     model, processor = load_pretrained(args.weights, device="cpu", dtype="float32")
-    check_filter_layer(args, model.config, cache)
+    filter_note = check_filter_layer(args, model.config, cache)
     if args.hires_mode is not None and model.config.hires is None:  # it would change nothing
         raise UserError(f"--hires-mode: {args.weights} has no high-resolution view (no hires_config); it is for a "
                         "FlexAttention toy (weights/toy-hires)")
@@ -529,6 +530,8 @@ def run(args) -> dict:
     if args.table and model.config.text.num_hidden_layers < 2:  # FastV drops tokens for the layers after one
         raise UserError(f"{args.weights} has a 1-layer decoder: the budget sweep's FastV needs a layer after its "
                         "filter; --table needs 2 layers or more")
+    if filter_note:  # once every check has passed: a mistake is one line
+        print(filter_note, file=sys.stderr)
     questions = held_out_set(args.seed, args.n, fine=reads_fine_scenes(model.config))
 
     if args.table:

@@ -54,7 +54,7 @@ def save_line_plot(path, series: dict, x_label: str, y_label: str, title: str,
     for x in tick_xs:  # grid and tick labels
         px = x_pixel(x)
         draw.line([(px, top), (px, bottom)], fill=(230, 230, 230))
-        draw.text((px - 12, bottom + 6), tick_label(x), fill=(0, 0, 0))
+        draw.text((px - 12, bottom + 6), tick_label(x, log_x), fill=(0, 0, 0))
     for i in range(Y_TICKS + 1):
         y = y0 + (y1 - y0) * i / Y_TICKS
         py = y_pixel(y)
@@ -91,10 +91,13 @@ def save_line_plot(path, series: dict, x_label: str, y_label: str, title: str,
     write_file_atomically(path, lambda partial: img.save(partial, format="PNG"), replace=replace)
 
 
-def tick_label(x: float) -> str:
-    """An x tick's label, in as few digits as it needs: 2, 0.25, 0.005 (a log axis reaches below 0.01, where two
-    decimals would print 0.00)."""
-    return f"{x:g}"
+def tick_label(x: float, log_axis: bool) -> str:
+    """An x tick's label. A log axis's ticks are round numbers, in as few digits as they need: 2, 0.25, 0.005
+    (two decimals would print 0.005 as 0.01). A linear axis's split the data's range evenly: whole, or two
+    decimals."""
+    if log_axis or float(x).is_integer():
+        return f"{x:g}"
+    return f"{x:.2f}"
 
 
 def _dashed_line(draw, start, end, colour, dash: float = 6.0) -> None:
