@@ -367,10 +367,9 @@ def _check_inputs(q, k, v, index, start, check_index):
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch size or head dim")
     if num_heads % num_kv_heads != 0:
         raise ValueError(f"query heads ({num_heads}) must be a multiple of KV heads ({num_kv_heads})")
-    if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"q, k, v must share one dtype among {SUPPORTED_DTYPES}, "
-                         f"got {q.dtype}, {k.dtype}, {v.dtype}")
-    reason = why_unsupported(q.dtype, head_dim, q.device)
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    reason = why_unsupported(q.dtype, head_dim, q.device)  # the dtype among SUPPORTED_DTYPES, the head's tile
     if reason:
         raise ValueError(reason)
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:

@@ -301,6 +301,7 @@ def _bad_inputs():
         "index batch differs": ((q, k, v, index[:1], start), "index must be"),
         "float index": ((q, k, v, index.float(), start), "int32 or int64"),
         "mixed dtypes": ((q.float(), k, v, index, start), "share one dtype"),
+        "a dtype it has no code for": ((q.double(), k.double(), v.double(), index, start), "float64 is not one of"),
         "head dim not a power of two": ((q[..., :48], k[..., :48], v[..., :48], index, start), "power of two"),
         "last dim not contiguous": ((q, k_strided_last_dim, v, index, start), "contiguous"),
         "v's last dim not contiguous": ((q, k, k_strided_last_dim, index, start), "contiguous"),
