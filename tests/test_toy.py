@@ -133,7 +133,7 @@ def test_evaluate_command_json(toy, capsys):
     model, processor = toy
     kept = dense = 0
     for question in held_out_set(seed=3, n_scenes=4):
-        inputs = processor(processor.chat_prompt(question.text), image=question.scene.image())
+        inputs = question.inputs(processor)
         _, stats = tinyavl.generate(model, **inputs, max_new_tokens=64, eos_token_id=processor.eos_token_id,
                                     policy="avl")
         n_sys, n_img = image_segments(inputs["input_ids"], model.config.image_token_id)
@@ -156,7 +156,7 @@ def test_evaluate_random_holds_its_share_of_the_image(toy, capsys):
     dropped = n_img - int(0.25 * n_img)
     cache, kept, dense = tinyavl.make_cache("random", S=0.25), 0, 0
     for question in held_out_set(seed=4, n_scenes=2):
-        inputs = processor(processor.chat_prompt(question.text), image=question.scene.image())
+        inputs = question.inputs(processor)
         _, stats = tinyavl.generate(model, **inputs, max_new_tokens=64, eos_token_id=processor.eos_token_id,
                                     policy=cache)
         length = stats.prompt_tokens + stats.new_tokens - 1          # the last token is never fed

@@ -101,6 +101,10 @@ def test_budget_params_hold_randoms_bytes():
         avl = budget_params("avl", image_keep, r, n_layers)
         assert avl["S"] == image_keep and avl["C"] == pytest.approx(0.6 * image_keep)
     assert budget_params("fastv", 0.5, 0.65, 4)["R"] == pytest.approx(2 / 3, abs=1e-4)   # .5 x 4 / 3
+    # FastV keeps floor((1 - R) n) image tokens: the R it is given keeps as many as the exact one, 2/3
+    # (floor(n / 3)), on every image of LLaVA's sizes (the toy's 144: 48, where R = 0.6667 kept 47).
+    r = budget_params("fastv", 0.5, 0.65, 4)["R"]
+    assert all(share(1 - as_decimal(r), n) == n // 3 for n in range(1, 2929))
     assert share(1 - as_decimal(FASTV_MAX_R), 144) >= 1  # FastV at its cap keeps one of the toy's 144 image tokens
     with pytest.raises(ValueError):
         budget_params("full", 0.5, 0.65, 4)

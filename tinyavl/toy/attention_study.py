@@ -74,7 +74,7 @@ def record_captions(model, processor, captions: list) -> list:
     AttentionRecorder, in their order, so that recording i is about captions[i].scene."""
     recordings = []
     for question in captions:
-        inputs = processor(processor.chat_prompt(question.text), image=question.scene.image())
+        inputs = question.inputs(processor)
         recorder, _ = record_attention(model, inputs["input_ids"], inputs["pixel_values"], max_new_tokens=64)
         recordings.append(recorder)
     return recordings
@@ -237,7 +237,7 @@ class HiddenImageTokens(KVCache):
 def caption_with_hidden(model, processor, question, hidden: list[int]) -> set[str]:
     """The objects (as SceneObject.describe writes them) that the greedy caption names when the image
     tokens `hidden` are hidden from the decoder (`HiddenImageTokens`)."""
-    inputs = processor(processor.chat_prompt(question.text), image=question.scene.image())
+    inputs = question.inputs(processor)
     token_ids, _ = generate(model, inputs["input_ids"], inputs["pixel_values"], max_new_tokens=64,
                             policy=HiddenImageTokens(hidden))
     return parse_caption(processor.decode(token_ids))

@@ -41,7 +41,7 @@ import torch
 
 from tinyavl import load_pretrained
 from tinyavl.attention_map import save_attention_map
-from tinyavl.cache import AVLCache, KVCache, StreamingCache, make_cache
+from tinyavl.cache import AVLCache, KVCache, StreamingCache, as_decimal, make_cache
 from tinyavl.cli import (TOY_WEIGHTS, ArgumentParser, add_policy_arguments, check_filter_layer, check_model_folder,
                          first_paragraph, given_path, given_policy_params, output_file, policy_cache, run_command)
 from tinyavl.errors import UserError
@@ -75,6 +75,10 @@ class Question:
     text: str
     answer: str
     scene: Scene
+
+    def inputs(self, processor) -> dict:
+        """The model's inputs for this question: LLaVA's chat prompt around it, the scene's image."""
+        return processor(processor.chat_prompt(self.text), image=self.scene.image())
 
 
 def reads_fine_scenes(config) -> bool:
@@ -313,7 +317,7 @@ def evaluate(model, processor, questions: list[Question], policy: str | KVCache 
     start = time.perf_counter()
     for question in questions:
         cache = cache_of[question.kind]
-        inputs = processor(processor.chat_prompt(question.text), image=question.scene.image())
+        inputs = question.inputs(processor)
         hires_pixels = None if hires_mode == "low-res" else inputs.get("hires_pixel_values")
         token_ids, stats = generate(model, inputs["input_ids"], inputs["pixel_values"],
                                     image_sizes=inputs["image_sizes"], hires_pixel_values=hires_pixels,
@@ -345,7 +349,9 @@ def budget_params(policy: str, image_keep: float, kv_ratio: float, n_layers: int
     - fastv: after layer filter_layer - 1 = 0 (the earliest; from its default 2 a 4-layer model cannot
       reach these budgets) it drops R of the image tokens from the L - 1 later layers. random holds
       1 - (1 - image_keep) s of the dense bytes (s: the image's share of them), FastV 1 - R s (L - 1) / L:
-      equal at R = (1 - image_keep) L / (L - 1), capped at FASTV_MAX_R, the nearest its knobs allow.
+      equal at R = (1 - image_keep) L / (L - 1), capped at FASTV_MAX_R, the nearest its knobs allow. R is
+      rounded down to 4 decimals: FastV keeps floor((1 - R) n) of n image tokens, and rounded to the nearest
+      (2/3 to 0.6667) it would keep 47 of the toy's 144 where the exact R keeps 48.
     """
     if policy == "random":
         return {"S": image_keep}
@@ -359,7 +365,8 @@ def budget_params(policy: str, image_keep: float, kv_ratio: float, n_layers: int
             raise ValueError("streaming's budget takes off its sinks: pass the sequences' cached_tokens")
         return {"recent": round(kv_ratio - StreamingCache().sinks / cached_tokens, 4)}
     if policy == "fastv":
-        return {"filter_layer": 1, "R": round(min(FASTV_MAX_R, (1 - image_keep) * n_layers / (n_layers - 1)), 4)}
+        exact_r = min((1 - as_decimal(image_keep)) * n_layers / (n_layers - 1), as_decimal(FASTV_MAX_R))
+        return {"filter_layer": 1, "R": math.floor(exact_r * 10_000) / 10_000}
     raise ValueError(f"no budget rule for policy {policy!r}")
 
 
