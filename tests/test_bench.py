@@ -9,6 +9,7 @@ import torch
 
 from tinyavl import bench
 from tinyavl.cache import POLICIES, AVLCache
+from tinyavl.errors import UserError
 from tinyavl.model import LlavaConfig, TextConfig, keys_first
 
 TINY = bench.tiny_config(4, num_key_value_heads=2, max_position_embeddings=512)
@@ -151,6 +152,8 @@ def test_step_time_at_a_token_is_the_median_of_the_steps_before_it():
     steps = [1.0, 1.0, 2.0, 3.0, 4.0, 5.0]  # decode steps 1..6, which make tokens 2..7
     assert bench.ms_at(steps, 7, window=3) == 4000   # steps ending at tokens 5, 6, 7: 3, 4, 5 s
     assert bench.ms_at(steps, 4, window=2) == 1500   # tokens 3, 4: 1, 2 s
+    assert bench.ms_at(steps, 3, window=8) == 1000   # near the start, fewer: tokens 2, 3: 1, 1 s
+    assert bench.ms_at(steps, 4, window=8) == 1000   # tokens 2, 3, 4: 1, 1, 2 s
 
 
 def test_growth_slope_is_the_median_pairwise_slope_and_ignores_a_few_slow_steps():
@@ -270,7 +273,8 @@ def test_json_has_the_documented_layout(monkeypatch, capsys):
     assert set(out["growth"]["float32"]["avl"]) == {"step_ms_at_3", "step_ms_at_6", "attention_ms_at_3",
                                                      "attention_ms_at_6", "step_ms_per_100_tokens",
                                                      "attention_ms_per_100_tokens"}
-    assert out["transformers_decode_ratio"] > 0
+    assert out["transformers_decode_ratio"] == out["transformers_decode_ratios"]["float32"] > 0
+    assert out["transformers_decode_ratios"]["bfloat16"] > 0
     assert out["decode_logits"] == {name: "k q^T" if keys_first("cpu", getattr(torch, name)) else "q k^T"
                                     for name in ("float32", "bfloat16")}
 
@@ -290,6 +294,15 @@ def test_a_transformers_mismatch_is_noted_on_stderr_not_in_the_json(model, monke
                                             new_tokens=3)
     captured = capsys.readouterr()
     assert ratio > 0 and captured.out == "" and "tokens differ" in captured.err
+
+
+def test_a_transformers_that_names_the_decoder_otherwise_is_one_line(model, monkeypatch):
+    """Weights that transformers' LLaVA does not take (here: every key renamed) stop the comparison with a
+    UserError naming the version and --no-transformers, not an assertion."""
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setattr(bench, "transformers_key", lambda key: "renamed." + key)
+    with pytest.raises(UserError, match=rf"^transformers {transformers.__version__} lays out .*--no-transformers$"):
+        bench.transformers_llava(model)
 
 
 def test_transformers_greedy_times_each_decode_step_and_decodes_as_tinyavl(model, monkeypatch):
@@ -400,6 +413,20 @@ def test_blocks_that_do_not_fit_and_abbreviations_are_usage_errors(argv, monkeyp
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ")
     assert argv[-1] in err  # the value given, named
+
+
+def test_a_block_too_long_names_the_run_it_does_not_fit(capsys):
+    """4096 positions less 5 sys and 40 text: a block of at most 3795 beside the growth run's 256 new
+    tokens, whatever --new-tokens (24) says; at most 3651 beside --new-tokens 400."""
+    with pytest.raises(SystemExit):
+        bench.main(["--image-tokens", "576", "3796", "--new-tokens", "24"])
+    with pytest.raises(SystemExit):
+        bench.main(["--image-tokens", "3652", "--new-tokens", "400"])
+    assert capsys.readouterr().err.splitlines() == [
+        "error: --image-tokens must be in [4, 3795] (the prompt and the growth run's 256 new tokens share a context "
+        "of 4096), got [576, 3796] (see --help)",
+        "error: --image-tokens must be in [4, 3651] (the prompt and --new-tokens 400 share a context of 4096), got "
+        "[3652] (see --help)"]
 
 
 class Checked(Exception):

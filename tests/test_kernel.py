@@ -106,6 +106,29 @@ def test_benchmark_correctness_check_runs_two_splits(kernel, launched_splits):
     assert set(launched_splits) == {2}
 
 
+def test_benchmark_correctness_check_skips_what_the_device_cannot_run(kernel, monkeypatch, capsys):
+    """A dtype the GPU has no instructions for (why_unsupported) and a launch it refuses (Triton's
+    OutOfResources) are each said in a line and skipped; the rest is checked, and the benchmark goes on."""
+    from triton.runtime.errors import OutOfResources
+
+    def refuse_head_dim_128(dtype, head_dim, device=None):
+        return "no bf16 here" if head_dim == 128 else sa.why_unsupported(dtype, head_dim, device)
+
+    def out_of_shared_memory(q, *args, **kwargs):
+        raise OutOfResources(200_000, 65_536, "shared memory")
+
+    monkeypatch.setattr(bench, "why_unsupported", refuse_head_dim_128)
+    bench.correctness_check(DEVICE, torch.float32, small=True)   # H=4 D=64 runs, H=8 D=128 is refused
+    monkeypatch.setattr(bench, "error_report", out_of_shared_memory)
+    bench.correctness_check(DEVICE, torch.float32, small=True)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("H= 4 Hkv= 4 D= 64  float32: kernel max") and lines[0].endswith("-> ok")
+    assert lines[1] == "H= 8 Hkv= 2 D=128  float32: skipped, no bf16 here"
+    assert lines[2].startswith("H= 4 Hkv= 4 D= 64  float32: skipped, the GPU refused the launch (out of resource: "
+                               "shared memory")
+    assert lines[3] == "H= 8 Hkv= 2 D=128  float32: skipped, no bf16 here" and len(lines) == 4
+
+
 def fresh_kernel_module(name):
     """Execute kernels/sparse_attention.py again as a new module, under whatever the test monkeypatched."""
     spec = importlib.util.spec_from_file_location(name, sa.__file__)

@@ -152,7 +152,10 @@ def transformers_llava(model):
     missing, unexpected = hf.load_state_dict(state, strict=False)
     # Only the vision tower and the projector may stay unloaded (the image block comes from tinyavl's embed).
     decoder_missing = [key for key in missing if key.startswith(("model.language_model.", "lm_head."))]
-    assert not unexpected and not decoder_missing, (unexpected, decoder_missing)
+    if unexpected or decoder_missing:  # a transformers release that names or nests the decoder otherwise
+        raise UserError(f"transformers {transformers.__version__} lays out LLaVA's decoder otherwise than tinyavl "
+                        f"maps it (not found: {unexpected[:2]}, not loaded: {decoder_missing[:2]}): run with "
+                        f"--no-transformers")
     hf.config._attn_implementation = "sdpa"
     return hf.eval()
 
@@ -390,11 +393,16 @@ def attention_step_seconds(cache) -> list[float]:
     return [sum(calls[i:i + cache.n_layers]) for i in range(0, len(calls), cache.n_layers)]
 
 
+def steps_making(first: int, last: int) -> slice:
+    """Where a per-decode-step list holds the steps that make generated tokens first .. last (from 2 on)."""
+    # per_step[i] is decode step i + 1, which makes generated token i + 2 (the prefill makes the first).
+    return slice(first - 2, last - 1)
+
+
 def ms_at(per_step: list[float], token: int, window: int = 8) -> float:
     """The median (ms) of a per-decode-step time over the `window` steps that end at the given generated
     token (the steps that make tokens token - window + 1 .. token; fewer near the start)."""
-    # per_step[i] is decode step i + 1, which makes generated token i + 2 (the prefill makes the first).
-    return 1e3 * statistics.median(per_step[max(0, token - window - 1):token - 1])
+    return 1e3 * statistics.median(per_step[steps_making(max(2, token - window + 1), token)])
 
 
 def run_case(model, n_img: int, new_tokens: int, rates: dict) -> dict:
@@ -442,8 +450,7 @@ def slope_ms_per_100_tokens(per_step: list[float], first: int, last: int) -> flo
     100 tokens: the Theil-Sen slope, the median of the slopes between every two of those steps. A median,
     not a least-squares line: on a shared CPU a few steps take far longer than the rest, and a line fitted
     through them would follow those near either end."""
-    # Step t (t = 1, 2, ...) makes generated token t + 1, so token j comes from per_step[j - 2].
-    times = torch.tensor(per_step[first - 2:last - 1], dtype=torch.float64)             # (n,)
+    times = torch.tensor(per_step[steps_making(first, last)], dtype=torch.float64)      # (n,)
     tokens = torch.arange(first, first + len(times), dtype=torch.float64)               # (n,)
     i, j = torch.triu_indices(len(times), len(times), offset=1)                          # every pair, i < j
     return 1e5 * ((times[j] - times[i]) / (tokens[j] - tokens[i])).median().item()
@@ -613,13 +620,16 @@ def main(argv=None):
         parser.error(f"--new-tokens must be at most {context - N_SYS - N_TEXT - 4}: the prompt and the new tokens "
                      f"share a context of {context}, got {args.new_tokens}")
     if not 4 <= min(args.image_tokens) <= max(args.image_tokens) <= longest:
-        parser.error(f"--image-tokens must be in [4, {longest}] (with --new-tokens {args.new_tokens}), "
-                     f"got {args.image_tokens}")
+        longest_run = (f"--new-tokens {args.new_tokens}" if args.new_tokens > GROWTH_TOKENS[-1]
+                       else f"the growth run's {GROWTH_TOKENS[-1]} new tokens")
+        parser.error(f"--image-tokens must be in [4, {longest}] (the prompt and {longest_run} share a context of "
+                     f"{context}), got {args.image_tokens}")
 
-    device = torch.cuda.get_device_name() if args.device.type == "cuda" else platform.processor() or platform.machine()
+    device_name = (torch.cuda.get_device_name() if args.device.type == "cuda"
+                   else platform.processor() or platform.machine())
     model_name = "LLaVA-1.5-7B" if args.arch == "llava" else "LLaVA-1.6-7B (Vicuna)"
     machine = (f"{args.layers} decoder layers of {model_name} shape, torch {torch.__version__}, "
-               f"{torch.get_num_threads()} threads, {device}")
+               f"{torch.get_num_threads()} threads, {device_name}")
     if not args.json:
         print(f"tinyavl bench: {machine}\npolicies at their defaults: " + ", ".join(POLICIES))
     memory = paper_memory() if args.arch == "next" else None
@@ -627,12 +637,15 @@ def main(argv=None):
         print_paper_memory(memory)
     results = [run_dtype(args, dtype) for dtype in args.dtypes]
     if args.json:
-        # Every dtype's cases in one list; transformers_decode_ratio is the first dtype's (fp32 by default).
+        # Every dtype's cases in one list; transformers_decode_ratio is the first dtype's (fp32 by default),
+        # transformers_decode_ratios every dtype's.
         print(json.dumps({"machine": machine, "arch": args.arch,
                           "decode_logits": {r["dtype"]: r["decode_logits"] for r in results},
                           "cases": [case for r in results for case in r["cases"]],
                           "growth": {r["dtype"]: r["growth"] for r in results},
                           "transformers_decode_ratio": results[0].get("transformers_decode_ratio"),
+                          "transformers_decode_ratios": {r["dtype"]: r.get("transformers_decode_ratio")
+                                                         for r in results},
                           **({"paper_memory": memory} if memory is not None else {})}, indent=1))
 
 
