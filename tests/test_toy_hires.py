@@ -26,6 +26,7 @@ from tinyavl.errors import UserError
 from tinyavl.model import HiresConfig, stitch_tiles
 from tinyavl.processing import LLAVA_SYSTEM_PROMPT, Processor
 from tinyavl.toy import evaluate_hires
+from tinyavl.toy import train as train_module
 from tinyavl.toy import train_hires as train_hires_module
 from tinyavl.toy.evaluate import HIRES_MODES, PROMPT_KINDS, attention_pairs, evaluate, held_out_set
 from test_toy_evaluate import no_model
@@ -287,14 +288,18 @@ def test_the_hires_trainer_starts_only_from_a_plain_toy(tmp_path, capsys, base):
 
 
 def test_the_hires_trainer_refuses_a_base_too_shallow_for_its_layers(tmp_path, capsys):
+    """HIRES reads the view from layer 3 on: a 2-layer base is refused in one line that says so (it used to
+    be told its config's hires_config.first_layer was wrong, a value its config.json does not have)."""
     torch.manual_seed(0)
     base_model, base_processor, _ = train(steps=1, batch_size=2, config_overrides=TINY, log=lambda *_: None)
     (tmp_path / "base").mkdir()
     save_pretrained(base_model, base_processor, tmp_path / "base")                 # 2 decoder layers
     with pytest.raises(SystemExit) as exit_:
         train_hires_module.main(["--base", str(tmp_path / "base"), "--out", str(tmp_path / "flex")])
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2 and "--base" in err and "first_layer 3" in err
+    err = capsys.readouterr().err.splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and err[0].startswith("error: --base: ")
+    assert "has 2 decoder layers: FlexAttention's view is read from layer 3 on, so the toy needs at least 4" in err[0]
+    assert not (tmp_path / "flex").exists()
 
 
 class Interrupted(Exception):
@@ -321,7 +326,7 @@ def test_a_run_interrupted_and_resumed_from_its_checkpoint_ends_with_the_uninter
             train_hires(copy.deepcopy(flex), processor, **settings, log=stop_in_step_3, checkpoint=checkpoint)
         checkpoint.check()                                          # saved by these settings: resumable
         with pytest.raises(UserError, match=r"another run \(seed 0 there, 1 here\)"):
-            Checkpoint(checkpoint.path, run={"seed": 1}).check()
+            Checkpoint(checkpoint.path, run={"seed": 1}, every=2).check()
         history = train_hires(resumed, processor, **settings, log=lines.append, checkpoint=checkpoint)
     assert f"resuming after step 2 from {checkpoint.path}" in lines
     assert history == whole_history and len(history) == 4
@@ -343,7 +348,7 @@ def test_the_command_resumes_from_its_checkpoint_and_removes_it_once_the_toy_is_
         raise Interrupted
 
     with monkeypatch.context() as patched:
-        patched.setattr(train_hires_module, "write_folder_atomically", interrupted)
+        patched.setattr(train_module, "write_folder_atomically", interrupted)  # in write_toy
         with pytest.raises(Interrupted):
             train_hires_module.main(argv + ["--out", str(tmp_path / "resumed"), "--checkpoint", str(path)])
     assert path.exists() and not (tmp_path / "resumed").exists()
@@ -411,6 +416,8 @@ def write_checkpoint_of_an_older_version(path, base):
     ("state.safetensors", write_checkpoint_of_another_run, "saved by another run (steps 7 there, 1100 here)"),
     ("state.safetensors", write_checkpoint_of_an_older_version, "saved by another run (old_knob 1 there, None here)"),
     ("flex/state.safetensors", None, "is inside --out"),
+    ("state.safetensors", lambda path, _: path.symlink_to(path.with_name("gone.safetensors")),
+     "is a link that points nowhere"),
     ("base", None, "give it a .safetensors name"),
 ])
 def test_the_hires_trainer_refuses_a_checkpoint_it_cannot_resume_from(tiny_base, tmp_path, capsys, name, make,

@@ -321,7 +321,7 @@ def test_the_trainer_trains_with_deterministic_algorithms_and_restores_the_setti
 
     monkeypatch.setattr(train_module, "train", fake_train)
     monkeypatch.setattr(train_module, "tune", fake_tune)
-    monkeypatch.setattr(train_module, "write_examples", lambda folder: None)
+    monkeypatch.setattr(train_module, "write_examples", lambda folder, fine=False: None)
     assert not torch.are_deterministic_algorithms_enabled()
     train_module.main(["--steps", "1", "--out", str(tmp_path / "new")])
     assert seen == [("train", True), ("tune", True)]
@@ -351,7 +351,7 @@ def test_the_trainer_resumes_either_stage_from_its_checkpoint(stop_at, saved, st
     a checkpoint byte for byte, and deletes the file. Stage 2's dropout is on (the default), so its draws
     must resume where they were."""
     monkeypatch.setattr(train_module, "CHECKPOINT_EVERY", 2)
-    monkeypatch.setattr(train_module, "write_examples", lambda folder: None)
+    monkeypatch.setattr(train_module, "write_examples", lambda folder, fine=False: None)
     train_module.main(TINY_RUN + ["--out", str(tmp_path / "plain")])
     path, steps_taken, take_step = tmp_path / "state.safetensors", [], train_module.take_step
 

@@ -57,6 +57,7 @@ real CLIP spreads an image over its tokens. The last section of tutorial/04 has 
 import inspect
 import json
 import math
+import os
 import random
 import time
 from contextlib import contextmanager
@@ -88,7 +89,7 @@ TUNE_STEPS = 2000    # stage 2 (`tune`): steps with image-token dropout in every
 TUNE_DROPOUT = 0.75  # stage 2: the largest fraction of a sequence's image tokens hidden
 TUNE_MASKS = ("tokens", "rectangles")  # stage 2 hides scattered tokens (`hide_image_tokens`) or rectangles
 VISION_HIDDEN = 0.75  # stage 0: the largest fraction of an image hidden from the readout
-CHECKPOINT_EVERY = 100  # steps between two saves of the training state (--checkpoint): 1-1.5 min here
+CHECKPOINT_EVERY = 100  # steps between two saves of the training state (--checkpoint): about a minute here
 DROPOUT_STATE = "dropout_generator"  # the checkpoint's tensor that holds the dropout generator's state
 HIRES_RAMP = 0.1     # FlexAttention: its blend alpha rises linearly from 0 to 1 over this share of the steps
 
@@ -178,7 +179,8 @@ class PatchProbe(nn.Module):
     its patch shows (class 0 = nothing there). A class is scored by the feature's dot product with the
     decoder's own word embedding of its name ("circle", "red", "5"), so the image token of a red circle
     is pulled towards the words a question names it by: what LLaVA's projector-alignment stage does with
-    captions. Only the "nothing" vectors belong to the probe; they are not saved."""
+    captions. Only the "nothing" vectors belong to the probe; they are not in the folder the trainer writes
+    (a training checkpoint keeps them, to resume)."""
 
     def __init__(self, tokenizer: Tokenizer, width: int):
         super().__init__()
@@ -399,7 +401,7 @@ class Checkpoint:
     not resume from but replaces at its first save (`main` runs this stage once that one is finished)."""
     path: Path
     run: dict
-    every: int = 50
+    every: int
     after: dict | None = None
 
     def save(self, step: int, model, probe, optimizer, history, stream: SceneStream, dropout_generator) -> None:
@@ -424,6 +426,10 @@ class Checkpoint:
         """The settings the file at path was saved by: None where nothing is there (the run starts from its
         first step), else self.run or self.after. UserError if the file is not a checkpoint, or was saved by
         a run with other settings."""
+        if os.path.islink(self.path) and not self.path.exists():
+            # A name the user made (as files.check_output_file has it), which the first save would replace.
+            raise UserError(f"{self.path} is a link that points nowhere, not a training checkpoint: give "
+                            "another path")
         if not self.path.exists():
             return None
         try:
@@ -548,9 +554,9 @@ def optimise(model, probe, processor, stream: SceneStream, steps: int, lr: float
     its CLIP tower is trained). `mask_kind`, one of TUNE_MASKS, says how image_dropout hides image tokens.
     With a `checkpoint`, the training state is saved there every checkpoint.every steps and after the last
     (from which a later stage goes on), and a run that finds its own goes on from it: it ends with the
-    weights the uninterrupted run ends with, bit for bit (same machine and thread count). The global torch
-    RNG is not saved: no step draws from it (every draw here has its own generator or stream, and those
-    are saved)."""
+    weights the uninterrupted run ends with, bit for bit (same machine and thread count, both runs inside
+    `deterministic_algorithms`, as `main` runs them). The global torch RNG is not saved: no step draws from
+    it (every draw here has its own generator or stream, and those are saved)."""
     model.train().requires_grad_(True)
     if tower_frozen:
         model.vision_tower.requires_grad_(False)
@@ -864,6 +870,20 @@ def write_examples(out: Path, n: int = 4, fine: bool = False) -> None:
     (folder / "examples.json").write_text(json.dumps(truth, indent=2) + "\n")
 
 
+def write_toy(out: Path, model, processor, replace: bool, checkpoint: Path | None, fine: bool = False) -> None:
+    """A trainer's last act: the toy written to `out` as a llava-hf folder with its example scenes (fine
+    ones with fine), all at once (`write_folder_atomically`), then its training checkpoint, if it kept one,
+    deleted: the run it could resume has ended."""
+    def write(folder: Path) -> None:
+        save_pretrained(model, processor, folder)
+        write_examples(folder, fine=fine)
+
+    write_folder_atomically(out, write, replace=replace)
+    if checkpoint:
+        checkpoint.unlink(missing_ok=True)
+    print(f"wrote {out}")
+
+
 @contextmanager
 def deterministic_algorithms():
     """Inside, PyTorch picks its deterministic kernels. Why: without them training was not deterministic
@@ -897,7 +917,9 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=7000, help="stage 1: training steps")
     parser.add_argument("--batch-size", type=int, default=32, help="scenes per step")
     parser.add_argument("--lr", type=float, default=2e-3, help="AdamW's peak learning rate")
-    parser.add_argument("--seed", type=int, default=0, help="weights init and the training scene stream")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="the weights' initialisation, both stages' scene streams, the dropout draws and stage "
+                             "0's rectangles")
     parser.add_argument("--image-dropout", type=float, default=IMAGE_DROPOUT,
                         help="largest fraction of a sequence's image tokens hidden in training (0: none)")
     parser.add_argument("--image-dropout-share", type=float, default=IMAGE_DROPOUT_SHARE,
@@ -959,15 +981,7 @@ def main(argv=None) -> None:
             tune(model, processor, args.tune_steps, args.batch_size, seed=args.seed, image_dropout=args.tune_dropout,
                  tower_frozen=args.vision_steps > 0, mask_kind=args.tune_masks, eval_every=args.eval_every,
                  checkpoint=stage_2)
-
-    def write(folder: Path) -> None:
-        save_pretrained(model, processor, folder)
-        write_examples(folder)
-
-    write_folder_atomically(args.out, write, replace=args.force)
-    if args.checkpoint:
-        args.checkpoint.unlink(missing_ok=True)
-    print(f"wrote {args.out}")
+    write_toy(args.out, model, processor, args.force, args.checkpoint)
 
 
 def stage_checkpoints(args) -> tuple[Checkpoint, Checkpoint]:

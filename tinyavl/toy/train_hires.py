@@ -54,11 +54,11 @@ import torch
 from tinyavl import load_pretrained
 from tinyavl.cli import TOY_WEIGHTS, ArgumentParser, check_training_args, first_paragraph, given_path, run_main
 from tinyavl.errors import UserError
-from tinyavl.files import check_new_folder, write_folder_atomically
+from tinyavl.files import check_new_folder
 from tinyavl.model import HiresConfig, LlavaForConditionalGeneration
 from tinyavl.toy.scenes import FINE_SCALE, IMAGE_SIZE, SceneStream
 from tinyavl.toy.train import (HIRES_RAMP, TUNE_DROPOUT, Checkpoint, PatchProbe, add_run_arguments, check_checkpoint,
-                               deterministic_algorithms, optimise, save_pretrained, warmup_steps, write_examples)
+                               deterministic_algorithms, optimise, warmup_steps, write_toy)
 
 HIRES = HiresConfig(scale=FINE_SCALE, first_layer=3, threshold=48.0, blocks=4)
 FINE_CANVAS = (FINE_SCALE * IMAGE_SIZE, FINE_SCALE * IMAGE_SIZE)  # (height, width) px: a fine scene
@@ -116,6 +116,10 @@ def from_base(base: Path, in_sequence: bool = False, seed: int = 0):
         processor.image_grid_pinpoints = model.config.image_grid_pinpoints
         processor.patch_size = model.config.vision.patch_size
         return model, processor
+    if model.config.text.num_hidden_layers <= HIRES.first_layer:  # no layer would read the view
+        raise UserError(f"{base} has {model.config.text.num_hidden_layers} decoder layers: FlexAttention's view "
+                        f"is read from layer {HIRES.first_layer} on, so the toy needs at least "
+                        f"{HIRES.first_layer + 1} (train.py --text-layers)")
     processor.hires_scale = HIRES.scale
     return with_hires_projections(model, HIRES), processor
 
@@ -184,15 +188,7 @@ def main(argv=None) -> None:
     with deterministic_algorithms():
         train_hires(model, processor, args.steps, args.batch_size, args.lr, args.seed, eval_every=args.eval_every,
                     checkpoint=checkpoint)
-
-    def write(folder: Path) -> None:
-        save_pretrained(model, processor, folder)
-        write_examples(folder, fine=True)
-
-    write_folder_atomically(args.out, write, replace=args.force)
-    if checkpoint:
-        checkpoint.path.unlink(missing_ok=True)
-    print(f"wrote {args.out}")
+    write_toy(args.out, model, processor, args.force, checkpoint and checkpoint.path, fine=True)
 
 
 if __name__ == "__main__":
