@@ -151,19 +151,19 @@ def correctness_check(device, dtype, small):
 
     # Small (the interpreter): 5 sys + 60 core + 9 text = 74 rows, two blocks of 64, so both splits run.
     n_image, n_text = (200, 9) if small else (576, 64)
+    dtype_name = str(dtype).removeprefix("torch.")
     for num_heads, num_kv_heads, head_dim in [(4, 4, 64), (8, 2, 128)] if small else [(32, 32, 128), (32, 8, 128)]:
         case = f"H={num_heads:>2} Hkv={num_kv_heads:>2} D={head_dim:>3} "
-        skipped = case + f"{str(dtype).removeprefix('torch.'):>8}: skipped, "
         refusal = why_unsupported(dtype, head_dim, torch.device(device))
         if refusal is not None:
-            print(skipped + refusal)
+            print(f"{case}{dtype_name:>8}: skipped, {refusal}")
             continue
         q, k, v, index, start = make_avl_decode_inputs(2, num_heads, num_kv_heads, head_dim, 5, n_image, n_text,
                                                        0.3, dtype, device, sort_index=False)
         try:
             report = error_report(q, k, v, index, start, num_splits=2)
         except OutOfResources as err:
-            print(skipped + f"the GPU refused the launch ({err})")
+            print(f"{case}{dtype_name:>8}: skipped, the GPU refused the launch ({err})")
             continue
         print(case + format_report(report))
         if not report["passed"]:

@@ -1,10 +1,12 @@
 """The evaluation's statistics and budget rules, by hand (the runs on the committed model are in test_toy.py)."""
+import math
+from fractions import Fraction
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-from types import SimpleNamespace
 
 from tinyavl.cache import as_decimal, share
 from tinyavl.toy import evaluate as evaluate_module
@@ -101,10 +103,16 @@ def test_budget_params_hold_randoms_bytes():
         avl = budget_params("avl", image_keep, r, n_layers)
         assert avl["S"] == image_keep and avl["C"] == pytest.approx(0.6 * image_keep)
     assert budget_params("fastv", 0.5, 0.65, 4)["R"] == pytest.approx(2 / 3, abs=1e-4)   # .5 x 4 / 3
-    # FastV keeps floor((1 - R) n) image tokens: the R it is given keeps as many as the exact one, 2/3
-    # (floor(n / 3)), on every image of LLaVA's sizes (the toy's 144: 48, where R = 0.6667 kept 47).
-    r = budget_params("fastv", 0.5, 0.65, 4)["R"]
-    assert all(share(1 - as_decimal(r), n) == n // 3 for n in range(1, 2929))
+    # FastV keeps floor((1 - R) n) image tokens: at the toy's 4 layers and half the image, the R it is given
+    # keeps as many as the exact one, 2/3 (floor(n / 3)), on every image up to 2928 tokens (the toy's 144:
+    # 48, where R = 0.6667 kept 47); at any depth and budget it never keeps fewer than the exact R does.
+    fastv_r = budget_params("fastv", 0.5, 0.65, 4)["R"]
+    assert all(share(1 - as_decimal(fastv_r), n) == n // 3 for n in range(1, 2929))
+    for n_layers, image_keep in [(4, 0.75), (12, 0.5), (32, 0.25), (32, 0.7)]:
+        exact_r = (1 - Fraction(str(image_keep))) * n_layers / (n_layers - 1)
+        fastv_r = budget_params("fastv", image_keep, 0.65, n_layers)["R"]
+        assert 0 <= exact_r - as_decimal(fastv_r) < Fraction(1, 10_000)
+        assert all(share(1 - as_decimal(fastv_r), n) >= math.floor((1 - exact_r) * n) for n in range(1, 2929))
     assert share(1 - as_decimal(FASTV_MAX_R), 144) >= 1  # FastV at its cap keeps one of the toy's 144 image tokens
     with pytest.raises(ValueError):
         budget_params("full", 0.5, 0.65, 4)

@@ -350,8 +350,8 @@ def budget_params(policy: str, image_keep: float, kv_ratio: float, n_layers: int
       reach these budgets) it drops R of the image tokens from the L - 1 later layers. random holds
       1 - (1 - image_keep) s of the dense bytes (s: the image's share of them), FastV 1 - R s (L - 1) / L:
       equal at R = (1 - image_keep) L / (L - 1), capped at FASTV_MAX_R, the nearest its knobs allow. R is
-      rounded down to 4 decimals: FastV keeps floor((1 - R) n) of n image tokens, and rounded to the nearest
-      (2/3 to 0.6667) it would keep 47 of the toy's 144 where the exact R keeps 48.
+      rounded down to 4 decimals: FastV keeps floor((1 - R) n) of n image tokens, never fewer than the exact
+      R keeps; rounded to the nearest (2/3 to 0.6667) it kept 47 of the toy's 144 where the exact R keeps 48.
     """
     if policy == "random":
         return {"S": image_keep}

@@ -426,10 +426,10 @@ class Checkpoint:
         """The settings the file at path was saved by: None where nothing is there (the run starts from its
         first step), else self.run or self.after. UserError if the file is not a checkpoint, or was saved by
         a run with other settings."""
-        if os.path.islink(self.path) and not self.path.exists():
-            # A name the user made (as files.check_output_file has it), which the first save would replace.
-            raise UserError(f"{self.path} is a link that points nowhere, not a training checkpoint: give "
-                            "another path")
+        if os.path.islink(self.path):
+            # The first save would replace the link itself by a file (os.replace), and the end of the run
+            # delete that file: the user's link gone, whatever it points at left behind.
+            raise UserError(f"{self.path} is a link: give the path of a file, or of none yet")
         if not self.path.exists():
             return None
         try:
@@ -870,7 +870,7 @@ def write_examples(out: Path, n: int = 4, fine: bool = False) -> None:
     (folder / "examples.json").write_text(json.dumps(truth, indent=2) + "\n")
 
 
-def write_toy(out: Path, model, processor, replace: bool, checkpoint: Path | None, fine: bool = False) -> None:
+def write_toy(out: Path, model, processor, replace: bool, checkpoint_path: Path | None, fine: bool = False) -> None:
     """A trainer's last act: the toy written to `out` as a llava-hf folder with its example scenes (fine
     ones with fine), all at once (`write_folder_atomically`), then its training checkpoint, if it kept one,
     deleted: the run it could resume has ended."""
@@ -879,8 +879,8 @@ def write_toy(out: Path, model, processor, replace: bool, checkpoint: Path | Non
         write_examples(folder, fine=fine)
 
     write_folder_atomically(out, write, replace=replace)
-    if checkpoint:
-        checkpoint.unlink(missing_ok=True)
+    if checkpoint_path:
+        checkpoint_path.unlink(missing_ok=True)
     print(f"wrote {out}")
 
 

@@ -188,7 +188,7 @@ def main(argv=None) -> None:
     with deterministic_algorithms():
         train_hires(model, processor, args.steps, args.batch_size, args.lr, args.seed, eval_every=args.eval_every,
                     checkpoint=checkpoint)
-    write_toy(args.out, model, processor, args.force, checkpoint and checkpoint.path, fine=True)
+    write_toy(args.out, model, processor, args.force, args.checkpoint, fine=True)
 
 
 if __name__ == "__main__":
