@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 import tinyavl
 from test_cli import assert_user_error, run_inprocess
 from tiny_checkpoints import LAYOUTS, NEXT_PINPOINTS, NEXT_VARIANTS, make_image, published_state_dict, tokenizer_info
-from tinyavl import anyres
+from tinyavl import anyres, attention_map
 from tinyavl.attention_map import BLOCK, HEADER, PANEL, SCALE_BAR, image_heat, seen_image, token_pictures
 from tinyavl.errors import UserError
 
@@ -354,6 +354,22 @@ def test_main_draws_the_next_attention_map(tiny_ckpt, tmp_path, capsys):
                        (HEADER, HEADER + PANEL + SCALE_BAR + HEADER)]
         framed = [BLOCK in {rgb for _, rgb in panel.getcolors(1 << 20)} for panel in heat_panels]
         assert framed == [True, False]
+
+
+def test_the_attention_map_is_as_wide_as_its_widest_strip(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    """A map of many cells a side draws a strip wider than the base crop's (here made so): the picture
+    takes the widest strip whole, where it was cut to the first strip's width."""
+    image, out = tmp_path / "wide.png", tmp_path / "map.png"
+    make_image(*IMAGE_SHAPES["wide"], seed=4).save(image)
+    strips = iter([Image.new("RGB", (100, 40), (255, 0, 0)), Image.new("RGB", (300, 40), (0, 0, 255))])
+    monkeypatch.setattr(attention_map, "draw_attention_map", lambda *args: next(strips))
+    rc, _, err = run_inprocess(capsys, ["--image", image, "--weights", tiny_ckpt.folder("next_mistral_gqa"),
+                                        "--max-new-tokens", "2", "--attention-map", out])
+    assert rc == 0, err
+    with Image.open(out) as picture:
+        assert picture.size == (300, 80)
+        assert picture.getpixel((50, 20)) == (255, 0, 0) and picture.getpixel((299, 79)) == (0, 0, 255)
+        assert picture.getpixel((150, 20)) == (255, 255, 255)                # beside the narrower strip: blank
 
 
 @pytest.mark.parametrize("name", ["next_vicuna_mha", "next_mistral_gqa"])

@@ -1,6 +1,7 @@
 """The attention study's aggregation on a hand-made recording: every number derived by hand."""
 import json
 import math
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -63,7 +64,17 @@ def test_study_of_a_hand_made_recording(monkeypatch):
     reversed_layer = result["layers"][1]
     assert reversed_layer["concentration"] == layer["concentration"]      # the same scores, reordered
     report = report_markdown(result).splitlines()
-    assert any(line.startswith("| 1 | ") and "0.00" in line for line in report)
+    # The table chapter 4 quotes, column by column, from the hand values above (text: 2, 3, 4 of 40, 41, 42;
+    # its tokens 2, 3, 4 of 13, 14, 15), each to the 2 decimals the table prints (9 / 40 is 0.225: the
+    # study's float32 sum may print it as 0.22 or 0.23).
+    assert report[2] == ("| layer | sys: attention (tokens) | image: attention (tokens) | text: attention (tokens) "
+                         "| BOS | image top 10% | image top 50% | capture, prefill top 50% | capture, top 30% |")
+    by_hand = [(2 / 40 + 2 / 41 + 2 / 42) / 3, (1 / 13 + 1 / 14 + 1 / 15) / 3,              # sys (tokens)
+               (36 / 40 + 36 / 41 + 36 / 42) / 3, (10 / 13 + 10 / 14 + 10 / 15) / 3,      # image (tokens)
+               (2 / 40 + 3 / 41 + 4 / 42) / 3, (2 / 13 + 3 / 14 + 4 / 15) / 3,            # text (tokens)
+               (2 / 40 + 2 / 41 + 2 / 42) / 3, 9 / 40, 35 / 40, 66 / 36 / 3, 45 / 36 / 3]  # BOS .. capture
+    assert report[4].startswith("| 0 | ")
+    assert [float(x) for x in re.findall(r"\d+\.\d+", report[4])] == pytest.approx(by_hand, abs=0.0051)
 
 
 def test_object_coverage_by_hand():
@@ -112,6 +123,18 @@ def test_ppci_across_scenes_by_hand():
     assert [x["ppci_scenes"] for x in same["layers"]] == [1.0, 1.0]
     assert "| two scenes | 1.00 | 1.00 |" in report_markdown(same).splitlines()
     assert study([first])["layers"][0]["ppci_scenes"] is None
+
+
+def test_ppci_between_layers_and_scenes_takes_the_top_half():
+    """Where a ranking's top half and top 30% overlap another's differently, the measures between layers
+    and between scenes are of the top half (50%-PPCI, as the tables' titles say): layer 1's prefill row
+    shifted by two, top 50% {2..6} against layer 0's {0..4} shares 3 of 5 (0.6); its top 30% {2, 3, 4}
+    against {0, 1, 2} would share 1 of 3. Against the unshifted recording's layer 1 (reversed: top 50%
+    {5..9}, top 30% {7, 8, 9}) it shares 2 of 5, where the top 30% would share nothing."""
+    shifted = recording()
+    shifted.rows[0][1] = torch.tensor([2.0, 1, 1, 9, 8, 7, 6, 5, 1, 1, 1, 1.0])   # sys | 10 image | text
+    assert study([shifted])["ppci_layers"][0][1] == pytest.approx(3 / 5)
+    assert study([recording(), shifted])["layers"][1]["ppci_scenes"] == pytest.approx(2 / 5)
 
 
 def test_layer_sets_by_hand():

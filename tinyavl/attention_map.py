@@ -222,7 +222,8 @@ def save_attention_map(path, model, processor, inputs, cache: KVCache, layer: in
                         f"{int(blocks.sum())} of {blocks.numel()} blocks")
         strips.append(draw_attention_map(picture.image, cells, heat[picture.tokens], title, question, picture.grid,
                                          blocks, footnote))
-    figure = Image.new("RGB", (strips[0].width, sum(strip.height for strip in strips)), (255, 255, 255))
+    # As wide as the widest strip: a map of more than PANEL cells a side draws wider panels (draw_attention_map).
+    figure = Image.new("RGB", (max(s.width for s in strips), sum(s.height for s in strips)), (255, 255, 255))
     for i, strip in enumerate(strips):
         figure.paste(strip, (0, sum(s.height for s in strips[:i])))
     # The format from path's suffix: the partial file's suffix is ".partial".

@@ -116,8 +116,10 @@ def band_coverage(recordings: list, side: int, n_bands: int, keep: float = STORE
 def object_attention(recordings: list, scenes: list) -> list[dict]:
     """Per layer: "attention", the mean share of the last prompt token's image attention on the patches
     that show an object (`SceneObject.patches`), and "tokens", those patches' mean share of the image
-    tokens. The two are equal when a layer attends to the image whatever it shows: its ranking is then
-    made by something else (position), and its top set keeps objects only by chance."""
+    tokens. The two are equal when a layer attends to the image evenly; attention that follows position
+    alone, blind to what a picture shows, can give objects only as much as their places do (on held-out
+    scenes a patch shows an object in 0.10-0.23 of them, 0.18 on average), and its top set keeps objects
+    only by chance."""
     result = []
     for layer in range(recordings[0].n_layers):
         attention, tokens = [], []
