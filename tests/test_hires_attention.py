@@ -194,13 +194,36 @@ def test_under_avl_a_decode_step_chooses_among_the_image_tokens_it_computed():
     assert len(core) == 4 and cache.attended[last] < 3 + 16                      # it did skip image tokens
 
 
+def test_image_tokens_hidden_by_the_attention_mask_get_nothing_on_the_grid(monkeypatch):
+    """The cache-free forward's attention_mask (the toy's image-token dropout) hides keys from every
+    query: every choice is made from a grid on which the hidden image tokens have attention 0, and the
+    visible ones share all the image attention there is."""
+    model = tiny_model(first_layer=1, blocks=4)
+    ids, pixels, hires_pixels = inputs(3)
+    visible = torch.ones_like(ids)
+    visible[0, 3:11] = 0                                            # the first 8 of the 16 image tokens hidden
+    grids, block_scores = [], hires.block_scores
+
+    def recording_block_scores(image_attention, *args):
+        grids.append(image_attention)
+        return block_scores(image_attention, *args)
+
+    monkeypatch.setattr(hires, "block_scores", recording_block_scores)
+    with torch.no_grad():
+        model(ids, pixels, attention_mask=visible, hires_view=model.hires_view(ids, hires_pixels))
+    assert len(grids) == model.config.text.num_hidden_layers       # layers 0, 1 and 2 choose
+    for grid in grids:                                              # (served rows, 16)
+        assert torch.equal(grid[:, :8], torch.zeros_like(grid[:, :8])) and (grid[:, 8:].sum(-1) > 0).all()
+
+
 @pytest.mark.parametrize("seed, heavy, recent", [(0, 0.2, 0.3), (2, 0.4, 0.2)])
-def test_under_h2o_each_head_places_its_attention_by_its_own_rows(seed, heavy, recent):
+def test_under_h2o_each_head_places_its_attention_by_its_own_rows(seed, heavy, recent, monkeypatch):
     """H2O evicts per head, so after the prefill one row holds a different image token in each KV head.
     A decode step's choice, against a float64 reference: each query head's attention over the keys the
-    step attended, put on the grid by that head's own positions, summed over heads, then the blocks. One
-    block per image token, so a token put on another head's place changes the choice. The two cases are
-    ones where the last layer's heads hold different rows (most budgets evict the same ones)."""
+    step attended, put on the grid by that head's own positions, summed over heads (the grid compared
+    itself: a query head read against the other KV head's rows moves it by a few hundredths, which the
+    threshold may not show), then the blocks. The two cases are ones where the last layer's heads hold
+    different rows (most budgets evict the same ones)."""
     model = tiny_model(blocks=4, seed=seed)
     ids, pixels, hires_pixels = inputs(seed + 1)
     cache = make_cache("h2o", heavy=heavy, recent=recent)
@@ -212,6 +235,13 @@ def test_under_h2o_each_head_places_its_attention_by_its_own_rows(seed, heavy, r
         return attend(layer, q, k, v, pos)
 
     cache.attend = recording_attend
+    grids, block_scores = [], hires.block_scores                   # the grid each choice is made from
+
+    def recording_block_scores(image_attention, *args):
+        grids.append(image_attention)
+        return block_scores(image_attention, *args)
+
+    monkeypatch.setattr(hires, "block_scores", recording_block_scores)
     with torch.no_grad():
         logits = model(ids, pixels, cache=cache, hires_view=model.hires_view(ids, hires_pixels))[0, -1]
         model(logits.argmax().view(1, 1), cache=cache)
@@ -224,7 +254,8 @@ def test_under_h2o_each_head_places_its_attention_by_its_own_rows(seed, heavy, r
         for p, position in zip(probs, positions[0, head // 2].tolist()):
             if 3 <= position < 3 + 16:                             # 3 sys tokens, then the 16 image tokens
                 grid[position - 3] += p
-    blocks = hires.threshold_blocks(hires.block_scores(grid[None].float(), (4, 4), 4), 48)
+    torch.testing.assert_close(grids[-1][-1].double(), grid, rtol=0, atol=1e-5)   # the decode step's last layer
+    blocks = hires.threshold_blocks(block_scores(grid[None].float(), (4, 4), 4), 48)
     assert torch.equal(cache.hires_view.chosen[0, -1], hires.block_tokens(blocks, 8)[0])
 
 

@@ -40,7 +40,9 @@ BLOCK = (40, 90, 255)  # frame of a block FlexAttention's selection takes
 
 
 def image_heat(model, input_ids, pixel_values, layer: int, image_sizes=None) -> torch.Tensor:
-    """(n_img,) the last prompt token's dense attention over the image tokens in `layer` (head mean)."""
+    """(n_img,) the last prompt token's dense attention over the image tokens in `layer` (head mean). A
+    FlexAttention model runs without its high-resolution view here: in a layer that reads the view
+    (config.hires.first_layer on), this is the attention the model would give without it."""
     recorder, _ = record_attention(model, input_ids, pixel_values, max_new_tokens=1,  # the prefill only
                                    image_sizes=image_sizes)
     return recorder.image_row(0, layer)

@@ -25,8 +25,8 @@ does both); `top_blocks` takes a fixed number of blocks instead, a budget a test
 fixed.
 
 **Choice:** 24 rows do not split evenly into 9 windows; the pooling is PyTorch's adaptive max pooling,
-whose window i covers rows floor(24 i / 9) .. ceil(24 (i + 1) / 9) - 1, so neighbouring windows share a
-row. Block i of the high-resolution map is still exactly the i-th ninth of the image.
+whose window i covers rows floor(24 i / 9) .. ceil(24 (i + 1) / 9) - 1, so some neighbouring windows
+share a row. Block i of the high-resolution map is still exactly the i-th ninth of the image.
 """
 import operator
 
@@ -124,8 +124,10 @@ def hires_positions(first_position: int, lowres_side: int, scale: int):
     The low-resolution tokens of a lowres_side x lowres_side grid sit at first_position + lowres_side r + c.
     A high-resolution token (R, C) covers the low-resolution point r = (R + 0.5) / scale - 0.5 (its centre,
     in units of low-resolution tokens), and c from C likewise, so it takes first_position + lowres_side r + c,
-    the same linear map: what interpolating the grid of positions gives inside the image (FlexAttention
-    interpolates it bicubically; on a linear map that differs only by clamping at the border)."""
+    the same linear map, and each key a true rotation at its position. This is tinyavl's form of
+    FlexAttention's interpolation from the low-resolution grid, which is bicubic: PyTorch's bicubic kernel
+    does not reproduce a linear map exactly (off by up to 0.04 of a step inside the grid, more at its
+    border), so the two differ a little."""
     centre = (torch.arange(lowres_side * scale, dtype=torch.float32) + 0.5) / scale - 0.5  # (lowres_side scale,)
     return (first_position + lowres_side * centre[:, None] + centre[None, :]).flatten()    # ((lowres_side scale)^2,)
 

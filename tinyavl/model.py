@@ -634,9 +634,10 @@ class HiresView:
     high-resolution tokens the layer before chose for it, in one softmax, and chooses for the next
     (`acts_in`).
     The features enter a layer's k_proj_hd and v_proj_hd through the layer's input norm, as every token of
-    the sequence enters k_proj and v_proj (a choice: the paper does not say; on the toy, fed the projector's
-    features as they are, the new keys and values upset the answers for the first hundreds of training
-    steps, answer loss 0.40 against 0.18 after 150); they are recomputed each step, never cached."""
+    the sequence enters k_proj and v_proj (tinyavl's choice, not one the paper describes; on the toy, fed
+    the projector's features as they are, the new keys and values upset the answers for the first hundreds
+    of training steps, answer loss 0.40 against 0.18 after 150); they are recomputed each step, never
+    cached."""
     config: HiresConfig
     features: torch.Tensor
     cos: torch.Tensor
