@@ -72,6 +72,9 @@ def select_blocks(image_attention, grid: tuple[int, int], threshold: float = THR
     return threshold_blocks(block_scores(image_attention, grid, blocks), threshold)
 
 
+THRESHOLD_RANGE = "from 0 to below 255 (the 0-255 scale of the normalised attention)"  # said where one is refused
+
+
 def is_threshold(threshold) -> bool:
     """A threshold selects some blocks only on the normalised attention's 0-255 scale: 0 <= threshold < 255
     (a number; true is not 1 here)."""
@@ -81,8 +84,7 @@ def is_threshold(threshold) -> bool:
 def check_threshold(threshold: float, label: str = "the selection threshold") -> None:
     """UserError unless `is_threshold`; the message names it by `label` (main.py: its flag)."""
     if not is_threshold(threshold):
-        raise UserError(f"{label} must be from 0 to below 255 (the 0-255 scale of the normalised attention), "
-                        f"got {threshold!r}")
+        raise UserError(f"{label} must be {THRESHOLD_RANGE}, got {threshold!r}")
 
 
 def check_block_count(count, blocks: int) -> None:

@@ -171,8 +171,7 @@ class HiresConfig:
         section = "hires_config"
         _require_positive(self, section, ("scale", "first_layer", "blocks"), int)
         _require(hires.is_threshold(self.threshold),
-                 f"{section}.threshold {self.threshold!r} must be from 0 to below 255 (the 0-255 scale of the "
-                 "normalised attention)")
+                 f"{section}.threshold {self.threshold!r} must be {hires.THRESHOLD_RANGE}")
 
 
 # What LlavaConfig uses when config.json has no vision_config at all: CLIP ViT-L/14 at 336 px.
