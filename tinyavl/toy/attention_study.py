@@ -45,7 +45,7 @@ import torch
 
 from tinyavl import hires, load_pretrained
 from tinyavl.attention_stats import capture, ppci, record_attention, segment_shares, segment_sizes, top_set, top_share
-from tinyavl.cache import AVLCache, KVCache
+from tinyavl.cache import MODALITIES, AVLCache, KVCache
 from tinyavl.cli import TOY_WEIGHTS, ArgumentParser, check_model_folder, first_paragraph, given_path, run_command
 from tinyavl.errors import UserError
 from tinyavl.files import check_picture_folder
@@ -56,7 +56,6 @@ from tinyavl.toy.evaluate import (AVL_CHOICE_ONLY, clustered_wilson_interval, ev
 from tinyavl.toy.plot import save_line_plot
 from tinyavl.toy.scenes import GRID, parse_caption
 
-SEGMENTS = ("sys", "image", "text")
 LONG_ANSWER_KINDS = ("where", "caption")  # the others are one word, computed by the prefill before any eviction
 AVL_DEFAULTS = AVLCache()
 # A-VL's default S and C: the shares of the image whose top sets (stored, core) the study measures.
@@ -303,8 +302,8 @@ def study(recordings: list) -> dict:
         sizes = [segment_sizes(len(row), r.n_sys, r.n_img) for r, _, row in steps]
         prefill = [r.image_row(0, layer) for r in recordings]                   # per recording (n_img,)
         result["layers"].append({
-            "shares": {s: fmean(x[s] for x in shares) for s in SEGMENTS},
-            "sizes": {s: fmean(x[s] for x in sizes) for s in SEGMENTS},
+            "shares": {s: fmean(x[s] for x in shares) for s in MODALITIES},
+            "sizes": {s: fmean(x[s] for x in sizes) for s in MODALITIES},
             "bos": fmean(float(row[0] / row.sum()) for _, _, row in steps),
             "concentration": {p: fmean(top_share(scores, p) for scores in prefill) for p in (0.1, 0.5)},
             "ppci_steps": {d: fmean(ppci(r.image_row(t, layer), r.image_row(t + d, layer), CORE_SHARE)
@@ -332,9 +331,9 @@ def coverage_table(coverage: list[list[float]], column: str, title: str) -> list
 def report_markdown(result: dict) -> str:
     """The numbers as Markdown tables (what the chapter quotes)."""
     layers = result["layers"]
-    head = ["layer", *(f"{s}: attention (tokens)" for s in SEGMENTS), "BOS", "image top 10%", "image top 50%",
+    head = ["layer", *(f"{s}: attention (tokens)" for s in MODALITIES), "BOS", "image top 10%", "image top 50%",
             f"capture, prefill top {STORED_SHARE:.0%}", f"capture, top {CORE_SHARE:.0%}"]
-    rows = [[str(layer), *(f"{x['shares'][s]:.2f} ({x['sizes'][s]:.2f})" for s in SEGMENTS), f"{x['bos']:.2f}",
+    rows = [[str(layer), *(f"{x['shares'][s]:.2f} ({x['sizes'][s]:.2f})" for s in MODALITIES), f"{x['bos']:.2f}",
              f"{x['concentration'][0.1]:.2f}", f"{x['concentration'][0.5]:.2f}", f"{x['capture'][STORED_SHARE]:.2f}",
              f"{x['capture'][CORE_SHARE]:.2f}"] for layer, x in enumerate(layers)]
     lines = [f"{result['n_captions']} captions, dense attention, mean over decode steps", "",
@@ -389,8 +388,8 @@ def save_figures(result: dict, folder: Path, replace: bool = False) -> list[Path
     """FIGURES: attention-shares.png (per layer: attention on each segment against its share of the tokens)
     and ppci-steps.png (the core ranking's PPCI against step distance, per layer)."""
     layers = result["layers"]
-    shares = {f"{s} attention": [(i, x["shares"][s]) for i, x in enumerate(layers)] for s in SEGMENTS}
-    shares |= {f"{s} tokens": [(i, x["sizes"][s]) for i, x in enumerate(layers)] for s in SEGMENTS}
+    shares = {f"{s} attention": [(i, x["shares"][s]) for i, x in enumerate(layers)] for s in MODALITIES}
+    shares |= {f"{s} tokens": [(i, x["sizes"][s]) for i, x in enumerate(layers)] for s in MODALITIES}
     steps = {f"layer {i}": list(x["ppci_steps"].items()) for i, x in enumerate(layers)}
     steps["random sets"] = [(1, CORE_SHARE), (MAX_DISTANCE, CORE_SHARE)]
     paths = [folder / name for name in FIGURES]
@@ -398,7 +397,7 @@ def save_figures(result: dict, folder: Path, replace: bool = False) -> list[Path
                    title="toy LLaVA: attention of the decode steps per segment (solid), each segment's share of "
                          "the tokens (dashed)",
                    x_range=(0, len(layers) - 1), y_range=(0, 1), dashed=tuple(n for n in shares if "tokens" in n),
-                   colour_of={f"{s} tokens": f"{s} attention" for s in SEGMENTS}, replace=replace)
+                   colour_of={f"{s} tokens": f"{s} attention" for s in MODALITIES}, replace=replace)
     save_line_plot(paths[1], steps, x_label="distance between decode steps", y_label=f"{CORE_SHARE:.0%}-PPCI",
                    title=f"toy LLaVA: how alike the image top-{CORE_SHARE:.0%} sets of two decode steps are",
                    x_range=(0, MAX_DISTANCE), y_range=(0, 1), x_ticks=8, dashed=("random sets",), replace=replace)
