@@ -194,6 +194,19 @@ def test_under_avl_a_decode_step_chooses_among_the_image_tokens_it_computed():
     assert len(core) == 4 and cache.attended[last] < 3 + 16                      # it did skip image tokens
 
 
+def recorded_grids(monkeypatch) -> list:
+    """The grids (served rows, lowres_side^2) every choice is made from, in order, as hires.block_scores
+    receives them for the rest of the test."""
+    grids, block_scores = [], hires.block_scores
+
+    def recording_block_scores(image_attention, *args):
+        grids.append(image_attention)
+        return block_scores(image_attention, *args)
+
+    monkeypatch.setattr(hires, "block_scores", recording_block_scores)
+    return grids
+
+
 def test_image_tokens_hidden_by_the_attention_mask_get_nothing_on_the_grid(monkeypatch):
     """The cache-free forward's attention_mask (the toy's image-token dropout) hides keys from every
     query: every choice is made from a grid on which the hidden image tokens have attention 0, and the
@@ -202,13 +215,7 @@ def test_image_tokens_hidden_by_the_attention_mask_get_nothing_on_the_grid(monke
     ids, pixels, hires_pixels = inputs(3)
     visible = torch.ones_like(ids)
     visible[0, 3:11] = 0                                            # the first 8 of the 16 image tokens hidden
-    grids, block_scores = [], hires.block_scores
-
-    def recording_block_scores(image_attention, *args):
-        grids.append(image_attention)
-        return block_scores(image_attention, *args)
-
-    monkeypatch.setattr(hires, "block_scores", recording_block_scores)
+    grids = recorded_grids(monkeypatch)
     with torch.no_grad():
         model(ids, pixels, attention_mask=visible, hires_view=model.hires_view(ids, hires_pixels))
     assert len(grids) == model.config.text.num_hidden_layers       # layers 0, 1 and 2 choose
@@ -235,13 +242,7 @@ def test_under_h2o_each_head_places_its_attention_by_its_own_rows(seed, heavy, r
         return attend(layer, q, k, v, pos)
 
     cache.attend = recording_attend
-    grids, block_scores = [], hires.block_scores                   # the grid each choice is made from
-
-    def recording_block_scores(image_attention, *args):
-        grids.append(image_attention)
-        return block_scores(image_attention, *args)
-
-    monkeypatch.setattr(hires, "block_scores", recording_block_scores)
+    grids = recorded_grids(monkeypatch)
     with torch.no_grad():
         logits = model(ids, pixels, cache=cache, hires_view=model.hires_view(ids, hires_pixels))[0, -1]
         model(logits.argmax().view(1, 1), cache=cache)
@@ -255,7 +256,7 @@ def test_under_h2o_each_head_places_its_attention_by_its_own_rows(seed, heavy, r
             if 3 <= position < 3 + 16:                             # 3 sys tokens, then the 16 image tokens
                 grid[position - 3] += p
     torch.testing.assert_close(grids[-1][-1].double(), grid, rtol=0, atol=1e-5)   # the decode step's last layer
-    blocks = hires.threshold_blocks(block_scores(grid[None].float(), (4, 4), 4), 48)
+    blocks = hires.select_blocks(grid[None].float(), (4, 4), 48, 4)
     assert torch.equal(cache.hires_view.chosen[0, -1], hires.block_tokens(blocks, 8)[0])
 
 

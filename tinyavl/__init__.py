@@ -51,5 +51,5 @@ def check_token_ids(tokenizer, vocab_size: int) -> None:
                         f"{vocab_size - 1}): the two files come from different checkpoints")
 
 
-__all__ = ["load_pretrained", "load_processor", "load_model", "generate", "GenerationStats", "Processor", "LlavaConfig",
-           "LlavaForConditionalGeneration", "make_cache", "POLICIES", "UserError"]
+__all__ = ["load_pretrained", "load_processor", "load_model", "generate", "GenerationStats", "Processor",
+           "LlavaConfig", "LlavaForConditionalGeneration", "make_cache", "POLICIES", "UserError"]

@@ -376,7 +376,7 @@ def budget_sweep(model, processor, questions, log=None, hires_mode: str = DEFAUL
     image), then ABLATIONS. Each report gains "budget": the share of image tokens kept (1 for full) and
     "line": the plot's line it belongs to; a peer's, and an ablation's where `random` ran at its budget,
     "of_random" and "of_random_ci": its accuracy over `random`'s at that budget, paired scene by scene
-    (`paired_ratio`; None where `random` got nothing right). hires_mode: as `evaluate`'s."""
+    (`paired_ratio`; None where it has none). hires_mode: as `evaluate`'s."""
     def measure(policy, params, budget, line=None, by_type=None, control=None):
         report = {"budget": budget, "line": line or policy,
                   **evaluate(model, processor, questions, policy, params, hires_mode=hires_mode,
@@ -384,8 +384,9 @@ def budget_sweep(model, processor, questions, log=None, hires_mode: str = DEFAUL
         against = ""
         if control is not None:
             report["of_random"], report["of_random_ci"] = paired_ratio(report, control)
-            against = (" (random got nothing right: no ratio)" if report["of_random"] is None else
-                       f" ({format_interval(report['of_random'], report['of_random_ci'], 3)} of random's)")
+            against = (f" ({format_interval(report['of_random'], report['of_random_ci'], 3)} of random's)"
+                       if report["of_random"] is not None
+                       else " (no ratio to random's: it got nothing right, or there is one scene)")
         if log:
             log(f"budget {budget}: {policy} {shown_params(report)}: accuracy {report['accuracy']:.3f}{against}, "
                 f"KV {report['kv_ratio']:.3f}, after the prefill {report['kv_ratio_after_prefill']:.3f} "
