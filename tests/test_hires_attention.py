@@ -383,9 +383,12 @@ def test_each_layer_from_first_layer_on_merges_through_its_own_input_norm(first_
     assert merges == [(layer, True) for layer in range(first_layer, len(layers))]
 
 
-def test_a_layer_serves_its_row_one_softmax_over_its_causal_keys_and_its_chosen_tokens():
+@pytest.mark.parametrize("hidden", [[], [3, 4, 5, 6, 7, 8, 9, 10, 20]])
+def test_a_layer_serves_its_row_one_softmax_over_its_causal_keys_and_its_chosen_tokens(hidden):
     """HiresView.layer (the choice and the merge together): the served row, the last, is one float64 softmax
-    over its causal keys, its own key included, and the high-resolution keys of the tokens chosen for it."""
+    over its causal keys, its own key included, and the high-resolution keys of the tokens chosen for it.
+    Keys the attention mask hides (the toy's image-token dropout; here half the image and a text token) are
+    in neither: the merge weighs the row's output by the log-sum-exp of its visible keys alone."""
     model = tiny_model()
     ids, _, hires_pixels = inputs()
     T = ids.shape[1]
@@ -394,13 +397,15 @@ def test_a_layer_serves_its_row_one_softmax_over_its_causal_keys_and_its_chosen_
     attn, norm = layer.self_attn, layer.input_layernorm
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, n, T, 8, generator=g) for n in (4, 2, 2))       # 4 query heads, 2 KV heads, hs 8
-    y = attention(q, k, v, causal=True)
+    visible = torch.ones(1, T, dtype=torch.bool)
+    visible[0, hidden] = False
+    y = attention(q, k, v, causal=True, visible=visible)
     chosen = torch.zeros(1, 1, view.features.shape[1], dtype=torch.bool)
     chosen[0, 0, [0, 9, 27, 63]] = True
     view.chosen = chosen.clone()
     positions = torch.arange(T)
     with torch.no_grad():
-        out = view.layer(attn, norm, q, k, y, positions, positions.expand(1, 2, T))
+        out = view.layer(attn, norm, q, k, y, positions, positions.expand(1, 2, T), visible)
         index = chosen[0, 0].nonzero().flatten()
         features = norm(view.features[0, index])                               # (4, 32)
         k_hires = attn.k_proj_hd(features).view(-1, 2, 8).transpose(0, 1)      # (2, 4, 8)
@@ -408,7 +413,7 @@ def test_a_layer_serves_its_row_one_softmax_over_its_causal_keys_and_its_chosen_
         k_hires = k_hires * view.cos[index] + rotated * view.sin[index]
         v_hires = attn.v_proj_hd(features).view(-1, 2, 8).transpose(0, 1)
     for h in range(4):
-        keys = torch.cat([k[0, h // 2], k_hires[h // 2]]).double()
-        values = torch.cat([v[0, h // 2], v_hires[h // 2]]).double()
+        keys = torch.cat([k[0, h // 2, visible[0]], k_hires[h // 2]]).double()
+        values = torch.cat([v[0, h // 2, visible[0]], v_hires[h // 2]]).double()
         expected = (q[0, h, -1].double() @ keys.T / 8 ** 0.5).softmax(-1) @ values
         torch.testing.assert_close(out[0, h, -1].double(), expected, atol=1e-5, rtol=0)
