@@ -209,21 +209,33 @@ def test_hidden_image_tokens_equal_the_masked_forward_without_a_cache():
 
 def test_hidden_object_recall_counts_each_hiding(monkeypatch):
     """With a stand-in decoder that names every object whose place is wholly visible: nothing hidden names
-    all, its place hidden names none of the hidden ones, and a random draw of 9 of 144 tokens names the
-    object exactly when the draw missed its place, as the seeded draw says."""
+    all, its place hidden names none of the hidden ones, and a random draw of 9 distinct of the 144 tokens
+    names the object exactly when the draw missed its place (each draw as the stand-in received it), the
+    draws the same for the same seed."""
     objects = [SimpleNamespace(place_patches=lambda k=k: list(range(9 * k, 9 * k + 9)), describe=lambda k=k: f"object {k}")
                for k in range(3)]
     question = SimpleNamespace(kind="caption", scene=SimpleNamespace(objects=objects))
     other = SimpleNamespace(kind="colour", scene=None)                          # not a caption: skipped
-    monkeypatch.setattr(attention_study, "caption_with_hidden", lambda model, processor, q, hidden: {
-        obj.describe() for obj in q.scene.objects if not set(obj.place_patches()) & set(hidden)})
+    calls = []                                                                  # (question, hidden) per caption made
+
+    def named_where_visible(model, processor, q, hidden):
+        calls.append((q, list(hidden)))
+        return {obj.describe() for obj in q.scene.objects if not set(obj.place_patches()) & set(hidden)}
+
+    monkeypatch.setattr(attention_study, "caption_with_hidden", named_where_visible)
     model = SimpleNamespace(config=SimpleNamespace(num_image_tokens=144))
     recall = attention_study.hidden_object_recall(model, None, [question, other, question], seed=4)
-    generator = torch.Generator().manual_seed(4)
-    missed = [sum(not set(torch.randperm(144, generator=generator)[:9].tolist()) & set(objects[k].place_patches())
-                  for k in range(3)) for _ in range(2)]                         # per caption: its own objects
+    assert all(q is question for q, _ in calls) and len(calls) == 2 * (1 + 2 * 3)   # per caption: plain, 2 per object
+    places = [objects[k].place_patches() for k in range(3)]
+    draws = [hidden for _, hidden in calls if hidden and hidden not in places]     # the random hidings, in order
+    assert len(draws) == 6 and all(len(set(d)) == 9 and set(d) <= set(range(144)) for d in draws)
+    missed = [sum(not set(draw) & set(places[k]) for k, draw in enumerate(draws[3 * c:3 * c + 3])) for c in range(2)]
     assert recall == {"nothing": ([3, 3], [3, 3]), "its place": ([0, 0], [3, 3]),
                       "as many random tokens": (missed, [3, 3])}
+    assert 0 < sum(missed) < 6                                                  # the seed's draws hit and miss
+    calls.clear()
+    attention_study.hidden_object_recall(model, None, [question], seed=4)
+    assert [hidden for _, hidden in calls if hidden and hidden not in places] == draws[:3]
     lines = attention_study.hidden_object_table(recall)
     low, high = clustered_wilson_interval(missed, [3, 3])
     assert lines[-1] == f"| as many random tokens hidden | {sum(missed) / 6:.2f} ({low:.2f}-{high:.2f}) |"
