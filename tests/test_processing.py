@@ -366,6 +366,18 @@ def test_preprocessor_config(folder, tmp_path):
     assert not Processor.from_pretrained(tmp_path, image_token_id, NUM_IMAGE_TOKENS, SIZE,
                                          image_grid_pinpoints=[[SIZE, 2 * SIZE]], patch_size=PATCH).pad_to_square
 
+    # A file that leaves the short side out resizes to the image processors' default, 224, as transformers
+    # does; one that leaves the crop out would crop 224 x 224, which the 28 px tower cannot take.
+    no_size = {k: v for k, v in config.items() if k != "size"}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(no_size))
+    ours = Processor.from_pretrained(tmp_path, image_token_id, NUM_IMAGE_TOKENS, SIZE)
+    theirs = CLIPImageProcessorPil(**{k: v for k, v in no_size.items() if k != "do_convert_rgb"})
+    assert ours.shortest_edge == 224
+    assert_close(ours.preprocess(image), theirs(image, return_tensors="pt")["pixel_values"][0])
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "crop_size"}))
+    with pytest.raises(UserError, match=r"has no crop_size \(the image processor's default: 224\)"):
+        Processor.from_pretrained(tmp_path, image_token_id, NUM_IMAGE_TOKENS, SIZE)
+
     # What tinyavl does not implement is refused, not ignored.
     for key, value, named in (("crop_size", 224, "crop_size 224"),
                               ("size", {"shortest_edge": 20, "longest_edge": 30}, "longest_edge"),

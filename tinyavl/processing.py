@@ -44,6 +44,9 @@ LLAVA_SYSTEM_PROMPT = ("A chat between a curious human and an artificial intelli
 # OpenAI CLIP's per-channel statistics (RGB), the defaults of CLIPImageProcessor.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# The short side and the crop of transformers' CLIP, LLaVA and LLaVA-NeXT image processors where a file leaves
+# them out.
+IMAGE_PROCESSOR_SIZE = 224
 # The smallest image_std accepted: float32's smallest normal number, whose inverse is still finite.
 STD_MIN = torch.finfo(torch.float32).tiny
 
@@ -492,7 +495,9 @@ def _special_id(tokenizer: Tokenizer, token: str) -> int:
 
 def preprocessor_settings(cfg: dict, path: Path, vision_image_size: int, tiled: bool = False) -> dict:
     """Processor settings from preprocessor_config.json (cfg, its parsed contents; {} when the file is
-    absent, giving the llava-1.5 defaults; path names it in errors; tiled: LLaVA-1.6's anyres).
+    absent, giving the llava-1.5 defaults at the vision tower's size; path names it in errors; tiled:
+    LLaVA-1.6's anyres). Where the file leaves size or crop_size out, they take transformers' image
+    processor defaults (CLIP's and LLaVA-NeXT's: 224, `IMAGE_PROCESSOR_SIZE`), as transformers reads it.
 
     Read: size.shortest_edge, crop_size (must equal the vision tower's input), image_mean, image_std,
     resample, and for LLaVA-1.5 do_pad (pad the image to a square first; for LLaVA-1.6, anyres, it pads a
@@ -505,13 +510,16 @@ def preprocessor_settings(cfg: dict, path: Path, vision_image_size: int, tiled: 
         if step in cfg and cfg[step] is not True:
             raise UserError(f"{path} sets {step}: {json.dumps(cfg[step])}; tinyavl implements only LLaVA's "
                             "preprocessing (resize, center crop, rescale, normalise), so it cannot run this checkpoint")
+    # A folder without the file (which transformers cannot load at all) is preprocessed at the tower's size.
+    default_size = IMAGE_PROCESSOR_SIZE if path.is_file() else vision_image_size
     # Older files write sizes as plain ints, newer ones as dicts.
-    crop = cfg.get("crop_size", vision_image_size)
+    crop = cfg.get("crop_size", default_size)
     crop_hw = (crop.get("height"), crop.get("width")) if isinstance(crop, dict) else (crop, crop)
     if crop_hw != (vision_image_size, vision_image_size):
-        raise UserError(f"{path} has crop_size {crop!r} but the vision tower takes {vision_image_size}x"
+        said = f"crop_size {crop!r}" if "crop_size" in cfg else f"no crop_size (the image processor's default: {crop})"
+        raise UserError(f"{path} has {said} but the vision tower takes {vision_image_size}x"
                         f"{vision_image_size} crops: the files come from different checkpoints")
-    size = cfg.get("size", vision_image_size)
+    size = cfg.get("size", default_size)
     other_edges = isinstance(size, dict) and any(size[key] is not None for key in set(size) - {"shortest_edge"})
     shortest_edge = size.get("shortest_edge") if isinstance(size, dict) and not other_edges else size
     if type(shortest_edge) is not int or shortest_edge <= 0:
