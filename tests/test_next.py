@@ -489,6 +489,50 @@ def test_templates_get_the_variables_transformers_gives(next_folder, template):
     assert ids.count(processor.bos_token_id) == 1 and ids[0] == processor.bos_token_id
 
 
+CHATML_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+                   "{% for c in m['content'] if c['type'] == 'image' %}<image>\n{% endfor %}"
+                   "{{ m['content'][-1]['text'] }}<|im_end|>\n{% endfor %}"
+                   "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.mark.parametrize("template", [CHATML_TEMPLATE, "{{ bos_token }}" + CHATML_TEMPLATE],
+                         ids=["chatml", "bos_chatml"])
+def test_a_tokenizer_of_other_special_tokens_prompts_as_transformers_does(next_folder, template):
+    """A folder whose tokenizer has no <s> or </s> (llava-v1.6-34b-hf's Yi tokenizer names its own, and its
+    turns end with ChatML's <|im_end|>): BOS and EOS are the tokens tokenizer_config.json declares, and the
+    prompt's ids are transformers', one BOS whether or not the template writes it."""
+    from transformers import AutoProcessor
+
+    renamed = {"<s>": "<|startoftext|>", "</s>": "<|endoftext|>"}
+    tokenizer = json.loads((next_folder / "tokenizer.json").read_text())
+    for token in tokenizer["added_tokens"]:
+        token["content"] = renamed.get(token["content"], token["content"])
+    tokenizer["model"]["vocab"] = {renamed.get(piece, piece): i for piece, i in tokenizer["model"]["vocab"].items()}
+    post = json.dumps(tokenizer["post_processor"])
+    for old, new in renamed.items():
+        post = post.replace(f'"{old}"', f'"{new}"')
+    tokenizer["post_processor"] = json.loads(post)                              # its BOS: <|startoftext|>
+    first_new = max(token["id"] for token in tokenizer["added_tokens"]) + 1
+    tokenizer["added_tokens"] += [{"id": first_new + i, "content": content, "single_word": False, "lstrip": False,
+                                   "rstrip": False, "normalized": False, "special": True}
+                                  for i, content in enumerate(["<|im_start|>", "<|im_end|>"])]
+    (next_folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    (next_folder / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|startoftext|>", "eos_token": "<|im_end|>", "unk_token": "<unk>"}))
+    (next_folder / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    edit_config(next_folder, lambda config: config["text_config"].update(vocab_size=first_new + 2))
+    processor = tinyavl.load_processor(next_folder)[1]
+    bos_id = next(token["id"] for token in tokenizer["added_tokens"] if token["content"] == "<|startoftext|>")
+    assert (processor.bos_token_id, processor.eos_token_id) == (bos_id, first_new + 1)
+    hf = AutoProcessor.from_pretrained(next_folder, backend="pil")
+    image = make_image(60, 40, seed=3)
+    turn = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": QUESTION}]}]
+    expected = hf.apply_chat_template(turn, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                      return_tensors="pt")["input_ids"][0].tolist()
+    ids = processor(processor.chat_prompt(QUESTION), image)["input_ids"][0].tolist()
+    assert ids == expected and ids.count(bos_id) == 1 and ids.count(processor.image_token_id) > 1
+
+
 def test_a_batch_of_images_with_different_crop_counts_matches_transformers(tiny_ckpt):
     """LlavaNextImageProcessor pads a batch's pixel_values with zero crops at the end of the images with
     fewer: each image's features (its own crops, from the front) equal transformers' get_image_features."""

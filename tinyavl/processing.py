@@ -253,11 +253,13 @@ class Processor:
         self.tokenizer = tokenizer
         self.image_token_id = image_token_id
         self.num_image_tokens = num_image_tokens  # of one crop: e.g. 576 = (336 / 14)^2 CLIP patches
-        self.bos_token_id = _special_id(tokenizer, BOS_TOKEN)
-        self.eos_token_id = _special_id(tokenizer, EOS_TOKEN)
         # What a chat template may write ({{ bos_token }}, ...): those declared, as transformers hands them over.
         self.special_tokens = {name: token for name, token in (special_tokens or LLAMA_SPECIAL_TOKENS).items()
                                if token is not None}
+        self.bos_token = self.special_tokens.get("bos_token")  # "<s>" for Llama's tokenizer; None: declared none
+        self.bos_token_id = None if self.bos_token is None else _special_id(tokenizer, self.bos_token, "bos_token")
+        eos_token = self.special_tokens.get("eos_token")
+        self.eos_token_id = None if eos_token is None else _special_id(tokenizer, eos_token, "eos_token")
         self.image_size = image_size  # side of the square crop the vision tower sees
         self.shortest_edge = shortest_edge
         self.image_mean = torch.tensor(image_mean, dtype=torch.float32).view(3, 1, 1)  # [3, 1, 1]
@@ -352,10 +354,11 @@ class Processor:
         if image is None and n == 1:
             raise UserError(f"the prompt contains {IMAGE_TOKEN} but no image was given: pass an image or "
                             f"remove {IMAGE_TOKEN}")
-        # tokenizer.json's post-processor puts <s> (BOS) in front, unless the prompt has it already (a chat
+        # tokenizer.json's post-processor puts the BOS (<s>) in front, unless the prompt has it already (a chat
         # template may write it, and transformers' apply_chat_template(tokenize=True) then adds none); no
-        # </s> is added.
-        ids = self.tokenizer.encode(text, add_special_tokens=not text.startswith(BOS_TOKEN)).ids
+        # EOS is added.
+        has_bos = self.bos_token is not None and text.startswith(self.bos_token)
+        ids = self.tokenizer.encode(text, add_special_tokens=not has_bos).ids
         pixel_values = image_sizes = hires_pixel_values = None
         if image is not None:
             img = rgb_image(image)
@@ -486,10 +489,13 @@ def _rgb_numbers(cfg: dict, name: str, default, path: Path, in_range, rule: str)
     return values
 
 
-def _special_id(tokenizer: Tokenizer, token: str) -> int:
+def _special_id(tokenizer: Tokenizer, token: str, name: str) -> int:
+    """The id of the special token `name` ("bos_token", "eos_token"), `token` as tokenizer_config.json declares
+    it (or a Llama tokenizer's, without that file)."""
     found = tokenizer.token_to_id(token)
     if found is None:
-        raise UserError(f"tokenizer.json has no {token} token: tinyavl needs the Llama tokenizer of a LLaVA checkpoint")
+        raise UserError(f"tokenizer.json has no {token} token, the {name} of the model folder's tokenizer_config.json "
+                        "(or, without that file, of a Llama tokenizer): the files come from different checkpoints")
     return found
 
 
