@@ -28,7 +28,7 @@ if previous_handler is not signal.SIG_IGN:  # a background job's Ctrl-C is ignor
 import tinyavl
 from tinyavl import hires
 from tinyavl.attention_map import map_layer, save_attention_map
-from tinyavl.cli import (TOY_WEIGHTS, ArgumentParser, add_policy_arguments, check_filter_layer,
+from tinyavl.cli import (TOY_WEIGHTS, ArgumentParser, add_policy_arguments, check_filter_layer, check_stdout_read,
                          first_paragraph, flag, given_path, output_file, policy_cache, run_command)
 from tinyavl.files import check_output_file
 from tinyavl.generate import GENERATION_PARAMS, check_generation_args, prompt_layout
@@ -72,9 +72,7 @@ def check_args(args):
     the rest (--filter-layer's and --map-layer's upper bounds, the prompt's length, the image's size for the
     model's crops) with its small files, before the weights load (seconds to minutes for a 7B model). Fills in
     --weights' default."""
-    if sys.stdout is None and args.attention_map is None:  # started with stdout closed (>&-)
-        raise tinyavl.UserError("standard output is closed: the answer would go nowhere (redirect it to a file, "
-                                "or give --attention-map)")
+    check_stdout_read("answer", {"--attention-map": args.attention_map})
     image = load_image(args.image)
     check_question(args.prompt)
     check_generation_args(args.max_new_tokens, args.temperature, args.top_p, args.seed, named=flag)

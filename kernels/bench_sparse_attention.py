@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from kernels.sparse_attention import (INTERPRETED, SUPPORTED_DTYPES, TRITON_AVAILABLE, error_report,
                                       format_report, gather_selected_rows, sparse_decode_attention,
                                       why_unsupported)
-from tinyavl.cli import ArgumentParser, first_paragraph, run_main
+from tinyavl.cli import ArgumentParser, check_stdout_read, first_paragraph, run_main
 from tinyavl.errors import UserError
 from tinyavl.timing import best_seconds, synchronize
 
@@ -175,6 +175,7 @@ def main(argv=None):
     parser.add_argument("--peak-gbps", type=float, help="peak memory bandwidth of the GPU in GB/s "
                         "(default: looked up from the device name)")
     args = parser.parse_args(argv)
+    check_stdout_read("results")
     if args.peak_gbps is not None and not 0 < args.peak_gbps < float("inf"):
         parser.error(f"--peak-gbps must be a finite number above 0, got {args.peak_gbps}")
     if not TRITON_AVAILABLE:

@@ -524,6 +524,58 @@ def test_closed_standard_streams(files):
         "--attention-map)"]
     closed_err = run(2, ["--image", IMAGE, "--max-new-tokens", 2, "--json"])   # the toy, with its note
     assert closed_err.returncode == 0 and json.loads(closed_err.stdout)["new_tokens"] == 2
+    misread = run(2, ["--image", IMAGE, "--max-new-tokens", "two"])           # argparse's error, said nowhere
+    assert (misread.returncode, misread.stdout) == (2, "")
+
+
+@pytest.mark.parametrize("module, argv, remedy", [
+    ("tinyavl.toy.evaluate", ["--n", "1"], ", or give --plot or --attention-maps"),
+    ("tinyavl.toy.evaluate_hires", ["--n", "1"], ", or give --plot"),
+    ("tinyavl.bench", ["--dtypes", "float32"], ""),
+    ("kernels.bench_sparse_attention", [], ""),
+])
+def test_a_command_whose_results_would_go_nowhere_says_so_before_the_work(capsys, monkeypatch, module, argv, remedy):
+    """Started with stdout closed (>&-; Python's sys.stdout is then None), a command that prints its results
+    there and was given no file to write refuses in one line, as main.py does, instead of running for
+    minutes and printing nothing."""
+    command = importlib.import_module(module)
+    monkeypatch.setattr(sys, "stdout", None)
+    if module.startswith("tinyavl.toy"):  # their main returns the status run_command gives
+        status = command.main(argv)
+    else:                                  # the benchmarks' main runs inside run_main, which exits
+        with pytest.raises(SystemExit) as exit_info:
+            run_main(lambda: command.main(argv))
+        status = exit_info.value.code
+    assert status == 2 and capsys.readouterr().err == (
+        f"error: standard output is closed: the results would go nowhere (redirect it to a file{remedy})\n")
+
+
+def test_notes_nobody_reads_do_not_end_the_run(good, files, tmp_path):
+    """`python main.py ... --attention-map m.png 2>&1 >answer.txt | true`: the notes' reader is gone before the
+    first note, whose write fails (a broken pipe); the run goes on, prints its answer and writes the map."""
+    out_path = tmp_path / "m.png"
+    proc = subprocess.Popen([sys.executable, "main.py", "--image", str(files["png"]), "--weights", str(good),
+                             "--max-new-tokens", "3", "--attention-map", str(out_path)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stderr.close()  # before the run says anything: torch takes seconds to import
+    answer = proc.stdout.read()
+    assert proc.wait(timeout=300) == 0 and answer.strip() and out_path.is_file()
+
+
+def test_notes_go_nowhere_once_their_reader_left():
+    """cli.Notes over a pipe whose reader closed: the write that finds it gone, and every later one, succeed
+    and go nowhere (the stream's descriptor points at /dev/null), and the stream flushes without an error."""
+    from tinyavl.cli import Notes
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    stream = open(write_end, "w", buffering=1)                       # line-buffered, as Python's stderr is
+    with pytest.raises(BrokenPipeError):
+        open(os.dup(write_end), "w", buffering=1).write("the pipe is broken\n")
+    notes = Notes(stream)
+    assert notes.write("a note\n") == len("a note\n") and notes.write("another\n") == len("another\n")
+    notes.flush()
+    assert os.path.samefile(f"/proc/self/fd/{stream.fileno()}", os.devnull)
+    stream.close()
 
 
 def test_a_line_break_in_a_path_stays_on_the_error_line(capsys, tmp_path):

@@ -3,6 +3,7 @@ toy trainer's command line refusing, before any training, to replace a model fol
 import errno
 import hashlib
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -286,6 +287,15 @@ def test_an_output_under_a_file_says_the_parent_is_a_file(tmp_path):
     (tmp_path / "notes.txt").write_text("the user's")
     with pytest.raises(UserError, match="notes.txt is a file, not a folder"):
         check_output_file(tmp_path / "notes.txt" / "map.png", "--attention-map", inputs=[])
+
+
+@pytest.mark.parametrize("name, said", [("map.txt", "give it a .png, "), ("map", "give it a .png, "),
+                                         (".png", "the name is a suffix alone: give it a name before .png"),
+                                         (".JPG", "the name is a suffix alone: give it a name before .JPG")])
+def test_an_output_picture_needs_a_name_and_a_picture_suffix(tmp_path, name, said):
+    """A name that starts with a dot is all stem (Path(".png").suffix is ""): said as a name that is missing."""
+    with pytest.raises(UserError, match=re.escape(f"--attention-map {tmp_path / name}: {said}")):
+        check_output_file(tmp_path / name, "--attention-map", inputs=[])
 
 
 def test_a_missing_file_inside_the_write_is_a_bug_with_its_traceback(tmp_path):

@@ -64,6 +64,16 @@ def check_model_folder(folder: Path, option: str, trainer: str) -> None:
         raise UserError(f"{option}: no model folder at {folder}: train one with python -m {trainer}")
 
 
+def check_stdout_read(what: str, files: dict | None = None) -> None:
+    """A UserError where the command was started with stdout closed (>&-) and given none of the options that
+    name a file it writes (files: {flag: its value, None where not given}): its `what`, printed on stdout,
+    would go nowhere, after all the work."""
+    files = files or {}
+    if sys.stdout is None and all(value is None for value in files.values()):
+        give = f", or give {' or '.join(files)}" if files else ""
+        raise UserError(f"standard output is closed: the {what} would go nowhere (redirect it to a file{give})")
+
+
 def first_paragraph(doc: str) -> str:
     """A module docstring's first paragraph on one line: the description a command's --help shows."""
     return " ".join(doc.split("\n\n")[0].split())
@@ -82,8 +92,10 @@ class ArgumentParser(argparse.ArgumentParser):
         return super().add_argument(*names, **kwargs)
 
     def error(self, message):
-        # One line like every other user mistake (argparse would print the whole usage first).
-        print(f"error: {one_line(message)} (see --help)", file=sys.stderr)
+        # One line like every other user mistake (argparse would print the whole usage first), said as a command
+        # says its notes (the arguments are read before the command runs).
+        with notes_on_stderr():
+            print(f"error: {one_line(message)} (see --help)", file=sys.stderr)
         sys.exit(2)
 
 
@@ -183,6 +195,48 @@ def signals_end_like_ctrl_c():
             signal.signal(sig, handler)
 
 
+class Notes:
+    """sys.stderr while a command runs: where its notes and its one-line errors go. Nobody may be reading
+    them: stderr closed from the start (2>&-), or a reader that stops reading (`2>&1 | head`, `2>&1 >out |
+    true`), where a note's write raises BrokenPipeError. Neither ends the run, which still writes its answer
+    and its files; the notes go nowhere, never to stdout (where print(file=None) would send them)."""
+
+    def __init__(self, stream):
+        self.stream = stream if stream is not None else open(os.devnull, "w")
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self.reader_left()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self.reader_left()
+
+    def reader_left(self) -> None:
+        # stderr's file descriptor now points at nothing: what the stream still buffers, and every later note,
+        # is written there, and cannot fail again (when Python flushes the stream at exit, too).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+
+    def __getattr__(self, name):  # fileno, isatty, encoding, ...: the stream's
+        return getattr(self.stream, name)
+
+
+@contextmanager
+def notes_on_stderr():
+    """sys.stderr is a `Notes` inside the block (sys.stderr as it was after)."""
+    real = sys.stderr
+    sys.stderr = real if isinstance(real, Notes) else Notes(real)
+    try:
+        yield
+    finally:
+        sys.stderr = real
+
+
 # What the system, not tinyavl, refuses: one line, status 1. Other OSErrors are bugs and keep their traceback.
 SYSTEM_REFUSALS = {errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG, errno.ELOOP, errno.EROFS, errno.EACCES,
                    errno.EPERM, errno.EIO}
@@ -210,41 +264,40 @@ def ended_in_one_line(work) -> int:
     """work()'s exit status: 0, or one line on stderr instead of a traceback for a user's mistake (UserError,
     status 2), Ctrl-C (status 130), SIGTERM and SIGHUP (128 + the signal; no temporary file left), and what
     the system refused (SYSTEM_REFUSALS: a disk full, a name too long; memory that ran out, `out_of_memory`;
-    status 1). A reader that closed stdout early (`| head`) ends the run quietly; a run started with stdout or
-    stderr closed (>&-, 2>&-) prints nothing there, and its notes never land on stdout."""
-    if sys.stderr is None:  # started with stderr closed (2>&-): print(file=None) would write notes to stdout
-        sys.stderr = open(os.devnull, "w")
-    try:
-        with signals_end_like_ctrl_c():
-            work()
-            if sys.stdout is not None:  # None: started with stdout closed (>&-), where print prints nothing
-                sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
-        return 0
-    except UserError as err:
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted (Ctrl-C)", file=sys.stderr)
-        return 130  # the shell's status for an interrupt
-    except Terminated as stop:
-        print(f"terminated ({stop})", file=sys.stderr)
-        return 128 + stop.signum  # as the shell reports a process the signal ended (143 for SIGTERM)
-    except BrokenPipeError:
-        # Python's own advice: point stdout at nothing, so that its flush at exit cannot fail again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
-    except OSError as err:
-        if err.errno not in SYSTEM_REFUSALS:
-            raise
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        return 1
-    except (MemoryError, RuntimeError) as err:
-        if not out_of_memory(err):
-            raise
-        detail = (str(err).strip() or type(err).__name__).splitlines()[0]
-        print(f"error: out of memory ({detail}): a smaller model, image or setting (see --help) may fit",
-              file=sys.stderr)
-        return 1
+    status 1). A reader that closed stdout early (`| head`) ends the run quietly; a run started with stdout
+    closed (>&-) prints nothing there; one whose stderr nobody reads goes on (`Notes`)."""
+    with notes_on_stderr():
+        try:
+            with signals_end_like_ctrl_c():
+                work()
+                if sys.stdout is not None:  # None: started with stdout closed (>&-), where print prints nothing
+                    sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+            return 0
+        except UserError as err:
+            print(f"error: {one_line(err)}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted (Ctrl-C)", file=sys.stderr)
+            return 130  # the shell's status for an interrupt
+        except Terminated as stop:
+            print(f"terminated ({stop})", file=sys.stderr)
+            return 128 + stop.signum  # as the shell reports a process the signal ended (143 for SIGTERM)
+        except BrokenPipeError:
+            # Python's own advice: point stdout at nothing, so that its flush at exit cannot fail again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 1
+        except OSError as err:
+            if err.errno not in SYSTEM_REFUSALS:
+                raise
+            print(f"error: {one_line(err)}", file=sys.stderr)
+            return 1
+        except (MemoryError, RuntimeError) as err:
+            if not out_of_memory(err):
+                raise
+            detail = (str(err).strip() or type(err).__name__).splitlines()[0]
+            print(f"error: out of memory ({detail}): a smaller model, image or setting (see --help) may fit",
+                  file=sys.stderr)
+            return 1
 
 
 def one_line(message) -> str:

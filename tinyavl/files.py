@@ -72,6 +72,8 @@ def check_output_file(path: Path, flag: str, inputs: list[Path], suffixes: tuple
             raise UserError(f"{flag} {path}: {path.parent} is a file, not a folder")
         if not path.parent.is_dir():
             raise UserError(f"{flag} {path}: folder {path.parent} does not exist")
+        if path.name.lower() in suffixes:  # a name that starts with a dot is all stem: ".png" has no suffix
+            raise UserError(f"{flag} {path}: the name is a suffix alone: give it a name before {path.name}")
         if path.suffix.lower() not in suffixes:
             raise UserError(f"{flag} {path}: give it a {', '.join(suffixes)} name")
         # lexists: a link that points nowhere is still a name the user made, not a free one.
