@@ -5,11 +5,12 @@ from types import SimpleNamespace
 import pytest
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 import tinyavl
-from tinyavl.attention_map import (COMPUTED, EVICTED, FRAME, HEADER, HEAT, PANEL, SCALE_BAR, STORED,
-                                    draw_attention_map, image_heat, image_roles, map_layer, seen_image, token_pictures)
+from tinyavl.attention_map import (COMPUTED, EVICTED, FRAME, HEADER, HEAT, PANEL, SCALE_BAR, STORED, drawable,
+                                    draw_attention_map, fitted, image_heat, image_roles, map_layer, seen_image,
+                                    token_pictures)
 from tinyavl.cache import make_cache
 from tinyavl.errors import UserError
 from tiny_checkpoints import make_image
@@ -139,6 +140,57 @@ def test_picture_shows_the_question_and_a_colour_scale(tiny_ckpt):
     alpha = 220 / 255  # the hottest cell's opacity
     assert zero == (128, 128, 128)
     assert all(abs(got - (128 * (1 - alpha) + red * alpha)) <= 1 for got, red in zip(top, HEAT)), top
+
+
+def test_text_is_drawn_in_characters_the_font_has():
+    """Pillow's bitmap font (its default before 10.1, or without FreeType) has Latin-1 alone and raises on the
+    rest; its default FreeType font (Aileron) has ASCII alone and draws the rest as boxes. A character the font
+    lacks is drawn as its letter without the accent where the font has that, else as "?"; a newline as a
+    space (it would draw over the line below)."""
+    question = "Q: Wie groß?\n正方形 😀 carré"
+    bitmap = ImageFont.load_default_imagefont()
+    assert drawable(question, bitmap) == "Q: Wie groß? ??? ? carré"
+    ImageDraw.Draw(Image.new("RGB", (400, 20))).text((0, 0), drawable(question, bitmap), font=bitmap)  # no raise
+    default = ImageFont.load_default()
+    if isinstance(default, ImageFont.FreeTypeFont):  # Pillow built with FreeType
+        assert default.getname()[0] == "Aileron" and drawable(question, default) == "Q: Wie gro?? ??? ? carre"
+
+
+def test_a_line_longer_than_the_picture_is_cut_with_an_ellipsis():
+    draw = ImageDraw.Draw(Image.new("RGB", (10, 10)))
+    question = "Q: " + "is the circle left of the square? " * 40
+    cut = fitted(question, draw, 300)
+    assert cut.endswith("...") and question.startswith(cut[:-3]) and draw.textlength(cut) <= 300
+    assert draw.textlength(question[:len(cut) - 3 + 1] + "...") > 300                 # one more character would not fit
+    assert fitted("Q: short", draw, 300) == "Q: short"
+
+
+def test_the_text_of_a_strip(tiny_ckpt, monkeypatch):
+    """What a strip writes, recorded as it is drawn: the question, the title, the two panels' captions, the
+    count of each role, and under the heat the scale's peak to 3 significant digits (a long prompt's peak may
+    be under 0.001, which 3 decimals printed as 0.000), its right end at the bar's. A long question is cut at
+    the picture's edge."""
+    _, processor = tinyavl.load_pretrained(tiny_ckpt.folder("mha"), device="cpu")
+    image = seen_image(prompt(processor)["pixel_values"][0], processor)
+    roles = torch.tensor([EVICTED, STORED, COMPUTED, COMPUTED] * 4)   # 4 evicted, 4 stored only, 8 computed
+    heat = torch.full((16,), 0.0001)
+    heat[5] = 0.000349
+    lines, text = [], ImageDraw.ImageDraw.text
+
+    def recorded_text(self, xy, line, *args, **kwargs):
+        lines.append((xy, line, self.textlength(line)))
+        return text(self, xy, line, *args, **kwargs)
+
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text", recorded_text)
+    picture = draw_attention_map(image, roles, heat, "image, layer 1, policy avl", question="what is it? " * 30)
+    by_text = {line: (xy, length) for xy, line, length in lines}
+    question = next(line for line in by_text if line.startswith("Q: what is it?"))
+    assert question.endswith("...") and by_text[question][1] <= picture.width - 8
+    assert by_text["image, layer 1, policy avl"][0] == (4, 22)
+    assert by_text["last prompt token's attention"][0] == (PANEL + 10, 22)
+    assert by_text["computed (green) 8, stored only (yellow) 4, evicted (dark) 4"][0] == (4, 40)
+    (x, y), length = by_text["0.000349 of the attention"]
+    assert x + length == pytest.approx(2 * PANEL + 10) and y > HEADER + PANEL
 
 
 def test_map_layer_by_hand():

@@ -798,19 +798,6 @@ def test_a_reader_that_stops_reading_does_not_cost_the_attention_map(good, files
     assert out_path.is_file() and f"wrote the attention map to {out_path}" in err
 
 
-def test_a_question_the_bitmap_font_lacks_is_drawn_not_raised():
-    """Pillow's bitmap font (its default before 10.1, or without FreeType) takes Latin-1 only; a newline
-    would draw over the title below it."""
-    from PIL import ImageDraw, ImageFont
-    from tinyavl.attention_map import drawable
-    bitmap = ImageFont.load_default_imagefont()
-    text = drawable("Q: Wie viele Kreise?\n正方形 😀", bitmap)
-    assert text == "Q: Wie viele Kreise? ??? ?"
-    ImageDraw.Draw(Image.new("RGB", (400, 20))).text((0, 0), text, font=bitmap)  # raises on what it lacks
-    default = ImageFont.load_default()  # FreeType's where Pillow has it, which draws any character it has
-    assert drawable("a\nb 正", default) == ("a b 正" if isinstance(default, ImageFont.FreeTypeFont) else "a b ?")
-
-
 def test_attention_map_is_written_and_reported(capsys, good, files, tmp_path):
     out_path = tmp_path / "map.png"
     rc, _, err = run_inprocess(capsys, ["--image", files["png"], "--weights", good, "--max-new-tokens", 2,

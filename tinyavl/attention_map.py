@@ -14,9 +14,11 @@ at high resolution, as the tiles show it once the padding is cut away; its newli
   FlexAttention's selection takes from that attention are framed in blue (tinyavl/hires.py): the
   squares of the image a FlexAttention model would read again at high resolution in the next layer
   (LLaVA-1.6: on the base crop, the low-resolution view).
-The question and the counts of each role are written above the panels.
+The question, what the strip shows and the counts of each role are written above the panels, each line cut
+to the picture's width (`fitted`), in characters the font has (`drawable`).
 """
 import math
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +35,7 @@ from tinyavl.model import stitch_tiles
 EVICTED, STORED, COMPUTED = 0, 1, 2
 FRAME = {COMPUTED: (40, 220, 70), STORED: (250, 210, 40)}
 PANEL = 384  # px per panel side
-HEADER = 40  # px above the panels: the question, then the title
+HEADER = 58  # px above the panels: the question, the title and the panels' captions, the counts of each role
 SCALE_BAR = 34  # px below them: the heat map's colour scale
 HEAT = (255, 30, 30)
 BLOCK = (40, 90, 255)  # frame of a block FlexAttention's selection takes
@@ -107,23 +109,50 @@ def token_pictures(model, processor, inputs) -> list[TokenPicture]:
     return [base, TokenPicture("high resolution", seen_image(canvas, processor), map_tokens, grid)]
 
 
+# A character no font has (the last of Unicode's private use plane 15): a FreeType font draws it as its box for
+# a missing glyph (.notdef), as it draws every character it lacks.
+NO_GLYPH = "\U000FFFFD"
+
+
+def has_glyph(font, char: str) -> bool:
+    """Whether the font draws `char` as itself. Pillow's bitmap font (its default before 10.1, or without
+    FreeType) has Latin-1 and raises on the rest; a FreeType font draws what it lacks as its missing-glyph
+    box (Pillow's default FreeType font, Aileron, has ASCII alone: "é" is a box)."""
+    if not isinstance(font, ImageFont.FreeTypeFont):
+        return ord(char) < 256
+    drawn, missing = font.getmask(char), font.getmask(NO_GLYPH)
+    return drawn.size != missing.size or bytes(drawn) != bytes(missing)
+
+
 def drawable(text: str, font) -> str:
-    """The text on one line (a newline would draw over the title below it), in characters the font has:
-    Pillow's bitmap font, its default before 10.1 or without FreeType, takes Latin-1 only and raises on the
-    rest, which it then draws as "?"."""
-    text = " ".join(text.split())
-    if isinstance(font, ImageFont.FreeTypeFont):
+    """The text on one line (a newline would draw over the line below it), in characters the font has: one it
+    lacks is drawn as its letter without the accent where the font has that ("é" as "e"), else as "?"."""
+    def shown(char: str) -> str:
+        if has_glyph(font, char):
+            return char
+        letter = unicodedata.normalize("NFKD", char)[0]
+        return letter if letter != char and has_glyph(font, letter) else "?"
+    return "".join(shown(char) for char in " ".join(text.split()))
+
+
+def fitted(text: str, draw: ImageDraw.ImageDraw, width: float) -> str:
+    """`text` (drawable) as much of it as `width` px holds, ending in "..." where it is cut."""
+    if draw.textlength(text) <= width:
         return text
-    return text.encode("latin-1", "replace").decode("latin-1")
+    short, long = 0, len(text)  # the longest prefix that fits with its "...", by bisection: a question may be long
+    while short < long:
+        middle = (short + long + 1) // 2
+        short, long = (middle, long) if draw.textlength(text[:middle] + "...") <= width else (short, middle - 1)
+    return text[:short] + "..."
 
 
 def draw_attention_map(image: Image.Image, roles: torch.Tensor, heat: torch.Tensor, title: str,
                        question: str = "", grid: tuple[int, int] | None = None, blocks=None,
                        footnote: str = "") -> Image.Image:
     """Two panels (roles | heat) over `image`, one cell per image token of a (rows, columns) grid (default
-    square), the question and title above, the heat's colour scale below, the footnote under the left
-    panel. blocks (n, n) bool, if given: frame block (i, j), the i-th n-th of the image down and the j-th
-    across, on the heat panel."""
+    square); above them the question, the title (what the strip shows), the panels' captions and the count
+    of each role; the heat's colour scale below, the footnote under the left panel. blocks (n, n) bool, if
+    given: frame block (i, j), the i-th n-th of the image down and the j-th across, on the heat panel."""
     rows, columns = grid or (math.isqrt(len(roles)),) * 2
     if rows * columns != len(roles):
         raise ValueError(f"{len(roles)} image tokens do not fill a {rows} x {columns} grid of cells")
@@ -135,8 +164,16 @@ def draw_attention_map(image: Image.Image, roles: torch.Tensor, heat: torch.Tens
     base = image.resize((width, height), Image.Resampling.NEAREST)
     canvas = Image.new("RGB", (2 * panel + 10, HEADER + height + SCALE_BAR), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    draw.text((4, 4), drawable(f"Q: {question}", draw.getfont()), fill=(0, 0, 0))
-    draw.text((4, 22), title, fill=(0, 0, 0))
+
+    def write(xy, text: str, width: float) -> None:  # one line of text, cut to `width` px
+        draw.text(xy, fitted(drawable(text, draw.getfont()), draw, width), fill=(0, 0, 0))
+
+    write((4, 4), f"Q: {question}", canvas.width - 8)
+    write((4, 22), title, panel + 2)
+    write((panel + 10, 22), "last prompt token's attention", panel - 4)
+    counts = {role: int((roles == role).sum()) for role in (COMPUTED, STORED, EVICTED)}
+    write((4, 40), f"computed (green) {counts[COMPUTED]}, stored only (yellow) {counts[STORED]}, evicted (dark) "
+          f"{counts[EVICTED]}", canvas.width - 8)
     top = HEADER
 
     # Left: the policy's roles. Evicted cells are darkened, the others framed by role.
@@ -170,11 +207,10 @@ def draw_attention_map(image: Image.Image, roles: torch.Tensor, heat: torch.Tens
         ramp.line([(x, 0), (x, 9)], fill=(*HEAT, int(220 * x / (PANEL - 1))))
     bar_top = top + height + 4
     canvas.paste(bar, (panel + 10, bar_top))
-    draw.text((4, bar_top), footnote, fill=(0, 0, 0))
+    write((4, bar_top), footnote, panel + 2)
     draw.text((panel + 10, bar_top + 12), "0", fill=(0, 0, 0))
-    label = f"{peak:.3f} of the attention"
-    # Right-aligned under the bar: PIL's default font is about 6 px a character.
-    draw.text((panel + PANEL + 10 - 6 * len(label) - 2, bar_top + 12), label, fill=(0, 0, 0))
+    label = f"{peak:.3g} of the attention"  # 3 significant digits: a long prompt's peak may be under 0.001
+    draw.text((panel + PANEL + 10 - draw.textlength(label), bar_top + 12), label, fill=(0, 0, 0))  # right-aligned
     return canvas
 
 
@@ -211,11 +247,7 @@ def save_attention_map(path, model, processor, inputs, cache: KVCache, layer: in
     strips = []
     for i, picture in enumerate(token_pictures(model, processor, inputs)):
         cells = roles[picture.tokens]
-        counts = {name: int((cells == role).sum()) for name, role in
-                  (("computed", COMPUTED), ("stored", STORED), ("evicted", EVICTED))}
-        title = (f"{picture.label}, layer {layer}, policy {cache.name}: computed (green) {counts['computed']}, "
-                 f"stored only (yellow) {counts['stored']}, evicted (dark) {counts['evicted']}  |  last prompt "
-                 "token's attention")
+        title = f"{picture.label}, layer {layer}, policy {cache.name}"
         blocks, footnote = None, ""
         if hires_threshold is not None and i == 0:  # the low-resolution view, which FlexAttention selects from
             blocks = hires.select_blocks(heat[picture.tokens][None], picture.grid, hires_threshold,
