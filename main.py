@@ -8,24 +8,9 @@
 The answer is streamed to stdout; a short summary (timings, KV memory) goes to stderr. With --json a
 single JSON object is printed instead. A mistake in the input exits with status 2 and a one-line error.
 """
-import os
-import signal
 import sys
 
-
-def interrupted_while_importing(signum, frame):
-    # torch takes a second or more to import, and code it runs meanwhile catches exceptions: a Ctrl-C raised
-    # as KeyboardInterrupt there was lost (the run went on) or became another error's traceback. So until
-    # the imports are done, Ctrl-C ends the process at once, with one line: nothing has been written yet.
-    if sys.stderr is not None:  # None: started with stderr closed (2>&-)
-        os.write(sys.stderr.fileno(), b"interrupted (Ctrl-C)\n")
-    os._exit(130)
-
-
-previous_handler = signal.getsignal(signal.SIGINT)
-if previous_handler is not signal.SIG_IGN:  # a background job's Ctrl-C is ignored, and stays so
-    signal.signal(signal.SIGINT, interrupted_while_importing)  # before the imports, on purpose
-import tinyavl
+import tinyavl  # first: in a command, a Ctrl-C while its imports run is one line (tinyavl/startup.py)
 from tinyavl import hires
 from tinyavl.attention_map import map_layer, save_attention_map
 from tinyavl.cli import (TOY_WEIGHTS, ArgumentParser, add_policy_arguments, check_filter_layer, check_stdout_read,
@@ -33,8 +18,6 @@ from tinyavl.cli import (TOY_WEIGHTS, ArgumentParser, add_policy_arguments, chec
 from tinyavl.files import check_output_file
 from tinyavl.generate import GENERATION_PARAMS, check_generation_args, prompt_layout
 from tinyavl.processing import check_question, load_image
-
-signal.signal(signal.SIGINT, previous_handler)  # Ctrl-C is KeyboardInterrupt again, which run_command ends in
 
 DEFAULT_WEIGHTS = TOY_WEIGHTS  # --weights when not given
 

@@ -13,15 +13,17 @@ works.
 """
 import re
 
+# tinyavl first, before torch: in a command, a Ctrl-C while torch imports is one line (tinyavl/startup.py).
+from tinyavl.cli import ArgumentParser, check_stdout_read, first_paragraph, run_main
+from tinyavl.errors import UserError
+from tinyavl.timing import best_seconds, synchronize
+
 import torch
 import torch.nn.functional as F
 
 from kernels.sparse_attention import (INTERPRETED, SUPPORTED_DTYPES, TRITON_AVAILABLE, error_report,
                                       format_report, gather_selected_rows, sparse_decode_attention,
                                       why_unsupported)
-from tinyavl.cli import ArgumentParser, check_stdout_read, first_paragraph, run_main
-from tinyavl.errors import UserError
-from tinyavl.timing import best_seconds, synchronize
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -887,13 +887,14 @@ def test_ctrl_c_is_one_line_and_status_130(capsys, monkeypatch, good, files):
     assert rc == 130 and err.strip().splitlines()[-1] == "interrupted (Ctrl-C)" and "Traceback" not in err
 
 
-# main.py run as a script, with Ctrl-C arriving while `tinyavl` is imported, inside a library's code that
+# A command run as Python runs it (main.py as a script; python -m, whose argv[0] is "-m" while Python imports
+# the module's packages), with Ctrl-C arriving when torch is first imported, inside a library's code that
 # catches every exception (as code torch runs while it imports does).
 CTRL_C_WHILE_IMPORTING = """
 import importlib.abc, os, runpy, signal, sys
 class CtrlCWhileImporting(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name == "tinyavl":
+        if name == "torch":
             sys.meta_path.remove(self)
             try:
                 os.kill(os.getpid(), signal.SIGINT)
@@ -901,20 +902,39 @@ class CtrlCWhileImporting(importlib.abc.MetaPathFinder):
                 pass
         return None
 sys.meta_path.insert(0, CtrlCWhileImporting())
-sys.argv = ["main.py", *sys.argv[1:]]
-runpy.run_path("main.py", run_name="__main__")
+command, *args = sys.argv[1:]
+if command == "main.py":
+    sys.argv = [command, *args]
+    runpy.run_path(command, run_name="__main__")
+else:
+    sys.argv = ["-m", *args]
+    runpy.run_module(command, run_name="__main__", alter_sys=True)
 """
 
 
-def test_ctrl_c_while_importing_is_one_line_and_status_130(files):
-    proc = subprocess.run([sys.executable, "-c", CTRL_C_WHILE_IMPORTING, "--image", str(files["png"]),
-                           "--max-new-tokens", "1"], cwd=REPO, capture_output=True, text=True, timeout=120)
+@pytest.mark.parametrize("command, args", [
+    ("main.py", ["--image", IMAGE, "--max-new-tokens", "1"]),
+    ("tinyavl.toy.evaluate", ["--n", "1"]),
+    ("kernels.bench_sparse_attention", []),
+])
+def test_ctrl_c_while_importing_is_one_line_and_status_130(command, args):
+    run = [sys.executable, "-c", CTRL_C_WHILE_IMPORTING, command, *map(str, args)]
+    proc = subprocess.run(run, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert (proc.returncode, proc.stdout, proc.stderr) == (130, "", "interrupted (Ctrl-C)\n")
-    # A shell starts a background job (`python main.py ... &`) with Ctrl-C ignored: it stays ignored.
-    proc = subprocess.run([sys.executable, "-c", CTRL_C_WHILE_IMPORTING, "--image", str(files["png"]),
-                           "--max-new-tokens", "1"], cwd=REPO, capture_output=True, text=True, timeout=120,
-                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
-    assert proc.returncode == 0 and "interrupted" not in proc.stderr
+    if command == "main.py":
+        # A shell starts a background job (`python main.py ... &`) with Ctrl-C ignored: it stays ignored.
+        proc = subprocess.run(run, cwd=REPO, capture_output=True, text=True, timeout=120,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+        assert proc.returncode == 0 and "interrupted" not in proc.stderr
+
+
+def test_a_program_that_is_not_a_command_keeps_its_ctrl_c():
+    """A notebook or a program of one's own that imports tinyavl: Ctrl-C stays Python's KeyboardInterrupt,
+    which the program may catch (a notebook's interrupt would otherwise end its kernel)."""
+    program = CTRL_C_WHILE_IMPORTING.split("command, *args")[0] + (
+        "try:\n    import tinyavl\nexcept KeyboardInterrupt:\n    print('caught')\nprint('went on')\n")
+    proc = subprocess.run([sys.executable, "-c", program], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "went on" in proc.stdout
 
 
 # As root every file is readable: drop the capabilities that let it read past a file's permissions.

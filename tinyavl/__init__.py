@@ -7,12 +7,15 @@
 """
 from pathlib import Path
 
-from tinyavl.cache import POLICIES, make_cache
-from tinyavl.errors import UserError
-from tinyavl.generate import GenerationStats, generate
-from tinyavl.loading import load_model, read_config
-from tinyavl.model import LlavaConfig, LlavaForConditionalGeneration
-from tinyavl.processing import Processor
+from tinyavl.startup import ctrl_c_ends_the_imports
+
+with ctrl_c_ends_the_imports():  # in a command, a Ctrl-C while torch imports is one line (tinyavl/startup.py)
+    from tinyavl.cache import POLICIES, make_cache
+    from tinyavl.errors import UserError
+    from tinyavl.generate import GenerationStats, generate
+    from tinyavl.loading import load_model, read_config
+    from tinyavl.model import LlavaConfig, LlavaForConditionalGeneration
+    from tinyavl.processing import Processor
 
 
 def load_pretrained(path, device=None, dtype=None):
