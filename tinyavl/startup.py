@@ -14,15 +14,17 @@ from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+COMMANDS = (REPO / "main.py", REPO / "tinyavl", REPO / "kernels")  # the command lines, and where the others are
 
 
 def starting_a_command() -> bool:
     """Whether this process is one of tinyavl's commands, importing it: `python -m tinyavl...` (while Python
     imports a module's packages, sys.argv[0] is "-m"), main.py or `python -m kernels...` (the program being
-    run is a file of this repository). Not a notebook or another program that imports tinyavl: there a Ctrl-C
-    stays Python's KeyboardInterrupt (a notebook's interrupt would end its kernel)."""
+    run is one of COMMANDS). Not a notebook or another program that imports tinyavl (pytest too): there a
+    Ctrl-C stays Python's KeyboardInterrupt (a notebook's interrupt would end its kernel)."""
     program = getattr(sys.modules.get("__main__"), "__file__", None)
-    return sys.argv[:1] == ["-m"] or (program is not None and Path(program).resolve().is_relative_to(REPO))
+    return sys.argv[:1] == ["-m"] or (program is not None and any(Path(program).resolve().is_relative_to(command)
+                                                                  for command in COMMANDS))
 
 
 def interrupted_while_importing(signum, frame):
