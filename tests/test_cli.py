@@ -531,6 +531,7 @@ def test_closed_standard_streams(files):
 @pytest.mark.parametrize("module, argv, remedy", [
     ("tinyavl.toy.evaluate", ["--n", "1"], ", or give --plot or --attention-maps"),
     ("tinyavl.toy.evaluate_hires", ["--n", "1"], ", or give --plot"),
+    ("tinyavl.toy.attention_study", ["--n", "1"], ", or give --out"),
     ("tinyavl.bench", ["--dtypes", "float32"], ""),
     ("kernels.bench_sparse_attention", [], ""),
 ])
