@@ -13,7 +13,7 @@ import sys
 import tinyavl  # first: in a command, a Ctrl-C while its imports run is one line (tinyavl/startup.py)
 from tinyavl import hires
 from tinyavl.attention_map import map_layer, save_attention_map
-from tinyavl.cli import (TOY_WEIGHTS, ArgumentParser, add_policy_arguments, check_filter_layer, check_stdout_read,
+from tinyavl.cli import (TOY_WEIGHTS, ArgumentParser, add_policy_arguments, check_filter_layer, check_stdout_open,
                          first_paragraph, flag, given_path, output_file, policy_cache, run_command)
 from tinyavl.files import check_output_file
 from tinyavl.generate import GENERATION_PARAMS, check_generation_args, prompt_layout
@@ -55,7 +55,7 @@ def check_args(args):
     the rest (--filter-layer's and --map-layer's upper bounds, the prompt's length, the image's size for the
     model's crops) with its small files, before the weights load (seconds to minutes for a 7B model). Fills in
     --weights' default."""
-    check_stdout_read("answer", {"--attention-map": args.attention_map})
+    check_stdout_open("answer", {"--attention-map": args.attention_map})
     image = load_image(args.image)
     check_question(args.prompt)
     check_generation_args(args.max_new_tokens, args.temperature, args.top_p, args.seed, named=flag)

@@ -14,7 +14,7 @@ works.
 import re
 
 # tinyavl first, before torch: in a command, a Ctrl-C while torch imports is one line (tinyavl/startup.py).
-from tinyavl.cli import ArgumentParser, check_stdout_read, first_paragraph, run_main
+from tinyavl.cli import ArgumentParser, check_stdout_open, first_paragraph, run_main
 from tinyavl.errors import UserError
 from tinyavl.timing import best_seconds, synchronize
 
@@ -177,7 +177,7 @@ def main(argv=None):
     parser.add_argument("--peak-gbps", type=float, help="peak memory bandwidth of the GPU in GB/s "
                         "(default: looked up from the device name)")
     args = parser.parse_args(argv)
-    check_stdout_read("results")
+    check_stdout_open("results")
     if args.peak_gbps is not None and not 0 < args.peak_gbps < float("inf"):
         parser.error(f"--peak-gbps must be a finite number above 0, got {args.peak_gbps}")
     if not TRITON_AVAILABLE:

@@ -147,13 +147,16 @@ def test_text_is_drawn_in_characters_the_font_has():
     rest; its default FreeType font (Aileron) has ASCII alone and draws the rest as boxes. A character the font
     lacks is drawn as its letter without the accent where the font has that, else as "?"; a newline as a
     space (it would draw over the line below)."""
-    question = "Q: Wie groß?\n正方形 😀 carré"
+    question = "Q: Wie groß?\n正方形 😀 carré, cafe\u0301"                           # an accent after its e
     bitmap = ImageFont.load_default_imagefont()
-    assert drawable(question, bitmap) == "Q: Wie groß? ??? ? carré"
+    assert drawable(question, bitmap) == "Q: Wie groß? ??? ? carré, café"
+    assert drawable("ﬁsh…", bitmap) == "fish..."                                 # a ligature, an ellipsis: NFKD's
     ImageDraw.Draw(Image.new("RGB", (400, 20))).text((0, 0), drawable(question, bitmap), font=bitmap)  # no raise
     default = ImageFont.load_default()
     if isinstance(default, ImageFont.FreeTypeFont):  # Pillow built with FreeType
-        assert default.getname()[0] == "Aileron" and drawable(question, default) == "Q: Wie gro?? ??? ? carre"
+        assert default.getname()[0] == "Aileron"
+        assert drawable(question, default) == "Q: Wie gro?? ??? ? carre, cafe"
+        assert drawable("x\u0301", default) == "x"                               # an accent no letter takes: left out
 
 
 def test_a_line_longer_than_the_picture_is_cut_with_an_ellipsis():
@@ -162,7 +165,7 @@ def test_a_line_longer_than_the_picture_is_cut_with_an_ellipsis():
     cut = fitted(question, draw, 300)
     assert cut.endswith("...") and question.startswith(cut[:-3]) and draw.textlength(cut) <= 300
     assert draw.textlength(question[:len(cut) - 3 + 1] + "...") > 300                 # one more character would not fit
-    assert fitted("Q: short", draw, 300) == "Q: short"
+    assert fitted("Q: short", draw, 300) == "Q: short" and fitted("Q: short", draw, 5) == ""
 
 
 def test_the_text_of_a_strip(tiny_ckpt, monkeypatch):

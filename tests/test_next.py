@@ -517,10 +517,18 @@ def test_a_tokenizer_of_other_special_tokens_prompts_as_transformers_does(next_f
                                    "rstrip": False, "normalized": False, "special": True}
                                   for i, content in enumerate(["<|im_start|>", "<|im_end|>"])]
     (next_folder / "tokenizer.json").write_text(json.dumps(tokenizer))
-    (next_folder / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<|startoftext|>", "eos_token": "<|im_end|>", "unk_token": "<unk>"}))
     (next_folder / "chat_template.json").write_text(json.dumps({"chat_template": template}))
     edit_config(next_folder, lambda config: config["text_config"].update(vocab_size=first_new + 2))
+    (next_folder / "tokenizer_config.json").unlink(missing_ok=True)   # without it, a Llama tokenizer's <s>
+    with pytest.raises(UserError, match="no <s> token, a Llama tokenizer's bos_token.*copy the checkpoint's "
+                                        "tokenizer_config.json"):
+        tinyavl.load_processor(next_folder)
+    declared = {"bos_token": "<|startoftext|>", "eos_token": "</s>"}
+    (next_folder / "tokenizer_config.json").write_text(json.dumps(declared))
+    with pytest.raises(UserError, match="no </s> token, the eos_token of tokenizer_config.json: the files come from"):
+        tinyavl.load_processor(next_folder)
+    (next_folder / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|startoftext|>", "eos_token": "<|im_end|>", "unk_token": "<unk>"}))
     processor = tinyavl.load_processor(next_folder)[1]
     bos_id = next(token["id"] for token in tokenizer["added_tokens"] if token["content"] == "<|startoftext|>")
     assert (processor.bos_token_id, processor.eos_token_id) == (bos_id, first_new + 1)

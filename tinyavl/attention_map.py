@@ -126,19 +126,26 @@ def has_glyph(font, char: str) -> bool:
 
 def drawable(text: str, font) -> str:
     """The text on one line (a newline would draw over the line below it), in characters the font has: one it
-    lacks is drawn as its letter without the accent where the font has that ("é" as "e"), else as "?"."""
+    lacks is drawn as its compatibility form without accents where the font has all of that ("é" as "e", "ﬁ"
+    as "fi"), an accent it lacks left out (its letter stays), anything else as "?"."""
     def shown(char: str) -> str:
         if has_glyph(font, char):
             return char
-        letter = unicodedata.normalize("NFKD", char)[0]
-        return letter if letter != char and has_glyph(font, letter) else "?"
-    return "".join(shown(char) for char in " ".join(text.split()))
+        if unicodedata.combining(char):
+            return ""
+        plain = "".join(c for c in unicodedata.normalize("NFKD", char) if not unicodedata.combining(c))
+        return plain if plain and all(has_glyph(font, c) for c in plain) else "?"
+    # NFC first: an accent written after its letter (e + U+0301) joins it ("é"), where a font may have both.
+    return "".join(shown(char) for char in unicodedata.normalize("NFC", " ".join(text.split())))
 
 
 def fitted(text: str, draw: ImageDraw.ImageDraw, width: float) -> str:
-    """`text` (drawable) as much of it as `width` px holds, ending in "..." where it is cut."""
+    """`text` (drawable) as much of it as `width` px holds, ending in "..." where it is cut ("" where not even
+    that fits)."""
     if draw.textlength(text) <= width:
         return text
+    if draw.textlength("...") > width:
+        return ""
     short, long = 0, len(text)  # the longest prefix that fits with its "...", by bisection: a question may be long
     while short < long:
         middle = (short + long + 1) // 2

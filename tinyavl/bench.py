@@ -64,7 +64,7 @@ import torch
 
 from tinyavl import anyres
 from tinyavl.cache import POLICIES, AVLCache, make_cache
-from tinyavl.cli import ArgumentParser, check_stdout_read, run_main
+from tinyavl.cli import ArgumentParser, check_stdout_open, run_main
 from tinyavl.errors import UserError
 from tinyavl.generate import generate, generation
 from tinyavl.loading import resolve_device, transformers_key
@@ -605,7 +605,7 @@ def main(argv=None):
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if present")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
     args = parser.parse_args(argv)
-    check_stdout_read("results")
+    check_stdout_open("results")
     try:
         args.device = resolve_device(args.device)
     except UserError as err:

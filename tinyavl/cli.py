@@ -64,7 +64,7 @@ def check_model_folder(folder: Path, option: str, trainer: str) -> None:
         raise UserError(f"{option}: no model folder at {folder}: train one with python -m {trainer}")
 
 
-def check_stdout_read(what: str, files: dict | None = None) -> None:
+def check_stdout_open(what: str, files: dict | None = None) -> None:
     """A UserError where the command was started with stdout closed (>&-) and given none of the options that
     name a file it writes (files: {flag: its value, None where not given}): its `what`, printed on stdout,
     would go nowhere, after all the work."""
@@ -202,28 +202,38 @@ class Notes:
     and its files; the notes go nowhere, never to stdout (where print(file=None) would send them)."""
 
     def __init__(self, stream):
-        self.stream = stream if stream is not None else open(os.devnull, "w")
+        self.stream = stream  # the real stderr; None: nobody reads it
 
     def write(self, text: str) -> int:
-        try:
-            return self.stream.write(text)
-        except BrokenPipeError:
-            self.reader_left()
-            return len(text)
+        self._try(lambda stream: stream.write(text))
+        return len(text)
 
     def flush(self) -> None:
-        try:
-            self.stream.flush()
-        except BrokenPipeError:
-            self.reader_left()
+        self._try(lambda stream: stream.flush())
 
-    def reader_left(self) -> None:
-        # stderr's file descriptor now points at nothing: what the stream still buffers, and every later note,
-        # is written there, and cannot fail again (when Python flushes the stream at exit, too).
-        os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+    def _try(self, act) -> None:
+        if self.stream is None:
+            return
+        try:
+            act(self.stream)
+        except BrokenPipeError:
+            # What the stream still buffers must not fail again when Python flushes it at exit: its file
+            # descriptor now points at nothing (a stream without one is let go).
+            try:
+                point_at_nothing(self.stream)
+            except (AttributeError, OSError, ValueError):
+                self.stream = None
 
     def __getattr__(self, name):  # fileno, isatty, encoding, ...: the stream's
         return getattr(self.stream, name)
+
+
+def point_at_nothing(stream) -> None:
+    """Point the file descriptor of a stream whose reader has gone at /dev/null: Python's own advice for a
+    broken pipe, so that the stream's flush at exit cannot fail again."""
+    nothing = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(nothing, stream.fileno())
+    os.close(nothing)
 
 
 @contextmanager
@@ -282,9 +292,8 @@ def ended_in_one_line(work) -> int:
         except Terminated as stop:
             print(f"terminated ({stop})", file=sys.stderr)
             return 128 + stop.signum  # as the shell reports a process the signal ended (143 for SIGTERM)
-        except BrokenPipeError:
-            # Python's own advice: point stdout at nothing, so that its flush at exit cannot fail again.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except BrokenPipeError:  # stdout's reader has gone
+            point_at_nothing(sys.stdout)
             return 1
         except OSError as err:
             if err.errno not in SYSTEM_REFUSALS:

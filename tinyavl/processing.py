@@ -253,13 +253,16 @@ class Processor:
         self.tokenizer = tokenizer
         self.image_token_id = image_token_id
         self.num_image_tokens = num_image_tokens  # of one crop: e.g. 576 = (336 / 14)^2 CLIP patches
-        # What a chat template may write ({{ bos_token }}, ...): those declared, as transformers hands them over.
+        # What a chat template may write ({{ bos_token }}, ...): those declared, as transformers hands them over
+        # (None: a folder without tokenizer_config.json, a Llama tokenizer's).
+        declared = special_tokens is not None
         self.special_tokens = {name: token for name, token in (special_tokens or LLAMA_SPECIAL_TOKENS).items()
                                if token is not None}
         self.bos_token = self.special_tokens.get("bos_token")  # "<s>" for Llama's tokenizer; None: declared none
-        self.bos_token_id = None if self.bos_token is None else _special_id(tokenizer, self.bos_token, "bos_token")
         eos_token = self.special_tokens.get("eos_token")
-        self.eos_token_id = None if eos_token is None else _special_id(tokenizer, eos_token, "eos_token")
+        self.bos_token_id, self.eos_token_id = (
+            None if token is None else _special_id(tokenizer, token, name, declared)
+            for name, token in (("bos_token", self.bos_token), ("eos_token", eos_token)))
         self.image_size = image_size  # side of the square crop the vision tower sees
         self.shortest_edge = shortest_edge
         self.image_mean = torch.tensor(image_mean, dtype=torch.float32).view(3, 1, 1)  # [3, 1, 1]
@@ -285,8 +288,8 @@ class Processor:
                         image_grid_pinpoints=None, patch_size: int | None = None,
                         hires_scale: int | None = None) -> "Processor":
         """Build from a checkpoint folder: tokenizer.json (required); preprocessor_config.json, the chat
-        template (`read_chat_template`) and processor_config.json (its "system_prompt", used when there is
-        no template) optional."""
+        template (`read_chat_template`), processor_config.json (its "system_prompt", used when there is no
+        template) and tokenizer_config.json (the special tokens: `read_special_tokens`) optional."""
         folder = Path(folder)
         path = folder / "tokenizer.json"
         if not path.is_file():
@@ -297,11 +300,11 @@ class Processor:
         except Exception as e:  # the tokenizers library raises a bare Exception
             raise UserError(f"{path} is not a valid tokenizer.json ({e}): download it again") from None
         pre_path = folder / "preprocessor_config.json"
-        pre_cfg = read_json_object(pre_path, optional=True)
+        pre_cfg = read_json_object(pre_path) if pre_path.is_file() else None
         pre = preprocessor_settings(pre_cfg, pre_path, vision_image_size, tiled=image_grid_pinpoints is not None)
         # The processor counts an image's slots from these canvases and the model tiles it on config.json's:
         # two lists would give a prompt whose slots and features do not match.
-        pre_pinpoints = pre_cfg.get("image_grid_pinpoints")
+        pre_pinpoints = (pre_cfg or {}).get("image_grid_pinpoints")
         if image_grid_pinpoints is not None and pre_pinpoints is not None and \
                 pre_pinpoints != [list(p) for p in image_grid_pinpoints]:  # as JSON: a malformed list differs too
             raise UserError(f"{pre_path} tiles images on image_grid_pinpoints "
@@ -464,10 +467,13 @@ def centred(img: Image.Image, width: int, height: int, colour=(0, 0, 0)) -> Imag
 LLAMA_SPECIAL_TOKENS = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": "<unk>", "pad_token": None}
 
 
-def read_special_tokens(path: Path) -> dict:
+def read_special_tokens(path: Path) -> dict | None:
     """{name: token or None} for LLAMA_SPECIAL_TOKENS' names, as tokenizer_config.json declares them (a string,
-    or an AddedToken object with its "content"; null: none) or as the Llama tokenizer's defaults."""
-    declared = read_json_object(path, optional=True)
+    or an AddedToken object with its "content"; null: none) or, for a name it leaves out, as the Llama
+    tokenizer's defaults; None without the file."""
+    if not path.is_file():
+        return None
+    declared = read_json_object(path)
     tokens = {}
     for name, default in LLAMA_SPECIAL_TOKENS.items():
         token = declared.get(name, default)
@@ -489,18 +495,22 @@ def _rgb_numbers(cfg: dict, name: str, default, path: Path, in_range, rule: str)
     return values
 
 
-def _special_id(tokenizer: Tokenizer, token: str, name: str) -> int:
-    """The id of the special token `name` ("bos_token", "eos_token"), `token` as tokenizer_config.json declares
-    it (or a Llama tokenizer's, without that file)."""
+def _special_id(tokenizer: Tokenizer, token: str, name: str, declared: bool) -> int:
+    """The id of the special token `name` ("bos_token", "eos_token"): `token`, as tokenizer_config.json declares
+    it (declared) or as a Llama tokenizer has it (the folder has no tokenizer_config.json)."""
     found = tokenizer.token_to_id(token)
+    if found is None and declared:
+        raise UserError(f"tokenizer.json has no {token} token, the {name} of tokenizer_config.json: the files come "
+                        "from different checkpoints")
     if found is None:
-        raise UserError(f"tokenizer.json has no {token} token, the {name} of the model folder's tokenizer_config.json "
-                        "(or, without that file, of a Llama tokenizer): the files come from different checkpoints")
+        raise UserError(f"tokenizer.json has no {token} token, a Llama tokenizer's {name}, which the folder's special "
+                        "tokens are without a tokenizer_config.json: copy the checkpoint's tokenizer_config.json "
+                        "into the model folder")
     return found
 
 
-def preprocessor_settings(cfg: dict, path: Path, vision_image_size: int, tiled: bool = False) -> dict:
-    """Processor settings from preprocessor_config.json (cfg, its parsed contents; {} when the file is
+def preprocessor_settings(cfg: dict | None, path: Path, vision_image_size: int, tiled: bool = False) -> dict:
+    """Processor settings from preprocessor_config.json (cfg, its parsed contents; None when the file is
     absent, giving the llava-1.5 defaults at the vision tower's size; path names it in errors; tiled:
     LLaVA-1.6's anyres). Where the file leaves size or crop_size out, they take transformers' image
     processor defaults (CLIP's and LLaVA-NeXT's: 224, `IMAGE_PROCESSOR_SIZE`), as transformers reads it.
@@ -511,13 +521,14 @@ def preprocessor_settings(cfg: dict, path: Path, vision_image_size: int, tiled: 
     image_grid_pinpoints, also written there, are read from config.json; from_pretrained checks that the two
     agree.)
     """
+    # A folder without the file (which transformers cannot load at all) is preprocessed at the tower's size.
+    default_size = vision_image_size if cfg is None else IMAGE_PROCESSOR_SIZE
+    cfg = cfg or {}
     for step in ("do_resize", "do_center_crop", "do_rescale", "do_normalize"):
         # false, 0 or null skips the step in transformers' processor; tinyavl takes only true.
         if step in cfg and cfg[step] is not True:
             raise UserError(f"{path} sets {step}: {json.dumps(cfg[step])}; tinyavl implements only LLaVA's "
                             "preprocessing (resize, center crop, rescale, normalise), so it cannot run this checkpoint")
-    # A folder without the file (which transformers cannot load at all) is preprocessed at the tower's size.
-    default_size = IMAGE_PROCESSOR_SIZE if path.is_file() else vision_image_size
     # Older files write sizes as plain ints, newer ones as dicts.
     crop = cfg.get("crop_size", default_size)
     crop_hw = (crop.get("height"), crop.get("width")) if isinstance(crop, dict) else (crop, crop)

@@ -20,16 +20,19 @@ COMMANDS = (REPO / "main.py", REPO / "tinyavl", REPO / "kernels")  # the command
 def starting_a_command() -> bool:
     """Whether this process is one of tinyavl's commands, importing it: `python -m tinyavl...` (while Python
     imports a module's packages, sys.argv[0] is "-m"), main.py or `python -m kernels...` (the program being
-    run is one of COMMANDS). Not a notebook or another program that imports tinyavl (pytest too): there a
-    Ctrl-C stays Python's KeyboardInterrupt (a notebook's interrupt would end its kernel)."""
+    run is one of COMMANDS; any `python -m` whose packages import tinyavl counts too). Not a notebook or
+    another program that imports tinyavl (pytest too): there a Ctrl-C stays Python's KeyboardInterrupt (a
+    notebook's interrupt would end its kernel)."""
     program = getattr(sys.modules.get("__main__"), "__file__", None)
     return sys.argv[:1] == ["-m"] or (program is not None and any(Path(program).resolve().is_relative_to(command)
                                                                   for command in COMMANDS))
 
 
 def interrupted_while_importing(signum, frame):
-    if sys.stderr is not None:  # None: started with stderr closed (2>&-)
+    try:  # said where stderr is read: it may be closed (2>&-, sys.stderr None) or its reader gone
         os.write(sys.stderr.fileno(), b"interrupted (Ctrl-C)\n")
+    except (AttributeError, OSError, ValueError):
+        pass
     os._exit(130)  # the shell's status for an interrupt
 
 

@@ -46,8 +46,8 @@ import torch
 from tinyavl import hires, load_pretrained
 from tinyavl.attention_stats import capture, ppci, record_attention, segment_shares, segment_sizes, top_set, top_share
 from tinyavl.cache import MODALITIES, AVLCache, KVCache
-from tinyavl.cli import (TOY_WEIGHTS, ArgumentParser, check_model_folder, check_stdout_read, first_paragraph, given_path,
-                         run_command)
+from tinyavl.cli import (TOY_WEIGHTS, ArgumentParser, check_model_folder, check_stdout_open, first_paragraph,
+                         given_path, run_command)
 from tinyavl.errors import UserError
 from tinyavl.files import check_picture_folder
 from tinyavl.generate import generate
@@ -406,7 +406,7 @@ def save_figures(result: dict, folder: Path, replace: bool = False) -> list[Path
 
 
 def run(args) -> dict:
-    check_stdout_read("results", {"--out": args.out})
+    check_stdout_open("results", {"--out": args.out})
     if args.n < 1:
         raise UserError(f"--n must be at least 1, got {args.n}")
     if args.force and args.out is None:

@@ -43,7 +43,7 @@ from tinyavl import load_pretrained
 from tinyavl.attention_map import save_attention_map
 from tinyavl.cache import AVLCache, KVCache, StreamingCache, as_decimal, make_cache
 from tinyavl.cli import (TOY_WEIGHTS, ArgumentParser, add_policy_arguments, check_filter_layer, check_model_folder,
-                         check_stdout_read, first_paragraph, given_path, given_policy_params, output_file, policy_cache,
+                         check_stdout_open, first_paragraph, given_path, given_policy_params, output_file, policy_cache,
                          run_command)
 from tinyavl.errors import UserError
 from tinyavl.files import check_output_file, check_picture_folder
@@ -512,7 +512,7 @@ def map_file(folder: Path, kind: str) -> Path:
 
 
 def run(args) -> dict:
-    check_stdout_read("results", {"--plot": args.plot, "--attention-maps": args.attention_maps})
+    check_stdout_open("results", {"--plot": args.plot, "--attention-maps": args.attention_maps})
     if args.n < 1:
         raise UserError(f"--n must be at least 1, got {args.n}")
     if args.table and args.n < 2:  # paired_ratio_interval resamples scenes: one gives an interval of no width

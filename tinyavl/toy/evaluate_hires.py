@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from tinyavl import anyres, load_pretrained
-from tinyavl.cli import (HIRES_TOY_WEIGHTS, ArgumentParser, check_model_folder, check_stdout_read, first_paragraph,
+from tinyavl.cli import (HIRES_TOY_WEIGHTS, ArgumentParser, check_model_folder, check_stdout_open, first_paragraph,
                          given_path, output_file, run_command)
 from tinyavl.errors import UserError
 from tinyavl.files import check_output_file
@@ -162,7 +162,7 @@ def parse_args(argv):
 
 
 def run(args) -> dict:
-    check_stdout_read("results", {"--plot": args.plot})
+    check_stdout_open("results", {"--plot": args.plot})
     if args.n < 1:
         raise UserError(f"--n must be at least 1, got {args.n}")
     if args.force and args.plot is None:
