@@ -467,7 +467,8 @@ class KVCache:
 
     def rows_to_attend(self, layer: int):
         """Row indices (ascending, shared by all heads, never empty: the step's own row is among them) this
-        step computes with; None = every row."""
+        decode step computes with; None = every row, as at the prefill, where the prompt attends causally to
+        all of itself (`compute` refuses rows there)."""
         return None
 
     def compute(self, layer: int, q, rows):
@@ -637,10 +638,10 @@ def swaps_every_head_at_once(buffer) -> bool:
 
     On a GPU a copy per plane is two kernel launches (a select and a copy) per (sample, head) for K and two
     for V, 128 per layer for LLaVA-7B's 32 heads, which cost more than the rows they move. On a CPU a row of
-    a plane is contiguous, so selecting and copying rows along its first dim are row copies (memcpy): in the
-    benchmark's fp32 A-VL run at 2928 image tokens (2 cores, 2026-12-05) an update step's swaps took
-    17.5-18.7 ms plane by plane, 20.4 ms as one copy of every head's rows seen as one list, and 22.6-24.8 ms
-    along dim 2 of the 4-d buffer."""
+    a plane is contiguous, so selecting and copying rows along its first dim are row copies (memcpy): in runs
+    of the benchmark's fp32 A-VL case at 2928 image tokens that compared the ways (2 cores, 2026-12-05) an
+    update step's swaps took 17.5-18.7 ms plane by plane, 20.4 ms as one copy of every head's rows seen as
+    one list, and 22.6-24.8 ms along dim 2 of the 4-d buffer."""
     return buffer.is_cuda
 
 
