@@ -76,7 +76,7 @@ N_SYS, N_TEXT = 5, 40  # "<s> USER: " and a question plus "ASSISTANT:" of typica
 # LLaVA-1.6-7B's canvases (config.json's image_grid_pinpoints), its 336 px tiles and 14 px patches.
 LLAVA_V16_PINPOINTS = [(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)]
 NEXT_IMAGES = ((672, 672), (336, 1008))  # (height, width) of the images whose blocks --arch next measures
-# The paper's memory table: 640x480 is a COCO photo's size, the images its captioning benchmarks use.
+# The paper's memory table does not name its image: 640x480 is a common photo size.
 PAPER_MEMORY_IMAGES = ((672, 672), (336, 1008), (480, 640))
 PAPER_MEMORY = {"dense_MB": 1179, "avl_MB": 531, "params": {"T": 0.7}, "new_tokens": 64}
 
