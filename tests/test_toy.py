@@ -118,7 +118,7 @@ def test_evaluate_one_scene_prints_its_table(capsys):
     """One scene (--n 1): its row, with no share of full's accuracy ("-"): one scene has nothing to resample."""
     assert evaluate_main(["--n", "1", "--seed", "5"]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| - | full |"))
-    assert row.split(" | ")[4] == "-"  # image kept, policy, params, overall, of full
+    assert row.split(" | ")[4] == "-"  # budget, policy, params, overall, of full
 
 
 def test_evaluate_command_json(toy, capsys):

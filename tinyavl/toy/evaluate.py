@@ -413,7 +413,7 @@ def budget_sweep(model, processor, questions, log=None, hires_mode: str = DEFAUL
                 # Its knobs reach no lower (FastV's R at FASTV_MAX_R): the row would be the last one again,
                 # at more bytes than this budget's. Left out, and said.
                 if log:
-                    log(f"{policy}: its knobs reach no lower than its last row's; no row at image kept {image_keep:g}")
+                    log(f"{policy}: its knobs reach no lower than its last row's; no row at budget {image_keep:g}")
                 continue
             knobs_run[policy] = by_type
             params = next(iter(by_type.values()))
@@ -455,7 +455,7 @@ def format_table(reports: list[dict]) -> str:
     sweep, of `random`'s at its budget (`budget_sweep`'s "of_random"), the caption objects named exactly
     (95% interval, each caption a cluster), and the measured ratios."""
     full = next((r for r in reports if r["policy"] == "full"), None)
-    head = (["image kept", "policy", "params", "overall", "of full", "of random"] + list(PROMPT_KINDS)
+    head = (["budget", "policy", "params", "overall", "of full", "of random"] + list(PROMPT_KINDS)
             + ["caption objects", "KV bytes", "KV bytes, captions", "attended"])
     rows = []
     for r in reports:
