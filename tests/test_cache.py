@@ -469,6 +469,30 @@ def test_prefill_filter_keeps_a_last_image_token(policy, params, n_sys):
     assert len(kept_hidden) == 1 and kept_hidden[0][-1] == ids.shape[1] - 1
 
 
+def test_avl_filter_lets_p_of_the_image_through_and_each_later_layer_stores_s_of_it():
+    """S < P < 1, by hand (gqa4: N_img = 37, 4 layers, the filter from layer 2): the layers before the filter
+    rank all 37 image tokens; the filter lets floor(P N_img) = 18 of them through to layers 2 and 3, which rank
+    those and store floor(S N_img) = 11, a subset of what the filter let through. (At the defaults S = P, so
+    a filter that kept floor(S N_img) would look the same.)"""
+    m = model("gqa4")
+    ids, pixel_values = prompt("gqa4")
+    n_img = m.config.num_image_tokens
+    cache = recording(AVLCache)(S=0.3, C=0.2, P=0.5, filter_layer=2)
+    cache.begin(m.config.text.num_hidden_layers, *image_segments(ids, m.config.image_token_id))
+    with torch.inference_mode():
+        m(ids, pixel_values, cache=cache, last_only=True)
+
+    def image_positions(entry, when):  # the image tokens a layer's cache holds, as positions
+        return {p for p in entry[when][0, 0].tolist() if N_SYS <= p < N_SYS + n_img}
+
+    reaching = [len(image_positions(e, "pos_before")) for e in cache.log]      # per layer, before its eviction
+    assert (n_img, math.floor(0.5 * n_img), math.floor(0.3 * n_img)) == (37, 18, 11)
+    assert reaching == [37, 37, 18, 18]
+    for entry in cache.log[2:]:
+        assert image_positions(entry, "pos_after") < image_positions(entry, "pos_before")
+        assert len(image_positions(entry, "pos_after")) == 11
+
+
 @pytest.mark.parametrize("n_sys", [2, 0])
 def test_avl_stores_its_own_top_image_tokens_where_its_filter_keeps_a_last_image_token(n_sys):
     """The filter's keeping of a prompt's last image token (`image_filter`) is the filter's rule alone: at
