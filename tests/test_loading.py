@@ -98,6 +98,22 @@ def test_stored_and_run_dtypes(tiny_ckpt, stored, run):
         assert torch.isfinite(model(ids)).all()
 
 
+@pytest.mark.parametrize("most, head", [("float32", "float16"), ("float16", "float32")])
+def test_a_checkpoint_of_mixed_dtypes_runs_in_the_dtype_most_of_it_is_stored_in(tiny_ckpt, tmp_path, most, head):
+    """A checkpoint whose language head alone is stored in another dtype (the first tensor of a llava-hf
+    file, by key) runs, by default, in the dtype of the rest (fp16 as bf16 on a CPU, as always)."""
+    from safetensors.torch import load_file, save_file
+    folder = shutil.copytree(tiny_ckpt.folder("mha", layout="published", dtype=DTYPES[most]), tmp_path / "mixed")
+    tensors = load_file(folder / "model.safetensors")
+    assert min(tensors) == "language_model.lm_head.weight"
+    tensors["language_model.lm_head.weight"] = tensors["language_model.lm_head.weight"].to(DTYPES[head])
+    assert tensors["language_model.lm_head.weight"].numel() < sum(t.numel() for t in tensors.values()) / 2
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    model, _ = tinyavl.load_pretrained(folder, device="cpu")
+    expected = {"float32": torch.float32, "float16": torch.bfloat16}[most]
+    assert {t.dtype for t in model.state_dict().values()} == {expected}
+
+
 @pytest.mark.parametrize("dtype", ["int8", "float64", torch.int8, torch.float64, 16])
 def test_a_dtype_tinyavl_does_not_run_in_is_refused(tiny_ckpt, dtype):
     """fp32, fp16 and bf16, by name or as torch dtypes; anything else is one line, not load_state_dict's error."""

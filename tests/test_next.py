@@ -559,6 +559,9 @@ def test_a_batch_of_images_with_different_crop_counts_matches_transformers(tiny_
     assert len(ours) == len(theirs) == 2
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    with torch.no_grad():  # image_sizes as lists, which transformers takes too
+        as_lists = model.image_features(batch["pixel_values"], batch["image_sizes"].tolist())
+    assert all(torch.equal(a, b) for a, b in zip(as_lists, ours))
 
 
 def test_the_base_crop_matches_transformers_when_shortest_edge_is_not_the_crop_size(tiny_ckpt, tmp_path):

@@ -22,7 +22,8 @@ def load_pretrained(path, device=None, dtype=None):
     """(model, processor) from a llava-hf folder (LLaVA-1.5 or 1.6): config.json, safetensors, tokenizer.json.
 
     device: "cpu", "cuda" or None (CUDA when present). dtype: a torch dtype or "float32"/"bfloat16"/
-    "float16"; None keeps the stored dtype (fp16 checkpoints run as bf16 on a CPU).
+    "float16"; None keeps the stored dtype, the one most of the weights are stored in (fp16 checkpoints run as
+    bf16 on a CPU).
     """
     config, processor = load_processor(path)
     return load_model(path, device, dtype, config), processor

@@ -375,14 +375,18 @@ def load_weights(model: LlavaForConditionalGeneration, files: list[Path], dtype,
 
 
 def stored_dtype(files: list[Path]) -> torch.dtype:
-    """The floating dtype the checkpoint was saved in (fp16 for the published llava-hf files); float32 for
-    an F64 checkpoint, which tinyavl does not run in."""
-    with open_safetensors(files[0]) as f:
-        for key in f.keys():
-            dtype = STORED_DTYPES.get(f.get_slice(key).get_dtype())
-            if dtype is not None:
-                return dtype
-    return torch.float32
+    """The floating dtype the checkpoint was saved in (fp16 for the published llava-hf files): the one most of
+    its values are stored in, read from the files' headers (a file may keep a few tensors in another, as an
+    fp32 head beside fp16 weights); float32 for an F64 checkpoint, which tinyavl does not run in."""
+    values = {}  # stored dtype -> how many values the checkpoint holds in it
+    for path in files:
+        with open_safetensors(path) as f:
+            for key in f.keys():
+                tensor = f.get_slice(key)
+                dtype = STORED_DTYPES.get(tensor.get_dtype())
+                if dtype is not None:
+                    values[dtype] = values.get(dtype, 0) + math.prod(tensor.get_shape())
+    return max(values, key=values.get, default=torch.float32)
 
 
 def check_decoder_layers(config: LlavaConfig, files: list[Path]) -> None:

@@ -766,8 +766,9 @@ class LlavaForConditionalGeneration(nn.Module):
         """One (N_img, C_text) tensor per image, in the order its tokens take in the prompt.
 
         LLaVA-1.5: pixel_values (B, 3, S, S), one crop per image. LLaVA-1.6: (B, n_crops, 3, S, S) with
-        image_sizes (B, 2), each image's original (height, width): crop 0 is the whole image, crops 1..
-        the tiles of its canvas in reading order; crops past an image's own count pad the batch.
+        image_sizes (B, 2), each image's original (height, width), a tensor or as nested lists (transformers
+        takes both): crop 0 is the whole image, crops 1.. the tiles of its canvas in reading order; crops past
+        an image's own count pad the batch.
         """
         if not self.config.is_next:
             return list(self.crop_features(pixel_values))
@@ -775,7 +776,7 @@ class LlavaForConditionalGeneration(nn.Module):
             raise UserError("LLaVA-1.6 takes pixel_values (B, n_crops, 3, S, S) with image_sizes (B, 2), "
                             "as its processor returns them: pass both")
         tile = self.config.vision.image_size
-        sizes = image_sizes.tolist()                                           # [(h, w)] per image
+        sizes = torch.as_tensor(image_sizes).tolist()                          # [(h, w)] per image
         # each image's canvas as (rows, columns) of tiles
         tile_grids = [anyres.tile_grid(hw, self.config.image_grid_pinpoints, tile) for hw in sizes]
         n_crops = [1 + rows * columns for rows, columns in tile_grids]
