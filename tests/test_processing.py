@@ -335,6 +335,16 @@ def test_tokenizer_and_config_errors(folder, tmp_path):
         Processor.from_pretrained(folder, image_token_id + 1, NUM_IMAGE_TOKENS, SIZE)
 
 
+@pytest.mark.parametrize("name", ["preprocessor_config.json", "tokenizer_config.json", "processor_config.json"])
+def test_a_damaged_optional_file_is_told_it_may_be_deleted(folder, tmp_path, name):
+    """A file the folder may do without: a damaged one is refused, and the remedy says so."""
+    (tmp_path / "tokenizer.json").write_bytes((folder / "tokenizer.json").read_bytes())
+    (tmp_path / name).write_text("{broken")
+    with pytest.raises(UserError, match=f"{name} is not valid JSON .*download it again, or delete it to use the "
+                                        "defaults"):
+        Processor.from_pretrained(tmp_path, image_id(), NUM_IMAGE_TOKENS, SIZE)
+
+
 def test_preprocessor_config(folder, tmp_path):
     (tmp_path / "tokenizer.json").write_bytes((folder / "tokenizer.json").read_bytes())
     image_token_id = image_id()

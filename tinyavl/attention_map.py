@@ -17,6 +17,7 @@ at high resolution, as the tiles show it once the padding is cut away; its newli
 The question, what the strip shows and the counts of each role are written above the panels, each line cut
 to the picture's width (`fitted`), in characters the font has (`drawable`).
 """
+import functools
 import math
 import unicodedata
 from dataclasses import dataclass
@@ -120,8 +121,15 @@ def has_glyph(font, char: str) -> bool:
     box (Pillow's default FreeType font, Aileron, has ASCII alone: "é" is a box)."""
     if not isinstance(font, ImageFont.FreeTypeFont):
         return ord(char) < 256
-    drawn, missing = font.getmask(char), font.getmask(NO_GLYPH)
-    return drawn.size != missing.size or bytes(drawn) != bytes(missing)
+    return glyph(font, char) != glyph(font, NO_GLYPH)
+
+
+@functools.lru_cache(maxsize=4096)
+def glyph(font, char: str) -> tuple:
+    """(size, pixels) of the character as the FreeType font draws it: each character of a text, and the
+    missing-glyph box every one is compared with, drawn once."""
+    mask = font.getmask(char)
+    return mask.size, bytes(mask)
 
 
 def drawable(text: str, font) -> str:

@@ -45,11 +45,11 @@ def check_readable(path: Path) -> None:
         pass
 
 
-def read_json_object(path: Path, optional: bool = False) -> dict:
+def read_json_object(path: Path, optional: bool = False) -> dict | None:
     """The JSON object a model folder's file holds (config.json, a shard index, the processor's files); with
-    `optional`, {} where the file is absent. UserError if it is not a JSON object in UTF-8."""
+    `optional`, None where the file is absent. UserError if it is not a JSON object in UTF-8."""
     if optional and not path.is_file():
-        return {}
+        return None
     remedy = "download it again" + (", or delete it to use the defaults" if optional else "")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))

@@ -300,7 +300,7 @@ class Processor:
         except Exception as e:  # the tokenizers library raises a bare Exception
             raise UserError(f"{path} is not a valid tokenizer.json ({e}): download it again") from None
         pre_path = folder / "preprocessor_config.json"
-        pre_cfg = read_json_object(pre_path) if pre_path.is_file() else None
+        pre_cfg = read_json_object(pre_path, optional=True)
         pre = preprocessor_settings(pre_cfg, pre_path, vision_image_size, tiled=image_grid_pinpoints is not None)
         # The processor counts an image's slots from these canvases and the model tiles it on config.json's:
         # two lists would give a prompt whose slots and features do not match.
@@ -311,7 +311,7 @@ class Processor:
                             f"{pre_pinpoints} but config.json on {image_grid_pinpoints}: the files come from "
                             "different checkpoints")
         processor_path = folder / "processor_config.json"
-        processor_config = read_json_object(processor_path, optional=True)
+        processor_config = read_json_object(processor_path, optional=True) or {}
         system_prompt = processor_config.get("system_prompt", "")
         if not isinstance(system_prompt, str):
             raise UserError(f"{processor_path} has a system_prompt that is not a string")
@@ -471,9 +471,9 @@ def read_special_tokens(path: Path) -> dict | None:
     """{name: token or None} for LLAMA_SPECIAL_TOKENS' names, as tokenizer_config.json declares them (a string,
     or an AddedToken object with its "content"; null: none) or, for a name it leaves out, as the Llama
     tokenizer's defaults; None without the file."""
-    if not path.is_file():
+    declared = read_json_object(path, optional=True)
+    if declared is None:
         return None
-    declared = read_json_object(path)
     tokens = {}
     for name, default in LLAMA_SPECIAL_TOKENS.items():
         token = declared.get(name, default)
