@@ -18,7 +18,7 @@ import tinyavl
 from tinyavl.cli import TOY_WEIGHTS
 from tinyavl.errors import UserError
 from tinyavl.loading import parse_config, read_config
-from tiny_checkpoints import (LAYOUTS, VARIANTS, published_state_dict, sparse_config,
+from tiny_checkpoints import (LAYOUTS, VARIANTS, make_image, published_state_dict, sparse_config,
                               tokenizer_info, write_checkpoint)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -444,3 +444,56 @@ def test_read_config_takes_a_folder_as_a_path_or_a_string():
     """The module's usage line, read_config(folder), with the folder as a command line or a caller gives it."""
     model, _ = tinyavl.load_pretrained(TOY_WEIGHTS)
     assert read_config(str(TOY_WEIGHTS)) == read_config(TOY_WEIGHTS) == model.config
+
+
+# ------------------------------------------------------------------------------------ generation_config.json
+def greedy_answer(folder, max_new_tokens: int):
+    """(tinyavl's greedy tokens with the folder's own stopping ids, transformers' from the same folder)."""
+    from transformers import LlavaForConditionalGeneration as HFLlava
+
+    model, processor = tinyavl.load_pretrained(folder, device="cpu")
+    inputs = processor(processor.chat_prompt("What is there?"), make_image(40, 30, seed=3))
+    ours, _ = tinyavl.generate(model, inputs["input_ids"], inputs["pixel_values"], max_new_tokens=max_new_tokens)
+    hf_model = HFLlava.from_pretrained(folder).eval()
+    out = hf_model.generate(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"], do_sample=False,
+                            max_new_tokens=max_new_tokens, pad_token_id=tokenizer_info()["pad_token_id"])
+    return ours, out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def test_an_answer_ends_at_the_ids_generation_config_json_declares_as_in_transformers(good_folder):
+    """A folder's generation_config.json names the ids that end an answer (a list of them, or null: none),
+    and transformers' generate stops there; so does tinyavl's, whatever config.json's text_config says."""
+    never = tokenizer_info()["vocab_size"] - 1
+    (good_folder / "generation_config.json").write_text(json.dumps({"eos_token_id": None}))
+    ours, theirs = greedy_answer(good_folder, 12)
+    assert ours == theirs and len(ours) == 12
+    # The first id that is not the first token: the answer must end right after it, and not before.
+    k = next(i for i, token in enumerate(ours) if token not in ours[:i] and i > 0)
+    assert never not in ours
+    (good_folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [never, ours[k]]}))
+    assert read_config(good_folder).text.eos_token_id == [never, ours[k]]
+    stopped, theirs = greedy_answer(good_folder, 12)
+    assert stopped == theirs == ours[:k + 1]
+
+
+def test_without_generation_config_json_an_answer_ends_at_config_json_eos(good_folder):
+    """Without the file, or where it leaves eos_token_id out, config.json's text_config.eos_token_id ends an
+    answer (transformers' generate would stop at no id: it reads LLaVA's ids from generation_config.json only)."""
+    config = json.loads((good_folder / "config.json").read_text())
+    config["text_config"]["eos_token_id"] = 5
+    (good_folder / "config.json").write_text(json.dumps(config))
+    assert read_config(good_folder).text.eos_token_id == 5
+    (good_folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "pad_token_id": 0}))
+    assert read_config(good_folder).text.eos_token_id == 5
+
+
+@pytest.mark.parametrize("eos", [[], -1, "</s>", 2.0, True, [2, 10 ** 6]])
+def test_error_generation_config_json_eos_that_is_no_token(good_folder, eos):
+    (good_folder / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))
+    message = load_error(good_folder)
+    assert "generation_config.json: eos_token_id is" in message and "remove the key" in message, message
+
+
+def test_error_generation_config_json_that_is_not_json(good_folder):
+    (good_folder / "generation_config.json").write_text("{broken")
+    assert "generation_config.json is not valid JSON" in load_error(good_folder)

@@ -189,8 +189,8 @@ def generation(model, input_ids, pixel_values=None, *, image_sizes=None, hires_p
     hires_pixel_values: a FlexAttention model's high-resolution view, whose blocks every step reads;
     hires_top: read that many best blocks instead of the threshold's, `HiresView.top`).
 
-    eos_token_id: the id (or ids) that end the answer; None means config.json's (config.text.eos_token_id;
-    transformers' generate would take generation_config.json's, where a folder has one), () never stops early.
+    eos_token_id: the id (or ids) that end the answer; None means the model's (config.text.eos_token_id:
+    generation_config.json's where the folder declares them, else config.json's), () never stops early.
     policy: a cache object or a policy name (a key of cache.POLICIES: "full", "avl", ...) whose
     parameters are the keyword arguments.
     A generator, one step at a time: it yields each new token as it is chosen, and returns (its return

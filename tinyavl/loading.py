@@ -1,6 +1,7 @@
 """Reading a llava-hf folder: config.json into a LlavaConfig, safetensors into a model, tensor by tensor.
 
     config = read_config(folder)            # config.json, with transformers' class defaults filled in
+                                            # (and generation_config.json's ids that end an answer)
     model = load_model(folder)              # built on the meta device, then streamed from the files
 
 Three things make this more than `load_state_dict`:
@@ -25,7 +26,8 @@ from safetensors import SafetensorError, safe_open
 
 from tinyavl.errors import UserError
 from tinyavl.files import check_readable, read_json_object
-from tinyavl.model import HiresConfig, LlavaConfig, LlavaForConditionalGeneration, TextConfig, VisionConfig
+from tinyavl.model import (HiresConfig, LlavaConfig, LlavaForConditionalGeneration, TextConfig, VisionConfig,
+                           is_eos_token_id)
 
 # ---------------------------------------------------------------------------------------------------
 # config.json
@@ -155,7 +157,25 @@ def read_config(folder: Path | str) -> LlavaConfig:
         raise UserError(f"{path} is not a file: a llava-hf model folder holds config.json beside its safetensors")
     if not path.is_file():
         raise UserError(f"{path} is missing: a llava-hf model folder holds config.json beside its safetensors")
-    return parse_config(read_json_object(path))
+    config = parse_config(read_json_object(path))
+    config.text.eos_token_id = answer_end_ids(folder / "generation_config.json", config.text)
+    return config
+
+
+def answer_end_ids(path: Path, text: TextConfig) -> int | list[int] | None:
+    """The ids that end an answer: generation_config.json's eos_token_id where the folder's file declares it
+    (null included), as transformers' generate takes it; else config.json's text_config.eos_token_id.
+    (transformers without that file, or with one that leaves the key out, stops at no id: LLaVA's
+    config.json keeps its ids in text_config, where its generation config does not look.)"""
+    declared = read_json_object(path, optional=True)
+    if declared is None or "eos_token_id" not in declared:
+        return text.eos_token_id
+    eos = declared["eos_token_id"]
+    if not is_eos_token_id(eos, text.vocab_size):
+        raise UserError(f"{path}: eos_token_id is {eos!r}, but it must be a token id (0 .. {text.vocab_size - 1}), "
+                        "a non-empty list of them, or null; fix the value, or remove the key to stop at "
+                        "config.json's")
+    return eos
 
 
 # ---------------------------------------------------------------------------------------------------

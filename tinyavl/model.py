@@ -98,7 +98,9 @@ class TextConfig:
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     bos_token_id: int = 1
-    eos_token_id: int | list[int] = 2  # config.json may list several
+    # The ids that end an answer (config.json may list several); read_config takes generation_config.json's
+    # where the folder's file declares them, as transformers' generate does.
+    eos_token_id: int | list[int] | None = 2
 
     def __post_init__(self):
         # Checked before the derived sizes below, which would divide by a zero head count.
@@ -120,14 +122,23 @@ class TextConfig:
         _require_kind(self, section, ("hidden_act",), str)
         # Ids the embedding table has a row for (null: none declared; generation then stops at its length).
         # config.json may list several ids that end an answer, but only one that begins it.
-        def is_token(i):
-            return type(i) is int and 0 <= i < self.vocab_size
-
-        a_token = f"a token id (0 .. {self.vocab_size - 1})"
         bos, eos = self.bos_token_id, self.eos_token_id
-        _require(bos is None or is_token(bos), f"{section}.bos_token_id is {bos!r}, but it must be {a_token} or null")
-        _require(eos is None or is_token(eos) or (isinstance(eos, list) and eos and all(map(is_token, eos))),
+        a_token = f"a token id (0 .. {self.vocab_size - 1})"
+        _require(bos is None or is_token_id(bos, self.vocab_size),
+                 f"{section}.bos_token_id is {bos!r}, but it must be {a_token} or null")
+        _require(is_eos_token_id(eos, self.vocab_size),
                  f"{section}.eos_token_id is {eos!r}, but it must be {a_token}, a non-empty list of them, or null")
+
+
+def is_token_id(value, vocab_size: int) -> bool:
+    """An id the embedding table has a row for (a JSON integer: not true, not 2.0)."""
+    return type(value) is int and 0 <= value < vocab_size
+
+
+def is_eos_token_id(value, vocab_size: int) -> bool:
+    """What a config file may give as the ids that end an answer: one id, a non-empty list of them, or null."""
+    return (value is None or is_token_id(value, vocab_size)
+            or (isinstance(value, list) and bool(value) and all(is_token_id(i, vocab_size) for i in value)))
 
 
 def _require(ok: bool, problem: str) -> None:
