@@ -421,6 +421,12 @@ def test_a_field_config_json_leaves_out_takes_transformers_class_default(text_ty
         expected = theirs.rope_parameters["rope_theta"] if field == "rope_theta" else getattr(theirs, field)
         assert getattr(ours, field) == expected, field
     raw = copy.deepcopy(base)
+    raw["text_config"].pop("sliding_window", None)  # Mistral's default window; transformers' Llama has none
+    expected = HFLlavaConfig.from_dict(raw).text_config.sliding_window if text_type == "mistral" else None
+    assert parse_config(copy.deepcopy(raw)).text.sliding_window == expected
+    raw["text_config"]["sliding_window"] = 64       # a Llama config.json may carry the key: its model never reads it
+    assert parse_config(raw).text.sliding_window == (64 if text_type == "mistral" else None)
+    raw = copy.deepcopy(base)
     raw.pop("vision_config")
     ours, theirs = parse_config(copy.deepcopy(raw)).vision, HFLlavaConfig.from_dict(raw).vision_config
     for field in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",

@@ -285,13 +285,60 @@ def test_template_that_fails(next_folder, tmp_path, capsys, template, mentions):
     run_bad(capsys, next_folder, tmp_path, *mentions)
 
 
-@pytest.mark.parametrize("window", [4096, "absent"])
-def test_mistral_with_a_sliding_window_is_refused(tiny_ckpt, tmp_path, capsys, window):
+def test_mistral_with_a_sliding_window_runs_as_transformers_within_it_and_stops_there(tiny_ckpt, tmp_path):
+    """A Mistral decoder whose tokens attend the last W tokens only: within W that is every earlier token,
+    so the logits and the greedy answer are transformers' (whose mask applies the window), and the answer
+    ends where the sequence would outgrow W (finish_reason "context"); a prompt of W tokens is refused."""
+    from transformers import LlavaNextForConditionalGeneration
+
     folder = tmp_path / "mistral"
     shutil.copytree(tiny_ckpt.folder("next_mistral_gqa"), folder)
-    edit_config(folder, lambda c: c["text_config"].pop("sliding_window") if window == "absent"
-                else c["text_config"].__setitem__("sliding_window", window))
-    run_bad(capsys, folder, tmp_path, "sliding_window")
+    model, processor = tinyavl.load_pretrained(folder, device="cpu")
+    image = make_image(*IMAGE_SHAPES["wide"], seed=5)
+    inputs = processor(processor.chat_prompt(QUESTION), image)
+    prompt_len, room = inputs["input_ids"].shape[1], 5
+    window = prompt_len + room
+    edit_config(folder, lambda config: config["text_config"].__setitem__("sliding_window", window))
+    model, processor = tinyavl.load_pretrained(folder, device="cpu")
+    hf_model = LlavaNextForConditionalGeneration.from_pretrained(folder, attn_implementation="eager").eval()
+    assert model.config.text.sliding_window == hf_model.config.text_config.sliding_window == window
+
+    never = tokenizer_info()["vocab_size"] + 1000
+    out = hf_model.generate(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"],
+                            image_sizes=inputs["image_sizes"], do_sample=False, max_new_tokens=room + 1,
+                            eos_token_id=never, pad_token_id=tokenizer_info()["pad_token_id"])
+    tokens, stats = tinyavl.generate(model, **inputs, max_new_tokens=room + 4, eos_token_id=())
+    assert stats.finish_reason == "context" and tokens == out[0, prompt_len:prompt_len + room].tolist()
+    sequence = torch.cat([inputs["input_ids"], torch.tensor([tokens[:-1]])], dim=1)  # (1, W - 1): all fed
+    with torch.no_grad():
+        ours = model(sequence, inputs["pixel_values"], image_sizes=inputs["image_sizes"])
+        theirs = hf_model(input_ids=sequence, pixel_values=inputs["pixel_values"],
+                          image_sizes=inputs["image_sizes"]).logits
+    assert (ours - theirs).abs().max().item() <= LOGIT_ATOL
+
+    # A window the prompt fills: transformers' earliest tokens would drop out of sight, tinyavl's never do.
+    edit_config(folder, lambda config: config["text_config"].__setitem__("sliding_window", prompt_len))
+    model, _ = tinyavl.load_pretrained(folder, device="cpu")
+    with pytest.raises(UserError, match=f"context is {prompt_len} \\(its sliding window\\): shorten the prompt"):
+        tinyavl.generate(model, **inputs, max_new_tokens=2)
+    with pytest.raises(UserError, match=f"reaches {prompt_len + 2} tokens, past the decoder's sliding window"):
+        model(torch.cat([inputs["input_ids"], inputs["input_ids"][:, :2]], dim=1), inputs["pixel_values"],
+              image_sizes=inputs["image_sizes"])
+
+
+def test_mistral_without_a_sliding_window_key_takes_mistrals_default(tiny_ckpt, tmp_path, capsys):
+    """Absent, text_config.sliding_window is MistralConfig's default (4096): a run that fits it answers."""
+    from transformers import LlavaNextConfig
+
+    folder = tmp_path / "mistral"
+    shutil.copytree(tiny_ckpt.folder("next_mistral_gqa"), folder)
+    edit_config(folder, lambda config: config["text_config"].pop("sliding_window"))
+    raw = json.loads((folder / "config.json").read_text())
+    assert tinyavl.read_config(folder).text.sliding_window == LlavaNextConfig.from_dict(raw).text_config.sliding_window
+    image = tmp_path / "image.png"
+    make_image(40, 30, seed=0).save(image)
+    rc, out, err = run_inprocess(capsys, ["--image", image, "--weights", folder, "--max-new-tokens", "2"])
+    assert rc == 0 and out.strip(), err
 
 
 @pytest.mark.parametrize("pinpoints", [[[28, 56]], [[28, 56], 3], 5], ids=["fewer", "malformed", "a_number"])

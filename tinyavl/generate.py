@@ -95,8 +95,9 @@ def kv_snapshot(cache: KVCache) -> tuple[int, dict, list]:
 
 
 def id_set(ids) -> set[int]:
-    """An id or a collection of ids (a list, a range, a numpy array, a tensor; config.json's eos_token_id may
-    be an id, a list, or null) as a set."""
+    """An id or a collection of ids (a list, a range, a numpy array, a tensor; the model's eos_token_id may
+    be an id, a list, or null) as a set. An id past the vocabulary is never produced: it ends nothing, as in
+    transformers' generate."""
     if ids is None:
         return set()
     values = ids.tolist() if hasattr(ids, "tolist") else ids  # numpy's and torch's ids as Python ints
@@ -157,11 +158,12 @@ def prompt_layout(input_ids, pixel_values, config) -> tuple[int, int]:
     if n_img and pixel_values is None:  # the model would embed them as words: an answer about no image
         raise UserError(f"the prompt has {n_img} image tokens but no image was given: pass pixel_values (the "
                         "processor's), or a prompt without the image")
-    prompt_len, context = input_ids.shape[1], config.text.max_position_embeddings
+    prompt_len, context = input_ids.shape[1], config.text.context
     if prompt_len >= context:
         image_part = f" ({n_img} of them the image's)" if n_img else ""
-        raise UserError(f"the prompt has {prompt_len} tokens{image_part}, the model's context is {context}: "
-                        "shorten the prompt")
+        window = " (its sliding window)" if context == config.text.sliding_window else ""
+        raise UserError(f"the prompt has {prompt_len} tokens{image_part}, the model's context is "
+                        f"{context}{window}: shorten the prompt")
     return n_sys, n_img
 
 
@@ -206,7 +208,7 @@ def generation(model, input_ids, pixel_values=None, *, image_sizes=None, hires_p
     prompt_len = input_ids.shape[1]
     eos_ids = id_set(text_config.eos_token_id if eos_token_id is None else eos_token_id)
     # Generation also stops at the end of the context.
-    limit = min(max_new_tokens, text_config.max_position_embeddings - prompt_len)
+    limit = min(max_new_tokens, text_config.context - prompt_len)
     device = model.language_model.lm_head.weight.device
     generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
 

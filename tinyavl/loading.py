@@ -34,10 +34,11 @@ from tinyavl.model import (HiresConfig, LlavaConfig, LlavaForConditionalGenerati
 # ---------------------------------------------------------------------------------------------------
 
 # TextConfig's defaults are LlamaConfig's. MistralConfig's differ in these (transformers'
-# configuration_mistral.py); its sliding_window defaults to 4096, refused in supported_types.
+# configuration_mistral.py). Llama has no sliding window: LlamaConfig keeps the key but its model never reads it.
 TEXT_MODEL_DEFAULTS = {
-    "llama": {},
-    "mistral": dict(intermediate_size=14336, num_key_value_heads=8, max_position_embeddings=4096 * 32),
+    "llama": {"sliding_window": None},
+    "mistral": dict(intermediate_size=14336, num_key_value_heads=8, max_position_embeddings=4096 * 32,
+                    sliding_window=4096),
 }
 MODEL_TYPES = {"llava": "LLaVA-1.5, e.g. llava-hf/llava-1.5-7b-hf",
                "llava_next": "LLaVA-1.6, e.g. llava-hf/llava-v1.6-vicuna-7b-hf"}
@@ -50,6 +51,8 @@ def parse_config(raw: dict) -> LlavaConfig:
     text_raw.update(rope_fields(text_raw), tie_word_embeddings=ties_embeddings(raw, text_raw, model_type))
     if text_type == "mistral":  # transformers' Mistral layers have no biases, whatever the file says
         text_raw.update(attention_bias=False, mlp_bias=False)
+    if text_type == "llama":
+        text_raw.pop("sliding_window", None)
     text_raw = {**TEXT_MODEL_DEFAULTS[text_type], **text_raw}
     config = LlavaConfig(
         text=_dataclass_from(TextConfig, text_raw),
@@ -94,11 +97,6 @@ def supported_types(raw: dict) -> tuple[str, str]:
     if not isinstance(text_type, str) or text_type not in TEXT_MODEL_DEFAULTS:
         raise UserError(f"text_config.model_type is {text_type!r}: tinyavl implements the Llama (Vicuna) and "
                         "Mistral decoders of LLaVA only")
-    window = text_raw.get("sliding_window", 4096)  # absent: MistralConfig's default
-    if text_type == "mistral" and window is not None:
-        raise UserError(f"text_config.sliding_window is {window!r} (absent means "
-                        "Mistral's default, 4096): tinyavl implements full causal attention, as in "
-                        "llava-v1.6-mistral-7b-hf, whose config.json sets it to null")
     if vision_raw is not None and vision_raw.get("model_type", "clip_vision_model") != "clip_vision_model":
         raise UserError(f"vision_config.model_type is {vision_raw['model_type']!r}: tinyavl implements "
                         "the CLIP vision tower of LLaVA only")

@@ -89,6 +89,10 @@ class TextConfig:
     head_dim: int | None = None             # None: hidden_size // num_attention_heads
     hidden_act: str = "silu"
     max_position_embeddings: int = 2048
+    # Mistral's sliding window: a token attends the last `sliding_window` tokens, itself included. tinyavl
+    # attends every earlier token, the same thing while a sequence fits the window: a run ends there
+    # (`context`). None: no window, as Llama's.
+    sliding_window: int | None = None
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     # Linear RoPE scaling (rope_scaling {"rope_type": "linear", "factor": f}, as in long-context Vicuna
@@ -108,7 +112,7 @@ class TextConfig:
         _require_positive(self, section, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                           "num_attention_heads", "max_position_embeddings"), int)
         _require_positive(self, section, ("rms_norm_eps", "rope_theta", "rope_linear_factor"), float)
-        _require_positive(self, section, [name for name in ("num_key_value_heads", "head_dim")
+        _require_positive(self, section, [name for name in ("num_key_value_heads", "head_dim", "sliding_window")
                                           if getattr(self, name) is not None], int)
         self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
         if self.head_dim is None:
@@ -120,14 +124,18 @@ class TextConfig:
                  f"{self.num_key_value_heads} does not divide num_attention_heads {self.num_attention_heads}")
         _require_kind(self, section, ("attention_bias", "mlp_bias", "tie_word_embeddings"), bool)
         _require_kind(self, section, ("hidden_act",), str)
-        # Ids the embedding table has a row for (null: none declared; generation then stops at its length).
-        # config.json may list several ids that end an answer, but only one that begins it.
+        # null: none declared (an answer then ends at its length). Several ids may end an answer; one begins it.
         bos, eos = self.bos_token_id, self.eos_token_id
         a_token = f"a token id (0 .. {self.vocab_size - 1})"
         _require(bos is None or is_token_id(bos, self.vocab_size),
                  f"{section}.bos_token_id is {bos!r}, but it must be {a_token} or null")
         _require(is_eos_token_id(eos, self.vocab_size),
                  f"{section}.eos_token_id is {eos!r}, but it must be {a_token}, a non-empty list of them, or null")
+
+    @property
+    def context(self) -> int:
+        """The tokens a sequence may hold: the model's positions, and no more than its sliding window."""
+        return min(self.max_position_embeddings, self.sliding_window or self.max_position_embeddings)
 
 
 def is_token_id(value, vocab_size: int) -> bool:
@@ -594,6 +602,11 @@ class LlamaModel(nn.Module):
     def forward(self, x, cache=None, visible=None, view=None):  # x (B, T, C): embeddings, image features merged in
         T = x.shape[1]
         start = cache.next_pos if cache is not None else 0
+        window = self.config.sliding_window
+        if window is not None and start + T > window:  # Mistral's tokens would no longer see the earliest ones
+            raise UserError(f"the sequence reaches {start + T} tokens, past the decoder's sliding window of "
+                            f"{window}: tinyavl attends every earlier token, which is Mistral's attention only "
+                            "within the window")
         # Logical positions: with a cache that has dropped rows, the new token is still at prompt + steps.
         positions = torch.arange(start, start + T, device=x.device)
         cos, sin = rope_cos_sin(positions, self.config, x.dtype)  # (T, hs)
