@@ -385,7 +385,7 @@ def test_each_layer_from_first_layer_on_merges_through_its_own_input_norm(first_
 
 @pytest.mark.parametrize("hidden", [[], [3, 4, 5, 6, 7, 8, 9, 10, 20]])
 def test_a_layer_serves_its_row_one_softmax_over_its_causal_keys_and_its_chosen_tokens(hidden):
-    """HiresView.layer (the choice and the merge together): the served row, the last, is one float64 softmax
+    """HiresView.serve (the choice and the merge together): the served row, the last, is one float64 softmax
     over its causal keys, its own key included, and the high-resolution keys of the tokens chosen for it.
     Keys the attention mask hides (the toy's image-token dropout; here half the image and a text token) are
     in neither: the merge weighs the row's output by the log-sum-exp of its visible keys alone."""
@@ -405,7 +405,7 @@ def test_a_layer_serves_its_row_one_softmax_over_its_causal_keys_and_its_chosen_
     view.chosen = chosen.clone()
     positions = torch.arange(T)
     with torch.no_grad():
-        out = view.layer(attn, norm, q, k, y, positions, positions.expand(1, 2, T), visible)
+        out = view.serve(attn, norm, q, k, y, positions, positions.expand(1, 2, T), visible)
         index = chosen[0, 0].nonzero().flatten()
         features = norm(view.features[0, index])                               # (4, 32)
         k_hires = attn.k_proj_hd(features).view(-1, 2, 8).transpose(0, 1)      # (2, 4, 8)

@@ -484,8 +484,8 @@ class KVCache:
                                  "prompt attends causally to all of itself")
             return attention(q, self.k[layer], self.v[layer], causal=True), None
         # A decode step's one query sees every selected row, read where it lies: each run of consecutive
-        # rows is one slice of the buffers (the last read on to `read_end`, whatever the buffer holds
-        # there, held rows or room, at probability 0), so nothing is gathered. On the torch path every
+        # rows is one slice of the buffers (the last, which ends at the newest row, read on to `read_end`:
+        # room past it, zeros or rows once held, at probability 0), so nothing is gathered. On the torch path every
         # policy decodes through this one decode_attention, so policies differ only in the rows they read
         # (A-VL on CUDA reads its rows with the Triton kernel: `AVLCache.compute`). It is here for the
         # logits it hands over, not for speed: SDPA, which returns no logits, was as fast in fp32 and
@@ -539,7 +539,7 @@ class KVCache:
         block shared by every head, laid out in the order given; sys rows stay, and the text rows move down
         after the kept image rows."""
         k = self.k[layer]
-        first_text_row = self.n_sys + self.modality_rows(layer)["image"]
+        first_text_row = self.n_sys + self.prefill_image_rows(layer)
         text_rows = torch.arange(first_text_row, k.shape[2], device=k.device)                # (n_text,)
         self.keep_shared_rows(layer, torch.cat([self.n_sys + image_rows.to(k.device), text_rows]), start=self.n_sys)
 
@@ -611,6 +611,12 @@ class KVCache:
                 "image": int(((pos >= first_image_pos) & (pos < first_text_pos)).sum()),
                 "text": int((pos >= first_text_pos).sum())}
 
+    def prefill_image_rows(self, layer: int) -> int:
+        """The image tokens one layer's prefill holds, rows n_sys on, the same in every head: N_img, or fewer
+        where a prefill filter ran before this layer (`hidden_rows_to_keep`)."""
+        pos = self.pos[layer][0, 0]                                                 # (rows,) one head's positions
+        return int(((pos >= self.n_sys) & (pos < self.n_sys + self.n_img)).sum())
+
     def modality_rows(self, layer: int) -> dict:
         """Rows one layer holds per head for sys, image and text (the mean over samples and KV heads when
         they differ)."""
@@ -644,6 +650,39 @@ def swaps_every_head_at_once(buffer) -> bool:
     one list, and 22.6-24.8 ms along dim 2 of the 4-d buffer."""
     return buffer.is_cuda
 
+
+# ---------------------------------------------------------------------------------------------------
+# A-VL's decode kernel (kernels/sparse_attention.py): whether Triton runs it here.
+# ---------------------------------------------------------------------------------------------------
+
+# The queries (`kernel_key`) whose compiled kernel a GPU has refused (`AVLCache.kernel_does_not_fit`). A GPU's
+# limits hold for the whole process, and a generation makes a cache per call: the next ones take torch at once.
+REFUSED_KERNELS = set()
+
+
+def kernel_key(q) -> tuple:
+    """A query's (B, H, 1, head_dim) device, dtype and head dim: what sizes the kernel's tiles, and so whether
+    a GPU has room for them."""
+    return q.device, q.dtype, q.shape[-1]
+
+
+def require_triton(device: torch.device | None = None, named=str) -> None:
+    """kernel="triton" needs Triton, and a CUDA device unless TRITON_INTERPRET=1 runs it on the CPU
+    (device None: whether this machine has one). A UserError names the parameter as named does (the
+    command lines: --kernel)."""
+    from kernels.sparse_attention import INTERPRETED, TRITON_AVAILABLE  # on first use: triton is slow to import
+    kernel = named("kernel")
+    if not TRITON_AVAILABLE:
+        raise UserError(f"{kernel} triton needs Triton: pip install triton")
+    on_cuda = torch.cuda.is_available() if device is None else device.type == "cuda"
+    if not (on_cuda or INTERPRETED):
+        raise UserError(f"{kernel} triton runs on a CUDA device (or in Triton's CPU interpreter, with "
+                        f"TRITON_INTERPRET=1 set): use {kernel} torch or auto on this machine")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The policies: each a KVCache that keeps, evicts or reads fewer rows. A-VL first, then its peers.
+# ---------------------------------------------------------------------------------------------------
 
 def image_attention(q, k, n_sys: int, n_img: int):
     """(n_img,) the last query row's attention on the image rows n_sys .. n_sys + n_img - 1 of the keys
@@ -811,10 +850,8 @@ class AVLCache(KVCache):
             return False
         from kernels.sparse_attention import INTERPRETED, TRITON_AVAILABLE, why_unsupported
         if self.kernel == "auto":
-            # torch where the kernel cannot run (no Triton, a head it has no tile for, bf16 on an older GPU, a
-            # GPU that refused it: kernel_does_not_fit), and where it would run in Triton's interpreter
-            # (TRITON_INTERPRET=1 left set on a GPU machine): a CPU loop over CUDA tensors, many times slower
-            # than torch, which a user who asked for no kernel would not expect.
+            # Not in the interpreter either (TRITON_INTERPRET=1 left set on a GPU machine): a CPU loop over
+            # CUDA tensors, many times slower than torch, which a user who asked for no kernel would not expect.
             return (TRITON_AVAILABLE and not INTERPRETED and why_unsupported(q.dtype, q.shape[-1], q.device) is None
                     and kernel_key(q) not in REFUSED_KERNELS)
         require_triton(q.device, self.named)
@@ -835,7 +872,7 @@ class AVLCache(KVCache):
         # Image tokens that reached this layer: all N_img, or floor(P N_img) after the prefill filter (at
         # least 1 where the prompt ends with an image token: `image_filter`). The prompt's text rows follow
         # them until the eviction below moves the text down to self.text_start.
-        n_img_here = self.modality_rows(layer)["image"]
+        n_img_here = self.prefill_image_rows(layer)
         prompt_text_start = self.n_sys + n_img_here
         # Vision: rank this layer's image tokens by their importance (the last prompt token's attention).
         image_scores = self.image_importance(layer, q, k, n_img_here)                  # (n_img_here,)
@@ -1036,28 +1073,3 @@ def make_cache(name: str, named=str, **params) -> KVCache:
     if name not in POLICIES:
         raise UserError(f"unknown policy {name!r}: choose one of {', '.join(POLICIES)}")
     return POLICIES[name](named=named, **params)
-
-
-# The queries (`kernel_key`) whose compiled kernel a GPU has refused (`AVLCache.kernel_does_not_fit`). A GPU's
-# limits hold for the whole process, and a generation makes a cache per call: the next ones take torch at once.
-REFUSED_KERNELS = set()
-
-
-def kernel_key(q) -> tuple:
-    """A query's (B, H, 1, head_dim) device, dtype and head dim: what sizes the kernel's tiles, and so whether
-    a GPU has room for them."""
-    return q.device, q.dtype, q.shape[-1]
-
-
-def require_triton(device: torch.device | None = None, named=str) -> None:
-    """kernel="triton" needs Triton, and a CUDA device unless TRITON_INTERPRET=1 runs it on the CPU
-    (device None: whether this machine has one). A UserError names the parameter as named does (the
-    command lines: --kernel)."""
-    from kernels.sparse_attention import INTERPRETED, TRITON_AVAILABLE  # on first use: triton is slow to import
-    kernel = named("kernel")
-    if not TRITON_AVAILABLE:
-        raise UserError(f"{kernel} triton needs Triton: pip install triton")
-    on_cuda = torch.cuda.is_available() if device is None else device.type == "cuda"
-    if not (on_cuda or INTERPRETED):
-        raise UserError(f"{kernel} triton runs on a CUDA device (or in Triton's CPU interpreter, with "
-                        f"TRITON_INTERPRET=1 set): use {kernel} torch or auto on this machine")

@@ -1,13 +1,14 @@
 """LLaVA-1.5 and LLaVA-1.6 in one file: CLIP vision tower + MLP projector + Llama decoder, in plain PyTorch.
 
-Read top to bottom: the configs, the CLIP blocks, the projector, the Llama blocks, and the LLaVA wrapper
-that turns an image into features and puts them where the image tokens are. LLaVA-1.5 shows the tower
-one 336 px crop of the image; LLaVA-1.6 (LLaVA-NeXT, "anyres") shows it the whole image as one crop plus
-tiles of a larger canvas, and lays the tiles' features out as a map with a newline token after every
-row (tinyavl/anyres.py has the geometry). LLaVA-1.5 is the special case: one crop, no map, no newline.
-FlexAttention's hierarchical attention (`HiresView`, off unless config.json has a hires_config) lets the
-current token also read a few tokens of a high-resolution view of the image, chosen by tinyavl/hires.py.
-Reading a llava-hf folder into this model is tinyavl/loading.py.
+Read top to bottom: the configs, the activations and attention every block shares, the CLIP blocks, the
+projector, the Llama blocks, FlexAttention's high-resolution view, and the LLaVA wrapper that turns an
+image into features and puts them where the image tokens are. LLaVA-1.5 shows the tower one 336 px crop of
+the image; LLaVA-1.6 (LLaVA-NeXT, "anyres") shows it the whole image as one crop plus tiles of a larger
+canvas, and lays the tiles' features out as a map with a newline token after every row (tinyavl/anyres.py
+has the geometry). LLaVA-1.5 is the special case: one crop, no map, no newline. FlexAttention's
+hierarchical attention (`HiresView`, off unless config.json has a hires_config) lets the current token
+also read a few tokens of a high-resolution view of the image, chosen by tinyavl/hires.py. Reading a
+llava-hf folder into this model is tinyavl/loading.py.
 
 References
 - Liu et al., "Improved Baselines with Visual Instruction Tuning" (LLaVA-1.5), arXiv 2310.03744.
@@ -293,6 +294,10 @@ class LlavaConfig:
                  f"patch_size {self.vision.patch_size}: LLaVA-1.6's tiles must be whole patches")
 
 
+# ---------------------------------------------------------------------------------------------------
+# Activations and attention, shared by the vision tower, the decoder and the KV caches (tinyavl/cache.py).
+# ---------------------------------------------------------------------------------------------------
+
 def quick_gelu(x):
     # CLIP's cheap GELU approximation: x * sigmoid(1.702 x).
     return x * torch.sigmoid(1.702 * x)
@@ -555,10 +560,10 @@ class LlamaAttention(nn.Module):
             # high-resolution tokens the layer before chose for it
             if cache is None:
                 # No cache: the keys are this pass's own tokens, at the queries' positions in every head.
-                y = view.layer(self, norm, q, k, y, positions, positions.expand(B, self.n_kv_heads, T), visible)
+                y = view.serve(self, norm, q, k, y, positions, positions.expand(B, self.n_kv_heads, T), visible)
             else:  # the keys the policy let this step attend, set aside by cache.attend before it evicted
                 keys, key_positions = cache.hires_keys
-                y = view.layer(self, norm, q, keys, y, positions, key_positions)
+                y = view.serve(self, norm, q, keys, y, positions, key_positions)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -678,7 +683,7 @@ class HiresView:
         reads what the one before chose and chooses in turn. The layers before do neither."""
         return layer_idx >= self.config.first_layer - 1
 
-    def layer(self, attn: "LlamaAttention", norm, q, keys, y, q_positions, key_positions, visible=None):
+    def serve(self, attn: "LlamaAttention", norm, q, keys, y, q_positions, key_positions, visible=None):
         """y (B, H, T, hs), a layer's attention output, with its served rows merged with their chosen
         high-resolution tokens and blended by alpha; and the next layer's choice made. q (B, H, T, hs) at
         logical positions q_positions (T,); keys (B, Hkv, n, hs) at key_positions (B, Hkv, n), each head's
