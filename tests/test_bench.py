@@ -2,6 +2,7 @@
 and the step times it reports, on a tiny random model with made-up rates so every number is derivable
 by hand. Its timings themselves are not tested: they are measurements, printed as ratios."""
 import json
+import statistics
 import time
 
 import pytest
@@ -93,12 +94,18 @@ def test_each_policys_times_and_bytes_are_its_own_runs(model, monkeypatch):
 
     monkeypatch.setattr(bench, "run_policies", recorded_run_policies)
     case = bench.run_case(model, n_img=20, new_tokens=6, rates={"read": 2e9, "matvec": 1e9})
-    for name, (_, stats, cache) in runs.items():
+    for name, (tokens, stats, cache) in runs.items():
         row = case["policies"][name]
         assert row["decode_ms"] == pytest.approx(1e3 * stats.decode_seconds / 5)
         assert row["attention_ms"] == pytest.approx(1e3 * cache.spans.seconds("attention") / 5)
         assert row["prefill_s"] == stats.prefill_seconds
         assert row["kv_bytes"] == stats.kv_cache_bytes_peak
+        assert row["same_start_as_full"] == bench.agreeing_start(tokens, runs["full"][0])
+    # (Some policy's answer parts from full's on this random model: the column is not full's count of its own.)
+    assert min(row["same_start_as_full"] for row in case["policies"].values()) < 6
+    avl_cache = runs["avl"][2]
+    assert len(set(avl_cache.core_replaced)) > 1  # re-ranks that differ: their mean is not any one of them
+    assert case["policies"]["avl"]["core_replaced"] == pytest.approx(statistics.mean(avl_cache.core_replaced))
     row_bytes = bench.kv_row_bytes(model.config.text, torch.float32)
     assert case["policies"]["full"]["kv_bytes"] == 4 * (case["prompt_tokens"] + 5) * row_bytes
 
@@ -191,6 +198,31 @@ def test_growth_is_printed_as_differences_slopes_and_their_ratio(monkeypatch, ca
     growth["full"]["attention_ms_per_100_tokens"] = -1.0              # noise: no ratio to a shrinking step
     bench.print_growth(growth)
     assert "as fast as" not in capsys.readouterr().out
+
+
+def test_growth_reports_each_policys_step_and_attention_series_at_their_tokens(model, monkeypatch):
+    """growth's columns, by hand: per-step times that grow linearly (a + b t at generated token t), a
+    different line for each policy and for its step and attention times. The median of the 8 steps ending
+    at token t is the line at t - 3.5; the slope is b, in ms per 100 tokens."""
+    monkeypatch.setattr(bench, "GROWTH_TOKENS", (10, 30))
+    lines = {("full", "step"): (0.050, 2e-4), ("full", "attention"): (0.010, 1e-4),
+             ("avl", "step"): (0.040, 1.5e-4), ("avl", "attention"): (0.004, 0.5e-4)}
+
+    def series(name, kind):  # decode steps 1..29 make generated tokens 2..30
+        a, b = lines[name, kind]
+        return [a + b * token for token in range(2, 31)]
+
+    def fake_run_policies(model, names, input_ids, pixel_values, new_tokens):
+        assert names == ("full", "avl") and new_tokens == 30
+        return {name: (None, type("Stats", (), {"decode_step_seconds": series(name, "step")}), name) for name in names}
+
+    monkeypatch.setattr(bench, "run_policies", fake_run_policies)
+    monkeypatch.setattr(bench, "attention_step_seconds", lambda cache: series(cache, "attention"))
+    out = bench.growth(model, n_img=20)
+    for (name, kind), (a, b) in lines.items():
+        for token in (10, 30):
+            assert out[name][f"{kind}_ms_at_{token}"] == pytest.approx(1e3 * (a + b * (token - 3.5)))
+        assert out[name][f"{kind}_ms_per_100_tokens"] == pytest.approx(1e5 * b)
 
 
 def test_timed_cache_counts_decode_steps_only(model):
@@ -335,6 +367,21 @@ def test_transformers_greedy_times_each_decode_step_and_decodes_as_tinyavl(model
     tokens, step_seconds = end.value.value
     assert tokens == yielded and step_seconds == [1.0] * 4
     assert tokens == bench.generate(model, ids, pixels, max_new_tokens=5, eos_token_id=(), policy="full")[0]
+
+
+def test_transformers_llava_is_tinyavls_decoder_with_its_own_settings():
+    """The transformers model the benchmark compares against computes tinyavl's logits, on a decoder whose
+    RMSNorm epsilon and RoPE base are not transformers' defaults (a 7B's eps is 1e-5, the default 1e-6)."""
+    pytest.importorskip("transformers")
+    config = bench.tiny_config(2, num_key_value_heads=2, rms_norm_eps=0.05, rope_theta=37.0)
+    model = bench.random_model(config, torch.float32)
+    hf = bench.transformers_llava(model)
+    ids = bench.prompt_ids(config, 12)
+    with torch.inference_mode():
+        embeds = model.embed(ids, bench.image_block(model, 12))                   # (1, T, C)
+        ours = model.language_model(embeds)                                         # (1, T, vocab)
+        theirs = hf(inputs_embeds=embeds).logits
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
 
 
 def test_transformers_and_tinyavl_decode_in_turn_and_the_ratio_is_of_their_step_times(model, monkeypatch):

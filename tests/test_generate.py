@@ -555,6 +555,8 @@ def test_the_decode_clock_times_the_steps_not_the_stream(loaded, monkeypatch):
     monkeypatch.setattr(generate_module, "kv_snapshot", lambda cache: an_hour_passes(kv_snapshot(cache)))
     tokens, stats = greedy(model, ids, px, steps=4, stream=lambda token: an_hour_passes())
     assert len(tokens) == 4 and stats.decode_step_seconds == pytest.approx([0.001] * 3)
+    assert stats.decode_seconds == pytest.approx(0.003)                  # every step, the first included
+    assert stats.decode_tokens_per_second == pytest.approx(3 / 0.003)
     assert clock.now >= 4 * 3600  # the stream and the statistics ran, on the clock
 
 

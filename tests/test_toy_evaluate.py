@@ -129,8 +129,8 @@ def report(policy, accuracy, kv, budget, params=None):
             "accuracy_by_type": {k: accuracy for k in ("colour", "shape", "count", "digit", "where", "caption")},
             "accuracy_by_type_ci": {k: wilson_interval(right // 6, 10)
                                     for k in ("colour", "shape", "count", "digit", "where", "caption")},
-            "caption_objects": accuracy, "kv_ratio": kv, "kv_ratio_by_type": {"caption": kv + 0.05},
-            "attended_ratio": kv}
+            "caption_objects": accuracy / 2, "kv_ratio": kv, "kv_ratio_by_type": {"caption": kv + 0.05},
+            "attended_ratio": kv / 2}  # other values than the columns a plot draws: a mix-up shows
 
 
 def test_table_shows_intervals_and_the_share_of_full():
@@ -356,7 +356,9 @@ def test_sweep_plot_is_a_png_with_every_policy_drawn(tmp_path):
     # Each policy's points: x = KV ratio over (0, 1), y = accuracy over (0, 1), in the plot's frame.
     left, top = MARGIN["left"], MARGIN["top"]
     right, bottom = WIDTH - MARGIN["right"], HEIGHT - MARGIN["bottom"]
-    for colour, r in [(PALETTE[0], reports[0]), (PALETTE[1], reports[1]), (PALETTE[2], reports[3])]:
+    colours = {"full": PALETTE[0], "random": PALETTE[1], "avl": PALETTE[2]}
+    for r in reports:
+        colour = colours[r["policy"]]
         x = left + r["kv_ratio"] * (right - left)
         y = bottom - r["accuracy"] * (bottom - top)
         assert pixels.getpixel((round(x), round(y))) == colour, r["policy"]
@@ -509,11 +511,16 @@ def test_kv_ratio_is_bytes_held_over_dense_bytes():
     assert tally.report()["kv_ratio"] == 0.75
 
 
+# Each prompt kind's accuracy and interval in a report_row, all different: a cell under the wrong header shows.
+KIND_ACCURACY = {"colour": (0.91, (0.81, 0.96)), "shape": (0.82, (0.72, 0.89)), "count": (0.73, (0.63, 0.81)),
+                 "digit": (0.64, (0.54, 0.73)), "where": (0.55, (0.45, 0.65)), "caption": (0.46, (0.36, 0.56))}
+
+
 def report_row(policy, kv, kv_caption, attended):
     return {"policy": policy, "policy_params": {}, "budget": 0.5, "accuracy": 0.5, "accuracy_ci": (0.4, 0.6),
-            "right_by_scene": [3, 3], "accuracy_by_type": dict.fromkeys(PROMPT_KINDS, 0.5),
-            "accuracy_by_type_ci": dict.fromkeys(PROMPT_KINDS, (0.4, 0.6)), "caption_objects": None,
-            "caption_objects_ci": None, "kv_ratio": kv, "kv_ratio_by_type": {"caption": kv_caption},
+            "right_by_scene": [3, 3], "accuracy_by_type": {kind: a for kind, (a, _) in KIND_ACCURACY.items()},
+            "accuracy_by_type_ci": {kind: ci for kind, (_, ci) in KIND_ACCURACY.items()}, "caption_objects": 0.375,
+            "caption_objects_ci": (0.25, 0.5), "kv_ratio": kv, "kv_ratio_by_type": {"caption": kv_caption},
             "attended_ratio": attended}
 
 
@@ -523,6 +530,11 @@ def test_the_table_is_markdown_with_each_cell_under_its_header():
     assert rule == ["---"] * len(head)                  # GitHub renders a table only with one rule cell a column
     cells = dict(zip(head, row))
     assert (cells["KV bytes"], cells["KV bytes, captions"], cells["attended"]) == ("0.61", "0.72", "0.33")
+    assert (cells["budget"], cells["policy"], cells["overall"]) == ("0.5", "random", "0.500 (0.400-0.600)")
+    assert {kind: cells[kind] for kind in KIND_ACCURACY} == {
+        "colour": "0.91 (0.81-0.96)", "shape": "0.82 (0.72-0.89)", "count": "0.73 (0.63-0.81)",
+        "digit": "0.64 (0.54-0.73)", "where": "0.55 (0.45-0.65)", "caption": "0.46 (0.36-0.56)"}
+    assert cells["caption objects"] == "0.375 (0.250-0.500)"
     assert markdown_table(["a", "b"], [["1", "2"]]) == ["| a | b |", "|---|---|", "| 1 | 2 |"]
 
 
