@@ -812,7 +812,9 @@ def pretrain_vision(model, processor, steps: int, batch_size: int = 32, lr: floa
 
 def hf_config(config: LlavaConfig) -> dict:
     """config.json in the layout transformers writes for llava-hf checkpoints."""
-    text = {k: v for k, v in asdict(config.text).items() if k not in ("head_dim", "rope_linear_factor")}
+    # A Llama decoder: no sliding window (a Mistral field), and head_dim and RoPE scaling in transformers' form.
+    left_out = ("head_dim", "rope_linear_factor", "sliding_window")
+    text = {k: v for k, v in asdict(config.text).items() if k not in left_out}
     if config.text.rope_linear_factor != 1:  # in transformers' form, which the loader reads; plain RoPE has none
         text["rope_scaling"] = {"type": "linear", "factor": config.text.rope_linear_factor}
     vision = asdict(config.vision)
