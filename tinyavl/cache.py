@@ -485,11 +485,11 @@ class KVCache:
             return attention(q, self.k[layer], self.v[layer], causal=True), None
         # A decode step's one query sees every selected row, read where it lies: each run of consecutive
         # rows is one slice of the buffers (the last, which ends at the newest row, read on to `read_end`:
-        # room past it, zeros or rows once held, at probability 0), so nothing is gathered. On the torch path every
-        # policy decodes through this one decode_attention, so policies differ only in the rows they read
-        # (A-VL on CUDA reads its rows with the Triton kernel: `AVLCache.compute`). It is here for the
-        # logits it hands over, not for speed: SDPA, which returns no logits, was as fast in fp32 and
-        # faster in bf16 (README, benchmark notes).
+        # room past it, zeros or rows once held, at probability 0), so nothing is gathered. On the torch
+        # path every policy decodes through this one decode_attention, so policies differ only in the rows
+        # they read (A-VL on CUDA reads its rows with the Triton kernel: `AVLCache.compute`). It is here for
+        # the logits it hands over, not for speed: SDPA, which returns no logits, was as fast in fp32 and
+        # faster in bf16 (chapter 8, "Shapes matter too").
         spans = [(0, self.k[layer].shape[2])] if rows is None else contiguous_runs(rows)
         return decode_attention(q, self.k_buffer[layer], self.v_buffer[layer], spans)
 

@@ -34,9 +34,9 @@ from tinyavl.model import (HiresConfig, LlavaConfig, LlavaForConditionalGenerati
 # ---------------------------------------------------------------------------------------------------
 
 # TextConfig's defaults are LlamaConfig's. MistralConfig's differ in these (transformers'
-# configuration_mistral.py). Llama has no sliding window: LlamaConfig keeps the key but its model never reads it.
+# configuration_mistral.py).
 TEXT_MODEL_DEFAULTS = {
-    "llama": {"sliding_window": None},
+    "llama": {},
     "mistral": dict(intermediate_size=14336, num_key_value_heads=8, max_position_embeddings=4096 * 32,
                     sliding_window=4096),
 }
@@ -51,7 +51,7 @@ def parse_config(raw: dict) -> LlavaConfig:
     text_raw.update(rope_fields(text_raw), tie_word_embeddings=ties_embeddings(raw, text_raw, model_type))
     if text_type == "mistral":  # transformers' Mistral layers have no biases, whatever the file says
         text_raw.update(attention_bias=False, mlp_bias=False)
-    if text_type == "llama":
+    if text_type == "llama":  # LlamaConfig keeps a sliding_window key, but its model never reads it
         text_raw.pop("sliding_window", None)
     text_raw = {**TEXT_MODEL_DEFAULTS[text_type], **text_raw}
     config = LlavaConfig(
