@@ -483,14 +483,19 @@ def test_an_answer_ends_at_the_ids_generation_config_json_declares_as_in_transfo
 
 
 def test_without_generation_config_json_an_answer_ends_at_config_json_eos(good_folder):
-    """Without the file, or where it leaves eos_token_id out, config.json's text_config.eos_token_id ends an
-    answer (transformers' generate would stop at no id: it reads LLaVA's ids from generation_config.json only)."""
+    """Without the file, config.json's text_config.eos_token_id ends an answer, in transformers' generate (its
+    generation config made from the model's) and in tinyavl's. Where the file leaves eos_token_id out,
+    transformers stops at no id; tinyavl still stops at config.json's."""
+    ours, _ = greedy_answer(good_folder, 12)
+    k = next(i for i, token in enumerate(ours) if token not in ours[:i] and i > 0)
     config = json.loads((good_folder / "config.json").read_text())
-    config["text_config"]["eos_token_id"] = 5
+    config["text_config"]["eos_token_id"] = ours[k]
     (good_folder / "config.json").write_text(json.dumps(config))
-    assert read_config(good_folder).text.eos_token_id == 5
+    assert read_config(good_folder).text.eos_token_id == ours[k]
+    stopped, theirs = greedy_answer(good_folder, 12)
+    assert stopped == theirs == ours[:k + 1]
     (good_folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "pad_token_id": 0}))
-    assert read_config(good_folder).text.eos_token_id == 5
+    assert read_config(good_folder).text.eos_token_id == ours[k]
 
 
 @pytest.mark.parametrize("eos", [[], -1, "</s>", 2.0, True, [2, 10 ** 6]])

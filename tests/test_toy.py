@@ -319,8 +319,8 @@ def test_the_control_answers_every_example(control):
 
 
 def test_only_the_toy_trained_with_dropout_survives_a_random_half_in_its_captions(toy, control):
-    """What the dropout is for (README, "The toy LLaVA"): with a random half of the image tokens the toy
-    still names most scenes whole, the control few (README's 100 scenes: 0.80 against 0.11; these 20: 15
+    """What the dropout is for (tutorial/04, "The control"): with a random half of the image tokens the toy
+    still names most scenes whole, the control few (its 100 scenes: 0.80 against 0.11; these 20: 15
     against 1; the bounds leave room for another draw of the same odds)."""
     captions = [q for q in held_out_set(seed=1, n_scenes=20) if q.kind == "caption"]
     right = {}

@@ -81,7 +81,7 @@ def parse_config(raw: dict) -> LlavaConfig:
 
 def supported_types(raw: dict) -> tuple[str, str]:
     """config.json's model_type and text_config.model_type, where tinyavl can run them: LLaVA-1.5 or 1.6, a
-    Llama or Mistral decoder without a sliding window, the CLIP vision tower. UserError otherwise."""
+    Llama or Mistral decoder, the CLIP vision tower. UserError otherwise."""
     model_type = raw.get("model_type", "llava")
     if not isinstance(model_type, str) or model_type not in MODEL_TYPES:
         raise UserError(f"config.json has model_type {model_type!r}: tinyavl runs " + " and ".join(
@@ -162,9 +162,9 @@ def read_config(folder: Path | str) -> LlavaConfig:
 
 def answer_end_ids(path: Path, text: TextConfig) -> int | list[int] | None:
     """The ids that end an answer: generation_config.json's eos_token_id where the folder's file declares it
-    (null included), as transformers' generate takes it; else config.json's text_config.eos_token_id.
-    (transformers without that file, or with one that leaves the key out, stops at no id: LLaVA's
-    config.json keeps its ids in text_config, where its generation config does not look.)"""
+    (null included), else config.json's text_config.eos_token_id, as transformers' generate takes them.
+    (Where generation_config.json leaves the key out, or neither file names an id, transformers stops at no
+    id; tinyavl then stops at config.json's, Llama's default 2 where the file gives none.)"""
     declared = read_json_object(path, optional=True)
     if declared is None or "eos_token_id" not in declared:
         return text.eos_token_id

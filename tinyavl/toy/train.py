@@ -37,8 +37,8 @@ score). Dropout from the first step (`--image-dropout F`, in the share `--image-
 sequences) gives that redundancy too, but the model then no longer finds an object by its shape's name;
 stage 2 keeps what stage 1 learnt. `--tune-masks rectangles` hides rectangles of image tokens in stage 2
 instead (`hide_image_rectangles`; not part of the committed recipe), which often hides a whole object
-and so asks the tower to copy objects beyond their place. The README's toy section and the last section
-of tutorial/04 have the measurements of these recipes.
+and so asks the tower to copy objects beyond their place. The last section of tutorial/04 has the
+measurements of these recipes.
 
 `--checkpoint FILE` keeps the training state in FILE every CHECKPOINT_EVERY steps and after each stage's
 last (`Checkpoint`: the weights, the patch probe, AdamW's moments, the loss history, where the scene stream
@@ -891,7 +891,7 @@ def deterministic_algorithms():
     """Inside, PyTorch picks its deterministic kernels. Why: without them training was not deterministic
     on this project's 2-core machine (which kernel varies was not pinned down): two 20-step runs of the
     committed recipe with 2 threads ended with different weights, and a whole run of the command drifted
-    from the toy committed then (full attention 0.79 against its 0.988: README). With them, the same seed,
+    from the toy committed then (full attention 0.79 against its 0.988: tutorial/03). With them, the same seed,
     thread count and machine give the same weights, at the same speed."""
     before = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
