@@ -93,6 +93,11 @@ def test_a_text_config_that_cannot_run_is_refused_as_it_is_built():
         TextConfig(rms_norm_eps=math.inf)
     with pytest.raises(UserError, match="odd head size 15"):
         TextConfig(hidden_size=60, num_attention_heads=4, num_key_value_heads=4, head_dim=15)
+    # A field that may be null says so: a window of 0 tokens is no window, null is (Mistral's, turned off).
+    with pytest.raises(UserError, match="sliding_window is 0, but it must be a positive integer or null"):
+        TextConfig(sliding_window=0)
+    with pytest.raises(UserError, match="hidden_size is 0, but it must be a positive integer;"):
+        TextConfig(hidden_size=0)
 
 
 def test_pixels_of_another_size_than_the_towers_are_refused(folder):

@@ -114,7 +114,7 @@ class TextConfig:
                                           "num_attention_heads", "max_position_embeddings"), int)
         _require_positive(self, section, ("rms_norm_eps", "rope_theta", "rope_linear_factor"), float)
         _require_positive(self, section, [name for name in ("num_key_value_heads", "head_dim", "sliding_window")
-                                          if getattr(self, name) is not None], int)
+                                          if getattr(self, name) is not None], int, or_null=True)
         self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
         if self.head_dim is None:
             _require(self.hidden_size % self.num_attention_heads == 0, f"{section}.hidden_size {self.hidden_size} "
@@ -165,14 +165,15 @@ def _require_kind(config, section: str, names, kind: type) -> None:
                  + ("a string" if kind is str else "true or false"))
 
 
-def _require_positive(config, section: str, names, kind: type) -> None:
-    """Each named field is a positive int (kind int) or a positive finite number (kind float)."""
+def _require_positive(config, section: str, names, kind: type, or_null: bool = False) -> None:
+    """Each named field is a positive int (kind int) or a positive finite number (kind float); `or_null`:
+    fields a file may also set to null (the message then says so)."""
     for name in names:
         value = getattr(config, name)
         # bool is an int in Python, but `"hidden_size": true` is a broken file, not 1.
         number = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
         _require(number and 0 < value < math.inf, f"{section}.{name} is {value!r}, but it must be a positive "
-                 f"{'integer' if kind is int else 'number'}")
+                 f"{'integer' if kind is int else 'number'}{' or null' if or_null else ''}")
 
 
 @dataclass
