@@ -18,7 +18,8 @@ image_grid_pinpoints to the config and image_newline to the weights), with a Lla
 Mistral decoder. Weights load from safetensors only: a pickle (.bin) can run code when it is read.
 """
 import math
-from dataclasses import fields
+from collections import Counter
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from tinyavl.errors import UserError
 from tinyavl.files import check_readable, read_json_object
 from tinyavl.model import (HiresConfig, LlavaConfig, LlavaForConditionalGeneration, TextConfig, VisionConfig,
-                           is_eos_token_id)
+                           eos_token_id_rule, is_eos_token_id)
 
 # ---------------------------------------------------------------------------------------------------
 # config.json
@@ -170,9 +171,8 @@ def answer_end_ids(path: Path, text: TextConfig) -> int | list[int] | None:
         return text.eos_token_id
     eos = declared["eos_token_id"]
     if not is_eos_token_id(eos, text.vocab_size):
-        raise UserError(f"{path}: eos_token_id is {eos!r}, but it must be a token id (0 .. {text.vocab_size - 1}), "
-                        "a non-empty list of them, or null; fix the value, or remove the key to stop at "
-                        "config.json's")
+        raise UserError(f"{path}: eos_token_id is {eos!r}, but it must be {eos_token_id_rule(text.vocab_size)}; "
+                        "fix the value, or remove the key to stop at config.json's")
     return eos
 
 
@@ -279,6 +279,27 @@ def open_safetensors(path: Path):
         raise UserError(f"{path} is not a readable safetensors file ({err})") from None
 
 
+@dataclass(frozen=True)
+class StoredTensor:
+    """One tensor as its file's header describes it: where it is, its dtype ("F16", ...) and its shape."""
+    path: Path
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def read_headers(files: list[Path]) -> list[StoredTensor]:
+    """Every tensor the checkpoint stores, in file order, from the files' headers alone (no tensor is read):
+    what the checks before the weights load look at."""
+    stored = []
+    for path in files:
+        with open_safetensors(path) as f:
+            for key in f.keys():
+                header = f.get_slice(key)
+                stored.append(StoredTensor(path, key, header.get_dtype(), tuple(header.get_shape())))
+    return stored
+
+
 def first_few(items: list[str]) -> str:
     """The count and the first few items: a config for another model size mismatches every key."""
     shown = 3
@@ -313,7 +334,7 @@ def ignored_key(model: LlavaForConditionalGeneration, key: str) -> bool:
 LM_HEAD = "language_model.lm_head.weight"
 
 
-def match_keys(model: LlavaForConditionalGeneration, files: list[Path]) -> tuple[dict, tuple | None]:
+def match_keys(model: LlavaForConditionalGeneration, stored: list[StoredTensor]) -> tuple[dict, tuple | None]:
     """Where each of the model's tensors is in the files, {published name: (file, key)}, and a tied
     checkpoint's stored copy of the head ((file, key) or None); UserError, naming them, for keys missing or
     unexpected, shapes that differ from the model's, and tensors that are not floating point."""
@@ -323,24 +344,20 @@ def match_keys(model: LlavaForConditionalGeneration, files: list[Path]) -> tuple
         expected.pop(LM_HEAD)
     found, unexpected, misshaped, not_float = {}, [], {}, []
     stored_head = None  # a tied checkpoint's copy of the head, if it keeps one: (file, key)
-    for path in files:
-        with open_safetensors(path) as f:
-            for key in f.keys():
-                name = published_key(key)
-                if name in found or ignored_key(model, name):
-                    continue
-                header = f.get_slice(key)
-                if header.get_dtype() not in FLOAT_DTYPES:  # e.g. int8: a cast would give nonsense weights
-                    not_float.append(f"{key} ({header.get_dtype()})")
-                shape = tuple(header.get_shape())
-                if tied and name == LM_HEAD:
-                    stored_head = (path, key)
-                elif name not in expected:
-                    unexpected.append(key)
-                elif shape != expected[name]:
-                    misshaped[name] = f"{key} {list(shape)} (model expects {list(expected[name])})"
-                else:
-                    found[name] = (path, key)
+    for tensor in stored:
+        name = published_key(tensor.key)
+        if name in found or ignored_key(model, name):
+            continue
+        if tensor.dtype not in FLOAT_DTYPES:  # e.g. int8: a cast would give nonsense weights
+            not_float.append(f"{tensor.key} ({tensor.dtype})")
+        if tied and name == LM_HEAD:
+            stored_head = (tensor.path, tensor.key)
+        elif name not in expected:
+            unexpected.append(tensor.key)
+        elif tensor.shape != expected[name]:
+            misshaped[name] = f"{tensor.key} {list(tensor.shape)} (model expects {list(expected[name])})"
+        else:
+            found[name] = (tensor.path, tensor.key)
     if not_float:
         raise UserError(f"checkpoint has non-float tensors {first_few(not_float)}; tinyavl loads float weights "
                         "(F32, F16, BF16) only, not quantised checkpoints: use the original llava-hf files")
@@ -355,14 +372,14 @@ def match_keys(model: LlavaForConditionalGeneration, files: list[Path]) -> tuple
     return found, stored_head
 
 
-def load_weights(model: LlavaForConditionalGeneration, files: list[Path], dtype, device) -> None:
+def load_weights(model: LlavaForConditionalGeneration, stored: list[StoredTensor], dtype, device) -> None:
     """Check every key, shape and dtype against the model (`match_keys`), then stream the tensors in one by one.
 
     The model was built on the meta device (no memory); each tensor is read from the memory-mapped
     file, converted to the run dtype on the run device, and assigned as the parameter itself, so a
     7B model never exists twice in memory.
     """
-    found, stored_head = match_keys(model, files)
+    found, stored_head = match_keys(model, stored)
     tied = model.config.text.tie_word_embeddings
     state = {}
     for name, (path, key) in found.items():
@@ -392,35 +409,28 @@ def load_weights(model: LlavaForConditionalGeneration, files: list[Path], dtype,
         model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
 
 
-def stored_dtype(files: list[Path]) -> torch.dtype:
+def stored_dtype(stored: list[StoredTensor]) -> torch.dtype:
     """The floating dtype the checkpoint was saved in (fp16 for the published llava-hf files): the one most of
-    its values are stored in, read from the files' headers (a file may keep a few tensors in another, as an
-    fp32 head beside fp16 weights); float32 for an F64 checkpoint, which tinyavl does not run in."""
-    values = {}  # stored dtype -> how many values the checkpoint holds in it
-    for path in files:
-        with open_safetensors(path) as f:
-            for key in f.keys():
-                tensor = f.get_slice(key)
-                dtype = STORED_DTYPES.get(tensor.get_dtype())
-                if dtype is not None:
-                    values[dtype] = values.get(dtype, 0) + math.prod(tensor.get_shape())
+    its values are stored in (a file may keep a few tensors in another, as an fp32 head beside fp16 weights);
+    float32 for an F64 checkpoint, which tinyavl does not run in."""
+    values = Counter()  # stored dtype -> how many values the checkpoint holds in it
+    for tensor in stored:
+        if tensor.dtype in STORED_DTYPES:
+            values[STORED_DTYPES[tensor.dtype]] += math.prod(tensor.shape)
     return max(values, key=values.get, default=torch.float32)
 
 
-def check_decoder_layers(config: LlavaConfig, files: list[Path]) -> None:
+def check_decoder_layers(config: LlavaConfig, stored: list[StoredTensor]) -> None:
     """UserError if config.json asks for more decoder layers than the checkpoint stores, before the model is
     built: a damaged num_hidden_layers (a billion) would build layers until the memory ran out. (Fewer
     layers than stored are unexpected keys, `match_keys`.)"""
-    stored = set()
-    for path in files:
-        with open_safetensors(path) as f:
-            # language_model.model.layers.<i>.<...>: another part there is an odd key, for match_keys to name
-            parts = [name.split(".") for name in map(published_key, f.keys())]
-            stored.update(int(p[3]) for p in parts if p[:3] == ["language_model", "model", "layers"] and p[3].isdigit())
+    # language_model.model.layers.<i>.<...>: another part there is an odd key, for match_keys to name
+    parts = [published_key(tensor.key).split(".") for tensor in stored]
+    layers = {int(p[3]) for p in parts if p[:3] == ["language_model", "model", "layers"] and p[3].isdigit()}
     wanted = config.text.num_hidden_layers
-    if wanted > len(stored):
+    if wanted > len(layers):
         raise UserError(f"config.json has {wanted} decoder layers (text_config.num_hidden_layers) but the "
-                        f"checkpoint stores {len(stored)}: the files come from different checkpoints")
+                        f"checkpoint stores {len(layers)}: the files come from different checkpoints")
 
 
 def load_model(path, device=None, dtype=None, config: LlavaConfig | None = None) -> LlavaForConditionalGeneration:
@@ -431,10 +441,11 @@ def load_model(path, device=None, dtype=None, config: LlavaConfig | None = None)
     files = checkpoint_files(folder)
     for file in files:  # once each, before the tensors are read one by one
         check_readable(file)
-    check_decoder_layers(config, files)
+    stored = read_headers(files)
+    check_decoder_layers(config, stored)
     device = resolve_device(device)
-    dtype = resolve_dtype(dtype, stored_dtype(files), device)
+    dtype = resolve_dtype(dtype, stored_dtype(stored), device)
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(config)
-    load_weights(model, files, dtype, device)
+    load_weights(model, stored, dtype, device)
     return model.eval().requires_grad_(False)

@@ -131,7 +131,7 @@ class TextConfig:
         _require(bos is None or is_token_id(bos, self.vocab_size),
                  f"{section}.bos_token_id is {bos!r}, but it must be {a_token} or null")
         _require(is_eos_token_id(eos, self.vocab_size),
-                 f"{section}.eos_token_id is {eos!r}, but it must be {a_token}, a non-empty list of them, or null")
+                 f"{section}.eos_token_id is {eos!r}, but it must be {eos_token_id_rule(self.vocab_size)}")
 
     @property
     def context(self) -> int:
@@ -145,9 +145,14 @@ def is_token_id(value, vocab_size: int) -> bool:
 
 
 def is_eos_token_id(value, vocab_size: int) -> bool:
-    """What a config file may give as the ids that end an answer: one id, a non-empty list of them, or null."""
+    """What a config file may give as the ids that end an answer (`eos_token_id_rule`)."""
     return (value is None or is_token_id(value, vocab_size)
             or (isinstance(value, list) and bool(value) and all(is_token_id(i, vocab_size) for i in value)))
+
+
+def eos_token_id_rule(vocab_size: int) -> str:
+    """`is_eos_token_id` in words, for the message that refuses a value."""
+    return f"a token id (0 .. {vocab_size - 1}), a non-empty list of them, or null"
 
 
 def _require(ok: bool, problem: str) -> None:
