@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFont
 
 from tinyavl.cache import as_decimal, share
 from tinyavl.toy import evaluate as evaluate_module
@@ -16,7 +16,7 @@ from tinyavl.toy.evaluate import (ABLATIONS, BUDGETS, FASTV_MAX_R, PROMPT_KINDS,
                                   is_correct, markdown_table, paired_ratio, paired_ratio_interval, plot_sweep,
                                   shown_params, wilson_interval)
 from tinyavl.toy.scenes import Scene, SceneObject, SceneStream
-from tinyavl.toy.plot import HEIGHT, MARGIN, PALETTE, WIDTH, tick_label
+from tinyavl.toy.plot import HEIGHT, MARGIN, PALETTE, WIDTH, plot_font, tick_label
 
 SCENE = Scene((SceneObject("circle", "red", 1, 2, 5, (220, 40, 40)),
                SceneObject("square", "blue", 3, 4, None, (50, 90, 235))))
@@ -542,6 +542,15 @@ def test_parameters_set_per_kind_show_their_range():
     report = {"policy_params": None, "policy_params_by_type": {"colour": {"recent": 0.46}, "where": {"recent": 0.45},
                                                                "caption": {"recent": 0.47}}}
     assert shown_params(report) == "recent=0.45-0.47 (caption 0.47)"
+
+
+def test_a_plots_words_stay_apart():
+    """The plots' font draws a space at least 3 px wide: Pillow's default 10 px Aileron drew it 2 px, and a
+    label read "held-outscenes"."""
+    font = plot_font()
+    if not isinstance(font, ImageFont.FreeTypeFont):
+        pytest.skip("Pillow without FreeType: its bitmap font has a size of its own")
+    assert font.getlength("held-out scenes") - font.getlength("held-outscenes") >= 3
 
 
 def test_tick_labels_keep_the_digits_a_tick_needs():

@@ -10,11 +10,14 @@ atomically (tinyavl/files.py): a failure leaves no half picture.
 """
 import math
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from tinyavl.files import write_file_atomically
 
 WIDTH, HEIGHT = 760, 480
+# Pillow's default font (Aileron) at 12 px: at its own 10 px a space is 2 px wide, and the words of a label run
+# together ("held-outscenes").
+FONT_SIZE = 12
 Y_TICKS = 5
 MARGIN = dict(left=70, right=170, top=56, bottom=60)   # px; the legend sits in the right margin
 PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75),
@@ -45,7 +48,19 @@ def save_line_plot(path, series: dict, x_label: str, y_label: str, title: str,
 
     img = Image.new("RGB", (WIDTH, HEIGHT), (255, 255, 255))
     draw = ImageDraw.Draw(img)
-    draw.text((left, 8), title, fill=(0, 0, 0))
+    draw.font = plot_font()
+
+    def write(x, y, text: str, align: str = "left", middle: bool = False) -> None:
+        """text from x (align "left"), centred on it ("centre") or ending there ("right"); its top at y, or its
+        middle with `middle`."""
+        width = draw.textlength(text)
+        x -= {"left": 0, "centre": width / 2, "right": width}[align]
+        if middle:
+            _, top_ink, _, bottom_ink = draw.font.getbbox(text)
+            y -= (top_ink + bottom_ink) / 2
+        draw.text((x, y), text, fill=(0, 0, 0))
+
+    write(left, 8, title)
     if log_x:  # 1, 2 and 5 times the powers of ten inside the range: round numbers, as log paper has them
         tick_xs = [m * 10.0 ** e for e in range(math.floor(x0), math.ceil(x1) + 1) for m in (1, 2, 5)
                    if x0 <= math.log10(m) + e <= x1]
@@ -54,15 +69,15 @@ def save_line_plot(path, series: dict, x_label: str, y_label: str, title: str,
     for x in tick_xs:  # grid and tick labels
         px = x_pixel(x)
         draw.line([(px, top), (px, bottom)], fill=(230, 230, 230))
-        draw.text((px - 12, bottom + 6), tick_label(x, log_x), fill=(0, 0, 0))
+        write(px, bottom + 6, tick_label(x, log_x), align="centre")
     for i in range(Y_TICKS + 1):
         y = y0 + (y1 - y0) * i / Y_TICKS
         py = y_pixel(y)
         draw.line([(left, py), (right, py)], fill=(230, 230, 230))
-        draw.text((left - 40, py - 6), f"{y:.2f}", fill=(0, 0, 0))
+        write(left - 6, py, f"{y:.2f}", align="right", middle=True)
     draw.rectangle([left, top, right, bottom], outline=(0, 0, 0))
-    draw.text(((left + right - draw.textlength(x_label)) / 2, bottom + 30), x_label, fill=(0, 0, 0))
-    draw.text((8, top - 22), y_label, fill=(0, 0, 0))
+    write((left + right) / 2, bottom + 30, x_label, align="centre")
+    write(8, top - 22, y_label)
 
     names = list(series)
     for index, (name, line) in enumerate(series.items()):
@@ -86,9 +101,18 @@ def save_line_plot(path, series: dict, x_label: str, y_label: str, title: str,
             _dashed_line(draw, (right + 14, legend_y + 6), (right + 34, legend_y + 6), colour)
         else:
             draw.line([(right + 14, legend_y + 6), (right + 34, legend_y + 6)], fill=colour, width=3)
-        draw.text((right + 40, legend_y), name, fill=(0, 0, 0))
+        write(right + 40, legend_y + 6, name, middle=True)
 
     write_file_atomically(path, lambda partial: img.save(partial, format="PNG"), replace=replace)
+
+
+def plot_font():
+    """Pillow's default font at FONT_SIZE; its bitmap font where Pillow cannot size it (before 10.1) or has no
+    FreeType to draw Aileron."""
+    try:
+        return ImageFont.load_default(size=FONT_SIZE)
+    except (TypeError, ImportError):
+        return ImageFont.load_default()
 
 
 def tick_label(x: float, log_axis: bool) -> str:
