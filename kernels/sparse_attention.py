@@ -241,8 +241,8 @@ def _split_attention_kernel(
     running_sum = tl.zeros([BLOCK_H], tl.float32)                         # [BLOCK_H] sum of exp2(s - max)
     acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)                       # [BLOCK_H, D] sum of exp2(s - max) v
 
-    # The launcher sizes the splits so that every split holds at least one position, hence every block
-    # below has a valid column and running_max is finite after the first block.
+    # The launcher sizes the splits so that every split holds at least one position, so every block below
+    # has a column of the list (past the list, scores are -inf).
     split_lo = split * rows_per_split
     split_hi = tl.minimum(split_lo + rows_per_split, n_sel)
     for block_lo in range(split_lo, split_hi, BLOCK_N):
@@ -259,8 +259,11 @@ def _split_attention_kernel(
         scores = tl.where(in_split[None, :], scores * qk_scale, float("-inf"))
 
         new_max = tl.maximum(running_max, tl.max(scores, axis=1))         # [BLOCK_H]
-        correction = tl.exp2(running_max - new_max)                       # [BLOCK_H] rescales the old state
-        probs = tl.exp2(scores - new_max[:, None])                        # [BLOCK_H, BLOCK_N]
+        # Until a block holds a score above -inf (keys of -inf), new_max is -inf and -inf - -inf would be
+        # NaN: measured from 0 instead, every exp2 is then exp2(-inf) = 0, and the state stays empty.
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)          # [BLOCK_H]
+        correction = tl.exp2(running_max - shift)                         # [BLOCK_H] rescales the old state
+        probs = tl.exp2(scores - shift[:, None])                          # [BLOCK_H, BLOCK_N]
         running_sum = running_sum * correction + tl.sum(probs, axis=1)
 
         v = tl.load(v_head_ptr + rows[:, None] * stride_vn + dim_offs[None, :],
@@ -272,8 +275,11 @@ def _split_attention_kernel(
         running_max = new_max
 
     part_rows = (b * num_heads + heads) * num_splits + split             # [BLOCK_H] rows of [B*H*S, ...]
+    # A split whose every score is -inf has sum 0: it stores output 0 (not 0 / 0) and lse -inf, which the
+    # merge weighs 0.
+    split_sum = tl.where(running_sum == 0, 1.0, running_sum)              # [BLOCK_H]
     tl.store(part_out_ptr + part_rows[:, None] * HEAD_DIM + dim_offs[None, :],
-             acc / running_sum[:, None], mask=head_mask[:, None])
+             acc / split_sum[:, None], mask=head_mask[:, None])
     tl.store(part_lse_ptr + part_rows, running_max + tl.log2(running_sum), mask=head_mask)
 
 

@@ -274,6 +274,25 @@ def test_log_sum_exp_output(kernel):
     assert torch.equal(out, kernel(q, k, v, index, start, num_splits=2))
 
 
+# The interpreter warns of the NaN its padding query heads (zeros, never stored) make against keys of -inf.
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("rows_at_minus_inf, num_splits", [(64, 1), (64, 2), (128, 2), (70, 3)],
+                         ids=["first block, 1 split", "first block, 2 splits", "a whole split", "a block and more"])
+def test_rows_scored_minus_inf_weigh_nothing(kernel, rows_at_minus_inf, num_splits):
+    """Keys of -inf score -inf: softmax gives them 0 and the other rows their usual weights. A block (or a
+    whole split) of nothing but such rows must not turn the online softmax's -inf - -inf into NaN."""
+    q, k, v, index, start = random_case(1, 2, 1, 16, 130, 0, 0, torch.float32, seed=3)
+    q = q.abs()                                                          # q >= 0: q . k = -inf where k has -inf
+    k[0, 0, :rows_at_minus_inf, 0] = float("-inf")
+    out, lse = kernel(q, k, v, index, start, num_splits=num_splits, return_lse=True)
+    truth = masked_dense_attention(q.double(), k.double(), v.double(), index, start)      # [1, H, D]
+    finite = k[0, 0, :, 0].isfinite()                                    # (N,) the rows that get weight
+    scores = (q[0].double() @ k[0, 0, finite].double().T) * 16 ** -0.5   # [H, finite rows]
+    lse_truth = scores.logsumexp(-1)[None]                               # [1, H]
+    torch.testing.assert_close(out.double(), truth, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lse.double(), lse_truth, rtol=1e-6, atol=1e-6)
+
+
 def test_kernel_lse_normalises_the_rows_a_policy_rescores(kernel):
     """The kernel hands a policy only the log-sum-exp (`LastRow` without logits); the probabilities the
     policy then recomputes from q and K must sum to 1 over the row, in bf16 too, with logits above 10
