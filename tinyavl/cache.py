@@ -305,7 +305,8 @@ SEED_PARAM = Param("seed", 0, "the seed of a random number generator", low=-2 **
 
 
 def rate(name: str, default: float, help: str) -> Param:
-    """A fraction in (0, 1]: 0 would keep nothing."""
+    """A fraction in (0, 1]. At 0 the part a rate measures would be empty (no image token stored, none
+    computed on a normal step, no heavy hitter, no recent window): a policy its paper does not run, refused."""
     return Param(name, default, help, low=0, high=1, ends="(]")
 
 
