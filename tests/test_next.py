@@ -625,3 +625,27 @@ def test_the_base_crop_matches_transformers_when_shortest_edge_is_not_the_crop_s
     image, prompt = make_image(90, 40, seed=1), processor.chat_prompt("Hi")
     torch.testing.assert_close(processor(prompt, image)["pixel_values"],
                                theirs(images=image, text=prompt, return_tensors="pt")["pixel_values"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("shortest_edge", [28, 32], ids=["the_crop_size", "larger"])
+@pytest.mark.parametrize("step", ["do_resize", "do_center_crop"])
+def test_a_crop_step_switched_off_is_taken_where_it_changes_nothing(tiny_ckpt, tmp_path, step, shortest_edge):
+    """LLaVA-1.6's crops are the tower's size: where shortest_edge is that size too, resizing and centre
+    cropping them change nothing, and a folder that switches either off preprocesses as transformers does.
+    Where shortest_edge differs, the step matters, and tinyavl, which always runs it, refuses the folder."""
+    from transformers import AutoProcessor
+    folder = tmp_path / "next"
+    shutil.copytree(tiny_ckpt.folder("next_vicuna_mha"), folder)
+    settings = json.loads((folder / "preprocessor_config.json").read_text())
+    assert settings["crop_size"] in (28, {"height": 28, "width": 28})    # the tiny tower's input
+    settings.update({"size": {"shortest_edge": shortest_edge}, step: False})
+    (folder / "preprocessor_config.json").write_text(json.dumps(settings))
+    if shortest_edge != 28:
+        with pytest.raises(UserError, match=f"sets {step}: false"):
+            tinyavl.load_pretrained(str(folder), device="cpu")
+        return
+    _, processor = tinyavl.load_pretrained(str(folder), device="cpu")
+    theirs = AutoProcessor.from_pretrained(str(folder), backend="pil")
+    image, prompt = make_image(90, 40, seed=1), processor.chat_prompt("Hi")
+    torch.testing.assert_close(processor(prompt, image)["pixel_values"],
+                               theirs(images=image, text=prompt, return_tensors="pt")["pixel_values"], atol=1e-5, rtol=0)

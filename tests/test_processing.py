@@ -4,8 +4,10 @@ Images are generated here (noise + gradients, fixed seeds); the tokenizer is the
 tokenizer.json of tests/tiny_tokenizer.py.
 """
 import functools
+import io
 import json
 import os
+import struct
 import tempfile
 import warnings
 
@@ -187,6 +189,28 @@ def test_a_damaged_exif_block_still_turns_the_image(tmp_path):
     assert load_image(path).size == (6, 8)
 
 
+def test_pillows_warning_of_a_corrupt_exif_block_is_not_shown(tmp_path):
+    """A JPEG whose EXIF block is cut short: Pillow warns as it opens the file ("Corrupt EXIF data"), a warning
+    about its parser that a user running main.py cannot act on. The picture is read; nothing is printed."""
+    path = tmp_path / "corrupt-exif.jpg"
+    make_image(8, 6, seed=3).save(path, exif=b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x05", quality=95)
+    with pytest.warns(UserWarning, match="Corrupt EXIF"), Image.open(path) as img:    # Pillow's own
+        img.load()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_image(path).size == (8, 6)
+
+
+def test_16_bit_grey_with_a_transparent_value_goes_on_white_there_only(tmp_path):
+    """A 16-bit grey PNG's tRNS names one 16-bit value: only pixels of that value are transparent (on white),
+    not those that share its high byte, which the 8-bit picture keeps (v >> 8)."""
+    values = [10400, 10401, 10300, 0, 65535]              # the first transparent; the next two share its high byte
+    image = Image.new("I;16", (5, 1))
+    image.putdata(values)
+    rgb = load_image(_save(image, tmp_path / "g16t.png", transparency=10400))
+    assert [rgb.getpixel((x, 0)) for x in range(5)] == [(255,) * 3, (40,) * 3, (40,) * 3, (0,) * 3, (255,) * 3]
+
+
 def test_16_bit_grey_keeps_the_high_byte(tmp_path):
     values = [0, 255, 256, 511, 1000, 12345, 40000, 65280, 65535]  # 9 pixels
     expected = [0, 0, 1, 1, 3, 48, 156, 255, 255]  # v >> 8, by hand
@@ -236,6 +260,40 @@ def test_bad_image_files(tmp_path):
         with pytest.raises(UserError, match="damaged or truncated") as err:
             load_image(tmp_path / f"cut.{fmt}")
         assert "\n" not in str(err.value)
+
+
+def damaged_tiff(path):
+    """A TIFF whose StripOffsets tag (273) is typed FLOAT (11), not LONG: Pillow's decoder raises TypeError."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (30, 24), (10, 20, 30)).save(buffer, "TIFF")
+    data = bytearray(buffer.getvalue())
+    ifd = struct.unpack("<I", data[4:8])[0]                                # little-endian ("II") by Pillow
+    for entry in range(ifd + 2, ifd + 2 + 12 * struct.unpack("<H", data[ifd:ifd + 2])[0], 12):
+        if struct.unpack("<H", data[entry:entry + 2])[0] == 273:
+            data[entry + 2:entry + 4] = struct.pack("<H", 11)
+    path.write_bytes(data)
+    return path
+
+
+def unknown_dds(path):
+    """A DDS whose pixel format flags are 0, a format Pillow does not know: NotImplementedError."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(buffer, "DDS")
+    data = bytearray(buffer.getvalue())
+    data[80:84] = struct.pack("<I", 0)                                     # DDS_PIXELFORMAT.dwFlags
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("make, raised", [(damaged_tiff, TypeError), (unknown_dds, NotImplementedError)],
+                         ids=["tiff_tag_of_the_wrong_type", "dds_of_an_unknown_format"])
+def test_files_pillow_fails_on_with_other_errors_are_one_line(tmp_path, make, raised):
+    path = make(tmp_path / f"bad.{make.__name__}")
+    with pytest.raises(raised), Image.open(path) as img:                   # what Pillow itself raises
+        img.load()
+    with pytest.raises(UserError, match="damaged or truncated, or a variant of its format") as err:
+        load_image(path)
+    assert "\n" not in str(err.value)
 
 
 # ---------------------------------------------------------------- prompts and token ids
@@ -458,9 +516,10 @@ def test_a_large_image_under_the_refusal_size_loads_without_pil_warning(tmp_path
 
 
 def test_an_image_too_elongated_to_resize_is_refused(processor, monkeypatch):
-    """A 4 KB PNG of 1 x 1000000 pixels is under the size at which PIL warns of a decompression bomb, but
-    its short side resized to the crop's would make a picture of billions of pixels: the same size refuses
-    it, before any memory is spent. Here the size is lowered to 10000 pixels, so that the case is small."""
+    """A 4 KB PNG of 1 x 1000000 pixels is under the size at which PIL refuses to decode an image, but its
+    short side resized to the crop's would make a picture of billions of pixels: the same size (twice
+    MAX_IMAGE_PIXELS) refuses it, before any memory is spent. Here MAX_IMAGE_PIXELS is lowered to 10000
+    pixels, so that the case is small: an image may be made of up to 20000."""
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
     inputs = processor(processor.chat_prompt("What?"), make_image(40, 60))  # 28 x 42 once resized: fine
     assert inputs["pixel_values"].shape == (1, 3, SIZE, SIZE)
@@ -473,4 +532,8 @@ def test_an_image_too_elongated_to_resize_is_refused(processor, monkeypatch):
     assert padding(padding.chat_prompt("What?"), make_image(40, 60))["pixel_values"].shape == (1, 3, SIZE, SIZE)
     with pytest.raises(UserError, match="a 1x150 image is too elongated for this model: padded to a square"):
         padding(padding.chat_prompt("What?"), make_image(1, 150))
+    # A large square image, or a nearly square one, which load_image reads (between the two sizes PIL warns
+    # and refuses at), is no bigger padded: it is taken.
+    for width, height in ((120, 120), (140, 130)):                         # 14400 and 19600 pixels padded
+        assert padding(padding.chat_prompt("What?"), make_image(width, height))["pixel_values"].shape == (1, 3, SIZE, SIZE)
 

@@ -26,6 +26,7 @@ import jinja2
 import jinja2.ext
 import jinja2.nodes
 import jinja2.sandbox
+import numpy as np
 import torch
 from PIL import ExifTags, Image, UnidentifiedImageError
 from tokenizers import Tokenizer
@@ -72,9 +73,12 @@ def load_image(path) -> Image.Image:
         raise UserError(f"{path} is not a regular file (a pipe or a device?): give an image file")
     try:
         # An image between PIL's two decompression-bomb sizes is read (it is one the user chose), without
-        # the two-line warning PIL prints for it; one past the larger is refused below.
+        # the two-line warning PIL prints for it; one past the larger is refused below. Pillow's other
+        # warnings (a damaged EXIF block) concern the file's parser, not the user: `upright` counts an
+        # orientation it cannot read as upright.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
             with Image.open(path) as img:
                 img.load()  # decode every pixel now, so a truncated file fails here and not later
                 return to_rgb(upright(img))
@@ -83,10 +87,13 @@ def load_image(path) -> Image.Image:
     except PermissionError:
         raise  # not "damaged" below: a file the user may not read is the system's refusal (one line, status 1)
     except Image.DecompressionBombError:
-        raise UserError(f"{path} has more than {2 * Image.MAX_IMAGE_PIXELS} pixels, the size at which PIL refuses "
+        raise UserError(f"{path} has more than {pixel_limit()} pixels, the size at which PIL refuses "
                         "to decode an image (against decompression bombs): resize it first") from None
-    except (OSError, SyntaxError, ValueError) as e:  # PIL raises SyntaxError for some broken files (a bad PNG chunk)
-        raise UserError(f"cannot decode image {path} ({e}): the file is damaged or truncated") from None
+    # What Pillow's decoders raise for a damaged file or a variant they do not know: SyntaxError for a bad
+    # PNG chunk, TypeError for a TIFF tag of the wrong type, NotImplementedError for a DDS or BLP format.
+    except (OSError, SyntaxError, ValueError, TypeError, NotImplementedError) as e:
+        raise UserError(f"cannot decode image {path} ({e}): the file is damaged or truncated, or a variant of its "
+                        "format that PIL cannot decode") from None
 
 
 # EXIF orientation (2-8) -> the transpose that shows the stored pixels upright (1: already upright).
@@ -130,7 +137,14 @@ def to_rgb(img: Image.Image) -> Image.Image:
         # 16-bit grey (PNG, TIFF): PIL's conversion would clip every value above 255 to white, so keep
         # the high byte instead (v >> 8): pack as big-endian 16 bit (clipping to 0..65535) and take
         # every first byte.
-        img = Image.frombytes("L", img.size, img.convert("I").tobytes("raw", "I;16B")[0::2])
+        values = img.convert("I")
+        grey = Image.frombytes("L", img.size, values.tobytes("raw", "I;16B")[0::2])
+        transparent = img.info.get("transparency")  # one 16-bit grey value (a PNG's tRNS), or None
+        if transparent is None:
+            img = grey
+        else:  # transparent where the 16-bit value is that one, not where its high byte is the same
+            alpha = np.where(np.asarray(values) == transparent, 0, 255).astype(np.uint8)   # (H, W)
+            img = Image.merge("LA", (grey, Image.fromarray(alpha, "L")))
     if img.mode == "RGB" and img.info.get("transparency") is None:
         return img  # nothing to convert (preprocess calls this again on every crop)
     try:
@@ -443,15 +457,22 @@ class Processor:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
+def pixel_limit() -> int | None:
+    """The most pixels an image may have here, read or made: twice Image.MAX_IMAGE_PIXELS, the size at which
+    PIL refuses to decode an image (between the two it only warns of a decompression bomb); None where a
+    program has set MAX_IMAGE_PIXELS to None, PIL's way to turn the check off."""
+    return Image.MAX_IMAGE_PIXELS and 2 * Image.MAX_IMAGE_PIXELS
+
+
 def check_made_size(size: tuple[int, int], made: tuple[int, int], how: str) -> None:
     """UserError if preprocessing would make an image of `size` (width, height) into one of `made`, larger
-    than Image.MAX_IMAGE_PIXELS, the size at which PIL warns of a decompression bomb (half the size at
-    which it refuses to decode one, load_image's limit): a 4 KB PNG of 1 x 1000000 pixels is none, but
+    than `pixel_limit`, the largest image load_image reads: a 4 KB PNG of 1 x 1000000 pixels is none, but
     resized to a short side of 336, or padded to a square, it would take gigabytes."""
-    if Image.MAX_IMAGE_PIXELS and made[0] * made[1] > Image.MAX_IMAGE_PIXELS:
+    limit = pixel_limit()
+    if limit and made[0] * made[1] > limit:
         raise UserError(f"a {size[0]}x{size[1]} image is too elongated for this model: {how} it would be "
-                        f"{made[0]}x{made[1]}, more than the {Image.MAX_IMAGE_PIXELS} pixels at which PIL warns of a "
-                        "decompression bomb; crop it nearer to a square first")
+                        f"{made[0]}x{made[1]}, more than the {limit} pixels of the largest image tinyavl reads (where "
+                        "PIL refuses to decode one, against decompression bombs); crop it nearer to a square first")
 
 
 def centred(img: Image.Image, width: int, height: int, colour=(0, 0, 0)) -> Image.Image:
@@ -524,11 +545,6 @@ def preprocessor_settings(cfg: dict | None, path: Path, vision_image_size: int, 
     # A folder without the file (which transformers cannot load at all) is preprocessed at the tower's size.
     default_size = vision_image_size if cfg is None else IMAGE_PROCESSOR_SIZE
     cfg = cfg or {}
-    for step in ("do_resize", "do_center_crop", "do_rescale", "do_normalize"):
-        # false, 0 or null skips the step in transformers' processor; tinyavl takes only true.
-        if step in cfg and cfg[step] is not True:
-            raise UserError(f"{path} sets {step}: {json.dumps(cfg[step])}; tinyavl implements only LLaVA's "
-                            "preprocessing (resize, center crop, rescale, normalise), so it cannot run this checkpoint")
     # Older files write sizes as plain ints, newer ones as dicts.
     crop = cfg.get("crop_size", default_size)
     crop_hw = (crop.get("height"), crop.get("width")) if isinstance(crop, dict) else (crop, crop)
@@ -541,10 +557,18 @@ def preprocessor_settings(cfg: dict | None, path: Path, vision_image_size: int, 
     shortest_edge = size.get("shortest_edge") if isinstance(size, dict) and not other_edges else size
     if type(shortest_edge) is not int or shortest_edge <= 0:
         raise UserError(f"{path} has size {size!r}; tinyavl supports only {{\"shortest_edge\": N}}, N > 0")
-    if Image.MAX_IMAGE_PIXELS and shortest_edge ** 2 > Image.MAX_IMAGE_PIXELS:  # not the image's fault
+    # LLaVA-1.6 cuts crops of the tower's size; where the short side is that size too, resizing and centre
+    # cropping a crop change nothing, and transformers' pixels are the same with the two steps or without.
+    identities = ("do_resize", "do_center_crop") if tiled and shortest_edge == vision_image_size else ()
+    for step in ("do_resize", "do_center_crop", "do_rescale", "do_normalize"):
+        # false, 0 or null skips the step in transformers' processor; tinyavl takes only true.
+        if step in cfg and cfg[step] is not True and step not in identities:
+            raise UserError(f"{path} sets {step}: {json.dumps(cfg[step])}; tinyavl implements only LLaVA's "
+                            "preprocessing (resize, center crop, rescale, normalise), so it cannot run this checkpoint")
+    if pixel_limit() and shortest_edge ** 2 > pixel_limit():  # not the image's fault
         raise UserError(f"{path} has size {size!r}: resized to that short side, even a square image would have "
-                        f"more than the {Image.MAX_IMAGE_PIXELS} pixels at which PIL warns of a decompression bomb; "
-                        "download the file again")
+                        f"more than the {pixel_limit()} pixels of the largest image tinyavl reads; download the "
+                        "file again")
     rescale = cfg.get("rescale_factor", 1 / 255)
     if type(rescale) not in (int, float) or not math.isclose(rescale, 1 / 255):
         raise UserError(f"{path} has rescale_factor {rescale!r}; tinyavl rescales pixels by 1/255, as CLIP does")
