@@ -807,6 +807,34 @@ def test_a_reader_that_stops_reading_does_not_cost_the_attention_map(good, files
     assert out_path.is_file() and f"wrote the attention map to {out_path}" in err
 
 
+def test_a_reader_that_stops_reading_does_not_cost_a_training(tmp_path):
+    """`python -m tinyavl.toy.train --out new | head -c 1`: the training's log stops when the reader leaves
+    (`print_progress`), the training goes on, and its folder, its result, is written."""
+    out = tmp_path / "new"
+    proc = subprocess.Popen([sys.executable, "-m", "tinyavl.toy.train", "--out", str(out), "--steps", "4",
+                             "--tune-steps", "4", "--batch-size", "2", "--eval-every", "0", "--vision-layers", "1",
+                             "--text-layers", "1", "--text-width", "16"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.read(1)
+    proc.stdout.close()  # the reader leaves after one byte
+    err = proc.stderr.read().decode()
+    assert (proc.wait(timeout=300), err) == (0, "")
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full, a device every write to fails as a full disk")
+def test_a_stderr_that_cannot_be_written_ends_no_run(good, files):
+    """`python main.py ... 2>>run.log` on a full disk: the notes cannot be written (OSError, ENOSPC); the run
+    still prints its answer with status 0, and a mistake still ends with status 2."""
+    run = [sys.executable, "main.py", "--image", str(files["png"]), "--weights", str(good), "--max-new-tokens", "3"]
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run(run, cwd=REPO, stdout=subprocess.PIPE, stderr=full, text=True, timeout=120)
+        assert proc.returncode == 0 and proc.stdout.strip()
+        proc = subprocess.run(run + ["--policy", "avl", "--S", "5"], cwd=REPO, stdout=subprocess.PIPE, stderr=full,
+                              text=True, timeout=120)
+        assert (proc.returncode, proc.stdout) == (2, "")
+
+
 def test_attention_map_is_written_and_reported(capsys, good, files, tmp_path):
     out_path = tmp_path / "map.png"
     rc, _, err = run_inprocess(capsys, ["--image", files["png"], "--weights", good, "--max-new-tokens", 2,
@@ -897,21 +925,22 @@ def test_ctrl_c_is_one_line_and_status_130(capsys, monkeypatch, good, files):
 
 
 # A command run as Python runs it (main.py as a script; python -m, whose argv[0] is "-m" while Python imports
-# the module's packages), with Ctrl-C arriving when torch is first imported, inside a library's code that
-# catches every exception (as code torch runs while it imports does).
-CTRL_C_WHILE_IMPORTING = """
+# the module's packages), with a signal (argv[1]: Ctrl-C's SIGINT, SIGTERM, SIGHUP) arriving when torch is
+# first imported, inside a library's code that catches every exception (as code torch runs while it imports does).
+SIGNAL_WHILE_IMPORTING = """
 import importlib.abc, os, runpy, signal, sys
-class CtrlCWhileImporting(importlib.abc.MetaPathFinder):
+SIGNAL = getattr(signal, sys.argv[1])
+class SignalWhileImporting(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name == "torch":
             sys.meta_path.remove(self)
             try:
-                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), SIGNAL)
             except BaseException as caught:
                 print("caught", type(caught).__name__)
         return None
-sys.meta_path.insert(0, CtrlCWhileImporting())
-command, *args = sys.argv[1:]
+sys.meta_path.insert(0, SignalWhileImporting())
+command, *args = sys.argv[2:]
 if command == "main.py":
     sys.argv = [command, *args]
     runpy.run_path(command, run_name="__main__")
@@ -927,7 +956,7 @@ else:
     ("kernels.bench_sparse_attention", []),
 ])
 def test_ctrl_c_while_importing_is_one_line_and_status_130(command, args):
-    run = [sys.executable, "-c", CTRL_C_WHILE_IMPORTING, command, *map(str, args)]
+    run = [sys.executable, "-c", SIGNAL_WHILE_IMPORTING, "SIGINT", command, *map(str, args)]
     proc = subprocess.run(run, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert (proc.returncode, proc.stdout, proc.stderr) == (130, "", "interrupted (Ctrl-C)\n")
     if command == "main.py":
@@ -942,11 +971,27 @@ def test_ctrl_c_while_importing_is_one_line_and_status_130(command, args):
         assert proc.returncode == 0 and "interrupted" not in proc.stderr and "caught" not in proc.stdout
 
 
+@pytest.mark.parametrize("signal_name, status", [("SIGTERM", 143), ("SIGHUP", 129)])
+def test_sigterm_or_sighup_while_importing_is_one_line(signal_name, status):
+    """Python's default for the two ends a process without a word; while the imports run, a command says
+    what it says for them later (`ended_in_one_line`), with the same status. Under `nohup` (SIGHUP ignored) the
+    run goes on."""
+    run = [sys.executable, "-c", SIGNAL_WHILE_IMPORTING, signal_name, "main.py", "--image", str(IMAGE),
+           "--max-new-tokens", "1"]
+    proc = subprocess.run(run, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (status, "", f"terminated ({signal_name})\n")
+    if signal_name == "SIGHUP":
+        proc = subprocess.run(run, cwd=REPO, capture_output=True, text=True, timeout=120,
+                              preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+        assert proc.returncode == 0 and "terminated" not in proc.stderr and "caught" not in proc.stdout
+
+
 def test_a_program_that_is_not_a_command_keeps_its_ctrl_c():
     """A notebook or a program of one's own that imports tinyavl: Ctrl-C stays Python's KeyboardInterrupt,
     which the program may catch (a notebook's interrupt would otherwise end its kernel)."""
-    program = CTRL_C_WHILE_IMPORTING.split("command, *args")[0] + "import tinyavl\nprint('went on')\n"
-    proc = subprocess.run([sys.executable, "-c", program], cwd=REPO, capture_output=True, text=True, timeout=120)
+    program = SIGNAL_WHILE_IMPORTING.split("command, *args")[0] + "import tinyavl\nprint('went on')\n"
+    proc = subprocess.run([sys.executable, "-c", program, "SIGINT"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
     assert (proc.returncode, proc.stdout) == (0, "caught KeyboardInterrupt\nwent on\n")
 
 

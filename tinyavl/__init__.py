@@ -7,9 +7,9 @@
 """
 from pathlib import Path
 
-from tinyavl.startup import ctrl_c_ends_the_imports
+from tinyavl.startup import signals_end_the_imports
 
-with ctrl_c_ends_the_imports():  # in a command, a Ctrl-C while torch imports is one line (tinyavl/startup.py)
+with signals_end_the_imports():  # in a command, Ctrl-C or SIGTERM while torch imports is one line (tinyavl/startup.py)
     from tinyavl.cache import POLICIES, make_cache
     from tinyavl.errors import UserError
     from tinyavl.generate import GenerationStats, generate

@@ -197,9 +197,10 @@ def signals_end_like_ctrl_c():
 
 class Notes:
     """sys.stderr while a command runs: where its notes and its one-line errors go. Nobody may be reading
-    them: stderr closed from the start (2>&-), or a reader that stops reading (`2>&1 | head`, `2>&1 >out |
-    true`), where a note's write raises BrokenPipeError. Neither ends the run, which still writes its answer
-    and its files; the notes go nowhere, never to stdout (where print(file=None) would send them)."""
+    them: stderr closed from the start (2>&-), a reader that stops reading (`2>&1 | head`, `2>&1 >out |
+    true`), where a note's write raises BrokenPipeError, or a file that cannot take them (`2>>run.log` on a
+    full disk: OSError). None ends the run, which still writes its answer and its files, and ends with the
+    status it would have had; the notes go nowhere, never to stdout (where print(file=None) would send them)."""
 
     def __init__(self, stream):
         self.stream = stream  # the real stderr; None: nobody reads it
@@ -216,7 +217,7 @@ class Notes:
             return
         try:
             act(self.stream)
-        except BrokenPipeError:
+        except OSError:  # BrokenPipeError is one
             # What the stream still buffers must not fail again when Python flushes it at exit: its file
             # descriptor now points at nothing (a stream without one is let go).
             try:
@@ -307,6 +308,16 @@ def ended_in_one_line(work) -> int:
             print(f"error: out of memory ({detail}): a smaller model, image or setting (see --help) may fit",
                   file=sys.stderr)
             return 1
+
+
+def print_progress(*values) -> None:
+    """print(*values, flush=True) for a long command's progress on stdout (a training's log). Once its reader
+    has gone (`| head`), the lines go nowhere and the run goes on, to write what it was started for: a
+    training's folder is its result, not its log."""
+    try:
+        print(*values, flush=True)
+    except BrokenPipeError:
+        point_at_nothing(sys.stdout)
 
 
 def one_line(message) -> str:

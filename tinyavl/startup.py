@@ -1,10 +1,11 @@
-"""A command's first second: Ctrl-C while Python imports torch.
+"""A command's first second: Ctrl-C, SIGTERM or SIGHUP while Python imports torch.
 
 torch takes a second or more to import, and code it runs meanwhile catches exceptions: a Ctrl-C raised as
 KeyboardInterrupt there was lost (the run went on) or became another error's traceback (a RecursionError
-once). So while tinyavl's imports run in one of its commands, Ctrl-C ends the process at once, with one line
-and status 130, as it ends a command later (tinyavl/cli.py, `ended_in_one_line`): nothing has been written
-yet. tinyavl/__init__.py runs its imports inside `ctrl_c_ends_the_imports`. This module imports nothing slow.
+once), and Python's default for SIGTERM and SIGHUP ends the process without a word. So while tinyavl's
+imports run in one of its commands, each of the three ends the process at once, with one line and the
+status it has later (tinyavl/cli.py, `ended_in_one_line`: 130, 143, 129): nothing has been written yet.
+tinyavl/__init__.py runs its imports inside `signals_end_the_imports`. This module imports nothing slow.
 """
 import os
 import signal
@@ -28,26 +29,30 @@ def starting_a_command() -> bool:
                                                                   for command in COMMANDS))
 
 
-def interrupted_while_importing(signum, frame):
+def ended_while_importing(signum, frame):
+    """The line a command says later for the signal (`ended_in_one_line`), and the shell's status for it."""
+    line = "interrupted (Ctrl-C)" if signum == signal.SIGINT else f"terminated ({signal.Signals(signum).name})"
     try:  # said where stderr is read: it may be closed (2>&-, sys.stderr None) or its reader gone
-        os.write(sys.stderr.fileno(), b"interrupted (Ctrl-C)\n")
+        os.write(sys.stderr.fileno(), f"{line}\n".encode())
     except (AttributeError, OSError, ValueError):
         pass
-    os._exit(130)  # the shell's status for an interrupt
+    os._exit(128 + signum)  # 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP
 
 
 @contextmanager
-def ctrl_c_ends_the_imports():
-    """Inside the block, in a command (`starting_a_command`), Ctrl-C ends the process with one line; after
-    it, Ctrl-C is what it was. A Ctrl-C that was ignored (a shell's background job) stays ignored; signal
-    handlers can only be set from the main thread."""
-    previous = signal.getsignal(signal.SIGINT)
-    guard = (starting_a_command() and previous is not signal.SIG_IGN
-             and threading.current_thread() is threading.main_thread())
-    if guard:
-        signal.signal(signal.SIGINT, interrupted_while_importing)
+def signals_end_the_imports():
+    """Inside the block, in a command (`starting_a_command`), Ctrl-C, SIGTERM and SIGHUP end the process with
+    one line; after it, each is what it was. A signal that was ignored (Ctrl-C in a shell's background job,
+    SIGHUP under `nohup`) stays ignored; signal handlers can only be set from the main thread."""
+    names = ("SIGINT", "SIGTERM", "SIGHUP")
+    signals = [getattr(signal, name) for name in names if hasattr(signal, name)]  # no SIGHUP on Windows
+    guard = starting_a_command() and threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.getsignal(sig) for sig in signals} if guard else {}
+    guarded = [sig for sig, handler in previous.items() if handler is not signal.SIG_IGN]
+    for sig in guarded:
+        signal.signal(sig, ended_while_importing)
     try:
         yield
     finally:
-        if guard:
-            signal.signal(signal.SIGINT, previous)
+        for sig in guarded:
+            signal.signal(sig, previous[sig])

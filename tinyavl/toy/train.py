@@ -73,7 +73,7 @@ from safetensors.torch import save as safetensors_bytes
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 
 from tinyavl.cli import (TOY_WEIGHTS, ArgumentParser, check_training_args, first_paragraph, flag, given_path,
-                         output_file, run_main)
+                         output_file, print_progress, run_main)
 from tinyavl.errors import UserError
 from tinyavl.files import check_new_folder, check_output_file, write_file_atomically, write_folder_atomically
 from tinyavl.model import LlavaConfig, LlavaForConditionalGeneration, TextConfig, VisionConfig
@@ -610,7 +610,7 @@ def train(steps: int, batch_size: int = 32, lr: float = 2e-3, seed: int = 0, tur
     trains the tower first, which then stays frozen.
     Every eval_every steps (0: never) the greedy accuracy on 10 held-out scenes (seed 0) is logged.
     With a checkpoint, stage 1 resumes (`optimise`); stage 0 does not save its state."""
-    log = log or partial(print, flush=True)
+    log = log or print_progress
     model, processor = new_model(seed, config_overrides)
     config = model.config
     probe = PatchProbe(processor.tokenizer, config.text.hidden_size)
@@ -653,7 +653,7 @@ def tune(model, processor, steps: int, batch_size: int = 32, lr: float = 4e-4, s
     With a checkpoint, it resumes (`optimise`)."""
     if mask_kind not in TUNE_MASKS:
         raise ValueError(f"mask_kind must be one of {', '.join(TUNE_MASKS)}, got {mask_kind!r}")
-    log = log or partial(print, flush=True)
+    log = log or print_progress
     log(f"stage 2: {steps} steps with up to {image_dropout:.0%} of each sequence's image tokens hidden, as {mask_kind}")
     probe = PatchProbe(processor.tokenizer, model.config.text.hidden_size)
     return optimise(model, probe, processor, SceneStream("tune", seed), steps, lr, warmup_steps(steps, 100),
@@ -776,7 +776,7 @@ def pretrain_vision(model, processor, steps: int, batch_size: int = 32, lr: floa
     own patch shows: without it the frozen tokens lost that, and stage 1 learnt its lookups at a fraction
     of the speed (held-out accuracy 0.25 at step 2000, against 0.65 with the tower trained end to end).
     Nothing here sees the decoder or a KV policy."""
-    log = log or partial(print, flush=True)
+    log = log or print_progress
     log(f"stage 0: the vision tower alone, {steps} steps, up to {max_hidden:.0%} of each image hidden")
     generator = torch.Generator().manual_seed(seed)
     tower = model.vision_tower

@@ -46,13 +46,13 @@ uninterrupted run would have written, bit for bit on the same machine and thread
 """
 import hashlib
 from dataclasses import asdict, replace
-from functools import partial
 from pathlib import Path
 
 import torch
 
 from tinyavl import load_pretrained
-from tinyavl.cli import TOY_WEIGHTS, ArgumentParser, check_training_args, first_paragraph, given_path, run_main
+from tinyavl.cli import (TOY_WEIGHTS, ArgumentParser, check_training_args, first_paragraph, given_path, print_progress,
+                         run_main)
 from tinyavl.errors import UserError
 from tinyavl.files import check_new_folder
 from tinyavl.model import HiresConfig, LlavaForConditionalGeneration
@@ -131,7 +131,7 @@ def train_hires(model, processor, steps: int = STEPS, batch_size: int = BATCH_SI
     image tokens hidden as FINETUNE_DROPOUT and FINETUNE_DROPOUT_SHARE say (seed: the scenes' stream, the
     dropout draws); returns the history of (step, lm_loss, aux_loss). With a checkpoint, it resumes
     (`optimise`)."""
-    log = log or partial(print, flush=True)
+    log = log or print_progress
     probe = PatchProbe(processor.tokenizer, model.config.text.hidden_size)
     looks = model.config.hires or f"every high-resolution token in the sequence, {model.config.image_grid_pinpoints}"
     log(f"{steps} steps on fine scenes, {looks}")
