@@ -179,6 +179,9 @@ def test_growth_slope_is_the_median_pairwise_slope_and_ignores_a_few_slow_steps(
     least_squares = torch.linalg.lstsq(torch.stack([tokens, torch.ones_like(tokens)], 1),
                                        torch.tensor(slow, dtype=torch.float64)[:, None]).solution[0, 0]
     assert 1e5 * least_squares > 2 * 200
+    # Four steps, six pairs: slopes 1, 1.5, 2, 7/3, 3 and 4 ms a token, whose median is the mean of the middle
+    # two, (2 + 7/3) / 2 ms a token.
+    assert bench.slope_ms_per_100_tokens([0.010, 0.011, 0.013, 0.017], 2, 5) == pytest.approx(100 * (2 + 7 / 3) / 2)
     # Steps that alternate (A-VL's update steps cost more, every third) grow at the rate of their trend.
     periodic = [0.010 + 0.001 * token + (0.020 if token % 3 == 0 else 0) for token in range(2, 62)]
     assert bench.slope_ms_per_100_tokens(periodic, 2, 61) == pytest.approx(100, rel=0.1)

@@ -458,7 +458,8 @@ def slope_ms_per_100_tokens(per_step: list[float], first: int, last: int) -> flo
     times = torch.tensor(per_step[steps_making(first, last)], dtype=torch.float64)      # (n,)
     tokens = torch.arange(first, first + len(times), dtype=torch.float64)               # (n,)
     i, j = torch.triu_indices(len(times), len(times), offset=1)                          # every pair, i < j
-    return 1e5 * ((times[j] - times[i]) / (tokens[j] - tokens[i])).median().item()
+    # quantile, not median(): of an even count of slopes, torch's median is the lower middle one.
+    return 1e5 * ((times[j] - times[i]) / (tokens[j] - tokens[i])).quantile(0.5).item()
 
 
 def growth(model, n_img: int) -> dict:
