@@ -28,7 +28,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--prompt", default="Describe the image.", help="the question about the image")
     parser.add_argument("--weights", type=given_path, default=None,
                         help="llava-hf model folder (default: the toy LLaVA in weights/toy)")
-    for param in GENERATION_PARAMS:  # --max-new-tokens, --temperature, --top-p
+    for param in GENERATION_PARAMS:  # --max-new-tokens, --temperature, --top-k, --top-p
         parser.add_argument(flag(param.name), type=type(param.default), default=param.default,
                             help=f"{param.help}; {param.allowed()}")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if present")
@@ -58,7 +58,7 @@ def check_args(args):
     check_stdout_open("answer", {"--attention-map": args.attention_map})
     image = load_image(args.image)
     check_question(args.prompt)
-    check_generation_args(args.max_new_tokens, args.temperature, args.top_p, args.seed, named=flag)
+    check_generation_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, named=flag)
     cache = policy_cache(args)
     if args.weights is None:
         if not DEFAULT_WEIGHTS.is_dir():
@@ -131,7 +131,7 @@ def run(args) -> dict:
     printer = None if args.json else AnswerPrinter(processor)
     token_ids, stats = tinyavl.generate(model, **inputs,
                                         max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                        top_p=args.top_p, seed=args.seed,
+                                        top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                                         stream=None if printer is None else printer.stream, policy=cache)
     text = processor.decode(token_ids)
     if printer is not None:

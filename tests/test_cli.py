@@ -252,15 +252,15 @@ def api_tokens(good, files):
 
 
 def test_the_sampling_settings_reach_the_generation(capsys, good, files, api_tokens):
-    """--temperature, --top-p and --seed each change the draw (the controls below), and main.py draws what the
-    API draws with all three."""
-    settings = dict(temperature=2.0, top_p=0.5, seed=3)
+    """--temperature, --top-k, --top-p and --seed each change the draw (the controls below), and main.py draws
+    what the API draws with all four."""
+    settings = dict(temperature=2.0, top_k=20, top_p=0.5, seed=3)
     rc, out, err = run_inprocess(capsys, ["--image", files["png"], "--weights", good, "--max-new-tokens", NEW_TOKENS,
-                                          "--json", "--temperature", 2, "--top-p", 0.5, "--seed", 3])
+                                          "--json", "--temperature", 2, "--top-k", 20, "--top-p", 0.5, "--seed", 3])
     assert rc == 0, err
     tokens = json.loads(out)["token_ids"]
     assert tokens == api_tokens(**settings)
-    for other in (dict(temperature=0.0), dict(top_p=1.0), dict(seed=4)):  # any one of them lost shows
+    for other in (dict(temperature=0.0), dict(top_k=2), dict(top_p=1.0), dict(seed=4)):  # any one of them lost shows
         assert api_tokens(**{**settings, **other}) != tokens
 
 

@@ -153,14 +153,14 @@ def test_same_seed_same_tokens_different_seed_different_tokens(loaded):
 def test_every_token_is_drawn_from_its_own_steps_logits_with_the_settings_given(loaded):
     """Replayed by hand: each step's recorded logits through `sample` (tested on its own, below) with one
     generator seeded as given, in order, draw the tokens generate drew: the prefill's and every decode
-    step's at the same temperature and top-p."""
+    step's at the same temperature, top-k and top-p."""
     model, processor = loaded("mha")
     ids, px = prompt_inputs(processor, "image")
     recorder = Recorder(model)
-    tokens, _ = tinyavl.generate(recorder, ids, px, max_new_tokens=STEPS, temperature=3.0, top_p=0.8, seed=11,
-                                 eos_token_id=())
+    tokens, _ = tinyavl.generate(recorder, ids, px, max_new_tokens=STEPS, temperature=3.0, top_k=40, top_p=0.8,
+                                 seed=11, eos_token_id=())
     generator = torch.Generator().manual_seed(11)
-    assert tokens == [sample(logits, 3.0, 0.8, generator) for logits in recorder.logits]
+    assert tokens == [sample(logits, 3.0, 40, 0.8, generator) for logits in recorder.logits]
 
 
 def test_unseeded_draws_are_fresh(loaded):
@@ -215,11 +215,48 @@ def test_sample_nucleus_rule(probs, temperature, top_p):
     logits = torch.tensor(probs, dtype=torch.float32).log()
     g = torch.Generator().manual_seed(0)
     n = 4000
-    draws = [sample(logits, temperature, top_p, g) for _ in range(n)]
+    draws = [sample(logits, temperature, 0, top_p, g) for _ in range(n)]
+    assert_drawn_as(draws, expected)
+
+
+def assert_drawn_as(draws, expected: dict):
+    """The tokens drawn are those `expected` gives probability ({token: p}), each as often as p says: within
+    5 binomial standard deviations."""
+    n = len(draws)
     counts = {i: draws.count(i) for i in set(draws)}
     assert set(counts) == set(expected), (counts, expected)
-    for i, p in expected.items():  # frequencies within 5 binomial standard deviations
+    for i, p in expected.items():
         assert abs(counts[i] / n - p) <= 5 * math.sqrt(p * (1 - p) / n) + 1e-9, (i, counts[i] / n, p)
+
+
+# logits with a tie at the k-th place (two tokens at 1.0 for k = 2 and 3), temperatures, top-k (0: off, or
+# past the vocabulary), top-p.
+TOP_K_CASES = [
+    ([2.0, 1.0, 1.0, 0.0, -0.5, 0.5], 1.0, 2, 1.0),
+    ([2.0, 1.0, 1.0, 0.0, -0.5, 0.5], 1.0, 3, 1.0),
+    ([2.0, 1.0, 1.0, 0.0, -0.5, 0.5], 0.7, 4, 0.8),
+    ([0.3, 1.2, -0.4, 0.9, 0.0, 1.1], 2.0, 3, 0.7),
+    ([0.3, 1.2, -0.4, 0.9, 0.0, 1.1], 1.5, 0, 0.9),
+    ([0.3, 1.2, -0.4, 0.9, 0.0, 1.1], 1.5, 10, 1.0),
+    # top-p measures the mass top-k kept: two of the three reach 0.6 of it (of all six, three would be needed).
+    ([1.0, 0.99, 0.98, 0.5, 0.4, 0.3], 1.0, 3, 0.6),
+]
+
+
+@pytest.mark.parametrize("logits, temperature, top_k, top_p", TOP_K_CASES)
+def test_sample_draws_from_transformers_temperature_top_k_and_top_p(logits, temperature, top_k, top_p):
+    """The distribution transformers' generate samples from, made by its own warpers in its order
+    (temperature, top-k, top-p; top_k 0 leaves no TopKLogitsWarper, as generate adds none then)."""
+    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
+    warpers = [TemperatureLogitsWarper(temperature)] + ([TopKLogitsWarper(top_k)] if top_k else [])
+    scores = torch.tensor([logits], dtype=torch.float64)
+    for warper in warpers + [TopPLogitsWarper(top_p)]:
+        scores = warper(None, scores)
+    probs = scores.softmax(-1)[0]
+    expected = {i: float(p) for i, p in enumerate(probs) if p > 0}
+    g = torch.Generator().manual_seed(0)
+    assert_drawn_as([sample(torch.tensor(logits), temperature, top_k, top_p, g) for _ in range(4000)], expected)
 
 
 @pytest.mark.parametrize("temperature,top_p", [(1e-45, 1.0), (5e-324, 1.0), (1.0, 1e-300)])
@@ -227,15 +264,15 @@ def test_sample_at_extreme_settings_takes_the_top_token(temperature, top_p):
     """A temperature near 0 is greedy in the limit, and a top_p near 0 keeps the first token alone."""
     logits = torch.tensor([0.1, 2.0, -1.0, 1.9])
     g = torch.Generator().manual_seed(0)
-    assert {sample(logits, temperature, top_p, g) for _ in range(50)} == {1}
+    assert {sample(logits, temperature, 50, top_p, g) for _ in range(50)} == {1}
 
 
 def test_sample_greedy_at_temperature_zero_and_seeded_reproducibility():
     logits = torch.tensor([0.1, 2.0, -1.0, 1.9])
-    assert sample(logits, 0.0, 1.0, None) == 1
-    assert sample(logits, 0.0, 0.01, torch.Generator().manual_seed(0)) == 1
-    a = [sample(logits, 1.0, 1.0, g) for g in [torch.Generator().manual_seed(7)] for _ in range(50)]
-    b = [sample(logits, 1.0, 1.0, g) for g in [torch.Generator().manual_seed(7)] for _ in range(50)]
+    assert sample(logits, 0.0, 50, 1.0, None) == 1
+    assert sample(logits, 0.0, 1, 0.01, torch.Generator().manual_seed(0)) == 1
+    a = [sample(logits, 1.0, 50, 1.0, g) for g in [torch.Generator().manual_seed(7)] for _ in range(50)]
+    b = [sample(logits, 1.0, 50, 1.0, g) for g in [torch.Generator().manual_seed(7)] for _ in range(50)]
     assert a == b and len(set(a)) > 1
 
 
@@ -318,7 +355,7 @@ def test_sample_nucleus_boundary_keeps_the_prefix_that_exactly_reaches_top_p():
     (a rule that needs the mass to exceed top_p would keep three)."""
     logits = torch.zeros(4)
     g = torch.Generator().manual_seed(0)
-    draws = [sample(logits, 1.0, 0.5, g) for _ in range(2000)]
+    draws = [sample(logits, 1.0, 0, 0.5, g) for _ in range(2000)]
     assert len(set(draws)) == 2
     assert abs(draws.count(draws[0]) / len(draws) - 0.5) < 0.05
 

@@ -63,14 +63,20 @@ def image_segments(input_ids, image_token_id: int) -> tuple[int, int]:
     return n_sys, n_img
 
 
-def sample(logits, temperature: float, top_p: float, generator):  # logits (vocab,) fp32
-    """Greedy at temperature 0; otherwise temperature + nucleus (top-p) sampling."""
+def sample(logits, temperature: float, top_k: int, top_p: float, generator):  # logits (vocab,) fp32
+    """Greedy at temperature 0; otherwise as transformers' generate samples (its TemperatureLogitsWarper,
+    TopKLogitsWarper, TopPLogitsWarper, in that order): the temperature, then the top_k most likely tokens
+    (0: every token), then the nucleus (top-p) of those."""
     if temperature <= 0:
         return int(logits.argmax())
     # In float64 and from the top logit down: a tiny temperature then sends the others to -inf (probability 0)
     # rather than overflowing fp32 to inf - inf = nan, and a tiny top_p still keeps the first token.
     probs = ((logits.double() - logits.max()) / temperature).softmax(-1)  # (vocab,) fp64
     sorted_probs, order = probs.sort(descending=True)                      # each (vocab,)
+    if 0 < top_k < len(sorted_probs):
+        # A token as likely as the k-th stays too, as transformers keeps every score up to the k-th's.
+        sorted_probs = sorted_probs.masked_fill(sorted_probs < sorted_probs[top_k - 1], 0.0)
+        sorted_probs = sorted_probs / sorted_probs.sum()                   # top-p measures what top-k kept
     # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
     outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p              # (vocab,) bool
     sorted_probs = sorted_probs.masked_fill(outside, 0.0)
@@ -78,13 +84,13 @@ def sample(logits, temperature: float, top_p: float, generator):  # logits (voca
     return int(order[choice])
 
 
-def next_token(logits, temperature: float, top_p: float, generator, step: int) -> int:  # logits (1, 1, vocab)
+def next_token(logits, temperature: float, top_k: int, top_p: float, generator, step: int) -> int:  # (1, 1, vocab)
     """The token after a forward pass; a clear error instead of garbage when the logits are not finite."""
     last = logits[0, -1].float().cpu()                                     # (vocab,)
     if not torch.isfinite(last).all():
         raise UserError(f"the model's logits are NaN or infinite at step {step}: the checkpoint is broken, or "
                         "half precision overflowed (try --dtype float32)")
-    return sample(last, temperature, top_p, generator)
+    return sample(last, temperature, top_k, top_p, generator)
 
 
 def kv_snapshot(cache: KVCache) -> tuple[int, dict, list]:
@@ -114,21 +120,23 @@ def id_set(ids) -> set[int]:
 GENERATION_PARAMS = (
     Param("max_new_tokens", 64, "most tokens to generate (fewer at EOS)", low=1),
     Param("temperature", 0.0, "0 = greedy", low=0, high=math.inf, ends="[)"),
-    # checked when greedy too: a nan or -1 is a mistake anyway
+    # checked when greedy too: a nan or -1 is a mistake anyway. 50: transformers' generate's default.
+    Param("top_k", 50, "sample among the k most likely tokens, before top-p (0 = every token; with temperature > 0)",
+          low=0),
     rate("top_p", 1.0, "nucleus sampling: the smallest set of tokens whose probability reaches this (with "
                        "temperature > 0)"),
 )
 
 
-def check_generation_args(max_new_tokens: int, temperature: float, top_p: float, seed: int | None,
+def check_generation_args(max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: int | None,
                           named=str) -> tuple:
-    """(max_new_tokens, temperature, top_p, seed) as Python's int and float (numpy's numbers too), or a
-    UserError for settings generate cannot honour (`GENERATION_PARAMS`, and a seed torch takes, or None: a
+    """(max_new_tokens, temperature, top_k, top_p, seed) as Python's int and float (numpy's numbers too), or
+    a UserError for settings generate cannot honour (`GENERATION_PARAMS`, and a seed torch takes, or None: a
     fresh draw). main.py checks them before it loads the model, its messages naming the flags:
     named("top_p") == "--top-p"."""
-    given = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    given = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
     checked = {param.name: param.check(given[param.name], named) for param in GENERATION_PARAMS}
-    return (checked["max_new_tokens"], checked["temperature"], checked["top_p"],
+    return (checked["max_new_tokens"], checked["temperature"], checked["top_k"], checked["top_p"],
             None if seed is None else SEED_PARAM.check(seed, named))
 
 
@@ -184,7 +192,8 @@ def generate(model, input_ids, pixel_values=None, *, stream=None, **options) -> 
 @torch.inference_mode()
 def generation(model, input_ids, pixel_values=None, *, image_sizes=None, hires_pixel_values=None,
                hires_top: int | None = None, max_new_tokens: int = 64, temperature: float = 0.0,
-               top_p: float = 1.0, seed: int | None = None, eos_token_id: int | Sequence[int] | None = None,
+               top_k: int = 50, top_p: float = 1.0, seed: int | None = None,
+               eos_token_id: int | Sequence[int] | None = None,
                policy: KVCache | str = "full", **policy_params):
     """Generate up to max_new_tokens after the prompt input_ids (1, T) (image tokens already expanded);
     pixel_values and image_sizes as the processor returns them (image_sizes: LLaVA-1.6 only needs it;
@@ -199,7 +208,8 @@ def generation(model, input_ids, pixel_values=None, *, image_sizes=None, hires_p
     value, in StopIteration) the new token ids and the run's statistics. `generate` runs one to its end;
     the benchmark runs several in turn (tinyavl/bench.py, `run_policies`).
     """
-    max_new_tokens, temperature, top_p, seed = check_generation_args(max_new_tokens, temperature, top_p, seed)
+    max_new_tokens, temperature, top_k, top_p, seed = check_generation_args(max_new_tokens, temperature, top_k,
+                                                                           top_p, seed)
     if hires_top is not None and hires_pixel_values is None:
         raise UserError("hires_top picks blocks of the high-resolution view: pass hires_pixel_values too")
     cache = cache_for(policy, policy_params)
@@ -228,7 +238,7 @@ def generation(model, input_ids, pixel_values=None, *, image_sizes=None, hires_p
                   else model.hires_view(input_ids.to(device), on_device(hires_pixel_values), top=hires_top))
     logits = model(input_ids.to(device), on_device(pixel_values), cache=cache, last_only=True,
                    image_sizes=image_sizes, hires_view=hires_view)  # (1, 1, vocab)
-    token = next_token(logits, temperature, top_p, generator, step=0)
+    token = next_token(logits, temperature, top_k, top_p, generator, step=0)
     prefill_seconds = time.perf_counter() - start
     prefill_attended = list(cache.attended)
 
@@ -242,7 +252,7 @@ def generation(model, input_ids, pixel_values=None, *, image_sizes=None, hires_p
         # (the snapshot runs each time the cache passes its peak: every step for `full`).
         start = time.perf_counter()
         logits = model(torch.tensor([[token]], device=device), cache=cache, last_only=True)    # (1, 1, vocab)
-        token = next_token(logits, temperature, top_p, generator, step=len(tokens))
+        token = next_token(logits, temperature, top_k, top_p, generator, step=len(tokens))
         step_seconds.append(time.perf_counter() - start)
         tokens.append(token)
         yield token
