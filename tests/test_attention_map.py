@@ -220,6 +220,8 @@ def test_the_hottest_cell_is_the_red_at_the_end_of_the_scale():
     for index, alpha in ((5, 220), (6, 110)):
         expected = [128 * (1 - alpha / 255) + red * alpha / 255 for red in HEAT]
         assert all(abs(got - want) <= 1 for got, want in zip(at(index), expected)), index
+    # The scale's last column (under the heat panel, 4 px below it) is that very colour.
+    assert picture.getpixel((PANEL + 10 + PANEL - 1, HEADER + PANEL + 4 + 5)) == at(5)
 
 
 def test_the_cls_token_has_no_cell(tiny_ckpt):
@@ -228,3 +230,22 @@ def test_the_cls_token_has_no_cell(tiny_ckpt):
     inputs = processor(processor.chat_prompt("what is this ?"), image=make_image(50, 40, 0))
     (picture,) = token_pictures(model, processor, inputs)
     assert picture.tokens.tolist() == list(range(1, 37)) and picture.grid == (6, 6)
+
+
+def test_the_map_draws_each_patch_with_its_own_role_and_heat(tiny_ckpt, tmp_path, monkeypatch):
+    """gqa_full keeps CLS, image token 0: the map's cells are tokens 1 .. 36's roles and heat, and the blocks
+    FlexAttention's selection frames come from those 36 cells' heat, not from tokens 0 .. 35."""
+    from tinyavl import attention_map, hires
+    model, processor = tinyavl.load_pretrained(tiny_ckpt.folder("gqa_full"), device="cpu")
+    inputs = prompt(processor, seed=1)
+    cache = make_cache("avl", S=0.5, C=0.25, K=2, P=1.0)
+    tinyavl.generate(model, **inputs, max_new_tokens=5, policy=cache)
+    drawn, draw = [], attention_map.draw_attention_map
+    monkeypatch.setattr(attention_map, "draw_attention_map", lambda *args: drawn.append(args) or draw(*args))
+    attention_map.save_attention_map(tmp_path / "m.png", model, processor, inputs, cache, layer=1, hires_threshold=48)
+    (_, cells, heat, *_, blocks, _), = drawn
+    roles = image_roles(cache, 1)                                                    # (37,) CLS first
+    every_heat = image_heat(model, inputs["input_ids"], inputs["pixel_values"], 1)   # (37,)
+    assert torch.equal(cells, roles[1:]) and torch.equal(heat, every_heat[1:])
+    assert not torch.equal(cells, roles[:-1]) or not torch.equal(heat, every_heat[:-1])  # the offset shows
+    assert torch.equal(blocks, hires.select_blocks(every_heat[1:][None], (6, 6), 48, 6)[0])

@@ -51,8 +51,14 @@ def test_recorded_rows_are_transformers_attention_of_each_step(tiny_ckpt, varian
     hf = tiny_ckpt.model(variant)
     hf.set_attn_implementation("eager")
     inputs = processor(processor.chat_prompt("what is this ?"), image=make_image(50, 40, 2))
-    recorder, tokens = record_attention(model, inputs["input_ids"], inputs["pixel_values"], max_new_tokens=4)
+    recorder, tokens = record_attention(model, inputs["input_ids"], inputs["pixel_values"], max_new_tokens=4,
+                                        eos_token_id=())
     assert len(recorder.rows) == len(tokens) == 4   # the prefill + 3 decode steps (the last token is never fed)
+    # An answer ends at the eos_token_id given: here the second token's id, wherever it first comes.
+    ended = tokens[:tokens.index(tokens[1]) + 1]
+    shorter, ended_tokens = record_attention(model, inputs["input_ids"], inputs["pixel_values"], max_new_tokens=4,
+                                             eos_token_id=tokens[1])
+    assert ended_tokens == ended and len(shorter.rows) == len(ended)
     sequence = torch.cat([inputs["input_ids"], torch.tensor([tokens[:-1]])], dim=1)
     with torch.no_grad():
         attentions = hf(input_ids=sequence, pixel_values=inputs["pixel_values"], output_attentions=True).attentions

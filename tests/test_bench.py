@@ -10,7 +10,7 @@ import torch
 
 from tinyavl import bench
 from tinyavl.cache import POLICIES, AVLCache
-from tinyavl.model import LlavaConfig, TextConfig, keys_first
+from tinyavl.model import LlavaConfig, LlavaForConditionalGeneration, TextConfig, keys_first
 
 TINY = bench.tiny_config(4, num_key_value_heads=2, max_position_embeddings=512)
 
@@ -25,6 +25,19 @@ def test_weight_and_kv_row_bytes_by_hand(model):
     per_layer = (C * C + 2 * C * Hkv * hs + C * C) + 3 * C * I + 2 * C  # q, k, v, o; gate, up, down; two norms
     assert bench.decode_weight_bytes(model) == 4 * (L * per_layer + C + V * C)  # + final norm + lm_head; no embedding
     assert bench.kv_row_bytes(model.config.text, torch.float32) == 2 * Hkv * hs * 4
+
+
+def test_the_benchmarks_decoder_is_llava_15_7bs():
+    """The text_config of llava-hf/llava-1.5-7b-hf's config.json, written out (its other values are
+    TextConfig's defaults, Llama-7B's), and the 3.76 GB of fp32 weights a step of 4 such layers reads."""
+    text = bench.llava_7b_config(32).text
+    published = dict(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                     num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5)
+    assert {name: getattr(text, name) for name in published} == published
+    with torch.device("meta"):
+        four_layers = LlavaForConditionalGeneration(bench.llava_7b_config(4))
+    per_layer = 4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096       # q, k, v, o; gate, up, down; two norms
+    assert bench.decode_weight_bytes(four_layers) == 4 * (4 * per_layer + 4096 + 32064 * 4096)
 
 
 def test_a_tied_output_layer_is_read_whole():
@@ -101,6 +114,8 @@ def test_each_policys_times_and_bytes_are_its_own_runs(model, monkeypatch):
         assert row["prefill_s"] == stats.prefill_seconds
         assert row["kv_bytes"] == stats.kv_cache_bytes_peak
         assert row["same_start_as_full"] == bench.agreeing_start(tokens, runs["full"][0])
+        assert row["attended_ratio"] == pytest.approx(stats.attended_tokens_per_step
+                                                      / runs["full"][1].attended_tokens_per_step)
     # (Some policy's answer parts from full's on this random model: the column is not full's count of its own.)
     assert min(row["same_start_as_full"] for row in case["policies"].values()) < 6
     avl_cache = runs["avl"][2]
@@ -198,9 +213,24 @@ def test_growth_is_printed_as_differences_slopes_and_their_ratio(monkeypatch, ca
     assert "full +2.5 ms (+0.50 attn)" in out                       # 12.5 - 10.0 and 1.5 - 1.0
     assert "full +80.00 (+16.000 attn), avl +40.00 (+4.000 attn)" in out
     assert "avl's attention grows 0.25x as fast as full's" in out   # 4 / 16
-    growth["full"]["attention_ms_per_100_tokens"] = -1.0              # noise: no ratio to a shrinking step
-    bench.print_growth(growth)
-    assert "as fast as" not in capsys.readouterr().out
+    for flat_or_shrinking in (0.0, -1.0):                              # noise: no ratio to a step that does not grow
+        growth["full"]["attention_ms_per_100_tokens"] = flat_or_shrinking
+        bench.print_growth(growth)
+        assert "as fast as" not in capsys.readouterr().out
+
+
+def test_a_case_is_printed_with_each_ratio_of_its_row(capsys):
+    """print_case's columns, from a made-up case: '/ floor' is decode over floor ms, '/ hw floor' decode over
+    the hardware floor, 'step vs full' decode over full's, each computed here by hand."""
+    row = {"kv_bytes": 3 * 2**20, "kv_ratio": 0.5, "attended_ratio": 0.4, "prefill_s": 1.5, "decode_ms": 120.0,
+           "floor_ms": 100.0, "hardware_floor_ms": 60.0, "attention_ms": 7.0, "same_start_as_full": 5}
+    full = {**row, "kv_bytes": 6 * 2**20, "kv_ratio": 1.0, "attended_ratio": 1.0, "decode_ms": 150.0}
+    case = {"image_tokens": 20, "prompt_tokens": 40, "new_tokens": 6, "rates_GBps": {"read": 20.0, "matvec": 15.0},
+            "policies": {"full": full, "h2o": row}}
+    bench.print_case(case)
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("h2o"))
+    # policy, KV peak, KV vs full, attended, prefill s, decode ms, floor ms, / floor, / hw floor, step vs full, attn ms
+    assert line.split()[1:11] == ["3.0Mi", "0.50", "0.40", "1.50", "120.0", "100.0", "1.20", "2.00", "0.80", "7.0"]
 
 
 def test_growth_reports_each_policys_step_and_attention_series_at_their_tokens(model, monkeypatch):

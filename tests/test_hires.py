@@ -30,6 +30,14 @@ def test_scores_are_the_normalised_maximum_of_each_window():
     # x 255 against the threshold: 1/8 -> 31.9, 4/8 -> 127.5, 1 -> 255
     assert hires.threshold_blocks(scores, 48).tolist() == [[[False, True], [True, False]]]
     assert hires.threshold_blocks(scores, 31).tolist() == [[[True, True], [True, True]]]
+    # The minimum and maximum are the whole image's, not a row's or a window's: here the rows' minima differ
+    # (0, 4, 1, 1), and the image's (0, 5) make a token score a / 5.
+    attention = torch.tensor([[0., 1., 2., 3.],
+                              [4., 4., 4., 5.],
+                              [1., 1., 1., 1.],
+                              [1., 1., 1., 2.]]).flatten()[None]
+    torch.testing.assert_close(hires.block_scores(attention, (4, 4), blocks=2),
+                               torch.tensor([[[4 / 5, 5 / 5], [1 / 5, 2 / 5]]]), atol=1e-7, rtol=0)
 
 
 @pytest.mark.parametrize("row, column", [(2, 2), (23, 0), (12, 17), (0, 23)])

@@ -25,6 +25,22 @@ TOY = Path(__file__).resolve().parent.parent / "weights" / "toy"
 EXAMPLES = TOY / "examples"
 
 
+@pytest.mark.parametrize("folder, fine", [("toy", False), ("toy-nodrop", False), ("toy-hires", True),
+                                          ("toy-tiles", True)])
+def test_the_committed_examples_are_what_the_trainers_draw(tmp_path, folder, fine):
+    """Every toy folder's examples (its pictures and their truth, which the golden answers and chapter 3
+    quote) are what `write_examples` draws from the scenes' own "example" stream: scenes no training met."""
+    from PIL import Image
+    from tinyavl.toy.train import write_examples
+    write_examples(tmp_path, fine=fine)
+    committed, drawn = TOY.parent / folder / "examples", tmp_path / "examples"
+    assert sorted(p.name for p in drawn.iterdir()) == sorted(p.name for p in committed.iterdir())
+    assert (drawn / "examples.json").read_text() == (committed / "examples.json").read_text()
+    for picture in committed.glob("*.png"):
+        with Image.open(picture) as ours, Image.open(drawn / picture.name) as theirs:
+            assert ours.size == theirs.size and ours.tobytes() == theirs.tobytes(), picture.name
+
+
 @pytest.fixture(scope="module")
 def toy():
     return tinyavl.load_pretrained(TOY, device="cpu")

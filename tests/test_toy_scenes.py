@@ -165,6 +165,29 @@ def test_reader_sees_every_shape_digit_and_offset():
         assert read_places(img) == {(3, 2): ("red", shape, digit, offset)}
 
 
+def test_the_draws_cover_their_ranges():
+    """Over 300 scenes: each colour channel moves by every amount from -COLOUR_JITTER to +COLOUR_JITTER (none
+    of the base colours is near 0 or 255 to clip it), and "how many <colour> shapes" is asked of colours that
+    are there and colours that are not (answer 0)."""
+    stream, moves, counts = SceneStream("eval", 0), set(), set()
+    for _ in range(300):
+        scene, rng = next(stream)
+        moves |= {v - base for o in scene.objects for v, base in zip(o.rgb, COLOURS[o.colour])}
+        counts.add(scene.question("count", rng)[1])
+    assert moves == set(range(-COLOUR_JITTER, COLOUR_JITTER + 1))
+    assert {"0", "1", "2"} <= counts
+
+
+def test_a_patch_shows_an_object_from_8_of_its_64_pixels():
+    """Chapter 3's rule at its boundary: 8 of a patch's pixels show the object there, 7 do not."""
+    from tinyavl.toy.scenes import _patches_showing
+    mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=bool)
+    mask[0, :8] = True                     # patch 0: 8 px
+    mask[0, PATCH:PATCH + 7] = True        # patch 1: 7 px
+    mask[PATCH, :4] = mask[PATCH + 1, :4] = True   # the patch below 0 (row 1 of patches): 8 px in two rows
+    assert _patches_showing(mask) == [0, IMAGE_SIZE // PATCH]
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_patches_are_the_image_tokens_that_show_the_object(shape):
     # An object alone: patches() and digit_patches() must be the patches its pixels fill, at every offset.
