@@ -586,6 +586,14 @@ def test_notes_go_nowhere_once_their_reader_left():
     assert notes.write("a note\n") == len("a note\n") and notes.stream is None
     notes.flush()
 
+    class Busy:  # a non-blocking stderr whose reader is still there, its pipe full for now
+        def write(self, text):
+            raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    busy = Busy()
+    notes = Notes(busy)
+    assert notes.write("a note\n") == len("a note\n") and notes.stream is busy   # this note lost, not the rest
+
 
 def test_a_line_break_in_a_path_stays_on_the_error_line(capsys, tmp_path):
     rc, out, err = run_inprocess(capsys, ["--image", tmp_path / "two\nlines.png"])

@@ -21,6 +21,7 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 
 from tiny_tokenizer import build_tiny_tokenizer, write_tiny_tokenizer
 from tinyavl.errors import UserError
+from tinyavl import processing
 from tinyavl.processing import Processor, load_image
 
 SIZE, PATCH = 28, 14
@@ -296,6 +297,15 @@ def test_files_pillow_fails_on_with_other_errors_are_one_line(tmp_path, make, ra
     assert "\n" not in str(err.value)
 
 
+def test_a_bug_after_the_file_is_decoded_is_not_called_a_damaged_file(tmp_path, monkeypatch):
+    """Only opening and decoding the file can find it damaged: an error in tinyavl's own conversion after
+    that is a bug, and keeps its traceback."""
+    path = _save(make_image(8, 6, seed=1), tmp_path / "fine.png")
+    monkeypatch.setattr(processing, "to_rgb", lambda img: (_ for _ in ()).throw(TypeError("a bug")))
+    with pytest.raises(TypeError, match="a bug"):
+        load_image(path)
+
+
 # ---------------------------------------------------------------- prompts and token ids
 
 @pytest.fixture(scope="module")
@@ -536,4 +546,8 @@ def test_an_image_too_elongated_to_resize_is_refused(processor, monkeypatch):
     # and refuses at), is no bigger padded: it is taken.
     for width, height in ((120, 120), (140, 130)):                         # 14400 and 19600 pixels padded
         assert padding(padding.chat_prompt("What?"), make_image(width, height))["pixel_values"].shape == (1, 3, SIZE, SIZE)
+    # One handed over in memory that is itself past the limit (a file would be refused as it is read) is too
+    # large, not too elongated.
+    with pytest.raises(UserError, match="a 150x150 image has more than the 20000 pixels .*: resize it first"):
+        padding(padding.chat_prompt("What?"), make_image(150, 150))
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tinyavl.startup import signals_end_the_imports
 
-with signals_end_the_imports():  # in a command, Ctrl-C or SIGTERM while torch imports is one line (tinyavl/startup.py)
+with signals_end_the_imports():  # in a command, Ctrl-C, SIGTERM or SIGHUP while torch imports: one line (startup.py)
     from tinyavl.cache import POLICIES, make_cache
     from tinyavl.errors import UserError
     from tinyavl.generate import GenerationStats, generate

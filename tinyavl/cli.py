@@ -217,6 +217,8 @@ class Notes:
             return
         try:
             act(self.stream)
+        except BlockingIOError:
+            return  # a non-blocking stderr whose reader is still there, its pipe full for now: this note is lost
         except OSError:  # BrokenPipeError is one
             # What the stream still buffers must not fail again when Python flushes it at exit: its file
             # descriptor now points at nothing (a stream without one is let go).

@@ -75,8 +75,8 @@ def sample(logits, temperature: float, top_k: int, top_p: float, generator):  # 
     sorted_probs, order = probs.sort(descending=True)                      # each (vocab,)
     if 0 < top_k < len(sorted_probs):
         # A token as likely as the k-th stays too, as transformers keeps every score up to the k-th's.
-        sorted_probs = sorted_probs.masked_fill(sorted_probs < sorted_probs[top_k - 1], 0.0)
-        sorted_probs = sorted_probs / sorted_probs.sum()                   # top-p measures what top-k kept
+        sorted_probs = sorted_probs.masked_fill(sorted_probs < sorted_probs[top_k - 1], 0.0)   # (vocab,)
+        sorted_probs = sorted_probs / sorted_probs.sum()  # (vocab,): top-p measures the mass top-k kept
     # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
     outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p              # (vocab,) bool
     sorted_probs = sorted_probs.masked_fill(outside, 0.0)

@@ -72,16 +72,7 @@ def load_image(path) -> Image.Image:
     if not path.is_file():  # a FIFO or a device would block or read forever
         raise UserError(f"{path} is not a regular file (a pipe or a device?): give an image file")
     try:
-        # An image between PIL's two decompression-bomb sizes is read (it is one the user chose), without
-        # the two-line warning PIL prints for it; one past the larger is refused below. Pillow's other
-        # warnings (a damaged EXIF block) concern the file's parser, not the user: `upright` counts an
-        # orientation it cannot read as upright.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
-            with Image.open(path) as img:
-                img.load()  # decode every pixel now, so a truncated file fails here and not later
-                return to_rgb(upright(img))
+        img = decoded(path)
     except UnidentifiedImageError:
         raise UserError(f"{path} is not an image PIL can read: give a PNG, JPEG, WebP, BMP, ... file") from None
     except PermissionError:
@@ -94,6 +85,28 @@ def load_image(path) -> Image.Image:
     except (OSError, SyntaxError, ValueError, TypeError, NotImplementedError) as e:
         raise UserError(f"cannot decode image {path} ({e}): the file is damaged or truncated, or a variant of its "
                         "format that PIL cannot decode") from None
+    with img:
+        return to_rgb(upright(img))
+
+
+def decoded(path: Path) -> Image.Image:
+    """The image file at path with every pixel decoded now, so that a truncated file fails here, where
+    `load_image` says so, and not in the code after; or Pillow's error for a file it cannot read.
+
+    An image between PIL's two decompression-bomb sizes is read (it is one the user chose), without the
+    two-line warning PIL prints for it; one past the larger raises. So is one with a damaged EXIF block,
+    whose warning concerns the file's parser, not the user (`upright` counts such an orientation as upright).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        warnings.filterwarnings("ignore", message=r"(Possibly c|C)orrupt EXIF", category=UserWarning)
+        img = Image.open(path)
+        try:
+            img.load()
+        except BaseException:
+            img.close()
+            raise
+    return img
 
 
 # EXIF orientation (2-8) -> the transpose that shows the stored pixels upright (1: already upright).
@@ -469,7 +482,12 @@ def check_made_size(size: tuple[int, int], made: tuple[int, int], how: str) -> N
     than `pixel_limit`, the largest image load_image reads: a 4 KB PNG of 1 x 1000000 pixels is none, but
     resized to a short side of 336, or padded to a square, it would take gigabytes."""
     limit = pixel_limit()
-    if limit and made[0] * made[1] > limit:
+    if not limit:
+        return
+    if size[0] * size[1] > limit:  # a picture handed over in memory: a file this large is refused as it is read
+        raise UserError(f"a {size[0]}x{size[1]} image has more than the {limit} pixels of the largest image tinyavl "
+                        "reads (where PIL refuses to decode one, against decompression bombs): resize it first")
+    if made[0] * made[1] > limit:
         raise UserError(f"a {size[0]}x{size[1]} image is too elongated for this model: {how} it would be "
                         f"{made[0]}x{made[1]}, more than the {limit} pixels of the largest image tinyavl reads (where "
                         "PIL refuses to decode one, against decompression bombs); crop it nearer to a square first")
@@ -565,10 +583,10 @@ def preprocessor_settings(cfg: dict | None, path: Path, vision_image_size: int, 
         if step in cfg and cfg[step] is not True and step not in identities:
             raise UserError(f"{path} sets {step}: {json.dumps(cfg[step])}; tinyavl implements only LLaVA's "
                             "preprocessing (resize, center crop, rescale, normalise), so it cannot run this checkpoint")
-    if pixel_limit() and shortest_edge ** 2 > pixel_limit():  # not the image's fault
+    limit = pixel_limit()
+    if limit and shortest_edge ** 2 > limit:  # not the image's fault
         raise UserError(f"{path} has size {size!r}: resized to that short side, even a square image would have "
-                        f"more than the {pixel_limit()} pixels of the largest image tinyavl reads; download the "
-                        "file again")
+                        f"more than the {limit} pixels of the largest image tinyavl reads; download the file again")
     rescale = cfg.get("rescale_factor", 1 / 255)
     if type(rescale) not in (int, float) or not math.isclose(rescale, 1 / 255):
         raise UserError(f"{path} has rescale_factor {rescale!r}; tinyavl rescales pixels by 1/255, as CLIP does")
