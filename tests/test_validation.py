@@ -161,6 +161,25 @@ def test_rope_scaling_other_than_linear_or_without_a_factor(folder, rope, says):
     assert "RoPE scaling" in message and says in message and repr(rope) in message, message
 
 
+@pytest.mark.parametrize("factor", [1, 1.0, 4.0])
+def test_linear_rope_scaling_takes_any_factor_from_1(factor):
+    """The refusal above says "at least 1": 1 itself (no scaling) is a factor transformers takes too."""
+    raw = sparse_config(VARIANTS["mha"])
+    raw["text_config"]["rope_scaling"] = {"rope_type": "linear", "factor": factor}
+    assert parse_config(raw).text.rope_linear_factor == factor
+
+
+@pytest.mark.parametrize("section, model_type, says", [
+    ("text_config", "gemma", "the Llama (Vicuna) and Mistral decoders of LLaVA only"),
+    ("vision_config", "siglip_vision_model", "the CLIP vision tower of LLaVA only"),
+])
+def test_a_decoder_or_vision_tower_tinyavl_does_not_implement_is_refused(folder, section, model_type, says):
+    """Weights of another architecture would load into tinyavl's modules by name and run as the wrong model."""
+    edit_json(folder / "config.json", lambda c: c[section].__setitem__("model_type", model_type))
+    message = load_error(folder)
+    assert f"{section}.model_type is {model_type!r}" in message and says in message, message
+
+
 def test_image_token_outside_the_vocabulary_or_not_an_integer():
     raw = sparse_config(VARIANTS["mha"])
     raw["image_token_index"] = raw["text_config"]["vocab_size"]
