@@ -23,11 +23,13 @@ high-resolution keys a FlexAttention toy's view read (tinyavl/toy/evaluate_hires
 The table (`budget_sweep`): for each share of image tokens kept (BUDGETS), `random` runs first and its
 measured kv_ratio is the budget, kind of prompt by kind of prompt (kv_ratio_by_type); A-VL keeps the same
 share of image tokens (and, as it also evicts text, fewer bytes on captions), and the other peers get the
-knobs that hold the same bytes on each kind as far as their knobs reach (`budget_params`; a policy whose
-knobs reach no lower gets no row at the smaller budgets). Rows show each policy's measured ratio, so a
-reader sees how close each came; nothing is tuned on accuracy. The budgets are matched at the peak, the end
-of an answer; kv_ratio_after_prefill(_by_type) is the same ratio when the prompt has just been cached, where
-a policy whose budget is a share of the sequence so far (H2O, StreamingLLM) holds more than `random`.
+knobs that hold the same bytes on each kind as far as their knobs reach (`budget_params`; where they stop
+short of a budget, the row holds more: FastV's R at FASTV_MAX_R at a quarter of the image, one image token in
+each layer after its filter; a policy whose knobs reach no lower gets no row at the smaller budgets). Rows
+show each policy's measured ratio, so a reader sees how close each came; nothing is tuned on accuracy. The
+budgets are matched at the peak, the end of an answer; kv_ratio_after_prefill(_by_type) is the same ratio when
+the prompt has just been cached, where a policy whose budget is a share of the sequence so far (H2O,
+StreamingLLM) holds more than `random`.
 """
 import functools
 import math
