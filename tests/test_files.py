@@ -39,6 +39,58 @@ def test_a_failed_file_write_leaves_the_old_file_and_no_partial(tmp_path):
     assert path.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["map.png"]
 
 
+def recording_syncs(monkeypatch, events: list) -> None:
+    """os.fsync, os.replace and os.link log ("sync", path) / ("rename", destination) into events, in order."""
+    fsync, replace, link = os.fsync, os.replace, os.link
+
+    def synced(descriptor):
+        events.append(("sync", os.readlink(f"/proc/self/fd/{descriptor}")))
+        fsync(descriptor)
+
+    def renamed(rename):
+        def logged(source, destination, *args, **kwargs):
+            rename(source, destination, *args, **kwargs)
+            events.append(("rename", str(destination)))
+        return logged
+
+    monkeypatch.setattr(os, "fsync", synced)
+    monkeypatch.setattr(os, "replace", renamed(replace))
+    monkeypatch.setattr(os, "link", renamed(link))
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names an open file by /proc/self/fd")
+@pytest.mark.parametrize("replace", [False, True])
+def test_a_written_file_is_on_the_disk_before_its_rename_and_the_rename_after(tmp_path, monkeypatch, replace):
+    """Otherwise a power cut soon after could leave the name on the disk and not the bytes it names: an empty
+    file where the old one or none was."""
+    events = []
+    recording_syncs(monkeypatch, events)
+    path = tmp_path / "map.png"
+    write_file_atomically(path, lambda partial: partial.write_text("new"), replace=replace)
+    (kind, synced), rename, folder = events
+    assert kind == "sync" and Path(synced).parent == tmp_path and synced.endswith(".partial")
+    assert rename == ("rename", str(path)) and folder == ("sync", str(tmp_path))
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names an open file by /proc/self/fd")
+def test_a_written_folder_is_on_the_disk_before_its_rename_and_the_rename_after(tmp_path, monkeypatch):
+    """A trainer deletes its checkpoint once its folder is written: the folder must be on the disk by then."""
+    events = []
+    recording_syncs(monkeypatch, events)
+    out = tmp_path / "toy"
+
+    def write(partial):
+        (partial / "examples").mkdir()
+        (partial / "config.json").write_text("{}")
+        (partial / "examples" / "scene-0.png").write_text("png")
+
+    write_folder_atomically(out, write)
+    *synced, rename, folder = events
+    names = [Path(path).relative_to(Path(synced[-1][1])) for _, path in synced[:-1]]   # inside the partial folder
+    assert sorted(map(str, names)) == ["config.json", "examples", "examples/scene-0.png"]
+    assert synced[-1][1].endswith(".partial") and rename == ("rename", str(out)) and folder == ("sync", str(tmp_path))
+
+
 def test_a_file_made_during_the_work_is_kept_unless_replace(tmp_path):
     """The command checked that the name was free before its minutes of work; a file (or a link to nowhere)
     the user made there meanwhile stays as it is, and nothing else is left behind. With replace (--force)

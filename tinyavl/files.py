@@ -8,7 +8,9 @@ temporary name beside its destination and then renamed into place in one step (`
 one file system), so an error, a Ctrl-C or a SIGTERM (which the commands raise as an exception:
 `cli.signals_end_like_ctrl_c`) midway leaves the destination as it was. A file that may not replace one is
 linked into place instead (`os.link` refuses a name that exists), so that a file made at that name during
-the minutes of work, after the check, is not replaced either.
+the minutes of work, after the check, is not replaced either. The new file's bytes reach the disk before
+the rename, and the rename before the write returns (`to_disk`): a power cut cannot leave an empty file under
+the name, nor a trainer's folder lost after its checkpoint was deleted.
 """
 import errno
 import json
@@ -126,6 +128,36 @@ def temporary_beside(path: Path, kind: str) -> Path:
     return path.with_name(f".{path.name[:32]}.{os.urandom(4).hex()}.{kind}")
 
 
+def to_disk(path: Path) -> None:
+    """Wait until what the operating system holds of `path` is on the disk (os.fsync): a file's bytes, or a
+    folder's entries (the names a rename made there). Without it a rename can reach the disk before the
+    bytes it names, and a power cut then leaves an empty file under the new name. A system that cannot
+    sync a folder (Windows does not open one; some file systems refuse) leaves it as it is."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        if path.is_dir():  # a system that does not open folders (Windows): nothing to sync them with
+            return
+        raise
+    try:
+        os.fsync(descriptor)
+    except OSError as err:
+        if not path.is_dir() or err.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(descriptor)
+
+
+def tree_to_disk(folder: Path) -> None:
+    """`to_disk` for every file and folder under `folder` (not the links), then for `folder` itself."""
+    for inner in folder.iterdir():
+        if inner.is_dir() and not inner.is_symlink():
+            tree_to_disk(inner)
+        elif not inner.is_symlink():
+            to_disk(inner)
+    to_disk(folder)
+
+
 def write_file_atomically(path, write, replace: bool = False) -> None:
     """write(partial_path) writes the file; it then takes the name `path`, replacing a file there only if
     `replace` (a command's --force, or a file the command owns). Whatever stops the write (an error, a full
@@ -137,10 +169,12 @@ def write_file_atomically(path, write, replace: bool = False) -> None:
     try:
         with naming(path, partial):
             write(partial)
+            to_disk(partial)
         if replace:
             os.replace(partial, path)
         else:
             link_without_replacing(partial, path)
+        to_disk(path.parent)
     except (FileNotFoundError, NotADirectoryError) as err:
         if not path.parent.is_dir():
             raise UserError(f"{path.parent} was removed while this command ran: {path} was not written") from None
@@ -229,6 +263,7 @@ def write_folder_atomically(folder, write, replace: bool = False) -> None:
             except FileNotFoundError as err:  # a folder that refuses new entries though it looks writable (/proc)
                 raise UserError(f"{folder} cannot be made there ({err.strerror}): choose another folder") from None
             write(partial)
+            tree_to_disk(partial)
         try:
             if os.path.lexists(folder):  # two renames: the old one is out of the way for an instant
                 os.replace(folder, old)
@@ -237,6 +272,7 @@ def write_folder_atomically(folder, write, replace: bool = False) -> None:
             if not folder.exists() and os.path.lexists(old):
                 os.replace(old, folder)
             raise
+        to_disk(folder.parent)
         if old.is_symlink():  # the old folder was a link: remove the link, not what it points to
             old.unlink()
         else:
