@@ -559,3 +559,13 @@ def test_tick_labels_keep_the_digits_a_tick_needs():
     assert [tick_label(x, log_axis=True) for x in (2.0, 0.25, 0.5, 0.005, 0.002, 1e-4, 5000.0)] == [
         "2", "0.25", "0.5", "0.005", "0.002", "0.0001", "5000"]
     assert [tick_label(x, log_axis=False) for x in (38.907512, 40.0, 0.1 + 0.2)] == ["38.91", "40", "0.30"]
+
+
+def test_the_sweeps_title_names_a_model_that_is_not_the_committed_toy():
+    from tinyavl.cli import TOY_WEIGHTS
+    from tinyavl.loading import read_config
+    from tinyavl.toy.evaluate import sweep_title
+    assert sweep_title(TOY_WEIGHTS, read_config(TOY_WEIGHTS), 2, 7) == "toy LLaVA, 2 held-out scenes (seed 7) x 6 prompts"
+    hires = TOY_WEIGHTS.parent / "toy-hires"
+    assert (sweep_title(hires, read_config(hires), 100, 1)
+            == "toy LLaVA (toy-hires), 100 held-out fine scenes (seed 1) x 6 prompts")

@@ -477,6 +477,14 @@ def format_table(reports: list[dict]) -> str:
     return "\n".join(markdown_table(head, rows))
 
 
+def sweep_title(weights: Path, config, n_scenes: int, seed: int) -> str:
+    """The budget sweep's title: the model, named by its folder where it is not the committed toy (a control,
+    the FlexAttention toy), and the held-out set it answered."""
+    model = "toy LLaVA" if weights.resolve() == TOY_WEIGHTS else f"toy LLaVA ({weights.name})"
+    scenes = "fine scenes" if reads_fine_scenes(config) else "scenes"
+    return f"{model}, {n_scenes} held-out {scenes} (seed {seed}) x 6 prompts"
+
+
 def plot_sweep(reports: list[dict], path: Path, title: str, replace: bool = False) -> None:
     """Accuracy (with its 95% interval) against the measured KV ratio, one line per policy (or per
     report "line", when budget_sweep gave one)."""
@@ -550,7 +558,7 @@ def run(args) -> dict:
         log = None if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
         reports = budget_sweep(model, processor, questions, log, args.hires_mode)
         if args.plot is not None:
-            plot_sweep(reports, args.plot, f"toy LLaVA, {args.n} held-out scenes (seed {args.seed}) x 6 prompts",
+            plot_sweep(reports, args.plot, sweep_title(args.weights, model.config, args.n, args.seed),
                        replace=args.force)
             if log:
                 log(f"wrote {args.plot}")
