@@ -601,22 +601,23 @@ class KVCache:
         return sum(t.numel() * t.element_size() for buffers in (self.k_buffer, self.v_buffer)
                    for t in buffers if t is not None)
 
+    def is_image(self, pos):
+        """Which of the logical positions pos (any shape) hold image tokens: n_sys .. n_sys + n_img - 1."""
+        return (pos >= self.n_sys) & (pos < self.n_sys + self.n_img)
+
     def modality_head_rows(self, layer: int) -> dict:
         """(head, row) pairs one layer holds for sys, image and text, read off the logical positions.
         Exact also when heads keep different tokens (H2O)."""
         pos = self.pos[layer]
         if pos is None:
             return dict.fromkeys(MODALITIES, 0)
-        first_image_pos, first_text_pos = self.n_sys, self.n_sys + self.n_img      # logical positions, not rows
-        return {"sys": int((pos < first_image_pos).sum()),
-                "image": int(((pos >= first_image_pos) & (pos < first_text_pos)).sum()),
-                "text": int((pos >= first_text_pos).sum())}
+        return {"sys": int((pos < self.n_sys).sum()), "image": int(self.is_image(pos).sum()),
+                "text": int((pos >= self.n_sys + self.n_img).sum())}
 
     def prefill_image_rows(self, layer: int) -> int:
         """The image tokens one layer's prefill holds, rows n_sys on, the same in every head: N_img, or fewer
         where a prefill filter ran before this layer (`hidden_rows_to_keep`)."""
-        pos = self.pos[layer][0, 0]                                                 # (rows,) one head's positions
-        return int(((pos >= self.n_sys) & (pos < self.n_sys + self.n_img)).sum())
+        return int(self.is_image(self.pos[layer][0, 0]).sum())                    # one head's positions
 
     def modality_rows(self, layer: int) -> dict:
         """Rows one layer holds per head for sys, image and text (the mean over samples and KV heads when

@@ -151,10 +151,8 @@ def to_disk(path: Path) -> None:
 def tree_to_disk(folder: Path) -> None:
     """`to_disk` for every file and folder under `folder` (not the links), then for `folder` itself."""
     for inner in folder.iterdir():
-        if inner.is_dir() and not inner.is_symlink():
-            tree_to_disk(inner)
-        elif not inner.is_symlink():
-            to_disk(inner)
+        if not inner.is_symlink():
+            (tree_to_disk if inner.is_dir() else to_disk)(inner)
     to_disk(folder)
 
 
