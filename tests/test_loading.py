@@ -349,6 +349,28 @@ def test_error_unexpected_key_is_listed(good_folder):
     assert key in message and "unexpected" in message.lower()
 
 
+def test_error_a_tensor_stored_under_two_layouts_keys_is_refused(tiny_ckpt, tmp_path):
+    """A file holding one tensor under the published key and under transformers 4.52's: which copy is meant
+    cannot be known, so neither is loaded silently."""
+    folder = shutil.copytree(tiny_ckpt.folder("mha", layout="tf4.52"), tmp_path / "tf452")
+    key = "model.language_model.layers.1.mlp.up_proj.weight"
+    published = "language_model.model.layers.1.mlp.up_proj.weight"
+    rewrite_weights(folder, lambda t: t.__setitem__(published, torch.zeros_like(t[key])))
+    message = load_error(folder)
+    assert "stores tensors twice (1)" in message and key in message and published in message, message
+
+
+def test_error_a_key_in_two_shards_is_refused(tiny_ckpt, tmp_path):
+    folder = shutil.copytree(tiny_ckpt.folder("mha", shards=2), tmp_path / "sharded")
+    first, second = (folder / f"model-0000{i}-of-00002.safetensors" for i in (1, 2))
+    key = next(iter(load_file(first)))
+    tensors = load_file(second)
+    tensors[key] = load_file(first)[key] + 1
+    save_file(tensors, second)
+    message = load_error(folder)
+    assert f"stores tensors twice (1): {key} (in two files)" in message, message
+
+
 def test_error_misshaped_tensor_is_listed_with_both_shapes(good_folder):
     key = "multi_modal_projector.linear_2.weight"  # [64, 64] in the model
     rewrite_weights(good_folder, lambda t: t.__setitem__(key, torch.zeros(64, 63)))

@@ -337,17 +337,26 @@ LM_HEAD = "language_model.lm_head.weight"
 def match_keys(model: LlavaForConditionalGeneration, stored: list[StoredTensor]) -> tuple[dict, tuple | None]:
     """Where each of the model's tensors is in the files, {published name: (file, key)}, and a tied
     checkpoint's stored copy of the head ((file, key) or None); UserError, naming them, for keys missing or
-    unexpected, shapes that differ from the model's, and tensors that are not floating point."""
+    unexpected, a tensor stored twice, shapes that differ from the model's, and tensors that are not
+    floating point."""
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}  # shapes only (meta)
     tied = model.config.text.tie_word_embeddings
     if tied:  # the head shares the embedding matrix; checkpoints usually omit it
         expected.pop(LM_HEAD)
-    found, unexpected, misshaped, not_float = {}, [], {}, []
+    found, unexpected, misshaped, not_float, twice = {}, [], {}, [], []
     stored_head = None  # a tied checkpoint's copy of the head, if it keeps one: (file, key)
+    first_key = {}  # published name -> the first stored key that names it
     for tensor in stored:
         name = published_key(tensor.key)
-        if name in found or ignored_key(model, name):
+        if ignored_key(model, name):
             continue
+        # Two keys for one tensor (two layouts' spellings, or one key in two shards) leave no way to know
+        # which copy the checkpoint means: loading either would be a silent guess.
+        if name in first_key:
+            twice.append(f"{first_key[name]} and {tensor.key}" if first_key[name] != tensor.key
+                         else f"{tensor.key} (in two files)")
+            continue
+        first_key[name] = tensor.key
         if tensor.dtype not in FLOAT_DTYPES:  # e.g. int8: a cast would give nonsense weights
             not_float.append(f"{tensor.key} ({tensor.dtype})")
         if tied and name == LM_HEAD:
@@ -361,6 +370,9 @@ def match_keys(model: LlavaForConditionalGeneration, stored: list[StoredTensor])
     if not_float:
         raise UserError(f"checkpoint has non-float tensors {first_few(not_float)}; tinyavl loads float weights "
                         "(F32, F16, BF16) only, not quantised checkpoints: use the original llava-hf files")
+    if twice:
+        raise UserError(f"checkpoint stores tensors twice {first_few(twice)}; tinyavl cannot tell which copy "
+                        "to load: keep one of each")
     missing = sorted(set(expected) - set(found) - set(misshaped))
     problems = [f"{label} {first_few(items)}" for label, items in
                 (("missing keys", missing), ("unexpected keys", sorted(unexpected)),
