@@ -116,3 +116,46 @@ def test_nothing_cites_files_a_reader_does_not_have():
              if p.suffix in (".py", ".md")] + [root / "README.md", root / "main.py"]
     marker = "../" + "shared"   # split, so this file does not cite it either
     assert [str(p.relative_to(root)) for p in texts if marker in p.read_text(encoding="utf-8")] == []
+
+
+ROOT = Path(__file__).parent.parent
+DOCUMENTS = [ROOT / name for name in ("README.md", "kernels/README.md", "weights/README.md")]
+
+
+def heading_anchors(document: Path) -> set[str]:
+    """The anchors GitHub gives a Markdown file's headings: lower case, punctuation but - and _ dropped,
+    spaces as -, a repeated one suffixed -1, -2, ... Lines inside ``` fences are code, not headings."""
+    anchors, seen, fenced = set(), {}, False
+    for line in document.read_text().splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        heading = re.match(r"#{1,6} (.*)", line)
+        if fenced or not heading:
+            continue
+        slug = re.sub(r"[^\w\- ]", "", heading.group(1).strip().lower()).replace(" ", "-")
+        anchors.add(slug if slug not in seen else f"{slug}-{seen[slug]}")
+        seen[slug] = seen.get(slug, 0) + 1
+    return anchors
+
+
+def test_heading_anchors_as_github_makes_them():
+    assert {"1-choosing-a-canvas", "what-it-means-for-the-kv-cache"} <= heading_anchors(ROOT / "tutorial" / "06-anyres.md")
+    readme = heading_anchors(DOCUMENTS[0])
+    assert "the-toy-llava-training-and-accuracy-under-every-policy" in readme
+    assert "kv-policies-at-llava-15-7b-layer-shapes-against-the-memory-floor-python--m-tinyavlbench" in readme
+
+
+@pytest.mark.parametrize("document", CHAPTERS + DOCUMENTS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_link_between_documents_resolves(document):
+    """A relative link names a file of the repository and, after #, one of its headings: moving a section
+    leaves no link pointing where it was."""
+    text = re.sub(r"```.*?```|`[^`]*`", "", document.read_text(), flags=re.S)  # code is not a link
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+:", target):  # https:, mailto:
+            continue
+        path, _, anchor = target.partition("#")
+        linked = (document.parent / path) if path else document
+        if not linked.exists() or (anchor and anchor not in heading_anchors(linked)):
+            broken.append(target)
+    assert broken == []
