@@ -939,11 +939,9 @@ def test_kv_accounting(name, policy, params):
     n_img = m.config.num_image_tokens
     # The dense cache of the same sequence: the last sampled token is never fed, so prompt + new - 1 tokens.
     assert stats.kv_cache_bytes_dense == n_layers * (ids.shape[1] + new_tokens - 1) * row
-    # The layers' bytes per modality add up to the totals after prefill (what each modality's bytes are:
-    # tests/test_policy_contract.py counts them by position).
-    for modality in ("sys", "image", "text"):
-        assert sum(layer[modality] for layer in stats.layer_bytes_after_prefill) == \
-            stats.modality_bytes_after_prefill[modality]
+    # The layers' bytes per modality (counted from the rows' positions) add up to the bytes the cache's
+    # tensors hold after prefill (what each modality's bytes are: tests/test_policy_contract.py).
+    assert sum(sum(layer.values()) for layer in stats.layer_bytes_after_prefill) == stats.kv_cache_bytes_after_prefill
     assert stats.kv_cache_bytes_peak <= stats.kv_cache_bytes_dense
     if policy == "full":
         assert stats.kv_cache_bytes_peak == stats.kv_cache_bytes_dense
