@@ -23,14 +23,14 @@ q k^T, as `model.keys_first` chose them: on a CPU by timing both, `faster_keys_f
 
 For each policy, in one run on the same prompt: KV bytes held (peak, relative to `full`), rows attended per
 decode step (summed over layers, relative to `full`), prefill time, decode ms per step beside its floor,
-the time inside the cache's four steps (`attention_ms`, summed over layers), and for A-VL the share of its
+the time inside the cache's four stages (`attention_ms`, summed over layers), and for A-VL the share of its
 core that each re-rank replaced (`core_replaced`: an update step's swaps move each row entering the core
 and the one it replaces) and its attention ms split by kind of step: normal steps (sys + core + text) and
 update steps (every stored row, the re-rank and its swaps, with the swaps' part beside), and the two
 mixed as in a long answer, one update step in K (`attention_ms_steady`). The policies' decode steps are
 taken in turn (`run_policies`), so that the machine's drift weighs on every policy alike. Then `full` and
 `avl` decode 256 tokens, in turn too, to show how the step grows with the sequence (at the 16th and the
-256th token: the ms per step, and the part of it inside the cache's four steps, which reads the K/V rows;
+256th token: the ms per step, and the part of it inside the cache's four stages, which reads the K/V rows;
 and the slope of each, fitted over every step between). With transformers installed, its LLaVA decodes
 the same weights and prompt (the first image block) with full attention, its steps taken in turn with
 those of tinyavl's `full` (`transformers_decode_ratio`), and tinyavl's decode speed is printed relative to
@@ -252,7 +252,7 @@ def kv_row_bytes(text: TextConfig, dtype: torch.dtype) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------
-# One policy's run: decode time per step, and the part of it spent in the cache's four steps.
+# One policy's run: decode time per step, and the part of it spent in the cache's four stages.
 # ---------------------------------------------------------------------------------------------------
 
 class Spans:
@@ -392,7 +392,7 @@ def take_turns(generations: dict) -> dict:
 
 
 def attention_step_seconds(cache) -> list[float]:
-    """Each decode step's time inside the timed cache's four steps, summed over the layers (a step is one
+    """Each decode step's time inside the timed cache's four stages, summed over the layers (a step is one
     `attend` per layer)."""
     calls = cache.spans.each("attention")
     return [sum(calls[i:i + cache.n_layers]) for i in range(0, len(calls), cache.n_layers)]
@@ -464,7 +464,7 @@ def slope_ms_per_100_tokens(per_step: list[float], first: int, last: int) -> flo
 
 def growth(model, n_img: int) -> dict:
     """`full` and `avl` decoding GROWTH_TOKENS[-1] tokens: at each of GROWTH_TOKENS the ms per step, and
-    the ms of it inside the cache's four steps, the part that reads the K/V rows (the weights a step
+    the ms of it inside the cache's four stages, the part that reads the K/V rows (the weights a step
     reads do not grow; the whole step's time moves by more than the rows add, between runs and steps);
     and for both, how fast they grow between those tokens, fitted over every step between
     (`slope_ms_per_100_tokens`), which two medians of 8 steps each settle less well."""

@@ -9,7 +9,7 @@ al., "Adaptive Attention for Large Vision-Language Models", AAAI 2025):
 A prompt without an image has an empty image block and one sys token, its first (BOS, the attention sink);
 the rest is text (`generate.image_segments`).
 
-Every cache here runs the same four steps for each layer, in `KVCache.attend`:
+Every cache here runs the same four stages for each layer, in `KVCache.attend`:
     append   the new keys/values (after RoPE) and their logical positions
     select   the cached rows this query computes with (`rows_to_attend`; None = all of them)
     compute  attention over those rows only: a shorter attention, not a mask (on a CPU in 16-bit floats
@@ -384,7 +384,7 @@ class KVCache:
         self.hires_view = None        # FlexAttention's view of the image (model.HiresView), set at the prefill
         self.hires_keys = None        # with it: the keys the newest query attended and their positions
 
-    # -- the four steps -----------------------------------------------------------------------------
+    # -- the four stages ----------------------------------------------------------------------------
 
     def attend(self, layer: int, q, k, v, pos):
         """Store this layer's t new rows and return the attention output (B, H, t, hs).
