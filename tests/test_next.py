@@ -264,6 +264,14 @@ def test_bad_image_grid_pinpoints(next_folder, tmp_path, capsys, pinpoints):
     run_bad(capsys, next_folder, tmp_path, "image_grid_pinpoints")
 
 
+def test_a_tile_that_is_not_whole_patches_is_refused(next_folder, tmp_path, capsys):
+    """28 px tiles of 8 px patches: the tile map's rows would not be whole patch rows of the canvas, which
+    the unpadding assumes (transformers runs such a tower and drops each tile's edge; the README's Scope
+    says tinyavl refuses it)."""
+    edit_config(next_folder, lambda c: c["vision_config"].__setitem__("patch_size", 8))
+    run_bad(capsys, next_folder, tmp_path, "vision_config.image_size 28 is not a multiple of patch_size 8")
+
+
 def test_missing_image_newline(next_folder, tmp_path, capsys):
     path = next_folder / "model.safetensors"
     tensors = load_file(path)
