@@ -92,13 +92,6 @@ def test_budget_params_hold_randoms_bytes():
             assert expected_r == pytest.approx(r, abs=1e-4)
         else:                                             # out of FastV's reach: the nearest it allows
             assert fastv["R"] == FASTV_MAX_R and expected_r > r
-        h2o = budget_params("h2o", image_keep, r, n_layers)
-        assert h2o["heavy"] + h2o["recent"] == pytest.approx(r, abs=1e-4)
-        assert h2o["recent"] == pytest.approx(3 * h2o["heavy"], abs=1e-4)
-        # StreamingLLM holds its 4 sinks beside a window of recent x length: on sequences of 200 tokens the
-        # window is what is left of r once the sinks are held.
-        streaming = budget_params("streaming", image_keep, r, n_layers, cached_tokens=200)
-        assert (4 + streaming["recent"] * 200) / 200 == pytest.approx(r, abs=1e-4)
         assert budget_params("random", image_keep, r, n_layers) == {"S": image_keep}
         avl = budget_params("avl", image_keep, r, n_layers)
         assert avl["S"] == image_keep and avl["C"] == pytest.approx(0.6 * image_keep)
@@ -116,8 +109,32 @@ def test_budget_params_hold_randoms_bytes():
     assert share(1 - as_decimal(FASTV_MAX_R), 144) >= 1  # FastV at its cap keeps one of the toy's 144 image tokens
     with pytest.raises(ValueError):
         budget_params("full", 0.5, 0.65, 4)
-    with pytest.raises(ValueError, match="sinks"):
-        budget_params("streaming", 0.5, 0.65, 4)
+    for policy in ("h2o", "streaming"):
+        with pytest.raises(ValueError, match="cached_tokens"):
+            budget_params(policy, 0.5, 0.65, 4)
+
+
+@pytest.mark.parametrize("image_keep", [0.5, 0.25, 0.1])
+def test_h2o_and_streaming_hold_as_many_rows_as_random(image_keep):
+    """Counted row by row as the papers' budgets count them, on a toy prompt's 144 image tokens and sequences of
+    150-400 cached tokens: `random` at S holds L - 144 + floor(S 144) rows of L; H2O, given random's share,
+    floor(heavy L) + max(1, floor(recent L)), and StreamingLLM 4 sinks + max(1, floor(recent L)). Each holds
+    what `random` holds, H2O at most one row more; split in shares rounded to the nearest (0.6312 into 0.1578 +
+    0.4734), H2O held a row fewer on most lengths."""
+    n_img = 144
+    for length in range(150, 401):
+        random_rows = length - n_img + math.floor(Fraction(str(image_keep)) * n_img)
+        ratio = random_rows / length
+
+        def rows(fraction):
+            return math.floor(Fraction(str(fraction)) * length)
+
+        h2o = budget_params("h2o", image_keep, ratio, 4, cached_tokens=length)
+        h2o_rows = rows(h2o["heavy"]) + max(1, rows(h2o["recent"]))
+        assert random_rows <= h2o_rows <= random_rows + 1, (length, h2o)
+        assert h2o["recent"] == pytest.approx(3 * h2o["heavy"], abs=0.01)      # the defaults' 1 : 3, give or take a row
+        streaming = budget_params("streaming", image_keep, ratio, 4, cached_tokens=length)
+        assert 4 + max(1, rows(streaming["recent"])) == random_rows, (length, streaming)
 
 
 def report(policy, accuracy, kv, budget, params=None):

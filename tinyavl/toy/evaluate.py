@@ -337,6 +337,12 @@ def evaluate(model, processor, questions: list[Question], policy: str | KVCache 
             **tally.report(), "seconds": time.perf_counter() - start}
 
 
+def to_4_decimals(x, rounding) -> float:
+    """x (a float, read as the decimal it is written as, or a Fraction) to 4 decimals by rounding (math.floor
+    or math.ceil)."""
+    return rounding(as_decimal(x) * 10_000) / 10_000
+
+
 def budget_params(policy: str, image_keep: float, kv_ratio: float, n_layers: int,
                   cached_tokens: float | None = None) -> dict:
     """A policy's knobs for the budget `random` holds at S = image_keep (kv_ratio r, as it measured on
@@ -348,7 +354,10 @@ def budget_params(policy: str, image_keep: float, kv_ratio: float, n_layers: int
     - h2o, streaming: their budgets are shares of the sequence: h2o gets r, split 1 : 3 heavy : recent as
       in its defaults; streaming a window of r less its sinks, which it keeps beside the window:
       recent = r - sinks / cached_tokens. budget_sweep gives them r per prompt kind: `random` holds a
-      larger share of a long answer (a caption) than of a short one, where their share is the same.
+      larger share of a long answer (a caption) than of a short one, where their share is the same. A
+      share becomes whole rows rounded down (`share`), so the knobs are rounded up to 4 decimals, and h2o,
+      whose two shares are each rounded down, gets one row of the `cached_tokens` more: on a sequence of
+      that length each holds as many rows as `random`, or h2o one more, never fewer.
     - fastv: after layer filter_layer - 1 = 0 (the earliest; from its default 2 a 4-layer model cannot
       reach these budgets) it drops R of the image tokens from the L - 1 later layers. random holds
       1 - (1 - image_keep) s of the dense bytes (s: the image's share of them), FastV 1 - R s (L - 1) / L:
@@ -361,15 +370,16 @@ def budget_params(policy: str, image_keep: float, kv_ratio: float, n_layers: int
     if policy == "avl":
         defaults = AVLCache()
         return {"S": image_keep, "C": round(image_keep * defaults.C / defaults.S, 4)}
+    if policy in ("h2o", "streaming") and cached_tokens is None:
+        raise ValueError(f"{policy}'s budget is counted in rows: pass the sequences' cached_tokens")
     if policy == "h2o":
-        return {"heavy": round(kv_ratio / 4, 4), "recent": round(3 * kv_ratio / 4, 4)}
+        heavy = to_4_decimals(kv_ratio / 4, math.floor)
+        return {"heavy": heavy, "recent": to_4_decimals(kv_ratio - heavy + 1 / cached_tokens, math.ceil)}
     if policy == "streaming":
-        if cached_tokens is None:
-            raise ValueError("streaming's budget takes off its sinks: pass the sequences' cached_tokens")
-        return {"recent": round(kv_ratio - StreamingCache().sinks / cached_tokens, 4)}
+        return {"recent": to_4_decimals(kv_ratio - StreamingCache().sinks / cached_tokens, math.ceil)}
     if policy == "fastv":
         exact_r = min((1 - as_decimal(image_keep)) * n_layers / (n_layers - 1), as_decimal(FASTV_MAX_R))
-        return {"filter_layer": 1, "R": math.floor(exact_r * 10_000) / 10_000}
+        return {"filter_layer": 1, "R": to_4_decimals(exact_r, math.floor)}
     raise ValueError(f"no budget rule for policy {policy!r}")
 
 
