@@ -305,11 +305,14 @@ def _merge_splits_kernel(
                         + dim_offs[None, :], mask=split_mask[:, None], other=0.0)   # [BLOCK_S, D]
 
     max_lse = tl.max(split_lse, axis=0)                                   # scalar
-    weights = tl.exp2(split_lse - max_lse)                                # [BLOCK_S] relative split sums
+    # Every split -inf (every key scored -inf): measured from 0, as in the splits, every weight is 0, the
+    # lse -inf and the output 0 / 0 = NaN, softmax's over nothing but -inf (not -inf - -inf in the lse).
+    shift = tl.where(max_lse == float("-inf"), 0.0, max_lse)              # scalar
+    weights = tl.exp2(split_lse - shift)                                  # [BLOCK_S] relative split sums
     total = tl.sum(weights, axis=0)                                       # scalar
     out = tl.sum(weights[:, None] * split_out, axis=0) / total            # [D]
     tl.store(out_ptr + batch_head * HEAD_DIM + dim_offs, _interpreter_safe_cast(out, out_ptr.dtype.element_ty))
-    tl.store(lse_ptr + batch_head, (max_lse + tl.log2(total)) * 0.6931471805599453)  # x ln(2): back to base e
+    tl.store(lse_ptr + batch_head, (shift + tl.log2(total)) * 0.6931471805599453)  # x ln(2): back to base e
 
 
 # True when the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 set before this module was
@@ -361,6 +364,8 @@ def gpu_properties(device: torch.device):
 
 def _check_inputs(q, k, v, index, start, check_index):
     """Validate the arguments; returns (B, H, Hkv, N, D, n_idx, start as an int). Every problem is a ValueError."""
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v, index)):
+        raise ValueError("q, k, v and index must be torch tensors")
     if q.dim() != 3:
         raise ValueError(f"q must be [B, H, D], got shape {tuple(q.shape)}")
     if k.dim() != 4 or v.shape != k.shape:
@@ -443,7 +448,8 @@ def sparse_decode_attention(q, k, v, index, start, scale=None, *, num_splits=Non
     check_index: verify 0 <= index < start and that no row is listed twice in a sample (costs one host
     synchronisation).
     Returns out [B, H, D] in q.dtype, or (out, lse) with lse [B, H] fp32, the natural-log log-sum-exp
-    of the scaled scores, when return_lse=True.
+    of the scaled scores, when return_lse=True. For inference: no gradient flows back through it (the
+    reference's does).
     """
     if not TRITON_AVAILABLE:
         raise RuntimeError("sparse_decode_attention needs Triton (pip install triton); "

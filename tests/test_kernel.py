@@ -293,6 +293,20 @@ def test_rows_scored_minus_inf_weigh_nothing(kernel, rows_at_minus_inf, num_spli
     torch.testing.assert_close(lse.double(), lse_truth, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_a_head_whose_every_key_scores_minus_inf(kernel, num_splits):
+    """Softmax over nothing but -inf: the log-sum-exp is -inf (what a policy's LastRow takes), not the NaN of
+    -inf - -inf, and the output is softmax's NaN, as the dense reference's."""
+    q, k, v, index, start = random_case(1, 2, 1, 16, 130, 0, 0, torch.float32, seed=3)
+    q = q.abs()
+    k[..., 0] = float("-inf")
+    out, lse = kernel(q, k, v, index, start, num_splits=num_splits, return_lse=True)
+    truth = masked_dense_attention(q.double(), k.double(), v.double(), index, start)      # [1, H, D]
+    assert truth.isnan().all() and out.isnan().all()
+    assert torch.equal(lse, torch.full_like(lse, float("-inf")))
+
+
 def test_kernel_lse_normalises_the_rows_a_policy_rescores(kernel):
     """The kernel hands a policy only the log-sum-exp (`LastRow` without logits); the probabilities the
     policy then recomputes from q and K must sum to 1 over the row, in bf16 too, with logits above 10
@@ -357,6 +371,7 @@ def _bad_inputs():
         "row listed twice": ((q, k, v, torch.cat([index[:, :2], index[:, :1]], dim=1), start), "twice"),
         "start not an integer": ((q, k, v, index, 4.5), "start must be an integer"),
         "no sample": ((q[:0], k[:0], v[:0], index[:0], start), "a sample and a head"),
+        "index a list": ((q, k, v, index.tolist(), start), "must be torch tensors"),
     }
     return cases
 
