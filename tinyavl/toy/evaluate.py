@@ -355,9 +355,10 @@ def budget_params(policy: str, image_keep: float, kv_ratio: float, n_layers: int
       in its defaults; streaming a window of r less its sinks, which it keeps beside the window:
       recent = r - sinks / cached_tokens. budget_sweep gives them r per prompt kind: `random` holds a
       larger share of a long answer (a caption) than of a short one, where their share is the same. A
-      share becomes whole rows rounded down (`share`), so the knobs are rounded up to 4 decimals, and h2o,
-      whose two shares are each rounded down, gets one row of the `cached_tokens` more: on a sequence of
-      that length each holds as many rows as `random`, or h2o one more, never fewer.
+      share becomes whole rows rounded down (`share`), so streaming's window is rounded up to 4 decimals,
+      and h2o, whose two shares are each rounded down, gets its heavy share rounded down and its recent one
+      rounded up with one row of the `cached_tokens` more: on a sequence of that length each holds as many
+      rows as `random`, or h2o one more, never fewer.
     - fastv: after layer filter_layer - 1 = 0 (the earliest; from its default 2 a 4-layer model cannot
       reach these budgets) it drops R of the image tokens from the L - 1 later layers. random holds
       1 - (1 - image_keep) s of the dense bytes (s: the image's share of them), FastV 1 - R s (L - 1) / L:
