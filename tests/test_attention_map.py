@@ -249,3 +249,11 @@ def test_the_map_draws_each_patch_with_its_own_role_and_heat(tiny_ckpt, tmp_path
     assert torch.equal(cells, roles[1:]) and torch.equal(heat, every_heat[1:])
     assert not torch.equal(cells, roles[:-1]) or not torch.equal(heat, every_heat[:-1])  # the offset shows
     assert torch.equal(blocks, hires.select_blocks(every_heat[1:][None], (6, 6), 48, 6)[0])
+
+
+def test_the_bitmap_font_draws_latin_1_and_nothing_past_it():
+    """Pillow's bitmap font has U+0000-U+00FF: "ÿ" (U+00FF) is drawn as itself, "Ā" (U+0100, the first
+    character past Latin-1) as its letter without the macron, since the font raises on it."""
+    bitmap = ImageFont.load_default_imagefont()
+    assert drawable("ÿĀ", bitmap) == "ÿA"
+    ImageDraw.Draw(Image.new("RGB", (40, 20))).text((0, 0), drawable("ÿĀ", bitmap), font=bitmap)   # no raise

@@ -9,6 +9,7 @@ import os
 import pickle
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from safetensors.torch import load_file, save_file
 import tinyavl
 from tinyavl.cli import TOY_WEIGHTS
 from tinyavl.errors import UserError
-from tinyavl.loading import parse_config, read_config
+from tinyavl.loading import StoredTensor, parse_config, read_config, resolve_dtype, stored_dtype
 from tiny_checkpoints import (LAYOUTS, VARIANTS, make_image, published_state_dict, sparse_config,
                               tokenizer_info, write_checkpoint)
 
@@ -121,6 +122,31 @@ def test_a_dtype_tinyavl_does_not_run_in_is_refused(tiny_ckpt, dtype):
         tinyavl.load_pretrained(tiny_ckpt.folder("mha"), device="cpu", dtype=dtype)
 
 
+def test_the_default_dtype_is_the_one_most_values_are_stored_in_not_most_tensors():
+    """One 64 x 64 matrix in fp16 (4096 values) beside ten 64-vectors in fp32 (640 values, as norms a file may
+    keep in fp32): the checkpoint is fp16, though most of its tensors are fp32."""
+    f = Path("model.safetensors")
+    stored = [StoredTensor(f, "w", "F16", (64, 64))] + [StoredTensor(f, f"norm{i}", "F32", (64,)) for i in range(10)]
+    assert stored_dtype(stored) == torch.float16
+    assert stored_dtype(stored[1:]) == torch.float32
+
+
+def test_fp16_runs_as_fp16_on_cuda_and_only_as_bf16_on_a_cpu():
+    """resolve_dtype's default: the stored dtype, except fp16 on a CPU (no CUDA needed to ask about cuda)."""
+    assert resolve_dtype(None, torch.float16, torch.device("cuda")) == torch.float16
+    assert resolve_dtype(None, torch.float16, torch.device("cpu")) == torch.bfloat16
+    assert resolve_dtype(None, torch.bfloat16, torch.device("cuda")) == torch.bfloat16
+
+
+def test_an_fp64_checkpoint_loads_in_float32(tiny_ckpt):
+    """F64 is a float dtype tinyavl reads (FLOAT_DTYPES) but does not run in: by default it runs in float32."""
+    model, _ = tinyavl.load_pretrained(tiny_ckpt.folder("mha", dtype=torch.float64), device="cpu")
+    ref = published_state_dict(tiny_ckpt.model("mha"))
+    for key, tensor in model.state_dict().items():
+        assert tensor.dtype == torch.float32, key
+        assert torch.equal(tensor, ref[key].to(torch.float64).to(torch.float32)), key
+
+
 @pytest.mark.parametrize("device", ["bogus", "meta", 3.5])
 def test_a_device_tinyavl_does_not_run_on_is_refused(tiny_ckpt, device):
     with pytest.raises(UserError, match="device"):
@@ -185,6 +211,16 @@ def test_settings_given_twice_are_read_as_transformers_reads_them(tiny_ckpt, cas
     hf_layer = AutoModelForCausalLM.from_config(hf_text).model.layers[0]
     assert ours.text.attention_bias == (hf_layer.self_attn.q_proj.bias is not None)
     assert ours.text.mlp_bias == (hf_layer.mlp.gate_proj.bias is not None)
+
+
+def test_rope_type_wins_over_type_as_in_transformers():
+    """A rope_scaling with both spellings of its kind: transformers reads rope_type; "type" is the old alias."""
+    from transformers import LlavaConfig as HFLlavaConfig
+    raw = sparse_config(VARIANTS["mha"])
+    raw["text_config"]["rope_scaling"] = {"rope_type": "linear", "type": "default", "factor": 2.0}
+    theirs = HFLlavaConfig.from_dict(json.loads(json.dumps(raw))).text_config.rope_parameters
+    assert theirs["rope_type"] == "linear" and theirs["factor"] == 2.0
+    assert parse_config(json.loads(json.dumps(raw))).text.rope_linear_factor == 2.0
 
 
 @pytest.mark.parametrize("top", [True, False, None], ids=["top true", "top false", "top absent"])

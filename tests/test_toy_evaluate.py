@@ -11,8 +11,8 @@ from PIL import Image, ImageFont
 from tinyavl.cache import as_decimal, share
 from tinyavl.toy import evaluate as evaluate_module
 from tinyavl.toy.evaluate import (ABLATIONS, BUDGETS, FASTV_MAX_R, PROMPT_KINDS, SWEEP_POLICIES, Question, Tally,
-                                  budget_params, budget_sweep, caption_errors,
-                                  caption_objects_right, clustered_wilson_interval, format_table, held_out_set,
+                                  budget_params, budget_sweep, caption_errors, caption_objects_right,
+                                  clustered_wilson_interval, format_interval, format_table, held_out_set,
                                   is_correct, markdown_table, paired_ratio, paired_ratio_interval, plot_sweep,
                                   shown_params, wilson_interval)
 from tinyavl.toy.scenes import Scene, SceneObject, SceneStream
@@ -586,3 +586,28 @@ def test_the_sweeps_title_names_a_model_that_is_not_the_committed_toy():
     hires = TOY_WEIGHTS.parent / "toy-hires"
     assert (sweep_title(hires, read_config(hires), 100, 1)
             == "toy LLaVA (toy-hires), 100 held-out fine scenes (seed 1) x 6 prompts")
+
+
+def test_wilson_interval_of_nothing_right_starts_at_zero_not_below():
+    """At 0 right the lower bound is 0 (centre = half, by hand); in floating point centre - half comes out at
+    -3e-17 for n = 7, 9, 14, ..., which the table would print as "-0.000". Never below 0. (The upper bound
+    there is z^2 / (n + z^2): 3.8415 / 10.8415 = 0.354 at n = 7.)"""
+    for n in range(1, 101):
+        assert 0.0 <= wilson_interval(0, n)[0] < 1e-15, n
+    assert format_interval(0.0, wilson_interval(0, 7), 3) == "0.000 (0.000-0.354)"
+
+
+def test_hires_tokens_read_is_per_answer():
+    """Two answers that read 10 and 30 high-resolution keys: 20 per answer (the module docstring's unit), and
+    attention_pairs adds them to each answer's 3 prefill pairs in each of 2 layers."""
+    tally = Tally()
+    questions = held_out_set(seed=3, n_scenes=1)[:2]
+    for question, read in zip(questions, (10, 30)):
+        tally.add(question, question.answer, SimpleNamespace(
+            kv_cache_bytes_peak=1, kv_cache_bytes_dense=1, kv_cache_bytes_after_prefill=1,
+            kv_cache_bytes_dense_after_prefill=1, cached_tokens=1, hires_tokens_read=read,
+            attended_per_layer=[], prefill_attended_per_layer=[2, 2], attended_tokens_per_step=None,
+            attended_tokens_per_step_dense=None))
+    report = tally.report()
+    assert report["hires_tokens_read"] == 20
+    assert report["attention_pairs"] == (2 * 3 + 10 + 2 * 3 + 30) / 2

@@ -152,6 +152,8 @@ def test_a_config_json_that_is_no_json_object_is_one_line(folder, text):
     ({"type": "linear"}, "factor of at least 1"), ({"rope_type": "linear", "factor": 0}, "factor"),
     ({"rope_type": "linear", "factor": 5e-324}, "factor of at least 1"),   # angles of inf: NaN logits
     ({"rope_type": "linear", "factor": "4"}, "factor"),
+    ({"rope_type": "linear", "factor": float("inf")}, "factor of at least 1"),  # JSON's Infinity: every angle 0
+    ({"rope_type": "linear", "factor": True}, "factor of at least 1"),          # true is no number
 ])
 def test_rope_scaling_other_than_linear_or_without_a_factor(folder, rope, says):
     """tinyavl implements plain and linear RoPE; another kind, or a linear one without a positive factor,
