@@ -698,3 +698,31 @@ def test_bfloat16_generates_close_to_fp32(tiny_ckpt, loaded, name):
     clear = [step for step in range(6) if top2_gap(steps32[step]) > 2 * 2 * err_hf]
     assert clear, [round(float(top2_gap(row)), 3) for row in steps32]     # a choice clear enough to check
     assert [tokens[step] for step in clear] == [int(steps32[step].argmax()) for step in clear]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_single_non_finite_logit_is_a_clear_error_too(value):
+    """One bad logit among finite ones is garbage all the same (argmax takes a NaN as the largest): a UserError."""
+    from tinyavl.generate import next_token
+    logits = torch.tensor([[[0.5, 2.0, -1.0, 1.0]]])
+    logits[0, 0, 2] = value
+    with pytest.raises(UserError, match="NaN or infinite at step 3"):
+        next_token(logits, 0.0, 50, 1.0, None, step=3)
+
+
+def test_the_prefill_computes_the_logits_of_the_last_position_only(loaded):
+    """Only the last position's logits choose a token: every forward pass, the prefill's too, returns
+    (1, 1, vocab), not a row per prompt token (a LLaVA-1.6 prompt's ~2900 image rows x a 32000 vocabulary
+    would be ~375 MB of fp32 logits computed for nothing)."""
+    model, processor = loaded("mha")
+    ids, px = prompt_inputs(processor, "image")
+    shapes = []
+
+    class Shapes(Recorder):
+        def __call__(self, input_ids, pixel_values=None, **kwargs):
+            out = super().__call__(input_ids, pixel_values, **kwargs)
+            shapes.append(tuple(out.shape[:2]))
+            return out
+
+    greedy(Shapes(model), ids, px, steps=3)
+    assert shapes == [(1, 1)] * 3

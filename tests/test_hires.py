@@ -161,3 +161,35 @@ def test_merged_attention_is_one_softmax_over_both_key_sets():
     out, lse = hires.merge_attention(*first, *rest)
     torch.testing.assert_close(out, whole, atol=1e-12, rtol=0)
     torch.testing.assert_close(lse, whole_lse, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("grid", [(3, 8), (8, 3)])
+def test_a_grid_of_unequal_sides_pools_rows_and_columns_by_their_own_windows(grid):
+    """grid is (rows, columns), the image tokens in reading order: on a 3 x 8 (or 8 x 3) grid, 3 x 3 blocks take
+    rows and columns each by adaptive pooling's windows of its own length (`windows`, by hand); more blocks
+    than the shorter side has tokens do not fit."""
+    rows, columns = grid
+    g = torch.Generator().manual_seed(4)
+    attention = torch.rand(2, rows * columns, generator=g)
+    grid_view = attention.view(2, rows, columns)
+    low, high = attention.amin(1)[:, None, None], attention.amax(1)[:, None, None]
+    normalised = (grid_view - low) / (high - low)
+    expected = torch.tensor([[[max(float(normalised[b, r, c]) for r in row_cells for c in column_cells)
+                               for column_cells in windows(columns, 3)] for row_cells in windows(rows, 3)]
+                             for b in range(2)])
+    torch.testing.assert_close(hires.block_scores(attention, grid, blocks=3), expected, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="do not fit"):
+        hires.block_scores(attention, grid, blocks=4)
+
+
+def test_merged_bfloat16_attention_stays_bfloat16_and_close_to_the_exact_merge():
+    """bf16 outputs merge in fp32 and come back in bf16, within bf16's rounding of the fp64 merge."""
+    g = torch.Generator().manual_seed(5)
+    out_a, out_b = torch.randn(2, 4, 3, 16, generator=g, dtype=torch.float64).unbind(0)
+    lse_a, lse_b = torch.randn(2, 4, 3, generator=g, dtype=torch.float64).unbind(0)
+    share_a = lse_a.exp() / (lse_a.exp() + lse_b.exp())
+    exact = share_a[..., None] * out_a.bfloat16().double() + (1 - share_a[..., None]) * out_b.bfloat16().double()
+    out, lse = hires.merge_attention(out_a.bfloat16(), lse_a.float(), out_b.bfloat16(), lse_b.float())
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    torch.testing.assert_close(out.double(), exact, atol=0, rtol=2 ** -8)
+    torch.testing.assert_close(lse.double(), torch.logaddexp(lse_a, lse_b), atol=1e-6, rtol=0)
