@@ -321,10 +321,10 @@ def test_tally_weights_each_answer_by_its_steps_and_bytes():
     assert r["kv_ratio_after_prefill_by_type"] == {"colour": (5 + 5) / (10 + 30), "caption": 15 / 20}
 
 
-def fake_stats(kv, dense, attended_per_layer, prefill_per_layer, prompt_tokens=20):
+def fake_stats(kv, dense, attended_per_layer, prefill_per_layer, prompt_tokens=20, hires_tokens_read=0):
     """What Tally reads of a GenerationStats."""
     steps = len(attended_per_layer)
-    return SimpleNamespace(kv_cache_bytes_peak=kv, kv_cache_bytes_dense=dense, hires_tokens_read=0,
+    return SimpleNamespace(kv_cache_bytes_peak=kv, kv_cache_bytes_dense=dense, hires_tokens_read=hires_tokens_read,
                            kv_cache_bytes_after_prefill=kv, kv_cache_bytes_dense_after_prefill=dense,
                            cached_tokens=prompt_tokens + steps,
                            attended_per_layer=attended_per_layer, prefill_attended_per_layer=prefill_per_layer,
@@ -603,11 +603,7 @@ def test_hires_tokens_read_is_per_answer():
     tally = Tally()
     questions = held_out_set(seed=3, n_scenes=1)[:2]
     for question, read in zip(questions, (10, 30)):
-        tally.add(question, question.answer, SimpleNamespace(
-            kv_cache_bytes_peak=1, kv_cache_bytes_dense=1, kv_cache_bytes_after_prefill=1,
-            kv_cache_bytes_dense_after_prefill=1, cached_tokens=1, hires_tokens_read=read,
-            attended_per_layer=[], prefill_attended_per_layer=[2, 2], attended_tokens_per_step=None,
-            attended_tokens_per_step_dense=None))
+        tally.add(question, question.answer, fake_stats(1, 1, [], [2, 2], hires_tokens_read=read))
     report = tally.report()
     assert report["hires_tokens_read"] == 20
     assert report["attention_pairs"] == (2 * 3 + 10 + 2 * 3 + 30) / 2

@@ -31,7 +31,8 @@ import tinyavl.toy.train
 import tinyavl.toy.train_hires
 from kernels import sparse_attention  # imports without Triton too (TRITON_AVAILABLE is then False)
 
-CHAPTERS = sorted((Path(__file__).parent.parent / "tutorial").glob("*.md"))
+ROOT = Path(__file__).parent.parent
+CHAPTERS = sorted((ROOT / "tutorial").glob("*.md"))
 # sys.modules: the package's `generate` is the function (tinyavl/__init__.py), which hides the module of that name.
 MODULES = [tinyavl.model, tinyavl.loading, tinyavl.anyres, tinyavl.cache, sys.modules["tinyavl.generate"],
            tinyavl.hires, tinyavl.processing, tinyavl.attention_map, tinyavl.attention_stats, tinyavl.bench,
@@ -94,8 +95,7 @@ def identifiers(source: str) -> set[str]:
 
 @functools.cache
 def project_identifiers() -> frozenset:
-    root = Path(__file__).parent.parent
-    files = [*(root / "tinyavl").rglob("*.py"), *(root / "kernels").rglob("*.py"), root / "main.py"]
+    files = [*(ROOT / "tinyavl").rglob("*.py"), *(ROOT / "kernels").rglob("*.py"), ROOT / "main.py"]
     return frozenset(set().union(*(identifiers(path.read_text()) for path in files)))
 
 
@@ -111,14 +111,12 @@ def test_every_lower_case_name_a_chapter_cites_is_in_the_code(chapter):
 
 def test_nothing_cites_files_a_reader_does_not_have():
     """Code, tests and docs cite papers and transformers' source: a clone of tinyavl has no shared spec folder beside it."""
-    root = Path(__file__).parent.parent
-    texts = [p for folder in ("tinyavl", "kernels", "tests", "tutorial", "weights") for p in (root / folder).rglob("*")
-             if p.suffix in (".py", ".md")] + [root / "README.md", root / "main.py"]
+    texts = [p for folder in ("tinyavl", "kernels", "tests", "tutorial", "weights") for p in (ROOT / folder).rglob("*")
+             if p.suffix in (".py", ".md")] + [ROOT / "README.md", ROOT / "main.py"]
     marker = "../" + "shared"   # split, so this file does not cite it either
-    assert [str(p.relative_to(root)) for p in texts if marker in p.read_text(encoding="utf-8")] == []
+    assert [str(p.relative_to(ROOT)) for p in texts if marker in p.read_text(encoding="utf-8")] == []
 
 
-ROOT = Path(__file__).parent.parent
 DOCUMENTS = [ROOT / name for name in ("README.md", "kernels/README.md", "weights/README.md")]
 
 
