@@ -119,6 +119,18 @@ def test_a_map_with_more_cells_than_pixels_gets_a_wider_panel(tiny_ckpt):
     assert tall.size == (2 * PANEL + 10, HEADER + columns + SCALE_BAR)
 
 
+def test_roles_that_do_not_fill_the_grid_are_refused():
+    """One role per cell: 15 roles fill no square grid (3 x 3 holds 9), 16 do not fill a 3 x 4 one; a wrong
+    count would otherwise draw cells over the wrong tokens, or leave some out."""
+    image = Image.new("RGB", (40, 40))
+    with pytest.raises(ValueError, match="15 image tokens do not fill a 3 x 3 grid"):
+        draw_attention_map(image, torch.full((15,), COMPUTED), torch.zeros(15), "t")
+    with pytest.raises(ValueError, match="16 image tokens do not fill a 3 x 4 grid"):
+        draw_attention_map(image, torch.full((16,), COMPUTED), torch.zeros(16), "t", grid=(3, 4))
+    assert draw_attention_map(image, torch.full((12,), COMPUTED), torch.zeros(12), "t", grid=(3, 4)).size == \
+        (2 * PANEL + 10, HEADER + round(PANEL / 4 * 3) + SCALE_BAR)
+
+
 def test_picture_shows_the_question_and_a_colour_scale(tiny_ckpt):
     """The question is written above the panels (its line is blank without one), and under the heat panel
     a scale runs from the grey of zero attention to the red of the hottest cell."""
@@ -166,6 +178,8 @@ def test_a_line_longer_than_the_picture_is_cut_with_an_ellipsis():
     assert cut.endswith("...") and question.startswith(cut[:-3]) and draw.textlength(cut) <= 300
     assert draw.textlength(question[:len(cut) - 3 + 1] + "...") > 300                 # one more character would not fit
     assert fitted("Q: short", draw, 300) == "Q: short" and fitted("Q: short", draw, 5) == ""
+    exact = draw.textlength("Q: short")                                    # a line exactly as wide as its room
+    assert fitted("Q: short", draw, exact) == "Q: short" and fitted("Q: short", draw, exact - 1).endswith("...")
 
 
 def test_the_text_of_a_strip(tiny_ckpt, monkeypatch):

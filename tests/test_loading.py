@@ -371,6 +371,20 @@ def test_error_shard_outside_the_folder(tiny_ckpt, tmp_path, where):
     assert "names shards outside its folder" in message and elsewhere in message
 
 
+@pytest.mark.parametrize("weight_map,says", [({}, "names no tensor"), ([], "is not a JSON object"),
+                                              ({"a.weight": 1}, "is not a JSON object"),
+                                              (None, "is not a JSON object")])
+def test_error_index_without_a_map_of_shards(tiny_ckpt, tmp_path, weight_map, says):
+    """An index whose weight_map is empty, not an object, names a shard by a number, or is absent, is refused in
+    one line that names the index (an empty one would otherwise load no tensor and list every key as missing)."""
+    folder = shutil.copytree(tiny_ckpt.folder("mha", shards=2), tmp_path / "sharded")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    index["weight_map"] = weight_map
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    message = load_error(folder)
+    assert "model.safetensors.index.json: its weight_map " + says in message and "\n" not in message, message
+
+
 def test_error_missing_key_is_listed(good_folder):
     key = "language_model.model.layers.1.mlp.up_proj.weight"
     rewrite_weights(good_folder, lambda t: t.pop(key))

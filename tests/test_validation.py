@@ -271,7 +271,8 @@ def test_config_value_of_the_wrong_kind(folder, section, field, value):
 
 
 @pytest.mark.parametrize("field,value", [("multimodal_projector_bias", "false"), ("projector_hidden_act", ["gelu"]),
-                                         ("tie_word_embeddings", "false"), ("model_type", ["llava"])])
+                                         ("tie_word_embeddings", "false"), ("tie_word_embeddings", 1),
+                                         ("model_type", ["llava"])])
 def test_top_level_field_of_the_wrong_kind(folder, field, value):
     edit_json(folder / "config.json", lambda c: c.__setitem__(field, value))
     assert f"{field} {value!r}" in load_error(folder).replace(" is ", " ")

@@ -219,8 +219,10 @@ def checkpoint_files(folder: Path) -> list[Path]:
         return [folder / "model.safetensors"]
     if index.is_file():
         weight_map = read_json_object(index).get("weight_map")
-        if not (isinstance(weight_map, dict) and weight_map and all(isinstance(f, str) for f in weight_map.values())):
+        if not (isinstance(weight_map, dict) and all(isinstance(f, str) for f in weight_map.values())):
             raise UserError(f"{index}: its weight_map is not a JSON object from tensor names to shard files")
+        if not weight_map:
+            raise UserError(f"{index}: its weight_map names no tensor; download the index again")
         names = sorted(set(weight_map.values()))
         # A shard is a file of the model's folder: an absolute path or one through ".." would load the weights
         # of wherever it points, with no sign of it in the folder the user gave.
