@@ -140,8 +140,8 @@ def decode_attention(q, k, v, spans):
     logits = [last_row_logits(q, k[:, :, start:end]) for start, end in reads]  # each (B, H, rows read) fp32
     logits[-1][..., last_end - last_start:] = float("-inf")                 # rows read past the last span
     lse = torch.cat(logits, dim=-1).logsumexp(-1)                               # (B, H)
-    # Each span's share of the output, summed in fp32 and rounded once: in bf16, a sum of many spans would
-    # round at every one. Query head h reads KV head h // G: a GQA group's probabilities multiply its KV
+    # Each span's share of the output (rounded to v's dtype by its product) summed in fp32, the sum rounded
+    # once: in bf16, a sum in bf16 would round again at every span. Query head h reads KV head h // G: a GQA group's probabilities multiply its KV
     # head's values.
     out = torch.zeros(B, Hkv, H // Hkv, hs, device=q.device)                    # (B, Hkv, G, hs) fp32
     for read_logits, (start, end) in zip(logits, reads):
@@ -153,7 +153,8 @@ def decode_attention(q, k, v, spans):
 
 
 def top_rows(scores, count: int):
-    """Indices of the `count` highest scores along the last dim, in ascending (positional) order."""
+    """Indices of the `count` highest scores along the last dim, ascending (in positional order where the
+    scores are in it; `AVLCache.rerank_core` scores a block laid out core first)."""
     return scores.topk(count, dim=-1).indices.sort(dim=-1).values
 
 
@@ -217,7 +218,7 @@ def heavy_plus_recent(scores, pos, n_heavy: int, n_recent: int, length: int):
     head, so K and V stay rectangular; which tokens differ from head to head.
     """
     keep = pos >= length - n_recent                                                     # (B, Hkv, n)
-    older_scores = scores.masked_fill(keep, float("-inf"))
+    older_scores = scores.masked_fill(keep, float("-inf"))                            # (B, Hkv, n)
     return keep.scatter_(-1, older_scores.topk(n_heavy, dim=-1).indices, True)
 
 
@@ -555,7 +556,7 @@ class KVCache:
         scores (B, Hkv, m), a policy's per-row ledger, is compacted alike and returned (None: none)."""
         B, Hkv, m = keep.shape
         n_keep = int(keep[0, 0].sum())
-        kept = keep.reshape(B * Hkv, m)
+        kept = keep.reshape(B * Hkv, m)                                      # (B Hkv, m)
         # Per (sample, head) plane: the dropped slots before the new end and the kept rows after it, as
         # many of each in every plane; nonzero lists both plane by plane, so they pair up in order and
         # share one list of planes.
@@ -567,7 +568,7 @@ class KVCache:
         self.hold(layer, start + n_keep)
         if scores is None:
             return None
-        scores = scores.reshape(B * Hkv, m).clone()
+        scores = scores.reshape(B * Hkv, m).clone()                          # (B Hkv, m)
         scores[plane, hole] = scores[plane, fill]
         return scores[:, :n_keep].reshape(B, Hkv, n_keep)
 
@@ -673,13 +674,13 @@ def require_triton(device: torch.device | None = None, named=str) -> None:
     (device None: whether this machine has one). A UserError names the parameter as named does (the
     command lines: --kernel)."""
     from kernels.sparse_attention import INTERPRETED, TRITON_AVAILABLE  # on first use: triton is slow to import
-    kernel = named("kernel")
+    flag = named("kernel")
     if not TRITON_AVAILABLE:
-        raise UserError(f"{kernel} triton needs Triton: pip install triton")
+        raise UserError(f"{flag} triton needs Triton: pip install triton")
     on_cuda = torch.cuda.is_available() if device is None else device.type == "cuda"
     if not (on_cuda or INTERPRETED):
-        raise UserError(f"{kernel} triton runs on a CUDA device (or in Triton's CPU interpreter, with "
-                        f"TRITON_INTERPRET=1 set): use {kernel} torch or auto on this machine")
+        raise UserError(f"{flag} triton runs on a CUDA device (or in Triton's CPU interpreter, with "
+                        f"TRITON_INTERPRET=1 set): use {flag} torch or auto on this machine")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -742,7 +743,7 @@ class AVLCache(KVCache):
     PARAMS = (
         rate("S", 0.5, "fraction of image tokens stored (secondary)"),
         rate("C", 0.3, "fraction of image tokens computed (core), at most S"),
-        Param("K", 3, "core update interval in decode steps", low=1),
+        Param("K", 3, "core update interval in decode steps (no split: C = S)", low=1),
         rate("P", 0.5, "fraction of image tokens the prefill filter keeps (1 = no filter), at least S"),
         Param("filter_layer", 3, "first layer that runs without the image tokens the prefill filter drops", low=1),
         rate("T", 0.6, "fraction of text tokens kept"),
@@ -833,12 +834,12 @@ class AVLCache(KVCache):
         resource than the GPU has, shared memory above all (fp32 at head dim 128 needs 78-91 KB, a T4 has 64
         KB). kernel="triton": a UserError; "auto": torch for such queries from here on, in this cache and every
         later one (REFUSED_KERNELS), said once on stderr."""
-        kernel = self.named("kernel")
+        flag = self.named("kernel")
         unit = " bytes" if err.name.endswith("memory") else ""  # Triton also counts threads
         refusal = (f"this GPU cannot run the Triton kernel ({err.name}: it needs {err.required}{unit}, the GPU "
                    f"has {err.limit}{unit})")
         if self.kernel == "triton":
-            raise UserError(f"{kernel} triton: {refusal}: use {kernel} torch or auto") from None
+            raise UserError(f"{flag} triton: {refusal}: use {flag} torch or auto") from None
         REFUSED_KERNELS.add(kernel_key(q))
         print(f"note: {refusal}; A-VL's decode attention runs in torch", file=sys.stderr)
 
@@ -859,8 +860,8 @@ class AVLCache(KVCache):
         require_triton(q.device, self.named)
         reason = why_unsupported(q.dtype, q.shape[-1], q.device)
         if reason:
-            kernel = self.named("kernel")
-            raise UserError(f"{kernel} triton cannot run this model's attention: {reason}; use {kernel} torch or auto")
+            flag = self.named("kernel")
+            raise UserError(f"{flag} triton cannot run this model's attention: {reason}; use {flag} torch or auto")
         return True
 
     def update(self, layer, q, last_row):

@@ -682,7 +682,10 @@ class HiresView:
     alpha: float = 1.0                  # the blend of the hierarchical output: 0 = the plain model
     top: int | None = None              # choose this many best-scored blocks, not the threshold's (blocks^2: all)
     tokens_read: int = 0                # high-resolution keys read, summed over served rows and layers (accounting)
-    chosen: torch.Tensor | None = None  # (B, R, N_hd) bool for the served rows of this pass, set layer by layer
+    # (B, R, N_hd) bool for the served rows of this pass, set layer by layer. After a pass it holds the last
+    # layer's choice, which no layer reads (the next pass chooses again from layer first_layer - 1): kept as
+    # what the pass would read next, for a reader or a test to look at.
+    chosen: torch.Tensor | None = None
 
     def acts_in(self, layer_idx: int) -> bool:
         """Whether a layer takes part: layer first_layer - 1 chooses for the next, and every layer after it
