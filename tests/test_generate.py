@@ -415,6 +415,21 @@ def test_a_prompt_over_the_context_because_of_its_image_says_so(short_context_mo
         greedy(model, longer, px, steps=4)
 
 
+def test_an_image_past_the_context_on_its_own_is_the_models_sizes(tiny_ckpt, tmp_path):
+    """A context shorter than the image's own tokens: no question could be shortened to fit, so the error
+    says the image alone takes them and that config.json gives every image as many."""
+    config = sparse_config(VARIANTS["mha"])
+    config["text_config"]["max_position_embeddings"] = 8
+    folder = write_checkpoint(tiny_ckpt.model("mha"), str(tmp_path / "ctx8"), variant="mha", config=config)
+    model, processor = tinyavl.load_pretrained(folder, device="cpu")
+    ids, px = prompt_inputs(processor, "image")
+    n_img = int((ids == model.config.image_token_id).sum())
+    assert n_img >= 8
+    with pytest.raises(UserError, match=rf"the image alone takes {n_img} tokens, the model's context is 8: no prompt "
+                                        r"with this image fits \(the model's config.json gives every image as many\)"):
+        greedy(model, ids, px, steps=2)
+
+
 def test_image_tokens_without_an_image_are_a_user_error(loaded):
     """The model would embed the image's slots as words and answer about no image at all."""
     model, processor = loaded("mha")

@@ -264,6 +264,19 @@ def test_bad_image_grid_pinpoints(next_folder, tmp_path, capsys, pinpoints):
     run_bad(capsys, next_folder, tmp_path, "image_grid_pinpoints")
 
 
+def test_a_canvas_no_image_could_be_tiled_on_is_the_configs_fault(next_folder, tmp_path, capsys):
+    """A canvas past the largest image tinyavl reads (twice PIL's MAX_IMAGE_PIXELS) would be made in memory
+    for every image that picks it (96000 px a side: 27 GB): refused as the config's, before any image is made."""
+    big = [28 * 3429, 28 * 3429]                                               # 96012 x 96012
+    for name in ("config.json", "preprocessor_config.json"):                   # the two files agree
+        path = next_folder / name
+        cfg = json.loads(path.read_text())
+        cfg["image_grid_pinpoints"] = [[28, 28], big]
+        path.write_text(json.dumps(cfg))
+    run_bad(capsys, next_folder, tmp_path, "config.json has image_grid_pinpoints canvas 96012 x 96012",
+            "download the file again")
+
+
 def test_a_tile_that_is_not_whole_patches_is_refused(next_folder, tmp_path, capsys):
     """28 px tiles of 8 px patches: the tile map's rows would not be whole patch rows of the canvas, which
     the unpadding assumes (transformers runs such a tower and drops each tile's edge; the README's Scope
@@ -284,6 +297,9 @@ def test_missing_image_newline(next_folder, tmp_path, capsys):
     ("{{ raise_exception('only system turns') }}", ("chat template", "only system turns")),
     ("{{ messages[0]['content'][5]['text'] }}", ("chat template",)),
     ("{% for m in messages %}", ("chat template", "does not parse")),
+    # Jinja compiles a template to Python: nested deep enough, the compiler fails rather than the parser.
+    ("{{ " + "(" * 400 + "1" + ")" * 400 + " }}", ("chat template", "does not parse", "RecursionError")),
+    ("{% for a in [1] %}" * 30 + "{% endfor %}" * 30, ("chat template", "does not parse", "SyntaxError")),
     # The user's question cannot hold <image> (check_question): the template must place it, once.
     ("USER: {{ messages[0]['content'][-1]['text'] }} ASSISTANT:", ("chat template wrote 0 <image> for 1 image",)),
     ("<image><image>{{ messages[0]['content'][-1]['text'] }}", ("chat template wrote 2 <image> for 1 image",)),
@@ -332,6 +348,23 @@ def test_mistral_with_a_sliding_window_runs_as_transformers_within_it_and_stops_
     with pytest.raises(UserError, match=f"reaches {prompt_len + 2} tokens, past the decoder's sliding window"):
         model(torch.cat([inputs["input_ids"], inputs["input_ids"][:, :2]], dim=1), inputs["pixel_values"],
               image_sizes=inputs["image_sizes"])
+
+
+def test_an_image_past_the_context_on_its_own_says_no_question_makes_room(tiny_ckpt, tmp_path):
+    """A context of 80 tokens: the 60 x 60 image's 88 tokens fill it alone, so the error says no prompt with
+    this image fits and that a smaller image takes fewer tiles; a 10 x 10 one (36 tokens) then runs."""
+    folder = tmp_path / "short"
+    shutil.copytree(tiny_ckpt.folder("next_vicuna_mha"), folder)
+    edit_config(folder, lambda config: config["text_config"].__setitem__("max_position_embeddings", 80))
+    model, processor = tinyavl.load_pretrained(folder, device="cpu")
+    big = processor(processor.chat_prompt(QUESTION), make_image(60, 60, seed=1))
+    with pytest.raises(UserError, match="the image alone takes 88 tokens, the model's context is 80: no prompt with "
+                                        "this image fits \\(a smaller image is tiled on fewer tiles\\)"):
+        tinyavl.generate(model, **big, max_new_tokens=2)
+    small = processor(processor.chat_prompt(QUESTION), make_image(10, 10, seed=1))
+    assert int((small["input_ids"] == model.config.image_token_id).sum()) == 36
+    tokens, _ = tinyavl.generate(model, **small, max_new_tokens=2)
+    assert len(tokens) >= 1
 
 
 def test_mistral_without_a_sliding_window_key_takes_mistrals_default(tiny_ckpt, tmp_path, capsys):

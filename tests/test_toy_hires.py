@@ -6,9 +6,11 @@ has its command.
 """
 import argparse
 import copy
+import hashlib
 import json
 import math
 import random
+import shutil
 from types import SimpleNamespace
 from dataclasses import replace
 from pathlib import Path
@@ -382,6 +384,20 @@ def write_checkpoint_of_another_run(path, base):
     save_checkpoint_file(path, {"step": "5", "history": FIVE_STEPS, "run": run, "scenes": SCENES})
 
 
+def test_a_run_is_its_bases_weights_not_every_safetensors_name_beside_them(tmp_path):
+    """run_settings hashes the files the base loads from: a stray backup.safetensors beside them leaves a
+    run what it was (a resume is not refused), and a folder or a dangling link of such a name is no error."""
+    base = tmp_path / "base"
+    shutil.copytree(TOY_WEIGHTS, base)
+    args = argparse.Namespace(base=base, in_sequence=False, steps=7, batch_size=16, lr=8e-4, seed=0, threads=2)
+    settings = train_hires_module.run_settings(args)
+    assert settings["base_sha256"] == hashlib.sha256((base / "model.safetensors").read_bytes()).hexdigest()
+    (base / "backup.safetensors").write_bytes(b"an older model")
+    (base / "old.safetensors").mkdir()
+    (base / "gone.safetensors").symlink_to(tmp_path / "nothing")
+    assert train_hires_module.run_settings(args) == settings
+
+
 def write_checkpoint_with(dropout_state=torch.Generator().get_state(), **metadata):
     """A checkpoint of the command's defaults whose metadata has `metadata` in place of what a run saves
     (None: left out), and dropout_state for the dropout generator's state, as a hand edit or another program
@@ -605,6 +621,25 @@ def test_the_committed_hires_toy_is_the_toy_with_flexattention(hires_toy):
     assert all(Image.open(HIRES_TOY / "examples" / image).size == (384, 384) for image in EXAMPLE_IMAGES)
     size = sum(f.stat().st_size for f in HIRES_TOY.rglob("*") if f.is_file())
     assert size < 25 * 2 ** 20
+
+
+@pytest.mark.parametrize("scale", [10 ** 6, 140])
+def test_a_hires_scale_no_image_could_be_made_at_is_the_configs_fault(tmp_path, scale):
+    """hires_config.scale sizes every image's high-resolution view: one that makes even a square image past
+    the largest image tinyavl reads (twice PIL's MAX_IMAGE_PIXELS: 179 M pixels, 13,380 px a side; at 96 px,
+    140 makes 13,440) is refused as the config's, as it loads, not blamed on the image as it is preprocessed."""
+    folder = tmp_path / "hires"
+    shutil.copytree(HIRES_TOY, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["hires_config"]["scale"] = scale
+    (folder / "config.json").write_text(json.dumps(config))
+    side = scale * 96
+    with pytest.raises(UserError, match=f"config.json has hires_config.scale {scale}: at {side} px a side, even a "
+                                        "square image would have more than the 178956970 pixels"):
+        tinyavl.load_processor(folder)
+    config["hires_config"]["scale"] = 139                                # 13,344 px a side: it loads
+    (folder / "config.json").write_text(json.dumps(config))
+    assert tinyavl.load_processor(folder)[1].hires_scale == 139
 
 
 @pytest.mark.parametrize("image", EXAMPLE_IMAGES)

@@ -63,8 +63,23 @@ def test_non_finite_weight(folder, key, value):
 
 def test_weight_that_overflows_the_run_dtype(folder):
     edit_weights(folder, lambda t: t[NORM].view(-1)[0].fill_(1e6))  # fine in fp32, inf in fp16
-    with pytest.raises(UserError, match=f"{NORM} overflows float16"):
+    with pytest.raises(UserError, match=f"{NORM} overflows float16: load the model in bfloat16 or float32"):
         tinyavl.load_pretrained(folder, device="cpu", dtype="float16")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_an_f64_weight_past_float32s_range_is_damage_not_a_dtype_to_change(folder, dtype):
+    """1e300 in an F64 file is finite there and inf in every dtype tinyavl runs (bfloat16 has float32's
+    range): the error says the file is damaged, not to pick a --dtype that could not hold it either."""
+    def to_f64(tensors):
+        for key in tensors:
+            tensors[key] = tensors[key].double()
+        tensors[NORM].view(-1)[0] = 1e300
+    edit_weights(folder, to_f64)
+    with pytest.raises(UserError) as info:
+        tinyavl.load_pretrained(folder, device="cpu", dtype=dtype)
+    message = str(info.value)
+    assert NORM in message and "past float32's range" in message and "--dtype" not in message, message
 
 
 def test_integer_weight(folder):

@@ -168,8 +168,13 @@ def prompt_layout(input_ids, pixel_values, config) -> tuple[int, int]:
                         "processor's), or a prompt without the image")
     prompt_len, context = input_ids.shape[1], config.text.context
     if prompt_len >= context:
-        image_part = f" ({n_img} of them the image's)" if n_img else ""
         window = " (its sliding window)" if context == config.text.sliding_window else ""
+        if n_img >= context:  # no shorter question makes room: the image's tokens come from the model's sizes
+            fewer = ("a smaller image is tiled on fewer tiles" if config.is_next
+                     else "the model's config.json gives every image as many")
+            raise UserError(f"the image alone takes {n_img} tokens, the model's context is {context}{window}: no "
+                            f"prompt with this image fits ({fewer})")
+        image_part = f" ({n_img} of them the image's)" if n_img else ""
         raise UserError(f"the prompt has {prompt_len} tokens{image_part}, the model's context is "
                         f"{context}{window}: shorten the prompt")
     return n_sys, n_img

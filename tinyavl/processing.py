@@ -221,9 +221,12 @@ def compile_chat_template(source: str) -> jinja2.Template:
     env.globals["strftime_now"] = lambda format: datetime.now().strftime(format)
     try:
         return env.from_string(source)
-    except jinja2.TemplateError as err:
-        raise UserError(f"the folder's chat template does not parse ({err}): download it (chat_template.jinja or "
-                        "chat_template.json) again, or delete it to use LLaVA-1.5's prompt format") from None
+    # Not only a TemplateError: Jinja compiles a template to Python, and one nested deep enough ends in a
+    # RecursionError or a SyntaxError ("too many statically nested blocks").
+    except Exception as err:
+        raise UserError(f"the folder's chat template does not parse ({type(err).__name__}: {err}): download it "
+                        "(chat_template.jinja or chat_template.json) again, or delete it to use LLaVA-1.5's prompt "
+                        "format") from None
 
 
 def render_chat_template(template: jinja2.Template, messages: list[dict], special_tokens: dict) -> str:
@@ -329,6 +332,14 @@ class Processor:
         pre_path = folder / "preprocessor_config.json"
         pre_cfg = read_json_object(pre_path, optional=True)
         pre = preprocessor_settings(pre_cfg, pre_path, vision_image_size, tiled=image_grid_pinpoints is not None)
+        # Sizes config.json sets, checked here where images are made: past the limit, every image would be refused.
+        for canvas_h, canvas_w in image_grid_pinpoints or ():
+            check_size_set_by_files(canvas_h * canvas_w, f"config.json has image_grid_pinpoints canvas {canvas_h} x "
+                                    f"{canvas_w}: an image tiled on it would have")
+        if hires_scale is not None:
+            edge = hires_scale * max(pre["shortest_edge"], vision_image_size)
+            check_size_set_by_files(edge ** 2, f"config.json has hires_config.scale {hires_scale}: at {edge} px a "
+                                    "side, even a square image would have")
         # The processor counts an image's slots from these canvases and the model tiles it on config.json's:
         # two lists would give a prompt whose slots and features do not match.
         pre_pinpoints = (pre_cfg or {}).get("image_grid_pinpoints")
@@ -477,6 +488,16 @@ def pixel_limit() -> int | None:
     return Image.MAX_IMAGE_PIXELS and 2 * Image.MAX_IMAGE_PIXELS
 
 
+def check_size_set_by_files(pixels: int, what_it_makes: str) -> None:
+    """UserError if a size the model's files set would make every image into one of `pixels` pixels, more
+    than `pixel_limit`: not the image's fault, so the error names the file (what_it_makes, a sentence's
+    start: "... would have")."""
+    limit = pixel_limit()
+    if limit and pixels > limit:
+        raise UserError(f"{what_it_makes} more than the {limit} pixels of the largest image tinyavl reads (where PIL "
+                        "refuses to decode one); download the file again")
+
+
 def check_made_size(size: tuple[int, int], made: tuple[int, int], how: str) -> None:
     """UserError if preprocessing would make an image of `size` (width, height) into one of `made`, larger
     than `pixel_limit`, the largest image load_image reads: a 4 KB PNG of 1 x 1000000 pixels is none, but
@@ -583,10 +604,8 @@ def preprocessor_settings(cfg: dict | None, path: Path, vision_image_size: int, 
         if step in cfg and cfg[step] is not True and step not in identities:
             raise UserError(f"{path} sets {step}: {json.dumps(cfg[step])}; tinyavl implements only LLaVA's "
                             "preprocessing (resize, center crop, rescale, normalise), so it cannot run this checkpoint")
-    limit = pixel_limit()
-    if limit and shortest_edge ** 2 > limit:  # not the image's fault
-        raise UserError(f"{path} has size {size!r}: resized to that short side, even a square image would have "
-                        f"more than the {limit} pixels of the largest image tinyavl reads; download the file again")
+    check_size_set_by_files(shortest_edge ** 2, f"{path} has size {size!r}: resized to that short side, even a "
+                            "square image would have")
     rescale = cfg.get("rescale_factor", 1 / 255)
     if type(rescale) not in (int, float) or not math.isclose(rescale, 1 / 255):
         raise UserError(f"{path} has rescale_factor {rescale!r}; tinyavl rescales pixels by 1/255, as CLIP does")

@@ -55,6 +55,7 @@ from tinyavl.cli import (TOY_WEIGHTS, ArgumentParser, check_training_args, first
                          run_main)
 from tinyavl.errors import UserError
 from tinyavl.files import check_new_folder
+from tinyavl.loading import checkpoint_files
 from tinyavl.model import HiresConfig, LlavaForConditionalGeneration
 from tinyavl.toy.scenes import FINE_SCALE, IMAGE_SIZE, SceneStream
 from tinyavl.toy.train import (HIRES_RAMP, TUNE_DROPOUT, Checkpoint, PatchProbe, add_run_arguments, check_checkpoint,
@@ -147,7 +148,7 @@ def run_settings(args) -> dict:
     the weights (not --out, --force or --eval-every), the base's weights by their sha256, the recipe's
     constants and the torch version."""
     base_weights = hashlib.sha256()
-    for path in sorted(args.base.glob("*.safetensors")):  # one file, or a sharded checkpoint's shards
+    for path in checkpoint_files(args.base):  # the files from_base loads: one, or a sharded checkpoint's shards
         base_weights.update(path.read_bytes())
     return {"base_sha256": base_weights.hexdigest(), "in_sequence": args.in_sequence,
             "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
