@@ -503,17 +503,31 @@ SPECIAL_TOKENS_TEMPLATE = ("[{{ bos_token }}|{{ eos_token }}|{{ pad_token }}|{{ 
     {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},                        # no pad token
     {"bos_token": {"content": "<s>", "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
                    "__type": "AddedToken"}, "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None},
-], ids=["pad_is_unk", "no_pad", "added_token_objects"])
+    {"eos_token": "</s>"},                                                                  # the others undeclared
+    {"tokenizer_class": "LlamaTokenizer"},                                                  # a class named, no token
+    {},
+    None,                                                                                   # no tokenizer_config.json
+], ids=["pad_is_unk", "no_pad", "added_token_objects", "eos_only", "llama_class_only", "empty", "no_file"])
 def test_a_template_gets_the_special_tokens_tokenizer_config_declares(next_folder, declared):
-    """As transformers hands them to the template: what tokenizer_config.json says, not fixed names."""
+    """As transformers hands them to the template: what tokenizer_config.json says, not fixed names, and no
+    Llama defaults for what it leaves out (transformers 5 reads a llava folder's tokenizer.json as it is). The
+    prompt's ids are transformers' too: one BOS, which the post-processor adds where none is declared."""
     from transformers import AutoProcessor
 
-    (next_folder / "chat_template.json").write_text(json.dumps({"chat_template": SPECIAL_TOKENS_TEMPLATE}))
-    (next_folder / "tokenizer_config.json").write_text(json.dumps(declared))
+    (next_folder / "chat_template.json").write_text(json.dumps({"chat_template": "{{ bos_token }}" +
+                                                                                 SPECIAL_TOKENS_TEMPLATE}))
+    (next_folder / "tokenizer_config.json").unlink(missing_ok=True)
+    if declared is not None:
+        (next_folder / "tokenizer_config.json").write_text(json.dumps(declared))
     _, processor = tinyavl.load_pretrained(next_folder, device="cpu")
-    expected = AutoProcessor.from_pretrained(next_folder).apply_chat_template(
-        user_turn(QUESTION, True), add_generation_prompt=True, tokenize=False)
+    hf = AutoProcessor.from_pretrained(next_folder, backend="pil")
+    expected = hf.apply_chat_template(user_turn(QUESTION, True), add_generation_prompt=True, tokenize=False)
     assert processor.chat_prompt(QUESTION) == expected
+    image = make_image(40, 30, seed=0)
+    turn = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": QUESTION}]}]
+    expected_ids = hf.apply_chat_template(turn, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                          return_tensors="pt")["input_ids"][0].tolist()
+    assert processor(processor.chat_prompt(QUESTION), image)["input_ids"][0].tolist() == expected_ids
 
 
 def test_of_several_templates_the_one_transformers_takes_is_rendered(next_folder):
@@ -538,11 +552,25 @@ def test_of_several_templates_the_one_transformers_takes_is_rendered(next_folder
         assert processor.chat_prompt(QUESTION, has_image=False) == expected == f"{word} {QUESTION}"
 
 
-@pytest.mark.parametrize("template", [["{{ messages }}"], {"default": "{{ messages }}"}], ids=["list", "named"])
+@pytest.mark.parametrize("template", [["{{ messages }}"], {"tools": "{{ messages }}"}, {"default": 3}],
+                         ids=["list", "named_without_default", "default_not_a_string"])
 def test_a_template_that_is_not_one_string_is_refused(next_folder, template):
     (next_folder / "chat_template.json").write_text(json.dumps({"chat_template": template}))
-    with pytest.raises(UserError, match="chat_template.json has no \"chat_template\" string"):
+    with pytest.raises(UserError, match="chat_template.json has no \"chat_template\" string \\(nor a named one"):
         tinyavl.load_pretrained(next_folder, device="cpu")
+
+
+def test_of_named_templates_the_default_one_is_rendered(next_folder):
+    """A "chat_template" of named templates: transformers renders the one named "default"."""
+    from transformers import AutoProcessor
+
+    named = {"tool_use": "tools {{ messages[0]['content'][-1]['text'] }}",
+             "default": "D: {{ messages[0]['content'][-1]['text'] }}"}
+    (next_folder / "chat_template.json").write_text(json.dumps({"chat_template": named}))
+    _, processor = tinyavl.load_pretrained(next_folder, device="cpu")
+    expected = AutoProcessor.from_pretrained(next_folder).apply_chat_template(
+        user_turn(QUESTION, False), add_generation_prompt=True, tokenize=False)
+    assert processor.chat_prompt(QUESTION, has_image=False) == expected == f"D: {QUESTION}"
 
 
 def test_a_special_token_that_is_not_a_token_is_refused(next_folder):
@@ -607,10 +635,8 @@ def test_a_tokenizer_of_other_special_tokens_prompts_as_transformers_does(next_f
     (next_folder / "tokenizer.json").write_text(json.dumps(tokenizer))
     (next_folder / "chat_template.json").write_text(json.dumps({"chat_template": template}))
     edit_config(next_folder, lambda config: config["text_config"].update(vocab_size=first_new + 2))
-    (next_folder / "tokenizer_config.json").unlink(missing_ok=True)   # without it, a Llama tokenizer's <s>
-    with pytest.raises(UserError, match="no <s> token, a Llama tokenizer's bos_token.*copy the checkpoint's "
-                                        "tokenizer_config.json"):
-        tinyavl.load_processor(next_folder)
+    (next_folder / "tokenizer_config.json").unlink(missing_ok=True)   # without it, no special token is declared
+    assert tinyavl.load_processor(next_folder)[1].bos_token_id is None
     declared = {"bos_token": "<|startoftext|>", "eos_token": "</s>"}
     (next_folder / "tokenizer_config.json").write_text(json.dumps(declared))
     with pytest.raises(UserError, match="no </s> token, the eos_token of tokenizer_config.json: the files come from"):

@@ -96,7 +96,7 @@ def test_chat_example_trains_only_the_answers():
     ids, labels, image = chat_example(scene, rng, processor, turns=3)
     assert len(ids) == len(labels)
     assert list(image) == ["pixel_values"] and torch.equal(image["pixel_values"][0], processor.preprocess(scene.image()))
-    assert ids[0] == processor.bos_token_id and ids.count(image_id) == (IMAGE_SIZE // PATCH) ** 2
+    assert ids[0] == tokenizer.token_to_id("<s>") and ids.count(image_id) == (IMAGE_SIZE // PATCH) ** 2
     # Labels sit on their own tokens (the shift happens in the loss) and only on the three answers + </s>.
     assert all(label in (-100, token) for token, label in zip(ids, labels))
     trained_ids = [label for label in labels if label != -100]

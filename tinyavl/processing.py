@@ -36,7 +36,6 @@ from tinyavl.errors import UserError
 from tinyavl.files import check_readable, read_json_object
 
 IMAGE_TOKEN = "<image>"
-BOS_TOKEN, EOS_TOKEN = "<s>", "</s>"  # a Llama tokenizer's
 # The system prompt LLaVA-1.5 was trained with (the Vicuna v1 conversation of the LLaVA repository,
 # llava/conversation.py). llava-hf's documented prompt leaves it out; a checkpoint that wants it says so
 # in processor_config.json ("system_prompt"), as the toy LLaVA does.
@@ -213,6 +212,11 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+# What an error about the folder's template advises: where it is kept, in the order `read_chat_template` reads.
+TEMPLATE_ADVICE = ("download it again, or delete it to use LLaVA-1.5's prompt format (it is the \"chat_template\" of "
+                   "processor_config.json, else of chat_template.json, else chat_template.jinja)")
+
+
 def compile_chat_template(source: str) -> jinja2.Template:
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                                        extensions=[_GenerationTag, jinja2.ext.loopcontrols])
@@ -224,9 +228,8 @@ def compile_chat_template(source: str) -> jinja2.Template:
     # Not only a TemplateError: Jinja compiles a template to Python, and one nested deep enough ends in a
     # RecursionError or a SyntaxError ("too many statically nested blocks").
     except Exception as err:
-        raise UserError(f"the folder's chat template does not parse ({type(err).__name__}: {err}): download it "
-                        "(chat_template.jinja or chat_template.json) again, or delete it to use LLaVA-1.5's prompt "
-                        "format") from None
+        raise UserError(f"the folder's chat template does not parse ({type(err).__name__}: {err}): "
+                        f"{TEMPLATE_ADVICE}") from None
 
 
 def render_chat_template(template: jinja2.Template, messages: list[dict], special_tokens: dict) -> str:
@@ -237,15 +240,15 @@ def render_chat_template(template: jinja2.Template, messages: list[dict], specia
                                **special_tokens)
     except Exception as err:  # a template is a program from the folder: whatever it raises is its failure
         raise UserError(f"the folder's chat template fails to render a user turn ({type(err).__name__}: {err}): "
-                        "download it (chat_template.jinja or chat_template.json) again, or delete it to use "
-                        "LLaVA-1.5's prompt format") from None
+                        f"{TEMPLATE_ADVICE}") from None
 
 
 def read_chat_template(folder: Path, processor_config: dict) -> str | None:
     """The folder's chat template, from where transformers' processors take it when a folder has more than
     one (`ProcessorMixin.get_processor_dict`): the "chat_template" of processor_config.json (whose contents
     are processor_config), else that of chat_template.json (the older file), else chat_template.jinja;
-    None if none of them has one."""
+    None if none of them has one. A file's "chat_template" may name its templates ({name: template}): the
+    one named "default" is the one transformers renders."""
     json_file = folder / "chat_template.json"
     if processor_config.get("chat_template") is not None:
         template, source = processor_config["chat_template"], folder / "processor_config.json"
@@ -259,9 +262,11 @@ def read_chat_template(folder: Path, processor_config: dict) -> str | None:
             return jinja_file.read_text(encoding="utf-8")
         except UnicodeDecodeError as err:
             raise UserError(f"{jinja_file} is not UTF-8 text ({err}): download it again") from None
-    if not isinstance(template, str):  # missing, or a dict of named templates, which tinyavl does not choose from
-        raise UserError(f"{source} has no \"chat_template\" string: download it again, or delete it to use "
-                        "LLaVA-1.5's prompt format")
+    if isinstance(template, dict):  # named templates (transformers' ProcessorMixin._resolve_chat_template)
+        template = template.get("default")
+    if not isinstance(template, str):
+        raise UserError(f"{source} has no \"chat_template\" string (nor a named one, \"default\"): download it "
+                        "again, or delete it to use LLaVA-1.5's prompt format")
     return template
 
 
@@ -283,16 +288,14 @@ class Processor:
         self.tokenizer = tokenizer
         self.image_token_id = image_token_id
         self.num_image_tokens = num_image_tokens  # of one crop: e.g. 576 = (336 / 14)^2 CLIP patches
-        # What a chat template may write ({{ bos_token }}, ...): those declared, as transformers hands them over
-        # (None: a folder without tokenizer_config.json, a Llama tokenizer's).
-        declared = special_tokens is not None
-        self.special_tokens = {name: token for name, token in (special_tokens or LLAMA_SPECIAL_TOKENS).items()
-                               if token is not None}
-        self.bos_token = self.special_tokens.get("bos_token")  # "<s>" for Llama's tokenizer; None: declared none
-        eos_token = self.special_tokens.get("eos_token")
-        self.bos_token_id, self.eos_token_id = (
-            None if token is None else _special_id(tokenizer, token, name, declared)
-            for name, token in (("bos_token", self.bos_token), ("eos_token", eos_token)))
+        # What a chat template may write ({{ bos_token }}, ...): the tokens tokenizer_config.json declares, as
+        # transformers hands them over (`read_special_tokens`); a name it leaves out is undefined, and renders
+        # as nothing.
+        self.special_tokens = special_tokens or {}
+        self.bos_token = self.special_tokens.get("bos_token")  # None: none declared (BOS is the post-processor's)
+        self.bos_token_id, self.eos_token_id = (            # each None where none is declared
+            None if token is None else _special_id(tokenizer, token, name)
+            for name, token in (("bos_token", self.bos_token), ("eos_token", self.special_tokens.get("eos_token"))))
         self.image_size = image_size  # side of the square crop the vision tower sees
         self.shortest_edge = shortest_edge
         self.image_mean = torch.tensor(image_mean, dtype=torch.float32).view(3, 1, 1)  # [3, 1, 1]
@@ -522,25 +525,23 @@ def centred(img: Image.Image, width: int, height: int, colour=(0, 0, 0)) -> Imag
     return canvas
 
 
-# The special tokens a Llama tokenizer declares when tokenizer_config.json says nothing of them (transformers'
-# LlamaTokenizerFast): no pad token.
-LLAMA_SPECIAL_TOKENS = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": "<unk>", "pad_token": None}
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 
-def read_special_tokens(path: Path) -> dict | None:
-    """{name: token or None} for LLAMA_SPECIAL_TOKENS' names, as tokenizer_config.json declares them (a string,
-    or an AddedToken object with its "content"; null: none) or, for a name it leaves out, as the Llama
-    tokenizer's defaults; None without the file."""
-    declared = read_json_object(path, optional=True)
-    if declared is None:
-        return None
+def read_special_tokens(path: Path) -> dict:
+    """{name: token} for the SPECIAL_TOKEN_NAMES tokenizer_config.json declares (a string, or an AddedToken
+    object with its "content"; null: none). Nothing for a name it leaves out, or without the file: transformers
+    5 loads a llava or llava_next folder's tokenizer.json as it is (TokenizersBackend, never a Llama tokenizer
+    class with its default <s>, </s> and <unk>)."""
+    declared = read_json_object(path, optional=True) or {}
     tokens = {}
-    for name, default in LLAMA_SPECIAL_TOKENS.items():
-        token = declared.get(name, default)
+    for name in SPECIAL_TOKEN_NAMES:
+        token = declared.get(name)
         token = token.get("content") if isinstance(token, dict) else token
         if token is not None and not isinstance(token, str):
             raise UserError(f"{path} has {name} {declared[name]!r}: it must be a token (a string), or null")
-        tokens[name] = token
+        if token is not None:
+            tokens[name] = token
     return tokens
 
 
@@ -555,17 +556,12 @@ def _rgb_numbers(cfg: dict, name: str, default, path: Path, in_range, rule: str)
     return values
 
 
-def _special_id(tokenizer: Tokenizer, token: str, name: str, declared: bool) -> int:
-    """The id of the special token `name` ("bos_token", "eos_token"): `token`, as tokenizer_config.json declares
-    it (declared) or as a Llama tokenizer has it (the folder has no tokenizer_config.json)."""
+def _special_id(tokenizer: Tokenizer, token: str, name: str) -> int:
+    """The id of the special token `name` ("bos_token", "eos_token"), `token` as tokenizer_config.json declares it."""
     found = tokenizer.token_to_id(token)
-    if found is None and declared:
+    if found is None:
         raise UserError(f"tokenizer.json has no {token} token, the {name} of tokenizer_config.json: the files come "
                         "from different checkpoints")
-    if found is None:
-        raise UserError(f"tokenizer.json has no {token} token, a Llama tokenizer's {name}, which the folder's special "
-                        "tokens are without a tokenizer_config.json: copy the checkpoint's tokenizer_config.json "
-                        "into the model folder")
     return found
 
 

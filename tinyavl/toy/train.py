@@ -77,11 +77,12 @@ from tinyavl.cli import (TOY_WEIGHTS, ArgumentParser, check_training_args, first
 from tinyavl.errors import UserError
 from tinyavl.files import check_new_folder, check_output_file, write_file_atomically, write_folder_atomically
 from tinyavl.model import LlavaConfig, LlavaForConditionalGeneration, TextConfig, VisionConfig
-from tinyavl.processing import BOS_TOKEN, CLIP_MEAN, CLIP_STD, EOS_TOKEN, IMAGE_TOKEN, LLAVA_SYSTEM_PROMPT, Processor
+from tinyavl.processing import CLIP_MEAN, CLIP_STD, IMAGE_TOKEN, LLAVA_SYSTEM_PROMPT, Processor
 from tinyavl.toy.evaluate import evaluate, held_out_set, reads_fine_scenes
 from tinyavl.toy.scenes import (COLOURS, DIGITS, FINE_SCALE, GRID, IMAGE_SIZE, PATCH, PROMPT_KINDS, SHAPES, Scene,
                                 SceneObject, SceneStream)
 
+BOS_TOKEN, EOS_TOKEN = "<s>", "</s>"  # a Llama tokenizer's
 SPECIAL_TOKENS = ["<unk>", BOS_TOKEN, EOS_TOKEN, "<pad>", IMAGE_TOKEN]
 IMAGE_DROPOUT = 0.0  # the largest fraction of a training sequence's image tokens hidden (off: see hide_image_tokens)
 IMAGE_DROPOUT_SHARE = 1.0  # the share of training sequences that get image-token dropout at all
@@ -259,7 +260,7 @@ def chat_example(scene: Scene, rng: random.Random, processor: Processor, turns: 
             prompt = first_turn["input_ids"][0].tolist()
         else:
             prompt = processor.tokenizer.encode(f"USER: {question} ASSISTANT:", add_special_tokens=False).ids
-        reply = processor.tokenizer.encode(answer, add_special_tokens=False).ids + [processor.eos_token_id]
+        reply = processor.tokenizer.encode(answer, add_special_tokens=False).ids + [processor.tokenizer.token_to_id(EOS_TOKEN)]
         ids += prompt + reply
         labels += [-100] * len(prompt) + reply
     image = {key: value for key, value in first_turn.items() if key != "input_ids" and value is not None}
