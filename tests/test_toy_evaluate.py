@@ -607,3 +607,30 @@ def test_hires_tokens_read_is_per_answer():
     report = tally.report()
     assert report["hires_tokens_read"] == 20
     assert report["attention_pairs"] == (2 * 3 + 10 + 2 * 3 + 30) / 2
+
+
+def test_a_special_token_inside_an_answer_makes_it_wrong(monkeypatch):
+    """evaluate scores an answer's tokens before the EOS that ended it, special tokens written out: the right
+    words then <pad> are wrong (processor.decode, written for a reader, leaves <pad> out and passed them),
+    the right words then </s> are right, and an answer cut by max_new_tokens is scored as it stands."""
+    from tinyavl import load_processor
+    from tinyavl.cli import TOY_WEIGHTS
+
+    _, processor = load_processor(TOY_WEIGHTS)
+    tokenizer = processor.tokenizer
+    pad, eos = tokenizer.token_to_id("<pad>"), tokenizer.token_to_id("</s>")
+    questions = [q for q in held_out_set(seed=3, n_scenes=2) if q.kind != "caption"]
+    answers = {}
+
+    def answering(model, input_ids, *args, **kwargs):
+        ids, finish = answers[tuple(input_ids[0].tolist())]
+        return ids, SimpleNamespace(**vars(fake_stats(1, 1, [[1]] * len(ids), [2])), finish_reason=finish)
+
+    monkeypatch.setattr(evaluate_module, "generate", answering)
+    for ending, finish, right in [([eos], "eos", True), ([], "length", True), ([pad, eos], "eos", False),
+                                  ([pad], "length", False)]:
+        for q in questions:
+            prompt = tuple(q.inputs(processor)["input_ids"][0].tolist())
+            answers[prompt] = (tokenizer.encode(q.answer, add_special_tokens=False).ids + ending, finish)
+        stand_in = SimpleNamespace(config=SimpleNamespace(hires=None))           # generate is replaced
+        assert evaluate_module.evaluate(stand_in, processor, questions, "full")["accuracy"] == float(right), ending

@@ -141,8 +141,8 @@ def decode_attention(q, k, v, spans):
     logits[-1][..., last_end - last_start:] = float("-inf")                 # rows read past the last span
     lse = torch.cat(logits, dim=-1).logsumexp(-1)                               # (B, H)
     # Each span's share of the output (rounded to v's dtype by its product) summed in fp32, the sum rounded
-    # once: in bf16, a sum in bf16 would round again at every span. Query head h reads KV head h // G: a GQA group's probabilities multiply its KV
-    # head's values.
+    # once: in bf16, a sum in bf16 would round again at every span. Query head h reads KV head h // G: a GQA
+    # group's probabilities multiply its KV head's values.
     out = torch.zeros(B, Hkv, H // Hkv, hs, device=q.device)                    # (B, Hkv, G, hs) fp32
     for read_logits, (start, end) in zip(logits, reads):
         probs = (read_logits - lse[..., None]).exp().reshape(B, Hkv, H // Hkv, -1)   # (B, Hkv, G, rows read)

@@ -52,7 +52,7 @@ from tinyavl.errors import UserError
 from tinyavl.files import check_picture_folder
 from tinyavl.generate import generate
 from tinyavl.model import attention
-from tinyavl.toy.evaluate import (AVL_CHOICE_ONLY, clustered_wilson_interval, evaluate, format_interval,
+from tinyavl.toy.evaluate import (AVL_CHOICE_ONLY, answer_text, clustered_wilson_interval, evaluate, format_interval,
                                   held_out_set, markdown_table)
 from tinyavl.toy.plot import save_line_plot
 from tinyavl.toy.scenes import GRID, parse_caption
@@ -240,9 +240,9 @@ def caption_with_hidden(model, processor, question, hidden: list[int]) -> set[st
     """The objects (as SceneObject.describe writes them) that the greedy caption names when the image
     tokens `hidden` are hidden from the decoder (`HiddenImageTokens`)."""
     inputs = question.inputs(processor)
-    token_ids, _ = generate(model, inputs["input_ids"], inputs["pixel_values"], max_new_tokens=64,
-                            policy=HiddenImageTokens(hidden))
-    return parse_caption(processor.decode(token_ids))
+    token_ids, stats = generate(model, inputs["input_ids"], inputs["pixel_values"], max_new_tokens=64,
+                                policy=HiddenImageTokens(hidden))
+    return parse_caption(answer_text(processor, token_ids, stats.finish_reason))
 
 
 HIDING = ("nothing", "its place", "as many random tokens")  # what hidden_object_recall hides, per object

@@ -139,6 +139,14 @@ def caption_errors(prediction: str, scene: Scene) -> Counter:
     return errors
 
 
+def answer_text(processor, token_ids: list[int], finish_reason: str) -> str:
+    """An answer as it is scored: its tokens before the EOS that ended it, special tokens written out. A
+    <pad> or <image> inside an answer then makes it wrong, where processor.decode (which leaves special
+    tokens out, for a reader) would have let "red <pad>" pass for "red"."""
+    ids = token_ids[:-1] if finish_reason == "eos" else token_ids
+    return processor.tokenizer.decode(ids, skip_special_tokens=False)
+
+
 def is_correct(question: Question, prediction: str) -> bool:
     if question.kind == "caption":
         # In any order, but each object once: a caption that names one twice says something else too.
@@ -204,6 +212,7 @@ def paired_ratio_interval(right: list[int], reference_right: list[int], draws: i
         raise ValueError(f"paired_ratio_interval resamples scenes: it needs two or more, got {len(right)}")
     right = torch.tensor(right, dtype=torch.float64)                                # (scenes,)
     reference_right = torch.tensor(reference_right, dtype=torch.float64)            # (scenes,)
+    # (draws, scenes): the scenes each draw takes
     scenes = torch.randint(len(right), (draws, len(right)), generator=torch.Generator().manual_seed(seed))
     reference_sums = reference_right[scenes].sum(1)                                 # (draws,)
     # A draw in which the reference got nothing right has no ratio (a few scenes at most): left out.
@@ -326,7 +335,7 @@ def evaluate(model, processor, questions: list[Question], policy: str | KVCache 
                                     image_sizes=inputs["image_sizes"], hires_pixel_values=hires_pixels,
                                     hires_top=every_block, max_new_tokens=max_new_tokens,
                                     policy=cache)
-        prediction = processor.decode(token_ids)
+        prediction = answer_text(processor, token_ids, stats.finish_reason)
         tally.add(question, prediction, stats)
         if on_answer:
             on_answer(question, prediction, cache, inputs)
@@ -493,7 +502,7 @@ def sweep_title(weights: Path, config, n_scenes: int, seed: int) -> str:
     the FlexAttention toy), and the held-out set it answered."""
     model = "toy LLaVA" if weights.resolve() == TOY_WEIGHTS else f"toy LLaVA ({weights.name})"
     scenes = "fine scenes" if reads_fine_scenes(config) else "scenes"
-    return f"{model}, {n_scenes} held-out {scenes} (seed {seed}) x 6 prompts"
+    return f"{model}, {n_scenes} held-out {scenes} (seed {seed}) x {len(PROMPT_KINDS)} prompts"
 
 
 def plot_sweep(reports: list[dict], path: Path, title: str, replace: bool = False) -> None:
@@ -510,7 +519,7 @@ def parse_args(argv):
     parser = ArgumentParser(description=first_paragraph(__doc__))
     parser.add_argument("--weights", type=given_path, default=TOY_WEIGHTS, help="the toy model folder")
     parser.add_argument("--seed", type=int, default=1, help="which held-out set (any integer)")
-    parser.add_argument("--n", type=int, default=100, help="scenes (each gets 6 prompts)")
+    parser.add_argument("--n", type=int, default=100, help=f"scenes (each gets {len(PROMPT_KINDS)} prompts)")
     add_policy_arguments(parser)
     parser.add_argument("--table", action="store_true",
                         help=f"every policy at the budgets of image tokens kept {BUDGETS} (budget_sweep)")

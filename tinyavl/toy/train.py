@@ -252,6 +252,7 @@ def chat_example(scene: Scene, rng: random.Random, processor: Processor, turns: 
     "USER: {question} ASSISTANT: {answer}</s>". labels is -100 except on answer tokens and their </s>.
     """
     kinds = rng.sample(PROMPT_KINDS, turns)
+    eos = processor.tokenizer.token_to_id(EOS_TOKEN)
     ids, labels = [], []
     for i, kind in enumerate(kinds):
         question, answer = scene.ask(kind, rng)
@@ -260,7 +261,7 @@ def chat_example(scene: Scene, rng: random.Random, processor: Processor, turns: 
             prompt = first_turn["input_ids"][0].tolist()
         else:
             prompt = processor.tokenizer.encode(f"USER: {question} ASSISTANT:", add_special_tokens=False).ids
-        reply = processor.tokenizer.encode(answer, add_special_tokens=False).ids + [processor.tokenizer.token_to_id(EOS_TOKEN)]
+        reply = processor.tokenizer.encode(answer, add_special_tokens=False).ids + [eos]
         ids += prompt + reply
         labels += [-100] * len(prompt) + reply
     image = {key: value for key, value in first_turn.items() if key != "input_ids" and value is not None}
@@ -469,7 +470,7 @@ class Checkpoint:
     def load(self, model, probe, optimizer, stream: SceneStream, dropout_generator) -> tuple[int, list]:
         """Put the state this run saved (`resumes`) into model, probe, optimizer, the scene stream and the
         dropout generator, so that the next batch and its draws are those the saved run would have taken next;
-        returns (steps done, history of (step, lm_loss, aux_loss))."""
+        returns (steps done, history of (step, lm_loss, patch_loss))."""
         with safe_open(str(self.path), framework="pt") as file:
             metadata, tensors = file.metadata(), {key: file.get_tensor(key) for key in file.keys()}
         stream.rng.setstate(rng_state(json.loads(metadata["scenes"])))
@@ -545,12 +546,12 @@ def take_step(optimizer, params: list, loss: torch.Tensor, step: int, lr: float)
 
 
 def optimise(model, probe, processor, stream: SceneStream, steps: int, lr: float, warmup: int, batch_size: int,
-             turns: int, aux_weight: float, image_dropout: float, image_dropout_share: float, dropout_generator,
+             turns: int, patch_weight: float, image_dropout: float, image_dropout_share: float, dropout_generator,
              log_every: int, eval_every: int, log, tower_frozen: bool = False,
              mask_kind: str = "tokens", checkpoint: Checkpoint | None = None) -> list[tuple[int, float, float]]:
     """The training loop both stages share: `steps` AdamW steps (a fresh optimiser) on batches from
     `stream`, learning rate `learning_rate(step, steps, lr, warmup)`; returns the history of
-    (step, lm_loss, aux_loss). Every eval_every steps (0: never) the greedy accuracy on 10 held-out
+    (step, lm_loss, patch_loss). Every eval_every steps (0: never) the greedy accuracy on 10 held-out
     scenes (seed 0) is logged. With tower_frozen the vision tower is not trained (LLaVA's recipe once
     its CLIP tower is trained). `mask_kind`, one of TUNE_MASKS, says how image_dropout hides image tokens.
     With a `checkpoint`, the training state is saved there every checkpoint.every steps and after the last
@@ -577,9 +578,9 @@ def optimise(model, probe, processor, stream: SceneStream, steps: int, lr: float
         elif image_dropout:
             batch["attention_mask"] = hide_image_tokens(batch["input_ids"], image_token_id, image_dropout,
                                                         dropout_generator, image_dropout_share)
-        lm_loss, aux_loss = losses(model, probe, batch, hires_alpha=min(1.0, step / (HIRES_RAMP * steps)))
-        take_step(optimizer, params, lm_loss + aux_weight * aux_loss, step, learning_rate(step, steps, lr, warmup))
-        history.append((step, lm_loss.item(), aux_loss.item()))
+        lm_loss, patch_loss = losses(model, probe, batch, hires_alpha=min(1.0, step / (HIRES_RAMP * steps)))
+        take_step(optimizer, params, lm_loss + patch_weight * patch_loss, step, learning_rate(step, steps, lr, warmup))
+        history.append((step, lm_loss.item(), patch_loss.item()))
         if (step + 1) % log_every == 0 or step + 1 == steps:
             seconds = time.perf_counter() - start
             recent = history[-log_every:]
@@ -600,11 +601,11 @@ def optimise(model, probe, processor, stream: SceneStream, steps: int, lr: float
     return history
 
 
-def train(steps: int, batch_size: int = 32, lr: float = 2e-3, seed: int = 0, turns: int = 4, aux_weight: float = 1.0,
-          image_dropout: float = IMAGE_DROPOUT, image_dropout_share: float = IMAGE_DROPOUT_SHARE,
-          vision_steps: int = 0, log_every: int = 100, eval_every: int = 0,
-          config_overrides: dict | None = None, log=None, checkpoint: Checkpoint | None = None):
-    """Train a toy model from scratch; returns (model, processor, history of (step, lm_loss, aux_loss)).
+def train(steps: int, batch_size: int = 32, lr: float = 2e-3, seed: int = 0, turns: int = 4,
+          patch_weight: float = 1.0, image_dropout: float = IMAGE_DROPOUT,
+          image_dropout_share: float = IMAGE_DROPOUT_SHARE, vision_steps: int = 0, log_every: int = 100,
+          eval_every: int = 0, config_overrides: dict | None = None, log=None, checkpoint: Checkpoint | None = None):
+    """Train a toy model from scratch; returns (model, processor, history of (step, lm_loss, patch_loss)).
 
     image_dropout is the largest fraction of a sequence's image tokens `hide_image_tokens` hides (0: off),
     in the share image_dropout_share of the sequences. With vision_steps, stage 0 (`pretrain_vision`)
@@ -622,7 +623,7 @@ def train(steps: int, batch_size: int = 32, lr: float = 2e-3, seed: int = 0, tur
         pretrain_vision(model, processor, vision_steps, batch_size, seed=seed, log=log)
         log(f"stage 1: {steps} steps, the vision tower frozen")
     history = optimise(model, probe, processor, SceneStream("train", seed), steps, lr, warmup_steps(steps, 300),
-                       batch_size, turns, aux_weight, image_dropout, image_dropout_share,
+                       batch_size, turns, patch_weight, image_dropout, image_dropout_share,
                        dropout_generator=torch.Generator().manual_seed(seed), log_every=log_every,
                        eval_every=eval_every, log=log, tower_frozen=vision_steps > 0, checkpoint=checkpoint)
     return model, processor, history
@@ -642,7 +643,7 @@ def new_model(seed: int = 0, config_overrides: dict | None = None):
 
 
 def tune(model, processor, steps: int, batch_size: int = 32, lr: float = 4e-4, seed: int = 0, turns: int = 4,
-         aux_weight: float = 1.0, image_dropout: float = TUNE_DROPOUT, tower_frozen: bool = False,
+         patch_weight: float = 1.0, image_dropout: float = TUNE_DROPOUT, tower_frozen: bool = False,
          mask_kind: str = "tokens", log_every: int = 100, eval_every: int = 0, log=None,
          checkpoint: Checkpoint | None = None):
     """Stage 2: go on training a trained model with image-token dropout in every sequence; returns the history.
@@ -651,14 +652,19 @@ def tune(model, processor, steps: int, batch_size: int = 32, lr: float = 4e-4, s
     not saved, and a scene stream of its own, "tune"), so it gives the same weights in the process that
     ran stage 1 and on the stage-1 folder loaded from disk. `mask_kind` (TUNE_MASKS) hides scattered image
     tokens (`hide_image_tokens`, the committed recipe) or rectangles of them (`hide_image_rectangles`).
-    With a checkpoint, it resumes (`optimise`)."""
+    With a checkpoint, it resumes (`optimise`).
+    Its masks are drawn from `seed`, as stage 1's dropout and stage 0's rectangles are: where an earlier stage
+    drew too (never in the committed recipe, whose stage 1 hides nothing), stage 2's masks repeat its masks
+    step for step, on other scenes (stage 2's own stream), so no mask meets the same image twice. A seed of
+    its own per stage would end that, and with it every measured recipe of tutorial/04 that draws in stage 0
+    or 1 being what its command writes."""
     if mask_kind not in TUNE_MASKS:
         raise ValueError(f"mask_kind must be one of {', '.join(TUNE_MASKS)}, got {mask_kind!r}")
     log = log or print_progress
     log(f"stage 2: {steps} steps with up to {image_dropout:.0%} of each sequence's image tokens hidden, as {mask_kind}")
     probe = PatchProbe(processor.tokenizer, model.config.text.hidden_size)
     return optimise(model, probe, processor, SceneStream("tune", seed), steps, lr, warmup_steps(steps, 100),
-                    batch_size, turns, aux_weight, image_dropout, image_dropout_share=1.0,
+                    batch_size, turns, patch_weight, image_dropout, image_dropout_share=1.0,
                     dropout_generator=torch.Generator().manual_seed(seed), log_every=log_every,
                     eval_every=eval_every, log=log, tower_frozen=tower_frozen, mask_kind=mask_kind,
                     checkpoint=checkpoint)
@@ -713,11 +719,12 @@ class SceneReadout(nn.Module):
 
 
 def hide_rectangles(batch_size: int, side: int, max_fraction: float, generator, max_edge: int = 8) -> torch.Tensor:
-    """visible (B, side * side) 0/1 for stage 0: per image, a uniformly random fraction (from
-    [0, max_fraction)) of the patches is hidden, as random rectangles of 1..max_edge patches a side
-    (BEiT's blockwise masking, arXiv 2106.08254). Rectangles, not scattered patches, so that whole
-    objects are often hidden: the readout can then name them only if the tower has copied them into
-    the tokens that stay."""
+    """visible (B, side * side) 0/1, for stage 0 and for stage 2's `hide_image_rectangles`: per image, up to
+    a uniformly random fraction (from [0, max_fraction)) of the patches is hidden, as random rectangles of
+    1..max_edge patches a side (BEiT's blockwise masking, arXiv 2106.08254); it stops short of the fraction
+    after 10 rectangles in a row that would overshoot it. Rectangles, not scattered patches, so that whole
+    objects are often hidden: the readout can then name them only if the tower has copied them into the
+    tokens that stay."""
     visible = torch.ones(batch_size, side, side)
     draw = partial(torch.randint, generator=generator)
     max_edge = min(max_edge, side)  # a rectangle fits in the image

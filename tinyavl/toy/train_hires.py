@@ -130,14 +130,14 @@ def train_hires(model, processor, steps: int = STEPS, batch_size: int = BATCH_SI
                 checkpoint: Checkpoint | None = None) -> list[tuple[int, float, float]]:
     """Fine-tune a model `from_base` (either kind) on fine scenes, FINETUNE_TURNS turns a sequence, the
     image tokens hidden as FINETUNE_DROPOUT and FINETUNE_DROPOUT_SHARE say (seed: the scenes' stream, the
-    dropout draws); returns the history of (step, lm_loss, aux_loss). With a checkpoint, it resumes
+    dropout draws); returns the history of (step, lm_loss, patch_loss). With a checkpoint, it resumes
     (`optimise`)."""
     log = log or print_progress
     probe = PatchProbe(processor.tokenizer, model.config.text.hidden_size)
     looks = model.config.hires or f"every high-resolution token in the sequence, {model.config.image_grid_pinpoints}"
     log(f"{steps} steps on fine scenes, {looks}")
     return optimise(model, probe, processor, SceneStream("hires", seed, fine=True), steps, lr,
-                    warmup_steps(steps, 100), batch_size, FINETUNE_TURNS, aux_weight=1.0,
+                    warmup_steps(steps, 100), batch_size, FINETUNE_TURNS, patch_weight=1.0,
                     image_dropout=FINETUNE_DROPOUT, image_dropout_share=FINETUNE_DROPOUT_SHARE,
                     dropout_generator=torch.Generator().manual_seed(seed), log_every=log_every,
                     eval_every=eval_every, log=log, checkpoint=checkpoint)
