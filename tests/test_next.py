@@ -198,6 +198,35 @@ def test_a_next_image_without_its_size_is_a_user_error(loaded):
         tinyavl.generate(model, inputs["input_ids"], inputs["pixel_values"], max_new_tokens=2)
 
 
+def test_crops_one_after_another_give_transformers_logits(loaded):
+    """pixel_values as (sum of the images' crops, 3, S, S), every crop of each image after the one before's
+    (transformers' get_image_features takes it so too): the logits are transformers' on the same tensor."""
+    model, processor, hf_model, _ = loaded("next_vicuna_gqa")
+    inputs = processor(processor.chat_prompt(QUESTION), make_image(*IMAGE_SHAPES["tall"], seed=2))
+    flat = inputs["pixel_values"][0]                                                 # (n_crops, 3, S, S)
+    with torch.no_grad():
+        ours = model(inputs["input_ids"], flat, image_sizes=inputs["image_sizes"])
+        ref = hf_model(input_ids=inputs["input_ids"], pixel_values=flat, image_sizes=inputs["image_sizes"]).logits
+    assert (ours - ref).abs().max().item() <= LOGIT_ATOL
+
+
+@pytest.mark.parametrize("change", ["a_crop_too_few", "one_crop_too_many_in_all", "a_size_too_many",
+                                    "an_image_too_many"])
+def test_crops_that_do_not_match_the_image_sizes_are_refused(loaded, change):
+    """Each image takes its base crop and its canvas's tiles (`anyres.tile_grid`): a crop short, a crop over
+    in the flat form, or image_sizes and pixel_values of different batches would drop or misplace features
+    (zip stops at the shorter; a split of the wrong sizes fails in torch): one UserError says so."""
+    model, processor, _, _ = loaded("next_vicuna_gqa")
+    inputs = processor(processor.chat_prompt(QUESTION), make_image(*IMAGE_SHAPES["tall"], seed=2))
+    pixels, sizes = inputs["pixel_values"], inputs["image_sizes"]                    # (1, n, 3, S, S), (1, 2)
+    pixels, sizes = {"a_crop_too_few": (pixels[:, :-1], sizes),
+                     "one_crop_too_many_in_all": (torch.cat([pixels[0], pixels[0, :1]]), sizes),
+                     "a_size_too_many": (pixels, torch.cat([sizes, sizes])),
+                     "an_image_too_many": (torch.cat([pixels, pixels]), sizes)}[change]
+    with pytest.raises(UserError, match=r"image_sizes .* make \[\d+(, \d+)?\] crops .* but pixel_values holds"):
+        model.image_features(pixels, sizes)
+
+
 def test_newline_ends_every_row_of_the_tile_map(loaded):
     """The image block is [base crop | map rows, each closed by image_newline]: the feature after every
     row of the unpadded map is the newline vector itself, and nowhere else."""

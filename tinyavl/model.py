@@ -795,10 +795,10 @@ class LlavaForConditionalGeneration(nn.Module):
             raise ValueError(f"pixel_values are {tuple(crops.shape[-2:])}, the vision tower takes {size}x{size}")
         dtype = self.vision_tower.vision_model.pre_layrnorm.weight.dtype
         states = self.vision_tower.vision_model(crops.to(dtype))  # list of (N, 1 + P, C_vision)
-        features = [states[i] for i in self.config.feature_layers]
+        features = [states[i] for i in self.config.feature_layers]                # k x (N, 1 + P, C_vision)
         if self.config.vision_feature_select_strategy == "default":
             features = [f[:, 1:] for f in features]  # drop CLS: one token per patch
-        return torch.cat(features, dim=-1)
+        return torch.cat(features, dim=-1)                                            # (N, P, k C_vision)
 
     def image_features(self, pixel_values, image_sizes=None) -> list[torch.Tensor]:
         """One (N_img, C_text) tensor per image, in the order its tokens take in the prompt.
@@ -806,11 +806,12 @@ class LlavaForConditionalGeneration(nn.Module):
         LLaVA-1.5: pixel_values (B, 3, S, S), one crop per image. LLaVA-1.6: (B, n_crops, 3, S, S) with
         image_sizes (B, 2), each image's original (height, width), a tensor or as nested lists (transformers
         takes both): crop 0 is the whole image, crops 1.. the tiles of its canvas in reading order; crops past
-        an image's own count pad the batch.
+        an image's own count pad the batch. Or, as transformers also takes them, (sum of the images' n_crops,
+        3, S, S): each image's crops after the one before's, none padding.
         """
         if not self.config.is_next:
             return list(self.crop_features(pixel_values))
-        if image_sizes is None or pixel_values.dim() != 5:  # the map is cut by each image's size
+        if image_sizes is None or pixel_values.dim() not in (4, 5):  # the map is cut by each image's size
             raise UserError("LLaVA-1.6 takes pixel_values (B, n_crops, 3, S, S) with image_sizes (B, 2), "
                             "as its processor returns them: pass both")
         tile = self.config.vision.image_size
@@ -818,7 +819,17 @@ class LlavaForConditionalGeneration(nn.Module):
         # each image's canvas as (rows, columns) of tiles
         tile_grids = [anyres.tile_grid(hw, self.config.image_grid_pinpoints, tile) for hw in sizes]
         n_crops = [1 + rows * columns for rows, columns in tile_grids]
-        crops = torch.cat([image_crops[:n] for image_crops, n in zip(pixel_values, n_crops)])  # (sum n_crops, 3, S, S)
+        if pixel_values.dim() == 4:
+            crops = pixel_values                                               # (sum n_crops, 3, S, S)
+            held = f"{len(crops)} crops in all"
+        else:
+            # each image's own crops, not those padding the batch: (sum n_crops, 3, S, S)
+            crops = torch.cat([image_crops[:n] for image_crops, n in zip(pixel_values, n_crops)])
+            held = f"{len(pixel_values)} images of up to {pixel_values.shape[1]} crops"
+        # zip stops at the shorter: a crop or an image too few would drop features without a word.
+        if len(crops) != sum(n_crops) or (pixel_values.dim() == 5 and len(pixel_values) != len(sizes)):
+            raise UserError(f"image_sizes {sizes} make {n_crops} crops (a base crop and the tiles of each canvas), "
+                            f"but pixel_values holds {held}: pass the processor's pixel_values for these images")
         per_image = self.crop_features(crops).split(n_crops)                  # each (n_crops, P, C)
         return [self.tile_map(features, tile_grid, hw) for features, tile_grid, hw in zip(per_image, tile_grids, sizes)]
 
