@@ -534,9 +534,11 @@ SPECIAL_TOKENS_TEMPLATE = ("[{{ bos_token }}|{{ eos_token }}|{{ pad_token }}|{{ 
                    "__type": "AddedToken"}, "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None},
     {"eos_token": "</s>"},                                                                  # the others undeclared
     {"tokenizer_class": "LlamaTokenizer"},                                                  # a class named, no token
+    {"tokenizer_class": "LlamaTokenizer", "legacy": False},          # a llava folder's tokenizer.json kept as is
     {},
     None,                                                                                   # no tokenizer_config.json
-], ids=["pad_is_unk", "no_pad", "added_token_objects", "eos_only", "llama_class_only", "empty", "no_file"])
+], ids=["pad_is_unk", "no_pad", "added_token_objects", "eos_only", "llama_class_only", "llama_not_legacy", "empty",
+        "no_file"])
 def test_a_template_gets_the_special_tokens_tokenizer_config_declares(next_folder, declared):
     """As transformers hands them to the template: what tokenizer_config.json says, not fixed names, and no
     Llama defaults for what it leaves out (transformers 5 reads a llava folder's tokenizer.json as it is). The
