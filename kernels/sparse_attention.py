@@ -22,7 +22,7 @@ How it works (FlashAttention's online softmax, Dao et al. 2022, split as in Flas
 2. A decode step has a single query row, so one program per (sample, KV head) would leave most of a GPU idle
    at batch 1. The list is cut into `num_splits` chunks and each program handles one (sample, KV head,
    chunk). It runs an online softmax over its chunk and writes a partial output, normalised by its own
-   sum, plus that sum's log (the log-sum-exp of its scores).
+   sum, plus the chunk's log-sum-exp, max + log(sum), kept in base 2.
 3. A second small kernel merges the chunks of each (sample, head): with L_s the chunk log-sum-exps and
    L = log(sum_s exp(L_s)), out = sum_s exp(L_s - L) * out_s. This is exactly the single softmax.
 4. A program serves all H // Hkv query heads that share its KV head, so each K/V block is loaded once
@@ -191,10 +191,18 @@ def _interpreter_safe_cast(x, dtype: tl.constexpr):
 # Kernels
 # ----------------------------------------------------------------------------------------------------------
 
+@triton.jit
+def _zero_if_minus_inf(x):
+    """x, with 0 where it is -inf: the point an online softmax measures its exponents from, so that a
+    maximum of -inf (every score so far -inf) gives exp2(-inf - 0) = 0, not exp2(-inf - -inf) = NaN."""
+    return tl.where(x == float("-inf"), 0.0, x)
+
+
 # Triton compiles a kernel for each pattern of its integer arguments it sees (equal to 1, divisible by
-# 16). The list's lengths and positions change at every decode step, and none is a stride, where the
-# pattern would pay: specialised on them, the kernel would be compiled again and again during the first
-# steps of a generation.
+# 16). The list's lengths and positions change at every decode step, and the pattern pays only on a
+# stride: specialised on them, the kernel would be compiled again and again during the first steps of a
+# generation. (stride_ib is the index's row length, n_idx for a contiguous index; specialised, it makes at
+# most three variants: 1, a multiple of 16, other.)
 @triton.jit(do_not_specialize=["n_idx", "start", "n_sel", "rows_per_split", "num_splits"])
 def _split_attention_kernel(
     q_ptr,          # [B, H, D] query of the new token, last dim contiguous
@@ -230,7 +238,7 @@ def _split_attention_kernel(
     head_mask = group_offs < GROUP                                        # rows past GROUP are padding
 
     # 64-bit batch offsets: a large cache can hold more than 2**31 elements.
-    q_ptrs = q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + dim_offs[None, :]
+    q_ptrs = q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + dim_offs[None, :]   # [BLOCK_H, D]
     q = tl.load(q_ptrs, mask=head_mask[:, None], other=0.0)               # [BLOCK_H, D]
     k_head_ptr = k_ptr + b.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
     v_head_ptr = v_ptr + b.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
@@ -243,8 +251,8 @@ def _split_attention_kernel(
 
     # The launcher sizes the splits so that every split holds at least one position, so every block below
     # has a column of the list (past the list, scores are -inf).
-    split_lo = split * rows_per_split
-    split_hi = tl.minimum(split_lo + rows_per_split, n_sel)
+    split_lo = split * rows_per_split                                    # scalar: the split's first position
+    split_hi = tl.minimum(split_lo + rows_per_split, n_sel)              # scalar: past its last
     for block_lo in range(split_lo, split_hi, BLOCK_N):
         pos = block_lo + tl.arange(0, BLOCK_N)                            # [BLOCK_N] list positions
         in_split = pos < split_hi                                         # [BLOCK_N]
@@ -261,7 +269,7 @@ def _split_attention_kernel(
         new_max = tl.maximum(running_max, tl.max(scores, axis=1))         # [BLOCK_H]
         # Until a block holds a score above -inf (keys of -inf), new_max is -inf and -inf - -inf would be
         # NaN: measured from 0 instead, every exp2 is then exp2(-inf) = 0, and the state stays empty.
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)          # [BLOCK_H]
+        shift = _zero_if_minus_inf(new_max)                               # [BLOCK_H]
         correction = tl.exp2(running_max - shift)                         # [BLOCK_H] rescales the old state
         probs = tl.exp2(scores - shift[:, None])                          # [BLOCK_H, BLOCK_N]
         running_sum = running_sum * correction + tl.sum(probs, axis=1)
@@ -297,7 +305,7 @@ def _merge_splits_kernel(
     batch_head = tl.program_id(0)
     split_offs = tl.arange(0, BLOCK_S)
     dim_offs = tl.arange(0, HEAD_DIM)
-    split_mask = split_offs < num_splits
+    split_mask = split_offs < num_splits                                  # [BLOCK_S]
 
     split_lse = tl.load(part_lse_ptr + batch_head * num_splits + split_offs,
                         mask=split_mask, other=float("-inf"))            # [BLOCK_S]
@@ -307,7 +315,7 @@ def _merge_splits_kernel(
     max_lse = tl.max(split_lse, axis=0)                                   # scalar
     # Every split -inf (every key scored -inf): measured from 0, as in the splits, every weight is 0, the
     # lse -inf and the output 0 / 0 = NaN, softmax's over nothing but -inf (not -inf - -inf in the lse).
-    shift = tl.where(max_lse == float("-inf"), 0.0, max_lse)              # scalar
+    shift = _zero_if_minus_inf(max_lse)                                   # scalar
     weights = tl.exp2(split_lse - shift)                                  # [BLOCK_S] relative split sums
     total = tl.sum(weights, axis=0)                                       # scalar
     out = tl.sum(weights[:, None] * split_out, axis=0) / total            # [D]
@@ -406,10 +414,10 @@ def _check_inputs(q, k, v, index, start, check_index):
     # index itself can skip.
     if check_index and n_idx > 0:
         sorted_index = index.sort(dim=1).values                          # [B, n_idx], ascending per sample
-        repeated = (sorted_index.diff(dim=1) == 0).any()
+        has_repeat = (sorted_index.diff(dim=1) == 0).any()             # scalar bool tensor
         # One .tolist(): the check's single host synchronisation.
         lowest, highest, repeated = torch.stack([sorted_index[:, 0].min(), sorted_index[:, -1].max(),
-                                                 repeated.to(index.dtype)]).tolist()
+                                                 has_repeat.to(index.dtype)]).tolist()
         if lowest < 0 or highest >= start:
             raise ValueError(f"index rows must lie in [0, start={start}), got values in [{lowest}, {highest}]")
         if repeated:
@@ -426,6 +434,20 @@ def integer(name: str, value) -> int:
         return operator.index(value)
     except TypeError:
         raise ValueError(f"{name} must be an integer, got {value!r}") from None
+
+
+def split_constants(group: int, head_dim: int, dtype: torch.dtype) -> dict:
+    """The compile-time arguments of `_split_attention_kernel` for a model's attention: one compiled variant
+    per (GQA group, head dim, dtype)."""
+    return dict(GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=BLOCK_N, HEAD_DIM=head_dim,
+                DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
+
+
+def merge_constants(head_dim: int) -> dict:
+    """The compile-time arguments of `_merge_splits_kernel`. One tile for every split count: a tile as long as
+    the count (rounded up to a power of two) would be a new compiled variant each time a growing cache doubles
+    its splits."""
+    return dict(HEAD_DIM=head_dim, BLOCK_S=MAX_SPLITS)
 
 
 def _default_num_splits(num_programs: int, num_blocks: int, device: torch.device) -> int:
@@ -460,16 +482,15 @@ def sparse_decode_attention(q, k, v, index, start, scale=None, *, num_splits=Non
     group = num_heads // num_kv_heads
     n_sel = n_idx + cache_len - start
 
-    # Split the list into equal chunks of whole blocks. Recomputing num_splits from the rounded chunk
-    # length guarantees that no split is empty.
+    # Split the list into equal chunks of whole blocks. Counting the splits again from the rounded chunk
+    # length guarantees that no split is empty (no program is launched for nothing).
     num_blocks = triton.cdiv(n_sel, BLOCK_N)
-    if num_splits is None:
-        num_splits = _default_num_splits(batch * num_kv_heads, num_blocks, q.device)
-    num_splits = integer("num_splits", num_splits)
-    if num_splits < 1:
+    requested_splits = (_default_num_splits(batch * num_kv_heads, num_blocks, q.device) if num_splits is None
+                        else integer("num_splits", num_splits))
+    if requested_splits < 1:
         raise ValueError(f"num_splits must be an integer >= 1, got {num_splits!r}")
-    rows_per_split = triton.cdiv(num_blocks, min(num_splits, num_blocks, MAX_SPLITS)) * BLOCK_N
-    num_splits = triton.cdiv(n_sel, rows_per_split)
+    rows_per_split = triton.cdiv(num_blocks, min(requested_splits, num_blocks, MAX_SPLITS)) * BLOCK_N
+    num_splits = triton.cdiv(n_sel, rows_per_split)                      # the splits launched
 
     part_out = torch.empty(batch, num_heads, num_splits, head_dim, device=q.device, dtype=torch.float32)
     part_lse = torch.empty(batch, num_heads, num_splits, device=q.device, dtype=torch.float32)
@@ -487,18 +508,10 @@ def sparse_decode_attention(q, k, v, index, start, scale=None, *, num_splits=Non
             n_idx, start, n_sel, rows_per_split,
             num_heads, num_kv_heads, num_splits,
             scale * LOG2_E,
-            GROUP=group,
-            BLOCK_H=max(16, triton.next_power_of_2(group)),
-            BLOCK_N=BLOCK_N,
-            HEAD_DIM=head_dim,
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            **split_constants(group, head_dim, q.dtype),
         )
         _merge_splits_kernel[(batch * num_heads,)](
-            part_out, part_lse, out, lse, num_splits,
-            HEAD_DIM=head_dim,
-            # One tile for every split count: a tile as long as the count (rounded up to a power of two)
-            # would be a new compiled variant each time a growing cache doubles its splits.
-            BLOCK_S=MAX_SPLITS,
+            part_out, part_lse, out, lse, num_splits, **merge_constants(head_dim),
         )
     return (out, lse) if return_lse else out
 

@@ -563,3 +563,45 @@ def test_error_report_passes_the_exact_answer_and_fails_wrong_ones(monkeypatch, 
         report = sa.error_report(q, k, v, index, start)
         assert report["allowed"] == pytest.approx(float(2 * torch_max + floor), rel=1e-9)
         assert report["passed"] is (name == "exact"), (name, report)
+
+
+# ------------------------------------------------------------------------------------------- compiled for a GPU
+COMPILE_CHECK = """
+import sys
+try:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+except ImportError as err:  # an older or newer Triton without this offline API
+    print("SKIP", err)
+    sys.exit(0)
+from kernels.compile_offline import compile_both, compile_kernel
+from kernels.sparse_attention import _split_attention_kernel, split_constants
+import torch
+half, single = compile_both(90, "float16", 128, 4), compile_both(90, "float32", 64, 1)
+as_tf32 = compile_kernel(_split_attention_kernel, 90, {"q_ptr": "*fp32", "k_ptr": "*fp32", "v_ptr": "*fp32",
+                         "index_ptr": "*i64", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "qk_scale": "fp32"},
+                         {**split_constants(1, 64, torch.float32), "DOT_PRECISION": "tf32"})
+print(half["split"]["tensor_cores"], half["split"]["tf32"], single["split"]["tensor_cores"], single["split"]["tf32"],
+      ".tf32" in as_tf32.asm["ptx"], min(half["split"]["cubin_bytes"], half["merge"]["cubin_bytes"],
+                                         single["split"]["cubin_bytes"], single["merge"]["cubin_bytes"]) > 0)
+"""
+
+
+def test_the_kernels_compile_for_a_gpu_without_one():
+    """The interpreter runs the kernels' Python and never compiles them: a construct it runs and the GPU
+    compiler refuses would pass every test above. Compiled for sm_90 by Triton's offline compiler
+    (kernels/compile_offline.py, in a process without TRITON_INTERPRET), fp16 products run on tensor cores
+    and fp32 ones stay fp32 ("ieee"); the same kernel asked for TF32 shows .tf32 instructions, so the check
+    can see them."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", COMPILE_CHECK], capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).resolve().parent.parent, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    if done.stdout.startswith("SKIP"):
+        pytest.skip(done.stdout.strip())
+    assert done.stdout.split() == ["True", "False", "False", "False", "True", "True"], done.stdout
