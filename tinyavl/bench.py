@@ -50,8 +50,8 @@ anyres makes of a 672x672 and a 336x1008 (h x w) image (tinyavl/anyres.py), and 
 memory arithmetic beside them (`paper_memory`): the KV cache of the whole 32-layer model in fp16 for the
 benchmark's prompt and 64 new tokens (a caption), dense and under A-VL at the paper's memory-table
 setting (T = 0.7, the rest at the defaults), next to its 1179 MB -> 531 MB. The counts come from the
-policy's own cache, run on a tiny decoder with the same token layout (bytes per row scale with width
-and depth; which rows are kept does not).
+policy's own cache, run on a tiny decoder of the same depth and token layout (bytes per row scale with
+width; which rows are kept does not).
 """
 import json
 import platform
@@ -277,7 +277,7 @@ class Spans:
         return end - start if isinstance(end, float) else start.elapsed_time(end) / 1e3  # events count ms
 
     @contextmanager
-    def time(self, *names):
+    def span(self, *names):
         """Time the block once under each of `names`."""
         start = self._now()
         yield
@@ -315,7 +315,7 @@ def timed_cache(name: str, cuda: bool = False):
             return entered
 
         def timed_swap_rows(layer, rows, other_rows):
-            with cache.spans.time("swap"):
+            with cache.spans.span("swap"):
                 swap_rows(layer, rows, other_rows)
 
         cache.rerank_core, cache.swap_rows = counted_rerank_core, timed_swap_rows
@@ -328,7 +328,7 @@ def timed_cache(name: str, cuda: bool = False):
             kind = "update" if cache.is_update_step() else "normal"
             names.append(kind)
             cache.steps_by_kind[kind] += layer == 0  # a step is one call per layer
-        with cache.spans.time(*names):
+        with cache.spans.span(*names):
             return attend(layer, q, k, v, pos)
 
     cache.attend = timed_attend
@@ -410,14 +410,18 @@ def ms_at(per_step: list[float], token: int, window: int = 8) -> float:
     return 1e3 * statistics.median(per_step[steps_making(max(2, token - window + 1), token)])
 
 
-def run_case(model, n_img: int, new_tokens: int, rates: dict) -> dict:
+def run_case(model, n_img: int, new_tokens: int, measure=measure_rates) -> dict:
     """Every policy on one prompt, their decode steps in turn (`run_policies`): per-policy measurements,
-    `full` first, as --json prints them. rates: `measure_rates`'s, in bytes/s."""
+    `full` first, as --json prints them. The floors' rates (bytes/s) are measure(model)'s just before and
+    just after the policies, each the faster of the two: a shared machine's speed moves while they run,
+    and a floor is what a step cannot go below."""
     pixel_values = image_block(model, n_img)
     input_ids = prompt_ids(model.config, n_img)
     weight_bytes = decode_weight_bytes(model)
     row_bytes = kv_row_bytes(model.config.text, model.language_model.lm_head.weight.dtype)
+    rates_before = measure(model)
     runs = run_policies(model, POLICIES, input_ids, pixel_values, new_tokens)  # all registered, at defaults
+    rates = {name: max(rate, rates_before[name]) for name, rate in measure(model).items()}
     full_tokens, full_stats = runs["full"][:2]
     policies = {}
     for name, (tokens, stats, cache) in runs.items():  # `full` first: the others' ratios are to it
@@ -531,9 +535,9 @@ def paper_memory(images=PAPER_MEMORY_IMAGES) -> list[dict]:
     """LLaVA-1.6-7B's KV cache in fp16 (32 layers, 32 KV heads x 128: 0.5 MiB per token), dense and under
     A-VL at the paper's memory-table setting, for the benchmark's prompt around each image's block and
     PAPER_MEMORY's new tokens; peak bytes, as `generate` measures them on a tiny decoder, scaled."""
-    tiny = tiny_config(2)
-    model = random_model(tiny, torch.float32)
     llava_next_7b = llava_7b_config(32).text  # LLaVA-1.6-7B's decoder is LLaVA-1.5-7B's
+    tiny = tiny_config(llava_next_7b.num_hidden_layers)  # as deep: the prefill filter drops rows from layer 3
+    model = random_model(tiny, torch.float32)
     mib_per_token = llava_next_7b.num_hidden_layers * kv_row_bytes(llava_next_7b, torch.float16) / 2 ** 20
     rows = []
     for image_hw in images:
@@ -572,8 +576,7 @@ def run_dtype(args, dtype_name: str) -> dict:
         f"a decode query's logits as {logits_form} (rows_logits)")
     result = {"dtype": dtype_name, "decode_logits": logits_form, "cases": []}
     for n_img in args.image_tokens:
-        # The rates just before the policies they are floors for: a shared machine's speed moves.
-        case = {"dtype": dtype_name, **run_case(model, n_img, args.new_tokens, measure_rates(model))}
+        case = {"dtype": dtype_name, **run_case(model, n_img, args.new_tokens)}
         result["cases"].append(case)
         if not args.json:
             print_case(case)
