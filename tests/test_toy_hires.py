@@ -289,18 +289,24 @@ def test_the_hires_trainer_starts_only_from_a_plain_toy(tmp_path, capsys, base):
     assert exit_.value.code == 2 and "plain toy" in capsys.readouterr().err
 
 
-def test_the_hires_trainer_refuses_a_base_too_shallow_for_its_layers(tmp_path, capsys):
-    """HIRES reads the view from layer 3 on: a 2-layer base is refused in one line that says so (it used to
-    be told its config's hires_config.first_layer was wrong, a value its config.json does not have)."""
+@pytest.mark.parametrize("layers", [2, 5])
+def test_the_hires_trainer_refuses_a_base_whose_last_layer_is_not_the_one_that_reads(tmp_path, capsys, layers):
+    """HIRES reads the view in layer 3: a 2-layer base has no such layer (it used to be told its config's
+    hires_config.first_layer was wrong, a value its config.json does not have), and in a 5-layer one the
+    question's rows, served in training and not in generation, would change what layer 4 reads for the
+    answer. Each is refused in one line that says so."""
     torch.manual_seed(0)
-    base_model, base_processor, _ = train(steps=1, batch_size=2, config_overrides=TINY, log=lambda *_: None)
+    base_model, base_processor, _ = train(steps=1, batch_size=2, config_overrides={**TINY, "text_layers": layers},
+                                          log=lambda *_: None)
     (tmp_path / "base").mkdir()
-    save_pretrained(base_model, base_processor, tmp_path / "base")                 # 2 decoder layers
+    save_pretrained(base_model, base_processor, tmp_path / "base")
     with pytest.raises(SystemExit) as exit_:
-        train_hires_module.main(["--base", str(tmp_path / "base"), "--out", str(tmp_path / "flex")])
+        # --steps 1: a base let through would train for a moment, not for STEPS
+        train_hires_module.main(["--base", str(tmp_path / "base"), "--out", str(tmp_path / "flex"), "--steps", "1"])
     err = capsys.readouterr().err.splitlines()
     assert exit_.value.code == 2 and len(err) == 1 and err[0].startswith("error: --base: ")
-    assert "has 2 decoder layers: FlexAttention's view is read from layer 3 on, so the toy needs at least 4" in err[0]
+    assert (f"has {layers} decoder layers: FlexAttention's view is read in layer 3 only, its last, so the toy "
+            "needs 4") in err[0]
 
 
 class Interrupted(Exception):

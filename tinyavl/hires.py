@@ -126,10 +126,12 @@ def hires_positions(first_position: int, lowres_side: int, scale: int):
     The low-resolution tokens of a lowres_side x lowres_side grid sit at first_position + lowres_side r + c.
     A high-resolution token (R, C) covers the low-resolution point r = (R + 0.5) / scale - 0.5 (its centre,
     in units of low-resolution tokens), and c from C likewise, so it takes first_position + lowres_side r + c,
-    the same linear map, and each key a true rotation at its position. This is tinyavl's form of
-    FlexAttention's interpolation from the low-resolution grid, which is bicubic: PyTorch's bicubic kernel
-    does not reproduce a linear map exactly (off by up to 0.04 of a step inside the grid, more at its
-    border), so the two differ a little."""
+    the same linear map, and each key a true rotation at its position. The authors' code
+    (UMass-Foundation-Model/FlexAttention, `set_hd_info` in llava/model/language_model/llava_llama.py)
+    interpolates instead the low-resolution grid's RoPE tables, cos and sin, bicubically to the
+    high-resolution grid: values between rotations, not rotations (cos^2 + sin^2 strays from 1 in the
+    dimensions that turn fastest, where neighbouring tokens' angles differ most). tinyavl interpolates the
+    positions, the paper's description, and rotates by them."""
     centre = (torch.arange(lowres_side * scale, dtype=torch.float32) + 0.5) / scale - 0.5  # (lowres_side scale,)
     return (first_position + lowres_side * centre[:, None] + centre[None, :]).flatten()    # ((lowres_side scale)^2,)
 

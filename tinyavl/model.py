@@ -681,7 +681,7 @@ class HiresView:
     first_row: int
     alpha: float = 1.0                  # the blend of the hierarchical output: 0 = the plain model
     top: int | None = None              # choose this many best-scored blocks, not the threshold's (blocks^2: all)
-    tokens_read: int = 0                # high-resolution keys read, summed over served rows and layers (accounting)
+    tokens_read: int = 0                # high-resolution keys read, summed over the batch, served rows, layers
     # (B, R, N_hd) bool for the served rows of this pass, set layer by layer. After a pass it holds the last
     # layer's choice, which no layer reads (the next pass chooses again from layer first_layer - 1): kept as
     # what the pass would read next, for a reader or a test to look at.
@@ -715,8 +715,8 @@ class HiresView:
         return y
 
     def choose(self, probs, key_positions):
-        """The served rows' choice (B, R, N_hd) from their attention probs (B, H, R, n) over keys at
-        key_positions (B, H, n), summed over heads. An image token the row did not attend (a KV policy
+        """Set `chosen` (B, R, N_hd), the served rows' choice, from their attention probs (B, H, R, n) over keys
+        at key_positions (B, H, n), summed over heads. An image token the row did not attend (a KV policy
         evicted it, or did not compute it this step) has attention 0 on the grid."""
         B, H, R, n = probs.shape
         slot = key_positions - self.image_start                                         # (B, H, n): place on the grid
@@ -744,12 +744,12 @@ class HiresView:
         self.tokens_read += int(self.chosen.sum())
         feats = norm(self.features[:, index])                                           # (B, m, C)
         k_hd = attn.k_proj_hd(feats).view(B, m, attn.n_kv_heads, attn.head_dim).transpose(1, 2)  # (B, Hkv, m, hs)
-        v_hd = attn.v_proj_hd(feats).view(B, m, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
-        k_hd = apply_rope(k_hd, self.cos[index], self.sin[index])
-        chosen = self.chosen[:, None, :, index]                                         # (B, 1, R, m)
-        logits_hd = rows_logits(q_rows, k_hd).masked_fill(~chosen, float("-inf"))       # (B, H, R, m)
+        v_hd = attn.v_proj_hd(feats).view(B, m, attn.n_kv_heads, attn.head_dim).transpose(1, 2)  # (B, Hkv, m, hs)
+        k_hd = apply_rope(k_hd, self.cos[index], self.sin[index])                       # (B, Hkv, m, hs)
+        row_chose = self.chosen[:, None, :, index]                                      # (B, 1, R, m)
+        logits_hd = rows_logits(q_rows, k_hd).masked_fill(~row_chose, float("-inf"))    # (B, H, R, m)
         lse_hd = logits_hd.logsumexp(-1)                                                # (B, H, R); -inf: none chosen
-        probs = torch.where(chosen, (logits_hd - lse_hd[..., None]).exp(), 0.0)        # (B, H, R, m)
+        probs = torch.where(row_chose, (logits_hd - lse_hd[..., None]).exp(), 0.0)     # (B, H, R, m)
         H, R = q_rows.shape[1], q_rows.shape[2]
         out_hd = (probs.to(v_hd.dtype).view(B, attn.n_kv_heads, H // attn.n_kv_heads, R, m)
                   @ v_hd[:, :, None]).reshape(B, H, R, -1)                              # (B, H, R, hs)
@@ -895,7 +895,7 @@ class LlavaForConditionalGeneration(nn.Module):
                              f"these start at {starts.tolist()}")
         image_start = int(starts[0])
         lowres_side = self.config.vision.patches_per_side
-        positions = hires.hires_positions(image_start, lowres_side, h.scale).to(hires_pixel_values.device)
+        positions = hires.hires_positions(image_start, lowres_side, h.scale).to(hires_pixel_values.device)  # (N_hd,)
         cos, sin = rope_cos_sin(positions, self.config.text, features.dtype)   # (N_hd, hs)
         first_row = input_ids.shape[1] - 1 if first_row is None else first_row
         return HiresView(h, hires_map, cos, sin, image_start, lowres_side, first_row, alpha, top)

@@ -191,9 +191,11 @@ def clustered_wilson_interval(right: list[int], asked: list[int], z: float = Z95
 
 
 def attention_pairs(stats) -> int:
-    """The (query, key) pairs an answer's attention computed, the unit of the accounting formula (each
-    costs 4 x n_heads x head_dim FLOPs): the prefill's causal rows, n (n + 1) / 2 in a layer that runs on
-    n rows; the rows each decode step attended in each layer; and FlexAttention's high-resolution keys."""
+    """The (query, key) pairs an answer's attention needs, the unit of the accounting formula (each costs
+    4 x n_heads x head_dim FLOPs): the prefill's causal rows, n (n + 1) / 2 in a layer that runs on n rows;
+    the rows each decode step attended in each layer; and FlexAttention's high-resolution keys. Each once,
+    as a fused implementation computes them: `HiresView.serve` computes a served row's logits over its keys
+    a second time, to choose its blocks, which this does not count."""
     return (sum(n * (n + 1) // 2 for n in stats.prefill_attended_per_layer) + sum(map(sum, stats.attended_per_layer))
             + stats.hires_tokens_read)
 

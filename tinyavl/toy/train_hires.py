@@ -117,9 +117,11 @@ def from_base(base: Path, in_sequence: bool = False, seed: int = 0):
         processor.image_grid_pinpoints = model.config.image_grid_pinpoints
         processor.patch_size = model.config.vision.patch_size
         return model, processor
-    if model.config.text.num_hidden_layers <= HIRES.first_layer:  # no layer would read the view
+    # Training serves every row after the image (`optimise`'s first_row), the question's rows too, which
+    # generation does not: their outputs must reach no answer, so the view is read in the last layer alone.
+    if model.config.text.num_hidden_layers != HIRES.first_layer + 1:
         raise UserError(f"{base} has {model.config.text.num_hidden_layers} decoder layers: FlexAttention's view "
-                        f"is read from layer {HIRES.first_layer} on, so the toy needs at least "
+                        f"is read in layer {HIRES.first_layer} only, its last, so the toy needs "
                         f"{HIRES.first_layer + 1} (train.py --text-layers)")
     processor.hires_scale = HIRES.scale
     return with_hires_projections(model, HIRES), processor
