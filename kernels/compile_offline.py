@@ -5,14 +5,17 @@
 
 The interpreter (TRITON_INTERPRET=1) runs the kernels' Python on the CPU and checks what they compute; it
 does not compile them, so a construct that the interpreter runs and the GPU compiler refuses passes every
-interpreter test. This compiles both kernels as a GPU run would (`triton.compile` to a cubin, with the
-launcher's own compile-time arguments: `split_constants`, `merge_constants`), for the LLaVA-7B head dim
+interpreter test. This compiles both kernels through the GPU compiler (`triton.compile` to a cubin, with the
+launcher's own compile-time arguments: `split_constants`, `merge_constants`; a launch would also specialise
+the variant on its pointers' alignment and strides divisible by 16, which this leaves out), for the LLaVA-7B
+head dim
 (128, and 64 as a smaller model's), a group of 1 (multi-head attention) and of 4 (grouped-query), and
 prints what each became: the cubin's size, whether its products run on tensor cores (`mma` or `wgmma`
 instructions in the PTX) and whether an fp32 product was lowered to TF32 (it must not be: the kernel asks
 for "ieee"). Nothing runs: it checks that the kernels compile, not what they compute or how fast.
 """
 import inspect
+import re
 
 # tinyavl first, before torch: in a command, a Ctrl-C while torch imports is one line (tinyavl/startup.py).
 from tinyavl.cli import ArgumentParser, first_paragraph, run_main
@@ -43,20 +46,35 @@ def compile_kernel(kernel, arch: int, types: dict, constants: dict):
     return triton_compile(ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", arch, 32))
 
 
+def split_types(dtype: str) -> dict:
+    """The types of `_split_attention_kernel`'s runtime arguments that are not int32, for q, K and V in `dtype`."""
+    triton_dtype = DTYPES[dtype]
+    return {"q_ptr": f"*{triton_dtype}", "k_ptr": f"*{triton_dtype}", "v_ptr": f"*{triton_dtype}", "index_ptr": "*i64",
+            "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "qk_scale": "fp32"}
+
+
+# A tensor-core product in PTX: mma.sync (sm_80) or wgmma (sm_90), as an instruction at the start of a line (the
+# PTX also holds the source file's path, which could hold "mma" anywhere); TF32 if its operands are .tf32.
+TENSOR_CORE_PRODUCT = re.compile(r"^\s*(wg)?mma\.(\S*)", re.MULTILINE)
+
+
 def compile_both(arch: int, dtype: str, head_dim: int, group: int) -> dict:
     """Both kernels compiled for one model shape: {"split": ..., "merge": ...}, each the facts `main` prints."""
     triton_dtype, torch_dtype = DTYPES[dtype], getattr(torch, dtype)
-    split = compile_kernel(_split_attention_kernel, arch,
-                           {"q_ptr": f"*{triton_dtype}", "k_ptr": f"*{triton_dtype}", "v_ptr": f"*{triton_dtype}",
-                            "index_ptr": "*i64", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "qk_scale": "fp32"},
+    split = compile_kernel(_split_attention_kernel, arch, split_types(dtype),
                            split_constants(group, head_dim, torch_dtype))
     merge = compile_kernel(_merge_splits_kernel, arch,
                            {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "out_ptr": f"*{triton_dtype}",
                             "lse_ptr": "*fp32"},
                            merge_constants(head_dim))
-    return {name: {"cubin_bytes": len(kernel.asm["cubin"]),
-                   "tensor_cores": "mma" in kernel.asm["ptx"],
-                   "tf32": ".tf32" in kernel.asm["ptx"]} for name, kernel in (("split", split), ("merge", merge))}
+    return {name: products(kernel) | {"cubin_bytes": len(kernel.asm["cubin"])}
+            for name, kernel in (("split", split), ("merge", merge))}
+
+
+def products(kernel) -> dict:
+    """{"tensor_cores": whether a compiled kernel's PTX has a tensor-core product, "tf32": one on TF32 operands}."""
+    found = [match.group(2) for match in TENSOR_CORE_PRODUCT.finditer(kernel.asm["ptx"])]
+    return {"tensor_cores": bool(found), "tf32": any(".tf32" in kind for kind in found)}
 
 
 def main(argv=None) -> None:

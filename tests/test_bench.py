@@ -467,7 +467,7 @@ def test_next_blocks_and_the_papers_memory_arithmetic_by_hand():
 
 
 def test_spans_add_up_each_named_block():
-    """Spans.time times a block once under each of its names; a name's seconds are the sum of its blocks."""
+    """Spans.span times a block once under each of its names; a name's seconds are the sum of its blocks."""
     spans = bench.Spans()
     with spans.span("a", "b"):
         time.sleep(0.02)

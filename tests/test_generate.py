@@ -417,7 +417,7 @@ def test_a_prompt_over_the_context_because_of_its_image_says_so(short_context_mo
 
 def test_an_image_past_the_context_on_its_own_is_the_models_sizes(tiny_ckpt, tmp_path):
     """A context shorter than the image's own tokens: no question could be shortened to fit, so the error
-    says the image alone takes them and that config.json gives every image as many."""
+    says the image and the tokens before it fill the context, and that config.json gives every image as many."""
     config = sparse_config(VARIANTS["mha"])
     config["text_config"]["max_position_embeddings"] = 8
     folder = write_checkpoint(tiny_ckpt.model("mha"), str(tmp_path / "ctx8"), variant="mha", config=config)
@@ -425,8 +425,10 @@ def test_an_image_past_the_context_on_its_own_is_the_models_sizes(tiny_ckpt, tmp
     ids, px = prompt_inputs(processor, "image")
     n_img = int((ids == model.config.image_token_id).sum())
     assert n_img >= 8
-    with pytest.raises(UserError, match=rf"the image alone takes {n_img} tokens, the model's context is 8: no prompt "
-                                        r"with this image fits \(the model's config.json gives every image as many\)"):
+    n_sys = int((ids[0] == model.config.image_token_id).nonzero()[0])                 # the tokens before the image
+    with pytest.raises(UserError, match=rf"the image's {n_img} tokens and the {n_sys} before them fill the model's "
+                                        r"context of 8: no prompt with this image fits \(the model's config.json "
+                                        r"gives every image as many\)"):
         greedy(model, ids, px, steps=2)
 
 

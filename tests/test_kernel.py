@@ -574,16 +574,15 @@ try:
 except ImportError as err:  # an older or newer Triton without this offline API
     print("SKIP", err)
     sys.exit(0)
-from kernels.compile_offline import compile_both, compile_kernel
+from kernels.compile_offline import compile_both, compile_kernel, products, split_types
 from kernels.sparse_attention import _split_attention_kernel, split_constants
 import torch
 half, single = compile_both(90, "float16", 128, 4), compile_both(90, "float32", 64, 1)
-as_tf32 = compile_kernel(_split_attention_kernel, 90, {"q_ptr": "*fp32", "k_ptr": "*fp32", "v_ptr": "*fp32",
-                         "index_ptr": "*i64", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "qk_scale": "fp32"},
+as_tf32 = compile_kernel(_split_attention_kernel, 90, split_types("float32"),
                          {**split_constants(1, 64, torch.float32), "DOT_PRECISION": "tf32"})
 print(half["split"]["tensor_cores"], half["split"]["tf32"], single["split"]["tensor_cores"], single["split"]["tf32"],
-      ".tf32" in as_tf32.asm["ptx"], min(half["split"]["cubin_bytes"], half["merge"]["cubin_bytes"],
-                                         single["split"]["cubin_bytes"], single["merge"]["cubin_bytes"]) > 0)
+      products(as_tf32)["tf32"], min(half["split"]["cubin_bytes"], half["merge"]["cubin_bytes"],
+                                     single["split"]["cubin_bytes"], single["merge"]["cubin_bytes"]) > 0)
 """
 
 

@@ -49,8 +49,7 @@ def toy():
 def answer(toy, image, question, policy="full", **params):
     model, processor = toy
     inputs = processor(processor.chat_prompt(question), image=image)
-    ids, _ = tinyavl.generate(model, **inputs, max_new_tokens=64, eos_token_id=processor.eos_token_id,
-                              policy=policy, **params)
+    ids, _ = tinyavl.generate(model, **inputs, max_new_tokens=64, policy=policy, **params)
     return processor.decode(ids)
 
 
@@ -150,8 +149,7 @@ def test_evaluate_command_json(toy, capsys):
     kept = dense = 0
     for question in held_out_set(seed=3, n_scenes=4):
         inputs = question.inputs(processor)
-        _, stats = tinyavl.generate(model, **inputs, max_new_tokens=64, eos_token_id=processor.eos_token_id,
-                                    policy="avl")
+        _, stats = tinyavl.generate(model, **inputs, max_new_tokens=64, policy="avl")
         n_sys, n_img = image_segments(inputs["input_ids"], model.config.image_token_id)
         length = stats.prompt_tokens + stats.new_tokens - 1           # the last token is never fed
         n_text = length - n_sys - n_img
@@ -173,8 +171,7 @@ def test_evaluate_random_holds_its_share_of_the_image(toy, capsys):
     cache, kept, dense = tinyavl.make_cache("random", S=0.25), 0, 0
     for question in held_out_set(seed=4, n_scenes=2):
         inputs = question.inputs(processor)
-        _, stats = tinyavl.generate(model, **inputs, max_new_tokens=64, eos_token_id=processor.eos_token_id,
-                                    policy=cache)
+        _, stats = tinyavl.generate(model, **inputs, max_new_tokens=64, policy=cache)
         length = stats.prompt_tokens + stats.new_tokens - 1          # the last token is never fed
         kept += length - dropped
         dense += length

@@ -734,7 +734,7 @@ def test_golden_coarse_answers_from_the_tiled_sequence(tiled_toy, image):
     assert len(questions) == len(COARSE_KINDS)
     for question in questions:
         inputs = processor(processor.chat_prompt(question), image=TILES_TOY / "examples" / image)
-        tokens, _ = tinyavl.generate(model, **inputs, max_new_tokens=8, eos_token_id=processor.eos_token_id)
+        tokens, _ = tinyavl.generate(model, **inputs, max_new_tokens=8)
         assert processor.decode(tokens) == truth[question], question
 
 

@@ -13,7 +13,8 @@ LLaVA-1.6 672x672 image 2928. The policies act on the decoder, which is what is 
 
 A decode step is memory-bound: it cannot take less than the bytes it must read (every decoder weight,
 plus the K/V rows the policy attends) over the rate they can be read at. The benchmark measures both
-rates in the same run, before each image block's policies: a large fp32 tensor's read (`read_rate`, what
+rates in the same run, just before and just after each image block's policies (the faster of the two):
+a large fp32 tensor's read (`read_rate`, what
 the machine allows) and PyTorch's matrix-vector product on the layer's own weight shapes in the run's
 dtype (`matvec_rate`, what `nn.Linear` allows). A step's floor (`floor_ms`) is its weight bytes at the
 matrix-vector rate plus its attended K/V bytes at the read rate; the hardware floor is all of them at the

@@ -169,11 +169,13 @@ def prompt_layout(input_ids, pixel_values, config) -> tuple[int, int]:
     prompt_len, context = input_ids.shape[1], config.text.context
     if prompt_len >= context:
         window = " (its sliding window)" if context == config.text.sliding_window else ""
-        if n_img >= context:  # no shorter question makes room: the image's tokens come from the model's sizes
+        # No shorter question makes room where the image and what comes before it (the template's start) fill
+        # the context already: the image's tokens come from the model's sizes.
+        if n_sys + n_img >= context:
             fewer = ("a smaller image is tiled on fewer tiles" if config.is_next
                      else "the model's config.json gives every image as many")
-            raise UserError(f"the image alone takes {n_img} tokens, the model's context is {context}{window}: no "
-                            f"prompt with this image fits ({fewer})")
+            raise UserError(f"the image's {n_img} tokens and the {n_sys} before them fill the model's context of "
+                            f"{context}{window}: no prompt with this image fits ({fewer})")
         image_part = f" ({n_img} of them the image's)" if n_img else ""
         raise UserError(f"the prompt has {prompt_len} tokens{image_part}, the model's context is "
                         f"{context}{window}: shorten the prompt")

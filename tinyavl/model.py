@@ -812,8 +812,8 @@ class LlavaForConditionalGeneration(nn.Module):
         if not self.config.is_next:
             return list(self.crop_features(pixel_values))
         if image_sizes is None or pixel_values.dim() not in (4, 5):  # the map is cut by each image's size
-            raise UserError("LLaVA-1.6 takes pixel_values (B, n_crops, 3, S, S) with image_sizes (B, 2), "
-                            "as its processor returns them: pass both")
+            raise UserError("LLaVA-1.6 takes pixel_values (B, n_crops, 3, S, S), or (sum of the images' crops, 3, S, "
+                            "S), with image_sizes (B, 2), as its processor returns them: pass both")
         tile = self.config.vision.image_size
         sizes = torch.as_tensor(image_sizes).tolist()                          # [(h, w)] per image
         # each image's canvas as (rows, columns) of tiles

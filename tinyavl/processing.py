@@ -335,7 +335,8 @@ class Processor:
         pre_path = folder / "preprocessor_config.json"
         pre_cfg = read_json_object(pre_path, optional=True)
         pre = preprocessor_settings(pre_cfg, pre_path, vision_image_size, tiled=image_grid_pinpoints is not None)
-        # Sizes config.json sets, checked here where images are made: past the limit, every image would be refused.
+        # Sizes config.json sets, checked here where images are made: past the limit, every image (for a canvas:
+        # every image tiled on it) would be refused.
         for canvas_h, canvas_w in image_grid_pinpoints or ():
             check_size_set_by_files(canvas_h * canvas_w, f"config.json has image_grid_pinpoints canvas {canvas_h} x "
                                     f"{canvas_w}: an image tiled on it would have")
