@@ -52,7 +52,7 @@ def build_parser() -> ArgumentParser:
 
 def check_args(args):
     """(image, cache): everything the user gave that can be checked without the model's files; `run` checks
-    the rest (--filter-layer's and --map-layer's upper bounds, the prompt's length, the image's size for the
+    the rest (--filter-layer's upper bound, --map-layer, the prompt's length, the image's size for the
     model's crops) with its small files, before the weights load (seconds to minutes for a 7B model). Fills in
     --weights' default."""
     check_stdout_open("answer", {"--attention-map": args.attention_map})
@@ -76,8 +76,6 @@ def check_args(args):
                 raise tinyavl.UserError(f"{option} is an option of --attention-map: give --attention-map OUT.png too")
     if args.hires_threshold is not None:
         hires.check_threshold(args.hires_threshold, "--hires-threshold")
-    if args.map_layer is not None and args.map_layer < 0:  # its upper bound waits for the model's layer count
-        raise tinyavl.UserError(f"--map-layer must be a decoder layer, 0 or more, got {args.map_layer}")
     return image, cache
 
 

@@ -872,7 +872,7 @@ def test_user_input_is_checked_before_the_model_loads(capsys, monkeypatch, good,
         (["--image", files["png"], "--attention-map", tmp_path / "map.png", "--hires-threshold", "255"],
          "--hires-threshold must be from 0 to below 255"),
         (["--image", files["png"], "--attention-map", tmp_path / "map.png", "--map-layer", "-1"],
-         "--map-layer must be"),
+         "(--map-layer) must be in 0..1 (the decoder's layers), got -1"),
         (["--image", files["png"], "--attention-map", tmp_path / "map.psd"], ".png"),  # Pillow cannot write it as RGB
         (["--image", files["png"], "--attention-map", tmp_path / ("m" * 300 + ".png")], "too long"),
         (["--image", files["png"], "--force"], "--attention-map"),

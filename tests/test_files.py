@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tinyavl import files as files_module
 from tinyavl.cli import TOY_WEIGHTS
 from tinyavl.errors import UserError
 from tinyavl.files import (check_new_folder, check_output_file, read_json_object, write_file_atomically,
@@ -299,7 +300,7 @@ def test_a_new_folder_is_checked_where_its_temporary_folders_go(tmp_path, monkey
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path / "ro" and real_access(path, mode))
     with pytest.raises(UserError, match="cannot be written to"):
-        check_new_folder(tmp_path / "ro" / "out", replace=False)
+        check_new_folder(tmp_path / "ro" / "out", replace=True)                # a link: replaced only with --force
     check_new_folder(tmp_path / "rw" / "target", replace=False)
 
 
@@ -319,9 +320,88 @@ def test_ctrl_c_between_the_two_renames_brings_the_old_folder_back(tmp_path, mon
     assert (out / "config.json").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
-@pytest.mark.parametrize("refusal", [errno.EPERM, errno.EOPNOTSUPP], ids=["EPERM", "EOPNOTSUPP"])
+@pytest.mark.parametrize("appears", ["a folder of files", "a file", "a link"])
+def test_a_folder_that_appears_during_the_work_is_kept_without_force(tmp_path, appears):
+    """Without --force, what appears at the output's name while the folder is written (after the command's
+    check) stays, whole, and the write ends in one line: one rename, which takes a free name or an empty
+    folder and nothing else. (It was moved aside and deleted.)"""
+    out = tmp_path / "model"
+
+    def write_while_the_user_makes_it(partial):
+        (partial / "config.json").write_text("new")
+        if appears == "a folder of files":
+            out.mkdir()
+            (out / "mine.txt").write_text("the user's")
+        elif appears == "a file":
+            out.write_text("the user's")
+        else:
+            out.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(UserError, match="appeared or filled while this command ran: it was kept"):
+        write_folder_atomically(out, write_while_the_user_makes_it)
+    kept = {"a folder of files": lambda: (out / "mine.txt").read_text() == "the user's",
+            "a file": lambda: out.read_text() == "the user's",
+            "a link": lambda: os.readlink(out) == str(tmp_path / "nowhere")}[appears]
+    assert kept() and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    (tmp_path / "empty").mkdir()                                               # an empty folder is taken
+    write_folder_atomically(tmp_path / "empty", lambda partial: (partial / "x").write_text("1"))
+    assert (tmp_path / "empty" / "x").read_text() == "1"
+
+
+def test_a_link_named_as_the_output_folder_needs_force_even_to_nothing(tmp_path):
+    """A link is a name the user made, leading to an empty folder or to nothing: refused without --force (a
+    link to nothing passed as no folder at all, and was replaced); with it, the link goes, what it leads to
+    stays."""
+    (tmp_path / "empty").mkdir()
+    for target in (tmp_path / "empty", tmp_path / "nowhere"):
+        link = tmp_path / f"to-{target.name}"
+        link.symlink_to(target)
+        with pytest.raises(UserError, match="is a link: give another folder, or --force to replace the link"):
+            check_new_folder(link, replace=False)
+        write_folder_atomically(link, lambda partial: (partial / "x").write_text("1"), replace=True)
+        assert not link.is_symlink() and (link / "x").read_text() == "1"
+    assert (tmp_path / "empty").is_dir() and not any((tmp_path / "empty").iterdir())
+
+
+def test_a_file_replaced_with_force_keeps_its_permissions(tmp_path):
+    path = tmp_path / "private.png"
+    path.write_text("old")
+    path.chmod(0o600)
+    write_file_atomically(path, lambda partial: partial.write_text("new"), replace=True)
+    assert path.read_text() == "new" and path.stat().st_mode & 0o777 == 0o600
+
+
+def test_the_folders_made_above_a_new_folder_reach_the_disk_too(tmp_path, monkeypatch):
+    """--out a/b/model with a and b new: mkdir makes them, and each one's name is synced in its parent (the
+    folder tmp holds a, a holds b), as the new folder's is in b: a power cut after the write leaves it."""
+    synced = []
+    real_to_disk = files_module.to_disk
+    monkeypatch.setattr(files_module, "to_disk", lambda path: (synced.append(Path(path)), real_to_disk(path)))
+    write_folder_atomically(tmp_path / "a" / "b" / "model", lambda partial: (partial / "x").write_text("1"))
+    assert {tmp_path, tmp_path / "a", tmp_path / "a" / "b"} <= set(synced)
+
+
+def test_ctrl_c_after_the_new_folder_took_its_name_leaves_no_old_copy(tmp_path, monkeypatch):
+    """A Ctrl-C after the second rename (here while the new name is synced): the new folder stays, and the
+    old one is not left behind under a hidden name."""
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "config.json").write_text("old")
+    real_to_disk = files_module.to_disk
+
+    def interrupted(path):
+        if Path(path) == tmp_path:
+            raise KeyboardInterrupt
+        real_to_disk(path)
+    monkeypatch.setattr(files_module, "to_disk", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_folder_atomically(out, lambda partial: (partial / "config.json").write_text("new"), replace=True)
+    assert (out / "config.json").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+@pytest.mark.parametrize("refusal", [errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS],
+                         ids=["EPERM", "EOPNOTSUPP", "ENOSYS"])
 def test_without_hard_links_a_new_file_is_still_written_and_an_existing_one_kept(tmp_path, monkeypatch, refusal):
-    """Some file systems refuse hard links (FAT: EPERM; others EOPNOTSUPP): the write then checks the name and
+    """Some file systems refuse hard links (FAT: EPERM; others EOPNOTSUPP, some FUSE ones ENOSYS): the write then checks the name and
     renames."""
     def no_links(src, dst):
         raise OSError(refusal, os.strerror(refusal))

@@ -519,7 +519,7 @@ def test_a_prompt_with_two_image_blocks_is_a_user_error(loaded):
     ids, px = prompt_inputs(processor, "image")
     image = (ids[0] == model.config.image_token_id).nonzero().flatten()
     cut = ids.clone()
-    cut[0, image[len(image) // 2]] = processor.bos_token_id         # one text token inside the block
+    cut[0, image[len(image) // 2]] = ids[0, 0]                      # one text token (the first) inside the block
     with pytest.raises(UserError, match="one block"):
         tinyavl.generate(model, cut, px, max_new_tokens=2)
 

@@ -15,6 +15,7 @@ import torch
 
 from tinyavl.cache import POLICIES, SEED_PARAM, KVCache, make_cache, param_owners
 from tinyavl.errors import UserError
+from tinyavl.startup import signal_line
 
 # The committed toy LLaVA: the default model of main.py and of the evaluation.
 TOY_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "toy"
@@ -161,8 +162,10 @@ def check_training_args(parser: argparse.ArgumentParser, args: argparse.Namespac
         parser.error(f"--lr must be a finite number above 0, got {args.lr}")
     if args.eval_every < 0:
         parser.error(f"--eval-every must be at least 0 (0: none), got {args.eval_every}")
-    if not SEED_PARAM.in_range(args.seed):
-        parser.error(f"--seed must be {SEED_PARAM.allowed()}, got {args.seed}")
+    try:
+        SEED_PARAM.check(args.seed, lambda name: "--seed")
+    except UserError as err:
+        parser.error(str(err))
 
 
 class Terminated(BaseException):
@@ -290,11 +293,11 @@ def ended_in_one_line(work) -> int:
             print(f"error: {one_line(err)}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
-            print("interrupted (Ctrl-C)", file=sys.stderr)
-            return 130  # the shell's status for an interrupt
+            print(signal_line(signal.SIGINT), file=sys.stderr)
+            return 128 + signal.SIGINT  # as the shell reports a process the signal ended
         except Terminated as stop:
-            print(f"terminated ({stop})", file=sys.stderr)
-            return 128 + stop.signum  # as the shell reports a process the signal ended (143 for SIGTERM)
+            print(signal_line(stop.signum), file=sys.stderr)
+            return 128 + stop.signum
         except BrokenPipeError:  # stdout's reader has gone
             point_at_nothing(sys.stdout)
             return 1

@@ -169,6 +169,8 @@ def write_file_atomically(path, write, replace: bool = False) -> None:
             write(partial)
             to_disk(partial)
         if replace:
+            if os.path.exists(path):  # the file replaced keeps its permissions (a private 0600 stays private)
+                shutil.copymode(path, partial)
             os.replace(partial, path)
         else:
             link_without_replacing(partial, path)
@@ -205,7 +207,7 @@ def link_without_replacing(partial: Path, path: Path) -> None:
     except FileExistsError:
         raise appeared from None
     except OSError as err:
-        if err.errno not in (errno.EPERM, errno.EOPNOTSUPP):
+        if err.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS):  # ENOSYS: some FUSE file systems
             raise
         # A file system without hard links: check, then rename (a file made in between would be replaced).
         if os.path.lexists(path):
@@ -216,16 +218,21 @@ def link_without_replacing(partial: Path, path: Path) -> None:
 def check_new_folder(folder: Path, replace: bool, inputs: list[Path] = ()) -> None:
     """UserError unless `folder` may be written: it is apart from the inputs (check_apart_from_inputs), is
     not the current folder or one above it, and does not exist (its nearest existing parent a folder that
-    can be written to), is empty, or `replace` (a command's --force) lets it go. Commands call this before
-    their work, not after an hour of training."""
+    can be written to), is an empty folder, or `replace` (a command's --force) lets it go; a link, even to
+    an empty folder or to nothing, is a name the user made, replaced (the link, not what it leads to) only
+    with `replace`. Commands call this before their work, not after an hour of training."""
     with as_user_error(str(folder)):
         check_apart_from_inputs(folder, "", inputs, replaced_whole=True)  # first: no --force replaces an input
         target, here = folder.resolve(), Path.cwd().resolve()
         if target == here or target in here.parents:
             raise UserError(f"{folder} is the current folder or holds it: give a folder below it")
-        if folder.exists() and not folder.is_dir():
+        if folder.is_symlink():
+            if not replace:
+                raise UserError(f"{folder} is a link: give another folder, or --force to replace the link (what "
+                                "it leads to stays)")
+        elif folder.exists() and not folder.is_dir():
             raise UserError(f"{folder} is a file: give a folder")
-        if folder.is_dir() and any(folder.iterdir()) and not replace:
+        elif folder.is_dir() and any(folder.iterdir()) and not replace:
             raise UserError(f"{folder} already holds files: give another folder, or --force to replace it")
         # The write's temporary folders go beside the folder as named (not where a link resolves to).
         check_can_make(folder)
@@ -254,6 +261,8 @@ def write_folder_atomically(folder, write, replace: bool = False) -> None:
     # appeared or filled. (The inputs were checked then; they have not moved into it since.)
     check_new_folder(folder, replace)
     partial, old = temporary_beside(folder, "partial"), temporary_beside(folder, "old")
+    # The folders mkdir makes above the new one: their names, too, must reach the disk (`to_disk` below).
+    made_above = [above for above in Path(os.path.abspath(folder)).parents if not above.exists()]
     try:
         with naming(folder, partial):
             try:
@@ -262,18 +271,32 @@ def write_folder_atomically(folder, write, replace: bool = False) -> None:
                 raise UserError(f"{folder} cannot be made there ({err.strerror}): choose another folder") from None
             write(partial)
             tree_to_disk(partial)
-        try:
-            if os.path.lexists(folder):  # two renames: the old one is out of the way for an instant
-                os.replace(folder, old)
-            os.replace(partial, folder)
-        except BaseException:  # the second rename failed (or Ctrl-C came between them): the old one returns
-            if not folder.exists() and os.path.lexists(old):
-                os.replace(old, folder)
-            raise
-        to_disk(folder.parent)
-        if old.is_symlink():  # the old folder was a link: remove the link, not what it points to
-            old.unlink()
+        if not replace:
+            # One rename, which takes a free name or an empty folder and refuses anything else: a folder that
+            # appeared or filled (or a file, a link) during the work stays.
+            try:
+                os.replace(partial, folder)
+            except OSError as err:
+                if err.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                    raise
+                raise UserError(f"{folder} appeared or filled while this command ran: it was kept, and the new "
+                                "output was not written; give another folder, or --force to replace it") from None
         else:
-            shutil.rmtree(old, ignore_errors=True)
+            try:
+                if os.path.lexists(folder):  # two renames: the old one is out of the way for an instant
+                    os.replace(folder, old)
+                os.replace(partial, folder)
+            except BaseException:  # the second rename failed (or Ctrl-C came between them): the old one returns
+                if not folder.exists() and os.path.lexists(old):
+                    os.replace(old, folder)
+                raise
+        for directory in dict.fromkeys([folder.parent, *(above.parent for above in made_above)]):
+            to_disk(directory)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+        # The old folder, once the new one holds its name: removed even when a Ctrl-C came after the renames.
+        if os.path.lexists(old) and os.path.lexists(folder):
+            if old.is_symlink():  # the old folder was a link: remove the link, not what it points to
+                old.unlink()
+            else:
+                shutil.rmtree(old, ignore_errors=True)

@@ -89,7 +89,7 @@ def next_token(logits, temperature: float, top_k: int, top_p: float, generator, 
     last = logits[0, -1].float().cpu()                                     # (vocab,)
     if not torch.isfinite(last).all():
         raise UserError(f"the model's logits are NaN or infinite at step {step}: the checkpoint is broken, or "
-                        "half precision overflowed (try --dtype float32)")
+                        "half precision overflowed (load it in float32: --dtype float32, or load_pretrained's dtype)")
     return sample(last, temperature, top_k, top_p, generator)
 
 

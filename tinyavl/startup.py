@@ -29,14 +29,20 @@ def starting_a_command() -> bool:
                                                                   for command in COMMANDS))
 
 
+def signal_line(signum: int) -> str:
+    """The one line a command ends with for a signal that ended it (Ctrl-C, SIGTERM, SIGHUP): here while it
+    imports, and in `cli.ended_in_one_line` after. Its exit status is the shell's for it, 128 + signum (130
+    for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP)."""
+    return "interrupted (Ctrl-C)" if signum == signal.SIGINT else f"terminated ({signal.Signals(signum).name})"
+
+
 def ended_while_importing(signum, frame):
-    """The line a command says later for the signal (`ended_in_one_line`), and the shell's status for it."""
-    line = "interrupted (Ctrl-C)" if signum == signal.SIGINT else f"terminated ({signal.Signals(signum).name})"
+    """The line a command says later for the signal (`signal_line`), and the shell's status for it."""
     try:  # said where stderr is read: it may be closed (2>&-, sys.stderr None) or its reader gone
-        os.write(sys.stderr.fileno(), f"{line}\n".encode())
+        os.write(sys.stderr.fileno(), f"{signal_line(signum)}\n".encode())
     except (AttributeError, OSError, ValueError):
         pass
-    os._exit(128 + signum)  # 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP
+    os._exit(128 + signum)
 
 
 @contextmanager
