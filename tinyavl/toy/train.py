@@ -34,7 +34,7 @@ Why: after stage 1 each fact is read from the few patches the decoder learnt to 
 half of the image breaks a caption; stage 2 makes the decoder read a fact from any token that shows it,
 the redundancy a real LLaVA has (FastV: a random half of LLaVA-1.5's image tokens keeps 98.9% of its
 score). Dropout from the first step (`--image-dropout F`, in the share `--image-dropout-share` of the
-sequences) gives that redundancy too, but the model then no longer finds an object by its shape's name;
+sequences) gives that redundancy too, but the model then reads places less well ("where": tutorial/04);
 stage 2 keeps what stage 1 learnt. `--tune-masks rectangles` hides rectangles of image tokens in stage 2
 instead (`hide_image_rectangles`; not part of the committed recipe), which often hides a whole object
 and so asks the tower to copy objects beyond their place. The last section of tutorial/04 has the
