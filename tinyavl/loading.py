@@ -405,11 +405,12 @@ def load_weights(model: LlavaForConditionalGeneration, stored: list[StoredTensor
         # One NaN or inf, even in a norm weight, makes every logit NaN: the answer would be <unk> repeated.
         # Checked after the conversion, so a value the run dtype cannot hold (fp32 -> fp16) is caught too.
         if not all_finite(state[name]):
-            if all_finite(stored) and all_finite(stored.float()):  # within float32's range, not the run dtype's
-                wider = "bfloat16 or float32" if dtype == torch.float16 else "float32"
-                raise UserError(f"tensor {key} overflows {str(dtype).removeprefix('torch.')}: load the model in "
-                                f"{wider} (--dtype)")
-            if all_finite(stored):  # an F64 file: bfloat16 has float32's range, so no --dtype would hold it
+            if all_finite(stored):
+                if all_finite(stored.float()):  # within float32's range, not the run dtype's
+                    wider = "bfloat16 or float32" if dtype == torch.float16 else "float32"
+                    raise UserError(f"tensor {key} overflows {str(dtype).removeprefix('torch.')}: load the model "
+                                    f"in {wider} (--dtype)")
+                # An F64 file: bfloat16 has float32's range, so no --dtype would hold it.
                 raise UserError(f"tensor {key} in {path.name} holds values past float32's range, which no weight "
                                 "of a trained model reaches: the file is damaged, download it again")
             raise UserError(f"tensor {key} in {path.name} holds NaN or inf values: the file is damaged, "

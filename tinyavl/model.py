@@ -819,7 +819,8 @@ class LlavaForConditionalGeneration(nn.Module):
         # each image's canvas as (rows, columns) of tiles
         tile_grids = [anyres.tile_grid(hw, self.config.image_grid_pinpoints, tile) for hw in sizes]
         n_crops = [1 + rows * columns for rows, columns in tile_grids]
-        if pixel_values.dim() == 4:
+        flat = pixel_values.dim() == 4                                         # every image's crops in one list
+        if flat:
             crops = pixel_values                                               # (sum n_crops, 3, S, S)
             held = f"{len(crops)} crops in all"
         else:
@@ -827,7 +828,7 @@ class LlavaForConditionalGeneration(nn.Module):
             crops = torch.cat([image_crops[:n] for image_crops, n in zip(pixel_values, n_crops)])
             held = f"{len(pixel_values)} images of up to {pixel_values.shape[1]} crops"
         # zip stops at the shorter: a crop or an image too few would drop features without a word.
-        if len(crops) != sum(n_crops) or (pixel_values.dim() == 5 and len(pixel_values) != len(sizes)):
+        if len(crops) != sum(n_crops) or (not flat and len(pixel_values) != len(sizes)):
             raise UserError(f"image_sizes {sizes} make {n_crops} crops (a base crop and the tiles of each canvas), "
                             f"but pixel_values holds {held}: pass the processor's pixel_values for these images")
         per_image = self.crop_features(crops).split(n_crops)                  # each (n_crops, P, C)
