@@ -231,7 +231,8 @@ def test_a_case_is_printed_with_each_ratio_of_its_row(capsys):
             "policies": {"full": full, "h2o": row}}
     bench.print_case(case)
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("h2o"))
-    # policy, KV peak, KV vs full, attended, prefill s, decode ms, floor ms, / floor, / hw floor, step vs full, attn ms
+    # policy, KV peak, KV vs full, rows attended vs full, prefill s, decode ms / step, floor ms, / floor,
+    # / hw floor, step vs full, attn ms
     assert line.split()[1:11] == ["3.0Mi", "0.50", "0.40", "1.50", "120.0", "100.0", "1.20", "2.00", "0.80", "7.0"]
 
 
