@@ -118,8 +118,8 @@ def object_attention(recordings: list, scenes: list) -> list[dict]:
     that show an object (`SceneObject.patches`), and "tokens", those patches' mean share of the image
     tokens. The two are equal when a layer attends to the image evenly; attention that follows position
     alone, blind to what a picture shows, can give objects only as much as their places do (on held-out
-    scenes a patch shows an object in 0.10-0.23 of them, 0.18 on average), and its top set keeps objects
-    only by chance."""
+    scenes each patch place shows an object in 0.10-0.23 of them, 0.18 on average), and its top set keeps
+    objects only by chance."""
     result = []
     for layer in range(recordings[0].n_layers):
         attention, tokens = [], []
