@@ -186,6 +186,16 @@ def test_linear_rope_scaling_takes_any_factor_from_1(factor):
     assert parse_config(raw).text.rope_linear_factor == factor
 
 
+def test_a_rope_linear_factor_key_in_the_file_scales_nothing():
+    """rope_linear_factor is tinyavl's field, not a key transformers reads: a file that has one gets plain
+    RoPE, as in transformers (its rope_scaling alone can scale)."""
+    raw = sparse_config(VARIANTS["mha"])
+    raw["text_config"]["rope_linear_factor"] = 4.0
+    assert parse_config(raw).text.rope_linear_factor == 1.0
+    raw["text_config"]["rope_scaling"] = {"rope_type": "linear", "factor": 2.0}
+    assert parse_config(raw).text.rope_linear_factor == 2.0
+
+
 @pytest.mark.parametrize("section, model_type, says", [
     ("text_config", "gemma", "the Llama (Vicuna) and Mistral decoders of LLaVA only"),
     ("vision_config", "siglip_vision_model", "the CLIP vision tower of LLaVA only"),

@@ -105,7 +105,9 @@ def supported_types(raw: dict) -> tuple[str, str]:
 
 
 def rope_fields(text_raw: dict) -> dict:
-    """TextConfig's RoPE fields (rope_theta, rope_linear_factor) from text_config, where it sets them.
+    """TextConfig's RoPE fields from text_config: rope_theta where it sets one, and rope_linear_factor
+    always, from its linear scaling or 1 (a key named rope_linear_factor is TextConfig's, not
+    transformers': a file's own would scale RoPE where transformers does not).
 
     transformers 5.x writes rope_parameters, older versions rope_theta (+ rope_scaling); where a file has
     both, rope_scaling wins unless it is empty or null, as in transformers (modeling_rope_utils.py,
@@ -116,7 +118,7 @@ def rope_fields(text_raw: dict) -> dict:
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "linear"):
         raise UserError(f"RoPE scaling {rope!r} is not supported: tinyavl implements plain RoPE and linear scaling")
-    settings = {"rope_theta": rope["rope_theta"]} if "rope_theta" in rope else {}
+    settings = {"rope_linear_factor": 1.0, **({"rope_theta": rope["rope_theta"]} if "rope_theta" in rope else {})}
     if rope_type == "linear":
         factor = rope.get("factor")
         if type(factor) not in (int, float) or not 1 <= factor < math.inf:
