@@ -35,7 +35,7 @@ from tinyavl.cache import (POLICIES, ROW_BUCKET, AVLCache, FastVCache, H2OCache,
 from tinyavl.cli import flag
 from tinyavl.errors import UserError
 from tinyavl.generate import image_segments
-from tinyavl.model import faster_keys_first, keys_first
+from tinyavl.model import faster_keys_first, keys_first, rope_cos_sin
 
 N_SYS = 3
 LOGIT_ATOL = 1e-5
@@ -512,6 +512,50 @@ def test_avl_stores_its_own_top_image_tokens_where_its_filter_keeps_a_last_image
     assert (ranking > ranking[-1]).sum() >= n_secondary           # the last image token is not among the top
     stored = sorted(p for p in deciding["pos_after"][0, 0].tolist() if n_sys <= p < n_sys + n_img)
     assert stored == sorted((n_sys + ranking.topk(n_secondary).indices).tolist())
+
+
+def filtered_forward(m, ids, pixel_values, filter_layer: int, keep) -> torch.Tensor:
+    """The decoder by hand, without a cache: every row through the layers before filter_layer, then only
+    the rows `keep`, each rotated at its own position in the prompt. Logits (1, len(keep), vocab)."""
+    decoder = m.language_model.model
+    x = m.embed(ids, pixel_values)                                  # (1, T, C)
+    positions = torch.arange(ids.shape[1])
+    for i, layer in enumerate(decoder.layers):
+        if i == filter_layer:
+            x, positions = x[:, keep], positions[keep]
+        cos, sin = rope_cos_sin(positions, m.config.text, x.dtype)  # (T or len(keep), hs)
+        x = layer(x, cos, sin, positions)
+    return m.language_model.lm_head(decoder.norm(x))
+
+
+@pytest.mark.parametrize("policy,params", [("fastv", dict(filter_layer=2, R=0.5)),
+                                           ("avl", dict(P=0.5, filter_layer=2))])
+def test_rows_after_a_filter_keep_their_positions(policy, params):
+    """After the filter the kept rows run on at their positions in the prompt (FastV's and A-VL's papers
+    drop tokens, not positions): the prefill's logits, and for FastV, whose decode attends every row it
+    keeps, a decode step's, are those of the decoder run by hand on the kept rows."""
+    m = model("gqa4")
+    ids, pixel_values = prompt("gqa4")
+    cache = make_cache(policy, **params)
+    handed, hand_over = [], cache.hidden_rows_to_keep
+
+    def recorded():  # what the policy hands the model after each layer
+        handed.append(hand_over())
+        return handed[-1]
+
+    cache.hidden_rows_to_keep = recorded
+    cache.begin(m.config.text.num_hidden_layers, *image_segments(ids, m.config.image_token_id))
+    with torch.inference_mode():
+        prefill = m(ids, pixel_values, cache=cache)                                  # (1, T', vocab)
+        keep = next(rows for rows in handed if rows is not None)
+        assert len(keep) < ids.shape[1]
+        torch.testing.assert_close(prefill, filtered_forward(m, ids, pixel_values, 2, keep), atol=LOGIT_ATOL, rtol=0)
+        if policy == "fastv":
+            token = int(prefill[0, -1].argmax())
+            step = m(torch.tensor([[token]]), cache=cache)[0, -1]
+            longer = torch.cat([ids, torch.tensor([[token]])], dim=1)
+            by_hand = filtered_forward(m, longer, pixel_values, 2, torch.cat([keep, torch.tensor([ids.shape[1]])]))
+            torch.testing.assert_close(step, by_hand[0, -1], atol=LOGIT_ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("policy,params", [("avl", dict(P=0.5)), ("fastv", dict(filter_layer=3, R=0.5))])
@@ -1198,7 +1242,8 @@ def test_causal_column_sums_equal_a_float64_masked_softmax_over_several_chunks(c
 def test_buffers_are_sized_once_and_decode_fills_them_to_the_last_row(name):
     """begin(decode_steps=4): after prefill every layer's buffers hold the prompt plus exactly 4 rows; the 4
     decode steps write in place (same storage) up to the last row, and a 5th step past the reservation
-    grows the buffers; every step's logits equal the dense reference's (the cache-free forward)."""
+    grows the buffers; every step's logits equal the dense reference's (`full_reference`, a cache grown row by
+    row, which test_full_cache_matches_uncached_forward checks against the cache-free forward)."""
     m = model(name)
     ids, pixel_values = prompt(name)
     _, reference, fed = full_reference(name)

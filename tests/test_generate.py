@@ -591,8 +591,9 @@ def test_the_logits_product_is_chosen_before_the_clock_starts(loaded, monkeypatc
 
 def test_the_decode_clock_times_the_steps_not_the_stream(loaded, monkeypatch):
     """decode_seconds adds up each decode step's forward pass and token choice (decode_step_seconds, one per
-    step): a slow stream callback, or the statistics kept between steps, are not in it. On a clock that
-    moves a millisecond a reading, and an hour each time they run, whatever the machine's load."""
+    step), and prefill_seconds is the prompt's and its first token's: a slow stream callback, or the
+    statistics kept between steps, are not in them. On a clock that moves a millisecond a reading, half a
+    second each time a token is chosen, and an hour each time those others run, whatever the machine's load."""
     generate_module = sys.modules["tinyavl.generate"]  # (tinyavl.generate is also the function's name)
     model, processor = loaded("mha")
     ids, px = prompt_inputs(processor, "image")
@@ -604,13 +605,18 @@ def test_the_decode_clock_times_the_steps_not_the_stream(loaded, monkeypatch):
     def an_hour_passes(result=None):
         clock.now += 3600.0
         return result
+    def a_slow_choice(*args, choose=generate_module.next_token, **kwargs):
+        clock.now += 0.5
+        return choose(*args, **kwargs)
     kv_snapshot = generate_module.kv_snapshot
     monkeypatch.setattr(generate_module, "time", clock)
+    monkeypatch.setattr(generate_module, "next_token", a_slow_choice)
     monkeypatch.setattr(generate_module, "kv_snapshot", lambda cache: an_hour_passes(kv_snapshot(cache)))
     tokens, stats = greedy(model, ids, px, steps=4, stream=lambda token: an_hour_passes())
-    assert len(tokens) == 4 and stats.decode_step_seconds == pytest.approx([0.001] * 3)
-    assert stats.decode_seconds == pytest.approx(0.003)                  # every step, the first included
-    assert stats.decode_tokens_per_second == pytest.approx(3 / 0.003)
+    assert len(tokens) == 4 and stats.decode_step_seconds == pytest.approx([0.501] * 3)
+    assert stats.prefill_seconds == pytest.approx(0.501)
+    assert stats.decode_seconds == pytest.approx(1.503)                  # every step, the first included
+    assert stats.decode_tokens_per_second == pytest.approx(3 / 1.503)
     assert clock.now >= 4 * 3600  # the stream and the statistics ran, on the clock
 
 
