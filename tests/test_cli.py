@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -534,6 +535,7 @@ def test_closed_standard_streams(files):
     ("tinyavl.toy.attention_study", ["--n", "1"], ", or give --out"),
     ("tinyavl.bench", ["--dtypes", "float32"], ""),
     ("kernels.bench_sparse_attention", [], ""),
+    ("kernels.compile_offline", [], ""),
 ])
 def test_a_command_whose_results_would_go_nowhere_says_so_before_the_work(capsys, monkeypatch, module, argv, remedy):
     """Started with stdout closed (>&-; Python's sys.stdout is then None), a command that prints its results
@@ -1024,7 +1026,8 @@ def test_a_file_the_user_may_not_read_is_one_line_saying_so(good, files, tmp_pat
 
 
 COMMANDS = ["main", "tinyavl.bench", "tinyavl.toy.train", "tinyavl.toy.train_hires", "tinyavl.toy.evaluate",
-            "tinyavl.toy.evaluate_hires", "tinyavl.toy.attention_study", "kernels.bench_sparse_attention"]
+            "tinyavl.toy.evaluate_hires", "tinyavl.toy.attention_study", "kernels.bench_sparse_attention",
+            "kernels.compile_offline"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -1039,6 +1042,26 @@ def test_every_command_explains_its_options_and_refuses_a_mistake_in_one_line(co
         main_of(["--no-such-flag"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ")  # the flag, or one required
+
+
+@pytest.mark.parametrize("spec_name, argv0, shown", [
+    ("tinyavl.bench", "/x/tinyavl/bench.py", "python -m tinyavl.bench"),
+    ("tinyavl.__main__", "/x/tinyavl/__main__.py", "python -m tinyavl"),   # a package run by its name
+    (None, "/x/main.py", "python main.py"),
+])
+def test_a_usage_line_names_the_command_a_user_types(monkeypatch, spec_name, argv0, shown):
+    """`python -m tinyavl.bench` shows that, not bench.py (which `python bench.py` cannot run); a script run by
+    its path shows its file's name."""
+    spec = None if spec_name is None else types.SimpleNamespace(name=spec_name)
+    monkeypatch.setitem(sys.modules, "__main__", types.SimpleNamespace(__spec__=spec))
+    monkeypatch.setattr(sys, "argv", [argv0])
+    assert ArgumentParser().format_usage().startswith(f"usage: {shown} ")
+
+
+def test_a_module_run_as_a_command_shows_its_module_in_its_usage():
+    proc = subprocess.run([sys.executable, "-m", "tinyavl.toy.evaluate", "--help"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: python -m tinyavl.toy.evaluate ")
 
 
 # Every path a command takes, given empty: Path("") is the current folder, where a command would read or

@@ -80,9 +80,20 @@ def first_paragraph(doc: str) -> str:
     return " ".join(doc.split("\n\n")[0].split())
 
 
+def command_name() -> str:
+    """How the running command was started, for its usage line: "python -m tinyavl.bench" for a module
+    (argparse before Python 3.14 shows the file's name, bench.py, which `python bench.py` cannot run),
+    "python main.py" for a script."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    if spec is None:
+        return f"python {os.path.basename(sys.argv[0])}"
+    return f"python -m {spec.name.removesuffix('.__main__')}"
+
+
 class ArgumentParser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         # No abbreviations: with flags as short as A-VL's, "--k 3" would silently mean --kernel.
+        kwargs.setdefault("prog", command_name())
         super().__init__(*args, formatter_class=DefaultsHelpFormatter, allow_abbrev=False, **kwargs)
 
     def add_argument(self, *names, **kwargs):
