@@ -400,9 +400,17 @@ def test_generation_stops_at_the_context(short_context_model, loaded):
 
 @pytest.mark.parametrize("length", [CONTEXT, CONTEXT + 1, CONTEXT + 30])
 def test_prompt_at_or_over_the_context_is_a_user_error(short_context_model, length):
+    """A prompt that fills the context leaves no row for an answer: the error says how long a prompt can be."""
     model, _ = short_context_model
-    with pytest.raises(UserError, match=str(CONTEXT)):
+    with pytest.raises(UserError, match=rf"has {length} tokens, the model's context is {CONTEXT}, prompt and "
+                                        rf"answer together: shorten the prompt to at most {CONTEXT - 1} tokens"):
         greedy(model, text_ids(length), None, steps=4)
+
+
+def test_a_prompt_one_token_under_the_context_has_room_for_one_token(short_context_model):
+    model, _ = short_context_model
+    tokens, stats = greedy(model, text_ids(CONTEXT - 1), None, steps=4)
+    assert len(tokens) == 1 and stats.finish_reason == "context"
 
 
 def test_a_prompt_over_the_context_because_of_its_image_says_so(short_context_model):

@@ -372,7 +372,7 @@ def test_mistral_with_a_sliding_window_runs_as_transformers_within_it_and_stops_
     # A window the prompt fills: transformers' earliest tokens would drop out of sight, tinyavl's never do.
     edit_config(folder, lambda config: config["text_config"].__setitem__("sliding_window", prompt_len))
     model, _ = tinyavl.load_pretrained(folder, device="cpu")
-    with pytest.raises(UserError, match=f"context is {prompt_len} \\(its sliding window\\): shorten the prompt"):
+    with pytest.raises(UserError, match=f"context is {prompt_len} \\(its sliding window\\), prompt and answer together: shorten"):
         tinyavl.generate(model, **inputs, max_new_tokens=2)
     with pytest.raises(UserError, match=f"reaches {prompt_len + 2} tokens, past the decoder's sliding window"):
         model(torch.cat([inputs["input_ids"], inputs["input_ids"][:, :2]], dim=1), inputs["pixel_values"],

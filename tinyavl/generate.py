@@ -177,8 +177,10 @@ def prompt_layout(input_ids, pixel_values, config) -> tuple[int, int]:
             raise UserError(f"the image's {n_img} tokens and the {n_sys} before them fill the model's context of "
                             f"{context}{window}: no prompt with this image fits ({fewer})")
         image_part = f" ({n_img} of them the image's)" if n_img else ""
+        # At exactly the context the prompt fits, but its answer would not: the answer needs a row too.
         raise UserError(f"the prompt has {prompt_len} tokens{image_part}, the model's context is "
-                        f"{context}{window}: shorten the prompt")
+                        f"{context}{window}, prompt and answer together: shorten the prompt to at most "
+                        f"{context - 1} tokens")
     return n_sys, n_img
 
 
