@@ -18,13 +18,13 @@ import inspect
 import re
 
 # tinyavl first, before torch: in a command, a Ctrl-C while torch imports is one line (tinyavl/startup.py).
-from tinyavl.cli import ArgumentParser, first_paragraph, run_main
+from tinyavl.cli import ArgumentParser, check_stdout_open, first_paragraph, run_main
 from tinyavl.errors import UserError
 
 import torch
 
-from kernels.sparse_attention import (INTERPRETED, TRITON_AVAILABLE, _merge_splits_kernel, _split_attention_kernel,
-                                      merge_constants, split_constants)
+from kernels.sparse_attention import (COMPILE_OPTIONS, INTERPRETED, TRITON_AVAILABLE, _merge_splits_kernel,
+                                      _split_attention_kernel, merge_constants, split_constants)
 
 ARCHS = (80, 90)                    # compute capabilities: A100, H100 / H200
 HEAD_DIMS = (128, 64)
@@ -43,7 +43,8 @@ def compile_kernel(kernel, arch: int, types: dict, constants: dict):
     names = list(inspect.signature(kernel.fn).parameters)
     signature = {name: "constexpr" if name in constants else types.get(name, "i32") for name in names}
     constexprs = {(names.index(name),): value for name, value in constants.items()}
-    return triton_compile(ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", arch, 32))
+    return triton_compile(ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", arch, 32),
+                          options=COMPILE_OPTIONS)
 
 
 def split_types(dtype: str) -> dict:
@@ -84,6 +85,7 @@ def main(argv=None) -> None:
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES),
                         help="the dtypes of q, K and V to compile for")
     args = parser.parse_args(argv)
+    check_stdout_open("results")
     if not TRITON_AVAILABLE:
         raise UserError("compiling the kernels needs Triton: pip install triton")
     if INTERPRETED:

@@ -443,6 +443,11 @@ def split_constants(group: int, head_dim: int, dtype: torch.dtype) -> dict:
                 DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
 
 
+# Triton's compile options, pinned: FP fusion (a * b + c as one rounding, an FMA) is on by default up to Triton
+# 3.9 and off from 3.10; the kernels were measured with it on, and a newer Triton should not change how they round.
+COMPILE_OPTIONS = dict(enable_fp_fusion=True)
+
+
 def merge_constants(head_dim: int) -> dict:
     """The compile-time arguments of `_merge_splits_kernel`. One tile for every split count: a tile as long as
     the count (rounded up to a power of two) would be a new compiled variant each time a growing cache doubles
@@ -508,10 +513,10 @@ def sparse_decode_attention(q, k, v, index, start, scale=None, *, num_splits=Non
             n_idx, start, n_sel, rows_per_split,
             num_heads, num_kv_heads, num_splits,
             scale * LOG2_E,
-            **split_constants(group, head_dim, q.dtype),
+            **split_constants(group, head_dim, q.dtype), **COMPILE_OPTIONS,
         )
         _merge_splits_kernel[(batch * num_heads,)](
-            part_out, part_lse, out, lse, num_splits, **merge_constants(head_dim),
+            part_out, part_lse, out, lse, num_splits, **merge_constants(head_dim), **COMPILE_OPTIONS,
         )
     return (out, lse) if return_lse else out
 
