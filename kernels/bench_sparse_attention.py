@@ -147,7 +147,7 @@ def benchmark_table(image_blocks, core_fractions, batches, head_config, dtype, d
 def correctness_check(device, dtype, small):
     """The flash-attention rule on A-VL-shaped inputs, with and without GQA; raises if any case fails. A
     case the device cannot run (`why_unsupported`: bf16 below compute capability 8.0; or Triton's
-    OutOfResources: too little shared memory, fp32 at head dim 128 on a T4) is said and skipped, so that
+    OutOfResources: too little shared memory for the tiles) is said and skipped, so that
     the timing tables, in fp16, still run."""
     from triton.runtime.errors import OutOfResources  # only here: importing this module needs no Triton
 

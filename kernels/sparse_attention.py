@@ -348,8 +348,9 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 def why_unsupported(dtype: torch.dtype, head_dim: int, device: torch.device | None = None) -> str | None:
     """Why the kernel cannot run attention of this dtype and head dim on `device`, or None where it can. A
     head is one tl.dot tile dimension, a power of two of at least 16. NVIDIA GPUs have bf16 instructions
-    from compute capability 8.0 on (the A100): compiled for an older one (a V100, a T4) the kernel's bf16
-    code does not assemble ("Feature '.bf16' requires .target sm_80 or higher"). Shared memory is not
+    from compute capability 8.0 on (the A100): for an older one (a V100, a T4) some Triton releases fail to
+    assemble the kernel's bf16 code ("Feature '.bf16' requires .target sm_80 or higher") and Triton 3.9
+    emulates it; the kernel keeps off them. Shared memory is not
     weighed here: a GPU with too little refuses the launch itself (Triton's OutOfResources)."""
     if dtype not in SUPPORTED_DTYPES:
         return f"{dtype} is not one of {SUPPORTED_DTYPES}"
@@ -429,11 +430,25 @@ def integer(name: str, value) -> int:
     """value as an int if it is an integer (a Python, numpy or 0-d tensor one; not a bool, nor 4.5):
     else a ValueError naming it."""
     try:
-        if isinstance(value, bool):
+        # operator.index takes a one-element tensor of any rank, and a bool one, as an int.
+        if isinstance(value, bool) or isinstance(value, torch.Tensor) and (value.dim() or value.dtype == torch.bool):
             raise TypeError
         return operator.index(value)
     except TypeError:
         raise ValueError(f"{name} must be an integer, got {value!r}") from None
+
+
+def number(name: str, value) -> float:
+    """value as a float if it is a finite real number (not a bool, a string or a list): else a ValueError naming it."""
+    try:
+        if isinstance(value, (bool, str)):
+            raise TypeError
+        result = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(result):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return result
 
 
 def split_constants(group: int, head_dim: int, dtype: torch.dtype) -> dict:
@@ -483,7 +498,7 @@ def sparse_decode_attention(q, k, v, index, start, scale=None, *, num_splits=Non
                            "sparse_decode_attention_reference computes the same result in plain torch")
     batch, num_heads, num_kv_heads, cache_len, head_dim, n_idx, start = _check_inputs(q, k, v, index, start,
                                                                                       check_index)
-    scale = head_dim ** -0.5 if scale is None else float(scale)
+    scale = head_dim ** -0.5 if scale is None else number("scale", scale)
     group = num_heads // num_kv_heads
     n_sel = n_idx + cache_len - start
 

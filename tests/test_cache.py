@@ -1128,8 +1128,8 @@ def test_kernel_auto_falls_back_to_torch_for_heads_the_kernel_has_no_tile_for(mo
 
 
 def test_kernel_auto_keeps_bf16_off_gpus_without_bf16_instructions(monkeypatch):
-    """NVIDIA GPUs have bf16 instructions from compute capability 8.0 on; compiled for an older one (a T4:
-    7.5) the kernel's bf16 code does not assemble. There kernel='auto' takes torch for bf16 and the kernel for
+    """NVIDIA GPUs have bf16 instructions from compute capability 8.0 on; for an older one (a T4: 7.5) some
+    Triton releases fail to assemble the kernel's bf16 code, and 3.9 emulates it. There kernel='auto' takes torch for bf16 and the kernel for
     fp16 and fp32, and kernel='triton' on bf16 is a one-line error naming the capability; an 8.0 GPU (an A100)
     takes the kernel for bf16 too."""
     kernels = pytest.importorskip("kernels.sparse_attention")

@@ -370,6 +370,11 @@ def _bad_inputs():
         "nothing selected": ((q, k, v, index[:, :0], 10), "nothing to attend"),
         "row listed twice": ((q, k, v, torch.cat([index[:, :2], index[:, :1]], dim=1), start), "twice"),
         "start not an integer": ((q, k, v, index, 4.5), "start must be an integer"),
+        "start a bool tensor": ((q, k, v, index, torch.tensor(True)), "start must be an integer"),
+        "start a tensor of one row": ((q, k, v, index, torch.tensor([start])), "start must be an integer"),
+        "scale not a number": ((q, k, v, index, start, "0.5"), "scale must be a number"),
+        "scale a list": ((q, k, v, index, start, [0.5]), "scale must be a number"),
+        "scale infinite": ((q, k, v, index, start, float("inf")), "scale must be finite"),
         "no sample": ((q[:0], k[:0], v[:0], index[:0], start), "a sample and a head"),
         "index a list": ((q, k, v, index.tolist(), start), "must be torch tensors"),
     }
@@ -475,11 +480,11 @@ def test_fp32_inputs_are_multiplied_in_fp32_not_tf32(kernel, monkeypatch):
 def test_integer_arguments_may_be_numpy_or_tensor_integers(kernel):
     q, k, v, index, start = random_case(1, 2, 1, 16, 9, 6, 3, torch.float32)
     expected = kernel(q, k, v, index, start, num_splits=1)
-    for as_given in (np.int64(start), torch.tensor(start)):
-        assert torch.equal(kernel(q, k, v, index, as_given, num_splits=np.int32(1)), expected)
+    for as_given, splits in ((np.int64(start), np.int32(1)), (torch.tensor(start), torch.tensor(1))):
+        assert torch.equal(kernel(q, k, v, index, as_given, num_splits=splits), expected)
 
 
-@pytest.mark.parametrize("num_splits", [0, 2.5, True])
+@pytest.mark.parametrize("num_splits", [0, 2.5, True, torch.tensor(True)])
 def test_launcher_rejects_a_bad_split_count(kernel, num_splits):
     q, k, v, index, start = random_case(1, 2, 1, 16, 5, 3, 2, torch.float32)
     with pytest.raises(ValueError, match="num_splits must be an integer"):
