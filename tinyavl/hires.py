@@ -24,9 +24,15 @@ A binary map max-pooled is the max-pooled normalised attention thresholded (both
 does both); `top_blocks` takes a fixed number of blocks instead, a budget a test or a benchmark can hold
 fixed.
 
-**Choice:** 24 rows do not split evenly into 9 windows; the pooling is PyTorch's adaptive max pooling,
-whose window i covers rows floor(24 i / 9) .. ceil(24 (i + 1) / 9) - 1, so some neighbouring windows
-share a row. Block i of the high-resolution map is still exactly the i-th ninth of the image.
+24 rows do not split evenly into 9 windows; the pooling is PyTorch's adaptive max pooling, as in the
+authors' code, whose window i covers rows floor(24 i / 9) .. ceil(24 (i + 1) / 9) - 1, so some
+neighbouring windows share a row. Block i of the high-resolution map is still exactly the i-th ninth of
+the image.
+
+**Choice:** the authors' code, whose images are padded to a square, also sets to 0 the attention on the
+grid rows (or columns) that a non-square image's padding fills, before step 1. tinyavl does not: the toy's
+images are square, and llava-hf's LLaVA-1.5 processor crops rather than pads. On an image padded to a
+square (do_pad) the padded border can then be chosen, where the authors' code would never choose it.
 """
 import operator
 
