@@ -240,6 +240,14 @@ def test_float_image_is_read_as_0_to_255():
     assert_close(processor_for().preprocess(image), hf_pixels(image, SIZE, SIZE))
 
 
+@pytest.mark.parametrize("size", [(0, 5), (5, 0), (0, 0)])
+def test_an_image_object_without_pixels_is_a_user_error(size):
+    """PIL makes a 0-pixel-wide image (no file it decodes holds one): the Python API says so in one line."""
+    processor = processor_for()
+    with pytest.raises(UserError, match=rf"the image is {size[0]}x{size[1]} pixels: it has no pixel to read"):
+        processor(processor.chat_prompt("What is it?"), Image.new("RGB", size))
+
+
 def test_bad_image_files(tmp_path):
     with pytest.raises(UserError, match="not found"):
         load_image(tmp_path / "missing.png")

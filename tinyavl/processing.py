@@ -133,7 +133,11 @@ def upright(img: Image.Image) -> Image.Image:
 
 def rgb_image(image) -> Image.Image:
     """An image file's path (read by load_image) or a PIL image, as 8-bit RGB."""
-    return load_image(image) if isinstance(image, (str, os.PathLike)) else to_rgb(image)
+    if isinstance(image, (str, os.PathLike)):
+        return load_image(image)
+    if min(image.size) == 0:  # PIL makes such images, though no file it decodes holds one
+        raise UserError(f"the image is {image.width}x{image.height} pixels: it has no pixel to read")
+    return to_rgb(image)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -526,19 +530,33 @@ def centred(img: Image.Image, width: int, height: int, colour=(0, 0, 0)) -> Imag
     return canvas
 
 
-SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
+# The named special tokens of transformers 5 (SPECIAL_TOKENS_ATTRIBUTES), which a chat template may write.
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
 def read_special_tokens(path: Path) -> dict:
-    """{name: token} for the SPECIAL_TOKEN_NAMES tokenizer_config.json declares (a string, or an AddedToken
-    object with its "content"; null: none). Nothing for a name it leaves out, or without the file: transformers
-    5 loads a llava or llava_next folder's tokenizer.json as it is (TokenizersBackend, never a Llama tokenizer
-    class with its default <s>, </s> and <unk>)."""
+    """{name: token} for the special tokens tokenizer_config.json declares, as transformers 5 hands them to a
+    chat template (`special_tokens_map`): the SPECIAL_TOKEN_NAMES it gives, the named tokens of its
+    extra_special_tokens and model_specific_special_tokens (objects), and any other name ending in _token
+    that holds a token ("image_token": "<image>"; not "add_bos_token": true). A token is a string, or an
+    AddedToken object with its "content"; null: none. Nothing for a name it leaves out, or without the file:
+    transformers 5 loads a llava or llava_next folder's tokenizer.json as it is (TokenizersBackend, never a
+    Llama tokenizer class with its default <s>, </s> and <unk>)."""
     declared = read_json_object(path, optional=True) or {}
-    tokens = {}
+
+    def token_of(value):
+        return value.get("content") if isinstance(value, dict) else value
+
+    tokens = {name: token_of(value) for name, value in declared.items()
+              if name.endswith("_token") and name not in SPECIAL_TOKEN_NAMES and isinstance(token_of(value), str)}
+    for group in ("extra_special_tokens", "model_specific_special_tokens"):
+        named = declared.get(group)
+        for name, value in (named.items() if isinstance(named, dict) else ()):  # a list names none
+            if not isinstance(token_of(value), str):
+                raise UserError(f"{path} has {group} {name!r} = {value!r}: it must be a token (a string)")
+            tokens[name] = token_of(value)
     for name in SPECIAL_TOKEN_NAMES:
-        token = declared.get(name)
-        token = token.get("content") if isinstance(token, dict) else token
+        token = token_of(declared.get(name))
         if token is not None and not isinstance(token, str):
             raise UserError(f"{path} has {name} {declared[name]!r}: it must be a token (a string), or null")
         if token is not None:
