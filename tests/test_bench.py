@@ -488,11 +488,12 @@ def test_cuda_without_cuda_is_a_usage_error(capsys):
 
 @pytest.mark.parametrize("argv", [["--image-tokens", "3"], ["--image-tokens", "576", "4028"],
                                   ["--image-tokens", "3700", "--new-tokens", "400"], ["--lay", "1"],
-                                  ["--new-tokens", "1"], ["--layers", "0"]])
+                                  ["--new-tokens", "1"], ["--layers", "0"], ["--dtypes", "float32", "float32"]])
 def test_blocks_that_do_not_fit_and_abbreviations_are_usage_errors(argv, monkeypatch, capsys):
     """Before any model is built: A-VL needs a core of at least one row (floor(0.3 x 4)), the prompt
     (N_SYS + N_img + N_TEXT) plus the longest run (256 tokens, or --new-tokens) must fit 4096 positions, a
-    run needs a decode step to time (--new-tokens 2 or more) and a layer to run (--layers 1 or more)."""
+    run needs a decode step to time (--new-tokens 2 or more) and a layer to run (--layers 1 or more), and
+    a dtype is run once (its results are kept by dtype)."""
     monkeypatch.setattr(bench, "random_model", lambda *a, **k: pytest.fail("built a model first"))
     with pytest.raises(SystemExit) as exit_:
         bench.main(argv)

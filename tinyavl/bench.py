@@ -8,7 +8,8 @@
 The decoder layers have the real shapes (hidden 4096, 32 heads x 128, MLP 11008, vocab 32064); only
 their number is cut so that the model fits a small machine. 4 is the fewest at which every default
 applies (both filters drop after layer filter_layer - 1: FastV's 1, A-VL's prefill filter's 2). The image
-block is random features of the given length standing in for CLIP's output: LLaVA-1.5 has 576, a
+block is random features of the given length standing in for the projected image features (CLIP's
+output after LLaVA's projector, as wide as the decoder): LLaVA-1.5 has 576, a
 LLaVA-1.6 672x672 image 2928. The policies act on the decoder, which is what is measured.
 
 A decode step is memory-bound: it cannot take less than the bytes it must read (every decoder weight,
@@ -618,6 +619,8 @@ def main(argv=None):
         parser.error(str(err))
     if args.image_tokens is None:
         args.image_tokens = [576, 2928] if args.arch == "llava" else [next_image_tokens(hw) for hw in NEXT_IMAGES]
+    if len(set(args.dtypes)) < len(args.dtypes):  # the results are kept by dtype: a repeat would replace its first run
+        parser.error(f"--dtypes names a dtype twice: {' '.join(args.dtypes)}")
     if args.new_tokens < 2:
         parser.error(f"--new-tokens must be at least 2 (a decode step to time), got {args.new_tokens}")
     if args.layers < 1:
