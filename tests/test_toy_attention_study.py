@@ -320,3 +320,17 @@ def test_a_flexattention_toy_is_refused(capsys):
     from tinyavl.cli import HIRES_TOY_WEIGHTS
     assert attention_study.main(["--weights", str(HIRES_TOY_WEIGHTS), "--n", "1"]) == 2
     assert "FlexAttention" in capsys.readouterr().err
+
+
+def test_a_model_whose_image_tokens_are_not_the_scene_patches_is_refused(tmp_path, capsys):
+    """The measures read image token i as the scene's patch i: the toy keeping CLIP's CLS token (145 image
+    tokens, the first not a patch) is refused, where every measure would be off by one token."""
+    import shutil
+    from tinyavl.cli import TOY_WEIGHTS
+    folder = shutil.copytree(TOY_WEIGHTS, tmp_path / "toy-cls")
+    config = json.loads((folder / "config.json").read_text())
+    config["vision_feature_select_strategy"] = "full"
+    (folder / "config.json").write_text(json.dumps(config))
+    assert attention_study.main(["--weights", str(folder), "--n", "1"]) == 2
+    assert "as 145 image tokens: the study reads each image token as one of the scenes' 12 x 12 patches" in (
+        capsys.readouterr().err)

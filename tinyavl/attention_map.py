@@ -10,7 +10,8 @@ at high resolution, as the tiles show it once the padding is cut away; its newli
   (darkened). Policies other than A-VL compute every image token they store.
 - right, the last prompt token's attention over the image tokens in that layer (mean over heads, dense
   attention): where the model looks when it starts to answer. The colour scale under it runs from 0 to
-  the largest share one token receives. With a threshold (`--hires-threshold`), the blocks that
+  the largest share one token receives, as the red's strength (drawn over mid-grey; a cell keeps the
+  image's light and dark under its red). With a threshold (`--hires-threshold`), the blocks that
   FlexAttention's selection takes from that attention are framed in blue (tinyavl/hires.py): the
   squares of the image a FlexAttention model would read again at high resolution in the next layer
   (LLaVA-1.6: on the base crop, the low-resolution view).
@@ -215,7 +216,9 @@ def draw_attention_map(image: Image.Image, roles: torch.Tensor, heat: torch.Tens
                             round((i + 1) * height / n) - 1), outline=BLOCK, width=2)
     canvas.paste(right, (panel + 10, top))
 
-    # The colour scale: the same red over the same grey, from 0 (left) to the peak share (right).
+    # The colour scale: the red's opacity from 0 (left) to the peak share (right), over mid-grey. A cell
+    # also shows the image under it (half grey), so over a dark part it is darker than the bar at its
+    # share: the red's strength, not the brightness, is the share.
     bar = Image.new("RGB", (PANEL, 10), (128, 128, 128))
     ramp = ImageDraw.Draw(bar, "RGBA")
     for x in range(PANEL):

@@ -55,7 +55,7 @@ from tinyavl.model import attention
 from tinyavl.toy.evaluate import (AVL_CHOICE_ONLY, answer_text, clustered_wilson_interval, evaluate, format_interval,
                                   held_out_set, markdown_table)
 from tinyavl.toy.plot import save_line_plot
-from tinyavl.toy.scenes import GRID, parse_caption
+from tinyavl.toy.scenes import GRID, IMAGE_SIZE, PATCH, parse_caption
 
 LONG_ANSWER_KINDS = ("where", "caption")  # the others are one word, computed by the prefill before any eviction
 AVL_DEFAULTS = AVLCache()
@@ -422,6 +422,13 @@ def run(args) -> dict:
         # Its scenes would have to be fine ones, read through its high-resolution view at every step.
         raise UserError(f"{args.weights} is a FlexAttention toy: the study asks plain scenes at the low "
                         "resolution, the first toy's (weights/toy)")
+    vision, side = model.config.vision, IMAGE_SIZE // PATCH
+    if (vision.image_size, vision.patch_size, model.config.num_image_tokens) != (IMAGE_SIZE, PATCH, side ** 2):
+        # Its measures read image token i as the scene's patch i (SceneObject.patches).
+        raise UserError(f"{args.weights} sees {vision.image_size} px images in {vision.patch_size} px patches as "
+                        f"{model.config.num_image_tokens} image tokens: the study reads each image token as one "
+                        f"of the scenes' {side} x {side} patches, the toy's "
+                        f"({IMAGE_SIZE} px, {PATCH} px patches, no CLS token)")
     questions = held_out_set(args.seed, args.n)
     captions = caption_questions(questions)
     recordings = record_captions(model, processor, captions)
