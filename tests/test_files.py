@@ -471,3 +471,25 @@ def test_a_loop_of_links_is_one_line(tmp_path):
     loop.symlink_to(loop)
     with pytest.raises(UserError):
         check_output_file(loop, "--attention-map", inputs=[IMAGE], replace=True)
+
+
+@pytest.mark.parametrize("code", [errno.EINVAL, errno.EBADF, errno.ENOTSUP])
+def test_a_folder_the_system_cannot_sync_is_left_as_it_is_but_not_a_file(tmp_path, monkeypatch, code):
+    """Some file systems refuse fsync on a folder (EINVAL, EBADF, ENOTSUP): the write goes on. The same refusal
+    for a file's bytes, or another error for a folder (EIO: the disk failed), stops it."""
+    folder, file = tmp_path / "out", tmp_path / "out.txt"
+    folder.mkdir()
+    file.write_text("answer")
+    errors = {folder.resolve(): code, file.resolve(): code}
+
+    def refusing(descriptor):  # the path the descriptor was opened on, as Linux names it
+        path = Path(os.readlink(f"/proc/self/fd/{descriptor}"))
+        raise OSError(errors[path], os.strerror(errors[path]))
+
+    monkeypatch.setattr(os, "fsync", refusing)
+    files_module.to_disk(folder)
+    with pytest.raises(OSError):
+        files_module.to_disk(file)
+    errors[folder.resolve()] = errno.EIO
+    with pytest.raises(OSError):
+        files_module.to_disk(folder)

@@ -539,6 +539,23 @@ def test_a_benchmark_case_waits_for_its_inputs_before_timing(monkeypatch):
     assert events == ["inputs", "synchronize", "time", "time", "time"]
 
 
+def test_a_benchmark_row_holds_its_times_ratios_and_bandwidth(monkeypatch):
+    """A row from known timings (kernel 0.5 ms, gather 1.5, dense 2.0): the times in us, the speed-ups 3x and
+    4x, and the kernel's bytes (`kernel_bytes`, checked by hand above) over 0.5 ms, as GB/s and as a share of
+    a 100 GB/s peak."""
+    made, make_inputs = [], bench.make_avl_decode_inputs
+    monkeypatch.setattr(bench, "make_avl_decode_inputs", lambda *args: made.append(make_inputs(*args)) or made[-1])
+    monkeypatch.setattr(bench, "synchronize", lambda: None)
+    timings = iter([0.5, 1.5, 2.0])
+    row = bench.benchmark_case(1, 40, 0.3, (4, 2, 16, 3, 5), torch.float32, DEVICE, lambda fn: next(timings),
+                               peak_gbps=100.0)
+    q, k, _, index, start = made[0]
+    gbps = bench.kernel_bytes(q, k, index, start) / 0.5e-3 / 1e9
+    n_sel = index.shape[1] + k.shape[2] - start
+    assert row.split() == ["1", "40", "0.3", str(n_sel), "|", "500.0", "1500.0", "2000.0", "|", "3.00x", "4.00x",
+                           "|", f"{gbps:.1f}", f"{gbps:.1f}"]  # 100 GB/s: the share in percent is the rate
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_error_report_passes_the_exact_answer_and_fails_wrong_ones(monkeypatch, dtype):
     """The acceptance rule, with the kernel replaced: the float64 truth rounded to the dtype passes; the

@@ -425,8 +425,7 @@ def test_error_misshaped_tensor_is_listed_with_both_shapes(good_folder):
     key = "multi_modal_projector.linear_2.weight"  # [64, 64] in the model
     rewrite_weights(good_folder, lambda t: t.__setitem__(key, torch.zeros(64, 63)))
     message = load_error(good_folder)
-    assert key in message
-    assert re.search(r"64\D{1,3}63", message) and re.search(r"64\D{1,3}64", message), message
+    assert f"{key} [64, 63] (model expects [64, 64])" in message, message  # the file's shape, then the model's
 
 
 def test_error_misshaped_tensor_in_another_layout_is_listed(tiny_ckpt, tmp_path):
@@ -434,8 +433,7 @@ def test_error_misshaped_tensor_in_another_layout_is_listed(tiny_ckpt, tmp_path)
     key = "model.language_model.layers.0.self_attn.k_proj.weight"  # [64, 64] in the model
     rewrite_weights(folder, lambda t: t.__setitem__(key, torch.zeros(32, 64)))
     message = load_error(folder)
-    assert "layers.0.self_attn.k_proj.weight" in message, message
-    assert re.search(r"32\D{1,3}64", message) and re.search(r"64\D{1,3}64", message), message
+    assert f"{key} [32, 64] (model expects [64, 64])" in message, message  # named as the file names it
 
 
 @pytest.mark.parametrize("where,model_type", [("text_config", "qwen2"), ("top", "llava_onevision")])

@@ -60,6 +60,14 @@ def test_clustered_interval_by_hand():
     # it narrows the interval, never the other way round.
     assert clustered_wilson_interval([4], [6]) == pytest.approx(wilson_interval(4 / 6, 1))
     assert clustered_wilson_interval([6], [6])[0] < clustered_wilson_interval([6, 6], [6, 6])[0]
+    # Scenes of different sizes (a caption's objects): 4 of 4, 0 of 2, 1 of 2, p = 5/8. The ratio estimator
+    # weighs each scene's miss r - p a by its size: (1.5, -1.25, -0.25) over the mean size 8/3 is
+    # (0.5625, -0.46875, -0.09375); their squares' sum over 3 x 2 scenes, 0.0908203125, against
+    # p (1 - p) / 8 = 0.029296875 for independent prompts: a design effect of 3.1.
+    assert clustered_wilson_interval([4, 0, 1], [4, 2, 2]) == pytest.approx(wilson_interval(5 / 3.1, 8 / 3.1))
+    # 2 of 2, 0 of 1, 3 of 5: misses (0.75, -0.625, -0.125) weighed so make a design effect of 0.775, held
+    # at 1 (the scenes' shares 1, 0, 0.6 unweighed would make 3.03).
+    assert clustered_wilson_interval([2, 0, 3], [2, 1, 5]) == pytest.approx(wilson_interval(5, 8))
 
 
 def test_clustered_interval_covers_the_truth_95_percent_of_the_time_where_wilsons_does_not():

@@ -24,8 +24,9 @@ from tinyavl.toy.scenes import (DIGIT_COLOUR, FINE_SCALE, IMAGE_SIZE, MIN_PATCH_
                                  SceneStream)
 from tinyavl.toy import train as train_module
 from tinyavl.toy.train import (PATCH_CLASSES, PLACES, PatchProbe, SceneReadout, chat_example, hf_config,
-                               hide_image_tokens, hide_rectangles, make_batch, patch_targets, place_targets,
-                               pretrain_vision, readout_recall, save_pretrained, sincos_2d, train, train_tokenizer, tune)
+                               hide_image_tokens, hide_rectangles, learning_rate, losses, make_batch, patch_targets,
+                               place_targets, pretrain_vision, readout_recall, save_pretrained, sincos_2d, train,
+                               train_tokenizer, tune, warmup_steps)
 
 TINY = dict(vision_width=32, vision_layers=1, text_width=32, text_layers=2)
 
@@ -116,6 +117,29 @@ def test_chat_example_trains_only_the_answers():
     assert ids[:first_answer] == at_inference.tolist()
 
 
+def test_the_answer_loss_predicts_each_answer_token_from_the_row_before():
+    """losses' answer loss by hand: the mean over the labelled tokens (the answers') of -log p(token), p the
+    softmax of the row before it."""
+    model, processor, _ = train(steps=1, batch_size=2, config_overrides=TINY, log=lambda *_: None)
+    batch = make_batch(SceneStream("eval", 1), processor, 2, 2, processor.tokenizer.token_to_id("<pad>"))
+    probe = PatchProbe(processor.tokenizer, model.config.text.hidden_size)
+    with torch.no_grad():
+        answer_loss, _ = losses(model, probe, batch)
+        logits = model(batch["input_ids"], batch["pixel_values"])                          # (B, T, vocab)
+    terms = [-torch.log_softmax(logits[b, t - 1].double(), -1)[label]
+             for b, row in enumerate(batch["labels"].tolist()) for t, label in enumerate(row) if label != -100]
+    assert len(terms) > 4 and answer_loss.item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-5)
+
+
+def test_learning_rate_warms_up_then_decays_to_a_tenth_by_hand():
+    """110 steps, 10 of warm-up, peak 1: step s < 10 is (s + 1) / 10; then 0.1 + 0.9 (1 + cos(pi x)) / 2
+    at x = (s - 10) / 100 of the decay: 1 at its start, 0.55 halfway, 0.1 at its end."""
+    assert [learning_rate(s, 110, 1.0, 10) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert [learning_rate(s, 110, 1.0, 10) for s in (10, 60, 110)] == pytest.approx([1.0, 0.55, 0.1])
+    assert learning_rate(60, 110, 3e-3, 10) == pytest.approx(0.55 * 3e-3)
+    assert (warmup_steps(1000, 300), warmup_steps(9000, 300), warmup_steps(5, 300)) == (101, 300, 1)
+
+
 def test_batch_shapes_and_padding():
     tokenizer = train_tokenizer()
     image_id = tokenizer.token_to_id("<image>")
@@ -128,6 +152,13 @@ def test_batch_shapes_and_padding():
     assert batch["pixel_values"].shape == (4, 3, IMAGE_SIZE, IMAGE_SIZE)
     assert batch["patch_targets"].shape == (4, n_img, 3)
     assert (batch["labels"][batch["input_ids"] == pad] == -100).all(), "padding is never trained"
+    # Each row is its scene's chat (the same stream replayed), its labels chat_example's (the answers only),
+    # padded on the right.
+    replay = SceneStream("eval", 1)
+    for b in range(B):
+        ids, labels, _ = chat_example(*next(replay), processor, 2)
+        assert batch["input_ids"][b].tolist() == ids + [pad] * (T - len(ids))
+        assert batch["labels"][b].tolist() == labels + [-100] * (T - len(labels))
 
 
 def test_patch_targets_mark_every_patch_that_shows_the_object():
@@ -250,7 +281,7 @@ def test_tuning_hides_image_tokens_in_every_sequence(mask_kind, monkeypatch):
     assert len(seen) == 3
     for input_ids, mask in seen:
         hidden = mask == 0
-        assert hidden.any() and (input_ids[hidden] == model.config.image_token_id).all()
+        assert hidden.any(1).all() and (input_ids[hidden] == model.config.image_token_id).all()  # every row
 
 
 def test_image_dropout_hides_only_image_tokens_uniformly_and_is_seeded():
