@@ -41,6 +41,27 @@ def test_the_committed_examples_are_what_the_trainers_draw(tmp_path, folder, fin
             assert ours.size == theirs.size and ours.tobytes() == theirs.tobytes(), picture.name
 
 
+@pytest.mark.parametrize("folder", ["toy", "toy-nodrop", "toy-hires", "toy-tiles"])
+def test_transformers_processor_makes_the_committed_toys_inputs(folder):
+    """Each committed folder is a llava-hf one for transformers' processor too (processor_config.json's
+    patch_size and vision_feature_select_strategy count an image's tokens there): the same text and picture
+    give tinyavl's input_ids, pixel_values and, for the LLaVA-1.6 toy, image_sizes."""
+    from PIL import Image
+    transformers = pytest.importorskip("transformers")
+    path = TOY.parent / folder
+    _, processor = tinyavl.load_pretrained(path, device="cpu")
+    text = processor.chat_prompt("What colour is the circle?")
+    with Image.open(path / "examples" / "scene-1.png") as picture:
+        image = picture.convert("RGB")
+    ours = processor(text, image=image)
+    theirs = transformers.AutoProcessor.from_pretrained(path, backend="pil")(images=image, text=text,
+                                                                             return_tensors="pt")
+    assert torch.equal(theirs["input_ids"], ours["input_ids"])
+    torch.testing.assert_close(theirs["pixel_values"], ours["pixel_values"], atol=1e-6, rtol=0)
+    if "image_sizes" in theirs:
+        assert theirs["image_sizes"].tolist() == ours["image_sizes"].tolist()
+
+
 @pytest.fixture(scope="module")
 def toy():
     return tinyavl.load_pretrained(TOY, device="cpu")

@@ -66,11 +66,15 @@ def test_written_folder_loads_like_a_llava_hf_checkpoint(trained, tmp_path):
     expected = model(inputs["input_ids"], inputs["pixel_values"])
     assert torch.equal(loaded(inputs["input_ids"], inputs["pixel_values"]), expected)
 
-    # transformers reads the same folder as a LlavaForConditionalGeneration: the layout is the published one.
+    # transformers reads the same folder as a LlavaForConditionalGeneration and its processor, from the same
+    # text and picture, makes the same inputs: the layout is the published one.
     transformers = pytest.importorskip("transformers")
     hf = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    hf_inputs = transformers.AutoProcessor.from_pretrained(tmp_path, backend="pil")(
+        images=scene.image(), text=loaded_processor.chat_prompt("What colour is the circle?"), return_tensors="pt")
+    assert torch.equal(hf_inputs["input_ids"], inputs["input_ids"])
     with torch.no_grad():
-        hf_logits = hf(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"]).logits
+        hf_logits = hf(input_ids=hf_inputs["input_ids"], pixel_values=hf_inputs["pixel_values"]).logits
     assert (hf_logits - expected).abs().max() < 1e-4
 
 

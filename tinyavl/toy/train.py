@@ -8,7 +8,7 @@ decoder with grouped-query attention. Prompts are LLaVA-1.5's own conversation, 
 "<s> A chat between ... questions. USER: <image>\n{question} ASSISTANT:", so the image block (144
 tokens) dominates the prompt (32 sys tokens before it, 6-11 of question after), as LLaVA's 576 do. The
 folder it writes (config.json, model.safetensors, tokenizer.json, preprocessor_config.json,
-processor_config.json with the system prompt) loads through `tinyavl.load_pretrained` exactly as a real
+processor_config.json with the system prompt and a llava-hf processor's keys) loads through `tinyavl.load_pretrained` exactly as a real
 llava-1.5-7b-hf folder does, and through transformers too.
 
 What makes such a small model learn the task in an hour rather than a day:
@@ -845,7 +845,7 @@ def hf_config(config: LlavaConfig) -> dict:
 
 def save_pretrained(model: LlavaForConditionalGeneration, processor: Processor, out: Path) -> None:
     """Write config.json, model.safetensors, tokenizer.json, preprocessor_config.json and
-    processor_config.json (the system prompt) into the folder `out`."""
+    processor_config.json (the system prompt, and a llava-hf processor's keys) into the folder `out`."""
     tensors = {key: t.detach().contiguous() for key, t in model.state_dict().items()}
     # CLIP's post_layernorm is part of the published layout although LLaVA never applies it.
     width = model.config.vision.hidden_size
@@ -864,7 +864,12 @@ def save_pretrained(model: LlavaForConditionalGeneration, processor: Processor, 
         preprocessor.update(image_grid_pinpoints=config["image_grid_pinpoints"],
                             image_processor_type="LlavaNextImageProcessor", aspect_ratio_setting="anyres")
     (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
-    (out / "processor_config.json").write_text(json.dumps({"system_prompt": processor.system_prompt}, indent=2) + "\n")
+    # What a llava-hf processor_config.json holds, with which transformers' processor counts an image's
+    # tokens (the tower's patch size, and its CLS token, which "default" drops), and the toy's system prompt.
+    processor_config = {"num_additional_image_tokens": 1, "patch_size": model.config.vision.patch_size,
+                        "system_prompt": processor.system_prompt,
+                        "vision_feature_select_strategy": model.config.vision_feature_select_strategy}
+    (out / "processor_config.json").write_text(json.dumps(processor_config, indent=2) + "\n")
 
 
 def write_examples(out: Path, n: int = 4, fine: bool = False) -> None:
