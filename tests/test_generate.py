@@ -246,7 +246,8 @@ TOP_K_CASES = [
 @pytest.mark.parametrize("logits, temperature, top_k, top_p", TOP_K_CASES)
 def test_sample_draws_from_transformers_temperature_top_k_and_top_p(logits, temperature, top_k, top_p):
     """The distribution transformers' generate samples from, made by its own warpers in its order
-    (temperature, top-k, top-p; top_k 0 leaves no TopKLogitsWarper, as generate adds none then)."""
+    (temperature, top-k, top-p; top_k 0 leaves no TopKLogitsWarper, as generate adds none then). No case puts
+    tied tokens across the nucleus' edge, where the two keep different ones of them (README)."""
     from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
                                                         TopPLogitsWarper)
     warpers = [TemperatureLogitsWarper(temperature)] + ([TopKLogitsWarper(top_k)] if top_k else [])
