@@ -31,7 +31,7 @@ from cache_helpers import (build_model, last_row_head_mean, make_prompt, masked,
                            one_thread, positions_per_head, recording, run_steps, scores_per_head, top_positions)
 from tinyavl.cache import (POLICIES, ROW_BUCKET, AVLCache, FastVCache, H2OCache, KVCache, LastRow, Param, RandomCache,
                            StreamingCache, causal_column_sums, contiguous_runs, decode_attention, heavy_plus_recent,
-                           image_filter, make_cache, read_end, require_triton, share)
+                           floor_count, image_filter, make_cache, read_end, require_triton)
 from tinyavl.cli import flag
 from tinyavl.errors import UserError
 from tinyavl.generate import image_segments
@@ -76,16 +76,16 @@ def full_reference(name: str):
 
 def exact_floor(fraction, n: int) -> int:
     """floor(fraction x n) of the decimal as written (0.7 x 90 = 63), in whole numbers: apart from the cache's
-    own `share`."""
+    own `floor_count`."""
     return round(fraction * 10 ** 6) * n // 10 ** 6
 
 
 def test_a_share_of_tokens_is_counted_in_decimals():
     """Binary floats put 0.7 x 90, 0.29 x 100 and (1 - 0.8) x 25 just below 63, 29 and 5."""
     for fraction, n, count in [(0.7, 90, 63), (0.29, 100, 29), (0.5, 2928, 1464), (0.3, 2928, 878), (0.1, 9, 0)]:
-        assert share(fraction, n) == exact_floor(fraction, n) == count
-    assert share(1 - Fraction("0.8"), 25) == 5
-    assert share(np.float64(0.7), 90) == 63                 # numpy's float64, a float a caller may pass
+        assert floor_count(fraction, n) == exact_floor(fraction, n) == count
+    assert floor_count(1 - Fraction("0.8"), 25) == 5
+    assert floor_count(np.float64(0.7), 90) == 63                 # numpy's float64, a float a caller may pass
 
 
 def is_image(p, n_sys, n_img):
@@ -796,7 +796,7 @@ def test_valid_edges_accepted():
     assert (cache.S, cache.C, cache.K) == (0.5, 0.25, 2) and type(cache.S) is float and type(cache.K) is int
     # float32's 0.7 is 0.699999988 in binary: taken as the 0.7 it prints as, its share of 90 is 63, not 62
     recent = make_cache("h2o", recent=np.float32(0.7)).recent
-    assert recent == 0.7 and share(recent, 90) == 63
+    assert recent == 0.7 and floor_count(recent, 90) == 63
     make_cache("random", random_seed=-2 ** 63)
 
 
@@ -1129,9 +1129,9 @@ def test_kernel_auto_falls_back_to_torch_for_heads_the_kernel_has_no_tile_for(mo
 
 def test_kernel_auto_keeps_bf16_off_gpus_without_bf16_instructions(monkeypatch):
     """NVIDIA GPUs have bf16 instructions from compute capability 8.0 on; for an older one (a T4: 7.5) some
-    Triton releases fail to assemble the kernel's bf16 code, and 3.9 emulates it. There kernel='auto' takes torch for bf16 and the kernel for
-    fp16 and fp32, and kernel='triton' on bf16 is a one-line error naming the capability; an 8.0 GPU (an A100)
-    takes the kernel for bf16 too."""
+    Triton releases fail to assemble the kernel's bf16 code, and 3.9 emulates it. There kernel='auto' takes
+    torch for bf16 and the kernel for fp16 and fp32, and kernel='triton' on bf16 is a one-line error naming
+    the capability; an 8.0 GPU (an A100) takes the kernel for bf16 too."""
     kernels = pytest.importorskip("kernels.sparse_attention")
     if not kernels.TRITON_AVAILABLE:
         pytest.skip("Triton is not installed")

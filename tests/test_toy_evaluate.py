@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image, ImageFont
 
-from tinyavl.cache import as_decimal, share
+from tinyavl.cache import as_decimal, floor_count
 from tinyavl.toy import evaluate as evaluate_module
 from tinyavl.toy.evaluate import (ABLATIONS, BUDGETS, FASTV_MAX_R, PROMPT_KINDS, SWEEP_POLICIES, Question, Tally,
                                   budget_params, budget_sweep, caption_errors, caption_objects_right,
@@ -108,13 +108,13 @@ def test_budget_params_hold_randoms_bytes():
     # keeps as many as the exact one, 2/3 (floor(n / 3)), on every image up to 2928 tokens (the toy's 144:
     # 48, where R = 0.6667 kept 47); at any depth and budget it never keeps fewer than the exact R does.
     fastv_r = budget_params("fastv", 0.5, 0.65, 4)["R"]
-    assert all(share(1 - as_decimal(fastv_r), n) == n // 3 for n in range(1, 2929))
+    assert all(floor_count(1 - as_decimal(fastv_r), n) == n // 3 for n in range(1, 2929))
     for n_layers, image_keep in [(4, 0.75), (12, 0.5), (32, 0.25), (32, 0.7)]:
         exact_r = (1 - Fraction(str(image_keep))) * n_layers / (n_layers - 1)
         fastv_r = budget_params("fastv", image_keep, 0.65, n_layers)["R"]
         assert 0 <= exact_r - as_decimal(fastv_r) < Fraction(1, 10_000)
-        assert all(share(1 - as_decimal(fastv_r), n) >= math.floor((1 - exact_r) * n) for n in range(1, 2929))
-    assert share(1 - as_decimal(FASTV_MAX_R), 144) >= 1  # FastV at its cap keeps one of the toy's 144 image tokens
+        assert all(floor_count(1 - as_decimal(fastv_r), n) >= math.floor((1 - exact_r) * n) for n in range(1, 2929))
+    assert floor_count(1 - as_decimal(FASTV_MAX_R), 144) >= 1  # FastV at its cap keeps one of the 144 image tokens
     with pytest.raises(ValueError):
         budget_params("full", 0.5, 0.65, 4)
     for policy in ("h2o", "streaming"):

@@ -16,7 +16,7 @@ The recording is dense attention (the `full` policy): what the model does when n
 
 import torch
 
-from tinyavl.cache import KVCache, last_row_probs, share
+from tinyavl.cache import KVCache, floor_count, last_row_probs
 from tinyavl.generate import generate
 
 
@@ -67,7 +67,7 @@ def segment_sizes(n: int, n_sys: int, n_img: int) -> dict:
 
 def top_count(n: int, p: float) -> int:
     """Size of a top-p set over n tokens: floor(p n) as the policies count (floor(S N_img)), but at least 1."""
-    return max(1, share(p, n))
+    return max(1, floor_count(p, n))
 
 
 def top_set(scores, p: float) -> set:

@@ -239,9 +239,9 @@ def is_real(x) -> bool:
 
 @dataclass(frozen=True)
 class Param:
-    """One policy parameter: its name (the flag --name), default (whose type is the parameter's), one-line
-    help, and allowed values: the range [low, high] with `ends` saying which are open (None: unbounded on
-    that side), or `choices`."""
+    """One parameter (of a policy, of generation, or a seed): its name (the flag --name), default (whose type
+    is the parameter's), one-line help, and allowed values: the range [low, high] with `ends` saying which
+    are open (None: unbounded on that side), or `choices`."""
     name: str
     default: int | float | str
     help: str
@@ -283,7 +283,7 @@ class Param:
                 raise UserError(f"{named(self.name)} must be {'an integer' if kind is int else 'a number'}, "
                                 f"got {value!r}")
             # A float as the decimal it prints as: numpy's float32 0.7 is 0.699999988 as a Python float, whose
-            # shares (`share`) would count a token less than 0.7's. (A Fraction, which prints as 7/10, is
+            # counts (`floor_count`) would be a token less than 0.7's. (A Fraction, which prints as 7/10, is
             # converted by float() as it is.)
             value = kind(value) if kind is int or isinstance(value, numbers.Rational) else float(str(value))
             ok = self.in_range(value)
@@ -306,8 +306,9 @@ SEED_PARAM = Param("seed", 0, "the seed of a random number generator", low=-2 **
 
 
 def rate(name: str, default: float, help: str) -> Param:
-    """A fraction in (0, 1]. At 0 the part a rate measures would be empty (no image token stored, none
-    computed on a normal step, no heavy hitter, no recent window): a policy its paper does not run, refused."""
+    """A parameter that is a fraction in (0, 1]; 0 is refused: for S, C, heavy and recent it would leave
+    nothing (no image token stored, none computed on a normal step, no heavy hitter, no recent window), a
+    policy its paper does not run (A-VL's T keeps its 20 text tokens even near 0)."""
     return Param(name, default, help, low=0, high=1, ends="(]")
 
 
@@ -321,7 +322,7 @@ def as_decimal(x) -> Fraction:
     return x if isinstance(x, Fraction) else Fraction(repr(float(x)))  # float(): numpy's floats too
 
 
-def share(fraction, n: int) -> int:
+def floor_count(fraction, n: int) -> int:
     """floor(fraction x n): a policy's count of tokens, the fraction taken as a decimal: in binary floats
     0.7 x 90 is 62.99999999999999, which floor would make 62 of the 63 a reader counts."""
     return math.floor(as_decimal(fraction) * n)
@@ -330,7 +331,7 @@ def share(fraction, n: int) -> int:
 def window_length(recent: float, length: int) -> int:
     """The recent window's tokens: floor(recent x length), and at least the newest token, which a window
     of none would evict as soon as it is written (a short sequence at a small fraction)."""
-    return max(1, share(recent, length))
+    return max(1, floor_count(recent, length))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -541,7 +542,7 @@ class KVCache:
         block shared by every head, laid out in the order given; sys rows stay, and the text rows move down
         after the kept image rows."""
         k = self.k[layer]
-        first_text_row = self.n_sys + self.prefill_image_rows(layer)
+        first_text_row = self.n_sys + self.n_prefill_image_rows(layer)
         text_rows = torch.arange(first_text_row, k.shape[2], device=k.device)                # (n_text,)
         self.keep_shared_rows(layer, torch.cat([self.n_sys + image_rows.to(k.device), text_rows]), start=self.n_sys)
 
@@ -615,7 +616,7 @@ class KVCache:
         return {"sys": int((pos < self.n_sys).sum()), "image": int(self.is_image(pos).sum()),
                 "text": int((pos >= self.n_sys + self.n_img).sum())}
 
-    def prefill_image_rows(self, layer: int) -> int:
+    def n_prefill_image_rows(self, layer: int) -> int:
         """The image tokens one layer's prefill holds, rows n_sys on, the same in every head: N_img, or fewer
         where a prefill filter ran before this layer (`hidden_rows_to_keep`)."""
         return int(self.is_image(self.pos[layer][0, 0]).sum())                    # one head's positions
@@ -777,8 +778,8 @@ class AVLCache(KVCache):
 
     def begin(self, n_layers, n_sys, n_img, decode_steps=0):
         super().begin(n_layers, n_sys, n_img, decode_steps)
-        self.n_secondary = share(self.S, n_img)
-        self.n_core = share(self.C, n_img)
+        self.n_secondary = floor_count(self.S, n_img)
+        self.n_core = floor_count(self.C, n_img)
         self.core_end = self.n_sys + self.n_core         # every layer's first row past the core after prefill
         self.text_start = self.n_sys + self.n_secondary  # every layer's first text row after prefill
         self.text_scores = [None] * n_layers  # per layer (B, Hkv, text rows): accumulated attention received
@@ -832,8 +833,9 @@ class AVLCache(KVCache):
     def kernel_does_not_fit(self, err, q):
         """The GPU refused the kernel compiled for queries like q (Triton's OutOfResources): it needs more of a
         resource than the GPU has, shared memory above all (compiled by Triton 3.9, fp32 at head dim 128 needs
-        78 KB for sm_80 and sm_90, which pipeline their loads through it). kernel="triton": a UserError; "auto": torch for such queries from here on, in this cache and every
-        later one (REFUSED_KERNELS), said once on stderr."""
+        78 KB for sm_80 and sm_90, which pipeline their loads through it). kernel="triton": a UserError;
+        "auto": torch for such queries from here on, in this cache and every later one (REFUSED_KERNELS),
+        said once on stderr."""
         flag = self.named("kernel")
         unit = " bytes" if err.name.endswith("memory") else ""  # Triton also counts threads
         refusal = (f"this GPU cannot run the Triton kernel ({err.name}: it needs {err.required}{unit}, the GPU "
@@ -875,14 +877,15 @@ class AVLCache(KVCache):
         # Image tokens that reached this layer: all N_img, or floor(P N_img) after the prefill filter (at
         # least 1 where the prompt ends with an image token: `image_filter`). The prompt's text rows follow
         # them until the eviction below moves the text down to self.text_start.
-        n_img_here = self.prefill_image_rows(layer)
+        n_img_here = self.n_prefill_image_rows(layer)
         prompt_text_start = self.n_sys + n_img_here
         # Vision: rank this layer's image tokens by their importance (the last prompt token's attention).
         image_scores = self.image_importance(layer, q, k, n_img_here)                  # (n_img_here,)
         # Prefill filter: layer filter_layer - 1 decides, by the same ranking, which image tokens the
         # later layers see.
         if self.decides_filter(layer):
-            self.pending_hidden_rows = image_filter(image_scores, self.n_sys, k.shape[2], share(self.P, self.n_img))
+            n_keep = floor_count(self.P, self.n_img)
+            self.pending_hidden_rows = image_filter(image_scores, self.n_sys, k.shape[2], n_keep)
         secondary = top_rows(image_scores, self.n_secondary)                        # (n_secondary,) image indices
         core_first = secondary[core_first_order(image_scores[secondary], self.n_core)]  # the same, core first
         # Text: H2O scores from the text queries of the prompt, on the text columns (before any eviction).
@@ -929,7 +932,7 @@ class AVLCache(KVCache):
 
     def evict_text(self, layer: int):
         """H2O on the text region, per KV head: once the text rows exceed the budget
-        max(round(T n_text), 20) (n_text counts evicted text too; T taken as a decimal, as `share` takes a
+        max(round(T n_text), 20) (n_text counts evicted text too; T taken as a decimal, as `floor_count` takes a
         fraction, and a half rounded to even, as Python's round does), keep the r latest text tokens and
         the h best scored older ones, h = floor(0.7 budget), r = budget - h. sys and image rows are
         untouched."""
@@ -938,7 +941,7 @@ class AVLCache(KVCache):
         budget = max(round(as_decimal(self.T) * n_text), self.TEXT_MIN_BUDGET)
         if scores.shape[-1] <= budget:
             return
-        n_heavy, text_start = share(self.HEAVY_FRACTION, budget), self.text_start
+        n_heavy, text_start = floor_count(self.HEAVY_FRACTION, budget), self.text_start
         keep = heavy_plus_recent(scores, self.pos[layer][..., text_start:], n_heavy, budget - n_heavy,
                                  self.logical_length)                                 # (B, Hkv, text rows)
         self.text_scores[layer] = self.compact(layer, keep, start=text_start, scores=scores)  # only text rows move
@@ -968,7 +971,7 @@ class H2OCache(KVCache):
         else:
             self.scores[layer] = add_step_attention(self.scores[layer], last_row.probs(q, k, 0, k.shape[2]))
         length = self.logical_length
-        n_heavy, n_recent = share(self.heavy, length), window_length(self.recent, length)
+        n_heavy, n_recent = floor_count(self.heavy, length), window_length(self.recent, length)
         if k.shape[2] > n_heavy + n_recent:
             keep = heavy_plus_recent(self.scores[layer], self.pos[layer], n_heavy, n_recent, length)  # (B, Hkv, n)
             self.scores[layer] = self.compact(layer, keep, scores=self.scores[layer])
@@ -1015,7 +1018,7 @@ class FastVCache(KVCache):
     def update(self, layer, q, last_row):
         if self.decides_filter(layer):
             # 1 - R in decimals: in binary floats 1 - 0.9 is 0.0999..., and floor(0.0999... x 10) keeps none.
-            n_keep = share(1 - as_decimal(self.R), self.n_img)
+            n_keep = floor_count(1 - as_decimal(self.R), self.n_img)
             image_scores = image_attention(q, self.k[layer], self.n_sys, self.n_img)       # (n_img,)
             self.pending_hidden_rows = image_filter(image_scores, self.n_sys, self.k[layer].shape[2], n_keep)
 
@@ -1044,7 +1047,7 @@ class RandomCache(KVCache):
 
     def begin(self, n_layers, n_sys, n_img, decode_steps=0):
         super().begin(n_layers, n_sys, n_img, decode_steps)
-        drawn = torch.randperm(n_img, generator=self.generator)[:share(self.S, n_img)]  # image indices
+        drawn = torch.randperm(n_img, generator=self.generator)[:floor_count(self.S, n_img)]  # image indices
         self.kept_image = drawn.sort().values                # the kept image tokens (indices), ascending
 
     def update(self, layer, q, last_row):

@@ -86,6 +86,7 @@ def sample(logits, temperature: float, top_k: int, top_p: float, generator):  # 
 
 def next_token(logits, temperature: float, top_k: int, top_p: float, generator, step: int) -> int:  # (1, 1, vocab)
     """The token after a forward pass; a clear error instead of garbage when the logits are not finite."""
+    # On the CPU, with the CPU generator: a seed draws the same random numbers whatever device ran the model.
     last = logits[0, -1].float().cpu()                                     # (vocab,)
     if not torch.isfinite(last).all():
         raise UserError(f"the model's logits are NaN or infinite at step {step}: the checkpoint is broken, or "
@@ -168,18 +169,18 @@ def prompt_layout(input_ids, pixel_values, config) -> tuple[int, int]:
                         "processor's), or a prompt without the image")
     prompt_len, context = input_ids.shape[1], config.text.context
     if prompt_len >= context:
-        window = " (its sliding window)" if context == config.text.sliding_window else ""
+        window_note = " (its sliding window)" if context == config.text.sliding_window else ""
         # No shorter question makes room where the image and what comes before it (the template's start) fill
         # the context already: the image's tokens come from the model's sizes.
         if n_sys + n_img >= context:
             fewer = ("a smaller image is tiled on fewer tiles" if config.is_next
                      else "the model's config.json gives every image as many")
             raise UserError(f"the image's {n_img} tokens and the {n_sys} before them fill the model's context of "
-                            f"{context}{window}: no prompt with this image fits ({fewer})")
+                            f"{context}{window_note}: no prompt with this image fits ({fewer})")
         image_part = f" ({n_img} of them the image's)" if n_img else ""
         # At exactly the context the prompt fits, but its answer would not: the answer needs a row too.
         raise UserError(f"the prompt has {prompt_len} tokens{image_part}, the model's context is "
-                        f"{context}{window}, prompt and answer together: shorten the prompt to at most "
+                        f"{context}{window_note}, prompt and answer together: shorten the prompt to at most "
                         f"{context - 1} tokens")
     return n_sys, n_img
 

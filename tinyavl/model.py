@@ -768,7 +768,9 @@ def stitch_tiles(tiles, rows: int, columns: int):
     """(rows * columns, side * side, C) features (or pixels) of tiles in reading order -> (rows side,
     columns side, C): one map of the picture they cut."""
     side, C = math.isqrt(tiles.shape[1]), tiles.shape[2]
-    return tiles.view(rows, columns, side, side, C).permute(0, 2, 1, 3, 4).reshape(rows * side, columns * side, C)
+    grid = tiles.view(rows, columns, side, side, C)              # (tile row, tile column, y, x, C)
+    # Each tile's line y beside its right neighbours' line y: (tile row, y, tile column, x, C).
+    return grid.permute(0, 2, 1, 3, 4).reshape(rows * side, columns * side, C)
 
 
 class LlavaForConditionalGeneration(nn.Module):

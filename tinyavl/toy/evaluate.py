@@ -366,7 +366,7 @@ def budget_params(policy: str, image_keep: float, kv_ratio: float, n_layers: int
       in its defaults; streaming a window of r less its sinks, which it keeps beside the window:
       recent = r - sinks / cached_tokens. budget_sweep gives them r per prompt kind: `random` holds a
       larger share of a long answer (a caption) than of a short one, where their share is the same. A
-      share becomes whole rows rounded down (`share`), so streaming's window is rounded up to 4 decimals,
+      share becomes whole rows rounded down (`floor_count`), so streaming's window is rounded up to 4 decimals,
       and h2o, whose two shares are each rounded down, gets its heavy share rounded down and its recent one
       rounded up with one row of the `cached_tokens` more: on a sequence of that length each holds as many
       rows as `random`, or h2o one more, never fewer.
