@@ -350,8 +350,8 @@ def why_unsupported(dtype: torch.dtype, head_dim: int, device: torch.device | No
     head is one tl.dot tile dimension, a power of two of at least 16. NVIDIA GPUs have bf16 instructions
     from compute capability 8.0 on (the A100): for an older one (a V100, a T4) some Triton releases fail to
     assemble the kernel's bf16 code ("Feature '.bf16' requires .target sm_80 or higher") and Triton 3.9
-    emulates it; the kernel keeps off them. Shared memory is not
-    weighed here: a GPU with too little refuses the launch itself (Triton's OutOfResources)."""
+    emulates it; the kernel keeps off them. Shared memory is not weighed here: a GPU with too little
+    refuses the launch itself (Triton's OutOfResources)."""
     if dtype not in SUPPORTED_DTYPES:
         return f"{dtype} is not one of {SUPPORTED_DTYPES}"
     if head_dim < 16 or head_dim & (head_dim - 1):

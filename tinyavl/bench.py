@@ -499,8 +499,8 @@ def print_case(case: dict) -> None:
     for name, r in case["policies"].items():
         print(f"{name:10s} {r['kv_bytes'] / 2**20:7.1f}Mi {r['kv_ratio']:10.2f} {r['attended_ratio']:21.2f} "
               f"{r['prefill_s']:9.2f} {r['decode_ms']:16.1f} {r['floor_ms']:8.1f} "
-              f"{r['decode_ms'] / r['floor_ms']:7.2f} {r['decode_ms'] / r['hardware_floor_ms']:10.2f} {r['decode_ms'] / full['decode_ms']:12.2f} "
-              f"{r['attention_ms']:7.1f}  {r['same_start_as_full']}/{case['new_tokens']}")
+              f"{r['decode_ms'] / r['floor_ms']:7.2f} {r['decode_ms'] / r['hardware_floor_ms']:10.2f} "
+              f"{r['decode_ms'] / full['decode_ms']:12.2f} {r['attention_ms']:7.1f}  {r['same_start_as_full']}/{case['new_tokens']}")
     if "core_replaced" in case["policies"].get("avl", {}):
         print(f"avl: each core re-rank replaced {case['policies']['avl']['core_replaced']:.2f} of the core on average")
     if "attention_ms_normal_step" in case["policies"].get("avl", {}):

@@ -8,8 +8,8 @@ decoder with grouped-query attention. Prompts are LLaVA-1.5's own conversation, 
 "<s> A chat between ... questions. USER: <image>\n{question} ASSISTANT:", so the image block (144
 tokens) dominates the prompt (32 sys tokens before it, 6-11 of question after), as LLaVA's 576 do. The
 folder it writes (config.json, model.safetensors, tokenizer.json, preprocessor_config.json,
-processor_config.json with the system prompt and a llava-hf processor's keys) loads through `tinyavl.load_pretrained` exactly as a real
-llava-1.5-7b-hf folder does, and through transformers too.
+processor_config.json with the system prompt and a llava-hf processor's keys) loads through
+`tinyavl.load_pretrained` exactly as a real llava-1.5-7b-hf folder does, and through transformers too.
 
 What makes such a small model learn the task in an hour rather than a day:
 - Objects sit on a grid of places (tinyavl/toy/scenes.py), each place 3 x 3 patches.
