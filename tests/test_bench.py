@@ -78,6 +78,17 @@ def test_a_run_without_update_steps_reports_no_update_step_time(model):
     bench.print_case(case)  # prints without the split
 
 
+def test_kv_columns_are_each_policys_peak_and_its_ratio_to_fulls(model):
+    """KV peak: full's after its last step holds the prompt and the 2 tokens fed back, in each of 4 layers;
+    every policy's ratio is its peak over full's (at 3 new tokens A-VL's peak, 0.597 of full's, is not its
+    share after the prefill, 0.6)."""
+    case = bench.run_case(model, n_img=20, new_tokens=3, measure=lambda model: {"read": 2e9, "matvec": 1e9})
+    full = case["policies"]["full"]
+    assert full["kv_bytes"] == 4 * (case["prompt_tokens"] + 2) * bench.kv_row_bytes(model.config.text, torch.float32)
+    for name, row in case["policies"].items():
+        assert row["kv_ratio"] == pytest.approx(row["kv_bytes"] / full["kv_bytes"], rel=1e-12), name
+
+
 def test_floor_is_weight_bytes_at_matvec_rate_plus_attended_kv_at_read_rate(model):
     """Each rate the faster of its measures just before and just after the policies: here the read rate
     before (2 GB/s, then 1.5) and the matrix-vector rate after (0.8 GB/s, then 1)."""
@@ -337,6 +348,8 @@ def test_json_has_the_documented_layout(monkeypatch, capsys):
         assert {"attention_ms_normal_step", "attention_ms_update_step", "swap_ms_update_step",
                 "attention_ms_steady"} <= set(case["policies"]["avl"])
         assert set(case["rates_GBps"]) == {"read", "matvec"}
+    # Growth runs on the first block, the one whose context the checks sized for its tokens.
+    assert out["growth"]["float32"]["image_tokens"] == out["growth"]["bfloat16"]["image_tokens"] == 20
     assert set(out["growth"]["float32"]["avl"]) == {"step_ms_at_3", "step_ms_at_6", "attention_ms_at_3",
                                                      "attention_ms_at_6", "step_ms_per_100_tokens",
                                                      "attention_ms_per_100_tokens"}

@@ -314,6 +314,8 @@ def test_avl_holds_less_than_dense_with_an_image(capsys, good, files):
     v = VARIANTS["mha"]
     per_row = v.text_layers * 2 * v.kv_heads * (64 // 4) * 4
     assert result["kv_cache_bytes_peak_by_modality"]["image"] == (n_img // 2) * per_row
+    # The split is the peak's, taken at the same moment: it adds up to the peak (the text grew after the prefill).
+    assert sum(result["kv_cache_bytes_peak_by_modality"].values()) == result["kv_cache_bytes_peak"]
 
 
 def test_summary_on_stderr(capsys, good, files):
@@ -512,9 +514,10 @@ def test_user_errors_subprocess(files, broken, good, case):
     assert_user_error(rc, out, err, *mentions)
 
 
-def test_closed_standard_streams(files):
-    """Started with stdout closed (>&-), the answer would go nowhere: one line says so. With stderr closed
-    (2>&-), the notes go nowhere too, and stdout holds the JSON object alone."""
+def test_closed_standard_streams(files, tmp_path):
+    """Started with stdout closed (>&-), the answer would go nowhere: one line says so, unless the run writes
+    an attention map. With stderr closed (2>&-), the notes go nowhere too, and stdout holds the JSON object
+    alone."""
     def run(close_fd, argv):
         return subprocess.run([sys.executable, "main.py", *map(str, argv)], cwd=REPO, capture_output=True,
                               text=True, timeout=300, preexec_fn=lambda: os.close(close_fd))
@@ -523,6 +526,8 @@ def test_closed_standard_streams(files):
     assert closed_out.returncode == 2 and closed_out.stderr.splitlines() == [
         "error: standard output is closed: the answer would go nowhere (redirect it to a file, or give "
         "--attention-map)"]
+    mapped = run(1, ["--image", IMAGE, "--max-new-tokens", 2, "--attention-map", tmp_path / "m.png"])
+    assert mapped.returncode == 0 and (tmp_path / "m.png").is_file(), mapped.stderr
     closed_err = run(2, ["--image", IMAGE, "--max-new-tokens", 2, "--json"])   # the toy, with its note
     assert closed_err.returncode == 0 and json.loads(closed_err.stdout)["new_tokens"] == 2
     misread = run(2, ["--image", IMAGE, "--max-new-tokens", "two"])           # argparse's error, said nowhere
@@ -597,9 +602,10 @@ def test_notes_go_nowhere_once_their_reader_left():
     assert notes.write("a note\n") == len("a note\n") and notes.stream is busy   # this note lost, not the rest
 
 
-def test_a_line_break_in_a_path_stays_on_the_error_line(capsys, tmp_path):
-    rc, out, err = run_inprocess(capsys, ["--image", tmp_path / "two\nlines.png"])
-    assert_user_error(rc, out, err, "two\\nlines.png")
+@pytest.mark.parametrize("name, shown", [("two\nlines.png", "two\\nlines.png"), ("two\rlines.png", "two\\rlines.png")])
+def test_a_line_break_in_a_path_stays_on_the_error_line(capsys, tmp_path, name, shown):
+    rc, out, err = run_inprocess(capsys, ["--image", tmp_path / name])
+    assert_user_error(rc, out, err, shown)
 
 
 def exit_status(entry, raised: BaseException) -> int:
@@ -637,7 +643,7 @@ def test_memory_that_runs_out_is_one_line(capsys, entry, raised):
     rc = exit_status(entry, raised)
     out, err = capsys.readouterr()
     assert (rc, out, err.count("\n")) == (1, "", 1) and err.startswith("error: out of memory (")
-    assert str(raised).split(".")[0] in err
+    assert f"({str(raised).split('.')[0] or 'MemoryError'}" in err  # the message, or the error's name without one
     assert "--dtype" not in err and "--device" not in err  # the trainers have neither
 
 
@@ -1197,9 +1203,11 @@ def test_every_refusal_of_the_system_is_one_line(code, capsys):
 
 
 def test_help_shows_no_default_for_an_option_not_given(capsys):
+    """Nor for an on/off flag (--json, --force): False is no default a reader needs told."""
     with pytest.raises(SystemExit):
         main.main(["--help"])
-    assert "(default: None)" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "(default: None)" not in out and "(default: False)" not in out and "--json" in out
 
 
 def test_an_out_of_memory_error_with_a_cpp_stack_is_still_one_line(capsys):

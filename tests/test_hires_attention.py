@@ -260,9 +260,10 @@ def test_under_h2o_each_head_places_its_attention_by_its_own_rows(seed, heavy, r
     assert torch.equal(cache.hires_view.chosen[0, -1], hires.block_tokens(blocks, 8)[0])
 
 
-@pytest.mark.parametrize("field, value", [("first_layer", 3), ("blocks", 3)])
+@pytest.mark.parametrize("field, value", [("first_layer", 3), ("blocks", 3), ("blocks", 8)])
 def test_hires_configs_that_do_not_fit_the_model_are_refused(field, value):
-    """The tiny model has 3 decoder layers, and 4 patches a side: 8 high-resolution ones at scale 2."""
+    """The tiny model has 3 decoder layers, and 4 patches a side: 8 high-resolution ones at scale 2. 3 blocks
+    do not divide 8; 8 do, but are more than the 4 low-resolution tokens a side that they pool."""
     model = tiny_model()
     setattr(model.config.hires, field, value)
     with pytest.raises(UserError, match=field):

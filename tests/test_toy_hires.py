@@ -551,6 +551,10 @@ def test_the_table_compares_each_mode_with_every_block_and_the_sequence(tmp_path
     assert lines[3].startswith("| full | selection | 0.90 (0.80-1.00) | 0.50 (0.40-0.60) |")   # digit, colour
     assert "| 12.0 | 0.60 | 0.120 |" in lines[3]
     assert "cost only" in lines[-1] and "| 100.0 |" in lines[-1]
+    # A policy's rows are compared with its own every-block row: avl's selection (9.0) with its 18.0.
+    with_avl = reports + [fake_report("avl", "selection", 0.8, 9.0), fake_report("avl", "every block", 0.85, 18.0)]
+    avl_selection = format_table(with_avl).splitlines()[5]
+    assert avl_selection.startswith("| avl | selection |") and "| 9.0 | 0.50 | 0.090 |" in avl_selection
     tiled = [fake_report("full", IN_SEQUENCE, 0.97, 400.0), fake_report("avl", IN_SEQUENCE, 0.95, 300.0)]
     lines = format_table(reports, tiled).splitlines()
     assert len(lines) == 2 + 3 + 2 and not any("cost only" in line for line in lines)

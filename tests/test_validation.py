@@ -154,12 +154,17 @@ def test_a_preprocessing_step_switched_off_is_refused(folder, step, value):
     assert f"sets {step}: {json.dumps(value)}" in load_error(folder)
 
 
-@pytest.mark.parametrize("text", ['{"x": 1' + "0" * 5000 + "}", "[" * 100000, "null", "[]"])
-def test_a_config_json_that_is_no_json_object_is_one_line(folder, text):
-    """A number longer than Python reads, arrays nested past its recursion limit, null, an array."""
+@pytest.mark.parametrize("text, says", [('{"x": 1' + "0" * 5000 + "}", "is not valid JSON"),
+                                        ("[" * 100000, "is not valid JSON"), ("null", "holds null, not a JSON object"),
+                                        ("[]", "holds an array, not a JSON object"),
+                                        ('"x"', "holds a string, not a JSON object"),
+                                        ("3", "holds a number, not a JSON object")])
+def test_a_config_json_that_is_no_json_object_is_one_line(folder, text, says):
+    """A number longer than Python reads, arrays nested past its recursion limit, null, an array, a string, a
+    number: each said as what it is."""
     (folder / "config.json").write_text(text)
     message = load_error(folder)
-    assert "config.json" in message and ("not valid JSON" in message or "not a JSON object" in message), message
+    assert f"config.json {says}" in message, message
 
 
 @pytest.mark.parametrize("rope,says", [
