@@ -227,6 +227,15 @@ def test_crops_that_do_not_match_the_image_sizes_are_refused(loaded, change):
         model.image_features(pixels, sizes)
 
 
+def test_one_images_size_without_its_batch_is_refused(loaded):
+    """image_sizes (h, w) for one image, not (1, 2) as the processor gives it: said, not a TypeError."""
+    model, processor, _, _ = loaded("next_vicuna_gqa")
+    inputs = processor(processor.chat_prompt(QUESTION), make_image(*IMAGE_SHAPES["tall"], seed=2))
+    h, w = inputs["image_sizes"][0].tolist()
+    with pytest.raises(UserError, match=rf"image_sizes \[{h}, {w}\] must be \(B, 2\), each image's \(height, width\)"):
+        tinyavl.generate(model, inputs["input_ids"], inputs["pixel_values"], image_sizes=(h, w), max_new_tokens=1)
+
+
 def test_newline_ends_every_row_of_the_tile_map(loaded):
     """The image block is [base crop | map rows, each closed by image_newline]: the feature after every
     row of the unpadded map is the newline vector itself, and nowhere else."""

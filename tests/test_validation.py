@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from tiny_checkpoints import VARIANTS, sparse_config, tokenizer_info
 
@@ -120,6 +121,28 @@ def test_pixels_of_another_size_than_the_towers_are_refused(folder):
     size = model.config.vision.image_size
     with pytest.raises(ValueError, match=f"pixel_values are \\({size + 1}, {size + 1}\\), the vision tower takes"):
         model.vision_features(torch.zeros(1, 3, size + 1, size + 1))
+
+
+@pytest.mark.parametrize("shape", [(3, 0, 0), (1, 2, 3, 0, 0), (1, 1, 0, 0)], ids=["unbatched", "five_d", "grey"])
+def test_pixels_of_another_layout_than_a_batch_of_rgb_images_are_refused(folder, shape):
+    """One image without its batch dimension, LLaVA-1.6's crops given to a LLaVA-1.5, one channel: each
+    said in one line (torch would fail deep in the tower, or in conv2d)."""
+    model, processor = tinyavl.load_pretrained(folder, device="cpu")
+    size = model.config.vision.image_size
+    shape = tuple(size if n == 0 else n for n in shape)
+    inputs = processor(processor.chat_prompt("What is it?"), image=Image.new("RGB", (size, size)))
+    with pytest.raises(ValueError, match=rf"pixel_values are \({', '.join(map(str, shape))}\), the vision tower "
+                                         rf"takes \(N, 3, {size}, {size}\)"):
+        tinyavl.generate(model, inputs["input_ids"], torch.zeros(shape), max_new_tokens=1)
+
+
+def test_an_attention_mask_not_shaped_as_the_ids_is_refused(folder):
+    model, _ = tinyavl.load_pretrained(folder, device="cpu")
+    ids = torch.tensor([[1, 5, 6, 7]])
+    for mask in (torch.ones(4), torch.ones(1, 3)):
+        with pytest.raises(ValueError, match=rf"attention_mask is \({', '.join(map(str, mask.shape))},?\): it must "
+                                             r"be \(B, T\), the shape of input_ids, \(1, 4\)"):
+            model(ids, attention_mask=mask)
 
 
 @pytest.mark.parametrize("section,field,value", [

@@ -795,6 +795,9 @@ class LlavaForConditionalGeneration(nn.Module):
         size = self.config.vision.image_size
         if crops.shape[-2:] != (size, size):
             raise ValueError(f"pixel_values are {tuple(crops.shape[-2:])}, the vision tower takes {size}x{size}")
+        if crops.dim() != 4 or crops.shape[1] != 3:  # one image without its batch, or LLaVA-1.6's crops on a 1.5
+            raise ValueError(f"pixel_values are {tuple(crops.shape)}, the vision tower takes (N, 3, {size}, {size}): "
+                             "a batch of RGB images, as the processor returns them")
         dtype = self.vision_tower.vision_model.pre_layrnorm.weight.dtype
         states = self.vision_tower.vision_model(crops.to(dtype))  # list of (N, 1 + P, C_vision)
         features = [states[i] for i in self.config.feature_layers]                # k x (N, 1 + P, C_vision)
@@ -818,6 +821,9 @@ class LlavaForConditionalGeneration(nn.Module):
                             "S), with image_sizes (B, 2), as its processor returns them: pass both")
         tile = self.config.vision.image_size
         sizes = torch.as_tensor(image_sizes).tolist()                          # [(h, w)] per image
+        if not all(isinstance(hw, list) and len(hw) == 2 for hw in sizes):      # one image's (h, w), unbatched
+            raise UserError(f"image_sizes {sizes} must be (B, 2), each image's (height, width), as the processor "
+                            "returns them")
         # each image's canvas as (rows, columns) of tiles
         tile_grids = [anyres.tile_grid(hw, self.config.image_grid_pinpoints, tile) for hw in sizes]
         n_crops = [1 + rows * columns for rows, columns in tile_grids]
@@ -919,6 +925,9 @@ class LlavaForConditionalGeneration(nn.Module):
         """
         if attention_mask is not None and cache is not None:
             raise ValueError("attention_mask is for the cache-free forward; with a cache the policy decides")
+        if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+            raise ValueError(f"attention_mask is {tuple(attention_mask.shape)}: it must be (B, T), the shape of "
+                             f"input_ids, {tuple(input_ids.shape)}")
         visible = None if attention_mask is None else attention_mask.bool()  # (B, T)
         # FlexAttention: the view is made at the prefill and kept by the cache for the decode steps.
         if hires_view is not None and cache is not None:
