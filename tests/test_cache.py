@@ -1326,6 +1326,34 @@ def test_compact_evicts_each_sample_and_head_on_its_own_rows():
             assert torch.equal(cache.v[0][b, h], -cache.k[0][b, h])
 
 
+def test_compact_refuses_heads_that_keep_different_counts():
+    """Heads keeping 2, 1 and 3 rows (2 on average, as the first head): their moves would pair with another
+    head's rows and give a head a row it evicted. A policy that makes this mask is told so."""
+    cache = KVCache()
+    cache.begin(1, 1, 0)
+    k = torch.randn(1, 3, 4, 1)
+    cache.append(0, k, k, torch.arange(4))
+    cache.advance(4)
+    keep = torch.tensor([[[1, 0, 0, 1], [0, 0, 0, 1], [1, 1, 1, 0]]], dtype=torch.bool)
+    with pytest.raises(ValueError, match="keep must hold the same count of True in every"):
+        cache.compact(0, keep)
+
+
+def test_swap_rows_trades_rows_of_a_batch_held_in_the_models_own_layout():
+    """At the prefill a layer's rows are the model's K and V, (B, T, Hkv, hs) transposed: strided, with
+    B = 2 no view of them as (B Hkv) planes. Rows 1 and 3 trade places in every sample and head."""
+    B, T, Hkv = 2, 5, 2
+    cache = KVCache()
+    cache.begin(1, 1, 0)
+    k = torch.arange(B * T * Hkv, dtype=torch.float32).view(B, T, Hkv, 1).transpose(1, 2)    # (B, Hkv, T, 1)
+    before = k.clone()
+    cache.append(0, k, -k, torch.arange(T))
+    cache.swap_rows(0, torch.tensor([1]), torch.tensor([3]))
+    order = [0, 3, 2, 1, 4]
+    assert torch.equal(cache.k[0], before[:, :, order]) and torch.equal(cache.v[0], -before[:, :, order])
+    assert cache.pos[0][0, 0].tolist() == order
+
+
 @pytest.mark.parametrize("cache_cls,params", [(H2OCache, dict(heavy=0.2, recent=0.3)),
                                               (StreamingCache, dict(sinks=2, recent=0.4))])
 def test_decode_eviction_moves_only_the_rows_that_fill_evicted_slots(cache_cls, params):

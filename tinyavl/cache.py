@@ -549,7 +549,7 @@ class KVCache:
     def compact(self, layer: int, keep, start: int = 0, scores=None):
         """Evict per head: of the rows from `start` on, drop those where keep is False, moving only the
         kept rows that lie past the new end, into the dropped rows' slots before it.
-        A step that drops one row per head moves one row per head; nothing else is copied, so rows stop
+        A step that drops one row per head moves at most one row per head; nothing else is copied, so rows stop
         being in positional order (attention does not mind: cached keys carry their RoPE rotation, and
         `pos` says which token each row holds).
 
@@ -562,7 +562,10 @@ class KVCache:
         # many of each in every plane; nonzero lists both plane by plane, so they pair up in order and
         # share one list of planes.
         plane, hole = (~kept[:, :n_keep]).nonzero(as_tuple=True)             # each (n_moves,)
-        fill = n_keep + kept[:, n_keep:].nonzero(as_tuple=True)[1]            # (n_moves,)
+        fill_plane, fill = kept[:, n_keep:].nonzero(as_tuple=True)            # each (n_moves,)
+        if not torch.equal(plane, fill_plane):  # a head keeping another count: its rows would pair with another's
+            raise ValueError("compact: keep must hold the same count of True in every (sample, head)")
+        fill = n_keep + fill
         sample, head = plane // Hkv, plane % Hkv                              # each (n_moves,)
         for buffer in (self.k_buffer, self.v_buffer, self.pos_buffer):
             buffer[layer][sample, head, start + hole] = buffer[layer][sample, head, start + fill]
@@ -586,10 +589,10 @@ class KVCache:
         for buffer in (self.k_buffer[layer], self.v_buffer[layer]):
             if swaps_every_head_at_once(buffer):
                 trade(buffer, 2)
-            else:
-                planes = buffer.view(-1, *buffer.shape[2:])          # (B Hkv, capacity, hs)
-                for i in range(planes.shape[0]):  # indexed, not iterated: autograd forbids writing into unbind's views
-                    trade(planes[i], 0)
+            else:  # plane by plane, each (capacity, hs): indexed, as autograd forbids writing into unbind's views
+                for sample in range(buffer.shape[0]):
+                    for head in range(buffer.shape[1]):
+                        trade(buffer[sample, head], 0)
 
     # -- accounting: measured from the tensors actually held ------------------------------------------
 
@@ -608,8 +611,8 @@ class KVCache:
         return (pos >= self.n_sys) & (pos < self.n_sys + self.n_img)
 
     def modality_head_rows(self, layer: int) -> dict:
-        """(head, row) pairs one layer holds for sys, image and text, read off the logical positions.
-        Exact also when heads keep different tokens (H2O)."""
+        """(sample, head, row) triples one layer holds for sys, image and text, read off the logical
+        positions. Exact also when heads keep different tokens (H2O)."""
         pos = self.pos[layer]
         if pos is None:
             return dict.fromkeys(MODALITIES, 0)
@@ -629,7 +632,7 @@ class KVCache:
         return {m: int(n) if n == int(n) else n for m, n in rows.items()}
 
     def modality_bytes(self, layer: int) -> dict:
-        """Bytes one layer holds for sys, image and text rows (K and V, all heads)."""
+        """Bytes one layer holds for sys, image and text rows (K and V, all samples and heads)."""
         if self.k[layer] is None:
             return dict.fromkeys(MODALITIES, 0)
         bytes_per_head_row = 2 * self.k[layer].shape[-1] * self.k[layer].element_size()  # a key and a value
