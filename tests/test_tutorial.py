@@ -49,7 +49,9 @@ def test_there_are_chapters():
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS, ids=lambda p: p.name)
-def test_chapter_code_blocks_run(chapter):
+def test_chapter_code_blocks_run(chapter, monkeypatch):
+    """From the repository root, where a reader runs them (they load "weights/toy"), wherever pytest started."""
+    monkeypatch.chdir(ROOT)
     blocks = code_blocks(chapter)
     assert blocks, f"{chapter.name} has no python code block"
     namespace = {}
