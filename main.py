@@ -8,6 +8,7 @@
 The answer is streamed to stdout; a short summary (timings, KV memory) goes to stderr. With --json a
 single JSON object is printed instead. A mistake in the input exits with status 2 and a one-line error.
 """
+import re
 import sys
 
 import tinyavl  # first: in a command, a Ctrl-C while its imports run is one line (tinyavl/startup.py)
@@ -20,6 +21,7 @@ from tinyavl.generate import GENERATION_PARAMS, check_generation_args, prompt_la
 from tinyavl.processing import check_question, load_image
 
 DEFAULT_WEIGHTS = TOY_WEIGHTS  # --weights when not given
+BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")  # a byte-fallback token of a Llama tokenizer (tokenizers' ByteFallback)
 
 
 def build_parser() -> ArgumentParser:
@@ -95,12 +97,17 @@ class AnswerPrinter:
                 self.reader_gone = True
 
     def stream(self, token_id: int) -> None:
-        # Decode everything so far and print what is new: a token can complete a multi-byte character.
+        # Decode everything so far and print what is new, once the newest token is a word: a byte token
+        # (<0x..>) joins the byte tokens beside it into one character, or into U+FFFD each where together they
+        # are no UTF-8, so the text of a run of them (a skipped <pad> inside it too) may change until a word
+        # ends the run. What is printed is then always the start of the answer's text.
         self.ids.append(token_id)
+        if BYTE_TOKEN.fullmatch(self.processor.tokenizer.id_to_token(token_id) or "") or \
+                not self.processor.decode([token_id]):
+            return
         text = self.processor.decode(self.ids)
-        if not text.endswith("\ufffd"):
-            self.say(text[len(self.printed):])
-            self.printed = text
+        self.say(text[len(self.printed):])
+        self.printed = text
 
     def finish(self, text: str) -> None:
         """The rest of the whole answer's text, and the end of the line."""
