@@ -97,17 +97,19 @@ class AnswerPrinter:
                 self.reader_gone = True
 
     def stream(self, token_id: int) -> None:
-        # Decode everything so far and print what is new, once the newest token is a word: a byte token
-        # (<0x..>) joins the byte tokens beside it into one character, or into U+FFFD each where together they
-        # are no UTF-8, so the text of a run of them (a skipped <pad> inside it too) may change until a word
-        # ends the run. What is printed is then always the start of the answer's text.
+        # Decode everything so far and print what is new, once it can no longer change: the text must not end
+        # in U+FFFD (a byte-level tokenizer's character split across tokens, its first bytes alone), and the
+        # newest token must be a word, not a byte token (<0x..>: a Llama tokenizer's byte fallback joins the
+        # byte tokens beside it into one character, or into U+FFFD each where together they are no UTF-8, so
+        # the text of a run of them, a skipped <pad> inside it too, may change until a word ends the run).
         self.ids.append(token_id)
         if BYTE_TOKEN.fullmatch(self.processor.tokenizer.id_to_token(token_id) or "") or \
                 not self.processor.decode([token_id]):
             return
         text = self.processor.decode(self.ids)
-        self.say(text[len(self.printed):])
-        self.printed = text
+        if not text.endswith("\ufffd"):
+            self.say(text[len(self.printed):])
+            self.printed = text
 
     def finish(self, text: str) -> None:
         """The rest of the whole answer's text, and the end of the line."""

@@ -49,6 +49,7 @@ teaches it step by step.
 import contextlib
 import functools
 import math
+import numbers
 import operator
 import os
 import types
@@ -439,13 +440,16 @@ def integer(name: str, value) -> int:
 
 
 def number(name: str, value) -> float:
-    """value as a float if it is a finite real number (not a bool, a string or a list): else a ValueError naming it."""
+    """value as a float if it is a finite real number (a Python, numpy or 0-d tensor one; not a bool, a string
+    or a list): else a ValueError naming it."""
+    a_tensor = isinstance(value, torch.Tensor) and value.dim() == 0 and not (value.dtype.is_complex or
+                                                                            value.dtype == torch.bool)
+    if not (a_tensor or isinstance(value, numbers.Real) and not isinstance(value, bool)):  # numpy's bool is no Real
+        raise ValueError(f"{name} must be a number, got {value!r}")
     try:
-        if isinstance(value, (bool, str)):
-            raise TypeError
         result = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    except OverflowError:  # an integer past float's range
+        result = math.inf
     if not math.isfinite(result):
         raise ValueError(f"{name} must be finite, got {value!r}")
     return result

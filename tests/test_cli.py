@@ -214,6 +214,23 @@ def test_streaming_handles_characters_split_across_tokens(capsys, monkeypatch, g
         assert rc == 0 and "\ufffd\ufffd" in expected and out == expected + "\n", (out, expected)
 
 
+def test_streaming_with_a_byte_level_tokenizer_prints_each_character_whole(capsys):
+    """A byte-level BPE (Llama 3's kind, GPT-2's) has no <0x..> tokens: "é" is two tokens, the first of which
+    alone decodes to U+FFFD. The streamed answer is the decoded one."""
+    from tokenizers import decoders, models, pre_tokenizers
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))  # one token a byte
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    processor = types.SimpleNamespace(tokenizer=tok, decode=lambda ids: tok.decode(ids, skip_special_tokens=True))
+    ids = tok.encode("café ok \U0001F642!").ids
+    assert len(ids) == len("café ok \U0001F642!".encode("utf-8"))
+    printer = main.AnswerPrinter(processor)
+    for token_id in ids:
+        printer.stream(token_id)
+    printer.finish(processor.decode(ids))
+    assert capsys.readouterr().out == "café ok \U0001F642!\n"
+
+
 POLICY_RUNS = [
     ["--policy", "avl", "--S", "0.5", "--C", "0.3"],
     ["--policy", "avl", "--S", "0.25", "--C", "0.125", "--K", "2", "--P", "1"],

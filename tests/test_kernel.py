@@ -375,6 +375,9 @@ def _bad_inputs():
         "scale not a number": ((q, k, v, index, start, "0.5"), "scale must be a number"),
         "scale a list": ((q, k, v, index, start, [0.5]), "scale must be a number"),
         "scale infinite": ((q, k, v, index, start, float("inf")), "scale must be finite"),
+        "scale past float's range": ((q, k, v, index, start, 10 ** 400), "scale must be finite"),
+        "scale numpy's bool": ((q, k, v, index, start, np.True_), "scale must be a number"),
+        "scale a tensor of one row": ((q, k, v, index, start, torch.tensor([0.5])), "scale must be a number"),
         "no sample": ((q[:0], k[:0], v[:0], index[:0], start), "a sample and a head"),
         "index a list": ((q, k, v, index.tolist(), start), "must be torch tensors"),
     }
@@ -477,11 +480,14 @@ def test_fp32_inputs_are_multiplied_in_fp32_not_tf32(kernel, monkeypatch):
     assert sa._default_num_splits(64, 100, torch.device("cpu")) == 1   # off a GPU, splits gain nothing
 
 
-def test_integer_arguments_may_be_numpy_or_tensor_integers(kernel):
+def test_numeric_arguments_may_be_numpy_or_tensor_numbers(kernel):
     q, k, v, index, start = random_case(1, 2, 1, 16, 9, 6, 3, torch.float32)
     expected = kernel(q, k, v, index, start, num_splits=1)
     for as_given, splits in ((np.int64(start), np.int32(1)), (torch.tensor(start), torch.tensor(1))):
         assert torch.equal(kernel(q, k, v, index, as_given, num_splits=splits), expected)
+    scaled = kernel(q, k, v, index, start, 0.25, num_splits=1)
+    for scale in (np.float32(0.25), torch.tensor(0.25), torch.tensor(0.25, dtype=torch.float64)):
+        assert torch.equal(kernel(q, k, v, index, start, scale, num_splits=1), scaled)
 
 
 @pytest.mark.parametrize("num_splits", [0, 2.5, True, torch.tensor(True)])

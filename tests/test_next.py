@@ -23,6 +23,7 @@ from tiny_checkpoints import LAYOUTS, NEXT_PINPOINTS, NEXT_VARIANTS, make_image,
 from tinyavl import anyres, attention_map
 from tinyavl.attention_map import BLOCK, HEADER, PANEL, SCALE_BAR, image_heat, seen_image, token_pictures
 from tinyavl.errors import UserError
+from tinyavl.processing import read_special_tokens
 
 LOGIT_ATOL = 1e-4
 GREEDY_STEPS = 8
@@ -232,7 +233,7 @@ def test_one_images_size_without_its_batch_is_refused(loaded):
     model, processor, _, _ = loaded("next_vicuna_gqa")
     inputs = processor(processor.chat_prompt(QUESTION), make_image(*IMAGE_SHAPES["tall"], seed=2))
     h, w = inputs["image_sizes"][0].tolist()
-    with pytest.raises(UserError, match=rf"image_sizes \[{h}, {w}\] must be \(B, 2\), each image's \(height, width\)"):
+    with pytest.raises(UserError, match=rf"image_sizes \[{h}, {w}\] must be \(B, 2\), each image's \(height"):
         tinyavl.generate(model, inputs["input_ids"], inputs["pixel_values"], image_sizes=(h, w), max_new_tokens=1)
 
 
@@ -574,6 +575,27 @@ def test_a_template_gets_the_special_tokens_tokenizer_config_declares(next_folde
     expected_ids = hf.apply_chat_template(turn, add_generation_prompt=True, tokenize=True, return_dict=True,
                                           return_tensors="pt")["input_ids"][0].tolist()
     assert processor(processor.chat_prompt(QUESTION), image)["input_ids"][0].tolist() == expected_ids
+
+
+@pytest.mark.parametrize("declared", [
+    {"image_token": {"content": "<image>"}},                                     # no "__type": no token
+    {"image_token": {"content": "<image>", "__type": "AddedToken"}, "bos_token": "<s>"},
+    {"model_specific_special_tokens": {"video_token": "<image>"}, "image_token": "<image>"},   # replaced
+    {"model_specific_special_tokens": {"video_token": "<image>"}},
+    {"bos_token": "<s>", "extra_special_tokens": {"bos_token": "</s>"}},         # over a named token
+    {"extra_special_tokens": {"image_token": "<s>"}, "model_specific_special_tokens": {"image_token": "</s>"}},
+    {"additional_special_tokens": {"image_token": "<image>"}},                   # the older name
+    {"additional_special_tokens": ["<image>"], "extra_special_tokens": {"image_token": "<image>"}},
+    {"eos_token": "</s>", "add_bos_token": True, "add_eos_token": False, "clean_up_tokenization_spaces": False},
+], ids=["no_type", "added_token", "replaced", "model_specific_only", "over_named", "extra_over_model_specific",
+        "additional", "additional_and_extra", "flags"])
+def test_the_special_tokens_read_are_transformers(next_folder, declared):
+    """read_special_tokens against transformers' own reading of the same tokenizer_config.json (the tokens it
+    hands a chat template, `special_tokens_map`), where the file declares a token more than one way."""
+    from transformers import AutoTokenizer
+    (next_folder / "tokenizer_config.json").write_text(json.dumps(declared))
+    theirs = AutoTokenizer.from_pretrained(next_folder).special_tokens_map
+    assert read_special_tokens(next_folder / "tokenizer_config.json") == theirs
 
 
 def test_of_several_templates_the_one_transformers_takes_is_rendered(next_folder):

@@ -362,6 +362,14 @@ def test_the_trainer_trains_with_deterministic_algorithms_and_restores_the_setti
     assert seen == [("train", True), ("tune", True)]
     assert not torch.are_deterministic_algorithms_enabled()
     assert (tmp_path / "new" / "model.safetensors").exists()
+    # A caller's own setting, warnings only, comes back as it was.
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        with train_module.deterministic_algorithms():
+            assert not torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 class Interrupted(Exception):

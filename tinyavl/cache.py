@@ -556,16 +556,15 @@ class KVCache:
         keep (B, Hkv, m) bool for rows start .. start + m - 1, the same count True in every head.
         scores (B, Hkv, m), a policy's per-row ledger, is compacted alike and returned (None: none)."""
         B, Hkv, m = keep.shape
-        n_keep = int(keep[0, 0].sum())
         kept = keep.reshape(B * Hkv, m)                                      # (B Hkv, m)
+        n_keep, most = torch.stack(kept.sum(1).aminmax()).tolist()          # one wait for a GPU, as one count did
+        if n_keep != most:  # a head keeping another count: its rows would pair with another head's slots
+            raise ValueError("compact: keep must hold the same count of True in every (sample, head)")
         # Per (sample, head) plane: the dropped slots before the new end and the kept rows after it, as
         # many of each in every plane; nonzero lists both plane by plane, so they pair up in order and
         # share one list of planes.
         plane, hole = (~kept[:, :n_keep]).nonzero(as_tuple=True)             # each (n_moves,)
-        fill_plane, fill = kept[:, n_keep:].nonzero(as_tuple=True)            # each (n_moves,)
-        if not torch.equal(plane, fill_plane):  # a head keeping another count: its rows would pair with another's
-            raise ValueError("compact: keep must hold the same count of True in every (sample, head)")
-        fill = n_keep + fill
+        fill = n_keep + kept[:, n_keep:].nonzero(as_tuple=True)[1]            # (n_moves,)
         sample, head = plane // Hkv, plane % Hkv                              # each (n_moves,)
         for buffer in (self.k_buffer, self.v_buffer, self.pos_buffer):
             buffer[layer][sample, head, start + hole] = buffer[layer][sample, head, start + fill]

@@ -536,32 +536,41 @@ SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_
 
 def read_special_tokens(path: Path) -> dict:
     """{name: token} for the special tokens tokenizer_config.json declares, as transformers 5 hands them to a
-    chat template (`special_tokens_map`): the SPECIAL_TOKEN_NAMES it gives, the named tokens of its
-    extra_special_tokens and model_specific_special_tokens (objects), and any other name ending in _token
-    that holds a token ("image_token": "<image>"; not "add_bos_token": true). A token is a string, or an
-    AddedToken object with its "content"; null: none. Nothing for a name it leaves out, or without the file:
-    transformers 5 loads a llava or llava_next folder's tokenizer.json as it is (TokenizersBackend, never a
-    Llama tokenizer class with its default <s>, </s> and <unk>)."""
+    chat template (`special_tokens_map`; tokenization_utils_base.py, from_pretrained and __init__): the
+    SPECIAL_TOKEN_NAMES it gives, then, over them, its model-specific tokens: every other name ending in _token
+    that holds a token ("image_token": "<image>"; not "add_bos_token": true), with the named tokens of
+    extra_special_tokens (or of additional_special_tokens, its older name, where it is not given) over those,
+    or where there are none, its model_specific_special_tokens. A token is a string, or an AddedToken object
+    ("__type": "AddedToken") with its "content"; null: none. Nothing for a name it leaves out, or without the
+    file: transformers 5 loads a llava or llava_next folder's tokenizer.json as it is (TokenizersBackend, never
+    a Llama tokenizer class with its default <s>, </s> and <unk>)."""
     declared = read_json_object(path, optional=True) or {}
 
-    def token_of(value):
-        return value.get("content") if isinstance(value, dict) else value
+    def token_of(value):  # the token a value holds, or None
+        added = isinstance(value, dict) and value.get("__type") == "AddedToken"
+        return value.get("content") if added else value if isinstance(value, str) else None
 
-    tokens = {name: token_of(value) for name, value in declared.items()
-              if name.endswith("_token") and name not in SPECIAL_TOKEN_NAMES and isinstance(token_of(value), str)}
-    for group in ("extra_special_tokens", "model_specific_special_tokens"):
-        named = declared.get(group)
-        for name, value in (named.items() if isinstance(named, dict) else ()):  # a list names none
-            if not isinstance(token_of(value), str):
+    def named_tokens(group: str) -> dict:
+        named = declared.get(group) or {}
+        if not isinstance(named, dict):  # a list names none
+            return {}
+        for name, value in named.items():
+            if token_of(value) is None:
                 raise UserError(f"{path} has {group} {name!r} = {value!r}: it must be a token (a string)")
-            tokens[name] = token_of(value)
+        return {name: token_of(value) for name, value in named.items()}
+
+    tokens = {}
     for name in SPECIAL_TOKEN_NAMES:
-        token = token_of(declared.get(name))
-        if token is not None and not isinstance(token, str):
-            raise UserError(f"{path} has {name} {declared[name]!r}: it must be a token (a string), or null")
-        if token is not None:
-            tokens[name] = token
-    return tokens
+        value = declared.get(name)
+        if value is not None and token_of(value) is None:
+            raise UserError(f"{path} has {name} {value!r}: it must be a token (a string), or null")
+        if value is not None:
+            tokens[name] = token_of(value)
+    extra = "extra_special_tokens" if declared.get("extra_special_tokens") else "additional_special_tokens"
+    model_specific = {name: token_of(value) for name, value in declared.items()
+                      if name.endswith("_token") and name not in SPECIAL_TOKEN_NAMES and token_of(value) is not None}
+    model_specific.update(named_tokens(extra))
+    return {**tokens, **(model_specific or named_tokens("model_specific_special_tokens"))}
 
 
 def _rgb_numbers(cfg: dict, name: str, default, path: Path, in_range, rule: str):

@@ -906,12 +906,12 @@ def deterministic_algorithms():
     committed recipe with 2 threads ended with different weights, and a whole run of the command drifted
     from the toy committed then (full attention 0.79 against its 0.988: tutorial/03). With them, the same seed,
     thread count and machine give the same weights, at the same speed."""
-    before = torch.are_deterministic_algorithms_enabled()
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True)
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(before)
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 def add_run_arguments(parser: ArgumentParser, eval_every: int, checkpoint_every: int) -> None:
@@ -931,14 +931,17 @@ def main(argv=None) -> None:
     parser.add_argument("--force", action="store_true", help="replace --out if it already holds files")
     parser.add_argument("--steps", type=int, default=7000, help="stage 1: training steps")
     parser.add_argument("--batch-size", type=int, default=32, help="scenes per step")
-    parser.add_argument("--lr", type=float, default=2e-3, help="AdamW's peak learning rate")
+    parser.add_argument("--lr", type=float, default=2e-3,
+                        help="stage 1: AdamW's peak learning rate (stage 2 peaks at tune's 4e-4)")
     parser.add_argument("--seed", type=int, default=0,
                         help="the weights' initialisation, both stages' scene streams, the dropout draws and stage "
                              "0's rectangles")
     parser.add_argument("--image-dropout", type=float, default=IMAGE_DROPOUT,
-                        help="largest fraction of a sequence's image tokens hidden in training (0: none)")
+                        help="stage 1: largest fraction of a sequence's image tokens hidden (0: none; stage 2's "
+                             "is --tune-dropout)")
     parser.add_argument("--image-dropout-share", type=float, default=IMAGE_DROPOUT_SHARE,
-                        help="share of training sequences that get image-token dropout (the rest see every token)")
+                        help="stage 1: share of training sequences that get image-token dropout (the rest see every "
+                             "token)")
     # The architecture flags default to toy_config's own defaults: the committed toy's, stated once.
     toy_defaults = {name: param.default for name, param in inspect.signature(toy_config).parameters.items()}
     parser.add_argument("--vision-layers", type=int, default=toy_defaults["vision_layers"],
