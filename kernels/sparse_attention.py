@@ -440,8 +440,8 @@ def integer(name: str, value) -> int:
 
 
 def number(name: str, value) -> float:
-    """value as a float if it is a finite real number (a Python, numpy or 0-d tensor one; not a bool, a string
-    or a list): else a ValueError naming it."""
+    """value as a float if it is a finite real number (a Python or numpy scalar, or a 0-d tensor; not a bool, a
+    string, a list or an array): else a ValueError naming it."""
     a_tensor = isinstance(value, torch.Tensor) and value.dim() == 0 and not (value.dtype.is_complex or
                                                                             value.dtype == torch.bool)
     if not (a_tensor or isinstance(value, numbers.Real) and not isinstance(value, bool)):  # numpy's bool is no Real

@@ -587,15 +587,30 @@ def test_a_template_gets_the_special_tokens_tokenizer_config_declares(next_folde
     {"additional_special_tokens": {"image_token": "<image>"}},                   # the older name
     {"additional_special_tokens": ["<image>"], "extra_special_tokens": {"image_token": "<image>"}},
     {"eos_token": "</s>", "add_bos_token": True, "add_eos_token": False, "clean_up_tokenization_spaces": False},
+    {"image_token": {"content": "<image>", "__type": "AddedToken"},
+     "model_specific_special_tokens": {"video_token": "<s>", "image_token": "</s>"}},   # the object under the block
+    {"extra_special_tokens": {"a_token": "<s>"}, "additional_special_tokens": {"b_token": "</s>"}},
+    {"bos_token": {"content": 5, "__type": "AddedToken"}},                          # refused, as each below
+    {"extra_special_tokens": {"image_token": {"content": 5, "__type": "AddedToken"}}},
+    {"extra_special_tokens": "<s>"},
+    {"model_specific_special_tokens": ["<s>"]},
+    {"extra_special_tokens": {"a_token": "<s>"}, "additional_special_tokens": "</s>"},
 ], ids=["no_type", "added_token", "replaced", "model_specific_only", "over_named", "extra_over_model_specific",
-        "additional", "additional_and_extra", "flags"])
+        "additional", "additional_and_extra", "flags", "added_token_under_the_block", "extra_and_additional",
+        "content_not_a_string", "extra_content_not_a_string", "extra_a_string", "block_a_list", "additional_a_string"])
 def test_the_special_tokens_read_are_transformers(next_folder, declared):
     """read_special_tokens against transformers' own reading of the same tokenizer_config.json (the tokens it
-    hands a chat template, `special_tokens_map`), where the file declares a token more than one way."""
+    hands a chat template, `special_tokens_map`), where the file declares a token more than one way; what
+    transformers refuses (a TypeError), a UserError refuses."""
     from transformers import AutoTokenizer
     (next_folder / "tokenizer_config.json").write_text(json.dumps(declared))
-    theirs = AutoTokenizer.from_pretrained(next_folder).special_tokens_map
-    assert read_special_tokens(next_folder / "tokenizer_config.json") == theirs
+    try:
+        theirs = AutoTokenizer.from_pretrained(next_folder).special_tokens_map
+    except TypeError:
+        with pytest.raises(UserError, match="tokenizer_config.json has .*: it must be"):
+            read_special_tokens(next_folder / "tokenizer_config.json")
+    else:
+        assert read_special_tokens(next_folder / "tokenizer_config.json") == theirs
 
 
 def test_of_several_templates_the_one_transformers_takes_is_rendered(next_folder):

@@ -536,41 +536,58 @@ SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_
 
 def read_special_tokens(path: Path) -> dict:
     """{name: token} for the special tokens tokenizer_config.json declares, as transformers 5 hands them to a
-    chat template (`special_tokens_map`; tokenization_utils_base.py, from_pretrained and __init__): the
-    SPECIAL_TOKEN_NAMES it gives, then, over them, its model-specific tokens: every other name ending in _token
-    that holds a token ("image_token": "<image>"; not "add_bos_token": true), with the named tokens of
-    extra_special_tokens (or of additional_special_tokens, its older name, where it is not given) over those,
-    or where there are none, its model_specific_special_tokens. A token is a string, or an AddedToken object
-    ("__type": "AddedToken") with its "content"; null: none. Nothing for a name it leaves out, or without the
-    file: transformers 5 loads a llava or llava_next folder's tokenizer.json as it is (TokenizersBackend, never
-    a Llama tokenizer class with its default <s>, </s> and <unk>)."""
+    chat template (`special_tokens_map`, as tokenization_utils_base.py's from_pretrained and __init__ build
+    it). A token is a string, or an AddedToken object ("__type": "AddedToken") with its "content"; null: none.
+    From the lowest to the highest, each over the ones before where they name the same token:
+    1. the SPECIAL_TOKEN_NAMES the file gives;
+    2. where extra_special_tokens is an object, additional_special_tokens's named tokens, if it has any;
+    3. every other name ending in _token that holds an AddedToken object;
+    4. every other name ending in _token that holds a string ("image_token": "<image>"; not "add_bos_token":
+       true), and the named tokens of extra_special_tokens (or of additional_special_tokens, its older name,
+       where it is not given); where there are none of either, those of model_specific_special_tokens.
+    Nothing for a name it leaves out, or without the file: transformers 5 loads a llava or llava_next folder's
+    tokenizer.json as it is (TokenizersBackend, never a Llama tokenizer class with its default <s>, </s> and
+    <unk>). What transformers refuses, a UserError refuses."""
     declared = read_json_object(path, optional=True) or {}
 
-    def token_of(value):  # the token a value holds, or None
-        added = isinstance(value, dict) and value.get("__type") == "AddedToken"
-        return value.get("content") if added else value if isinstance(value, str) else None
+    def is_added_token(value) -> bool:
+        return isinstance(value, dict) and value.get("__type") == "AddedToken"
 
-    def named_tokens(group: str) -> dict:
-        named = declared.get(group) or {}
-        if not isinstance(named, dict):  # a list names none
+    def token(where: str, value) -> str:
+        content = value.get("content", "") if is_added_token(value) else value
+        if not isinstance(content, str):
+            raise UserError(f"{path} has {where} {value!r}: it must be a token (a string)")
+        return content
+
+    def named_in(group: str, value) -> dict:  # an object of named tokens; a list names none
+        if value is not None and not isinstance(value, (dict, list)):
+            raise UserError(f"{path} has {group} {value!r}: it must be a list of tokens or an object naming them")
+        if isinstance(value, list):
+            for item in value:
+                token(f"{group} item", item)
             return {}
-        for name, value in named.items():
-            if token_of(value) is None:
-                raise UserError(f"{path} has {group} {name!r} = {value!r}: it must be a token (a string)")
-        return {name: token_of(value) for name, value in named.items()}
+        return {name: token(f"{group} {name!r} =", item) for name, item in (value or {}).items()}
 
-    tokens = {}
-    for name in SPECIAL_TOKEN_NAMES:
-        value = declared.get(name)
-        if value is not None and token_of(value) is None:
-            raise UserError(f"{path} has {name} {value!r}: it must be a token (a string), or null")
-        if value is not None:
-            tokens[name] = token_of(value)
-    extra = "extra_special_tokens" if declared.get("extra_special_tokens") else "additional_special_tokens"
-    model_specific = {name: token_of(value) for name, value in declared.items()
-                      if name.endswith("_token") and name not in SPECIAL_TOKEN_NAMES and token_of(value) is not None}
-    model_specific.update(named_tokens(extra))
-    return {**tokens, **(model_specific or named_tokens("model_specific_special_tokens"))}
+    named = {name: token(name, declared[name]) for name in SPECIAL_TOKEN_NAMES if declared.get(name) is not None}
+    others = {name: value for name, value in declared.items()
+              if name.endswith("_token") and name not in SPECIAL_TOKEN_NAMES}
+    extra_group = "extra_special_tokens" if declared.get("extra_special_tokens") else "additional_special_tokens"
+    extra = declared.get(extra_group)
+    own = {name: value for name, value in others.items() if isinstance(value, str)}
+    later = {}
+    if isinstance(extra, dict):  # taken as the model's own; additional_special_tokens then stands for the extra ones
+        own.update(named_in(extra_group, extra))
+        if extra_group == "extra_special_tokens":
+            later = named_in("additional_special_tokens", declared.get("additional_special_tokens"))
+    else:
+        named_in(extra_group, extra)
+    added = {name: token(name, value) for name, value in others.items() if is_added_token(value)}
+    if not own:
+        block = declared.get("model_specific_special_tokens")
+        if block is not None and not isinstance(block, dict):
+            raise UserError(f"{path} has model_specific_special_tokens {block!r}: it must be an object naming tokens")
+        own = named_in("model_specific_special_tokens", block)
+    return {**named, **later, **added, **own}
 
 
 def _rgb_numbers(cfg: dict, name: str, default, path: Path, in_range, rule: str):
