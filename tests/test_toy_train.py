@@ -344,11 +344,13 @@ def test_training_passes_the_dropout_mask_to_the_model(monkeypatch):
 
 def test_the_trainer_trains_with_deterministic_algorithms_and_restores_the_setting(tmp_path, monkeypatch):
     """Both stages of the command run with PyTorch's deterministic kernels (without them two runs of the
-    same seed drift apart: `deterministic_algorithms`), and the process's setting is restored after."""
+    same seed drift apart: `deterministic_algorithms`) on --threads threads, and the process's settings are
+    restored after."""
     seen = []
 
     def fake_train(*args, **kwargs):
         seen.append(("train", torch.are_deterministic_algorithms_enabled()))
+        seen.append(("threads", torch.get_num_threads()))
         return train(steps=1, batch_size=2, seed=0, config_overrides=TINY, log=lambda *_: None)
 
     def fake_tune(*args, **kwargs):
@@ -358,9 +360,10 @@ def test_the_trainer_trains_with_deterministic_algorithms_and_restores_the_setti
     monkeypatch.setattr(train_module, "tune", fake_tune)
     monkeypatch.setattr(train_module, "write_examples", lambda folder, fine=False: None)
     assert not torch.are_deterministic_algorithms_enabled()
-    train_module.main(["--steps", "1", "--out", str(tmp_path / "new")])
-    assert seen == [("train", True), ("tune", True)]
-    assert not torch.are_deterministic_algorithms_enabled()
+    threads = torch.get_num_threads()
+    train_module.main(["--steps", "1", "--out", str(tmp_path / "new"), "--threads", str(threads + 1)])
+    assert seen == [("train", True), ("threads", threads + 1), ("tune", True)]
+    assert not torch.are_deterministic_algorithms_enabled() and torch.get_num_threads() == threads
     assert (tmp_path / "new" / "model.safetensors").exists()
     # A caller's own setting, warnings only, comes back as it was.
     torch.use_deterministic_algorithms(True, warn_only=True)

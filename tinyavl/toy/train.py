@@ -900,6 +900,18 @@ def write_toy(out: Path, model, processor, replace: bool, checkpoint_path: Path 
 
 
 @contextmanager
+def torch_threads(n: int):
+    """Inside, torch runs on n CPU threads (the weights depend on the count); the caller's count after, as a
+    command run in a process that goes on (a test, a notebook) must leave it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextmanager
 def deterministic_algorithms():
     """Inside, PyTorch picks its deterministic kernels. Why: without them training was not deterministic
     on this project's 2-core machine (which kernel varies was not pinned down): two 20-step runs of the
@@ -985,9 +997,8 @@ def main(argv=None) -> None:
             check_checkpoint(stage_2, args.out)  # the file may hold either stage of this run
         except UserError as err:
             parser.error(str(err))
-    torch.set_num_threads(args.threads)
     architecture = {name: getattr(args, name) for name in ("vision_layers", "text_layers", "text_width")}
-    with deterministic_algorithms():
+    with torch_threads(args.threads), deterministic_algorithms():
         if stage_2 and stage_2.resumes():  # stage 1 is done: its weights are in stage 2's state
             model, processor = new_model(args.seed, architecture)
         else:

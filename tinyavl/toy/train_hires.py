@@ -59,7 +59,7 @@ from tinyavl.loading import checkpoint_files
 from tinyavl.model import HiresConfig, LlavaForConditionalGeneration
 from tinyavl.toy.scenes import FINE_SCALE, IMAGE_SIZE, SceneStream
 from tinyavl.toy.train import (HIRES_RAMP, TUNE_DROPOUT, Checkpoint, PatchProbe, add_run_arguments, check_checkpoint,
-                               deterministic_algorithms, optimise, warmup_steps, write_toy)
+                               deterministic_algorithms, optimise, torch_threads, warmup_steps, write_toy)
 
 HIRES = HiresConfig(scale=FINE_SCALE, first_layer=3, threshold=48.0, blocks=4)
 FINE_CANVAS = (FINE_SCALE * IMAGE_SIZE, FINE_SCALE * IMAGE_SIZE)  # (height, width) px: a fine scene
@@ -187,8 +187,7 @@ def main(argv=None) -> None:
             check_checkpoint(checkpoint, args.out, inputs=[args.base])
         except UserError as err:
             parser.error(str(err))
-    torch.set_num_threads(args.threads)
-    with deterministic_algorithms():
+    with torch_threads(args.threads), deterministic_algorithms():
         train_hires(model, processor, args.steps, args.batch_size, args.lr, args.seed, eval_every=args.eval_every,
                     checkpoint=checkpoint)
     write_toy(args.out, model, processor, args.force, args.checkpoint, fine=True)
