@@ -427,12 +427,18 @@ def _check_inputs(q, k, v, index, start, check_index):
     return batch, num_heads, num_kv_heads, cache_len, head_dim, n_idx, start
 
 
+def _a_scalar_tensor(value) -> bool:
+    """A 0-d tensor of a real number (not a bool): what `integer` and `number` take of tensors."""
+    return isinstance(value, torch.Tensor) and value.dim() == 0 and not (value.dtype.is_complex or
+                                                                        value.dtype == torch.bool)
+
+
 def integer(name: str, value) -> int:
     """value as an int if it is an integer (a Python, numpy or 0-d tensor one; not a bool, nor 4.5):
     else a ValueError naming it."""
     try:
         # operator.index takes a one-element tensor of any rank, and a bool one, as an int.
-        if isinstance(value, bool) or isinstance(value, torch.Tensor) and (value.dim() or value.dtype == torch.bool):
+        if isinstance(value, bool) or isinstance(value, torch.Tensor) and not _a_scalar_tensor(value):
             raise TypeError
         return operator.index(value)
     except TypeError:
@@ -442,9 +448,8 @@ def integer(name: str, value) -> int:
 def number(name: str, value) -> float:
     """value as a float if it is a finite real number (a Python or numpy scalar, or a 0-d tensor; not a bool, a
     string, a list or an array): else a ValueError naming it."""
-    a_tensor = isinstance(value, torch.Tensor) and value.dim() == 0 and not (value.dtype.is_complex or
-                                                                            value.dtype == torch.bool)
-    if not (a_tensor or isinstance(value, numbers.Real) and not isinstance(value, bool)):  # numpy's bool is no Real
+    # numpy's bool is no numbers.Real; Python's is
+    if not (_a_scalar_tensor(value) or isinstance(value, numbers.Real) and not isinstance(value, bool)):
         raise ValueError(f"{name} must be a number, got {value!r}")
     try:
         result = float(value)

@@ -573,14 +573,10 @@ def read_special_tokens(path: Path) -> dict:
               if name.endswith("_token") and name not in SPECIAL_TOKEN_NAMES}
     extra_group = "extra_special_tokens" if declared.get("extra_special_tokens") else "additional_special_tokens"
     extra = declared.get(extra_group)
-    own = {name: value for name, value in others.items() if isinstance(value, str)}
-    later = {}
-    if isinstance(extra, dict):  # taken as the model's own; additional_special_tokens then stands for the extra ones
-        own.update(named_in(extra_group, extra))
-        if extra_group == "extra_special_tokens":
-            later = named_in("additional_special_tokens", declared.get("additional_special_tokens"))
-    else:
-        named_in(extra_group, extra)
+    own = {**{name: value for name, value in others.items() if isinstance(value, str)}, **named_in(extra_group, extra)}
+    # An object of extra tokens is taken as the model's own; additional_special_tokens then stands for the extra ones.
+    later = (named_in("additional_special_tokens", declared.get("additional_special_tokens"))
+             if extra_group == "extra_special_tokens" and isinstance(extra, dict) else {})
     added = {name: token(name, value) for name, value in others.items() if is_added_token(value)}
     if not own:
         block = declared.get("model_specific_special_tokens")
