@@ -759,6 +759,14 @@ def test_invalid_parameters_rejected(policy, params, named):
         make_cache(policy, **params)
 
 
+def test_a_number_past_floats_range_is_rejected_as_out_of_range():
+    # Python's integers and fractions have no largest value; converting one to a float raised OverflowError.
+    with pytest.raises(UserError, match=r"^R must be in \[0, 1\), got 1000"):
+        make_cache("fastv", R=10 ** 400)
+    with pytest.raises(UserError, match=r"^heavy must be in \(0, 1\], got Fraction\(1000"):
+        make_cache("h2o", heavy=Fraction(10 ** 400, 3))
+
+
 def test_unknown_policy_and_parameter_rejected():
     with pytest.raises(UserError, match="nope"):
         make_cache("nope")

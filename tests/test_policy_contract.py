@@ -242,7 +242,8 @@ def test_command_line_flags_come_from_the_declarations(capsys):
         parser.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     for name, owners in param_owners().items():
-        entry = text.split(f"--{name.replace('_', '-')} ", 2)[-1]
+        # Its own entry only: from its flag to the next flag's (a later entry's text would match too).
+        entry = text.split(f"--{name.replace('_', '-')} ", 2)[-1].split(" --", 1)[0]
         for policy, param in owners.items():
             assert param.help in entry and param.allowed() in entry and f"{policy} {param.default}" in entry, name
 

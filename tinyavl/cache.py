@@ -285,7 +285,10 @@ class Param:
             # A float as the decimal it prints as: numpy's float32 0.7 is 0.699999988 as a Python float, whose
             # counts (`floor_count`) would be a token less than 0.7's. (A Fraction, which prints as 7/10, is
             # converted by float() as it is.)
-            value = kind(value) if kind is int or isinstance(value, numbers.Rational) else float(str(value))
+            try:
+                value = kind(value) if kind is int or isinstance(value, numbers.Rational) else float(str(value))
+            except OverflowError:  # an integer or fraction past float's range: out of every range here
+                raise UserError(f"{named(self.name)} must be {self.allowed()}, got {value!r}") from None
             ok = self.in_range(value)
         if not ok:
             raise UserError(f"{named(self.name)} must be {self.allowed()}, got {value!r}")
