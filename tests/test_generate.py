@@ -353,12 +353,23 @@ def test_non_finite_logits_stop_generation_with_a_clear_error(loaded, at, value)
 
 def test_sample_nucleus_boundary_keeps_the_prefix_that_exactly_reaches_top_p():
     """Four equal tokens, top_p 0.5: the first two reach 0.5 exactly, so exactly two tokens are ever drawn
-    (a rule that needs the mass to exceed top_p would keep three)."""
+    (a rule that needs the mass to exceed top_p would keep three), those with the lowest ids (README)."""
     logits = torch.zeros(4)
     g = torch.Generator().manual_seed(0)
     draws = [sample(logits, 1.0, 0, 0.5, g) for _ in range(2000)]
-    assert len(set(draws)) == 2
+    assert set(draws) == {0, 1}
     assert abs(draws.count(draws[0]) / len(draws) - 0.5) < 0.05
+
+
+def test_sample_keeps_the_lowest_ids_of_tokens_tied_across_the_nucleus_edge():
+    """150 tied tokens above 50 others: the nucleus ends inside the tie, and keeps its lowest ids (torch's
+    default sort puts long runs of ties in no fixed order)."""
+    logits = torch.cat([torch.zeros(150), torch.full((50,), -1.0)])
+    p_tied = 1 / (150 + 50 * math.exp(-1))                    # each tied token's probability
+    n_kept = math.ceil(0.5 / p_tied)                          # the fewest tied tokens whose mass reaches 0.5
+    g = torch.Generator().manual_seed(0)
+    draws = [sample(logits, 1.0, 0, 0.5, g) for _ in range(3000)]
+    assert n_kept == 85 and set(draws) == set(range(n_kept))
 
 
 # ------------------------------------------------------------------------------ context limit
@@ -473,6 +484,25 @@ def test_an_image_and_prompt_that_do_not_fit_and_an_empty_prompt_are_user_errors
     one_short = torch.cat([ids[:, :last_image], ids[:, last_image + 1:]], dim=1)     # the block one token shorter
     with pytest.raises(UserError, match=f"the prompt has {n_img - 1} image tokens, but its images make {n_img}"):
         greedy(model, one_short, px, steps=2)
+
+
+def test_token_ids_outside_the_vocabulary_or_not_integers_are_user_errors(loaded):
+    """A prompt built by hand: an id past the embedding table or below 0 (an IndexError, a device assert on
+    a GPU, before), or ids as floats."""
+    model, processor = loaded("mha")
+    ids, px = prompt_inputs(processor, "image")
+    vocab = model.language_model.model.embed_tokens.num_embeddings
+    for bad in (vocab, -3):
+        wrong = ids.clone()
+        wrong[0, -1] = bad
+        with pytest.raises(UserError, match=f"holds the token id {bad}, but the model's vocabulary has ids 0 .. "
+                                            f"{vocab - 1}$"):
+            greedy(model, wrong, px, steps=2)
+    with pytest.raises(UserError, match="input_ids must hold token ids .*, got torch.float32"):
+        greedy(model, ids.float(), px, steps=2)
+    last = ids.clone()
+    last[0, -1] = vocab - 1                                   # the last row of the table is an id like any other
+    greedy(model, last, px, steps=2)
 
 
 def test_bad_generation_arguments_are_user_errors(loaded):

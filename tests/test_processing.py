@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image, ImageFile, ImageOps
 from tokenizers import AddedToken, Tokenizer
-from transformers import AutoImageProcessor, AutoTokenizer, LlavaProcessor
+from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, LlavaProcessor
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from tiny_tokenizer import build_tiny_tokenizer, write_tiny_tokenizer
@@ -473,6 +473,47 @@ def test_preprocessor_config(folder, tmp_path):
         (tmp_path / "preprocessor_config.json").write_text(json.dumps({**config, key: value}))
         with pytest.raises(UserError, match=named):
             Processor.from_pretrained(tmp_path, image_token_id, NUM_IMAGE_TOKENS, SIZE)
+
+
+def test_image_settings_transformers_5_saves_in_processor_config_are_read_first(folder, tmp_path):
+    """transformers 5's save_pretrained writes the image processor's settings into processor_config.json
+    ("image_processor") and no preprocessor_config.json, and its from_pretrained reads them there first. Both
+    folders, and one holding both (other settings in each), must give transformers' pixels."""
+    source, saved = tmp_path / "source", tmp_path / "saved"
+    source.mkdir()
+    write_tiny_tokenizer(source)
+    settings = {"image_processor_type": "LlavaImageProcessor", "do_pad": True, "image_mean": [0.5, 0.4, 0.3],
+                "size": {"shortest_edge": 20}, "crop_size": {"height": SIZE, "width": SIZE}}
+    (source / "preprocessor_config.json").write_text(json.dumps(settings))
+    (source / "processor_config.json").write_text(json.dumps(
+        {"processor_class": "LlavaProcessor", "patch_size": PATCH, "vision_feature_select_strategy": "default",
+         "num_additional_image_tokens": 1}))
+    (source / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    AutoProcessor.from_pretrained(source, backend="pil").save_pretrained(saved)
+    assert not (saved / "preprocessor_config.json").exists()               # the premise: settings nested only
+    prompt, image = "USER: <image>\nWhat is it? ASSISTANT:", make_image(50, 31, seed=3)
+
+    def pixels_both_ways(where):
+        ours = Processor.from_pretrained(where, image_id(), NUM_IMAGE_TOKENS, SIZE)(prompt, image)["pixel_values"]
+        theirs = AutoProcessor.from_pretrained(where, backend="pil")(images=image, text=prompt,
+                                                                    return_tensors="pt")["pixel_values"]
+        return ours, theirs
+
+    for where in (source, saved):
+        assert_close(*pixels_both_ways(where))
+    # Both files, telling different sizes: the nested settings win, as in transformers.
+    (saved / "preprocessor_config.json").write_text(json.dumps({**settings, "size": {"shortest_edge": 40}}))
+    ours, theirs = pixels_both_ways(saved)
+    assert_close(ours, theirs)
+    assert_close(ours, pixels_both_ways(source)[0])                        # (the source's settings: 20 px)
+    # Nested settings are checked as the file's are, and named in the error.
+    nested = json.loads((saved / "processor_config.json").read_text())
+    for value, message in (({**settings, "crop_size": 224},
+                            "processor_config.json's image_processor has crop_size 224"),
+                           ([1, 2], "processor_config.json's image_processor is not a JSON object: \\[1, 2\\]")):
+        (saved / "processor_config.json").write_text(json.dumps({**nested, "image_processor": value}))
+        with pytest.raises(UserError, match=message):
+            Processor.from_pretrained(saved, image_id(), NUM_IMAGE_TOKENS, SIZE)
 
 
 def test_decode_round_trip(processor):

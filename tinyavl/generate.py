@@ -72,7 +72,8 @@ def sample(logits, temperature: float, top_k: int, top_p: float, generator):  # 
     # In float64 and from the top logit down: a tiny temperature then sends the others to -inf (probability 0)
     # rather than overflowing fp32 to inf - inf = nan, and a tiny top_p still keeps the first token.
     probs = ((logits.double() - logits.max()) / temperature).softmax(-1)  # (vocab,) fp64
-    sorted_probs, order = probs.sort(descending=True)                      # each (vocab,)
+    # Stable: of equally likely tokens at the nucleus' edge, those with the lowest ids stay (README).
+    sorted_probs, order = probs.sort(descending=True, stable=True)         # each (vocab,)
     if 0 < top_k < len(sorted_probs):
         # A token as likely as the k-th stays too, as transformers keeps every score up to the k-th's.
         sorted_probs = sorted_probs.masked_fill(sorted_probs < sorted_probs[top_k - 1], 0.0)   # (vocab,)
@@ -119,7 +120,7 @@ def id_set(ids) -> set[int]:
 # generate's settings, declared as the policies' parameters are (tinyavl/cache.py, `Param`): main.py's flags,
 # their help and their checks come from here. Their defaults are `generation`'s (a test holds them equal).
 GENERATION_PARAMS = (
-    Param("max_new_tokens", 64, "most tokens to generate (fewer at EOS)", low=1),
+    Param("max_new_tokens", 64, "most tokens to generate (fewer at EOS or at the end of the context)", low=1),
     Param("temperature", 0.0, "0 = greedy", low=0, high=math.inf, ends="[)"),
     # checked when greedy too: a nan or -1 is a mistake anyway. 50: transformers' generate's default.
     Param("top_k", 50, "sample among the k most likely tokens, before top-p (0 = every token; with temperature > 0)",
@@ -163,6 +164,13 @@ def prompt_layout(input_ids, pixel_values, config) -> tuple[int, int]:
         raise UserError(f"input_ids must be one prompt, a tensor of shape (1, T), got {shape}")
     if input_ids.shape[1] == 0:
         raise UserError("input_ids holds no token: a prompt needs at least one (the processor's starts with BOS)")
+    if input_ids.dtype not in (torch.int64, torch.int32):  # the types an embedding lookup takes
+        raise UserError(f"input_ids must hold token ids (torch.int64), got {input_ids.dtype}")
+    # An id with no embedding row would crash the lookup (on a GPU, a device assert that ends the process).
+    low, high = (int(i) for i in input_ids.aminmax())
+    if low < 0 or high >= config.text.vocab_size:
+        raise UserError(f"input_ids holds the token id {low if low < 0 else high}, but the model's vocabulary has "
+                        f"ids 0 .. {config.text.vocab_size - 1}")
     n_sys, n_img = image_segments(input_ids, config.image_token_id)
     if n_img and pixel_values is None:  # the model would embed them as words: an answer about no image
         raise UserError(f"the prompt has {n_img} image tokens but no image was given: pass pixel_values (the "

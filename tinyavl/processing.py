@@ -324,8 +324,9 @@ class Processor:
     def from_pretrained(cls, folder, image_token_id: int, num_image_tokens: int, vision_image_size: int,
                         image_grid_pinpoints=None, patch_size: int | None = None,
                         hires_scale: int | None = None) -> "Processor":
-        """Build from a checkpoint folder: tokenizer.json (required); preprocessor_config.json, the chat
-        template (`read_chat_template`), processor_config.json (its "system_prompt", used when there is no
+        """Build from a checkpoint folder: tokenizer.json (required); the image processor's settings
+        (processor_config.json's "image_processor", as transformers 5 saves them, else preprocessor_config.json),
+        the chat template (`read_chat_template`), processor_config.json's "system_prompt" (used when there is no
         template) and tokenizer_config.json (the special tokens: `read_special_tokens`) optional."""
         folder = Path(folder)
         path = folder / "tokenizer.json"
@@ -336,8 +337,17 @@ class Processor:
             tokenizer = Tokenizer.from_file(str(path))
         except Exception as e:  # the tokenizers library raises a bare Exception
             raise UserError(f"{path} is not a valid tokenizer.json ({e}): download it again") from None
-        pre_path = folder / "preprocessor_config.json"
-        pre_cfg = read_json_object(pre_path, optional=True)
+        processor_path = folder / "processor_config.json"
+        processor_config = read_json_object(processor_path, optional=True) or {}
+        # Where transformers reads the image processor's settings: transformers 5 saves them inside
+        # processor_config.json (its "image_processor"), and reads them there before preprocessor_config.json.
+        if "image_processor" in processor_config:
+            pre_path, pre_cfg = f"{processor_path}'s image_processor", processor_config["image_processor"]
+            if not isinstance(pre_cfg, dict):
+                raise UserError(f"{pre_path} is not a JSON object: {json.dumps(pre_cfg)[:80]}")
+        else:
+            pre_path = folder / "preprocessor_config.json"
+            pre_cfg = read_json_object(pre_path, optional=True)
         pre = preprocessor_settings(pre_cfg, pre_path, vision_image_size, tiled=image_grid_pinpoints is not None)
         # Sizes config.json sets, checked here where images are made: past the limit, every image (for a canvas:
         # every image tiled on it) would be refused.
@@ -356,8 +366,6 @@ class Processor:
             raise UserError(f"{pre_path} tiles images on image_grid_pinpoints "
                             f"{pre_pinpoints} but config.json on {image_grid_pinpoints}: the files come from "
                             "different checkpoints")
-        processor_path = folder / "processor_config.json"
-        processor_config = read_json_object(processor_path, optional=True) or {}
         system_prompt = processor_config.get("system_prompt", "")
         if not isinstance(system_prompt, str):
             raise UserError(f"{processor_path} has a system_prompt that is not a string")
@@ -606,11 +614,12 @@ def _special_id(tokenizer: Tokenizer, token: str, name: str) -> int:
     return found
 
 
-def preprocessor_settings(cfg: dict | None, path: Path, vision_image_size: int, tiled: bool = False) -> dict:
-    """Processor settings from preprocessor_config.json (cfg, its parsed contents; None when the file is
-    absent, giving the llava-1.5 defaults at the vision tower's size; path names it in errors; tiled:
-    LLaVA-1.6's anyres). Where the file leaves size or crop_size out, they take transformers' image
-    processor defaults (CLIP's and LLaVA-NeXT's: 224, `IMAGE_PROCESSOR_SIZE`), as transformers reads it.
+def preprocessor_settings(cfg: dict | None, path: Path | str, vision_image_size: int, tiled: bool = False) -> dict:
+    """Processor settings from preprocessor_config.json (cfg, its parsed contents, or processor_config.json's
+    "image_processor"; None when there are none, giving the llava-1.5 defaults at the vision tower's size;
+    path names where they were read in errors; tiled: LLaVA-1.6's anyres). Where they leave size or crop_size
+    out, these take transformers' image processor defaults (CLIP's and LLaVA-NeXT's: 224,
+    `IMAGE_PROCESSOR_SIZE`), as transformers reads them.
 
     Read: size.shortest_edge, crop_size (must equal the vision tower's input), image_mean, image_std,
     resample, and for LLaVA-1.5 do_pad (pad the image to a square first; for LLaVA-1.6, anyres, it pads a
@@ -618,7 +627,7 @@ def preprocessor_settings(cfg: dict | None, path: Path, vision_image_size: int, 
     image_grid_pinpoints, also written there, are read from config.json; from_pretrained checks that the two
     agree.)
     """
-    # A folder without the file (which transformers cannot load at all) is preprocessed at the tower's size.
+    # A folder without the settings (which transformers cannot load at all) is preprocessed at the tower's size.
     default_size = vision_image_size if cfg is None else IMAGE_PROCESSOR_SIZE
     cfg = cfg or {}
     # Older files write sizes as plain ints, newer ones as dicts.

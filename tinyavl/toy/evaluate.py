@@ -369,7 +369,9 @@ def budget_params(policy: str, image_keep: float, kv_ratio: float, n_layers: int
       share becomes whole rows rounded down (`floor_count`), so streaming's window is rounded up to 4 decimals,
       and h2o, whose two shares are each rounded down, gets its heavy share rounded down and its recent one
       rounded up with one row of the `cached_tokens` more: on a sequence of that length each holds as many
-      rows as `random`, or h2o one more, never fewer.
+      rows as `random`, or h2o one more, never fewer. (On a kind's sequences of other lengths, captions, the
+      floors fall where they will: on the held-out captions streaming held 0.4-0.6 of a row a caption fewer
+      than `random`, h2o up to 0.2 more.)
     - fastv: after layer filter_layer - 1 = 0 (the earliest; from its default 2 a 4-layer model cannot
       reach these budgets) it drops R of the image tokens from the L - 1 later layers. random holds
       1 - (1 - image_keep) s of the dense bytes (s: the image's share of them), FastV 1 - R s (L - 1) / L:
