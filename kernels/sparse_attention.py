@@ -222,7 +222,7 @@ def _split_attention_kernel(
     num_heads, num_kv_heads, num_splits,
     qk_scale,         # softmax scale * log2(e): scores come out in base 2
     GROUP: tl.constexpr,            # query heads per KV head, H // Hkv
-    BLOCK_H: tl.constexpr,          # GROUP rounded up to a power of two >= 16 (tl.dot's smallest tile)
+    BLOCK_H: tl.constexpr,          # GROUP rounded up to a power of two >= 16 (the tile measured on a GPU)
     BLOCK_N: tl.constexpr,          # list positions per loop iteration
     HEAD_DIM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,    # "ieee" for fp32 inputs (the default would be TF32), else ignored

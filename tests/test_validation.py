@@ -255,6 +255,17 @@ def test_more_decoder_layers_than_stored_are_refused_before_the_model_is_built(f
            "2" in load_error(folder)
 
 
+@pytest.mark.parametrize("layers", [4, 10 ** 9])
+def test_more_vision_layers_than_stored_are_refused_before_the_model_is_built(folder, monkeypatch, layers):
+    """The tower is built up to its feature layer, -2: layers - 1 of them (a billion would build layers until
+    the memory ran out); the tiny checkpoint stores 2 CLIP layers."""
+    edit_json(folder / "config.json", lambda c: (c["vision_config"].__setitem__("num_hidden_layers", layers),
+                                                 c.__setitem__("vision_feature_layer", -2)))
+    monkeypatch.setattr(tinyavl.loading, "LlavaForConditionalGeneration", lambda config: pytest.fail("built"))
+    assert f"config.json has {layers - 1} vision layers to run (vision_config.num_hidden_layers, " \
+           "vision_feature_layer) but the checkpoint stores 2:" in load_error(folder)
+
+
 def test_empty_vision_feature_layer_list(folder):
     edit_json(folder / "config.json", lambda c: c.__setitem__("vision_feature_layer", []))
     assert "vision_feature_layer" in load_error(folder)
@@ -294,13 +305,18 @@ def test_no_text_config(folder, value):
 
 
 def test_key_mismatch_is_summarised(folder):
-    """Without vision_config the tower is LLaVA's CLIP ViT-L/14-336: every vision key mismatches, in one short line.
-    (preprocessor_config.json's 56 px crops, which disagree with 336 and are read first, are taken away.)"""
-    edit_json(folder / "config.json", lambda c: c.pop("vision_config"))
+    """Without vision_config the tower is LLaVA's CLIP ViT-L/14-336 (24 layers, the 23 up to its feature layer
+    run), where the file stores 2; with only its layer count, the layers' sizes are ViT-L's: every vision
+    tensor is mis-shaped, in one short line. Both say where the sizes came from. (preprocessor_config.json's
+    56 px crops, which disagree with 336 and are read first, are taken away.)"""
     (folder / "preprocessor_config.json").unlink()
+    edit_json(folder / "config.json", lambda c: c.pop("vision_config"))
     message = load_error(folder)
-    assert "missing keys (" in message and " more" in message and "mis-shaped tensors" in message
-    assert "without a vision_config" in message
+    assert "has 23 vision layers to run" in message and message.endswith("ViT-L/14-336 without a vision_config")
+    edit_json(folder / "config.json", lambda c: c.__setitem__("vision_config", {"num_hidden_layers": 3}))
+    message = load_error(folder)
+    assert "mis-shaped tensors" in message and " more" in message
+    assert message.endswith("ViT-L/14-336 without a vision_config")
 
 
 # ----------------------------------------------------------------------------------------- types and ids
@@ -375,7 +391,12 @@ def test_a_bos_id_past_the_vocabulary_is_refused_at_load(folder):
 
 
 @pytest.mark.parametrize("key", ["vision_tower.vision_model.encoder.layers.extra.weight",
-                                 "language_model.model.layers.extra.weight"])
+                                 "language_model.model.layers.extra.weight",
+                                 # digits that are no layer's name: int() refused "²" (a traceback before)
+                                 "vision_tower.vision_model.encoder.layers.².weight",
+                                 "language_model.model.layers.².weight", "language_model.model.layers.01.weight",
+                                 # nothing after layers (an IndexError before)
+                                 "language_model.model.layers", "model.language_model.layers"])
 def test_an_odd_key_among_the_layers_is_an_unexpected_key(folder, key):
     edit_weights(folder, lambda t: t.__setitem__(key, torch.zeros(2)))
     message = load_error(folder)

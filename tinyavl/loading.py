@@ -18,6 +18,7 @@ image_grid_pinpoints to the config and image_newline to the weights), with a Lla
 Mistral decoder. Weights load from safetensors only: a pickle (.bin) can run code when it is read.
 """
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -324,15 +325,26 @@ def ignored_key(model: LlavaForConditionalGeneration, key: str) -> bool:
         return True
     if key.endswith((".position_ids", ".rotary_emb.inv_freq")):
         return True
-    prefix = "vision_tower.vision_model.encoder.layers."
-    if not key.startswith(prefix):
+    layer = layer_number(key, VISION_LAYERS)
+    if layer is None:  # not a layer's: an unexpected key, unless the model has it
         return False
-    index = key[len(prefix):].split(".")[0]
-    if not index.isdigit():  # not a layer's: an unexpected key, unless the model has it
-        return False
-    layer = int(index)
     built = len(model.vision_tower.vision_model.encoder.layers)
     return built <= layer < model.config.vision.num_hidden_layers  # in the file, never run
+
+
+# Why config.json's sizes may disagree with the tensors' where the files come from one checkpoint.
+DEFAULT_SIZES_HINT = (". Sizes config.json leaves out take transformers' defaults: Llama-2-7B in text_config, CLIP "
+                      "ViT-L/14-336 without a vision_config")
+VISION_LAYERS, DECODER_LAYERS = "vision_tower.vision_model.encoder.layers.", "language_model.model.layers."
+
+
+def layer_number(key: str, prefix: str) -> int | None:
+    """i of a key prefix + "<i>.<...>" (prefix: VISION_LAYERS, DECODER_LAYERS), i written as PyTorch names a
+    layer (0, 1, ..., 12); None for any other key."""
+    if not key.startswith(prefix):
+        return None
+    index = key[len(prefix):].split(".")[0]
+    return int(index) if re.fullmatch(r"0|[1-9][0-9]*", index) else None  # not "²", "01" or ""
 
 
 LM_HEAD = "language_model.lm_head.weight"
@@ -382,9 +394,8 @@ def match_keys(model: LlavaForConditionalGeneration, stored: list[StoredTensor])
                 (("missing keys", missing), ("unexpected keys", sorted(unexpected)),
                  ("mis-shaped tensors", list(misshaped.values()))) if items]
     if problems:
-        hint = (". Sizes config.json leaves out take transformers' defaults: Llama-2-7B in text_config, CLIP "
-                "ViT-L/14-336 without a vision_config" if misshaped else "")
-        raise UserError("checkpoint does not match config.json; " + "; ".join(problems) + hint)
+        raise UserError("checkpoint does not match config.json; " + "; ".join(problems) +
+                        (DEFAULT_SIZES_HINT if misshaped else ""))
     return found, stored_head
 
 
@@ -423,7 +434,8 @@ def load_weights(model: LlavaForConditionalGeneration, stored: list[StoredTensor
             with open_safetensors(stored_head[0]) as f:
                 if not torch.equal(f.get_tensor(stored_head[1]).to(device=device, dtype=dtype), embedding):
                     raise UserError(f"config.json ties the output head to the input embedding, but the checkpoint's "
-                                    f"{stored_head[1]} differs from it: set tie_word_embeddings to false")
+                                    f"{stored_head[1]} differs from it: set tie_word_embeddings to false (at the top "
+                                    "level and in text_config)")
         state[LM_HEAD] = embedding
     model.load_state_dict(state, assign=True)
     if tied:  # assign=True replaced both parameters: tie them again
@@ -436,22 +448,26 @@ def stored_dtype(stored: list[StoredTensor]) -> torch.dtype:
     float32 for an F64 checkpoint, which tinyavl does not run in."""
     values = Counter()  # stored dtype -> how many values the checkpoint holds in it
     for tensor in stored:
-        if tensor.dtype in STORED_DTYPES:
-            values[STORED_DTYPES[tensor.dtype]] += math.prod(tensor.shape)
+        if tensor.dtype in FLOAT_DTYPES:  # F64's values count as float32's, the dtype they run in
+            values[STORED_DTYPES.get(tensor.dtype, torch.float32)] += math.prod(tensor.shape)
     return max(values, key=values.get, default=torch.float32)
 
 
-def check_decoder_layers(config: LlavaConfig, stored: list[StoredTensor]) -> None:
-    """UserError if config.json asks for more decoder layers than the checkpoint stores, before the model is
-    built: a damaged num_hidden_layers (a billion) would build layers until the memory ran out. (Fewer
-    layers than stored are unexpected keys, `match_keys`.)"""
-    # language_model.model.layers.<i>.<...>: another part there is an odd key, for match_keys to name
-    parts = [published_key(tensor.key).split(".") for tensor in stored]
-    layers = {int(p[3]) for p in parts if p[:3] == ["language_model", "model", "layers"] and p[3].isdigit()}
-    wanted = config.text.num_hidden_layers
-    if wanted > len(layers):
-        raise UserError(f"config.json has {wanted} decoder layers (text_config.num_hidden_layers) but the "
-                        f"checkpoint stores {len(layers)}: the files come from different checkpoints")
+def check_layer_counts(config: LlavaConfig, stored: list[StoredTensor]) -> None:
+    """UserError if config.json asks for more decoder or vision layers than the checkpoint stores, before the
+    model is built: a damaged num_hidden_layers (a billion) would build layers until the memory ran out.
+    (Fewer layers than stored are unexpected keys, `match_keys`.)"""
+    keys = [published_key(tensor.key) for tensor in stored]
+    # The tower is built up to its deepest feature layer (`LlavaForConditionalGeneration`), so many layers.
+    for prefix, wanted, what in (
+            (DECODER_LAYERS, config.text.num_hidden_layers, "decoder layers (text_config.num_hidden_layers)"),
+            (VISION_LAYERS, max(config.feature_layers),
+             "vision layers to run (vision_config.num_hidden_layers, vision_feature_layer)")):
+        # another part after the prefix is an odd key, for match_keys to name
+        layers = {number for key in keys if (number := layer_number(key, prefix)) is not None}
+        if wanted > len(layers):
+            raise UserError(f"config.json has {wanted} {what} but the checkpoint stores {len(layers)}: the "
+                            "files come from different checkpoints" + DEFAULT_SIZES_HINT)
 
 
 def load_model(path, device=None, dtype=None, config: LlavaConfig | None = None) -> LlavaForConditionalGeneration:
@@ -463,7 +479,7 @@ def load_model(path, device=None, dtype=None, config: LlavaConfig | None = None)
     for file in files:  # once each, before the tensors are read one by one
         check_readable(file)
     stored = read_headers(files)
-    check_decoder_layers(config, stored)
+    check_layer_counts(config, stored)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, stored_dtype(stored), device)
     with torch.device("meta"):
