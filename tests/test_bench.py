@@ -104,7 +104,7 @@ def test_floor_is_weight_bytes_at_matvec_rate_plus_attended_kv_at_read_rate(mode
     assert full["kv_ratio"] == 1 and full["attended_ratio"] == 1 and full["same_start_as_full"] == 6
     assert avl["attended_ratio"] < 1 and avl["kv_ratio"] < 1 and avl["floor_ms"] < full["floor_ms"]
     assert 0 < avl["attention_ms"] < avl["decode_ms"]  # the cache's four stages are part of the step
-    assert case["rates_GBps"] == {"read": 2.0, "matvec": 1.0}
+    assert case["rates_GBps"] == {"read": 2.0, "matvec": 1.0} and case["weight_bytes"] == weight
     json.dumps(case)  # what --json prints
 
 

@@ -446,6 +446,7 @@ def run_case(model, n_img: int, new_tokens: int, measure=measure_rates) -> dict:
                 policies[name]["core_replaced"] = statistics.mean(cache.core_replaced)
             policies[name].update(avl_step_split(cache, policies["full"]["attention_ms"]))
     return {"image_tokens": n_img, "prompt_tokens": input_ids.shape[1], "new_tokens": new_tokens,
+            "weight_bytes": weight_bytes,  # read by every decode step: the floors' first term
             "rates_GBps": {name: rate / 1e9 for name, rate in rates.items()}, "policies": policies}
 
 
