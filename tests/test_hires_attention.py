@@ -194,6 +194,40 @@ def test_under_avl_a_decode_step_chooses_among_the_image_tokens_it_computed():
     assert len(core) == 4 and cache.attended[last] < 3 + 16                      # it did skip image tokens
 
 
+@pytest.mark.parametrize("policy,params", [("fastv", dict(filter_layer=2, R=0.5)),
+                                           ("avl", dict(filter_layer=2, P=0.5))])
+def test_rows_a_filter_drops_between_choosing_and_reading_take_their_choices_with_them(monkeypatch, policy, params):
+    """Served from inside the image (first_row 10: image rows 10-18 and the text), with a prefill filter after
+    the choosing layer (filter_layer = first_layer = 2): the reading layer serves fewer rows than the choosing
+    one (a shape error before), and each row left reads the choice made at its own position."""
+    model = tiny_model(first_layer=2, blocks=4)
+    ids, pixels, hires_pixels = inputs()
+    made, read = {}, {}                           # layer -> (positions, choice): made by serve, read by merge
+    serve, merge = HiresView.serve, HiresView.merge
+
+    def recording_serve(view, attn, *args, **kwargs):
+        y = serve(view, attn, *args, **kwargs)
+        made[attn.layer_idx] = (view.chosen_positions.tolist(), view.chosen.clone())
+        return y
+
+    def recording_merge(view, attn, *args, **kwargs):
+        read[attn.layer_idx] = (view.chosen_positions.tolist(), view.chosen.clone())
+        return merge(view, attn, *args, **kwargs)
+
+    monkeypatch.setattr(HiresView, "serve", recording_serve)
+    monkeypatch.setattr(HiresView, "merge", recording_merge)
+    cache = make_cache(policy, **params)
+    cache.begin(3, 3, 16, decode_steps=1)
+    with torch.no_grad():
+        model(ids, pixels, cache=cache, hires_view=model.hires_view(ids, hires_pixels, first_row=10))
+    chose_at, choices = made[1]
+    assert chose_at == list(range(10, ids.shape[1]))
+    kept = set(cache.pos[2][0, 0].tolist())       # the rows layer 2 holds: the filter's survivors
+    read_at, read_choices = read[2]
+    assert read_at == [p for p in chose_at if p in kept] and len(read_at) < len(chose_at)
+    assert torch.equal(read_choices, choices[:, [chose_at.index(p) for p in read_at]])
+
+
 def recorded_grids(monkeypatch) -> list:
     """The grids (served rows, lowres_side^2) every choice is made from, in order, as hires.block_scores
     receives them for the rest of the test."""
@@ -403,7 +437,7 @@ def test_a_layer_serves_its_row_one_softmax_over_its_causal_keys_and_its_chosen_
     y = attention(q, k, v, causal=True, visible=visible)
     chosen = torch.zeros(1, 1, view.features.shape[1], dtype=torch.bool)
     chosen[0, 0, [0, 9, 27, 63]] = True
-    view.chosen = chosen.clone()
+    view.chosen, view.chosen_positions = chosen.clone(), torch.tensor([T - 1])    # as the layer before chose
     positions = torch.arange(T)
     with torch.no_grad():
         out = view.serve(attn, norm, q, k, y, positions, positions.expand(1, 2, T), visible)

@@ -686,6 +686,7 @@ class HiresView:
     # layer's choice, which no layer reads (the next pass chooses again from layer first_layer - 1): kept as
     # what the pass would read next, for a reader or a test to look at.
     chosen: torch.Tensor | None = None
+    chosen_positions: torch.Tensor | None = None  # (R,) the logical positions of chosen's rows
 
     def acts_in(self, layer_idx: int) -> bool:
         """Whether a layer takes part: layer first_layer - 1 chooses for the next, and every layer after it
@@ -701,6 +702,7 @@ class HiresView:
         rows = (q_positions >= self.first_row).nonzero().flatten()                     # (R,) served rows of q
         if len(rows) == 0:
             return y
+        served_positions = q_positions[rows]                                            # (R,)
         H = q.shape[1]
         key_positions = key_positions.repeat_interleave(H // key_positions.shape[1], dim=1)  # (B, H, n) per query head
         logits = rows_logits(q[:, :, rows], keys)                                       # (B, H, R, n)
@@ -710,8 +712,14 @@ class HiresView:
         # Layer first_layer - 1 only chooses (it has no _hd projections): a choice set when it runs is the
         # previous pass's.
         if attn.layer_idx >= self.config.first_layer and self.chosen is not None:
+            if len(self.chosen_positions) != len(served_positions):
+                # A KV policy's filter (FastV, A-VL's P) dropped served rows since the layer that chose: the
+                # rows left keep their positions, and each reads the choice made at its own.
+                kept = torch.isin(self.chosen_positions, served_positions)              # (R before,) bool
+                self.chosen, self.chosen_positions = self.chosen[:, kept], self.chosen_positions[kept]
             y = self.merge(attn, norm, q[:, :, rows], y, rows, logits.logsumexp(-1))
         self.choose(logits.softmax(-1), key_positions)
+        self.chosen_positions = served_positions
         return y
 
     def choose(self, probs, key_positions):
