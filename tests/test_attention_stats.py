@@ -41,6 +41,7 @@ def test_capture_by_hand():
     scores = torch.tensor([0.4, 0.1, 0.3, 0.2])
     assert capture(scores, {0, 2}) == pytest.approx(0.7)
     assert capture(scores, [3]) == pytest.approx(0.2)
+    assert capture(2 * scores[:3], {0, 2}) == pytest.approx(0.7 / 0.8)  # a share of the row's own total
 
 
 @pytest.mark.parametrize("variant", ["mha", "gqa_full"])

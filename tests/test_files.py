@@ -12,8 +12,8 @@ import pytest
 from tinyavl import files as files_module
 from tinyavl.cli import TOY_WEIGHTS
 from tinyavl.errors import UserError
-from tinyavl.files import (check_new_folder, check_output_file, read_json_object, write_file_atomically,
-                           write_folder_atomically)
+from tinyavl.files import (check_new_folder, check_output_file, check_picture_folder, read_json_object,
+                           write_file_atomically, write_folder_atomically)
 from tinyavl.toy import train
 
 IMAGE = TOY_WEIGHTS / "examples" / "scene-0.png"
@@ -259,6 +259,23 @@ def test_an_output_folder_that_only_receives_files_may_hold_an_input(tmp_path):
         check_apart_from_inputs(model / "maps", "--attention-maps", inputs=[model])
 
 
+def test_an_input_folder_of_links_protects_the_files_they_lead_to(tmp_path):
+    """A model folder of links (the Hugging Face cache's layout, or cp -rs): the folder that holds the files
+    they lead to is an input too, which --force replaced before (train_hires --base links --out real)."""
+    from tinyavl.files import check_apart_from_inputs
+    real, links = tmp_path / "real", tmp_path / "links"
+    real.mkdir()
+    links.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (real / name).write_text(name)
+        (links / name).symlink_to(real / name)
+    with pytest.raises(UserError, match=f"would replace a folder that holds the input {re.escape(str(real))}"):
+        check_apart_from_inputs(real, "--out", inputs=[links], replaced_whole=True)
+    with pytest.raises(UserError, match="would overwrite the input"):
+        check_apart_from_inputs(real / "model.safetensors", "--checkpoint", inputs=[links])
+    check_apart_from_inputs(tmp_path / "elsewhere", "--out", inputs=[links], replaced_whole=True)   # fine
+
+
 def test_a_folder_write_that_fails_at_its_last_rename_keeps_the_old_folder(tmp_path, monkeypatch):
     out = tmp_path / "model"
     out.mkdir()
@@ -413,6 +430,19 @@ def test_without_hard_links_a_new_file_is_still_written_and_an_existing_one_kept
         write_file_atomically(path, lambda partial: partial.write_text("newer"))
     assert path.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["map.png"]
 
+
+
+def test_an_output_under_a_link_to_nothing_is_refused_before_the_work(tmp_path):
+    """exists() follows a link: one to nothing looked like a folder still to be made, and the write (after
+    an hour of training) failed on it with a traceback."""
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(UserError, match=f"cannot be made: {re.escape(str(tmp_path / 'gone'))} is a link to nothing"):
+        check_new_folder(tmp_path / "gone" / "sub" / "model", replace=False)
+    with pytest.raises(UserError, match="is a link to nothing: give a folder"):
+        check_picture_folder(tmp_path / "gone", "--attention-maps", ["a.png"], inputs=[])
+    with pytest.raises(UserError, match="cannot be made: .* is a link to nothing"):
+        check_picture_folder(tmp_path / "gone" / "maps", "--attention-maps", ["a.png"], inputs=[])
+    assert not (tmp_path / "nowhere").exists()
 
 
 def test_an_output_under_a_file_says_the_parent_is_a_file(tmp_path):

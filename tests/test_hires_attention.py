@@ -145,6 +145,23 @@ def test_a_block_count_the_view_cannot_read_is_refused(top):
         generate(model, ids, pixels, hires_pixel_values=hires_pixels, hires_top=top, max_new_tokens=1)
 
 
+def test_the_view_stitches_the_crops_features_where_the_crops_lie():
+    """The 32 px view of a 16 px tower: 2 x 2 crops, each through the tower on its own; a crop's 4 x 4 features
+    lie on the 8 x 8 map where its pixels lie in the picture (by hand, without stitch_tiles)."""
+    model = tiny_model(scale=2)
+    ids, _, hires_pixels = inputs()
+    view = model.hires_view(ids, hires_pixels)
+    side = 4                                                                         # a crop's features a side
+    with torch.no_grad():
+        for r in range(2):
+            for c in range(2):
+                crop = hires_pixels[:, :, 16 * r:16 * r + 16, 16 * c:16 * c + 16]        # (1, 3, 16, 16)
+                expected = model.crop_features(crop)[0].view(side, side, -1)           # (4, 4, C)
+                placed = view.features[0].view(2 * side, 2 * side, -1)[side * r:side * r + side,
+                                                                       side * c:side * c + side]
+                torch.testing.assert_close(placed, expected, atol=1e-6, rtol=0)
+
+
 def cached_logits(model, policy, params, steps=4):
     """(steps + 1, vocab): the prefill's and each greedy decode step's logits under a policy, with the view."""
     ids, pixels, hires_pixels = inputs()

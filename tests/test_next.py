@@ -384,8 +384,11 @@ def test_mistral_with_a_sliding_window_runs_as_transformers_within_it_and_stops_
     model, _ = tinyavl.load_pretrained(folder, device="cpu")
     with pytest.raises(UserError, match=f"context is {prompt_len} \\(its sliding window\\), prompt and answer together: shorten"):
         tinyavl.generate(model, **inputs, max_new_tokens=2)
-    with pytest.raises(UserError, match=f"reaches {prompt_len + 2} tokens, past the decoder's sliding window"):
-        model(torch.cat([inputs["input_ids"], inputs["input_ids"][:, :2]], dim=1), inputs["pixel_values"],
+    # Exactly the window: the last token still sees the first (transformers' mask keeps keys above q - W).
+    # One token more is refused.
+    model(inputs["input_ids"], inputs["pixel_values"], image_sizes=inputs["image_sizes"])
+    with pytest.raises(UserError, match=f"reaches {prompt_len + 1} tokens, past the decoder's sliding window"):
+        model(torch.cat([inputs["input_ids"], inputs["input_ids"][:, :1]], dim=1), inputs["pixel_values"],
               image_sizes=inputs["image_sizes"])
 
 

@@ -125,7 +125,8 @@ def test_bfloat16_close_to_fp32_transformers(tiny_ckpt, name):
     with torch.no_grad():
         ref = hf32(input_ids=ids, pixel_values=pixel_values).logits
         hf_bf16 = hf16(input_ids=ids, pixel_values=pixel_values.to(torch.bfloat16)).logits.float()
-        ours = model(ids, pixel_values).float()
+        ours = model(ids, pixel_values)
+    assert ours.dtype == torch.float32  # the logits come out in fp32, for sampling, whatever the weights' dtype
     err_ours, err_hf = (ours - ref).abs(), (hf_bf16 - ref).abs()
     print(f"\n[bf16] {name}: tinyavl max {err_ours.max():.3f} mean {err_ours.mean():.4f}; "
           f"transformers-bf16 max {err_hf.max():.3f} mean {err_hf.mean():.4f} (logit std {ref.std():.2f})")

@@ -393,6 +393,9 @@ def test_prompt_errors(processor):
         processor("USER: <image>\n<image>\nSame? ASSISTANT:", image)
     with pytest.raises(UserError, match="not found"):
         processor(processor.chat_prompt("What?"), "no/such/image.png")
+    for blank in ("", "  \n\t"):   # an unset $VARIABLE: the model would answer no question
+        with pytest.raises(UserError, match="the prompt is empty: ask a question"):
+            processor.chat_prompt(blank)
 
 
 def test_tokenizer_and_config_errors(folder, tmp_path):

@@ -578,6 +578,16 @@ def test_a_plots_words_stay_apart():
     assert font.getlength("held-out scenes") - font.getlength("held-outscenes") >= 3
 
 
+def test_a_title_with_a_newline_is_drawn_on_one_line(tmp_path):
+    """The sweep's title names the model folder, whose name may hold a newline: Pillow cannot measure such a
+    text (a ValueError after the whole sweep, before); drawn as the same words on one line."""
+    reports = [report("full", 1.0, 1.0, 1.0), report("random", 0.9, 0.6, 0.5)]
+    plot_sweep(reports, tmp_path / "two-lines.png", "toy LLaVA (toy\nb), 2 scenes")
+    plot_sweep(reports, tmp_path / "one-line.png", "toy LLaVA (toy b), 2 scenes")
+    pictures = [Image.open(tmp_path / name).convert("RGB") for name in ("two-lines.png", "one-line.png")]
+    assert pictures[0].tobytes() == pictures[1].tobytes()
+
+
 def test_tick_labels_keep_the_digits_a_tick_needs():
     """A log axis's ticks 1, 2 and 5 times powers of ten, below 0.01 too (two decimals printed 0.005 as 0.01);
     a linear axis's, the range split evenly, in two decimals."""

@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import os
+import re
 import stat
 from dataclasses import replace
 from functools import partial
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 import tinyavl
 from tinyavl.cli import TOY_WEIGHTS
@@ -431,6 +433,37 @@ def test_the_trainer_resumes_either_stage_from_its_checkpoint(stop_at, saved, st
     assert weights[0] == weights[1] and not path.exists()
 
 
+@pytest.mark.parametrize("damage, said", [
+    (lambda t: t.update({"optimizer.zz.exp_avg": torch.zeros(1)}), "another optimiser's state (optimizer.zz.exp_avg"),
+    (lambda t: t.update({"optimizer.0.a.b": torch.zeros(1)}), "another optimiser's state (optimizer.0.a.b"),
+    (lambda t: t.update({"optimizer.0.exp_avg": torch.zeros(3, 3)}), "(optimizer.0.exp_avg, (3, 3))"),
+    (lambda t: t.pop("optimizer.0.exp_avg_sq"), "an optimiser state with a part of a parameter's missing")])
+def test_a_checkpoint_whose_optimiser_state_is_damaged_is_one_line(damage, said, tmp_path, monkeypatch):
+    """The weights are checked against the model on resume; the optimiser's moments must be too (a ValueError
+    or an error inside AdamW's first step, before)."""
+    monkeypatch.setattr(train_module, "CHECKPOINT_EVERY", 2)
+    monkeypatch.setattr(train_module, "write_examples", lambda folder, fine=False: None)
+    path, steps, take_step = tmp_path / "state.safetensors", [], train_module.take_step
+    run = TINY_RUN + ["--out", str(tmp_path / "out"), "--checkpoint", str(path)]
+
+    def interrupted_in_step_3(*args):
+        steps.append(args[3])
+        if len(steps) == 3:
+            raise Interrupted
+        take_step(*args)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(train_module, "take_step", interrupted_in_step_3)
+        with pytest.raises(Interrupted):
+            train_module.main(run)
+    with safe_open(str(path), framework="pt") as file:
+        metadata, tensors = file.metadata(), {key: file.get_tensor(key) for key in file.keys()}
+    damage(tensors)
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(UserError, match=re.escape(said)):
+        train_module.main(run)
+
+
 @pytest.mark.parametrize("stopped_in", ["take_step", "write_folder_atomically"])  # stage 1; stage 2 finished
 def test_the_trainer_refuses_a_checkpoint_of_another_run_and_one_for_stage_0(stopped_in, tmp_path, monkeypatch,
                                                                              capsys):
@@ -459,6 +492,19 @@ def test_the_trainer_refuses_a_checkpoint_of_another_run_and_one_for_stage_0(sto
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_.value.code == 2 and message in err[-1]
     assert path.read_bytes() == saved
+
+
+@pytest.mark.parametrize("flag", ["--out", "--checkpoint"])
+def test_trainer_refuses_a_path_that_is_not_utf8_before_training(flag, tmp_path, capsys, monkeypatch):
+    """A Linux name may hold any bytes; tokenizers and safetensors take UTF-8 paths only, so the model or the
+    checkpoint written there could not be written, or read back (a traceback after the training, before)."""
+    monkeypatch.setattr(train_module, "train", lambda *a, **k: pytest.fail("trained"))
+    # b"\xfd" is no UTF-8: Python holds it as a lone surrogate
+    odd = str(tmp_path / os.fsdecode(b"m\xfd" if flag == "--out" else b"c\xfd.safetensors"))
+    paths = {"--out": str(tmp_path / "new"), "--checkpoint": str(tmp_path / "c.safetensors"), flag: odd}
+    with pytest.raises(SystemExit) as exit_:
+        train_module.main(TINY_RUN + [arg for pair in paths.items() for arg in pair])
+    assert exit_.value.code == 2 and f"{odd!r} is not UTF-8" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize("flag, value", [("--image-dropout", "-0.1"), ("--image-dropout", "1"),

@@ -6,6 +6,7 @@ or crashed with a traceback.
 """
 import json
 import math
+import os
 import shutil
 
 import pytest
@@ -264,6 +265,25 @@ def test_more_vision_layers_than_stored_are_refused_before_the_model_is_built(fo
     monkeypatch.setattr(tinyavl.loading, "LlavaForConditionalGeneration", lambda config: pytest.fail("built"))
     assert f"config.json has {layers - 1} vision layers to run (vision_config.num_hidden_layers, " \
            "vision_feature_layer) but the checkpoint stores 2:" in load_error(folder)
+
+
+def test_a_weights_folder_whose_path_is_not_utf8_is_refused_in_one_line(folder):
+    """safetensors and tokenizers open UTF-8 paths only: such a folder's tokenizer.json was called invalid
+    ("download it again"), though nothing was wrong with it."""
+    odd = folder.parent / os.fsdecode(b"ckpt\xfd")
+    try:
+        folder.rename(odd)
+    except OSError:  # a file system that takes UTF-8 names only
+        pytest.skip("this file system refuses names that are not UTF-8")
+    assert load_error(odd).startswith(f"weights folder {str(odd)!r} is not UTF-8, and tokenizers and safetensors")
+
+
+@pytest.mark.parametrize("section,field", [("text_config", "hidden_size"), ("text_config", "intermediate_size"),
+                                           ("text_config", "vocab_size"), ("vision_config", "hidden_size")])
+def test_a_size_past_what_a_tensor_can_address_is_one_line(folder, section, field):
+    """2^62 x a layer's width overflows the storage size PyTorch computes, even on the meta device."""
+    edit_json(folder / "config.json", lambda c: c[section].__setitem__(field, 2 ** 62))
+    assert load_error(folder).startswith("config.json's sizes make a tensor past what PyTorch can address")
 
 
 def test_empty_vision_feature_layer_list(folder):

@@ -95,6 +95,8 @@ def check_picture_folder(folder: Path, flag: str, names, inputs: list[Path], rep
         check_apart_from_inputs(folder, flag, inputs)
         if folder.exists() and not folder.is_dir():
             raise UserError(f"{flag} {folder} is a file: give a folder")
+        if folder.is_symlink() and not folder.exists():  # exists() follows the link
+            raise UserError(f"{flag} {folder} is a link to nothing: give a folder")
         if not folder.exists():
             check_can_make(folder, label=f"{flag} {folder}")
         for name in names if folder.is_dir() else ():
@@ -106,7 +108,7 @@ def check_apart_from_inputs(path: Path, flag: str, inputs: list[Path], replaced_
     inside an input folder; and if `replaced_whole`, a folder that a write replaces as a whole, if it
     holds an input (a folder that only receives files may)."""
     target = path.resolve()
-    for given in map(Path.resolve, inputs):
+    for given in resolved_inputs(inputs):
         # samefile too: on a file system that ignores case, or through a hard link, two different paths can
         # name one file.
         same = target == given or (target.exists() and given.exists() and os.path.samefile(target, given))
@@ -119,6 +121,15 @@ def check_apart_from_inputs(path: Path, flag: str, inputs: list[Path], replaced_
         else:
             continue
         raise UserError(f"{flag} {path}".strip() + f" {why}: choose another path")
+
+
+def resolved_inputs(inputs: list[Path]):
+    """Each input resolved, and for a folder each of its entries resolved too: a folder of links (as the
+    Hugging Face cache lays out a model) reads files that live elsewhere, and those are inputs as well."""
+    for given in map(Path.resolve, inputs):
+        yield given
+        if given.is_dir():
+            yield from (entry.resolve() for entry in given.iterdir())
 
 
 def temporary_beside(path: Path, kind: str) -> Path:
@@ -215,12 +226,23 @@ def link_without_replacing(partial: Path, path: Path) -> None:
         os.replace(partial, path)
 
 
+def check_utf8_path(path: Path, label: str) -> None:
+    """UserError for a path that is no UTF-8 (a Linux name may hold any bytes): tokenizers and safetensors,
+    which read and write a model's files, take UTF-8 paths only. label: what the path is."""
+    try:
+        os.fsdecode(path).encode("utf-8")
+    except UnicodeEncodeError:  # Python holds the bytes that are no UTF-8 as lone surrogates
+        raise UserError(f"{label} {os.fsdecode(path)!r} is not UTF-8, and tokenizers and safetensors, which "
+                        "read and write the model's files, take UTF-8 paths only: rename it") from None
+
+
 def check_new_folder(folder: Path, replace: bool, inputs: list[Path] = ()) -> None:
     """UserError unless `folder` may be written: it is apart from the inputs (check_apart_from_inputs), is
     not the current folder or one above it, and does not exist (its nearest existing parent a folder that
     can be written to), is an empty folder, or `replace` (a command's --force) lets it go; a link, even to
     an empty folder or to nothing, is a name the user made, replaced (the link, not what it leads to) only
     with `replace`. Commands call this before their work, not after an hour of training."""
+    check_utf8_path(folder, "the model folder")
     with as_user_error(str(folder)):
         check_apart_from_inputs(folder, "", inputs, replaced_whole=True)  # first: no --force replaces an input
         target, here = folder.resolve(), Path.cwd().resolve()
@@ -246,6 +268,8 @@ def check_can_make(folder: Path, label: str = "") -> None:
     with as_user_error(label):
         parent = Path(os.path.abspath(folder)).parent
         while not parent.exists():
+            if parent.is_symlink():  # exists() follows the link: mkdir could make no folder there
+                raise UserError(f"{label} cannot be made: {parent} is a link to nothing")
             parent = parent.parent
         if not parent.is_dir():
             raise UserError(f"{label} cannot be made: {parent} is a file")

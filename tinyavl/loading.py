@@ -27,7 +27,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from tinyavl.errors import UserError
-from tinyavl.files import check_readable, read_json_object
+from tinyavl.files import check_readable, check_utf8_path, read_json_object
 from tinyavl.model import (HiresConfig, LlavaConfig, LlavaForConditionalGeneration, TextConfig, VisionConfig,
                            eos_token_id_rule, is_eos_token_id)
 
@@ -149,6 +149,7 @@ def _dataclass_from(cls, raw: dict):
 
 def read_config(folder: Path | str) -> LlavaConfig:
     folder = Path(folder)
+    check_utf8_path(folder, "weights folder")
     if folder.exists() and not folder.is_dir():
         raise UserError(f"weights {str(folder)!r} is a file: give the llava-hf model folder that holds it")
     if not folder.is_dir():
@@ -483,6 +484,13 @@ def load_model(path, device=None, dtype=None, config: LlavaConfig | None = None)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, stored_dtype(stored), device)
     with torch.device("meta"):
-        model = LlavaForConditionalGeneration(config)
+        try:
+            model = LlavaForConditionalGeneration(config)
+        except RuntimeError as err:
+            if "overflow" not in str(err):
+                raise
+            # A size (hidden_size 2^31) whose tensors no machine can address: the files then disagree anyway.
+            raise UserError(f"config.json's sizes make a tensor past what PyTorch can address ({err}): the file "
+                            "is damaged, or comes from another checkpoint") from None
     load_weights(model, stored, dtype, device)
     return model.eval().requires_grad_(False)

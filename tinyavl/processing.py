@@ -176,6 +176,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def check_question(question: str) -> None:
     """A user's question is text that can be tokenized, and chat_prompt places the image itself."""
+    if not question.strip():  # an unset variable ($Q) or a stray "": an answer to no question
+        raise UserError("the prompt is empty: ask a question (the default asks for a caption: Describe the image.)")
     try:
         question.encode("utf-8")
     except UnicodeEncodeError:  # command-line bytes that are not UTF-8 arrive as lone surrogates

@@ -12,6 +12,7 @@ import math
 
 from PIL import Image, ImageDraw, ImageFont
 
+from tinyavl.attention_map import drawable
 from tinyavl.files import write_file_atomically
 
 WIDTH, HEIGHT = 760, 480
@@ -52,7 +53,8 @@ def save_line_plot(path, series: dict, x_label: str, y_label: str, title: str,
 
     def write(x, y, text: str, align: str = "left", middle: bool = False) -> None:
         """text from x (align "left"), centred on it ("centre") or ending there ("right"); its top at y, or its
-        middle with `middle`."""
+        middle with `middle`. On one line, in characters the font has (a title names the user's folder)."""
+        text = drawable(text, draw.font)
         width = draw.textlength(text)
         x -= {"left": 0, "centre": width / 2, "right": width}[align]
         if middle:

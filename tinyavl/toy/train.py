@@ -75,7 +75,8 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processor
 from tinyavl.cli import (TOY_WEIGHTS, ArgumentParser, check_training_args, first_paragraph, flag, given_path,
                          output_file, print_progress, run_main)
 from tinyavl.errors import UserError
-from tinyavl.files import check_new_folder, check_output_file, write_file_atomically, write_folder_atomically
+from tinyavl.files import (check_new_folder, check_output_file, check_utf8_path, write_file_atomically,
+                           write_folder_atomically)
 from tinyavl.model import LlavaConfig, LlavaForConditionalGeneration, TextConfig, VisionConfig
 from tinyavl.processing import CLIP_MEAN, CLIP_STD, IMAGE_TOKEN, LLAVA_SYSTEM_PROMPT, Processor
 from tinyavl.toy.evaluate import evaluate, held_out_set, reads_fine_scenes
@@ -428,6 +429,7 @@ class Checkpoint:
         """The settings the file at path was saved by: None where nothing is there (the run starts from its
         first step), else self.run or self.after. UserError if the file is not a checkpoint, or was saved by
         a run with other settings."""
+        check_utf8_path(self.path, "file")
         if os.path.islink(self.path):
             # The first save would replace the link itself by a file (os.replace), and the end of the run
             # delete that file: the user's link gone, whatever it points at left behind.
@@ -480,10 +482,17 @@ class Checkpoint:
             probe.load_state_dict(without_prefix(tensors, "probe."))
         except RuntimeError as err:  # missing or unexpected keys, other shapes
             raise UserError(f"{self.path} holds another model's weights ({str(err).splitlines()[0]})") from None
-        moments = {}
+        moments = {}  # AdamW's state: parameter index -> {exp_avg, exp_avg_sq: its shape; step: a scalar}
+        params = [param for group in optimizer.param_groups for param in group["params"]]
         for key, t in without_prefix(tensors, "optimizer.").items():
-            index, name = key.split(".")
+            index, _, name = key.partition(".")
+            param = params[int(index)] if index.isascii() and index.isdigit() and int(index) < len(params) else None
+            shape = None if param is None else {"exp_avg": param.shape, "exp_avg_sq": param.shape}.get(name, ())
+            if shape is None or name not in ("exp_avg", "exp_avg_sq", "step") or t.shape != shape:
+                raise UserError(f"{self.path} holds another optimiser's state (optimizer.{key}, {tuple(t.shape)})")
             moments.setdefault(int(index), {})[name] = t
+        if any(len(state) != 3 for state in moments.values()):
+            raise UserError(f"{self.path} holds an optimiser state with a part of a parameter's missing")
         # The optimiser's own param_groups: only their lr differs from the saved run's, and optimise sets
         # it every step.
         optimizer.load_state_dict({"state": moments, "param_groups": optimizer.state_dict()["param_groups"]})
