@@ -663,8 +663,9 @@ def tune(model, processor, steps: int, batch_size: int = 32, lr: float = 4e-4, s
     tokens (`hide_image_tokens`, the committed recipe) or rectangles of them (`hide_image_rectangles`).
     With a checkpoint, it resumes (`optimise`).
     Its masks are drawn from `seed`, as stage 1's dropout and stage 0's rectangles are: where an earlier stage
-    drew too (never in the committed recipe, whose stage 1 hides nothing), stage 2's masks repeat its masks
-    step for step, on other scenes (stage 2's own stream), so no mask meets the same image twice. A seed of
+    drew the same kind of mask, with the same fraction, share and batch size (never in the committed recipe,
+    whose stage 1 hides nothing), stage 2's masks repeat its masks step for step, on other scenes (stage 2's
+    own stream), so no mask meets the same image twice; other draws share only the seed. A seed of
     its own per stage would end that, and with it every measured recipe of tutorial/04 that draws in stage 0
     or 1 being what its command writes."""
     if mask_kind not in TUNE_MASKS:
