@@ -68,7 +68,8 @@ def test_avl_roles_fall_on_the_tokens_the_cache_holds(tiny_ckpt):
         assert image_roles(cache, layer).tolist() == expected, f"layer {layer}"
 
 
-@pytest.mark.parametrize("policy, params", [("full", {}), ("h2o", {}), ("fastv", {"filter_layer": 1, "R": 0.5})])
+@pytest.mark.parametrize("policy, params", [("full", {}), ("h2o", {}), ("fastv", {"filter_layer": 1, "R": 0.5}),
+                                            ("avl", dict(S=0.5, C=0.25, K=1, P=1.0))])   # every step an update
 def test_other_policies_compute_what_they_store(tiny_ckpt, policy, params):
     model, processor = tinyavl.load_pretrained(tiny_ckpt.folder("mha"), device="cpu")
     cache = run_policy(model, processor, policy, **params)
@@ -80,6 +81,19 @@ def test_other_policies_compute_what_they_store(tiny_ckpt, policy, params):
         assert not (roles == STORED).any()
     if policy == "full":
         assert (image_roles(cache, 0) == COMPUTED).all()
+
+
+def test_cells_lie_on_the_pixels_their_patches_cover():
+    """A 30 px crop of 7 px patches: 4 x 4 tokens cover its first 28 px a side (the convolution never reads
+    the last 2); the picture under the cells is those 28 px, not the 30 spread over 4 cells."""
+    vision = SimpleNamespace(patches_per_side=30 // 7, patch_size=7, image_size=30)
+    model = SimpleNamespace(config=SimpleNamespace(vision=vision, is_next=False,
+                                                               vision_feature_select_strategy="default"))
+    processor = SimpleNamespace(image_mean=torch.full((3, 1, 1), 0.5), image_std=torch.full((3, 1, 1), 0.25))
+    pixels = torch.randn(1, 3, 30, 30, generator=torch.Generator().manual_seed(0))
+    [picture] = token_pictures(model, processor, {"pixel_values": pixels})
+    assert picture.grid == (4, 4) and picture.image.size == (28, 28)
+    assert picture.image.tobytes() == seen_image(pixels[0, :, :28, :28], processor).tobytes()
 
 
 def test_picture_marks_each_cell(tiny_ckpt):
@@ -156,9 +170,9 @@ def test_picture_shows_the_question_and_a_colour_scale(tiny_ckpt):
 
 def test_text_is_drawn_in_characters_the_font_has():
     """Pillow's bitmap font (its default before 10.1, or without FreeType) has Latin-1 alone and raises on the
-    rest; its default FreeType font (Aileron) has ASCII alone and draws the rest as boxes. A character the font
-    lacks is drawn as its letter without the accent where the font has that, else as "?"; a newline as a
-    space (it would draw over the line below)."""
+    rest; its default FreeType font (Aileron) has ASCII and a few marks and draws the rest as boxes. A
+    character the font lacks is drawn as its letter without the accent where the font has that, else as "?";
+    a newline as a space (it would draw over the line below)."""
     question = "Q: Wie groß?\n正方形 😀 carré, cafe\u0301"                           # an accent after its e
     bitmap = ImageFont.load_default_imagefont()
     assert drawable(question, bitmap) == "Q: Wie groß? ??? ? carré, café"

@@ -7,7 +7,7 @@ Two panels over the image the vision tower saw, one cell per image token of a ch
 at high resolution, as the tiles show it once the padding is cut away; its newline tokens have no cell):
 - left, the policy's decision for that layer at the end of generation: computed (green frame; for
   A-VL the core), stored but not computed (yellow frame; A-VL's secondary tokens) and evicted
-  (darkened). Policies other than A-VL compute every image token they store.
+  (darkened). Policies other than A-VL, and A-VL at K = 1, compute every image token they store.
 - right, the last prompt token's attention over the image tokens in that layer (mean over heads, dense
   attention): where the model looks when it starts to answer. The colour scale under it runs from 0 to
   the largest share one token receives, as the red's strength (drawn over mid-grey; a cell keeps the
@@ -59,7 +59,9 @@ def image_roles(cache: KVCache, layer: int) -> torch.Tensor:
     image_positions = torch.arange(cache.n_sys, cache.n_sys + cache.n_img)            # (n_img,)
     held = cache.pos[layer][0].flatten().cpu()                                          # (Hkv * n,)
     roles = torch.isin(image_positions, held).long() * STORED
-    if isinstance(cache, AVLCache):  # only A-VL computes fewer image rows than it stores
+    # Only A-VL computes fewer image rows than it stores, and only where K > 1: at K = 1 every step is an
+    # update step, which computes every stored image row.
+    if isinstance(cache, AVLCache) and cache.K > 1:
         # KV head 0 stands for all: A-VL's image rows are the same in every head (only its text differs).
         core_positions = cache.pos[layer][0, 0, cache.core[layer]].cpu()
         roles[torch.isin(image_positions, core_positions)] = COMPUTED
@@ -88,18 +90,18 @@ def token_pictures(model, processor, inputs) -> list[TokenPicture]:
     """The pictures of a prompt's image block: LLaVA-1.5's one crop (CLS, if kept, has no cell);
     LLaVA-1.6's base crop, then its tile map over the unpadded canvas (newline tokens have no cell)."""
     config = model.config
-    crops = inputs["pixel_values"][0]                       # (3, S, S), or NeXT's (n_crops, 3, S, S)
-    side = config.vision.patches_per_side
+    side, patch = config.vision.patches_per_side, config.vision.patch_size
+    # The pixels the patches cover: where S is no multiple of the patch, the convolution never reads the last.
+    crops = inputs["pixel_values"][0][..., :side * patch, :side * patch]   # (3, s, s), or NeXT's (n_crops, 3, s, s)
     if not config.is_next:
         first = 1 if config.vision_feature_select_strategy == "full" else 0  # CLS comes first
         return [TokenPicture("image", seen_image(crops, processor), torch.arange(first, first + side * side),
                              (side, side))]
     image_hw = tuple(inputs["image_sizes"][0].tolist())
     rows, columns = anyres.tile_grid(image_hw, config.image_grid_pinpoints, config.vision.image_size)
-    tiles = crops[1:1 + rows * columns].permute(0, 2, 3, 1).flatten(1, 2)  # (rows * columns, S S, 3)
-    canvas = stitch_tiles(tiles, rows, columns).permute(2, 0, 1)            # (3, rows S, columns S)
+    tiles = crops[1:1 + rows * columns].permute(0, 2, 3, 1).flatten(1, 2)  # (rows * columns, s s, 3)
+    canvas = stitch_tiles(tiles, rows, columns).permute(2, 0, 1)            # (3, rows s, columns s)
     kept_rows, kept_columns = anyres.unpadded_region(image_hw, (rows * side, columns * side))
-    patch = config.vision.patch_size
     canvas = canvas[:, kept_rows.start * patch:kept_rows.stop * patch,
                     kept_columns.start * patch:kept_columns.stop * patch]              # the image, unpadded
     grid = (kept_rows.stop - kept_rows.start, kept_columns.stop - kept_columns.start)
@@ -119,7 +121,8 @@ NO_GLYPH = "\U000FFFFD"
 def has_glyph(font, char: str) -> bool:
     """Whether the font draws `char` as itself. Pillow's bitmap font (its default before 10.1, or without
     FreeType) has Latin-1 and raises on the rest; a FreeType font draws what it lacks as its missing-glyph
-    box (Pillow's default FreeType font, Aileron, has ASCII alone: "é" is a box)."""
+    box (Pillow's default FreeType font, Aileron, has ASCII and a few marks, ‘’“”…©™ and "ﬁ": "é" is a
+    box)."""
     if not isinstance(font, ImageFont.FreeTypeFont):
         return ord(char) < 256
     return glyph(font, char) != glyph(font, NO_GLYPH)
