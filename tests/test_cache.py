@@ -746,7 +746,8 @@ INVALID = (
     + [("fastv", dict(filter_layer=value), "filter_layer") for value in (0, -1)]
     + [("avl", dict(K=value), "K") for value in (0, -1)]
     + [("avl", dict(filter_layer=0), "filter_layer")]
-    + [("avl", dict(K=1.5), "K"), ("streaming", dict(sinks="4"), "sinks"), ("avl", dict(S=True), "S")]
+    + [("avl", dict(K=1.5), "K"), ("streaming", dict(sinks="4"), "sinks"), ("avl", dict(S=True), "S"),
+       ("avl", dict(K=True), "K")]                  # a bool is no count, though Python's True == 1
     + [("random", dict(S=value), "S") for value in BAD_RATES]
     + [("random", dict(random_seed=value), "random_seed") for value in (-2 ** 63 - 1, 2 ** 64, 1.0)]
 )

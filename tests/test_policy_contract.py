@@ -188,12 +188,20 @@ def test_a_batch_decodes_each_prompt_as_alone_or_is_refused(policy, budget):
     except UserError as refusal:
         assert policy in ONE_PROMPT_POLICIES and "one prompt" in str(refusal)
         return
+    alones = []
     for i, (prompt_ids, prompt_pixels) in enumerate(prompts):
         alone = make_cache(policy, **params)
         torch.testing.assert_close(logits[i], run_batch(model, prompt_ids, prompt_pixels, alone, tokens)[0],
                                    atol=LOGIT_ATOL, rtol=LOGIT_RTOL)
         for layer in range(alone.n_layers):
             assert torch.equal(together.pos[layer][i].sort(-1).values, alone.pos[layer][0].sort(-1).values)
+        alones.append(alone)
+    # The accounting of a batch is its prompts': bytes summed, rows per head the mean over the samples.
+    assert together.nbytes() == sum(alone.nbytes() for alone in alones)
+    assert together.dense_nbytes() == sum(alone.dense_nbytes() for alone in alones) >= together.nbytes()
+    for layer in range(together.n_layers):
+        rows = [alone.modality_rows(layer) for alone in alones]
+        assert together.modality_rows(layer) == pytest.approx({m: (rows[0][m] + rows[1][m]) / 2 for m in rows[0]})
 
 
 @pytest.mark.parametrize("arch,policy", CASES)
