@@ -338,8 +338,25 @@ def test_strided_inputs_are_read_in_place(kernel):
     index_buffer = torch.zeros(batch, 2 * index.shape[1], dtype=torch.int32, device=DEVICE)
     index_buffer[:, ::2] = index
 
-    strided = kernel(q_buffer[:, :, :head_dim], k_view, v_view, index_buffer[:, ::2], start)
+    launched, split_kernel = [], sa._split_attention_kernel
+
+    class Recorded:  # kernel[grid](q, k, v, index, ...): what the launch hands the kernel
+        def __getitem__(self, grid):
+            def launch(*args, **options):
+                launched.append(args[:4])
+                return split_kernel[grid](*args, **options)
+            return launch
+
+    given = (q_buffer[:, :, :head_dim], k_view, v_view, index_buffer[:, ::2])
+    sa._split_attention_kernel = Recorded()
+    try:
+        strided = kernel(*given, start)
+    finally:
+        sa._split_attention_kernel = split_kernel
     assert torch.equal(strided, kernel(q, k, v, index, start))
+    # In place: the kernel got the caller's memory with its strides, no contiguous copy.
+    [handed] = launched
+    assert [(t.data_ptr(), t.stride()) for t in handed] == [(t.data_ptr(), t.stride()) for t in given]
 
 
 # --- the launcher rejects bad input ---------------------------------------------------------------------
@@ -411,6 +428,15 @@ def test_splits_are_capped_at_max_splits(kernel, monkeypatch, launched_splits):
     result is still the attention: 200 rows, 4 blocks of 64."""
     monkeypatch.setattr(sa, "MAX_SPLITS", 2)
     q, k, v, index, start = random_case(1, 2, 1, 64, 200, 0, 0, torch.float32)
+    out = kernel(q, k, v, index, start, num_splits=8)
+    assert launched_splits == [2]
+    torch.testing.assert_close(out, sa.sparse_decode_attention_reference(q, k, v, index, start), atol=1e-5, rtol=1e-5)
+
+
+def test_no_split_is_launched_empty(kernel, launched_splits):
+    """8 splits asked of a 70-row list, 2 blocks of 64: 2 splits run, each over a block, not 6 more over
+    nothing (whose output the merge would weigh 0: the result alone cannot tell)."""
+    q, k, v, index, start = random_case(1, 2, 1, 64, 110, 70, 30, torch.float32)   # 30 listed + rows 70..109
     out = kernel(q, k, v, index, start, num_splits=8)
     assert launched_splits == [2]
     torch.testing.assert_close(out, sa.sparse_decode_attention_reference(q, k, v, index, start), atol=1e-5, rtol=1e-5)
