@@ -274,6 +274,11 @@ def test_an_input_folder_of_links_protects_the_files_they_lead_to(tmp_path):
     with pytest.raises(UserError, match="would overwrite the input"):
         check_apart_from_inputs(real / "model.safetensors", "--checkpoint", inputs=[links])
     check_apart_from_inputs(tmp_path / "elsewhere", "--out", inputs=[links], replaced_whole=True)   # fine
+    # A stray loop of links in the folder, which loading never opens, blocks no output.
+    (links / "stale").symlink_to(links / "stale")
+    check_apart_from_inputs(tmp_path / "elsewhere", "--out", inputs=[links], replaced_whole=True)
+    with pytest.raises(UserError, match="would replace a folder that holds the input"):
+        check_apart_from_inputs(real, "--out", inputs=[links], replaced_whole=True)
 
 
 def test_a_folder_write_that_fails_at_its_last_rename_keeps_the_old_folder(tmp_path, monkeypatch):

@@ -415,6 +415,21 @@ def test_error_a_tensor_stored_under_two_layouts_keys_is_refused(tiny_ckpt, tmp_
     assert "stores tensors twice (1)" in message and key in message and published in message, message
 
 
+def test_shards_in_a_subfolder_load_from_where_the_index_names_them(tiny_ckpt, tmp_path):
+    """The index may name a shard by a path inside the folder (transformers joins it to the folder too)."""
+    folder = shutil.copytree(tiny_ckpt.folder("gqa_full", shards=2), tmp_path / "sub")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    (folder / "shards").mkdir()
+    for name in set(index["weight_map"].values()):
+        (folder / name).rename(folder / "shards" / name)
+    index["weight_map"] = {key: f"shards/{name}" for key, name in index["weight_map"].items()}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    model, _ = tinyavl.load_pretrained(folder, device="cpu")
+    reference = published_state_dict(tiny_ckpt.model("gqa_full"))
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(tensor, reference[key].to(tensor.dtype)), key
+
+
 def test_error_a_key_in_two_shards_is_refused(tiny_ckpt, tmp_path):
     folder = shutil.copytree(tiny_ckpt.folder("mha", shards=2), tmp_path / "sharded")
     first, second = (folder / f"model-0000{i}-of-00002.safetensors" for i in (1, 2))

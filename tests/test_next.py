@@ -598,9 +598,14 @@ def test_a_template_gets_the_special_tokens_tokenizer_config_declares(next_folde
     {"extra_special_tokens": "<s>"},
     {"model_specific_special_tokens": ["<s>"]},
     {"extra_special_tokens": {"a_token": "<s>"}, "additional_special_tokens": "</s>"},
+    {"extra_special_tokens": {"a_token": "<s>"}, "additional_special_tokens": {"x_token": "</s>"},
+     "x_token": {"__type": "AddedToken", "content": "<unk>"}},                       # an AddedToken over both
+    {"extra_special_tokens": [], "additional_special_tokens": {"image_token": "<image>"}},   # empty: the older
+    {"extra_special_tokens": None, "additional_special_tokens": {"image_token": "<image>"}},
 ], ids=["no_type", "added_token", "replaced", "model_specific_only", "over_named", "extra_over_model_specific",
         "additional", "additional_and_extra", "flags", "added_token_under_the_block", "extra_and_additional",
-        "content_not_a_string", "extra_content_not_a_string", "extra_a_string", "block_a_list", "additional_a_string"])
+        "content_not_a_string", "extra_content_not_a_string", "extra_a_string", "block_a_list", "additional_a_string",
+        "added_token_over_both", "extra_empty", "extra_null"])
 def test_the_special_tokens_read_are_transformers(next_folder, declared):
     """read_special_tokens against transformers' own reading of the same tokenizer_config.json (the tokens it
     hands a chat template, `special_tokens_map`), where the file declares a token more than one way; what
@@ -657,6 +662,47 @@ def test_of_named_templates_the_default_one_is_rendered(next_folder):
     expected = AutoProcessor.from_pretrained(next_folder).apply_chat_template(
         user_turn(QUESTION, False), add_generation_prompt=True, tokenize=False)
     assert processor.chat_prompt(QUESTION, has_image=False) == expected == f"D: {QUESTION}"
+
+
+def test_a_null_template_in_processor_config_is_no_template(next_folder):
+    """processor_config.json's "chat_template": null counts as absent in transformers, which then renders
+    chat_template.json's."""
+    from transformers import AutoProcessor
+    config = json.loads((next_folder / "processor_config.json").read_text())
+    (next_folder / "processor_config.json").write_text(json.dumps({**config, "chat_template": None}))
+    _, processor = tinyavl.load_pretrained(next_folder, device="cpu")
+    expected = AutoProcessor.from_pretrained(next_folder).apply_chat_template(
+        user_turn(QUESTION, True), add_generation_prompt=True, tokenize=False)
+    assert processor.chat_prompt(QUESTION) == expected
+
+
+def test_a_bos_inside_the_question_is_a_word_of_it_not_the_prompts_bos(next_folder):
+    """Only a prompt that starts with BOS has its own (transformers: text.startswith(bos_token)); one that
+    holds "<s>" later still gets the BOS the tokenizer adds."""
+    from transformers import AutoProcessor
+    _, processor = tinyavl.load_pretrained(next_folder, device="cpu")
+    hf = AutoProcessor.from_pretrained(next_folder, backend="pil")
+    image, question = make_image(40, 30, seed=0), "What does <s> mean?"
+    turn = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
+    expected = hf.apply_chat_template(turn, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                      return_tensors="pt")["input_ids"][0].tolist()
+    ours = processor(processor.chat_prompt(question), image)["input_ids"][0].tolist()
+    assert ours == expected and ours[0] == processor.bos_token_id
+
+
+@pytest.mark.parametrize("resample", [0, 2])                                       # nearest, bilinear
+def test_the_files_resampling_filter_is_used(next_folder, resample):
+    """Every test folder resizes bicubically (3, the default): another filter must reach the canvas and the
+    base crop too."""
+    from transformers import AutoProcessor
+    settings = json.loads((next_folder / "preprocessor_config.json").read_text())
+    (next_folder / "preprocessor_config.json").write_text(json.dumps({**settings, "resample": resample}))
+    _, processor = tinyavl.load_pretrained(next_folder, device="cpu")
+    theirs = AutoProcessor.from_pretrained(next_folder, backend="pil")
+    image, prompt = make_image(90, 40, seed=1), processor.chat_prompt("Hi")
+    torch.testing.assert_close(processor(prompt, image)["pixel_values"],
+                               theirs(images=image, text=prompt, return_tensors="pt")["pixel_values"],
+                               atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("declared, says", [({"pad_token": 5}, "pad_token 5"),

@@ -509,6 +509,12 @@ def test_image_settings_transformers_5_saves_in_processor_config_are_read_first(
     ours, theirs = pixels_both_ways(saved)
     assert_close(ours, theirs)
     assert_close(ours, pixels_both_ways(source)[0])                        # (the source's settings: 20 px)
+    # "image_processor": null is no settings there, in transformers too: preprocessor_config.json's count.
+    nested = json.loads((saved / "processor_config.json").read_text())
+    (saved / "processor_config.json").write_text(json.dumps({**nested, "image_processor": None}))
+    ours, theirs = pixels_both_ways(saved)
+    assert_close(ours, theirs)
+    assert not torch.allclose(ours, pixels_both_ways(source)[0])            # (its 40 px, not the nested 20)
     # Nested settings are checked as the file's are, and named in the error.
     nested = json.loads((saved / "processor_config.json").read_text())
     for value, message in (({**settings, "crop_size": 224},
@@ -517,6 +523,16 @@ def test_image_settings_transformers_5_saves_in_processor_config_are_read_first(
         (saved / "processor_config.json").write_text(json.dumps({**nested, "image_processor": value}))
         with pytest.raises(UserError, match=message):
             Processor.from_pretrained(saved, image_id(), NUM_IMAGE_TOKENS, SIZE)
+
+
+@pytest.mark.parametrize("resample", [0, 2])                                       # nearest, bilinear
+def test_the_files_resampling_filter_is_used(folder, tmp_path, resample):
+    (tmp_path / "tokenizer.json").write_bytes((folder / "tokenizer.json").read_bytes())
+    config = {"crop_size": {"height": SIZE, "width": SIZE}, "size": {"shortest_edge": SIZE}, "resample": resample}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
+    ours = Processor.from_pretrained(tmp_path, image_id(), NUM_IMAGE_TOKENS, SIZE)
+    image = make_image(50, 40, seed=6)
+    assert_close(ours.preprocess(image), CLIPImageProcessorPil(**config)(image, return_tensors="pt")["pixel_values"][0])
 
 
 def test_decode_round_trip(processor):

@@ -121,8 +121,8 @@ NO_GLYPH = "\U000FFFFD"
 def has_glyph(font, char: str) -> bool:
     """Whether the font draws `char` as itself. Pillow's bitmap font (its default before 10.1, or without
     FreeType) has Latin-1 and raises on the rest; a FreeType font draws what it lacks as its missing-glyph
-    box (Pillow's default FreeType font, Aileron, has ASCII and a few marks, ‘’“”…©™ and "ﬁ": "é" is a
-    box)."""
+    box (Pillow's default FreeType font, Aileron, has ASCII and a few marks, «»‹›‘’“”…°±´·⁄©™ and the ligatures
+    "ﬁ" and "ﬂ": "é" is a box)."""
     if not isinstance(font, ImageFont.FreeTypeFont):
         return ord(char) < 256
     return glyph(font, char) != glyph(font, NO_GLYPH)

@@ -287,8 +287,9 @@ class Param:
             # converted by float() as it is.)
             try:
                 value = kind(value) if kind is int or isinstance(value, numbers.Rational) else float(str(value))
-            except OverflowError:  # an integer or fraction past float's range: out of every range here
-                raise UserError(f"{named(self.name)} must be {self.allowed()}, got {value!r}") from None
+            except OverflowError:  # an integer or fraction a float cannot hold, as every parameter here is held
+                raise UserError(f"{named(self.name)} must be {self.allowed()}, got a number past a float's range "
+                                "(about 1.8e308)") from None
             ok = self.in_range(value)
         if not ok:
             raise UserError(f"{named(self.name)} must be {self.allowed()}, got {value!r}")

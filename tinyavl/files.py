@@ -128,8 +128,17 @@ def resolved_inputs(inputs: list[Path]):
     Hugging Face cache lays out a model) reads files that live elsewhere, and those are inputs as well."""
     for given in map(Path.resolve, inputs):
         yield given
-        if given.is_dir():
-            yield from (entry.resolve() for entry in given.iterdir())
+        # What cannot be listed (a folder that can be entered, not read) or resolved (a stray loop of links)
+        # is left out: loading opens the files by name, and reads none of those.
+        try:
+            entries = list(given.iterdir()) if given.is_dir() else []
+        except OSError:
+            entries = []
+        for entry in entries:
+            try:
+                yield entry.resolve()
+            except (OSError, RuntimeError):
+                continue
 
 
 def temporary_beside(path: Path, kind: str) -> Path:

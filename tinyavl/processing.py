@@ -177,7 +177,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
 def check_question(question: str) -> None:
     """A user's question is text that can be tokenized, and chat_prompt places the image itself."""
     if not question.strip():  # an unset variable ($Q) or a stray "": an answer to no question
-        raise UserError("the prompt is empty: ask a question (the default asks for a caption: Describe the image.)")
+        raise UserError("the prompt is empty: ask a question (main.py's default asks for a caption: Describe the "
+                        "image.)")
     try:
         question.encode("utf-8")
     except UnicodeEncodeError:  # command-line bytes that are not UTF-8 arrive as lone surrogates
@@ -343,7 +344,7 @@ class Processor:
         processor_config = read_json_object(processor_path, optional=True) or {}
         # Where transformers reads the image processor's settings: transformers 5 saves them inside
         # processor_config.json (its "image_processor"), and reads them there before preprocessor_config.json.
-        if "image_processor" in processor_config:
+        if processor_config.get("image_processor") is not None:  # null: as absent, as in transformers
             pre_path, pre_cfg = f"{processor_path}'s image_processor", processor_config["image_processor"]
             if not isinstance(pre_cfg, dict):
                 raise UserError(f"{pre_path} is not a JSON object: {json.dumps(pre_cfg)[:80]}")
