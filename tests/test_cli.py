@@ -355,6 +355,25 @@ def test_summary_on_stderr(capsys, good, files):
     assert "KV cache peak" in err
 
 
+def test_the_summary_says_what_the_run_measured():
+    """summary's lines from a result made by hand: each number where it belongs."""
+    result = {"new_tokens": 7, "finish_reason": "length", "policy": "avl", "policy_params": {"S": 0.5},
+              "prompt_tokens": 40, "prefill_seconds": 1.25, "decode_tokens_per_second": 12.5,
+              "attended_tokens_per_step": 30, "attended_tokens_per_step_dense": 80,
+              "kv_cache_bytes_peak": 2 ** 20, "kv_cache_bytes_dense": 4 * 2 ** 20}
+    assert main.summary(result).splitlines() == [
+        "7 tokens: stopped at --max-new-tokens: the answer may be cut", "policy avl {'S': 0.5}",
+        "prompt 40 tokens, prefill 1.25 s", "decode 12.5 tokens/s, attended 30 of 80 token-layers per step",
+        "KV cache peak 1.00 MiB (25% of dense 4.00 MiB)"]
+
+
+def test_the_toy_by_default_is_said_and_only_then(capsys, good, files):
+    rc, _, err = run_inprocess(capsys, ["--image", IMAGE, "--max-new-tokens", 1, "--json"])
+    assert rc == 0 and "no --weights given: running the toy LLaVA in" in err
+    rc, _, err = run_inprocess(capsys, ["--image", files["png"], "--weights", good, "--max-new-tokens", 1, "--json"])
+    assert rc == 0 and "no --weights given" not in err
+
+
 # ------------------------------------------------------------------------------------------ image modes
 def write_mode_image(path: Path, mode: str) -> Path:
     if mode == "I;16":
@@ -492,7 +511,7 @@ ERROR_CASES = [
     ("temperature nan", ["--temperature", "nan", "--seed", "0"], "png", "good", ["--temperature"]),
     ("negative temperature", ["--temperature", "-1"], "png", "good", ["--temperature"]),
     ("infinite temperature", ["--temperature", "inf"], "png", "good", ["--temperature", "finite"]),
-    ("an abbreviated flag", ["--k", "3"], "png", "good", ["--k"]),  # not --kernel
+    ("an abbreviated flag", ["--k", "3"], "png", "good", ["unrecognized arguments: --k"]),  # not --kernel
     ("filter after the last layer", ["--policy", "fastv", "--filter-layer", "9"], "png", "good",
      ["--filter-layer", "at most"]),
     ("max-new-tokens not a number", ["--max-new-tokens", "abc"], "png", "good", ["--max-new-tokens", "abc"]),

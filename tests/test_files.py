@@ -437,6 +437,13 @@ def test_without_hard_links_a_new_file_is_still_written_and_an_existing_one_kept
 
 
 
+def test_a_pictures_folder_that_holds_them_is_refused_but_with_force(tmp_path):
+    (tmp_path / "caption.png").write_bytes(b"the user's")
+    with pytest.raises(UserError, match="caption.png already exists: give another name, or --force"):
+        check_picture_folder(tmp_path, "--attention-maps", ["caption.png"], inputs=[])
+    check_picture_folder(tmp_path, "--attention-maps", ["caption.png"], inputs=[], replace=True)
+
+
 def test_an_output_under_a_link_to_nothing_is_refused_before_the_work(tmp_path):
     """exists() follows a link: one to nothing looked like a folder still to be made, and the write (after
     an hour of training) failed on it with a traceback."""

@@ -435,20 +435,24 @@ def test_a_prompt_over_the_context_because_of_its_image_says_so(short_context_mo
         greedy(model, longer, px, steps=4)
 
 
-def test_an_image_past_the_context_on_its_own_is_the_models_sizes(tiny_ckpt, tmp_path):
-    """A context shorter than the image's own tokens: no question could be shortened to fit, so the error
-    says the image and the tokens before it fill the context, and that config.json gives every image as many."""
-    config = sparse_config(VARIANTS["mha"])
-    config["text_config"]["max_position_embeddings"] = 8
-    folder = write_checkpoint(tiny_ckpt.model("mha"), str(tmp_path / "ctx8"), variant="mha", config=config)
-    model, processor = tinyavl.load_pretrained(folder, device="cpu")
+@pytest.mark.parametrize("context", ["shorter than the image", "the image and what comes before it"])
+def test_an_image_past_the_context_on_its_own_is_the_models_sizes(tiny_ckpt, tmp_path, loaded, context):
+    """A context the image's own tokens fill, with those before it, or more than fill: no question could be
+    shortened to fit, so the error says the image and the tokens before it fill the context, and that
+    config.json gives every image as many."""
+    model, processor = loaded("mha")
     ids, px = prompt_inputs(processor, "image")
     n_img = int((ids == model.config.image_token_id).sum())
-    assert n_img >= 8
     n_sys = int((ids[0] == model.config.image_token_id).nonzero()[0])                 # the tokens before the image
+    length = 8 if context == "shorter than the image" else n_sys + n_img
+    assert length <= n_img or length == n_sys + n_img
+    config = sparse_config(VARIANTS["mha"])
+    config["text_config"]["max_position_embeddings"] = length
+    folder = write_checkpoint(tiny_ckpt.model("mha"), str(tmp_path / "ctx"), variant="mha", config=config)
+    model, processor = tinyavl.load_pretrained(folder, device="cpu")
     with pytest.raises(UserError, match=rf"the image's {n_img} tokens and the {n_sys} before them fill the model's "
-                                        r"context of 8: no prompt with this image fits \(the model's config.json "
-                                        r"gives every image as many\)"):
+                                        rf"context of {length}: no prompt with this image fits \(the model's "
+                                        r"config.json gives every image as many\)"):
         greedy(model, ids, px, steps=2)
 
 
@@ -626,6 +630,34 @@ def test_the_logits_product_is_chosen_before_the_clock_starts(loaded, monkeypatc
     monkeypatch.setattr(generate_module, "time", clock)
     greedy(model, ids, px, steps=2)
     assert events[:2] == [("cpu", torch.float32), "clock"]
+
+
+def test_the_prefill_clock_includes_the_high_resolution_view(monkeypatch):
+    """prefill_seconds counts the image's features and, for a FlexAttention model, the high-resolution view
+    it builds from hires_pixel_values (crops through the tower): on a clock that moves an hour when the view is
+    built, the prefill took at least that hour."""
+    from test_hires_attention import inputs, tiny_model
+    generate_module = sys.modules["tinyavl.generate"]
+    clock = types.SimpleNamespace(now=0.0)
+
+    def read():  # a millisecond a reading
+        clock.now += 0.001
+        return clock.now
+
+    clock.perf_counter = read
+    model = tiny_model(first_layer=1)
+    build = model.hires_view
+
+    def an_hour_to_build(*args, **kwargs):
+        clock.now += 3600.0
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(generate_module, "time", clock)
+    monkeypatch.setattr(model, "hires_view", an_hour_to_build)
+    ids, pixels, hires_pixels = inputs()
+    _, stats = tinyavl.generate(model, ids, pixels, hires_pixel_values=hires_pixels, max_new_tokens=2,
+                                eos_token_id=())
+    assert 3600 < stats.prefill_seconds < 3601 and stats.decode_seconds < 1
 
 
 def test_the_decode_clock_times_the_steps_not_the_stream(loaded, monkeypatch):
