@@ -448,7 +448,8 @@ def test_an_output_under_a_link_to_nothing_is_refused_before_the_work(tmp_path):
     """exists() follows a link: one to nothing looked like a folder still to be made, and the write (after
     an hour of training) failed on it with a traceback."""
     (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
-    with pytest.raises(UserError, match=f"cannot be made: {re.escape(str(tmp_path / 'gone'))} is a link to nothing"):
+    gone = re.escape(str(tmp_path / "gone"))
+    with pytest.raises(UserError, match=f"cannot be made: {gone} is a link to nothing"):
         check_new_folder(tmp_path / "gone" / "sub" / "model", replace=False)
     with pytest.raises(UserError, match="is a link to nothing: give a folder"):
         check_picture_folder(tmp_path / "gone", "--attention-maps", ["a.png"], inputs=[])
