@@ -92,7 +92,8 @@ def command_name() -> str:
 
 class ArgumentParser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
-        # No abbreviations: with flags as short as A-VL's, "--k 3" would silently mean --kernel.
+        # No abbreviations: with flags as short as A-VL's, a mistyped "--k 3" would be read as --kernel 3 and
+        # refused with a message about --kernel, not --K.
         kwargs.setdefault("prog", command_name())
         super().__init__(*args, formatter_class=DefaultsHelpFormatter, allow_abbrev=False, **kwargs)
 
