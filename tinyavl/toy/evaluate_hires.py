@@ -132,7 +132,7 @@ def plot(reports: list[dict], path: Path, title: str, in_sequence_reports: list[
          replace: bool = False) -> None:
     """Fine-detail accuracy (95% interval) against the attention MFLOPs an answer, a line per policy
     through its modes; with the in-sequence toy's reports, a point per policy beside them, in the
-    policy's colour, and the MFLOPs on a log axis (the sequence costs about a hundred times more)."""
+    policy's colour, and the MFLOPs on a log axis (the sequence costs over 150 times more)."""
     series, colour_of, dashed = {}, {}, []
     for r in reports + (in_sequence_reports or []):
         name = r["policy"]
