@@ -108,6 +108,31 @@ def test_floor_is_weight_bytes_at_matvec_rate_plus_attended_kv_at_read_rate(mode
     json.dumps(case)  # what --json prints
 
 
+def test_floors_count_the_run_dtypes_rows_and_the_read_rate_for_the_hardware(model):
+    """In bf16 a K/V row is half an fp32 one; the hardware floor reads every byte at the read rate, here the
+    slower (1 GB/s, where the matrix-vector product runs at 2)."""
+    for dtype in (torch.bfloat16, torch.float32):
+        m = bench.random_model(TINY, dtype) if dtype == torch.bfloat16 else model
+        case = bench.run_case(m, n_img=20, new_tokens=3, measure=lambda model: {"read": 1e9, "matvec": 2e9})
+        full, weight = case["policies"]["full"], bench.decode_weight_bytes(m)
+        kv = 4 * (case["prompt_tokens"] + 1.5) * bench.kv_row_bytes(TINY.text, dtype)   # 1.5: steps 1 and 2's mean
+        assert full["floor_ms"] == pytest.approx(1e3 * (weight / 2e9 + kv / 1e9)), dtype
+        assert full["hardware_floor_ms"] == pytest.approx(1e3 * (weight + kv) / 1e9), dtype
+
+
+def test_avls_steps_are_compared_with_fulls_attention(model):
+    case = bench.run_case(model, n_img=20, new_tokens=6, measure=lambda model: {"read": 2e9, "matvec": 1e9})
+    avl, full = case["policies"]["avl"], case["policies"]["full"]
+    assert avl["normal_step_vs_full"] == pytest.approx(avl["attention_ms_normal_step"] / full["attention_ms"])
+    assert avl["steady_vs_full"] == pytest.approx(avl["attention_ms_steady"] / full["attention_ms"])
+
+
+def test_the_rates_are_named_as_measured(model, monkeypatch):
+    monkeypatch.setattr(bench, "read_rate", lambda device: 1.0)
+    monkeypatch.setattr(bench, "matvec_rate", lambda model: 2.0)
+    assert bench.measure_rates(model) == {"read": 1.0, "matvec": 2.0}
+
+
 def test_each_policys_times_and_bytes_are_its_own_runs(model, monkeypatch):
     """decode_ms and attention_ms are a policy's run's times over its decode steps (6 new tokens: 5, the
     prefill makes the first), prefill_s its prefill's; kv_bytes its peak, for `full` every row of the
@@ -243,8 +268,9 @@ def test_a_case_is_printed_with_each_ratio_of_its_row(capsys):
     bench.print_case(case)
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("h2o"))
     # policy, KV peak, KV vs full, rows attended vs full, prefill s, decode ms / step, floor ms, / floor,
-    # / hw floor, step vs full, attn ms
-    assert line.split()[1:11] == ["3.0Mi", "0.50", "0.40", "1.50", "120.0", "100.0", "1.20", "2.00", "0.80", "7.0"]
+    # / hw floor, step vs full, attn ms, tokens as full's
+    assert line.split()[1:12] == ["3.0Mi", "0.50", "0.40", "1.50", "120.0", "100.0", "1.20", "2.00", "0.80", "7.0",
+                                  "5/6"]
 
 
 def test_growth_reports_each_policys_step_and_attention_series_at_their_tokens(model, monkeypatch):
@@ -561,3 +587,4 @@ def test_agreeing_start_counts_tokens_up_to_where_the_answers_part():
     assert bench.agreeing_start([5, 2, 3], [1, 2, 3]) == 0
     assert bench.agreeing_start([1, 2, 3], [1, 2, 3]) == 3
     assert bench.agreeing_start([1, 2], [1, 2, 3]) == 2                   # one answer ended early (EOS)
+    assert bench.agreeing_start([1, 2, 3], [1, 2]) == 2                   # or the other

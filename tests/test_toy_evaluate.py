@@ -143,6 +143,8 @@ def test_h2o_and_streaming_hold_as_many_rows_as_random(image_keep):
         assert h2o["recent"] == pytest.approx(3 * h2o["heavy"], abs=0.01)      # the defaults' 1 : 3, give or take a row
         streaming = budget_params("streaming", image_keep, ratio, 4, cached_tokens=length)
         assert 4 + max(1, rows(streaming["recent"])) == random_rows, (length, streaming)
+    # H2O's heavy share is rounded down (its recent one then up): 0.63125 / 4 = 0.1578125.
+    assert budget_params("h2o", image_keep, 0.63125, 4, cached_tokens=320)["heavy"] == 0.1578
 
 
 def report(policy, accuracy, kv, budget, params=None):
@@ -367,6 +369,11 @@ def test_tally_counts_by_hand():
     assert r["attended_ratio"] == 0.5                                 # the fake's dense count is twice
     # prefill: 7 (7 + 1) / 2 pairs in each of 2 layers; decode: 16 rows in all
     assert r["attention_pairs"] == 2 * 28 + 16
+    # Added scene 1 first, the counts stay in scene order (paired_ratio_interval pairs them by scene).
+    backwards = Tally()
+    for q in sorted(questions, key=lambda q: -q.scene_index):
+        backwards.add(q, q.answer if q.scene_index == 1 else "wrong", fake_stats(4, 20, [[3, 3], [5, 5]], [7, 7]))
+    assert backwards.report()["right_by_scene"] == [0, 6]
 
 
 def test_sweep_plot_is_a_png_with_every_policy_drawn(tmp_path):
