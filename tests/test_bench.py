@@ -263,14 +263,21 @@ def test_a_case_is_printed_with_each_ratio_of_its_row(capsys):
     row = {"kv_bytes": 3 * 2**20, "kv_ratio": 0.5, "attended_ratio": 0.4, "prefill_s": 1.5, "decode_ms": 120.0,
            "floor_ms": 100.0, "hardware_floor_ms": 60.0, "attention_ms": 7.0, "same_start_as_full": 5}
     full = {**row, "kv_bytes": 6 * 2**20, "kv_ratio": 1.0, "attended_ratio": 1.0, "decode_ms": 150.0}
+    split = {"attention_ms_normal_step": 4.0, "normal_step_vs_full": 0.5, "attention_ms_update_step": 12.0,
+             "update_step_vs_full": 1.5, "swap_ms_update_step": 3.0, "attention_ms_steady": 6.7,
+             "steady_vs_full": 0.84}
     case = {"image_tokens": 20, "prompt_tokens": 40, "new_tokens": 6, "rates_GBps": {"read": 20.0, "matvec": 15.0},
-            "policies": {"full": full, "h2o": row}}
+            "policies": {"full": full, "h2o": row, "avl": {**row, **split}}}
     bench.print_case(case)
-    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("h2o"))
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith("h2o"))
     # policy, KV peak, KV vs full, rows attended vs full, prefill s, decode ms / step, floor ms, / floor,
     # / hw floor, step vs full, attn ms, tokens as full's
     assert line.split()[1:12] == ["3.0Mi", "0.50", "0.40", "1.50", "120.0", "100.0", "1.20", "2.00", "0.80", "7.0",
                                   "5/6"]
+    assert "read rate 20.0 GB/s (fp32 sum), nn.Linear matrix-vector rate 15.0 GB/s" in out
+    assert ("avl attn ms: 4.0 per normal step (0.50x full's), 12.0 per update step (1.50x), 3.0 of it swapping "
+            "core rows; one update step in K: 6.7 (0.84x)") in out
 
 
 def test_growth_reports_each_policys_step_and_attention_series_at_their_tokens(model, monkeypatch):
@@ -504,6 +511,31 @@ def test_next_blocks_and_the_papers_memory_arithmetic_by_hand():
     text = bench.N_TEXT + new - 1
     kept = bench.N_SYS + n_img // 2 + max(round(bench.PAPER_MEMORY["params"]["T"] * text), 20)
     assert row["avl_MiB"] == pytest.approx(kept * 0.5)
+
+
+@pytest.mark.parametrize("arch", ["llava", "next"])
+def test_each_arch_measures_its_own_blocks_and_next_its_memory_table(arch, monkeypatch, capsys):
+    """main, its runs recorded instead of made: --arch llava measures 576 and 2928 image tokens; --arch next the
+    blocks of NEXT_IMAGES, and prints the paper's memory table (a made-up row here, its columns in order), in
+    --json too."""
+    blocks = []
+
+    def recorded(args, dtype):
+        blocks.append(list(args.image_tokens))
+        return {"dtype": dtype, "decode_logits": "k q^T", "cases": [], "growth": {}}
+
+    row = {"image_hw": [672, 672], "image_tokens": 2928, "prompt_tokens": 2990, "dense_MiB": 1518.0,
+           "avl_MiB": 770.0, "avl_ratio": 0.51}
+    monkeypatch.setattr(bench, "run_dtype", recorded)
+    monkeypatch.setattr(bench, "paper_memory", lambda: [row])
+    expected = [576, 2928] if arch == "llava" else [bench.next_image_tokens(hw) for hw in bench.NEXT_IMAGES]
+    bench.main(["--arch", arch, "--dtypes", "float32", "--device", "cpu"])
+    table = capsys.readouterr().out
+    assert (table.split().count("1518") == 1 and "672 x 672    2928    2990       1518       770   0.51" in table) \
+        == (arch == "next")
+    bench.main(["--arch", arch, "--dtypes", "float32", "--device", "cpu", "--json"])
+    printed = json.loads(capsys.readouterr().out)
+    assert blocks == [expected, expected] and printed.get("paper_memory") == ([row] if arch == "next" else None)
 
 
 def test_spans_add_up_each_named_block():
