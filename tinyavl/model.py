@@ -706,7 +706,7 @@ class HiresView:
         H = q.shape[1]
         key_positions = key_positions.repeat_interleave(H // key_positions.shape[1], dim=1)  # (B, H, n) per query head
         logits = rows_logits(q[:, :, rows], keys)                                       # (B, H, R, n)
-        logits = logits.masked_fill(key_positions[:, :, None, :] > q_positions[rows, None], float("-inf"))  # causal
+        logits = logits.masked_fill(key_positions[:, :, None, :] > served_positions[:, None], float("-inf"))  # causal
         if visible is not None:  # keys hidden from every query (the toy's image-token dropout) choose nothing
             logits = logits.masked_fill(~visible[:, None, None, :], float("-inf"))
         # Layer first_layer - 1 only chooses (it has no _hd projections): a choice set when it runs is the
@@ -718,14 +718,14 @@ class HiresView:
                 kept = torch.isin(self.chosen_positions, served_positions)              # (R before,) bool
                 self.chosen, self.chosen_positions = self.chosen[:, kept], self.chosen_positions[kept]
             y = self.merge(attn, norm, q[:, :, rows], y, rows, logits.logsumexp(-1))
-        self.choose(logits.softmax(-1), key_positions)
-        self.chosen_positions = served_positions
+        self.choose(logits.softmax(-1), key_positions, served_positions)
         return y
 
-    def choose(self, probs, key_positions):
-        """Set `chosen` (B, R, N_hd), the served rows' choice, from their attention probs (B, H, R, n) over keys
-        at key_positions (B, H, n), summed over heads. An image token the row did not attend (a KV policy
-        evicted it, or did not compute it this step) has attention 0 on the grid."""
+    def choose(self, probs, key_positions, positions):
+        """Set `chosen` (B, R, N_hd), the choice of the served rows at `positions` (R,) (`chosen_positions`),
+        from their attention probs (B, H, R, n) over keys at key_positions (B, H, n), summed over heads. An image
+        token the row did not attend (a KV policy evicted it, or did not compute it this step) has attention 0
+        on the grid."""
         B, H, R, n = probs.shape
         slot = key_positions - self.image_start                                         # (B, H, n): place on the grid
         is_image = (slot >= 0) & (slot < self.lowres_side ** 2)
@@ -739,7 +739,7 @@ class HiresView:
         chosen_blocks = (hires.threshold_blocks(scores, self.config.threshold) if self.top is None
                          else hires.top_blocks(scores, self.top))                       # (B R, blocks, blocks)
         tokens = hires.block_tokens(chosen_blocks, math.isqrt(self.features.shape[1]))  # (B R, N_hd)
-        self.chosen = tokens.view(B, R, -1)
+        self.chosen, self.chosen_positions = tokens.view(B, R, -1), positions
 
     def merge(self, attn: "LlamaAttention", norm, q_rows, y, rows, lse):
         """One softmax over each served row's keys (its output in y, its log-sum-exp lse (B, H, R)) and its

@@ -487,8 +487,8 @@ class Checkpoint:
         for key, t in without_prefix(tensors, "optimizer.").items():
             index, _, name = key.partition(".")
             param = params[int(index)] if index.isascii() and index.isdigit() and int(index) < len(params) else None
-            shape = None if param is None else {"exp_avg": param.shape, "exp_avg_sq": param.shape}.get(name, ())
-            if shape is None or name not in ("exp_avg", "exp_avg_sq", "step") or t.shape != shape:
+            shapes = {} if param is None else {"exp_avg": param.shape, "exp_avg_sq": param.shape, "step": ()}
+            if name not in shapes or t.shape != shapes[name]:
                 raise UserError(f"{self.path} holds another optimiser's state (optimizer.{key}, {tuple(t.shape)})")
             moments.setdefault(int(index), {})[name] = t
         if any(len(state) != 3 for state in moments.values()):
