@@ -61,6 +61,8 @@ def check_args(args):
     image = load_image(args.image)
     check_question(args.prompt)
     check_generation_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, named=flag)
+    if args.temperature == 0:
+        check_greedy_has_no_sampling_flags(args)
     cache = policy_cache(args)
     if args.weights is None:
         if not DEFAULT_WEIGHTS.is_dir():
@@ -79,6 +81,19 @@ def check_args(args):
     if args.hires_threshold is not None:
         hires.check_threshold(args.hires_threshold, "--hires-threshold")
     return image, cache
+
+
+def check_greedy_has_no_sampling_flags(args) -> None:
+    """A greedy answer (--temperature 0, the default) draws nothing, so a sampling setting given with it
+    would be ignored: refused instead, as an --attention-map option without --attention-map is. A setting
+    given at its default value changes nothing either way and passes."""
+    defaults = {param.name: param.default for param in GENERATION_PARAMS}
+    ignored = [flag(name) for name in ("top_k", "top_p") if getattr(args, name) != defaults[name]]
+    if args.seed is not None:
+        ignored.append("--seed")
+    if ignored:
+        raise tinyavl.UserError(f"{' and '.join(ignored)} {'shapes' if len(ignored) == 1 else 'shape'} sampling, and "
+                                "--temperature 0 (the default) answers greedily: give --temperature above 0 too")
 
 
 class AnswerPrinter:

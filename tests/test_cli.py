@@ -292,6 +292,14 @@ def test_the_sampling_settings_reach_the_generation(capsys, good, files, api_tok
         assert api_tokens(**{**settings, **other}) != tokens
 
 
+def test_sampling_settings_at_their_defaults_pass_a_greedy_run(files):
+    """Only a sampling setting that would be ignored is refused: at --temperature 0, --top-k and --top-p given
+    at their defaults change nothing, and with a temperature above 0 every setting is used."""
+    for extra in (["--top-k", "50", "--top-p", "1.0"], ["--temperature", "0.5", "--top-k", "5", "--seed", "1"]):
+        args = main.build_parser().parse_args(["--image", str(files["png"]), *extra])
+        main.check_args(args)  # no UserError
+
+
 def test_unseeded_sampling_is_a_fresh_draw_each_run(good, files):
     """No --seed: two runs of the command draw differently (at temperature 5 the tiny model's next-token
     distribution is nearly flat: the same 8 tokens twice by chance are out of the question)."""
@@ -922,6 +930,8 @@ def test_user_input_is_checked_before_the_model_loads(capsys, monkeypatch, good,
         (["--image", files["png"], "--S", "0.5"], "full"),
         (["--image", files["png"], "--temperature", "1", "--top-p", "0"], "--top-p"),
         (["--image", files["png"], "--seed", "99999999999999999999"], "--seed"),
+        (["--image", files["png"], "--top-k", "5"], "--top-k shapes sampling, and --temperature 0 (the default)"),
+        (["--image", files["png"], "--top-p", "0.9", "--seed", "3"], "--top-p and --seed shape sampling"),
         (["--image", files["png"], "--prompt", "<image> what?"], "<image>"),
         (["--image", files["png"], "--prompt", " "], "the prompt is empty"),
         (["--image", files["png"], "--attention-map", tmp_path / "no-such-dir" / "map.png"], "no-such-dir"),
