@@ -5,7 +5,7 @@ worked out independently in tests/test_cache.py (test_avl_invariants, test_h2o_i
 a new policy needs too.
 
 - with FULL_BUDGET, parameters that keep every token, it is `full` token for token, in fp32 and in bf16
-  (where computing the same rows in other pieces would round differently);
+  (where computing the same rows in other pieces would round differently), and attends every row;
 - skipping equals masking: its attention over the rows it selects gives the numbers of a float64 attention
   over every row it holds with -inf on the others (tests/cache_helpers.py `masked`); and what it selects
   is rows it holds, ascending, each once, the step's own among them (which the masked reference, built
@@ -13,9 +13,12 @@ a new policy needs too.
 - a batch of two prompts decodes each as it decodes alone, or is refused (a policy that ranks one prompt's
   image: ONE_PROMPT_POLICIES);
 - at its defaults it never holds more KV bytes than the dense cache, and its bytes per modality are those
-  of the positions it holds, placed by the prompt's ids; no head of any layer holds a token twice, and
-  every layer's positions are the sequence's;
-- its declarations are one source: flags, their types and ranges, and the README's policy table.
+  of the positions it holds, placed by the prompt's ids, and add up to its total; no head of any layer holds
+  a token twice, and every layer's positions are the sequence's;
+- each numeric parameter declares a range, and generation runs at both ends of it (or the value is refused
+  in one line);
+- its declarations are one source: flags, their types and ranges, and the README's policy table; a flag
+  shared by several policies is one SHARED_FLAGS lists.
 All but bf16 and the batch (LLaVA-1.5 only) and the declarations run on a LLaVA-1.5 prompt, on a LLaVA-1.6 one,
 whose image block (base crop, tile map and the newline tokens that end its rows) is N_img as a whole, and
 on a LLaVA-1.5 with one KV head (MQA), where one sample's positions expanded over the KV heads are a view
@@ -94,6 +97,7 @@ def test_full_budget_equals_full(arch, policy):
     assert full_tokens == uncached_greedy(arch)
     assert tokens == full_tokens
     assert stats.kv_cache_bytes_peak == full_stats.kv_cache_bytes_dense  # nothing evicted either
+    assert stats.attended_per_layer == full_stats.attended_per_layer     # nor any row left out of a step
 
 
 @pytest.mark.parametrize("policy", [name for name in POLICIES if name != "full"])  # `full` is the reference
@@ -140,6 +144,10 @@ def test_kv_bytes_within_dense_and_by_modality_as_the_prompt_says(arch, policy):
     _, ids, _, _ = model_and_prompt(arch)
     _, stats, cache = generate(arch, policy)
     assert 0 < stats.kv_cache_bytes_peak <= stats.kv_cache_bytes_dense
+    # The modalities add up to the total, at the peak and at the end (bytes counted apart from K and V's
+    # rows, or rows left out of the count, would part them).
+    assert sum(stats.modality_bytes_peak.values()) == stats.kv_cache_bytes_peak
+    assert sum(sum(cache.modality_bytes(layer).values()) for layer in range(cache.n_layers)) == cache.nbytes()
     is_image = (ids[0] == IMAGE_TOKEN).tolist()
     first_image = is_image.index(True)
     for layer in range(cache.n_layers):
@@ -215,14 +223,56 @@ def test_no_head_holds_a_token_twice(arch, policy):
             assert length - 1 in head_positions  # the newest token, which every policy keeps
 
 
+# The flags several policies declare, each meaning the same in all of them: a person's judgement, which no
+# type or range can make (StreamingLLM's --sinks and a new policy's count of tokens dropped would both be
+# integers >= 0). A new policy that shares a flag is added here once it means the same thing.
+SHARED_FLAGS = {"S": {"avl", "random"}, "filter_layer": {"avl", "fastv"}, "recent": {"h2o", "streaming"}}
+
+
 def test_a_flag_means_one_thing():
-    """A name declared by several policies has one type and one range in all of them (its help may say
-    it in each policy's words), and a policy's FULL_BUDGET names only parameters it declares."""
+    """A name declared by several policies is one SHARED_FLAGS lists, with one type and one range in all of
+    them (its help may say it in each policy's words), and a policy's FULL_BUDGET names only parameters it
+    declares."""
+    shared = {name: set(owners) for name, owners in param_owners().items() if len(owners) > 1}
+    assert shared == SHARED_FLAGS, "a flag declared by several policies must mean one thing in each: give a new " \
+                                   "parameter a name of its own, or list it in SHARED_FLAGS if it means the same"
     for name, owners in param_owners().items():
         assert len({(type(p.default), p.allowed()) for p in owners.values()}) == 1, name
     for policy, cls in POLICIES.items():
         names = [p.name for p in cls.PARAMS]
         assert len(set(names)) == len(names) and set(cls.FULL_BUDGET) <= set(names), policy
+
+
+def values_at_the_edges(param: Param) -> list:
+    """A parameter's closed ends, and for an open end a value just inside it: the values nearest to what it
+    refuses."""
+    step = 1 if type(param.default) is int else 1e-6
+    edges = []
+    for end, bound, inward in ((param.ends[0], param.low, step), (param.ends[1], param.high, -step)):
+        if bound is not None and math.isfinite(bound):
+            edges.append(bound if end in "[]" else bound + inward)
+    return edges
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_every_parameter_is_bounded_and_runs_at_its_edges(policy):
+    """Each numeric parameter declares the range its policy can run (an undeclared one lets a value through
+    that fails deep in a step, or silently keeps nothing), and generation runs at each end of it: either
+    the cache is refused in one line (another parameter's default rules the value out, as C <= S does) or
+    it generates within the dense cache's bytes."""
+    for param in POLICIES[policy].PARAMS:
+        if param.choices:
+            continue
+        assert param.low is not None or param.high is not None, f"{policy}'s {param.name} declares no range"
+        for value in values_at_the_edges(param):
+            try:
+                cache = make_cache(policy, **{param.name: value})
+            except UserError:
+                continue
+            model, ids, pixel_values, _ = model_and_prompt("llava")
+            _, stats = tinyavl.generate(model, ids, pixel_values, max_new_tokens=STEPS, policy=cache, eos_token_id=())
+            assert stats.new_tokens == STEPS and stats.kv_cache_bytes_peak <= stats.kv_cache_bytes_dense, \
+                (param.name, value)
 
 
 def test_allowed_values_read_as_written_by_hand():

@@ -37,7 +37,8 @@ Policies (`make_cache(name, **params)`):
 
 Each policy declares its parameters once, in `PARAMS` (name, default, allowed range, one-line help): the
 constructor's checks and defaults, make_cache's, the command lines' flags and --help all come from there.
-A new policy is a KVCache subclass with a `name`, its `PARAMS` and `FULL_BUDGET`, added to POLICIES;
+A new policy is a KVCache subclass with a `name`, its `PARAMS` and `FULL_BUDGET`, added to POLICIES, to the
+list above and to the README's policy table (a test compares that table with POLICIES);
 tests/test_policy_contract.py then checks it like every other (tutorial chapter 2 writes one).
 """
 import math
