@@ -346,7 +346,7 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
-def why_unsupported(dtype: torch.dtype, head_dim: int, device: torch.device | None = None) -> str | None:
+def why_unsupported(dtype: torch.dtype, head_dim: int, device: torch.device) -> str | None:
     """Why the kernel cannot run attention of this dtype and head dim on `device`, or None where it can. A
     head is one tl.dot tile dimension, a power of two of at least 16. NVIDIA GPUs have bf16 instructions
     from compute capability 8.0 on (the A100): for an older one (a V100, a T4) some Triton releases fail to
@@ -357,7 +357,7 @@ def why_unsupported(dtype: torch.dtype, head_dim: int, device: torch.device | No
         return f"{dtype} is not one of {SUPPORTED_DTYPES}"
     if head_dim < 16 or head_dim & (head_dim - 1):
         return f"head dim {head_dim} is not a power of two >= 16 (a tl.dot tile)"
-    if dtype == torch.bfloat16 and device is not None and device.type == "cuda" and not INTERPRETED:
+    if dtype == torch.bfloat16 and device.type == "cuda" and not INTERPRETED:
         gpu = gpu_properties(device)
         # AMD's GPUs (torch.version.hip) number their architectures otherwise.
         if torch.version.hip is None and (gpu.major, gpu.minor) < (8, 0):

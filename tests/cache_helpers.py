@@ -183,8 +183,8 @@ def recording(cache_cls):
     `log` is a list of dicts, one per (step, layer), in call order."""
 
     class Recording(cache_cls):
-        def begin(self, n_layers, n_sys, n_img, decode_steps=0):
-            super().begin(n_layers, n_sys, n_img, decode_steps)
+        def begin(self, n_layers, n_sys, n_img, max_decode_steps=0):
+            super().begin(n_layers, n_sys, n_img, max_decode_steps)
             self.log = []
 
         def attend(self, layer, q, k, v, pos):

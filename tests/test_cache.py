@@ -1252,7 +1252,7 @@ def test_causal_column_sums_equal_a_float64_masked_softmax_over_several_chunks(c
 
 @pytest.mark.parametrize("name", ["mha", "gqa"])
 def test_buffers_are_sized_once_and_decode_fills_them_to_the_last_row(name):
-    """begin(decode_steps=4): after prefill every layer's buffers hold the prompt plus exactly 4 rows; the 4
+    """begin(max_decode_steps=4): after prefill every layer's buffers hold the prompt plus exactly 4 rows; the 4
     decode steps write in place (same storage) up to the last row, and a 5th step past the reservation
     grows the buffers; every step's logits equal the dense reference's (`full_reference`, a cache grown row by
     row, which test_full_cache_matches_uncached_forward checks against the cache-free forward)."""
@@ -1260,7 +1260,7 @@ def test_buffers_are_sized_once_and_decode_fills_them_to_the_last_row(name):
     ids, pixel_values = prompt(name)
     _, reference, fed = full_reference(name)
     cache = KVCache()
-    cache.begin(m.config.text.num_hidden_layers, *image_segments(ids, m.config.image_token_id), decode_steps=4)
+    cache.begin(m.config.text.num_hidden_layers, *image_segments(ids, m.config.image_token_id), max_decode_steps=4)
     n_prompt, layers = ids.shape[1], range(m.config.text.num_hidden_layers)
     with torch.inference_mode():
         m(ids, pixel_values, cache=cache)
@@ -1282,10 +1282,10 @@ def test_keep_reorder_and_append_against_a_list_of_rows(device):
     `compact`), appends after it, and swaps of row pairs; rows outside the region never change."""
     g = torch.Generator().manual_seed(0)
     cache = KVCache()
-    cache.begin(1, 2, 4, decode_steps=3)
+    cache.begin(1, 2, 4, max_decode_steps=3)
     k, v = torch.randn(1, 2, 10, 4, generator=g).to(device), torch.randn(1, 2, 10, 4, generator=g).to(device)
     cache.append(0, k, v, torch.arange(10, device=device))
-    cache.reserve(0, 10 + cache.decode_steps)  # as `attend` sizes a layer after its prefill
+    cache.reserve(0, 10 + cache.max_decode_steps)  # as `attend` sizes a layer after its prefill
     cache.advance(10)
     rows = [[*range(10)], [*range(10)]]  # per head, the original row each cached row holds
 
@@ -1667,8 +1667,8 @@ class SkipsABlock(KVCache):
 
     name = "skips_a_block"
 
-    def begin(self, n_layers, n_sys, n_img, decode_steps=0):
-        super().begin(n_layers, n_sys, n_img, decode_steps)
+    def begin(self, n_layers, n_sys, n_img, max_decode_steps=0):
+        super().begin(n_layers, n_sys, n_img, max_decode_steps)
         self.seen = []
 
     def rows_to_attend(self, layer):

@@ -727,7 +727,7 @@ def test_each_layer_frees_what_it_evicts_before_the_next_layer_runs(loaded, name
     kept = [rows for _, rows in held_after_layer]
     assert len(kept) == cache.n_layers and min(kept) < ids.shape[1]           # the policy evicted at the prefill
     for layer, (buffer_bytes, _) in enumerate(held_after_layer):
-        assert buffer_bytes == sum(rows + cache.decode_steps for rows in kept[:layer + 1]) * row_bytes
+        assert buffer_bytes == sum(rows + cache.max_decode_steps for rows in kept[:layer + 1]) * row_bytes
 
 
 def test_stats_single_token_has_no_decode_rate(loaded):

@@ -103,10 +103,16 @@ def test_bad_settings_are_refused():
     for threshold in (-1, 255, math.nan):
         with pytest.raises(UserError, match="the selection threshold must be from 0 to below 255"):
             hires.threshold_blocks(torch.rand(1, 3, 3), threshold)
-    for count in (10, -1, 2.5, True):
+    # A bool is not a count, in a tensor neither (topk took torch.tensor(True) as 1, scatter_ then failed
+    # inside PyTorch).
+    for count in (10, -1, 2.5, True, torch.tensor(True), "3"):
         with pytest.raises(UserError, match="from 0 to 9"):
             hires.top_blocks(torch.rand(1, 3, 3), count)
     assert int(hires.top_blocks(torch.rand(1, 3, 3), np.int64(4)).sum()) == 4   # numpy's integers are integers
+    # numpy's numbers are numbers as thresholds too: float32(40) was refused as "must be from 0 to below 255".
+    scores = torch.tensor([[[0.0, 0.1, 0.2], [0.3, 0.4, 0.5], [0.6, 0.7, 1.0]]])    # 255 x scores: 0, 25.5, ...
+    for threshold in (np.float32(40), np.int64(40), 40):
+        assert hires.threshold_blocks(scores, threshold).sum() == 7                     # 51 .. 255 above 40
 
 
 def test_the_picture_frames_the_selected_blocks():

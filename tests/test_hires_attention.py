@@ -96,12 +96,12 @@ def test_cached_generation_equals_the_forward_over_the_whole_sequence():
     model = tiny_model()
     ids, pixels, hires_pixels = inputs()
     cache = make_cache("full")
-    cache.begin(3, 3, 16, decode_steps=4)
+    cache.begin(3, 3, 16, max_decode_steps=4)
     with torch.no_grad():
         logits = model(ids, pixels, cache=cache, hires_view=model.hires_view(ids, hires_pixels))[:, -1]
         sequence = ids
         for step in range(4):
-            whole = model(sequence, pixels, hires_view=model.hires_view(sequence, hires_pixels, first_row=ids.shape[1] - 1))[:, -1]
+            whole = model(sequence, pixels, hires_view=model.hires_view(sequence, hires_pixels, first_served=ids.shape[1] - 1))[:, -1]
             torch.testing.assert_close(logits, whole, atol=1e-5, rtol=0)
             token = logits.argmax(-1, keepdim=True)                                          # (1, 1)
             sequence = torch.cat([sequence, token], 1)
@@ -166,7 +166,7 @@ def cached_logits(model, policy, params, steps=4):
     """(steps + 1, vocab): the prefill's and each greedy decode step's logits under a policy, with the view."""
     ids, pixels, hires_pixels = inputs()
     cache = make_cache(policy, **params)
-    cache.begin(3, 3, 16, decode_steps=steps)
+    cache.begin(3, 3, 16, max_decode_steps=steps)
     with torch.no_grad():
         logits = [model(ids, pixels, cache=cache, hires_view=model.hires_view(ids, hires_pixels))[0, -1]]
         for _ in range(steps):
@@ -214,7 +214,7 @@ def test_under_avl_a_decode_step_chooses_among_the_image_tokens_it_computed():
 @pytest.mark.parametrize("policy,params", [("fastv", dict(filter_layer=2, R=0.5)),
                                            ("avl", dict(filter_layer=2, P=0.5))])
 def test_rows_a_filter_drops_between_choosing_and_reading_take_their_choices_with_them(monkeypatch, policy, params):
-    """Served from inside the image (first_row 10: image rows 10-18 and the text), with a prefill filter after
+    """Served from inside the image (first_served 10: image rows 10-18 and the text), with a prefill filter after
     the choosing layer (filter_layer = first_layer = 2): the reading layer serves fewer rows than the choosing
     one (a shape error before), and each row left reads the choice made at its own position."""
     model = tiny_model(first_layer=2, blocks=4)
@@ -234,9 +234,9 @@ def test_rows_a_filter_drops_between_choosing_and_reading_take_their_choices_wit
     monkeypatch.setattr(HiresView, "serve", recording_serve)
     monkeypatch.setattr(HiresView, "merge", recording_merge)
     cache = make_cache(policy, **params)
-    cache.begin(3, 3, 16, decode_steps=1)
+    cache.begin(3, 3, 16, max_decode_steps=1)
     with torch.no_grad():
-        model(ids, pixels, cache=cache, hires_view=model.hires_view(ids, hires_pixels, first_row=10))
+        model(ids, pixels, cache=cache, hires_view=model.hires_view(ids, hires_pixels, first_served=10))
     chose_at, choices = made[1]
     assert chose_at == list(range(10, ids.shape[1]))
     kept = set(cache.pos[2][0, 0].tolist())       # the rows layer 2 holds: the filter's survivors
@@ -285,7 +285,7 @@ def test_under_h2o_each_head_places_its_attention_by_its_own_rows(seed, heavy, r
     model = tiny_model(blocks=4, seed=seed)
     ids, pixels, hires_pixels = inputs(seed + 1)
     cache = make_cache("h2o", heavy=heavy, recent=recent)
-    cache.begin(3, 3, 16, decode_steps=2)
+    cache.begin(3, 3, 16, max_decode_steps=2)
     queries, attend = {}, cache.attend
 
     def recording_attend(layer, q, k, v, pos):
@@ -370,7 +370,7 @@ def test_a_hires_folder_saves_loads_and_generates(tmp_path):
     with torch.no_grad():
         for token in tokens:
             logits = loaded(sequence, inputs["pixel_values"],
-                            hires_view=loaded.hires_view(sequence, inputs["hires_pixel_values"], first_row=prompt - 1))[0, -1]
+                            hires_view=loaded.hires_view(sequence, inputs["hires_pixel_values"], first_served=prompt - 1))[0, -1]
             assert int(logits.argmax()) == token
             sequence = torch.cat([sequence, torch.tensor([[token]])], 1)
 

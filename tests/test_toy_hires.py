@@ -153,7 +153,7 @@ def test_the_projections_start_as_copies_and_blended_out_the_model_is_the_plain_
             assert torch.equal(attn.v_proj_hd.weight, attn.v_proj.weight)
     ids, pixels = batch["input_ids"], batch["pixel_values"]
     with torch.no_grad():
-        off = flex(ids, pixels, hires_view=flex.hires_view(ids, batch["hires_pixel_values"], alpha=0.0, first_row=0))
+        off = flex(ids, pixels, hires_view=flex.hires_view(ids, batch["hires_pixel_values"], alpha=0.0, first_served=0))
         assert torch.equal(off, model(ids, pixels))
 
 

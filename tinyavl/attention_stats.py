@@ -23,8 +23,8 @@ from tinyavl.generate import generate
 class AttentionRecorder(KVCache):
     """The dense cache, also keeping every forward pass's last-row attention, head mean, per layer."""
 
-    def begin(self, n_layers, n_sys, n_img, decode_steps=0):
-        super().begin(n_layers, n_sys, n_img, decode_steps)
+    def begin(self, n_layers, n_sys, n_img, max_decode_steps=0):
+        super().begin(n_layers, n_sys, n_img, max_decode_steps)
         self.rows = []  # per forward pass, per layer: (n,) fp32 on the CPU
 
     def update(self, layer, q, last_row):

@@ -549,8 +549,7 @@ def paper_memory(images=PAPER_MEMORY_IMAGES) -> list[dict]:
         pixel_values, input_ids = image_block(model, n_img), prompt_ids(tiny, n_img)
         _, stats = generate(model, input_ids, pixel_values, max_new_tokens=PAPER_MEMORY["new_tokens"],
                             eos_token_id=(), policy="avl", **PAPER_MEMORY["params"])
-        tiny_token_bytes = tiny.text.num_hidden_layers * kv_row_bytes(tiny.text, torch.float32)
-        dense_tokens = stats.kv_cache_bytes_dense / tiny_token_bytes
+        dense_tokens = stats.cached_tokens  # every token the dense cache would hold at the end
         ratio = stats.kv_cache_bytes_peak / stats.kv_cache_bytes_dense
         rows.append({"image_hw": list(image_hw), "image_tokens": n_img, "prompt_tokens": input_ids.shape[1],
                      "dense_MiB": dense_tokens * mib_per_token, "avl_MiB": dense_tokens * mib_per_token * ratio,

@@ -49,7 +49,7 @@ from fractions import Fraction
 
 import torch
 
-from tinyavl.errors import UserError
+from tinyavl.errors import UserError, is_real, is_whole
 from tinyavl.model import attention, rows_logits
 
 MODALITIES = ("sys", "image", "text")  # a prompt's segments, in order
@@ -228,16 +228,6 @@ def heavy_plus_recent(scores, pos, n_heavy: int, n_recent: int, length: int):
 # too, checked by the same Param.check.)
 # ---------------------------------------------------------------------------------------------------
 
-def is_whole(x) -> bool:
-    """An integer (a Python or numpy one), not a bool: True is not the count 1 here."""
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
-def is_real(x) -> bool:
-    """A real number (a Python or numpy one), not a bool."""
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
 @dataclass(frozen=True)
 class Param:
     """One parameter (of a policy, of generation, or a seed): its name (the flag --name), default (whose type
@@ -373,10 +363,10 @@ class KVCache:
         """The policy's parameters, for reports."""
         return {p.name: getattr(self, p.name) for p in self.PARAMS if p.reported}
 
-    def begin(self, n_layers: int, n_sys: int, n_img: int, decode_steps: int = 0):
+    def begin(self, n_layers: int, n_sys: int, n_img: int, max_decode_steps: int = 0):
         """Reset for a new sequence whose prompt is [sys (n_sys) | image (n_img) | text], to be followed
-        by up to decode_steps decode steps, a row each (the room a layer's buffers reserve after its prefill)."""
-        self.n_layers, self.n_sys, self.n_img, self.decode_steps = n_layers, n_sys, n_img, decode_steps
+        by up to max_decode_steps decode steps, a row each (the room a layer's buffers reserve after its prefill)."""
+        self.n_layers, self.n_sys, self.n_img, self.max_decode_steps = n_layers, n_sys, n_img, max_decode_steps
         # Per layer: buffers (B, Hkv, capacity, hs) for keys after RoPE and values, (B, Hkv, capacity)
         # for the logical position of each row; the first n rows are the cache, k/v/pos views of them.
         self.k_buffer, self.v_buffer, self.pos_buffer = [None] * n_layers, [None] * n_layers, [None] * n_layers
@@ -419,7 +409,7 @@ class KVCache:
             # Sized now, not once every layer is done: the prompt's own tensors, this layer's buffers until
             # here, hold the rows the policy just evicted, and all the layers' together would hold as much as
             # the dense cache at the end of the prefill. So at most one layer holds its whole prompt at once.
-            self.reserve(layer, self.k[layer].shape[2] + self.decode_steps)
+            self.reserve(layer, self.k[layer].shape[2] + self.max_decode_steps)
         return out
 
     def attended_keys(self, layer: int, rows):
@@ -783,8 +773,8 @@ class AVLCache(KVCache):
     def filters_prefill(self) -> bool:
         return self.P < 1
 
-    def begin(self, n_layers, n_sys, n_img, decode_steps=0):
-        super().begin(n_layers, n_sys, n_img, decode_steps)
+    def begin(self, n_layers, n_sys, n_img, max_decode_steps=0):
+        super().begin(n_layers, n_sys, n_img, max_decode_steps)
         self.n_secondary = floor_count(self.S, n_img)
         self.n_core = floor_count(self.C, n_img)
         self.core_end = self.n_sys + self.n_core         # every layer's first row past the core after prefill
@@ -967,8 +957,8 @@ class H2OCache(KVCache):
     PARAMS = (rate("heavy", 0.125, "heavy-hitter fraction of the sequence so far"), recent_window(0.375))
     FULL_BUDGET = dict(recent=1)  # floor(recent L) = L: the window is the whole sequence
 
-    def begin(self, n_layers, n_sys, n_img, decode_steps=0):
-        super().begin(n_layers, n_sys, n_img, decode_steps)
+    def begin(self, n_layers, n_sys, n_img, max_decode_steps=0):
+        super().begin(n_layers, n_sys, n_img, max_decode_steps)
         self.scores = [None] * n_layers  # per layer (B, Hkv, rows): attention each cached token received
 
     def update(self, layer, q, last_row):
@@ -1052,8 +1042,8 @@ class RandomCache(KVCache):
         super().__init__(**params)
         self.generator = torch.Generator().manual_seed(self.random_seed)
 
-    def begin(self, n_layers, n_sys, n_img, decode_steps=0):
-        super().begin(n_layers, n_sys, n_img, decode_steps)
+    def begin(self, n_layers, n_sys, n_img, max_decode_steps=0):
+        super().begin(n_layers, n_sys, n_img, max_decode_steps)
         drawn = torch.randperm(n_img, generator=self.generator)[:floor_count(self.S, n_img)]  # image indices
         self.kept_image = drawn.sort().values                # the kept image tokens (indices), ascending
 

@@ -206,13 +206,13 @@ def write_file_atomically(path, write, replace: bool = False) -> None:
 
 
 @contextmanager
-def naming(path: Path, partial: Path | None = None):
+def naming(path: Path, partial: Path):
     """An OSError that names no file (a full disk, met by a library writing a file), or names the write's
     temporary `partial`, names `path`: the output the user asked for, in the one line the commands print."""
     try:
         yield
     except OSError as err:
-        if err.filename is None or (partial is not None and err.filename == str(partial)):
+        if err.filename in (None, str(partial)):
             err.filename = str(path)
         raise
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tinyavl.cache import MODALITIES, SEED_PARAM, KVCache, Param, is_whole, make_cache, rate
-from tinyavl.errors import UserError
+from tinyavl.cache import MODALITIES, SEED_PARAM, KVCache, Param, make_cache, rate
+from tinyavl.errors import UserError, is_whole
 from tinyavl.model import keys_first
 
 
@@ -241,7 +241,7 @@ def generation(model, input_ids, pixel_values=None, *, image_sizes=None, hires_p
     generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
 
     # The last token is chosen, never fed back: limit - 1 decode steps, a row each.
-    cache.begin(text_config.num_hidden_layers, n_sys, n_img, decode_steps=limit - 1)
+    cache.begin(text_config.num_hidden_layers, n_sys, n_img, max_decode_steps=limit - 1)
 
     def on_device(pixels):  # the image's tensors, if any, where the model is
         return None if pixels is None else pixels.to(device)

@@ -34,12 +34,11 @@ grid rows (or columns) that a non-square image's padding fills, before step 1. t
 images are square, and llava-hf's LLaVA-1.5 processor crops rather than pads. On an image padded to a
 square (do_pad) the padded border can then be chosen, where the authors' code would never choose it.
 """
-import operator
 
 import torch
 import torch.nn.functional as F
 
-from tinyavl.errors import UserError
+from tinyavl.errors import UserError, is_real, is_whole
 
 THRESHOLD = 48  # of 255: the selection threshold of the authors' training script
 BLOCKS = 9      # blocks per side: LLaVA-1.5's 24 x 24 tokens pooled to 9 x 9 (8 x 8 high-resolution tokens each)
@@ -83,8 +82,8 @@ THRESHOLD_RANGE = "from 0 to below 255 (the 0-255 scale of the normalised attent
 
 def is_threshold(threshold) -> bool:
     """A threshold selects some blocks only on the normalised attention's 0-255 scale: 0 <= threshold < 255
-    (a number; true is not 1 here)."""
-    return isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and 0 <= threshold < 255
+    (a Python or numpy number; true is not 1 here)."""
+    return is_real(threshold) and 0 <= threshold < 255
 
 
 def check_threshold(threshold: float, label: str = "the selection threshold") -> None:
@@ -96,11 +95,7 @@ def check_threshold(threshold: float, label: str = "the selection threshold") ->
 def check_block_count(count, blocks: int) -> None:
     """A fixed number of blocks to read (`top_blocks`), of blocks x blocks, is an integer (Python's or
     numpy's) from 0 to blocks^2."""
-    try:
-        within = not isinstance(count, bool) and 0 <= operator.index(count) <= blocks * blocks
-    except TypeError:  # 2.5, "3": not an integer
-        within = False
-    if not within:
+    if not (is_whole(count) and 0 <= count <= blocks * blocks):
         raise UserError(f"the number of high-resolution blocks to read must be an integer from 0 to "
                         f"{blocks * blocks} ({blocks} x {blocks} blocks), got {count!r}")
 

@@ -414,13 +414,13 @@ def load_weights(model: LlavaForConditionalGeneration, stored: list[StoredTensor
         # One mapping per tensor: pages of a file that stays mapped count towards the process's memory
         # until it is closed, so holding a whole 5 GB shard open would add 5 GB to the peak.
         with open_safetensors(path) as f:
-            stored = f.get_tensor(key)
-            state[name] = stored.to(device=device, dtype=dtype)
+            tensor = f.get_tensor(key)
+            state[name] = tensor.to(device=device, dtype=dtype)
         # One NaN or inf, even in a norm weight, makes every logit NaN: the answer would be <unk> repeated.
         # Checked after the conversion, so a value the run dtype cannot hold (fp32 -> fp16) is caught too.
         if not all_finite(state[name]):
-            if all_finite(stored):
-                if all_finite(stored.float()):  # within float32's range, not the run dtype's
+            if all_finite(tensor):
+                if all_finite(tensor.float()):  # within float32's range, not the run dtype's
                     wider = "bfloat16 or float32" if dtype == torch.float16 else "float32"
                     raise UserError(f"tensor {key} overflows {str(dtype).removeprefix('torch.')}: load the model "
                                     f"in {wider} (--dtype)")

@@ -660,7 +660,7 @@ class HiresView:
 
     features (B, N_hd, C): the projector's features of the square high-resolution map, in reading order;
     cos, sin (N_hd, hs): their RoPE tables at hires.hires_positions; image_start: the position of the
-    first low-resolution image token; lowres_side: the low-resolution image tokens a side; first_row: the
+    first low-resolution image token; lowres_side: the low-resolution image tokens a side; first_served: the
     position of the first row served, in generation the prompt's last token (the current token of the
     first step; every later token is the current token of its own step), in training the first after the
     image. In layer config.first_layer - 1, a served row's attention over the low-resolution image keys
@@ -678,7 +678,7 @@ class HiresView:
     sin: torch.Tensor
     image_start: int
     lowres_side: int
-    first_row: int
+    first_served: int
     alpha: float = 1.0                  # the blend of the hierarchical output: 0 = the plain model
     top: int | None = None              # choose this many best-scored blocks, not the threshold's (blocks^2: all)
     tokens_read: int = 0                # high-resolution keys read, summed over the batch, served rows, layers
@@ -699,7 +699,7 @@ class HiresView:
         logical positions q_positions (T,); keys (B, Hkv, n, hs) at key_positions (B, Hkv, n), each head's
         own (a KV policy may keep different rows in each head); visible (B, n) bool, the cache-free
         forward's attention_mask (None: every key)."""
-        rows = (q_positions >= self.first_row).nonzero().flatten()                     # (R,) served rows of q
+        rows = (q_positions >= self.first_served).nonzero().flatten()                  # (R,) served rows of q
         if len(rows) == 0:
             return y
         served_positions = q_positions[rows]                                            # (R,)
@@ -710,8 +710,8 @@ class HiresView:
         if visible is not None:  # keys hidden from every query (the toy's image-token dropout) choose nothing
             logits = logits.masked_fill(~visible[:, None, None, :], float("-inf"))
         # Layer first_layer - 1 only chooses (it has no _hd projections): a choice set when it runs is the
-        # previous pass's.
-        if attn.layer_idx >= self.config.first_layer and self.chosen is not None:
+        # previous pass's. Every later layer reads the one its layer before set in this pass.
+        if attn.layer_idx >= self.config.first_layer:
             if len(self.chosen_positions) != len(served_positions):
                 # A KV policy's filter (FastV, A-VL's P) dropped served rows since the layer that chose: the
                 # rows left keep their positions, and each reads the choice made at its own.
@@ -878,13 +878,13 @@ class LlavaForConditionalGeneration(nn.Module):
         # masked_scatter fills the image positions in row-major order, sample 0's first: the order of `features`.
         return x.masked_scatter(is_image[..., None], features.to(x.dtype))
 
-    def hires_view(self, input_ids, hires_pixel_values, alpha: float = 1.0, first_row: int | None = None,
+    def hires_view(self, input_ids, hires_pixel_values, alpha: float = 1.0, first_served: int | None = None,
                    top: int | None = None) -> HiresView:
         """FlexAttention's view of a prompt's image: hires_pixel_values (B, 3, scale size, scale size), cut
         into scale x scale crops of the tower's size (size: vision.image_size), each through the tower and
         projector, stitched into one map of (scale side)^2 features, with RoPE at positions interpolated
         from the low-resolution grid.
-        first_row: the first position it serves (default the last of input_ids: the current token); alpha:
+        first_served: the first position it serves (default the last of input_ids: the current token); alpha:
         the blend of the hierarchical output (0: the plain model; FlexAttention's training ramps it up); top:
         a fixed number of blocks instead of the threshold's (blocks^2: the whole high-resolution map)."""
         if self.config.hires is None:
@@ -914,8 +914,8 @@ class LlavaForConditionalGeneration(nn.Module):
         lowres_side = self.config.vision.patches_per_side
         positions = hires.hires_positions(image_start, lowres_side, h.scale).to(hires_pixel_values.device)  # (N_hd,)
         cos, sin = rope_cos_sin(positions, self.config.text, features.dtype)   # (N_hd, hs)
-        first_row = input_ids.shape[1] - 1 if first_row is None else first_row
-        return HiresView(h, hires_map, cos, sin, image_start, lowres_side, first_row, alpha, top)
+        first_served = input_ids.shape[1] - 1 if first_served is None else first_served
+        return HiresView(h, hires_map, cos, sin, image_start, lowres_side, first_served, alpha, top)
 
     def forward(self, input_ids, pixel_values=None, cache=None, last_only=False, attention_mask=None,
                 image_sizes=None, hires_view: HiresView | None = None):
