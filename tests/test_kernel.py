@@ -12,6 +12,7 @@ implementation returning that dtype can do) and 8 fp32 ulps (the kernel's own fp
 matters for fp32 inputs). A failure prints max and mean errors of both.
 """
 import importlib.util
+import math
 import sys
 import types
 
@@ -129,6 +130,22 @@ def test_benchmark_correctness_check_skips_what_the_device_cannot_run(kernel, mo
     assert lines[3] == "H= 8 Hkv= 2 D=128  float32: skipped, no bf16 here" and len(lines) == 4
 
 
+def test_a_failed_correctness_check_stops_the_benchmark(monkeypatch):
+    """A kernel the check fails is not timed: the benchmark ends with a non-zero exit."""
+    failed = dict(dtype="float32", kernel_max=1.0, kernel_mean=1.0, torch_max=0.0, torch_mean=0.0, floor=0.0,
+                  allowed=0.0, passed=False)
+    monkeypatch.setattr(bench, "error_report", lambda *args, **kwargs: failed)
+    with pytest.raises(SystemExit, match="correctness check failed"):
+        bench.correctness_check(DEVICE, torch.float32, small=True)
+
+
+def test_each_sample_of_a_benchmark_case_has_its_own_core():
+    """A batch's samples list different core rows (drawn apart), as different prompts' cores would be."""
+    _, _, _, index, start = bench.make_avl_decode_inputs(2, 2, 1, 16, 3, 200, 5, 0.3, torch.float32, DEVICE)
+    assert index.shape == (2, 3 + 60) and start == 203
+    assert not torch.equal(index[0].sort().values, index[1].sort().values)
+
+
 def fresh_kernel_module(name):
     """Execute kernels/sparse_attention.py again as a new module, under whatever the test monkeypatched."""
     spec = importlib.util.spec_from_file_location(name, sa.__file__)
@@ -140,7 +157,8 @@ def fresh_kernel_module(name):
 def test_peak_bandwidth_is_looked_up_by_whole_words():
     names = {"NVIDIA H100 80GB HBM3": 3350, "NVIDIA H100 NVL": 3900, "NVIDIA A100-SXM4-80GB": 2039,
              "NVIDIA A100-SXM4-40GB": 1555, "NVIDIA L4": 300, "NVIDIA L40": 864, "NVIDIA L40S": 864,
-             "NVIDIA GH200 480GB": None, "NVIDIA GeForce RTX 4090": 1008, "NVIDIA GeForce RTX 4090 D": 1008}
+             "NVIDIA GH200 480GB": None, "NVIDIA GeForce RTX 4090": 1008, "NVIDIA GeForce RTX 4090 D": 1008,
+             "NVIDIA RTX A1000 6GB Laptop GPU": None}                        # "A100" inside a longer model number
     assert {name: bench.peak_bandwidth_gbps(name) for name in names} == names
 
 
@@ -307,6 +325,34 @@ def test_a_head_whose_every_key_scores_minus_inf(kernel, num_splits):
     assert torch.equal(lse, torch.full_like(lse, float("-inf")))
 
 
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_scores_far_apart_in_different_blocks(kernel, num_splits):
+    """The first block's rows score 100 and the next block's 0: a running max not carried from block to block
+    would take exp(100) (in base 2: past 2^128, fp32's range) into the sums and return NaN. Truth by hand:
+    the mean of the first block's V rows, the rest weighted e^-100 each."""
+    head_dim, cache_len = 16, 130
+    q = torch.zeros(1, 1, head_dim)
+    q[0, 0, 0] = 1.0
+    k = torch.zeros(1, 1, cache_len, head_dim)
+    k[0, 0, :64, 0] = 100.0                                                             # scores 100 with scale 1
+    v = torch.randn(1, 1, cache_len, head_dim, generator=torch.Generator().manual_seed(0))
+    out = kernel(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), torch.zeros(1, 0, dtype=torch.long, device=DEVICE), 0,
+                 1.0, num_splits=num_splits)
+    weights = torch.cat([torch.ones(64, dtype=torch.float64),
+                         torch.full((cache_len - 64,), math.exp(-100), dtype=torch.float64)])
+    truth = (weights[:, None] * v[0, 0].double()).sum(0) / weights.sum()
+    torch.testing.assert_close(out[0, 0].cpu().double(), truth, rtol=1e-5, atol=1e-6)
+
+
+def test_scale_zero_is_the_mean_of_the_selected_rows(kernel):
+    """A scale of 0 is a scale (every score 0, every selected row weighted the same), not "no scale given"."""
+    q, k, v, index, start = random_case(1, 2, 1, 16, 9, 6, 3, torch.float32)
+    out = kernel(q, k, v, index, start, 0.0)
+    rows = torch.cat([index[0], torch.arange(start, 9, device=index.device)])
+    mean = v[0, 0, rows].double().mean(0)                                               # [D], for both heads
+    torch.testing.assert_close(out[0].double(), mean.expand(2, -1), rtol=1e-6, atol=1e-6)
+
+
 def test_kernel_lse_normalises_the_rows_a_policy_rescores(kernel):
     """The kernel hands a policy only the log-sum-exp (`LastRow` without logits); the probabilities the
     policy then recomputes from q and K must sum to 1 over the row, in bf16 too, with logits above 10
@@ -361,6 +407,13 @@ def test_strided_inputs_are_read_in_place(kernel):
 
 # --- the launcher rejects bad input ---------------------------------------------------------------------
 
+def row_of_sample_1(index, row):
+    """index with sample 1's second listed row replaced by `row`."""
+    changed = index.clone()
+    changed[1, 1] = row
+    return changed
+
+
 def _bad_inputs():
     q, k, v, index, start = random_case(2, 4, 2, 64, 10, 6, 3, torch.float16)
     k_strided_last_dim = k.transpose(2, 3).contiguous().transpose(2, 3)                 # same shape, stride(-1) = N
@@ -396,6 +449,13 @@ def _bad_inputs():
         "scale numpy's bool": ((q, k, v, index, start, np.True_), "scale must be a number"),
         "scale a tensor of one row": ((q, k, v, index, start, torch.tensor([0.5])), "scale must be a number"),
         "no sample": ((q[:0], k[:0], v[:0], index[:0], start), "a sample and a head"),
+        "no KV head": ((q, k[:, :0], v[:, :0], index, start), "a sample and a head"),
+        "index of one dimension": ((q, k, v, index[:, 0], start), "index must be"),
+        "index on another device": ((q, k, v, index.to("meta"), start), "one device"),
+        # Each sample's rows are checked, not the first's alone.
+        "negative row in sample 1 only": ((q, k, v, row_of_sample_1(index, -1), start), r"\[0, start=6\)"),
+        "row past start in sample 1 only": ((q, k, v, row_of_sample_1(index, 6), start), r"\[0, start=6\)"),
+        "scale Python's bool": ((q, k, v, index, start, True), "scale must be a number"),
         "index a list": ((q, k, v, index.tolist(), start), "must be torch tensors"),
     }
     return cases
@@ -433,12 +493,14 @@ def test_splits_are_capped_at_max_splits(kernel, monkeypatch, launched_splits):
     torch.testing.assert_close(out, sa.sparse_decode_attention_reference(q, k, v, index, start), atol=1e-5, rtol=1e-5)
 
 
-def test_no_split_is_launched_empty(kernel, launched_splits):
+@pytest.mark.parametrize("cache_len,start,n_idx,asked,launched", [(110, 70, 30, 8, 2), (300, 0, 0, 4, 3)])
+def test_no_split_is_launched_empty(kernel, launched_splits, cache_len, start, n_idx, asked, launched):
     """8 splits asked of a 70-row list, 2 blocks of 64: 2 splits run, each over a block, not 6 more over
-    nothing (whose output the merge would weigh 0: the result alone cannot tell)."""
-    q, k, v, index, start = random_case(1, 2, 1, 64, 110, 70, 30, torch.float32)   # 30 listed + rows 70..109
-    out = kernel(q, k, v, index, start, num_splits=8)
-    assert launched_splits == [2]
+    nothing (whose output the merge would weigh 0: the result alone cannot tell). 4 asked of 300 rows, 5
+    blocks: a split takes ceil(5 / 4) = 2 blocks, so 3 splits cover them, not 4 with the last empty."""
+    q, k, v, index, start = random_case(1, 2, 1, 64, cache_len, start, n_idx, torch.float32)
+    out = kernel(q, k, v, index, start, num_splits=asked)
+    assert launched_splits == [launched]
     torch.testing.assert_close(out, sa.sparse_decode_attention_reference(q, k, v, index, start), atol=1e-5, rtol=1e-5)
 
 
@@ -572,20 +634,18 @@ def test_a_benchmark_case_waits_for_its_inputs_before_timing(monkeypatch):
 
 
 def test_a_benchmark_row_holds_its_times_ratios_and_bandwidth(monkeypatch):
-    """A row from known timings (kernel 0.5 ms, gather 1.5, dense 2.0): the times in us, the speed-ups 3x and
-    4x, and the kernel's bytes (`kernel_bytes`, checked by hand above) over 0.5 ms, as GB/s and as a share of
-    a 100 GB/s peak."""
-    made, make_inputs = [], bench.make_avl_decode_inputs
-    monkeypatch.setattr(bench, "make_avl_decode_inputs", lambda *args: made.append(make_inputs(*args)) or made[-1])
+    """A row from known timings (kernel 0.5 us, gather 1.5, dense 2.0; the timer's unit is the ms): the times
+    in us, the speed-ups 3x and 4x, and the kernel's bytes over 0.5 us as GB/s and as a share of a 20 GB/s
+    peak. The bytes by hand (1 sample; H 4, Hkv 2, D 16; 3 sys tokens, 40 image, 5 text; a core of
+    int(0.3 x 40) = 12): 15 listed rows and 5 after start, 20 rows of K and V in fp32 for 2 KV heads,
+    2 x 2 x 20 x 16 x 4 = 5120 bytes, the int64 list 15 x 8 = 120, q and the output 2 x 4 x 16 x 4 = 512:
+    5752 bytes in 0.5 us, 11.5 GB/s, 57.5% of 20."""
     monkeypatch.setattr(bench, "synchronize", lambda: None)
-    timings = iter([0.5, 1.5, 2.0])
+    timings = iter([0.5e-3, 1.5e-3, 2.0e-3])
     row = bench.benchmark_case(1, 40, 0.3, (4, 2, 16, 3, 5), torch.float32, DEVICE, lambda fn: next(timings),
-                               peak_gbps=100.0)
-    q, k, _, index, start = made[0]
-    gbps = bench.kernel_bytes(q, k, index, start) / 0.5e-3 / 1e9
-    n_sel = index.shape[1] + k.shape[2] - start
-    assert row.split() == ["1", "40", "0.3", str(n_sel), "|", "500.0", "1500.0", "2000.0", "|", "3.00x", "4.00x",
-                           "|", f"{gbps:.1f}", f"{gbps:.1f}"]  # 100 GB/s: the share in percent is the rate
+                               peak_gbps=20.0)
+    assert row.split() == ["1", "40", "0.3", "20", "|", "0.5", "1.5", "2.0", "|", "3.00x", "4.00x",
+                           "|", "11.5", "57.5"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -638,6 +698,23 @@ print(half["split"]["tensor_cores"], half["split"]["tf32"], single["split"]["ten
       products(as_tf32)["tf32"], min(half["split"]["cubin_bytes"], half["merge"]["cubin_bytes"],
                                      single["split"]["cubin_bytes"], single["merge"]["cubin_bytes"]) > 0)
 """
+
+
+def test_tensor_core_products_are_read_from_instructions_alone():
+    """`products` reads a PTX line that starts with an mma or wgmma instruction (sm_90's warp-group products,
+    which the compile check below does not happen to produce), never "mma" elsewhere in the text, such as a
+    source path in a .file line."""
+    from kernels.compile_offline import products
+
+    def compiled(ptx):
+        return types.SimpleNamespace(asm={"ptx": ptx})
+
+    assert products(compiled('\t.file\t1 "/home/u/gemma.runs/kernels/sparse_attention.py"\n')) == \
+        {"tensor_cores": False, "tf32": False}
+    assert products(compiled("\twgmma.mma_async.sync.aligned.m64n16k16.f32.f16.f16 {%r1}, %rd1, %rd2;\n")) == \
+        {"tensor_cores": True, "tf32": False}
+    assert products(compiled("\tmma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%f1}, {%r1}, {%r2}, {%f2};\n")) == \
+        {"tensor_cores": True, "tf32": True}
 
 
 def test_the_kernels_compile_for_a_gpu_without_one():
