@@ -34,7 +34,6 @@ grid rows (or columns) that a non-square image's padding fills, before step 1. t
 images are square, and llava-hf's LLaVA-1.5 processor crops rather than pads. On an image padded to a
 square (do_pad) the padded border can then be chosen, where the authors' code would never choose it.
 """
-
 import torch
 import torch.nn.functional as F
 
