@@ -8,6 +8,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import tinyavl
+from tinyavl import attention_map, hires
 from tinyavl.attention_map import (COMPUTED, EVICTED, FRAME, HEADER, HEAT, PANEL, SCALE_BAR, STORED, drawable,
                                     draw_attention_map, fitted, image_heat, image_roles, map_layer, seen_image,
                                     token_pictures)
@@ -285,3 +286,80 @@ def test_the_bitmap_font_draws_latin_1_and_nothing_past_it():
     bitmap = ImageFont.load_default_imagefont()
     assert drawable("ÿĀ", bitmap) == "ÿA"
     ImageDraw.Draw(Image.new("RGB", (40, 20))).text((0, 0), drawable("ÿĀ", bitmap), font=bitmap)   # no raise
+
+
+def test_a_tiled_map_padded_above_and_below_is_cropped_to_its_rows(tiny_ckpt):
+    """A 100 x 20 image on the tiny LLaVA-1.6's 28 px tiles: a 1 x 3 canvas (28 x 84 px) and a 4 x 12 map, of
+    which int(20 x 12 / 100) = 2 rows show the image, after 1 row of padding: rows 1..2 (7..21 px), every
+    column. The picture is the tiles side by side, cropped to those pixels; the tokens are rows 1..2 of the
+    map, each row 12 tokens and a newline, after the base crop's 16."""
+    model, processor = tinyavl.load_pretrained(tiny_ckpt.folder("next_vicuna_gqa"), device="cpu")
+    image = make_image(100, 20, seed=3)
+    base, tiled = token_pictures(model, processor, processor(processor.chat_prompt("what?"), image))
+    assert tiled.grid == (2, 12) and tiled.image.size == (84, 14)
+    canvas = Image.new("RGB", (84, 28))
+    for i, tile in enumerate(processor.anyres_crops(image)[1:]):
+        canvas.paste(tile, (28 * i, 0))
+    expected = np.asarray(canvas.crop((0, 7, 84, 21)), dtype=int)
+    assert np.abs(np.asarray(tiled.image, dtype=int) - expected).max() <= 1
+    assert tiled.tokens.tolist() == [16 + 13 * row + column for row in range(2) for column in range(12)]
+
+
+def test_an_image_wider_than_the_map_has_rows_shows_its_base_crop_alone(tiny_ckpt):
+    """300 x 2 px: int(2 x 12 / 300) = 0 rows of the 4 x 12 map show the image, so there is no tiled picture."""
+    model, processor = tinyavl.load_pretrained(tiny_ckpt.folder("next_vicuna_gqa"), device="cpu")
+    pictures = token_pictures(model, processor, processor(processor.chat_prompt("what?"), make_image(300, 2, seed=3)))
+    assert [picture.label for picture in pictures] == ["base crop"]
+
+
+def test_the_header_counts_each_role(drawn_text):
+    roles = torch.tensor([EVICTED] * 3 + [STORED] * 5 + [COMPUTED] * 8)
+    draw_attention_map(Image.new("RGB", (40, 40)), roles, torch.rand(16), "t")
+    assert "computed (green) 8, stored only (yellow) 5, evicted (dark) 3" in [text for _, text, _ in drawn_text]
+
+
+def test_the_colour_scale_sits_under_a_panel_shorter_than_wide(drawn_text):
+    """A 3 x 4 grid: cells of PANEL / 4 = 96 px, a panel 288 px tall; the bar starts 4 px below it and its
+    "0" 8 px below the bar's top."""
+    picture = draw_attention_map(Image.new("RGB", (40, 30)), torch.full((12,), COMPUTED), torch.rand(12), "t",
+                                 grid=(3, 4))
+    assert picture.getpixel((PANEL + 10, HEADER + 288 + 4 + 5)) == (128, 128, 128)
+    assert [xy for xy, text, _ in drawn_text if text == "0"] == [(PANEL + 10, HEADER + 288 + 4 + 12)]
+
+
+def test_the_saved_map_is_titled_with_its_layer_policy_and_blocks(tiny_ckpt, tmp_path, monkeypatch):
+    """The title names the layer and policy; the footnote counts the blocks FlexAttention's selection takes
+    at the threshold (`hires.select_blocks` on the layer's heat, 6 x 6 blocks of the 6 x 6 grid)."""
+    model, processor = tinyavl.load_pretrained(tiny_ckpt.folder("gqa_full"), device="cpu")
+    inputs = processor(processor.chat_prompt("what is this ?"), image=make_image(50, 40, 1))
+    cache = make_cache("avl", S=0.5, C=0.25, K=2, P=1.0)
+    tinyavl.generate(model, **inputs, max_new_tokens=5, policy=cache)
+    drawn, draw = [], attention_map.draw_attention_map
+    monkeypatch.setattr(attention_map, "draw_attention_map", lambda *args: drawn.append(args) or draw(*args))
+    attention_map.save_attention_map(tmp_path / "m.png", model, processor, inputs, cache, layer=1, hires_threshold=48)
+    [args] = drawn
+    heat = attention_map.image_heat(model, inputs["input_ids"], inputs["pixel_values"], 1)[1:]   # past the CLS
+    chosen = int(hires.select_blocks(heat[None], (6, 6), 48, 6)[0].sum())
+    assert chosen != 36 - chosen                                  # a count told from its complement
+    assert args[3] == "image, layer 1, policy avl"
+    assert args[7] == f"FlexAttention's selection (blue, threshold 48): {chosen} of 36 blocks"
+
+
+def test_the_map_is_a_png_whatever_the_suffix_case_and_keeps_a_file(tiny_ckpt, tmp_path):
+    model, processor = tinyavl.load_pretrained(tiny_ckpt.folder("mha"), device="cpu")
+    inputs = processor(processor.chat_prompt("what is this ?"), image=make_image(50, 40, 1))
+    cache = make_cache("full")
+    tinyavl.generate(model, **inputs, max_new_tokens=2, policy=cache)
+    attention_map.save_attention_map(tmp_path / "m.PNG", model, processor, inputs, cache)
+    with Image.open(tmp_path / "m.PNG") as picture:
+        assert picture.format == "PNG"
+    existing = tmp_path / "mine.png"
+    existing.write_text("the user's")
+    with pytest.raises(UserError):
+        attention_map.save_attention_map(existing, model, processor, inputs, cache)
+    assert existing.read_text() == "the user's"
+
+
+def test_the_seen_image_rounds_to_the_nearest_level():
+    processor = SimpleNamespace(image_mean=torch.zeros(3, 1, 1), image_std=torch.ones(3, 1, 1))
+    assert seen_image(torch.full((3, 1, 1), 0.999), processor).getpixel((0, 0)) == (255, 255, 255)   # 254.7 -> 255

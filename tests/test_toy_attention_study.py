@@ -334,3 +334,77 @@ def test_a_model_whose_image_tokens_are_not_the_scene_patches_is_refused(tmp_pat
     assert attention_study.main(["--weights", str(folder), "--n", "1"]) == 2
     assert "as 145 image tokens: the study reads each image token as one of the scenes' 12 x 12 patches" in (
         capsys.readouterr().err)
+
+
+def test_the_recall_table_by_hand():
+    """Intervals worked by hand, where the clustering matters and where it does not: for [2, 1] of [3, 3] the
+    design effect is max(1, (1/36) / (0.25/6)) = 1, so Wilson's at n = 6, p = 0.5: 0.1876..0.8124. The title
+    counts the objects, 6."""
+    lines = attention_study.hidden_object_table({"nothing": ([2, 1], [3, 3]), "its place": ([0, 0], [3, 3]),
+                                                 "as many random tokens": ([1, 2], [3, 3])})
+    assert "| nothing hidden | 0.50 (0.19-0.81) |" in lines
+    assert "of 6," in lines[1]
+
+
+def test_a_distance_counts_where_any_answer_reaches_it(monkeypatch):
+    """A second recording cut to one decode step reaches no distance 2: distance 2 keeps the long one's
+    pairs (its value in test_study_of_a_hand_made_recording), not none."""
+    monkeypatch.setattr(attention_study, "MAX_DISTANCE", 2)
+    long, short = recording(), recording()
+    short.rows = short.rows[:2]                                             # the prefill and one decode step
+    assert study([long, short])["layers"][0]["ppci_steps"] == {1: 0.0, 2: pytest.approx(2 / 3)}
+
+
+def test_area_in_blocks_reads_rows_as_rows():
+    """Block (0, 1) of 9 x 9 covers rows [0, 1/9), columns [1/9, 2/9) of the image. Patch 1 of a 12 x 12 grid
+    (row 0, column 1) covers rows [0, 1/12), columns [1/12, 2/12): 2/3 of its width lies in the block. Patch
+    12 (row 1, column 0) lies outside."""
+    blocks = torch.zeros(9, 9, dtype=torch.bool)
+    blocks[0, 1] = True
+    assert attention_study.area_in_blocks(blocks, [1], 12) == pytest.approx(2 / 3)
+    assert attention_study.area_in_blocks(blocks, [12], 12) == 0.0
+
+
+def test_the_layer_choice_is_measured_on_the_long_answers(monkeypatch):
+    """Asked of the where and caption questions alone (LONG_ANSWER_KINDS), not of the one-word kinds."""
+    asked = []
+    monkeypatch.setattr(attention_study, "evaluate",
+                        lambda model, processor, questions, policy: asked.append([q.kind for q in questions]) or {})
+    model = SimpleNamespace(config=SimpleNamespace(text=SimpleNamespace(num_hidden_layers=1)))
+    questions = [SimpleNamespace(kind=kind) for kind in ("colour", "where", "count", "caption", "shape")]
+    attention_study.choice_by_layer(model, None, questions)
+    assert asked and all(kinds == ["where", "caption"] for kinds in asked)
+
+
+def test_nothing_hidden_counts_the_objects_the_caption_names(monkeypatch):
+    objects = [SimpleNamespace(place_patches=lambda k=k: list(range(9 * k, 9 * k + 9)), describe=lambda k=k: f"o{k}")
+               for k in range(3)]
+    question = SimpleNamespace(kind="caption", scene=SimpleNamespace(objects=objects))
+    monkeypatch.setattr(attention_study, "caption_with_hidden", lambda model, processor, q, hidden: {"o0", "o1"})
+    recall = attention_study.hidden_object_recall(SimpleNamespace(config=SimpleNamespace(num_image_tokens=144)),
+                                                  None, [question])
+    assert recall["nothing"] == ([2], [3])
+
+
+def test_the_report_has_a_column_for_every_distance_it_names():
+    result = study([recording()])
+    for layer in result["layers"]:
+        layer["ppci_steps"] = {d: 0.5 for d in range(1, 17)}
+    assert "| layer | d=1 | d=2 | d=3 | d=4 | d=8 | d=16 |" in report_markdown(result).splitlines()
+
+
+def test_the_figures_plot_the_measures_by_hand(tmp_path, monkeypatch):
+    """The hand recording's rows hold 10 image tokens of 13, 14 and 15 (the token share's line) and 36 of
+    40, 41 and 42 parts of their mass on the image; the random sets' line is at C = 0.3; the three token
+    shares are dashed; no figure replaces a file."""
+    calls = []
+    monkeypatch.setattr(attention_study, "save_line_plot",
+                        lambda path, series, **options: calls.append((series, options)))
+    attention_study.save_figures(study([recording()]), tmp_path)
+    (shares, share_options), (steps, step_options) = calls
+    tokens = (10 / 13 + 10 / 14 + 10 / 15) / 3
+    assert shares["image tokens"] == [(0, pytest.approx(tokens)), (1, pytest.approx(tokens))]
+    assert shares["image attention"][0][1] == pytest.approx((36 / 40 + 36 / 41 + 36 / 42) / 3)
+    assert set(share_options["dashed"]) == {"sys tokens", "image tokens", "text tokens"}
+    assert steps["random sets"] == [(1, 0.3), (attention_study.MAX_DISTANCE, 0.3)]
+    assert share_options["replace"] is False and step_options["replace"] is False

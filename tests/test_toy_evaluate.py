@@ -9,6 +9,7 @@ import torch
 from PIL import Image, ImageFont
 
 from tinyavl.cache import as_decimal, floor_count
+from tinyavl.errors import UserError
 from tinyavl.toy import evaluate as evaluate_module
 from tinyavl.toy.evaluate import (ABLATIONS, BUDGETS, FASTV_MAX_R, PROMPT_KINDS, SWEEP_POLICIES, Question, Tally,
                                   budget_params, budget_sweep, caption_errors, caption_objects_right,
@@ -16,7 +17,7 @@ from tinyavl.toy.evaluate import (ABLATIONS, BUDGETS, FASTV_MAX_R, PROMPT_KINDS,
                                   is_correct, markdown_table, paired_ratio, paired_ratio_interval, plot_sweep,
                                   shown_params, wilson_interval)
 from tinyavl.toy.scenes import Scene, SceneObject, SceneStream
-from tinyavl.toy.plot import HEIGHT, MARGIN, PALETTE, WIDTH, plot_font, tick_label
+from tinyavl.toy.plot import HEIGHT, MARGIN, PALETTE, WIDTH, plot_font, save_line_plot, tick_label
 
 SCENE = Scene((SceneObject("circle", "red", 1, 2, 5, (220, 40, 40)),
                SceneObject("square", "blue", 3, 4, None, (50, 90, 235))))
@@ -659,3 +660,62 @@ def test_a_special_token_inside_an_answer_makes_it_wrong(monkeypatch):
             answers[prompt] = (tokenizer.encode(q.answer, add_special_tokens=False).ids + ending, finish)
         stand_in = SimpleNamespace(config=SimpleNamespace(hires=None))           # generate is replaced
         assert evaluate_module.evaluate(stand_in, processor, questions, "full")["accuracy"] == float(right), ending
+
+
+# The plot's frame, in pixels.
+LEFT, TOP, RIGHT, BOTTOM = MARGIN["left"], MARGIN["top"], WIDTH - MARGIN["right"], HEIGHT - MARGIN["bottom"]
+
+
+def pixel(x, y, x_range, y_range):
+    """Where a data point lands in the frame, worked out apart from plot.py."""
+    (x0, x1), (y0, y1) = x_range, y_range
+    return round(LEFT + (x - x0) / (x1 - x0) * (RIGHT - LEFT)), round(BOTTOM - (y - y0) / (y1 - y0) * (BOTTOM - TOP))
+
+
+def test_a_plots_ticks_labels_and_legend_sit_where_worked_out_by_hand(tmp_path, drawn_text):
+    """3 x-ticks over 10..40 label 10, 20, 30 and 40, each centred a third of the frame apart; the y axis
+    over 0..1 is labelled every 0.2; the x label is centred under the frame; legend entries 18 px apart."""
+    save_line_plot(tmp_path / "p.png", {"a": [(10, 0.2), (40, 0.8)], "b": [(20, 0.5)]}, "xl", "yl", "title",
+                   y_range=(0, 1), x_ticks=3)
+    texts = [text for _, text, _ in drawn_text]
+    centre = {text: xy[0] + width / 2 for xy, text, width in drawn_text}
+    assert [text for text in texts if text in ("10", "20", "30", "40")] == ["10", "20", "30", "40"]
+    for i, label in enumerate(("10", "20", "30", "40")):
+        assert centre[label] == pytest.approx(LEFT + i * (RIGHT - LEFT) / 3, abs=1)
+    assert [text for text in texts if text.startswith("0.") or text == "1.00"] == \
+        ["0.00", "0.20", "0.40", "0.60", "0.80", "1.00"]
+    assert centre["xl"] == pytest.approx((LEFT + RIGHT) / 2, abs=1)
+    legend = {text: xy for xy, text, _ in drawn_text if text in ("a", "b")}
+    assert legend["b"][1] - legend["a"][1] == pytest.approx(18, abs=1)
+
+
+def test_a_log_axis_ticks_every_decade_to_the_last_and_places_points_by_their_log(tmp_path, drawn_text):
+    save_line_plot(tmp_path / "p.png", {"a": [(10, 0.2), (1000, 0.8)]}, "xl", "yl", "t", y_range=(0, 1), log_x=True)
+    ticks = ("10", "20", "50", "100", "200", "500", "1000")
+    assert [text for _, text, _ in drawn_text if text in ticks] == list(ticks)
+    save_line_plot(tmp_path / "q.png", {"a": [(100, 0.5)]}, "x", "y", "t", x_range=(10, 1000), y_range=(0, 1),
+                   log_x=True)
+    with Image.open(tmp_path / "q.png") as picture:                 # 100: half-way from 10 to 1000 on a log axis
+        assert picture.convert("RGB").getpixel((round((LEFT + RIGHT) / 2), round((TOP + BOTTOM) / 2))) == PALETTE[0]
+
+
+def test_a_plot_joins_points_in_x_order_and_draws_error_bars(tmp_path):
+    """Series a, given as (1, 0), (0, 1), (2, 1), is drawn (0, 1)-(1, 0)-(2, 1): nothing at (1, 1), which a
+    line in the given order, (0, 1)-(2, 1), would cross. Series e's point (0.5, 1.5) has a bar from 1 to 2."""
+    ranges = (0, 2), (0, 2)
+    save_line_plot(tmp_path / "p.png", {"a": [(1, 0), (0, 1), (2, 1)], "e": [(0.5, 1.5, 1.0, 2.0)]}, "x", "y", "t",
+                   x_range=ranges[0], y_range=ranges[1])
+    with Image.open(tmp_path / "p.png") as picture:
+        pixels = picture.convert("RGB")
+    assert pixels.getpixel(pixel(1.0, 1.0, *ranges)) == (255, 255, 255)
+    assert pixels.getpixel(pixel(0.5, 0.5, *ranges)) == PALETTE[0]                # on (0, 1)-(1, 0)
+    assert pixels.getpixel(pixel(0.5, 1.95, *ranges)) == PALETTE[1]               # the bar, up to 2
+    assert pixels.getpixel(pixel(0.5, 1.05, *ranges)) == PALETTE[1]               # and down to 1
+
+
+def test_a_plot_keeps_a_file_it_was_not_told_to_replace(tmp_path):
+    path = tmp_path / "p.png"
+    path.write_text("the user's")
+    with pytest.raises(UserError):
+        save_line_plot(path, {"a": [(0, 0.5), (1, 0.5)]}, "x", "y", "t")
+    assert path.read_text() == "the user's"
