@@ -32,12 +32,13 @@ from tinyavl.toy import train as train_module
 from tinyavl.toy import train_hires as train_hires_module
 from tinyavl.toy.evaluate import HIRES_MODES, PROMPT_KINDS, attention_pairs, evaluate, held_out_set
 from test_toy_evaluate import no_model
+from test_toy_train import rows_with_hidden_image_tokens
 from tinyavl.toy.evaluate_hires import IN_SEQUENCE, format_table, in_sequence_pairs, plot
 from tinyavl.toy.evaluate_hires import main as evaluate_hires_main
 from tinyavl.toy.plot import HEIGHT, MARGIN, PALETTE, WIDTH
 from tinyavl.toy.scenes import (COLOURS, DIGIT_COLOUR, FINE_SCALE, IMAGE_SIZE, PATCH, Scene, SceneObject,
                                 SceneStream)
-from tinyavl.toy.train import (DROPOUT_STATE, PATCH_CLASSES, Checkpoint, PatchProbe, attribute_loss,
+from tinyavl.toy.train import (DROPOUT_STATE, PATCH_CLASSES, Checkpoint, PatchProbe, attribute_loss, chat_example,
                                deterministic_algorithms, losses, make_batch, patch_targets, save_pretrained,
                                tile_patch_targets, toy_config, train, train_tokenizer)
 from tinyavl.toy.train_hires import FINE_CANVAS, train_hires, with_hires_projections
@@ -126,9 +127,8 @@ def test_attribute_loss_leaves_out_an_attribute_with_no_target():
 # Training
 # ---------------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny_flex():
-    """A tiny toy (untrained) given FlexAttention's projections, its processor and a fine-scene batch."""
+def untrained_flex():
+    """(model, the same given FlexAttention's projections, its processor): a tiny untrained toy."""
     torch.manual_seed(0)
     tokenizer = train_tokenizer()
     image_token_id = tokenizer.token_to_id("<image>")
@@ -139,8 +139,56 @@ def tiny_flex():
     flex = with_hires_projections(model, TINY_HIRES)
     processor = Processor(tokenizer, image_token_id, config.num_image_tokens, IMAGE_SIZE, IMAGE_SIZE,
                           system_prompt=LLAVA_SYSTEM_PROMPT, hires_scale=FINE_SCALE)
-    batch = make_batch(SceneStream("test", 0, fine=True), processor, 2, 2, tokenizer.token_to_id("<pad>"))
+    return model, flex, processor
+
+
+@pytest.fixture(scope="module")
+def tiny_flex():
+    """A tiny toy (untrained) given FlexAttention's projections, its processor and a fine-scene batch."""
+    model, flex, processor = untrained_flex()
+    batch = make_batch(SceneStream("test", 0, fine=True), processor, 2, 2, processor.tokenizer.token_to_id("<pad>"))
     return model, flex, processor, batch
+
+
+def quiet(*_):
+    pass
+
+
+def test_the_hires_fine_tuning_runs_its_recipe(monkeypatch):
+    """Half of its sequences hide image tokens (FINETUNE_DROPOUT_SHARE: 0.25 to 0.75 of 32 rows), its scenes
+    come from the "hires" stream, its warm-up is min(100, a tenth of 1100 steps), and the view's blend ramps
+    from 0 to 1 over HIRES_RAMP (a tenth) of the steps: 0, 0.5, then 1 over 20 steps."""
+    _, flex, processor = untrained_flex()
+    rows = rows_with_hidden_image_tokens(monkeypatch)
+    scenes = []
+    monkeypatch.setattr(train_module, "chat_example", lambda scene, *args: scenes.append(scene) or
+                        chat_example(scene, *args))
+    train_hires(flex, processor, steps=2, batch_size=16, log=quiet)
+    assert len(rows) == 32 and 0.25 < sum(rows) / len(rows) < 0.75, rows
+    assert scenes[0] == next(SceneStream("hires", 0, fine=True))[0]
+    monkeypatch.undo()
+
+    recipe = []
+    monkeypatch.setattr(train_hires_module, "optimise", lambda *args, **kwargs: recipe.append(args[6]) or [])
+    train_hires(flex, processor, steps=1100, log=quiet)
+    assert recipe == [100]
+    monkeypatch.undo()
+
+    alphas = []
+    monkeypatch.setattr(train_module, "losses", lambda model, probe, batch, hires_alpha=1.0: alphas.append(hires_alpha)
+                        or (torch.zeros(()), torch.zeros(())))
+    monkeypatch.setattr(train_module, "take_step", lambda *args: None)
+    train_hires(flex, processor, steps=20, batch_size=1, log=quiet)
+    assert alphas == [0.0, 0.5] + [1.0] * 18
+
+
+@pytest.mark.parametrize("name, other", [("lr", 1e-3), ("steps", 7), ("batch_size", 4), ("seed", 1),
+                                         ("threads", 1), ("in_sequence", True)])
+def test_every_flag_that_changes_the_weights_is_in_the_hires_runs_settings(name, other):
+    """A checkpoint saved under one setting is not resumed under another."""
+    args = dict(base=TOY_WEIGHTS, in_sequence=False, steps=1100, batch_size=16, lr=8e-4, seed=0, threads=2)
+    assert (train_hires_module.run_settings(argparse.Namespace(**args))
+            != train_hires_module.run_settings(argparse.Namespace(**args | {name: other})))
 
 
 def test_the_projections_start_as_copies_and_blended_out_the_model_is_the_plain_one(tiny_flex):
@@ -748,14 +796,15 @@ def test_attention_mflops_is_4_heads_head_dim_flops_a_pair():
 
 
 def test_compare_prices_the_in_sequence_toy_answer_by_answer(monkeypatch):
-    """Two answers, of 3 and 1 decode steps after prompts of 10 and 12 tokens (4 of them image tokens); the
+    """Two answers, of 3 and 5 decode steps after prompts of 10 and 12 tokens (4 of them image tokens); the
     tiled image is 144 + 48 x (48 + 1) = 2496 tokens. Per answer, in every layer, a causal prefill over
-    n = prompt - 4 + 2496 tokens, then step s's query over n + s + 1 keys; in_sequence_mflops is their mean."""
+    n = prompt - 4 + 2496 tokens, then step s's query over n + s + 1 keys; in_sequence_mflops is their mean.
+    (The answers' lengths differ, so a mean is told from the first, the last, the largest or the smallest.)"""
     layers = 2
     model = SimpleNamespace(config=SimpleNamespace(
         text=SimpleNamespace(num_hidden_layers=layers, num_attention_heads=1, head_dim=1),
         vision=SimpleNamespace(image_size=96, patch_size=8)))
-    answers = [(10, 3), (12, 1)]
+    answers = [(10, 3), (12, 5)]
 
     def fake_evaluate(model, processor, questions, policy, on_answer=None, hires_mode=None):
         for prompt, steps in answers:
@@ -766,7 +815,7 @@ def test_compare_prices_the_in_sequence_toy_answer_by_answer(monkeypatch):
     def by_hand(prompt, steps):
         n = prompt - 4 + 2496
         return layers * (n * (n + 1) // 2 + sum(n + s + 1 for s in range(steps)))
-    expected = (by_hand(10, 3) + by_hand(12, 1)) / 2 * 4 / 1e6
+    expected = (by_hand(10, 3) + by_hand(12, 5)) / 2 * 4 / 1e6
     reports = evaluate_hires.compare(model, None, [])
     assert len(reports) == 6 and all(r["in_sequence_mflops"] == pytest.approx(expected, rel=1e-12) for r in reports)
 

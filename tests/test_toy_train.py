@@ -25,10 +25,11 @@ from tinyavl.processing import LLAVA_SYSTEM_PROMPT
 from tinyavl.toy.scenes import (DIGIT_COLOUR, FINE_SCALE, IMAGE_SIZE, MIN_PATCH_PIXELS, PATCH, Scene, SceneObject,
                                  SceneStream)
 from tinyavl.toy import train as train_module
-from tinyavl.toy.train import (PATCH_CLASSES, PLACES, PatchProbe, SceneReadout, chat_example, hf_config,
-                               hide_image_tokens, hide_rectangles, learning_rate, losses, make_batch, patch_targets,
-                               place_targets, pretrain_vision, readout_recall, save_pretrained, sincos_2d, train,
-                               train_tokenizer, tune, warmup_steps)
+from tokenizers import Tokenizer
+from tinyavl.toy.train import (PATCH_CLASSES, PLACES, Checkpoint, PatchProbe, SceneReadout, chat_example,
+                               hf_config, hide_image_tokens, hide_rectangles, learning_rate, losses, make_batch,
+                               patch_targets, place_targets, pretrain_vision, readout_recall, save_pretrained,
+                               sincos_2d, train, train_tokenizer, tune, warmup_steps)
 
 TINY = dict(vision_width=32, vision_layers=1, text_width=32, text_layers=2)
 
@@ -94,11 +95,16 @@ def test_hf_config_writes_each_committed_toys_config_again(folder):
     assert parse_config(written) == scaled
 
 
-def test_chat_example_trains_only_the_answers():
+def toy_processor():
+    """The toy's processor, on the trainer's tokenizer."""
     tokenizer = train_tokenizer()
-    image_id = tokenizer.token_to_id("<image>")
-    processor = tinyavl.Processor(tokenizer, image_id, (IMAGE_SIZE // PATCH) ** 2, IMAGE_SIZE, IMAGE_SIZE,
-                                  system_prompt=LLAVA_SYSTEM_PROMPT)
+    return tinyavl.Processor(tokenizer, tokenizer.token_to_id("<image>"), (IMAGE_SIZE // PATCH) ** 2, IMAGE_SIZE,
+                             IMAGE_SIZE, system_prompt=LLAVA_SYSTEM_PROMPT)
+
+
+def test_chat_example_trains_only_the_answers():
+    processor = toy_processor()
+    tokenizer, image_id = processor.tokenizer, processor.image_token_id
     scene, rng = next(SceneStream("eval", 5))
     ids, labels, image = chat_example(scene, rng, processor, turns=3)
     assert len(ids) == len(labels)
@@ -689,3 +695,108 @@ def test_trainer_command_runs_stage_0_and_keeps_the_tower_frozen_in_stage_2(monk
     assert exit_.value.code == 2
     with pytest.raises(ValueError, match="mask_kind must be one of tokens, rectangles"):
         tune(None, None, steps=1, mask_kind="squares", log=lambda *_: None)
+
+
+def quiet(*_):
+    pass
+
+
+def test_later_turns_are_a_user_question_then_the_assistant():
+    """Between one answer's </s> and the next answer, the untrained text is "USER: <question> ASSISTANT:"
+    (lower-cased by the toy's tokenizer), as the processor's chat template writes a turn."""
+    processor = toy_processor()
+    tokenizer, eos = processor.tokenizer, processor.tokenizer.token_to_id("</s>")
+    for scene, rng in itertools.islice(SceneStream("eval", 5), 5):
+        ids, labels, _ = chat_example(scene, rng, processor, turns=3)
+        ends = [i for i, label in enumerate(labels) if label == eos]
+        assert len(ends) == 3
+        for end in ends[:-1]:
+            answer = next(i for i in range(end + 1, len(ids)) if labels[i] != -100)
+            text = tokenizer.decode(ids[end + 1:answer])
+            assert re.fullmatch(r"user : [a-z0-9 ]+ [?.] assistant :", text), text
+
+
+def test_every_prompt_kind_is_trained_and_opens_some_chat():
+    """A chat of 4 turns draws 4 of the 6 kinds: a caption in some chats, not in all (about 2/3 of 30), and
+    every kind of opening question among 30 chats."""
+    processor = toy_processor()
+    with_caption, openings = 0, set()
+    for scene, rng in itertools.islice(SceneStream("eval", 0), 30):
+        ids, _, _ = chat_example(scene, rng, processor, turns=4)
+        text = processor.tokenizer.decode(ids)
+        with_caption += "describe the image" in text
+        openings.add(text.split(" user : ")[1].split()[0])
+    assert 0 < with_caption < 30
+    assert openings == {"what", "how", "where", "describe"}
+
+
+def test_the_trainers_tokenizer_is_the_committed_toys():
+    assert train_tokenizer().to_str() == Tokenizer.from_file(str(TOY_WEIGHTS / "tokenizer.json")).to_str()
+
+
+def rows_with_hidden_image_tokens(monkeypatch) -> list:
+    """Per row of every batch's dropout mask from here on (`hide_image_tokens`, whose masks reach the model:
+    test_training_passes_the_dropout_mask_to_the_model), whether it hides a token. The steps themselves are
+    skipped: only the masks are wanted."""
+    rows, hide = [], train_module.hide_image_tokens
+
+    def recorded(*args):
+        mask = hide(*args)
+        rows.extend((mask == 0).any(1).tolist())
+        return mask
+    monkeypatch.setattr(train_module, "hide_image_tokens", recorded)
+    monkeypatch.setattr(train_module, "losses", lambda *args, **kwargs: (torch.zeros(()), torch.zeros(())))
+    monkeypatch.setattr(train_module, "take_step", lambda *args: None)
+    return rows
+
+
+def test_each_stage_hides_image_tokens_in_its_share_of_the_sequences(monkeypatch):
+    """Stage 1 at image_dropout_share 0.25 hides tokens in about a quarter of its 64 rows (binomial: 0.05 to
+    0.5 holds all but 1 in 10^5 draws); stage 2 in every row, but for the 1 in 108 whose drawn fraction of
+    0.75 x 144 image tokens rounds to none."""
+    rows = rows_with_hidden_image_tokens(monkeypatch)
+    model, processor, _ = train(steps=4, batch_size=16, image_dropout=0.75, image_dropout_share=0.25,
+                                config_overrides=TINY, log=quiet)
+    assert len(rows) == 64 and 0.05 < sum(rows) / len(rows) < 0.5, rows
+    rows.clear()
+    tune(model, processor, steps=4, batch_size=16, log=quiet)
+    assert len(rows) == 64 and sum(rows) / len(rows) > 0.9, rows
+
+
+def test_each_stage_draws_from_its_own_scene_stream(monkeypatch):
+    first = []
+    monkeypatch.setattr(train_module, "chat_example", lambda scene, *args: first.append(scene) or
+                        chat_example(scene, *args))
+    model, processor, _ = train(steps=1, batch_size=1, config_overrides=TINY, log=quiet)
+    tune(model, processor, steps=1, batch_size=1, log=quiet)
+    assert first == [next(SceneStream("train", 0))[0], next(SceneStream("tune", 0))[0]]
+
+
+def test_the_stages_warm_up_over_their_recipes_steps(monkeypatch):
+    """A tenth of the steps, capped: stage 1's 7000 steps warm up over min(300, 701), stage 2's 2000 over
+    min(100, 201)."""
+    warmups = []
+    monkeypatch.setattr(train_module, "optimise", lambda *args, **kwargs: warmups.append(args[6]) or [])
+    model, processor, _ = train(steps=7000, config_overrides=TINY, log=quiet)
+    tune(model, processor, steps=2000, log=quiet)
+    assert warmups == [300, 100]
+
+
+def test_a_stage_saves_its_last_step_whatever_the_checkpoints_interval(tmp_path):
+    """4 steps with a checkpoint every 3: saved after step 3 and after step 4, the last, from which the next
+    stage goes on."""
+    model, processor, _ = train(steps=1, batch_size=1, config_overrides=TINY, log=quiet)
+    checkpoint = Checkpoint(tmp_path / "c.safetensors", run={"x": 1}, every=3)
+    tune(model, processor, steps=4, batch_size=1, log=quiet, checkpoint=checkpoint)
+    with safe_open(str(checkpoint.path), framework="pt") as file:
+        assert file.metadata()["step"] == "4"
+
+
+def test_held_out_accuracy_is_logged_every_eval_every_steps(monkeypatch):
+    steps_taken, evaluated_after = [], []
+    take_step = train_module.take_step
+    monkeypatch.setattr(train_module, "take_step", lambda *args: steps_taken.append(1) or take_step(*args))
+    monkeypatch.setattr(train_module, "evaluate", lambda *args, **kwargs: evaluated_after.append(len(steps_taken))
+                        or {"accuracy": 0.0, "accuracy_by_type": {}})
+    train(steps=4, batch_size=1, eval_every=2, config_overrides=TINY, log=quiet)
+    assert evaluated_after == [2, 4]
