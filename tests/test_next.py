@@ -69,7 +69,9 @@ def random_sizes(n: int, seed: int, largest: int = 1600) -> list[tuple[int, int]
 EDGE_SIZES = [(1, 1), (336, 336), (672, 672), (480, 640), (1008, 336), (336, 1008), (337, 1009), (2000, 15),
               # at LLaVA-1.6-7B's sizes the kept side of these scales to a float a hair under a whole number
               # (47.99999999): rounded to 7 decimals first, as transformers' unpad_image does
-              (47, 1128), (55, 176), (205, 656), (88, 55), (88, 99), (176, 198)]
+              (47, 1128), (55, 176), (205, 656), (88, 55), (88, 99), (176, 198),
+              # the canvas's own aspect: the long side scales to a hair over the canvas (673), capped at it
+              (19, 38), (38, 76), (150, 300)]
 
 
 def test_the_test_images_pick_every_canvas():
@@ -641,6 +643,43 @@ def test_of_several_templates_the_one_transformers_takes_is_rendered(next_folder
         expected = AutoProcessor.from_pretrained(next_folder).apply_chat_template(
             user_turn(QUESTION, False), add_generation_prompt=True, tokenize=False)
         assert processor.chat_prompt(QUESTION, has_image=False) == expected == f"{word} {QUESTION}"
+
+
+# A template laid out over lines, as published ones are: the blocks' newlines and indents are the Jinja
+# environment's to remove (trim_blocks, lstrip_blocks), as transformers' is set up.
+TEMPLATE_OVER_LINES = ("{% for m in messages %}\n    {{ m['role'] | upper }}:\n"
+                       "    {% for c in m['content'] %}\n        {% if c['type'] == 'image' %}<image>\n"
+                       "        {% endif %}\n    {% endfor %}\n{{ m['content'][-1]['text'] }}\n{% endfor %}\n"
+                       "{% if add_generation_prompt %}\nASSISTANT:\n{% endif %}")
+
+
+@pytest.mark.parametrize("template", [TEMPLATE_OVER_LINES,
+                                      "{% for c in messages[0]['content'] if c['type'] == 'image' %}<image>{% endfor %}"
+                                      "{{ messages[0]['content'] | tojson }}"], ids=["over_lines", "tojson"])
+def test_a_templates_whitespace_and_json_render_as_transformers_renders_them(next_folder, template):
+    """Block tags' newlines and indents, and tojson of a question beyond ASCII (kept as written, not escaped)."""
+    from transformers import AutoProcessor
+
+    (next_folder / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    _, processor = tinyavl.load_pretrained(next_folder, device="cpu")
+    hf = AutoProcessor.from_pretrained(next_folder)
+    for question in ("Wie viele Kreise? \U0001F600 \u00e9", QUESTION):
+        for image in (True, False):
+            expected = hf.apply_chat_template(user_turn(question, image), add_generation_prompt=True, tokenize=False)
+            assert processor.chat_prompt(question, has_image=image) == expected
+
+
+def test_an_empty_template_in_processor_config_is_the_template(next_folder):
+    """transformers takes processor_config.json's "chat_template": "" as the template (not as none, which
+    would pass on to chat_template.json): the prompt is empty."""
+    from transformers import AutoProcessor
+
+    config = json.loads((next_folder / "processor_config.json").read_text())
+    (next_folder / "processor_config.json").write_text(json.dumps({**config, "chat_template": ""}))
+    _, processor = tinyavl.load_pretrained(next_folder, device="cpu")
+    expected = AutoProcessor.from_pretrained(next_folder).apply_chat_template(
+        user_turn(QUESTION, False), add_generation_prompt=True, tokenize=False)
+    assert processor.chat_prompt(QUESTION, has_image=False) == expected == ""
 
 
 @pytest.mark.parametrize("template", [["{{ messages }}"], {"tools": "{{ messages }}"}, {"default": 3}],

@@ -396,6 +396,8 @@ def test_prompt_errors(processor):
     for blank in ("", "  \n\t"):   # an unset $VARIABLE: the model would answer no question
         with pytest.raises(UserError, match="the prompt is empty: ask a question"):
             processor.chat_prompt(blank)
+    with pytest.raises(UserError, match="the question contains <image>"):  # the user's, not the template's
+        processor.chat_prompt("what is <image>?")
 
 
 def test_tokenizer_and_config_errors(folder, tmp_path):
@@ -423,6 +425,73 @@ def test_a_damaged_optional_file_is_told_it_may_be_deleted(folder, tmp_path, nam
     with pytest.raises(UserError, match=f"{name} is not valid JSON .*download it again, or delete it to use the "
                                         "defaults"):
         Processor.from_pretrained(tmp_path, image_id(), NUM_IMAGE_TOKENS, SIZE)
+
+
+def test_an_image_that_is_no_pil_image_is_a_user_error():
+    processor = processor_for()
+    for image in (np.zeros((8, 8, 3), np.uint8), torch.zeros(3, 8, 8)):
+        with pytest.raises(UserError, match="an image is a file's path or a PIL image"):
+            processor(processor.chat_prompt("What is it?"), image)
+
+
+def test_an_rgb_image_with_a_transparent_colour_goes_on_white_like_transformers(tmp_path):
+    """PNG's tRNS chunk gives an RGB image a transparent colour: transformers' convert_to_rgb puts it on white."""
+    image = make_image(45, 33, seed=3)
+    key = image.getpixel((0, 0))
+    image.info["transparency"] = key
+    assert_close(processor_for().preprocess(image), hf_pixels(image, SIZE, SIZE))
+    image.save(tmp_path / "t.png", transparency=key)
+    assert load_image(tmp_path / "t.png").getpixel((0, 0)) == (255, 255, 255)
+
+
+def image_settings(cfg, size=SIZE):
+    return processing.preprocessor_settings(cfg, "preprocessor_config.json", size)
+
+
+SETTINGS = {"crop_size": SIZE, "size": {"shortest_edge": SIZE}}
+
+
+def test_image_settings_as_transformers_reads_them():
+    """Each as transformers' CLIP image processors take it: an empty file has no crop size (their default,
+    224, is no tower's here); a null longest_edge or height is unset; a rescale factor written rounded is
+    1/255; the fast and PIL CLIP processors never pad to a square, whatever do_pad says."""
+    with pytest.raises(UserError, match=r"no crop_size \(the image processor's default: 224\)"):
+        image_settings({})
+    assert image_settings(None)["shortest_edge"] == SIZE                                 # no file: the tower's
+    assert image_settings({**SETTINGS, "size": {"shortest_edge": 20, "longest_edge": None, "height": None}}
+                          )["shortest_edge"] == 20
+    assert image_settings({**SETTINGS, "rescale_factor": 0.003921568627451})
+    for kind in ("CLIPImageProcessorFast", "CLIPImageProcessorPil"):
+        assert not image_settings({**SETTINGS, "do_pad": True, "image_processor_type": kind})["pad_to_square"]
+
+
+@pytest.mark.parametrize("change,named", [({"crop_size": {"height": SIZE, "width": 2 * SIZE}}, "crop_size"),
+                                          ({"do_resize": 1}, "sets do_resize: 1"),
+                                          ({"do_rescale": 1}, "sets do_rescale: 1"),
+                                          ({"image_mean": [True, 0.5, 0.5]}, "image_mean"),
+                                          ({"image_std": [0.2, 0.2, 0.2, 0.2]}, "image_std")])
+def test_image_settings_tinyavl_cannot_honour_are_refused(change, named):
+    """A non-square crop (transformers would crop it so), a step set to 1 rather than true, a bool as a mean,
+    four channels' std."""
+    with pytest.raises(UserError, match=named):
+        image_settings({**SETTINGS, **change})
+
+
+def test_empty_nested_image_settings_are_the_settings(tmp_path):
+    """processor_config.json's "image_processor": {} is read as the settings (transformers reads it so), not
+    passed over for preprocessor_config.json."""
+    write_tiny_tokenizer(tmp_path)
+    (tmp_path / "processor_config.json").write_text(json.dumps({"image_processor": {}}))
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(SETTINGS))
+    with pytest.raises(UserError, match="image_processor has no crop_size"):
+        Processor.from_pretrained(tmp_path, image_id(), NUM_IMAGE_TOKENS, SIZE)
+
+
+def test_an_image_at_the_pixel_limit_passes(monkeypatch):
+    """PIL refuses an image above twice MAX_IMAGE_PIXELS (here 50): 100 pixels is still in."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)
+    assert image_settings({"crop_size": 10, "size": {"shortest_edge": 10}}, size=10)["shortest_edge"] == 10
+    processing.check_made_size((10, 10), (10, 10), "resized")
 
 
 def test_preprocessor_config(folder, tmp_path):

@@ -135,6 +135,9 @@ def rgb_image(image) -> Image.Image:
     """An image file's path (read by load_image) or a PIL image, as 8-bit RGB."""
     if isinstance(image, (str, os.PathLike)):
         return load_image(image)
+    if not isinstance(image, Image.Image):  # a numpy array or a tensor, which transformers' processors also take
+        raise UserError(f"an image is a file's path or a PIL image, got a {type(image).__name__}: for an array, "
+                        "give PIL.Image.fromarray(array)")
     if min(image.size) == 0:  # PIL makes such images, though no file it decodes holds one
         raise UserError(f"the image is {image.width}x{image.height} pixels: it has no pixel to read")
     return to_rgb(image)
