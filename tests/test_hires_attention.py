@@ -469,3 +469,74 @@ def test_a_layer_serves_its_row_one_softmax_over_its_causal_keys_and_its_chosen_
         values = torch.cat([v[0, h // 2, visible[0]], v_hires[h // 2]]).double()
         expected = (q[0, h, -1].double() @ keys.T / 8 ** 0.5).softmax(-1) @ values
         torch.testing.assert_close(out[0, h, -1].double(), expected, atol=1e-5, rtol=0)
+
+
+def served_query(model, seed=2):
+    """A layer, and q (B, H, 5, hs), k, v of 5 random rows with the causal attention y over them."""
+    layer = model.language_model.model.layers[1]
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, heads, 5, 8, generator=g) for heads in (4, 2, 2))      # H 4, Hkv 2, hs 8
+    return layer, q, k, v, attention(q, k, v, causal=True)
+
+
+def test_tokens_read_counts_each_served_rows_own_tokens():
+    """Two served rows choosing 3 and 4 high-resolution tokens (two of them the same): 7 keys read, each
+    row's own (the tokens projected for both rows are 5)."""
+    model = tiny_model()
+    ids, _, hires_pixels = inputs()
+    view = model.hires_view(ids, hires_pixels)
+    layer, q, _, _, y = served_query(model)
+    view.chosen = torch.zeros(1, 2, view.features.shape[1], dtype=torch.bool)
+    view.chosen[0, 0, [0, 3, 17]] = True
+    view.chosen[0, 1, [3, 17, 40, 63]] = True
+    view.merge(layer.self_attn, layer.input_layernorm, q[:, :, 3:], y, torch.tensor([3, 4]), torch.zeros(1, 4, 2))
+    assert view.tokens_read == 3 + 4
+
+
+def test_a_blend_between_0_and_1_weighs_the_two_outputs_linearly():
+    """FlexAttention's training ramps alpha from 0 to 1: at 0.25 the output is 0.75 of the plain row's and
+    0.25 of the hierarchical one's."""
+    model = tiny_model()
+    ids, _, hires_pixels = inputs()
+    layer, q, k, _, y = served_query(model)
+    lse = torch.stack([(q[0, h, 4] @ k[0, h // 2].T / 8 ** 0.5).logsumexp(-1) for h in range(4)])[None, :, None]
+    outputs = {}
+    for alpha in (0.0, 0.25, 1.0):
+        view = model.hires_view(ids, hires_pixels, alpha=alpha)
+        view.chosen = torch.zeros(1, 1, view.features.shape[1], dtype=torch.bool)
+        view.chosen[0, 0, [0, 3, 17]] = True
+        with torch.no_grad():
+            outputs[alpha] = view.merge(layer.self_attn, layer.input_layernorm, q[:, :, 4:], y, torch.tensor([4]), lse)
+    torch.testing.assert_close(outputs[0.25], 0.75 * outputs[0.0] + 0.25 * outputs[1.0], atol=1e-6, rtol=0)
+
+
+def test_a_fixed_count_reads_that_many_blocks():
+    """top=1 of 4 x 4 blocks over the 8 x 8 high-resolution map: one block, 2 x 2 tokens, whatever the
+    threshold would choose."""
+    model = tiny_model(blocks=4)
+    ids, pixels, hires_pixels = inputs()
+    view = model.hires_view(ids, hires_pixels, top=1)
+    with torch.no_grad():
+        model(ids, pixels, hires_view=view)
+    assert int(view.chosen.sum()) == 4
+
+
+def test_the_view_runs_in_bfloat16_close_to_float32():
+    model = tiny_model()
+    ids, pixels, hires_pixels = inputs()
+    with torch.no_grad():
+        reference = model(ids, pixels, hires_view=model.hires_view(ids, hires_pixels, top=4))
+        half = model.to(torch.bfloat16)
+        logits = half(ids, pixels.bfloat16(), hires_view=half.hires_view(ids, hires_pixels.bfloat16(), top=4))
+    assert (logits.float() - reference).abs().max() < 0.1 * reference.abs().max()
+
+
+@pytest.mark.parametrize("change", ["next", "full"])
+def test_a_hires_view_on_llava_next_or_with_the_cls_token_is_refused(change):
+    config = tiny_model().config
+    if change == "next":
+        config.image_grid_pinpoints = [[16, 32]]
+    else:
+        config.vision_feature_select_strategy = "full"
+    with pytest.raises(UserError, match="hires_config"):
+        config.validate()

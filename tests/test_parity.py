@@ -11,13 +11,17 @@ relu (vision), image sizes 28 / 42 / 56 with patches 7 / 14, three non-square so
 prompt, and a bf16 run.
 """
 import copy
+import dataclasses
 
 import pytest
 import torch
 
 import tinyavl
-from tinyavl.model import ACTIVATIONS, RMSNorm, TextConfig, rope_cos_sin
-from tiny_checkpoints import VARIANTS, hf_config, make_image, reinit_, sparse_config, tokenizer_info, write_checkpoint
+from tinyavl.errors import UserError
+from tinyavl.loading import parse_config
+from tinyavl.model import ACTIVATIONS, LlavaConfig, RMSNorm, TextConfig, VisionConfig, rope_cos_sin, rows_logits
+from tiny_checkpoints import (VARIANTS, Variant, build_hf_model, hf_config, make_image, reinit_, sparse_config,
+                              tokenizer_info, write_checkpoint)
 
 LOGIT_ATOL = 1e-4  # fp32 vs fp32: only summation order differs (seen: 1.4e-5 at most)
 GREEDY_STEPS = 8
@@ -250,3 +254,89 @@ def test_config_options_no_published_checkpoint_sets_match_transformers(option, 
         ours = model(inputs["input_ids"], inputs["pixel_values"])
         theirs = hf_model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"]).logits
     assert (ours - theirs).abs().max() <= LOGIT_ATOL
+
+
+def test_a_two_token_prompt_is_causal_as_in_transformers(tiny_ckpt):
+    model, _ = tinyavl.load_pretrained(tiny_ckpt.folder("mha"), device="cpu")
+    ids = torch.tensor([[tokenizer_info()["bos_token_id"], 17]])
+    with torch.no_grad():
+        logits, theirs = model(ids), tiny_ckpt.model("mha")(input_ids=ids).logits
+    assert (logits - theirs).abs().max() <= 1e-4
+
+
+def test_the_first_hidden_state_is_the_pre_layernorms_output_as_in_transformers(tmp_path):
+    """vision_feature_layer -3 of 2 vision layers: the hidden state before any layer, after pre_layrnorm.
+    (transformers 5.23 fails on the same state asked as 0: it reads the 0 as "no layers".)"""
+    variant = Variant("first_state", image_size=28, patch_size=14, vision_layers=2, text_layers=1, kv_heads=2,
+                      feature_layer=-3, seed=7)
+    hf = build_hf_model(variant)
+    model, processor = tinyavl.load_pretrained(write_checkpoint(hf, str(tmp_path), variant=variant), device="cpu")
+    inputs = processor(processor.chat_prompt("What is it?"), make_image(45, 30, seed=0))
+    with torch.no_grad():
+        logits = model(inputs["input_ids"], inputs["pixel_values"])
+        theirs = hf(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"]).logits
+    assert (logits - theirs).abs().max() <= 1e-4
+
+
+def test_config_defaults_are_transformers_class_defaults():
+    """A sparse config.json takes tinyavl's defaults where transformers takes its classes': the same."""
+    from transformers import CLIPVisionConfig, LlamaConfig
+    from transformers import LlavaConfig as TransformersLlavaConfig
+
+    text, theirs = TextConfig(), LlamaConfig()
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
+                 "attention_bias", "mlp_bias", "tie_word_embeddings", "bos_token_id", "eos_token_id"):
+        assert getattr(text, name) == getattr(theirs, name), name
+    assert text.rope_theta == theirs.rope_parameters["rope_theta"]
+    vision, theirs = VisionConfig(), CLIPVisionConfig()
+    for name in (field.name for field in dataclasses.fields(VisionConfig)):
+        assert getattr(vision, name) == getattr(theirs, name), name
+    llava, theirs = LlavaConfig(), TransformersLlavaConfig()
+    assert llava.image_token_id == theirs.image_token_index
+    for name in ("projector_hidden_act", "multimodal_projector_bias", "vision_feature_layer",
+                 "vision_feature_select_strategy"):
+        assert getattr(llava, name) == getattr(theirs, name), name
+
+
+def test_config_values_at_the_edges_of_what_transformers_takes():
+    """One patch per image is a tower (CLIPVisionConfig takes it); a null bos id and image token id 0 are
+    taken; a bool as a count, a string as a flag and an eos or bos id past the vocabulary are refused."""
+    VisionConfig(image_size=14, patch_size=14)
+    raw = sparse_config(VARIANTS["mha"])
+    vocab = raw["text_config"]["vocab_size"]
+    for field, value in (("num_hidden_layers", True), ("mlp_bias", "false"), ("eos_token_id", vocab),
+                         ("bos_token_id", vocab)):
+        bad = copy.deepcopy(raw)
+        bad["text_config"][field] = value
+        with pytest.raises(UserError, match=f"{field} is {value!r}"):
+            parse_config(bad)
+    taken = copy.deepcopy(raw)
+    taken["text_config"]["bos_token_id"] = None
+    taken["image_token_index"] = 0
+    config = parse_config(taken)
+    assert config.text.bos_token_id is None and config.image_token_id == 0
+    with pytest.raises(UserError, match="rope_linear_factor"):
+        TextConfig(rope_linear_factor=0.0)
+    with pytest.raises(UserError, match="tie_word_embeddings"):
+        TextConfig(tie_word_embeddings="false")
+
+
+def test_a_tied_model_shares_its_head_with_the_embedding_from_construction():
+    """As transformers' LlamaForCausalLM ties them when built, before any weight is loaded."""
+    text = TextConfig(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    vision = VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                          image_size=16, patch_size=4)
+    model = tinyavl.LlavaForConditionalGeneration(LlavaConfig(text=text, vision=vision, image_token_id=39))
+    assert model.language_model.lm_head.weight is model.language_model.model.embed_tokens.weight
+
+
+def test_bf16_logits_are_scaled_once_in_fp32():
+    """Small integers make the bf16 product exact; the scale 8^-0.5 is no power of two, so scaling in bf16
+    and converting would round a second time. The logits are the exact products times 8^-0.5 in fp32."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(-4, 5, (1, 2, 3, 8), generator=g).to(torch.bfloat16)              # (B, H, rows, hs)
+    k = torch.randint(-4, 5, (1, 1, 40, 8), generator=g).to(torch.bfloat16)             # (B, Hkv, n, hs)
+    exact = (q.double() @ k.double().transpose(-1, -2)) * 8 ** -0.5                     # (B, H, rows, n)
+    torch.testing.assert_close(rows_logits(q, k).double(), exact, rtol=1e-7, atol=0)
