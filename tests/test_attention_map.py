@@ -320,7 +320,7 @@ def test_the_header_counts_each_role(drawn_text):
 
 def test_the_colour_scale_sits_under_a_panel_shorter_than_wide(drawn_text):
     """A 3 x 4 grid: cells of PANEL / 4 = 96 px, a panel 288 px tall; the bar starts 4 px below it and its
-    "0" 8 px below the bar's top."""
+    "0" 12 px below the bar's top."""
     picture = draw_attention_map(Image.new("RGB", (40, 30)), torch.full((12,), COMPUTED), torch.rand(12), "t",
                                  grid=(3, 4))
     assert picture.getpixel((PANEL + 10, HEADER + 288 + 4 + 5)) == (128, 128, 128)

@@ -101,7 +101,8 @@ def test_cached_generation_equals_the_forward_over_the_whole_sequence():
         logits = model(ids, pixels, cache=cache, hires_view=model.hires_view(ids, hires_pixels))[:, -1]
         sequence = ids
         for step in range(4):
-            whole = model(sequence, pixels, hires_view=model.hires_view(sequence, hires_pixels, first_served=ids.shape[1] - 1))[:, -1]
+            view = model.hires_view(sequence, hires_pixels, first_served=ids.shape[1] - 1)
+            whole = model(sequence, pixels, hires_view=view)[:, -1]
             torch.testing.assert_close(logits, whole, atol=1e-5, rtol=0)
             token = logits.argmax(-1, keepdim=True)                                          # (1, 1)
             sequence = torch.cat([sequence, token], 1)
@@ -369,8 +370,8 @@ def test_a_hires_folder_saves_loads_and_generates(tmp_path):
     sequence, prompt = inputs["input_ids"], inputs["input_ids"].shape[1]
     with torch.no_grad():
         for token in tokens:
-            logits = loaded(sequence, inputs["pixel_values"],
-                            hires_view=loaded.hires_view(sequence, inputs["hires_pixel_values"], first_served=prompt - 1))[0, -1]
+            view = loaded.hires_view(sequence, inputs["hires_pixel_values"], first_served=prompt - 1)
+            logits = loaded(sequence, inputs["pixel_values"], hires_view=view)[0, -1]
             assert int(logits.argmax()) == token
             sequence = torch.cat([sequence, torch.tensor([[token]])], 1)
 
@@ -507,6 +508,8 @@ def test_a_blend_between_0_and_1_weighs_the_two_outputs_linearly():
         view.chosen[0, 0, [0, 3, 17]] = True
         with torch.no_grad():
             outputs[alpha] = view.merge(layer.self_attn, layer.input_layernorm, q[:, :, 4:], y, torch.tensor([4]), lse)
+    assert torch.equal(outputs[0.0], y)                                                 # 0: the plain output
+    assert not torch.allclose(outputs[1.0], y)
     torch.testing.assert_close(outputs[0.25], 0.75 * outputs[0.0] + 0.25 * outputs[1.0], atol=1e-6, rtol=0)
 
 

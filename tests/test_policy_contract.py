@@ -19,10 +19,10 @@ a new policy needs too.
   in one line);
 - its declarations are one source: flags, their types and ranges, and the README's policy table; a flag
   shared by several policies is one SHARED_FLAGS lists.
-All but bf16 and the batch (LLaVA-1.5 only) and the declarations run on a LLaVA-1.5 prompt, on a LLaVA-1.6 one,
-whose image block (base crop, tile map and the newline tokens that end its rows) is N_img as a whole, and
-on a LLaVA-1.5 with one KV head (MQA), where one sample's positions expanded over the KV heads are a view
-of the model's own.
+All but bf16, the batch and the parameters' edges (LLaVA-1.5 only) and the declarations run on a LLaVA-1.5
+prompt, on a LLaVA-1.6 one, whose image block (base crop, tile map and the newline tokens that end its rows)
+is N_img as a whole, and on a LLaVA-1.5 with one KV head (MQA), where one sample's positions expanded over
+the KV heads are a view of the model's own.
 """
 import math
 from functools import lru_cache
@@ -257,10 +257,11 @@ def values_at_the_edges(param: Param) -> list:
 @pytest.mark.parametrize("policy", POLICIES)
 def test_every_parameter_is_bounded_and_runs_at_its_edges(policy):
     """Each numeric parameter declares the range its policy can run (an undeclared one lets a value through
-    that fails deep in a step, or silently keeps nothing), and generation runs at each end of it: either
-    the cache is refused in one line (another parameter's default rules the value out, as C <= S does) or
-    it generates within the dense cache's bytes."""
-    for param in POLICIES[policy].PARAMS:
+    that fails deep in a step, or silently keeps nothing), and generation runs at each end of it, within the
+    dense cache's bytes. Where another parameter's default rules the value out (A-VL's C <= S <= P), every
+    parameter of the same range takes the value too, which keeps such an order."""
+    params = POLICIES[policy].PARAMS
+    for param in params:
         if param.choices:
             continue
         assert param.low is not None or param.high is not None, f"{policy}'s {param.name} declares no range"
@@ -268,7 +269,7 @@ def test_every_parameter_is_bounded_and_runs_at_its_edges(policy):
             try:
                 cache = make_cache(policy, **{param.name: value})
             except UserError:
-                continue
+                cache = make_cache(policy, **{p.name: value for p in params if p.allowed() == param.allowed()})
             model, ids, pixel_values, _ = model_and_prompt("llava")
             _, stats = tinyavl.generate(model, ids, pixel_values, max_new_tokens=STEPS, policy=cache, eos_token_id=())
             assert stats.new_tokens == STEPS and stats.kv_cache_bytes_peak <= stats.kv_cache_bytes_dense, \

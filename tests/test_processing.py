@@ -460,7 +460,7 @@ def test_image_settings_as_transformers_reads_them():
     assert image_settings(None)["shortest_edge"] == SIZE                                 # no file: the tower's
     assert image_settings({**SETTINGS, "size": {"shortest_edge": 20, "longest_edge": None, "height": None}}
                           )["shortest_edge"] == 20
-    assert image_settings({**SETTINGS, "rescale_factor": 0.003921568627451})
+    image_settings({**SETTINGS, "rescale_factor": 0.003921568627451})                  # no UserError
     for kind in ("CLIPImageProcessorFast", "CLIPImageProcessorPil"):
         assert not image_settings({**SETTINGS, "do_pad": True, "image_processor_type": kind})["pad_to_square"]
 

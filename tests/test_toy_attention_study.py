@@ -337,12 +337,15 @@ def test_a_model_whose_image_tokens_are_not_the_scene_patches_is_refused(tmp_pat
 
 
 def test_the_recall_table_by_hand():
-    """Intervals worked by hand, where the clustering matters and where it does not: for [2, 1] of [3, 3] the
-    design effect is max(1, (1/36) / (0.25/6)) = 1, so Wilson's at n = 6, p = 0.5: 0.1876..0.8124. The title
-    counts the objects, 6."""
+    """Intervals where the clustering does not matter and where it does: for [2, 1] of [3, 3] the design
+    effect is max(1, (1/36) / (0.25/6)) = 1, so Wilson's at n = 6, p = 0.5: 0.1876..0.8124. The title counts
+    the objects, 6."""
     lines = attention_study.hidden_object_table({"nothing": ([2, 1], [3, 3]), "its place": ([0, 0], [3, 3]),
                                                  "as many random tokens": ([1, 2], [3, 3])})
     assert "| nothing hidden | 0.50 (0.19-0.81) |" in lines
+    # Where the clustering matters: 0 of [3, 3] is a caption-level count of 0 of 2, not of 6 (Wilson's
+    # interval at n = 6 would be 0.00-0.39): 0.00-0.66.
+    assert "| its place hidden | 0.00 (0.00-0.66) |" in lines
     assert "of 6," in lines[1]
 
 

@@ -752,7 +752,7 @@ def rows_with_hidden_image_tokens(monkeypatch) -> list:
 
 def test_each_stage_hides_image_tokens_in_its_share_of_the_sequences(monkeypatch):
     """Stage 1 at image_dropout_share 0.25 hides tokens in about a quarter of its 64 rows (binomial: 0.05 to
-    0.5 holds all but 1 in 10^5 draws); stage 2 in every row, but for the 1 in 108 whose drawn fraction of
+    0.5 holds all but about 3 in 10^5 draws); stage 2 in every row, but for the 1 in 108 whose drawn fraction of
     0.75 x 144 image tokens rounds to none."""
     rows = rows_with_hidden_image_tokens(monkeypatch)
     model, processor, _ = train(steps=4, batch_size=16, image_dropout=0.75, image_dropout_share=0.25,

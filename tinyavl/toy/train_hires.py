@@ -117,7 +117,7 @@ def from_base(base: Path, in_sequence: bool = False, seed: int = 0):
         processor.image_grid_pinpoints = model.config.image_grid_pinpoints
         processor.patch_size = model.config.vision.patch_size
         return model, processor
-    # Training serves every row after the image (`optimise`'s first_served), the question's rows too, which
+    # Training serves every row after the image (`losses`' first_served), the question's rows too, which
     # generation does not: their outputs must reach no answer, so the view is read in the last layer alone.
     if model.config.text.num_hidden_layers != HIRES.first_layer + 1:
         raise UserError(f"{base} has {model.config.text.num_hidden_layers} decoder layers: FlexAttention's view "
