@@ -156,8 +156,8 @@ def quiet(*_):
 
 def test_the_hires_fine_tuning_runs_its_recipe(monkeypatch):
     """Half of its sequences hide image tokens (FINETUNE_DROPOUT_SHARE: 0.25 to 0.75 of 32 rows), its scenes
-    come from the "hires" stream, its warm-up is min(100, 111) over 1100 steps (`warmup_steps`), and the view's blend ramps
-    from 0 to 1 over HIRES_RAMP (a tenth) of the steps: 0, 0.5, then 1 over 20 steps."""
+    come from the "hires" stream, its warm-up over 1100 steps is min(100, 111) (`warmup_steps`), and the
+    view's blend ramps from 0 to 1 over HIRES_RAMP (a tenth) of the steps: 0, 0.5, then 1 over 20 steps."""
     _, flex, processor = untrained_flex()
     rows = rows_with_hidden_image_tokens(monkeypatch)
     scenes = []
