@@ -445,6 +445,8 @@ def test_image_filter_by_hand():
     assert image_filter(scores, 2, 6, 2).tolist() == [0, 1, 4, 5]
     assert image_filter(scores, 2, 6, 0).tolist() == [0, 1, 5]
     assert image_filter(scores, 0, 4, 1).tolist() == [3]
+    # No image, the prompt its BOS alone: the one sys row stays (no image row to keep last).
+    assert image_filter(torch.zeros(0), 1, 1, 0).tolist() == [0]
 
 
 @pytest.mark.parametrize("policy,params", [("fastv", dict(filter_layer=1, R=0.9)),
@@ -1073,6 +1075,8 @@ def test_modality_bytes_with_heads_keeping_different_tokens():
     assert cache.modality_bytes(0) == {"sys": 0, "image": 1 * 64, "text": 3 * 64}
     assert sum(cache.modality_bytes(0).values()) == cache.nbytes()    # one layer
     assert cache.modality_rows(0) == {"sys": 0, "image": 0.5, "text": 1.5}  # per head: the mean of the two
+    whole = cache.modality_rows(0)["sys"]
+    assert type(whole) is int                                         # a whole count reads as one: 0, not 0.0
 
 
 def test_triton_kernel_without_a_gpu_is_refused_before_any_work(monkeypatch):

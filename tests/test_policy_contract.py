@@ -285,7 +285,9 @@ def test_allowed_values_read_as_written_by_hand():
              (Param("a", 0.0, "h", low=0, high=math.inf, ends="[)"), "finite and >= 0"),
              (Param("a", 0.0, "h"), "any number"), (Param("a", 0, "h"), "any integer"),
              (Param("a", "x", "h", choices=("x", "y")), "one of x, y"),
-             (Param("a", 0, "h", low=-2 ** 63, high=2 ** 64, ends="[)"), "in [-2^63, 2^64)")]
+             (Param("a", 0, "h", low=-2 ** 63, high=2 ** 64, ends="[)"), "in [-2^63, 2^64)"),
+             (Param("a", 0.0, "h", low=0, high=math.inf), "in [0, inf]"),     # inf allowed: not "finite"
+             (Param("a", 0, "h", low=0, high=10 ** 10), "in [0, 10000000000]")]  # no power of two
     assert [param.allowed() for param, _ in cases] == [expected for _, expected in cases]
 
 
