@@ -357,13 +357,14 @@ def test_error_shard_listed_in_index_is_missing(tiny_ckpt, tmp_path):
     assert "model-00002-of-00003.safetensors" in load_error(folder)
 
 
-@pytest.mark.parametrize("where", ["absolute", "parent", "subfolder"])
+@pytest.mark.parametrize("where", ["absolute", "parent", "inner parent", "subfolder"])
 def test_error_shard_outside_the_folder(tiny_ckpt, tmp_path, where):
     """An index that names a shard outside the model's folder (an absolute path, or one through "..", here
     to the very file) is refused; one in a folder of its own loads."""
     folder = shutil.copytree(tiny_ckpt.folder("mha", shards=2), tmp_path / "sharded")
     shard = "model-00002-of-00002.safetensors"
-    elsewhere = {"absolute": str(folder / shard), "parent": f"../sharded/{shard}", "subfolder": f"sub/{shard}"}[where]
+    elsewhere = {"absolute": str(folder / shard), "parent": f"../sharded/{shard}",
+                 "inner parent": f"sub/../../sharded/{shard}", "subfolder": f"sub/{shard}"}[where]
     (folder / "sub").mkdir()
     shutil.copy(folder / shard, folder / "sub" / shard)
     index = json.loads((folder / "model.safetensors.index.json").read_text())
@@ -598,3 +599,75 @@ def test_error_generation_config_json_eos_that_is_no_token(good_folder, eos):
 def test_error_generation_config_json_that_is_not_json(good_folder):
     (good_folder / "generation_config.json").write_text("{broken")
     assert "generation_config.json is not valid JSON" in load_error(good_folder)
+
+
+def test_a_config_that_names_no_model_type_reads_as_transformers_llava_config_reads_it():
+    """No model_type at the top: LLaVA-1.5 ("llava"); none in text_config: Llama, whose defaults keep this
+    config's 4 KV heads (Mistral's would be 8)."""
+    from transformers import LlavaConfig
+
+    raw = sparse_config(VARIANTS["mha"])
+    raw.pop("model_type")
+    raw["text_config"].pop("model_type")
+    theirs = LlavaConfig.from_dict(copy.deepcopy(raw))
+    config = parse_config(copy.deepcopy(raw))
+    assert (theirs.model_type, theirs.text_config.model_type) == ("llava", "llama")
+    assert config.image_grid_pinpoints is None
+    assert config.text.num_key_value_heads == theirs.text_config.num_key_value_heads
+    assert config.text.sliding_window is None
+
+
+@pytest.mark.parametrize("where,value,says", [("vision_config", ["clip"], "vision_config that is not a JSON object"),
+                                              ("text_config.model_type", ["llama"], "text_config.model_type")])
+def test_error_config_sections_of_the_wrong_json_kind(where, value, says):
+    raw = sparse_config(VARIANTS["mha"])
+    if where == "vision_config":
+        raw["vision_config"] = value
+    else:
+        raw["text_config"]["model_type"] = value
+    with pytest.raises(UserError, match=says):
+        parse_config(raw)
+
+
+def test_bf16_may_be_asked_for_by_its_short_name(tiny_ckpt):
+    model, _ = tinyavl.load_pretrained(tiny_ckpt.folder("mha"), device="cpu", dtype="bf16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_an_fp16_tied_checkpoint_that_keeps_its_head_loads_in_bf16_on_a_cpu(tiny_ckpt, tmp_path):
+    """The head kept beside the embedding is compared in the run dtype (fp16 stored, bf16 run here)."""
+    folder = shutil.copytree(tiny_ckpt.folder("mha", dtype=torch.float16), tmp_path / "tied")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    rewrite_weights(folder, lambda t: t.update({"language_model.lm_head.weight":
+                                                t["language_model.model.embed_tokens.weight"].clone()}))
+    model, _ = tinyavl.load_pretrained(folder, device="cpu")
+    assert model.language_model.lm_head.weight.dtype == torch.bfloat16
+    assert model.language_model.lm_head.weight is model.language_model.model.embed_tokens.weight
+
+
+def test_error_a_vision_layer_key_spelt_with_a_leading_zero_is_unexpected(good_folder):
+    """layers.01 is no key PyTorch writes (it names layer 1 "1"): unexpected, even where layer 1 is one the
+    tower never runs and its keys are ignored."""
+    key = "vision_tower.vision_model.encoder.layers.01.mlp.fc1.weight"
+    rewrite_weights(good_folder, lambda t: t.__setitem__(key, torch.zeros(2)))
+    message = load_error(good_folder)
+    assert "unexpected keys (1)" in message and key in message
+
+
+def test_error_a_misshaped_tensor_is_not_also_called_missing(good_folder):
+    rewrite_weights(good_folder, lambda t: t.__setitem__("multi_modal_projector.linear_2.weight", torch.zeros(64, 63)))
+    message = load_error(good_folder)
+    assert "mis-shaped" in message and "missing" not in message
+
+
+def test_error_a_config_json_that_is_a_folder(good_folder):
+    (good_folder / "config.json").unlink()
+    (good_folder / "config.json").mkdir()
+    assert "is not a file" in load_error(good_folder)
+
+
+def test_error_a_folder_of_pickle_weights_alone_says_so(good_folder):
+    os.remove(good_folder / "model.safetensors")
+    (good_folder / "model.pt").write_bytes(b"not unpickled")
+    assert "holds only pickle weights" in load_error(good_folder)

@@ -56,7 +56,8 @@ def test_a_valid_checkpoint_loads(folder):
 
 
 # ----------------------------------------------------------------------------------------- weights
-@pytest.mark.parametrize("key,value", [(NORM, float("nan")), ("multi_modal_projector.linear_1.weight", float("inf"))])
+@pytest.mark.parametrize("key,value", [(NORM, float("nan")), ("multi_modal_projector.linear_1.weight", float("inf")),
+                                       (NORM, float("-inf"))])
 def test_non_finite_weight(folder, key, value):
     edit_weights(folder, lambda t: t[key].view(-1)[3:5].fill_(value))
     message = load_error(folder)
@@ -67,6 +68,10 @@ def test_weight_that_overflows_the_run_dtype(folder):
     edit_weights(folder, lambda t: t[NORM].view(-1)[0].fill_(1e6))  # fine in fp32, inf in fp16
     with pytest.raises(UserError, match=f"{NORM} overflows float16: load the model in bfloat16 or float32"):
         tinyavl.load_pretrained(folder, device="cpu", dtype="float16")
+    # bf16's largest is about 3.39e38: 3.4e38 (fp32's range) rounds to inf there, and only fp32 holds it.
+    edit_weights(folder, lambda t: t[NORM].view(-1)[0].fill_(3.4e38))
+    with pytest.raises(UserError, match=rf"{NORM} overflows bfloat16: load the model in float32 \(--dtype\)$"):
+        tinyavl.load_pretrained(folder, device="cpu", dtype="bfloat16")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
