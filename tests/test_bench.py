@@ -4,11 +4,12 @@ by hand. Its timings themselves are not tested: they are measurements, printed a
 import json
 import statistics
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from tinyavl import bench
+from tinyavl import bench, timing
 from tinyavl.cache import POLICIES, AVLCache
 from tinyavl.model import LlavaConfig, LlavaForConditionalGeneration, TextConfig, keys_first
 
@@ -620,3 +621,98 @@ def test_agreeing_start_counts_tokens_up_to_where_the_answers_part():
     assert bench.agreeing_start([1, 2, 3], [1, 2, 3]) == 3
     assert bench.agreeing_start([1, 2], [1, 2, 3]) == 2                   # one answer ended early (EOS)
     assert bench.agreeing_start([1, 2, 3], [1, 2]) == 2                   # or the other
+
+
+def test_best_seconds_is_the_fastest_repeat_after_a_warm_up_each_waited_for(monkeypatch):
+    """A clock reading 0, 3, 10, 11, 20, 22: repeats of 3, 1 and 2 s, the best 1. The call runs once
+    untimed first, and every timed call starts and ends after the GPU's queued work (synchronize)."""
+    events, readings = [], iter([0.0, 3.0, 10.0, 11.0, 20.0, 22.0])
+
+    def clock():
+        events.append("clock")
+        return next(readings)
+    monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter=clock))  # this module's clock alone
+    monkeypatch.setattr(timing, "synchronize", lambda: events.append("sync"))
+    assert timing.best_seconds(lambda: events.append("fn"), 3) == 1.0
+    assert events == ["fn"] + ["sync", "clock", "fn", "sync", "clock"] * 3
+
+
+def test_the_matvec_rate_counts_the_weights_in_the_run_dtype(monkeypatch):
+    """bf16 weights are 2 bytes: every Linear of 4 layers (q, k, v, o of 32 x 32 and 2 KV heads of 8, the
+    MLP's three 32 x 48) and the 64-word head, read in 0.5 s."""
+    monkeypatch.setattr(bench, "best_seconds", lambda fn, repeats: (fn(), 0.5)[1])
+    model = bench.random_model(TINY, torch.bfloat16)
+    hidden, mlp, vocab, layers, hs, kv_heads = 32, 48, 64, 4, 8, 2
+    per_layer = hidden * hidden + 2 * hidden * kv_heads * hs + hidden * hidden + 3 * hidden * mlp  # q, k, v, o; MLP
+    weights = layers * per_layer + vocab * hidden
+    assert bench.matvec_rate(model) == 2 * weights / 0.5
+
+
+def test_growth_is_fitted_from_the_first_growth_token_on(model, monkeypatch):
+    """GROWTH_TOKENS (3, 5), steps of 0, 10, 11 and 13 ms making tokens 2..5: tokens 3, 4, 5 take 10, 11, 13
+    ms, pairwise slopes 1, 1.5 and 2 ms a token, their median 1.5: 150 ms per 100 tokens (from token 2 on
+    the median would be 2)."""
+    monkeypatch.setattr(bench, "GROWTH_TOKENS", (3, 5))
+    series = [0.0, 0.010, 0.011, 0.013]
+    monkeypatch.setattr(bench, "run_policies", lambda model, names, ids, pixels, new_tokens: {
+        name: (None, type("Stats", (), {"decode_step_seconds": series}), None) for name in names})
+    monkeypatch.setattr(bench, "attention_step_seconds", lambda cache: series)
+    growth = bench.growth(model, n_img=20)
+    assert growth["full"]["step_ms_per_100_tokens"] == pytest.approx(150)
+    assert growth["avl"]["attention_ms_per_100_tokens"] == pytest.approx(150)
+
+
+def test_a_transformers_step_is_timed_through_its_token_choice(monkeypatch):
+    """Choosing the token (int(), where the host waits for a GPU's queued work) takes 10 s here, and each
+    clock reading 1 s more: every step is 11 s."""
+    now = [0.0]
+
+    def clock():
+        now[0] += 1.0
+        return now[0]
+
+    class SlowChoice:
+        def __int__(self):
+            now[0] += 10.0
+            return 5
+
+    class Logits:
+        def __getitem__(self, index):
+            return self
+
+        def argmax(self):
+            return SlowChoice()
+
+    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=clock))
+    steps = bench.transformers_greedy(lambda **kwargs: type("Out", (), {"logits": Logits(), "past_key_values": None})(),
+                                      torch.zeros(1, 3, 8), 3)
+    with pytest.raises(StopIteration) as end:
+        while True:
+            next(steps)
+    assert end.value.value == ([5, 5, 5], [11.0, 11.0])
+
+
+def test_a_case_reports_the_tokens_it_generated(model):
+    case = bench.run_case(model, n_img=20, new_tokens=3, measure=lambda model: {"read": 2e9, "matvec": 1e9})
+    assert case["new_tokens"] == 3
+
+
+def test_every_policy_decodes_every_step_past_the_models_eos(model, monkeypatch):
+    """The models' EOS set to the first token `full` picks: the run goes on to its 5 tokens all the same, so
+    that every policy decodes as many steps."""
+    ids, pixels = bench.prompt_ids(TINY, 20), bench.image_block(model, 20)
+    first = bench.generate(model, ids, pixels, max_new_tokens=1, eos_token_id=(), policy="full")[0][0]
+    monkeypatch.setattr(model.config.text, "eos_token_id", first)
+    tokens, stats, _ = bench.run_policies(model, ("full",), ids, pixels, new_tokens=5)["full"]
+    assert len(tokens) == 5 and stats.new_tokens == 5
+
+
+def test_a_cuda_span_is_its_events_milliseconds_in_seconds():
+    class Event:
+        def __init__(self, ms):
+            self.ms = ms
+
+        def elapsed_time(self, end):
+            return end.ms - self.ms
+
+    assert bench.Spans._seconds_between(Event(100.0), Event(350.0)) == 0.25
