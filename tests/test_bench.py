@@ -650,8 +650,8 @@ def test_the_matvec_rate_counts_the_weights_in_the_run_dtype(monkeypatch):
 
 def test_growth_is_fitted_from_the_first_growth_token_on(model, monkeypatch):
     """GROWTH_TOKENS (3, 5), steps of 0, 10, 11 and 13 ms making tokens 2..5: tokens 3, 4, 5 take 10, 11, 13
-    ms, pairwise slopes 1, 1.5 and 2 ms a token, their median 1.5: 150 ms per 100 tokens (from token 2 on
-    the median would be 2)."""
+    ms, pairwise slopes 1, 1.5 and 2 ms a token, their median 1.5: 150 ms per 100 tokens (from token 2 on,
+    the median of 1, 1.5, 2, 4.33, 5.5 and 10 would be 3.17: 317 ms)."""
     monkeypatch.setattr(bench, "GROWTH_TOKENS", (3, 5))
     series = [0.0, 0.010, 0.011, 0.013]
     monkeypatch.setattr(bench, "run_policies", lambda model, names, ids, pixels, new_tokens: {
