@@ -30,6 +30,7 @@ from tokenizers import Tokenizer
 import main
 import tinyavl
 from tinyavl.cli import ArgumentParser, run_command, run_main
+from tinyavl.errors import UserError
 from tinyavl.processing import load_image
 from tiny_checkpoints import VARIANTS, make_image, sparse_config, tokenizer_info, write_checkpoint
 
@@ -1286,3 +1287,45 @@ def test_an_out_of_memory_error_with_a_cpp_stack_is_still_one_line(capsys):
         raise RuntimeError(message)
     assert run_command(work, argparse.Namespace(json=True), show=print) == 1
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_a_flag_is_not_abbreviated():
+    """--max-new is no --max-new-tokens (an abbreviation could later become another flag's)."""
+    with pytest.raises(SystemExit) as end:
+        main.build_parser().parse_args(["--image", "x.png", "--max-new", "3"])
+    assert end.value.code == 2
+
+
+def test_a_trainer_takes_up_to_max_threads():
+    from tinyavl.cli import MAX_THREADS, check_training_args
+    most = argparse.Namespace(steps=1, batch_size=1, threads=MAX_THREADS, lr=1e-3, eval_every=0, seed=0)
+    check_training_args(ArgumentParser(), most)
+    with pytest.raises(SystemExit):
+        check_training_args(ArgumentParser(), argparse.Namespace(**{**vars(most), "threads": MAX_THREADS + 1}))
+
+
+def test_progress_is_flushed_line_by_line(monkeypatch):
+    """A training's log reaches a pipe (| tee log) as it is written, not in blocks."""
+    import io
+    from tinyavl.cli import print_progress
+    flushed = []
+
+    class Recorded(io.StringIO):
+        def flush(self):
+            flushed.append(self.getvalue())
+
+    monkeypatch.setattr(sys, "stdout", Recorded())
+    print_progress("step", 1)
+    assert flushed and flushed[-1] == "step 1\n"
+
+
+def test_a_commands_description_is_its_docstrings_first_paragraph_on_one_line():
+    from tinyavl.cli import first_paragraph
+    assert first_paragraph("Train the\n  toy model.\n\nMore.") == "Train the toy model."
+
+
+def test_a_json_file_holding_true_is_named_for_it(tmp_path):
+    from tinyavl.files import read_json_object
+    (tmp_path / "c.json").write_text("true")
+    with pytest.raises(UserError, match="holds true or false"):
+        read_json_object(tmp_path / "c.json")

@@ -17,7 +17,7 @@ import torch
 
 import tinyavl
 from tinyavl.errors import UserError
-from tinyavl.generate import GENERATION_PARAMS, generation, sample
+from tinyavl.generate import GENERATION_PARAMS, generation, id_set, sample
 from tiny_checkpoints import VARIANTS, make_image, sparse_config, tokenizer_info, write_checkpoint
 
 STEPS = 12
@@ -820,3 +820,30 @@ def test_the_prefill_computes_the_logits_of_the_last_position_only(loaded):
 
     greedy(Shapes(model), ids, px, steps=3)
     assert shapes == [(1, 1)] * 3
+
+
+def test_an_answer_as_long_as_the_room_left_ends_for_its_length(short_context_model):
+    """A 36-token prompt in a context of 40 and max_new_tokens 4: every token asked for was made, so
+    "length", though the context is full too."""
+    model, _ = short_context_model
+    tokens, stats = greedy(model, text_ids(CONTEXT - 4), None, steps=4)
+    assert len(tokens) == 4 and stats.finish_reason == "length"
+
+
+def test_int32_ids_generate_as_int64_ids_do(loaded):
+    model, processor = loaded("mha")
+    ids, pixel_values = prompt_inputs(processor, "image")
+    assert greedy(model, ids.int(), pixel_values, steps=4)[0] == greedy(model, ids, pixel_values, steps=4)[0]
+
+
+def test_a_text_only_prompts_bos_is_its_sys_segment(loaded):
+    """No image: BOS alone is sys (one row a layer, by hand), the rest text."""
+    model, processor = loaded("mha")
+    ids, _ = prompt_inputs(processor, "text_only")
+    _, stats = greedy(model, ids, None, steps=2)
+    assert stats.modality_bytes_after_prefill["sys"] == dense_bytes("mha", 1, 4)
+
+
+def test_bytes_are_no_list_of_end_ids():
+    with pytest.raises(UserError):
+        id_set(b"\x02")        # list(b"\x02") == [2]: bytes must not pass as ids
