@@ -197,7 +197,7 @@ def test_a_line_longer_than_the_picture_is_cut_with_an_ellipsis():
     assert fitted("Q: short", draw, exact) == "Q: short" and fitted("Q: short", draw, exact - 1).endswith("...")
 
 
-def test_the_text_of_a_strip(tiny_ckpt, monkeypatch):
+def test_the_text_of_a_strip(tiny_ckpt, drawn_text):
     """What a strip writes, recorded as it is drawn: the question, the title, the two panels' captions, the
     count of each role, and under the heat the scale's peak to 3 significant digits (a long prompt's peak may
     be under 0.001, which 3 decimals printed as 0.000), its right end at the bar's. A long question is cut at
@@ -207,15 +207,8 @@ def test_the_text_of_a_strip(tiny_ckpt, monkeypatch):
     roles = torch.tensor([EVICTED, STORED, COMPUTED, COMPUTED] * 4)   # 4 evicted, 4 stored only, 8 computed
     heat = torch.full((16,), 0.0001)
     heat[5] = 0.000349
-    lines, text = [], ImageDraw.ImageDraw.text
-
-    def recorded_text(self, xy, line, *args, **kwargs):
-        lines.append((xy, line, self.textlength(line)))
-        return text(self, xy, line, *args, **kwargs)
-
-    monkeypatch.setattr(ImageDraw.ImageDraw, "text", recorded_text)
     picture = draw_attention_map(image, roles, heat, "image, layer 1, policy avl", question="what is it? " * 30)
-    by_text = {line: (xy, length) for xy, line, length in lines}
+    by_text = {line: (xy, length) for xy, line, length in drawn_text}
     question = next(line for line in by_text if line.startswith("Q: what is it?"))
     assert question.endswith("...") and by_text[question][1] <= picture.width - 8
     assert by_text["image, layer 1, policy avl"][0] == (4, 22)

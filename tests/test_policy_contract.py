@@ -261,6 +261,7 @@ def test_every_parameter_is_bounded_and_runs_at_its_edges(policy):
     dense cache's bytes. Where another parameter's default rules the value out (A-VL's C <= S <= P), every
     parameter of the same range takes the value too, which keeps such an order."""
     params = POLICIES[policy].PARAMS
+    model, ids, pixel_values, _ = model_and_prompt("llava")
     for param in params:
         if param.choices:
             continue
@@ -270,7 +271,6 @@ def test_every_parameter_is_bounded_and_runs_at_its_edges(policy):
                 cache = make_cache(policy, **{param.name: value})
             except UserError:
                 cache = make_cache(policy, **{p.name: value for p in params if p.allowed() == param.allowed()})
-            model, ids, pixel_values, _ = model_and_prompt("llava")
             _, stats = tinyavl.generate(model, ids, pixel_values, max_new_tokens=STEPS, policy=cache, eos_token_id=())
             assert stats.new_tokens == STEPS and stats.kv_cache_bytes_peak <= stats.kv_cache_bytes_dense, \
                 (param.name, value)

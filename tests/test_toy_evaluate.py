@@ -22,6 +22,9 @@ from tinyavl.toy.plot import HEIGHT, MARGIN, PALETTE, WIDTH, plot_font, save_lin
 SCENE = Scene((SceneObject("circle", "red", 1, 2, 5, (220, 40, 40)),
                SceneObject("square", "blue", 3, 4, None, (50, 90, 235))))
 
+# The plots' frame, in pixels.
+LEFT, TOP, RIGHT, BOTTOM = MARGIN["left"], MARGIN["top"], WIDTH - MARGIN["right"], HEIGHT - MARGIN["bottom"]
+
 
 def no_model(*args, **kwargs):
     pytest.fail("loaded the model before checking the command line")
@@ -387,14 +390,10 @@ def test_sweep_plot_is_a_png_with_every_policy_drawn(tmp_path):
     with Image.open(path) as picture:
         pixels = picture.convert("RGB")
     # Each policy's points: x = KV ratio over (0, 1), y = accuracy over (0, 1), in the plot's frame.
-    left, top = MARGIN["left"], MARGIN["top"]
-    right, bottom = WIDTH - MARGIN["right"], HEIGHT - MARGIN["bottom"]
     colours = {"full": PALETTE[0], "random": PALETTE[1], "avl": PALETTE[2]}
     for r in reports:
         colour = colours[r["policy"]]
-        x = left + r["kv_ratio"] * (right - left)
-        y = bottom - r["accuracy"] * (bottom - top)
-        assert pixels.getpixel((round(x), round(y))) == colour, r["policy"]
+        assert pixels.getpixel(pixel(r["kv_ratio"], r["accuracy"], (0, 1), (0, 1))) == colour, r["policy"]
 
 
 def test_a_caption_is_right_in_any_order_with_each_object_once():
@@ -661,9 +660,6 @@ def test_a_special_token_inside_an_answer_makes_it_wrong(monkeypatch):
         stand_in = SimpleNamespace(config=SimpleNamespace(hires=None))           # generate is replaced
         assert evaluate_module.evaluate(stand_in, processor, questions, "full")["accuracy"] == float(right), ending
 
-
-# The plot's frame, in pixels.
-LEFT, TOP, RIGHT, BOTTOM = MARGIN["left"], MARGIN["top"], WIDTH - MARGIN["right"], HEIGHT - MARGIN["bottom"]
 
 
 def pixel(x, y, x_range, y_range):

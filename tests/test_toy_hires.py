@@ -31,11 +31,11 @@ from tinyavl.toy import evaluate_hires
 from tinyavl.toy import train as train_module
 from tinyavl.toy import train_hires as train_hires_module
 from tinyavl.toy.evaluate import HIRES_MODES, PROMPT_KINDS, attention_pairs, evaluate, held_out_set
-from test_toy_evaluate import no_model
+from test_toy_evaluate import BOTTOM, LEFT, RIGHT, TOP, no_model
 from test_toy_train import rows_with_hidden_image_tokens
 from tinyavl.toy.evaluate_hires import IN_SEQUENCE, format_table, in_sequence_pairs, plot
 from tinyavl.toy.evaluate_hires import main as evaluate_hires_main
-from tinyavl.toy.plot import HEIGHT, MARGIN, PALETTE, WIDTH
+from tinyavl.toy.plot import PALETTE
 from tinyavl.toy.scenes import (COLOURS, DIGIT_COLOUR, FINE_SCALE, IMAGE_SIZE, PATCH, Scene, SceneObject,
                                 SceneStream)
 from tinyavl.toy.train import (DROPOUT_STATE, PATCH_CLASSES, Checkpoint, PatchProbe, attribute_loss, chat_example,
@@ -150,10 +150,6 @@ def tiny_flex():
     return model, flex, processor, batch
 
 
-def quiet(*_):
-    pass
-
-
 def test_the_hires_fine_tuning_runs_its_recipe(monkeypatch):
     """Half of its sequences hide image tokens (FINETUNE_DROPOUT_SHARE: 0.25 to 0.75 of 32 rows), its scenes
     come from the "hires" stream, its warm-up over 1100 steps is min(100, 111) (`warmup_steps`), and the
@@ -163,14 +159,14 @@ def test_the_hires_fine_tuning_runs_its_recipe(monkeypatch):
     scenes = []
     monkeypatch.setattr(train_module, "chat_example", lambda scene, *args: scenes.append(scene) or
                         chat_example(scene, *args))
-    train_hires(flex, processor, steps=2, batch_size=16, log=quiet)
+    train_hires(flex, processor, steps=2, batch_size=16, log=lambda *_: None)
     assert len(rows) == 32 and 0.25 < sum(rows) / len(rows) < 0.75, rows
     assert scenes[0] == next(SceneStream("hires", 0, fine=True))[0]
     monkeypatch.undo()
 
     recipe = []
     monkeypatch.setattr(train_hires_module, "optimise", lambda *args, **kwargs: recipe.append(args[6]) or [])
-    train_hires(flex, processor, steps=1100, log=quiet)
+    train_hires(flex, processor, steps=1100, log=lambda *_: None)
     assert recipe == [100]
     monkeypatch.undo()
 
@@ -178,7 +174,7 @@ def test_the_hires_fine_tuning_runs_its_recipe(monkeypatch):
     monkeypatch.setattr(train_module, "losses", lambda model, probe, batch, hires_alpha=1.0: alphas.append(hires_alpha)
                         or (torch.zeros(()), torch.zeros(())))
     monkeypatch.setattr(train_module, "take_step", lambda *args: None)
-    train_hires(flex, processor, steps=20, batch_size=1, log=quiet)
+    train_hires(flex, processor, steps=20, batch_size=1, log=lambda *_: None)
     assert alphas == [0.0, 0.5] + [1.0] * 18
 
 
@@ -633,15 +629,13 @@ def test_the_plot_puts_each_point_where_its_cost_and_accuracy_say(tmp_path, with
     plot(reports, path, "title", tiled if with_tiles else None)
     with Image.open(path) as picture:
         pixels = picture.convert("RGB")
-    left, top = MARGIN["left"], MARGIN["top"]
-    right, bottom = WIDTH - MARGIN["right"], HEIGHT - MARGIN["bottom"]
     points = [(PALETTE[0], reports[0]), (PALETTE[0], reports[1]), (PALETTE[1], reports[2])]
     if with_tiles:
         points += [(PALETTE[0], tiled[0]), (PALETTE[1], tiled[1])]
     for colour, r in points:
         mflops = r["attention_mflops"]
         share = math.log10(mflops / 10.0) / 2 if with_tiles else (mflops - 10.0) / 30.0  # 10 .. 1000 or 10 .. 40
-        x, y = left + share * (right - left), bottom - r["accuracy_by_type"]["digit"] * (bottom - top)
+        x, y = LEFT + share * (RIGHT - LEFT), BOTTOM - r["accuracy_by_type"]["digit"] * (BOTTOM - TOP)
         assert pixels.getpixel((round(x), round(y))) == colour, (r["policy"], r["mode"])
 
 

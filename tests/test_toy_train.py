@@ -697,10 +697,6 @@ def test_trainer_command_runs_stage_0_and_keeps_the_tower_frozen_in_stage_2(monk
         tune(None, None, steps=1, mask_kind="squares", log=lambda *_: None)
 
 
-def quiet(*_):
-    pass
-
-
 def test_later_turns_are_a_user_question_then_the_assistant():
     """Between one answer's </s> and the next answer, the untrained text is "USER: <question> ASSISTANT:"
     (lower-cased by the toy's tokenizer), as the processor's chat template writes a turn."""
@@ -756,10 +752,10 @@ def test_each_stage_hides_image_tokens_in_its_share_of_the_sequences(monkeypatch
     0.75 x 144 image tokens rounds to none."""
     rows = rows_with_hidden_image_tokens(monkeypatch)
     model, processor, _ = train(steps=4, batch_size=16, image_dropout=0.75, image_dropout_share=0.25,
-                                config_overrides=TINY, log=quiet)
+                                config_overrides=TINY, log=lambda *_: None)
     assert len(rows) == 64 and 0.05 < sum(rows) / len(rows) < 0.5, rows
     rows.clear()
-    tune(model, processor, steps=4, batch_size=16, log=quiet)
+    tune(model, processor, steps=4, batch_size=16, log=lambda *_: None)
     assert len(rows) == 64 and sum(rows) / len(rows) > 0.9, rows
 
 
@@ -767,8 +763,8 @@ def test_each_stage_draws_from_its_own_scene_stream(monkeypatch):
     first = []
     monkeypatch.setattr(train_module, "chat_example", lambda scene, *args: first.append(scene) or
                         chat_example(scene, *args))
-    model, processor, _ = train(steps=1, batch_size=1, config_overrides=TINY, log=quiet)
-    tune(model, processor, steps=1, batch_size=1, log=quiet)
+    model, processor, _ = train(steps=1, batch_size=1, config_overrides=TINY, log=lambda *_: None)
+    tune(model, processor, steps=1, batch_size=1, log=lambda *_: None)
     assert first == [next(SceneStream("train", 0))[0], next(SceneStream("tune", 0))[0]]
 
 
@@ -777,17 +773,17 @@ def test_the_stages_warm_up_over_their_recipes_steps(monkeypatch):
     min(100, 201)."""
     warmups = []
     monkeypatch.setattr(train_module, "optimise", lambda *args, **kwargs: warmups.append(args[6]) or [])
-    model, processor, _ = train(steps=7000, config_overrides=TINY, log=quiet)
-    tune(model, processor, steps=2000, log=quiet)
+    model, processor, _ = train(steps=7000, config_overrides=TINY, log=lambda *_: None)
+    tune(model, processor, steps=2000, log=lambda *_: None)
     assert warmups == [300, 100]
 
 
 def test_a_stage_saves_its_last_step_whatever_the_checkpoints_interval(tmp_path):
     """4 steps with a checkpoint every 3: saved after step 3 and after step 4, the last, from which the next
     stage goes on."""
-    model, processor, _ = train(steps=1, batch_size=1, config_overrides=TINY, log=quiet)
+    model, processor, _ = train(steps=1, batch_size=1, config_overrides=TINY, log=lambda *_: None)
     checkpoint = Checkpoint(tmp_path / "c.safetensors", run={"x": 1}, every=3)
-    tune(model, processor, steps=4, batch_size=1, log=quiet, checkpoint=checkpoint)
+    tune(model, processor, steps=4, batch_size=1, log=lambda *_: None, checkpoint=checkpoint)
     with safe_open(str(checkpoint.path), framework="pt") as file:
         assert file.metadata()["step"] == "4"
 
@@ -798,5 +794,5 @@ def test_held_out_accuracy_is_logged_every_eval_every_steps(monkeypatch):
     monkeypatch.setattr(train_module, "take_step", lambda *args: steps_taken.append(1) or take_step(*args))
     monkeypatch.setattr(train_module, "evaluate", lambda *args, **kwargs: evaluated_after.append(len(steps_taken))
                         or {"accuracy": 0.0, "accuracy_by_type": {}})
-    train(steps=4, batch_size=1, eval_every=2, config_overrides=TINY, log=quiet)
+    train(steps=4, batch_size=1, eval_every=2, config_overrides=TINY, log=lambda *_: None)
     assert evaluated_after == [2, 4]
