@@ -69,3 +69,8 @@ def test_recorded_rows_are_transformers_attention_of_each_step(tiny_ckpt, varian
         for layer, row in enumerate(layers):
             expected = attentions[layer][0, :, query, :query + 1].mean(0)   # (query + 1,) head mean
             torch.testing.assert_close(row, expected, atol=1e-5, rtol=0)
+
+
+def test_ppci_names_both_lengths_it_refuses():
+    with pytest.raises(ValueError, match="got 10 and 5"):
+        ppci(torch.ones(10), torch.ones(5), 0.4)

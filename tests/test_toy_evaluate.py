@@ -1,4 +1,5 @@
 """The evaluation's statistics and budget rules, by hand (the runs on the committed model are in test_toy.py)."""
+import json
 import math
 from fractions import Fraction
 from types import SimpleNamespace
@@ -715,3 +716,120 @@ def test_a_plot_keeps_a_file_it_was_not_told_to_replace(tmp_path):
     with pytest.raises(UserError):
         save_line_plot(path, {"a": [(0, 0.5), (1, 0.5)]}, "x", "y", "t")
     assert path.read_text() == "the user's"
+
+
+def test_table_plot_with_force_replaces_the_users_file(tmp_path, monkeypatch, capsys):
+    """The tutorial's `--table --plot tutorial/figures/budget-sweep.png --force`: the file there is replaced
+    by the sweep's picture, not refused after the whole sweep."""
+    plot = tmp_path / "sweep.png"
+    plot.write_text("the user's")
+    monkeypatch.setattr(evaluate_module, "budget_sweep", lambda *a, **k: [report("full", 1.0, 1.0, 1.0),
+                                                                          report("random", 0.9, 0.6, 0.5)])
+    assert evaluate_module.main(["--table", "--n", "2", "--plot", str(plot), "--force", "--json"]) == 0
+    with Image.open(plot) as picture:
+        assert picture.format == "PNG"
+
+
+def test_table_json_and_title_count_scenes_not_prompts(tmp_path, monkeypatch, capsys):
+    """--n counts scenes; each asks 6 prompts: the JSON's n_scenes and the plot's title say so."""
+    titles = []
+    monkeypatch.setattr(evaluate_module, "budget_sweep", lambda *a, **k: [report("full", 1.0, 1.0, 1.0)])
+    monkeypatch.setattr(evaluate_module, "plot_sweep", lambda reports, path, title, replace: titles.append(title))
+    assert evaluate_module.main(["--table", "--n", "2", "--plot", str(tmp_path / "s.png"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n_scenes"] == 2
+    assert titles == ["toy LLaVA, 2 held-out scenes (seed 1) x 6 prompts"]
+
+
+def test_attention_maps_with_force_replace_the_pictures(tmp_path, capsys):
+    """--force replaces a picture already in --attention-maps, as it promises, rather than stopping there."""
+    (tmp_path / "caption.png").write_text("the user's")
+    assert evaluate_module.main(["--n", "1", "--attention-maps", str(tmp_path), "--force", "--json"]) == 0
+    with Image.open(tmp_path / "caption.png") as picture:
+        assert picture.format == "PNG"
+
+
+@pytest.mark.parametrize("argv", [["--attention-maps", "maps"], ["--S", "0.3"]])
+def test_table_refuses_what_it_would_ignore(argv, tmp_path, monkeypatch, capsys):
+    """--table runs its own policies and draws no maps: an option it would ignore is refused, before any work."""
+    monkeypatch.setattr(evaluate_module, "load_pretrained", no_model)
+    monkeypatch.chdir(tmp_path)
+    assert evaluate_module.main(["--table", "--n", "2", *argv]) == 2
+    assert "--table runs its own list of policies" in capsys.readouterr().err and not (tmp_path / "maps").exists()
+
+
+def test_the_filter_layer_note_is_printed(monkeypatch, capsys):
+    """What check_filter_layer has to say about --filter-layer reaches stderr, alone."""
+    monkeypatch.setattr(evaluate_module, "check_filter_layer", lambda *a: "note: the filter layer")
+    monkeypatch.setattr(evaluate_module, "evaluate", lambda *a, **k: {"accuracy": 1.0})
+    assert evaluate_module.main(["--n", "1", "--json"]) == 0
+    assert capsys.readouterr().err == "note: the filter layer\n"
+
+
+def test_default_held_out_set_is_100_scenes_of_seed_1():
+    """The held-out set the README's tables measure, and the module's docstring names."""
+    args = evaluate_module.parse_args([])
+    assert (args.n, args.seed) == (100, 1)            # the module docstring's "100 scenes of seed 1"
+
+
+def test_sweep_log_line_shows_each_measured_number(monkeypatch):
+    """The progress line of each run: accuracy, KV held over the run and after the prefill, each to 3 places."""
+    lines = []
+
+    def fake_evaluate(model, processor, questions, policy, params=None, hires_mode=None, params_by_type=None):
+        return {"policy": policy, "policy_params": params, "accuracy": 0.8125, "right_by_scene": [6, 5],
+                "kv_ratio": 0.6125, "kv_ratio_after_prefill": 0.4375, "seconds": 3.0,
+                "kv_ratio_after_prefill_by_type": {"caption": 0.3125},
+                "kv_ratio_by_type": {kind: 0.6125 for kind in PROMPT_KINDS},
+                "cached_tokens_by_type": {kind: 200 for kind in PROMPT_KINDS}}
+
+    monkeypatch.setattr(evaluate_module, "evaluate", fake_evaluate)
+    model = SimpleNamespace(config=SimpleNamespace(text=SimpleNamespace(num_hidden_layers=4)))
+    budget_sweep(model, None, [], log=lines.append)
+    assert lines[0] == ("budget 1.0: full: accuracy 0.812, KV 0.613, after the prefill 0.438 (captions 0.312) (3 s)")
+
+
+def test_sweep_plot_draws_each_line_with_its_interval(monkeypatch, tmp_path):
+    """An ablation is a line of its own beside its policy's, and each point carries its Wilson interval."""
+    drawn = {}
+    monkeypatch.setattr(evaluate_module, "save_line_plot", lambda path, series, **kwargs: drawn.update(series))
+    ablation = {**report("avl", 0.7, 0.55, 0.5), "line": "avl, its choice only"}
+    plot_sweep([report("avl", 0.8, 0.5, 0.5), ablation], tmp_path / "p.png", "t")
+    assert drawn == {"avl": [(0.5, 0.8, *wilson_interval(48, 60))],
+                     "avl, its choice only": [(0.55, 0.7, *wilson_interval(42, 60))]}
+
+
+def test_no_decode_step_has_no_attended_ratio_and_the_table_says_so():
+    """Answers of one token have no decode step: no attended ratio (not 0), shown as "-" in the table."""
+    tally = Tally()
+    for question in held_out_set(seed=3, n_scenes=1):
+        tally.add(question, question.answer, fake_stats(4, 20, [], [7, 7]))      # one-token answers
+    r = tally.report()
+    assert r["attended_ratio"] is None
+    row = dict(zip(*([c.strip() for c in line.strip("|").split("|")]
+                     for line in format_table([{**r, "policy": "full", "policy_params": {}}]).splitlines()[::2])))
+    assert row["attended"] == "-"
+
+
+def test_caption_errors_are_summed_over_captions():
+    """caption_errors counts every caption's errors, not the last one's."""
+    questions = [q for q in held_out_set(seed=3, n_scenes=2) if q.kind == "caption"]
+    tally = Tally()
+    for q in questions:
+        tally.add(q, "", fake_stats(4, 20, [], [7]))          # both captions name nothing: 2 wrong counts
+    assert tally.report()["caption_errors"]["objects"] == 2
+
+
+def test_evaluate_refuses_a_bad_hires_mode_and_params_beside_params_by_type():
+    """For a caller of evaluate(): a mode it does not know, and params it would drop, are refused."""
+    with pytest.raises(ValueError, match="hires_mode must be one of"):
+        evaluate_module.evaluate(None, None, [], hires_mode="every-block")
+    with pytest.raises(ValueError, match="params_by_type replaces params"):
+        evaluate_module.evaluate(None, None, [], "random", params={"S": 0.5},
+                                 params_by_type={kind: {"S": 0.25} for kind in PROMPT_KINDS})
+
+
+def test_clustered_interval_passes_its_z_on():
+    """z reaches the Wilson interval inside, in the clustered case (design effect 20/3 by hand: 60 answers
+    count as 9, 0.7 of them right) and in the all-right one (Wilson's at the 10 scenes)."""
+    assert clustered_wilson_interval([6] * 7 + [0] * 3, [6] * 10, z=1.0) == pytest.approx(wilson_interval(6.3, 9, z=1.0))
+    assert clustered_wilson_interval([6] * 10, [6] * 10, z=1.0) == pytest.approx(wilson_interval(10, 10, z=1.0))
