@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import types
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from tokenizers import Tokenizer
 
 import main
 import tinyavl
+from tinyavl import startup
 from tinyavl.cli import ArgumentParser, run_command, run_main
 from tinyavl.errors import UserError
 from tinyavl.processing import load_image
@@ -232,6 +234,22 @@ def test_streaming_with_a_byte_level_tokenizer_prints_each_character_whole(capsy
     assert capsys.readouterr().out == "café ok \U0001F642!\n"
 
 
+def test_each_streamed_piece_is_flushed_as_it_is_printed(monkeypatch):
+    """A pipe's stdout is block-buffered: without a flush after each piece the streamed answer would come all
+    at once, at the end."""
+    events = []
+    stdout = types.SimpleNamespace(write=lambda text: events.append(("write", text)),
+                                   flush=lambda: events.append(("flush",)))
+    monkeypatch.setattr(sys, "stdout", stdout)
+    processor = types.SimpleNamespace(tokenizer=types.SimpleNamespace(id_to_token=lambda i: f"w{i}"),
+                                      decode=lambda ids: "".join(f"w{i} " for i in ids))
+    printer = main.AnswerPrinter(processor)
+    printer.stream(1)
+    printer.stream(2)
+    written = [event for event in events if event != ("write", "")]     # print writes its end="" too
+    assert written == [("write", "w1 "), ("flush",), ("write", "w2 "), ("flush",)]
+
+
 POLICY_RUNS = [
     ["--policy", "avl", "--S", "0.5", "--C", "0.3"],
     ["--policy", "avl", "--S", "0.25", "--C", "0.125", "--K", "2", "--P", "1"],
@@ -374,6 +392,12 @@ def test_the_summary_says_what_the_run_measured():
         "7 tokens: stopped at --max-new-tokens: the answer may be cut", "policy avl {'S': 0.5}",
         "prompt 40 tokens, prefill 1.25 s", "decode 12.5 tokens/s, attended 30 of 80 token-layers per step",
         "KV cache peak 1.00 MiB (25% of dense 4.00 MiB)"]
+    # An answer the context cut, of `full` (no parameters), with no decode step (one token): no rate line.
+    result.update(finish_reason="context", policy="full", policy_params=None, new_tokens=1,
+                  decode_tokens_per_second=None)
+    assert main.summary(result).splitlines() == [
+        "1 tokens: stopped at the end of the model's context: the answer may be cut", "policy full",
+        "prompt 40 tokens, prefill 1.25 s", "KV cache peak 1.00 MiB (25% of dense 4.00 MiB)"]
 
 
 def test_the_toy_by_default_is_said_and_only_then(capsys, good, files):
@@ -749,6 +773,16 @@ def test_a_reader_that_stops_early_ends_the_run_quietly(lines):
     assert proc.stderr.read() == b""
 
 
+def signals_at_start(ignored=()):
+    """A subprocess's preexec_fn: the child starts with SIGINT, SIGTERM and SIGHUP at their defaults, those
+    named in `ignored` ignored, whatever pytest itself was started with (a shell's background job ignores Ctrl-C,
+    `nohup` SIGHUP, and a child inherits that)."""
+    def preexec():
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN if sig in ignored else signal.SIG_DFL)
+    return preexec
+
+
 # A command that, halfway through writing its output, is sent a signal (as `kill` and `timeout` send SIGTERM),
 # entered as main.py and the evaluations enter (run_command) or as the trainers and the benchmark do (run_main).
 SIGNALLED_MIDWAY = """
@@ -775,14 +809,12 @@ run_main(lambda: run(None))
 def test_a_signal_to_end_is_one_line_and_leaves_no_partial_file(tmp_path, entry, name, status):
     """Python's default for SIGTERM and SIGHUP ends the process where no `finally` runs: the output's
     temporary file would stay behind. A command ends as Ctrl-C ends it, with the shell's status for the signal.
-    The command starts with the signal's default action, whatever pytest was started with (under `nohup`,
-    SIGHUP ignored, which the command keeps: the next test)."""
+    The command starts with the signal's default action, whatever pytest was started with (`signals_at_start`;
+    under `nohup`, SIGHUP ignored, which the command keeps: the next test)."""
     folder = tmp_path / "outputs"
     folder.mkdir()
-    default = getattr(signal, name)
     proc = subprocess.run([sys.executable, "-c", SIGNALLED_MIDWAY, str(folder / "map.png"), name, entry], cwd=REPO,
-                          capture_output=True, text=True, timeout=60,
-                          preexec_fn=lambda: signal.signal(default, signal.SIG_DFL))
+                          capture_output=True, text=True, timeout=60, preexec_fn=signals_at_start())
     assert (proc.returncode, proc.stdout, proc.stderr) == (status, "", f"terminated ({name})\n")
     assert list(folder.iterdir()) == []
 
@@ -793,10 +825,9 @@ def test_a_signal_the_command_was_started_to_ignore_stays_ignored(tmp_path, name
     must not take the signal back."""
     folder = tmp_path / "outputs"
     folder.mkdir()
-    ignore = getattr(signal, name)
     proc = subprocess.run([sys.executable, "-c", SIGNALLED_MIDWAY, str(folder / "map.png"), name, "run_main"],
                           cwd=REPO, capture_output=True, text=True, timeout=60,
-                          preexec_fn=lambda: signal.signal(ignore, signal.SIG_IGN))
+                          preexec_fn=signals_at_start(ignored=[getattr(signal, name)]))
     assert (proc.returncode, proc.stderr) == (0, "")
     assert [path.name for path in folder.iterdir()] == ["map.png"]
     assert (folder / "map.png").read_bytes() == b"half and the rest"
@@ -1036,17 +1067,22 @@ else:
 ])
 def test_ctrl_c_while_importing_is_one_line_and_status_130(command, args):
     run = [sys.executable, "-c", SIGNAL_WHILE_IMPORTING, "SIGINT", command, *map(str, args)]
-    proc = subprocess.run(run, cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(run, cwd=REPO, capture_output=True, text=True, timeout=120, preexec_fn=signals_at_start())
     assert (proc.returncode, proc.stdout, proc.stderr) == (130, "", "interrupted (Ctrl-C)\n")
     if command == "main.py":
         # Nobody reads stderr (its reader gone before the line): the Ctrl-C still ends the run.
-        with subprocess.Popen(run, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        with subprocess.Popen(run, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=signals_at_start()) as proc:
             proc.stderr.close()
             out = proc.stdout.read()
         assert (proc.returncode, out) == (130, "")
+        # stderr closed (2>&-: sys.stderr is None), so there is no line to say: the Ctrl-C still ends the run.
+        proc = subprocess.run(run, cwd=REPO, stdout=subprocess.PIPE, text=True, timeout=120,
+                              preexec_fn=lambda: (signals_at_start()(), os.close(2)))
+        assert (proc.returncode, proc.stdout) == (130, "")
         # A shell starts a background job (`python main.py ... &`) with Ctrl-C ignored: it stays ignored.
         proc = subprocess.run(run, cwd=REPO, capture_output=True, text=True, timeout=120,
-                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+                              preexec_fn=signals_at_start(ignored=[signal.SIGINT]))
         assert proc.returncode == 0 and "interrupted" not in proc.stderr and "caught" not in proc.stdout
 
 
@@ -1057,12 +1093,50 @@ def test_sigterm_or_sighup_while_importing_is_one_line(signal_name, status):
     run goes on."""
     run = [sys.executable, "-c", SIGNAL_WHILE_IMPORTING, signal_name, "main.py", "--image", str(IMAGE),
            "--max-new-tokens", "1"]
-    proc = subprocess.run(run, cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(run, cwd=REPO, capture_output=True, text=True, timeout=120, preexec_fn=signals_at_start())
     assert (proc.returncode, proc.stdout, proc.stderr) == (status, "", f"terminated ({signal_name})\n")
     if signal_name == "SIGHUP":
         proc = subprocess.run(run, cwd=REPO, capture_output=True, text=True, timeout=120,
-                              preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+                              preexec_fn=signals_at_start(ignored=[signal.SIGHUP]))
         assert proc.returncode == 0 and "terminated" not in proc.stderr and "caught" not in proc.stdout
+
+
+def test_the_import_guard_gives_back_the_handlers_it_found(monkeypatch):
+    """After the imports a command's own handlers run (`run_command` turns Ctrl-C into one line after its
+    `finally` blocks have removed what was half-written): the guard's os._exit would skip them."""
+    monkeypatch.setattr(startup, "starting_a_command", lambda: True)
+
+    def mine(signum, frame):
+        pass
+
+    previous = {sig: signal.signal(sig, mine) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        with startup.signals_end_the_imports():
+            assert {signal.getsignal(sig) for sig in previous} == {startup.ended_while_importing}
+        assert {signal.getsignal(sig) for sig in previous} == {mine}
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def test_the_import_guard_in_another_thread_sets_nothing(monkeypatch):
+    """Python sets signal handlers only from the main thread: a first `import tinyavl` in a worker thread
+    imports, unguarded, where signal.signal would raise ValueError."""
+    monkeypatch.setattr(startup, "starting_a_command", lambda: True)
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    outcome = []
+
+    def import_in_a_thread():
+        try:
+            with startup.signals_end_the_imports():
+                outcome.append({sig: signal.getsignal(sig) for sig in before})
+        except Exception as error:
+            outcome.append(error)
+
+    worker = threading.Thread(target=import_in_a_thread)
+    worker.start()
+    worker.join()
+    assert outcome == [before]
 
 
 def test_a_program_that_is_not_a_command_keeps_its_ctrl_c():
@@ -1070,7 +1144,7 @@ def test_a_program_that_is_not_a_command_keeps_its_ctrl_c():
     which the program may catch (a notebook's interrupt would otherwise end its kernel)."""
     program = SIGNAL_WHILE_IMPORTING.split("command, *args")[0] + "import tinyavl\nprint('went on')\n"
     proc = subprocess.run([sys.executable, "-c", program, "SIGINT"], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, preexec_fn=signals_at_start())
     assert (proc.returncode, proc.stdout) == (0, "caught KeyboardInterrupt\nwent on\n")
 
 

@@ -257,6 +257,20 @@ def test_an_output_folder_that_only_receives_files_may_hold_an_input(tmp_path):
         check_apart_from_inputs(model, "--out", inputs=[model])
     with pytest.raises(UserError, match="lies inside the input folder"):
         check_apart_from_inputs(model / "maps", "--attention-maps", inputs=[model])
+    # Deeper down too, where no entry of the input folder is the path or above it.
+    with pytest.raises(UserError, match=f"lies inside the input folder {model}"):
+        check_apart_from_inputs(model / "maps" / "layer-2" / "map.png", "--attention-map", inputs=[model])
+
+
+def test_each_write_takes_a_temporary_name_of_its_own(tmp_path):
+    """Two writes of one output (two runs at once) must not share a temporary file: hidden, beside the
+    output, and drawn anew each time."""
+    from tinyavl.files import temporary_beside
+    path = tmp_path / "map.png"
+    names = {temporary_beside(path, "partial") for _ in range(20)}
+    assert len(names) == 20
+    assert all(name.parent == tmp_path and name.name.startswith(".map.png.") and name.suffix == ".partial"
+               for name in names)
 
 
 def test_an_input_folder_of_links_protects_the_files_they_lead_to(tmp_path):

@@ -23,6 +23,7 @@ import torch
 from kernels import bench_sparse_attention as bench
 from kernels import sparse_attention as sa
 from kernels.sparse_attention import _interpreter_safe_cast, tl, triton
+from tinyavl.errors import UserError
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -715,6 +716,59 @@ def test_tensor_core_products_are_read_from_instructions_alone():
         {"tensor_cores": True, "tf32": False}
     assert products(compiled("\tmma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%f1}, {%r1}, {%r2}, {%f2};\n")) == \
         {"tensor_cores": True, "tf32": True}
+
+
+def test_compile_offline_prints_a_row_per_shape_each_column_from_its_kernel(monkeypatch, capsys):
+    """The table a reader is shown: by default both GPUs (sm_80 and sm_90), every dtype, both head dims and
+    both groups, in that order; the cubin columns from their own kernels, the product columns from split's."""
+    from kernels import compile_offline
+    compiled = []
+
+    def compile_both(arch, dtype, head_dim, group):
+        compiled.append((arch, dtype, head_dim, group))
+        return {"split": {"cubin_bytes": 1000 + group, "tensor_cores": dtype != "float32", "tf32": False},
+                "merge": {"cubin_bytes": 7, "tensor_cores": False, "tf32": True}}
+
+    monkeypatch.setattr(compile_offline, "TRITON_AVAILABLE", True)
+    monkeypatch.setattr(compile_offline, "INTERPRETED", False)
+    monkeypatch.setattr(compile_offline, "compile_both", compile_both)
+    compile_offline.main([])
+    rows = capsys.readouterr().out.splitlines()
+    assert compiled == [(arch, dtype, head_dim, group) for arch in (80, 90)
+                        for dtype in ("float16", "bfloat16", "float32") for head_dim in (128, 64) for group in (1, 4)]
+    assert len(rows) == 2 + len(compiled)
+    assert rows[2] == "| sm_80 | float16 | 128 | 1 | 1001 B | 7 B | yes | no |"
+    assert rows[-1] == "| sm_90 | float32 | 64 | 4 | 1004 B | 7 B | no | no |"
+
+
+def test_compile_offline_types_the_pointers_in_the_dtype_asked_for(monkeypatch):
+    """q, K, V and the output in the dtype compiled for; the splits' partial results in fp32 whatever it is;
+    the index list int64, as the launcher passes it."""
+    from kernels import compile_offline
+    typed = {}
+
+    def compile_kernel(kernel, arch, types_, constants):
+        name = "split" if kernel is compile_offline._split_attention_kernel else "merge"
+        typed[name] = arch, types_
+        return types.SimpleNamespace(asm={"ptx": "", "cubin": b"x"})
+
+    monkeypatch.setattr(compile_offline, "compile_kernel", compile_kernel)
+    compile_offline.compile_both(80, "bfloat16", 128, 4)
+    (split_arch, split), (merge_arch, merge) = typed["split"], typed["merge"]
+    assert split_arch == merge_arch == 80
+    assert [split[name] for name in ("q_ptr", "k_ptr", "v_ptr")] == ["*bf16"] * 3 and merge["out_ptr"] == "*bf16"
+    assert split["part_out_ptr"] == merge["part_out_ptr"] == "*fp32" and split["index_ptr"] == "*i64"
+
+
+def test_compile_offline_refuses_the_interpreter_in_one_line(monkeypatch):
+    """With TRITON_INTERPRET=1 the kernels are the interpreter's, which cannot be compiled: one line, before
+    any compiling, not Triton's traceback."""
+    from kernels import compile_offline
+    monkeypatch.setattr(compile_offline, "TRITON_AVAILABLE", True)
+    monkeypatch.setattr(compile_offline, "INTERPRETED", True)
+    monkeypatch.setattr(compile_offline, "compile_both", lambda *args: pytest.fail("compiled in the interpreter"))
+    with pytest.raises(UserError, match="TRITON_INTERPRET=1 is set"):
+        compile_offline.main([])
 
 
 def test_the_kernels_compile_for_a_gpu_without_one():

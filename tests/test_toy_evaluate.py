@@ -831,5 +831,6 @@ def test_evaluate_refuses_a_bad_hires_mode_and_params_beside_params_by_type():
 def test_clustered_interval_passes_its_z_on():
     """z reaches the Wilson interval inside, in the clustered case (design effect 20/3 by hand: 60 answers
     count as 9, 0.7 of them right) and in the all-right one (Wilson's at the 10 scenes)."""
-    assert clustered_wilson_interval([6] * 7 + [0] * 3, [6] * 10, z=1.0) == pytest.approx(wilson_interval(6.3, 9, z=1.0))
+    assert clustered_wilson_interval([6] * 7 + [0] * 3, [6] * 10, z=1.0) == \
+        pytest.approx(wilson_interval(6.3, 9, z=1.0))
     assert clustered_wilson_interval([6] * 10, [6] * 10, z=1.0) == pytest.approx(wilson_interval(10, 10, z=1.0))
