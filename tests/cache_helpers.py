@@ -2,9 +2,11 @@
 keeps every step's logits, a recording wrapper for any cache, and a naive (and a masked) attention used as
 reference.
 
-Nothing here calls the policy code it is used to check: the references (masked attention, last-row
-probabilities, H2O score ledgers) are written out again from the method (the papers, and the README's "KV
-policies"), by position rather than by row.
+The references (naive and masked attention, last-row probabilities, H2O score ledgers) are written out again
+from the method (the papers, and the README's "KV policies"), by position rather than by row. `masked` is the
+one that shares policy code: it replaces only the attention (the skip becomes a mask), and keeps the policy's
+choice of rows and its bookkeeping, so a test of skipped == masked checks the skip, not the choice; the
+choice is checked against ledgers of its own (test_cache.py's invariants tests and hand cases).
 """
 import math
 

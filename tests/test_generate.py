@@ -607,7 +607,9 @@ def test_stats_full_policy(loaded, name):
     assert stats.modality_bytes_after_prefill["image"] == n_img * per_row
     assert sum(stats.modality_bytes_after_prefill.values()) == stats.kv_cache_bytes_after_prefill
     assert sum(stats.modality_bytes_peak.values()) == stats.kv_cache_bytes_peak
-    assert stats.modality_bytes_peak["text"] == (T + steps - n_img - stats.modality_bytes_peak["sys"] // per_row) * per_row
+    n_sys = int((ids[0] == tokenizer_info()["image_token_id"]).nonzero()[0])    # the prompt's rows before the image
+    assert stats.modality_bytes_peak == {"sys": n_sys * per_row, "image": n_img * per_row,
+                                         "text": (T + steps - n_sys - n_img) * per_row}
     assert len(stats.layer_bytes_after_prefill) == VARIANTS[name].text_layers
     # Dense attention: step t (1-based) attends T + t rows in every layer.
     layers = VARIANTS[name].text_layers

@@ -4,11 +4,13 @@ import pytest
 import torch
 
 from tinyavl import hires
-from tinyavl.cache import AVLCache, make_cache
+from tinyavl.cache import AVLCache, H2OCache, make_cache
 from tinyavl.errors import UserError
 from tinyavl.generate import generate
 from tinyavl.model import (HiresConfig, HiresView, LlavaConfig, LlavaForConditionalGeneration, TextConfig, VisionConfig,
                            attention)
+
+from cache_helpers import recording
 
 
 def tiny_model(first_layer=1, scale=2, blocks=2, seed=0):
@@ -175,15 +177,19 @@ def cached_logits(model, policy, params, steps=4):
     return torch.stack(logits), cache
 
 
-@pytest.mark.parametrize("K", [1, 3])
-def test_a_policy_at_full_budget_reads_the_blocks_as_the_dense_cache_does(K):
-    """A-VL keeping and computing everything attends to every row at every step, though it reorders its
-    rows in place (the core first, at the prefill and on update steps): with the view, its logits and its
-    choices equal the dense cache's. One block per image token, so a token put on the wrong place of the
-    grid changes the choice."""
+@pytest.mark.parametrize("params, reordered", [
+    ({**AVLCache.FULL_BUDGET, "K": 3}, False),          # everything kept and computed: no row moves
+    (dict(S=1, C=0.5, P=1, T=1, K=1), True),            # every step an update step, the core moved first
+])
+def test_a_policy_that_attends_every_row_reads_the_blocks_as_the_dense_cache_does(params, reordered):
+    """A-VL attending to every row at every step, its rows in place or reordered (the core first, at the
+    prefill and on every update step): with the view, its logits and its choices equal the dense cache's.
+    One block per image token, so a token put on the wrong place of the grid changes the choice."""
     model = tiny_model(blocks=4)
     dense, dense_cache = cached_logits(model, "full", {})
-    avl, avl_cache = cached_logits(model, "avl", {**AVLCache.FULL_BUDGET, "K": K})
+    avl, avl_cache = cached_logits(model, "avl", params)
+    positions = avl_cache.pos[-1][0, 0]                                     # the last layer's, (n,)
+    assert (positions.diff() < 0).any() == reordered                        # what the case is about
     torch.testing.assert_close(avl, dense, atol=1e-5, rtol=0)
     assert torch.equal(avl_cache.hires_view.chosen, dense_cache.hires_view.chosen)
 
@@ -285,21 +291,19 @@ def test_under_h2o_each_head_places_its_attention_by_its_own_rows(seed, heavy, r
     different rows (most budgets evict the same ones)."""
     model = tiny_model(blocks=4, seed=seed)
     ids, pixels, hires_pixels = inputs(seed + 1)
-    cache = make_cache("h2o", heavy=heavy, recent=recent)
+    cache = recording(H2OCache)(heavy=heavy, recent=recent)
     cache.begin(3, 3, 16, max_decode_steps=2)
-    queries, attend = {}, cache.attend
-
-    def recording_attend(layer, q, k, v, pos):
-        queries[layer] = q
-        return attend(layer, q, k, v, pos)
-
-    cache.attend = recording_attend
     grids = recorded_grids(monkeypatch)
     with torch.no_grad():
         logits = model(ids, pixels, cache=cache, hires_view=model.hires_view(ids, hires_pixels))[0, -1]
         model(logits.argmax().view(1, 1), cache=cache)
-    last = model.config.text.num_hidden_layers - 1                 # the choice left is the last layer's
-    q, (keys, positions) = queries[last].double(), cache.hires_keys  # (1, 4, 1, 8), (1, 2, n, 8), (1, 2, n)
+    # The decode step's last layer (the choice left is the last layer's), as the recording saw it: its query,
+    # and the rows it attended, every row held after the append, before the step's eviction. Not the keys
+    # the cache hands the view (`hires_keys`), which are what this checks.
+    step = cache.log[-1]
+    assert step["layer"] == model.config.text.num_hidden_layers - 1 and step["rows"] is None
+    q = step["q"].double()                                          # (1, 4, 1, 8)
+    keys, positions = step["k_before"], step["pos_before"]          # (1, 2, n, 8), (1, 2, n)
     assert not torch.equal(positions[0, 0], positions[0, 1])       # the case this test is about
     grid = torch.zeros(16, dtype=torch.float64)
     for head in range(4):
