@@ -357,7 +357,7 @@ def test_scale_zero_is_the_mean_of_the_selected_rows(kernel):
 def test_kernel_lse_normalises_the_rows_a_policy_rescores(kernel):
     """The kernel hands a policy only the log-sum-exp (`LastRow` without logits); the probabilities the
     policy then recomputes from q and K must sum to 1 over the row, in bf16 too, with logits above 10
-    (where bf16 rounds a logit by up to 1/32, and its exp by up to 3%)."""
+    (bf16 rounds a logit of 8-16 by up to 1/32 and one of 16-32 by up to 1/16, its exp by up to 3% and 6.5%)."""
     from tinyavl.cache import LastRow
     q, k, v, index, _ = random_case(1, 8, 2, 128, 90, 90, 0, torch.bfloat16, seed=2)
     q = q * 6                                                            # logits of magnitude ~10-40

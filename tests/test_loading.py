@@ -527,14 +527,13 @@ def test_a_field_config_json_leaves_out_takes_transformers_class_default(text_ty
 
 def test_buffers_older_transformers_saved_are_ignored(tiny_ckpt, good_folder):
     """Checkpoints saved by older transformers hold RoPE's inv_freq and CLIP's position_ids as tensors: they
-    are buffers the model computes, not weights, and loading passes over them (the same model as without)."""
+    are buffers the model computes, not weights, and loading passes over them (the weights of the
+    transformers model the folder was saved from)."""
     rewrite_weights(good_folder, lambda tensors: tensors.update({
         "language_model.model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8),
         "vision_tower.vision_model.embeddings.position_ids": torch.arange(17)[None].float()}))
     model, _ = tinyavl.load_pretrained(good_folder, device="cpu")
-    reference, _ = tinyavl.load_pretrained(tiny_ckpt.folder("mha"), device="cpu")
-    ours, theirs = model.state_dict(), reference.state_dict()
-    assert ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in ours)
+    assert_weights_equal(model, tiny_ckpt.model("mha"))
 
 
 def test_read_config_takes_a_folder_as_a_path_or_a_string():
@@ -587,6 +586,8 @@ def test_without_generation_config_json_an_answer_ends_at_config_json_eos(good_f
     assert stopped == theirs == ours[:k + 1]
     (good_folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "pad_token_id": 0}))
     assert read_config(good_folder).text.eos_token_id == ours[k]
+    stopped, theirs = greedy_answer(good_folder, 12)
+    assert stopped == ours[:k + 1] and len(theirs) == 12
 
 
 @pytest.mark.parametrize("eos", [[], -1, "</s>", 2.0, True, [2, 10 ** 6]])

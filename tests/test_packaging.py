@@ -1,5 +1,6 @@
-"""`pip install .` / `pip install -e .`: the wheel pyproject.toml builds holds the library, its toy world and
-the kernel (not the tests), requires exactly requirements.txt, and imports from outside the checkout."""
+"""`pip install .`: the wheel pyproject.toml builds holds the library, its toy world and the kernel (not the
+tests), requires exactly requirements.txt, and imports from outside the checkout. (The README's `pip install
+-e .` reads the same pyproject.toml; .ci/run installs that way, so CI runs it, this test does not.)"""
 import os
 import shutil
 import subprocess

@@ -3,10 +3,12 @@ exists.
 
 Each chapter's ```python blocks run in order in one namespace (the asserts inside them are the
 chapter's claims); every `Name` or `Name.attr` in backticks that names something in tinyavl must
-resolve to it.
+resolve to it, every lower-case `name` or `name(...)` must be a name of the code, and every `module.name`
+of one of tinyavl's modules (`hires.BLOCKS`, `tinyavl.load_pretrained`) must be in that module.
 """
 import ast
 import functools
+import importlib
 import re
 import sys
 from pathlib import Path
@@ -103,12 +105,59 @@ def project_identifiers() -> frozenset:
 
 @pytest.mark.parametrize("chapter", CHAPTERS, ids=lambda p: p.name)
 def test_every_lower_case_name_a_chapter_cites_is_in_the_code(chapter):
-    """A `name` in backticks is a function, argument, field or key of the code (or of the chapter's own code
-    blocks), or one of EXTERNAL_NAMES: a renamed function leaves no chapter citing its old name."""
+    """A `name` or a call `name(...)` in backticks is a function, argument, field or key of the code (or of the
+    chapter's own code blocks), or one of EXTERNAL_NAMES: a renamed function leaves no chapter citing its old
+    name."""
     text = chapter.read_text()
     own = set().union(*(identifiers(block) for block in code_blocks(chapter)))
-    cited = set(re.findall(r"`([a-z_]\w*)`", text))
+    cited = set(re.findall(r"`([a-z_]\w*)[`(]", text))
     assert sorted(cited - project_identifiers() - own - EXTERNAL_NAMES) == []
+
+
+# A module of tinyavl by the short name a chapter cites it by (`hires.BLOCKS`), and the packages themselves.
+MODULE_NAMES = {module.__name__.rpartition(".")[2]: module.__name__ for module in MODULES} | \
+    {"tinyavl": "tinyavl", "kernels": "kernels"}
+
+
+def resolve(dotted: str):
+    """What a dotted name of tinyavl or kernels names: its longest prefix that imports as a module, then
+    attributes of it (AttributeError where one is missing)."""
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            found = importlib.import_module(".".join(parts[:cut]))
+        except ModuleNotFoundError:
+            continue
+        for attr in parts[cut:]:
+            found = getattr(found, attr)
+        return found
+    raise ModuleNotFoundError(dotted)
+
+
+def assigned_names(source: str) -> set[str]:
+    """The names a Python source binds as variables (assigned, looped over, arguments), not those it imports."""
+    return {node.id for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Name)
+            and isinstance(node.ctx, ast.Store)} | {node.arg for node in ast.walk(ast.parse(source))
+                                                     if isinstance(node, ast.arg)}
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=lambda p: p.name)
+def test_every_module_qualified_name_a_chapter_cites_resolves(chapter):
+    """`hires.BLOCKS`, `anyres.map_token`, `tinyavl.toy.train.tune(...)`: a lower-case dotted name whose head
+    is one of tinyavl's modules (by its short name) or a package names something there, unless the chapter's
+    code blocks assign the head as a variable of their own (`model.state_dict()` names a model's)."""
+    text = chapter.read_text()
+    variables = set().union(*(assigned_names(block) for block in code_blocks(chapter)))
+    cited = set(re.findall(r"`([a-z_]\w*(?:\.\w+)+)[`(]", text))
+    for dotted in sorted(cited):
+        head = dotted.partition(".")[0]
+        if head not in MODULE_NAMES or head in variables:
+            continue
+        full = MODULE_NAMES[head] + dotted[len(head):]
+        try:
+            resolve(full)
+        except (AttributeError, ModuleNotFoundError):
+            pytest.fail(f"{chapter.name} cites `{dotted}`, which is not in {MODULE_NAMES[head]}")
 
 
 def test_nothing_cites_files_a_reader_does_not_have():
