@@ -120,11 +120,17 @@ def test_models_without_projections_are_refused():
 
 
 def test_a_view_of_the_wrong_size_or_place_is_refused():
-    """The view is scale x scale crops of the tower's size, and one image position serves the whole batch."""
+    """The view is scale x scale crops of the tower's size, one image a prompt, and one image position serves
+    the whole batch; a fixed number of blocks is at most all of them."""
     model = tiny_model()
     ids, _, hires_pixels = inputs()
     with pytest.raises(ValueError, match="hires_pixel_values are .* the high-resolution view takes"):
         model.hires_view(ids, hires_pixels[..., :-1, :-1])
+    with pytest.raises(ValueError, match="one image for each of the 2 prompts of input_ids"):
+        model.hires_view(torch.cat([ids, ids]), hires_pixels)
+    for top in (5, -1):                                  # 2 x 2 blocks: refused here, not only by generate
+        with pytest.raises(UserError, match="from 0 to 4"):
+            model.hires_view(ids, hires_pixels, top=top)
     with pytest.raises(ValueError, match="every prompt needs its image tokens"):
         model.hires_view(ids[:, ids[0] != model.config.image_token_id], hires_pixels)
     # Two prompts of one length, the second's image one position later (its first token twice).
@@ -192,6 +198,29 @@ def test_a_policy_that_attends_every_row_reads_the_blocks_as_the_dense_cache_doe
     assert (positions.diff() < 0).any() == reordered                        # what the case is about
     torch.testing.assert_close(avl, dense, atol=1e-5, rtol=0)
     assert torch.equal(avl_cache.hires_view.chosen, dense_cache.hires_view.chosen)
+
+
+def test_each_prompt_of_a_batch_reads_its_own_chosen_tokens(monkeypatch):
+    """Two prompts with different images in one batch, one block each (top=1), which choose different blocks
+    in a layer that reads them: the second prompt's logits equal its own alone (each merges the
+    high-resolution tokens it chose, not the first prompt's)."""
+    model = tiny_model()
+    ids, pixels, hires_pixels = inputs(seed=1)
+    _, other_pixels, other_hires = inputs(seed=2)
+    merged_choices, merge = [], HiresView.merge
+
+    def recording_merge(self, *args):
+        merged_choices.append(self.chosen.clone())                     # (B, R, N_hd): what this layer reads
+        return merge(self, *args)
+
+    monkeypatch.setattr(HiresView, "merge", recording_merge)
+    with torch.no_grad():
+        view = model.hires_view(torch.cat([ids, ids]), torch.cat([hires_pixels, other_hires]), top=1)
+        together = model(torch.cat([ids, ids]), torch.cat([pixels, other_pixels]), hires_view=view)
+        alone = model(ids, other_pixels, hires_view=model.hires_view(ids, other_hires, top=1))
+    batch_layers = merged_choices[:len(merged_choices) // 2]           # the batch's pass, then the one alone
+    assert any(not torch.equal(chosen[0], chosen[1]) for chosen in batch_layers)   # what the case is about
+    torch.testing.assert_close(together[1], alone[0], rtol=0, atol=1e-5)
 
 
 def test_a_policy_that_evicts_at_the_prefill_reads_the_blocks_the_prefill_attended():
@@ -314,6 +343,18 @@ def test_under_h2o_each_head_places_its_attention_by_its_own_rows(seed, heavy, r
     torch.testing.assert_close(grids[-1][-1].double(), grid, rtol=0, atol=1e-5)   # the decode step's last layer
     blocks = hires.select_blocks(grid[None].float(), (4, 4), 48, 4)
     assert torch.equal(cache.hires_view.chosen[0, -1], hires.block_tokens(blocks, 8)[0])
+
+
+def test_the_high_resolution_projections_carry_a_bias_when_the_attention_does():
+    """k_proj_hd and v_proj_hd are k_proj's and v_proj's kind: a checkpoint trained with attention_bias holds
+    their biases too."""
+    from tinyavl.model import LlamaAttention
+    for bias in (False, True):
+        config = TextConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                            num_attention_heads=2, attention_bias=bias)
+        attn = LlamaAttention(config, 1, hires_projections=True)
+        assert [proj.bias is not None for proj in (attn.k_proj, attn.v_proj, attn.k_proj_hd, attn.v_proj_hd)] == \
+            [bias] * 4
 
 
 @pytest.mark.parametrize("field, value", [("first_layer", 3), ("blocks", 3), ("blocks", 8)])

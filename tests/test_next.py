@@ -394,6 +394,24 @@ def test_mistral_with_a_sliding_window_runs_as_transformers_within_it_and_stops_
               image_sizes=inputs["image_sizes"])
 
 
+def test_a_decode_step_past_the_sliding_window_counts_the_tokens_cached_before_it():
+    """The decoder's own refusal, for a caller that drives a cache by hand (generate refuses earlier): a cache
+    holding the W tokens of the window, the next step would be token W + 1."""
+    from tinyavl.cache import KVCache
+    from tinyavl.model import LlamaModel, TextConfig
+
+    torch.manual_seed(0)
+    config = TextConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, sliding_window=4)
+    decoder = LlamaModel(config).eval()
+    cache = KVCache()
+    cache.begin(config.num_hidden_layers, 1, 0)
+    with torch.no_grad():
+        decoder(torch.randn(1, 4, 16), cache)                                   # exactly the window
+        with pytest.raises(UserError, match="the sequence reaches 5 tokens, past the decoder's sliding window of 4"):
+            decoder(torch.randn(1, 1, 16), cache)
+
+
 def test_an_image_past_the_context_on_its_own_says_no_question_makes_room(tiny_ckpt, tmp_path):
     """A context of 80 tokens: the 60 x 60 image's 88 tokens fill it alone, so the error says no prompt with
     this image fits and that a smaller image takes fewer tiles; a 10 x 10 one (36 tokens) then runs."""

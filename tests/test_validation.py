@@ -18,7 +18,7 @@ from tiny_checkpoints import VARIANTS, sparse_config, tokenizer_info
 import tinyavl
 from tinyavl.errors import UserError
 from tinyavl.loading import parse_config
-from tinyavl.model import TextConfig
+from tinyavl.model import LlavaConfig, TextConfig, VisionConfig
 
 NORM = "language_model.model.norm.weight"
 
@@ -120,6 +120,69 @@ def test_a_text_config_that_cannot_run_is_refused_as_it_is_built():
         TextConfig(sliding_window=0)
     with pytest.raises(UserError, match="hidden_size is 0, but it must be a positive integer;"):
         TextConfig(hidden_size=0)
+
+
+# Small configs built directly, for the checks a config makes of itself (LlavaConfig.validate, which
+# loading.parse_config calls): a folder's preprocessor_config.json can refuse some of these first.
+SMALL_TEXT = dict(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
+SMALL_VISION = dict(hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                    image_size=28, patch_size=7)
+
+
+def small_llava(**fields) -> LlavaConfig:
+    return LlavaConfig(text=TextConfig(**SMALL_TEXT), vision=VisionConfig(**SMALL_VISION), image_token_id=39,
+                       **fields)
+
+
+def test_token_id_zero_is_a_row_of_the_embedding_table():
+    """Token ids run from 0 to vocab_size - 1: a bos or eos of 0 is one (Llama's <unk>, a pad in others)."""
+    config = TextConfig(**SMALL_TEXT, bos_token_id=0, eos_token_id=[0, 39])
+    assert config.bos_token_id == 0 and config.eos_token_id == [0, 39]
+    with pytest.raises(UserError, match=r"eos_token_id is -1, but it must be a token id \(0 \.\. 39\)"):
+        TextConfig(**SMALL_TEXT, eos_token_id=-1)
+
+
+def test_refusal_messages_say_what_the_field_must_be():
+    """Each message names the kind the field needs: an empty eos list is told the list must not be empty."""
+    with pytest.raises(UserError, match=r"text_config\.eos_token_id is \[\], but it must be a token id "
+                                        r"\(0 \.\. 39\), a non-empty list of them, or null"):
+        TextConfig(**SMALL_TEXT, eos_token_id=[])
+    with pytest.raises(UserError, match=r"text_config\.hidden_act is 5, but it must be a string;"):
+        TextConfig(**SMALL_TEXT, hidden_act=5)
+    with pytest.raises(UserError, match=r"text_config\.attention_bias is 'false', but it must be true or false;"):
+        TextConfig(**SMALL_TEXT, attention_bias="false")
+
+
+@pytest.mark.parametrize("layer", [True, [False, -1]])
+def test_a_bool_vision_feature_layer_is_refused_not_read_as_layer_1(layer):
+    """JSON's true is Python's True, which int() reads as 1: a layer index must be an integer, not a bool."""
+    with pytest.raises(UserError, match=r"vision_feature_layer (True|False) does not exist"):
+        small_llava(vision_feature_layer=layer).validate()
+
+
+def test_validate_refuses_a_feature_layer_the_tower_lacks():
+    """Before any model is built: 2 layers give 3 hidden states (the embeddings' and each layer's)."""
+    with pytest.raises(UserError, match=r"vision_feature_layer 3 does not exist: the vision tower has 3 hidden "
+                                        r"states"):
+        small_llava(vision_feature_layer=3).validate()
+
+
+@pytest.mark.parametrize("pinpoints", [[], [[28, 50]], [[28.0, 56]], [[56, 28.0]]],
+                         ids=["empty", "not_a_tile_multiple", "float_height", "float_width"])
+def test_validate_refuses_malformed_canvases(pinpoints):
+    """The config's own check, which a folder whose preprocessor_config.json lacks image_grid_pinpoints (or
+    was edited alike) reaches: a canvas of 50 px would run as one 28 px tile and drop the columns past it."""
+    with pytest.raises(UserError, match=r"image_grid_pinpoints is .*, but LLaVA-1.6 needs a non-empty list of "
+                                        r"\[height, width\] canvases in pixels, each a positive multiple of the "
+                                        r"vision tower's 28 px"):
+        small_llava(image_grid_pinpoints=pinpoints).validate()
+
+
+def test_llava_next_with_the_full_strategy_is_refused():
+    """A tile's 1 + P features with CLS cannot be laid out as a grid: refused by name, not a view() traceback."""
+    with pytest.raises(UserError, match=r"vision_feature_select_strategy is 'full': LLaVA-1.6 lays each tile's "
+                                        r"patch features out as a grid, which needs the CLS token dropped"):
+        small_llava(image_grid_pinpoints=[[28, 56]], vision_feature_select_strategy="full").validate()
 
 
 def test_pixels_of_another_size_than_the_towers_are_refused(folder):

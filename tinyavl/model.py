@@ -894,9 +894,10 @@ class LlavaForConditionalGeneration(nn.Module):
         if top is not None:
             hires.check_block_count(top, h.blocks)  # before the view is built, not in the forward pass
         B = hires_pixel_values.shape[0]
-        if hires_pixel_values.shape[1:] != (3, h.scale * size, h.scale * size):
+        if hires_pixel_values.shape[1:] != (3, h.scale * size, h.scale * size) or B != input_ids.shape[0]:
             raise ValueError(f"hires_pixel_values are {tuple(hires_pixel_values.shape)}, the high-resolution view "
-                             f"takes (B, 3, {h.scale * size}, {h.scale * size})")
+                             f"takes (B, 3, {h.scale * size}, {h.scale * size}), one image for each of the "
+                             f"{input_ids.shape[0]} prompts of input_ids")
         # (B, scale, scale, 3, size, size): the crops in reading order
         crops = hires_pixel_values.view(B, 3, h.scale, size, h.scale, size).permute(0, 2, 4, 1, 3, 5)
         features = self.crop_features(crops.reshape(B * h.scale ** 2, 3, size, size))   # (B scale^2, P, C)
