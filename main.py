@@ -182,7 +182,8 @@ FINISH = {"eos": "the model ended its answer", "length": "stopped at --max-new-t
 
 def summary(result: dict) -> str:
     mib = 2 ** 20
-    lines = [f"{result['new_tokens']} tokens: {FINISH[result['finish_reason']]}",
+    n = result["new_tokens"]
+    lines = [f"{n} token{'' if n == 1 else 's'}: {FINISH[result['finish_reason']]}",
              f"policy {result['policy']} {result['policy_params'] or ''}".rstrip(),
              f"prompt {result['prompt_tokens']} tokens, prefill {result['prefill_seconds']:.2f} s"]
     if result["decode_tokens_per_second"] is not None:

@@ -88,7 +88,7 @@ def test_kv_columns_are_each_policys_peak_and_its_ratio_to_fulls(model):
     assert full["kv_bytes"] == 4 * (case["prompt_tokens"] + 2) * bench.kv_row_bytes(model.config.text, torch.float32)
     for name, row in case["policies"].items():
         assert row["kv_ratio"] == pytest.approx(row["kv_bytes"] / full["kv_bytes"], rel=1e-12), name
-    # A-VL's peak by hand: 5 sys + 10 of the 20 image tokens (P = 0.5) + the text budget max(round(0.6 x 42), 20)
+    # A-VL's peak by hand: 5 sys + 10 of the 20 image tokens (S = 0.5) + the text budget max(round(0.6 x 42), 20)
     # of the 42 text tokens, against the 67 rows full holds.
     assert case["prompt_tokens"] == 65 and case["policies"]["avl"]["kv_ratio"] == pytest.approx(40 / 67)
 

@@ -396,7 +396,7 @@ def test_the_summary_says_what_the_run_measured():
     result.update(finish_reason="context", policy="full", policy_params=None, new_tokens=1,
                   decode_tokens_per_second=None)
     assert main.summary(result).splitlines() == [
-        "1 tokens: stopped at the end of the model's context: the answer may be cut", "policy full",
+        "1 token: stopped at the end of the model's context: the answer may be cut", "policy full",
         "prompt 40 tokens, prefill 1.25 s", "KV cache peak 1.00 MiB (25% of dense 4.00 MiB)"]
 
 

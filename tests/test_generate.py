@@ -106,6 +106,11 @@ def test_cached_decode_equals_uncached_forward(loaded, name, case):
     assert diff.max() <= CACHE_ATOL, f"step {int(diff.amax(-1).argmax())}: {diff.max():.3e}"
 
 
+def rows_before_the_image(ids) -> int:
+    """The prompt's tokens before its first image token, read off the ids: the sys rows of a cache."""
+    return int((ids[0] == tokenizer_info()["image_token_id"]).nonzero()[0])
+
+
 def test_explicit_kv_cache_loop_equals_uncached_forward(loaded):
     """The same check driving `KVCache` by hand: begin, prefill with last_only, then one token per step."""
     from tinyavl.cache import KVCache
@@ -113,7 +118,7 @@ def test_explicit_kv_cache_loop_equals_uncached_forward(loaded):
     model, processor = loaded("gqa_full")
     ids, px = prompt_inputs(processor, "image")
     T, n_img = ids.shape[1], VARIANTS["gqa_full"].num_image_tokens
-    n_sys = int((ids[0] == tokenizer_info()["image_token_id"]).nonzero()[0])
+    n_sys = rows_before_the_image(ids)
     cache = KVCache()
     cache.begin(VARIANTS["gqa_full"].text_layers, n_sys, n_img)
     step_logits, token_ids = [], []
@@ -607,7 +612,7 @@ def test_stats_full_policy(loaded, name):
     assert stats.modality_bytes_after_prefill["image"] == n_img * per_row
     assert sum(stats.modality_bytes_after_prefill.values()) == stats.kv_cache_bytes_after_prefill
     assert sum(stats.modality_bytes_peak.values()) == stats.kv_cache_bytes_peak
-    n_sys = int((ids[0] == tokenizer_info()["image_token_id"]).nonzero()[0])    # the prompt's rows before the image
+    n_sys = rows_before_the_image(ids)
     assert stats.modality_bytes_peak == {"sys": n_sys * per_row, "image": n_img * per_row,
                                          "text": (T + steps - n_sys - n_img) * per_row}
     assert len(stats.layer_bytes_after_prefill) == VARIANTS[name].text_layers

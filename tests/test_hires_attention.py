@@ -202,8 +202,8 @@ def test_a_policy_that_attends_every_row_reads_the_blocks_as_the_dense_cache_doe
 
 def test_each_prompt_of_a_batch_reads_its_own_chosen_tokens(monkeypatch):
     """Two prompts with different images in one batch, one block each (top=1), which choose different blocks
-    in a layer that reads them: the second prompt's logits equal its own alone (each merges the
-    high-resolution tokens it chose, not the first prompt's)."""
+    in a layer that reads them: each prompt's logits equal its own alone (each merges the high-resolution
+    tokens it chose, not the other's)."""
     model = tiny_model()
     ids, pixels, hires_pixels = inputs(seed=1)
     _, other_pixels, other_hires = inputs(seed=2)
@@ -217,10 +217,12 @@ def test_each_prompt_of_a_batch_reads_its_own_chosen_tokens(monkeypatch):
     with torch.no_grad():
         view = model.hires_view(torch.cat([ids, ids]), torch.cat([hires_pixels, other_hires]), top=1)
         together = model(torch.cat([ids, ids]), torch.cat([pixels, other_pixels]), hires_view=view)
-        alone = model(ids, other_pixels, hires_view=model.hires_view(ids, other_hires, top=1))
-    batch_layers = merged_choices[:len(merged_choices) // 2]           # the batch's pass, then the one alone
+        batch_layers = list(merged_choices)                              # the batch's pass only
+        alone = [model(ids, pixels, hires_view=model.hires_view(ids, hires_pixels, top=1)),
+                 model(ids, other_pixels, hires_view=model.hires_view(ids, other_hires, top=1))]
     assert any(not torch.equal(chosen[0], chosen[1]) for chosen in batch_layers)   # what the case is about
-    torch.testing.assert_close(together[1], alone[0], rtol=0, atol=1e-5)
+    for prompt in (0, 1):
+        torch.testing.assert_close(together[prompt], alone[prompt][0], rtol=0, atol=1e-5)
 
 
 def test_a_policy_that_evicts_at_the_prefill_reads_the_blocks_the_prefill_attended():

@@ -786,6 +786,7 @@ def test_sweep_log_line_shows_each_measured_number(monkeypatch):
     model = SimpleNamespace(config=SimpleNamespace(text=SimpleNamespace(num_hidden_layers=4)))
     budget_sweep(model, None, [], log=lines.append)
     assert lines[0] == ("budget 1.0: full: accuracy 0.812, KV 0.613, after the prefill 0.438 (captions 0.312) (3 s)")
+    assert lines[1].startswith("budget 0.5: random S=0.5: accuracy 0.812")       # a policy with its parameters
 
 
 def test_sweep_plot_draws_each_line_with_its_interval(monkeypatch, tmp_path):

@@ -9,12 +9,14 @@ of one of tinyavl's modules (`hires.BLOCKS`, `tinyavl.load_pretrained`) must be 
 import ast
 import functools
 import importlib
+import pkgutil
 import re
 import sys
 from pathlib import Path
 
 import pytest
 
+import kernels
 import tinyavl.anyres
 import tinyavl.attention_map
 import tinyavl.attention_stats
@@ -114,9 +116,13 @@ def test_every_lower_case_name_a_chapter_cites_is_in_the_code(chapter):
     assert sorted(cited - project_identifiers() - own - EXTERNAL_NAMES) == []
 
 
-# A module of tinyavl by the short name a chapter cites it by (`hires.BLOCKS`), and the packages themselves.
-MODULE_NAMES = {module.__name__.rpartition(".")[2]: module.__name__ for module in MODULES} | \
-    {"tinyavl": "tinyavl", "kernels": "kernels"}
+# Every module of tinyavl and kernels by the short name a chapter cites it by (`hires.BLOCKS`, `toy.train`),
+# and the packages themselves.
+MODULE_NAMES = {"tinyavl": "tinyavl", "kernels": "kernels"} | {
+    module.name.rpartition(".")[2]: module.name
+    for package in (tinyavl, kernels) for module in pkgutil.walk_packages(package.__path__, f"{package.__name__}.")}
+# What ends a file's name, not a module's attribute: `model.safetensors`, `config.json`, `evaluate.py`.
+FILE_SUFFIXES = {"py", "json", "safetensors", "md", "png", "jpg", "txt", "jinja", "bin", "pt"}
 
 
 def resolve(dotted: str):
@@ -144,20 +150,22 @@ def assigned_names(source: str) -> set[str]:
 @pytest.mark.parametrize("chapter", CHAPTERS, ids=lambda p: p.name)
 def test_every_module_qualified_name_a_chapter_cites_resolves(chapter):
     """`hires.BLOCKS`, `anyres.map_token`, `tinyavl.toy.train.tune(...)`: a lower-case dotted name whose head
-    is one of tinyavl's modules (by its short name) or a package names something there, unless the chapter's
-    code blocks assign the head as a variable of their own (`model.state_dict()` names a model's)."""
+    is one of tinyavl's modules (by its short name) or a package names something there, unless it is a file's
+    name (`model.safetensors`) or the chapter's code blocks assign the head as a variable of their own
+    (`model.state_dict()` names a model's). A method is cited by its class (`KVCache.attend`)."""
     text = chapter.read_text()
     variables = set().union(*(assigned_names(block) for block in code_blocks(chapter)))
-    cited = set(re.findall(r"`([a-z_]\w*(?:\.\w+)+)[`(]", text))
+    cited = set(re.findall(r"`([a-z_]\w*(?:\.\w+)+)", text))
     for dotted in sorted(cited):
-        head = dotted.partition(".")[0]
-        if head not in MODULE_NAMES or head in variables:
+        head, last = dotted.partition(".")[0], dotted.rpartition(".")[2]
+        if head not in MODULE_NAMES or head in variables or last in FILE_SUFFIXES:
             continue
         full = MODULE_NAMES[head] + dotted[len(head):]
         try:
             resolve(full)
         except (AttributeError, ModuleNotFoundError):
-            pytest.fail(f"{chapter.name} cites `{dotted}`, which is not in {MODULE_NAMES[head]}")
+            pytest.fail(f"{chapter.name} cites `{dotted}`, which is not in {MODULE_NAMES[head]} (a method: cite it "
+                        "by its class, `KVCache.attend`)")
 
 
 def test_nothing_cites_files_a_reader_does_not_have():

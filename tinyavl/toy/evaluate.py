@@ -415,7 +415,8 @@ def budget_sweep(model, processor, questions, log=None, hires_mode: str = DEFAUL
                        if report["of_random"] is not None
                        else " (no ratio to random's: it got nothing right, or there is one scene)")
         if log:
-            log(f"budget {budget}: {f'{policy} {shown_params(report)}'.rstrip()}: accuracy {report['accuracy']:.3f}{against}, "
+            label = f"{policy} {shown_params(report)}".rstrip()
+            log(f"budget {budget}: {label}: accuracy {report['accuracy']:.3f}{against}, "
                 f"KV {report['kv_ratio']:.3f}, after the prefill {report['kv_ratio_after_prefill']:.3f} "
                 f"(captions {report['kv_ratio_after_prefill_by_type'].get('caption', math.nan):.3f}) "
                 f"({report['seconds']:.0f} s)")
