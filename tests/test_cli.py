@@ -773,12 +773,16 @@ def test_a_reader_that_stops_early_ends_the_run_quietly(lines):
     assert proc.stderr.read() == b""
 
 
+# The signals that end a command in one line (Ctrl-C, `kill`'s SIGTERM, a closed terminal's SIGHUP).
+ENDING_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def signals_at_start(ignored=()):
-    """A subprocess's preexec_fn: the child starts with SIGINT, SIGTERM and SIGHUP at their defaults, those
-    named in `ignored` ignored, whatever pytest itself was started with (a shell's background job ignores Ctrl-C,
+    """A subprocess's preexec_fn: the child starts with ENDING_SIGNALS at their defaults, those named in
+    `ignored` ignored, whatever pytest itself was started with (a shell's background job ignores Ctrl-C,
     `nohup` SIGHUP, and a child inherits that)."""
     def preexec():
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        for sig in ENDING_SIGNALS:
             signal.signal(sig, signal.SIG_IGN if sig in ignored else signal.SIG_DFL)
     return preexec
 
@@ -1109,7 +1113,7 @@ def test_the_import_guard_gives_back_the_handlers_it_found(monkeypatch):
     def mine(signum, frame):
         pass
 
-    previous = {sig: signal.signal(sig, mine) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    previous = {sig: signal.signal(sig, mine) for sig in ENDING_SIGNALS}
     try:
         with startup.signals_end_the_imports():
             assert {signal.getsignal(sig) for sig in previous} == {startup.ended_while_importing}
@@ -1123,7 +1127,7 @@ def test_the_import_guard_in_another_thread_sets_nothing(monkeypatch):
     """Python sets signal handlers only from the main thread: a first `import tinyavl` in a worker thread
     imports, unguarded, where signal.signal would raise ValueError."""
     monkeypatch.setattr(startup, "starting_a_command", lambda: True)
-    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    before = {sig: signal.getsignal(sig) for sig in ENDING_SIGNALS}
     outcome = []
 
     def import_in_a_thread():

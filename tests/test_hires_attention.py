@@ -350,11 +350,10 @@ def test_under_h2o_each_head_places_its_attention_by_its_own_rows(seed, heavy, r
 def test_the_high_resolution_projections_carry_a_bias_when_the_attention_does():
     """k_proj_hd and v_proj_hd are k_proj's and v_proj's kind: a checkpoint trained with attention_bias holds
     their biases too."""
+    from test_validation import SMALL_TEXT
     from tinyavl.model import LlamaAttention
     for bias in (False, True):
-        config = TextConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                            num_attention_heads=2, attention_bias=bias)
-        attn = LlamaAttention(config, 1, hires_projections=True)
+        attn = LlamaAttention(TextConfig(**SMALL_TEXT, attention_bias=bias), 1, hires_projections=True)
         assert [proj.bias is not None for proj in (attn.k_proj, attn.v_proj, attn.k_proj_hd, attn.v_proj_hd)] == \
             [bias] * 4
 

@@ -397,12 +397,12 @@ def test_mistral_with_a_sliding_window_runs_as_transformers_within_it_and_stops_
 def test_a_decode_step_past_the_sliding_window_counts_the_tokens_cached_before_it():
     """The decoder's own refusal, for a caller that drives a cache by hand (generate refuses earlier): a cache
     holding the W tokens of the window, the next step would be token W + 1."""
+    from test_validation import SMALL_TEXT
     from tinyavl.cache import KVCache
     from tinyavl.model import LlamaModel, TextConfig
 
     torch.manual_seed(0)
-    config = TextConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, sliding_window=4)
+    config = TextConfig(**SMALL_TEXT, sliding_window=4)
     decoder = LlamaModel(config).eval()
     cache = KVCache()
     cache.begin(config.num_hidden_layers, 1, 0)

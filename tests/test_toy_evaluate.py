@@ -27,6 +27,12 @@ SCENE = Scene((SceneObject("circle", "red", 1, 2, 5, (220, 40, 40)),
 LEFT, TOP, RIGHT, BOTTOM = MARGIN["left"], MARGIN["top"], WIDTH - MARGIN["right"], HEIGHT - MARGIN["bottom"]
 
 
+def pixel(x, y, x_range, y_range):
+    """Where a data point lands in the frame, worked out apart from plot.py."""
+    (x0, x1), (y0, y1) = x_range, y_range
+    return round(LEFT + (x - x0) / (x1 - x0) * (RIGHT - LEFT)), round(BOTTOM - (y - y0) / (y1 - y0) * (BOTTOM - TOP))
+
+
 def no_model(*args, **kwargs):
     pytest.fail("loaded the model before checking the command line")
 
@@ -660,13 +666,6 @@ def test_a_special_token_inside_an_answer_makes_it_wrong(monkeypatch):
             answers[prompt] = (tokenizer.encode(q.answer, add_special_tokens=False).ids + ending, finish)
         stand_in = SimpleNamespace(config=SimpleNamespace(hires=None))           # generate is replaced
         assert evaluate_module.evaluate(stand_in, processor, questions, "full")["accuracy"] == float(right), ending
-
-
-
-def pixel(x, y, x_range, y_range):
-    """Where a data point lands in the frame, worked out apart from plot.py."""
-    (x0, x1), (y0, y1) = x_range, y_range
-    return round(LEFT + (x - x0) / (x1 - x0) * (RIGHT - LEFT)), round(BOTTOM - (y - y0) / (y1 - y0) * (BOTTOM - TOP))
 
 
 def test_a_plots_ticks_labels_and_legend_sit_where_worked_out_by_hand(tmp_path, drawn_text):

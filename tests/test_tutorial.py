@@ -142,9 +142,9 @@ def resolve(dotted: str):
 
 def assigned_names(source: str) -> set[str]:
     """The names a Python source binds as variables (assigned, looped over, arguments), not those it imports."""
-    return {node.id for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Name)
-            and isinstance(node.ctx, ast.Store)} | {node.arg for node in ast.walk(ast.parse(source))
-                                                     if isinstance(node, ast.arg)}
+    nodes = list(ast.walk(ast.parse(source)))
+    return {node.id for node in nodes if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store)} | \
+        {node.arg for node in nodes if isinstance(node, ast.arg)}
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS, ids=lambda p: p.name)
