@@ -687,10 +687,13 @@ def test_a_line_break_in_a_path_stays_on_the_error_line(capsys, tmp_path, name, 
     assert_user_error(rc, out, err, shown)
 
 
-def exit_status(entry, raised: BaseException) -> int:
+def exit_status(entry, raised: BaseException | None) -> int:
     """The status a command entered through `entry` (run_command, or run_main as the trainers and the
-    benchmark are) ends with when its work raises `raised`."""
+    benchmark are) ends with when its work raises `raised` (None: it prints a line, and the result printed
+    is None)."""
     def work(*args):
+        if raised is None:
+            return print("a line")
         raise raised
     if entry == "run_command":
         return run_command(work, argparse.Namespace(json=True), show=print)
@@ -944,6 +947,32 @@ def test_a_stderr_that_cannot_be_written_ends_no_run(good, files):
         assert (proc.returncode, proc.stdout) == (2, "")
 
 
+def test_a_stdout_that_cannot_be_written_is_named(good, files):
+    """`python main.py ... > answer.txt` on a full disk: one line and status 1, naming standard output, which
+    the OSError of a stream's write does not name (`cli.NamedStdout`)."""
+    run = [sys.executable, "main.py", "--image", str(files["png"]), "--weights", str(good), "--max-new-tokens", "3"]
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run(run, cwd=REPO, stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert (proc.returncode, proc.stderr) == (1, "error: [Errno 28] No space left on device: 'standard output'\n")
+
+
+@pytest.mark.parametrize("entry", ["run_command", "run_main"])
+@pytest.mark.parametrize("refusing", ["write", "flush"])
+def test_a_result_or_progress_line_the_disk_refuses_names_standard_output(capsys, monkeypatch, entry, refusing):
+    """A --json result (run_command) or a trainer's progress (run_main) printed to a full disk, refused as it is
+    written or as it is flushed; an OSError the work raises itself keeps its own file name."""
+    def refuse(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    full = types.SimpleNamespace(write=len, flush=lambda: None)   # stdout redirected to a full disk
+    setattr(full, refusing, refuse)
+    monkeypatch.setattr(sys, "stdout", full)
+    assert exit_status(entry, None) == 1
+    assert capsys.readouterr().err == "error: [Errno 28] No space left on device: 'standard output'\n"
+    assert exit_status(entry, OSError(errno.ENOSPC, "No space left on device", "out/model.safetensors")) == 1
+    assert capsys.readouterr().err == "error: [Errno 28] No space left on device: 'out/model.safetensors'\n"
+
+
 def test_attention_map_is_written_and_reported(capsys, good, files, tmp_path):
     out_path = tmp_path / "map.png"
     rc, _, err = run_inprocess(capsys, ["--image", files["png"], "--weights", good, "--max-new-tokens", 2,
@@ -979,6 +1008,9 @@ def test_user_input_is_checked_before_the_model_loads(capsys, monkeypatch, good,
          "(--map-layer) must be in 0..1 (the decoder's layers), got -1"),
         (["--image", files["png"], "--attention-map", tmp_path / "map.psd"], ".png"),  # Pillow cannot write it as RGB
         (["--image", files["png"], "--attention-map", tmp_path / ("m" * 300 + ".png")], "too long"),
+        # Inputs too (Python 3.11's Path.exists raises ENAMETOOLONG; 3.12's says the path is not there).
+        (["--image", tmp_path / ("i" * 300 + ".png")], "i" * 300 + ".png"),
+        (["--image", files["png"], "--weights", tmp_path / ("w" * 300)], "w" * 300),
         (["--image", files["png"], "--force"], "--attention-map"),
         (["--image", files["png"], "--policy", "fastv", "--filter-layer", "9"], "--filter-layer 9"),
         (["--image", files["png"], "--attention-map", tmp_path / "map.png", "--map-layer", "9"], "got 9"),
@@ -1246,6 +1278,17 @@ def test_a_toy_command_given_a_file_for_a_model_folder_says_so(command, option, 
     assert importlib.import_module(command).main([option, str(REPO / "README.md")]) == 2
     err = capsys.readouterr().err
     assert err == f"error: {option} {REPO / 'README.md'} is a file: give the model folder that holds it\n"
+
+
+@pytest.mark.parametrize("command, option", [("tinyavl.toy.evaluate", "--weights"), ("tinyavl.toy.attention_study",
+                                             "--weights"), ("tinyavl.toy.evaluate_hires", "--in-sequence-toy")])
+def test_a_toy_command_given_a_model_folder_name_too_long_says_so(command, option, capsys, tmp_path):
+    """One line and status 2, naming the folder (Python 3.11's Path.exists raises ENAMETOOLONG, which would
+    end the command as the system's refusal, status 1)."""
+    folder = tmp_path / ("m" * 300)
+    assert importlib.import_module(command).main([option, str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {option}") and err.count("\n") == 1 and str(folder) in err
 
 
 def test_an_option_without_help_cannot_be_added(capsys):

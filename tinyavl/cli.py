@@ -15,6 +15,7 @@ import torch
 
 from tinyavl.cache import POLICIES, SEED_PARAM, KVCache, make_cache, param_owners
 from tinyavl.errors import UserError
+from tinyavl.files import as_user_error
 from tinyavl.startup import signal_line
 
 # The committed toy LLaVA: the default model of main.py and of the evaluation.
@@ -59,10 +60,11 @@ def output_file(text: str) -> Path:
 def check_model_folder(folder: Path, option: str, trainer: str) -> None:
     """A UserError unless the toy command's `option` names a model folder: a file there is told to give the
     folder; a folder that is not there, the trainer that makes one (python -m trainer)."""
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"{option} {folder} is a file: give the model folder that holds it")
-    if not folder.is_dir():
-        raise UserError(f"{option}: no model folder at {folder}: train one with python -m {trainer}")
+    with as_user_error(f"{option} {folder}"):  # a name too long for the system: Python 3.11's exists() raises it
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"{option} {folder} is a file: give the model folder that holds it")
+        if not folder.is_dir():
+            raise UserError(f"{option}: no model folder at {folder}: train one with python -m {trainer}")
 
 
 def check_stdout_open(what: str, files: dict | None = None) -> None:
@@ -246,6 +248,32 @@ class Notes:
         return getattr(self.stream, name)
 
 
+class NamedStdout:
+    """sys.stdout while a command runs: a write the system refuses (`> answer.txt` on a full disk) names standard
+    output in the line the command ends with, as a refused output file's names the file (the OSError of a
+    stream's write names none)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        return self._named(self.stream.write, text)
+
+    def flush(self) -> None:
+        self._named(self.stream.flush)
+
+    @staticmethod
+    def _named(act, *args):
+        try:
+            return act(*args)
+        except OSError as err:  # BrokenPipeError too: named, and ended quietly all the same
+            err.filename = "standard output"
+            raise
+
+    def __getattr__(self, name):  # fileno, isatty, encoding, ...: the stream's
+        return getattr(self.stream, name)
+
+
 def point_at_nothing(stream) -> None:
     """Point the file descriptor of a stream whose reader has gone at /dev/null: Python's own advice for a
     broken pipe, so that the stream's flush at exit cannot fail again."""
@@ -263,6 +291,18 @@ def notes_on_stderr():
         yield
     finally:
         sys.stderr = real
+
+
+@contextmanager
+def named_stdout():
+    """sys.stdout is a `NamedStdout` inside the block, where it is open (sys.stdout as it was after)."""
+    real = sys.stdout
+    if real is not None and not isinstance(real, NamedStdout):
+        sys.stdout = NamedStdout(real)
+    try:
+        yield
+    finally:
+        sys.stdout = real
 
 
 # What the system, not tinyavl, refuses: one line, status 1. Other OSErrors are bugs and keep their traceback.
@@ -291,12 +331,13 @@ def run_main(main) -> None:
 def ended_in_one_line(work) -> int:
     """work()'s exit status: 0, or one line on stderr instead of a traceback for a user's mistake (UserError,
     status 2), Ctrl-C (status 130), SIGTERM and SIGHUP (128 + the signal; no temporary file left), and what
-    the system refused (SYSTEM_REFUSALS: a disk full, a name too long; memory that ran out, `out_of_memory`;
-    status 1). A reader that closed stdout early (`| head`) ends the run quietly; a run started with stdout
-    closed (>&-) prints nothing there; one whose stderr nobody reads goes on (`Notes`)."""
+    the system refused (SYSTEM_REFUSALS: a disk full, a name too long, stdout's named as such, `NamedStdout`;
+    memory that ran out, `out_of_memory`; status 1). A reader that closed stdout early (`| head`) ends the run
+    quietly; a run started with stdout closed (>&-) prints nothing there; one whose stderr nobody reads goes on
+    (`Notes`)."""
     with notes_on_stderr():
         try:
-            with signals_end_like_ctrl_c():
+            with signals_end_like_ctrl_c(), named_stdout():
                 work()
                 if sys.stdout is not None:  # None: started with stdout closed (>&-), where print prints nothing
                     sys.stdout.flush()  # here, where a closed pipe is caught, not at exit

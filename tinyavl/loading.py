@@ -27,7 +27,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from tinyavl.errors import UserError
-from tinyavl.files import check_readable, check_utf8_path, read_json_object
+from tinyavl.files import as_user_error, check_readable, check_utf8_path, read_json_object
 from tinyavl.model import (HiresConfig, LlavaConfig, LlavaForConditionalGeneration, TextConfig, VisionConfig,
                            eos_token_id_rule, is_eos_token_id)
 
@@ -150,16 +150,18 @@ def _dataclass_from(cls, raw: dict):
 def read_config(folder: Path | str) -> LlavaConfig:
     folder = Path(folder)
     check_utf8_path(folder, "weights folder")
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"weights {str(folder)!r} is a file: give the llava-hf model folder that holds it")
-    if not folder.is_dir():
-        raise UserError(f"weights folder {str(folder)!r} does not exist: put a llava-hf model folder there "
-                        "(see weights/README.md)")
     path = folder / "config.json"
-    if path.exists() and not path.is_file():
-        raise UserError(f"{path} is not a file: a llava-hf model folder holds config.json beside its safetensors")
-    if not path.is_file():
-        raise UserError(f"{path} is missing: a llava-hf model folder holds config.json beside its safetensors")
+    with as_user_error(f"weights folder {str(folder)!r}"):  # a name too long: Python 3.11's exists() raises it
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"weights {str(folder)!r} is a file: give the llava-hf model folder that holds it")
+        if not folder.is_dir():
+            raise UserError(f"weights folder {str(folder)!r} does not exist: put a llava-hf model folder there "
+                            "(see weights/README.md)")
+        if path.exists() and not path.is_file():
+            raise UserError(f"{path} is not a file: a llava-hf model folder holds config.json beside its "
+                            "safetensors")
+        if not path.is_file():
+            raise UserError(f"{path} is missing: a llava-hf model folder holds config.json beside its safetensors")
     config = parse_config(read_json_object(path))
     config.text.eos_token_id = answer_end_ids(folder / "generation_config.json", config.text)
     return config
