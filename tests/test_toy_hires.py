@@ -472,6 +472,8 @@ def write_checkpoint_of_an_older_version(path, base):
     ("state.pt", None, "give it a .safetensors name"),
     ("state.safetensors", write_checkpoint_with(history="5"), "is not a training checkpoint (its step '5' or its"),
     ("state.safetensors", write_checkpoint_with(step="-3"), "is not a training checkpoint (its step '-3' or its"),
+    # range(-1) is empty, as the history: only the step's sign tells
+    ("state.safetensors", write_checkpoint_with(step="-1", history="[]"), "(its step '-1' or its"),
     ("state.safetensors", write_checkpoint_with(run=None), "is not a training checkpoint (its metadata has no 'run')"),
     ("state.safetensors", write_checkpoint_with(run="null"), "is not a training checkpoint (its settings are 'null'"),
     ("state.safetensors", write_checkpoint_with(run="[1]"), "is not a training checkpoint (its settings are '[1]'"),

@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import os
+import random
 import re
 import stat
 from dataclasses import replace
@@ -93,6 +94,15 @@ def test_hf_config_writes_each_committed_toys_config_again(folder):
     written = json.loads(json.dumps(hf_config(scaled)))
     assert written["text_config"]["rope_scaling"] == {"type": "linear", "factor": 2.0}
     assert parse_config(written) == scaled
+
+
+def test_the_toy_architecture_by_default_is_the_committed_toys():
+    """toy_config's defaults with the trainer's tokenizer (what `python -m tinyavl.toy.train` builds) write the
+    committed weights/toy/config.json key for key: the ViT's MLP 4x its width, GQA with 2 KV heads, 1024
+    positions, ... as the README and chapter 3 describe the toy."""
+    tokenizer = train_tokenizer()
+    config = train_module.toy_config(tokenizer.get_vocab_size(), tokenizer.token_to_id("<image>"))
+    assert hf_config(config) == json.loads((TOY_WEIGHTS / "config.json").read_text())
 
 
 def toy_processor():
@@ -471,6 +481,21 @@ def test_a_checkpoint_whose_optimiser_state_is_damaged_is_one_line(damage, said,
         train_module.main(run)
 
 
+def test_moments_for_a_parameter_past_the_last_are_another_optimisers(tmp_path):
+    """optimizer.N.* with N the count of the optimiser's parameters, one past the last: refused in one line,
+    not an IndexError."""
+    model = torch.nn.Linear(2, 3)
+    params = list(model.parameters())                                          # indices 0 and 1
+    tensors = {f"model.{name}": t for name, t in model.state_dict().items()}
+    tensors |= {"optimizer.2.exp_avg": torch.zeros(3), train_module.DROPOUT_STATE: torch.Generator().get_state()}
+    path = tmp_path / "state.safetensors"
+    save_file(tensors, str(path), metadata={"step": "0", "history": "[]", "run": "{}",
+                                            "scenes": json.dumps(random.Random(0).getstate())})
+    with pytest.raises(UserError, match=re.escape("another optimiser's state (optimizer.2.exp_avg, (3,))")):
+        Checkpoint(path, run={}, every=1).load(model, torch.nn.Module(), train_module.adamw(params, 1e-3),
+                                               SceneStream("train", 0), torch.Generator())
+
+
 @pytest.mark.parametrize("stopped_in", ["take_step", "write_folder_atomically"])  # stage 1; stage 2 finished
 def test_the_trainer_refuses_a_checkpoint_of_another_run_and_one_for_stage_0(stopped_in, tmp_path, monkeypatch,
                                                                              capsys):
@@ -789,10 +814,14 @@ def test_a_stage_saves_its_last_step_whatever_the_checkpoints_interval(tmp_path)
 
 
 def test_held_out_accuracy_is_logged_every_eval_every_steps(monkeypatch):
-    steps_taken, evaluated_after = [], []
-    take_step = train_module.take_step
+    """On the scenes optimise's docstring names: 10 held-out scenes of seed 0."""
+    steps_taken, evaluated_after, held_out_sets = [], [], []
+    take_step, held_out_set = train_module.take_step, train_module.held_out_set
     monkeypatch.setattr(train_module, "take_step", lambda *args: steps_taken.append(1) or take_step(*args))
+    monkeypatch.setattr(train_module, "held_out_set", lambda **kwargs: held_out_sets.append(kwargs)
+                        or held_out_set(**kwargs))
     monkeypatch.setattr(train_module, "evaluate", lambda *args, **kwargs: evaluated_after.append(len(steps_taken))
                         or {"accuracy": 0.0, "accuracy_by_type": {}})
     train(steps=4, batch_size=1, eval_every=2, config_overrides=TINY, log=lambda *_: None)
     assert evaluated_after == [2, 4]
+    assert held_out_sets == [dict(seed=0, n_scenes=10, fine=False)] * 2
