@@ -195,6 +195,17 @@ def test_a_line_longer_than_the_picture_is_cut_with_an_ellipsis():
     assert fitted("Q: short", draw, 300) == "Q: short" and fitted("Q: short", draw, 5) == ""
     exact = draw.textlength("Q: short")                                    # a line exactly as wide as its room
     assert fitted("Q: short", draw, exact) == "Q: short" and fitted("Q: short", draw, exact - 1).endswith("...")
+    ellipsis = draw.textlength("...")                                      # room for the ellipsis alone
+    assert fitted("Q: short", draw, ellipsis) == "..." and fitted("Q: short", draw, ellipsis - 1) == ""
+
+
+def test_a_long_question_runs_across_both_panels(drawn_text):
+    """The question's line is the picture's whole width less its margins (4 px each side), not a panel's."""
+    picture = draw_attention_map(Image.new("RGB", (40, 40)), torch.full((16,), COMPUTED), torch.rand(16), "t",
+                                 question="is the circle left of the square? " * 20)
+    (length,) = [length for _, text, length in drawn_text if text.startswith("Q: ")]
+    widest_character = max(ImageDraw.Draw(picture).textlength(c) for c in "is the circle left of square?")
+    assert picture.width - 8 - widest_character < length <= picture.width - 8
 
 
 def test_the_text_of_a_strip(tiny_ckpt, drawn_text):

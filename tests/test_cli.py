@@ -31,7 +31,7 @@ from tokenizers import Tokenizer
 import main
 import tinyavl
 from tinyavl import startup
-from tinyavl.cli import ArgumentParser, run_command, run_main
+from tinyavl.cli import ArgumentParser, output_file, run_command, run_main
 from tinyavl.errors import UserError
 from tinyavl.processing import load_image
 from tiny_checkpoints import VARIANTS, make_image, sparse_config, tokenizer_info, write_checkpoint
@@ -1280,6 +1280,16 @@ def test_a_toy_command_given_a_file_for_a_model_folder_says_so(command, option, 
     assert err == f"error: {option} {REPO / 'README.md'} is a file: give the model folder that holds it\n"
 
 
+@pytest.mark.parametrize("command, option, trainer", [
+    ("tinyavl.toy.evaluate", "--weights", "tinyavl.toy.train"),
+    ("tinyavl.toy.evaluate_hires", "--in-sequence-toy", "tinyavl.toy.train_hires --in-sequence")])
+def test_a_toy_command_without_its_model_folder_says_how_to_train_one(command, option, trainer, capsys, tmp_path):
+    """The remedy is a command that runs as written: python -m (a trainer is a module, not a script)."""
+    assert importlib.import_module(command).main([option, str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {option}: no model folder at {tmp_path / 'nowhere'}: train one with python -m {trainer}\n"
+
+
 @pytest.mark.parametrize("command, option", [("tinyavl.toy.evaluate", "--weights"), ("tinyavl.toy.attention_study",
                                              "--weights"), ("tinyavl.toy.evaluate_hires", "--in-sequence-toy")])
 def test_a_toy_command_given_a_model_folder_name_too_long_says_so(command, option, capsys, tmp_path):
@@ -1289,6 +1299,16 @@ def test_a_toy_command_given_a_model_folder_name_too_long_says_so(command, optio
     assert importlib.import_module(command).main([option, str(folder)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {option}") and err.count("\n") == 1 and str(folder) in err
+
+
+def test_an_argument_error_quoting_a_line_break_stays_on_one_line(capsys):
+    """argparse's own refusals (a type's, here) are one line too, whatever the value quotes."""
+    parser = ArgumentParser(prog="p")
+    parser.add_argument("--out", type=output_file, help="a file")
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["--out", "two\nlines/"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "two\\nlines/ ends in /" in err
 
 
 def test_an_option_without_help_cannot_be_added(capsys):

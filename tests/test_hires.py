@@ -30,6 +30,9 @@ def test_scores_are_the_normalised_maximum_of_each_window():
     # x 255 against the threshold: 1/8 -> 31.9, 4/8 -> 127.5, 1 -> 255
     assert hires.threshold_blocks(scores, 48).tolist() == [[[False, True], [True, False]]]
     assert hires.threshold_blocks(scores, 31).tolist() == [[[True, True], [True, True]]]
+    # select_blocks is the two together, at the threshold it is given (main.py's --hires-threshold), not 48
+    assert hires.select_blocks(attention, (4, 4), 200, blocks=2).tolist() == [[[False, True], [False, False]]]
+    assert hires.select_blocks(attention, (4, 4), 31, blocks=2).tolist() == [[[True, True], [True, True]]]
     # The minimum and maximum are the whole image's, not a row's or a window's: here the rows' minima differ
     # (0, 4, 1, 1), and the image's (0, 5) make a token score a / 5.
     attention = torch.tensor([[0., 1., 2., 3.],
@@ -98,8 +101,9 @@ def test_top_blocks_take_the_best_scores_and_agree_with_a_threshold_between_them
 
 
 def test_bad_settings_are_refused():
-    with pytest.raises(ValueError, match="do not fit"):
-        hires.block_scores(torch.rand(1, 16), (4, 4), blocks=5)
+    for blocks in (5, 0):
+        with pytest.raises(ValueError, match=f"{blocks} blocks per side do not fit"):
+            hires.block_scores(torch.rand(1, 16), (4, 4), blocks=blocks)
     for threshold in (-1, 255, math.nan):
         with pytest.raises(UserError, match="the selection threshold must be from 0 to below 255"):
             hires.threshold_blocks(torch.rand(1, 3, 3), threshold)

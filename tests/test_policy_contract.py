@@ -34,6 +34,7 @@ import torch
 import tinyavl
 from cache_helpers import (IMAGE_TOKEN, build_model, make_next_prompt, make_prompt, masked, one_thread,  # noqa: F401
                            recording, run_batch, run_steps)
+from tinyavl import cache as cache_module
 from tinyavl.cache import POLICIES, Param, make_cache, param_owners
 from tinyavl.cli import ArgumentParser, add_policy_arguments, given_policy_params
 from tinyavl.errors import UserError
@@ -325,3 +326,11 @@ def test_readme_policy_table_matches_the_registry():
     assert list(table) == list(POLICIES)
     for policy, defaults in table.items():
         assert defaults == {name: str(value) for name, value in make_cache(policy).params().items()}, policy
+
+
+def test_the_cache_modules_list_of_policies_matches_the_registry():
+    """tinyavl/cache.py's docstring lists each policy's name and class, in POLICIES order (where a reader
+    of the file meets them first)."""
+    listed = cache_module.__doc__.split("Policies (`make_cache(name, **params)`):\n", 1)[1].split("\n\n", 1)[0]
+    assert [tuple(line.split()[:2]) for line in listed.splitlines()] == [
+        (name, cls.__name__) for name, cls in POLICIES.items()]
