@@ -15,7 +15,7 @@ import torch
 
 from tinyavl.cache import POLICIES, SEED_PARAM, KVCache, make_cache, param_owners
 from tinyavl.errors import UserError
-from tinyavl.files import as_user_error
+from tinyavl.files import name_too_long_as_user_error
 from tinyavl.startup import signal_line
 
 # The committed toy LLaVA: the default model of main.py and of the evaluation.
@@ -60,7 +60,7 @@ def output_file(text: str) -> Path:
 def check_model_folder(folder: Path, option: str, trainer: str) -> None:
     """A UserError unless the toy command's `option` names a model folder: a file there is told to give the
     folder; a folder that is not there, the trainer that makes one (python -m trainer)."""
-    with as_user_error(f"{option} {folder}"):  # a name too long for the system: Python 3.11's exists() raises it
+    with name_too_long_as_user_error(f"{option} {folder}"):
         if folder.exists() and not folder.is_dir():
             raise UserError(f"{option} {folder} is a file: give the model folder that holds it")
         if not folder.is_dir():

@@ -39,6 +39,19 @@ def as_user_error(label: str):
         raise UserError(f"{label}: {getattr(err, 'strerror', None) or err}") from None
 
 
+@contextmanager
+def name_too_long_as_user_error(label: str):
+    """An input's path checked: a name too long for the file system (ENAMETOOLONG, which Path.exists raises
+    before Python 3.14) as a UserError naming `label`, a mistake in the path given; any other OSError (a folder
+    on the path that may not be searched) stays what the system refused (status 1), as the file's read would."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno != errno.ENAMETOOLONG:
+            raise
+        raise UserError(f"{label}: {err.strerror}") from None
+
+
 def check_readable(path: Path) -> None:
     """Open and close `path`: a file the system will not let this process read (no permission) fails here,
     as the OSError that says so (one line, status 1: `cli.ended_in_one_line`). The libraries that read model files

@@ -27,7 +27,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from tinyavl.errors import UserError
-from tinyavl.files import as_user_error, check_readable, check_utf8_path, read_json_object
+from tinyavl.files import (check_readable, check_utf8_path, name_too_long_as_user_error,
+                           read_json_object)
 from tinyavl.model import (HiresConfig, LlavaConfig, LlavaForConditionalGeneration, TextConfig, VisionConfig,
                            eos_token_id_rule, is_eos_token_id)
 
@@ -151,7 +152,7 @@ def read_config(folder: Path | str) -> LlavaConfig:
     folder = Path(folder)
     check_utf8_path(folder, "weights folder")
     path = folder / "config.json"
-    with as_user_error(f"weights folder {str(folder)!r}"):  # a name too long: Python 3.11's exists() raises it
+    with name_too_long_as_user_error(f"weights folder {str(folder)!r}"):
         if folder.exists() and not folder.is_dir():
             raise UserError(f"weights {str(folder)!r} is a file: give the llava-hf model folder that holds it")
         if not folder.is_dir():

@@ -33,7 +33,7 @@ from tokenizers import Tokenizer
 
 from tinyavl import anyres
 from tinyavl.errors import UserError
-from tinyavl.files import as_user_error, check_readable, read_json_object
+from tinyavl.files import check_readable, name_too_long_as_user_error, read_json_object
 
 IMAGE_TOKEN = "<image>"
 # The system prompt LLaVA-1.5 was trained with (the Vicuna v1 conversation of the LLaVA repository,
@@ -61,7 +61,7 @@ def load_image(path) -> Image.Image:
     colours hidden under it show).
     """
     path = Path(path)
-    with as_user_error(f"image {path}"):  # a name too long for the system: Python 3.11's exists() raises it
+    with name_too_long_as_user_error(f"image {path}"):
         if not path.exists():
             if path.is_symlink():  # exists() follows the link
                 raise UserError(f"{path} is a link to nothing that exists (a missing file, or links in a loop): "
