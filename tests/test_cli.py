@@ -729,6 +729,15 @@ def test_memory_that_runs_out_is_one_line(capsys, entry, raised):
     assert "--dtype" not in err and "--device" not in err  # the trainers have neither
 
 
+def test_memory_that_runs_out_is_said_by_its_messages_first_line(capsys):
+    """torch's CUDA message runs on over lines (what the GPU holds, a setting to try): its first is the detail."""
+    raised = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nOf the allocated memory 70 GiB "
+                                    "is allocated by PyTorch")
+    assert exit_status("run_main", raised) == 1
+    assert capsys.readouterr().err == ("error: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB.): a "
+                                       "smaller model, image or setting (see --help) may fit\n")
+
+
 def test_memory_really_running_out_is_one_line(capsys):
     """torch's own message for an allocation the machine cannot give (4 EiB), as this torch words it."""
     rc = run_command(lambda args: torch.empty(1 << 62, dtype=torch.uint8), argparse.Namespace(json=True), show=print)

@@ -249,6 +249,16 @@ def test_sincos_table_by_hand():
     assert torch.allclose(table[row * 3 + col], torch.tensor(expected), atol=1e-6)
 
 
+def test_the_vit_position_table_starts_with_zeros_for_the_class_token():
+    """init_weights: the CLS token's slot 0, then the sin-cos table of the patches in reading order."""
+    config = train_module.toy_config(vocab_size=10, image_token_id=9, vision_width=8, vision_layers=1,
+                                     text_width=8, text_layers=1)
+    model = tinyavl.LlavaForConditionalGeneration(config)
+    train_module.init_weights(model)
+    table = model.vision_tower.vision_model.embeddings.position_embedding.weight    # (1 + patches, width)
+    assert not table[0].any() and torch.equal(table[1:], sincos_2d(config.vision.patches_per_side, 8))
+
+
 def test_training_is_reproducible_for_a_seed():
     # Same seed, same weights (on one machine and thread count). This tiny config is deterministic even
     # without `deterministic_algorithms`; the test below checks that the command trains inside it.
@@ -341,6 +351,13 @@ def test_image_dropout_share_picks_that_share_of_the_sequences():
     default = hide_image_tokens(input_ids[:50], image_id, max_fraction, torch.Generator().manual_seed(3))
     everyone = hide_image_tokens(input_ids[:50], image_id, max_fraction, torch.Generator().manual_seed(3), 1.0)
     assert torch.equal(default, everyone)
+    # Share 1 draws nothing to pick the rows: a run without the knob's masks, a fraction then an order per row.
+    generator = torch.Generator().manual_seed(3)
+    for row in everyone:
+        n_hidden = int(max_fraction * torch.rand((), generator=generator).item() * n_image)
+        hidden = torch.zeros(n_image, dtype=torch.bool)
+        hidden[torch.randperm(n_image, generator=generator)[:n_hidden]] = True
+        assert torch.equal(row[2:2 + n_image] == 0, hidden)
 
 
 def test_training_passes_the_dropout_mask_to_the_model(monkeypatch):
@@ -601,6 +618,9 @@ def test_hide_image_rectangles_lays_each_rectangle_mask_over_its_image_block_onl
     for row in range(batch):
         assert torch.equal(visible[row][input_ids[row] == image_id].float(), expected[row])
     assert (visible[input_ids != image_id] == 1).all() and (visible == 0).any()
+    input_ids[:, 2] = 1                                                    # 15 image tokens: no square
+    with pytest.raises(ValueError, match="needs a square image block, got 15 image tokens"):
+        train_module.hide_image_rectangles(input_ids, image_id, 0.75, torch.Generator())
 
 
 def test_scene_readout_reads_the_mean_of_the_visible_tokens_and_each_token_alone():
