@@ -222,6 +222,16 @@ def test_training_losses_with_the_view(tiny_flex):
         high = probe.loss(view.features, batch["hires_patch_targets"], words)
     assert torch.equal(lm, plain_lm)
     torch.testing.assert_close(patch, (plain_patch + high) / 2)
+    # The view serves the rows after the image block (144 tokens from the first), each of which is some decoding
+    # step's current token, not the image's own last row.
+    served_from, hires_view = [], flex.hires_view
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(flex, "hires_view", lambda *args, first_served, **kwargs: served_from.append(first_served)
+                        or hires_view(*args, first_served=first_served, **kwargs))
+        with torch.no_grad():
+            losses(flex, probe, batch, hires_alpha=1.0)
+    first_image = batch["input_ids"][0].tolist().index(flex.config.image_token_id)
+    assert served_from == [first_image + (IMAGE_SIZE // PATCH) ** 2]
     flex.requires_grad_(True)
     try:
         lm, _ = losses(flex, probe, batch, hires_alpha=1.0)
