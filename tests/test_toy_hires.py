@@ -503,11 +503,12 @@ def write_checkpoint_of_an_older_version(path, base):
     ("state.safetensors", lambda path, _: path.symlink_to(path.with_name("gone.safetensors")), "is a link"),
     ("state.safetensors", lambda path, _: link_to_another_run(path), "is a link"),
     ("base", None, "give it a .safetensors name"),
+    ("base/model.safetensors", None, "lies inside the input folder"),       # beside the weights it starts from
 ])
 def test_the_hires_trainer_refuses_a_checkpoint_it_cannot_resume_from(tiny_base, tmp_path, capsys, name, make,
                                                                        message):
     (tmp_path / "flex").mkdir()
-    path = tiny_base if name == "base" else tmp_path / name
+    path = {"base": tiny_base, "base/model.safetensors": tiny_base / "model.safetensors"}.get(name, tmp_path / name)
     if make:
         make(path, tiny_base)
     before = path.read_bytes() if path.is_file() else None

@@ -833,6 +833,27 @@ def test_a_stage_saves_its_last_step_whatever_the_checkpoints_interval(tmp_path)
         assert file.metadata()["step"] == "4"
 
 
+def test_a_step_clips_the_gradients_norm_to_1():
+    """AdamW gets the loss's gradients scaled to a norm of 1 at most: here (6, 8), of norm 10, as (0.6, 0.8)."""
+    weight = torch.nn.Parameter(torch.zeros(2))
+    optimizer, stepped_on = train_module.adamw([weight], 1e-3), []
+    optimizer.step = lambda: stepped_on.append(weight.grad.clone())
+    train_module.take_step(optimizer, [weight], (weight * torch.tensor([6.0, 8.0])).sum(), step=0, lr=1e-3)
+    torch.testing.assert_close(stepped_on, [torch.tensor([0.6, 0.8])])
+
+
+def test_the_log_averages_the_steps_since_its_last_line_and_ends_at_the_last_step():
+    """log_every 2 over 3 steps: lines after steps 2 and 3 (the last, though 3 is no multiple of 2), each with the
+    answer and patch losses averaged over the last 2 steps of the history."""
+    lines = []
+    history = train(steps=3, batch_size=1, log_every=2, config_overrides=TINY, log=lines.append)[2]
+    logged = [line for line in lines if line.startswith("step ")]
+    assert [line.split()[1] for line in logged] == ["2/3", "3/3"]
+    for line, recent in zip(logged, (history[0:2], history[1:3])):
+        answer, patch = (sum(losses) / 2 for losses in list(zip(*recent))[1:])
+        assert f"answer loss {answer:.4f}  patch loss {patch:.4f}" in line
+
+
 def test_held_out_accuracy_is_logged_every_eval_every_steps(monkeypatch):
     """On the scenes optimise's docstring names: 10 held-out scenes of seed 0."""
     steps_taken, evaluated_after, held_out_sets = [], [], []
