@@ -2,6 +2,7 @@
 
 The full training (the committed weights/toy) is not run here: README "The toy LLaVA" has its command.
 """
+import argparse
 import itertools
 import json
 import math
@@ -11,6 +12,7 @@ import re
 import stat
 from dataclasses import replace
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -852,6 +854,17 @@ def test_the_log_averages_the_steps_since_its_last_line_and_ends_at_the_last_ste
     for line, recent in zip(logged, (history[0:2], history[1:3])):
         answer, patch = (sum(losses) / 2 for losses in list(zip(*recent))[1:])
         assert f"answer loss {answer:.4f}  patch loss {patch:.4f}" in line
+
+
+def test_a_checkpoint_is_resumed_only_by_a_run_whose_weights_it_would_make():
+    """The settings each stage saves: every flag but where the run writes (--out, --force, --checkpoint) and how
+    often it evaluates (--eval-every), with torch's version and the stage; stage 2 goes on after stage 1."""
+    args = argparse.Namespace(out=Path("toy"), force=True, eval_every=500, checkpoint=Path("state.safetensors"),
+                              lr=2e-3, steps=7)
+    stage_1, stage_2 = train_module.stage_checkpoints(args)
+    assert stage_1.run == {"lr": 2e-3, "steps": 7, "torch": torch.__version__, "stage": 1}
+    assert stage_2.run == {**stage_1.run, "stage": 2} and stage_2.after == stage_1.run
+    assert stage_1.path == stage_2.path == args.checkpoint
 
 
 def test_held_out_accuracy_is_logged_every_eval_every_steps(monkeypatch):

@@ -114,8 +114,7 @@ def from_base(base: Path, in_sequence: bool = False, seed: int = 0):
                         f"({TOY_WEIGHTS})")
     if in_sequence:
         model = with_tiles_in_sequence(model, seed)
-        processor.image_grid_pinpoints = model.config.image_grid_pinpoints
-        processor.patch_size = model.config.vision.patch_size
+        processor.image_grid_pinpoints = model.config.image_grid_pinpoints  # its patch_size is the tower's already
         return model, processor
     # Training serves every row after the image (`losses`' first_served), the question's rows too, which
     # generation does not: their outputs must reach no answer, so the view is read in the last layer alone.
