@@ -730,7 +730,7 @@ def test_memory_that_runs_out_is_one_line(capsys, entry, raised):
 
 
 def test_memory_that_runs_out_is_said_by_its_messages_first_line(capsys):
-    """torch's CUDA message runs on over lines (what the GPU holds, a setting to try): its first is the detail."""
+    """A message torch writes over several lines (with C++ context or a stack trace): its first is the detail."""
     raised = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nOf the allocated memory 70 GiB "
                                     "is allocated by PyTorch")
     assert exit_status("run_main", raised) == 1

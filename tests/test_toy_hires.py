@@ -222,8 +222,8 @@ def test_training_losses_with_the_view(tiny_flex):
         high = probe.loss(view.features, batch["hires_patch_targets"], words)
     assert torch.equal(lm, plain_lm)
     torch.testing.assert_close(patch, (plain_patch + high) / 2)
-    # The view serves the rows after the image block (144 tokens from the first), each of which is some decoding
-    # step's current token, not the image's own last row.
+    # The view serves every row from the one after the image block (144 tokens from the first; the answers' rows,
+    # each some decoding step's current token, among them), not the image's own last row.
     served_from, hires_view = [], flex.hires_view
     with pytest.MonkeyPatch.context() as patched:
         patched.setattr(flex, "hires_view", lambda *args, first_served, **kwargs: served_from.append(first_served)
