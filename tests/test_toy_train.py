@@ -13,6 +13,7 @@ import stat
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -863,6 +864,28 @@ def test_a_checkpoint_is_resumed_only_by_a_run_whose_weights_it_would_make():
     assert stage_1.run == {"lr": 2e-3, "steps": 7, "torch": torch.__version__, "stage": 1}
     assert stage_2.run == {**stage_1.run, "stage": 2} and stage_2.after == stage_1.run
     assert stage_1.path == stage_2.path == args.checkpoint
+
+
+def test_a_resumed_run_counts_the_samples_it_trained_itself(tmp_path, monkeypatch):
+    """samples/s after a resume: the steps this run took (2 of batch 1 in 10 s on the clock here: 0.2), not also
+    the 2 the checkpoint holds."""
+    checkpoint, take_step = Checkpoint(tmp_path / "state.safetensors", run={"x": 1}, every=1), train_module.take_step
+
+    def stopped_in_step_3(*args):  # optimizer, params, loss, step, lr
+        if args[3] == 2:
+            raise Interrupted
+        take_step(*args)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(train_module, "take_step", stopped_in_step_3)
+        with pytest.raises(Interrupted):
+            train(steps=4, batch_size=1, config_overrides=TINY, log=lambda *_: None, checkpoint=checkpoint)
+    lines = []
+    monkeypatch.setattr(train_module, "time", SimpleNamespace(perf_counter=iter([0.0, 10.0]).__next__))
+    train(steps=4, batch_size=1, log_every=2, config_overrides=TINY, log=lines.append, checkpoint=checkpoint)
+    (logged,) = [line for line in lines if line.startswith("step ")]
+    assert f"resuming after step 2 from {checkpoint.path}" in lines
+    assert logged.startswith("step 4/4") and " 0.2 samples/s " in logged
 
 
 def test_held_out_accuracy_is_logged_every_eval_every_steps(monkeypatch):
