@@ -416,6 +416,18 @@ class Interrupted(Exception):
     pass
 
 
+def stopped_in_step_3(take_step):
+    """A take_step that takes two steps and raises Interrupted in the third: a training stopped mid-run."""
+    steps = []
+
+    def step(*args):  # optimizer, params, loss, step, lr
+        steps.append(args[3])
+        if len(steps) == 3:
+            raise Interrupted
+        take_step(*args)
+    return step
+
+
 TINY_RUN = ["--steps", "4", "--tune-steps", "4", "--batch-size", "2", "--eval-every", "0", "--vision-layers", "1",
             "--text-layers", "1", "--text-width", "16"]
 
@@ -478,17 +490,10 @@ def test_a_checkpoint_whose_optimiser_state_is_damaged_is_one_line(damage, said,
     or an error inside AdamW's first step, before)."""
     monkeypatch.setattr(train_module, "CHECKPOINT_EVERY", 2)
     monkeypatch.setattr(train_module, "write_examples", lambda folder, fine=False: None)
-    path, steps, take_step = tmp_path / "state.safetensors", [], train_module.take_step
+    path = tmp_path / "state.safetensors"
     run = TINY_RUN + ["--out", str(tmp_path / "out"), "--checkpoint", str(path)]
-
-    def interrupted_in_step_3(*args):
-        steps.append(args[3])
-        if len(steps) == 3:
-            raise Interrupted
-        take_step(*args)
-
     with monkeypatch.context() as patched:
-        patched.setattr(train_module, "take_step", interrupted_in_step_3)
+        patched.setattr(train_module, "take_step", stopped_in_step_3(train_module.take_step))
         with pytest.raises(Interrupted):
             train_module.main(run)
     with safe_open(str(path), framework="pt") as file:
@@ -869,15 +874,9 @@ def test_a_checkpoint_is_resumed_only_by_a_run_whose_weights_it_would_make():
 def test_a_resumed_run_counts_the_samples_it_trained_itself(tmp_path, monkeypatch):
     """samples/s after a resume: the steps this run took (2 of batch 1 in 10 s on the clock here: 0.2), not also
     the 2 the checkpoint holds."""
-    checkpoint, take_step = Checkpoint(tmp_path / "state.safetensors", run={"x": 1}, every=1), train_module.take_step
-
-    def stopped_in_step_3(*args):  # optimizer, params, loss, step, lr
-        if args[3] == 2:
-            raise Interrupted
-        take_step(*args)
-
+    checkpoint = Checkpoint(tmp_path / "state.safetensors", run={"x": 1}, every=1)
     with monkeypatch.context() as patched:
-        patched.setattr(train_module, "take_step", stopped_in_step_3)
+        patched.setattr(train_module, "take_step", stopped_in_step_3(train_module.take_step))
         with pytest.raises(Interrupted):
             train(steps=4, batch_size=1, config_overrides=TINY, log=lambda *_: None, checkpoint=checkpoint)
     lines = []

@@ -30,26 +30,22 @@ PICTURE_SUFFIXES = tuple(suffix for suffix in (".png", ".jpg", ".jpeg", ".webp",
 
 
 @contextmanager
-def as_user_error(label: str):
+def as_user_error(label: str, only_errno: int | None = None):
     """What the file system refuses while a path is checked (a name too long for it, a loop of links: an
-    OSError or RuntimeError) as a UserError naming `label`."""
+    OSError or RuntimeError) as a UserError naming `label`; with only_errno, only an OSError of that errno."""
     try:
         yield
     except (OSError, RuntimeError) as err:
+        if only_errno is not None and getattr(err, "errno", None) != only_errno:
+            raise
         raise UserError(f"{label}: {getattr(err, 'strerror', None) or err}") from None
 
 
-@contextmanager
 def name_too_long_as_user_error(label: str):
     """An input's path checked: a name too long for the file system (ENAMETOOLONG, which Path.exists raises
     before Python 3.14) as a UserError naming `label`, a mistake in the path given; any other OSError (a folder
     on the path that may not be searched) stays what the system refused (status 1), as the file's read would."""
-    try:
-        yield
-    except OSError as err:
-        if err.errno != errno.ENAMETOOLONG:
-            raise
-        raise UserError(f"{label}: {err.strerror}") from None
+    return as_user_error(label, only_errno=errno.ENAMETOOLONG)
 
 
 def check_readable(path: Path) -> None:
