@@ -393,7 +393,9 @@ def test_prompt_errors(processor):
         processor("USER: <image>\n<image>\nSame? ASSISTANT:", image)
     with pytest.raises(UserError, match="not found"):
         processor(processor.chat_prompt("What?"), "no/such/image.png")
-    for blank in ("", "  \n\t"):   # an unset $VARIABLE: the model would answer no question
+    # An unset $VARIABLE, or only invisible characters (zero-width space, joiner, byte-order mark): the model would
+    # answer no question.
+    for blank in ("", "  \n\t", "\u200b", " \u200d\ufeff\n"):
         with pytest.raises(UserError, match="the prompt is empty: ask a question"):
             processor.chat_prompt(blank)
     with pytest.raises(UserError, match="the question contains <image>"):  # the user's, not the template's

@@ -18,6 +18,7 @@ jinja2, as transformers renders it.
 import json
 import math
 import os
+import unicodedata
 import warnings
 from datetime import datetime
 from pathlib import Path
@@ -180,7 +181,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def check_question(question: str) -> None:
     """A user's question is text that can be tokenized, and chat_prompt places the image itself."""
-    if not question.strip():  # an unset variable ($Q) or a stray "": an answer to no question
+    # An unset variable ($Q), a stray "", or only invisible characters (a zero-width space, a byte-order mark:
+    # Unicode's format characters, which str.strip keeps): an answer to no question.
+    if all(c.isspace() or unicodedata.category(c) == "Cf" for c in question):
         raise UserError("the prompt is empty: ask a question (main.py's default asks for a caption: Describe the "
                         "image.)")
     try:
