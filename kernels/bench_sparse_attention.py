@@ -12,6 +12,7 @@ the interpreter the sizes are toys and the times mean nothing: the run only show
 works.
 """
 import re
+from typing import NamedTuple
 
 # tinyavl first, before torch: in a command, a Ctrl-C while torch imports is one line (tinyavl/startup.py).
 from tinyavl.cli import ArgumentParser, check_stdout_open, first_paragraph, run_main
@@ -56,19 +57,28 @@ def make_avl_decode_inputs(batch, num_heads, num_kv_heads, head_dim, n_sys, n_im
     return q, k, v, index, n_sys + n_image
 
 
-def gather_then_sdpa(q, k, v, index, start):
-    """Baseline (a): copy the selected rows out of the cache, then PyTorch's fused attention."""
-    k_sel, v_sel = gather_selected_rows(k, v, index, start)                         # [B, Hkv, n_sel, D]
-    out = F.scaled_dot_product_attention(q[:, :, None], k_sel, v_sel,
-                                         enable_gqa=k.shape[1] != q.shape[1])      # [B, H, 1, D]
-    return out[:, :, 0]
-
-
 def dense_sdpa(q, k, v):
     """Baseline (b): attend to the whole cache, as a decoder without A-VL's core/secondary split would."""
     out = F.scaled_dot_product_attention(q[:, :, None], k, v,
                                          enable_gqa=k.shape[1] != q.shape[1])      # [B, H, 1, D]
     return out[:, :, 0]
+
+
+def gather_then_sdpa(q, k, v, index, start):
+    """Baseline (a): copy the selected rows out of the cache, then PyTorch's fused attention on them."""
+    return dense_sdpa(q, *gather_selected_rows(k, v, index, start))           # k, v gathered: [B, Hkv, n_sel, D]
+
+
+class DecodeShape(NamedTuple):
+    """A benchmark's attention heads and the cache's text around the image block: [n_sys | image | n_text]."""
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    n_sys: int
+    n_text: int
+
+
+LLAVA_7B_DECODE = DecodeShape(num_heads=32, num_kv_heads=32, head_dim=128, n_sys=5, n_text=64)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -113,12 +123,11 @@ def cpu_time_ms(fn, repeats=3):
     return 1e3 * best_seconds(fn, repeats)
 
 
-def benchmark_case(batch, n_image, core_fraction, head_config, dtype, device, time_ms, peak_gbps) -> str:
-    """One table row: kernel vs gather + SDPA vs dense SDPA. The inputs die with the call, so each case
-    starts with the GPU memory of the previous one freed."""
-    num_heads, num_kv_heads, head_dim, n_sys, n_text = head_config
-    q, k, v, index, start = make_avl_decode_inputs(batch, num_heads, num_kv_heads, head_dim, n_sys,
-                                                   n_image, n_text, core_fraction, dtype, device)
+def benchmark_case(batch, n_image, core_fraction, shape, dtype, device, time_ms, peak_gbps) -> str:
+    """One table row: kernel vs gather + SDPA vs dense SDPA, shape a `DecodeShape`. The inputs die with the
+    call, so each case starts with the GPU memory of the previous one freed."""
+    q, k, v, index, start = make_avl_decode_inputs(batch, *shape[:4], n_image, shape.n_text, core_fraction, dtype,
+                                                   device)
     # The inputs are queued on the default stream, and triton.testing.do_bench_cudagraph runs the calls on
     # a stream of its own, which does not wait for it: without this, its first calls could read an index
     # not yet written, whose rows may lie outside the cache.
@@ -134,14 +143,14 @@ def benchmark_case(batch, n_image, core_fraction, head_config, dtype, device, ti
             f"{t_dense / t_kernel:>7.2f}x | {gbps:>7.1f} {percent}")
 
 
-def benchmark_table(image_blocks, core_fractions, batches, head_config, dtype, device, time_ms, peak_gbps):
+def benchmark_table(image_blocks, core_fractions, batches, shape, dtype, device, time_ms, peak_gbps):
     """Time kernel, gather + SDPA and dense SDPA for every (batch, image size, core fraction); print a row each."""
     print(f"{'batch':>5} {'image':>6} {'core':>5} {'rows':>6} | {'kernel us':>9} {'gather us':>9} "
           f"{'dense us':>9} | {'vs gather':>9} {'vs dense':>8} | {'GB/s':>7} {'% peak':>6}")
     for batch in batches:
         for n_image in image_blocks:
             for core_fraction in core_fractions:
-                print(benchmark_case(batch, n_image, core_fraction, head_config, dtype, device, time_ms, peak_gbps))
+                print(benchmark_case(batch, n_image, core_fraction, shape, dtype, device, time_ms, peak_gbps))
 
 
 def correctness_check(device, dtype, small):
@@ -160,8 +169,9 @@ def correctness_check(device, dtype, small):
         if refusal is not None:
             print(f"{case}{dtype_name:>8}: skipped, {refusal}")
             continue
-        q, k, v, index, start = make_avl_decode_inputs(2, num_heads, num_kv_heads, head_dim, 5, n_image, n_text,
-                                                       0.3, dtype, device, sort_index=False)
+        q, k, v, index, start = make_avl_decode_inputs(2, num_heads, num_kv_heads, head_dim, n_sys=5,
+                                                       n_image=n_image, n_text=n_text, core_fraction=0.3,
+                                                       dtype=dtype, device=device, sort_index=False)
         try:
             report = error_report(q, k, v, index, start, num_splits=2)
         except OutOfResources as err:
@@ -183,15 +193,13 @@ def main(argv=None):
     if not TRITON_AVAILABLE:
         raise UserError("Triton is not installed: pip install triton")
 
-    # fp16, LLaVA-7B's attention: 32 query heads of 128 dims, 32 KV heads; 5 sys rows, 64 text rows.
-    head_config = (32, 32, 128, 5, 64)
     if INTERPRETED:
         print("TRITON_INTERPRET=1: correctness check and a toy-size timing in Triton's CPU interpreter.\n"
               "Interpreter times say nothing about GPU speed; they only show the benchmark code runs.")
         for dtype in SUPPORTED_DTYPES:
             correctness_check("cpu", dtype, small=True)
-        benchmark_table([48], [0.3, 0.5], [1, 2], (4, 2, 64, 5, 16), torch.float16, "cpu", cpu_time_ms,
-                        args.peak_gbps)
+        toy_shape = DecodeShape(num_heads=4, num_kv_heads=2, head_dim=64, n_sys=5, n_text=16)
+        benchmark_table([48], [0.3, 0.5], [1, 2], toy_shape, torch.float16, "cpu", cpu_time_ms, args.peak_gbps)
         return
     if not torch.cuda.is_available():
         raise UserError("no CUDA device: the benchmark needs a GPU. Run "
@@ -204,19 +212,20 @@ def main(argv=None):
     print(f"device: {name}, peak bandwidth: {f'{peak:.0f} GB/s' if peak else 'unknown (pass --peak-gbps)'}")
     for dtype in SUPPORTED_DTYPES:
         correctness_check("cuda", dtype, small=False)
-    print("\nfp16, H=32 query heads, Hkv=32 KV heads, D=128; cache = [5 sys | image | 64 text]; "
-          "rows = sys + core image + text rows attended.\n"
+    shape = LLAVA_7B_DECODE
+    print(f"\nfp16, H={shape.num_heads} query heads, Hkv={shape.num_kv_heads} KV heads, D={shape.head_dim}; cache = "
+          f"[{shape.n_sys} sys | image | {shape.n_text} text]; rows = sys + core image + text rows attended.\n"
           "kernel = kernels/sparse_attention.py, gather = torch gather + SDPA on the selected rows, dense = SDPA on the whole cache;"
           " times are medians of triton.testing.do_bench (L2 flushed between runs, launch overhead included).")
     cases = ([576, 2928, 4 * 2928], [0.3, 0.5], [1, 8])  # image blocks, core fractions, batch sizes
-    benchmark_table(*cases, head_config, torch.float16, "cuda",
+    benchmark_table(*cases, shape, torch.float16, "cuda",
                     lambda fn: triton.testing.do_bench(fn, return_mode="median"), peak)
     # A decode step's attention is a few microseconds of GPU work, less than it takes Python to launch
     # it: the table above times the launches too. Replayed from a CUDA graph, the same calls cost only
     # their GPU time, the cost inside a decode step that is itself captured as a graph.
     print("\nThe same, each call replayed from a CUDA graph (triton.testing.do_bench_cudagraph): GPU time "
           "without the launch overhead; L2 is not flushed, so the smallest caches may be read from L2.")
-    benchmark_table(*cases, head_config, torch.float16, "cuda",
+    benchmark_table(*cases, shape, torch.float16, "cuda",
                     lambda fn: triton.testing.do_bench_cudagraph(fn, return_mode="median"), peak)
 
 

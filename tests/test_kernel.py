@@ -630,7 +630,7 @@ def test_a_benchmark_case_waits_for_its_inputs_before_timing(monkeypatch):
     monkeypatch.setattr(bench, "make_avl_decode_inputs", recorded_inputs)
     monkeypatch.setattr(bench, "synchronize", lambda: events.append("synchronize"))
     time_ms = lambda fn: events.append("time") or 1.0  # noqa: E731  (the calls themselves are not run)
-    bench.benchmark_case(1, 40, 0.3, (4, 2, 16, 3, 5), torch.float32, DEVICE, time_ms, peak_gbps=None)
+    bench.benchmark_case(1, 40, 0.3, bench.DecodeShape(4, 2, 16, 3, 5), torch.float32, DEVICE, time_ms, peak_gbps=None)
     assert events == ["inputs", "synchronize", "time", "time", "time"]
 
 
@@ -643,7 +643,7 @@ def test_a_benchmark_row_holds_its_times_ratios_and_bandwidth(monkeypatch):
     5752 bytes in 0.5 us, 11.5 GB/s, 57.5% of 20."""
     monkeypatch.setattr(bench, "synchronize", lambda: None)
     timings = iter([0.5e-3, 1.5e-3, 2.0e-3])
-    row = bench.benchmark_case(1, 40, 0.3, (4, 2, 16, 3, 5), torch.float32, DEVICE, lambda fn: next(timings),
+    row = bench.benchmark_case(1, 40, 0.3, bench.DecodeShape(4, 2, 16, 3, 5), torch.float32, DEVICE, lambda fn: next(timings),
                                peak_gbps=20.0)
     assert row.split() == ["1", "40", "0.3", "20", "|", "0.5", "1.5", "2.0", "|", "3.00x", "4.00x",
                            "|", "11.5", "57.5"]
