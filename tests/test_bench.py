@@ -152,7 +152,7 @@ def test_each_policys_times_and_bytes_are_its_own_runs(model, monkeypatch):
     for name, (tokens, stats, cache) in runs.items():
         row = case["policies"][name]
         assert row["decode_ms"] == pytest.approx(1e3 * stats.decode_seconds / 5)
-        assert row["attention_ms"] == pytest.approx(1e3 * cache.spans.seconds("attention") / 5)
+        assert row["attention_ms"] == pytest.approx(1e3 * cache.timings.seconds("attention") / 5)
         assert row["prefill_s"] == stats.prefill_seconds
         assert row["kv_bytes"] == stats.kv_cache_bytes_peak
         assert row["same_start_as_full"] == bench.agreeing_start(tokens, runs["full"][0])
@@ -194,7 +194,7 @@ def test_policies_take_their_decode_steps_in_turn_and_decode_as_alone(model, mon
     """run_policies: the prefills one after another, then step 1 of each policy, step 2 of each, ...; and
     each policy generates the tokens and attends the rows it does when it runs alone."""
     order = recording_steps(monkeypatch)
-    names, ids, pixels = ("full", "avl", "h2o"), bench.prompt_ids(TINY, 20), bench.image_block(model, 20)
+    names, ids, pixels = ("full", "avl", "h2o"), bench.prompt_ids(TINY, 20), bench.set_image_block(model, 20)
     runs = bench.run_policies(model, names, ids, pixels, new_tokens=5)
     assert order == [(name, step) for step in range(5) for name in names]   # 5 tokens: the prefill and 4 steps
     for name in names:
@@ -207,7 +207,7 @@ def test_a_policy_that_fails_in_its_turn_fails_the_run_there(model, monkeypatch)
     order = recording_steps(monkeypatch, fail_at=("avl", 2))
     names = ("full", "avl", "h2o")
     with pytest.raises(RuntimeError, match="avl failed at step 2"):
-        bench.run_policies(model, names, bench.prompt_ids(TINY, 20), bench.image_block(model, 20), new_tokens=5)
+        bench.run_policies(model, names, bench.prompt_ids(TINY, 20), bench.set_image_block(model, 20), new_tokens=5)
     assert order == [(name, step) for step in range(2) for name in names] + [("full", 2)]
 
 
@@ -312,17 +312,17 @@ def test_growth_reports_each_policys_step_and_attention_series_at_their_tokens(m
 def test_timed_cache_counts_decode_steps_only(model):
     cache = bench.timed_cache("full")
     input_ids = bench.prompt_ids(TINY, 20)
-    bench.generate(model, input_ids, bench.image_block(model, 20), max_new_tokens=1, policy=cache)
-    assert cache.spans.seconds("attention") == 0  # a prefill only
-    bench.generate(model, input_ids, bench.image_block(model, 20), max_new_tokens=3, policy=cache)
-    assert cache.spans.seconds("attention") > 0
+    bench.generate(model, input_ids, bench.set_image_block(model, 20), max_new_tokens=1, policy=cache)
+    assert cache.timings.seconds("attention") == 0  # a prefill only
+    bench.generate(model, input_ids, bench.set_image_block(model, 20), max_new_tokens=3, policy=cache)
+    assert cache.timings.seconds("attention") > 0
 
 
 def test_attention_time_per_step_sums_each_steps_layers():
     """attention_step_seconds groups the per-layer calls by decode step, in order: 2 layers, 3 steps."""
     cache = bench.timed_cache("full")
     cache.n_layers = 2
-    cache.spans.spans["attention"] = [(0.0, t) for t in (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)]  # (start, end) pairs
+    cache.timings.intervals["attention"] = [(0.0, t) for t in (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)]  # (start, end) pairs
     assert bench.attention_step_seconds(cache) == [3.0, 12.0, 48.0]
 
 
@@ -341,7 +341,7 @@ def test_avl_core_replaced_is_the_share_of_the_core_each_rerank_changed(model, m
 
     monkeypatch.setattr(AVLCache, "rerank_core", watched)
     cache = bench.timed_cache("avl")
-    bench.generate(model, bench.prompt_ids(TINY, 40), bench.image_block(model, 40), max_new_tokens=8, policy=cache)
+    bench.generate(model, bench.prompt_ids(TINY, 40), bench.set_image_block(model, 40), max_new_tokens=8, policy=cache)
     assert len(changed) == 2 * TINY.text.num_hidden_layers and any(changed)  # update steps 3 and 6, every layer
     assert cache.core_replaced == pytest.approx(changed)
 
@@ -351,9 +351,9 @@ def test_avl_attention_time_splits_into_normal_and_update_steps(model):
     6 are update steps. The two kinds add up to the whole attention time, and the swaps are part of the
     update steps."""
     cache = bench.timed_cache("avl")
-    bench.generate(model, bench.prompt_ids(TINY, 40), bench.image_block(model, 40), max_new_tokens=8, policy=cache)
+    bench.generate(model, bench.prompt_ids(TINY, 40), bench.set_image_block(model, 40), max_new_tokens=8, policy=cache)
     assert cache.steps_by_kind == {"normal": 5, "update": 2}
-    split = {name: cache.spans.seconds(name) for name in ("normal", "update", "swap", "attention")}
+    split = {name: cache.timings.seconds(name) for name in ("normal", "update", "swap", "attention")}
     assert split["normal"] + split["update"] == pytest.approx(split["attention"])
     assert 0 < split["swap"] < split["update"]
     row = bench.avl_step_split(cache, full_attention_ms=2.0)
@@ -407,7 +407,7 @@ def test_a_transformers_mismatch_is_noted_on_stderr_not_in_the_json(model, monke
         return [token + 1 for token in tokens], stats
 
     monkeypatch.setattr(bench, "generation", shifted_generation)
-    ratio = bench.transformers_decode_ratio(model, bench.prompt_ids(model.config, 12), bench.image_block(model, 12),
+    ratio = bench.transformers_decode_ratio(model, bench.prompt_ids(model.config, 12), bench.set_image_block(model, 12),
                                             new_tokens=3)
     captured = capsys.readouterr()
     assert ratio > 0 and captured.out == "" and "tokens differ" in captured.err
@@ -418,7 +418,7 @@ def test_a_transformers_that_lays_out_the_decoder_otherwise_is_left_out_with_a_n
     said in one line on stderr (the tables are timed by then), where it stopped the run with an assertion."""
     transformers = pytest.importorskip("transformers")
     monkeypatch.setattr(bench, "transformers_key", lambda key: "renamed." + key)
-    ratio = bench.transformers_decode_ratio(model, bench.prompt_ids(model.config, 12), bench.image_block(model, 12),
+    ratio = bench.transformers_decode_ratio(model, bench.prompt_ids(model.config, 12), bench.set_image_block(model, 12),
                                             new_tokens=3)
     captured = capsys.readouterr()
     assert ratio is None and captured.out == ""
@@ -433,7 +433,7 @@ def test_transformers_greedy_times_each_decode_step_and_decodes_as_tinyavl(model
     token, 5 new tokens are 4 steps of 1 second each. On the same weights it chooses the tokens tinyavl's
     full attention does."""
     pytest.importorskip("transformers")
-    ids, pixels = bench.prompt_ids(model.config, 12), bench.image_block(model, 12)
+    ids, pixels = bench.prompt_ids(model.config, 12), bench.set_image_block(model, 12)
     now = [100.0]
 
     def perf_counter():  # a step's own work: one second between its two readings
@@ -464,7 +464,7 @@ def test_transformers_llava_is_tinyavls_decoder_with_its_own_settings():
     hf = bench.transformers_llava(model)
     ids = bench.prompt_ids(config, 12)
     with torch.inference_mode():
-        embeds = model.embed(ids, bench.image_block(model, 12))                   # (1, T, C)
+        embeds = model.embed(ids, bench.set_image_block(model, 12))                   # (1, T, C)
         ours = model.language_model(embeds)                                         # (1, T, vocab)
         theirs = hf(inputs_embeds=embeds).logits
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
@@ -492,7 +492,7 @@ def test_transformers_and_tinyavl_decode_in_turn_and_the_ratio_is_of_their_step_
         return result
 
     monkeypatch.setattr(bench, "take_turns", recording_take_turns)
-    ratio = bench.transformers_decode_ratio(model, bench.prompt_ids(model.config, 12), bench.image_block(model, 12),
+    ratio = bench.transformers_decode_ratio(model, bench.prompt_ids(model.config, 12), bench.set_image_block(model, 12),
                                             new_tokens=4)
     assert order == ["tinyavl", "transformers"] * 4                  # the first tokens (prefills), then 3 steps each
     (_, stats), (_, hf_step_seconds) = ends["tinyavl"], ends["transformers"]
@@ -542,15 +542,15 @@ def test_each_arch_measures_its_own_blocks_and_next_its_memory_table(arch, monke
     assert blocks == [expected, expected] and printed.get("paper_memory") == ([row] if arch == "next" else None)
 
 
-def test_spans_add_up_each_named_block():
-    """Spans.span times a block once under each of its names; a name's seconds are the sum of its blocks."""
-    spans = bench.Spans()
-    with spans.span("a", "b"):
+def test_timings_add_up_each_named_block():
+    """Timings.timed times a block once under each of its names; a name's seconds are the sum of its blocks."""
+    timings = bench.Timings()
+    with timings.timed("a", "b"):
         time.sleep(0.02)
-    with spans.span("a"):
+    with timings.timed("a"):
         time.sleep(0.01)
-    assert spans.seconds("b") >= 0.02 and spans.seconds("a") >= spans.seconds("b") + 0.01
-    assert spans.seconds("never") == 0
+    assert timings.seconds("b") >= 0.02 and timings.seconds("a") >= timings.seconds("b") + 0.01
+    assert timings.seconds("never") == 0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
@@ -703,7 +703,7 @@ def test_a_case_reports_the_tokens_it_generated(model):
 def test_every_policy_decodes_every_step_past_the_models_eos(model, monkeypatch):
     """The models' EOS set to the first token `full` picks: the run goes on to its 5 tokens all the same, so
     that every policy decodes as many steps."""
-    ids, pixels = bench.prompt_ids(TINY, 20), bench.image_block(model, 20)
+    ids, pixels = bench.prompt_ids(TINY, 20), bench.set_image_block(model, 20)
     first = bench.generate(model, ids, pixels, max_new_tokens=1, eos_token_id=(), policy="full")[0][0]
     monkeypatch.setattr(model.config.text, "eos_token_id", first)
     tokens, stats, _ = bench.run_policies(model, ("full",), ids, pixels, new_tokens=5)["full"]
@@ -718,4 +718,4 @@ def test_a_cuda_span_is_its_events_milliseconds_in_seconds():
         def elapsed_time(self, end):
             return end.ms - self.ms
 
-    assert bench.Spans._seconds_between(Event(100.0), Event(350.0)) == 0.25
+    assert bench.Timings._seconds_between(Event(100.0), Event(350.0)) == 0.25

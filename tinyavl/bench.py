@@ -43,7 +43,7 @@ one run are the result.
 `--device cuda` runs all of it on a GPU (the default where CUDA is present, as in main.py), where A-VL's
 decode steps go through the Triton kernel (kernels/sparse_attention.py). GPU work is queued, not done,
 when a Python call returns: the rates wait for the GPU (`synchronize`), the cache's steps are timed with
-CUDA events (`Spans`), and each policy first runs a few untimed tokens so that no step time includes
+CUDA events (`Timings`), and each policy first runs a few untimed tokens so that no step time includes
 compiling a kernel (`run_policies`).
 Decode steps time themselves: each picks its token on the host, which waits for the GPU.
 
@@ -85,7 +85,7 @@ PAPER_MEMORY = {"dense_MB": 1179, "avl_MB": 531, "params": {"T": 0.7}, "new_toke
 
 def llava_7b_config(n_layers: int) -> LlavaConfig:
     text = TextConfig(vocab_size=32064, num_hidden_layers=n_layers, max_position_embeddings=4096, rms_norm_eps=1e-5)
-    # A token vision tower: the benchmark feeds the image block directly (see `image_block`).
+    # A token vision tower: the benchmark feeds the image block directly (see `set_image_block`).
     vision = VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                           image_size=28, patch_size=14)
     return LlavaConfig(text=text, vision=vision)
@@ -110,8 +110,9 @@ def random_model(config: LlavaConfig, dtype, seed: int = 0, device="cpu") -> Lla
     return model.to(dtype).eval().requires_grad_(False)
 
 
-def image_block(model, n_img: int, seed: int = 1):
-    """Make the model's image features a fixed random block of n_img rows (any length, unlike a ViT)."""
+def set_image_block(model, n_img: int, seed: int = 1):
+    """Make the model's image features a fixed random block of n_img rows (any length, unlike a ViT), and
+    return the placeholder pixel_values to call it with."""
     generator = torch.Generator().manual_seed(seed)
     width, weight = model.config.text.hidden_size, model.language_model.lm_head.weight
     features = torch.randn(1, n_img, width, generator=generator).to(weight.device, weight.dtype)  # (1, N_img, C)
@@ -217,8 +218,8 @@ def transformers_decode_ratio(model, input_ids, pixel_values, new_tokens: int):
 
 def read_rate(device="cpu", nbytes: int = 2 ** 30, repeats: int = 5) -> float:
     """Bytes/s at which a sum reads a tensor far larger than any cache: what the memory allows. In fp32
-    whatever the model's dtype: a bf16 sum on a CPU is bound by its reduction, not by the memory (on this
-    project's CPU it read 13.4 GB/s, where an fp32 sum read 19.3 and a bf16 copy 20.2)."""
+    whatever the model's dtype: a bf16 sum on a CPU is bound by its reduction, not by the memory (tutorial
+    chapter 8 has the numbers)."""
     x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     return nbytes / best_seconds(lambda: x.sum(), repeats)
 
@@ -257,15 +258,15 @@ def kv_row_bytes(text: TextConfig, dtype: torch.dtype) -> int:
 # One policy's run: decode time per step, and the part of it spent in the cache's four stages.
 # ---------------------------------------------------------------------------------------------------
 
-class Spans:
-    """Adds up the time of code spans by name. On a CPU a span is wall-clock time. On a GPU the work is
-    queued, so the wall clock would time the queueing: a span is two CUDA events recorded around it, the
-    time on the GPU's clock from the span's first queued work to its last (idle time between them
+class Timings:
+    """Adds up the time of blocks of code by name. On a CPU a block's time is wall-clock time. On a GPU the
+    work is queued, so the wall clock would time the queueing: a block is two CUDA events recorded around
+    it, the time on the GPU's clock from the block's first queued work to its last (idle time between them
     included, as when the host launches or waits), read when `seconds` asks (no wait stalls the queue)."""
 
     def __init__(self, cuda: bool = False):
         self.cuda = cuda  # the timed work runs on a GPU (not: CUDA is merely initialised in this process)
-        self.spans = {}   # name -> [(start, end), ...]: perf_counter seconds, or CUDA events
+        self.intervals = {}   # name -> [(start, end), ...]: perf_counter seconds, or CUDA events
 
     def _now(self):
         if not self.cuda:
@@ -279,18 +280,18 @@ class Spans:
         return end - start if isinstance(end, float) else start.elapsed_time(end) / 1e3  # events count ms
 
     @contextmanager
-    def span(self, *names):
+    def timed(self, *names):
         """Time the block once under each of `names`."""
         start = self._now()
         yield
         end = self._now()
         for name in names:
-            self.spans.setdefault(name, []).append((start, end))
+            self.intervals.setdefault(name, []).append((start, end))
 
     def each(self, name: str) -> list[float]:
         """The seconds of every timed block of that name, in the order they ran."""
         synchronize()  # an event's time can be read once the GPU has passed it
-        return [self._seconds_between(start, end) for start, end in self.spans.get(name, [])]
+        return [self._seconds_between(start, end) for start, end in self.intervals.get(name, [])]
 
     def seconds(self, name: str) -> float:
         return sum(self.each(name))
@@ -298,14 +299,14 @@ class Spans:
 
 def timed_cache(name: str, cuda: bool = False):
     """A fresh cache for the policy that times its `attend` (append, select, compute, update) at decode
-    steps: `cache.spans.seconds("attention")`. An A-VL cache also lists, in `cache.core_replaced`, the share
+    steps: `cache.timings.seconds("attention")`. An A-VL cache also lists, in `cache.core_replaced`, the share
     of the core that each re-rank replaced (one entry per layer and update step): an update step's swaps
     move each row entering the core and the one it replaces, so the cost of A-VL's steps depends on it. It
-    splits its time by kind of step, in spans "normal" and "update", with the steps of each kind in
+    splits its time by kind of step, timed as "normal" and "update", with the steps of each kind in
     `cache.steps_by_kind`, and times the swaps (`swap_rows`, part of the update steps) as "swap". cuda: the
     model runs on a GPU."""
     cache = make_cache(name)
-    attend, cache.spans = cache.attend, Spans(cuda)
+    attend, cache.timings = cache.attend, Timings(cuda)
     is_avl = isinstance(cache, AVLCache)
     if is_avl:
         rerank_core, swap_rows, cache.core_replaced = cache.rerank_core, cache.swap_rows, []
@@ -317,7 +318,7 @@ def timed_cache(name: str, cuda: bool = False):
             return entered
 
         def timed_swap_rows(layer, rows, other_rows):
-            with cache.spans.span("swap"):
+            with cache.timings.timed("swap"):
                 swap_rows(layer, rows, other_rows)
 
         cache.rerank_core, cache.swap_rows = counted_rerank_core, timed_swap_rows
@@ -330,7 +331,7 @@ def timed_cache(name: str, cuda: bool = False):
             kind = "update" if cache.is_update_step() else "normal"
             names.append(kind)
             cache.steps_by_kind[kind] += layer == 0  # a step is one call per layer
-        with cache.spans.span(*names):
+        with cache.timings.timed(*names):
             return attend(layer, q, k, v, pos)
 
     cache.attend = timed_attend
@@ -344,15 +345,15 @@ def avl_step_split(cache, full_attention_ms: float) -> dict:
     if not all(cache.steps_by_kind.values()):
         return {}
 
-    def per_step(part: str, kind: str) -> float:
-        return 1e3 * cache.spans.seconds(part) / cache.steps_by_kind[kind]
+    def ms_per_step(part: str, kind: str) -> float:
+        return 1e3 * cache.timings.seconds(part) / cache.steps_by_kind[kind]
 
-    normal, update = per_step("normal", "normal"), per_step("update", "update")
+    normal, update = ms_per_step("normal", "normal"), ms_per_step("update", "update")
     # A run of n decode steps holds floor(n / K) update steps, fewer than one in K (7 of 23 for 24 new
     # tokens): a long answer's mix is K - 1 normal steps to one update step.
     steady = ((cache.K - 1) * normal + update) / cache.K
     return {"attention_ms_normal_step": normal, "attention_ms_update_step": update,
-            "swap_ms_update_step": per_step("swap", "update"), "attention_ms_steady": steady,
+            "swap_ms_update_step": ms_per_step("swap", "update"), "attention_ms_steady": steady,
             "normal_step_vs_full": normal / full_attention_ms, "update_step_vs_full": update / full_attention_ms,
             "steady_vs_full": steady / full_attention_ms}
 
@@ -396,7 +397,7 @@ def take_turns(generations: dict) -> dict:
 def attention_step_seconds(cache) -> list[float]:
     """Each decode step's time inside the timed cache's four stages, summed over the layers (a step is one
     `attend` per layer)."""
-    calls = cache.spans.each("attention")
+    calls = cache.timings.each("attention")
     return [sum(calls[i:i + cache.n_layers]) for i in range(0, len(calls), cache.n_layers)]
 
 
@@ -417,7 +418,7 @@ def run_case(model, n_img: int, new_tokens: int, measure=measure_rates) -> dict:
     `full` first, as --json prints them. The floors' rates (bytes/s) are measure(model)'s just before and
     just after the policies, each the faster of the two: a shared machine's speed moves while they run,
     and a floor is what a step cannot go below."""
-    pixel_values = image_block(model, n_img)
+    pixel_values = set_image_block(model, n_img)
     input_ids = prompt_ids(model.config, n_img)
     weight_bytes = decode_weight_bytes(model)
     row_bytes = kv_row_bytes(model.config.text, model.language_model.lm_head.weight.dtype)
@@ -429,7 +430,7 @@ def run_case(model, n_img: int, new_tokens: int, measure=measure_rates) -> dict:
     for name, (tokens, stats, cache) in runs.items():  # `full` first: the others' ratios are to it
         kv_read = stats.attended_tokens_per_step * row_bytes            # summed over layers
         # The prefill makes the first token: new_tokens - 1 decode steps.
-        attention_seconds = cache.spans.seconds("attention") / (stats.new_tokens - 1)
+        attention_seconds = cache.timings.seconds("attention") / (stats.new_tokens - 1)
         policies[name] = {
             "decode_ms": 1e3 * stats.decode_seconds / (stats.new_tokens - 1),
             "floor_ms": 1e3 * (weight_bytes / rates["matvec"] + kv_read / rates["read"]),
@@ -475,7 +476,7 @@ def growth(model, n_img: int) -> dict:
     reads do not grow; the whole step's time moves by more than the rows add, between runs and steps);
     and for both, how fast they grow between those tokens, fitted over every step between
     (`slope_ms_per_100_tokens`), which two medians of 8 steps each settle less well."""
-    pixel_values, input_ids = image_block(model, n_img), prompt_ids(model.config, n_img)
+    pixel_values, input_ids = set_image_block(model, n_img), prompt_ids(model.config, n_img)
     first, last = GROWTH_TOKENS[0], GROWTH_TOKENS[-1]
     out = {}
     for name, (_, stats, cache) in run_policies(model, ("full", "avl"), input_ids, pixel_values, last).items():
@@ -546,7 +547,7 @@ def paper_memory(images=PAPER_MEMORY_IMAGES) -> list[dict]:
     rows = []
     for image_hw in images:
         n_img = next_image_tokens(image_hw)
-        pixel_values, input_ids = image_block(model, n_img), prompt_ids(tiny, n_img)
+        pixel_values, input_ids = set_image_block(model, n_img), prompt_ids(tiny, n_img)
         _, stats = generate(model, input_ids, pixel_values, max_new_tokens=PAPER_MEMORY["new_tokens"],
                             eos_token_id=(), policy="avl", **PAPER_MEMORY["params"])
         dense_tokens = stats.cached_tokens  # every token the dense cache would hold at the end
@@ -588,9 +589,9 @@ def run_dtype(args, dtype_name: str) -> dict:
     if not args.json:
         print_growth(result["growth"])
     if not args.no_transformers:
-        # image_block again: this comparison does not rely on which block the runs before it left set.
+        # set_image_block again: this comparison does not rely on which block the runs before it left set.
         ratio = transformers_decode_ratio(model, prompt_ids(model.config, first_n_img),
-                                          image_block(model, first_n_img), args.new_tokens)
+                                          set_image_block(model, first_n_img), args.new_tokens)
         if ratio is not None:
             result["transformers_decode_ratio"] = ratio
             log(f"tinyavl full decode over transformers (sdpa), their steps taken in turn: {ratio:.2f}x the tokens/s")
