@@ -29,13 +29,14 @@ import torch
 import tinyavl
 from cache_helpers import (build_model, last_row_head_mean, make_prompt, masked, naive_logits,  # noqa: F401
                            one_thread, positions_per_head, recording, run_steps, scores_per_head, top_positions)
-from tinyavl.cache import (POLICIES, ROW_BUCKET, AVLCache, FastVCache, H2OCache, KVCache, LastRow, Param, RandomCache,
+from tinyavl.cache import (POLICIES, ROW_BUCKET, AVLCache, FastVCache, H2OCache, KVCache, LastRow, RandomCache,
                            StreamingCache, causal_column_sums, contiguous_runs, decode_attention, heavy_plus_recent,
                            floor_count, image_filter, make_cache, read_end, require_triton)
 from tinyavl.cli import flag
 from tinyavl.errors import UserError
 from tinyavl.generate import check_generation_args, image_segments
 from tinyavl.model import faster_keys_first, keys_first, rope_cos_sin
+from tinyavl.params import Param
 
 N_SYS = 3
 LOGIT_ATOL = 1e-5

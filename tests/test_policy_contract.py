@@ -35,9 +35,10 @@ import tinyavl
 from cache_helpers import (IMAGE_TOKEN, build_model, make_next_prompt, make_prompt, masked, one_thread,  # noqa: F401
                            recording, run_batch, run_steps)
 from tinyavl import cache as cache_module
-from tinyavl.cache import POLICIES, Param, make_cache, param_owners
+from tinyavl.cache import POLICIES, make_cache, param_owners
 from tinyavl.cli import ArgumentParser, add_policy_arguments, given_policy_params
 from tinyavl.errors import UserError
+from tinyavl.params import Param
 
 STEPS = 8          # decode steps: A-VL's default K = 3 has update and normal steps among them
 LOGIT_ATOL = 1e-5

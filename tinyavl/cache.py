@@ -42,15 +42,15 @@ list above and to the README's policy table (a test compares that table with POL
 tests/test_policy_contract.py then checks it like every other (tutorial chapter 2 writes one).
 """
 import math
-import numbers
 import sys
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 
 import torch
 
-from tinyavl.errors import UserError, is_real, is_whole
+from tinyavl.errors import UserError
 from tinyavl.model import attention, rows_logits
+from tinyavl.params import SEED_PARAM, Param, rate
 
 MODALITIES = ("sys", "image", "text")  # a prompt's segments, in order
 
@@ -224,88 +224,8 @@ def heavy_plus_recent(scores, pos, n_heavy: int, n_recent: int, length: int):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Declaring a policy's parameters. (generate's settings, GENERATION_PARAMS, and every seed are Params
-# too, checked by the same Param.check.)
+# Counting a policy's tokens from its fractions (its parameters are `tinyavl.params.Param`s).
 # ---------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Param:
-    """One parameter (of a policy, of generation, or a seed): its name (the flag --name), default (whose type
-    is the parameter's), one-line help, and allowed values: the range [low, high] with `ends` saying which
-    are open (None: unbounded on that side), or `choices`."""
-    name: str
-    default: int | float | str
-    help: str
-    low: float | None = None
-    high: float | None = None
-    ends: str = "[]"              # "(]": low excluded, "[)": high excluded, ...
-    choices: tuple = ()
-    reported: bool = True         # in cache.params(), the reports' record of a run (False: how, not what)
-
-    def allowed(self) -> str:
-        """The allowed values, as help and error messages print them: "in (0, 1]", ">= 1", "one of auto, torch"."""
-        if self.choices:
-            return "one of " + ", ".join(self.choices)
-        if self.low is None and self.high is None:
-            return "any integer" if type(self.default) is int else "any number"
-        if self.high is None:
-            return f"{'>' if self.ends[0] == '(' else '>='} {shown(self.low)}"
-        if self.high == math.inf and self.ends[1] == ")":  # [0, inf) reads better in words
-            return f"finite and {'>' if self.ends[0] == '(' else '>='} {shown(self.low)}"
-        if self.low is None:
-            return f"{'<' if self.ends[1] == ')' else '<='} {shown(self.high)}"
-        return f"in {self.ends[0]}{shown(self.low)}, {shown(self.high)}{self.ends[1]}"
-
-    def in_range(self, value) -> bool:
-        """Whether a number lies in [low, high], with `ends` saying which ends are open."""
-        above = self.low is None or (self.low < value if self.ends[0] == "(" else self.low <= value)
-        below = self.high is None or (value < self.high if self.ends[1] == ")" else value <= self.high)
-        return above and below
-
-    def check(self, value, named=str):
-        """The value, if this parameter allows it; else a UserError naming the parameter as named(name)
-        does (the command lines: its flag)."""
-        if self.choices:
-            ok = value in self.choices
-        else:
-            kind = type(self.default)
-            # numpy's numbers too, held as Python's.
-            if not (is_whole(value) if kind is int else is_real(value)):
-                raise UserError(f"{named(self.name)} must be {'an integer' if kind is int else 'a number'}, "
-                                f"got {value!r}")
-            # A float as the decimal it prints as: numpy's float32 0.7 is 0.699999988 as a Python float, whose
-            # counts (`floor_count`) would be a token less than 0.7's. (A Fraction, which prints as 7/10, is
-            # converted by float() as it is.)
-            try:
-                value = kind(value) if kind is int or isinstance(value, numbers.Rational) else float(str(value))
-            except OverflowError:  # an integer or fraction a float cannot hold, as every parameter here is held
-                raise UserError(f"{named(self.name)} must be {self.allowed()}, got a number past a float's range "
-                                "(about 1.8e308)") from None
-            ok = self.in_range(value)
-        if not ok:
-            raise UserError(f"{named(self.name)} must be {self.allowed()}, got {value!r}")
-        return value
-
-
-def shown(x) -> str:
-    """2 ** 64 as 2^64 and -2 ** 63 as -2^63: the bounds of a seed read better so."""
-    size = abs(x) if isinstance(x, int) else 0
-    if size >= 2 ** 32 and size & (size - 1) == 0:  # a large power of two
-        return f"{'-' if x < 0 else ''}2^{size.bit_length() - 1}"
-    return f"{x}"
-
-
-# Every seed torch's generators take (torch.manual_seed, torch.Generator.manual_seed): the seeds of a
-# generation (generate's seed), of a training run and of the random policy.
-SEED_PARAM = Param("seed", 0, "the seed of a random number generator", low=-2 ** 63, high=2 ** 64, ends="[)")
-
-
-def rate(name: str, default: float, help: str) -> Param:
-    """A parameter that is a fraction in (0, 1]; 0 is refused: for S, C, heavy and recent it would leave
-    nothing (no image token stored, none computed on a normal step, no heavy hitter, no recent window), a
-    policy its paper does not run (A-VL's T keeps its 20 text tokens even near 0)."""
-    return Param(name, default, help, low=0, high=1, ends="(]")
-
 
 def recent_window(default: float) -> Param:
     """H2O's and StreamingLLM's `recent`: one meaning, so one declaration and one flag."""
@@ -498,7 +418,8 @@ class KVCache:
     @property
     def filters_prefill(self) -> bool:
         """Whether the policy drops image tokens from the hidden states at the prefill, from its filter_layer
-        on (FastV with R > 0; A-VL with P < 1): `hidden_rows_to_keep`."""
+        on (FastV with R > 0; A-VL with P < 1): `hidden_rows_to_keep`. A policy that can say True declares a
+        `filter_layer` parameter, which `decides_filter` reads."""
         return False
 
     def decides_filter(self, layer: int) -> bool:
@@ -552,9 +473,10 @@ class KVCache:
         scores (B, Hkv, m), a policy's per-row ledger, is compacted alike and returned (None: none)."""
         B, Hkv, m = keep.shape
         kept = keep.reshape(B * Hkv, m)                                      # (B Hkv, m)
-        n_keep, most = torch.stack(kept.sum(1).aminmax()).tolist()          # one wait for a GPU, as one count did
-        if n_keep != most:  # a head keeping another count: its rows would pair with another head's slots
+        fewest, most = torch.stack(kept.sum(1).aminmax()).tolist()   # the planes' kept counts: one wait for a GPU
+        if fewest != most:  # a head keeping another count: its rows would pair with another head's slots
             raise ValueError("compact: keep must hold the same count of True in every (sample, head)")
+        n_keep = most
         # Per (sample, head) plane: the dropped slots before the new end and the kept rows after it, as
         # many of each in every plane; nonzero lists both plane by plane, so they pair up in order and
         # share one list of planes.
@@ -708,8 +630,8 @@ def image_filter(image_scores, n_sys: int, n_rows: int, n_keep: int):
         image_scores = image_scores.clone()
         image_scores[-1] = float("inf")
         n_keep = max(n_keep, 1)
-    kept_image = n_sys + top_rows(image_scores, n_keep)                                 # (n_keep,) rows, in order
-    return torch.cat([torch.arange(n_sys, device=image_scores.device), kept_image,
+    kept_image_rows = n_sys + top_rows(image_scores, n_keep)                            # (n_keep,) rows, in order
+    return torch.cat([torch.arange(n_sys, device=image_scores.device), kept_image_rows,
                       torch.arange(n_sys + n_img, n_rows, device=image_scores.device)])
 
 
@@ -827,42 +749,6 @@ class AVLCache(KVCache):
             return super().compute(layer, q, rows)
         return out[:, :, None], LastRow(lse)                            # (B, H, 1, hs); lse (B, H), no logits
 
-    def kernel_does_not_fit(self, err, q):
-        """The GPU refused the kernel compiled for queries like q (Triton's OutOfResources): it needs more of a
-        resource than the GPU has, shared memory above all (compiled by Triton 3.9, fp32 at head dim 128 needs
-        78 KB for sm_80 and sm_90, which pipeline their loads through it). kernel="triton": a UserError;
-        "auto": torch for such queries from here on, in this cache and every later one (REFUSED_KERNELS),
-        said once on stderr."""
-        flag = self.named("kernel")
-        unit = " bytes" if err.name.endswith("memory") else ""  # Triton also counts threads
-        refusal = (f"this GPU cannot run the Triton kernel ({err.name}: it needs {err.required}{unit}, the GPU "
-                   f"has {err.limit}{unit})")
-        if self.kernel == "triton":
-            raise UserError(f"{flag} triton: {refusal}: use {flag} torch or auto") from None
-        REFUSED_KERNELS.add(kernel_key(q))
-        print(f"note: {refusal}; A-VL's decode attention runs in torch", file=sys.stderr)
-
-    def use_kernel(self, q) -> bool:
-        """Triton compiled for CUDA tensors ("auto": not in Triton's interpreter, nor for a head the kernel has
-        no tile for or bf16 on a GPU without bf16 instructions, `why_unsupported`, nor where the GPU has refused
-        it: `kernel_does_not_fit`), or as forced by kernel="triton" / "torch"."""
-        # Decided without importing Triton where it cannot run: the import (about 0.2 s on this project's
-        # CPU) would land in the first decode step of every CPU run (and in the benchmark's step times).
-        if self.kernel == "torch" or (self.kernel == "auto" and not q.is_cuda):
-            return False
-        from kernels.sparse_attention import INTERPRETED, TRITON_AVAILABLE, why_unsupported
-        if self.kernel == "auto":
-            # Not in the interpreter either (TRITON_INTERPRET=1 left set on a GPU machine): a CPU loop over
-            # CUDA tensors, many times slower than torch, which a user who asked for no kernel would not expect.
-            return (TRITON_AVAILABLE and not INTERPRETED and why_unsupported(q.dtype, q.shape[-1], q.device) is None
-                    and kernel_key(q) not in REFUSED_KERNELS)
-        require_triton(q.device, self.named)
-        reason = why_unsupported(q.dtype, q.shape[-1], q.device)
-        if reason:
-            flag = self.named("kernel")
-            raise UserError(f"{flag} triton cannot run this model's attention: {reason}; use {flag} torch or auto")
-        return True
-
     def update(self, layer, q, last_row):
         if self.step == 0:
             self.prefill_update(layer, q)
@@ -942,6 +828,44 @@ class AVLCache(KVCache):
         keep = heavy_plus_recent(scores, self.pos[layer][..., text_start:], n_heavy, budget - n_heavy,
                                  self.logical_length)                                 # (B, Hkv, text rows)
         self.text_scores[layer] = self.compact(layer, keep, start=text_start, scores=scores)  # only text rows move
+
+    # -- the Triton kernel, where it runs A-VL's decode attention (`compute`) -----------------------
+
+    def kernel_does_not_fit(self, err, q):
+        """The GPU refused the kernel compiled for queries like q (Triton's OutOfResources): it needs more of a
+        resource than the GPU has, shared memory above all (compiled by Triton 3.9, fp32 at head dim 128 needs
+        78 KB for sm_80 and sm_90, which pipeline their loads through it). kernel="triton": a UserError;
+        "auto": torch for such queries from here on, in this cache and every later one (REFUSED_KERNELS),
+        said once on stderr."""
+        flag = self.named("kernel")
+        unit = " bytes" if err.name.endswith("memory") else ""  # Triton also counts threads
+        refusal = (f"this GPU cannot run the Triton kernel ({err.name}: it needs {err.required}{unit}, the GPU "
+                   f"has {err.limit}{unit})")
+        if self.kernel == "triton":
+            raise UserError(f"{flag} triton: {refusal}: use {flag} torch or auto") from None
+        REFUSED_KERNELS.add(kernel_key(q))
+        print(f"note: {refusal}; A-VL's decode attention runs in torch", file=sys.stderr)
+
+    def use_kernel(self, q) -> bool:
+        """Triton compiled for CUDA tensors ("auto": not in Triton's interpreter, nor for a head the kernel has
+        no tile for or bf16 on a GPU without bf16 instructions, `why_unsupported`, nor where the GPU has refused
+        it: `kernel_does_not_fit`), or as forced by kernel="triton" / "torch"."""
+        # Decided without importing Triton where it cannot run: the import (about 0.2 s on this project's
+        # CPU) would land in the first decode step of every CPU run (and in the benchmark's step times).
+        if self.kernel == "torch" or (self.kernel == "auto" and not q.is_cuda):
+            return False
+        from kernels.sparse_attention import INTERPRETED, TRITON_AVAILABLE, why_unsupported
+        if self.kernel == "auto":
+            # Not in the interpreter either (TRITON_INTERPRET=1 left set on a GPU machine): a CPU loop over
+            # CUDA tensors, many times slower than torch, which a user who asked for no kernel would not expect.
+            return (TRITON_AVAILABLE and not INTERPRETED and why_unsupported(q.dtype, q.shape[-1], q.device) is None
+                    and kernel_key(q) not in REFUSED_KERNELS)
+        require_triton(q.device, self.named)
+        reason = why_unsupported(q.dtype, q.shape[-1], q.device)
+        if reason:
+            flag = self.named("kernel")
+            raise UserError(f"{flag} triton cannot run this model's attention: {reason}; use {flag} torch or auto")
+        return True
 
 
 class H2OCache(KVCache):

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 
-from tinyavl.cache import POLICIES, SEED_PARAM, KVCache, make_cache, param_owners
+from tinyavl.cache import POLICIES, KVCache, make_cache, param_owners
 from tinyavl.errors import UserError
 from tinyavl.files import name_too_long_as_user_error
+from tinyavl.params import SEED_PARAM
 from tinyavl.startup import signal_line
 
 # The committed toy LLaVA: the default model of main.py and of the evaluation.

@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tinyavl.cache import MODALITIES, SEED_PARAM, KVCache, Param, make_cache, rate
+from tinyavl.cache import MODALITIES, KVCache, make_cache
 from tinyavl.errors import UserError, is_whole
 from tinyavl.model import keys_first
+from tinyavl.params import SEED_PARAM, Param, rate
 
 
 @dataclass
@@ -117,7 +118,7 @@ def id_set(ids) -> set[int]:
     return {int(i) for i in values}
 
 
-# generate's settings, declared as the policies' parameters are (tinyavl/cache.py, `Param`): main.py's flags,
+# generate's settings, declared as the policies' parameters are (`Param`, tinyavl/params.py): main.py's flags,
 # their help and their checks come from here. Their defaults are `generation`'s (a test holds them equal).
 GENERATION_PARAMS = (
     Param("max_new_tokens", 64, "most tokens to generate (fewer at EOS or at the end of the context)", low=1),
@@ -262,7 +263,7 @@ def generation(model, input_ids, pixel_values=None, *, image_sizes=None, hires_p
 
     prefill_bytes, prefill_modality_bytes, prefill_layer_bytes = kv_snapshot(cache)
     peak_bytes, peak_modality_bytes = prefill_bytes, prefill_modality_bytes
-    tokens, attended, attended_dense, step_seconds = [token], [], [], []
+    tokens, attended_per_layer, attended_dense, step_seconds = [token], [], [], []
     yield token
     while len(tokens) < limit and token not in eos_ids:
         # Timed: the step's forward pass and its token (which waits for a GPU's work); not what the caller
@@ -274,13 +275,13 @@ def generation(model, input_ids, pixel_values=None, *, image_sizes=None, hires_p
         step_seconds.append(time.perf_counter() - start)
         tokens.append(token)
         yield token
-        attended.append(list(cache.attended))
+        attended_per_layer.append(list(cache.attended))
         attended_dense.append(cache.next_pos * cache.n_layers)  # dense: every token in every layer
         if cache.nbytes() > peak_bytes:
             peak_bytes, peak_modality_bytes, _ = kv_snapshot(cache)
     decode_seconds = sum(step_seconds)
 
-    decode_steps = len(attended)
+    decode_steps = len(attended_per_layer)
     finish_reason = "eos" if token in eos_ids else "length" if len(tokens) == max_new_tokens else "context"
     stats = GenerationStats(
         policy=cache.name, policy_params=cache.params(), prompt_tokens=prompt_len, new_tokens=len(tokens),
@@ -291,9 +292,9 @@ def generation(model, input_ids, pixel_values=None, *, image_sizes=None, hires_p
         kv_cache_bytes_dense=cache.dense_nbytes(),
         modality_bytes_after_prefill=prefill_modality_bytes, modality_bytes_peak=peak_modality_bytes,
         layer_bytes_after_prefill=prefill_layer_bytes,
-        attended_tokens_per_step=sum(map(sum, attended)) / decode_steps if decode_steps else None,
+        attended_tokens_per_step=sum(map(sum, attended_per_layer)) / decode_steps if decode_steps else None,
         attended_tokens_per_step_dense=sum(attended_dense) / decode_steps if decode_steps else None,
-        attended_per_layer=attended, prefill_attended_per_layer=prefill_attended,
+        attended_per_layer=attended_per_layer, prefill_attended_per_layer=prefill_attended,
         hires_tokens_read=0 if hires_view is None else hires_view.tokens_read, decode_step_seconds=step_seconds,
     )
     return tokens, stats
