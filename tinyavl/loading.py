@@ -419,19 +419,7 @@ def load_weights(model: LlavaForConditionalGeneration, stored: list[StoredTensor
         with open_safetensors(path) as f:
             tensor = f.get_tensor(key)
             state[name] = tensor.to(device=device, dtype=dtype)
-        # One NaN or inf, even in a norm weight, makes every logit NaN: the answer would be <unk> repeated.
-        # Checked after the conversion, so a value the run dtype cannot hold (fp32 -> fp16) is caught too.
-        if not all_finite(state[name]):
-            if all_finite(tensor):
-                if all_finite(tensor.float()):  # within float32's range, not the run dtype's
-                    wider = "bfloat16 or float32" if dtype == torch.float16 else "float32"
-                    raise UserError(f"tensor {key} overflows {str(dtype).removeprefix('torch.')}: load the model "
-                                    f"in {wider} (--dtype)")
-                # An F64 file: bfloat16 has float32's range, so no --dtype would hold it.
-                raise UserError(f"tensor {key} in {path.name} holds values past float32's range, which no weight "
-                                "of a trained model reaches: the file is damaged, download it again")
-            raise UserError(f"tensor {key} in {path.name} holds NaN or inf values: the file is damaged, "
-                            "download it again")
+        check_finite(tensor, state[name], path, key)
     if tied:
         embedding = state["language_model.model.embed_tokens.weight"]
         if stored_head is not None:  # kept beside the embedding: tying must not change what it holds
@@ -444,6 +432,24 @@ def load_weights(model: LlavaForConditionalGeneration, stored: list[StoredTensor
     model.load_state_dict(state, assign=True)
     if tied:  # assign=True replaced both parameters: tie them again
         model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
+
+
+def check_finite(stored, converted, path: Path, key: str) -> None:
+    """A UserError unless the tensor `key` of the file `path` is finite as stored and as converted to the run
+    dtype. One NaN or inf, even in a norm weight, makes every logit NaN: the answer would be <unk> repeated.
+    Checked after the conversion too, so a value the run dtype cannot hold (fp32 -> fp16) is caught."""
+    if all_finite(converted):
+        return
+    if not all_finite(stored):
+        raise UserError(f"tensor {key} in {path.name} holds NaN or inf values: the file is damaged, download it again")
+    if not all_finite(stored.float()):
+        # An F64 file: bfloat16 has float32's range, so no --dtype would hold it.
+        raise UserError(f"tensor {key} in {path.name} holds values past float32's range, which no weight of a "
+                        "trained model reaches: the file is damaged, download it again")
+    # Within float32's range, not the run dtype's.
+    wider = "bfloat16 or float32" if converted.dtype == torch.float16 else "float32"
+    raise UserError(f"tensor {key} overflows {str(converted.dtype).removeprefix('torch.')}: load the model in {wider} "
+                    "(--dtype)")
 
 
 def stored_dtype(stored: list[StoredTensor]) -> torch.dtype:
