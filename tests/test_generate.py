@@ -653,14 +653,14 @@ def test_the_prefill_clock_includes_the_high_resolution_view(monkeypatch):
 
     clock.perf_counter = read
     model = tiny_model(first_layer=1)
-    build = model.hires_view
+    build = model.make_hires_view
 
     def an_hour_to_build(*args, **kwargs):
         clock.now += 3600.0
         return build(*args, **kwargs)
 
     monkeypatch.setattr(generate_module, "time", clock)
-    monkeypatch.setattr(model, "hires_view", an_hour_to_build)
+    monkeypatch.setattr(model, "make_hires_view", an_hour_to_build)
     ids, pixels, hires_pixels = inputs()
     _, stats = tinyavl.generate(model, ids, pixels, hires_pixel_values=hires_pixels, max_new_tokens=2,
                                 eos_token_id=())

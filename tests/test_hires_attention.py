@@ -39,8 +39,8 @@ def test_blend_zero_is_the_plain_model_and_only_the_last_row_changes():
     ids, pixels, hires_pixels = inputs()
     with torch.no_grad():
         plain = model(ids, pixels)
-        off = model(ids, pixels, hires_view=model.hires_view(ids, hires_pixels, alpha=0.0))
-        on = model(ids, pixels, hires_view=model.hires_view(ids, hires_pixels))
+        off = model(ids, pixels, hires_view=model.make_hires_view(ids, hires_pixels, alpha=0.0))
+        on = model(ids, pixels, hires_view=model.make_hires_view(ids, hires_pixels))
     assert torch.equal(off, plain)
     assert torch.equal(on[:, :-1], plain[:, :-1])             # rows other than the current token see no high-res key
     assert (on[:, -1] - plain[:, -1]).abs().max() > 1e-3
@@ -51,7 +51,7 @@ def test_a_served_row_is_one_softmax_over_its_keys_and_its_chosen_tokens():
     keys of the tokens chosen for it]: rows 3 and 4 of 5 served, each with its own choice."""
     model = tiny_model()
     ids, pixels, hires_pixels = inputs()
-    view = model.hires_view(ids, hires_pixels)
+    view = model.make_hires_view(ids, hires_pixels)
     attn, norm = model.language_model.model.layers[1].self_attn, model.language_model.model.layers[1].input_layernorm
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(1, n, 5, 8, generator=g) for n in (4, 2, 2))
@@ -100,10 +100,10 @@ def test_cached_generation_equals_the_forward_over_the_whole_sequence():
     cache = make_cache("full")
     cache.begin(3, 3, 16, max_decode_steps=4)
     with torch.no_grad():
-        logits = model(ids, pixels, cache=cache, hires_view=model.hires_view(ids, hires_pixels))[:, -1]
+        logits = model(ids, pixels, cache=cache, hires_view=model.make_hires_view(ids, hires_pixels))[:, -1]
         sequence = ids
         for step in range(4):
-            view = model.hires_view(sequence, hires_pixels, first_served=ids.shape[1] - 1)
+            view = model.make_hires_view(sequence, hires_pixels, first_served=ids.shape[1] - 1)
             whole = model(sequence, pixels, hires_view=view)[:, -1]
             torch.testing.assert_close(logits, whole, atol=1e-5, rtol=0)
             token = logits.argmax(-1, keepdim=True)                                          # (1, 1)
@@ -116,7 +116,7 @@ def test_models_without_projections_are_refused():
     ids, _, hires_pixels = inputs()
     model.config.hires = None
     with pytest.raises(UserError, match="no FlexAttention projections"):
-        model.hires_view(ids, hires_pixels)
+        model.make_hires_view(ids, hires_pixels)
 
 
 def test_a_view_of_the_wrong_size_or_place_is_refused():
@@ -125,18 +125,18 @@ def test_a_view_of_the_wrong_size_or_place_is_refused():
     model = tiny_model()
     ids, _, hires_pixels = inputs()
     with pytest.raises(ValueError, match="hires_pixel_values are .* the high-resolution view takes"):
-        model.hires_view(ids, hires_pixels[..., :-1, :-1])
+        model.make_hires_view(ids, hires_pixels[..., :-1, :-1])
     with pytest.raises(ValueError, match="one image for each of the 2 prompts of input_ids"):
-        model.hires_view(torch.cat([ids, ids]), hires_pixels)
+        model.make_hires_view(torch.cat([ids, ids]), hires_pixels)
     for top in (5, -1):                                  # 2 x 2 blocks: refused here, not only by generate
         with pytest.raises(UserError, match="from 0 to 4"):
-            model.hires_view(ids, hires_pixels, top=top)
+            model.make_hires_view(ids, hires_pixels, top=top)
     with pytest.raises(ValueError, match="every prompt needs its image tokens"):
-        model.hires_view(ids[:, ids[0] != model.config.image_token_id], hires_pixels)
+        model.make_hires_view(ids[:, ids[0] != model.config.image_token_id], hires_pixels)
     # Two prompts of one length, the second's image one position later (its first token twice).
     batch = torch.cat([torch.cat([ids, ids[:, -1:]], 1), torch.cat([ids[:, :1], ids], 1)])   # (2, T + 1)
     with pytest.raises(ValueError, match="hold their image at one position"):
-        model.hires_view(batch, hires_pixels.expand(2, -1, -1, -1))
+        model.make_hires_view(batch, hires_pixels.expand(2, -1, -1, -1))
 
 
 def test_hires_top_without_the_view_is_refused():
@@ -159,7 +159,7 @@ def test_the_view_stitches_the_crops_features_where_the_crops_lie():
     lie on the 8 x 8 map where its pixels lie in the picture (by hand, without stitch_tiles)."""
     model = tiny_model(scale=2)
     ids, _, hires_pixels = inputs()
-    view = model.hires_view(ids, hires_pixels)
+    view = model.make_hires_view(ids, hires_pixels)
     side = 4                                                                         # a crop's features a side
     with torch.no_grad():
         for r in range(2):
@@ -177,7 +177,7 @@ def cached_logits(model, policy, params, steps=4):
     cache = make_cache(policy, **params)
     cache.begin(3, 3, 16, max_decode_steps=steps)
     with torch.no_grad():
-        logits = [model(ids, pixels, cache=cache, hires_view=model.hires_view(ids, hires_pixels))[0, -1]]
+        logits = [model(ids, pixels, cache=cache, hires_view=model.make_hires_view(ids, hires_pixels))[0, -1]]
         for _ in range(steps):
             logits.append(model(logits[-1].argmax().view(1, 1), cache=cache)[0, -1])
     return torch.stack(logits), cache
@@ -215,11 +215,11 @@ def test_each_prompt_of_a_batch_reads_its_own_chosen_tokens(monkeypatch):
 
     monkeypatch.setattr(HiresView, "merge", recording_merge)
     with torch.no_grad():
-        view = model.hires_view(torch.cat([ids, ids]), torch.cat([hires_pixels, other_hires]), top=1)
+        view = model.make_hires_view(torch.cat([ids, ids]), torch.cat([hires_pixels, other_hires]), top=1)
         together = model(torch.cat([ids, ids]), torch.cat([pixels, other_pixels]), hires_view=view)
         batch_layers = list(merged_choices)                              # the batch's pass only
-        alone = [model(ids, pixels, hires_view=model.hires_view(ids, hires_pixels, top=1)),
-                 model(ids, other_pixels, hires_view=model.hires_view(ids, other_hires, top=1))]
+        alone = [model(ids, pixels, hires_view=model.make_hires_view(ids, hires_pixels, top=1)),
+                 model(ids, other_pixels, hires_view=model.make_hires_view(ids, other_hires, top=1))]
     assert any(not torch.equal(chosen[0], chosen[1]) for chosen in batch_layers)   # what the case is about
     for prompt in (0, 1):
         torch.testing.assert_close(together[prompt], alone[prompt][0], rtol=0, atol=1e-5)
@@ -274,7 +274,7 @@ def test_rows_a_filter_drops_between_choosing_and_reading_take_their_choices_wit
     cache = make_cache(policy, **params)
     cache.begin(3, 3, 16, max_decode_steps=1)
     with torch.no_grad():
-        model(ids, pixels, cache=cache, hires_view=model.hires_view(ids, hires_pixels, first_served=10))
+        model(ids, pixels, cache=cache, hires_view=model.make_hires_view(ids, hires_pixels, first_served=10))
     chose_at, choices = made[1]
     assert chose_at == list(range(10, ids.shape[1]))
     kept = set(cache.pos[2][0, 0].tolist())       # the rows layer 2 holds: the filter's survivors
@@ -306,7 +306,7 @@ def test_image_tokens_hidden_by_the_attention_mask_get_nothing_on_the_grid(monke
     visible[0, 3:11] = 0                                            # the first 8 of the 16 image tokens hidden
     grids = recorded_grids(monkeypatch)
     with torch.no_grad():
-        model(ids, pixels, attention_mask=visible, hires_view=model.hires_view(ids, hires_pixels))
+        model(ids, pixels, attention_mask=visible, hires_view=model.make_hires_view(ids, hires_pixels))
     assert len(grids) == model.config.text.num_hidden_layers       # layers 0, 1 and 2 choose
     for grid in grids:                                              # (served rows, 16)
         assert torch.equal(grid[:, :8], torch.zeros_like(grid[:, :8])) and (grid[:, 8:].sum(-1) > 0).all()
@@ -326,7 +326,7 @@ def test_under_h2o_each_head_places_its_attention_by_its_own_rows(seed, heavy, r
     cache.begin(3, 3, 16, max_decode_steps=2)
     grids = recorded_grids(monkeypatch)
     with torch.no_grad():
-        logits = model(ids, pixels, cache=cache, hires_view=model.hires_view(ids, hires_pixels))[0, -1]
+        logits = model(ids, pixels, cache=cache, hires_view=model.make_hires_view(ids, hires_pixels))[0, -1]
         model(logits.argmax().view(1, 1), cache=cache)
     # The decode step's last layer (the choice left is the last layer's), as the recording saw it: its query,
     # and the rows it attended, every row held after the append, before the step's eviction. Not the keys
@@ -409,14 +409,15 @@ def test_a_hires_folder_saves_loads_and_generates(tmp_path):
     torch.testing.assert_close(inputs["hires_pixel_values"][0], expected, atol=0, rtol=0)
     with torch.no_grad():
         ids, pixels, hires_pixels = inputs["input_ids"], inputs["pixel_values"], inputs["hires_pixel_values"]
-        torch.testing.assert_close(loaded(ids, pixels, hires_view=loaded.hires_view(ids, hires_pixels)),
-                                   model(ids, pixels, hires_view=model.hires_view(ids, hires_pixels)), atol=0, rtol=0)
+        torch.testing.assert_close(loaded(ids, pixels, hires_view=loaded.make_hires_view(ids, hires_pixels)),
+                                   model(ids, pixels, hires_view=model.make_hires_view(ids, hires_pixels)),
+                                   atol=0, rtol=0)
     # generate (the dense cache) gives the tokens of a cache-free loop served from the prompt's last row
     tokens, _ = tinyavl.generate(loaded, **inputs, max_new_tokens=6, eos_token_id=())
     sequence, prompt = inputs["input_ids"], inputs["input_ids"].shape[1]
     with torch.no_grad():
         for token in tokens:
-            view = loaded.hires_view(sequence, inputs["hires_pixel_values"], first_served=prompt - 1)
+            view = loaded.make_hires_view(sequence, inputs["hires_pixel_values"], first_served=prompt - 1)
             logits = loaded(sequence, inputs["pixel_values"], hires_view=view)[0, -1]
             assert int(logits.argmax()) == token
             sequence = torch.cat([sequence, torch.tensor([[token]])], 1)
@@ -446,11 +447,11 @@ def test_hires_view_refuses_a_batch_whose_images_start_apart_or_a_prompt_without
     shifted = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)                                  # the image a row earlier
     batch_pixels = hires_pixels.expand(2, -1, -1, -1)
     with torch.no_grad():
-        assert model.hires_view(torch.cat([ids, ids]), batch_pixels).image_start == 3
+        assert model.make_hires_view(torch.cat([ids, ids]), batch_pixels).image_start == 3
         with pytest.raises(ValueError, match=r"start at \[3, 2\]"):
-            model.hires_view(torch.cat([ids, shifted]), batch_pixels)
+            model.make_hires_view(torch.cat([ids, shifted]), batch_pixels)
         with pytest.raises(ValueError, match="needs its image tokens"):
-            model.hires_view(torch.tensor([[1, 5, 6, 7]]), hires_pixels)
+            model.make_hires_view(torch.tensor([[1, 5, 6, 7]]), hires_pixels)
 
 
 def test_a_feature_layer_the_tower_lacks_is_refused_when_the_model_is_built():
@@ -478,7 +479,7 @@ def test_each_layer_from_first_layer_on_merges_through_its_own_input_norm(first_
 
     monkeypatch.setattr(HiresView, "merge", recorded_merge)
     with torch.no_grad():
-        model(ids, pixels, hires_view=model.hires_view(ids, hires_pixels))
+        model(ids, pixels, hires_view=model.make_hires_view(ids, hires_pixels))
     assert merges == [(layer, True) for layer in range(first_layer, len(layers))]
 
 
@@ -491,7 +492,7 @@ def test_a_layer_serves_its_row_one_softmax_over_its_causal_keys_and_its_chosen_
     model = tiny_model()
     ids, _, hires_pixels = inputs()
     T = ids.shape[1]
-    view = model.hires_view(ids, hires_pixels)                                  # serves row T - 1
+    view = model.make_hires_view(ids, hires_pixels)                                  # serves row T - 1
     layer = model.language_model.model.layers[1]
     attn, norm = layer.self_attn, layer.input_layernorm
     g = torch.Generator().manual_seed(3)
@@ -531,7 +532,7 @@ def test_tokens_read_counts_each_served_rows_own_tokens():
     row's own (the tokens projected for both rows are 5)."""
     model = tiny_model()
     ids, _, hires_pixels = inputs()
-    view = model.hires_view(ids, hires_pixels)
+    view = model.make_hires_view(ids, hires_pixels)
     layer, q, _, _, y = served_query(model)
     view.chosen = torch.zeros(1, 2, view.features.shape[1], dtype=torch.bool)
     view.chosen[0, 0, [0, 3, 17]] = True
@@ -549,7 +550,7 @@ def test_a_blend_between_0_and_1_weighs_the_two_outputs_linearly():
     lse = torch.stack([(q[0, h, 4] @ k[0, h // 2].T / 8 ** 0.5).logsumexp(-1) for h in range(4)])[None, :, None]
     outputs = {}
     for alpha in (0.0, 0.25, 1.0):
-        view = model.hires_view(ids, hires_pixels, alpha=alpha)
+        view = model.make_hires_view(ids, hires_pixels, alpha=alpha)
         view.chosen = torch.zeros(1, 1, view.features.shape[1], dtype=torch.bool)
         view.chosen[0, 0, [0, 3, 17]] = True
         with torch.no_grad():
@@ -564,7 +565,7 @@ def test_a_fixed_count_reads_that_many_blocks():
     threshold would choose."""
     model = tiny_model(blocks=4)
     ids, pixels, hires_pixels = inputs()
-    view = model.hires_view(ids, hires_pixels, top=1)
+    view = model.make_hires_view(ids, hires_pixels, top=1)
     with torch.no_grad():
         model(ids, pixels, hires_view=view)
     assert int(view.chosen.sum()) == 4
@@ -574,9 +575,9 @@ def test_the_view_runs_in_bfloat16_close_to_float32():
     model = tiny_model()
     ids, pixels, hires_pixels = inputs()
     with torch.no_grad():
-        reference = model(ids, pixels, hires_view=model.hires_view(ids, hires_pixels, top=4))
+        reference = model(ids, pixels, hires_view=model.make_hires_view(ids, hires_pixels, top=4))
         half = model.to(torch.bfloat16)
-        logits = half(ids, pixels.bfloat16(), hires_view=half.hires_view(ids, hires_pixels.bfloat16(), top=4))
+        logits = half(ids, pixels.bfloat16(), hires_view=half.make_hires_view(ids, hires_pixels.bfloat16(), top=4))
     assert (logits.float() - reference).abs().max() < 0.1 * reference.abs().max()
 
 

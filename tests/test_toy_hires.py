@@ -197,7 +197,8 @@ def test_the_projections_start_as_copies_and_blended_out_the_model_is_the_plain_
             assert torch.equal(attn.v_proj_hd.weight, attn.v_proj.weight)
     ids, pixels = batch["input_ids"], batch["pixel_values"]
     with torch.no_grad():
-        off = flex(ids, pixels, hires_view=flex.hires_view(ids, batch["hires_pixel_values"], alpha=0.0, first_served=0))
+        off = flex(ids, pixels,
+                   hires_view=flex.make_hires_view(ids, batch["hires_pixel_values"], alpha=0.0, first_served=0))
         assert torch.equal(off, model(ids, pixels))
 
 
@@ -217,17 +218,17 @@ def test_training_losses_with_the_view(tiny_flex):
     with torch.no_grad():
         plain_lm, plain_patch = losses(model, probe, plain_batch)
         lm, patch = losses(flex, probe, batch, hires_alpha=0.0)
-        view = flex.hires_view(batch["input_ids"], batch["hires_pixel_values"])
+        view = flex.make_hires_view(batch["input_ids"], batch["hires_pixel_values"])
         words = flex.language_model.model.embed_tokens.weight
         high = probe.loss(view.features, batch["hires_patch_targets"], words)
     assert torch.equal(lm, plain_lm)
     torch.testing.assert_close(patch, (plain_patch + high) / 2)
     # The view serves every row from the one after the image block (144 tokens from the first; the answers' rows,
     # each some decoding step's current token, among them), not the image's own last row.
-    served_from, hires_view = [], flex.hires_view
+    served_from, make_hires_view = [], flex.make_hires_view
     with pytest.MonkeyPatch.context() as patched:
-        patched.setattr(flex, "hires_view", lambda *args, first_served, **kwargs: served_from.append(first_served)
-                        or hires_view(*args, first_served=first_served, **kwargs))
+        patched.setattr(flex, "make_hires_view", lambda *args, first_served, **kwargs: served_from.append(first_served)
+                        or make_hires_view(*args, first_served=first_served, **kwargs))
         with torch.no_grad():
             losses(flex, probe, batch, hires_alpha=1.0)
     first_image = batch["input_ids"][0].tolist().index(flex.config.image_token_id)

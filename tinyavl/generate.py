@@ -254,7 +254,7 @@ def generation(model, input_ids, pixel_values=None, *, image_sizes=None, hires_p
     start = time.perf_counter()
     # FlexAttention: the view of the image at high resolution, served from the prompt's last row on.
     hires_view = (None if hires_pixel_values is None
-                  else model.hires_view(input_ids.to(device), on_device(hires_pixel_values), top=hires_top))
+                  else model.make_hires_view(input_ids.to(device), on_device(hires_pixel_values), top=hires_top))
     logits = model(input_ids.to(device), on_device(pixel_values), cache=cache, last_only=True,
                    image_sizes=image_sizes, hires_view=hires_view)  # (1, 1, vocab)
     token = next_token(logits, temperature, top_k, top_p, generator, step=0)

@@ -356,14 +356,13 @@ def keys_first(device_type: str, dtype: torch.dtype) -> bool:
     """Whether `rows_logits` multiplies k q^T (True) or q k^T on this kind of device and dtype.
 
     The two are the same products (up to rounding), but a CPU's BLAS runs a different matrix-vector kernel
-    for each, and which one reads K at the memory's rate depends on the processor and the dtype: on the
-    2-core CPUs this project was measured on (2026-12-02 and -05), either form was 1.7-5x faster than the
-    other, and on one of them fp32 and bf16 disagreed. A decode step's attention is mostly this read, so on
-    a CPU the faster is taken (`faster_keys_first`). Elsewhere (CUDA) q k^T. The two round differently, so
-    two CPU runs that chose differently may differ in the last bits of their logits: under deterministic
-    algorithms (the toys' training, `tinyavl.toy.train.deterministic_algorithms`) a CPU takes k q^T whatever a
-    timing finds, the form the committed toys were trained with, so that a training gives the same weights
-    on every machine.
+    for each, and which one reads K at the memory's rate depends on the processor and the dtype (either can
+    be several times faster: tutorial chapter 8, "Shapes matter too"). A decode step's attention is mostly
+    this read, so on a CPU the faster is taken (`faster_keys_first`). Elsewhere (CUDA) q k^T. The two round
+    differently, so two CPU runs that chose differently may differ in the last bits of their logits: under
+    deterministic algorithms (the toys' training, `tinyavl.toy.train.deterministic_algorithms`) a CPU takes
+    k q^T whatever a timing finds, the form the committed toys were trained with, so that a training gives the
+    same weights on every machine.
     """
     if device_type != "cpu":
         return False
@@ -663,15 +662,11 @@ class HiresView:
     first low-resolution image token; lowres_side: the low-resolution image tokens a side; first_served: the
     position of the first row served, in generation the prompt's last token (the current token of the
     first step; every later token is the current token of its own step), in training the first after the
-    image. In layer config.first_layer - 1, a served row's attention over the low-resolution image keys
-    chooses blocks for the next layer; in each layer after it, the row attends to its keys and to the
-    high-resolution tokens the layer before chose for it, in one softmax, and chooses for the next
-    (`acts_in`).
+    image. Which layers choose blocks and which read them: `acts_in`; a reading row attends to its keys and
+    to its chosen high-resolution tokens in one softmax (`serve`).
     The features enter a layer's k_proj_hd and v_proj_hd through the layer's input norm, as every token of
-    the sequence enters k_proj and v_proj (tinyavl's choice, not one the paper describes; on the toy, fed
-    the projector's features as they are, the new keys and values upset the answers for the first hundreds
-    of training steps, answer loss 0.40 against 0.18 after 150); they are recomputed each step, never
-    cached."""
+    the sequence enters k_proj and v_proj (tinyavl's choice, not one the paper describes: tutorial chapter
+    7 says why); they are recomputed each step, never cached."""
     config: HiresConfig
     features: torch.Tensor
     cos: torch.Tensor
@@ -878,7 +873,7 @@ class LlavaForConditionalGeneration(nn.Module):
         # masked_scatter fills the image positions in row-major order, sample 0's first: the order of `features`.
         return x.masked_scatter(is_image[..., None], features.to(x.dtype))
 
-    def hires_view(self, input_ids, hires_pixel_values, alpha: float = 1.0, first_served: int | None = None,
+    def make_hires_view(self, input_ids, hires_pixel_values, alpha: float = 1.0, first_served: int | None = None,
                    top: int | None = None) -> HiresView:
         """FlexAttention's view of a prompt's image: hires_pixel_values (B, 3, scale size, scale size), cut
         into scale x scale crops of the tower's size (size: vision.image_size), each through the tower and
@@ -906,10 +901,10 @@ class LlavaForConditionalGeneration(nn.Module):
         # One position for the batch: its prompts must hold their image at the same place.
         is_image = input_ids == self.config.image_token_id                              # (B, T)
         if not is_image.any(1).all():
-            raise ValueError("hires_view serves a prompt's image: every prompt needs its image tokens")
+            raise ValueError("make_hires_view serves a prompt's image: every prompt needs its image tokens")
         starts = is_image.int().argmax(1)                                               # (B,) first image token
         if (starts != starts[0]).any():
-            raise ValueError("hires_view serves a batch whose prompts hold their image at one position; "
+            raise ValueError("make_hires_view serves a batch whose prompts hold their image at one position; "
                              f"these start at {starts.tolist()}")
         image_start = int(starts[0])
         lowres_side = self.config.vision.patches_per_side
@@ -928,9 +923,9 @@ class LlavaForConditionalGeneration(nn.Module):
         or the image tokens the toy's training hides). With a cache the tokens continue the cached
         sequence, and the cache's policy decides what attention sees.
 
-        FlexAttention (config.hires): hires_view, the view of the prompt's image that the method
-        `hires_view` makes from the processor's hires_pixel_values, given with the prompt: the rows it
-        serves also attend to the blocks chosen for them. With a cache the view stays for the decode steps.
+        FlexAttention (config.hires): hires_view, the view of the prompt's image (`make_hires_view`, from
+        the processor's hires_pixel_values), given with the prompt: the rows it serves also attend to the
+        blocks chosen for them. With a cache the view stays for the decode steps.
         """
         if attention_mask is not None and cache is not None:
             raise ValueError("attention_mask is for the cache-free forward; with a cache the policy decides")

@@ -355,7 +355,7 @@ def losses(model, probe, batch, hires_alpha: float = 1.0) -> tuple[torch.Tensor,
     view = None
     if "hires_pixel_values" in batch:  # made before the hook below, which catches the low-resolution features
         image_end = int((ids[0] == model.config.image_token_id).nonzero()[-1]) + 1  # every sequence's image is there
-        view = model.hires_view(ids, batch["hires_pixel_values"], hires_alpha, first_served=image_end)
+        view = model.make_hires_view(ids, batch["hires_pixel_values"], hires_alpha, first_served=image_end)
     captured = {}
     hook = model.multi_modal_projector.register_forward_hook(
         lambda module, inputs, output: captured.update(features=output))  # image features (B, P, C_text)
