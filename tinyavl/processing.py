@@ -52,6 +52,10 @@ IMAGE_PROCESSOR_SIZE = 224
 STD_MIN = torch.finfo(torch.float32).tiny
 
 
+# ---------------------------------------------------------------------------------------------------
+# Images: a file read upright as RGB, and the limits on the sizes read or made from one.
+# ---------------------------------------------------------------------------------------------------
+
 def load_image(path) -> Image.Image:
     """Read an image file into a fully decoded RGB image, upright; UserError if it cannot be read.
 
@@ -179,6 +183,47 @@ def to_rgb(img: Image.Image) -> Image.Image:
         raise UserError(f"cannot convert a {img.mode} image to RGB ({e}): save it as an RGB PNG or JPEG") from None
 
 
+def pixel_limit() -> int | None:
+    """The most pixels an image may have here, read or made: twice Image.MAX_IMAGE_PIXELS, the size at which
+    PIL refuses to decode an image (between the two it only warns of a decompression bomb); None where a
+    program has set MAX_IMAGE_PIXELS to None, PIL's way to turn the check off."""
+    return Image.MAX_IMAGE_PIXELS and 2 * Image.MAX_IMAGE_PIXELS
+
+
+def check_size_set_by_files(pixels: int, what_it_makes: str) -> None:
+    """UserError if a size the model's files set would make every image into one of `pixels` pixels, more
+    than `pixel_limit`: not the image's fault, so the error names the file (what_it_makes, a sentence's
+    start: "... would have")."""
+    limit = pixel_limit()
+    if limit and pixels > limit:
+        raise UserError(f"{what_it_makes} more than the {limit} pixels of the largest image tinyavl reads (where PIL "
+                        "refuses to decode one); download the file again")
+
+
+def check_made_size(size: tuple[int, int], made: tuple[int, int], how: str) -> None:
+    """UserError if preprocessing would make an image of `size` (width, height) into one of `made`, larger
+    than `pixel_limit`, the largest image load_image reads: a 4 KB PNG of 1 x 1000000 pixels is none, but
+    resized to a short side of 336, or padded to a square, it would take gigabytes."""
+    limit = pixel_limit()
+    if not limit:
+        return
+    if size[0] * size[1] > limit:  # a picture handed over in memory: a file this large is refused as it is read
+        raise UserError(f"a {size[0]}x{size[1]} image has more than the {limit} pixels of the largest image tinyavl "
+                        "reads (where PIL refuses to decode one, against decompression bombs): resize it first")
+    if made[0] * made[1] > limit:
+        raise UserError(f"a {size[0]}x{size[1]} image is too elongated for this model: {how} it would be "
+                        f"{made[0]}x{made[1]}, more than the {limit} pixels of the largest image tinyavl reads (where "
+                        "PIL refuses to decode one, against decompression bombs); crop it nearer to a square first")
+
+
+def centred(img: Image.Image, width: int, height: int, colour=(0, 0, 0)) -> Image.Image:
+    """img pasted in the middle of a width x height canvas of `colour` (black by default); where the margin
+    is odd, its extra pixel goes after the image (right, bottom), as transformers pads."""
+    canvas = Image.new("RGB", (width, height), colour)
+    canvas.paste(img, ((width - img.width) // 2, (height - img.height) // 2))
+    return canvas
+
+
 def check_question(question: str) -> None:
     """A user's question is text that can be tokenized, and chat_prompt places the image itself."""
     # An unset variable ($Q), a stray "", or only invisible characters (a zero-width space, a byte-order mark:
@@ -284,6 +329,174 @@ def read_chat_template(folder: Path, processor_config: dict) -> str | None:
     return template
 
 
+# ---------------------------------------------------------------------------------------------------
+# A model folder's processor files: the special tokens, the image processor's settings.
+# ---------------------------------------------------------------------------------------------------
+
+def read_tokenizer(folder: Path) -> Tokenizer:
+    """The folder's tokenizer.json (required), or a UserError that says what to do."""
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        raise UserError(f"{path} not found: copy the checkpoint's tokenizer.json into the model folder")
+    check_readable(path)
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # the tokenizers library raises a bare Exception
+        raise UserError(f"{path} is not a valid tokenizer.json ({e}): download it again") from None
+
+
+def image_processor_config(folder: Path, processor_config: dict) -> tuple[dict | None, Path | str]:
+    """(settings, where they were read) of the folder's image processor, where transformers reads them:
+    transformers 5 saves them inside processor_config.json (its "image_processor"), and reads them there
+    before preprocessor_config.json. (None, the file's path) where neither holds them."""
+    if processor_config.get("image_processor") is not None:  # null: as absent, as in transformers
+        where, settings = f"{folder / 'processor_config.json'}'s image_processor", processor_config["image_processor"]
+        if not isinstance(settings, dict):
+            raise UserError(f"{where} is not a JSON object: {json.dumps(settings)[:80]}")
+        return settings, where
+    path = folder / "preprocessor_config.json"
+    return read_json_object(path, optional=True), path
+
+
+# The named special tokens of transformers 5 (SPECIAL_TOKENS_ATTRIBUTES), which a chat template may write.
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def read_special_tokens(path: Path) -> dict:
+    """{name: token} for the special tokens tokenizer_config.json declares, as transformers 5 hands them to a
+    chat template (`special_tokens_map`, as tokenization_utils_base.py's from_pretrained and __init__ build
+    it). A token is a string, or an AddedToken object ("__type": "AddedToken") with its "content"; null: none.
+    From the lowest to the highest, each over the ones before where they name the same token:
+    1. the SPECIAL_TOKEN_NAMES the file gives;
+    2. where extra_special_tokens is an object, additional_special_tokens's named tokens, if it has any;
+    3. every other name ending in _token that holds an AddedToken object;
+    4. every other name ending in _token that holds a string ("image_token": "<image>"; not "add_bos_token":
+       true), and the named tokens of extra_special_tokens (or of additional_special_tokens, its older name,
+       where it is not given); where there are none of either, those of model_specific_special_tokens.
+    Nothing for a name it leaves out, or without the file: transformers 5 loads a llava or llava_next folder's
+    tokenizer.json as it is (TokenizersBackend, never a Llama tokenizer class with its default <s>, </s> and
+    <unk>). What transformers refuses, a UserError refuses."""
+    declared = read_json_object(path, optional=True) or {}
+
+    def is_added_token(value) -> bool:
+        return isinstance(value, dict) and value.get("__type") == "AddedToken"
+
+    def token(where: str, value) -> str:
+        content = value.get("content", "") if is_added_token(value) else value
+        if not isinstance(content, str):
+            raise UserError(f"{path} has {where} {value!r}: it must be a token (a string)")
+        return content
+
+    def named_in(group: str, value) -> dict:  # an object of named tokens; a list names none
+        if value is not None and not isinstance(value, (dict, list)):
+            raise UserError(f"{path} has {group} {value!r}: it must be a list of tokens or an object naming them")
+        if isinstance(value, list):
+            for item in value:
+                token(f"{group} item", item)
+            return {}
+        return {name: token(f"{group} {name!r} =", item) for name, item in (value or {}).items()}
+
+    named = {name: token(name, declared[name]) for name in SPECIAL_TOKEN_NAMES if declared.get(name) is not None}
+    others = {name: value for name, value in declared.items()
+              if name.endswith("_token") and name not in SPECIAL_TOKEN_NAMES}
+    extra_group = "extra_special_tokens" if declared.get("extra_special_tokens") else "additional_special_tokens"
+    extra = declared.get(extra_group)
+    own = {**{name: value for name, value in others.items() if isinstance(value, str)}, **named_in(extra_group, extra)}
+    # An object of extra tokens is taken as the model's own; additional_special_tokens then stands for the extra ones.
+    later = (named_in("additional_special_tokens", declared.get("additional_special_tokens"))
+             if extra_group == "extra_special_tokens" and isinstance(extra, dict) else {})
+    added = {name: token(name, value) for name, value in others.items() if is_added_token(value)}
+    if not own:
+        block = declared.get("model_specific_special_tokens")
+        if block is not None and not isinstance(block, dict):
+            raise UserError(f"{path} has model_specific_special_tokens {block!r}: it must be an object naming tokens")
+        own = named_in("model_specific_special_tokens", block)
+    return {**named, **later, **added, **own}
+
+
+def _rgb_numbers(cfg: dict, name: str, default, path: Path, in_range, rule: str):
+    """cfg[name] (or the default): 3 finite numbers, one per colour (R, G, B), that `in_range` accepts."""
+    values = cfg.get(name, default)
+    three_finite = isinstance(values, (list, tuple)) and len(values) == 3 and all(
+        type(v) in (int, float) and math.isfinite(v) for v in values)
+    if not (three_finite and in_range(values)):
+        raise UserError(f"{path} has {name} {values!r}: it must be 3 finite numbers (R, G, B), {rule}; fix it, or "
+                        "delete the file to use the defaults")
+    return values
+
+
+def _special_id(tokenizer: Tokenizer, token: str, name: str) -> int:
+    """The id of the special token `name` ("bos_token", "eos_token"), `token` as tokenizer_config.json declares it."""
+    found = tokenizer.token_to_id(token)
+    if found is None:
+        raise UserError(f"tokenizer.json has no {token} token, the {name} of tokenizer_config.json: the files come "
+                        "from different checkpoints")
+    return found
+
+
+def preprocessor_settings(cfg: dict | None, path: Path | str, vision_image_size: int, tiled: bool = False) -> dict:
+    """Processor settings from preprocessor_config.json (cfg, its parsed contents, or processor_config.json's
+    "image_processor"; None when there are none, giving the llava-1.5 defaults at the vision tower's size;
+    path names where they were read in errors; tiled: LLaVA-1.6's anyres). Where they leave size or crop_size
+    out, these take transformers' image processor defaults (CLIP's and LLaVA-NeXT's: 224,
+    `IMAGE_PROCESSOR_SIZE`), as transformers reads them.
+
+    Read: size.shortest_edge, crop_size (must equal the vision tower's input), image_mean, image_std,
+    resample, and for LLaVA-1.5 do_pad (pad the image to a square first; for LLaVA-1.6, anyres, it pads a
+    batch's crop lists, which one image never needs). rescale_factor must be 1/255, CLIP's. (LLaVA-1.6's
+    image_grid_pinpoints, also written there, are read from config.json; from_pretrained checks that the two
+    agree.)
+    """
+    # A folder without the settings (which transformers cannot load at all) is preprocessed at the tower's size.
+    default_size = vision_image_size if cfg is None else IMAGE_PROCESSOR_SIZE
+    cfg = cfg or {}
+    # Older files write sizes as plain ints, newer ones as dicts.
+    crop = cfg.get("crop_size", default_size)
+    crop_hw = (crop.get("height"), crop.get("width")) if isinstance(crop, dict) else (crop, crop)
+    if crop_hw != (vision_image_size, vision_image_size):
+        said = f"crop_size {crop!r}" if "crop_size" in cfg else f"no crop_size (the image processor's default: {crop})"
+        raise UserError(f"{path} has {said} but the vision tower takes {vision_image_size}x"
+                        f"{vision_image_size} crops: the files come from different checkpoints")
+    size = cfg.get("size", default_size)
+    other_edges = isinstance(size, dict) and any(size[key] is not None for key in set(size) - {"shortest_edge"})
+    shortest_edge = size.get("shortest_edge") if isinstance(size, dict) and not other_edges else size
+    if type(shortest_edge) is not int or shortest_edge <= 0:
+        raise UserError(f"{path} has size {size!r}; tinyavl supports only {{\"shortest_edge\": N}}, N > 0")
+    # LLaVA-1.6 cuts crops of the tower's size; where the short side is that size too, resizing and centre
+    # cropping a crop change nothing, and transformers' pixels are the same with the two steps or without.
+    identities = ("do_resize", "do_center_crop") if tiled and shortest_edge == vision_image_size else ()
+    for step in ("do_resize", "do_center_crop", "do_rescale", "do_normalize"):
+        # false, 0 or null skips the step in transformers' processor; tinyavl takes only true.
+        if step in cfg and cfg[step] is not True and step not in identities:
+            raise UserError(f"{path} sets {step}: {json.dumps(cfg[step])}; tinyavl implements only LLaVA's "
+                            "preprocessing (resize, center crop, rescale, normalise), so it cannot run this checkpoint")
+    check_size_set_by_files(shortest_edge ** 2, f"{path} has size {size!r}: resized to that short side, even a "
+                            "square image would have")
+    rescale = cfg.get("rescale_factor", 1 / 255)
+    if type(rescale) not in (int, float) or not math.isclose(rescale, 1 / 255):
+        raise UserError(f"{path} has rescale_factor {rescale!r}; tinyavl rescales pixels by 1/255, as CLIP does")
+    # The mean is a colour of pixels scaled to 0 .. 1 (do_pad pads with it). The processor divides by the std
+    # in float32: one that is 0 there (1e-320 is) or whose inverse overflows would make pixels inf or NaN.
+    mean = _rgb_numbers(cfg, "image_mean", CLIP_MEAN, path, lambda v: 0 <= min(v) <= max(v) <= 1, "from 0 to 1")
+    std = _rgb_numbers(cfg, "image_std", CLIP_STD, path, lambda v: min(v) >= STD_MIN, f"all at least {STD_MIN:.3g}")
+    resample = cfg.get("resample", Image.Resampling.BICUBIC)
+    # An integer (or the default, PIL's IntEnum), not true, which Python counts as 1, nor 3.0 or [3].
+    filters = {r.value for r in Image.Resampling}
+    if isinstance(resample, bool) or not isinstance(resample, int) or resample not in filters:
+        raise UserError(f"{path} has resample {resample!r}; it must be a PIL resampling filter (3 = bicubic)")
+    do_pad = cfg.get("do_pad", False)
+    if type(do_pad) is not bool:
+        raise UserError(f"{path} has do_pad {do_pad!r}; it must be true or false")
+    # CLIP's image processor has no padding: transformers ignores do_pad where the file names that class.
+    do_pad = do_pad and not str(cfg.get("image_processor_type", "")).startswith("CLIPImageProcessor")
+    return dict(image_size=vision_image_size, shortest_edge=shortest_edge, image_mean=mean, image_std=std,
+                resample=resample, pad_to_square=do_pad and not tiled)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The processor: a prompt and an image in, the model's inputs out.
+# ---------------------------------------------------------------------------------------------------
+
 class Processor:
     """Prompt text and image -> {"input_ids", "pixel_values", "image_sizes"} (and "hires_pixel_values" for a
     FlexAttention model, one with hires_scale); generated ids -> text."""
@@ -339,25 +552,10 @@ class Processor:
         the chat template (`read_chat_template`), processor_config.json's "system_prompt" (used when there is no
         template) and tokenizer_config.json (the special tokens: `read_special_tokens`) optional."""
         folder = Path(folder)
-        path = folder / "tokenizer.json"
-        if not path.is_file():
-            raise UserError(f"{path} not found: copy the checkpoint's tokenizer.json into the model folder")
-        check_readable(path)
-        try:
-            tokenizer = Tokenizer.from_file(str(path))
-        except Exception as e:  # the tokenizers library raises a bare Exception
-            raise UserError(f"{path} is not a valid tokenizer.json ({e}): download it again") from None
+        tokenizer = read_tokenizer(folder)
         processor_path = folder / "processor_config.json"
         processor_config = read_json_object(processor_path, optional=True) or {}
-        # Where transformers reads the image processor's settings: transformers 5 saves them inside
-        # processor_config.json (its "image_processor"), and reads them there before preprocessor_config.json.
-        if processor_config.get("image_processor") is not None:  # null: as absent, as in transformers
-            pre_path, pre_cfg = f"{processor_path}'s image_processor", processor_config["image_processor"]
-            if not isinstance(pre_cfg, dict):
-                raise UserError(f"{pre_path} is not a JSON object: {json.dumps(pre_cfg)[:80]}")
-        else:
-            pre_path = folder / "preprocessor_config.json"
-            pre_cfg = read_json_object(pre_path, optional=True)
+        pre_cfg, pre_path = image_processor_config(folder, processor_config)
         pre = preprocessor_settings(pre_cfg, pre_path, vision_image_size, tiled=image_grid_pinpoints is not None)
         # Sizes config.json sets, checked here where images are made: past the limit, every image (for a canvas:
         # every image tiled on it) would be refused.
@@ -505,179 +703,3 @@ class Processor:
         if isinstance(ids, torch.Tensor):
             ids = ids.flatten().tolist()
         return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-
-def pixel_limit() -> int | None:
-    """The most pixels an image may have here, read or made: twice Image.MAX_IMAGE_PIXELS, the size at which
-    PIL refuses to decode an image (between the two it only warns of a decompression bomb); None where a
-    program has set MAX_IMAGE_PIXELS to None, PIL's way to turn the check off."""
-    return Image.MAX_IMAGE_PIXELS and 2 * Image.MAX_IMAGE_PIXELS
-
-
-def check_size_set_by_files(pixels: int, what_it_makes: str) -> None:
-    """UserError if a size the model's files set would make every image into one of `pixels` pixels, more
-    than `pixel_limit`: not the image's fault, so the error names the file (what_it_makes, a sentence's
-    start: "... would have")."""
-    limit = pixel_limit()
-    if limit and pixels > limit:
-        raise UserError(f"{what_it_makes} more than the {limit} pixels of the largest image tinyavl reads (where PIL "
-                        "refuses to decode one); download the file again")
-
-
-def check_made_size(size: tuple[int, int], made: tuple[int, int], how: str) -> None:
-    """UserError if preprocessing would make an image of `size` (width, height) into one of `made`, larger
-    than `pixel_limit`, the largest image load_image reads: a 4 KB PNG of 1 x 1000000 pixels is none, but
-    resized to a short side of 336, or padded to a square, it would take gigabytes."""
-    limit = pixel_limit()
-    if not limit:
-        return
-    if size[0] * size[1] > limit:  # a picture handed over in memory: a file this large is refused as it is read
-        raise UserError(f"a {size[0]}x{size[1]} image has more than the {limit} pixels of the largest image tinyavl "
-                        "reads (where PIL refuses to decode one, against decompression bombs): resize it first")
-    if made[0] * made[1] > limit:
-        raise UserError(f"a {size[0]}x{size[1]} image is too elongated for this model: {how} it would be "
-                        f"{made[0]}x{made[1]}, more than the {limit} pixels of the largest image tinyavl reads (where "
-                        "PIL refuses to decode one, against decompression bombs); crop it nearer to a square first")
-
-
-def centred(img: Image.Image, width: int, height: int, colour=(0, 0, 0)) -> Image.Image:
-    """img pasted in the middle of a width x height canvas of `colour` (black by default); where the margin
-    is odd, its extra pixel goes after the image (right, bottom), as transformers pads."""
-    canvas = Image.new("RGB", (width, height), colour)
-    canvas.paste(img, ((width - img.width) // 2, (height - img.height) // 2))
-    return canvas
-
-
-# The named special tokens of transformers 5 (SPECIAL_TOKENS_ATTRIBUTES), which a chat template may write.
-SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
-
-
-def read_special_tokens(path: Path) -> dict:
-    """{name: token} for the special tokens tokenizer_config.json declares, as transformers 5 hands them to a
-    chat template (`special_tokens_map`, as tokenization_utils_base.py's from_pretrained and __init__ build
-    it). A token is a string, or an AddedToken object ("__type": "AddedToken") with its "content"; null: none.
-    From the lowest to the highest, each over the ones before where they name the same token:
-    1. the SPECIAL_TOKEN_NAMES the file gives;
-    2. where extra_special_tokens is an object, additional_special_tokens's named tokens, if it has any;
-    3. every other name ending in _token that holds an AddedToken object;
-    4. every other name ending in _token that holds a string ("image_token": "<image>"; not "add_bos_token":
-       true), and the named tokens of extra_special_tokens (or of additional_special_tokens, its older name,
-       where it is not given); where there are none of either, those of model_specific_special_tokens.
-    Nothing for a name it leaves out, or without the file: transformers 5 loads a llava or llava_next folder's
-    tokenizer.json as it is (TokenizersBackend, never a Llama tokenizer class with its default <s>, </s> and
-    <unk>). What transformers refuses, a UserError refuses."""
-    declared = read_json_object(path, optional=True) or {}
-
-    def is_added_token(value) -> bool:
-        return isinstance(value, dict) and value.get("__type") == "AddedToken"
-
-    def token(where: str, value) -> str:
-        content = value.get("content", "") if is_added_token(value) else value
-        if not isinstance(content, str):
-            raise UserError(f"{path} has {where} {value!r}: it must be a token (a string)")
-        return content
-
-    def named_in(group: str, value) -> dict:  # an object of named tokens; a list names none
-        if value is not None and not isinstance(value, (dict, list)):
-            raise UserError(f"{path} has {group} {value!r}: it must be a list of tokens or an object naming them")
-        if isinstance(value, list):
-            for item in value:
-                token(f"{group} item", item)
-            return {}
-        return {name: token(f"{group} {name!r} =", item) for name, item in (value or {}).items()}
-
-    named = {name: token(name, declared[name]) for name in SPECIAL_TOKEN_NAMES if declared.get(name) is not None}
-    others = {name: value for name, value in declared.items()
-              if name.endswith("_token") and name not in SPECIAL_TOKEN_NAMES}
-    extra_group = "extra_special_tokens" if declared.get("extra_special_tokens") else "additional_special_tokens"
-    extra = declared.get(extra_group)
-    own = {**{name: value for name, value in others.items() if isinstance(value, str)}, **named_in(extra_group, extra)}
-    # An object of extra tokens is taken as the model's own; additional_special_tokens then stands for the extra ones.
-    later = (named_in("additional_special_tokens", declared.get("additional_special_tokens"))
-             if extra_group == "extra_special_tokens" and isinstance(extra, dict) else {})
-    added = {name: token(name, value) for name, value in others.items() if is_added_token(value)}
-    if not own:
-        block = declared.get("model_specific_special_tokens")
-        if block is not None and not isinstance(block, dict):
-            raise UserError(f"{path} has model_specific_special_tokens {block!r}: it must be an object naming tokens")
-        own = named_in("model_specific_special_tokens", block)
-    return {**named, **later, **added, **own}
-
-
-def _rgb_numbers(cfg: dict, name: str, default, path: Path, in_range, rule: str):
-    """cfg[name] (or the default): 3 finite numbers, one per colour (R, G, B), that `in_range` accepts."""
-    values = cfg.get(name, default)
-    three_finite = isinstance(values, (list, tuple)) and len(values) == 3 and all(
-        type(v) in (int, float) and math.isfinite(v) for v in values)
-    if not (three_finite and in_range(values)):
-        raise UserError(f"{path} has {name} {values!r}: it must be 3 finite numbers (R, G, B), {rule}; fix it, or "
-                        "delete the file to use the defaults")
-    return values
-
-
-def _special_id(tokenizer: Tokenizer, token: str, name: str) -> int:
-    """The id of the special token `name` ("bos_token", "eos_token"), `token` as tokenizer_config.json declares it."""
-    found = tokenizer.token_to_id(token)
-    if found is None:
-        raise UserError(f"tokenizer.json has no {token} token, the {name} of tokenizer_config.json: the files come "
-                        "from different checkpoints")
-    return found
-
-
-def preprocessor_settings(cfg: dict | None, path: Path | str, vision_image_size: int, tiled: bool = False) -> dict:
-    """Processor settings from preprocessor_config.json (cfg, its parsed contents, or processor_config.json's
-    "image_processor"; None when there are none, giving the llava-1.5 defaults at the vision tower's size;
-    path names where they were read in errors; tiled: LLaVA-1.6's anyres). Where they leave size or crop_size
-    out, these take transformers' image processor defaults (CLIP's and LLaVA-NeXT's: 224,
-    `IMAGE_PROCESSOR_SIZE`), as transformers reads them.
-
-    Read: size.shortest_edge, crop_size (must equal the vision tower's input), image_mean, image_std,
-    resample, and for LLaVA-1.5 do_pad (pad the image to a square first; for LLaVA-1.6, anyres, it pads a
-    batch's crop lists, which one image never needs). rescale_factor must be 1/255, CLIP's. (LLaVA-1.6's
-    image_grid_pinpoints, also written there, are read from config.json; from_pretrained checks that the two
-    agree.)
-    """
-    # A folder without the settings (which transformers cannot load at all) is preprocessed at the tower's size.
-    default_size = vision_image_size if cfg is None else IMAGE_PROCESSOR_SIZE
-    cfg = cfg or {}
-    # Older files write sizes as plain ints, newer ones as dicts.
-    crop = cfg.get("crop_size", default_size)
-    crop_hw = (crop.get("height"), crop.get("width")) if isinstance(crop, dict) else (crop, crop)
-    if crop_hw != (vision_image_size, vision_image_size):
-        said = f"crop_size {crop!r}" if "crop_size" in cfg else f"no crop_size (the image processor's default: {crop})"
-        raise UserError(f"{path} has {said} but the vision tower takes {vision_image_size}x"
-                        f"{vision_image_size} crops: the files come from different checkpoints")
-    size = cfg.get("size", default_size)
-    other_edges = isinstance(size, dict) and any(size[key] is not None for key in set(size) - {"shortest_edge"})
-    shortest_edge = size.get("shortest_edge") if isinstance(size, dict) and not other_edges else size
-    if type(shortest_edge) is not int or shortest_edge <= 0:
-        raise UserError(f"{path} has size {size!r}; tinyavl supports only {{\"shortest_edge\": N}}, N > 0")
-    # LLaVA-1.6 cuts crops of the tower's size; where the short side is that size too, resizing and centre
-    # cropping a crop change nothing, and transformers' pixels are the same with the two steps or without.
-    identities = ("do_resize", "do_center_crop") if tiled and shortest_edge == vision_image_size else ()
-    for step in ("do_resize", "do_center_crop", "do_rescale", "do_normalize"):
-        # false, 0 or null skips the step in transformers' processor; tinyavl takes only true.
-        if step in cfg and cfg[step] is not True and step not in identities:
-            raise UserError(f"{path} sets {step}: {json.dumps(cfg[step])}; tinyavl implements only LLaVA's "
-                            "preprocessing (resize, center crop, rescale, normalise), so it cannot run this checkpoint")
-    check_size_set_by_files(shortest_edge ** 2, f"{path} has size {size!r}: resized to that short side, even a "
-                            "square image would have")
-    rescale = cfg.get("rescale_factor", 1 / 255)
-    if type(rescale) not in (int, float) or not math.isclose(rescale, 1 / 255):
-        raise UserError(f"{path} has rescale_factor {rescale!r}; tinyavl rescales pixels by 1/255, as CLIP does")
-    # The mean is a colour of pixels scaled to 0 .. 1 (do_pad pads with it). The processor divides by the std
-    # in float32: one that is 0 there (1e-320 is) or whose inverse overflows would make pixels inf or NaN.
-    mean = _rgb_numbers(cfg, "image_mean", CLIP_MEAN, path, lambda v: 0 <= min(v) <= max(v) <= 1, "from 0 to 1")
-    std = _rgb_numbers(cfg, "image_std", CLIP_STD, path, lambda v: min(v) >= STD_MIN, f"all at least {STD_MIN:.3g}")
-    resample = cfg.get("resample", Image.Resampling.BICUBIC)
-    # An integer (or the default, PIL's IntEnum), not true, which Python counts as 1, nor 3.0 or [3].
-    filters = {r.value for r in Image.Resampling}
-    if isinstance(resample, bool) or not isinstance(resample, int) or resample not in filters:
-        raise UserError(f"{path} has resample {resample!r}; it must be a PIL resampling filter (3 = bicubic)")
-    do_pad = cfg.get("do_pad", False)
-    if type(do_pad) is not bool:
-        raise UserError(f"{path} has do_pad {do_pad!r}; it must be true or false")
-    # CLIP's image processor has no padding: transformers ignores do_pad where the file names that class.
-    do_pad = do_pad and not str(cfg.get("image_processor_type", "")).startswith("CLIPImageProcessor")
-    return dict(image_size=vision_image_size, shortest_edge=shortest_edge, image_mean=mean, image_std=std,
-                resample=resample, pad_to_square=do_pad and not tiled)
