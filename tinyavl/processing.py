@@ -520,7 +520,9 @@ class Processor:
         # as nothing.
         self.special_tokens = special_tokens or {}
         self.bos_token = self.special_tokens.get("bos_token")  # None: none declared (BOS is the post-processor's)
-        self.bos_token_id, self.eos_token_id = (            # each None where none is declared
+        # Their ids, each None where none is declared; checked against tokenizer.json (`_special_id`). An answer
+        # ends at the model's eos_token_id (config.json's, or generation_config.json's), not at this one.
+        self.bos_token_id, self.eos_token_id = (
             None if token is None else _special_id(tokenizer, token, name)
             for name, token in (("bos_token", self.bos_token), ("eos_token", self.special_tokens.get("eos_token"))))
         self.image_size = image_size  # side of the square crop the vision tower sees
