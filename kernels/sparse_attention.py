@@ -74,6 +74,12 @@ except ImportError:
     tl = types.SimpleNamespace(constexpr=lambda value=None: value)
 
 LOG2_E = math.log2(math.e)
+# Logical positions per loop iteration. 64 rows x 128 dims of fp16 K and V are 32 KiB per iteration,
+# a common decode tile; tune on your GPU.
+BLOCK_N = 64
+# The merge kernel holds all splits of a head in one [MAX_SPLITS, D] tile, masked past the launch's count:
+# at most this many splits, a power of two (a tile's length).
+MAX_SPLITS = 64
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -336,12 +342,6 @@ _BF16_BY_HAND = tl.constexpr(INTERPRETED)
 # Launcher
 # ----------------------------------------------------------------------------------------------------------
 
-# Logical positions per loop iteration. 64 rows x 128 dims of fp16 K and V are 32 KiB per iteration,
-# a common decode tile; tune on your GPU.
-BLOCK_N = 64
-# The merge kernel holds all splits of a head in one [MAX_SPLITS, D] tile, masked past the launch's count:
-# at most this many splits, a power of two (a tile's length).
-MAX_SPLITS = 64
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
