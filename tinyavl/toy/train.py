@@ -34,11 +34,11 @@ Why: after stage 1 each fact is read from the few patches the decoder learnt to 
 half of the image breaks a caption; stage 2 makes the decoder read a fact from any token that shows it,
 the redundancy a real LLaVA has (FastV: a random half of LLaVA-1.5's image tokens keeps 98.9% of its
 score). Dropout from the first step (`--image-dropout F`, in the share `--image-dropout-share` of the
-sequences) gives that redundancy too, but the model then reads places less well ("where": tutorial/04);
+sequences) gives that redundancy too, but the model then reads places less well ("where": tutorial/09);
 stage 2 keeps what stage 1 learnt. `--tune-masks rectangles` hides rectangles of image tokens in stage 2
 instead (`hide_image_rectangles`; not part of the committed recipe), which often hides a whole object
-and so asks the tower to copy objects beyond their place. The last section of tutorial/04 has the
-measurements of these recipes.
+and so asks the tower to copy objects beyond their place. Tutorial chapter 9 has the measurements of these
+recipes.
 
 `--checkpoint FILE` keeps the training state in FILE every CHECKPOINT_EVERY steps and after each stage's
 last (`Checkpoint`: the weights, the patch probe, AdamW's moments, the loss history, where the scene stream
@@ -52,7 +52,7 @@ thread count, and deletes the file once --out is written. `--checkpoint` cannot 
 vision tower alone for N steps, as CLIP is trained apart from LLaVA, then frozen in stages 1 and 2, as
 LLaVA-1.5 freezes CLIP. Why: a tower trained end to end with the decoder keeps each object in its own
 place (hide the 9 tokens of an object's place and the caption never names it: tutorial/04), where a
-real CLIP spreads an image over its tokens. The last section of tutorial/04 has what it measured.
+real CLIP spreads an image over its tokens. Tutorial chapter 9 has what it measured.
 """
 import inspect
 import json
@@ -666,7 +666,7 @@ def tune(model, processor, steps: int, batch_size: int = 32, lr: float = 4e-4, s
     drew the same kind of mask, with the same fraction, share and batch size (never in the committed recipe,
     whose stage 1 hides nothing), stage 2's masks repeat its masks step for step, on other scenes (stage 2's
     own stream), so no mask meets the same image twice; other draws share only the seed. A seed of
-    its own per stage would end that, and with it every measured recipe of tutorial/04 that draws in stage 0
+    its own per stage would end that, and with it every measured recipe of tutorial/09 that draws in stage 0
     or 1 being what its command writes."""
     if mask_kind not in TUNE_MASKS:
         raise ValueError(f"mask_kind must be one of {', '.join(TUNE_MASKS)}, got {mask_kind!r}")
