@@ -85,6 +85,7 @@ from tinyavl.toy.scenes import (COLOURS, DIGITS, FINE_SCALE, GRID, IMAGE_SIZE, P
 
 BOS_TOKEN, EOS_TOKEN = "<s>", "</s>"  # a Llama tokenizer's
 SPECIAL_TOKENS = ["<unk>", BOS_TOKEN, EOS_TOKEN, "<pad>", IMAGE_TOKEN]
+TURNS = 4            # question-answer turns a training sequence holds (`chat_example`)
 IMAGE_DROPOUT = 0.0  # the largest fraction of a training sequence's image tokens hidden (off: see hide_image_tokens)
 IMAGE_DROPOUT_SHARE = 1.0  # the share of training sequences that get image-token dropout at all
 TUNE_STEPS = 2000    # stage 2 (`tune`): steps with image-token dropout in every sequence
@@ -555,7 +556,7 @@ def take_step(optimizer, params: list, loss: torch.Tensor, step: int, lr: float)
 
 
 def optimise(model, probe, processor, stream: SceneStream, steps: int, lr: float, warmup: int, batch_size: int,
-             turns: int, patch_weight: float, image_dropout: float, image_dropout_share: float, dropout_generator,
+             turns: int, image_dropout: float, image_dropout_share: float, dropout_generator,
              log_every: int, eval_every: int, log, tower_frozen: bool = False,
              mask_kind: str = "tokens", checkpoint: Checkpoint | None = None) -> list[tuple[int, float, float]]:
     """The training loop both stages share: `steps` AdamW steps (a fresh optimiser) on batches from
@@ -588,7 +589,7 @@ def optimise(model, probe, processor, stream: SceneStream, steps: int, lr: float
             batch["attention_mask"] = hide_image_tokens(batch["input_ids"], image_token_id, image_dropout,
                                                         dropout_generator, image_dropout_share)
         lm_loss, patch_loss = losses(model, probe, batch, hires_alpha=min(1.0, step / (HIRES_RAMP * steps)))
-        take_step(optimizer, params, lm_loss + patch_weight * patch_loss, step, learning_rate(step, steps, lr, warmup))
+        take_step(optimizer, params, lm_loss + patch_loss, step, learning_rate(step, steps, lr, warmup))
         history.append((step, lm_loss.item(), patch_loss.item()))
         if (step + 1) % log_every == 0 or step + 1 == steps:
             seconds = time.perf_counter() - start
@@ -610,8 +611,8 @@ def optimise(model, probe, processor, stream: SceneStream, steps: int, lr: float
     return history
 
 
-def train(steps: int, batch_size: int = 32, lr: float = 2e-3, seed: int = 0, turns: int = 4,
-          patch_weight: float = 1.0, image_dropout: float = IMAGE_DROPOUT,
+def train(steps: int, batch_size: int = 32, lr: float = 2e-3, seed: int = 0, turns: int = TURNS,
+          image_dropout: float = IMAGE_DROPOUT,
           image_dropout_share: float = IMAGE_DROPOUT_SHARE, vision_steps: int = 0, log_every: int = 100,
           eval_every: int = 0, config_overrides: dict | None = None, log=None, checkpoint: Checkpoint | None = None):
     """Train a toy model from scratch; returns (model, processor, history of (step, lm_loss, patch_loss)).
@@ -632,7 +633,7 @@ def train(steps: int, batch_size: int = 32, lr: float = 2e-3, seed: int = 0, tur
         pretrain_vision(model, processor, vision_steps, batch_size, seed=seed, log=log)
         log(f"stage 1: {steps} steps, the vision tower frozen")
     history = optimise(model, probe, processor, SceneStream("train", seed), steps, lr, warmup_steps(steps, 300),
-                       batch_size, turns, patch_weight, image_dropout, image_dropout_share,
+                       batch_size, turns, image_dropout, image_dropout_share,
                        dropout_generator=torch.Generator().manual_seed(seed), log_every=log_every,
                        eval_every=eval_every, log=log, tower_frozen=vision_steps > 0, checkpoint=checkpoint)
     return model, processor, history
@@ -651,8 +652,8 @@ def new_model(seed: int = 0, config_overrides: dict | None = None):
     return model, processor
 
 
-def tune(model, processor, steps: int, batch_size: int = 32, lr: float = 4e-4, seed: int = 0, turns: int = 4,
-         patch_weight: float = 1.0, image_dropout: float = TUNE_DROPOUT, tower_frozen: bool = False,
+def tune(model, processor, steps: int, batch_size: int = 32, lr: float = 4e-4, seed: int = 0, turns: int = TURNS,
+         image_dropout: float = TUNE_DROPOUT, tower_frozen: bool = False,
          mask_kind: str = "tokens", log_every: int = 100, eval_every: int = 0, log=None,
          checkpoint: Checkpoint | None = None):
     """Stage 2: go on training a trained model with image-token dropout in every sequence; returns the history.
@@ -674,7 +675,7 @@ def tune(model, processor, steps: int, batch_size: int = 32, lr: float = 4e-4, s
     log(f"stage 2: {steps} steps with up to {image_dropout:.0%} of each sequence's image tokens hidden, as {mask_kind}")
     probe = PatchProbe(processor.tokenizer, model.config.text.hidden_size)
     return optimise(model, probe, processor, SceneStream("tune", seed), steps, lr, warmup_steps(steps, 100),
-                    batch_size, turns, patch_weight, image_dropout, image_dropout_share=1.0,
+                    batch_size, turns, image_dropout, image_dropout_share=1.0,
                     dropout_generator=torch.Generator().manual_seed(seed), log_every=log_every,
                     eval_every=eval_every, log=log, tower_frozen=tower_frozen, mask_kind=mask_kind,
                     checkpoint=checkpoint)

@@ -58,8 +58,9 @@ from tinyavl.files import check_new_folder
 from tinyavl.loading import checkpoint_files
 from tinyavl.model import HiresConfig, LlavaForConditionalGeneration
 from tinyavl.toy.scenes import FINE_SCALE, IMAGE_SIZE, SceneStream
-from tinyavl.toy.train import (HIRES_RAMP, TUNE_DROPOUT, Checkpoint, PatchProbe, add_run_arguments, check_checkpoint,
-                               deterministic_algorithms, optimise, torch_threads, warmup_steps, write_toy)
+from tinyavl.toy.train import (HIRES_RAMP, TUNE_DROPOUT, TURNS, Checkpoint, PatchProbe, add_run_arguments,
+                               check_checkpoint, deterministic_algorithms, optimise, torch_threads, warmup_steps,
+                               write_toy)
 
 HIRES = HiresConfig(scale=FINE_SCALE, first_layer=3, threshold=48.0, blocks=4)
 FINE_CANVAS = (FINE_SCALE * IMAGE_SIZE, FINE_SCALE * IMAGE_SIZE)  # (height, width) px: a fine scene
@@ -67,7 +68,7 @@ STEPS = 1100
 BATCH_SIZE = 16             # half the first toy's: a step also runs the tower on 16 crops of every image
 FINETUNE_DROPOUT = TUNE_DROPOUT  # the largest fraction of a sequence's image tokens hidden: the first toy's stage 2
 FINETUNE_DROPOUT_SHARE = 0.5    # in this share of the sequences
-FINETUNE_TURNS = 4              # question-answer turns a training sequence holds, as the first toy's
+FINETUNE_TURNS = TURNS          # question-answer turns a training sequence holds, as the first toy's
 CHECKPOINT_EVERY = 50       # steps between two saves of the training state (--checkpoint): 8-12 min for --in-sequence
 
 
@@ -138,7 +139,7 @@ def train_hires(model, processor, steps: int = STEPS, batch_size: int = BATCH_SI
     looks = model.config.hires or f"every high-resolution token in the sequence, {model.config.image_grid_pinpoints}"
     log(f"{steps} steps on fine scenes, {looks}")
     return optimise(model, probe, processor, SceneStream("hires", seed, fine=True), steps, lr,
-                    warmup_steps(steps, 100), batch_size, FINETUNE_TURNS, patch_weight=1.0,
+                    warmup_steps(steps, 100), batch_size, FINETUNE_TURNS,
                     image_dropout=FINETUNE_DROPOUT, image_dropout_share=FINETUNE_DROPOUT_SHARE,
                     dropout_generator=torch.Generator().manual_seed(seed), log_every=log_every,
                     eval_every=eval_every, log=log, checkpoint=checkpoint)
