@@ -279,7 +279,7 @@ def test_hires_coverage_by_hand():
     recorder = SimpleNamespace(n_layers=2, image_row=lambda step, layer: hot[layer])
     scene = SimpleNamespace(objects=[SimpleNamespace(patches=lambda: [0, 1, 4, 5]),
                                      SimpleNamespace(patches=lambda: [10, 15])])
-    coverage = attention_study.hires_coverage([recorder], [scene], side=4, blocks=2)
+    coverage = attention_study.hires_coverage([recorder], [scene], side=4, blocks_per_side=2)
     assert coverage == [{"blocks": 0.25, "objects": [1.0, 0.0]}, {"blocks": 0.25, "objects": [0.0, 1.0]}]
     lines = report_markdown({**study([recording()]), "hires_coverage": coverage}).splitlines()
     assert "| 0 | 0.25 | 1.00 | 0.00 |" in lines and "| 1 | 0.25 | 0.00 | 1.00 |" in lines

@@ -62,7 +62,7 @@ def segment_shares(row, n_sys: int, n_img: int) -> dict:
 
 def segment_sizes(n: int, n_sys: int, n_img: int) -> dict:
     """Each segment's share of the n tokens a row attends: what attention spread evenly would give it."""
-    return {"sys": n_sys / n, "image": n_img / n, "text": (n - n_sys - n_img) / n}
+    return {name: len(range(n)[part]) / n for name, part in segment_slices(n_sys, n_img).items()}
 
 
 def top_count(n: int, p: float) -> int:

@@ -144,15 +144,15 @@ def area_in_blocks(blocks, patches: list[int], side: int) -> float:
     return float((in_patches & in_blocks).sum() / in_patches.sum())
 
 
-def hires_coverage(recordings: list, scenes: list, side: int, threshold: float = hires.THRESHOLD,
-                   blocks: int = hires.BLOCKS) -> list[dict]:
-    """Per layer: "blocks", the mean share of the image's area in the blocks (`blocks` a side) FlexAttention's
-    selection takes from the last prompt token's image attention, and "objects", per rank in the caption
-    (`mean_by_rank`), the mean share of the area of the object's patches (`SceneObject.patches`) inside them."""
+def hires_coverage(recordings: list, scenes: list, side: int, blocks_per_side: int = hires.BLOCKS) -> list[dict]:
+    """Per layer: "blocks", the mean share of the image's area in the blocks FlexAttention's selection (at
+    hires.THRESHOLD, blocks_per_side blocks a side) takes from the last prompt token's image attention, and
+    "objects", per rank in the caption (`mean_by_rank`), the mean share of the area of the object's patches
+    (`SceneObject.patches`) inside them."""
     coverage = []
     for layer in range(recordings[0].n_layers):
-        chosen = [hires.select_blocks(r.image_row(0, layer)[None], (side, side), threshold, blocks)[0]
-                  for r in recordings]                                                  # each (blocks, blocks)
+        chosen = [hires.select_blocks(r.image_row(0, layer)[None], (side, side), hires.THRESHOLD, blocks_per_side)[0]
+                  for r in recordings]                                   # each (blocks_per_side, blocks_per_side)
         coverage.append({"blocks": fmean(float(c.float().mean()) for c in chosen),
                          "objects": mean_by_rank(scenes,
                                                  lambda i, obj: area_in_blocks(chosen[i], obj.patches(), side))})
@@ -293,19 +293,19 @@ def study(recordings: list) -> dict:
         raise UserError("no caption had a decode step to measure (every answer ended at its first token)")
     n_layers = recordings[0].n_layers
 
-    def decode_steps(layer):  # (recorder, step, its attention row) for every decode step of every recording
+    def decode_rows(layer):  # (recorder, step, its attention row) for every decode step of every recording
         return [(r, t, r.rows[t][layer]) for r in recordings for t in range(1, len(r.rows))]
 
     result = {"n_captions": len(recordings), "layers": []}
     for layer in range(n_layers):
-        steps = decode_steps(layer)
-        shares = [segment_shares(row, r.n_sys, r.n_img) for r, _, row in steps]
-        sizes = [segment_sizes(len(row), r.n_sys, r.n_img) for r, _, row in steps]
+        step_rows = decode_rows(layer)
+        shares = [segment_shares(row, r.n_sys, r.n_img) for r, _, row in step_rows]
+        sizes = [segment_sizes(len(row), r.n_sys, r.n_img) for r, _, row in step_rows]
         prefill = [r.image_row(0, layer) for r in recordings]                   # per recording (n_img,)
         result["layers"].append({
             "shares": {s: fmean(x[s] for x in shares) for s in MODALITIES},
             "sizes": {s: fmean(x[s] for x in sizes) for s in MODALITIES},
-            "bos": fmean(float(row[0] / row.sum()) for _, _, row in steps),
+            "bos": fmean(float(row[0] / row.sum()) for _, _, row in step_rows),
             "concentration": {p: fmean(top_share(scores, p) for scores in prefill) for p in (0.1, 0.5)},
             "ppci_steps": {d: fmean(ppci(r.image_row(t, layer), r.image_row(t + d, layer), CORE_SHARE)
                                    for r in recordings for t in range(1, len(r.rows) - d))
@@ -313,7 +313,8 @@ def study(recordings: list) -> dict:
                            if any(len(r.rows) - 1 > d for r in recordings)},  # some answer is d + 1 steps long
             "ppci_scenes": (fmean(ppci(a, b, STORED_SHARE) for a, b in combinations(prefill, 2))
                             if len(prefill) > 1 else None),
-            "capture": {p: fmean(capture(r.image_row(t, layer), top_set(r.image_row(0, layer), p)) for r, t, _ in steps)
+            "capture": {p: fmean(capture(r.image_row(t, layer), top_set(r.image_row(0, layer), p))
+                                 for r, t, _ in step_rows)
                         for p in (STORED_SHARE, CORE_SHARE)},
         })
     result["ppci_layers"] = [[fmean(ppci(r.image_row(0, a), r.image_row(0, b), STORED_SHARE) for r in recordings)
@@ -435,7 +436,6 @@ def run(args) -> dict:
     result = study(recordings)
     scenes = [question.scene for question in captions]                               # the recordings' scenes
     result["object_coverage"] = object_coverage(recordings, scenes)
-    side = model.config.vision.patches_per_side
     result["band_coverage"] = band_coverage(recordings, side, GRID)
     result["object_attention"] = object_attention(recordings, scenes)
     result["hires_coverage"] = hires_coverage(recordings, scenes, side)

@@ -310,7 +310,8 @@ def evaluate(model, processor, questions: list[Question], policy: str | KVCache 
     a seeded draw (`random`) draws a fresh set for each. params_by_type {prompt kind: params}, instead of
     params: one cache per kind, each with its own (the report then has "policy_params_by_type", and
     "policy_params" None).
-    on_answer(question, prediction, cache, inputs) is called after each answer (for pictures). hires_mode
+    on_answer(question, prediction, cache, inputs) is called after each answer (the attention pictures,
+    evaluate_hires' count of an answer's attention). hires_mode
     (HIRES_MODES) says what a FlexAttention model reads of the high-resolution view: nothing, the
     selection's blocks, or every block."""
     if hires_mode not in HIRES_MODES:

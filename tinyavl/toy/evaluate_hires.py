@@ -62,17 +62,17 @@ def compare(model, processor, questions, log=None) -> list[dict]:
     reports = []
     for policy in POLICIES:
         for mode in HIRES_MODES:
-            tiled_pairs = []  # per answer: the pairs the in-sequence toy would compute for it
+            pairs_in_sequence = []  # per answer: the pairs the in-sequence toy would compute for it
 
             def on_answer(question, prediction, cache, inputs):
                 prompt_tokens = inputs["input_ids"].shape[1]
                 decode_steps = cache.next_pos - prompt_tokens  # next_pos: prompt + decode steps
-                tiled_pairs.append(in_sequence_pairs(prompt_tokens, cache.n_img, n_tiled, decode_steps,
-                                                     text.num_hidden_layers))
+                pairs_in_sequence.append(in_sequence_pairs(prompt_tokens, cache.n_img, n_tiled, decode_steps,
+                                                           text.num_hidden_layers))
 
             report = evaluate(model, processor, questions, policy, on_answer=on_answer, hires_mode=mode)
             report.update(mode=mode, attention_mflops=attention_mflops(report["attention_pairs"], model),
-                          in_sequence_mflops=attention_mflops(sum(tiled_pairs) / len(tiled_pairs), model))
+                          in_sequence_mflops=attention_mflops(sum(pairs_in_sequence) / len(pairs_in_sequence), model))
             reports.append(report)
             log_report(log, report)
     return reports
@@ -151,7 +151,7 @@ def parse_args(argv):
     parser = ArgumentParser(description=first_paragraph(__doc__))
     parser.add_argument("--weights", type=given_path, default=HIRES_TOY_WEIGHTS, help="a FlexAttention toy folder")
     parser.add_argument("--seed", type=int, default=1, help="which held-out set (any integer)")
-    parser.add_argument("--n", type=int, default=100, help="scenes (each gets 6 prompts)")
+    parser.add_argument("--n", type=int, default=100, help=f"scenes (each gets {len(PROMPT_KINDS)} prompts)")
     parser.add_argument("--plot", type=output_file, default=None, metavar="OUT.png",
                         help="draw the fine-detail accuracy against attention MFLOPs")
     parser.add_argument("--force", action="store_true", help="replace the --plot file if it exists")
@@ -175,18 +175,18 @@ def run(args) -> dict:
     if model.config.hires is None:
         raise UserError(f"{args.weights} has no hires_config: train a FlexAttention toy with "
                         "python -m tinyavl.toy.train_hires")
-    tiled_model = tiled_processor = None
+    in_sequence_model = in_sequence_processor = None
     if args.in_sequence_toy is not None:
         check_model_folder(args.in_sequence_toy, "--in-sequence-toy", "tinyavl.toy.train_hires --in-sequence")
-        tiled_model, tiled_processor = load_pretrained(args.in_sequence_toy, device="cpu", dtype="float32")
-        if not tiled_model.config.is_next:
+        in_sequence_model, in_sequence_processor = load_pretrained(args.in_sequence_toy, device="cpu", dtype="float32")
+        if not in_sequence_model.config.is_next:
             raise UserError(f"--in-sequence-toy: {args.in_sequence_toy} keeps its image at low resolution: train "
                             "one with python -m tinyavl.toy.train_hires --in-sequence")
     log = None if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
     questions = held_out_set(args.seed, args.n, fine=True)
     reports = compare(model, processor, questions, log)
-    in_sequence_reports = (None if tiled_model is None
-                           else compare_in_sequence(tiled_model, tiled_processor, questions, log))
+    in_sequence_reports = (None if in_sequence_model is None
+                           else compare_in_sequence(in_sequence_model, in_sequence_processor, questions, log))
     if args.plot is not None:
         plot(reports, args.plot, f"FlexAttention toy, {args.n} fine scenes (seed {args.seed}) x "
                                  f"{len(PROMPT_KINDS)} prompts",
