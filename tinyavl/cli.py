@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import sys
-import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from tinyavl.cache import POLICIES, KVCache, make_cache, param_owners
 from tinyavl.errors import UserError
 from tinyavl.files import name_too_long_as_user_error
 from tinyavl.params import SEED_PARAM
-from tinyavl.startup import signal_line
+from tinyavl.startup import handling, signal_line
 
 # The committed toy LLaVA: the default model of main.py and of the evaluation.
 TOY_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "toy"
@@ -195,22 +194,14 @@ class Terminated(BaseException):
 
 @contextmanager
 def signals_end_like_ctrl_c():
-    """While a command runs, SIGTERM and SIGHUP raise Terminated, unless they are ignored (`nohup`). Python's
-    default for them ends the process on the spot, where no `finally` runs: a file being written would stay
-    behind under its temporary name (tinyavl/files.py). Signal handlers can only be set from the main thread;
-    elsewhere nothing changes."""
+    """While a command runs, SIGTERM and SIGHUP raise Terminated, unless they are ignored (`nohup`; from the
+    main thread only: `handling`). Python's default for them ends the process on the spot, where no `finally`
+    runs: a file being written would stay behind under its temporary name (tinyavl/files.py)."""
     def terminate(signum, frame):
         raise Terminated(signum)
 
-    names = ("SIGTERM", "SIGHUP") if threading.current_thread() is threading.main_thread() else ()
-    signals = [getattr(signal, name) for name in names if hasattr(signal, name)]  # no SIGHUP on Windows
-    # A signal the command was started to ignore stays ignored: `nohup` keeps a training through a closed terminal.
-    previous = {sig: signal.signal(sig, terminate) for sig in signals if signal.getsignal(sig) is not signal.SIG_IGN}
-    try:
+    with handling(("SIGTERM", "SIGHUP"), terminate):
         yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 class Notes:

@@ -46,19 +46,27 @@ def ended_while_importing(signum, frame):
 
 
 @contextmanager
-def signals_end_the_imports():
-    """Inside the block, in a command (`starting_a_command`), Ctrl-C, SIGTERM and SIGHUP end the process with
-    one line; after it, each is what it was. A signal that was ignored (Ctrl-C in a shell's background job,
-    SIGHUP under `nohup`) stays ignored; signal handlers can only be set from the main thread."""
-    names = ("SIGINT", "SIGTERM", "SIGHUP")
-    signals = [getattr(signal, name) for name in names if hasattr(signal, name)]  # no SIGHUP on Windows
-    guard = starting_a_command() and threading.current_thread() is threading.main_thread()
-    previous = {sig: signal.getsignal(sig) for sig in signals} if guard else {}
-    guarded = [sig for sig, handler in previous.items() if handler is not signal.SIG_IGN]
-    for sig in guarded:
-        signal.signal(sig, ended_while_importing)
+def handling(names: tuple[str, ...], handler, active: bool = True):
+    """Inside the block `handler` handles the signals named (those the platform has: no SIGHUP on Windows);
+    after it, each is what it was. A signal the process was started to ignore stays ignored (Ctrl-C in a
+    shell's background job; SIGHUP under `nohup`, which keeps a training through a closed terminal). Signal
+    handlers can only be set from the main thread: elsewhere, or where not `active`, nothing changes."""
+    active = active and threading.current_thread() is threading.main_thread()
+    signals = [getattr(signal, name) for name in names if hasattr(signal, name)] if active else []
+    previous = {sig: signal.getsignal(sig) for sig in signals}
+    handled = [sig for sig, old in previous.items() if old is not signal.SIG_IGN]
+    for sig in handled:
+        signal.signal(sig, handler)
     try:
         yield
     finally:
-        for sig in guarded:
+        for sig in handled:
             signal.signal(sig, previous[sig])
+
+
+@contextmanager
+def signals_end_the_imports():
+    """Inside the block, in a command (`starting_a_command`), Ctrl-C, SIGTERM and SIGHUP end the process with
+    one line (`ended_while_importing`); after it, each is what it was (`handling`)."""
+    with handling(("SIGINT", "SIGTERM", "SIGHUP"), ended_while_importing, active=starting_a_command()):
+        yield
