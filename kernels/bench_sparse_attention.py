@@ -126,8 +126,8 @@ def cpu_time_ms(fn, repeats=3):
 def benchmark_case(batch, n_image, core_fraction, shape, dtype, device, time_ms, peak_gbps) -> str:
     """One table row: kernel vs gather + SDPA vs dense SDPA, shape a `DecodeShape`. The inputs die with the
     call, so each case starts with the GPU memory of the previous one freed."""
-    q, k, v, index, start = make_avl_decode_inputs(batch, *shape[:4], n_image, shape.n_text, core_fraction, dtype,
-                                                   device)
+    q, k, v, index, start = make_avl_decode_inputs(batch, shape.num_heads, shape.num_kv_heads, shape.head_dim,
+                                                   shape.n_sys, n_image, shape.n_text, core_fraction, dtype, device)
     # The inputs are queued on the default stream, and triton.testing.do_bench_cudagraph runs the calls on
     # a stream of its own, which does not wait for it: without this, its first calls could read an index
     # not yet written, whose rows may lie outside the cache.

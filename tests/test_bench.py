@@ -710,7 +710,7 @@ def test_every_policy_decodes_every_step_past_the_models_eos(model, monkeypatch)
     assert len(tokens) == 5 and stats.new_tokens == 5
 
 
-def test_a_cuda_span_is_its_events_milliseconds_in_seconds():
+def test_a_cuda_timing_is_its_events_milliseconds_in_seconds():
     class Event:
         def __init__(self, ms):
             self.ms = ms

@@ -643,8 +643,8 @@ def test_a_benchmark_row_holds_its_times_ratios_and_bandwidth(monkeypatch):
     5752 bytes in 0.5 us, 11.5 GB/s, 57.5% of 20."""
     monkeypatch.setattr(bench, "synchronize", lambda: None)
     timings = iter([0.5e-3, 1.5e-3, 2.0e-3])
-    row = bench.benchmark_case(1, 40, 0.3, bench.DecodeShape(4, 2, 16, 3, 5), torch.float32, DEVICE, lambda fn: next(timings),
-                               peak_gbps=20.0)
+    shape = bench.DecodeShape(num_heads=4, num_kv_heads=2, head_dim=16, n_sys=3, n_text=5)
+    row = bench.benchmark_case(1, 40, 0.3, shape, torch.float32, DEVICE, lambda fn: next(timings), peak_gbps=20.0)
     assert row.split() == ["1", "40", "0.3", "20", "|", "0.5", "1.5", "2.0", "|", "3.00x", "4.00x",
                            "|", "11.5", "57.5"]
 

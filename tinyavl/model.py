@@ -874,7 +874,7 @@ class LlavaForConditionalGeneration(nn.Module):
         return x.masked_scatter(is_image[..., None], features.to(x.dtype))
 
     def make_hires_view(self, input_ids, hires_pixel_values, alpha: float = 1.0, first_served: int | None = None,
-                   top: int | None = None) -> HiresView:
+                        top: int | None = None) -> HiresView:
         """FlexAttention's view of a prompt's image: hires_pixel_values (B, 3, scale size, scale size), cut
         into scale x scale crops of the tower's size (size: vision.image_size), each through the tower and
         projector, stitched into one map of (scale side)^2 features, with RoPE at positions interpolated

@@ -224,6 +224,10 @@ def centred(img: Image.Image, width: int, height: int, colour=(0, 0, 0)) -> Imag
     return canvas
 
 
+# ---------------------------------------------------------------------------------------------------
+# The user's question, before a chat template wraps it.
+# ---------------------------------------------------------------------------------------------------
+
 def check_question(question: str) -> None:
     """A user's question is text that can be tokenized, and chat_prompt places the image itself."""
     # An unset variable ($Q), a stray "", or only invisible characters (a zero-width space, a byte-order mark:
