@@ -92,6 +92,7 @@ def token_pictures(model, processor, inputs) -> list[TokenPicture]:
     config = model.config
     side, patch = config.vision.patches_per_side, config.vision.patch_size
     # The pixels the patches cover: where S is no multiple of the patch, the convolution never reads the last.
+    # s = side * patch px.
     crops = inputs["pixel_values"][0][..., :side * patch, :side * patch]   # (3, s, s), or NeXT's (n_crops, 3, s, s)
     if not config.is_next:
         first = 1 if config.vision_feature_select_strategy == "full" else 0  # CLS comes first
@@ -267,15 +268,15 @@ def save_attention_map(path, model, processor, inputs, cache: KVCache, layer: in
     blocks_per_side = hires.BLOCKS if model.config.hires is None else model.config.hires.blocks
     strips = []
     for i, picture in enumerate(token_pictures(model, processor, inputs)):
-        cells = roles[picture.tokens]
+        cells, picture_heat = roles[picture.tokens], heat[picture.tokens]
         title = f"{picture.label}, layer {layer}, policy {cache.name}"
         blocks, footnote = None, ""
         if hires_threshold is not None and i == 0:  # the low-resolution view, which FlexAttention selects from
-            blocks = hires.select_blocks(heat[picture.tokens][None], picture.grid, hires_threshold,
+            blocks = hires.select_blocks(picture_heat[None], picture.grid, hires_threshold,
                                          min(blocks_per_side, *picture.grid))[0]       # (n, n)
             footnote = (f"FlexAttention's selection (blue, threshold {hires_threshold:g}): "
                         f"{int(blocks.sum())} of {blocks.numel()} blocks")
-        strips.append(draw_attention_map(picture.image, cells, heat[picture.tokens], title, question, picture.grid,
+        strips.append(draw_attention_map(picture.image, cells, picture_heat, title, question, picture.grid,
                                          blocks, footnote))
     # As wide as the widest strip: a map of more than PANEL cells a side draws wider panels (draw_attention_map).
     figure = Image.new("RGB", (max(s.width for s in strips), sum(s.height for s in strips)), (255, 255, 255))

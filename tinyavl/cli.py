@@ -16,10 +16,10 @@ from tinyavl.cache import POLICIES, KVCache, make_cache, param_owners
 from tinyavl.errors import UserError
 from tinyavl.files import name_too_long_as_user_error
 from tinyavl.params import SEED_PARAM
-from tinyavl.startup import handling, signal_line
+from tinyavl.startup import REPO, handling, signal_line
 
 # The committed toy LLaVA: the default model of main.py and of the evaluation.
-TOY_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "toy"
+TOY_WEIGHTS = REPO / "weights" / "toy"
 # The committed FlexAttention toy (tinyavl/toy/train_hires.py): the default of its evaluation.
 HIRES_TOY_WEIGHTS = TOY_WEIGHTS.parent / "toy-hires"
 
@@ -94,9 +94,9 @@ def command_name() -> str:
 
 class ArgumentParser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
+        kwargs.setdefault("prog", command_name())
         # No abbreviations: with flags as short as A-VL's, a mistyped "--k 3" would be read as --kernel 3 and
         # refused with a message about --kernel, not --K.
-        kwargs.setdefault("prog", command_name())
         super().__init__(*args, formatter_class=DefaultsHelpFormatter, allow_abbrev=False, **kwargs)
 
     def add_argument(self, *names, **kwargs):
