@@ -634,13 +634,13 @@ def test_scene_readout_reads_the_mean_of_the_visible_tokens_and_each_token_alone
     readout = SceneReadout(width=8)
     features = torch.randn(2, 6, 8)                                   # (B, P, C)
     visible = torch.tensor([[1, 1, 0, 1, 0, 0], [0, 1, 1, 1, 1, 1]], dtype=torch.float32)
-    scores = readout.logits(features, visible)
+    scores = readout.place_logits(features, visible)
     assert [s.shape for s in scores] == [(2, PLACES, 1 + len(words)) for words in PATCH_CLASSES]
     by_hand = readout.scene(features[0, [0, 1, 3]].mean(0)).view(PLACES, -1)   # (PLACES, all classes)
     assert torch.allclose(torch.cat([s[0] for s in scores], dim=-1), by_hand, atol=1e-6)
     changed = features.clone()
     changed[0, [2, 4, 5]] += 100                                       # hidden tokens changed: same scores
-    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(scores, readout.logits(changed, visible)))
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(scores, readout.place_logits(changed, visible)))
     # The patch head reads each token alone: changing one token changes its own scores only.
     own = torch.cat(readout.patch_logits(features), dim=-1)            # (B, P, all classes)
     assert torch.allclose(own[1, 4], readout.patch(features[1, 4]), atol=1e-6)
@@ -661,7 +661,7 @@ def test_readout_recall_hides_each_objects_place_and_scores_by_attribute():
     patch_truths = iter([patch_targets(scene) for scene in scenes])
 
     class StandIn:
-        def logits(self, features, visible):
+        def place_logits(self, features, visible):
             calls.append(visible)
             truth = next(truths)                                    # (PLACES, 3)
             scores = [torch.zeros(1, PLACES, 1 + len(words)) for words in PATCH_CLASSES]

@@ -346,6 +346,31 @@ def hide_image_rectangles(input_ids, image_token_id: int, max_fraction: float, g
     return visible
 
 
+def hide_rectangles(batch_size: int, side: int, max_fraction: float, generator, max_edge: int = 8) -> torch.Tensor:
+    """visible (B, side * side) 0/1, for stage 0 and for stage 2's `hide_image_rectangles`: per image, up to
+    a uniformly random fraction (from [0, max_fraction)) of the patches is hidden, as random rectangles of
+    1..max_edge patches a side (BEiT's blockwise masking, arXiv 2106.08254); it stops short of the fraction
+    after 10 rectangles in a row that would overshoot it. Rectangles, not scattered patches, so that whole
+    objects are often hidden: the readout can then name them only if the tower has copied them into the
+    tokens that stay."""
+    visible = torch.ones(batch_size, side, side)
+    draw = partial(torch.randint, generator=generator)
+    max_edge = min(max_edge, side)  # a rectangle fits in the image
+    for mask in visible:  # (side, side): one image's tokens, 1 visible
+        target = int(max_fraction * torch.rand((), generator=generator).item() * side * side)
+        hidden, misses = 0, 0
+        while hidden < target and misses < 10:  # a rectangle that overshoots the target is a miss
+            height, width = int(draw(1, max_edge + 1, ())), int(draw(1, max_edge + 1, ()))
+            top, left = int(draw(0, side - height + 1, ())), int(draw(0, side - width + 1, ()))
+            newly_hidden = int(mask[top:top + height, left:left + width].sum())
+            if 0 < newly_hidden <= target - hidden:
+                mask[top:top + height, left:left + width] = 0
+                hidden, misses = hidden + newly_hidden, 0
+            else:
+                misses += 1
+    return visible.flatten(1)
+
+
 def losses(model, probe, batch, hires_alpha: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(next-token loss on the answers, auxiliary patch loss) for one batch.
 
@@ -714,8 +739,8 @@ class SceneReadout(nn.Module):
         self.scene = nn.Linear(width, PLACES * sum(self.n_classes))
         self.patch = nn.Linear(width, sum(self.n_classes))
 
-    def logits(self, features, visible) -> tuple[torch.Tensor, ...]:
-        """features (B, P, C), visible (B, P) 0/1 -> per attribute, (B, PLACES, classes) scores."""
+    def place_logits(self, features, visible) -> tuple[torch.Tensor, ...]:
+        """features (B, P, C), visible (B, P) 0/1 -> per attribute, (B, PLACES, classes) scores for each place."""
         pooled = (features * visible[..., None]).sum(1) / visible.sum(1, keepdim=True)  # (B, C)
         scores = self.scene(pooled).view(len(pooled), PLACES, sum(self.n_classes))      # (B, PLACES, all classes)
         return scores.split(self.n_classes, dim=-1)
@@ -725,33 +750,8 @@ class SceneReadout(nn.Module):
         return self.patch(features).split(self.n_classes, dim=-1)
 
     def loss(self, features, visible, scene_targets, patch_targets):  # (B, PLACES, 3), (B, P, 3)
-        return (attribute_loss(self.logits(features, visible), scene_targets)
+        return (attribute_loss(self.place_logits(features, visible), scene_targets)
                 + attribute_loss(self.patch_logits(features), patch_targets))
-
-
-def hide_rectangles(batch_size: int, side: int, max_fraction: float, generator, max_edge: int = 8) -> torch.Tensor:
-    """visible (B, side * side) 0/1, for stage 0 and for stage 2's `hide_image_rectangles`: per image, up to
-    a uniformly random fraction (from [0, max_fraction)) of the patches is hidden, as random rectangles of
-    1..max_edge patches a side (BEiT's blockwise masking, arXiv 2106.08254); it stops short of the fraction
-    after 10 rectangles in a row that would overshoot it. Rectangles, not scattered patches, so that whole
-    objects are often hidden: the readout can then name them only if the tower has copied them into the
-    tokens that stay."""
-    visible = torch.ones(batch_size, side, side)
-    draw = partial(torch.randint, generator=generator)
-    max_edge = min(max_edge, side)  # a rectangle fits in the image
-    for mask in visible:  # (side, side): one image's tokens, 1 visible
-        target = int(max_fraction * torch.rand((), generator=generator).item() * side * side)
-        hidden, misses = 0, 0
-        while hidden < target and misses < 10:  # a rectangle that overshoots the target is a miss
-            height, width = int(draw(1, max_edge + 1, ())), int(draw(1, max_edge + 1, ()))
-            top, left = int(draw(0, side - height + 1, ())), int(draw(0, side - width + 1, ()))
-            newly_hidden = int(mask[top:top + height, left:left + width].sum())
-            if 0 < newly_hidden <= target - hidden:
-                mask[top:top + height, left:left + width] = 0
-                hidden, misses = hidden + newly_hidden, 0
-            else:
-                misses += 1
-    return visible.flatten(1)
 
 
 def readout_recall(model, readout, processor, n_scenes: int = 100, seed: int = 0) -> dict:
@@ -770,7 +770,7 @@ def readout_recall(model, readout, processor, n_scenes: int = 100, seed: int = 0
                 visible = torch.ones(1, features.shape[1])
                 visible[0, obj.place_patches()] = 0
                 place = place_index(obj)
-                scores = readout.logits(features, visible)  # per attribute i: (1, PLACES, classes of i)
+                scores = readout.place_logits(features, visible)  # per attribute i: (1, PLACES, classes of i)
                 outside += torch.tensor([float(s[0, place].argmax() == place_truth[place, i])
                                          for i, s in enumerate(scores)])
                 n_objects += 1
