@@ -23,6 +23,11 @@ TOY_WEIGHTS = REPO / "weights" / "toy"
 # The committed FlexAttention toy (tinyavl/toy/train_hires.py): the default of its evaluation.
 HIRES_TOY_WEIGHTS = TOY_WEIGHTS.parent / "toy-hires"
 
+
+# ---------------------------------------------------------------------------------------------------
+# Flags: a parser whose every option explains itself, the paths a command takes, the policy flags and checks.
+# ---------------------------------------------------------------------------------------------------
+
 class DefaultsHelpFormatter(argparse.HelpFormatter):
     """--help shows every option's default, except where the default means "not given" (None, False)."""
 
@@ -181,6 +186,12 @@ def check_training_args(parser: argparse.ArgumentParser, args: argparse.Namespac
     except UserError as err:
         parser.error(str(err))
 
+
+# ---------------------------------------------------------------------------------------------------
+# How every command ends: its work inside `ended_in_one_line` (through `run_main` or `run_command`), which turns
+# a user's mistake, a signal or what the system refuses into one line and an exit status; the streams it
+# guards (`Notes`, `NamedStdout`) and the signals it handles (`signals_end_like_ctrl_c`).
+# ---------------------------------------------------------------------------------------------------
 
 class Terminated(BaseException):
     """A signal that asks a command to end (SIGTERM: `kill`, `timeout`, a job scheduler; SIGHUP: its terminal
