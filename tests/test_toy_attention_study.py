@@ -12,7 +12,7 @@ from cache_helpers import recording as logging_cache
 from tinyavl.cache import AVLCache, KVCache
 from tinyavl.toy import attention_study
 from tinyavl.toy.attention_study import HiddenImageTokens, LayerChoiceAVL, report_markdown, study
-from tinyavl.toy.evaluate import clustered_wilson_interval
+from tinyavl.toy.intervals import clustered_wilson_interval
 
 
 def recording():

@@ -14,9 +14,9 @@ from tinyavl.errors import UserError
 from tinyavl.toy import evaluate as evaluate_module
 from tinyavl.toy.evaluate import (ABLATIONS, BUDGETS, FASTV_MAX_R, PROMPT_KINDS, SWEEP_POLICIES, Question, Tally,
                                   budget_params, budget_sweep, caption_errors, caption_objects_right,
-                                  clustered_wilson_interval, format_interval, format_table, held_out_set,
-                                  is_correct, markdown_table, paired_ratio, paired_ratio_interval, plot_sweep,
-                                  shown_params, wilson_interval)
+                                  format_interval, format_table, held_out_set, is_correct, markdown_table,
+                                  paired_ratio, plot_sweep, shown_params)
+from tinyavl.toy.intervals import clustered_wilson_interval, paired_ratio_interval, wilson_interval
 from tinyavl.toy.scenes import Scene, SceneObject, SceneStream
 from tinyavl.toy.plot import HEIGHT, MARGIN, PALETTE, WIDTH, plot_font, save_line_plot, tick_label
 

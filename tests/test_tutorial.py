@@ -26,10 +26,12 @@ import tinyavl.generate
 import tinyavl.hires
 import tinyavl.loading
 import tinyavl.model
+import tinyavl.params
 import tinyavl.processing
 import tinyavl.toy.attention_study
 import tinyavl.toy.evaluate
 import tinyavl.toy.evaluate_hires
+import tinyavl.toy.intervals
 import tinyavl.toy.scenes
 import tinyavl.toy.train
 import tinyavl.toy.train_hires
@@ -38,10 +40,11 @@ from kernels import sparse_attention  # imports without Triton too (TRITON_AVAIL
 ROOT = Path(__file__).parent.parent
 CHAPTERS = sorted((ROOT / "tutorial").glob("*.md"))
 # sys.modules: the package's `generate` is the function (tinyavl/__init__.py), which hides the module of that name.
-MODULES = [tinyavl.model, tinyavl.loading, tinyavl.anyres, tinyavl.cache, sys.modules["tinyavl.generate"],
-           tinyavl.hires, tinyavl.processing, tinyavl.attention_map, tinyavl.attention_stats, tinyavl.bench,
-           tinyavl.toy.scenes, tinyavl.toy.train, tinyavl.toy.evaluate, tinyavl.toy.attention_study,
-           tinyavl.toy.train_hires, tinyavl.toy.evaluate_hires, sparse_attention]
+MODULES = [tinyavl.model, tinyavl.loading, tinyavl.anyres, tinyavl.cache, tinyavl.params,
+           sys.modules["tinyavl.generate"], tinyavl.hires, tinyavl.processing, tinyavl.attention_map,
+           tinyavl.attention_stats, tinyavl.bench,
+           tinyavl.toy.scenes, tinyavl.toy.train, tinyavl.toy.evaluate, tinyavl.toy.intervals,
+           tinyavl.toy.attention_study, tinyavl.toy.train_hires, tinyavl.toy.evaluate_hires, sparse_attention]
 
 
 def code_blocks(chapter: Path) -> list[str]:

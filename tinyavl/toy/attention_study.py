@@ -52,8 +52,8 @@ from tinyavl.errors import UserError
 from tinyavl.files import check_picture_folder
 from tinyavl.generate import generate
 from tinyavl.model import attention
-from tinyavl.toy.evaluate import (AVL_CHOICE_ONLY, answer_text, clustered_wilson_interval, evaluate, format_interval,
-                                  held_out_set, markdown_table)
+from tinyavl.toy.evaluate import AVL_CHOICE_ONLY, answer_text, evaluate, format_interval, held_out_set, markdown_table
+from tinyavl.toy.intervals import clustered_wilson_interval
 from tinyavl.toy.plot import save_line_plot
 from tinyavl.toy.scenes import GRID, IMAGE_SIZE, PATCH, parse_caption
 

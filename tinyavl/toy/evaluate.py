@@ -10,9 +10,9 @@ one question of every type plus "Describe the image.", each as a fresh single-tu
 greedily. A short answer is right when it equals the truth exactly; a caption is right only when it
 names every object once with its colour, place and digit, and nothing else. `accuracy` is the mean over all
 prompts (each type weighs the same, since every scene gets one of each); beside every accuracy is its
-95% Wilson score interval (`wilson_interval`). A type's prompts are about different scenes, one each; the
-overall accuracy's interval takes a scene's prompts as one cluster, since they are about one image
-(`clustered_wilson_interval`).
+95% Wilson score interval (`wilson_interval`, tinyavl/toy/intervals.py). A type's prompts are about
+different scenes, one each; the overall accuracy's interval takes a scene's prompts as one cluster, since
+they are about one image (`clustered_wilson_interval`).
 
 Memory and compute are measured, not nominal: kv_ratio is the peak K/V bytes the policy held over
 what the dense cache holds for the same sequence, summed over all prompts; attended_ratio is the
@@ -39,8 +39,6 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from tinyavl import load_pretrained
 from tinyavl.attention_map import save_attention_map
 from tinyavl.cache import AVLCache, KVCache, StreamingCache, as_decimal, make_cache
@@ -50,11 +48,11 @@ from tinyavl.cli import (TOY_WEIGHTS, ArgumentParser, add_policy_arguments, chec
 from tinyavl.errors import UserError
 from tinyavl.files import check_output_file, check_picture_folder
 from tinyavl.generate import generate
+from tinyavl.toy.intervals import clustered_wilson_interval, paired_ratio_interval, wilson_interval
 from tinyavl.toy.plot import save_line_plot
 from tinyavl.toy.scenes import PROMPT_KINDS, Scene, SceneStream, caption_parts, parse_caption
 
 BUDGETS = (0.5, 0.25, 0.1)   # shares of the image tokens kept, A-VL's S; 0.5 is A-VL's default
-Z95 = 1.959964               # the standard normal's 97.5% quantile: a two-sided 95% interval
 FASTV_MAX_R = 0.99           # FastV must keep at least one of the toy's 144 image tokens
 SWEEP_POLICIES = ("avl", "h2o", "streaming", "fastv")  # each at the budget `random` set (budget_params)
 # After the sweep, two rows that isolate a cause (budget, policy, params, the line they join in the plot):
@@ -154,42 +152,6 @@ def is_correct(question: Question, prediction: str) -> bool:
     return prediction.strip() == question.answer
 
 
-def wilson_interval(right: float, n: float, z: float = Z95) -> tuple[float, float]:
-    """The 95% Wilson score interval of a proportion right / n (Wilson, JASA 1927). Unlike p +- z se it
-    stays inside [0, 1] and keeps a width at 0 or n right, where a policy's accuracy often sits. n may be
-    an effective sample size, not a whole number (`clustered_wilson_interval`)."""
-    p = right / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def clustered_wilson_interval(right: list[int], asked: list[int], z: float = Z95) -> tuple[float, float]:
-    """The 95% interval of sum(right) / sum(asked) when the answers come in clusters that can go right or
-    wrong together: right[i] of asked[i] prompts about scene i (a scene the model misreads can fail several of
-    its prompts at once). Wilson's interval at the effective sample size
-    N / deff (Kish, Survey Sampling, 1965), where the design effect deff is the variance of the accuracy
-    estimated from the spread between clusters, over the variance N independent prompts would give.
-    deff is at least 1: the interval is never narrower than independent prompts' (`wilson_interval`).
-    Where every prompt went right (or every one wrong), or there is one cluster, no spread can be measured; the
-    clusters may then be all-or-nothing, each worth one answer, so the interval is Wilson's at the number of
-    clusters, the effective size of clusters whose prompts always agree. (So one miss can narrow the
-    interval: it measures a spread, which may be small.)"""
-    n_clusters, n = len(asked), sum(asked)
-    p = sum(right) / n
-    if n_clusters < 2 or p in (0, 1):
-        # Wilson's at n here took the clusters' answers as independent: in simulated all-or-nothing captions
-        # at a true share of 0.015 it held the truth in 73% of runs, not 95%.
-        return wilson_interval(p * n_clusters, n_clusters, z)
-    # The ratio estimator's variance between clusters, with the small-sample factor m / (m - 1) over the m
-    # clusters (Kish 6.3), against p (1 - p) / n for n independent prompts: so one-prompt clusters give an
-    # effective n of n - 1, a hair wider than Wilson's, never narrower.
-    mean_size = n / n_clusters
-    between = sum(((r - p * a) / mean_size) ** 2 for r, a in zip(right, asked)) / (n_clusters * (n_clusters - 1))
-    deff = max(1.0, between / (p * (1 - p) / n))
-    return wilson_interval(p * n / deff, n / deff, z)
-
-
 def attention_pairs(stats) -> int:
     """The (query, key) pairs an answer's attention needs, the unit of the accounting formula (each costs
     4 x n_heads x head_dim FLOPs): the prefill's causal rows, n (n + 1) / 2 in a layer that runs on n rows;
@@ -198,28 +160,6 @@ def attention_pairs(stats) -> int:
     a second time, to choose its blocks, which this does not count."""
     return (sum(n * (n + 1) // 2 for n in stats.prefill_attended_per_layer) + sum(map(sum, stats.attended_per_layer))
             + stats.hires_tokens_read)
-
-
-def paired_ratio_interval(right: list[int], reference_right: list[int], draws: int = 4000,
-                          seed: int = 0) -> tuple[float, float]:
-    """The 95% interval of sum(right) / sum(reference_right), a policy's accuracy over another row's on the
-    same prompts (full attention's: the table's "of full"; `random`'s at the same budget: budget_sweep's
-    "of_random"), right[i] and reference_right[i] the prompts about scene i each got right: a paired
-    bootstrap (Efron and Tibshirani, An Introduction to the Bootstrap, 1993) that draws scenes with
-    replacement, both counts of a scene together, and takes the 2.5 and 97.5 percentiles of the ratio.
-    Seeded: one answer. At least two scenes: one has nothing to resample (an interval of no width)."""
-    if len(right) != len(reference_right):
-        raise ValueError(f"paired_ratio_interval pairs scenes: {len(right)} counts against {len(reference_right)}")
-    if len(right) < 2:
-        raise ValueError(f"paired_ratio_interval resamples scenes: it needs two or more, got {len(right)}")
-    right = torch.tensor(right, dtype=torch.float64)                                # (scenes,)
-    reference_right = torch.tensor(reference_right, dtype=torch.float64)            # (scenes,)
-    # (draws, scenes): the scenes each draw takes
-    scenes = torch.randint(len(right), (draws, len(right)), generator=torch.Generator().manual_seed(seed))
-    reference_sums = reference_right[scenes].sum(1)                                 # (draws,)
-    # A draw in which the reference got nothing right has no ratio (a few scenes at most): left out.
-    ratios = (right[scenes].sum(1) / reference_sums).masked_fill(reference_sums == 0, float("nan"))  # (draws,)
-    return float(ratios.nanquantile(0.025)), float(ratios.nanquantile(0.975))
 
 
 def paired_ratio(report: dict, reference: dict) -> tuple[float, tuple[float, float]] | tuple[None, None]:
