@@ -393,11 +393,13 @@ def test_prompt_errors(processor):
         processor("USER: <image>\n<image>\nSame? ASSISTANT:", image)
     with pytest.raises(UserError, match="not found"):
         processor(processor.chat_prompt("What?"), "no/such/image.png")
-    # An unset $VARIABLE, or only invisible characters (zero-width space, joiner, byte-order mark): the model would
-    # answer no question.
-    for blank in ("", "  \n\t", "\u200b", " \u200d\ufeff\n"):
+    # An unset $VARIABLE, or only characters that draw nothing (zero-width space, joiner, byte-order mark; a control
+    # character; a variation selector, the Hangul filler): the model would answer no question.
+    for blank in ("", "  \n\t", "\u200b", " \u200d\ufeff\n", "\x07", "\ufe0f", "\u3164", "\U000e0100\u034f"):
         with pytest.raises(UserError, match="the prompt is empty: ask a question"):
             processor.chat_prompt(blank)
+    shown = "\u2764\ufe0f\u200b what is red?"  # a heart drawn in colour, a zero-width space: a question still
+    assert shown in processor.chat_prompt(shown)
     with pytest.raises(UserError, match="the question contains <image>"):  # the user's, not the template's
         processor.chat_prompt("what is <image>?")
 

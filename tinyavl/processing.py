@@ -228,11 +228,24 @@ def centred(img: Image.Image, width: int, height: int, colour=(0, 0, 0)) -> Imag
 # The user's question, before a chat template wraps it.
 # ---------------------------------------------------------------------------------------------------
 
+# Unicode's default-ignorable characters that are not format characters (DerivedCoreProperties.txt,
+# Default_Ignorable_Code_Point, assigned and outside category Cf): fillers and variation selectors, drawn as
+# nothing. (first, last) code points.
+IGNORABLE_BEYOND_FORMAT = ((0x034F, 0x034F), (0x115F, 0x1160), (0x17B4, 0x17B5), (0x180B, 0x180D), (0x180F, 0x180F),
+                           (0x3164, 0x3164), (0xFE00, 0xFE0F), (0xFFA0, 0xFFA0), (0xE0100, 0xE01EF))
+
+
+def shows_nothing(char: str) -> bool:
+    """Whether a character draws nothing: white space, a control or format character (a zero-width space, a
+    byte-order mark, which str.strip keeps), or another default-ignorable one (a variation selector)."""
+    return (char.isspace() or unicodedata.category(char) in ("Cc", "Cf")
+            or any(first <= ord(char) <= last for first, last in IGNORABLE_BEYOND_FORMAT))
+
+
 def check_question(question: str) -> None:
     """A user's question is text that can be tokenized, and chat_prompt places the image itself."""
-    # An unset variable ($Q), a stray "", or only invisible characters (a zero-width space, a byte-order mark:
-    # Unicode's format characters, which str.strip keeps): an answer to no question.
-    if all(c.isspace() or unicodedata.category(c) == "Cf" for c in question):
+    # An unset variable ($Q), a stray "", or only characters that draw nothing: an answer to no question.
+    if all(shows_nothing(c) for c in question):
         raise UserError("the prompt is empty: ask a question (main.py's default asks for a caption: Describe the "
                         "image.)")
     try:

@@ -5,7 +5,8 @@ KeyboardInterrupt there was lost (the run went on) or became another error's tra
 once), and Python's default for SIGTERM and SIGHUP ends the process without a word. So while tinyavl's
 imports run in one of its commands, each of the three ends the process at once, with one line and the
 status it has later (tinyavl/cli.py, `ended_in_one_line`: 130, 143, 129): nothing has been written yet.
-tinyavl/__init__.py runs its imports inside `signals_end_the_imports`. This module imports nothing slow.
+tinyavl/__init__.py runs its imports inside `signals_end_the_imports`. `handling`, the way both it and a running
+command (`cli.signals_end_like_ctrl_c`) handle signals for a while, is here too. This module imports nothing slow.
 """
 import os
 import signal
