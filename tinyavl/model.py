@@ -776,6 +776,25 @@ def stitch_tiles(tiles, rows: int, columns: int):
     return grid.permute(0, 2, 1, 3, 4).reshape(rows * side, columns * side, C)
 
 
+def crops_in_one_list(pixel_values, sizes: list, n_crops: list[int]) -> torch.Tensor:
+    """LLaVA-1.6's crops of every image, one after another, none padding: (sum n_crops, 3, S, S). pixel_values is
+    (B, n_crops, 3, S, S), crops past an image's own count padding the batch, or already that list; sizes the
+    images' [(h, w)], n_crops each image's count. A UserError where the counts disagree: zip stops at the
+    shorter, so a crop or an image too few would drop features without a word."""
+    flat = pixel_values.dim() == 4                                         # every image's crops in one list
+    if flat:
+        crops = pixel_values                                               # (sum n_crops, 3, S, S)
+        held = f"{len(crops)} crops in all"
+    else:
+        # each image's own crops, not those padding the batch: (sum n_crops, 3, S, S)
+        crops = torch.cat([image_crops[:n] for image_crops, n in zip(pixel_values, n_crops)])
+        held = f"{len(pixel_values)} images of up to {pixel_values.shape[1]} crops"
+    if len(crops) != sum(n_crops) or (not flat and len(pixel_values) != len(sizes)):
+        raise UserError(f"image_sizes {sizes} make {n_crops} crops (a base crop and the tiles of each canvas), "
+                        f"but pixel_values holds {held}: pass the processor's pixel_values for these images")
+    return crops
+
+
 class LlavaForConditionalGeneration(nn.Module):
     def __init__(self, config: LlavaConfig):
         super().__init__()
@@ -830,19 +849,7 @@ class LlavaForConditionalGeneration(nn.Module):
         # each image's canvas as (rows, columns) of tiles
         tile_grids = [anyres.tile_grid(hw, self.config.image_grid_pinpoints, tile) for hw in sizes]
         n_crops = [1 + rows * columns for rows, columns in tile_grids]
-        flat = pixel_values.dim() == 4                                         # every image's crops in one list
-        if flat:
-            crops = pixel_values                                               # (sum n_crops, 3, S, S)
-            held = f"{len(crops)} crops in all"
-        else:
-            # each image's own crops, not those padding the batch: (sum n_crops, 3, S, S)
-            crops = torch.cat([image_crops[:n] for image_crops, n in zip(pixel_values, n_crops)])
-            held = f"{len(pixel_values)} images of up to {pixel_values.shape[1]} crops"
-        # zip stops at the shorter: a crop or an image too few would drop features without a word.
-        if len(crops) != sum(n_crops) or (not flat and len(pixel_values) != len(sizes)):
-            raise UserError(f"image_sizes {sizes} make {n_crops} crops (a base crop and the tiles of each canvas), "
-                            f"but pixel_values holds {held}: pass the processor's pixel_values for these images")
-        per_image = self.crop_features(crops).split(n_crops)                  # each (n_crops, P, C)
+        per_image = self.crop_features(crops_in_one_list(pixel_values, sizes, n_crops)).split(n_crops)  # (n, P, C)
         return [self.tile_map(features, tile_grid, hw) for features, tile_grid, hw in zip(per_image, tile_grids, sizes)]
 
     def tile_map(self, features, tile_grid: tuple[int, int], image_hw) -> torch.Tensor:
