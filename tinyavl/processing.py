@@ -655,19 +655,23 @@ class Processor:
                                 "added token")
             at = ids.index(self.image_token_id)
             ids[at:at + 1] = [self.image_token_id] * self.image_token_count(image_hw)
-            if self.image_grid_pinpoints is None:
-                if self.pad_to_square:
-                    img = self.padded_to_square(img)
-                pixel_values = self.preprocess(img)[None]                                  # [1, 3, S, S]
-                if self.hires_scale is not None:
-                    hires_pixel_values = self.preprocess(img, self.hires_scale)[None]      # [1, 3, scale S, scale S]
-            else:
-                crops = [self.preprocess(crop) for crop in self.anyres_crops(img)]          # each [3, S, S]
-                pixel_values = torch.stack(crops)[None]                                    # [1, n_crops, 3, S, S]
-                image_sizes = torch.tensor([image_hw])                                     # [1, 2]
+            pixel_values, image_sizes, hires_pixel_values = self.pixel_inputs(img)
         inputs = {"input_ids": torch.tensor([ids], dtype=torch.long),   # [1, T]
                   "pixel_values": pixel_values, "image_sizes": image_sizes}
         return inputs if self.hires_scale is None else {**inputs, "hires_pixel_values": hires_pixel_values}
+
+    def pixel_inputs(self, img: Image.Image) -> tuple:
+        """An RGB image -> (pixel_values, image_sizes, hires_pixel_values) as `__call__` hands them to the model:
+        LLaVA-1.5's one crop [1, 3, S, S] (padded to a square first with pad_to_square), no sizes, and a
+        FlexAttention model's view of it [1, 3, scale S, scale S] (else None); LLaVA-1.6's crops
+        [1, n_crops, 3, S, S] and the image's (height, width) [1, 2], no view."""
+        if self.image_grid_pinpoints is not None:
+            crops = [self.preprocess(crop) for crop in self.anyres_crops(img)]              # each [3, S, S]
+            return torch.stack(crops)[None], torch.tensor([(img.height, img.width)]), None  # [1, n_crops, 3, S, S]
+        if self.pad_to_square:
+            img = self.padded_to_square(img)
+        hires = None if self.hires_scale is None else self.preprocess(img, self.hires_scale)[None]  # [1, 3, sS, sS]
+        return self.preprocess(img)[None], None, hires                                      # [1, 3, S, S]
 
     def image_token_count(self, image_hw: tuple[int, int]) -> int:
         """The slots an image of this (height, width) takes in the prompt."""
