@@ -37,6 +37,7 @@ from tinyavl.model import stitch_tiles
 EVICTED, STORED, COMPUTED = 0, 1, 2
 FRAME = {COMPUTED: (40, 220, 70), STORED: (250, 210, 40)}
 PANEL = 384  # px per panel side
+GAP = 10  # px between the two panels
 HEADER = 58  # px above the panels: the question, the title and the panels' captions, the counts of each role
 SCALE_BAR = 34  # px below them: the heat map's colour scale
 HEAT = (255, 30, 30)
@@ -180,45 +181,24 @@ def draw_attention_map(image: Image.Image, roles: torch.Tensor, heat: torch.Tens
     # config whose canvases are many tiles long; the published ones make at most 72): a pixel a cell at least.
     cell = max(PANEL / max(rows, columns), 1.0)
     width, height = round(cell * columns), round(cell * rows)
-    panel = max(PANEL, width)                                  # the x where the right panel starts, less 10
+    slot = max(PANEL, width)                                   # px across the left panel's slot
+    right_x = slot + GAP                                       # where the right panel starts
     base = image.resize((width, height), Image.Resampling.NEAREST)
-    canvas = Image.new("RGB", (2 * panel + 10, HEADER + height + SCALE_BAR), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
+    strip = Image.new("RGB", (2 * slot + GAP, HEADER + height + SCALE_BAR), (255, 255, 255))
+    draw = ImageDraw.Draw(strip)
 
     def write(xy, text: str, width: float) -> None:  # one line of text, cut to `width` px
         draw.text(xy, fitted(drawable(text, draw.getfont()), draw, width), fill=(0, 0, 0))
 
-    write((4, 4), f"Q: {question}", canvas.width - 8)
-    write((4, 22), title, panel + 2)
-    write((panel + 10, 22), "last prompt token's attention", panel - 4)
+    write((4, 4), f"Q: {question}", strip.width - 8)
+    write((4, 22), title, slot + 2)
+    write((right_x, 22), "last prompt token's attention", slot - 4)
     counts = {role: int((roles == role).sum()) for role in (COMPUTED, STORED, EVICTED)}
     write((4, 40), f"computed (green) {counts[COMPUTED]}, stored only (yellow) {counts[STORED]}, evicted (dark) "
-          f"{counts[EVICTED]}", canvas.width - 8)
-    top = HEADER
-
-    # Left: the policy's roles. Evicted cells are darkened, the others framed by role.
-    left = base.copy()
-    shade = ImageDraw.Draw(left, "RGBA")
-    for i, role in enumerate(roles.tolist()):
-        box = _cell_box(i, columns, cell)
-        if role == EVICTED:
-            shade.rectangle(box, fill=(0, 0, 0, 170))
-        else:
-            shade.rectangle(box, outline=FRAME[role], width=2)
-    canvas.paste(left, (0, top))
-
-    # Right: the heat map, red with opacity proportional to attention (max = opaque-ish).
-    right = Image.blend(base, Image.new("RGB", base.size, (128, 128, 128)), 0.5)
-    glow = ImageDraw.Draw(right, "RGBA")
+          f"{counts[EVICTED]}", strip.width - 8)
+    strip.paste(roles_panel(base, roles, columns, cell), (0, HEADER))
     peak = float(heat.max()) or 1.0
-    for i, value in enumerate(heat.tolist()):
-        glow.rectangle(_cell_box(i, columns, cell), fill=(*HEAT, int(220 * value / peak)))
-    if blocks is not None:
-        n = blocks.shape[0]
-        for i, j in blocks.nonzero().tolist():
-            glow.rectangle((round(j * width / n), round(i * height / n), round((j + 1) * width / n) - 1,
-                            round((i + 1) * height / n) - 1), outline=BLOCK, width=2)
-    canvas.paste(right, (panel + 10, top))
+    strip.paste(heat_panel(base, heat, peak, columns, cell, blocks), (right_x, HEADER))
 
     # The colour scale: the red's opacity from 0 (left) to the peak share (right), over mid-grey. A cell
     # also shows the image under it (half grey), so over a dark part it is darker than the bar at its
@@ -227,13 +207,42 @@ def draw_attention_map(image: Image.Image, roles: torch.Tensor, heat: torch.Tens
     ramp = ImageDraw.Draw(bar, "RGBA")
     for x in range(PANEL):
         ramp.line([(x, 0), (x, 9)], fill=(*HEAT, int(220 * x / (PANEL - 1))))
-    bar_top = top + height + 4
-    canvas.paste(bar, (panel + 10, bar_top))
-    write((4, bar_top), footnote, panel + 2)
-    draw.text((panel + 10, bar_top + 12), "0", fill=(0, 0, 0))
+    bar_top = HEADER + height + 4
+    strip.paste(bar, (right_x, bar_top))
+    write((4, bar_top), footnote, slot + 2)
+    draw.text((right_x, bar_top + 12), "0", fill=(0, 0, 0))
     label = f"{peak:.3g} of the attention"  # 3 significant digits: a long prompt's peak may be under 0.001
-    draw.text((panel + PANEL + 10 - draw.textlength(label), bar_top + 12), label, fill=(0, 0, 0))  # right-aligned
-    return canvas
+    draw.text((right_x + PANEL - draw.textlength(label), bar_top + 12), label, fill=(0, 0, 0))  # right-aligned
+    return strip
+
+
+def roles_panel(base: Image.Image, roles: torch.Tensor, columns: int, cell: float) -> Image.Image:
+    """The policy's roles over the image: evicted cells darkened, the others framed by role."""
+    panel = base.copy()
+    shade = ImageDraw.Draw(panel, "RGBA")
+    for i, role in enumerate(roles.tolist()):
+        box = _cell_box(i, columns, cell)
+        if role == EVICTED:
+            shade.rectangle(box, fill=(0, 0, 0, 170))
+        else:
+            shade.rectangle(box, outline=FRAME[role], width=2)
+    return panel
+
+
+def heat_panel(base: Image.Image, heat: torch.Tensor, peak: float, columns: int, cell: float,
+               blocks=None) -> Image.Image:
+    """The attention over the image, half grey: red with opacity proportional to each cell's heat over the peak
+    (the peak opaque-ish), and FlexAttention's blocks (n, n) framed where given."""
+    panel = Image.blend(base, Image.new("RGB", base.size, (128, 128, 128)), 0.5)
+    glow = ImageDraw.Draw(panel, "RGBA")
+    for i, value in enumerate(heat.tolist()):
+        glow.rectangle(_cell_box(i, columns, cell), fill=(*HEAT, int(220 * value / peak)))
+    if blocks is not None:
+        n, (width, height) = blocks.shape[0], base.size
+        for i, j in blocks.nonzero().tolist():
+            glow.rectangle((round(j * width / n), round(i * height / n), round((j + 1) * width / n) - 1,
+                            round((i + 1) * height / n) - 1), outline=BLOCK, width=2)
+    return panel
 
 
 def _cell_box(index: int, columns: int, cell: float):
