@@ -383,6 +383,19 @@ def test_a_folder_that_appears_during_the_work_is_kept_without_force(tmp_path, a
     assert (tmp_path / "empty" / "x").read_text() == "1"
 
 
+def test_a_rename_the_system_refuses_is_not_called_a_folder_that_appeared(tmp_path, monkeypatch):
+    """Only the refusals of a taken name (a folder that filled, a file, a link) say that something appeared; any
+    other error of the rename (here an I/O error) stays the system's, for the command's one line, and no
+    temporary folder is left."""
+    def refuse(src, dst):
+        raise OSError(errno.EIO, "Input/output error", str(dst))
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(OSError) as refused:
+        write_folder_atomically(tmp_path / "model", lambda partial: (partial / "x").write_text("1"))
+    assert refused.type is OSError and refused.value.errno == errno.EIO
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_link_named_as_the_output_folder_needs_force_even_to_nothing(tmp_path):
     """A link is a name the user made, leading to an empty folder or to nothing: refused without --force (a
     link to nothing passed as no folder at all, and was replaced); with it, the link goes, what it leads to

@@ -313,25 +313,10 @@ def write_folder_atomically(folder, write, replace: bool = False) -> None:
                 raise UserError(f"{folder} cannot be made there ({err.strerror}): choose another folder") from None
             write(partial)
             tree_to_disk(partial)
-        if not replace:
-            # One rename, which takes a free name or an empty folder and refuses anything else: a folder that
-            # appeared or filled (or a file, a link) during the work stays.
-            try:
-                os.replace(partial, folder)
-            except OSError as err:
-                if err.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
-                    raise
-                raise UserError(f"{folder} appeared or filled while this command ran: it was kept, and the new "
-                                "output was not written; give another folder, or --force to replace it") from None
+        if replace:
+            swap_in(partial, folder, old)
         else:
-            try:
-                if os.path.lexists(folder):  # two renames: the old one is out of the way for an instant
-                    os.replace(folder, old)
-                os.replace(partial, folder)
-            except BaseException:  # the second rename failed (or Ctrl-C came between them): the old one returns
-                if not folder.exists() and os.path.lexists(old):
-                    os.replace(old, folder)
-                raise
+            rename_without_replacing(partial, folder)
         for directory in dict.fromkeys([folder.parent, *(above.parent for above in made_above)]):
             to_disk(directory)
     finally:
@@ -342,3 +327,30 @@ def write_folder_atomically(folder, write, replace: bool = False) -> None:
                 old.unlink()
             else:
                 shutil.rmtree(old, ignore_errors=True)
+
+
+def rename_without_replacing(partial: Path, folder: Path) -> None:
+    """The finished folder `partial` takes the name `folder` in one rename, which takes a free name or an empty
+    folder and refuses anything else: a folder that appeared or filled (or a file, a link) during the work
+    stays, and the command ends in a UserError."""
+    try:
+        os.replace(partial, folder)
+    except OSError as err:
+        if err.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise
+        raise UserError(f"{folder} appeared or filled while this command ran: it was kept, and the new "
+                        "output was not written; give another folder, or --force to replace it") from None
+
+
+def swap_in(partial: Path, folder: Path, old: Path) -> None:
+    """The finished folder `partial` takes the place of `folder`, whatever is there moved to `old` first (two
+    renames: the old one is out of the way for an instant); if the second rename fails, or Ctrl-C comes between
+    them, the old one returns."""
+    try:
+        if os.path.lexists(folder):
+            os.replace(folder, old)
+        os.replace(partial, folder)
+    except BaseException:
+        if not folder.exists() and os.path.lexists(old):
+            os.replace(old, folder)
+        raise
