@@ -41,6 +41,27 @@ from tinyavl.errors import UserError, is_real, is_whole
 
 THRESHOLD = 48  # of 255: the selection threshold of the authors' training script
 BLOCKS = 9      # blocks per side: LLaVA-1.5's 24 x 24 tokens pooled to 9 x 9 (8 x 8 high-resolution tokens each)
+THRESHOLD_RANGE = "from 0 to below 255 (the 0-255 scale of the normalised attention)"  # said where one is refused
+
+
+def is_threshold(threshold) -> bool:
+    """A threshold selects some blocks only on the normalised attention's 0-255 scale: 0 <= threshold < 255
+    (a Python or numpy number; true is not 1 here)."""
+    return is_real(threshold) and 0 <= threshold < 255
+
+
+def check_threshold(threshold: float, label: str = "the selection threshold") -> None:
+    """UserError unless `is_threshold`; the message names it by `label` (main.py: its flag)."""
+    if not is_threshold(threshold):
+        raise UserError(f"{label} must be {THRESHOLD_RANGE}, got {threshold!r}")
+
+
+def check_block_count(count, blocks: int) -> None:
+    """A fixed number of blocks to read (`top_blocks`), of blocks x blocks, is an integer (Python's or
+    numpy's) from 0 to blocks^2."""
+    if not (is_whole(count) and 0 <= count <= blocks * blocks):
+        raise UserError(f"the number of high-resolution blocks to read must be an integer from 0 to "
+                        f"{blocks * blocks} ({blocks} x {blocks} blocks), got {count!r}")
 
 
 def block_scores(image_attention, grid: tuple[int, int], blocks: int = BLOCKS):
@@ -74,29 +95,6 @@ def select_blocks(image_attention, grid: tuple[int, int], threshold: float = THR
     """FlexAttention's selection: (B, blocks, blocks) bool from image_attention (B, rows * columns), the
     scores of `block_scores` compared with the threshold of `threshold_blocks`."""
     return threshold_blocks(block_scores(image_attention, grid, blocks), threshold)
-
-
-THRESHOLD_RANGE = "from 0 to below 255 (the 0-255 scale of the normalised attention)"  # said where one is refused
-
-
-def is_threshold(threshold) -> bool:
-    """A threshold selects some blocks only on the normalised attention's 0-255 scale: 0 <= threshold < 255
-    (a Python or numpy number; true is not 1 here)."""
-    return is_real(threshold) and 0 <= threshold < 255
-
-
-def check_threshold(threshold: float, label: str = "the selection threshold") -> None:
-    """UserError unless `is_threshold`; the message names it by `label` (main.py: its flag)."""
-    if not is_threshold(threshold):
-        raise UserError(f"{label} must be {THRESHOLD_RANGE}, got {threshold!r}")
-
-
-def check_block_count(count, blocks: int) -> None:
-    """A fixed number of blocks to read (`top_blocks`), of blocks x blocks, is an integer (Python's or
-    numpy's) from 0 to blocks^2."""
-    if not (is_whole(count) and 0 <= count <= blocks * blocks):
-        raise UserError(f"the number of high-resolution blocks to read must be an integer from 0 to "
-                        f"{blocks * blocks} ({blocks} x {blocks} blocks), got {count!r}")
 
 
 def top_blocks(scores, count: int):
