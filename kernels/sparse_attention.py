@@ -411,20 +411,25 @@ def _check_inputs(q, k, v, index, start, check_index):
     n_idx = index.shape[1]
     if n_idx + cache_len - start == 0:
         raise ValueError("nothing to attend: index is empty and start == N")
-    # Rows at or past start would be attended twice (or read out of bounds), and so would a row listed twice.
-    # The check reads the index back to the host: one synchronisation, which a caller that builds the
-    # index itself can skip.
+    # The check reads the index back to the host: one synchronisation, which a caller that builds the index
+    # itself can skip.
     if check_index and n_idx > 0:
-        sorted_index = index.sort(dim=1).values                          # [B, n_idx], ascending per sample
-        has_repeat = (sorted_index.diff(dim=1) == 0).any()             # scalar bool tensor
-        # One .tolist(): the check's single host synchronisation.
-        lowest, highest, repeated = torch.stack([sorted_index[:, 0].min(), sorted_index[:, -1].max(),
-                                                 has_repeat.to(index.dtype)]).tolist()
-        if lowest < 0 or highest >= start:
-            raise ValueError(f"index rows must lie in [0, start={start}), got values in [{lowest}, {highest}]")
-        if repeated:
-            raise ValueError("index lists a row twice in one sample: it would be attended twice")
+        _check_index_rows(index, start)
     return batch, num_heads, num_kv_heads, cache_len, head_dim, n_idx, start
+
+
+def _check_index_rows(index, start: int) -> None:
+    """A ValueError unless every sample's index [B, n_idx] lists rows in [0, start), each once: a row at or past
+    start would be attended twice (or read out of bounds), and so would a row listed twice."""
+    sorted_index = index.sort(dim=1).values                              # [B, n_idx], ascending per sample
+    has_repeat = (sorted_index.diff(dim=1) == 0).any()                 # scalar bool tensor
+    # One .tolist(): the check's single host synchronisation.
+    lowest, highest, repeated = torch.stack([sorted_index[:, 0].min(), sorted_index[:, -1].max(),
+                                             has_repeat.to(index.dtype)]).tolist()
+    if lowest < 0 or highest >= start:
+        raise ValueError(f"index rows must lie in [0, start={start}), got values in [{lowest}, {highest}]")
+    if repeated:
+        raise ValueError("index lists a row twice in one sample: it would be attended twice")
 
 
 def _a_scalar_tensor(value) -> bool:
