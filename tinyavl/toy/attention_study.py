@@ -132,6 +132,15 @@ def object_attention(recordings: list, scenes: list) -> list[dict]:
     return result
 
 
+def object_attention_table(attention: list[dict]) -> list[str]:
+    """`object_attention`'s layers as a titled Markdown table."""
+    return ["", "Share of the last prompt token's image attention on the patches that show an object "
+            "(their share of the image tokens)", "",
+            *markdown_table(["layer", "on objects (tokens)"],
+                            [[str(layer), f"{x['attention']:.2f} ({x['tokens']:.2f})"]
+                             for layer, x in enumerate(attention)])]
+
+
 def area_in_blocks(blocks, patches: list[int], side: int) -> float:
     """The share of the area of `patches` (image tokens of a side x side grid) inside the chosen blocks
     (n, n) bool. The two grids split the image differently, so both are drawn on their common
@@ -157,6 +166,16 @@ def hires_coverage(recordings: list, scenes: list, side: int, blocks_per_side: i
                          "objects": mean_by_rank(scenes,
                                                  lambda i, obj: area_in_blocks(chosen[i], obj.patches(), side))})
     return coverage
+
+
+def hires_coverage_table(coverage: list[dict]) -> list[str]:
+    """`hires_coverage`'s layers as a titled Markdown table."""
+    return ["", f"FlexAttention's selection from the last prompt token's image attention (threshold "
+            f"{hires.THRESHOLD}): share of the image's area in the chosen blocks, and of each object's "
+            "patches, by the order the caption names the objects", "",
+            *markdown_table(["layer", "image area", *(f"object {i + 1}" for i in range(len(coverage[0]["objects"])))],
+                            [[str(layer), f"{x['blocks']:.2f}", *(f"{v:.2f}" for v in x["objects"])]
+                             for layer, x in enumerate(coverage)])]
 
 
 class LayerChoiceAVL(AVLCache):
@@ -363,19 +382,9 @@ def report_markdown(result: dict) -> str:
                                 f"Share of each horizontal band of the image in the prefill top {STORED_SHARE:.0%} "
                                 f"(random sets: {STORED_SHARE:.2f}), top to bottom")
     if "object_attention" in result:
-        lines += ["", "Share of the last prompt token's image attention on the patches that show an object "
-                  "(their share of the image tokens)", "",
-                  *markdown_table(["layer", "on objects (tokens)"],
-                                  [[str(layer), f"{x['attention']:.2f} ({x['tokens']:.2f})"]
-                                   for layer, x in enumerate(result["object_attention"])])]
+        lines += object_attention_table(result["object_attention"])
     if "hires_coverage" in result:
-        cover = result["hires_coverage"]
-        lines += ["", f"FlexAttention's selection from the last prompt token's image attention (threshold "
-                  f"{hires.THRESHOLD}): share of the image's area in the chosen blocks, and of each object's "
-                  "patches, by the order the caption names the objects", "",
-                  *markdown_table(["layer", "image area", *(f"object {i + 1}" for i in range(len(cover[0]["objects"])))],
-                                  [[str(layer), f"{x['blocks']:.2f}", *(f"{v:.2f}" for v in x["objects"])]
-                                   for layer, x in enumerate(cover)])]
+        lines += hires_coverage_table(result["hires_coverage"])
     if "choice_by_layer" in result:
         lines += choice_table(result["choice_by_layer"])
     if "hidden_object_recall" in result:
