@@ -45,6 +45,50 @@ from tinyavl.timing import best_seconds
 # HiresConfig's are its paper's settings.
 # ---------------------------------------------------------------------------------------------------
 
+# The checks every config runs on itself (`__post_init__`): what config.json may hold.
+
+def is_token_id(value, vocab_size: int) -> bool:
+    """An id the embedding table has a row for (a JSON integer: not true, not 2.0)."""
+    return type(value) is int and 0 <= value < vocab_size
+
+
+def is_eos_token_id(value, vocab_size: int) -> bool:
+    """What a config file may give as the ids that end an answer (`eos_token_id_rule`)."""
+    return (value is None or is_token_id(value, vocab_size)
+            or (isinstance(value, list) and bool(value) and all(is_token_id(i, vocab_size) for i in value)))
+
+
+def eos_token_id_rule(vocab_size: int) -> str:
+    """`is_eos_token_id` in words, for the message that refuses a value."""
+    return f"a token id (0 .. {vocab_size - 1}), a non-empty list of them, or null"
+
+
+def _require(ok: bool, problem: str) -> None:
+    """Refuse a config value that would build a broken model, or crash while building it."""
+    if not ok:
+        raise UserError(f"config.json: {problem}; fix the value, or download the checkpoint's config.json again")
+
+
+def _require_kind(config, section: str, names, kind: type) -> None:
+    """Each named field is a JSON string (kind str) or true / false (kind bool): the string "false" would be
+    true to Python, and a list where a name belongs would fail later, far from the field."""
+    for name in names:
+        value = getattr(config, name)
+        _require(type(value) is kind, f"{f'{section}.' if section else ''}{name} is {value!r}, but it must be "
+                 + ("a string" if kind is str else "true or false"))
+
+
+def _require_positive(config, section: str, names, kind: type, or_null: bool = False) -> None:
+    """Each named field is a positive int (kind int) or a positive finite number (kind float); `or_null`:
+    fields a file may also set to null (the message then says so)."""
+    for name in names:
+        value = getattr(config, name)
+        # bool is an int in Python, but `"hidden_size": true` is a broken file, not 1.
+        number = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+        _require(number and 0 < value < math.inf, f"{section}.{name} is {value!r}, but it must be a positive "
+                 f"{'integer' if kind is int else 'number'}{' or null' if or_null else ''}")
+
+
 @dataclass
 class VisionConfig:
     """CLIPVisionConfig's defaults (ViT-B/32); llava-1.5 configs override them with ViT-L/14 at 336 px."""
@@ -137,48 +181,6 @@ class TextConfig:
     def context(self) -> int:
         """The tokens a sequence may hold: the model's positions, and no more than its sliding window."""
         return min(self.max_position_embeddings, self.sliding_window or self.max_position_embeddings)
-
-
-def is_token_id(value, vocab_size: int) -> bool:
-    """An id the embedding table has a row for (a JSON integer: not true, not 2.0)."""
-    return type(value) is int and 0 <= value < vocab_size
-
-
-def is_eos_token_id(value, vocab_size: int) -> bool:
-    """What a config file may give as the ids that end an answer (`eos_token_id_rule`)."""
-    return (value is None or is_token_id(value, vocab_size)
-            or (isinstance(value, list) and bool(value) and all(is_token_id(i, vocab_size) for i in value)))
-
-
-def eos_token_id_rule(vocab_size: int) -> str:
-    """`is_eos_token_id` in words, for the message that refuses a value."""
-    return f"a token id (0 .. {vocab_size - 1}), a non-empty list of them, or null"
-
-
-def _require(ok: bool, problem: str) -> None:
-    """Refuse a config value that would build a broken model, or crash while building it."""
-    if not ok:
-        raise UserError(f"config.json: {problem}; fix the value, or download the checkpoint's config.json again")
-
-
-def _require_kind(config, section: str, names, kind: type) -> None:
-    """Each named field is a JSON string (kind str) or true / false (kind bool): the string "false" would be
-    true to Python, and a list where a name belongs would fail later, far from the field."""
-    for name in names:
-        value = getattr(config, name)
-        _require(type(value) is kind, f"{f'{section}.' if section else ''}{name} is {value!r}, but it must be "
-                 + ("a string" if kind is str else "true or false"))
-
-
-def _require_positive(config, section: str, names, kind: type, or_null: bool = False) -> None:
-    """Each named field is a positive int (kind int) or a positive finite number (kind float); `or_null`:
-    fields a file may also set to null (the message then says so)."""
-    for name in names:
-        value = getattr(config, name)
-        # bool is an int in Python, but `"hidden_size": true` is a broken file, not 1.
-        number = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
-        _require(number and 0 < value < math.inf, f"{section}.{name} is {value!r}, but it must be a positive "
-                 f"{'integer' if kind is int else 'number'}{' or null' if or_null else ''}")
 
 
 @dataclass
