@@ -286,26 +286,25 @@ def point_at_nothing(stream) -> None:
 
 
 @contextmanager
+def wrapped_stream(name: str, wrap):
+    """sys.<name> ("stdout", "stderr") is wrap(the stream) inside the block, and the stream as it was after."""
+    real = getattr(sys, name)
+    setattr(sys, name, wrap(real))
+    try:
+        yield
+    finally:
+        setattr(sys, name, real)
+
+
 def notes_on_stderr():
     """sys.stderr is a `Notes` inside the block (sys.stderr as it was after)."""
-    real = sys.stderr
-    sys.stderr = real if isinstance(real, Notes) else Notes(real)
-    try:
-        yield
-    finally:
-        sys.stderr = real
+    return wrapped_stream("stderr", lambda real: real if isinstance(real, Notes) else Notes(real))
 
 
-@contextmanager
 def named_stdout():
     """sys.stdout is a `NamedStdout` inside the block, where it is open (sys.stdout as it was after)."""
-    real = sys.stdout
-    if real is not None and not isinstance(real, NamedStdout):
-        sys.stdout = NamedStdout(real)
-    try:
-        yield
-    finally:
-        sys.stdout = real
+    return wrapped_stream("stdout", lambda real: real if real is None or isinstance(real, NamedStdout)
+                          else NamedStdout(real))
 
 
 # What the system, not tinyavl, refuses: one line, status 1. Other OSErrors are bugs and keep their traceback.
