@@ -98,7 +98,9 @@ def hf_greedy(hf_model, folder, image, prompt, steps):
     inputs = processor(processor.chat_prompt(prompt), image=str(image))
     tok = tokenizer_info()
     with torch.no_grad():
-        out = hf_model.generate(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"], do_sample=False,
+        # A mask of ones (as tinyavl attends every prompt token), not one generate infers from pad_token_id.
+        out = hf_model.generate(input_ids=inputs["input_ids"], attention_mask=torch.ones_like(inputs["input_ids"]),
+                                pixel_values=inputs["pixel_values"], do_sample=False,
                                 max_new_tokens=steps, min_new_tokens=0, eos_token_id=tok["eos_token_id"],
                                 pad_token_id=tok["pad_token_id"], output_scores=True, return_dict_in_generate=True)
     tokens = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()

@@ -68,8 +68,11 @@ def hf_greedy(hf_model, ids, pixel_values, steps: int):
     never = tokenizer_info()["vocab_size"] + 1000
     # (transformers 5.23's generate breaks on an explicit pixel_values=None: pass images only when present)
     images = {} if pixel_values is None else {"pixel_values": pixel_values}
-    out = hf_model.generate(input_ids=ids, **images, do_sample=False, max_new_tokens=steps,
-                            min_new_tokens=0, eos_token_id=never, pad_token_id=tokenizer_info()["pad_token_id"],
+    # A mask of ones, as tinyavl attends every prompt token: without one, generate would infer a mask that hides
+    # any token equal to pad_token_id.
+    out = hf_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **images, do_sample=False,
+                            max_new_tokens=steps, min_new_tokens=0, eos_token_id=never,
+                            pad_token_id=tokenizer_info()["pad_token_id"],
                             output_scores=True, return_dict_in_generate=True)
     tokens = out.sequences[0, ids.shape[1]:].tolist()
     gaps = [float(s[0].topk(2).values[0] - s[0].topk(2).values[1]) for s in out.scores]
