@@ -367,3 +367,22 @@ def test_the_map_is_a_png_whatever_the_suffix_case_and_keeps_a_file(tiny_ckpt, t
 def test_the_seen_image_rounds_to_the_nearest_level():
     processor = SimpleNamespace(image_mean=torch.zeros(3, 1, 1), image_std=torch.ones(3, 1, 1))
     assert seen_image(torch.full((3, 1, 1), 0.999), processor).getpixel((0, 0)) == (255, 255, 255)   # 254.7 -> 255
+
+
+def test_the_panels_pixels_by_hand():
+    """The heat panel is the image half grey under the heat, whatever the roles; in the roles panel an evicted
+    cell is the image darkened by 170/255, and a computed cell's frame is 2 px wide."""
+    colour = (200, 100, 40)
+    image = Image.new("RGB", (56, 56), colour)
+    heat = torch.zeros(16)
+    heat[5] = 1.0
+    right = (PANEL + 10, HEADER, 2 * PANEL + 10, HEADER + PANEL)
+    drawn = [attention_map.draw_attention_map(image, torch.full((16,), role), heat, "t")
+             for role in (COMPUTED, EVICTED)]
+    assert drawn[0].crop(right).tobytes() == drawn[1].crop(right).tobytes()    # the roles never reach the heat
+    cell = PANEL // 4
+    cold = drawn[1].getpixel((PANEL + 10 + cell // 2, HEADER + cell // 2))     # heat 0: half grey
+    assert all(abs(got - (c + 128) / 2) <= 1 for got, c in zip(cold, colour))
+    evicted = drawn[1].getpixel((cell // 2, HEADER + cell // 2))
+    assert all(abs(got - c * (1 - 170 / 255)) <= 1 for got, c in zip(evicted, colour))
+    assert drawn[0].getpixel((cell + 1, HEADER + 1)) == FRAME[COMPUTED]        # a frame's second pixel

@@ -791,3 +791,11 @@ def test_the_kernels_compile_for_a_gpu_without_one():
         pytest.skip(done.stdout.strip())
     assert done.stdout.split() == ["True", "False", "False", "False", "True", "True"], done.stdout
     assert "FP_FUSION" not in done.stderr  # Triton 3.9 warns where no option pins it (COMPILE_OPTIONS)
+
+
+def test_the_kernel_benchmarks_7b_shape_is_llama_7bs():
+    """The kernel benchmark's LLaVA-7B decode shape is LLaMA-7B's attention (transformers' LlamaConfig defaults)."""
+    from transformers import LlamaConfig
+    llama = LlamaConfig()
+    assert (bench.LLAVA_7B_DECODE.num_heads, bench.LLAVA_7B_DECODE.num_kv_heads, bench.LLAVA_7B_DECODE.head_dim) == (
+        llama.num_attention_heads, llama.num_key_value_heads, llama.hidden_size // llama.num_attention_heads)

@@ -693,3 +693,18 @@ def test_an_image_too_elongated_to_resize_is_refused(processor, monkeypatch):
     with pytest.raises(UserError, match="a 150x150 image has more than the 20000 pixels .*: resize it first"):
         padding(padding.chat_prompt("What?"), make_image(150, 150))
 
+
+
+def test_every_default_ignorable_character_shows_nothing():
+    """Every character Unicode calls default-ignorable (that Python's Unicode tables assign) draws nothing, so a
+    question of them alone is refused as empty: checked against the `regex` module's Unicode property (installed
+    with transformers), not against tinyavl's own table, whose ranges must all be such characters."""
+    import sys
+    import unicodedata
+    regex = pytest.importorskip("regex")
+    from tinyavl.processing import IGNORABLE_BEYOND_FORMAT, shows_nothing
+    ignorable = regex.compile(r"\p{Default_Ignorable_Code_Point}")
+    missed = [hex(c) for c in range(sys.maxunicode + 1)
+              if ignorable.match(chr(c)) and unicodedata.category(chr(c)) != "Cn" and not shows_nothing(chr(c))]
+    assert missed == []
+    assert all(ignorable.match(chr(c)) for first, last in IGNORABLE_BEYOND_FORMAT for c in range(first, last + 1))

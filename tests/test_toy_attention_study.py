@@ -411,3 +411,28 @@ def test_the_figures_plot_the_measures_by_hand(tmp_path, monkeypatch):
     assert set(share_options["dashed"]) == {"sys tokens", "image tokens", "text tokens"}
     assert steps["random sets"] == [(1, 0.3), (attention_study.MAX_DISTANCE, 0.3)]
     assert share_options["replace"] is False and step_options["replace"] is False
+
+
+def test_each_layers_shares_are_its_own_rows():
+    """A layer's shares of attention are its own decode rows' (here a second layer whose text takes more)."""
+    rows = [[torch.tensor([2.0] + [1.0] * 10 + [1.0] * (1 + t)), torch.tensor([2.0] + [1.0] * 10 + [5.0] * (1 + t))]
+            for t in range(3)]
+    recorder = SimpleNamespace(n_layers=2, n_sys=1, n_img=10, rows=rows)
+    recorder.image_row = lambda step, layer: rows[step][layer][1:11]
+    layers = study([recorder])["layers"]
+    text = [sum(float(r[layer][11:].sum() / r[layer].sum()) for r in rows[1:]) / 2 for layer in (0, 1)]
+    assert [x["shares"]["text"] for x in layers] == pytest.approx(text)
+
+
+def test_hires_coverage_selects_at_the_threshold():
+    """The coverage is FlexAttention's selection at hires.THRESHOLD: a block whose normalised attention is just
+    above it is chosen, one just under it is not."""
+    from tinyavl import hires
+    row = torch.zeros(16)
+    row[0] = 255.0
+    row[15] = hires.THRESHOLD + 1.0     # on the 0-255 scale of the min-max normalisation: just over the threshold
+    row[10] = hires.THRESHOLD - 1.0     # just under
+    recorder = SimpleNamespace(n_layers=1, image_row=lambda step, layer: row)
+    scene = SimpleNamespace(objects=[SimpleNamespace(patches=lambda: [15]), SimpleNamespace(patches=lambda: [10])])
+    coverage = attention_study.hires_coverage([recorder], [scene], side=4, blocks_per_side=4)
+    assert coverage[0]["objects"] == [1.0, 0.0]
