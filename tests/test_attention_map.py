@@ -377,8 +377,7 @@ def test_the_panels_pixels_by_hand():
     heat = torch.zeros(16)
     heat[5] = 1.0
     right = (PANEL + 10, HEADER, 2 * PANEL + 10, HEADER + PANEL)
-    drawn = [attention_map.draw_attention_map(image, torch.full((16,), role), heat, "t")
-             for role in (COMPUTED, EVICTED)]
+    drawn = [draw_attention_map(image, torch.full((16,), role), heat, "t") for role in (COMPUTED, EVICTED)]
     assert drawn[0].crop(right).tobytes() == drawn[1].crop(right).tobytes()    # the roles never reach the heat
     cell = PANEL // 4
     cold = drawn[1].getpixel((PANEL + 10 + cell // 2, HEADER + cell // 2))     # heat 0: half grey

@@ -863,6 +863,33 @@ def test_a_command_leaves_the_signal_handlers_as_it_found_them(capsys):
         signal.signal(signal.SIGTERM, previous)
 
 
+@pytest.mark.parametrize("outcome", ["ok", "user error", "ctrl-c"])
+def test_a_command_run_in_process_leaves_signal_handlers_and_streams_as_it_found_them(outcome):
+    """A command run in-process (the Python API, a notebook, these tests) leaves the process as it found it, also
+    when it ends in an error: its SIGTERM and SIGHUP handlers (`startup.handling`) and sys.stdout / sys.stderr
+    (`cli.wrapped_stream`)."""
+    from tinyavl.cli import ended_in_one_line
+
+    def mine(signum, frame):
+        pass
+
+    def work():
+        if outcome == "user error":
+            raise UserError("no")
+        if outcome == "ctrl-c":
+            raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, mine) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    stdout, stderr = sys.stdout, sys.stderr
+    try:
+        ended_in_one_line(work)
+        assert {signal.getsignal(sig) for sig in previous} == {mine}
+        assert (sys.stdout, sys.stderr) == (stdout, stderr)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 # ------------------------------------------------------------------------------ what the user gave stays theirs
 def test_attention_map_never_overwrites_the_input_image(capsys, good, files, tmp_path):
     image = tmp_path / "photo.png"
@@ -1495,30 +1522,3 @@ def test_a_json_file_holding_true_is_named_for_it(tmp_path):
     (tmp_path / "c.json").write_text("true")
     with pytest.raises(UserError, match="holds true or false"):
         read_json_object(tmp_path / "c.json")
-
-
-@pytest.mark.parametrize("outcome", ["ok", "user error", "ctrl-c"])
-def test_a_command_run_in_process_leaves_signal_handlers_and_streams_as_it_found_them(outcome):
-    """A command run in-process (the Python API, a notebook, these tests) leaves the process as it found it, also
-    when it ends in an error: its SIGTERM and SIGHUP handlers (`startup.handling`) and sys.stdout / sys.stderr
-    (`cli.wrapped_stream`)."""
-    from tinyavl.cli import ended_in_one_line
-
-    def mine(signum, frame):
-        pass
-
-    def work():
-        if outcome == "user error":
-            raise UserError("no")
-        if outcome == "ctrl-c":
-            raise KeyboardInterrupt
-
-    previous = {sig: signal.signal(sig, mine) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    stdout, stderr = sys.stdout, sys.stderr
-    try:
-        ended_in_one_line(work)
-        assert {signal.getsignal(sig) for sig in previous} == {mine}
-        assert (sys.stdout, sys.stderr) == (stdout, stderr)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)

@@ -551,7 +551,8 @@ def greedy_answer(folder, max_new_tokens: int):
     inputs = processor(processor.chat_prompt("What is there?"), make_image(40, 30, seed=3))
     ours, _ = tinyavl.generate(model, inputs["input_ids"], inputs["pixel_values"], max_new_tokens=max_new_tokens)
     hf_model = HFLlava.from_pretrained(folder).eval()
-    out = hf_model.generate(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"], do_sample=False,
+    out = hf_model.generate(input_ids=inputs["input_ids"], attention_mask=torch.ones_like(inputs["input_ids"]),
+                            pixel_values=inputs["pixel_values"], do_sample=False,
                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer_info()["pad_token_id"])
     return ours, out[0, inputs["input_ids"].shape[1]:].tolist()
 

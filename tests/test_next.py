@@ -183,8 +183,9 @@ def test_logits_and_greedy_match_transformers(loaded, name, case):
     assert diff <= LOGIT_ATOL
 
     never = tokenizer_info()["vocab_size"] + 1000
-    out = hf_model.generate(input_ids=ids, **images, do_sample=False, max_new_tokens=GREEDY_STEPS, min_new_tokens=0,
-                            eos_token_id=never, pad_token_id=tokenizer_info()["pad_token_id"], output_scores=True,
+    # A mask of ones, as tinyavl attends every prompt token (generate's own would hide any pad_token_id).
+    out = hf_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **images, do_sample=False,
+                            max_new_tokens=GREEDY_STEPS, min_new_tokens=0, eos_token_id=never, pad_token_id=tokenizer_info()["pad_token_id"], output_scores=True,
                             return_dict_in_generate=True)
     ref_tokens = out.sequences[0, ids.shape[1]:].tolist()
     gaps = [float(s[0].topk(2).values[0] - s[0].topk(2).values[1]) for s in out.scores]
@@ -369,7 +370,8 @@ def test_mistral_with_a_sliding_window_runs_as_transformers_within_it_and_stops_
     assert model.config.text.sliding_window == hf_model.config.text_config.sliding_window == window
 
     never = tokenizer_info()["vocab_size"] + 1000
-    out = hf_model.generate(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"],
+    out = hf_model.generate(input_ids=inputs["input_ids"], attention_mask=torch.ones_like(inputs["input_ids"]),
+                            pixel_values=inputs["pixel_values"],
                             image_sizes=inputs["image_sizes"], do_sample=False, max_new_tokens=room + 1,
                             eos_token_id=never, pad_token_id=tokenizer_info()["pad_token_id"])
     tokens, stats = tinyavl.generate(model, **inputs, max_new_tokens=room + 4, eos_token_id=())

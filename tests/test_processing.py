@@ -694,7 +694,6 @@ def test_an_image_too_elongated_to_resize_is_refused(processor, monkeypatch):
         padding(padding.chat_prompt("What?"), make_image(150, 150))
 
 
-
 def test_every_default_ignorable_character_shows_nothing():
     """Every character Unicode calls default-ignorable (that Python's Unicode tables assign) draws nothing, so a
     question of them alone is refused as empty: checked against the `regex` module's Unicode property (installed
