@@ -425,6 +425,7 @@ def _bad_inputs():
         "H not a multiple of Hkv": ((q[:, :3], k, v, index, start), "multiple of KV heads"),
         "index row >= start": ((q, k, v, index.clone().fill_(6), start), r"\[0, start=6\)"),
         "negative index row": ((q, k, v, index.clone().fill_(-1), start), r"\[0, start=6\)"),
+        "an index of one row, at start": ((q, k, v, index[:, :1].clone().fill_(6), start), r"\[0, start=6\)"),
         "index batch differs": ((q, k, v, index[:1], start), "index must be"),
         "float index": ((q, k, v, index.float(), start), "int32 or int64"),
         "mixed dtypes": ((q.float(), k, v, index, start), "share one dtype"),

@@ -7,7 +7,7 @@ import json
 import os
 import signal
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import torch
@@ -256,6 +256,8 @@ class NamedStdout:
     output in the line the command ends with, as a refused output file's names the file (the OSError of a
     stream's write names none)."""
 
+    NAME = "standard output"
+
     def __init__(self, stream):
         self.stream = stream
 
@@ -270,7 +272,7 @@ class NamedStdout:
         try:
             return act(*args)
         except OSError as err:  # BrokenPipeError too: named, and ended quietly all the same
-            err.filename = "standard output"
+            err.filename = NamedStdout.NAME
             raise
 
     def __getattr__(self, name):  # fileno, isatty, encoding, ...: the stream's
@@ -278,8 +280,8 @@ class NamedStdout:
 
 
 def point_at_nothing(stream) -> None:
-    """Point the file descriptor of a stream whose reader has gone at /dev/null: Python's own advice for a
-    broken pipe, so that the stream's flush at exit cannot fail again."""
+    """Point the file descriptor of a stream whose reader has gone, or whose disk is full, at /dev/null:
+    Python's own advice for a broken pipe, so that the stream's flush at exit cannot fail again."""
     nothing = os.open(os.devnull, os.O_WRONLY)
     os.dup2(nothing, stream.fileno())
     os.close(nothing)
@@ -360,6 +362,11 @@ def ended_in_one_line(work) -> int:
             if err.errno not in SYSTEM_REFUSALS:
                 raise
             print(f"error: {one_line(err)}", file=sys.stderr)
+            if err.filename == NamedStdout.NAME:
+                # What stdout still buffers would be refused again at exit (Python's "Exception ignored", status
+                # 120): its descriptor now points at nothing (a stream without one, a test's capture, has none).
+                with suppress(AttributeError, OSError, ValueError):
+                    point_at_nothing(sys.stdout)
             return 1
         except (MemoryError, RuntimeError) as err:
             if not out_of_memory(err):
