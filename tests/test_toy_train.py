@@ -56,6 +56,17 @@ def test_initial_loss_is_uniform_guessing_and_training_reduces_it(trained):
     assert aux_last < 0.5 * aux_first, f"patch loss went {aux_first:.3f} -> {aux_last:.3f}"
 
 
+def test_each_step_minimises_the_answer_loss_plus_the_patch_loss(monkeypatch):
+    """The recipe that trained the committed toy: each step's loss is the answer loss plus the auxiliary patch
+    loss, unweighted (two losses given by hand, the loss each step is taken on recorded)."""
+    answer, patch = torch.tensor(1.5, requires_grad=True), torch.tensor(0.25, requires_grad=True)
+    stepped = []
+    monkeypatch.setattr(train_module, "losses", lambda *args, **kwargs: (answer, patch))
+    monkeypatch.setattr(train_module, "take_step", lambda optimizer, params, loss, *args: stepped.append(loss.item()))
+    train(steps=2, batch_size=2, config_overrides=TINY, log=lambda *_: None)
+    assert stepped == [1.75, 1.75]
+
+
 def current_umask() -> int:
     mask = os.umask(0)  # reading the umask means setting it: set it back at once
     os.umask(mask)
