@@ -7,7 +7,7 @@ import json
 import os
 import signal
 import sys
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -242,9 +242,7 @@ class Notes:
         except OSError:  # BrokenPipeError is one
             # What the stream still buffers must not fail again when Python flushes it at exit: its file
             # descriptor now points at nothing (a stream without one is let go).
-            try:
-                point_at_nothing(self.stream)
-            except (AttributeError, OSError, ValueError):
+            if not tried_pointing_at_nothing(self.stream):
                 self.stream = None
 
     def __getattr__(self, name):  # fileno, isatty, encoding, ...: the stream's
@@ -285,6 +283,16 @@ def point_at_nothing(stream) -> None:
     nothing = os.open(os.devnull, os.O_WRONLY)
     os.dup2(nothing, stream.fileno())
     os.close(nothing)
+
+
+def tried_pointing_at_nothing(stream) -> bool:
+    """`point_at_nothing`, and whether it could: False for a stream with no file descriptor to point (a test's
+    capture, a notebook's stream)."""
+    try:
+        point_at_nothing(stream)
+    except (AttributeError, OSError, ValueError):
+        return False
+    return True
 
 
 @contextmanager
@@ -364,9 +372,8 @@ def ended_in_one_line(work) -> int:
             print(f"error: {one_line(err)}", file=sys.stderr)
             if err.filename == NamedStdout.NAME:
                 # What stdout still buffers would be refused again at exit (Python's "Exception ignored", status
-                # 120): its descriptor now points at nothing (a stream without one, a test's capture, has none).
-                with suppress(AttributeError, OSError, ValueError):
-                    point_at_nothing(sys.stdout)
+                # 120): its descriptor now points at nothing.
+                tried_pointing_at_nothing(sys.stdout)
             return 1
         except (MemoryError, RuntimeError) as err:
             if not out_of_memory(err):
